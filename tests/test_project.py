@@ -1,0 +1,47 @@
+"""The README contract and the headless tour."""
+import json
+import re
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_readme_gives_the_two_setup_commands_and_the_lab_command():
+    readme = (ROOT / "README.md").read_text()
+    blocks = "\n".join(re.findall(r"```bash\n(.*?)```", readme, re.S))
+    for command in ("make tour", "make test", "make lab"):
+        assert command in blocks
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert "make test" in ci  # CI runs exactly the README's test command
+
+
+def test_torch_is_pinned_first_and_a_range_in_the_package():
+    makefile = (ROOT / "Makefile").read_text()
+    install = makefile[makefile.index("$(STAMP): pyproject.toml"):]
+    assert install.index("$(TORCH_SPEC)") < install.index("-e '.[dev]'")
+    assert "TORCH_SPEC ?= torch==2.13.0" in makefile
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    torch_dep = next(d for d in deps if d.startswith("torch"))
+    assert "==" not in torch_dep and "<3" in torch_dep
+    tl = next(d for d in deps if d.startswith("transformer-lens"))
+    assert ">=3.9" in tl and "<5" in tl  # admits both 3.9 (HookedTransformer) and 4.x (TransformerBridge)
+
+
+@pytest.mark.slow
+def test_tour_writes_a_self_contained_report(tmp_path):
+    out = tmp_path / "report"
+    result = subprocess.run([sys.executable, "-m", "workbench.cli", "tour", "--out", str(out), "--quiet"],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    page = (out / "index.html").read_text()
+    assert "<script" not in page and "http" not in page.split("</title>")[1]  # nothing loaded from the web
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["cnn"]["bn_output_fraction_negative"] > 0.2  # in-place ReLU did not corrupt the cache
+    assert summary["harvest"] == {**summary["harvest"], "rows": 1024, "complete": True}
+    assert summary["transformer"]["alias_resolves"] is True
+    assert summary["transformer"]["fire_by_default"] < summary["transformer"]["names"]

@@ -1,0 +1,213 @@
+"""Hook points of a model: which names can be captured, what module each lives on, which are aliases.
+
+One naming scheme per model family, never a third: a plain ``nn.Module`` is named by the module paths
+of ``named_modules()``; a TransformerLens model (``TransformerBridge`` in 4.x, ``HookedTransformer`` in
+3.x) by TransformerLens's own hook names.
+"""
+from __future__ import annotations
+
+import fnmatch
+import re
+import weakref
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Optional, Pattern, Sequence, Union
+
+import torch
+from torch import nn
+
+from .._errors import UnknownNameError, nearest
+
+NameFilter = Union[None, str, Pattern, Callable[[str], bool], Sequence[Union[str, Pattern, Callable]]]
+
+# TransformerLens flags that switch hook points on, keyed by the end of the hook name. Both 3.x and
+# the 4.x bridge gate the same hooks behind the same config flags.
+_GATES = (
+    ("attn.hook_result", "use_attn_result"),
+    ("hook_q_input", "use_split_qkv_input"),
+    ("hook_k_input", "use_split_qkv_input"),
+    ("hook_v_input", "use_split_qkv_input"),
+    ("mlp_in", "use_hook_mlp_in"),
+    ("attn_in", "use_attn_in"),
+    ("hook_tokens", "use_hook_tokens"),
+)
+_GLOB_CHARS = set("*?[")
+
+
+def is_transformer_lens(model: nn.Module) -> bool:
+    """True for TransformerLens models (any class exposing TransformerLens's ``hook_dict``)."""
+    return type(model).__module__.startswith("transformer_lens") and hasattr(model, "hook_dict")
+
+
+@dataclass
+class HookPoints:
+    """The capturable places of one model.
+
+    ``modules`` maps each canonical hook name to the module whose forward output is the activation;
+    ``aliases`` maps every other name of the same module to its canonical name; ``unfired`` maps
+    names known not to fire on a default forward to the reason (``None`` when not probed).
+    """
+
+    family: str  # "module" or "transformer_lens"
+    modules: dict[str, nn.Module]
+    aliases: dict[str, str] = field(default_factory=dict)
+    unfired: Optional[dict[str, str]] = None
+    probed: bool = False
+
+    @property
+    def all_names(self) -> list[str]:
+        return list(self.modules) + list(self.aliases)
+
+    def canonical(self, name: str) -> str:
+        return self.aliases.get(name, name)
+
+    # ------------------------------------------------------------------ name filters
+    def resolve(self, names: NameFilter, *, param: str = "names") -> list[str]:
+        """The hook names selected by a filter, in model order, aliases kept only where asked for.
+
+        ``names`` is None (every canonical name), an exact name, a glob pattern, a compiled regex
+        (``search`` semantics), a callable ``name -> bool``, or a list mixing them. An exact name or a
+        pattern that selects nothing raises :class:`UnknownNameError` with the nearest valid names.
+        """
+        if names is None:
+            return list(self.modules)
+        items = list(names) if isinstance(names, (list, tuple, set, frozenset)) else [names]
+        if not items:
+            raise UnknownNameError(f"{param}=[] selects no hook name; pass None to select every name.")
+        chosen: dict[str, None] = {}  # ordered set of requested names
+        for item in items:
+            hits = self._match(item, param)
+            chosen.update(dict.fromkeys(hits))
+        # An alias picked up by a pattern is dropped when its canonical name was picked too.
+        canon_chosen = {n for n in chosen if n in self.modules}
+        exact = {i for i in items if isinstance(i, str) and not (_GLOB_CHARS & set(i))}
+        return [n for n in chosen if n in self.modules or n in exact or self.aliases[n] not in canon_chosen]
+
+    def _match(self, item, param: str) -> list[str]:
+        every = self.all_names
+        if isinstance(item, str):
+            if _GLOB_CHARS & set(item):
+                hits = [n for n in every if fnmatch.fnmatchcase(n, item)]
+                kind = "glob pattern"
+            elif item in self.modules or item in self.aliases:
+                return [item]
+            else:
+                raise UnknownNameError(self._unknown_message(item, param, "name"))
+        elif isinstance(item, re.Pattern):
+            hits = [n for n in every if item.search(n)]
+            kind = "regex"
+        elif callable(item):
+            hits = [n for n in every if item(n)]
+            kind = "filter function"
+        else:
+            raise UnknownNameError(
+                f"{param} takes hook names, glob patterns, compiled regexes or callables; "
+                f"got {type(item).__name__} {item!r}."
+            )
+        if not hits:
+            shown = getattr(item, "pattern", None) or getattr(item, "__name__", None) or str(item)
+            raise UnknownNameError(self._unknown_message(str(shown), param, kind))
+        return hits
+
+    def _unknown_message(self, item: str, param: str, kind: str) -> str:
+        close = nearest(item, self.all_names)
+        hint = f" Nearest valid names: {close}." if close else ""
+        return (
+            f"{param}: the {kind} {item!r} matches no hook name of this "
+            f"{'TransformerLens model' if self.family == 'transformer_lens' else 'model'} "
+            f"({len(self.modules)} names; see wb.hook_names(model)).{hint}"
+        )
+
+
+# Hook points depend only on the model's structure; the TransformerLens probe forward is not free,
+# so results are memoised per model object, keyed on the module tree.
+_MEMO: "weakref.WeakKeyDictionary[nn.Module, tuple[tuple, HookPoints]]" = weakref.WeakKeyDictionary()
+
+
+def hook_points(model: nn.Module, *, probe: bool = True) -> HookPoints:
+    """Find the hook points of ``model`` (memoised while its module tree is unchanged)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"expected a torch.nn.Module, got {type(model).__name__}.")
+    key = tuple(id(m) for m in model.modules())
+    hit = _MEMO.get(model)
+    if hit is not None and hit[0] == key and (hit[1].probed or not probe):
+        return hit[1]
+    points = _transformer_lens_points(model, probe) if is_transformer_lens(model) else _module_points(model)
+    _MEMO[model] = (key, points)
+    return points
+
+
+def _group_by_module(named: Iterable[tuple[str, nn.Module]], prefer=lambda name: False) -> tuple[dict, dict]:
+    """Split names into canonical ones (one per module object) and aliases of them.
+
+    The canonical name of a module is its first name for which ``prefer`` holds, else its first name.
+    """
+    by_module: dict[int, list[str]] = {}
+    objects: dict[int, nn.Module] = {}
+    for name, mod in named:
+        by_module.setdefault(id(mod), []).append(name)
+        objects[id(mod)] = mod
+    modules: dict[str, nn.Module] = {}
+    aliases: dict[str, str] = {}
+    for key, names in by_module.items():
+        canon = next((n for n in names if prefer(n)), names[0])
+        modules[canon] = objects[key]
+        aliases.update({n: canon for n in names if n != canon})
+    return modules, aliases
+
+
+def _module_points(model: nn.Module) -> HookPoints:
+    # remove_duplicate=False: a module registered under two paths (tied or shared) gets both names.
+    named = [(n, m) for n, m in model.named_modules(remove_duplicate=False) if n]
+    modules, aliases = _group_by_module(named)
+    return HookPoints("module", modules, aliases, unfired=None)
+
+
+def _transformer_lens_points(model: nn.Module, probe: bool) -> HookPoints:
+    # TransformerLens's classic names (hook_resid_pre over the bridge's hook_in) are canonical: they
+    # are the names researchers know and the ones HookedTransformer 3.x uses.
+    modules, aliases = _group_by_module(model.hook_dict.items(), prefer=_is_classic)
+    unfired = _probe_transformer_lens(model, modules) if probe else None
+    return HookPoints("transformer_lens", modules, aliases, unfired, probed=probe)
+
+
+_CLASSIC = re.compile(r"(^|\.)hook_(embed|pos_embed|resid_pre|resid_mid|resid_post|attn_out|mlp_out|q|k|v|z|pattern|attn_scores)$")
+
+
+def _is_classic(name: str) -> bool:
+    return bool(_CLASSIC.search(name))
+
+
+def gate_reason(model: nn.Module, name: str) -> Optional[str]:
+    """The TransformerLens config flag that must be True for ``name`` to fire, if any is off."""
+    cfg = getattr(model, "cfg", None)
+    for suffix, flag in _GATES:
+        if name.endswith(suffix) and not getattr(cfg, flag, True):
+            return f"fires only with model.cfg.{flag}=True"
+    return None
+
+
+def _probe_transformer_lens(model: nn.Module, modules: dict[str, nn.Module]) -> Optional[dict[str, str]]:
+    """Run a two-token forward to learn which hook points fire by default."""
+    fired: set[int] = set()
+    handles = [m.register_forward_hook(lambda mod, a, o: fired.add(id(mod))) for m in modules.values()]
+    try:
+        n_ctx = getattr(getattr(model, "cfg", None), "n_ctx", 2) or 2
+        tokens = torch.zeros((1, min(2, n_ctx)), dtype=torch.long, device=_device_of(model))
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            model(tokens)
+    except Exception:  # a model we cannot probe still gets its names; which fire stays unknown
+        return None
+    finally:
+        for h in handles:
+            h.remove()
+    return {
+        name: gate_reason(model, name) or "did not fire on a default forward pass"
+        for name, mod in modules.items()
+        if id(mod) not in fired
+    }
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
