@@ -184,27 +184,14 @@ def cnn_model():
                                       nn.Flatten(), nn.Linear(6 * 36, 4))).eval()
 
 
-def free_port():
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_distributed_harvest_with_two_gloo_processes(tmp_path):
+    """Launched by torchrun, as a user would: each rank writes its shard, the store opens as one."""
     script = tmp_path / "worker.py"
     script.write_text(DIST_SCRIPT)
-    port = str(free_port())
-    procs = []
-    for rank in range(2):
-        env = dict(os.environ, RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                   MASTER_PORT=port, OMP_NUM_THREADS="1")
-        procs.append(subprocess.Popen([sys.executable, str(script), str(tmp_path / "acts"), str(Path(__file__).parent)],
-                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    for p in procs:
-        out, _ = p.communicate(timeout=240)
-        assert p.returncode == 0, out
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1", "--nproc-per-node=2",
+           str(script), str(tmp_path / "acts"), str(Path(__file__).parent)]
+    result = subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
     shards = sorted(p.name for p in (tmp_path / "acts").iterdir())
     assert shards == ["rank-00000-of-00002", "rank-00001-of-00002"]
     store = wb.ActivationStore.open(tmp_path / "acts")

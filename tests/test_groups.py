@@ -1,0 +1,355 @@
+"""workbench.groups: elements, families, the activation catalogue, the numerical check, discovery, geodesics."""
+import json
+
+import matplotlib
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+matplotlib.use("Agg")
+
+from workbench._errors import InvalidOptionError  # noqa: E402
+from workbench.groups import (CATALOGUE, FAMILIES, GENERATORS, ScaledPermutation, catalogue_frame,  # noqa: E402
+                              check_intertwiner, discover_group, element_from_dict, geodesic, get_group,
+                              identity, intertwiner_group)
+from workbench.groups._catalogue import degree_of  # noqa: E402
+from workbench.groups._discover import generator_element  # noqa: E402
+
+F64 = torch.float64
+FAST = settings(max_examples=12, deadline=None)
+FAMILY_CASES = [(name, {}) for name in FAMILIES] + [("signed_permutation", {"phi": "abs"}),
+                                                    ("diagonal_permutation", {"phi": ("power", 3)})]
+
+
+def assert_close(a, b, atol=1e-10):
+    torch.testing.assert_close(a, b, atol=atol, rtol=0)
+
+
+def expected_phi(M, phi):
+    return {"identity": M, "abs": M.abs()}.get(phi, M ** 3 if phi == ("power", 3) else None)
+
+
+# ---------------------------------------------------------------------------------------------- elements
+@FAST
+@given(case=st.sampled_from(FAMILY_CASES), n=st.integers(1, 9), seed=st.integers(0, 2**31 - 1))
+def test_element_algebra_agrees_with_dense_linear_algebra(case, n, seed):
+    name, kw = case
+    G = get_group(name, n, **kw)
+    g, h = G.sample(seed=seed), G.sample(seed=seed + 1)
+    M, N = g.matrix(), h.matrix()
+    x = torch.randn(5, n, 3, dtype=F64, generator=torch.Generator().manual_seed(seed))  # [batch, n, c]
+    assert_close(g.act(x, dim=1), torch.einsum("ij,bjc->bic", M, x))
+    assert_close(g.act(x[:, :, 0], dim=-1), x[:, :, 0] @ M.T)
+    assert_close(g.inverse().matrix(), torch.linalg.inv(M), atol=1e-8)
+    assert_close(g.transpose().matrix(), M.T)
+    assert_close((g @ h).matrix(), M @ N)
+    assert (g.inverse() @ g).is_identity(atol=1e-9) and (g @ g.inverse()).is_identity(atol=1e-9)
+    assert_close(g.phi().matrix(), expected_phi(M, kw.get("phi", "identity")))
+    back = element_from_dict(json.loads(json.dumps(g.to_dict())))
+    assert type(back) is type(g) and back.phi_kind == g.phi_kind and torch.equal(back.matrix(), M)
+    assert G.contains(g) and G.contains(g @ h)
+    assert G.offset(g) is None  # families are linear intertwiners
+
+
+@pytest.mark.parametrize("name", [n for n in FAMILIES if n != "trivial"])
+def test_same_seed_same_element_different_seed_different_element(name):
+    G = get_group(name, 16)
+    assert torch.equal(G.sample(seed=7).matrix(), G.sample(seed=7).matrix())
+    assert torch.equal(G.sample(seed=7).matrix(), G.sample(generator=torch.Generator().manual_seed(7)).matrix())
+    assert not torch.equal(G.sample(seed=7).matrix(), G.sample(seed=8).matrix())
+
+
+def test_orthogonal_sampling_is_haar():
+    gen = torch.Generator().manual_seed(0)
+    Qs = torch.stack([get_group("orthogonal", 4).sample(generator=gen).matrix() for _ in range(500)])
+    # entries have mean 0 and variance 1/n = 0.25: a mean's standard error is 0.022, thresholds ≈ 5σ
+    assert Qs.mean(0).abs().max() < 0.11  # a QR without the sign correction gives max |mean| ≈ 0.42
+    assert ((Qs ** 2).mean(0) - 0.25).abs().max() < 0.055  # E[Q_ij²] = 1/n
+    dets = torch.linalg.det(Qs)
+    assert_close(dets.abs(), torch.ones_like(dets), atol=1e-12)
+    assert (dets > 0).sum() > 180 and (dets < 0).sum() > 180
+    SO = torch.stack([get_group("special_orthogonal", 4).sample(generator=gen).matrix() for _ in range(200)])
+    assert (torch.linalg.det(SO) > 0).all() and SO.mean(0).abs().max() < 0.18
+
+
+def test_lognormal_scales_have_mean_one_and_settable_sigma():
+    for sigma in (1.0, 0.3):
+        for G in (get_group("relu", 20000, sigma=sigma), intertwiner_group("relu", 20000, sigma=sigma),
+                  get_group("positive_diagonal", 20000, sigma=sigma)):
+            s = G.sample(seed=0).scale
+            assert abs(s.mean().item() - 1.0) < 0.05 and (s > 0).all()
+            assert abs(s.log().std().item() - sigma) < 0.03
+
+
+def test_contains_own_samples_and_rejects_others():
+    perm = torch.tensor([1, 2, 0, 4, 3])  # a 3-cycle times a swap: det −1
+    el = {"P": ScaledPermutation(perm), "PD+": ScaledPermutation(perm, [2.0, 0.5, 1, 3, 1]),
+          "PD±": ScaledPermutation(perm, [1.0, -1, 1, 1, -1]), "PD": ScaledPermutation(perm, [2.0, -1, 0.5, 1, 3]),
+          "D+": ScaledPermutation(torch.arange(5), [2.0, 0.5, 1, 3, 1]), "I": identity(5),
+          "R": get_group("special_orthogonal", 5).sample(seed=0), "A": get_group("gl", 5).sample(seed=0)}
+    el["R-"] = el["R"] @ ScaledPermutation(torch.arange(5), [-1.0, 1, 1, 1, 1])
+    members = {"permutation": {"P", "I"}, "scaled_permutation": {"P", "PD+", "D+", "I"},
+               "signed_permutation": {"P", "PD±", "I"}, "diagonal_permutation": {"P", "PD+", "PD±", "PD", "D+", "I"},
+               "positive_diagonal": {"D+", "I"}, "orthogonal": {"P", "PD±", "R", "R-", "I"},
+               "special_orthogonal": {"R", "I"}, "gl": set(el), "trivial": {"I"}}
+    assert set(members) == set(FAMILIES)
+    for name, inside in members.items():
+        G = get_group(name, 5)
+        assert {k for k, e in el.items() if G.contains(e)} == inside, name
+        assert not G.contains(identity(4))  # wrong n
+
+
+# ------------------------------------------------------------------------------------------- catalogue
+@pytest.mark.parametrize("row", CATALOGUE, ids=lambda r: r["activation"])
+def test_catalogue_members_pass_and_non_members_fail(row):
+    act = row["activation"]
+    G = intertwiner_group(act, 6)
+    assert (G.name, G.label, G.source, G.activation) == (row["group"], row["label"], "catalogue", act)
+    for seed in range(3):
+        res = check_intertwiner(act, G.sample(seed=seed), n_samples=1024, seed=seed)
+        assert res.passed and res.max_rel_error < 1e-13, res.summary()
+    d = degree_of(G.phi)
+    for gen in GENERATORS:
+        res = check_intertwiner(act, generator_element(gen, 6, degree=d, seed=1), n_samples=1024)
+        assert res.passed == (gen in row["members"]), (gen, res.summary())
+        assert res.passed or res.max_abs_error > 1e-2  # a failure is gross, not a rounding artefact
+    assert set(row["members"]) | set(row["non_members"]) == set(GENERATORS)
+
+
+@pytest.mark.parametrize("activation, family", [
+    ("relu", "special_orthogonal"), ("relu", "signed_permutation"),  # rotation, negation at ReLU
+    ("gelu", "scaled_permutation"), ("relu6", "scaled_permutation"), ("sigmoid", "scaled_permutation"),
+    ("tanh", "gl"), ("tanh", "scaled_permutation"), ("sigmoid", "signed_permutation"),  # sign flip, no affine
+    ("gaussian", "special_orthogonal"), (nn.SiLU(), "signed_permutation")])
+def test_named_non_members_fail(activation, family):
+    g = get_group(family, 8).sample(seed=1)
+    scale = getattr(g, "scale", None)
+    assert scale is None or (scale < 0).any() or family == "scaled_permutation"
+    res = check_intertwiner(activation, g, n_samples=512)
+    assert not res.passed and res.max_abs_error > 1e-2 and res.summary().startswith("FAILED")
+
+
+@pytest.mark.parametrize("spec, name, phi", [
+    (None, "gl", "identity"), (nn.Identity(), "gl", "identity"), ("linear", "gl", "identity"),
+    (nn.ReLU(), "scaled_permutation", "identity"), (torch.relu, "scaled_permutation", "identity"),
+    (F.relu, "scaled_permutation", "identity"), (nn.LeakyReLU(0.2), "scaled_permutation", "identity"),
+    (nn.PReLU(), "scaled_permutation", "identity"), (nn.LeakyReLU(1.0), "gl", "identity"),
+    (nn.LeakyReLU(-1.0), "diagonal_permutation", "abs"), (nn.GELU(approximate="tanh"), "permutation", "identity"),
+    (F.gelu, "permutation", "identity"), (nn.Mish(), "permutation", "identity"), (nn.ELU(), "permutation", "identity"),
+    (nn.SELU(), "permutation", "identity"), (nn.ReLU6(), "permutation", "identity"),
+    (nn.Hardswish(), "permutation", "identity"), (nn.Softplus(), "permutation", "identity"),
+    (torch.sigmoid, "permutation", "identity"), (F.silu, "permutation", "identity"),
+    (nn.Hardtanh(), "signed_permutation", "identity"), (nn.Hardtanh(-2.0, 2.0), "signed_permutation", "identity"),
+    (nn.Hardtanh(0.0, 1.0), "permutation", "identity"), (nn.Softsign(), "signed_permutation", "identity"),
+    (torch.tanh, "signed_permutation", "identity"), ("exp(-x^2)", "signed_permutation", "abs"),
+    ("x^3", "diagonal_permutation", ("power", 3)), ("power:3", "diagonal_permutation", ("power", 3)),
+    ("x**2", "diagonal_permutation", ("power", 2)), ("power:1", "gl", "identity"),
+    (" Leaky-ReLU ", "scaled_permutation", "identity"), ("GELU_new", "permutation", "identity"),
+    ("swish", "permutation", "identity")])
+def test_modules_functions_and_spellings_map_to_their_group(spec, name, phi):
+    G = intertwiner_group(spec, 5)
+    assert (G.name, G.phi, G.source) == (name, phi, "catalogue")
+    assert check_intertwiner(spec, G.sample(seed=0), n_samples=512).passed
+
+
+def test_per_channel_prelu_allows_only_positive_diagonal_scalings():
+    prelu = nn.PReLU(6)
+    with torch.no_grad():
+        prelu.weight.copy_(torch.linspace(0.1, 0.6, 6))
+    G = intertwiner_group(prelu, 6)
+    assert G.name == "positive_diagonal" and G.activation.startswith("PReLU")
+    assert check_intertwiner(prelu, G.sample(seed=0)).passed
+    assert not check_intertwiner(prelu, get_group("permutation", 6).sample(seed=0)).passed
+    assert prelu.weight.dtype == torch.float32  # the float64 check used a copy
+    with pytest.raises(InvalidOptionError, match=r"one slope per channel, so it acts on 6 units, but n=4"):
+        intertwiner_group(prelu, 4)
+
+
+def test_sigmoid_affine_extension_passes_sign_flips_only_with_the_offset():
+    for act in ("sigmoid", nn.Hardsigmoid()):
+        G = intertwiner_group(act, 8, affine=True)
+        assert (G.name, G.source) == ("affine_signed_permutation", "affine extension") and "offset" in G.label
+        g = G.sample(seed=0)
+        assert (g.scale < 0).any()
+        c = G.offset(g)
+        assert c.dtype == F64 and c.shape == (8,)
+        assert_close(c, (1 - g.scale) / 2)  # c_i = (1 − s_i)/2
+        assert check_intertwiner(act, g).passed  # sampled from an affine group: offset found
+        assert check_intertwiner(act, g, group=G).passed
+        res = check_intertwiner(act, ScaledPermutation(g.perm, g.scale))  # the same matrix, no offset
+        assert not res.passed and res.max_abs_error == pytest.approx(1.0, abs=1e-12)
+        linear = intertwiner_group(act, 8)
+        assert linear.offset(g) is None and not check_intertwiner(act, g, group=linear).passed
+
+
+@pytest.mark.parametrize("act", ["relu", "tanh", "gelu", "softplus", "gaussian"])
+def test_affine_extension_adds_nothing_elsewhere_and_says_so(act):
+    G, L = intertwiner_group(act, 4, affine=True), intertwiner_group(act, 4)
+    assert (G.name, G.phi, G.source) == (L.name, L.phi, "affine extension")
+    assert "adds nothing" in G.label and G.offset(G.sample(seed=0)) is None
+
+
+def test_catalogue_table_lists_groups_and_non_members():
+    frame = catalogue_frame()
+    assert {"activation", "group", "label", "phi", "members", "non_members"} <= set(frame.columns)
+    rows = {r["activation"]: r for r in CATALOGUE}
+    assert {"negation", "rotation"} <= set(rows["relu"]["non_members"])
+    assert rows["gaussian"]["phi"] == "abs(A)" and rows["power:3"]["phi"] == "A^⊙3"
+    assert rows["sigmoid"]["affine_group"] == "affine_signed_permutation"
+
+
+# ------------------------------------------------------------------------------------------- discovery
+@pytest.mark.parametrize("row", CATALOGUE, ids=lambda r: r["activation"])
+def test_discover_group_agrees_with_the_catalogue(row):
+    act = row["activation"]
+    found, G = discover_group(act, 6, n_samples=512), intertwiner_group(act, 6)
+    assert found.members == row["members"], found.to_frame()
+    assert (found.group.name, found.group.phi, found.group.source) == (G.name, G.phi, "empirical")
+    found_a, G_a = discover_group(act, 6, affine=True, n_samples=512), intertwiner_group(act, 6, affine=True)
+    assert found_a.group.name == G_a.name
+    g = G_a.sample(seed=0)
+    c1, c2 = found_a.group.offset(g), G_a.offset(g)
+    assert (c1 is None) == (c2 is None) and (c1 is None or torch.allclose(c1, c2))
+
+
+@pytest.mark.parametrize("fn, name, phi", [
+    (lambda x: x ** 3 + x, "signed_permutation", "identity"),  # odd, not homogeneous
+    (lambda x: torch.where(x > 0, 2 * x, 0.5 * x), "scaled_permutation", "identity"),  # positively homogeneous
+    (lambda x: torch.relu(x) ** 2, "scaled_permutation", ("power", 2)),  # Primer's squared ReLU, degree 2
+    (lambda x: torch.sin(x * torch.arange(1.0, 7.0, dtype=x.dtype)), "trivial", "identity"),  # units differ
+    (lambda x: 2 * x, "gl", "identity")])
+def test_discover_group_outside_the_catalogue(fn, name, phi):
+    found = discover_group(fn, 6, n_samples=512)
+    assert (found.group.name, found.group.phi, found.group.source) == (name, phi, "empirical")
+    assert found.activation == "<lambda>" and "empirical" in found.summary()
+    for seed in range(2):
+        assert check_intertwiner(fn, found.group.sample(seed=seed)).passed
+    with pytest.raises(InvalidOptionError, match=r"no catalogue entry for the function '<lambda>'.*discover_group"):
+        intertwiner_group(fn, 6)
+
+
+def test_discover_group_finds_affine_symmetries_of_a_shifted_relu():
+    shifted = lambda x: torch.relu(x) + 1  # noqa: E731
+    assert discover_group(shifted, 5).group.name == "permutation"
+    G = discover_group(shifted, 5, affine=True).group
+    assert (G.name, G.source) == ("affine_scaled_permutation", "empirical")
+    g = G.sample(seed=0)
+    assert check_intertwiner(shifted, g, group=G).passed and check_intertwiner(shifted, g).passed
+    assert not check_intertwiner(shifted, ScaledPermutation(g.perm, g.scale)).passed  # no offset
+
+
+@pytest.mark.parametrize("module", [nn.ReLU(inplace=True), nn.ELU(inplace=True), nn.Hardtanh(inplace=True)])
+def test_in_place_modules_are_checked_on_copies(module):
+    G = intertwiner_group(module, 5)
+    assert check_intertwiner(module, G.sample(seed=0), n_samples=256).passed
+    assert discover_group(module, 5, n_samples=256).group.name == G.name
+
+
+def test_per_channel_prelu_is_discovered_as_positive_diagonal():
+    prelu = nn.PReLU(6)
+    with torch.no_grad():
+        prelu.weight.copy_(torch.linspace(0.1, 0.6, 6))
+    found = discover_group(prelu, 6, n_samples=512)
+    assert not found.holds["permutation"] and found.holds["positive_scaling"]
+    assert found.group.name == intertwiner_group(prelu, 6).name == "positive_diagonal"
+
+
+# --------------------------------------------------------------------------------------------- reports
+def test_reports_render_and_record_their_seed():
+    g = get_group("relu", 6).sample(seed=0)
+    res = check_intertwiner("relu", g, seed=3, n_samples=256)
+    frame = res.to_frame()
+    assert len(frame) == 1 and frame.loc[0, "passed"] and frame.loc[0, "seed"] == 3
+    assert res.errors.shape == (256,) and "passed" in repr(res) and "<table" in res._repr_html_()
+    bad = check_intertwiner("gelu", g, n_samples=256)
+    assert not torch.equal(bad.errors, check_intertwiner("gelu", g, seed=1, n_samples=256).errors)
+    assert torch.equal(bad.errors, check_intertwiner("gelu", g, n_samples=256).errors)
+    f32 = check_intertwiner("sigmoid", get_group("permutation", 6).sample(seed=0), dtype=torch.float32)
+    assert f32.passed and f32.dtype == "float32" and f32.tolerance > 1e3 * res.tolerance
+    found = discover_group("tanh", 4, affine=True, n_samples=256)
+    assert len(found.to_frame()) == len(GENERATORS)  # tanh(0) = 0: no second round
+    assert len(discover_group("sigmoid", 4, affine=True, n_samples=256).to_frame()) == 2 * len(GENERATORS)
+    for report in (res, bad, found):
+        ax = report.plot()
+        assert ax.figure is not None
+    import matplotlib.pyplot as plt
+    plt.close("all")
+
+
+# -------------------------------------------------------------------------------------------- geodesic
+@FAST
+@given(n=st.integers(2, 8), seed=st.integers(0, 2**31 - 1), a=st.floats(0, 0.5), b=st.floats(0, 0.5))
+def test_geodesic_is_a_one_parameter_group_of_rotations(n, seed, a, b):
+    Q = get_group("special_orthogonal", n).sample(seed=seed)
+    Qa, Qb, Qab = geodesic(Q, a), geodesic(Q, b), geodesic(Q, a + b)
+    assert_close((Qa @ Qb).matrix(), Qab.matrix())
+    for R in (Qa, Qab):
+        assert_close(R.matrix().T @ R.matrix(), torch.eye(n, dtype=F64), atol=1e-12)
+        assert torch.linalg.det(R.matrix()).item() == pytest.approx(1.0, abs=1e-10)
+        assert R.orthogonal and get_group("special_orthogonal", n).contains(R)
+    assert torch.equal(geodesic(Q, 0.0).matrix(), torch.eye(n, dtype=F64))
+    assert_close(geodesic(Q, 1.0).matrix(), Q.matrix())
+    dist = [torch.linalg.norm(geodesic(Q, t).matrix() - torch.eye(n, dtype=F64)).item() for t in (0.25, 0.5, 1.0)]
+    assert dist[0] <= dist[1] <= dist[2] + 1e-12  # moves steadily away from the identity
+
+
+def test_geodesic_handles_eigenvalue_minus_one():
+    U = get_group("orthogonal", 5).sample(seed=2).matrix()
+    for Q in (U @ torch.diag(torch.tensor([-1.0, -1, 1, 1, 1], dtype=F64)) @ U.T, -torch.eye(2, dtype=F64)):
+        half = geodesic(Q, 0.5)
+        assert_close((half @ half).matrix(), Q)
+        assert torch.linalg.det(half.matrix()).item() == pytest.approx(1.0)
+    assert_close(geodesic(torch.eye(3).numpy(), 0.3).matrix(), torch.eye(3, dtype=F64))
+
+
+def test_geodesic_refuses_reflections_and_non_rotations():
+    Q = get_group("orthogonal", 4).sample(seed=0)
+    Q = Q if torch.linalg.det(Q.matrix()) < 0 else Q @ ScaledPermutation(torch.arange(4), [-1.0, 1, 1, 1])
+    with pytest.raises(InvalidOptionError, match=r"det −1.*Sample from 'special_orthogonal'"):
+        geodesic(Q, 0.5)
+    with pytest.raises(ValueError, match=r"needs an orthogonal Q"):
+        geodesic(get_group("gl", 4).sample(seed=0), 0.5)
+    with pytest.raises(InvalidOptionError, match=r"square"):
+        geodesic(torch.ones(2, 3), 0.5)
+
+
+# ---------------------------------------------------------------------------------------------- errors
+def test_unknown_activation_names_suggest_the_nearest():
+    with pytest.raises(InvalidOptionError, match=r"unknown activation 'relu7'; did you mean 'relu6'.*known: \[.*"
+                                                  r"for an activation not in the catalogue use wb.discover_group"):
+        intertwiner_group("relu7", 4)
+    with pytest.raises(ValueError, match=r"did you mean 'gelu_new'"):
+        intertwiner_group("gelu_neww", 4)
+
+
+def test_unknown_modules_and_objects_are_refused_clearly():
+    with pytest.raises(InvalidOptionError, match=r"no catalogue entry for the module Softmax.*discover_group"):
+        intertwiner_group(nn.Softmax(dim=-1), 4)
+    with pytest.raises(TypeError, match=r"an activation is a name such as 'relu'.*got int 42"):
+        intertwiner_group(42, 4)
+
+
+@pytest.mark.parametrize("n", [0, -3, "8", 2.5, True])
+def test_bad_n_is_refused(n):
+    with pytest.raises(InvalidOptionError, match=r"intertwiner_group\('relu', n=.*\): n is the number of hidden units"):
+        intertwiner_group("relu", n)
+
+
+def test_other_bad_inputs_are_refused():
+    with pytest.raises(InvalidOptionError, match=r"discover_group needs n ≥ 2 units"):
+        discover_group("relu", n=1)
+    with pytest.raises(InvalidOptionError, match=r"integer d ≥ 1"):
+        intertwiner_group("x^1.5", 4)
+    with pytest.raises(InvalidOptionError, match=r"integer d ≥ 1"):
+        intertwiner_group("power:0", 4)
+    with pytest.raises(InvalidOptionError, match=r"needs a group element"):
+        check_intertwiner("relu", torch.eye(3))
+    with pytest.raises(InvalidOptionError, match=r"is not elementwise"):
+        check_intertwiner(lambda x: x.sum(-1, keepdim=True), identity(3))
+    with pytest.raises(InvalidOptionError, match=r"acts on 3 dimensions, but this place has 4"):
+        check_intertwiner("relu", identity(4), group=get_group("relu", 3))
+    with pytest.raises(InvalidOptionError, match=r"generator='flip' is not a valid option.*'negation'"):
+        generator_element("flip", 4)

@@ -1,0 +1,230 @@
+"""Group elements: structured invertible maps, dense only when they must be.
+
+Every element is an invertible n×n matrix M stored in its cheapest exact form, acting on one axis
+of a tensor: ``g.act(x, dim)`` computes ``x'[..., i, ...] = Σ_j M[i, j] x[..., j, ...]``. Elements
+compose (``g @ h`` is M_g M_h), invert, transpose, and carry φ(M) — the homomorphism of the
+intertwiner group they came from (M itself, abs(M), or the entrywise d-th power), so that a
+hidden activation moves as h ↦ φ(M) h while the writer's rows move by M.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional, Union
+
+import torch
+
+Phi = Union[str, tuple]  # "identity" | "abs" | ("power", d)
+
+
+def _phi_name(phi: Phi) -> str:
+    return phi if isinstance(phi, str) else f"power{phi[1]}"
+
+
+class GroupElement:
+    """An invertible n×n map. Subclasses store it structurally."""
+
+    n: int
+    phi_kind: Phi = "identity"
+    group: str = ""  # name of the family it was sampled from (for reports)
+
+    # -- the algebra every subclass provides -------------------------------------------------
+    def matrix(self, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+        raise NotImplementedError
+
+    def act(self, x: torch.Tensor, dim: int = -1) -> torch.Tensor:
+        """``M`` applied along axis ``dim`` of ``x`` (that axis must have length n)."""
+        raise NotImplementedError
+
+    def inverse(self) -> "GroupElement":
+        raise NotImplementedError
+
+    def transpose(self) -> "GroupElement":
+        raise NotImplementedError
+
+    def _phi(self) -> "GroupElement":
+        raise NotImplementedError
+
+    # -- shared behaviour ----------------------------------------------------------------------
+    def phi(self) -> "GroupElement":
+        """φ(M): how the activation after the nonlinearity moves (M, abs(M) or M^{⊙d})."""
+        return self if self.phi_kind == "identity" else self._phi()
+
+    def compose(self, other: "GroupElement") -> "GroupElement":
+        """The element ``M_self @ M_other`` (apply ``other`` first)."""
+        return _compose(self, other)
+
+    def __matmul__(self, other: "GroupElement") -> "GroupElement":
+        return self.compose(other)
+
+    def _check_axis(self, x: torch.Tensor, dim: int) -> int:
+        d = dim % x.ndim
+        if x.shape[d] != self.n:
+            raise ValueError(
+                f"this {type(self).__name__} acts on axes of length {self.n}, but axis {dim} of the "
+                f"tensor has length {x.shape[d]} (shape {tuple(x.shape)})."
+            )
+        return d
+
+    def is_identity(self, atol: float = 0.0) -> bool:
+        eye = torch.eye(self.n, dtype=torch.float64)
+        return bool(torch.allclose(self.matrix(), eye, rtol=0, atol=atol))
+
+    def to_dict(self) -> dict:
+        """A JSON-serialisable record (tensors as nested lists) that :func:`element_from_dict` reads."""
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(n={self.n}, group={self.group!r}, phi={_phi_name(self.phi_kind)})"
+
+
+@dataclass(repr=False)
+class ScaledPermutation(GroupElement):
+    """``M = diag(scale) · P``: ``(M x)_i = scale_i · x_{perm_i}``. With scale None, a pure permutation.
+
+    Covers permutations, positive-scaled permutations (G_ReLU), signed permutations and permutations
+    times any nonzero diagonal — everything the activation catalogue needs except dense maps.
+    """
+
+    perm: torch.Tensor  # [n] long, a permutation of range(n)
+    scale: Optional[torch.Tensor] = None  # [n] nonzero, or None for all ones
+    phi_kind: Phi = "identity"
+    group: str = "permutation"
+    n: int = field(init=False)
+
+    def __post_init__(self):
+        self.perm = torch.as_tensor(self.perm, dtype=torch.long)
+        self.n = int(self.perm.numel())
+        if self.scale is not None:
+            self.scale = torch.as_tensor(self.scale)
+            if self.scale.shape != (self.n,):
+                raise ValueError(f"scale must have shape ({self.n},); got {tuple(self.scale.shape)}.")
+            if not self.scale.is_floating_point():
+                self.scale = self.scale.double()
+
+    def matrix(self, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+        m = torch.zeros(self.n, self.n, dtype=dtype)
+        m[torch.arange(self.n), self.perm] = 1 if self.scale is None else self.scale.to(dtype)
+        return m
+
+    def act(self, x: torch.Tensor, dim: int = -1) -> torch.Tensor:
+        d = self._check_axis(x, dim)
+        y = x.index_select(d, self.perm.to(x.device))
+        if self.scale is not None:
+            shape = [1] * x.ndim
+            shape[d] = self.n
+            y = y * self.scale.to(device=x.device, dtype=x.dtype).reshape(shape)
+        return y
+
+    def inverse(self) -> "ScaledPermutation":
+        inv = torch.empty_like(self.perm)
+        inv[self.perm] = torch.arange(self.n)
+        # M = D P  =>  M^{-1} = P^{-1} D^{-1} = D' P^{-1} with D'_i = 1 / scale_{inv_i}
+        scale = None if self.scale is None else 1.0 / self.scale[inv]
+        return ScaledPermutation(inv, scale, self.phi_kind, self.group)
+
+    def transpose(self) -> "ScaledPermutation":
+        # (D P)^T = P^T D = P^{-1} D = D'' P^{-1} with D''_i = scale_{inv_i}
+        inv = torch.empty_like(self.perm)
+        inv[self.perm] = torch.arange(self.n)
+        scale = None if self.scale is None else self.scale[inv]
+        return ScaledPermutation(inv, scale, self.phi_kind, self.group)
+
+    def _phi(self) -> "ScaledPermutation":
+        if self.scale is None:
+            return ScaledPermutation(self.perm, None, "identity", self.group)
+        if self.phi_kind == "abs":
+            scale = self.scale.abs()
+        elif isinstance(self.phi_kind, tuple) and self.phi_kind[0] == "power":
+            scale = self.scale ** self.phi_kind[1]
+        else:
+            raise ValueError(f"unknown homomorphism {self.phi_kind!r}")
+        return ScaledPermutation(self.perm, scale, "identity", self.group)
+
+    def to_dict(self) -> dict:
+        return {"type": "scaled_permutation", "perm": self.perm.tolist(),
+                "scale": None if self.scale is None else self.scale.double().tolist(),
+                "phi": self.phi_kind if isinstance(self.phi_kind, str) else list(self.phi_kind), "group": self.group}
+
+
+@dataclass(repr=False)
+class Dense(GroupElement):
+    """A dense invertible matrix (general linear and orthogonal maps). Keeps float64 for exactness."""
+
+    M: torch.Tensor  # [n, n]
+    phi_kind: Phi = "identity"
+    group: str = "gl"
+    orthogonal: bool = False  # inverse is the transpose, exactly
+    n: int = field(init=False)
+
+    def __post_init__(self):
+        self.M = torch.as_tensor(self.M)
+        if self.M.ndim != 2 or self.M.shape[0] != self.M.shape[1]:
+            raise ValueError(f"a dense group element needs a square matrix; got shape {tuple(self.M.shape)}.")
+        if not self.M.is_floating_point():
+            self.M = self.M.double()
+        self.n = int(self.M.shape[0])
+
+    def matrix(self, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+        return self.M.to(dtype)
+
+    def act(self, x: torch.Tensor, dim: int = -1) -> torch.Tensor:
+        d = self._check_axis(x, dim)
+        M = self.M.to(device=x.device, dtype=x.dtype)
+        return torch.movedim(torch.tensordot(M, torch.movedim(x, d, 0), dims=([1], [0])), 0, d)
+
+    def inverse(self) -> "Dense":
+        inv = self.M.T.clone() if self.orthogonal else torch.linalg.inv(self.M)
+        return Dense(inv, self.phi_kind, self.group, self.orthogonal)
+
+    def transpose(self) -> "Dense":
+        return Dense(self.M.T.clone(), self.phi_kind, self.group, self.orthogonal)
+
+    def _phi(self) -> "Dense":
+        if self.phi_kind == "abs":
+            return Dense(self.M.abs(), "identity", self.group)
+        if isinstance(self.phi_kind, tuple) and self.phi_kind[0] == "power":
+            return Dense(self.M ** self.phi_kind[1], "identity", self.group)
+        raise ValueError(f"unknown homomorphism {self.phi_kind!r}")
+
+    def to_dict(self) -> dict:
+        return {"type": "dense", "M": self.M.double().tolist(), "orthogonal": self.orthogonal,
+                "phi": self.phi_kind if isinstance(self.phi_kind, str) else list(self.phi_kind), "group": self.group}
+
+
+def identity(n: int) -> ScaledPermutation:
+    return ScaledPermutation(torch.arange(n), None, "identity", "identity")
+
+
+def _compose(a: GroupElement, b: GroupElement) -> GroupElement:
+    if a.n != b.n:
+        raise ValueError(f"cannot compose elements acting on {a.n} and {b.n} dimensions.")
+    phi = a.phi_kind if a.phi_kind == b.phi_kind else "identity"
+    group = a.group if a.group == b.group else f"{a.group}·{b.group}"
+    if isinstance(a, ScaledPermutation) and isinstance(b, ScaledPermutation):
+        # (D_a P_a)(D_b P_b) x: (D_b P_b x)_j = s_b[j] x[p_b[j]]; then row i picks j = p_a[i].
+        perm = b.perm[a.perm]
+        if a.scale is None and b.scale is None:
+            scale = None
+        else:
+            sa = a.scale if a.scale is not None else torch.ones(a.n, dtype=torch.float64)
+            sb = b.scale if b.scale is not None else torch.ones(b.n, dtype=torch.float64)
+            scale = sa * sb[a.perm]
+        return ScaledPermutation(perm, scale, phi, group)
+    ortho = getattr(a, "orthogonal", False) and getattr(b, "orthogonal", False)
+    if isinstance(a, ScaledPermutation) and a.scale is None:
+        ortho = getattr(b, "orthogonal", False)
+    if isinstance(b, ScaledPermutation) and b.scale is None:
+        ortho = getattr(a, "orthogonal", False)
+    return Dense(a.matrix() @ b.matrix(), phi, group, ortho)
+
+
+def element_from_dict(d: dict) -> GroupElement:
+    """Rebuild an element from :meth:`GroupElement.to_dict`."""
+    phi = d.get("phi", "identity")
+    phi = tuple(phi) if isinstance(phi, list) else phi
+    if d["type"] == "scaled_permutation":
+        scale = None if d["scale"] is None else torch.tensor(d["scale"], dtype=torch.float64)
+        return ScaledPermutation(torch.tensor(d["perm"]), scale, phi, d.get("group", ""))
+    if d["type"] == "dense":
+        return Dense(torch.tensor(d["M"], dtype=torch.float64), phi, d.get("group", ""), d.get("orthogonal", False))
+    raise ValueError(f"unknown group element type {d['type']!r}")

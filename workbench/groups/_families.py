@@ -1,0 +1,252 @@
+"""Group families and the one registry of group names every verb uses."""
+from __future__ import annotations
+
+import math
+from typing import Optional, Union
+
+import torch
+
+from .._errors import InvalidOptionError, check_option
+from ._elements import Dense, GroupElement, Phi, ScaledPermutation, identity
+
+Generator = Optional[torch.Generator]
+
+
+def _gen(generator: Generator = None, seed: Optional[int] = None) -> torch.Generator:
+    if generator is not None:
+        return generator
+    return torch.Generator().manual_seed(0 if seed is None else int(seed))
+
+
+class Group:
+    """A family of invertible n×n maps with a sampler. ``phi`` is the homomorphism its elements carry."""
+
+    name: str = ""
+    label: str = ""  # the mathematics, for tables: "P·D₊ (G_ReLU)"
+    continuous: bool = False  # a continuous group: coordinates carry no architectural meaning
+    phi: Phi = "identity"
+    activation: Optional[str] = None  # display name of the activation whose intertwiner group this is
+    centre: Optional[float] = None  # σ(0), set only on an affine extension (see offset)
+
+    def __init__(self, n: int, *, phi: Phi = "identity", source: str = "family"):
+        if not isinstance(n, int) or n < 1:
+            raise InvalidOptionError(f"a group acts on n ≥ 1 dimensions; got n={n!r}.")
+        self.n = n
+        self.phi = phi
+        #: where this group came from: "family", "catalogue", "empirical" or "affine extension"
+        self.source = source
+
+    def sample(self, generator: Generator = None, *, seed: Optional[int] = None) -> GroupElement:
+        """A random element (same ``seed`` or generator state, same element)."""
+        raise NotImplementedError
+
+    def identity(self) -> GroupElement:
+        e = identity(self.n)
+        e.phi_kind, e.group = self.phi, self.name
+        return e
+
+    def contains(self, element: GroupElement, atol: float = 1e-9) -> bool:
+        """Whether ``element``'s matrix lies in this group (to ``atol``)."""
+        return element.n == self.n and self._contains(element.matrix(), atol)
+
+    def _contains(self, M: torch.Tensor, atol: float) -> bool:
+        raise NotImplementedError
+
+    def offset(self, element: GroupElement) -> Optional[torch.Tensor]:
+        """c(M), float64 ``[n]``, with σ(Mx) = φ(M)σ(x) + c(M); None for a purely linear intertwiner.
+
+        Only affine extensions (``source="affine extension"``, made by ``intertwiner_group(...,
+        affine=True)``) return a tensor. Setting x = 0 forces c(M) = σ(0)(1 − φ(M)·1), so the group
+        stores σ(0) as ``centre``. A weight transform folds c into the next layer's bias.
+        """
+        if self.centre is None:
+            return None
+        ones = torch.ones(self.n, dtype=torch.float64)
+        return self.centre * (ones - element.phi().act(ones, dim=0).to(torch.float64))
+
+    def with_n(self, n: int) -> "Group":
+        """The same family on n dimensions."""
+        g = object.__new__(type(self))
+        g.__dict__.update(self.__dict__)
+        g.n = n
+        return g
+
+    def __repr__(self) -> str:
+        extra = "" if self.phi == "identity" else f", phi={self.phi!r}"
+        return f"{type(self).__name__}({self.name!r}, n={self.n}{extra})"
+
+    def __eq__(self, other) -> bool:
+        return type(self) is type(other) and self.__dict__ == other.__dict__
+
+    def __hash__(self):
+        return hash((type(self).__name__, self.n))
+
+
+def _is_monomial(M: torch.Tensor, atol: float) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+    """``(perm, scale)`` if M has exactly one nonzero per row and column, else None."""
+    nz = M.abs() > atol
+    if not (bool((nz.sum(0) == 1).all()) and bool((nz.sum(1) == 1).all())):
+        return None
+    perm = nz.float().argmax(dim=1)
+    return perm, M[torch.arange(M.shape[0]), perm]
+
+
+class GeneralLinear(Group):
+    name, label, continuous = "gl", "GL(n): every invertible map", True
+
+    def __init__(self, n: int, *, sigma: float = 0.5, **kw):
+        super().__init__(n, **kw)
+        self.sigma = sigma  # log-normal singular values: a well-conditioned random map
+
+    def sample(self, generator=None, *, seed=None) -> Dense:
+        g = _gen(generator, seed)
+        u = _haar(self.n, g)
+        v = _haar(self.n, g)
+        s = torch.exp(self.sigma * torch.randn(self.n, generator=g, dtype=torch.float64))
+        return Dense((u * s) @ v.T, self.phi, self.name)
+
+    def _contains(self, M, atol):
+        return bool(torch.linalg.matrix_rank(M) == self.n)
+
+
+class Orthogonal(Group):
+    name, label, continuous = "orthogonal", "O(n): rotations and reflections", True
+
+    def __init__(self, n: int, *, special: bool = False, **kw):
+        super().__init__(n, **kw)
+        self.special = special  # SO(n): determinant +1, so a geodesic from the identity exists
+        if special:
+            self.name, self.label = "special_orthogonal", "SO(n): rotations"
+
+    def sample(self, generator=None, *, seed=None) -> Dense:
+        Q = _haar(self.n, _gen(generator, seed))
+        if self.special and torch.linalg.det(Q) < 0:
+            Q[:, 0] = -Q[:, 0]
+        return Dense(Q, self.phi, self.name, orthogonal=True)
+
+    def _contains(self, M, atol):
+        ok = torch.allclose(M @ M.T, torch.eye(self.n, dtype=M.dtype), atol=atol, rtol=0)
+        return bool(ok and (not self.special or torch.linalg.det(M) > 0))
+
+
+def _haar(n: int, g: torch.Generator) -> torch.Tensor:
+    """A Haar-distributed orthogonal matrix: QR of a Gaussian, columns multiplied by sign(diag R)."""
+    Z = torch.randn(n, n, generator=g, dtype=torch.float64)
+    Q, R = torch.linalg.qr(Z)
+    return Q * torch.sign(torch.diagonal(R))
+
+
+class Permutation(Group):
+    name, label = "permutation", "P: permutations"
+
+    def sample(self, generator=None, *, seed=None) -> ScaledPermutation:
+        return ScaledPermutation(torch.randperm(self.n, generator=_gen(generator, seed)), None, self.phi, self.name)
+
+    def _contains(self, M, atol):
+        mono = _is_monomial(M, atol)
+        return mono is not None and bool(torch.allclose(mono[1], torch.ones_like(mono[1]), atol=atol))
+
+
+class ScaledPermutationGroup(Group):
+    """Permutations times a diagonal: positive (G_ReLU), ±1 (signed), or any nonzero."""
+
+    def __init__(self, n: int, *, diagonal: str = "positive", sigma: float = 1.0, **kw):
+        super().__init__(n, **kw)
+        self.diagonal = check_option("diagonal", diagonal, ["positive", "sign", "nonzero"])
+        self.sigma = sigma
+        self.name, self.label = {
+            "positive": ("scaled_permutation", "P·D₊ (G_ReLU): permutations × positive scalings"),
+            "sign": ("signed_permutation", "P·D±: permutations × sign flips"),
+            "nonzero": ("diagonal_permutation", "P·D: permutations × nonzero scalings"),
+        }[self.diagonal]
+
+    def sample(self, generator=None, *, seed=None) -> ScaledPermutation:
+        g = _gen(generator, seed)
+        perm = torch.randperm(self.n, generator=g)
+        # Log-normal scales exp(σz − σ²/2) have mean 1 (the paper's exp(g)/exp(1/2) at σ = 1).
+        mag = torch.exp(self.sigma * torch.randn(self.n, generator=g, dtype=torch.float64) - self.sigma ** 2 / 2)
+        sign = torch.where(torch.rand(self.n, generator=g) < 0.5, -1.0, 1.0).double()
+        scale = {"positive": mag, "sign": sign, "nonzero": sign * mag}[self.diagonal]
+        return ScaledPermutation(perm, scale, self.phi, self.name)
+
+    def _contains(self, M, atol):
+        mono = _is_monomial(M, atol)
+        if mono is None:
+            return False
+        s = mono[1]
+        if self.diagonal == "positive":
+            return bool((s > 0).all())
+        if self.diagonal == "sign":
+            return bool(torch.allclose(s.abs(), torch.ones_like(s), atol=atol))
+        return True
+
+
+class PositiveDiagonal(Group):
+    """Positive scalings without permutations: the group of a per-channel PReLU (one slope per unit)."""
+
+    name, label = "positive_diagonal", "D₊: positive scalings, no permutations"
+
+    def __init__(self, n: int, *, sigma: float = 1.0, **kw):
+        super().__init__(n, **kw)
+        self.sigma = sigma
+
+    def sample(self, generator=None, *, seed=None) -> ScaledPermutation:
+        g = _gen(generator, seed)
+        mag = torch.exp(self.sigma * torch.randn(self.n, generator=g, dtype=torch.float64) - self.sigma ** 2 / 2)
+        return ScaledPermutation(torch.arange(self.n), mag, self.phi, self.name)
+
+    def _contains(self, M, atol):
+        mono = _is_monomial(M, atol)
+        return mono is not None and bool((mono[0] == torch.arange(self.n)).all() and (mono[1] > 0).all())
+
+
+class Trivial(Group):
+    """Only the identity: what an empirical search returns when not even permutations commute."""
+
+    name, label = "trivial", "{I}: no symmetry"
+
+    def sample(self, generator=None, *, seed=None) -> ScaledPermutation:
+        return self.identity()
+
+    def _contains(self, M, atol):
+        return bool(torch.allclose(M, torch.eye(self.n, dtype=M.dtype), atol=atol, rtol=0))
+
+
+# ---------------------------------------------------------------------- the registry
+def _scaled(diagonal):
+    return lambda n, **kw: ScaledPermutationGroup(n, diagonal=diagonal, **kw)
+
+
+FAMILIES = {
+    "gl": GeneralLinear,
+    "orthogonal": Orthogonal,
+    "special_orthogonal": lambda n, **kw: Orthogonal(n, special=True, **kw),
+    "permutation": Permutation,
+    "scaled_permutation": _scaled("positive"),
+    "signed_permutation": _scaled("sign"),
+    "diagonal_permutation": _scaled("nonzero"),
+    "positive_diagonal": PositiveDiagonal,
+    "trivial": Trivial,
+}
+ALIASES = {
+    "general_linear": "gl", "linear": "gl", "identity": "gl",
+    "rotation": "orthogonal", "o": "orthogonal", "so": "special_orthogonal",
+    "relu": "scaled_permutation", "g_relu": "scaled_permutation", "grelu": "scaled_permutation",
+    "positive_scaled_permutation": "scaled_permutation",
+    "gelu": "permutation", "tanh": "signed_permutation",
+}
+GROUP_NAMES = [*FAMILIES, *ALIASES]
+
+
+def get_group(spec: Union[str, Group], n: Optional[int] = None, **kwargs) -> Group:
+    """A group from a registry name (``"relu"``, ``"orthogonal"``, …) or a :class:`Group` object."""
+    if isinstance(spec, Group):
+        if n is not None and spec.n != n:
+            raise InvalidOptionError(f"the group {spec!r} acts on {spec.n} dimensions, but this place has {n}.")
+        return spec
+    if not isinstance(spec, str):
+        raise InvalidOptionError(f"a group is a name from {GROUP_NAMES} or a Group object; got {type(spec).__name__}.")
+    key = check_option("group", spec.lower(), GROUP_NAMES)
+    if n is None:
+        raise InvalidOptionError(f"group {spec!r}: say how many dimensions it acts on (n=...).")
+    return FAMILIES[ALIASES.get(key, key)](n, **kwargs)

@@ -1,0 +1,57 @@
+"""Intersecting groups by the generators they contain (the families form a small lattice)."""
+from __future__ import annotations
+
+from ..groups import Group, get_group
+
+# Which kinds of generator each family contains.
+_GENERATORS = {
+    "gl": {"perm", "pos_scale", "neg", "rotation", "general"},
+    "orthogonal": {"perm", "neg", "rotation"},
+    "special_orthogonal": {"perm", "neg", "rotation"},
+    "diagonal_permutation": {"perm", "pos_scale", "neg"},
+    "scaled_permutation": {"perm", "pos_scale"},
+    "signed_permutation": {"perm", "neg"},
+    "permutation": {"perm"},
+    "positive_diagonal": {"pos_scale"},
+}
+# Largest family with exactly a given generator set (order matters: first match wins).
+_BY_GENERATORS = [
+    ({"perm", "pos_scale", "neg", "rotation", "general"}, "gl"),
+    ({"perm", "neg", "rotation"}, "orthogonal"),
+    ({"perm", "pos_scale", "neg"}, "diagonal_permutation"),
+    ({"perm", "pos_scale"}, "scaled_permutation"),
+    ({"perm", "neg"}, "signed_permutation"),
+    ({"perm"}, "permutation"),
+    ({"pos_scale"}, "positive_diagonal"),
+]
+
+# What each structural constraint of a space allows.
+CONSTRAINTS = {
+    "max_pool": ({"perm", "pos_scale"}, "max pooling commutes only with permutations and positive scalings"),
+    "batchnorm": ({"perm", "pos_scale", "neg"}, "BatchNorm is per channel: only permutations and scalings pass it"),
+    "batchnorm_input": ({"perm"}, "BatchNorm reads this space directly: a scaling would meet its ε inexactly"),
+    "constant_add": ({"perm"}, "a constant is added: only permutations fix it"),
+    "mixed_levels": ({"perm", "pos_scale", "neg", "rotation", "general"}, "pre- and post-activation values are added"),
+}
+
+
+def generators(group: Group) -> set[str]:
+    # An affine extension ("affine_signed_permutation") has the generators of its linear family.
+    return set(_GENERATORS.get(group.name.removeprefix("affine_"), {"perm"}))
+
+
+def restrict(group: Group, allowed: set[str]) -> Group:
+    """The largest family inside ``group`` whose generators are all in ``allowed``."""
+    have = generators(group) & allowed
+    if have == generators(group):
+        return group
+    for gens, name in _BY_GENERATORS:
+        if gens <= have:
+            try:
+                new = get_group(name, group.n)
+            except Exception:  # a family the registry does not have yet
+                continue
+            new.phi = group.phi if name != "gl" else "identity"
+            new.source = getattr(group, "source", "family")
+            return new
+    return get_group("permutation", group.n)

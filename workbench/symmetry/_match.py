@@ -1,0 +1,154 @@
+"""Matching neurons across two representations, and how neuron-level interpretations shift."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import numpy as np
+import torch
+from torch import nn
+
+from .._report import Report, new_axes
+from ..groups import ScaledPermutation
+from ..hooks import run_with_cache
+from ._map import Site, symmetry_map
+from ._verify import eval_mode
+
+
+def _units(acts: torch.Tensor) -> torch.Tensor:
+    """[N, C, *rest] -> [C, N·prod(rest)]: one row of values per unit."""
+    a = torch.as_tensor(acts).double()
+    if a.ndim < 2:
+        raise ValueError(f"activations need shape [examples, units, ...]; got {tuple(a.shape)}.")
+    return a.transpose(0, 1).reshape(a.shape[1], -1)
+
+
+@dataclass(repr=False)
+class NeuronMatching(Report):
+    """``acts_b[:, i] ≈ scale[i] · acts_a[:, perm[i]]``, found by Hungarian matching of cosines."""
+
+    perm: torch.Tensor  # [C]
+    scale: torch.Tensor  # [C] least-squares scale of each match
+    quality: torch.Tensor  # [C] cosine similarity of each matched pair (1 = exact up to scale)
+    similarity: torch.Tensor  # [C, C] cosine between unit i of b and unit j of a
+
+    @property
+    def element(self) -> ScaledPermutation:
+        """The matching as a group element M with acts_b ≈ M acts_a along the unit axis."""
+        return ScaledPermutation(self.perm, self.scale, group="scaled_permutation")
+
+    def summary(self) -> str:
+        q = self.quality
+        return f"{len(q)} units, mean matched cosine {q.mean():.4f}, worst {q.min():.4f}"
+
+    def to_frame(self):
+        import pandas as pd
+
+        return pd.DataFrame({"unit_b": np.arange(len(self.perm)), "unit_a": self.perm.numpy(),
+                             "scale": self.scale.numpy(), "cosine": self.quality.numpy()})
+
+    def plot(self, ax=None):
+        import seaborn as sns
+
+        ax = new_axes(ax, figsize=(4.5, 4))
+        sns.heatmap(self.similarity[:, self.perm].numpy(), cmap="vlag", center=0, vmin=-1, vmax=1, ax=ax, square=True)
+        ax.set_xlabel("unit of a (matched order)")
+        ax.set_ylabel("unit of b")
+        ax.set_title("cosine similarity after matching")
+        return ax
+
+
+def match_neurons(acts_a: torch.Tensor, acts_b: torch.Tensor, *, signed: bool = False) -> NeuronMatching:
+    """Match the units of two activation sets (``[N, C, ...]`` each) by a scale-invariant similarity.
+
+    The similarity is the cosine between units (each unit's values over examples and positions, not
+    centred, so a positive scaling leaves it unchanged); the Hungarian algorithm maximises the total.
+    ``signed=True`` matches on |cosine| so sign flips are recovered too. An applied P·D₊ is recovered
+    exactly: ``matching.element`` maps ``acts_a`` onto ``acts_b``.
+    """
+    from scipy.optimize import linear_sum_assignment
+
+    A, B = _units(acts_a), _units(acts_b)
+    if A.shape != B.shape:
+        raise ValueError(f"both activation sets need the same shape; got {tuple(acts_a.shape)} and {tuple(acts_b.shape)}.")
+    An = A / A.norm(dim=1, keepdim=True).clamp_min(1e-30)
+    Bn = B / B.norm(dim=1, keepdim=True).clamp_min(1e-30)
+    sim = Bn @ An.T  # [C_b, C_a]
+    score = sim.abs() if signed else sim
+    rows, cols = linear_sum_assignment(score.numpy(), maximize=True)
+    perm = torch.as_tensor(cols[np.argsort(rows)], dtype=torch.long)
+    matched_a = A[perm]
+    scale = (B * matched_a).sum(1) / (matched_a * matched_a).sum(1).clamp_min(1e-30)
+    quality = sim[torch.arange(len(perm)), perm]
+    return NeuronMatching(perm, scale, quality.abs() if signed else quality, sim)
+
+
+@dataclass(repr=False)
+class InterpretationShift(Report):
+    """Top-k activating examples per unit before and after a transform, with and without matching."""
+
+    site: str
+    k: int
+    top_before: torch.Tensor  # [C, k] example indices per unit of the original model
+    top_after: torch.Tensor  # [C, k] per unit of the new model
+    perm: torch.Tensor  # [C] unit of the original matched to each unit of the new model
+    overlap_same_index: torch.Tensor  # [C] |top_before[u] ∩ top_after[u]| / k
+    overlap_matched: torch.Tensor  # [C] |top_before[perm[u]] ∩ top_after[u]| / k
+
+    def summary(self) -> str:
+        return (f"site {self.site}: top-{self.k} overlap {self.overlap_matched.mean():.3f} after matching, "
+                f"{self.overlap_same_index.mean():.3f} at the same unit index")
+
+    def to_frame(self):
+        import pandas as pd
+
+        return pd.DataFrame({"unit": np.arange(len(self.perm)), "matched_unit_before": self.perm.numpy(),
+                             "overlap_same_index": self.overlap_same_index.numpy(),
+                             "overlap_matched": self.overlap_matched.numpy()})
+
+    def plot(self, ax=None):
+        import seaborn as sns
+
+        ax = new_axes(ax)
+        frame = self.to_frame().melt(id_vars="unit", value_vars=["overlap_same_index", "overlap_matched"],
+                                     var_name="comparison", value_name=f"top-{self.k} overlap")
+        sns.histplot(data=frame, x=f"top-{self.k} overlap", hue="comparison", bins=np.linspace(0, 1, 11),
+                     multiple="dodge", ax=ax)
+        ax.set_title(self.summary())
+        return ax
+
+
+def _unit_scores(model: nn.Module, site: Site, data: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """Per example and unit, the activation at the site's hook (spatial max for maps): [N, C]."""
+    hook = next(o for o in site.observed if o.name == site.hook_name)
+    out = []
+    with eval_mode(model):
+        for start in range(0, len(data), batch_size):
+            _, cache = run_with_cache(model, data[start:start + batch_size], names=hook.name)
+            h = cache.calls(hook.name)[hook.call].double()
+            h = h.reshape(h.shape[0], site.n, -1) if hook.block > 1 else h
+            out.append(h.amax(dim=tuple(range(2, h.ndim))) if h.ndim > 2 else h)
+    return torch.cat(out)
+
+
+def interpretation_shift(model: nn.Module, new_model: nn.Module, data: torch.Tensor, site: Union[str, Site],
+                         k: int = 10, *, batch_size: int = 256, example: Optional[torch.Tensor] = None) -> InterpretationShift:
+    """For each unit of ``site``, its top-``k`` examples of ``data`` in both models, compared.
+
+    Units of the new model are matched to the original's by :func:`match_neurons` on their
+    activations. Under P·D₊ the top examples are the same sets, relabelled (matched overlap 1);
+    under a rotation they change.
+    """
+    smap = symmetry_map(model, example)
+    site = smap[site] if isinstance(site, str) else site
+    a = _unit_scores(model, site, data, batch_size)
+    b = _unit_scores(new_model, site, data, batch_size)
+    k = min(k, len(data))
+    top_a = a.topk(k, dim=0).indices.T  # [C, k]
+    top_b = b.topk(k, dim=0).indices.T
+    perm = match_neurons(a, b, signed=not site.group.name.startswith("scaled")).perm
+
+    def overlap(x, y):
+        return torch.tensor([len(set(p.tolist()) & set(q.tolist())) / k for p, q in zip(x, y)], dtype=torch.float64)
+
+    return InterpretationShift(site.name, k, top_a, top_b, perm, overlap(top_a, top_b), overlap(top_a[perm], top_b))

@@ -1,0 +1,166 @@
+"""``wb.verify``: is the function unchanged, and did the representation move as the group says?"""
+from __future__ import annotations
+
+import copy
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .._report import Report, new_axes
+from ..hooks import run_with_cache
+from ._map import Site, symmetry_map
+from ._transform import Transform, apply_transform
+
+# Relative tolerances by dtype: what an exact symmetry achieves with random weights, with margin.
+TOLERANCES = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 5e-2}
+
+
+def tolerance_for(dtype: torch.dtype) -> float:
+    return TOLERANCES.get(dtype, 1e-5)
+
+
+@dataclass
+class SiteCheck:
+    site: str
+    group: str
+    equivariance_error: float  # max over observations of ‖h' − F h − c‖ / max(‖h‖, ‖F h‖)
+    representation_change: float  # max over observations of ‖h' − h‖ / max(‖h‖, ‖F h‖)
+    observations: int
+
+
+@dataclass(repr=False)
+class InvarianceReport(Report):
+    """Output agreement of two models and, per site, equivariance and how far activations moved."""
+
+    max_abs_diff: float
+    max_rel_diff: float
+    top1_agreement: Optional[float]
+    tolerance: float
+    dtype: str
+    sites: list[SiteCheck] = field(default_factory=list)
+
+    @property
+    def function_preserved(self) -> bool:
+        return self.max_rel_diff <= self.tolerance
+
+    @property
+    def equivariant(self) -> bool:
+        return all(s.equivariance_error <= self.tolerance for s in self.sites)
+
+    @property
+    def representations_moved(self) -> bool:
+        return bool(self.sites) and all(s.representation_change > 100 * self.tolerance for s in self.sites)
+
+    @property
+    def passed(self) -> bool:
+        """The function is unchanged (and every observed site moved exactly as its element says)."""
+        return self.function_preserved and self.equivariant
+
+    def summary(self) -> str:
+        verdict = "PASS" if self.passed else "FAIL"
+        moved = sum(s.representation_change > 100 * self.tolerance for s in self.sites)
+        return (f"{verdict}: max relative output difference {self.max_rel_diff:.2e} (tolerance {self.tolerance:.0e}, "
+                f"{self.dtype}); representations moved at {moved}/{len(self.sites)} sites")
+
+    def to_frame(self):
+        import pandas as pd
+
+        return pd.DataFrame([vars(s) for s in self.sites],
+                            columns=["site", "group", "equivariance_error", "representation_change", "observations"])
+
+    def plot(self, ax=None):
+        import seaborn as sns
+
+        ax = new_axes(ax)
+        frame = self.to_frame().melt(id_vars=["site"], value_vars=["equivariance_error", "representation_change"],
+                                     var_name="measure", value_name="relative error")
+        frame["relative error"] = frame["relative error"].clip(lower=1e-18)
+        sns.barplot(data=frame, x="site", y="relative error", hue="measure", ax=ax)
+        ax.set_yscale("log")
+        ax.axhline(self.tolerance, color="k", ls="--", lw=1, label="tolerance")
+        ax.set_title(self.summary()[:80])
+        ax.tick_params(axis="x", rotation=60)
+        return ax
+
+    def _repr_html_(self) -> str:
+        colour = "#1a7f37" if self.passed else "#cf222e"
+        badge = f"<span style='background:{colour};color:white;padding:1px 6px;border-radius:4px'>{'PASS' if self.passed else 'FAIL'}</span>"
+        return badge + super()._repr_html_()
+
+
+@contextmanager
+def eval_mode(*models: nn.Module):
+    """Put models in eval mode (dropout off, BatchNorm on running statistics); restore afterwards."""
+    saved = [{m: m.training for m in model.modules()} for model in models]
+    for model in models:
+        model.eval()
+    try:
+        yield
+    finally:
+        for modes in saved:
+            for m, t in modes.items():
+                m.train(t)
+
+
+def verify(model: nn.Module, new_model: nn.Module, inputs: torch.Tensor, transform: Optional[Transform] = None,
+           dtype: Optional[torch.dtype] = None, *, tolerance: Optional[float] = None) -> InvarianceReport:
+    """Compare ``model`` and ``new_model`` on ``inputs``: outputs, and per site the representation.
+
+    Both models run in eval mode, which is restored afterwards; neither is modified. With
+    ``transform``, every observable hook point of every transformed site is checked for
+    equivariance ‖h' − F h‖/‖h‖ (F = the site's element at that level, φ(M) after the nonlinearity)
+    and for how far it moved, ‖h' − h‖/‖h‖. ``dtype=torch.float64`` re-applies ``transform`` to a
+    float64 copy of ``model`` for an exactness check. The tolerance comes from the dtype.
+    """
+    if dtype is not None:
+        model = copy.deepcopy(model).to(dtype)
+        new_model = apply_transform(model, transform) if transform is not None else copy.deepcopy(new_model).to(dtype)
+        inputs = inputs.to(dtype) if inputs.is_floating_point() else inputs
+    run_dtype = _param_dtype(model)
+    tol = tolerance if tolerance is not None else tolerance_for(run_dtype)
+    smap = symmetry_map(model, affine=transform.affine) if transform is not None else None
+    sites = [smap[name] for name in transform.elements] if transform is not None else []
+    names = sorted({o.name for s in sites for o in s.observed})
+    with eval_mode(model, new_model):
+        out, cache = run_with_cache(model, inputs, names=names or None, budget=None) if names else (model(inputs), None)
+        new_out, new_cache = run_with_cache(new_model, inputs, names=names or None, budget=None) if names else (new_model(inputs), None)
+    out, new_out = out.detach(), new_out.detach()
+    diff = (out - new_out).abs().max().item()
+    scale = max(out.abs().max().item(), 1e-30)
+    top1 = None
+    if out.ndim == 2 and out.shape[1] > 1:
+        top1 = (out.argmax(1) == new_out.argmax(1)).double().mean().item()
+    checks = [_site_check(s, transform, cache, new_cache) for s in sites]
+    return InvarianceReport(diff, diff / scale, top1, tol, str(run_dtype).replace("torch.", ""), checks)
+
+
+def _param_dtype(model: nn.Module) -> torch.dtype:
+    p = next(model.parameters(), None)
+    return p.dtype if p is not None else torch.get_default_dtype()
+
+
+def _site_check(site: Site, transform: Transform, cache, new_cache) -> SiteCheck:
+    element = transform.elements[site.name]
+    perm = element.__class__(element.perm, None, element.phi_kind, element.group) if hasattr(element, "perm") else element
+    offset = site.group.offset(element) if site.affine and site.name not in transform.forced else None
+    eq, change, count = 0.0, 0.0, 0
+    for o in site.observed:
+        if o.level == "prebn" and not hasattr(element, "perm"):
+            continue  # a forced dense map folded the BatchNorm: nothing to compare before it
+        h = cache.calls(o.name)[o.call].double()
+        h_new = new_cache.calls(o.name)[o.call].double()
+        F = {"prebn": perm, "pre": element, "post": element.phi()}[o.level]
+        hb = h.reshape(h.shape[0], site.n, -1) if o.block > 1 else h
+        expected = F.act(hb, 1)
+        if offset is not None and o.level == "post":
+            expected = expected + offset.reshape(1, -1, *([1] * (expected.ndim - 2)))
+        expected = expected.reshape(h.shape)
+        # Relative to the larger of h and F·h: a large scaling makes h' big, and its rounding with it.
+        norm = torch.maximum(h.norm(), expected.norm()).clamp_min(1e-30)
+        eq = max(eq, ((h_new - expected).norm() / norm).item())
+        change = max(change, ((h_new - h).norm() / norm).item())
+        count += 1
+    return SiteCheck(site.name, transform.groups[site.name], eq, change, count)
