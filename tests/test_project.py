@@ -44,4 +44,7 @@ def test_tour_writes_a_self_contained_report(tmp_path):
     assert summary["cnn"]["bn_output_fraction_negative"] > 0.2  # in-place ReLU did not corrupt the cache
     assert summary["harvest"] == {**summary["harvest"], "rows": 1024, "complete": True}
     assert summary["transformer"]["alias_resolves"] is True
+    sym = summary["symmetry"]
+    assert sym["verify_float32"] and sym["max_rel_diff_float64"] < 1e-10 and sym["rotation_control_fails"]
+    assert sym["top10_overlap_matched_grelu"] == 1.0 > sym["top10_overlap_matched_rotation"]
     assert summary["transformer"]["fire_by_default"] < summary["transformer"]["names"]

@@ -1,8 +1,9 @@
 """``workbench tour``: the headless main job. Writes a self-contained HTML report to a folder.
 
-Until the zoo and the symmetry experiments land, the tour exercises the activation cache end to end
-on models built procedurally from a seed (no downloads): a small CNN on procedural images and a tiny
-TransformerLens model, capture, aliases, in-place safety, and a streaming disk harvest.
+Until the zoo lands, the tour runs on models built procedurally from a seed (no downloads): a small
+CNN on procedural images and a tiny TransformerLens model — capture, aliases, in-place safety, a
+streaming disk harvest, the CNN's symmetry map, a random intertwiner verified (float32 and float64),
+a rotation as the negative control, and how top-activating examples move under each.
 """
 from __future__ import annotations
 
@@ -85,6 +86,27 @@ def tour(out: Path, seed: int = 0, progress: bool = True) -> Path:
     sections.append(("CNN: harvested store (8 batches × 128, on disk)", reopened._repr_html_()))
     summary["harvest"] = {"rows": len(reopened), "complete": reopened.complete,
                           "mean_abs_unit_correlation_layer5": float(np.abs(corr[np.triu_indices_from(corr, 1)]).mean())}
+
+    log("CNN: symmetry map, a random intertwiner, verification and a negative control")
+    smap = wb.symmetry_map(cnn)
+    new, transform = wb.random_intertwiner(cnn, seed=seed)
+    report = wb.verify(cnn, new, x, transform=transform)
+    exact = wb.verify(cnn, new, x, transform=transform, dtype=torch.float64)
+    site = smap[0].name
+    rotated, forced = wb.random_intertwiner(cnn, seed=seed, sites=[site], group="orthogonal", allow_non_symmetry=True)
+    control = wb.verify(cnn, rotated, x, transform=forced)
+    data = _images(512, seed + 100)
+    shift = wb.interpretation_shift(cnn, new, data, site, k=10)
+    shift_rot = wb.interpretation_shift(cnn, rotated, data, site, k=10)
+    sections.append(("CNN: symmetry map (sites and their intertwiner groups)", smap._repr_html_()))
+    sections.append(("CNN: a random element of each site's group — function unchanged", report._repr_html_()))
+    sections.append((f"Negative control: a random rotation at ReLU site {site}", control._repr_html_()))
+    sections.append(("Interpretation shift (top-10 examples per unit)",
+                     f"<p>G_ReLU transform: {shift.summary()}</p><p>rotation: {shift_rot.summary()}</p>"))
+    summary["symmetry"] = {"sites": len(smap), "verify_float32": report.passed, "max_rel_diff_float32": report.max_rel_diff,
+                           "max_rel_diff_float64": exact.max_rel_diff, "rotation_control_fails": not control.passed,
+                           "top10_overlap_matched_grelu": float(shift.overlap_matched.mean()),
+                           "top10_overlap_matched_rotation": float(shift_rot.overlap_matched.mean())}
 
     log("Transformer: TransformerLens bridge (imported lazily)")
     model = _tiny_transformer(seed)
