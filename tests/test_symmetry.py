@@ -333,3 +333,19 @@ def test_interpretation_shift_relabels_under_the_group_and_changes_under_a_rotat
     moved = wb.interpretation_shift(model, rotated, data, site, k=10)
     assert moved.overlap_matched.mean() < 0.7
     assert "after matching" in repr(moved) and len(moved.to_frame()) == 8
+
+
+def test_conv1d_dropout_and_avgpool_sites():
+    torch.manual_seed(0)
+    model = randomise(nn.Sequential(nn.Conv1d(2, 6, 5, padding=2), nn.BatchNorm1d(6), nn.GELU(), nn.Dropout(0.3),
+                                    nn.AvgPool1d(2), nn.Conv1d(6, 4, 3), nn.SiLU(), nn.AdaptiveAvgPool1d(1),
+                                    nn.Flatten(), nn.Linear(4, 3)))
+    smap = wb.symmetry_map(model)
+    assert [(s.n, s.group.name) for s in smap] == [(6, "permutation"), (4, "permutation")]
+    before = state(model)
+    new, t = wb.random_intertwiner(model, seed=1)
+    again = wb.apply_transform(model, t)
+    assert same_state(before, state(model)) and same_state(state(new), state(again))
+    report = wb.verify(model.train(), new, torch.randn(5, 2, 32), transform=t, dtype=torch.float64)
+    assert report.passed and report.representations_moved
+    assert model.training  # verify ran it in eval mode (dropout off) and restored training mode
