@@ -167,17 +167,56 @@ def _choose(smap: SymmetryMap, sites) -> list[Site]:
 
 
 # ---------------------------------------------------------------------- pushing elements into weights
+# Every weight gets at most one row element (it writes a site) and one column element (it reads one).
+# Both are applied in a single pass from the original's tensor into the copy's, in the parameter's
+# own dtype: permutations are exact and a scaling rounds once, so this loses nothing measurable
+# while costing about one more copy of the transformed weights (see benchmarks/results/transforms.md).
+@dataclass
+class _Plan:
+    rows: Optional[GroupElement] = None  # acts on axis 0 (the module writes the site)
+    cols: Optional[GroupElement] = None  # acts on axis 1 (the module reads a site): F⁻ᵀ
+    block: int = 1  # features per channel on axis 1 (a flatten between the site and this reader)
+    offset: Optional[torch.Tensor] = None  # c absorbed by the bias: b ← b − W'c (affine extension)
+
+
 def _push_all(model: nn.Module, smap: SymmetryMap, transform: Transform, inplace: bool) -> nn.Module:
-    new = model if inplace else copy.deepcopy(model)
+    old_modules = dict(model.named_modules())
+    if inplace:
+        new = model
+    else:
+        # Weights about to be rewritten are not copied first: the copy gets empty tensors for them.
+        memo: dict = {}
+        for name in _rewritten(smap, transform):
+            for p in (old_modules[name].weight, old_modules[name].bias):
+                if p is not None and id(p) not in memo:
+                    memo[id(p)] = nn.Parameter(torch.empty_like(p), requires_grad=p.requires_grad)
+        new = copy.deepcopy(model, memo)
     modules = dict(new.named_modules())
+    plans: dict[str, _Plan] = {}
+    folded: set[str] = set()
     with torch.no_grad():
         for name, element in transform.elements.items():
             site = smap[name]
-            offset = None
-            if site.affine and name not in transform.forced:
-                offset = site.group.offset(element)
-            _push(modules, site, element, offset)
+            offset = site.group.offset(element) if site.affine and name not in transform.forced else None
+            _plan_site(modules, site, element, offset, plans, folded)
+        scratch: dict = {}
+        for module_name, plan in plans.items():
+            src = modules[module_name] if (inplace or module_name in folded) else old_modules[module_name]
+            _apply_plan(src, modules[module_name], plan, scratch)
     return new
+
+
+def _rewritten(smap: SymmetryMap, transform: Transform) -> set[str]:
+    """Modules whose weight and bias :func:`_apply_plan` writes in full from the original's."""
+    names, folded = set(), set()
+    for site_name, element in transform.elements.items():
+        site = smap[site_name]
+        for w in site.writers:
+            names.add(w.name)
+            if w.level == "prebn" and not isinstance(element, ScaledPermutation):
+                folded.add(w.name)  # folding edits the copy's weight in place: it must be copied
+        names.update(r.name for r in site.readers)
+    return names - folded
 
 
 def _perm_part(e: GroupElement) -> Optional[ScaledPermutation]:
@@ -188,24 +227,23 @@ def _set(param: torch.Tensor, value: torch.Tensor) -> None:
     param.copy_(value.to(param.dtype))
 
 
-def _push(modules: dict, site: Site, element: GroupElement, offset: Optional[torch.Tensor]) -> None:
+def _plan_site(modules: dict, site: Site, element: GroupElement, offset, plans: dict, folded: set) -> None:
+    """Record what each weight of ``site`` needs; BatchNorm vectors (small) are updated right away."""
     perm = _perm_part(element)
     for w in site.writers:
-        m = modules[w.name]
         rows = element
         if w.level == "prebn":
             bn = modules[w.norm]
             if perm is None:  # a dense (forced) map cannot pass BatchNorm: fold the norm into the writer
-                _fold_batchnorm(m, bn)
+                _fold_batchnorm(modules[w.name], bn)
+                folded.add(w.name)
             else:
                 rows = perm
                 for t in (bn.running_mean, bn.running_var):
                     _set(t, perm.act(t.double(), 0))
                 for t in (bn.weight, bn.bias):
                     _set(t, element.act(t.double(), 0))
-        _set(m.weight, rows.act(m.weight.double(), 0))
-        if m.bias is not None:
-            _set(m.bias, rows.act(m.bias.double(), 0))
+        plans.setdefault(w.name, _Plan()).rows = rows
     for bn_name, mode in site.norms:
         if mode == "input":
             if perm is None or element.scale is not None:
@@ -214,19 +252,61 @@ def _push(modules: dict, site: Site, element: GroupElement, offset: Optional[tor
             for t in (bn.running_mean, bn.running_var, bn.weight, bn.bias):
                 _set(t, perm.act(t.double(), 0))
     for r in site.readers:
-        m = modules[r.name]
         level = {"prebn": perm, "pre": element, "post": element.phi()}[r.level]
-        undo = level.inverse().transpose()  # W ↦ W F⁻¹ is F⁻ᵀ acting on the input axis
-        W = m.weight.double()
-        shape = W.shape
-        blocked = W.reshape(shape[0], site.n, -1) if r.block > 1 else W
-        new_W = undo.act(blocked, 1)
+        plan = plans.setdefault(r.name, _Plan())
+        plan.cols, plan.block = level.inverse().transpose(), r.block  # W ↦ W F⁻¹ is F⁻ᵀ on the input axis
         if offset is not None and r.level == "post":
-            c = offset.to(torch.float64)
-            # h' = φ(M) h + c, so the reader's bias absorbs −W' c.
-            contrib = (new_W * c.reshape(1, -1, *([1] * (new_W.ndim - 2)))).sum(dim=tuple(range(1, new_W.ndim)))
-            _set(m.bias, m.bias.double() - contrib)
-        _set(m.weight, new_W.reshape(shape))
+            plan.offset = offset
+
+
+def _apply_plan(src: nn.Module, dst: nn.Module, plan: _Plan, scratch: dict) -> None:
+    W, out = src.weight, dst.weight
+    shape = W.shape
+    if plan.block > 1:  # [out, n·block] read as [out, n, block]
+        W, out = W.reshape(shape[0], -1, plan.block), out.view(shape[0], -1, plan.block)
+    _act_into(W, out, plan.rows, plan.cols, scratch)
+    if src.bias is not None:
+        _act_into(src.bias, dst.bias, plan.rows, None, scratch)
+    if plan.offset is not None:
+        c = plan.offset.to(out.dtype).reshape(1, -1, *([1] * (out.ndim - 2)))
+        dst.bias.sub_((out * c).sum(dim=tuple(range(1, out.ndim))))
+
+
+def _buffer(scratch: dict, like: torch.Tensor) -> torch.Tensor:
+    """A reusable scratch tensor shaped like ``like`` (fresh memory is the expensive part of a copy)."""
+    key = (like.dtype, like.device)
+    flat = scratch.get(key)
+    if flat is None or flat.numel() < like.numel():
+        flat = scratch[key] = torch.empty(like.numel(), dtype=like.dtype, device=like.device)
+    return flat[: like.numel()].view(like.shape)
+
+
+def _act_into(src: torch.Tensor, out: torch.Tensor, rows, cols, scratch: dict) -> None:
+    """``out = rows · src · colsᵀ`` along axes 0 and 1 (either may be None)."""
+    if not all(isinstance(e, (ScaledPermutation, type(None))) for e in (rows, cols)):
+        value = src.double()  # a dense element: do it in float64 (rare, and small groups)
+        if rows is not None:
+            value = rows.act(value, 0)
+        if cols is not None:
+            value = cols.act(value, 1)
+        _set(out, value)
+        return
+    staged = src
+    if rows is not None:
+        target = out if cols is None and src.data_ptr() != out.data_ptr() else _buffer(scratch, src)
+        torch.index_select(src, 0, rows.perm.to(src.device), out=target)
+        staged = target
+    if cols is not None:
+        target = out if staged.data_ptr() != out.data_ptr() else _buffer(scratch, src)
+        torch.index_select(staged, 1, cols.perm.to(src.device), out=target)
+        staged = target
+    if staged.data_ptr() != out.data_ptr():
+        out.copy_(staged)
+    for axis, e in ((0, rows), (1, cols)):
+        if e is not None and e.scale is not None:
+            shape = [1] * out.ndim
+            shape[axis] = -1
+            out.mul_(e.scale.to(device=out.device, dtype=out.dtype).reshape(shape))
 
 
 def _fold_batchnorm(writer: nn.Module, bn: nn.Module) -> None:
