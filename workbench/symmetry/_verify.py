@@ -142,6 +142,10 @@ def _param_dtype(model: nn.Module) -> torch.dtype:
     return p.dtype if p is not None else torch.get_default_dtype()
 
 
+def _norm(x: torch.Tensor) -> float:
+    return torch.linalg.vector_norm(x, dtype=torch.float64).item()
+
+
 def _site_check(site: Site, transform: Transform, cache, new_cache) -> SiteCheck:
     element = transform.elements[site.name]
     perm = element.__class__(element.perm, None, element.phi_kind, element.group) if hasattr(element, "perm") else element
@@ -150,17 +154,19 @@ def _site_check(site: Site, transform: Transform, cache, new_cache) -> SiteCheck
     for o in site.observed:
         if o.level == "prebn" and not hasattr(element, "perm"):
             continue  # a forced dense map folded the BatchNorm: nothing to compare before it
-        h = cache.calls(o.name)[o.call].double()
-        h_new = new_cache.calls(o.name)[o.call].double()
+        # In the activations' own dtype (its rounding is far below the dtype's tolerance), with
+        # norms accumulated in float64: no float64 copies of large activations.
+        h = cache.calls(o.name)[o.call]
+        h_new = new_cache.calls(o.name)[o.call]
         F = {"prebn": perm, "pre": element, "post": element.phi()}[o.level]
         hb = h.reshape(h.shape[0], site.n, -1) if o.block > 1 else h
         expected = F.act(hb, 1)
         if offset is not None and o.level == "post":
-            expected = expected + offset.reshape(1, -1, *([1] * (expected.ndim - 2)))
+            expected = expected + offset.to(h.dtype).reshape(1, -1, *([1] * (expected.ndim - 2)))
         expected = expected.reshape(h.shape)
         # Relative to the larger of h and F·h: a large scaling makes h' big, and its rounding with it.
-        norm = torch.maximum(h.norm(), expected.norm()).clamp_min(1e-30)
-        eq = max(eq, ((h_new - expected).norm() / norm).item())
-        change = max(change, ((h_new - h).norm() / norm).item())
+        norm = max(_norm(h), _norm(expected), 1e-30)
+        eq = max(eq, _norm(h_new - expected) / norm)
+        change = max(change, _norm(h_new - h) / norm)
         count += 1
     return SiteCheck(site.name, transform.groups[site.name], eq, change, count)
