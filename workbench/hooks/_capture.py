@@ -29,6 +29,12 @@ from ._reduce import Reduce, resolve_reduce
 _COPY_AT_CAPTURE: "weakref.WeakKeyDictionary[nn.Module, set[str]]" = weakref.WeakKeyDictionary()
 
 
+def inherit_copy_list(source: nn.Module, copy: nn.Module) -> None:
+    """Give ``copy`` (same module tree as ``source``) the names ``source`` must copy at capture."""
+    if source in _COPY_AT_CAPTURE:
+        _COPY_AT_CAPTURE[copy] = set(_COPY_AT_CAPTURE[source])
+
+
 def default_budget() -> int:
     """Default memory budget of a capture: ``$WORKBENCH_CACHE_BUDGET`` or a quarter of physical RAM."""
     env = os.environ.get("WORKBENCH_CACHE_BUDGET")

@@ -12,6 +12,7 @@ from torch import nn
 
 from .._errors import InvalidOptionError
 from .._report import Report, new_axes
+from ..hooks._capture import inherit_copy_list
 from ..groups import Dense, Group, GroupElement, ScaledPermutation, element_from_dict, get_group
 from ._lattice import generators
 from ._map import Site, SymmetryMap, symmetry_map
@@ -191,6 +192,8 @@ def _push_all(model: nn.Module, smap: SymmetryMap, transform: Transform, inplace
                 if p is not None and id(p) not in memo:
                     memo[id(p)] = nn.Parameter(torch.empty_like(p), requires_grad=p.requires_grad)
         new = copy.deepcopy(model, memo)
+        # The copy has the same module tree: it overwrites the same activations in place.
+        inherit_copy_list(model, new)
     modules = dict(new.named_modules())
     plans: dict[str, _Plan] = {}
     folded: set[str] = set()
@@ -199,7 +202,7 @@ def _push_all(model: nn.Module, smap: SymmetryMap, transform: Transform, inplace
             site = smap[name]
             offset = site.group.offset(element) if site.affine and name not in transform.forced else None
             _plan_site(modules, site, element, offset, plans, folded)
-        scratch: dict = {}
+        scratch: dict = dict(_SCRATCH)
         for module_name, plan in plans.items():
             src = modules[module_name] if (inplace or module_name in folded) else old_modules[module_name]
             _apply_plan(src, modules[module_name], plan, scratch)
@@ -272,12 +275,20 @@ def _apply_plan(src: nn.Module, dst: nn.Module, plan: _Plan, scratch: dict) -> N
         dst.bias.sub_((out * c).sum(dim=tuple(range(1, out.ndim))))
 
 
+# Fresh memory is the expensive part of a copy (page faults): scratch buffers outlive a call, up to
+# this many bytes each, so repeated transforms (sweeps, widgets) reuse warm memory.
+_SCRATCH_CAP = 256 * 2**20
+_SCRATCH: dict = {}
+
+
 def _buffer(scratch: dict, like: torch.Tensor) -> torch.Tensor:
-    """A reusable scratch tensor shaped like ``like`` (fresh memory is the expensive part of a copy)."""
+    """A reusable scratch tensor shaped like ``like``."""
     key = (like.dtype, like.device)
     flat = scratch.get(key)
     if flat is None or flat.numel() < like.numel():
         flat = scratch[key] = torch.empty(like.numel(), dtype=like.dtype, device=like.device)
+        if flat.numel() * flat.element_size() <= _SCRATCH_CAP:
+            _SCRATCH[key] = flat
     return flat[: like.numel()].view(like.shape)
 
 
