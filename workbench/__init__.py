@@ -20,7 +20,7 @@ _LAZY = {
     **dict.fromkeys(["symmetry_map", "random_intertwiner", "apply_transform", "verify", "match_neurons",
                      "interpretation_shift", "Transform", "SymmetryMap", "Site"], "workbench.symmetry"),
 }
-_SUBPACKAGES = {"groups", "hooks", "symmetry"}
+_SUBPACKAGES = {"data", "groups", "hooks", "symmetry", "zoo"}
 
 __all__ = [
     "ActivationCache", "ActivationOverwrittenError", "ActivationStore", "CacheBudgetError",

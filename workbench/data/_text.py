@@ -1,0 +1,127 @@
+"""Templated English sentences with token-level concepts, and the word-level ``encode``/``decode``."""
+from __future__ import annotations
+
+import re
+from typing import Optional, Sequence, Union
+
+import torch
+
+from .._errors import InvalidOptionError, UnknownNameError, nearest
+from ._dataset import IGNORE_INDEX, ConceptDataset
+
+PAD, BOS = "<pad>", "<bos>"
+WORDS = {
+    "colour": ["red", "green", "blue", "yellow", "purple", "orange", "black", "white", "brown", "pink"],
+    "number": ["one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten"],
+    "country": ["france", "japan", "brazil", "kenya", "canada", "india", "norway", "egypt", "peru", "chile"],
+    "animal": ["cat", "dog", "horse", "bird", "fox", "wolf", "mouse", "goose"],
+    "animals": ["cats", "dogs", "horses", "birds", "foxes", "wolves", "mice", "geese"],
+    "object": ["box", "hat", "ball", "cup", "kite", "book"],
+    "objects": ["boxes", "hats", "balls", "cups", "kites", "books"],
+    "verb": ["lives", "live", "likes", "like", "sees", "see", "chase", "chases", "finds", "find", "sleeps",
+             "saw", "has", "have"],
+    "function": ["the", "a", "my", "in", "to", "from", "and", "is", "are", "i", "do", "near", "there"],
+    "punctuation": [".", ",", "!", "?"],
+}
+VOCAB = [PAD, BOS] + [w for ws in WORDS.values() for w in ws]
+TEMPLATES = [
+    "the {colour} {animal} lives in {country} .",
+    "{number} {colour} {animals} live near {country} !",
+    "i saw {number} {animals} and a {colour} {object} in {country} .",
+    "my {animal} likes the {colour} {object} .",
+    "do {number} {animals} like {colour} {objects} ?",
+    "in {country} , the {animal} sees {number} {objects} .",
+    "{country} has one {colour} {animal} and {number} {objects} .",
+    "are the {animals} from {country} {colour} ?",
+    "the {animals} chase a {colour} {object} , and the {animal} sleeps .",
+    "one {animal} finds {number} {colour} {objects} in {country} !",
+]
+# Token-level concepts: word classes, then the position concept (set from the layout, not the word).
+SENTENCE_CONCEPTS = ["colour", "number", "country", "animal", "plural_noun", "verb", "punctuation", "first_word"]
+_CLASS_OF = {"colour": ["colour"], "number": ["number"], "country": ["country"], "animal": ["animal", "animals"],
+             "plural_noun": ["animals", "objects"], "verb": ["verb"], "punctuation": ["punctuation"]}
+_SEQ_LEN = 1 + max(len(t.split()) for t in TEMPLATES)  # BOS + the longest template
+
+
+def tokenize(text: str) -> list[str]:
+    """Lower-cased words and punctuation marks: ``"The cat."`` -> ``["the", "cat", "."]``."""
+    return re.findall(r"<\w+>|\w+|[^\w\s]", text.lower())
+
+
+def encode(text: Union[str, Sequence[str]], vocab: Sequence[str]) -> torch.Tensor:
+    """Token ids ``int64 [T]`` of a string (tokenised with ``tokenize``) or a list of tokens."""
+    tokens = tokenize(text) if isinstance(text, str) else list(text)
+    index = {w: i for i, w in enumerate(vocab)}
+    for t in tokens:
+        if t not in index:
+            near = nearest(t, vocab, n=3)
+            tip = f" Did you mean {' or '.join(map(repr, near))}?" if near else ""
+            raise UnknownNameError(f"token {t!r} is not in the vocabulary ({len(vocab)} tokens).{tip}")
+    return torch.tensor([index[t] for t in tokens], dtype=torch.long)
+
+
+def decode(ids, vocab: Sequence[str], pad_id: Optional[int] = None) -> Union[str, list[str]]:
+    """Tokens of ``ids`` ``[T]`` joined by spaces (a list of strings for ``[N, T]``); padding and
+    ``IGNORE_INDEX`` dropped."""
+    ids = torch.as_tensor(ids)
+    if ids.dim() == 2:
+        return [decode(row, vocab, pad_id) for row in ids]
+    return " ".join(vocab[i] for i in ids.tolist() if i != pad_id and i != IGNORE_INDEX)
+
+
+def next_token_targets(inputs: torch.Tensor, pad_id: Optional[int]) -> torch.Tensor:
+    """``labels[:, t] = inputs[:, t + 1]``; ``IGNORE_INDEX`` at the end and wherever the next is padding."""
+    labels = torch.full_like(inputs, IGNORE_INDEX)
+    labels[:, :-1] = inputs[:, 1:]
+    if pad_id is not None:
+        labels[labels == pad_id] = IGNORE_INDEX
+    return labels
+
+
+def sentences(n: int, seed: int = 0) -> ConceptDataset:
+    """Templated English sentences with token-level concepts, for probing transformers.
+
+    Each row is ``<bos>`` followed by one sentence (10 templates; slots filled at random) and padding.
+    Concepts per token: ``colour``, ``number`` (number words), ``country``, ``animal`` (singular or
+    plural), ``plural_noun``, ``verb``, ``punctuation``, ``first_word`` (the token after ``<bos>``).
+    Padding and ``<bos>`` carry no concept.
+
+    Args:
+        n: number of sentences (> 0).
+        seed: same seed, same sentences.
+
+    Returns:
+        ``inputs`` int64 ``[n, T]`` (T = 14), padded with ``meta["pad_id"]`` (0); ``labels`` int64
+        ``[n, T]`` next-token targets, -100 (``IGNORE_INDEX``) where there is none; ``concepts`` bool
+        ``[n, T, 8]``; ``vocab`` the word list (``ds.encode``/``ds.decode`` convert).
+
+    Example:
+        >>> ds = sentences(3, seed=0)
+        >>> ds.inputs.shape[0], ds.decode(ds.inputs[0]).startswith("<bos>")
+        (3, True)
+        >>> words = [ds.vocab[int(t)] for t in ds.inputs[ds.concept("colour")]]
+        >>> all(w in WORDS["colour"] for w in words)
+        True
+    """
+    if not isinstance(n, int) or isinstance(n, bool) or n <= 0:
+        raise InvalidOptionError(f"n must be a positive int (number of sentences); got n={n!r}.")
+    g = torch.Generator().manual_seed(int(seed))
+    which = torch.randint(len(TEMPLATES), (n,), generator=g).tolist()
+    fills = torch.randint(10**6, (n, _SEQ_LEN), generator=g).tolist()  # one draw per slot
+    index = {w: i for i, w in enumerate(VOCAB)}
+    inputs = torch.zeros(n, _SEQ_LEN, dtype=torch.long)  # PAD is 0
+    for row, (t, draw) in enumerate(zip(which, fills)):
+        words = [BOS] + [WORDS[w[1:-1]][draw[j] % len(WORDS[w[1:-1]])] if w.startswith("{") else w
+                         for j, w in enumerate(TEMPLATES[t].split())]
+        inputs[row, : len(words)] = torch.tensor([index[w] for w in words])
+
+    table = torch.zeros(len(VOCAB), len(SENTENCE_CONCEPTS), dtype=torch.bool)  # [V, K] word -> classes
+    for k, concept in enumerate(SENTENCE_CONCEPTS[:-1]):
+        for cls in _CLASS_OF[concept]:
+            table[[index[w] for w in WORDS[cls]], k] = True
+    concepts = table[inputs]                                                  # [n, T, K]
+    concepts[:, 1, -1] = True                                                 # first_word
+    meta = dict(generator="sentences", seed=int(seed), pad_id=0, bos_id=1, templates=TEMPLATES,
+                task="next-token prediction (labels are next-token targets, -100 = ignore)")
+    return ConceptDataset(inputs, next_token_targets(inputs, 0), label_names=VOCAB,
+                          concept_names=SENTENCE_CONCEPTS, concepts=concepts, vocab=VOCAB, meta=meta)
