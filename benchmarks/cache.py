@@ -47,6 +47,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 import workbench as wb  # noqa: E402
+from workbench.zoo import BasicBlock, ResNet  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 CNN_NAME = "layer2.1.bn2"  # mid-network BN output, later overwritten in place by `+=` and ReLU(inplace)
@@ -56,48 +57,11 @@ RSS_NAMES = ["layer1.2.relu2", "layer2.2.relu2", "layer3.2.relu2"]
 
 
 # ---------------------------------------------------------------------------------------- models
-class BasicBlock(nn.Module):
-    """torchvision's BasicBlock, with one ReLU module per use so that every name fires once."""
-
-    def __init__(self, cin: int, cout: int, stride: int):
-        super().__init__()
-        self.conv1, self.bn1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout)
-        self.relu1 = nn.ReLU(inplace=True)
-        self.conv2, self.bn2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout)
-        self.relu2 = nn.ReLU(inplace=True)
-        self.downsample = None
-        if stride != 1 or cin != cout:
-            self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
-
-    def forward(self, x):
-        identity = x if self.downsample is None else self.downsample(x)
-        out = self.relu1(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        out += identity  # in place, as torchvision does
-        return self.relu2(out)
-
-
-class ResNet20(nn.Module):
-    def __init__(self, width: int = 16, classes: int = 10):
-        super().__init__()
-        self.conv1, self.bn1 = nn.Conv2d(3, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width)
-        self.relu = nn.ReLU(inplace=True)
-        stages, cin = [], width
-        for i, cout in enumerate([width, 2 * width, 4 * width]):
-            stages.append(nn.Sequential(*[BasicBlock(cin if j == 0 else cout, cout, 2 if i and j == 0 else 1)
-                                          for j in range(3)]))
-            cin = cout
-        self.layer1, self.layer2, self.layer3 = stages
-        self.avgpool, self.fc = nn.AdaptiveAvgPool2d(1), nn.Linear(cin, classes)
-
-    def forward(self, x):
-        x = self.layer3(self.layer2(self.layer1(self.relu(self.bn1(self.conv1(x))))))
-        return self.fc(torch.flatten(self.avgpool(x), 1))
-
-
 def make_cnn() -> nn.Module:
     torch.manual_seed(0)
-    return ResNet20().eval()
+    # ResNet-20 layout with torchvision's blocks (in-place ReLU and +=), one ReLU module per use.
+    stages = [(BasicBlock, 3, w, 1 if i == 0 else 2) for i, w in enumerate((16, 32, 64))]
+    return ResNet(stages, stem_width=16, classes=10, stem="cifar", separate_relus=True).eval()
 
 
 def make_bridge() -> nn.Module:

@@ -50,54 +50,17 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 import workbench as wb  # noqa: E402
+from workbench.zoo import resnet18  # noqa: E402
 from cache import interleaved, machine, noise_hint, row, table  # noqa: E402  (the house helpers)
 
 RESULTS = HERE / "results"
 
 
 # ---------------------------------------------------------------------------------------- models
-class BasicBlock(nn.Module):
-    """torchvision's BasicBlock: one ReLU(inplace=True) module used twice, in-place ``+=``."""
-
-    def __init__(self, cin: int, cout: int, stride: int):
-        super().__init__()
-        self.conv1, self.bn1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout)
-        self.relu = nn.ReLU(inplace=True)
-        self.conv2, self.bn2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout)
-        self.downsample = None
-        if stride != 1 or cin != cout:
-            self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
-
-    def forward(self, x):
-        identity = x if self.downsample is None else self.downsample(x)
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        out += identity
-        return self.relu(out)
-
-
-class ResNet18(nn.Module):
-    def __init__(self, classes: int = 1000):
-        super().__init__()
-        self.conv1, self.bn1 = nn.Conv2d(3, 64, 7, 2, 3, bias=False), nn.BatchNorm2d(64)
-        self.relu, self.maxpool = nn.ReLU(inplace=True), nn.MaxPool2d(3, 2, 1)
-        cin = 64
-        for i, width in enumerate([64, 128, 256, 512]):
-            setattr(self, f"layer{i + 1}", nn.Sequential(BasicBlock(cin, width, 2 if i else 1),
-                                                         BasicBlock(width, width, 1)))
-            cin = width
-        self.avgpool, self.fc = nn.AdaptiveAvgPool2d(1), nn.Linear(512, classes)
-
-    def forward(self, x):
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
-        return self.fc(torch.flatten(self.avgpool(x), 1))
-
-
 def make(kind: str) -> nn.Module:
     torch.manual_seed(0)
     if kind == "resnet":
-        return ResNet18().eval()
+        return resnet18().eval()
     dims = [1024, 4096, 4096, 4096, 10]
     layers = [m for a, b in zip(dims, dims[1:]) for m in (nn.Linear(a, b), nn.ReLU())][:-1]
     return nn.Sequential(*layers).eval()

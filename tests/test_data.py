@@ -35,7 +35,9 @@ def test_shapes_types_and_layout(shp):
 
 
 def test_shapes_same_seed_identical_different_seed_differs():
+    threads = torch.get_num_threads()
     a, b, c = shapes(20, size=16, seed=3), shapes(20, size=16, seed=3), shapes(20, size=16, seed=4)
+    assert torch.get_num_threads() == threads  # rendering restores the thread setting
     for name in ("inputs", "labels", "concepts", "segments"):
         assert torch.equal(getattr(a, name), getattr(b, name))
     assert not torch.equal(a.inputs, c.inputs)

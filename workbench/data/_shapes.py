@@ -201,7 +201,8 @@ def shapes(n: int, size: int = 32, seed: int = 0, *, difficulty: float = 0.5, no
         size: image side in pixels (>= 16).
         seed: same seed, identical tensors.
         difficulty: in [0, 1]; smaller objects, more clutter and occlusion, more noise and colour
-            jitter, fainter textures as it grows. 0.5 (the default) puts a small CNN near 90% (see docs).
+            jitter, fainter textures as it grows. At 0.5 (the default) a 5-conv BatchNorm CNN trained
+            on 20k images reached 85% test accuracy after 4 epochs and 95% after 10 (at 0.3: 97%).
         noise: pixel noise std (default from ``difficulty``: 0.02 + 0.12·difficulty).
         clutter: most distractor blobs per image (default ``round(1 + 6·difficulty)``).
 
@@ -231,9 +232,16 @@ def shapes(n: int, size: int = 32, seed: int = 0, *, difficulty: float = 0.5, no
     p = _sample(n, size, cfg, g)
     inputs = torch.empty(n, 3, size, size)
     segments = torch.empty(n, size, size, dtype=torch.uint8)
-    for start in range(0, n, _CHUNK):
-        idx = torch.arange(start, min(start + _CHUNK, n))
-        inputs[idx], segments[idx] = _render(p, idx, size, cfg, g)
+    # Many small element-wise ops: on a busy 2-core machine one intra-op thread rendered 50k images in
+    # 16 s against 76 s with two (oversubscription), so render single-threaded and restore afterwards.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for start in range(0, n, _CHUNK):
+            idx = torch.arange(start, min(start + _CHUNK, n))
+            inputs[idx], segments[idx] = _render(p, idx, size, cfg, g)
+    finally:
+        torch.set_num_threads(threads)
 
     quadrant = (p["cx"] >= size / 2).long() + 2 * (p["cy"] >= size / 2).long()  # image y grows downward
     parts = [F.one_hot(p["shape"], len(SHAPES)), F.one_hot(p["colour"], len(COLOURS)),

@@ -81,6 +81,90 @@ class ResNet20(nn.Module):
         return self.fc(torch.flatten(self.pool(x), 1))
 
 
+def _projection(cin: int, cout: int, stride: int):
+    """torchvision's shortcut projection (1×1 conv + BatchNorm) where the shape changes, else None."""
+    if stride == 1 and cin == cout:
+        return None
+    return nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+
+class BasicBlock(nn.Module):
+    """torchvision's BasicBlock: in-place ``out += identity``, 1×1-conv + BN downsample, and one
+    ``ReLU(inplace=True)`` module called twice (``separate_relus=True`` gives the second call its own
+    module, ``relu2``, so every hook name fires once)."""
+
+    def __init__(self, cin: int, cout: int, stride: int = 1, separate_relus: bool = False):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2, self.bn2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout)
+        self.relu2 = nn.ReLU(inplace=True) if separate_relus else None
+        self.downsample = _projection(cin, cout, stride)
+
+    def forward(self, x):
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        out += identity
+        return (self.relu2 or self.relu)(out)
+
+
+class Bottleneck(nn.Module):
+    """torchvision's Bottleneck (expansion 4) with a projection shortcut where shapes change."""
+
+    def __init__(self, cin: int, width: int, stride: int = 1):
+        super().__init__()
+        cout = width * 4
+        self.conv1, self.bn1 = nn.Conv2d(cin, width, 1, bias=False), nn.BatchNorm2d(width)
+        self.conv2, self.bn2 = nn.Conv2d(width, width, 3, stride, 1, bias=False), nn.BatchNorm2d(width)
+        self.conv3, self.bn3 = nn.Conv2d(width, cout, 1, bias=False), nn.BatchNorm2d(cout)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = _projection(cin, cout, stride)
+
+    def forward(self, x):
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        out += identity
+        return self.relu(out)
+
+
+class ResNet(nn.Module):
+    """A torchvision-style ResNet: ``stages`` is a list of ``(block, count, width, stride)``.
+
+    ``stem="imagenet"`` is conv7×7/2 + max pool (ResNet-18: 11,689,512 parameters with 1000
+    classes); ``stem="cifar"`` a conv3×3. ``[batch, 3, H, W] -> [batch, classes]``.
+    """
+
+    def __init__(self, stages, stem_width: int = 64, classes: int = 1000, stem: str = "imagenet", **block_kw):
+        super().__init__()
+        big = stem == "imagenet"
+        self.conv1 = nn.Conv2d(3, stem_width, 7 if big else 3, 2 if big else 1, 3 if big else 1, bias=False)
+        self.bn1, self.relu = nn.BatchNorm2d(stem_width), nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(3, 2, 1) if big else nn.Identity()
+        cin = stem_width
+        for i, (block, count, width, stride) in enumerate(stages):
+            blocks = []
+            for j in range(count):
+                blocks.append(block(cin, width, stride if j == 0 else 1, **block_kw))
+                cin = width * (4 if block is Bottleneck else 1)
+            setattr(self, f"layer{i + 1}", nn.Sequential(*blocks))
+        self.n_stages = len(stages)
+        self.avgpool, self.fc = nn.AdaptiveAvgPool2d(1), nn.Linear(cin, classes)
+
+    def forward(self, x):
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        for i in range(self.n_stages):
+            x = getattr(self, f"layer{i + 1}")(x)
+        return self.fc(torch.flatten(self.avgpool(x), 1))
+
+
+def resnet18(classes: int = 1000) -> ResNet:
+    """torchvision's ResNet-18 layout (random weights)."""
+    return ResNet([(BasicBlock, 2, w, 1 if i == 0 else 2) for i, w in enumerate((64, 128, 256, 512))], 64, classes)
+
+
 def mlp(d_in: int, widths=(128, 128), classes: int = 10, act: str = "relu") -> nn.Sequential:
     """Flatten → (Linear → act)* → Linear. ``[batch, *input] -> [batch, classes]``."""
     layers, d = [nn.Flatten()], d_in
