@@ -10,7 +10,7 @@ from torch import nn
 import workbench as wb
 from workbench.hooks._capture import _COPY_AT_CAPTURE
 
-from conftest import Block, randomise_bn
+from conftest import randomise_bn
 
 
 def hook_counts(model):

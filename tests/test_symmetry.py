@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from torch import nn
 
 import workbench as wb
-from models import BasicBlock, TinyResNet, cnn, mlp, randomise
+from models import TinyResNet, cnn, mlp, randomise
 
 matplotlib.use("Agg")
 

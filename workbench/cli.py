@@ -79,7 +79,7 @@ def tour(out: Path, seed: int = 0, progress: bool = True) -> Path:
 
     log("CNN: streaming a harvest to disk (reduce='spatial_mean')")
     batches = [(_images(128, seed + i), torch.full((128,), i)) for i in range(8)]
-    store = wb.harvest(cnn, batches, names=["1", "5"], reduce="spatial_mean",
+    wb.harvest(cnn, batches, names=["1", "5"], reduce="spatial_mean",
                        path=out / "harvest", progress=progress, resume=(out / "harvest").exists())
     reopened = wb.ActivationStore.open(out / "harvest")
     corr = np.corrcoef(reopened.array("5").T)

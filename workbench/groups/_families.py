@@ -1,7 +1,6 @@
 """Group families and the one registry of group names every verb uses."""
 from __future__ import annotations
 
-import math
 from typing import Optional, Union
 
 import torch

@@ -299,7 +299,6 @@ def harvest(model: nn.Module, batches: Iterable, names: NameFilter = None, reduc
                     "dtype": str(dtype), "world_size": world}
         writer = _ShardWriter(folder, keys, settings, resume)
     start = writer.next_batch if writer else 0
-    total = len(batches) if hasattr(batches, "__len__") else None
     dataset = getattr(batches, "dataset", None)
     bar = tqdm(total=len(dataset) if hasattr(dataset, "__len__") else None, unit="row", unit_scale=True,
                desc="harvest", disable=not progress)

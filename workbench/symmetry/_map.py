@@ -8,7 +8,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from .._errors import InvalidOptionError, UnknownNameError, nearest
+from .._errors import UnknownNameError, nearest
 from .._report import Report, new_axes
 from ..groups import Group, get_group
 from ._lattice import CONSTRAINTS, generators, restrict

@@ -11,7 +11,6 @@ import os
 from pathlib import Path
 from typing import Optional
 
-import torch
 from torch import nn
 
 from .._errors import InvalidOptionError, UnknownNameError, nearest
