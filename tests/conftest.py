@@ -14,6 +14,7 @@ if os.environ.get("CI"):
     settings.load_profile("ci")
 
 
+from workbench.zoo._transformers import has_hooked_transformer  # noqa: E402,F401
 from models import BasicBlock as Block, randomise as randomise_bn  # noqa: E402  (shared test models)
 
 
@@ -28,15 +29,6 @@ def resnet_block_net():
 @pytest.fixture
 def images():
     return torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(1))
-
-
-def has_hooked_transformer() -> bool:
-    """True on TransformerLens 3.x, where ``HookedTransformer`` still exists."""
-    try:  # 4.x raises ImportError (not AttributeError) for the removed name
-        from transformer_lens import HookedTransformer  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def make_transformer(act_fn: str = "gelu", seed: int = 0, **cfg):

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import math
 import operator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import torch
 from torch import fx, nn
+
+from ._modes import eval_mode
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -74,7 +75,7 @@ class Graph:
         self.modules = dict(model.named_modules())
         self.is_activation = is_activation  # callable(obj) -> bool
         self.gm = fx.GraphModule(model, _Tracer(is_activation).trace(model))
-        with _eval_no_grad(model):
+        with eval_mode(model), torch.no_grad():
             from torch.fx.passes.shape_prop import ShapeProp
 
             ShapeProp(self.gm).propagate(example)
@@ -352,15 +353,3 @@ class _Tracer(fx.Tracer):
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         return super().is_leaf_module(m, qualname) or self._is_activation(m)
-
-
-@contextmanager
-def _eval_no_grad(model: nn.Module):
-    modes = {m: m.training for m in model.modules()}
-    model.eval()
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        for m, t in modes.items():
-            m.train(t)

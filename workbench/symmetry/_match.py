@@ -12,7 +12,7 @@ from .._report import Report, new_axes
 from ..groups import ScaledPermutation
 from ..hooks import run_with_cache
 from ._map import Site, symmetry_map
-from ._verify import eval_mode
+from ._modes import eval_mode
 
 
 def _units(acts: torch.Tensor) -> torch.Tensor:

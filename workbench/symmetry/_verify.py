@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import copy
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -12,6 +11,7 @@ from torch import nn
 from .._report import Report, new_axes
 from ..hooks import run_with_cache
 from ._map import Site, symmetry_map
+from ._modes import eval_mode
 from ._transform import Transform, apply_transform
 
 # Relative tolerances by dtype: what an exact symmetry achieves with random weights, with margin.
@@ -89,20 +89,6 @@ class InvarianceReport(Report):
         colour = "#1a7f37" if self.passed else "#cf222e"
         badge = f"<span style='background:{colour};color:white;padding:1px 6px;border-radius:4px'>{'PASS' if self.passed else 'FAIL'}</span>"
         return badge + super()._repr_html_()
-
-
-@contextmanager
-def eval_mode(*models: nn.Module):
-    """Put models in eval mode (dropout off, BatchNorm on running statistics); restore afterwards."""
-    saved = [{m: m.training for m in model.modules()} for model in models]
-    for model in models:
-        model.eval()
-    try:
-        yield
-    finally:
-        for modes in saved:
-            for m, t in modes.items():
-                m.train(t)
 
 
 def verify(model: nn.Module, new_model: nn.Module, inputs: torch.Tensor, transform: Optional[Transform] = None,
