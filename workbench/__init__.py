@@ -18,9 +18,9 @@ _LAZY = {
     **dict.fromkeys(["intertwiner_group", "check_intertwiner", "discover_group", "geodesic", "get_group"],
                     "workbench.groups"),
     **dict.fromkeys(["symmetry_map", "random_intertwiner", "apply_transform", "verify", "match_neurons",
-                     "interpretation_shift", "Transform", "SymmetryMap", "Site"], "workbench.symmetry"),
+                     "interpretation_shift", "Transform", "SymmetryMap", "Site", "fold_layernorm"], "workbench.symmetry"),
 }
-_SUBPACKAGES = {"data", "groups", "hooks", "symmetry", "zoo"}
+_SUBPACKAGES = {"data", "groups", "hooks", "probing", "similarity", "stitching", "symmetry", "widgets", "zoo"}
 
 __all__ = [
     "ActivationCache", "ActivationOverwrittenError", "ActivationStore", "CacheBudgetError",

@@ -128,6 +128,75 @@ class Orthogonal(Group):
         return bool(ok and (not self.special or torch.linalg.det(M) > 0))
 
 
+class OrthogonalOnes(Group):
+    """Rotations that fix the all-ones direction: the group of a LayerNorm without gain and bias.
+
+    Centring and normalising commute with R exactly when R is orthogonal and R·1 = 1, so this is the
+    residual stream's group once LayerNorm gains and biases are folded into the readers.
+    """
+
+    name, label, continuous = "orthogonal_ones", "O(n) fixing 1: rotations of the centred subspace", True
+
+    def sample(self, generator=None, *, seed=None) -> Dense:
+        g = _gen(generator, seed)
+        n = self.n
+        # An orthonormal basis whose first vector is 1/√n; rotate only the other n−1 directions.
+        B, _ = torch.linalg.qr(torch.cat([torch.ones(n, 1, dtype=torch.float64),
+                                          torch.randn(n, n - 1, generator=g, dtype=torch.float64)], 1))
+        B[:, 0] = 1 / n ** 0.5
+        inner = torch.eye(n, dtype=torch.float64)
+        if n > 1:
+            inner[1:, 1:] = _haar(n - 1, g)
+        return Dense(B @ inner @ B.T, self.phi, self.name, orthogonal=True)
+
+    def _contains(self, M, atol):
+        ones = torch.ones(self.n, dtype=M.dtype)
+        return bool(Orthogonal(self.n)._contains(M, atol) and torch.allclose(M @ ones, ones, atol=atol, rtol=0))
+
+
+class RotaryCommutant(Group):
+    """Maps of a query/key head space that commute with rotary embeddings at every position.
+
+    ``pairs`` are the dimension pairs the model rotates together (read from the model: adjacent
+    (2i, 2i+1) or halves (i, i + d/2)); on each pair the map is a positive scalar times a 2-D rotation
+    (distinct frequencies cannot mix), and on the dimensions no pair covers (beyond the rotary
+    dimension) it is any invertible map.
+    """
+
+    name, label, continuous = "rotary", "per rotary pair s·R(θ), GL on unrotated dimensions", True
+
+    def __init__(self, n: int, *, pairs=(), sigma: float = 0.5, **kw):
+        super().__init__(n, **kw)
+        self.pairs = tuple((int(a), int(b)) for a, b in pairs)
+        self.sigma = sigma
+        covered = [i for p in self.pairs for i in p]
+        if len(set(covered)) != len(covered) or any(not 0 <= i < n for i in covered):
+            raise InvalidOptionError(f"rotary pairs must be disjoint dimensions in [0, {n}); got {self.pairs}.")
+        self.free = tuple(i for i in range(n) if i not in set(covered))
+
+    def sample(self, generator=None, *, seed=None) -> Dense:
+        g = _gen(generator, seed)
+        M = torch.zeros(self.n, self.n, dtype=torch.float64)
+        for a, b in self.pairs:
+            s = torch.exp(self.sigma * torch.randn((), generator=g, dtype=torch.float64))
+            t = 2 * torch.pi * torch.rand((), generator=g, dtype=torch.float64)
+            M[a, a], M[a, b], M[b, a], M[b, b] = s * t.cos(), -s * t.sin(), s * t.sin(), s * t.cos()
+        if self.free:
+            idx = torch.tensor(self.free)
+            M[idx.unsqueeze(1), idx.unsqueeze(0)] = GeneralLinear(len(self.free), sigma=self.sigma).sample(g).M
+        return Dense(M, self.phi, self.name)
+
+    def _contains(self, M, atol):
+        for a, b in self.pairs:
+            rest = [i for i in range(self.n) if i not in (a, b)]
+            block = M[[a, b]][:, [a, b]]
+            if not (torch.allclose(block[0, 0], block[1, 1], atol=atol) and torch.allclose(block[0, 1], -block[1, 0], atol=atol)):
+                return False
+            if rest and (M[[a, b]][:, rest].abs().max() > atol or M[rest][:, [a, b]].abs().max() > atol):
+                return False
+        return bool(torch.linalg.matrix_rank(M) == self.n)
+
+
 def _haar(n: int, g: torch.Generator) -> torch.Tensor:
     """A Haar-distributed orthogonal matrix: QR of a Gaussian, columns multiplied by sign(diag R)."""
     Z = torch.randn(n, n, generator=g, dtype=torch.float64)
@@ -226,6 +295,8 @@ FAMILIES = {
     "diagonal_permutation": _scaled("nonzero"),
     "positive_diagonal": PositiveDiagonal,
     "trivial": Trivial,
+    "orthogonal_ones": OrthogonalOnes,
+    "rotary": RotaryCommutant,
 }
 ALIASES = {
     "general_linear": "gl", "linear": "gl", "identity": "gl",
@@ -233,6 +304,8 @@ ALIASES = {
     "relu": "scaled_permutation", "g_relu": "scaled_permutation", "grelu": "scaled_permutation",
     "positive_scaled_permutation": "scaled_permutation",
     "gelu": "permutation", "tanh": "signed_permutation",
+    "layernorm": "permutation", "folded_layernorm": "orthogonal_ones", "rmsnorm": "signed_permutation",
+    "folded_rmsnorm": "orthogonal",
 }
 GROUP_NAMES = [*FAMILIES, *ALIASES]
 

@@ -5,9 +5,11 @@ from ..groups import Group, get_group
 
 # Which kinds of generator each family contains.
 _GENERATORS = {
-    "gl": {"perm", "pos_scale", "neg", "rotation", "general"},
-    "orthogonal": {"perm", "neg", "rotation"},
-    "special_orthogonal": {"perm", "neg", "rotation"},
+    "gl": {"perm", "pos_scale", "neg", "rotation", "rotation_ones", "rotary", "general"},
+    "orthogonal": {"perm", "neg", "rotation", "rotation_ones"},
+    "special_orthogonal": {"perm", "neg", "rotation", "rotation_ones"},
+    "orthogonal_ones": {"perm", "rotation_ones"},
+    "rotary": {"rotary"},
     "diagonal_permutation": {"perm", "pos_scale", "neg"},
     "scaled_permutation": {"perm", "pos_scale"},
     "signed_permutation": {"perm", "neg"},
@@ -16,8 +18,9 @@ _GENERATORS = {
 }
 # Largest family with exactly a given generator set (order matters: first match wins).
 _BY_GENERATORS = [
-    ({"perm", "pos_scale", "neg", "rotation", "general"}, "gl"),
-    ({"perm", "neg", "rotation"}, "orthogonal"),
+    ({"perm", "pos_scale", "neg", "rotation", "rotation_ones", "rotary", "general"}, "gl"),
+    ({"perm", "neg", "rotation", "rotation_ones"}, "orthogonal"),
+    ({"perm", "rotation_ones"}, "orthogonal_ones"),
     ({"perm", "pos_scale", "neg"}, "diagonal_permutation"),
     ({"perm", "pos_scale"}, "scaled_permutation"),
     ({"perm", "neg"}, "signed_permutation"),
@@ -31,7 +34,7 @@ CONSTRAINTS = {
     "batchnorm": ({"perm", "pos_scale", "neg"}, "BatchNorm is per channel: only permutations and scalings pass it"),
     "batchnorm_input": ({"perm"}, "BatchNorm reads this space directly: a scaling would meet its ε inexactly"),
     "constant_add": ({"perm"}, "a constant is added: only permutations fix it"),
-    "mixed_levels": ({"perm", "pos_scale", "neg", "rotation", "general"}, "pre- and post-activation values are added"),
+    "mixed_levels": ({"perm", "pos_scale", "neg", "rotation", "rotation_ones", "rotary", "general"}, "pre- and post-activation values are added"),
 }
 
 

@@ -20,8 +20,10 @@ class Observation:
 
     name: str
     call: int
-    level: str  # "prebn": moved by the permutation part; "pre": by M; "post": by φ(M)
+    level: str  # "prebn"/"perm": moved by the permutation part; "pre": by M; "post": by φ(M); "dual": by M⁻ᵀ
     block: int = 1  # features per channel when the value is flattened channel-major
+    axis: int = -1  # transformers: the axis the element acts on
+    heads: Optional[tuple] = None  # transformers: only these indices of the head axis (-2) move
 
 
 @dataclass(frozen=True)
@@ -35,6 +37,8 @@ class Port:
     level: str
     block: int = 1
     norm: Optional[str] = None
+    axis: int = 0  # transformers: the axis of the (canonical, per-head) weight that moves
+    heads: Optional[tuple] = None  # transformers: only these heads (axis 0) move
 
 
 @dataclass
@@ -189,9 +193,12 @@ def symmetry_map(model: nn.Module, example: Optional[torch.Tensor] = None, *, af
         [('1', 8, 'scaled_permutation')]
     """
     from ._graph import Graph
+    from ._transformer import is_transformer_model, transformer_map
 
     if not isinstance(model, nn.Module):
         raise TypeError(f"symmetry_map expects a torch.nn.Module; got {type(model).__name__}.")
+    if is_transformer_model(model):  # read from the weights each time: folding changes the groups
+        return transformer_map(model)
     candidates = default_examples(model) if example is None else [example]
     key = (tuple(id(m) for m in model.modules()), tuple(candidates[0].shape) if example is not None else None, affine)
     hit = _MEMO.get(model)

@@ -181,6 +181,10 @@ class _Plan:
 
 
 def _push_all(model: nn.Module, smap: SymmetryMap, transform: Transform, inplace: bool) -> nn.Module:
+    from ._transformer import is_transformer_model, push_transformer
+
+    if is_transformer_model(model):
+        return push_transformer(model, smap, transform, inplace)
     old_modules = dict(model.named_modules())
     if inplace:
         new = model

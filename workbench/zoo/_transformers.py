@@ -11,6 +11,8 @@ from typing import Any
 
 import torch
 
+from ..hooks._tl import has_hooked_transformer, to_canonical as to_hooked_transformer
+
 VARIANTS = {"gelu": "gelu", "relu": "relu", "solu": "solu_ln"}
 
 
@@ -20,14 +22,6 @@ def config(variant: str, d_vocab: int, n_ctx: int, seed: int = 0, **overrides) -
                act_fn=VARIANTS[variant], normalization_type="LN", seed=seed)
     cfg.update(overrides)
     return cfg
-
-
-def has_hooked_transformer() -> bool:
-    try:  # TransformerLens 4.x raises ImportError for the removed name
-        from transformer_lens import HookedTransformer  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def build(cfg: dict[str, Any], state_dict: dict[str, torch.Tensor] | None = None):
@@ -54,33 +48,3 @@ def build(cfg: dict[str, Any], state_dict: dict[str, torch.Tensor] | None = None
     if state_dict is not None:
         model.load_state_dict(state_dict, strict=True)
     return model.eval()
-
-
-def to_hooked_transformer(sd: dict[str, torch.Tensor], cfg: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """Bridge-format weights → ``HookedTransformer`` keys and per-head shapes."""
-    h, dh = cfg["n_heads"], cfg["d_head"]
-    out = {}
-    for key, t in sd.items():
-        stem, _, leaf = key.rpartition(".")
-        owner = stem.rpartition(".")[2]
-        if owner in ("q", "k", "v"):
-            base = stem.rpartition(".")[0]
-            name = owner.upper()
-            out[f"{base}.{'W' if leaf == 'weight' else 'b'}_{name}"] = (
-                t.reshape(h, dh, -1).transpose(1, 2) if leaf == "weight" else t.reshape(h, dh))
-        elif owner == "o":
-            base = stem.rpartition(".")[0]
-            out[f"{base}.{'W_O' if leaf == 'weight' else 'b_O'}"] = (
-                t.reshape(t.shape[0], h, dh).permute(1, 2, 0) if leaf == "weight" else t)
-        elif owner in ("in", "out"):
-            base = stem.rpartition(".")[0]
-            out[f"{base}.{'W' if leaf == 'weight' else 'b'}_{owner}"] = t.T if leaf == "weight" else t
-        elif stem == "embed":
-            out["embed.W_E"] = t
-        elif stem == "pos_embed":
-            out["pos_embed.W_pos"] = t
-        elif stem == "unembed":
-            out["unembed.W_U" if leaf == "weight" else "unembed.b_U"] = t.T if leaf == "weight" else t
-        else:  # LayerNorms: ln1, ln2, ln_final, mlp.ln (SoLU)
-            out[f"{stem}.{'w' if leaf == 'weight' else 'b'}"] = t
-    return {k: v.contiguous() for k, v in out.items()}

@@ -1,0 +1,201 @@
+"""Transformer symmetries: every site of every supported family is exact, and non-symmetries break it.
+
+Runs against TransformerLens 4 bridges and (in the second CI pass) 3.9's HookedTransformer.
+Freshly booted models have LayerNorm gains 1 and biases 0 — degenerate, a wrong transform of the
+norms could pass — so every model here gets random gains and biases first.
+"""
+import warnings
+
+import pytest
+import torch
+
+import workbench as wb
+from conftest import make_transformer
+from workbench.groups import get_group
+from workbench.symmetry._transformer import clone, rotary_pairs
+
+pytestmark = [pytest.mark.transformer, pytest.mark.filterwarnings("ignore")]
+
+FAMILIES = {
+    "gelu_ln": dict(act_fn="gelu", normalization_type="LN"),
+    "relu_lnpre": dict(act_fn="relu", normalization_type="LNPre"),
+    "solu": dict(act_fn="solu_ln", normalization_type="LN"),
+    "attn_only": dict(attn_only=True, normalization_type=None),
+    "rms_rotary": dict(act_fn="gelu", normalization_type="RMS", positional_embedding_type="rotary"),
+    "gated_silu_rms_gqa": dict(act_fn="silu", normalization_type="RMS", positional_embedding_type="rotary",
+                               gated_mlp=True, n_key_value_heads=2),
+}
+RESID_GROUP = {"gelu_ln": "permutation", "relu_lnpre": "orthogonal_ones", "solu": "permutation", "attn_only": "gl",
+               "rms_rotary": "signed_permutation", "gated_silu_rms_gqa": "signed_permutation"}
+
+
+def randomised(model, seed=0):
+    """Random norm gains and biases, in place (the model is ours)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            leaf = name.rpartition(".")[2]
+            if ".ln" in f".{name}" and leaf in ("weight", "w"):
+                p.copy_(1 + 0.3 * torch.randn(p.shape, generator=g))
+            elif ".ln" in f".{name}" and leaf in ("bias", "b"):
+                p.copy_(0.2 * torch.randn(p.shape, generator=g))
+    return model
+
+
+def tokens(n=3, pos=10, seed=0):
+    return torch.randint(0, 40, (n, pos), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def family(request):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return request.param, clone(randomised(make_transformer(**FAMILIES[request.param])), torch.float64)
+
+
+def state(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_random_intertwiner_is_exact_and_moves_every_site(family):
+    name, model = family
+    before = state(model)
+    smap = wb.symmetry_map(model)
+    assert smap["resid"].group.name == RESID_GROUP[name]
+    kinds = {s.name.split(".")[-2] if s.name.count(".") > 2 else s.name.split(".")[-1] for s in smap}
+    assert {"resid", "qk", "ov"} <= kinds and ("mlp" in kinds) == (name != "attn_only")
+    new, t = wb.random_intertwiner(model, seed=3)
+    report = wb.verify(model, new, tokens(), transform=t)
+    assert report.compared == "log-probabilities" and report.top1_agreement == 1.0
+    assert report.passed, report.to_frame()
+    assert report.representations_moved, report.to_frame()
+    assert abs(report.kl) < 1e-6
+    if name.startswith(("rms", "gated")):  # RMSNorm computes in float32: the floor is measured
+        assert report.floor is not None and report.max_rel_diff <= 10 * report.floor
+    else:
+        assert report.floor is None and report.max_abs_diff <= 1e-9
+    # the original is untouched and shares no storage with the copy
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    ptrs = {p.data_ptr() for p in model.parameters()}
+    assert not ptrs & {p.data_ptr() for p in new.parameters()}
+
+
+def test_float32_models_pass_at_float32_tolerance(family):
+    name, model = family
+    m32 = clone(model, torch.float32)
+    new, t = wb.random_intertwiner(m32, seed=4)
+    assert wb.verify(m32, new, tokens(), transform=t).passed
+
+
+def test_transform_record_replays(family, tmp_path):
+    _, model = family
+    new, t = wb.random_intertwiner(model, seed=5)
+    t.save(tmp_path / "t.json")
+    again = wb.apply_transform(model, wb.Transform.load(tmp_path / "t.json"))
+    for (k, a), b in zip(new.state_dict().items(), again.state_dict().values()):
+        assert torch.allclose(a, b, atol=1e-12, rtol=0), k
+
+
+def _forced(model, site, group, seed=0):
+    return wb.random_intertwiner(model, seed=seed, sites=[site], group=group, allow_non_symmetry=True)
+
+
+@pytest.mark.parametrize("fam", ["gelu_ln", "rms_rotary"])
+def test_negative_control_invertible_map_on_normalised_stream(fam):
+    model = clone(randomised(make_transformer(**FAMILIES[fam])), torch.float64)
+    with pytest.raises(wb.InvalidOptionError, match="not a symmetry of site 'resid'"):
+        wb.random_intertwiner(model, sites=["resid"], group="gl")
+    new, t = _forced(model, "resid", "gl")
+    report = wb.verify(model, new, tokens(), transform=t)
+    assert not report.function_preserved and report.max_abs_diff > 1e-3
+
+
+def test_negative_control_general_rotation_on_folded_layernorm():
+    model = wb.fold_layernorm(clone(randomised(make_transformer(**FAMILIES["gelu_ln"])), torch.float64))
+    assert wb.symmetry_map(model)["resid"].group.name == "orthogonal_ones"
+    new, t = _forced(model, "resid", "orthogonal")  # R·1 ≠ 1: centring no longer commutes
+    assert not wb.verify(model, new, tokens(), transform=t).function_preserved
+    new, t = wb.random_intertwiner(model, seed=1, sites=["resid"])  # R·1 = 1: exact
+    assert wb.verify(model, new, tokens(), transform=t).passed
+
+
+def test_negative_control_positive_scaling_of_gelu_neurons():
+    model = clone(randomised(make_transformer(**FAMILIES["gelu_ln"])), torch.float64)
+    assert wb.symmetry_map(model)["blocks.0.mlp"].group.name == "permutation"
+    new, t = _forced(model, "blocks.0.mlp", "scaled_permutation")
+    assert not wb.verify(model, new, tokens(), transform=t).function_preserved
+    relu = clone(randomised(make_transformer(**FAMILIES["relu_lnpre"])), torch.float64)
+    new, t = wb.random_intertwiner(relu, sites=["blocks.0.mlp"], seed=2)  # the same group is exact for ReLU
+    assert t.groups["blocks.0.mlp"] == "scaled_permutation" and wb.verify(relu, new, tokens(), transform=t).passed
+
+
+def test_rotary_pairs_are_read_from_the_model_and_a_wrong_pairing_fails():
+    model = clone(randomised(make_transformer(**FAMILIES["rms_rotary"])), torch.float64)
+    pairs = rotary_pairs(model)
+    dh = int(model.cfg.d_head)
+    assert sorted(i for p in pairs for i in p) == list(range(dh))
+    site = wb.symmetry_map(model)["blocks.0.attn.qk.1"]
+    assert site.group.name == "rotary" and site.group.pairs == pairs
+    # the other common layout: adjacent <-> halves
+    adjacent = tuple((2 * i, 2 * i + 1) for i in range(dh // 2))
+    halves = tuple((i, i + dh // 2) for i in range(dh // 2))
+    wrong = halves if pairs == adjacent else adjacent
+    assert wrong != pairs
+    new, t = _forced(model, site.name, get_group("rotary", dh, pairs=wrong))
+    assert not wb.verify(model, new, tokens(), transform=t).function_preserved
+    new, t = wb.random_intertwiner(model, sites=[site.name], seed=1)
+    assert wb.verify(model, new, tokens(), transform=t).passed
+
+
+def test_partial_rotary_dimension_leaves_a_general_linear_block():
+    model = clone(randomised(make_transformer(**FAMILIES["rms_rotary"], rotary_dim=4)), torch.float64)
+    G = wb.symmetry_map(model)["blocks.1.attn.qk.0"].group
+    assert len(G.pairs) == 2 and len(G.free) == 4
+    new, t = wb.random_intertwiner(model, seed=6)
+    assert wb.verify(model, new, tokens(), transform=t).passed
+
+
+def test_fold_layernorm_preserves_function_and_enlarges_the_group():
+    model = clone(randomised(make_transformer(**FAMILIES["gelu_ln"])), torch.float64)
+    before = state(model)
+    smap = wb.symmetry_map(model)
+    assert smap["resid"].group.name == "permutation" and "fold_layernorm" in smap["resid"].notes[0]
+    folded = wb.fold_layernorm(model)
+    x = tokens()
+    diff = (model(x).log_softmax(-1) - folded(x).log_softmax(-1)).abs().max().item()
+    assert diff <= 1e-9
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert wb.symmetry_map(folded)["resid"].group.name == "orthogonal_ones"
+    rms = clone(randomised(make_transformer(**FAMILIES["rms_rotary"])), torch.float64)
+    assert wb.symmetry_map(wb.fold_layernorm(rms))["resid"].group.name == "orthogonal"
+
+
+def test_fold_layernorm_refuses_other_models():
+    with pytest.raises(TypeError, match="expects a TransformerLens model"):
+        wb.fold_layernorm(torch.nn.Sequential(torch.nn.LayerNorm(4), torch.nn.Linear(4, 2)))
+
+
+def test_transformed_copy_has_its_own_hooks():
+    model = clone(randomised(make_transformer(**FAMILIES["gelu_ln"])), torch.float64)
+    model(tokens())  # a model that has run
+    new, _ = wb.random_intertwiner(model, seed=0)
+    seen = []
+    with wb.intervene(new, {"blocks.0.hook_resid_pre": lambda x, name: seen.append(name)}):
+        model(tokens())
+    assert seen == []  # editing the copy's hooks does not reach the original
+    with wb.intervene(new, {"blocks.0.hook_resid_pre": lambda x, name: seen.append(name)}):
+        new(tokens())
+    assert seen == ["blocks.0.hook_resid_pre"]
+
+
+def test_groups_for_transformers_sample_members():
+    g = torch.Generator().manual_seed(0)
+    R = get_group("orthogonal_ones", 6).sample(g).matrix()
+    assert torch.allclose(R @ torch.ones(6, dtype=torch.float64), torch.ones(6, dtype=torch.float64), atol=1e-12)
+    assert torch.allclose(R @ R.T, torch.eye(6, dtype=torch.float64), atol=1e-12)
+    G = get_group("rotary", 6, pairs=[(0, 3), (1, 4)])
+    e = G.sample(g)
+    assert G.contains(e) and not G.contains(get_group("gl", 6).sample(g))
+    assert get_group("orthogonal_ones", 6).contains(get_group("permutation", 6).sample(g))
+    with pytest.raises(wb.InvalidOptionError, match="disjoint"):
+        get_group("rotary", 4, pairs=[(0, 1), (1, 2)])

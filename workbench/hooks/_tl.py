@@ -1,0 +1,166 @@
+"""TransformerLens models as weights: which kind of model it is, and one canonical weight layout.
+
+TransformerLens 4 bridges store ``nn.Linear`` layouts (``blocks.0.attn.q.weight``: [n_heads·d_head,
+d_model]); TransformerLens 3's ``HookedTransformer`` stores per-head tensors (``blocks.0.attn.W_Q``:
+[n_heads, d_model, d_head]). The canonical layout is the per-head one, because the mathematics of
+transformer symmetries reads like it (``W_Q[h]`` is one head's map). Grouped-query attention keeps
+``n_key_value_heads`` heads in ``W_K``/``W_V``. Nothing here imports TransformerLens at module import.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+
+def has_hooked_transformer() -> bool:
+    """Whether the installed TransformerLens still has ``HookedTransformer`` (3.x)."""
+    try:  # TransformerLens 4.x raises ImportError for the removed name
+        from transformer_lens import HookedTransformer  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def tl_kind(model: nn.Module) -> str | None:
+    """``"hooked"`` (HookedTransformer), ``"native"`` (a bridge built by ``boot_native``), ``"hf"``
+    (a bridge around a Hugging Face model) or None for anything else."""
+    names = {c.__name__ for c in type(model).__mro__}
+    if "HookedTransformer" in names:
+        return "hooked"
+    if "TransformerBridge" in names:
+        return "native" if getattr(model.cfg, "original_architecture", None) is None else "hf"
+    return None
+
+
+def shape_facts(cfg: Any) -> dict[str, int]:
+    """Head counts and sizes from a TransformerLens config (either version)."""
+    get = cfg.get if isinstance(cfg, dict) else (lambda k, d=None: getattr(cfg, k, d))
+    n_heads = int(get("n_heads"))
+    n_kv = get("n_key_value_heads", None) or n_heads
+    return {"n_heads": n_heads, "n_kv": int(n_kv), "d_head": int(get("d_head")), "d_model": int(get("d_model"))}
+
+
+def to_canonical(sd: dict[str, torch.Tensor], cfg: Any) -> dict[str, torch.Tensor]:
+    """Bridge-format weights (``nn.Linear`` layouts) → the per-head (``HookedTransformer``) layout."""
+    f = shape_facts(cfg)
+    dh = f["d_head"]
+    out = {}
+    for key, t in sd.items():
+        stem, _, leaf = key.rpartition(".")
+        base, _, owner = stem.rpartition(".")
+        W = leaf == "weight"
+        if owner in ("q", "k", "v"):
+            h = f["n_heads"] if owner == "q" else f["n_kv"]
+            out[f"{base}.{'W' if W else 'b'}_{owner.upper()}"] = t.reshape(h, dh, -1).transpose(1, 2) if W else t.reshape(h, dh)
+        elif owner == "o":
+            out[f"{base}.{'W_O' if W else 'b_O'}"] = t.reshape(t.shape[0], f["n_heads"], dh).permute(1, 2, 0) if W else t
+        elif owner in ("in", "out", "gate"):
+            out[f"{base}.{'W' if W else 'b'}_{owner}"] = t.T if W else t
+        elif stem == "embed":
+            out["embed.W_E"] = t
+        elif stem == "pos_embed":
+            out["pos_embed.W_pos"] = t
+        elif stem == "unembed":
+            out["unembed.W_U" if W else "unembed.b_U"] = t.T if W else t
+        else:  # norms: ln1, ln2, ln_final, mlp.ln (SoLU)
+            out[f"{stem}.{'w' if W else 'b'}"] = t
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+def from_canonical(sd: dict[str, torch.Tensor], cfg: Any) -> dict[str, torch.Tensor]:
+    """The inverse of :func:`to_canonical`: per-head layout → bridge-format keys and shapes."""
+    out = {}
+    for key, t in sd.items():
+        base, _, leaf = key.rpartition(".")
+        if leaf in ("W_Q", "W_K", "W_V"):  # [h, d_model, d_head] -> [h·d_head, d_model]
+            out[f"{base}.{leaf[-1].lower()}.weight"] = t.transpose(1, 2).reshape(-1, t.shape[1])
+        elif leaf in ("b_Q", "b_K", "b_V"):
+            out[f"{base}.{leaf[-1].lower()}.bias"] = t.reshape(-1)
+        elif leaf == "W_O":  # [h, d_head, d_model] -> [d_model, h·d_head]
+            out[f"{base}.o.weight"] = t.permute(2, 0, 1).reshape(t.shape[2], -1)
+        elif leaf == "b_O":
+            out[f"{base}.o.bias"] = t
+        elif leaf in ("W_in", "W_out", "W_gate"):
+            out[f"{base}.{leaf[2:]}.weight"] = t.T
+        elif leaf in ("b_in", "b_out", "b_gate"):
+            out[f"{base}.{leaf[2:]}.bias"] = t
+        elif key == "embed.W_E":
+            out["embed.weight"] = t
+        elif key == "pos_embed.W_pos":
+            out["pos_embed.weight"] = t
+        elif key == "unembed.W_U":
+            out["unembed.weight"] = t.T
+        elif key == "unembed.b_U":
+            out["unembed.bias"] = t
+        else:
+            out[f"{base}.{'weight' if leaf == 'w' else 'bias'}"] = t
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+# HookedTransformer names grouped-query K/V weights with a leading underscore.
+_HOOKED_GQA = {"W_K": "_W_K", "b_K": "_b_K", "W_V": "_W_V", "b_V": "_b_V"}
+
+
+def read_weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's weights in the canonical per-head layout (detached copies' views; do not write)."""
+    kind = tl_kind(model)
+    sd = {k: v.detach() for k, v in model.state_dict().items()}
+    if kind == "hooked":
+        back = {v: k for k, v in _HOOKED_GQA.items()}
+        out = {}
+        for k, v in sd.items():
+            base, _, leaf = k.rpartition(".")
+            if leaf in ("IGNORE", "mask") or k.endswith(".rotary_sin") or k.endswith(".rotary_cos"):
+                continue
+            out[f"{base}.{back.get(leaf, leaf)}"] = v
+        return out
+    return to_canonical(sd, model.cfg)
+
+
+def quietly_to(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """``model.to(dtype)`` without HookedTransformer's "Changing model dtype" print."""
+    import contextlib
+    import io
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        return model.to(dtype)
+
+
+def rebuild(model: nn.Module, weights: dict[str, torch.Tensor]) -> nn.Module:
+    """A fresh model of the same kind and config carrying ``weights`` (canonical layout).
+
+    Never ``copy.deepcopy``: a bridge that has run can carry hooks that point at the original.
+    """
+    import copy
+    import warnings
+
+    kind = tl_kind(model)  # the config is copied: HookedTransformer.to(dtype) edits cfg.dtype in place
+    dtype = next(model.parameters()).dtype
+    weights = {k: v.to(dtype) for k, v in weights.items()}
+    if kind == "hooked":
+        from transformer_lens import HookedTransformer
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            new = quietly_to(HookedTransformer(copy.deepcopy(model.cfg)), dtype)
+        gqa = {k for k in new.state_dict() if k.rpartition(".")[2] in _HOOKED_GQA.values()}
+        sd = {}
+        for k, v in weights.items():
+            base, _, leaf = k.rpartition(".")
+            alt = f"{base}.{_HOOKED_GQA.get(leaf, leaf)}"
+            sd[alt if alt in gqa else k] = v
+        missing, unexpected = new.load_state_dict(sd, strict=False)
+        missing = [k for k in missing if not k.endswith((".mask", ".IGNORE", "rotary_sin", "rotary_cos"))]
+        if missing or unexpected:
+            raise ValueError(f"weights do not fit HookedTransformer: missing {missing}, unexpected {unexpected}")
+    elif kind == "native":
+        from transformer_lens.model_bridge import TransformerBridge
+
+        new = quietly_to(TransformerBridge.boot_native(copy.deepcopy(model.cfg)), dtype)
+        new.load_state_dict(from_canonical(weights, model.cfg), strict=True)
+    else:
+        raise TypeError(f"cannot rebuild a {type(model).__name__} of kind {kind!r} from weights.")
+    new.train(model.training)
+    return new
