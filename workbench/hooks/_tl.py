@@ -8,7 +8,7 @@ transformer symmetries reads like it (``W_Q[h]`` is one head's map). Grouped-que
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from torch import nn
@@ -30,7 +30,9 @@ def tl_kind(model: nn.Module) -> str | None:
     if "HookedTransformer" in names:
         return "hooked"
     if "TransformerBridge" in names:
-        return "native" if getattr(model.cfg, "original_architecture", None) is None else "hf"
+        # Not cfg.original_architecture: a bridge around HF GPT-2 leaves it None too.
+        inner = type(getattr(model, "original_model", None))
+        return "native" if inner.__module__.startswith("transformer_lens.") else "hf"
     return None
 
 
@@ -119,48 +121,63 @@ def read_weights(model: nn.Module) -> dict[str, torch.Tensor]:
     return to_canonical(sd, model.cfg)
 
 
-def quietly_to(model: nn.Module, dtype: torch.dtype) -> nn.Module:
-    """``model.to(dtype)`` without HookedTransformer's "Changing model dtype" print."""
-    import contextlib
-    import io
+def rebuild(model: nn.Module, weights: dict[str, torch.Tensor], dtype: Optional[torch.dtype] = None) -> nn.Module:
+    """A fresh model of the same kind and config carrying ``weights`` (canonical layout), in ``dtype``
+    (default: the model's).
 
-    with contextlib.redirect_stdout(io.StringIO()):
-        return model.to(dtype)
-
-
-def rebuild(model: nn.Module, weights: dict[str, torch.Tensor]) -> nn.Module:
-    """A fresh model of the same kind and config carrying ``weights`` (canonical layout).
-
-    Never ``copy.deepcopy``: a bridge that has run can carry hooks that point at the original.
+    Never ``copy.deepcopy``: a bridge that has run can carry hooks that point at the original. The
+    config is copied too (``HookedTransformer.to`` edits ``cfg.dtype`` in place) and built in the
+    target dtype directly: a bridge's ``.to()`` costs more than building it.
     """
     import copy
     import warnings
 
-    kind = tl_kind(model)  # the config is copied: HookedTransformer.to(dtype) edits cfg.dtype in place
-    dtype = next(model.parameters()).dtype
-    weights = {k: v.to(dtype) for k, v in weights.items()}
-    if kind == "hooked":
-        from transformer_lens import HookedTransformer
+    kind = tl_kind(model)
+    dtype = dtype or next(model.parameters()).dtype
+    cfg = copy.deepcopy(model.cfg)
+    cfg.dtype = dtype
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if kind == "hooked":
+            from transformer_lens import HookedTransformer
 
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            new = quietly_to(HookedTransformer(copy.deepcopy(model.cfg)), dtype)
-        gqa = {k for k in new.state_dict() if k.rpartition(".")[2] in _HOOKED_GQA.values()}
-        sd = {}
+            new = HookedTransformer(cfg)
+        elif kind == "native":
+            from transformer_lens.model_bridge import TransformerBridge
+
+            new = TransformerBridge.boot_native(cfg)
+        else:
+            raise TypeError(f"cannot rebuild a {type(model).__name__} of kind {kind!r} from weights.")
+    if next(new.parameters()).dtype != dtype:
+        import contextlib
+        import io
+
+        with contextlib.redirect_stdout(io.StringIO()):  # HookedTransformer prints "Changing model dtype"
+            new = new.to(dtype)
+    write_weights(new, weights)
+    new.train(model.training)
+    return new
+
+
+def write_weights(model: nn.Module, weights: dict[str, torch.Tensor]) -> None:
+    """Copy canonical-layout ``weights`` into ``model``'s own parameters, in place."""
+    kind = tl_kind(model)
+    if kind == "hooked":
+        params = dict(model.named_parameters())
+        written = set()
         for k, v in weights.items():
             base, _, leaf = k.rpartition(".")
             alt = f"{base}.{_HOOKED_GQA.get(leaf, leaf)}"
-            sd[alt if alt in gqa else k] = v
-        missing, unexpected = new.load_state_dict(sd, strict=False)
-        missing = [k for k in missing if not k.endswith((".mask", ".IGNORE", "rotary_sin", "rotary_cos"))]
-        if missing or unexpected:
-            raise ValueError(f"weights do not fit HookedTransformer: missing {missing}, unexpected {unexpected}")
-    elif kind == "native":
-        from transformer_lens.model_bridge import TransformerBridge
-
-        new = quietly_to(TransformerBridge.boot_native(copy.deepcopy(model.cfg)), dtype)
-        new.load_state_dict(from_canonical(weights, model.cfg), strict=True)
-    else:
-        raise TypeError(f"cannot rebuild a {type(model).__name__} of kind {kind!r} from weights.")
-    new.train(model.training)
-    return new
+            target = params.get(alt) if alt in params else params.get(k)
+            if target is None:
+                raise ValueError(f"weights do not fit HookedTransformer: no parameter {k!r}")
+            with torch.no_grad():
+                target.copy_(v)
+            written.add(alt if alt in params else k)
+        if written != set(params):
+            raise ValueError(f"weights do not fit HookedTransformer: missing {sorted(set(params) - written)}")
+        return
+    if kind == "native":
+        model.load_state_dict(from_canonical(weights, model.cfg), strict=True)
+        return
+    raise TypeError(f"cannot write weights into a {type(model).__name__} of kind {kind!r}.")

@@ -29,7 +29,7 @@ def fold_layernorm(model: nn.Module) -> nn.Module:
     """
     kind = tl_kind(model)
     if kind not in ("hooked", "native"):
-        what = f"a bridge around Hugging Face {model.cfg.original_architecture}" if kind == "hf" else type(model).__name__
+        what = f"a bridge around Hugging Face {type(model.original_model).__name__}" if kind == "hf" else type(model).__name__
         raise TypeError(f"fold_layernorm expects a TransformerLens model (HookedTransformer or a native "
                         f"TransformerBridge); got {what}.")
     W = {k: v.double().clone() for k, v in read_weights(model).items()}

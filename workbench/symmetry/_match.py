@@ -119,13 +119,20 @@ class InterpretationShift(Report):
 
 
 def _unit_scores(model: nn.Module, site: Site, data: torch.Tensor, batch_size: int) -> torch.Tensor:
-    """Per example and unit, the activation at the site's hook (spatial max for maps): [N, C]."""
+    """Per example and unit, the activation at the site's hook (spatial max for maps): [N, C].
+
+    For token inputs every (sequence, position) is an example — a token in its context — in
+    row-major order, so example i is sequence i // seq_len, position i % seq_len; a per-head site
+    reads its first head.
+    """
     hook = next(o for o in site.observed if o.name == site.hook_name)
     out = []
     with eval_mode(model):
         for start in range(0, len(data), batch_size):
             _, cache = run_with_cache(model, data[start:start + batch_size], names=hook.name)
             h = cache.calls(hook.name)[hook.call].double()
+            if not data.is_floating_point():  # tokens: [batch, pos, (head,) unit] -> [batch·pos, unit]
+                h = (h[..., hook.heads[0], :] if hook.heads else h).flatten(0, 1)
             h = h.reshape(h.shape[0], site.n, -1) if hook.block > 1 else h
             out.append(h.amax(dim=tuple(range(2, h.ndim))) if h.ndim > 2 else h)
     return torch.cat(out)

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ..groups import GroupElement, ScaledPermutation, get_group
-from ..hooks._tl import quietly_to, read_weights, rebuild, shape_facts, tl_kind
+from ..hooks._tl import read_weights, rebuild, shape_facts, tl_kind, write_weights
 from ._map import Observation, Port, Site, SymmetryMap
 
 _NORMS = {  # normalisation type -> (group with gains present, group once folded, what folding does)
@@ -59,9 +59,10 @@ def transformer_map(model: nn.Module) -> SymmetryMap:
     name = type(model).__name__
     kind = tl_kind(model)
     if kind == "hf":
-        arch = _cfg(model, "original_architecture")
+        arch = type(model.original_model).__name__
         return SymmetryMap(name, [], [(name, f"a bridge around Hugging Face {arch}: its weight layout is not mapped "
-                                             f"yet, so nothing is transformed (native bridges and HookedTransformer are).")])
+                                             f"yet (the bridge keeps split and joint copies of some weights), so nothing "
+                                             f"is transformed; native bridges and HookedTransformer are supported.")])
     pos = _cfg(model, "positional_embedding_type", "standard")
     if pos not in ("standard", "rotary"):
         return SymmetryMap(name, [], [(name, f"positional embedding {pos!r} is not supported (standard, rotary are).")])
@@ -215,42 +216,46 @@ def _perm_part(e: GroupElement) -> Optional[ScaledPermutation]:
     return ScaledPermutation(e.perm, None, "identity", e.group) if isinstance(e, ScaledPermutation) else None
 
 
-def _act(t: torch.Tensor, e: GroupElement, axis: int, heads) -> torch.Tensor:
-    if heads is None:
-        return e.act(t, axis)
-    idx = torch.tensor(heads)
-    out = t.clone()
-    out[idx] = e.act(t[idx], axis)
-    return out
-
-
 def push_transformer(model: nn.Module, smap: SymmetryMap, transform, inplace: bool) -> nn.Module:
-    """A rebuilt model (or ``model`` itself when ``inplace``) with ``transform`` in its weights."""
+    """A rebuilt model (or ``model`` itself when ``inplace``) with ``transform`` in its weights.
+
+    Per-head maps go first, all heads of a weight in one batched product (they act on the head's
+    own axes, before the head permutation moves heads); every other element acts on a whole axis.
+    """
     W = {k: v.double() for k, v in read_weights(model).items()}
+    per_head: dict[tuple[str, int], dict[int, torch.Tensor]] = {}
+    whole = []
+    for name, e in transform.elements.items():
+        site = smap[name]
+        perm = _perm_part(e)
+        ops = [(p, e if p.level == "pre" else perm) for p in site.writers]
+        ops += [(p, (e.phi() if p.level == "post" else e).inverse().transpose()) for p in site.readers]
+        for port, F in ops:
+            if port.heads is None:
+                whole.append((port.name, F, port.axis))
+            else:
+                M = F.matrix()
+                per_head.setdefault((port.name, port.axis), {}).update({h: M for h in port.heads})
+        if perm is not None:  # norm gains and biases follow the permutation (signs pass RMSNorm)
+            whole += [(key, perm, 0) for key, _ in site.norms]
     with torch.no_grad():
-        for name, e in transform.elements.items():
-            site = smap[name]
-            perm = _perm_part(e)
-            for port in site.writers:
-                if port.name in W:
-                    W[port.name] = _act(W[port.name], e if port.level == "pre" else perm, port.axis, port.heads)
-            for port in site.readers:
-                F = (e.phi() if port.level == "post" else e).inverse().transpose()
-                W[port.name] = _act(W[port.name], F, port.axis, port.heads)
-            if perm is not None:  # norm gains and biases follow the permutation (signs pass RMSNorm)
-                for key, _ in site.norms:
-                    W[key] = perm.act(W[key], 0)
-    new = rebuild(model, W)
+        for (key, axis), mats in per_head.items():
+            t = W[key].movedim(axis, -1)  # [head, ..., n]
+            Ms = torch.eye(t.shape[-1], dtype=t.dtype).repeat(t.shape[0], 1, 1)
+            for h, M in mats.items():
+                Ms[h] = M
+            W[key] = torch.einsum("h...j,hij->h...i", t, Ms).movedim(-1, axis)
+        for key, F, axis in whole:
+            W[key] = F.act(W[key], axis)
     if inplace:
-        model.load_state_dict(new.state_dict(), strict=False)
+        write_weights(model, W)
         return model
-    return new
+    return rebuild(model, W)
 
 
 def clone(model: nn.Module, dtype: Optional[torch.dtype] = None) -> nn.Module:
     """An independent copy (rebuilt, sharing no state with ``model``), optionally cast to ``dtype``."""
-    new = rebuild(model, {k: v.clone() for k, v in read_weights(model).items()})
-    return new if dtype is None else quietly_to(new, dtype)
+    return rebuild(model, {k: v.clone() for k, v in read_weights(model).items()}, dtype)
 
 
 def observe(site: Site, element: GroupElement, obs: Observation, h: torch.Tensor) -> torch.Tensor:

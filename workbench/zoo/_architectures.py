@@ -29,10 +29,16 @@ def myrtle(width: int = 16, act: str = "relu", batchnorm: bool = True, classes: 
         return layers + [_act(act)]
 
     w = width
-    return nn.Sequential(
+    net = nn.Sequential(
         *block(in_ch, w), *block(w, 2 * w), nn.MaxPool2d(2), *block(2 * w, 4 * w), nn.MaxPool2d(2),
         *block(4 * w, 8 * w), nn.MaxPool2d(2), nn.AdaptiveMaxPool2d(1), nn.Flatten(), nn.Linear(8 * w, classes),
     )
+    if not batchnorm:  # He initialisation: without BatchNorm, torch's default init shrinks activations per layer
+        for m in net:
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+                nn.init.zeros_(m.bias)
+    return net
 
 
 class BasicBlockA(nn.Module):
