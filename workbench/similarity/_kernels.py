@@ -1,0 +1,215 @@
+"""Kernel measures: CKA with linear, RBF and the paper's G_ReLU-invariant kernels (per example).
+
+CKA(K, L) = HSIC(K, L) / sqrt(HSIC(K, K) · HSIC(L, L)) for Gram matrices K, L ``[N, N]`` over the
+same N examples. A transformation of the units leaves CKA unchanged exactly when it leaves the
+Gram matrix unchanged (up to a positive factor, and for the centred estimators up to adding
+f(x) + f(y)), so the kernel decides the invariances.
+"""
+from __future__ import annotations
+
+import torch
+
+from .._errors import InvalidOptionError, WorkbenchError
+from ._prep import as_acts, as_pair, per_example, standardised_channels
+
+
+class DegenerateRepresentationError(WorkbenchError, ValueError):
+    """A representation carries no signal for this measure (for example, it is constant). A ``ValueError``."""
+
+
+def hsic(K: torch.Tensor, L: torch.Tensor, *, unbiased: bool = False) -> torch.Tensor:
+    """Hilbert–Schmidt independence criterion of two Gram matrices ``[N, N]`` (a 0-d tensor).
+
+    ``unbiased=False``: tr(K H L H) / (N − 1)² with H the centring matrix (Gretton et al. 2005).
+    ``unbiased=True``: the U-statistic of Song et al. (2012), which ignores the diagonals and needs
+    N ≥ 4: [tr(K̃L̃) + 1ᵀK̃1·1ᵀL̃1 / ((N−1)(N−2)) − 2/(N−2)·1ᵀK̃L̃1] / (N(N−3)), K̃ = K with zero diagonal.
+    """
+    n = K.shape[0]
+    if not unbiased:
+        # tr(KHLH) = <HKH, HLH>. Centring both sides (not just one) keeps a large constant part of L,
+        # e.g. an RBF kernel near 1 everywhere, from swamping the signal with rounding.
+        return (_centre(K) * _centre(L)).sum() / (n - 1) ** 2
+    K, L = K.clone(), L.clone()
+    K.fill_diagonal_(0)
+    L.fill_diagonal_(0)
+    k1, l1 = K.sum(0), L.sum(0)  # K̃1 and L̃1 (symmetric, so rows and columns agree)
+    total = (K * L).sum() + k1.sum() * l1.sum() / ((n - 1) * (n - 2)) - 2.0 / (n - 2) * (k1 @ l1)
+    return total / (n * (n - 3))
+
+
+def _centre(K: torch.Tensor) -> torch.Tensor:
+    """HKH: rows and columns of ``K [N, N]`` centred."""
+    return K - K.mean(0, keepdim=True) - K.mean(1, keepdim=True) + K.mean()
+
+
+def cka_from_kernels(K: torch.Tensor, L: torch.Tensor, *, unbiased: bool = False) -> float:
+    """CKA of two Gram matrices ``[N, N]``; a clear error where a self-HSIC is not positive."""
+    kk, ll = hsic(K, K, unbiased=unbiased), hsic(L, L, unbiased=unbiased)
+    for name, v in (("acts_a", kk), ("acts_b", ll)):
+        if not v > 0:
+            raise DegenerateRepresentationError(
+                f"HSIC({name}, {name}) = {float(v):.3g} is not positive: {name} is (nearly) constant over the "
+                f"examples under this kernel, so CKA is undefined.")
+    return float(hsic(K, L, unbiased=unbiased) / (kk * ll).sqrt())
+
+
+def _linear_gram(acts: torch.Tensor) -> torch.Tensor:
+    X = per_example(acts)
+    X = X - X.mean(0, keepdim=True)  # centred features: adding a constant to every example does nothing
+    return X @ X.T
+
+
+def linear_cka(acts_a, acts_b, *, unbiased: bool = False) -> float:
+    """Linear CKA (Kornblith et al. 2019) between two activation sets of the same N examples.
+
+    Each example's map is flattened (``[N, C, *spatial]`` → ``[N, C·P]``) and centred over examples;
+    the kernel is the inner product, i.e. the sum over channels of per-channel inner products over
+    positions. Invariant to orthogonal maps of the channels (the same map at every position is
+    orthogonal on the flattened vector), isotropic scaling and translation; not to per-unit scaling
+    or general invertible maps. ``unbiased=True`` uses the unbiased HSIC (needs N ≥ 4).
+
+    Args:
+        acts_a: ``[N, C_a]`` or ``[N, C_a, *spatial]``.
+        acts_b: ``[N, C_b]`` or ``[N, C_b, *spatial_b]`` (spatial shapes may differ).
+
+    Returns:
+        A float, 1 for representations equal up to rotation and scale.
+
+    Example:
+        >>> import torch
+        >>> g = torch.Generator().manual_seed(0)
+        >>> x = torch.randn(40, 6, generator=g, dtype=torch.float64)
+        >>> q, _ = torch.linalg.qr(torch.randn(6, 6, generator=g, dtype=torch.float64))
+        >>> round(linear_cka(x, 3 * x @ q), 12)
+        1.0
+    """
+    a, b = as_pair(acts_a, acts_b, min_examples=4 if unbiased else 2)
+    if unbiased or a.shape[0] <= max(a[0].numel(), b[0].numel()):
+        return cka_from_kernels(_linear_gram(a), _linear_gram(b), unbiased=unbiased)
+    # More examples than features: ||YᵀX||² / (||XᵀX|| ||YᵀY||) is the same number from C×C matrices.
+    X, Y = per_example(a), per_example(b)
+    X, Y = X - X.mean(0), Y - Y.mean(0)
+    xx, yy = (X.T @ X).norm(), (Y.T @ Y).norm()
+    if not (xx > 0 and yy > 0):
+        return cka_from_kernels(X @ X.T, Y @ Y.T)  # raises the degenerate-input error
+    return float((Y.T @ X).norm() ** 2 / (xx * yy))
+
+
+def _rbf_gram(acts: torch.Tensor, bandwidth: float) -> torch.Tensor:
+    X = per_example(acts)
+    X = X - X.mean(0, keepdim=True)  # distances do not change; the Gram below loses less precision
+    G = X @ X.T
+    sq = G.diagonal()
+    D2 = (sq[:, None] + sq[None, :] - 2 * G).clamp_min(0)
+    D2.fill_diagonal_(0)
+    i, j = torch.triu_indices(len(X), len(X), 1)
+    median = D2[i, j].median()
+    if not median > 0:
+        raise DegenerateRepresentationError("the median distance between examples is 0, so the RBF bandwidth "
+                                            "(a multiple of it) is undefined: most examples coincide.")
+    return torch.exp(-D2 / (2 * bandwidth ** 2 * median))
+
+
+def rbf_cka(acts_a, acts_b, *, bandwidth: float = 1.0) -> float:
+    """CKA with a Gaussian kernel exp(−‖x − y‖² / (2σ²)), σ = ``bandwidth`` × sqrt(median ‖x − y‖²).
+
+    Maps are flattened per example as in :func:`linear_cka`; distances do not see rotations or
+    translations, and the median rule makes σ follow isotropic scaling, so those leave it unchanged;
+    per-unit scaling and general invertible maps do not. Biased HSIC (Kornblith et al. 2019). For a
+    large ``bandwidth`` it tends to linear CKA.
+
+    Args:
+        acts_a: ``[N, C_a, *spatial]`` (or ``[N, C_a]``); acts_b likewise, same N.
+        bandwidth: positive multiple of the median distance.
+
+    Example:
+        >>> import torch
+        >>> g = torch.Generator().manual_seed(0)
+        >>> x = torch.randn(30, 5, generator=g, dtype=torch.float64)
+        >>> round(rbf_cka(x, 2 * x + 1), 12)
+        1.0
+    """
+    if not (isinstance(bandwidth, (int, float)) and bandwidth > 0):
+        raise InvalidOptionError(f"bandwidth must be a positive number (a multiple of the median distance); "
+                                 f"got {bandwidth!r}.")
+    a, b = as_pair(acts_a, acts_b, min_examples=3)
+    return cka_from_kernels(_rbf_gram(a, bandwidth), _rbf_gram(b, bandwidth))
+
+
+def grelu_kernel(acts, *, block_bytes: int = 1 << 26) -> torch.Tensor:
+    """The paper's G_ReLU-invariant kernel ``[N, N]``: K_ij = max over channels c of ⟨H_i[c], H_j[c]⟩.
+
+    H is ``acts`` with each channel centred and scaled to norm 1 over (examples, positions), so a
+    positive scaling of a channel does nothing; the inner product runs over positions, and the max
+    over channels does not see their order. Vectorised: for a block of rows, one batched matrix
+    product gives every channel's ``[rows, N]`` inner products at once and the max reduces them;
+    only the upper triangle is computed (the kernel is symmetric). ``block_bytes`` bounds the
+    temporary ``[C, rows, N]`` product. Cost C·N²·P multiply-adds, memory N² + block.
+
+    Args:
+        acts: ``[N, C]`` (P = 1) or ``[N, C, *spatial]``.
+
+    Returns:
+        float64 ``[N, N]``, symmetric.
+
+    Example:
+        >>> import torch
+        >>> g = torch.Generator().manual_seed(0)
+        >>> x = torch.randn(6, 3, 2, 2, generator=g, dtype=torch.float64)
+        >>> K = grelu_kernel(x)
+        >>> K.shape, bool(torch.equal(K, K.T))
+        (torch.Size([6, 6]), True)
+    """
+    Hc = standardised_channels(as_acts(acts))  # [C, N, P]
+    c, n = Hc.shape[:2]
+    K = Hc.new_empty(n, n)
+    rows = max(1, block_bytes // (8 * c * n))
+    for start in range(0, n, rows):
+        stop = min(n, start + rows)
+        block = torch.bmm(Hc[:, start:stop], Hc[:, start:].transpose(1, 2)).amax(0)  # [rows, N − start]
+        K[start:stop, start:] = block
+        K[start:, start:stop] = block.T
+    return K
+
+
+def grelu_cka(acts_a, acts_b) -> float:
+    """The paper's G_ReLU-CKA: unbiased CKA with the kernel of :func:`grelu_kernel`.
+
+    Invariant to permutations and per-channel positive scalings (the ReLU intertwiner group P·D₊,
+    applied to channels at every position), to isotropic scaling and translation; not to rotations.
+    Conv maps are read per example: the inner product runs over positions within one channel, the
+    max over channels. Needs N ≥ 4.
+
+    Args:
+        acts_a: ``[N, C_a]`` or ``[N, C_a, *spatial]``; acts_b likewise, same N (C and spatial may differ).
+
+    Example:
+        >>> import torch
+        >>> g = torch.Generator().manual_seed(0)
+        >>> x = torch.randn(20, 4, 3, 3, generator=g, dtype=torch.float64).relu()
+        >>> scaled = x[:, [2, 0, 3, 1]] * torch.tensor([0.5, 2.0, 3.0, 1.5]).reshape(1, 4, 1, 1)
+        >>> round(grelu_cka(x, scaled), 12)
+        1.0
+    """
+    a, b = as_pair(acts_a, acts_b, min_examples=4)
+    return cka_from_kernels(grelu_kernel(a), grelu_kernel(b), unbiased=True)
+
+
+def standardized_cka(acts_a, acts_b) -> float:
+    """Unbiased linear CKA of channel-standardised maps: the paper's "orthogonal" CKA comparator.
+
+    The same per-channel centring and normalisation as :func:`grelu_cka`, with the sum over channels
+    where G_ReLU-CKA takes the max. The normalisation makes it invariant to per-channel scaling —
+    and therefore *not* to rotations of the channels, although the paper uses it as the
+    orthogonal-invariant counterpart. Needs N ≥ 4.
+
+    Example:
+        >>> import torch
+        >>> g = torch.Generator().manual_seed(0)
+        >>> x = torch.randn(20, 4, generator=g, dtype=torch.float64)
+        >>> round(standardized_cka(x, x * torch.tensor([1.0, 5.0, 0.1, 2.0])), 12)
+        1.0
+    """
+    a, b = as_pair(acts_a, acts_b, min_examples=4)
+    Ka, Kb = (standardised_channels(x).transpose(0, 1).reshape(len(x), -1) for x in (a, b))  # [N, C·P]
+    return cka_from_kernels(Ka @ Ka.T, Kb @ Kb.T, unbiased=True)
