@@ -95,6 +95,20 @@ class InterpretationShift(Report):
     overlap_same_index: torch.Tensor  # [C] |top_before[u] ∩ top_after[u]| / k
     overlap_matched: torch.Tensor  # [C] |top_before[perm[u]] ∩ top_after[u]| / k
 
+    @classmethod
+    def from_scores(cls, site: str, before: torch.Tensor, after: torch.Tensor, perm: torch.Tensor,
+                    k: int) -> "InterpretationShift":
+        """From per-example unit scores already computed (``[N, C]`` each) and a matching ``perm``
+        (``perm[u]``: the unit before matched to unit ``u`` after)."""
+        k = min(k, len(before))
+        top_a = before.topk(k, dim=0).indices.T  # [C, k]
+        top_b = after.topk(k, dim=0).indices.T
+
+        def overlap(x, y):  # [C, k] each -> fraction of y's examples that are also in x, per unit
+            return (x.unsqueeze(2) == y.unsqueeze(1)).any(dim=1).sum(dim=1).double() / k
+
+        return cls(site, k, top_a, top_b, perm, overlap(top_a, top_b), overlap(top_a[perm], top_b))
+
     def summary(self) -> str:
         return (f"site {self.site}: top-{self.k} overlap {self.overlap_matched.mean():.3f} after matching, "
                 f"{self.overlap_same_index.mean():.3f} at the same unit index")
@@ -150,12 +164,6 @@ def interpretation_shift(model: nn.Module, new_model: nn.Module, data: torch.Ten
     site = smap[site] if isinstance(site, str) else site
     a = _unit_scores(model, site, data, batch_size)
     b = _unit_scores(new_model, site, data, batch_size)
-    k = min(k, len(data))
-    top_a = a.topk(k, dim=0).indices.T  # [C, k]
-    top_b = b.topk(k, dim=0).indices.T
     perm = match_neurons(a, b, signed=not site.group.name.startswith("scaled")).perm
+    return InterpretationShift.from_scores(site.name, a, b, perm, k)
 
-    def overlap(x, y):
-        return torch.tensor([len(set(p.tolist()) & set(q.tolist())) / k for p, q in zip(x, y)], dtype=torch.float64)
-
-    return InterpretationShift(site.name, k, top_a, top_b, perm, overlap(top_a, top_b), overlap(top_a[perm], top_b))

@@ -1,0 +1,209 @@
+"""What the explorer computes, without any widget: unit scores, one Apply, and its report.
+
+Kept apart from the ipywidgets front end so it can be timed, tested and reused headless. One Apply
+makes a transformed copy (``wb.random_intertwiner``), checks it (``wb.verify``), and compares unit
+scores before and after (``wb.match_neurons`` + the interpretation shift). The original model's
+scores are computed once when the explorer opens; the transformed model's scores need only one
+forward pass that stops at the site (``stop_at=True``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
+
+import torch
+from torch import nn
+
+from .._errors import WorkbenchError
+from .._report import Report
+from ..hooks import run_with_cache
+from ..hooks._points import is_transformer_lens
+from ..symmetry import (InterpretationShift, InvarianceReport, NeuronMatching, Site, Transform, match_neurons,
+                        random_intertwiner, verify)
+from ..symmetry._modes import eval_mode
+
+
+class Cancelled(WorkbenchError):
+    """Long work was cancelled by the user (``widget.cancel()``); nothing was changed."""
+
+
+#: ``check(label)`` is called between steps and batches; it raises :class:`Cancelled` when asked to stop.
+Check = Callable[[Optional[str]], None]
+
+
+def _no_check(label: Optional[str] = None) -> None:
+    return None
+
+
+def unit_axis(model: nn.Module) -> int:
+    """Where the units of a hook's activation are: 1 for ``[batch, C, ...]``, -1 for TransformerLens ``[batch, pos, d]``."""
+    return -1 if is_transformer_lens(model) else 1
+
+
+def _per_unit(h: torch.Tensor, site: Site, block: int, axis: int) -> torch.Tensor:
+    """``[batch, ...]`` at a site's hook -> ``[batch, C, rest]`` (units second, everything else flattened)."""
+    if axis != 1:
+        h = h.movedim(axis, 1)
+    return h.reshape(h.shape[0], site.n, -1) if (block > 1 or h.ndim != 3) else h
+
+
+def unit_scores(model: nn.Module, sites: Sequence[Site], inputs: torch.Tensor, *, batch_size: int = 256,
+                check: Check = _no_check) -> dict[str, torch.Tensor]:
+    """Per example and unit, the largest activation at each site's hook (over positions or pixels).
+
+    Args:
+        model: the model (run in eval mode, restored afterwards; never modified).
+        sites: sites of ``wb.symmetry_map(model)``.
+        inputs: ``[N, ...]`` examples, run in batches of ``batch_size``.
+
+    Returns:
+        ``{site name: float64 [N, C]}`` — the same numbers ``wb.interpretation_shift`` ranks. The
+        forward stops once every site's hook fired (``stop_at=True``), so a site near the input costs
+        only the layers before it.
+    """
+    hooks = {s.name: next(o for o in s.observed if o.name == s.hook_name) for s in sites}
+    names = sorted({o.name for o in hooks.values()})
+    # stop_at=True stops at the first call of every name; a site read at a later call needs the full forward.
+    stop = all(o.call == 0 for o in hooks.values())
+    axis = unit_axis(model)
+    parts: dict[str, list] = {s.name: [] for s in sites}
+    with eval_mode(model), torch.no_grad():
+        for start in range(0, len(inputs), batch_size):
+            check(None)
+            _, cache = run_with_cache(model, inputs[start:start + batch_size], names=names, stop_at=stop, budget=None)
+            for s in sites:
+                o = hooks[s.name]
+                h = _per_unit(cache.calls(o.name)[o.call], s, o.block, axis)
+                parts[s.name].append(h.amax(dim=2).double())
+    return {name: torch.cat(p) for name, p in parts.items()}
+
+
+def unit_traces(model: nn.Module, site: Site, inputs: torch.Tensor, unit: int) -> torch.Tensor:
+    """The activation of one unit at every position (pixel, token) of a few examples: ``float64 [k, rest]``."""
+    o = next(o for o in site.observed if o.name == site.hook_name)
+    with eval_mode(model), torch.no_grad():
+        _, cache = run_with_cache(model, inputs, names=o.name, stop_at=o.call == 0, budget=None)
+    return _per_unit(cache.calls(o.name)[o.call], site, o.block, unit_axis(model))[:, unit].double()
+
+
+def correlation(before: torch.Tensor, after: torch.Tensor) -> torch.Tensor:
+    """Pearson r between every unit after (rows) and every unit before (columns): ``[C, C]`` from two ``[N, C]``.
+
+    A unit that never varies (a dead ReLU) correlates 0 with everything rather than NaN.
+    """
+    def standard(x):
+        x = x - x.mean(0, keepdim=True)
+        norm = x.norm(dim=0, keepdim=True)
+        return torch.where(norm > 0, x / norm.clamp_min(1e-300), torch.zeros_like(x))
+
+    return standard(after).T @ standard(before)
+
+
+@dataclass(repr=False)
+class ExplorerResult(Report):
+    """One Apply of the explorer: a random element at one site, verified, and how the units moved.
+
+    ``correlation[u, v]`` is Pearson's r between unit ``u`` of the transformed model and unit ``v``
+    of the original (per-example scores); ``matching.perm[u]`` is the original unit matched to ``u``.
+    """
+
+    site: str
+    group: str  # the group the element was drawn from (registry name)
+    site_group: str  # the site's own intertwiner group
+    seed: int
+    sigma: float
+    transform: Transform
+    verification: InvarianceReport  # wb.verify on the first ``verified_on`` examples
+    matching: NeuronMatching
+    correlation: torch.Tensor  # [C, C]
+    shift: InterpretationShift
+    verified_on: int
+    scored_on: int
+
+    @property
+    def passed(self) -> bool:
+        """Whether ``wb.verify`` found the function unchanged (and the site moved as its element says)."""
+        return self.verification.passed
+
+    @property
+    def is_symmetry(self) -> bool:
+        """Whether the element came from a subgroup of the site's own group (else: a negative control)."""
+        return self.site not in self.transform.forced
+
+    @property
+    def matched_correlation(self) -> torch.Tensor:
+        """``[C]``: r between each unit after and its matched unit before (±1 when a P·D maps one onto the other)."""
+        return self.correlation[torch.arange(len(self.matching.perm)), self.matching.perm]
+
+    def summary(self) -> str:
+        verdict = "PASS" if self.passed else "FAIL"
+        kind = "" if self.is_symmetry else " (not a symmetry here)"
+        return (f"{verdict}: site {self.site}, {self.group}{kind}, seed {self.seed}, σ {self.sigma:g} — max relative "
+                f"output difference {self.verification.max_rel_diff:.2e} (tolerance {self.verification.tolerance:.0e}); "
+                f"top-{self.shift.k} overlap {self.shift.overlap_matched.mean():.2f} after matching, "
+                f"{self.shift.overlap_same_index.mean():.2f} at the same index")
+
+    def to_frame(self):
+        frame = self.shift.to_frame()
+        frame["scale"] = self.matching.scale.numpy()
+        frame["cosine"] = self.matching.quality.numpy()
+        frame["correlation"] = self.matched_correlation.numpy()
+        return frame
+
+    def plot(self, ax=None):
+        """The correlation heatmap in matched order (a clean diagonal when units map onto units)."""
+        import seaborn as sns
+
+        from .._report import new_axes
+
+        ax = new_axes(ax, figsize=(4.5, 4))
+        sns.heatmap(self.correlation[:, self.matching.perm].numpy(), cmap="vlag", center=0, vmin=-1, vmax=1, ax=ax,
+                    square=True, cbar_kws={"label": "Pearson r"})
+        ax.set_xlabel("original unit (matched order)")
+        ax.set_ylabel("transformed unit")
+        ax.set_title(f"{self.site}: {self.group}, seed {self.seed}")
+        return ax
+
+    def _repr_html_(self) -> str:
+        import html
+
+        frame = self.to_frame()
+        table = frame.head(8).to_html(index=False, float_format=lambda v: f"{v:.3g}", border=0)
+        more = f"<p><i>first 8 of {len(frame)} units; <code>.to_frame()</code> has them all</i></p>" if len(frame) > 8 else ""
+        return f"<div>{badge_html(self.passed)}{html.escape(self.summary())}{table}{more}</div>"
+
+
+def badge_html(passed: bool) -> str:
+    colour = "#1a7f37" if passed else "#cf222e"
+    return (f"<span class='wb-badge' style='background:{colour};color:white;padding:1px 8px;border-radius:4px;"
+            f"font-weight:bold'>{'PASS' if passed else 'FAIL'}</span> ")
+
+
+def explore(model: nn.Module, site: Site, group: Optional[str], seed: int, sigma: float, inputs: torch.Tensor,
+            before: torch.Tensor, *, verify_examples: int = 32, batch_size: int = 256, k: int = 10,
+            check: Check = _no_check) -> tuple[ExplorerResult, nn.Module]:
+    """One Apply: a new model with a random element at ``site``, verified, with unit scores compared.
+
+    Args:
+        group: None for the site's own group, or a registry name (a non-symmetry is the negative control).
+        inputs: ``[N, ...]`` examples; ``wb.verify`` runs on the first ``verify_examples`` of them.
+        before: the original model's ``unit_scores`` at the site, ``[N, C]``.
+
+    Returns:
+        ``(result, new_model)``; ``model`` is not modified.
+    """
+    check("transform")
+    new, transform = random_intertwiner(model, seed=seed, sites=[site.name], scale_sigma=sigma, group=group,
+                                        allow_non_symmetry=True)
+    check("verify")
+    n_verify = min(verify_examples, len(inputs))
+    report = verify(model, new, inputs[:n_verify], transform=transform)
+    check("scores")
+    after = unit_scores(new, [site], inputs, batch_size=batch_size, check=check)[site.name]
+    check("matching")
+    # Sign flips are recovered unless the site's group has only positive scalings (as interpretation_shift does).
+    matching = match_neurons(before, after, signed=not site.group.name.startswith("scaled"))
+    shift = InterpretationShift.from_scores(site.name, before, after, matching.perm, k)
+    result = ExplorerResult(site.name, transform.groups[site.name], site.group.name, seed, sigma, transform, report,
+                            matching, correlation(before, after), shift, n_verify, len(inputs))
+    return result, new

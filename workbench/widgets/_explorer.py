@@ -1,0 +1,301 @@
+"""``IntertwinerExplorer``: apply a random intertwiner at one site and watch the function stay and the neurons move."""
+from __future__ import annotations
+
+import html
+import math
+from typing import Optional
+
+import ipywidgets as widgets
+import torch
+from torch import nn
+
+from .._errors import InvalidOptionError, WorkbenchError, check_option
+from ..groups import ALIASES, GROUP_NAMES
+from ..symmetry import symmetry_map
+from ._base import Job, checked_int, error_html, html_bundle, int_control, show, shown_text
+from ._compute import Cancelled, ExplorerResult, badge_html, explore, unit_scores, unit_traces
+from ._examples import example_rows_html, kind_of, token_contexts_html
+from ._pixels import colour_bar_html, heatmap_html
+
+STEPS = ["transform", "verify", "scores", "matching"]
+#: Non-symmetries offered for contrast (any registry name can be set from code).
+CONTRASTS = ("orthogonal", "gl", "permutation", "signed_permutation")
+
+
+def _data_parts(data):
+    """``(inputs, captions, vocab)`` from a ConceptDataset or a tensor of examples."""
+    inputs = getattr(data, "inputs", data)
+    if not isinstance(inputs, torch.Tensor):
+        raise InvalidOptionError(f"data must be a ConceptDataset (wb.data.shapes(...)) or a tensor of examples; "
+                                 f"got {type(data).__name__}.")
+    if inputs.ndim < 2 or len(inputs) == 0:
+        raise InvalidOptionError(f"data needs at least one example with shape [N, ...]; got inputs of shape {tuple(inputs.shape)}.")
+    labels, names = getattr(data, "labels", None), getattr(data, "label_names", None)
+    if labels is not None and names and labels.ndim == 1:
+        captions = [names[i] for i in labels.tolist()]
+    else:
+        captions = [f"#{i}" for i in range(len(inputs))]
+    return inputs, captions, getattr(data, "vocab", None)
+
+
+def _warm_up() -> None:
+    """Import now what the first Apply would import (the matching's solver, the colormaps): seconds on a busy machine."""
+    from importlib import import_module
+
+    for name in ("scipy.optimize", "matplotlib.cm", "PIL.PngImagePlugin"):
+        import_module(name)
+
+
+class IntertwinerExplorer(widgets.VBox):
+    """Pick a site, a group, a seed and σ; Apply transforms the model there and shows what moved.
+
+    The own group gives a function-preserving model (PASS): its units are the old units permuted
+    and rescaled, so the correlation heatmap is a clean diagonal in matched order and each unit's
+    top examples reappear at its matched unit. A non-symmetry (a rotation at a ReLU site) changes
+    the function (FAIL) and mixes the units. ``data`` is a ConceptDataset or a tensor ``[N, ...]``.
+
+    Usable from code: ``explorer.site = "9"; explorer.seed = 3; explorer.apply()`` returns an
+    :class:`ExplorerResult` (also ``explorer.result``). Opening scores every site's units on the data
+    once; an Apply runs ``wb.random_intertwiner``, ``wb.verify`` on the first ``verify_examples``
+    examples, and one forward of the new model that stops at the site. The model is never modified.
+
+    Example:
+        >>> import torch, workbench as wb
+        >>> mlp = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+        >>> explorer = wb.widgets.IntertwinerExplorer(mlp, torch.randn(20, 4), progress=False)
+        >>> explorer.seed = 3
+        >>> explorer.apply().passed, explorer.result.shift.overlap_matched.min().item()
+        (True, 1.0)
+        >>> explorer.group = "orthogonal"
+        >>> explorer.apply().passed
+        False
+    """
+
+    def __init__(self, model: nn.Module, data, *, k: int = 8, verify_examples: int = 32, batch_size: int = 256,
+                 progress: bool = True):
+        if not isinstance(model, nn.Module):
+            raise InvalidOptionError(f"IntertwinerExplorer needs a torch.nn.Module; got {type(model).__name__}.")
+        self.model = model
+        self.inputs, self.captions, self.vocab = _data_parts(data)
+        self.k = checked_int("k", k, 1)
+        self.verify_examples = checked_int("verify_examples", verify_examples, 1)
+        self.batch_size = checked_int("batch_size", batch_size, 1)
+        self.smap = symmetry_map(model)
+        if not len(self.smap):
+            reasons = "; ".join(f"{p}: {why}" for p, why in self.smap.skipped) or "no hidden layer with a writer and a reader"
+            raise WorkbenchError(f"wb.symmetry_map found no site in this {type(model).__name__} to transform ({reasons}).")
+        self.before = self._score_all(progress)  # {site: [N, C]}, the original model's unit scores
+        _warm_up()
+        self._result: Optional[ExplorerResult] = None
+        self._new_model: Optional[nn.Module] = None
+        self._cancelled = False  # whether the last Apply was cancelled
+        self.job = Job(STEPS)
+        self._build()
+        super().__init__(self._layout())
+        self._on_site()
+
+    def _score_all(self, progress: bool) -> dict:
+        from tqdm.auto import tqdm
+
+        batches = math.ceil(len(self.inputs) / self.batch_size)
+        with tqdm(total=batches, desc="scoring units", disable=not progress or batches < 4, leave=False) as bar:
+            try:
+                return unit_scores(self.model, self.smap.sites, self.inputs, batch_size=self.batch_size,
+                                   check=lambda _: bar.update(1))
+            except WorkbenchError:
+                raise
+            except Exception as exc:  # a shape mismatch deep in torch: say which data did not fit
+                raise InvalidOptionError(f"the model could not run on the data (inputs of shape {tuple(self.inputs.shape)}, "
+                                         f"{self.inputs.dtype}): {type(exc).__name__}: {exc}") from exc
+
+    # ------------------------------------------------------------------ the widgets
+    def _build(self) -> None:
+        site_options = [(f"{s.name} — {s.activation}, n={s.n}, {s.group.name}", s.name) for s in self.smap]
+        self._site = widgets.Dropdown(options=site_options, description="site", layout=widgets.Layout(width="340px"))
+        self._group = widgets.Dropdown(options=[("own group", "own")] + [(c, c) for c in CONTRASTS], value="own",
+                                       description="group", layout=widgets.Layout(width="230px"))
+        self._seed = widgets.BoundedIntText(value=0, min=0, max=2**31 - 1, description="seed",
+                                            layout=widgets.Layout(width="150px"))
+        self._sigma = widgets.BoundedFloatText(value=1.0, min=0.0, max=10.0, step=0.1, description="σ",
+                                               layout=widgets.Layout(width="140px"))
+        self._unit = widgets.BoundedIntText(value=0, min=0, max=1, description="unit", layout=widgets.Layout(width="150px"))
+        self.apply_button = widgets.Button(description="Apply", button_style="primary", icon="play")
+        self.cancel_button = widgets.Button(description="Cancel", icon="stop", disabled=True)
+        self.site_info = widgets.HTML()
+        self.badge = widgets.HTML("<i>Pick a site and a group, then Apply.</i>")
+        self.message = widgets.HTML()
+        self.heatmap = widgets.Output()
+        self.examples = widgets.Output()
+        self.apply_button.on_click(lambda _: self._apply_clicked())
+        self.cancel_button.on_click(lambda _: self.cancel())
+        self._site.observe(lambda _: self._on_site(), "value")
+        for w in (self._group, self._seed, self._sigma):
+            w.observe(lambda _: self._mark_stale(), "value")
+        self._unit.observe(lambda _: self._draw_examples(), "value")
+
+    def _layout(self) -> list:
+        title = widgets.HTML(f"<b>Intertwiner explorer</b> — {html.escape(self.smap.summary())}; "
+                             f"{len(self.inputs)} examples ({kind_of(self.inputs)})")
+        controls = widgets.HBox([self._site, self._group, self._seed, self._sigma])
+        actions = widgets.HBox([self.apply_button, self.cancel_button, self.job.bar, self.message])
+        return [title, controls, self.site_info, actions, self.badge, self.heatmap,
+                widgets.HBox([self._unit, widgets.HTML("<i>top examples of this unit, before and after</i>")]), self.examples]
+
+    # ------------------------------------------------------------------ state, readable and settable
+    @property
+    def site(self) -> str:
+        return self._site.value
+
+    @site.setter
+    def site(self, name: str) -> None:
+        if not isinstance(name, str):
+            raise InvalidOptionError(f"site must be a site name from {self.smap.names}; got {name!r}.")
+        self._site.value = self.smap[name].name  # an unknown name raises with the nearest ones
+
+    @property
+    def group(self) -> str:
+        """``"own"`` (the site's intertwiner group) or a registry name such as ``"orthogonal"``."""
+        return self._group.value
+
+    @group.setter
+    def group(self, name: str) -> None:
+        key = check_option("group", name.lower() if isinstance(name, str) else name, ["own", *GROUP_NAMES])
+        key = ALIASES.get(key, key)
+        if key not in [v for _, v in self._group.options]:
+            self._group.options = [*self._group.options, (key, key)]
+        self._group.value = key
+
+    seed = int_control("_seed", "The seed of the random element (same seed, same element).")
+
+    @property
+    def sigma(self) -> float:
+        """σ of the log-normal scalings of a scaled-permutation group."""
+        return self._sigma.value
+
+    @sigma.setter
+    def sigma(self, value: float) -> None:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= self._sigma.max:
+            raise InvalidOptionError(f"sigma must be a number in [0, {self._sigma.max:g}]; got {value!r}.")
+        self._sigma.value = float(value)
+
+    unit = int_control("_unit", "The unit (of the original model) whose top examples are shown.")
+
+    @property
+    def result(self) -> Optional[ExplorerResult]:
+        """The last finished Apply (None before the first)."""
+        return self._result
+
+    @property
+    def new_model(self) -> Optional[nn.Module]:
+        """The transformed model of the last Apply."""
+        return self._new_model
+
+    @property
+    def examples_text(self) -> str:
+        """What the examples panel shows as HTML (token contexts, the shift summary)."""
+        return shown_text(self.examples)
+
+    # ------------------------------------------------------------------ actions
+    def apply(self, wait: bool = True) -> Optional[ExplorerResult]:
+        """Transform the model at the current site with a random element; returns the result (None if cancelled).
+
+        ``wait=False`` runs in a worker thread (what the Apply button does) and returns at once;
+        ``wait()`` joins it, ``cancel()`` stops it at the next step or batch.
+        """
+        site = self.smap[self.site]
+        group = None if self.group in ("own", site.group.name) else self.group
+        seed, sigma = self.seed, self.sigma  # read now: the controls may change while a worker runs
+        if self.job.running:
+            raise WorkbenchError("an Apply is already running; wait() for it or cancel() it first.")
+        self.apply_button.disabled, self.cancel_button.disabled = True, False
+        self.message.value = "<i>running…</i>"
+        self.job.start(lambda check: explore(self.model, site, group, seed, sigma, self.inputs, self.before[site.name],
+                                             verify_examples=self.verify_examples, batch_size=self.batch_size,
+                                             k=self.k, check=check),
+                       self._finish, background=not wait)
+        return None if (not wait or self._cancelled) else self._result
+
+    def _apply_clicked(self) -> None:
+        try:
+            self.apply(wait=False)
+        except Exception as exc:  # a click has no caller to raise to: show it
+            self.message.value = error_html(exc)
+
+    def cancel(self) -> None:
+        """Stop a running Apply at its next step or batch; the previous result stays."""
+        self.job.cancel()
+
+    def wait(self, timeout: Optional[float] = None) -> Optional[ExplorerResult]:
+        """Wait for a background Apply to finish; returns the current result."""
+        self.job.wait(timeout)
+        return self._result
+
+    def _finish(self, value, error: Optional[BaseException]) -> None:
+        self.apply_button.disabled, self.cancel_button.disabled = False, True
+        self._cancelled = isinstance(error, Cancelled)
+        if error is not None:
+            self.message.value = "<i>cancelled — nothing changed</i>" if self._cancelled else error_html(error)
+            return
+        self._result, self._new_model = value
+        self.message.value = f"<i>done in {self.job.seconds:.2f} s</i>"
+        self.badge.value = badge_html(self._result.passed) + html.escape(self._result.summary())
+        self._draw_heatmap()
+        self._draw_examples()
+
+    def _mark_stale(self) -> None:
+        if self._result is not None:
+            self.message.value = "<i>settings changed — Apply to update</i>"
+
+    def _on_site(self) -> None:
+        site = self.smap[self.site]
+        self._unit.max = site.n - 1
+        writers = ", ".join(p.name for p in site.writers)
+        readers = ", ".join(p.name for p in site.readers)
+        kind = "privileged basis (only permutations and scalings)" if site.privileged else "continuous group"
+        self.site_info.value = (f"<small>site <b>{html.escape(site.name)}</b>: {site.n} units after "
+                                f"{html.escape(site.activation)}, group <b>{site.group.name}</b> — {kind}; "
+                                f"writers {html.escape(writers)}; readers {html.escape(readers)}</small>")
+        self._mark_stale()
+        self._draw_examples()
+
+    # ------------------------------------------------------------------ figures
+    def _draw_heatmap(self) -> None:
+        r = self._result
+        matched = r.matched_correlation.abs().mean().item()
+        panels = [heatmap_html(r.correlation.numpy(), "correlation, same index", "original unit", "transformed unit"),
+                  heatmap_html(r.correlation[:, r.matching.perm].numpy(), f"matched order: mean |r| on the diagonal {matched:.3f}",
+                               "original unit (matched)", "transformed unit"),
+                  colour_bar_html("RdBu_r", -1, 1, "Pearson r")]
+        show(self.heatmap, [html_bundle(f"<div style='white-space:nowrap'>{''.join(panels)}</div>")])
+
+    def _example_rows(self) -> list[tuple[str, torch.Tensor, nn.Module, int]]:
+        """``(title, example indices, model, unit)`` for each row of the examples panel."""
+        u, site = self.unit, self.site
+        rows = [(f"original model, unit {u}", self.before[site][:, u].topk(min(self.k, len(self.inputs))).indices,
+                 self.model, u)]
+        r = self._result
+        if r is not None and r.site == site:
+            v = int((r.matching.perm == u).nonzero()[0])  # the transformed unit matched to original unit u
+            same = r.shift.overlap_same_index[u].item()
+            matched = r.shift.overlap_matched[v].item()
+            rows += [(f"transformed, same index {u} (top-{r.shift.k} overlap {same:.2f})", r.shift.top_after[u],
+                      self._new_model, u),
+                     (f"transformed, unit {v} matched to {u} (overlap {matched:.2f}, r = {r.correlation[v, u]:+.3f})",
+                      r.shift.top_after[v], self._new_model, v)]
+        return rows
+
+    def _draw_examples(self) -> None:
+        rows = self._example_rows()
+        kind = kind_of(self.inputs)
+        bundles = []
+        if kind == "tokens":
+            site = self.smap[self.site]
+            traced = [(t, self.inputs[i], unit_traces(m, site, self.inputs[i], u), [self.captions[j] for j in i.tolist()])
+                      for t, i, m, u in rows]
+            bundles.append(html_bundle(token_contexts_html(traced, self.vocab)))
+        else:
+            items = [(t, self.inputs[i], [self.captions[j] for j in i.tolist()]) for t, i, _, _ in rows]
+            bundles.append(html_bundle(example_rows_html(items, kind)))
+        if self._result is not None and self._result.site == self.site:
+            bundles.append(html_bundle(f"<small>{html.escape(self._result.shift.summary())}</small>"))
+        show(self.examples, bundles)
