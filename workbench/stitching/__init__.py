@@ -1,0 +1,14 @@
+"""Group-constrained stitching between two models, and the paper's insertion ("sanity") test (§3.3–4).
+
+``stitch(model_a, model_b, site, group, data)`` trains a map from A's activation at a site into B
+(both frozen) and reports the stitching penalty; ``insertion_test(model, site, group, data)``
+inserts a fixed random group element on a site's pre-activation, retrains what follows and reports
+the accuracy it costs. ``python -m workbench.stitching.study`` reproduces the paper's tables on the zoo.
+"""
+from ._cut import Crossing, Cut
+from ._insertion import InsertionResult, insertion_test
+from ._layers import STITCH_NAMES, Family, parse_family, sinkhorn
+from ._stitch import BN_MODES, StitchResult, stitch
+
+__all__ = ["BN_MODES", "Crossing", "Cut", "Family", "InsertionResult", "STITCH_NAMES", "StitchResult",
+           "insertion_test", "parse_family", "sinkhorn", "stitch"]

@@ -1,0 +1,140 @@
+"""Cutting a model's graph at a site: a *head* that returns every value crossing the cut, and a
+*tail* that takes them and finishes the forward pass.
+
+A single hook that replaces one tensor gets residual networks wrong: cut inside a residual branch
+and the skip stream still flows from the model that was hooked. Here the model is traced with
+``torch.fx`` (the same tracer and rules as ``wb.symmetry_map``) and the cut is a position in the
+execution order: every value computed before it and read after it crosses. Each crossing tensor
+knows its *space* (the site whose group acts on its channel axis), so a stitch can map every one.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import fx, nn
+
+from .._errors import InvalidOptionError
+from ..symmetry import Site, symmetry_map
+from ..symmetry._graph import Graph
+from ..symmetry._map import is_activation
+
+
+@dataclass(frozen=True)
+class Crossing:
+    """One tensor crossing the cut: its fx node name, the site its channel axis belongs to (None when
+    it belongs to no site: it then passes unmapped), its shape for one example and its block size
+    (features per channel after a channel-major flatten)."""
+
+    node: str
+    site: Optional[str]
+    shape: tuple
+    block: int = 1
+
+    @property
+    def channels(self) -> int:
+        return self.shape[1] // self.block if len(self.shape) > 1 else 1
+
+
+class Cut:
+    """``model`` (deep-copied, frozen, eval mode) split at ``site``.
+
+    ``where="after"`` cuts right after the site's observed activation (stitching);
+    ``where="before"`` cuts right before it, so the activation's *input* — the pre-activation —
+    crosses (the insertion test). ``head(x)`` returns the crossing values in ``crossings`` order;
+    ``tail(*values)`` returns the model's output.
+    """
+
+    def __init__(self, model: nn.Module, site, example: torch.Tensor, where: str = "after"):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"expected a torch.nn.Module; got {type(model).__name__}.")
+        smap = symmetry_map(model, example)
+        if not smap.sites:
+            why = "; ".join(r for _, r in smap.skipped) or "no hidden space with a writer"
+            raise InvalidOptionError(f"{type(model).__name__} has no sites to cut at ({why}).")
+        self.site: Site = smap[site.name if isinstance(site, Site) else site]
+        self.model = copy.deepcopy(model).eval()  # the caller's model is never touched
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        graph = Graph(self.model, example, is_activation)
+        nodes = list(graph.gm.graph.nodes)
+        cut_node = self._site_node(nodes)
+        if where == "before" and not (cut_node.op == "call_module" and is_activation(graph.modules[cut_node.target])):
+            raise InvalidOptionError(
+                f"site {self.site.name!r} is observed at {self.site.hook_name!r}, which is not an activation: "
+                f"there is no pre-activation to insert into (a linear site absorbs any invertible map).")
+        pos = {n: i for i, n in enumerate(nodes)}
+        c = pos[cut_node] + (1 if where == "after" else 0)
+        #: the node whose input (before) or output (after) is the site's activation
+        self.site_node = cut_node.name if where == "after" else cut_node.args[0].name
+        site_of = self._site_of_space(graph, smap)
+        head = [n for n in nodes[:c] if n.op != "get_attr"]  # parameters read directly are copied, not crossed
+        crossing = [n for n in head if any(pos[u] >= c for u in n.users)]
+        self.crossings: list[Crossing] = []
+        for n in crossing:
+            meta = n.meta.get("tensor_meta")
+            if meta is None or not hasattr(meta, "shape"):
+                raise InvalidOptionError(f"the value {n.name!r} crosses the cut at {self.site.name!r} but is not a "
+                                         f"tensor (e.g. a size); this model cannot be cut there.")
+            info = graph.info.get(n)
+            site_name = site_of.get(graph.find(info.space)) if info is not None else None
+            self.crossings.append(Crossing(n.name, site_name, tuple(meta.shape), info.block if info else 1))
+        self.head = _graph_module(self.model, nodes[:c], [], crossing)
+        self.tail = _graph_module(self.model, nodes[c:], crossing, None, extra=[n for n in nodes[:c] if n.op == "get_attr"])
+
+    def _site_node(self, nodes) -> fx.Node:
+        name, _, call = self.site.name.partition("#")
+        hook, k = self.site.hook_name, int(call or 0)
+        hits = [n for n in nodes if n.op == "call_module" and n.target == hook]
+        if len(hits) <= k:
+            raise InvalidOptionError(f"site {self.site.name!r}: its hook {hook!r} is not a module call in the traced graph.")
+        return hits[k]
+
+    @staticmethod
+    def _site_of_space(graph: Graph, smap) -> dict[int, str]:
+        """Space root → site name, found through each site's observed module calls."""
+        calls: dict[tuple[str, int], fx.Node] = {}
+        count: dict[str, int] = {}
+        for n in graph.gm.graph.nodes:
+            if n.op == "call_module":
+                k = count.get(n.target, 0)
+                count[n.target] = k + 1
+                calls[(n.target, k)] = n
+        out = {}
+        for s in smap.sites:
+            for o in s.observed:
+                node = calls.get((o.name, o.call))
+                if node is not None and node in graph.info:
+                    out[graph.find(graph.info[node].space)] = s.name
+        return out
+
+    @property
+    def primary(self) -> int:
+        """Index of the crossing that is the site's own activation (or pre-activation)."""
+        return [c.node for c in self.crossings].index(self.site_node)
+
+    def tail_parameters(self) -> list[nn.Parameter]:
+        """Parameters the tail uses and the head does not (the ones a retraining may change)."""
+        frozen = {id(p) for p in self.head.parameters()}
+        return [p for p in self.tail.parameters() if id(p) not in frozen]
+
+    @torch.no_grad()
+    def run_head(self, x: torch.Tensor, batch_size: int = 256) -> list[torch.Tensor]:
+        """The crossing values for every example of ``x``, computed once in batches: ``[N, ...]`` each."""
+        parts = [self.head(x[i:i + batch_size]) for i in range(0, len(x), batch_size)]
+        return [torch.cat([p[j] for p in parts]) for j in range(len(self.crossings))]
+
+
+def _graph_module(root: nn.Module, body, inputs, outputs, extra=()) -> fx.GraphModule:
+    """A GraphModule running ``body`` (nodes of one traced graph) with ``inputs`` as placeholders."""
+    g = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    for n in inputs:
+        env[n] = g.placeholder(n.name)
+    for n in list(extra) + list(body):
+        env[n] = g.node_copy(n, lambda a: env[a])
+    if outputs is not None:
+        g.output(tuple(env[n] for n in outputs))
+    return fx.GraphModule(root, g)

@@ -1,0 +1,160 @@
+"""``wb.stitching.insertion_test``: the paper's sanity test (§3.3).
+
+Insert a fixed random element M of a group on a site's *pre-activation* (z ↦ Mz, right before the
+nonlinearity), freeze everything up to it and retrain what follows. An intertwiner M (P·D₊ at a
+ReLU) passes through the nonlinearity — σ(Mz) = φ(M)σ(z) — so the next layer can absorb it and
+retraining recovers the accuracy; a rotation at a ReLU changes which information survives σ, and
+costs accuracy that retraining cannot buy back. (Inserted *after* the nonlinearity, any invertible
+M could be absorbed by the next layer, and the test would show nothing.)
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Union
+
+import torch
+from torch import nn
+
+from .._errors import InvalidOptionError
+from .._report import Report, new_axes
+from ..groups import Group, GroupElement, get_group
+from ._cut import Cut
+from ._train import accuracy, as_xy, check_epochs, fit, model_accuracy
+
+
+@dataclass(repr=False)
+class InsertionResult(Report):
+    """Accuracy after inserting M and retraining, per repeat. Accuracies in percent, penalties in points.
+
+    ``accuracy_control`` is the same retraining with M = I, so ``penalties[r] = accuracy_control −
+    accuracies[r]`` measures what M costs, not what the retraining itself does.
+    """
+
+    site: str
+    group: str
+    accuracy_original: float
+    accuracy_control: float
+    accuracies: list[float]
+    elements: list[GroupElement] = field(default_factory=list)
+    epochs: int = 0
+    seed: int = 0
+    lr: float = 1e-3
+    n_train: int = 0
+    n_eval: int = 0
+
+    @property
+    def penalties(self) -> list[float]:
+        return [self.accuracy_control - a for a in self.accuracies]
+
+    @property
+    def penalty(self) -> float:
+        return sum(self.penalties) / len(self.penalties)
+
+    @property
+    def penalty_std(self) -> float:
+        return float(torch.tensor(self.penalties).std()) if len(self.penalties) > 1 else 0.0
+
+    def summary(self) -> str:
+        return (f"{self.group} inserted at {self.site}: penalty {self.penalty:+.2f} ± {self.penalty_std:.2f} points "
+                f"({len(self.accuracies)} repeats, {self.epochs} epochs retraining; control {self.accuracy_control:.1f}%, "
+                f"original {self.accuracy_original:.1f}%, seed {self.seed})")
+
+    def to_frame(self):
+        """One row per repeat."""
+        import pandas as pd
+
+        return pd.DataFrame([{"site": self.site, "group": self.group, "repeat": r, "accuracy": a,
+                              "accuracy_control": self.accuracy_control, "accuracy_original": self.accuracy_original,
+                              "penalty": self.accuracy_control - a, "epochs": self.epochs, "seed": self.seed}
+                             for r, a in enumerate(self.accuracies)])
+
+    def plot(self, ax=None):
+        import seaborn as sns
+
+        ax = new_axes(ax)
+        sns.stripplot(data=self.to_frame(), x="group", y="accuracy", ax=ax, size=8)
+        ax.axhline(self.accuracy_control, ls="--", color="k", label="control (M = I, retrained)")
+        ax.axhline(self.accuracy_original, ls=":", color="grey", label="original")
+        ax.set_ylabel("accuracy after retraining (%)")
+        ax.set_title(f"insertion test at {self.site}")
+        ax.legend(fontsize="small")
+        return ax
+
+
+def insertion_test(model: nn.Module, site: str, group: Union[str, Group] = "orthogonal", data=None, epochs: int = 3,
+                   repeats: int = 3, seed: int = 0, *, eval_data=None, lr: float = 1e-3,
+                   batch_size: int = 128, reinit: bool = True) -> InsertionResult:
+    """Insert a fixed random element of ``group`` before ``site``'s nonlinearity, retrain what follows.
+
+    The model is not modified (a deep copy is cut). Everything up to the pre-activation is frozen
+    (and run once, in eval mode); the rest is re-initialised (``reset_parameters()``, seeded, the same
+    for every run; ``reinit=False`` continues from the trained weights instead) and retrained with
+    Adam for ``epochs`` on ``data`` (in train mode: its BatchNorms update), once with M = I (the
+    control) and once per repeat with M drawn from ``group`` (seeded by ``seed``). Accuracies are
+    measured on ``eval_data`` (default ``data``).
+
+    Args:
+        site: a site of ``wb.symmetry_map(model)`` whose hook is an activation module.
+        group: a registry name (``"relu"``, ``"orthogonal"``, ``"gl"``, …) or a Group on the site's channels.
+        data: a ConceptDataset or ``(inputs [N, ...], labels [N])``.
+
+    Example:
+        >>> import torch, workbench as wb
+        >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+        >>> x = torch.randn(64, 4); y = net(x).argmax(1)
+        >>> r = wb.stitching.insertion_test(net, "1", "relu", (x, y), epochs=0, repeats=1, reinit=False)
+        >>> r.accuracy_control  # M = I and no retraining: the network itself
+        100.0
+    """
+    epochs = check_epochs(epochs)
+    if not isinstance(repeats, int) or repeats < 1:
+        raise InvalidOptionError(f"repeats must be a whole number ≥ 1; got {repeats!r}.")
+    if reinit and epochs == 0:
+        raise InvalidOptionError("reinit=True with epochs=0 would evaluate an untrained network; retrain (epochs ≥ 1) "
+                                 "or keep the trained weights (reinit=False).")
+    x, y = as_xy(data)
+    xe, ye = (x, y) if eval_data is None else as_xy(eval_data, "eval_data")
+    cut = Cut(model, site, x[:1], "before")
+    k = cut.primary
+    n = cut.crossings[k].channels
+    G = get_group(group, n)
+    gen = torch.Generator().manual_seed(int(seed))
+    acts, eval_acts = cut.run_head(x), (None if eval_data is None else cut.run_head(xe))
+    head_params = {name for name, _ in cut.head.named_parameters()}
+    elements = [G.sample(gen) for _ in range(repeats)]
+
+    def retrain(M) -> float:
+        tail = copy.deepcopy(cut.tail)
+        if reinit:  # every run starts from the same fresh weights, so runs differ by M alone
+            torch.manual_seed(int(seed) + 2)
+            for m in tail.modules():
+                own = {n for n, _ in m.named_parameters(recurse=False)}
+                if own and hasattr(m, "reset_parameters") and not any(f"{_path(tail, m)}{n}" in head_params for n in own):
+                    m.reset_parameters()
+        params = [p for name, p in tail.named_parameters() if name not in head_params]
+        for p in params:
+            p.requires_grad_(True)
+        insert = lambda vs: [M.act(v, dim=1) if (i == k and M is not None) else v for i, v in enumerate(vs)]  # noqa: E731
+        train_vals = insert(acts)  # M is fixed: transform the cached pre-activations once
+        tail.train()
+        fit(lambda idx: tail(*[v[idx] for v in train_vals]), params, y, epochs, lr=lr, batch_size=batch_size,
+            gen=torch.Generator().manual_seed(int(seed) + 1), desc=f"retrain after {site}")
+        tail.eval()
+        vals = train_vals if eval_acts is None else insert(eval_acts)
+        return accuracy(lambda idx: tail(*[v[idx] for v in vals]), ye, batch_size * 2)
+
+    if cut.crossings[k].block > 1:
+        raise InvalidOptionError(f"site {site!r}: its pre-activation is flattened; insert on an unflattened one.")
+    control = retrain(None)
+    accs = [retrain(M) for M in elements]
+    return InsertionResult(cut.site.name, G.name, model_accuracy(cut.model, xe, ye), control, accs, elements,
+                           epochs, int(seed), lr, len(y), len(ye))
+
+
+def _path(root: nn.Module, module: nn.Module) -> str:
+    """``"a.b."``: the qualified prefix of ``module``'s own parameters inside ``root``."""
+    for name, m in root.named_modules():
+        if m is module:
+            return f"{name}." if name else ""
+    return ""

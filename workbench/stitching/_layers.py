@@ -1,0 +1,279 @@
+"""Stitching layers: learnable maps on a tensor's channel axis, one family per name.
+
+Group names come from the one registry in ``workbench.groups`` (``"gl"``, ``"orthogonal"``,
+``"relu"`` → P·D₊, ``"permutation"``, …). Two stitching families are not groups and are named here
+alone: ``"identity"`` (no layer: the activation passes as it is — the registry's ``"identity"``
+means the *identity activation's* group, GL, which is not what a stitch means by it) and
+``"low_rank:k"`` (a rank-k linear map).
+
+Every layer maps ``[N, C_in, *rest] -> [N, C_out, *rest]`` (a 1×1 convolution on conv maps) and
+can report its current matrix ``weight() -> [C_out, C_in]``.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import numpy as np
+import torch
+from torch import nn
+
+from .._errors import InvalidOptionError
+from ..groups import (GROUP_NAMES, Dense, GeneralLinear, Group, GroupElement, Orthogonal, Permutation,
+                      PositiveDiagonal, ScaledPermutation, ScaledPermutationGroup, Trivial, get_group)
+
+_LOW_RANK = re.compile(r"low_rank:(\d+)")
+STITCH_NAMES = ["identity", "low_rank:<k>", *GROUP_NAMES]
+
+
+@dataclass(frozen=True)
+class Family:
+    """What a stitching name means: ``kind`` is identity | linear | orthogonal | sinkhorn | diagonal."""
+
+    name: str  # as reported: "gl", "low_rank:4", "scaled_permutation", ...
+    kind: str
+    rank: Optional[int] = None
+    diagonal: Optional[str] = None  # sinkhorn/diagonal: None (no scales), "positive", "sign", "nonzero"
+    special: bool = False  # orthogonal with determinant +1
+
+    @property
+    def is_group(self) -> bool:
+        return self.kind != "linear" or self.rank is None
+
+
+def parse_family(spec: Union[str, Group]) -> Family:
+    """The stitching family named by ``spec`` (a registry name, a Group, "identity" or "low_rank:k")."""
+    if isinstance(spec, str):
+        key = spec.strip().lower()
+        if key == "identity":
+            return Family("identity", "identity")
+        m = _LOW_RANK.fullmatch(key)
+        if m:
+            if int(m.group(1)) < 1:
+                raise InvalidOptionError(f"group={spec!r}: a low-rank stitch needs rank k ≥ 1 (\"low_rank:4\").")
+            return Family(key, "linear", rank=int(m.group(1)))
+        if key.startswith("low_rank"):
+            raise InvalidOptionError(f"group={spec!r}: write a low-rank stitch as \"low_rank:k\" with k ≥ 1, e.g. \"low_rank:4\".")
+        try:
+            spec = get_group(key, 1)
+        except InvalidOptionError as exc:
+            raise InvalidOptionError(f"{exc} Stitching also accepts 'identity' and 'low_rank:k'.") from None
+    elif not isinstance(spec, Group):
+        raise InvalidOptionError(f"group must be a name from {STITCH_NAMES} or a Group object; got {type(spec).__name__}.")
+    if isinstance(spec, Trivial):
+        return Family("identity", "identity")
+    if isinstance(spec, GeneralLinear):
+        return Family("gl", "linear")
+    if isinstance(spec, Orthogonal):
+        return Family(spec.name, "orthogonal", special=spec.special)
+    if isinstance(spec, Permutation):
+        return Family(spec.name, "sinkhorn")
+    if isinstance(spec, ScaledPermutationGroup):
+        return Family(spec.name, "sinkhorn", diagonal=spec.diagonal)
+    if isinstance(spec, PositiveDiagonal):
+        return Family(spec.name, "diagonal", diagonal="positive")
+    raise InvalidOptionError(f"there is no stitching layer for the group {spec!r}; use one of {STITCH_NAMES}.")
+
+
+def _on_channels(x: torch.Tensor, W: torch.Tensor, b: Optional[torch.Tensor]) -> torch.Tensor:
+    y = torch.movedim(torch.movedim(x, 1, -1) @ W.T.to(x.dtype), -1, 1)
+    return y if b is None else y + b.to(x.dtype).reshape(1, -1, *([1] * (x.ndim - 2)))
+
+
+class StitchLayer(nn.Module):
+    """Base: ``forward`` applies ``weight()`` (and ``bias``) along axis 1."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_parameter("bias", None)
+
+    def weight(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def element(self) -> Optional[GroupElement]:
+        """The map as a group element (None for maps that are not group elements)."""
+        return None
+
+    def regulariser(self) -> torch.Tensor:
+        return torch.zeros(())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _on_channels(x, self.weight(), self.bias)
+
+
+class IdentityMap(StitchLayer):
+    def __init__(self, n: int):
+        super().__init__()
+        self.n = n
+
+    def weight(self):
+        return torch.eye(self.n)
+
+    def element(self):
+        return ScaledPermutation(torch.arange(self.n), None, group="identity")
+
+    def forward(self, x):
+        return x.clone()  # a tail may work in place (``out += identity``); never on the cache
+
+
+class LinearMap(StitchLayer):
+    """Full (``rank=None``) or rank-k linear map, optionally with a bias. Init: a fit (``init="match"``),
+    else the identity where it is square and full rank, else Gaussian with variance 1/fan-in."""
+
+    def __init__(self, n_in: int, n_out: int, rank: Optional[int], bias: bool, gen: torch.Generator, init=None):
+        super().__init__()
+        fitted = init if hasattr(init, "weight") else None
+        if fitted is not None and rank is None:
+            self.W = nn.Parameter(fitted.weight.float().clone())
+        elif fitted is not None:
+            self.U = nn.Parameter(fitted.factors[0].float().clone())
+            self.V = nn.Parameter(fitted.factors[1].float().clone())
+        elif rank is None:
+            square = n_in == n_out and init != "random"
+            W = torch.eye(n_out, n_in) if square else torch.randn(n_out, n_in, generator=gen) / n_in ** 0.5
+            self.W = nn.Parameter(W)
+        else:
+            self.U = nn.Parameter(torch.randn(n_out, rank, generator=gen) / rank ** 0.5)
+            self.V = nn.Parameter(torch.randn(rank, n_in, generator=gen) / n_in ** 0.5)
+        self.rank = rank
+        if bias:
+            self.bias = nn.Parameter(torch.zeros(n_out) if fitted is None or fitted.bias is None else fitted.bias.float().clone())
+
+    def weight(self):
+        return self.W if self.rank is None else self.U @ self.V
+
+    def element(self):
+        return Dense(self.W.detach().double(), group="gl") if self.rank is None and self.W.shape[0] == self.W.shape[1] else None
+
+
+class OrthogonalMap(StitchLayer):
+    """Q₀ · exp(S − Sᵀ): always orthogonal; Q₀ = I (init="identity"), a Haar sample ("random") or
+    the Procrustes fit (``init="match"``)."""
+
+    def __init__(self, n: int, special: bool, init, gen: torch.Generator):
+        super().__init__()
+        if hasattr(init, "weight"):
+            Q0 = init.weight
+        else:
+            Q0 = torch.eye(n, dtype=torch.float64) if init == "identity" else Orthogonal(n, special=special).sample(gen).matrix()
+        self.register_buffer("Q0", Q0.float())
+        self.S = nn.Parameter(torch.zeros(n, n))
+        self.special = special
+
+    def weight(self):
+        return self.Q0 @ torch.linalg.matrix_exp(self.S - self.S.T)
+
+    def element(self):
+        name = "special_orthogonal" if self.special else "orthogonal"
+        return Dense(self.weight().detach().double(), group=name, orthogonal=True)
+
+
+def sinkhorn(logits: torch.Tensor, iters: int = 30) -> torch.Tensor:
+    """A doubly-stochastic matrix from ``logits [n, n]`` (alternating row/column normalisation, in log space)."""
+    for _ in range(iters):
+        logits = logits - torch.logsumexp(logits, dim=1, keepdim=True)
+        logits = logits - torch.logsumexp(logits, dim=0, keepdim=True)
+    return logits.exp()
+
+
+class SinkhornMap(StitchLayer):
+    """diag(s) · P with P doubly stochastic (Sinkhorn of learned logits), relaxing P·D.
+
+    ``diagonal``: None (permutations only), "positive" (s = exp(log s), G_ReLU), "sign" or
+    "nonzero" (s free; "sign" rounds to ±1). ``alpha`` weighs the paper's −α‖P‖_F term that pushes
+    P towards a vertex. After ``round()``, P is the exact permutation the Hungarian algorithm finds.
+    ``init``: "random" (logits = 0.01·Gaussian, P ≈ the uniform barycentre), "identity" (P ≈ I),
+    or a ScaledPermutation (P ≈ its permutation, scales = its scales; e.g. ``wb.match_neurons(...).element``).
+    """
+
+    def __init__(self, n: int, diagonal: Optional[str], init, gen: torch.Generator, alpha: float = 0.1):
+        super().__init__()
+        logits = 0.01 * torch.randn(n, n, generator=gen)
+        start = init if isinstance(init, ScaledPermutation) else None
+        if start is not None:
+            logits[torch.arange(n), start.perm] += 10.0  # P ≈ that vertex (P_ii ≈ 1 − n·e⁻¹⁰)
+        elif init == "identity":
+            logits += 5.0 * torch.eye(n)
+        self.logits = nn.Parameter(logits)
+        self.diagonal, self.alpha = diagonal, alpha
+        s0 = torch.ones(n) if start is None or start.scale is None else start.scale.float()
+        self.log_scale = nn.Parameter(s0.abs().clamp_min(1e-6).log()) if diagonal == "positive" else None
+        self.scale = nn.Parameter(s0.clone()) if diagonal in ("sign", "nonzero") else None
+        self.perm: Optional[torch.Tensor] = None  # set by round()
+        self.temperature = 1.0  # annealed by the training schedule: P moves towards a vertex
+
+    def anneal(self, progress: float, final: float = 0.05) -> None:
+        """Temperature τ = final^progress (1 → ``final`` over training): Sinkhorn(logits / τ)."""
+        self.temperature = final ** progress
+
+    def scales(self) -> Optional[torch.Tensor]:
+        if self.log_scale is not None:
+            return self.log_scale.exp()
+        if self.scale is not None:
+            return torch.sign(self.scale) if (self.perm is not None and self.diagonal == "sign") else self.scale
+        return None
+
+    def soft(self) -> torch.Tensor:
+        return sinkhorn(self.logits / self.temperature)
+
+    def weight(self):
+        n = self.logits.shape[0]
+        P = self.soft() if self.perm is None else torch.eye(n)[self.perm]
+        s = self.scales()
+        return P if s is None else s[:, None] * P
+
+    def regulariser(self):
+        return -self.alpha * torch.linalg.matrix_norm(self.soft()) if self.perm is None else torch.zeros(())
+
+    def round(self) -> None:
+        """Freeze P at the exact permutation maximising Σ P[i, π(i)] (Hungarian algorithm)."""
+        from scipy.optimize import linear_sum_assignment
+
+        rows, cols = linear_sum_assignment(self.soft().detach().double().numpy(), maximize=True)
+        perm = np.empty(len(rows), dtype=np.int64)
+        perm[rows] = cols
+        self.perm = torch.from_numpy(perm)
+
+    def element(self):
+        if self.perm is None:
+            self.round()
+        s = self.scales()
+        group = {None: "permutation", "positive": "scaled_permutation", "sign": "signed_permutation",
+                 "nonzero": "diagonal_permutation"}[self.diagonal]
+        return ScaledPermutation(self.perm.clone(), None if s is None else s.detach().double(), group=group)
+
+
+class DiagonalMap(StitchLayer):
+    """Positive scalings only: diag(exp(log s))."""
+
+    def __init__(self, n: int, init=None):
+        super().__init__()
+        start = torch.zeros(n) if not hasattr(init, "weight") else torch.diagonal(init.weight).float().log()
+        self.log_scale = nn.Parameter(start)
+
+    def weight(self):
+        return torch.diag(self.log_scale.exp())
+
+    def element(self):
+        return ScaledPermutation(torch.arange(len(self.log_scale)), self.log_scale.detach().exp().double(),
+                                 group="positive_diagonal")
+
+
+def make_layer(family: Family, n_in: int, n_out: int, *, bias: bool, init, gen: torch.Generator) -> StitchLayer:
+    """A fresh stitching layer of ``family`` from ``n_in`` to ``n_out`` channels."""
+    if family.kind != "linear" and n_in != n_out:
+        raise InvalidOptionError(
+            f"a {family.name!r} stitch maps a space to one of the same dimension, but the models have {n_in} and "
+            f"{n_out} channels here; use group='gl' or 'low_rank:k' between different widths.")
+    if family.rank is not None and family.rank > min(n_in, n_out):
+        raise InvalidOptionError(f"{family.name!r}: rank {family.rank} exceeds the smaller width, {min(n_in, n_out)}.")
+    if family.kind == "identity":
+        return IdentityMap(n_in)
+    if family.kind == "linear":
+        return LinearMap(n_in, n_out, family.rank, bias, gen, init)
+    if family.kind == "orthogonal":
+        return OrthogonalMap(n_in, family.special, "identity" if init is None else init, gen)
+    if family.kind == "sinkhorn":
+        return SinkhornMap(n_in, family.diagonal, "random" if init is None else init, gen)
+    return DiagonalMap(n_in, init)

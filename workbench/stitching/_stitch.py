@@ -1,0 +1,246 @@
+"""``wb.stitching.stitch``: model A up to a site, a trainable stitching layer, model B after it."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional, Union
+
+import torch
+from torch import nn
+
+from .._errors import InvalidOptionError, check_option
+from .._report import Report, new_axes
+from .._repr import tensor_summary
+from ..groups import Group, GroupElement
+from ._cut import Cut, Crossing
+from ._init import fit as fit_init, rows, sample_rows
+from ._layers import IdentityMap, SinkhornMap, StitchLayer, make_layer, parse_family
+from ._train import accuracy, as_xy, check_epochs, fit, model_accuracy
+
+BN_MODES = ["frozen", "reestimate"]
+_LR = {"identity": 0.0, "linear": 1e-2, "orthogonal": 1e-2, "sinkhorn": 1e-2, "diagonal": 1e-2}
+
+
+@dataclass(repr=False)
+class StitchResult(Report):
+    """A stitched network's accuracy against its endpoints. Accuracies in percent, penalty in points.
+
+    ``penalty`` = mean(accuracy_a, accuracy_b) − stitched_accuracy. ``weight`` ``[C_b, C_a]`` is the
+    learned map at the site (after rounding, for Sinkhorn relaxations), ``element`` the same map as a
+    group element (None for maps that are not: low rank, non-square). ``maps`` holds every crossing
+    site's map (a cut inside a residual branch maps the skip stream too); ``crossings`` lists each
+    value crossing the cut and the site that mapped it (None: passed from A unmapped).
+    """
+
+    site: str
+    family: str
+    accuracy_a: float
+    accuracy_b: float
+    stitched_accuracy: float
+    relaxed_accuracy: Optional[float]  # Sinkhorn relaxation before rounding to a permutation
+    element: Optional[GroupElement]
+    weight: torch.Tensor
+    bias: Optional[torch.Tensor]
+    maps: dict[str, torch.Tensor]
+    crossings: list[Crossing]
+    curve: list[dict] = field(default_factory=list)
+    epochs: int = 0
+    seed: int = 0
+    bn: str = "frozen"
+    n_train: int = 0
+    n_eval: int = 0
+    evaluated_on: str = "eval_data"
+
+    @property
+    def penalty(self) -> float:
+        return (self.accuracy_a + self.accuracy_b) / 2 - self.stitched_accuracy
+
+    def summary(self) -> str:
+        relaxed = "" if self.relaxed_accuracy is None else f" (relaxed {self.relaxed_accuracy:.1f}%)"
+        return (f"{self.family} stitch at {self.site}: {self.stitched_accuracy:.1f}%{relaxed} vs endpoints "
+                f"{self.accuracy_a:.1f}% / {self.accuracy_b:.1f}% → penalty {self.penalty:+.2f} points "
+                f"({self.epochs} epochs, seed {self.seed}, BatchNorm {self.bn}, {self.n_eval} {self.evaluated_on} examples)")
+
+    def to_frame(self):
+        """One row: the numbers and the settings that made them (concatenate rows across runs)."""
+        import pandas as pd
+
+        return pd.DataFrame([{"site": self.site, "family": self.family, "accuracy_a": self.accuracy_a,
+                              "accuracy_b": self.accuracy_b, "stitched_accuracy": self.stitched_accuracy,
+                              "relaxed_accuracy": self.relaxed_accuracy, "penalty": self.penalty,
+                              "epochs": self.epochs, "seed": self.seed, "bn": self.bn, "n_train": self.n_train,
+                              "n_eval": self.n_eval, "crossing_sites": ", ".join(self.maps)}])
+
+    def curve_frame(self):
+        import pandas as pd
+
+        return pd.DataFrame(self.curve, columns=["epoch", "loss", "train_accuracy"])
+
+    def _repr_html_(self) -> str:
+        extra = f"<p>map at the site: <code>{tensor_summary(self.weight)}</code></p>"
+        return super()._repr_html_() + extra
+
+    def plot(self, ax=None):
+        """Training accuracy per epoch, with the endpoints and the evaluated stitch as lines."""
+        import seaborn as sns
+
+        ax = new_axes(ax)
+        if self.curve:
+            sns.lineplot(data=self.curve_frame(), x="epoch", y="train_accuracy", marker="o", ax=ax, label="training")
+        for value, name, style in [(self.accuracy_a, "model A", ":"), (self.accuracy_b, "model B", "--"),
+                                   (self.stitched_accuracy, "stitched (evaluated)", "-")]:
+            ax.axhline(value, ls=style, color="k" if name != "stitched (evaluated)" else "C3", label=name)
+        ax.set_ylabel("accuracy (%)")
+        ax.set_title(f"{self.family} stitch at {self.site}")
+        ax.legend(fontsize="small")
+        return ax
+
+
+def stitch(model_a: nn.Module, model_b: nn.Module, site: Union[str, tuple[str, str]], group: Union[str, Group] = "relu",
+           data=None, epochs: int = 5, seed: int = 0, *, eval_data=None, bn: str = "frozen",
+           lr: Optional[float] = None, batch_size: int = 128, init=None, bias: Optional[bool] = None) -> StitchResult:
+    """Train a stitching layer from model A's activation at ``site`` into model B; report the penalty.
+
+    Both models stay frozen, in eval mode and unmodified (each is deep-copied). The cut is a
+    position in the traced forward pass: *every* value crossing it comes from A — inside a residual
+    branch that includes the skip stream, which gets its own stitching layer of the same family.
+
+    Args:
+        site: a site name of ``wb.symmetry_map(model)`` (the same in both), or ``(site_a, site_b)``.
+        group: ``"gl"`` (1×1 conv with bias), ``"low_rank:k"`` (rank k, with bias), ``"identity"``
+            (no layer), or any registry group: ``"relu"``/``"scaled_permutation"`` (Sinkhorn
+            doubly-stochastic P times positive scales, rounded to an exact permutation by the
+            Hungarian algorithm for evaluation; first half of the epochs P alone, then scales too),
+            ``"permutation"``, ``"orthogonal"``, ``"signed_permutation"``, … or a Group object.
+        data: training data, a ConceptDataset or ``(inputs [N, ...], labels [N])``; ``eval_data``
+            the data the accuracies are measured on (default: ``data``).
+        bn: ``"frozen"`` keeps B's BatchNorm running statistics; ``"reestimate"`` recomputes those
+            after the cut on the stitched activations of ``data`` before evaluating.
+        init: None (the family's default: identity for square gl and orthogonal, Gaussian for low
+            rank, near-uniform P for Sinkhorn), ``"identity"``, ``"random"`` or ``"match"``: start
+            at the family's closed-form fit of B's activation from A's on ``data`` (least squares,
+            reduced-rank regression, Procrustes, Hungarian matching; see ``_init.py``).
+        lr: Adam's step (default 1e-2).
+
+    Example:
+        >>> import torch, workbench as wb
+        >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+        >>> x = torch.randn(64, 4); y = net(x).argmax(1)
+        >>> r = wb.stitching.stitch(net, net, "1", "identity", (x, y), epochs=0)
+        >>> r.stitched_accuracy, r.penalty
+        (100.0, 0.0)
+    """
+    family = parse_family(group)
+    epochs = check_epochs(epochs)
+    check_option("bn", bn, BN_MODES)
+    if not (init is None or isinstance(init, str) and init in ("identity", "random", "match")):
+        raise InvalidOptionError(f"init={init!r} is not a valid option; expected None, 'identity', 'random' or 'match'.")
+    x, y = as_xy(data)
+    xe, ye = (x, y) if eval_data is None else as_xy(eval_data, "eval_data")
+    site_a, site_b = (site, site) if isinstance(site, str) else tuple(site)
+    cut_a = Cut(model_a, site_a, x[:1], "after")
+    cut_b = Cut(model_b, site_b, x[:1], "after")
+    pairs = _pair(cut_a, cut_b)
+    # Endpoints first: a BatchNorm re-estimate below changes B's copy after the cut.
+    accuracy_a, accuracy_b = model_accuracy(cut_a.model, xe, ye), model_accuracy(cut_b.model, xe, ye)
+    gen = torch.Generator().manual_seed(int(seed))
+    acts = cut_a.run_head(x)
+    layers, use_bias = {}, (family.kind == "linear") if bias is None else bool(bias)
+    acts_b = cut_b.run_head(x) if init == "match" and family.kind != "identity" else None
+    for i, (ca, cb) in enumerate(pairs):
+        if cb.site is None or cb.site in layers:
+            continue
+        start = init
+        if acts_b is not None:  # the family's closed-form fit of B's activation from A's
+            keep = sample_rows(len(x) * acts[i][0].numel() // ca.channels, 200_000, gen)
+            start = fit_init(family, rows(acts[i], ca.channels, keep), rows(acts_b[i], cb.channels, keep))
+        layers[cb.site] = make_layer(family, ca.channels, cb.channels, bias=use_bias, init=start, gen=gen)
+    del acts_b
+    passthrough = IdentityMap(1)
+
+    def run(values, idx):
+        mapped = [_apply(layers[cb.site] if cb.site is not None else passthrough, v[idx], cb)
+                  for v, (_, cb) in zip(values, pairs)]
+        return cut_b.tail(*mapped)
+
+    params = [p for m in layers.values() for p in m.parameters()]
+    scales = [m.log_scale if m.log_scale is not None else m.scale for m in layers.values()
+              if isinstance(m, SinkhornMap) and m.diagonal is not None]
+
+    def schedule(epoch):  # the paper's schedule: P alone first, then P and the scales; P cools to a vertex
+        for s in scales:
+            s.requires_grad_(epoch >= epochs // 2)
+        for m in layers.values():
+            if isinstance(m, SinkhornMap):
+                m.anneal(epoch / max(epochs - 1, 1))
+
+    reg = lambda: sum((m.regulariser() for m in layers.values()), torch.zeros(()))  # noqa: E731
+    step = _LR[family.kind] if lr is None else lr
+    curve = fit(lambda idx: run(acts, idx), params, y, epochs, lr=step, batch_size=batch_size, gen=gen,
+                regulariser=reg, on_epoch=schedule, desc=f"stitch {family.name} at {site_b}") if params else []
+    eval_acts = acts if eval_data is None else cut_a.run_head(xe)
+    relaxed = None
+    sinks = [m for m in layers.values() if isinstance(m, SinkhornMap)]
+    if sinks:
+        _maybe_reestimate(bn, cut_b, lambda idx: run(acts, idx), len(y), batch_size)
+        relaxed = accuracy(lambda idx: run(eval_acts, idx), ye, batch_size * 2)
+        for m in sinks:
+            m.round()
+    _maybe_reestimate(bn, cut_b, lambda idx: run(acts, idx), len(y), batch_size)
+    stitched = accuracy(lambda idx: run(eval_acts, idx), ye, batch_size * 2)
+    main = layers[cut_b.site.name] if cut_b.site.name in layers else None
+    return StitchResult(
+        site=cut_b.site.name if site_a == site_b else f"{cut_a.site.name} → {cut_b.site.name}", family=family.name,
+        accuracy_a=accuracy_a, accuracy_b=accuracy_b,
+        stitched_accuracy=stitched, relaxed_accuracy=relaxed,
+        element=None if main is None else main.element(),
+        weight=(main.weight() if main is not None else torch.eye(pairs[cut_b.primary][1].channels)).detach().clone(),
+        bias=None if main is None or main.bias is None else main.bias.detach().clone(),
+        maps={k: m.weight().detach().clone() for k, m in layers.items()}, crossings=[cb for _, cb in pairs],
+        curve=curve, epochs=epochs, seed=int(seed), bn=bn, n_train=len(y), n_eval=len(ye),
+        evaluated_on="training" if eval_data is None else "eval_data")
+
+
+def _pair(cut_a: Cut, cut_b: Cut) -> list[tuple[Crossing, Crossing]]:
+    """Match A's crossing values to B's: by node name (same architecture) or one to one."""
+    names_a = [c.node for c in cut_a.crossings]
+    names_b = [c.node for c in cut_b.crossings]
+    if names_a == names_b:
+        pairs = list(zip(cut_a.crossings, cut_b.crossings))
+    elif len(names_a) == len(names_b) == 1:
+        pairs = [(cut_a.crossings[0], cut_b.crossings[0])]
+    else:
+        raise InvalidOptionError(
+            f"cannot pair the values crossing the cut: model A passes {names_a} at {cut_a.site.name!r}, model B "
+            f"expects {names_b} at {cut_b.site.name!r}. Stitch models of one architecture, or cut where one tensor crosses.")
+    for ca, cb in pairs:
+        if cb.site is None and ca.shape != cb.shape:
+            raise InvalidOptionError(f"{cb.node!r} crosses the cut in no site (it passes unmapped), but its shape "
+                                     f"differs: {ca.shape} in A, {cb.shape} in B.")
+    return pairs
+
+
+def _apply(layer: StitchLayer, v: torch.Tensor, c: Crossing) -> torch.Tensor:
+    """The layer on the channel axis of ``v``; a flattened tensor is viewed as [N, C, block] first."""
+    if c.block > 1:
+        return layer(v.reshape(len(v), c.channels, c.block)).reshape(len(v), -1)
+    return layer(v)
+
+
+@torch.no_grad()
+def _maybe_reestimate(bn: str, cut: Cut, forward, n: int, batch_size: int) -> None:
+    """Recompute the running statistics of the BatchNorms after the cut (cumulative average)."""
+    norms = [m for m in cut.tail.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if bn != "reestimate" or not norms:
+        return
+    saved = [(m, m.momentum) for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None
+        m.train()
+    try:
+        for i in range(0, n, batch_size):
+            forward(torch.arange(i, min(i + batch_size, n)))
+    finally:
+        for m, momentum in saved:
+            m.momentum = momentum
+            m.eval()

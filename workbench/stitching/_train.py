@@ -1,0 +1,87 @@
+"""The training and evaluation loop shared by stitching and the insertion test.
+
+Both train a few parameters on top of cached crossing values (the frozen head runs once), so a
+step is one tail forward and backward on a minibatch of cached tensors.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .._errors import InvalidOptionError
+
+
+def as_xy(data, name: str = "data") -> tuple[torch.Tensor, torch.Tensor]:
+    """``(inputs, labels)`` from a ConceptDataset or an ``(x, y)`` pair; labels must be class indices ``[N]``."""
+    if hasattr(data, "inputs") and hasattr(data, "labels"):
+        x, y = data.inputs, data.labels
+    elif isinstance(data, (tuple, list)) and len(data) == 2:
+        x, y = data
+    else:
+        raise InvalidOptionError(f"{name} must be a ConceptDataset (wb.data.shapes(...)) or an (inputs, labels) pair; "
+                                 f"got {type(data).__name__}.")
+    if not (isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor)) or y is None:
+        raise InvalidOptionError(f"{name}: inputs and labels must be tensors.")
+    if y.ndim != 1 or y.dtype not in (torch.int64, torch.int32) or len(y) != len(x):
+        raise InvalidOptionError(f"{name}: labels must be class indices of shape [N] = [{len(x)}] (a classifier's task); "
+                                 f"got {str(y.dtype).replace('torch.', '')}{list(y.shape)}.")
+    if len(x) == 0:
+        raise InvalidOptionError(f"{name} is empty.")
+    return x, y.long()
+
+
+def check_epochs(epochs) -> int:
+    if not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 0:
+        raise InvalidOptionError(f"epochs must be a whole number ≥ 0; got {epochs!r}.")
+    return epochs
+
+
+@torch.no_grad()
+def accuracy(forward: Callable[[torch.Tensor], torch.Tensor], labels: torch.Tensor, batch_size: int = 256) -> float:
+    """Percent of examples whose argmax of ``forward(indices)`` is the label."""
+    correct = 0
+    for i in range(0, len(labels), batch_size):
+        idx = torch.arange(i, min(i + batch_size, len(labels)))
+        correct += int((forward(idx).argmax(1) == labels[idx]).sum())
+    return 100.0 * correct / len(labels)
+
+
+def model_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 256) -> float:
+    """Percent accuracy of ``model`` in eval mode (its own mode is restored)."""
+    from ..symmetry._modes import eval_mode
+
+    with eval_mode(model):
+        return accuracy(lambda idx: model(x[idx]), y, batch_size)
+
+
+def fit(forward: Callable[[torch.Tensor], torch.Tensor], params: Sequence[nn.Parameter], labels: torch.Tensor,
+        epochs: int, *, lr: float, batch_size: int, gen: torch.Generator,
+        regulariser: Optional[Callable[[], torch.Tensor]] = None, on_epoch: Optional[Callable[[int], None]] = None,
+        desc: str = "training") -> list[dict]:
+    """Adam on ``params`` minimising cross-entropy of ``forward(indices)``; the per-epoch curve.
+
+    ``on_epoch(e)`` runs before epoch ``e`` (a schedule: e.g. unfreeze scales half-way).
+    """
+    from tqdm.auto import tqdm
+
+    opt = torch.optim.Adam(params, lr=lr) if params else None
+    curve = []
+    for epoch in tqdm(range(epochs), desc=desc, leave=False, disable=epochs < 2):
+        if on_epoch is not None:
+            on_epoch(epoch)
+        total, correct = 0.0, 0
+        for idx in torch.randperm(len(labels), generator=gen).split(batch_size):
+            logits = forward(idx)
+            loss = F.cross_entropy(logits, labels[idx])
+            objective = loss if regulariser is None else loss + regulariser()
+            if opt is not None:
+                opt.zero_grad()
+                objective.backward()
+                opt.step()
+            total += float(loss.detach()) * len(idx)
+            correct += int((logits.argmax(1) == labels[idx]).sum())
+        curve.append({"epoch": epoch + 1, "loss": total / len(labels), "train_accuracy": 100.0 * correct / len(labels)})
+    return curve
