@@ -1,0 +1,119 @@
+"""Basis-alignment statistics: is the activation distribution itself lined up with the units?
+
+Concept-free signs of a privileged basis: heavy-tailed coordinates (excess kurtosis of each
+example's activation vector), a few units carrying most of the energy (kurtosis of per-unit RMS,
+"outlier dimensions"). A random rotation mixes coordinates towards Gaussian, so each statistic is
+compared with its distribution over random bases of a family (default Haar rotations).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .._errors import InvalidOptionError
+from .._report import Report, new_axes
+from ._inputs import _tensor, resolve_bases
+from ._null import family_generator, projected
+from ._privileged import empirical_p, z_scores
+
+STAT_NAMES = ["kurtosis_per_example", "kurtosis_of_rms", "outlier_dimensions"]
+
+
+def _excess_kurtosis(V: torch.Tensor, dim: int) -> torch.Tensor:
+    c = V - V.mean(dim, keepdim=True)
+    m2, m4 = (c * c).mean(dim), (c ** 4).mean(dim)
+    return torch.where(m2 > 0, m4 / (m2 * m2).clamp_min(1e-300) - 3, torch.zeros((), dtype=V.dtype))
+
+
+def alignment_statistics(XB: torch.Tensor, c: int, outlier_factor: float) -> torch.Tensor:
+    """``[c, 3]`` statistics of each of c bases side by side in ``XB [N, c·d]`` (see ``STAT_NAMES``)."""
+    N = XB.shape[0]
+    V = XB.reshape(N, c, -1)  # [N, c, d]
+    per_example = _excess_kurtosis(V, dim=2).mean(0)  # [c]
+    rms = (V * V).mean(0).sqrt()  # [c, d]
+    of_rms = _excess_kurtosis(rms, dim=1)
+    outliers = (rms > outlier_factor * rms.median(1, keepdim=True).values).sum(1).to(XB.dtype)
+    return torch.stack([per_example, of_rms, outliers], dim=1)
+
+
+@dataclass(repr=False)
+class BasisAlignment(Report):
+    """Alignment statistics of a layer's basis against random bases.
+
+    Attributes:
+        observed: float64 ``[3]`` in the neuron basis (order of ``STAT_NAMES``).
+        null: float64 ``[n_bases, 3]`` in random bases of ``family``.
+        family, outlier_factor, seed: what was asked.
+    """
+
+    observed: torch.Tensor
+    null: torch.Tensor
+    family: str
+    outlier_factor: float
+    seed: int
+    n_examples: int
+
+    def to_frame(self):
+        """One row per statistic: observed, null mean/std, z, one-sided p (+1 corrected)."""
+        import pandas as pd
+
+        p, z = empirical_p(self.observed, self.null), z_scores(self.observed, self.null)
+        return pd.DataFrame({"statistic": STAT_NAMES, "observed": self.observed.numpy(),
+                             "null_mean": self.null.mean(0).numpy(), "null_std": self.null.std(0).numpy(),
+                             "z": z.numpy(), "p": p.numpy(), "family": self.family})
+
+    def summary(self) -> str:
+        f = self.to_frame()
+        return "; ".join(f"{r.statistic} {r.observed:.3g} vs {r.null_mean:.3g} ({self.family}, p={r.p:.3g})"
+                         for r in f.itertuples())
+
+    def plot(self, ax=None):
+        """The z-score of each statistic against the random-basis null."""
+        import seaborn as sns
+
+        ax = new_axes(ax)
+        f = self.to_frame()
+        sns.barplot(f, x="statistic", y="z", ax=ax, color="steelblue")
+        ax.axhline(0, color="k", lw=0.8)
+        ax.set_ylabel(f"z vs {self.family} bases")
+        return ax
+
+
+def basis_alignment(acts, *, family="orthogonal", n_bases: int = 100, seed: int = 0,
+                    outlier_factor: float = 6.0, progress: bool = False) -> BasisAlignment:
+    """Kurtosis and outlier-dimension statistics of ``acts`` against random bases of ``family``.
+
+    Args:
+        acts: ``[N, d]`` (or ``[..., d]``, flattened to rows) activations, raw (not centred: a
+            rotation moves the mean direction too).
+        family: registry name or Group of the random bases (default Haar rotations).
+        n_bases: random bases (streamed).
+        seed: same seed, same bases.
+        outlier_factor: a unit is an outlier dimension when its RMS exceeds this many times the
+            median unit's RMS.
+
+    Returns:
+        :class:`BasisAlignment`: ``kurtosis_per_example`` (mean over examples of the excess kurtosis
+        of the example's d coordinates), ``kurtosis_of_rms`` (excess kurtosis of the d per-unit RMS
+        values), ``outlier_dimensions`` (count).
+
+    >>> acts = torch.zeros(50, 8); acts[:, 0] = torch.linspace(1, 2, 50)   # one unit carries everything
+    >>> b = basis_alignment(acts, n_bases=9)
+    >>> int(b.observed[2]), b.to_frame().p.tolist()
+    (1, [0.1, 0.1, 0.1])
+    """
+    X = _tensor(acts, "acts")
+    if not X.is_floating_point() or X.ndim < 2:
+        raise InvalidOptionError(f"acts must be floating point [N, d]; got {X.dtype} of shape {tuple(X.shape)}.")
+    X = X.reshape(-1, X.shape[-1]).to(torch.float64)
+    if not bool(torch.isfinite(X).all()):
+        raise InvalidOptionError("acts contain NaN or infinite values.")
+    if not isinstance(n_bases, int) or n_bases < 1:
+        raise InvalidOptionError(f"n_bases must be a positive int; got {n_bases!r}.")
+    (group,) = resolve_bases([family], X.shape[1])
+    observed = alignment_statistics(X, 1, outlier_factor)[0]
+    gen = family_generator(seed, group)
+    null = torch.cat([alignment_statistics(XB, m, outlier_factor)
+                      for XB, m in projected(X, group, n_bases, gen, progress=group.name if progress else "")])
+    return BasisAlignment(observed, null, group.name, float(outlier_factor), int(seed), len(X))

@@ -1,0 +1,228 @@
+"""``privileged_basis_test``: is a concept carried by single units more than a random basis would allow?
+
+For each concept the statistic (default: the best unit's |AUROC − 0.5|) is computed in the neuron
+basis and in ``n_bases`` random bases of each family. When the activations' distribution does not
+care about the basis (the null), the neuron basis is one more draw from the family, so its rank among
+the draws is uniform and the +1-corrected p-value ``(1 + #{null ≥ observed}) / (n_bases + 1)`` is
+exactly calibrated for compact families ("orthogonal", "permutation", …). GL has no uniform
+distribution, so its p-values compare against a reference distribution, not an exchangeable null.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence, Union
+
+import numpy as np
+import torch
+
+from .._errors import InvalidOptionError, check_option
+from .._report import Report, new_axes
+from ._inputs import prepare, resolve_bases, resolve_group
+from ._null import null_distribution
+from ._scores import auroc_matrix, mean_difference_matrix
+
+
+def _max_auroc(XB, Y, c):  # best unit's |AUROC − 0.5| in each of the c bases: [c, K]
+    return (auroc_matrix(XB, Y) - 0.5).abs().reshape(c, -1, Y.shape[1]).amax(1)
+
+
+def _max_mean_difference(XB, Y, c):
+    return mean_difference_matrix(XB, Y).abs().reshape(c, -1, Y.shape[1]).amax(1)
+
+
+#: statistic name -> (per-chunk function, what it measures); all are invariant under P·D± of units
+STATISTICS = {"auroc": (_max_auroc, "max over units of |AUROC − 0.5|"),
+              "mean_difference": (_max_mean_difference, "max over units of |standardised mean difference|")}
+
+
+def _user_statistic(fn: Callable) -> Callable:
+    def per_chunk(XB, Y, c):
+        d = XB.shape[1] // c
+        return torch.stack([torch.as_tensor(fn(XB[:, b * d:(b + 1) * d], Y), dtype=torch.float64).reshape(-1)
+                            for b in range(c)])
+    return per_chunk
+
+
+def bh_qvalues(p: np.ndarray) -> np.ndarray:
+    """Benjamini–Hochberg q-values of a vector of p-values (same order).
+
+    >>> bh_qvalues(np.array([0.01, 0.04, 0.03, 0.5])).round(3).tolist()
+    [0.04, 0.053, 0.053, 0.5]
+    """
+    p = np.asarray(p, dtype=float)
+    m = len(p)
+    order = np.argsort(p)
+    scaled = p[order] * m / np.arange(1, m + 1)
+    q = np.minimum.accumulate(scaled[::-1])[::-1].clip(max=1.0)
+    out = np.empty(m)
+    out[order] = q
+    return out
+
+
+#: values within this relative distance of the observed statistic count as ties: an invariant statistic
+#: recomputed in a group's basis (e.g. a standardised mean difference after a positive scaling) differs
+#: from the neuron basis's value by rounding alone, and must not look smaller than it
+TIE_RTOL = 1e-10
+
+
+def _ties(observed: torch.Tensor, null: torch.Tensor) -> torch.Tensor:
+    return (null - observed).abs() <= TIE_RTOL * observed.abs()
+
+
+def empirical_p(observed: torch.Tensor, null: torch.Tensor) -> torch.Tensor:
+    """One-sided ``(1 + #{null ≥ observed}) / (B + 1)`` per column of ``null [B, K]`` (ties within ``TIE_RTOL``)."""
+    return (1 + ((null >= observed) | _ties(observed, null)).sum(0)).double() / (null.shape[0] + 1)
+
+
+def z_scores(observed: torch.Tensor, null: torch.Tensor) -> torch.Tensor:
+    """(observed − null mean) / null std; 0 where the null is constant and equal, ±inf where it differs."""
+    mu, sd = null.mean(0), null.std(0) if null.shape[0] > 1 else torch.zeros_like(observed)
+    gap = observed - mu
+    return torch.where(sd > 0, gap / sd.clamp_min(1e-300), torch.sign(gap) * torch.where(gap == 0, 0.0, torch.inf))
+
+
+@dataclass(repr=False)
+class PrivilegedBasisTest(Report):
+    """The neuron basis against random bases, per concept and per family.
+
+    Attributes:
+        observed: float64 ``[K]`` the statistic in the neuron basis.
+        null: ``{family: float64 [n_bases, K]}`` the statistic in each random basis.
+        roles: ``{family: "random" | "architecture"}`` (bases drawn from the layer's own group).
+        concept_names, statistic, seed, alpha: what was asked.
+    """
+
+    observed: torch.Tensor
+    null: dict[str, torch.Tensor]
+    roles: dict[str, str]
+    concept_names: list[str]
+    statistic: str
+    seed: int
+    alpha: float = 0.05
+    n_examples: int = 0
+
+    def p_values(self, family: str) -> torch.Tensor:
+        return empirical_p(self.observed, self._null(family))
+
+    def _null(self, family: str) -> torch.Tensor:
+        check_option("family", family, list(self.null))
+        return self.null[family]
+
+    def invariant(self, family: str) -> bool:
+        """True when every basis of ``family`` gave the neuron basis's statistic (to ``TIE_RTOL``)."""
+        return bool(_ties(self.observed, self._null(family)).all())
+
+    def to_frame(self):
+        """One row per (family, concept): observed, null mean/std, z, p, BH q, privileged (q < alpha)."""
+        import pandas as pd
+
+        rows = []
+        for fam, null in self.null.items():
+            p = empirical_p(self.observed, null).numpy()
+            q = bh_qvalues(p)
+            z = z_scores(self.observed, null).numpy()
+            for k, name in enumerate(self.concept_names):
+                rows.append({"family": fam, "role": self.roles[fam], "concept": name,
+                             "observed": float(self.observed[k]), "null_mean": float(null[:, k].mean()),
+                             "null_std": float(null[:, k].std()) if len(null) > 1 else 0.0,
+                             "z": float(z[k]), "p": float(p[k]), "q": float(q[k]), "privileged": bool(q[k] < self.alpha)})
+        return pd.DataFrame(rows)
+
+    def layer_frame(self):
+        """One row per family: the layer-level test of the mean statistic over concepts, and counts."""
+        import pandas as pd
+
+        rows = []
+        for fam, null in self.null.items():
+            obs, draws = self.observed.mean()[None], null.mean(1, keepdim=True)
+            q = bh_qvalues(empirical_p(self.observed, null).numpy())
+            rows.append({"family": fam, "role": self.roles[fam], "n_bases": len(null),
+                         "mean_observed": float(obs), "mean_null": float(draws.mean()),
+                         "z": float(z_scores(obs, draws)), "p": float(empirical_p(obs, draws)),
+                         "n_privileged": int((q < self.alpha).sum()), "n_concepts": len(self.concept_names),
+                         "identical": self.invariant(fam)})
+        return pd.DataFrame(rows)
+
+    def summary(self) -> str:
+        parts = []
+        for r in self.layer_frame().itertuples():
+            if r.identical:
+                parts.append(f"{r.family}: identical in every basis (the statistic is invariant under it)")
+            else:
+                parts.append(f"{r.family}: {r.n_privileged}/{r.n_concepts} concepts privileged, layer z={r.z:.1f} "
+                             f"p={r.p:.3g}")
+        return f"{self.statistic}; " + "; ".join(parts)
+
+    def _repr_html_(self) -> str:
+        import html
+
+        layer = self.layer_frame().to_html(index=False, float_format=lambda v: f"{v:.3g}", border=0)
+        per = self.to_frame().to_html(index=False, float_format=lambda v: f"{v:.3g}", border=0)
+        return (f"<div><p><b>PrivilegedBasisTest</b> — {html.escape(self.summary())}</p>{layer}"
+                f"<details><summary>per concept</summary>{per}</details></div>")
+
+    def plot(self, ax=None):
+        """Null distributions per concept (one strip of draws per family) with the neuron basis marked."""
+        import pandas as pd
+        import seaborn as sns
+
+        ax = new_axes(ax, figsize=(max(6, 0.6 * len(self.concept_names)), 3.5))
+        frames = [pd.DataFrame({"concept": np.tile(self.concept_names, len(v)), "statistic": v.flatten().numpy(),
+                                "family": fam}) for fam, v in self.null.items()]
+        sns.stripplot(pd.concat(frames), x="concept", y="statistic", hue="family", ax=ax, dodge=True, size=2,
+                      alpha=0.5)
+        ax.scatter(range(len(self.concept_names)), self.observed.numpy(), marker="*", s=90, c="crimson",
+                   zorder=5, label="neuron basis")
+        ax.legend(fontsize="small")
+        ax.tick_params(axis="x", rotation=60)
+        ax.set_ylabel(STATISTICS.get(self.statistic, (None, self.statistic))[1])
+        return ax
+
+
+def privileged_basis_test(acts, concepts, bases: Sequence = ("orthogonal", "gl"), group=None, *,
+                          n_bases: int = 200, statistic: Union[str, Callable] = "auroc", seed: int = 0,
+                          alpha: float = 0.05, where=None, names: Optional[Sequence[str]] = None,
+                          progress: bool = False) -> PrivilegedBasisTest:
+    """Test whether single units carry each concept more than units of random bases do.
+
+    Args:
+        acts: ``[N, d]`` activations (``[N, T, d]`` with token-level concepts).
+        concepts: bool ``[N, K]`` / ``[N, T, K]``, a ``{name: labels}`` dict or a ConceptDataset.
+        bases: random basis families, registry names of ``workbench.groups`` or Group objects.
+        group: the layer's own group — a registry name (``"relu"``), a Group, or a ``Site`` of
+            ``wb.symmetry_map`` (its ``.group``). Its bases are a further family, role "architecture":
+            an invariant statistic comes out identical in all of them (p = 1).
+        n_bases: random bases per family (streamed: memory does not grow with it).
+        statistic: ``"auroc"`` (best unit's |AUROC − 0.5|), ``"mean_difference"``, or a callable
+            ``(acts [N, d] float64, concepts bool [N, K]) -> [K]``.
+        seed: same seed, same bases (each family has its own stream).
+        alpha: false discovery rate for the ``privileged`` column (Benjamini–Hochberg over concepts).
+        where, names: as in :func:`concept_scores`.
+
+    Returns:
+        :class:`PrivilegedBasisTest`; ``to_frame()`` per concept, ``layer_frame()`` per family.
+
+    >>> g = torch.Generator().manual_seed(0)
+    >>> y = torch.rand(300, generator=g) < 0.5
+    >>> acts = torch.randn(300, 6, generator=g); acts[:, 2] += 2 * y
+    >>> t = privileged_basis_test(acts, y, bases=["orthogonal"], group="relu", n_bases=19)
+    >>> t.to_frame()[["family", "p"]].values.tolist()
+    [['orthogonal', 0.05], ['scaled_permutation', 1.0]]
+    """
+    if not isinstance(n_bases, int) or isinstance(n_bases, bool) or n_bases < 1:
+        raise InvalidOptionError(f"n_bases must be a positive int; got {n_bases!r}. With B bases the smallest "
+                                 f"p-value is 1/(B+1), so p < 0.01 needs n_bases ≥ 100.")
+    if callable(statistic):
+        stat, stat_name = _user_statistic(statistic), getattr(statistic, "__name__", "custom")
+    else:
+        stat, stat_name = STATISTICS[check_option("statistic", statistic, list(STATISTICS), allow_callable=True)][0], statistic
+    X, Y, names = prepare(acts, concepts, where, names)
+    families = {g.name: (g, "random") for g in resolve_bases(bases, X.shape[1])}
+    if group is not None:
+        own = resolve_group(group, X.shape[1])
+        families[own.name] = (own, "architecture")
+    observed = stat(X, Y, 1)[0]
+    null = {name: null_distribution(X, Y, g, n_bases, seed, stat, progress=name if progress else "")
+            for name, (g, _) in families.items()}
+    return PrivilegedBasisTest(observed, null, {k: r for k, (_, r) in families.items()}, names, stat_name,
+                               int(seed), alpha, len(X))

@@ -1,0 +1,195 @@
+"""k-sparse probes: pick k units, fit a logistic probe on them; a dense probe is the basis-free ceiling.
+
+The probes are scikit-learn estimators (``__init__`` only stores parameters, ``fit`` returns self,
+learned attributes end in ``_``, ``clone``/``cross_val_score`` work), so unit selection happens
+inside ``fit`` and cross-validation never selects units on held-out rows.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+from sklearn.base import BaseEstimator, ClassifierMixin
+
+from .._errors import InvalidOptionError, check_option
+from .._report import Report, new_axes
+from ._inputs import prepare
+from ._scores import f_statistic_matrix, mean_difference_matrix
+
+SELECTIONS = ["mean_difference", "f_statistic"]
+
+
+class _Probe(ClassifierMixin, BaseEstimator):
+    """Shared fit/predict of a logistic probe on a subset of units (``units_``)."""
+
+    def _units(self, X: torch.Tensor, Y: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        raise NotImplementedError
+
+    def fit(self, X, y):
+        """Select units on (X [N, d], y [N] binary), then fit the logistic probe. Returns self."""
+        from sklearn.linear_model import LogisticRegression
+        from sklearn.utils.validation import check_X_y
+
+        X, y = check_X_y(X, y, dtype=np.float64)
+        self.classes_ = np.unique(y)
+        if len(self.classes_) != 2:
+            raise InvalidOptionError(f"{type(self).__name__} is a binary concept probe; y has classes "
+                                     f"{self.classes_.tolist()}. Fit one probe per concept.")
+        self.n_features_in_ = X.shape[1]
+        Xt = torch.from_numpy(X)
+        self.scores_, self.units_ = self._units(Xt, torch.from_numpy(y == self.classes_[1])[:, None])
+        Z = X[:, self.units_]
+        self.mean_, self.scale_ = Z.mean(0), Z.std(0)
+        self.scale_[self.scale_ == 0] = 1.0  # a constant unit stays 0 after centring
+        self.model_ = LogisticRegression(C=self.C, max_iter=self.max_iter, random_state=self.random_state)
+        self.model_.fit((Z - self.mean_) / self.scale_, y)
+        self.coef_, self.intercept_ = self.model_.coef_, self.model_.intercept_
+        return self
+
+    def _z(self, X) -> np.ndarray:
+        from sklearn.utils.validation import check_array, check_is_fitted
+
+        check_is_fitted(self, "model_")
+        X = check_array(X, dtype=np.float64)
+        if X.shape[1] != self.n_features_in_:
+            raise InvalidOptionError(f"X has {X.shape[1]} units but this probe was fitted on {self.n_features_in_}.")
+        return (X[:, self.units_] - self.mean_) / self.scale_
+
+    def decision_function(self, X) -> np.ndarray:
+        """Logit of the positive class, ``[N]``."""
+        Z = self._z(X)  # checks fitted-ness before touching model_
+        return self.model_.decision_function(Z)
+
+    def predict_proba(self, X) -> np.ndarray:
+        """``[N, 2]`` class probabilities."""
+        Z = self._z(X)  # checks fitted-ness before touching model_
+        return self.model_.predict_proba(Z)
+
+    def predict(self, X) -> np.ndarray:
+        """``[N]`` predicted labels."""
+        Z = self._z(X)  # checks fitted-ness before touching model_
+        return self.model_.predict(Z)
+
+
+class SparseProbe(_Probe):
+    """A logistic probe on the k units that score highest for the concept.
+
+    Args:
+        k: how many units (>= 1, at most the layer's width).
+        selection: ``"mean_difference"`` (|standardised mean difference|) or ``"f_statistic"``.
+        C, max_iter, random_state: passed to scikit-learn's ``LogisticRegression``.
+
+    Learned: ``units_`` (the k units, best first), ``scores_`` (selection score of every unit),
+    ``coef_``, ``intercept_``, ``classes_``, ``n_features_in_``.
+
+    >>> X = np.random.default_rng(0).normal(size=(200, 10)); y = X[:, 3] > 0
+    >>> SparseProbe(k=1).fit(X, y).units_.tolist()
+    [3]
+    """
+
+    def __init__(self, k: int = 1, selection: str = "mean_difference", C: float = 1.0, max_iter: int = 1000,
+                 random_state: Optional[int] = None):
+        self.k = k
+        self.selection = selection
+        self.C = C
+        self.max_iter = max_iter
+        self.random_state = random_state
+
+    def _units(self, X, Y):
+        check_option("selection", self.selection, SELECTIONS)
+        if not isinstance(self.k, (int, np.integer)) or not 1 <= self.k <= X.shape[1]:
+            raise InvalidOptionError(f"k must be an int in [1, {X.shape[1]}] (the layer's units); got k={self.k!r}.")
+        fn = mean_difference_matrix if self.selection == "mean_difference" else f_statistic_matrix
+        scores = fn(X, Y)[:, 0].abs().numpy()
+        return scores, np.argsort(-scores, kind="stable")[: self.k]
+
+
+class DenseProbe(_Probe):
+    """A logistic probe on every unit: what a linear read-out can do in any basis (the ceiling).
+
+    >>> X = np.random.default_rng(0).normal(size=(200, 4)); y = X.sum(1) > 0
+    >>> DenseProbe().fit(X, y).score(X, y) > 0.95
+    True
+    """
+
+    def __init__(self, C: float = 1.0, max_iter: int = 1000, random_state: Optional[int] = None):
+        self.C = C
+        self.max_iter = max_iter
+        self.random_state = random_state
+
+    def _units(self, X, Y):
+        return np.ones(X.shape[1]), np.arange(X.shape[1])
+
+
+@dataclass(repr=False)
+class ProbeCurve(Report):
+    """Cross-validated ROC AUC of k-sparse probes per concept, with the dense ceiling (``k = d``)."""
+
+    scores: "object"  # pandas DataFrame: concept, k, probe, auc_mean, auc_std
+    selection: str
+    cv: int
+    seed: int
+
+    def to_frame(self):
+        return self.scores.copy()
+
+    def summary(self) -> str:
+        f = self.scores
+        sparse = f[f.probe == "sparse"]
+        k1 = sparse[sparse.k == sparse.k.min()].auc_mean.mean()
+        dense = f[f.probe == "dense"].auc_mean.mean()
+        return f"mean CV AUC: k={int(sparse.k.min())} {k1:.3f}, dense {dense:.3f} ({self.selection}, {self.cv}-fold)"
+
+    def plot(self, ax=None):
+        """AUC against k per concept; the dense probe as a dashed line per concept."""
+        import seaborn as sns
+
+        ax = new_axes(ax)
+        f = self.scores
+        sns.lineplot(f[f.probe == "sparse"], x="k", y="auc_mean", hue="concept", marker="o", ax=ax)
+        for (_, row), color in zip(f[f.probe == "dense"].iterrows(), sns.color_palette()):
+            ax.axhline(row.auc_mean, ls="--", lw=0.8, color=color)
+        ax.set(xscale="log", ylabel="cross-validated ROC AUC")
+        return ax
+
+
+def probe_curve(acts, concepts, ks: Sequence[int] = (1, 2, 4, 8, 16), *, selection: str = "mean_difference",
+                cv: int = 5, seed: int = 0, dense: bool = True, where=None, names=None, C: float = 1.0) -> ProbeCurve:
+    """Cross-validated ROC AUC of :class:`SparseProbe` for each k and concept, and of :class:`DenseProbe`.
+
+    Args:
+        acts: ``[N, d]`` (or ``[N, T, d]``) activations; concepts: as in :func:`concept_scores`.
+        ks: probe sizes; those above the layer's width are dropped.
+        selection: unit selection of the sparse probes.
+        cv: stratified folds (shuffled with ``seed``).
+        dense: also fit the dense ceiling.
+
+    >>> X = np.random.default_rng(0).normal(size=(120, 6)); y = X[:, 0] + X[:, 1] > 0
+    >>> probe_curve(torch.tensor(X), torch.tensor(y), ks=[1, 2], cv=3).to_frame().probe.tolist()
+    ['sparse', 'sparse', 'dense']
+    """
+    import pandas as pd
+    from sklearn.model_selection import StratifiedKFold, cross_val_score
+    from tqdm.auto import tqdm
+
+    check_option("selection", selection, SELECTIONS)
+    X, Y, names = prepare(acts, concepts, where, names)
+    X = X.numpy()
+    small = [n for n, c in zip(names, Y.sum(0).tolist()) if min(c, len(Y) - c) < cv]
+    if small:
+        raise InvalidOptionError(f"concepts {small} have fewer than cv={cv} examples in one class; use fewer folds "
+                                 f"or more examples.")
+    ks = sorted({int(k) for k in ks if k <= X.shape[1]})
+    folds = StratifiedKFold(cv, shuffle=True, random_state=seed)
+    rows = []
+    for k_idx, name in enumerate(tqdm(names, desc="concepts", leave=False)):
+        y = Y[:, k_idx].numpy()
+        probes = [("sparse", k, SparseProbe(k, selection, C=C, random_state=seed)) for k in ks]
+        if dense:
+            probes.append(("dense", X.shape[1], DenseProbe(C=C, random_state=seed)))
+        for kind, k, probe in probes:
+            auc = cross_val_score(probe, X, y, cv=folds, scoring="roc_auc")
+            rows.append({"concept": name, "k": k, "probe": kind, "auc_mean": auc.mean(), "auc_std": auc.std()})
+    return ProbeCurve(pd.DataFrame(rows), selection, cv, int(seed))
