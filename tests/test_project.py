@@ -48,3 +48,12 @@ def test_tour_writes_a_self_contained_report(tmp_path):
     assert sym["verify_float32"] and sym["max_rel_diff_float64"] < 1e-10 and sym["rotation_control_fails"]
     assert sym["top10_overlap_matched_grelu"] == 1.0 > sym["top10_overlap_matched_rotation"]
     assert summary["transformer"]["fire_by_default"] < summary["transformer"]["names"]
+    t = summary["transformer"]
+    assert t["resid_group"] == "permutation" and t["resid_group_folded"] == "orthogonal_ones"
+    assert t["verify_float64"] and t["max_abs_logprob_diff"] < 1e-9 and t["rotation_control_fails"]
+    assert t["mlp_top10_overlap_matched"] == 1.0 > t["resid_top10_overlap_same_index"]
+    assert summary["cnn"]["accuracy_on_shapes"] > 0.8  # the shipped zoo model, not a random one
+    assert summary["similarity"]["grelu_cka"] < summary["similarity"]["standardized_cka"]  # the paper's direction
+    for family in ("13", "16"):
+        assert summary["probing"][family]["scaled_permutation"]["p"] == 1.0  # the layer's own group: identical
+    assert set(summary["stitching_penalty"]) == {"relu", "orthogonal", "gl"}

@@ -1,51 +1,38 @@
 """``workbench tour``: the headless main job. Writes a self-contained HTML report to a folder.
 
-Until the zoo lands, the tour runs on models built procedurally from a seed (no downloads): a small
-CNN on procedural images and a tiny TransformerLens model — capture, aliases, in-place safety, a
-streaming disk harvest, the CNN's symmetry map, a random intertwiner verified (float32 and float64),
-a rotation as the negative control, and how top-activating examples move under each.
+It runs the headline study on the shipped zoo and data (nothing is downloaded): the activation cache
+and a streaming harvest on a Myrtle CNN, its symmetry map, a random intertwiner verified (float32
+and float64) with a rotation as the negative control and the interpretation shift of each, a
+privileged-basis test of two layers, G_ReLU- vs orthogonal-invariant similarity across two
+independently trained seeds, a small stitching comparison, and the tiny TransformerLens decoder: its
+hook names, LayerNorm folding, a random intertwiner of every site, non-symmetries that must fail, and
+MLP neurons vs residual-stream coordinates.
 """
 from __future__ import annotations
 
 import argparse
+import base64
 import html
+import io
 import json
 import sys
 import time
 from pathlib import Path
 
 
-def _cnn(seed: int):
-    import torch
-    from torch import nn
+def _figure(report) -> str:
+    """``report.plot()`` as an inline PNG (the page stays self-contained)."""
+    import matplotlib
 
-    torch.manual_seed(seed)
-    return nn.Sequential(
-        nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(inplace=True), nn.MaxPool2d(2),
-        nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(inplace=True),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10),
-    ).eval()
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
 
-
-def _images(n: int, seed: int):
-    """Procedural images: coloured Gaussian blobs on noise, [n, 3, 32, 32]."""
-    import torch
-
-    g = torch.Generator().manual_seed(seed)
-    yy, xx = torch.meshgrid(torch.arange(32.0), torch.arange(32.0), indexing="ij")
-    centre = torch.rand(n, 2, generator=g) * 24 + 4
-    blob = torch.exp(-((yy - centre[:, 0, None, None]) ** 2 + (xx - centre[:, 1, None, None]) ** 2) / 18)
-    colour = torch.rand(n, 3, 1, 1, generator=g)
-    return colour * blob[:, None] + 0.1 * torch.randn(n, 3, 32, 32, generator=g)
-
-
-def _tiny_transformer(seed: int):
-    from transformer_lens.config import TransformerBridgeConfig
-    from transformer_lens.model_bridge import TransformerBridge
-
-    cfg = TransformerBridgeConfig(d_model=64, d_head=16, n_heads=4, n_layers=2, n_ctx=32, d_vocab=100,
-                                  act_fn="gelu", seed=seed, normalization_type="LN")
-    return TransformerBridge.boot_native(cfg)
+    ax = report.plot()
+    fig = ax.figure if hasattr(ax, "figure") else ax
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=80, bbox_inches="tight")
+    plt.close(fig)
+    return f"<img alt='figure' src='data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}'/>"
 
 
 def tour(out: Path, seed: int = 0, progress: bool = True) -> Path:
@@ -63,24 +50,28 @@ def tour(out: Path, seed: int = 0, progress: bool = True) -> Path:
         if progress:
             print(f"[{time.perf_counter() - t0:5.1f}s] {msg}", file=sys.stderr)
 
-    log("CNN: capturing every hook name")
-    cnn, x = _cnn(seed), _images(64, seed)
+    log("CNN: the zoo's Myrtle (ReLU, seed 0) on procedural shapes; capturing every hook name")
+    cnn = wb.zoo.load("myrtle_relu", seed=seed)
+    shapes = wb.data.shapes(640, size=32, seed=2, difficulty=0.3)  # the zoo's test distribution
+    x = shapes.inputs[:64]
     names = wb.hook_names(cnn, example=x[:2])
     output, cache = wb.run_with_cache(cnn, x)
-    # ReLU(inplace=True) overwrites the BatchNorm output; the cache must still hold the pre-ReLU values.
+    # The BatchNorm output ("1") feeds a ReLU; the cache must hold the pre-ReLU values.
     bn_negative = float((cache["1"] < 0).float().mean())
     sections.append(("CNN: hook names", names._repr_html_()))
     sections.append(("CNN: activation cache of one forward pass (batch 64)", cache._repr_html_()))
     stats = cache.to_frame()
     stats["fraction ≤ 0"] = [float((cache[n] <= 0).float().mean()) for n in stats["name"]]
     sections.append(("CNN: per-name statistics", stats.to_html(index=False)))
-    summary["cnn"] = {"names": len(names), "cache_bytes": cache.nbytes,
-                      "bn_output_fraction_negative": bn_negative}
+    summary["cnn"] = {"model": "myrtle_relu", "names": len(names), "cache_bytes": cache.nbytes,
+                      "bn_output_fraction_negative": bn_negative,
+                      "accuracy_on_shapes": float((output.argmax(1) == shapes.labels[:64]).float().mean())}
 
     log("CNN: streaming a harvest to disk (reduce='spatial_mean')")
-    batches = [(_images(128, seed + i), torch.full((128,), i)) for i in range(8)]
+    train = wb.data.shapes(1024, size=32, seed=5, difficulty=0.3)
+    batches = [(train.inputs[i:i + 128], train.labels[i:i + 128]) for i in range(0, 1024, 128)]
     wb.harvest(cnn, batches, names=["1", "5"], reduce="spatial_mean",
-                       path=out / "harvest", progress=progress, resume=(out / "harvest").exists())
+               path=out / "harvest", progress=progress, resume=(out / "harvest").exists())
     reopened = wb.ActivationStore.open(out / "harvest")
     corr = np.corrcoef(reopened.array("5").T)
     sections.append(("CNN: harvested store (8 batches × 128, on disk)", reopened._repr_html_()))
@@ -95,29 +86,82 @@ def tour(out: Path, seed: int = 0, progress: bool = True) -> Path:
     site = smap[0].name
     rotated, forced = wb.random_intertwiner(cnn, seed=seed, sites=[site], group="orthogonal", allow_non_symmetry=True)
     control = wb.verify(cnn, rotated, x, transform=forced)
-    data = _images(512, seed + 100)
+    data = shapes.inputs[128:640]
     shift = wb.interpretation_shift(cnn, new, data, site, k=10)
     shift_rot = wb.interpretation_shift(cnn, rotated, data, site, k=10)
     sections.append(("CNN: symmetry map (sites and their intertwiner groups)", smap._repr_html_()))
-    sections.append(("CNN: a random element of each site's group — function unchanged", report._repr_html_()))
+    sections.append(("CNN: a random element of each site's group — function unchanged",
+                     report._repr_html_() + _figure(report)))
     sections.append((f"Negative control: a random rotation at ReLU site {site}", control._repr_html_()))
     sections.append(("Interpretation shift (top-10 examples per unit)",
-                     f"<p>G_ReLU transform: {shift.summary()}</p><p>rotation: {shift_rot.summary()}</p>"))
+                     f"<p>G_ReLU transform: {shift.summary()}</p><p>rotation: {shift_rot.summary()}</p>" + _figure(shift_rot)))
     summary["symmetry"] = {"sites": len(smap), "verify_float32": report.passed, "max_rel_diff_float32": report.max_rel_diff,
                            "max_rel_diff_float64": exact.max_rel_diff, "rotation_control_fails": not control.passed,
                            "top10_overlap_matched_grelu": float(shift.overlap_matched.mean()),
                            "top10_overlap_matched_rotation": float(shift_rot.overlap_matched.mean())}
 
-    log("Transformer: TransformerLens bridge (imported lazily)")
-    model = _tiny_transformer(seed)
+    log("CNN: is the neuron basis privileged? (privileged-basis test, 50 bases per family)")
+    summary["probing"] = {}
+    for layer in ("13", "16"):
+        _, c = wb.run_with_cache(cnn, shapes.inputs[:512], names=[layer])
+        acts = c[layer].flatten(2).mean(2) if c[layer].ndim > 2 else c[layer]
+        test = wb.probing.privileged_basis_test(acts, shapes.subset(torch.arange(512)), n_bases=50, seed=seed,
+                                                group=smap["13"] if layer == "13" else "relu")
+        frame = test.layer_frame()
+        sections.append((f"Privileged basis? Myrtle layer {layer}", test._repr_html_() + _figure(test)))
+        summary["probing"][layer] = {r["family"]: {"z": float(r["z"]), "p": float(r["p"])} for r in frame.to_dict("records")}
+
+    log("Similarity and stitching across two independently trained seeds (site 9)")
+    other = wb.zoo.load("myrtle_relu", seed=seed + 1)
+    _, ca = wb.run_with_cache(cnn, shapes.inputs[:200], names=["9"])
+    _, cb = wb.run_with_cache(other, shapes.inputs[:200], names=["9"])
+    sim = wb.similarity.compare(ca["9"], cb["9"], measures=["grelu_cka", "standardized_cka", "linear_cka",
+                                                              "grelu_procrustes", "orthogonal_procrustes"])
+    sections.append(("Similarity of layer 9 across seeds 0 and 1: G_ReLU-invariant vs orthogonal-invariant",
+                     sim._repr_html_()))
+    stitches = {}
+    for family in ("relu", "orthogonal", "gl"):
+        r = wb.stitching.stitch(cnn, other, "9", family, train.subset(torch.arange(512)), epochs=1, seed=seed,
+                                eval_data=shapes.subset(torch.arange(512)), init="match", lr=1e-3)
+        stitches[family] = r
+        sections.append((f"Stitching seed 0 → seed 1 at site 9 with {family}", r._repr_html_()))
+    summary["similarity"] = {k: float(v) for k, v in sim.to_frame().set_index("measure")["similarity"].items()}
+    summary["stitching_penalty"] = {k: float(r.penalty) for k, r in stitches.items()}
+
+    log("Transformer: the zoo's tiny GELU decoder (TransformerLens, imported lazily)")
+    model = wb.zoo.load("tiny_gelu")
     tnames = wb.hook_names(model)
-    tokens = torch.randint(0, 100, (4, 16), generator=torch.Generator().manual_seed(seed))
-    _, tcache = wb.run_with_cache(model, tokens, names="blocks.*.hook_resid_*")
+    lang = wb.data.synthetic_language(48, seq_len=32, seed=2)
+    tokens = lang.inputs
+    _, tcache = wb.run_with_cache(model, tokens[:4], names="blocks.*.hook_resid_*")
     same = torch.equal(tcache["blocks.0.hook_in"], tcache["blocks.0.hook_resid_pre"])
     sections.append(("Transformer: hook names (aliases, names that need configuration)", tnames._repr_html_()))
     sections.append(("Transformer: residual stream cache", tcache._repr_html_()))
+    tmap = wb.symmetry_map(model)
+    folded = wb.fold_layernorm(model)
+    fmap = wb.symmetry_map(folded)
+    tnew, tt = wb.random_intertwiner(folded, seed=seed)
+    treport = wb.verify(folded, tnew, tokens[:8], transform=tt, dtype=torch.float64)
+    bad, bt = wb.random_intertwiner(folded, seed=seed, sites=["resid"], group="orthogonal", allow_non_symmetry=True)
+    tcontrol = wb.verify(folded, bad, tokens[:8], transform=bt, dtype=torch.float64)
+    mlp_new, _ = wb.random_intertwiner(folded, seed=seed, sites=["blocks.1.mlp"])
+    res_new, _ = wb.random_intertwiner(folded, seed=seed, sites=["resid"])
+    mlp_shift = wb.interpretation_shift(folded, mlp_new, tokens, "blocks.1.mlp", k=10)
+    res_shift = wb.interpretation_shift(folded, res_new, tokens, "resid", k=10)
+    sections.append(("Transformer: symmetry map before folding LayerNorm", tmap._repr_html_()))
+    sections.append(("Transformer: symmetry map after wb.fold_layernorm", fmap._repr_html_()))
+    sections.append(("Transformer: a random element of every site (float64) — log-probabilities unchanged",
+                     treport._repr_html_() + _figure(treport)))
+    sections.append(("Negative control: a general rotation of the folded stream (R·1 ≠ 1)", tcontrol._repr_html_()))
+    sections.append(("Transformer: MLP neurons vs residual-stream coordinates (top-10 token contexts)",
+                     f"<p>MLP permutation: {mlp_shift.summary()}</p><p>residual rotation: {res_shift.summary()}</p>"))
     summary["transformer"] = {"names": len(tnames), "fire_by_default": len(tnames.firing),
-                              "aliases": len(tnames.aliases), "alias_resolves": same}
+                              "aliases": len(tnames.aliases), "alias_resolves": same,
+                              "resid_group": tmap["resid"].group.name, "resid_group_folded": fmap["resid"].group.name,
+                              "verify_float64": treport.passed, "max_abs_logprob_diff": treport.max_abs_diff,
+                              "rotation_control_fails": not tcontrol.passed,
+                              "mlp_top10_overlap_matched": float(mlp_shift.overlap_matched.mean()),
+                              "resid_top10_overlap_same_index": float(res_shift.overlap_same_index.mean())}
     summary["seconds"] = round(time.perf_counter() - t0, 2)
 
     body = "".join(f"<h2>{html.escape(t)}</h2>{h}" for t, h in sections)
