@@ -133,7 +133,9 @@ class GroupDiscovery(Report):
         ax = new_axes(ax)
         frame = self.to_frame()
         frame["error / tolerance"] = (frame["max_abs_error"] / frame["tolerance"]).clip(lower=1e-6)
-        sns.barplot(data=frame, y="generator", x="error / tolerance", hue="on", ax=ax, log_scale=True)
+        # Not barplot(log_scale=True): with seaborn 0.13.2 and matplotlib 3.11 it draws no bars.
+        sns.barplot(data=frame, y="generator", x="error / tolerance", hue="on", ax=ax)
+        ax.set_xscale("log")
         ax.axvline(1.0, color="k", ls="--")
         ax.set_title(f"{self.activation}: generators left of the line hold", fontsize=9)
         return ax

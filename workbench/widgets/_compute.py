@@ -57,7 +57,9 @@ def unit_scores(model: nn.Module, sites: Sequence[Site], inputs: torch.Tensor, *
         inputs: ``[N, ...]`` examples, run in batches of ``batch_size``.
 
     Returns:
-        ``{site name: float64 [N, C]}`` — the same numbers ``wb.interpretation_shift`` ranks. The
+        ``{site name: float64 [N, C]}`` — for images the numbers ``wb.interpretation_shift`` ranks;
+        for token inputs one row per *sequence* (its largest activation over positions, since the
+        explorer shows whole sequences), where ``wb.interpretation_shift`` ranks every token. The
         forward stops once every site's hook fired (``stop_at=True``), so a site near the input costs
         only the layers before it.
     """
