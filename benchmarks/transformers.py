@@ -21,7 +21,6 @@ import argparse
 import datetime
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -88,10 +87,27 @@ def matmul_rate(flops_rows: int, n: int = 768, reps: int = 5) -> float:
 
 
 def memory_child(size: str) -> None:
+    """RSS sampled every 5 ms while the transform runs, against RSS just before it (building the
+    model has a higher high-water mark than the transform, so ``ru_maxrss`` cannot tell them apart)."""
+    import threading
+
+    import psutil
+
     model = make(size)
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    proc, peak, done = psutil.Process(), [0], threading.Event()
+
+    def sample():
+        while not done.is_set():
+            peak[0] = max(peak[0], proc.memory_info().rss)
+            time.sleep(0.005)
+
+    base = proc.memory_info().rss
+    thread = threading.Thread(target=sample)
+    thread.start()
     wb.random_intertwiner(model, seed=0)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    done.set()
+    thread.join()
+    base, peak = base // 1024, peak[0] // 1024
     size_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     print(json.dumps({"base_kb": base, "peak_kb": peak, "model_bytes": size_bytes}))
 

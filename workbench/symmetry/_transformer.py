@@ -222,6 +222,8 @@ def push_transformer(model: nn.Module, smap: SymmetryMap, transform, inplace: bo
     Per-head maps go first, all heads of a weight in one batched product (they act on the head's
     own axes, before the head permutation moves heads); every other element acts on a whole axis.
     """
+    # In float64 whatever the model's dtype: computing a float32 model's dense (GL) maps in float32
+    # put its equivariance error above the float32 tolerance (attention-only model, TL 3.9).
     W = {k: v.double() for k, v in read_weights(model).items()}
     per_head: dict[tuple[str, int], dict[int, torch.Tensor]] = {}
     whole = []
@@ -243,7 +245,7 @@ def push_transformer(model: nn.Module, smap: SymmetryMap, transform, inplace: bo
             t = W[key].movedim(axis, -1)  # [head, ..., n]
             Ms = torch.eye(t.shape[-1], dtype=t.dtype).repeat(t.shape[0], 1, 1)
             for h, M in mats.items():
-                Ms[h] = M
+                Ms[h] = M.to(t.dtype)
             W[key] = torch.einsum("h...j,hij->h...i", t, Ms).movedim(-1, axis)
         for key, F, axis in whole:
             W[key] = F.act(W[key], axis)
