@@ -146,3 +146,45 @@ class Job:
     def wait(self, timeout: Optional[float] = None) -> None:
         if self._thread is not None:
             self._thread.join(timeout)
+
+
+class BackgroundAction:
+    """The one action of a widget that runs as a :class:`Job`: start it from code or a click,
+    cancel it, wait for it, and report how it ended.
+
+    The widget has ``job``, ``message``, ``cancel_button``, ``_result``, ``_cancelled`` and the button
+    named by ``action_button``; it implements ``_done(value)`` for a finished run.
+    """
+
+    action_button = "apply_button"
+
+    def _launch(self, work: Callable, wait: bool):
+        if self.job.running:
+            raise WorkbenchError("a run is already in progress; wait() for it or cancel() it first.")
+        getattr(self, self.action_button).disabled, self.cancel_button.disabled = True, False
+        self.message.value = "<i>running…</i>"
+        self.job.start(work, self._finish, background=not wait)
+        return None if (not wait or self._cancelled) else self._result
+
+    def _clicked(self, action: Callable) -> None:
+        try:
+            action(wait=False)
+        except Exception as exc:  # a click has no caller to raise to: show it
+            self.message.value = error_html(exc)
+
+    def cancel(self) -> None:
+        """Stop a running action at its next step; nothing from it is kept."""
+        self.job.cancel()
+
+    def wait(self, timeout: Optional[float] = None):
+        """Wait for a background run to finish; returns the current result."""
+        self.job.wait(timeout)
+        return self._result
+
+    def _finish(self, value, error: Optional[BaseException]) -> None:
+        getattr(self, self.action_button).disabled, self.cancel_button.disabled = False, True
+        self._cancelled = isinstance(error, Cancelled)
+        if error is not None:
+            self.message.value = "<i>cancelled — nothing changed</i>" if self._cancelled else error_html(error)
+            return
+        self._done(value)

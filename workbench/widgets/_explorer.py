@@ -12,8 +12,8 @@ from torch import nn
 from .._errors import InvalidOptionError, WorkbenchError, check_option
 from ..groups import ALIASES, GROUP_NAMES
 from ..symmetry import symmetry_map
-from ._base import Job, checked_int, error_html, html_bundle, int_control, show, shown_text
-from ._compute import Cancelled, ExplorerResult, badge_html, explore, unit_scores, unit_traces
+from ._base import BackgroundAction, Job, checked_int, html_bundle, int_control, show, shown_text
+from ._compute import ExplorerResult, badge_html, explore, unit_scores, unit_traces
 from ._examples import example_rows_html, kind_of, token_contexts_html
 from ._pixels import colour_bar_html, heatmap_html
 
@@ -46,7 +46,7 @@ def _warm_up() -> None:
         import_module(name)
 
 
-class IntertwinerExplorer(widgets.VBox):
+class IntertwinerExplorer(BackgroundAction, widgets.VBox):
     """Pick a site, a group, a seed and σ; Apply transforms the model there and shows what moved.
 
     The own group gives a function-preserving model (PASS): its units are the old units permuted
@@ -126,7 +126,7 @@ class IntertwinerExplorer(widgets.VBox):
         self.message = widgets.HTML()
         self.heatmap = widgets.Output()
         self.examples = widgets.Output()
-        self.apply_button.on_click(lambda _: self._apply_clicked())
+        self.apply_button.on_click(lambda _: self._clicked(self.apply))
         self.cancel_button.on_click(lambda _: self.cancel())
         self._site.observe(lambda _: self._on_site(), "value")
         for w in (self._group, self._seed, self._sigma):
@@ -205,37 +205,11 @@ class IntertwinerExplorer(widgets.VBox):
         site = self.smap[self.site]
         group = None if self.group in ("own", site.group.name) else self.group
         seed, sigma = self.seed, self.sigma  # read now: the controls may change while a worker runs
-        if self.job.running:
-            raise WorkbenchError("an Apply is already running; wait() for it or cancel() it first.")
-        self.apply_button.disabled, self.cancel_button.disabled = True, False
-        self.message.value = "<i>running…</i>"
-        self.job.start(lambda check: explore(self.model, site, group, seed, sigma, self.inputs, self.before[site.name],
-                                             verify_examples=self.verify_examples, batch_size=self.batch_size,
-                                             k=self.k, check=check),
-                       self._finish, background=not wait)
-        return None if (not wait or self._cancelled) else self._result
+        return self._launch(lambda check: explore(self.model, site, group, seed, sigma, self.inputs, self.before[site.name],
+                                                  verify_examples=self.verify_examples, batch_size=self.batch_size,
+                                                  k=self.k, check=check), wait)
 
-    def _apply_clicked(self) -> None:
-        try:
-            self.apply(wait=False)
-        except Exception as exc:  # a click has no caller to raise to: show it
-            self.message.value = error_html(exc)
-
-    def cancel(self) -> None:
-        """Stop a running Apply at its next step or batch; the previous result stays."""
-        self.job.cancel()
-
-    def wait(self, timeout: Optional[float] = None) -> Optional[ExplorerResult]:
-        """Wait for a background Apply to finish; returns the current result."""
-        self.job.wait(timeout)
-        return self._result
-
-    def _finish(self, value, error: Optional[BaseException]) -> None:
-        self.apply_button.disabled, self.cancel_button.disabled = False, True
-        self._cancelled = isinstance(error, Cancelled)
-        if error is not None:
-            self.message.value = "<i>cancelled — nothing changed</i>" if self._cancelled else error_html(error)
-            return
+    def _done(self, value) -> None:
         self._result, self._new_model = value
         self.message.value = f"<i>done in {self.job.seconds:.2f} s</i>"
         self.badge.value = badge_html(self._result.passed) + html.escape(self._result.summary())
