@@ -340,3 +340,12 @@ def test_reports_have_frames_plots_and_html():
         ax = r.plot()
         assert ax.figure is not None
         plt.close("all")
+
+
+def test_z_is_zero_when_the_null_ties_with_the_observed_value_to_rounding():
+    from workbench.probing._privileged import z_scores
+
+    observed = torch.tensor([0.3, 0.3], dtype=torch.float64)
+    null = observed + torch.tensor([[1e-17, 0.2], [-1e-17, 0.3], [2e-17, 0.4]], dtype=torch.float64)
+    z = z_scores(observed, null)
+    assert z[0] == 0.0 and z[1] < -1  # rounding-level spread is a tie; a real spread is not

@@ -75,10 +75,13 @@ def empirical_p(observed: torch.Tensor, null: torch.Tensor) -> torch.Tensor:
 
 
 def z_scores(observed: torch.Tensor, null: torch.Tensor) -> torch.Tensor:
-    """(observed − null mean) / null std; 0 where the null is constant and equal, ±inf where it differs."""
+    """(observed − null mean) / null std; 0 where every null value ties with the observed one (to
+    ``TIE_RTOL``: a spread of rounding errors divided by rounding errors would read ±1), ±inf where
+    the null is constant and differs."""
     mu, sd = null.mean(0), null.std(0) if null.shape[0] > 1 else torch.zeros_like(observed)
     gap = observed - mu
-    return torch.where(sd > 0, gap / sd.clamp_min(1e-300), torch.sign(gap) * torch.where(gap == 0, 0.0, torch.inf))
+    z = torch.where(sd > 0, gap / sd.clamp_min(1e-300), torch.sign(gap) * torch.where(gap == 0, 0.0, torch.inf))
+    return torch.where(_ties(observed, null).all(0), torch.zeros_like(z), z)
 
 
 @dataclass(repr=False)
