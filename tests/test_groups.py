@@ -94,7 +94,9 @@ def test_contains_own_samples_and_rejects_others():
     members = {"permutation": {"P", "I"}, "scaled_permutation": {"P", "PD+", "D+", "I"},
                "signed_permutation": {"P", "PD±", "I"}, "diagonal_permutation": {"P", "PD+", "PD±", "PD", "D+", "I"},
                "positive_diagonal": {"D+", "I"}, "orthogonal": {"P", "PD±", "R", "R-", "I"},
-               "special_orthogonal": {"R", "I"}, "gl": set(el), "trivial": {"I"}}
+               "special_orthogonal": {"R", "I"}, "gl": set(el), "trivial": {"I"},
+               "orthogonal_ones": {"P", "I"},  # rotations fixing 1: permutations do, sign flips and R do not
+               "rotary": set(el)}  # with no rotary pairs given, every dimension is free: GL
     assert set(members) == set(FAMILIES)
     for name, inside in members.items():
         G = get_group(name, 5)
