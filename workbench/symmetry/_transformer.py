@@ -19,9 +19,10 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..groups import GroupElement, ScaledPermutation, get_group
+from ..groups import GroupElement, get_group
 from ..hooks._tl import read_weights, rebuild, shape_facts, tl_kind, write_weights
 from ._map import Observation, Port, Site, SymmetryMap
+from ._transform import _perm_part
 
 _NORMS = {  # normalisation type -> (group with gains present, group once folded, what folding does)
     None: ("gl", "gl"),
@@ -212,10 +213,6 @@ def rotary_pairs(model: nn.Module, layer: int = 0) -> tuple[tuple[int, int], ...
 
 
 # ---------------------------------------------------------------------- pushing elements into the weights
-def _perm_part(e: GroupElement) -> Optional[ScaledPermutation]:
-    return ScaledPermutation(e.perm, None, "identity", e.group) if isinstance(e, ScaledPermutation) else None
-
-
 def push_transformer(model: nn.Module, smap: SymmetryMap, transform, inplace: bool) -> nn.Module:
     """A rebuilt model (or ``model`` itself when ``inplace``) with ``transform`` in its weights.
 
@@ -257,7 +254,7 @@ def push_transformer(model: nn.Module, smap: SymmetryMap, transform, inplace: bo
 
 def clone(model: nn.Module, dtype: Optional[torch.dtype] = None) -> nn.Module:
     """An independent copy (rebuilt, sharing no state with ``model``), optionally cast to ``dtype``."""
-    return rebuild(model, {k: v.clone() for k, v in read_weights(model).items()}, dtype)
+    return rebuild(model, read_weights(model), dtype)  # rebuild copies into fresh parameters
 
 
 def observe(site: Site, element: GroupElement, obs: Observation, h: torch.Tensor) -> torch.Tensor:

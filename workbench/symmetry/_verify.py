@@ -12,7 +12,7 @@ from .._report import Report, new_axes
 from ..hooks import hook_names, run_with_cache
 from ._map import Site, symmetry_map
 from ._modes import eval_mode
-from ._transform import Transform, apply_transform
+from ._transform import Transform, _perm_part, apply_transform
 
 # Relative tolerances by dtype: what an exact symmetry achieves with random weights, with margin.
 TOLERANCES = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 5e-2}
@@ -200,7 +200,7 @@ def _composite_checks(sites: list[Site], transform: Transform, cache, new_cache)
 
 def _site_check(site: Site, transform: Transform, cache, new_cache) -> SiteCheck:
     element = transform.elements[site.name]
-    perm = element.__class__(element.perm, None, element.phi_kind, element.group) if hasattr(element, "perm") else element
+    perm = _perm_part(element) or element
     offset = site.group.offset(element) if site.affine and site.name not in transform.forced else None
     eq, change, count = 0.0, 0.0, 0
     for o in site.observed:

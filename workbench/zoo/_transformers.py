@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from ..hooks._tl import has_hooked_transformer, to_canonical as to_hooked_transformer
+from ..hooks._tl import has_hooked_transformer, to_canonical as to_hooked_transformer, write_weights
 
 VARIANTS = {"gelu": "gelu", "relu": "relu", "solu": "solu_ln"}
 
@@ -35,11 +35,7 @@ def build(cfg: dict[str, Any], state_dict: dict[str, torch.Tensor] | None = None
             warnings.simplefilter("ignore", DeprecationWarning)
             model = HookedTransformer(HookedTransformerConfig(**cfg))
         if state_dict is not None:
-            legacy = to_hooked_transformer(state_dict, cfg)
-            missing, unexpected = model.load_state_dict(legacy, strict=False)
-            missing = [k for k in missing if not k.endswith((".mask", ".IGNORE"))]
-            if missing or unexpected:
-                raise ValueError(f"weights do not fit HookedTransformer: missing {missing}, unexpected {unexpected}")
+            write_weights(model, to_hooked_transformer(state_dict, cfg))
         return model.eval()
     from transformer_lens.config import TransformerBridgeConfig
     from transformer_lens.model_bridge import TransformerBridge
