@@ -4,6 +4,8 @@ import re
 
 import pytest
 import torch
+
+import workbench as wb
 from hypothesis import given, settings, strategies as st
 
 from workbench.data import (IGNORE_INDEX, ConceptDataset, decode, digits, encode, sentences, shapes,
@@ -233,3 +235,25 @@ def test_generic_dataset_checks_its_parts():
     with pytest.raises(ValueError, match="labels has 3 rows but inputs has 4"):
         ConceptDataset(torch.zeros(4, 2), torch.zeros(3), label_names=[], concept_names=["a"],
                        concepts=torch.zeros(4, 1))
+
+
+def test_retokenize_sentences_for_minilm_word_pieces_inherit_concepts():
+    tok = wb.zoo.load("minilm").tokenizer
+    ds = wb.data.sentences(20, seed=3)
+    pieces = wb.data.retokenize(ds, tok)
+    assert pieces.inputs.shape == (20, max(pieces.meta["pieces"])) and pieces.labels is None
+    for i in range(20):
+        words = [w for w in ds.decode(ds.inputs[i]).split() if w not in ("<bos>", "<pad>")]
+        ids = pieces.inputs[i, :pieces.meta["pieces"][i]].tolist()
+        assert ids[0] == tok.cls_token_id and ids[-1] == tok.sep_token_id
+        expected = [p for w in words for p in tok(w, add_special_tokens=False)["input_ids"]]
+        assert ids[1:-1] == expected  # every word's pieces, in order: nothing lost or added
+        assert (pieces.inputs[i, len(ids):] == tok.pad_token_id).all() and not pieces.concepts[i, len(ids) - 1:].any()
+    colour = pieces.concept("colour")
+    assert colour.any() and all(tok.convert_ids_to_tokens(int(t)) in wb.data._text.WORDS["colour"]
+                                for t in pieces.inputs[colour])
+    assert pieces.concept("first_word")[:, 1].all() and pieces.concept("first_word").sum() == 20
+    with pytest.raises(wb.InvalidOptionError, match="too short"):
+        wb.data.retokenize(ds, tok, length=5)
+    with pytest.raises(wb.InvalidOptionError, match="token-level text"):
+        wb.data.retokenize(wb.data.digits(10), tok)

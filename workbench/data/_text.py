@@ -125,3 +125,54 @@ def sentences(n: int, seed: int = 0) -> ConceptDataset:
                 task="next-token prediction (labels are next-token targets, -100 = ignore)")
     return ConceptDataset(inputs, next_token_targets(inputs, 0), label_names=VOCAB,
                           concept_names=SENTENCE_CONCEPTS, concepts=concepts, vocab=VOCAB, meta=meta)
+
+
+def retokenize(ds: ConceptDataset, tokenizer, length: Optional[int] = None) -> ConceptDataset:
+    """The sentences of ``ds`` (from :func:`sentences`) in a Hugging Face tokenizer's word pieces.
+
+    Each row becomes ``[CLS] pieces… [SEP]`` padded with the tokenizer's pad id to ``length`` (default:
+    the longest row; the model attends to the padding, the same way in every model compared); every
+    piece inherits its word's concepts, special tokens and padding carry none. This is how the shipped
+    sentences reach MiniLM (``wb.zoo.load("minilm").tokenizer``). ``labels`` is None: an encoder has
+    no next-token task here.
+
+    Returns:
+        ``inputs`` int64 ``[n, length]``, ``concepts`` bool ``[n, length, K]`` (K as in ``ds``),
+        ``meta["pad_id"]`` the tokenizer's pad id, ``meta["pieces"]`` the real (non-pad) length per row.
+    """
+    if ds.vocab is None or ds.concepts.ndim != 3:
+        raise InvalidOptionError("retokenize needs a token-level text data set such as wb.data.sentences(n).")
+    cls_id, sep_id, pad_id = tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.pad_token_id
+    if None in (cls_id, sep_id, pad_id):
+        raise InvalidOptionError(f"retokenize needs a tokenizer with [CLS], [SEP] and [PAD] tokens (a BERT-style "
+                                 f"encoder's); {type(tokenizer).__name__} lacks one.")
+    n, T, K = ds.concepts.shape
+    pieces_of = {}  # word -> its pieces, tokenised once
+    rows = []
+    for i in range(n):
+        ids, labels = [cls_id], [torch.zeros(K, dtype=torch.bool)]
+        for t in range(T):
+            word = ds.vocab[int(ds.inputs[i, t])]
+            if word in (PAD, BOS):
+                continue
+            if word not in pieces_of:
+                pieces_of[word] = tokenizer(word, add_special_tokens=False)["input_ids"]
+            ids += pieces_of[word]
+            labels += [ds.concepts[i, t]] * len(pieces_of[word])
+        rows.append((ids + [sep_id], labels[1:]))
+    longest = max(len(ids) for ids, _ in rows)
+    length = longest if length is None else length
+    if length < longest:
+        raise InvalidOptionError(f"length={length} is too short: the longest sentence needs {longest} tokens with "
+                                 f"[CLS] and [SEP]; pass length>={longest} (or None).")
+    inputs = torch.full((n, length), pad_id, dtype=torch.long)
+    concepts = torch.zeros(n, length, K, dtype=torch.bool)
+    for i, (ids, labels) in enumerate(rows):
+        inputs[i, :len(ids)] = torch.tensor(ids)
+        if labels:
+            concepts[i, 1:len(ids) - 1] = torch.stack(labels)
+    lengths = [len(ids) for ids, _ in rows]
+    vocab = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+    meta = dict(ds.meta, retokenized_by=type(tokenizer).__name__, pad_id=pad_id, pieces=lengths)
+    return ConceptDataset(inputs, None, label_names=vocab, concept_names=ds.concept_names, concepts=concepts,
+                          vocab=vocab, meta=meta)
