@@ -1,5 +1,6 @@
 """The widgets, driven from code: state set and read, Apply's verdicts, errors, cancellation, no mutation."""
 import re
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -7,10 +8,11 @@ from hypothesis import given, settings, strategies as st
 from torch import nn
 
 import workbench as wb
+from workbench.symmetry._match import site_units
 from workbench.widgets import CacheBrowser, Cancelled, ExplorerResult, IntertwinerExplorer
 from workbench.widgets._base import shown_text
 from workbench.widgets._cache_browser import slice_2d
-from workbench.widgets._compute import _per_unit, correlation, unit_scores, unit_traces
+from workbench.widgets._compute import correlation, unit_scores, unit_traces
 from workbench.widgets._examples import kind_of, token_contexts_html
 from models import randomise
 
@@ -211,8 +213,13 @@ def test_unit_scores_traces_and_correlation():
     _, cache = wb.run_with_cache(model, x, names="5")
     assert torch.equal(scores, cache["5"].double().amax(dim=(2, 3)))
     assert torch.equal(unit_traces(model, site, x[:3], 4), cache["5"][:3, 4].reshape(3, -1).double())
+    units12 = SimpleNamespace(n=12)
     tokens_layout = torch.randn(2, 7, 12)  # TransformerLens: [batch, pos, d] with the units last
-    assert torch.equal(_per_unit(tokens_layout, site, 1, -1), tokens_layout.transpose(1, 2))
+    hook = wb.symmetry.Observation("h", 0, "pre")
+    assert torch.equal(site_units(tokens_layout, units12, hook, True), tokens_layout.transpose(1, 2))
+    per_head = torch.randn(2, 7, 4, 12)  # [batch, pos, head, d_head]: a per-head site reads its own head only
+    head2 = wb.symmetry.Observation("h", 0, "pre", axis=-1, heads=(2,))
+    assert torch.equal(site_units(per_head, units12, head2, True), per_head[:, :, 2].transpose(1, 2))
     a = torch.randn(50, 4, dtype=torch.float64)
     b = torch.cat([3 * a[:, [2, 0]], -a[:, [1]], torch.zeros(50, 1, dtype=torch.float64)], dim=1)
     r = correlation(a, b)

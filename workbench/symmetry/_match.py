@@ -132,24 +132,47 @@ class InterpretationShift(Report):
         return ax
 
 
-def _unit_scores(model: nn.Module, site: Site, data: torch.Tensor, batch_size: int) -> torch.Tensor:
-    """Per example and unit, the activation at the site's hook (spatial max for maps): [N, C].
+def site_units(h: torch.Tensor, site: Site, hook, transformer: bool) -> torch.Tensor:
+    """An activation at a site's hook -> ``[batch, C, rest]``: units second, everything else flattened.
 
-    For token inputs every (sequence, position) is an example — a token in its context — in
-    row-major order, so example i is sequence i // seq_len, position i % seq_len; a per-head site
-    reads its first head.
+    TransformerLens activations keep units last (``[batch, pos, d]``, per head ``[batch, pos, head,
+    d_head]``: a per-head site reads its first head); grouped units (``hook.block > 1``) are split.
     """
-    hook = next(o for o in site.observed if o.name == site.hook_name)
-    out = []
-    with eval_mode(model):
-        for start in range(0, len(data), batch_size):
-            _, cache = run_with_cache(model, data[start:start + batch_size], names=hook.name)
-            h = cache.calls(hook.name)[hook.call].double()
-            if not data.is_floating_point():  # tokens: [batch, pos, (head,) unit] -> [batch·pos, unit]
-                h = (h[..., hook.heads[0], :] if hook.heads else h).flatten(0, 1)
-            h = h.reshape(h.shape[0], site.n, -1) if hook.block > 1 else h
-            out.append(h.amax(dim=tuple(range(2, h.ndim))) if h.ndim > 2 else h)
-    return torch.cat(out)
+    if transformer:
+        h = (h[..., hook.heads[0], :] if hook.heads else h).movedim(-1, 1)
+    return h.reshape(h.shape[0], site.n, -1)
+
+
+def unit_scores(model: nn.Module, sites, inputs: torch.Tensor, *, per_sequence: bool = False, batch_size: int = 256,
+                check=None) -> dict[str, torch.Tensor]:
+    """Per example and unit, the activation at each site's hook: ``{site name: float64 [N, C]}``.
+
+    Images: the largest value over pixels. Token inputs: every (sequence, position) is an example — a
+    token in its context — in row-major order (example i is sequence i // seq_len, position i %
+    seq_len); ``per_sequence=True`` keeps one row per sequence instead (its largest value over
+    positions: what the explorer shows). The forward stops once every site's hook fired. ``check``
+    is called before each batch (the widgets' cancel point). The model runs in eval mode, restored.
+    """
+    from ..hooks._points import is_transformer_lens
+
+    tl = is_transformer_lens(model)
+    hooks = {s.name: next(o for o in s.observed if o.name == s.hook_name) for s in sites}
+    names = sorted({o.name for o in hooks.values()})
+    stop = all(o.call == 0 for o in hooks.values())  # stop_at stops at a name's first call
+    parts: dict[str, list] = {s.name: [] for s in sites}
+    with eval_mode(model), torch.no_grad():
+        for start in range(0, len(inputs), batch_size):
+            if check is not None:
+                check(None)
+            _, cache = run_with_cache(model, inputs[start:start + batch_size], names=names, stop_at=stop, budget=None)
+            for s in sites:
+                o = hooks[s.name]
+                h = site_units(cache.calls(o.name)[o.call], s, o, tl)  # [batch, C, rest]
+                if tl and not per_sequence:  # [batch, C, pos] -> [batch·pos, C]
+                    parts[s.name].append(h.transpose(1, 2).flatten(0, 1).double())
+                else:
+                    parts[s.name].append(h.amax(dim=2).double())
+    return {name: torch.cat(p) for name, p in parts.items()}
 
 
 def interpretation_shift(model: nn.Module, new_model: nn.Module, data: torch.Tensor, site: Union[str, Site],
@@ -162,8 +185,8 @@ def interpretation_shift(model: nn.Module, new_model: nn.Module, data: torch.Ten
     """
     smap = symmetry_map(model, example)
     site = smap[site] if isinstance(site, str) else site
-    a = _unit_scores(model, site, data, batch_size)
-    b = _unit_scores(new_model, site, data, batch_size)
+    a = unit_scores(model, [site], data, batch_size=batch_size)[site.name]
+    b = unit_scores(new_model, [site], data, batch_size=batch_size)[site.name]
     perm = match_neurons(a, b, signed=not site.group.name.startswith("scaled")).perm
     return InterpretationShift.from_scores(site.name, a, b, perm, k)
 

@@ -20,6 +20,8 @@ from ..hooks import run_with_cache
 from ..hooks._points import is_transformer_lens
 from ..symmetry import (InterpretationShift, InvarianceReport, NeuronMatching, Site, Transform, match_neurons,
                         random_intertwiner, verify)
+from ..symmetry._match import site_units
+from ..symmetry._match import unit_scores as _unit_scores
 from ..symmetry._modes import eval_mode
 
 
@@ -35,49 +37,11 @@ def _no_check(label: Optional[str] = None) -> None:
     return None
 
 
-def unit_axis(model: nn.Module) -> int:
-    """Where the units of a hook's activation are: 1 for ``[batch, C, ...]``, -1 for TransformerLens ``[batch, pos, d]``."""
-    return -1 if is_transformer_lens(model) else 1
-
-
-def _per_unit(h: torch.Tensor, site: Site, block: int, axis: int) -> torch.Tensor:
-    """``[batch, ...]`` at a site's hook -> ``[batch, C, rest]`` (units second, everything else flattened)."""
-    if axis != 1:
-        h = h.movedim(axis, 1)
-    return h.reshape(h.shape[0], site.n, -1) if (block > 1 or h.ndim != 3) else h
-
-
 def unit_scores(model: nn.Module, sites: Sequence[Site], inputs: torch.Tensor, *, batch_size: int = 256,
                 check: Check = _no_check) -> dict[str, torch.Tensor]:
-    """Per example and unit, the largest activation at each site's hook (over positions or pixels).
-
-    Args:
-        model: the model (run in eval mode, restored afterwards; never modified).
-        sites: sites of ``wb.symmetry_map(model)``.
-        inputs: ``[N, ...]`` examples, run in batches of ``batch_size``.
-
-    Returns:
-        ``{site name: float64 [N, C]}`` — for images the numbers ``wb.interpretation_shift`` ranks;
-        for token inputs one row per *sequence* (its largest activation over positions, since the
-        explorer shows whole sequences), where ``wb.interpretation_shift`` ranks every token. The
-        forward stops once every site's hook fired (``stop_at=True``), so a site near the input costs
-        only the layers before it.
-    """
-    hooks = {s.name: next(o for o in s.observed if o.name == s.hook_name) for s in sites}
-    names = sorted({o.name for o in hooks.values()})
-    # stop_at=True stops at the first call of every name; a site read at a later call needs the full forward.
-    stop = all(o.call == 0 for o in hooks.values())
-    axis = unit_axis(model)
-    parts: dict[str, list] = {s.name: [] for s in sites}
-    with eval_mode(model), torch.no_grad():
-        for start in range(0, len(inputs), batch_size):
-            check(None)
-            _, cache = run_with_cache(model, inputs[start:start + batch_size], names=names, stop_at=stop, budget=None)
-            for s in sites:
-                o = hooks[s.name]
-                h = _per_unit(cache.calls(o.name)[o.call], s, o.block, axis)
-                parts[s.name].append(h.amax(dim=2).double())
-    return {name: torch.cat(p) for name, p in parts.items()}
+    """``wb.symmetry``'s unit scores with one row per *sequence* for token inputs (the explorer shows
+    whole sequences; ``wb.interpretation_shift`` ranks every token): ``{site name: float64 [N, C]}``."""
+    return _unit_scores(model, sites, inputs, per_sequence=True, batch_size=batch_size, check=check)
 
 
 def unit_traces(model: nn.Module, site: Site, inputs: torch.Tensor, unit: int) -> torch.Tensor:
@@ -85,7 +49,7 @@ def unit_traces(model: nn.Module, site: Site, inputs: torch.Tensor, unit: int) -
     o = next(o for o in site.observed if o.name == site.hook_name)
     with eval_mode(model), torch.no_grad():
         _, cache = run_with_cache(model, inputs, names=o.name, stop_at=o.call == 0, budget=None)
-    return _per_unit(cache.calls(o.name)[o.call], site, o.block, unit_axis(model))[:, unit].double()
+    return site_units(cache.calls(o.name)[o.call], site, o, is_transformer_lens(model))[:, unit].double()
 
 
 def correlation(before: torch.Tensor, after: torch.Tensor) -> torch.Tensor:
