@@ -202,22 +202,6 @@ def test_groups_for_transformers_sample_members():
         get_group("rotary", 4, pairs=[(0, 1), (1, 2)])
 
 
-def test_hugging_face_bridges_are_refused_with_a_reason_not_transformed(tmp_path):
-    from transformers import GPT2Config, GPT2LMHeadModel
-    from transformer_lens.model_bridge import TransformerBridge
-    from workbench.hooks._tl import has_hooked_transformer
-
-    if has_hooked_transformer():
-        pytest.skip("TransformerLens 3.9 has no TransformerBridge")
-    torch.manual_seed(0)
-    GPT2LMHeadModel(GPT2Config(n_embd=16, n_layer=1, n_head=4, n_positions=8, vocab_size=50)).save_pretrained(tmp_path)
-    model = TransformerBridge.boot_transformers(str(tmp_path), device="cpu")
-    smap = wb.symmetry_map(model)
-    assert len(smap) == 0 and "GPT2LMHeadModel" in smap.skipped[0][1]
-    with pytest.raises(TypeError, match="Hugging Face GPT2LMHeadModel"):
-        wb.fold_layernorm(model)
-
-
 def test_interpretation_shift_mlp_neurons_relabel_but_residual_coordinates_change():
     model = wb.fold_layernorm(clone(randomised(make_transformer(**FAMILIES["gelu_ln"])), torch.float64))
     data = tokens(24, 12, seed=3)

@@ -18,7 +18,7 @@ _LAZY = {
     **dict.fromkeys(["intertwiner_group", "check_intertwiner", "discover_group", "geodesic", "get_group"],
                     "workbench.groups"),
     **dict.fromkeys(["symmetry_map", "random_intertwiner", "apply_transform", "verify", "match_neurons",
-                     "interpretation_shift", "Transform", "SymmetryMap", "Site", "fold_layernorm"], "workbench.symmetry"),
+                     "interpretation_shift", "Transform", "SymmetryMap", "Site", "fold_layernorm", "untie_embeddings"], "workbench.symmetry"),
 }
 _SUBPACKAGES = {"data", "groups", "hooks", "probing", "similarity", "stitching", "symmetry", "widgets", "zoo"}
 

@@ -66,6 +66,10 @@ def to_canonical(sd: dict[str, torch.Tensor], cfg: Any) -> dict[str, torch.Tenso
             out["pos_embed.W_pos"] = t
         elif stem == "unembed":
             out["unembed.W_U" if W else "unembed.b_U"] = t.T if W else t
+        elif stem == "token_type_embed":  # BERT
+            out["token_type_embed.W_TT"] = t
+        elif stem == "mlm_head":  # BERT's MLM head dense: reads the stream, writes the head's space
+            out["mlm.W" if W else "mlm.b"] = t.T if W else t
         else:  # norms: ln1, ln2, ln_final, mlp.ln (SoLU)
             out[f"{stem}.{'w' if W else 'b'}"] = t
     return {k: v.contiguous() for k, v in out.items()}
@@ -96,6 +100,10 @@ def from_canonical(sd: dict[str, torch.Tensor], cfg: Any) -> dict[str, torch.Ten
             out["unembed.weight"] = t.T
         elif key == "unembed.b_U":
             out["unembed.bias"] = t
+        elif key == "token_type_embed.W_TT":
+            out["token_type_embed.weight"] = t
+        elif key in ("mlm.W", "mlm.b"):
+            out[f"mlm_head.{'weight' if leaf == 'W' else 'bias'}"] = t.T if leaf == "W" else t
         else:
             out[f"{base}.{'weight' if leaf == 'w' else 'bias'}"] = t
     return {k: v.contiguous() for k, v in out.items()}
@@ -108,7 +116,7 @@ _HOOKED_GQA = {"W_K": "_W_K", "b_K": "_b_K", "W_V": "_W_V", "b_V": "_b_V"}
 def read_weights(model: nn.Module) -> dict[str, torch.Tensor]:
     """The model's weights in the canonical per-head layout (detached copies' views; do not write)."""
     kind = tl_kind(model)
-    sd = {k: v.detach() for k, v in model.state_dict().items()}
+    sd = {k: v.detach() for k, v in model.state_dict().items()} if kind != "hf" else {}
     if kind == "hooked":
         back = {v: k for k, v in _HOOKED_GQA.items()}
         out = {}
@@ -118,44 +126,31 @@ def read_weights(model: nn.Module) -> dict[str, torch.Tensor]:
                 continue
             out[f"{base}.{back.get(leaf, leaf)}"] = v
         return out
+    if kind == "hf":
+        from ._hf import read_bridge_layout
+
+        return to_canonical(read_bridge_layout(model), model.cfg)
     return to_canonical(sd, model.cfg)
 
 
-def rebuild(model: nn.Module, weights: dict[str, torch.Tensor], dtype: Optional[torch.dtype] = None) -> nn.Module:
+def rebuild(model: nn.Module, weights: dict[str, torch.Tensor], dtype: Optional[torch.dtype] = None,
+            untie: bool = False) -> nn.Module:
     """A fresh model of the same kind and config carrying ``weights`` (canonical layout), in ``dtype``
-    (default: the model's).
+    (default: the model's). ``untie``: a Hugging Face model is built with untied embeddings (tied
+    ones that the weights make differ are otherwise an error; see ``_hf.rebuild``).
 
     Never ``copy.deepcopy``: a bridge that has run can carry hooks that point at the original. The
     config is copied too (``HookedTransformer.to`` edits ``cfg.dtype`` in place) and built in the
     target dtype directly: a bridge's ``.to()`` costs more than building it.
     """
-    import copy
-    import warnings
-
     kind = tl_kind(model)
     dtype = dtype or next(model.parameters()).dtype
-    cfg = copy.deepcopy(model.cfg)
-    cfg.dtype = dtype
-    with warnings.catch_warnings(), _no_random_init():
-        warnings.simplefilter("ignore")
-        if kind == "hooked":
-            from transformer_lens import HookedTransformer
+    if kind == "hf":
+        from . import _hf
 
-            new = HookedTransformer(cfg)
-        elif kind == "native":
-            from transformer_lens.model_bridge import TransformerBridge
-
-            new = TransformerBridge.boot_native(cfg)
-        else:
-            raise TypeError(f"cannot rebuild a {type(model).__name__} of kind {kind!r} from weights.")
-    if next(new.parameters()).dtype != dtype:
-        import contextlib
-        import io
-
-        with contextlib.redirect_stdout(io.StringIO()):  # HookedTransformer prints "Changing model dtype"
-            new = new.to(dtype)
+        return _hf.rebuild(model, from_canonical(weights, model.cfg), dtype, untie)
+    new = _blank(model, dtype)
     write_weights(new, weights)
-    new.train(model.training)
     return new
 
 
@@ -198,3 +193,92 @@ def write_weights(model: nn.Module, weights: dict[str, torch.Tensor]) -> None:
         model.load_state_dict(from_canonical(weights, model.cfg), strict=True)
         return
     raise TypeError(f"cannot write weights into a {type(model).__name__} of kind {kind!r}.")
+
+
+# ---------------------------------------------------------------------- a model's own tensors, in place
+def _blank(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """A fresh model of ``model``'s kind and config in ``dtype`` whose parameters hold garbage: the
+    caller writes every one (``write_weights`` checks that; ``_canonical_views`` callers write all)."""
+    import copy
+    import warnings
+
+    kind = tl_kind(model)
+    cfg = copy.deepcopy(model.cfg)
+    cfg.dtype = dtype
+    with warnings.catch_warnings(), _no_random_init():
+        warnings.simplefilter("ignore")
+        if kind == "hooked":
+            from transformer_lens import HookedTransformer
+
+            new = HookedTransformer(cfg)
+        elif kind == "native":
+            from transformer_lens.model_bridge import TransformerBridge
+
+            # Its staged init would copy an uninitialised buffer into every weight (half of the boot).
+            init, cfg.init_weights = getattr(cfg, "init_weights", None), False
+            with _hidden(TransformerBridge, "W_E_pos"):
+                new = TransformerBridge.boot_native(cfg)
+            if init is not None:
+                new.cfg.init_weights = init
+        else:
+            raise TypeError(f"cannot rebuild a {type(model).__name__} of kind {kind!r} from weights.")
+    if next(new.parameters()).dtype != dtype:
+        import contextlib
+        import io
+
+        with contextlib.redirect_stdout(io.StringIO()):  # HookedTransformer prints "Changing model dtype"
+            new = new.to(dtype)
+    new.train(model.training)
+    return new
+
+
+def _canonical_views(model: nn.Module) -> Optional[dict[str, torch.Tensor]]:
+    """Every weight of ``model`` in the canonical layout as a *view* of its own tensor (writing a view
+    writes the model), or None where that is not possible (Hugging Face bridges, a copying layout).
+
+    The views let a transform read the original and write the copy without the two full copies that
+    ``read_weights`` (``.contiguous()``) and ``write_weights`` (``load_state_dict``) make.
+    """
+    kind = tl_kind(model)
+    if kind == "hooked":
+        views = read_weights(model)  # HookedTransformer already stores the canonical layout
+    elif kind == "native":  # to_canonical's own mapping, with its closing .contiguous() a no-op
+        sd = {k: v.as_subclass(_Viewed) for k, v in model.state_dict().items()}
+        views = {k: v.as_subclass(torch.Tensor) for k, v in to_canonical(sd, model.cfg).items()}
+    else:
+        return None
+    # Only if the views share storage with the model's tensors (a reshape that had to copy would not)
+    # and cover every parameter, so that a blank model is fully written.
+    seen = {v.untyped_storage().data_ptr() for v in views.values()}
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    buffers = {b.untyped_storage().data_ptr() for b in model.buffers()}
+    return views if params <= seen <= params | buffers else None
+
+
+class _hidden:
+    """Hide a class's property while a model is built. A bridge's hook scan reads every public
+    attribute and keeps only the hook points; ``W_E_pos`` is a concatenated copy of the embeddings
+    (157 MB for GPT-2 small), made twice per boot and thrown away: 10-20% of the boot, and the peak
+    memory of a transform."""
+
+    def __init__(self, cls: type, name: str):
+        self.cls, self.name = cls, name
+
+    def __enter__(self):
+        self.saved = self.cls.__dict__.get(self.name)
+        if isinstance(self.saved, property):
+            setattr(self.cls, self.name, property(self._missing))
+
+    def _missing(self, obj):
+        raise AttributeError(f"{self.name} is hidden while the model is built")
+
+    def __exit__(self, *exc):
+        if isinstance(self.saved, property):
+            setattr(self.cls, self.name, self.saved)
+
+
+class _Viewed(torch.Tensor):
+    """A tensor whose ``contiguous()`` is itself, so ``to_canonical`` returns views, not copies."""
+
+    def contiguous(self, memory_format=torch.contiguous_format):
+        return self

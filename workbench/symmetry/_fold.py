@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..hooks import _hf
 from ..hooks._tl import read_weights, rebuild, tl_kind
 
 # Each residual-stream norm and the weights that read its output (canonical layout: d_model axis).
@@ -11,13 +12,16 @@ _READERS = {"ln1": ("attn", ("Q", "K", "V")), "ln2": ("mlp", ("in", "gate"))}
 
 
 def fold_layernorm(model: nn.Module) -> nn.Module:
-    """A new model whose residual-stream norms have gain 1 and bias 0, their affine part folded into
+    """A new model whose residual-stream norms have gain 1 (and bias 0), their affine part folded into
     the readers (``W_Q``/``W_K``/``W_V``, ``W_in``/``W_gate``, ``W_U`` and their biases); the input
     model is not modified.
 
     The function is unchanged (computed in float64, then cast to the model's dtype), and the residual
     stream's group grows: from permutations to rotations fixing the all-ones direction (LayerNorm), or
     from signed permutations to all rotations (RMSNorm) — see ``wb.symmetry_map(folded)["resid"]``.
+    A bias with no reader bias to absorb it (Hugging Face GPT-2's final LayerNorm: its unembedding
+    has none) stays on the norm, divided by the gain; after the normalisation it is a vector that
+    rotations move with the stream. Tied embeddings (GPT-2) are untied: the unembedding takes the final norm's gain.
     Post-LayerNorm models (BERT) cannot be folded: their norms sit on the stream itself.
 
     Example:
@@ -25,33 +29,61 @@ def fold_layernorm(model: nn.Module) -> nn.Module:
         >>> wb.fold_layernorm(torch.nn.Linear(2, 2))
         Traceback (most recent call last):
         ...
-        TypeError: fold_layernorm expects a TransformerLens model (HookedTransformer or a native TransformerBridge); got Linear.
+        TypeError: fold_layernorm expects a TransformerLens model (HookedTransformer or a TransformerBridge); got Linear.
     """
     kind = tl_kind(model)
-    if kind not in ("hooked", "native"):
-        what = f"a bridge around Hugging Face {type(model.original_model).__name__}" if kind == "hf" else type(model).__name__
-        raise TypeError(f"fold_layernorm expects a TransformerLens model (HookedTransformer or a native "
-                        f"TransformerBridge); got {what}.")
+    if kind is None:
+        raise TypeError(f"fold_layernorm expects a TransformerLens model (HookedTransformer or a TransformerBridge); "
+                        f"got {type(model).__name__}.")
+    if kind == "hf" and (reason := _hf.unsupported(model)):
+        raise TypeError(f"fold_layernorm cannot read this model: {reason}")
+    if kind == "hf" and _hf.is_post_ln(model):
+        raise ValueError(f"fold_layernorm: {type(model.original_model).__name__} is post-LayerNorm — every norm sits on "
+                         f"the residual stream itself, so there is nothing to fold into; its stream group stays "
+                         f"the permutations.")
     W = {k: v.double().clone() for k, v in read_weights(model).items()}
     for layer in range(int(model.cfg.n_layers)):
         for ln, (part, mats) in _READERS.items():
             readers = [(f"blocks.{layer}.{part}.W_{m}", f"blocks.{layer}.{part}.b_{m}") for m in mats]
             _fold(W, f"blocks.{layer}.{ln}", [r for r in readers if r[0] in W], heads=part == "attn")
     _fold(W, "ln_final", [("unembed.W_U", "unembed.b_U")], heads=False)
-    return rebuild(model, W)
+    return rebuild(model, W, untie=True)
 
 
 def _fold(W: dict, ln: str, readers: list[tuple[str, str]], heads: bool) -> None:
     if f"{ln}.w" not in W:
         return
     w, b = W[f"{ln}.w"], W.get(f"{ln}.b")
+    keep_bias = b is not None and bool(b.ne(0).any()) and any(bkey not in W for _, bkey in readers)
     for wkey, bkey in readers:
         M = W[wkey]  # [d_model, out] or per head [h, d_model, d_head]
-        if b is not None and bool(b.ne(0).any()):
-            if bkey not in W:
-                raise ValueError(f"cannot fold the bias of {ln}: {wkey} has no bias ({bkey}) to absorb it.")
+        if b is not None and not keep_bias:
             W[bkey] = W[bkey] + (torch.einsum("d,hde->he", b, M) if heads else b @ M)
         W[wkey] = M * (w[:, None] if not heads else w[None, :, None])
     W[f"{ln}.w"] = torch.ones_like(w)
-    if b is not None:
+    if keep_bias:  # w⊙n + b = w⊙(n + b/w): the gain went to the readers, b/w stays
+        if bool(w.eq(0).any()):
+            raise ValueError(f"cannot fold {ln}: a zero gain, and a bias with no reader bias to absorb it.")
+        W[f"{ln}.b"] = b / w
+    elif b is not None:
         W[f"{ln}.b"] = torch.zeros_like(b)
+
+
+def untie_embeddings(model: nn.Module) -> nn.Module:
+    """A copy of a Hugging Face bridge whose unembedding is a tensor of its own, no longer the word
+    embedding (same values, same function): needed before a map on the residual stream that is not
+    orthogonal, which moves the two differently. The input model is not modified.
+
+    Example:
+        >>> import torch, workbench as wb
+        >>> wb.untie_embeddings(torch.nn.Linear(2, 2))
+        Traceback (most recent call last):
+        ...
+        TypeError: untie_embeddings expects a bridge around a Hugging Face model (TransformerLens's own models never tie W_U to W_E); got Linear.
+    """
+    if tl_kind(model) != "hf":
+        raise TypeError(f"untie_embeddings expects a bridge around a Hugging Face model (TransformerLens's own "
+                        f"models never tie W_U to W_E); got {type(model).__name__}.")
+    if reason := _hf.unsupported(model):
+        raise TypeError(f"untie_embeddings cannot read this model: {reason}")
+    return rebuild(model, read_weights(model), untie=True)

@@ -12,6 +12,7 @@ from torch import nn
 
 from .._errors import InvalidOptionError
 from .._report import Report, new_axes
+from .._threads import threads
 from ..hooks._capture import inherit_copy_list
 from ..groups import Dense, Group, GroupElement, ScaledPermutation, element_from_dict, get_group
 from ._lattice import generators
@@ -98,22 +99,23 @@ def random_intertwiner(model: nn.Module, seed: int = 0, sites: Optional[Iterable
     chosen = _choose(smap, sites)
     gen = torch.Generator().manual_seed(int(seed))
     elements, groups, forced = {}, {}, []
-    for site in chosen:
-        G = site.group if group is None else get_group(group, site.n)
-        if group is not None and not _is_subgroup(G, site):
-            if not allow_non_symmetry:
-                raise InvalidOptionError(
-                    f"{G.name} is not a symmetry of site {site.name!r} ({site.activation}, group {site.group.name}: "
-                    f"{site.group.label}); a map from it would change the function. Use group={site.group.name!r}, "
-                    f"or pass allow_non_symmetry=True for a negative control."
-                )
-            forced.append(site.name)
-        G = copy.copy(G)
-        if hasattr(G, "sigma"):
-            G.sigma = scale_sigma
-        element = _embedded(G, site, elements, gen) if site.embeds else G.sample(gen)
-        element.phi_kind = site.group.phi  # readers undo φ of the site's own activation
-        elements[site.name], groups[site.name] = element, G.name
+    with threads(1):  # hundreds of small draws (QRs of 64×64 per head): see workbench._threads
+        for site in chosen:
+            G = site.group if group is None else get_group(group, site.n)
+            if group is not None and not _is_subgroup(G, site):
+                if not allow_non_symmetry:
+                    raise InvalidOptionError(
+                        f"{G.name} is not a symmetry of site {site.name!r} ({site.activation}, group {site.group.name}: "
+                        f"{site.group.label}); a map from it would change the function. Use group={site.group.name!r}, "
+                        f"or pass allow_non_symmetry=True for a negative control."
+                    )
+                forced.append(site.name)
+            G = copy.copy(G)
+            if hasattr(G, "sigma"):
+                G.sigma = scale_sigma
+            element = _embedded(G, site, elements, gen) if site.embeds else G.sample(gen)
+            element.phi_kind = site.group.phi  # readers undo φ of the site's own activation
+            elements[site.name], groups[site.name] = element, G.name
     transform = Transform(elements, groups, forced, seed, type(model).__name__, affine)
     return _push_all(model, smap, transform, inplace), transform
 

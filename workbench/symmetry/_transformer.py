@@ -14,13 +14,16 @@ that has run may carry hooks pointing at the original. Conventions (row vectors,
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import torch
 from torch import nn
 
+from .._threads import threads
 from ..groups import GroupElement, get_group
-from ..hooks._tl import read_weights, rebuild, shape_facts, tl_kind, write_weights
+from ..hooks import _hf
+from ..hooks._tl import _canonical_views, read_weights, rebuild, shape_facts, tl_kind, write_weights
 from ._map import Observation, Port, Site, SymmetryMap
 from ._transform import _perm_part
 
@@ -42,32 +45,28 @@ def _cfg(model, key, default=None):
 
 
 def norm_keys(weights: dict) -> list[str]:
-    """Gain and bias keys of the LayerNorms on the residual stream (not SoLU's ``mlp.ln``)."""
-    return [k for k in weights if k.rpartition(".")[0].rpartition(".")[2] in ("ln1", "ln2") or k.startswith("ln_final.")]
+    """Gain and bias keys of the LayerNorms on the residual stream (not SoLU's ``mlp.ln``); BERT's
+    embedding LayerNorm and its MLM head's (whose space is tied to the stream's) included."""
+    return [k for k in weights if k.rpartition(".")[0].rpartition(".")[2] in ("ln1", "ln2")
+            or k.startswith("ln_final.") or k.startswith("embed_ln.")]
 
 
 def is_folded(weights: dict) -> bool:
-    """Every residual-stream norm has gain 1 and bias 0 (its affine part lives in the readers)."""
-    for k in norm_keys(weights):
-        target = 1.0 if k.endswith(".w") else 0.0
-        if not torch.equal(weights[k], torch.full_like(weights[k], target)):
-            return False
-    return True
+    """Every residual-stream norm has gain 1: its gain lives in the readers. A bias may stay: after
+    normalising, it is a vector in the stream's basis and moves with any orthogonal map (R·n + R·b)."""
+    return all(torch.equal(weights[k], torch.ones_like(weights[k])) for k in norm_keys(weights) if k.endswith(".w"))
 
 
 def transformer_map(model: nn.Module) -> SymmetryMap:
     """The sites of a TransformerLens model (see the module docstring for how each moves)."""
     name = type(model).__name__
     kind = tl_kind(model)
-    if kind == "hf":
-        arch = type(model.original_model).__name__
-        return SymmetryMap(name, [], [(name, f"a bridge around Hugging Face {arch}: its weight layout is not mapped "
-                                             f"yet (the bridge keeps split and joint copies of some weights), so nothing "
-                                             f"is transformed; native bridges and HookedTransformer are supported.")])
+    if kind == "hf" and (reason := _hf.unsupported(model)):
+        return SymmetryMap(name, [], [(name, reason)])
     pos = _cfg(model, "positional_embedding_type", "standard")
     if pos not in ("standard", "rotary"):
         return SymmetryMap(name, [], [(name, f"positional embedding {pos!r} is not supported (standard, rotary are).")])
-    W = read_weights(model)
+    W = _canonical_views(model) or read_weights(model)  # views: no copy of every weight
     f = shape_facts(model.cfg)
     L, H, K, dh = int(model.cfg.n_layers), f["n_heads"], f["n_kv"], f["d_head"]
     ratio = H // K
@@ -115,13 +114,19 @@ def _resid_site(model, W: dict, L: int) -> Site:
     norm = _cfg(model, "normalization_type", None)
     if norm not in _NORMS:
         raise NotImplementedError(f"normalization_type {norm!r}")
-    folded = is_folded(W)
-    group = get_group(_NORMS[norm][folded], int(model.cfg.d_model))
+    post_ln = tl_kind(model) == "hf" and _hf.is_post_ln(model)
+    folded = is_folded(W) and not post_ln
+    group = get_group("permutation" if post_ln else _NORMS[norm][folded], int(model.cfg.d_model))
     notes = []
-    if _NORMS[norm][1] != group.name:
+    if post_ln:
+        notes.append("post-LayerNorm: every norm sits on the stream itself, so no folding can enlarge this group; "
+                     "the MLM head's hidden space takes the same permutation (its decoder is the tied embedding)")
+    elif _NORMS[norm][1] != group.name:
         notes.append(f"wb.fold_layernorm(model) would enlarge this to {_NORMS[norm][1]}")
-    writers = [Port("embed.W_E", "pre", axis=1)] + ([Port("pos_embed.W_pos", "pre", axis=1)] if "pos_embed.W_pos" in W else [])
-    readers = []
+    # Embeddings write the stream; BERT's MLM head dense reads it and writes a space tied to it.
+    writers = [Port(k, "pre", axis=1) for k in ("embed.W_E", "pos_embed.W_pos", "token_type_embed.W_TT", "mlm.W")]
+    writers.append(Port("mlm.b", "pre", axis=0))
+    readers = [Port("mlm.W", "post", axis=0)]
     for layer in range(L):
         b = f"blocks.{layer}"
         writers += [Port(f"{b}.attn.W_O", "pre", axis=2), Port(f"{b}.attn.b_O", "pre", axis=0)]
@@ -132,11 +137,11 @@ def _resid_site(model, W: dict, L: int) -> Site:
     readers.append(Port("unembed.W_U", "post", axis=0))
     observed = [Observation(f"blocks.{layer}.hook_resid_pre", 0, "pre") for layer in range(L)]
     observed.append(Observation(f"blocks.{L - 1}.hook_resid_post", 0, "pre"))
-    label = {None: "no normalisation", "LN": "LayerNorm", "LNPre": "LayerNorm (no gain)", "RMS": "RMSNorm",
+    label = {None: "no normalisation", "LN": "post-LayerNorm" if post_ln else "LayerNorm", "LNPre": "LayerNorm (no gain)", "RMS": "RMSNorm",
              "RMSPre": "RMSNorm (no gain)"}[norm]
     return Site("resid", group.n, group, label + (" (folded)" if folded and norm in ("LN", "RMS") else ""),
                 "blocks.0.hook_resid_pre", _present(writers, W), _present(readers, W),
-                [(k, "perm") for k in norm_keys(W)], observed, notes)
+                [(k, "perm" if k.endswith(".w") else "pre") for k in norm_keys(W)], observed, notes)
 
 
 def _present(ports: list[Port], W: dict) -> list[Port]:
@@ -218,43 +223,15 @@ def push_transformer(model: nn.Module, smap: SymmetryMap, transform, inplace: bo
 
     Per-head maps go first, all heads of a weight in one batched product (they act on the head's
     own axes, before the head permutation moves heads); every other element acts on a whole axis.
+    Each weight is read from the original and written into the new model's own tensor, one weight
+    (or one slice of a large one) at a time.
     """
-    # In float64 whatever the model's dtype: computing a float32 model's dense (GL) maps in float32
-    # put its equivariance error above the float32 tolerance (attention-only model, TL 3.9).
-    W = {k: v.double() for k, v in read_weights(model).items()}
-    per_head: dict[tuple[str, int], dict[int, torch.Tensor]] = {}
-    whole = []
-    for name, e in transform.elements.items():
-        site = smap[name]
-        perm = _perm_part(e)
-        ops = [(p, e if p.level == "pre" else perm) for p in site.writers]
-        ops += [(p, (e.phi() if p.level == "post" else e).inverse().transpose()) for p in site.readers]
-        for port, F in ops:
-            if port.heads is None:
-                whole.append((port.name, F, port.axis))
-            else:
-                M = F.matrix()
-                per_head.setdefault((port.name, port.axis), {}).update({h: M for h in port.heads})
-        if perm is not None:  # norm gains and biases follow the permutation (signs pass RMSNorm)
-            whole += [(key, perm, 0) for key, _ in site.norms]
-    with torch.no_grad():
-        for (key, axis), mats in per_head.items():
-            t = W[key].movedim(axis, -1)  # [head, ..., n]
-            Ms = torch.eye(t.shape[-1], dtype=t.dtype).repeat(t.shape[0], 1, 1)
-            for h, M in mats.items():
-                Ms[h] = M.to(t.dtype)
-            W[key] = torch.einsum("h...j,hij->h...i", t, Ms).movedim(-1, axis)
-        for key, F, axis in whole:
-            W[key] = F.act(W[key], axis)
-    if inplace:
-        write_weights(model, W)
-        return model
-    return rebuild(model, W)
+    return _pushed(model, _weight_ops(smap, transform), inplace)
 
 
 def clone(model: nn.Module, dtype: Optional[torch.dtype] = None) -> nn.Module:
     """An independent copy (rebuilt, sharing no state with ``model``), optionally cast to ``dtype``."""
-    return rebuild(model, read_weights(model), dtype)  # rebuild copies into fresh parameters
+    return _pushed(model, {}, False, dtype)
 
 
 def observe(site: Site, element: GroupElement, obs: Observation, h: torch.Tensor) -> torch.Tensor:
@@ -271,3 +248,144 @@ def _act_obs(h: torch.Tensor, F: GroupElement, obs: Observation) -> torch.Tensor
     out = h.clone()
     out.index_copy_(-2, idx, F.act(h.index_select(-2, idx), obs.axis))
     return out
+
+
+# ---------------------------------------------------------------------- pushing: one weight at a time
+# A weight's float64 working copy is made per slice of at most this many elements (32 MiB), sliced
+# along an axis no element acts on (the vocabulary of W_E and W_U), so the peak stays near one
+# slice plus the new model instead of a float64 copy of every weight.
+_SLICE = 2 ** 22
+_SMALL = 2 ** 16  # weights this small (biases, norms) are pushed on one thread: see workbench._threads
+
+
+def _weight_ops(smap: SymmetryMap, transform) -> dict[str, list]:
+    """Canonical weight key -> the ``(axis, op)`` to apply in order: per-head ops (``{head: [n, n]
+    float64 matrix}``, heads on axis 0) first, then whole-axis group elements."""
+    per_head: dict[tuple[str, int], dict[int, torch.Tensor]] = {}
+    whole: dict[str, list] = {}
+    duals = _duals(smap, transform)
+    for name, e in transform.elements.items():
+        site = smap[name]
+        perm = _perm_part(e)
+        ops = [(p, e if p.level == "pre" else perm) for p in site.writers]
+        ops += [(p, duals[name, p.level]) for p in site.readers]
+        for port, F in ops:
+            if F is None:  # the permutation part of a (forced) dense map: nothing moves
+                continue
+            if port.heads is None:
+                whole.setdefault(port.name, []).append((port.axis, F))
+            else:
+                M = F.matrix()
+                per_head.setdefault((port.name, port.axis), {}).update({h: M for h in port.heads})
+        for key, level in site.norms:  # gains follow the permutation part (signs pass RMSNorm; a dense
+            F = perm if level == "perm" else e  # group only acts where gains are 1); a bias after the
+            if F is not None:  # normalisation is a vector in the stream's basis and moves by the element
+                whole.setdefault(key, []).append((0, F))
+    out: dict[str, list] = {}
+    for (key, axis), mats in per_head.items():
+        out.setdefault(key, []).append((axis, mats))
+    for key, ops in whole.items():
+        out.setdefault(key, []).extend(ops)
+    return out
+
+
+def _duals(smap: SymmetryMap, transform) -> dict[tuple[str, str], GroupElement]:
+    """F⁻ᵀ for every (site, reader level): readers move by the inverse transpose of the element (or of
+    φ of it). The dense, non-orthogonal ones are inverted in one batched call on one thread (see
+    ``threads``): 288 separate 64×64 inverses on two threads took 2 s on a busy machine."""
+    from ..groups import Dense
+
+    out, batch = {}, []
+    for name, e in transform.elements.items():
+        for level in {p.level for p in smap[name].readers}:
+            F = e.phi() if level == "post" else e
+            if isinstance(F, Dense) and not F.orthogonal:
+                batch.append(((name, level), F))
+            else:
+                out[name, level] = F.inverse().transpose()
+    for n in {F.n for _, F in batch}:
+        same = [(k, F) for k, F in batch if F.n == n]
+        with threads(1):
+            inv = torch.linalg.inv(torch.stack([F.M.double() for _, F in same]))
+        for (k, F), M in zip(same, inv):
+            out[k] = Dense(M.T.clone(), F.phi_kind, F.group)
+    return out
+
+
+def _pushed(model: nn.Module, ops: dict[str, list], inplace: bool, dtype: Optional[torch.dtype] = None) -> nn.Module:
+    """``model`` (``inplace``) or a fresh copy in ``dtype`` with ``ops`` applied to its weights."""
+    from ..hooks._tl import _blank
+
+    dtype = dtype or next(model.parameters()).dtype
+    src = _canonical_views(model)
+    with torch.no_grad():
+        if src is None:  # no views of its own tensors (a Hugging Face bridge): through a dict of weights
+            W = read_weights(model)
+            out = dict(W)  # the untouched weights as they are: rebuild and write_weights copy them
+            for key, key_ops in ops.items():
+                out[key] = torch.empty_like(W[key])
+                _push_weight(W[key], out[key], key_ops)
+            if inplace:
+                write_weights(model, out)
+                return model
+            return rebuild(model, out, dtype)
+        new = model if inplace else _blank(model, dtype)
+        dst = src if inplace else _canonical_views(new)
+        for key, t in src.items():
+            if ops.get(key) or t is not dst[key]:
+                _push_weight(t, dst[key], ops.get(key, []))
+    return new
+
+
+def _push_weight(src: torch.Tensor, dst: torch.Tensor, ops: list) -> None:
+    """``dst = ops(src)``; in float64 unless every op is a plain permutation (exact in any dtype).
+
+    In float64 whatever the model's dtype: computing a float32 model's dense (GL) maps in float32
+    put its equivariance error above the float32 tolerance (attention-only model, TL 3.9).
+    """
+    from ..groups import ScaledPermutation
+
+    exact = all(isinstance(F, ScaledPermutation) and F.scale is None for _, F in ops)
+    used = {a % src.ndim for a, F in ops} | {0 for _, F in ops if isinstance(F, dict)}
+    free = [a for a in range(src.ndim) if a not in used]
+    axis = max(free, key=lambda a: src.shape[a]) if free and src.numel() > _SLICE else None
+    step = 1 if axis is None else max(1, _SLICE * src.shape[axis] // src.numel())
+    with threads(1) if src.numel() <= _SMALL else contextlib.nullcontext():
+        for start in range(0, src.shape[axis] if axis is not None else 1, step):
+            x = src if axis is None else src.narrow(axis, start, min(step, src.shape[axis] - start))
+            x = x if exact else x.double()  # keeps the strides: the model's own memory order
+            for a, F in ops:
+                x = _along(x, F, a % x.ndim)
+            (dst if axis is None else dst.narrow(axis, start, x.shape[axis])).copy_(x)
+
+
+def _stack(mats: dict[int, torch.Tensor], heads: int, n: int) -> torch.Tensor:
+    """[heads, n, n]: ``mats[h]`` for the heads it names, the identity for the others."""
+    eye = torch.eye(n, dtype=torch.float64)
+    return torch.stack([mats.get(h, eye) for h in range(heads)])
+
+
+def _along(x: torch.Tensor, F, axis: int) -> torch.Tensor:
+    """``x`` moved along ``axis`` by ``F``: a group element, or ``{head: [n, n]}`` (heads on axis 0).
+
+    Done on ``x``'s dimensions in memory order (slowest first): a dense map is one GEMM (or one
+    batched GEMM) on the weight as it lies in the model whichever canonical axis it acts on, a
+    permutation gathers whole rows, and the result lies the same way, down to the final copy.
+    """
+    from ..groups import Dense, ScaledPermutation
+
+    order = sorted(range(x.ndim), key=lambda d: -x.stride(d))
+    xm, back = x.permute(order), [order.index(d) for d in range(x.ndim)]
+    if isinstance(F, ScaledPermutation):  # indexing, not index_select: several times faster on CPU
+        at = order.index(axis)
+        y = xm[(slice(None),) * at + (F.perm.to(x.device),)]
+        if F.scale is not None:
+            y = y * F.scale.to(device=x.device, dtype=x.dtype).reshape([-1] + [1] * (x.ndim - 1 - at))
+        return y.permute(back)
+    if not isinstance(F, (dict, Dense)):
+        return F.act(xm, order.index(axis)).permute(back)
+    names = "abcdefg"[:x.ndim]
+    spec = "".join("y" if d == axis else names[d] for d in order)
+    M, left = (_stack(F, x.shape[0], x.shape[axis]), "azy") if isinstance(F, dict) else (F.M, "zy")
+    M = M.to(device=x.device, dtype=x.dtype)
+    return torch.einsum(f"{spec},{left}->{spec.replace('y', 'z')}", xm, M).permute(back)

@@ -12,6 +12,8 @@ from .._report import Report, new_axes
 from ..hooks import hook_names, run_with_cache
 from ._map import Site, symmetry_map
 from ._modes import eval_mode
+from ..hooks import _hf
+from ..hooks._tl import tl_kind
 from ._transform import Transform, _perm_part, apply_transform
 
 # Relative tolerances by dtype: what an exact symmetry achieves with random weights, with margin.
@@ -41,7 +43,7 @@ class InvarianceReport(Report):
     tolerance: float
     dtype: str
     sites: list[SiteCheck] = field(default_factory=list)
-    compared: str = "outputs"  # or "log-probabilities" (TransformerLens decoders)
+    compared: str = "outputs"  # or "log-probabilities" (TransformerLens decoders), "encoder outputs" (BERT)
     kl: Optional[float] = None  # mean KL(p ‖ p') per position, for log-probabilities
     floor: Optional[float] = None  # float64 model whose norms compute in float32: their rounding's effect
 
@@ -65,7 +67,7 @@ class InvarianceReport(Report):
     def summary(self) -> str:
         verdict = "PASS" if self.passed else "FAIL"
         moved = sum(s.representation_change > 100 * self.tolerance for s in self.sites)
-        what = "output" if self.compared == "outputs" else "log-probability"
+        what = {"log-probabilities": "log-probability", "encoder outputs": "encoder output"}.get(self.compared, "output")
         return (f"{verdict}: max relative {what} difference {self.max_rel_diff:.2e} (tolerance {self.tolerance:.0e}, "
                 f"{self.dtype}); representations moved at {moved}/{len(self.sites)} sites")
 
@@ -111,6 +113,7 @@ def verify(model: nn.Module, new_model: nn.Module, inputs: torch.Tensor, transfo
     from ._transformer import clone, is_transformer_model
 
     tl = is_transformer_model(model)
+    encoder = tl and _hf.is_encoder(model)
     if dtype is not None:
         model = clone(model, dtype) if tl else copy.deepcopy(model).to(dtype)
         if transform is not None:
@@ -123,28 +126,46 @@ def verify(model: nn.Module, new_model: nn.Module, inputs: torch.Tensor, transfo
     smap = symmetry_map(model, affine=transform.affine) if transform is not None else None
     sites = [smap[name] for name in transform.elements] if transform is not None else []
     names = sorted({o.name for s in sites for o in s.observed})
+    # An encoder's output is its last hidden state (MiniLM's MLM head is untrained): compared in the new basis.
+    last = f"blocks.{int(model.cfg.n_layers) - 1}.hook_resid_post" if encoder else None
+    if last:
+        names = sorted(set(names) | {last})
     with eval_mode(model, new_model):
         out, cache = run_with_cache(model, inputs, names=names or None, budget=None) if names else (model(inputs), None)
         new_out, new_cache = run_with_cache(new_model, inputs, names=names or None, budget=None) if names else (new_model(inputs), None)
     out, new_out = out.detach(), new_out.detach()
     kl = None
-    if tl:
+    if last:
+        out, new_out = _in_new_basis(smap, transform, last, cache[last]).flatten(0, -2), new_cache[last].flatten(0, -2)
+    elif tl:
         out, new_out = out.log_softmax(-1).flatten(0, -2), new_out.log_softmax(-1).flatten(0, -2)
         kl = (out.exp() * (out - new_out)).sum(-1).mean().item()
     diff = (out - new_out).abs().max().item()
     scale = max(out.abs().max().item(), 1e-30)
-    floor = None
-    if tl and tolerance is None and run_dtype == torch.float64 and diff / scale > tol:
-        floor = _float32_floor(model, inputs, out)
-        if floor is not None:  # the issue's rule: within 10× the floor measured for this model
-            tol = max(tol, 10 * floor / scale)
     top1 = None
-    if out.ndim == 2 and out.shape[1] > 1:
+    if out.ndim == 2 and out.shape[1] > 1 and not last:
         top1 = (out.argmax(1) == new_out.argmax(1)).double().mean().item()
     checks = _composite_checks(sites, transform, cache, new_cache) if tl else [
         _site_check(s, transform, cache, new_cache) for s in sites]
-    return InvarianceReport(diff, diff / scale, top1, tol, str(run_dtype).replace("torch.", ""), checks,
-                            "log-probabilities" if tl else "outputs", kl, floor)
+    floor = None
+    strict_fail = diff / scale > tol or any(c.equivariance_error > tol for c in checks)
+    if tl and tolerance is None and run_dtype == torch.float64 and strict_fail:
+        floors = _float32_floor(model, inputs, out, cache, last)
+        if floors is not None:  # the issue's rule: within 10× the floor measured for this model
+            floor, site_floor = floors
+            tol = max(tol, 10 * floor / scale, 10 * site_floor)
+    compared = "encoder outputs" if last else "log-probabilities" if tl else "outputs"
+    return InvarianceReport(diff, diff / scale, top1, tol, str(run_dtype).replace("torch.", ""), checks, compared, kl, floor)
+
+
+def _in_new_basis(smap, transform: Optional[Transform], name: str, h: torch.Tensor) -> torch.Tensor:
+    """``h`` (the residual stream at hook ``name``) moved by the transform's stream element, if any."""
+    from ._map import Observation
+    from ._transformer import observe
+
+    if transform is None or "resid" not in transform.elements:
+        return h
+    return observe(smap["resid"], transform.elements["resid"], Observation(name, 0, "pre"), h)
 
 
 def _param_dtype(model: nn.Module) -> torch.dtype:
@@ -156,24 +177,34 @@ def _norm(x: torch.Tensor) -> float:
     return torch.linalg.vector_norm(x).item()
 
 
-def _float32_floor(model: nn.Module, inputs: torch.Tensor, logp: torch.Tensor) -> Optional[float]:
-    """For a float64 model with RMSNorm — which computes internally in float32, in TransformerLens's
-    native models as in Hugging Face's — how much the log-probabilities move when the residual stream
-    is rounded to float32 at every norm's input: the floor below which no comparison can go.
-    None for other models (they compute in float64 throughout).
+def _float32_floor(model: nn.Module, inputs: torch.Tensor, out: torch.Tensor, cache, last: Optional[str]):
+    """For a float64 model that computes parts in float32 — RMSNorm, in TransformerLens's native models
+    as in Hugging Face's, and the softmax of Hugging Face LLaMA's eager attention — how much its
+    output and its activations move when those parts' inputs are rounded to float32: the floor below
+    which no comparison can go. Returns ``(output floor, absolute; largest relative activation floor
+    over the cached hooks)``, or None for models that compute in float64 throughout.
     """
     from ..hooks import intervene
 
-    if not str(getattr(model.cfg, "normalization_type", "") or "").startswith("RMS"):
+    rms = str(getattr(model.cfg, "normalization_type", "") or "").startswith("RMS")
+    softmax32 = tl_kind(model) == "hf" and _hf.family(model) == "llama"
+    if not (rms or softmax32):
         return None
     L = int(model.cfg.n_layers)
     points = hook_names(model)
     known = set(points) | set(points.aliases)
     names = [f"blocks.{i}.hook_resid_{w}" for i in range(L) for w in ("pre", "mid")] + [f"blocks.{L - 1}.hook_resid_post"]
+    if softmax32:
+        names += [f"blocks.{i}.attn.hook_attn_scores" for i in range(L)]
     rounding = {n: (lambda x, name: x.float().double()) for n in names if n in known}
+    watched = list(cache.keys()) if cache is not None else []
     with eval_mode(model), intervene(model, rounding), torch.no_grad():
-        rounded = model(inputs).detach().log_softmax(-1).flatten(0, -2)
-    return (rounded - logp).abs().max().item()
+        rounded, rcache = run_with_cache(model, inputs, names=watched or None, budget=None) if watched else (model(inputs), None)
+    rounded = rcache[last].flatten(0, -2) if last else rounded.detach().log_softmax(-1).flatten(0, -2)
+    if last:
+        out = cache[last].flatten(0, -2)
+    site_floor = max((_norm(rcache[n] - cache[n]) / max(_norm(cache[n]), 1e-30) for n in watched), default=0.0)
+    return (rounded - out).abs().max().item(), site_floor
 
 
 def _composite_checks(sites: list[Site], transform: Transform, cache, new_cache) -> list[SiteCheck]:

