@@ -57,3 +57,7 @@ def test_tour_writes_a_self_contained_report(tmp_path):
     for family in ("13", "16"):
         assert summary["probing"][family]["scaled_permutation"]["p"] == 1.0  # the layer's own group: identical
     assert set(summary["stitching_penalty"]) == {"relu", "orthogonal", "gl"}
+    m = summary["minilm"]  # a Hugging Face model through the same verbs
+    assert m["resid_group"] == "permutation" and m["compared"] == "encoder outputs"
+    assert m["verify_float32"] and m["rotation_control_fails"]
+    assert m["mlp_top10_overlap_matched"] > 0.99 > 0.5 > m["ov_top10_overlap_matched"]
