@@ -349,3 +349,21 @@ def test_z_is_zero_when_the_null_ties_with_the_observed_value_to_rounding():
     null = observed + torch.tensor([[1e-17, 0.2], [-1e-17, 0.3], [2e-17, 0.4]], dtype=torch.float64)
     z = z_scores(observed, null)
     assert z[0] == 0.0 and z[1] < -1  # rounding-level spread is a tie; a real spread is not
+
+
+def test_stream_refills_one_buffer_with_the_products_of_the_sampled_bases():
+    # one product buffer for the whole stream (a fresh one per chunk fragmented the heap: peak memory
+    # crept up with n_bases); each chunk still holds exactly X in the next bases of the family's stream
+    X, _ = planted(8, n=200)
+    G = wb.get_group("orthogonal", 8)
+    budget = 8 * 200 * 8 * 4 * 2  # 2 bases a chunk
+    gen, ptrs, widths = family_generator(0, G), set(), []
+    for XB, m in projected(X, G, 9, family_generator(0, G), budget=budget):
+        ptrs.add(XB.data_ptr())
+        widths.append(m)
+        W = torch.cat([G.sample(gen).matrix(X.dtype) for _ in range(m)])
+        assert torch.equal(XB, (W @ X.T.contiguous()).T)
+    assert widths == [2, 2, 2, 2, 1] and len(ptrs) == 1
+    # negative control: another seed's stream gives other products
+    first = [next(projected(X, G, 9, family_generator(s, G), budget=budget))[0].clone() for s in (0, 1)]
+    assert not torch.equal(first[0], first[1])

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from .._errors import InvalidOptionError
+from .._threads import threads
 from ._dataset import ConceptDataset
 
 SHAPES = ["circle", "square", "triangle", "cross", "ring", "star"]
@@ -234,14 +235,10 @@ def shapes(n: int, size: int = 32, seed: int = 0, *, difficulty: float = 0.5, no
     segments = torch.empty(n, size, size, dtype=torch.uint8)
     # Many small element-wise ops: on a busy 2-core machine one intra-op thread rendered 50k images in
     # 16 s against 76 s with two (oversubscription), so render single-threaded and restore afterwards.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with threads(1):
         for start in range(0, n, _CHUNK):
             idx = torch.arange(start, min(start + _CHUNK, n))
             inputs[idx], segments[idx] = _render(p, idx, size, cfg, g)
-    finally:
-        torch.set_num_threads(threads)
 
     quadrant = (p["cx"] >= size / 2).long() + 2 * (p["cy"] >= size / 2).long()  # image y grows downward
     parts = [F.one_hot(p["shape"], len(SHAPES)), F.one_hot(p["colour"], len(COLOURS)),

@@ -8,31 +8,15 @@ A basis is a group element M; activations in that basis are ``X Mᵀ`` (each exa
 from __future__ import annotations
 
 import zlib
-from contextlib import contextmanager
 from typing import Callable, Iterator
 
 import torch
 
+from .._threads import threads
 from ..groups import Group
 
 #: bytes of projected activations (and their ranks) one chunk of bases may hold
 CHUNK_BYTES = 48 * 2 ** 20
-
-
-@contextmanager
-def _threads(n: int):
-    """Run with ``n`` torch threads. Sampling runs single-threaded: on a shared, busy machine a QR waits
-    for the thread pool far longer than it works (5×5: 3 ms instead of 30 µs; 256×256: 0.48 s instead
-    of 0.02 s with 2 threads on 2 busy cores), which dominated the null."""
-    before = torch.get_num_threads()
-    if n == before:
-        yield
-        return
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def family_generator(seed: int, group: Group) -> torch.Generator:
@@ -49,22 +33,29 @@ def projected(X: torch.Tensor, group: Group, n_bases: int, generator: torch.Gene
               budget: int = CHUNK_BYTES, progress: str = "") -> Iterator[tuple[torch.Tensor, int]]:
     """Yield ``(X_rot [N, c·d], c)``: X in c fresh random bases of ``group``, ``n_bases`` in all.
 
-    Column block b of ``X_rot`` holds X in the b-th basis of the chunk. Elements are turned into
-    float64 matrices; for a scaled permutation each output is one exact product plus exact zeros,
-    so statistics invariant under the group come out bit-identical.
+    Column block b of ``X_rot`` holds X in the b-th basis of the chunk. ``X_rot`` is a view of a
+    buffer that the next chunk overwrites: compute what you need from it before asking for more.
+    Elements are turned into float64 matrices; for a scaled permutation each output is one exact
+    product plus exact zeros, so statistics invariant under the group come out bit-identical.
     """
     from tqdm.auto import tqdm
 
     N, d = X.shape
     c = chunk_size(N, d, n_bases, budget)
     Xt = X.T.contiguous()  # [d, N]: products come out as [c·d, N], the layout rank sorting wants
+    # One buffer each for the stacked matrices and the product, refilled chunk after chunk. A fresh
+    # product per chunk was allocated while the consumer still held the last one, and the heap's
+    # holes then fell differently every chunk: peak RSS crept up with the number of bases.
+    Wt, prod = torch.empty(c * d, d, dtype=X.dtype), torch.empty(c * d, N, dtype=X.dtype)
     with tqdm(total=n_bases, desc=progress or group.name, disable=not progress, leave=False) as bar:
         done = 0
         while done < n_bases:
             m = min(c, n_bases - done)
-            with _threads(1):
-                Wt = torch.cat([group.sample(generator).matrix(X.dtype) for _ in range(m)], dim=0)  # [m·d, d]
-            yield (Wt @ Xt).T, m  # = X @ [M₁ᵀ | … | M_mᵀ], a transposed view
+            with threads(1):
+                for b in range(m):
+                    Wt[b * d:(b + 1) * d] = group.sample(generator).matrix(X.dtype)
+            torch.matmul(Wt[:m * d], Xt, out=prod[:m * d])
+            yield prod[:m * d].T, m  # = X @ [M₁ᵀ | … | M_mᵀ], a transposed view
             done += m
             bar.update(m)
 
@@ -74,5 +65,13 @@ def null_distribution(X: torch.Tensor, Y: torch.Tensor, group: Group, n_bases: i
                       progress: str = "") -> torch.Tensor:
     """``[n_bases, K]``: ``stat`` (per-chunk: ``(X_rot, Y, c) -> [c, K]``) over random bases of ``group``."""
     gen = family_generator(seed, group)
-    out = [stat(XB, Y, m) for XB, m in projected(X, group, n_bases, gen, progress=progress)]
-    return torch.cat(out, dim=0)
+    # filled in place: a list of per-chunk results left one small long-lived block per basis in the
+    # heap, often inside a freed 20 MB buffer, which the next chunk then could not reuse
+    out, done = None, 0
+    for XB, m in projected(X, group, n_bases, gen, progress=progress):
+        part = stat(XB, Y, m)
+        if out is None:
+            out = part.new_empty((n_bases, *part.shape[1:]))
+        out[done:done + m] = part
+        done += m
+    return out
