@@ -79,15 +79,20 @@ staged init copied an uninitialised buffer into every weight) and with `W_E_pos`
 hook scan (a 157 MB concatenation, made twice and discarded): 2.2 s → 0.9 s. The float64 results
 are bitwise identical to the previous implementation's.
 
-What is left above the float64 bound, in code this change does not own: sampling (hundreds of small
-QRs in `workbench/groups`, each on two threads that wait for each other on a busy machine: 18 ms
-for a 64×64 QR on two threads, 0.2 ms on one; the same 301 draws as one call took 1.6-12.7 s on two
-threads and 0.7-0.9 s on one, at load 4 — one `torch.set_num_threads(1)` section around the sampling
-loop of `random_intertwiner` would fix it), `symmetry_map` (its `read_weights` makes contiguous copies of 123M weights just to read
-shapes and norm gains; `_canonical_views` would read them without copying), the rest of the bridge
-boot (its Python hook scan), and memory traffic for the float64 casts. A float32 GEMM would at best
-halve the dense-map stage; with the fixed costs it would still not reach 2× the float32 bound, so the
-float64 arithmetic (needed for the float32 equivariance tolerance) stays.
+Then (the lead): sampling runs in one single-threaded section (`workbench._threads.threads(1)`),
+`symmetry_map` reads weights through the same views (0.8 s → 0.06 s), and orthogonal maps and
+permutations of float32 weights are computed in float32 — a perfectly conditioned product lands
+within a few float32 ulps of the float64 one, far inside the float32 tolerance — while GL maps stay
+in float64 (computed in float32 they broke the float32 tolerance on an attention-only model). The
+stream's rotation of W_E, W_U, W_in and W_out is most of the FLOPs, so this took the call from
+7-9× to about 3× the float32 bound.
+
+Why ≤ 2× the float32 bound is still missed, measured on a quiet machine (load 1.1): the per-head
+weights (W_Q, W_K, W_V, W_O) carry a GL map, so their stream rotation runs in float64 at half the
+rate (17% of the FLOPs); the fresh bridge costs 0.5 s to boot (its Python hook scan) and sampling
+every element (one 768×768 orthogonal map, 288 64×64 GL maps, permutations) 0.6 s. Those fixed
+costs alone are ~0.75× the bound, before a single GEMM runs at less than peak. Doing the GL maps in
+float32 would be the only way left, and that is the change that failed the tolerance.
 """
 
 
