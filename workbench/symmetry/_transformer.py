@@ -338,20 +338,29 @@ def _pushed(model: nn.Module, ops: dict[str, list], inplace: bool, dtype: Option
 
 
 def _push_weight(src: torch.Tensor, dst: torch.Tensor, ops: list) -> None:
-    """``dst = ops(src)``: in the weight's own dtype when that is float32 and every op is orthogonal
-    or a (scaled, signed) permutation, in float64 otherwise.
+    """``dst = ops(src)``, each op in the precision it needs.
 
-    Orthogonal maps are perfectly conditioned: a float32 product lies within a few float32 ulps of
-    the float64 one, far inside the float32 tolerance (1e-5), and the stream's rotation is nearly all
-    the FLOPs of a transform. General (GL) maps stay in float64: computing a float32 model's GL maps
-    in float32 put its equivariance error above the float32 tolerance (attention-only model, TL 3.9).
-    A (scaled) permutation is one product per element: one rounding in any dtype.
+    General (GL) maps — per-head dicts, non-orthogonal dense maps — run in float64: computing a
+    float32 model's GL maps in float32 put its equivariance error above the float32 tolerance
+    (attention-only model, TL 3.9), since a product's rounding, relative to the result, grows with the
+    map's condition number. Orthogonal maps and (scaled, signed) permutations of a float32 weight run
+    in float32 once the last GL op is done: they are perfectly conditioned, so the result lies within
+    a few float32 ulps of the float64 one, far inside the float32 tolerance — and the stream's
+    rotation is nearly all the FLOPs. Per-head ops come first in ``ops``, so a weight with both
+    (``W_Q``: its head's GL map, then the stream's rotation) drops to float32 after the cheap part.
+    Other dtypes stay in float64 throughout; plain permutations never leave the weight's dtype.
     """
     from ..groups import Dense, ScaledPermutation
 
-    exact = all(isinstance(F, ScaledPermutation) and F.scale is None for _, F in ops)
-    exact = exact or (src.dtype == torch.float32 and all(
-        isinstance(F, ScaledPermutation) or (isinstance(F, Dense) and F.orthogonal) for _, F in ops))
+    def general(F) -> bool:
+        return isinstance(F, dict) or (isinstance(F, Dense) and not F.orthogonal)
+
+    if all(isinstance(F, ScaledPermutation) and F.scale is None for _, F in ops):
+        last = -1  # exact in any dtype
+    elif src.dtype == torch.float32:
+        last = max((i for i, (_, F) in enumerate(ops) if general(F)), default=-1)
+    else:
+        last = len(ops) - 1
     used = {a % src.ndim for a, F in ops} | {0 for _, F in ops if isinstance(F, dict)}
     free = [a for a in range(src.ndim) if a not in used]
     axis = max(free, key=lambda a: src.shape[a]) if free and src.numel() > _SLICE else None
@@ -359,8 +368,9 @@ def _push_weight(src: torch.Tensor, dst: torch.Tensor, ops: list) -> None:
     with threads(1) if src.numel() <= _SMALL else contextlib.nullcontext():
         for start in range(0, src.shape[axis] if axis is not None else 1, step):
             x = src if axis is None else src.narrow(axis, start, min(step, src.shape[axis] - start))
-            x = x if exact else x.double()  # keeps the strides: the model's own memory order
-            for a, F in ops:
+            for i, (a, F) in enumerate(ops):
+                # .double() / .to() keep the strides: the model's own memory order
+                x = x.double() if i <= last else x.to(src.dtype)
                 x = _along(x, F, a % x.ndim)
             (dst if axis is None else dst.narrow(axis, start, x.shape[axis])).copy_(x)
 
