@@ -81,18 +81,19 @@ are bitwise identical to the previous implementation's.
 
 Then (the lead): sampling runs in one single-threaded section (`workbench._threads.threads(1)`),
 `symmetry_map` reads weights through the same views (0.8 s → 0.06 s), and orthogonal maps and
-permutations of float32 weights are computed in float32 — a perfectly conditioned product lands
-within a few float32 ulps of the float64 one, far inside the float32 tolerance — while GL maps stay
-in float64 (computed in float32 they broke the float32 tolerance on an attention-only model). The
-stream's rotation of W_E, W_U, W_in and W_out is most of the FLOPs, so this took the call from
-7-9× to about 3× the float32 bound.
+permutations of float32 weights are computed in float32 once a weight's last GL op is done — a
+perfectly conditioned product lands within a few float32 ulps of the float64 one, far inside the
+float32 tolerance — while GL products stay in float64 (computed in float32 they broke the float32
+tolerance on an attention-only model: their rounding grows with the condition number; rounding
+*after* them is the final rounding anyway). So W_Q and friends take their head's 64×64 GL map in
+float64, then the 768×768 stream rotation in float32. This took the call from 7-9× to 2.6× the
+float32 bound (1.2-1.3× the float64 bound).
 
-Why ≤ 2× the float32 bound is still missed, measured on a quiet machine (load 1.1): the per-head
-weights (W_Q, W_K, W_V, W_O) carry a GL map, so their stream rotation runs in float64 at half the
-rate (17% of the FLOPs); the fresh bridge costs 0.5 s to boot (its Python hook scan) and sampling
-every element (one 768×768 orthogonal map, 288 64×64 GL maps, permutations) 0.6 s. Those fixed
-costs alone are ~0.75× the bound, before a single GEMM runs at less than peak. Doing the GL maps in
-float32 would be the only way left, and that is the change that failed the tolerance.
+Why ≤ 2× the float32 bound is still missed, measured on a quiet machine (load 0.3): the fresh bridge
+costs 0.5 s to boot (TransformerLens's Python hook scan) and sampling every element (one 768×768
+orthogonal map, 288 64×64 GL maps, the permutations) 0.6 s — together ~0.75× the bound before any
+GEMM runs — and the GEMMs on these shapes reach ~100 of the 174 GFLOP/s measured on square ones
+(profiled: `torch.einsum` 2.5 s for 254 GFLOP; `torch.matmul` on the same shapes was no faster).
 """
 
 
