@@ -114,11 +114,17 @@ def _is_conv1d(ref: nn.Module, key: str) -> bool:
     return type(ref.get_submodule(key.rpartition(".")[0])).__name__ == "Conv1D"  # GPT-2: weight [in, out]
 
 
+def _own_state(hf: nn.Module) -> dict[str, torch.Tensor]:
+    """The wrapped Hugging Face model's state under its own names (the bridge's ``_original_component``
+    levels removed), detached; bridge-only entries (split q/k/v views) are there too, unused."""
+    return {k.replace("._original_component", ""): v.detach() for k, v in hf.state_dict().items()}
+
+
 def read_bridge_layout(model: nn.Module) -> dict[str, torch.Tensor]:
     """The Hugging Face model's parameters under bridge names, in ``nn.Linear`` layout (detached)."""
     fam = family(model)
     hf = model.original_model
-    own = {k.replace("._original_component", ""): v.detach() for k, v in hf.state_dict().items()}
+    own = _own_state(hf)
     ref = _reference(hf)
     out: dict[str, torch.Tensor] = {}
     for key, _ in ref.named_parameters(remove_duplicate=False):
@@ -168,9 +174,8 @@ def rebuild(model: nn.Module, bridge: dict[str, torch.Tensor], dtype: torch.dtyp
                          f"different values (a map on the residual stream that is not orthogonal). Untie them first "
                          f"(model = wb.untie_embeddings(model)), or use the stream's own group.")
     if untie and getattr(config, "tie_word_embeddings", False):
-        config.tie_word_embeddings = False
-        ref = _reference(hf, config)
-    buffers = {k.replace("._original_component", ""): v for k, v in hf.state_dict().items()}
+        config.tie_word_embeddings = False  # the parameter names stay the same: ``values`` still fits
+    buffers = _own_state(hf)
     with warnings.catch_warnings(), _no_hf_init():
         warnings.simplefilter("ignore")
         fresh = type(hf)(config)
@@ -178,7 +183,7 @@ def rebuild(model: nn.Module, bridge: dict[str, torch.Tensor], dtype: torch.dtyp
         with torch.no_grad():  # cast before loading, or float64 weights are rounded through float32 parameters
             for p in fresh.parameters():  # parameters only: rotary inv_freq buffers stay float32, as HF keeps them
                 p.data = p.data.to(dtype)
-        state = {k: values[k] for k, _ in ref.named_parameters(remove_duplicate=False)}
+        state = dict(values)
         state.update({k: buffers[k] for k in fresh.state_dict() if k not in state and k in buffers})
         missing, unexpected = fresh.load_state_dict(state, strict=False)
         if missing or unexpected:

@@ -116,7 +116,11 @@ _HOOKED_GQA = {"W_K": "_W_K", "b_K": "_b_K", "W_V": "_W_V", "b_V": "_b_V"}
 def read_weights(model: nn.Module) -> dict[str, torch.Tensor]:
     """The model's weights in the canonical per-head layout (detached copies' views; do not write)."""
     kind = tl_kind(model)
-    sd = {k: v.detach() for k, v in model.state_dict().items()} if kind != "hf" else {}
+    if kind == "hf":
+        from ._hf import read_bridge_layout
+
+        return to_canonical(read_bridge_layout(model), model.cfg)
+    sd = {k: v.detach() for k, v in model.state_dict().items()}
     if kind == "hooked":
         back = {v: k for k, v in _HOOKED_GQA.items()}
         out = {}
@@ -126,10 +130,6 @@ def read_weights(model: nn.Module) -> dict[str, torch.Tensor]:
                 continue
             out[f"{base}.{back.get(leaf, leaf)}"] = v
         return out
-    if kind == "hf":
-        from ._hf import read_bridge_layout
-
-        return to_canonical(read_bridge_layout(model), model.cfg)
     return to_canonical(sd, model.cfg)
 
 

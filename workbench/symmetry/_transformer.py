@@ -23,7 +23,7 @@ from torch import nn
 from .._threads import threads
 from ..groups import GroupElement, get_group
 from ..hooks import _hf
-from ..hooks._tl import _canonical_views, read_weights, rebuild, shape_facts, tl_kind, write_weights
+from ..hooks._tl import _blank, _canonical_views, read_weights, rebuild, shape_facts, tl_kind, write_weights
 from ._map import Observation, Port, Site, SymmetryMap
 from ._transform import _perm_part
 
@@ -314,8 +314,6 @@ def _duals(smap: SymmetryMap, transform) -> dict[tuple[str, str], GroupElement]:
 
 def _pushed(model: nn.Module, ops: dict[str, list], inplace: bool, dtype: Optional[torch.dtype] = None) -> nn.Module:
     """``model`` (``inplace``) or a fresh copy in ``dtype`` with ``ops`` applied to its weights."""
-    from ..hooks._tl import _blank
-
     dtype = dtype or next(model.parameters()).dtype
     src = _canonical_views(model)
     with torch.no_grad():
@@ -388,17 +386,11 @@ def _along(x: torch.Tensor, F, axis: int) -> torch.Tensor:
     batched GEMM) on the weight as it lies in the model whichever canonical axis it acts on, a
     permutation gathers whole rows, and the result lies the same way, down to the final copy.
     """
-    from ..groups import Dense, ScaledPermutation
+    from ..groups import Dense
 
     order = sorted(range(x.ndim), key=lambda d: -x.stride(d))
     xm, back = x.permute(order), [order.index(d) for d in range(x.ndim)]
-    if isinstance(F, ScaledPermutation):  # indexing, not index_select: several times faster on CPU
-        at = order.index(axis)
-        y = xm[(slice(None),) * at + (F.perm.to(x.device),)]
-        if F.scale is not None:
-            y = y * F.scale.to(device=x.device, dtype=x.dtype).reshape([-1] + [1] * (x.ndim - 1 - at))
-        return y.permute(back)
-    if not isinstance(F, (dict, Dense)):
+    if not isinstance(F, (dict, Dense)):  # a (scaled) permutation: its own act, an index_select
         return F.act(xm, order.index(axis)).permute(back)
     names = "abcdefg"[:x.ndim]
     spec = "".join("y" if d == axis else names[d] for d in order)

@@ -9,11 +9,10 @@ import torch
 from torch import nn
 
 from .._report import Report, new_axes
-from ..hooks import hook_names, run_with_cache
+from ..hooks import _hf, hook_names, run_with_cache
+from ..hooks._tl import tl_kind
 from ._map import Site, symmetry_map
 from ._modes import eval_mode
-from ..hooks import _hf
-from ..hooks._tl import tl_kind
 from ._transform import Transform, _perm_part, apply_transform
 
 # Relative tolerances by dtype: what an exact symmetry achieves with random weights, with margin.
@@ -150,7 +149,8 @@ def verify(model: nn.Module, new_model: nn.Module, inputs: torch.Tensor, transfo
     floor = None
     strict_fail = diff / scale > tol or any(c.equivariance_error > tol for c in checks)
     if tl and tolerance is None and run_dtype == torch.float64 and strict_fail:
-        floors = _float32_floor(model, inputs, out, cache, last)
+        reference = cache[last].flatten(0, -2) if last else out  # the original model's, in its own basis
+        floors = _float32_floor(model, inputs, reference, cache, last)
         if floors is not None:  # the issue's rule: within 10× the floor measured for this model
             floor, site_floor = floors
             tol = max(tol, 10 * floor / scale, 10 * site_floor)
@@ -177,12 +177,13 @@ def _norm(x: torch.Tensor) -> float:
     return torch.linalg.vector_norm(x).item()
 
 
-def _float32_floor(model: nn.Module, inputs: torch.Tensor, out: torch.Tensor, cache, last: Optional[str]):
+def _float32_floor(model: nn.Module, inputs: torch.Tensor, reference: torch.Tensor, cache, last: Optional[str]):
     """For a float64 model that computes parts in float32 — RMSNorm, in TransformerLens's native models
     as in Hugging Face's, and the softmax of Hugging Face LLaMA's eager attention — how much its
     output and its activations move when those parts' inputs are rounded to float32: the floor below
     which no comparison can go. Returns ``(output floor, absolute; largest relative activation floor
-    over the cached hooks)``, or None for models that compute in float64 throughout.
+    over the cached hooks)``, or None for models that compute in float64 throughout. ``reference`` is
+    the unrounded output it is measured against (log-probabilities, or the encoder output at ``last``).
     """
     from ..hooks import intervene
 
@@ -201,10 +202,8 @@ def _float32_floor(model: nn.Module, inputs: torch.Tensor, out: torch.Tensor, ca
     with eval_mode(model), intervene(model, rounding), torch.no_grad():
         rounded, rcache = run_with_cache(model, inputs, names=watched or None, budget=None) if watched else (model(inputs), None)
     rounded = rcache[last].flatten(0, -2) if last else rounded.detach().log_softmax(-1).flatten(0, -2)
-    if last:
-        out = cache[last].flatten(0, -2)
     site_floor = max((_norm(rcache[n] - cache[n]) / max(_norm(cache[n]), 1e-30) for n in watched), default=0.0)
-    return (rounded - out).abs().max().item(), site_floor
+    return (rounded - reference).abs().max().item(), site_floor
 
 
 def _composite_checks(sites: list[Site], transform: Transform, cache, new_cache) -> list[SiteCheck]:
