@@ -75,6 +75,35 @@ def test_orthogonal_sampling_is_haar():
     assert (torch.linalg.det(SO) > 0).all() and SO.mean(0).abs().max() < 0.18
 
 
+@pytest.mark.parametrize("name", [n for n in FAMILIES if n != "trivial"])
+def test_sample_many_draws_distinct_members_reproducibly(name):
+    G = get_group(name, 9)
+    many = G.sample_many(6, seed=3)
+    assert len(many) == 6 and all(G.contains(e) for e in many)
+    assert all(torch.equal(a.matrix(), b.matrix()) for a, b in zip(many, G.sample_many(6, seed=3)))
+    assert all(not torch.equal(a.matrix(), b.matrix()) for i, a in enumerate(many) for b in many[i + 1:])
+    assert G.sample_many(0, seed=3) == []
+    with pytest.raises(InvalidOptionError, match="k ≥ 0"):
+        G.sample_many(-1)
+
+
+def test_batched_dense_samplers_are_haar():
+    # O(4) drawn 2000 at once: the same moments as one by one (see test_orthogonal_sampling_is_haar)
+    Qs = torch.stack([e.matrix() for e in get_group("orthogonal", 4).sample_many(2000, seed=1)])
+    assert Qs.mean(0).abs().max() < 0.06 and ((Qs ** 2).mean(0) - 0.25).abs().max() < 0.03
+    assert 900 < (torch.linalg.det(Qs) > 0).sum() < 1100
+    # rotations fixing 1 are u·uᵀ plus a Haar rotation of 1's complement, so E[R] = u·uᵀ (every entry 1/n)
+    Rs = torch.stack([e.matrix() for e in get_group("orthogonal_ones", 4).sample_many(2000, seed=2)])
+    ones = torch.ones(4, dtype=torch.float64)
+    assert_close(Rs @ ones, ones.expand(2000, 4), atol=1e-12)
+    assert_close(Rs @ Rs.mT, torch.eye(4, dtype=torch.float64).expand(2000, 4, 4), atol=1e-12)
+    assert (Rs.mean(0) - 0.25).abs().max() < 0.03
+    assert 900 < (torch.linalg.det(Rs) > 0).sum() < 1100  # reflections of the complement too
+    # GL: log-normal singular values with the group's σ
+    s = torch.linalg.svdvals(torch.stack([e.matrix() for e in get_group("gl", 8, sigma=0.5).sample_many(500, seed=0)]))
+    assert abs(s.log().std().item() - 0.5) < 0.03 and abs(s.log().mean().item()) < 0.03
+
+
 def test_lognormal_scales_have_mean_one_and_settable_sigma():
     for sigma in (1.0, 0.3):
         for G in (get_group("relu", 20000, sigma=sigma), intertwiner_group("relu", 20000, sigma=sigma),

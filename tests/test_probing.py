@@ -219,7 +219,10 @@ def test_alignment_finds_a_heavy_tailed_basis_and_ignores_permutations():
     X[:, 0] *= 20  # an outlier dimension
     b = basis_alignment(X, n_bases=49, seed=0)
     f = b.to_frame().set_index("statistic")
-    assert (f.p == 0.02).all() and f.loc["outlier_dimensions", "observed"] == 1
+    assert (f.p[["kurtosis_per_example", "kurtosis_of_rms"]] == 0.02).all()
+    # one outlier dimension; a random rotation makes one too in about 1.7% of bases (measured over
+    # 2,000), so among 49 some do about half the time: p = (1 + k)/50 with k ~ Binomial(49, 0.017)
+    assert f.loc["outlier_dimensions", "observed"] == 1 and f.loc["outlier_dimensions", "p"] <= 0.12
     perm = wb.get_group("permutation", 16).sample(seed=1)
     torch.testing.assert_close(basis_alignment(perm.act(X, 1), n_bases=2).observed,
                                basis_alignment(X, n_bases=2).observed, rtol=1e-12, atol=1e-12)
@@ -262,12 +265,17 @@ def test_dissection_is_identical_under_scaled_permutations():
     assert torch.equal(dissect(maps, masks, quantile=0.05, basis=g).iou, b.iou)
 
 
-def test_dissection_sweep_starts_at_the_neuron_basis_and_rotation_loses_detectors():
+def test_dissection_sweep_goes_from_the_neuron_basis_to_the_rotated_maps():
+    # (On these planted maps a random rotation does not reliably lose detectors: over 10 seeds the
+    # planted concepts' best IoU rose in most, so the sweep is checked against its definition.)
     maps, masks = planted_maps(2)
     sweep = dissection_sweep(maps, masks, alphas=[0, 0.5, 1], seed=0, quantile=0.05)
     assert torch.allclose(sweep.dissections[0].iou, dissect(maps, masks, quantile=0.05).iou)
-    f = sweep.to_frame()
-    assert f.unique_detectors[0] == 2 and f.mean_best_iou[2] < f.mean_best_iou[0]
+    assert sweep.to_frame().unique_detectors[0] == 2
+    Q = wb.get_group("special_orthogonal", maps.shape[1]).sample(seed=0).matrix()
+    rotated = torch.einsum("ij,njhw->nihw", Q, maps)  # channel i of the new basis: Σ_j Q_ij · channel j
+    assert torch.allclose(sweep.dissections[2].iou, dissect(rotated, masks, quantile=0.05).iou, atol=1e-12)
+    assert not torch.allclose(sweep.dissections[1].iou, sweep.dissections[0].iou)
     with pytest.raises(wb.InvalidOptionError, match="masks"):
         dissect(maps, wb.data.sentences(4))
 

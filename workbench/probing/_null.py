@@ -52,8 +52,8 @@ def projected(X: torch.Tensor, group: Group, n_bases: int, generator: torch.Gene
         while done < n_bases:
             m = min(c, n_bases - done)
             with threads(1):
-                for b in range(m):
-                    Wt[b * d:(b + 1) * d] = group.sample(generator).matrix(X.dtype)
+                for b, e in enumerate(group.sample_many(m, generator)):
+                    Wt[b * d:(b + 1) * d] = e.matrix(X.dtype)
             torch.matmul(Wt[:m * d], Xt, out=prod[:m * d])
             yield prod[:m * d].T, m  # = X @ [M₁ᵀ | … | M_mᵀ], a transposed view
             done += m

@@ -122,7 +122,7 @@ def insertion_test(model: nn.Module, site: str, group: Union[str, Group] = "orth
     gen = torch.Generator().manual_seed(int(seed))
     acts, eval_acts = cut.run_head(x), (None if eval_data is None else cut.run_head(xe))
     head_params = {name for name, _ in cut.head.named_parameters()}
-    elements = [G.sample(gen) for _ in range(repeats)]
+    elements = G.sample_many(repeats, gen)
 
     def retrain(M) -> float:
         tail = copy.deepcopy(cut.tail)

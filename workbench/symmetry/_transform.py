@@ -96,26 +96,40 @@ def random_intertwiner(model: nn.Module, seed: int = 0, sites: Optional[Iterable
         (True, False)
     """
     smap = symmetry_map(model, example, affine=affine)
-    chosen = _choose(smap, sites)
+    drawn: dict[str, Group] = {}  # site name -> the group its element comes from
+    forced = []
+    for site in _choose(smap, sites):
+        G = site.group if group is None else get_group(group, site.n)
+        if group is not None and not _is_subgroup(G, site):
+            if not allow_non_symmetry:
+                raise InvalidOptionError(
+                    f"{G.name} is not a symmetry of site {site.name!r} ({site.activation}, group {site.group.name}: "
+                    f"{site.group.label}); a map from it would change the function. Use group={site.group.name!r}, "
+                    f"or pass allow_non_symmetry=True for a negative control."
+                )
+            forced.append(site.name)
+        G = copy.copy(G)
+        if hasattr(G, "sigma"):
+            G.sigma = scale_sigma
+        drawn[site.name] = G
     gen = torch.Generator().manual_seed(int(seed))
-    elements, groups, forced = {}, {}, []
+    elements = {}
     with threads(1):  # hundreds of small draws (QRs of 64×64 per head): see workbench._threads
-        for site in chosen:
-            G = site.group if group is None else get_group(group, site.n)
-            if group is not None and not _is_subgroup(G, site):
-                if not allow_non_symmetry:
-                    raise InvalidOptionError(
-                        f"{G.name} is not a symmetry of site {site.name!r} ({site.activation}, group {site.group.name}: "
-                        f"{site.group.label}); a map from it would change the function. Use group={site.group.name!r}, "
-                        f"or pass allow_non_symmetry=True for a negative control."
-                    )
-                forced.append(site.name)
-            G = copy.copy(G)
-            if hasattr(G, "sigma"):
-                G.sigma = scale_sigma
-            element = _embedded(G, site, elements, gen) if site.embeds else G.sample(gen)
-            element.phi_kind = site.group.phi  # readers undo φ of the site's own activation
-            elements[site.name], groups[site.name] = element, G.name
+        # Sites that embed no other site: one batched draw per group (a GPT-2-small transform's 288
+        # per-head GL(64) maps are one QR call); then the embedding sites, which need their parents.
+        same: dict[Group, list[str]] = {}
+        for name, G in drawn.items():
+            if not smap[name].embeds:
+                same.setdefault(G, []).append(name)
+        for G, names in same.items():
+            elements.update(zip(names, G.sample_many(len(names), gen)))
+        for name, G in drawn.items():
+            if smap[name].embeds:
+                elements[name] = _embedded(G, smap[name], elements, gen)
+    elements = {name: elements[name] for name in drawn}  # in site order
+    for name, element in elements.items():
+        element.phi_kind = smap[name].group.phi  # readers undo φ of the site's own activation
+    groups = {name: G.name for name, G in drawn.items()}
     transform = Transform(elements, groups, forced, seed, type(model).__name__, affine)
     return _push_all(model, smap, transform, inplace), transform
 
