@@ -189,6 +189,35 @@ def test_transformed_copy_has_its_own_hooks():
     assert seen == ["blocks.0.hook_resid_pre"]
 
 
+def test_copies_share_nothing_with_each_other_and_follow_their_config():
+    # New bridges are deep copies of one never-run template per config: a copy that has run (and so
+    # wired TransformerLens's capture hooks) must not leak into a later copy, nor either into the model.
+    model = clone(randomised(make_transformer(**FAMILIES["gelu_ln"])), torch.float64)
+    a, _ = wb.random_intertwiner(model, seed=0)
+    a(tokens())
+    b, tb = wb.random_intertwiner(model, seed=1)
+    modules = [{id(m) for m in x.modules()} for x in (model, a, b)]
+    assert not (modules[0] & modules[1] or modules[0] & modules[2] or modules[1] & modules[2])
+    storages = [{t.untyped_storage().data_ptr() for t in [*x.parameters(), *x.buffers()] if t.numel()}
+                for x in (model, a, b)]
+    assert not (storages[0] & storages[1] or storages[0] & storages[2] or storages[1] & storages[2])
+    names = list(wb.hook_names(a))
+    seen = []
+    with wb.intervene(a, {n: (lambda x, name: seen.append(name)) for n in names}):
+        b(tokens())
+        model(tokens())
+    assert seen == []
+    with wb.intervene(b, {n: (lambda x, name: seen.append(name)) for n in names}):
+        b(tokens())
+    assert "blocks.0.hook_resid_pre" in seen and "blocks.1.hook_resid_post" in seen
+    assert wb.verify(model, b, tokens(), transform=tb).passed
+    # same shapes, another activation: its own template
+    relu = clone(randomised(make_transformer(**FAMILIES["relu_lnpre"])), torch.float64)
+    new, t = wb.random_intertwiner(relu, seed=2)
+    assert new.cfg.act_fn == "relu" and new.cfg.normalization_type == "LNPre"
+    assert wb.verify(relu, new, tokens(), transform=t).passed
+
+
 def test_groups_for_transformers_sample_members():
     g = torch.Generator().manual_seed(0)
     R = get_group("orthogonal_ones", 6).sample(g).matrix()

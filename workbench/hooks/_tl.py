@@ -8,6 +8,7 @@ transformer symmetries reads like it (``W_Q[h]`` is one head's map). Grouped-que
 """
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import Any, Optional
 
 import torch
@@ -198,7 +199,55 @@ def write_weights(model: nn.Module, weights: dict[str, torch.Tensor]) -> None:
 # ---------------------------------------------------------------------- a model's own tensors, in place
 def _blank(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     """A fresh model of ``model``'s kind and config in ``dtype`` whose parameters hold garbage: the
-    caller writes every one (``write_weights`` checks that; ``_canonical_views`` callers write all)."""
+    caller writes every one (``write_weights`` checks that; ``_canonical_views`` callers write all).
+    Native bridges come from a deep copy of a cached template (see ``_TEMPLATES``)."""
+    if tl_kind(model) != "native":
+        return _boot(model, dtype)
+    import copy
+
+    cfg = {k: v for k, v in vars(model.cfg).items() if not k.startswith("_") and k not in ("dtype", "init_weights")}
+    key = f"{type(model).__name__} {dtype} {sorted(cfg.items(), key=lambda kv: kv[0])!r}"
+    template = _TEMPLATES.pop(key, None)
+    if template is None:
+        template = _as_template(_boot(model, dtype))
+    _TEMPLATES[key] = template  # most recently used last
+    while len(_TEMPLATES) > _TEMPLATES_KEPT:
+        _TEMPLATES.pop(next(iter(_TEMPLATES)))
+    memo = {id(p): nn.Parameter(torch.empty(p.shape, dtype=p.dtype), requires_grad=p.requires_grad)
+            for p in template.parameters()}
+    for module in template.modules():  # its empty hook dicts, 8 per module: deep-copied one by one
+        for v in vars(module).values():  # (through __reduce_ex__) they were two thirds of the copy
+            if type(v) in (dict, OrderedDict) and not v:
+                memo.setdefault(id(v), type(v)())
+    new = copy.deepcopy(template, memo)
+    new.train(model.training)
+    return new
+
+
+# Never-run blank bridges, one per (config, dtype), with their parameters on the meta device; a new
+# model is a deep copy with fresh parameters. Booting a GPT-2-small-sized bridge takes 0.5 s (most of
+# it TransformerLens's Python scan of ~1,100 modules for hook points, done twice), the copy 0.06 s.
+# The template is never run, so it carries none of the capture hooks a bridge wires on its first
+# forward pass (closures over that bridge's own hook points, which a deep copy of a used bridge would
+# keep calling). Any reference a copy kept to a template parameter would fail loudly (meta).
+_TEMPLATES: dict[str, nn.Module] = {}
+_TEMPLATES_KEPT = 2
+
+
+def _as_template(model: nn.Module) -> nn.Module:
+    """``model`` with every parameter replaced by a meta tensor of its shape (tied ones stay tied)."""
+    meta: dict[int, nn.Parameter] = {}
+    for module in model.modules():
+        for name, p in module._parameters.items():
+            if p is not None:
+                if id(p) not in meta:
+                    meta[id(p)] = nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
+                module._parameters[name] = meta[id(p)]
+    return model
+
+
+def _boot(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """A newly constructed model of ``model``'s kind and config in ``dtype``, its weights not initialised."""
     import copy
     import warnings
 
