@@ -207,13 +207,14 @@ def _blank(model: nn.Module, dtype: torch.dtype) -> nn.Module:
 
     cfg = {k: v for k, v in vars(model.cfg).items() if not k.startswith("_") and k not in ("dtype", "init_weights")}
     key = f"{type(model).__name__} {dtype} {sorted(cfg.items(), key=lambda kv: kv[0])!r}"
-    template = _TEMPLATES.pop(key, None)
-    if template is None:
-        template = _as_template(_boot(model, dtype))
-    _TEMPLATES[key] = template  # most recently used last
+    entry = _TEMPLATES.pop(key, None)
+    if entry is None:
+        entry = _as_template(_boot(model, dtype))
+    _TEMPLATES[key] = entry  # most recently used last
     while len(_TEMPLATES) > _TEMPLATES_KEPT:
         _TEMPLATES.pop(next(iter(_TEMPLATES)))
-    memo = {id(p): nn.Parameter(torch.empty(p.shape, dtype=p.dtype), requires_grad=p.requires_grad)
+    template, devices = entry
+    memo = {id(p): nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device=devices[id(p)]), requires_grad=p.requires_grad)
             for p in template.parameters()}
     for module in template.modules():  # its empty hook dicts, 8 per module: deep-copied one by one
         for v in vars(module).values():  # (through __reduce_ex__) they were two thirds of the copy
@@ -230,20 +231,23 @@ def _blank(model: nn.Module, dtype: torch.dtype) -> nn.Module:
 # The template is never run, so it carries none of the capture hooks a bridge wires on its first
 # forward pass (closures over that bridge's own hook points, which a deep copy of a used bridge would
 # keep calling). Any reference a copy kept to a template parameter would fail loudly (meta).
-_TEMPLATES: dict[str, nn.Module] = {}
+_TEMPLATES: dict[str, tuple[nn.Module, dict[int, torch.device]]] = {}
 _TEMPLATES_KEPT = 2
 
 
-def _as_template(model: nn.Module) -> nn.Module:
-    """``model`` with every parameter replaced by a meta tensor of its shape (tied ones stay tied)."""
+def _as_template(model: nn.Module) -> tuple[nn.Module, dict[int, torch.device]]:
+    """``model`` with every parameter replaced by a meta tensor of its shape (tied ones stay tied), and
+    the device each meta parameter's copies belong on."""
     meta: dict[int, nn.Parameter] = {}
+    devices: dict[int, torch.device] = {}
     for module in model.modules():
         for name, p in module._parameters.items():
             if p is not None:
                 if id(p) not in meta:
                     meta[id(p)] = nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
+                    devices[id(meta[id(p)])] = p.device
                 module._parameters[name] = meta[id(p)]
-    return model
+    return model, devices
 
 
 def _boot(model: nn.Module, dtype: torch.dtype) -> nn.Module:

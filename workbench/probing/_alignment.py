@@ -14,7 +14,7 @@ import torch
 from .._errors import InvalidOptionError
 from .._report import Report, new_axes
 from ._inputs import _tensor, resolve_bases
-from ._null import family_generator, projected
+from ._null import null_distribution
 from ._privileged import empirical_p, z_scores
 
 STAT_NAMES = ["kurtosis_per_example", "kurtosis_of_rms", "outlier_dimensions"]
@@ -115,7 +115,6 @@ def basis_alignment(acts, *, family="orthogonal", n_bases: int = 100, seed: int 
         raise InvalidOptionError(f"n_bases must be a positive int; got {n_bases!r}.")
     (group,) = resolve_bases([family], X.shape[1])
     observed = alignment_statistics(X, 1, outlier_factor)[0]
-    gen = family_generator(seed, group)
-    null = torch.cat([alignment_statistics(XB, m, outlier_factor)
-                      for XB, m in projected(X, group, n_bases, gen, progress=group.name if progress else "")])
+    null = null_distribution(X, None, group, n_bases, seed, lambda XB, _, m: alignment_statistics(XB, m, outlier_factor),
+                             progress=group.name if progress else "")
     return BasisAlignment(observed, null, group.name, float(outlier_factor), int(seed), len(X))

@@ -23,7 +23,7 @@ from ..hooks import run_with_cache
 from ..hooks._points import is_transformer_lens
 from ..probing import PrivilegedBasisTest, UnitScores
 from ..probing._inputs import concept_matrix, prepare, resolve_bases, resolve_group
-from ..probing._null import family_generator, projected
+from ..probing._null import null_distribution
 from ..probing._privileged import STATISTICS, _ties, empirical_p, z_scores
 from ..probing._scores import auroc_matrix, f_statistic_matrix, mean_difference_matrix
 from ..symmetry import symmetry_map
@@ -252,11 +252,7 @@ class ProbeData:
         null = {}
         for name, (g, _, step) in families.items():
             check(step)
-            gen, parts = family_generator(seed, g), []
-            for XB, m in projected(X, g, n_bases, gen):
-                check(None)
-                parts.append(stat(XB, Y, m))
-            null[name] = torch.cat(parts)
+            null[name] = null_distribution(X, Y, g, n_bases, seed, stat, check=lambda: check(None))
         test = PrivilegedBasisTest(stat(X, Y, 1)[0], null, {k: r for k, (_, r, _) in families.items()},
                                    self.concept_names, "auroc", seed, 0.05, len(X))
         self._tests[key] = test
