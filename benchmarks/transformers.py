@@ -13,7 +13,7 @@ The bound: the multiply-adds of every dense map applied to every weight it touch
 per weight, counted from the symmetry map) divided by the machine's matmul rate, [16384, 768] @
 [768, 768] (a slice of the same shapes the transform multiplies), min of 3. Permutations cost no FLOPs
 and are not in the bound. GL maps are computed in float64 and orthogonal maps of float32 weights in
-float32 (see ``_push_weight``), so three bounds are reported: the float32 one the issue names, the
+float32 (see ``_jobs``), so three bounds are reported: the float32 one the issue names, the
 float64 one, and a stricter float32 one from two single-threaded products run at once on two Python
 threads — the way the transform itself runs its products (``workbench._threads.in_parallel``), which
 on this machine beats one two-threaded product.

@@ -14,7 +14,6 @@ that has run may carry hooks pointing at the original. Conventions (row vectors,
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 from typing import Optional
 
@@ -252,11 +251,11 @@ def _act_obs(h: torch.Tensor, F: GroupElement, obs: Observation) -> torch.Tensor
 
 
 # ---------------------------------------------------------------------- pushing: one weight at a time
-# A weight's float64 working copy is made per slice of at most this many elements (32 MiB), sliced
-# along an axis no element acts on (the vocabulary of W_E and W_U), so the peak stays near one
-# slice plus the new model instead of a float64 copy of every weight.
+# A large weight is pushed in slices of at most this many elements (32 MiB in float64), cut along an
+# axis no element acts on (the vocabulary of W_E and W_U). Each slice is one job of ``in_parallel``:
+# the peak stays near a slice per thread plus the new model, and on many cores no single-threaded
+# job is much longer than the others (W_E whole would be a quarter of GPT-2 small's FLOPs).
 _SLICE = 2 ** 22
-_SMALL = 2 ** 16  # weights this small (biases, norms) are pushed on one thread: see workbench._threads
 
 
 def _weight_ops(smap: SymmetryMap, transform) -> dict[str, list]:
@@ -323,23 +322,20 @@ def _pushed(model: nn.Module, ops: dict[str, list], inplace: bool, dtype: Option
             out = dict(W)  # the untouched weights as they are: rebuild and write_weights copy them
             for key in ops:
                 out[key] = torch.empty_like(W[key])
-            in_parallel([functools.partial(_push_weight, W[k], out[k], ops[k]) for k in ops],
-                        [W[k].numel() * (1 + len(ops[k])) for k in ops])
+            in_parallel(*_jobs([(W[k], out[k], ops[k]) for k in ops], {}))
             if inplace:
                 write_weights(model, out)
                 return model
             return rebuild(model, out, dtype)
         new = model if inplace else _blank(model, dtype)
         dst = src if inplace else _canonical_views(new)
-        casts: dict = {}
-        keys = [key for key, t in src.items() if ops.get(key) or t is not dst[key]]
-        in_parallel([functools.partial(_push_weight, src[k], dst[k], ops.get(k, []), casts) for k in keys],
-                    [src[k].numel() * (1 + len(ops.get(k, []))) for k in keys])
+        in_parallel(*_jobs([(t, dst[k], ops.get(k, [])) for k, t in src.items() if ops.get(k) or t is not dst[k]], {}))
     return new
 
 
-def _push_weight(src: torch.Tensor, dst: torch.Tensor, ops: list, casts: Optional[dict] = None) -> None:
-    """``dst = ops(src)``, each op in the precision it needs (``casts``: see ``_along``).
+def _jobs(weights: list[tuple[torch.Tensor, torch.Tensor, list]], casts: dict) -> tuple[list, list]:
+    """``in_parallel``'s calls and costs: ``dst = ops(src)`` for every ``(src, dst, ops)``, slice by
+    slice (see ``_SLICE``), each op in the precision it needs (``casts``: see ``_along``).
 
     General (GL) maps — per-head dicts, non-orthogonal dense maps — run in float64: computing a
     float32 model's GL maps in float32 put its equivariance error above the float32 tolerance
@@ -356,26 +352,35 @@ def _push_weight(src: torch.Tensor, dst: torch.Tensor, ops: list, casts: Optiona
     def general(F) -> bool:
         return isinstance(F, dict) or (isinstance(F, Dense) and not F.orthogonal)
 
-    if all(isinstance(F, ScaledPermutation) and F.scale is None for _, F in ops):
-        last = -1  # exact in any dtype
-    elif src.dtype == torch.float32:
-        last = max((i for i, (_, F) in enumerate(ops) if general(F)), default=-1)
-    else:
-        last = len(ops) - 1
-    used = {a % src.ndim for a, F in ops} | {0 for _, F in ops if isinstance(F, dict)}
-    free = [a for a in range(src.ndim) if a not in used]
-    axis = max(free, key=lambda a: src.shape[a]) if free and src.numel() > _SLICE else None
-    step = 1 if axis is None else max(1, _SLICE * src.shape[axis] // src.numel())
-    with threads(1) if src.numel() <= _SMALL else contextlib.nullcontext():
+    calls, costs = [], []
+    for src, dst, ops in weights:
+        if all(isinstance(F, ScaledPermutation) and F.scale is None for _, F in ops):
+            last = -1  # exact in any dtype
+        elif src.dtype == torch.float32:
+            last = max((i for i, (_, F) in enumerate(ops) if general(F)), default=-1)
+        else:
+            last = len(ops) - 1
+        used = {a % src.ndim for a, F in ops} | {0 for _, F in ops if isinstance(F, dict)}
+        free = [a for a in range(src.ndim) if a not in used]
+        axis = max(free, key=lambda a: src.shape[a]) if free and src.numel() > _SLICE else None
+        step = 1 if axis is None else max(1, _SLICE * src.shape[axis] // src.numel())
         for start in range(0, src.shape[axis] if axis is not None else 1, step):
             x = src if axis is None else src.narrow(axis, start, min(step, src.shape[axis] - start))
             out = dst if axis is None else dst.narrow(axis, start, x.shape[axis])
-            for i, (a, F) in enumerate(ops):
-                # .double() / .to() keep the strides: the model's own memory order
-                x = x.double() if i <= last else x.to(src.dtype)
-                x = _along(x, F, a % x.ndim, out if i == len(ops) - 1 else None, casts)
-            if x is not out:
-                out.copy_(x)
+            calls.append(functools.partial(_push_slice, x, out, ops, last, casts))
+            costs.append(x.numel() * (1 + len(ops)))
+    return calls, costs
+
+
+def _push_slice(x: torch.Tensor, out: torch.Tensor, ops: list, last: int, casts: dict) -> None:
+    """``out = ops(x)``: ops up to index ``last`` in float64, the rest in ``x``'s dtype."""
+    dtype = x.dtype
+    for i, (a, F) in enumerate(ops):
+        # .double() / .to() keep the strides: the model's own memory order
+        x = x.double() if i <= last else x.to(dtype)
+        x = _along(x, F, a % x.ndim, out if i == len(ops) - 1 else None, casts)
+    if x is not out:
+        out.copy_(x)
 
 
 def _stack(mats: dict[int, torch.Tensor], heads: int, n: int) -> torch.Tensor:
