@@ -111,7 +111,7 @@ class GeneralLinear(Group):
         self.sigma = sigma  # log-normal singular values: a well-conditioned random map
 
     def _sample_many(self, k, g) -> list[Dense]:
-        return [Dense(M, self.phi, self.name) for M in _unbatched(self._matrices(k, g))]
+        return _dense(self, self._matrices(k, g))
 
     def _matrices(self, k: int, g: torch.Generator) -> torch.Tensor:
         """[k, n, n]: U·diag(s)·Vᵀ with U, V Haar and log-normal singular values s."""
@@ -136,7 +136,7 @@ class Orthogonal(Group):
         Q = _haar(k, self.n, g)
         if self.special and k:
             Q[..., 0] *= torch.linalg.det(Q).sign().unsqueeze(-1)
-        return [Dense(M, self.phi, self.name, orthogonal=True) for M in _unbatched(Q)]
+        return _dense(self, Q, orthogonal=True)
 
     def _contains(self, M, atol):
         ok = torch.allclose(M @ M.T, torch.eye(self.n, dtype=M.dtype), atol=atol, rtol=0)
@@ -165,7 +165,7 @@ class OrthogonalOnes(Group):
             w /= torch.linalg.vector_norm(w)  # H = I − 2wwᵀ
             D = D - 2 * (D @ w).unsqueeze(-1) * w  # D·H
             D = D - 2 * w.unsqueeze(-1) * (w @ D).unsqueeze(-2)  # H·(D·H)
-        return [Dense(M, self.phi, self.name, orthogonal=True) for M in _unbatched(D)]
+        return _dense(self, D, orthogonal=True)
 
     def _contains(self, M, atol):
         ones = torch.ones(self.n, dtype=M.dtype)
@@ -203,7 +203,7 @@ class RotaryCommutant(Group):
         if self.free and k:
             idx = torch.tensor(self.free)
             M[:, idx.unsqueeze(1), idx.unsqueeze(0)] = GeneralLinear(len(self.free), sigma=self.sigma)._matrices(k, g)
-        return [Dense(m, self.phi, self.name) for m in _unbatched(M)]
+        return _dense(self, M)
 
     def _contains(self, M, atol):
         for a, b in self.pairs:
@@ -231,9 +231,10 @@ def _normal(shape: tuple, g: torch.Generator) -> torch.Tensor:
     return torch.randn(shape, generator=g, dtype=torch.float32).double()
 
 
-def _unbatched(M: torch.Tensor) -> list[torch.Tensor]:
-    """The matrices of a batch, each with storage of its own (an element kept alone keeps only itself)."""
-    return [m.clone() for m in M]
+def _dense(group: Group, M: torch.Tensor, orthogonal: bool = False) -> list[Dense]:
+    """The ``[k, n, n]`` batch ``M`` as ``group``'s elements, each matrix with storage of its own (an
+    element kept alone keeps only itself)."""
+    return [Dense(m.clone(), group.phi, group.name, orthogonal=orthogonal) for m in M]
 
 
 class Permutation(Group):

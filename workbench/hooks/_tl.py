@@ -140,8 +140,9 @@ def rebuild(model: nn.Module, weights: dict[str, torch.Tensor], dtype: Optional[
     (default: the model's). ``untie``: a Hugging Face model is built with untied embeddings (tied
     ones that the weights make differ are otherwise an error; see ``_hf.rebuild``).
 
-    Never ``copy.deepcopy``: a bridge that has run can carry hooks that point at the original. The
-    config is copied too (``HookedTransformer.to`` edits ``cfg.dtype`` in place) and built in the
+    Never a ``copy.deepcopy`` of ``model``: a bridge that has run carries hooks that point at its own
+    hook points (native bridges are deep copies of a never-run template instead: see ``_TEMPLATES``).
+    The config is copied too (``HookedTransformer.to`` edits ``cfg.dtype`` in place) and built in the
     target dtype directly: a bridge's ``.to()`` costs more than building it.
     """
     kind = tl_kind(model)
@@ -206,7 +207,7 @@ def _blank(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     import copy
 
     cfg = {k: v for k, v in vars(model.cfg).items() if not k.startswith("_") and k not in ("dtype", "init_weights")}
-    key = f"{type(model).__name__} {dtype} {sorted(cfg.items(), key=lambda kv: kv[0])!r}"
+    key = f"{type(model).__name__} {dtype} {sorted(cfg.items())!r}"
     entry = _TEMPLATES.pop(key, None)
     if entry is None:
         entry = _as_template(_boot(model, dtype))
@@ -227,7 +228,7 @@ def _blank(model: nn.Module, dtype: torch.dtype) -> nn.Module:
 
 # Never-run blank bridges, one per (config, dtype), with their parameters on the meta device; a new
 # model is a deep copy with fresh parameters. Booting a GPT-2-small-sized bridge takes 0.5 s (most of
-# it TransformerLens's Python scan of ~1,100 modules for hook points, done twice), the copy 0.06 s.
+# it TransformerLens's Python scan of ~1,100 modules for hook points, done twice), the copy 0.15 s.
 # The template is never run, so it carries none of the capture hooks a bridge wires on its first
 # forward pass (closures over that bridge's own hook points, which a deep copy of a used bridge would
 # keep calling). Any reference a copy kept to a template parameter would fail loudly (meta).

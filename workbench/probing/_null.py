@@ -62,16 +62,17 @@ def projected(X: torch.Tensor, group: Group, n_bases: int, generator: torch.Gene
 
 def null_distribution(X: torch.Tensor, Y: Optional[torch.Tensor], group: Group, n_bases: int, seed: int,
                       stat: Callable[[torch.Tensor, Optional[torch.Tensor], int], torch.Tensor], *,
-                      progress: str = "", check: Optional[Callable[[], None]] = None) -> torch.Tensor:
+                      progress: str = "", check: Optional[Callable[[Optional[str]], None]] = None) -> torch.Tensor:
     """``[n_bases, K]``: ``stat`` (per-chunk: ``(X_rot, Y, c) -> [c, K]``) over random bases of ``group``.
-    ``check`` is called before each chunk (a widget's cancel button raises from it)."""
+    ``check(None)`` is called before each chunk, as ``unit_scores`` does before each batch (the
+    widgets' cancel point)."""
     gen = family_generator(seed, group)
     # filled in place: a list of per-chunk results left one small long-lived block per basis in the
     # heap, often inside a freed 20 MB buffer, which the next chunk then could not reuse
     out, done = None, 0
     for XB, m in projected(X, group, n_bases, gen, progress=progress):
         if check is not None:
-            check()
+            check(None)
         part = stat(XB, Y, m)
         if out is None:
             out = part.new_empty((n_bases, *part.shape[1:]))

@@ -389,8 +389,7 @@ def _stack(mats: dict[int, torch.Tensor], heads: int, n: int) -> torch.Tensor:
     return torch.stack([mats.get(h, eye) for h in range(heads)])
 
 
-def _along(x: torch.Tensor, F, axis: int, out: Optional[torch.Tensor] = None,
-           casts: Optional[dict] = None) -> torch.Tensor:
+def _along(x: torch.Tensor, F, axis: int, out: Optional[torch.Tensor], casts: dict) -> torch.Tensor:
     """``x`` moved along ``axis`` by ``F``: a group element, or ``{head: [n, n]}`` (heads on axis 0).
 
     Done on ``x``'s dimensions in memory order (slowest first): a dense map is one GEMM (or one
@@ -413,11 +412,9 @@ def _along(x: torch.Tensor, F, axis: int, out: Optional[torch.Tensor] = None,
     if not isinstance(F, Dense):  # a (scaled) permutation: its own act, an index_select
         return F.act(xm, order.index(axis)).permute(back)
     key = (id(F), x.dtype)
-    M = casts.get(key) if casts is not None else None
+    M = casts.get(key)
     if M is None:
-        M = F.M.to(x.dtype)
-        if casts is not None:
-            casts[key] = M
+        M = casts[key] = F.M.to(x.dtype)
     # x viewed as [L, n, R] around the acted axis: y = x·Mᵀ when R = 1, else y = M·x per L
     p = order.index(axis)
     L, R = xm.shape[:p].numel(), xm.shape[p + 1:].numel()

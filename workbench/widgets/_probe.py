@@ -252,7 +252,7 @@ class ProbeData:
         null = {}
         for name, (g, _, step) in families.items():
             check(step)
-            null[name] = null_distribution(X, Y, g, n_bases, seed, stat, check=lambda: check(None))
+            null[name] = null_distribution(X, Y, g, n_bases, seed, stat, check=check)
         test = PrivilegedBasisTest(stat(X, Y, 1)[0], null, {k: r for k, (_, r, _) in families.items()},
                                    self.concept_names, "auroc", seed, 0.05, len(X))
         self._tests[key] = test
