@@ -227,6 +227,30 @@ def test_bad_inputs_get_clear_errors():
         S.orthogonal_procrustes(torch.zeros(10, 3), x[:, :, 0, 0])
 
 
+
+@pytest.mark.parametrize("name", list(MEASURES))
+def test_every_measure_refuses_a_representation_with_no_signal(name):
+    """A dead layer is degenerate for every measure alike, never an arbitrary score.
+
+    Uncentred measures (Procrustes) see no signal in an all-zero layer; centred ones (CKA, CCA,
+    correlation) see none in a layer constant over the samples. Either side may be the dead one. A layer
+    with only *some* dead units is a real representation and still gets a number.
+    """
+    g = torch.Generator().manual_seed(5)
+    live = torch.randn(40, 6, 3, 3, generator=g, dtype=torch.float64).relu()
+    measure = MEASURES[name]
+    dead = [torch.zeros_like(live)]
+    if measure.invariant_to("translation"):
+        dead.append(torch.full_like(live, 2.0))
+    for d in dead:
+        for a, b in ((d, live), (live, d)):
+            with pytest.raises(DegenerateRepresentationError, match="acts_[ab]"):
+                measure(a, b)
+    partly = live.clone()
+    partly[:, :3] = 0
+    assert 0 < measure(partly, live) <= 1 + 1e-12
+
+
 # ---------------------------------------------------------------------------------------- compare and its report
 def test_compare_runs_every_measure_and_reports():
     x, y = pair((16, 4, 2, 2), 10)

@@ -18,8 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from .._errors import InvalidOptionError
-from ._kernels import DegenerateRepresentationError
-from ._prep import as_pair, per_position, score_from_distance, unit_normalise
+from ._prep import DegenerateRepresentationError, as_pair, per_position, score_from_distance, unit_normalise
 
 
 def _pair_rows(acts_a, acts_b):
@@ -115,7 +114,7 @@ def grelu_procrustes(acts_a, acts_b) -> float:
         1.0
     """
     A, B = _pair_rows(acts_a, acts_b)
-    A, B = _pad(unit_normalise(A, centre=False), unit_normalise(B, centre=False))
+    A, B = _pad(unit_normalise(A, centre=False, name="acts_a"), unit_normalise(B, centre=False, name="acts_b"))
     perm = _match(A.T @ B)
     return score_from_distance((A - B[:, perm]).pow(2).sum(), A.shape[1])
 
@@ -136,7 +135,7 @@ def correlation_matching(acts_a, acts_b) -> float:
         1.0
     """
     A, B = _pair_rows(acts_a, acts_b)
-    R = unit_normalise(A, centre=True).T @ unit_normalise(B, centre=True)  # [C_a, C_b] correlations
+    R = unit_normalise(A, centre=True, name="acts_a").T @ unit_normalise(B, centre=True, name="acts_b")  # [C_a, C_b] correlations
     if R.shape[0] > R.shape[1]:
         R = R.T
     perm = _match(R)

@@ -9,12 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from .._errors import InvalidOptionError, WorkbenchError
-from ._prep import as_acts, as_pair, per_example, standardised_channels
-
-
-class DegenerateRepresentationError(WorkbenchError, ValueError):
-    """A representation carries no signal for this measure (for example, it is constant). A ``ValueError``."""
+from .._errors import InvalidOptionError
+from ._prep import DegenerateRepresentationError, as_acts, as_pair, per_example, standardised_channels  # noqa: F401 (re-exported)
 
 
 def hsic(K: torch.Tensor, L: torch.Tensor, *, unbiased: bool = False) -> torch.Tensor:
@@ -95,7 +91,7 @@ def linear_cka(acts_a, acts_b, *, unbiased: bool = False) -> float:
     return float((Y.T @ X).norm() ** 2 / (xx * yy))
 
 
-def _rbf_gram(acts: torch.Tensor, bandwidth: float) -> torch.Tensor:
+def _rbf_gram(acts: torch.Tensor, bandwidth: float, name: str) -> torch.Tensor:
     X = per_example(acts)
     X = X - X.mean(0, keepdim=True)  # distances do not change; the Gram below loses less precision
     G = X @ X.T
@@ -105,8 +101,8 @@ def _rbf_gram(acts: torch.Tensor, bandwidth: float) -> torch.Tensor:
     i, j = torch.triu_indices(len(X), len(X), 1)
     median = D2[i, j].median()
     if not median > 0:
-        raise DegenerateRepresentationError("the median distance between examples is 0, so the RBF bandwidth "
-                                            "(a multiple of it) is undefined: most examples coincide.")
+        raise DegenerateRepresentationError(f"{name}: the median distance between examples is 0, so the RBF bandwidth "
+                                            f"(a multiple of it) is undefined: most examples coincide.")
     return torch.exp(-D2 / (2 * bandwidth ** 2 * median))
 
 
@@ -133,7 +129,7 @@ def rbf_cka(acts_a, acts_b, *, bandwidth: float = 1.0) -> float:
         raise InvalidOptionError(f"bandwidth must be a positive number (a multiple of the median distance); "
                                  f"got {bandwidth!r}.")
     a, b = as_pair(acts_a, acts_b, min_examples=3)
-    return cka_from_kernels(_rbf_gram(a, bandwidth), _rbf_gram(b, bandwidth))
+    return cka_from_kernels(_rbf_gram(a, bandwidth, "acts_a"), _rbf_gram(b, bandwidth, "acts_b"))
 
 
 def grelu_kernel(acts, *, block_bytes: int = 1 << 26) -> torch.Tensor:

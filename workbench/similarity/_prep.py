@@ -15,7 +15,11 @@ import math
 import numpy as np
 import torch
 
-from .._errors import InvalidOptionError
+from .._errors import InvalidOptionError, WorkbenchError
+
+
+class DegenerateRepresentationError(WorkbenchError, ValueError):
+    """A representation carries no signal for this measure (for example, it is constant). A ``ValueError``."""
 
 
 def as_acts(acts, name: str = "acts") -> torch.Tensor:
@@ -64,11 +68,22 @@ def per_position(acts: torch.Tensor) -> torch.Tensor:
     return acts.movedim(1, -1).reshape(-1, acts.shape[1])
 
 
-def unit_normalise(H: torch.Tensor, *, centre: bool) -> torch.Tensor:
-    """Columns of ``H [M, C]`` (optionally centred) scaled to norm 1; a constant (dead) unit stays 0."""
+def unit_normalise(H: torch.Tensor, *, centre: bool, name: str) -> torch.Tensor:
+    """Columns of ``H [M, C]`` (optionally centred) scaled to norm 1; a constant (dead) unit stays 0.
+
+    A representation whose every unit is dead carries no signal: it raises
+    :class:`DegenerateRepresentationError`, as every other measure does for its own degenerate inputs
+    (all zeros for the uncentred measures, constant over the samples for the centred ones), instead of
+    scoring an arbitrary number (an all-dead layer against any live one would read 0.5 in
+    G_ReLU-Procrustes, above two unrelated live layers).
+    """
     if centre:
         H = H - H.mean(0, keepdim=True)
     norms = H.norm(dim=0, keepdim=True)
+    if not bool((norms > 0).any()):
+        what = "constant over the samples" if centre else "all zeros"
+        raise DegenerateRepresentationError(f"{name} is {what} (every unit is dead), so it carries no signal to "
+                                            f"compare; this measure is undefined for it.")
     # Dividing a dead ReLU unit by its zero norm would poison every number; the paper leaves it at zero.
     return H / torch.where(norms > 0, norms, torch.ones_like(norms))
 
