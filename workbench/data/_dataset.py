@@ -6,6 +6,7 @@ from typing import Optional, Sequence
 import torch
 
 from .._errors import InvalidOptionError, UnknownNameError, nearest
+from .._random import SeedLike, as_generator
 from .._repr import tensor_summary
 
 #: Label value that ``torch.nn.functional.cross_entropy`` ignores (padding, no next token).
@@ -77,7 +78,7 @@ class ConceptDataset(torch.utils.data.Dataset):
             return self.inputs[i]
         return self.inputs[i], self.labels[i]
 
-    def loader(self, batch_size: int = 128, shuffle: bool = False, seed: int = 0,
+    def loader(self, batch_size: int = 128, shuffle: bool = False, seed: SeedLike = 0,
                drop_last: bool = False) -> torch.utils.data.DataLoader:
         """A DataLoader of ``(x, y)`` batches, fetched a whole batch at a time (no per-item collate).
 
@@ -87,7 +88,7 @@ class ConceptDataset(torch.utils.data.Dataset):
             raise InvalidOptionError(f"batch_size must be a positive int; got {batch_size!r}.")
         from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler
 
-        order = (RandomSampler(self, generator=torch.Generator().manual_seed(seed)) if shuffle
+        order = (RandomSampler(self, generator=as_generator(seed)[0]) if shuffle
                  else SequentialSampler(self))
         # batch_size=None: the sampler yields index lists and __getitem__ gathers them in one go.
         return DataLoader(self, sampler=BatchSampler(order, batch_size, drop_last), batch_size=None)
@@ -109,11 +110,11 @@ class ConceptDataset(torch.utils.data.Dataset):
                               masks=pick(self._dense_masks), segments=pick(self.segments),
                               mask_regions=self.mask_regions, vocab=self.vocab, meta=self.meta)
 
-    def split(self, fraction: float = 0.8, seed: int = 0) -> tuple["ConceptDataset", "ConceptDataset"]:
+    def split(self, fraction: float = 0.8, seed: SeedLike = 0) -> tuple["ConceptDataset", "ConceptDataset"]:
         """``(train, test)``: a random ``fraction`` of the items and the rest (same seed, same split)."""
         if not (0 < fraction < 1):
             raise InvalidOptionError(f"fraction must lie strictly between 0 and 1; got {fraction!r}.")
-        perm = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))
+        perm = torch.randperm(len(self), generator=as_generator(seed)[0])
         cut = int(round(fraction * len(self)))
         return self.subset(perm[:cut].sort().values), self.subset(perm[cut:].sort().values)
 

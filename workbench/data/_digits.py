@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from .._errors import InvalidOptionError
+from .._random import SeedLike, as_seed
 from ._dataset import ConceptDataset
 
 #: concept -> the digits that have it (by how the digit is usually written)
@@ -41,7 +42,7 @@ def _load_digits() -> tuple[np.ndarray, np.ndarray]:
     return raw.images, raw.target
 
 
-def digits(size: int = 32, seed: int = 0) -> ConceptDataset:
+def digits(size: int = 32, seed: SeedLike = 0) -> ConceptDataset:
     """The 1797 digits of ``sklearn.datasets.load_digits`` (shipped, no download), one channel, upsampled.
 
     Concepts (image-level, from the digit's value): ``even``, ``loop`` (0 6 8 9), ``straight``
@@ -68,14 +69,15 @@ def digits(size: int = 32, seed: int = 0) -> ConceptDataset:
     raw_images, target = _load_digits()
     images = torch.as_tensor(raw_images, dtype=torch.float32)[:, None] / 16.0  # [1797, 1, 8, 8], 0..16
     labels = torch.as_tensor(target, dtype=torch.long)
-    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(int(seed)))
+    seed = as_seed(seed)
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
     images, labels = images[order], labels[order]
     if size != 8:
         images = F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False).clamp(0, 1)
     names = list(DIGIT_CONCEPTS)
     concepts = torch.stack([torch.isin(labels, torch.tensor(DIGIT_CONCEPTS[c])) for c in names], 1)
     segments = (images[:, 0] > INK_THRESHOLD).to(torch.uint8)  # 1 = ink
-    meta = dict(generator="digits", seed=int(seed), size=size, source="sklearn.datasets.load_digits",
+    meta = dict(generator="digits", seed=seed, size=size, source="sklearn.datasets.load_digits",
                 task="classify the digit (10 classes)", inputs="grey in [0, 1], not standardised",
                 regions={0: "background", 1: "ink"}, concept_digits=DIGIT_CONCEPTS,
                 mean=[images.mean().item()], std=[images.std().item()])

@@ -13,6 +13,7 @@ import math
 import torch
 
 from .._errors import InvalidOptionError
+from .._random import SeedLike, as_seed
 from ._dataset import IGNORE_INDEX, ConceptDataset
 
 _CLASSES = {
@@ -112,7 +113,7 @@ def _generate(n: int, length: int, g: torch.Generator) -> dict:
     return dict(tokens=tok, logp=logp, **rec)
 
 
-def synthetic_language(n: int, seq_len: int = 32, seed: int = 0) -> ConceptDataset:
+def synthetic_language(n: int, seq_len: int = 32, seed: SeedLike = 0) -> ConceptDataset:
     """Sequences of a small grammar with agreement and matching brackets, for tiny decoder transformers.
 
     Vocabulary: 96 tokens (``<bos>`` = 0, ``"."``, determiners, adjectives, 16 nouns and 10 verbs in
@@ -144,7 +145,8 @@ def synthetic_language(n: int, seq_len: int = 32, seed: int = 0) -> ConceptDatas
         raise InvalidOptionError(f"n must be a positive int (number of sequences); got n={n!r}.")
     if not isinstance(seq_len, int) or seq_len < 4:
         raise InvalidOptionError(f"seq_len must be an int >= 4; got seq_len={seq_len!r}.")
-    sample = _generate(n, seq_len + 1, torch.Generator().manual_seed(int(seed)))
+    seed = as_seed(seed)
+    sample = _generate(n, seq_len + 1, torch.Generator().manual_seed(seed))
     tokens = sample["tokens"]
     cls = torch.zeros(len(LANGUAGE_VOCAB), 9, dtype=torch.bool)  # [V, 9] token -> class
     groups = [["bos"], ["det_sg", "det_pl", "det_any"], ["adj"], ["noun_sg", "noun_pl"], ["verb_sg", "verb_pl"],
@@ -160,7 +162,7 @@ def synthetic_language(n: int, seq_len: int = 32, seed: int = 0) -> ConceptDatas
         rec["depth"] >= 1, rec["depth"] % 2 == 1,
         (rec["state"] == AFTER) | (rec["state"] == BODY) | (rec["state"] == VERB),
         rec["num"] == 1, (rec["prev_state"] == START) & (torch.arange(seq_len) > 0)], -1)], -1)
-    meta = dict(generator="synthetic_language", seed=int(seed), seq_len=seq_len, bos_id=0, pad_id=None,
+    meta = dict(generator="synthetic_language", seed=seed, seq_len=seq_len, bos_id=0, pad_id=None,
                 entropy_rate=float(-sample["logp"][:, 1:].mean()),
                 task="next-token prediction (labels[:, t] = the token after inputs[:, t])")
     return ConceptDataset(x, tokens[:, 1:], label_names=LANGUAGE_VOCAB, concept_names=LANGUAGE_CONCEPTS,

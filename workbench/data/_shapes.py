@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from .._errors import InvalidOptionError
+from .._random import SeedLike, as_seed
 from .._threads import threads
 from ._dataset import ConceptDataset
 
@@ -186,7 +187,7 @@ def _render(p: dict, idx: torch.Tensor, size: int, cfg: dict, g: torch.Generator
     return img.clamp(0, 1), seg
 
 
-def shapes(n: int, size: int = 32, seed: int = 0, *, difficulty: float = 0.5, noise: Optional[float] = None,
+def shapes(n: int, size: int = 32, seed: SeedLike = 0, *, difficulty: float = 0.5, noise: Optional[float] = None,
            clutter: Optional[int] = None) -> ConceptDataset:
     """Procedural images of one object (the class is its shape) on a background, with concepts and masks.
 
@@ -229,7 +230,8 @@ def shapes(n: int, size: int = 32, seed: int = 0, *, difficulty: float = 0.5, no
     if noise is not None and noise < 0 or clutter is not None and clutter < 0:
         raise InvalidOptionError(f"noise and clutter must be >= 0; got noise={noise!r}, clutter={clutter!r}.")
     cfg = _settings(difficulty, size, noise, clutter)
-    g = torch.Generator().manual_seed(int(seed))
+    seed = as_seed(seed)
+    g = torch.Generator().manual_seed(seed)
     p = _sample(n, size, cfg, g)
     inputs = torch.empty(n, 3, size, size)
     segments = torch.empty(n, size, size, dtype=torch.uint8)
@@ -247,7 +249,7 @@ def shapes(n: int, size: int = 32, seed: int = 0, *, difficulty: float = 0.5, no
     concepts = torch.cat([t.bool() for t in parts], 1)
     regions = torch.tensor([1] * (len(CONCEPTS) - len(BACKGROUNDS) - 1) + [0] * len(BACKGROUNDS) + [2])
     settings = {k: v for k, v in cfg.items() if k in ("difficulty", "noise", "clutter")}
-    meta = dict(generator="shapes", seed=int(seed), size=size, **settings, regions=REGIONS,
+    meta = dict(generator="shapes", seed=seed, size=size, **settings, regions=REGIONS,
                 task=f"classify the object's shape ({len(SHAPES)} balanced classes); label = index in SHAPES",
                 inputs="RGB in [0, 1], not standardised",
                 mean=inputs.mean((0, 2, 3)).tolist(), std=inputs.std((0, 2, 3)).tolist())

@@ -7,6 +7,7 @@ from typing import Optional, Sequence, Union
 import torch
 
 from .._errors import InvalidOptionError, UnknownNameError, nearest
+from .._random import SeedLike, as_seed
 from ._dataset import IGNORE_INDEX, ConceptDataset
 
 PAD, BOS = "<pad>", "<bos>"
@@ -78,7 +79,7 @@ def next_token_targets(inputs: torch.Tensor, pad_id: Optional[int]) -> torch.Ten
     return labels
 
 
-def sentences(n: int, seed: int = 0) -> ConceptDataset:
+def sentences(n: int, seed: SeedLike = 0) -> ConceptDataset:
     """Templated English sentences with token-level concepts, for probing transformers.
 
     Each row is ``<bos>`` followed by one sentence (10 templates; slots filled at random) and padding.
@@ -105,7 +106,8 @@ def sentences(n: int, seed: int = 0) -> ConceptDataset:
     """
     if not isinstance(n, int) or isinstance(n, bool) or n <= 0:
         raise InvalidOptionError(f"n must be a positive int (number of sentences); got n={n!r}.")
-    g = torch.Generator().manual_seed(int(seed))
+    seed = as_seed(seed)
+    g = torch.Generator().manual_seed(seed)
     which = torch.randint(len(TEMPLATES), (n,), generator=g).tolist()
     fills = torch.randint(10**6, (n, _SEQ_LEN), generator=g).tolist()  # one draw per slot
     index = {w: i for i, w in enumerate(VOCAB)}
@@ -121,7 +123,7 @@ def sentences(n: int, seed: int = 0) -> ConceptDataset:
             table[[index[w] for w in WORDS[cls]], k] = True
     concepts = table[inputs]                                                  # [n, T, K]
     concepts[:, 1, -1] = True                                                 # first_word
-    meta = dict(generator="sentences", seed=int(seed), pad_id=0, bos_id=1, templates=TEMPLATES,
+    meta = dict(generator="sentences", seed=seed, pad_id=0, bos_id=1, templates=TEMPLATES,
                 task="next-token prediction (labels are next-token targets, -100 = ignore)")
     return ConceptDataset(inputs, next_token_targets(inputs, 0), label_names=VOCAB,
                           concept_names=SENTENCE_CONCEPTS, concepts=concepts, vocab=VOCAB, meta=meta)

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from .._errors import InvalidOptionError
+from .._random import SeedLike, as_seed
 from .._report import Report, new_axes
 from ._inputs import _tensor, resolve_bases
 from ._null import null_distribution
@@ -80,7 +81,7 @@ class BasisAlignment(Report):
         return ax
 
 
-def basis_alignment(acts, *, family="orthogonal", n_bases: int = 100, seed: int = 0,
+def basis_alignment(acts, *, family="orthogonal", n_bases: int = 100, seed: SeedLike = 0,
                     outlier_factor: float = 6.0, progress: bool = False) -> BasisAlignment:
     """Kurtosis and outlier-dimension statistics of ``acts`` against random bases of ``family``.
 
@@ -89,7 +90,7 @@ def basis_alignment(acts, *, family="orthogonal", n_bases: int = 100, seed: int 
             rotation moves the mean direction too).
         family: registry name or Group of the random bases (default Haar rotations).
         n_bases: random bases (streamed).
-        seed: same seed, same bases.
+        seed: an int, None, a ``torch.Generator`` or a NumPy ``Generator``; same seed, same bases.
         outlier_factor: a unit is an outlier dimension when its RMS exceeds this many times the
             median unit's RMS. Random bases make outliers too: a Haar rotation of a signal carried
             by one unit leaves an outlier dimension in 3-8% of bases (measured, d = 64 down to 8), so
@@ -113,6 +114,7 @@ def basis_alignment(acts, *, family="orthogonal", n_bases: int = 100, seed: int 
         raise InvalidOptionError("acts contain NaN or infinite values.")
     if not isinstance(n_bases, int) or n_bases < 1:
         raise InvalidOptionError(f"n_bases must be a positive int; got {n_bases!r}.")
+    seed = as_seed(seed)
     (group,) = resolve_bases([family], X.shape[1])
     observed = alignment_statistics(X, 1, outlier_factor)[0]
     null = null_distribution(X, None, group, n_bases, seed, lambda XB, _, m: alignment_statistics(XB, m, outlier_factor),

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from .._errors import InvalidOptionError
+from .._random import SeedLike, as_seed
 from .._report import Report, new_axes
 from ..groups import GroupElement, geodesic, get_group
 from ._inputs import _tensor
@@ -190,7 +191,7 @@ class DissectionSweep(Report):
         return ax
 
 
-def dissection_sweep(maps, masks, alphas: Sequence[float] = (0.0, 0.25, 0.5, 0.75, 1.0), *, seed: int = 0,
+def dissection_sweep(maps, masks, alphas: Sequence[float] = (0.0, 0.25, 0.5, 0.75, 1.0), *, seed: SeedLike = 0,
                      Q=None, **options) -> DissectionSweep:
     """:func:`dissect` in the bases Q^α (``geodesic(Q, α)``), Q a random rotation of SO(C) unless given.
 
@@ -204,6 +205,7 @@ def dissection_sweep(maps, masks, alphas: Sequence[float] = (0.0, 0.25, 0.5, 0.7
     from tqdm.auto import tqdm
 
     C = _tensor(maps, "maps").shape[1]
+    seed = as_seed(seed)
     if Q is None:
         Q = get_group("special_orthogonal", C).sample(seed=seed)
     alphas = [float(a) for a in alphas]

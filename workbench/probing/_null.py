@@ -21,7 +21,8 @@ CHUNK_BYTES = 48 * 2 ** 20
 
 def family_generator(seed: int, group: Group) -> torch.Generator:
     """A generator per (seed, family): adding a family to a test leaves the others' bases unchanged."""
-    return torch.Generator().manual_seed(int(seed) * 1_000_003 + zlib.crc32(group.name.encode()) % 1_000_003)
+    # modulo 2**63: an effective seed may be any 63-bit int (workbench._random); small seeds are unchanged
+    return torch.Generator().manual_seed((int(seed) * 1_000_003 + zlib.crc32(group.name.encode()) % 1_000_003) % 2**63)
 
 
 def chunk_size(n_rows: int, d: int, n_bases: int, budget: int = CHUNK_BYTES) -> int:

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from .._errors import InvalidOptionError, check_option
+from .._random import SeedLike, as_seed
 from .._report import Report, new_axes
 from ._inputs import prepare, resolve_bases, resolve_group
 from ._null import null_distribution
@@ -183,7 +184,7 @@ class PrivilegedBasisTest(Report):
 
 
 def privileged_basis_test(acts, concepts, bases: Sequence = ("orthogonal", "gl"), group=None, *,
-                          n_bases: int = 200, statistic: Union[str, Callable] = "auroc", seed: int = 0,
+                          n_bases: int = 200, statistic: Union[str, Callable] = "auroc", seed: SeedLike = 0,
                           alpha: float = 0.05, where=None, names: Optional[Sequence[str]] = None,
                           progress: bool = False) -> PrivilegedBasisTest:
     """Test whether single units carry each concept more than units of random bases do.
@@ -198,7 +199,9 @@ def privileged_basis_test(acts, concepts, bases: Sequence = ("orthogonal", "gl")
         n_bases: random bases per family (streamed: memory does not grow with it).
         statistic: ``"auroc"`` (best unit's |AUROC − 0.5|), ``"mean_difference"``, or a callable
             ``(acts [N, d] float64, concepts bool [N, K]) -> [K]``.
-        seed: same seed, same bases (each family has its own stream).
+        seed: an int, None, a ``torch.Generator`` or a NumPy ``Generator`` (as scikit-learn's
+            ``random_state``); same seed, same bases (each family has its own stream). The report records
+            the effective int seed, which reproduces the result.
         alpha: false discovery rate for the ``privileged`` column (Benjamini–Hochberg over concepts).
         where, names: as in :func:`concept_scores`.
 
@@ -219,6 +222,7 @@ def privileged_basis_test(acts, concepts, bases: Sequence = ("orthogonal", "gl")
         stat, stat_name = _user_statistic(statistic), getattr(statistic, "__name__", "custom")
     else:
         stat, stat_name = STATISTICS[check_option("statistic", statistic, list(STATISTICS), allow_callable=True)][0], statistic
+    seed = as_seed(seed)
     X, Y, names = prepare(acts, concepts, where, names)
     families = {g.name: (g, "random") for g in resolve_bases(bases, X.shape[1])}
     if group is not None:

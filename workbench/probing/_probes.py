@@ -14,6 +14,7 @@ import torch
 from sklearn.base import BaseEstimator, ClassifierMixin
 
 from .._errors import InvalidOptionError, check_option
+from .._random import SeedLike, as_seed
 from .._report import Report, new_axes
 from ._inputs import prepare
 from ._scores import f_statistic_matrix, mean_difference_matrix
@@ -156,7 +157,7 @@ class ProbeCurve(Report):
 
 
 def probe_curve(acts, concepts, ks: Sequence[int] = (1, 2, 4, 8, 16), *, selection: str = "mean_difference",
-                cv: int = 5, seed: int = 0, dense: bool = True, where=None, names=None, C: float = 1.0) -> ProbeCurve:
+                cv: int = 5, seed: SeedLike = 0, dense: bool = True, where=None, names=None, C: float = 1.0) -> ProbeCurve:
     """Cross-validated ROC AUC of :class:`SparseProbe` for each k and concept, and of :class:`DenseProbe`.
 
     Args:
@@ -182,13 +183,15 @@ def probe_curve(acts, concepts, ks: Sequence[int] = (1, 2, 4, 8, 16), *, selecti
         raise InvalidOptionError(f"concepts {small} have fewer than cv={cv} examples in one class; use fewer folds "
                                  f"or more examples.")
     ks = sorted({int(k) for k in ks if k <= X.shape[1]})
-    folds = StratifiedKFold(cv, shuffle=True, random_state=seed)
+    seed = as_seed(seed)
+    state = seed % 2**32  # scikit-learn takes seeds in [0, 2**32)
+    folds = StratifiedKFold(cv, shuffle=True, random_state=state)
     rows = []
     for k_idx, name in enumerate(tqdm(names, desc="concepts", leave=False)):
         y = Y[:, k_idx].numpy()
-        probes = [("sparse", k, SparseProbe(k, selection, C=C, random_state=seed)) for k in ks]
+        probes = [("sparse", k, SparseProbe(k, selection, C=C, random_state=state)) for k in ks]
         if dense:
-            probes.append(("dense", X.shape[1], DenseProbe(C=C, random_state=seed)))
+            probes.append(("dense", X.shape[1], DenseProbe(C=C, random_state=state)))
         for kind, k, probe in probes:
             auc = cross_val_score(probe, X, y, cv=folds, scoring="roc_auc")
             rows.append({"concept": name, "k": k, "probe": kind, "auc_mean": auc.mean(), "auc_std": auc.std()})

@@ -12,6 +12,7 @@ from typing import Callable, Iterable, Optional, Union
 import torch
 
 from .._errors import InvalidOptionError, nearest
+from .._random import SeedLike, as_generator
 from .._report import Report, new_axes
 from ..groups import get_group
 from . import _alignment as al
@@ -138,12 +139,13 @@ def measures():
                           "spatial": m.spatial, "description": m.description} for m in MEASURES.values()])
 
 
-def random_transform(acts, kind: str, *, seed: int = 0) -> torch.Tensor:
+def random_transform(acts, kind: str, *, seed: SeedLike = 0) -> torch.Tensor:
     """``acts`` moved by a random transformation of its units (axis 1, the same at every position).
 
     Groups (``INVARIANCE_GROUPS``) are sampled from the ``workbench.groups`` registry; isotropic
     scaling multiplies by a log-normal factor, translation adds an offset per unit of about twice the
-    activations' spread. Same seed, same transformation.
+    activations' spread. Same seed, same transformation (``seed``: an int, None, a ``torch.Generator`` or
+    a NumPy ``Generator``).
 
     Args:
         acts: ``[N, C]`` or ``[N, C, *spatial]``.
@@ -162,7 +164,7 @@ def random_transform(acts, kind: str, *, seed: int = 0) -> torch.Tensor:
     """
     x = as_acts(acts)
     kind, c = _check_kind(kind), x.shape[1]
-    g = torch.Generator().manual_seed(int(seed))
+    g, _ = as_generator(seed)
     if kind in INVARIANCE_GROUPS:
         return get_group(INVARIANCE_GROUPS[kind], c).sample(g).act(x, dim=1)
     if kind == "isotropic_scaling":

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import numbers
 import os
 from pathlib import Path
 from typing import Optional
@@ -101,7 +102,11 @@ def load(name: str, seed: int = 0):
         raise UnknownNameError(f"no zoo model named {name!r}; shipped: {known}."
                                + (f" Did you mean {hint[0]!r}?" if hint else "")
                                + (f" ({name!r} has a recipe: python -m workbench.zoo.train {name})" if name in RECIPES else ""))
-    entry = next((m for m in matches if m["seed"] == seed), None)
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        # Here a seed names one of the shipped training runs, it draws nothing: True must not mean run 1.
+        raise InvalidOptionError(f"seed={seed!r}: wb.zoo.load's seed picks one of the shipped training runs of "
+                                 f"{name!r}, an int in {[m['seed'] for m in matches]}.")
+    entry = next((m for m in matches if m["seed"] == int(seed)), None)
     if entry is None:
         raise UnknownNameError(f"{name!r} is shipped with seeds {[m['seed'] for m in matches]}, not seed={seed}.")
     from safetensors.torch import load_file
