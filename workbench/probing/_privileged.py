@@ -50,14 +50,10 @@ def bh_qvalues(p: np.ndarray) -> np.ndarray:
     >>> bh_qvalues(np.array([0.01, 0.04, 0.03, 0.5])).round(3).tolist()
     [0.04, 0.053, 0.053, 0.5]
     """
+    from scipy.stats import false_discovery_control
+
     p = np.asarray(p, dtype=float)
-    m = len(p)
-    order = np.argsort(p)
-    scaled = p[order] * m / np.arange(1, m + 1)
-    q = np.minimum.accumulate(scaled[::-1])[::-1].clip(max=1.0)
-    out = np.empty(m)
-    out[order] = q
-    return out
+    return false_discovery_control(p, method="bh") if len(p) else p
 
 
 #: values within this relative distance of the observed statistic count as ties: an invariant statistic
