@@ -11,7 +11,7 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: install tour test test-tl3 lab bench clean
+.PHONY: install tour test test-tl3 lab bench docs clean
 
 install: $(STAMP)
 
@@ -41,5 +41,11 @@ lab: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/cache.py
 
+# The API reference: every public package's docstrings rendered by pdoc into docs/api/index.html.
+API_MODULES := workbench workbench.groups workbench.hooks workbench.data workbench.zoo workbench.symmetry \
+	workbench.probing workbench.similarity workbench.stitching workbench.widgets
+docs: $(STAMP)
+	$(PY) -m pdoc --docformat google --no-show-source $(API_MODULES) -o docs/api
+
 clean:
-	rm -rf $(VENV) report .pytest_cache
+	rm -rf $(VENV) report docs/api .pytest_cache
