@@ -1,6 +1,7 @@
 """``ActivationCache``: what a capture returns — a read-only mapping from hook name to activation."""
 from __future__ import annotations
 
+import html
 from collections.abc import Mapping
 from typing import Iterator, Optional
 
@@ -41,13 +42,26 @@ class ActivationCache(Mapping):
     """
 
     def __init__(self, calls: dict[str, list[torch.Tensor]], aliases: Optional[dict[str, str]] = None,
-                 unfired: Optional[dict[str, str]] = None, skipped: Optional[dict[str, str]] = None):
+                 unfired: Optional[dict[str, str]] = None, skipped: Optional[dict[str, str]] = None,
+                 failures: Optional[list[str]] = None):
+        # ``calls`` may still be filling (inside ``wb.capture``): aliases are resolved at lookup.
         self._calls = calls
-        self._aliases = {a: c for a, c in (aliases or {}).items() if c in calls and a not in calls}
-        #: requested names that never fired, with the reason where known
+        self._aliases = dict(aliases or {})
+        #: requested names without a value, with why (never fired, or a failed forward never reached them)
         self.unfired: dict[str, str] = dict(unfired or {})
         #: names matched by a pattern but not stored (e.g. their module returned a tuple), with why
-        self.skipped: dict[str, str] = dict(skipped or {})
+        self.skipped: dict[str, str] = skipped if skipped is not None else {}
+        #: one line per forward that raised inside the capture: its values were discarded
+        self.failures: list[str] = failures if failures is not None else []
+
+    def _settle(self, unfired: dict[str, str]) -> None:
+        """The capture ended: record the names that got no value (the values themselves are in place)."""
+        self.unfired = dict(unfired)
+
+    def _key(self, name: str) -> str:
+        if name in self._calls:
+            return name
+        return self._aliases.get(name, name)
 
     # --------------------------------------------------------------- Mapping
     def __getitem__(self, name: str) -> torch.Tensor:
@@ -70,7 +84,7 @@ class ActivationCache(Mapping):
         return len(self._calls)
 
     def __contains__(self, name) -> bool:
-        return name in self._calls or name in self._aliases
+        return self._key(name) in self._calls
 
     # --------------------------------------------------------------- API
     @property
@@ -80,11 +94,13 @@ class ActivationCache(Mapping):
 
     def calls(self, name: str) -> list[torch.Tensor]:
         """Every activation recorded at ``name`` in call order (one per call of its module)."""
-        key = self._aliases.get(name, name)
+        key = self._key(name)
         if key not in self._calls:
-            if name in self.unfired:
-                raise UnknownNameError(f"{name!r} was requested but never fired: {self.unfired[name]}.")
-            close = nearest(name, list(self._calls) + list(self._aliases))
+            if key in self.unfired:
+                raise UnknownNameError(f"{name!r} was requested but has no value: {self.unfired[key]}.")
+            if key in self.skipped:
+                raise UnknownNameError(f"{name!r} was not stored: {self.skipped[key]}.")
+            close = nearest(name, list(self._calls) + [a for a, k in self._aliases.items() if k in self._calls])
             raise UnknownNameError(
                 f"{name!r} is not in this cache ({len(self._calls)} names)."
                 + (f" Nearest names: {close}." if close else "")
@@ -99,7 +115,7 @@ class ActivationCache(Mapping):
     def to(self, *args, **kwargs) -> "ActivationCache":
         """A new cache with every activation moved or cast, as ``Tensor.to(*args, **kwargs)``."""
         moved = {n: [t.to(*args, **kwargs) for t in ts] for n, ts in self._calls.items()}
-        return ActivationCache(moved, self._aliases, self.unfired, self.skipped)
+        return ActivationCache(moved, self._aliases, self.unfired, dict(self.skipped), list(self.failures))
 
     def to_frame(self):
         """One row per name: shape, dtype, calls and bytes (a pandas DataFrame)."""
@@ -113,7 +129,8 @@ class ActivationCache(Mapping):
             yield name, tuple(t.shape), str(t.dtype).replace("torch.", ""), len(ts), sum(x.nbytes for x in ts)
 
     def __repr__(self) -> str:
-        return f"ActivationCache({len(self)} names, {human_bytes(self.nbytes)})"
+        failed = f", {len(self.failures)} failed forward(s) discarded" if self.failures else ""
+        return f"ActivationCache({len(self)} names, {human_bytes(self.nbytes)}{failed})"
 
     def _repr_html_(self) -> str:
         rows = [(n, "×".join(map(str, s)) or "scalar", d, c, human_bytes(b)) for n, s, d, c, b in self._rows()]
@@ -123,4 +140,6 @@ class ActivationCache(Mapping):
             extra += f"<p>Requested but never fired: {', '.join(sorted(self.unfired))}</p>"
         if self.skipped:
             extra += f"<p>Skipped: {', '.join(sorted(self.skipped))}</p>"
+        for line in self.failures:
+            extra += f"<p>Failed forward: {html.escape(line)}</p>"
         return html_table(["name", "shape", "dtype", "calls", "size"], rows, caption) + extra

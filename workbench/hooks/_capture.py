@@ -1,15 +1,31 @@
 """The one capture core: every verb that reads or replaces activations registers its hooks here.
 
-Correctness before speed: a captured value is exactly what the module produced. Stored tensors are
-references (no copy) together with their autograd version counter; when a later in-place operation
-(``ReLU(inplace=True)``, ``x += ...``) bumps the counter, the value was overwritten, so the forward is
-run again from the same inputs with those names copied at capture time, and the model remembers to
-copy them from then on. The re-run restores the RNG state and the buffers (BatchNorm statistics),
-so the model ends exactly as one plain forward would leave it.
+Correctness before speed, and the user's forward runs exactly once. A captured value is kept as a
+reference to the module's output (no copy). While a capture is attached, a
+``torch.overrides.TorchFunctionMode`` sees every torch call made on this thread; just before a call
+writes into the memory of a value held by reference (``out += identity``, ``F.relu(x, inplace=True)``,
+``x.relu_()``, ``x[...] = v``, ``torch.add(a, b, out=x)``), that value is cloned, so the cache keeps
+what the module produced. Autograd version counters back this up: a value whose counter moved
+although it was never cloned was written by something the mode cannot see (another thread,
+``torch._C.DisableTorchFunction``). That value is dropped, the capture raises
+``ActivationOverwrittenError`` (a clear refusal, never a wrong value), and the model remembers to copy
+that name at capture time from then on.
+
+Why not re-run the forward to recover an overwritten value (what this core did before): a second
+forward fires the user's hooks twice, advances counters inside modules twice, updates BatchNorm
+running statistics twice in train mode and leaves reassigned buffers changed. Why a function mode and
+not a ``TorchDispatchMode`` (which reads aten schemas and so knows exactly which argument an op
+writes): the function mode is public API, sees Python-level ``inplace=`` flags, costs one Python call
+per torch call (about a hundred in a ResNet-20 forward) and does not sit under autograd; what it
+misses, the version counters catch.
+
+A root forward that raises leaves nothing of itself behind: the values it captured are discarded,
+and the cache lists the names it did not reach (``cache.failures``, ``cache.unfired``).
 """
 from __future__ import annotations
 
 import os
+import sys
 import warnings
 import weakref
 from contextlib import contextmanager
@@ -22,10 +38,12 @@ from .._errors import (ActivationOverwrittenError, CacheBudgetError, HookNotFire
                        InvalidOptionError)
 from .._repr import human_bytes, parse_bytes
 from ._cache import ActivationCache, storage_key
+from ._guard import WriteGuard
 from ._points import NameFilter, _GLOB_CHARS, gate_reason, hook_points
 from ._reduce import Reduce, resolve_reduce
 
-# Hook names whose values a later in-place op overwrote, per model: copied at capture from then on.
+# Hook names whose values an op the write guard could not see overwrote, per model: copied at
+# capture from then on.
 _COPY_AT_CAPTURE: "weakref.WeakKeyDictionary[nn.Module, set[str]]" = weakref.WeakKeyDictionary()
 
 
@@ -59,6 +77,14 @@ def _explicit_names(names: NameFilter) -> set[str]:
     return {i for i in items if _is_explicit(i)}
 
 
+def _describe(exc: Optional[BaseException]) -> str:
+    if exc is None:
+        return "it did not finish"
+    text = str(exc)
+    return f"{type(exc).__name__}({text[:200]!r})" if text else type(exc).__name__
+
+
+# ====================================================================== the core
 class _Capture:
     """Capture hooks on one model, and the bookkeeping of each forward pass they see."""
 
@@ -72,8 +98,8 @@ class _Capture:
         explicit = _explicit_names(names)
         self.explicit = [n for n in requested if n in explicit]
         # Pattern-selected TransformerLens names gated off by config would never fire: skip them.
-        self.skipped = {n: gate_reason(model, n) for n in requested if n not in explicit and gate_reason(model, n)}
-        requested = [n for n in requested if n not in self.skipped]
+        self._gated = {n: gate_reason(model, n) for n in requested if n not in explicit and gate_reason(model, n)}
+        requested = [n for n in requested if n not in self._gated]
         # One hook per module; the first requested name of a module is the key its values go under.
         self.key_of: dict[str, str] = {}  # canonical -> storage key
         for n in requested:
@@ -86,15 +112,23 @@ class _Capture:
         self.budget = default_budget() if budget == "default" else (None if budget is None else parse_bytes(budget))
         self.strict = strict
         self.stop_keys = self._stop_keys(stop_at)
-        self.calls: dict[str, list[torch.Tensor]] = {}
-        self._records: list[list] = []  # [key, position in calls[key], tensor, version] to watch
-        self._by_storage: dict[int, list[int]] = {}  # storage address -> indices into _records
+        self._handles: list = []
+        self._guard: Optional[WriteGuard] = None
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget everything captured so far (a new context; harvest empties the capture after every batch)."""
+        self.calls: dict[str, list[torch.Tensor]] = {}  # a new dict: a cache handed out earlier keeps its own
+        # storage address -> [[key, position in calls[key], tensor, version at capture], ...] held by reference
+        self._watch: dict[int, list[list]] = {}
         self._stored: dict[int, int] = {}  # storage address -> bytes, for the budget
         self.needed = 0  # bytes the captures would need, stored or not
         self._overflow = False
-        self._forward: Optional[dict] = None  # the open root forward's args, RNG and marks
-        self._rerunning = False
-        self._handles: list = []
+        self._forward: Optional[dict] = None  # the open root forward: marks to roll back to
+        self._fired: set[str] = set()  # keys fired in the current forward (stop_at, failure reports)
+        self.skipped: dict[str, str] = dict(self._gated)
+        self.failures: list[str] = []
+        self.lost: dict[str, str] = {}
 
     def _stop_keys(self, stop_at) -> Optional[set[str]]:
         if stop_at is None or stop_at is False:
@@ -114,18 +148,20 @@ class _Capture:
             for canon, key in self.key_of.items():
                 module = self.points.modules[canon]
                 self._handles.append(module.register_forward_hook(self._make_hook(canon, key)))
-            # In-place modules (ReLU(inplace=True), ...) are about to overwrite their input: copy any
-            # captured value living in that memory first. This spares a re-run in the common case.
-            for module in self.model.modules():
-                if getattr(module, "inplace", False) is True:
-                    self._handles.append(module.register_forward_pre_hook(self._before_inplace))
-            self._handles.append(self.model.register_forward_pre_hook(self._root_pre, with_kwargs=True))
-            self._handles.append(self.model.register_forward_hook(self._root_post, with_kwargs=True))
+            self._handles.append(self.model.register_forward_pre_hook(self._root_pre))
+            self._handles.append(self.model.register_forward_hook(self._root_post))
+            # Runs only when the forward raised (the hook above then did not): roll that forward back.
+            self._handles.append(self.model.register_forward_hook(self._root_failed, always_call=True))
+            self._guard = WriteGuard(self)
+            self._guard.__enter__()
         except BaseException:
             self.detach()
             raise
 
     def detach(self) -> None:
+        if self._guard is not None:
+            self._guard.__exit__(None, None, None)
+            self._guard = None
         for h in self._handles:
             h.remove()
         self._handles.clear()
@@ -154,35 +190,49 @@ class _Capture:
             return
         t = value.detach()
         if self.device is not None or self.dtype is not None:
-            t = t.to(device=self.device or t.device, dtype=self.dtype or t.dtype)
-        if t.is_inference():
-            # Inference tensors keep no version counter, so an overwrite cannot be detected: copy.
-            t = t.clone()
-        elif canon in _COPY_AT_CAPTURE.get(self.model, ()):
-            t = t.clone()
+            moved = t.to(device=self.device or t.device, dtype=self.dtype or t.dtype)
+            private = moved is not t  # a converted copy: nothing else can write into it
+            t = moved
+        else:
+            private = False
+        if not private and (t.is_inference() or canon in _COPY_AT_CAPTURE.get(self.model, ())):
+            # Inference tensors keep no version counter, so an unseen overwrite could not be detected.
+            t, private = t.clone(), True
         self._account(t)
+        self._fired.add(key)
         if not self._overflow:
             calls = self.calls.setdefault(key, [])
             calls.append(t)
-            if not t.is_inference():
-                self._by_storage.setdefault(t.untyped_storage().data_ptr(), []).append(len(self._records))
-                self._records.append([key, len(calls) - 1, t, t._version])
-        if self.stop_keys is not None and self._forward is not None:
-            self._forward["fired"].add(key)
-            if self.stop_keys <= self._forward["fired"]:
-                raise _StopForward()
+            if not private:
+                self._watch.setdefault(t.untyped_storage().data_ptr(), []).append([key, len(calls) - 1, t, t._version])
+        if self.stop_keys is not None and self.stop_keys <= self._fired:
+            raise _StopForward()
 
-    def _before_inplace(self, module, args):
-        for a in args:
-            if not isinstance(a, torch.Tensor) or a.is_inference():
+    def _before_write(self, target) -> None:
+        """A torch call is about to write into ``target``: clone the captured values that share its memory."""
+        if not isinstance(target, torch.Tensor):
+            return
+        try:
+            address = target.untyped_storage().data_ptr()
+        except (RuntimeError, NotImplementedError):  # sparse, meta or other storage-less tensors
+            return
+        records = self._watch.pop(address, None)
+        if not records:
+            return
+        clones: dict[tuple, torch.Tensor] = {}  # one copy per distinct view (aliases share it)
+        for rec in records:
+            key, pos, ref, version = rec
+            if ref._version != version:  # overwritten unseen earlier: leave it for check() to report
+                self._watch.setdefault(address, []).append(rec)
                 continue
-            for i in self._by_storage.pop(a.untyped_storage().data_ptr(), ()):
-                key, pos, t, version = self._records[i]
-                if t._version == version:  # still intact: keep a copy, watch the copy instead
-                    copy = t.clone()
-                    self._account(copy)
-                    self.calls[key][pos] = copy
-                    self._records[i] = [key, pos, copy, copy._version]
+            view = (ref.data_ptr(), ref.dtype, tuple(ref.shape), ref.stride())
+            copy = clones.get(view)
+            if copy is None:
+                copy = clones[view] = ref.clone()
+                self._account(copy)
+            if self._overflow:
+                return
+            self.calls[key][pos] = copy
 
     def _account(self, t: torch.Tensor) -> None:
         address, nbytes = storage_key(t)
@@ -194,91 +244,93 @@ class _Capture:
             # Free what is stored and keep counting, so the error can say how much was needed.
             self._overflow = True
             self.calls.clear()
-            self._records.clear()
-            self._by_storage.clear()
+            self._watch.clear()
 
     # ------------------------------------------------------------------ root forward bookkeeping
-    def _root_pre(self, module, args, kwargs):
-        if self._rerunning:
-            return None
-        self._forward = {
-            "args": args, "kwargs": kwargs, "fired": set(),
-            "marks": {k: len(v) for k, v in self.calls.items()},
-            "records": len(self._records),
-            "rng": _rng_state(),
-            "input_versions": _versions(args, kwargs),
-        }
-        return None
+    def _root_pre(self, module, args):
+        if self._forward is not None:  # the previous forward never finished (interrupted inside)
+            self._abandon("it was interrupted")
+        self._forward = {"marks": {k: len(v) for k, v in self.calls.items()}}
+        self._fired = set()
 
-    def _root_post(self, module, args, kwargs, output):
-        if not self._rerunning and self._forward is not None:
+    def _root_post(self, module, args, output):
+        if self._forward is not None:
             self.finish_forward()
-        return None
+
+    def _root_failed(self, module, args, output):
+        if self._forward is None:
+            return
+        exc = sys.exc_info()[1]  # torch calls always_call hooks inside its `except Exception:`
+        if isinstance(exc, _StopForward):
+            return  # stop_at: the capture's exit finishes this forward
+        self._abandon(_describe(exc))
 
     def finish_forward(self) -> None:
-        """Check this forward's captures for in-place overwrites and for the budget; re-run if needed."""
+        """End a successful root forward: check the budget and for overwrites nobody saw."""
         fwd, self._forward = self._forward, None
-        if self._overflow:
-            raise self._budget_error()
-        start = fwd["records"] if fwd else 0
-        bad = {k for k, _, t, v in self._records[start:] if t._version != v}
-        if not bad:
-            self._forget_records(start)  # checked: nothing to watch any more
-            return
-        canon_bad = {c for c, k in self.key_of.items() if k in bad}
-        _COPY_AT_CAPTURE.setdefault(self.model, set()).update(canon_bad)
-        if fwd is None or _versions(fwd["args"], fwd["kwargs"]) != fwd["input_versions"]:
-            raise ActivationOverwrittenError(
-                f"{sorted(bad)} were overwritten in place after they were captured (by a later in-place "
-                f"op such as ReLU(inplace=True) or `x += ...`), and the forward cannot be re-run to recover "
-                f"them{' because its inputs were modified in place' if fwd else ' because the model itself was not called'}. "
-                f"workbench now copies these names at capture time on this model: run the capture again."
-            )
-        self._rerun(fwd)
-        start = fwd["records"]
-        still = {k for k, _, t, v in self._records[start:] if t._version != v}
-        self._forget_records(start)
-        if still:  # pragma: no cover - a copy made at capture time cannot be overwritten
-            raise ActivationOverwrittenError(f"{sorted(still)} changed even after being copied at capture.")
+        self.check(fwd)
 
-    def _rerun(self, fwd: dict) -> None:
-        for k, n in fwd["marks"].items():
-            del self.calls[k][n:]
-        for k in [k for k in self.calls if k not in fwd["marks"]]:
-            del self.calls[k]
-        self._forget_records(fwd["records"])
+    def check(self, fwd: Optional[dict] = None, raise_errors: bool = True) -> None:
+        """Raise if the budget overflowed; drop (and refuse) values an unseen op overwrote.
+
+        ``fwd``: the root forward that just ended; on an overwrite all of its values are discarded (as
+        for a forward that raised), and values of earlier forwards that were overwritten are dropped.
+        """
+        if self._overflow:
+            if raise_errors:
+                raise self._budget_error()
+            return
+        bad = self._overwritten()
+        if not bad:
+            return
+        _COPY_AT_CAPTURE.setdefault(self.model, set()).update(c for c, k in self.key_of.items() if k in bad)
+        why = ("overwritten in place after it was captured, by an op workbench's write guard could not see "
+               "(run on another thread, or under torch._C.DisableTorchFunction); dropped instead of kept wrong")
+        if fwd is not None:
+            self._forward = fwd
+            self._abandon(f"ActivationOverwrittenError ({bad} {why.split(';')[0]})")
+        for key in self._overwritten():  # values of earlier forwards, or of a capture outside a root forward
+            self.calls.pop(key, None)
+            self.skipped[key] = why
+        self._rebuild_after_change()
+        if raise_errors:
+            raise ActivationOverwrittenError(
+                f"{bad} were {why}. workbench now copies these names at capture time on this model: run the "
+                f"capture again."
+            )
+
+    def _overwritten(self) -> list[str]:
+        return sorted({key for recs in self._watch.values() for key, _, ref, version in recs if ref._version != version})
+
+    def _abandon(self, why: str) -> None:
+        """A root forward raised: discard what it captured and record which names it never reached."""
+        fwd, self._forward = self._forward, None
+        self._roll_back(fwd)
+        self._rebuild_after_change()
+        missing = [k for k in self.key_of.values() if k not in self._fired]
+        self.failures.append(
+            f"a forward raised {why}; the values it captured ({len(self._fired)} names) were discarded"
+            + (f"; names it never reached: {missing}" if missing else ""))
+        for k in self.key_of.values():
+            self.lost[k] = (f"the forward raised {why} before reaching it" if k in missing else
+                            f"its value came from a forward that raised {why}, and was discarded with it")
+        self._fired = set()
+
+    def _roll_back(self, fwd: dict) -> None:
+        marks = fwd["marks"]
+        for k in list(self.calls):
+            del self.calls[k][marks.get(k, 0):]
+            if not self.calls[k]:
+                del self.calls[k]
+
+    def _rebuild_after_change(self) -> None:
+        """Recount the budget and the watched values after values were removed from ``calls``."""
+        kept = {(k, i) for k, ts in self.calls.items() for i in range(len(ts))}
+        watch = ((a, [r for r in recs if (r[0], r[1]) in kept and self.calls[r[0]][r[1]] is r[2]])
+                 for a, recs in self._watch.items())
+        self._watch = {a: recs for a, recs in watch if recs}
         self._stored = dict(storage_key(t) for ts in self.calls.values() for t in ts)
         self.needed = sum(self._stored.values())
-        buffers = [(b, b.detach().clone()) for b in self.model.buffers()]
-        after = _rng_state()
-        self._rerunning = True
-        self._forward = {**fwd, "fired": set()}
-        try:
-            _set_rng_state(fwd["rng"])
-            with torch.no_grad():
-                self.model(*fwd["args"], **fwd["kwargs"])
-        except _StopForward:
-            pass
-        finally:
-            self._rerunning = False
-            self._forward = None
-            _set_rng_state(after)
-            with torch.no_grad():
-                for b, saved in buffers:
-                    b.copy_(saved)
-
-    def _forget_records(self, start: int) -> None:
-        del self._records[start:]
-        kept = ((a, [i for i in ix if i < start]) for a, ix in self._by_storage.items()) if start else ()
-        self._by_storage = {a: ix for a, ix in kept if ix}
-
-    def reset(self) -> None:
-        """Forget everything captured so far (harvest empties the capture after every batch)."""
-        self.calls.clear()
-        self._records.clear()
-        self._by_storage.clear()
-        self._stored.clear()
-        self.needed = 0
 
     def _budget_error(self) -> CacheBudgetError:
         return CacheBudgetError(
@@ -289,14 +341,17 @@ class _Capture:
         )
 
     # ------------------------------------------------------------------ end of the context
-    def build_cache(self, stopped: bool = False) -> ActivationCache:
-        if stopped:  # names after the stop point were never meant to fire
-            why = "the forward was ended by stop_at before it ran"
-            return ActivationCache(self.calls, self._aliases(),
-                                   {n: why for n in self.key_of.values() if n not in self.calls}, self.skipped)
-        self.report_unfired()
-        unfired = {n: self._unfired_reason(n) for n in self.key_of.values() if n not in self.calls}
-        return ActivationCache(self.calls, self._aliases(), unfired, self.skipped)
+    def unfired(self, stopped: bool = False) -> dict[str, str]:
+        """Requested names without a value, with why."""
+        out = {}
+        for n in self.key_of.values():
+            if n in self.calls or n in self.skipped:
+                continue
+            if stopped:  # names after the stop point were never meant to fire
+                out[n] = "the forward was ended by stop_at before it ran"
+            else:
+                out[n] = self.lost.get(n) or self._unfired_reason(n)
+        return out
 
     def _aliases(self) -> dict[str, str]:
         """Every other name of a captured module -> the key its values are stored under."""
@@ -311,28 +366,11 @@ class _Capture:
         missing = [n for n in self.explicit if self.key_of.get(self.points.canonical(n)) not in self.calls]
         if not missing:
             return
-        detail = "; ".join(f"{n!r}: {self._unfired_reason(n)}" for n in missing)
+        detail = "; ".join(f"{n!r}: {self.lost.get(n) or self._unfired_reason(n)}" for n in missing)
         msg = f"requested hook(s) never fired: {detail}."
         if self.strict:
             raise HookNotFiredError(msg)
-        warnings.warn(msg, stacklevel=4)
-
-
-def _rng_state():
-    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
-    return torch.get_rng_state(), cuda
-
-
-def _set_rng_state(state) -> None:
-    cpu, cuda = state
-    torch.set_rng_state(cpu)
-    if cuda is not None:
-        torch.cuda.set_rng_state_all(cuda)
-
-
-def _versions(args, kwargs) -> list:
-    flat = list(args) + list(kwargs.values())
-    return [a._version for a in flat if isinstance(a, torch.Tensor) and not a.is_inference()]
+        warnings.warn(msg, stacklevel=3)
 
 
 # ====================================================================== public verbs
@@ -341,7 +379,10 @@ class capture:
 
     ``with wb.capture(model, names=["layer1.*"]) as cache: model(x)`` fills ``cache`` (an
     :class:`ActivationCache`) as the model runs; hooks are removed when the block ends, also on an
-    exception or KeyboardInterrupt, and hooks that were on the model before stay untouched.
+    exception or KeyboardInterrupt, and hooks that were on the model before stay untouched. The
+    model's forward runs exactly once per call: values about to be overwritten in place are copied
+    just before the write, and a forward that raises leaves none of its values behind
+    (``cache.failures`` says what it did not reach).
 
     Args:
         model: any ``torch.nn.Module`` (hook names = ``named_modules()`` paths) or a TransformerLens
@@ -370,26 +411,31 @@ class capture:
         self.stopped = False
 
     def __enter__(self) -> ActivationCache:
-        self._core.attach()
-        # The cache object handed out now is filled in place as forwards run.
-        self.cache = ActivationCache(self._core.calls)
+        core = self._core
+        core.reset()  # a capture object entered twice starts empty; the first cache keeps its values
+        core.attach()
+        # The cache handed out now is filled in place as forwards run, and settled when the block ends.
+        self.cache = ActivationCache(core.calls, core._aliases(), skipped=core.skipped, failures=core.failures)
+        self.stopped = False
         return self.cache
 
     def __exit__(self, exc_type, exc, tb) -> bool:
-        core = self._core
+        core, stopped = self._core, exc_type is _StopForward
+        self.stopped = stopped
+        ok = exc_type is None or stopped
         try:
-            if exc_type is _StopForward:
-                self.stopped = True
-                if core._forward is not None:
-                    core.finish_forward()
-            elif exc_type is None and (core._records or core._overflow):
-                core.finish_forward()  # the model itself was not called: check what we can
-            if exc_type is None or exc_type is _StopForward:
-                final = core.build_cache(stopped=self.stopped)
-                self.cache.__init__(final._calls, final._aliases, final.unfired, final.skipped)
+            if core._forward is not None and not stopped:  # the block was left inside a forward
+                core._abandon(_describe(exc) if exc is not None else "the capture ended inside it")
+            if stopped and core._forward is not None:
+                core.finish_forward()
+            else:  # also catches overwrites of values captured outside a root forward (sub-module calls)
+                core.check(raise_errors=ok)
         finally:
             core.detach()
-        return exc_type is _StopForward
+            self.cache._settle(core.unfired(stopped))
+        if ok and not stopped:
+            core.report_unfired()
+        return stopped
 
 
 def run_with_cache(model: nn.Module, x: Any, names: NameFilter = None, **options):
@@ -409,8 +455,6 @@ def run_with_cache(model: nn.Module, x: Any, names: NameFilter = None, **options
     with ctx as cache:
         output = model(x)
     return (None if ctx.stopped else output), cache
-
-
 @contextmanager
 def intervene(model: nn.Module, edits: Mapping[Any, Any]):
     """Replace activations while the context is open.

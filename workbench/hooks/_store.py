@@ -322,8 +322,7 @@ def harvest(model: nn.Module, batches: Iterable, names: NameFilter = None, reduc
             else:
                 x, y = _split_batch(batch)
                 model(x)
-            if core._records or core._overflow:
-                core.finish_forward()
+            core.check()  # refuses values an unseen in-place op overwrote, and the budget
             arrays = {}
             for key in keys:
                 calls = core.calls.get(key, [])

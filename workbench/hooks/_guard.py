@@ -1,0 +1,73 @@
+"""The write guard of a capture: copy a captured value just before a torch call writes into it.
+
+See ``_capture.py``'s module docstring for why a ``TorchFunctionMode`` (and not re-running the forward,
+nor a ``TorchDispatchMode``). The mode lives only while a capture is attached, on the thread that
+attached it; what it cannot see, the capture's version-counter check refuses.
+"""
+from __future__ import annotations
+
+import inspect
+from typing import Union
+
+from torch.overrides import TorchFunctionMode
+
+# In-place dunders (``x += y`` reaches a mode as ``add_``, ``x[i] = v`` as ``__setitem__``) and methods
+# whose trailing underscore does not mean "writes the tensor's values".
+_WRITE_DUNDERS = frozenset({"__setitem__", "__iadd__", "__isub__", "__imul__", "__itruediv__", "__ifloordiv__",
+                            "__imod__", "__ipow__", "__iand__", "__ior__", "__ixor__", "__ilshift__",
+                            "__irshift__", "__imatmul__"})
+_NOT_WRITES = frozenset({"requires_grad_", "retain_grad", "share_memory_", "rename_", "record_stream"})
+_RULES: dict = {}  # torch callable -> "first" | index of its ``inplace`` parameter | None
+
+
+def _rule(func) -> Union[None, str, int]:
+    try:
+        return _RULES[func]
+    except KeyError:
+        pass
+    except TypeError:  # unhashable callable: work it out each time
+        return _compute_rule(func)
+    rule = _RULES[func] = _compute_rule(func)
+    return rule
+
+
+def _compute_rule(func) -> Union[None, str, int]:
+    name = getattr(func, "__name__", "")
+    if name in _WRITE_DUNDERS or (name.endswith("_") and not name.endswith("__") and name not in _NOT_WRITES):
+        return "first"  # Tensor.relu_, torch.relu_, copy_, index_put_, x[...] = v
+    try:  # torch.nn.functional.relu(input, inplace=False), dropout(..., inplace), hardtanh, ...
+        params = list(inspect.signature(func).parameters)
+    except (TypeError, ValueError):
+        return None
+    return params.index("inplace") if "inplace" in params else None
+
+
+def _written(func, args: tuple, kwargs: dict) -> list:
+    """The arguments a torch call is about to write into."""
+    rule, out = _rule(func), []
+    if isinstance(rule, int):
+        flag = kwargs.get("inplace", args[rule] if len(args) > rule else False)
+        writes = isinstance(flag, int) and bool(flag)  # True, or 1
+    else:
+        writes = rule == "first"
+    if args and writes:
+        out.append(args[0])
+    target = kwargs.get("out") if kwargs else None
+    if target is not None:
+        out.extend(target if isinstance(target, (tuple, list)) else (target,))
+    return out
+
+
+class WriteGuard(TorchFunctionMode):
+    """Calls ``core._before_write(tensor)`` for every tensor a torch call is about to write into."""
+
+    def __init__(self, core):
+        super().__init__()
+        self.core = core
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if self.core._watch:
+            for t in _written(func, args, kwargs):
+                self.core._before_write(t)
+        return func(*args, **kwargs)
