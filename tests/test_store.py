@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -85,7 +86,8 @@ def test_resume_after_interruption_has_no_duplicate_or_missing_rows(cnn, tmp_pat
     path = tmp_path / "acts"
     with pytest.raises(Interrupt):
         wb.harvest(cnn, interrupted(batches, 7), names="4", path=path, progress=False, chunk_bytes=150)
-    partial = wb.ActivationStore.open(path)
+    with pytest.warns(UserWarning, match="is incomplete: the harvest stopped before batch"):
+        partial = wb.ActivationStore.open(path)
     assert not partial.complete and 0 < len(partial) < 50
     assert len(partial) % 5 == 0  # whole batches only
     with pytest.raises(FileExistsError, match="resume=True"):
@@ -105,7 +107,8 @@ def test_half_written_chunk_is_invisible_and_cleaned_on_resume(cnn, tmp_path):
     for leftover in ("chunk-000002", "chunk-000003.tmp"):
         (path / leftover).mkdir()
         np.save(path / leftover / "4.npy", np.full((5, 4), np.nan, dtype=np.float32))
-    reader = wb.ActivationStore.open(path)
+    with pytest.warns(UserWarning, match="incomplete"):
+        reader = wb.ActivationStore.open(path)
     assert len(reader) == 10 and not np.isnan(reader.array("4")).any()
     store = wb.harvest(cnn, batches, names="4", path=path, progress=False, resume=True, chunk_bytes=1)
     assert not (path / "chunk-000003.tmp").exists()
@@ -120,7 +123,8 @@ def test_a_reader_during_a_harvest_sees_only_complete_chunks(cnn, tmp_path):
     def watching():
         for i, b in enumerate(batches):
             if i:
-                s = wb.ActivationStore.open(path)
+                with pytest.warns(UserWarning, match=f"stopped before batch {i}"):
+                    s = wb.ActivationStore.open(path)
                 seen.append(len(s))
                 assert not s.complete and len(s) == 5 * i  # chunk_bytes=1: one chunk per batch
                 assert np.isfinite(s.array("4")).all()
@@ -133,7 +137,7 @@ def test_a_reader_during_a_harvest_sees_only_complete_chunks(cnn, tmp_path):
 def test_resume_with_other_settings_is_refused(cnn, tmp_path):
     path = tmp_path / "acts"
     wb.harvest(cnn, make_batches(2), names="4", path=path, progress=False)
-    with pytest.raises(ValueError, match="resume=True, but"):
+    with pytest.raises(ValueError, match=r"resume=True, but(.|\n)*settings\.names: \['4'\] in the store, \['1'\] now"):
         wb.harvest(cnn, make_batches(2), names="1", path=path, progress=False, resume=True)
 
 
@@ -158,7 +162,9 @@ def test_bad_batches_and_multi_call_names_are_explained(cnn):
 
 def test_store_repr_and_frame(cnn, tmp_path):
     store = wb.harvest(cnn, make_batches(2), names="4", path=tmp_path / "a", progress=False)
-    assert "ActivationStore(1 names, 10 rows" in repr(store)
+    fp = store.fingerprint["model"]["parameters"]
+    assert repr(store).startswith("ActivationStore(1 names, 10 rows")
+    assert repr(store).endswith(f"model Sequential {fp[:8]}, complete)")
     assert store.to_frame().to_dict("records") == [{"name": "4", "shape": (10, 4), "dtype": "<f4"}]
     assert "<table>" in store._repr_html_()
     with pytest.raises(KeyError, match="Nearest names"):
@@ -193,7 +199,8 @@ def test_distributed_harvest_with_two_gloo_processes(tmp_path):
     result = subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     shards = sorted(p.name for p in (tmp_path / "acts").iterdir())
-    assert shards == ["rank-00000-of-00002", "rank-00001-of-00002"]
+    assert shards == ["manifest.json", "rank-00000-of-00002", "rank-00001-of-00002"]
+    assert json.loads((tmp_path / "acts" / "manifest.json").read_text())["world_size"] == 2
     store = wb.ActivationStore.open(tmp_path / "acts")
     batches = make_batches(7)
     ref = reference(cnn_model(), batches, ["1", "4"], reduce="spatial_mean")
@@ -203,13 +210,21 @@ def test_distributed_harvest_with_two_gloo_processes(tmp_path):
     np.testing.assert_array_equal(store.targets, torch.cat([y for _, y in batches]).numpy())
 
 
+def harvest_as_rank(model, rank, world, path, batches=None, names="4", **kw):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world))
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the whole store is incomplete until the last rank
+            return wb.harvest(model, batches or make_batches(6), names=names, path=path, progress=False, **kw)
+    finally:
+        del os.environ["RANK"], os.environ["WORLD_SIZE"]
+
+
 def test_a_missing_shard_makes_the_store_incomplete(tmp_path, cnn):
     for rank in range(2):
-        os.environ.update(RANK=str(rank), WORLD_SIZE="3")
-        try:
-            wb.harvest(cnn, make_batches(6), names="4", path=tmp_path / "acts", progress=False)
-        finally:
-            del os.environ["RANK"], os.environ["WORLD_SIZE"]
-    store = wb.ActivationStore.open(tmp_path / "acts")
+        harvest_as_rank(cnn, rank, 3, tmp_path / "acts")
+    with pytest.warns(UserWarning, match=r"rank 2 of 3 is missing"):
+        store = wb.ActivationStore.open(tmp_path / "acts")
     assert not store.complete and len(store) == 20  # batches 0,1,3,4 of 6; rank 2 never ran
     np.testing.assert_array_equal(np.unique(store.batch_index), [0, 1, 3, 4])
+    assert "rank 2 of 3 is missing" in repr(store)

@@ -32,6 +32,22 @@ class InvalidOptionError(WorkbenchError, ValueError, TypeError):
     """An option got a value outside its declared list of valid values."""
 
 
+class ResumeMismatchError(WorkbenchError, ValueError):
+    """``resume=True`` was asked to continue a store with another model, data stream or settings."""
+
+
+class StoreLockedError(WorkbenchError, TimeoutError):
+    """Another harvest is writing into this store (its lock is held). A ``TimeoutError``."""
+
+
+class StoreCorruptError(WorkbenchError, OSError):
+    """A store's file does not match what its manifest recorded (checksum, size, rows). An ``OSError``."""
+
+
+class StoreFormatError(WorkbenchError, ValueError):
+    """A folder holds no store this workbench can read (another format, or a newer format version)."""
+
+
 def nearest(word: str, candidates: Iterable[str], n: int = 5) -> list[str]:
     """The candidates closest to ``word``, best first (for "did you mean" messages)."""
     candidates = list(candidates)

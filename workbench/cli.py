@@ -35,6 +35,22 @@ def _figure(report) -> str:
     return f"<img alt='figure' src='data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}'/>"
 
 
+def _tour_harvest(model, batches, folder: Path, progress: bool):
+    """The tour's harvest: one folder per seed; a rerun resumes it, and starts it over when the folder
+    holds a harvest of other inputs (e.g. zoo weights of another workbench version), never reporting it."""
+    import shutil
+
+    import workbench as wb
+    from workbench._errors import ResumeMismatchError
+
+    options = dict(names=["1", "5"], reduce="spatial_mean", path=folder, progress=progress)
+    try:
+        return wb.harvest(model, batches, resume=folder.exists(), **options)
+    except ResumeMismatchError:
+        shutil.rmtree(folder)  # the tour's own output folder
+        return wb.harvest(model, batches, **options)
+
+
 def tour(out: Path, seed: int = 0, progress: bool = True) -> Path:
     """Run the tour and write ``out/index.html`` (plus ``summary.json`` and the harvested store)."""
     import numpy as np
@@ -70,12 +86,11 @@ def tour(out: Path, seed: int = 0, progress: bool = True) -> Path:
     log("CNN: streaming a harvest to disk (reduce='spatial_mean')")
     train = wb.data.shapes(1024, size=32, seed=5, difficulty=0.3)
     batches = [(train.inputs[i:i + 128], train.labels[i:i + 128]) for i in range(0, 1024, 128)]
-    wb.harvest(cnn, batches, names=["1", "5"], reduce="spatial_mean",
-               path=out / "harvest", progress=progress, resume=(out / "harvest").exists())
-    reopened = wb.ActivationStore.open(out / "harvest")
+    reopened = _tour_harvest(cnn, batches, out / f"harvest-seed{seed}", progress)
     corr = np.corrcoef(reopened.array("5").T)
     sections.append(("CNN: harvested store (8 batches × 128, on disk)", reopened._repr_html_()))
     summary["harvest"] = {"rows": len(reopened), "complete": reopened.complete,
+                          "folder": reopened.path.name, "model": reopened.fingerprint["model"]["parameters"],
                           "mean_abs_unit_correlation_layer5": float(np.abs(corr[np.triu_indices_from(corr, 1)]).mean())}
 
     log("CNN: symmetry map, a random intertwiner, verification and a negative control")

@@ -1,19 +1,20 @@
 """``wb.harvest`` and ``ActivationStore``: activations of datasets larger than memory.
 
-On-disk format (see docs/ARCHITECTURE.md for why): a folder with ``manifest.json`` and one folder per
-chunk, ``chunk-000000/<hook name>.npy`` — plain NumPy arrays that ``np.load(..., mmap_mode="r")``
-opens lazily and dask/xarray wrap without copying. A chunk holds whole batches. It is written to a
-temporary folder and renamed into place (atomic), and only then listed in the manifest, which is
-itself replaced atomically: a reader trusts the manifest alone, so it never sees a half-written chunk,
-and ``resume=True`` continues after the last listed chunk. A distributed harvest writes one such
-folder per rank (``rank-00001-of-00004/``); opening the parent folder merges them in batch order.
+A store never reports ``complete`` for data that is not exactly what was asked for, and nothing
+already written is lost. The manifest records a fingerprint of the model, the data stream and every
+setting, so ``resume=True`` refuses to mix harvests (``ResumeMismatchError``); every batch's digest,
+so a shorter or reordered iterable is refused; every chunk file's size and checksum, so damaged bytes
+are refused on first read (``StoreCorruptError``). A writer holds the store's lock, so a second harvest
+into the same folder fails at once (``StoreLockedError``) or waits. The format itself is in
+``_disk.py`` and docs/ARCHITECTURE.md. A distributed harvest writes one folder per rank
+(``rank-00001-of-00004/``) under a parent manifest that records how many ranks to expect.
 """
 from __future__ import annotations
 
-import json
+import itertools
 import os
-import shutil
-from dataclasses import dataclass
+import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, Union
 
@@ -21,15 +22,47 @@ import numpy as np
 import torch
 from torch import nn
 
-from .._errors import InvalidOptionError, UnknownNameError, nearest
+from .._errors import InvalidOptionError, ResumeMismatchError, StoreCorruptError, UnknownNameError, nearest
 from .._repr import html_table, human_bytes, parse_bytes
 from ._capture import _Capture
+from ._disk import TARGETS, ShardWriter, ensure_parent, file_problem, read_manifest, shard_name
+from ._fingerprint import batch_digest, callable_id, differences, model_fingerprint
 from ._points import NameFilter
 from ._reduce import Reduce
 
-FORMAT = "workbench-activations"
-VERSION = 1
-TARGETS = "__targets__"  # file name of the labels of (x, y) batches, beside the activations
+
+@dataclass
+class _Chunk:
+    """Rows of whole batches: a folder of ``.npy`` files on disk, or arrays in memory."""
+
+    rows: int
+    folder: Optional[Path] = None
+    arrays: Optional[dict] = None
+    files: Optional[dict] = None  # name -> {"bytes", checksum}; None for format-1 stores
+    checked: set = field(default_factory=set)
+
+    def read(self, name: str, info: dict) -> np.ndarray:
+        if self.arrays is not None:
+            return self.arrays[name]
+        path = self.folder / f"{name}.npy"
+        if name not in self.checked:  # checksum and size on first read only: later reads are memory-mapped
+            problem = file_problem(path, None if self.files is None else self.files.get(name))
+            if problem:
+                raise StoreCorruptError(f"{path}: {problem}. {self._advice()}")
+        try:
+            arr = np.load(path, mmap_mode="r", allow_pickle=False)
+        except (ValueError, OSError) as e:
+            raise StoreCorruptError(f"{path} cannot be read as a .npy file ({e}). {self._advice()}") from None
+        want = (self.rows, *info["shape"])
+        if arr.shape != want or arr.dtype.str != info["dtype"]:
+            raise StoreCorruptError(f"{path} holds {arr.dtype.str}{list(arr.shape)}, but the manifest says "
+                                    f"{info['dtype']}{list(want)}. {self._advice()}")
+        self.checked.add(name)
+        return arr
+
+    def _advice(self) -> str:
+        return ("The rows of this chunk cannot be trusted: harvest into a new path (store.verify() lists every "
+                "damaged chunk).")
 
 
 @dataclass
@@ -39,14 +72,10 @@ class _Segment:
     batch: int
     start: int
     stop: int
-    chunk: Any  # a folder Path (on disk) or a dict name -> np.ndarray (in memory)
+    chunk: _Chunk
 
-    def read(self, name: str) -> np.ndarray:
-        if isinstance(self.chunk, dict):
-            arr = self.chunk[name]
-        else:
-            arr = np.load(self.chunk / f"{name}.npy", mmap_mode="r", allow_pickle=False)
-        return arr[self.start:self.stop]
+    def read(self, name: str, info: dict) -> np.ndarray:
+        return self.chunk.read(name, info)[self.start:self.stop]
 
 
 class ActivationStore:
@@ -54,70 +83,106 @@ class ActivationStore:
 
     ``store.array(name)`` loads one name as a NumPy array; ``store[name]`` as a tensor;
     ``store.iter_chunks(name)`` yields lazily memory-mapped pieces for data larger than memory.
-    ``store.targets`` holds the labels of ``(x, y)`` batches.
+    ``store.targets`` holds the labels of ``(x, y)`` batches. ``store.verify()`` checks every file.
     """
 
     def __init__(self, names: list[str], segments: list[_Segment], info: dict[str, dict],
-                 path: Optional[Path] = None, complete: bool = True, has_targets: bool = False):
+                 path: Optional[Path] = None, complete: bool = True, has_targets: bool = False,
+                 fingerprint: Optional[dict] = None, problems: Optional[list[str]] = None):
         self.names = list(names)
         self._segments = sorted(segments, key=lambda s: s.batch)
         self._info = info  # name -> {"dtype": str, "shape": row shape}
         self.path = path
-        #: False while a harvest is still writing (or was interrupted before its end)
+        #: False while a harvest is still writing, after an interruption, or with a shard missing
         self.complete = complete
+        #: why the store is incomplete (which rank, which batch), empty when complete
+        self.problems: list[str] = list(problems or [])
+        #: what was harvested: {"model": ..., "data": ..., "settings": ...} (see wb.harvest)
+        self.fingerprint: dict = fingerprint or {}
         self._has_targets = has_targets
 
     # ------------------------------------------------------------------ reading
     @classmethod
     def open(cls, path: Union[str, os.PathLike]) -> "ActivationStore":
-        """Open a store written by :func:`harvest` (one folder, or the parent of per-rank shards)."""
+        """Open a store written by :func:`harvest` (one folder, or the parent of per-rank shards).
+
+        An incomplete store opens (its finished chunks are exact) with a warning saying why: the harvest
+        stopped at some batch, or a rank's shard is missing, incomplete or from another harvest.
+        """
         path = Path(path)
         if (path / "manifest.json").exists():
-            shards = [path]
+            m = read_manifest(path)
+            if m.get("kind") == "sharded":
+                store = cls._open_shards(path, m)
+            else:
+                names, segments, info, complete, targets = _load_folder(path, m)
+                store = cls(names, segments, info, path, complete, targets, m.get("fingerprint"))
+                if not m["complete"]:
+                    store.complete = False
+                    store.problems = [f"the harvest stopped before batch {m['next_batch']} of its iterable; "
+                                      f"continue it with wb.harvest(..., resume=True)"]
         else:
-            shards = sorted(p for p in path.glob("rank-*-of-*") if (p / "manifest.json").exists())
-            if not shards:
+            store = cls._open_shards(path, None)
+        if not store.complete:
+            warnings.warn(f"{path} is incomplete: " + "; ".join(store.problems) + ".", stacklevel=2)
+        return store
+
+    @classmethod
+    def _open_shards(cls, path: Path, parent: Optional[dict]) -> "ActivationStore":
+        if parent is None:  # format 1: no parent manifest; the folder names say how many ranks
+            found = sorted(p for p in path.glob("rank-*-of-*") if (p / "manifest.json").exists())
+            if not found:
                 raise FileNotFoundError(f"{path} holds no activation store (no manifest.json, no rank-*-of-* shards).")
-        names, segments, info, complete, targets = None, [], {}, True, True
-        for shard in shards:
-            m = _read_manifest(shard)
-            names = names or m["names"]
-            info.update(m["info"])
-            complete &= m["complete"]
-            targets &= m["targets"]
-            for c in m["chunks"]:
-                folder = shard / c["dir"]
-                row = 0
-                for batch, rows in c["batches"]:
-                    segments.append(_Segment(batch, row, row + rows, folder))
-                    row += rows
-        if len(shards) > 1:
-            world = int(shards[0].name.split("-of-")[1])
-            complete &= len(shards) == world
-        return cls(names, segments, info, path, complete, targets)
+            world = int(found[0].name.split("-of-")[1])
+        else:
+            world = parent["world_size"]
+        names, segments, info, targets, problems = parent["names"] if parent else None, [], {}, True, []
+        for rank in range(world):
+            folder = path / shard_name(rank, world)
+            if not (folder / "manifest.json").exists():
+                problems.append(f"rank {rank} of {world} is missing (no {folder.name}/manifest.json)")
+                continue
+            m = read_manifest(folder)
+            if parent is not None:
+                diffs = differences(parent["fingerprint"], m.get("fingerprint") or {})
+                if diffs:
+                    problems.append(f"rank {rank} of {world} was harvested from other inputs "
+                                    f"({', '.join(d[0] for d in diffs)}); its rows are left out")
+                    continue
+            shard_names, shard_segments, shard_info, _, shard_targets = _load_folder(folder, m)
+            names = names or shard_names
+            segments += shard_segments
+            info.update(shard_info)
+            targets &= shard_targets
+            if not m["complete"]:
+                problems.append(f"rank {rank} of {world} stopped before batch {m['next_batch']}; resume it "
+                                f"with WORLD_SIZE={world}, RANK={rank} and resume=True")
+        return cls(names or [], segments, info, path, not problems, targets and bool(segments),
+                   parent["fingerprint"] if parent else None, problems)
 
     def __len__(self) -> int:
         return sum(s.stop - s.start for s in self._segments)
 
-    def _check(self, name: str) -> str:
+    def _check(self, name: str) -> dict:
         if name not in self.names and not (name == TARGETS and self._has_targets):
             close = nearest(name, self.names)
             raise UnknownNameError(f"{name!r} is not in this store ({len(self.names)} names)."
                                    + (f" Nearest names: {close}." if close else ""))
-        return name
+        if name not in self._info:
+            raise UnknownNameError(f"{name!r} has no rows in this store yet, so its shape is unknown.")
+        return self._info[name]
 
     def iter_chunks(self, name: str) -> Iterable[np.ndarray]:
         """The rows of ``name`` batch by batch, memory-mapped from disk where the store is on disk."""
-        self._check(name)
+        info = self._check(name)
         for seg in self._segments:
-            yield seg.read(name)
+            yield seg.read(name, info)
 
     def array(self, name: str) -> np.ndarray:
         """All rows of ``name`` as one array ``[rows, *shape]`` (loads them into memory)."""
-        self._check(name)
-        parts = [seg.read(name) for seg in self._segments]
+        info = self._check(name)
+        parts = [seg.read(name, info) for seg in self._segments]
         if not parts:
-            info = self._info[name]
             return np.zeros((0, *info["shape"]), dtype=info["dtype"])
         return np.concatenate(parts, axis=0)
 
@@ -134,6 +199,27 @@ class ActivationStore:
         """For every row, the index of the batch it came from in the harvested iterable."""
         return np.concatenate([np.full(s.stop - s.start, s.batch) for s in self._segments] or [np.zeros(0, int)])
 
+    def verify(self) -> "ActivationStore":
+        """Check every file of the store against its manifest (size, checksum, rows); return the store.
+
+        Raises :class:`StoreCorruptError` listing every damaged file and the batches whose rows it holds.
+        """
+        bad, chunks = [], {id(s.chunk): s.chunk for s in self._segments if s.chunk.folder is not None}
+        for chunk in chunks.values():
+            for name in [*self.names, *([TARGETS] if self._has_targets else [])]:
+                if name not in self._info:
+                    continue
+                chunk.checked.discard(name)
+                try:
+                    chunk.read(name, self._info[name])
+                except StoreCorruptError as e:
+                    batches = sorted(s.batch for s in self._segments if s.chunk is chunk)
+                    bad.append(f"{str(e).split('. The rows')[0]} (batches {batches[0]}-{batches[-1]})")
+        if bad:
+            raise StoreCorruptError(f"{len(bad)} damaged file(s) in {self.path}:\n  " + "\n  ".join(bad)
+                                    + "\nHarvest those batches into a new path.")
+        return self
+
     @property
     def nbytes(self) -> int:
         rows = len(self)
@@ -144,98 +230,36 @@ class ActivationStore:
         import pandas as pd
 
         rows = len(self)
-        return pd.DataFrame([(n, (rows, *self._info[n]["shape"]), self._info[n]["dtype"]) for n in self.names],
-                            columns=["name", "shape", "dtype"])
+        return pd.DataFrame([(n, (rows, *self._info[n]["shape"]), self._info[n]["dtype"])
+                             for n in self.names if n in self._info], columns=["name", "shape", "dtype"])
 
     def __repr__(self) -> str:
         where = f", {self.path}" if self.path else ", in memory"
-        state = "" if self.complete else ", incomplete"
-        return f"ActivationStore({len(self.names)} names, {len(self)} rows, {human_bytes(self.nbytes)}{where}{state})"
+        model = self.fingerprint.get("model")
+        who = f", model {model['class'].rsplit('.', 1)[-1]} {model['parameters'][:8]}" if model else ""
+        state = ", complete" if self.complete else ", incomplete: " + "; ".join(self.problems)
+        return f"ActivationStore({len(self.names)} names, {len(self):,} rows, {human_bytes(self.nbytes)}{where}{who}{state})"
 
     def _repr_html_(self) -> str:
         df = self.to_frame()
         return html_table(list(df.columns), df.itertuples(index=False), caption=repr(self))
 
 
+def _load_folder(folder: Path, m: dict):
+    """names, segments, info, complete, has_targets of one store folder (a store or a rank's shard)."""
+    segments = []
+    for c in m["chunks"]:
+        rows = sum(b[1] for b in c["batches"])
+        if c.get("rows", rows) != rows:
+            raise StoreCorruptError(f"{folder}/manifest.json: {c['dir']} lists {c['rows']} rows but batches of {rows}.")
+        chunk, row = _Chunk(rows, folder / c["dir"], files=c.get("files")), 0
+        for b in c["batches"]:
+            segments.append(_Segment(b[0], row, row + b[1], chunk))
+            row += b[1]
+    return m["names"], segments, m["info"], m["complete"], bool(m["targets"])
+
+
 # ====================================================================== writing
-def _read_manifest(folder: Path) -> dict:
-    m = json.loads((folder / "manifest.json").read_text())
-    if m.get("format") != FORMAT:
-        raise ValueError(f"{folder} is not a workbench activation store (format {m.get('format')!r}).")
-    return m
-
-
-def _write_json_atomic(path: Path, obj: dict) -> None:
-    tmp = path.with_suffix(".json.tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _save_npy(path: Path, arr: np.ndarray) -> None:
-    with open(path, "wb") as f:
-        np.save(f, arr, allow_pickle=False)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-class _ShardWriter:
-    """Writes whole-batch chunks into one folder; the manifest lists only finished chunks."""
-
-    def __init__(self, folder: Path, names: list[str], settings: dict, resume: bool):
-        self.folder = folder
-        if (folder / "manifest.json").exists():
-            if not resume:
-                raise FileExistsError(
-                    f"{folder} already holds activations; pass resume=True to continue that harvest, "
-                    f"or choose another path (nothing there is deleted or overwritten)."
-                )
-            self.manifest = _read_manifest(folder)
-            if self.manifest["settings"] != settings or self.manifest["names"] != names:
-                raise InvalidOptionError(
-                    f"resume=True, but {folder} was harvested with names={self.manifest['names']} and "
-                    f"{self.manifest['settings']}; this call asks for names={names} and {settings}."
-                )
-            # Chunk folders not in the manifest are leftovers of an interrupted write.
-            listed = {c["dir"] for c in self.manifest["chunks"]}
-            for p in folder.glob("chunk-*"):
-                if p.name not in listed:
-                    shutil.rmtree(p)
-        else:
-            folder.mkdir(parents=True, exist_ok=True)
-            self.manifest = {"format": FORMAT, "version": VERSION, "names": names, "settings": settings,
-                             "info": {}, "targets": False, "chunks": [], "next_batch": 0, "complete": False}
-            _write_json_atomic(folder / "manifest.json", self.manifest)
-
-    @property
-    def next_batch(self) -> int:
-        return self.manifest["next_batch"]
-
-    def write(self, batches: list[tuple[int, int]], arrays: dict[str, np.ndarray], next_batch: int) -> None:
-        name = f"chunk-{len(self.manifest['chunks']):06d}"
-        tmp = self.folder / (name + ".tmp")
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir()
-        for key, arr in arrays.items():
-            _save_npy(tmp / f"{key}.npy", arr)
-        os.replace(tmp, self.folder / name)
-        m = self.manifest
-        m["chunks"].append({"dir": name, "batches": batches})
-        m["next_batch"] = next_batch
-        m["targets"] = TARGETS in arrays
-        for key, arr in arrays.items():
-            m["info"].setdefault(key, {"dtype": arr.dtype.str, "shape": list(arr.shape[1:])})
-        _write_json_atomic(self.folder / "manifest.json", m)
-
-    def close(self, next_batch: int) -> None:
-        self.manifest["next_batch"] = next_batch
-        self.manifest["complete"] = True
-        _write_json_atomic(self.folder / "manifest.json", self.manifest)
-
-
 def _rank_world() -> tuple[int, int]:
     import torch.distributed as dist
 
@@ -259,14 +283,65 @@ def _to_numpy(t: torch.Tensor) -> np.ndarray:
     t = t.detach().cpu()
     if t.dtype == torch.bfloat16:  # NumPy has no bfloat16
         t = t.float()
-    return t.numpy()
+    # A copy: the captured tensor may share memory the model writes again in its next forward.
+    return np.array(t.numpy(), copy=True)
+
+
+def _batch_rows(batch) -> Optional[int]:
+    x = batch[0] if isinstance(batch, (tuple, list)) and batch else batch
+    return int(x.shape[0]) if isinstance(x, torch.Tensor) and x.ndim else None
+
+
+class _Rows:
+    """Checks each batch's arrays before they are kept: one row per example for every name and the
+    labels, and one row shape and dtype per name for the whole store."""
+
+    def __init__(self, info: dict, targets: Optional[bool], from_disk: bool):
+        self.info, self.targets, self.from_disk = dict(info), targets, from_disk
+
+    def check(self, arrays: dict[str, np.ndarray], index: int) -> int:
+        rows = None
+        for key, a in arrays.items():
+            what = "the labels y" if key == TARGETS else repr(key)
+            if a.ndim == 0:
+                raise InvalidOptionError(f"harvest stores one row per example, but {what} gave a scalar in batch "
+                                         f"{index}; use a reduce= that keeps the batch axis.")
+            if rows is None:
+                rows, first = a.shape[0], what
+            elif a.shape[0] != rows:
+                raise InvalidOptionError(
+                    f"batch {index}: {what} {'have' if key == TARGETS else 'has'} {a.shape[0]} rows but {first} has "
+                    f"{rows}. A store keeps one row "
+                    f"per example for every name" + (" and one label per example; misaligned labels are never "
+                                                     "stored" if key == TARGETS else
+                                                     "; a name whose first axis is not the batch axis cannot be "
+                                                     "harvested (capture it with wb.capture)") + ".")
+            want = self.info.get(key)
+            got = {"dtype": a.dtype.str, "shape": list(a.shape[1:])}
+            if want is not None and want != got:
+                cls = ResumeMismatchError if self.from_disk else InvalidOptionError
+                raise cls(
+                    f"{what} gave rows of shape {got['shape']} ({got['dtype']}) in batch {index}, but the store "
+                    f"holds rows of shape {want['shape']} ({want['dtype']}). "
+                    + ("The model or data changed since the store was written: harvest into another path."
+                       if self.from_disk else
+                       "Every batch must give one row shape per name (variable-length sequences: pad them, or "
+                       "pass reduce='token_mean').")
+                )
+            self.info.setdefault(key, got)
+        has = TARGETS in arrays
+        if self.targets is not None and has != self.targets:
+            raise InvalidOptionError(f"batch {index} has {'' if has else 'no '}labels y, but earlier batches "
+                                     f"{'had none' if has else 'had them'}; every batch must be (x, y), or none.")
+        self.targets = has
+        return rows or 0
 
 
 def harvest(model: nn.Module, batches: Iterable, names: NameFilter = None, reduce: Reduce = None,
             path: Union[str, os.PathLike, None] = None, dtype: Optional[torch.dtype] = None,
             progress: bool = True, resume: bool = False, *, chunk_bytes: Union[int, str] = "64MB",
             forward: Optional[Callable[[nn.Module, Any], Any]] = None,
-            budget: Union[int, str, None] = "default") -> ActivationStore:
+            budget: Union[int, str, None] = "default", lock_timeout: Optional[float] = 0) -> ActivationStore:
     """Capture ``names`` over every batch of ``batches`` into an :class:`ActivationStore`.
 
     Args:
@@ -274,14 +349,18 @@ def harvest(model: nn.Module, batches: Iterable, names: NameFilter = None, reduc
             ``store.targets``. With ``resume=True`` it must yield the same batches in the same order.
         names, reduce, dtype: as in :class:`capture` (``reduce="spatial_mean"`` keeps stores small).
         path: None keeps the store in memory; a folder writes chunks there (peak memory stays flat).
-        progress: show a ``tqdm`` bar with rows/s.
-        resume: continue an interrupted harvest at ``path`` after its last complete chunk.
+        progress: show a ``tqdm`` bar (batches; with a total when ``batches`` has a length).
+        resume: continue an interrupted harvest at ``path`` after its last complete chunk. Refused
+            (:class:`ResumeMismatchError`, naming each field) unless the model's weights and
+            architecture, the batches already harvested and every setting are the same as before.
         chunk_bytes: rows are flushed to disk once a chunk holds about this many bytes.
         forward: ``forward(model, batch)`` for batches that are not a tensor or an ``(x, y)`` tuple.
+        lock_timeout: seconds to wait when another harvest is writing into ``path`` (0: raise
+            :class:`StoreLockedError` at once; None: wait as long as it takes).
 
     Under ``torchrun`` (``RANK``/``WORLD_SIZE``, or an initialised process group) rank r harvests
     batches r, r+W, r+2W, … into ``path/rank-r-of-W``; ``ActivationStore.open(path)`` reads them as one
-    store in the original batch order.
+    store in the original batch order, and is incomplete (and says which rank) until every rank is.
     """
     from tqdm.auto import tqdm
 
@@ -291,30 +370,72 @@ def harvest(model: nn.Module, batches: Iterable, names: NameFilter = None, reduc
     chunk_limit = parse_bytes(chunk_bytes)
     core = _Capture(model, names, reduce=reduce, device="cpu", dtype=dtype, budget=budget)
     keys = list(core.key_of.values())
+    stream = iter(batches)
+    first = next(stream, _NOTHING)
+    if first is _NOTHING:
+        raise InvalidOptionError("harvest: `batches` yielded no batch, so there is nothing to harvest (an empty "
+                                 "DataLoader or an exhausted iterator?). Nothing was written.")
     writer = None
     if path is not None:
         root = Path(path)
-        folder = root / f"rank-{rank:05d}-of-{world:05d}" if world > 1 else root
-        settings = {"reduce": reduce if isinstance(reduce, str) or reduce is None else getattr(reduce, "__name__", "callable"),
-                    "dtype": str(dtype), "world_size": world}
-        writer = _ShardWriter(folder, keys, settings, resume)
+        fingerprint = {
+            "model": model_fingerprint(model),
+            "data": {"first_batch": batch_digest(first, full=True), "batch_size": _batch_rows(first)},
+            "settings": {"names": keys, "reduce": callable_id(reduce), "dtype": str(dtype),
+                         "forward": callable_id(forward), "world_size": world},
+        }
+        folder = root
+        if world > 1:
+            ensure_parent(root, keys, fingerprint, world)
+            folder = root / shard_name(rank, world)
+        writer = ShardWriter(folder, keys, fingerprint, resume=resume, lock_timeout=lock_timeout, rank=rank, world=world)
+    try:
+        total = len(batches) if hasattr(batches, "__len__") else None
+    except TypeError:
+        total = None
+    bar = tqdm(total=total, unit="batch", desc="harvest", disable=not progress)
+    try:
+        memory = _run(model, core, keys, itertools.chain([first], stream), writer, chunk_limit, forward,
+                      rank, world, bar)
+    finally:
+        bar.close()
+        if writer is not None:
+            writer.release()
+    if writer is None:
+        return memory
+    import torch.distributed as dist
+
+    if world > 1 and dist.is_available() and dist.is_initialized():
+        dist.barrier()  # every shard is complete before anyone opens the whole store
+    return ActivationStore.open(path)
+
+
+_NOTHING = object()
+
+
+def _run(model, core: _Capture, keys: list[str], batches: Iterable, writer: Optional[ShardWriter],
+         chunk_limit: int, forward, rank: int, world: int, bar) -> Optional[ActivationStore]:
+    """The harvest loop: skip (and check) what the store holds, capture the rest, flush whole chunks."""
     start = writer.next_batch if writer else 0
-    dataset = getattr(batches, "dataset", None)
-    bar = tqdm(total=len(dataset) if hasattr(dataset, "__len__") else None, unit="row", unit_scale=True,
-               desc="harvest", disable=not progress)
+    recorded = writer.recorded() if writer else {}
+    manifest = writer.manifest if writer else {"info": {}, "targets": None}
+    rows_check = _Rows(manifest["info"], manifest["targets"] if manifest["chunks"] else None, bool(recorded)) \
+        if writer else _Rows({}, None, False)
     pending: dict[str, list[np.ndarray]] = {}
-    pending_batches: list[tuple[int, int]] = []
-    pending_bytes = 0
-    memory: list[_Segment] = []
-    info: dict[str, dict] = {}
-    has_targets = False
-    index = -1
+    pending_batches: list = []
+    pending_bytes, memory, index = 0, [], -1
     core.attach()
     try:
         for index, batch in enumerate(batches):
-            if index < start or index % world != rank:
-                if index < start and bar.total is not None:
-                    bar.update(_batch_rows(batch))
+            if index % world != rank:
+                continue
+            if index < start:  # already in the store: it must be the very batch harvested then
+                if index not in recorded or batch_digest(batch) != recorded[index][1]:
+                    raise ResumeMismatchError(
+                        f"resume=True, but batch {index} of the iterable differs from the batch harvested "
+                        f"there before (shuffled, or other data?); nothing was written. Resume with the same "
+                        f"batches in the same order, or harvest into another path.")
+                bar.update(1)
                 continue
             if forward is not None:
                 y = None
@@ -333,39 +454,34 @@ def harvest(model: nn.Module, batches: Iterable, names: NameFilter = None, reduc
                     )
                 arrays[key] = _to_numpy(calls[0])
             core.reset()
-            rows = next(iter(arrays.values())).shape[0] if arrays else 0
-            if y is not None and isinstance(y, torch.Tensor):
+            if isinstance(y, torch.Tensor):
                 arrays[TARGETS] = _to_numpy(y)
-                has_targets = True
-            for k, a in arrays.items():
-                info.setdefault(k, {"dtype": a.dtype.str, "shape": list(a.shape[1:])})
+            rows = rows_check.check(arrays, index)
             if writer is None:
-                memory.append(_Segment(index, 0, rows, arrays))
+                memory.append(_Segment(index, 0, rows, _Chunk(rows, arrays=arrays)))
             else:
                 for k, a in arrays.items():
                     pending.setdefault(k, []).append(a)
-                pending_batches.append((index, rows))
+                pending_batches.append([index, rows, batch_digest(batch)])
                 pending_bytes += sum(a.nbytes for a in arrays.values())
                 if pending_bytes >= chunk_limit:
-                    writer.write(pending_batches, {k: np.concatenate(v) for k, v in pending.items()}, index + 1)
+                    writer.write(pending_batches, {k: np.concatenate(v) for k, v in pending.items()}, index + 1,
+                                 rows_check.info)
                     pending, pending_batches, pending_bytes = {}, [], 0
-            bar.update(rows)
+            bar.update(1)
+            bar.set_postfix_str(f"{rows} rows", refresh=False)
+        if index + 1 < start:
+            raise ResumeMismatchError(
+                f"resume=True, but the iterable ended after {index + 1} batches while the store already holds "
+                f"batches up to {start - 1}; a shorter or different iterable would leave the store wrong. "
+                f"Nothing was written. Resume with the same batches, or harvest into another path.")
         if writer is not None:
             if pending_batches:
-                writer.write(pending_batches, {k: np.concatenate(v) for k, v in pending.items()}, index + 1)
+                writer.write(pending_batches, {k: np.concatenate(v) for k, v in pending.items()}, index + 1,
+                             rows_check.info)
             writer.close(index + 1)
     finally:
         core.detach()
-        bar.close()
-    if writer is None:
-        return ActivationStore(keys, memory, info, None, True, has_targets)
-    import torch.distributed as dist
-
-    if world > 1 and dist.is_available() and dist.is_initialized():
-        dist.barrier()  # every shard is complete before anyone opens the whole store
-    return ActivationStore.open(path)
-
-
-def _batch_rows(batch) -> int:
-    x = batch[0] if isinstance(batch, (tuple, list)) else batch
-    return int(x.shape[0]) if isinstance(x, torch.Tensor) and x.ndim else 0
+    if writer is not None:
+        return None
+    return ActivationStore(keys, memory, rows_check.info, None, True, bool(rows_check.targets))
