@@ -251,8 +251,8 @@ def test_clear_errors(mlp_a, mlp_b, digits):
         stitch(mlp_a, mlp_b, "1", "low_rank:17", d)
     with pytest.raises(KeyError, match=r"no site named '2' in this symmetry map \(2 sites\)"):
         stitch(mlp_a, mlp_b, "2", "gl", d)
-    with pytest.raises(ValueError, match="bn='train' is not a valid option"):
-        stitch(mlp_a, mlp_b, "1", "gl", d, bn="train")
+    with pytest.raises(ValueError, match="bn='eval' is not a valid option"):
+        stitch(mlp_a, mlp_b, "1", "gl", d, bn="eval")
     with pytest.raises(ValueError, match=r"labels must be class indices of shape \[N\]"):
         stitch(mlp_a, mlp_b, "1", "gl", (x[:32], y[:32].float()))
     with pytest.raises(ValueError, match="epochs must be a whole number"):
@@ -268,3 +268,147 @@ def test_clear_errors(mlp_a, mlp_b, digits):
     linear = nn.Sequential(nn.Linear(64, 8), nn.Linear(8, 10))
     with pytest.raises(ValueError, match="not an activation: there is no pre-activation"):
         wb.stitching.insertion_test(linear, "0", "relu", d)
+
+
+# ---------------------------------------------------------------------- the paper's protocol (issue 18)
+def test_birkhoff_projection_lands_on_the_polytope():
+    from workbench.stitching._layers import birkhoff_projection
+
+    A = torch.randn(12, 12, generator=torch.Generator().manual_seed(0)).abs() + 0.1
+    P = birkhoff_projection(A, iters=200).double()
+    assert bool((P >= 0).all())
+    assert torch.allclose(P.sum(0), torch.ones(12, dtype=P.dtype), atol=1e-6)
+    assert torch.allclose(P.sum(1), torch.ones(12, dtype=P.dtype), atol=1e-6)
+    vertex = torch.eye(12)[torch.randperm(12, generator=torch.Generator().manual_seed(1))]
+    assert torch.allclose(birkhoff_projection(vertex), vertex, atol=1e-9)  # a permutation is a fixed point
+
+
+def test_uniform_start_trains_p_by_projected_gradient(mlp_a, mlp_b, digits):
+    """init="uniform": P itself is the parameter, starts near the barycentre, and stays doubly stochastic
+    after every projected step; the scales stay positive; the evaluated map is an exact P·D₊."""
+    (x, y), test = digits
+    from workbench.stitching._layers import BirkhoffMap, make_layer, parse_family
+
+    layer = make_layer(parse_family("relu"), 16, 16, bias=False, init="uniform", gen=torch.Generator().manual_seed(0))
+    assert isinstance(layer, BirkhoffMap)
+    P0 = layer.soft().detach().double()
+    assert P0.max() < 0.25  # near the barycentre (entries 1/16 on average): no vertex (an entry of 1) preferred
+    r = wb.stitching.stitch(mlp_a, mlp_b, "1", "relu", (x[:400], y[:400]), epochs=4, seed=0, eval_data=test,
+                            init="uniform", optimizer="sgd", lr=0.05)
+    e = r.element
+    assert sorted(e.perm.tolist()) == list(range(16)) and bool((e.scale > 0).all())
+    assert torch.allclose(e.matrix().float(), r.weight) and r.relaxed_accuracy is not None
+    # The projection after each step keeps the relaxed P on the polytope: check it on a trained layer directly.
+    layer.P.data.add_(0.3 * torch.randn(16, 16, generator=torch.Generator().manual_seed(2)))
+    layer.project()
+    P = layer.soft().detach().double()
+    assert bool((P >= 0).all()) and torch.allclose(P.sum(0), torch.ones(16, dtype=P.dtype), atol=1e-5)
+    assert torch.allclose(P.sum(1), torch.ones(16, dtype=P.dtype), atol=1e-5)
+    with pytest.raises(ValueError, match="init='uniform'.*permutation families"):
+        wb.stitching.stitch(mlp_a, mlp_b, "1", "gl", (x[:32], y[:32]), init="uniform")
+
+
+def test_report_best_picks_the_epoch_on_validation_data(mlp_a, mlp_b, digits):
+    (x, y), test = digits
+    val = (x[400:600], y[400:600])
+    r = wb.stitching.stitch(mlp_a, mlp_b, "3", "gl", (x[:400], y[:400]), epochs=4, seed=0, eval_data=test,
+                            val_data=val, report="best", init="random", lr=1e-2)
+    vals = [c["val_accuracy"] for c in r.curve]
+    assert r.best_epoch == 1 + vals.index(max(vals)) and r.val_accuracy == max(vals)
+    assert "best epoch" in r.summary() and "val_accuracy" in r.curve_frame().columns
+    with pytest.raises(ValueError, match="report='best' picks the epoch.*pass val_data"):
+        wb.stitching.stitch(mlp_a, mlp_b, "3", "gl", (x[:32], y[:32]), report="best")
+
+
+def test_bn_train_runs_batch_statistics_while_training_and_reestimates_for_evaluation(digits):
+    (x, y), _ = digits
+    net = randomise(nn.Sequential(nn.Linear(64, 8), nn.ReLU(), nn.Linear(8, 8), nn.BatchNorm1d(8), nn.ReLU(),
+                                  nn.Linear(8, 10)), seed=1)
+    y_self = net(x[:200]).argmax(1)
+    calls = []  # (training, momentum, grad enabled) at every call of the BatchNorm after the cut
+    hook = net[3].register_forward_pre_hook(lambda m, _: calls.append((m.training, m.momentum, torch.is_grad_enabled())))
+    try:  # deep copies keep the hook, so it sees the stitch's own copy of the BatchNorm
+        r = wb.stitching.stitch(net, net, "1", "gl", (x[:200], y_self), epochs=2, bn="train", lr=1e-2)
+        training = [c for c in calls if c[2]]
+        assert training and all(t and mom == 0.1 for t, mom, _ in training)  # batch statistics while the stitch trains
+        assert any(t and mom is None for t, mom, g in calls if not g)  # re-estimated (cumulative) before evaluation
+        assert not calls[-1][0]  # evaluated on the re-estimated running statistics
+        calls.clear()
+        wb.stitching.stitch(net, net, "1", "gl", (x[:200], y_self), epochs=2, bn="reestimate", lr=1e-2)
+        assert not any(t and mom is not None for t, mom, _ in calls)  # "reestimate" never trains on batch statistics
+    finally:
+        hook.remove()
+    assert r.bn == "train" and len(r.curve) == 2
+    frozen = wb.stitching.stitch(net, net, "1", "identity", (x[:200], y_self), epochs=0)
+    moved = wb.stitching.stitch(net, net, "1", "identity", (x[:200], y_self), epochs=0, bn="train")
+    assert frozen.stitched_accuracy == 100.0 and moved.stitched_accuracy < 100.0  # randomised statistics ≠ the data's
+
+
+def test_lasso_penalty_shrinks_the_linear_map(mlp_a, mlp_b, digits):
+    (x, y), _ = digits
+    kw = dict(data=(x, y), epochs=10, seed=0, init="match", lr=1e-2)
+    plain = wb.stitching.stitch(mlp_a, mlp_b, "1", "gl", **kw)
+    lasso = wb.stitching.stitch(mlp_a, mlp_b, "1", "gl", l1=0.05, **kw)
+    assert lasso.weight.abs().sum() < 0.5 * plain.weight.abs().sum()
+    assert (lasso.weight.abs() < 1e-2).float().mean() > (plain.weight.abs() < 1e-2).float().mean()
+    with pytest.raises(ValueError, match="LASSO penalty is for linear stitches"):
+        wb.stitching.stitch(mlp_a, mlp_b, "1", "orthogonal", (x[:32], y[:32]), l1=0.1)
+
+
+def test_skip_unmapped_passes_the_skip_stream_from_a_as_it_is():
+    """The paper's ResNet protocol: a branch cut maps only the branch; checked against the cut run by hand."""
+    a = randomise(TinyResNet("optionA"), seed=0)
+    b = randomise(TinyResNet("optionA"), seed=4)
+    x = torch.randn(64, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    site, dummy = "layer1.1.act1", torch.zeros(64, dtype=torch.long)
+    r0 = wb.stitching.stitch(a, b, site, "orthogonal", (x, dummy), epochs=0, init="random", skip="unmapped")
+    assert list(r0.maps) == [site] and r0.skip == "unmapped"
+    Q = r0.maps[site]
+
+    def by_hand():
+        cut_a, cut_b = Cut(a, site, x[:1]), Cut(b, site, x[:1])
+        with torch.no_grad():
+            vals = list(cut_a.head(x))
+            k = cut_b.primary
+            vals[k] = torch.einsum("dc,nc...->nd...", Q, vals[k])  # the branch through the stitch, the skip stream A's
+            return cut_b.tail(*vals)
+
+    with torch.no_grad():  # centre B's logits over x so that every class is predicted somewhere
+        b.fc.bias.sub_(by_hand().mean(0))
+    y = by_hand().argmax(1)
+    assert len(set(y.tolist())) == 3  # precondition: labels that tell networks apart
+    r = wb.stitching.stitch(a, b, site, "orthogonal", (x, y), epochs=0, init="random", skip="unmapped")
+    assert r.stitched_accuracy == 100.0 and torch.equal(r.maps[site], Q)
+    mapped = wb.stitching.stitch(a, b, site, "orthogonal", (x, y), epochs=0, init="random", skip="mapped")
+    assert len(mapped.maps) == 2 and mapped.stitched_accuracy < 90.0  # ours maps the skip stream too: another network
+    with pytest.raises(ValueError, match="skip='both' is not a valid option"):
+        wb.stitching.stitch(a, b, site, "gl", (x, y), skip="both")
+
+
+def test_a_cut_can_follow_any_activation_module_of_a_site():
+    """A ResNet stage is one site observed after every block; cut after the second block's activation."""
+    net = randomise(TinyResNet("optionA"), seed=0)
+    x = torch.randn(8, 3, 8, 8, generator=torch.Generator().manual_seed(3))
+    cut = Cut(net, "layer1.1.act2", x[:1])
+    assert cut.site.name == "relu" and cut.at == "layer1.1.act2"
+    assert [c.node for c in cut.crossings] == ["layer1_1_act2"]
+    with torch.no_grad():
+        assert torch.allclose(cut.tail(*cut.head(x)), net(x), atol=1e-6)
+        first = Cut(net, "relu", x[:1])  # the site's own name still cuts at its first activation
+        assert first.at == "relu" and torch.allclose(first.tail(*first.head(x)), net(x), atol=1e-6)
+    with pytest.raises(KeyError, match="no site named 'layer1.1.conv2'"):
+        Cut(net, "layer1.1.conv2", x[:1])  # observed by the site, but not an activation
+
+
+def test_insertion_without_control_and_with_the_papers_schedule(mlp_a, digits):
+    (x, y), test = digits
+    r = wb.stitching.insertion_test(mlp_a, "1", "relu", (x[:400], y[:400]), epochs=2, repeats=1, seed=0,
+                                    eval_data=test, val_data=(x[400:600], y[400:600]), reinit=False, control=False,
+                                    weight_decay=1e-4, lr_schedule="step", report="best")
+    assert r.accuracy_control is None and r.baseline == r.accuracy_original
+    assert r.penalties == [r.accuracy_original - r.accuracies[0]] and "no control" in r.summary()
+    assert r.best_epochs[0] in (1, 2) and len(r.curves[0]) == 2 and "val_accuracy" in r.curves[0][0]
+    with pytest.raises(ValueError, match="lr_schedule='cosine' is not a valid option"):
+        wb.stitching.insertion_test(mlp_a, "1", "relu", (x[:32], y[:32]), epochs=1, lr_schedule="cosine")
+    with pytest.raises(ValueError, match="report='best' picks the epoch"):
+        wb.stitching.insertion_test(mlp_a, "1", "relu", (x[:32], y[:32]), epochs=1, report="best")

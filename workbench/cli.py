@@ -1,4 +1,6 @@
 """``workbench tour``: the headless main job. Writes a self-contained HTML report to a folder.
+``workbench reproduce EXPERIMENT [--budget quick|paper] [--out DIR]``: one of the paper's experiments
+on the zoo (``workbench.experiments``), resumable, written as JSON plus a generated page.
 
 It runs the headline study on the shipped zoo and data (nothing is downloaded): the activation cache
 and a streaming harvest on a Myrtle CNN, its symmetry map, a random intertwiner verified (float32
@@ -220,9 +222,34 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=Path("report"), help="folder for the report (default: report/)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true", help="no progress output")
+    from .experiments import BUDGETS, EXPERIMENTS
+
+    r = sub.add_parser("reproduce", help="run one of the paper's experiments on the zoo (resumable) and write its "
+                                         "JSON and page")
+    r.add_argument("experiment", choices=EXPERIMENTS)
+    r.add_argument("--budget", choices=BUDGETS, default="quick",
+                   help="quick (≤ 10 min, the default), paper (the paper's protocol at CPU scale: hours) or smoke")
+    r.add_argument("--out", type=Path, default=None,
+                   help="folder for <experiment>.json/.md (default: docs/results for paper, report/reproduce-<budget> else)")
+    r.add_argument("--runs", type=Path, default=None, help="folder of the per-run records (default: <out>/.runs)")
+    r.add_argument("--part", default=None, help="'i/n': run every n-th job from the i-th (n processes share one experiment)")
+    r.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
+    r.add_argument("--report-only", action="store_true", help="run nothing; write the JSON and page from finished runs")
+    r.add_argument("--quiet", action="store_true", help="no progress output")
     args = parser.parse_args(argv)
     if args.command == "tour":
         tour(args.out, seed=args.seed, progress=not args.quiet)
+    elif args.command == "reproduce":
+        import torch
+
+        from .experiments import reproduce
+
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        path = reproduce(args.experiment, args.budget, args.out, runs=args.runs, part=args.part,
+                         progress=not args.quiet, report_only=args.report_only,
+                         log=(lambda m: None) if args.quiet else (lambda m: print(m, file=sys.stderr, flush=True)))
+        return 0 if path is not None or args.part else 1
     return 0
 
 

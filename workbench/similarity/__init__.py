@@ -7,7 +7,7 @@ them all on one pair and returns a report; each measure is also a function
 (``wb.similarity.grelu_procrustes(acts_a, acts_b) -> float``). Activations are ``[N, C]`` or
 ``[N, C, *spatial]`` for the same N examples; computation is in float64.
 
-``python -m workbench.similarity.study`` reproduces the paper's §5 comparison on the zoo.
+``workbench reproduce similarity`` (``workbench.experiments``) reproduces the paper's §5 comparison on the zoo.
 """
 from ._alignment import (correlation_matching, grelu_procrustes, mean_cca, orthogonal_procrustes,
                          permutation_procrustes, svcca)

@@ -3,7 +3,8 @@
 ``stitch(model_a, model_b, site, group, data)`` trains a map from A's activation at a site into B
 (both frozen) and reports the stitching penalty; ``insertion_test(model, site, group, data)``
 inserts a fixed random group element on a site's pre-activation, retrains what follows and reports
-the accuracy it costs. ``python -m workbench.stitching.study`` reproduces the paper's tables on the zoo.
+the accuracy it costs. ``workbench reproduce stitching`` / ``insertion`` (``workbench.experiments``)
+reproduce the paper's tables on the zoo.
 """
 from ._cut import Crossing, Cut
 from ._insertion import InsertionResult, insertion_test

@@ -41,7 +41,10 @@ class Crossing:
 class Cut:
     """``model`` (deep-copied, frozen, eval mode) split at ``site``.
 
-    ``where="after"`` cuts right after the site's observed activation (stitching);
+    ``site`` is a site (or its name), or the hook name of one of a site's activation modules: a ResNet
+    stage is one site observed after every block, and ``"layer1.1.act2"`` cuts after the second
+    block's. ``at`` is the hook name of the module the cut follows (or precedes).
+    ``where="after"`` cuts right after that activation (stitching);
     ``where="before"`` cuts right before it, so the activation's *input* — the pre-activation —
     crosses (the insertion test). ``head(x)`` returns the crossing values in ``crossings`` order;
     ``tail(*values)`` returns the model's output.
@@ -54,7 +57,7 @@ class Cut:
         if not smap.sites:
             why = "; ".join(r for _, r in smap.skipped) or "no hidden space with a writer"
             raise InvalidOptionError(f"{type(model).__name__} has no sites to cut at ({why}).")
-        self.site: Site = smap[site.name if isinstance(site, Site) else site]
+        self.site, self.at = _resolve(smap, site, model)
         self.model = copy.deepcopy(model).eval()  # the caller's model is never touched
         for p in self.model.parameters():
             p.requires_grad_(False)
@@ -86,7 +89,7 @@ class Cut:
 
     def _site_node(self, nodes) -> fx.Node:
         name, _, call = self.site.name.partition("#")
-        hook, k = self.site.hook_name, int(call or 0)
+        hook, k = self.at, int(call or 0) if self.at == self.site.hook_name else 0
         hits = [n for n in nodes if n.op == "call_module" and n.target == hook]
         if len(hits) <= k:
             raise InvalidOptionError(f"site {self.site.name!r}: its hook {hook!r} is not a module call in the traced graph.")
@@ -125,6 +128,20 @@ class Cut:
         """The crossing values for every example of ``x``, computed once in batches: ``[N, ...]`` each."""
         parts = [self.head(x[i:i + batch_size]) for i in range(0, len(x), batch_size)]
         return [torch.cat([p[j] for p in parts]) for j in range(len(self.crossings))]
+
+
+def _resolve(smap, site, model: nn.Module) -> tuple[Site, str]:
+    """``(site, hook name of the activation to cut at)`` from a site, a site name, or the hook name of
+    an activation module observed by one site."""
+    if isinstance(site, Site):
+        return smap[site.name], smap[site.name].hook_name
+    if isinstance(site, str) and site not in smap.names:
+        owners = [s for s in smap.sites if any(o.name == site for o in s.observed)]
+        module = dict(model.named_modules()).get(site)
+        if len(owners) == 1 and module is not None and is_activation(module):
+            return owners[0], site
+    found = smap[site]  # the map's own error names the nearest sites
+    return found, found.hook_name
 
 
 def _graph_module(root: nn.Module, body, inputs, outputs, extra=()) -> fx.GraphModule:

@@ -11,16 +11,16 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
-from typing import Union
+from typing import Optional, Union
 
 import torch
 from torch import nn
 
-from .._errors import InvalidOptionError
+from .._errors import InvalidOptionError, check_option
 from .._report import Report, new_axes
 from ..groups import Group, GroupElement, get_group
 from ._cut import Cut
-from ._train import accuracy, as_xy, check_epochs, fit, model_accuracy
+from ._train import LR_SCHEDULES, accuracy, as_xy, check_epochs, fit, model_accuracy
 
 
 @dataclass(repr=False)
@@ -28,13 +28,14 @@ class InsertionResult(Report):
     """Accuracy after inserting M and retraining, per repeat. Accuracies in percent, penalties in points.
 
     ``accuracy_control`` is the same retraining with M = I, so ``penalties[r] = accuracy_control −
-    accuracies[r]`` measures what M costs, not what the retraining itself does.
+    accuracies[r]`` measures what M costs, not what the retraining itself does. Without a control run
+    (``control=False``) it is None and penalties are taken against the original network.
     """
 
     site: str
     group: str
     accuracy_original: float
-    accuracy_control: float
+    accuracy_control: Optional[float]
     accuracies: list[float]
     elements: list[GroupElement] = field(default_factory=list)
     epochs: int = 0
@@ -42,10 +43,17 @@ class InsertionResult(Report):
     lr: float = 1e-3
     n_train: int = 0
     n_eval: int = 0
+    best_epochs: list = field(default_factory=list)  # report="best": the epoch picked on val_data, per repeat
+    curves: list = field(default_factory=list)  # per repeat: [{"epoch", "loss", "train_accuracy", ("val_accuracy")}]
+
+    @property
+    def baseline(self) -> float:
+        """What the penalties are measured against: the control, or the original network without one."""
+        return self.accuracy_original if self.accuracy_control is None else self.accuracy_control
 
     @property
     def penalties(self) -> list[float]:
-        return [self.accuracy_control - a for a in self.accuracies]
+        return [self.baseline - a for a in self.accuracies]
 
     @property
     def penalty(self) -> float:
@@ -56,8 +64,9 @@ class InsertionResult(Report):
         return float(torch.tensor(self.penalties).std()) if len(self.penalties) > 1 else 0.0
 
     def summary(self) -> str:
+        control = "no control" if self.accuracy_control is None else f"control {self.accuracy_control:.1f}%"
         return (f"{self.group} inserted at {self.site}: penalty {self.penalty:+.2f} ± {self.penalty_std:.2f} points "
-                f"({len(self.accuracies)} repeats, {self.epochs} epochs retraining; control {self.accuracy_control:.1f}%, "
+                f"({len(self.accuracies)} repeats, {self.epochs} epochs retraining; {control}, "
                 f"original {self.accuracy_original:.1f}%, seed {self.seed})")
 
     def to_frame(self):
@@ -66,7 +75,7 @@ class InsertionResult(Report):
 
         return pd.DataFrame([{"site": self.site, "group": self.group, "repeat": r, "accuracy": a,
                               "accuracy_control": self.accuracy_control, "accuracy_original": self.accuracy_original,
-                              "penalty": self.accuracy_control - a, "epochs": self.epochs, "seed": self.seed}
+                              "penalty": self.baseline - a, "epochs": self.epochs, "seed": self.seed}
                              for r, a in enumerate(self.accuracies)])
 
     def plot(self, ax=None):
@@ -74,7 +83,8 @@ class InsertionResult(Report):
 
         ax = new_axes(ax)
         sns.stripplot(data=self.to_frame(), x="group", y="accuracy", ax=ax, size=8)
-        ax.axhline(self.accuracy_control, ls="--", color="k", label="control (M = I, retrained)")
+        if self.accuracy_control is not None:
+            ax.axhline(self.accuracy_control, ls="--", color="k", label="control (M = I, retrained)")
         ax.axhline(self.accuracy_original, ls=":", color="grey", label="original")
         ax.set_ylabel("accuracy after retraining (%)")
         ax.set_title(f"insertion test at {self.site}")
@@ -83,16 +93,21 @@ class InsertionResult(Report):
 
 
 def insertion_test(model: nn.Module, site: str, group: Union[str, Group] = "orthogonal", data=None, epochs: int = 3,
-                   repeats: int = 3, seed: int = 0, *, eval_data=None, lr: float = 1e-3,
-                   batch_size: int = 128, reinit: bool = True) -> InsertionResult:
+                   repeats: int = 3, seed: int = 0, *, eval_data=None, val_data=None, lr: float = 1e-3,
+                   batch_size: int = 128, reinit: bool = True, control: bool = True, weight_decay: float = 0.0,
+                   lr_schedule: Optional[str] = None, report: str = "last") -> InsertionResult:
     """Insert a fixed random element of ``group`` before ``site``'s nonlinearity, retrain what follows.
 
     The model is not modified (a deep copy is cut). Everything up to the pre-activation is frozen
     (and run once, in eval mode); the rest is re-initialised (``reset_parameters()``, seeded, the same
     for every run; ``reinit=False`` continues from the trained weights instead) and retrained with
     Adam for ``epochs`` on ``data`` (in train mode: its BatchNorms update), once with M = I (the
-    control) and once per repeat with M drawn from ``group`` (seeded by ``seed``). Accuracies are
-    measured on ``eval_data`` (default ``data``).
+    control; ``control=False`` skips it) and once per repeat with M drawn from ``group`` (seeded by
+    ``seed``). Accuracies are measured on ``eval_data`` (default ``data``).
+
+    The paper's protocol (§3.3 and its code): ``reinit=False``, Adam lr 1e-3 with ``weight_decay=1e-4``,
+    ``lr_schedule="step"`` (halve every epochs/4), 50 epochs, the best epoch (``report="best"``:
+    picked here on held-out ``val_data``, where the paper's code picked it on the test set).
 
     Args:
         site: a site of ``wb.symmetry_map(model)`` whose hook is an activation module.
@@ -110,6 +125,11 @@ def insertion_test(model: nn.Module, site: str, group: Union[str, Group] = "orth
     epochs = check_epochs(epochs)
     if not isinstance(repeats, int) or repeats < 1:
         raise InvalidOptionError(f"repeats must be a whole number ≥ 1; got {repeats!r}.")
+    check_option("report", report, ["last", "best"])
+    check_option("lr_schedule", lr_schedule, LR_SCHEDULES)
+    if report == "best" and val_data is None:
+        raise InvalidOptionError("report='best' picks the epoch with the best accuracy on val_data; pass val_data "
+                                 "(held out from data and eval_data), or report='last'.")
     if reinit and epochs == 0:
         raise InvalidOptionError("reinit=True with epochs=0 would evaluate an untrained network; retrain (epochs ≥ 1) "
                                  "or keep the trained weights (reinit=False).")
@@ -121,10 +141,12 @@ def insertion_test(model: nn.Module, site: str, group: Union[str, Group] = "orth
     G = get_group(group, n)
     gen = torch.Generator().manual_seed(int(seed))
     acts, eval_acts = cut.run_head(x), (None if eval_data is None else cut.run_head(xe))
+    val = None if val_data is None else as_xy(val_data, "val_data")
+    val_acts = None if val is None else cut.run_head(val[0])
     head_params = {name for name, _ in cut.head.named_parameters()}
     elements = G.sample_many(repeats, gen)
 
-    def retrain(M) -> float:
+    def retrain(M) -> tuple[float, Optional[int], list]:
         tail = copy.deepcopy(cut.tail)
         if reinit:  # every run starts from the same fresh weights, so runs differ by M alone
             torch.manual_seed(int(seed) + 2)
@@ -137,19 +159,36 @@ def insertion_test(model: nn.Module, site: str, group: Union[str, Group] = "orth
             p.requires_grad_(True)
         insert = lambda vs: [M.act(v, dim=1) if (i == k and M is not None) else v for i, v in enumerate(vs)]  # noqa: E731
         train_vals = insert(acts)  # M is fixed: transform the cached pre-activations once
+        val_vals = None if val_acts is None else insert(val_acts)
+        best = {"accuracy": -1.0, "epoch": None, "state": None}
+
+        def after_epoch(epoch):
+            if val_vals is None:
+                return {}
+            tail.eval()
+            acc = accuracy(lambda idx: tail(*[v[idx] for v in val_vals]), val[1], batch_size * 2)
+            tail.train()
+            if acc > best["accuracy"]:
+                best.update(accuracy=acc, epoch=epoch, state=copy.deepcopy(tail.state_dict()))
+            return {"val_accuracy": acc}
+
         tail.train()
-        fit(lambda idx: tail(*[v[idx] for v in train_vals]), params, y, epochs, lr=lr, batch_size=batch_size,
-            gen=torch.Generator().manual_seed(int(seed) + 1), desc=f"retrain after {site}")
+        curve = fit(lambda idx: tail(*[v[idx] for v in train_vals]), params, y, epochs, lr=lr, batch_size=batch_size,
+                    gen=torch.Generator().manual_seed(int(seed) + 1), after_epoch=after_epoch,
+                    weight_decay=weight_decay, lr_schedule=lr_schedule, desc=f"retrain after {site}")
         tail.eval()
+        if report == "best" and best["state"] is not None:
+            tail.load_state_dict(best["state"])
         vals = train_vals if eval_acts is None else insert(eval_acts)
-        return accuracy(lambda idx: tail(*[v[idx] for v in vals]), ye, batch_size * 2)
+        return (accuracy(lambda idx: tail(*[v[idx] for v in vals]), ye, batch_size * 2),
+                best["epoch"] if report == "best" else None, curve)
 
     if cut.crossings[k].block > 1:
         raise InvalidOptionError(f"site {site!r}: its pre-activation is flattened; insert on an unflattened one.")
-    control = retrain(None)
-    accs = [retrain(M) for M in elements]
-    return InsertionResult(cut.site.name, G.name, model_accuracy(cut.model, xe, ye), control, accs, elements,
-                           epochs, int(seed), lr, len(y), len(ye))
+    control_acc = retrain(None)[0] if control else None
+    runs = [retrain(M) for M in elements]
+    return InsertionResult(cut.site.name, G.name, model_accuracy(cut.model, xe, ye), control_acc, [r[0] for r in runs],
+                           elements, epochs, int(seed), lr, len(y), len(ye), [r[1] for r in runs], [r[2] for r in runs])
 
 
 def _path(root: nn.Module, module: nn.Module) -> str:

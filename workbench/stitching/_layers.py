@@ -137,11 +137,15 @@ class LinearMap(StitchLayer):
             self.U = nn.Parameter(torch.randn(n_out, rank, generator=gen) / rank ** 0.5)
             self.V = nn.Parameter(torch.randn(rank, n_in, generator=gen) / n_in ** 0.5)
         self.rank = rank
+        self.l1 = 0.0  # LASSO weight: α·Σ|W| is added to the loss (``stitch(l1=α)``)
         if bias:
             self.bias = nn.Parameter(torch.zeros(n_out) if fitted is None or fitted.bias is None else fitted.bias.float().clone())
 
     def weight(self):
         return self.W if self.rank is None else self.U @ self.V
+
+    def regulariser(self):
+        return self.l1 * self.weight().abs().sum() if self.l1 else torch.zeros(())
 
     def element(self):
         return Dense(self.W.detach().double(), group="gl") if self.rank is None and self.W.shape[0] == self.W.shape[1] else None
@@ -218,8 +222,7 @@ class SinkhornMap(StitchLayer):
         return sinkhorn(self.logits / self.temperature)
 
     def weight(self):
-        n = self.logits.shape[0]
-        P = self.soft() if self.perm is None else torch.eye(n)[self.perm]
+        P = self.soft() if self.perm is None else torch.eye(len(self.perm))[self.perm]
         s = self.scales()
         return P if s is None else s[:, None] * P
 
@@ -235,6 +238,10 @@ class SinkhornMap(StitchLayer):
         perm[rows] = cols
         self.perm = torch.from_numpy(perm)
 
+    def unround(self) -> None:
+        """Back to the relaxed P (training continues from it)."""
+        self.perm = None
+
     def element(self):
         if self.perm is None:
             self.round()
@@ -242,6 +249,47 @@ class SinkhornMap(StitchLayer):
         group = {None: "permutation", "positive": "scaled_permutation", "sign": "signed_permutation",
                  "nonzero": "diagonal_permutation"}[self.diagonal]
         return ScaledPermutation(self.perm.clone(), None if s is None else s.detach().double(), group=group)
+
+
+def birkhoff_projection(A: torch.Tensor, iters: int = 30) -> torch.Tensor:
+    """Project a matrix (approximately) onto the Birkhoff polytope: clip at 0, then alternate row and
+    column normalisation (Sinkhorn's algorithm on the entries themselves, not on logits)."""
+    A = A.clamp_min(0) + 1e-12  # an all-zero row would have no normalisation
+    for _ in range(iters):
+        A = A / A.sum(dim=1, keepdim=True)
+        A = A / A.sum(dim=0, keepdim=True)
+    return A
+
+
+class BirkhoffMap(SinkhornMap):
+    """The paper's G_ReLU stitching layer: diag(s) · P with P a point of the Birkhoff polytope itself
+    (not a function of logits), trained by projected gradient: after every optimiser step P is
+    projected back (``project()``: clip at 0, Sinkhorn-normalise) and the scales are clipped to
+    s ≥ 1e-6 (D > 0). P starts near the barycentre, at the normalisation of a uniform random matrix,
+    so every permutation is equally close at the start; the −α‖P‖_F term pushes it towards a vertex,
+    and ``round()`` takes the Hungarian permutation for evaluation."""
+
+    def __init__(self, n: int, diagonal: Optional[str], gen: torch.Generator, alpha: float = 0.1):
+        nn.Module.__init__(self)
+        self.register_parameter("bias", None)
+        self.P = nn.Parameter(birkhoff_projection(torch.rand(n, n, generator=gen), iters=100))
+        self.diagonal, self.alpha = diagonal, alpha
+        self.log_scale = None
+        self.scale = nn.Parameter(torch.ones(n)) if diagonal is not None else None
+        self.perm: Optional[torch.Tensor] = None
+        self.temperature = 1.0
+
+    def anneal(self, progress: float, final: float = 0.05) -> None:  # the projection sharpens P, not a temperature
+        pass
+
+    def soft(self) -> torch.Tensor:
+        return self.P
+
+    @torch.no_grad()
+    def project(self) -> None:
+        self.P.copy_(birkhoff_projection(self.P))
+        if self.scale is not None and self.diagonal == "positive":
+            self.scale.clamp_(min=1e-6)
 
 
 class DiagonalMap(StitchLayer):
@@ -275,5 +323,7 @@ def make_layer(family: Family, n_in: int, n_out: int, *, bias: bool, init, gen: 
     if family.kind == "orthogonal":
         return OrthogonalMap(n_in, family.special, "identity" if init is None else init, gen)
     if family.kind == "sinkhorn":
+        if init == "uniform":
+            return BirkhoffMap(n_in, family.diagonal, gen)
         return SinkhornMap(n_in, family.diagonal, "random" if init is None else init, gen)
     return DiagonalMap(n_in, init)

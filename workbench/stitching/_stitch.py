@@ -1,6 +1,7 @@
 """``wb.stitching.stitch``: model A up to a site, a trainable stitching layer, model B after it."""
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
@@ -13,10 +14,13 @@ from .._repr import tensor_summary
 from ..groups import Group, GroupElement
 from ._cut import Cut, Crossing
 from ._init import fit as fit_init, rows, sample_rows
-from ._layers import IdentityMap, SinkhornMap, StitchLayer, make_layer, parse_family
-from ._train import accuracy, as_xy, check_epochs, fit, model_accuracy
+from ._layers import BirkhoffMap, IdentityMap, SinkhornMap, StitchLayer, make_layer, parse_family
+from ._train import OPTIMIZERS, accuracy, as_xy, check_epochs, fit, model_accuracy
 
-BN_MODES = ["frozen", "reestimate"]
+BN_MODES = ["frozen", "reestimate", "train"]
+REPORTS = ["last", "best"]
+SKIP_MODES = ["mapped", "unmapped"]
+INITS = ("identity", "random", "match", "uniform")
 _LR = {"identity": 0.0, "linear": 1e-2, "orthogonal": 1e-2, "sinkhorn": 1e-2, "diagonal": 1e-2}
 
 
@@ -49,6 +53,11 @@ class StitchResult(Report):
     n_train: int = 0
     n_eval: int = 0
     evaluated_on: str = "eval_data"
+    report: str = "last"
+    best_epoch: Optional[int] = None  # report="best": the epoch picked on val_data
+    val_accuracy: Optional[float] = None
+    skip: str = "mapped"
+    hook: str = ""  # the activation module the cut follows
 
     @property
     def penalty(self) -> float:
@@ -58,7 +67,8 @@ class StitchResult(Report):
         relaxed = "" if self.relaxed_accuracy is None else f" (relaxed {self.relaxed_accuracy:.1f}%)"
         return (f"{self.family} stitch at {self.site}: {self.stitched_accuracy:.1f}%{relaxed} vs endpoints "
                 f"{self.accuracy_a:.1f}% / {self.accuracy_b:.1f}% → penalty {self.penalty:+.2f} points "
-                f"({self.epochs} epochs, seed {self.seed}, BatchNorm {self.bn}, {self.n_eval} {self.evaluated_on} examples)")
+                f"({self.epochs} epochs{'' if self.best_epoch is None else f', best epoch {self.best_epoch} on val_data'}, "
+                f"seed {self.seed}, BatchNorm {self.bn}, {self.n_eval} {self.evaluated_on} examples)")
 
     def to_frame(self):
         """One row: the numbers and the settings that made them (concatenate rows across runs)."""
@@ -68,12 +78,15 @@ class StitchResult(Report):
                               "accuracy_b": self.accuracy_b, "stitched_accuracy": self.stitched_accuracy,
                               "relaxed_accuracy": self.relaxed_accuracy, "penalty": self.penalty,
                               "epochs": self.epochs, "seed": self.seed, "bn": self.bn, "n_train": self.n_train,
-                              "n_eval": self.n_eval, "crossing_sites": ", ".join(self.maps)}])
+                              "n_eval": self.n_eval, "report": self.report, "best_epoch": self.best_epoch,
+                              "val_accuracy": self.val_accuracy, "skip": self.skip,
+                              "crossing_sites": ", ".join(self.maps)}])
 
     def curve_frame(self):
         import pandas as pd
 
-        return pd.DataFrame(self.curve, columns=["epoch", "loss", "train_accuracy"])
+        cols = ["epoch", "loss", "train_accuracy"] + (["val_accuracy"] if any("val_accuracy" in c for c in self.curve) else [])
+        return pd.DataFrame(self.curve, columns=cols)
 
     def _repr_html_(self) -> str:
         extra = f"<p>map at the site: <code>{tensor_summary(self.weight)}</code></p>"
@@ -96,30 +109,44 @@ class StitchResult(Report):
 
 
 def stitch(model_a: nn.Module, model_b: nn.Module, site: Union[str, tuple[str, str]], group: Union[str, Group] = "relu",
-           data=None, epochs: int = 5, seed: int = 0, *, eval_data=None, bn: str = "frozen",
-           lr: Optional[float] = None, batch_size: int = 128, init=None, bias: Optional[bool] = None) -> StitchResult:
+           data=None, epochs: int = 5, seed: int = 0, *, eval_data=None, val_data=None, bn: str = "frozen",
+           lr: Optional[float] = None, batch_size: int = 128, init=None, bias: Optional[bool] = None,
+           optimizer: str = "adam", weight_decay: float = 0.0, l1: float = 0.0, report: str = "last",
+           skip: str = "mapped", bn_examples: Optional[int] = None) -> StitchResult:
     """Train a stitching layer from model A's activation at ``site`` into model B; report the penalty.
 
-    Both models stay frozen, in eval mode and unmodified (each is deep-copied). The cut is a
-    position in the traced forward pass: *every* value crossing it comes from A — inside a residual
-    branch that includes the skip stream, which gets its own stitching layer of the same family.
+    Both models stay frozen and unmodified (each is deep-copied). The cut is a position in the
+    traced forward pass: *every* value crossing it comes from A — inside a residual branch that
+    includes the skip stream, which gets its own stitching layer of the same family
+    (``skip="mapped"``) or passes from A as it is (``skip="unmapped"``: the paper's ResNet protocol).
 
     Args:
-        site: a site name of ``wb.symmetry_map(model)`` (the same in both), or ``(site_a, site_b)``.
+        site: a site name of ``wb.symmetry_map(model)`` (the same in both), the hook name of one of a
+            site's activation modules (a ResNet stage is one site observed after every block), or
+            ``(site_a, site_b)``.
         group: ``"gl"`` (1×1 conv with bias), ``"low_rank:k"`` (rank k, with bias), ``"identity"``
-            (no layer), or any registry group: ``"relu"``/``"scaled_permutation"`` (Sinkhorn
-            doubly-stochastic P times positive scales, rounded to an exact permutation by the
-            Hungarian algorithm for evaluation; first half of the epochs P alone, then scales too),
-            ``"permutation"``, ``"orthogonal"``, ``"signed_permutation"``, … or a Group object.
+            (no layer), or any registry group: ``"relu"``/``"scaled_permutation"`` (a doubly-stochastic
+            P times positive scales, rounded to an exact permutation by the Hungarian algorithm for
+            evaluation; first half of the epochs P alone, then scales too), ``"permutation"``,
+            ``"orthogonal"``, ``"signed_permutation"``, … or a Group object.
         data: training data, a ConceptDataset or ``(inputs [N, ...], labels [N])``; ``eval_data``
-            the data the accuracies are measured on (default: ``data``).
+            the data the reported accuracies are measured on (default: ``data``); ``val_data`` held-out
+            data that picks the epoch when ``report="best"``.
         bn: ``"frozen"`` keeps B's BatchNorm running statistics; ``"reestimate"`` recomputes those
-            after the cut on the stitched activations of ``data`` before evaluating.
+            after the cut on the stitched activations of ``data`` (its first ``bn_examples``) before
+            every evaluation; ``"train"`` also runs them on batch statistics while the stitch trains
+            (the paper's code trained in train mode, then re-estimated the statistics for evaluation).
         init: None (the family's default: identity for square gl and orthogonal, Gaussian for low
-            rank, near-uniform P for Sinkhorn), ``"identity"``, ``"random"`` or ``"match"``: start
-            at the family's closed-form fit of B's activation from A's on ``data`` (least squares,
-            reduced-rank regression, Procrustes, Hungarian matching; see ``_init.py``).
-        lr: Adam's step (default 1e-2).
+            rank, near-uniform Sinkhorn logits for permutation families), ``"identity"``, ``"random"``,
+            ``"match"`` (the family's closed-form fit of B's activation from A's on ``data``: least
+            squares, reduced-rank regression, Procrustes, Hungarian matching; see ``_init.py``) or
+            ``"uniform"`` (permutation families: the paper's Birkhoff layer — P itself starts near the
+            barycentre of the Birkhoff polytope and is trained by projected gradient).
+        lr, optimizer, weight_decay: the step (default 1e-2), ``"adam"`` or ``"sgd"`` (no momentum),
+            and weight decay (not applied to a Birkhoff P).
+        l1: LASSO weight α for linear families: α·Σ|W| is added to the loss.
+        report: ``"last"`` (the map after the last epoch) or ``"best"`` (the epoch with the best
+            accuracy on ``val_data``; recorded as ``best_epoch``).
 
     Example:
         >>> import torch, workbench as wb
@@ -132,14 +159,27 @@ def stitch(model_a: nn.Module, model_b: nn.Module, site: Union[str, tuple[str, s
     family = parse_family(group)
     epochs = check_epochs(epochs)
     check_option("bn", bn, BN_MODES)
-    if not (init is None or isinstance(init, str) and init in ("identity", "random", "match")):
-        raise InvalidOptionError(f"init={init!r} is not a valid option; expected None, 'identity', 'random' or 'match'.")
+    check_option("report", report, REPORTS)
+    check_option("skip", skip, SKIP_MODES)
+    check_option("optimizer", optimizer, OPTIMIZERS)
+    if not (init is None or isinstance(init, str) and init in INITS):
+        raise InvalidOptionError(f"init={init!r} is not a valid option; expected None or one of {list(INITS)}.")
+    if init == "uniform" and family.kind != "sinkhorn":
+        raise InvalidOptionError(f"init='uniform' starts a doubly-stochastic P near the barycentre of the Birkhoff polytope, "
+                                 f"so it is for the permutation families ('relu', 'permutation', ...); {family.name!r} is "
+                                 f"not one. Use init='random' or None.")
+    if l1 and family.kind != "linear":
+        raise InvalidOptionError(f"l1={l1!r}: the LASSO penalty is for linear stitches ('gl', 'low_rank:k'), not {family.name!r}.")
+    if report == "best" and val_data is None:
+        raise InvalidOptionError("report='best' picks the epoch with the best accuracy on val_data; pass val_data "
+                                 "(held out from data and eval_data), or report='last'.")
     x, y = as_xy(data)
     xe, ye = (x, y) if eval_data is None else as_xy(eval_data, "eval_data")
     site_a, site_b = (site, site) if isinstance(site, str) else tuple(site)
     cut_a = Cut(model_a, site_a, x[:1], "after")
     cut_b = Cut(model_b, site_b, x[:1], "after")
     pairs = _pair(cut_a, cut_b)
+    primary_site = pairs[cut_b.primary][1].site
     # Endpoints first: a BatchNorm re-estimate below changes B's copy after the cut.
     accuracy_a, accuracy_b = model_accuracy(cut_a.model, xe, ye), model_accuracy(cut_b.model, xe, ye)
     gen = torch.Generator().manual_seed(int(seed))
@@ -147,47 +187,81 @@ def stitch(model_a: nn.Module, model_b: nn.Module, site: Union[str, tuple[str, s
     layers, use_bias = {}, (family.kind == "linear") if bias is None else bool(bias)
     acts_b = cut_b.run_head(x) if init == "match" and family.kind != "identity" else None
     for i, (ca, cb) in enumerate(pairs):
-        if cb.site is None or cb.site in layers:
+        if cb.site is None or cb.site in layers or (skip == "unmapped" and cb.site != primary_site):
             continue
         start = init
         if acts_b is not None:  # the family's closed-form fit of B's activation from A's
             keep = sample_rows(len(x) * acts[i][0].numel() // ca.channels, 200_000, gen)
             start = fit_init(family, rows(acts[i], ca.channels, keep), rows(acts_b[i], cb.channels, keep))
         layers[cb.site] = make_layer(family, ca.channels, cb.channels, bias=use_bias, init=start, gen=gen)
+        if l1:
+            layers[cb.site].l1 = float(l1)
     del acts_b
     passthrough = IdentityMap(1)
 
     def run(values, idx):
-        mapped = [_apply(layers[cb.site] if cb.site is not None else passthrough, v[idx], cb)
-                  for v, (_, cb) in zip(values, pairs)]
+        mapped = [_apply(layers.get(cb.site, passthrough), v[idx], cb) for v, (_, cb) in zip(values, pairs)]
         return cut_b.tail(*mapped)
 
     params = [p for m in layers.values() for p in m.parameters()]
-    scales = [m.log_scale if m.log_scale is not None else m.scale for m in layers.values()
-              if isinstance(m, SinkhornMap) and m.diagonal is not None]
-
-    def schedule(epoch):  # the paper's schedule: P alone first, then P and the scales; P cools to a vertex
-        for s in scales:
-            s.requires_grad_(epoch >= epochs // 2)
-        for m in layers.values():
-            if isinstance(m, SinkhornMap):
-                m.anneal(epoch / max(epochs - 1, 1))
-
-    reg = lambda: sum((m.regulariser() for m in layers.values()), torch.zeros(()))  # noqa: E731
-    step = _LR[family.kind] if lr is None else lr
-    curve = fit(lambda idx: run(acts, idx), params, y, epochs, lr=step, batch_size=batch_size, gen=gen,
-                regulariser=reg, on_epoch=schedule, desc=f"stitch {family.name} at {site_b}") if params else []
-    eval_acts = acts if eval_data is None else cut_a.run_head(xe)
-    relaxed = None
     sinks = [m for m in layers.values() if isinstance(m, SinkhornMap)]
-    if sinks:
-        _maybe_reestimate(bn, cut_b, lambda idx: run(acts, idx), len(y), batch_size)
-        relaxed = accuracy(lambda idx: run(eval_acts, idx), ye, batch_size * 2)
+    births = [m for m in sinks if isinstance(m, BirkhoffMap)]
+    scales = [m.log_scale if m.log_scale is not None else m.scale for m in sinks if m.diagonal is not None]
+    n_bn = len(y) if bn_examples is None else max(1, min(int(bn_examples), len(y)))
+    reestimate = lambda: _maybe_reestimate(bn, cut_b, lambda idx: run(acts, idx), n_bn, batch_size)  # noqa: E731
+
+    def measure(values, labels, keep_rounded=False) -> float:
+        """Accuracy of the stitch as evaluated: P rounded, BatchNorm statistics re-estimated if asked."""
         for m in sinks:
             m.round()
-    _maybe_reestimate(bn, cut_b, lambda idx: run(acts, idx), len(y), batch_size)
-    stitched = accuracy(lambda idx: run(eval_acts, idx), ye, batch_size * 2)
-    main = layers[cut_b.site.name] if cut_b.site.name in layers else None
+        reestimate()
+        acc = accuracy(lambda idx: run(values, idx), labels, batch_size * 2)
+        if not keep_rounded:
+            for m in sinks:
+                m.unround()
+        return acc
+
+    def schedule(epoch):  # the paper's schedule: P alone first, then P and the scales
+        for s in scales:
+            s.requires_grad_(epoch >= epochs // 2)
+        for m in sinks:
+            m.anneal(epoch / max(epochs - 1, 1))
+        _set_bn_train(cut_b, bn == "train")
+
+    val = None if val_data is None else as_xy(val_data, "val_data")
+    val_acts = None if val is None else cut_a.run_head(val[0])
+    best = {"accuracy": -1.0, "epoch": None, "state": None}
+
+    def after_epoch(epoch):
+        _set_bn_train(cut_b, False)
+        if val is None:
+            return {}
+        acc = measure(val_acts, val[1])
+        if acc > best["accuracy"]:
+            best.update(accuracy=acc, epoch=epoch, state={k: copy.deepcopy(m.state_dict()) for k, m in layers.items()})
+        return {"val_accuracy": acc}
+
+    reg = lambda: sum((m.regulariser() for m in layers.values()), torch.zeros(()))  # noqa: E731
+    project = (lambda: [m.project() for m in births]) if births else None  # noqa: E731
+    decay_free = {id(m.P) for m in births}
+    groups = [{"params": [p for p in params if id(p) in decay_free], "weight_decay": 0.0},
+              {"params": [p for p in params if id(p) not in decay_free]}]
+    step = _LR[family.kind] if lr is None else lr
+    curve = fit(lambda idx: run(acts, idx), [g for g in groups if g["params"]], y, epochs, lr=step,
+                batch_size=batch_size, gen=gen, regulariser=reg, on_epoch=schedule, after_step=project,
+                after_epoch=after_epoch, optimizer=optimizer, weight_decay=weight_decay,
+                desc=f"stitch {family.name} at {site_b}") if params else []
+    _set_bn_train(cut_b, False)
+    if report == "best" and best["state"] is not None:
+        for k, m in layers.items():
+            m.load_state_dict(best["state"][k])
+    eval_acts = acts if eval_data is None else cut_a.run_head(xe)
+    relaxed = None
+    if sinks:
+        reestimate()
+        relaxed = accuracy(lambda idx: run(eval_acts, idx), ye, batch_size * 2)
+    stitched = measure(eval_acts, ye, keep_rounded=True)
+    main = layers.get(primary_site)
     return StitchResult(
         site=cut_b.site.name if site_a == site_b else f"{cut_a.site.name} → {cut_b.site.name}", family=family.name,
         accuracy_a=accuracy_a, accuracy_b=accuracy_b,
@@ -197,7 +271,10 @@ def stitch(model_a: nn.Module, model_b: nn.Module, site: Union[str, tuple[str, s
         bias=None if main is None or main.bias is None else main.bias.detach().clone(),
         maps={k: m.weight().detach().clone() for k, m in layers.items()}, crossings=[cb for _, cb in pairs],
         curve=curve, epochs=epochs, seed=int(seed), bn=bn, n_train=len(y), n_eval=len(ye),
-        evaluated_on="training" if eval_data is None else "eval_data")
+        evaluated_on="training" if eval_data is None else "eval_data", report=report,
+        best_epoch=best["epoch"] if report == "best" else None,
+        val_accuracy=best["accuracy"] if report == "best" and best["epoch"] is not None else None, skip=skip,
+        hook=cut_b.at)
 
 
 def _pair(cut_a: Cut, cut_b: Cut) -> list[tuple[Crossing, Crossing]]:
@@ -226,11 +303,18 @@ def _apply(layer: StitchLayer, v: torch.Tensor, c: Crossing) -> torch.Tensor:
     return layer(v)
 
 
+def _set_bn_train(cut: Cut, on: bool) -> None:
+    """Put the tail's BatchNorms on batch statistics (``on``) or back on running statistics."""
+    for m in cut.tail.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.train(on)
+
+
 @torch.no_grad()
 def _maybe_reestimate(bn: str, cut: Cut, forward, n: int, batch_size: int) -> None:
     """Recompute the running statistics of the BatchNorms after the cut (cumulative average)."""
     norms = [m for m in cut.tail.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    if bn != "reestimate" or not norms:
+    if bn == "frozen" or not norms:
         return
     saved = [(m, m.momentum) for m in norms]
     for m in norms:

@@ -57,17 +57,34 @@ def model_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_siz
         return accuracy(lambda idx: model(x[idx]), y, batch_size)
 
 
-def fit(forward: Callable[[torch.Tensor], torch.Tensor], params: Sequence[nn.Parameter], labels: torch.Tensor,
+OPTIMIZERS = ["adam", "sgd"]
+LR_SCHEDULES = [None, "step"]
+
+
+def fit(forward: Callable[[torch.Tensor], torch.Tensor], params: Sequence, labels: torch.Tensor,
         epochs: int, *, lr: float, batch_size: int, gen: torch.Generator,
         regulariser: Optional[Callable[[], torch.Tensor]] = None, on_epoch: Optional[Callable[[int], None]] = None,
+        after_step: Optional[Callable[[], None]] = None, after_epoch: Optional[Callable[[int], dict]] = None,
+        optimizer: str = "adam", weight_decay: float = 0.0, lr_schedule: Optional[str] = None,
         desc: str = "training") -> list[dict]:
-    """Adam on ``params`` minimising cross-entropy of ``forward(indices)``; the per-epoch curve.
+    """Minimise cross-entropy of ``forward(indices)`` over ``params``; return the per-epoch curve.
 
-    ``on_epoch(e)`` runs before epoch ``e`` (a schedule: e.g. unfreeze scales half-way).
+    ``params``: parameters, or torch parameter groups (dicts) for per-group weight decay.
+    ``optimizer``: "adam" or "sgd" (plain, no momentum: the paper's stitching code). ``lr_schedule``:
+    None, or "step" (halve the rate every ``max(1, epochs // 4)`` epochs, as the paper's training loop).
+    ``on_epoch(e)`` runs before epoch ``e`` (a schedule: e.g. unfreeze scales half-way);
+    ``after_step()`` after every optimiser step (a projection back onto a constraint set);
+    ``after_epoch(e)`` after epoch ``e``, its dict is merged into that epoch's curve entry (an evaluation).
     """
     from tqdm.auto import tqdm
 
-    opt = torch.optim.Adam(params, lr=lr) if params else None
+    params = list(params)
+    opt = None
+    if params:
+        kind = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD}[optimizer]
+        opt = kind(params, lr=lr, weight_decay=weight_decay)
+    sched = (torch.optim.lr_scheduler.StepLR(opt, step_size=max(1, epochs // 4), gamma=0.5)
+             if opt is not None and lr_schedule == "step" else None)
     curve = []
     for epoch in tqdm(range(epochs), desc=desc, leave=False, disable=epochs < 2):
         if on_epoch is not None:
@@ -81,7 +98,14 @@ def fit(forward: Callable[[torch.Tensor], torch.Tensor], params: Sequence[nn.Par
                 opt.zero_grad()
                 objective.backward()
                 opt.step()
+                if after_step is not None:
+                    after_step()
             total += float(loss.detach()) * len(idx)
             correct += int((logits.argmax(1) == labels[idx]).sum())
-        curve.append({"epoch": epoch + 1, "loss": total / len(labels), "train_accuracy": 100.0 * correct / len(labels)})
+        if sched is not None:
+            sched.step()
+        entry = {"epoch": epoch + 1, "loss": total / len(labels), "train_accuracy": 100.0 * correct / len(labels)}
+        if after_epoch is not None:
+            entry.update(after_epoch(epoch + 1))
+        curve.append(entry)
     return curve

@@ -1,0 +1,131 @@
+"""Resumable runs: one JSON record per finished run, written atomically; a finished run is never recomputed.
+
+A *job* is a small dict naming one run (``{"site": "2", "family": "gl", "pair": "0-1"}``). Its record
+lives at ``<folder>/<key>.json`` and carries the hash of the settings that made it (the experiment's
+``settings(protocol, job)``: epochs, data sizes, optimiser, … — not the list of jobs), so a changed
+setting recomputes instead of reusing a stale number, while adding or dropping pairs or sites keeps
+every run that is still wanted.
+Records are written to a temporary file, fsynced and renamed (atomic on POSIX): a run killed
+half-way leaves no record and is simply run again. Several processes may work on one folder at
+once (``part="i/n"`` splits the jobs); each record has one writer.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+
+def protocol_hash(protocol: dict) -> str:
+    """A short stable hash of a protocol (JSON with sorted keys)."""
+    return hashlib.sha256(json.dumps(protocol, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def job_key(job: dict) -> str:
+    """A file-name-safe key from a job's values, in the job's own order (``site=2,family=gl,pair=0-1``)."""
+    raw = ",".join(f"{k}={v}" for k, v in job.items())
+    return re.sub(r"[^A-Za-z0-9=,._+-]", "_", raw)
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    """Write ``obj`` as JSON to ``path`` atomically (temporary file, fsync, rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w") as f:
+        f.write(json.dumps(obj, indent=1, sort_keys=False, default=_plain) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _plain(v):
+    """JSON for numpy scalars and tuples that slip into records."""
+    if hasattr(v, "item"):
+        return v.item()
+    if isinstance(v, (set, tuple)):
+        return list(v)
+    raise TypeError(f"not JSON serialisable: {type(v).__name__}")
+
+
+class RunStore:
+    """The finished runs of one experiment in ``folder``; ``settings(job)`` gives what a run's result depends on."""
+
+    def __init__(self, folder: Path, settings: Callable[[dict], dict]):
+        self.folder = Path(folder)
+        self.settings = settings
+
+    def hash(self, job: dict) -> str:
+        return protocol_hash({"job": job, "settings": self.settings(job)})
+
+    def path(self, job: dict) -> Path:
+        return self.folder / f"{job_key(job)}.json"
+
+    def get(self, job: dict) -> Optional[dict]:
+        """The record of ``job`` if it finished under the same settings (a torn or stale file counts as absent)."""
+        p = self.path(job)
+        try:
+            rec = json.loads(p.read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return None
+        return rec if rec.get("protocol_hash") == self.hash(job) and rec.get("job") == job else None
+
+    def put(self, job: dict, rows: list[dict], seconds: float) -> dict:
+        now = time.time()
+        rec = {"protocol_hash": self.hash(job), "job": job, "rows": rows, "seconds": round(seconds, 2),
+               "started_unix": round(now - seconds, 1), "finished_unix": round(now, 1),
+               "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        write_json_atomic(self.path(job), rec)
+        return rec
+
+
+def select_part(jobs: list[dict], part: Optional[str]) -> list[dict]:
+    """Jobs of part ``"i/n"`` (every n-th job from the i-th, 1-based), or all of them."""
+    if not part:
+        return jobs
+    m = re.fullmatch(r"(\d+)/(\d+)", part)
+    if not m or not 1 <= int(m.group(1)) <= int(m.group(2)):
+        from .._errors import InvalidOptionError
+
+        raise InvalidOptionError(f"part={part!r}: write it as 'i/n' with 1 ≤ i ≤ n, e.g. '1/2'.")
+    i, n = int(m.group(1)), int(m.group(2))
+    return jobs[i - 1::n]
+
+
+def run_jobs(store: RunStore, jobs: list[dict], run: Callable[[dict], list[dict]], *, progress: bool = True,
+             log: Callable[[str], None] = print) -> tuple[int, int]:
+    """Run every job without a record; return ``(ran, skipped)``. A progress bar counts all jobs."""
+    from tqdm.auto import tqdm
+
+    ran = skipped = 0
+    bar = tqdm(jobs, desc=store.folder.name, disable=not progress, leave=True)
+    for job in bar:
+        if store.get(job) is not None:
+            skipped += 1
+            continue
+        bar.set_postfix_str(job_key(job)[:60])
+        t0 = time.perf_counter()
+        rows = run(job)
+        rec = store.put(job, rows, time.perf_counter() - t0)
+        ran += 1
+        log(f"{job_key(job)}: " + ", ".join(f"{r['metric']}={r['value']:.4g}" for r in rows[:4]
+                                            if isinstance(r.get("value"), (int, float)))
+            + f" [{rec['seconds']:.0f} s]")
+    return ran, skipped
+
+
+def collect(store: RunStore, jobs: list[dict]) -> tuple[list[dict], list[dict], float, list[str]]:
+    """``(rows, missing jobs, compute seconds, finish times)`` of the finished records of ``jobs``."""
+    rows, missing, seconds, finished = [], [], 0.0, []
+    for job in jobs:
+        rec = store.get(job)
+        if rec is None:
+            missing.append(job)
+            continue
+        rows.extend(rec["rows"])
+        seconds += rec["seconds"]
+        finished.append(rec["finished"])
+    return rows, missing, seconds, finished
