@@ -32,6 +32,11 @@ def protocol(budget: str) -> dict:
     raise ValueError(f"unknown budget {budget!r}")
 
 
+def settings(p: dict, job: dict) -> dict:
+    """What one run depends on: everything but the lists of models, seeds and layers."""
+    return {k: v for k, v in p.items() if k not in ("models", "layers")}
+
+
 def jobs(p: dict) -> list[dict]:
     return [{"model": m, "seed": s, "layer": lay} for m, seeds in p["models"].items() for s in seeds for lay in p["layers"]]
 

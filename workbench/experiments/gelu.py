@@ -70,7 +70,8 @@ def page(doc) -> str:
     lines += [f"Method: {doc['protocol']['method']}; λ on a grid of {len(doc['protocol']['lambdas'])} points in [0, 4] "
               f"and at {doc['protocol']['tail']}.", "",
               f"- ξ(1) = {s['xi_at_1']:.1e} (a scaling by 1 is the identity).",
-              f"- On (0, 1), ξ peaks at λ = {s['local_max_lambda']:.2f} with ξ = {s['local_max_xi']:.4f} "
+              f"- On (0, 1), ξ peaks at λ = {s['local_max_lambda']:.2f} (on the grid, step "
+              f"{doc['protocol']['lambdas'][1] - doc['protocol']['lambdas'][0]:g}) with ξ = {s['local_max_xi']:.4f} "
               f"(paper: about {PAPER['local_max'][1]} at λ ≈ {PAPER['local_max'][0]}).",
               f"- For large λ, ξ grows linearly with slope {s['tail_slope']:.4f} (between λ = {doc['protocol']['tail'][0]:g} "
               f"and {doc['protocol']['tail'][-1]:g}; paper ≈ {PAPER['slope']}). (GELU(λx) → λ·ReLU(x), so the slope is "

@@ -44,6 +44,13 @@ def protocol(budget: str) -> dict:
     raise ValueError(f"unknown budget {budget!r}")
 
 
+def settings(p: dict, job: dict) -> dict:
+    """What one run depends on: the data and test settings, not the lists of models and seeds."""
+    part = "cnn" if job["model"] in p["cnn"]["models"] else "transformers"
+    sub = {k: v for k, v in p[part].items() if k not in ("models", "seeds")}
+    return {"part": sub, **{k: p[k] for k in ("n_bases", "statistic", "bases", "alpha")}}
+
+
 def jobs(p: dict) -> list[dict]:
     return ([{"model": m, "seed": s} for m in p["cnn"]["models"] for s in p["cnn"]["seeds"]]
             + [{"model": m, "seed": 0} for m in p["transformers"]["models"]])

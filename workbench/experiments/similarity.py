@@ -61,6 +61,15 @@ def protocol(budget: str) -> dict:
     return p
 
 
+def settings(p: dict, job: dict) -> dict:
+    """What one run depends on: the images and the measures it computes (not which families or pairs are listed)."""
+    if job["kind"] == "matrix":
+        return {"n_images": p["n_images"], "measures": p["matrix"]["measures"]}
+    if job["kind"] == "control":
+        return {"n_images": p["n_images"]}
+    return {"n_images": p["n_images"], "measures": p["families"][job["family"]]["measures"]}
+
+
 def jobs(p: dict) -> list[dict]:
     out = [{"family": f, "pair": pr, "kind": "diagonal"} for f, v in p["families"].items() for pr in v["pairs"]]
     out += [{"family": f, "pair": "0-control", "kind": "control"} for f in p["controls"]]
@@ -155,7 +164,7 @@ def gaps(doc, family) -> list[dict]:
             d = paired(_by_pair(doc, family, lay, hi), _by_pair(doc, family, lay, lo))
             if d:
                 s = median_ci(d)
-                out.append({"hi": hi, "lo": lo, "layer": lay, "site": site, **s, "sign": excludes_zero(s)})
+                out.append({"upper": hi, "lower": lo, "layer": lay, "site": site, **s, "sign": excludes_zero(s)})
     return out
 
 
@@ -175,11 +184,16 @@ def width_rows(doc) -> list[dict]:
 
 
 def headlines(doc) -> list[dict]:
+    """Myrtle ReLU (width 16), same layer across seeds: each G_ReLU measure beside its comparator, and the gap."""
     out = []
-    for m in ("grelu_procrustes", "orthogonal_procrustes", "grelu_cka", "standardized_cka"):
-        for r in diagonal(doc, "myrtle_relu", m):
-            out.append({"experiment": NAME, "what": f"Myrtle ReLU, layer {r['layer']}: {m}", "ours": fmt(r, 3),
-                        "paper": f"{PAPER[m][r['layer'] - 1]:.2f}" if r["layer"] <= 4 else "—"})
+    for lo, hi in (("grelu_procrustes", "orthogonal_procrustes"), ("grelu_cka", "standardized_cka")):
+        gap = {r["layer"]: r for r in gaps(doc, "myrtle_relu") if r["upper"] == hi}
+        for a, b in zip(diagonal(doc, "myrtle_relu", lo), diagonal(doc, "myrtle_relu", hi)):
+            k = a["layer"] - 1
+            out.append({"experiment": NAME, "what": f"Myrtle ReLU layer {a['layer']}: {lo} / {hi} (gap)",
+                        "ours": f"{fmt(a, 2)} / {fmt(b, 2)}"
+                                + (f" (gap {fmt(gap[a['layer']], 2)})" if a["layer"] in gap else ""),
+                        "paper": f"{PAPER[lo][k]:.2f} / {PAPER[hi][k]:.2f}" if k < 4 else "—"})
     return out
 
 
@@ -212,7 +226,7 @@ def page(doc) -> str:
         for r in g:
             verdict = {1: "G_ReLU-side lower (interval excludes 0)", 0: "interval contains 0", -1: "G_ReLU-side higher",
                        None: "fewer than 3 pairs, no verdict"}[r["sign"]]
-            lines.append(f"- layer {r['layer']}: {r['hi']} − {r['lo']} = {fmt(r, 3)} — {verdict}")
+            lines.append(f"- layer {r['layer']}: {r['upper']} − {r['lower']} = {fmt(r, 3)} — {verdict}")
         lines.append("")
     wr = width_rows(doc)
     if wr:
