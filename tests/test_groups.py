@@ -1,4 +1,5 @@
 """workbench.groups: elements, families, the activation catalogue, the numerical check, discovery, geodesics."""
+import functools
 import json
 
 import matplotlib
@@ -12,9 +13,9 @@ from torch import nn
 matplotlib.use("Agg")
 
 from workbench._errors import InvalidOptionError  # noqa: E402
-from workbench.groups import (CATALOGUE, FAMILIES, GENERATORS, ScaledPermutation, catalogue_frame,  # noqa: E402
-                              check_intertwiner, discover_group, element_from_dict, geodesic, get_group,
-                              identity, intertwiner_group)
+from workbench.groups import (CATALOGUE, FAMILIES, GENERATORS, ScaledPermutation, activation_call,  # noqa: E402
+                              catalogue_frame, check_intertwiner, discover_group, element_from_dict, geodesic,
+                              get_group, identity, intertwiner_group)
 from workbench.groups._catalogue import degree_of  # noqa: E402
 from workbench.groups._discover import generator_element  # noqa: E402
 
@@ -244,6 +245,50 @@ def test_discover_group_agrees_with_the_catalogue(row):
     g = G_a.sample(seed=0)
     c1, c2 = found_a.group.offset(g), G_a.offset(g)
     assert (c1 is None) == (c2 is None) and (c1 is None or torch.allclose(c1, c2))
+
+
+# Every parameterised activation of the catalogue, with the values that enlarge its group among the draws.
+PARAMETERISED = {
+    F.leaky_relu: {"negative_slope": [0.0, 1.0, -1.0, 0.01, 0.3, -0.5, 2.0]},
+    F.elu: {"alpha": [0.0, 0.5, 1.0, 2.0, -0.7]},
+    F.celu: {"alpha": [0.5, 1.0, 3.0]},
+    F.softplus: {"beta": [0.5, 1.0, 3.0, -1.0]},
+    F.hardtanh: {"min_val": [-1.0, 0.0, -2.0, -0.5], "max_val": [1.0, 2.0, 6.0, 0.5]},
+    torch.clamp: {"min": [None, 0.0, -1.0, float("-inf")], "max": [None, 0.0, 1.0, float("inf")]},
+    torch.clamp_min: {"min": [0.0, -1.0, 1.0]},
+    torch.clamp_max: {"max": [0.0, -1.0, 1.0]},
+    F.softshrink: {"lambd": [0.0, 0.5, 1.5]},
+    F.hardshrink: {"lambd": [0.0, 0.5, -1.0]},
+    F.threshold: {"threshold": [0.0, -1.0, 1.0, float("-inf")], "value": [0.0, 0.5]},
+    F.gelu: {"approximate": ["none", "tanh"]},
+}
+
+
+@settings(max_examples=60, deadline=None)
+@given(data=st.data())
+def test_parameterised_activations_get_the_group_their_arguments_give(data):
+    """The catalogue reads every argument: its group equals the one found numerically for those values."""
+    fn = data.draw(st.sampled_from(list(PARAMETERISED)))
+    kwargs = {k: data.draw(st.sampled_from(v)) for k, v in PARAMETERISED[fn].items()}
+    if fn is torch.clamp and kwargs["min"] is None and kwargs["max"] is None:
+        kwargs["max"] = float("inf")  # torch.clamp needs one bound
+    if fn is F.hardtanh and kwargs["min_val"] > kwargs["max_val"]:
+        kwargs["min_val"], kwargs["max_val"] = kwargs["max_val"], kwargs["min_val"]
+    act = activation_call(fn, (), kwargs)
+    G, found = intertwiner_group(act, 6), discover_group(act, 6, n_samples=512)
+    assert (G.name, G.phi) == (found.group.name, found.group.phi), (fn.__name__, kwargs, found.summary())
+    assert check_intertwiner(act, G.sample(seed=1), n_samples=512).passed
+
+
+def test_activation_call_refuses_what_it_cannot_read():
+    with pytest.raises(InvalidOptionError, match=r"knows no argument 'slope'"):
+        activation_call(F.leaky_relu, (), {"slope": 0.2})
+    with pytest.raises(InvalidOptionError, match=r"not a plain number"):
+        activation_call(F.leaky_relu, (torch.tensor(0.2),))
+    with pytest.raises(InvalidOptionError, match=r"binds the input position"):
+        intertwiner_group(functools.partial(F.leaky_relu, 0.2), 3)
+    with pytest.raises(InvalidOptionError, match=r"no catalogue entry for the function"):
+        activation_call(torch.exp, ())
 
 
 @pytest.mark.parametrize("fn, name, phi", [

@@ -1,6 +1,6 @@
 """Pure mathematics: group families, structured elements, sampling, the activation → group catalogue
 and the numerical intertwiner test (imports torch only)."""
-from ._catalogue import CATALOGUE, GENERATORS, Activation, catalogue_frame, intertwiner_group
+from ._catalogue import CATALOGUE, GENERATORS, Activation, activation_call, catalogue_frame, intertwiner_group
 from ._check import IntertwinerCheck, check_intertwiner
 from ._discover import GroupDiscovery, discover_group
 from ._elements import Dense, GroupElement, ScaledPermutation, element_from_dict, identity
@@ -10,5 +10,5 @@ from ._geodesic import geodesic
 
 __all__ = ["ALIASES", "Activation", "CATALOGUE", "Dense", "FAMILIES", "GENERATORS", "GROUP_NAMES", "GeneralLinear", "Group",
            "GroupDiscovery", "GroupElement", "IntertwinerCheck", "Orthogonal", "Permutation", "PositiveDiagonal",
-           "ScaledPermutation", "ScaledPermutationGroup", "Trivial", "catalogue_frame", "check_intertwiner",
+           "ScaledPermutation", "ScaledPermutationGroup", "Trivial", "activation_call", "catalogue_frame", "check_intertwiner",
            "discover_group", "element_from_dict", "geodesic", "get_group", "identity", "intertwiner_group"]

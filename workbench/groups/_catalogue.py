@@ -12,6 +12,8 @@ hardsigmoid, whose σ̃ is odd: sign flips pass with c_i = (1 − s_i)/2.
 from __future__ import annotations
 
 import copy
+import functools
+import math
 import re
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -127,10 +129,99 @@ def _permutation_only(key: str) -> _Entry:
     return _Entry(key, "permutation", None, _P)
 
 
-def _hardtanh(m: nn.Hardtanh) -> _Entry:
-    if m.min_val == -m.max_val:
+def _clamp(lo: Optional[float], hi: Optional[float]) -> _Entry:
+    """clamp(x, lo, hi) (hardtanh): which bounds make it linear, homogeneous or odd."""
+    lo = -math.inf if lo is None else float(lo)
+    hi = math.inf if hi is None else float(hi)
+    if (lo, hi) == (-math.inf, math.inf) or lo == hi == 0.0:  # the identity; the zero map (every A: 0 = A·0)
+        return _ENTRIES["identity"]
+    if (lo, hi) in ((0.0, math.inf), (-math.inf, 0.0)):  # max(x, 0) and min(x, 0): positively homogeneous
+        return _ENTRIES["relu"] if lo == 0.0 else _Entry("clamp_max_0", "scaled_permutation", None, _HOMOG)
+    if lo == -hi and 0.0 < hi < math.inf:  # odd
         return _ENTRIES["hardtanh"]
-    return _ENTRIES["relu6"] if (m.min_val, m.max_val) == (0.0, 6.0) else _permutation_only("hardtanh_asymmetric")
+    return _ENTRIES["relu6"] if (lo, hi) == (0.0, 6.0) else _permutation_only(f"clamp({lo:g}, {hi:g})")
+
+
+# The arguments of a parameterised activation, in call order after the input, with their defaults
+# (the names of torch.nn.functional's parameters, which the modules' attributes share), and the rule
+# that picks the catalogue entry from their values: a value can enlarge the group (ELU with α = 0 is
+# ReLU; LeakyReLU with slope 1 is the identity; a shrink with λ = 0 is the identity).
+_PARAMS: dict = {
+    "relu": {"inplace": False}, "silu": {"inplace": False}, "mish": {"inplace": False}, "selu": {"inplace": False},
+    "relu6": {"inplace": False}, "hardswish": {"inplace": False}, "hardsigmoid": {"inplace": False},
+    "gelu": {"approximate": "none"},
+    "leaky_relu": {"negative_slope": 0.01, "inplace": False},
+    "elu": {"alpha": 1.0, "inplace": False}, "celu": {"alpha": 1.0, "inplace": False},
+    "softplus": {"beta": 1.0, "threshold": 20.0},
+    "hardtanh": {"min_val": -1.0, "max_val": 1.0, "inplace": False},
+    "clamp": {"min": None, "max": None}, "clamp_min": {"min": None}, "clamp_max": {"max": None},
+    "softshrink": {"lambd": 0.5}, "hardshrink": {"lambd": 0.5},
+    "threshold": {"threshold": 0.0, "value": 0.0, "inplace": False},
+}
+_RULES: dict = {
+    "leaky_relu": lambda p: _slope(p["negative_slope"]),
+    "elu": lambda p: _ENTRIES["relu" if p["alpha"] == 0 else "elu"],  # α(eˣ − 1) with α = 0 is 0: ReLU
+    "hardtanh": lambda p: _clamp(p["min_val"], p["max_val"]),
+    "clamp": lambda p: _clamp(p["min"], p["max"]),
+    "clamp_min": lambda p: _clamp(p["min"], None),
+    "clamp_max": lambda p: _clamp(None, p["max"]),
+    "softshrink": lambda p: _ENTRIES["identity" if p["lambd"] == 0 else "softshrink"],
+    "hardshrink": lambda p: _ENTRIES["identity" if p["lambd"] <= 0 else "hardshrink"],  # |x| > λ ≤ 0 always
+    "threshold": lambda p: (_ENTRIES["identity"] if p["threshold"] == -math.inf else
+                            _ENTRIES["relu"] if (p["threshold"], p["value"]) == (0, 0) else
+                            _permutation_only(f"threshold({p['threshold']:g}, {p['value']:g})")),
+}
+
+
+def _entry(key: str, params: dict) -> _Entry:
+    """The catalogue entry of activation ``key`` called with ``params`` (all of its arguments, bound)."""
+    rule = _RULES.get(key)
+    return rule(params) if rule is not None else _from_string(key)
+
+
+def _module_params(key: str, m: nn.Module) -> dict:
+    return {name: getattr(m, name, default) for name, default in _PARAMS.get(key, {}).items()}
+
+
+def _bind(key: str, fn, args: tuple, kwargs: dict) -> dict:
+    """The arguments of a call ``fn(input, *args, **kwargs)`` by name, defaults filled in; a clear error
+    for arguments the catalogue does not know or that are not plain values."""
+    defaults = _PARAMS.get(key, {})
+    names = list(defaults)
+    where = f"{_function_name(fn)} with arguments {args!r} {kwargs!r}"
+    if len(args) > len(names):
+        raise InvalidOptionError(f"{where}: more positional arguments than the catalogue knows ({names}); {_HINT}.")
+    params = dict(defaults)
+    params.update(zip(names, args))
+    if "input" in kwargs:
+        raise InvalidOptionError(f"{where}: the input is bound; an activation leaves it free.")
+    for k, v in kwargs.items():
+        if k not in defaults:
+            raise InvalidOptionError(f"{where}: the catalogue knows no argument {k!r} (known: {names}); {_HINT}.")
+        params[k] = v
+    for k, v in params.items():
+        if not (v is None or isinstance(v, (bool, int, float, str))):
+            raise InvalidOptionError(f"{where}: argument {k}={v!r} is not a plain number, so the group cannot be "
+                                     f"read from it; {_HINT}.")
+    return params
+
+
+def activation_call(fn: Callable, args: tuple = (), kwargs: Optional[dict] = None) -> functools.partial:
+    """The activation that the call ``fn(x, *args, **kwargs)`` applies to ``x``: a ``functools.partial``
+    of the catalogued function ``fn`` with every argument bound by keyword, which
+    :func:`intertwiner_group` reads (its group depends on the values: ``F.leaky_relu(x, 1.0)`` is the
+    identity). A clear error for a function the catalogue does not know or arguments it cannot read.
+
+    >>> import torch.nn.functional as F
+    >>> intertwiner_group(activation_call(F.hardtanh, (0.0, 1.0)), 4).name   # not odd
+    'permutation'
+    >>> intertwiner_group(activation_call(F.elu, (), {"alpha": 0.0}), 4).name   # ELU with α = 0 is ReLU
+    'scaled_permutation'
+    """
+    key = _key_of(fn)
+    if key is None:
+        raise InvalidOptionError(f"no catalogue entry for the function {_function_name(fn)!r}; {_HINT}.")
+    return functools.partial(fn, **_bind(key, fn, tuple(args), dict(kwargs or {})))
 
 
 def _prelu(m: nn.PReLU) -> _Entry:
@@ -140,15 +231,20 @@ def _prelu(m: nn.PReLU) -> _Entry:
     return _Entry("prelu_per_channel", "positive_diagonal", None, ("positive_scaling",))
 
 
+def _rule(key: str):
+    """A module rule: the entry from the module's own arguments (its attributes)."""
+    return lambda m: _entry(key, _module_params(key, m))
+
+
 _MODULES: dict = {
     nn.Identity: "identity", nn.ReLU: "relu", nn.GELU: "gelu", nn.SiLU: "silu", nn.Mish: "mish",
-    nn.Softplus: "softplus", nn.ELU: "elu", nn.CELU: "celu", nn.SELU: "selu", nn.ReLU6: "relu6",
+    nn.Softplus: "softplus", nn.ELU: _rule("elu"), nn.CELU: "celu", nn.SELU: "selu", nn.ReLU6: "relu6",
     nn.Hardswish: "hardswish", nn.LogSigmoid: "logsigmoid", nn.Sigmoid: "sigmoid", nn.Hardsigmoid: "hardsigmoid",
-    nn.Tanh: "tanh", nn.Softsign: "softsign", nn.Tanhshrink: "tanhshrink", nn.Softshrink: "softshrink",
-    nn.Hardshrink: "hardshrink",
-    nn.LeakyReLU: lambda m: _slope(m.negative_slope), nn.RReLU: lambda m: _ENTRIES["leaky_relu"],
-    nn.PReLU: _prelu, nn.Hardtanh: _hardtanh,
-    nn.Threshold: lambda m: _ENTRIES["relu"] if (m.threshold, m.value) == (0, 0) else _permutation_only("threshold"),
+    nn.Tanh: "tanh", nn.Softsign: "softsign", nn.Tanhshrink: "tanhshrink", nn.Softshrink: _rule("softshrink"),
+    nn.Hardshrink: _rule("hardshrink"),
+    # RReLU: a slope drawn per element (training) or their mean (eval); positively homogeneous either way
+    nn.LeakyReLU: _rule("leaky_relu"), nn.RReLU: lambda m: _ENTRIES["leaky_relu"],
+    nn.PReLU: _prelu, nn.Hardtanh: _rule("hardtanh"), nn.Threshold: _rule("threshold"),
 }
 class Activation(nn.Module):
     """A catalogue activation as a module, for those torch has no module for.
@@ -181,13 +277,22 @@ _FUNCTIONS = {
     F.tanh: "tanh", F.softsign: "softsign", F.hardtanh: "hardtanh", F.tanhshrink: "tanhshrink",
     F.softshrink: "softshrink", F.hardshrink: "hardshrink", torch.sin: "sin", torch.erf: "erf",
     torch.special.erf: "erf", torch.cos: "cos", torch.abs: "abs", torch.square: "power:2",
+    F.threshold: "threshold", torch.clamp: "clamp", torch.clip: "clamp", torch.clamp_min: "clamp_min",
+    torch.clamp_max: "clamp_max",
 }
+
+
+def _key_of(fn) -> Optional[str]:
+    try:
+        return _FUNCTIONS.get(fn)
+    except TypeError:  # an unhashable callable
+        return None
 
 
 def _function_name(fn) -> str:
     name = getattr(fn, "__name__", type(fn).__name__)
     for where, module in (("torch", torch), ("F", F), ("torch.special", torch.special)):
-        for attr in (name, name.removeprefix("special_")):
+        for attr in (name.lstrip("_"), name, name.removeprefix("special_")):  # F.threshold is "_threshold"
             if getattr(module, attr, None) is fn:
                 return f"{where}.{attr}"
     return name
@@ -209,14 +314,25 @@ def _resolve(activation) -> tuple[_Entry, str, Callable]:
         raise InvalidOptionError(
             f"no catalogue entry for the module {type(activation).__name__} ({activation!r}); known modules: "
             f"{sorted(c.__name__ for c in _MODULES)}; {_HINT}, which tests the generators numerically.")
-    if callable(activation):
-        try:
-            key = _FUNCTIONS.get(activation)
-        except TypeError:  # an unhashable callable
-            key = None
+    if isinstance(activation, functools.partial) and not isinstance(activation.func, nn.Module):
+        # A catalogued function with its arguments bound by keyword (how a traced call
+        # F.leaky_relu(x, 0.2) is read, see activation_call): the entry comes from their values.
+        key = _key_of(activation.func)
         if key is not None:
-            e = _from_string(key)
-            return e, _function_name(activation), activation
+            if activation.args:
+                raise InvalidOptionError(
+                    f"functools.partial({_function_name(activation.func)}, {', '.join(map(repr, activation.args))}) "
+                    f"binds the input position; bind an activation's arguments by keyword "
+                    f"(or use workbench.groups.activation_call).")
+            params = _bind(key, activation.func, (), activation.keywords)
+            shown = {k: v for k, v in params.items() if k != "inplace" and v != _PARAMS[key].get(k)}
+            display = _function_name(activation.func) + (
+                "(" + ", ".join(f"{k}={v!r}" for k, v in shown.items()) + ")" if shown else "")
+            return _entry(key, params), display, activation
+    if callable(activation):
+        key = _key_of(activation)
+        if key is not None:
+            return _entry(key, dict(_PARAMS.get(key, {}))), _function_name(activation), activation
         name = getattr(activation, "__name__", type(activation).__name__)
         raise InvalidOptionError(f"no catalogue entry for the function {name!r}; {_HINT}, which tests the "
                                  f"generators numerically.")

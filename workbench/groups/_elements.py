@@ -195,10 +195,25 @@ def identity(n: int) -> ScaledPermutation:
     return ScaledPermutation(torch.arange(n), None, "identity", "identity")
 
 
+def _is_permutation(e: GroupElement) -> bool:
+    return isinstance(e, ScaledPermutation) and e.scale is None
+
+
+def _common_phi(a: GroupElement, b: GroupElement) -> Phi:
+    """φ of the product ``a @ b``: φ(AB) = φ(A)φ(B) needs one homomorphism for both. A pure permutation
+    is its own image under every φ (entrywise maps fix 0 and 1), so it takes the other's."""
+    if a.phi_kind == b.phi_kind or _is_permutation(b):
+        return a.phi_kind
+    if _is_permutation(a):
+        return b.phi_kind
+    raise ValueError(f"cannot compose elements with different homomorphisms φ ({_phi_name(a.phi_kind)} and "
+                     f"{_phi_name(b.phi_kind)}): the product's φ would be neither; compose elements of one group.")
+
+
 def _compose(a: GroupElement, b: GroupElement) -> GroupElement:
     if a.n != b.n:
         raise ValueError(f"cannot compose elements acting on {a.n} and {b.n} dimensions.")
-    phi = a.phi_kind if a.phi_kind == b.phi_kind else "identity"
+    phi = _common_phi(a, b)
     group = a.group if a.group == b.group else f"{a.group}·{b.group}"
     if isinstance(a, ScaledPermutation) and isinstance(b, ScaledPermutation):
         # (D_a P_a)(D_b P_b) x: (D_b P_b x)_j = s_b[j] x[p_b[j]]; then row i picks j = p_a[i].
