@@ -32,6 +32,11 @@ class InvalidOptionError(WorkbenchError, ValueError, TypeError):
     """An option got a value outside its declared list of valid values."""
 
 
+class UntraceableModelError(WorkbenchError, ValueError):
+    """A plain model could not be traced with ``torch.fx`` or run on its example, so no symmetry of
+    it can be granted or checked. A ``ValueError`` (like torch.fx's own ``TraceError``)."""
+
+
 class ResumeMismatchError(WorkbenchError, ValueError):
     """``resume=True`` was asked to continue a store with another model, data stream or settings."""
 

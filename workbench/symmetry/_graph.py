@@ -6,6 +6,11 @@ reads: moved by the permutation part), ``"pre"`` (moved by the element M) or ``"
 nonlinearity: moved by φ(M)). Linear/conv modules end one space (as readers) and start the next (as
 writers); BatchNorm, activations, pooling, dropout, flatten and residual additions keep the space.
 Anything not understood freezes the spaces it touches, with the reason — never transformed wrongly.
+
+Two things the graph alone does not show are followed explicitly: an op that overwrites its input in
+place (``h.relu_()``, ``nn.ReLU(inplace=True)``) makes later reads of that input read its result
+(``alias``); and a parameter used at several places (a module called twice, tied weights) must take
+one element at all of them (``uses``, resolved by :func:`._shared.share_parameters`).
 """
 from __future__ import annotations
 
@@ -17,7 +22,9 @@ from typing import Any, Optional
 import torch
 from torch import fx, nn
 
-from ._modes import eval_mode
+from .._errors import InvalidOptionError
+from ..groups import activation_call
+from ._trace import propagate_shapes, trace
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -26,9 +33,12 @@ _AVG = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.Adapt
 _MAX = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d)
 _ADD = {operator.add, operator.iadd, torch.add}
 _ADD_METHODS = {"add", "add_", "__add__", "__iadd__"}
-_ACT_METHODS = {"relu": torch.relu, "relu_": torch.relu, "tanh": torch.tanh, "sigmoid": torch.sigmoid,
-                "tanh_": torch.tanh, "sigmoid_": torch.sigmoid}
+# Tensor methods that apply a catalogued activation (their arguments are read like a function's).
+_ACT_METHODS = {"relu": torch.relu, "tanh": torch.tanh, "sigmoid": torch.sigmoid, "abs": torch.abs,
+                "square": torch.square, "clamp": torch.clamp, "clip": torch.clamp, "clamp_min": torch.clamp_min,
+                "clamp_max": torch.clamp_max}
 _IGNORED_METHODS = {"size", "dim"}
+_META_ATTRS = {"shape", "dtype", "device", "ndim", "is_cuda", "requires_grad", "layout"}  # read no values
 
 
 @dataclass
@@ -50,9 +60,10 @@ class Space:
     embeds: list[tuple[int, int, int, fx.Node]] = field(default_factory=list)
     embedded: bool = False  # read by a zero-padding shortcut of another space
     label: str = ""  # the op that made it, for spaces no writer starts
+    shared: list[str] = field(default_factory=list)  # weight sharing that made this one space
 
     def absorb(self, other: "Space") -> None:
-        for f in ("frozen", "writers", "readers", "norms", "activations", "constraints", "observed", "embeds"):
+        for f in ("frozen", "writers", "readers", "norms", "activations", "constraints", "observed", "embeds", "shared"):
             getattr(self, f).extend(getattr(other, f))
         self.offsets_ok &= other.offsets_ok
         self.embedded |= other.embedded
@@ -67,24 +78,45 @@ class TensorInfo:
     block: int = 1  # features per channel after a flatten (channel-major blocks)
 
 
+@dataclass
+class Use:
+    """A parameter tensor that a transform writes, at one module call: rows move with ``rows``'s element,
+    columns (weights only) with ``cols``'s."""
+
+    place: str  # "fc" or "fc#1" (the second call)
+    param: str  # "fc.weight"
+    tensor: torch.Tensor
+    rows: int
+    cols: Optional[int]
+    node: Optional[fx.Node] = None  # the call
+    input: Optional[fx.Node] = None  # what it reads (weights), or the BatchNorm's mode ("output"/"input")
+    mode: Optional[str] = None  # BatchNorm tensors: "output" or "input"
+
+
 class Graph:
-    """The traced model with a space and level for every tensor node."""
+    """The traced model with a space and level for every tensor node.
+
+    Raises :class:`._trace.TraceFailure` when the model cannot be traced or run on ``example``.
+    """
 
     def __init__(self, model: nn.Module, example: torch.Tensor, is_activation):
+        from ._shared import share_parameters
+
         self.model = model
         self.modules = dict(model.named_modules())
         self.is_activation = is_activation  # callable(obj) -> bool
-        self.gm = fx.GraphModule(model, _Tracer(is_activation).trace(model))
-        with eval_mode(model), torch.no_grad():
-            from torch.fx.passes.shape_prop import ShapeProp
-
-            ShapeProp(self.gm).propagate(example)
+        self.gm = trace(model, is_activation)
+        propagate_shapes(self.gm, model, example)
         self.parent: dict[int, int] = {}
         self.spaces: dict[int, Space] = {}
         self.info: dict[fx.Node, TensorInfo] = {}
         self.calls: dict[str, int] = {}
+        self.alias: dict[fx.Node, fx.Node] = {}  # a node overwritten in place → the node holding its value now
+        self.uses: list[Use] = []  # parameters a transform writes, per module call
+        self.refs: list[tuple[str, torch.Tensor, list[int]]] = []  # other reads of parameters: (what, tensor, spaces)
         for node in self.gm.graph.nodes:
             self._visit(node)
+        share_parameters(self)
 
     # ------------------------------------------------------------------ union-find
     def new_space(self, reason: Optional[str] = None) -> int:
@@ -118,13 +150,26 @@ class Graph:
         meta = node.meta.get("tensor_meta")
         return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
 
+    def _val(self, a: Any) -> Any:
+        """The node that holds ``a``'s value now (``a`` itself unless an in-place op overwrote it)."""
+        while isinstance(a, fx.Node) and a in self.alias:
+            a = self.alias[a]
+        return a
+
+    def _overwrite(self, x: fx.Node, node: fx.Node) -> None:
+        """``node`` overwrote ``x`` in place: later reads of ``x`` read ``node``'s value."""
+        if node in self.info and x is not node:
+            self.alias[x] = node
+
     def _out(self, node: fx.Node, like: fx.Node, level: Optional[str] = None, block: Optional[int] = None):
         src = self.info[like]
         self.info[node] = TensorInfo(src.space, level or src.level, src.block if block is None else block)
 
     def _tensor_args(self, node: fx.Node) -> list[fx.Node]:
-        flat = list(node.args) + list(node.kwargs.values())
-        return [a for a in flat if isinstance(a, fx.Node) and a in self.info]
+        """Every tensor the node reads, nested ones too (``torch.cat([a, b])``), as their current values."""
+        found: list[fx.Node] = []
+        fx.node.map_arg((node.args, node.kwargs), lambda a: found.append(self._val(a)) or a)
+        return [a for a in found if a in self.info]
 
     def _fresh(self, node: fx.Node, reason: str) -> None:
         """An op we do not understand: freeze what it reads and what it makes."""
@@ -141,31 +186,49 @@ class Graph:
         if node in self.info:
             self.space(node).observed.append((name, k, node))
 
+    def _place(self, name: str) -> str:
+        k = self.calls.get(name, 0)  # the index this call gets (observed right after its rule ran)
+        return name + (f"#{k}" if k else "")
+
+    def _refer(self, what: str, m: nn.Module, node: fx.Node) -> None:
+        """Parameters of a module the transform does not write: if a written one is among them, the
+        spaces it touches must not move (see _shared)."""
+        sids = [self.info[a].space for a in self._tensor_args(node)] + ([self.info[node].space] if node in self.info else [])
+        for pname, t in [*m.named_parameters(), *m.named_buffers()]:
+            self.refs.append((f"{what} ({node.target}.{pname})", t, sids))
+
     # ------------------------------------------------------------------ the rules
     def _visit(self, node: fx.Node) -> None:
         if node.op == "placeholder":
             if self.shape(node) is not None:
                 self.info[node] = TensorInfo(self.new_space("the model's input"), "pre")
         elif node.op == "get_attr":
-            self.info[node] = TensorInfo(self.new_space(f"parameter {node.target!r} used directly in forward"), "pre")
+            sid = self.new_space(f"parameter {node.target!r} used directly in forward")
+            self.info[node] = TensorInfo(sid, "pre")
+            value = _attr(self.model, node.target)
+            if isinstance(value, torch.Tensor):
+                self.refs.append((f"read directly in forward ({node.target})", value, [sid]))
         elif node.op == "output":
-            for a in self._tensor_args(node) or _flatten_nodes(node.args, self.info):
+            for a in self._tensor_args(node):
                 self.freeze(a, "the model's output")
         elif node.op == "call_module":
-            self._module(node, self.modules[node.target])
-            if isinstance(self.modules[node.target], nn.Module):
-                self._observe(node, node.target)
+            m = self.modules[node.target]
+            if not self._module(node, m):
+                self._refer(f"used by {type(m).__name__} {node.target!r}, which the transform does not write", m, node)
+            self._observe(node, node.target)
         elif node.op == "call_function":
             self._function(node, node.target)
         elif node.op == "call_method":
             self._method(node)
 
-    def _module(self, node: fx.Node, m: nn.Module) -> None:
+    def _module(self, node: fx.Node, m: nn.Module) -> bool:
+        """Apply the module rules; True when the transform will write ``m``'s parameters."""
         name = node.target
         args = self._tensor_args(node)
         x = args[0] if args else None
         if x is None:
-            return self._fresh(node, f"{name} ({type(m).__name__}) reads no traced tensor")
+            self._fresh(node, f"{name} ({type(m).__name__}) reads no traced tensor")
+            return False
         xs = self.shape(x)
         if isinstance(m, nn.Linear) or (isinstance(m, _CONV) and m.groups == 1 and m.padding_mode == "zeros"):
             if isinstance(m, nn.Linear) and (xs is None or len(xs) != 2):
@@ -181,34 +244,48 @@ class Graph:
             self.spaces[sid].writers.append((name, node))
             self.spaces[sid].n = m.out_features if isinstance(m, nn.Linear) else m.out_channels
             self.info[node] = TensorInfo(sid, "pre")
-        elif isinstance(m, _BN):
+            place = self._place(name)
+            self.uses.append(Use(place, f"{name}.weight", m.weight, sid, self.info[x].space, node, x))
+            if m.bias is not None:
+                self.uses.append(Use(place, f"{name}.bias", m.bias, sid, None, node))
+            return True
+        if isinstance(m, _BN):
             if not (m.affine and m.track_running_stats):
-                return self._fresh(node, f"{name}: BatchNorm without affine parameters or running statistics")
+                self._fresh(node, f"{name}: BatchNorm without affine parameters or running statistics")
+                return False
             if x.op == "call_module" and len(x.users) == 1 and self.space(x).writers and self.info[x].level == "pre" \
                     and any(w_node is x for _, w_node in self.space(x).writers):
                 self.info[x].level = "prebn"  # the writer feeds only this BatchNorm: scalings go on γ, β
-                self.space(x).norms.append((name, "output", x))
-                self.space(x).constraints.append(("batchnorm", node))
+                mode = "output"
             else:
-                self.space(x).norms.append((name, "input", x))
+                mode = "input"
                 self.space(x).constraints.append(("batchnorm_input", node))
-            self._out(node, x, level="pre")
-        elif isinstance(m, _PASS):
+            self.space(x).norms.append((name, mode, x))
+            # After its writer the norm turns P-moved values into M-moved ones; reading a stream, it keeps
+            # the level it reads (post-activation values move by φ(M), and so does the norm's output).
+            self._out(node, x, level="pre" if mode == "output" else None)
+            place = self._place(name)
+            for pname in ("weight", "bias", "running_mean", "running_var"):
+                self.uses.append(Use(place, f"{name}.{pname}", getattr(m, pname), self.info[x].space, None, node, x,
+                                     mode=mode))
+            return True
+        if isinstance(m, _PASS):
             self._out(node, x)
         elif self.is_activation(m):
             self._activation(node, x, m, name)
+            if getattr(m, "inplace", False):
+                self._overwrite(x, node)
         elif isinstance(m, _AVG):
             if isinstance(m, (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)) and any(p != 0 for p in _tuple(m.padding)):
                 self.space(x).offsets_ok = False
             self._out(node, x)
         elif isinstance(m, _MAX):
-            self.space(x).constraints.append(("max_pool", x))
-            self.space(x).offsets_ok = False
-            self._out(node, x)
+            self._max_pool(node, x)
         elif isinstance(m, nn.Flatten):
             self._flatten(node, x, m.start_dim, m.end_dim)
         else:
             self._fresh(node, f"{name} ({type(m).__name__}) is not understood by the symmetry rules")
+        return False
 
     def _activation(self, node: fx.Node, x: fx.Node, act: Any, name: Optional[str]) -> None:
         if self.info[x].level == "post":
@@ -216,34 +293,75 @@ class Graph:
         self.space(x).activations.append((act, name, node))
         self._out(node, x, level="post")
 
+    def _call_activation(self, node: fx.Node, fn: Any, inplace: bool = False) -> None:
+        """A catalogued function (or tensor method) called with its own arguments: the group is read
+        from their values (``F.leaky_relu(x, 1.0)`` is the identity, ``F.hardtanh(x, 0, 1)`` is not odd)."""
+        if node.op == "call_method":
+            x, rest, kwargs = node.args[0], node.args[1:], dict(node.kwargs)
+        else:
+            x = node.args[0] if node.args else node.kwargs.get("input")
+            rest, kwargs = node.args[1:], {k: v for k, v in node.kwargs.items() if k != "input"}
+        x = self._val(x)
+        label = f".{node.target}()" if node.op == "call_method" else getattr(fn, "__name__", str(fn))
+        if not (isinstance(x, fx.Node) and x in self.info):
+            return self._fresh(node, f"{label} applied to something that is not a traced tensor")
+        computed: list[fx.Node] = []
+        fx.node.map_arg((rest, kwargs), computed.append)
+        if computed:
+            return self._fresh(node, f"{label} with an argument computed from tensors ({computed[0].name}): its "
+                                     f"group cannot be read from the code")
+        try:
+            act = activation_call(fn, rest, kwargs)
+        except InvalidOptionError as exc:
+            return self._fresh(node, str(exc))
+        self._activation(node, x, act, None)
+        if inplace or act.keywords.get("inplace"):
+            self._overwrite(x, node)
+
+    def _max_pool(self, node: fx.Node, x: fx.Node) -> None:
+        self.space(x).constraints.append(("max_pool", x))
+        self.space(x).offsets_ok = False
+        self._out(node, x)
+
     def _flatten(self, node: fx.Node, x: fx.Node, start: int, end: int) -> None:
         xs = self.shape(x)
-        if start == 1 and end in (-1, len(xs) - 1):
+        if xs is not None and start == 1 and end in (-1, len(xs) - 1):
             self._out(node, x, block=self.info[x].block * math.prod(xs[2:]))
         else:
             self._fresh(node, f"flatten(start_dim={start}, end_dim={end}) mixes the channel axis")
 
     def _function(self, node: fx.Node, fn: Any) -> None:
         args = self._tensor_args(node)
-        if fn is getattr and args:  # x.shape and friends read no values
-            return
         fname = getattr(fn, "__name__", str(fn))
+        if fn is getattr and args:
+            if node.args[1] in _META_ATTRS:  # x.shape and friends read no values
+                return
+            return self._fresh(node, f"the tensor attribute .{node.args[1]} is not understood by the symmetry rules")
         if fn in _ADD:
-            return self._add(node)
-        if fn in (operator.mul, torch.mul) and len(args) == 1 and isinstance(node.args[1] if node.args[0] is args[0] else node.args[0], (int, float)):
-            return self._out(node, args[0])
+            self._add(node)
+            if fn is operator.iadd and args:
+                self._overwrite(args[0], node)
+            return
+        if fn in (operator.mul, torch.mul, operator.truediv, torch.div) and len(args) == 1 \
+                and len(node.args) == 2 and self._val(node.args[0]) is args[0] and isinstance(node.args[1], (int, float)):
+            return self._out(node, args[0])  # x * 2.0, x / 2.0: linear, per channel
+        if fn in (operator.mul, torch.mul) and len(args) == 1 and len(node.args) == 2 \
+                and isinstance(node.args[0], (int, float)):
+            return self._out(node, args[0])  # 2.0 * x
         if fname in ("flatten",) and args:
             start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
             end = node.args[2] if len(node.args) > 2 else node.kwargs.get("end_dim", -1)
             return self._flatten(node, args[0], start, end)
-        if args and self.is_activation(fn):
-            return self._activation(node, args[0], fn, None)
+        base = getattr(torch, fname[:-1], None) if fname.endswith("_") and not fname.endswith("__") else None
+        if args and (self.is_activation(fn) or (base is not None and self.is_activation(base))):
+            return self._call_activation(node, fn if base is None else base, inplace=base is not None)
         if args and ("avg_pool" in fname):
+            padding = node.args[3] if len(node.args) > 3 else node.kwargs.get("padding", 0)
+            if "adaptive" not in fname and any(p != 0 for p in _tuple(padding)):
+                self.space(args[0]).offsets_ok = False
             return self._out(node, args[0])
         if args and ("max_pool" in fname):
-            self.space(args[0]).constraints.append(("max_pool", args[0]))
-            self.space(args[0]).offsets_ok = False
-            return self._out(node, args[0])
+            return self._max_pool(node, args[0])
         if args and fname in ("dropout", "dropout2d", "dropout1d"):
             return self._out(node, args[0])
         if fn is operator.getitem and args and _spatial_index(node.args[1]):
@@ -253,34 +371,38 @@ class Graph:
         self._fresh(node, f"the function {fname} is not understood by the symmetry rules")
 
     def _method(self, node: fx.Node) -> None:
-        args = self._tensor_args(node)
         name = node.target
-        if not args or node.args[0] is not args[0]:
+        x = self._val(node.args[0]) if node.args else None
+        if not (isinstance(x, fx.Node) and x in self.info):
             return self._fresh(node, f"the method .{name}() is not understood")
-        x = args[0]
+        inplace = name.endswith("_") and not name.endswith("__")
         if name in _IGNORED_METHODS:
             return
         if name in _ADD_METHODS:
-            return self._add(node)
-        if name in _ACT_METHODS:
-            return self._activation(node, x, _ACT_METHODS[name], None)
-        if name in ("view", "reshape", "flatten"):
+            self._add(node)
+        elif (name[:-1] if inplace else name) in _ACT_METHODS:
+            return self._call_activation(node, _ACT_METHODS[name[:-1] if inplace else name], inplace=inplace)
+        elif name in ("view", "reshape", "flatten"):
             xs, ys = self.shape(x), self.shape(node)
             if ys is not None and xs is not None and len(ys) == 2 and len(xs) >= 2 and ys[1] == math.prod(xs[1:]):
                 return self._out(node, x, block=self.info[x].block * math.prod(xs[2:]))
             return self._fresh(node, f".{name}() to shape {ys} mixes the channel axis")
-        if name in ("mean", "amax"):
-            dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
-            dims = (dims,) if isinstance(dims, int) else tuple(dims or ())
-            xs = self.shape(x)
-            if dims and xs and all(d % len(xs) >= 2 for d in dims):
-                if name == "amax":
-                    self.space(x).constraints.append(("max_pool", x))
-                    self.space(x).offsets_ok = False
-                return self._out(node, x)
-        if name in ("contiguous", "clone", "detach"):
+        elif name in ("mean", "amax") and self._spatial_reduction(node, x):
+            if name == "amax":
+                return self._max_pool(node, x)
             return self._out(node, x)
-        self._fresh(node, f"the method .{name}() is not understood by the symmetry rules")
+        elif name in ("contiguous", "clone", "detach"):
+            return self._out(node, x)
+        else:
+            self._fresh(node, f"the method .{name}() is not understood by the symmetry rules")
+        if inplace or name == "__iadd__":
+            self._overwrite(x, node)
+
+    def _spatial_reduction(self, node: fx.Node, x: fx.Node) -> bool:
+        dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+        dims = (dims,) if isinstance(dims, int) else tuple(dims or ())
+        xs = self.shape(x)
+        return bool(dims and xs and all(isinstance(d, int) and d % len(xs) >= 2 for d in dims))
 
     def _channel_pad(self, node: fx.Node, x: fx.Node) -> None:
         """F.pad with zeros on the channel axis (CIFAR ResNets' option-A shortcut)."""
@@ -314,10 +436,17 @@ class Graph:
                 self.space(a).constraints.append(("mixed_levels", node))
             self.union(self.info[a].space, self.info[b].space)
             return self._out(node, a, level="pre")
-        if len(tensors) == 1 and others:
+        if len(tensors) == 1 and others and all(isinstance(c, (int, float)) for c in others):
             self.space(tensors[0]).constraints.append(("constant_add", node))
             return self._out(node, tensors[0])
         self._fresh(node, "an addition that is not understood")
+
+
+def _attr(root: nn.Module, target: str) -> Any:
+    obj: Any = root
+    for part in target.split("."):
+        obj = getattr(obj, part, None)
+    return obj
 
 
 def _spatial_index(index) -> bool:
@@ -330,26 +459,3 @@ def _spatial_index(index) -> bool:
 
 def _tuple(v) -> tuple:
     return tuple(v) if isinstance(v, (tuple, list)) else (v,)
-
-
-def _flatten_nodes(args, info) -> list:
-    out = []
-    for a in args:
-        if isinstance(a, fx.Node) and a in info:
-            out.append(a)
-        elif isinstance(a, (tuple, list)):
-            out += _flatten_nodes(a, info)
-        elif isinstance(a, dict):
-            out += _flatten_nodes(list(a.values()), info)
-    return out
-
-
-class _Tracer(fx.Tracer):
-    """torch.fx's tracer, keeping every catalogued activation module a leaf (custom ones too)."""
-
-    def __init__(self, is_activation):
-        super().__init__()
-        self._is_activation = is_activation
-
-    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return super().is_leaf_module(m, qualname) or self._is_activation(m)

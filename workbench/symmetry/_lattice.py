@@ -15,6 +15,7 @@ _GENERATORS = {
     "signed_permutation": {"perm", "neg"},
     "permutation": {"perm"},
     "positive_diagonal": {"pos_scale"},
+    "trivial": set(),
 }
 # Largest family with exactly a given generator set (order matters: first match wins).
 _BY_GENERATORS = [
@@ -28,12 +29,17 @@ _BY_GENERATORS = [
     ({"pos_scale"}, "positive_diagonal"),
 ]
 
-# What each structural constraint of a space allows.
+# What each structural constraint of a space allows, and why (each reason is a statement about the
+# model that the tests check). A BatchNorm right after its writer is no constraint: scalings go on
+# its γ and β, any other map folds it into the writer (exact in eval mode, see _transform).
 CONSTRAINTS = {
     "max_pool": ({"perm", "pos_scale"}, "max pooling commutes only with permutations and positive scalings"),
-    "batchnorm": ({"perm", "pos_scale", "neg"}, "BatchNorm is per channel: only permutations and scalings pass it"),
-    "batchnorm_input": ({"perm"}, "BatchNorm reads this space directly: a scaling would meet its ε inexactly"),
-    "constant_add": ({"perm"}, "a constant is added: only permutations fix it"),
+    "batchnorm_input": ({"perm", "pos_scale", "neg"},
+                        "a BatchNorm reads this space: it acts per channel, so only permutations and diagonal "
+                        "scalings pass it (μ and β take the scaling; exact in eval mode)"),
+    "constant_add": ({"perm", "rotation_ones"},
+                     "a constant c is added to every unit: only maps with M·1 = 1 keep c·1 in place (the rules "
+                     "grant permutations, and rotations fixing 1 where the site is linear)"),
     "mixed_levels": ({"perm", "pos_scale", "neg", "rotation", "rotation_ones", "rotary", "general"}, "pre- and post-activation values are added"),
 }
 
@@ -57,4 +63,4 @@ def restrict(group: Group, allowed: set[str]) -> Group:
             new.phi = group.phi if name != "gl" else "identity"
             new.source = getattr(group, "source", "family")
             return new
-    return get_group("permutation", group.n)
+    return get_group("trivial", group.n)  # nothing is left (a per-channel PReLU's scalings meet a constant)

@@ -1,7 +1,12 @@
 """``wb.symmetry_map``: the sites of a model — hidden spaces with the group that acts on each."""
 from __future__ import annotations
 
+import dataclasses
+import functools
+import itertools
+import re
 import weakref
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -64,6 +69,8 @@ class Site:
     # Zero-padding shortcuts: (site embedded or None, first channel, channels, level) — on those
     # channels this site's element is the embedded site's element (identity when it is no site).
     embeds: list[tuple[Optional[str], int, int, str]] = field(default_factory=list)
+    # BatchNorms reading the site ("input" norms): the level of what they read ("pre", or "post": φ(M) moves it)
+    norm_levels: dict = field(default_factory=dict)
 
     @property
     def privileged(self) -> bool:
@@ -81,6 +88,7 @@ class SymmetryMap(Report):
     model: str
     sites: list[Site]
     skipped: list[tuple[str, str]]  # (place, reason)
+    trace_error: Optional[str] = None  # why the model could not be traced or run on the example, if so
 
     def __iter__(self):
         return iter(self.sites)
@@ -143,7 +151,8 @@ def _phi(group: Group) -> str:
 
 # ---------------------------------------------------------------------- building a map
 def is_activation(obj: Any) -> bool:
-    """Whether the activation catalogue knows ``obj`` (a module or a function)."""
+    """Whether the activation catalogue knows ``obj`` (a module, a function, or a function with its
+    arguments bound, as :func:`workbench.groups.activation_call` makes)."""
     from ..groups import intertwiner_group
 
     if isinstance(obj, nn.Module):
@@ -174,15 +183,50 @@ def default_examples(model: nn.Module) -> list[torch.Tensor]:
     return []
 
 
-_MEMO: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
+# Maps of a model, keyed by everything a map depends on (see _memo_key); a few per model, because
+# a transform made on a guessed input size is then verified at the user's.
+_MEMO: "weakref.WeakKeyDictionary[nn.Module, OrderedDict]" = weakref.WeakKeyDictionary()
+_MEMO_PER_MODEL = 4
+
+
+def _plain(v: Any) -> bool:
+    return v is None or isinstance(v, (bool, int, float, str)) or (isinstance(v, tuple) and all(map(_plain, v)))
+
+
+def _memo_key(model: nn.Module, example: Optional[torch.Tensor], affine: bool) -> tuple:
+    """What a map depends on: the module tree (objects, classes, a ``forward`` set on an instance,
+    plain attributes such as a slope or a padding), which tensors every parameter and buffer is (tying
+    shows here), the values of activation parameters (a PReLU's slope picks its group), the
+    example's shape, dtype and device, and ``affine``. Not covered: state a ``forward`` reads from
+    outside the model (globals); call with a fresh model object after changing such state."""
+    from ._shared import _view
+
+    mods = tuple((name, id(m), type(m), id(vars(m).get("forward")),
+                  tuple(sorted((k, v) for k, v in vars(m).items() if not k.startswith("_") and k != "training"
+                               and _plain(v))))
+                 for name, m in model.named_modules(remove_duplicate=False))
+    tensors = tuple((name, id(t), _view(t)) for name, t in itertools.chain(
+        model.named_parameters(remove_duplicate=False), model.named_buffers(remove_duplicate=False)) if t is not None)
+    slopes = tuple(tuple(m.weight.detach().flatten().tolist()) for m in model.modules() if isinstance(m, nn.PReLU))
+    ex = None if example is None else (tuple(example.shape), example.dtype, example.device)
+    return mods, tensors, slopes, ex, affine
+
+
+def one_example(inputs: Any) -> Optional[torch.Tensor]:
+    """The first example of an input batch (what a map is traced on), or None for non-tensor inputs."""
+    if isinstance(inputs, torch.Tensor) and inputs.ndim >= 1 and len(inputs) >= 1:
+        return inputs[:1]
+    return None
 
 
 def symmetry_map(model: nn.Module, example: Optional[torch.Tensor] = None, *, affine: bool = False) -> SymmetryMap:
     """The sites of ``model`` with their groups, writers and readers, and the places skipped with why.
 
-    The model is traced with ``torch.fx`` (it is not run in training mode and not modified); anything
-    the rules do not understand is listed in ``skipped`` and never transformed. ``example`` is one
-    input batch (inferred for plain CNNs and MLPs). ``affine=True`` adds the affine extension where
+    The model is traced with ``torch.fx`` and run once on one example (in eval mode, without
+    gradients; it is not modified); anything the rules do not understand is listed in ``skipped``
+    and never transformed. ``example`` is an input batch (its first example is used; inferred for
+    plain CNNs and MLPs when omitted). A model that cannot be traced or run gets an empty map whose
+    ``trace_error`` names the first call that failed. ``affine=True`` adds the affine extension where
     readers' biases can absorb a constant (sigmoid sign flips); those sites are labelled.
 
     Example:
@@ -193,55 +237,74 @@ def symmetry_map(model: nn.Module, example: Optional[torch.Tensor] = None, *, af
         [('1', 8, 'scaled_permutation')]
     """
     from ._graph import Graph
+    from ._trace import TraceFailure
     from ._transformer import is_transformer_model, transformer_map
 
     if not isinstance(model, nn.Module):
         raise TypeError(f"symmetry_map expects a torch.nn.Module; got {type(model).__name__}.")
     if is_transformer_model(model):  # read from the weights each time: folding changes the groups
         return transformer_map(model)
+    if example is not None:
+        if not isinstance(example, torch.Tensor):
+            raise TypeError(f"symmetry_map: example must be an input tensor (a batch); got {type(example).__name__}.")
+        example = one_example(example) if example.ndim >= 1 and len(example) > 1 else example
+    key = _memo_key(model, example, affine)
+    memo = _MEMO.setdefault(model, OrderedDict())
+    if key in memo:
+        memo.move_to_end(key)
+        return _copy(memo[key])
     candidates = default_examples(model) if example is None else [example]
-    key = (tuple(id(m) for m in model.modules()), tuple(candidates[0].shape) if example is not None else None, affine)
-    hit = _MEMO.get(model)
-    if hit is not None and hit[0] == key:
-        return hit[1]
     graph, errors = None, []
     for candidate in candidates:
         try:
             graph = Graph(model, candidate, is_activation)
             break
-        except Exception as exc:  # untraceable control flow, a wrong input size: say so, transform nothing
-            errors.append(f"{type(exc).__name__}: {exc}")
+        except TraceFailure as exc:  # untraceable control flow, a wrong input size: say so, transform nothing
+            errors.append(str(exc))
+            if str(exc).startswith("torch.fx could not trace"):
+                break  # tracing does not depend on the input: other sizes fail the same way
     if graph is None:
         if not candidates:
             why = "cannot guess an input for this model; pass example= (one input batch)"
-        elif example is None:
-            why = (f"torch.fx could not trace the model on a guessed input (tried shapes "
-                   f"{[tuple(c.shape) for c in candidates]}; pass example=); last error: {errors[-1]}")
+        elif example is None and not errors[-1].startswith("torch.fx could not trace"):
+            why = (f"no guessed input worked (tried shapes {[tuple(c.shape) for c in candidates]}); pass example=. "
+                   f"Last: {errors[-1]}")
         else:
-            why = f"torch.fx could not trace the model: {errors[-1]}"
-        return SymmetryMap(type(model).__name__, [], [(type(model).__name__, why)])
-    smap = _build(graph, type(model).__name__, affine)
-    _MEMO[model] = (key, smap)
-    return smap
+            why = errors[-1]
+        smap = SymmetryMap(type(model).__name__, [], [(type(model).__name__, why)], trace_error=why)
+    else:
+        smap = _build(graph, type(model).__name__, affine)
+    memo[key] = smap
+    while len(memo) > _MEMO_PER_MODEL:
+        memo.popitem(last=False)
+    return _copy(smap)
+
+
+def _copy(smap: SymmetryMap) -> SymmetryMap:
+    """A map the caller may edit without editing the memoised one."""
+    return dataclasses.replace(smap, sites=list(smap.sites), skipped=list(smap.skipped))
 
 
 def _build(graph, model_name: str, affine: bool) -> SymmetryMap:
     from ..groups import intertwiner_group
 
+    from ._shared import clashes
+
     sites, skipped = [], []
     site_of_space: dict[int, str] = {}
+    root_of: dict[int, Site] = {}
     for space in _parents_first(graph):
         reasons = list(dict.fromkeys(space.frozen))
         if not space.writers:
             if space.label and reasons:  # made by an op the rules do not know
                 skipped.append((space.label, "; ".join(reasons)))
             continue
-        place = ", ".join(w for w, _ in space.writers)
+        place = ", ".join(dict.fromkeys(w for w, _ in space.writers))
         if not reasons and not space.readers and not space.embedded:
-            reasons.append("nothing reads it")
+            reasons.append("its values are not used (no layer reads them)")
         n = space.n
         kinds = {_act_label(a) for a, _, _ in space.activations}
-        notes = []
+        notes = list(dict.fromkeys(space.shared))
         use_affine = affine and space.offsets_ok
         groups = [intertwiner_group(a, n, affine=use_affine) if affine else intertwiner_group(a, n)
                   for a, _, _ in space.activations]
@@ -266,17 +329,25 @@ def _build(graph, model_name: str, affine: bool) -> SymmetryMap:
             if kind == "mixed_levels":
                 if group.phi == "identity":
                     continue
-                allowed, why = {"perm"}, "pre- and post-activation values are added, and φ(M) ≠ M"
+                allowed, why = {"perm"}, ("pre- and post-activation values are added, so an element must equal its "
+                                          "φ(M); the rules grant permutations")
             new = restrict(group, allowed)
             if new.name != group.name:
                 notes.append(f"{group.name} → {new.name}: {why}")
                 group = new
-        offset = group.offset(group.identity()) if hasattr(group, "offset") else None
-        is_affine = bool(affine and offset is not None)
+        if group.name == "trivial":
+            skipped.append((place, "no map but the identity keeps the function: " + "; ".join(notes)))
+            continue
         level_of = {node: graph.info[node] for node in graph.info}
         norm_of = {node: bn for bn, mode, node in space.norms if mode == "output"}
-        writers = [Port(w, level_of[node].level, norm=norm_of.get(node)) for w, node in space.writers]
-        readers = [Port(r, level_of[node].level, level_of[node].block) for r, node in space.readers]
+        writers = list(dict.fromkeys(Port(w, level_of[node].level, norm=norm_of.get(node)) for w, node in space.writers))
+        readers = list(dict.fromkeys(Port(r, level_of[node].level, level_of[node].block) for r, node in space.readers))
+        norms = list(dict.fromkeys((bn, mode) for bn, mode, _ in space.norms))
+        if norm_of and group.continuous:
+            notes.append(f"BatchNorm {', '.join(sorted(set(norm_of.values())))} folds into its writer for maps that "
+                         f"are not scaled permutations: exact in eval mode (running statistics), as verify runs")
+        offset = group.offset(group.identity()) if hasattr(group, "offset") else None
+        is_affine = bool(affine and offset is not None)
         observed = [Observation(name, call, level_of[node].level, level_of[node].block)
                     for name, call, node in space.observed]
         act_nodes = {node for _, _, node in space.activations}
@@ -292,24 +363,13 @@ def _build(graph, model_name: str, affine: bool) -> SymmetryMap:
             notes.append("zero-padding shortcut: channels " + ", ".join(
                 f"{a}–{a + c - 1} carry {p or 'an untransformed space'}" for p, a, c, _ in embeds))
         site_of_space[space.id] = label
+        norm_levels = {bn: level_of[node].level for bn, mode, node in space.norms if mode == "input"}
         sites.append(Site(label, n, group, ", ".join(sorted(kinds)) or "none", primary.name, writers, readers,
-                          [(bn, mode) for bn, mode, _ in space.norms], observed, notes, is_affine, embeds))
-    return _drop_shared(SymmetryMap(model_name, sites, skipped))
-
-
-def _drop_shared(smap: SymmetryMap) -> SymmetryMap:
-    """A module called at several places (weight sharing) cannot take two different elements."""
-    count: dict[str, int] = {}
-    for s in smap.sites:
-        for name in {p.name for p in s.writers} | {"r:" + p.name for p in s.readers}:
-            count[name] = count.get(name, 0) + 1
-    for s in smap.sites:
-        ports = [p.name for p in s.writers] + ["r:" + p.name for p in s.readers]
-        shared = sorted({p.removeprefix("r:") for p in ports if count[p] > 1 or ports.count(p) > 1})
-        if shared:
-            smap.skipped.append((s.name, f"module(s) {shared} are called at several places (weight sharing)"))
-    smap.sites = [s for s in smap.sites if not any(n[0] == s.name for n in smap.skipped)]
-    return smap
+                          norms, observed, notes, is_affine, embeds, norm_levels))
+        root_of[graph.find(space.id)] = sites[-1]
+    drop = clashes(graph, root_of)  # a shared tensor whose uses would need two different maps
+    skipped += [(", ".join(dict.fromkeys(p.name for p in s.writers)), drop[s.name]) for s in sites if s.name in drop]
+    return SymmetryMap(model_name, [s for s in sites if s.name not in drop], skipped)
 
 
 def _phi_positive(phi) -> bool:
@@ -339,4 +399,8 @@ def _parents_first(graph) -> list:
 def _act_label(act) -> str:
     if isinstance(act, nn.Module):
         return type(act).__name__
+    if isinstance(act, functools.partial):  # a functional call with its arguments: "leaky_relu(negative_slope=0.2)"
+        from ..groups import intertwiner_group
+
+        return re.sub(r"^(torch\.special\.|torch\.|F\.)", "", intertwiner_group(act, 1).activation)
     return getattr(act, "__name__", str(act))

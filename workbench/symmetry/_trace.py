@@ -1,0 +1,112 @@
+"""Tracing a plain module with ``torch.fx`` and running the trace once on the user's example.
+
+Both steps fail on ordinary models (data-dependent control flow, a forward that only works at one
+input size). A failure becomes one :class:`TraceFailure` whose message names the first call that
+failed — the user's own line for a trace, the graph node for a run — and nothing is printed:
+``torch.fx``'s ``ShapeProp`` prints a traceback before re-raising, so the run uses an interpreter
+of our own.
+"""
+from __future__ import annotations
+
+import os
+import traceback
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+from ._modes import eval_mode
+
+_TORCH_DIR = os.path.dirname(torch.__file__)
+_OUR_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # workbench/
+
+
+class TraceFailure(Exception):
+    """The model could not be traced or run on the example; the message says where."""
+
+
+@dataclass(frozen=True)
+class TensorShape:
+    """What a node produced on the example (``node.meta["tensor_meta"]``, as fx's ShapeProp writes)."""
+
+    shape: tuple
+    dtype: torch.dtype
+
+
+class _Tracer(fx.Tracer):
+    """torch.fx's tracer, keeping every catalogued activation module a leaf (custom ones too)."""
+
+    def __init__(self, is_activation):
+        super().__init__()
+        self._is_activation = is_activation
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return super().is_leaf_module(m, qualname) or self._is_activation(m)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"
+
+
+def _user_frame(exc: BaseException) -> str:
+    """`` (at file.py:12 in forward: `code`)`` for the innermost frame outside torch and workbench."""
+    frames = [f for f in traceback.extract_tb(exc.__traceback__)
+              if not f.filename.startswith((_TORCH_DIR, _OUR_DIR)) and not f.filename.startswith("<")]
+    if not frames:
+        return ""
+    f = frames[-1]
+    code = f" `{f.line.strip()}`" if f.line else ""
+    return f" (at {os.path.basename(f.filename)}:{f.lineno} in {f.name}:{code})"
+
+
+def trace(model: nn.Module, is_activation) -> fx.GraphModule:
+    """``model`` traced (activation modules stay leaves); a :class:`TraceFailure` naming the user's line."""
+    try:
+        return fx.GraphModule(model, _Tracer(is_activation).trace(model))
+    except Exception as exc:  # TraceError, a TypeError from a proxy used as a bool, …: say where
+        raise TraceFailure(f"torch.fx could not trace {type(model).__name__}: {_one_line(exc)}"
+                           f"{_user_frame(exc)}") from None
+
+
+def describe(node: fx.Node, modules: dict) -> str:
+    """A node as the user wrote it: ``self.fc(…) (Linear)``, ``x.view(-1, 100)``, ``torch.cat(…)``."""
+    def show(a: Any) -> str:
+        return a.name if isinstance(a, fx.Node) else repr(a)
+
+    rest = node.args[1:] if node.op == "call_method" else node.args
+    args = ", ".join([show(a) for a in rest] + [f"{k}={show(v)}" for k, v in node.kwargs.items()])
+    if node.op == "call_module":
+        return f"self.{node.target}({args}) ({type(modules[node.target]).__name__})"
+    if node.op == "call_method":
+        return f"{show(node.args[0])}.{node.target}({args})"
+    name = getattr(node.target, "__name__", str(node.target))
+    return f"{name}({args})"
+
+
+class _Shapes(fx.Interpreter):
+    """Runs the trace and records each tensor's shape; a failure names the node, printing nothing."""
+
+    def __init__(self, gm: fx.GraphModule, model_name: str, example_shape: tuple):
+        super().__init__(gm)
+        self.extra_traceback = False
+        self.model_name, self.example_shape = model_name, example_shape
+
+    def run_node(self, n: fx.Node) -> Any:
+        try:
+            result = super().run_node(n)
+        except Exception as exc:
+            raise TraceFailure(f"{self.model_name} traced, but running it on one example of shape "
+                               f"{self.example_shape} failed at {describe(n, self.submodules)}: "
+                               f"{_one_line(exc)}") from None
+        if isinstance(result, torch.Tensor):
+            n.meta["tensor_meta"] = TensorShape(tuple(result.shape), result.dtype)
+        return result
+
+
+def propagate_shapes(gm: fx.GraphModule, model: nn.Module, example: torch.Tensor) -> None:
+    """Run ``gm`` once on ``example`` (a copy: an in-place op on the input must not touch the user's
+    tensor) in eval mode without gradients, recording shapes in ``node.meta["tensor_meta"]``."""
+    with eval_mode(model), torch.no_grad():
+        _Shapes(gm, type(model).__name__, tuple(example.shape)).run(example.clone())
