@@ -21,7 +21,9 @@ downsample, average pool, fc 1000; 11.69M parameters like torchvision's) and an 
       ``model(x); new(x)`` under ``torch.no_grad``, on ResNet-18 with x of 8x3x64x64 and the MLP with 256
       rows. ``model`` is the object of (a, b), so its map is memoised, and the same (new, t) pair is
       verified each time. An info row verifies pairs fresh from random_intertwiner (made before timing),
-      the usual use, where capture meets the new model for the first time.
+      the usual use, where capture meets the new model for the first time. verify traces ``model`` on the
+      first example of x (64x64 for ResNet-18, where random_intertwiner guessed 32x32): the first verify
+      of (c) pays that trace, untimed; the timed calls find the map memoised.
 Within a group the variants are timed side by side with ``cache.interleaved`` (after two warm-up calls
 each, every repetition runs every variant once, in an order rotated per repetition). A ratio is the median
 over repetitions of the row's time over the baseline's in the same repetition; "ratio of mins" divides the
@@ -136,7 +138,7 @@ def bench_verify(kind: str, reps: int) -> list[dict]:
     shape = "x".join(map(str, x.shape))
     return [row(f"{name} two plain forwards, no_grad ({shape})", tv["plain"], tv["plain"]),
             row(f"{name} wb.verify, same pair ({len(report.sites)} sites)", tv["verify"], tv["plain"],
-                ("<=", 1.5), note="Checking a transform costs more than 1.5x running the two models.",
+                ("<=", 2.0), note="Checking a transform costs more than 2x running the two models (issue 16's bound).",
                 profile=lambda: wb.verify(model, new, x, transform=t)),
             row(f"{name} wb.verify, a pair fresh from random_intertwiner (info)", tv["fresh"], tv["plain"])]
 
