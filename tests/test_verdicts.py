@@ -254,6 +254,23 @@ def test_concatenation_freezes_what_it_reads_with_a_true_reason():
     assert same_function(model, new, x) < 1e-10  # was 0.39: c1 was transformed though cat read it
 
 
+def test_a_linear_on_a_sequence_writes_its_last_axis_and_is_frozen():
+    class Sequence(nn.Module):  # nn.Linear on [batch, positions, features]; then a mean over the features
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 6), nn.Linear(6, 2)
+
+        def forward(self, x):
+            return self.b(torch.relu(self.a(x)).mean(2))
+
+    model = randomise(Sequence()).double()
+    x = torch.randn(5, 6, 4, dtype=F64)
+    smap = wb.symmetry_map(model, x)
+    assert len(smap) == 0 and "a writes a rank-3 tensor" in dict(smap.skipped)["a"]
+    new, _ = wb.random_intertwiner(model, example=x)
+    assert same_function(model, new, x) < 1e-10  # was 0.40: a's features were taken for b's inputs
+
+
 def test_unused_values_are_the_only_nothing_reads_it():
     class Dead(nn.Module):
         def __init__(self):

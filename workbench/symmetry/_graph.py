@@ -231,7 +231,8 @@ class Graph:
             return False
         xs = self.shape(x)
         if isinstance(m, nn.Linear) or (isinstance(m, _CONV) and m.groups == 1 and m.padding_mode == "zeros"):
-            if isinstance(m, nn.Linear) and (xs is None or len(xs) != 2):
+            flat = isinstance(m, nn.Linear) and (xs is None or len(xs) != 2)
+            if flat:
                 self.freeze(x, f"{name} reads a rank-{len(xs or ())} tensor (only [batch, features] is understood)")
             else:
                 sp = self.space(x)
@@ -240,7 +241,9 @@ class Graph:
                     sp.offsets_ok = False  # no bias to absorb a constant (affine extension)
                 if isinstance(m, _CONV) and any(p != 0 for p in _tuple(m.padding)):
                     sp.offsets_ok = False  # zero padding turns a constant offset into a border effect
-            sid = self.new_space()
+            # A Linear on [batch, …, features] writes its last axis, where the rules look at axis 1: frozen.
+            sid = self.new_space(f"{name} writes a rank-{len(xs or ())} tensor (only [batch, features] is understood)"
+                                 if flat else None)
             self.spaces[sid].writers.append((name, node))
             self.spaces[sid].n = m.out_features if isinstance(m, nn.Linear) else m.out_channels
             self.info[node] = TensorInfo(sid, "pre")
