@@ -135,7 +135,7 @@ def make(size: str):
 
 def dense_flops(model) -> float:
     """2·numel·n for every dense (non-permutation) element acting on every weight it touches."""
-    from workbench.hooks._tl import read_weights
+    from workbench.models import read_weights
 
     W = read_weights(model)
     total = 0.0
@@ -172,10 +172,10 @@ class stages:
 
     def __init__(self):
         import workbench.symmetry._transform as tr
-        import workbench.symmetry._transformer as tf
+        import workbench.symmetry._layout_push as tf
 
         self.targets = [(tr, "symmetry_map", "symmetry_map"), (tf, "push_transformer", "push"),
-                        (tf, "_blank", "blank bridge (in push)")]
+                        (tf, "blank", "blank bridge (in push)")]
         self.calls: list[dict] = []
 
     def __enter__(self):

@@ -14,7 +14,7 @@ if os.environ.get("CI"):
     settings.load_profile("ci")
 
 
-from workbench.hooks._tl import has_hooked_transformer  # noqa: E402,F401
+from workbench.models import has_hooked_transformer  # noqa: E402,F401
 from models import BasicBlock as Block, randomise as randomise_bn  # noqa: E402  (shared test models)
 
 

@@ -13,8 +13,11 @@ import pytest
 import torch
 
 import workbench as wb
-from workbench.hooks._hf import family
-from workbench.symmetry._transformer import clone, rotary_pairs
+from workbench.models import hf
+
+family = hf.family
+from workbench.symmetry._layout_push import clone
+from workbench.symmetry._layout_sites import rotary_pairs
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 

@@ -12,7 +12,8 @@ import torch
 import workbench as wb
 from conftest import make_transformer
 from workbench.groups import get_group
-from workbench.symmetry._transformer import clone, rotary_pairs
+from workbench.symmetry._layout_push import clone
+from workbench.symmetry._layout_sites import rotary_pairs
 
 pytestmark = [pytest.mark.transformer, pytest.mark.filterwarnings("ignore")]
 

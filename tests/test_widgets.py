@@ -8,11 +8,11 @@ from hypothesis import given, settings, strategies as st
 from torch import nn
 
 import workbench as wb
-from workbench.symmetry._match import site_units
+from workbench.symmetry import site_units
 from workbench.widgets import CacheBrowser, Cancelled, ExplorerResult, IntertwinerExplorer
 from workbench.widgets._base import shown_text
 from workbench.widgets._cache_browser import slice_2d
-from workbench.widgets._compute import correlation, unit_scores, unit_traces
+from workbench.widgets._compute import correlation, unit_activations, unit_traces
 from workbench.widgets._examples import kind_of, token_contexts_html
 from models import randomise
 
@@ -209,7 +209,7 @@ def test_unit_scores_traces_and_correlation():
     model = small_cnn()
     x = torch.rand(6, 3, 16, 16)
     site = wb.symmetry_map(model)["5"]
-    scores = unit_scores(model, [site], x, batch_size=4)["5"]
+    scores = unit_activations(model, [site], x, batch_size=4)["5"]
     _, cache = wb.run_with_cache(model, x, names="5")
     assert torch.equal(scores, cache["5"].double().amax(dim=(2, 3)))
     assert torch.equal(unit_traces(model, site, x[:3], 4), cache["5"][:3, 4].reshape(3, -1).double())
@@ -230,7 +230,7 @@ def test_unit_scores_traces_and_correlation():
         raise Cancelled("stop")
 
     with pytest.raises(Cancelled):
-        unit_scores(model, [site], x, check=stop)
+        unit_activations(model, [site], x, check=stop)
 
 
 def test_token_contexts_are_highlighted_and_escaped():

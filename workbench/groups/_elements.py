@@ -56,6 +56,11 @@ class GroupElement:
     def __matmul__(self, other: "GroupElement") -> "GroupElement":
         return self.compose(other)
 
+    def perm_part(self) -> Optional["ScaledPermutation"]:
+        """The permutation P of a scaled permutation D·P (what passes a BatchNorm's statistics, a gated
+        MLP's gate or a norm's gains), or None for an element that is not one (a dense map)."""
+        return None
+
     def _check_axis(self, x: torch.Tensor, dim: int) -> int:
         d = dim % x.ndim
         if x.shape[d] != self.n:
@@ -90,6 +95,9 @@ class ScaledPermutation(GroupElement):
     phi_kind: Phi = "identity"
     group: str = "permutation"
     n: int = field(init=False)
+
+    def perm_part(self) -> "ScaledPermutation":
+        return ScaledPermutation(self.perm, None, self.phi_kind, self.group)
 
     def __post_init__(self):
         self.perm = torch.as_tensor(self.perm, dtype=torch.long)

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from .._errors import UnknownNameError, nearest
+from ..models import is_transformer_lens
 
 NameFilter = Union[None, str, Pattern, Callable[[str], bool], Sequence[Union[str, Pattern, Callable]]]
 
@@ -31,11 +32,6 @@ _GATES = (
     ("hook_tokens", "use_hook_tokens"),
 )
 _GLOB_CHARS = set("*?[")
-
-
-def is_transformer_lens(model: nn.Module) -> bool:
-    """True for TransformerLens models (any class exposing TransformerLens's ``hook_dict``)."""
-    return type(model).__module__.startswith("transformer_lens") and hasattr(model, "hook_dict")
 
 
 @dataclass

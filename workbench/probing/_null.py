@@ -65,7 +65,7 @@ def null_distribution(X: torch.Tensor, Y: Optional[torch.Tensor], group: Group, 
                       stat: Callable[[torch.Tensor, Optional[torch.Tensor], int], torch.Tensor], *,
                       progress: str = "", check: Optional[Callable[[Optional[str]], None]] = None) -> torch.Tensor:
     """``[n_bases, K]``: ``stat`` (per-chunk: ``(X_rot, Y, c) -> [c, K]``) over random bases of ``group``.
-    ``check(None)`` is called before each chunk, as ``unit_scores`` does before each batch (the
+    ``check(None)`` is called before each chunk, as ``unit_activations`` does before each batch (the
     widgets' cancel point)."""
     gen = family_generator(seed, group)
     # filled in place: a list of per-chunk results left one small long-lived block per basis in the

@@ -17,9 +17,7 @@ import torch
 from torch import fx, nn
 
 from .._errors import InvalidOptionError
-from ..symmetry import Site, symmetry_map
-from ..symmetry._graph import Graph
-from ..symmetry._map import is_activation
+from ..symmetry import Site, is_activation, space_graph, symmetry_map
 
 
 @dataclass(frozen=True)
@@ -61,7 +59,7 @@ class Cut:
         self.model = copy.deepcopy(model).eval()  # the caller's model is never touched
         for p in self.model.parameters():
             p.requires_grad_(False)
-        graph = Graph(self.model, example, is_activation)
+        graph = space_graph(self.model, example)
         nodes = list(graph.gm.graph.nodes)
         cut_node = self._site_node(nodes)
         if where == "before" and not (cut_node.op == "call_module" and is_activation(graph.modules[cut_node.target])):

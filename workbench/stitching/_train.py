@@ -51,7 +51,7 @@ def accuracy(forward: Callable[[torch.Tensor], torch.Tensor], labels: torch.Tens
 
 def model_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 256) -> float:
     """Percent accuracy of ``model`` in eval mode (its own mode is restored)."""
-    from ..symmetry._modes import eval_mode
+    from ..models import eval_mode
 
     with eval_mode(model):
         return accuracy(lambda idx: model(x[idx]), y, batch_size)

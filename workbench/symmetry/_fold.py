@@ -4,8 +4,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..hooks import _hf
-from ..hooks._tl import read_weights, rebuild, tl_kind
+from .._errors import InvalidOptionError
+from ..models import ModelKind, hf, is_transformer_lens, model_kind, read_weights, rebuild
 
 # Each residual-stream norm and the weights that read its output (canonical layout: d_model axis).
 _READERS = {"ln1": ("attn", ("Q", "K", "V")), "ln2": ("mlp", ("in", "gate"))}
@@ -29,16 +29,16 @@ def fold_layernorm(model: nn.Module) -> nn.Module:
         >>> wb.fold_layernorm(torch.nn.Linear(2, 2))
         Traceback (most recent call last):
         ...
-        TypeError: fold_layernorm expects a TransformerLens model (HookedTransformer or a TransformerBridge); got Linear.
+        workbench._errors.InvalidOptionError: fold_layernorm expects a TransformerLens model (HookedTransformer or a TransformerBridge); got Linear.
     """
-    kind = tl_kind(model)
-    if kind is None:
-        raise TypeError(f"fold_layernorm expects a TransformerLens model (HookedTransformer or a TransformerBridge); "
+    kind = model_kind(model)
+    if not is_transformer_lens(model):
+        raise InvalidOptionError(f"fold_layernorm expects a TransformerLens model (HookedTransformer or a TransformerBridge); "
                         f"got {type(model).__name__}.")
-    if kind == "hf" and (reason := _hf.unsupported(model)):
-        raise TypeError(f"fold_layernorm cannot read this model: {reason}")
-    if kind == "hf" and _hf.is_post_ln(model):
-        raise ValueError(f"fold_layernorm: {type(model.original_model).__name__} is post-LayerNorm — every norm sits on "
+    if kind == ModelKind.HF_BRIDGE and (reason := hf.unsupported(model)):
+        raise InvalidOptionError(f"fold_layernorm cannot read this model: {reason}")
+    if kind == ModelKind.HF_BRIDGE and hf.is_post_ln(model):
+        raise InvalidOptionError(f"fold_layernorm: {type(model.original_model).__name__} is post-LayerNorm — every norm sits on "
                          f"the residual stream itself, so there is nothing to fold into; its stream group stays "
                          f"the permutations.")
     W = {k: v.double().clone() for k, v in read_weights(model).items()}
@@ -79,11 +79,11 @@ def untie_embeddings(model: nn.Module) -> nn.Module:
         >>> wb.untie_embeddings(torch.nn.Linear(2, 2))
         Traceback (most recent call last):
         ...
-        TypeError: untie_embeddings expects a bridge around a Hugging Face model (TransformerLens's own models never tie W_U to W_E); got Linear.
+        workbench._errors.InvalidOptionError: untie_embeddings expects a bridge around a Hugging Face model (TransformerLens's own models never tie W_U to W_E); got Linear.
     """
-    if tl_kind(model) != "hf":
-        raise TypeError(f"untie_embeddings expects a bridge around a Hugging Face model (TransformerLens's own "
+    if model_kind(model) != ModelKind.HF_BRIDGE:
+        raise InvalidOptionError(f"untie_embeddings expects a bridge around a Hugging Face model (TransformerLens's own "
                         f"models never tie W_U to W_E); got {type(model).__name__}.")
-    if reason := _hf.unsupported(model):
-        raise TypeError(f"untie_embeddings cannot read this model: {reason}")
+    if reason := hf.unsupported(model):
+        raise InvalidOptionError(f"untie_embeddings cannot read this model: {reason}")
     return rebuild(model, read_weights(model), untie=True)

@@ -24,7 +24,7 @@ from torch import fx, nn
 
 from .._errors import InvalidOptionError
 from ..groups import activation_call
-from ._trace import propagate_shapes, trace
+from ..models import propagate_shapes, trace
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -96,7 +96,7 @@ class Use:
 class Graph:
     """The traced model with a space and level for every tensor node.
 
-    Raises :class:`._trace.TraceFailure` when the model cannot be traced or run on ``example``.
+    Raises :class:`workbench.models.TraceFailure` when the model cannot be traced or run on ``example``.
     """
 
     def __init__(self, model: nn.Module, example: torch.Tensor, is_activation):

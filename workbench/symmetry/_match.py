@@ -11,8 +11,9 @@ from torch import nn
 from .._report import Report, new_axes
 from ..groups import ScaledPermutation
 from ..hooks import run_with_cache
-from ._map import Site, symmetry_map
-from ._modes import eval_mode
+from ._map import symmetry_map
+from ._sites import Site
+from ..models import eval_mode, is_transformer_lens
 
 
 def _units(acts: torch.Tensor) -> torch.Tensor:
@@ -143,7 +144,7 @@ def site_units(h: torch.Tensor, site: Site, hook, transformer: bool) -> torch.Te
     return h.reshape(h.shape[0], site.n, -1)
 
 
-def unit_scores(model: nn.Module, sites, inputs: torch.Tensor, *, per_sequence: bool = False, batch_size: int = 256,
+def unit_activations(model: nn.Module, sites, inputs: torch.Tensor, *, per_sequence: bool = False, batch_size: int = 256,
                 check=None) -> dict[str, torch.Tensor]:
     """Per example and unit, the activation at each site's hook: ``{site name: float64 [N, C]}``.
 
@@ -153,7 +154,6 @@ def unit_scores(model: nn.Module, sites, inputs: torch.Tensor, *, per_sequence: 
     positions: what the explorer shows). The forward stops once every site's hook fired. ``check``
     is called before each batch (the widgets' cancel point). The model runs in eval mode, restored.
     """
-    from ..hooks._points import is_transformer_lens
 
     tl = is_transformer_lens(model)
     hooks = {s.name: next(o for o in s.observed if o.name == s.hook_name) for s in sites}
@@ -185,8 +185,8 @@ def interpretation_shift(model: nn.Module, new_model: nn.Module, data: torch.Ten
     """
     smap = symmetry_map(model, example)
     site = smap[site] if isinstance(site, str) else site
-    a = unit_scores(model, [site], data, batch_size=batch_size)[site.name]
-    b = unit_scores(new_model, [site], data, batch_size=batch_size)[site.name]
+    a = unit_activations(model, [site], data, batch_size=batch_size)[site.name]
+    b = unit_activations(new_model, [site], data, batch_size=batch_size)[site.name]
     perm = match_neurons(a, b, signed=not site.group.name.startswith("scaled")).perm
     return InterpretationShift.from_scores(site.name, a, b, perm, k)
 

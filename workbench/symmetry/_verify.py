@@ -1,7 +1,6 @@
 """``wb.verify``: is the function unchanged, and did the representation move as the group says?"""
 from __future__ import annotations
 
-import copy
 import html
 import math
 from dataclasses import dataclass, field
@@ -10,13 +9,14 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .._errors import UnknownNameError
+from .._errors import InvalidOptionError, UnknownNameError
 from .._report import Report, new_axes
-from ..hooks import _hf, hook_names, run_with_cache
-from ..hooks._tl import tl_kind
-from ._map import Site, one_example, symmetry_map
-from ._modes import eval_mode
-from ._transform import Transform, _perm_part, apply_transform
+from ..hooks import run_with_cache
+from ..models import eval_mode
+from ._backend import backend_for
+from ._map import symmetry_map
+from ._sites import Site
+from ._transform import Transform, apply_transform
 
 # Relative tolerances by dtype: what an exact symmetry achieves with random weights, with margin.
 TOLERANCES = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 5e-2}
@@ -156,55 +156,42 @@ def verify(model: nn.Module, new_model: nn.Module, inputs: torch.Tensor, transfo
     TransformerLens decoders are compared by log-probabilities (logits may shift by a constant),
     with the mean KL divergence and top-1 agreement over all positions; ``inputs`` are tokens.
     """
-    from ._transformer import clone, is_transformer_model
-
-    tl = is_transformer_model(model)
-    encoder = tl and _hf.is_encoder(model)
-    example = None if tl else one_example(inputs)
+    backend = backend_for(model)
+    example = backend.example(inputs)
     if dtype is not None:
-        model = clone(model, dtype) if tl else copy.deepcopy(model).to(dtype)
+        model = backend.clone(model, dtype)
         inputs = inputs.to(dtype) if inputs.is_floating_point() else inputs
-        example = None if tl else one_example(inputs)
+        example = backend.example(inputs)
         if transform is not None:
             new_model = apply_transform(model, transform, example=example)
         else:
-            new_model = clone(new_model, dtype) if tl else copy.deepcopy(new_model).to(dtype)
+            new_model = backend.clone(new_model, dtype)
     run_dtype = _param_dtype(model)
     tol = tolerance if tolerance is not None else tolerance_for(run_dtype)
     sites, not_checked, smap = _sites(model, transform, example)
-    names = sorted({o.name for s in sites for o in s.observed})
-    # An encoder's output is its last hidden state (MiniLM's MLM head is untrained): compared in the new basis.
-    last = f"blocks.{int(model.cfg.n_layers) - 1}.hook_resid_post" if encoder else None
-    if last:
-        names = sorted(set(names) | {last})
+    extra = backend.output_names(model)
+    last = extra[0] if extra else None
+    names = sorted({o.name for s in sites for o in s.observed} | set(extra))
     with eval_mode(model, new_model):
         out, cache = run_with_cache(model, inputs, names=names or None, budget=None) if names else (model(inputs), None)
         new_out, new_cache = run_with_cache(new_model, inputs, names=names or None, budget=None) if names else (new_model(inputs), None)
     for value, which in ((out, "model"), (new_out, "new_model")):
         if not isinstance(value, torch.Tensor):
-            raise TypeError(f"verify compares tensor outputs; {which} returned {type(value).__name__}.")
-    out, new_out = out.detach(), new_out.detach()
-    kl = None
-    if last:
-        out, new_out = _in_new_basis(smap, transform, last, cache[last]).flatten(0, -2), new_cache[last].flatten(0, -2)
-    elif tl:
-        out, new_out = out.log_softmax(-1).flatten(0, -2), new_out.log_softmax(-1).flatten(0, -2)
-        kl = (out.exp() * (out - new_out)).sum(-1).mean().item()
-    per_row = tl and not last  # a position's log-probabilities share one scale: their logits' range
+            raise InvalidOptionError(f"verify compares tensor outputs; {which} returned {type(value).__name__}.")
+    out, new_out, compared, per_row, kl = backend.compared(model, smap, transform, out.detach(), new_out.detach(),
+                                                           cache, new_cache)
     cmp = _Comparison(out, new_out, per_row, run_dtype)
-    checks = _composite_checks(sites, transform, cache, new_cache) if tl else [
-        _site_check(s, transform, cache, new_cache) for s in sites]
+    checks = _site_checks(backend, sites, transform, cache, new_cache)
     floor = None
     strict_fail = cmp.max_rel > tol or any(c.equivariance_error > tol for c in checks)
-    if tl and tolerance is None and run_dtype == torch.float64 and strict_fail:
-        reference = cache[last].flatten(0, -2) if last else out  # the original model's, in its own basis
-        floors = _float32_floor(model, inputs, reference, cache, last)
+    if tolerance is None and run_dtype == torch.float64 and strict_fail:
+        floors = backend.floor(model, inputs, cache, last)
         if floors is not None:  # the issue's rule: within 10× the floor measured for this model
             rounded, site_floor = floors
+            reference = cache[last].flatten(0, -2) if last else out  # the original's output, in its own basis
             floor = (rounded - reference).abs().max().item()
             tol = max(tol, 10 * _Comparison(reference, rounded, per_row, run_dtype).max_rel, 10 * site_floor)
     ties, top1 = cmp.top1(tol) if cmp.classifier and not last else (0, None)
-    compared = "encoder outputs" if last else "log-probabilities" if tl else "outputs"
     rule = _rule(compared, per_row, tol, run_dtype, cmp.classifier and not last, floor is not None)
     return InvarianceReport(cmp.max_abs, cmp.max_rel, top1, tol, str(run_dtype).replace("torch.", ""), checks,
                             compared, kl, floor, rule, cmp.worst(), ties, not_checked, cmp.finite)
@@ -302,16 +289,6 @@ def _rule(compared: str, per_row: bool, tol: float, dtype: torch.dtype, classifi
     return text + "; each site: ‖h' − F·h‖ ≤ tol·max(‖h‖, ‖F·h‖) at every observed hook point"
 
 
-def _in_new_basis(smap, transform: Optional[Transform], name: str, h: torch.Tensor) -> torch.Tensor:
-    """``h`` (the residual stream at hook ``name``) moved by the transform's stream element, if any."""
-    from ._map import Observation
-    from ._transformer import observe
-
-    if transform is None or "resid" not in transform.elements:
-        return h
-    return observe(smap["resid"], transform.elements["resid"], Observation(name, 0, "pre"), h)
-
-
 def _param_dtype(model: nn.Module) -> torch.dtype:
     p = next(model.parameters(), None)
     return p.dtype if p is not None else torch.get_default_dtype()
@@ -321,78 +298,33 @@ def _norm(x: torch.Tensor) -> float:
     return torch.linalg.vector_norm(x).item()
 
 
-def _float32_floor(model: nn.Module, inputs: torch.Tensor, reference: torch.Tensor, cache, last: Optional[str]):
-    """For a float64 model that computes parts in float32 — RMSNorm, in TransformerLens's native models
-    as in Hugging Face's, and the softmax of Hugging Face LLaMA's eager attention — how much its
-    output and its activations move when those parts' inputs are rounded to float32: the floor below
-    which no comparison can go. Returns ``(the output with those parts rounded, largest relative
-    activation floor over the cached hooks)``, or None for models that compute in float64 throughout. ``reference`` is
-    the unrounded output it is measured against (log-probabilities, or the encoder output at ``last``).
+def _site_checks(backend, sites: list[Site], transform: Optional[Transform], cache, new_cache) -> list[SiteCheck]:
+    """Per site: the largest ‖h' − F·h‖ and ‖h' − h‖ over its observed hook points, relative to the
+    larger of ‖h‖ and ‖F·h‖ (a large scaling makes h' big, and its rounding with it).
+
+    Where several sites move one hook (a head's QK map and the head permutation both move
+    ``hook_q``), the expected activation applies every site's element in the transform's order. In the
+    activations' own dtype: its rounding (~1e-7 in float32) is far below the dtype's tolerance.
     """
-    from ..hooks import intervene
-
-    rms = str(getattr(model.cfg, "normalization_type", "") or "").startswith("RMS")
-    softmax32 = tl_kind(model) == "hf" and _hf.family(model) == "llama"
-    if not (rms or softmax32):
-        return None
-    L = int(model.cfg.n_layers)
-    points = hook_names(model)
-    known = set(points) | set(points.aliases)
-    names = [f"blocks.{i}.hook_resid_{w}" for i in range(L) for w in ("pre", "mid")] + [f"blocks.{L - 1}.hook_resid_post"]
-    if softmax32:
-        names += [f"blocks.{i}.attn.hook_attn_scores" for i in range(L)]
-    rounding = {n: (lambda x, name: x.float().double()) for n in names if n in known}
-    watched = list(cache.keys()) if cache is not None else []
-    with eval_mode(model), intervene(model, rounding), torch.no_grad():
-        rounded, rcache = run_with_cache(model, inputs, names=watched or None, budget=None) if watched else (model(inputs), None)
-    rounded = rcache[last].flatten(0, -2) if last else rounded.detach().log_softmax(-1).flatten(0, -2)
-    site_floor = max((_norm(rcache[n] - cache[n]) / max(_norm(cache[n]), 1e-30) for n in watched), default=0.0)
-    return rounded, site_floor
-
-
-def _composite_checks(sites: list[Site], transform: Transform, cache, new_cache) -> list[SiteCheck]:
-    """Per-site checks where several sites move one hook (a head's map and the head permutation).
-
-    The expected activation at each hook applies every site's element in the transform's order.
-    """
-    from ._transformer import observe
-
-    expected: dict[str, torch.Tensor] = {}
+    expected: dict[tuple[str, int], torch.Tensor] = {}
     for s in sites:
+        element, forced = transform.elements[s.name], s.name in transform.forced
         for o in s.observed:
-            expected[o.name] = observe(s, transform.elements[s.name], o, expected.get(o.name, cache[o.name]))
+            key = (o.name, o.call)
+            moved = backend.observe(s, element, o, expected.get(key, cache.calls(o.name)[o.call]), forced)
+            if moved is not None:
+                expected[key] = moved
     checks = []
     for s in sites:
         eq = change = 0.0
+        count = 0
         for o in s.observed:
-            h, h_new, want = cache[o.name], new_cache[o.name], expected[o.name]
+            want = expected.get((o.name, o.call))
+            if want is None:
+                continue
+            h, h_new = cache.calls(o.name)[o.call], new_cache.calls(o.name)[o.call]
             norm = max(_norm(h), _norm(want), 1e-30)
             eq, change = max(eq, _norm(h_new - want) / norm), max(change, _norm(h_new - h) / norm)
-        checks.append(SiteCheck(s.name, transform.groups[s.name], eq, change, len(s.observed)))
+            count += 1
+        checks.append(SiteCheck(s.name, transform.groups[s.name], eq, change, count))
     return checks
-
-
-def _site_check(site: Site, transform: Transform, cache, new_cache) -> SiteCheck:
-    element = transform.elements[site.name]
-    perm = _perm_part(element) or element
-    offset = site.group.offset(element) if site.affine and site.name not in transform.forced else None
-    eq, change, count = 0.0, 0.0, 0
-    for o in site.observed:
-        if o.level == "prebn" and not hasattr(element, "perm"):
-            continue  # a forced dense map folded the BatchNorm: nothing to compare before it
-        # In the activations' own dtype: its rounding (~1e-7 in float32) is far below the dtype's
-        # tolerance, and float64 copies or accumulations of large activations cost more than the forward.
-        h = cache.calls(o.name)[o.call]
-        h_new = new_cache.calls(o.name)[o.call]
-        F = {"prebn": perm, "pre": element, "post": element.phi()}[o.level]
-        hb = h.reshape(h.shape[0], site.n, -1) if o.block > 1 else h
-        expected = F.act(hb, 1)
-        if offset is not None and o.level == "post":
-            expected = expected + offset.to(h.dtype).reshape(1, -1, *([1] * (expected.ndim - 2)))
-        expected = expected.reshape(h.shape)
-        # Relative to the larger of h and F·h: a large scaling makes h' big, and its rounding with it.
-        norm = max(_norm(h), _norm(expected), 1e-30)
-        eq = max(eq, _norm(h_new - expected) / norm)
-        change = max(change, _norm(h_new - h) / norm)
-        count += 1
-    return SiteCheck(site.name, transform.groups[site.name], eq, change, count)

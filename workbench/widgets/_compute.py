@@ -17,12 +17,12 @@ from torch import nn
 from .._errors import WorkbenchError
 from .._report import Report
 from ..hooks import run_with_cache
-from ..hooks._points import is_transformer_lens
+from ..models import is_transformer_lens
 from ..symmetry import (InterpretationShift, InvarianceReport, NeuronMatching, Site, Transform, match_neurons,
                         random_intertwiner, verify)
-from ..symmetry._match import site_units
-from ..symmetry._match import unit_scores as _unit_scores
-from ..symmetry._modes import eval_mode
+from ..symmetry import site_units
+from ..symmetry import unit_activations as _unit_activations
+from ..models import eval_mode
 
 
 class Cancelled(WorkbenchError):
@@ -37,11 +37,11 @@ def _no_check(label: Optional[str] = None) -> None:
     return None
 
 
-def unit_scores(model: nn.Module, sites: Sequence[Site], inputs: torch.Tensor, *, batch_size: int = 256,
+def unit_activations(model: nn.Module, sites: Sequence[Site], inputs: torch.Tensor, *, batch_size: int = 256,
                 check: Check = _no_check) -> dict[str, torch.Tensor]:
     """``wb.symmetry``'s unit scores with one row per *sequence* for token inputs (the explorer shows
     whole sequences; ``wb.interpretation_shift`` ranks every token): ``{site name: float64 [N, C]}``."""
-    return _unit_scores(model, sites, inputs, per_sequence=True, batch_size=batch_size, check=check)
+    return _unit_activations(model, sites, inputs, per_sequence=True, batch_size=batch_size, check=check)
 
 
 def unit_traces(model: nn.Module, site: Site, inputs: torch.Tensor, unit: int) -> torch.Tensor:
@@ -153,7 +153,7 @@ def explore(model: nn.Module, site: Site, group: Optional[str], seed: int, sigma
     Args:
         group: None for the site's own group, or a registry name (a non-symmetry is the negative control).
         inputs: ``[N, ...]`` examples; ``wb.verify`` runs on the first ``verify_examples`` of them.
-        before: the original model's ``unit_scores`` at the site, ``[N, C]``.
+        before: the original model's ``unit_activations`` at the site, ``[N, C]``.
 
     Returns:
         ``(result, new_model)``; ``model`` is not modified.
@@ -165,7 +165,7 @@ def explore(model: nn.Module, site: Site, group: Optional[str], seed: int, sigma
     n_verify = min(verify_examples, len(inputs))
     report = verify(model, new, inputs[:n_verify], transform=transform)
     check("scores")
-    after = unit_scores(new, [site], inputs, batch_size=batch_size, check=check)[site.name]
+    after = unit_activations(new, [site], inputs, batch_size=batch_size, check=check)[site.name]
     check("matching")
     # Sign flips are recovered unless the site's group has only positive scalings (as interpretation_shift does).
     matching = match_neurons(before, after, signed=not site.group.name.startswith("scaled"))

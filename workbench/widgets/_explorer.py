@@ -13,7 +13,7 @@ from .._errors import InvalidOptionError, WorkbenchError, check_option
 from ..groups import ALIASES, GROUP_NAMES
 from ..symmetry import symmetry_map
 from ._base import BackgroundAction, Job, checked_int, html_bundle, int_control, show, shown_text
-from ._compute import ExplorerResult, badge_html, explore, unit_scores, unit_traces
+from ._compute import ExplorerResult, badge_html, explore, unit_activations, unit_traces
 from ._examples import example_rows_html, kind_of, token_contexts_html
 from ._pixels import colour_bar_html, heatmap_html
 
@@ -100,7 +100,7 @@ class IntertwinerExplorer(BackgroundAction, widgets.VBox):
         batches = math.ceil(len(self.inputs) / self.batch_size)
         with tqdm(total=batches, desc="scoring units", disable=not progress or batches < 4, leave=False) as bar:
             try:
-                return unit_scores(self.model, self.smap.sites, self.inputs, batch_size=self.batch_size,
+                return unit_activations(self.model, self.smap.sites, self.inputs, batch_size=self.batch_size,
                                    check=lambda _: bar.update(1))
             except WorkbenchError:
                 raise

@@ -20,14 +20,14 @@ from torch import nn
 from .._errors import InvalidOptionError, WorkbenchError, check_option
 from .._report import Report, new_axes
 from ..hooks import run_with_cache
-from ..hooks._points import is_transformer_lens
+from ..models import is_transformer_lens
 from ..probing import PrivilegedBasisTest, UnitScores
 from ..probing._inputs import concept_matrix, prepare, resolve_bases, resolve_group
 from ..probing._null import null_distribution
 from ..probing._privileged import STATISTICS, _ties, empirical_p, z_scores
 from ..probing._scores import auroc_matrix, f_statistic_matrix, mean_difference_matrix
 from ..symmetry import symmetry_map
-from ..symmetry._modes import eval_mode
+from ..models import eval_mode
 from ._base import BackgroundAction, Job, checked_int, int_control, render, show
 from ._compute import Check, _no_check
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from ..hooks._tl import has_hooked_transformer, to_canonical as to_hooked_transformer, write_weights
+from ..models import has_hooked_transformer, to_canonical as to_hooked_transformer, write_weights
 
 VARIANTS = {"gelu": "gelu", "relu": "relu", "solu": "solu_ln"}
 

@@ -1,4 +1,4 @@
-"""TransformerLens models as weights: which kind of model it is, and one canonical weight layout.
+"""TransformerLens models as weights: one canonical weight layout, read, written and rebuilt.
 
 TransformerLens 4 bridges store ``nn.Linear`` layouts (``blocks.0.attn.q.weight``: [n_heads·d_head,
 d_model]); TransformerLens 3's ``HookedTransformer`` stores per-head tensors (``blocks.0.attn.W_Q``:
@@ -14,27 +14,8 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-
-def has_hooked_transformer() -> bool:
-    """Whether the installed TransformerLens still has ``HookedTransformer`` (3.x)."""
-    try:  # TransformerLens 4.x raises ImportError for the removed name
-        from transformer_lens import HookedTransformer  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def tl_kind(model: nn.Module) -> str | None:
-    """``"hooked"`` (HookedTransformer), ``"native"`` (a bridge built by ``boot_native``), ``"hf"``
-    (a bridge around a Hugging Face model) or None for anything else."""
-    names = {c.__name__ for c in type(model).__mro__}
-    if "HookedTransformer" in names:
-        return "hooked"
-    if "TransformerBridge" in names:
-        # Not cfg.original_architecture: a bridge around HF GPT-2 leaves it None too.
-        inner = type(getattr(model, "original_model", None))
-        return "native" if inner.__module__.startswith("transformer_lens.") else "hf"
-    return None
+from .._errors import InvalidOptionError
+from ._kind import ModelKind, model_kind
 
 
 def shape_facts(cfg: Any) -> dict[str, int]:
@@ -116,13 +97,13 @@ _HOOKED_GQA = {"W_K": "_W_K", "b_K": "_b_K", "W_V": "_W_V", "b_V": "_b_V"}
 
 def read_weights(model: nn.Module) -> dict[str, torch.Tensor]:
     """The model's weights in the canonical per-head layout (detached copies' views; do not write)."""
-    kind = tl_kind(model)
-    if kind == "hf":
+    kind = model_kind(model)
+    if kind == ModelKind.HF_BRIDGE:
         from ._hf import read_bridge_layout
 
         return to_canonical(read_bridge_layout(model), model.cfg)
     sd = {k: v.detach() for k, v in model.state_dict().items()}
-    if kind == "hooked":
+    if kind == ModelKind.HOOKED:
         back = {v: k for k, v in _HOOKED_GQA.items()}
         out = {}
         for k, v in sd.items():
@@ -145,13 +126,13 @@ def rebuild(model: nn.Module, weights: dict[str, torch.Tensor], dtype: Optional[
     The config is copied too (``HookedTransformer.to`` edits ``cfg.dtype`` in place) and built in the
     target dtype directly: a bridge's ``.to()`` costs more than building it.
     """
-    kind = tl_kind(model)
+    kind = model_kind(model)
     dtype = dtype or next(model.parameters()).dtype
-    if kind == "hf":
+    if kind == ModelKind.HF_BRIDGE:
         from . import _hf
 
         return _hf.rebuild(model, from_canonical(weights, model.cfg), dtype, untie)
-    new = _blank(model, dtype)
+    new = blank(model, dtype)
     write_weights(new, weights)
     return new
 
@@ -175,8 +156,8 @@ class _no_random_init:
 
 def write_weights(model: nn.Module, weights: dict[str, torch.Tensor]) -> None:
     """Copy canonical-layout ``weights`` into ``model``'s own parameters, in place."""
-    kind = tl_kind(model)
-    if kind == "hooked":
+    kind = model_kind(model)
+    if kind == ModelKind.HOOKED:
         params = dict(model.named_parameters())
         written = set()
         for k, v in weights.items():
@@ -191,18 +172,18 @@ def write_weights(model: nn.Module, weights: dict[str, torch.Tensor]) -> None:
         if written != set(params):
             raise ValueError(f"weights do not fit HookedTransformer: missing {sorted(set(params) - written)}")
         return
-    if kind == "native":
+    if kind == ModelKind.NATIVE:
         model.load_state_dict(from_canonical(weights, model.cfg), strict=True)
         return
-    raise TypeError(f"cannot write weights into a {type(model).__name__} of kind {kind!r}.")
+    raise TypeError(f"cannot write weights into a {type(model).__name__} of kind {kind.value!r}.")
 
 
 # ---------------------------------------------------------------------- a model's own tensors, in place
-def _blank(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+def blank(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     """A fresh model of ``model``'s kind and config in ``dtype`` whose parameters hold garbage: the
-    caller writes every one (``write_weights`` checks that; ``_canonical_views`` callers write all).
+    caller writes every one (``write_weights`` checks that; ``canonical_views`` callers write all).
     Native bridges come from a deep copy of a cached template (see ``_TEMPLATES``)."""
-    if tl_kind(model) != "native":
+    if model_kind(model) != ModelKind.NATIVE:
         return _boot(model, dtype)
     import copy
 
@@ -256,16 +237,16 @@ def _boot(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     import copy
     import warnings
 
-    kind = tl_kind(model)
+    kind = model_kind(model)
     cfg = copy.deepcopy(model.cfg)
     cfg.dtype = dtype
     with warnings.catch_warnings(), _no_random_init():
         warnings.simplefilter("ignore")
-        if kind == "hooked":
+        if kind == ModelKind.HOOKED:
             from transformer_lens import HookedTransformer
 
             new = HookedTransformer(cfg)
-        elif kind == "native":
+        elif kind == ModelKind.NATIVE:
             from transformer_lens.model_bridge import TransformerBridge
 
             # Its staged init would copy an uninitialised buffer into every weight (half of the boot).
@@ -275,7 +256,7 @@ def _boot(model: nn.Module, dtype: torch.dtype) -> nn.Module:
             if init is not None:
                 new.cfg.init_weights = init
         else:
-            raise TypeError(f"cannot rebuild a {type(model).__name__} of kind {kind!r} from weights.")
+            raise TypeError(f"cannot rebuild a {type(model).__name__} of kind {kind.value!r} from weights.")
     if next(new.parameters()).dtype != dtype:
         import contextlib
         import io
@@ -286,17 +267,17 @@ def _boot(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     return new
 
 
-def _canonical_views(model: nn.Module) -> Optional[dict[str, torch.Tensor]]:
+def canonical_views(model: nn.Module) -> Optional[dict[str, torch.Tensor]]:
     """Every weight of ``model`` in the canonical layout as a *view* of its own tensor (writing a view
     writes the model), or None where that is not possible (Hugging Face bridges, a copying layout).
 
     The views let a transform read the original and write the copy without the two full copies that
     ``read_weights`` (``.contiguous()``) and ``write_weights`` (``load_state_dict``) make.
     """
-    kind = tl_kind(model)
-    if kind == "hooked":
+    kind = model_kind(model)
+    if kind == ModelKind.HOOKED:
         views = read_weights(model)  # HookedTransformer already stores the canonical layout
-    elif kind == "native":  # to_canonical's own mapping, with its closing .contiguous() a no-op
+    elif kind == ModelKind.NATIVE:  # to_canonical's own mapping, with its closing .contiguous() a no-op
         sd = {k: v.as_subclass(_Viewed) for k, v in model.state_dict().items()}
         views = {k: v.as_subclass(torch.Tensor) for k, v in to_canonical(sd, model.cfg).items()}
     else:

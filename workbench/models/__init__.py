@@ -1,0 +1,21 @@
+"""What model is this, and how are its weights laid out? The one answer for every other package.
+
+- :func:`model_kind` — plain ``nn.Module``, TransformerLens 3.x ``HookedTransformer``, 4.x
+  ``TransformerBridge`` (native or around a Hugging Face model), or a Hugging Face ``PreTrainedModel``.
+- the canonical transformer weight layout (per-head ``W_Q[h]``: ``[d_model, d_head]``): read, write,
+  rebuild a fresh model around new weights, views of a model's own tensors;
+- the torch.fx graph of plain modules, run once on the user's example;
+- eval-mode contexts that leave no trace on the model.
+
+Nothing here imports TransformerLens or transformers at import time.
+"""
+from . import _hf as hf
+from ._kind import ModelKind, has_hooked_transformer, has_layout, is_transformer_lens, model_kind
+from ._layout import (blank, canonical_views, from_canonical, read_weights, rebuild, shape_facts, to_canonical,
+                      write_weights)
+from ._modes import eval_mode
+from ._trace import TraceFailure, describe, propagate_shapes, trace
+
+__all__ = ["ModelKind", "TraceFailure", "blank", "canonical_views", "describe", "eval_mode", "from_canonical",
+           "has_hooked_transformer", "has_layout", "hf", "is_transformer_lens", "model_kind", "propagate_shapes",
+           "read_weights", "rebuild", "shape_facts", "to_canonical", "trace", "write_weights"]

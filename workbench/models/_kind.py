@@ -1,0 +1,69 @@
+"""What kind of model is this? The one place in workbench that inspects model classes.
+
+Nothing here imports TransformerLens or transformers: a model is recognised by its class's module and
+names (its MRO), so asking costs nothing and works whichever versions are installed.
+"""
+from __future__ import annotations
+
+from enum import Enum
+
+from torch import nn
+
+
+class ModelKind(str, Enum):
+    """The kinds of model workbench knows; each has one way of naming hooks and of holding weights."""
+
+    #: any other ``nn.Module``: hook names are ``named_modules()`` paths, the structure comes from torch.fx
+    MODULE = "module"
+    #: TransformerLens 3.x ``HookedTransformer``: per-head weights, TransformerLens hook names
+    HOOKED = "hooked"
+    #: TransformerLens 4.x ``TransformerBridge`` built natively (``boot_native``)
+    NATIVE = "native"
+    #: TransformerLens 4.x ``TransformerBridge`` around a Hugging Face model (``boot_transformers``)
+    HF_BRIDGE = "hf_bridge"
+    #: a Hugging Face ``PreTrainedModel`` on its own
+    HF = "hf"
+
+
+def _class_names(model: nn.Module) -> set[str]:
+    return {c.__name__ for c in type(model).__mro__}
+
+
+def model_kind(model: nn.Module) -> ModelKind:
+    """The :class:`ModelKind` of ``model``.
+
+    >>> import torch
+    >>> model_kind(torch.nn.Linear(2, 2))
+    <ModelKind.MODULE: 'module'>
+    """
+    names = _class_names(model)
+    module = type(model).__module__
+    if "HookedTransformer" in names and module.startswith("transformer_lens"):
+        return ModelKind.HOOKED
+    if "TransformerBridge" in names:
+        # Not cfg.original_architecture: a bridge around Hugging Face GPT-2 leaves it None too.
+        inner = type(getattr(model, "original_model", None))
+        return ModelKind.NATIVE if inner.__module__.startswith("transformer_lens.") else ModelKind.HF_BRIDGE
+    if "PreTrainedModel" in names and module.startswith("transformers."):
+        return ModelKind.HF
+    return ModelKind.MODULE
+
+
+def is_transformer_lens(model: nn.Module) -> bool:
+    """A TransformerLens model (3.x or 4.x): TransformerLens's own hook names and configuration."""
+    return model_kind(model) in (ModelKind.HOOKED, ModelKind.NATIVE, ModelKind.HF_BRIDGE)
+
+
+def has_layout(model: nn.Module) -> bool:
+    """Whether the model's weights are read in the canonical transformer layout (``_layout.py``), rather
+    than its structure traced by torch.fx: every TransformerLens model."""
+    return is_transformer_lens(model)
+
+
+def has_hooked_transformer() -> bool:
+    """Whether the installed TransformerLens still has ``HookedTransformer`` (3.x)."""
+    try:  # TransformerLens 4.x raises ImportError for the removed name
+        from transformer_lens import HookedTransformer  # noqa: F401
+    except ImportError:
+        return False
+    return True

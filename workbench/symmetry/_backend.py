@@ -1,0 +1,187 @@
+"""One symmetry interface, two backends, chosen once per model by :func:`backend_for`.
+
+- the **graph** backend reaches any plain ``nn.Module`` through its torch.fx trace: sites from the
+  graph's spaces (``_graph.py``, ``_graph_sites.py``), elements pushed module by module
+  (``_graph_push.py``), outputs compared as they are;
+- the **layout** backend reaches transformers through their canonical weight layout
+  (``workbench.models``): sites from the config and the weights (``_layout_sites.py``), elements
+  pushed weight by weight into a rebuilt model (``_layout_push.py``), decoders compared by
+  log-probabilities, encoders by their last hidden state in the new basis.
+
+A :class:`~workbench.symmetry.Site` and a :class:`~workbench.symmetry.Transform` mean the same thing
+whichever backend made them; ``symmetry_map``, ``random_intertwiner``, ``apply_transform`` and
+``verify`` ask the backend only for what differs.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from ..groups import GroupElement
+from ..models import ModelKind, eval_mode, has_layout, hf, model_kind
+from ._sites import Observation, Site, SymmetryMap
+
+
+class Backend:
+    """What differs between kinds of model; see the module docstring."""
+
+    name = ""
+    #: whether a map may be memoised (a layout map is read from the weights each time: folding changes it)
+    memoised = True
+
+    def site_map(self, model: nn.Module, example: Optional[torch.Tensor], affine: bool) -> SymmetryMap:
+        raise NotImplementedError
+
+    def example(self, inputs: Any) -> Optional[torch.Tensor]:
+        """What a map of this model is traced on, taken from the inputs a verb was given."""
+        return None
+
+    def push(self, model: nn.Module, smap: SymmetryMap, transform, inplace: bool, hint: str = "") -> nn.Module:
+        raise NotImplementedError
+
+    def clone(self, model: nn.Module, dtype: torch.dtype) -> nn.Module:
+        """An independent copy in ``dtype`` sharing no state with ``model``."""
+        raise NotImplementedError
+
+    def observe(self, site: Site, element: GroupElement, obs: Observation, h: torch.Tensor,
+                forced: bool) -> Optional[torch.Tensor]:
+        """Where ``element`` at ``site`` moves the activation ``h`` seen at ``obs`` (None: nothing to compare)."""
+        raise NotImplementedError
+
+    # -- what verify compares
+    def output_names(self, model: nn.Module) -> list[str]:
+        """Hook names whose values are the output compared (beyond the model's return value)."""
+        return []
+
+    def compared(self, model, smap, transform, out, new_out, cache, new_cache) -> tuple:
+        """``(old, new, what, per_row, kl)``: the two outputs as compared, what they are, whether each row
+        (rather than each column) shares one scale, and the mean KL divergence where they are
+        log-probabilities."""
+        return out, new_out, "outputs", False, None
+
+    def floor(self, model, inputs, cache, last: Optional[str]):
+        """For a float64 model computing parts in float32: its output with those parts rounded, and the
+        largest relative change of a cached activation under that rounding; None otherwise."""
+        return None
+
+
+def one_example(inputs: Any) -> Optional[torch.Tensor]:
+    """The first example of an input batch (what a graph map is traced on), or None for non-tensor inputs."""
+    if isinstance(inputs, torch.Tensor) and inputs.ndim >= 1 and len(inputs) >= 1:
+        return inputs[:1]
+    return None
+
+
+# ---------------------------------------------------------------------- plain modules: the torch.fx graph
+class GraphBackend(Backend):
+    name = "graph"
+
+    def site_map(self, model, example, affine):
+        from ._graph_sites import graph_map
+
+        return graph_map(model, example, affine)
+
+    def example(self, inputs):
+        return one_example(inputs)
+
+    def push(self, model, smap, transform, inplace, hint=""):
+        from ._graph_push import push_graph
+
+        return push_graph(model, smap, transform, inplace, hint)
+
+    def clone(self, model, dtype):
+        return copy.deepcopy(model).to(dtype)
+
+    def observe(self, site, element, obs, h, forced):
+        if obs.level == "prebn" and element.perm_part() is None:
+            return None  # a dense map folded the BatchNorm into the writer: nothing to compare before it
+        F = {"prebn": element.perm_part(), "pre": element, "post": element.phi()}[obs.level]
+        hb = h.reshape(h.shape[0], site.n, -1) if obs.block > 1 else h
+        moved = F.act(hb, 1)
+        offset = site.group.offset(element) if site.affine and not forced else None
+        if offset is not None and obs.level == "post":
+            moved = moved + offset.to(h.dtype).reshape(1, -1, *([1] * (moved.ndim - 2)))
+        return moved.reshape(h.shape)
+
+
+# ---------------------------------------------------------------------- transformers: the canonical layout
+class LayoutBackend(Backend):
+    name = "layout"
+    memoised = False
+
+    def site_map(self, model, example, affine):
+        from ._layout_sites import transformer_map
+
+        return transformer_map(model)
+
+    def push(self, model, smap, transform, inplace, hint=""):
+        from ._layout_push import push_transformer
+
+        return push_transformer(model, smap, transform, inplace)
+
+    def clone(self, model, dtype):
+        from ._layout_push import clone
+
+        return clone(model, dtype)
+
+    def observe(self, site, element, obs, h, forced):
+        from ._layout_push import observe
+
+        return observe(site, element, obs, h)
+
+    def _last(self, model) -> Optional[str]:
+        """An encoder's output is its last hidden state (MiniLM's MLM head is untrained)."""
+        return f"blocks.{int(model.cfg.n_layers) - 1}.hook_resid_post" if hf.is_encoder(model) else None
+
+    def output_names(self, model):
+        last = self._last(model)
+        return [last] if last else []
+
+    def compared(self, model, smap, transform, out, new_out, cache, new_cache):
+        last = self._last(model)
+        if last:  # compared in the new basis
+            old = cache[last]
+            if transform is not None and "resid" in transform.elements:
+                old = self.observe(smap["resid"], transform.elements["resid"], Observation(last, 0, "pre"), old, False)
+            return old.flatten(0, -2), new_cache[last].flatten(0, -2), "encoder outputs", False, None
+        # logits may shift by a constant per position (center_unembed): compare log-probabilities
+        old, new = out.log_softmax(-1).flatten(0, -2), new_out.log_softmax(-1).flatten(0, -2)
+        kl = (old.exp() * (old - new)).sum(-1).mean().item()
+        return old, new, "log-probabilities", True, kl
+
+    def floor(self, model, inputs, cache, last):
+        """RMSNorm computes in float32 in TransformerLens's native models as in Hugging Face's, and so
+        does the softmax of Hugging Face LLaMA's eager attention: rounding those parts' inputs to
+        float32 measures the floor below which no comparison of a float64 model can go."""
+        from ..hooks import hook_names, intervene, run_with_cache
+
+        rms = str(getattr(model.cfg, "normalization_type", "") or "").startswith("RMS")
+        softmax32 = model_kind(model) == ModelKind.HF_BRIDGE and hf.family(model) == "llama"
+        if not (rms or softmax32):
+            return None
+        L = int(model.cfg.n_layers)
+        points = hook_names(model)
+        known = set(points) | set(points.aliases)
+        names = [f"blocks.{i}.hook_resid_{w}" for i in range(L) for w in ("pre", "mid")] + [f"blocks.{L - 1}.hook_resid_post"]
+        if softmax32:
+            names += [f"blocks.{i}.attn.hook_attn_scores" for i in range(L)]
+        rounding = {n: (lambda x, name: x.float().double()) for n in names if n in known}
+        watched = list(cache.keys()) if cache is not None else []
+        with eval_mode(model), intervene(model, rounding), torch.no_grad():
+            rounded, rcache = run_with_cache(model, inputs, names=watched or None, budget=None) if watched else (model(inputs), None)
+        rounded = rcache[last].flatten(0, -2) if last else rounded.detach().log_softmax(-1).flatten(0, -2)
+        norm = torch.linalg.vector_norm
+        site_floor = max((float(norm(rcache[n] - cache[n]) / max(float(norm(cache[n])), 1e-30)) for n in watched),
+                         default=0.0)
+        return rounded, site_floor
+
+
+_GRAPH, _LAYOUT = GraphBackend(), LayoutBackend()
+
+
+def backend_for(model: nn.Module) -> Backend:
+    """The backend that reaches ``model``: the layout one for transformers, the graph one otherwise."""
+    return _LAYOUT if has_layout(model) else _GRAPH

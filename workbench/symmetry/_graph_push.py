@@ -1,0 +1,287 @@
+"""The graph backend's transforms: group elements pushed into a plain module's weights, module by module."""
+from __future__ import annotations
+
+import copy
+import weakref
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .._errors import InvalidOptionError
+from ..groups import Dense, GroupElement, ScaledPermutation
+from ..hooks import inherit_copy_list
+from ._sites import Site, SymmetryMap
+
+
+# ---------------------------------------------------------------------- pushing elements into weights
+# Every weight gets at most one row element (it writes a site) and one column element (it reads one).
+# Both are applied in a single pass from the original's tensor into the copy's, in the parameter's
+# own dtype: permutations are exact and a scaling rounds once, so this loses nothing measurable
+# while costing about one more copy of the transformed weights (see benchmarks/results/transforms.md).
+# Everything is planned and range-checked first, then written: a refused transform writes nothing.
+# A tensor shared by several modules (tied weights) is written once: the map gave its uses one element.
+@dataclass
+class _Plan:
+    rows: Optional[GroupElement] = None  # acts on axis 0 (the module writes the site)
+    cols: Optional[GroupElement] = None  # acts on axis 1 (the module reads a site): F⁻ᵀ
+    block: int = 1  # features per channel on axis 1 (a flatten between the site and this reader)
+    offset: Optional[torch.Tensor] = None  # c absorbed by the bias: b ← b − W'c (affine extension)
+    weight: Optional[torch.Tensor] = None  # float64 source weight instead of the module's (a folded BatchNorm)
+    zero_bias: bool = False  # the bias moved into the folded BatchNorm's β
+
+
+def push_graph(model: nn.Module, smap: SymmetryMap, transform, inplace: bool, hint: str = "") -> nn.Module:
+    """``model`` (``inplace``) or a copy with ``transform``'s elements in its modules' weights."""
+    old_modules = dict(model.named_modules())
+    plans: dict[str, _Plan] = {}
+    small: dict[int, tuple[str, str, torch.Tensor]] = {}  # id(original tensor) → (module, attribute, float64 value)
+    with torch.no_grad():
+        for name, element in transform.elements.items():
+            site = smap[name]
+            offset = site.group.offset(element) if site.affine and name not in transform.forced else None
+            _plan_site(old_modules, site, element, offset, plans, small)
+        _check_ranges(old_modules, plans, small, hint or "the transform's elements move weights beyond the dtype's range")
+    if inplace:
+        new = model
+    else:
+        # Weights about to be rewritten are not copied first: the copy gets empty tensors for them.
+        memo: dict = {}
+        for name in _rewritten(smap, transform):
+            for p in (old_modules[name].weight, old_modules[name].bias):
+                if p is not None and id(p) not in memo:
+                    memo[id(p)] = nn.Parameter(torch.empty_like(p), requires_grad=p.requires_grad)
+        new = copy.deepcopy(model, memo)
+        # The copy has the same module tree: it overwrites the same activations in place.
+        inherit_copy_list(model, new)
+    modules = dict(new.named_modules())
+    with torch.no_grad():
+        for module_name, attr, value in small.values():
+            _set(getattr(modules[module_name], attr), value)
+        scratch: dict = dict(_SCRATCH)
+        done: set[int] = set()
+        for module_name, plan in plans.items():
+            _apply_plan(old_modules[module_name], modules[module_name], plan, scratch, done)
+    return new
+
+
+def _rewritten(smap: SymmetryMap, transform: Transform) -> set[str]:
+    """Modules whose weight and bias :func:`_apply_plan` writes in full from the original's."""
+    names = set()
+    for site_name in transform.elements:
+        site = smap[site_name]
+        names.update(w.name for w in site.writers)
+        names.update(r.name for r in site.readers)
+    return names
+
+
+def _set(param: torch.Tensor, value: torch.Tensor) -> None:
+    param.copy_(value.to(param.dtype))
+
+
+def _plan_site(modules: dict, site: Site, element: GroupElement, offset, plans: dict, small: dict) -> None:
+    """Record what each weight of ``site`` needs, and the new values of BatchNorm vectors (small)."""
+    perm = element.perm_part()
+
+    def put(module: str, attr: str, fn) -> None:
+        t = getattr(modules[module], attr)
+        value = small[id(t)][2] if id(t) in small else t.double()  # a tensor moves once (shared BatchNorm)
+        small[id(t)] = (module, attr, fn(value))
+
+    for w in site.writers:
+        rows = element
+        if w.level == "prebn":
+            bn = modules[w.norm]
+            if perm is None:  # not a scaled permutation: fold the norm into the writer, which then only adds β
+                plan = plans.setdefault(w.name, _Plan())
+                if plan.weight is None:
+                    plan.weight, c = _fold_batchnorm(modules[w.name], bn)
+                    plan.zero_bias = modules[w.name].bias is not None
+                    put(w.norm, "running_mean", torch.zeros_like)
+                    put(w.norm, "running_var", lambda v: torch.full_like(v, 1.0 - bn.eps))
+                    put(w.norm, "weight", torch.ones_like)
+                    put(w.norm, "bias", lambda v, c=c: element.act(c, 0))
+            else:
+                rows = perm
+                for attr in ("running_mean", "running_var"):
+                    put(w.norm, attr, lambda v: perm.act(v, 0))
+                for attr in ("weight", "bias"):
+                    put(w.norm, attr, lambda v: element.act(v, 0))
+        plans.setdefault(w.name, _Plan()).rows = rows
+    for bn_name, mode in site.norms:
+        if mode == "input":  # BN(Fx) = F·BN(x) for F = D·P: μ, β take D·P; γ, σ² take P (derivation: ARCHITECTURE)
+            if perm is None:
+                raise InvalidOptionError(f"site {site.name!r}: only permutations and diagonal scalings pass BatchNorm "
+                                         f"{bn_name!r}, which reads the site; got a {type(element).__name__} element.")
+            F = element.phi() if site.norm_levels.get(bn_name) == "post" else element  # what moves its input
+            for attr in ("running_var", "weight"):
+                put(bn_name, attr, lambda v: perm.act(v, 0))
+            for attr in ("running_mean", "bias"):
+                put(bn_name, attr, lambda v, F=F: F.act(v, 0))
+    for r in site.readers:
+        level = {"prebn": perm, "pre": element, "post": element.phi()}[r.level]
+        plan = plans.setdefault(r.name, _Plan())
+        plan.cols, plan.block = level.inverse().transpose(), r.block  # W ↦ W F⁻¹ is F⁻ᵀ on the input axis
+        if offset is not None and r.level == "post":
+            plan.offset = offset
+
+
+def _magnitude(e: Optional[GroupElement]) -> float:
+    """‖M‖∞ (largest row of absolute values): max|M·x| ≤ ‖M‖∞·max|x| along the axis it acts on."""
+    if e is None:
+        return 1.0
+    if isinstance(e, ScaledPermutation):
+        return 1.0 if e.scale is None else float(e.scale.abs().max())
+    return float(e.matrix().abs().sum(1).max())
+
+
+# max|W| per parameter, remembered while the tensor is unchanged: the bound below then costs no pass over
+# the weights on repeated transforms of one model (a pass cost a third of a ResNet-18 transform under
+# load). The key adds two sampled values to the version counter, which ``p.data.copy_`` does not bump.
+_PEAKS: dict = {}
+
+
+def _peak(W: torch.Tensor) -> float:
+    flat = W.detach().reshape(-1)
+    key = (W._version, W.data_ptr(), W.dtype, flat.numel(), float(flat[0]), float(flat[-1])) if flat.numel() else None
+    hit = _PEAKS.get(id(W))
+    if key is not None and hit is not None and hit[0]() is W and hit[1] == key:
+        return hit[2]
+    lo, hi = torch.aminmax(flat) if flat.numel() else (torch.zeros(()), torch.zeros(()))
+    peak = max(abs(float(lo)), abs(float(hi)))
+    if key is not None:
+        if len(_PEAKS) > 4096:  # drop entries of tensors that are gone
+            for k in [k for k, v in _PEAKS.items() if v[0]() is None]:
+                del _PEAKS[k]
+        _PEAKS[id(W)] = (weakref.ref(W), key, peak)
+    return peak
+
+
+def _check_ranges(modules: dict, plans: dict, small: dict, hint: str) -> None:
+    """Refuse a transform whose weights the parameters' dtype cannot hold (float16 overflows at 65504).
+
+    A bound max|W|·‖rows‖∞·‖cols‖∞ clears almost every weight; only a weight whose bound exceeds the
+    range is transformed in float64 to see whether it really does."""
+    def refuse(what: str, value: float, dtype: torch.dtype):
+        raise InvalidOptionError(f"{hint}: {what} would reach {value:.3g}, beyond {dtype}'s largest value "
+                                 f"{torch.finfo(dtype).max:.3g}. Nothing was written.")
+
+    for module, attr, value in small.values():
+        t = getattr(modules[module], attr)
+        peak = float(value.abs().max()) if value.numel() else 0.0
+        if t.is_floating_point() and not peak <= torch.finfo(t.dtype).max:
+            refuse(f"{module}.{attr}", peak, t.dtype)
+    for name, plan in plans.items():
+        m = modules[name]
+        W = plan.weight if plan.weight is not None else m.weight
+        top = torch.finfo(m.weight.dtype).max
+        bound = _peak(W) * _magnitude(plan.rows) * _magnitude(plan.cols)
+        if not bound <= top:  # NaN-safe
+            shape = W.shape
+            value = W.double().reshape(shape[0], -1, plan.block) if plan.block > 1 else W.double()
+            value = plan.rows.act(value, 0) if plan.rows is not None else value
+            value = plan.cols.act(value, 1) if plan.cols is not None else value
+            peak = float(value.abs().max())
+            if not peak <= top:
+                refuse(f"{name}.weight", peak, m.weight.dtype)
+        if m.bias is not None and plan.rows is not None and not plan.zero_bias:
+            peak = float(plan.rows.act(m.bias.detach().double(), 0).abs().max())
+            if not peak <= top:
+                refuse(f"{name}.bias", peak, m.bias.dtype)
+
+
+def _apply_plan(src: nn.Module, dst: nn.Module, plan: _Plan, scratch: dict, done: set) -> None:
+    W, out = (plan.weight if plan.weight is not None else src.weight), dst.weight
+    if id(out) not in done:  # a weight shared by several modules is written once
+        done.add(id(out))
+        shape = out.shape
+        if plan.block > 1:  # [out, n·block] read as [out, n, block]
+            W, out = W.reshape(shape[0], -1, plan.block), out.view(shape[0], -1, plan.block)
+        if W.dtype != out.dtype:  # a float64 source (folded BatchNorm): computed in float64, like a dense map
+            _set(out, _acted(W, plan.rows, plan.cols))
+        else:
+            _act_into(W, out, plan.rows, plan.cols, scratch)
+    if dst.bias is not None and id(dst.bias) not in done:
+        done.add(id(dst.bias))
+        if plan.zero_bias:
+            dst.bias.zero_()
+        else:
+            _act_into(src.bias, dst.bias, plan.rows, None, scratch)
+        if plan.offset is not None:
+            out = dst.weight
+            c = plan.offset.to(out.dtype).reshape(1, -1, *([1] * (out.ndim - 2)))
+            dst.bias.sub_((out * c).sum(dim=tuple(range(1, out.ndim))))
+
+
+def _acted(value: torch.Tensor, rows, cols) -> torch.Tensor:
+    value = value.double()
+    if rows is not None:
+        value = rows.act(value, 0)
+    if cols is not None:
+        value = cols.act(value, 1)
+    return value
+
+
+# Fresh memory is the expensive part of a copy (page faults): scratch buffers outlive a call, up to
+# this many bytes each, so repeated transforms (sweeps, widgets) reuse warm memory.
+_SCRATCH_CAP = 256 * 2**20
+_SCRATCH: dict = {}
+
+
+def _buffer(scratch: dict, like: torch.Tensor) -> torch.Tensor:
+    """A reusable scratch tensor shaped like ``like``."""
+    key = (like.dtype, like.device)
+    flat = scratch.get(key)
+    if flat is None or flat.numel() < like.numel():
+        flat = scratch[key] = torch.empty(like.numel(), dtype=like.dtype, device=like.device)
+        if flat.numel() * flat.element_size() <= _SCRATCH_CAP:
+            _SCRATCH[key] = flat
+    return flat[: like.numel()].view(like.shape)
+
+
+def _act_into(src: torch.Tensor, out: torch.Tensor, rows, cols, scratch: dict) -> None:
+    """``out = rows · src · colsᵀ`` along axes 0 and 1 (either may be None)."""
+    if not all(isinstance(e, (ScaledPermutation, type(None))) for e in (rows, cols)) \
+            or not all(_fits(e, out.dtype) for e in (rows, cols)):
+        # A dense element, or scalings the dtype cannot hold on their own (float16: 1e5 is inf, though
+        # 1e5·w may fit): do it in float64 (rare, and small groups).
+        _set(out, _acted(src, rows, cols))
+        return
+    staged = src
+    if rows is not None:
+        target = out if cols is None and src.data_ptr() != out.data_ptr() else _buffer(scratch, src)
+        torch.index_select(src, 0, rows.perm.to(src.device), out=target)
+        staged = target
+    if cols is not None:
+        target = out if staged.data_ptr() != out.data_ptr() else _buffer(scratch, src)
+        torch.index_select(staged, 1, cols.perm.to(src.device), out=target)
+        staged = target
+    if staged.data_ptr() != out.data_ptr():
+        out.copy_(staged)
+    for axis, e in ((0, rows), (1, cols)):
+        if e is not None and e.scale is not None:
+            shape = [1] * out.ndim
+            shape[axis] = -1
+            out.mul_(e.scale.to(device=out.device, dtype=out.dtype).reshape(shape))
+
+
+def _fits(e: Optional[GroupElement], dtype: torch.dtype) -> bool:
+    """Whether a scaled permutation's scales are normal numbers of ``dtype`` (so ``out.mul_`` is exact to
+    one rounding)."""
+    if not isinstance(e, ScaledPermutation) or e.scale is None:
+        return True
+    info = torch.finfo(dtype)
+    mag = e.scale.abs()
+    return bool(mag.max() <= info.max) and bool(mag.min() >= info.tiny)
+
+
+def _fold_batchnorm(writer: nn.Module, bn: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """An eval-mode BatchNorm folded into the writer before it: ``(W', c)`` in float64 with
+    BN(W x + b) = W' x + c. The writer's weight becomes W' and its bias 0; the norm becomes the identity
+    plus β = c (μ = 0, σ² = 1 − ε, γ = 1), so a writer without a bias needs no new parameter."""
+    s = torch.sqrt(bn.running_var.double() + bn.eps)
+    g = bn.weight.double() / s
+    W = writer.weight.double()
+    b = writer.bias.double() if writer.bias is not None else torch.zeros_like(g)
+    return W * g.reshape(-1, *([1] * (W.ndim - 1))), g * (b - bn.running_mean.double()) + bn.bias.double()

@@ -1,0 +1,230 @@
+"""The layout backend's transforms: group elements pushed into a transformer's canonical weights.
+
+Each weight is read in the canonical per-head layout (``workbench.models``), moved by every element
+that touches it, and written into a freshly built model of the same kind — never a deep copy, since a
+bridge that has run may carry hooks pointing at the original. See ``_layout_sites.py`` for how each
+site moves its writers and readers.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .._threads import in_parallel, threads
+from ..groups import GroupElement
+from ..models import blank, canonical_views, read_weights, rebuild, write_weights
+from ._sites import Observation, Site, SymmetryMap
+
+
+def push_transformer(model: nn.Module, smap: SymmetryMap, transform, inplace: bool) -> nn.Module:
+    """A rebuilt model (or ``model`` itself when ``inplace``) with ``transform`` in its weights.
+
+    Per-head maps go first, all heads of a weight in one batched product (they act on the head's
+    own axes, before the head permutation moves heads); every other element acts on a whole axis.
+    Each weight is read from the original and written into the new model's own tensor, one weight
+    (or one slice of a large one) at a time.
+    """
+    return _pushed(model, _weight_ops(smap, transform), inplace)
+
+
+def clone(model: nn.Module, dtype: Optional[torch.dtype] = None) -> nn.Module:
+    """An independent copy (rebuilt, sharing no state with ``model``), optionally cast to ``dtype``."""
+    return _pushed(model, {}, False, dtype)
+
+
+def observe(site: Site, element: GroupElement, obs: Observation, h: torch.Tensor) -> torch.Tensor:
+    """How ``element`` at ``site`` moves the activation ``h`` seen at ``obs``."""
+    F = {"pre": element, "post": element.phi(), "perm": element.perm_part() or element,
+         "dual": element.inverse().transpose()}[obs.level]
+    return _act_obs(h, F, obs)
+
+
+def _act_obs(h: torch.Tensor, F: GroupElement, obs: Observation) -> torch.Tensor:
+    if obs.heads is None:
+        return F.act(h, obs.axis)
+    idx = torch.tensor(obs.heads, device=h.device)
+    out = h.clone()
+    out.index_copy_(-2, idx, F.act(h.index_select(-2, idx), obs.axis))
+    return out
+
+
+# ---------------------------------------------------------------------- pushing: one weight at a time
+# A large weight is pushed in slices of at most this many elements (32 MiB in float64), cut along an
+# axis no element acts on (the vocabulary of W_E and W_U). Each slice is one job of ``in_parallel``:
+# the peak stays near a slice per thread plus the new model, and on many cores no single-threaded
+# job is much longer than the others (W_E whole would be a quarter of GPT-2 small's FLOPs).
+_SLICE = 2 ** 22
+
+
+def _weight_ops(smap: SymmetryMap, transform) -> dict[str, list]:
+    """Canonical weight key -> the ``(axis, op)`` to apply in order: per-head ops (``{head: [n, n]
+    float64 matrix}``, heads on axis 0) first, then whole-axis group elements."""
+    per_head: dict[tuple[str, int], dict[int, torch.Tensor]] = {}
+    whole: dict[str, list] = {}
+    duals = _duals(smap, transform)
+    for name, e in transform.elements.items():
+        site = smap[name]
+        perm = e.perm_part()
+        ops = [(p, e if p.level == "pre" else perm) for p in site.writers]
+        ops += [(p, duals[name, p.level]) for p in site.readers]
+        for port, F in ops:
+            if F is None:  # the permutation part of a (forced) dense map: nothing moves
+                continue
+            if port.heads is None:
+                whole.setdefault(port.name, []).append((port.axis, F))
+            else:
+                M = F.matrix()
+                per_head.setdefault((port.name, port.axis), {}).update({h: M for h in port.heads})
+        for key, level in site.norms:  # gains follow the permutation part (signs pass RMSNorm; a dense
+            F = perm if level == "perm" else e  # group only acts where gains are 1); a bias after the
+            if F is not None:  # normalisation is a vector in the stream's basis and moves by the element
+                whole.setdefault(key, []).append((0, F))
+    out: dict[str, list] = {}
+    for (key, axis), mats in per_head.items():
+        out.setdefault(key, []).append((axis, mats))
+    for key, ops in whole.items():
+        out.setdefault(key, []).extend(ops)
+    return out
+
+
+def _duals(smap: SymmetryMap, transform) -> dict[tuple[str, str], GroupElement]:
+    """F⁻ᵀ for every (site, reader level): readers move by the inverse transpose of the element (or of
+    φ of it). The dense, non-orthogonal ones are inverted in one batched call on one thread (see
+    ``threads``): 288 separate 64×64 inverses on two threads took 2 s on a busy machine."""
+    from ..groups import Dense
+
+    out, batch = {}, []
+    for name, e in transform.elements.items():
+        for level in {p.level for p in smap[name].readers}:
+            F = e.phi() if level == "post" else e
+            if isinstance(F, Dense) and not F.orthogonal:
+                batch.append(((name, level), F))
+            else:
+                out[name, level] = F.inverse().transpose()
+    for n in {F.n for _, F in batch}:
+        same = [(k, F) for k, F in batch if F.n == n]
+        with threads(1):
+            inv = torch.linalg.inv(torch.stack([F.M.double() for _, F in same]))
+        for (k, F), M in zip(same, inv):
+            out[k] = Dense(M.T.clone(), F.phi_kind, F.group)
+    return out
+
+
+def _pushed(model: nn.Module, ops: dict[str, list], inplace: bool, dtype: Optional[torch.dtype] = None) -> nn.Module:
+    """``model`` (``inplace``) or a fresh copy in ``dtype`` with ``ops`` applied to its weights."""
+    dtype = dtype or next(model.parameters()).dtype
+    src = canonical_views(model)
+    with torch.no_grad():
+        if src is None:  # no views of its own tensors (a Hugging Face bridge): through a dict of weights
+            W = read_weights(model)
+            out = dict(W)  # the untouched weights as they are: rebuild and write_weights copy them
+            for key in ops:
+                out[key] = torch.empty_like(W[key])
+            in_parallel(*_jobs([(W[k], out[k], ops[k]) for k in ops], {}))
+            if inplace:
+                write_weights(model, out)
+                return model
+            return rebuild(model, out, dtype)
+        new = model if inplace else blank(model, dtype)
+        dst = src if inplace else canonical_views(new)
+        in_parallel(*_jobs([(t, dst[k], ops.get(k, [])) for k, t in src.items() if ops.get(k) or t is not dst[k]], {}))
+    return new
+
+
+def _jobs(weights: list[tuple[torch.Tensor, torch.Tensor, list]], casts: dict) -> tuple[list, list]:
+    """``in_parallel``'s calls and costs: ``dst = ops(src)`` for every ``(src, dst, ops)``, slice by
+    slice (see ``_SLICE``), each op in the precision it needs (``casts``: see ``_along``).
+
+    General (GL) maps — per-head dicts, non-orthogonal dense maps — run in float64: computing a
+    float32 model's GL maps in float32 put its equivariance error above the float32 tolerance
+    (attention-only model, TL 3.9), since a product's rounding, relative to the result, grows with the
+    map's condition number. Orthogonal maps and (scaled, signed) permutations of a float32 weight run
+    in float32 once the last GL op is done: they are perfectly conditioned, so the result lies within
+    a few float32 ulps of the float64 one, far inside the float32 tolerance — and the stream's
+    rotation is nearly all the FLOPs. Per-head ops come first in ``ops``, so a weight with both
+    (``W_Q``: its head's GL map, then the stream's rotation) drops to float32 after the cheap part.
+    Other dtypes stay in float64 throughout; plain permutations never leave the weight's dtype.
+    """
+    from ..groups import Dense, ScaledPermutation
+
+    def general(F) -> bool:
+        return isinstance(F, dict) or (isinstance(F, Dense) and not F.orthogonal)
+
+    calls, costs = [], []
+    for src, dst, ops in weights:
+        if all(isinstance(F, ScaledPermutation) and F.scale is None for _, F in ops):
+            last = -1  # exact in any dtype
+        elif src.dtype == torch.float32:
+            last = max((i for i, (_, F) in enumerate(ops) if general(F)), default=-1)
+        else:
+            last = len(ops) - 1
+        used = {a % src.ndim for a, F in ops} | {0 for _, F in ops if isinstance(F, dict)}
+        free = [a for a in range(src.ndim) if a not in used]
+        axis = max(free, key=lambda a: src.shape[a]) if free and src.numel() > _SLICE else None
+        step = 1 if axis is None else max(1, _SLICE * src.shape[axis] // src.numel())
+        for start in range(0, src.shape[axis] if axis is not None else 1, step):
+            x = src if axis is None else src.narrow(axis, start, min(step, src.shape[axis] - start))
+            out = dst if axis is None else dst.narrow(axis, start, x.shape[axis])
+            calls.append(functools.partial(_push_slice, x, out, ops, last, casts))
+            costs.append(x.numel() * (1 + len(ops)))
+    return calls, costs
+
+
+def _push_slice(x: torch.Tensor, out: torch.Tensor, ops: list, last: int, casts: dict) -> None:
+    """``out = ops(x)``: ops up to index ``last`` in float64, the rest in ``x``'s dtype."""
+    dtype = x.dtype
+    for i, (a, F) in enumerate(ops):
+        # .double() / .to() keep the strides: the model's own memory order
+        x = x.double() if i <= last else x.to(dtype)
+        x = _along(x, F, a % x.ndim, out if i == len(ops) - 1 else None, casts)
+    if x is not out:
+        out.copy_(x)
+
+
+def _stack(mats: dict[int, torch.Tensor], heads: int, n: int) -> torch.Tensor:
+    """[heads, n, n]: ``mats[h]`` for the heads it names, the identity for the others."""
+    eye = torch.eye(n, dtype=torch.float64)
+    return torch.stack([mats.get(h, eye) for h in range(heads)])
+
+
+def _along(x: torch.Tensor, F, axis: int, out: Optional[torch.Tensor], casts: dict) -> torch.Tensor:
+    """``x`` moved along ``axis`` by ``F``: a group element, or ``{head: [n, n]}`` (heads on axis 0).
+
+    Done on ``x``'s dimensions in memory order (slowest first): a dense map is one GEMM (or one
+    batched GEMM) on the weight as it lies in the model whichever canonical axis it acts on, a
+    permutation gathers whole rows, and the result lies the same way, down to the final copy. A dense
+    map writes straight into ``out`` (the new model's tensor) when it lies in the same order and dtype,
+    saving a copy of the weight; otherwise the result is returned and the caller copies it.
+    ``casts`` memoises a dense map's matrix per dtype across calls (the stream's 768×768 rotation
+    meets some 200 weights and slices).
+    """
+    from ..groups import Dense
+
+    order = sorted(range(x.ndim), key=lambda d: -x.stride(d))
+    xm, back = x.permute(order), [order.index(d) for d in range(x.ndim)]
+    if isinstance(F, dict):  # per-head maps: one batched product over the heads on axis 0
+        names = "abcdefg"[:x.ndim]
+        spec = "".join("y" if d == axis else names[d] for d in order)
+        M = _stack(F, x.shape[0], x.shape[axis]).to(x.dtype)
+        return torch.einsum(f"{spec},azy->{spec.replace('y', 'z')}", xm, M).permute(back)
+    if not isinstance(F, Dense):  # a (scaled) permutation: its own act, an index_select
+        return F.act(xm, order.index(axis)).permute(back)
+    key = (id(F), x.dtype)
+    M = casts.get(key)
+    if M is None:
+        M = casts[key] = F.M.to(x.dtype)
+    # x viewed as [L, n, R] around the acted axis: y = x·Mᵀ when R = 1, else y = M·x per L
+    p = order.index(axis)
+    L, R = xm.shape[:p].numel(), xm.shape[p + 1:].numel()
+    into = (out is not None and out.dtype == x.dtype and out.permute(order).is_contiguous()
+            and out.untyped_storage().data_ptr() != x.untyped_storage().data_ptr())  # not in place
+    res = out.permute(order) if into else torch.empty(xm.shape, dtype=x.dtype, device=x.device)
+    if R == 1:
+        torch.matmul(xm.reshape(L, -1), M.T, out=res.view(L, -1))
+    else:
+        torch.matmul(M, xm.reshape(L, -1, R), out=res.view(L, -1, R))
+    return out if into else res.permute(back)
+

@@ -1,0 +1,139 @@
+"""What a symmetry map is made of: sites, the ports (weights) that write and read them, the hook
+points where they are observed, and the map itself. The same types whichever backend built them."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from .._errors import UnknownNameError, nearest
+from .._report import Report, new_axes
+from ..groups import Group
+
+@dataclass(frozen=True)
+class Observation:
+    """A hook point where a site's activation can be read: module output, which call, at which level."""
+
+    name: str
+    call: int
+    level: str  # "prebn"/"perm": moved by the permutation part; "pre": by M; "post": by φ(M); "dual": by M⁻ᵀ
+    block: int = 1  # features per channel when the value is flattened channel-major
+    axis: int = -1  # transformers: the axis the element acts on
+    heads: Optional[tuple] = None  # transformers: only these indices of the head axis (-2) move
+
+
+@dataclass(frozen=True)
+class Port:
+    """A parameterised module touching a site: ``level``/``block`` describe the tensor at its side.
+
+    A writer whose output only a BatchNorm reads has level ``"prebn"`` and names that ``norm``.
+    """
+
+    name: str
+    level: str
+    block: int = 1
+    norm: Optional[str] = None
+    axis: int = 0  # transformers: the axis of the (canonical, per-head) weight that moves
+    heads: Optional[tuple] = None  # transformers: only these heads (axis 0) move
+
+
+@dataclass
+class Site:
+    """A hidden space of a model on which a group acts without changing the function.
+
+    ``writers`` map into the space (their rows move by M), ``readers`` read from it (their columns
+    move by φ(M)⁻¹), ``norms`` are BatchNorms inside it (permuted; on their output, scalings go on
+    γ and β). ``hook_name`` is where its activation is best observed.
+    """
+
+    name: str
+    n: int
+    group: Group
+    activation: str
+    hook_name: str
+    writers: list[Port]
+    readers: list[Port]
+    norms: list[tuple[str, str]]  # (BatchNorm name, "output" | "input")
+    observed: list[Observation]
+    notes: list[str] = field(default_factory=list)
+    affine: bool = False  # uses the affine extension (offsets absorbed by readers' biases)
+    # Zero-padding shortcuts: (site embedded or None, first channel, channels, level) — on those
+    # channels this site's element is the embedded site's element (identity when it is no site).
+    embeds: list[tuple[Optional[str], int, int, str]] = field(default_factory=list)
+    # BatchNorms reading the site ("input" norms): the level of what they read ("pre", or "post": φ(M) moves it)
+    norm_levels: dict = field(default_factory=dict)
+
+    @property
+    def privileged(self) -> bool:
+        """True when every symmetry maps neurons to neurons (no continuous part)."""
+        return not self.group.continuous
+
+    def __repr__(self) -> str:
+        return f"Site({self.name!r}, n={self.n}, group={self.group.name}, activation={self.activation})"
+
+
+@dataclass(repr=False)
+class SymmetryMap(Report):
+    """The sites of a model and the places that are not sites, with the reason."""
+
+    model: str
+    sites: list[Site]
+    skipped: list[tuple[str, str]]  # (place, reason)
+    trace_error: Optional[str] = None  # why the model could not be traced or run on the example, if so
+
+    def __iter__(self):
+        return iter(self.sites)
+
+    def __len__(self) -> int:
+        return len(self.sites)
+
+    def __getitem__(self, name) -> Site:
+        if isinstance(name, int):
+            return self.sites[name]
+        for s in self.sites:
+            if s.name == name or s.hook_name == name:
+                return s
+        close = nearest(str(name), [s.name for s in self.sites])
+        raise UnknownNameError(f"no site named {name!r} in this symmetry map ({len(self.sites)} sites)."
+                               + (f" Nearest: {close}." if close else ""))
+
+    @property
+    def names(self) -> list[str]:
+        return [s.name for s in self.sites]
+
+    def summary(self) -> str:
+        cont = sum(not s.privileged for s in self.sites)
+        return f"{self.model}: {len(self.sites)} sites ({cont} with a continuous group), {len(self.skipped)} places skipped"
+
+    def to_frame(self):
+        import pandas as pd
+
+        rows = [(s.name, s.n, s.group.name, s.group.label or "", _phi(s.group), s.activation, s.privileged,
+                 ", ".join(p.name for p in s.writers), ", ".join(p.name for p in s.readers), "; ".join(s.notes))
+                for s in self.sites]
+        return pd.DataFrame(rows, columns=["site", "n", "group", "label", "phi", "activation", "privileged",
+                                           "writers", "readers", "notes"])
+
+    def skipped_frame(self):
+        import pandas as pd
+
+        return pd.DataFrame(self.skipped, columns=["place", "reason"])
+
+    def _repr_html_(self) -> str:
+        skipped = self.skipped_frame().to_html(index=False, border=0) if self.skipped else "<p>none</p>"
+        return super()._repr_html_() + f"<p><b>Skipped</b></p>{skipped}"
+
+    def plot(self, ax=None):
+        import seaborn as sns
+
+        ax = new_axes(ax)
+        frame = self.to_frame()
+        sns.barplot(data=frame, x="site", y="n", hue="group", dodge=False, ax=ax)
+        ax.set_ylabel("dimension")
+        ax.set_title("sites and their groups")
+        ax.tick_params(axis="x", rotation=60)
+        return ax
+
+
+def _phi(group: Group) -> str:
+    phi = group.phi
+    return "M" if phi == "identity" else ("abs(M)" if phi == "abs" else f"M^⊙{phi[1]}")
