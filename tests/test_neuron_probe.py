@@ -133,8 +133,7 @@ def test_transformer_layers_are_per_token():
     text = wb.data.synthetic_language(6, seq_len=16, seed=0)
     probe = NeuronBasisProbe(model, text, n_bases=5, progress=False)
     assert "resid" in probe.data.layers
-    X, Y = probe.data.matrices("resid")
-    assert X.shape == (6 * 16, 32) and Y.shape[0] == 6 * 16  # one row per token
+    assert probe.data.scores("resid").n_examples == 6 * 16  # one row per token
     probe.layer = "resid"
     own = {s.name: s.group.name for s in wb.symmetry_map(model).sites}["resid"]
     assert probe.run().roles[own] == "architecture"  # the residual stream's own group is a null family

@@ -8,8 +8,7 @@ from importlib import import_module
 
 from ._errors import (ActivationOverwrittenError, CacheBudgetError, HookNotFiredError,
                       InvalidOptionError, UnknownNameError, WorkbenchError)
-from .hooks import ActivationCache, HookNames, capture, hook_names, intervene, run_with_cache
-from .hooks._store import ActivationStore, harvest
+from .hooks import ActivationCache, ActivationStore, HookNames, capture, harvest, hook_names, intervene, run_with_cache
 
 __version__ = "0.1.0"
 

@@ -8,9 +8,7 @@ import torch
 from .._errors import InvalidOptionError, UnknownNameError, nearest
 from .._random import SeedLike, as_generator
 from .._repr import tensor_summary
-
-#: Label value that ``torch.nn.functional.cross_entropy`` ignores (padding, no next token).
-IGNORE_INDEX = -100
+from ._vocab import IGNORE_INDEX, decode, encode
 
 
 class ConceptDataset(torch.utils.data.Dataset):
@@ -178,12 +176,10 @@ class ConceptDataset(torch.utils.data.Dataset):
     # --- text -------------------------------------------------------------------------------------
     def encode(self, text) -> torch.Tensor:
         """Token ids ``int64 [T]`` of a string or list of tokens (text data sets only)."""
-        from ._text import encode
         return encode(text, self._need_vocab())
 
     def decode(self, ids) -> str:
         """The tokens of ``ids`` joined by spaces, padding dropped (text data sets only)."""
-        from ._text import decode
         return decode(ids, self._need_vocab(), pad_id=self.meta.get("pad_id"))
 
     def _need_vocab(self) -> list[str]:

@@ -1,14 +1,14 @@
-"""Templated English sentences with token-level concepts, and the word-level ``encode``/``decode``."""
+"""Templated English sentences with token-level concepts."""
 from __future__ import annotations
 
-import re
-from typing import Optional, Sequence, Union
+from typing import Optional
 
 import torch
 
-from .._errors import InvalidOptionError, UnknownNameError, nearest
+from .._errors import InvalidOptionError
 from .._random import SeedLike, as_seed
 from ._dataset import IGNORE_INDEX, ConceptDataset
+from ._vocab import decode, encode, tokenize  # noqa: F401 (re-exported)
 
 PAD, BOS = "<pad>", "<bos>"
 WORDS = {
@@ -42,32 +42,6 @@ SENTENCE_CONCEPTS = ["colour", "number", "country", "animal", "plural_noun", "ve
 _CLASS_OF = {"colour": ["colour"], "number": ["number"], "country": ["country"], "animal": ["animal", "animals"],
              "plural_noun": ["animals", "objects"], "verb": ["verb"], "punctuation": ["punctuation"]}
 _SEQ_LEN = 1 + max(len(t.split()) for t in TEMPLATES)  # BOS + the longest template
-
-
-def tokenize(text: str) -> list[str]:
-    """Lower-cased words and punctuation marks: ``"The cat."`` -> ``["the", "cat", "."]``."""
-    return re.findall(r"<\w+>|\w+|[^\w\s]", text.lower())
-
-
-def encode(text: Union[str, Sequence[str]], vocab: Sequence[str]) -> torch.Tensor:
-    """Token ids ``int64 [T]`` of a string (tokenised with ``tokenize``) or a list of tokens."""
-    tokens = tokenize(text) if isinstance(text, str) else list(text)
-    index = {w: i for i, w in enumerate(vocab)}
-    for t in tokens:
-        if t not in index:
-            near = nearest(t, vocab, n=3)
-            tip = f" Did you mean {' or '.join(map(repr, near))}?" if near else ""
-            raise UnknownNameError(f"token {t!r} is not in the vocabulary ({len(vocab)} tokens).{tip}")
-    return torch.tensor([index[t] for t in tokens], dtype=torch.long)
-
-
-def decode(ids, vocab: Sequence[str], pad_id: Optional[int] = None) -> Union[str, list[str]]:
-    """Tokens of ``ids`` ``[T]`` joined by spaces (a list of strings for ``[N, T]``); padding and
-    ``IGNORE_INDEX`` dropped."""
-    ids = torch.as_tensor(ids)
-    if ids.dim() == 2:
-        return [decode(row, vocab, pad_id) for row in ids]
-    return " ".join(vocab[i] for i in ids.tolist() if i != pad_id and i != IGNORE_INDEX)
 
 
 def next_token_targets(inputs: torch.Tensor, pad_id: Optional[int]) -> torch.Tensor:

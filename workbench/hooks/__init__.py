@@ -2,6 +2,7 @@
 from ._cache import ActivationCache
 from ._capture import capture, inherit_copy_list, intervene, run_with_cache
 from ._names import HookNames, hook_names
+from ._store import ActivationStore, harvest
 
-__all__ = ["ActivationCache", "HookNames", "capture", "hook_names", "inherit_copy_list", "intervene",
-           "run_with_cache"]
+__all__ = ["ActivationCache", "ActivationStore", "HookNames", "capture", "hook_names", "inherit_copy_list", "intervene",
+           "run_with_cache", "harvest"]

@@ -102,7 +102,12 @@ class PrivilegedBasisTest(Report):
     n_examples: int = 0
 
     def p_values(self, family: str) -> torch.Tensor:
+        """``[K]`` one-sided permutation p-values against ``family``'s bases, +1-corrected, ties counted."""
         return empirical_p(self.observed, self._null(family))
+
+    def z_scores(self, family: str) -> torch.Tensor:
+        """``[K]`` (observed − null mean) / null std; 0 where every basis tied with the neuron basis."""
+        return z_scores(self.observed, self._null(family))
 
     def _null(self, family: str) -> torch.Tensor:
         check_option("family", family, list(self.null))
@@ -182,7 +187,8 @@ class PrivilegedBasisTest(Report):
 def privileged_basis_test(acts, concepts, bases: Sequence = ("orthogonal", "gl"), group=None, *,
                           n_bases: int = 200, statistic: Union[str, Callable] = "auroc", seed: SeedLike = 0,
                           alpha: float = 0.05, where=None, names: Optional[Sequence[str]] = None,
-                          progress: bool = False) -> PrivilegedBasisTest:
+                          progress: bool = False, check: Optional[Callable[[Optional[str]], None]] = None
+                          ) -> PrivilegedBasisTest:
     """Test whether single units carry each concept more than units of random bases do.
 
     Args:
@@ -200,6 +206,9 @@ def privileged_basis_test(acts, concepts, bases: Sequence = ("orthogonal", "gl")
             the effective int seed, which reproduces the result.
         alpha: false discovery rate for the ``privileged`` column (Benjamini–Hochberg over concepts).
         where, names: as in :func:`concept_scores`.
+        progress: a progress bar per family.
+        check: called as ``check(family)`` before each family's null and ``check(None)`` before each chunk
+            of bases — a place to cancel (raise) from a front end, as the probe widget does.
 
     Returns:
         :class:`PrivilegedBasisTest`; ``to_frame()`` per concept, ``layer_frame()`` per family.
@@ -225,7 +234,10 @@ def privileged_basis_test(acts, concepts, bases: Sequence = ("orthogonal", "gl")
         own = resolve_group(group, X.shape[1])
         families[own.name] = (own, "architecture")
     observed = stat(X, Y, 1)[0]
-    null = {name: null_distribution(X, Y, g, n_bases, seed, stat, progress=name if progress else "")
-            for name, (g, _) in families.items()}
+    null = {}
+    for name, (g, _) in families.items():
+        if check is not None:
+            check(name)
+        null[name] = null_distribution(X, Y, g, n_bases, seed, stat, progress=name if progress else "", check=check)
     return PrivilegedBasisTest(observed, null, {k: r for k, (_, r) in families.items()}, names, stat_name,
                                int(seed), alpha, len(X))

@@ -21,11 +21,7 @@ from .._errors import InvalidOptionError, WorkbenchError, check_option
 from .._report import Report, new_axes
 from ..hooks import run_with_cache
 from ..models import is_transformer_lens
-from ..probing import PrivilegedBasisTest, UnitScores
-from ..probing._inputs import concept_matrix, prepare, resolve_bases, resolve_group
-from ..probing._null import null_distribution
-from ..probing._privileged import STATISTICS, _ties, empirical_p, z_scores
-from ..probing._scores import auroc_matrix, f_statistic_matrix, mean_difference_matrix
+from ..probing import PrivilegedBasisTest, UnitScores, concept_matrix, concept_scores, privileged_basis_test, resolve_group
 from ..symmetry import symmetry_map
 from ..models import eval_mode
 from ._base import BackgroundAction, Job, checked_int, int_control, render, show
@@ -58,18 +54,19 @@ class ProbeReport(Report):
     n_examples: int
     k: int = 10
 
+    def _test(self) -> PrivilegedBasisTest:
+        """This concept's slice of the layer's test, so its numbers come from the test's own rules."""
+        return PrivilegedBasisTest(torch.tensor([self.observed], dtype=torch.float64),
+                                   {f: v[:, None] for f, v in self.null.items()}, self.roles, [self.concept],
+                                   "auroc", self.seed, 0.05, self.n_examples)
+
     def p_value(self, family: str) -> float:
         """``(1 + #{null ≥ observed}) / (n_bases + 1)`` against ``family``."""
-        check_option("family", family, list(self.null))
-        return float(empirical_p(torch.tensor([self.observed], dtype=torch.float64), self.null[family][:, None])[0])
+        return float(self._test().p_values(family)[0])
 
     def z_score(self, family: str) -> float:
         """(observed − null mean) / null std; 0 when every basis gave the observed value (an invariant family)."""
-        check_option("family", family, list(self.null))
-        obs = torch.tensor([self.observed], dtype=torch.float64)
-        if bool(_ties(obs, self.null[family][:, None]).all()):  # rounding-level spread: its ratio means nothing
-            return 0.0
-        return float(z_scores(obs, self.null[family][:, None])[0])
+        return float(self._test().z_scores(family)[0])
 
     @property
     def best_units(self) -> list[int]:
@@ -211,7 +208,6 @@ class ProbeData:
         for layer, g in (groups or {}).items():
             check_option("layer", layer, list(self.acts))
             self.groups[layer] = resolve_group(g, self.acts[layer].shape[-1])
-        self._xy: dict = {}
         self._scores: dict = {}
         self._tests: dict = {}
 
@@ -219,19 +215,10 @@ class ProbeData:
     def layers(self) -> list[str]:
         return list(self.acts)
 
-    def matrices(self, layer: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """Checked ``(X float64 [M, d], Y bool [M, K])`` of a layer (rows: examples or tokens)."""
-        check_option("layer", layer, self.layers)
-        if layer not in self._xy:
-            X, Y, _ = prepare(self.acts[layer], self._Y, self._where, self.concept_names)
-            self._xy[layer] = (X, Y)
-        return self._xy[layer]
-
     def scores(self, layer: str) -> UnitScores:
+        check_option("layer", layer, self.layers)
         if layer not in self._scores:
-            X, Y = self.matrices(layer)
-            self._scores[layer] = UnitScores(auroc_matrix(X, Y), mean_difference_matrix(X, Y), f_statistic_matrix(X, Y),
-                                             self.concept_names, len(X))
+            self._scores[layer] = concept_scores(self.acts[layer], self._Y, where=self._where, names=self.concept_names)
         return self._scores[layer]
 
     def cached(self, layer: str, n_bases: int, seed: int) -> bool:
@@ -243,18 +230,14 @@ class ProbeData:
         if key in self._tests:
             return self._tests[key]
         check("scores")
-        X, Y = self.matrices(layer)
-        stat = STATISTICS["auroc"][0]
-        families = {g.name: (g, "random", g.name) for g in resolve_bases(self.bases, X.shape[1])}
-        if layer in self.groups:
-            g = self.groups[layer]
-            families[g.name] = (g, "architecture", OWN)
-        null = {}
-        for name, (g, _, step) in families.items():
-            check(step)
-            null[name] = null_distribution(X, Y, g, n_bases, seed, stat, check=check)
-        test = PrivilegedBasisTest(stat(X, Y, 1)[0], null, {k: r for k, (_, r, _) in families.items()},
-                                   self.concept_names, "auroc", seed, 0.05, len(X))
+        check_option("layer", layer, self.layers)
+        own = self.groups.get(layer)
+
+        def step(family):  # the job's steps name the layer's own group OWN
+            check(OWN if own is not None and family == own.name else family)
+
+        test = privileged_basis_test(self.acts[layer], self._Y, self.bases, own, n_bases=n_bases, seed=seed,
+                                     statistic="auroc", where=self._where, names=self.concept_names, check=step)
         self._tests[key] = test
         return test
 
