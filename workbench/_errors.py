@@ -32,6 +32,18 @@ class InvalidOptionError(WorkbenchError, ValueError, TypeError):
     """An option got a value outside its declared list of valid values."""
 
 
+class UnsupportedModelError(WorkbenchError, ValueError):
+    """A model (or part of one) workbench cannot read: the message names the construct and what is supported."""
+
+
+class IncompatibleWeightsError(WorkbenchError, ValueError):
+    """Weights that do not fit the model they are written into (names or shapes differ). A ``ValueError``."""
+
+
+class OutOfRangeError(WorkbenchError, IndexError, ValueError):
+    """An index outside the valid range, which the message states. An ``IndexError``."""
+
+
 class UntraceableModelError(WorkbenchError, ValueError):
     """A plain model could not be traced with ``torch.fx`` or run on its example, so no symmetry of
     it can be granted or checked. A ``ValueError`` (like torch.fx's own ``TraceError``)."""

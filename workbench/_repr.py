@@ -6,6 +6,8 @@ from typing import Iterable, Sequence
 
 import torch
 
+from ._errors import InvalidOptionError
+
 _UNITS = ("B", "KiB", "MiB", "GiB", "TiB")
 
 
@@ -21,7 +23,7 @@ def parse_bytes(value) -> int:
     """Bytes from an int or a string such as ``"512MB"``, ``"4 GiB"`` or ``"2g"``."""
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         if value <= 0:
-            raise ValueError(f"a memory size must be positive; got {value!r}.")
+            raise InvalidOptionError(f"a memory size must be positive; got {value!r}.")
         return int(value)
     if isinstance(value, str):
         import re
@@ -30,7 +32,7 @@ def parse_bytes(value) -> int:
         if m:
             scale = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}[m.group(2)]
             return int(float(m.group(1)) * scale)
-    raise ValueError(f"a memory size must be a number of bytes or a string like '4GB'; got {value!r}.")
+    raise InvalidOptionError(f"a memory size must be a number of bytes or a string like '4GB' or '512MiB'; got {value!r}.")
 
 
 _SHORT_DTYPE = {torch.float32: "f32", torch.float64: "f64", torch.float16: "f16", torch.bfloat16: "bf16",

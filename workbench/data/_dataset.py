@@ -5,7 +5,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from .._errors import InvalidOptionError, UnknownNameError, nearest
+from .._errors import InvalidOptionError, OutOfRangeError, UnknownNameError, nearest
 from .._random import SeedLike, as_generator
 from .._repr import tensor_summary
 from ._vocab import IGNORE_INDEX, decode, encode
@@ -101,7 +101,8 @@ class ConceptDataset(torch.utils.data.Dataset):
             idx = idx.nonzero().flatten()
         idx = idx.long().reshape(-1)
         if len(idx) and (idx.min() < -len(self) or idx.max() >= len(self)):
-            raise IndexError(f"subset index out of range for a data set of {len(self)} items.")
+            raise OutOfRangeError(f"subset index out of range for a data set of {len(self)} items: valid are "
+                                  f"{-len(self)} … {len(self) - 1}, a slice or a bool mask of length {len(self)}.")
         pick = (lambda t: None if t is None else t[idx])
         return ConceptDataset(self.inputs[idx], pick(self.labels), label_names=self.label_names,
                               concept_names=self.concept_names, concepts=self.concepts[idx],

@@ -13,6 +13,8 @@ from typing import Optional, Union
 
 import torch
 
+from .._errors import InvalidOptionError
+
 Phi = Union[str, tuple]  # "identity" | "abs" | ("power", d)
 
 
@@ -64,7 +66,7 @@ class GroupElement:
     def _check_axis(self, x: torch.Tensor, dim: int) -> int:
         d = dim % x.ndim
         if x.shape[d] != self.n:
-            raise ValueError(
+            raise InvalidOptionError(
                 f"this {type(self).__name__} acts on axes of length {self.n}, but axis {dim} of the "
                 f"tensor has length {x.shape[d]} (shape {tuple(x.shape)})."
             )
@@ -105,7 +107,7 @@ class ScaledPermutation(GroupElement):
         if self.scale is not None:
             self.scale = torch.as_tensor(self.scale)
             if self.scale.shape != (self.n,):
-                raise ValueError(f"scale must have shape ({self.n},); got {tuple(self.scale.shape)}.")
+                raise InvalidOptionError(f"scale must have shape ({self.n},); got {tuple(self.scale.shape)}.")
             if not self.scale.is_floating_point():
                 self.scale = self.scale.double()
 
@@ -145,7 +147,7 @@ class ScaledPermutation(GroupElement):
         elif isinstance(self.phi_kind, tuple) and self.phi_kind[0] == "power":
             scale = self.scale ** self.phi_kind[1]
         else:
-            raise ValueError(f"unknown homomorphism {self.phi_kind!r}")
+            raise InvalidOptionError(f"unknown homomorphism φ {self.phi_kind!r}; known: 'identity', 'abs', ('power', d).")
         return ScaledPermutation(self.perm, scale, "identity", self.group)
 
     def to_dict(self) -> dict:
@@ -167,7 +169,7 @@ class Dense(GroupElement):
     def __post_init__(self):
         self.M = torch.as_tensor(self.M)
         if self.M.ndim != 2 or self.M.shape[0] != self.M.shape[1]:
-            raise ValueError(f"a dense group element needs a square matrix; got shape {tuple(self.M.shape)}.")
+            raise InvalidOptionError(f"a dense group element needs a square matrix; got shape {tuple(self.M.shape)}.")
         if not self.M.is_floating_point():
             self.M = self.M.double()
         self.n = int(self.M.shape[0])
@@ -192,7 +194,7 @@ class Dense(GroupElement):
             return Dense(self.M.abs(), "identity", self.group)
         if isinstance(self.phi_kind, tuple) and self.phi_kind[0] == "power":
             return Dense(self.M ** self.phi_kind[1], "identity", self.group)
-        raise ValueError(f"unknown homomorphism {self.phi_kind!r}")
+        raise InvalidOptionError(f"unknown homomorphism φ {self.phi_kind!r}; known: 'identity', 'abs', ('power', d).")
 
     def to_dict(self) -> dict:
         return {"type": "dense", "M": self.M.double().tolist(), "orthogonal": self.orthogonal,
@@ -214,13 +216,13 @@ def _common_phi(a: GroupElement, b: GroupElement) -> Phi:
         return a.phi_kind
     if _is_permutation(a):
         return b.phi_kind
-    raise ValueError(f"cannot compose elements with different homomorphisms φ ({_phi_name(a.phi_kind)} and "
+    raise InvalidOptionError(f"cannot compose elements with different homomorphisms φ ({_phi_name(a.phi_kind)} and "
                      f"{_phi_name(b.phi_kind)}): the product's φ would be neither; compose elements of one group.")
 
 
 def _compose(a: GroupElement, b: GroupElement) -> GroupElement:
     if a.n != b.n:
-        raise ValueError(f"cannot compose elements acting on {a.n} and {b.n} dimensions.")
+        raise InvalidOptionError(f"cannot compose elements acting on {a.n} and {b.n} dimensions.")
     phi = _common_phi(a, b)
     group = a.group if a.group == b.group else f"{a.group}·{b.group}"
     if isinstance(a, ScaledPermutation) and isinstance(b, ScaledPermutation):
@@ -250,4 +252,4 @@ def element_from_dict(d: dict) -> GroupElement:
         return ScaledPermutation(torch.tensor(d["perm"]), scale, phi, d.get("group", ""))
     if d["type"] == "dense":
         return Dense(torch.tensor(d["M"], dtype=torch.float64), phi, d.get("group", ""), d.get("orthogonal", False))
-    raise ValueError(f"unknown group element type {d['type']!r}")
+    raise InvalidOptionError(f"unknown group element type {d['type']!r}; known: 'scaled_permutation', 'dense'.")

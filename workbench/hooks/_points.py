@@ -15,7 +15,7 @@ from typing import Callable, Iterable, Optional, Pattern, Sequence, Union
 import torch
 from torch import nn
 
-from .._errors import UnknownNameError, nearest
+from .._errors import InvalidOptionError, UnknownNameError, nearest
 from ..models import is_transformer_lens
 
 NameFilter = Union[None, str, Pattern, Callable[[str], bool], Sequence[Union[str, Pattern, Callable]]]
@@ -122,7 +122,7 @@ _MEMO: "weakref.WeakKeyDictionary[nn.Module, tuple[tuple, HookPoints]]" = weakre
 def hook_points(model: nn.Module, *, probe: bool = True) -> HookPoints:
     """Find the hook points of ``model`` (memoised while its module tree is unchanged)."""
     if not isinstance(model, nn.Module):
-        raise TypeError(f"expected a torch.nn.Module, got {type(model).__name__}.")
+        raise InvalidOptionError(f"expected a torch.nn.Module (a plain module or a TransformerLens model), got {type(model).__name__}.")
     key = tuple(id(m) for m in model.modules())
     hit = _MEMO.get(model)
     if hit is not None and hit[0] == key and (hit[1].probed or not probe):

@@ -21,6 +21,8 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
+from .._errors import IncompatibleWeightsError, InvalidOptionError, UnsupportedModelError
+
 # (Hugging Face name pattern, bridge name) per family; {i} is the layer, {p} the parameter leaf.
 _RENAMES: dict[str, list[tuple[str, str]]] = {
     "gpt2": [
@@ -130,7 +132,7 @@ def read_bridge_layout(model: nn.Module) -> dict[str, torch.Tensor]:
     for key, _ in ref.named_parameters(remove_duplicate=False):
         name = _rename(fam, key)
         if name is None:
-            raise ValueError(f"the {type(hf).__name__} parameter {key!r} has no place in the mapped layout.")
+            raise UnsupportedModelError(f"the {type(hf).__name__} parameter {key!r} has no place in the mapped {fam} layout.")
         t = own[key]
         if _is_conv1d(ref, key) and t.ndim == 2:
             t = t.T
@@ -170,7 +172,7 @@ def rebuild(model: nn.Module, bridge: dict[str, torch.Tensor], dtype: torch.dtyp
     values = {k: _hf_value(fam, ref, k, bridge) for k, _ in ref.named_parameters(remove_duplicate=False)}
     clash = None if untie else _tie_clash(ref, values)
     if clash:
-        raise ValueError(f"{clash[0]} and {clash[1]} are tied in this {type(hf).__name__}, but the transform gives them "
+        raise InvalidOptionError(f"{clash[0]} and {clash[1]} are tied in this {type(hf).__name__}, but the transform gives them "
                          f"different values (a map on the residual stream that is not orthogonal). Untie them first "
                          f"(model = wb.untie_embeddings(model)), or use the stream's own group.")
     if untie and getattr(config, "tie_word_embeddings", False):
@@ -187,7 +189,7 @@ def rebuild(model: nn.Module, bridge: dict[str, torch.Tensor], dtype: torch.dtyp
         state.update({k: buffers[k] for k in fresh.state_dict() if k not in state and k in buffers})
         missing, unexpected = fresh.load_state_dict(state, strict=False)
         if missing or unexpected:
-            raise ValueError(f"weights do not fit {type(hf).__name__}: missing {missing}, unexpected {unexpected}")
+            raise IncompatibleWeightsError(f"weights do not fit {type(hf).__name__}: missing {missing}, unexpected {unexpected}")
         fresh.eval()
         new = TransformerBridge.boot_transformers(model.cfg.model_name, hf_model=fresh, tokenizer=model.tokenizer,
                                                   dtype=dtype)

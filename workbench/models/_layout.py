@@ -14,7 +14,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from .._errors import InvalidOptionError
+from .._errors import IncompatibleWeightsError, InvalidOptionError
 from ._kind import ModelKind, model_kind
 
 
@@ -165,17 +165,18 @@ def write_weights(model: nn.Module, weights: dict[str, torch.Tensor]) -> None:
             alt = f"{base}.{_HOOKED_GQA.get(leaf, leaf)}"
             target = params.get(alt) if alt in params else params.get(k)
             if target is None:
-                raise ValueError(f"weights do not fit HookedTransformer: no parameter {k!r}")
+                raise IncompatibleWeightsError(f"weights do not fit HookedTransformer: no parameter {k!r}")
             with torch.no_grad():
                 target.copy_(v)
             written.add(alt if alt in params else k)
         if written != set(params):
-            raise ValueError(f"weights do not fit HookedTransformer: missing {sorted(set(params) - written)}")
+            raise IncompatibleWeightsError(f"weights do not fit HookedTransformer: missing {sorted(set(params) - written)}")
         return
     if kind == ModelKind.NATIVE:
         model.load_state_dict(from_canonical(weights, model.cfg), strict=True)
         return
-    raise TypeError(f"cannot write weights into a {type(model).__name__} of kind {kind.value!r}.")
+    raise InvalidOptionError(f"cannot write canonical weights into a {type(model).__name__} (kind {kind.value!r}); "
+                             f"only HookedTransformer and native bridges are written in place.")
 
 
 # ---------------------------------------------------------------------- a model's own tensors, in place
@@ -256,7 +257,8 @@ def _boot(model: nn.Module, dtype: torch.dtype) -> nn.Module:
             if init is not None:
                 new.cfg.init_weights = init
         else:
-            raise TypeError(f"cannot rebuild a {type(model).__name__} of kind {kind.value!r} from weights.")
+            raise InvalidOptionError(f"cannot rebuild a {type(model).__name__} (kind {kind.value!r}) from weights; "
+                                     f"rebuilt are HookedTransformer, native bridges and mapped Hugging Face bridges.")
     if next(new.parameters()).dtype != dtype:
         import contextlib
         import io

@@ -50,7 +50,7 @@ class Cut:
 
     def __init__(self, model: nn.Module, site, example: torch.Tensor, where: str = "after"):
         if not isinstance(model, nn.Module):
-            raise TypeError(f"expected a torch.nn.Module; got {type(model).__name__}.")
+            raise InvalidOptionError(f"expected a torch.nn.Module; got {type(model).__name__}.")
         smap = symmetry_map(model, example)
         if not smap.sites:
             why = "; ".join(r for _, r in smap.skipped) or "no hidden space with a writer"

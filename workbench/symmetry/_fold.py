@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .._errors import InvalidOptionError
+from .._errors import InvalidOptionError, UnsupportedModelError
 from ..models import ModelKind, hf, is_transformer_lens, model_kind, read_weights, rebuild
 
 # Each residual-stream norm and the weights that read its output (canonical layout: d_model axis).
@@ -63,7 +63,7 @@ def _fold(W: dict, ln: str, readers: list[tuple[str, str]], heads: bool) -> None
     W[f"{ln}.w"] = torch.ones_like(w)
     if keep_bias:  # w⊙n + b = w⊙(n + b/w): the gain went to the readers, b/w stays
         if bool(w.eq(0).any()):
-            raise ValueError(f"cannot fold {ln}: a zero gain, and a bias with no reader bias to absorb it.")
+            raise UnsupportedModelError(f"cannot fold {ln}: a zero gain, and a bias with no reader bias to absorb it.")
         W[f"{ln}.b"] = b / w
     elif b is not None:
         W[f"{ln}.b"] = torch.zeros_like(b)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .._errors import UnsupportedModelError
 from ..groups import get_group
 from ..models import ModelKind, canonical_views, hf, model_kind, read_weights, shape_facts
 from ._sites import Observation, Port, Site, SymmetryMap
@@ -101,7 +102,7 @@ def transformer_map(model: nn.Module) -> SymmetryMap:
 def _resid_site(model, W: dict, L: int) -> Site:
     norm = _cfg(model, "normalization_type", None)
     if norm not in _NORMS:
-        raise NotImplementedError(f"normalization_type {norm!r}")
+        raise UnsupportedModelError(f"normalization_type {norm!r} is not supported; supported: {list(_NORMS)}.")
     post_ln = model_kind(model) == ModelKind.HF_BRIDGE and hf.is_post_ln(model)
     folded = is_folded(W) and not post_ln
     group = get_group("permutation" if post_ln else _NORMS[norm][folded], int(model.cfg.d_model))
@@ -201,7 +202,8 @@ def rotary_pairs(model: nn.Module, layer: int = 0) -> tuple[tuple[int, int], ...
     for j in range(dh):
         partners = [i for i in torch.nonzero(touches[:, j]).flatten().tolist() if i != j]
         if len(partners) > 1:
-            raise ValueError(f"rotary embedding at layer {layer} mixes dimension {j} with {partners}: not 2-D rotations.")
+            raise UnsupportedModelError(f"rotary embedding at layer {layer} mixes dimension {j} with {partners}: not 2-D "
+                                        f"rotations of dimension pairs, so its QK group is not known.")
         if partners and j < partners[0]:
             pairs.append((j, partners[0]))
     return tuple(pairs)

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .._errors import InvalidOptionError
 from .._report import Report, new_axes
 from ..groups import ScaledPermutation
 from ..hooks import run_with_cache
@@ -20,7 +21,7 @@ def _units(acts: torch.Tensor) -> torch.Tensor:
     """[N, C, *rest] -> [C, N·prod(rest)]: one row of values per unit."""
     a = torch.as_tensor(acts).double()
     if a.ndim < 2:
-        raise ValueError(f"activations need shape [examples, units, ...]; got {tuple(a.shape)}.")
+        raise InvalidOptionError(f"activations need shape [examples, units, ...]; got {tuple(a.shape)}.")
     return a.transpose(0, 1).reshape(a.shape[1], -1)
 
 
@@ -71,7 +72,7 @@ def match_neurons(acts_a: torch.Tensor, acts_b: torch.Tensor, *, signed: bool = 
 
     A, B = _units(acts_a), _units(acts_b)
     if A.shape != B.shape:
-        raise ValueError(f"both activation sets need the same shape; got {tuple(acts_a.shape)} and {tuple(acts_b.shape)}.")
+        raise InvalidOptionError(f"both activation sets need the same shape; got {tuple(acts_a.shape)} and {tuple(acts_b.shape)}.")
     An = A / A.norm(dim=1, keepdim=True).clamp_min(1e-30)
     Bn = B / B.norm(dim=1, keepdim=True).clamp_min(1e-30)
     sim = Bn @ An.T  # [C_b, C_a]

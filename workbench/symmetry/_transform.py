@@ -60,7 +60,8 @@ class Transform(Report):
     @classmethod
     def from_dict(cls, d: dict) -> "Transform":
         if d.get("format") != "workbench-transform":
-            raise ValueError("not a workbench transform record (format field missing or different).")
+            raise InvalidOptionError(f"not a workbench transform record: format {d.get('format')!r}, expected 'workbench-transform' "
+                                     f"(written by Transform.save / to_dict).")
         return cls({k: element_from_dict(v) for k, v in d["elements"].items()}, d["groups"], d["forced"],
                    d["seed"], d["model"], d["affine"])
 

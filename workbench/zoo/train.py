@@ -44,7 +44,7 @@ def _make_data(recipe: Recipe):
     if d["generator"] == "synthetic_language":
         return (data.synthetic_language(seq_len=d["seq_len"], **d["train"]),
                 data.synthetic_language(seq_len=d["seq_len"], **d["test"]))
-    raise ValueError(f"unknown data generator {d['generator']!r}")
+    raise InvalidOptionError(f"unknown data generator {d['generator']!r} in the recipe; known: shapes, digits, synthetic_language.")
 
 
 def _entry_shape(recipe: Recipe, train) -> dict:
