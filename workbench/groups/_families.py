@@ -331,7 +331,7 @@ FAMILIES = {
     "orthogonal_ones": OrthogonalOnes,
     "rotary": RotaryCommutant,
 }
-ALIASES = {
+GROUP_ALIASES = {
     "general_linear": "gl", "linear": "gl", "identity": "gl",
     "rotation": "orthogonal", "o": "orthogonal", "so": "special_orthogonal",
     "relu": "scaled_permutation", "g_relu": "scaled_permutation", "grelu": "scaled_permutation",
@@ -340,7 +340,7 @@ ALIASES = {
     "layernorm": "permutation", "folded_layernorm": "orthogonal_ones", "rmsnorm": "signed_permutation",
     "folded_rmsnorm": "orthogonal",
 }
-GROUP_NAMES = [*FAMILIES, *ALIASES]
+GROUP_NAMES = [*FAMILIES, *GROUP_ALIASES]
 
 
 def get_group(spec: Union[str, Group], n: Optional[int] = None, **kwargs) -> Group:
@@ -354,4 +354,4 @@ def get_group(spec: Union[str, Group], n: Optional[int] = None, **kwargs) -> Gro
     key = check_option("group", spec.lower(), GROUP_NAMES)
     if n is None:
         raise InvalidOptionError(f"group {spec!r}: say how many dimensions it acts on (n=...).")
-    return FAMILIES[ALIASES.get(key, key)](n, **kwargs)
+    return FAMILIES[GROUP_ALIASES.get(key, key)](n, **kwargs)

@@ -13,10 +13,10 @@ from ._alignment import (correlation_matching, grelu_procrustes, mean_cca, ortho
                          permutation_procrustes, svcca)
 from ._kernels import (DegenerateRepresentationError, cka_from_kernels, grelu_cka, grelu_kernel, hsic, linear_cka,
                        rbf_cka, standardized_cka)
-from ._registry import (ALIASES, INVARIANCE_GROUPS, INVARIANCES, MEASURES, Measure, SimilarityReport, compare,
+from ._registry import (MEASURE_ALIASES, INVARIANCE_GROUPS, INVARIANCES, MEASURES, Measure, SimilarityReport, compare,
                         get_measure, measures, random_transform)
 
-__all__ = ["ALIASES", "DegenerateRepresentationError", "INVARIANCES", "INVARIANCE_GROUPS", "MEASURES", "Measure",
+__all__ = ["MEASURE_ALIASES", "DegenerateRepresentationError", "INVARIANCES", "INVARIANCE_GROUPS", "MEASURES", "Measure",
            "SimilarityReport", "cka_from_kernels", "compare", "correlation_matching", "get_measure", "grelu_cka",
            "grelu_kernel", "grelu_procrustes", "hsic", "linear_cka", "mean_cca", "measures",
            "orthogonal_procrustes", "permutation_procrustes", "random_transform", "rbf_cka", "standardized_cka",

@@ -96,10 +96,10 @@ MEASURES = {m.name: m for m in [
     _measure("svcca", al.svcca, (*_ALL, "orthogonal", "translation"), _POSITION,
              "mean CCA of the top singular directions (99% of variance)"),
 ]}
-ALIASES = {"cka": "linear_cka", "cka_unbiased": "linear_cka_unbiased", "procrustes": "orthogonal_procrustes",
-           "ortho_procrustes": "orthogonal_procrustes", "wreath_procrustes": "grelu_procrustes",
-           "g_relu_procrustes": "grelu_procrustes", "wreath_cka": "grelu_cka", "g_relu_cka": "grelu_cka",
-           "cca": "mean_cca", "ortho_cka": "standardized_cka"}
+MEASURE_ALIASES = {"cka": "linear_cka", "cka_unbiased": "linear_cka_unbiased", "procrustes": "orthogonal_procrustes",
+                   "ortho_procrustes": "orthogonal_procrustes", "wreath_procrustes": "grelu_procrustes",
+                   "g_relu_procrustes": "grelu_procrustes", "wreath_cka": "grelu_cka", "g_relu_cka": "grelu_cka",
+                   "cca": "mean_cca", "ortho_cka": "standardized_cka"}
 
 
 def get_measure(name: Union[str, Measure]) -> Measure:
@@ -109,9 +109,9 @@ def get_measure(name: Union[str, Measure]) -> Measure:
     if not isinstance(name, str):
         raise InvalidOptionError(f"a similarity measure is a name from wb.similarity.measures(); got "
                                  f"{type(name).__name__}.")
-    key = ALIASES.get(name.lower(), name.lower())
+    key = MEASURE_ALIASES.get(name.lower(), name.lower())
     if key not in MEASURES:
-        close = nearest(name.lower(), [*MEASURES, *ALIASES], n=3)
+        close = nearest(name.lower(), [*MEASURES, *MEASURE_ALIASES], n=3)
         tip = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
         raise InvalidOptionError(f"unknown similarity measure {name!r}; the measures are {list(MEASURES)}.{tip}")
     return MEASURES[key]

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from .._errors import InvalidOptionError, WorkbenchError, check_option
-from ..groups import ALIASES, GROUP_NAMES
+from ..groups import GROUP_ALIASES, GROUP_NAMES
 from ..symmetry import symmetry_map
 from ._base import BackgroundAction, Job, checked_int, html_bundle, int_control, show, shown_text
 from ._compute import ExplorerResult, badge_html, explore, unit_activations, unit_traces
@@ -160,7 +160,7 @@ class IntertwinerExplorer(BackgroundAction, widgets.VBox):
     @group.setter
     def group(self, name: str) -> None:
         key = check_option("group", name.lower() if isinstance(name, str) else name, ["own", *GROUP_NAMES])
-        key = ALIASES.get(key, key)
+        key = GROUP_ALIASES.get(key, key)
         if key not in [v for _, v in self._group.options]:
             self._group.options = [*self._group.options, (key, key)]
         self._group.value = key
