@@ -4,6 +4,8 @@
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
+# torchvision pairs with one torch release (0.28 with 2.13); installed right after it so nothing upgrades torch.
+TORCHVISION_SPEC ?= torchvision==0.28.0
 # TransformerLens 3.9 (the last release with HookedTransformer), overlaid on .venv for a second test pass.
 TL3_SPEC ?= transformer-lens==3.9.0
 PY := $(VENV)/bin/python
@@ -19,6 +21,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	# torch first and pinned: an unpinned torch (or one pulled in by a dependency) is a multi-GB CUDA build.
 	$(PY) -m pip install $(TORCH_SPEC)
+	$(PY) -m pip install $(TORCHVISION_SPEC)
 	$(PY) -m pip install -e '.[dev]'
 	$(PY) -m pip install --no-deps --upgrade --target $(VENV)/tl3 $(TL3_SPEC) better-abc
 	$(PY) -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (workbench)"

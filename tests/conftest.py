@@ -14,7 +14,11 @@ if os.environ.get("CI"):
     settings.load_profile("ci")
 
 
-from workbench.models import has_hooked_transformer  # noqa: E402,F401
+from workbench.models import ensure_torchvision_importable, has_hooked_transformer  # noqa: E402,F401
+
+# Tests that import transformers directly (it imports torchvision when installed) need torchvision
+# importable first; see workbench/models/_compat.py.
+ensure_torchvision_importable()
 from models import BasicBlock as Block, randomise as randomise_bn  # noqa: E402  (shared test models)
 
 

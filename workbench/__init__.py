@@ -6,8 +6,8 @@ on first use (``__getattr__``), and TransformerLens is never imported by workben
 """
 from importlib import import_module
 
-from ._errors import (ActivationOverwrittenError, CacheBudgetError, HookNotFiredError,
-                      InvalidOptionError, UnknownNameError, WorkbenchError)
+from ._errors import (ActivationOverwrittenError, CacheBudgetError, HookNotFiredError, InvalidOptionError,
+                      MissingDependencyError, UnknownNameError, WorkbenchError)
 from .hooks import ActivationCache, ActivationStore, HookNames, capture, harvest, hook_names, intervene, run_with_cache
 
 __version__ = "0.1.0"
@@ -23,7 +23,8 @@ _SUBPACKAGES = {"data", "groups", "hooks", "probing", "similarity", "stitching",
 
 __all__ = [
     "ActivationCache", "ActivationOverwrittenError", "ActivationStore", "CacheBudgetError",
-    "HookNames", "HookNotFiredError", "InvalidOptionError", "UnknownNameError", "WorkbenchError",
+    "HookNames", "HookNotFiredError", "InvalidOptionError", "MissingDependencyError", "UnknownNameError",
+    "WorkbenchError",
     "capture", "harvest", "hook_names", "intervene", "run_with_cache", *_LAZY,
 ]
 

@@ -44,6 +44,10 @@ class OutOfRangeError(WorkbenchError, IndexError, ValueError):
     """An index outside the valid range, which the message states. An ``IndexError``."""
 
 
+class MissingDependencyError(WorkbenchError, ImportError):
+    """An optional dependency is not installed; the message names the extra that brings it. An ``ImportError``."""
+
+
 class UntraceableModelError(WorkbenchError, ValueError):
     """A plain model could not be traced with ``torch.fx`` or run on its example, so no symmetry of
     it can be granted or checked. A ``ValueError`` (like torch.fx's own ``TraceError``)."""

@@ -10,6 +10,7 @@
 Nothing here imports TransformerLens or transformers at import time.
 """
 from . import _hf as hf
+from ._compat import ensure_torchvision_importable, require
 from ._kind import ModelKind, has_hooked_transformer, has_layout, is_transformer_lens, model_kind
 from ._layout import (blank, canonical_views, from_canonical, read_weights, rebuild, shape_facts, to_canonical,
                       write_weights)
@@ -17,5 +18,5 @@ from ._modes import eval_mode
 from ._trace import TraceFailure, describe, propagate_shapes, trace
 
 __all__ = ["ModelKind", "TraceFailure", "blank", "canonical_views", "describe", "eval_mode", "from_canonical",
-           "has_hooked_transformer", "has_layout", "hf", "is_transformer_lens", "model_kind", "propagate_shapes",
-           "read_weights", "rebuild", "shape_facts", "to_canonical", "trace", "write_weights"]
+           "ensure_torchvision_importable", "has_hooked_transformer", "has_layout", "hf", "is_transformer_lens",
+           "model_kind", "propagate_shapes", "read_weights", "rebuild", "require", "shape_facts", "to_canonical", "trace", "write_weights"]

