@@ -5,7 +5,8 @@ test with fewer repetitions and batches that prints the table and writes no file
 
 Method. Everything runs on the CPU under ``torch.no_grad()`` with torch's default thread count.
   (a) ResNet-20 for CIFAR (width 16, 3 stages of 3 BasicBlocks, Conv-BN-ReLU, ``ReLU(inplace=True)``
-      as torchvision uses, which exercises workbench's in-place guard), eval mode, batch 128x3x32x32.
+      and ``out += identity`` as torchvision uses, which exercise workbench's write guard: captured
+      values are copied just before an in-place op writes into them), eval mode, batch 128x3x32x32.
   (b) A TransformerLens 4 ``TransformerBridge.boot_native`` model (d_model 256, 4 layers), 32x128 tokens;
       workbench and ``bridge.run_with_cache`` capture the same names.
 Within one group the variants are timed side by side: every repetition runs each variant once (after
@@ -15,7 +16,8 @@ the same repetition (paired, so slow drifts in machine load cancel); "ratio of m
 times. The CNN group also times hand-written forward hooks that keep the same tensors (the floor cost of
 holding every activation), as the transformer group times TransformerLens's own cache.
   (c) Throughput of ``wb.harvest(reduce="spatial_mean", path=tmp)`` (all names, and the 9 block outputs)
-      over the same pre-made batches as a forward-only loop, interleaved per repetition likewise.
+      over the same pre-made batches as a forward-only loop, interleaved per repetition likewise. A disk
+      harvest fingerprints the model and each batch, and checksums every chunk file as it writes it.
   (d) Peak RSS of a disk harvest (reduce=None, three names, 4 MB chunks) over N and 10N batches, each in a
       fresh subprocess whose batches are generated on the fly; the child reports its own ``VmHWM``.
   (e) Import time: fresh interpreters run ``import torch`` alone or ``import torch, workbench``;
@@ -41,6 +43,9 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parent.parent
+# Run as a script, this folder is sys.path[0], where benchmarks/transformers.py would shadow Hugging
+# Face's `transformers` (which TransformerLens imports).
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "benchmarks"]
 sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
@@ -129,7 +134,8 @@ def bench_cnn(reps: int) -> list[dict]:
             h.remove()
         return store
 
-    # On a model it has not seen, the in-place guard finds CNN_NAME overwritten and re-runs the forward.
+    # On a model it has not seen: nothing learned yet; the write guard copies CNN_NAME before `+=` writes
+    # into it (this row was 2x when the core re-ran the forward to recover overwritten values).
     t = interleaved({"plain": lambda: model(x), "one": lambda: cap(model, CNN_NAME), "all": lambda: cap(model, None),
                      "hand": by_hand, "first": lambda: cap(next(fresh), CNN_NAME)}, reps)
     rows = [

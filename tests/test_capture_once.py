@@ -25,6 +25,7 @@ INPLACE = {
     "out_kwarg": lambda h: torch.add(h.detach(), 2.0, out=h.detach()),  # out= needs no autograd
     "view_write": lambda h: h.view(-1).mul_(3.0),
     "data_write": lambda h: h.data.sub_(1.0),
+    "foreach": lambda h: torch._foreach_mul_([h.detach()], 2.0),  # as an optimizer step writes
 }
 
 

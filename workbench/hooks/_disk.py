@@ -116,8 +116,16 @@ def file_problem(path: Path, meta: Optional[dict]) -> Optional[str]:
 
 
 # ====================================================================== the writer
+_HINTS = {
+    "model.mode": " (model.train() vs model.eval(): dropout and BatchNorm differ)",
+    "model.parameters": " (other weights, or BatchNorm statistics updated in train mode)",
+    "data.first_batch": " (other data, or a shuffling loader: build it again with the same seed)",
+}
+
+
 def mismatch_message(folder: Path, diffs: list) -> str:
-    lines = "\n".join(f"  - {field}: {_short(a)} in the store, {_short(b)} now" for field, a, b in diffs)
+    lines = "\n".join(f"  - {field}: {_short(a)} in the store, {_short(b)} now{_HINTS.get(field, '')}"
+                      for field, a, b in diffs)
     return (f"resume=True, but {folder} was harvested from other inputs; these differ:\n{lines}\n"
             f"Resuming would mix two harvests in one store, so nothing was written. Resume with exactly the "
             f"same model, batches and settings, or start over: harvest into another path (or delete {folder}) "

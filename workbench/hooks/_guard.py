@@ -50,8 +50,8 @@ def _written(func, args: tuple, kwargs: dict) -> list:
         writes = isinstance(flag, int) and bool(flag)  # True, or 1
     else:
         writes = rule == "first"
-    if args and writes:
-        out.append(args[0])
+    if args and writes:  # a list for the _foreach_ ops an optimizer step uses
+        out.extend(args[0] if isinstance(args[0], (list, tuple)) else (args[0],))
     target = kwargs.get("out") if kwargs else None
     if target is not None:
         out.extend(target if isinstance(target, (tuple, list)) else (target,))

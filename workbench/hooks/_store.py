@@ -433,8 +433,9 @@ def _run(model, core: _Capture, keys: list[str], batches: Iterable, writer: Opti
                 if index not in recorded or batch_digest(batch) != recorded[index][1]:
                     raise ResumeMismatchError(
                         f"resume=True, but batch {index} of the iterable differs from the batch harvested "
-                        f"there before (shuffled, or other data?); nothing was written. Resume with the same "
-                        f"batches in the same order, or harvest into another path.")
+                        f"there before (other data, or another order: a shuffling DataLoader draws a new order "
+                        f"each time it is iterated, so build it again with the same seed); nothing was written. "
+                        f"Resume with the same batches in the same order, or harvest into another path.")
                 bar.update(1)
                 continue
             if forward is not None:
