@@ -28,8 +28,11 @@ def test_torch_is_pinned_first_and_a_range_in_the_package():
     deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
     torch_dep = next(d for d in deps if d.startswith("torch"))
     assert "==" not in torch_dep and "<3" in torch_dep
-    tl = next(d for d in deps if d.startswith("transformer-lens"))
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert not any(d.startswith("transformer-lens") for d in deps)  # the core install stays light
+    tl = next(d for d in extras["transformers"] if d.startswith("transformer-lens"))
     assert ">=3.9" in tl and "<5" in tl  # admits both 3.9 (HookedTransformer) and 4.x (TransformerBridge)
+    assert install.index("$(TORCH_SPEC)") < install.index("$(TORCHVISION_SPEC)") < install.index("-e '.[dev]'")
 
 
 @pytest.mark.slow
@@ -61,3 +64,43 @@ def test_tour_writes_a_self_contained_report(tmp_path):
     assert m["resid_group"] == "permutation" and m["compared"] == "encoder outputs"
     assert m["verify_float32"] and m["rotation_control_fails"]
     assert m["mlp_top10_overlap_matched"] > 0.99 > 0.5 > m["ov_top10_overlap_matched"]
+    assert set(summary["phases"]) >= {"CNN: symmetries", "Transformer: MiniLM"}  # each phase timed
+    assert "CNN: symmetries" not in result.stderr  # --quiet: no progress lines
+    read_like_a_person(out / "index.html")
+
+
+def read_like_a_person(path):
+    """The report in a real browser at 1280 px: verdicts first, nothing wider than the window, every link
+    resolves, long tables collapsed, every figure captioned, and no verdict said twice."""
+    from test_browser import CHROMIUM, CHROMIUM_ARGS
+
+    if not CHROMIUM.exists():
+        pytest.skip("no /usr/bin/chromium (install Debian's chromium: apt-get install -y chromium)")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="Playwright is not installed")
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            page.goto(path.as_uri())
+            width = page.evaluate("[document.documentElement.scrollWidth, document.documentElement.clientWidth]")
+            assert width[0] <= width[1], f"horizontal scroll at 1280 px: {width}"
+            headings = page.locator("h2").all_inner_texts()
+            assert headings[:2] == ["Verdicts", "Contents"] and headings[-1] == "The raw numbers"
+            rows = page.locator("#verdicts ~ div table tbody tr")
+            assert rows.count() >= 10
+            verdicts = page.locator("#verdicts ~ div .badge").all_inner_texts()
+            assert set(verdicts) <= {"PASS", "FAIL", "NOT CHECKED"} and "FAIL" not in verdicts, verdicts
+            evidence = page.locator("#verdicts ~ div table tbody tr td:nth-child(3)").all_inner_texts()
+            assert not any(e.startswith(("PASS", "FAIL")) for e in evidence)  # the verdict is not repeated
+            for href in page.eval_on_selector_all("a[href]", "els => els.map(e => e.getAttribute('href'))"):
+                if href.startswith("#"):
+                    assert page.locator(f"[id='{href[1:]}']").count() == 1, f"broken link {href}"
+                else:
+                    assert (path.parent / href).exists(), f"broken link {href}"
+            assert page.locator("figure").count() == page.locator("figure figcaption").count() >= 4
+            # The transformer maps are long: grouped by layer, collapsed until opened.
+            closed = page.locator("#minilm-map ~ div details:not([open])").count()
+            assert closed >= 6
+            assert page.locator("#minilm-map ~ div table").first.is_visible() is False
+        finally:
+            browser.close()

@@ -481,7 +481,7 @@ def test_a_rank_with_another_model_is_refused_and_a_swapped_shard_is_left_out(tm
 
 # ------------------------------------------------------------------ the tour, progress, repr
 def test_the_tour_never_reports_another_runs_harvest(tmp_path):
-    from workbench.cli import _tour_harvest
+    from workbench.experiments.tour import _harvest as _tour_harvest
 
     def model(seed):
         torch.manual_seed(seed)

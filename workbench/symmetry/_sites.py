@@ -102,7 +102,8 @@ class SymmetryMap(Report):
 
     def summary(self) -> str:
         cont = sum(not s.privileged for s in self.sites)
-        return f"{self.model}: {len(self.sites)} sites ({cont} with a continuous group), {len(self.skipped)} places skipped"
+        return (f"{self.model}: {_count(len(self.sites), 'site')} ({cont} with a continuous group), "
+                f"{_count(len(self.skipped), 'place')} skipped")
 
     def to_frame(self):
         import pandas as pd
@@ -119,8 +120,34 @@ class SymmetryMap(Report):
         return pd.DataFrame(self.skipped, columns=["place", "reason"])
 
     def _repr_html_(self) -> str:
-        skipped = self.skipped_frame().to_html(index=False, border=0) if self.skipped else "<p>none</p>"
-        return super()._repr_html_() + f"<p><b>Skipped</b></p>{skipped}"
+        """The summary, then the sites grouped by layer (one collapsible table per layer, with counts, when
+        there are many), then the places skipped with why (collapsed)."""
+        import html
+
+        def row(site: Site) -> str:
+            cells = [site.name, site.n, site.group.name, site.activation, "yes" if site.privileged else "no",
+                     _names(site.writers), _names(site.readers), "; ".join(site.notes)]
+            return "<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in cells) + "</tr>"
+
+        head = "".join(f"<th>{h}</th>" for h in ("site", "n", "group", "activation", "privileged", "writers",
+                                                  "readers", "notes"))
+        layers: dict[str, list[Site]] = {}
+        for site in self.sites:
+            layers.setdefault(_layer_of(site.name), []).append(site)
+        table = lambda sites: f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(map(row, sites))}</tbody></table>"  # noqa: E731
+        if len(self.sites) <= 12:
+            body = table(self.sites)
+        else:
+            body = "".join(
+                f"<details><summary><b>{html.escape(layer)}</b>: {_count(len(sites), 'site')} — {html.escape(_counts(sites))}"
+                f"</summary>{table(sites)}</details>" for layer, sites in layers.items())
+        skipped = ""
+        if self.skipped:
+            rows = "".join(f"<tr><td>{html.escape(p)}</td><td>{html.escape(r)}</td></tr>" for p, r in self.skipped)
+            skipped = (f"<details><summary>Skipped: {_count(len(self.skipped), 'place')}, each with the reason</summary>"
+                       f"<table><thead><tr><th>place</th><th>reason</th></tr></thead><tbody>{rows}</tbody></table>"
+                       f"</details>")
+        return f"<div><p><b>SymmetryMap</b> — {html.escape(self.summary())}</p>{body}{skipped}</div>"
 
     def plot(self, ax=None):
         import seaborn as sns
@@ -132,6 +159,31 @@ class SymmetryMap(Report):
         ax.set_title("sites and their groups")
         ax.tick_params(axis="x", rotation=60)
         return ax
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
+def _names(ports: list, shown: int = 3) -> str:
+    """``a, b, c (+5 more)``: long port lists (a residual stream has dozens) stay one line."""
+    names = list(dict.fromkeys(p.name for p in ports))
+    return ", ".join(names[:shown]) + (f" (+{len(names) - shown} more)" if len(names) > shown else "")
+
+
+def _layer_of(site: str) -> str:
+    """The layer a site belongs to, for grouping: ``blocks.2.attn.qk.0`` → ``blocks.2``, ``layer1.0.relu``
+    → ``layer1``, a top-level module → ``top level``."""
+    parts = site.split(".")
+    if len(parts) >= 2 and parts[1].isdigit() and not parts[0].isdigit():
+        return ".".join(parts[:2]) if parts[0] == "blocks" else parts[0]
+    return parts[0] if len(parts) > 1 else "top level"
+
+
+def _counts(sites: list) -> str:
+    from collections import Counter
+
+    return ", ".join(f"{n} × {g}" for g, n in Counter(s.group.name for s in sites).most_common())
 
 
 def _phi(group: Group) -> str:
