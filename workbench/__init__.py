@@ -6,8 +6,10 @@ on first use (``__getattr__``), and TransformerLens is never imported by workben
 """
 from importlib import import_module
 
-from ._errors import (ActivationOverwrittenError, CacheBudgetError, HookNotFiredError, InvalidOptionError,
-                      MissingDependencyError, UnknownNameError, WorkbenchError)
+from ._errors import (ActivationOverwrittenError, CacheBudgetError, HookNotFiredError, IncompatibleWeightsError,
+                      InvalidOptionError, MissingDependencyError, OutOfRangeError, ResumeMismatchError,
+                      StoreCorruptError, StoreFormatError, StoreLockedError, UnknownNameError,
+                      UnsupportedModelError, UntraceableModelError, WorkbenchError)
 from .hooks import ActivationCache, ActivationStore, HookNames, capture, harvest, hook_names, intervene, run_with_cache
 
 __version__ = "0.1.0"
@@ -19,12 +21,14 @@ _LAZY = {
     **dict.fromkeys(["symmetry_map", "random_intertwiner", "apply_transform", "verify", "match_neurons",
                      "interpretation_shift", "Transform", "SymmetryMap", "Site", "fold_layernorm", "untie_embeddings"], "workbench.symmetry"),
 }
-_SUBPACKAGES = {"data", "groups", "hooks", "probing", "similarity", "stitching", "symmetry", "widgets", "zoo"}
+_SUBPACKAGES = {"data", "experiments", "groups", "hooks", "models", "probing", "similarity", "stitching", "symmetry",
+                "widgets", "zoo"}
 
 __all__ = [
-    "ActivationCache", "ActivationOverwrittenError", "ActivationStore", "CacheBudgetError",
-    "HookNames", "HookNotFiredError", "InvalidOptionError", "MissingDependencyError", "UnknownNameError",
-    "WorkbenchError",
+    "ActivationCache", "ActivationOverwrittenError", "ActivationStore", "CacheBudgetError", "HookNames",
+    "HookNotFiredError", "IncompatibleWeightsError", "InvalidOptionError", "MissingDependencyError", "OutOfRangeError",
+    "ResumeMismatchError", "StoreCorruptError", "StoreFormatError", "StoreLockedError", "UnknownNameError",
+    "UnsupportedModelError", "UntraceableModelError", "WorkbenchError",
     "capture", "harvest", "hook_names", "intervene", "run_with_cache", *_LAZY,
 ]
 
