@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import html
+import weakref
 from collections.abc import Mapping
 from typing import Iterator, Optional
 
@@ -9,6 +10,7 @@ import torch
 
 from .._errors import UnknownNameError, nearest
 from .._repr import html_table, human_bytes
+from ._cache_views import CacheViews
 
 
 def unique_nbytes(tensors) -> int:
@@ -25,13 +27,18 @@ def storage_key(t: torch.Tensor) -> tuple[int, int]:
     return s.data_ptr(), s.nbytes()
 
 
-class ActivationCache(Mapping):
+class ActivationCache(CacheViews, Mapping):
     """Activations captured from a forward pass, by hook name.
 
-    ``cache[name]`` is the activation of a name that fired once (aliases of a name work too). A name
-    that fired several times in one forward (a shared module, a recurrence) has every call in
-    ``cache.calls(name)``; ``cache[name]`` then raises and points there, unless every call gave the
-    same values.
+    ``cache[name]`` is the activation of a name that fired once (aliases of a name work too, and the
+    keys list them, as TransformerLens's do). A name that fired several times in one forward (a shared
+    module, a recurrence) has every call in ``cache.calls(name)``; ``cache[name]`` then raises and
+    points there, unless every call gave the same values.
+
+    On a TransformerLens model it reads like TransformerLens's own cache, with its numbers:
+    ``cache["resid_post", 0]``, ``cache.accumulated_resid()``, ``decompose_resid``,
+    ``stack_activation``, ``apply_ln_to_stack``, ``logit_attrs``, ``stack_head_results`` …; on a plain
+    module, tuple keys where layers are numbered (``cache["relu", 2]``) and ``stack_activation``.
 
     Example:
         >>> import torch, workbench as wb
@@ -43,9 +50,11 @@ class ActivationCache(Mapping):
 
     def __init__(self, calls: dict[str, list[torch.Tensor]], aliases: Optional[dict[str, str]] = None,
                  unfired: Optional[dict[str, str]] = None, skipped: Optional[dict[str, str]] = None,
-                 failures: Optional[list[str]] = None):
+                 failures: Optional[list[str]] = None, model=None):
         # ``calls`` may still be filling (inside ``wb.capture``): aliases are resolved at lookup.
         self._calls = calls
+        # A weak reference: a cache kept in a notebook must not keep a large model alive.
+        self._model_ref = weakref.ref(model) if model is not None else None
         self._aliases = dict(aliases or {})
         #: requested names without a value, with why (never fired, or a failed forward never reached them)
         self.unfired: dict[str, str] = dict(unfired or {})
@@ -58,13 +67,35 @@ class ActivationCache(Mapping):
         """The capture ended: record the names that got no value (the values themselves are in place)."""
         self.unfired = dict(unfired)
 
+    @property
+    def _has_model(self) -> bool:
+        return self._model_ref is not None
+
+    def _model(self):
+        """The model the values came from (None when built by hand or when the model is gone)."""
+        return self._model_ref() if self._model_ref is not None else None
+
     def _key(self, name: str) -> str:
         if name in self._calls:
             return name
         return self._aliases.get(name, name)
 
     # --------------------------------------------------------------- Mapping
-    def __getitem__(self, name: str) -> torch.Tensor:
+    def __getitem__(self, name) -> torch.Tensor:
+        if isinstance(name, tuple):
+            key = self._tuple_key(name)
+            if isinstance(key, tuple):  # a TransformerLens model: its own shorthand
+                try:
+                    return self._transformer_lens(f"cache[{name!r}]")[key]
+                except (KeyError, ValueError, IndexError, AssertionError) as exc:
+                    raise UnknownNameError(f"{name!r} names no captured value ({exc}); captured names start with "
+                                           f"{self.names[:4]}.") from None
+            name = key
+        elif self._key(name) not in self._calls and self._tl_shorthand(name):
+            try:
+                return self._transformer_lens(f"cache[{name!r}]")[name]
+            except (KeyError, ValueError, IndexError, AssertionError):
+                pass  # not TransformerLens shorthand either: our own message below
         calls = self.calls(name)
         # A module called several times with identical results (HookedTransformer 3.x runs ln1 once
         # per q/k/v input) reads as one activation; genuinely different calls must be chosen.
@@ -78,10 +109,21 @@ class ActivationCache(Mapping):
         return calls[0]
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self._calls)
+        """Every name with a value: the captured names, then their aliases (TransformerLens lists both)."""
+        yield from list(self._calls)
+        yield from [a for a, k in list(self._aliases.items()) if k in self._calls and a not in self._calls]
 
     def __len__(self) -> int:
-        return len(self._calls)
+        return sum(1 for _ in self)
+
+    def _tl_shorthand(self, name) -> bool:
+        """Whether ``name`` is not a hook name here but TransformerLens may resolve it (``"resid_post"``-style
+        shorthand, or a value its cache computed, e.g. after ``compute_head_results``)."""
+        from ..models import is_transformer_lens
+
+        model = self._model()
+        return isinstance(name, str) and model is not None and is_transformer_lens(model) and \
+            self._key(name) not in self.unfired and self._key(name) not in self.skipped
 
     def __contains__(self, name) -> bool:
         return self._key(name) in self._calls
@@ -115,7 +157,8 @@ class ActivationCache(Mapping):
     def to(self, *args, **kwargs) -> "ActivationCache":
         """A new cache with every activation moved or cast, as ``Tensor.to(*args, **kwargs)``."""
         moved = {n: [t.to(*args, **kwargs) for t in ts] for n, ts in self._calls.items()}
-        return ActivationCache(moved, self._aliases, self.unfired, dict(self.skipped), list(self.failures))
+        return ActivationCache(moved, self._aliases, self.unfired, dict(self.skipped), list(self.failures),
+                               self._model())
 
     def to_frame(self):
         """One row per name: shape, dtype, calls and bytes (a pandas DataFrame)."""
@@ -130,11 +173,11 @@ class ActivationCache(Mapping):
 
     def __repr__(self) -> str:
         failed = f", {len(self.failures)} failed forward(s) discarded" if self.failures else ""
-        return f"ActivationCache({len(self)} names, {human_bytes(self.nbytes)}{failed})"
+        return f"ActivationCache({len(self._calls)} names, {human_bytes(self.nbytes)}{failed})"
 
     def _repr_html_(self) -> str:
         rows = [(n, "×".join(map(str, s)) or "scalar", d, c, human_bytes(b)) for n, s, d, c, b in self._rows()]
-        caption = f"ActivationCache — {len(self)} names, {human_bytes(self.nbytes)}"
+        caption = f"ActivationCache — {len(self._calls)} names, {human_bytes(self.nbytes)}"
         extra = ""
         if self.unfired:
             extra += f"<p>Requested but never fired: {', '.join(sorted(self.unfired))}</p>"

@@ -404,7 +404,11 @@ class capture:
     def __init__(self, model: nn.Module, names: NameFilter = None, reduce: Reduce = None,
                  device: Union[str, torch.device, None] = "cpu", dtype: Optional[torch.dtype] = None,
                  stop_at: Union[None, bool, str] = None, *, budget: Union[int, str, None] = "default",
-                 strict: bool = False):
+                 strict: bool = False, names_filter: NameFilter = None):
+        if names_filter is not None:  # TransformerLens's name for the same argument
+            if names is not None:
+                raise InvalidOptionError("pass names= or names_filter= (TransformerLens's name for it), not both.")
+            names = names_filter
         self._core = _Capture(model, names, reduce=reduce, device=device, dtype=dtype, budget=budget,
                               stop_at=stop_at, strict=strict)
         self.cache = ActivationCache({})
@@ -415,7 +419,8 @@ class capture:
         core.reset()  # a capture object entered twice starts empty; the first cache keeps its values
         core.attach()
         # The cache handed out now is filled in place as forwards run, and settled when the block ends.
-        self.cache = ActivationCache(core.calls, core._aliases(), skipped=core.skipped, failures=core.failures)
+        self.cache = ActivationCache(core.calls, core._aliases(), skipped=core.skipped, failures=core.failures,
+                                     model=core.model)
         self.stopped = False
         return self.cache
 
@@ -441,7 +446,9 @@ class capture:
 def run_with_cache(model: nn.Module, x: Any, names: NameFilter = None, **options):
     """Run ``model(x)`` once and return ``(output, cache)``; ``output`` is None if ``stop_at`` ended it.
 
-    Takes every option of :class:`capture`.
+    Takes every option of :class:`capture` (``names_filter=`` too, TransformerLens's name for ``names=``).
+    On a TransformerLens model the cache has TransformerLens's keys (aliases included) and methods
+    (``cache["resid_post", 0]``, ``accumulated_resid``, ``decompose_resid``, …), with its numbers.
 
     Example:
         >>> import torch, workbench as wb
