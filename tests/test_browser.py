@@ -140,5 +140,13 @@ def drive(page, expect, port: int) -> str:
     expect(explorer).to_contain_text("seed 3", timeout=WAIT_MS)
     expect(badge).to_have_text("PASS", timeout=WAIT_MS)
     expect(explorer).to_contain_text("matched to 0", timeout=WAIT_MS)
+    text = explorer.inner_text()
+    # A click on the first heatmap's column 5 (one pixel per cell, 16 cells across 220 px) shows unit 5.
+    image = explorer.locator("img.wb-pixelated").first
+    box = image.bounding_box()
+    image.click(position={"x": box["width"] * 5.5 / 16, "y": box["height"] * 0.5 / 16})
+    expect(explorer).to_contain_text("original model, unit 5", timeout=5_000)  # well under a second when idle
+    expect(explorer).to_contain_text("matched to 5", timeout=5_000)
+    assert "PASS PASS" not in text and "writers 0;" not in text
     explorer.scroll_into_view_if_needed()
-    return explorer.inner_text()
+    return text

@@ -52,7 +52,7 @@ def test_own_group_passes_and_units_map_onto_units(explorer):
     varies = (explorer.before["2"].std(dim=0) > 0)[result.matching.perm]  # a dead unit correlates 0 with all
     assert varies.sum() >= 4
     assert torch.allclose(result.matched_correlation[varies], torch.ones(1, dtype=torch.float64), atol=1e-5)
-    assert "<img" in explorer.heatmap.outputs[0]["data"]["text/html"]
+    assert [type(p.children[1].children[1]).__name__ for p in explorer.heatmap.children[:2]] == ["Image", "Image"]
     rows = re.findall(r"<b>(original model, unit 0|transformed, same index 0|transformed, unit \d+ matched to 0)",
                       explorer.examples_text)
     assert len(rows) == 3 and "top-5 overlap 1.000 after matching" in explorer.examples_text
@@ -289,3 +289,20 @@ def test_result_plot_draws_the_matched_heatmap(explorer):
     ax = explorer.apply().plot()
     assert ax.get_xlabel() == "original unit (matched order)"
     plt.close(ax.figure)
+
+
+def test_a_click_on_a_heatmap_cell_shows_that_unit(explorer):
+    """A click reports where it landed in the drawn image (ipyevents), one source pixel per cell."""
+    from workbench.widgets._explorer import _cell
+
+    explorer.apply()
+    click = {"relativeX": 75.6, "relativeY": 3.0, "boundingRectWidth": 220, "boundingRectHeight": 220}
+    assert _cell(click, (16, 16)) == (0, 5)  # 75.6 px of 220 across 16 cells: the sixth cell
+    assert _cell({**click, "relativeX": 219.9, "relativeY": 220.0}, (16, 16)) == (15, 15)
+    r = explorer.result
+    assert explorer.click_cell("same", 0, 3) == 3 and explorer.unit == 3
+    unit = explorer.click_cell("matched", 2, 5)
+    assert unit == int(r.matching.perm[5]) and explorer.unit == unit
+    assert f"unit {unit}" in explorer.examples_text
+    with pytest.raises(wb.InvalidOptionError, match="outside the heatmap"):
+        explorer.click_cell("same", 0, 10_000)

@@ -102,9 +102,12 @@ class ExplorerResult(Report):
         return self.correlation[torch.arange(len(self.matching.perm)), self.matching.perm]
 
     def summary(self) -> str:
-        verdict = "PASS" if self.passed else "FAIL"
+        return f"{'PASS' if self.passed else 'FAIL'}: {self.evidence()}"
+
+    def evidence(self) -> str:
+        """The summary without its verdict word (shown beside a PASS/FAIL badge)."""
         kind = "" if self.is_symmetry else " (not a symmetry here)"
-        return (f"{verdict}: site {self.site}, {self.group}{kind}, seed {self.seed}, σ {self.sigma:g} — max relative "
+        return (f"site {self.site}, {self.group}{kind}, seed {self.seed}, scale σ {self.sigma:g} — max relative "
                 f"output difference {self.verification.max_rel_diff:.2e} (tolerance {self.verification.tolerance:.0e}); "
                 f"top-{self.shift.k} overlap {self.shift.overlap_matched.mean():.2f} after matching, "
                 f"{self.shift.overlap_same_index.mean():.2f} at the same index")
@@ -136,7 +139,7 @@ class ExplorerResult(Report):
         frame = self.to_frame()
         table = frame.head(8).to_html(index=False, float_format=lambda v: f"{v:.3g}", border=0)
         more = f"<p><i>first 8 of {len(frame)} units; <code>.to_frame()</code> has them all</i></p>" if len(frame) > 8 else ""
-        return f"<div>{badge_html(self.passed)}{html.escape(self.summary())}{table}{more}</div>"
+        return f"<div>{badge_html(self.passed)}{html.escape(self.evidence())}{table}{more}</div>"
 
 
 def badge_html(passed: bool) -> str:

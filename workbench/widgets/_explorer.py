@@ -15,7 +15,7 @@ from ..symmetry import symmetry_map
 from ._base import BackgroundAction, Job, checked_int, html_bundle, int_control, show, shown_text
 from ._compute import ExplorerResult, badge_html, explore, unit_activations, unit_traces
 from ._examples import example_rows_html, kind_of, token_contexts_html
-from ._pixels import colour_bar_html, heatmap_html
+from ._pixels import colour_bar_html, coloured, png_bytes
 
 STEPS = ["transform", "verify", "scores", "matching"]
 #: Non-symmetries offered for contrast (any registry name can be set from code).
@@ -36,6 +36,14 @@ def _data_parts(data):
     else:
         captions = [f"#{i}" for i in range(len(inputs))]
     return inputs, captions, getattr(data, "vocab", None)
+
+
+def _cell(event: dict, shape: tuple[int, int]) -> tuple[int, int]:
+    """The ``(row, column)`` a click on a heatmap image landed on, from where in the drawn image it was
+    (ipyevents' dataX/dataY round to the nearest source pixel, which is the wrong cell half the time)."""
+    rows, cols = shape
+    x, y = event["relativeX"] / event["boundingRectWidth"], event["relativeY"] / event["boundingRectHeight"]
+    return min(rows - 1, max(0, int(y * rows))), min(cols - 1, max(0, int(x * cols)))
 
 
 def _warm_up() -> None:
@@ -76,6 +84,7 @@ class IntertwinerExplorer(BackgroundAction, widgets.VBox):
         if not isinstance(model, nn.Module):
             raise InvalidOptionError(f"IntertwinerExplorer needs a torch.nn.Module; got {type(model).__name__}.")
         self.model = model
+        self._modules = dict(model.named_modules())
         self.inputs, self.captions, self.vocab = _data_parts(data)
         self.k = checked_int("k", k, 1)
         self.verify_examples = checked_int("verify_examples", verify_examples, 1)
@@ -110,21 +119,28 @@ class IntertwinerExplorer(BackgroundAction, widgets.VBox):
 
     # ------------------------------------------------------------------ the widgets
     def _build(self) -> None:
-        site_options = [(f"{s.name} — {s.activation}, n={s.n}, {s.group.name}", s.name) for s in self.smap]
-        self._site = widgets.Dropdown(options=site_options, description="site", layout=widgets.Layout(width="340px"))
+        site_options = [(f"{s.name}{self._module_type(s.hook_name)} — {s.n} units, {s.group.name}", s.name)
+                        for s in self.smap]
+        width = max(320, min(720, 8 * max(len(label) for label, _ in site_options) + 110))  # no truncated labels
+        self._site = widgets.Dropdown(options=site_options, description="site", layout=widgets.Layout(width=f"{width}px"))
         self._group = widgets.Dropdown(options=[("own group", "own")] + [(c, c) for c in CONTRASTS], value="own",
                                        description="group", layout=widgets.Layout(width="230px"))
         self._seed = widgets.BoundedIntText(value=0, min=0, max=2**31 - 1, description="seed",
                                             layout=widgets.Layout(width="150px"))
-        self._sigma = widgets.BoundedFloatText(value=1.0, min=0.0, max=10.0, step=0.1, description="σ",
-                                               layout=widgets.Layout(width="140px"))
+        # The spread of the log-normal scalings (not the activation σ of the paper's notation).
+        self._sigma = widgets.BoundedFloatText(value=1.0, min=0.0, max=10.0, step=0.1, description="scale σ",
+                                               tooltip="σ of the log-normal scalings of a scaled-permutation group",
+                                               style={"description_width": "initial"},
+                                               layout=widgets.Layout(width="150px"))
         self._unit = widgets.BoundedIntText(value=0, min=0, max=1, description="unit", layout=widgets.Layout(width="150px"))
         self.apply_button = widgets.Button(description="Apply", button_style="primary", icon="play")
         self.cancel_button = widgets.Button(description="Cancel", icon="stop", disabled=True)
         self.site_info = widgets.HTML()
         self.badge = widgets.HTML("<i>Pick a site and a group, then Apply.</i>")
         self.message = widgets.HTML()
-        self.heatmap = widgets.Output()
+        # Clickable heatmaps: PNG images (one pixel per cell, scaled up by the browser) whose clicks report
+        # where they landed (ipyevents), i.e. the cell; see _pixels.py for why not matplotlib.
+        self.heatmap = widgets.HBox(layout=widgets.Layout(align_items="flex-start"))
         self.examples = widgets.Output()
         self.apply_button.on_click(lambda _: self._clicked(self.apply))
         self.cancel_button.on_click(lambda _: self.cancel())
@@ -134,7 +150,8 @@ class IntertwinerExplorer(BackgroundAction, widgets.VBox):
         self._unit.observe(lambda _: self._draw_examples(), "value")
 
     def _layout(self) -> list:
-        title = widgets.HTML(f"<b>Intertwiner explorer</b> — {html.escape(self.smap.summary())}; "
+        title = widgets.HTML("<style>.wb-pixelated {image-rendering: pixelated; cursor: crosshair}</style>"
+                             f"<b>Intertwiner explorer</b> — {html.escape(self.smap.summary())}; "
                              f"{len(self.inputs)} examples ({kind_of(self.inputs)})")
         controls = widgets.HBox([self._site, self._group, self._seed, self._sigma])
         actions = widgets.HBox([self.apply_button, self.cancel_button, self.job.bar, self.message])
@@ -212,7 +229,7 @@ class IntertwinerExplorer(BackgroundAction, widgets.VBox):
     def _done(self, value) -> None:
         self._result, self._new_model = value
         self.message.value = f"<i>done in {self.job.seconds:.2f} s</i>"
-        self.badge.value = badge_html(self._result.passed) + html.escape(self._result.summary())
+        self.badge.value = badge_html(self._result.passed) + html.escape(self._result.evidence())
         self._draw_heatmap()
         self._draw_examples()
 
@@ -223,24 +240,63 @@ class IntertwinerExplorer(BackgroundAction, widgets.VBox):
     def _on_site(self) -> None:
         site = self.smap[self.site]
         self._unit.max = site.n - 1
-        writers = ", ".join(p.name for p in site.writers)
-        readers = ", ".join(p.name for p in site.readers)
+        writers = ", ".join(f"{p.name}{self._module_type(p.name)}" for p in site.writers)
+        readers = ", ".join(f"{p.name}{self._module_type(p.name)}" for p in site.readers)
         kind = "privileged basis (only permutations and scalings)" if site.privileged else "continuous group"
-        self.site_info.value = (f"<small>site <b>{html.escape(site.name)}</b>: {site.n} units after "
+        self.site_info.value = (f"<span style='font-size:12px'>site <b>{html.escape(site.name)}</b>: {site.n} units after "
                                 f"{html.escape(site.activation)}, group <b>{site.group.name}</b> — {kind}; "
-                                f"writers {html.escape(writers)}; readers {html.escape(readers)}</small>")
+                                f"written by {html.escape(writers or 'nothing')}; read by {html.escape(readers or 'nothing')}"
+                                f"</span>")
         self._mark_stale()
         self._draw_examples()
+
+    def _module_type(self, name: str) -> str:
+        """`` (Conv2d)`` for a module path of a plain model; nothing for TransformerLens hook points."""
+        module = self._modules.get(name)
+        kind = type(module).__name__ if module is not None else ""
+        return f" ({kind})" if kind and kind != "HookPoint" else ""
 
     # ------------------------------------------------------------------ figures
     def _draw_heatmap(self) -> None:
         r = self._result
         matched = r.matched_correlation.abs().mean().item()
-        panels = [heatmap_html(r.correlation.numpy(), "correlation, same index", "original unit", "transformed unit"),
-                  heatmap_html(r.correlation[:, r.matching.perm].numpy(), f"matched order: mean |r| on the diagonal {matched:.3f}",
-                               "original unit (matched)", "transformed unit"),
-                  colour_bar_html("RdBu_r", -1, 1, "Pearson r")]
-        show(self.heatmap, [html_bundle(f"<div style='white-space:nowrap'>{''.join(panels)}</div>")])
+        self.heatmap.children = [
+            self._heatmap_panel(r.correlation.numpy(), "same", "correlation, same index", "original unit"),
+            self._heatmap_panel(r.correlation[:, r.matching.perm].numpy(), "matched",
+                                f"matched order: mean |r| on the diagonal {matched:.3f}", "original unit (matched)"),
+            widgets.HTML(colour_bar_html("RdBu_r", -1, 1, "Pearson r"))]
+
+    def _heatmap_panel(self, values, which: str, title: str, xlabel: str, size: int = 220) -> widgets.VBox:
+        """One heatmap whose cells are clickable: a click shows that column's original unit below."""
+        from ipyevents import Event
+
+        rows, cols = values.shape
+        height = max(8, round(size * rows / max(cols, 1)))
+        image = widgets.Image(value=png_bytes(coloured(values, "RdBu_r", -1.0, 1.0)), format="png",
+                              layout=widgets.Layout(width=f"{size}px", height=f"{height}px", border="1px solid #ccc"))
+        image.add_class("wb-pixelated")
+        event = Event(source=image, watched_events=["click"], prevent_default_action=True)
+        event.on_dom_event(lambda e, which=which, shape=(rows, cols): self.click_cell(which, *_cell(e, shape)))
+        self._events = [*getattr(self, "_events", [])[-3:], event]  # keep the listeners alive with their image
+        label = widgets.HTML(f"<div style='writing-mode:vertical-rl;transform:rotate(180deg);font-size:12px'>"
+                             f"transformed unit (0–{rows - 1})</div>")
+        return widgets.VBox([widgets.HTML(f"<div style='font-size:13px'><b>{html.escape(title)}</b></div>"),
+                             widgets.HBox([label, image]),
+                             widgets.HTML(f"<div style='font-size:12px;text-align:center'>{html.escape(xlabel)} "
+                                          f"(0–{cols - 1}) · click a cell to see that unit</div>")],
+                            layout=widgets.Layout(margin="0 14px 0 0"))
+
+    def click_cell(self, which: str, row: int, col: int) -> int:
+        """What a click on heatmap cell ``(row, col)`` does: show the top examples of the cell's original unit
+        (``which``: ``"same"`` — columns are original units — or ``"matched"``, columns in matched order).
+        Returns that unit."""
+        r = self._result
+        check_option("which", which, ["same", "matched"])
+        if r is None or not (0 <= row < r.correlation.shape[0] and 0 <= col < r.correlation.shape[1]):
+            raise InvalidOptionError(f"cell ({row}, {col}) is outside the heatmap (or nothing was applied yet).")
+        unit = col if which == "same" else int(r.matching.perm[col])
+        self.unit = unit
+        return unit
 
     def _example_rows(self) -> list[tuple[str, torch.Tensor, nn.Module, int]]:
         """``(title, example indices, model, unit)`` for each row of the examples panel."""
@@ -271,5 +327,5 @@ class IntertwinerExplorer(BackgroundAction, widgets.VBox):
             items = [(t, self.inputs[i], [self.captions[j] for j in i.tolist()]) for t, i, _, _ in rows]
             bundles.append(html_bundle(example_rows_html(items, kind)))
         if self._result is not None and self._result.site == self.site:
-            bundles.append(html_bundle(f"<small>{html.escape(self._result.shift.summary())}</small>"))
+            bundles.append(html_bundle(f"<p style='font-size:12px'>{html.escape(self._result.shift.summary())}</p>"))
         show(self.examples, bundles)

@@ -16,13 +16,18 @@ from typing import Optional
 import numpy as np
 
 
-def png_uri(pixels: np.ndarray) -> str:
-    """A ``data:`` URI of ``uint8 [H, W, 3]`` pixels as PNG (a few hundred bytes for a 32×32 thumbnail)."""
+def png_bytes(pixels: np.ndarray) -> bytes:
+    """``uint8 [H, W, 3]`` pixels as a PNG file's bytes (a few hundred for a 32×32 thumbnail)."""
     from PIL import Image
 
     buffer = io.BytesIO()
     Image.fromarray(np.ascontiguousarray(pixels)).save(buffer, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+    return buffer.getvalue()
+
+
+def png_uri(pixels: np.ndarray) -> str:
+    """A ``data:`` URI of ``uint8 [H, W, 3]`` pixels as PNG."""
+    return "data:image/png;base64," + base64.b64encode(png_bytes(pixels)).decode()
 
 
 def coloured(values: np.ndarray, cmap: str, vmin: float, vmax: float) -> np.ndarray:
