@@ -128,7 +128,8 @@ def test_llama_rotary_pairs_are_halves_and_a_wrong_pairing_fails(llama):
     assert pairs == tuple((i, i + dh // 2) for i in range(dh // 2))  # HF pairs (i, i + d/2), measured
     smap = wb.symmetry_map(llama)
     assert smap["blocks.0.attn.qk.0"].group.pairs == pairs
-    assert "blocks.0.attn.heads" in dict(smap.skipped)  # grouped-query attention
+    # grouped-query attention (2 key/value heads, 2 query heads each): groups permute, and heads within a group
+    assert (smap["blocks.0.attn.heads"].n, smap["blocks.0.attn.heads.1"].n) == (2, 2) and not smap.skipped
     assert smap["blocks.0.mlp"].group.name == "diagonal_permutation"  # gated SiLU
     adjacent = wb.groups.get_group("rotary", dh, pairs=tuple((2 * i, 2 * i + 1) for i in range(dh // 2)))
     new, t = wb.random_intertwiner(llama, seed=2, sites=["blocks.0.attn.qk.0"], group=adjacent, allow_non_symmetry=True)
@@ -185,17 +186,21 @@ def test_minilm_interpretation_shift_value_space_vs_mlp_neurons(minilm):
 
 
 def test_unmapped_hugging_face_family_is_refused_with_a_reason(tmp_path):
+    """Gemma-2's sandwich norms (a norm after attention and after the MLP) are components TransformerLens
+    maps but the canonical layout has no place for: refused, naming them; nothing is transformed."""
     from transformer_lens.model_bridge import TransformerBridge
-    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+    from transformers import Gemma2Config, Gemma2ForCausalLM
 
-    GPTNeoXForCausalLM(GPTNeoXConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
-                                     vocab_size=50, max_position_embeddings=16)).save_pretrained(tmp_path / "neox")
-    _tokenizer(tmp_path / "neox", 50)
-    model = TransformerBridge.boot_transformers(str(tmp_path / "neox"))
+    Gemma2ForCausalLM(Gemma2Config(hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
+                                   num_key_value_heads=2, head_dim=8, vocab_size=50)).save_pretrained(tmp_path / "g2")
+    _tokenizer(tmp_path / "g2", 50)
+    model = TransformerBridge.boot_transformers(str(tmp_path / "g2"))
     smap = wb.symmetry_map(model)
-    assert len(smap) == 0 and "GPTNeoXForCausalLM" in smap.skipped[0][1] and "not mapped" in smap.skipped[0][1]
-    with pytest.raises(TypeError, match="not mapped"):
+    assert len(smap) == 0 and "Gemma2ForCausalLM" in smap.skipped[0][1] and "ln1_post" in smap.skipped[0][1]
+    with pytest.raises(TypeError, match="no place in the canonical"):
         wb.fold_layernorm(model)
+    with pytest.raises(ValueError, match="no place in the canonical"):
+        wb.random_intertwiner(model)
 
 
 def test_untie_embeddings_then_a_non_orthogonal_stream_map(gpt2):

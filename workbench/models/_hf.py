@@ -1,102 +1,91 @@
-"""Hugging Face models inside TransformerLens bridges: their own weights, in the bridge's key layout.
+"""Hugging Face models — inside TransformerLens bridges or on their own — in one canonical key layout.
 
-A bridge from ``TransformerBridge.boot_transformers`` wraps a Hugging Face model in place, and exposes
-views of some weights next to the originals (GPT-2's joint ``c_attn`` *and* split q/k/v; writes to
-those views are not reliably seen by the forward pass). We therefore never write into a live bridge:
-the weights are read from the Hugging Face model's own parameters (``_original_component`` stripped
-from the names, kept only if a freshly built model of the same class has them), renamed to the
-bridge's key layout (``blocks.0.attn.q.weight``, ``nn.Linear`` layout), and a transformed model is a
-fresh Hugging Face model — built from the config, loaded with the new weights — wrapped by a new bridge.
+Which Hugging Face module holds which canonical component (``blocks.0.attn.q`` → ``model.layers.0.
+self_attn.q_proj``) is not a table of ours: it is TransformerLens 4's own architecture adapter,
+``adapter.component_mapping`` — a bridge's, or for a raw ``PreTrainedModel`` one built from its
+config the way ``boot_transformers`` builds it. Walking that mapping over a weightless copy of the
+model gives, for every parameter, its key in the bridge layout (``blocks.0.attn.q.weight``,
+``nn.Linear`` orientation; a ``Conv1D`` is transposed) — as a **view** of the model's own tensor, so
+a transform reads the original and writes a fresh model without intermediate copies.
 
-Families mapped (``config.model_type``): ``gpt2`` (Conv1D layouts, a joint ``c_attn``), ``llama``
-(``nn.Linear``, grouped-query attention, gated MLP) and ``bert`` (``BertForMaskedLM``: post-LayerNorm,
-token-type embeddings, an MLM head whose decoder is tied to the word embeddings).
+A fused q/k/v projection (GPT-2's ``c_attn``: [q | k | v]; GPT-NeoX's ``query_key_value``: q, k, v
+interleaved per head) is split by the adapter's own ``split_qkv_matrix``, **measured** once per
+config: it is run on a weight whose entries are their own flat indices, and the indices that land
+in q, k and v give each part as a strided view ``[heads, d_head, d_model]`` of the fused tensor
+(a layout that is no strided view is refused). Every parameter must be reached — a construct the
+mapping does not cover (Phi's ``qk_layernorm``) is refused, naming the parameter.
+
+The few facts the adapter does not state in its mapping are read from the configs: Gemma's RMSNorm
+gain is ``1 + w`` (the adapter's ``cfg.rmsnorm_uses_offset``); post-LayerNorm (BERT, OPT with
+``do_layer_norm_before=False``); encoders (BERT); which parameters are tied (one tensor, by identity).
+A transformed model is a fresh Hugging Face model — built without random initialisation, cast
+*before* loading (float64 values loaded into float32 parameters were rounded), its weights written —
+and, for a bridge, wrapped by a new ``boot_transformers`` *after* the weights are in (the bridge
+copies the fused q/k/v into split tensors at boot). A live bridge is never written: those split
+copies would not follow.
 """
 from __future__ import annotations
 
 import copy
-import re
+import json
+from collections import OrderedDict
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import torch
 from torch import nn
 
-from .._errors import IncompatibleWeightsError, InvalidOptionError, UnsupportedModelError
+from .._errors import UnsupportedModelError
+from ._kind import ModelKind, model_kind
 
-# (Hugging Face name pattern, bridge name) per family; {i} is the layer, {p} the parameter leaf.
-_RENAMES: dict[str, list[tuple[str, str]]] = {
-    "gpt2": [
-        (r"transformer\.wte\.weight", "embed.weight"),
-        (r"transformer\.wpe\.weight", "pos_embed.weight"),
-        (r"transformer\.h\.(\d+)\.ln_1\.(weight|bias)", r"blocks.\1.ln1.\2"),
-        (r"transformer\.h\.(\d+)\.ln_2\.(weight|bias)", r"blocks.\1.ln2.\2"),
-        (r"transformer\.h\.(\d+)\.attn\.c_attn\.(weight|bias)", r"blocks.\1.attn.qkv.\2"),  # split below
-        (r"transformer\.h\.(\d+)\.attn\.c_proj\.(weight|bias)", r"blocks.\1.attn.o.\2"),
-        (r"transformer\.h\.(\d+)\.mlp\.c_fc\.(weight|bias)", r"blocks.\1.mlp.in.\2"),
-        (r"transformer\.h\.(\d+)\.mlp\.c_proj\.(weight|bias)", r"blocks.\1.mlp.out.\2"),
-        (r"transformer\.ln_f\.(weight|bias)", r"ln_final.\1"),
-        (r"lm_head\.weight", "unembed.weight"),
-    ],
-    "llama": [
-        (r"model\.embed_tokens\.weight", "embed.weight"),
-        (r"model\.layers\.(\d+)\.self_attn\.([qkvo])_proj\.(weight|bias)", r"blocks.\1.attn.\2.\3"),
-        (r"model\.layers\.(\d+)\.mlp\.gate_proj\.(weight|bias)", r"blocks.\1.mlp.gate.\2"),
-        (r"model\.layers\.(\d+)\.mlp\.up_proj\.(weight|bias)", r"blocks.\1.mlp.in.\2"),
-        (r"model\.layers\.(\d+)\.mlp\.down_proj\.(weight|bias)", r"blocks.\1.mlp.out.\2"),
-        (r"model\.layers\.(\d+)\.input_layernorm\.weight", r"blocks.\1.ln1.weight"),
-        (r"model\.layers\.(\d+)\.post_attention_layernorm\.weight", r"blocks.\1.ln2.weight"),
-        (r"model\.norm\.weight", "ln_final.weight"),
-        (r"lm_head\.weight", "unembed.weight"),
-    ],
-    "bert": [
-        (r"bert\.embeddings\.word_embeddings\.weight", "embed.weight"),
-        (r"bert\.embeddings\.position_embeddings\.weight", "pos_embed.weight"),
-        (r"bert\.embeddings\.token_type_embeddings\.weight", "token_type_embed.weight"),
-        (r"bert\.embeddings\.LayerNorm\.(weight|bias)", r"embed_ln.\1"),
-        (r"bert\.encoder\.layer\.(\d+)\.attention\.self\.query\.(weight|bias)", r"blocks.\1.attn.q.\2"),
-        (r"bert\.encoder\.layer\.(\d+)\.attention\.self\.key\.(weight|bias)", r"blocks.\1.attn.k.\2"),
-        (r"bert\.encoder\.layer\.(\d+)\.attention\.self\.value\.(weight|bias)", r"blocks.\1.attn.v.\2"),
-        (r"bert\.encoder\.layer\.(\d+)\.attention\.output\.dense\.(weight|bias)", r"blocks.\1.attn.o.\2"),
-        (r"bert\.encoder\.layer\.(\d+)\.attention\.output\.LayerNorm\.(weight|bias)", r"blocks.\1.ln1.\2"),
-        (r"bert\.encoder\.layer\.(\d+)\.intermediate\.dense\.(weight|bias)", r"blocks.\1.mlp.in.\2"),
-        (r"bert\.encoder\.layer\.(\d+)\.output\.dense\.(weight|bias)", r"blocks.\1.mlp.out.\2"),
-        (r"bert\.encoder\.layer\.(\d+)\.output\.LayerNorm\.(weight|bias)", r"blocks.\1.ln2.\2"),
-        (r"cls\.predictions\.transform\.dense\.(weight|bias)", r"mlm_head.\1"),
-        # In the bridge, ``ln_final`` is the MLM head's LayerNorm (after its dense + GELU).
-        (r"cls\.predictions\.transform\.LayerNorm\.(weight|bias)", r"ln_final.\1"),
-        (r"cls\.predictions\.decoder\.weight", "unembed.weight"),
-        (r"cls\.predictions\.(decoder\.)?bias", "unembed.bias"),
-    ],
-}
-#: the Hugging Face classes whose layout is mapped, per family
-CLASSES = {"gpt2": ("GPT2LMHeadModel",), "llama": ("LlamaForCausalLM",), "bert": ("BertForMaskedLM",)}
+# Canonical component keys the layout knows (``{i}``: a layer); a mapped component outside these has no
+# place in the canonical layout and is refused.
+_KNOWN = {"embed", "pos_embed", "token_type_embed", "embed_ln", "ln_final", "unembed", "mlm_head", "project_in",
+          "project_out", "blocks.{i}.ln1", "blocks.{i}.ln2", "blocks.{i}.attn.q", "blocks.{i}.attn.k",
+          "blocks.{i}.attn.v", "blocks.{i}.attn.o", "blocks.{i}.mlp.in", "blocks.{i}.mlp.out", "blocks.{i}.mlp.gate"}
 
 
-def family(model: nn.Module) -> Optional[str]:
-    """The mapped family of a bridge around a Hugging Face model, or None."""
-    hf = getattr(model, "original_model", None)
-    fam = getattr(getattr(hf, "config", None), "model_type", None)
-    return fam if fam in CLASSES and type(hf).__name__ in CLASSES[fam] else None
+@dataclass(frozen=True)
+class _Entry:
+    key: str  # bridge-layout key, e.g. "blocks.0.attn.q.weight"
+    param: str  # the Hugging Face parameter's name
+    transpose: bool = False  # Conv1D stores [in, out]
+    strided: Optional[tuple] = None  # part of a fused tensor: (size, stride, offset) of its view
 
 
-def unsupported(model: nn.Module) -> Optional[str]:
-    """Why the weights of this Hugging Face bridge cannot be mapped (None when they can)."""
-    if family(model) is not None:
-        return None
-    hf = model.original_model
-    mapped = ", ".join(c for cs in CLASSES.values() for c in cs)
-    return (f"a bridge around Hugging Face {type(hf).__name__} (model_type "
-            f"{getattr(hf.config, 'model_type', None)!r}): its weight layout is not mapped, so nothing is transformed; "
-            f"mapped: {mapped}, native bridges and HookedTransformer.")
+@dataclass
+class Layout:
+    """Where every bridge-layout key lives in a Hugging Face model of one class and config."""
+
+    entries: list[_Entry]
+    tied: list[tuple[str, ...]]  # bridge keys naming one tensor (the unembedding tied to the embedding)
+    facts: dict = field(default_factory=dict)
+    paths: dict = field(default_factory=dict)  # component key ("blocks.0.attn.q") -> Hugging Face module path
 
 
-def is_post_ln(model: nn.Module) -> bool:
-    """Post-LayerNorm (BERT): the norms sit on the residual stream itself and cannot be folded away."""
-    return family(model) == "bert"
+# Layouts per (class, config): building one boots nothing, but walks a weightless model (~10 ms).
+_LAYOUTS: "OrderedDict[tuple, object]" = OrderedDict()
+_KEPT = 8
 
 
-def is_encoder(model: nn.Module) -> bool:
-    return family(model) == "bert"
+def hf_model(model: nn.Module) -> nn.Module:
+    """The Hugging Face model itself: a bridge's ``original_model``, or ``model``."""
+    return model.original_model if model_kind(model) == ModelKind.HF_BRIDGE else model
+
+
+def _config_key(hf: nn.Module) -> tuple:
+    cfg = hf.config.to_dict()
+    return type(hf).__module__, type(hf).__qualname__, json.dumps(cfg, sort_keys=True, default=str)
+
+
+def _cached(key: tuple, build):
+    if key in _LAYOUTS:
+        _LAYOUTS.move_to_end(key)
+        return _LAYOUTS[key]
+    value = _LAYOUTS[key] = build()
+    while len(_LAYOUTS) > _KEPT:
+        _LAYOUTS.popitem(last=False)
+    return value
 
 
 def _reference(hf: nn.Module, config: Any = None) -> nn.Module:
@@ -105,62 +94,256 @@ def _reference(hf: nn.Module, config: Any = None) -> nn.Module:
         return type(hf)(copy.deepcopy(config if config is not None else hf.config))
 
 
-def _rename(fam: str, key: str) -> Optional[str]:
-    for pattern, target in _RENAMES[fam]:
-        if re.fullmatch(pattern, key):
-            return re.sub(pattern, target, key)
-    return None
+def adapter(model: nn.Module):
+    """TransformerLens 4's architecture adapter of ``model``: a bridge's own, or for a raw Hugging Face
+    model one built from its config as ``boot_transformers`` builds it (nothing is booted)."""
+    if model_kind(model) == ModelKind.HF_BRIDGE:
+        return model.adapter
+    hf = hf_model(model)
+    return _cached(("adapter",) + _config_key(hf), lambda: _build_adapter(hf))
 
 
-def _is_conv1d(ref: nn.Module, key: str) -> bool:
-    return type(ref.get_submodule(key.rpartition(".")[0])).__name__ == "Conv1D"  # GPT-2: weight [in, out]
+def _build_adapter(hf: nn.Module):
+    from ._compat import require
+
+    require("transformer_lens")
+    try:
+        from transformer_lens.factories.architecture_adapter_factory import ArchitectureAdapterFactory
+        from transformer_lens.model_bridge.sources.transformers import source
+    except ImportError:
+        raise UnsupportedModelError(
+            f"a raw Hugging Face {type(hf).__name__} is read through TransformerLens 4's architecture adapters; "
+            f"the installed TransformerLens has none (3.x). Install transformer-lens>=4.") from None
+    config = copy.deepcopy(hf.config)
+    arch = source.determine_architecture_from_hf_config(config)
+    cfg = source.build_bridge_config_from_hf(config, arch, f"local/{config.model_type}", next(hf.parameters()).dtype)
+    found = ArchitectureAdapterFactory.select_architecture_adapter(cfg)
+    prepare = getattr(found, "prepare_model", None)
+    if prepare is not None:  # name fixes that depend on the model (NeoX's embed_out), on a weightless copy
+        prepare(_reference(hf))
+    return found
 
 
-def _own_state(hf: nn.Module) -> dict[str, torch.Tensor]:
-    """The wrapped Hugging Face model's state under its own names (the bridge's ``_original_component``
-    levels removed), detached; bridge-only entries (split q/k/v views) are there too, unused."""
-    return {k.replace("._original_component", ""): v.detach() for k, v in hf.state_dict().items()}
+def layout(model: nn.Module) -> Layout:
+    """The :class:`Layout` of ``model`` (a bridge around a Hugging Face model, or a raw one); an
+    :class:`UnsupportedModelError` naming what cannot be read."""
+    hf = hf_model(model)
+    found = _cached(("layout",) + _config_key(hf), lambda: _layout_or_error(model, hf))
+    if isinstance(found, Exception):
+        raise found
+    return found
 
 
-def read_bridge_layout(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The Hugging Face model's parameters under bridge names, in ``nn.Linear`` layout (detached)."""
-    fam = family(model)
-    hf = model.original_model
-    own = _own_state(hf)
+def _layout_or_error(model: nn.Module, hf: nn.Module):
+    try:
+        return _build_layout(adapter(model), hf)
+    except UnsupportedModelError as exc:
+        return exc
+
+
+def _build_layout(ad, hf: nn.Module) -> Layout:
     ref = _reference(hf)
-    out: dict[str, torch.Tensor] = {}
-    for key, _ in ref.named_parameters(remove_duplicate=False):
-        name = _rename(fam, key)
-        if name is None:
-            raise UnsupportedModelError(f"the {type(hf).__name__} parameter {key!r} has no place in the mapped {fam} layout.")
-        t = own[key]
-        if _is_conv1d(ref, key) and t.ndim == 2:
-            t = t.T
-        if name.endswith(".qkv.weight") or name.endswith(".qkv.bias"):  # GPT-2's joint c_attn: [3·d, d] rows
-            stem, _, leaf = name.rpartition(".")
-            for part, chunk in zip("qkv", t.chunk(3, dim=0)):
-                out[f"{stem[:-3]}{part}.{leaf}"] = chunk
-        elif name not in out:  # tied names (MLM decoder bias) map to one bridge key
-            out[name] = t
+    n_layers = int(ad.cfg.n_layers)
+    entries: dict[str, _Entry] = {}
+    unknown: list[str] = []
+
+    def known(key: str) -> bool:
+        parts = key.split(".")
+        return ".".join("{i}" if p.isdigit() else p for p in parts) in _KNOWN
+
+    def module(path: str) -> Optional[nn.Module]:
+        try:
+            return ref.get_submodule(path) if path else ref
+        except AttributeError:
+            return None  # a bridge-only component (the split q/k/v of a joint attention)
+
+    paths: dict[str, str] = {}
+
+    def walk(components: dict, prefix: str, path: str) -> None:
+        for name, comp in components.items():
+            key, sub = f"{prefix}{name}", f"{path}.{comp.name}".strip(".") if comp.name else path
+            subs = dict(getattr(comp, "submodules", None) or {})
+            if name == "blocks":
+                for i in range(n_layers):
+                    paths[f"{key}.{i}"] = f"{sub}.{i}"
+                    walk(subs, f"{key}.{i}.", f"{sub}.{i}")
+                continue
+            if "qkv" in subs:
+                qkv = subs.pop("qkv")
+                for part in "qkv":
+                    subs.pop(part, None)
+                entries.update(_fused(comp, f"{key}.", f"{sub}.{qkv.name}", module(f"{sub}.{qkv.name}"), ad.cfg))
+            m = module(sub)
+            if m is not None and comp.name is not None:
+                paths[key] = sub
+                for leaf, _ in m.named_parameters(recurse=False):
+                    if not known(key):
+                        unknown.append(f"{key} ({sub}.{leaf})")
+                        continue
+                    entries.setdefault(f"{key}.{leaf}", _Entry(f"{key}.{leaf}", f"{sub}.{leaf}", type(m).__name__ == "Conv1D"))
+            walk(subs, f"{key}.", sub)
+
+    walk(ad.component_mapping, "", "")
+    if unknown:
+        raise UnsupportedModelError(f"the components {unknown[:4]} have no place in the canonical "
+                                    f"transformer layout (embeddings, norms, q/k/v/o, MLP in/gate/out, unembedding).")
+    by_param: dict[int, list[str]] = {}
+    names = dict(ref.named_parameters(remove_duplicate=False))
+    reached = {id(names[e.param]) for e in entries.values()}
+    missing = [n for n, p in names.items() if id(p) not in reached]
+    if missing:
+        raise UnsupportedModelError(f"the parameters {missing[:4]} are not in TransformerLens's mapping "
+                                    f"of this architecture, so its symmetries are not derived here (e.g. Phi's "
+                                    f"qk_layernorm); nothing is transformed.")
+    for e in entries.values():
+        if e.strided is None:
+            by_param.setdefault(id(names[e.param]), []).append(e.key)
+    tied = [tuple(keys) for keys in by_param.values() if len(keys) > 1]
+    config = hf.config
+    facts = {
+        "family": getattr(config, "model_type", None),
+        "gain_offset": 1.0 if getattr(ad.cfg, "rmsnorm_uses_offset", False) else 0.0,
+        "post_ln": getattr(config, "model_type", None) == "bert" or getattr(config, "do_layer_norm_before", True) is False,
+        "encoder": getattr(config, "model_type", None) == "bert",
+        "parallel": bool(getattr(ad.cfg, "parallel_attn_mlp", False)),
+    }
+    fused = {e.key.rpartition('.')[0] for e in entries.values() if e.strided is not None}
+    return Layout(list(entries.values()), tied, facts, {k: v for k, v in paths.items() if k not in fused})
+
+
+def _fused(comp, prefix: str, path: str, qkv: Optional[nn.Module], cfg) -> dict[str, _Entry]:
+    """q, k and v of a fused projection as strided views, measured through the adapter's own split."""
+    if qkv is None or not hasattr(comp, "split_qkv_matrix"):
+        raise UnsupportedModelError(f"a fused q/k/v projection at {path} without a split the adapter defines.")
+    holder, probe = nn.Module(), nn.Module()
+    shapes = {leaf: p.shape for leaf, p in qkv.named_parameters(recurse=False)}
+    for leaf, shape in shapes.items():  # entries are their own flat indices (exact in float64 up to 2^53)
+        setattr(probe, leaf, nn.Parameter(torch.arange(shape.numel(), dtype=torch.float64).reshape(shape), requires_grad=False))
+    if "bias" not in shapes:
+        probe.bias = None
+    setattr(holder, path.rpartition(".")[2], probe)
+    parts = comp.split_qkv_matrix(holder)
+    dh = int(cfg.d_head)
+    out, seen = {}, {leaf: [] for leaf in shapes}
+    for part, lin in zip("qkv", parts):
+        for leaf in shapes:
+            t = getattr(lin, leaf, None)
+            if t is None:
+                continue
+            idx = t.detach().reshape(-1, dh, *t.shape[1:])  # [heads, d_head(, d_model)]
+            strides = _strides(idx)
+            if strides is None:
+                raise UnsupportedModelError(f"the fused q/k/v projection {path} splits into a {part} that is no strided view "
+                                            f"of it; its layout is not supported.")
+            seen[leaf].append(idx.flatten())
+            out[f"{prefix}{part}.{leaf}"] = _Entry(f"{prefix}{part}.{leaf}", f"{path}.{leaf}", False,
+                                                   (tuple(idx.shape), strides, int(idx.flatten()[0])))
+    for leaf, pieces in seen.items():
+        got = torch.cat(pieces).sort().values if pieces else torch.empty(0)
+        if not torch.equal(got, torch.arange(shapes[leaf].numel(), dtype=torch.float64)):
+            raise UnsupportedModelError(f"the split of the fused projection {path}.{leaf} does not cover each entry once.")
     return out
 
 
-def _hf_value(fam: str, ref: nn.Module, key: str, bridge: dict[str, torch.Tensor]) -> torch.Tensor:
-    name = _rename(fam, key)
-    stem, _, leaf = name.rpartition(".")
-    if stem.endswith(".qkv"):
-        t = torch.cat([bridge[f"{stem[:-3]}{p}.{leaf}"] for p in "qkv"], dim=0)
-    else:
-        t = bridge[name]
-    return t.T if _is_conv1d(ref, key) and t.ndim == 2 else t
+def _strides(idx: torch.Tensor) -> Optional[tuple[int, ...]]:
+    """The strides for which ``idx`` = offset + Σ iⱼ·strideⱼ, or None when it is no strided view."""
+    flat0 = idx.flatten()[0]
+    strides = []
+    for d in range(idx.ndim):
+        unit = [0] * idx.ndim
+        if idx.shape[d] > 1:
+            unit[d] = 1
+        strides.append(int(idx[tuple(unit)] - flat0))
+    grid = flat0 + sum(torch.arange(n, dtype=torch.float64).reshape([-1 if j == d else 1 for j in range(idx.ndim)]) * s
+                       for d, (n, s) in enumerate(zip(idx.shape, strides)))
+    return tuple(strides) if torch.equal(grid.expand(idx.shape), idx) else None
 
 
-def rebuild(model: nn.Module, bridge: dict[str, torch.Tensor], dtype: torch.dtype, untie: bool = False) -> nn.Module:
-    """A new bridge around a fresh Hugging Face model carrying ``bridge`` (bridge-layout weights).
+def unsupported(model: nn.Module) -> Optional[str]:
+    """Why this Hugging Face model (or bridge) cannot be read in the canonical layout; None when it can."""
+    try:
+        layout(model)
+    except (UnsupportedModelError, ImportError) as exc:
+        return f"{type(hf_model(model)).__name__} (model_type {getattr(hf_model(model).config, 'model_type', None)!r}): {exc}"
+    return None
 
-    Tied weights (GPT-2's and BERT's unembedding = word embeddings) must still agree, or it is an
-    error; ``untie=True`` builds the model with ``tie_word_embeddings=False`` (separate tensors).
-    """
+
+def facts(model: nn.Module) -> dict:
+    return layout(model).facts
+
+
+def family(model: nn.Module) -> Optional[str]:
+    """The Hugging Face ``model_type`` of a readable model (raw or in a bridge), or None."""
+    if model_kind(model) not in (ModelKind.HF, ModelKind.HF_BRIDGE) or unsupported(model):
+        return None
+    return facts(model)["family"]
+
+
+def is_post_ln(model: nn.Module) -> bool:
+    """Post-LayerNorm (BERT, OPT-350m): the norms sit on the residual stream and cannot be folded away."""
+    return model_kind(model) in (ModelKind.HF, ModelKind.HF_BRIDGE) and facts(model)["post_ln"]
+
+
+def is_encoder(model: nn.Module) -> bool:
+    return model_kind(model) in (ModelKind.HF, ModelKind.HF_BRIDGE) and facts(model)["encoder"]
+
+
+def gain_offset(model: nn.Module) -> float:
+    """What a norm adds to its stored weight to make its gain: 1 for Gemma's ``(1 + w)``, else 0."""
+    return facts(model)["gain_offset"] if model_kind(model) in (ModelKind.HF, ModelKind.HF_BRIDGE) else 0.0
+
+
+def config(model: nn.Module):
+    """The TransformerLens config of ``model`` (a raw Hugging Face model's comes from its adapter)."""
+    return model.cfg if model_kind(model) != ModelKind.HF else adapter(model).cfg
+
+
+def views(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter under its bridge-layout key, as a view of the model's own (detached) tensor."""
+    hf = hf_model(model)
+    own = {k.replace("._original_component", ""): p.detach() for k, p in hf.named_parameters(remove_duplicate=False)}
+    out = {}
+    for e in layout(model).entries:
+        t = own[e.param]
+        if e.strided is not None:
+            if not t.is_contiguous():
+                t = t.contiguous()  # a copy: writing it would not reach the model (only read so)
+            size, stride, offset = e.strided
+            out[e.key] = t.as_strided(size, stride, t.storage_offset() + offset)
+        else:
+            out[e.key] = t.T if e.transpose and t.ndim == 2 else t
+    return out
+
+
+def blank(model: nn.Module, dtype: torch.dtype, untie: bool = False) -> nn.Module:
+    """A fresh Hugging Face model of ``model``'s class and config, parameters uninitialised in
+    ``dtype`` (the caller writes every one), persistent buffers copied; ``untie``: built with
+    ``tie_word_embeddings=False`` (the parameter names stay the same)."""
+    import warnings
+
+    hf = hf_model(model)
+    config = copy.deepcopy(hf.config)
+    if untie and getattr(config, "tie_word_embeddings", False):
+        config.tie_word_embeddings = False
+    buffers = {k.replace("._original_component", ""): b for k, b in hf.named_buffers()}
+    with warnings.catch_warnings(), _no_hf_init():
+        warnings.simplefilter("ignore")
+        fresh = type(hf)(config)
+        fresh.tie_weights()  # skipped under no_init_weights; a no-op when the config unties them
+    with torch.no_grad():
+        for p in fresh.parameters():  # parameters only: rotary inv_freq buffers stay float32, as HF keeps them
+            p.data = p.data.to(dtype)
+        for name, b in fresh.named_buffers():
+            if name in buffers and buffers[name].shape == b.shape:
+                b.copy_(buffers[name])
+    return fresh.train(model.training)
+
+
+def finish(model: nn.Module, fresh: nn.Module) -> nn.Module:
+    """``fresh`` (a Hugging Face model whose weights are written) as the kind ``model`` is: wrapped by a
+    new bridge for a bridge, itself for a raw model."""
+    if model_kind(model) != ModelKind.HF_BRIDGE:
+        return fresh
     import warnings
 
     from ._compat import require
@@ -168,52 +351,32 @@ def rebuild(model: nn.Module, bridge: dict[str, torch.Tensor], dtype: torch.dtyp
     require("transformer_lens")
     from transformer_lens.model_bridge import TransformerBridge
 
-    fam = family(model)
-    hf = model.original_model
-    config = copy.deepcopy(hf.config)
-    ref = _reference(hf, config)
-    values = {k: _hf_value(fam, ref, k, bridge) for k, _ in ref.named_parameters(remove_duplicate=False)}
-    clash = None if untie else _tie_clash(ref, values)
-    if clash:
-        raise InvalidOptionError(f"{clash[0]} and {clash[1]} are tied in this {type(hf).__name__}, but the transform gives them "
-                         f"different values (a map on the residual stream that is not orthogonal). Untie them first "
-                         f"(model = wb.untie_embeddings(model)), or use the stream's own group.")
-    if untie and getattr(config, "tie_word_embeddings", False):
-        config.tie_word_embeddings = False  # the parameter names stay the same: ``values`` still fits
-    buffers = _own_state(hf)
-    with warnings.catch_warnings(), _no_hf_init():
+    dtype = next(fresh.parameters()).dtype
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        fresh = type(hf)(config)
-        fresh.tie_weights()  # skipped under no_init_weights; a no-op when the config unties them
-        with torch.no_grad():  # cast before loading, or float64 weights are rounded through float32 parameters
-            for p in fresh.parameters():  # parameters only: rotary inv_freq buffers stay float32, as HF keeps them
-                p.data = p.data.to(dtype)
-        state = dict(values)
-        state.update({k: buffers[k] for k in fresh.state_dict() if k not in state and k in buffers})
-        missing, unexpected = fresh.load_state_dict(state, strict=False)
-        if missing or unexpected:
-            raise IncompatibleWeightsError(f"weights do not fit {type(hf).__name__}: missing {missing}, unexpected {unexpected}")
-        fresh.eval()
-        new = TransformerBridge.boot_transformers(model.cfg.model_name, hf_model=fresh, tokenizer=model.tokenizer,
-                                                  dtype=dtype)
+        new = TransformerBridge.boot_transformers(model.cfg.model_name, hf_model=fresh, tokenizer=model.tokenizer, dtype=dtype)
     return new.train(model.training)
 
 
-def _tie_clash(ref: nn.Module, values: dict[str, torch.Tensor]) -> Optional[tuple[str, str]]:
-    """Two names of one tied parameter whose new values differ (beyond float64 rounding)."""
-    first: dict[int, str] = {}
-    for key, p in ref.named_parameters(remove_duplicate=False):
-        if id(p) in first:
-            a, b = values[first[id(p)]], values[key]
-            if a.shape != b.shape or not torch.allclose(a.double(), b.double(), rtol=1e-9, atol=1e-12 * float(a.abs().max())):
-                return first[id(p)], key
-        else:
-            first[id(p)] = key
-    return None
+def scratch_bridge(model: nn.Module, fresh: nn.Module):
+    """A bridge around ``fresh`` (a copy of the raw Hugging Face ``model``), with a throwaway word-level
+    tokenizer: what measurements through TransformerLens hooks (rotary pairs) run on."""
+    import warnings
+
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+    from transformer_lens.model_bridge import TransformerBridge
+
+    tok = Tokenizer(models.WordLevel({"a": 0, "[UNK]": 1}, unk_token="[UNK]"))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[UNK]")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return TransformerBridge.boot_transformers(f"local/{fresh.config.model_type}", hf_model=fresh, tokenizer=tokenizer,
+                                                   dtype=next(fresh.parameters()).dtype)
 
 
 class _no_hf_init:
-    """Skip Hugging Face's random initialisation of a model whose parameters are all loaded next."""
+    """Skip Hugging Face's random initialisation of a model whose parameters are all written next."""
 
     def __enter__(self):
         try:

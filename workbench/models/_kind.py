@@ -56,8 +56,9 @@ def is_transformer_lens(model: nn.Module) -> bool:
 
 def has_layout(model: nn.Module) -> bool:
     """Whether the model's weights are read in the canonical transformer layout (``_layout.py``), rather
-    than its structure traced by torch.fx: every TransformerLens model."""
-    return is_transformer_lens(model)
+    than its structure traced by torch.fx: every TransformerLens model, and a Hugging Face
+    ``PreTrainedModel`` on its own (fx cannot trace one: its decorated ``forward`` and its masks)."""
+    return is_transformer_lens(model) or model_kind(model) == ModelKind.HF
 
 
 def has_hooked_transformer() -> bool:

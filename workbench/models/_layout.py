@@ -52,6 +52,8 @@ def to_canonical(sd: dict[str, torch.Tensor], cfg: Any) -> dict[str, torch.Tenso
             out["token_type_embed.W_TT"] = t
         elif stem == "mlm_head":  # BERT's MLM head dense: reads the stream, writes the head's space
             out["mlm.W" if W else "mlm.b"] = t.T if W else t
+        elif stem in ("project_in", "project_out"):  # OPT-350m: word space ↔ stream, [d_in, d_out]
+            out[f"{stem}.{'W' if W else 'b'}"] = t.T if W else t
         else:  # norms: ln1, ln2, ln_final, mlp.ln (SoLU)
             out[f"{stem}.{'w' if W else 'b'}"] = t
     return {k: v.contiguous() for k, v in out.items()}
@@ -86,6 +88,8 @@ def from_canonical(sd: dict[str, torch.Tensor], cfg: Any) -> dict[str, torch.Ten
             out["token_type_embed.weight"] = t
         elif key in ("mlm.W", "mlm.b"):
             out[f"mlm_head.{'weight' if leaf == 'W' else 'bias'}"] = t.T if leaf == "W" else t
+        elif base in ("project_in", "project_out"):
+            out[f"{base}.{'weight' if leaf == 'W' else 'bias'}"] = t.T if leaf == "W" else t
         else:
             out[f"{base}.{'weight' if leaf == 'w' else 'bias'}"] = t
     return {k: v.contiguous() for k, v in out.items()}
@@ -93,15 +97,17 @@ def from_canonical(sd: dict[str, torch.Tensor], cfg: Any) -> dict[str, torch.Ten
 
 # HookedTransformer names grouped-query K/V weights with a leading underscore.
 _HOOKED_GQA = {"W_K": "_W_K", "b_K": "_b_K", "W_V": "_W_V", "b_V": "_b_V"}
+# Hugging Face models, raw or in a bridge: their layout comes from ``_hf.py``.
+_HF = (ModelKind.HF, ModelKind.HF_BRIDGE)
 
 
 def read_weights(model: nn.Module) -> dict[str, torch.Tensor]:
     """The model's weights in the canonical per-head layout (detached copies' views; do not write)."""
     kind = model_kind(model)
-    if kind == ModelKind.HF_BRIDGE:
-        from ._hf import read_bridge_layout
+    if kind in _HF:
+        from . import _hf
 
-        return to_canonical(read_bridge_layout(model), model.cfg)
+        return to_canonical(_hf.views(model), _hf.config(model))
     sd = {k: v.detach() for k, v in model.state_dict().items()}
     if kind == ModelKind.HOOKED:
         back = {v: k for k, v in _HOOKED_GQA.items()}
@@ -119,7 +125,7 @@ def rebuild(model: nn.Module, weights: dict[str, torch.Tensor], dtype: Optional[
             untie: bool = False) -> nn.Module:
     """A fresh model of the same kind and config carrying ``weights`` (canonical layout), in ``dtype``
     (default: the model's). ``untie``: a Hugging Face model is built with untied embeddings (tied
-    ones that the weights make differ are otherwise an error; see ``_hf.rebuild``).
+    ones that the weights make differ are otherwise an error; see ``write_weights``).
 
     Never a ``copy.deepcopy`` of ``model``: a bridge that has run carries hooks that point at its own
     hook points (native bridges are deep copies of a never-run template instead: see ``_TEMPLATES``).
@@ -128,12 +134,25 @@ def rebuild(model: nn.Module, weights: dict[str, torch.Tensor], dtype: Optional[
     """
     kind = model_kind(model)
     dtype = dtype or next(model.parameters()).dtype
-    if kind == ModelKind.HF_BRIDGE:
+    if kind in _HF:  # weights go into a fresh Hugging Face model; a bridge is booted around it after
         from . import _hf
 
-        return _hf.rebuild(model, from_canonical(weights, model.cfg), dtype, untie)
+        new = _hf.blank(model, dtype, untie)
+        write_weights(new, weights)
+        return _hf.finish(model, new)
     new = blank(model, dtype)
     write_weights(new, weights)
+    return new
+
+
+def finish(model: nn.Module, new: nn.Module) -> nn.Module:
+    """A model from :func:`blank` whose weights are written, as the kind ``model`` is: a Hugging Face
+    bridge's blank is a bare Hugging Face model, wrapped now (booting splits fused q/k/v into copies,
+    so it must come after the weights); every other kind is already complete."""
+    if model_kind(model) == ModelKind.HF_BRIDGE:
+        from . import _hf
+
+        return _hf.finish(model, new)
     return new
 
 
@@ -175,8 +194,49 @@ def write_weights(model: nn.Module, weights: dict[str, torch.Tensor]) -> None:
     if kind == ModelKind.NATIVE:
         model.load_state_dict(from_canonical(weights, model.cfg), strict=True)
         return
+    if kind == ModelKind.HF:
+        _write_hf(model, weights)
+        return
     raise InvalidOptionError(f"cannot write canonical weights into a {type(model).__name__} (kind {kind.value!r}); "
-                             f"only HookedTransformer and native bridges are written in place.")
+                             f"HookedTransformer, native bridges and Hugging Face models are written in place, never a "
+                             f"live bridge around a Hugging Face model (it keeps split copies of fused q/k/v).")
+
+
+def _write_hf(model: nn.Module, weights: dict[str, torch.Tensor]) -> None:
+    """Write canonical ``weights`` into a Hugging Face model through its canonical views. Tied parameters
+    (one tensor under two keys) must receive the same values, or it is an error naming them."""
+    views = canonical_views(model)
+    if views is None or set(views) != set(weights):
+        have = set(views or ())
+        raise IncompatibleWeightsError(f"weights do not fit {type(model).__name__}: missing {sorted(have - set(weights))[:4]}, "
+                                       f"unexpected {sorted(set(weights) - have)[:4]}")
+    with torch.no_grad():
+        for k, v in weights.items():
+            if views[k].shape != v.shape:
+                raise IncompatibleWeightsError(f"weights do not fit {type(model).__name__}: {k} has shape "
+                                               f"{tuple(v.shape)}, the model {tuple(views[k].shape)}")
+            views[k].copy_(v)
+        for a, b in tied_keys(views):  # the last write won: each other key must still read its own value
+            want, got = weights[b].double(), views[b].double()
+            scale = float(want.abs().max()) if want.numel() else 0.0
+            if not torch.allclose(got, want, rtol=1e-9, atol=1e-12 * scale):
+                raise InvalidOptionError(
+                    f"{a} and {b} are tied in this {type(model).__name__}, but the transform gives them different values "
+                    f"(a map on the residual stream that is not orthogonal). Untie them first (model = "
+                    f"wb.untie_embeddings(model)), or use the stream's own group.")
+
+
+def tied_keys(views: dict[str, torch.Tensor]) -> list[tuple[str, str]]:
+    """Pairs of canonical keys whose views are the same memory (a tied parameter), first key first."""
+    first: dict[tuple, str] = {}
+    pairs = []
+    for k, v in views.items():
+        where = (v.untyped_storage().data_ptr(), v.numel(), v.storage_offset())
+        if where in first:
+            pairs.append((first[where], k))
+        else:
+            first[where] = k
+    return pairs
 
 
 # ---------------------------------------------------------------------- a model's own tensors, in place
@@ -184,6 +244,10 @@ def blank(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     """A fresh model of ``model``'s kind and config in ``dtype`` whose parameters hold garbage: the
     caller writes every one (``write_weights`` checks that; ``canonical_views`` callers write all).
     Native bridges come from a deep copy of a cached template (see ``_TEMPLATES``)."""
+    if model_kind(model) in _HF:  # a bare Hugging Face model; ``finish`` wraps a bridge's
+        from . import _hf
+
+        return _hf.blank(model, dtype)
     if model_kind(model) != ModelKind.NATIVE:
         return _boot(model, dtype)
     import copy
@@ -274,7 +338,7 @@ def _boot(model: nn.Module, dtype: torch.dtype) -> nn.Module:
 
 def canonical_views(model: nn.Module) -> Optional[dict[str, torch.Tensor]]:
     """Every weight of ``model`` in the canonical layout as a *view* of its own tensor (writing a view
-    writes the model), or None where that is not possible (Hugging Face bridges, a copying layout).
+    writes the model), or None where that is not possible (a copying layout).
 
     The views let a transform read the original and write the copy without the two full copies that
     ``read_weights`` (``.contiguous()``) and ``write_weights`` (``load_state_dict``) make.
@@ -285,6 +349,15 @@ def canonical_views(model: nn.Module) -> Optional[dict[str, torch.Tensor]]:
     elif kind == ModelKind.NATIVE:  # to_canonical's own mapping, with its closing .contiguous() a no-op
         sd = {k: v.as_subclass(_Viewed) for k, v in model.state_dict().items()}
         views = {k: v.as_subclass(torch.Tensor) for k, v in to_canonical(sd, model.cfg).items()}
+    elif kind in _HF:
+        from . import _hf
+
+        sd = {k: v.as_subclass(_Viewed) for k, v in _hf.views(model).items()}
+        views = {k: v.as_subclass(torch.Tensor) for k, v in to_canonical(sd, _hf.config(model)).items()}
+        # Every parameter is reached (the layout checks it); a bridge also holds split copies of fused
+        # q/k/v, which are not the model's weights: only the views' storage is checked here.
+        own = {p.untyped_storage().data_ptr() for p in _hf.hf_model(model).parameters()}
+        return views if {v.untyped_storage().data_ptr() for v in views.values()} <= own else None
     else:
         return None
     # Only if the views share storage with the model's tensors (a reshape that had to copy would not)

@@ -52,6 +52,10 @@ class Backend:
         raise NotImplementedError
 
     # -- what verify compares
+    def output(self, value: Any) -> Any:
+        """The tensor a model's return value stands for (the model's own output by default)."""
+        return value
+
     def output_names(self, model: nn.Module) -> list[str]:
         """Hook names whose values are the output compared (beyond the model's return value)."""
         return []
@@ -132,9 +136,20 @@ class LayoutBackend(Backend):
 
         return observe(site, element, obs, h)
 
+    def output(self, value):
+        """A Hugging Face model returns a ``ModelOutput``: its logits are compared."""
+        logits = getattr(value, "logits", None)
+        return logits if isinstance(logits, torch.Tensor) and not isinstance(value, torch.Tensor) else value
+
     def _last(self, model) -> Optional[str]:
-        """An encoder's output is its last hidden state (MiniLM's MLM head is untrained)."""
-        return f"blocks.{int(model.cfg.n_layers) - 1}.hook_resid_post" if hf.is_encoder(model) else None
+        """An encoder's output is its last hidden state (MiniLM's MLM head is untrained): its last layer's
+        output (a raw Hugging Face model: that layer module's output)."""
+        if not hf.is_encoder(model):
+            return None
+        L = int(hf.config(model).n_layers)
+        if model_kind(model) == ModelKind.HF:
+            return hf.layout(model).paths[f"blocks.{L - 1}"]
+        return f"blocks.{L - 1}.hook_resid_post"
 
     def output_names(self, model):
         last = self._last(model)
@@ -154,29 +169,60 @@ class LayoutBackend(Backend):
 
     def floor(self, model, inputs, cache, last):
         """RMSNorm computes in float32 in TransformerLens's native models as in Hugging Face's, and so
-        does the softmax of Hugging Face LLaMA's eager attention: rounding those parts' inputs to
-        float32 measures the floor below which no comparison of a float64 model can go."""
-        from ..hooks import hook_names, intervene, run_with_cache
+        does the softmax of most Hugging Face eager attentions: rounding those parts to float32 measures
+        the floor below which no comparison of a float64 model can go. TransformerLens models round the
+        stream where the norms read it and the attention scores (when the model's own pattern is float32:
+        measured); a raw Hugging Face model, which has only its modules' outputs, rounds the embedding's
+        and every layer's output (the stream) and, under eager attention, each attention's output
+        projection."""
+        from ..hooks import intervene, run_with_cache
 
-        rms = str(getattr(model.cfg, "normalization_type", "") or "").startswith("RMS")
-        softmax32 = model_kind(model) == ModelKind.HF_BRIDGE and hf.family(model) == "llama"
-        if not (rms or softmax32):
+        kind = model_kind(model)
+        rms = str(getattr(hf.config(model), "normalization_type", "") or "").startswith("RMS")
+        names = _round_raw(model, rms) if kind == ModelKind.HF else _round_lens(model, inputs, rms)
+        if not names:
             return None
-        L = int(model.cfg.n_layers)
-        points = hook_names(model)
-        known = set(points) | set(points.aliases)
-        names = [f"blocks.{i}.hook_resid_{w}" for i in range(L) for w in ("pre", "mid")] + [f"blocks.{L - 1}.hook_resid_post"]
-        if softmax32:
-            names += [f"blocks.{i}.attn.hook_attn_scores" for i in range(L)]
-        rounding = {n: (lambda x, name: x.float().double()) for n in names if n in known}
+        rounding = {n: (lambda x, name: x.float().double()) for n in names}
         watched = list(cache.keys()) if cache is not None else []
         with eval_mode(model), intervene(model, rounding), torch.no_grad():
             rounded, rcache = run_with_cache(model, inputs, names=watched or None, budget=None) if watched else (model(inputs), None)
-        rounded = rcache[last].flatten(0, -2) if last else rounded.detach().log_softmax(-1).flatten(0, -2)
+        rounded = rcache[last].flatten(0, -2) if last else self.output(rounded).detach().log_softmax(-1).flatten(0, -2)
         norm = torch.linalg.vector_norm
         site_floor = max((float(norm(rcache[n] - cache[n]) / max(float(norm(cache[n])), 1e-30)) for n in watched),
                          default=0.0)
         return rounded, site_floor
+
+
+def _round_lens(model, inputs, rms: bool) -> list[str]:
+    """TransformerLens hook names to round: the stream before each norm (RMSNorm), the attention scores
+    when the model's softmax computes in float32 (its pattern holds only float32 values)."""
+    from ..hooks import hook_names, run_with_cache
+
+    L = int(model.cfg.n_layers)
+    points = hook_names(model)
+    known = set(points) | set(points.aliases)
+    names = []
+    if rms:
+        names += [f"blocks.{i}.hook_resid_{w}" for i in range(L) for w in ("pre", "mid")] + [f"blocks.{L - 1}.hook_resid_post"]
+    if model_kind(model) == ModelKind.HF_BRIDGE and "blocks.0.attn.hook_pattern" in known:
+        with eval_mode(model), torch.no_grad():
+            _, cache = run_with_cache(model, inputs[:1], names=["blocks.0.attn.hook_pattern"], budget=None)
+        p = cache["blocks.0.attn.hook_pattern"]
+        if p.dtype == torch.float64 and torch.equal(p, p.float().double()):
+            names += [f"blocks.{i}.attn.hook_attn_scores" for i in range(L)]
+    return [n for n in names if n in known]
+
+
+def _round_raw(model, rms: bool) -> list[str]:
+    """A raw Hugging Face model's module outputs to round: the stream where each layer reads it (the
+    embedding's and every layer's output: RMSNorm), each attention's output projection's under eager
+    attention (its softmax upcasts)."""
+    paths = hf.layout(model).paths
+    L = int(hf.config(model).n_layers)
+    names = [paths[k] for k in ["embed"] + [f"blocks.{i}" for i in range(L)] if rms and k in paths]
+    if getattr(hf.hf_model(model).config, "_attn_implementation", None) == "eager":
+        names += [p for k, p in paths.items() if k.endswith(".attn.o")]
+    return names
 
 
 _GRAPH, _LAYOUT = GraphBackend(), LayoutBackend()

@@ -5,10 +5,12 @@ import torch
 from torch import nn
 
 from .._errors import InvalidOptionError, UnsupportedModelError
-from ..models import ModelKind, hf, is_transformer_lens, model_kind, read_weights, rebuild
+from ..models import ModelKind, has_layout, hf, model_kind, read_weights, rebuild
 
-# Each residual-stream norm and the weights that read its output (canonical layout: d_model axis).
+# Each residual-stream norm and the weights that read its output (canonical layout: d_model axis). A
+# parallel block with one norm (Phi: attention and MLP read the same ln1) has no ln2: ln1 feeds both.
 _READERS = {"ln1": ("attn", ("Q", "K", "V")), "ln2": ("mlp", ("in", "gate"))}
+_HF = (ModelKind.HF, ModelKind.HF_BRIDGE)
 
 
 def fold_layernorm(model: nn.Module) -> nn.Module:
@@ -22,45 +24,54 @@ def fold_layernorm(model: nn.Module) -> nn.Module:
     A bias with no reader bias to absorb it (Hugging Face GPT-2's final LayerNorm: its unembedding
     has none) stays on the norm, divided by the gain; after the normalisation it is a vector that
     rotations move with the stream. Tied embeddings (GPT-2) are untied: the unembedding takes the final norm's gain.
-    Post-LayerNorm models (BERT) cannot be folded: their norms sit on the stream itself.
+    Post-LayerNorm models (BERT, OPT-350m) cannot be folded: their norms sit on the stream itself.
+    Gemma's gains are ``1 + w``: folded, its norms store w = 0. Hugging Face models, raw or in a
+    bridge, come back as the same kind.
 
     Example:
         >>> import torch, workbench as wb
         >>> wb.fold_layernorm(torch.nn.Linear(2, 2))
         Traceback (most recent call last):
         ...
-        workbench._errors.InvalidOptionError: fold_layernorm expects a TransformerLens model (HookedTransformer or a TransformerBridge); got Linear.
+        workbench._errors.InvalidOptionError: fold_layernorm expects a TransformerLens model (HookedTransformer or a TransformerBridge) or a Hugging Face PreTrainedModel; got Linear.
     """
     kind = model_kind(model)
-    if not is_transformer_lens(model):
-        raise InvalidOptionError(f"fold_layernorm expects a TransformerLens model (HookedTransformer or a TransformerBridge); "
-                        f"got {type(model).__name__}.")
-    if kind == ModelKind.HF_BRIDGE and (reason := hf.unsupported(model)):
+    if not has_layout(model):
+        raise InvalidOptionError(f"fold_layernorm expects a TransformerLens model (HookedTransformer or a TransformerBridge) "
+                                 f"or a Hugging Face PreTrainedModel; got {type(model).__name__}.")
+    if kind in _HF and (reason := hf.unsupported(model)):
         raise InvalidOptionError(f"fold_layernorm cannot read this model: {reason}")
-    if kind == ModelKind.HF_BRIDGE and hf.is_post_ln(model):
-        raise InvalidOptionError(f"fold_layernorm: {type(model.original_model).__name__} is post-LayerNorm — every norm sits on "
-                         f"the residual stream itself, so there is nothing to fold into; its stream group stays "
-                         f"the permutations.")
+    if hf.is_post_ln(model):
+        raise InvalidOptionError(f"fold_layernorm: {type(hf.hf_model(model)).__name__} is post-LayerNorm — every norm sits on "
+                                 f"the residual stream itself, so there is nothing to fold into; its stream group stays "
+                                 f"the permutations.")
+    offset = hf.gain_offset(model)
     W = {k: v.double().clone() for k, v in read_weights(model).items()}
-    for layer in range(int(model.cfg.n_layers)):
+    for layer in range(int(hf.config(model).n_layers)):
         for ln, (part, mats) in _READERS.items():
             readers = [(f"blocks.{layer}.{part}.W_{m}", f"blocks.{layer}.{part}.b_{m}") for m in mats]
-            _fold(W, f"blocks.{layer}.{ln}", [r for r in readers if r[0] in W], heads=part == "attn")
-    _fold(W, "ln_final", [("unembed.W_U", "unembed.b_U")], heads=False)
+            if ln == "ln1" and f"blocks.{layer}.ln2.w" not in W:  # parallel attention and MLP behind one norm
+                readers += [(f"blocks.{layer}.mlp.W_{m}", f"blocks.{layer}.mlp.b_{m}") for m in ("in", "gate")]
+            _fold(W, f"blocks.{layer}.{ln}", [r for r in readers if r[0] in W], heads=lambda key: ".attn." in key,
+                  offset=offset)
+    _fold(W, "ln_final", [("unembed.W_U", "unembed.b_U")], heads=lambda key: False, offset=offset)
     return rebuild(model, W, untie=True)
 
 
-def _fold(W: dict, ln: str, readers: list[tuple[str, str]], heads: bool) -> None:
+def _fold(W: dict, ln: str, readers: list[tuple[str, str]], heads, offset: float = 0.0) -> None:
+    """Fold norm ``ln``'s gain (its stored weight + ``offset``) into the readers' rows, its bias into their
+    biases (or keep bias/gain on the norm where a reader has no bias); ``heads(key)``: a per-head weight."""
     if f"{ln}.w" not in W:
         return
-    w, b = W[f"{ln}.w"], W.get(f"{ln}.b")
+    w, b = W[f"{ln}.w"] + offset, W.get(f"{ln}.b")
     keep_bias = b is not None and bool(b.ne(0).any()) and any(bkey not in W for _, bkey in readers)
     for wkey, bkey in readers:
         M = W[wkey]  # [d_model, out] or per head [h, d_model, d_head]
+        per_head = heads(wkey)
         if b is not None and not keep_bias:
-            W[bkey] = W[bkey] + (torch.einsum("d,hde->he", b, M) if heads else b @ M)
-        W[wkey] = M * (w[:, None] if not heads else w[None, :, None])
-    W[f"{ln}.w"] = torch.ones_like(w)
+            W[bkey] = W[bkey] + (torch.einsum("d,hde->he", b, M) if per_head else b @ M)
+        W[wkey] = M * (w[:, None] if not per_head else w[None, :, None])
+    W[f"{ln}.w"] = torch.ones_like(w) - offset
     if keep_bias:  # w⊙n + b = w⊙(n + b/w): the gain went to the readers, b/w stays
         if bool(w.eq(0).any()):
             raise UnsupportedModelError(f"cannot fold {ln}: a zero gain, and a bias with no reader bias to absorb it.")
@@ -70,7 +81,7 @@ def _fold(W: dict, ln: str, readers: list[tuple[str, str]], heads: bool) -> None
 
 
 def untie_embeddings(model: nn.Module) -> nn.Module:
-    """A copy of a Hugging Face bridge whose unembedding is a tensor of its own, no longer the word
+    """A copy of a Hugging Face model (raw or in a bridge) whose unembedding is a tensor of its own, no longer the word
     embedding (same values, same function): needed before a map on the residual stream that is not
     orthogonal, which moves the two differently. The input model is not modified.
 
@@ -79,11 +90,11 @@ def untie_embeddings(model: nn.Module) -> nn.Module:
         >>> wb.untie_embeddings(torch.nn.Linear(2, 2))
         Traceback (most recent call last):
         ...
-        workbench._errors.InvalidOptionError: untie_embeddings expects a bridge around a Hugging Face model (TransformerLens's own models never tie W_U to W_E); got Linear.
+        workbench._errors.InvalidOptionError: untie_embeddings expects a Hugging Face model, raw or in a bridge (TransformerLens's own models never tie W_U to W_E); got Linear.
     """
-    if model_kind(model) != ModelKind.HF_BRIDGE:
-        raise InvalidOptionError(f"untie_embeddings expects a bridge around a Hugging Face model (TransformerLens's own "
-                        f"models never tie W_U to W_E); got {type(model).__name__}.")
+    if model_kind(model) not in _HF:
+        raise InvalidOptionError(f"untie_embeddings expects a Hugging Face model, raw or in a bridge (TransformerLens's own "
+                                 f"models never tie W_U to W_E); got {type(model).__name__}.")
     if reason := hf.unsupported(model):
         raise InvalidOptionError(f"untie_embeddings cannot read this model: {reason}")
     return rebuild(model, read_weights(model), untie=True)

@@ -13,9 +13,10 @@ from typing import Optional
 import torch
 from torch import nn
 
+from .._errors import InvalidOptionError
 from .._threads import in_parallel, threads
-from ..groups import GroupElement
-from ..models import blank, canonical_views, read_weights, rebuild, write_weights
+from ..groups import GroupElement, ScaledPermutation
+from ..models import blank, canonical_views, finish, read_weights, rebuild, tied_keys, write_weights
 from ._sites import Observation, Site, SymmetryMap
 
 
@@ -27,6 +28,12 @@ def push_transformer(model: nn.Module, smap: SymmetryMap, transform, inplace: bo
     Each weight is read from the original and written into the new model's own tensor, one weight
     (or one slice of a large one) at a time.
     """
+    from ..models import ModelKind, model_kind
+
+    if inplace and model_kind(model) == ModelKind.HF_BRIDGE:
+        raise InvalidOptionError("inplace=True cannot transform a live bridge around a Hugging Face model: the bridge "
+                                 "keeps split copies of fused q/k/v made at boot, which would not follow. Use the "
+                                 "returned model (inplace=False), or transform the Hugging Face model itself.")
     return _pushed(model, _weight_ops(smap, transform), inplace)
 
 
@@ -35,10 +42,15 @@ def clone(model: nn.Module, dtype: Optional[torch.dtype] = None) -> nn.Module:
     return _pushed(model, {}, False, dtype)
 
 
-def observe(site: Site, element: GroupElement, obs: Observation, h: torch.Tensor) -> torch.Tensor:
-    """How ``element`` at ``site`` moves the activation ``h`` seen at ``obs``."""
+def observe(site: Site, element: GroupElement, obs: Observation, h: torch.Tensor) -> Optional[torch.Tensor]:
+    """How ``element`` at ``site`` moves the activation ``h`` seen at ``obs`` (None: not comparable)."""
+    if obs.level == "heads":  # a permutation of the head axis, lifted (see HeadPermutation)
+        perm = element.perm_part()
+        return None if perm is None else HeadPermutation(perm, obs.block, obs.heads).act(h, obs.axis)
     F = {"pre": element, "post": element.phi(), "perm": element.perm_part() or element,
          "dual": element.inverse().transpose()}[obs.level]
+    if obs.block > 1:  # a raw projection's output: [..., heads·d_head] flattened
+        return _act_obs(h.unflatten(-1, (-1, obs.block)), F, obs).flatten(-2)
     return _act_obs(h, F, obs)
 
 
@@ -49,6 +61,33 @@ def _act_obs(h: torch.Tensor, F: GroupElement, obs: Observation) -> torch.Tensor
     out = h.clone()
     out.index_copy_(-2, idx, F.act(h.index_select(-2, idx), obs.axis))
     return out
+
+
+class HeadPermutation:
+    """A permutation of ``m`` units lifted to an axis: unit j is ``block`` consecutive entries — all of
+    them in order (a key/value group's query heads; a raw projection's output features), or starting
+    at ``heads[j]·block`` (the query heads of one group; the other entries stay). The axis's length is
+    only known when it acts."""
+
+    def __init__(self, perm: ScaledPermutation, block: int = 1, heads: Optional[tuple] = None):
+        self.perm, self.block, self.heads = perm.perm, block, heads
+
+    def index(self, n: int) -> torch.Tensor:
+        """``idx`` with ``out[c] = x[idx[c]]`` on an axis of length ``n``."""
+        if self.heads is None:
+            idx = (self.perm[:, None] * self.block + torch.arange(self.block)).flatten()
+            if idx.numel() != n:
+                raise InvalidOptionError(f"a permutation of {self.perm.numel()} head groups of {self.block} does not fit "
+                                         f"an axis of {n} heads.")
+            return idx
+        idx, h = torch.arange(n), torch.tensor(self.heads)
+        within = torch.arange(self.block)
+        idx[(h[:, None] * self.block + within).flatten()] = (h[self.perm][:, None] * self.block + within).flatten()
+        return idx
+
+    def act(self, x: torch.Tensor, dim: int) -> torch.Tensor:
+        d = dim % x.ndim
+        return x.index_select(d, self.index(x.shape[d]).to(x.device))
 
 
 # ---------------------------------------------------------------------- pushing: one weight at a time
@@ -68,12 +107,14 @@ def _weight_ops(smap: SymmetryMap, transform) -> dict[str, list]:
     for name, e in transform.elements.items():
         site = smap[name]
         perm = e.perm_part()
-        ops = [(p, e if p.level == "pre" else perm) for p in site.writers]
+        lifted = lambda p: None if perm is None else HeadPermutation(perm, p.block, p.heads)  # noqa: E731
+        ops = [(p, {"pre": e, "perm": perm, "dual": duals.get((name, "inverse"))}.get(p.level) if p.level != "heads"
+                else lifted(p)) for p in site.writers]
         ops += [(p, duals[name, p.level]) for p in site.readers]
         for port, F in ops:
             if F is None:  # the permutation part of a (forced) dense map: nothing moves
                 continue
-            if port.heads is None:
+            if port.heads is None or port.level == "heads":
                 whole.setdefault(port.name, []).append((port.axis, F))
             else:
                 M = F.matrix()
@@ -100,10 +141,14 @@ def _duals(smap: SymmetryMap, transform) -> dict[tuple[str, str], GroupElement]:
     for name, e in transform.elements.items():
         for level in {p.level for p in smap[name].readers}:
             F = e.phi() if level == "post" else e
-            if isinstance(F, Dense) and not F.orthogonal:
+            if level == "dual":  # reads a space moving by F⁻ᵀ (OPT-350m's output word space): by F itself
+                out[name, level] = e
+            elif isinstance(F, Dense) and not F.orthogonal:
                 batch.append(((name, level), F))
             else:
                 out[name, level] = F.inverse().transpose()
+        if any(p.level == "dual" for p in smap[name].writers):  # writes it: by F⁻ᵀ
+            out[name, "inverse"] = e.inverse().transpose()
     for n in {F.n for _, F in batch}:
         same = [(k, F) for k, F in batch if F.n == n]
         with threads(1):
@@ -118,7 +163,7 @@ def _pushed(model: nn.Module, ops: dict[str, list], inplace: bool, dtype: Option
     dtype = dtype or next(model.parameters()).dtype
     src = canonical_views(model)
     with torch.no_grad():
-        if src is None:  # no views of its own tensors (a Hugging Face bridge): through a dict of weights
+        if src is None:  # no views of its own tensors (a copying layout): through a dict of weights
             W = read_weights(model)
             out = dict(W)  # the untouched weights as they are: rebuild and write_weights copy them
             for key in ops:
@@ -130,8 +175,51 @@ def _pushed(model: nn.Module, ops: dict[str, list], inplace: bool, dtype: Option
             return rebuild(model, out, dtype)
         new = model if inplace else blank(model, dtype)
         dst = src if inplace else canonical_views(new)
-        in_parallel(*_jobs([(t, dst[k], ops.get(k, [])) for k, t in src.items() if ops.get(k) or t is not dst[k]], {}))
-    return new
+        # A tied parameter (Hugging Face's unembedding = embedding) is one tensor under two keys: it is
+        # written once, after checking that both keys' maps agree on it.
+        second = set()
+        for a, b in tied_keys(dst):
+            _check_tie(src, ops, a, b, type(model).__name__)
+            second.add(b)
+        in_parallel(*_jobs([(t, dst[k], ops.get(k, [])) for k, t in src.items()
+                            if k not in second and (ops.get(k) or t is not dst[k])], {}))
+    return new if inplace else finish(model, new)
+
+
+def _check_tie(src: dict, ops: dict, a: str, b: str, what: str) -> None:
+    """Keys ``a`` and ``b`` name one tensor of the new model: their pushed values must agree. Compared on
+    a few entries along an axis no op acts on (the vocabulary), in float64 — unless the source keeps them
+    apart, then on everything."""
+    xa, xb = src[a], src[b]
+    shared = xa.untyped_storage().data_ptr() == xb.untyped_storage().data_ptr() and xa.storage_offset() == xb.storage_offset()
+    fa, fb = _free_axis(xa, ops.get(a, [])), _free_axis(xb, ops.get(b, []))
+    if shared and fa is not None and fb is not None and xa.stride(fa) == xb.stride(fb):
+        k = min(8, xa.shape[fa])
+        xa, xb = xa.narrow(fa, 0, k), xb.narrow(fb, 0, k)
+    elif not ops.get(a) and not ops.get(b) and shared:
+        return
+    ra, rb = _applied(xa, ops.get(a, [])), _applied(xb, ops.get(b, []))
+    order = lambda x: sorted(range(x.ndim), key=lambda d: -x.stride(d))  # noqa: E731  (storage order)
+    ra, rb = ra.permute(order(xa)), rb.permute(order(xb))
+    scale = float(ra.abs().max()) if ra.numel() else 0.0
+    if ra.shape != rb.shape or not torch.allclose(ra, rb, rtol=1e-9, atol=1e-12 * scale):
+        raise InvalidOptionError(
+            f"{a} and {b} are tied in this {what}, but the transform gives them different values (a map on the "
+            f"residual stream that is not orthogonal). Untie them first (model = wb.untie_embeddings(model)), or use "
+            f"the stream's own group.")
+
+
+def _free_axis(x: torch.Tensor, ops: list) -> Optional[int]:
+    used = {a % x.ndim for a, F in ops} | {0 for _, F in ops if isinstance(F, dict)}
+    free = [d for d in range(x.ndim) if d not in used]
+    return max(free, key=lambda d: x.shape[d]) if free else None
+
+
+def _applied(x: torch.Tensor, ops: list) -> torch.Tensor:
+    """``ops`` applied to ``x``, in float64."""
+    out = torch.empty(x.shape, dtype=torch.float64)
+    _push_slice(x.double(), out, ops, len(ops) - 1, {})
+    return out
 
 
 def _jobs(weights: list[tuple[torch.Tensor, torch.Tensor, list]], casts: dict) -> tuple[list, list]:
@@ -155,7 +243,7 @@ def _jobs(weights: list[tuple[torch.Tensor, torch.Tensor, list]], casts: dict) -
 
     calls, costs = [], []
     for src, dst, ops in weights:
-        if all(isinstance(F, ScaledPermutation) and F.scale is None for _, F in ops):
+        if all((isinstance(F, ScaledPermutation) and F.scale is None) or isinstance(F, HeadPermutation) for _, F in ops):
             last = -1  # exact in any dtype
         elif src.dtype == torch.float32:
             last = max((i for i, (_, F) in enumerate(ops) if general(F)), default=-1)

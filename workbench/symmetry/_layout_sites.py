@@ -6,10 +6,20 @@ moves them. Conventions (row vectors, as TransformerLens):
 - residual stream x ↦ M x: writers (``W_E``, ``W_pos``, ``W_O``, ``b_O``, ``W_out``, ``b_out``) move
   by M along d_model, readers (``W_Q``, ``W_K``, ``W_V``, ``W_in``, ``W_gate``, ``W_U``) by M⁻ᵀ;
 - a head's query/key space: q ↦ A q, k ↦ A⁻ᵀ k, so q·k is unchanged (``W_Q`` writes, ``W_K`` reads);
-- a head's value space: v ↦ N v, and ``W_O`` reads it by N⁻ᵀ;
+  under grouped-query attention one A per key/value head, shared by the query heads of its group;
+- a head's value space: v ↦ N v, and ``W_O`` reads it by N⁻ᵀ (one N per key/value head);
 - MLP hidden units: ``W_in`` writes by M, ``W_out`` reads by φ(M)⁻ᵀ; a gated MLP's gate moves by the
   permutation part only, its up branch by the whole P·D;
-- heads: one permutation of the head axis of every attention weight.
+- heads (level ``"heads"``): a permutation of the head axis of every attention weight; under
+  grouped-query attention a permutation of the key/value groups (each query head moving with its
+  group: ``block`` query heads per unit) and, per group, one of its query heads (``heads``: the
+  indices it acts on) — together the wreath product S_r ≀ S_kv (docs/DERIVATIONS.md, §10);
+- OPT-350m's word space (``project_in``/``project_out`` around a narrower tied embedding): Q on the
+  input side (``W_E`` writes, ``project_in`` reads), Q⁻ᵀ on the output side (level ``"dual"``:
+  ``project_out`` writes by Q⁻ᵀ, the tied ``W_U`` reads by Q).
+
+A raw Hugging Face model is observed at its modules' outputs (its hook names): a decoder layer's
+output is the stream, a projection's output ``[..., heads·d_head]`` a head space (``block`` = d_head).
 """
 from __future__ import annotations
 
@@ -28,10 +38,13 @@ _NORMS = {  # normalisation type -> (group with gains present, group once folded
     "RMS": ("signed_permutation", "orthogonal"),
     "RMSPre": ("orthogonal", "orthogonal"),
 }
-
-
-def _cfg(model, key, default=None):
-    return getattr(model.cfg, key, default)
+# What the LayerNorm groups above leave out (docs/DERIVATIONS.md, Lemma 1 and §10): sampled elements
+# keep the listed family; the note says what else is exact.
+_LN_MORE = ("the exact group is larger: a global sign s and the shear I + 1·aᵀ (every reader of the stream is a "
+            "mean-subtracting norm), i.e. s·{}·(I + 1·aᵀ); those are not sampled here")
+_POST_LN_MORE = ("the exact group is larger: a sign per segment between norms and a shear along each norm's 1/γ "
+                 "(docs/DERIVATIONS.md §10, OPT-350m); those are not sampled here")
+_HF = (ModelKind.HF, ModelKind.HF_BRIDGE)
 
 
 def norm_keys(weights: dict) -> list[str]:
@@ -41,81 +54,118 @@ def norm_keys(weights: dict) -> list[str]:
             or k.startswith("ln_final.") or k.startswith("embed_ln.")]
 
 
-def is_folded(weights: dict) -> bool:
-    """Every residual-stream norm has gain 1: its gain lives in the readers. A bias may stay: after
-    normalising, it is a vector in the stream's basis and moves with any orthogonal map (R·n + R·b)."""
-    return all(torch.equal(weights[k], torch.ones_like(weights[k])) for k in norm_keys(weights) if k.endswith(".w"))
+def is_folded(weights: dict, offset: float = 0.0) -> bool:
+    """Every residual-stream norm has gain 1 (stored weight ``1 − offset``: Gemma's gain is ``1 + w``):
+    its gain lives in the readers. A bias may stay: after normalising, it is a vector in the stream's
+    basis and moves with any orthogonal map (R·n + R·b)."""
+    return all(bool((weights[k] == 1 - offset).all()) for k in norm_keys(weights) if k.endswith(".w"))
 
 
 def transformer_map(model: nn.Module) -> SymmetryMap:
-    """The sites of a TransformerLens model (see the module docstring for how each moves)."""
+    """The sites of a TransformerLens model or a Hugging Face model (see the module docstring)."""
     name = type(model).__name__
-    if model_kind(model) == ModelKind.HF_BRIDGE and (reason := hf.unsupported(model)):
+    kind = model_kind(model)
+    if kind in _HF and (reason := hf.unsupported(model)):
         return SymmetryMap(name, [], [(name, reason)])
-    pos = _cfg(model, "positional_embedding_type", "standard")
+    cfg = hf.config(model)
+    pos = getattr(cfg, "positional_embedding_type", "standard")
     if pos not in ("standard", "rotary"):
         return SymmetryMap(name, [], [(name, f"positional embedding {pos!r} is not supported (standard, rotary are).")])
     W = canonical_views(model) or read_weights(model)  # views: no copy of every weight
-    f = shape_facts(model.cfg)
-    L, H, K, dh = int(model.cfg.n_layers), f["n_heads"], f["n_kv"], f["d_head"]
-    ratio = H // K
-    sites = [_resid_site(model, W, L)]
+    f = shape_facts(cfg)
+    L, H, K, dh = int(cfg.n_layers), f["n_heads"], f["n_kv"], f["d_head"]
+    r = H // K
+    see = _RawHooks(model, dh) if kind == ModelKind.HF else _LensHooks()
+    sites = [_resid_site(model, cfg, W, L, see)]
+    if "project_in.W" in W:
+        sites.append(_word_site(W, see))
     skipped = []
     pairs = rotary_pairs(model) if pos == "rotary" else None
     for layer in range(L):
         a = f"blocks.{layer}.attn"
         for k in range(K):
-            heads = tuple(range(k * ratio, (k + 1) * ratio))
+            heads = tuple(range(k * r, (k + 1) * r))
             qk_group = get_group("rotary", dh, pairs=pairs) if pairs is not None else get_group("gl", dh)
-            notes = [f"query heads {list(heads)} share key head {k}"] if ratio > 1 else []
+            notes = [f"query heads {list(heads)} share key head {k}"] if r > 1 else []
             if pairs is not None:
                 notes.append(f"rotary pairs {pairs[:2]}… (measured through hook_q/hook_k)")
-            obs = [Observation(f"{a}.hook_q", 0, "pre", axis=-1, heads=heads),
-                   Observation(f"{a}.hook_k", 0, "dual", axis=-1, heads=(k,))]
             sites.append(Site(f"{a}.qk.{k}", dh, qk_group, "attention scores", f"{a}.hook_q",
                               _present([Port(f"{a}.W_Q", "pre", axis=2, heads=heads), Port(f"{a}.b_Q", "pre", axis=1, heads=heads)], W),
                               _present([Port(f"{a}.W_K", "pre", axis=2, heads=(k,)), Port(f"{a}.b_K", "pre", axis=1, heads=(k,))], W),
-                              [], obs, notes))
+                              [], see.qk(layer, heads, k), notes))
             sites.append(Site(f"{a}.ov.{k}", dh, get_group("gl", dh), "linear (value → output)", f"{a}.hook_v",
                               _present([Port(f"{a}.W_V", "pre", axis=2, heads=(k,)), Port(f"{a}.b_V", "pre", axis=1, heads=(k,))], W),
                               _present([Port(f"{a}.W_O", "post", axis=1, heads=heads)], W), [],
-                              [Observation(f"{a}.hook_v", 0, "pre", axis=-1, heads=(k,)),
-                               Observation(f"{a}.hook_z", 0, "pre", axis=-1, heads=heads)], list(notes[:1])))
-        if K == H:
-            perm = _present([Port(f"{a}.{p}", "perm", axis=0) for p in ("W_Q", "b_Q", "W_K", "b_K", "W_V", "b_V", "W_O")], W)
-            seen = [Observation(f"{a}.{h}", 0, "perm", axis=-2) for h in ("hook_q", "hook_k", "hook_v", "hook_z")]
-            sites.append(Site(f"{a}.heads", H, get_group("permutation", H), "attention heads", f"{a}.hook_z", perm, [], [],
-                              seen + [Observation(f"{a}.hook_pattern", 0, "perm", axis=1)]))
-        else:
-            skipped.append((f"{a}.heads", "grouped-query attention: permuting heads across key/value groups is not mapped"))
-        if not _cfg(model, "attn_only", False):
-            sites.append(_mlp_site(model, W, layer))
-    from ..hooks import hook_names
-
-    names = hook_names(model)
-    known = set(names) | set(names.aliases)
+                              see.ov(layer, heads, k), list(notes[:1])))
+        sites += _head_sites(a, H, K, W, see, skipped)
+        if not getattr(cfg, "attn_only", False):
+            sites.append(_mlp_site(cfg, W, layer, see))
+    names = _known(model)
     for site in sites:  # hook points differ between versions (a bridge's SoLU has no hook_mid)
-        site.observed = [o for o in site.observed if o.name in known]
+        site.observed = [o for o in site.observed if o.name in names]
     return SymmetryMap(name, sites, skipped)
 
 
-def _resid_site(model, W: dict, L: int) -> Site:
-    norm = _cfg(model, "normalization_type", None)
+def _known(model: nn.Module) -> set:
+    from ..hooks import hook_names
+
+    names = hook_names(model)
+    return set(names) | set(names.aliases)
+
+
+def _head_sites(a: str, H: int, K: int, W: dict, see, skipped: list) -> list[Site]:
+    """Permutations of heads: all heads together, or under grouped-query attention the key/value groups
+    (query heads moving with their group) and the query heads within each group."""
+    r = H // K
+    kv = ("W_K", "b_K", "W_V", "b_V")
+    sites = []
+    if K > 1:
+        ports = [Port(f"{a}.{p}", "heads", axis=0, block=1 if p in kv else r) for p in ("W_Q", "b_Q", *kv, "W_O")]
+        label = "attention heads" if r == 1 else f"key/value head groups (each with its {r} query heads)"
+        sites.append(Site(f"{a}.heads", K, get_group("permutation", K), label, f"{a}.hook_z", _present(ports, W), [], [],
+                          see.heads(a, None, r)))
+    elif r > 1:
+        skipped.append((f"{a}.heads", "one key/value head (multi-query attention): its query heads are permuted "
+                                      f"within the group, at {a}.heads.0"))
+    if r > 1:
+        for k in range(K):
+            heads = tuple(range(k * r, (k + 1) * r))
+            ports = [Port(f"{a}.{p}", "heads", axis=0, heads=heads) for p in ("W_Q", "b_Q", "W_O")]
+            sites.append(Site(f"{a}.heads.{k}", r, get_group("permutation", r), f"query heads sharing key/value head {k}",
+                              f"{a}.hook_z", _present(ports, W), [], [], see.heads(a, heads, 1)))
+    return sites
+
+
+def _resid_site(model, cfg, W: dict, L: int, see) -> Site:
+    norm = getattr(cfg, "normalization_type", None)
     if norm not in _NORMS:
         raise UnsupportedModelError(f"normalization_type {norm!r} is not supported; supported: {list(_NORMS)}.")
-    post_ln = model_kind(model) == ModelKind.HF_BRIDGE and hf.is_post_ln(model)
-    folded = is_folded(W) and not post_ln
-    group = get_group("permutation" if post_ln else _NORMS[norm][folded], int(model.cfg.d_model))
+    post_ln = hf.is_post_ln(model)
+    offset = hf.gain_offset(model)
+    folded = is_folded(W, offset) and not post_ln
+    group = get_group("permutation" if post_ln else _NORMS[norm][folded], int(cfg.d_model))
+    tied = bool(getattr(cfg, "tie_word_embeddings", False)) and "embed.W_E" in W and "project_in.W" not in W
     notes = []
     if post_ln:
-        notes.append("post-LayerNorm: every norm sits on the stream itself, so no folding can enlarge this group; "
-                     "the MLM head's hidden space takes the same permutation (its decoder is the tied embedding)")
+        notes.append("post-LayerNorm: every norm sits on the stream itself, so no folding can enlarge this group")
+        notes.append(_POST_LN_MORE)
+        if "mlm.W" in W:
+            notes.append("the MLM head's hidden space takes the same permutation (its decoder is the tied embedding)")
     elif _NORMS[norm][1] != group.name:
         notes.append(f"wb.fold_layernorm(model) would enlarge this to {_NORMS[norm][1]}")
-    # Embeddings write the stream; BERT's MLM head dense reads it and writes a space tied to it.
-    writers = [Port(k, "pre", axis=1) for k in ("embed.W_E", "pos_embed.W_pos", "token_type_embed.W_TT", "mlm.W")]
+    if norm in ("LN", "LNPre") and not post_ln:
+        if tied and group.name == "permutation":
+            notes.append("tied embeddings: the exact group is s·P (a global sign passes the final norm); the sign is "
+                         "not sampled here")
+        elif not tied:
+            notes.append(_LN_MORE.format("P" if group.name == "permutation" else "R"))
+    if offset:
+        notes.append(f"norm gains are {offset:g} + w (Gemma); folded means w = {1 - offset - 1:g}")
+    word = "project_in.W" in W  # OPT-350m: the embedding writes the word space, project_in the stream
+    writers = [] if word else [Port("embed.W_E", "pre", axis=1)]
+    writers += [Port(k, "pre", axis=1) for k in ("pos_embed.W_pos", "token_type_embed.W_TT", "mlm.W", "project_in.W")]
     writers.append(Port("mlm.b", "pre", axis=0))
-    readers = [Port("mlm.W", "post", axis=0)]
+    readers = [Port("mlm.W", "post", axis=0), Port("project_out.W", "post", axis=0)]
     for layer in range(L):
         b = f"blocks.{layer}"
         writers += [Port(f"{b}.attn.W_O", "pre", axis=2), Port(f"{b}.attn.b_O", "pre", axis=0)]
@@ -123,25 +173,34 @@ def _resid_site(model, W: dict, L: int) -> Site:
         if f"{b}.mlp.W_out" in W:
             writers += [Port(f"{b}.mlp.W_out", "pre", axis=1), Port(f"{b}.mlp.b_out", "pre", axis=0)]
             readers += [Port(f"{b}.mlp.{m}", "post", axis=0) for m in ("W_in", "W_gate") if f"{b}.mlp.{m}" in W]
-    readers.append(Port("unembed.W_U", "post", axis=0))
-    observed = [Observation(f"blocks.{layer}.hook_resid_pre", 0, "pre") for layer in range(L)]
-    observed.append(Observation(f"blocks.{L - 1}.hook_resid_post", 0, "pre"))
+    if not word:
+        readers.append(Port("unembed.W_U", "post", axis=0))
     label = {None: "no normalisation", "LN": "post-LayerNorm" if post_ln else "LayerNorm", "LNPre": "LayerNorm (no gain)", "RMS": "RMSNorm",
              "RMSPre": "RMSNorm (no gain)"}[norm]
     return Site("resid", group.n, group, label + (" (folded)" if folded and norm in ("LN", "RMS") else ""),
                 "blocks.0.hook_resid_pre", _present(writers, W), _present(readers, W),
-                [(k, "perm" if k.endswith(".w") else "pre") for k in norm_keys(W)], observed, notes)
+                [(k, "perm" if k.endswith(".w") else "pre") for k in norm_keys(W)], see.resid(L), notes)
+
+
+def _word_site(W: dict, see) -> Site:
+    """OPT-350m's tied word-embedding space behind ``project_in``/``project_out``: any Q on the input side
+    and Q⁻ᵀ on the output side (the tie E·Qᵀ = W_U ↦ Q·W_U forces it; docs/DERIVATIONS.md §10)."""
+    n = W["project_in.W"].shape[0]
+    return Site("word", n, get_group("gl", n), "linear (tied word embedding ↔ project_in / project_out)", "embed.hook_out",
+                _present([Port("embed.W_E", "pre", axis=1), Port("project_out.W", "dual", axis=1)], W),
+                _present([Port("project_in.W", "pre", axis=0), Port("unembed.W_U", "dual", axis=0)], W), [],
+                see.word(), ["the output side moves by Q⁻ᵀ: the tied unembedding reads it by Q"])
 
 
 def _present(ports: list[Port], W: dict) -> list[Port]:
     return [p for p in ports if p.name in W]
 
 
-def _mlp_site(model, W: dict, layer: int) -> Site:
+def _mlp_site(cfg, W: dict, layer: int, see) -> Site:
     from ..groups import intertwiner_group
 
     m = f"blocks.{layer}.mlp"
-    act = str(_cfg(model, "act_fn", "gelu"))
+    act = str(getattr(cfg, "act_fn", "gelu"))
     n = W[f"{m}.W_in"].shape[1]
     gated = f"{m}.W_gate" in W
     if gated:  # act(gate) ⊙ up: permute both, any nonzero diagonal on the up branch
@@ -151,52 +210,164 @@ def _mlp_site(model, W: dict, layer: int) -> Site:
     else:
         group, label = intertwiner_group(act, n), act
     writers = [Port(f"{m}.W_in", "pre", axis=1), Port(f"{m}.b_in", "pre", axis=0)]
-    observed = [Observation(f"{m}.hook_pre", 0, "perm" if gated else "pre"), Observation(f"{m}.hook_post", 0, "post")]
     if gated:
         writers += [Port(f"{m}.W_gate", "perm", axis=1), Port(f"{m}.b_gate", "perm", axis=0)]
-        observed.append(Observation(f"{m}.hook_pre_linear", 0, "pre"))
-    if f"{m}.ln.w" in W:
-        observed.append(Observation(f"{m}.hook_mid", 0, "perm"))
     return Site(m, n, group, label, f"{m}.hook_post", _present(writers, W), _present([Port(f"{m}.W_out", "post", axis=0)], W),
-                [(k, "perm") for k in (f"{m}.ln.w", f"{m}.ln.b") if k in W], observed)
+                [(k, "perm") for k in (f"{m}.ln.w", f"{m}.ln.b") if k in W], see.mlp(m, gated, f"{m}.ln.w" in W))
+
+
+# ---------------------------------------------------------------------- where each site is observed
+class _LensHooks:
+    """TransformerLens hook names (HookedTransformer and bridges)."""
+
+    def resid(self, L):
+        return [Observation(f"blocks.{layer}.hook_resid_pre", 0, "pre") for layer in range(L)] + \
+               [Observation(f"blocks.{L - 1}.hook_resid_post", 0, "pre")]
+
+    def qk(self, layer, heads, k):
+        a = f"blocks.{layer}.attn"
+        return [Observation(f"{a}.hook_q", 0, "pre", axis=-1, heads=heads),
+                Observation(f"{a}.hook_k", 0, "dual", axis=-1, heads=(k,))]
+
+    def ov(self, layer, heads, k):
+        a = f"blocks.{layer}.attn"
+        return [Observation(f"{a}.hook_v", 0, "pre", axis=-1, heads=(k,)),
+                Observation(f"{a}.hook_z", 0, "pre", axis=-1, heads=heads)]
+
+    def heads(self, a, heads, r):
+        """``heads`` given: a permutation within those query heads; else of groups of ``r`` query heads
+        (one key/value head each)."""
+        qs = [Observation(f"{a}.{h}", 0, "heads", axis=-2, block=r if heads is None else 1, heads=heads)
+              for h in ("hook_q", "hook_z")] + \
+             [Observation(f"{a}.hook_pattern", 0, "heads", axis=1, block=r if heads is None else 1, heads=heads)]
+        kv = [Observation(f"{a}.{h}", 0, "heads", axis=-2) for h in ("hook_k", "hook_v")] if heads is None else []
+        return qs + kv
+
+    def mlp(self, m, gated, solu):
+        obs = [Observation(f"{m}.hook_pre", 0, "perm" if gated else "pre"), Observation(f"{m}.hook_post", 0, "post")]
+        if gated:
+            obs.append(Observation(f"{m}.hook_pre_linear", 0, "pre"))
+        if solu:
+            obs.append(Observation(f"{m}.hook_mid", 0, "perm"))
+        return obs
+
+    def word(self):
+        return [Observation(n, 0, "pre") for n in ("hook_embed", "embed.hook_out")] + \
+               [Observation("project_out.hook_out", 0, "dual")]
+
+
+class _RawHooks:
+    """A raw Hugging Face model's module outputs (its only hook names): a decoder layer's output is the
+    stream, a q/k/v projection's output ``[..., heads·d_head]`` a head space and the head axis (not
+    for fused q/k/v), the MLP's input projections its hidden units before the activation. The
+    activation's output is not observed (verify checks the outputs there)."""
+
+    def __init__(self, model, dh):
+        self.paths, self.dh = hf.layout(model).paths, dh
+        self.kv = shape_facts(hf.config(model))["n_kv"]
+
+    def _at(self, key, level, **kw):
+        path = self.paths.get(key)
+        return [] if path is None else [Observation(path, 0, level, **kw)]
+
+    def resid(self, L):
+        return [o for layer in range(L) for o in self._at(f"blocks.{layer}", "pre")]
+
+    def qk(self, layer, heads, k):
+        a = f"blocks.{layer}.attn"
+        return self._at(f"{a}.q", "pre", heads=heads, block=self.dh) + self._at(f"{a}.k", "dual", heads=(k,), block=self.dh)
+
+    def ov(self, layer, heads, k):
+        return self._at(f"blocks.{layer}.attn.v", "pre", heads=(k,), block=self.dh)
+
+    def heads(self, a, heads, r):
+        """On ``[..., heads·d_head]``: units of ``r·d_head`` features (groups), or d_head (heads)."""
+        if heads is not None:
+            return self._at(f"{a}.q", "heads", axis=-1, block=self.dh, heads=heads)
+        return self._at(f"{a}.q", "heads", axis=-1, block=r * self.dh) + \
+            [o for p in "kv" for o in self._at(f"{a}.{p}", "heads", axis=-1, block=self.dh)]
+
+    def mlp(self, m, gated, solu):
+        return self._at(f"{m}.in", "pre") + (self._at(f"{m}.gate", "perm") if gated else [])
+
+    def word(self):
+        return self._at("embed", "pre") + self._at("project_out", "dual")
 
 
 # ---------------------------------------------------------------------- rotary pairing, read from the model
+# Measured pairs per (class, config): they depend on the configuration only (the measurement replaces
+# q and k), and measuring runs a float64 copy of the model.
+_PAIRS: dict = {}
+
+
 def rotary_pairs(model: nn.Module, layer: int = 0) -> tuple[tuple[int, int], ...]:
     """The dimension pairs that rotary embeddings rotate together, measured through the hooks.
 
     Example i writes e_i into ``hook_q`` at every position; key position m carries e_j for one j per
     position. The attention score of the last query on key m is e_iᵀ R(m − last) e_j: nonzero only
     when i = j or i is j's rotary partner. Dimensions without a partner are not rotated. Nothing is
-    assumed about the layout (adjacent pairs, halves, or a partial rotary dimension).
+    assumed about the layout (adjacent pairs, halves, or a partial rotary dimension). A raw Hugging
+    Face model is measured through a bridge around a float64 copy of it.
     """
+    key = _pairs_key(model, layer)
+    if key is not None and key in _PAIRS:
+        return _PAIRS[key]
+    pairs = _measure_pairs(model, layer)
+    if key is not None:
+        _PAIRS[key] = pairs
+    return pairs
+
+
+def _pairs_key(model: nn.Module, layer: int):
+    kind = model_kind(model)
+    if kind in _HF:
+        config = hf.hf_model(model).config
+        return "hf", type(hf.hf_model(model)).__qualname__, config.to_json_string(), layer
+    cfg = {k: v for k, v in vars(model.cfg).items() if not k.startswith("_") and isinstance(v, (int, float, str, bool, type(None)))}
+    return kind.value, repr(sorted(cfg.items())), layer
+
+
+def _measure_pairs(model: nn.Module, layer: int) -> tuple[tuple[int, int], ...]:
     from ..hooks import intervene, run_with_cache
+    from ._layout_push import clone
 
-    if next(model.parameters()).dtype != torch.float64:
-        from ._layout_push import clone
-
+    if model_kind(model) == ModelKind.HF:
+        model = hf.scratch_bridge(model, hf.hf_model(clone(model, torch.float64)))
+    elif next(model.parameters()).dtype != torch.float64:
         model = clone(model, torch.float64)  # small angles of slow frequencies need the precision
     dh, T = int(model.cfg.d_head), int(model.cfg.n_ctx)
+    T = min(T, dh + 1)  # one query position plus at most one key position per dimension
     a = f"blocks.{layer}.attn"
-    touches = torch.zeros(dh, dh, dtype=torch.float64)
-    for start in range(0, dh, T - 1):
-        js = list(range(start, min(start + T - 1, dh)))
+    device = next(model.parameters()).device
+    tokens = torch.zeros(dh, T, dtype=torch.long, device=device)
 
-        def queries(q, name):  # [batch, pos, head, d_head]: example i carries e_i at every position
-            return torch.eye(dh, dtype=q.dtype, device=q.device)[:, None, None, :].expand(q.shape).clone()
+    def queries(q, name):  # [batch, pos, head, d_head]: example i carries e_i at every position
+        return torch.eye(dh, dtype=q.dtype, device=q.device)[:, None, None, :].expand(q.shape).clone()
 
-        def keys(k, name, js=js):  # key position m carries e_{js[m]}; the others (the last too) zero
-            new = torch.zeros_like(k)
-            for m, j in enumerate(js):
-                new[:, m, :, j] = 1
-            return new
-
-        tokens = torch.zeros(dh, T, dtype=torch.long, device=next(model.parameters()).device)
+    def pattern(keys):
         with torch.no_grad(), intervene(model, {f"{a}.hook_q": queries, f"{a}.hook_k": keys}):
             _, cache = run_with_cache(model, tokens, names=[f"{a}.hook_pattern"], budget=None)
+        return cache[f"{a}.hook_pattern"][:, 0, T - 1, :].double()  # the last query, head 0: [example, key]
+
+    # The keys the last query sees (a sliding window may hide the oldest): with every key zero, the
+    # pattern is uniform over them.
+    seen = [m for m in torch.nonzero(pattern(lambda k, name: torch.zeros_like(k))[0] > 0).flatten().tolist() if m != T - 1]
+    if not seen:
+        raise UnsupportedModelError(f"the last query at layer {layer} attends to no earlier position, so its rotary "
+                                    f"pairs cannot be measured.")
+    touches = torch.zeros(dh, dh, dtype=torch.float64)
+    for start in range(0, dh, len(seen)):
+        js = list(range(start, min(start + len(seen), dh)))
+
+        def keys(k, name, js=js):  # key position seen[m] carries e_{js[m]}; the others (the last too) zero
+            new = torch.zeros_like(k)
+            for m, j in enumerate(js):
+                new[:, seen[m], :, j] = 1
+            return new
+
         # The pattern is softmax(scores); the last key is zero, so log p_m − log p_last is score m.
-        logp = cache[f"{a}.hook_pattern"][:, 0, T - 1, :].double().log()
-        touches[:, js] = (logp[:, :len(js)] - logp[:, T - 1:T]).abs()
+        logp = pattern(keys).log()
+        touches[:, js] = (logp[:, seen[:len(js)]] - logp[:, T - 1:T]).abs()
     touches = touches > 1e-9 * touches.max()
     pairs = []
     for j in range(dh):

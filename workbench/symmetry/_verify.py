@@ -175,6 +175,7 @@ def verify(model: nn.Module, new_model: nn.Module, inputs: torch.Tensor, transfo
     with eval_mode(model, new_model):
         out, cache = run_with_cache(model, inputs, names=names or None, budget=None) if names else (model(inputs), None)
         new_out, new_cache = run_with_cache(new_model, inputs, names=names or None, budget=None) if names else (new_model(inputs), None)
+    out, new_out = backend.output(out), backend.output(new_out)  # a Hugging Face model's logits
     for value, which in ((out, "model"), (new_out, "new_model")):
         if not isinstance(value, torch.Tensor):
             raise InvalidOptionError(f"verify compares tensor outputs; {which} returned {type(value).__name__}.")
