@@ -118,20 +118,24 @@ def test_half_written_chunk_is_invisible_and_cleaned_on_resume(cnn, tmp_path):
 def test_a_reader_during_a_harvest_sees_only_complete_chunks(cnn, tmp_path):
     path = tmp_path / "acts"
     batches = make_batches(6)
-    seen = []
+    seen, expected = [], reference(cnn, batches, ["4"])["4"]
 
     def watching():
         for i, b in enumerate(batches):
             if i:
-                with pytest.warns(UserWarning, match=f"stopped before batch {i}"):
+                # chunk_bytes=1: one chunk per batch; the chunk of batch i - 1 may still be in flight (written
+                # by the background thread), never half visible.
+                with pytest.warns(UserWarning, match=f"stopped before batch ({i - 1}|{i}) "):
                     s = wb.ActivationStore.open(path)
                 seen.append(len(s))
-                assert not s.complete and len(s) == 5 * i  # chunk_bytes=1: one chunk per batch
-                assert np.isfinite(s.array("4")).all()
+                assert not s.complete and len(s) in (5 * (i - 1), 5 * i)
+                if len(s):
+                    assert np.isfinite(s.array("4")).all()
+                    np.testing.assert_array_equal(s.array("4"), expected[:len(s)])
             yield b
 
-    wb.harvest(cnn, watching(), names="4", path=path, progress=False, chunk_bytes=1)
-    assert seen == [5, 10, 15, 20, 25]
+    store = wb.harvest(cnn, watching(), names="4", path=path, progress=False, chunk_bytes=1)
+    assert seen == sorted(seen) and seen[-1] >= 20 and store.complete and len(store) == 30
 
 
 def test_resume_with_other_settings_is_refused(cnn, tmp_path):

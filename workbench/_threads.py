@@ -1,4 +1,4 @@
-"""Running small tensor work on fewer torch threads."""
+"""Running small tensor work on fewer torch threads, and work behind the main thread."""
 from __future__ import annotations
 
 from contextlib import contextmanager
@@ -52,3 +52,37 @@ def in_parallel(calls: list[Callable[[], None]], costs: Optional[list[float]] = 
                 future.result()
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
+
+
+class WriteBehind:
+    """Runs calls one at a time on one background thread, with at most one call in flight.
+
+    ``submit(fn)`` first waits for the previous call (raising its exception here, on the caller's
+    thread), then starts ``fn``: the caller prepares the next piece of work while the last one runs,
+    and memory holds at most two pieces. Used by ``harvest`` to write a chunk to disk while the model
+    computes the next batches: file writes, ``fsync`` and ``zlib.crc32`` release the GIL.
+    ``close()`` waits for the call in flight (also on an error or interrupt of the caller, so a
+    chunk is never left half-written by us) and stops the thread.
+    """
+
+    def __init__(self, name: str = "workbench-writer"):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix=name)
+        self._future = None
+
+    def submit(self, fn: Callable[[], None]) -> None:
+        self.wait()
+        self._future = self._pool.submit(fn)
+
+    def wait(self) -> None:
+        """Wait for the call in flight; raise what it raised."""
+        future, self._future = self._future, None
+        if future is not None:
+            future.result()
+
+    def close(self) -> None:
+        try:
+            self.wait()
+        finally:
+            self._pool.shutdown(wait=True)

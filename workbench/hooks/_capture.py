@@ -36,9 +36,10 @@ from torch import nn
 
 from .._errors import (ActivationOverwrittenError, CacheBudgetError, HookNotFiredError,
                        InvalidOptionError)
+from .._memory import keep_freed_memory
 from .._repr import human_bytes, parse_bytes
 from ._cache import ActivationCache, storage_key
-from ._guard import WriteGuard
+from ._guard import WriteGuard, quiet as _quiet
 from ._points import NameFilter, _GLOB_CHARS, gate_reason, hook_points
 from ._reduce import Reduce, resolve_reduce
 
@@ -98,7 +99,9 @@ class _Capture:
         explicit = _explicit_names(names)
         self.explicit = [n for n in requested if n in explicit]
         # Pattern-selected TransformerLens names gated off by config would never fire: skip them.
-        self._gated = {n: gate_reason(model, n) for n in requested if n not in explicit and gate_reason(model, n)}
+        # (Only TransformerLens names are gated; asking a plain module for ``cfg`` costs an AttributeError per name.)
+        tl = self.points.family == "transformer_lens"
+        self._gated = {n: why for n in requested if tl and n not in explicit for why in [gate_reason(model, n)] if why}
         requested = [n for n in requested if n not in self._gated]
         # One hook per module; the first requested name of a module is the key its values go under.
         self.key_of: dict[str, str] = {}  # canonical -> storage key
@@ -126,6 +129,7 @@ class _Capture:
         self._overflow = False
         self._forward: Optional[dict] = None  # the open root forward: marks to roll back to
         self._fired: set[str] = set()  # keys fired in the current forward (stop_at, failure reports)
+        self._in_flight: set = set()  # CUDA devices with asynchronous copies to the host not yet waited for
         self.skipped: dict[str, str] = dict(self._gated)
         self.failures: list[str] = []
         self.lost: dict[str, str] = {}
@@ -144,6 +148,7 @@ class _Capture:
 
     # ------------------------------------------------------------------ hook lifetime
     def attach(self) -> None:
+        keep_freed_memory()  # once per process: the memory a capture holds is reused, not faulted in again
         try:
             for canon, key in self.key_of.items():
                 module = self.points.modules[canon]
@@ -169,14 +174,19 @@ class _Capture:
     # ------------------------------------------------------------------ per-module hook
     def _make_hook(self, canon: str, key: str) -> Callable:
         convert = _conversion(self.points.modules[canon])
+        store = self._store
 
-        def hook(module, args, output):
-            self._store(canon, key, output if convert is None else convert.convert(output))
+        if convert is None:
+            def hook(module, args, output):
+                store(canon, key, output)
+        else:
+            def hook(module, args, output):
+                store(canon, key, convert.convert(output))
         return hook
 
     def _store(self, canon: str, key: str, output: Any) -> None:
         if self.reduce_fn is not None:
-            with torch.no_grad():
+            with torch.no_grad():  # the user's reduce runs under the write guard, like the model
                 value = self.reduce_fn(output)
             if not isinstance(value, torch.Tensor):
                 raise InvalidOptionError(f"reduce returned {type(value).__name__} for {key!r}; it must return a tensor.")
@@ -188,13 +198,16 @@ class _Capture:
             if key in self.explicit:
                 raise InvalidOptionError(f"{key!r}: " + self.skipped[key] + ".")
             return
-        t = value.detach()
-        if self.device is not None or self.dtype is not None:
-            moved = t.to(device=self.device or t.device, dtype=self.dtype or t.dtype)
-            private = moved is not t  # a converted copy: nothing else can write into it
-            t = moved
-        else:
-            private = False
+        # The bookkeeping below is ours: with the write guard active, each tensor method it calls would
+        # go through the guard's Python __torch_function__ (about ten per hook, most of a capture's
+        # fixed cost on a small batch).
+        with _quiet():
+            self._keep(canon, key, value)
+        if self.stop_keys is not None and self.stop_keys <= self._fired:
+            raise _StopForward()
+
+    def _keep(self, canon: str, key: str, value: torch.Tensor) -> None:
+        t, private = self._to_target(value.detach())
         if not private and (t.is_inference() or canon in _COPY_AT_CAPTURE.get(self.model, ())):
             # Inference tensors keep no version counter, so an unseen overwrite could not be detected.
             t, private = t.clone(), True
@@ -205,8 +218,29 @@ class _Capture:
             calls.append(t)
             if not private:
                 self._watch.setdefault(t.untyped_storage().data_ptr(), []).append([key, len(calls) - 1, t, t._version])
-        if self.stop_keys is not None and self.stop_keys <= self._fired:
-            raise _StopForward()
+
+    def _to_target(self, t: torch.Tensor) -> tuple[torch.Tensor, bool]:
+        """``t`` on ``device=`` in ``dtype=``, and whether that made a private copy.
+
+        A CUDA value bound for the CPU is copied asynchronously into pinned (page-locked) memory, on the
+        stream that computed it, so the GPU keeps computing while it lands; the capture waits for those
+        copies once, at the end of each forward (:meth:`_synchronize`). Every other move is ``Tensor.to``.
+        """
+        device, dtype = self.device, self.dtype
+        if (device is None or t.device == device) and (dtype is None or t.dtype == dtype):
+            return t, False
+        if t.is_cuda and device is not None and device.type == "cpu":
+            out = torch.empty(t.shape, dtype=dtype or t.dtype, device="cpu", pin_memory=True)
+            out.copy_(t, non_blocking=True)
+            self._in_flight.add(t.device)
+            return out, True
+        moved = t.to(device=device or t.device, dtype=dtype or t.dtype)
+        return moved, moved is not t  # a converted copy: nothing else can write into it
+
+    def _synchronize(self) -> None:
+        """Wait for the asynchronous device-to-host copies of this forward (values are complete after)."""
+        while self._in_flight:
+            torch.cuda.current_stream(self._in_flight.pop()).synchronize()
 
     def _before_write(self, target) -> None:
         """A torch call is about to write into ``target``: clone the captured values that share its memory."""
@@ -276,6 +310,7 @@ class _Capture:
         ``fwd``: the root forward that just ended; on an overwrite all of its values are discarded (as
         for a forward that raised), and values of earlier forwards that were overwritten are dropped.
         """
+        self._synchronize()
         if self._overflow:
             if raise_errors:
                 raise self._budget_error()
@@ -299,8 +334,13 @@ class _Capture:
                 f"capture again."
             )
 
+    def by_reference(self) -> set[int]:
+        """``id`` of every stored value that shares memory with the model (the others are private copies)."""
+        return {id(rec[2]) for recs in self._watch.values() for rec in recs}
+
     def _overwritten(self) -> list[str]:
-        return sorted({key for recs in self._watch.values() for key, _, ref, version in recs if ref._version != version})
+        with _quiet():
+            return sorted({key for recs in self._watch.values() for key, _, ref, version in recs if ref._version != version})
 
     def _abandon(self, why: str) -> None:
         """A root forward raised: discard what it captured and record which names it never reached."""

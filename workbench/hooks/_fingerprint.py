@@ -14,6 +14,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from .._offload import offloaded_tensor
+
 #: elements hashed per batch after the first (evenly strided; the first batch is hashed in full)
 SAMPLE = 16384
 
@@ -38,7 +40,7 @@ def model_fingerprint(model: nn.Module) -> dict:
     for kind, named in (("parameter", model.named_parameters()), ("buffer", model.named_buffers())):
         for name, t in named:
             h.update(f"{kind} {name} {t.dtype} {tuple(t.shape)};".encode())
-            h.update(_tensor_bytes(t))
+            h.update(_tensor_bytes(offloaded_tensor(model, name, t)))  # accelerate-offloaded: its stored value
             dtypes.add(str(t.dtype).replace("torch.", ""))
     arch = "\n".join(f"{n}: {type(m).__module__}.{type(m).__qualname__}({m.extra_repr()})"
                      for n, m in model.named_modules())

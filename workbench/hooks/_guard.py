@@ -9,7 +9,12 @@ from __future__ import annotations
 import inspect
 from typing import Union
 
+import torch
 from torch.overrides import TorchFunctionMode
+
+#: A block of the capture's own bookkeeping (storage addresses, version counters, detach): torch calls
+#: in it skip every torch-function mode, the guard included, so they cost no Python dispatch.
+quiet = torch._C.DisableTorchFunction
 
 # In-place dunders (``x += y`` reaches a mode as ``add_``, ``x[i] = v`` as ``__setitem__``) and methods
 # whose trailing underscore does not mean "writes the tensor's values".

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import sys
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +25,9 @@ from torch import nn
 
 from .._errors import InvalidOptionError, ResumeMismatchError, StoreCorruptError, UnknownNameError, nearest
 from .._repr import html_table, human_bytes, parse_bytes
+from .._threads import WriteBehind
 from ._capture import _Capture
+from ._guard import quiet as _quiet
 from ._disk import TARGETS, ShardWriter, ensure_parent, file_problem, read_manifest, shard_name
 from ._fingerprint import batch_digest, callable_id, differences, model_fingerprint
 from ._points import NameFilter
@@ -279,12 +282,32 @@ def _split_batch(batch) -> tuple[Any, Any]:
     )
 
 
-def _to_numpy(t: torch.Tensor) -> np.ndarray:
-    t = t.detach().cpu()
-    if t.dtype == torch.bfloat16:  # NumPy has no bfloat16
-        t = t.float()
-    # A copy: the captured tensor may share memory the model writes again in its next forward.
-    return np.array(t.numpy(), copy=True)
+def _to_numpy(t: torch.Tensor, copy: bool = True) -> np.ndarray:
+    """``t`` as a C-contiguous NumPy array; ``copy=False`` where ``t`` is private to the capture (a copy it
+    made: a clone before an in-place write, a reduction, a conversion, a device-to-host copy)."""
+    with _quiet():
+        t = t.detach()
+        if t.device.type != "cpu":
+            t, copy = t.cpu(), False
+        if t.dtype == torch.bfloat16:  # NumPy has no bfloat16
+            t, copy = t.float(), False
+        a = t.numpy()
+    # A copy otherwise: a value captured by reference may share memory the model writes again in its next
+    # forward, after the capture stopped watching it.
+    return np.array(a, copy=True, order="C") if copy else np.ascontiguousarray(a)
+
+
+def _to_device(batch, device: Optional[torch.device]):
+    """The tensors of ``batch`` (and of tuples, lists and dicts in it) moved to ``device``."""
+    if device is None:
+        return batch
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=batch.is_pinned())
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(_to_device(b, device) for b in batch)
+    if isinstance(batch, dict):
+        return {k: _to_device(v, device) for k, v in batch.items()}
+    return batch
 
 
 def _batch_rows(batch) -> Optional[int]:
@@ -341,7 +364,8 @@ def harvest(model: nn.Module, batches: Iterable, names: NameFilter = None, reduc
             path: Union[str, os.PathLike, None] = None, dtype: Optional[torch.dtype] = None,
             progress: bool = True, resume: bool = False, *, chunk_bytes: Union[int, str] = "64MB",
             forward: Optional[Callable[[nn.Module, Any], Any]] = None,
-            budget: Union[int, str, None] = "default", lock_timeout: Optional[float] = 0) -> ActivationStore:
+            budget: Union[int, str, None] = "default", lock_timeout: Optional[float] = 0,
+            device: Union[str, torch.device, None] = None, durable: bool = True) -> ActivationStore:
     """Capture ``names`` over every batch of ``batches`` into an :class:`ActivationStore`.
 
     Args:
@@ -357,6 +381,19 @@ def harvest(model: nn.Module, batches: Iterable, names: NameFilter = None, reduc
         forward: ``forward(model, batch)`` for batches that are not a tensor or an ``(x, y)`` tuple.
         lock_timeout: seconds to wait when another harvest is writing into ``path`` (0: raise
             :class:`StoreLockedError` at once; None: wait as long as it takes).
+        device: move each batch (its tensors) there before the forward, e.g. ``"cuda"`` for a
+            DataLoader's CPU batches (asynchronously from pinned memory); None runs batches as they
+            come. Activations always land on the CPU: on a GPU they are copied asynchronously into
+            pinned memory as each module produces them.
+        durable: force every chunk to disk (``fsync``) before the manifest lists it, so that even a
+            power cut loses nothing listed. False leaves writing back to the kernel, as ``np.save``
+            does: a killed process still loses nothing listed (chunks appear whole, by rename), but
+            after a power cut or kernel crash a listed chunk may be damaged, which reads then refuse
+            by its checksum. Faster when the disk is slower than the model.
+
+    Chunks are written by a background thread while the model computes the next batches (at most
+    one chunk in flight, so memory stays at about two chunks); a reader opening the store meanwhile
+    sees every chunk finished so far.
 
     Under ``torchrun`` (``RANK``/``WORLD_SIZE``, or an initialised process group) rank r harvests
     batches r, r+W, r+2W, … into ``path/rank-r-of-W``; ``ActivationStore.open(path)`` reads them as one
@@ -388,7 +425,8 @@ def harvest(model: nn.Module, batches: Iterable, names: NameFilter = None, reduc
         if world > 1:
             ensure_parent(root, keys, fingerprint, world)
             folder = root / shard_name(rank, world)
-        writer = ShardWriter(folder, keys, fingerprint, resume=resume, lock_timeout=lock_timeout, rank=rank, world=world)
+        writer = ShardWriter(folder, keys, fingerprint, resume=resume, lock_timeout=lock_timeout, rank=rank,
+                             world=world, durable=durable)
     try:
         total = len(batches) if hasattr(batches, "__len__") else None
     except TypeError:
@@ -396,7 +434,7 @@ def harvest(model: nn.Module, batches: Iterable, names: NameFilter = None, reduc
     bar = tqdm(total=total, unit="batch", desc="harvest", disable=not progress)
     try:
         memory = _run(model, core, keys, itertools.chain([first], stream), writer, chunk_limit, forward,
-                      rank, world, bar)
+                      rank, world, bar, None if device is None else torch.device(device))
     finally:
         bar.close()
         if writer is not None:
@@ -414,8 +452,9 @@ _NOTHING = object()
 
 
 def _run(model, core: _Capture, keys: list[str], batches: Iterable, writer: Optional[ShardWriter],
-         chunk_limit: int, forward, rank: int, world: int, bar) -> Optional[ActivationStore]:
-    """The harvest loop: skip (and check) what the store holds, capture the rest, flush whole chunks."""
+         chunk_limit: int, forward, rank: int, world: int, bar, device=None) -> Optional[ActivationStore]:
+    """The harvest loop: skip (and check) what the store holds, capture the rest, hand whole chunks to a
+    background thread that writes them while the next batches run."""
     start = writer.next_batch if writer else 0
     recorded = writer.recorded() if writer else {}
     manifest = writer.manifest if writer else {"info": {}, "targets": None}
@@ -424,6 +463,12 @@ def _run(model, core: _Capture, keys: list[str], batches: Iterable, writer: Opti
     pending: dict[str, list[np.ndarray]] = {}
     pending_batches: list = []
     pending_bytes, memory, index = 0, [], -1
+    behind = WriteBehind() if writer is not None else None
+
+    def flush(next_batch: int) -> None:
+        chunk, chunk_batches, info = pending.copy(), list(pending_batches), dict(rows_check.info)
+        behind.submit(lambda: writer.write(chunk_batches, chunk, next_batch, info))
+
     core.attach()
     try:
         for index, batch in enumerate(batches):
@@ -438,13 +483,16 @@ def _run(model, core: _Capture, keys: list[str], batches: Iterable, writer: Opti
                         f"Resume with the same batches in the same order, or harvest into another path.")
                 bar.update(1)
                 continue
+            digest = batch_digest(batch) if writer is not None else None
+            run = _to_device(batch, device)
             if forward is not None:
                 y = None
-                forward(model, batch)
+                forward(model, run)
             else:
-                x, y = _split_batch(batch)
+                x, y = _split_batch(run)
                 model(x)
-            core.check()  # refuses values an unseen in-place op overwrote, and the budget
+            core.check()  # refuses values an unseen in-place op overwrote, and the budget; waits for copies
+            by_reference = core.by_reference()
             arrays = {}
             for key in keys:
                 calls = core.calls.get(key, [])
@@ -453,7 +501,7 @@ def _run(model, core: _Capture, keys: list[str], batches: Iterable, writer: Opti
                         f"harvest stores one activation per name per batch, but {key!r} fired {len(calls)} "
                         f"times in batch {index}; narrow names= or capture it with wb.capture(...)."
                     )
-                arrays[key] = _to_numpy(calls[0])
+                arrays[key] = _to_numpy(calls[0], copy=id(calls[0]) in by_reference)
             core.reset()
             if isinstance(y, torch.Tensor):
                 arrays[TARGETS] = _to_numpy(y)
@@ -463,11 +511,10 @@ def _run(model, core: _Capture, keys: list[str], batches: Iterable, writer: Opti
             else:
                 for k, a in arrays.items():
                     pending.setdefault(k, []).append(a)
-                pending_batches.append([index, rows, batch_digest(batch)])
+                pending_batches.append([index, rows, digest])
                 pending_bytes += sum(a.nbytes for a in arrays.values())
                 if pending_bytes >= chunk_limit:
-                    writer.write(pending_batches, {k: np.concatenate(v) for k, v in pending.items()}, index + 1,
-                                 rows_check.info)
+                    flush(index + 1)
                     pending, pending_batches, pending_bytes = {}, [], 0
             bar.update(1)
             bar.set_postfix_str(f"{rows} rows", refresh=False)
@@ -478,11 +525,18 @@ def _run(model, core: _Capture, keys: list[str], batches: Iterable, writer: Opti
                 f"Nothing was written. Resume with the same batches, or harvest into another path.")
         if writer is not None:
             if pending_batches:
-                writer.write(pending_batches, {k: np.concatenate(v) for k, v in pending.items()}, index + 1,
-                             rows_check.info)
+                flush(index + 1)
+            behind.wait()
             writer.close(index + 1)
     finally:
         core.detach()
+        if behind is not None:
+            failing = sys.exc_info()[1] is not None
+            try:
+                behind.close()  # on an error too: the chunk in flight lands whole (or, failing, stays invisible)
+            except Exception:
+                if not failing:  # otherwise the error already on its way out is the one to report
+                    raise
     if writer is not None:
         return None
     return ActivationStore(keys, memory, rows_check.info, None, True, bool(rows_check.targets))

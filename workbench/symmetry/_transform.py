@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from .._errors import InvalidOptionError, UntraceableModelError
+from .._offload import all_onloaded, offload_like, offloaded_modules
 from .._random import SeedLike, as_generator
 from .._report import Report, new_axes
 from .._threads import threads
@@ -140,7 +141,25 @@ def random_intertwiner(model: nn.Module, seed: SeedLike = 0, sites: Optional[Ite
     groups = {name: G.name for name, G in drawn.items()}
     transform = Transform(elements, groups, forced, seed, type(model).__name__, affine)
     hint = f"scale_sigma={scale_sigma:g} draws scalings the model's dtype cannot hold; use a smaller scale_sigma"
-    return backend_for(model).push(model, smap, transform, inplace, hint), transform
+    return _push(model, smap, transform, inplace, hint), transform
+
+
+def _push(model: nn.Module, smap: SymmetryMap, transform: Transform, inplace: bool, hint: str = "") -> nn.Module:
+    """The backend's push, where every tensor stays on the device of the module that owns it. Modules whose
+    weights accelerate offloaded (``meta`` parameters, loaded per forward by a hook) are onloaded while
+    the push reads them, and the copy's are offloaded again, its hooks serving the transformed weights."""
+    offloaded = offloaded_modules(model)
+    if not offloaded:
+        return backend_for(model).push(model, smap, transform, inplace, hint)
+    if inplace:
+        raise InvalidOptionError(
+            f"inplace=True cannot transform weights accelerate offloaded ({len(offloaded)} modules, e.g. "
+            f"{offloaded[0][0]!r}): they live in its offload folder or map, not in the model. Use inplace=False "
+            f"(the copy keeps the same device layout; its offloaded weights are held in CPU memory).")
+    with all_onloaded(model):
+        new = backend_for(model).push(model, smap, transform, False, hint)
+    offload_like(new, [name for name, _ in offloaded])
+    return new
 
 
 def _traced_map(model: nn.Module, example, affine: bool, verb: str) -> SymmetryMap:
@@ -205,7 +224,7 @@ def apply_transform(model: nn.Module, transform: Transform, *, example: Optional
         site = smap[name]
         if site.n != e.n:
             raise InvalidOptionError(f"the transform's element for {name!r} acts on {e.n} dimensions; the site has {site.n}.")
-    return backend_for(model).push(model, smap, transform, inplace)
+    return _push(model, smap, transform, inplace)
 
 
 def _choose(smap: SymmetryMap, sites) -> list[Site]:

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from .._errors import InvalidOptionError, UnknownNameError
+from .._offload import offloaded_modules
 from .._report import Report, new_axes
 from ..hooks import run_with_cache
 from ..models import eval_mode
@@ -158,6 +159,11 @@ def verify(model: nn.Module, new_model: nn.Module, inputs: torch.Tensor, transfo
     """
     backend = backend_for(model)
     example = backend.example(inputs)
+    if dtype is not None and offloaded_modules(model):
+        raise InvalidOptionError(
+            f"verify(dtype={dtype}) re-applies the transform to a {dtype} copy, which a model whose weights accelerate "
+            f"offloaded ({offloaded_modules(model)[0][0]!r}, …) cannot give: its offloaded weights keep their stored "
+            f"dtype. Verify in the model's own dtype (dtype=None), or load the model in {dtype} first.")
     if dtype is not None:
         model = backend.clone(model, dtype)
         inputs = inputs.to(dtype) if inputs.is_floating_point() else inputs
@@ -172,9 +178,11 @@ def verify(model: nn.Module, new_model: nn.Module, inputs: torch.Tensor, transfo
     extra = backend.output_names(model)
     last = extra[0] if extra else None
     names = sorted({o.name for s in sites for o in s.observed} | set(extra))
-    with eval_mode(model, new_model):
-        out, cache = run_with_cache(model, inputs, names=names or None, budget=None) if names else (model(inputs), None)
-        new_out, new_cache = run_with_cache(new_model, inputs, names=names or None, budget=None) if names else (new_model(inputs), None)
+    # Nothing here needs gradients (no graph is recorded), and activations stay on the devices that computed
+    # them (device=None): the checks run there, on a GPU or across the devices of a dispatched model.
+    with eval_mode(model, new_model), torch.no_grad():
+        out, cache = run_with_cache(model, inputs, names=names or None, budget=None, device=None) if names else (model(inputs), None)
+        new_out, new_cache = run_with_cache(new_model, inputs, names=names or None, budget=None, device=None) if names else (new_model(inputs), None)
     out, new_out = backend.output(out), backend.output(new_out)  # a Hugging Face model's logits
     for value, which in ((out, "model"), (new_out, "new_model")):
         if not isinstance(value, torch.Tensor):
@@ -295,10 +303,6 @@ def _param_dtype(model: nn.Module) -> torch.dtype:
     return p.dtype if p is not None else torch.get_default_dtype()
 
 
-def _norm(x: torch.Tensor) -> float:
-    return torch.linalg.vector_norm(x).item()
-
-
 def _site_checks(backend, sites: list[Site], transform: Optional[Transform], cache, new_cache) -> list[SiteCheck]:
     """Per site: the largest ‖h' − F·h‖ and ‖h' − h‖ over its observed hook points, relative to the
     larger of ‖h‖ and ‖F·h‖ (a large scaling makes h' big, and its rounding with it).
@@ -315,17 +319,31 @@ def _site_checks(backend, sites: list[Site], transform: Optional[Transform], cac
             moved = backend.observe(s, element, o, expected.get(key, cache.calls(o.name)[o.call]), forced)
             if moved is not None:
                 expected[key] = moved
-    checks = []
-    for s in sites:
-        eq = change = 0.0
-        count = 0
-        for o in s.observed:
-            want = expected.get((o.name, o.call))
-            if want is None:
-                continue
-            h, h_new = cache.calls(o.name)[o.call], new_cache.calls(o.name)[o.call]
-            norm = max(_norm(h), _norm(want), 1e-30)
-            eq, change = max(eq, _norm(h_new - want) / norm), max(change, _norm(h_new - h) / norm)
-            count += 1
+    # Per observation: ‖h' − F·h‖, ‖h' − h‖, ‖h‖ and ‖F·h‖, kept as tensors and read back at the end (an
+    # ``.item()`` each would wait for the device every time), with one scratch difference, not two.
+    norms: list[torch.Tensor] = []
+    counts: list[int] = []
+    norm = torch.linalg.vector_norm
+    with torch.no_grad():
+        for s in sites:
+            count = 0
+            for o in s.observed:
+                want = expected.get((o.name, o.call))
+                if want is None:
+                    continue
+                h, h_new = cache.calls(o.name)[o.call], new_cache.calls(o.name)[o.call]
+                diff = torch.sub(h_new, want)
+                eq = norm(diff)
+                change = norm(torch.sub(h_new, h, out=diff))
+                norms.append(torch.stack([eq, change, norm(h), norm(want)]))  # on the activations' device
+                count += 1
+            counts.append(count)
+    values = [v.tolist() for v in norms]  # the first waits for the device; the rest are ready by then
+    checks, i = [], 0
+    for s, count in zip(sites, counts):
+        rows = [(e, c, max(nh, nw, 1e-30)) for e, c, nh, nw in values[i:i + count]]
+        i += count
+        eq = max((e / sc for e, _, sc in rows), default=0.0)
+        change = max((c / sc for _, c, sc in rows), default=0.0)
         checks.append(SiteCheck(s.name, transform.groups[s.name], eq, change, count))
     return checks
