@@ -104,7 +104,7 @@ def overwritten_in_place(model: nn.Module, x: torch.Tensor) -> set[str]:
     try:
         with torch.no_grad():
             model(x)
-        held = core.by_reference()
+        held = {id(rec[2]) for recs in core._watch.values() for rec in recs}  # values kept by reference
         return {k for k, calls in core.calls.items() if any(id(t) not in held for t in calls)}
     finally:
         core.detach()
@@ -262,8 +262,8 @@ def bench_harvest(reps: int, device: torch.device, n_batches: int = 6, batch: in
 
     def harvest(durable: bool):
         folder = tmp / f"store-{next(counter)}"
-        wb.harvest(model, batches, names=None, reduce=None, path=folder, progress=False, durable=durable,
-                   device=device)
+        wb.harvest(model, batches, names=None, reduce=None, path=folder, progress=False,
+                   **_supported(wb.harvest, durable=durable, device=device))
 
     def clean():  # untimed: deleting hundreds of MiB is slow here, and no part of either variant
         for folder in list(tmp.iterdir()):
@@ -296,9 +296,18 @@ def bench_harvest(reps: int, device: torch.device, n_batches: int = 6, batch: in
     ]
 
 
-def bench_verify(reps: int, device: torch.device) -> list[dict]:
+def _supported(fn, **kwargs) -> dict:
+    """The keyword arguments ``fn`` takes (so this script also times workbench versions before issue 21)."""
+    import inspect
+
+    params = inspect.signature(fn).parameters
+    return {k: v for k, v in kwargs.items() if k in params}
+
+
+def bench_verify(reps: int, device: torch.device, small: bool = False) -> list[dict]:
     rows = []
-    for name, make, shape in (("ResNet-18", resnet18, (8, 3, 64, 64)), ("CNN-26", cnn26, (32, 3, 32, 32))):
+    shapes = ((2, 3, 32, 32), (4, 3, 32, 32)) if small else ((8, 3, 64, 64), (32, 3, 32, 32))
+    for (name, make), shape in zip((("ResNet-18", resnet18), ("CNN-26", cnn26)), shapes):
         model = make().eval().to(device)
         x = torch.randn(*shape, generator=torch.Generator().manual_seed(0)).to(device)
         new, tr = wb.random_intertwiner(model, seed=0, example=x)
