@@ -98,6 +98,23 @@ def test_a_shipped_model_is_a_real_subject_for_the_symmetry_tools():
     assert report.passed and report.representations_moved and report.top1_agreement == 1.0
 
 
+def test_the_zoo_is_package_data_and_training_writes_where_load_reads(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    monkeypatch.delenv("WORKBENCH_ZOO", raising=False)
+    assert zoo.zoo_dir() == Path(zoo.__file__).resolve().parent / "weights"
+    assert (zoo.zoo_dir() / "manifest.json").is_file()
+    shipped = zoo.load("mlp_relu", seed=0).state_dict()
+    # Training with no out= writes into zoo_dir() (here redirected), and load reads the new entry.
+    monkeypatch.setenv("WORKBENCH_ZOO", str(tmp_path / "zoo"))
+    made = train("mlp_relu", 0, progress=False, epochs=1, limit=256)
+    assert (tmp_path / "zoo" / made["file"]).is_file()
+    assert [(m["name"], m["seed"]) for m in zoo.read_manifest()["models"]] == [("mlp_relu", 0)]
+    fresh = zoo.load("mlp_relu", seed=0).state_dict()
+    assert fresh.keys() == shipped.keys()
+    assert not all(torch.equal(fresh[k], shipped[k]) for k in fresh)  # one epoch on 256 digits: not the shipped run
+
+
 @pytest.mark.slow
 def test_regenerating_the_digits_mlp_reaches_the_shipped_metrics(tmp_path):
     shipped = entry("mlp_relu", 0)

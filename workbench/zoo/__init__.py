@@ -1,4 +1,4 @@
-"""Small trained models that ship with the project (``data/zoo``), and the recipes that make them.
+"""Small trained models that ship with the package (``workbench/zoo/weights``, package data), and the recipes that make them.
 
 ``wb.zoo.list()`` shows them with their numbers; ``wb.zoo.load(name, seed=0)`` returns one in eval
 mode; ``python -m workbench.zoo.train NAME --seed S`` regenerates one.

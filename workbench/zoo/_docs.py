@@ -11,7 +11,7 @@ def zoo_markdown() -> str:
     models = read_manifest()["models"]
     lines = ["# The zoo", "",
              "Every model here was trained on this project's CPU by `python -m workbench.zoo.train NAME --seed S`",
-             "from its recipe in `workbench/zoo/_recipes.py`; `data/zoo/manifest.json` records the data, the",
+             "from its recipe in `workbench/zoo/_recipes.py`; `workbench/zoo/weights/manifest.json` records the data, the",
              "recipe, the metrics, the sha256 and the time. Regenerate this page with",
              "`python -m workbench.zoo._docs`. Train times were measured on a shared 2-core machine that was",
              "busy with other jobs: compare them with each other only loosely.", "",

@@ -1,4 +1,7 @@
-"""The shipped zoo: ``data/zoo/manifest.json`` plus one safetensors file per model and seed.
+"""The shipped zoo: ``workbench/zoo/weights/manifest.json`` plus one safetensors file per model and seed.
+
+The weights are package data (they are in the wheel), so an installed package finds them without the
+repository.
 
 Loading checks each file's sha256 against the manifest and refuses a corrupted or mismatched file;
 weights are read with safetensors (never unpickled).
@@ -24,9 +27,12 @@ class ZooIntegrityError(ValueError):
 
 
 def zoo_dir() -> Path:
-    """Where the zoo lives: ``$WORKBENCH_ZOO`` or the repository's ``data/zoo``."""
+    """Where the zoo lives: ``$WORKBENCH_ZOO`` or the package's own ``weights`` folder (package data).
+
+    ``python -m workbench.zoo.train`` writes there too, so a regenerated model replaces the shipped one.
+    """
     env = os.environ.get("WORKBENCH_ZOO")
-    return Path(env) if env else Path(__file__).resolve().parents[2] / "data" / "zoo"
+    return Path(env) if env else Path(__file__).resolve().parent / "weights"
 
 
 def read_manifest(folder: Optional[Path] = None) -> dict:

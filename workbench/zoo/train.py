@@ -151,7 +151,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m workbench.zoo.train", description=__doc__.splitlines()[0])
     parser.add_argument("names", nargs="+", help=f"recipes: {sorted(RECIPES)} or 'all'")
     parser.add_argument("--seed", type=int, default=None, help="one seed (default: every seed of the recipe)")
-    parser.add_argument("--out", type=Path, default=None, help="folder (default: the repository's data/zoo)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="folder (default: $WORKBENCH_ZOO or the package's own workbench/zoo/weights)")
     args = parser.parse_args(argv)
     names = sorted(RECIPES) if args.names == ["all"] else args.names
     for name in names:
