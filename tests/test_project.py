@@ -104,3 +104,31 @@ def read_like_a_person(path):
             assert page.locator("#minilm-map ~ div table").first.is_visible() is False
         finally:
             browser.close()
+
+
+def test_workbench_raises_its_own_error_classes_not_bare_builtins():
+    """Bad input gets a class from workbench/_errors.py (each subclasses the builtin a user would guess)."""
+    import ast
+
+    bare = {"ValueError", "TypeError", "KeyError", "IndexError"}
+    found = []
+    for path in sorted((ROOT / "workbench").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Raise) and node.exc is not None:
+                exc = node.exc.func if isinstance(node.exc, ast.Call) else node.exc
+                if isinstance(exc, ast.Name) and exc.id in bare:
+                    found.append(f"{path.relative_to(ROOT)}:{node.lineno} raise {exc.id}")
+    assert not found, found
+
+
+def test_an_unknown_budget_names_the_valid_ones():
+    import workbench as wb
+    from workbench.experiments import BUDGETS, EXPERIMENTS, module
+
+    for name in EXPERIMENTS:
+        try:
+            module(name).protocol("papr")
+        except wb.InvalidOptionError as exc:
+            assert "budget='papr'" in str(exc) and all(b in str(exc) for b in BUDGETS), (name, exc)
+        else:
+            raise AssertionError(f"{name}: protocol('papr') did not refuse the budget")

@@ -79,7 +79,7 @@ def test_identity_stitch_on_transformed_copy_fails(mlp_a, copy_pd, digits):
     (x, y), test = digits
     r = wb.stitching.stitch(mlp_a, copy_pd[0], "1", "identity", (x, y), epochs=0, eval_data=test)
     assert r.penalty > 30
-    same = wb.stitching.stitch(mlp_a, mlp_a, "1", "identity", (x, y), epochs=0, eval_data=test)
+    same = wb.stitching.stitch(mlp_a, mlp_a, "1", "trivial", (x, y), epochs=0, eval_data=test)
     assert same.penalty == 0 and same.stitched_accuracy == same.accuracy_a
 
 
@@ -225,10 +225,24 @@ def test_rotations_cost_more_than_intertwiners_after_retraining(mlp_a, digits):
 
 
 # ---------------------------------------------------------------------- reports and errors
+def test_one_name_per_group_and_the_old_identity_spelling():
+    from workbench.stitching import Family, StitchSpec, parse_family, parse_stitch_group
+
+    # The identity map is the trivial group; a stitch's old "identity" still means it (not the registry's GL).
+    assert parse_stitch_group("identity") == parse_stitch_group("trivial") == StitchSpec("trivial", "identity")
+    assert wb.groups.get_group("identity", 3).name == "gl"
+    assert parse_stitch_group(wb.groups.Trivial(4)).name == "trivial"
+    assert parse_stitch_group(" Low_Rank:3 ") == StitchSpec("low_rank:3", "linear", rank=3)
+    assert Family is StitchSpec and parse_family is parse_stitch_group
+    with pytest.raises(ValueError, match="low_rank:k"):
+        parse_stitch_group("rotatoin")
+
+
 def test_report_objects(mlp_a, mlp_b, digits):
     (x, y), _ = digits
     r = wb.stitching.stitch(mlp_a, mlp_b, "1", "relu", (x[:128], y[:128]), epochs=2)
-    assert "penalty" in r.summary() and "relu" not in r.family and r.family == "scaled_permutation"
+    assert "penalty" in r.summary() and r.group == "scaled_permutation" and r.family == r.group  # old spelling kept
+    assert r.to_frame().group.tolist() == ["scaled_permutation"]
     assert list(r.curve_frame().epoch) == [1, 2] and r.relaxed_accuracy is not None
     assert r.penalty == pytest.approx((r.accuracy_a + r.accuracy_b) / 2 - r.stitched_accuracy)
     assert "f32[16,16]" in r._repr_html_()
@@ -304,7 +318,7 @@ def test_uniform_start_trains_p_by_projected_gradient(mlp_a, mlp_b, digits):
     P = layer.soft().detach().double()
     assert bool((P >= 0).all()) and torch.allclose(P.sum(0), torch.ones(16, dtype=P.dtype), atol=1e-5)
     assert torch.allclose(P.sum(1), torch.ones(16, dtype=P.dtype), atol=1e-5)
-    with pytest.raises(ValueError, match="init='uniform'.*permutation families"):
+    with pytest.raises(ValueError, match="init='uniform'.*permutation groups"):
         wb.stitching.stitch(mlp_a, mlp_b, "1", "gl", (x[:32], y[:32]), init="uniform")
 
 

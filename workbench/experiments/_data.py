@@ -30,7 +30,8 @@ def split(kind: str, n: int):
     full, seed = {"train": (d["train"]["n"], d["train"]["seed"]), "test": (d["test"]["n"], d["test"]["seed"]),
                   "val": (n, VAL_SEED)}[kind]
     if n > full:
-        raise ValueError(f"{kind}: asked for {n} images, the zoo's {kind} set has {full}")
+        from .._errors import OutOfRangeError
+        raise OutOfRangeError(f"{kind}: asked for {n} images; the zoo's {kind} set has {full}, so n ≤ {full}.")
     ds = _shapes(full, seed)
     return ds if n == full else ds.subset(torch.arange(n))
 

@@ -48,7 +48,8 @@ def _plain(v):
         return v.item()
     if isinstance(v, (set, tuple)):
         return list(v)
-    raise TypeError(f"not JSON serialisable: {type(v).__name__}")
+    from .._errors import InvalidOptionError  # a TypeError, as json expects from default=
+    raise InvalidOptionError(f"a run record holds JSON values, numpy scalars, tuples and sets; got {type(v).__name__}: {v!r}.")
 
 
 class RunStore:

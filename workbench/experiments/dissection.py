@@ -29,7 +29,9 @@ def protocol(budget: str) -> dict:
     if budget == "smoke":
         return {**p, "models": {"myrtle_relu": [0, 1]}, "layers": ["13"], "n_images": 60, "rotations": 2,
                 "sweep_alphas": [0.0, 1.0]}
-    raise ValueError(f"unknown budget {budget!r}")
+    from .._errors import InvalidOptionError
+    from . import BUDGETS
+    raise InvalidOptionError(f"budget={budget!r} is not a valid option; expected one of {BUDGETS!r}.")
 
 
 def settings(p: dict, job: dict) -> dict:

@@ -19,7 +19,9 @@ PAPER = {"local_max": (0.39, 0.072), "slope": 0.127}
 def protocol(budget: str) -> dict:
     n = {"paper": 201, "quick": 41, "smoke": 9}[budget] if budget in ("paper", "quick", "smoke") else None
     if n is None:
-        raise ValueError(f"unknown budget {budget!r}")
+        from .._errors import InvalidOptionError
+        from . import BUDGETS
+        raise InvalidOptionError(f"budget={budget!r} is not a valid option; expected one of {BUDGETS!r}.")
     return {"lambdas": [round(float(v), 4) for v in np.linspace(0.0, 4.0, n)], "tail": [8.0, 12.0, 16.0],
             "method": "scipy.integrate.quad over the standard normal density, GELU(x) = x·Φ(x) (erf form)"}
 

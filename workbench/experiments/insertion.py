@@ -31,7 +31,9 @@ def protocol(budget: str) -> dict:
         return {**p, "seeds": [0, 1], "sites": ["1", "6"], "epochs": 3, "n_train": 800, "n_val": 300, "n_test": 1000}
     if budget == "smoke":
         return {**p, "seeds": [0, 1], "sites": ["6"], "epochs": 1, "n_train": 96, "n_val": 48, "n_test": 96}
-    raise ValueError(f"unknown budget {budget!r}")
+    from .._errors import InvalidOptionError
+    from . import BUDGETS
+    raise InvalidOptionError(f"budget={budget!r} is not a valid option; expected one of {BUDGETS!r}.")
 
 
 def settings(p: dict, job: dict) -> dict:

@@ -41,7 +41,9 @@ def protocol(budget: str) -> dict:
         p["cnn"].update(models=["myrtle_relu"], seeds=[0, 1], n_images=80, layers=["13", "16"])
         p["transformers"].update(models=[])
         return {**p, "n_bases": 5}
-    raise ValueError(f"unknown budget {budget!r}")
+    from .._errors import InvalidOptionError
+    from . import BUDGETS
+    raise InvalidOptionError(f"budget={budget!r} is not a valid option; expected one of {BUDGETS!r}.")
 
 
 def settings(p: dict, job: dict) -> dict:

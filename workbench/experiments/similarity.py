@@ -37,7 +37,9 @@ def protocol(budget: str) -> dict:
     from .. import zoo
 
     if budget not in ("paper", "quick", "smoke"):
-        raise ValueError(f"unknown budget {budget!r}")
+        from .._errors import InvalidOptionError
+        from . import BUDGETS
+        raise InvalidOptionError(f"budget={budget!r} is not a valid option; expected one of {BUDGETS!r}.")
     all_measures = list(__import__("workbench.similarity", fromlist=["MEASURES"]).MEASURES)
     p = {"n_images": 500, "images": "the first N images of the zoo's test set (shapes seed 2)",
          "layers": "every activation module (ReLU/GELU), after BatchNorm and before pooling",

@@ -67,7 +67,9 @@ def protocol(budget: str) -> dict:
                       lasso_alphas=[1e-3], lasso_pairs=1)
         resnet.update(sites=["layer3.2.act1"], families=["relu"], pairs=["0-1"], n_train=96, epochs=2)
         return {"train": train, "myrtle": myrtle, "resnet": resnet}
-    raise ValueError(f"unknown budget {budget!r}")
+    from .._errors import InvalidOptionError
+    from . import BUDGETS
+    raise InvalidOptionError(f"budget={budget!r} is not a valid option; expected one of {BUDGETS!r}.")
 
 
 def jobs(p: dict) -> list[dict]:

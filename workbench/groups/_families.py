@@ -18,7 +18,11 @@ def _gen(generator: Generator = None, seed: Optional[int] = None) -> torch.Gener
 
 
 class Group:
-    """A family of invertible n×n maps with a sampler. ``phi`` is the homomorphism its elements carry."""
+    """A group of invertible n×n maps with a sampler: one registry family (``FAMILIES``) at one n.
+
+    A *family* is a registry name that gives a group for every n (``"gl"`` → GL(n)); ``phi`` is the
+    homomorphism its elements carry.
+    """
 
     name: str = ""
     label: str = ""  # the mathematics, for tables: "P·D₊ (G_ReLU)"
@@ -331,6 +335,9 @@ FAMILIES = {
     "orthogonal_ones": OrthogonalOnes,
     "rotary": RotaryCommutant,
 }
+# Aliases: other names of a family, and activation names for their intertwiner group ("relu" → P·D₊,
+# "gelu" → P). So "identity" and "linear" name the identity activation's group, GL — not the trivial
+# group {I} (that is "trivial", which a stitch spells "identity" for the identity map: STITCH_ALIASES).
 GROUP_ALIASES = {
     "general_linear": "gl", "linear": "gl", "identity": "gl",
     "rotation": "orthogonal", "o": "orthogonal", "so": "special_orthogonal",

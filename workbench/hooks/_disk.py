@@ -27,7 +27,7 @@ from typing import Optional, Sequence, Union
 
 import numpy as np
 
-from .._errors import ResumeMismatchError, StoreCorruptError, StoreFormatError, StoreLockedError
+from .._errors import InvalidOptionError, ResumeMismatchError, StoreCorruptError, StoreFormatError, StoreLockedError
 from ._fingerprint import differences
 
 FORMAT = "workbench-activations"
@@ -131,8 +131,9 @@ def save_npy(path: Path, arr: Union[np.ndarray, Sequence[np.ndarray]], durable: 
         w.write(_npy_header(header))
         for part in parts:
             if part.dtype != first.dtype or part.shape[1:] != first.shape[1:]:
-                raise ValueError(f"save_npy: parts of {first.dtype}{list(first.shape[1:])} and "
-                                 f"{part.dtype}{list(part.shape[1:])} cannot form one array")
+                raise InvalidOptionError(f"save_npy: parts of {first.dtype}{list(first.shape[1:])} and "
+                                         f"{part.dtype}{list(part.shape[1:])} cannot form one array; every part "
+                                         f"needs the first part's dtype and row shape.")
             if part.size:
                 w.write(memoryview(np.ascontiguousarray(part)).cast("B"))
         f.flush()

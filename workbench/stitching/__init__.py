@@ -8,8 +8,9 @@ reproduce the paper's tables on the zoo.
 """
 from ._cut import Crossing, Cut
 from ._insertion import InsertionResult, insertion_test
-from ._layers import STITCH_NAMES, Family, parse_family, sinkhorn
+from ._layers import STITCH_ALIASES, STITCH_NAMES, Family, StitchSpec, parse_family, parse_stitch_group, sinkhorn
 from ._stitch import BN_MODES, StitchResult, stitch
 
-__all__ = ["BN_MODES", "Crossing", "Cut", "Family", "InsertionResult", "STITCH_NAMES", "StitchResult",
-           "insertion_test", "parse_family", "sinkhorn", "stitch"]
+# Family and parse_family: old spellings of StitchSpec and parse_stitch_group, kept (public before).
+__all__ = ["BN_MODES", "Crossing", "Cut", "Family", "InsertionResult", "STITCH_ALIASES", "STITCH_NAMES", "StitchResult",
+           "StitchSpec", "insertion_test", "parse_family", "parse_stitch_group", "sinkhorn", "stitch"]

@@ -116,11 +116,6 @@ class Cut:
         """Index of the crossing that is the site's own activation (or pre-activation)."""
         return [c.node for c in self.crossings].index(self.site_node)
 
-    def tail_parameters(self) -> list[nn.Parameter]:
-        """Parameters the tail uses and the head does not (the ones a retraining may change)."""
-        frozen = {id(p) for p in self.head.parameters()}
-        return [p for p in self.tail.parameters() if id(p) not in frozen]
-
     @torch.no_grad()
     def run_head(self, x: torch.Tensor, batch_size: int = 256) -> list[torch.Tensor]:
         """The crossing values for every example of ``x``, computed once in batches: ``[N, ...]`` each."""

@@ -1,13 +1,13 @@
-"""``init="match"``: start a stitching layer at the family's best fit of B's activation from A's.
+"""``init="match"``: start a stitching layer at its group's best fit of B's activation from A's.
 
 Rows are (example, position) samples of the channel vectors, ``X [M, C_a]`` from A and ``Y [M, C_b]``
-from B at the same crossing. Each family gets its own closed-form fit, so every family starts
+from B at the same crossing. Each kind of map gets its own closed-form fit, so every group starts
 from the same principle before the task loss takes over:
 
 - full linear: least squares with a bias;  low rank k: reduced-rank regression (the least-squares
   map projected on the top-k principal directions of its fitted values);
 - orthogonal: Procrustes, Q = U Vᵀ from the SVD of Yᵀ X (determinant fixed for SO(n));
-- permutation families: the Hungarian matching of unit cosines (``wb.match_neurons``) with its scales;
+- permutation groups: the Hungarian matching of unit cosines (``wb.match_neurons``) with its scales;
 - positive diagonal: per-unit least-squares scales.
 """
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import Optional
 
 import torch
 
-from ._layers import Family
+from ._layers import StitchSpec
 
 
 @dataclass
@@ -39,27 +39,27 @@ def sample_rows(n_rows: int, limit: int, gen: torch.Generator) -> torch.Tensor:
     return torch.randperm(n_rows, generator=gen)[:limit] if n_rows > limit else torch.arange(n_rows)
 
 
-def fit(family: Family, X: torch.Tensor, Y: torch.Tensor):
-    """The starting point for ``family`` mapping rows of ``X [M, C_a]`` onto ``Y [M, C_b]``."""
-    if family.kind == "sinkhorn":
+def fit(spec: StitchSpec, X: torch.Tensor, Y: torch.Tensor):
+    """The starting point for a ``spec`` layer mapping rows of ``X [M, C_a]`` onto ``Y [M, C_b]``."""
+    if spec.kind == "sinkhorn":
         from ..symmetry import match_neurons
 
-        return match_neurons(X, Y, signed=family.diagonal in ("sign", "nonzero")).element
-    if family.kind == "diagonal":
+        return match_neurons(X, Y, signed=spec.diagonal in ("sign", "nonzero")).element
+    if spec.kind == "diagonal":
         return Fit(torch.diag((X * Y).sum(0) / (X * X).sum(0).clamp_min(1e-30)).clamp_min(1e-6))
-    if family.kind == "orthogonal":
+    if spec.kind == "orthogonal":
         U, _, Vh = torch.linalg.svd(Y.T @ X)
-        if family.special and torch.linalg.det(U @ Vh) < 0:
+        if spec.special and torch.linalg.det(U @ Vh) < 0:
             U[:, -1] = -U[:, -1]
         return Fit(U @ Vh)
     # (Reduced-rank) least squares with a bias: [X 1] [Wᵀ; bᵀ] = Y.
     Xb = torch.cat([X, torch.ones(len(X), 1, dtype=X.dtype)], 1)
     sol = torch.linalg.lstsq(Xb, Y, driver="gelsd").solution  # [C_a + 1, C_b]
     W, b = sol[:-1].T, sol[-1]
-    if family.rank is None:
+    if spec.rank is None:
         return Fit(W, b)
     fitted = X @ W.T
     _, _, Vh = torch.linalg.svd(fitted - fitted.mean(0), full_matrices=False)
-    Vk = Vh[: family.rank].T  # [C_b, k]: top principal directions of the fitted values
+    Vk = Vh[: spec.rank].T  # [C_b, k]: top principal directions of the fitted values
     V = Vk.T @ W  # [k, C_a]
     return Fit(Vk @ V, Y.mean(0) - (Vk @ V) @ X.mean(0), (Vk, V))

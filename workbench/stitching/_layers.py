@@ -1,10 +1,13 @@
-"""Stitching layers: learnable maps on a tensor's channel axis, one family per name.
+"""Stitching layers: learnable maps on a tensor's channel axis, one kind of map per ``group=`` name.
 
-Group names come from the one registry in ``workbench.groups`` (``"gl"``, ``"orthogonal"``,
-``"relu"`` → P·D₊, ``"permutation"``, …). Two stitching families are not groups and are named here
-alone: ``"identity"`` (no layer: the activation passes as it is — the registry's ``"identity"``
-means the *identity activation's* group, GL, which is not what a stitch means by it) and
-``"low_rank:k"`` (a rank-k linear map).
+A stitch's ``group`` is a name from the one registry in ``workbench.groups`` (``"gl"``,
+``"orthogonal"``, ``"relu"`` → P·D₊, ``"permutation"``, ``"trivial"`` → the identity map, no
+layer, …) or a Group object, plus one name that is not a group and lives here alone:
+``"low_rank:k"`` (a rank-k linear map). ``StitchSpec`` is what such a name means for the layer.
+
+Old spelling kept: ``group="identity"`` in a stitch means the identity map (``"trivial"``), as it
+always has here — in the registry ``"identity"`` names the identity *activation*'s group, GL, which
+is not what a stitch meant by it (``STITCH_ALIASES``).
 
 Every layer maps ``[N, C_in, *rest] -> [N, C_out, *rest]`` (a 1×1 convolution on conv maps) and
 can report its current matrix ``weight() -> [C_out, C_in]``.
@@ -24,56 +27,69 @@ from ..groups import (GROUP_NAMES, Dense, GeneralLinear, Group, GroupElement, Or
                       PositiveDiagonal, ScaledPermutation, ScaledPermutationGroup, Trivial, get_group)
 
 _LOW_RANK = re.compile(r"low_rank:(\d+)")
-STITCH_NAMES = ["identity", "low_rank:<k>", *GROUP_NAMES]
+#: Stitching's own spellings that mean something else in the group registry (kept: public before).
+STITCH_ALIASES = {"identity": "trivial"}
+STITCH_NAMES = ["low_rank:<k>", *GROUP_NAMES]
 
 
 @dataclass(frozen=True)
-class Family:
-    """What a stitching name means: ``kind`` is identity | linear | orthogonal | sinkhorn | diagonal."""
+class StitchSpec:
+    """What a stitch's ``group=`` means for its layer.
 
-    name: str  # as reported: "gl", "low_rank:4", "scaled_permutation", ...
+    ``name`` is the group's registry name as reported (``"gl"``, ``"scaled_permutation"``,
+    ``"trivial"``) or ``"low_rank:k"``; ``kind`` the layer that learns it: identity (no layer) |
+    linear | orthogonal | sinkhorn | diagonal.
+    """
+
+    name: str
     kind: str
     rank: Optional[int] = None
     diagonal: Optional[str] = None  # sinkhorn/diagonal: None (no scales), "positive", "sign", "nonzero"
     special: bool = False  # orthogonal with determinant +1
 
-    @property
-    def is_group(self) -> bool:
-        return self.kind != "linear" or self.rank is None
 
+def parse_stitch_group(group: Union[str, Group]) -> StitchSpec:
+    """The stitching layer for ``group``: a registry name, a Group, or ``"low_rank:k"``.
 
-def parse_family(spec: Union[str, Group]) -> Family:
-    """The stitching family named by ``spec`` (a registry name, a Group, "identity" or "low_rank:k")."""
-    if isinstance(spec, str):
-        key = spec.strip().lower()
-        if key == "identity":
-            return Family("identity", "identity")
+    Example:
+        >>> from workbench.stitching import parse_stitch_group
+        >>> parse_stitch_group("relu").name, parse_stitch_group("identity").name
+        ('scaled_permutation', 'trivial')
+    """
+    if isinstance(group, str):
+        key = group.strip().lower()
+        key = STITCH_ALIASES.get(key, key)
         m = _LOW_RANK.fullmatch(key)
         if m:
             if int(m.group(1)) < 1:
-                raise InvalidOptionError(f"group={spec!r}: a low-rank stitch needs rank k ≥ 1 (\"low_rank:4\").")
-            return Family(key, "linear", rank=int(m.group(1)))
+                raise InvalidOptionError(f"group={group!r}: a low-rank stitch needs rank k ≥ 1 (\"low_rank:4\").")
+            return StitchSpec(key, "linear", rank=int(m.group(1)))
         if key.startswith("low_rank"):
-            raise InvalidOptionError(f"group={spec!r}: write a low-rank stitch as \"low_rank:k\" with k ≥ 1, e.g. \"low_rank:4\".")
+            raise InvalidOptionError(f"group={group!r}: write a low-rank stitch as \"low_rank:k\" with k ≥ 1, e.g. \"low_rank:4\".")
         try:
-            spec = get_group(key, 1)
+            group = get_group(key, 1)
         except InvalidOptionError as exc:
-            raise InvalidOptionError(f"{exc} Stitching also accepts 'identity' and 'low_rank:k'.") from None
-    elif not isinstance(spec, Group):
-        raise InvalidOptionError(f"group must be a name from {STITCH_NAMES} or a Group object; got {type(spec).__name__}.")
-    if isinstance(spec, Trivial):
-        return Family("identity", "identity")
-    if isinstance(spec, GeneralLinear):
-        return Family("gl", "linear")
-    if isinstance(spec, Orthogonal):
-        return Family(spec.name, "orthogonal", special=spec.special)
-    if isinstance(spec, Permutation):
-        return Family(spec.name, "sinkhorn")
-    if isinstance(spec, ScaledPermutationGroup):
-        return Family(spec.name, "sinkhorn", diagonal=spec.diagonal)
-    if isinstance(spec, PositiveDiagonal):
-        return Family(spec.name, "diagonal", diagonal="positive")
-    raise InvalidOptionError(f"there is no stitching layer for the group {spec!r}; use one of {STITCH_NAMES}.")
+            raise InvalidOptionError(f"{exc} Stitching also accepts 'low_rank:k'.") from None
+    elif not isinstance(group, Group):
+        raise InvalidOptionError(f"group must be a name from {STITCH_NAMES} or a Group object; got {type(group).__name__}.")
+    if isinstance(group, Trivial):
+        return StitchSpec("trivial", "identity")
+    if isinstance(group, GeneralLinear):
+        return StitchSpec("gl", "linear")
+    if isinstance(group, Orthogonal):
+        return StitchSpec(group.name, "orthogonal", special=group.special)
+    if isinstance(group, Permutation):
+        return StitchSpec(group.name, "sinkhorn")
+    if isinstance(group, ScaledPermutationGroup):
+        return StitchSpec(group.name, "sinkhorn", diagonal=group.diagonal)
+    if isinstance(group, PositiveDiagonal):
+        return StitchSpec(group.name, "diagonal", diagonal="positive")
+    raise InvalidOptionError(f"there is no stitching layer for the group {group!r}; use one of {STITCH_NAMES}.")
+
+
+# Old spellings, public before (a stitching "family" was a StitchSpec).
+Family = StitchSpec
+parse_family = parse_stitch_group
 
 
 def _on_channels(x: torch.Tensor, W: torch.Tensor, b: Optional[torch.Tensor]) -> torch.Tensor:
@@ -111,7 +127,7 @@ class IdentityMap(StitchLayer):
         return torch.eye(self.n)
 
     def element(self):
-        return ScaledPermutation(torch.arange(self.n), None, group="identity")
+        return ScaledPermutation(torch.arange(self.n), None, group="trivial")
 
     def forward(self, x):
         return x.clone()  # a tail may work in place (``out += identity``); never on the cache
@@ -308,22 +324,22 @@ class DiagonalMap(StitchLayer):
                                  group="positive_diagonal")
 
 
-def make_layer(family: Family, n_in: int, n_out: int, *, bias: bool, init, gen: torch.Generator) -> StitchLayer:
-    """A fresh stitching layer of ``family`` from ``n_in`` to ``n_out`` channels."""
-    if family.kind != "linear" and n_in != n_out:
+def make_layer(spec: StitchSpec, n_in: int, n_out: int, *, bias: bool, init, gen: torch.Generator) -> StitchLayer:
+    """A fresh stitching layer for ``spec`` from ``n_in`` to ``n_out`` channels."""
+    if spec.kind != "linear" and n_in != n_out:
         raise InvalidOptionError(
-            f"a {family.name!r} stitch maps a space to one of the same dimension, but the models have {n_in} and "
+            f"a {spec.name!r} stitch maps a space to one of the same dimension, but the models have {n_in} and "
             f"{n_out} channels here; use group='gl' or 'low_rank:k' between different widths.")
-    if family.rank is not None and family.rank > min(n_in, n_out):
-        raise InvalidOptionError(f"{family.name!r}: rank {family.rank} exceeds the smaller width, {min(n_in, n_out)}.")
-    if family.kind == "identity":
+    if spec.rank is not None and spec.rank > min(n_in, n_out):
+        raise InvalidOptionError(f"{spec.name!r}: rank {spec.rank} exceeds the smaller width, {min(n_in, n_out)}.")
+    if spec.kind == "identity":
         return IdentityMap(n_in)
-    if family.kind == "linear":
-        return LinearMap(n_in, n_out, family.rank, bias, gen, init)
-    if family.kind == "orthogonal":
-        return OrthogonalMap(n_in, family.special, "identity" if init is None else init, gen)
-    if family.kind == "sinkhorn":
+    if spec.kind == "linear":
+        return LinearMap(n_in, n_out, spec.rank, bias, gen, init)
+    if spec.kind == "orthogonal":
+        return OrthogonalMap(n_in, spec.special, "identity" if init is None else init, gen)
+    if spec.kind == "sinkhorn":
         if init == "uniform":
-            return BirkhoffMap(n_in, family.diagonal, gen)
-        return SinkhornMap(n_in, family.diagonal, "random" if init is None else init, gen)
+            return BirkhoffMap(n_in, spec.diagonal, gen)
+        return SinkhornMap(n_in, spec.diagonal, "random" if init is None else init, gen)
     return DiagonalMap(n_in, init)

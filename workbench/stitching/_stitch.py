@@ -14,7 +14,7 @@ from .._repr import tensor_summary
 from ..groups import Group, GroupElement
 from ._cut import Cut, Crossing
 from ._init import fit as fit_init, rows, sample_rows
-from ._layers import BirkhoffMap, IdentityMap, SinkhornMap, StitchLayer, make_layer, parse_family
+from ._layers import BirkhoffMap, IdentityMap, SinkhornMap, StitchLayer, make_layer, parse_stitch_group
 from ._train import OPTIMIZERS, accuracy, as_xy, check_epochs, fit, model_accuracy
 
 BN_MODES = ["frozen", "reestimate", "train"]
@@ -36,7 +36,7 @@ class StitchResult(Report):
     """
 
     site: str
-    family: str
+    group: str  # the registry name of the stitching layer's group ("scaled_permutation", "trivial"), or "low_rank:k"
     accuracy_a: float
     accuracy_b: float
     stitched_accuracy: float
@@ -60,12 +60,17 @@ class StitchResult(Report):
     hook: str = ""  # the activation module the cut follows
 
     @property
+    def family(self) -> str:
+        """Old spelling of ``group`` (kept: public before)."""
+        return self.group
+
+    @property
     def penalty(self) -> float:
         return (self.accuracy_a + self.accuracy_b) / 2 - self.stitched_accuracy
 
     def summary(self) -> str:
         relaxed = "" if self.relaxed_accuracy is None else f" (relaxed {self.relaxed_accuracy:.1f}%)"
-        return (f"{self.family} stitch at {self.site}: {self.stitched_accuracy:.1f}%{relaxed} vs endpoints "
+        return (f"{self.group} stitch at {self.site}: {self.stitched_accuracy:.1f}%{relaxed} vs endpoints "
                 f"{self.accuracy_a:.1f}% / {self.accuracy_b:.1f}% → penalty {self.penalty:+.2f} points "
                 f"({self.epochs} epochs{'' if self.best_epoch is None else f', best epoch {self.best_epoch} on val_data'}, "
                 f"seed {self.seed}, BatchNorm {self.bn}, {self.n_eval} {self.evaluated_on} examples)")
@@ -74,7 +79,7 @@ class StitchResult(Report):
         """One row: the numbers and the settings that made them (concatenate rows across runs)."""
         import pandas as pd
 
-        return pd.DataFrame([{"site": self.site, "family": self.family, "accuracy_a": self.accuracy_a,
+        return pd.DataFrame([{"site": self.site, "group": self.group, "accuracy_a": self.accuracy_a,
                               "accuracy_b": self.accuracy_b, "stitched_accuracy": self.stitched_accuracy,
                               "relaxed_accuracy": self.relaxed_accuracy, "penalty": self.penalty,
                               "epochs": self.epochs, "seed": self.seed, "bn": self.bn, "n_train": self.n_train,
@@ -103,7 +108,7 @@ class StitchResult(Report):
                                    (self.stitched_accuracy, "stitched (evaluated)", "-")]:
             ax.axhline(value, ls=style, color="k" if name != "stitched (evaluated)" else "C3", label=name)
         ax.set_ylabel("accuracy (%)")
-        ax.set_title(f"{self.family} stitch at {self.site}")
+        ax.set_title(f"{self.group} stitch at {self.site}")
         ax.legend(fontsize="small")
         return ax
 
@@ -117,15 +122,15 @@ def stitch(model_a: nn.Module, model_b: nn.Module, site: Union[str, tuple[str, s
 
     Both models stay frozen and unmodified (each is deep-copied). The cut is a position in the
     traced forward pass: *every* value crossing it comes from A — inside a residual branch that
-    includes the skip stream, which gets its own stitching layer of the same family
+    includes the skip stream, which gets its own stitching layer of the same group
     (``skip="mapped"``) or passes from A as it is (``skip="unmapped"``: the paper's ResNet protocol).
 
     Args:
         site: a site name of ``wb.symmetry_map(model)`` (the same in both), the hook name of one of a
             site's activation modules (a ResNet stage is one site observed after every block), or
             ``(site_a, site_b)``.
-        group: ``"gl"`` (1×1 conv with bias), ``"low_rank:k"`` (rank k, with bias), ``"identity"``
-            (no layer), or any registry group: ``"relu"``/``"scaled_permutation"`` (a doubly-stochastic
+        group: ``"gl"`` (1×1 conv with bias), ``"low_rank:k"`` (rank k, with bias), ``"trivial"``
+            (the identity map, no layer; also spelled ``"identity"`` here, as before), or any registry group: ``"relu"``/``"scaled_permutation"`` (a doubly-stochastic
             P times positive scales, rounded to an exact permutation by the Hungarian algorithm for
             evaluation; first half of the epochs P alone, then scales too), ``"permutation"``,
             ``"orthogonal"``, ``"signed_permutation"``, … or a Group object.
@@ -136,15 +141,15 @@ def stitch(model_a: nn.Module, model_b: nn.Module, site: Union[str, tuple[str, s
             after the cut on the stitched activations of ``data`` (its first ``bn_examples``) before
             every evaluation; ``"train"`` also runs them on batch statistics while the stitch trains
             (the paper's code trained in train mode, then re-estimated the statistics for evaluation).
-        init: None (the family's default: identity for square gl and orthogonal, Gaussian for low
-            rank, near-uniform Sinkhorn logits for permutation families), ``"identity"``, ``"random"``,
-            ``"match"`` (the family's closed-form fit of B's activation from A's on ``data``: least
+        init: None (the default for the group: identity for square gl and orthogonal, Gaussian for low
+            rank, near-uniform Sinkhorn logits for permutation groups), ``"identity"``, ``"random"``,
+            ``"match"`` (the group's closed-form fit of B's activation from A's on ``data``: least
             squares, reduced-rank regression, Procrustes, Hungarian matching; see ``_init.py``) or
-            ``"uniform"`` (permutation families: the paper's Birkhoff layer — P itself starts near the
+            ``"uniform"`` (permutation groups: the paper's Birkhoff layer — P itself starts near the
             barycentre of the Birkhoff polytope and is trained by projected gradient).
         lr, optimizer, weight_decay: the step (default 1e-2), ``"adam"`` or ``"sgd"`` (no momentum),
             and weight decay (not applied to a Birkhoff P).
-        l1: LASSO weight α for linear families: α·Σ|W| is added to the loss.
+        l1: LASSO weight α for linear stitches (``"gl"``, ``"low_rank:k"``): α·Σ|W| is added to the loss.
         report: ``"last"`` (the map after the last epoch) or ``"best"`` (the epoch with the best
             accuracy on ``val_data``; recorded as ``best_epoch``).
 
@@ -152,11 +157,11 @@ def stitch(model_a: nn.Module, model_b: nn.Module, site: Union[str, tuple[str, s
         >>> import torch, workbench as wb
         >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
         >>> x = torch.randn(64, 4); y = net(x).argmax(1)
-        >>> r = wb.stitching.stitch(net, net, "1", "identity", (x, y), epochs=0)
+        >>> r = wb.stitching.stitch(net, net, "1", "trivial", (x, y), epochs=0)
         >>> r.stitched_accuracy, r.penalty
         (100.0, 0.0)
     """
-    family = parse_family(group)
+    spec = parse_stitch_group(group)
     epochs = check_epochs(epochs)
     check_option("bn", bn, BN_MODES)
     check_option("report", report, REPORTS)
@@ -164,12 +169,12 @@ def stitch(model_a: nn.Module, model_b: nn.Module, site: Union[str, tuple[str, s
     check_option("optimizer", optimizer, OPTIMIZERS)
     if not (init is None or isinstance(init, str) and init in INITS):
         raise InvalidOptionError(f"init={init!r} is not a valid option; expected None or one of {list(INITS)}.")
-    if init == "uniform" and family.kind != "sinkhorn":
+    if init == "uniform" and spec.kind != "sinkhorn":
         raise InvalidOptionError(f"init='uniform' starts a doubly-stochastic P near the barycentre of the Birkhoff polytope, "
-                                 f"so it is for the permutation families ('relu', 'permutation', ...); {family.name!r} is "
+                                 f"so it is for the permutation groups ('relu', 'permutation', ...); {spec.name!r} is "
                                  f"not one. Use init='random' or None.")
-    if l1 and family.kind != "linear":
-        raise InvalidOptionError(f"l1={l1!r}: the LASSO penalty is for linear stitches ('gl', 'low_rank:k'), not {family.name!r}.")
+    if l1 and spec.kind != "linear":
+        raise InvalidOptionError(f"l1={l1!r}: the LASSO penalty is for linear stitches ('gl', 'low_rank:k'), not {spec.name!r}.")
     if report == "best" and val_data is None:
         raise InvalidOptionError("report='best' picks the epoch with the best accuracy on val_data; pass val_data "
                                  "(held out from data and eval_data), or report='last'.")
@@ -184,16 +189,16 @@ def stitch(model_a: nn.Module, model_b: nn.Module, site: Union[str, tuple[str, s
     accuracy_a, accuracy_b = model_accuracy(cut_a.model, xe, ye), model_accuracy(cut_b.model, xe, ye)
     gen = torch.Generator().manual_seed(int(seed))
     acts = cut_a.run_head(x)
-    layers, use_bias = {}, (family.kind == "linear") if bias is None else bool(bias)
-    acts_b = cut_b.run_head(x) if init == "match" and family.kind != "identity" else None
+    layers, use_bias = {}, (spec.kind == "linear") if bias is None else bool(bias)
+    acts_b = cut_b.run_head(x) if init == "match" and spec.kind != "identity" else None
     for i, (ca, cb) in enumerate(pairs):
         if cb.site is None or cb.site in layers or (skip == "unmapped" and cb.site != primary_site):
             continue
         start = init
-        if acts_b is not None:  # the family's closed-form fit of B's activation from A's
+        if acts_b is not None:  # the closed-form fit of B's activation from A's
             keep = sample_rows(len(x) * acts[i][0].numel() // ca.channels, 200_000, gen)
-            start = fit_init(family, rows(acts[i], ca.channels, keep), rows(acts_b[i], cb.channels, keep))
-        layers[cb.site] = make_layer(family, ca.channels, cb.channels, bias=use_bias, init=start, gen=gen)
+            start = fit_init(spec, rows(acts[i], ca.channels, keep), rows(acts_b[i], cb.channels, keep))
+        layers[cb.site] = make_layer(spec, ca.channels, cb.channels, bias=use_bias, init=start, gen=gen)
         if l1:
             layers[cb.site].l1 = float(l1)
     del acts_b
@@ -246,11 +251,11 @@ def stitch(model_a: nn.Module, model_b: nn.Module, site: Union[str, tuple[str, s
     decay_free = {id(m.P) for m in births}
     groups = [{"params": [p for p in params if id(p) in decay_free], "weight_decay": 0.0},
               {"params": [p for p in params if id(p) not in decay_free]}]
-    step = _LR[family.kind] if lr is None else lr
+    step = _LR[spec.kind] if lr is None else lr
     curve = fit(lambda idx: run(acts, idx), [g for g in groups if g["params"]], y, epochs, lr=step,
                 batch_size=batch_size, gen=gen, regulariser=reg, on_epoch=schedule, after_step=project,
                 after_epoch=after_epoch, optimizer=optimizer, weight_decay=weight_decay,
-                desc=f"stitch {family.name} at {site_b}") if params else []
+                desc=f"stitch {spec.name} at {site_b}") if params else []
     _set_bn_train(cut_b, False)
     if report == "best" and best["state"] is not None:
         for k, m in layers.items():
@@ -263,7 +268,7 @@ def stitch(model_a: nn.Module, model_b: nn.Module, site: Union[str, tuple[str, s
     stitched = measure(eval_acts, ye, keep_rounded=True)
     main = layers.get(primary_site)
     return StitchResult(
-        site=cut_b.site.name if site_a == site_b else f"{cut_a.site.name} → {cut_b.site.name}", family=family.name,
+        site=cut_b.site.name if site_a == site_b else f"{cut_a.site.name} → {cut_b.site.name}", group=spec.name,
         accuracy_a=accuracy_a, accuracy_b=accuracy_b,
         stitched_accuracy=stitched, relaxed_accuracy=relaxed,
         element=None if main is None else main.element(),
