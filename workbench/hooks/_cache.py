@@ -50,12 +50,15 @@ class ActivationCache(CacheViews, Mapping):
 
     def __init__(self, calls: dict[str, list[torch.Tensor]], aliases: Optional[dict[str, str]] = None,
                  unfired: Optional[dict[str, str]] = None, skipped: Optional[dict[str, str]] = None,
-                 failures: Optional[list[str]] = None, model=None):
+                 failures: Optional[list[str]] = None, model=None, listed: Optional[set[str]] = None):
         # ``calls`` may still be filling (inside ``wb.capture``): aliases are resolved at lookup.
         self._calls = calls
         # A weak reference: a cache kept in a notebook must not keep a large model alive.
         self._model_ref = weakref.ref(model) if model is not None else None
         self._aliases = dict(aliases or {})
+        # Aliases a lookup resolves but iteration leaves out: TransformerLens lists an alias only when the
+        # names filter selects it (None: every alias is listed, as after a capture of every name).
+        self._listed = None if listed is None else set(listed)
         #: requested names without a value, with why (never fired, or a failed forward never reached them)
         self.unfired: dict[str, str] = dict(unfired or {})
         #: names matched by a pattern but not stored (e.g. their module returned a tuple), with why
@@ -111,7 +114,8 @@ class ActivationCache(CacheViews, Mapping):
     def __iter__(self) -> Iterator[str]:
         """Every name with a value: the captured names, then their aliases (TransformerLens lists both)."""
         yield from list(self._calls)
-        yield from [a for a, k in list(self._aliases.items()) if k in self._calls and a not in self._calls]
+        yield from [a for a, k in list(self._aliases.items()) if k in self._calls and a not in self._calls
+                    and (self._listed is None or a in self._listed)]
 
     def __len__(self) -> int:
         return sum(1 for _ in self)
@@ -158,7 +162,7 @@ class ActivationCache(CacheViews, Mapping):
         """A new cache with every activation moved or cast, as ``Tensor.to(*args, **kwargs)``."""
         moved = {n: [t.to(*args, **kwargs) for t in ts] for n, ts in self._calls.items()}
         return ActivationCache(moved, self._aliases, self.unfired, dict(self.skipped), list(self.failures),
-                               self._model())
+                               self._model(), self._listed)
 
     def to_frame(self):
         """One row per name: shape, dtype, calls and bytes (a pandas DataFrame)."""

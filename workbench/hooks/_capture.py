@@ -96,6 +96,8 @@ class _Capture:
         self.model = model
         self.points = hook_points(model, probe=False)
         requested = self.points.resolve(names)
+        # Every name the filter selects, aliases included: the cache lists these (as TransformerLens does).
+        self.selected = None if names is None else set(self.points.matches(names))
         explicit = _explicit_names(names)
         self.explicit = [n for n in requested if n in explicit]
         # Pattern-selected TransformerLens names gated off by config would never fire: skip them.
@@ -431,7 +433,9 @@ class capture:
             regex (search semantics), a callable ``name -> bool``, or a list mixing them.
         reduce: None, ``"spatial_mean"``, ``"spatial_max"``, ``"token_mean"`` or a callable, applied
             inside the hook before anything is stored.
-        device: where activations are stored (``"cpu"``; None keeps the model's device).
+        device: where activations are stored (``"cpu"``; None keeps each where it was computed, e.g. on
+            the GPU or on every device of a dispatched model). CUDA values bound for the CPU are copied
+            asynchronously into pinned memory; the capture waits for them at the end of each forward.
         dtype: cast stored activations (None keeps theirs).
         budget: bytes (or ``"2GB"``) the capture may hold; over it a :class:`CacheBudgetError` says how
             much was needed. Default: ``$WORKBENCH_CACHE_BUDGET`` or a quarter of RAM. None: no limit.
@@ -460,7 +464,7 @@ class capture:
         core.attach()
         # The cache handed out now is filled in place as forwards run, and settled when the block ends.
         self.cache = ActivationCache(core.calls, core._aliases(), skipped=core.skipped, failures=core.failures,
-                                     model=core.model)
+                                     model=core.model, listed=core.selected)
         self.stopped = False
         return self.cache
 

@@ -78,6 +78,13 @@ class HookPoints:
         exact = {i for i in items if isinstance(i, str) and not (_GLOB_CHARS & set(i))}
         return [n for n in chosen if n in self.modules or n in exact or self.aliases[n] not in canon_chosen]
 
+    def matches(self, names: NameFilter) -> list[str]:
+        """Every name (aliases included) a filter selects, unlike :meth:`resolve` which keeps one per module."""
+        if names is None:
+            return self.all_names
+        items = list(names) if isinstance(names, (list, tuple, set, frozenset)) else [names]
+        return [n for item in items for n in self._match(item, "names")]
+
     def _match(self, item, param: str) -> list[str]:
         every = self.all_names
         if isinstance(item, str):
