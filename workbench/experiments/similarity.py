@@ -47,9 +47,9 @@ def protocol(budget: str) -> dict:
                       "myrtle_gelu": {"pairs": _cyclic([0, 1, 2, 3], 4), "measures": HEADLINE},
                       "myrtle_relu_w8": {"pairs": _cyclic([0, 1, 2, 3], 4), "measures": HEADLINE},
                       "myrtle_relu_w32": {"pairs": _cyclic([0, 1, 2], 3), "measures": HEADLINE},
-                      "resnet20_relu": {"pairs": _cyclic([0, 1, 2, 3], 3), "measures": HEADLINE}},
+                      "resnet20_relu": {"pairs": _cyclic([0, 1, 2, 3], 3)[:2], "measures": HEADLINE}},
          "controls": ["myrtle_relu", "myrtle_gelu"],
-         "matrix": {"family": "myrtle_relu", "pairs": _cyclic(list(range(8)), 4), "measures": ["grelu_cka", "standardized_cka"]}}
+         "matrix": {"family": "myrtle_relu", "pairs": _cyclic(list(range(8)), 4)[:2], "measures": ["grelu_cka", "standardized_cka"]}}
     if budget == "quick":
         p.update(n_images=200, families={k: {**v, "pairs": v["pairs"][:2], "measures": HEADLINE}
                                          for k, v in p["families"].items() if k != "resnet20_relu"},
