@@ -4,6 +4,7 @@ Every ``import`` in workbench counts, including those inside functions (an impor
 is still a dependency, and a circle hidden that way is still a circle).
 """
 import ast
+import re
 from collections import defaultdict
 from pathlib import Path
 
@@ -100,3 +101,21 @@ def test_no_import_circle():
         if m not in state:
             visit(m)
     assert not circles, "import circles:\n" + "\n".join(" -> ".join(c) for c in circles)
+
+
+def test_the_architecture_document_states_this_table():
+    """docs/ARCHITECTURE.md's "Layers" table says what LAYERS enforces, row by row."""
+    text = (ROOT.parent / "docs" / "ARCHITECTURE.md").read_text()
+    table = text.split("## Layers", 1)[1].split("\n\n")[2]
+    stated = {}
+    for row in table.splitlines()[2:]:
+        packages, _, allowed = [c.strip() for c in row.strip("|").split(" | ")]
+        if packages.startswith("base"):
+            keys = ["base"]
+        elif "__init__" in packages:
+            keys = ["workbench"]
+        else:  # `probing/`, `similarity/` or `cli.py`
+            keys = re.findall(r"`(\w+)(?:/|\.py)`", packages)
+        for key in keys:
+            stated[key] = set() if allowed == "—" else {a.strip() for a in allowed.split(",")}
+    assert stated == LAYERS
