@@ -254,7 +254,7 @@ def test_concatenation_freezes_what_it_reads_with_a_true_reason():
     assert same_function(model, new, x) < 1e-10  # was 0.39: c1 was transformed though cat read it
 
 
-def test_a_linear_on_a_sequence_writes_its_last_axis_and_is_frozen():
+def test_a_linear_on_a_sequence_writes_its_last_axis():
     class Sequence(nn.Module):  # nn.Linear on [batch, positions, features]; then a mean over the features
         def __init__(self):
             super().__init__()
@@ -266,9 +266,32 @@ def test_a_linear_on_a_sequence_writes_its_last_axis_and_is_frozen():
     model = randomise(Sequence()).double()
     x = torch.randn(5, 6, 4, dtype=F64)
     smap = wb.symmetry_map(model, x)
-    assert len(smap) == 0 and "a writes a rank-3 tensor" in dict(smap.skipped)["a"]
+    # a's features are on the last axis; the mean over them mixes them: frozen (b reads positions, not a's space)
+    assert len(smap) == 0 and "reduces the batch or the channel axis (axis 2)" in dict(smap.skipped)["a"]
     new, _ = wb.random_intertwiner(model, example=x)
-    assert same_function(model, new, x) < 1e-10  # was 0.40: a's features were taken for b's inputs
+    assert same_function(model, new, x) < 1e-10  # was 0.40 before cd5e2ba: a's features were taken for b's inputs
+
+    class TokenMixing(nn.Module):  # MLP-Mixer's token mixing: a transpose, then a Linear over the positions
+        def __init__(self):
+            super().__init__()
+            self.a, self.mix, self.b = nn.Linear(4, 6), nn.Linear(5, 5), nn.Linear(6, 2)
+
+        def forward(self, x):
+            h = torch.relu(self.a(x))  # [batch, 5 positions, 6 features]
+            return self.b(self.mix(h.transpose(1, 2)).transpose(1, 2))
+
+    model = randomise(TokenMixing()).double()
+    x = torch.randn(3, 5, 4, dtype=F64)
+    smap = wb.symmetry_map(model, x)
+    assert "a" not in smap.names and "transpose" in dict(smap.skipped)["a"]  # a's space is read on another axis
+    new, _ = wb.random_intertwiner(model, example=x)
+    assert same_function(model, new, x) < 1e-10
+    # a token-wise MLP (Linear → ReLU → Linear on the last axis) is a site like a CNN's hidden layer
+    tokenwise = randomise(nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3))).double()
+    site = wb.symmetry_map(tokenwise, x)["1"]
+    assert site.group.name == "scaled_permutation"
+    new, t = wb.random_intertwiner(tokenwise, seed=3, example=x)
+    assert same_function(tokenwise, new, x) < 1e-10 and wb.verify(tokenwise, new, x, transform=t).passed
 
 
 def test_unused_values_are_the_only_nothing_reads_it():

@@ -104,10 +104,12 @@ class GraphBackend(Backend):
             return None  # a dense map folded the BatchNorm into the writer: nothing to compare before it
         F = {"prebn": element.perm_part(), "pre": element, "post": element.phi()}[obs.level]
         hb = h.reshape(h.shape[0], site.n, -1) if obs.block > 1 else h
-        moved = F.act(hb, 1)
+        moved = F.act(hb, obs.axis if obs.axis == 1 or h.ndim > 2 else 1)  # token-wise sites: the last axis
         offset = site.group.offset(element) if site.affine and not forced else None
         if offset is not None and obs.level == "post":
-            moved = moved + offset.to(h.dtype).reshape(1, -1, *([1] * (moved.ndim - 2)))
+            last = obs.axis == -1 and moved.ndim > 2
+            moved = moved + offset.to(h.dtype).reshape(*([1] * (moved.ndim - 1)), -1) if last else \
+                moved + offset.to(h.dtype).reshape(1, -1, *([1] * (moved.ndim - 2)))
         return moved.reshape(h.shape)
 
 

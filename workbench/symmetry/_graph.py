@@ -61,9 +61,11 @@ class Space:
     embedded: bool = False  # read by a zero-padding shortcut of another space
     label: str = ""  # the op that made it, for spaces no writer starts
     shared: list[str] = field(default_factory=list)  # weight sharing that made this one space
+    couplers: list[tuple[str, int, int]] = field(default_factory=list)  # grouped convs inside: (name, groups, channels)
 
     def absorb(self, other: "Space") -> None:
-        for f in ("frozen", "writers", "readers", "norms", "activations", "constraints", "observed", "embeds", "shared"):
+        for f in ("frozen", "writers", "readers", "norms", "activations", "constraints", "observed", "embeds", "shared",
+                  "couplers"):
             getattr(self, f).extend(getattr(other, f))
         self.offsets_ok &= other.offsets_ok
         self.embedded |= other.embedded
@@ -76,6 +78,8 @@ class TensorInfo:
     space: int
     level: str  # "prebn" | "pre" | "post"
     block: int = 1  # features per channel after a flatten (channel-major blocks)
+    coupled: bool = False  # passed a grouped conv since its space's last nonlinearity (see _graph_vision)
+    last: bool = False  # the channel axis is the last one ([batch, …, features]: a token-wise Linear wrote it)
 
 
 @dataclass
@@ -163,7 +167,23 @@ class Graph:
 
     def _out(self, node: fx.Node, like: fx.Node, level: Optional[str] = None, block: Optional[int] = None):
         src = self.info[like]
-        self.info[node] = TensorInfo(src.space, level or src.level, src.block if block is None else block)
+        self.info[node] = TensorInfo(src.space, level or src.level, src.block if block is None else block,
+                                     src.coupled and level is None, src.last)
+
+    def last(self, node: fx.Node) -> bool:
+        """Whether ``node``'s channels are on its last axis and that is not axis 1 (rank ≥ 3)."""
+        return self.info[node].last and len(self.shape(node) or ()) >= 3
+
+    def channel_axis(self, node: fx.Node) -> int:
+        return len(self.shape(node)) - 1 if self.last(node) else 1
+
+    def _channels_first(self, node: fx.Node, x: fx.Node, what: str) -> bool:
+        """False (and ``node`` made fresh) when ``x``'s channels are on its last axis: ``what`` acts on axes
+        from 2 on, which would include them."""
+        if not self.last(x):
+            return True
+        self._fresh(node, f"{what} acts on the axes after axis 1 of a tensor whose channels are on its last axis")
+        return False
 
     def _tensor_args(self, node: fx.Node) -> list[fx.Node]:
         """Every tensor the node reads, nested ones too (``torch.cat([a, b])``), as their current values."""
@@ -230,10 +250,19 @@ class Graph:
             self._fresh(node, f"{name} ({type(m).__name__}) reads no traced tensor")
             return False
         xs = self.shape(x)
+        if isinstance(m, _CONV) and m.groups > 1 and not self.last(x):
+            from ._graph_vision import grouped_conv
+
+            return grouped_conv(self, node, m, x, name)
         if isinstance(m, nn.Linear) or (isinstance(m, _CONV) and m.groups == 1 and m.padding_mode == "zeros"):
-            flat = isinstance(m, nn.Linear) and (xs is None or len(xs) != 2)
-            if flat:
-                self.freeze(x, f"{name} reads a rank-{len(xs or ())} tensor (only [batch, features] is understood)")
+            rank = len(xs or ())
+            # A Linear acts on the last axis: a reader of x's space when x's channels are there (rank 2, or a
+            # token-wise Linear's output); a conv reads axis 1.
+            wrong = (rank < 2 if isinstance(m, nn.Linear) else False) or (
+                rank >= 3 and self.last(x) != isinstance(m, nn.Linear))
+            if wrong:
+                where = "its last axis" if isinstance(m, nn.Linear) else "axis 1"
+                self.freeze(x, f"{name} reads {where} of a rank-{rank} tensor whose channels are on another axis")
             else:
                 sp = self.space(x)
                 sp.readers.append((name, x))
@@ -241,18 +270,19 @@ class Graph:
                     sp.offsets_ok = False  # no bias to absorb a constant (affine extension)
                 if isinstance(m, _CONV) and any(p != 0 for p in _tuple(m.padding)):
                     sp.offsets_ok = False  # zero padding turns a constant offset into a border effect
-            # A Linear on [batch, …, features] writes its last axis, where the rules look at axis 1: frozen.
-            sid = self.new_space(f"{name} writes a rank-{len(xs or ())} tensor (only [batch, features] is understood)"
-                                 if flat else None)
+            sid = self.new_space()
             self.spaces[sid].writers.append((name, node))
             self.spaces[sid].n = m.out_features if isinstance(m, nn.Linear) else m.out_channels
-            self.info[node] = TensorInfo(sid, "pre")
+            # A Linear on [batch, …, features] writes its last axis (token-wise), a conv axis 1.
+            self.info[node] = TensorInfo(sid, "pre", last=isinstance(m, nn.Linear) and rank >= 3)
             place = self._place(name)
             self.uses.append(Use(place, f"{name}.weight", m.weight, sid, self.info[x].space, node, x))
             if m.bias is not None:
                 self.uses.append(Use(place, f"{name}.bias", m.bias, sid, None, node))
             return True
         if isinstance(m, _BN):
+            if not self._channels_first(node, x, f"{name} (BatchNorm)"):
+                return False
             if not (m.affine and m.track_running_stats):
                 self._fresh(node, f"{name}: BatchNorm without affine parameters or running statistics")
                 return False
@@ -278,6 +308,8 @@ class Graph:
             self._activation(node, x, m, name)
             if getattr(m, "inplace", False):
                 self._overwrite(x, node)
+        elif isinstance(m, (*_AVG, *_MAX, nn.Flatten)) and not self._channels_first(node, x, f"{name} ({type(m).__name__})"):
+            pass
         elif isinstance(m, _AVG):
             if isinstance(m, (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)) and any(p != 0 for p in _tuple(m.padding)):
                 self.space(x).offsets_ok = False
@@ -291,7 +323,11 @@ class Graph:
         return False
 
     def _activation(self, node: fx.Node, x: fx.Node, act: Any, name: Optional[str]) -> None:
-        if self.info[x].level == "post":
+        if self.info[x].level == "post" and self.info[x].coupled:
+            # σ₁ → grouped conv → σ₂ in one space: the conv passes φ(M) on, so σ₂ sees φ(M) and must pass it:
+            # the element must equal its φ(M) (mixed_levels), and then σ₂'s group restricts it too.
+            self.space(x).constraints.append(("mixed_levels", node))
+        elif self.info[x].level == "post":
             return self._fresh(node, f"two nonlinearities in a row at {name or node.name}")
         self.space(x).activations.append((act, name, node))
         self._out(node, x, level="post")
@@ -351,6 +387,14 @@ class Graph:
         if fn in (operator.mul, torch.mul) and len(args) == 1 and len(node.args) == 2 \
                 and isinstance(node.args[0], (int, float)):
             return self._out(node, args[0])  # 2.0 * x
+        if fn in (operator.mul, torch.mul) and len(args) == 2 and len(node.args) == 2 and not node.kwargs:
+            from ._graph_vision import product
+
+            return product(self, node, *args)  # x * gate (squeeze-excite)
+        if fname == "stochastic_depth" and args and self._val(node.args[0]) is args[0] and len(args) == 1:
+            return self._out(node, args[0])  # one random scalar per example or batch: commutes with channel maps
+        if args and ("pool" in fname or fname in ("flatten", "pad")) and not self._channels_first(node, args[0], fname):
+            return
         if fname in ("flatten",) and args:
             start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
             end = node.args[2] if len(node.args) > 2 else node.kwargs.get("end_dim", -1)
@@ -367,7 +411,8 @@ class Graph:
             return self._max_pool(node, args[0])
         if args and fname in ("dropout", "dropout2d", "dropout1d"):
             return self._out(node, args[0])
-        if fn is operator.getitem and args and _spatial_index(node.args[1]):
+        if fn is operator.getitem and args and (_token_index(node.args[1], len(self.shape(args[0]) or ())) if self.last(args[0])
+                                                else _spatial_index(node.args[1])):
             return self._out(node, args[0])  # x[:, :, ::2, ::2]: subsampling positions keeps channels
         if fname == "pad" and args:
             return self._channel_pad(node, args[0])
@@ -385,6 +430,8 @@ class Graph:
             self._add(node)
         elif (name[:-1] if inplace else name) in _ACT_METHODS:
             return self._call_activation(node, _ACT_METHODS[name[:-1] if inplace else name], inplace=inplace)
+        elif name in ("view", "reshape", "flatten") and not self._channels_first(node, x, f".{name}()"):
+            return
         elif name in ("view", "reshape", "flatten"):
             xs, ys = self.shape(x), self.shape(node)
             if ys is not None and xs is not None and len(ys) == 2 and len(xs) >= 2 and ys[1] == math.prod(xs[1:]):
@@ -394,6 +441,10 @@ class Graph:
             if name == "amax":
                 return self._max_pool(node, x)
             return self._out(node, x)
+        elif name in ("mean", "amax", "sum"):
+            dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+            return self._fresh(node, f".{name}(dim={dims}) reduces the batch or the channel axis (axis "
+                                     f"{self.channel_axis(x) if self.shape(x) else 1}), not only positions")
         elif name in ("contiguous", "clone", "detach"):
             return self._out(node, x)
         else:
@@ -405,7 +456,11 @@ class Graph:
         dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
         dims = (dims,) if isinstance(dims, int) else tuple(dims or ())
         xs = self.shape(x)
-        return bool(dims and xs and all(isinstance(d, int) and d % len(xs) >= 2 for d in dims))
+        if not (dims and xs and all(isinstance(d, int) for d in dims)):
+            return False
+        if self.last(x):  # [batch, tokens…, channels]: any axis but the first and the last
+            return all(0 < d % len(xs) < len(xs) - 1 for d in dims)
+        return all(d % len(xs) >= 2 for d in dims)
 
     def _channel_pad(self, node: fx.Node, x: fx.Node) -> None:
         """F.pad with zeros on the channel axis (CIFAR ResNets' option-A shortcut)."""
@@ -433,8 +488,8 @@ class Graph:
             a, b = tensors
             if self.shape(a) != self.shape(b):
                 return self._fresh(node, "a broadcasting addition")
-            if self.info[a].block != self.info[b].block:
-                return self._fresh(node, "an addition of differently flattened tensors")
+            if self.info[a].block != self.info[b].block or self.last(a) != self.last(b):
+                return self._fresh(node, "an addition of tensors whose channels are laid out differently")
             if {self.info[a].level, self.info[b].level} - {"pre"}:
                 self.space(a).constraints.append(("mixed_levels", node))
             self.union(self.info[a].space, self.info[b].space)
@@ -458,6 +513,12 @@ def _spatial_index(index) -> bool:
         return False
     full = slice(None, None, None)
     return index[0] == full and index[1] == full and all(isinstance(i, slice) or i is Ellipsis for i in index[2:])
+
+
+def _token_index(index, rank: int) -> bool:
+    from ._graph_vision import token_index
+
+    return token_index(index, rank)
 
 
 def _tuple(v) -> tuple:

@@ -41,7 +41,7 @@ def push_graph(model: nn.Module, smap: SymmetryMap, transform, inplace: bool, hi
         for name, element in transform.elements.items():
             site = smap[name]
             offset = site.group.offset(element) if site.affine and name not in transform.forced else None
-            _plan_site(old_modules, site, element, offset, plans, small)
+            _plan_site(old_modules, site, element, offset, plans, small, name in transform.forced)
         _check_ranges(old_modules, plans, small, hint or "the transform's elements move weights beyond the dtype's range")
     if inplace:
         new = model
@@ -80,7 +80,8 @@ def _set(param: torch.Tensor, value: torch.Tensor) -> None:
     param.copy_(value.to(param.dtype))
 
 
-def _plan_site(modules: dict, site: Site, element: GroupElement, offset, plans: dict, small: dict) -> None:
+def _plan_site(modules: dict, site: Site, element: GroupElement, offset, plans: dict, small: dict,
+               forced: bool = False) -> None:
     """Record what each weight of ``site`` needs, and the new values of BatchNorm vectors (small)."""
     perm = element.perm_part()
 
@@ -110,7 +111,15 @@ def _plan_site(modules: dict, site: Site, element: GroupElement, offset, plans: 
                     put(w.norm, attr, lambda v: element.act(v, 0))
         plans.setdefault(w.name, _Plan()).rows = rows
     for bn_name, mode in site.norms:
-        if mode == "input":  # BN(Fx) = F·BN(x) for F = D·P: μ, β take D·P; γ, σ² take P (derivation: ARCHITECTURE)
+        if mode == "coupler":  # a grouped conv inside the site: W ↦ F·W·F⁻¹, b ↦ F·b (F: what moves its input)
+            from ._graph_vision import conjugate_grouped
+
+            F = element.phi() if site.norm_levels.get(bn_name) == "post" else element
+            conv = modules[bn_name]
+            put(bn_name, "weight", lambda v, F=F, conv=conv: conjugate_grouped(v, F, conv.groups, site.name, bn_name, forced))
+            if conv.bias is not None:
+                put(bn_name, "bias", lambda v, F=F: F.act(v, 0))
+        elif mode == "input":  # BN(Fx) = F·BN(x) for F = D·P: μ, β take D·P; γ, σ² take P (derivation: ARCHITECTURE)
             if perm is None:
                 raise InvalidOptionError(f"site {site.name!r}: only permutations and diagonal scalings pass BatchNorm "
                                          f"{bn_name!r}, which reads the site; got a {type(element).__name__} element.")

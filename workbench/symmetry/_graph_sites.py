@@ -11,6 +11,7 @@ from torch import nn
 from ..groups import get_group
 from ..models import TraceFailure
 from ._lattice import CONSTRAINTS, generators, restrict
+from ._graph_vision import COUPLER_NOTE, CONSTRAINTS as VISION_CONSTRAINTS, grouped
 from ._sites import Observation, Port, Site, SymmetryMap
 
 def is_activation(obj: Any) -> bool:
@@ -111,7 +112,7 @@ def _build(graph, model_name: str, affine: bool) -> SymmetryMap:
         for kind, node in space.constraints:
             if kind == "max_pool" and graph.info[node].level == "post" and _phi_positive(group.phi):
                 continue  # φ(M) = abs(M) or an even power is already a positive scaled permutation
-            allowed, why = CONSTRAINTS[kind]
+            allowed, why = {**CONSTRAINTS, **VISION_CONSTRAINTS}[kind]
             if kind == "mixed_levels":
                 if group.phi == "identity":
                     continue
@@ -121,6 +122,17 @@ def _build(graph, model_name: str, affine: bool) -> SymmetryMap:
             if new.name != group.name:
                 notes.append(f"{group.name} → {new.name}: {why}")
                 group = new
+        if space.couplers:
+            coupled = grouped(group, {g for _, g, _ in space.couplers})
+            if coupled is None:
+                skipped.append((place, "grouped convolutions with different numbers of groups read it: "
+                                       + ", ".join(sorted({f"{c} ({g})" for c, g, _ in space.couplers}))))
+                continue
+            if coupled.name != group.name:
+                notes.append(f"{group.name} → {coupled.name}: a grouped convolution keeps only permutations that map "
+                             f"its groups onto each other")
+            group = coupled
+            notes.append(COUPLER_NOTE)
         if group.name == "trivial":
             skipped.append((place, "no map but the identity keeps the function: " + "; ".join(notes)))
             continue
@@ -134,8 +146,8 @@ def _build(graph, model_name: str, affine: bool) -> SymmetryMap:
                          f"are not scaled permutations: exact in eval mode (running statistics), as verify runs")
         offset = group.offset(group.identity()) if hasattr(group, "offset") else None
         is_affine = bool(affine and offset is not None)
-        observed = [Observation(name, call, level_of[node].level, level_of[node].block)
-                    for name, call, node in space.observed]
+        observed = [Observation(name, call, level_of[node].level, level_of[node].block,
+                                axis=-1 if graph.last(node) else 1) for name, call, node in space.observed]
         act_nodes = {node for _, _, node in space.activations}
         bn_names = {bn for bn, _, _ in space.norms}
         ranked = ([o for o, (_, _, node) in zip(observed, space.observed) if node in act_nodes]
@@ -149,7 +161,7 @@ def _build(graph, model_name: str, affine: bool) -> SymmetryMap:
             notes.append("zero-padding shortcut: channels " + ", ".join(
                 f"{a}–{a + c - 1} carry {p or 'an untransformed space'}" for p, a, c, _ in embeds))
         site_of_space[space.id] = label
-        norm_levels = {bn: level_of[node].level for bn, mode, node in space.norms if mode == "input"}
+        norm_levels = {bn: level_of[node].level for bn, mode, node in space.norms if mode in ("input", "coupler")}
         sites.append(Site(label, n, group, ", ".join(sorted(kinds)) or "none", primary.name, writers, readers,
                           norms, observed, notes, is_affine, embeds, norm_levels))
         root_of[graph.find(space.id)] = sites[-1]

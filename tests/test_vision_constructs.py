@@ -1,0 +1,263 @@
+"""The graph backend on the constructs of today's vision models (docs/DERIVATIONS.md §1, §3, §5, §7):
+depthwise and grouped convolutions, squeeze-excite gates, token-wise linear maps, stochastic depth.
+
+Every verdict is checked directly: the transformed model's float64 outputs against the original's,
+each output unit against its own scale (``changed``, computed here, never by ``wb.verify``), and a
+negative control just outside the group, pushed as a forced element, must move them."""
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+from torch import nn
+
+import workbench as wb
+from models import randomise
+from workbench._errors import InvalidOptionError
+from workbench.groups import ScaledPermutation
+from workbench.symmetry import Transform
+
+F64 = torch.float64
+SETTINGS = settings(max_examples=25, deadline=None)
+ACTS = {"relu": nn.ReLU, "relu6": nn.ReLU6, "hardswish": nn.Hardswish, "tanh": nn.Tanh, "silu": nn.SiLU, "gelu": nn.GELU}
+# The group of a space whose activations are these (intersection of their catalogue groups; φ = M for all).
+GROUP = {frozenset({"relu"}): "scaled_permutation", frozenset({"tanh"}): "signed_permutation"}
+
+
+def expected(*acts: str) -> str:
+    return GROUP.get(frozenset(acts), "permutation")
+
+
+def changed(model, new, x) -> float:
+    """Max relative output change, each output unit against its own largest |value| (float64, here)."""
+    with torch.no_grad():
+        a, b = model.eval()(x), new.eval()(x)
+    a, b = a.reshape(len(a), -1), b.reshape(len(b), -1)
+    return ((a - b).abs() / a.abs().amax(0).clamp_min(1e-300)).max().item()
+
+
+def forced(model, site: str, perm, scale=None, x=None):
+    """``model`` with one hand-made element at ``site``, recorded as forced (a negative control)."""
+    e = ScaledPermutation(torch.as_tensor(perm), None if scale is None else torch.as_tensor(scale, dtype=F64))
+    return wb.apply_transform(model, Transform({site: e}, {site: "forced"}, [site]), example=x)
+
+
+def check(model, x, seed=0):
+    """A random intertwiner preserves the function to 1e-10 (checked here) and verify passes."""
+    new, t = wb.random_intertwiner(model, seed=seed, example=x)
+    assert changed(model, new, x) < 1e-10
+    report = wb.verify(model, new, x, transform=t)
+    assert report.verdict == "PASS", report.summary()
+    return new, t
+
+
+def weights(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Unit-variance weights (default inits leave ReLU6 far below its bend at 6, which hides scalings)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                m.weight.copy_(torch.randn(m.weight.shape, generator=g))
+    return randomise(model, seed)
+
+
+def site_with(smap, module: str):
+    return next(s for s in smap if any(n == module for n, _ in s.norms) or module in [p.name for p in s.writers])
+
+
+# ------------------------------------------------------------------ depthwise and grouped convolutions
+def inverted_residual(c, act1, act2, k, padding_mode, bn, groups=None):
+    """conv1×1 → [BN] → σ₁ → conv k×k with ``groups`` (depthwise by default) → [BN] → σ₂ → conv1×1 → mean → fc."""
+    norm = (lambda: nn.BatchNorm2d(c)) if bn else nn.Identity
+    return weights(nn.Sequential(
+        nn.Conv2d(3, c, 1), norm(), ACTS[act1](),
+        nn.Conv2d(c, c, k, padding=k // 2, groups=groups or c, padding_mode=padding_mode), norm(), ACTS[act2](),
+        nn.Conv2d(c, 4, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))).eval().double()
+
+
+@SETTINGS
+@given(c=st.integers(3, 9), act1=st.sampled_from(["relu", "relu6", "hardswish", "tanh"]),
+       act2=st.sampled_from(["relu", "relu6", "hardswish", "tanh"]), k=st.sampled_from([1, 3, 5]),
+       padding_mode=st.sampled_from(["zeros", "reflect", "circular"]), bn=st.booleans(), seed=st.integers(0, 99))
+def test_a_depthwise_conv_couples_the_spaces_around_it(c, act1, act2, k, padding_mode, bn, seed):
+    torch.manual_seed(seed)
+    model = inverted_residual(c, act1, act2, k, padding_mode, bn)
+    x = torch.randn(3, 3, 6, 6, dtype=F64)
+    smap = wb.symmetry_map(model, x)
+    site = site_with(smap, "3")
+    assert ("3", "coupler") in site.norms and site.group.name == expected(act1, act2)
+    assert any("couples the spaces" in n for n in site.notes)
+    new, t = check(model, x, seed)
+    assert torch.equal(new[3].weight, model[3].weight[t.elements[site.name].perm])  # kernels only permuted
+    # negative controls just outside the group: a scaling where a σ is not scale-equivariant (ReLU6, hardswish,
+    # tanh), a sign flip where it is not odd (ReLU); the coupled conv takes them like a symmetry
+    perm = torch.randperm(c)
+    scale = torch.full((c,), 100.0 if site.group.name in ("permutation", "signed_permutation") else -1.0, dtype=F64)
+    assert changed(model, forced(model, site.name, perm, scale, x), x) > 1e-6
+
+
+@SETTINGS
+@given(groups=st.integers(2, 4), width=st.integers(1, 3), act=st.sampled_from(["relu", "relu6"]), seed=st.integers(0, 99))
+def test_a_grouped_conv_maps_its_groups_onto_each_other(groups, width, act, seed):
+    torch.manual_seed(seed)
+    c = groups * width
+    model = inverted_residual(c, act, act, 3, "zeros", True, groups=groups if width > 1 else c + 0)
+    x = torch.randn(3, 3, 6, 6, dtype=F64)
+    site = site_with(wb.symmetry_map(model, x), "3")
+    want = ("grouped_" if width > 1 else "") + expected(act)
+    assert site.group.name == want
+    new, t = check(model, x, seed)
+    perm = t.elements[site.name].perm
+    assert width == 1 or bool(((perm // width).reshape(groups, width) == (perm // width).reshape(groups, width)[:, :1]).all())
+    if width == 1:
+        return
+    # a permutation that moves one channel into another group: not in the group, refused unless forced, and then
+    # it changes the function
+    cross = torch.arange(c)
+    cross[[0, width]] = cross[[width, 0]]
+    with pytest.raises(InvalidOptionError, match="not a symmetry"):
+        wb.random_intertwiner(model, group="permutation", example=x)
+    with pytest.raises(InvalidOptionError, match="into another group"):
+        wb.apply_transform(model, Transform({site.name: ScaledPermutation(cross, None)}, {site.name: "p"}, []), example=x)
+    assert changed(model, forced(model, site.name, cross, None, x), x) > 1e-6
+
+
+def test_a_grouped_conv_with_a_channel_multiplier_stays_frozen():
+    model = randomise(nn.Sequential(nn.Conv2d(3, 4, 1), nn.ReLU(), nn.Conv2d(4, 8, 3, groups=4), nn.ReLU(),
+                                    nn.Conv2d(8, 2, 1), nn.Flatten(), nn.Linear(2 * 4 * 4, 2))).double()
+    x = torch.randn(2, 3, 6, 6, dtype=F64)
+    smap = wb.symmetry_map(model, x)
+    assert "channel multiplier" in dict(smap.skipped)["0"]
+    new, _ = wb.random_intertwiner(model, example=x)
+    assert changed(model, new, x) < 1e-10
+
+
+# ------------------------------------------------------------------ squeeze-excite
+class SqueezeExcite(nn.Module):
+    """conv → BN → σ → x · gate(x) → conv, gate = g(fc2(ρ(fc1(pool(x))))) (torchvision's layout)."""
+
+    def __init__(self, c, squeeze, act, inner, gate):
+        super().__init__()
+        self.conv, self.bn, self.act = nn.Conv2d(3, c, 3, padding=1), nn.BatchNorm2d(c), ACTS[act]()
+        self.fc1, self.inner, self.fc2 = nn.Conv2d(c, squeeze, 1), ACTS[inner](), nn.Conv2d(squeeze, c, 1)
+        self.gate, self.out = gate(), nn.Conv2d(c, 3, 1)
+
+    def forward(self, x):
+        h = self.act(self.bn(self.conv(x)))
+        s = self.gate(self.fc2(self.inner(self.fc1(nn.functional.adaptive_avg_pool2d(h, 1)))))
+        return self.out(h * s).mean((2, 3))
+
+
+@SETTINGS
+@given(c=st.integers(3, 8), squeeze=st.integers(2, 5), act=st.sampled_from(["relu", "silu", "hardswish"]),
+       inner=st.sampled_from(["relu", "silu"]), gate=st.sampled_from([nn.Sigmoid, nn.Hardsigmoid]), seed=st.integers(0, 99))
+def test_a_squeeze_excite_gate_takes_the_permutation_of_what_it_gates(c, squeeze, act, inner, gate, seed):
+    torch.manual_seed(seed)
+    model = randomise(SqueezeExcite(c, squeeze, act, inner, gate)).eval().double()
+    x = torch.randn(3, 3, 5, 5, dtype=F64)
+    smap = wb.symmetry_map(model, x)
+    main, hidden = site_with(smap, "conv"), smap["inner"]
+    assert main.group.name == "permutation" and "fc2" in [p.name for p in main.writers]  # the gate's rows move with x
+    assert hidden.group.name == expected(inner)  # the SE hidden layer is its own site
+    check(model, x, seed)
+    scale = torch.full((c,), 1.0, dtype=F64)
+    scale[-1] = 3.0  # a scaling of x would be squared by the product (and the gate is not homogeneous)
+    assert changed(model, forced(model, main.name, torch.arange(c), scale, x), x) > 1e-6
+
+
+def test_a_product_that_broadcasts_over_channels_is_frozen():
+    class Pooled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.out = nn.Conv2d(3, 4, 1), nn.Conv2d(4, 2, 1)
+
+        def forward(self, x):
+            h = torch.relu(self.a(x))
+            return self.out(h * h.mean(1, keepdim=True)).mean((2, 3))
+
+    model = randomise(Pooled()).double()
+    x = torch.randn(2, 3, 4, 4, dtype=F64)
+    smap = wb.symmetry_map(model, x)
+    assert len(smap) == 0
+    assert changed(model, wb.random_intertwiner(model, example=x)[0], x) < 1e-10
+
+
+# ------------------------------------------------------------------ token-wise linear maps
+class TokenMLP(nn.Module):
+    """x + fc2(σ(fc1(x))) on [batch, tokens…, channels], pooled over tokens, then a head: a ViT/Mixer MLP."""
+
+    def __init__(self, c, hidden, act, rank):
+        super().__init__()
+        self.embed, self.fc1, self.act, self.fc2 = nn.Linear(3, c), nn.Linear(c, hidden), ACTS[act](), nn.Linear(hidden, c)
+        self.head, self.dims = nn.Linear(c, 2), tuple(range(1, rank - 1))
+
+    def forward(self, x):
+        h = self.embed(x)
+        h = h + self.fc2(self.act(self.fc1(h)))
+        return self.head(h.mean(self.dims))
+
+
+@SETTINGS
+@given(c=st.integers(2, 6), hidden=st.integers(2, 8), act=st.sampled_from(["gelu", "relu", "tanh"]),
+       rank=st.sampled_from([3, 4]), seed=st.integers(0, 99))
+def test_a_tokenwise_mlp_hidden_space_is_a_site_on_the_last_axis(c, hidden, act, rank, seed):
+    torch.manual_seed(seed)
+    model = randomise(TokenMLP(c, hidden, act, rank)).double()
+    x = torch.randn(3, *([4] * (rank - 2)), 3, dtype=F64)
+    smap = wb.symmetry_map(model, x)
+    site, stream = smap["act"], smap["embed"]
+    assert site.group.name == expected(act) and [p.name for p in site.writers] == ["fc1"]
+    assert all(o.axis == -1 for o in site.observed)
+    assert stream.group.name == "gl" and {p.name for p in stream.writers} == {"embed", "fc2"}  # a linear stream
+    check(model, x, seed)
+    # negative controls: a positive scaling at a GELU/tanh site, a sign flip at a ReLU site (verify's PASS above
+    # also says the site checks act on the last axis: on axis 1 they would compare tokens, and fail)
+    scale = torch.ones(hidden, dtype=F64)
+    scale[0] = 2.0 if act != "relu" else -1.0
+    assert changed(model, forced(model, "act", torch.arange(hidden), scale, x), x) > 1e-6
+
+
+def test_a_linear_reading_positions_of_a_conv_output_freezes_it():
+    class Positions(nn.Module):  # Conv1d writes [batch, channels, length]; a Linear then acts on the length
+        def __init__(self):
+            super().__init__()
+            self.conv, self.lin, self.out = nn.Conv1d(2, 3, 1), nn.Linear(5, 5), nn.Linear(5, 2)
+
+        def forward(self, x):
+            return self.out(self.lin(torch.relu(self.conv(x))).mean(1))
+
+    model = randomise(Positions()).double()
+    x = torch.randn(4, 2, 5, dtype=F64)
+    smap = wb.symmetry_map(model, x)
+    assert "conv" not in [p.name for s in smap for p in s.writers]
+    assert "lin reads its last axis of a rank-3 tensor whose channels are on another axis" in dict(smap.skipped)["conv"]
+    assert changed(model, wb.random_intertwiner(model, example=x)[0], x) < 1e-10
+
+
+def test_stochastic_depth_commutes_with_channel_maps():
+    pytest.importorskip("torchvision")
+    from workbench.models import ensure_torchvision_importable
+
+    ensure_torchvision_importable()
+    from torchvision.ops import stochastic_depth
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c, self.out = nn.Conv2d(3, 4, 1), nn.Conv2d(4, 5, 1), nn.Conv2d(5, 4, 1), nn.Conv2d(4, 2, 1)
+
+        def forward(self, x):
+            h = self.a(x)
+            h = h + stochastic_depth(self.c(torch.relu(self.b(h))), 0.5, "row", self.training)
+            return self.out(h).mean((2, 3))
+
+    model = randomise(Block()).double()
+    x = torch.randn(6, 3, 4, 4, dtype=F64)
+    smap = wb.symmetry_map(model, x)
+    assert {s.group.name for s in smap} == {"gl", "scaled_permutation"}
+    new, t = check(model, x)
+    torch.manual_seed(0)
+    a = model.train()(x)
+    torch.manual_seed(0)
+    b = new.train()(x)  # the same random rows dropped: the transformed model computes the same function
+    assert ((a - b).abs().max() / a.abs().max()).item() < 1e-10

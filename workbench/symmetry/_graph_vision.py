@@ -1,0 +1,187 @@
+"""Graph rules for the constructs of today's vision models (docs/DERIVATIONS.md §1, §3, §5, §7).
+
+- **Grouped and depthwise convolutions** (MobileNet, EfficientNet, ConvNeXt, RegNet) are *couplers*:
+  a conv with g groups and as many output channels as input channels commutes with an element F that
+  maps whole groups to groups (σ) and acts per channel (a scaled permutation), when its weight becomes
+  F·W·F⁻¹ (a depthwise conv's kernels are permuted: the scalings cancel) and its bias F·b. So the
+  space before it and the space after it are one space (one element acts on both). The derivation
+  allows independent scalings (and, inside a group, independent maps) on the two sides; a site here is
+  one element, so the two sides take the same one — a subgroup, stated in the site's notes.
+- **Products of two tensors of one channel layout** (squeeze-excite's ``x * gate``): if both factors
+  move by the same *permutation*, so does the product; scalings would square, and the gate's
+  sigmoid is not homogeneous. The factors' spaces become one, restricted to permutations.
+- **Stochastic depth** (``torchvision.ops.stochastic_depth``) scales a whole example (row mode) or the
+  whole batch by one random number: it commutes with every channel map, in train mode too.
+- **Token-wise linear maps** (``nn.Linear`` on ``[batch, …, features]``) act on the last axis; the
+  graph records per tensor whether its channel axis is axis 1 or the last one (see ``_graph.py``).
+"""
+from __future__ import annotations
+
+import copy
+from typing import Optional
+
+import torch
+from torch import fx
+
+from ..groups import Group, ScaledPermutation, get_group
+
+# Constraints the couplers and products put on a space, read by _graph_sites._build like _lattice.CONSTRAINTS.
+CONSTRAINTS = {
+    "coupler": ({"perm", "pos_scale", "neg"},
+                "a grouped or depthwise convolution reads and writes this space channel by channel, so only "
+                "permutations and per-channel scalings keep its kernel grouped"),
+    "product": ({"perm"},
+                "two tensors of this space are multiplied (a gate): both move by one permutation; a scaling "
+                "would be squared, and the gate's nonlinearity is not homogeneous"),
+}
+COUPLER_NOTE = ("a grouped or depthwise convolution couples the spaces before and after it into one site: both "
+                "take the same element (the derivation also allows different scalings on the two sides)")
+
+
+def grouped_conv(graph, node: fx.Node, m, x: fx.Node, name: str) -> bool:
+    """A conv with ``groups > 1``: a coupler when it maps C channels to C channels; True when the
+    transform writes its parameters."""
+    from ._graph import Use
+
+    if m.in_channels != m.out_channels:
+        graph._fresh(node, f"{name}: a grouped convolution from {m.in_channels} to {m.out_channels} channels (a channel "
+                           f"multiplier) is not understood by the symmetry rules")
+        return False
+    info = graph.info[x]
+    sp = graph.space(x)
+    sp.norms.append((name, "coupler", x))
+    sp.constraints.append(("coupler", node))
+    sp.couplers.append((name, m.groups, m.in_channels))
+    sp.offsets_ok = False  # a constant offset would pass through the kernel's sum and the padding
+    sp.n = sp.n or m.in_channels
+    # Its output moves by what its input moves by (φ(M) after an activation), so it keeps the input's level;
+    # a nonlinearity after it then needs φ(M) = M (see Graph._activation).
+    graph.info[node] = type(info)(info.space, info.level, 1, coupled=True)
+    place = graph._place(name)
+    for pname in ("weight", "bias"):
+        t = getattr(m, pname)
+        if t is not None:
+            graph.uses.append(Use(place, f"{name}.{pname}", t, info.space, None, node, x, mode="coupler"))
+    return True
+
+
+def product(graph, node: fx.Node, a: fx.Node, b: fx.Node) -> None:
+    """``a * b`` of two traced tensors: one space, permutations only, when their channels line up."""
+    ia, ib = graph.info[a], graph.info[b]
+    sa, sb = graph.shape(a), graph.shape(b)
+    why = None
+    if sa is None or sb is None or len(sa) != len(sb) or len(sa) < 2:
+        why = "a product of tensors of different ranks"
+    elif ia.block != 1 or ib.block != 1 or graph.last(a) != graph.last(b):
+        why = "a product of tensors whose channels are laid out differently"
+    else:
+        c = graph.channel_axis(a)
+        if sa[c] != sb[c] or any(p != q and 1 not in (p, q) for p, q in zip(sa, sb)) or sa[0] != sb[0]:
+            why = "a product that broadcasts over the channel or batch axis"
+    if why is not None:
+        return graph._fresh(node, why)
+    sid = graph.union(ia.space, ib.space)
+    graph.spaces[sid].constraints.append(("product", node))
+    graph.spaces[sid].offsets_ok = False
+    big = a if len(sa) and tuple(graph.shape(node) or ()) == tuple(sa) else b
+    graph._out(node, big, level="pre")
+
+
+def token_index(index, rank: int) -> bool:
+    """True for an index of a ``[batch, …, channels]`` tensor that keeps the batch and the last axis whole
+    (``x[:, 0]``: the class token): it selects positions only."""
+    if not isinstance(index, tuple) or len(index) < 2 or Ellipsis in index:
+        return False
+    full = slice(None, None, None)
+    if index[0] != full or not all(isinstance(i, (int, slice)) for i in index):
+        return False
+    return len(index) < rank or index[-1] == full
+
+
+class GroupedPermutations(Group):
+    """Scaled permutations that map the g contiguous groups of a grouped convolution onto each other:
+    ``(F·x)_c = d_c·x_π(c)`` with π(group j) = group σ(j) (the wreath product S_k ≀ S_g, times the scalings
+    the base family allows). Its own generator kinds keep a full permutation out (see _lattice.generators)."""
+
+    continuous = False
+
+    def __init__(self, base: Group, groups: int):
+        super().__init__(base.n, phi=base.phi, source=getattr(base, "source", "family"))
+        self.base, self.groups = base, groups
+        self.name = f"grouped_{base.name}"
+        self.label = f"{base.label}, mapping the {groups} groups of {base.n // groups} channels onto each other"
+        self.generator_kinds = {"perm_groups"} | (_kinds(base) - {"perm"})
+        if hasattr(base, "sigma"):
+            self.sigma = base.sigma
+
+    def sample(self, generator=None, *, seed=None) -> ScaledPermutation:
+        from ..groups._families import _gen
+
+        g = _gen(generator, seed)
+        base = copy.copy(self.base)
+        if hasattr(self, "sigma"):
+            base.sigma = self.sigma
+        scale = base.sample(g).scale  # the base family's scalings (None for permutations)
+        k = self.n // self.groups
+        sigma = torch.randperm(self.groups, generator=g)
+        within = torch.stack([torch.randperm(k, generator=g) for _ in range(self.groups)])
+        perm = (sigma.unsqueeze(1) * k + within).reshape(-1)  # channel i of block j reads channel within[j, i] of σ(j)
+        return ScaledPermutation(perm, scale, self.phi, self.name)
+
+    def _contains(self, M, atol):
+        if not self.base._contains(M, atol):
+            return False
+        perm = (M.abs() > atol).float().argmax(dim=1)
+        return respects_groups(perm, self.groups)
+
+
+def respects_groups(perm: torch.Tensor, groups: int) -> bool:
+    """Whether the permutation maps every contiguous group of channels into one group."""
+    k = len(perm) // groups
+    src = (perm // k).reshape(groups, k)
+    return bool((src == src[:, :1]).all())
+
+
+def _kinds(group: Group) -> set:
+    from ._lattice import generators
+
+    return generators(group)
+
+
+def grouped(group: Group, groups: set) -> Optional[Group]:
+    """``group`` restricted to the couplers' groupings: itself when every coupler is depthwise (one channel
+    per group) or has one group; the grouped family for one g; None (freeze) for several different g."""
+    gs = {g for g in groups if 1 < g < group.n}
+    if not gs or "perm" not in _kinds(group):  # depthwise, or scalings only: every grouping is kept
+        return group
+    if len(gs) > 1:
+        return None
+    return GroupedPermutations(group, gs.pop())
+
+
+def conjugate_grouped(W: torch.Tensor, F, groups: int, site: str, conv: str, forced: bool) -> torch.Tensor:
+    """A grouped conv's weight ``[C, C/g, *kernel]`` (float64) after its input and output both move by F:
+    the blocks of F·W·F⁻¹. A scaled permutation F = D·P gives W′[c, i] = (d_c / d_col)·W[π(c), i′], where
+    col = the i-th input channel of c's group and π(col) is input i′ of π(c)'s group (a depthwise kernel
+    is only permuted: the scalings cancel). An element that maps a group across groups is no symmetry:
+    refused, unless it was forced (a negative control), when the in-group part is kept."""
+    from .._errors import InvalidOptionError
+
+    C, a = W.shape[0], W.shape[1]
+    grp = torch.arange(C) // a  # group of each channel (a = b: as many outputs as inputs per group)
+    col = grp.unsqueeze(1) * a + torch.arange(a).unsqueeze(0)  # [C, a]: the input channel of W[c, i]
+    perm, scale = F.perm_part().perm if F.perm_part() is not None else None, getattr(F, "scale", None)
+    if perm is None:  # a dense element (only when forced): conjugate the full block-diagonal matrix
+        full = torch.zeros(C, C, *W.shape[2:], dtype=W.dtype)
+        full[torch.arange(C).unsqueeze(1), col] = W
+        full = F.inverse().transpose().act(F.act(full, 0), 1)
+        return full[torch.arange(C).unsqueeze(1), col]
+    src_col = perm[col]  # [C, a]
+    if not forced and not bool((src_col // a == grp[perm].unsqueeze(1)).all()):
+        raise InvalidOptionError(f"site {site!r}: the element maps channels of grouped convolution {conv!r} into another "
+                                 f"group; only permutations that map its {groups} groups onto each other are symmetries.")
+    out = W[perm.unsqueeze(1), src_col % a]
+    if scale is not None:
+        s = scale.to(W.dtype)
+        out = out * (s.unsqueeze(1) / s[col]).reshape(C, a, *([1] * (W.ndim - 2)))
+    return out
