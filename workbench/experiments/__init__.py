@@ -42,13 +42,15 @@ def command(name: str, budget: str) -> str:
 
 
 def reproduce(name: str, budget: str = "quick", out: Optional[Path] = None, *, runs: Optional[Path] = None,
-              part: Optional[str] = None, progress: bool = True, report_only: bool = False,
+              part: Optional[str] = None, progress: Optional[bool] = None, report_only: bool = False,
               log: Callable[[str], None] = print) -> Optional[Path]:
     """Run ``name`` at ``budget`` (resuming), then write its JSON and page; the JSON's path, or None
     while runs are missing (another ``part`` still working, or ``report_only``).
 
     ``runs``: where the per-run records live (default ``<out>/.runs``); ``part="i/n"``: this process
-    takes every n-th job from the i-th, so n processes share one experiment.
+    takes every n-th job from the i-th, so n processes share one experiment. ``progress``: a bar of the
+    runs (True, False, or None, the default, for a bar in a Jupyter notebook only; the CLI shows one
+    unless ``--quiet``).
     """
     check_option("budget", budget, BUDGETS)
     mod = module(name)

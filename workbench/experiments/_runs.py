@@ -19,6 +19,8 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
+from .._progress import ProgressLike, progress_bar
+
 
 def protocol_hash(protocol: dict) -> str:
     """A short stable hash of a protocol (JSON with sorted keys)."""
@@ -96,13 +98,11 @@ def select_part(jobs: list[dict], part: Optional[str]) -> list[dict]:
     return jobs[i - 1::n]
 
 
-def run_jobs(store: RunStore, jobs: list[dict], run: Callable[[dict], list[dict]], *, progress: bool = True,
+def run_jobs(store: RunStore, jobs: list[dict], run: Callable[[dict], list[dict]], *, progress: ProgressLike = None,
              log: Callable[[str], None] = print) -> tuple[int, int]:
     """Run every job without a record; return ``(ran, skipped)``. A progress bar counts all jobs."""
-    from tqdm.auto import tqdm
-
     ran = skipped = 0
-    bar = tqdm(jobs, desc=store.folder.name, disable=not progress, leave=True)
+    bar = progress_bar(jobs, desc=store.folder.name, unit="run", progress=progress)
     for job in bar:
         if store.get(job) is not None:
             skipped += 1

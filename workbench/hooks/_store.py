@@ -24,8 +24,10 @@ import torch
 from torch import nn
 
 from .._errors import InvalidOptionError, ResumeMismatchError, StoreCorruptError, UnknownNameError, nearest
+from .._progress import ProgressLike, progress_bar, show_progress
 from .._repr import html_table, human_bytes, parse_bytes
 from .._threads import WriteBehind
+from ..models import no_grad_analysis
 from ._capture import _Capture
 from ._guard import quiet as _quiet
 from ._disk import TARGETS, ShardWriter, ensure_parent, file_problem, read_manifest, shard_name
@@ -360,9 +362,10 @@ class _Rows:
         return rows or 0
 
 
+@no_grad_analysis
 def harvest(model: nn.Module, batches: Iterable, names: NameFilter = None, reduce: Reduce = None,
             path: Union[str, os.PathLike, None] = None, dtype: Optional[torch.dtype] = None,
-            progress: bool = True, resume: bool = False, *, chunk_bytes: Union[int, str] = "64MB",
+            progress: ProgressLike = None, resume: bool = False, *, chunk_bytes: Union[int, str] = "64MB",
             forward: Optional[Callable[[nn.Module, Any], Any]] = None,
             budget: Union[int, str, None] = "default", lock_timeout: Optional[float] = 0,
             device: Union[str, torch.device, None] = None, durable: bool = True) -> ActivationStore:
@@ -373,7 +376,8 @@ def harvest(model: nn.Module, batches: Iterable, names: NameFilter = None, reduc
             ``store.targets``. With ``resume=True`` it must yield the same batches in the same order.
         names, reduce, dtype: as in :class:`capture` (``reduce="spatial_mean"`` keeps stores small).
         path: None keeps the store in memory; a folder writes chunks there (peak memory stays flat).
-        progress: show a ``tqdm`` bar (batches; with a total when ``batches`` has a length).
+        progress: a ``tqdm`` bar of batches (with a total when ``batches`` has a length): True, False, or
+            None (the default) for a bar in a Jupyter notebook only (``workbench._progress``).
         resume: continue an interrupted harvest at ``path`` after its last complete chunk. Refused
             (:class:`ResumeMismatchError`, naming each field) unless the model's weights and
             architecture, the batches already harvested and every setting are the same as before.
@@ -398,9 +402,10 @@ def harvest(model: nn.Module, batches: Iterable, names: NameFilter = None, reduc
     Under ``torchrun`` (``RANK``/``WORLD_SIZE``, or an initialised process group) rank r harvests
     batches r, r+W, r+2W, … into ``path/rank-r-of-W``; ``ActivationStore.open(path)`` reads them as one
     store in the original batch order, and is incomplete (and says which rank) until every rank is.
-    """
-    from tqdm.auto import tqdm
 
+    The forwards run under ``torch.no_grad()`` (no graph is recorded; see ``workbench.models.no_grad_analysis``).
+    """
+    progress = show_progress(progress)  # a bad value is refused before the store is locked
     rank, world = _rank_world()
     if world > 1 and path is None:
         raise InvalidOptionError("a distributed harvest (WORLD_SIZE > 1) needs path= to write its shard to.")
@@ -431,7 +436,7 @@ def harvest(model: nn.Module, batches: Iterable, names: NameFilter = None, reduc
         total = len(batches) if hasattr(batches, "__len__") else None
     except TypeError:
         total = None
-    bar = tqdm(total=total, unit="batch", desc="harvest", disable=not progress)
+    bar = progress_bar(total=total, unit="batch", desc="harvest", progress=progress)
     try:
         memory = _run(model, core, keys, itertools.chain([first], stream), writer, chunk_limit, forward,
                       rank, world, bar, None if device is None else torch.device(device))

@@ -5,7 +5,7 @@
 - the canonical transformer weight layout (per-head ``W_Q[h]``: ``[d_model, d_head]``): read, write,
   rebuild a fresh model around new weights, views of a model's own tensors;
 - the torch.fx graph of plain modules, run once on the user's example;
-- eval-mode contexts that leave no trace on the model.
+- eval-mode contexts that leave no trace on the model, and ``no_grad_analysis`` (analyses record no graph).
 
 Nothing here imports TransformerLens or transformers at import time.
 """
@@ -14,9 +14,9 @@ from ._compat import ensure_torchvision_importable, require
 from ._kind import ModelKind, has_hooked_transformer, has_layout, is_transformer_lens, model_kind
 from ._layout import (blank, canonical_views, finish, from_canonical, read_weights, rebuild, shape_facts, tied_keys,
                       to_canonical, write_weights)
-from ._modes import eval_mode
+from ._modes import eval_mode, no_grad_analysis
 from ._trace import TraceFailure, describe, propagate_shapes, trace
 
 __all__ = ["ModelKind", "TraceFailure", "blank", "canonical_views", "describe", "eval_mode", "from_canonical",
            "ensure_torchvision_importable", "finish", "has_hooked_transformer", "has_layout", "hf", "is_transformer_lens",
-           "model_kind", "propagate_shapes", "read_weights", "rebuild", "require", "shape_facts", "tied_keys", "to_canonical", "trace", "write_weights"]
+           "model_kind", "no_grad_analysis", "propagate_shapes", "read_weights", "rebuild", "require", "shape_facts", "tied_keys", "to_canonical", "trace", "write_weights"]

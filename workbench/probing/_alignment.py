@@ -12,8 +12,10 @@ from dataclasses import dataclass
 import torch
 
 from .._errors import InvalidOptionError
+from .._progress import ProgressLike, progress_bar
 from .._random import SeedLike, as_seed
 from .._report import Report, new_axes
+from ..models import no_grad_analysis
 from ._inputs import _tensor, resolve_bases
 from ._null import null_distribution
 from ._privileged import empirical_p, z_scores
@@ -81,8 +83,9 @@ class BasisAlignment(Report):
         return ax
 
 
+@no_grad_analysis
 def basis_alignment(acts, *, family="orthogonal", n_bases: int = 100, seed: SeedLike = 0,
-                    outlier_factor: float = 6.0, progress: bool = False) -> BasisAlignment:
+                    outlier_factor: float = 6.0, progress: ProgressLike = None) -> BasisAlignment:
     """Kurtosis and outlier-dimension statistics of ``acts`` against random bases of ``family``.
 
     Args:
@@ -95,6 +98,8 @@ def basis_alignment(acts, *, family="orthogonal", n_bases: int = 100, seed: Seed
             median unit's RMS. Random bases make outliers too: a Haar rotation of a signal carried
             by one unit leaves an outlier dimension in 3-8% of bases (measured, d = 64 down to 8), so
             this statistic's p-value needs more bases than the kurtosis ones to mean much.
+        progress: a bar of the bases done: True, False, or None (the default) for a bar in a Jupyter
+            notebook only.
 
     Returns:
         :class:`BasisAlignment`: ``kurtosis_per_example`` (mean over examples of the excess kurtosis
@@ -117,6 +122,7 @@ def basis_alignment(acts, *, family="orthogonal", n_bases: int = 100, seed: Seed
     seed = as_seed(seed)
     (group,) = resolve_bases([family], X.shape[1])
     observed = alignment_statistics(X, 1, outlier_factor)[0]
-    null = null_distribution(X, None, group, n_bases, seed, lambda XB, _, m: alignment_statistics(XB, m, outlier_factor),
-                             progress=group.name if progress else "")
+    with progress_bar(total=n_bases, desc=f"{group.name} bases", unit="basis", progress=progress) as bar:
+        null = null_distribution(X, None, group, n_bases, seed,
+                                 lambda XB, _, m: alignment_statistics(XB, m, outlier_factor), bar=bar)
     return BasisAlignment(observed, null, group.name, float(outlier_factor), int(seed), len(X))

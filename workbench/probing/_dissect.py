@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from .._errors import InvalidOptionError
+from .._progress import ProgressLike, progress_bar
 from .._random import SeedLike, as_seed
 from .._report import Report, new_axes
 from ..groups import GroupElement, geodesic, get_group
@@ -192,22 +193,22 @@ class DissectionSweep(Report):
 
 
 def dissection_sweep(maps, masks, alphas: Sequence[float] = (0.0, 0.25, 0.5, 0.75, 1.0), *, seed: SeedLike = 0,
-                     Q=None, **options) -> DissectionSweep:
+                     Q=None, progress: ProgressLike = None, **options) -> DissectionSweep:
     """:func:`dissect` in the bases Q^α (``geodesic(Q, α)``), Q a random rotation of SO(C) unless given.
 
-    ``options`` go to :func:`dissect`. Same ``seed``, same Q.
+    ``options`` go to :func:`dissect`. Same ``seed``, same Q. ``progress``: a bar of the α done (True, False,
+    or None, the default, for a bar in a Jupyter notebook only).
 
     >>> maps = torch.rand(6, 3, 2, 2, generator=torch.Generator().manual_seed(0))
     >>> masks = torch.rand(6, 2, 4, 4, generator=torch.Generator().manual_seed(1)) > 0.5
     >>> dissection_sweep(maps, masks, alphas=[0, 1], quantile=0.2).to_frame().alpha.tolist()
     [0.0, 1.0]
     """
-    from tqdm.auto import tqdm
-
     C = _tensor(maps, "maps").shape[1]
     seed = as_seed(seed)
     if Q is None:
         Q = get_group("special_orthogonal", C).sample(seed=seed)
     alphas = [float(a) for a in alphas]
-    out = [dissect(maps, masks, basis=geodesic(Q, a), **options) for a in tqdm(alphas, desc="alpha", leave=False)]
+    out = [dissect(maps, masks, basis=geodesic(Q, a), **options)
+           for a in progress_bar(alphas, desc="geodesic Q^α", unit="α", progress=progress)]
     return DissectionSweep(alphas, out, int(seed))

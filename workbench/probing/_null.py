@@ -31,16 +31,15 @@ def chunk_size(n_rows: int, d: int, n_bases: int, budget: int = CHUNK_BYTES) -> 
 
 
 def projected(X: torch.Tensor, group: Group, n_bases: int, generator: torch.Generator, *,
-              budget: int = CHUNK_BYTES, progress: str = "") -> Iterator[tuple[torch.Tensor, int]]:
+              budget: int = CHUNK_BYTES, bar=None) -> Iterator[tuple[torch.Tensor, int]]:
     """Yield ``(X_rot [N, c·d], c)``: X in c fresh random bases of ``group``, ``n_bases`` in all.
 
     Column block b of ``X_rot`` holds X in the b-th basis of the chunk. ``X_rot`` is a view of a
     buffer that the next chunk overwrites: compute what you need from it before asking for more.
     Elements are turned into float64 matrices; for a scaled permutation each output is one exact
     product plus exact zeros, so statistics invariant under the group come out bit-identical.
+    ``bar``: a progress bar (``workbench._progress.progress_bar``) advanced by each chunk's bases.
     """
-    from tqdm.auto import tqdm
-
     N, d = X.shape
     c = chunk_size(N, d, n_bases, budget)
     Xt = X.T.contiguous()  # [d, N]: products come out as [c·d, N], the layout rank sorting wants
@@ -48,30 +47,30 @@ def projected(X: torch.Tensor, group: Group, n_bases: int, generator: torch.Gene
     # product per chunk was allocated while the consumer still held the last one, and the heap's
     # holes then fell differently every chunk: peak RSS crept up with the number of bases.
     Wt, prod = torch.empty(c * d, d, dtype=X.dtype), torch.empty(c * d, N, dtype=X.dtype)
-    with tqdm(total=n_bases, desc=progress or group.name, disable=not progress, leave=False) as bar:
-        done = 0
-        while done < n_bases:
-            m = min(c, n_bases - done)
-            with threads(1):
-                for b, e in enumerate(group.sample_many(m, generator)):
-                    Wt[b * d:(b + 1) * d] = e.matrix(X.dtype)
-            torch.matmul(Wt[:m * d], Xt, out=prod[:m * d])
-            yield prod[:m * d].T, m  # = X @ [M₁ᵀ | … | M_mᵀ], a transposed view
-            done += m
+    done = 0
+    while done < n_bases:
+        m = min(c, n_bases - done)
+        with threads(1):
+            for b, e in enumerate(group.sample_many(m, generator)):
+                Wt[b * d:(b + 1) * d] = e.matrix(X.dtype)
+        torch.matmul(Wt[:m * d], Xt, out=prod[:m * d])
+        yield prod[:m * d].T, m  # = X @ [M₁ᵀ | … | M_mᵀ], a transposed view
+        done += m
+        if bar is not None:
             bar.update(m)
 
 
 def null_distribution(X: torch.Tensor, Y: Optional[torch.Tensor], group: Group, n_bases: int, seed: int,
                       stat: Callable[[torch.Tensor, Optional[torch.Tensor], int], torch.Tensor], *,
-                      progress: str = "", check: Optional[Callable[[Optional[str]], None]] = None) -> torch.Tensor:
+                      bar=None, check: Optional[Callable[[Optional[str]], None]] = None) -> torch.Tensor:
     """``[n_bases, K]``: ``stat`` (per-chunk: ``(X_rot, Y, c) -> [c, K]``) over random bases of ``group``.
     ``check(None)`` is called before each chunk, as ``unit_activations`` does before each batch (the
-    widgets' cancel point)."""
+    widgets' cancel point); ``bar`` advances by the bases done, as in :func:`projected`."""
     gen = family_generator(seed, group)
     # filled in place: a list of per-chunk results left one small long-lived block per basis in the
     # heap, often inside a freed 20 MB buffer, which the next chunk then could not reuse
     out, done = None, 0
-    for XB, m in projected(X, group, n_bases, gen, progress=progress):
+    for XB, m in projected(X, group, n_bases, gen, bar=bar):
         if check is not None:
             check(None)
         part = stat(XB, Y, m)

@@ -16,8 +16,10 @@ import numpy as np
 import torch
 
 from .._errors import InvalidOptionError, check_option
+from .._progress import ProgressLike, progress_bar
 from .._random import SeedLike, as_seed
 from .._report import Report, new_axes
+from ..models import no_grad_analysis
 from ._inputs import prepare, resolve_bases, resolve_group
 from ._null import null_distribution
 from ._scores import auroc_matrix, mean_difference_matrix
@@ -184,10 +186,11 @@ class PrivilegedBasisTest(Report):
         return ax
 
 
+@no_grad_analysis
 def privileged_basis_test(acts, concepts, bases: Sequence = ("orthogonal", "gl"), group=None, *,
                           n_bases: int = 200, statistic: Union[str, Callable] = "auroc", seed: SeedLike = 0,
                           alpha: float = 0.05, where=None, names: Optional[Sequence[str]] = None,
-                          progress: bool = False, check: Optional[Callable[[Optional[str]], None]] = None
+                          progress: ProgressLike = None, check: Optional[Callable[[Optional[str]], None]] = None
                           ) -> PrivilegedBasisTest:
     """Test whether single units carry each concept more than units of random bases do.
 
@@ -206,7 +209,8 @@ def privileged_basis_test(acts, concepts, bases: Sequence = ("orthogonal", "gl")
             the effective int seed, which reproduces the result.
         alpha: false discovery rate for the ``privileged`` column (Benjamini–Hochberg over concepts).
         where, names: as in :func:`concept_scores`.
-        progress: a progress bar per family.
+        progress: one bar of the bases tested, ``n_bases`` per family: True, False, or None (the default)
+            for a bar in a Jupyter notebook only.
         check: called as ``check(family)`` before each family's null and ``check(None)`` before each chunk
             of bases — a place to cancel (raise) from a front end, as the probe widget does.
 
@@ -235,9 +239,11 @@ def privileged_basis_test(acts, concepts, bases: Sequence = ("orthogonal", "gl")
         families[own.name] = (own, "architecture")
     observed = stat(X, Y, 1)[0]
     null = {}
-    for name, (g, _) in families.items():
-        if check is not None:
-            check(name)
-        null[name] = null_distribution(X, Y, g, n_bases, seed, stat, progress=name if progress else "", check=check)
+    with progress_bar(total=n_bases * len(families), desc="random bases", unit="basis", progress=progress) as bar:
+        for name, (g, _) in families.items():
+            if check is not None:
+                check(name)
+            bar.set_postfix_str(name, refresh=False)
+            null[name] = null_distribution(X, Y, g, n_bases, seed, stat, bar=bar, check=check)
     return PrivilegedBasisTest(observed, null, {k: r for k, (_, r) in families.items()}, names, stat_name,
                                int(seed), alpha, len(X))

@@ -14,6 +14,7 @@ import torch
 from sklearn.base import BaseEstimator, ClassifierMixin
 
 from .._errors import InvalidOptionError, check_option
+from .._progress import ProgressLike, progress_bar
 from .._random import SeedLike, as_seed
 from .._report import Report, new_axes
 from ._inputs import prepare
@@ -157,7 +158,8 @@ class ProbeCurve(Report):
 
 
 def probe_curve(acts, concepts, ks: Sequence[int] = (1, 2, 4, 8, 16), *, selection: str = "mean_difference",
-                cv: int = 5, seed: SeedLike = 0, dense: bool = True, where=None, names=None, C: float = 1.0) -> ProbeCurve:
+                cv: int = 5, seed: SeedLike = 0, dense: bool = True, where=None, names=None, C: float = 1.0,
+                progress: ProgressLike = None) -> ProbeCurve:
     """Cross-validated ROC AUC of :class:`SparseProbe` for each k and concept, and of :class:`DenseProbe`.
 
     Args:
@@ -166,6 +168,8 @@ def probe_curve(acts, concepts, ks: Sequence[int] = (1, 2, 4, 8, 16), *, selecti
         selection: unit selection of the sparse probes.
         cv: stratified folds (shuffled with ``seed``).
         dense: also fit the dense ceiling.
+        progress: a bar of the concepts done: True, False, or None (the default) for a bar in a Jupyter
+            notebook only.
 
     >>> X = np.random.default_rng(0).normal(size=(120, 6)); y = X[:, 0] + X[:, 1] > 0
     >>> probe_curve(torch.tensor(X), torch.tensor(y), ks=[1, 2], cv=3).to_frame().probe.tolist()
@@ -173,8 +177,6 @@ def probe_curve(acts, concepts, ks: Sequence[int] = (1, 2, 4, 8, 16), *, selecti
     """
     import pandas as pd
     from sklearn.model_selection import StratifiedKFold, cross_val_score
-    from tqdm.auto import tqdm
-
     check_option("selection", selection, SELECTIONS)
     X, Y, names = prepare(acts, concepts, where, names)
     X = X.numpy()
@@ -187,7 +189,7 @@ def probe_curve(acts, concepts, ks: Sequence[int] = (1, 2, 4, 8, 16), *, selecti
     state = seed % 2**32  # scikit-learn takes seeds in [0, 2**32)
     folds = StratifiedKFold(cv, shuffle=True, random_state=state)
     rows = []
-    for k_idx, name in enumerate(tqdm(names, desc="concepts", leave=False)):
+    for k_idx, name in enumerate(progress_bar(names, desc="concepts", unit="concept", progress=progress)):
         y = Y[:, k_idx].numpy()
         probes = [("sparse", k, SparseProbe(k, selection, C=C, random_state=state)) for k in ks]
         if dense:

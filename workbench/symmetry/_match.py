@@ -9,12 +9,13 @@ import torch
 from torch import nn
 
 from .._errors import InvalidOptionError
+from .._progress import ProgressLike, progress_bar
 from .._report import Report, new_axes
 from ..groups import ScaledPermutation
 from ..hooks import run_with_cache
 from ._map import symmetry_map
 from ._sites import Site
-from ..models import eval_mode, is_transformer_lens
+from ..models import eval_mode, is_transformer_lens, no_grad_analysis
 
 
 def _units(acts: torch.Tensor) -> torch.Tensor:
@@ -146,14 +147,15 @@ def site_units(h: torch.Tensor, site: Site, hook, transformer: bool) -> torch.Te
 
 
 def unit_activations(model: nn.Module, sites, inputs: torch.Tensor, *, per_sequence: bool = False, batch_size: int = 256,
-                check=None) -> dict[str, torch.Tensor]:
+                check=None, bar=None) -> dict[str, torch.Tensor]:
     """Per example and unit, the activation at each site's hook: ``{site name: float64 [N, C]}``.
 
     Images: the largest value over pixels. Token inputs: every (sequence, position) is an example — a
     token in its context — in row-major order (example i is sequence i // seq_len, position i %
     seq_len); ``per_sequence=True`` keeps one row per sequence instead (its largest value over
     positions: what the explorer shows). The forward stops once every site's hook fired. ``check``
-    is called before each batch (the widgets' cancel point). The model runs in eval mode, restored.
+    is called before each batch (the widgets' cancel point); ``bar`` (a progress bar) advances by one per
+    batch. The model runs in eval mode, restored.
     """
 
     tl = is_transformer_lens(model)
@@ -173,21 +175,28 @@ def unit_activations(model: nn.Module, sites, inputs: torch.Tensor, *, per_seque
                     parts[s.name].append(h.transpose(1, 2).flatten(0, 1).double())
                 else:
                     parts[s.name].append(h.amax(dim=2).double())
+            if bar is not None:
+                bar.update()
     return {name: torch.cat(p) for name, p in parts.items()}
 
 
+@no_grad_analysis
 def interpretation_shift(model: nn.Module, new_model: nn.Module, data: torch.Tensor, site: Union[str, Site],
-                         k: int = 10, *, batch_size: int = 256, example: Optional[torch.Tensor] = None) -> InterpretationShift:
+                         k: int = 10, *, batch_size: int = 256, example: Optional[torch.Tensor] = None,
+                         progress: ProgressLike = None) -> InterpretationShift:
     """For each unit of ``site``, its top-``k`` examples of ``data`` in both models, compared.
 
     Units of the new model are matched to the original's by :func:`match_neurons` on their
     activations. Under P·D₊ the top examples are the same sets, relabelled (matched overlap 1);
-    under a rotation they change.
+    under a rotation they change. ``progress``: a bar of the batches of ``data`` run through both
+    models: True, False, or None (the default) for a bar in a Jupyter notebook only.
     """
-    smap = symmetry_map(model, example)
-    site = smap[site] if isinstance(site, str) else site
-    a = unit_activations(model, [site], data, batch_size=batch_size)[site.name]
-    b = unit_activations(new_model, [site], data, batch_size=batch_size)[site.name]
+    batches = -(-len(data) // batch_size) if batch_size > 0 else 0
+    with progress_bar(total=2 * batches, desc="interpretation_shift", unit="batch", progress=progress) as bar:
+        smap = symmetry_map(model, example)
+        site = smap[site] if isinstance(site, str) else site
+        a = unit_activations(model, [site], data, batch_size=batch_size, bar=bar)[site.name]
+        b = unit_activations(new_model, [site], data, batch_size=batch_size, bar=bar)[site.name]
     perm = match_neurons(a, b, signed=not site.group.name.startswith("scaled")).perm
     return InterpretationShift.from_scores(site.name, a, b, perm, k)
 

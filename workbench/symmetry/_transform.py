@@ -12,6 +12,7 @@ from torch import nn
 
 from .._errors import InvalidOptionError, UntraceableModelError
 from .._offload import all_onloaded, offload_like, offloaded_modules
+from .._progress import ProgressLike, progress_bar
 from .._random import SeedLike, as_generator
 from .._report import Report, new_axes
 from .._threads import threads
@@ -82,7 +83,8 @@ def _is_subgroup(sub: Group, site: Site) -> bool:
 def random_intertwiner(model: nn.Module, seed: SeedLike = 0, sites: Optional[Iterable[str]] = None,
                        scale_sigma: float = 1.0, *, group: Union[None, str, Group] = None,
                        allow_non_symmetry: bool = False, example: Optional[torch.Tensor] = None,
-                       affine: bool = False, inplace: bool = False) -> tuple[nn.Module, Transform]:
+                       affine: bool = False, inplace: bool = False,
+                       progress: ProgressLike = None) -> tuple[nn.Module, Transform]:
     """A new model with a random element of each site's own group pushed into its weights.
 
     Returns ``(new_model, transform)``; the input model is not modified (unless ``inplace=True``).
@@ -94,6 +96,8 @@ def random_intertwiner(model: nn.Module, seed: SeedLike = 0, sites: Optional[Ite
     forces another group at the chosen sites; one that is not a symmetry there (a rotation at a ReLU
     site) needs ``allow_non_symmetry=True``: the negative control, which must change the function.
     A model that cannot be traced raises :class:`~workbench._errors.UntraceableModelError`.
+    ``progress``: a bar of the three steps (the symmetry map, drawing the elements, pushing them into
+    the weights): True, False, or None (the default) for a bar in a Jupyter notebook only.
 
     Example:
         >>> import torch, workbench as wb
@@ -103,8 +107,24 @@ def random_intertwiner(model: nn.Module, seed: SeedLike = 0, sites: Optional[Ite
         >>> torch.allclose(mlp(x), new(x), atol=1e-5), torch.allclose(mlp[0].weight, new[0].weight)
         (True, False)
     """
-    gen, seed = as_generator(seed)  # the effective int seed is what the Transform records
-    smap = _traced_map(model, example, affine, "random_intertwiner")
+    with progress_bar(total=3, desc="random_intertwiner", unit="step", progress=progress) as bar:
+        bar.set_postfix_str("symmetry map")
+        gen, seed = as_generator(seed)  # the effective int seed is what the Transform records
+        smap = _traced_map(model, example, affine, "random_intertwiner")
+        bar.update()
+        bar.set_postfix_str("draw elements")
+        transform = _draw(model, smap, seed, gen, sites, scale_sigma, group, allow_non_symmetry, affine)
+        bar.update()
+        bar.set_postfix_str("push into weights")
+        hint = f"scale_sigma={scale_sigma:g} draws scalings the model's dtype cannot hold; use a smaller scale_sigma"
+        new_model = _push(model, smap, transform, inplace, hint)
+        bar.update()
+    return new_model, transform
+
+
+def _draw(model: nn.Module, smap: SymmetryMap, seed: int, gen: torch.Generator, sites, scale_sigma: float, group,
+          allow_non_symmetry: bool, affine: bool) -> Transform:
+    """One random element of each chosen site's group (or of ``group``, checked against the site's)."""
     drawn: dict[str, Group] = {}  # site name -> the group its element comes from
     forced = []
     for site in _choose(smap, sites):
@@ -139,9 +159,7 @@ def random_intertwiner(model: nn.Module, seed: SeedLike = 0, sites: Optional[Ite
         element.phi_kind = smap[name].group.phi  # readers undo φ of the site's own activation
         _check_element(name, element, scale_sigma)
     groups = {name: G.name for name, G in drawn.items()}
-    transform = Transform(elements, groups, forced, seed, type(model).__name__, affine)
-    hint = f"scale_sigma={scale_sigma:g} draws scalings the model's dtype cannot hold; use a smaller scale_sigma"
-    return _push(model, smap, transform, inplace, hint), transform
+    return Transform(elements, groups, forced, seed, type(model).__name__, affine)
 
 
 def _push(model: nn.Module, smap: SymmetryMap, transform: Transform, inplace: bool, hint: str = "") -> nn.Module:

@@ -11,9 +11,10 @@ from torch import nn
 
 from .._errors import InvalidOptionError, UnknownNameError
 from .._offload import offloaded_modules
+from .._progress import ProgressLike, progress_bar
 from .._report import Report, new_axes
 from ..hooks import run_with_cache
-from ..models import eval_mode
+from ..models import eval_mode, no_grad_analysis
 from ._backend import backend_for
 from ._map import symmetry_map
 from ._sites import Site
@@ -139,8 +140,10 @@ class InvarianceReport(Report):
         return badge + super()._repr_html_() + f"<p><i>rule: {html.escape(self.rule)}</i></p>"
 
 
+@no_grad_analysis
 def verify(model: nn.Module, new_model: nn.Module, inputs: torch.Tensor, transform: Optional[Transform] = None,
-           dtype: Optional[torch.dtype] = None, *, tolerance: Optional[float] = None) -> InvarianceReport:
+           dtype: Optional[torch.dtype] = None, *, tolerance: Optional[float] = None,
+           progress: ProgressLike = None) -> InvarianceReport:
     """Compare ``model`` and ``new_model`` on ``inputs``: outputs, and per site the representation.
 
     Both models run in eval mode, which is restored afterwards; neither is modified. Outputs are
@@ -156,7 +159,17 @@ def verify(model: nn.Module, new_model: nn.Module, inputs: torch.Tensor, transfo
 
     TransformerLens decoders are compared by log-probabilities (logits may shift by a constant),
     with the mean KL divergence and top-1 agreement over all positions; ``inputs`` are tokens.
+
+    ``progress``: a bar of the steps (the float64 copy, the symmetry map, each model's forward, each
+    site checked): True, False, or None (the default) for a bar in a Jupyter notebook only. Nothing
+    records an autograd graph (``torch.no_grad()``).
     """
+    steps = 2 + (dtype is not None) + (0 if transform is None else 1 + len(transform.elements))
+    with progress_bar(total=steps, desc="verify", unit="step", progress=progress) as bar:
+        return _verify(model, new_model, inputs, transform, dtype, tolerance, bar)
+
+
+def _verify(model, new_model, inputs, transform, dtype, tolerance, bar) -> InvarianceReport:
     backend = backend_for(model)
     example = backend.example(inputs)
     if dtype is not None and offloaded_modules(model):
@@ -165,6 +178,7 @@ def verify(model: nn.Module, new_model: nn.Module, inputs: torch.Tensor, transfo
             f"offloaded ({offloaded_modules(model)[0][0]!r}, …) cannot give: its offloaded weights keep their stored "
             f"dtype. Verify in the model's own dtype (dtype=None), or load the model in {dtype} first.")
     if dtype is not None:
+        bar.set_postfix_str(f"{str(dtype).replace('torch.', '')} copy")
         model = backend.clone(model, dtype)
         inputs = inputs.to(dtype) if inputs.is_floating_point() else inputs
         example = backend.example(inputs)
@@ -172,17 +186,26 @@ def verify(model: nn.Module, new_model: nn.Module, inputs: torch.Tensor, transfo
             new_model = apply_transform(model, transform, example=example)
         else:
             new_model = backend.clone(new_model, dtype)
+        bar.update()
     run_dtype = _param_dtype(model)
     tol = tolerance if tolerance is not None else tolerance_for(run_dtype)
+    if transform is not None:
+        bar.set_postfix_str("symmetry map")
     sites, not_checked, smap = _sites(model, transform, example)
+    if transform is not None:
+        bar.update()
     extra = backend.output_names(model)
     last = extra[0] if extra else None
     names = sorted({o.name for s in sites for o in s.observed} | set(extra))
     # Nothing here needs gradients (no graph is recorded), and activations stay on the devices that computed
     # them (device=None): the checks run there, on a GPU or across the devices of a dispatched model.
     with eval_mode(model, new_model), torch.no_grad():
+        bar.set_postfix_str("model")
         out, cache = run_with_cache(model, inputs, names=names or None, budget=None, device=None) if names else (model(inputs), None)
+        bar.update()
+        bar.set_postfix_str("new model")
         new_out, new_cache = run_with_cache(new_model, inputs, names=names or None, budget=None, device=None) if names else (new_model(inputs), None)
+        bar.update()
     out, new_out = backend.output(out), backend.output(new_out)  # a Hugging Face model's logits
     for value, which in ((out, "model"), (new_out, "new_model")):
         if not isinstance(value, torch.Tensor):
@@ -190,7 +213,9 @@ def verify(model: nn.Module, new_model: nn.Module, inputs: torch.Tensor, transfo
     out, new_out, compared, per_row, kl = backend.compared(model, smap, transform, out.detach(), new_out.detach(),
                                                            cache, new_cache)
     cmp = _Comparison(out, new_out, per_row, run_dtype)
-    checks = _site_checks(backend, sites, transform, cache, new_cache)
+    bar.set_postfix_str("sites")
+    checks = _site_checks(backend, sites, transform, cache, new_cache, bar)
+    bar.update(max(0, bar.total - bar.n))  # sites that could not be checked (an untraceable model) are steps done
     floor = None
     strict_fail = cmp.max_rel > tol or any(c.equivariance_error > tol for c in checks)
     if tolerance is None and run_dtype == torch.float64 and strict_fail:
@@ -303,7 +328,7 @@ def _param_dtype(model: nn.Module) -> torch.dtype:
     return p.dtype if p is not None else torch.get_default_dtype()
 
 
-def _site_checks(backend, sites: list[Site], transform: Optional[Transform], cache, new_cache) -> list[SiteCheck]:
+def _site_checks(backend, sites: list[Site], transform: Optional[Transform], cache, new_cache, bar=None) -> list[SiteCheck]:
     """Per site: the largest ‖h' − F·h‖ and ‖h' − h‖ over its observed hook points, relative to the
     larger of ‖h‖ and ‖F·h‖ (a large scaling makes h' big, and its rounding with it).
 
@@ -338,6 +363,8 @@ def _site_checks(backend, sites: list[Site], transform: Optional[Transform], cac
                 norms.append(torch.stack([eq, change, norm(h), norm(want)]))  # on the activations' device
                 count += 1
             counts.append(count)
+            if bar is not None:
+                bar.update()
     values = [v.tolist() for v in norms]  # the first waits for the device; the rest are ready by then
     checks, i = [], 0
     for s, count in zip(sites, counts):

@@ -17,7 +17,7 @@ from torch import nn
 from .._errors import WorkbenchError
 from .._report import Report
 from ..hooks import run_with_cache
-from ..models import is_transformer_lens
+from ..models import is_transformer_lens, no_grad_analysis
 from ..symmetry import (InterpretationShift, InvarianceReport, NeuronMatching, Site, Transform, match_neurons,
                         random_intertwiner, verify)
 from ..symmetry import site_units
@@ -38,10 +38,11 @@ def _no_check(label: Optional[str] = None) -> None:
 
 
 def unit_activations(model: nn.Module, sites: Sequence[Site], inputs: torch.Tensor, *, batch_size: int = 256,
-                check: Check = _no_check) -> dict[str, torch.Tensor]:
+                check: Check = _no_check, bar=None) -> dict[str, torch.Tensor]:
     """``wb.symmetry``'s unit scores with one row per *sequence* for token inputs (the explorer shows
-    whole sequences; ``wb.interpretation_shift`` ranks every token): ``{site name: float64 [N, C]}``."""
-    return _unit_activations(model, sites, inputs, per_sequence=True, batch_size=batch_size, check=check)
+    whole sequences; ``wb.interpretation_shift`` ranks every token): ``{site name: float64 [N, C]}``.
+    ``bar``: a progress bar advanced by one per batch."""
+    return _unit_activations(model, sites, inputs, per_sequence=True, batch_size=batch_size, check=check, bar=bar)
 
 
 def unit_traces(model: nn.Module, site: Site, inputs: torch.Tensor, unit: int) -> torch.Tensor:
@@ -148,6 +149,7 @@ def badge_html(passed: bool) -> str:
             f"font-weight:bold'>{'PASS' if passed else 'FAIL'}</span> ")
 
 
+@no_grad_analysis
 def explore(model: nn.Module, site: Site, group: Optional[str], seed: int, sigma: float, inputs: torch.Tensor,
             before: torch.Tensor, *, verify_examples: int = 32, batch_size: int = 256, k: int = 10,
             check: Check = _no_check) -> tuple[ExplorerResult, nn.Module]:
@@ -159,14 +161,15 @@ def explore(model: nn.Module, site: Site, group: Optional[str], seed: int, sigma
         before: the original model's ``unit_activations`` at the site, ``[N, C]``.
 
     Returns:
-        ``(result, new_model)``; ``model`` is not modified.
+        ``(result, new_model)``; ``model`` is not modified. The verbs inside draw no progress bars of their
+        own: the widget's job bar shows these steps.
     """
     check("transform")
     new, transform = random_intertwiner(model, seed=seed, sites=[site.name], scale_sigma=sigma, group=group,
-                                        allow_non_symmetry=True)
+                                        allow_non_symmetry=True, progress=False)
     check("verify")
     n_verify = min(verify_examples, len(inputs))
-    report = verify(model, new, inputs[:n_verify], transform=transform)
+    report = verify(model, new, inputs[:n_verify], transform=transform, progress=False)
     check("scores")
     after = unit_activations(new, [site], inputs, batch_size=batch_size, check=check)[site.name]
     check("matching")

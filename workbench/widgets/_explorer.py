@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from .._errors import InvalidOptionError, WorkbenchError, check_option
+from .._progress import ProgressLike, progress_bar
 from ..groups import GROUP_ALIASES, GROUP_NAMES
 from ..symmetry import symmetry_map
 from ._base import BackgroundAction, Job, checked_int, html_bundle, int_control, show, shown_text
@@ -80,7 +81,7 @@ class IntertwinerExplorer(BackgroundAction, widgets.VBox):
     """
 
     def __init__(self, model: nn.Module, data, *, k: int = 8, verify_examples: int = 32, batch_size: int = 256,
-                 progress: bool = True):
+                 progress: ProgressLike = None):
         if not isinstance(model, nn.Module):
             raise InvalidOptionError(f"IntertwinerExplorer needs a torch.nn.Module; got {type(model).__name__}.")
         self.model = model
@@ -103,14 +104,11 @@ class IntertwinerExplorer(BackgroundAction, widgets.VBox):
         super().__init__(self._layout())
         self._on_site()
 
-    def _score_all(self, progress: bool) -> dict:
-        from tqdm.auto import tqdm
-
+    def _score_all(self, progress: ProgressLike) -> dict:
         batches = math.ceil(len(self.inputs) / self.batch_size)
-        with tqdm(total=batches, desc="scoring units", disable=not progress or batches < 4, leave=False) as bar:
+        with progress_bar(total=batches, desc="scoring units", unit="batch", progress=progress, leave=False) as bar:
             try:
-                return unit_activations(self.model, self.smap.sites, self.inputs, batch_size=self.batch_size,
-                                   check=lambda _: bar.update(1))
+                return unit_activations(self.model, self.smap.sites, self.inputs, batch_size=self.batch_size, bar=bar)
             except WorkbenchError:
                 raise
             except Exception as exc:  # a shape mismatch deep in torch: say which data did not fit

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from .._errors import InvalidOptionError, WorkbenchError, check_option
+from .._progress import ProgressLike, progress_bar
 from .._report import Report, new_axes
 from ..hooks import run_with_cache
 from ..models import is_transformer_lens
@@ -133,9 +134,8 @@ def _reduce(x: torch.Tensor, concept_ndim: int, where: str) -> torch.Tensor:
                              f"(per-example concepts; conv maps [N, C, H, W] are averaged) or [N, T, d] with token concepts.")
 
 
-def _capture(model: nn.Module, inputs: torch.Tensor, concept_ndim: int, batch_size: int, progress: bool):
+def _capture(model: nn.Module, inputs: torch.Tensor, concept_ndim: int, batch_size: int, progress: ProgressLike):
     """``({site: acts}, {site: Site}, skipped)``: every usable site of ``wb.symmetry_map(model)``, captured once."""
-    from tqdm.auto import tqdm
 
     tl, sites, skipped = is_transformer_lens(model), {}, []
     for s in symmetry_map(model).sites:
@@ -149,7 +149,8 @@ def _capture(model: nn.Module, inputs: torch.Tensor, concept_ndim: int, batch_si
     names = sorted({o.name for _, o in sites.values()})
     parts: dict = {n: [] for n in sites}
     with eval_mode(model), torch.no_grad():
-        for lo in tqdm(range(0, len(inputs), batch_size), desc="capturing", disable=not progress, leave=False):
+        for lo in progress_bar(range(0, len(inputs), batch_size), desc="capturing", unit="batch", progress=progress,
+                               leave=False):
             try:
                 _, cache = run_with_cache(model, inputs[lo:lo + batch_size], names=names, budget=None)
             except WorkbenchError:
@@ -237,7 +238,8 @@ class ProbeData:
             check(OWN if own is not None and family == own.name else family)
 
         test = privileged_basis_test(self.acts[layer], self._Y, self.bases, own, n_bases=n_bases, seed=seed,
-                                     statistic="auroc", where=self._where, names=self.concept_names, check=step)
+                                     statistic="auroc", where=self._where, names=self.concept_names, check=step,
+                                     progress=False)  # the widget's job bar shows the families
         self._tests[key] = test
         return test
 
@@ -250,7 +252,7 @@ class ProbeData:
                            dict(test.roles), s.auroc[:, j], s.mean_difference[:, j], test.n_examples, k)
 
 
-def _open(acts_or_model, data, groups, batch_size: int, progress: bool) -> tuple[ProbeData, list[str]]:
+def _open(acts_or_model, data, groups, batch_size: int, progress: ProgressLike) -> tuple[ProbeData, list[str]]:
     """The :class:`ProbeData` of whatever the user holds, and the layers skipped."""
     if data is None:
         raise InvalidOptionError("NeuronBasisProbe needs data with concepts: a ConceptDataset (wb.data.shapes(...)), "
@@ -305,7 +307,7 @@ class NeuronBasisProbe(BackgroundAction, widgets.VBox):
     action_button = "run_button"
 
     def __init__(self, acts_or_model, data=None, *, groups: Optional[dict] = None, n_bases: int = 50, seed: int = 0,
-                 k: int = 10, batch_size: int = 256, progress: bool = True):
+                 k: int = 10, batch_size: int = 256, progress: ProgressLike = None):
         self.k = checked_int("k", k, 1)
         self.data, self.skipped = _open(acts_or_model, data, groups, checked_int("batch_size", batch_size, 1), progress)
         self._result: Optional[ProbeReport] = None
