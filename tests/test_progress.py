@@ -138,6 +138,13 @@ def test_probing_bars_count_bases(capsys):
                {"geodesic Q^α": 3})
 
 
+def test_similarity_bar_counts_measures(capsys):
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(30, 4, generator=g), torch.randn(30, 5, generator=g)
+    check_bars(capsys, lambda p: wb.similarity.compare(a, b, measures=["linear_cka", "grelu_cka", "mean_cca"],
+                                                       progress=p), {"similarity": 3})
+
+
 def test_harvest_bar_counts_batches(capsys):
     model = mlp()
     batches = [X[i:i + 10] for i in range(0, 40, 10)]

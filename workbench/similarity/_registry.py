@@ -12,6 +12,7 @@ from typing import Callable, Iterable, Optional, Union
 import torch
 
 from .._errors import InvalidOptionError, nearest
+from .._progress import ProgressLike, progress_bar
 from .._random import SeedLike, as_generator
 from .._report import Report, new_axes
 from ..groups import get_group
@@ -206,7 +207,8 @@ class SimilarityReport(Report):
         return ax
 
 
-def compare(acts_a, acts_b, measures: Optional[Union[str, Iterable[str]]] = None) -> SimilarityReport:
+def compare(acts_a, acts_b, measures: Optional[Union[str, Iterable[str]]] = None, *,
+            progress: ProgressLike = None) -> SimilarityReport:
     """Every requested measure (default: all of ``MEASURES``) on one pair of activation sets.
 
     Args:
@@ -214,6 +216,8 @@ def compare(acts_a, acts_b, measures: Optional[Union[str, Iterable[str]]] = None
         acts_b: the same N examples in another layer or model. Per-position measures need the same
             spatial shape; per-example ones do not.
         measures: a name, a list of names (aliases such as ``"wreath_cka"`` accepted), or None.
+        progress: a bar of the measures computed: True, False, or None (the default) for a bar in a
+            Jupyter notebook only.
 
     Returns:
         A :class:`SimilarityReport`.
@@ -228,5 +232,10 @@ def compare(acts_a, acts_b, measures: Optional[Union[str, Iterable[str]]] = None
     """
     names = list(MEASURES) if measures is None else [measures] if isinstance(measures, str) else list(measures)
     chosen = [get_measure(n) for n in names]
-    a, b = as_acts(acts_a, "acts_a"), as_acts(acts_b, "acts_b")
-    return SimilarityReport({m.name: m(a, b) for m in chosen}, tuple(a.shape), tuple(b.shape))
+    a, b = as_acts(acts_a, "acts_a"), as_acts(acts_b, "acts_b")  # detached float64: no graph is recorded
+    values = {}
+    with progress_bar(chosen, desc="similarity", unit="measure", progress=progress) as bar:
+        for m in bar:
+            bar.set_postfix_str(m.name, refresh=False)
+            values[m.name] = m(a, b)
+    return SimilarityReport(values, tuple(a.shape), tuple(b.shape))
