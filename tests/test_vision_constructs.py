@@ -261,3 +261,124 @@ def test_stochastic_depth_commutes_with_channel_maps():
     torch.manual_seed(0)
     b = new.train()(x)  # the same random rows dropped: the transformed model computes the same function
     assert ((a - b).abs().max() / a.abs().max()).item() < 1e-10
+
+
+# ------------------------------------------------------------------ real constructors (torchvision, timm), small
+def _tv():
+    pytest.importorskip("torchvision")
+    from workbench.models import ensure_torchvision_importable
+
+    ensure_torchvision_importable()
+    import torchvision
+
+    return torchvision
+
+
+def small_vision_models() -> dict:
+    """Name → constructor of a small configuration of each family (random weights, offline)."""
+    def regnet():
+        from torchvision.models.regnet import BlockParams, RegNet
+
+        return RegNet(BlockParams.from_init_params(depth=4, w_0=16, w_a=8.0, w_m=2.0, group_width=8, se_ratio=0.25),
+                      num_classes=10)
+
+    def efficientnet():
+        from torchvision.models.efficientnet import EfficientNet, MBConvConfig
+
+        return EfficientNet([MBConvConfig(1, 3, 1, 16, 16, 1), MBConvConfig(4, 3, 2, 16, 24, 2),
+                             MBConvConfig(4, 5, 2, 24, 32, 1)], dropout=0.2, num_classes=10)
+
+    def convnext():
+        from torchvision.models.convnext import CNBlockConfig, ConvNeXt
+
+        return ConvNeXt([CNBlockConfig(16, 32, 2), CNBlockConfig(32, None, 1)], num_classes=10)
+
+    def vit():
+        from torchvision.models.vision_transformer import VisionTransformer
+
+        return VisionTransformer(32, 8, 2, 2, 16, 32, num_classes=10)
+
+    def mixer():
+        from workbench.models import require
+
+        require("timm")
+        from timm.models.mlp_mixer import MlpMixer
+
+        return MlpMixer(num_classes=10, img_size=32, patch_size=8, num_blocks=2, embed_dim=32)
+
+    tv = lambda: _tv().models  # noqa: E731
+    return {"mobilenet_v2": lambda: tv().mobilenet_v2(num_classes=10, width_mult=0.35),
+            "mobilenet_v3_small": lambda: tv().mobilenet_v3_small(num_classes=10),
+            "efficientnet": efficientnet, "regnet_y": regnet, "convnext": convnext, "vit": vit, "mixer": mixer}
+
+
+def randomised(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Every vector parameter (norm gains and biases, layer scales, class tokens) and every zero-initialised
+    tensor (ViT's head) random, BatchNorm statistics random: a fresh model's 1s and 0s hide mistakes."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim <= 1 or "layer_scale" in name or not p.any():
+                p.copy_(0.3 * torch.randn(p.shape, generator=g) + (1.0 if name.endswith("weight") and p.ndim == 1 else 0.0))
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.running_mean.copy_(0.3 * torch.randn(m.num_features, generator=g))
+                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+    return model.eval().double()
+
+
+# The group each site's activations allow (docs/DERIVATIONS.md §3, §5): not scale-equivariant → P; ReLU → D₊·P
+# (P where a squeeze-excite gate multiplies it); grouped convs map their groups onto each other.
+NOT_HOMOGENEOUS = ("ReLU6", "Hardswish", "SiLU", "GELU", "Sigmoid", "Hardsigmoid")
+
+
+def allowed_groups(site) -> set:
+    if site.activation == "none":
+        return {"gl"}
+    if any(a in site.activation for a in NOT_HOMOGENEOUS):
+        return {"permutation", "grouped_permutation"}
+    return {"scaled_permutation", "permutation", "grouped_scaled_permutation", "grouped_permutation"}
+
+
+@pytest.fixture
+def one_thread():
+    """Small float64 convolutions on two threads of a busy 2-core machine wait at barriers (measured: a
+    MobileNetV2 forward 0.06 s on one thread, 0.4 s to minutes on two)."""
+    from workbench._threads import threads
+
+    with threads(1):
+        yield
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(small_vision_models()))
+def test_real_vision_models_transform_exactly(name, one_thread):
+    model = randomised(small_vision_models()[name]())
+    x = torch.randn(2, 3, 32, 32, dtype=F64, generator=torch.Generator().manual_seed(1))
+    smap = wb.symmetry_map(model, x)
+    assert len(smap) > 0 and smap.trace_error is None
+    for site in smap:
+        assert site.group.name in allowed_groups(site), (site, site.activation)
+    couplers = {n for s in smap for n, mode in s.norms if mode == "coupler"}
+    grouped = {n for n, m in model.named_modules() if isinstance(m, nn.Conv2d) and m.groups > 1}
+    # every depthwise / grouped conv is inside a site, none is frozen (ConvNeXt's read its residual stream, which
+    # channels-last LayerNorms and permutes freeze)
+    assert couplers == (set() if name == "convnext" else grouped)
+    if name in ("vit", "mixer", "convnext"):  # the MLP hidden spaces (Mixer: token and channel MLPs); streams frozen
+        blocks = {"vit": 2, "mixer": 4, "convnext": 3}[name]
+        assert [s.group.name for s in smap] == ["permutation"] * blocks
+        assert all(o.axis == -1 for s in smap for o in s.observed)
+    else:
+        assert [r for _, r in smap.skipped] == ["the model's output"]
+    new, t = wb.random_intertwiner(model, seed=2, example=x)
+    assert changed(model, new, x) < 1e-10
+    assert wb.verify(model, new, x, transform=t).verdict == "PASS"
+    # negative control: scalings ×100 at the last site whose nonlinearity is not scale-equivariant (the
+    # nearest the output: an early one's change is washed out by the layers after it at default inits)
+    # (RegNet: a permutation moving a channel into another group of its grouped conv)
+    site = [s for s in smap if s.group.name in ("permutation", "grouped_permutation")][-1]
+    perm, scale = torch.arange(site.n), torch.full((site.n,), 100.0, dtype=F64)
+    if site.group.name == "grouped_permutation":
+        width = site.n // site.group.groups
+        perm[[0, width]], scale = perm[[width, 0]], None
+    assert changed(model, forced(model, site.name, perm, scale, x), x) > 1e-6
