@@ -27,7 +27,6 @@ copies would not follow.
 from __future__ import annotations
 
 import copy
-import json
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -74,8 +73,14 @@ def hf_model(model: nn.Module) -> nn.Module:
 
 
 def _config_key(hf: nn.Module) -> tuple:
-    cfg = hf.config.to_dict()
-    return type(hf).__module__, type(hf).__qualname__, json.dumps(cfg, sort_keys=True, default=str)
+    """What a layout depends on: the class and every config attribute (``repr`` of its ``__dict__``:
+    ``to_dict`` deep-copies and was most of a layout lookup, which every verb makes several times)."""
+    return type(hf).__module__, type(hf).__qualname__, repr(sorted(vars(hf.config).items(), key=lambda kv: kv[0]))
+
+
+def config_key(model: nn.Module) -> tuple:
+    """A hashable key of a Hugging Face model's class and config (raw or in a bridge)."""
+    return _config_key(hf_model(model))
 
 
 def _cached(key: tuple, build):
@@ -354,8 +359,21 @@ def finish(model: nn.Module, fresh: nn.Module) -> nn.Module:
     dtype = next(fresh.parameters()).dtype
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        new = TransformerBridge.boot_transformers(model.cfg.model_name, hf_model=fresh, tokenizer=model.tokenizer, dtype=dtype)
+        new = TransformerBridge.boot_transformers(model.cfg.model_name, hf_model=fresh, tokenizer=_configured(model.tokenizer),
+                                                  dtype=dtype)
     return new.train(model.training)
+
+
+def _configured(tokenizer):
+    """The original bridge's tokenizer, already configured by its boot (BOS added), as a copy that a second
+    boot keeps as it is: booting reloads a tokenizer by its ``name_or_path`` with ``add_bos_token=True``
+    unless it says it adds one — which fails offline for a hub name, and with a ``KeyError`` for a
+    tokenizer built in memory (it has no such path)."""
+    if tokenizer is None:
+        return None
+    tok = copy.copy(tokenizer)
+    tok.init_kwargs = {**tokenizer.init_kwargs, "name_or_path": getattr(tokenizer, "name_or_path", ""), "add_bos_token": True}
+    return tok
 
 
 def scratch_bridge(model: nn.Module, fresh: nn.Module):

@@ -103,9 +103,10 @@ def _weight_ops(smap: SymmetryMap, transform) -> dict[str, list]:
     float64 matrix}``, heads on axis 0) first, then whole-axis group elements."""
     per_head: dict[tuple[str, int], dict[int, torch.Tensor]] = {}
     whole: dict[str, list] = {}
-    duals = _duals(smap, transform)
+    sites = {s.name: s for s in smap}  # smap[name] scans the list: quadratic over a model's ~100s of sites
+    duals = _duals(sites, transform)
     for name, e in transform.elements.items():
-        site = smap[name]
+        site = sites[name]
         perm = e.perm_part()
         lifted = lambda p: None if perm is None else HeadPermutation(perm, p.block, p.heads)  # noqa: E731
         ops = [(p, {"pre": e, "perm": perm, "dual": duals.get((name, "inverse"))}.get(p.level) if p.level != "heads"
@@ -131,7 +132,7 @@ def _weight_ops(smap: SymmetryMap, transform) -> dict[str, list]:
     return out
 
 
-def _duals(smap: SymmetryMap, transform) -> dict[tuple[str, str], GroupElement]:
+def _duals(sites: dict[str, Site], transform) -> dict[tuple[str, str], GroupElement]:
     """F⁻ᵀ for every (site, reader level): readers move by the inverse transpose of the element (or of
     φ of it). The dense, non-orthogonal ones are inverted in one batched call on one thread (see
     ``threads``): 288 separate 64×64 inverses on two threads took 2 s on a busy machine."""
@@ -139,7 +140,7 @@ def _duals(smap: SymmetryMap, transform) -> dict[tuple[str, str], GroupElement]:
 
     out, batch = {}, []
     for name, e in transform.elements.items():
-        for level in {p.level for p in smap[name].readers}:
+        for level in {p.level for p in sites[name].readers}:
             F = e.phi() if level == "post" else e
             if level == "dual":  # reads a space moving by F⁻ᵀ (OPT-350m's output word space): by F itself
                 out[name, level] = e
@@ -147,7 +148,7 @@ def _duals(smap: SymmetryMap, transform) -> dict[tuple[str, str], GroupElement]:
                 batch.append(((name, level), F))
             else:
                 out[name, level] = F.inverse().transpose()
-        if any(p.level == "dual" for p in smap[name].writers):  # writes it: by F⁻ᵀ
+        if any(p.level == "dual" for p in sites[name].writers):  # writes it: by F⁻ᵀ
             out[name, "inverse"] = e.inverse().transpose()
     for n in {F.n for _, F in batch}:
         same = [(k, F) for k, F in batch if F.n == n]

@@ -23,6 +23,8 @@ output is the stream, a projection's output ``[..., heads·d_head]`` a head spac
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import nn
 
@@ -80,7 +82,12 @@ def transformer_map(model: nn.Module) -> SymmetryMap:
     if "project_in.W" in W:
         sites.append(_word_site(W, see))
     skipped = []
-    pairs = rotary_pairs(model) if pos == "rotary" else None
+    pairs, qk_unknown = None, None
+    if pos == "rotary":
+        try:
+            pairs = rotary_pairs(model)
+        except UnsupportedModelError as exc:  # the QK spaces are left alone; every other site still holds
+            qk_unknown = str(exc)
     for layer in range(L):
         a = f"blocks.{layer}.attn"
         for k in range(K):
@@ -89,10 +96,13 @@ def transformer_map(model: nn.Module) -> SymmetryMap:
             notes = [f"query heads {list(heads)} share key head {k}"] if r > 1 else []
             if pairs is not None:
                 notes.append(f"rotary pairs {pairs[:2]}… (measured through hook_q/hook_k)")
-            sites.append(Site(f"{a}.qk.{k}", dh, qk_group, "attention scores", f"{a}.hook_q",
-                              _present([Port(f"{a}.W_Q", "pre", axis=2, heads=heads), Port(f"{a}.b_Q", "pre", axis=1, heads=heads)], W),
-                              _present([Port(f"{a}.W_K", "pre", axis=2, heads=(k,)), Port(f"{a}.b_K", "pre", axis=1, heads=(k,))], W),
-                              [], see.qk(layer, heads, k), notes))
+            if qk_unknown:
+                skipped.append((f"{a}.qk.{k}", qk_unknown))
+            else:
+                sites.append(Site(f"{a}.qk.{k}", dh, qk_group, "attention scores", f"{a}.hook_q",
+                                  _present([Port(f"{a}.W_Q", "pre", axis=2, heads=heads), Port(f"{a}.b_Q", "pre", axis=1, heads=heads)], W),
+                                  _present([Port(f"{a}.W_K", "pre", axis=2, heads=(k,)), Port(f"{a}.b_K", "pre", axis=1, heads=(k,))], W),
+                                  [], see.qk(layer, heads, k), notes))
             sites.append(Site(f"{a}.ov.{k}", dh, get_group("gl", dh), "linear (value → output)", f"{a}.hook_v",
                               _present([Port(f"{a}.W_V", "pre", axis=2, heads=(k,)), Port(f"{a}.b_V", "pre", axis=1, heads=(k,))], W),
                               _present([Port(f"{a}.W_O", "post", axis=1, heads=heads)], W), [],
@@ -100,9 +110,10 @@ def transformer_map(model: nn.Module) -> SymmetryMap:
         sites += _head_sites(a, H, K, W, see, skipped)
         if not getattr(cfg, "attn_only", False):
             sites.append(_mlp_site(cfg, W, layer, see))
-    names = _known(model)
-    for site in sites:  # hook points differ between versions (a bridge's SoLU has no hook_mid)
-        site.observed = [o for o in site.observed if o.name in names]
+    if kind != ModelKind.HF:  # a raw model's observations are its own module paths, from the layout
+        names = _known(model)
+        for site in sites:  # hook points differ between versions (a bridge's SoLU has no hook_mid)
+            site.observed = [o for o in site.observed if o.name in names]
     return SymmetryMap(name, sites, skipped)
 
 
@@ -148,9 +159,11 @@ def _resid_site(model, cfg, W: dict, L: int, see) -> Site:
     notes = []
     if post_ln:
         notes.append("post-LayerNorm: every norm sits on the stream itself, so no folding can enlarge this group")
-        notes.append(_POST_LN_MORE)
         if "mlm.W" in W:
-            notes.append("the MLM head's hidden space takes the same permutation (its decoder is the tied embedding)")
+            notes.append("the MLM head's hidden space takes the same permutation (its decoder is the tied embedding); "
+                         "beyond P, a post-LN stream with such a head is not derived")
+        else:
+            notes.append(_POST_LN_MORE)
     elif _NORMS[norm][1] != group.name:
         notes.append(f"wb.fold_layernorm(model) would enlarge this to {_NORMS[norm][1]}")
     if norm in ("LN", "LNPre") and not post_ln:
@@ -321,8 +334,7 @@ def rotary_pairs(model: nn.Module, layer: int = 0) -> tuple[tuple[int, int], ...
 def _pairs_key(model: nn.Module, layer: int):
     kind = model_kind(model)
     if kind in _HF:
-        config = hf.hf_model(model).config
-        return "hf", type(hf.hf_model(model)).__qualname__, config.to_json_string(), layer
+        return ("hf",) + hf.config_key(model) + (layer,)
     cfg = {k: v for k, v in vars(model.cfg).items() if not k.startswith("_") and isinstance(v, (int, float, str, bool, type(None)))}
     return kind.value, repr(sorted(cfg.items())), layer
 
@@ -331,6 +343,13 @@ def _measure_pairs(model: nn.Module, layer: int) -> tuple[tuple[int, int], ...]:
     from ..hooks import intervene, run_with_cache
     from ._layout_push import clone
 
+    if model_kind(model) in _HF:
+        rd = _hf_rotary_dim(hf.hf_model(model))
+        if rd is not None and rd % 2:
+            raise UnsupportedModelError(
+                f"the rotary dimension is {rd}, an odd number: Hugging Face's rotary embedding then modulates the "
+                f"unpaired dimension by absolute position (not a rotation of pairs), so the query/key group is not "
+                f"known: the QK spaces are left unchanged.")
     if model_kind(model) == ModelKind.HF:
         model = hf.scratch_bridge(model, hf.hf_model(clone(model, torch.float64)))
     elif next(model.parameters()).dtype != torch.float64:
@@ -377,4 +396,46 @@ def _measure_pairs(model: nn.Module, layer: int) -> tuple[tuple[int, int], ...]:
                                         f"rotations of dimension pairs, so its QK group is not known.")
         if partners and j < partners[0]:
             pairs.append((j, partners[0]))
-    return tuple(pairs)
+    pairs = tuple(pairs)
+    # The pairing says which dimensions touch; that each pair turns by a rotation and that the other
+    # dimensions do not depend on position is checked, not assumed: a random map commuting with such
+    # rotations, applied to random queries (and its inverse transpose to the keys), must leave every
+    # attention pattern as it was. (Phi with a rotary dimension of 1 pairs nothing yet modulates that
+    # dimension by position: granting GL there changed its log-probabilities by 0.4.)
+    M = get_group("rotary", dh, pairs=pairs).sample(seed=0).matrix(torch.float64).to(device)
+    dual = torch.linalg.inv(M).T
+
+    def random(seed, x):
+        return torch.randn(x.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(x)
+
+    plain = pattern_all(model, a, tokens, lambda q, name: random(1, q), lambda k, name: random(2, k))
+    moved = pattern_all(model, a, tokens, lambda q, name: random(1, q) @ M.to(q), lambda k, name: random(2, k) @ dual.to(k))
+    change = (moved - plain).abs().max().item()
+    if change > 1e-9:
+        raise UnsupportedModelError(
+            f"the positional embedding at layer {layer} is not 2-D rotations of dimension pairs (measured pairs "
+            f"{pairs[:3]}{'…' if len(pairs) > 3 else ''} of {dh} dimensions; a map commuting with rotations of those "
+            f"pairs changes the attention pattern by {change:.1e}), so the query/key group is not known: the QK "
+            f"spaces are left unchanged.")
+    return pairs
+
+
+def _hf_rotary_dim(model: nn.Module) -> Optional[int]:
+    """How many dimensions of a head Hugging Face's rotary embedding rotates: ``int(head_dim ·
+    partial_rotary_factor)``, as its rope initialisation computes it (None when the config says nothing)."""
+    c = model.config
+    heads = getattr(c, "num_attention_heads", None)
+    head_dim = getattr(c, "head_dim", None) or (c.hidden_size // heads if heads else None)
+    rope = getattr(c, "rope_parameters", None) or {}
+    factor = (rope.get("partial_rotary_factor") if isinstance(rope, dict) else None) \
+        or getattr(c, "partial_rotary_factor", None) or getattr(c, "rotary_pct", None) or 1.0
+    return int(head_dim * factor) if head_dim else None
+
+
+def pattern_all(model: nn.Module, a: str, tokens: torch.Tensor, queries, keys) -> torch.Tensor:
+    """Every attention pattern of ``a`` with its queries and keys replaced (float64)."""
+    from ..hooks import intervene, run_with_cache
+
+    with torch.no_grad(), intervene(model, {f"{a}.hook_q": queries, f"{a}.hook_k": keys}):
+        _, cache = run_with_cache(model, tokens, names=[f"{a}.hook_pattern"], budget=None)
+    return cache[f"{a}.hook_pattern"].double()

@@ -1,0 +1,193 @@
+"""Coverage of Hugging Face text models (issue 17): sites, groups, verify and the cost of a transform.
+
+Rerun with ``.venv/bin/python benchmarks/coverage_text.py``; ``--quick`` uses the tests' tiny shapes
+(hidden 32) and writes nothing; ``--reps N`` sets the repetitions (default 5). Results go to
+``benchmarks/results/coverage_text.md`` (raw numbers in ``coverage_text.json``).
+
+Method. Every family issue 17 names (Mistral, Qwen2, Gemma, Phi, OPT 125m- and 350m-like, GPT-NeoX)
+plus GPT-2, LLaMA and BERT, each at one shape the size of the smallest released checkpoints (hidden 512,
+6 layers, 8 heads of 64, vocabulary 32,000, MLP 2,048 — Pythia-70m's size; GQA with 2 key/value heads
+for Mistral, Qwen2, LLaMA, one for Gemma; 30-60M parameters),
+random float32 weights with random norm gains and biases, built offline from a config. Each is
+measured twice: the raw ``PreTrainedModel`` and a TransformerLens 4 bridge around a copy of it. Per row:
+
+- the map: parameters, sites, the group of each kind of site, places skipped;
+- ``verify`` of ``random_intertwiner(model, seed=0)`` on 4 × 16 random tokens at float32 (its
+  tolerance 1e-5), and with ``dtype=torch.float64`` (1e-10; RMSNorm and eager softmax compute in float32
+  inside Hugging Face, so those rows are held to 10× the measured floor, which verify's rule states);
+- time: ``random_intertwiner(model, seed=i)`` against ``copy.deepcopy(model)``, alternating in the same
+  run, ``--reps`` each after one untimed call of both (first-call caches: the layout, the measured rotary
+  pairs); the ratio is min over min, with the median of per-repetition ratios beside it. Target ≤ 3.
+
+The machine is shared (see the load average in the results); the minima are the figures least touched
+by other processes.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import json
+import math
+import os
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path[:] = [str(HERE.parent)] + [p for p in sys.path if Path(p or ".").resolve() != HERE]
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+import workbench as wb  # noqa: E402
+from workbench.models import ensure_torchvision_importable  # noqa: E402
+
+RESULTS = HERE / "results"
+TARGET = 3.0
+
+
+def shapes(quick: bool) -> dict:
+    """Family -> (class name, config keywords)."""
+    d, L, H, V, f = (32, 2, 4, 50, 48) if quick else (512, 6, 8, 32000, 2048)
+    kv = H // 4 if not quick else 2
+    common = dict(hidden_size=d, num_hidden_layers=L, num_attention_heads=H, vocab_size=V, max_position_embeddings=512)
+    return {
+        "mistral": ("MistralForCausalLM", dict(common, intermediate_size=f, num_key_value_heads=kv, sliding_window=16)),
+        "qwen2": ("Qwen2ForCausalLM", dict(common, intermediate_size=f, num_key_value_heads=kv, tie_word_embeddings=True)),
+        "gemma": ("GemmaForCausalLM", dict(common, intermediate_size=f, num_key_value_heads=1, head_dim=d // H)),
+        "phi": ("PhiForCausalLM", dict(common, intermediate_size=f)),
+        "opt": ("OPTForCausalLM", dict(common, ffn_dim=f)),
+        "opt350": ("OPTForCausalLM", dict(common, ffn_dim=f, word_embed_proj_dim=d // 2, do_layer_norm_before=False)),
+        "gpt_neox": ("GPTNeoXForCausalLM", dict(common, intermediate_size=f)),
+        "gpt2": ("GPT2LMHeadModel", dict(n_embd=d, n_layer=L, n_head=H, vocab_size=V, n_positions=512)),
+        "llama": ("LlamaForCausalLM", dict(common, intermediate_size=f, num_key_value_heads=kv)),
+        "bert": ("BertForMaskedLM", dict(hidden_size=d, num_hidden_layers=L, num_attention_heads=H, vocab_size=V,
+                                         intermediate_size=f, max_position_embeddings=512)),
+    }
+
+
+def build(cls_name: str, kw: dict, seed: int = 0):
+    import transformers
+
+    config_cls = {"GPT2LMHeadModel": "GPT2Config", "BertForMaskedLM": "BertConfig"}.get(
+        cls_name, cls_name.replace("ForCausalLM", "Config"))
+    torch.manual_seed(seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = getattr(transformers, cls_name)(getattr(transformers, config_cls)(**kw)).eval()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim == 1 and ("norm" in name.lower() or "ln" in name):  # a fresh model's 1s and 0s are degenerate
+                p.add_(0.3 * torch.randn(p.shape, generator=g))
+    return model
+
+
+def bridge(model):
+    from tokenizers import Tokenizer, models
+    from transformer_lens.model_bridge import TransformerBridge
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({"a": 0, "[UNK]": 1}, unk_token="[UNK]"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return TransformerBridge.boot_transformers(
+            "local/x", hf_model=copy.deepcopy(model), dtype=torch.float32,
+            tokenizer=PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[UNK]")).eval()
+
+
+def groups(smap) -> str:
+    kinds: dict[str, list] = {}
+    for s in smap:
+        key = ".".join(p for p in s.name.split(".") if not p.isdigit()).replace("blocks.", "").replace("attn.", "")
+        if s.group.name not in kinds.setdefault(key, []):
+            kinds[key].append(s.group.name)
+    return "; ".join(f"{k}: {'/'.join(v)}" for k, v in kinds.items())
+
+
+def measure(name: str, kind: str, model, ids, reps: int) -> dict:
+    smap = wb.symmetry_map(model)
+    new, t = wb.random_intertwiner(model, seed=0)
+    r32 = wb.verify(model, new, ids, transform=t)
+    r64 = wb.verify(model, new, ids, transform=t, dtype=torch.float64)
+    copy.deepcopy(model)
+    times, base = [], []
+    for i in range(reps):  # alternating, so load changes hit both
+        t0 = time.perf_counter()
+        copy.deepcopy(model)
+        base.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        wb.random_intertwiner(model, seed=i + 1)
+        times.append(time.perf_counter() - t0)
+    ratio = min(times) / min(base)
+    return {"family": name, "kind": kind, "class": type(getattr(model, "original_model", model)).__name__,
+            "parameters": sum(p.numel() for p in getattr(model, "original_model", model).parameters()),
+            "sites": len(smap), "skipped": len(smap.skipped), "groups": groups(smap),
+            "verify32": r32.verdict, "rel32": r32.max_rel_diff, "verify64": r64.verdict, "rel64": r64.max_rel_diff,
+            "floor64": r64.floor, "checked": f"{len(r64.checked)}/{len(r64.sites)}",
+            "random_intertwiner_s": min(times), "deepcopy_s": min(base), "ratio": ratio,
+            "ratio_median": statistics.median(a / b for a, b in zip(times, base)), "pass": ratio <= TARGET}
+
+
+def table(rows: list[dict]) -> str:
+    head = ("| model | kind | parameters | sites (skipped) | groups | verify float32 | verify float64 | "
+            "random_intertwiner | deepcopy | ratio (median) |")
+    lines = [head, "|" + "---|" * 10]
+    for r in rows:
+        floor = f", floor {r['floor64']:.0e}" if r["floor64"] is not None else ""
+        lines.append(f"| {r['family']} ({r['class']}) | {r['kind']} | {r['parameters'] / 1e6:.2f}M | {r['sites']} "
+                     f"({r['skipped']}) | {r['groups']} | {r['verify32']} ({r['rel32']:.0e}) | {r['verify64']} "
+                     f"({r['rel64']:.0e}{floor}) | {r['random_intertwiner_s'] * 1e3:.0f} ms | {r['deepcopy_s'] * 1e3:.0f} ms | "
+                     f"{r['ratio']:.2f} ({r['ratio_median']:.2f}) {'PASS' if r['pass'] else 'MISS'} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--only", nargs="*")
+    args = parser.parse_args()
+    ensure_torchvision_importable()
+    started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    load0 = os.getloadavg()[0]
+    rows = []
+    for name, (cls_name, kw) in shapes(args.quick).items():
+        if args.only and name not in args.only:
+            continue
+        raw = build(cls_name, kw)
+        ids = torch.randint(0, kw.get("vocab_size", 50), (4, 16), generator=torch.Generator().manual_seed(0))
+        for kind, model in (("raw", raw), ("bridge", bridge(raw))):
+            row = measure(name, kind, model, ids, args.reps)
+            rows.append(row)
+            print(f"{name:9s} {kind:6s} {row['parameters'] / 1e6:6.2f}M sites {row['sites']:3d} {row['verify32']}/"
+                  f"{row['verify64']} ratio {row['ratio']:.2f} ({row['ratio_median']:.2f})", flush=True)
+    if args.quick:
+        return
+    load1 = os.getloadavg()[0]
+    import platform
+
+    text = "\n".join([
+        "# Coverage of Hugging Face text models: sites, groups, verify, cost", "",
+        f"Run {started} on {platform.processor() or platform.machine()} ({os.cpu_count()} cores, torch "
+        f"{torch.__version__}, transformers {__import__('transformers').__version__}) with "
+        f"`.venv/bin/python benchmarks/coverage_text.py`; method in the script's docstring. Load average (1 min) at "
+        f"start / end: {load0:.1f} / {load1:.1f} on {os.cpu_count()} cores.", "",
+        "Groups per kind of site (`qk`/`ov`: per key/value head; `heads`: key/value groups, or all heads; "
+        "`heads.k`: query heads within group k; `word`: OPT-350m's tied word space behind project_in/out). "
+        "verify: the verdict and the largest relative output difference; `checked` sites are in the JSON.", "",
+        table(rows), "",
+        f"{sum(r['pass'] for r in rows)}/{len(rows)} rows within {TARGET:g}× copy.deepcopy.", "",
+    ])
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "coverage_text.md").write_text(text)
+    (RESULTS / "coverage_text.json").write_text(json.dumps({"started": started, "load": [load0, load1], "rows": rows},
+                                                          indent=1, default=lambda x: None if isinstance(x, float) and math.isnan(x) else str(x)))
+
+
+if __name__ == "__main__":
+    main()
