@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from .._errors import InvalidOptionError, UntraceableModelError
+from .._memory import keep_freed_memory
 from .._offload import all_onloaded, offload_like, offloaded_modules
 from .._progress import ProgressLike, progress_bar
 from .._random import SeedLike, as_generator
@@ -166,6 +167,7 @@ def _push(model: nn.Module, smap: SymmetryMap, transform: Transform, inplace: bo
     """The backend's push, where every tensor stays on the device of the module that owns it. Modules whose
     weights accelerate offloaded (``meta`` parameters, loaded per forward by a hook) are onloaded while
     the push reads them, and the copy's are offloaded again, its hooks serving the transformed weights."""
+    keep_freed_memory()  # once per process: a transform's new weights reuse freed memory, as captures do
     offloaded = offloaded_modules(model)
     if not offloaded:
         return backend_for(model).push(model, smap, transform, inplace, hint)
