@@ -263,6 +263,82 @@ def test_stochastic_depth_commutes_with_channel_maps():
     assert ((a - b).abs().max() / a.abs().max()).item() < 1e-10
 
 
+# ------------------------------------------------------------------ torch.cat along the channels (DenseNet)
+class Dense(nn.Module):
+    """A stem piece (conv → ReLU), then layers that each read BN → σ → conv of the concatenation of everything
+    before them and add a piece written by a conv with no activation; a BN → ReLU → conv transition at the end."""
+
+    def __init__(self, stem, widths, act):
+        super().__init__()
+        self.stem, self.act = nn.Conv2d(3, stem, 3, padding=1), ACTS[act]()
+        c, self.norms, self.convs = stem, nn.ModuleList(), nn.ModuleList()
+        for w in widths:
+            self.norms.append(nn.BatchNorm2d(c))
+            self.convs.append(nn.Conv2d(c, w, 3, padding=1))
+            c += w
+        self.norm, self.out = nn.BatchNorm2d(c), nn.Conv2d(c, 2, 1)
+
+    def forward(self, x):
+        pieces = [self.act(self.stem(x))]
+        for norm, conv in zip(self.norms, self.convs):
+            pieces.append(conv(self.act(norm(torch.cat(pieces, 1)))))
+        return self.out(torch.relu(self.norm(torch.cat(pieces, 1)))).mean((2, 3))
+
+
+@SETTINGS
+@given(stem=st.integers(1, 4), widths=st.lists(st.integers(1, 3), min_size=1, max_size=3),
+       act=st.sampled_from(["relu", "tanh", "gelu"]), seed=st.integers(0, 99))
+def test_a_concatenation_is_a_direct_sum_of_its_pieces(stem, widths, act, seed):
+    torch.manual_seed(seed)
+    model = weights(Dense(stem, widths, act)).eval().double()
+    x = torch.randn(3, 3, 5, 5, dtype=F64)
+    smap = wb.symmetry_map(model, x)
+    hosts = [s for s in smap if s.embeds]
+    assert len(hosts) == len(widths) + 1  # every concatenation is a site: its element is block-diagonal
+    last = hosts[-1]
+    assert [(start, count) for _, start, count, _ in last.embeds] == \
+        [(sum(([stem] + widths)[:i]), w) for i, w in enumerate([stem] + widths)]
+    pieces = {p for h in hosts for p, *_ in h.embeds}
+    assert None not in pieces and all(smap[p].group.name in ("scaled_permutation", "signed_permutation", "permutation")
+                                      for p in pieces)  # a conv piece is GL alone; what reads the sum restricts it
+    check(model, x, seed)
+    # only the pieces chosen: the concatenations carry their elements anyway (the readers must move)
+    new, _ = wb.random_intertwiner(model, seed=seed, sites=sorted(pieces - {s.name for s in hosts}), example=x)
+    assert changed(model, new, x) < 1e-10
+    # negative control: a permutation of the last concatenation that swaps channels of two different pieces
+    perm = torch.arange(last.n)
+    perm[[0, last.n - 1]] = perm[[last.n - 1, 0]]
+    assert changed(model, forced(model, last.name, perm, None, x), x) > 1e-6
+
+
+def test_pieces_of_a_concatenation_that_cannot_move_do_not_move():
+    class Out(nn.Module):  # the concatenation is the model's output: nothing may move its channels
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c = nn.Conv2d(3, 4, 1), nn.Conv2d(4, 2, 1), nn.Conv2d(3, 2, 1)
+
+        def forward(self, x):
+            return torch.cat([self.b(torch.relu(self.a(x))), self.c(x)], 1).mean((2, 3))
+
+    model = randomise(Out()).double()
+    x = torch.randn(2, 3, 4, 4, dtype=F64)
+    smap = wb.symmetry_map(model, x)
+    assert [s.name for s in smap] == ["a"]  # a's ReLU site is inside; b's and c's outputs are the concatenation's
+    assert "cannot move" in dict(smap.skipped)["b"] and "cannot move" in dict(smap.skipped)["c"]
+    assert changed(model, wb.random_intertwiner(model, seed=1, example=x)[0], x) < 1e-10
+
+
+def test_choosing_only_the_stage_a_zero_padding_shortcut_carries_moves_the_next_stage_too():
+    from models import TinyResNet
+
+    model = randomise(TinyResNet("option_a")).double()
+    x = torch.randn(3, 3, 8, 8, dtype=F64)
+    host = next(s for s in wb.symmetry_map(model) if s.embeds)
+    new, t = wb.random_intertwiner(model, seed=2, sites=[host.embeds[0][0]])
+    assert list(t.elements) == [host.embeds[0][0]]
+    assert changed(model, new, x) < 1e-10  # was 0.14: the next stage's readers did not move with the padded channels
+
+
 # ------------------------------------------------------------------ real constructors (torchvision, timm), small
 def _tv():
     pytest.importorskip("torchvision")
@@ -306,10 +382,15 @@ def small_vision_models() -> dict:
 
         return MlpMixer(num_classes=10, img_size=32, patch_size=8, num_blocks=2, embed_dim=32)
 
+    def densenet():
+        from torchvision.models.densenet import DenseNet
+
+        return DenseNet(growth_rate=4, block_config=(2, 2), num_init_features=8, bn_size=2, num_classes=10)
+
     tv = lambda: _tv().models  # noqa: E731
     return {"mobilenet_v2": lambda: tv().mobilenet_v2(num_classes=10, width_mult=0.35),
             "mobilenet_v3_small": lambda: tv().mobilenet_v3_small(num_classes=10),
-            "efficientnet": efficientnet, "regnet_y": regnet, "convnext": convnext, "vit": vit, "mixer": mixer}
+            "efficientnet": efficientnet, "regnet_y": regnet, "densenet": densenet, "convnext": convnext, "vit": vit, "mixer": mixer}
 
 
 def randomised(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -333,8 +414,8 @@ NOT_HOMOGENEOUS = ("ReLU6", "Hardswish", "SiLU", "GELU", "Sigmoid", "Hardsigmoid
 
 
 def allowed_groups(site) -> set:
-    if site.activation == "none":
-        return {"gl"}
+    if site.activation == "none":  # a linear site; a concatenation's piece takes what reads the concatenation
+        return {"gl"} if not any("its channels are part of" in n for n in site.notes) else {"scaled_permutation"}
     if any(a in site.activation for a in NOT_HOMOGENEOUS):
         return {"permutation", "grouped_permutation"}
     return {"scaled_permutation", "permutation", "grouped_scaled_permutation", "grouped_permutation"}
@@ -376,9 +457,12 @@ def test_real_vision_models_transform_exactly(name, one_thread):
     # negative control: scalings ×100 at the last site whose nonlinearity is not scale-equivariant (the
     # nearest the output: an early one's change is washed out by the layers after it at default inits)
     # (RegNet: a permutation moving a channel into another group of its grouped conv)
-    site = [s for s in smap if s.group.name in ("permutation", "grouped_permutation")][-1]
+    # (DenseNet, all ReLU: a permutation of the last concatenation that swaps channels of two pieces)
+    site = [s for s in smap if s.group.name in ("permutation", "grouped_permutation") or s.embeds][-1]
     perm, scale = torch.arange(site.n), torch.full((site.n,), 100.0, dtype=F64)
     if site.group.name == "grouped_permutation":
         width = site.n // site.group.groups
         perm[[0, width]], scale = perm[[width, 0]], None
+    elif site.embeds:
+        perm[[0, site.n - 1]], scale = perm[[site.n - 1, 0]], None
     assert changed(model, forced(model, site.name, perm, scale, x), x) > 1e-6

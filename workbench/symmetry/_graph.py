@@ -62,6 +62,7 @@ class Space:
     label: str = ""  # the op that made it, for spaces no writer starts
     shared: list[str] = field(default_factory=list)  # weight sharing that made this one space
     couplers: list[tuple[str, int, int]] = field(default_factory=list)  # grouped convs inside: (name, groups, channels)
+    concat: bool = False  # made by a concatenation along the channels (its embeds are the pieces)
 
     def absorb(self, other: "Space") -> None:
         for f in ("frozen", "writers", "readers", "norms", "activations", "constraints", "observed", "embeds", "shared",
@@ -69,6 +70,7 @@ class Space:
             getattr(self, f).extend(getattr(other, f))
         self.offsets_ok &= other.offsets_ok
         self.embedded |= other.embedded
+        self.concat |= other.concat
         self.n = self.n or other.n
         self.label = self.label or other.label
 
@@ -391,6 +393,10 @@ class Graph:
             from ._graph_vision import product
 
             return product(self, node, *args)  # x * gate (squeeze-excite)
+        if fname in ("cat", "concat", "concatenate"):
+            from ._graph_vision import concatenate
+
+            return concatenate(self, node)
         if fname == "stochastic_depth" and args and self._val(node.args[0]) is args[0] and len(args) == 1:
             return self._out(node, args[0])  # one random scalar per example or batch: commutes with channel maps
         if args and ("pool" in fname or fname in ("flatten", "pad")) and not self._channels_first(node, args[0], fname):

@@ -38,7 +38,7 @@ def push_graph(model: nn.Module, smap: SymmetryMap, transform, inplace: bool, hi
     plans: dict[str, _Plan] = {}
     small: dict[int, tuple[str, str, torch.Tensor]] = {}  # id(original tensor) → (module, attribute, float64 value)
     with torch.no_grad():
-        for name, element in transform.elements.items():
+        for name, element in _with_hosts(smap, transform.elements).items():
             site = smap[name]
             offset = site.group.offset(element) if site.affine and name not in transform.forced else None
             _plan_site(old_modules, site, element, offset, plans, small, name in transform.forced)
@@ -66,10 +66,24 @@ def push_graph(model: nn.Module, smap: SymmetryMap, transform, inplace: bool, hi
     return new
 
 
+def _with_hosts(smap: SymmetryMap, elements: dict) -> dict:
+    """``elements`` plus, for every site that embeds a moved site but was given no element of its own (a
+    zero-padding shortcut's next stage, a concatenation), the element it must then carry: the embedded
+    sites' elements on their channels, the identity elsewhere. Without it the embedded site's writers would
+    move while the host's readers stay put (the function changed by 14% on a CIFAR ResNet)."""
+    from ._graph_vision import implied_host
+
+    out = dict(elements)
+    for site in smap.sites:  # parents first: a host of a host sees its parent's implied element
+        if site.embeds and site.name not in out and any(p in out for p, *_ in site.embeds):
+            out[site.name] = implied_host(site, out)
+    return out
+
+
 def _rewritten(smap: SymmetryMap, transform: Transform) -> set[str]:
     """Modules whose weight and bias :func:`_apply_plan` writes in full from the original's."""
     names = set()
-    for site_name in transform.elements:
+    for site_name in _with_hosts(smap, transform.elements):
         site = smap[site_name]
         names.update(w.name for w in site.writers)
         names.update(r.name for r in site.readers)

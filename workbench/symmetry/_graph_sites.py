@@ -82,11 +82,12 @@ def _build(graph, model_name: str, affine: bool) -> SymmetryMap:
     root_of: dict[int, Site] = {}
     for space in _parents_first(graph):
         reasons = list(dict.fromkeys(space.frozen))
-        if not space.writers:
+        if not space.writers and not space.embeds:
             if space.label and reasons:  # made by an op the rules do not know
                 skipped.append((space.label, "; ".join(reasons)))
             continue
-        place = ", ".join(dict.fromkeys(w for w, _ in space.writers))
+        # a concatenation's space has no writer of its own: its pieces' writers write it
+        place = ", ".join(dict.fromkeys(w for w, _ in space.writers)) or space.label
         if not reasons and not space.readers and not space.embedded:
             reasons.append("its values are not used (no layer reads them)")
         n = space.n
@@ -153,12 +154,12 @@ def _build(graph, model_name: str, affine: bool) -> SymmetryMap:
         ranked = ([o for o, (_, _, node) in zip(observed, space.observed) if node in act_nodes]
                   + [o for o in observed if o.name in bn_names and o.level == "pre"]
                   + [o for o in observed if o.level == "pre"] + observed)
-        primary = ranked[0]
+        primary = ranked[0] if ranked else Observation(place, 0, "pre")  # nothing observes it: named after the op
         label = primary.name + (f"#{primary.call}" if primary.call else "")
         embeds = [(site_of_space.get(graph.find(pid)), start, count, level_of[node].level)
                   for pid, start, count, node in space.embeds]
         if embeds:
-            notes.append("zero-padding shortcut: channels " + ", ".join(
+            notes.append(("concatenation" if space.concat else "zero-padding shortcut") + ": channels " + ", ".join(
                 f"{a}–{a + c - 1} carry {p or 'an untransformed space'}" for p, a, c, _ in embeds))
         site_of_space[space.id] = label
         norm_levels = {bn: level_of[node].level for bn, mode, node in space.norms if mode in ("input", "coupler")}
@@ -166,7 +167,10 @@ def _build(graph, model_name: str, affine: bool) -> SymmetryMap:
                           norms, observed, notes, is_affine, embeds, norm_levels))
         root_of[graph.find(space.id)] = sites[-1]
     drop = clashes(graph, root_of)  # a shared tensor whose uses would need two different maps
-    skipped += [(", ".join(dict.fromkeys(p.name for p in s.writers)), drop[s.name]) for s in sites if s.name in drop]
+    from ._graph_vision import settle_embedded
+
+    drop.update(settle_embedded(graph, sites, root_of, site_of_space, drop))
+    skipped += [(", ".join(dict.fromkeys(p.name for p in s.writers)) or s.name, drop[s.name]) for s in sites if s.name in drop]
     return SymmetryMap(model_name, [s for s in sites if s.name not in drop], skipped)
 
 

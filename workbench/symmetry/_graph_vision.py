@@ -185,3 +185,92 @@ def conjugate_grouped(W: torch.Tensor, F, groups: int, site: str, conv: str, for
         s = scale.to(W.dtype)
         out = out * (s.unsqueeze(1) / s[col]).reshape(C, a, *([1] * (W.ndim - 2)))
     return out
+
+
+def implied_host(site, elements: dict):
+    """The element a host site carries when only sites it embeds moved: each embedded site's element (φ of it
+    where the host reads that site after its activation) on its channels, the identity elsewhere."""
+    from ..groups import Dense
+
+    blocks = []
+    for parent, start, count, level in site.embeds:
+        e = elements.get(parent) if parent is not None else None
+        if e is not None:
+            blocks.append((start, count, e.phi() if level == "post" else e))
+    if all(isinstance(e, ScaledPermutation) for *_, e in blocks):
+        perm, scale = torch.arange(site.n), torch.ones(site.n, dtype=torch.float64)
+        for start, count, e in blocks:
+            perm[start:start + count] = start + e.perm
+            scale[start:start + count] = e.scale if e.scale is not None else 1.0
+        return ScaledPermutation(perm, scale, site.group.phi, site.group.name)
+    M = torch.eye(site.n, dtype=torch.float64)
+    for start, count, e in blocks:
+        M[start:start + count, start:start + count] = e.matrix()
+    return Dense(M, site.group.phi, site.group.name)
+
+
+def concatenate(graph, node: fx.Node) -> None:
+    """``torch.cat(pieces, dim)``. Along the channels it is a direct sum (DERIVATIONS §6): a new space whose
+    element is block-diagonal, each piece's element on its channels (the ``embeds`` of a zero-padding
+    shortcut, with no free channel). Along positions (or the batch) every piece must move alike: one space."""
+    from ._graph import TensorInfo
+
+    tensors = node.args[0] if node.args else node.kwargs.get("tensors")
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+    pieces = [graph._val(t) for t in tensors] if isinstance(tensors, (list, tuple)) else []
+    if not pieces or not isinstance(dim, int) or not all(isinstance(p, fx.Node) and p in graph.info for p in pieces):
+        return graph._fresh(node, "a concatenation of something that is not a list of traced tensors")
+    shapes = [graph.shape(p) for p in pieces]
+    if any(s is None or len(s) != len(shapes[0]) or len(s) < 2 for s in shapes) or any(
+            graph.info[p].block != 1 or graph.last(p) != graph.last(pieces[0]) for p in pieces):
+        return graph._fresh(node, "a concatenation of tensors whose channels are laid out differently")
+    rank, axis = len(shapes[0]), graph.channel_axis(pieces[0])
+    if dim % rank != axis:
+        sid = graph.info[pieces[0]].space
+        for p in pieces[1:]:
+            sid = graph.union(sid, graph.info[p].space)
+        if len({graph.info[p].level for p in pieces}) > 1:
+            graph.spaces[sid].constraints.append(("mixed_levels", node))
+        return graph._out(node, pieces[0], level="pre" if len({graph.info[p].level for p in pieces}) > 1 else None)
+    sid = graph.new_space()
+    host = graph.spaces[sid]
+    host.label, host.concat, start = node.name, True, 0
+    for p, s in zip(pieces, shapes):
+        host.embeds.append((graph.info[p].space, start, s[axis], p))  # p: its level says whether φ(M) moves it
+        graph.space(p).embedded = True
+        start += s[axis]
+    host.n = start
+    graph.info[node] = TensorInfo(sid, "pre", last=graph.last(pieces[0]))
+
+
+def settle_embedded(graph, sites: list, root_of: dict, site_of_space: dict, drop: dict) -> dict:
+    """Sites that must not move, with the reason, because a space carrying their channels (a concatenation,
+    a zero-padding shortcut) cannot move; and the groups of sites carried by another restricted to what that
+    host allows (a piece of a concatenation read by BatchNorm and ReLU takes D₊·P, not GL)."""
+    from ._lattice import generators, restrict
+
+    by_name = {s.name: s for s in sites}
+    out: dict = {}
+    stack = [(site_of_space.get(graph.find(pid)), sp.label or "a space")
+             for sp in graph.spaces.values() if sp.embeds and graph.find(sp.id) not in root_of for pid, *_ in sp.embeds]
+    stack += [(p, h) for h in drop for p, *_ in by_name[h].embeds] if drop else []
+    while stack:
+        name, host = stack.pop()
+        if name is None or name in out or name in drop:
+            continue
+        out[name] = f"its channels are carried (concatenated or zero-padded) into {host}, which cannot move"
+        stack += [(p, name) for p, *_ in by_name[name].embeds]
+    changed = True
+    while changed:  # a host's restriction passes to its pieces, and on to theirs
+        changed = False
+        for host in sites:
+            for parent, *_ in host.embeds:
+                p = by_name.get(parent)
+                if p is None or parent in out:
+                    continue
+                new = restrict(p.group, generators(host.group))
+                if new.name != p.group.name:
+                    p.notes.append(f"{p.group.name} → {new.name}: its channels are part of {host.name}, whose group is "
+                                   f"{host.group.name}")
+                    p.group, changed = new, True
+    return out
