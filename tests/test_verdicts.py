@@ -597,3 +597,48 @@ def test_float16_scalings_beyond_its_range_alone_are_applied_in_float64():
     new = wb.apply_transform(model, t)  # 1e5 alone is inf in float16; 1e5·1e-3 = 100 is not
     assert all(torch.isfinite(p).all() for p in new.parameters())
     assert new[0].weight[0, 0].item() == pytest.approx(100.0, rel=1e-3)
+
+
+# ------------------------------------------------------------------ float32 rounding of a deep model
+def deep_bn_cnn():
+    torch.manual_seed(0)
+    layers, c = [], 3
+    for i, w in enumerate((32, 32, 64, 64, 128, 128, 128)):
+        layers += [nn.Conv2d(c, w, 3, padding=1, bias=False), nn.BatchNorm2d(w), nn.ReLU()]
+        if i in (1, 3, 5):
+            layers.append(nn.MaxPool2d(2))
+        c = w
+    layers += [nn.Flatten(), nn.Linear(c * 4 * 4, 10)]
+    model, g = nn.Sequential(*layers).eval(), torch.Generator().manual_seed(0)
+    with torch.no_grad():  # running statistics only (γ = 1, β = 0): the benchmark's CNN-26, whose rounding shows
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.3)
+                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+    return model
+
+
+def test_an_exact_transform_of_a_deep_float32_model_passes_over_its_own_rounding():
+    """A 7-layer CNN with BatchNorm and a random P·D differs from itself in float32 by more than 1e-5 (its own
+    rounding): an exact symmetry must PASS, with the raised tolerance stated, while a small real change fails."""
+    model, x = deep_bn_cnn(), torch.randn(32, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    new, t = wb.random_intertwiner(model, seed=0, example=x)
+    # exact, checked here in float64: the same transform applied to a float64 copy
+    model64 = copy.deepcopy(model).double()
+    new64 = wb.apply_transform(model64, t, example=x.double())
+    assert same_function(model64, new64, x.double()) < 1e-10
+    # this model's own float32 rounding, measured here: float32 outputs against float64 outputs
+    with torch.no_grad():
+        a32, a64 = model(x).double(), model64(x.double())
+    own = ((a32 - a64).abs() / a64.abs().amax(0)).max().item()
+    report = wb.verify(model, new, x, transform=t)
+    assert report.verdict == "PASS", report.summary()
+    assert report.tolerance == pytest.approx(max(1e-5, 10 * own), rel=0.5)
+    assert "own rounding" in report.rule and report.floor is not None
+    # negative controls: a relative change of 1e-3 in one output weight, and a forced rotation, both FAIL
+    broken = copy.deepcopy(new)
+    with torch.no_grad():
+        broken[-1].weight[3].mul_(1 + 1e-3)
+    assert wb.verify(model, broken, x, transform=t).verdict == "FAIL"
+    rotated, tr = wb.random_intertwiner(model, seed=0, example=x, group="orthogonal", allow_non_symmetry=True)
+    assert wb.verify(model, rotated, x, transform=tr).verdict == "FAIL"
