@@ -217,6 +217,15 @@ def test_a_tokenwise_mlp_hidden_space_is_a_site_on_the_last_axis(c, hidden, act,
     assert changed(model, forced(model, "act", torch.arange(hidden), scale, x), x) > 1e-6
 
 
+def test_stitching_refuses_a_tokenwise_site_instead_of_mapping_its_tokens():
+    from workbench.stitching._cut import Cut
+
+    model = nn.Sequential(nn.Linear(3, 6), nn.GELU(), nn.Linear(6, 2)).double()
+    with pytest.raises(InvalidOptionError, match="last axis"):
+        Cut(model, "1", torch.randn(4, 5, 3, dtype=F64))  # [batch, tokens, features]: a stitch would map tokens
+    assert Cut(model, "1", torch.randn(4, 3, dtype=F64)).crossings[0].shape == (4, 6)  # [batch, features] cuts
+
+
 def test_a_linear_reading_positions_of_a_conv_output_freezes_it():
     class Positions(nn.Module):  # Conv1d writes [batch, channels, length]; a Linear then acts on the length
         def __init__(self):

@@ -81,6 +81,9 @@ class Cut:
                                          f"tensor (e.g. a size); this model cannot be cut there.")
             info = graph.info.get(n)
             site_name = site_of.get(graph.find(info.space)) if info is not None else None
+            if site_name is not None and graph.last(n):  # a stitch maps axis 1; a token-wise site's channels are last
+                raise InvalidOptionError(f"site {site_name!r} has its channels on the last axis of {n.name!r} (a "
+                                         f"token-wise Linear's space); stitching maps axis 1 and cannot cut there yet.")
             self.crossings.append(Crossing(n.name, site_name, tuple(meta.shape), info.block if info else 1))
         self.head = _graph_module(self.model, nodes[:c], [], crossing)
         self.tail = _graph_module(self.model, nodes[c:], crossing, None, extra=[n for n in nodes[:c] if n.op == "get_attr"])
