@@ -66,6 +66,7 @@ def constructors() -> dict:
         "efficientnet_b0": (lambda: tvm.efficientnet_b0(num_classes=10), 32),
         "regnet_y_400mf": (lambda: tvm.regnet_y_400mf(num_classes=10), 32),
         "resnext50_32x4d": (lambda: tvm.resnext50_32x4d(num_classes=10), 32),
+        "densenet121": (lambda: tvm.densenet121(num_classes=10), 32),
         "convnext_tiny": (lambda: tvm.convnext_tiny(num_classes=10), 32),
         "vit_b_16": (lambda: tvm.vit_b_16(num_classes=10, image_size=32), 32),
         "swin_t": (lambda: tvm.swin_t(num_classes=10), 64),
