@@ -6,6 +6,8 @@ reads: moved by the permutation part), ``"pre"`` (moved by the element M) or ``"
 nonlinearity: moved by φ(M)). Linear/conv modules end one space (as readers) and start the next (as
 writers); BatchNorm, activations, pooling, dropout, flatten and residual additions keep the space.
 Anything not understood freezes the spaces it touches, with the reason — never transformed wrongly.
+Each tensor also records whether its channels are on axis 1 or on its last axis (a token-wise Linear's
+output); the rules for grouped convs, gates, concatenations and paddings live in ``_graph_vision.py``.
 
 Two things the graph alone does not show are followed explicitly: an op that overwrites its input in
 place (``h.relu_()``, ``nn.ReLU(inplace=True)``) makes later reads of that input read its result
@@ -469,23 +471,9 @@ class Graph:
         return all(d % len(xs) >= 2 for d in dims)
 
     def _channel_pad(self, node: fx.Node, x: fx.Node) -> None:
-        """F.pad with zeros on the channel axis (CIFAR ResNets' option-A shortcut)."""
-        pad = node.args[1] if len(node.args) > 1 else node.kwargs.get("pad")
-        mode = node.args[2] if len(node.args) > 2 else node.kwargs.get("mode", "constant")
-        value = node.args[3] if len(node.args) > 3 else node.kwargs.get("value", 0)
-        xs = self.shape(x)
-        if mode != "constant" or value not in (0, 0.0, None) or xs is None or pad is None:
-            return self._fresh(node, "a padding that is not zeros")
-        pad = list(pad) + [0] * (2 * len(xs) - len(pad))  # pairs from the last axis backwards
-        channel = 2 * (len(xs) - 2)
-        if any(pad[:channel]) or len(pad) > 2 * (len(xs) - 1) and any(pad[channel + 2:]):
-            return self._fresh(node, "a padding of spatial axes")
-        before = pad[channel]
-        sid = self.new_space()
-        self.spaces[sid].n = xs[1] + before + pad[channel + 1]
-        self.spaces[sid].embeds.append((self.info[x].space, before, xs[1], node))
-        self.space(x).embedded = True
-        self.info[node] = TensorInfo(sid, self.info[x].level)
+        from ._graph_vision import channel_pad
+
+        channel_pad(self, node, x)
 
     def _add(self, node: fx.Node) -> None:
         tensors = self._tensor_args(node)

@@ -274,3 +274,25 @@ def settle_embedded(graph, sites: list, root_of: dict, site_of_space: dict, drop
                                    f"{host.group.name}")
                     p.group, changed = new, True
     return out
+
+
+def channel_pad(graph, node: fx.Node, x: fx.Node) -> None:
+    """F.pad with zeros on the channel axis (CIFAR ResNets' option-A shortcut): a space embedding x's."""
+    from ._graph import TensorInfo
+
+    pad = node.args[1] if len(node.args) > 1 else node.kwargs.get("pad")
+    mode = node.args[2] if len(node.args) > 2 else node.kwargs.get("mode", "constant")
+    value = node.args[3] if len(node.args) > 3 else node.kwargs.get("value", 0)
+    xs = graph.shape(x)
+    if mode != "constant" or value not in (0, 0.0, None) or xs is None or pad is None:
+        return graph._fresh(node, "a padding that is not zeros")
+    pad = list(pad) + [0] * (2 * len(xs) - len(pad))  # pairs from the last axis backwards
+    channel = 2 * (len(xs) - 2)
+    if any(pad[:channel]) or len(pad) > 2 * (len(xs) - 1) and any(pad[channel + 2:]):
+        return graph._fresh(node, "a padding of spatial axes")
+    before = pad[channel]
+    sid = graph.new_space()
+    graph.spaces[sid].n = xs[1] + before + pad[channel + 1]
+    graph.spaces[sid].embeds.append((graph.info[x].space, before, xs[1], node))
+    graph.space(x).embedded = True
+    graph.info[node] = TensorInfo(sid, graph.info[x].level)
