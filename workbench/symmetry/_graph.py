@@ -204,6 +204,10 @@ class Graph:
             self.spaces[sid].label = node.target if node.op == "call_module" else node.name
             self.info[node] = TensorInfo(sid, "pre")
 
+    def record_use(self, *args, **kwargs) -> None:
+        """A parameter a transform writes at one module call (see :class:`Use`)."""
+        self.uses.append(Use(*args, **kwargs))
+
     def _observe(self, node: fx.Node, name: str) -> None:
         k = self.calls.get(name, 0)
         self.calls[name] = k + 1

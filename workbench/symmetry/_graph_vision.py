@@ -41,8 +41,6 @@ COUPLER_NOTE = ("a grouped or depthwise convolution couples the spaces before an
 def grouped_conv(graph, node: fx.Node, m, x: fx.Node, name: str) -> bool:
     """A conv with ``groups > 1``: a coupler when it maps C channels to C channels; True when the
     transform writes its parameters."""
-    from ._graph import Use
-
     if m.in_channels != m.out_channels:
         graph._fresh(node, f"{name}: a grouped convolution from {m.in_channels} to {m.out_channels} channels (a channel "
                            f"multiplier) is not understood by the symmetry rules")
@@ -61,7 +59,7 @@ def grouped_conv(graph, node: fx.Node, m, x: fx.Node, name: str) -> bool:
     for pname in ("weight", "bias"):
         t = getattr(m, pname)
         if t is not None:
-            graph.uses.append(Use(place, f"{name}.{pname}", t, info.space, None, node, x, mode="coupler"))
+            graph.record_use(place, f"{name}.{pname}", t, info.space, None, node, x, mode="coupler")
     return True
 
 
@@ -115,9 +113,7 @@ class GroupedPermutations(Group):
             self.sigma = base.sigma
 
     def sample(self, generator=None, *, seed=None) -> ScaledPermutation:
-        from ..groups._families import _gen
-
-        g = _gen(generator, seed)
+        g = generator if generator is not None else torch.Generator().manual_seed(0 if seed is None else int(seed))
         base = copy.copy(self.base)
         if hasattr(self, "sigma"):
             base.sigma = self.sigma
@@ -213,8 +209,6 @@ def concatenate(graph, node: fx.Node) -> None:
     """``torch.cat(pieces, dim)``. Along the channels it is a direct sum (DERIVATIONS §6): a new space whose
     element is block-diagonal, each piece's element on its channels (the ``embeds`` of a zero-padding
     shortcut, with no free channel). Along positions (or the batch) every piece must move alike: one space."""
-    from ._graph import TensorInfo
-
     tensors = node.args[0] if node.args else node.kwargs.get("tensors")
     dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
     pieces = [graph._val(t) for t in tensors] if isinstance(tensors, (list, tuple)) else []
@@ -240,7 +234,7 @@ def concatenate(graph, node: fx.Node) -> None:
         graph.space(p).embedded = True
         start += s[axis]
     host.n = start
-    graph.info[node] = TensorInfo(sid, "pre", last=graph.last(pieces[0]))
+    graph.info[node] = type(graph.info[pieces[0]])(sid, "pre", last=graph.last(pieces[0]))
 
 
 def settle_embedded(graph, sites: list, root_of: dict, site_of_space: dict, drop: dict) -> dict:
@@ -278,8 +272,6 @@ def settle_embedded(graph, sites: list, root_of: dict, site_of_space: dict, drop
 
 def channel_pad(graph, node: fx.Node, x: fx.Node) -> None:
     """F.pad with zeros on the channel axis (CIFAR ResNets' option-A shortcut): a space embedding x's."""
-    from ._graph import TensorInfo
-
     pad = node.args[1] if len(node.args) > 1 else node.kwargs.get("pad")
     mode = node.args[2] if len(node.args) > 2 else node.kwargs.get("mode", "constant")
     value = node.args[3] if len(node.args) > 3 else node.kwargs.get("value", 0)
@@ -295,4 +287,4 @@ def channel_pad(graph, node: fx.Node, x: fx.Node) -> None:
     graph.spaces[sid].n = xs[1] + before + pad[channel + 1]
     graph.spaces[sid].embeds.append((graph.info[x].space, before, xs[1], node))
     graph.space(x).embedded = True
-    graph.info[node] = TensorInfo(sid, graph.info[x].level)
+    graph.info[node] = type(graph.info[x])(sid, graph.info[x].level)
