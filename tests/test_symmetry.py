@@ -292,7 +292,9 @@ def test_random_intertwiners_preserve_the_function_exactly(arch, sigma):
     assert r64.tolerance == 1e-10 and r64.passed, (kind, act, r64.to_frame())
     m32 = copy.deepcopy(model).float()
     r32 = wb.verify(m32, wb.apply_transform(m32, t), x.float(), transform=t)
-    assert r32.tolerance == 1e-5 and r32.passed, (kind, act, r32)
+    # float32: the dtype's 1e-5, or 10x this model's own measured rounding where that is larger (an exact
+    # transform of x³ through a 1-channel conv differs from itself in float32 by 2e-5); exactness is r64's
+    assert r32.passed and (r32.tolerance == 1e-5 or "own rounding" in r32.rule), (kind, act, r32)
     # the representation moved wherever the element is not the identity and the site is not dead
     smap = wb.symmetry_map(model)
     for check in r64.sites:
