@@ -133,3 +133,17 @@ def test_minilm_loads_offline_and_caches_like_transformer_lens():
     for name in ours:
         torch.testing.assert_close(ours[name], theirs[name], rtol=0, atol=0)
     assert ours["blocks.5.hook_resid_post"].shape[-1] == 384
+
+
+def test_two_trainings_recording_at_once_lose_no_entry(tmp_path):
+    """Seeds trained in parallel processes each add their manifest entry; none is lost to the other."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from pathlib import Path; from workbench.zoo._registry import write_entry\n"
+            "for i in range(25): write_entry({'name': 'm', 'seed': int(sys.argv[1]) * 100 + i}, Path(sys.argv[2]))")
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(k), str(tmp_path)]) for k in range(3)]
+    assert [p.wait(timeout=120) for p in procs] == [0, 0, 0]
+    from workbench.zoo import read_manifest
+
+    assert sorted(m["seed"] for m in read_manifest(tmp_path)["models"]) == sorted(k * 100 + i for k in range(3) for i in range(25))

@@ -43,16 +43,21 @@ def read_manifest(folder: Optional[Path] = None) -> dict:
 
 
 def write_entry(entry: dict, folder: Optional[Path] = None) -> None:
-    """Add or replace the manifest entry for ``(name, seed)``, atomically."""
+    """Add or replace the manifest entry for ``(name, seed)``, atomically. Two trainings finishing at once
+    (one per seed, in parallel) each read, change and write the manifest: an advisory lock (filelock) makes
+    the second wait, so neither entry is lost."""
+    from filelock import FileLock
+
     folder = folder or zoo_dir()
     folder.mkdir(parents=True, exist_ok=True)
-    manifest = read_manifest(folder)
-    models = [m for m in manifest["models"] if (m["name"], m["seed"]) != (entry["name"], entry["seed"])]
-    models.append(entry)
-    manifest["models"] = sorted(models, key=lambda m: (m["name"], m["seed"]))
-    tmp = folder / "manifest.json.tmp"
-    tmp.write_text(json.dumps(manifest, indent=1) + "\n")
-    os.replace(tmp, folder / "manifest.json")
+    with FileLock(str(folder / ".manifest.lock")):
+        manifest = read_manifest(folder)
+        models = [m for m in manifest["models"] if (m["name"], m["seed"]) != (entry["name"], entry["seed"])]
+        models.append(entry)
+        manifest["models"] = sorted(models, key=lambda m: (m["name"], m["seed"]))
+        tmp = folder / f"manifest.json.{os.getpid()}.tmp"
+        tmp.write_text(json.dumps(manifest, indent=1) + "\n")
+        os.replace(tmp, folder / "manifest.json")
 
 
 def sha256(path: Path) -> str:
