@@ -194,8 +194,7 @@ def page(doc) -> str:
         verdict = {1: "privileged against rotations (z interval above 0)", 0: "not shown (z interval contains 0)",
                    -1: "less aligned than random rotations (z interval below 0)"}[s]
         if s == 1 and r["z_orth"]["median"] < 3:  # every seed above 0, none far: one seed alone would not show it
-            verdict = (f"above rotations in every seed, but weakly (median z {r['z_orth']['median']:.1f} < 3, no concept "
-                       "privileged on its own)" if not r["priv_orth"]["median"] else
-                       f"above rotations in every seed, but weakly (median z {r['z_orth']['median']:.1f} < 3)")
+            alone = "" if r["priv_orth"]["median"] else ", no concept privileged on its own"
+            verdict = f"above rotations in every seed, but weakly (median z {r['z_orth']['median']:.1f} < 3{alone})"
         lines.append(f"- {r['model']} {r['site']} ({r['layer']}): {verdict}.")
     return "\n".join(lines + [""])

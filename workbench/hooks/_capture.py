@@ -95,9 +95,9 @@ class _Capture:
                  strict: bool = False):
         self.model = model
         self.points = hook_points(model, probe=False)
-        requested = self.points.resolve(names)
+        requested, matched = self.points.resolve_with_matches(names)
         # Every name the filter selects, aliases included: the cache lists these (as TransformerLens does).
-        self.selected = None if names is None else set(self.points.matches(names))
+        self.selected = None if matched is None else set(matched)
         explicit = _explicit_names(names)
         self.explicit = [n for n in requested if n in explicit]
         # Pattern-selected TransformerLens names gated off by config would never fire: skip them.

@@ -64,26 +64,22 @@ class HookPoints:
         (``search`` semantics), a callable ``name -> bool``, or a list mixing them. An exact name or a
         pattern that selects nothing raises :class:`UnknownNameError` with the nearest valid names.
         """
+        return self.resolve_with_matches(names, param=param)[0]
+
+    def resolve_with_matches(self, names: NameFilter, *, param: str = "names") -> tuple[list[str], Optional[list[str]]]:
+        """``(resolve(names), every name the filter matched, aliases included)``; the second is None for
+        ``names=None`` (everything). A capture lists the matched aliases, as TransformerLens's cache does."""
         if names is None:
-            return list(self.modules)
+            return list(self.modules), None
         items = list(names) if isinstance(names, (list, tuple, set, frozenset)) else [names]
         if not items:
             raise UnknownNameError(f"{param}=[] selects no hook name; pass None to select every name.")
-        chosen: dict[str, None] = {}  # ordered set of requested names
-        for item in items:
-            hits = self._match(item, param)
-            chosen.update(dict.fromkeys(hits))
+        chosen = list(dict.fromkeys(n for item in items for n in self._match(item, param)))  # ordered, no repeats
         # An alias picked up by a pattern is dropped when its canonical name was picked too.
         canon_chosen = {n for n in chosen if n in self.modules}
         exact = {i for i in items if isinstance(i, str) and not (_GLOB_CHARS & set(i))}
-        return [n for n in chosen if n in self.modules or n in exact or self.aliases[n] not in canon_chosen]
-
-    def matches(self, names: NameFilter) -> list[str]:
-        """Every name (aliases included) a filter selects, unlike :meth:`resolve` which keeps one per module."""
-        if names is None:
-            return self.all_names
-        items = list(names) if isinstance(names, (list, tuple, set, frozenset)) else [names]
-        return [n for item in items for n in self._match(item, "names")]
+        kept = [n for n in chosen if n in self.modules or n in exact or self.aliases[n] not in canon_chosen]
+        return kept, chosen
 
     def _match(self, item, param: str) -> list[str]:
         every = self.all_names

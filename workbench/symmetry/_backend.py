@@ -72,6 +72,15 @@ class Backend:
         return None
 
 
+def largest_relative_change(reference, other, names) -> float:
+    """The largest ‖other − reference‖ / ‖reference‖ (float64) over ``names`` held by both caches, every call
+    of a name counted (a module called twice): how far a rounding moved the activations."""
+    norm = torch.linalg.vector_norm
+    pairs = [(a, b) for n in names if n in reference and n in other for a, b in zip(reference.calls(n), other.calls(n))]
+    return max((float(norm(b.double() - a.double()) / max(float(norm(a.double())), 1e-30)) for a, b in pairs),
+               default=0.0)
+
+
 def one_example(inputs: Any) -> Optional[torch.Tensor]:
     """The first example of an input batch (what a graph map is traced on), or None for non-tensor inputs."""
     if isinstance(inputs, torch.Tensor) and inputs.ndim >= 1 and len(inputs) >= 1:
@@ -189,10 +198,7 @@ class LayoutBackend(Backend):
         with eval_mode(model), intervene(model, rounding), torch.no_grad():
             rounded, rcache = run_with_cache(model, inputs, names=watched or None, budget=None) if watched else (model(inputs), None)
         rounded = rcache[last].flatten(0, -2) if last else self.output(rounded).detach().log_softmax(-1).flatten(0, -2)
-        norm = torch.linalg.vector_norm
-        site_floor = max((float(norm(rcache[n] - cache[n]) / max(float(norm(cache[n])), 1e-30)) for n in watched),
-                         default=0.0)
-        return rounded, site_floor
+        return rounded, largest_relative_change(cache, rcache, watched)
 
 
 def _round_lens(model, inputs, rms: bool) -> list[str]:

@@ -340,17 +340,17 @@ def _pairs_key(model: nn.Module, layer: int):
 
 
 def _measure_pairs(model: nn.Module, layer: int) -> tuple[tuple[int, int], ...]:
-    from ..hooks import intervene, run_with_cache
     from ._layout_push import clone
 
-    if model_kind(model) in _HF:
+    kind = model_kind(model)
+    if kind in _HF:
         rd = _hf_rotary_dim(hf.hf_model(model))
         if rd is not None and rd % 2:
             raise UnsupportedModelError(
                 f"the rotary dimension is {rd}, an odd number: Hugging Face's rotary embedding then modulates the "
                 f"unpaired dimension by absolute position (not a rotation of pairs), so the query/key group is not "
                 f"known: the QK spaces are left unchanged.")
-    if model_kind(model) == ModelKind.HF:
+    if kind == ModelKind.HF:
         model = hf.scratch_bridge(model, hf.hf_model(clone(model, torch.float64)))
     elif next(model.parameters()).dtype != torch.float64:
         model = clone(model, torch.float64)  # small angles of slow frequencies need the precision
@@ -363,10 +363,8 @@ def _measure_pairs(model: nn.Module, layer: int) -> tuple[tuple[int, int], ...]:
     def queries(q, name):  # [batch, pos, head, d_head]: example i carries e_i at every position
         return torch.eye(dh, dtype=q.dtype, device=q.device)[:, None, None, :].expand(q.shape).clone()
 
-    def pattern(keys):
-        with torch.no_grad(), intervene(model, {f"{a}.hook_q": queries, f"{a}.hook_k": keys}):
-            _, cache = run_with_cache(model, tokens, names=[f"{a}.hook_pattern"], budget=None)
-        return cache[f"{a}.hook_pattern"][:, 0, T - 1, :].double()  # the last query, head 0: [example, key]
+    def pattern(keys):  # the last query, head 0: [example, key]
+        return _patterns(model, a, tokens, queries, keys)[:, 0, T - 1, :]
 
     # The keys the last query sees (a sliding window may hide the oldest): with every key zero, the
     # pattern is uniform over them.
@@ -408,8 +406,8 @@ def _measure_pairs(model: nn.Module, layer: int) -> tuple[tuple[int, int], ...]:
     def random(seed, x):
         return torch.randn(x.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(x)
 
-    plain = pattern_all(model, a, tokens, lambda q, name: random(1, q), lambda k, name: random(2, k))
-    moved = pattern_all(model, a, tokens, lambda q, name: random(1, q) @ M.to(q), lambda k, name: random(2, k) @ dual.to(k))
+    plain = _patterns(model, a, tokens, lambda q, name: random(1, q), lambda k, name: random(2, k))
+    moved = _patterns(model, a, tokens, lambda q, name: random(1, q) @ M.to(q), lambda k, name: random(2, k) @ dual.to(k))
     change = (moved - plain).abs().max().item()
     if change > 1e-9:
         raise UnsupportedModelError(
@@ -432,7 +430,7 @@ def _hf_rotary_dim(model: nn.Module) -> Optional[int]:
     return int(head_dim * factor) if head_dim else None
 
 
-def pattern_all(model: nn.Module, a: str, tokens: torch.Tensor, queries, keys) -> torch.Tensor:
+def _patterns(model: nn.Module, a: str, tokens: torch.Tensor, queries, keys) -> torch.Tensor:
     """Every attention pattern of ``a`` with its queries and keys replaced (float64)."""
     from ..hooks import intervene, run_with_cache
 

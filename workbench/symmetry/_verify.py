@@ -16,7 +16,7 @@ from .._progress import ProgressLike, progress_bar
 from .._report import Report, new_axes
 from ..hooks import run_with_cache
 from ..models import eval_mode, no_grad_analysis
-from ._backend import backend_for
+from ._backend import backend_for, largest_relative_change
 from ._map import symmetry_map
 from ._sites import Site
 from ._transform import Transform, apply_transform
@@ -55,8 +55,9 @@ class InvarianceReport(Report):
     sites: list[SiteCheck] = field(default_factory=list)
     compared: str = "outputs"  # or "log-probabilities" (TransformerLens decoders), "encoder outputs" (BERT)
     kl: Optional[float] = None  # mean KL(p ‖ p') per position, for log-probabilities
-    # the measured rounding floor the tolerance was raised over (see ``rule``): a float64 model whose norms
-    # compute in float32 (largest absolute change), or a float32 model against its float64 copy (relative)
+    # the rounding floor measured when the strict check failed (``rule`` says whether it raised the tolerance):
+    # a float64 model whose norms compute in float32 (largest absolute change), or a float32 model against
+    # its float64 copy (largest relative change)
     floor: Optional[float] = None
     rule: str = ""  # the comparison rule, in words
     worst: Optional[dict] = None  # the element with the largest relative difference: index, old, new, scale
@@ -350,11 +351,7 @@ def _own_rounding(backend, model, smap, inputs, raw_out, cache, names, dtype) ->
     ref, _, _, per_row, _ = backend.compared(model, smap, None, raw_out, raw_out, cache, cache)
     ref64, _, _, _, _ = backend.compared(exact, smap, None, out64.detach(), out64.detach(), cache64, cache64)
     out_floor = _Comparison(ref64, ref.to(torch.float64), per_row, dtype).max_rel
-    norm = torch.linalg.vector_norm
-    pairs = [(a.double(), b) for n in (names or []) if n in cache and n in cache64  # every call of a name
-             for a, b in zip(cache.calls(n), cache64.calls(n))]                   # (a module called twice)
-    site_floor = max((float(norm(a - b) / max(float(norm(b)), 1e-30)) for a, b in pairs), default=0.0)
-    return out_floor, site_floor
+    return out_floor, largest_relative_change(cache64, cache, names or [])
 
 
 def _rule(compared: str, per_row: bool, tol: float, dtype: torch.dtype, classifier: bool,
