@@ -69,6 +69,13 @@ def test_four_ranks_interrupted_and_resumed_merge_exactly_in_batch_order(tmp_pat
     assert len(chunks) == 11 and all(isinstance(c, np.memmap) and not c.flags.owndata and not c.flags.writeable
                                      for c in chunks)
     np.testing.assert_array_equal(np.concatenate(chunks), ref["4"])
+    # the same memory maps as one lazy dask array: nothing read to build it, each block the mapped file itself
+    lazy = store.to_dask("4")
+    assert lazy.shape == ref["4"].shape and lazy.numblocks[0] == 11 and lazy.dtype == ref["4"].dtype
+    np.testing.assert_array_equal(lazy.compute(scheduler="sync"), ref["4"])
+    np.testing.assert_array_equal(lazy[17:31].compute(scheduler="sync"), ref["4"][17:31])
+    blocks = [d.compute(scheduler="sync") for d in lazy.to_delayed().ravel()]
+    assert all(isinstance(b, np.memmap) and not b.flags.owndata and not b.flags.writeable for b in blocks)
 
 
 @pytest.mark.slow
@@ -93,3 +100,20 @@ def test_four_gloo_ranks_sigkilled_and_resumed(tmp_path):
     ref = bench.reference(10, 5)
     for name in bench.NAMES:
         np.testing.assert_array_equal(store.array(name), ref[name])
+
+
+def test_a_dask_view_reads_nothing_until_computed_and_refuses_a_flipped_byte(tmp_path):
+    """to_dask() must not check (or read) a chunk when it is built, and must refuse a damaged one when read."""
+    model, batches, path = cnn_model(), make_batches(4), tmp_path / "acts"
+    wb.harvest(model, batches, names=["4"], path=path, progress=False, chunk_bytes=1)
+    victim = sorted(path.glob("chunk-*"))[2] / "4.npy"
+    raw = bytearray(victim.read_bytes())
+    raw[-3] ^= 0xFF  # a byte of the data, past the .npy header
+    victim.write_bytes(bytes(raw))
+    lazy = wb.ActivationStore.open(path).to_dask("4")  # built: nothing read, so nothing noticed yet
+    ref = reference(model, batches, ["4"])["4"]
+    np.testing.assert_array_equal(lazy[:10].compute(scheduler="sync"), ref[:10])  # chunks 0 and 1 are whole
+    with pytest.raises(wb.StoreCorruptError, match="checksum|cannot be trusted"):
+        lazy[10:15].compute(scheduler="sync")
+    with pytest.raises(wb.UnknownNameError):
+        wb.ActivationStore.open(path).to_dask("no such name")

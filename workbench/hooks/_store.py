@@ -23,7 +23,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .._errors import InvalidOptionError, ResumeMismatchError, StoreCorruptError, UnknownNameError, nearest
+from .._errors import (InvalidOptionError, MissingDependencyError, ResumeMismatchError, StoreCorruptError,
+                       UnknownNameError, nearest)
 from .._progress import ProgressLike, progress_bar, show_progress
 from .._repr import html_table, human_bytes, parse_bytes
 from .._threads import WriteBehind
@@ -87,7 +88,8 @@ class ActivationStore:
     """Activations harvested over many batches, one row per example, in the order of the batches.
 
     ``store.array(name)`` loads one name as a NumPy array; ``store[name]`` as a tensor;
-    ``store.iter_chunks(name)`` yields lazily memory-mapped pieces for data larger than memory.
+    ``store.iter_chunks(name)`` yields lazily memory-mapped pieces for data larger than memory, and
+    ``store.to_dask(name)`` wraps the same pieces as one lazy ``dask.array``.
     ``store.targets`` holds the labels of ``(x, y)`` batches. ``store.verify()`` checks every file.
     """
 
@@ -182,6 +184,25 @@ class ActivationStore:
         info = self._check(name)
         for seg in self._segments:
             yield seg.read(name, info)
+
+    def to_dask(self, name: str):
+        """``name`` as a lazy ``dask.array``, one block per batch in batch order, for data larger than memory.
+
+        Nothing is read when it is built; computing a block reads that batch's memory-mapped file (its
+        checksum checked on the first read, as :meth:`iter_chunks` does) and hands back a view of the map,
+        not a copy. Needs ``dask[array]`` (``pip install "dask[array]"``)."""
+        try:
+            import dask
+            import dask.array as da
+        except ImportError:
+            raise MissingDependencyError('store.to_dask() needs dask: pip install "dask[array]" '
+                                         '(or read store.iter_chunks(name), the same memory maps)') from None
+        info = self._check(name)
+        dtype = np.dtype(info["dtype"])
+        blocks = [da.from_delayed(dask.delayed(seg.read, pure=True)(name, info),
+                                  shape=(seg.stop - seg.start, *info["shape"]), dtype=dtype)
+                  for seg in self._segments]
+        return da.concatenate(blocks, axis=0) if blocks else da.zeros((0, *info["shape"]), dtype=dtype)
 
     def array(self, name: str) -> np.ndarray:
         """All rows of ``name`` as one array ``[rows, *shape]`` (loads them into memory)."""
