@@ -423,6 +423,12 @@ NOT_HOMOGENEOUS = ("ReLU6", "Hardswish", "SiLU", "GELU", "Sigmoid", "Hardsigmoid
 
 
 def allowed_groups(site) -> set:
+    if site.activation in ("attention scores", "linear (value → output)"):  # per head (tests/test_vision_transformers.py)
+        return {"gl"}
+    if site.activation == "attention heads":
+        return {"permutation"}
+    if site.activation == "none" and any("LayerNorm" in n for n in site.notes):  # a pre-LN stream (DERIVATIONS §2)
+        return {"permutation", "orthogonal_ones"}
     if site.activation == "none":  # a linear site; a concatenation's piece takes what reads the concatenation
         return {"gl"} if not any("its channels are part of" in n for n in site.notes) else {"scaled_permutation"}
     if any(a in site.activation for a in NOT_HOMOGENEOUS):
@@ -454,10 +460,13 @@ def test_real_vision_models_transform_exactly(name, one_thread):
     # every depthwise / grouped conv is inside a site, none is frozen (ConvNeXt's read its residual stream, which
     # channels-last LayerNorms and permutes freeze)
     assert couplers == (set() if name == "convnext" else grouped)
-    if name in ("vit", "mixer", "convnext"):  # the MLP hidden spaces (Mixer: token and channel MLPs); streams frozen
+    if name in ("vit", "mixer", "convnext"):  # the MLP hidden spaces (Mixer: token and channel MLPs) on the last axis;
+        # ViT's stream and attention heads: tests/test_vision_transformers.py; Mixer's and ConvNeXt's streams frozen
         blocks = {"vit": 2, "mixer": 4, "convnext": 3}[name]
-        assert [s.group.name for s in smap] == ["permutation"] * blocks
-        assert all(o.axis == -1 for s in smap for o in s.observed)
+        mlp = [s for s in smap if s.activation == "GELU"]
+        assert [s.group.name for s in mlp] == ["permutation"] * blocks
+        assert all(o.axis == -1 for s in mlp for o in s.observed)
+        assert len(smap) == blocks + (1 + 2 * 2 * 2 + 2 if name == "vit" else 0)  # stream, 2 layers × 2 heads × qk/ov, heads
     else:
         assert [r for _, r in smap.skipped] == ["the model's output"]
     new, t = wb.random_intertwiner(model, seed=2, example=x)
@@ -467,7 +476,8 @@ def test_real_vision_models_transform_exactly(name, one_thread):
     # nearest the output: an early one's change is washed out by the layers after it at default inits)
     # (RegNet: a permutation moving a channel into another group of its grouped conv)
     # (DenseNet, all ReLU: a permutation of the last concatenation that swaps channels of two pieces)
-    site = [s for s in smap if s.group.name in ("permutation", "grouped_permutation") or s.embeds][-1]
+    site = [s for s in smap if s.activation != "attention heads"
+            and (s.group.name in ("permutation", "grouped_permutation") or s.embeds)][-1]
     perm, scale = torch.arange(site.n), torch.full((site.n,), 100.0, dtype=F64)
     if site.group.name == "grouped_permutation":
         width = site.n // site.group.groups

@@ -65,10 +65,12 @@ class Space:
     shared: list[str] = field(default_factory=list)  # weight sharing that made this one space
     couplers: list[tuple[str, int, int]] = field(default_factory=list)  # grouped convs inside: (name, groups, channels)
     concat: bool = False  # made by a concatenation along the channels (its embeds are the pieces)
+    # Parameter ports (_graph_stream): ("writer" | "reader", Port, the node at that side)
+    ports: list = field(default_factory=list)
 
     def absorb(self, other: "Space") -> None:
         for f in ("frozen", "writers", "readers", "norms", "activations", "constraints", "observed", "embeds", "shared",
-                  "couplers"):
+                  "couplers", "ports"):
             getattr(self, f).extend(getattr(other, f))
         self.offsets_ok &= other.offsets_ok
         self.embedded |= other.embedded
@@ -108,12 +110,14 @@ class Graph:
     """
 
     def __init__(self, model: nn.Module, example: torch.Tensor, is_activation):
+        from ._graph_stream import is_leaf
         from ._shared import share_parameters
 
         self.model = model
         self.modules = dict(model.named_modules())
         self.is_activation = is_activation  # callable(obj) -> bool
-        self.gm = trace(model, is_activation)
+        # LayerNorms and attention modules stay whole (leaves): their rules are in _graph_stream
+        self.gm = trace(model, lambda m: is_activation(m) or is_leaf(m))
         propagate_shapes(self.gm, model, example)
         self.parent: dict[int, int] = {}
         self.spaces: dict[int, Space] = {}
@@ -122,6 +126,8 @@ class Graph:
         self.alias: dict[fx.Node, fx.Node] = {}  # a node overwritten in place → the node holding its value now
         self.uses: list[Use] = []  # parameters a transform writes, per module call
         self.refs: list[tuple[str, torch.Tensor, list[int]]] = []  # other reads of parameters: (what, tensor, spaces)
+        self.tuples: dict[fx.Node, Optional[TensorInfo]] = {}  # a module returning a tuple → its output 0 (attention)
+        self.extra_sites: list = []  # sites that are no space of the graph (inside an attention leaf)
         for node in self.gm.graph.nodes:
             self._visit(node)
         share_parameters(self)
@@ -204,6 +210,10 @@ class Graph:
             self.spaces[sid].label = node.target if node.op == "call_module" else node.name
             self.info[node] = TensorInfo(sid, "pre")
 
+    def tensor_info(self, *args, **kwargs) -> TensorInfo:
+        """A :class:`TensorInfo` (for the rule modules, which do not import this one)."""
+        return TensorInfo(*args, **kwargs)
+
     def record_use(self, *args, **kwargs) -> None:
         """A parameter a transform writes at one module call (see :class:`Use`)."""
         self.uses.append(Use(*args, **kwargs))
@@ -231,6 +241,12 @@ class Graph:
             if self.shape(node) is not None:
                 self.info[node] = TensorInfo(self.new_space("the model's input"), "pre")
         elif node.op == "get_attr":
+            from ._graph_stream import table_parameter
+
+            if not node.users:  # read and never used (fx records attribute reads near a leaf call): no value flows
+                return
+            if table_parameter(self, node, _attr(self.model, node.target)):
+                return
             sid = self.new_space(f"parameter {node.target!r} used directly in forward")
             self.info[node] = TensorInfo(sid, "pre")
             value = _attr(self.model, node.target)
@@ -258,6 +274,12 @@ class Graph:
             self._fresh(node, f"{name} ({type(m).__name__}) reads no traced tensor")
             return False
         xs = self.shape(x)
+        from ._graph_stream import attention, is_attention, is_leaf, layer_norm
+
+        if is_attention(m):
+            return attention(self, node, m, x, name)
+        if is_leaf(m) and not self.is_activation(m):
+            return layer_norm(self, node, m, x, name)
         if isinstance(m, _CONV) and m.groups > 1 and not self.last(x):
             from ._graph_vision import grouped_conv
 
@@ -380,6 +402,13 @@ class Graph:
     def _function(self, node: fx.Node, fn: Any) -> None:
         args = self._tensor_args(node)
         fname = getattr(fn, "__name__", str(fn))
+        if fn is operator.getitem and node.args and node.args[0] in self.tuples:
+            out = self.tuples[node.args[0]]
+            if node.args[1] == 0 and out is not None:
+                self.info[node] = out
+            elif self.shape(node) is not None:
+                self._fresh(node, f"output {node.args[1]} of {node.args[0].target} (attention weights) is not understood")
+            return
         if fn is getattr and args:
             if node.args[1] in _META_ATTRS:  # x.shape and friends read no values
                 return
@@ -442,6 +471,12 @@ class Graph:
             self._add(node)
         elif (name[:-1] if inplace else name) in _ACT_METHODS:
             return self._call_activation(node, _ACT_METHODS[name[:-1] if inplace else name], inplace=inplace)
+        elif name in ("view", "reshape", "flatten") and self._keeps_channels(node, x):
+            return self._out(node, x)
+        elif name in ("permute", "transpose"):
+            return self._permute(node, x)
+        elif name in ("expand", "expand_as") and self._keeps_channels(node, x):
+            return self._out(node, x)
         elif name in ("view", "reshape", "flatten") and not self._channels_first(node, x, f".{name}()"):
             return
         elif name in ("view", "reshape", "flatten"):
@@ -464,6 +499,48 @@ class Graph:
         if inplace or name == "__iadd__":
             self._overwrite(x, node)
 
+    def _keeps_channels(self, node: fx.Node, x: fx.Node) -> bool:
+        """Whether a reshape or expand of ``x`` leaves its channel axis whole where it was, changing only the
+        positions (``[B, C, h, w] → [B, C, h·w]``; ``[B, T, C] → [B·T, C]``; the class token expanded over the
+        batch): every channel map then commutes with it."""
+        xs, ys = self.shape(x), self.shape(node)
+        if xs is None or ys is None or self.info[x].block != 1 or len(xs) < 2 or len(ys) < 2:
+            return False
+        if self.last(x) or len(xs) == 2:  # channels last: the last axis kept, whatever the rest becomes
+            return ys[-1] == xs[-1]
+        return len(ys) >= 3 and ys[:2] == xs[:2]  # channels on axis 1: batch and channels kept
+
+    def _permute(self, node: fx.Node, x: fx.Node) -> None:
+        """``permute``/``transpose``: follow the channel axis (axis 1 ↔ last); the batch axis must stay first."""
+        xs = self.shape(x)
+        rank = len(xs or ())
+        args = [a for a in node.args[1:]] or list(node.kwargs.values())
+        if len(args) == 1 and isinstance(args[0], (tuple, list)):
+            args = list(args[0])
+        if not (rank >= 3 and all(isinstance(a, int) for a in args) and self.info[x].block == 1):
+            return self._fresh(node, f".{node.target}{tuple(args)} of a tensor of shape {xs} is not understood")
+        if node.target == "transpose" and len(args) == 2:
+            perm = list(range(rank))
+            a, b = args[0] % rank, args[1] % rank
+            perm[a], perm[b] = perm[b], perm[a]
+        else:
+            perm = [a % rank for a in args]
+        c = self.channel_axis(x)
+        to = perm.index(c) if sorted(perm) == list(range(rank)) else None
+        if to is None or perm[0] != 0 or to not in (1, rank - 1):
+            return self._fresh(node, f".{node.target}{tuple(args)} moves the channel axis (axis {c}) or the batch axis")
+        self._out(node, x)
+        self.info[node].last = to == rank - 1
+
+    def _broadcast_ok(self, a: fx.Node, b: fx.Node) -> bool:
+        """``a + b`` broadcasting over positions or the batch only (a position table added to every example):
+        both channel axes whole, in one place."""
+        sa, sb = self.shape(a), self.shape(b)
+        if sa is None or sb is None or not _broadcastable(sa, sb) or self.last(a) != self.last(b):
+            return False
+        c = self.channel_axis(a)
+        return sa[c] == sb[c] and self.info[a].block == self.info[b].block == 1
+
     def _spatial_reduction(self, node: fx.Node, x: fx.Node) -> bool:
         dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
         dims = (dims,) if isinstance(dims, int) else tuple(dims or ())
@@ -484,18 +561,22 @@ class Graph:
         others = [a for a in list(node.args) + list(node.kwargs.values()) if not isinstance(a, fx.Node)]
         if len(tensors) == 2:
             a, b = tensors
-            if self.shape(a) != self.shape(b):
+            if self.shape(a) != self.shape(b) and not self._broadcast_ok(a, b):
                 return self._fresh(node, "a broadcasting addition")
             if self.info[a].block != self.info[b].block or self.last(a) != self.last(b):
                 return self._fresh(node, "an addition of tensors whose channels are laid out differently")
             if {self.info[a].level, self.info[b].level} - {"pre"}:
                 self.space(a).constraints.append(("mixed_levels", node))
             self.union(self.info[a].space, self.info[b].space)
-            return self._out(node, a, level="pre")
+            return self._out(node, a if self.shape(a) == self.shape(node) else b, level="pre")
         if len(tensors) == 1 and others and all(isinstance(c, (int, float)) for c in others):
             self.space(tensors[0]).constraints.append(("constant_add", node))
             return self._out(node, tensors[0])
         self._fresh(node, "an addition that is not understood")
+
+
+def _broadcastable(sa: tuple, sb: tuple) -> bool:
+    return len(sa) == len(sb) and all(p == q or 1 in (p, q) for p, q in zip(sa, sb))
 
 
 def _attr(root: nn.Module, target: str) -> Any:

@@ -48,7 +48,7 @@ def push_graph(model: nn.Module, smap: SymmetryMap, transform, inplace: bool, hi
     else:
         # Weights about to be rewritten are not copied first: the copy gets empty tensors for them.
         memo: dict = {}
-        for name in _rewritten(smap, transform):
+        for name in _rewritten(smap, transform, old_modules):
             for p in (old_modules[name].weight, old_modules[name].bias):
                 if p is not None and id(p) not in memo:
                     memo[id(p)] = nn.Parameter(torch.empty_like(p), requires_grad=p.requires_grad)
@@ -80,14 +80,14 @@ def _with_hosts(smap: SymmetryMap, elements: dict) -> dict:
     return out
 
 
-def _rewritten(smap: SymmetryMap, transform: Transform) -> set[str]:
+def _rewritten(smap: SymmetryMap, transform: Transform, modules: dict) -> set[str]:
     """Modules whose weight and bias :func:`_apply_plan` writes in full from the original's."""
     names = set()
     for site_name in _with_hosts(smap, transform.elements):
         site = smap[site_name]
         names.update(w.name for w in site.writers)
         names.update(r.name for r in site.readers)
-    return names
+    return {n for n in names if n in modules}  # parameter ports (_graph_stream) are written through ``small``
 
 
 def _set(param: torch.Tensor, value: torch.Tensor) -> None:
@@ -104,7 +104,12 @@ def _plan_site(modules: dict, site: Site, element: GroupElement, offset, plans: 
         value = small[id(t)][2] if id(t) in small else t.double()  # a tensor moves once (shared BatchNorm)
         small[id(t)] = (module, attr, fn(value))
 
+    from ._graph_stream import plan_ports
+
+    plan_ports(modules, site, element, put, forced)  # parameters moved directly (class token, attention, LayerNorm)
     for w in site.writers:
+        if w.name not in modules:
+            continue
         rows = element
         if w.level == "prebn":
             bn = modules[w.norm]
@@ -143,6 +148,8 @@ def _plan_site(modules: dict, site: Site, element: GroupElement, offset, plans: 
             for attr in ("running_mean", "bias"):
                 put(bn_name, attr, lambda v, F=F: F.act(v, 0))
     for r in site.readers:
+        if r.name not in modules:
+            continue
         level = {"prebn": perm, "pre": element, "post": element.phi()}[r.level]
         plan = plans.setdefault(r.name, _Plan())
         plan.cols, plan.block = level.inverse().transpose(), r.block  # W ↦ W F⁻¹ is F⁻ᵀ on the input axis

@@ -11,6 +11,7 @@ from torch import nn
 from ..groups import get_group
 from ..models import TraceFailure
 from ._lattice import CONSTRAINTS, generators, restrict
+from ._graph_stream import CONSTRAINTS as STREAM_CONSTRAINTS, LN_NOTE, extra_site
 from ._graph_vision import COUPLER_NOTE, CONSTRAINTS as VISION_CONSTRAINTS, grouped
 from ._sites import Observation, Port, Site, SymmetryMap
 
@@ -82,12 +83,13 @@ def _build(graph, model_name: str, affine: bool) -> SymmetryMap:
     root_of: dict[int, Site] = {}
     for space in _parents_first(graph):
         reasons = list(dict.fromkeys(space.frozen))
-        if not space.writers and not space.embeds:
+        if not space.writers and not space.embeds and not any(r == "writer" for r, *_ in space.ports):
             if space.label and reasons:  # made by an op the rules do not know
                 skipped.append((space.label, "; ".join(reasons)))
             continue
         # a concatenation's space has no writer of its own: its pieces' writers write it
-        place = ", ".join(dict.fromkeys(w for w, _ in space.writers)) or space.label
+        place = ", ".join(dict.fromkeys([w for w, _ in space.writers] + [p.name for r, p, _ in space.ports
+                                                                         if r == "writer"])) or space.label
         if not reasons and not space.readers and not space.embedded:
             reasons.append("its values are not used (no layer reads them)")
         n = space.n
@@ -113,7 +115,7 @@ def _build(graph, model_name: str, affine: bool) -> SymmetryMap:
         for kind, node in space.constraints:
             if kind == "max_pool" and graph.info[node].level == "post" and _phi_positive(group.phi):
                 continue  # φ(M) = abs(M) or an even power is already a positive scaled permutation
-            allowed, why = {**CONSTRAINTS, **VISION_CONSTRAINTS}[kind]
+            allowed, why = {**CONSTRAINTS, **VISION_CONSTRAINTS, **STREAM_CONSTRAINTS}[kind]
             if kind == "mixed_levels":
                 if group.phi == "identity":
                     continue
@@ -141,6 +143,10 @@ def _build(graph, model_name: str, affine: bool) -> SymmetryMap:
         norm_of = {node: bn for bn, mode, node in space.norms if mode == "output"}
         writers = list(dict.fromkeys(Port(w, level_of[node].level, norm=norm_of.get(node)) for w, node in space.writers))
         readers = list(dict.fromkeys(Port(r, level_of[node].level, level_of[node].block) for r, node in space.readers))
+        writers += list(dict.fromkeys(p for r, p, _ in space.ports if r == "writer"))
+        readers += list(dict.fromkeys(p for r, p, _ in space.ports if r == "reader"))
+        if any(kind.startswith("layernorm") for kind, _ in space.constraints):
+            notes.append(LN_NOTE)
         norms = list(dict.fromkeys((bn, mode) for bn, mode, _ in space.norms))
         if norm_of and group.continuous:
             notes.append(f"BatchNorm {', '.join(sorted(set(norm_of.values())))} folds into its writer for maps that "
@@ -151,6 +157,10 @@ def _build(graph, model_name: str, affine: bool) -> SymmetryMap:
                                 axis=-1 if graph.last(node) else 1) for name, call, node in space.observed]
         act_nodes = {node for _, _, node in space.activations}
         bn_names = {bn for bn, _, _ in space.norms}
+        if any(kind.startswith("layernorm") for kind, _ in space.constraints):  # a stream: named where it starts
+            order = {node: i for i, node in enumerate(graph.gm.graph.nodes)}
+            observed, space.observed = map(list, zip(*sorted(zip(observed, space.observed),
+                                                               key=lambda p: order.get(p[1][2], 0)))) if observed else ([], [])
         ranked = ([o for o, (_, _, node) in zip(observed, space.observed) if node in act_nodes]
                   + [o for o in observed if o.name in bn_names and o.level == "pre"]
                   + [o for o in observed if o.level == "pre"] + observed)
@@ -166,6 +176,7 @@ def _build(graph, model_name: str, affine: bool) -> SymmetryMap:
         sites.append(Site(label, n, group, ", ".join(sorted(kinds)) or "none", primary.name, writers, readers,
                           norms, observed, notes, is_affine, embeds, norm_levels))
         root_of[graph.find(space.id)] = sites[-1]
+    sites += [extra_site(e) for e in graph.extra_sites]
     drop = clashes(graph, root_of)  # a shared tensor whose uses would need two different maps
     from ._graph_vision import settle_embedded
 

@@ -1,0 +1,256 @@
+"""Vision transformers in the graph backend (docs/DERIVATIONS.md §2): the pre-LN residual stream (writers: patch
+embedding, class token, position table, attention out-projections, MLP outputs; readers through LayerNorms)
+and the attention heads (per-head GL on queries/keys and on values/out-projection, head permutations), on
+torchvision's ``VisionTransformer`` (``nn.MultiheadAttention``) and timm's (fused ``qkv``).
+
+Every verdict is checked directly: a float64 copy is transformed and its outputs compared here, each output
+unit against its own scale (``changed``), never by asking ``wb.verify``; negative controls just outside the
+group (pushed as forced elements, or undone by hand) must move the outputs."""
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+from torch import nn
+
+import workbench as wb
+from workbench.groups import Dense, ScaledPermutation
+from workbench.symmetry import Transform
+
+F64 = torch.float64
+SETTINGS = settings(max_examples=20, deadline=None)
+
+
+def _import(name: str):
+    pytest.importorskip("torchvision")
+    from workbench.models import ensure_torchvision_importable, require
+
+    ensure_torchvision_importable()  # the CPU torch lacks torchvision's C++ ops (see tests/conftest.py)
+    return require(name)
+
+
+def tv_vit(layers=2, heads=2, hidden=16, mlp=32):
+    return _import("torchvision").models.VisionTransformer(image_size=32, patch_size=8, num_layers=layers,
+                                                            num_heads=heads, hidden_dim=hidden, mlp_dim=mlp, num_classes=5)
+
+
+def timm_vit(layers=2, heads=2, hidden=16, pool="token", **kw):
+    _import("timm")
+    from timm.models.vision_transformer import VisionTransformer
+
+    return VisionTransformer(img_size=32, patch_size=8, embed_dim=hidden, depth=layers, num_heads=heads, num_classes=5,
+                             global_pool=pool, **kw)
+
+
+MODELS = {"torchvision": tv_vit, "timm": timm_vit, "timm_avg": lambda: timm_vit(pool="avg")}
+
+
+def randomised(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Every parameter random in float64 (norm gains around 1, class token, position table and head too): a
+    fresh model's zeros and ones hide mistakes."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            gain = name.endswith("weight") and p.ndim == 1
+            p.copy_(torch.randn(p.shape, generator=g) * (0.3 if p.ndim == 1 else 0.5) + (1.0 if gain else 0.0))
+    return model.eval().double()
+
+
+def folded(model: nn.Module) -> nn.Module:
+    """The same architecture with every LayerNorm's gain 1 (what folding the gains into the readers leaves)."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.LayerNorm):
+                m.weight.fill_(1.0)
+    return model
+
+
+def image(n=3, seed=1):
+    return torch.randn(n, 3, 32, 32, dtype=F64, generator=torch.Generator().manual_seed(seed))
+
+
+def changed(model, new, x) -> float:
+    with torch.no_grad():
+        a, b = model.eval()(x), new.eval()(x)
+    return ((a - b).abs() / a.abs().amax(0).clamp_min(1e-300)).max().item()
+
+
+def stream(smap):
+    (site,) = [s for s in smap if any("LayerNorm" in n for n in s.notes)]
+    return site
+
+
+def force(model, site, element, x):
+    return wb.apply_transform(model, Transform({site: element}, {site: "forced"}, [site]), example=x[:1])
+
+
+def check_exact(model, x, seed=0):
+    """A random intertwiner preserves the float64 function to 1e-10 (checked here); verify passes in float64
+    and in float32."""
+    new, t = wb.random_intertwiner(model, seed=seed, example=x)
+    assert changed(model, new, x) < 1e-10
+    assert wb.verify(model, new, x, transform=t).verdict == "PASS"
+    m32 = model.float()
+    try:
+        new32, t32 = wb.random_intertwiner(m32, seed=seed, example=x.float())
+        report = wb.verify(m32, new32, x.float(), transform=t32)
+        assert report.verdict == "PASS", report.summary()
+    finally:
+        model.double()
+    return new, t
+
+
+# ------------------------------------------------------------------ the map
+@pytest.mark.parametrize("name", list(MODELS))
+def test_the_stream_and_the_heads_are_sites_with_the_derived_groups(name):
+    model = randomised(MODELS[name]())
+    smap = wb.symmetry_map(model, image(1))
+    s = stream(smap)
+    # gains kept: P (γ ↦ P·γ, β ↦ P·β); the larger exact group is stated in the notes
+    assert s.group.name == "permutation" and s.n == 16
+    assert any("s·R·(I + 1·aᵀ)" in n and "shear" in n for n in s.notes)
+    writers, readers = {p.name for p in s.writers}, {p.name for p in s.readers}
+    if name == "torchvision":
+        tables, embed = {"class_token", "encoder.pos_embedding"}, "conv_proj"
+        attn = [f"encoder.layers.encoder_layer_{i}.self_attention" for i in range(2)]
+        out, qkv, fc = "out_proj", "in_proj_weight", ("mlp.0", "mlp.3")
+        blocks = [f"encoder.layers.encoder_layer_{i}" for i in range(2)]
+        norms = [f"{b}.{ln}" for b in blocks for ln in ("ln_1", "ln_2")] + ["encoder.ln"]
+        head = "heads.head"
+    else:
+        tables, embed = {"cls_token", "pos_embed"}, "patch_embed.proj"
+        attn = [f"blocks.{i}.attn" for i in range(2)]
+        out, qkv, fc = "proj", "qkv.weight", ("mlp.fc1", "mlp.fc2")
+        blocks = [f"blocks.{i}" for i in range(2)]
+        norms = [f"{b}.{ln}" for b in blocks for ln in ("norm1", "norm2")] + ["fc_norm" if name == "timm_avg" else "norm"]
+        head = "head"
+    assert tables | {embed} <= writers
+    assert {f"{a}.{out}.weight" for a in attn} | {f"{a}.{out}.bias" for a in attn} <= writers
+    assert {f"{b}.{fc[1]}" for b in blocks} <= writers
+    assert {f"{a}.{qkv}" for a in attn} | {f"{b}.{fc[0]}" for b in blocks} | {head} <= readers
+    gains = {p.name: p.level for p in s.writers if p.name.endswith((".weight", ".bias")) and p.name.rpartition(".")[0] in norms}
+    assert gains == {**{f"{n}.weight": "perm" for n in norms}, **{f"{n}.bias": "pre" for n in norms}}
+    # the patch embedding's output is channels-first ([B, C, h, w]); the blocks' norms see [B, T, C]
+    assert {o.axis for o in s.observed if o.name == embed} == {1}
+    assert {o.axis for o in s.observed if o.name in norms[:-1]} == {-1} and len(s.observed) > len(norms)
+    for a in attn:
+        for h in range(2):
+            assert smap[f"{a}.qk.{h}"].group.name == "gl" and smap[f"{a}.qk.{h}"].n == 8
+            assert smap[f"{a}.ov.{h}"].group.name == "gl" and smap[f"{a}.ov.{h}"].n == 8
+        heads = smap[f"{a}.heads"]
+        assert heads.group.name == "permutation" and heads.n == 2
+        # queries of head 1 are rows 8..15 of the packed [q; k; v] projection, its keys 24..31, its values 40..47
+        assert {p.name for p in smap[f"{a}.qk.1"].writers} >= {f"{a}.{qkv}[8:16]"}
+        assert {p.name for p in smap[f"{a}.qk.1"].readers} >= {f"{a}.{qkv}[24:32]"}
+        assert {p.name for p in smap[f"{a}.ov.1"].readers} == {f"{a}.{out}.weight[8:16]"}
+    assert [r for _, r in smap.skipped] == ["the model's output"]
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_random_intertwiners_preserve_the_function(name):
+    model = randomised(MODELS[name]())
+    x = image()
+    new, t = check_exact(model, x)
+    s = stream(wb.symmetry_map(model, x[:1]))
+    assert not t.elements[s.name].is_identity()
+    # everything the stream names moved, the attention weights too
+    assert not torch.equal(dict(new.named_parameters())[s.writers[0].name + ".weight"],
+                           dict(model.named_parameters())[s.writers[0].name + ".weight"])
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_folded_gains_take_rotations_fixing_the_ones_vector_and_nothing_more(name):
+    model = folded(randomised(MODELS[name]()))
+    x = image()
+    s = stream(wb.symmetry_map(model, x[:1]))
+    assert s.group.name == "orthogonal_ones"
+    check_exact(model, x, seed=3)
+    # negative control: a Haar rotation (it moves 1) changes the outputs; with gains kept, even a rotation fixing 1 does
+    q = torch.linalg.qr(torch.randn(16, 16, dtype=F64, generator=torch.Generator().manual_seed(5)))[0]
+    assert changed(model, force(model, s.name, Dense(q), x), x) > 1e-3
+    gained = randomised(MODELS[name]())
+    fixing = s.group.sample(seed=1)
+    assert torch.allclose(fixing.matrix() @ torch.ones(16, dtype=F64), torch.ones(16, dtype=F64))
+    assert changed(gained, force(gained, stream(wb.symmetry_map(gained, x[:1])).name, fixing, x), x) > 1e-3
+
+
+@pytest.mark.parametrize("name", ["torchvision", "timm"])
+def test_negative_controls_outside_the_groups_change_the_function(name):
+    model = randomised(MODELS[name]())
+    x = image()
+    smap = wb.symmetry_map(model, x[:1])
+    s = stream(smap)
+    # a positive scaling of the stream: LayerNorm takes it out (to its ε) but the readers divide by it
+    scale = torch.linspace(0.5, 2.0, 16, dtype=F64)
+    assert changed(model, force(model, s.name, ScaledPermutation(torch.arange(16), scale), x), x) > 1e-3
+    # a rotation at an MLP's GELU site
+    mlp = next(site for site in smap if site.activation == "GELU")
+    q = torch.linalg.qr(torch.randn(mlp.n, mlp.n, dtype=F64, generator=torch.Generator().manual_seed(2)))[0]
+    assert changed(model, force(model, mlp.name, Dense(q), x), x) > 1e-3
+    # a query/key map whose keys are not moved by A⁻ᵀ: undo the keys' move by hand
+    a = next(site.name for site in smap if ".qk." in site.name)
+    new, t = wb.random_intertwiner(model, seed=4, sites=[a], example=x)
+    assert changed(model, new, x) < 1e-10
+    key = next(p for p in smap[a].readers if "bias" not in p.name)
+    param, rows = key.name.split("[")
+    start, stop = map(int, rows.rstrip("]").split(":"))
+    with torch.no_grad():
+        dict(new.named_parameters())[param][start:stop] = dict(model.named_parameters())[param][start:stop]
+    assert changed(model, new, x) > 1e-3
+    # a head permutation applied to the queries only: undo it on the keys
+    heads = next(site.name for site in smap if site.name.endswith(".heads"))
+    perm = ScaledPermutation(torch.tensor([1, 0]))
+    new = force(model, heads, perm, x)
+    assert changed(model, new, x) < 1e-10  # (a permutation is in the group: forced only in name)
+    param = next(p.name for p in smap[heads].writers).split("[")[0]
+    with torch.no_grad():
+        dict(new.named_parameters())[param][16:32] = dict(model.named_parameters())[param][16:32]
+    assert changed(model, new, x) > 1e-3
+
+
+def test_attention_the_rules_do_not_know_freezes_with_the_reason():
+    model = randomised(timm_vit(qk_norm=True))
+    smap = wb.symmetry_map(model, image(1))
+    reasons = " ".join(r for _, r in smap.skipped)
+    assert "q_norm (LayerNorm) is not derived here" in reasons
+    assert not any(".qk." in s.name for s in smap) and all("LayerNorm" not in " ".join(s.notes) for s in smap)
+    new, t = wb.random_intertwiner(model, seed=0, example=image())
+    assert changed(model, new, image()) < 1e-10
+
+    class CrossAttention(nn.Module):  # keys and values from another tensor than the queries: not self-attention
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 8), nn.Linear(4, 8)
+            self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+            self.out = nn.Linear(8, 2)
+
+        def forward(self, x):
+            q, kv = self.a(x), self.b(x)
+            return self.out(self.attn(q, kv, kv, need_weights=False)[0])
+
+    model = CrossAttention().double().eval()
+    x = torch.randn(2, 5, 4, dtype=F64)
+    smap = wb.symmetry_map(model, x)
+    assert "not self-attention" in " ".join(r for _, r in smap.skipped) and len(smap) == 0
+
+
+# ------------------------------------------------------------------ over sizes
+@SETTINGS
+@given(kind=st.sampled_from(["torchvision", "timm", "timm_avg"]), heads=st.sampled_from([1, 2, 4]),
+       width=st.sampled_from([1, 2]), layers=st.integers(1, 2), fold=st.booleans(), seed=st.integers(0, 100))
+def test_random_vision_transformers_keep_their_function(kind, heads, width, layers, fold, seed):
+    hidden = 4 * heads * width
+    if kind == "torchvision":
+        model = tv_vit(layers=layers, heads=heads, hidden=hidden, mlp=2 * hidden)
+    else:
+        model = timm_vit(layers=layers, heads=heads, hidden=hidden, pool="avg" if kind == "timm_avg" else "token")
+    model = randomised(model, seed)
+    if fold:
+        model = folded(model)
+    x = image(2, seed)
+    smap = wb.symmetry_map(model, x[:1])
+    assert stream(smap).group.name == ("orthogonal_ones" if fold else "permutation")
+    assert len(smap) == 1 + layers * (1 + 2 * heads + 1)  # stream; per layer: MLP, qk and ov per head, heads
+    new, t = wb.random_intertwiner(model, seed=seed, example=x)
+    assert changed(model, new, x) < 1e-10
+    assert wb.verify(model, new, x, transform=t).verdict == "PASS"

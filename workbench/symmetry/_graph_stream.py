@@ -1,0 +1,296 @@
+"""Graph rules for transformer streams in vision models (docs/DERIVATIONS.md §2): LayerNorm over the
+channels, attention as one leaf, and parameters a ``forward`` uses directly (class token, position table).
+
+Why here, in the graph backend, and not by presenting a ViT in the layout backend's canonical transformer
+layout: the layout backend reads TransformerLens/Hugging Face configs, rebuilds models of those kinds and
+compares log-probabilities at TransformerLens hook names; a torchvision or timm ViT has none of these, and
+its patch embedding (a conv), class token and pooled heads do not fit that layout. The graph backend
+already traces these models, maps their MLP sites and observes module outputs; what it lacked was four
+rules, which live here:
+
+- **LayerNorm** over the channel axis (``nn.LayerNorm`` and timm's ``LayerNorm`` on ``[…, C]``,
+  ``LayerNorm2d`` on ``[B, C, H, W]``) is a leaf that *reads a stream and stays in it*: its output moves
+  by the stream's element M when its gain γ follows the permutation part of M and its bias β follows M.
+  With a gain that is not all ones this holds for permutations only; with gain 1 (folded, or no affine
+  part) for every rotation fixing 1 (Lemma 1). The exact group is larger, s·R·(I + 1·aᵀ) (a global
+  sign and a shear); the site's note says so. The shear moves the stream and the normalised stream
+  by different maps (M and its isometric part), which a site of this backend (one element per
+  observed tensor) does not express; the sign needs a family {±1}×S_n the registry does not have.
+- **Attention** (``nn.MultiheadAttention`` with one packed ``in_proj_weight``; timm's ``Attention`` with
+  a fused ``qkv``, no q/k norms and no gate) is a leaf: the packed projection reads the stream (columns),
+  the output projection writes the next space (rows, bias). Inside, per head h: ``qk.h`` GL(d_head) (Q rows
+  and bias by A, K rows and bias by A⁻ᵀ), ``ov.h`` GL(d_head) (V rows and bias by B, out-projection
+  columns of head h by B⁻¹), and ``heads``, permutations of the heads (Q, K, V rows and out-projection
+  columns of a head together). No hook sees inside the leaf: verify checks these through the outputs.
+- **Parameter tables** (``get_attr`` of a floating ``nn.Parameter`` owned by a container, not by a layer):
+  the class token ``[1, 1, C]`` and the position table ``[1, T, C]`` write the stream along their last
+  axis (``E ↦ E·Mᵀ``).
+
+Weights these rules move are *parameter ports*: a :class:`Port` named ``module.attribute`` (optionally
+``[start:stop]``, a slice of the axis it moves), with ``axis`` the axis that moves. Their new values are
+computed in float64 and written once (``_graph_push``'s small-tensor path); several sites may move one
+tensor (the packed projection's columns by the stream, its row blocks by the heads), composed in site
+order, each a symmetry of the model as it then is.
+"""
+from __future__ import annotations
+
+import re
+from typing import Optional
+
+import torch
+from torch import fx, nn
+
+from ..groups import get_group
+from ._sites import Port
+
+# What a LayerNorm reading a space allows (read by _graph_sites._build like _lattice.CONSTRAINTS).
+CONSTRAINTS = {
+    "layernorm": ({"perm"},
+                  "a LayerNorm with its own gain reads this space: only permutations pass it with the gain and bias "
+                  "following (γ ↦ P·γ, β ↦ P·β)"),
+    "layernorm_folded": ({"perm", "rotation_ones"},
+                         "LayerNorms with gain 1 read this space: rotations fixing 1 pass them (the bias moves with the "
+                         "element; docs/DERIVATIONS.md Lemma 1)"),
+}
+LN_NOTE = ("the exact group is larger (docs/DERIVATIONS.md §2): with gains folded into the readers s·R·(I + 1·aᵀ), "
+           "R·1 = 1; with gains kept s·P·(I + 1·aᵀ). Not sampled: the global sign s (the registry has no family "
+           "{±1}×S_n) and the shear I + 1·aᵀ (it moves the stream and the normalised stream by different maps, and a "
+           "site here moves every tensor it holds by one element)")
+_LN_LAST = {"torch.nn.modules.normalization.LayerNorm", "timm.layers.norm.LayerNorm"}
+_LN_FIRST = {"torchvision.models.convnext.LayerNorm2d", "timm.layers.norm.LayerNorm2d"}
+
+
+def _qualname(m) -> str:
+    return f"{type(m).__module__}.{type(m).__qualname__}"
+
+
+def is_leaf(m: nn.Module) -> bool:
+    """Modules the trace keeps whole: LayerNorms whose forward is known, attention we understand."""
+    q = _qualname(m)
+    return q in _LN_LAST or q in _LN_FIRST or _timm_attention(m) is not None
+
+
+# ---------------------------------------------------------------------- parameter ports
+def param_port(path: str, level: str, axis: int, start: Optional[int] = None, stop: Optional[int] = None,
+               block: int = 1) -> Port:
+    """A Port moving parameter ``path`` (``module.attr``) along ``axis``, optionally only ``[start:stop]``."""
+    return Port(path + (f"[{start}:{stop}]" if start is not None else ""), level, block, axis=axis)
+
+
+def split_port(name: str) -> tuple[str, str, Optional[tuple[int, int]]]:
+    """``("module", "attr", (start, stop) or None)`` of a parameter port's name."""
+    m = re.fullmatch(r"(.*?)(?:\[(\d+):(\d+)\])?", name)
+    path, a, b = m.group(1), m.group(2), m.group(3)
+    module, _, attr = path.rpartition(".")
+    return module, attr, (int(a), int(b)) if a is not None else None
+
+
+def plan_ports(modules: dict, site, element, put, forced: bool) -> None:
+    """Record, through ``put(module, attr, fn)`` (float64, composed per tensor), what ``element`` at ``site``
+    does to every parameter port of the site. Writers move by the element (``"pre"``), φ of it
+    (``"post"``), its permutation part (``"perm"``: LayerNorm gains), or permute units of ``block``
+    (``"heads"``); readers by the inverse transpose of the element (or of φ of it)."""
+    from .._errors import InvalidOptionError
+    from ._layout_push import HeadPermutation
+
+    perm = element.perm_part()
+    for role, ports in (("writer", site.writers), ("reader", site.readers)):
+        for p in ports:
+            if p.name in modules:  # a module port: _graph_push plans it
+                continue
+            module, attr, sl = split_port(p.name)
+            if p.level == "heads":
+                if perm is None:
+                    continue  # a forced dense element at a permutation site: only its permutation part moves
+                F = HeadPermutation(perm, p.block)
+            elif p.level == "perm":
+                F = perm
+                if F is None:  # a dense element: the gain must be 1 already (the group says so), else refuse
+                    gain = getattr(modules[module], attr)
+                    if not forced and not bool((gain == 1).all()):
+                        raise InvalidOptionError(f"site {site.name!r}: a dense element cannot pass {module!r}, whose gain "
+                                                 f"is not all ones; only permutations can.")
+                    continue
+            else:
+                F = element.phi() if p.level == "post" else element
+                if role == "reader":
+                    F = F.inverse().transpose()
+            put(module, attr, lambda v, F=F, axis=p.axis, sl=sl: _act_slice(v, F, axis, sl))
+
+
+def _act_slice(v: torch.Tensor, F, axis: int, sl: Optional[tuple[int, int]]) -> torch.Tensor:
+    axis %= v.ndim
+    if sl is None:
+        return F.act(v, axis)
+    out = v.clone()  # never in place: v may be the model's own float64 tensor
+    out.narrow(axis, sl[0], sl[1] - sl[0]).copy_(F.act(v.narrow(axis, sl[0], sl[1] - sl[0]), axis))
+    return out
+
+
+def table_parameter(graph, node: fx.Node, value) -> bool:
+    """``get_attr`` of a parameter: a table writing a space along its last axis (class token, position
+    table) when it is a floating ``nn.Parameter`` whose owner is a container, not a layer (a layer's weight
+    read directly keeps the old rule: the spaces it touches freeze)."""
+    if not (isinstance(value, nn.Parameter) and value.is_floating_point() and value.ndim >= 2):
+        return False
+    owner = graph.modules.get(node.target.rpartition(".")[0])
+    if owner is None or any(isinstance(owner, t) for t in (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.LayerNorm,
+                                                          nn.MultiheadAttention, nn.BatchNorm1d, nn.BatchNorm2d)):
+        return False
+    sid = graph.new_space()
+    sp = graph.spaces[sid]
+    sp.n = value.shape[-1]
+    sp.ports.append(("writer", param_port(node.target, "pre", value.ndim - 1), node))
+    sp.label = node.target
+    graph.info[node] = graph.tensor_info(sid, "pre", last=True)
+    graph.record_use(node.target, node.target, value, sid, None, node)
+    return True
+
+
+# ---------------------------------------------------------------------- LayerNorm
+def layer_norm(graph, node: fx.Node, m: nn.Module, x: fx.Node, name: str) -> bool:
+    """A LayerNorm leaf reading ``x``: same space and level; γ by the permutation part, β by the element."""
+    first = _qualname(m) in _LN_FIRST
+    xs = graph.shape(x) or ()
+    shape = tuple(m.normalized_shape)
+    on_channels = (graph.last(x) or len(xs) == 2) if not first else (not graph.last(x) and len(xs) >= 2)
+    if len(shape) != 1 or not on_channels or xs[graph.channel_axis(x)] != shape[0]:
+        graph._fresh(node, f"{name} (LayerNorm over {shape}) does not normalise exactly the channel axis of its input "
+                           f"(shape {tuple(xs)})")
+        return False
+    sp = graph.space(x)
+    gain = m.weight if m.elementwise_affine else None
+    folded = gain is None or bool((gain == 1).all())
+    sp.constraints.append(("layernorm_folded" if folded else "layernorm", node))
+    sp.offsets_ok = False
+    sp.n = sp.n or shape[0]
+    level = graph.info[x].level
+    graph._out(node, x)
+    place = graph._place(name)
+    for attr, lvl in (("weight", "perm"), ("bias", "post" if level == "post" else "pre")):
+        t = getattr(m, attr, None)
+        if t is not None:
+            sp.ports.append(("writer", param_port(f"{name}.{attr}", lvl, 0), x))
+            graph.record_use(place, f"{name}.{attr}", t, graph.info[x].space, None, node, x, mode="layernorm")
+    return True
+
+
+# ---------------------------------------------------------------------- attention
+def _timm_attention(m: nn.Module) -> Optional[dict]:
+    """timm's ``Attention`` in the form understood: fused qkv Linear, identity q/k/out norms, no gate."""
+    if not _qualname(m).startswith("timm.") or type(m).__name__ != "Attention":
+        return None
+    qkv, proj = getattr(m, "qkv", None), getattr(m, "proj", None)
+    if not (isinstance(qkv, nn.Linear) and isinstance(proj, nn.Linear)):
+        return None
+    H, dh = getattr(m, "num_heads", None), getattr(m, "head_dim", None)
+    if not isinstance(H, int) or not isinstance(dh, int) or qkv.out_features != 3 * H * dh or proj.in_features != H * dh:
+        return None
+    return {"in_w": "qkv.weight", "in_b": "qkv.bias" if qkv.bias is not None else None, "out": proj,
+            "out_w": "proj.weight", "out_b": "proj.bias" if proj.bias is not None else None, "H": H, "dh": dh,
+            "d": qkv.in_features, "tensors": [qkv.weight, qkv.bias, proj.weight, proj.bias]}
+
+
+def _mha(m: nn.Module) -> Optional[dict]:
+    if not isinstance(m, nn.MultiheadAttention):
+        return None
+    return {"in_w": "in_proj_weight", "in_b": "in_proj_bias" if m.in_proj_bias is not None else None,
+            "out": m.out_proj, "out_w": "out_proj.weight", "out_b": "out_proj.bias" if m.out_proj.bias is not None else None,
+            "H": m.num_heads, "dh": m.head_dim, "d": m.embed_dim,
+            "tensors": [m.in_proj_weight, m.in_proj_bias, m.out_proj.weight, m.out_proj.bias]}
+
+
+def _refuse_why(m: nn.Module, node: fx.Node, graph) -> Optional[str]:
+    """Why an attention leaf is not understood, or None."""
+    if isinstance(m, nn.MultiheadAttention):
+        if not m._qkv_same_embed_dim or m.in_proj_weight is None:
+            return "separate q/k/v projection weights (kdim/vdim differ) are not understood"
+        if m.bias_k is not None or m.bias_v is not None or m.add_zero_attn:
+            return "add_bias_kv / add_zero_attn are not understood"
+        args = [graph._val(a) for a in node.args[:3]]
+        if len(args) < 3 or not (args[0] is args[1] is args[2]):
+            return "not self-attention (query, key and value are different tensors)"
+        extra = {k: v for k, v in node.kwargs.items() if v is not None and k not in ("need_weights", "average_attn_weights")}
+        if len(node.args) > 3 or extra:
+            return f"called with arguments beyond query, key, value ({sorted(extra) or 'positional'})"
+        return None
+    info = _timm_attention(m)
+    if info is None:
+        return "not understood"
+    for part in ("q_norm", "k_norm", "norm"):
+        if not isinstance(getattr(m, part, nn.Identity()), nn.Identity):
+            return f"its {part} ({type(getattr(m, part)).__name__}) is not derived here"
+    if getattr(m, "gate", None) is not None:
+        return "a gated attention output is not understood"
+    if len(node.args) > 1 or any(v not in (None, False) and not isinstance(v, fx.Node) for v in node.kwargs.values()):
+        return "called with a mask or other arguments"
+    for a in list(node.args[1:]) + list(node.kwargs.values()):  # attn_mask / is_causal placeholders
+        if isinstance(a, fx.Node) and (a.op != "placeholder" or a.meta.get("tensor_meta") is not None):
+            return "called with a mask"
+    return None
+
+
+def is_attention(m: nn.Module) -> bool:
+    return isinstance(m, nn.MultiheadAttention) or _timm_attention(m) is not None
+
+
+def attention(graph, node: fx.Node, m: nn.Module, x: fx.Node, name: str) -> bool:
+    """An attention leaf reading ``x`` (channels on the last axis); True when the transform writes it."""
+    why = _refuse_why(m, node, graph)
+    if why is None and graph.calls.get(name, 0):
+        why = "the module is called more than once (its heads would take one element per call)"
+    if why is None and not (graph.last(x) or len(graph.shape(x) or ()) == 2):
+        why = "its input's channels are not on the last axis"
+    info = _mha(m) or _timm_attention(m)
+    if why is not None:
+        graph._fresh(node, f"{name} ({type(m).__name__}): {why}")
+        if isinstance(m, nn.MultiheadAttention):
+            graph.tuples[node] = None
+        return False
+    H, dh, d = info["H"], info["dh"], info["d"]
+    D = H * dh
+    p = lambda attr: f"{name}.{attr}"  # noqa: E731
+    sp = graph.space(x)
+    sp.ports.append(("reader", param_port(p(info["in_w"]), graph.info[x].level, 1), x))
+    out = graph.new_space()
+    osp = graph.spaces[out]
+    osp.n = info["out"].out_features
+    osp.ports.append(("writer", param_port(p(info["out_w"]), "pre", 0), node))
+    if info["out_b"]:
+        osp.ports.append(("writer", param_port(p(info["out_b"]), "pre", 0), node))
+    osp.label = name
+    result = graph.tensor_info(out, "pre", last=True)
+    if isinstance(m, nn.MultiheadAttention):
+        graph.tuples[node] = result  # returns (output, weights): getitem 0 is the output
+    else:
+        graph.info[node] = result
+    place = graph._place(name)
+    graph.record_use(place, p(info["in_w"]), info["tensors"][0], graph.info[x].space, graph.info[x].space, node, x,
+                     mode="attention")
+    graph.record_use(place, p(info["out_w"]), info["tensors"][2], out, None, node, x, mode="attention")
+    # The heads: rows of the packed projection are [q; k; v], each H contiguous blocks of d_head rows.
+    ins = [(p(info["in_w"]), 0)] + ([(p(info["in_b"]), 0)] if info["in_b"] else [])
+    for h in range(H):
+        q, k, v = (slice_ * D + h * dh for slice_ in range(3))
+        graph.extra_sites.append((f"{name}.qk.{h}", dh, "gl", "attention scores", name,
+                                  [param_port(t, "pre", a, q, q + dh) for t, a in ins],
+                                  [param_port(t, "pre", a, k, k + dh) for t, a in ins],
+                                  [f"head {h}: queries by A, keys by A⁻ᵀ (q·k unchanged)"]))
+        graph.extra_sites.append((f"{name}.ov.{h}", dh, "gl", "linear (value → output)", name,
+                                  [param_port(t, "pre", a, v, v + dh) for t, a in ins],
+                                  [param_port(p(info["out_w"]), "pre", 1, h * dh, (h + 1) * dh)],
+                                  [f"head {h}: values by B, the output projection's columns by B⁻¹ (the softmax "
+                                   f"weights sum to 1, so the value bias passes)"]))
+    graph.extra_sites.append((f"{name}.heads", H, "permutation", "attention heads", name,
+                              [param_port(t, "heads", a, s * D, (s + 1) * D, block=dh) for t, a in ins for s in range(3)]
+                              + [param_port(p(info["out_w"]), "heads", 1, 0, D, block=dh)], [],
+                              ["a permutation of whole heads: their query, key and value rows and output columns"]))
+    return True
+
+
+def extra_site(entry):
+    """A Site from an ``extra_sites`` entry (attention internals: no hook sees inside the leaf)."""
+    from ._sites import Site
+
+    name, n, family, label, module, writers, readers, notes = entry
+    return Site(name, n, get_group(family, n), label, module, writers, readers, [], [], list(notes))
