@@ -1,0 +1,119 @@
+"""verify's cheaper paths (issue 21) give the verdicts of the full ones.
+
+The float32 own-rounding floor is first measured on the batch's two most different rows; a PASS on that
+floor is final, a FAIL is judged again on the whole batch's floor, and a model that mixes rows never
+uses the rows alone. Every expectation here is computed by the test itself in float64.
+"""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import workbench as wb
+from test_verdicts import deep_bn_cnn
+
+ROWS_RULE = "most different rows"  # what the rule says when the floor came from the worst rows alone
+
+
+def own_floor(model, x):
+    """This model's own float32 rounding, measured here: float32 outputs against a float64 copy's, each output
+    column over its own largest |value|."""
+    with torch.no_grad():
+        a32, a64 = model(x).double(), copy.deepcopy(model).double()(x.double())
+    a32, a64 = a32.reshape(len(a32), -1), a64.reshape(len(a64), -1)
+    return ((a32 - a64).abs() / a64.abs().amax(0)).max().item()
+
+
+def relative_change(model, new, x):
+    with torch.no_grad():
+        a, b = model(x).double(), new(x).double()
+    a, b = a.reshape(len(a), -1), b.reshape(len(b), -1)
+    return ((a - b).abs() / a.abs().amax(0)).max().item()
+
+
+@pytest.fixture(scope="module")
+def deep():
+    model, x = deep_bn_cnn(), torch.randn(32, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    new, t = wb.random_intertwiner(model, seed=0, example=x)
+    return model, x, new, t
+
+
+def test_an_exact_transform_passes_on_the_worst_rows_floor(deep):
+    model, x, new, t = deep
+    own = own_floor(model, x)
+    assert relative_change(model, new, x) > 1e-5  # the strict float32 check fails: the floor is needed
+    report = wb.verify(model, new, x, transform=t)
+    assert report.verdict == "PASS", report.summary()
+    assert ROWS_RULE in report.rule and "own rounding" in report.rule
+    # the rows' floor is the whole batch's within sampling: never above it by much, never far below
+    assert 0.5 * 10 * own <= report.tolerance <= 1.5 * 10 * own
+
+
+def test_a_fail_is_judged_on_the_whole_batch_floor(deep):
+    """A 1e-3 change in one output weight and a forced rotation FAIL, and the tolerance they fail against is
+    the whole batch's floor (the rows' one never decides a FAIL)."""
+    model, x, new, t = deep
+    own = own_floor(model, x)
+    broken = copy.deepcopy(new)
+    with torch.no_grad():
+        broken[-1].weight[3].mul_(1 + 1e-3)
+    assert relative_change(model, broken, x) > 1e-4
+    report = wb.verify(model, broken, x, transform=t)
+    assert report.verdict == "FAIL"
+    assert ROWS_RULE not in report.rule and "own rounding" in report.rule
+    assert report.tolerance == pytest.approx(10 * own, rel=0.2)
+    rotated, tr = wb.random_intertwiner(model, seed=0, example=x, group="orthogonal", allow_non_symmetry=True)
+    report = wb.verify(model, rotated, x, transform=tr)
+    assert report.verdict == "FAIL" and ROWS_RULE not in report.rule
+
+
+class RowMixing(nn.Module):
+    """The deep CNN, then every output row plus half the batch's mean output: two rows alone compute another
+    function than the same rows in the batch."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        y = self.net(x)
+        return y + 0.5 * y.mean(0, keepdim=True)
+
+
+def test_a_model_that_mixes_rows_is_measured_on_the_whole_batch():
+    model, x = RowMixing(deep_bn_cnn()).eval(), torch.randn(32, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():  # the adversary: the rows alone really are another function (10x beyond the floor)
+        alone, batch = model(x[:2]), model(x)[:2]
+    assert ((alone - batch).abs() / batch.abs().amax(0)).max() > 1e-4
+    new, t = wb.random_intertwiner(model, seed=0, example=x)
+    own = own_floor(model, x)
+    report = wb.verify(model, new, x, transform=t)
+    if relative_change(model, new, x) > 1e-5:  # the floor was needed: it is the whole batch's
+        assert ROWS_RULE not in report.rule and "own rounding" in report.rule, report.rule
+        assert report.tolerance == pytest.approx(10 * own, rel=0.2)
+    assert report.verdict == "PASS", report.summary()
+    broken = copy.deepcopy(new)
+    with torch.no_grad():
+        broken.net[-1].weight[3].mul_(1 + 1e-3)
+    assert wb.verify(model, broken, x, transform=t).verdict == "FAIL"
+
+
+class BatchSum(nn.Module):
+    """One output row for the whole batch: no output row belongs to one input row."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        return self.net(x).sum(0, keepdim=True)
+
+
+def test_outputs_that_are_not_one_row_per_input_use_the_whole_batch():
+    model, x = BatchSum(deep_bn_cnn()).eval(), torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    new, t = wb.random_intertwiner(model, seed=1, example=x)
+    report = wb.verify(model, new, x, transform=t)
+    assert ROWS_RULE not in report.rule
+    assert relative_change(model, new, x) <= report.tolerance
+    assert report.verdict == "PASS", report.summary()
