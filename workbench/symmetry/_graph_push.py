@@ -52,6 +52,10 @@ def push_graph(model: nn.Module, smap: SymmetryMap, transform, inplace: bool, hi
             for p in (old_modules[name].weight, old_modules[name].bias):
                 if p is not None and id(p) not in memo:
                     memo[id(p)] = nn.Parameter(torch.empty_like(p), requires_grad=p.requires_grad)
+        for module_name, attr, _ in small.values():  # rewritten whole below (attention weights, class tokens)
+            p = getattr(old_modules[module_name], attr)
+            if isinstance(p, nn.Parameter) and id(p) not in memo:
+                memo[id(p)] = nn.Parameter(torch.empty_like(p), requires_grad=p.requires_grad)
         new = copy.deepcopy(model, memo)
         # The copy has the same module tree: it overwrites the same activations in place.
         inherit_copy_list(model, new)

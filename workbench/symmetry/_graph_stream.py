@@ -94,6 +94,7 @@ def plan_ports(modules: dict, site, element, put, forced: bool) -> None:
     from ._layout_push import HeadPermutation
 
     perm = element.perm_part()
+    duals: dict = {}  # F⁻ᵀ per level, inverted once per site (a head's weight and bias share it)
     for role, ports in (("writer", site.writers), ("reader", site.readers)):
         for p in ports:
             if p.name in modules:  # a module port: _graph_push plans it
@@ -114,16 +115,21 @@ def plan_ports(modules: dict, site, element, put, forced: bool) -> None:
             else:
                 F = element.phi() if p.level == "post" else element
                 if role == "reader":
-                    F = F.inverse().transpose()
-            put(module, attr, lambda v, F=F, axis=p.axis, sl=sl: _act_slice(v, F, axis, sl))
+                    F = duals[p.level] if p.level in duals else duals.setdefault(p.level, F.inverse().transpose())
+            own = getattr(modules[module], attr)
+            put(module, attr, lambda v, F=F, axis=p.axis, sl=sl, own=own: _act_slice(v, F, axis, sl, v is own))
 
 
-def _act_slice(v: torch.Tensor, F, axis: int, sl: Optional[tuple[int, int]]) -> torch.Tensor:
+def _act_slice(v: torch.Tensor, F, axis: int, sl: Optional[tuple[int, int]], own: bool) -> torch.Tensor:
+    """``v`` moved by F along ``axis`` (only ``sl`` of it). A slice is moved in place unless ``v`` is the model's
+    own tensor (a float64 model's ``t.double()`` is ``t``): the per-head maps of a packed projection would
+    otherwise copy the whole weight once per head."""
     axis %= v.ndim
     if sl is None:
         return F.act(v, axis)
-    out = v.clone()  # never in place: v may be the model's own float64 tensor
-    out.narrow(axis, sl[0], sl[1] - sl[0]).copy_(F.act(v.narrow(axis, sl[0], sl[1] - sl[0]), axis))
+    out = v.clone() if own else v
+    part = out.narrow(axis, sl[0], sl[1] - sl[0])
+    part.copy_(F.act(part, axis))
     return out
 
 
