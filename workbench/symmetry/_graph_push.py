@@ -1,17 +1,17 @@
 """The graph backend's transforms: group elements pushed into a plain module's weights, module by module."""
 from __future__ import annotations
 
-import copy
-import weakref
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 from torch import nn
 
+from .._copy import deepcopy_module
 from .._errors import InvalidOptionError
 from ..groups import Dense, GroupElement, ScaledPermutation
 from ..hooks import inherit_copy_list
+from ._kernels import gather_scale_into
 from ._sites import Site, SymmetryMap
 
 
@@ -42,7 +42,8 @@ def push_graph(model: nn.Module, smap: SymmetryMap, transform, inplace: bool, hi
             site = smap[name]
             offset = site.group.offset(element) if site.affine and name not in transform.forced else None
             _plan_site(old_modules, site, element, offset, plans, small, name in transform.forced)
-        _check_ranges(old_modules, plans, small, hint or "the transform's elements move weights beyond the dtype's range")
+        hint = hint or "the transform's elements move weights beyond the dtype's range"
+        _check_ranges(old_modules, plans, small, hint, weights=inplace)
     if inplace:
         new = model
     else:
@@ -56,7 +57,7 @@ def push_graph(model: nn.Module, smap: SymmetryMap, transform, inplace: bool, hi
             p = getattr(old_modules[module_name], attr)
             if isinstance(p, nn.Parameter) and id(p) not in memo:
                 memo[id(p)] = nn.Parameter(torch.empty_like(p), requires_grad=p.requires_grad)
-        new = copy.deepcopy(model, memo)
+        new = deepcopy_module(model, memo)  # copy.deepcopy's result, faster on the hook dicts
         # The copy has the same module tree: it overwrites the same activations in place.
         inherit_copy_list(model, new)
     modules = dict(new.named_modules())
@@ -66,7 +67,9 @@ def push_graph(model: nn.Module, smap: SymmetryMap, transform, inplace: bool, hi
         scratch: dict = dict(_SCRATCH)
         done: set[int] = set()
         for module_name, plan in plans.items():
-            _apply_plan(old_modules[module_name], modules[module_name], plan, scratch, done)
+            peak = _apply_plan(old_modules[module_name], modules[module_name], plan, scratch, done)
+            if not inplace:  # a copy: its weights are checked as they are made (see _check_ranges)
+                _check_weight(old_modules, module_name, plan, hint, peak)
     return new
 
 
@@ -170,63 +173,63 @@ def _magnitude(e: Optional[GroupElement]) -> float:
     return float(e.matrix().abs().sum(1).max())
 
 
-# max|W| per parameter, remembered while the tensor is unchanged: the bound below then costs no pass over
-# the weights on repeated transforms of one model (a pass cost a third of a ResNet-18 transform under
-# load). The key adds two sampled values to the version counter, which ``p.data.copy_`` does not bump.
-_PEAKS: dict = {}
-
-
 def _peak(W: torch.Tensor) -> float:
-    flat = W.detach().reshape(-1)
-    key = (W._version, W.data_ptr(), W.dtype, flat.numel(), float(flat[0]), float(flat[-1])) if flat.numel() else None
-    hit = _PEAKS.get(id(W))
-    if key is not None and hit is not None and hit[0]() is W and hit[1] == key:
-        return hit[2]
-    lo, hi = torch.aminmax(flat) if flat.numel() else (torch.zeros(()), torch.zeros(()))
-    peak = max(abs(float(lo)), abs(float(hi)))
-    if key is not None:
-        if len(_PEAKS) > 4096:  # drop entries of tensors that are gone
-            for k in [k for k, v in _PEAKS.items() if v[0]() is None]:
-                del _PEAKS[k]
-        _PEAKS[id(W)] = (weakref.ref(W), key, peak)
-    return peak
+    """max|W| (NaN if W holds one), read now. Not remembered between transforms: a write through ``p.data``
+    changes a tensor without bumping its version, and a remembered maximum then let a float16 transform
+    write inf unrefused. A copy's weights get theirs from the compiled kernel that writes them (_kernels)."""
+    if not W.numel():
+        return 0.0
+    lo, hi = torch.aminmax(W.detach().reshape(-1))
+    return max(abs(float(lo)), abs(float(hi)))
 
 
-def _check_ranges(modules: dict, plans: dict, small: dict, hint: str) -> None:
+def _check_ranges(modules: dict, plans: dict, small: dict, hint: str, weights: bool = True) -> None:
     """Refuse a transform whose weights the parameters' dtype cannot hold (float16 overflows at 65504).
 
     A bound max|W|·‖rows‖∞·‖cols‖∞ clears almost every weight; only a weight whose bound exceeds the
-    range is transformed in float64 to see whether it really does."""
-    def refuse(what: str, value: float, dtype: torch.dtype):
-        raise InvalidOptionError(f"{hint}: {what} would reach {value:.3g}, beyond {dtype}'s largest value "
-                                 f"{torch.finfo(dtype).max:.3g}. Nothing was written.")
-
+    range is transformed in float64 to see whether it really does. ``weights=False`` checks only the
+    small tensors: a transform into a copy checks each weight as it is made (``_check_weight`` after
+    ``_apply_plan``, with the maximum the kernel read on the way), so a refusal leaves the model untouched
+    and no pass over the weights is spent on the bound."""
     for module, attr, value in small.values():
         t = getattr(modules[module], attr)
         peak = float(value.abs().max()) if value.numel() else 0.0
         if t.is_floating_point() and not peak <= torch.finfo(t.dtype).max:
-            refuse(f"{module}.{attr}", peak, t.dtype)
-    for name, plan in plans.items():
-        m = modules[name]
-        W = plan.weight if plan.weight is not None else m.weight
-        top = torch.finfo(m.weight.dtype).max
-        bound = _peak(W) * _magnitude(plan.rows) * _magnitude(plan.cols)
-        if not bound <= top:  # NaN-safe
-            shape = W.shape
-            value = W.double().reshape(shape[0], -1, plan.block) if plan.block > 1 else W.double()
-            value = plan.rows.act(value, 0) if plan.rows is not None else value
-            value = plan.cols.act(value, 1) if plan.cols is not None else value
-            peak = float(value.abs().max())
-            if not peak <= top:
-                refuse(f"{name}.weight", peak, m.weight.dtype)
-        if m.bias is not None and plan.rows is not None and not plan.zero_bias:
-            peak = float(plan.rows.act(m.bias.detach().double(), 0).abs().max())
-            if not peak <= top:
-                refuse(f"{name}.bias", peak, m.bias.dtype)
+            _refuse(hint, f"{module}.{attr}", peak, t.dtype)
+    if weights:
+        for name, plan in plans.items():
+            _check_weight(modules, name, plan, hint)
 
 
-def _apply_plan(src: nn.Module, dst: nn.Module, plan: _Plan, scratch: dict, done: set) -> None:
+def _refuse(hint: str, what: str, value: float, dtype: torch.dtype):
+    raise InvalidOptionError(f"{hint}: {what} would reach {value:.3g}, beyond {dtype}'s largest value "
+                             f"{torch.finfo(dtype).max:.3g}. Nothing was written.")
+
+
+def _check_weight(modules: dict, name: str, plan: _Plan, hint: str, peak: Optional[float] = None) -> None:
+    """The range check of one module's weight and bias (``peak``: max|W| when already known)."""
+    m = modules[name]
+    W = plan.weight if plan.weight is not None else m.weight
+    top = torch.finfo(m.weight.dtype).max
+    bound = (_peak(W) if peak is None else peak) * _magnitude(plan.rows) * _magnitude(plan.cols)
+    if not bound <= top:  # NaN-safe
+        shape = W.shape
+        value = W.double().reshape(shape[0], -1, plan.block) if plan.block > 1 else W.double()
+        value = plan.rows.act(value, 0) if plan.rows is not None else value
+        value = plan.cols.act(value, 1) if plan.cols is not None else value
+        exact = float(value.abs().max())
+        if not exact <= top:
+            _refuse(hint, f"{name}.weight", exact, m.weight.dtype)
+    if m.bias is not None and plan.rows is not None and not plan.zero_bias:
+        exact = float(plan.rows.act(m.bias.detach().double(), 0).abs().max())
+        if not exact <= top:
+            _refuse(hint, f"{name}.bias", exact, m.bias.dtype)
+
+
+def _apply_plan(src: nn.Module, dst: nn.Module, plan: _Plan, scratch: dict, done: set) -> Optional[float]:
+    """Write ``dst``'s weight and bias from ``src``'s; returns max|source weight| where the kernel measured it."""
     W, out = (plan.weight if plan.weight is not None else src.weight), dst.weight
+    peak = None
     if id(out) not in done:  # a weight shared by several modules is written once
         done.add(id(out))
         shape = out.shape
@@ -235,7 +238,7 @@ def _apply_plan(src: nn.Module, dst: nn.Module, plan: _Plan, scratch: dict, done
         if W.dtype != out.dtype:  # a float64 source (folded BatchNorm): computed in float64, like a dense map
             _set(out, _acted(W, plan.rows, plan.cols))
         else:
-            _act_into(W, out, plan.rows, plan.cols, scratch)
+            peak = _act_into(W, out, plan.rows, plan.cols, scratch)
     if dst.bias is not None and id(dst.bias) not in done:
         done.add(id(dst.bias))
         if plan.zero_bias:
@@ -246,6 +249,7 @@ def _apply_plan(src: nn.Module, dst: nn.Module, plan: _Plan, scratch: dict, done
             out = dst.weight
             c = plan.offset.to(out.dtype).reshape(1, -1, *([1] * (out.ndim - 2)))
             dst.bias.sub_((out * c).sum(dim=tuple(range(1, out.ndim))))
+    return peak
 
 
 def _acted(value: torch.Tensor, rows, cols) -> torch.Tensor:
@@ -274,30 +278,17 @@ def _buffer(scratch: dict, like: torch.Tensor) -> torch.Tensor:
     return flat[: like.numel()].view(like.shape)
 
 
-def _act_into(src: torch.Tensor, out: torch.Tensor, rows, cols, scratch: dict) -> None:
-    """``out = rows · src · colsᵀ`` along axes 0 and 1 (either may be None)."""
+def _act_into(src: torch.Tensor, out: torch.Tensor, rows, cols, scratch: dict) -> Optional[float]:
+    """``out = rows · src · colsᵀ`` along axes 0 and 1 (either may be None); max|src| if the kernel measured it."""
     if not all(isinstance(e, (ScaledPermutation, type(None))) for e in (rows, cols)) \
             or not all(_fits(e, out.dtype) for e in (rows, cols)):
         # A dense element, or scalings the dtype cannot hold on their own (float16: 1e5 is inf, though
         # 1e5·w may fit): do it in float64 (rare, and small groups).
         _set(out, _acted(src, rows, cols))
-        return
-    staged = src
-    if rows is not None:
-        target = out if cols is None and src.data_ptr() != out.data_ptr() else _buffer(scratch, src)
-        torch.index_select(src, 0, rows.perm.to(src.device), out=target)
-        staged = target
-    if cols is not None:
-        target = out if staged.data_ptr() != out.data_ptr() else _buffer(scratch, src)
-        torch.index_select(staged, 1, cols.perm.to(src.device), out=target)
-        staged = target
-    if staged.data_ptr() != out.data_ptr():
-        out.copy_(staged)
-    for axis, e in ((0, rows), (1, cols)):
-        if e is not None and e.scale is not None:
-            shape = [1] * out.ndim
-            shape[axis] = -1
-            out.mul_(e.scale.to(device=out.device, dtype=out.dtype).reshape(shape))
+        return None
+    return gather_scale_into(src, out, rows.perm if rows is not None else None, rows.scale if rows is not None else None,
+                      cols.perm if cols is not None else None, cols.scale if cols is not None else None,
+                      lambda like: _buffer(scratch, like))
 
 
 def _fits(e: Optional[GroupElement], dtype: torch.dtype) -> bool:

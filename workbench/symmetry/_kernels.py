@@ -1,0 +1,167 @@
+"""One pass per weight: ``out[i, j, …] = src[p[i], q[j], …] · r[i] · c[j]`` (a scaled permutation on axis 0,
+another on axis 1), the step every transform of a weight takes.
+
+Why a compiled kernel (measured on this project's 2-core AMD EPYC, one thread, a 2048×2048 float32
+weight; see benchmarks/results/transforms.md): a copy of the weight takes 1.4 ms. torch's kernels need
+a row gather (``index_select`` dim 0, 1.8 ms), a column gather (dim 1, 4.4–6 ms) and two in-place
+products: 7.7 ms. A column gather reads each source row in a random order, so the hardware prefetcher
+cannot see which row comes next and every row's 128 cache lines arrive as misses; AVX-512 gathers do
+not help on this CPU (6.4 ms, written in C). The loop below gathers from the source row while it
+prefetches the *next* source row: 3.3–3.5 ms, with the source held in L1 the same loop takes 2.5 ms
+(the arithmetic floor of a scalar gather here). numba compiles it (``cache=True``: once per machine);
+no well-kept library offers a fused permute-and-scale, and torch's own kernels are the fallback.
+
+numba is optional (the ``test`` extra and the benchmarks install it). Without it, or for anything it
+does not cover (a device other than the CPU, dtypes other than float32/float64, a destination that is
+not contiguous or overlaps the source, weights too small to repay the call), the torch path runs.
+Both compute the same thing in the same order, gather then ``× r`` rounded to the dtype then ``× c``
+rounded, so the two give bitwise identical weights (tests/test_transform_speed.py checks it).
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+# Below this many elements the numba call's own cost (argument typing, ~10 µs) outweighs what it saves.
+FAST_MIN_NUMEL = 1 << 14
+_FAST_DTYPES = (torch.float32, torch.float64)
+_state: dict = {"kernels": None, "tried": False}
+
+
+def gather_scale_into(src: torch.Tensor, out: torch.Tensor, row_perm: Optional[torch.Tensor],
+                      row_scale: Optional[torch.Tensor], col_perm: Optional[torch.Tensor],
+                      col_scale: Optional[torch.Tensor], buffer: Callable[[torch.Tensor], torch.Tensor],
+                      *, fast: Optional[bool] = None) -> Optional[float]:
+    """``out = (src[row_perm][:, col_perm] · row_scale[:, None]) · col_scale[None, :]`` along axes 0 and 1,
+    each factor rounded to ``out``'s dtype as it is applied (a missing perm or scale: none on that axis).
+
+    ``src`` and ``out`` have one shape (axes after 1 are carried along); ``buffer(like)`` gives scratch
+    memory shaped like ``like`` for the torch path. ``fast``: None picks the compiled kernel where it
+    applies, False forces the torch path, True requires the kernel (tests; raises where it cannot run).
+    Returns the largest ``|src|`` (NaN if any is NaN) when the compiled kernel ran, which read all of it
+    anyway; None after the torch path.
+    """
+    if fast is not False and _fast_applies(src, out, row_perm, col_perm, strict=fast is True):
+        kernels = _kernels()
+        peak = None if kernels is None else _run_fast(kernels, src, out, row_perm, row_scale, col_perm, col_scale)
+        if peak is not None:
+            return peak
+        if fast:
+            raise RuntimeError("the compiled kernel was required but numba is not available")
+    _torch_path(src, out, row_perm, row_scale, col_perm, col_scale, buffer)
+    return None
+
+
+def _torch_path(src, out, row_perm, row_scale, col_perm, col_scale, buffer) -> None:
+    """torch's kernels: each gather into new memory (or ``out``), then the two in-place products."""
+    staged = src
+    if row_perm is not None:
+        target = out if col_perm is None and src.data_ptr() != out.data_ptr() else buffer(src)
+        torch.index_select(src, 0, row_perm.to(src.device), out=target)
+        staged = target
+    if col_perm is not None:
+        target = out if staged.data_ptr() != out.data_ptr() else buffer(src)
+        torch.index_select(staged, 1, col_perm.to(src.device), out=target)
+        staged = target
+    if staged.data_ptr() != out.data_ptr():
+        out.copy_(staged)
+    for axis, scale in ((0, row_scale), (1, col_scale)):
+        if scale is not None:
+            shape = [1] * out.ndim
+            shape[axis] = -1
+            out.mul_(scale.to(device=out.device, dtype=out.dtype).reshape(shape))
+
+
+def _fast_applies(src, out, row_perm, col_perm, strict: bool) -> bool:
+    why = None
+    if src.device.type != "cpu" or out.device.type != "cpu":
+        why = "not on the CPU"
+    elif src.dtype != out.dtype or out.dtype not in _FAST_DTYPES:
+        why = f"dtype {src.dtype} → {out.dtype}"
+    elif out.ndim < 2 or src.shape != out.shape or (row_perm is None and col_perm is None):
+        why = "not a matrix with a permuted axis"
+    elif not out.is_contiguous():
+        why = "a destination that is not contiguous"
+    elif not strict and out.numel() < FAST_MIN_NUMEL:
+        why = "too small to repay the call"
+    elif _overlaps(src, out):
+        why = "a destination that overlaps the source"
+    elif src.requires_grad and torch.is_grad_enabled():
+        why = "a source that needs gradients"
+    if why is not None and strict:
+        raise RuntimeError(f"the compiled kernel cannot run here: {why}")
+    return why is None
+
+
+def _overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
+    if a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
+        return False
+    return True  # one storage: conservatively, the torch path (it stages through a buffer)
+
+
+def _checked_index(perm: Optional[torch.Tensor], n: int):
+    """The permutation as a NumPy array the kernel may index with unchecked, or False where an entry lies
+    outside [0, n) (a compiled loop without bounds checks would read outside the weight; torch's gather,
+    which then runs, raises)."""
+    if perm is None:
+        return None
+    perm = perm.detach()
+    if perm.device.type != "cpu":
+        perm = perm.cpu()
+    if perm.ndim != 1 or perm.numel() != n or perm.dtype != torch.long:
+        return False
+    lo, hi = torch.aminmax(perm)
+    if int(lo) < 0 or int(hi) >= n:
+        return False
+    return perm.numpy()
+
+
+def _scale(scale: Optional[torch.Tensor], dtype: torch.dtype):
+    """The scale in the weight's dtype: the same rounding as the torch path's ``scale.to(dtype)``."""
+    return None if scale is None else scale.detach().to(device="cpu", dtype=dtype).contiguous().numpy()
+
+
+def _run_fast(kernels, src, out, row_perm, row_scale, col_perm, col_scale) -> Optional[float]:
+    """The largest |value| of ``src`` when the compiled kernel wrote ``out`` (None: an index it must not use;
+    nothing written)."""
+    R, C = out.shape[0], out.shape[1]
+    p, q = _checked_index(row_perm, R), _checked_index(col_perm, C)
+    if p is False or q is False:
+        return None
+    K = out.numel() // max(R * C, 1)
+    s = src.detach()
+    d = out.detach()
+    r, c = _scale(row_scale, out.dtype), _scale(col_scale, out.dtype)
+    unsigned, mask = _BITS[out.dtype]
+    if K == 1:
+        s_np = s.reshape(R, C).numpy()
+        bits = kernels[0](s_np, d.view(R, C).numpy(), p, r, q, c, s_np.view(unsigned), mask, d.data_ptr() % 64,
+                          64 // out.element_size())
+    else:
+        s_np = s.reshape(R, C, K).numpy()
+        bits = kernels[1](s_np, d.view(R, C, K).numpy(), p, r, q, c, s_np.view(unsigned), mask)
+    return float(np.array([bits], dtype=unsigned).view(s_np.dtype)[0])
+
+
+# the unsigned integers of each dtype's width, and the mask that clears the sign bit (|x| as bits)
+_BITS = {torch.float32: (np.uint32, np.uint32(0x7FFFFFFF)), torch.float64: (np.uint64, np.uint64(0x7FFFFFFFFFFFFFFF))}
+
+
+def _kernels():
+    """The compiled kernels (2-D, 3-D), or None without numba or with ``WORKBENCH_NUMBA=0``."""
+    if not _state["tried"]:
+        _state["tried"] = True
+        if os.environ.get("WORKBENCH_NUMBA", "1") != "0":
+            try:
+                from . import _kernels_numba
+
+                _state["kernels"] = (_kernels_numba.gather_scale_2d, _kernels_numba.gather_scale_3d)
+            except ImportError:
+                log.debug("numba is not installed: transforms use torch's gathers")
+    return _state["kernels"]
