@@ -457,16 +457,16 @@ def test_real_vision_models_transform_exactly(name, one_thread):
         assert site.group.name in allowed_groups(site), (site, site.activation)
     couplers = {n for s in smap for n, mode in s.norms if mode == "coupler"}
     grouped = {n for n, m in model.named_modules() if isinstance(m, nn.Conv2d) and m.groups > 1}
-    # every depthwise / grouped conv is inside a site, none is frozen (ConvNeXt's read its residual stream, which
-    # channels-last LayerNorms and permutes freeze)
-    assert couplers == (set() if name == "convnext" else grouped)
+    # every depthwise / grouped conv is inside a site, none is frozen (ConvNeXt's read its residual stream)
+    assert couplers == grouped
     if name in ("vit", "mixer", "convnext"):  # the MLP hidden spaces (Mixer: token and channel MLPs) on the last axis;
-        # ViT's stream and attention heads: tests/test_vision_transformers.py; Mixer's and ConvNeXt's streams frozen
+        # ViT's and ConvNeXt's streams, ViT's attention heads: tests/test_vision_transformers.py; Mixer's stream frozen
         blocks = {"vit": 2, "mixer": 4, "convnext": 3}[name]
         mlp = [s for s in smap if s.activation == "GELU"]
         assert [s.group.name for s in mlp] == ["permutation"] * blocks
         assert all(o.axis == -1 for s in mlp for o in s.observed)
-        assert len(smap) == blocks + (1 + 2 * 2 * 2 + 2 if name == "vit" else 0)  # stream, 2 layers × 2 heads × qk/ov, heads
+        # ViT: stream, 2 layers × 2 heads × qk/ov, heads; ConvNeXt: a stream per stage
+        assert len(smap) == blocks + {"vit": 1 + 2 * 2 * 2 + 2, "convnext": 2, "mixer": 0}[name]
     else:
         assert [r for _, r in smap.skipped] == ["the model's output"]
     new, t = wb.random_intertwiner(model, seed=2, example=x)

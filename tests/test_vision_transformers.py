@@ -42,6 +42,16 @@ def timm_vit(layers=2, heads=2, hidden=16, pool="token", **kw):
                              global_pool=pool, **kw)
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Small float64 convolutions on two threads of a busy 2-core machine wait at barriers (see
+    tests/test_vision_constructs.py)."""
+    from workbench._threads import threads
+
+    with threads(1):
+        yield
+
+
 MODELS = {"torchvision": tv_vit, "timm": timm_vit, "timm_avg": lambda: timm_vit(pool="avg")}
 
 
@@ -251,6 +261,54 @@ def test_random_vision_transformers_keep_their_function(kind, heads, width, laye
     smap = wb.symmetry_map(model, x[:1])
     assert stream(smap).group.name == ("orthogonal_ones" if fold else "permutation")
     assert len(smap) == 1 + layers * (1 + 2 * heads + 1)  # stream; per layer: MLP, qk and ov per head, heads
+    new, t = wb.random_intertwiner(model, seed=seed, example=x)
+    assert changed(model, new, x) < 1e-10
+    assert wb.verify(model, new, x, transform=t).verdict == "PASS"
+
+
+# ------------------------------------------------------------------ ConvNeXt (docs/DERIVATIONS.md §4)
+def convnext(dims=(16, 32), layers=(2, 1)):
+    cn = _import("torchvision").models.convnext
+    stages = [cn.CNBlockConfig(d, dims[i + 1] if i + 1 < len(dims) else None, n) for i, (d, n) in enumerate(zip(dims, layers))]
+    return cn.ConvNeXt(stages, num_classes=5)
+
+
+def test_convnext_stages_are_streams_of_permutations():
+    model = randomised(convnext())
+    x = image()
+    smap = wb.symmetry_map(model, x[:1])
+    streams = [s for s in smap if any("LayerNorm" in n for n in s.notes)]
+    assert [(s.name, s.n, s.group.name) for s in streams] == [("features.0.0", 16, "permutation"),
+                                                               ("features.2.1", 32, "permutation")]
+    first = streams[0]
+    assert any("s·P per stage" in n for n in first.notes)
+    writers = {p.name: p.level for p in first.writers}
+    # the stem conv and its LayerNorm2d (gain by P, bias by the element), each block's fc2 and its layer scale
+    assert writers["features.0.0"] == "pre" and writers["features.0.1.weight"] == "perm"
+    assert writers["features.0.1.bias"] == "pre" and writers["features.2.0.weight"] == "perm"  # the downsampling norm
+    assert {f"features.1.{i}.block.5" for i in range(2)} <= set(writers)
+    assert {writers[f"features.1.{i}.layer_scale"] for i in range(2)} == {"perm"}
+    # the depthwise convolutions read and write the stream channel by channel (couplers), the downsampling conv reads it
+    assert {n for n, mode in first.norms if mode == "coupler"} == {"features.1.0.block.0", "features.1.1.block.0"}
+    assert "features.2.1" in {p.name for p in first.readers}
+    assert {s.name for s in smap if s.activation == "GELU"} == {"features.1.0.block.4", "features.1.1.block.4",
+                                                                "features.3.0.block.4"}
+    check_exact(model, x)
+    # negative control: a non-uniform positive scaling of a stage's stream
+    scale = torch.linspace(0.5, 2.0, 16, dtype=F64)
+    assert changed(model, force(model, first.name, ScaledPermutation(torch.arange(16), scale), x), x) > 1e-3
+
+
+@SETTINGS
+@given(dims=st.sampled_from([(8,), (8, 16), (16, 8)]), layers=st.integers(1, 2), seed=st.integers(0, 100))
+def test_random_convnexts_keep_their_function(dims, layers, seed):
+    if len(dims) * layers < 2:  # torchvision's stochastic-depth schedule divides by (blocks − 1)
+        layers = 2
+    model = randomised(convnext(dims, (layers,) * len(dims)), seed)
+    x = image(2, seed)
+    smap = wb.symmetry_map(model, x[:1])
+    assert [s.group.name for s in smap if s.activation == "none"] == ["permutation"] * len(dims)
+    assert len(smap) == len(dims) * (1 + layers) and [r for _, r in smap.skipped] == ["the model's output"]
     new, t = wb.random_intertwiner(model, seed=seed, example=x)
     assert changed(model, new, x) < 1e-10
     assert wb.verify(model, new, x, transform=t).verdict == "PASS"

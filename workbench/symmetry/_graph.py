@@ -128,6 +128,7 @@ class Graph:
         self.refs: list[tuple[str, torch.Tensor, list[int]]] = []  # other reads of parameters: (what, tensor, spaces)
         self.tuples: dict[fx.Node, Optional[TensorInfo]] = {}  # a module returning a tuple → its output 0 (attention)
         self.extra_sites: list = []  # sites that are no space of the graph (inside an attention leaf)
+        self.scales: dict[fx.Node, torch.Tensor] = {}  # get_attr of a per-channel scale (layer scale), used in products
         for node in self.gm.graph.nodes:
             self._visit(node)
         share_parameters(self)
@@ -241,11 +242,12 @@ class Graph:
             if self.shape(node) is not None:
                 self.info[node] = TensorInfo(self.new_space("the model's input"), "pre")
         elif node.op == "get_attr":
-            from ._graph_stream import table_parameter
+            from ._graph_stream import scale_parameter, table_parameter
 
             if not node.users:  # read and never used (fx records attribute reads near a leaf call): no value flows
                 return
-            if table_parameter(self, node, _attr(self.model, node.target)):
+            if table_parameter(self, node, _attr(self.model, node.target)) or \
+                    scale_parameter(self, node, _attr(self.model, node.target)):
                 return
             sid = self.new_space(f"parameter {node.target!r} used directly in forward")
             self.info[node] = TensorInfo(sid, "pre")
@@ -424,6 +426,13 @@ class Graph:
         if fn in (operator.mul, torch.mul) and len(args) == 1 and len(node.args) == 2 \
                 and isinstance(node.args[0], (int, float)):
             return self._out(node, args[0])  # 2.0 * x
+        if fn in (operator.mul, torch.mul) and len(args) == 1 and len(node.args) == 2 and not node.kwargs \
+                and any(a in self.scales for a in node.args):
+            from ._graph_stream import layer_scale
+
+            return layer_scale(self, node, args[0], next(a for a in node.args if a in self.scales))
+        if fname == "permute" and args and self._val(node.args[0]) is args[0]:
+            return self._permute(node, args[0])  # torch.permute(x, dims) (torchvision's Permute module)
         if fn in (operator.mul, torch.mul) and len(args) == 2 and len(node.args) == 2 and not node.kwargs:
             from ._graph_vision import product
 

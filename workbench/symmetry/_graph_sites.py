@@ -11,7 +11,7 @@ from torch import nn
 from ..groups import get_group
 from ..models import TraceFailure
 from ._lattice import CONSTRAINTS, generators, restrict
-from ._graph_stream import CONSTRAINTS as STREAM_CONSTRAINTS, LN_NOTE, extra_site
+from ._graph_stream import CONSTRAINTS as STREAM_CONSTRAINTS, CONVNEXT_NOTE, LN_NOTE, extra_site
 from ._graph_vision import COUPLER_NOTE, CONSTRAINTS as VISION_CONSTRAINTS, grouped
 from ._sites import Observation, Port, Site, SymmetryMap
 
@@ -146,7 +146,7 @@ def _build(graph, model_name: str, affine: bool) -> SymmetryMap:
         writers += list(dict.fromkeys(p for r, p, _ in space.ports if r == "writer"))
         readers += list(dict.fromkeys(p for r, p, _ in space.ports if r == "reader"))
         if any(kind.startswith("layernorm") for kind, _ in space.constraints):
-            notes.append(LN_NOTE)
+            notes.append(CONVNEXT_NOTE if space.couplers else LN_NOTE)
         norms = list(dict.fromkeys((bn, mode) for bn, mode, _ in space.norms))
         if norm_of and group.continuous:
             notes.append(f"BatchNorm {', '.join(sorted(set(norm_of.values())))} folds into its writer for maps that "
@@ -164,6 +164,8 @@ def _build(graph, model_name: str, affine: bool) -> SymmetryMap:
         ranked = ([o for o, (_, _, node) in zip(observed, space.observed) if node in act_nodes]
                   + [o for o in observed if o.name in bn_names and o.level == "pre"]
                   + [o for o in observed if o.level == "pre"] + observed)
+        if any(kind.startswith("layernorm") for kind, _ in space.constraints):
+            ranked = observed  # in graph order (above): where the stream starts
         primary = ranked[0] if ranked else Observation(place, 0, "pre")  # nothing observes it: named after the op
         label = primary.name + (f"#{primary.call}" if primary.call else "")
         embeds = [(site_of_space.get(graph.find(pid)), start, count, level_of[node].level)

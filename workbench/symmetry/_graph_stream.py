@@ -48,6 +48,9 @@ CONSTRAINTS = {
     "layernorm": ({"perm"},
                   "a LayerNorm with its own gain reads this space: only permutations pass it with the gain and bias "
                   "following (γ ↦ P·γ, β ↦ P·β)"),
+    "channel_scale": ({"perm", "pos_scale", "neg"},
+                      "a per-channel parameter (layer scale) multiplies this space: it takes the permutation, so only "
+                      "scaled permutations pass it"),
     "layernorm_folded": ({"perm", "rotation_ones"},
                          "LayerNorms with gain 1 read this space: rotations fixing 1 pass them (the bias moves with the "
                          "element; docs/DERIVATIONS.md Lemma 1)"),
@@ -56,6 +59,9 @@ LN_NOTE = ("the exact group is larger (docs/DERIVATIONS.md §2): with gains fold
            "R·1 = 1; with gains kept s·P·(I + 1·aᵀ). Not sampled: the global sign s (the registry has no family "
            "{±1}×S_n) and the shear I + 1·aᵀ (it moves the stream and the normalised stream by different maps, and a "
            "site here moves every tensor it holds by one element)")
+CONVNEXT_NOTE = ("the exact group is larger (docs/DERIVATIONS.md §4): s·P per stage, and each depthwise convolution's "
+                 "output its own sign; not sampled: the signs (the registry has no family {±1}×S_n, and one element "
+                 "acts on both sides of a depthwise convolution here)")
 _LN_LAST = {"torch.nn.modules.normalization.LayerNorm", "timm.layers.norm.LayerNorm"}
 _LN_FIRST = {"torchvision.models.convnext.LayerNorm2d", "timm.layers.norm.LayerNorm2d"}
 
@@ -137,12 +143,9 @@ def table_parameter(graph, node: fx.Node, value) -> bool:
     """``get_attr`` of a parameter: a table writing a space along its last axis (class token, position
     table) when it is a floating ``nn.Parameter`` whose owner is a container, not a layer (a layer's weight
     read directly keeps the old rule: the spaces it touches freeze)."""
-    if not (isinstance(value, nn.Parameter) and value.is_floating_point() and value.ndim >= 2):
-        return False
-    owner = graph.modules.get(node.target.rpartition(".")[0])
-    if owner is None or any(isinstance(owner, t) for t in (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.LayerNorm,
-                                                          nn.MultiheadAttention, nn.BatchNorm1d, nn.BatchNorm2d)):
-        return False
+    if not (isinstance(value, nn.Parameter) and value.is_floating_point() and value.ndim >= 2 and value.shape[-1] > 1
+            and all(d == 1 for d in value.shape[:-2]) and _owned_by_container(graph, node)):
+        return False  # a table is [1, C] / [1, 1, C] / [1, T, C]: rows of channel vectors
     sid = graph.new_space()
     sp = graph.spaces[sid]
     sp.n = value.shape[-1]
@@ -151,6 +154,47 @@ def table_parameter(graph, node: fx.Node, value) -> bool:
     graph.info[node] = graph.tensor_info(sid, "pre", last=True)
     graph.record_use(node.target, node.target, value, sid, None, node)
     return True
+
+
+def _owned_by_container(graph, node: fx.Node) -> bool:
+    owner = graph.modules.get(node.target.rpartition(".")[0])
+    return owner is not None and not any(isinstance(owner, t) for t in (
+        nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.LayerNorm, nn.MultiheadAttention, nn.BatchNorm1d, nn.BatchNorm2d))
+
+
+def scale_parameter(graph, node: fx.Node, value) -> bool:
+    """``get_attr`` of a parameter with one axis longer than 1 (ConvNeXt's layer scale ``[C, 1, 1]``, timm's
+    ``LayerScale.gamma`` ``[C]``) whose every use is a product with one tensor: remembered, for
+    :func:`layer_scale` to place once it sees what it multiplies."""
+    import operator
+
+    if not (isinstance(value, nn.Parameter) and value.is_floating_point() and _owned_by_container(graph, node)):
+        return False
+    if sum(d > 1 for d in value.shape) != 1 or not all(
+            u.op == "call_function" and u.target in (operator.mul, torch.mul) and len(u.args) == 2 and not u.kwargs
+            for u in node.users):
+        return False
+    graph.scales[node] = value
+    return True
+
+
+def layer_scale(graph, node: fx.Node, x: fx.Node, g: fx.Node) -> None:
+    """``γ * x`` with γ broadcasting along ``x``'s channel axis only: per channel, so a scaled permutation D·P of x
+    passes it when γ takes P (``(γ ⊙ D·P·y) = D·P·(P⁻¹γ ⊙ y)``); same space and level as x."""
+    value = graph.scales[g]
+    xs, ps = graph.shape(x) or (), tuple(value.shape)
+    c, off = graph.channel_axis(x) if xs else 1, len(xs) - len(ps)
+    ok = off >= 0 and 0 <= c - off < len(ps) and ps[c - off] == xs[c] and graph.info[x].block == 1 \
+        and all(d == 1 for i, d in enumerate(ps) if i != c - off)
+    if not ok:
+        return graph._fresh(node, f"a product with parameter {g.target!r} {ps} that does not scale the channels of "
+                                  f"{tuple(xs)} one by one")
+    sp = graph.space(x)
+    sp.constraints.append(("channel_scale", node))
+    sp.offsets_ok = False
+    sp.ports.append(("writer", param_port(g.target, "perm", c - off), x))
+    graph.record_use(g.target, g.target, value, graph.info[x].space, None, node, x, mode="scale")
+    graph._out(node, x)
 
 
 # ---------------------------------------------------------------------- LayerNorm
