@@ -117,3 +117,75 @@ def test_outputs_that_are_not_one_row_per_input_use_the_whole_batch():
     assert ROWS_RULE not in report.rule
     assert relative_change(model, new, x) <= report.tolerance
     assert report.verdict == "PASS", report.summary()
+
+
+# ------------------------------------------------------------------ the new model compared as it runs (watch)
+class InPlace(nn.Module):
+    """conv → bn → relu(inplace) → (+= skip): the bn output is overwritten twice after it is produced."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn, self.relu = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        out = self.relu(self.bn(self.conv(x)))
+        out += 1.0
+        return out
+
+
+def test_watch_sees_each_value_before_a_later_in_place_write_and_leaves_no_hook():
+    model, x = InPlace().eval(), torch.randn(2, 3, 5, 5)
+    seen = {}
+    with torch.no_grad():
+        expected_bn = model.bn(model.conv(x)).clone()  # computed here, outside any hook
+        with wb.hooks.watch(model, {"bn": lambda h, name: seen.setdefault(name, h.clone())}):
+            model(x)
+    assert torch.equal(seen["bn"], expected_bn)  # the relu_ and += that followed did not reach it
+    assert not any(m._forward_hooks for m in model.modules())
+    with pytest.raises(ZeroDivisionError):  # an exception inside the block removes the hooks too
+        with wb.hooks.watch(model, {"bn": lambda h, name: 1 / 0}):
+            model(x)
+    assert not any(m._forward_hooks for m in model.modules())
+
+
+def test_an_in_place_model_forced_off_its_group_fails_and_an_exact_transform_passes():
+    """The watched comparison of the new model happens before its in-place ReLU and +=: a forced rotation at
+    the ReLU must FAIL, an exact P·D must PASS (both checked here directly in float64)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(InPlace(), nn.Flatten(), nn.Linear(100, 3)).eval()
+    x = torch.randn(16, 3, 5, 5, generator=torch.Generator().manual_seed(0))
+    new, t = wb.random_intertwiner(model, seed=0, example=x)
+    assert relative_change(model.double(), new.double(), x.double()) < 1e-10
+    model, new = model.float(), new.float()
+    assert wb.verify(model, new, x, transform=t).verdict == "PASS"
+    rotated, tr = wb.random_intertwiner(model, seed=0, example=x, group="orthogonal", allow_non_symmetry=True)
+    assert relative_change(model, rotated, x) > 1e-3
+    report = wb.verify(model, rotated, x, transform=tr)
+    assert report.verdict == "FAIL" and not report.equivariant
+
+
+class CallsTwice(nn.Module):
+    def __init__(self, shared=True):
+        super().__init__()
+        self.a, self.b, self.relu = nn.Linear(4, 6), nn.Linear(6, 6), nn.ReLU()
+        self.relu2 = self.relu if shared else nn.ReLU()
+        self.out = nn.Linear(6, 2)
+
+    def forward(self, x):
+        return self.out(self.relu2(self.b(self.relu(self.a(x)))))
+
+
+def test_a_new_model_that_never_produces_an_observed_activation_fails():
+    """The same function, but the new model's second ReLU is another module: the original's second call of
+    ``relu`` has no counterpart, so that hook point cannot match (FAIL, never a silent pass)."""
+    torch.manual_seed(0)
+    model, x = CallsTwice().eval(), torch.randn(8, 4)
+    new, t = wb.random_intertwiner(model, seed=0, example=x)
+    assert wb.verify(model, new, x, transform=t).verdict == "PASS"
+    split = copy.deepcopy(new)
+    split.relu2 = nn.ReLU()
+    assert relative_change(new, split, x) == 0  # the function is the same
+    observed = {(o.name, o.call) for s in wb.symmetry_map(model, x[:1]) for o in s.observed}
+    assert ("relu", 1) in observed  # the second call is a hook point of a site
+    report = wb.verify(model, split, x, transform=t)
+    assert report.verdict == "FAIL" and not report.equivariant

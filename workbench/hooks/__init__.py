@@ -1,8 +1,8 @@
 """Capture and edit activations of any ``torch.nn.Module`` or TransformerLens model, with one API."""
 from ._cache import ActivationCache
-from ._capture import capture, inherit_copy_list, intervene, run_with_cache
+from ._capture import capture, inherit_copy_list, intervene, run_with_cache, watch
 from ._names import HookNames, hook_names
 from ._store import ActivationStore, harvest
 
 __all__ = ["ActivationCache", "ActivationStore", "HookNames", "capture", "hook_names", "inherit_copy_list", "intervene",
-           "run_with_cache", "harvest"]
+           "run_with_cache", "harvest", "watch"]

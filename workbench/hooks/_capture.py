@@ -529,6 +529,38 @@ def intervene(model: nn.Module, edits: Mapping[Any, Any]):
             h.remove()
 
 
+@contextmanager
+def watch(model: nn.Module, fns: Mapping[str, Callable[[torch.Tensor, str], None]]):
+    """Call ``fn(activation, name)`` on each activation of the named hook points as the model produces it,
+    storing and replacing nothing, while the context is open.
+
+    For checks that need a value only at the moment it exists: the hook runs before any later in-place op
+    can overwrite the value, so nothing has to be copied (``verify`` compares the new model's activations
+    this way instead of capturing them). Hooks run after those already on the module, as a capture's do;
+    ``fn`` runs with torch-function modes off (a capture's write guard does not see its arithmetic), and
+    only on tensor outputs. The hooks are removed when the block ends, also on an exception.
+    """
+    points = hook_points(model, probe=False)
+    handles = []
+    try:
+        for key, fn in fns.items():
+            for name in points.resolve(key, param="watch"):
+                module = points.modules[points.canonical(name)]
+                handles.append(module.register_forward_hook(_watch_hook(name, fn, _conversion(module))))
+        yield model
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _watch_hook(name: str, fn: Callable, convert=None) -> Callable:
+    def hook(module, args, output):
+        if isinstance(output, torch.Tensor):
+            with _quiet():
+                fn(output.detach() if convert is None else convert.convert(output).detach(), name)
+    return hook
+
+
 def _conversion(module: nn.Module):
     """A TransformerBridge hook point's view conversion (e.g. ``[b, p, d_model] -> [b, p, head, d_head]``).
 

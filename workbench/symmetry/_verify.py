@@ -14,7 +14,7 @@ from .._errors import InvalidOptionError, UnknownNameError
 from .._offload import offloaded_modules
 from .._progress import ProgressLike, progress_bar
 from .._report import Report, new_axes
-from ..hooks import run_with_cache
+from ..hooks import run_with_cache, watch
 from ..models import eval_mode, no_grad_analysis
 from ._backend import backend_for, largest_relative_change
 from ._map import symmetry_map
@@ -212,7 +212,13 @@ def _verify(model, new_model, inputs, transform, dtype, tolerance, bar) -> Invar
         out, cache = run_with_cache(model, inputs, names=names or None, budget=None, device=None) if names else (model(inputs), None)
         bar.update()
         bar.set_postfix_str("new model")
-        new_out, new_cache = run_with_cache(new_model, inputs, names=names or None, budget=None, device=None) if names else (new_model(inputs), None)
+        # The new model's activations are compared with F·h as its modules produce them (``watch``), not
+        # captured: nothing of it is copied before an in-place op or held, and each is compared while in cache.
+        expected = _expected(backend, sites, transform, cache)
+        measured: dict[tuple[str, int], torch.Tensor] = {}
+        with watch(new_model, _measure(expected, cache, measured)):
+            new_out, new_cache = (run_with_cache(new_model, inputs, names=extra, budget=None, device=None) if extra
+                                  else (new_model(inputs), None))
         bar.update()
     out, new_out = backend.output(out), backend.output(new_out)  # a Hugging Face model's logits
     for value, which in ((out, "model"), (new_out, "new_model")):
@@ -223,7 +229,7 @@ def _verify(model, new_model, inputs, transform, dtype, tolerance, bar) -> Invar
                                                            cache, new_cache)
     cmp = _Comparison(out, new_out, per_row, run_dtype)
     bar.set_postfix_str("sites")
-    checks = _site_checks(backend, sites, transform, cache, new_cache, bar)
+    checks = _site_checks(sites, transform, expected, measured, bar)
     bar.update(max(0, bar.total - bar.n))  # sites that could not be checked (an untraceable model) are steps done
     floor, floored = None, None
     strict_fail = cmp.max_rel > tol or any(c.equivariance_error > tol for c in checks)
@@ -426,13 +432,12 @@ def _param_dtype(model: nn.Module) -> torch.dtype:
     return p.dtype if p is not None else torch.get_default_dtype()
 
 
-def _site_checks(backend, sites: list[Site], transform: Optional[Transform], cache, new_cache, bar=None) -> list[SiteCheck]:
-    """Per site: the largest ‖h' − F·h‖ and ‖h' − h‖ over its observed hook points, relative to the
-    larger of ‖h‖ and ‖F·h‖ (a large scaling makes h' big, and its rounding with it).
+def _expected(backend, sites: list[Site], transform: Optional[Transform], cache) -> dict[tuple[str, int], torch.Tensor]:
+    """Where each observed activation of the new model must be: ``(name, call) -> F·h``.
 
-    Where several sites move one hook (a head's QK map and the head permutation both move
-    ``hook_q``), the expected activation applies every site's element in the transform's order. In the
-    activations' own dtype: its rounding (~1e-7 in float32) is far below the dtype's tolerance.
+    Where several sites move one hook (a head's QK map and the head permutation both move ``hook_q``), the
+    expected activation applies every site's element in the transform's order. In the activations' own
+    dtype: its rounding (~1e-7 in float32) is far below the dtype's tolerance.
     """
     expected: dict[tuple[str, int], torch.Tensor] = {}
     for s in sites:
@@ -442,33 +447,44 @@ def _site_checks(backend, sites: list[Site], transform: Optional[Transform], cac
             moved = backend.observe(s, element, o, expected.get(key, cache.calls(o.name)[o.call]), forced)
             if moved is not None:
                 expected[key] = moved
-    # Per observation: ‖h' − F·h‖, ‖h' − h‖, ‖h‖ and ‖F·h‖, kept as tensors and read back at the end (an
-    # ``.item()`` each would wait for the device every time), with one scratch difference, not two.
-    norms: list[torch.Tensor] = []
-    counts: list[int] = []
+    return expected
+
+
+def _measure(expected: dict, cache, measured: dict) -> dict:
+    """``watch`` callbacks that compare each new activation with its expected value as it is produced:
+    ``measured[(name, call)]`` = [‖h' − F·h‖, ‖h' − h‖, ‖h‖, ‖F·h‖], kept as a tensor on the activation's
+    device (an ``.item()`` each would wait for the device every time), with one scratch difference, not two."""
+    calls: dict[str, int] = {}
     norm = torch.linalg.vector_norm
-    with torch.no_grad():
-        for s in sites:
-            count = 0
-            for o in s.observed:
-                want = expected.get((o.name, o.call))
-                if want is None:
-                    continue
-                h, h_new = cache.calls(o.name)[o.call], new_cache.calls(o.name)[o.call]
-                diff = torch.sub(h_new, want)
-                eq = norm(diff)
-                change = norm(torch.sub(h_new, h, out=diff))
-                norms.append(torch.stack([eq, change, norm(h), norm(want)]))  # on the activations' device
-                count += 1
-            counts.append(count)
-            if bar is not None:
-                bar.update()
-    values = [v.tolist() for v in norms]  # the first waits for the device; the rest are ready by then
-    checks, i = [], 0
-    for s, count in zip(sites, counts):
-        rows = [(e, c, max(nh, nw, 1e-30)) for e, c, nh, nw in values[i:i + count]]
-        i += count
+
+    def compare(h_new: torch.Tensor, name: str) -> None:
+        call = calls[name] = calls.get(name, -1) + 1
+        want = expected.get((name, call))
+        if want is None:
+            return
+        h = cache.calls(name)[call]
+        diff = torch.sub(h_new, want)
+        eq = norm(diff)
+        change = norm(torch.sub(h_new, h, out=diff))
+        measured[(name, call)] = torch.stack([eq, change, norm(h), norm(want)])
+    return {name: compare for name in {n for n, _ in expected}}
+
+
+def _site_checks(sites: list[Site], transform: Optional[Transform], expected: dict, measured: dict,
+                 bar=None) -> list[SiteCheck]:
+    """Per site: the largest ‖h' − F·h‖ and ‖h' − h‖ over its observed hook points, relative to the
+    larger of ‖h‖ and ‖F·h‖ (a large scaling makes h' big, and its rounding with it). An expected
+    activation the new model never produced counts as infinitely far (the models differ in structure).
+    """
+    values = {k: v.tolist() for k, v in measured.items()}  # the first waits for the device; the rest are ready
+    missing = [math.inf, math.inf, 1.0, 1.0]
+    checks = []
+    for s in sites:
+        keys = [k for k in ((o.name, o.call) for o in s.observed) if k in expected]
+        rows = [(e, c, max(nh, nw, 1e-30)) for e, c, nh, nw in (values.get(k, missing) for k in keys)]
         eq = max((e / sc for e, _, sc in rows), default=0.0)
         change = max((c / sc for _, c, sc in rows), default=0.0)
-        checks.append(SiteCheck(s.name, transform.groups[s.name], eq, change, count))
+        checks.append(SiteCheck(s.name, transform.groups[s.name], eq, change, len(rows)))
+        if bar is not None:
+            bar.update()
     return checks
