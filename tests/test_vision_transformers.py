@@ -1,7 +1,9 @@
 """Vision transformers in the graph backend (docs/DERIVATIONS.md §2): the pre-LN residual stream (writers: patch
 embedding, class token, position table, attention out-projections, MLP outputs; readers through LayerNorms)
 and the attention heads (per-head GL on queries/keys and on values/out-projection, head permutations), on
-torchvision's ``VisionTransformer`` (``nn.MultiheadAttention``) and timm's (fused ``qkv``).
+torchvision's ``VisionTransformer`` (``nn.MultiheadAttention``) and timm's (fused ``qkv``); ConvNeXt's stages (§4:
+depthwise convolutions and LayerNorm2d read the stream, layer scales take its permutation); MLP-Mixer's channel
+stream and token-hidden spaces (§2, Mixer: the token MLP maps positions per channel).
 
 Every verdict is checked directly: a float64 copy is transformed and its outputs compared here, each output
 unit against its own scale (``changed``), never by asking ``wb.verify``; negative controls just outside the
@@ -14,7 +16,7 @@ from hypothesis import given, settings, strategies as st
 from torch import nn
 
 import workbench as wb
-from workbench.groups import Dense, ScaledPermutation
+from workbench.groups import Dense, ScaledPermutation, get_group
 from workbench.symmetry import Transform
 
 F64 = torch.float64
@@ -86,7 +88,7 @@ def changed(model, new, x) -> float:
 
 
 def stream(smap):
-    (site,) = [s for s in smap if any("LayerNorm" in n for n in s.notes)]
+    (site,) = [s for s in smap if any("residual stream" in n for n in s.notes)]
     return site
 
 
@@ -277,7 +279,7 @@ def test_convnext_stages_are_streams_of_permutations():
     model = randomised(convnext())
     x = image()
     smap = wb.symmetry_map(model, x[:1])
-    streams = [s for s in smap if any("LayerNorm" in n for n in s.notes)]
+    streams = [s for s in smap if any("residual stream" in n for n in s.notes)]
     assert [(s.name, s.n, s.group.name) for s in streams] == [("features.0.0", 16, "permutation"),
                                                                ("features.2.1", 32, "permutation")]
     first = streams[0]
@@ -309,6 +311,53 @@ def test_random_convnexts_keep_their_function(dims, layers, seed):
     smap = wb.symmetry_map(model, x[:1])
     assert [s.group.name for s in smap if s.activation == "none"] == ["permutation"] * len(dims)
     assert len(smap) == len(dims) * (1 + layers) and [r for _, r in smap.skipped] == ["the model's output"]
+    new, t = wb.random_intertwiner(model, seed=seed, example=x)
+    assert changed(model, new, x) < 1e-10
+    assert wb.verify(model, new, x, transform=t).verdict == "PASS"
+
+
+# ------------------------------------------------------------------ MLP-Mixer (docs/DERIVATIONS.md §2, Mixer)
+def mixer(blocks=2, dim=16, patch=8, ratio=(0.5, 2.0)):
+    _import("timm")
+    from timm.models.mlp_mixer import MlpMixer
+
+    return MlpMixer(num_classes=5, img_size=32, patch_size=patch, num_blocks=blocks, embed_dim=dim, mlp_ratio=ratio)
+
+
+def test_mixer_channel_stream_takes_permutations_and_the_token_mlp_its_own_site():
+    model = randomised(mixer())
+    x = image()
+    smap = wb.symmetry_map(model, x[:1])
+    s = stream(smap)
+    assert (s.name, s.n, s.group.name) == ("stem.proj", 16, "permutation")
+    assert any("s·P·(I + 1·aᵀ)" in n and "no rotation" in n for n in s.notes)
+    # the token MLP maps positions: its Linears neither write nor read the stream, its LayerNorm does
+    names = {p.name for p in s.writers} | {p.name for p in s.readers}
+    assert {"blocks.0.norm1.weight", "blocks.0.mlp_channels.fc1", "blocks.0.mlp_channels.fc2", "head"} <= names
+    assert not any("mlp_tokens" in n for n in names)
+    token = smap["blocks.0.mlp_tokens.fc1"]  # the token-hidden space: 16 tokens → 8, GELU → P
+    assert (token.n, token.group.name, [p.name for p in token.readers]) == (8, "permutation", ["blocks.0.mlp_tokens.fc2"])
+    assert [r for _, r in smap.skipped][-1] == "the model's output"
+    check_exact(model, x)
+    # negative controls: even with gains 1 no rotation fixing 1 passes (the token MLP's GELU sees the channels)
+    flat = folded(randomised(mixer()))
+    s = stream(wb.symmetry_map(flat, x[:1]))
+    assert s.group.name == "permutation"
+    rotation = get_group("orthogonal_ones", 16).sample(seed=3)
+    assert changed(flat, force(flat, s.name, rotation, x), x) > 1e-3
+    # a positive scaling of the token-hidden space
+    scale = ScaledPermutation(torch.arange(8), torch.linspace(0.5, 2.0, 8, dtype=F64))
+    assert changed(model, force(model, "blocks.0.mlp_tokens.fc1", scale, x), x) > 1e-3
+
+
+@SETTINGS
+@given(blocks=st.integers(1, 2), dim=st.sampled_from([4, 8, 12]), patch=st.sampled_from([8, 16]),
+       ratio=st.sampled_from([(0.5, 2.0), (1.0, 1.0)]), seed=st.integers(0, 100))
+def test_random_mixers_keep_their_function(blocks, dim, patch, ratio, seed):
+    model = randomised(mixer(blocks, dim, patch, ratio), seed)
+    x = image(2, seed)
+    smap = wb.symmetry_map(model, x[:1])
+    assert stream(smap).group.name == "permutation" and len(smap) == 1 + 2 * blocks
     new, t = wb.random_intertwiner(model, seed=seed, example=x)
     assert changed(model, new, x) < 1e-10
     assert wb.verify(model, new, x, transform=t).verdict == "PASS"

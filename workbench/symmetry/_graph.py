@@ -86,6 +86,10 @@ class TensorInfo:
     block: int = 1  # features per channel after a flatten (channel-major blocks)
     coupled: bool = False  # passed a grouped conv since its space's last nonlinearity (see _graph_vision)
     last: bool = False  # the channel axis is the last one ([batch, …, features]: a token-wise Linear wrote it)
+    # A second space on the last axis of a channels-first tensor: a Linear over its positions wrote it (MLP-Mixer's
+    # token MLP acts on [batch, channels, tokens]); see Graph._position_linear.
+    token: Optional[int] = None
+    token_level: str = "pre"
 
 
 @dataclass
@@ -128,6 +132,7 @@ class Graph:
         self.refs: list[tuple[str, torch.Tensor, list[int]]] = []  # other reads of parameters: (what, tensor, spaces)
         self.tuples: dict[fx.Node, Optional[TensorInfo]] = {}  # a module returning a tuple → its output 0 (attention)
         self.extra_sites: list = []  # sites that are no space of the graph (inside an attention leaf)
+        self.consumed: set[int] = set()  # second spaces read by a Linear over positions (not frozen by it)
         self.scales: dict[fx.Node, torch.Tensor] = {}  # get_attr of a per-channel scale (layer scale), used in products
         for node in self.gm.graph.nodes:
             self._visit(node)
@@ -222,7 +227,7 @@ class Graph:
     def _observe(self, node: fx.Node, name: str) -> None:
         k = self.calls.get(name, 0)
         self.calls[name] = k + 1
-        if node in self.info:
+        if node in self.info and self.info[node].token is None:  # a tensor moved by two sites is checked by the outputs
             self.space(node).observed.append((name, k, node))
 
     def _place(self, name: str) -> str:
@@ -238,6 +243,17 @@ class Graph:
 
     # ------------------------------------------------------------------ the rules
     def _visit(self, node: fx.Node) -> None:
+        carried = {self.info[a].token for a in self._tensor_args(node) if self.info[a].token is not None}
+        self._rule(node)
+        # A second space (on the last axis) survives only the rules that carry it on or read it; any other op may
+        # move or reduce that axis.
+        kept = self.info[node].token if node in self.info else None
+        for t in carried - {kept} - self.consumed:
+            self.spaces[self.find(t)].frozen.append(
+                f"{node.target if node.op == 'call_module' else node.name} acts on the last axis of a tensor whose "
+                f"channels are on axis 1 (a Linear over positions wrote that axis)")
+
+    def _rule(self, node: fx.Node) -> None:
         if node.op == "placeholder":
             if self.shape(node) is not None:
                 self.info[node] = TensorInfo(self.new_space("the model's input"), "pre")
@@ -286,6 +302,10 @@ class Graph:
             from ._graph_vision import grouped_conv
 
             return grouped_conv(self, node, m, x, name)
+        if isinstance(m, nn.Linear) and len(xs or ()) >= 3 and not self.last(x) and not self.space(x).frozen:
+            # (a frozen space's layout may be unknown — the model's input [batch, tokens, features] — and it cannot
+            # move anyway: the Linear then writes its last axis as usual)
+            return self._position_linear(node, m, x, name)
         if isinstance(m, nn.Linear) or (isinstance(m, _CONV) and m.groups == 1 and m.padding_mode == "zeros"):
             rank = len(xs or ())
             # A Linear acts on the last axis: a reader of x's space when x's channels are there (rank 2, or a
@@ -336,6 +356,7 @@ class Graph:
             return True
         if isinstance(m, _PASS):
             self._out(node, x)
+            self._carry_token(node, x)
         elif self.is_activation(m):
             self._activation(node, x, m, name)
             if getattr(m, "inplace", False):
@@ -363,6 +384,48 @@ class Graph:
             return self._fresh(node, f"two nonlinearities in a row at {name or node.name}")
         self.space(x).activations.append((act, name, node))
         self._out(node, x, level="post")
+        if self.info[x].token is not None:  # elementwise: the second space passes it too, after its activation
+            token = self.spaces[self.find(self.info[x].token)]
+            if self.info[x].token_level == "post":
+                token.frozen.append(f"two nonlinearities in a row at {name or node.name}")
+            token.activations.append((act, name, node))
+            self._carry_token(node, x, "post")
+
+    def _carry_token(self, node: fx.Node, x: fx.Node, level: Optional[str] = None) -> None:
+        if node in self.info and self.info[x].token is not None:
+            self.info[node].token = self.info[x].token
+            self.info[node].token_level = level or self.info[x].token_level
+
+    def _position_linear(self, node: fx.Node, m: nn.Module, x: fx.Node, name: str) -> bool:
+        """``nn.Linear`` on the last axis of a tensor whose channels are on axis 1 ([batch, channels, tokens]: MLP-
+        Mixer's token MLP after its transpose). Per channel it maps positions: ``Y = X·Wᵀ + 1·bᵀ``, so a channel map
+        M passes it when ``M·1 = 1`` (the bias adds one number to every channel; no constraint without a bias),
+        and the output keeps x's channel space. The axis it writes is a second space of the output, with this
+        Linear as its writer; a Linear over positions reading such an axis is its reader (DERIVATIONS §2, Mixer)."""
+        from ._graph_stream import param_port  # noqa: F401  (ports: module-named, planned by _graph_push)
+        from ._sites import Port
+
+        info = self.info[x]
+        sp = self.space(x)
+        if m.bias is not None:
+            sp.constraints.append(("constant_add", node))
+            sp.offsets_ok = False
+        if info.token is not None:  # reads the second space of x
+            reader = self.spaces[self.find(info.token)]
+            reader.ports.append(("reader", Port(name, info.token_level), x))
+            self.consumed.add(info.token)
+            if m.bias is None:
+                reader.offsets_ok = False
+        tsid = self.new_space()
+        token = self.spaces[tsid]
+        token.n = m.out_features
+        token.ports.append(("writer", Port(name, "pre"), node))
+        self.info[node] = TensorInfo(info.space, info.level, 1, False, False, token=tsid, token_level="pre")
+        place = self._place(name)
+        self.uses.append(Use(place, f"{name}.weight", m.weight, tsid, info.token, node, x))
+        if m.bias is not None:
+            self.uses.append(Use(place, f"{name}.bias", m.bias, tsid, None, node))
+        return True
 
     def _call_activation(self, node: fx.Node, fn: Any, inplace: bool = False) -> None:
         """A catalogued function (or tensor method) called with its own arguments: the group is read

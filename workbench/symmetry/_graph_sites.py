@@ -11,7 +11,7 @@ from torch import nn
 from ..groups import get_group
 from ..models import TraceFailure
 from ._lattice import CONSTRAINTS, generators, restrict
-from ._graph_stream import CONSTRAINTS as STREAM_CONSTRAINTS, CONVNEXT_NOTE, LN_NOTE, extra_site
+from ._graph_stream import CONSTRAINTS as STREAM_CONSTRAINTS, CONVNEXT_NOTE, LN_NOTE, MIXER_NOTE, extra_site
 from ._graph_vision import COUPLER_NOTE, CONSTRAINTS as VISION_CONSTRAINTS, grouped
 from ._sites import Observation, Port, Site, SymmetryMap
 
@@ -90,7 +90,7 @@ def _build(graph, model_name: str, affine: bool) -> SymmetryMap:
         # a concatenation's space has no writer of its own: its pieces' writers write it
         place = ", ".join(dict.fromkeys([w for w, _ in space.writers] + [p.name for r, p, _ in space.ports
                                                                          if r == "writer"])) or space.label
-        if not reasons and not space.readers and not space.embedded:
+        if not reasons and not space.readers and not space.embedded and not any(r == "reader" for r, *_ in space.ports):
             reasons.append("its values are not used (no layer reads them)")
         n = space.n
         kinds = {_act_label(a) for a, _, _ in space.activations}
@@ -146,7 +146,7 @@ def _build(graph, model_name: str, affine: bool) -> SymmetryMap:
         writers += list(dict.fromkeys(p for r, p, _ in space.ports if r == "writer"))
         readers += list(dict.fromkeys(p for r, p, _ in space.ports if r == "reader"))
         if any(kind.startswith("layernorm") for kind, _ in space.constraints):
-            notes.append(CONVNEXT_NOTE if space.couplers else LN_NOTE)
+            notes.append(CONVNEXT_NOTE if space.couplers else MIXER_NOTE if space.activations else LN_NOTE)
         norms = list(dict.fromkeys((bn, mode) for bn, mode, _ in space.norms))
         if norm_of and group.continuous:
             notes.append(f"BatchNorm {', '.join(sorted(set(norm_of.values())))} folds into its writer for maps that "

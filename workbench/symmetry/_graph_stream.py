@@ -55,13 +55,15 @@ CONSTRAINTS = {
                          "LayerNorms with gain 1 read this space: rotations fixing 1 pass them (the bias moves with the "
                          "element; docs/DERIVATIONS.md Lemma 1)"),
 }
-LN_NOTE = ("the exact group is larger (docs/DERIVATIONS.md §2): with gains folded into the readers s·R·(I + 1·aᵀ), "
+LN_NOTE = ("a pre-LN residual stream; the exact group is larger (docs/DERIVATIONS.md §2): with gains folded into the readers s·R·(I + 1·aᵀ), "
            "R·1 = 1; with gains kept s·P·(I + 1·aᵀ). Not sampled: the global sign s (the registry has no family "
            "{±1}×S_n) and the shear I + 1·aᵀ (it moves the stream and the normalised stream by different maps, and a "
            "site here moves every tensor it holds by one element)")
-CONVNEXT_NOTE = ("the exact group is larger (docs/DERIVATIONS.md §4): s·P per stage, and each depthwise convolution's "
+CONVNEXT_NOTE = ("a ConvNeXt residual stream; the exact group is larger (docs/DERIVATIONS.md §4): s·P per stage, and each depthwise convolution's "
                  "output its own sign; not sampled: the signs (the registry has no family {±1}×S_n, and one element "
                  "acts on both sides of a depthwise convolution here)")
+MIXER_NOTE = ("a pre-LN residual stream; the exact group is larger (docs/DERIVATIONS.md §2, Mixer): s·P·(I + 1·aᵀ); the token MLP's activation "
+              "acts on the channels too, so no rotation passes even with gains 1. Not sampled: the sign s and the shear")
 _LN_LAST = {"torch.nn.modules.normalization.LayerNorm", "timm.layers.norm.LayerNorm"}
 _LN_FIRST = {"torchvision.models.convnext.LayerNorm2d", "timm.layers.norm.LayerNorm2d"}
 
