@@ -53,10 +53,12 @@ def push_graph(model: nn.Module, smap: SymmetryMap, transform, inplace: bool, hi
             for p in (old_modules[name].weight, old_modules[name].bias):
                 if p is not None and id(p) not in memo:
                     memo[id(p)] = nn.Parameter(torch.empty_like(p), requires_grad=p.requires_grad)
-        for module_name, attr, _ in small.values():  # rewritten whole below (attention weights, class tokens)
+        for module_name, attr, _ in small.values():  # rewritten whole below (attention weights, class tokens, norms)
             p = getattr(old_modules[module_name], attr)
             if isinstance(p, nn.Parameter) and id(p) not in memo:
                 memo[id(p)] = nn.Parameter(torch.empty_like(p), requires_grad=p.requires_grad)
+            elif type(p) is torch.Tensor and id(p) not in memo:  # a norm's running statistics: deepcopy costs 28 µs each
+                memo[id(p)] = torch.empty_like(p)
         new = deepcopy_module(model, memo)  # copy.deepcopy's result, faster on the hook dicts
         # The copy has the same module tree: it overwrites the same activations in place.
         inherit_copy_list(model, new)
@@ -98,7 +100,7 @@ def _rewritten(smap: SymmetryMap, transform: Transform, modules: dict) -> set[st
 
 
 def _set(param: torch.Tensor, value: torch.Tensor) -> None:
-    param.copy_(value.to(param.dtype))
+    param.copy_(value)  # converts to param's dtype as it copies: the rounding of ``value.to(dtype)``, one pass
 
 
 def _plan_site(modules: dict, site: Site, element: GroupElement, offset, plans: dict, small: dict,
@@ -154,12 +156,15 @@ def _plan_site(modules: dict, site: Site, element: GroupElement, offset, plans: 
                 put(bn_name, attr, lambda v: perm.act(v, 0))
             for attr in ("running_mean", "bias"):
                 put(bn_name, attr, lambda v, F=F: F.act(v, 0))
+    moved: dict = {}  # level → F⁻ᵀ, once per site: a dense inverse costs n³, and readers of a level share it
     for r in site.readers:
         if r.name not in modules:
             continue
-        level = {"prebn": perm, "pre": element, "post": element.phi()}[r.level]
+        if r.level not in moved:
+            level = {"prebn": perm, "pre": element, "post": element.phi()}[r.level]
+            moved[r.level] = level.inverse().transpose()  # W ↦ W F⁻¹ is F⁻ᵀ on the input axis
         plan = plans.setdefault(r.name, _Plan())
-        plan.cols, plan.block = level.inverse().transpose(), r.block  # W ↦ W F⁻¹ is F⁻ᵀ on the input axis
+        plan.cols, plan.block = moved[r.level], r.block
         if offset is not None and r.level == "post":
             plan.offset = offset
 
