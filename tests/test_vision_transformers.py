@@ -3,7 +3,8 @@ embedding, class token, position table, attention out-projections, MLP outputs; 
 and the attention heads (per-head GL on queries/keys and on values/out-projection, head permutations), on
 torchvision's ``VisionTransformer`` (``nn.MultiheadAttention``) and timm's (fused ``qkv``); ConvNeXt's stages (§4:
 depthwise convolutions and LayerNorm2d read the stream, layer scales take its permutation); MLP-Mixer's channel
-stream and token-hidden spaces (§2, Mixer: the token MLP maps positions per channel).
+stream and token-hidden spaces (§2, Mixer: the token MLP maps positions per channel); Swin's stages (§2, Swin:
+window attention with a relative position bias per head, shifted windows, patch merging).
 
 Every verdict is checked directly: a float64 copy is transformed and its outputs compared here, each output
 unit against its own scale (``changed``), never by asking ``wb.verify``; negative controls just outside the
@@ -358,6 +359,60 @@ def test_random_mixers_keep_their_function(blocks, dim, patch, ratio, seed):
     x = image(2, seed)
     smap = wb.symmetry_map(model, x[:1])
     assert stream(smap).group.name == "permutation" and len(smap) == 1 + 2 * blocks
+    new, t = wb.random_intertwiner(model, seed=seed, example=x)
+    assert changed(model, new, x) < 1e-10
+    assert wb.verify(model, new, x, transform=t).verdict == "PASS"
+
+
+# ------------------------------------------------------------------ Swin (docs/DERIVATIONS.md §2, Swin)
+def swin(depths=(2, 2), heads=(2, 2), dim=16):
+    return _import("torchvision").models.SwinTransformer(patch_size=[4, 4], embed_dim=dim, depths=list(depths),
+                                                         num_heads=list(heads), window_size=[4, 4], num_classes=5)
+
+
+def test_swin_stages_patch_merging_and_window_attention():
+    model = randomised(swin())
+    x = image()  # 8×8 tokens in windows of 4×4: the second block of the first stage shifts its windows
+    smap = wb.symmetry_map(model, x[:1])
+    streams = [s for s in smap if any("residual stream" in n for n in s.notes)]
+    assert [(s.name, s.n, s.group.name) for s in streams] == [("features.0.0", 16, "permutation"),
+                                                               ("features.2", 32, "permutation")]
+    assert any("without the shear" in n for n in streams[0].notes)  # read by the patch merging
+    first = {p.name: (p.level, p.block, p.axis) for p in streams[0].writers + streams[0].readers}
+    # the merge norm's gain and the reduction's columns see the stage's element on each quarter of the 4C vector
+    assert first["features.2.norm.weight"] == ("perm", 4, 0) and first["features.2.reduction.weight"] == ("pre", 4, 1)
+    assert {p.name for p in streams[1].writers} >= {"features.2.reduction.weight", "features.3.0.attn.proj.weight"}
+    heads = smap["features.1.1.attn.heads"]  # the relative position bias moves with its head
+    assert "features.1.1.attn.relative_position_bias_table" in {p.name for p in heads.writers}
+    assert smap["features.1.1.attn.qk.0"].group.name == "gl" and smap["features.1.1.attn.ov.1"].n == 8
+    assert [r for _, r in smap.skipped] == ["the model's output"]
+    new, t = check_exact(model, x)
+    table = "features.1.1.attn.relative_position_bias_table"
+    # negative controls: the head permutation without its bias table; a Haar rotation of a folded stage
+    perm = ScaledPermutation(torch.tensor([1, 0]))
+    moved = force(model, "features.1.1.attn.heads", perm, x)
+    assert changed(model, moved, x) < 1e-10
+    with torch.no_grad():
+        dict(moved.named_parameters())[table].copy_(dict(model.named_parameters())[table])
+    assert changed(model, moved, x) > 1e-3
+    flat = folded(randomised(swin()))
+    s = [s for s in wb.symmetry_map(flat, x[:1]) if any("residual stream" in n for n in s.notes)][0]
+    assert s.group.name == "orthogonal_ones"
+    check_exact(flat, x, seed=5)
+    q = torch.linalg.qr(torch.randn(16, 16, dtype=F64, generator=torch.Generator().manual_seed(6)))[0]
+    assert changed(flat, force(flat, s.name, Dense(q), x), x) > 1e-3
+
+
+@SETTINGS
+@given(heads=st.sampled_from([1, 2]), depth=st.integers(1, 2), fold=st.booleans(), seed=st.integers(0, 100))
+def test_random_swins_keep_their_function(heads, depth, fold, seed):
+    model = randomised(swin((depth, depth), (heads, 2 * heads), 8 * heads), seed)
+    if fold:
+        model = folded(model)
+    x = image(2, seed)
+    smap = wb.symmetry_map(model, x[:1])
+    groups = [s.group.name for s in smap if any("residual stream" in n for n in s.notes)]
+    assert groups == ["orthogonal_ones" if fold else "permutation"] * 2
     new, t = wb.random_intertwiner(model, seed=seed, example=x)
     assert changed(model, new, x) < 1e-10
     assert wb.verify(model, new, x, transform=t).verdict == "PASS"

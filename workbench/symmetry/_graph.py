@@ -292,10 +292,12 @@ class Graph:
             self._fresh(node, f"{name} ({type(m).__name__}) reads no traced tensor")
             return False
         xs = self.shape(x)
-        from ._graph_stream import attention, is_attention, is_leaf, layer_norm
+        from ._graph_stream import attention, is_attention, is_leaf, layer_norm, patch_merging
 
         if is_attention(m):
             return attention(self, node, m, x, name)
+        if type(m).__name__ == "PatchMerging" and is_leaf(m):
+            return patch_merging(self, node, m, x, name)
         if is_leaf(m) and not self.is_activation(m):
             return layer_norm(self, node, m, x, name)
         if isinstance(m, _CONV) and m.groups > 1 and not self.last(x):

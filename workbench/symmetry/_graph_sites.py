@@ -11,7 +11,7 @@ from torch import nn
 from ..groups import get_group
 from ..models import TraceFailure
 from ._lattice import CONSTRAINTS, generators, restrict
-from ._graph_stream import CONSTRAINTS as STREAM_CONSTRAINTS, CONVNEXT_NOTE, LN_NOTE, MIXER_NOTE, extra_site
+from ._graph_stream import CONSTRAINTS as STREAM_CONSTRAINTS, CONVNEXT_NOTE, LN_NOTE, MIXER_NOTE, SWIN_NOTE, extra_site
 from ._graph_vision import COUPLER_NOTE, CONSTRAINTS as VISION_CONSTRAINTS, grouped
 from ._sites import Observation, Port, Site, SymmetryMap
 
@@ -146,7 +146,10 @@ def _build(graph, model_name: str, affine: bool) -> SymmetryMap:
         writers += list(dict.fromkeys(p for r, p, _ in space.ports if r == "writer"))
         readers += list(dict.fromkeys(p for r, p, _ in space.ports if r == "reader"))
         if any(kind.startswith("layernorm") for kind, _ in space.constraints):
-            notes.append(CONVNEXT_NOTE if space.couplers else MIXER_NOTE if space.activations else LN_NOTE)
+            merged = any(n.op == "call_module" and type(graph.modules.get(n.target)).__name__ == "PatchMerging"
+                         for kind, n in space.constraints if kind.startswith("layernorm"))
+            notes.append(CONVNEXT_NOTE if space.couplers else MIXER_NOTE if space.activations
+                         else SWIN_NOTE if merged else LN_NOTE)
         norms = list(dict.fromkeys((bn, mode) for bn, mode, _ in space.norms))
         if norm_of and group.continuous:
             notes.append(f"BatchNorm {', '.join(sorted(set(norm_of.values())))} folds into its writer for maps that "

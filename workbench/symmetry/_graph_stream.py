@@ -22,9 +22,16 @@ rules, which live here:
   and bias by A, K rows and bias by A⁻ᵀ), ``ov.h`` GL(d_head) (V rows and bias by B, out-projection
   columns of head h by B⁻¹), and ``heads``, permutations of the heads (Q, K, V rows and out-projection
   columns of a head together). No hook sees inside the leaf: verify checks these through the outputs.
+  Swin's (v1) window attention is the same leaf, its relative position bias table moving with the heads
+  (window partition, shifts and the bias act on positions only).
 - **Parameter tables** (``get_attr`` of a floating ``nn.Parameter`` owned by a container, not by a layer):
   the class token ``[1, 1, C]`` and the position table ``[1, T, C]`` write the stream along their last
-  axis (``E ↦ E·Mᵀ``).
+  axis (``E ↦ E·Mᵀ``); a per-channel scale (ConvNeXt's and timm's layer scale) takes the permutation part.
+- **Swin's patch merging** is a leaf reading a stage like a LayerNorm over 4C (its element tiled four times)
+  and writing the next stage through ``reduction``'s rows.
+
+ConvNeXt needs nothing more (its depthwise convs are couplers, ``_graph_vision``); MLP-Mixer's token MLP
+is a Linear over positions (``Graph._position_linear``).
 
 Weights these rules move are *parameter ports*: a :class:`Port` named ``module.attribute`` (optionally
 ``[start:stop]``, a slice of the axis it moves), with ``axis`` the axis that moves. Their new values are
@@ -64,6 +71,9 @@ CONVNEXT_NOTE = ("a ConvNeXt residual stream; the exact group is larger (docs/DE
                  "acts on both sides of a depthwise convolution here)")
 MIXER_NOTE = ("a pre-LN residual stream; the exact group is larger (docs/DERIVATIONS.md §2, Mixer): s·P·(I + 1·aᵀ); the token MLP's activation "
               "acts on the channels too, so no rotation passes even with gains 1. Not sampled: the sign s and the shear")
+SWIN_NOTE = ("a pre-LN residual stream read by Swin's patch merging; the exact group (docs/DERIVATIONS.md §2, Swin) "
+             "is s·R, R·1 = 1 with gains folded (s·P with gains kept), without the shear. Not sampled: the sign s "
+             "(the registry has no family {±1}×S_n)")
 _LN_LAST = {"torch.nn.modules.normalization.LayerNorm", "timm.layers.norm.LayerNorm"}
 _LN_FIRST = {"torchvision.models.convnext.LayerNorm2d", "timm.layers.norm.LayerNorm2d"}
 
@@ -72,10 +82,27 @@ def _qualname(m) -> str:
     return f"{type(m).__module__}.{type(m).__qualname__}"
 
 
+_SWIN = "torchvision.models.swin_transformer."
+
+
 def is_leaf(m: nn.Module) -> bool:
-    """Modules the trace keeps whole: LayerNorms whose forward is known, attention we understand."""
+    """Modules the trace keeps whole: LayerNorms whose forward is known, attention we understand, Swin's patch
+    merging."""
     q = _qualname(m)
-    return q in _LN_LAST or q in _LN_FIRST or _timm_attention(m) is not None
+    return q in _LN_LAST or q in _LN_FIRST or q == _SWIN + "PatchMerging" or is_attention(m)
+
+
+class _Tiled:
+    """``blockdiag(F, …, F)`` (k copies) acting on an axis of k·n entries: Swin's patch merging concatenates the
+    channels of 2×2 neighbouring tokens, so its norm and reduction see the stream's element on each quarter."""
+
+    def __init__(self, F, k: int):
+        self.F, self.k = F, k
+
+    def act(self, x: torch.Tensor, dim: int) -> torch.Tensor:
+        d = dim % x.ndim
+        parts = x.unflatten(d, (self.k, -1))
+        return self.F.act(parts, d + 1).flatten(d, d + 1)
 
 
 # ---------------------------------------------------------------------- parameter ports
@@ -125,6 +152,8 @@ def plan_ports(modules: dict, site, element, put, forced: bool) -> None:
                 if role == "reader":
                     F = duals[p.level] if p.level in duals else duals.setdefault(p.level, F.inverse().transpose())
             own = getattr(modules[module], attr)
+            if p.block > 1 and p.level != "heads":
+                F = _Tiled(F, p.block)
             put(module, attr, lambda v, F=F, axis=p.axis, sl=sl, own=own: _act_slice(v, F, axis, sl, v is own))
 
 
@@ -243,6 +272,19 @@ def _timm_attention(m: nn.Module) -> Optional[dict]:
             "d": qkv.in_features, "tensors": [qkv.weight, qkv.bias, proj.weight, proj.bias]}
 
 
+def _swin_attention(m: nn.Module) -> Optional[dict]:
+    """torchvision's Swin (v1) window attention: fused qkv and proj Linears, a relative position bias per head
+    (v2's cosine attention normalises q and k per head: not derived, left to the trace, which freezes it)."""
+    if _qualname(m) != _SWIN + "ShiftedWindowAttention":
+        return None
+    qkv, proj, H = m.qkv, m.proj, m.num_heads
+    dh = qkv.in_features // H
+    return {"in_w": "qkv.weight", "in_b": "qkv.bias" if qkv.bias is not None else None, "out": proj,
+            "out_w": "proj.weight", "out_b": "proj.bias" if proj.bias is not None else None, "H": H, "dh": dh,
+            "d": qkv.in_features, "table": "relative_position_bias_table",
+            "tensors": [qkv.weight, qkv.bias, proj.weight, proj.bias]}
+
+
 def _mha(m: nn.Module) -> Optional[dict]:
     if not isinstance(m, nn.MultiheadAttention):
         return None
@@ -266,6 +308,8 @@ def _refuse_why(m: nn.Module, node: fx.Node, graph) -> Optional[str]:
         if len(node.args) > 3 or extra:
             return f"called with arguments beyond query, key, value ({sorted(extra) or 'positional'})"
         return None
+    if _swin_attention(m) is not None:
+        return None if len(node.args) == 1 and not node.kwargs else "called with arguments beyond its input"
     info = _timm_attention(m)
     if info is None:
         return "not understood"
@@ -283,7 +327,7 @@ def _refuse_why(m: nn.Module, node: fx.Node, graph) -> Optional[str]:
 
 
 def is_attention(m: nn.Module) -> bool:
-    return isinstance(m, nn.MultiheadAttention) or _timm_attention(m) is not None
+    return isinstance(m, nn.MultiheadAttention) or _timm_attention(m) is not None or _swin_attention(m) is not None
 
 
 def attention(graph, node: fx.Node, m: nn.Module, x: fx.Node, name: str) -> bool:
@@ -293,7 +337,7 @@ def attention(graph, node: fx.Node, m: nn.Module, x: fx.Node, name: str) -> bool
         why = "the module is called more than once (its heads would take one element per call)"
     if why is None and not (graph.last(x) or len(graph.shape(x) or ()) == 2):
         why = "its input's channels are not on the last axis"
-    info = _mha(m) or _timm_attention(m)
+    info = _mha(m) or _timm_attention(m) or _swin_attention(m)
     if why is not None:
         graph._fresh(node, f"{name} ({type(m).__name__}): {why}")
         if isinstance(m, nn.MultiheadAttention):
@@ -335,8 +379,44 @@ def attention(graph, node: fx.Node, m: nn.Module, x: fx.Node, name: str) -> bool
                                    f"weights sum to 1, so the value bias passes)"]))
     graph.extra_sites.append((f"{name}.heads", H, "permutation", "attention heads", name,
                               [param_port(t, "heads", a, s * D, (s + 1) * D, block=dh) for t, a in ins for s in range(3)]
-                              + [param_port(p(info["out_w"]), "heads", 1, 0, D, block=dh)], [],
+                              + [param_port(p(info["out_w"]), "heads", 1, 0, D, block=dh)]
+                              + ([param_port(p(info["table"]), "heads", 1)] if info.get("table") else []), [],
                               ["a permutation of whole heads: their query, key and value rows and output columns"]))
+    return True
+
+
+def patch_merging(graph, node: fx.Node, m: nn.Module, x: fx.Node, name: str) -> bool:
+    """Swin's ``PatchMerging``: the channels of 2×2 neighbouring tokens concatenated (4C), one LayerNorm over them,
+    ``reduction`` (4C → 2C). The 4C vector moves by blockdiag(M, M, M, M), which passes the norm exactly when M
+    does (a permutation; a rotation fixing 1 when its gain is 1), so the stage's stream is read here like by
+    a LayerNorm, its gain and bias and the reduction's columns tiled; the reduction's rows write the next
+    stage (docs/DERIVATIONS.md §2, Swin: no shear, which the map does not sample anyway)."""
+    xs = graph.shape(x) or ()
+    C = xs[-1] if xs else 0
+    norm, red = getattr(m, "norm", None), getattr(m, "reduction", None)
+    if not (graph.last(x) and isinstance(norm, nn.LayerNorm) and isinstance(red, nn.Linear)
+            and tuple(norm.normalized_shape) == (4 * C,) and red.in_features == 4 * C):
+        graph._fresh(node, f"{name} (PatchMerging) on a tensor of shape {tuple(xs)} is not understood")
+        return False
+    sp = graph.space(x)
+    folded = not norm.elementwise_affine or bool((norm.weight == 1).all())
+    sp.constraints.append(("layernorm_folded" if folded else "layernorm", node))
+    sp.offsets_ok = False
+    level = graph.info[x].level
+    if norm.elementwise_affine:
+        sp.ports.append(("writer", param_port(f"{name}.norm.weight", "perm", 0, block=4), x))
+        if norm.bias is not None:
+            sp.ports.append(("writer", param_port(f"{name}.norm.bias", "post" if level == "post" else "pre", 0, block=4), x))
+    sp.ports.append(("reader", param_port(f"{name}.reduction.weight", level, 1, block=4), x))
+    out = graph.new_space()
+    osp = graph.spaces[out]
+    osp.n, osp.label = red.out_features, name
+    osp.ports.append(("writer", param_port(f"{name}.reduction.weight", "pre", 0), node))
+    if red.bias is not None:
+        osp.ports.append(("writer", param_port(f"{name}.reduction.bias", "pre", 0), node))
+    graph.info[node] = graph.tensor_info(out, "pre", last=True)
+    place = graph._place(name)
+    graph.record_use(place, f"{name}.reduction.weight", red.weight, out, graph.info[x].space, node, x, mode="attention")
     return True
 
 
