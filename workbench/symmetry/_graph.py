@@ -250,8 +250,9 @@ class Graph:
         kept = self.info[node].token if node in self.info else None
         for t in carried - {kept} - self.consumed:
             self.spaces[self.find(t)].frozen.append(
-                f"{node.target if node.op == 'call_module' else node.name} acts on the last axis of a tensor whose "
-                f"channels are on axis 1 (a Linear over positions wrote that axis)")
+                f"{node.target if node.op == 'call_module' else node.name} moves or reduces the last axis of a tensor "
+                f"whose channels are on axis 1, which a Linear over positions wrote (after MLP-Mixer's token MLP that "
+                f"axis is the stream's positions, no site: docs/DERIVATIONS.md §2, Mixer)")
 
     def _rule(self, node: fx.Node) -> None:
         if node.op == "placeholder":
