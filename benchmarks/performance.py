@@ -356,15 +356,29 @@ def bench_intertwiner(reps: int, device: torch.device) -> list[dict]:
                 else:
                     b = b.clone()
 
+    def fused():
+        """The same gathers and scalings, each weight in one pass of workbench's kernel (workbench/symmetry/_kernels.py:
+        numba where installed, else torch's kernels), into new memory."""
+        from workbench.symmetry._kernels import gather_scale_into
+
+        with torch.no_grad():
+            for i, m in enumerate(linears):
+                rows = (perms[i], scales[i]) if i < len(perms) else (None, None)
+                cols = (perms[i - 1], 1 / scales[i - 1]) if i > 0 else (None, None)
+                gather_scale_into(m.weight, torch.empty_like(m.weight), *rows, *cols, torch.empty_like)
+                gather_scale_into(m.bias, torch.empty_like(m.bias), *rows, None, None, torch.empty_like)
+
     l0 = load()
     t = timed({"copy": lambda: copy.deepcopy(model), "steady": lambda: wb.random_intertwiner(model, seed=next(seeds)),
-               "first": lambda: wb.random_intertwiner(shells.pop(), seed=next(seeds)), "kernels": kernels}, reps,
-              device=device)
+               "first": lambda: wb.random_intertwiner(shells.pop(), seed=next(seeds)), "kernels": kernels,
+               "fused": fused}, reps, device=device)
     clock = "cpu" if device.type == "cpu" else "wall"
     what = f"MLP 512-2048-2048-10 ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params)"
     return [row(f"{what}: copy.deepcopy", t["copy"], t["copy"], clock, load=[l0, load()]),
             row(f"{what}: the gathers and scalings alone, no model (the floor of any transform with torch's kernels)",
                 t["kernels"], t["copy"], clock),
+            row(f"{what}: the same in one pass per weight (workbench's kernel: the floor of a transform now)",
+                t["fused"], t["copy"], clock),
             row(f"{what}: wb.random_intertwiner, repeated", t["steady"], t["copy"], clock, target=1.5),
             row(f"{what}: wb.random_intertwiner, first call on a fresh model object", t["first"], t["copy"], clock,
                 target=2.0)]

@@ -1,7 +1,8 @@
 """Benchmark of ``wb.random_intertwiner`` against ``copy.deepcopy`` and ``wb.verify`` against two plain forwards.
 
 Rerun with ``.venv/bin/python benchmarks/transforms.py``; ``--quick`` is a smoke test with fewer
-repetitions that prints the table and writes no files. Results go to ``benchmarks/results/transforms.md``
+repetitions that prints the table and writes no files; ``--vision [MODEL …]`` measures only the cost of a
+transform of issue 17's vision models against ``copy.deepcopy`` (see ``vision_costs``). Results go to ``benchmarks/results/transforms.md``
 (and the raw samples to ``transforms.json``).
 
 Method. Everything runs on the CPU with torch's default thread count, float32, eval mode. Two models:
@@ -178,13 +179,58 @@ def write(rows: list[dict], profiles: dict, settings: dict, started: str) -> Non
                                                          "rows": rows, "profiles": profiles}, indent=1))
 
 
+def vision_costs(names, reps: int, out) -> None:
+    """``--vision``: random_intertwiner against copy.deepcopy on issue 17's vision models (coverage_vision.py's
+    constructors and random weights), CPU time on one torch thread, min over ``reps`` calls of each,
+    alternating; the target is ≤ 3×. The cost column of benchmarks/results/coverage_vision.md, measured
+    the way benchmarks/performance.py measures (process CPU time; wall time on this shared 2-core machine
+    mostly measures the scheduler)."""
+    import warnings
+
+    if str(HERE) not in sys.path:  # cache.py took this folder off the path (its transformers.py shadows HF's):
+        sys.path.append(str(HERE))  # at the end, coverage_vision is found and transformers still is HF's
+    from coverage_vision import constructors, randomised
+
+    warnings.simplefilter("ignore")
+    torch.set_num_threads(1)
+    ctors = constructors()
+    lines = ["| model | parameters | random_intertwiner | copy.deepcopy | ratio (min/min) | median ratio | ≤ 3× |",
+             "|---|---|---|---|---|---|---|"]
+    for name in names or list(ctors):
+        torch.manual_seed(0)
+        model = randomised(ctors[name][0]())
+        wb.random_intertwiner(model, seed=0)  # the map memoised, the kernels compiled or loaded
+        copy.deepcopy(model)
+        ts, bs = [], []
+        for i in range(reps):
+            t0 = time.process_time()
+            copy.deepcopy(model)
+            bs.append(time.process_time() - t0)
+            t0 = time.process_time()
+            wb.random_intertwiner(model, seed=i + 1)
+            ts.append(time.process_time() - t0)
+        ratios = sorted(t / b for t, b in zip(ts, bs))
+        ratio = min(ts) / min(bs)
+        lines.append(f"| {name} | {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M | {min(ts) * 1e3:.1f} ms | "
+                     f"{min(bs) * 1e3:.1f} ms | {ratio:.2f} | {ratios[len(ratios) // 2]:.2f} | "
+                     f"{'PASS' if ratio <= 3 else 'MISS'} |")
+        print(lines[-1], flush=True)
+    if out:
+        Path(out).write_text("\n".join(lines) + "\n")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="smoke test: few repetitions, prints only")
     p.add_argument("--first-child", choices=list(MODELS), help=argparse.SUPPRESS)
+    p.add_argument("--vision", nargs="*", metavar="MODEL", help="only the vision cost table (all models, or those named)")
+    p.add_argument("--vision-reps", type=int, default=7)
+    p.add_argument("--vision-out", help="also write the vision table (markdown) to this file")
     args = p.parse_args()
     if args.first_child:
         return first_child(args.first_child)
+    if args.vision is not None:
+        return vision_costs(args.vision, args.vision_reps, args.vision_out)
     started = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
     s = dict(reps=3, process_reps=1) if args.quick else dict(reps=9, process_reps=7)
     s["load"] = [round(v, 2) for v in os.getloadavg()]
