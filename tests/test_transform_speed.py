@@ -340,3 +340,20 @@ def test_every_combination_of_the_kernels_specialisations_runs():
         out = torch.empty_like(W)
         _kernels.gather_scale_into(W, out, *args, buffer, fast=True)
         assert torch.equal(bits(out), bits(torch_reference(W, *args)))
+
+
+def test_a_kernel_that_fails_to_compile_leaves_torchs_gathers_in_charge(monkeypatch, caplog):
+    def broken(*args):
+        raise RuntimeError("LLVM says no")  # what a future numba/llvmlite that cannot lower the loops would raise
+
+    monkeypatch.setattr(_kernels, "_state", {"kernels": (broken, broken), "tried": True})
+    W, p = torch.randn(256, 128), torch.randperm(256)
+    out = torch.empty_like(W)
+    with caplog.at_level("WARNING"):
+        assert _kernels.gather_scale_into(W, out, p, None, None, None, buffer) is None
+    assert torch.equal(out, W[p]) and "LLVM says no" in caplog.text
+    assert _kernels._state["kernels"] is None  # not tried again
+    wrong = torch.rand(255, dtype=F64)  # a scale of the wrong length: never read past its end; torch refuses it
+    monkeypatch.setattr(_kernels, "_state", {"kernels": None, "tried": False})
+    with pytest.raises(RuntimeError):
+        _kernels.gather_scale_into(W, out, p, wrong, None, None, buffer)

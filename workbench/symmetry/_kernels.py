@@ -122,9 +122,14 @@ def _checked_index(perm: Optional[torch.Tensor], n: int):
     return perm.numpy()
 
 
-def _scale(scale: Optional[torch.Tensor], dtype: torch.dtype):
-    """The scale in the weight's dtype: the same rounding as the torch path's ``scale.to(dtype)``."""
-    return None if scale is None else scale.detach().to(device="cpu", dtype=dtype).contiguous().numpy()
+def _scale(scale: Optional[torch.Tensor], dtype: torch.dtype, n: int):
+    """The scale in the weight's dtype (the same rounding as the torch path's ``scale.to(dtype)``), or False
+    where it is not ``n`` numbers (the torch path's product then raises)."""
+    if scale is None:
+        return None
+    if scale.ndim != 1 or scale.numel() != n:
+        return False
+    return scale.detach().to(device="cpu", dtype=dtype).contiguous().numpy()
 
 
 def _run_fast(kernels, src, out, row_perm, row_scale, col_perm, col_scale) -> Optional[float]:
@@ -132,20 +137,26 @@ def _run_fast(kernels, src, out, row_perm, row_scale, col_perm, col_scale) -> Op
     nothing written)."""
     R, C = out.shape[0], out.shape[1]
     p, q = _checked_index(row_perm, R), _checked_index(col_perm, C)
-    if p is False or q is False:
+    r, c = _scale(row_scale, out.dtype, R), _scale(col_scale, out.dtype, C)
+    if p is False or q is False or r is False or c is False:
         return None
     K = out.numel() // max(R * C, 1)
     s = src.detach()
     d = out.detach()
-    r, c = _scale(row_scale, out.dtype), _scale(col_scale, out.dtype)
     unsigned, mask = _BITS[out.dtype]
-    if K == 1:
-        s_np = s.reshape(R, C).numpy()
-        bits = kernels[0](s_np, d.view(R, C).numpy(), p, r, q, c, s_np.view(unsigned), mask, d.data_ptr() % 64,
-                          64 // out.element_size())
-    else:
-        s_np = s.reshape(R, C, K).numpy()
-        bits = kernels[1](s_np, d.view(R, C, K).numpy(), p, r, q, c, s_np.view(unsigned), mask)
+    try:
+        if K == 1:
+            s_np = s.reshape(R, C).numpy()
+            bits = kernels[0](s_np, d.view(R, C).numpy(), p, r, q, c, s_np.view(unsigned), mask, d.data_ptr() % 64,
+                              64 // out.element_size())
+        else:
+            s_np = s.reshape(R, C, K).numpy()
+            bits = kernels[1](s_np, d.view(R, C, K).numpy(), p, r, q, c, s_np.view(unsigned), mask)
+    except Exception as exc:  # noqa: BLE001 — a numba/llvmlite that cannot compile the loops: torch's kernels, always
+        log.warning("the compiled transform kernel failed (%s: %s); using torch's gathers from now on",
+                    type(exc).__name__, exc)
+        _state["kernels"] = None
+        return None
     return float(np.array([bits], dtype=unsigned).view(s_np.dtype)[0])
 
 
@@ -164,4 +175,6 @@ def _kernels():
                 _state["kernels"] = (_kernels_numba.gather_scale_2d, _kernels_numba.gather_scale_3d)
             except ImportError:
                 log.debug("numba is not installed: transforms use torch's gathers")
+            except Exception as exc:  # noqa: BLE001 — a numba that does not import (a NumPy it does not support)
+                log.warning("numba did not import (%s: %s); transforms use torch's gathers", type(exc).__name__, exc)
     return _state["kernels"]
