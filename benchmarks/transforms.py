@@ -216,7 +216,12 @@ def vision_costs(names, reps: int, out) -> None:
                      f"{'PASS' if ratio <= 3 else 'MISS'} |")
         print(lines[-1], flush=True)
     if out:
-        Path(out).write_text("\n".join(lines) + "\n")
+        m = machine()
+        head = [f"# random_intertwiner against copy.deepcopy on issue 17's vision models", "",
+                f"- Date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}; machine: {m}",
+                f"- Command: `python benchmarks/transforms.py --vision --vision-reps {reps}`; method in `vision_costs`",
+                f"- Load average at the end: {os.getloadavg()[0]:.2f}", ""]
+        Path(out).write_text("\n".join(head + lines) + "\n")
 
 
 def main() -> None:
