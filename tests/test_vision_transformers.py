@@ -416,3 +416,20 @@ def test_random_swins_keep_their_function(heads, depth, fold, seed):
     new, t = wb.random_intertwiner(model, seed=seed, example=x)
     assert changed(model, new, x) < 1e-10
     assert wb.verify(model, new, x, transform=t).verdict == "PASS"
+
+
+def test_a_layernorm_over_more_than_the_channels_freezes():
+    class Flat(nn.Module):  # the LayerNorm sees channels × positions after the flatten: not a channel-wise reader
+        def __init__(self):
+            super().__init__()
+            self.c, self.ln, self.o = nn.Conv2d(2, 3, 1), nn.LayerNorm(12), nn.Linear(12, 2)
+
+        def forward(self, x):
+            return self.o(self.ln(torch.flatten(self.c(x), 1)))
+
+    model = randomised(Flat())
+    x = torch.randn(3, 2, 2, 2, dtype=F64)
+    smap = wb.symmetry_map(model, x)
+    assert len(smap) == 0 and "does not normalise exactly the channel axis" in dict(smap.skipped)["c"]
+    new, _ = wb.random_intertwiner(model, example=x)
+    assert changed(model, new, x) == 0

@@ -245,7 +245,7 @@ def layer_norm(graph, node: fx.Node, m: nn.Module, x: fx.Node, name: str) -> boo
     xs = graph.shape(x) or ()
     shape = tuple(m.normalized_shape)
     on_channels = (graph.last(x) or len(xs) == 2) if not first else (not graph.last(x) and len(xs) >= 2)
-    if len(shape) != 1 or not on_channels or xs[graph.channel_axis(x)] != shape[0]:
+    if len(shape) != 1 or not on_channels or xs[graph.channel_axis(x)] != shape[0] or graph.info[x].block != 1:
         graph._fresh(node, f"{name} (LayerNorm over {shape}) does not normalise exactly the channel axis of its input "
                            f"(shape {tuple(xs)})")
         return False
@@ -345,7 +345,7 @@ def attention(graph, node: fx.Node, m: nn.Module, x: fx.Node, name: str) -> bool
     why = _refuse_why(m, node, graph)
     if why is None and graph.calls.get(name, 0):
         why = "the module is called more than once (its heads would take one element per call)"
-    if why is None and not (graph.last(x) or len(graph.shape(x) or ()) == 2):
+    if why is None and (not (graph.last(x) or len(graph.shape(x) or ()) == 2) or graph.info[x].block != 1):
         why = "its input's channels are not on the last axis"
     info = _mha(m) or _timm_attention(m) or _swin_attention(m)
     if why is not None:
