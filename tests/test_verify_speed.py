@@ -189,3 +189,50 @@ def test_a_new_model_that_never_produces_an_observed_activation_fails():
     assert ("relu", 1) in observed  # the second call is a hook point of a site
     report = wb.verify(model, split, x, transform=t)
     assert report.verdict == "FAIL" and not report.equivariant
+
+
+class Counting(nn.Module):
+    """Counts its forwards (a stateful module: a counter, a cache)."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net, self.forwards = net, 0
+
+    def forward(self, x):
+        self.forwards += 1
+        return self.net(x)
+
+
+def test_the_worst_rows_run_on_a_copy_not_on_the_callers_model(deep):
+    model, x, _, _ = deep
+    counting = Counting(model).eval()
+    new, t = wb.random_intertwiner(counting, seed=0, example=x)
+    counting.forwards = 0
+    fixed = wb.verify(counting, new, x, transform=t, tolerance=1e-4)  # a given tolerance: no floor measured
+    plain_count, counting.forwards = counting.forwards, 0
+    report = wb.verify(counting, new, x, transform=t)
+    assert ROWS_RULE in report.rule and fixed.verdict == report.verdict == "PASS"  # the rows path ran
+    assert counting.forwards == plain_count  # and the caller's model saw no forward of its own for it
+
+
+class FixedBatch(nn.Module):
+    """Runs only at the batch size it was built for (a reshape with the size written in)."""
+
+    def __init__(self, net, batch):
+        super().__init__()
+        self.net, self.batch = net, batch
+
+    def forward(self, x):
+        return self.net(x).reshape(self.batch, -1)
+
+
+def test_a_model_that_needs_its_batch_size_is_measured_on_the_whole_batch():
+    model = FixedBatch(deep_bn_cnn(), 32).eval()
+    x = torch.randn(32, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    new = FixedBatch(wb.random_intertwiner(model.net, seed=0, example=x)[0], 32).eval()
+    with pytest.raises(RuntimeError):
+        model(x[:2])  # the adversary: two rows alone do not run
+    report = wb.verify(model, new, x)  # no transform: the outputs alone, the floor still measured
+    assert relative_change(model, new, x) <= report.tolerance
+    assert ROWS_RULE not in report.rule and "own rounding" in report.rule
+    assert report.verdict == "NOT CHECKED"  # outputs agree; no site was given to check

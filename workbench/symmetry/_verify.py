@@ -1,6 +1,7 @@
 """``wb.verify``: is the function unchanged, and did the representation move as the group says?"""
 from __future__ import annotations
 
+import copy
 import html
 import math
 import textwrap
@@ -251,7 +252,7 @@ def _verify(model, new_model, inputs, transform, dtype, tolerance, bar) -> Invar
         # first measured on the batch's worst rows only (FLOOR_ROWS): a verdict that passes on that floor is
         # final; one that still fails is judged again on the whole batch's floor, so a FAIL never rests on the
         # smaller sample (and a model that mixes rows never uses it: see _own_rounding).
-        rows = _floor_rows(cmp, inputs, per_row)
+        rows = _floor_rows(backend, cmp, inputs, per_row)
         floors = None if rows is None else _own_rounding(backend, model, smap, inputs, raw_out, cache, names,
                                                           run_dtype, rows=rows, cmp=cmp)
         if floors is not None and _fails(cmp, checks, 10 * max(floors), last):
@@ -360,12 +361,12 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
 FLOOR_ROWS = 2
 
 
-def _floor_rows(cmp: "_Comparison", inputs, per_row: bool) -> Optional[torch.Tensor]:
+def _floor_rows(backend, cmp: "_Comparison", inputs, per_row: bool) -> Optional[torch.Tensor]:
     """The FLOOR_ROWS rows of the batch whose outputs differ most (relative), sorted; None where the whole
     batch is measured: a small batch (cheap anyway), outputs that are not one row per input row, a per-row
-    rule (a decoder's positions), outputs that are not finite."""
+    rule (a decoder's positions), outputs that are not finite, a transformer (its clone is no deepcopy)."""
     n = len(inputs) if isinstance(inputs, torch.Tensor) and inputs.ndim >= 1 else 0
-    if per_row or not cmp.finite or n <= 2 * FLOOR_ROWS or cmp.rel.shape[0] != n:
+    if backend.name != "graph" or per_row or not cmp.finite or n <= 2 * FLOOR_ROWS or cmp.rel.shape[0] != n:
         return None
     return cmp.rel.amax(1).topk(FLOOR_ROWS).indices.sort().values
 
@@ -387,16 +388,24 @@ def _own_rounding(backend, model, smap, inputs, raw_out, cache, names, dtype, ro
     output scales (``cmp.scale``, so a row's floor is what the comparison divides by). None too when the
     model's float32 outputs on those rows alone differ from its outputs for them in the whole batch by more
     than that floor: some op mixes rows (e.g. a batch statistic), and the rows alone are another function."""
-    try:
-        exact = backend.clone(model, torch.float64)
-    except (RuntimeError, TypeError):  # a model that cannot be deep-copied or cast keeps the dtype's tolerance
-        return None
     if rows is not None:
-        inputs = inputs[rows]
-        with eval_mode(model), torch.no_grad():
-            raw_out, cache = (run_with_cache(model, inputs, names=names, budget=None, device=None) if names
-                              else (model(inputs), None))
-        raw_out = backend.output(raw_out).detach()
+        # The rows alone run on a float32 copy, not on the caller's model (a stateful module — a counter, a
+        # cache — would see one more forward), which then becomes the float64 copy. Anything going wrong
+        # here (a model that needs its batch size) leaves the measurement to the whole batch.
+        try:
+            exact, inputs = copy.deepcopy(model), inputs[rows]
+            with eval_mode(exact), torch.no_grad():
+                raw_out, cache = (run_with_cache(exact, inputs, names=names, budget=None, device=None) if names
+                                  else (exact(inputs), None))
+            raw_out = backend.output(raw_out).detach()
+            exact.to(torch.float64)
+        except Exception:  # noqa: BLE001 (see above: the whole batch's measurement follows)
+            return None
+    else:
+        try:
+            exact = backend.clone(model, torch.float64)
+        except (RuntimeError, TypeError):  # a model that cannot be deep-copied or cast keeps the dtype's tolerance
+            return None
     inputs64 = inputs.to(torch.float64) if isinstance(inputs, torch.Tensor) and inputs.is_floating_point() else inputs
     with eval_mode(exact), torch.no_grad():
         out64, cache64 = (run_with_cache(exact, inputs64, names=names, budget=None, device=None) if names
