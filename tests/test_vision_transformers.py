@@ -433,3 +433,14 @@ def test_a_layernorm_over_more_than_the_channels_freezes():
     assert len(smap) == 0 and "does not normalise exactly the channel axis" in dict(smap.skipped)["c"]
     new, _ = wb.random_intertwiner(model, example=x)
     assert changed(model, new, x) == 0
+
+
+def test_a_map_is_not_reused_after_the_gains_change():
+    model = folded(randomised(tv_vit()))
+    x = image()
+    assert stream(wb.symmetry_map(model, x[:1])).group.name == "orthogonal_ones"
+    with torch.no_grad():  # the same tensors, new values: the memoised map must not be served
+        model.encoder.ln.weight.mul_(1.5)
+    assert stream(wb.symmetry_map(model, x[:1])).group.name == "permutation"
+    new, _ = wb.random_intertwiner(model, seed=1, example=x)
+    assert changed(model, new, x) < 1e-10

@@ -32,7 +32,8 @@ def _plain(v: Any) -> bool:
 def _memo_key(model: nn.Module, example: Optional[torch.Tensor], affine: bool) -> tuple:
     """What a map depends on: the module tree (objects, classes, a ``forward`` set on an instance,
     plain attributes such as a slope or a padding), which tensors every parameter and buffer is (tying
-    shows here), the values of activation parameters (a PReLU's slope picks its group), the
+    shows here), the values of activation parameters (a PReLU's slope picks its group), whether each
+    LayerNorm's gain is 1 (it decides between rotations and permutations of a stream), the
     example's shape, dtype and device, and ``affine``. Not covered: state a ``forward`` reads from
     outside the model (globals); call with a fresh model object after changing such state."""
     from ._shared import _view
@@ -44,8 +45,11 @@ def _memo_key(model: nn.Module, example: Optional[torch.Tensor], affine: bool) -
     tensors = tuple((name, id(t), _view(t)) for name, t in itertools.chain(
         model.named_parameters(remove_duplicate=False), model.named_buffers(remove_duplicate=False)) if t is not None)
     slopes = tuple(tuple(m.weight.detach().flatten().tolist()) for m in model.modules() if isinstance(m, nn.PReLU))
+    # whether each LayerNorm's gain is 1 (a folded stream takes rotations, one with gains only permutations)
+    gains = tuple(bool((m.weight == 1).all()) for m in model.modules()
+                  if isinstance(m, nn.LayerNorm) and m.weight is not None)
     ex = None if example is None else (tuple(example.shape), example.dtype, example.device)
-    return mods, tensors, slopes, ex, affine
+    return mods, tensors, slopes, gains, ex, affine
 
 
 def symmetry_map(model: nn.Module, example: Optional[torch.Tensor] = None, *, affine: bool = False) -> SymmetryMap:
