@@ -68,10 +68,11 @@ def push_graph(model: nn.Module, smap: SymmetryMap, transform, inplace: bool, hi
             _set(getattr(modules[module_name], attr), value)
         scratch: dict = dict(_SCRATCH)
         done: set[int] = set()
+        known: dict = {}
         for module_name, plan in plans.items():
             peak = _apply_plan(old_modules[module_name], modules[module_name], plan, scratch, done)
             if not inplace:  # a copy: its weights are checked as they are made (see _check_ranges)
-                _check_weight(old_modules, module_name, plan, hint, peak)
+                _check_weight(old_modules, module_name, plan, hint, peak, known)
     return new
 
 
@@ -169,13 +170,20 @@ def _plan_site(modules: dict, site: Site, element: GroupElement, offset, plans: 
             plan.offset = offset
 
 
-def _magnitude(e: Optional[GroupElement]) -> float:
-    """‖M‖∞ (largest row of absolute values): max|M·x| ≤ ‖M‖∞·max|x| along the axis it acts on."""
+def _magnitude(e: Optional[GroupElement], known: Optional[dict] = None) -> float:
+    """‖M‖∞ (largest row of absolute values): max|M·x| ≤ ‖M‖∞·max|x| along the axis it acts on. ``known``:
+    the values found so far in this push, by element id (a site's element bounds all of its weights)."""
     if e is None:
         return 1.0
+    if known is not None and id(e) in known:
+        return known[id(e)]
     if isinstance(e, ScaledPermutation):
-        return 1.0 if e.scale is None else float(e.scale.abs().max())
-    return float(e.matrix().abs().sum(1).max())
+        value = 1.0 if e.scale is None else float(e.scale.abs().max())
+    else:
+        value = float(e.matrix().abs().sum(1).max())
+    if known is not None:
+        known[id(e)] = value
+    return value
 
 
 def _peak(W: torch.Tensor) -> float:
@@ -202,8 +210,9 @@ def _check_ranges(modules: dict, plans: dict, small: dict, hint: str, weights: b
         if t.is_floating_point() and not peak <= torch.finfo(t.dtype).max:
             _refuse(hint, f"{module}.{attr}", peak, t.dtype)
     if weights:
+        known: dict = {}
         for name, plan in plans.items():
-            _check_weight(modules, name, plan, hint)
+            _check_weight(modules, name, plan, hint, known=known)
 
 
 def _refuse(hint: str, what: str, value: float, dtype: torch.dtype):
@@ -211,12 +220,14 @@ def _refuse(hint: str, what: str, value: float, dtype: torch.dtype):
                              f"{torch.finfo(dtype).max:.3g}. Nothing was written.")
 
 
-def _check_weight(modules: dict, name: str, plan: _Plan, hint: str, peak: Optional[float] = None) -> None:
-    """The range check of one module's weight and bias (``peak``: max|W| when already known)."""
+def _check_weight(modules: dict, name: str, plan: _Plan, hint: str, peak: Optional[float] = None,
+                  known: Optional[dict] = None) -> None:
+    """The range check of one module's weight and bias (``peak``: max|W| when already known; ``known``: the
+    elements' norms found so far in this push, see _magnitude)."""
     m = modules[name]
     W = plan.weight if plan.weight is not None else m.weight
     top = torch.finfo(m.weight.dtype).max
-    bound = (_peak(W) if peak is None else peak) * _magnitude(plan.rows) * _magnitude(plan.cols)
+    bound = (_peak(W) if peak is None else peak) * _magnitude(plan.rows, known) * _magnitude(plan.cols, known)
     if not bound <= top:  # NaN-safe
         shape = W.shape
         value = W.double().reshape(shape[0], -1, plan.block) if plan.block > 1 else W.double()
@@ -286,7 +297,7 @@ def _buffer(scratch: dict, like: torch.Tensor) -> torch.Tensor:
 def _act_into(src: torch.Tensor, out: torch.Tensor, rows, cols, scratch: dict) -> Optional[float]:
     """``out = rows · src · colsᵀ`` along axes 0 and 1 (either may be None); max|src| if the kernel measured it."""
     if not all(isinstance(e, (ScaledPermutation, type(None))) for e in (rows, cols)) \
-            or not all(_fits(e, out.dtype) for e in (rows, cols)):
+            or not all(_fits(e, out.dtype, scratch) for e in (rows, cols)):
         # A dense element, or scalings the dtype cannot hold on their own (float16: 1e5 is inf, though
         # 1e5·w may fit): do it in float64 (rare, and small groups).
         _set(out, _acted(src, rows, cols))
@@ -296,14 +307,21 @@ def _act_into(src: torch.Tensor, out: torch.Tensor, rows, cols, scratch: dict) -
                       lambda like: _buffer(scratch, like))
 
 
-def _fits(e: Optional[GroupElement], dtype: torch.dtype) -> bool:
+def _fits(e: Optional[GroupElement], dtype: torch.dtype, scratch: Optional[dict] = None) -> bool:
     """Whether a scaled permutation's scales are normal numbers of ``dtype`` (so ``out.mul_`` is exact to
-    one rounding)."""
+    one rounding). Answered once per element and dtype within a push (``scratch`` lives for one push, in
+    which the elements it names by id are alive): a site's element serves all of its writers."""
     if not isinstance(e, ScaledPermutation) or e.scale is None:
         return True
+    key = ("fits", id(e), dtype)
+    if scratch is not None and key in scratch:
+        return scratch[key]
     info = torch.finfo(dtype)
-    mag = e.scale.abs()
-    return bool(mag.max() <= info.max) and bool(mag.min() >= info.tiny)
+    lo, hi = torch.aminmax(e.scale.abs())  # NaN in either: not a normal number, and the comparisons say so
+    fits = bool(hi <= info.max) and bool(lo >= info.tiny)
+    if scratch is not None:
+        scratch[key] = fits
+    return fits
 
 
 def _fold_batchnorm(writer: nn.Module, bn: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
