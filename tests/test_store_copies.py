@@ -29,16 +29,18 @@ class KeepsOutput(nn.Module):
 
 
 class BufferView(nn.Module):
-    """Returns a view of a buffer it rewrites every forward."""
+    """Writes its result into the first rows of a workspace buffer (``out=``) and returns that contiguous view,
+    rewritten by every forward (tests/test_store_faults.py has the whole buffer returned)."""
 
     def __init__(self):
         super().__init__()
-        self.register_buffer("buf", torch.zeros(4, 3))
+        self.register_buffer("workspace", torch.zeros(8, 2))
         self.inner = nn.Identity()
 
     def forward(self, x):
-        self.buf[:, :2].copy_(x)
-        return self.inner(self.buf[:, :2])
+        rows = self.workspace[:len(x)]
+        torch.mul(x, 2.0, out=rows)
+        return self.inner(rows)
 
 
 @pytest.mark.parametrize("make", [KeepsOutput, BufferView])

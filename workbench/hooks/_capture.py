@@ -515,18 +515,8 @@ def intervene(model: nn.Module, edits: Mapping[Any, Any]):
     (return None to keep it, e.g. after editing it in place). Interventions run before any capture
     hook on the same name, so a capture in the same forward sees the edited value.
     """
-    points = hook_points(model, probe=False)
-    handles = []
-    try:
-        for key, edit in edits.items():
-            for name in points.resolve(key, param="intervene"):
-                module = points.modules[points.canonical(name)]
-                hook = _edit_hook(name, edit, _conversion(module))
-                handles.append(module.register_forward_hook(hook, prepend=True))
+    with _forward_hooks(model, edits, _edit_hook, "intervene", prepend=True):
         yield model
-    finally:
-        for h in handles:
-            h.remove()
 
 
 @contextmanager
@@ -540,14 +530,22 @@ def watch(model: nn.Module, fns: Mapping[str, Callable[[torch.Tensor, str], None
     ``fn`` runs with torch-function modes off (a capture's write guard does not see its arithmetic), and
     only on tensor outputs. The hooks are removed when the block ends, also on an exception.
     """
+    with _forward_hooks(model, fns, _watch_hook, "watch", prepend=False):
+        yield model
+
+
+@contextmanager
+def _forward_hooks(model: nn.Module, items: Mapping[Any, Any], make: Callable, param: str, prepend: bool):
+    """One forward hook ``make(name, item, conversion)`` per hook name each key of ``items`` selects,
+    removed when the block ends (also on an exception): what ``intervene`` and ``watch`` register."""
     points = hook_points(model, probe=False)
     handles = []
     try:
-        for key, fn in fns.items():
-            for name in points.resolve(key, param="watch"):
+        for key, item in items.items():
+            for name in points.resolve(key, param=param):
                 module = points.modules[points.canonical(name)]
-                handles.append(module.register_forward_hook(_watch_hook(name, fn, _conversion(module))))
-        yield model
+                handles.append(module.register_forward_hook(make(name, item, _conversion(module)), prepend=prepend))
+        yield
     finally:
         for h in handles:
             h.remove()
