@@ -163,7 +163,9 @@ def test_the_stream_and_the_heads_are_sites_with_the_derived_groups(name):
 def test_random_intertwiners_preserve_the_function(name):
     model = randomised(MODELS[name]())
     x = image()
-    new, t = check_exact(model, x)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    new, t = check_exact(model, x)  # (float64, then a float32 copy of the same model)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # the original is never moved
     s = stream(wb.symmetry_map(model, x[:1]))
     assert not t.elements[s.name].is_identity()
     # everything the stream names moved, the attention weights too

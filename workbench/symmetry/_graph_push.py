@@ -111,7 +111,8 @@ def _plan_site(modules: dict, site: Site, element: GroupElement, offset, plans: 
 
     def put(module: str, attr: str, fn) -> None:
         t = getattr(modules[module], attr)
-        value = small[id(t)][2] if id(t) in small else t.double()  # a tensor moves once (shared BatchNorm)
+        # a tensor moves once (shared BatchNorm); a parameter port converts for itself (_graph_stream._act_port)
+        value = small[id(t)][2] if id(t) in small else t if getattr(fn, "own_dtype", False) else t.double()
         small[id(t)] = (module, attr, fn(value))
 
     from ._graph_stream import plan_ports
