@@ -393,7 +393,7 @@ def _own_rounding(backend, model, smap, inputs, raw_out, cache, names, dtype, ro
         # cache — would see one more forward), which then becomes the float64 copy. Anything going wrong
         # here (a model that needs its batch size) leaves the measurement to the whole batch.
         try:
-            exact, inputs = copy.deepcopy(model), inputs[rows]
+            exact, inputs = copy.deepcopy(model), inputs[rows.to(inputs.device)]
             with eval_mode(exact), torch.no_grad():
                 raw_out, cache = (run_with_cache(exact, inputs, names=names, budget=None, device=None) if names
                                   else (exact(inputs), None))
