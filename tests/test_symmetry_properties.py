@@ -335,3 +335,24 @@ def test_copying_a_random_model_keeps_its_ties():
     assert model.mods[1].weight is model.mods[0].weight
     twin = copy.deepcopy(model)
     assert twin.mods[1].weight is twin.mods[0].weight
+
+
+@pytest.mark.parametrize("width", [1, 3])
+def test_a_weight_tied_between_writers_of_two_batchnorms_is_not_folded_twice(width):
+    """Found by hypothesis: lin2.weight = lin1.weight, each feeding its own BatchNorm, on a linear (GL) site.
+    A dense element folds each BatchNorm (its own γ/σ) into its writer's rows; one tensor cannot hold both
+    folds, and writing one of them moved the output by 14%. Such a tie is frozen, saying why."""
+    model = randomise(Random([("width", width), ("linear", width, True, 0), ("linear", width, True, 1)]), 0).double()
+    assert model.mods[2].weight is model.mods[0].weight
+    x = inputs(0)
+    smap = wb.symmetry_map(model, x)
+    reasons = [r for _, r in smap.skipped]
+    assert any("shared by mods.0, mods.2, which would need different maps" in r for r in reasons), reasons
+    for seed in range(3):
+        new, _ = wb.random_intertwiner(model, seed=seed, example=x)
+        assert column_change(model, new, x) < 1e-10  # computed here, in float64
+    # the same tie feeding one BatchNorm twice (one module called twice) takes one fold and stays a site
+    shared = randomise(Random([("width", 3), ("linear", 3, False, 0), ("norm",), ("shared", 0), ("act", "tanh", {})]),
+                       0).double()
+    new, _ = wb.random_intertwiner(shared, seed=0, example=x)
+    assert column_change(shared, new, x) < 1e-10

@@ -83,7 +83,7 @@ def clashes(graph, sites: dict) -> dict:
 
     United spaces give every use of a tensor one element, but not yet one *map*: a weight tied
     between a writer that feeds a BatchNorm (rows move by the permutation part) and one that does not
-    (rows move by the whole element), or read before and after a nonlinearity with φ(M) ≠ M, or a
+    (rows move by the whole element) or feeds another BatchNorm (its own γ/σ folds into the rows), or read before and after a nonlinearity with φ(M) ≠ M, or a
     BatchNorm used on a writer's output and on a stream. ``sites``: space root → its Site.
     """
     def describe(u) -> tuple:
@@ -94,7 +94,10 @@ def clashes(graph, sites: dict) -> dict:
             same = perm_only or site.group.phi == "identity"
             return ("norm", root, None if perm_only else u.mode, None if same else graph.info[u.input].level)
         info = graph.info[u.node]
-        rows = (root, "pre" if perm_only or info.level != "prebn" else "feeds a BatchNorm")
+        # a writer feeding a BatchNorm has that BatchNorm folded into its rows (its own γ/σ): two calls feeding
+        # different BatchNorms need different rows even with one element
+        norm = next((p.norm for p in site.writers if p.name == u.place), None) if site is not None else None
+        rows = (root, "pre" if perm_only or info.level != "prebn" else ("feeds a BatchNorm", norm))
         if u.cols is None or u.input is None:
             return rows
         croot = graph.find(u.cols)
@@ -114,8 +117,8 @@ def clashes(graph, sites: dict) -> dict:
         if len(kinds) < 2:
             continue
         reason = (f"{us[0].param} is shared by {', '.join(sorted({u.place for u in us}))}, which would need different "
-                  f"maps (one call feeds a BatchNorm and another does not, or reads it before and after a "
-                  f"nonlinearity): a tensor is rewritten once")
+                  f"maps (one call feeds a BatchNorm and another does not or feeds another one, or reads it before "
+                  f"and after a nonlinearity): a tensor is rewritten once")
         for u in us:
             for sid in (u.rows, u.cols):
                 if sid is not None and graph.find(sid) in sites:
