@@ -430,7 +430,7 @@ def allowed_groups(site) -> set:
     if site.activation == "attention heads":
         return {"permutation"}
     if site.activation == "none" and any("residual stream" in n for n in site.notes):  # a pre-LN stream (DERIVATIONS §2)
-        return {"permutation", "orthogonal_ones"}
+        return {"permutation", "orthogonal_ones", "permutation_with_sign", "orthogonal_ones_with_sign"}
     if site.activation == "none":  # a linear site; a concatenation's piece takes what reads the concatenation
         return {"gl"} if not any("its channels are part of" in n for n in site.notes) else {"scaled_permutation"}
     if any(a in site.activation for a in NOT_HOMOGENEOUS):

@@ -119,8 +119,8 @@ def test_the_stream_and_the_heads_are_sites_with_the_derived_groups(name):
     model = randomised(MODELS[name]())
     smap = wb.symmetry_map(model, image(1))
     s = stream(smap)
-    # gains kept: P (γ ↦ P·γ, β ↦ P·β); the larger exact group is stated in the notes
-    assert s.group.name == "permutation" and s.n == 16
+    # gains kept: s·P (γ ↦ P·γ, β ↦ s·P·β); the larger exact group (the shear) is stated in the notes
+    assert s.group.name == "permutation_with_sign" and s.n == 16
     assert any("s·R·(I + 1·aᵀ)" in n and "shear" in n for n in s.notes)
     writers, readers = {p.name for p in s.writers}, {p.name for p in s.readers}
     if name == "torchvision":
@@ -178,7 +178,7 @@ def test_folded_gains_take_rotations_fixing_the_ones_vector_and_nothing_more(nam
     model = folded(randomised(MODELS[name]()))
     x = image()
     s = stream(wb.symmetry_map(model, x[:1]))
-    assert s.group.name == "orthogonal_ones"
+    assert s.group.name == "orthogonal_ones_with_sign"
     check_exact(model, x, seed=3)
     # negative control: a Haar rotation (it moves 1) changes the outputs; with gains kept, even a rotation fixing 1 does
     q = torch.linalg.qr(torch.randn(16, 16, dtype=F64, generator=torch.Generator().manual_seed(5)))[0]
@@ -264,7 +264,7 @@ def test_random_vision_transformers_keep_their_function(kind, heads, width, laye
         model = folded(model)
     x = image(2, seed)
     smap = wb.symmetry_map(model, x[:1])
-    assert stream(smap).group.name == ("orthogonal_ones" if fold else "permutation")
+    assert stream(smap).group.name == ("orthogonal_ones_with_sign" if fold else "permutation_with_sign")
     assert len(smap) == 1 + layers * (1 + 2 * heads + 1)  # stream; per layer: MLP, qk and ov per head, heads
     new, t = wb.random_intertwiner(model, seed=seed, example=x)
     assert changed(model, new, x) < 1e-10
@@ -283,8 +283,8 @@ def test_convnext_stages_are_streams_of_permutations():
     x = image()
     smap = wb.symmetry_map(model, x[:1])
     streams = [s for s in smap if any("residual stream" in n for n in s.notes)]
-    assert [(s.name, s.n, s.group.name) for s in streams] == [("features.0.0", 16, "permutation"),
-                                                               ("features.2.1", 32, "permutation")]
+    assert [(s.name, s.n, s.group.name) for s in streams] == [("features.0.0", 16, "permutation_with_sign"),
+                                                               ("features.2.1", 32, "permutation_with_sign")]
     first = streams[0]
     assert any("s·P per stage" in n for n in first.notes)
     writers = {p.name: p.level for p in first.writers}
@@ -312,7 +312,7 @@ def test_random_convnexts_keep_their_function(dims, layers, seed):
     model = randomised(convnext(dims, (layers,) * len(dims)), seed)
     x = image(2, seed)
     smap = wb.symmetry_map(model, x[:1])
-    assert [s.group.name for s in smap if s.activation == "none"] == ["permutation"] * len(dims)
+    assert [s.group.name for s in smap if s.activation == "none"] == ["permutation_with_sign"] * len(dims)
     assert len(smap) == len(dims) * (1 + layers) and [r for _, r in smap.skipped] == ["the model's output"]
     new, t = wb.random_intertwiner(model, seed=seed, example=x)
     assert changed(model, new, x) < 1e-10
@@ -377,8 +377,8 @@ def test_swin_stages_patch_merging_and_window_attention():
     x = image()  # 8×8 tokens in windows of 4×4: the second block of the first stage shifts its windows
     smap = wb.symmetry_map(model, x[:1])
     streams = [s for s in smap if any("residual stream" in n for n in s.notes)]
-    assert [(s.name, s.n, s.group.name) for s in streams] == [("features.0.0", 16, "permutation"),
-                                                               ("features.2", 32, "permutation")]
+    assert [(s.name, s.n, s.group.name) for s in streams] == [("features.0.0", 16, "permutation_with_sign"),
+                                                               ("features.2", 32, "permutation_with_sign")]
     assert any("without the shear" in n for n in streams[0].notes)  # read by the patch merging
     first = {p.name: (p.level, p.block, p.axis) for p in streams[0].writers + streams[0].readers}
     # the merge norm's gain and the reduction's columns see the stage's element on each quarter of the 4C vector
@@ -399,7 +399,7 @@ def test_swin_stages_patch_merging_and_window_attention():
     assert changed(model, moved, x) > 1e-3
     flat = folded(randomised(swin()))
     s = [s for s in wb.symmetry_map(flat, x[:1]) if any("residual stream" in n for n in s.notes)][0]
-    assert s.group.name == "orthogonal_ones"
+    assert s.group.name == "orthogonal_ones_with_sign"
     check_exact(flat, x, seed=5)
     q = torch.linalg.qr(torch.randn(16, 16, dtype=F64, generator=torch.Generator().manual_seed(6)))[0]
     assert changed(flat, force(flat, s.name, Dense(q), x), x) > 1e-3
@@ -414,7 +414,7 @@ def test_random_swins_keep_their_function(heads, depth, fold, seed):
     x = image(2, seed)
     smap = wb.symmetry_map(model, x[:1])
     groups = [s.group.name for s in smap if any("residual stream" in n for n in s.notes)]
-    assert groups == ["orthogonal_ones" if fold else "permutation"] * 2
+    assert groups == ["orthogonal_ones_with_sign" if fold else "permutation_with_sign"] * 2
     new, t = wb.random_intertwiner(model, seed=seed, example=x)
     assert changed(model, new, x) < 1e-10
     assert wb.verify(model, new, x, transform=t).verdict == "PASS"
@@ -440,9 +440,28 @@ def test_a_layernorm_over_more_than_the_channels_freezes():
 def test_a_map_is_not_reused_after_the_gains_change():
     model = folded(randomised(tv_vit()))
     x = image()
-    assert stream(wb.symmetry_map(model, x[:1])).group.name == "orthogonal_ones"
+    assert stream(wb.symmetry_map(model, x[:1])).group.name == "orthogonal_ones_with_sign"
     with torch.no_grad():  # the same tensors, new values: the memoised map must not be served
         model.encoder.ln.weight.mul_(1.5)
-    assert stream(wb.symmetry_map(model, x[:1])).group.name == "permutation"
+    assert stream(wb.symmetry_map(model, x[:1])).group.name == "permutation_with_sign"
     new, _ = wb.random_intertwiner(model, seed=1, example=x)
     assert changed(model, new, x) < 1e-10
+
+
+@pytest.mark.parametrize("name", ["torchvision", "timm", "convnext", "swin", "mixer"])
+def test_the_global_sign_passes_layernorm_streams_but_not_mixers(name):
+    """−I on a stream: LayerNorm's bias takes the sign (its gain the permutation part), a depthwise conv's kernel
+    cancels it; Mixer's token MLP applies GELU across the channels, which no sign passes (DERIVATIONS §2)."""
+    build = {"convnext": lambda: convnext(), "swin": lambda: swin(), "mixer": lambda: mixer(), **MODELS}[name]
+    model = randomised(build())
+    x = image()
+    smap = wb.symmetry_map(model, x[:1])
+    for s in [s for s in smap if any("residual stream" in n for n in s.notes)]:
+        minus = ScaledPermutation(torch.arange(s.n), torch.full((s.n,), -1.0, dtype=F64))
+        moved = changed(model, force(model, s.name, minus, x), x)
+        if name == "mixer":
+            assert s.group.name == "permutation" and moved > 1e-3
+        else:
+            assert s.group.name == "permutation_with_sign" and moved < 1e-10
+            signs = {bool((s.group.sample(seed=k).scale is not None)) for k in range(16)}
+            assert signs == {True, False}  # both signs are drawn

@@ -11,7 +11,7 @@ from torch import nn
 from ..groups import get_group
 from ..models import TraceFailure
 from ._lattice import CONSTRAINTS, generators, restrict
-from ._graph_stream import CONSTRAINTS as STREAM_CONSTRAINTS, CONVNEXT_NOTE, LN_NOTE, MIXER_NOTE, SWIN_NOTE, extra_site
+from ._graph_stream import CONSTRAINTS as STREAM_CONSTRAINTS, CONVNEXT_NOTE, LN_NOTE, MIXER_NOTE, SWIN_NOTE, extra_site, with_sign
 from ._graph_vision import COUPLER_NOTE, CONSTRAINTS as VISION_CONSTRAINTS, grouped
 from ._sites import Observation, Port, Site, SymmetryMap
 
@@ -136,6 +136,7 @@ def _build(graph, model_name: str, affine: bool) -> SymmetryMap:
                              f"its groups onto each other")
             group = coupled
             notes.append(COUPLER_NOTE)
+        group = with_sign(group, space)  # a LayerNorm stream: −I passes too (its bias takes the sign)
         if group.name == "trivial":
             skipped.append((place, "no map but the identity keeps the function: " + "; ".join(notes)))
             continue

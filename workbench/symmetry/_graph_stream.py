@@ -48,7 +48,7 @@ from typing import Optional
 import torch
 from torch import fx, nn
 
-from ..groups import ScaledPermutation, get_group
+from ..groups import Dense, Group, ScaledPermutation, get_group
 from ._sites import Port
 
 # What a LayerNorm reading a space allows (read by _graph_sites._build like _lattice.CONSTRAINTS).
@@ -64,17 +64,15 @@ CONSTRAINTS = {
                          "element; docs/DERIVATIONS.md Lemma 1)"),
 }
 LN_NOTE = ("a pre-LN residual stream; the exact group is larger (docs/DERIVATIONS.md §2): with gains folded into the readers s·R·(I + 1·aᵀ), "
-           "R·1 = 1; with gains kept s·P·(I + 1·aᵀ). Not sampled: the global sign s (the registry has no family "
-           "{±1}×S_n) and the shear I + 1·aᵀ (it moves the stream and the normalised stream by different maps, and a "
-           "site here moves every tensor it holds by one element)")
+           "R·1 = 1; with gains kept s·P·(I + 1·aᵀ). Not sampled: the shear I + 1·aᵀ (it moves the stream and the "
+           "normalised stream by different maps, and a site here moves every tensor it holds by one element)")
 CONVNEXT_NOTE = ("a ConvNeXt residual stream; the exact group is larger (docs/DERIVATIONS.md §4): s·P per stage, and each depthwise convolution's "
-                 "output its own sign; not sampled: the signs (the registry has no family {±1}×S_n, and one element "
-                 "acts on both sides of a depthwise convolution here)")
+                 "output its own sign; not sampled: the depthwise outputs' own signs (one element acts on both sides "
+                 "of a depthwise convolution here)")
 MIXER_NOTE = ("a pre-LN residual stream; the exact group is larger (docs/DERIVATIONS.md §2, Mixer): s·P·(I + 1·aᵀ); the token MLP's activation "
               "acts on the channels too, so no rotation passes even with gains 1. Not sampled: the sign s and the shear")
 SWIN_NOTE = ("a pre-LN residual stream read by Swin's patch merging; the exact group (docs/DERIVATIONS.md §2, Swin) "
-             "is s·R, R·1 = 1 with gains folded (s·P with gains kept), without the shear. Not sampled: the sign s "
-             "(the registry has no family {±1}×S_n)")
+             "is s·R, R·1 = 1 with gains folded (s·P with gains kept), without the shear: all of it is sampled")
 _LN_LAST = {"torch.nn.modules.normalization.LayerNorm", "timm.layers.norm.LayerNorm"}
 _LN_FIRST = {"torchvision.models.convnext.LayerNorm2d", "timm.layers.norm.LayerNorm2d"}
 
@@ -213,6 +211,49 @@ def table_parameter(graph, node: fx.Node, value) -> bool:
     graph.info[node] = graph.tensor_info(sid, "pre", last=True)
     graph.record_use(node.target, node.target, value, sid, None, node)
     return True
+
+
+# Constraints that pass a global sign: a LayerNorm's bias takes it (its gain the permutation part), a depthwise
+# conv's kernel cancels it, a layer scale takes the permutation part. A constant added to every channel, an
+# activation, max pooling do not (the sign would have to be undone somewhere nothing can).
+SIGN_PASSES = {"layernorm", "layernorm_folded", "coupler", "channel_scale"}
+
+
+class WithSign(Group):
+    """``s·G``: an element of ``base`` (permutations, or rotations fixing 1) times a global sign s = ±1 — a
+    LayerNorm stream's group up to the shear (docs/DERIVATIONS.md Lemma 1: −I passes a LayerNorm, its bias
+    taking the sign; ConvNeXt §4: the depthwise kernels cancel it). The registry has no such family; this one
+    lives here, like ``_graph_vision.GroupedPermutations``."""
+
+    def __init__(self, base: Group):
+        super().__init__(base.n, phi=base.phi, source=getattr(base, "source", "family"))
+        self.base, self.continuous = base, base.continuous
+        self.name = f"{base.name}_with_sign"
+        self.label = ("s·P, s = ±1" if base.name == "permutation" else "s·R, R ∈ O(n), R·1 = 1, s = ±1")
+        from ._lattice import generators
+
+        self.generator_kinds = generators(base) | {"global_sign"}
+
+    def sample(self, generator=None, *, seed=None):
+        g = generator if generator is not None else torch.Generator().manual_seed(0 if seed is None else int(seed))
+        e = self.base.sample(g)
+        sign = -1.0 if bool(torch.randint(0, 2, (1,), generator=g)) else 1.0
+        if isinstance(e, ScaledPermutation):
+            scale = None if sign > 0 else torch.full((self.n,), sign, dtype=torch.float64)
+            return ScaledPermutation(e.perm, scale, self.phi, self.name)
+        return Dense(sign * e.M, self.phi, self.name, e.orthogonal)
+
+    def _contains(self, M, atol):
+        return self.base._contains(M, atol) or self.base._contains(-M, atol)
+
+
+def with_sign(group: Group, space) -> Group:
+    """``group`` times a global sign when every constraint on a LayerNorm stream passes one."""
+    kinds = {k for k, _ in space.constraints}
+    if group.name in ("permutation", "orthogonal_ones") and kinds & {"layernorm", "layernorm_folded"} \
+            and kinds <= SIGN_PASSES and not space.activations and not space.embeds and not space.embedded:
+        return WithSign(group)
+    return group
 
 
 def _owned_by_container(graph, node: fx.Node) -> bool:
