@@ -236,3 +236,27 @@ def test_a_model_that_needs_its_batch_size_is_measured_on_the_whole_batch():
     assert relative_change(model, new, x) <= report.tolerance
     assert ROWS_RULE not in report.rule and "own rounding" in report.rule
     assert report.verdict == "NOT CHECKED"  # outputs agree; no site was given to check
+
+
+def test_a_transform_whose_own_rounding_exceeds_the_originals_passes_and_a_nudge_still_fails():
+    """Found by hypothesis: an MLP with identity activations (GL sites) and a dense element with scale_sigma=1
+    leaves the new model's weights worse conditioned, so the NEW model's float32 rounding (1.2e-5 here) is
+    above the dtype's 1e-5 while the original's is far below it: measured on the original alone, an exact
+    transform was a FAIL. The new model's own floor counts too; a transform that is not a symmetry computes
+    another function in both precisions, so its floor stays small and a 1e-3 nudge still FAILs."""
+    from test_symmetry import ACTIVATIONS, mlp
+
+    model = mlp([3, 6, 6], ACTIVATIONS["identity"], bias=True, batchnorm=False, seed=4).double()
+    x = torch.randn(6, 5, generator=torch.Generator().manual_seed(4)).double()
+    _, t = wb.random_intertwiner(model, seed=4, scale_sigma=1.0)
+    m32 = copy.deepcopy(model).float()
+    new32 = wb.apply_transform(m32, t)
+    x32 = x.float()
+    assert own_floor(new32, x32) > 2 * own_floor(m32, x32)  # the premise: the new model rounds worse
+    report = wb.verify(m32, new32, x32, transform=t)
+    assert report.passed and report.max_rel_diff < report.tolerance <= 10 * max(own_floor(new32, x32), 1e-6) * 1.5
+    nudged = copy.deepcopy(new32)
+    with torch.no_grad():
+        nudged[-1].weight[0, 0] += 1e-3 * nudged[-1].weight.abs().max()
+    assert relative_change(m32, nudged, x32) > 1e-4  # computed here: the function really moved
+    assert wb.verify(m32, nudged, x32, transform=t).verdict == "FAIL"
