@@ -650,3 +650,33 @@ def test_an_exact_transform_of_a_deep_float32_model_passes_over_its_own_rounding
     assert wb.verify(model, broken, x, transform=t).verdict == "FAIL"
     rotated, tr = wb.random_intertwiner(model, seed=0, example=x, group="orthogonal", allow_non_symmetry=True)
     assert wb.verify(model, rotated, x, transform=tr).verdict == "FAIL"
+
+
+def test_all_zero_outputs_are_said_to_check_nothing_and_unhookable_sites_are_named():
+    """torchvision starts a ViT's head at zero: a fresh model's outputs are all 0, so any transform, right or
+    wrong, agrees on them. verify must say so, and a transform of only the maps inside an attention module
+    (nothing there can be hooked) is NOT CHECKED, naming why."""
+    from workbench.models import ensure_torchvision_importable
+
+    ensure_torchvision_importable()
+    from torchvision.models import VisionTransformer
+
+    torch.manual_seed(0)
+    vit = VisionTransformer(image_size=32, patch_size=8, num_layers=1, num_heads=2, hidden_dim=16, mlp_dim=32,
+                            num_classes=5).eval()
+    x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert vit(x).abs().max().item() == 0.0  # the premise
+    qk = "encoder.layers.encoder_layer_0.self_attention.qk.0"
+    new, t = wb.random_intertwiner(vit, seed=0, sites=[qk], example=x)
+    broken = copy.deepcopy(new)
+    with torch.no_grad():
+        broken.encoder.layers[0].self_attention.in_proj_weight[:8] *= 3.0  # head 0's queries, not its keys
+    for candidate in (new, broken):
+        report = wb.verify(vit, candidate, x, transform=t)
+        assert report.verdict == "NOT CHECKED" and report.outputs_zero
+        assert "outputs are all 0" in report.summary() and "can be hooked" in report.summary()
+    with torch.no_grad():
+        vit.heads.head.weight.normal_(0, 0.5, generator=torch.Generator().manual_seed(2))
+    report = wb.verify(vit, wb.apply_transform(vit, t, example=x), x, transform=t)
+    assert not report.outputs_zero and "outputs are all 0" not in report.summary()

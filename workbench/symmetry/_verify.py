@@ -65,6 +65,9 @@ class InvarianceReport(Report):
     top1_disagreements: int = 0  # rows whose top-1 differs by more than a float tie
     not_checked: list = field(default_factory=list)  # (site, why) for sites of the transform not checked
     finite: bool = True  # every output of the new model is finite where the original's is
+    # every output of the original model is 0 on these inputs (torchvision starts a ViT's head at zero):
+    # the outputs agree whatever the transform did, and only the site checks say anything
+    outputs_zero: bool = False
 
     @property
     def function_preserved(self) -> bool:
@@ -104,6 +107,9 @@ class InvarianceReport(Report):
                 f"{self.tolerance:.0e}, {self.dtype})")
         if not self.finite:
             text += "; the new model's outputs are not finite"
+        if self.outputs_zero:
+            text += ("; the model's outputs are all 0 on these inputs, so comparing them checks nothing (only the "
+                     "sites do): give inputs, or a model, whose outputs are not 0")
         if self.top1_disagreements:
             text += f"; top-1 differs on {self.top1_disagreements} rows beyond float ties"
         elif self.top1_agreement is not None and self.top1_agreement < 1:
@@ -115,7 +121,11 @@ class InvarianceReport(Report):
         if bad:
             text += f"; not equivariant at {', '.join(bad[:3])}{' …' if len(bad) > 3 else ''}"
         if self.verdict == "NOT CHECKED" or self.not_checked:
-            why = "; ".join(f"{s}: {r}" for s, r in self.not_checked[:2]) or "no transform given"
+            unseen = [s.site for s in self.sites if s.observations == 0]
+            why = ("; ".join(f"{s}: {r}" for s, r in self.not_checked[:2])
+                   or (f"no activation of {unseen[0]}{' …' if len(unseen) > 1 else ''} can be hooked, e.g. the maps "
+                       f"inside one attention module: transform a site that can be, such as the stream after it"
+                       if unseen else "no transform given"))
             text += f"; sites checked {len(checked)}/{len(self.sites) + len(self.not_checked)} ({why})"
         return text + f"; representations moved at {moved}/{len(checked)} sites"
 
@@ -279,7 +289,8 @@ def _verify(model, new_model, inputs, transform, dtype, tolerance, bar) -> Invar
     ties, top1 = cmp.top1(tol) if cmp.classifier and not last else (0, None)
     rule = _rule(compared, per_row, tol, run_dtype, cmp.classifier and not last, floored)
     return InvarianceReport(cmp.max_abs, cmp.max_rel, top1, tol, str(run_dtype).replace("torch.", ""), checks,
-                            compared, kl, floor, rule, cmp.worst(), ties, not_checked, cmp.finite)
+                            compared, kl, floor, rule, cmp.worst(), ties, not_checked, cmp.finite,
+                            outputs_zero=cmp.zero)
 
 
 def _sites(model: nn.Module, transform: Optional[Transform], example) -> tuple[list[Site], list, object]:
@@ -330,6 +341,7 @@ class _Comparison:
         lo, hi = torch.aminmax(ref, dim=dim, keepdim=True) if ref.numel() else (ref, ref)
         mag = torch.maximum(lo.abs(), hi.abs())  # the largest |old| of each unit, without an |old| copy
         top = mag.max().item() if mag.numel() else 0.0
+        self.zero = top == 0.0  # every output of the original is 0: comparing outputs checks nothing
         floor = max(torch.finfo(dtype).eps * top, torch.finfo(work).tiny)
         self.scale = mag.clamp_min(floor) if scale is None else scale.to(device=diff.device, dtype=work)
         self.max_abs = diff.max().item() if diff.numel() else 0.0
