@@ -1,6 +1,8 @@
 """``wb.fold_layernorm``: move LayerNorm/RMSNorm gains and biases into the weights that read them."""
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import nn
 
@@ -13,7 +15,7 @@ _READERS = {"ln1": ("attn", ("Q", "K", "V")), "ln2": ("mlp", ("in", "gate"))}
 _HF = (ModelKind.HF, ModelKind.HF_BRIDGE)
 
 
-def fold_layernorm(model: nn.Module) -> nn.Module:
+def fold_layernorm(model: nn.Module, example: Optional[torch.Tensor] = None) -> nn.Module:
     """A new model whose residual-stream norms have gain 1 (and bias 0), their affine part folded into
     the readers (``W_Q``/``W_K``/``W_V``, ``W_in``/``W_gate``, ``W_U`` and their biases); the input
     model is not modified.
@@ -28,17 +30,39 @@ def fold_layernorm(model: nn.Module) -> nn.Module:
     Gemma's gains are ``1 + w``: folded, its norms store w = 0. Hugging Face models, raw or in a
     bridge, come back as the same kind.
 
+    Any other ``nn.Module`` (torchvision's or timm's ``VisionTransformer``, ConvNeXt, …) is traced with
+    torch.fx as ``symmetry_map`` traces it, run once on ``example`` (an input batch; guessed from the first
+    layer when None; transformers above need none and ignore it), and every ``nn.LayerNorm`` over the
+    channels whose output is read *only* by linear maps
+    that can absorb it is folded into them in float64: ``nn.Linear`` (also after a token selection such as
+    ``x[:, 0]``, a token mean, dropout or identity, or a flatten of ``[B, C, 1, 1]``), ``nn.MultiheadAttention``
+    called as self-attention (``in_proj_weight`` columns, ``in_proj_bias``) and timm's ``Attention`` (its
+    ``qkv``). Other norms stay as they are — read by a convolution (ConvNeXt's downsampling), added to the
+    stream, read over positions (Mixer's token MLP), returned, or called or sharing weights more than once —
+    and nothing says so beyond their unchanged gains (``symmetry_map`` then keeps their stream at
+    ``permutation_with_sign``); an ``InvalidOptionError`` lists each norm's reason only when the model has
+    LayerNorms with an affine part and none of them folds. A model without any returns as a plain copy.
+    For a folded ViT the stream site's group grows from ``permutation_with_sign`` to
+    ``orthogonal_ones_with_sign``. Dropout commutes with the fold only in eval mode (in training mode it
+    would drop entries of β too), like every symmetry of the workbench.
+
     Example:
         >>> import torch, workbench as wb
-        >>> wb.fold_layernorm(torch.nn.Linear(2, 2))
-        Traceback (most recent call last):
-        ...
-        workbench._errors.InvalidOptionError: fold_layernorm expects a TransformerLens model (HookedTransformer or a TransformerBridge) or a Hugging Face PreTrainedModel; got Linear.
+        >>> model = torch.nn.Sequential(torch.nn.LayerNorm(4), torch.nn.Linear(4, 2))
+        >>> with torch.no_grad():
+        ...     _ = model[0].weight.mul_(3.0)
+        >>> folded = wb.fold_layernorm(model)
+        >>> folded[0].weight.tolist(), model[0].weight.tolist()
+        ([1.0, 1.0, 1.0, 1.0], [3.0, 3.0, 3.0, 3.0])
+        >>> x = torch.randn(5, 4)
+        >>> torch.allclose(folded(x), model(x), atol=1e-6)
+        True
     """
     kind = model_kind(model)
     if not has_layout(model):
-        raise InvalidOptionError(f"fold_layernorm expects a TransformerLens model (HookedTransformer or a TransformerBridge) "
-                                 f"or a Hugging Face PreTrainedModel; got {type(model).__name__}.")
+        from ._fold_graph import fold_graph
+
+        return fold_graph(model, example)
     if kind in _HF and (reason := hf.unsupported(model)):
         raise InvalidOptionError(f"fold_layernorm cannot read this model: {reason}")
     if hf.is_post_ln(model):
