@@ -55,7 +55,8 @@ from ._sites import Port
 CONSTRAINTS = {
     "layernorm": ({"perm"},
                   "a LayerNorm with its own gain reads this space: only permutations pass it with the gain and bias "
-                  "following (γ ↦ P·γ, β ↦ P·β)"),
+                  "following (γ ↦ P·γ, β ↦ P·β); wb.fold_layernorm(model) moves gains into readers that are linear "
+                  "maps, after which this norm lets rotations fixing 1 pass"),
     "channel_scale": ({"perm", "pos_scale", "neg"},
                       "a per-channel parameter (layer scale) multiplies this space: it takes the permutation, so only "
                       "scaled permutations pass it"),
