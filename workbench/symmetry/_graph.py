@@ -90,6 +90,10 @@ class TensorInfo:
     # token MLP acts on [batch, channels, tokens]); see Graph._position_linear.
     token: Optional[int] = None
     token_level: str = "pre"
+    # Channels carried from other spaces by concatenation, channel shuffle or chunk: per channel (space id, its channel,
+    # the tensor whose level moves it); split: (groups, transposed) after a view splitting the channels (_graph_vision)
+    layout: Optional[tuple] = None
+    split: Optional[tuple] = None
 
 
 @dataclass
@@ -134,6 +138,7 @@ class Graph:
         self.extra_sites: list = []  # sites that are no space of the graph (inside an attention leaf)
         self.consumed: set[int] = set()  # second spaces read by a Linear over positions (not frozen by it)
         self.scales: dict[fx.Node, torch.Tensor] = {}  # get_attr of a per-channel scale (layer scale), used in products
+        self.chunks: dict[fx.Node, list] = {}  # chunk / split of the channels → the layout of each piece
         for node in self.gm.graph.nodes:
             self._visit(node)
         share_parameters(self)
@@ -163,6 +168,10 @@ class Graph:
 
     def freeze(self, node: Any, reason: str) -> None:
         if isinstance(node, fx.Node) and node in self.info:
+            if self.info[node].layout is not None:  # what it carries must not move either (_graph_vision.materialise)
+                from ._graph_vision import materialise
+
+                materialise(self, node)
             self.space(node).frozen.append(reason)
 
     # ------------------------------------------------------------------ helpers
@@ -243,7 +252,12 @@ class Graph:
 
     # ------------------------------------------------------------------ the rules
     def _visit(self, node: fx.Node) -> None:
+        from ._graph_vision import layout_aware, materialise
+
         carried = {self.info[a].token for a in self._tensor_args(node) if self.info[a].token is not None}
+        if not layout_aware(self, node):  # a layout read by anything else is read as a host space
+            for a in self._tensor_args(node):
+                materialise(self, a)
         self._rule(node)
         # A second space (on the last axis) survives only the rules that carry it on or read it; any other op may
         # move or reduce that axis.
@@ -470,6 +484,15 @@ class Graph:
     def _function(self, node: fx.Node, fn: Any) -> None:
         args = self._tensor_args(node)
         fname = getattr(fn, "__name__", str(fn))
+        if fn is operator.getitem and node.args and node.args[0] in self.chunks:
+            from ._graph_vision import chunk_piece
+
+            return chunk_piece(self, node)
+        if fname in ("transpose", "chunk", "split") and args and self._val(node.args[0]) is args[0]:
+            from ._graph_vision import shuffle_rule
+
+            if shuffle_rule(self, node, args[0]):
+                return
         if fn is operator.getitem and node.args and node.args[0] in self.tuples:
             out = self.tuples[node.args[0]]
             if node.args[1] == 0 and out is not None:
@@ -541,6 +564,10 @@ class Graph:
             return self._fresh(node, f"the method .{name}() is not understood")
         inplace = name.endswith("_") and not name.endswith("__")
         if name in _IGNORED_METHODS:
+            return
+        from ._graph_vision import SHUFFLE_OPS, shuffle_rule
+
+        if name in SHUFFLE_OPS and shuffle_rule(self, node, x):  # channel shuffle, chunk (DERIVATIONS §8)
             return
         if name in _ADD_METHODS:
             self._add(node)

@@ -174,7 +174,11 @@ def _build(graph, model_name: str, affine: bool) -> SymmetryMap:
         label = primary.name + (f"#{primary.call}" if primary.call else "")
         embeds = [(site_of_space.get(graph.find(pid)), start, count, level_of[node].level)
                   for pid, start, count, node in space.embeds]
-        if embeds:
+        if embeds and any(not isinstance(a, int) for _, a, *_ in embeds):  # channel by channel (chunk, shuffle: §8)
+            notes.append("concatenation, channel shuffle or chunk: " + ", ".join(
+                f"{c if isinstance(a, int) else len(a)} channels carry {p or 'an untransformed space'}"
+                for p, a, c, _ in embeds))
+        elif embeds:
             notes.append(("concatenation" if space.concat else "zero-padding shortcut") + ": channels " + ", ".join(
                 f"{a}–{a + c - 1} carry {p or 'an untransformed space'}" for p, a, c, _ in embeds))
         site_of_space[space.id] = label
@@ -184,9 +188,13 @@ def _build(graph, model_name: str, affine: bool) -> SymmetryMap:
         root_of[graph.find(space.id)] = sites[-1]
     sites += [extra_site(e) for e in graph.extra_sites]
     drop = clashes(graph, root_of)  # a shared tensor whose uses would need two different maps
-    from ._graph_vision import settle_embedded
+    from ._graph_vision import settle_classes, settle_embedded
 
     drop.update(settle_embedded(graph, sites, root_of, site_of_space, drop))
+    classed = settle_classes(sites, drop)  # after the hosts' restrictions: a classed group is restricted no further
+    if classed:
+        drop.update(classed)
+        drop.update(settle_embedded(graph, sites, root_of, site_of_space, drop))
     skipped += [(", ".join(dict.fromkeys(p.name for p in s.writers)) or s.name, drop[s.name]) for s in sites if s.name in drop]
     return SymmetryMap(model_name, [s for s in sites if s.name not in drop], skipped)
 

@@ -204,6 +204,10 @@ def _check_element(name: str, e: GroupElement, scale_sigma: float) -> None:
 
 def _embedded(G: Group, site: Site, elements: dict, gen: torch.Generator) -> GroupElement:
     """An element whose embedded channels carry the embedded sites' elements (zero-padding shortcuts)."""
+    if any(not isinstance(start, int) for _, start, *_ in site.embeds):  # channel by channel: no free channel (§8)
+        from ._graph_vision import implied_host
+
+        return implied_host(site, elements)
     n = site.n
     covered = torch.zeros(n, dtype=torch.bool)
     blocks = []
