@@ -285,3 +285,59 @@ def test_shufflenet_v2_maps_its_branches_and_keeps_its_function(one_thread):
     m32 = model.float()
     new, t = wb.random_intertwiner(m32, seed=0, example=x.float())
     assert wb.verify(m32, new, x.float(), transform=t).verdict == "PASS"
+
+
+class Groups(nn.Module):
+    """g branches concatenated and shuffled in g groups, chunked in g, pieces 1… through a layer, shuffled again."""
+
+    def __init__(self, act, g: int, b: int = 4):
+        super().__init__()
+        self.g = g
+        self.stem = nn.Conv2d(3, g * b, 1)
+        self.bs = nn.ModuleList([nn.Sequential(nn.Conv2d(g * b, b, 1), act()) for _ in range(g)])
+        self.mid = nn.ModuleList([nn.Sequential(nn.Conv2d(b, b, 1), act()) for _ in range(g)])
+        self.head = nn.Conv2d(g * b, 5, 1)
+
+    def forward(self, x):
+        x = self.stem(x)
+        parts = channel_shuffle(torch.cat([m(x) for m in self.bs], 1), self.g).chunk(self.g, dim=1)
+        z = torch.cat([parts[0]] + [self.mid[i](parts[i]) for i in range(1, self.g)], 1)
+        return self.head(channel_shuffle(z, self.g)).mean([2, 3])
+
+
+# The family each branch takes, within its classes (a linear branch: scaled permutations, smaller than the
+# block-diagonal maps the derivation allows).
+FAMILY = {nn.ReLU: "scaled_permutation", nn.Tanh: "signed_permutation", nn.GELU: "permutation",
+          nn.Identity: "diagonal_permutation"}
+
+
+@pytest.mark.parametrize("act", list(FAMILY))
+@pytest.mark.parametrize("g", [2, 3])
+def test_other_activations_and_group_counts_keep_their_function(act, g):
+    model = randomised(Groups(act, g))
+    x = torch.randn(2, 3, 4, 4, dtype=F64, generator=torch.Generator().manual_seed(g))
+    smap = wb.symmetry_map(model, x)
+    assert [r for _, r in smap.skipped] == ["the model's output"]
+    branches = [site_written_by(smap, f"bs.{i}.0") for i in range(g)]
+    assert {s.group.name for s in branches} == {f"classed_{FAMILY[act]}"}
+    assert all(len(site_classes(s)) > 1 for s in branches)
+    new, t = wb.random_intertwiner(model, seed=g, example=x)
+    assert changed(model, new, x) < 1e-10
+
+
+def test_a_linear_space_shuffled_whole_takes_any_invertible_map():
+    class Whole(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.h = nn.Conv2d(3, 4, 1), nn.Conv2d(3, 4, 1), nn.Conv2d(8, 5, 1)
+
+        def forward(self, x):
+            return self.h(channel_shuffle(torch.cat([self.a(x), self.b(x)], 1), 2)).mean([2, 3])
+
+    model = randomised(Whole())
+    x = torch.randn(2, 3, 4, 4, dtype=F64)
+    smap = wb.symmetry_map(model, x)
+    assert smap["a"].group.name == smap["b"].group.name == "gl"  # carried whole: no class to keep
+    new, t = wb.random_intertwiner(model, seed=1, example=x)
+    assert changed(model, new, x) < 1e-10
+    assert not torch.equal(new.h.weight, model.h.weight)  # the shuffled reader moved by S·blockdiag(Q_a, Q_b)·Sᵀ
