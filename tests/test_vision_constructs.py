@@ -487,3 +487,24 @@ def test_real_vision_models_transform_exactly(name, one_thread):
     elif site.embeds:
         perm[[0, site.n - 1]], scale = perm[[site.n - 1, 0]], None
     assert changed(model, forced(model, site.name, perm, scale, x), x) > 1e-6
+
+
+def test_a_hand_made_element_of_a_concatenation_that_ignores_its_pieces_is_refused():
+    """A Transform giving a concatenation's site an element of its group but not its pieces' elements would
+    move the host's readers without the pieces' writers: refused unless marked forced. The transform
+    random_intertwiner builds (the host from its pieces) is accepted and exact."""
+    torch.manual_seed(0)
+    model = weights(Dense(2, [2, 1], "relu")).eval().double()
+    x = torch.randn(3, 3, 5, 5, dtype=F64)
+    smap = wb.symmetry_map(model, x)
+    host = [s for s in smap if s.embeds][-1]
+    swap = torch.arange(host.n)
+    swap[[0, host.n - 1]] = swap[[host.n - 1, 0]]
+    lone = Transform({host.name: ScaledPermutation(swap, None)}, {host.name: host.group.name})
+    with pytest.raises(InvalidOptionError, match="does not carry its pieces' elements"):
+        wb.apply_transform(model, lone, example=x)
+    assert changed(model, forced(model, host.name, swap, None, x), x) > 1e-6  # forced: applied, and it is wrong
+    _, t = wb.random_intertwiner(model, seed=3, example=x)
+    assert changed(model, wb.apply_transform(model, t, example=x), x) < 1e-10
+    t_roundtrip = Transform.from_dict(t.to_dict())
+    assert changed(model, wb.apply_transform(model, t_roundtrip, example=x), x) < 1e-10

@@ -248,7 +248,46 @@ def apply_transform(model: nn.Module, transform: Transform, *, example: Optional
         site = smap[name]
         if site.n != e.n:
             raise InvalidOptionError(f"the transform's element for {name!r} acts on {e.n} dimensions; the site has {site.n}.")
+        if site.embeds and name not in transform.forced:
+            _check_host(site, e, transform.elements)
     return _push(model, smap, transform, inplace)
+
+
+def _check_host(site: Site, element: GroupElement, elements: dict) -> None:
+    """A host site (a concatenation, a zero-padding shortcut, a shuffled layout) carries the elements of the
+    sites it embeds on their channels: its element there must be theirs (the identity for a piece the
+    transform leaves alone), or the pieces' writers and the host's readers would move by different maps and
+    the function would change. random_intertwiner builds hosts that way; a hand-made Transform may not."""
+    from ._graph_vision import implied_host
+
+    implied = implied_host(site, elements)
+    if all(isinstance(start, int) for _, start, *_ in site.embeds):
+        carried = torch.zeros(site.n, dtype=torch.bool)
+        for _, start, count, _ in site.embeds:
+            carried[start:start + count] = True
+    else:  # channel by channel: the host's whole element comes from what it carries
+        carried = torch.ones(site.n, dtype=torch.bool)
+    if isinstance(implied, ScaledPermutation) and isinstance(element, ScaledPermutation):
+        # Without matrices (a DenseNet host has ~1000 channels): the implied element maps the carried channels
+        # onto themselves, so a permutation equal to it on those rows has them as its columns too.
+        ones = torch.ones(site.n, dtype=torch.float64)
+        a = implied.scale.double() if implied.scale is not None else ones
+        b = element.scale.double() if element.scale is not None else ones
+        same = (torch.equal(element.perm[carried], implied.perm[carried])
+                and torch.allclose(b[carried], a[carried], rtol=1e-12, atol=0))
+    else:
+        want, got = implied.matrix(), element.matrix().to(torch.float64)
+        tol = 1e-9 * max(1.0, want.abs().max().item())
+        same = (torch.allclose(got[carried], want[carried], rtol=0, atol=tol)
+                and torch.allclose(got[:, carried], want[:, carried], rtol=0, atol=tol))
+    if not same:
+        pieces = ", ".join(dict.fromkeys(p or "an untransformed space" for p, *_ in site.embeds))
+        raise InvalidOptionError(
+            f"the element for {site.name!r} does not carry its pieces' elements on their channels ({pieces}): "
+            f"a host site's element there must be theirs (the identity for a piece the transform leaves out), or "
+            f"the pieces' writers and {site.name!r}'s readers move differently and the function changes. Give the "
+            f"pieces' elements and build the host from them (wb.random_intertwiner does), or list {site.name!r} "
+            f"in the transform's forced sites for a negative control.")
 
 
 def _choose(smap: SymmetryMap, sites) -> list[Site]:
