@@ -96,19 +96,16 @@ def token_index(index, rank: int) -> bool:
     return len(index) < rank or index[-1] == full
 
 
-class GroupedPermutations(Group):
-    """Scaled permutations that map the g contiguous groups of a grouped convolution onto each other:
-    ``(F·x)_c = d_c·x_π(c)`` with π(group j) = group σ(j) (the wreath product S_k ≀ S_g, times the scalings
-    the base family allows). Its own generator kinds keep a full permutation out (see _lattice.generators)."""
+class _ChannelPermutations(Group):
+    """A base family's scaled permutations whose permutation keeps a structure on the channels: the scalings
+    are the base family's (drawn first), the permutation the subclass's (``_perm``, ``_keeps``)."""
 
     continuous = False
 
-    def __init__(self, base: Group, groups: int):
+    def __init__(self, base: Group, name: str, label: str, kind: str):
         super().__init__(base.n, phi=base.phi, source=getattr(base, "source", "family"))
-        self.base, self.groups = base, groups
-        self.name = f"grouped_{base.name}"
-        self.label = f"{base.label}, mapping the {groups} groups of {base.n // groups} channels onto each other"
-        self.generator_kinds = {"perm_groups"} | (_kinds(base) - {"perm"})
+        self.base, self.name, self.label = base, name, label
+        self.generator_kinds = {kind} | (_kinds(base) - {"perm"})
         if hasattr(base, "sigma"):
             self.sigma = base.sigma
 
@@ -118,16 +115,38 @@ class GroupedPermutations(Group):
         if hasattr(self, "sigma"):
             base.sigma = self.sigma
         scale = base.sample(g).scale  # the base family's scalings (None for permutations)
-        k = self.n // self.groups
-        sigma = torch.randperm(self.groups, generator=g)
-        within = torch.stack([torch.randperm(k, generator=g) for _ in range(self.groups)])
-        perm = (sigma.unsqueeze(1) * k + within).reshape(-1)  # channel i of block j reads channel within[j, i] of σ(j)
-        return ScaledPermutation(perm, scale, self.phi, self.name)
+        return ScaledPermutation(self._perm(g), scale, self.phi, self.name)
 
     def _contains(self, M, atol):
         if not self.base._contains(M, atol):
             return False
-        perm = (M.abs() > atol).float().argmax(dim=1)
+        return self._keeps((M.abs() > atol).float().argmax(dim=1))
+
+    def _perm(self, g: torch.Generator) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _keeps(self, perm: torch.Tensor) -> bool:
+        raise NotImplementedError
+
+
+class GroupedPermutations(_ChannelPermutations):
+    """Scaled permutations that map the g contiguous groups of a grouped convolution onto each other:
+    ``(F·x)_c = d_c·x_π(c)`` with π(group j) = group σ(j) (the wreath product S_k ≀ S_g, times the scalings
+    the base family allows). Its own generator kinds keep a full permutation out (see _lattice.generators)."""
+
+    def __init__(self, base: Group, groups: int):
+        super().__init__(base, f"grouped_{base.name}",
+                         f"{base.label}, mapping the {groups} groups of {base.n // groups} channels onto each other",
+                         "perm_groups")
+        self.groups = groups
+
+    def _perm(self, g):
+        k = self.n // self.groups
+        sigma = torch.randperm(self.groups, generator=g)
+        within = torch.stack([torch.randperm(k, generator=g) for _ in range(self.groups)])
+        return (sigma.unsqueeze(1) * k + within).reshape(-1)  # channel i of block j reads channel within[j, i] of σ(j)
+
+    def _keeps(self, perm):
         return respects_groups(perm, self.groups)
 
 
@@ -483,40 +502,28 @@ def _implied_layout_host(site, elements: dict):
     return Dense(M, site.group.phi, site.group.name)
 
 
-class ClassPermutations(Group):
+class ClassPermutations(_ChannelPermutations):
     """A family's scaled permutations that map each class of channels onto itself: the channels a chunk or channel
     shuffle keeps together (DERIVATIONS §8, route classes). ``labels[c]`` is channel c's class."""
 
-    continuous = False
-
     def __init__(self, base: Group, labels: tuple):
-        super().__init__(base.n, phi=base.phi, source=getattr(base, "source", "family"))
-        self.base, self.labels = base, tuple(int(v) for v in labels)  # a tuple: Group.__eq__ compares __dict__
+        labels = tuple(int(v) for v in labels)  # a tuple: Group.__eq__ compares __dict__
+        sizes = sorted((labels.count(v) for v in set(labels)), reverse=True)
+        super().__init__(base, f"classed_{base.name}",
+                         f"{base.label}, within {len(sizes)} classes of channels kept together (sizes {sizes})",
+                         "perm_classes")
+        self.labels = labels
         self.centre = getattr(base, "centre", None)
-        self.name = f"classed_{base.name}"
-        sizes = sorted((self.labels.count(v) for v in set(self.labels)), reverse=True)
-        self.label = f"{base.label}, within {len(sizes)} classes of channels kept together (sizes {sizes})"
-        self.generator_kinds = {"perm_classes"} | (_kinds(base) - {"perm"})
-        if hasattr(base, "sigma"):
-            self.sigma = base.sigma
 
-    def sample(self, generator=None, *, seed=None) -> ScaledPermutation:
-        g = generator if generator is not None else torch.Generator().manual_seed(0 if seed is None else int(seed))
-        base = copy.copy(self.base)
-        if hasattr(self, "sigma"):
-            base.sigma = self.sigma
-        scale = base.sample(g).scale
+    def _perm(self, g):
         labels = torch.tensor(self.labels)
         perm = torch.arange(self.n)
         for v in sorted(set(self.labels)):
             idx = torch.nonzero(labels == v).flatten()
             perm[idx] = idx[torch.randperm(len(idx), generator=g)]
-        return ScaledPermutation(perm, scale, self.phi, self.name)
+        return perm
 
-    def _contains(self, M, atol):
-        if not self.base._contains(M, atol):
-            return False
-        perm = (M.abs() > atol).float().argmax(dim=1)
+    def _keeps(self, perm):
         labels = torch.tensor(self.labels)
         return bool((labels[perm] == labels).all())
 

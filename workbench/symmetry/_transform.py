@@ -203,37 +203,27 @@ def _check_element(name: str, e: GroupElement, scale_sigma: float) -> None:
 
 
 def _embedded(G: Group, site: Site, elements: dict, gen: torch.Generator) -> GroupElement:
-    """An element whose embedded channels carry the embedded sites' elements (zero-padding shortcuts)."""
-    if any(not isinstance(start, int) for _, start, *_ in site.embeds):  # channel by channel: no free channel (§8)
-        from ._graph_vision import implied_host
+    """An element whose embedded channels carry the embedded sites' elements (``implied_host``), and a random
+    element of ``G`` on the channels nothing embeds (a zero-padding shortcut's new channels)."""
+    from ._graph_vision import implied_host
 
-        return implied_host(site, elements)
-    n = site.n
-    covered = torch.zeros(n, dtype=torch.bool)
-    blocks = []
-    for parent, start, count, level in site.embeds:
-        e = elements.get(parent) if parent is not None else None
-        e = (e.phi() if level == "post" else e) if e is not None else None
-        blocks.append((start, count, e))
+    implied = implied_host(site, elements)
+    if any(not isinstance(start, int) for _, start, *_ in site.embeds):  # channel by channel: no free channel (§8)
+        return implied
+    covered = torch.zeros(site.n, dtype=torch.bool)
+    for _, start, count, _ in site.embeds:
         covered[start:start + count] = True
     free = torch.nonzero(~covered).flatten()
     f = G.with_n(len(free)).sample(gen) if len(free) else None
-    if all(isinstance(e, (ScaledPermutation, type(None))) for *_, e in blocks) and isinstance(f, (ScaledPermutation, type(None))):
-        perm, scale = torch.arange(n), torch.ones(n, dtype=torch.float64)
+    if isinstance(implied, ScaledPermutation) and isinstance(f, (ScaledPermutation, type(None))):
+        perm, scale = implied.perm.clone(), implied.scale.clone()
         if f is not None:
             perm[free] = free[f.perm]
             scale[free] = f.scale if f.scale is not None else 1.0
-        for start, count, e in blocks:
-            if e is not None:
-                perm[start:start + count] = start + e.perm
-                scale[start:start + count] = e.scale if e.scale is not None else 1.0
         return ScaledPermutation(perm, scale, G.phi, G.name)
-    M = torch.eye(n, dtype=torch.float64)
+    M = implied.matrix().clone()
     if f is not None:
         M[free.unsqueeze(1), free.unsqueeze(0)] = f.matrix()
-    for start, count, e in blocks:
-        if e is not None:
-            M[start:start + count, start:start + count] = e.matrix()
     return Dense(M, G.phi, G.name)
 
 
