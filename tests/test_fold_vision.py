@@ -16,7 +16,7 @@ from torch import nn
 
 import workbench as wb
 from test_vision_transformers import (F64, MODELS, changed, check_exact, convnext, image, one_thread,  # noqa: F401
-                                      randomised, stream, timm_vit, tv_vit)
+                                      random_vit, randomised, stream, timm_vit, tv_vit)
 from workbench.symmetry._fold_graph import fold_plan
 
 VITS = ["torchvision", "timm", "timm_avg"]
@@ -76,12 +76,7 @@ def test_the_folded_vit_stream_takes_rotations_fixing_the_ones_vector(name):
 @given(kind=st.sampled_from(VITS), heads=st.sampled_from([1, 2, 4]), width=st.sampled_from([1, 2]),
        layers=st.integers(1, 2), seed=st.integers(0, 100))
 def test_random_vision_transformers_fold_exactly(kind, heads, width, layers, seed):
-    hidden = 4 * heads * width
-    if kind == "torchvision":
-        model = tv_vit(layers=layers, heads=heads, hidden=hidden, mlp=2 * hidden)
-    else:
-        model = timm_vit(layers=layers, heads=heads, hidden=hidden, pool="avg" if kind == "timm_avg" else "token")
-    model = randomised(model, seed)
+    model = random_vit(kind, heads, width, layers, seed)
     x = image(2, seed)
     folded = wb.fold_layernorm(model, x)
     assert changed(model, folded, x) <= 1e-10

@@ -250,16 +250,21 @@ def test_attention_the_rules_do_not_know_freezes_with_the_reason():
 
 
 # ------------------------------------------------------------------ over sizes
-@SETTINGS
-@given(kind=st.sampled_from(["torchvision", "timm", "timm_avg"]), heads=st.sampled_from([1, 2, 4]),
-       width=st.sampled_from([1, 2]), layers=st.integers(1, 2), fold=st.booleans(), seed=st.integers(0, 100))
-def test_random_vision_transformers_keep_their_function(kind, heads, width, layers, fold, seed):
+def random_vit(kind: str, heads: int, width: int, layers: int, seed: int) -> nn.Module:
+    """A randomised ViT of ``kind`` ("torchvision", "timm", "timm_avg"), ``heads`` heads of 4·``width`` channels."""
     hidden = 4 * heads * width
     if kind == "torchvision":
         model = tv_vit(layers=layers, heads=heads, hidden=hidden, mlp=2 * hidden)
     else:
         model = timm_vit(layers=layers, heads=heads, hidden=hidden, pool="avg" if kind == "timm_avg" else "token")
-    model = randomised(model, seed)
+    return randomised(model, seed)
+
+
+@SETTINGS
+@given(kind=st.sampled_from(["torchvision", "timm", "timm_avg"]), heads=st.sampled_from([1, 2, 4]),
+       width=st.sampled_from([1, 2]), layers=st.integers(1, 2), fold=st.booleans(), seed=st.integers(0, 100))
+def test_random_vision_transformers_keep_their_function(kind, heads, width, layers, fold, seed):
+    model = random_vit(kind, heads, width, layers, seed)
     if fold:
         model = folded(model)
     x = image(2, seed)
