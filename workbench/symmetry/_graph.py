@@ -7,7 +7,8 @@ nonlinearity: moved by φ(M)). Linear/conv modules end one space (as readers) an
 writers); BatchNorm, activations, pooling, dropout, flatten and residual additions keep the space.
 Anything not understood freezes the spaces it touches, with the reason — never transformed wrongly.
 Each tensor also records whether its channels are on axis 1 or on its last axis (a token-wise Linear's
-output); the rules for grouped convs, gates, concatenations and paddings live in ``_graph_vision.py``.
+output); the rules for grouped convs, gates, concatenations and paddings live in ``_graph_vision.py``, those
+for channel shuffles and chunks in ``_graph_shuffle.py``.
 
 Two things the graph alone does not show are followed explicitly: an op that overwrites its input in
 place (``h.relu_()``, ``nn.ReLU(inplace=True)``) makes later reads of that input read its result
@@ -91,7 +92,7 @@ class TensorInfo:
     token: Optional[int] = None
     token_level: str = "pre"
     # Channels carried from other spaces by concatenation, channel shuffle or chunk: per channel (space id, its channel,
-    # the tensor whose level moves it); split: (groups, transposed) after a view splitting the channels (_graph_vision)
+    # the tensor whose level moves it); split: (groups, transposed) after a view splitting the channels (_graph_shuffle)
     layout: Optional[tuple] = None
     split: Optional[tuple] = None
 
@@ -168,8 +169,8 @@ class Graph:
 
     def freeze(self, node: Any, reason: str) -> None:
         if isinstance(node, fx.Node) and node in self.info:
-            if self.info[node].layout is not None:  # what it carries must not move either (_graph_vision.materialise)
-                from ._graph_vision import materialise
+            if self.info[node].layout is not None:  # what it carries must not move either (_graph_shuffle.materialise)
+                from ._graph_shuffle import materialise
 
                 materialise(self, node)
             self.space(node).frozen.append(reason)
@@ -252,7 +253,7 @@ class Graph:
 
     # ------------------------------------------------------------------ the rules
     def _visit(self, node: fx.Node) -> None:
-        from ._graph_vision import layout_aware, materialise
+        from ._graph_shuffle import layout_aware, materialise
 
         carried = {self.info[a].token for a in self._tensor_args(node) if self.info[a].token is not None}
         if not layout_aware(self, node):  # a layout read by anything else is read as a host space
@@ -485,11 +486,11 @@ class Graph:
         args = self._tensor_args(node)
         fname = getattr(fn, "__name__", str(fn))
         if fn is operator.getitem and node.args and node.args[0] in self.chunks:
-            from ._graph_vision import chunk_piece
+            from ._graph_shuffle import chunk_piece
 
             return chunk_piece(self, node)
         if fname in ("transpose", "chunk", "split") and args and self._val(node.args[0]) is args[0]:
-            from ._graph_vision import shuffle_rule
+            from ._graph_shuffle import shuffle_rule
 
             if shuffle_rule(self, node, args[0]):
                 return
@@ -565,7 +566,7 @@ class Graph:
         inplace = name.endswith("_") and not name.endswith("__")
         if name in _IGNORED_METHODS:
             return
-        from ._graph_vision import SHUFFLE_OPS, shuffle_rule
+        from ._graph_shuffle import SHUFFLE_OPS, shuffle_rule
 
         if name in SHUFFLE_OPS and shuffle_rule(self, node, x):  # channel shuffle, chunk (DERIVATIONS §8)
             return

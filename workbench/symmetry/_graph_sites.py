@@ -12,7 +12,8 @@ from ..groups import get_group
 from ..models import TraceFailure
 from ._lattice import CONSTRAINTS, generators, restrict
 from ._graph_stream import CONSTRAINTS as STREAM_CONSTRAINTS, CONVNEXT_NOTE, LN_NOTE, MIXER_NOTE, SWIN_NOTE, extra_site, with_sign
-from ._graph_vision import COUPLER_NOTE, CONSTRAINTS as VISION_CONSTRAINTS, grouped
+from ._channel_families import grouped
+from ._graph_vision import COUPLER_NOTE, CONSTRAINTS as VISION_CONSTRAINTS
 from ._sites import Observation, Port, Site, SymmetryMap
 
 def is_activation(obj: Any) -> bool:
@@ -188,7 +189,8 @@ def _build(graph, model_name: str, affine: bool) -> SymmetryMap:
         root_of[graph.find(space.id)] = sites[-1]
     sites += [extra_site(e) for e in graph.extra_sites]
     drop = clashes(graph, root_of)  # a shared tensor whose uses would need two different maps
-    from ._graph_vision import settle_classes, settle_embedded
+    from ._graph_shuffle import settle_classes
+    from ._graph_vision import settle_embedded
 
     drop.update(settle_embedded(graph, sites, root_of, site_of_space, drop))
     classed = settle_classes(sites, drop)  # after the hosts' restrictions: a classed group is restricted no further

@@ -224,7 +224,7 @@ class WithSign(Group):
     """``s·G``: an element of ``base`` (permutations, or rotations fixing 1) times a global sign s = ±1 — a
     LayerNorm stream's group up to the shear (docs/DERIVATIONS.md Lemma 1: −I passes a LayerNorm, its bias
     taking the sign; ConvNeXt §4: the depthwise kernels cancel it). The registry has no such family; this one
-    lives here, like ``_graph_vision.GroupedPermutations``."""
+    lives here, like ``_channel_families.GroupedPermutations``."""
 
     def __init__(self, base: Group):
         super().__init__(base.n, phi=base.phi, source=getattr(base, "source", "family"))

@@ -46,7 +46,7 @@ CONSTRAINTS = {
 
 def generators(group: Group) -> set[str]:
     # An affine extension ("affine_signed_permutation") has the generators of its linear family; a family
-    # defined elsewhere may name its own (symmetry/_graph_vision.GroupedPermutations: "perm_groups", not "perm").
+    # defined elsewhere may name its own (symmetry/_channel_families.GroupedPermutations: "perm_groups", not "perm").
     if getattr(group, "generator_kinds", None) is not None:
         return set(group.generator_kinds)
     return set(_GENERATORS.get(group.name.removeprefix("affine_"), {"perm"}))
