@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
-import gc
 import importlib.metadata as md
 import json
 import os
@@ -37,7 +36,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -50,6 +48,8 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
+
+from benchmarks._timing import timed  # noqa: E402
 
 import workbench as wb  # noqa: E402
 from workbench.zoo import BasicBlock, ResNet  # noqa: E402
@@ -86,18 +86,9 @@ def cnn_batches(n: int, batch: int, seed: int = 0):
 
 # ---------------------------------------------------------------------------------------- timing
 def interleaved(variants: dict, reps: int, warmup: int = 2) -> dict[str, list[float]]:
-    """Seconds per call of each variant; each repetition runs all variants, order rotated."""
-    for fn in variants.values():
-        for _ in range(warmup):
-            fn()
-    keys, times = list(variants), {k: [] for k in variants}
-    for r in range(reps):
-        gc.collect()
-        for k in keys[r % len(keys):] + keys[:r % len(keys)]:
-            t0 = time.perf_counter()
-            variants[k]()
-            times[k].append(time.perf_counter() - t0)
-    return times
+    """Wall seconds per call of each variant (this script judges throughput, where a background writer
+    overlaps the forward): benchmarks/_timing.py's loop, the wall clock of it."""
+    return {k: v["wall"] for k, v in timed(variants, reps, warmup).items()}
 
 
 def row(label, times=None, base=None, target=None, ratio=None, unit="s", **extra) -> dict:

@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
-import gc
 import itertools
 import json
 import os
@@ -133,32 +132,8 @@ def hand_hooks(model: nn.Module, clone: set[str], to_cpu: bool = False):
 
 
 # ---------------------------------------------------------------------------------------- timing
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def timed(variants: dict, reps: int, warmup: int = 2, device: torch.device = torch.device("cpu"),
-          after=None) -> dict:
-    """``{variant: {"wall": [s, ...], "cpu": [s, ...]}}``; every repetition runs every variant, order rotated.
-    ``after()``, untimed, follows every call (cleaning up files)."""
-    after = after or (lambda: None)
-    for fn in variants.values():
-        for _ in range(warmup):
-            fn()
-            after()
-    synchronize(device)
-    keys, out = list(variants), {k: {"wall": [], "cpu": []} for k in variants}
-    for r in range(reps):
-        gc.collect()
-        for k in keys[r % len(keys):] + keys[:r % len(keys)]:
-            w0, c0 = time.perf_counter(), time.process_time()
-            variants[k]()
-            synchronize(device)
-            out[k]["wall"].append(time.perf_counter() - w0)
-            out[k]["cpu"].append(time.process_time() - c0)
-            after()
-    return out
+# One loop for every benchmark (benchmarks/_timing.py): interleaved, wall and CPU clocks.
+from benchmarks._timing import synchronize, timed  # noqa: E402,F401
 
 
 def row(label: str, t: dict, base: dict, clock: str, target=None, **extra) -> dict:
