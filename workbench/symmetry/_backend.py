@@ -15,6 +15,8 @@ whichever backend made them; ``symmetry_map``, ``random_intertwiner``, ``apply_t
 from __future__ import annotations
 
 import copy
+import math
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
@@ -77,8 +79,12 @@ def largest_relative_change(reference, other, names) -> float:
     of a name counted (a module called twice): how far a rounding moved the activations."""
     norm = torch.linalg.vector_norm
     pairs = [(a, b) for n in names if n in reference and n in other for a, b in zip(reference.calls(n), other.calls(n))]
-    return max((float(norm(b.double() - a.double()) / max(float(norm(a.double())), 1e-30)) for a, b in pairs),
-               default=0.0)
+    if not pairs:
+        return 0.0
+    # one read-back for all (a float() each waits for the device, and costs a call on the CPU)
+    norms = torch.stack([torch.stack([norm(b.double() - a.double()), norm(a.double())]).to(pairs[0][0].device)
+                         for a, b in pairs]).tolist()
+    return max(d / max(r, 1e-30) for d, r in norms)
 
 
 def one_example(inputs: Any) -> Optional[torch.Tensor]:
@@ -109,16 +115,38 @@ class GraphBackend(Backend):
         return copy.deepcopy(model).to(dtype)
 
     def observe(self, site, element, obs, h, forced):
+        move = self.move(site, element, obs, tuple(h.shape), forced)
+        return None if move is None else move.apply(h)
+
+    def move(self, site, element, obs, shape: tuple, forced) -> Optional["Move"]:
+        """How :meth:`observe` moves an activation of ``shape`` (None: nothing to compare), as a recipe that
+        verify's one-pass check can also follow without computing ``F·h`` (``_verify_kernel.py``)."""
         if obs.level == "prebn" and element.perm_part() is None:
             return None  # a dense map folded the BatchNorm into the writer: nothing to compare before it
         F = {"prebn": element.perm_part(), "pre": element, "post": element.phi()}[obs.level]
-        hb = h.reshape(h.shape[0], site.n, -1) if obs.block > 1 else h
-        moved = F.act(hb, obs.axis if obs.axis == 1 or h.ndim > 2 else 1)  # token-wise sites: the last axis
-        offset = site.group.offset(element) if site.affine and not forced else None
-        if offset is not None and obs.level == "post":
-            last = obs.axis == -1 and moved.ndim > 2
-            moved = moved + offset.to(h.dtype).reshape(*([1] * (moved.ndim - 1)), -1) if last else \
-                moved + offset.to(h.dtype).reshape(1, -1, *([1] * (moved.ndim - 2)))
+        view = (shape[0], site.n, math.prod(shape[1:]) // site.n) if obs.block > 1 else shape
+        axis = obs.axis if obs.axis == 1 or len(shape) > 2 else 1  # token-wise sites: the last axis
+        offset = site.group.offset(element) if site.affine and not forced and obs.level == "post" else None
+        return Move(F, view, axis, offset, -1 if obs.axis == -1 and len(view) > 2 else 1)
+
+
+@dataclass(frozen=True)
+class Move:
+    """``F`` acting on ``axis`` of an activation viewed as ``view``, plus ``offset`` along ``offset_axis``
+    (the affine extension's constant, after the nonlinearity; None: none)."""
+
+    F: GroupElement
+    view: tuple
+    axis: int
+    offset: Optional[torch.Tensor]
+    offset_axis: int
+
+    def apply(self, h: torch.Tensor) -> torch.Tensor:
+        moved = self.F.act(h.reshape(self.view), self.axis)
+        if self.offset is not None:
+            shape = [1] * moved.ndim
+            shape[self.offset_axis] = -1
+            moved = moved + self.offset.to(device=h.device, dtype=h.dtype).reshape(shape)
         return moved.reshape(h.shape)
 
 

@@ -1,7 +1,6 @@
 """``wb.verify``: is the function unchanged, and did the representation move as the group says?"""
 from __future__ import annotations
 
-import copy
 import html
 import math
 import textwrap
@@ -17,10 +16,12 @@ from .._progress import ProgressLike, progress_bar
 from .._report import Report, new_axes
 from ..hooks import run_with_cache, watch
 from ..models import eval_mode, no_grad_analysis
-from ._backend import backend_for, largest_relative_change
+from ._backend import Move, backend_for
 from ._map import symmetry_map
 from ._sites import Site
 from ._transform import Transform, apply_transform
+from ._verify_floor import FLOOR_ROWS, _Comparison, _fails, _floor_rows, _own_rounding
+from ._verify_kernel import OnePass, one_pass
 
 # Relative tolerances by dtype: what an exact symmetry achieves with random weights, with margin.
 TOLERANCES = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 5e-2}
@@ -312,152 +313,6 @@ def _sites(model: nn.Module, transform: Optional[Transform], example) -> tuple[l
     return sites, [], smap
 
 
-class _Comparison:
-    """Outputs compared element by element: |new − old| against a scale per output unit.
-
-    ``old``/``new``: ``[rows, ...]``. The scale of an element is the largest |old| in its output unit
-    (a column of ``[rows, units]``; with ``per_row``, a row of log-probabilities), never below
-    eps(dtype)·max|old| so a unit that is ~0 everywhere does not divide by zero. One output unit a
-    million times larger than the rest therefore no longer hides a change in the others.
-    """
-
-    def __init__(self, old: torch.Tensor, new: torch.Tensor, per_row: bool, dtype: torch.dtype,
-                 scale: Optional[torch.Tensor] = None):
-        """``scale``: the scale per unit of another comparison of more rows (instead of ``old``'s own)."""
-        self.shape = tuple(old.shape)
-        # float32 is exact enough to judge a 1e-5 tolerance and halves the memory of a decoder's
-        # [positions, vocabulary] log-probabilities; float64 outputs stay float64.
-        work = torch.float64 if torch.float64 in (old.dtype, new.dtype, dtype) else torch.float32
-        self.old, self.new = _rows(old).to(work), _rows(new).to(work)
-        diff = (self.new - self.old).abs()
-        self.finite = bool(torch.isfinite(diff).all())
-        ref = self.old
-        if not self.finite:  # equal non-finite values agree; any other non-finite difference is infinite
-            same = (self.old == self.new) | (self.old.isnan() & self.new.isnan())
-            diff = torch.where(same, torch.zeros_like(diff), torch.nan_to_num(diff, nan=math.inf, posinf=math.inf))
-            self.finite = bool(torch.isfinite(diff).all())
-            ref = torch.nan_to_num(self.old, nan=0.0, posinf=0.0, neginf=0.0)
-        dim = 1 if per_row else 0
-        lo, hi = torch.aminmax(ref, dim=dim, keepdim=True) if ref.numel() else (ref, ref)
-        mag = torch.maximum(lo.abs(), hi.abs())  # the largest |old| of each unit, without an |old| copy
-        top = mag.max().item() if mag.numel() else 0.0
-        self.zero = top == 0.0  # every output of the original is 0: comparing outputs checks nothing
-        floor = max(torch.finfo(dtype).eps * top, torch.finfo(work).tiny)
-        self.scale = mag.clamp_min(floor) if scale is None else scale.to(device=diff.device, dtype=work)
-        self.max_abs = diff.max().item() if diff.numel() else 0.0
-        self.rel = diff.div_(self.scale)
-        self.max_rel = self.rel.max().item() if self.rel.numel() else 0.0
-        self.classifier = len(self.shape) == 2 and self.shape[1] > 1
-
-    def worst(self) -> Optional[dict]:
-        if not self.rel.numel():
-            return None
-        flat = int(torch.nan_to_num(self.rel, nan=math.inf).flatten().argmax())
-        i, j = divmod(flat, self.rel.shape[1])
-        index = tuple(int(k) for k in torch.unravel_index(torch.tensor(flat), self.shape)) if self.shape else ()
-        return {"index": index, "old": self.old[i, j].item(), "new": self.new[i, j].item(),
-                "scale": self.scale[0 if self.scale.shape[0] == 1 else i, 0 if self.scale.shape[1] == 1 else j].item(),
-                "relative": self.rel[i, j].item()}
-
-    def top1(self, tol: float) -> tuple[int, float]:
-        """(rows whose top-1 differs beyond a float tie, agreement). A row is a tie when the original's gap
-        between the two classes is within the tolerance of both: old[a] − old[b] ≤ tol·(s_a + s_b)."""
-        a, b = self.old.argmax(1), self.new.argmax(1)
-        rows = torch.arange(len(a))
-        differ = a != b
-        s = self.scale.expand_as(self.old)
-        gap = self.old[rows, a] - self.old[rows, b]
-        tie = gap <= tol * (s[rows, a] + s[rows, b])
-        return int((differ & ~tie).sum()), (~differ).double().mean().item()
-
-
-def _rows(x: torch.Tensor) -> torch.Tensor:
-    """``[rows, units]``: the first axis is the batch (a 0-d or 1-d output is one unit per row)."""
-    if x.ndim == 0:
-        return x.reshape(1, 1)
-    return x.reshape(x.shape[0], -1)
-
-
-#: rows of the batch the own-rounding floor is measured on first: the comparison's worst rows, where an exact
-#: transform's rounding shows most. Two, not one: a batch of one row runs other kernels, which round otherwise.
-#: On the benchmark's CNN-26 (4 seeds, batches of 8 and 32) two such rows gave 0.75-1.0 of the whole batch's floor.
-FLOOR_ROWS = 2
-
-
-def _floor_rows(backend, cmp: "_Comparison", inputs, per_row: bool) -> Optional[torch.Tensor]:
-    """The FLOOR_ROWS rows of the batch whose outputs differ most (relative), sorted; None where the whole
-    batch is measured: a small batch (cheap anyway), outputs that are not one row per input row, a per-row
-    rule (a decoder's positions), outputs that are not finite, a transformer (its clone is no deepcopy)."""
-    n = len(inputs) if isinstance(inputs, torch.Tensor) and inputs.ndim >= 1 else 0
-    if backend.name != "graph" or per_row or not cmp.finite or n <= 2 * FLOOR_ROWS or cmp.rel.shape[0] != n:
-        return None
-    return cmp.rel.amax(1).topk(FLOOR_ROWS).indices.sort().values
-
-
-def _fails(cmp: "_Comparison", checks: list, tol: float, last: Optional[str]) -> bool:
-    """Whether the verdict at tolerance ``tol`` is FAIL on the comparison (outputs, sites, top-1)."""
-    if cmp.max_rel > tol or any(c.equivariance_error > tol for c in checks):
-        return True
-    return bool(cmp.classifier and not last and cmp.top1(tol)[0])
-
-
-def _own_rounding(backend, model, smap, inputs, raw_out, cache, names, dtype, rows: Optional[torch.Tensor] = None,
-                  cmp: Optional["_Comparison"] = None, reference: Optional[torch.Tensor] = None
-                  ) -> Optional[tuple[float, float]]:
-    """How far ``model``'s own low-precision evaluation is from its float64 copy's: the largest relative
-    output difference (same rule as the comparison) and the largest relative change of a watched
-    activation. None when the model cannot be copied to float64.
-
-    ``rows``: measure on those rows of the batch only (both models run on them), against the whole batch's
-    output scales (``cmp.scale``, so a row's floor is what the comparison divides by). None too when the
-    model's float32 outputs on those rows alone differ from its outputs for them in the whole batch by more
-    than that floor: some op mixes rows (e.g. a batch statistic), and the rows alone are another function.
-
-    ``raw_out``/``cache`` None (the new model, whose float32 activations verify compared as they were made and
-    did not keep): the whole batch runs again on a same-dtype copy first. ``reference``: this model's compared
-    float32 outputs on the whole batch (``cmp.new`` for the new model; ``cmp.old`` by default)."""
-    reference = cmp.old if reference is None and cmp is not None else reference
-    if rows is not None:
-        # The rows alone run on a float32 copy, not on the caller's model (a stateful module — a counter, a
-        # cache — would see one more forward), which then becomes the float64 copy. Anything going wrong
-        # here (a model that needs its batch size) leaves the measurement to the whole batch.
-        try:
-            exact, inputs = copy.deepcopy(model), inputs[rows.to(inputs.device)]
-            with eval_mode(exact), torch.no_grad():
-                raw_out, cache = (run_with_cache(exact, inputs, names=names, budget=None, device=None) if names
-                                  else (exact(inputs), None))
-            raw_out = backend.output(raw_out).detach()
-            exact.to(torch.float64)
-        except Exception:  # noqa: BLE001 (see above: the whole batch's measurement follows)
-            return None
-    else:
-        try:
-            if raw_out is None:
-                exact = backend.clone(model, dtype)
-                with eval_mode(exact), torch.no_grad():
-                    raw_out, cache = (run_with_cache(exact, inputs, names=names, budget=None, device=None) if names
-                                      else (exact(inputs), None))
-                raw_out = backend.output(raw_out).detach()
-                model = exact
-            exact = backend.clone(model, torch.float64)
-        except (RuntimeError, TypeError):  # a model that cannot be deep-copied or cast keeps the dtype's tolerance
-            return None
-    inputs64 = inputs.to(torch.float64) if isinstance(inputs, torch.Tensor) and inputs.is_floating_point() else inputs
-    with eval_mode(exact), torch.no_grad():
-        out64, cache64 = (run_with_cache(exact, inputs64, names=names, budget=None, device=None) if names
-                          else (exact(inputs64), None))
-    out64 = backend.output(out64)
-    ref, _, _, per_row, _ = backend.compared(model, smap, None, raw_out, raw_out, cache, cache)
-    ref64, _, _, _, _ = backend.compared(exact, smap, None, out64.detach(), out64.detach(), cache64, cache64)
-    scale = None if rows is None else cmp.scale
-    out_floor = _Comparison(ref64, ref.to(torch.float64), per_row, dtype, scale=scale).max_rel
-    if rows is not None:
-        alone = _Comparison(reference[rows.to(reference.device)], ref, per_row, dtype, scale=scale).max_rel
-        if not alone <= out_floor:  # (a NaN too)
-            return None
-    return out_floor, largest_relative_change(cache64, cache, names or [])
-
-
 def _rule(compared: str, per_row: bool, tol: float, dtype: torch.dtype, classifier: bool,
           floored: Optional[str]) -> str:
     unit = "the row's (a position's log-probabilities)" if per_row else "its output unit's (column over rows)"
@@ -477,19 +332,32 @@ def _param_dtype(model: nn.Module) -> torch.dtype:
     return p.dtype if p is not None else torch.get_default_dtype()
 
 
-def _expected(backend, sites: list[Site], transform: Optional[Transform], cache) -> dict[tuple[str, int], torch.Tensor]:
-    """Where each observed activation of the new model must be: ``(name, call) -> F·h``.
+def _expected(backend, sites: list[Site], transform: Optional[Transform], cache) -> dict[tuple[str, int], object]:
+    """Where each observed activation of the new model must be: ``(name, call) -> F·h``, or the backend's
+    recipe for it (a :class:`~._backend.Move`), which the comparison follows when the new activation
+    exists, without holding a moved copy of every activation meanwhile.
 
     Where several sites move one hook (a head's QK map and the head permutation both move ``hook_q``), the
-    expected activation applies every site's element in the transform's order. In the activations' own
-    dtype: its rounding (~1e-7 in float32) is far below the dtype's tolerance.
+    expected activation applies every site's element in the transform's order (computed here). In the
+    activations' own dtype: its rounding (~1e-7 in float32) is far below the dtype's tolerance.
     """
-    expected: dict[tuple[str, int], torch.Tensor] = {}
+    moves: dict[tuple[str, int], list] = {}
     for s in sites:
-        element, forced = transform.elements[s.name], s.name in transform.forced
         for o in s.observed:
-            key = (o.name, o.call)
-            moved = backend.observe(s, element, o, expected.get(key, cache.calls(o.name)[o.call]), forced)
+            moves.setdefault((o.name, o.call), []).append((s, o))
+    recipe = getattr(backend, "move", None)
+    expected: dict[tuple[str, int], object] = {}
+    memo: dict = {}
+    for key, seen in moves.items():
+        h = cache.calls(key[0])[key[1]]
+        if recipe is not None and len(seen) == 1:
+            s, o = seen[0]
+            move = recipe(s, transform.elements[s.name], o, tuple(h.shape), s.name in transform.forced)
+            if move is not None:
+                expected[key] = one_pass(move, h, memo=memo) or move
+            continue
+        for s, o in seen:
+            moved = backend.observe(s, transform.elements[s.name], o, expected.get(key, h), s.name in transform.forced)
             if moved is not None:
                 expected[key] = moved
     return expected
@@ -497,8 +365,10 @@ def _expected(backend, sites: list[Site], transform: Optional[Transform], cache)
 
 def _measure(expected: dict, cache, measured: dict) -> dict:
     """``watch`` callbacks that compare each new activation with its expected value as it is produced:
-    ``measured[(name, call)]`` = [‖h' − F·h‖, ‖h' − h‖, ‖h‖, ‖F·h‖], kept as a tensor on the activation's
-    device (an ``.item()`` each would wait for the device every time), with one scratch difference, not two."""
+    ``measured[(name, call)]`` = [‖h' − F·h‖, ‖h' − h‖, ‖h‖, ‖F·h‖]: in one compiled pass where the
+    expected value is a recipe the pass covers (``_verify_kernel.py``), else with torch's kernels, kept
+    as a tensor on the activation's device (an ``.item()`` each would wait for the device every time),
+    with one scratch difference, not two."""
     calls: dict[str, int] = {}
     norm = torch.linalg.vector_norm
 
@@ -508,6 +378,14 @@ def _measure(expected: dict, cache, measured: dict) -> dict:
         if want is None:
             return
         h = cache.calls(name)[call]
+        if isinstance(want, OnePass):
+            sums = want.sums(h_new, h)
+            if sums is not None:
+                measured[(name, call)] = sums
+                return
+            want = want.move
+        if isinstance(want, Move):
+            want = want.apply(h)
         diff = torch.sub(h_new, want)
         eq = norm(diff)
         change = norm(torch.sub(h_new, h, out=diff))
@@ -521,7 +399,8 @@ def _site_checks(sites: list[Site], transform: Optional[Transform], expected: di
     larger of ‖h‖ and ‖F·h‖ (a large scaling makes h' big, and its rounding with it). An expected
     activation the new model never produced counts as infinitely far (the models differ in structure).
     """
-    values = {k: v.tolist() for k, v in measured.items()}  # the first waits for the device; the rest are ready
+    # a tensor's first .tolist() waits for the device; the rest are ready (the compiled pass gave floats)
+    values = {k: v.tolist() if isinstance(v, torch.Tensor) else v for k, v in measured.items()}
     missing = [math.inf, math.inf, 1.0, 1.0]
     checks = []
     for s in sites:
