@@ -123,7 +123,14 @@ class GraphBackend(Backend):
         verify's one-pass check can also follow without computing ``F·h`` (``_verify_kernel.py``)."""
         if obs.level == "prebn" and element.perm_part() is None:
             return None  # a dense map folded the BatchNorm into the writer: nothing to compare before it
-        F = {"prebn": element.perm_part(), "pre": element, "post": element.phi()}[obs.level]
+        if obs.level == "pregn":  # a writer's output only a GroupNorm with a gain reads: S·P (DERIVATIONS §9)
+            from ._graph_groupnorm import before_norm
+
+            F = before_norm(element)
+            if F is None:
+                return None
+        else:
+            F = {"prebn": element.perm_part(), "pre": element, "post": element.phi()}[obs.level]
         view = (shape[0], site.n, math.prod(shape[1:]) // site.n) if obs.block > 1 else shape
         axis = obs.axis if obs.axis == 1 or len(shape) > 2 else 1  # token-wise sites: the last axis
         offset = site.group.offset(element) if site.affine and not forced and obs.level == "post" else None

@@ -278,8 +278,11 @@ class Graph:
 
             if not node.users:  # read and never used (fx records attribute reads near a leaf call): no value flows
                 return
+            from ._graph_groupnorm import group_norm_parameter
+
             if table_parameter(self, node, _attr(self.model, node.target)) or \
-                    scale_parameter(self, node, _attr(self.model, node.target)):
+                    scale_parameter(self, node, _attr(self.model, node.target)) or \
+                    group_norm_parameter(self, node, _attr(self.model, node.target)):
                 return
             sid = self.new_space(f"parameter {node.target!r} used directly in forward")
             self.info[node] = TensorInfo(sid, "pre")
@@ -350,6 +353,10 @@ class Graph:
             if m.bias is not None:
                 self.uses.append(Use(place, f"{name}.bias", m.bias, sid, None, node))
             return True
+        if isinstance(m, nn.GroupNorm):
+            from ._graph_groupnorm import group_norm_module
+
+            return group_norm_module(self, node, m, x, name)
         if isinstance(m, _BN):
             if not self._channels_first(node, x, f"{name} (BatchNorm)"):
                 return False
@@ -501,6 +508,10 @@ class Graph:
             elif self.shape(node) is not None:
                 self._fresh(node, f"output {node.args[1]} of {node.args[0].target} (attention weights) is not understood")
             return
+        if fname == "group_norm" and args:
+            from ._graph_groupnorm import group_norm_function
+
+            return group_norm_function(self, node)  # F.group_norm, torch.group_norm (DERIVATIONS §9)
         if fn is getattr and args:
             if node.args[1] in _META_ATTRS:  # x.shape and friends read no values
                 return
@@ -556,7 +567,9 @@ class Graph:
             return self._out(node, args[0])  # x[:, :, ::2, ::2]: subsampling positions keeps channels
         if fname == "pad" and args:
             return self._channel_pad(node, args[0])
-        self._fresh(node, f"the function {fname} is not understood by the symmetry rules")
+        from ._graph_groupnorm import standardised_weight
+
+        self._fresh(node, standardised_weight(node) or f"the function {fname} is not understood by the symmetry rules")
 
     def _method(self, node: fx.Node) -> None:
         name = node.target

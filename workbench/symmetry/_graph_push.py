@@ -122,7 +122,11 @@ def _plan_site(modules: dict, site: Site, element: GroupElement, offset, plans: 
         if w.name not in modules:
             continue
         rows = element
-        if w.level == "prebn":
+        if w.level == "pregn":  # its output only a GroupNorm with a gain reads (DERIVATIONS §9)
+            from ._graph_groupnorm import plan_writer
+
+            rows = plan_writer(modules, w, element, put, site.name, forced)
+        elif w.level == "prebn":
             bn = modules[w.norm]
             if perm is None:  # not a scaled permutation: fold the norm into the writer, which then only adds β
                 plan = plans.setdefault(w.name, _Plan())
@@ -149,6 +153,10 @@ def _plan_site(modules: dict, site: Site, element: GroupElement, offset, plans: 
             put(bn_name, "weight", lambda v, F=F, conv=conv: conjugate_grouped(v, F, conv.groups, site.name, bn_name, forced))
             if conv.bias is not None:
                 put(bn_name, "bias", lambda v, F=F: F.act(v, 0))
+        elif mode.startswith("groupnorm"):  # refuses what no GroupNorm passes (DERIVATIONS §9)
+            from ._graph_groupnorm import check_element
+
+            check_element(site.name, bn_name, mode, element, forced)
         elif mode == "input":  # BN(Fx) = F·BN(x) for F = D·P: μ, β take D·P; γ, σ² take P (derivation: ARCHITECTURE)
             if perm is None:
                 raise InvalidOptionError(f"site {site.name!r}: only permutations and diagonal scalings pass BatchNorm "

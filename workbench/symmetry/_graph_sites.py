@@ -14,6 +14,7 @@ from ._lattice import CONSTRAINTS, generators, restrict
 from ._graph_stream import CONSTRAINTS as STREAM_CONSTRAINTS, CONVNEXT_NOTE, LN_NOTE, MIXER_NOTE, SWIN_NOTE, extra_site, with_sign
 from ._channel_families import grouped
 from ._graph_vision import COUPLER_NOTE, CONSTRAINTS as VISION_CONSTRAINTS
+from ._graph_groupnorm import CONSTRAINTS as GROUPNORM_CONSTRAINTS, site_group as group_norm_group
 from ._sites import Observation, Port, Site, SymmetryMap
 
 def is_activation(obj: Any) -> bool:
@@ -116,7 +117,7 @@ def _build(graph, model_name: str, affine: bool) -> SymmetryMap:
         for kind, node in space.constraints:
             if kind == "max_pool" and graph.info[node].level == "post" and _phi_positive(group.phi):
                 continue  # φ(M) = abs(M) or an even power is already a positive scaled permutation
-            allowed, why = {**CONSTRAINTS, **VISION_CONSTRAINTS, **STREAM_CONSTRAINTS}[kind]
+            allowed, why = {**CONSTRAINTS, **VISION_CONSTRAINTS, **STREAM_CONSTRAINTS, **GROUPNORM_CONSTRAINTS}[kind]
             if kind == "mixed_levels":
                 if group.phi == "identity":
                     continue
@@ -137,12 +138,16 @@ def _build(graph, model_name: str, affine: bool) -> SymmetryMap:
                              f"its groups onto each other")
             group = coupled
             notes.append(COUPLER_NOTE)
+        group = group_norm_group(graph, space, group, notes)  # GroupNorms: whole groups, signs on their inputs
+        if group is None:
+            skipped.append((place, "GroupNorms or grouped convolutions with different numbers of groups read it"))
+            continue
         group = with_sign(group, space)  # a LayerNorm stream: −I passes too (its bias takes the sign)
         if group.name == "trivial":
             skipped.append((place, "no map but the identity keeps the function: " + "; ".join(notes)))
             continue
         level_of = {node: graph.info[node] for node in graph.info}
-        norm_of = {node: bn for bn, mode, node in space.norms if mode == "output"}
+        norm_of = {node: bn for bn, mode, node in space.norms if mode == "output" or mode.startswith("groupnorm_output")}
         writers = list(dict.fromkeys(Port(w, level_of[node].level, norm=norm_of.get(node)) for w, node in space.writers))
         readers = list(dict.fromkeys(Port(r, level_of[node].level, level_of[node].block) for r, node in space.readers))
         writers += list(dict.fromkeys(p for r, p, _ in space.ports if r == "writer"))

@@ -97,7 +97,7 @@ def clashes(graph, sites: dict) -> dict:
         # a writer feeding a BatchNorm has that BatchNorm folded into its rows (its own γ/σ): two calls feeding
         # different BatchNorms need different rows even with one element
         norm = next((p.norm for p in site.writers if p.name == u.place), None) if site is not None else None
-        rows = (root, "pre" if perm_only or info.level != "prebn" else ("feeds a BatchNorm", norm))
+        rows = (root, "pre" if perm_only or info.level not in ("prebn", "pregn") else ("feeds a norm", norm))
         if u.cols is None or u.input is None:
             return rows
         croot = graph.find(u.cols)

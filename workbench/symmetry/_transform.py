@@ -65,7 +65,9 @@ class Transform(Report):
         if d.get("format") != "workbench-transform":
             raise InvalidOptionError(f"not a workbench transform record: format {d.get('format')!r}, expected 'workbench-transform' "
                                      f"(written by Transform.save / to_dict).")
-        return cls({k: element_from_dict(v) for k, v in d["elements"].items()}, d["groups"], d["forced"],
+        from ._graph_groupnorm import with_input_signs  # a GroupNorm site's signs on its input (DERIVATIONS §9)
+
+        return cls({k: with_input_signs(element_from_dict(v), v) for k, v in d["elements"].items()}, d["groups"], d["forced"],
                    d["seed"], d["model"], d["affine"])
 
     def save(self, path: Union[str, Path]) -> None:
