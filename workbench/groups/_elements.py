@@ -158,12 +158,20 @@ class ScaledPermutation(GroupElement):
 
 @dataclass(repr=False)
 class Dense(GroupElement):
-    """A dense invertible matrix (general linear and orthogonal maps). Keeps float64 for exactness."""
+    """A dense invertible matrix (general linear and orthogonal maps). Keeps float64 for exactness.
+
+    ``inv`` is M⁻¹ when it is known exactly from how M was made (a GL draw U·diag(s)·Vᵀ has the inverse
+    V·diag(1/s)·Uᵀ: one product, no LU, and as exact as M itself), and ``cond`` M's 2-norm condition number
+    when it is known (max s / min s; 1 for an orthogonal map). Both are optional: an element without them
+    inverts with ``torch.linalg.inv``, and a push treats an unknown ``cond`` as ill-conditioned (float64
+    products, ``_port_moves.dense_ok``)."""
 
     M: torch.Tensor  # [n, n]
     phi_kind: Phi = "identity"
     group: str = "gl"
     orthogonal: bool = False  # inverse is the transpose, exactly
+    inv: Optional[torch.Tensor] = None  # [n, n] M⁻¹, when known from the element's factors
+    cond: Optional[float] = None  # ‖M‖₂‖M⁻¹‖₂, when known
     n: int = field(init=False)
 
     def __post_init__(self):
@@ -172,6 +180,10 @@ class Dense(GroupElement):
             raise InvalidOptionError(f"a dense group element needs a square matrix; got shape {tuple(self.M.shape)}.")
         if not self.M.is_floating_point():
             self.M = self.M.double()
+        if self.inv is not None and tuple(self.inv.shape) != tuple(self.M.shape):
+            raise InvalidOptionError(f"the inverse of a {tuple(self.M.shape)} element has shape {tuple(self.inv.shape)}.")
+        if self.orthogonal and self.cond is None:
+            self.cond = 1.0
         self.n = int(self.M.shape[0])
 
     def matrix(self, dtype: torch.dtype = torch.float64) -> torch.Tensor:
@@ -183,11 +195,16 @@ class Dense(GroupElement):
         return torch.movedim(torch.tensordot(M, torch.movedim(x, d, 0), dims=([1], [0])), 0, d)
 
     def inverse(self) -> "Dense":
-        inv = self.M.T.clone() if self.orthogonal else torch.linalg.inv(self.M)
-        return Dense(inv, self.phi_kind, self.group, self.orthogonal)
+        # (views, not copies, of M and its inverse: no element changes its matrix in place)
+        if self.orthogonal:
+            return Dense(self.M.T, self.phi_kind, self.group, True, self.M, 1.0)
+        if self.inv is not None:
+            return Dense(self.inv, self.phi_kind, self.group, False, self.M, self.cond)
+        return Dense(torch.linalg.inv(self.M), self.phi_kind, self.group, False, self.M, self.cond)
 
     def transpose(self) -> "Dense":
-        return Dense(self.M.T.clone(), self.phi_kind, self.group, self.orthogonal)
+        inv = None if self.inv is None else self.inv.T
+        return Dense(self.M.T, self.phi_kind, self.group, self.orthogonal, inv, self.cond)
 
     def _phi(self) -> "Dense":
         if self.phi_kind == "abs":
@@ -197,8 +214,15 @@ class Dense(GroupElement):
         raise InvalidOptionError(f"unknown homomorphism φ {self.phi_kind!r}; known: 'identity', 'abs', ('power', d).")
 
     def to_dict(self) -> dict:
-        return {"type": "dense", "M": self.M.double().tolist(), "orthogonal": self.orthogonal,
-                "phi": self.phi_kind if isinstance(self.phi_kind, str) else list(self.phi_kind), "group": self.group}
+        # The exact inverse and the condition number travel with M, so a replayed transform pushes the same
+        # products in the same precision (bit for bit) as the one drawn.
+        d = {"type": "dense", "M": self.M.double().tolist(), "orthogonal": self.orthogonal,
+             "phi": self.phi_kind if isinstance(self.phi_kind, str) else list(self.phi_kind), "group": self.group}
+        if self.inv is not None and not self.orthogonal:
+            d["inverse"] = self.inv.double().tolist()
+        if self.cond is not None:
+            d["cond"] = self.cond
+        return d
 
 
 def identity(n: int) -> ScaledPermutation:
@@ -251,5 +275,7 @@ def element_from_dict(d: dict) -> GroupElement:
         scale = None if d["scale"] is None else torch.tensor(d["scale"], dtype=torch.float64)
         return ScaledPermutation(torch.tensor(d["perm"]), scale, phi, d.get("group", ""))
     if d["type"] == "dense":
-        return Dense(torch.tensor(d["M"], dtype=torch.float64), phi, d.get("group", ""), d.get("orthogonal", False))
+        inv = torch.tensor(d["inverse"], dtype=torch.float64) if d.get("inverse") is not None else None
+        return Dense(torch.tensor(d["M"], dtype=torch.float64), phi, d.get("group", ""), d.get("orthogonal", False),
+                     inv, d.get("cond"))
     raise InvalidOptionError(f"unknown group element type {d['type']!r}; known: 'scaled_permutation', 'dense'.")

@@ -34,10 +34,11 @@ ConvNeXt needs nothing more (its depthwise convs are couplers, ``_graph_vision``
 is a Linear over positions (``Graph._position_linear``).
 
 Weights these rules move are *parameter ports*: a :class:`Port` named ``module.attribute`` (optionally
-``[start:stop]``, a slice of the axis it moves), with ``axis`` the axis that moves. Their new values are
-computed in float64 and written once (``_graph_push``'s small-tensor path); several sites may move one
-tensor (the packed projection's columns by the stream, its row blocks by the heads), composed in site
-order, each a symmetry of the model as it then is.
+``[start:stop]``, a slice of the axis it moves), with ``axis`` the axis that moves. Several sites may move one
+tensor (the packed projection's columns by the stream, its row blocks by the heads), composed in site order,
+each a symmetry of the model as it then is: ``_port_moves.Moves`` composes them per axis first and writes the
+result once into the new model (one gather and one batched product for a packed projection; the precision each
+product runs in is argued there).
 """
 from __future__ import annotations
 
@@ -112,6 +113,7 @@ def param_port(path: str, level: str, axis: int, start: Optional[int] = None, st
     return Port(path + (f"[{start}:{stop}]" if start is not None else ""), level, block, axis=axis)
 
 
+@functools.lru_cache(maxsize=1 << 14)  # a transform splits every port of every site: 1180 on ViT-B/16
 def split_port(name: str) -> tuple[str, str, Optional[tuple[int, int]]]:
     """``("module", "attr", (start, stop) or None)`` of a parameter port's name."""
     m = re.fullmatch(r"(.*?)(?:\[(\d+):(\d+)\])?", name)
@@ -120,10 +122,10 @@ def split_port(name: str) -> tuple[str, str, Optional[tuple[int, int]]]:
     return module, attr, (int(a), int(b)) if a is not None else None
 
 
-def plan_ports(modules: dict, site, element, put, forced: bool) -> None:
-    """Record, through ``put(module, attr, fn)`` (float64, composed per tensor), what ``element`` at ``site``
-    does to every parameter port of the site. Writers move by the element (``"pre"``), φ of it
-    (``"post"``), its permutation part (``"perm"``: LayerNorm gains), or permute units of ``block``
+def plan_ports(modules: dict, site, element, moves_for, forced: bool) -> None:
+    """Record, in ``moves_for(module, attr)`` (a ``_port_moves.Moves``, composed per tensor in site order), what
+    ``element`` at ``site`` does to every parameter port of the site. Writers move by the element (``"pre"``),
+    φ of it (``"post"``), its permutation part (``"perm"``: LayerNorm gains), or permute units of ``block``
     (``"heads"``); readers by the inverse transpose of the element (or of φ of it)."""
     from .._errors import InvalidOptionError
     from ._layout_push import HeadPermutation
@@ -151,49 +153,20 @@ def plan_ports(modules: dict, site, element, put, forced: bool) -> None:
                 F = element.phi() if p.level == "post" else element
                 if role == "reader":
                     F = duals[p.level] if p.level in duals else duals.setdefault(p.level, F.inverse().transpose())
-            own = getattr(modules[module], attr)
             if p.block > 1 and p.level != "heads":
                 F = _Tiled(F, p.block)
-            move = functools.partial(_act_port, own=own, F=F, axis=p.axis, sl=sl)
-            move.own_dtype = True  # put hands it the model's own tensor first, not a float64 copy
-            put(module, attr, move)
-
-
-def _act_port(v: torch.Tensor, own: torch.Tensor, F, axis: int, sl) -> torch.Tensor:
-    """One port's move of the value so far ``v`` (``put`` hands the first move ``own`` itself). Permutations
-    are exact in any dtype: while a tensor has met only those, they act on the model's own tensor in its own
-    dtype (a float64 gather of a 2304×768 weight took 5–8 ms, a float32 one 2 ms); the first other map turns it
-    into float64, where it stays."""
-    from ._layout_push import HeadPermutation
-
-    exact = isinstance(F, HeadPermutation) or (isinstance(F, ScaledPermutation) and F.scale is None)
-    if not exact and v.dtype != torch.float64:
-        v = v.double()  # the model's own tensor, or an exact result so far, in the model's dtype
-    return _act_slice(v, F, axis, sl, v is own)  # never moves ``own`` in place
+            moves_for(module, attr).add(F, p.axis, sl)
 
 
 def _act_slice(v: torch.Tensor, F, axis: int, sl: Optional[tuple[int, int]], own: bool) -> torch.Tensor:
-    """``v`` moved by F along ``axis`` (only ``sl`` of it). A slice is moved in place unless ``v`` is the model's
-    own tensor (a float64 model's ``t.double()`` is ``t``): the per-head maps of a packed projection would
-    otherwise copy the whole weight once per head."""
+    """``v`` moved by F along ``axis`` (only ``sl`` of it), one move at a time (``_port_moves.Moves`` falls back
+    to this for moves it cannot compose). A slice is moved in place unless ``v`` is the model's own tensor."""
     axis %= v.ndim
     if sl is None:
-        return _gather_last(v, F) if axis == v.ndim - 1 and v.ndim >= 2 and isinstance(F, ScaledPermutation) \
-            else F.act(v, axis)
+        return F.act(v, axis)
     out = v.clone() if own else v
     part = out.narrow(axis, sl[0], sl[1] - sl[0])
     part.copy_(F.act(part, axis))
-    return out
-
-
-def _gather_last(v: torch.Tensor, F) -> torch.Tensor:
-    """A scaled permutation along the last axis (a packed projection's columns): ``torch.gather`` takes 5 ms on a
-    2304×768 float64 weight where ``index_select`` along axis 1 takes 20 ms (torch 2.13, one thread)."""
-    idx = F.perm.to(v.device)
-    # (float32: index_select along the last axis is the faster one, 2 ms against gather's 3.4 ms)
-    out = torch.gather(v, -1, idx.expand(v.shape)) if v.dtype == torch.float64 else v.index_select(-1, idx)
-    if F.scale is not None:
-        out.mul_(F.scale.to(device=v.device, dtype=v.dtype))
     return out
 
 

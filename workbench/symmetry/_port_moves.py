@@ -1,0 +1,273 @@
+"""A parameter port's moves, composed before they touch the tensor, then done in as few passes as possible.
+
+A transformer's packed projection is moved by many sites: the stream's element on its columns, one GL(d_head)
+map per head on row blocks of queries, keys and values, and the head permutation on whole blocks. Done one by
+one (as ``_graph_stream`` did), ViT-B/16 took 1008 float64 products, a gather per head permutation and a
+float64 round trip per tensor: 430 of its transform's 580 ms. Here every axis's moves are composed first into
+one operator ``out = B · S · P`` along that axis: P a gather, S a diagonal, B dense blocks on disjoint ranges.
+A permutation after dense blocks passes through them when it carries whole blocks (``_Axis.then``: the heads
+of a packed projection), so a ViT's in-projection takes one gather (the stream's signed permutation and the
+heads', ``_kernels.gather_scale_into``) and one batched product of its 3·H blocks, written into the new
+model's tensor. Moves on different axes commute (row and column operations), so each axis composes alone.
+
+Precision (``dense_ok``). Permutations are exact in any dtype; a scaling rounds once (as the module path's
+kernel does). A dense block's product runs in float64 unless the weight is float32 and the block's condition
+number is known and at most ``COND_MAX``. Why float32 is then as good as the forward's own rounding: a float32
+dot product of length n errs by at most γ_n·(|A||W|)_ij ≈ n·u·(|A||W|)_ij (typically √n·u), against
+u·|AW|_ij for the float64 product rounded once to float32 (u = 2⁻²⁴). The transformed model's forward computes
+(AW)·x with dot products of length d_in and errs by ≈ √d_in·u·|AW||x| itself, and it then meets A⁻¹ (the
+reader's dual), so both that rounding and the stored weight's are amplified by up to cond(A) alike. What the
+float32 product adds is therefore the forward's own error times about √(n / d_in)·(|A||W| / |AW|); the last
+factor is at most ‖|A|‖·‖A⁻¹‖ ≤ √n·cond(A), which ``COND_MAX`` bounds: a GL draw at the default σ = 1 has
+cond ≈ 10²–3·10² (n = 64–320). Measured (benchmarks/results/coverage_vision.md): float32 verify of the 13
+vision models moves from at most 2e-05 to at most 2e-05 relative (tolerance 1e-05 per row, raised to 10× the
+model's own measured float32 floor where that is larger). float64 models keep float64 arithmetic, and float16
+and bfloat16 weights are moved in float64 and rounded once (their range check reads that value).
+"""
+from __future__ import annotations
+
+import bisect
+from typing import Optional
+
+import torch
+
+from ..groups import Dense, ScaledPermutation
+
+# The largest condition number a dense map's product may run in float32 with (module docstring).
+COND_MAX = 1e3
+
+
+def dense_ok(e, dtype: torch.dtype) -> bool:
+    """Whether a dense element's product with a ``dtype`` weight may run in that dtype (module docstring)."""
+    return dtype == torch.float32 and isinstance(e, Dense) and e.cond is not None and e.cond <= COND_MAX
+
+
+def fits(e, dtype: torch.dtype, scratch: Optional[dict] = None) -> bool:
+    """Whether a scaled permutation's scales are normal numbers of ``dtype`` (so a product with them rounds
+    once). Answered once per element and dtype within a push (``scratch`` lives for one push, in which the
+    elements it names by id are alive): a site's element serves all of its writers."""
+    if not isinstance(e, ScaledPermutation) or e.scale is None:
+        return True
+    key = ("fits", id(e), dtype)
+    if scratch is not None and key in scratch:
+        return scratch[key]
+    info = torch.finfo(dtype)
+    lo, hi = torch.aminmax(e.scale.abs())  # NaN in either: not a normal number, and the comparisons say so
+    ok = bool(hi <= info.max) and bool(lo >= info.tiny)
+    if scratch is not None:
+        scratch[key] = ok
+    return ok
+
+
+def _parts(F, n: int):
+    """``F`` acting on a range of length ``n`` as ``("perm", idx, scale)`` (out[i] = scale[i]·x[idx[i]]) or
+    ``("dense", [(offset, size, M, cond)])``; None for a map not understood here."""
+    if isinstance(F, Dense) and F.n == n:
+        return "dense", [(0, n, F.M, F.cond)]
+    if isinstance(F, ScaledPermutation) and F.n == n:
+        return "perm", F.perm, F.scale
+    from ._graph_stream import _Tiled  # (imported here: both import this module's users)
+    from ._layout_push import HeadPermutation
+
+    if isinstance(F, HeadPermutation):
+        return "perm", F.index(n), None
+    if isinstance(F, _Tiled) and F.F.n * F.k == n:
+        m, k = F.F.n, F.k
+        if isinstance(F.F, ScaledPermutation):
+            idx = (torch.arange(k)[:, None] * m + F.F.perm[None, :]).reshape(-1)
+            return "perm", idx, None if F.F.scale is None else F.F.scale.repeat(k)
+        if isinstance(F.F, Dense):
+            return "dense", [(j * m, m, F.F.M, F.F.cond) for j in range(k)]
+    return None
+
+
+class _Axis:
+    """The composite of the moves on one axis of length L: ``out = B · diag(scale) · x[idx]``, B dense blocks
+    ``start → (size, C, cond)`` on disjoint ranges (the identity elsewhere)."""
+
+    def __init__(self, L: int):
+        self.L = L
+        self.idx: Optional[torch.Tensor] = None
+        self.scale: Optional[torch.Tensor] = None  # float64
+        self.blocks: dict[int, tuple] = {}
+        self.starts: list[int] = []  # the blocks' starts, sorted
+
+    def then(self, F, sl) -> bool:
+        """Compose ``F`` (on ``sl`` of the axis, or all of it) after what is here; False where the result has no
+        such form (the caller then does the moves one by one)."""
+        a, b = sl if sl is not None else (0, self.L)
+        parts = _parts(F, b - a)
+        if parts is None:
+            return False
+        if parts[0] == "dense":
+            for off, n, M, cond in parts[1]:
+                s = a + off
+                if s in self.blocks and self.blocks[s][0] == n:
+                    _, C, c0 = self.blocks[s]
+                    self.blocks[s] = (n, M @ C, None if c0 is None or cond is None else c0 * cond)
+                    continue
+                i = bisect.bisect(self.starts, s)  # the blocks are disjoint: only the neighbours can overlap
+                if (i and self.starts[i - 1] + self.blocks[self.starts[i - 1]][0] > s) or \
+                        (i < len(self.starts) and self.starts[i] < s + n):
+                    return False
+                self.starts.insert(i, s)
+                self.blocks[s] = (n, M, cond)
+            return True
+        _, f_idx, f_scale = parts
+        whole = a == 0 and b == self.L
+        if whole:
+            g, gs = f_idx, None if f_scale is None else f_scale.double()
+        else:
+            g = torch.arange(self.L)
+            g[a:b] = a + f_idx
+            gs = None
+            if f_scale is not None:
+                gs = torch.ones(self.L, dtype=torch.float64)
+                gs[a:b] = f_scale.double()
+        if not self.blocks:  # the common case (a stream's element on a norm, a table, a projection's columns)
+            self.scale = gs if self.scale is None else self.scale[g] if gs is None else self.scale[g] * gs
+            self.idx = g if self.idx is None else self.idx[g]
+            return True
+        # A block on input rows R passes g when g maps a contiguous run of outputs onto R in order: its rows then
+        # take g's scales (diag(gs)·C), and the run is the block's new place.
+        inv = torch.empty_like(g)
+        inv[g] = torch.arange(self.L)
+        blocks, in_block = {}, torch.zeros(self.L, dtype=torch.bool) if gs is not None else None
+        by_size: dict[int, list] = {}
+        for s, (n, *_) in self.blocks.items():
+            by_size.setdefault(n, []).append(s)
+        for n, starts in by_size.items():  # one check per block size (a packed projection: 3·H blocks of d_head)
+            span = torch.arange(n)
+            rows = inv[torch.tensor(starts)[:, None] + span]
+            if not torch.equal(rows, rows[:, :1] + span):
+                return False
+            for s, s2 in zip(starts, rows[:, 0].tolist()):
+                _, C, cond = self.blocks[s]
+                if gs is not None:
+                    r = gs[s2:s2 + n]
+                    C = r[:, None] * C
+                    cond = None if cond is None else cond * float(r.abs().max() / r.abs().min())
+                    in_block[s2:s2 + n] = True
+                blocks[s2] = (n, C, cond)
+        scale = None if self.scale is None else self.scale[g]
+        if gs is not None:
+            outside = torch.where(in_block, torch.ones_like(gs), gs)
+            scale = outside if scale is None else scale * outside
+        self.idx = g if self.idx is None else self.idx[g]
+        self.scale, self.blocks, self.starts = scale, blocks, sorted(blocks)
+        return True
+
+
+class Moves:
+    """The new value of one parameter (or BatchNorm vector): the model's own tensor ``own``, then port moves
+    (``add``, composed lazily per axis) and float64 functions of the value so far (``apply``), in order."""
+
+    def __init__(self, own: torch.Tensor):
+        self.own = own
+        self.base = own  # the model's tensor, or a float64 value of our own after a function or a flush
+        self.axes: dict[int, _Axis] = {}
+
+    def add(self, F, axis: int, sl: Optional[tuple[int, int]]) -> None:
+        axis %= self.own.ndim
+        op = self.axes.get(axis)
+        if op is None:
+            op = self.axes[axis] = _Axis(self.own.shape[axis])
+        if not op.then(F, sl):  # not composable: what is pending is done in float64, then F alone
+            from ._graph_stream import _act_slice
+
+            self.base = self.value(torch.float64)
+            self.axes = {}
+            self.base = _act_slice(self.base, F, axis, sl, False)
+
+    def apply(self, fn) -> None:
+        """``fn`` of the float64 value so far (a BatchNorm vector's move, a grouped convolution's conjugation)."""
+        self.base = fn(self.value(torch.float64) if self.axes or self.base is not self.own else self.own.double())
+        self.axes = {}
+
+    def elements_ok(self, dtype: torch.dtype) -> bool:
+        """Whether every pending move may run in ``dtype`` (module docstring)."""
+        info = torch.finfo(dtype)
+        for op in self.axes.values():
+            if op.scale is not None:
+                lo, hi = torch.aminmax(op.scale.abs())
+                if not (bool(hi <= info.max) and bool(lo >= info.tiny)):
+                    return False
+            if op.blocks and not (dtype == torch.float32 and all(
+                    c is not None and c <= COND_MAX for _, _, c in op.blocks.values())):
+                return False
+        return True
+
+    def value(self, dtype: Optional[torch.dtype] = None, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The final value, computed in ``dtype`` (default: the tensor's own dtype where every move allows it,
+        else float64), and also written into ``out`` when given (rounded to its dtype). Returned in ``dtype`` (``out``
+        itself when that is its dtype; a range check reads what is returned). Never the model's own tensor."""
+        W = self.base
+        if dtype is None:
+            dtype = W.dtype if W.dtype == torch.float64 or self.elements_ok(W.dtype) else torch.float64
+        if not self.axes:
+            v = W.to(dtype, copy=W is self.own)
+            if out is not None:
+                out.copy_(v)
+            return out if out is not None and out.dtype == dtype else v
+        dense = [a for a, op in self.axes.items() if op.blocks]
+        target = out if out is not None and out.dtype == dtype and out.shape == W.shape and out.is_contiguous() \
+            and not dense else None
+        X = self._gathered(W.to(dtype), target)
+        for a in dense:
+            X = _blocks(X, a, self.axes[a].blocks, out if out is not None and out.dtype == dtype and a == dense[-1] else None)
+        if out is not None and X is not out:
+            out.copy_(X)
+        return out if out is not None and out.dtype == dtype else X
+
+    def _gathered(self, W: torch.Tensor, target: Optional[torch.Tensor]) -> torch.Tensor:
+        """W with every axis's gather and scale applied: one pass for a matrix (the compiled kernel)."""
+        ops = self.axes
+        moving = {a: op for a, op in ops.items() if op.idx is not None or op.scale is not None}
+        if not moving:
+            return W if W is not self.own and W is not self.base else W.clone()
+        if W.ndim >= 2 and set(moving) <= {0, 1} and W.is_contiguous():
+            from ._kernels import gather_scale_into
+
+            out = target if target is not None else torch.empty_like(W)
+            r, c = ops.get(0), ops.get(1)
+            gather_scale_into(W, out, r and r.idx, r and r.scale, c and c.idx, c and c.scale, torch.empty_like)
+            return out
+        X = W
+        for a, op in moving.items():
+            if op.idx is not None:
+                X = X.index_select(a, op.idx.to(X.device))
+            if op.scale is not None:
+                shape = [1] * X.ndim
+                shape[a] = -1
+                X = X * op.scale.to(device=X.device, dtype=X.dtype).reshape(shape)
+        return X if X is not self.own and X is not self.base else X.clone()
+
+
+def _blocks(X: torch.Tensor, axis: int, blocks: dict, out: Optional[torch.Tensor]) -> torch.Tensor:
+    """X with each dense block ``start → (n, C, _)`` applied along ``axis`` (``X[R] ← C·X[R]``): blocks of one
+    size on one grid are one batched product (``torch.bmm``), written into ``out`` when they cover the axis."""
+    L = X.shape[axis]
+    Y = X.movedim(axis, 0)
+    rest = Y.shape[1:]
+    Y = Y.reshape(L, -1)  # a copy unless axis is 0 and X is contiguous
+    by_size: dict[int, list] = {}
+    for s, (n, C, _) in sorted(blocks.items()):
+        by_size.setdefault(n, []).append((s, C))
+    whole = len(by_size) == 1 and axis == 0 and out is not None and out.is_contiguous()
+    for n, items in by_size.items():
+        starts = [s for s, _ in items]
+        Cs = torch.stack([C for _, C in items]).to(device=X.device, dtype=X.dtype)
+        if L % n == 0 and all(s % n == 0 for s in starts):
+            grid = Y.view(L // n, n, -1)
+            if len(starts) == L // n:  # every block of the grid, in order
+                if whole:
+                    torch.bmm(Cs, grid, out=out.view(L // n, n, -1))
+                    return out
+                Y = torch.bmm(Cs, grid).reshape(L, -1)
+            else:
+                k = torch.tensor([s // n for s in starts], device=X.device)
+                grid.index_copy_(0, k, torch.bmm(Cs, grid.index_select(0, k)))
+        else:
+            for s, C in items:
+                Y[s:s + n] = C.to(Y.dtype) @ Y[s:s + n]
+    return Y.reshape(L, *rest).movedim(0, axis)
