@@ -8,7 +8,7 @@
 | 1 capture | ``wb.capture`` of every name of a CNN, one forward | the plain forward; hand-written hooks keeping the same tensors |
 | 2 harvest | ``wb.harvest(reduce=None, path=…)`` of every name over N batches | the same forwards with hand-written hooks and ``np.save`` of the same bytes |
 | 3 verify | ``wb.verify`` of a transformed CNN with BatchNorm | the two models' plain forwards |
-| 4 transform | ``wb.random_intertwiner`` of a 5.3M-parameter MLP, repeated and on a fresh model object | ``copy.deepcopy`` |
+| 4 transform | ``wb.random_intertwiner`` of a 5.3M-parameter MLP, repeated, on a fresh object of a seen architecture, on a never-seen one | ``copy.deepcopy`` |
 
 Method. Every variant of a group runs once per repetition, in an order rotated from one repetition to
 the next, after warm-up calls (``timed``). Each call records its wall time and this process's CPU
@@ -308,9 +308,17 @@ def shell(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model, {id(t): t for t in itertools.chain(model.parameters(), model.buffers())})
 
 
+def unseen(model: nn.Module, i: int) -> nn.Module:
+    """A shell of a class of its own: an architecture no cache has seen (the map is traced again)."""
+    new = shell(model)
+    new.__class__ = type(f"{type(model).__name__}{i}", (type(model),), {})
+    return new
+
+
 def bench_intertwiner(reps: int, device: torch.device) -> list[dict]:
     model = mlp().to(device)
     seeds, shells = itertools.count(1), [shell(model) for _ in range(reps + 3)]
+    fresh = [unseen(model, i) for i in range(reps + 3)]
     wb.random_intertwiner(model, seed=0)
     linears = [m for m in model if isinstance(m, nn.Linear)]
     g = torch.Generator().manual_seed(0)
@@ -345,7 +353,8 @@ def bench_intertwiner(reps: int, device: torch.device) -> list[dict]:
 
     l0 = load()
     t = timed({"copy": lambda: copy.deepcopy(model), "steady": lambda: wb.random_intertwiner(model, seed=next(seeds)),
-               "first": lambda: wb.random_intertwiner(shells.pop(), seed=next(seeds)), "kernels": kernels,
+               "first": lambda: wb.random_intertwiner(shells.pop(), seed=next(seeds)),
+               "unseen": lambda: wb.random_intertwiner(fresh.pop(), seed=next(seeds)), "kernels": kernels,
                "fused": fused}, reps, device=device)
     clock = "cpu" if device.type == "cpu" else "wall"
     what = f"MLP 512-2048-2048-10 ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params)"
@@ -355,8 +364,10 @@ def bench_intertwiner(reps: int, device: torch.device) -> list[dict]:
             row(f"{what}: the same in one pass per weight (workbench's kernel: the floor of a transform now)",
                 t["fused"], t["copy"], clock),
             row(f"{what}: wb.random_intertwiner, repeated", t["steady"], t["copy"], clock, target=1.5),
-            row(f"{what}: wb.random_intertwiner, first call on a fresh model object", t["first"], t["copy"], clock,
-                target=2.0)]
+            row(f"{what}: wb.random_intertwiner, first call on a fresh model object of an architecture seen before "
+                f"(the map cached by structure)", t["first"], t["copy"], clock, target=2.0),
+            row(f"{what}: wb.random_intertwiner, first call on a never-seen architecture (the map traced)", t["unseen"],
+                t["copy"], clock)]
 
 
 GROUPS = {"capture": bench_capture, "harvest": bench_harvest, "verify": bench_verify, "transform": bench_intertwiner}

@@ -54,10 +54,13 @@ def _memo_key(model: nn.Module, example: Optional[torch.Tensor], affine: bool) -
 def _values_read(model: nn.Module) -> tuple:
     """The parameter values the rules decide by: each PReLU's slopes (they pick its group), whether each
     LayerNorm's gain is 1 (a folded stream takes rotations, one with gains only permutations)."""
-    slopes = tuple(tuple(m.weight.detach().flatten().tolist()) for m in model.modules() if isinstance(m, nn.PReLU))
-    gains = tuple(bool((m.weight == 1).all()) for m in model.modules()
-                  if isinstance(m, nn.LayerNorm) and m.weight is not None)
-    return slopes, gains
+    slopes, gains = [], []
+    for m in model.modules():
+        if isinstance(m, nn.PReLU):
+            slopes.append(tuple(m.weight.detach().flatten().tolist()))
+        elif isinstance(m, nn.LayerNorm) and m.weight is not None:
+            gains.append(bool((m.weight == 1).all()))
+    return tuple(slopes), tuple(gains)
 
 
 # Maps by the structure of the model they were made for (see _structure_key): names, never module objects.
