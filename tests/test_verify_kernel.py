@@ -188,7 +188,7 @@ def deep():
 
 
 def copies_of(model):
-    entry = floor._COPIES.get("entry")
+    entry = floor._COPIES.get(id(model))
     return None if entry is None or entry[0]() is not model else entry[2:4]
 
 
@@ -255,7 +255,7 @@ def test_a_blind_cache_still_cannot_carry_a_stale_floor(deep, monkeypatch):
     assert wb.verify(model, new, x, transform=t).verdict == "PASS"
     monkeypatch.setattr(floor, "_same_values", lambda a, b: True)
     monkeypatch.setattr(floor, "_structure", lambda m: "blind")
-    floor._COPIES["entry"] = floor._COPIES["entry"][:1] + ("blind",) + floor._COPIES["entry"][2:]
+    floor._COPIES[id(model)] = floor._COPIES[id(model)][:1] + ("blind",) + floor._COPIES[id(model)][2:]
     with torch.no_grad():
         model[0].weight.mul_(1.01)
     new2 = wb.apply_transform(model, t)  # an exact transform of the changed model
@@ -276,7 +276,20 @@ def test_the_copies_do_not_outlive_the_model():
     model, x = deep_bn_cnn(), torch.randn(32, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     new, t = wb.random_intertwiner(model, seed=0, example=x)
     assert ROWS_RULE in wb.verify(model, new, x, transform=t).rule
-    assert floor._COPIES
+    assert id(model) in floor._COPIES
+    ident = id(model)
     del model, new
     gc.collect()
-    assert not floor._COPIES
+    assert ident not in floor._COPIES
+
+
+def test_the_original_and_the_new_model_keep_their_copies_side_by_side():
+    """A verify measures the original's floor and, where that does not carry the verdict, the new model's: both
+    pairs of copies stay (the least recently used of three goes)."""
+    floor._COPIES.clear()
+    a, b, c = (nn.Sequential(nn.Linear(4, 4), nn.ReLU()) for _ in range(3))
+    first_a, first_b = floor._copies(a), floor._copies(b)
+    assert floor._copies(a)[0] is first_a[0] and floor._copies(b)[1] is first_b[1]
+    floor._copies(c)  # a is now the least recently used
+    assert floor._copies(b)[0] is first_b[0] and floor._copies(a)[0] is not first_a[0]
+    assert first_a[0][0].weight.dtype == torch.float32 and first_a[1][0].weight.dtype == torch.float64

@@ -170,7 +170,10 @@ def _own_rounding(backend, model, smap, inputs, raw_out, cache, names, dtype, ro
 #: a model whose parameters and buffers take more than this many bytes has its copies made afresh each time
 #: instead of kept (a float32 and a float64 copy hold three times the model)
 COPIES_MAX_BYTES = 256 * 2**20
-_COPIES: dict = {}  # at most one entry: the last model's (weak reference, structure, copies, versions)
+#: id(model) -> (weak reference, structure, copies, versions): the last two models' (a verify measures the
+#: original's floor and, where that does not carry the verdict, the new model's)
+_COPIES: dict = {}
+_COPIES_KEPT = 2
 
 
 def _copies(model: nn.Module) -> tuple[nn.Module, nn.Module]:
@@ -185,19 +188,23 @@ def _copies(model: nn.Module) -> tuple[nn.Module, nn.Module]:
     cannot carry a stale floor either: the rows' floor is used only when the float32 copy's outputs on the
     rows agree with the caller's model's within that floor (``_own_rounding``), else the whole batch is
     measured on fresh copies."""
-    entry = _COPIES.get("entry")
+    entry = _COPIES.pop(id(model), None)
     key = _structure(model)
     if entry is not None:
         ref, old_key, low, high, versions = entry
         if (ref() is model and old_key == key and _same_values(model, low)
                 and [t._version for t in _tensors(high)] == versions):
+            _COPIES[id(model)] = entry  # the most recently used last
             return low, high
-    _COPIES.clear()
     low = copy.deepcopy(model)
     high = copy.deepcopy(low).to(torch.float64)
     if sum(t.numel() * t.element_size() for t in _tensors(model)) <= COPIES_MAX_BYTES:
-        _COPIES["entry"] = (weakref.ref(model, lambda _: _COPIES.clear()), key, low, high,
-                            [t._version for t in _tensors(high)])
+        while len(_COPIES) >= _COPIES_KEPT:
+            _COPIES.pop(next(iter(_COPIES)))
+        ident = id(model)
+        # dropped with the model (an id is reused after it dies: the callback removes only its own entry)
+        forget = lambda ref: _COPIES.pop(ident) if ident in _COPIES and _COPIES[ident][0] is ref else None  # noqa: E731
+        _COPIES[ident] = (weakref.ref(model, forget), key, low, high, [t._version for t in _tensors(high)])
     return low, high
 
 
