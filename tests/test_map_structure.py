@@ -39,9 +39,15 @@ def same_function(model, new, x):
     return ((a - b).abs() / scale).max().item()
 
 
+def described(smap):
+    """A map as comparable values: each site's name, size, group, ports, norms, hook points, embeddings."""
+    return [(s.name, s.n, s.group.name, s.activation, s.hook_name, s.writers, s.readers, s.norms, s.observed,
+             s.embeds, s.affine) for s in smap] + [smap.skipped]
+
+
 def fresh(model):
     """The map derived now by the backend, bypassing both memos."""
-    return [(s.name, s.n, s.group.name) for s in backend_for(model).site_map(model, None, False)]
+    return described(backend_for(model).site_map(model, None, False))
 
 
 def sites(model):
@@ -52,7 +58,7 @@ def preserved(model, x):
     """The function is unchanged by a random transform, and the map is what a fresh derivation gives."""
     new, _ = wb.random_intertwiner(model, seed=1)
     assert same_function(model, new, x) < 1e-10
-    assert sites(model) == fresh(model)
+    assert described(wb.symmetry_map(model)) == fresh(model)
 
 
 class Branching(nn.Module):
@@ -86,6 +92,7 @@ def test_a_new_object_of_a_seen_architecture_reuses_the_map_and_holds_no_model(m
     monkeypatch.setattr(type(backend_for(model)), "site_map", lambda self, *a: calls.append(1) or real(self, *a))
     other = mlp()  # new object, new tensors, same structure
     assert sites(other) == first and not calls
+    calls.append("fresh")  # (fresh() below calls the backend itself)
     preserved(other, x)
     # the cached entry names modules; it keeps no model alive
     ref = weakref.ref(other)
@@ -204,3 +211,18 @@ def test_attributes_the_key_cannot_describe_leave_the_model_keyed_per_object():
     assert _map._structure_key(relu, None, False) is None
     preserved(relu, x)
     preserved(Holder(torch.tanh).double().eval(), x)
+
+
+def test_one_module_at_two_places_or_two_modules_get_their_own_maps():
+    lin = nn.Linear(6, 6)
+    two = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 6), nn.ReLU(), nn.Linear(6, 2)).double().eval()
+    preserved(two, x)
+    shared_relu = nn.ReLU()
+    one = nn.Sequential(nn.Linear(4, 6), shared_relu, nn.Linear(6, 6), shared_relu, nn.Linear(6, 2)).double().eval()
+    assert _map._structure_key(one, None, False) != _map._structure_key(two, None, False)
+    preserved(one, x)
+    tied = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), lin, nn.ReLU(), lin, nn.ReLU(), nn.Linear(6, 2)).double().eval()
+    preserved(tied, x)
+    untied = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 6), nn.ReLU(), nn.Linear(6, 6), nn.ReLU(),
+                           nn.Linear(6, 2)).double().eval()
+    preserved(untied, x)

@@ -120,8 +120,8 @@ def _class_key(cls: type, seen: dict) -> tuple:
 
 
 def _structure_key(model: nn.Module, example: Optional[torch.Tensor], affine: bool) -> Optional[tuple]:
-    """What a graph map depends on, described without the model's objects: every module's qualified name,
-    class (with its methods, forward's among them) and plain attributes (sizes, a slope, a mode flag a
+    """What a graph map depends on, described without the model's objects: every module's qualified name
+    (and which names are one module), class (with its methods, forward's among them) and plain attributes (sizes, a slope, a mode flag a
     forward may branch on, training), every parameter's and buffer's name, shape, strides, dtype, device,
     requires_grad and which other tensors it is (tied weights), the values the rules read (a PReLU's slope,
     whether a LayerNorm's gain is 1: as ``_memo_key``), the example's shape, dtype and device, and
@@ -132,15 +132,16 @@ def _structure_key(model: nn.Module, example: Optional[torch.Tensor], affine: bo
         return None
     seen: dict = {}
     mods = []
+    ids: dict = {}  # a module's id → the position of its first name (one module called at two places)
     try:
-        for name, m in model.named_modules(remove_duplicate=False):
+        for i, (name, m) in enumerate(model.named_modules(remove_duplicate=False)):
             d = vars(m)
             if "forward" in d or any(d.get(h) for h in _FORWARD_HOOKS):
                 return None
             # (training is left out: a map is traced in eval mode whatever the flags say)
             attrs = tuple((k, _value_key(v)) for k, v in d.items()
                           if k not in _BOOKKEEPING and k not in _FORWARD_HOOKS and k != "training")
-            mods.append((name, _class_key(type(m), seen), attrs, tuple(d["_modules"]), tuple(d["_parameters"]),
+            mods.append((name, ids.setdefault(id(m), i), _class_key(type(m), seen), attrs, tuple(d["_modules"]), tuple(d["_parameters"]),
                          tuple(d["_buffers"]), tuple(sorted(d.get("_non_persistent_buffers_set", ())))))
     except _Unkeyable:
         return None
