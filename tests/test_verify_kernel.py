@@ -148,10 +148,11 @@ def test_verify_with_the_loop_equals_verify_with_torch_on_token_wise_sites(monke
     same_checks(fast, plain, 1e-5)
 
 
+@pytest.mark.slow
 def test_a_forced_non_symmetry_fails_with_the_loop(kernel_everywhere):
     """Negative control: an element forced onto a site it does not preserve, and a 1e-3 nudge of a weight."""
     model = deep_bn_cnn()
-    x = torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     new, t = wb.random_intertwiner(model, seed=0, example=x)
     out = nudged = copy.deepcopy(new)
     with torch.no_grad():
@@ -206,7 +207,8 @@ def test_the_copies_are_reused_while_the_model_is_unchanged(deep, monkeypatch):
     assert (second.verdict, second.tolerance, second.max_rel_diff) == (first.verdict, first.tolerance, first.max_rel_diff)
 
 
-@pytest.mark.parametrize("how", ["no_grad", "data", "attribute"])
+@pytest.mark.parametrize("how", [pytest.param("no_grad", marks=pytest.mark.slow), "data",
+                                 pytest.param("attribute", marks=pytest.mark.slow)])
 def test_a_change_between_two_verifies_is_never_hidden_by_the_copies(deep, how):
     """The stale-cache adversary: verify (copies kept), change the original model in place, verify again. The
     copies must be made again (their weights equal the changed model's), and the verdict must follow the
