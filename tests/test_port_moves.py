@@ -89,6 +89,8 @@ def test_composed_moves_equal_the_moves_one_by_one(kinds, dtype, seed):
         expect = _act_slice(expect, F, axis, sl, False)
     got = moves.value(F64)
     assert torch.allclose(got, expect, atol=1e-12, rtol=0)
+    if moves.bound is not None:  # what lets a copy skip its range check must bound the result
+        assert float(got.abs().max()) <= moves.bound * (1 + 1e-12)
     out = torch.empty_like(own)
     written = moves.value(out=out)  # in the tensor's own dtype where allowed, written into ``out``
     assert torch.allclose(out.double(), expect, atol=1e-5 if dtype == torch.float32 else 1e-12, rtol=1e-5)
@@ -207,3 +209,16 @@ def test_a_float16_vit_still_refuses_what_it_cannot_hold():
     with pytest.raises(ValueError, match="beyond torch.float16's largest value"):
         wb.random_intertwiner(m16, seed=0, scale_sigma=6.0, example=x.half(), inplace=True)
     assert all(torch.equal(before[k], v) for k, v in m16.state_dict().items())  # nothing was written
+
+
+def test_the_bound_that_spares_a_copy_its_range_check_bounds_the_result():
+    pytest.importorskip("numba")  # the compiled gather reports max|W| as it reads it; torch's path reports nothing
+    g = torch.Generator().manual_seed(3)
+    W = torch.randn(256, 128, generator=g) * 100
+    m = pm.Moves(W)
+    m.add(ScaledPermutation(torch.randperm(128, generator=g), torch.rand(128, generator=g, dtype=F64) * 4 - 2), 1, None)
+    for h, e in enumerate(get_group("gl", 64, sigma=1.0).sample_many(4, seed=0)):
+        m.add(e, 0, (64 * h, 64 * (h + 1)))
+    out = torch.empty_like(W)
+    v = m.value(out=out)
+    assert v is out and m.bound is not None and float(out.abs().max()) <= m.bound

@@ -126,13 +126,16 @@ class GeneralLinear(Group):
         """``(M, M⁻¹, cond)``: M = U·diag(s)·Vᵀ ``[k, n, n]``, its inverse V·diag(1/s)·Uᵀ from the same factors
         (one batched product: an LU inverse per element cost 50 ms of a ViT-B/16 transform's 288 maps, and
         is no more exact), and ``[k]`` condition numbers max s / min s."""
-        u, v = _haar(k, self.n, g), _haar(k, self.n, g)
+        # U = Qu·Du and V = Qv·Dv (Haar: QR factors times the signs of diag R); the signs are applied to s, not to
+        # the two [k, n, n] factors: Qu·(Du·s·Dv)·Qvᵀ has the same bits as (U·s)·Vᵀ (sign flips are exact).
+        (qu, du), (qv, dv) = _haar(k, self.n, g, signs=True), _haar(k, self.n, g, signs=True)
         s = torch.exp(self.sigma * _normal((k, 1, self.n), g))
-        M = (u * s) @ v.mT
+        d = du * dv
+        M = (qu * (d * s)) @ qv.mT
         if not inverse:
             return M, None, None
         cond = (s.amax(-1) / s.amin(-1)).reshape(k)
-        return M, (v / s) @ u.mT, cond
+        return M, (qv / (d * s)) @ qu.mT, cond
 
     def _contains(self, M, atol):
         return bool(torch.linalg.matrix_rank(M) == self.n)
@@ -231,11 +234,12 @@ class RotaryCommutant(Group):
         return bool(torch.linalg.matrix_rank(M) == self.n)
 
 
-def _haar(k: int, n: int, g: torch.Generator) -> torch.Tensor:
+def _haar(k: int, n: int, g: torch.Generator, signs: bool = False):
     """[k, n, n] Haar-distributed orthogonal matrices: QR of Gaussians (one batched call), columns
-    multiplied by sign(diag R)."""
+    multiplied by sign(diag R); with ``signs``, ``(Q, sign(diag R) as [k, 1, n])`` unmultiplied."""
     Q, R = torch.linalg.qr(_normal((k, n, n), g))
-    return Q * torch.sign(torch.diagonal(R, dim1=-2, dim2=-1)).unsqueeze(-2)
+    d = torch.sign(torch.diagonal(R, dim1=-2, dim2=-1)).unsqueeze(-2)
+    return (Q, d) if signs else Q * d
 
 
 def _normal(shape: tuple, g: torch.Generator) -> torch.Tensor:

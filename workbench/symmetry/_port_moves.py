@@ -27,6 +27,7 @@ and bfloat16 weights are moved in float64 and rounded once (their range check re
 from __future__ import annotations
 
 import bisect
+import functools
 from typing import Optional
 
 import torch
@@ -57,6 +58,12 @@ def fits(e, dtype: torch.dtype, scratch: Optional[dict] = None) -> bool:
     if scratch is not None:
         scratch[key] = ok
     return ok
+
+
+@functools.lru_cache(maxsize=64)
+def _arange(n: int) -> torch.Tensor:
+    """``torch.arange(n)``, made once: read, never written (a composition makes several per move)."""
+    return torch.arange(n)
 
 
 def _parts(F, n: int):
@@ -118,7 +125,7 @@ class _Axis:
         if whole:
             g, gs = f_idx, None if f_scale is None else f_scale.double()
         else:
-            g = torch.arange(self.L)
+            g = _arange(self.L).clone()
             g[a:b] = a + f_idx
             gs = None
             if f_scale is not None:
@@ -131,13 +138,13 @@ class _Axis:
         # A block on input rows R passes g when g maps a contiguous run of outputs onto R in order: its rows then
         # take g's scales (diag(gs)·C), and the run is the block's new place.
         inv = torch.empty_like(g)
-        inv[g] = torch.arange(self.L)
+        inv[g] = _arange(self.L)
         blocks, in_block = {}, torch.zeros(self.L, dtype=torch.bool) if gs is not None else None
         by_size: dict[int, list] = {}
         for s, (n, *_) in self.blocks.items():
             by_size.setdefault(n, []).append(s)
         for n, starts in by_size.items():  # one check per block size (a packed projection: 3·H blocks of d_head)
-            span = torch.arange(n)
+            span = _arange(n)
             rows = inv[torch.tensor(starts)[:, None] + span]
             if not torch.equal(rows, rows[:, :1] + span):
                 return False
@@ -166,6 +173,9 @@ class Moves:
         self.own = own
         self.base = own  # the model's tensor, or a float64 value of our own after a function or a flush
         self.axes: dict[int, _Axis] = {}
+        # After ``value``: a bound on max|value| from what the gather read (max|W|·Π max|scale|·Π ‖C‖∞), or None.
+        # A copy's range check then needs no pass of its own over the result (_graph_push).
+        self.bound: Optional[float] = None
 
     def add(self, F, axis: int, sl: Optional[tuple[int, int]]) -> None:
         axis %= self.own.ndim
@@ -202,6 +212,7 @@ class Moves:
         else float64), and also written into ``out`` when given (rounded to its dtype). Returned in ``dtype`` (``out``
         itself when that is its dtype; a range check reads what is returned). Never the model's own tensor."""
         W = self.base
+        self.bound = None
         if dtype is None:
             dtype = W.dtype if W.dtype == torch.float64 or self.elements_ok(W.dtype) else torch.float64
         if not self.axes:
@@ -212,26 +223,33 @@ class Moves:
         dense = [a for a, op in self.axes.items() if op.blocks]
         target = out if out is not None and out.dtype == dtype and out.shape == W.shape and out.is_contiguous() \
             and not dense else None
-        X = self._gathered(W.to(dtype), target)
+        X, peak = self._gathered(W.to(dtype), target)
+        bound = peak
+        for op in self.axes.values():
+            if bound is not None and op.scale is not None:
+                bound *= float(op.scale.abs().max())
         for a in dense:
-            X = _blocks(X, a, self.axes[a].blocks, out if out is not None and out.dtype == dtype and a == dense[-1] else None)
+            X, norm = _blocks(X, a, self.axes[a].blocks, out if out is not None and out.dtype == dtype and a == dense[-1] else None)
+            bound = None if bound is None else bound * norm
+        self.bound = bound
         if out is not None and X is not out:
             out.copy_(X)
         return out if out is not None and out.dtype == dtype else X
 
     def _gathered(self, W: torch.Tensor, target: Optional[torch.Tensor]) -> torch.Tensor:
-        """W with every axis's gather and scale applied: one pass for a matrix (the compiled kernel)."""
+        """``(X, peak)``: W with every axis's gather and scale applied (one pass for a matrix: the compiled kernel),
+        and max|W| when the kernel read it (else None)."""
         ops = self.axes
         moving = {a: op for a, op in ops.items() if op.idx is not None or op.scale is not None}
         if not moving:
-            return W if W is not self.own and W is not self.base else W.clone()
+            return (W if W is not self.own and W is not self.base else W.clone()), None
         if W.ndim >= 2 and set(moving) <= {0, 1} and W.is_contiguous():
             from ._kernels import gather_scale_into
 
             out = target if target is not None else torch.empty_like(W)
             r, c = ops.get(0), ops.get(1)
-            gather_scale_into(W, out, r and r.idx, r and r.scale, c and c.idx, c and c.scale, torch.empty_like)
-            return out
+            peak = gather_scale_into(W, out, r and r.idx, r and r.scale, c and c.idx, c and c.scale, torch.empty_like)
+            return out, peak
         X = W
         for a, op in moving.items():
             if op.idx is not None:
@@ -240,12 +258,13 @@ class Moves:
                 shape = [1] * X.ndim
                 shape[a] = -1
                 X = X * op.scale.to(device=X.device, dtype=X.dtype).reshape(shape)
-        return X if X is not self.own and X is not self.base else X.clone()
+        return (X if X is not self.own and X is not self.base else X.clone()), None
 
 
-def _blocks(X: torch.Tensor, axis: int, blocks: dict, out: Optional[torch.Tensor]) -> torch.Tensor:
-    """X with each dense block ``start → (n, C, _)`` applied along ``axis`` (``X[R] ← C·X[R]``): blocks of one
-    size on one grid are one batched product (``torch.bmm``), written into ``out`` when they cover the axis."""
+def _blocks(X: torch.Tensor, axis: int, blocks: dict, out: Optional[torch.Tensor]) -> tuple[torch.Tensor, float]:
+    """``(Y, norm)``: X with each dense block ``start → (n, C, _)`` applied along ``axis`` (``X[R] ← C·X[R]``),
+    blocks of one size on one grid as one batched product (``torch.bmm``), written into ``out`` when they cover
+    the axis; ``norm`` the largest ‖C‖∞ (1 where no block acts: max|Y| ≤ norm·max|X|)."""
     L = X.shape[axis]
     Y = X.movedim(axis, 0)
     rest = Y.shape[1:]
@@ -254,15 +273,18 @@ def _blocks(X: torch.Tensor, axis: int, blocks: dict, out: Optional[torch.Tensor
     for s, (n, C, _) in sorted(blocks.items()):
         by_size.setdefault(n, []).append((s, C))
     whole = len(by_size) == 1 and axis == 0 and out is not None and out.is_contiguous()
+    norm = 1.0
     for n, items in by_size.items():
         starts = [s for s, _ in items]
-        Cs = torch.stack([C for _, C in items]).to(device=X.device, dtype=X.dtype)
+        Cs = torch.stack([C for _, C in items])
+        norm = max(norm, float(Cs.abs().sum(-1).max()))
+        Cs = Cs.to(device=X.device, dtype=X.dtype)
         if L % n == 0 and all(s % n == 0 for s in starts):
             grid = Y.view(L // n, n, -1)
             if len(starts) == L // n:  # every block of the grid, in order
                 if whole:
                     torch.bmm(Cs, grid, out=out.view(L // n, n, -1))
-                    return out
+                    return out, norm
                 Y = torch.bmm(Cs, grid).reshape(L, -1)
             else:
                 k = torch.tensor([s // n for s in starts], device=X.device)
@@ -270,4 +292,4 @@ def _blocks(X: torch.Tensor, axis: int, blocks: dict, out: Optional[torch.Tensor
         else:
             for s, C in items:
                 Y[s:s + n] = C.to(Y.dtype) @ Y[s:s + n]
-    return Y.reshape(L, *rest).movedim(0, axis)
+    return Y.reshape(L, *rest).movedim(0, axis), norm
