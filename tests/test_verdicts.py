@@ -563,6 +563,42 @@ def test_the_map_follows_changes_made_after_a_first_call():
     assert same_function(tied, new, x) < 1e-10
 
 
+def test_a_forward_replaced_on_an_object_is_what_the_map_describes():
+    """fx traces a module's class, not the object: an ``nn.ReLU`` whose ``forward`` was set to ``torch.tanh``
+    got a ReLU's positive scalings, and the transform changed the output by 0.1 with no error (found by
+    helper 18). Such a module is now traced through; a root whose forward was replaced is refused by name."""
+    x = torch.randn(32, 4, dtype=F64)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)).double()
+    assert wb.symmetry_map(model)[0].group.name == "scaled_permutation"
+    model[1].forward = torch.tanh  # after a first map: the memo must not serve the ReLU's
+    assert [s.group.name for s in wb.symmetry_map(model)] == ["signed_permutation"]
+    for seed in range(3):
+        new, t = wb.random_intertwiner(model, seed=seed)
+        assert same_function(model, new, x) < 1e-10
+        assert wb.verify(model, new, x, transform=t).verdict == "PASS"
+    # the negative control: the ReLU's group on the tanh changes the output
+    relu = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)).double()
+    relu.load_state_dict(model.state_dict())
+    wrong, _ = wb.random_intertwiner(relu, seed=0)
+    wrong[1].forward = torch.tanh
+    assert same_function(model, wrong, x) > 1e-3
+
+    class Root(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 8), nn.Linear(8, 3)
+
+        def forward(self, x):
+            return self.b(torch.relu(self.a(x)))
+
+    root = Root().double()
+    root.forward = lambda x: root.b(torch.tanh(root.a(x)))
+    with pytest.raises(UntraceableModelError, match="forward was replaced on this object"):
+        wb.random_intertwiner(root, example=x)
+    smap = wb.symmetry_map(root, x)  # a map says what it skipped, and why
+    assert len(smap) == 0 and "forward was replaced on this object" in smap.skipped[0][1]
+
+
 def test_the_map_follows_a_functional_argument_held_on_the_module():
     class Leaky(nn.Module):
         def __init__(self):

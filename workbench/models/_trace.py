@@ -42,7 +42,25 @@ class _Tracer(fx.Tracer):
         self._is_activation = is_activation
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        # A module whose forward was replaced on the object computes that forward, not its class's: traced
+        # through, fx records what the replacement does (``relu.forward = torch.tanh`` becomes a tanh node);
+        # kept a leaf, the rules would read its class and give a ReLU's group to a tanh.
+        if replaced_forward(m):
+            return False
         return super().is_leaf_module(m, qualname) or self._is_activation(m)
+
+
+def replaced_forward(m: nn.Module) -> bool:
+    """Whether ``m`` computes something other than its class's ``forward``: a ``forward`` set on the object.
+    accelerate's hooks set one too (``_hf_hook``, the module's own forward kept in ``_old_forward``), which
+    only moves tensors between devices around the module's forward: that one counts as the class's own
+    unless ``_old_forward`` was itself replaced before the hook was added."""
+    f = vars(m).get("forward")
+    if f is None:
+        return False
+    if hasattr(m, "_hf_hook") and "_old_forward" in vars(m):
+        f = vars(m)["_old_forward"]
+    return getattr(f, "__func__", None) is not type(m).forward or getattr(f, "__self__", None) is not m
 
 
 def _one_line(exc: BaseException) -> str:
@@ -63,6 +81,13 @@ def _user_frame(exc: BaseException) -> str:
 
 def trace(model: nn.Module, is_activation) -> fx.GraphModule:
     """``model`` traced (activation modules stay leaves); a :class:`TraceFailure` naming the user's line."""
+    if replaced_forward(model):  # fx traces type(model).forward, whatever the object's forward is
+        f = vars(model)["forward"]
+        raise TraceFailure(f"{type(model).__name__}'s forward was replaced on this object (by "
+                           f"{getattr(f, '__qualname__', type(f).__name__)}), and torch.fx traces the class's "
+                           f"forward ({type(model).__qualname__}.forward), which this model no longer computes: "
+                           f"define the new forward in a subclass, or wrap the model in a module whose forward "
+                           f"calls it")
     try:
         return fx.GraphModule(model, _Tracer(is_activation).trace(model))
     except Exception as exc:  # TraceError, a TypeError from a proxy used as a bool, …: say where
