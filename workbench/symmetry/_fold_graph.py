@@ -32,7 +32,8 @@ from torch import fx, nn
 
 from .._errors import InvalidOptionError
 from ..models import TraceFailure, describe, propagate_shapes, trace
-from ._graph import _IGNORED_METHODS, _META_ATTRS, _PASS
+from ._graph import _PASS
+from ._graph_ops import _IGNORED_METHODS, _META_ATTRS
 from ._graph_sites import default_examples, is_activation
 from ._graph_stream import _LN_FIRST, _LN_LAST, _mha, _qualname, _refuse_why, _timm_attention, is_leaf
 

@@ -18,7 +18,6 @@ one element at all of them (``uses``, resolved by :func:`._shared.share_paramete
 from __future__ import annotations
 
 import math
-import operator
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -28,22 +27,13 @@ from torch import fx, nn
 from .._errors import InvalidOptionError
 from ..groups import activation_call
 from ..models import propagate_shapes, trace
+from ._graph_ops import TensorOps, _tuple
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 _PASS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.Identity)
 _AVG = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d)
 _MAX = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d)
-_ADD = {operator.add, operator.iadd, torch.add}
-_ADD_METHODS = {"add", "add_", "__add__", "__iadd__"}
-# Tensor methods that apply a catalogued activation (their arguments are read like a function's).
-_ACT_METHODS = {"relu": torch.relu, "tanh": torch.tanh, "sigmoid": torch.sigmoid, "abs": torch.abs,
-                "square": torch.square, "clamp": torch.clamp, "clip": torch.clamp, "clamp_min": torch.clamp_min,
-                "clamp_max": torch.clamp_max}
-_IGNORED_METHODS = {"size", "dim"}
-_META_ATTRS = {"shape", "dtype", "device", "ndim", "is_cuda", "requires_grad", "layout"}  # read no values
-
-
 @dataclass
 class Space:
     """One hidden space under construction (a union-find class)."""
@@ -112,7 +102,7 @@ class Use:
     mode: Optional[str] = None  # BatchNorm tensors: "output" or "input"
 
 
-class Graph:
+class Graph(TensorOps):
     """The traced model with a space and level for every tensor node.
 
     Raises :class:`workbench.models.TraceFailure` when the model cannot be traced or run on ``example``.
@@ -489,232 +479,8 @@ class Graph:
         else:
             self._fresh(node, f"flatten(start_dim={start}, end_dim={end}) mixes the channel axis")
 
-    def _function(self, node: fx.Node, fn: Any) -> None:
-        args = self._tensor_args(node)
-        fname = getattr(fn, "__name__", str(fn))
-        if fn is operator.getitem and node.args and node.args[0] in self.chunks:
-            from ._graph_shuffle import chunk_piece
-
-            return chunk_piece(self, node)
-        if fname in ("transpose", "chunk", "split") and args and self._val(node.args[0]) is args[0]:
-            from ._graph_shuffle import shuffle_rule
-
-            if shuffle_rule(self, node, args[0]):
-                return
-        if fn is operator.getitem and node.args and node.args[0] in self.tuples:
-            out = self.tuples[node.args[0]]
-            if node.args[1] == 0 and out is not None:
-                self.info[node] = out
-            elif self.shape(node) is not None:
-                self._fresh(node, f"output {node.args[1]} of {node.args[0].target} (attention weights) is not understood")
-            return
-        if fname == "group_norm" and args:
-            from ._graph_groupnorm import group_norm_function
-
-            return group_norm_function(self, node)  # F.group_norm, torch.group_norm (DERIVATIONS §9)
-        if fn is getattr and args:
-            if node.args[1] in _META_ATTRS:  # x.shape and friends read no values
-                return
-            return self._fresh(node, f"the tensor attribute .{node.args[1]} is not understood by the symmetry rules")
-        if fn in _ADD:
-            self._add(node)
-            if fn is operator.iadd and args:
-                self._overwrite(args[0], node)
-            return
-        if fn in (operator.mul, torch.mul, operator.truediv, torch.div) and len(args) == 1 \
-                and len(node.args) == 2 and self._val(node.args[0]) is args[0] and isinstance(node.args[1], (int, float)):
-            return self._out(node, args[0])  # x * 2.0, x / 2.0: linear, per channel
-        if fn in (operator.mul, torch.mul) and len(args) == 1 and len(node.args) == 2 \
-                and isinstance(node.args[0], (int, float)):
-            return self._out(node, args[0])  # 2.0 * x
-        if fn in (operator.mul, torch.mul) and len(args) == 1 and len(node.args) == 2 and not node.kwargs \
-                and any(a in self.scales for a in node.args):
-            from ._graph_stream import layer_scale
-
-            return layer_scale(self, node, args[0], next(a for a in node.args if a in self.scales))
-        if fname == "permute" and args and self._val(node.args[0]) is args[0]:
-            return self._permute(node, args[0])  # torch.permute(x, dims) (torchvision's Permute module)
-        if fn in (operator.mul, torch.mul) and len(args) == 2 and len(node.args) == 2 and not node.kwargs:
-            from ._graph_vision import product
-
-            return product(self, node, *args)  # x * gate (squeeze-excite)
-        if fname in ("cat", "concat", "concatenate"):
-            from ._graph_vision import concatenate
-
-            return concatenate(self, node)
-        if fname == "stochastic_depth" and args and self._val(node.args[0]) is args[0] and len(args) == 1:
-            return self._out(node, args[0])  # one random scalar per example or batch: commutes with channel maps
-        if args and ("pool" in fname or fname in ("flatten", "pad")) and not self._channels_first(node, args[0], fname):
-            return
-        if fname in ("flatten",) and args:
-            start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
-            end = node.args[2] if len(node.args) > 2 else node.kwargs.get("end_dim", -1)
-            return self._flatten(node, args[0], start, end)
-        base = getattr(torch, fname[:-1], None) if fname.endswith("_") and not fname.endswith("__") else None
-        if args and (self.is_activation(fn) or (base is not None and self.is_activation(base))):
-            return self._call_activation(node, fn if base is None else base, inplace=base is not None)
-        if args and ("avg_pool" in fname):
-            padding = node.args[3] if len(node.args) > 3 else node.kwargs.get("padding", 0)
-            if "adaptive" not in fname and any(p != 0 for p in _tuple(padding)):
-                self.space(args[0]).offsets_ok = False
-            return self._out(node, args[0])
-        if args and ("max_pool" in fname):
-            return self._max_pool(node, args[0])
-        if args and fname in ("dropout", "dropout2d", "dropout1d"):
-            return self._out(node, args[0])
-        if fn is operator.getitem and args and (_token_index(node.args[1], len(self.shape(args[0]) or ())) if self.last(args[0])
-                                                else _spatial_index(node.args[1])):
-            return self._out(node, args[0])  # x[:, :, ::2, ::2]: subsampling positions keeps channels
-        if fname == "pad" and args:
-            return self._channel_pad(node, args[0])
-        from ._graph_groupnorm import standardised_weight
-
-        self._fresh(node, standardised_weight(node) or f"the function {fname} is not understood by the symmetry rules")
-
-    def _method(self, node: fx.Node) -> None:
-        name = node.target
-        x = self._val(node.args[0]) if node.args else None
-        if not (isinstance(x, fx.Node) and x in self.info):
-            return self._fresh(node, f"the method .{name}() is not understood")
-        inplace = name.endswith("_") and not name.endswith("__")
-        if name in _IGNORED_METHODS:
-            return
-        from ._graph_shuffle import SHUFFLE_OPS, shuffle_rule
-
-        if name in SHUFFLE_OPS and shuffle_rule(self, node, x):  # channel shuffle, chunk (DERIVATIONS §8)
-            return
-        if name in _ADD_METHODS:
-            self._add(node)
-        elif (name[:-1] if inplace else name) in _ACT_METHODS:
-            return self._call_activation(node, _ACT_METHODS[name[:-1] if inplace else name], inplace=inplace)
-        elif name in ("view", "reshape", "flatten") and self._keeps_channels(node, x):
-            return self._out(node, x)
-        elif name in ("permute", "transpose"):
-            return self._permute(node, x)
-        elif name in ("expand", "expand_as") and self._keeps_channels(node, x):
-            return self._out(node, x)
-        elif name in ("view", "reshape", "flatten") and not self._channels_first(node, x, f".{name}()"):
-            return
-        elif name in ("view", "reshape", "flatten"):
-            xs, ys = self.shape(x), self.shape(node)
-            if ys is not None and xs is not None and len(ys) == 2 and len(xs) >= 2 and ys[1] == math.prod(xs[1:]):
-                return self._out(node, x, block=self.info[x].block * math.prod(xs[2:]))
-            return self._fresh(node, f".{name}() to shape {ys} mixes the channel axis")
-        elif name in ("mean", "amax") and self._spatial_reduction(node, x):
-            if name == "amax":
-                return self._max_pool(node, x)
-            return self._out(node, x)
-        elif name in ("mean", "amax", "sum"):
-            dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
-            return self._fresh(node, f".{name}(dim={dims}) reduces the batch or the channel axis (axis "
-                                     f"{self.channel_axis(x) if self.shape(x) else 1}), not only positions")
-        elif name in ("contiguous", "clone", "detach"):
-            return self._out(node, x)
-        else:
-            self._fresh(node, f"the method .{name}() is not understood by the symmetry rules")
-        if inplace or name == "__iadd__":
-            self._overwrite(x, node)
-
-    def _keeps_channels(self, node: fx.Node, x: fx.Node) -> bool:
-        """Whether a reshape or expand of ``x`` leaves its channel axis whole where it was, changing only the
-        positions (``[B, C, h, w] → [B, C, h·w]``; ``[B, T, C] → [B·T, C]``; the class token expanded over the
-        batch): every channel map then commutes with it."""
-        xs, ys = self.shape(x), self.shape(node)
-        if xs is None or ys is None or self.info[x].block != 1 or len(xs) < 2 or len(ys) < 2:
-            return False
-        if self.last(x) or len(xs) == 2:  # channels last: the last axis kept, whatever the rest becomes
-            return ys[-1] == xs[-1]
-        return len(ys) >= 3 and ys[:2] == xs[:2]  # channels on axis 1: batch and channels kept
-
-    def _permute(self, node: fx.Node, x: fx.Node) -> None:
-        """``permute``/``transpose``: follow the channel axis (axis 1 ↔ last); the batch axis must stay first."""
-        xs = self.shape(x)
-        rank = len(xs or ())
-        args = [a for a in node.args[1:]] or list(node.kwargs.values())
-        if len(args) == 1 and isinstance(args[0], (tuple, list)):
-            args = list(args[0])
-        if not (rank >= 3 and all(isinstance(a, int) for a in args) and self.info[x].block == 1):
-            return self._fresh(node, f".{node.target}{tuple(args)} of a tensor of shape {xs} is not understood")
-        if node.target == "transpose" and len(args) == 2:
-            perm = list(range(rank))
-            a, b = args[0] % rank, args[1] % rank
-            perm[a], perm[b] = perm[b], perm[a]
-        else:
-            perm = [a % rank for a in args]
-        c = self.channel_axis(x)
-        to = perm.index(c) if sorted(perm) == list(range(rank)) else None
-        if to is None or perm[0] != 0 or to not in (1, rank - 1):
-            return self._fresh(node, f".{node.target}{tuple(args)} moves the channel axis (axis {c}) or the batch axis")
-        self._out(node, x)
-        self.info[node].last = to == rank - 1
-
-    def _broadcast_ok(self, a: fx.Node, b: fx.Node) -> bool:
-        """``a + b`` broadcasting over positions or the batch only (a position table added to every example):
-        both channel axes whole, in one place."""
-        sa, sb = self.shape(a), self.shape(b)
-        if sa is None or sb is None or not _broadcastable(sa, sb) or self.last(a) != self.last(b):
-            return False
-        c = self.channel_axis(a)
-        return sa[c] == sb[c] and self.info[a].block == self.info[b].block == 1
-
-    def _spatial_reduction(self, node: fx.Node, x: fx.Node) -> bool:
-        dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
-        dims = (dims,) if isinstance(dims, int) else tuple(dims or ())
-        xs = self.shape(x)
-        if not (dims and xs and all(isinstance(d, int) for d in dims)):
-            return False
-        if self.last(x):  # [batch, tokens…, channels]: any axis but the first and the last
-            return all(0 < d % len(xs) < len(xs) - 1 for d in dims)
-        return all(d % len(xs) >= 2 for d in dims)
-
-    def _channel_pad(self, node: fx.Node, x: fx.Node) -> None:
-        from ._graph_vision import channel_pad
-
-        channel_pad(self, node, x)
-
-    def _add(self, node: fx.Node) -> None:
-        tensors = self._tensor_args(node)
-        others = [a for a in list(node.args) + list(node.kwargs.values()) if not isinstance(a, fx.Node)]
-        if len(tensors) == 2:
-            a, b = tensors
-            if self.shape(a) != self.shape(b) and not self._broadcast_ok(a, b):
-                return self._fresh(node, "a broadcasting addition")
-            if self.info[a].block != self.info[b].block or self.last(a) != self.last(b):
-                return self._fresh(node, "an addition of tensors whose channels are laid out differently")
-            if {self.info[a].level, self.info[b].level} - {"pre"}:
-                self.space(a).constraints.append(("mixed_levels", node))
-            self.union(self.info[a].space, self.info[b].space)
-            return self._out(node, a if self.shape(a) == self.shape(node) else b, level="pre")
-        if len(tensors) == 1 and others and all(isinstance(c, (int, float)) for c in others):
-            self.space(tensors[0]).constraints.append(("constant_add", node))
-            return self._out(node, tensors[0])
-        self._fresh(node, "an addition that is not understood")
-
-
-def _broadcastable(sa: tuple, sb: tuple) -> bool:
-    return len(sa) == len(sb) and all(p == q or 1 in (p, q) for p, q in zip(sa, sb))
-
-
 def _attr(root: nn.Module, target: str) -> Any:
     obj: Any = root
     for part in target.split("."):
         obj = getattr(obj, part, None)
     return obj
-
-
-def _spatial_index(index) -> bool:
-    """True for an index like ``[:, :, ::2, ::2]`` that leaves the batch and channel axes whole."""
-    if not isinstance(index, tuple) or len(index) < 2:
-        return False
-    full = slice(None, None, None)
-    return index[0] == full and index[1] == full and all(isinstance(i, slice) or i is Ellipsis for i in index[2:])
-
-
-def _token_index(index, rank: int) -> bool:
-    from ._graph_vision import token_index
-
-    return token_index(index, rank)
-
-
-def _tuple(v) -> tuple:
-    return tuple(v) if isinstance(v, (tuple, list)) else (v,)
