@@ -15,7 +15,7 @@ from hypothesis import given, settings, strategies as st
 import workbench as wb
 from workbench.groups import Dense, ScaledPermutation, element_from_dict, get_group
 from workbench.symmetry import _port_moves as pm
-from workbench.symmetry._graph_stream import _act_slice, _Tiled
+from workbench.symmetry._port_moves import _act_slice, _Tiled
 from workbench.symmetry._layout_push import HeadPermutation
 
 F64 = torch.float64

@@ -50,6 +50,7 @@ import torch
 from torch import fx, nn
 
 from ..groups import Dense, Group, ScaledPermutation, get_group
+from ._port_moves import _Tiled
 from ._sites import Port
 
 # What a LayerNorm reading a space allows (read by _graph_sites._build like _lattice.CONSTRAINTS).
@@ -91,19 +92,6 @@ def is_leaf(m: nn.Module) -> bool:
     merging."""
     q = _qualname(m)
     return q in _LN_LAST or q in _LN_FIRST or q == _SWIN + "PatchMerging" or is_attention(m)
-
-
-class _Tiled:
-    """``blockdiag(F, …, F)`` (k copies) acting on an axis of k·n entries: Swin's patch merging concatenates the
-    channels of 2×2 neighbouring tokens, so its norm and reduction see the stream's element on each quarter."""
-
-    def __init__(self, F, k: int):
-        self.F, self.k = F, k
-
-    def act(self, x: torch.Tensor, dim: int) -> torch.Tensor:
-        d = dim % x.ndim
-        parts = x.unflatten(d, (self.k, -1))
-        return self.F.act(parts, d + 1).flatten(d, d + 1)
 
 
 # ---------------------------------------------------------------------- parameter ports
@@ -156,18 +144,6 @@ def plan_ports(modules: dict, site, element, moves_for, forced: bool) -> None:
             if p.block > 1 and p.level != "heads":
                 F = _Tiled(F, p.block)
             moves_for(module, attr).add(F, p.axis, sl)
-
-
-def _act_slice(v: torch.Tensor, F, axis: int, sl: Optional[tuple[int, int]], own: bool) -> torch.Tensor:
-    """``v`` moved by F along ``axis`` (only ``sl`` of it), one move at a time (``_port_moves.Moves`` falls back
-    to this for moves it cannot compose). A slice is moved in place unless ``v`` is the model's own tensor."""
-    axis %= v.ndim
-    if sl is None:
-        return F.act(v, axis)
-    out = v.clone() if own else v
-    part = out.narrow(axis, sl[0], sl[1] - sl[0])
-    part.copy_(F.act(part, axis))
-    return out
 
 
 def table_parameter(graph, node: fx.Node, value) -> bool:

@@ -61,6 +61,31 @@ def fits(e, dtype: torch.dtype, scratch: Optional[dict] = None) -> bool:
     return ok
 
 
+class _Tiled:
+    """``blockdiag(F, …, F)`` (k copies) acting on an axis of k·n entries: Swin's patch merging concatenates the
+    channels of 2×2 neighbouring tokens, so its norm and reduction see the stream's element on each quarter."""
+
+    def __init__(self, F, k: int):
+        self.F, self.k = F, k
+
+    def act(self, x: torch.Tensor, dim: int) -> torch.Tensor:
+        d = dim % x.ndim
+        parts = x.unflatten(d, (self.k, -1))
+        return self.F.act(parts, d + 1).flatten(d, d + 1)
+
+
+def _act_slice(v: torch.Tensor, F, axis: int, sl: Optional[tuple[int, int]], own: bool) -> torch.Tensor:
+    """``v`` moved by F along ``axis`` (only ``sl`` of it), one move at a time (``_port_moves.Moves`` falls back
+    to this for moves it cannot compose). A slice is moved in place unless ``v`` is the model's own tensor."""
+    axis %= v.ndim
+    if sl is None:
+        return F.act(v, axis)
+    out = v.clone() if own else v
+    part = out.narrow(axis, sl[0], sl[1] - sl[0])
+    part.copy_(F.act(part, axis))
+    return out
+
+
 @functools.lru_cache(maxsize=64)
 def _arange(n: int) -> torch.Tensor:
     """``torch.arange(n)``, made once: read, never written (a composition makes several per move)."""
@@ -74,10 +99,7 @@ def _parts(F, n: int):
         return "dense", [(0, n, F.M, F.cond)]
     if isinstance(F, ScaledPermutation) and F.n == n:
         return "perm", F.perm, F.scale
-    from ._graph_stream import _Tiled  # (imported here: both import this module's users)
-    from ._layout_push import HeadPermutation
-
-    if isinstance(F, HeadPermutation):
+    if callable(getattr(F, "index", None)):  # _layout_push.HeadPermutation (not imported: it imports this module)
         return "perm", F.index(n), None
     if isinstance(F, _Tiled) and F.F.n * F.k == n:
         m, k = F.F.n, F.k
@@ -184,8 +206,6 @@ class Moves:
         if op is None:
             op = self.axes[axis] = _Axis(self.own.shape[axis])
         if not op.then(F, sl):  # not composable: what is pending is done in float64, then F alone
-            from ._graph_stream import _act_slice
-
             self.base = self.value(torch.float64)
             self.axes = {}
             self.base = _act_slice(self.base, F, axis, sl, False)
