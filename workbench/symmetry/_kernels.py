@@ -153,6 +153,7 @@ def _run_fast(kernels, src, out, row_perm, row_scale, col_perm, col_scale) -> Op
     d = out.detach()
     unsigned, mask = _BITS[out.dtype]
     try:
+        _warm(kernels, K == 1, p, q)
         if K == 1:
             s_np = s.reshape(R, C).numpy()
             bits = kernels[0](s_np, d.view(R, C).numpy(), p, r, q, c, s_np.view(unsigned), mask, d.data_ptr() % 64,
@@ -166,6 +167,39 @@ def _run_fast(kernels, src, out, row_perm, row_scale, col_perm, col_scale) -> Op
         _state["kernels"] = None
         return None
     return float(np.array([bits], dtype=unsigned).view(s_np.dtype)[0])
+
+
+def _warm(kernels, flat: bool, p, q) -> None:
+    """Compile, once per process, every variant of a kernel that the same weights can meet on another draw.
+
+    numba compiles one machine-code variant per argument signature, and a None scale is another signature
+    than an array. Which one a weight meets depends on the draw, not on the model: a global sign of −1 is a
+    scale, +1 is None (``_graph_stream.WithSign``), and a float32 weight whose dense map is ill-conditioned
+    moves in float64 (``_port_moves.dense_ok``). So new variants appeared on the third transform of timm's
+    ViT and later ones (3 compiles, ~21 ms, inside a timed transform). Passing ones instead of None would
+    fix the signature but multiply by 1 (a signalling NaN would come back quiet: not the same bits), so the
+    variants sharing this call's structure (matrix or not, which axes are permuted, the index type) are
+    compiled here on tiny arrays the first time that structure runs: 8 variants, loaded from numba's
+    on-disk cache after the first run on a machine."""
+    key = (flat, None if p is None else p.dtype, None if q is None else q.dtype)
+    warmed = _state.setdefault("warmed", set())
+    if key in warmed:
+        return
+    warmed.add(key)
+    shape = (2, 2) if flat else (2, 2, 2)
+    tiny_p = None if p is None else np.arange(2, dtype=p.dtype)
+    tiny_q = None if q is None else np.arange(2, dtype=q.dtype)
+    for dtype in _FAST_DTYPES:
+        unsigned, mask = _BITS[dtype]
+        src = np.zeros(shape, dtype=_NUMPY[dtype])
+        ones = np.ones(2, dtype=_NUMPY[dtype])
+        for r in (None, ones):
+            for c in (None, ones):
+                out = np.empty_like(src)
+                if flat:
+                    kernels[0](src, out, tiny_p, r, tiny_q, c, src.view(unsigned), mask, 0, 64 // src.itemsize)
+                else:
+                    kernels[1](src, out, tiny_p, r, tiny_q, c, src.view(unsigned), mask)
 
 
 # the unsigned integers of each dtype's width, and the mask that clears the sign bit (|x| as bits)

@@ -28,9 +28,9 @@ and bfloat16 weights are moved in float64 and rounded once (their range check re
 from __future__ import annotations
 
 import bisect
-import functools
 from typing import Optional
 
+import numpy as np
 import torch
 
 from ..groups import Dense, ScaledPermutation
@@ -86,12 +86,6 @@ def _act_slice(v: torch.Tensor, F, axis: int, sl: Optional[tuple[int, int]], own
     return out
 
 
-@functools.lru_cache(maxsize=64)
-def _arange(n: int) -> torch.Tensor:
-    """``torch.arange(n)``, made once: read, never written (a composition makes several per move)."""
-    return torch.arange(n)
-
-
 def _parts(F, n: int):
     """``F`` acting on a range of length ``n`` as ``("perm", idx, scale)`` (out[i] = scale[i]·x[idx[i]]) or
     ``("dense", [(offset, size, M, cond)])``; None for a map not understood here."""
@@ -126,66 +120,94 @@ class _Axis:
         """Compose ``F`` (on ``sl`` of the axis, or all of it) after what is here; False where the result has no
         such form (the caller then does the moves one by one)."""
         a, b = sl if sl is not None else (0, self.L)
+        if isinstance(F, Dense) and F.n == b - a:  # most moves (a head's map on its rows): no _parts tuple
+            return self._block(a, F.n, F.M, F.cond)
         parts = _parts(F, b - a)
         if parts is None:
             return False
         if parts[0] == "dense":
             for off, n, M, cond in parts[1]:
-                s = a + off
-                if s in self.blocks and self.blocks[s][0] == n:
-                    _, C, c0 = self.blocks[s]
-                    self.blocks[s] = (n, M @ C, None if c0 is None or cond is None else c0 * cond)
-                    continue
-                i = bisect.bisect(self.starts, s)  # the blocks are disjoint: only the neighbours can overlap
-                if (i and self.starts[i - 1] + self.blocks[self.starts[i - 1]][0] > s) or \
-                        (i < len(self.starts) and self.starts[i] < s + n):
+                if not self._block(a + off, n, M, cond):
                     return False
-                self.starts.insert(i, s)
-                self.blocks[s] = (n, M, cond)
             return True
+        # The index arithmetic runs in NumPy on views of the tensors: a Swin-T transform composes ~1200 moves, each
+        # a dozen small operations that cost torch 5-10 µs of dispatch apiece and NumPy about 1. Gathers of
+        # integers are exact and a float64 product rounds the same (IEEE) in both, so the result is the same bits.
         _, f_idx, f_scale = parts
+        f_idx = _np(f_idx)
         whole = a == 0 and b == self.L
         if whole:
-            g, gs = f_idx, None if f_scale is None else f_scale.double()
+            g, gs = f_idx, None if f_scale is None else _np(f_scale, np.float64)
         else:
-            g = _arange(self.L).clone()
+            g = np.arange(self.L, dtype=np.int64)
             g[a:b] = a + f_idx
             gs = None
             if f_scale is not None:
-                gs = torch.ones(self.L, dtype=torch.float64)
-                gs[a:b] = f_scale.double()
+                gs = np.ones(self.L, dtype=np.float64)
+                gs[a:b] = _np(f_scale, np.float64)
+        idx0 = None if self.idx is None else self.idx.numpy()
+        scale0 = None if self.scale is None else self.scale.numpy()
         if not self.blocks:  # the common case (a stream's element on a norm, a table, a projection's columns)
-            self.scale = gs if self.scale is None else self.scale[g] if gs is None else self.scale[g] * gs
-            self.idx = g if self.idx is None else self.idx[g]
+            scale = gs if scale0 is None else scale0[g] if gs is None else scale0[g] * gs
+            self.scale = None if scale is None else _tensor(scale)
+            self.idx = _tensor(g if idx0 is None else idx0[g])
             return True
         # A block on input rows R passes g when g maps a contiguous run of outputs onto R in order: its rows then
         # take g's scales (diag(gs)·C), and the run is the block's new place.
-        inv = torch.empty_like(g)
-        inv[g] = _arange(self.L)
-        blocks, in_block = {}, torch.zeros(self.L, dtype=torch.bool) if gs is not None else None
+        inv = np.empty_like(g)
+        inv[g] = np.arange(self.L)
+        blocks, in_block = {}, np.zeros(self.L, dtype=bool) if gs is not None else None
         by_size: dict[int, list] = {}
         for s, (n, *_) in self.blocks.items():
             by_size.setdefault(n, []).append(s)
         for n, starts in by_size.items():  # one check per block size (a packed projection: 3·H blocks of d_head)
-            span = _arange(n)
-            rows = inv[torch.tensor(starts)[:, None] + span]
-            if not torch.equal(rows, rows[:, :1] + span):
+            span = np.arange(n)
+            rows = inv[np.asarray(starts)[:, None] + span]
+            if not np.array_equal(rows, rows[:, :1] + span):
                 return False
             for s, s2 in zip(starts, rows[:, 0].tolist()):
                 _, C, cond = self.blocks[s]
                 if gs is not None:
                     r = gs[s2:s2 + n]
-                    C = r[:, None] * C
-                    cond = None if cond is None else cond * float(r.abs().max() / r.abs().min())
+                    C = torch.from_numpy(r)[:, None] * C
+                    cond = None if cond is None else cond * float(np.abs(r).max() / np.abs(r).min())
                     in_block[s2:s2 + n] = True
                 blocks[s2] = (n, C, cond)
-        scale = None if self.scale is None else self.scale[g]
+        scale = None if scale0 is None else scale0[g]
         if gs is not None:
-            outside = torch.where(in_block, torch.ones_like(gs), gs)
+            outside = np.where(in_block, 1.0, gs)
             scale = outside if scale is None else scale * outside
-        self.idx = g if self.idx is None else self.idx[g]
-        self.scale, self.blocks, self.starts = scale, blocks, sorted(blocks)
+        self.idx = _tensor(g if idx0 is None else idx0[g])
+        self.scale = None if scale is None else _tensor(scale)
+        self.blocks, self.starts = blocks, sorted(blocks)
         return True
+
+
+    def _block(self, s: int, n: int, M: torch.Tensor, cond) -> bool:
+        """Compose the dense map M on ``[s, s + n)`` after what is here (False: it straddles a block)."""
+        old = self.blocks.get(s)
+        if old is not None and old[0] == n:
+            _, C, c0 = old
+            self.blocks[s] = (n, M @ C, None if c0 is None or cond is None else c0 * cond)
+            return True
+        starts = self.starts
+        i = bisect.bisect(starts, s)  # the blocks are disjoint: only the neighbours can overlap
+        if (i and starts[i - 1] + self.blocks[starts[i - 1]][0] > s) or (i < len(starts) and starts[i] < s + n):
+            return False
+        starts.insert(i, s)
+        self.blocks[s] = (n, M, cond)
+        return True
+
+
+def _np(t: torch.Tensor, dtype=None) -> np.ndarray:
+    """A CPU tensor's values as a NumPy array (a view where no conversion is asked for)."""
+    a = t.detach().cpu().numpy() if t.dtype != torch.bfloat16 else t.detach().double().cpu().numpy()
+    return a if dtype is None or a.dtype == dtype else a.astype(dtype)
+
+
+def _tensor(a: np.ndarray) -> torch.Tensor:
+    """A NumPy result as a tensor (no copy; arrays this class made, or read-only views it never writes)."""
+    return torch.from_numpy(a if a.flags.writeable else a.copy())
 
 
 class Moves:

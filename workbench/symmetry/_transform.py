@@ -151,8 +151,10 @@ def _draw(model: nn.Module, smap: SymmetryMap, seed: int, gen: torch.Generator, 
           allow_non_symmetry: bool, affine: bool) -> Transform:
     """One random element of each chosen site's group (or of ``group``, checked against the site's)."""
     drawn: dict[str, Group] = {}  # site name -> the group its element comes from
+    site_of: dict[str, Site] = {}  # looked up once (each ``smap[name]`` is a few µs, three per site)
     forced = []
     for site in _choose(smap, sites):
+        site_of.setdefault(site.name, site)
         G = site.group if group is None else get_group(group, site.n)
         if group is not None and not _is_subgroup(G, site):
             if not allow_non_symmetry:
@@ -172,17 +174,17 @@ def _draw(model: nn.Module, smap: SymmetryMap, seed: int, gen: torch.Generator, 
         # per-head GL(64) maps are one QR call); then the embedding sites, which need their parents.
         same: dict[Group, list[str]] = {}
         for name, G in drawn.items():
-            if not smap[name].embeds:
+            if not site_of[name].embeds:
                 same.setdefault(G, []).append(name)
         for G, names in same.items():
             elements.update(zip(names, G.sample_many(len(names), gen)))
         for name, G in drawn.items():
-            if smap[name].embeds:
-                elements[name] = _embedded(G, smap[name], elements, gen)
+            if site_of[name].embeds:
+                elements[name] = _embedded(G, site_of[name], elements, gen)
     elements = {name: elements[name] for name in drawn}  # in site order
     for name, element in elements.items():
-        element.phi_kind = smap[name].group.phi  # readers undo φ of the site's own activation
-        _check_element(name, element, scale_sigma)
+        element.phi_kind = site_of[name].group.phi  # readers undo φ of the site's own activation
+    _check_elements(elements, scale_sigma)
     groups = {name: G.name for name, G in drawn.items()}
     return Transform(elements, groups, forced, seed, type(model).__name__, affine)
 
@@ -211,6 +213,35 @@ def _traced_map(model: nn.Module, example, affine: bool, verb: str) -> SymmetryM
     if smap.trace_error is not None:
         raise UntraceableModelError(f"{verb}: no symmetry of {type(model).__name__} can be used: {smap.trace_error}")
     return smap
+
+
+def _check_elements(elements: dict, scale_sigma: float) -> None:
+    """``_check_element`` of every element, in one pass per kind and dtype over all of them (a Swin-T draw has
+    ~300 elements, and the per-element calls cost more than their arithmetic). Only where that pass finds a
+    value that is not finite are the elements checked one by one, in order, so the refusal names the same
+    (first) site as before."""
+    scales: dict = {}  # dtype -> the scaled permutations' |scale| arrays
+    dense: dict = {}  # dtype -> the dense maps' flattened matrices
+    for name, e in elements.items():
+        values = e.scale if isinstance(e, ScaledPermutation) else getattr(e, "M", None)
+        if values is None:
+            continue
+        values = values.detach()
+        if values.device.type != "cpu" or values.dtype not in (torch.float32, torch.float64):
+            _check_element(name, e, scale_sigma)
+            continue
+        kind = scales if isinstance(e, ScaledPermutation) else dense
+        kind.setdefault(values.dtype, []).append(values.numpy().reshape(-1))
+    bad = False
+    with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
+        for parts in dense.values():
+            bad = bad or not np.isfinite(np.concatenate(parts)).all()
+        for parts in scales.values():  # one dtype per concatenation: 1/a must round in the element's own dtype
+            a = np.abs(np.concatenate(parts))
+            bad = bad or not np.isfinite(a).all() or not np.isfinite(1 / a).all()
+    if bad:
+        for name, e in elements.items():
+            _check_element(name, e, scale_sigma)
 
 
 def _check_element(name: str, e: GroupElement, scale_sigma: float) -> None:
