@@ -190,6 +190,17 @@ def test_the_batched_element_check_refuses_what_the_single_one_does_and_names_th
         _check_elements(elements, 1.0)
 
 
+def test_a_finite_dense_map_whose_entries_sum_beyond_the_range_is_not_refused():
+    elements = _elements()
+    elements["c"].M[0] = 1e308  # finite entries whose sum is inf: the screen flags it, the exact check clears it
+    with np.errstate(over="ignore"):
+        assert not np.isfinite(elements["c"].M.numpy().sum())
+    _check_elements(elements, 1.0)
+    elements["c"].M[1, 1] = -float("inf")  # and one that is not finite is still refused
+    with pytest.raises(InvalidOptionError, match="'c'"):
+        _check_elements(elements, 1.0)
+
+
 def test_a_huge_sigma_is_still_refused_by_a_transform():
     with pytest.raises(InvalidOptionError, match="scale_sigma"):
         wb.random_intertwiner(randomised(timm_vit()), seed=0, scale_sigma=1e4)
