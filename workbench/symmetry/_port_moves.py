@@ -165,13 +165,15 @@ class _Axis:
             rows = inv[np.asarray(starts)[:, None] + span]
             if not np.array_equal(rows, rows[:, :1] + span):
                 return False
+            if gs is None:  # a head permutation: the blocks only move
+                blocks.update(zip(rows[:, 0].tolist(), map(self.blocks.__getitem__, starts)))
+                continue
             for s, s2 in zip(starts, rows[:, 0].tolist()):
                 _, C, cond = self.blocks[s]
-                if gs is not None:
-                    r = gs[s2:s2 + n]
-                    C = torch.from_numpy(r)[:, None] * C
-                    cond = None if cond is None else cond * float(np.abs(r).max() / np.abs(r).min())
-                    in_block[s2:s2 + n] = True
+                r = gs[s2:s2 + n]
+                C = torch.from_numpy(r)[:, None] * C
+                cond = None if cond is None else cond * float(np.abs(r).max() / np.abs(r).min())
+                in_block[s2:s2 + n] = True
                 blocks[s2] = (n, C, cond)
         scale = None if scale0 is None else scale0[g]
         if gs is not None:
@@ -197,6 +199,12 @@ class _Axis:
         starts.insert(i, s)
         self.blocks[s] = (n, M, cond)
         return True
+
+
+def _absrange(scale: torch.Tensor) -> tuple[float, float]:
+    """(min, max) of |scale| (NaN where it holds one), in NumPy: a third of torch's per-call cost here."""
+    a = np.abs(_np(scale))
+    return float(a.min()), float(a.max())
 
 
 def _np(t: torch.Tensor, dtype=None) -> np.ndarray:
@@ -242,8 +250,8 @@ class Moves:
         info = torch.finfo(dtype)
         for op in self.axes.values():
             if op.scale is not None:
-                lo, hi = torch.aminmax(op.scale.abs())
-                if not (bool(hi <= info.max) and bool(lo >= info.tiny)):
+                lo, hi = _absrange(op.scale)
+                if not (hi <= info.max and lo >= info.tiny):  # NaN in either: False
                     return False
             if op.blocks and not (dtype == torch.float32 and all(
                     c is not None and c <= COND_MAX for _, _, c in op.blocks.values())):
@@ -270,7 +278,7 @@ class Moves:
         bound = peak
         for op in self.axes.values():
             if bound is not None and op.scale is not None:
-                bound *= float(op.scale.abs().max())
+                bound *= _absrange(op.scale)[1]
         for a in dense:
             X, norm = _blocks(X, a, self.axes[a].blocks, out if out is not None and out.dtype == dtype and a == dense[-1] else None)
             bound = None if bound is None else bound * norm
