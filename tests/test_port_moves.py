@@ -222,3 +222,24 @@ def test_the_bound_that_spares_a_copy_its_range_check_bounds_the_result():
     out = torch.empty_like(W)
     v = m.value(out=out)
     assert v is out and m.bound is not None and float(out.abs().max()) <= m.bound
+
+
+def test_a_tiled_map_that_cannot_compose_is_applied_once():
+    """A tiled dense map (Swin's patch merging: blockdiag(F, F)) whose second block straddles a block already
+    pending on the axis cannot be composed; its first block had already been inserted, so the fallback (the pending
+    moves done, then the map whole) applied that block twice (helper 21 found it by reading; no model reaches it
+    today). Checked against the moves done one at a time, in float64."""
+    from workbench.groups import Dense
+    from workbench.symmetry._port_moves import Moves, _Tiled
+
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(8, 5, dtype=torch.float64, generator=g)
+    B = Dense(torch.randn(2, 2, dtype=torch.float64, generator=g) + 2 * torch.eye(2, dtype=torch.float64))
+    F = Dense(torch.randn(4, 4, dtype=torch.float64, generator=g) + 3 * torch.eye(4, dtype=torch.float64))
+    moves = Moves(W)
+    moves.add(B, 0, (4, 6))  # pending block on rows 4-5
+    moves.add(_Tiled(F, 2), 0, None)  # rows 0-3 compose, rows 4-7 straddle the pending block
+    expected = W.clone()
+    expected[4:6] = B.M @ expected[4:6]
+    expected = torch.cat([F.M @ expected[:4], F.M @ expected[4:]])
+    assert torch.allclose(moves.value(torch.float64), expected, rtol=0, atol=1e-12)

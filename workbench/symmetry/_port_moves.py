@@ -126,8 +126,12 @@ class _Axis:
         if parts is None:
             return False
         if parts[0] == "dense":
+            # All of F's blocks or none: on a False the caller applies F whole, so a block already composed here
+            # would be applied twice (a tiled map whose later block straddles a pending one).
+            saved = dict(self.blocks), list(self.starts)
             for off, n, M, cond in parts[1]:
                 if not self._block(a + off, n, M, cond):
+                    self.blocks, self.starts = saved
                     return False
             return True
         # The index arithmetic runs in NumPy on views of the tensors: a Swin-T transform composes ~1200 moves, each
