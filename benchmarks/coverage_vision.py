@@ -226,15 +226,17 @@ def page(rows: list, started: str, load0: float, load1: float, command: str = CO
         "reach 3× with its group's draws — the 288 GL(64) draws cost 86 ms (576 Householder QRs of 64×64 in "
         "float64, 55 ms; the float32 normals, 9 ms; the products U·S·Vᵀ and V·S⁻¹·Uᵀ, 14 ms), the minimum 576 "
         "products of a 64×64 map with a 64×768 block cost 45–58 ms in float32 (~60 GFLOP/s), and one gather pass "
-        "over the 86M weights 47 ms, a floor of ≈190 ms against a 40–50 ms deepcopy (≈4×; the 265 ms above add "
-        "the per-port planning in Python, ≈25 ms, and a second pass over the attention weights). **Swin-T** and **timm's ViT** are not at their floors (Swin-T: "
-        "draws 16 ms, products ≈8 ms, a gather pass 19 ms, ≈2× a deepcopy): the remainder is per-port overhead, "
-        "1162 port moves composed one by one in Python (≈15 µs each) and 121 parameter tensors finished one by "
-        "one. **MobileNetV2** sits on the line (3.03× here, 2.9× in a run at load 5 an hour earlier): its 14 "
-        "QRs (n up to 320) take 13 ms, its float32 bottleneck products 11 ms and the draws' own products 5 ms, "
-        "1.8× a 16.5 ms deepcopy before any permutation site is pushed. EfficientNet-B0 is at 2.7× (it was "
-        "3.0–4.1×). Every model with permutation and scaling sites only is within 3×; the wall-clock ratios are "
-        "in the JSON (`wall_ratio`).", "",
+        "over the 86M weights 47 ms, a floor of ≈190 ms against a 40–50 ms deepcopy (≈4×; the rest of its time "
+        "above is per-port planning in Python and a second pass over the attention weights). **Swin-T** is not at "
+        "its floor (draws 16 ms, products ≈8 ms, a gather pass 19 ms, ≈2× a deepcopy): the rest is Python spread "
+        "over the push (port planning, the per-head batched products' setup, element construction); composing its "
+        "1162 port moves in NumPy instead of torch (helper 21's change) took that part from ≈13 to ≈6 ms, within "
+        "this machine's noise on the ratio. **MobileNetV2**, **EfficientNet-B0** and **timm's ViT** are near the "
+        "line (2.9–3.0×, 2.6–2.7× and 2.6–3.6× across this session's runs; MobileNetV2's 14 QRs with n up to 320 "
+        "take 13 ms, its float32 bottleneck products 11 ms and the draws' own products 5 ms, 1.8× its deepcopy "
+        "before any permutation site is pushed): a single run's minimum of a 20–60 ms call on this shared machine "
+        "moves by ±15%. Every model with permutation and scaling sites only is within 3×; the wall-clock ratios "
+        "are in the JSON (`wall_ratio`).", "",
         *(["Errors:", "", *errors, ""] if errors else []),
         "What is still frozen (the first reasons; all of them in the JSON's `skipped_reasons`):", "", *frozen, "",
     ])
