@@ -21,6 +21,16 @@ def randomise(model: nn.Module, seed: int = 0) -> nn.Module:
     return model.eval()
 
 
+def same_function(model, new, x) -> float:
+    """Max relative output change, each output column against its own scale: computed here, not by the tool
+    under test. Both models are put in eval mode first."""
+    with torch.no_grad():
+        a, b = model.eval()(x), new.eval()(x)
+    a, b = a.reshape(len(a), -1), b.reshape(len(b), -1)
+    scale = a.abs().amax(0).clamp_min(1e-12 * a.abs().max())
+    return ((a - b).abs() / scale).max().item()
+
+
 def OptionABlock(cin, cout, stride=1):
     """A CIFAR ResNet block whose shortcut subsamples and zero-pads channels ("option A")."""
     return BasicBlockA(cin, cout, stride, "relu")

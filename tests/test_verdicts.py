@@ -11,20 +11,11 @@ import torch.nn.functional as F
 from torch import nn
 
 import workbench as wb
-from models import randomise
+from models import randomise, same_function
 from workbench._errors import InvalidOptionError, UntraceableModelError
 from workbench.groups import activation_call, discover_group, intertwiner_group
 
 F64 = torch.float64
-
-
-def same_function(model, new, x, rtol=1e-10):
-    """Max relative output change, each output column against its own scale (computed here, not by verify)."""
-    with torch.no_grad():
-        a, b = model.eval()(x), new.eval()(x)
-    a, b = a.reshape(len(a), -1), b.reshape(len(b), -1)
-    scale = a.abs().amax(0).clamp_min(1e-12 * a.abs().max())
-    return ((a - b).abs() / scale).max().item()
 
 
 def state(model):
