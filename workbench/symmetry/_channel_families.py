@@ -13,26 +13,39 @@ import torch
 from ..groups import Group, ScaledPermutation
 
 
-class _ChannelPermutations(Group):
+class OnBase(Group):
+    """A family built on a base family (``base``): its size, φ and source, and its σ, which a caller sets on this
+    family (``random_intertwiner``'s ``scale_sigma``) and the base's draw then uses."""
+
+    def __init__(self, base: Group):
+        super().__init__(base.n, phi=base.phi, source=getattr(base, "source", "family"))
+        self.base = base
+        if hasattr(base, "sigma"):
+            self.sigma = base.sigma
+
+    def _draw_base(self, generator, seed) -> tuple[torch.Generator, ScaledPermutation]:
+        """``(g, element)``: the generator to go on drawing from, and the base family's element drawn first."""
+        g = generator if generator is not None else torch.Generator().manual_seed(0 if seed is None else int(seed))
+        base = copy.copy(self.base)
+        if hasattr(self, "sigma"):
+            base.sigma = self.sigma
+        return g, base.sample(g)
+
+
+class _ChannelPermutations(OnBase):
     """A base family's scaled permutations whose permutation keeps a structure on the channels: the scalings
     are the base family's (drawn first), the permutation the subclass's (``_perm``, ``_keeps``)."""
 
     continuous = False
 
     def __init__(self, base: Group, name: str, label: str, kind: str):
-        super().__init__(base.n, phi=base.phi, source=getattr(base, "source", "family"))
-        self.base, self.name, self.label = base, name, label
+        super().__init__(base)
+        self.name, self.label = name, label
         self.generator_kinds = {kind} | (_kinds(base) - {"perm"})
-        if hasattr(base, "sigma"):
-            self.sigma = base.sigma
 
     def sample(self, generator=None, *, seed=None) -> ScaledPermutation:
-        g = generator if generator is not None else torch.Generator().manual_seed(0 if seed is None else int(seed))
-        base = copy.copy(self.base)
-        if hasattr(self, "sigma"):
-            base.sigma = self.sigma
-        scale = base.sample(g).scale  # the base family's scalings (None for permutations)
-        return ScaledPermutation(self._perm(g), scale, self.phi, self.name)
+        g, drawn = self._draw_base(generator, seed)  # the base family's scalings (None for permutations)
+        return ScaledPermutation(self._perm(g), drawn.scale, self.phi, self.name)
 
     def _contains(self, M, atol):
         if not self.base._contains(M, atol):

@@ -30,6 +30,7 @@ import torch
 from torch import fx, nn
 
 from ..groups import Group, ScaledPermutation
+from ._channel_families import OnBase
 
 # What a GroupNorm reading a space allows (read by _graph_sites._build like _lattice.CONSTRAINTS); the
 # permutation is restricted further to maps of whole groups (see ``site_group``).
@@ -75,30 +76,22 @@ def before_norm(element) -> Optional[ScaledPermutation]:
     return ScaledPermutation(perm.perm, element.signs, element.phi_kind, element.group)
 
 
-class GroupSigns(Group):
+class GroupSigns(OnBase):
     """``base`` (the norm's output element D·P) times one sign per block of ``block`` channels on the norm's
     input (block: the least common multiple of the group sizes of the GroupNorms with a gain that read the
     site's writers' outputs, so the sign is constant on each of their groups)."""
 
     def __init__(self, base: Group, block: int):
-        super().__init__(base.n, phi=base.phi, source=getattr(base, "source", "family"))
-        self.base, self.block, self.continuous = base, block, base.continuous
+        super().__init__(base)
+        self.block, self.continuous = block, base.continuous
         self.name = f"{base.name}_with_group_signs"
         self.label = f"{base.label}; on the GroupNorm input one sign per {block} channels (γ takes it)"
         from ._lattice import generators
 
         self.generator_kinds = generators(base) | {"group_sign"}
-        if hasattr(base, "sigma"):
-            self.sigma = base.sigma
 
     def sample(self, generator=None, *, seed=None) -> InputSigned:
-        import copy
-
-        g = generator if generator is not None else torch.Generator().manual_seed(0 if seed is None else int(seed))
-        base = copy.copy(self.base)
-        if hasattr(self, "sigma"):
-            base.sigma = self.sigma
-        e = base.sample(g)
+        g, e = self._draw_base(generator, seed)
         signs = torch.where(torch.rand(self.n // self.block, generator=g) < 0.5, -1.0, 1.0).double()
         return InputSigned(e.perm, e.scale, self.phi, self.name, signs.repeat_interleave(self.block))
 
