@@ -1,0 +1,125 @@
+"""The graph backend's transforms give the same bits for the same seed as the code they were first recorded on.
+
+A transform's repeated call replays work that depends only on the model's structure (what reads and writes each
+site, which tensors move along which axes); the drawn elements, the checks and the arithmetic are redone every
+call. These hashes pin every weight and buffer of the result (its raw bytes, SHA-256), so a change that caches
+something it should recompute, reorders a draw or rounds differently fails here. Each model is transformed
+three ways at fixed seeds: a first call, a repeated call on the same object, and a call on a fresh copy of
+it (a new object of a seen structure), into a copy and in place.
+
+The hashes were recorded on commit eceeeac (before the repeated call replayed a per-structure plan), by
+``_record()`` below; they depend on torch's RNG and float arithmetic, so a different torch version may need
+them rerecorded on the old code (say which commit did it)."""
+from __future__ import annotations
+
+import copy
+import hashlib
+
+import pytest
+import torch
+from torch import nn
+
+import workbench as wb
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One torch thread: a float32 product summed in another order on more threads would be other bits."""
+    from workbench._threads import threads
+
+    with threads(1):
+        yield
+
+
+def _digest(model: nn.Module) -> str:
+    h = hashlib.sha256()
+    for name, t in model.state_dict(keep_vars=True).items():
+        t = t.detach().contiguous()
+        h.update(name.encode())
+        h.update(str(t.dtype).encode())
+        h.update(t.cpu().reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:16]
+
+
+def _randomised(model: nn.Module, dtype, seed: int = 0) -> nn.Module:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            gain = name.endswith("weight") and p.ndim == 1
+            p.copy_(torch.randn(p.shape, generator=g) * (0.3 if p.ndim == 1 else 0.5) + (1.0 if gain else 0.0))
+        for name, b in model.named_buffers():
+            if b.is_floating_point():
+                b.copy_(torch.rand(b.shape, generator=g) + (0.5 if name.endswith("running_var") else 0.0))
+    return model.eval().to(dtype)
+
+
+def _tv():
+    pytest.importorskip("torchvision")
+    from workbench.models import ensure_torchvision_importable, require
+
+    ensure_torchvision_importable()  # the CPU torch lacks torchvision's C++ ops (see tests/conftest.py)
+    return require("torchvision")
+
+
+def mlp():
+    return nn.Sequential(nn.Linear(6, 12), nn.ReLU(), nn.Linear(12, 10), nn.Tanh(), nn.Linear(10, 3))
+
+
+def cnn():
+    return nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(), nn.Conv2d(6, 8, 3),
+                         nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 4))
+
+
+def vit():
+    return _tv().models.VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=16,
+                                          mlp_dim=32, num_classes=5)
+
+
+def swin():
+    return _tv().models.SwinTransformer(patch_size=[4, 4], embed_dim=16, depths=[2, 2], num_heads=[2, 2],
+                                        window_size=[4, 4], num_classes=5)
+
+
+BUILDERS = {"mlp": (mlp, (1, 6)), "cnn": (cnn, (1, 3, 8, 8)), "vit": (vit, (1, 3, 32, 32)), "swin": (swin, (1, 3, 32, 32))}
+
+
+def _digests(name: str, dtype) -> list[str]:
+    build, shape = BUILDERS[name]
+    torch.manual_seed(0)
+    model = _randomised(build(), dtype)
+    example = torch.zeros(shape, dtype=dtype)
+    out = []
+    for seed in (0, 1):  # a first call, then a repeated one on the same object
+        new, _ = wb.random_intertwiner(model, seed=seed, example=example)
+        out.append(_digest(new))
+    twin = copy.deepcopy(model)  # a new object of a seen structure
+    new, _ = wb.random_intertwiner(twin, seed=2, example=example)
+    out.append(_digest(new))
+    wb.random_intertwiner(twin, seed=3, example=example, inplace=True)
+    out.append(_digest(twin))
+    return out
+
+
+EXPECTED = {
+    'mlp/float32': ['2d2b17571c048e9c', 'daf897d54c994de9', '72dbc8112f09fcca', '186083b83cbde027'],
+    'mlp/float64': ['a491a6f885acab19', 'e443b7670c1fcc3e', '5f756a8f9441664d', '2851314643268666'],
+    'cnn/float32': ['648fb86fe9045b1f', '8e29c0797e1faa10', 'd2dd357877812486', 'd2645911b7896bb0'],
+    'cnn/float64': ['3a067dbeea5b62e4', 'f1449ffdb5c2e8bb', '3762450f4179f14d', '83c57054ef99caa6'],
+    'vit/float32': ['898c364a7f984168', 'b9ca8f91a6cc9a1b', 'dc117f3e367657a6', '7237f2afa69c2b0c'],
+    'vit/float64': ['957d6a491853bedc', 'c0ce3f8850beafd2', '5fafa857c9d717f1', 'af27a95a3e011220'],
+    'swin/float32': ['2f315bc0f6d5bf91', '778137c6386fd847', 'ed55674570ac8c26', 'ff88988c5b15061f'],
+    'swin/float64': ['2b380e84882a8c08', 'afbb8ac09cbe4de0', 'ebb1038b511e556f', '1ba650ca96962fd4'],
+}
+
+
+@pytest.mark.parametrize("case", sorted(EXPECTED))
+def test_same_seed_same_bits_as_recorded(case):
+    name, dtype = case.split("/")
+    assert _digests(name, getattr(torch, dtype)) == EXPECTED[case]
+
+
+def _record() -> dict:  # run on the recording commit: python -c "from tests.test_transform_bits import _record; _record()"
+    got = {f"{n}/{d}": _digests(n, getattr(torch, d)) for n in BUILDERS for d in ("float32", "float64")}
+    for k, v in got.items():
+        print(f"    {k!r}: {v!r},")
+    return got
