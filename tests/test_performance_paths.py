@@ -123,17 +123,17 @@ def test_durable_false_writes_the_same_store_without_fsync(tmp_path):
 def test_private_values_are_stored_without_a_second_copy_and_shared_ones_are_copied(tmp_path):
     """BatchNorm's output is cloned by the write guard before the in-place ReLU: that clone is the array the
     store keeps (no copy of a copy); the Linear's output is the model's own memory: it is copied."""
-    from workbench.hooks import _store
+    from workbench.hooks import _harvest
 
     model, batches = cnn_model(), make_batches(2)
     seen = []
-    real = _store._to_numpy
+    real = _harvest._to_numpy
 
     def spy(t, copy=True):
         a = real(t, copy)
         seen.append((copy, np.shares_memory(a, t.detach().numpy()) if t.dtype != torch.bfloat16 else None))
         return a
-    with mock.patch.object(_store, "_to_numpy", spy):
+    with mock.patch.object(_harvest, "_to_numpy", spy):
         store = wb.harvest(model, batches, names=["1", "4"], progress=False)
     ref = reference(model, batches, ["1", "4"])
     for name in ("1", "4"):

@@ -11,7 +11,7 @@ from torch import nn
 
 import workbench as wb
 from workbench.hooks._capture import _Capture
-from workbench.hooks._store import _sole_owner
+from workbench.hooks._harvest import _sole_owner
 
 
 class KeepsOutput(nn.Module):

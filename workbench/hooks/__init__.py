@@ -2,7 +2,8 @@
 from ._cache import ActivationCache
 from ._capture import capture, inherit_copy_list, intervene, run_with_cache, watch
 from ._names import HookNames, hook_names
-from ._store import ActivationStore, harvest
+from ._harvest import harvest
+from ._store import ActivationStore
 
 __all__ = ["ActivationCache", "ActivationStore", "HookNames", "capture", "hook_names", "inherit_copy_list", "intervene",
            "run_with_cache", "harvest", "watch"]
