@@ -34,9 +34,13 @@ test: $(STAMP)
 	$(PY) -m pytest
 	$(MAKE) --no-print-directory test-tl3
 
-# The transformer tests again, against TransformerLens 3.9's HookedTransformer.
+# The transformer tests again, against TransformerLens 3.9's HookedTransformer. The path is absolute so that
+# tests running a subprocess in a scratch folder get 3.9 too. The README test is left out: the README's
+# all-MiniLM block reads a raw Hugging Face model, which needs TransformerLens 4's adapters (the `minilm`
+# extra requires 4.x), so under 3.9 it fails by design; the first pass runs the README as a user has it.
 test-tl3: $(STAMP)
-	PYTHONPATH=$(VENV)/tl3 WORKBENCH_EXPECT_TL=3 $(PY) -m pytest -m transformer -q
+	PYTHONPATH=$(abspath $(VENV))/tl3 WORKBENCH_EXPECT_TL=3 $(PY) -m pytest -m transformer -q \
+		--deselect tests/test_readme.py::test_readme_python_blocks_run_as_written
 
 lab: $(STAMP)
 	$(VENV)/bin/jupyter lab notebooks/ $(if $(filter 0,$(shell id -u)),--allow-root,)
