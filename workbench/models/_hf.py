@@ -21,7 +21,8 @@ gain is ``1 + w`` (the adapter's ``cfg.rmsnorm_uses_offset``); post-LayerNorm (B
 A transformed model is a fresh Hugging Face model — built without random initialisation, cast
 *before* loading (float64 values loaded into float32 parameters were rounded), its weights written —
 and, for a bridge, wrapped by a new ``boot_transformers`` *after* the weights are in (the bridge
-copies the fused q/k/v into split tensors at boot). A live bridge is never written: those split
+copies the fused q/k/v into split tensors at boot) — or, where that is provably the same, the new bridge
+is a copy of a never-run template (``_hf_shell.py``). A live bridge is never written: those split
 copies would not follow.
 """
 from __future__ import annotations
@@ -320,12 +321,20 @@ def views(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def blank(model: nn.Module, dtype: torch.dtype, untie: bool = False) -> nn.Module:
+def blank(model: nn.Module, dtype: torch.dtype, untie: bool = False, shell: bool = False) -> nn.Module:
     """A fresh Hugging Face model of ``model``'s class and config, parameters uninitialised in
     ``dtype`` (the caller writes every one), persistent buffers copied; ``untie``: built with
-    ``tie_word_embeddings=False`` (the parameter names stay the same)."""
+    ``tie_word_embeddings=False`` (the parameter names stay the same). ``shell`` and ``model`` a bridge:
+    a whole new bridge like it where one can be copied safely (``_hf_shell``; else the bare model, which
+    :func:`finish` boots a bridge around)."""
     import warnings
 
+    if shell and not untie and model_kind(model) == ModelKind.HF_BRIDGE:
+        from ._hf_shell import shell as copied
+
+        new = copied(model, dtype)
+        if new is not None:
+            return new
     hf = hf_model(model)
     config = copy.deepcopy(hf.config)
     if untie and getattr(config, "tie_word_embeddings", False):
@@ -346,22 +355,33 @@ def blank(model: nn.Module, dtype: torch.dtype, untie: bool = False) -> nn.Modul
 
 def finish(model: nn.Module, fresh: nn.Module) -> nn.Module:
     """``fresh`` (a Hugging Face model whose weights are written) as the kind ``model`` is: wrapped by a
-    new bridge for a bridge, itself for a raw model."""
-    if model_kind(model) != ModelKind.HF_BRIDGE:
+    new bridge for a bridge (unless ``fresh`` already is one: :func:`blank`'s ``shell``), itself for a raw
+    model."""
+    if model_kind(model) != ModelKind.HF_BRIDGE or model_kind(fresh) == ModelKind.HF_BRIDGE:
         return fresh
+    new = _boot(model.cfg.model_name, fresh, _configured(model.tokenizer))
+    return new.train(model.training)
+
+
+def _boot(name: str, fresh: nn.Module, tokenizer):
+    """``TransformerBridge.boot_transformers`` around ``fresh``, without two pieces of work that make nothing
+    the bridge keeps: the hook scan (run twice per boot) reads every public attribute of every module, and
+    ``W_E_pos`` concatenates the token and position embeddings each time (a 66 MB copy for a 32,000-word
+    vocabulary: some 40% of booting an OPT or GPT-2 bridge); and a fused q/k/v's split builds ``nn.Linear`` layers
+    whose random initialisation is replaced by the split weights at once. What the skipped work would have
+    made is checked bit for bit against a plain boot in tests/test_hf_bridge_boot.py."""
     import warnings
 
     from ._compat import require
+    from ._layout import _hidden, _no_random_init
 
     require("transformer_lens")
     from transformer_lens.model_bridge import TransformerBridge
 
-    dtype = next(fresh.parameters()).dtype
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), _hidden(TransformerBridge, "W_E_pos"), _no_random_init():
         warnings.simplefilter("ignore")
-        new = TransformerBridge.boot_transformers(model.cfg.model_name, hf_model=fresh, tokenizer=_configured(model.tokenizer),
-                                                  dtype=dtype)
-    return new.train(model.training)
+        return TransformerBridge.boot_transformers(name, hf_model=fresh, tokenizer=tokenizer,
+                                                   dtype=next(fresh.parameters()).dtype)
 
 
 def _configured(tokenizer):
@@ -379,18 +399,12 @@ def _configured(tokenizer):
 def scratch_bridge(model: nn.Module, fresh: nn.Module):
     """A bridge around ``fresh`` (a copy of the raw Hugging Face ``model``), with a throwaway word-level
     tokenizer: what measurements through TransformerLens hooks (rotary pairs) run on."""
-    import warnings
-
     from tokenizers import Tokenizer, models
     from transformers import PreTrainedTokenizerFast
-    from transformer_lens.model_bridge import TransformerBridge
 
     tok = Tokenizer(models.WordLevel({"a": 0, "[UNK]": 1}, unk_token="[UNK]"))
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[UNK]")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return TransformerBridge.boot_transformers(f"local/{fresh.config.model_type}", hf_model=fresh, tokenizer=tokenizer,
-                                                   dtype=next(fresh.parameters()).dtype)
+    return _boot(f"local/{fresh.config.model_type}", fresh, tokenizer)
 
 
 class _no_hf_init:

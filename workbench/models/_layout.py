@@ -244,10 +244,10 @@ def blank(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     """A fresh model of ``model``'s kind and config in ``dtype`` whose parameters hold garbage: the
     caller writes every one (``write_weights`` checks that; ``canonical_views`` callers write all).
     Native bridges come from a deep copy of a cached template (see ``_TEMPLATES``)."""
-    if model_kind(model) in _HF:  # a bare Hugging Face model; ``finish`` wraps a bridge's
-        from . import _hf
+    if model_kind(model) in _HF:  # a bare Hugging Face model (``finish`` boots a bridge around it), or a
+        from . import _hf  # bridge copied from a never-run template where that is safe (``_hf_shell``)
 
-        return _hf.blank(model, dtype)
+        return _hf.blank(model, dtype, shell=True)
     if model_kind(model) != ModelKind.NATIVE:
         return _boot(model, dtype)
     import copy
