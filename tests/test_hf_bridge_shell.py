@@ -92,6 +92,20 @@ def test_the_sharing_check_sees_closures_and_weak_references():
     assert _hf_shell._reaches(copy.deepcopy(B), B)
 
 
+def test_a_parameter_derived_at_boot_is_seen():
+    """Negative control for ``derived``: GPT-2's split q/k/v are views of ``c_attn`` (its own storage, so
+    a storage check would pass them); a template holding such a view is not copied."""
+    from workbench.models import _hf
+
+    assert len(_hf_shell.derived(_plain(build("gpt2")))) == 2 * 6  # q, k, v weight and bias, 2 layers
+    B = _plain(build("llama"))
+    assert _hf_shell.derived(B) == []
+    view = torch.nn.Parameter(B.blocks[0].attn.q.original_component.weight[:4])
+    B.blocks[0].attn.register_parameter("extra", view)
+    assert _hf_shell.derived(B) == [f"{type(B.blocks[0].attn).__name__}.extra"]
+    assert _hf.views(B)  # the layout itself still reads the model
+
+
 @pytest.mark.parametrize("family", BOOTED)
 def test_bridges_with_boot_time_hooks_or_split_qkv_are_booted(family):
     B = _plain(build(family))

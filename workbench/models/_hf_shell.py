@@ -78,12 +78,8 @@ def _template(model: nn.Module, dtype: torch.dtype):
     modules = _params(T)
     if any(getattr(m, name, None) for m in modules for name in _HOOK_DICTS):
         return None
-    weights = {v.untyped_storage().data_ptr() for v in _hf.views(T).values()}
-    hf_params = {id(p) for p in fresh.parameters()}
-    for m in modules:
-        for p in m._parameters.values():
-            if p is not None and (id(p) not in hf_params or p.untyped_storage().data_ptr() not in weights):
-                return None  # a tensor derived from the weights at boot (split q/k/v)
+    if derived(T):
+        return None
     # The template's parameters become meta tensors (tied ones stay tied): any reference a copy kept to
     # one would fail loudly.
     meta, devices = {}, {}
@@ -99,6 +95,21 @@ def _template(model: nn.Module, dtype: torch.dtype):
     if _reaches(trial, T) or _tokenizers(trial) != {id(trial.tokenizer)} or trial.cfg._bridge_ref() is not trial:
         return None
     return entry
+
+
+def derived(bridge: nn.Module) -> list[str]:
+    """Parameters of ``bridge`` that are not the Hugging Face parameters its layout reaches (which the
+    transform writes): tensors derived from the weights at boot, such as a fused q/k/v's split copies
+    or views. A copy would leave them unwritten, so a template with any is not copied."""
+    from . import _hf
+
+    names = {e.param for e in _hf.layout(bridge).entries}
+    own = {id(p) for k, p in bridge.original_model.named_parameters(remove_duplicate=False)
+           if k.replace("._original_component", "") in names}
+    out = []
+    for m in _params(bridge):
+        out += [f"{type(m).__name__}.{k}" for k, p in m._parameters.items() if p is not None and id(p) not in own]
+    return out
 
 
 def _copy(entry, model: nn.Module) -> nn.Module:
