@@ -31,6 +31,19 @@ def one_thread():
         yield
 
 
+@pytest.fixture(autouse=True)
+def lapack_haar(monkeypatch):
+    """Haar draws through torch's QR, as when the hashes were recorded: the compiled QR that numba installs
+    (workbench/groups/_haar.py) gives LAPACK's Q only to rounding (tests/test_haar.py bounds it by κ·ε), so with
+    it the float64 hashes would depend on whether numba is installed. What this file pins (replay, draw order,
+    the arithmetic of the transform) is the same on either path."""
+    try:
+        from workbench.groups import _haar
+    except ImportError:  # a tree without the compiled QR: torch's is the only path
+        return
+    monkeypatch.setattr(_haar, "_state", {"kernel": None, "tried": True})
+
+
 def _digest(model: nn.Module) -> str:
     h = hashlib.sha256()
     for name, t in model.state_dict(keep_vars=True).items():
@@ -123,3 +136,100 @@ def _record() -> dict:  # run on the recording commit: python -c "from tests.tes
     for k, v in got.items():
         print(f"    {k!r}: {v!r},")
     return got
+
+
+def _same(a, b) -> bool:
+    """Same class, φ, group, and every tensor the same values, dtype and layout (a transposed view stays one)."""
+    def tensors(e):
+        names = ("perm", "scale") if hasattr(e, "perm") else ("M", "inv")
+        return [getattr(e, k) for k in names]
+    if type(a) is not type(b) or (a.phi_kind, a.group, a.n) != (b.phi_kind, b.group, b.n):
+        return False
+    if getattr(a, "cond", None) != getattr(b, "cond", None) or getattr(a, "orthogonal", None) != getattr(b, "orthogonal", None):
+        return False
+    for x, y in zip(tensors(a), tensors(b)):
+        if (x is None) != (y is None):
+            return False
+        if x is not None and not (x.dtype == y.dtype and x.stride() == y.stride() and torch.equal(x, y)
+                                  and bool((x.view(-1) if x.is_contiguous() else x.reshape(-1)).isnan().eq(
+                                      (y.view(-1) if y.is_contiguous() else y.reshape(-1)).isnan()).all())):
+            return False
+    return True
+
+
+@pytest.mark.parametrize("kind", ["perm", "signed64", "scaled32", "orthogonal", "gl_known_inverse", "gl_unknown_inverse"])
+def test_inverse_transpose_is_inverse_then_transpose_bit_for_bit(kind):
+    """A reader's F⁻ᵀ is built in one step (ScaledPermutation: the same permutation, 1/scale; Dense: the known
+    inverse's transposed view); it must be exactly what ``inverse().transpose()`` gives, which the push used
+    before, and must act as M⁻ᵀ (checked against a float64 matrix inverse)."""
+    from workbench.groups import Dense, ScaledPermutation, get_group
+
+    g = torch.Generator().manual_seed(5)
+    n = 7
+    perm = torch.randperm(n, generator=g)
+    if kind == "perm":
+        e = ScaledPermutation(perm, None, "identity", "permutation")
+    elif kind == "signed64":
+        e = ScaledPermutation(perm, torch.randn(n, generator=g, dtype=torch.float64), ("power", 3), "x")
+    elif kind == "scaled32":
+        e = ScaledPermutation(perm, torch.rand(n, generator=g) + 0.5, "abs", "x")
+    elif kind == "orthogonal":
+        e = get_group("orthogonal", n).sample(g)
+    elif kind == "gl_known_inverse":
+        e = get_group("gl", n).sample(g)
+        assert e.inv is not None
+    else:
+        e = Dense(torch.randn(n, n, generator=g, dtype=torch.float64) + 3 * torch.eye(n, dtype=torch.float64))
+    got, old = e.inverse_transpose(), e.inverse().transpose()
+    assert _same(got, old)
+    tol = 1e-6 if kind == "scaled32" else 1e-12  # a float32 scale is inverted in float32
+    assert torch.allclose(got.matrix(), torch.linalg.inv(e.matrix()).T, rtol=0, atol=tol)
+    # the negative control: the inverse alone (not transposed) is not it, for every element that is not symmetric
+    if kind != "perm" or not torch.equal(perm[perm], torch.arange(n)):
+        assert not _same(got, e.inverse())
+
+
+def _old_memo_key(model, example, affine):
+    """_map._memo_key as it was (four walks of the tree): the one-walk key must be the same tuple."""
+    import itertools
+
+    from workbench.symmetry._map import _BOOKKEEPING, _FORWARD_HOOKS, _plain
+    from workbench.symmetry._shared import _view
+
+    mods = tuple((name, id(m), type(m), id(vars(m).get("forward")),
+                  tuple(sorted((k, v) for k, v in vars(m).items() if k not in _BOOKKEEPING and k not in _FORWARD_HOOKS
+                               and k != "training" and _plain(v))))
+                 for name, m in model.named_modules(remove_duplicate=False))
+    tensors = tuple((name, id(t), _view(t)) for name, t in itertools.chain(
+        model.named_parameters(remove_duplicate=False), model.named_buffers(remove_duplicate=False)) if t is not None)
+    slopes, gains = [], []
+    for m in model.modules():
+        if isinstance(m, nn.PReLU):
+            slopes.append(tuple(m.weight.detach().flatten().tolist()))
+        elif isinstance(m, nn.LayerNorm) and m.weight is not None:
+            gains.append(bool((m.weight == 1).all()))
+    ex = None if example is None else (tuple(example.shape), example.dtype, example.device)
+    return mods, tensors, (tuple(slopes), tuple(gains)), ex, affine
+
+
+def test_the_one_walk_memo_key_is_the_four_walk_key():
+    """Shared modules (one PReLU and one LayerNorm called at two places, with their parameters), a tied weight,
+    a Linear without a bias (a None parameter), a buffer, non-default gains: every part of the key as before."""
+    from workbench.symmetry._map import _memo_key
+
+    shared_act, shared_norm = nn.PReLU(4, init=0.3), nn.LayerNorm(4)
+    with torch.no_grad():
+        shared_norm.weight[1] = 2.0
+    lin = nn.Linear(4, 4, bias=False)
+    inner = nn.Sequential(lin, shared_act, shared_norm)
+    model = nn.Sequential(nn.Linear(4, 4), shared_act, inner, nn.LayerNorm(4), nn.BatchNorm1d(4), shared_norm,
+                          nn.Linear(4, 4))
+    model[6].weight = model[0].weight  # tied
+    model.register_buffer("extra", torch.ones(2))
+    model[4].register_buffer("nothing", None)
+    x = torch.zeros(1, 4)
+    for ex, affine in ((None, False), (x, True)):
+        assert _memo_key(model, ex, affine) == _old_memo_key(model, ex, affine)
+    for build in (mlp, cnn):
+        m = build()
+        assert _memo_key(m, None, False) == _old_memo_key(m, None, False)

@@ -12,6 +12,7 @@ from .._errors import InvalidOptionError
 from ..groups import Dense, GroupElement, ScaledPermutation
 from ..hooks import inherit_copy_list
 from ._kernels import gather_scale_into
+from ._graph_stream import plan_ports
 from ._port_moves import Moves, dense_ok, fits
 from ._sites import Site, SymmetryMap
 
@@ -40,10 +41,12 @@ def push_graph(model: nn.Module, smap: SymmetryMap, transform, inplace: bool, hi
     small: dict[int, tuple[str, str, Moves]] = {}  # id(original tensor) → (module, attribute, its moves)
     sites = {s.name: s for s in smap.sites}  # smap[name] searches: 28 ms over ViT-B/16's 313 sites
     with torch.no_grad():
-        for name, element in _with_hosts(smap, transform.elements).items():
+        hosted = _with_hosts(smap, transform.elements)
+        named: dict = {}  # (module, attribute) → its Moves, for this push (see _plan_site)
+        for name, element in hosted.items():
             site = sites[name]
             offset = site.group.offset(element) if site.affine and name not in transform.forced else None
-            _plan_site(old_modules, site, element, offset, plans, small, name in transform.forced)
+            _plan_site(old_modules, site, element, offset, plans, small, name in transform.forced, named)
         hint = hint or "the transform's elements move weights beyond the dtype's range"
         values = {k: moves.value() for k, (_, _, moves) in small.items()} if inplace else {}
         _check_ranges(old_modules, plans, small, hint, weights=inplace, values=values)
@@ -52,7 +55,7 @@ def push_graph(model: nn.Module, smap: SymmetryMap, transform, inplace: bool, hi
     else:
         # Weights about to be rewritten are not copied first: the copy gets empty tensors for them.
         memo: dict = {}
-        for name in _rewritten(smap, transform, old_modules):
+        for name in _rewritten(sites, hosted, old_modules):
             for p in (old_modules[name].weight, old_modules[name].bias):
                 if p is not None and id(p) not in memo:
                     memo[id(p)] = nn.Parameter(torch.empty_like(p), requires_grad=p.requires_grad)
@@ -104,10 +107,11 @@ def _with_hosts(smap: SymmetryMap, elements: dict) -> dict:
     return out
 
 
-def _rewritten(smap: SymmetryMap, transform: Transform, modules: dict) -> set[str]:
-    """Modules whose weight and bias :func:`_apply_plan` writes in full from the original's."""
-    names, sites = set(), {s.name: s for s in smap.sites}
-    for site_name in _with_hosts(smap, transform.elements):
+def _rewritten(sites: dict, hosted: dict, modules: dict) -> set[str]:
+    """Modules whose weight and bias :func:`_apply_plan` writes in full from the original's (``sites`` by name,
+    ``hosted``: the push's elements with their hosts', :func:`_with_hosts`)."""
+    names = set()
+    for site_name in hosted:
         site = sites[site_name]
         names.update(w.name for w in site.writers)
         names.update(r.name for r in site.readers)
@@ -119,20 +123,25 @@ def _set(param: torch.Tensor, value: torch.Tensor) -> None:
 
 
 def _plan_site(modules: dict, site: Site, element: GroupElement, offset, plans: dict, small: dict,
-               forced: bool = False) -> None:
-    """Record what each weight of ``site`` needs, and the new values of BatchNorm vectors (small)."""
+               forced: bool = False, named: Optional[dict] = None) -> None:
+    """Record what each weight of ``site`` needs, and the new values of BatchNorm vectors (small). ``named``: the
+    push's Moves by (module, attribute), filled here (a packed attention weight takes a move from every head's
+    site: one getattr through nn.Module's __getattr__ per tensor instead of one per move)."""
     perm = element.perm_part()
+    named = {} if named is None else named
 
     def moves_for(module: str, attr: str) -> Moves:
+        hit = named.get((module, attr))
+        if hit is not None:
+            return hit
         t = getattr(modules[module], attr)  # a tensor moves once (shared BatchNorm), all its moves composed
         if id(t) not in small:
             small[id(t)] = (module, attr, Moves(t))
-        return small[id(t)][2]
+        hit = named[module, attr] = small[id(t)][2]
+        return hit
 
     def put(module: str, attr: str, fn) -> None:  # fn of the float64 value so far
         moves_for(module, attr).apply(fn)
-
-    from ._graph_stream import plan_ports
 
     plan_ports(modules, site, element, moves_for, forced)  # parameters moved directly (class token, attention, LayerNorm)
     for w in site.writers:
@@ -189,7 +198,7 @@ def _plan_site(modules: dict, site: Site, element: GroupElement, offset, plans: 
             continue
         if r.level not in moved:
             level = {"prebn": perm, "pre": element, "post": element.phi()}[r.level]
-            moved[r.level] = level.inverse().transpose()  # W ↦ W F⁻¹ is F⁻ᵀ on the input axis
+            moved[r.level] = level.inverse_transpose()  # W ↦ W F⁻¹ is F⁻ᵀ on the input axis
         plan = plans.setdefault(r.name, _Plan())
         plan.cols, plan.block = moved[r.level], r.block
         if offset is not None and r.level == "post":
