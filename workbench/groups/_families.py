@@ -7,6 +7,7 @@ import torch
 
 from .._errors import InvalidOptionError, check_option
 from ._elements import Dense, GroupElement, Phi, ScaledPermutation, identity
+from ._haar import haar_qr
 
 Generator = Optional[torch.Generator]
 
@@ -235,10 +236,10 @@ class RotaryCommutant(Group):
 
 
 def _haar(k: int, n: int, g: torch.Generator, signs: bool = False):
-    """[k, n, n] Haar-distributed orthogonal matrices: QR of Gaussians (one batched call), columns
-    multiplied by sign(diag R); with ``signs``, ``(Q, sign(diag R) as [k, 1, n])`` unmultiplied."""
-    Q, R = torch.linalg.qr(_normal((k, n, n), g))
-    d = torch.sign(torch.diagonal(R, dim1=-2, dim2=-1)).unsqueeze(-2)
+    """[k, n, n] Haar-distributed orthogonal matrices: QR of Gaussians (one batched call, ``_haar.haar_qr``:
+    a compiled Householder loop where numba is installed, torch's QR otherwise; the same Q to rounding),
+    columns multiplied by sign(diag R); with ``signs``, ``(Q, sign(diag R) as [k, 1, n])`` unmultiplied."""
+    Q, d = haar_qr(_normal((k, n, n), g))
     return (Q, d) if signs else Q * d
 
 
