@@ -127,13 +127,28 @@ def test_rotary_elements_get_their_exact_inverse_and_condition_number():
     assert out[rotary[0]] is forced[rotary[0]] and out[rotary[1]] is forced[rotary[1]]
 
 
-def test_partial_rotary_keeps_the_lu_inverse():
-    """Free dimensions carry a GL block whose inverse the element does not know: no shortcut there."""
+def test_partial_rotary_elements_get_their_inverse_and_condition_number():
+    """A partial rotary dimension leaves a GL block B on the free dimensions: the inverse is the pairs' exact
+    one and B's LU inverse, the condition number max / min over the pairs' s and B's singular values — both
+    checked against the whole matrix's inverse and singular values. An entry coupling a pair to a free
+    dimension (outside the group) leaves the element alone."""
     model = _model(act_fn="gelu", normalization_type="RMS", positional_embedding_type="rotary", rotary_dim=4)
     _, t = wb.random_intertwiner(model, seed=5)
     sites = {s.name: s for s in wb.symmetry_map(model)}
     rotary = [n for n in t.elements if sites[n].group.name == "rotary"]
-    assert rotary and all(lp._with_inverses(sites, t.elements)[n] is t.elements[n] for n in rotary)
+    assert rotary and all(sites[n].group.free for n in rotary)
+    known = lp._with_inverses(sites, t.elements)
+    for n in rotary:
+        e, k = t.elements[n], known[n]
+        assert e.inv is None and k.inv is not None and torch.equal(k.M, e.M)
+        assert torch.allclose(k.inv, torch.linalg.inv(e.M), rtol=0, atol=1e-12 * float(k.inv.abs().max()))
+        s = torch.linalg.svdvals(e.M)
+        assert k.cond == pytest.approx(float(s.max() / s.min()), rel=1e-10)
+    G = sites[rotary[0]].group
+    coupled = t.elements[rotary[0]].M.clone()
+    coupled[G.pairs[0][0], G.free[0]] = 1e-9
+    out = lp._with_inverses(sites, dict(t.elements, **{rotary[0]: Dense(coupled, "identity", "rotary")}))
+    assert out[rotary[0]].inv is None and out[rotary[0]].cond is None
 
 
 @pytest.mark.parametrize("seed", range(6))

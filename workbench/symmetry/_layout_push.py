@@ -133,30 +133,44 @@ def _weight_ops(smap: SymmetryMap, transform) -> dict[str, list]:
 
 
 def _with_inverses(sites: dict[str, Site], elements: dict[str, GroupElement]) -> dict[str, GroupElement]:
-    """``elements``, each rotary one (per pair s·R(θ), no free dimensions) given its exact inverse and its
-    condition number, which its blocks say: (sR)⁻¹ = (sR)ᵀ/s², cond = max s / min s. With them its dual
-    needs no LU and its products may run in float32 (``_jobs``). The structure is checked on the matrix
-    itself (a forced group at a rotary site draws something else); anything else is returned as it is."""
+    """``elements``, each rotary one (per pair s·R(θ), and any invertible block B on the dimensions no pair
+    covers: a partial rotary dimension) given its inverse and its condition number, which its blocks say:
+    (sR)⁻¹ = (sR)ᵀ/s², B⁻¹ by one batched LU over the draw (what its dual would take anyway), and cond =
+    max / min over every block's singular values (s, twice, for a pair; B's own). With them its dual needs
+    no LU of the whole map and its products may run in float32 (``_jobs``). The structure is checked on the
+    matrix itself (a forced group at a rotary site draws something else); anything else, or a free block
+    whose LU or singular values are not finite, is returned as it is."""
     from ..groups import Dense
 
     out, todo = dict(elements), {}
     for name, e in elements.items():
         G = sites[name].group
-        if (getattr(G, "name", None) == "rotary" and getattr(G, "pairs", ()) and not getattr(G, "free", (0,))
-                and isinstance(e, Dense) and e.inv is None and not e.orthogonal and e.n == G.n):
-            todo.setdefault(G.pairs, []).append(name)
-    for pairs, names in todo.items():
+        if (getattr(G, "name", None) == "rotary" and getattr(G, "pairs", ()) and isinstance(e, Dense)
+                and e.inv is None and not e.orthogonal and e.n == G.n):
+            todo.setdefault((G.pairs, tuple(getattr(G, "free", ()))), []).append(name)
+    for (pairs, free), names in todo.items():
         M = torch.stack([elements[k].M.double() for k in names])
         a, b = torch.tensor(pairs).T
+        f = torch.tensor(free, dtype=torch.long)
         mask = torch.zeros(M.shape[1:], dtype=torch.bool)
         mask[a, a] = mask[a, b] = mask[b, a] = mask[b, b] = True
+        mask[f[:, None], f[None, :]] = True
         ok = ((M * ~mask).abs().amax((1, 2)) == 0) & (M[:, a, a] == M[:, b, b]).all(1) & (M[:, a, b] == -M[:, b, a]).all(1)
         s2 = M[:, a, a] ** 2 + M[:, b, a] ** 2  # [k, pairs]: s² of each pair
         ok &= (s2 > 0).all(1) & torch.isfinite(s2).all(1)
-        w = torch.empty(M.shape[:2], dtype=torch.float64)
+        w = torch.zeros(M.shape[:2], dtype=torch.float64)
         w[:, a], w[:, b] = 1 / s2, 1 / s2
-        inv = M.mT * w[:, :, None]  # row i of Mᵀ over s² of its pair
+        inv = M.mT * w[:, :, None]  # row i of Mᵀ over s² of its pair; the free block's rows are zero here
         cond = (s2.amax(1) / s2.amin(1)).sqrt()
+        if len(free):
+            hi, lo = s2.amax(1).sqrt(), s2.amin(1).sqrt()
+            B = M[:, f[:, None], f[None, :]]
+            with threads(1):
+                Binv, info = torch.linalg.inv_ex(B)
+                sv = torch.linalg.svdvals(B)  # descending
+            inv[:, f[:, None], f[None, :]] = Binv
+            ok &= (info == 0) & torch.isfinite(Binv).all((1, 2)) & (sv[:, -1] > 0)
+            cond = torch.maximum(hi, sv[:, 0]) / torch.minimum(lo, sv[:, -1])
         for k, name in enumerate(names):
             if ok[k]:
                 e = elements[name]
