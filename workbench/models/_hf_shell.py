@@ -92,7 +92,8 @@ def _template(model: nn.Module, dtype: torch.dtype):
                 m._parameters[name] = meta[id(p)]
     entry = (T, devices)
     trial = _copy(entry, model)  # (its config's weak reference to its bridge must name the copy)
-    if _reaches(trial, T) or _tokenizers(trial) != {id(trial.tokenizer)} or trial.cfg._bridge_ref() is not trial:
+    ref = getattr(trial.cfg, "_bridge_ref", None)
+    if _reaches(trial, T) or _tokenizers(trial) != {id(trial.tokenizer)} or (ref is not None and ref() is not trial):
         return None
     return entry
 
