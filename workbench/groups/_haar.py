@@ -3,8 +3,8 @@
 ``Q·diag(sign(diag R))`` of a Gaussian matrix is Haar on O(n) (Mezzadri 2007), and Q and sign(diag R) are
 unique for an invertible input, so every correct algorithm gives the same answer up to rounding. Two
 compute it: torch's ``linalg.qr`` (LAPACK through MKL), and, where numba is installed, a compiled
-Householder loop (``_haar_numba``) that is about twice as fast on this project's CPU for the sizes the
-transforms draw (n ≤ 128; see that module for why and how much). The two agree to rounding (≤ κ(G)·1e-14,
+Householder loop (``_haar_numba``) that is 1.6–1.9× as fast on this project's CPU at n = 64, the size the
+transforms draw most (n ≤ 128 only; see that module for why). The two agree to rounding (≤ κ(G)·1e-14,
 tests/test_haar.py): a seed gives the same draw up to rounding with or without numba, as LAPACK's own
 results already differ between CPUs. ``WORKBENCH_NUMBA=0`` turns the compiled loop off.
 """
@@ -18,8 +18,8 @@ import torch
 
 log = logging.getLogger(__name__)
 
-# Up to this n the compiled loop is faster than MKL's QR here (measured, one thread: ~2x at n = 64, ~1.2x
-# at 128, slower from 256 on, where LAPACK's blocked code keeps the trailing block in cache).
+# Up to this n the compiled loop is faster than MKL's QR here (measured, one thread, min of 15–20 interleaved:
+# 1.6–1.9x at n = 64, 1.2–1.4x at 128, 1.0x at 256, where LAPACK's blocked code keeps the trailing block in cache).
 FAST_MAX_N = 128
 _state: dict = {"kernel": None, "tried": False}
 
