@@ -6,15 +6,37 @@ one specialisation per combination and no multiplication by 1. The products are 
 dtype, in the order the torch path uses (× r, rounded, then × c), which makes the two bitwise equal.
 Bounds checks are off: ``_kernels`` checks every index first.
 
-Two hints numba has no words for are written as LLVM intrinsics below, each measured on a 2048×2048
-float32 weight (one thread): a prefetch of the next source row while the current one is gathered
-(7.7 ms with torch's kernels → 3.3 ms), and non-temporal stores of the output, one 64-byte line at a
-time, which skip reading every output line into the cache before overwriting it (→ about 2 ms; a copy
-of the weight takes 1.2–1.4 ms); the line gathered into a vector register and multiplied as a vector,
-its largest |source| taken on the way (→ about 1.8 ms with the maximum).
+What the 2-D loop does, each step measured on this project's AMD EPYC (Zen 4), one thread, CPU time,
+a 2048×2048 float32 weight with a row and a column permutation and both scales, min of 30–40
+repetitions interleaved with a copy (``clone``, 1.3–1.5 ms here; the load average was 3–6, so single
+figures move by ±15% and the ratios are the medians of per-repetition ratios):
+
+- a prefetch of the next source row while the current one is gathered (torch's kernels: 7.7 ms →
+  3.3 ms), and non-temporal stores of the output, one 64-byte line at a time, which skip reading every
+  output line into the cache before overwriting it (→ about 2 ms); the line gathered into a vector
+  register and multiplied as a vector, its largest |source| taken on the way (→ about 1.8–2.1 ms);
+- the line loop written in LLVM IR (``_stream_row``), with the largest |source| kept as a vector of
+  per-lane maxima and reduced once per row instead of once per line (0.91× of the previous loop);
+- the column indices loaded two at a time (one 64-bit load, split by a shift): the scalar gather was
+  bound by the load ports, 16 index loads + 16 value loads per line (→ 0.88×);
+- the rows visited in the *source's* order when the row index is a permutation (the output row is the
+  inverse permutation's): the source is then read front to back, which the hardware prefetcher
+  follows, while the output rows, written in a random order, need no prefetch because non-temporal
+  stores read nothing. A row-only gather: 0.63× (0.9 ms, below a clone); with the column gather as
+  well: 0.84–0.87× of the previous loop in total (about 1.7–1.9 ms).
+
+Tried and not adopted (same weight, ratios to the previous loop): AVX-512 hardware gathers
+(``vgatherdps`` through ``llvm.x86.avx512.mask.gather.dps.512``, int32 indices), 1.0–1.2× (slower
+than the scalar loads on this CPU also with the source in L1: 1.77 vs 1.44 ms); LLVM's generic
+``llvm.masked.gather`` (which LLVM 22 lowers to two ``vgatherqps``, not to scalar loads) 1.1–1.3×;
+two lines per loop iteration, a prefetch distance of two or three rows, and prefetch hints for L2
+only or non-temporal: within the noise; ordinary stores instead of non-temporal ones: 1.3×.
 """
 from __future__ import annotations
 
+import sys
+
+import numpy as np
 from llvmlite import ir
 from numba import njit, types
 from numba.core import cgutils
@@ -24,77 +46,98 @@ LINE = 64  # bytes per cache line, the unit of a non-temporal store
 
 
 @intrinsic
-def _prefetch(typingctx, arr, idx):
-    """LLVM's prefetch hint for ``arr[idx]`` (read, keep in all cache levels)."""
-    sig = types.void(arr, idx)
+def _stream_row(typingctx, o, j0, jend, s, q, r, i, c, peak, nxt):
+    """``o[j] = s[q[j]] · r[i] · c[j]`` for ``j`` in ``[j0, jend)``, one 64-byte line at a time (``o[j0:]``
+    64-byte aligned, ``jend − j0`` a whole number of lines; q, r, c may be None), each line stored without
+    reading it into the cache, while the line of ``nxt`` (the next source row) at ``j`` is prefetched.
+    Returns ``max(peak, bits of |s[q[j]]|)``.
+
+    The source values of a line are gathered into one vector register, then multiplied as vectors: LLVM's
+    ``fmul`` without fast-math flags rounds every lane as numba's scalar ``*`` does, in the same order
+    (× r, then × c). Their |value| bits are kept as a vector of per-lane maxima across the row and reduced
+    once at its end. int32 column indices are read two per 64-bit load (the gather was bound by the load
+    ports: see the module docstring)."""
+    if not (isinstance(o, types.Array) and o.layout == "C"):
+        return None  # whole lines are stored as vectors: the output row must be contiguous
+    sig = peak(o, j0, jend, s, q, r, i, c, peak, nxt)
 
     def codegen(context, builder, signature, args):
-        aryty = signature.args[0]
-        ary = context.make_array(aryty)(context, builder, args[0])
-        ptr = cgutils.get_item_pointer(context, builder, aryty, ary, [args[1]], wraparound=False, boundscheck=False)
-        i8p, i32 = ir.IntType(8).as_pointer(), ir.IntType(32)
-        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]),
-                                            "llvm.prefetch.p0")
-        builder.call(fn, [builder.bitcast(ptr, i8p), i32(0), i32(3), i32(1)])
-        return context.get_dummy_value()
-
-    return sig, codegen
-
-
-@intrinsic
-def _stream_line(typingctx, o, j0, s, q, r, i, c, peak):
-    """``o[j0 + k] = s[q[j0 + k]] · r[i] · c[j0 + k]`` for the ``k`` of one 64-byte line (``o[j0:]`` 64-byte
-    aligned; q, r, c may be None), stored without reading the line into the cache; returns
-    ``max(peak, bits of |s[q[j0 + k]]|)``. The source values are gathered into one vector register, then
-    multiplied as vectors: LLVM's ``fmul`` without fast-math flags rounds every lane as numba's scalar ``*``
-    does, in the same order (× r, then × c). Multiplying lane by lane before gathering cost a fifth more on
-    the 2048×2048 weight (measured: 2.2 → 1.8 ms)."""
-    sig = peak(o, j0, s, q, r, i, c, peak)
-
-    def codegen(context, builder, signature, args):
-        oty, _, sty, qty, rty, _, cty, pty = signature.args
+        oty, _, _, sty, qty, rty, _, cty, pty, nty = signature.args
+        o_, j0_, jend_, s_, q_, r_, i_, c_, peak_, nxt_ = args
         elem = context.get_data_type(oty.dtype)
         size = context.get_abi_sizeof(elem)
         width = LINE // size
-        intp, i32 = context.get_value_type(types.intp), ir.IntType(32)
-        vty = ir.VectorType(elem, width)
+        intp, i32, i64 = context.get_value_type(types.intp), ir.IntType(32), ir.IntType(64)
+        i8p = ir.IntType(8).as_pointer()
+        vty, uty = ir.VectorType(elem, width), ir.IntType(8 * size)
+        uvty = ir.VectorType(uty, width)
+        utype = types.uint32 if size == 4 else types.uint64
+        module = builder.module
 
         def pointer(ty, value, index):
             ary = context.make_array(ty)(context, builder, value)
             return cgutils.get_item_pointer(context, builder, ty, ary, [index], wraparound=False, boundscheck=False)
 
-        def line(ty, value, index=None):
-            """entries j0 … j0 + width − 1 of ``value`` (at ``index``'s entries instead where given): one vector
-            load where they lie next to each other (no alignment assumed), else one load each."""
-            if index is None and ty.layout == "C":
-                return builder.load(builder.bitcast(pointer(ty, value, args[1]), vty.as_pointer()), align=size)
+        def line(ty, value, j):
+            """entries j … j + width − 1 of ``value``: one vector load where they lie next to each other (no
+            alignment assumed), else one load each (a strided view)"""
+            if ty.layout == "C":
+                return builder.load(builder.bitcast(pointer(ty, value, j), vty.as_pointer()), align=size)
             vec = ir.Constant(vty, ir.Undefined)
             for k in range(width):
-                j = builder.add(args[1], ir.Constant(intp, k))
-                if index is not None:
-                    j = builder.load(pointer(qty, index, j))
-                    j = builder.sext(j, intp) if j.type.width < intp.width else j
-                vec = builder.insert_element(vec, builder.load(pointer(ty, value, j)), i32(k))
+                vec = builder.insert_element(vec, builder.load(pointer(ty, value, builder.add(j, ir.Constant(intp, k)))),
+                                             i32(k))
             return vec
 
-        vec = line(sty, args[2], None if qty == types.none else args[3])
-        # |source| as unsigned integers (sign bit cleared), reduced to the line's largest: see the loops below
-        uty = ir.IntType(8 * size)
-        bits = builder.and_(builder.bitcast(vec, ir.VectorType(uty, width)),
-                            ir.Constant(ir.VectorType(uty, width), [(1 << (8 * size - 1)) - 1] * width))
-        umax = cgutils.get_or_insert_function(builder.module, ir.FunctionType(uty, [bits.type]),
-                                              f"llvm.vector.reduce.umax.v{width}i{8 * size}")
-        top = context.cast(builder, builder.call(umax, [bits]), types.uint32 if size == 4 else types.uint64, pty)
-        top = builder.select(builder.icmp_unsigned(">", top, args[7]), top, args[7])
-        if rty != types.none:
-            ri = builder.insert_element(ir.Constant(vty, ir.Undefined), builder.load(pointer(rty, args[4], args[5])), i32(0))
-            vec = builder.fmul(vec, builder.shuffle_vector(ri, ir.Constant(vty, ir.Undefined),
-                                                            ir.Constant(ir.VectorType(i32, width), [0] * width)))
-        if cty != types.none:
-            vec = builder.fmul(vec, line(cty, args[6]))
-        store = builder.store(vec, builder.bitcast(pointer(oty, args[0], args[1]), vty.as_pointer()), align=LINE)
-        store.set_metadata("nontemporal", builder.module.add_metadata([i32(1)]))
-        return top
+        def gathered(j):
+            """the line's source values, ``s[q[j + k]]`` for each lane k (``s[j + k]`` without q)"""
+            if qty == types.none:
+                return line(sty, s_, j)
+            vec = ir.Constant(vty, ir.Undefined)
+            if qty.dtype.bitwidth == 32 and qty.layout == "C":
+                # two indices per load: the low half is the first on a little-endian machine
+                pairs = builder.bitcast(pointer(qty, q_, j), i64.as_pointer())
+                for k in range(0, width, 2):
+                    two = builder.load(builder.gep(pairs, [ir.Constant(intp, k // 2)]), align=4)
+                    low = builder.zext(builder.trunc(two, i32), intp)
+                    high = builder.trunc(builder.lshr(two, i64(32)), intp) if intp.width < 64 else builder.lshr(two, i64(32))
+                    first, second = (low, high) if sys.byteorder == "little" else (high, low)
+                    vec = builder.insert_element(vec, builder.load(pointer(sty, s_, first)), i32(k))
+                    vec = builder.insert_element(vec, builder.load(pointer(sty, s_, second)), i32(k + 1))
+                return vec
+            for k in range(width):
+                jk = builder.load(pointer(qty, q_, builder.add(j, ir.Constant(intp, k))))
+                jk = builder.sext(jk, intp) if jk.type.width < intp.width else jk
+                vec = builder.insert_element(vec, builder.load(pointer(sty, s_, jk)), i32(k))
+            return vec
+
+        def intrinsic_fn(name, ret, *params):
+            return cgutils.get_or_insert_function(module, ir.FunctionType(ret, list(params)), name)
+
+        prefetch = intrinsic_fn("llvm.prefetch.p0", ir.VoidType(), i8p, i32, i32, i32)
+        umax = intrinsic_fn(f"llvm.umax.v{width}i{8 * size}", uvty, uvty, uvty)
+        reduce_umax = intrinsic_fn(f"llvm.vector.reduce.umax.v{width}i{8 * size}", uty, uvty)
+        sign_off = ir.Constant(uvty, [(1 << (8 * size - 1)) - 1] * width)
+        if rty != types.none:  # r[i] in every lane
+            ri = builder.insert_element(ir.Constant(vty, ir.Undefined), builder.load(pointer(rty, r_, i_)), i32(0))
+            rvec = builder.shuffle_vector(ri, ir.Constant(vty, ir.Undefined),
+                                          ir.Constant(ir.VectorType(i32, width), [0] * width))
+        top = cgutils.alloca_once_value(builder, ir.Constant(uvty, [0] * width))  # promoted to a register
+        with cgutils.for_range(builder, builder.sdiv(builder.sub(jend_, j0_), ir.Constant(intp, width))) as loop:
+            j = builder.add(j0_, builder.mul(loop.index, ir.Constant(intp, width)))
+            # the next source row, read in a random order too: fetched meanwhile, or every line is a miss
+            builder.call(prefetch, [builder.bitcast(pointer(nty, nxt_, j), i8p), i32(0), i32(3), i32(1)])
+            vec = gathered(j)
+            bits = builder.and_(builder.bitcast(vec, uvty), sign_off)  # |value| as unsigned integers
+            builder.store(builder.call(umax, [builder.load(top), bits]), top)
+            if rty != types.none:
+                vec = builder.fmul(vec, rvec)
+            if cty != types.none:
+                vec = builder.fmul(vec, line(cty, c_, j))
+            store = builder.store(vec, builder.bitcast(pointer(oty, o_, j), vty.as_pointer()), align=LINE)
+            store.set_metadata("nontemporal", module.add_metadata([i32(1)]))
+        row = context.cast(builder, builder.call(reduce_umax, [builder.load(top)]), utype, pty)
+        return builder.select(builder.icmp_unsigned(">", row, peak_), row, peak_)
 
     return sig, codegen
 
@@ -131,6 +174,25 @@ def _one(s, j, q, r, c, i):
 
 
 @njit(cache=True, nogil=True, boundscheck=False)
+def _row_order(p, R):
+    """``(source row, output row)`` of each step of the row loop. Where ``p`` is a permutation the steps
+    follow the source (output row = the inverse permutation): read front to back, it streams from memory,
+    and the output needs no such help (its non-temporal stores read nothing). Otherwise (no ``p``, or an
+    index with repeats, which ``_kernels`` does not rule out) they follow the output."""
+    src_rows, out_rows = np.arange(R), np.arange(R)
+    if p is None:
+        return src_rows, out_rows
+    out_rows[:] = -1
+    for i in range(R):
+        if out_rows[p[i]] >= 0:  # a repeat: not a permutation
+            for k in range(R):
+                src_rows[k], out_rows[k] = p[k], k
+            return src_rows, out_rows
+        out_rows[p[i]] = i
+    return src_rows, out_rows
+
+
+@njit(cache=True, nogil=True, boundscheck=False)
 def gather_scale_2d(src, out, p, r, q, c, bits, mask, base, width):
     """``bits``: ``src`` viewed as unsigned integers of its width; ``base``: the output's address modulo 64
     (where its rows' cache lines start); ``width``: elements per line. ``p`` and ``q`` may be int32 or
@@ -138,24 +200,19 @@ def gather_scale_2d(src, out, p, r, q, c, bits, mask, base, width):
     R, C = out.shape
     isz = LINE // width
     peak = mask ^ mask  # zero, of the unsigned type (a signed zero would make the maximum a float)
-    for i in range(R):
-        s = src[i] if p is None else src[p[i]]
-        b = bits[i] if p is None else bits[p[i]]
-        o = out[i]
-        nxt = s if i + 1 >= R else (src[i + 1] if p is None else src[p[i + 1]])
+    src_rows, out_rows = _row_order(p, R)
+    for k in range(R):
+        i = out_rows[k]
+        s, b, o = src[src_rows[k]], bits[src_rows[k]], out[i]
+        nxt = src[src_rows[min(k + 1, R - 1)]]
         off = (base + i * C * isz) % LINE
-        head = min(((LINE - off) % LINE) // isz, C)
+        head = min(((LINE - off) % LINE) // isz, C)  # entries before the row's first whole output line
         for j in range(head):
             o[j] = _one(s, j, q, r, c, i)
             peak = max(peak, (b[j] if q is None else b[q[j]]) & mask)
-        j0 = head
-        while j0 + width <= C:
-            # The column gather reads row s in a random order: fetch the next source row meanwhile,
-            # or the loop waits on every line of every row.
-            _prefetch(nxt, j0)
-            peak = _stream_line(o, j0, s, q, r, i, c, peak)
-            j0 += width
-        for j in range(j0, C):
+        end = head + (C - head) // width * width
+        peak = _stream_row(o, head, end, s, q, r, i, c, peak, nxt)
+        for j in range(end, C):
             o[j] = _one(s, j, q, r, c, i)
             peak = max(peak, (b[j] if q is None else b[q[j]]) & mask)
     _store_fence()
