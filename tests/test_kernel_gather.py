@@ -148,3 +148,22 @@ def test_large_weights_take_the_line_loop_and_give_torchs_bits(dtype, rows):
     peak = _kernels.gather_scale_into(src, out, p, r, q, c, torch.empty_like, fast=True)
     assert_same(out, reference(src, p, r, q, c))
     assert (peak != peak) if rows else peak == float("inf")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+@pytest.mark.parametrize("rows,cols", [(True, False), (False, True), (True, True)])
+def test_a_conv_weight_through_the_3d_kernel_gives_torchs_bits(dtype, rows, cols):
+    """``[out, in, kh, kw]``: the 3-D loop (next source row prefetched, max |src| taken as each entry moves,
+    the scales read once per row and column), against torch's gathers, with a NaN or an inf in it."""
+    g = torch.Generator().manual_seed(2)
+    src = torch.randn(48, 40, 3, 3, generator=g, dtype=dtype)
+    src[5, 7, 1, 2] = float("-inf") if cols else float("nan")
+    p = torch.randperm(48, generator=g) if rows else None
+    q = torch.randperm(40, generator=g) if cols else None
+    r = torch.rand(48, generator=g, dtype=F64) + 0.5 if rows else None
+    c = -(torch.rand(40, generator=g, dtype=F64) + 0.5) if cols else None
+    kernel_2d()
+    out = torch.empty_like(src)
+    peak = _kernels.gather_scale_into(src, out, p, r, q, c, torch.empty_like, fast=True)
+    assert_same(out, reference(src, p, r, q, c))
+    assert peak == float("inf") if cols else peak != peak

@@ -143,6 +143,25 @@ def _stream_row(typingctx, o, j0, jend, s, q, r, i, c, peak, nxt):
 
 
 @intrinsic
+def _prefetch_row(typingctx, arr, j):
+    """LLVM's prefetch hint for ``arr[j, 0]`` of a 2-D array (read, keep in all cache levels)."""
+    sig = types.void(arr, j)
+
+    def codegen(context, builder, signature, args):
+        aryty = signature.args[0]
+        ary = context.make_array(aryty)(context, builder, args[0])
+        zero = context.get_constant(types.intp, 0)
+        ptr = cgutils.get_item_pointer(context, builder, aryty, ary, [args[1], zero], wraparound=False, boundscheck=False)
+        i8p, i32 = ir.IntType(8).as_pointer(), ir.IntType(32)
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]),
+                                            "llvm.prefetch.p0")
+        builder.call(fn, [builder.bitcast(ptr, i8p), i32(0), i32(3), i32(1)])
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
 def _store_fence(typingctx):
     """Order the non-temporal stores before anything that follows (they bypass the usual ordering)."""
     sig = types.void()
@@ -221,23 +240,36 @@ def gather_scale_2d(src, out, p, r, q, c, bits, mask, base, width):
 
 @njit(cache=True, nogil=True, boundscheck=False)
 def gather_scale_3d(src, out, p, r, q, c, bits, mask):
+    """The same for weights with trailing axes (a conv's ``[out, in, k]``): each ``(i, j)`` moves a run of K
+    entries. The next source row is prefetched while the current one is gathered, as in the 2-D loop
+    (measured, float32, one thread: 512×512×9 with both permutations 5.5 → 2.1 ms, a copy 0.8 ms;
+    256×256×9 0.75 → 0.48 ms), and the largest |source| is taken as each entry is moved instead of in a
+    second scan of the row (with the scales kept in locals, a row-only gather: 0.6× of before). Visiting
+    the rows in the source's order (as the 2-D loop does) measured within the noise here, before the
+    prefetch: not done."""
     R, C, K = out.shape
     peak = mask ^ mask  # zero, of the unsigned type (a signed zero would make the maximum a float)
     for i in range(R):
         s = src[i] if p is None else src[p[i]]
+        b = bits[i] if p is None else bits[p[i]]
         o = out[i]
+        nxt = src[min(i + 1, R - 1)] if p is None else src[p[min(i + 1, R - 1)]]
+        # the scales read once per row / column into locals: LLVM cannot prove that the stores to ``out``
+        # leave them unchanged, so it may not hoist the loads out of the inner loop itself
+        if r is not None:
+            ri = r[i]
         for j in range(C):
-            sj = s[j] if q is None else s[q[j]]
-            oj = o[j]
+            jj = j if q is None else q[j]
+            sj, bj, oj = s[jj], b[jj], o[j]
+            _prefetch_row(nxt, j)
+            if c is not None:
+                cj = c[j]
             for k in range(K):
                 v = sj[k]
                 if r is not None:
-                    v = v * r[i]
+                    v = v * ri
                 if c is not None:
-                    v = v * c[j]
+                    v = v * cj
                 oj[k] = v
-        b = bits[i] if p is None else bits[p[i]]
-        for j in range(C):
-            for k in range(K):
-                peak = max(peak, b[j, k] & mask)
+                peak = max(peak, bj[k] & mask)
     return peak
