@@ -10,13 +10,11 @@ results already differ between CPUs. ``WORKBENCH_NUMBA=0`` turns the compiled lo
 """
 from __future__ import annotations
 
-import logging
-import os
 from typing import Optional
 
 import torch
 
-log = logging.getLogger(__name__)
+from .._numba import compiled, give_up
 
 # Up to this n the compiled loop is faster than MKL's QR here (measured, one thread, min of 15–20 interleaved:
 # 1.6–1.9x at n = 64, 1.2–1.4x at 128, 1.0x at 256, where LAPACK's blocked code keeps the trailing block in cache).
@@ -45,8 +43,7 @@ def haar_qr(G: torch.Tensor, *, fast: Optional[bool] = None) -> tuple[torch.Tens
         except Exception as exc:  # noqa: BLE001 — a numba/llvmlite that cannot compile the loop: torch, always
             if fast:
                 raise
-            log.warning("the compiled Haar QR failed (%s: %s); using torch's QR from now on", type(exc).__name__, exc)
-            _state["kernel"] = None
+            give_up(_state, "kernel", "the compiled Haar QR", exc, "Haar draws use torch's QR")
     elif fast:  # numba is there but this input is not what the loop takes
         raise RuntimeError(f"the compiled Haar QR takes [k, n, n] float64 on the CPU; got {G.dtype} "
                            f"{tuple(G.shape)} on {G.device}")
@@ -55,17 +52,5 @@ def haar_qr(G: torch.Tensor, *, fast: Optional[bool] = None) -> tuple[torch.Tens
 
 
 def _kernel():
-    """The compiled loop, or None without numba or with ``WORKBENCH_NUMBA=0``. The same lazy import as
-    symmetry/_kernels.py's (groups/ sits below symmetry/ and cannot import it)."""
-    if not _state["tried"]:
-        _state["tried"] = True
-        if os.environ.get("WORKBENCH_NUMBA", "1") != "0":
-            try:
-                from . import _haar_numba
-
-                _state["kernel"] = _haar_numba.haar_qr
-            except ImportError:
-                log.debug("numba is not installed: Haar draws use torch's QR")
-            except Exception as exc:  # noqa: BLE001 — a numba that does not import (a NumPy it does not support)
-                log.warning("numba did not import (%s: %s); Haar draws use torch's QR", type(exc).__name__, exc)
-    return _state["kernel"]
+    """The compiled loop, or None without numba or with ``WORKBENCH_NUMBA=0``."""
+    return compiled(_state, "kernel", f"{__package__}._haar_numba", lambda m: m.haar_qr, "Haar draws use torch's QR")

@@ -19,14 +19,12 @@ rounded, so the two give bitwise identical weights (tests/test_transform_speed.p
 """
 from __future__ import annotations
 
-import logging
-import os
 from typing import Callable, Optional
 
 import numpy as np
 import torch
 
-log = logging.getLogger(__name__)
+from .._numba import compiled, give_up
 
 # Below this many elements the numba call's own cost (argument typing, ~10 µs) outweighs what it saves.
 FAST_MIN_NUMEL = 1 << 14
@@ -162,9 +160,7 @@ def _run_fast(kernels, src, out, row_perm, row_scale, col_perm, col_scale) -> Op
             s_np = s.reshape(R, C, K).numpy()
             bits = kernels[1](s_np, d.view(R, C, K).numpy(), p, r, q, c, s_np.view(unsigned), mask)
     except Exception as exc:  # noqa: BLE001 — a numba/llvmlite that cannot compile the loops: torch's kernels, always
-        log.warning("the compiled transform kernel failed (%s: %s); using torch's gathers from now on",
-                    type(exc).__name__, exc)
-        _state["kernels"] = None
+        give_up(_state, "kernels", "the compiled transform kernel", exc, "transforms use torch's gathers")
         return None
     return float(np.array([bits], dtype=unsigned).view(s_np.dtype)[0])
 
@@ -208,15 +204,5 @@ _BITS = {torch.float32: (np.uint32, np.uint32(0x7FFFFFFF)), torch.float64: (np.u
 
 def _kernels():
     """The compiled kernels (2-D, 3-D), or None without numba or with ``WORKBENCH_NUMBA=0``."""
-    if not _state["tried"]:
-        _state["tried"] = True
-        if os.environ.get("WORKBENCH_NUMBA", "1") != "0":
-            try:
-                from . import _kernels_numba
-
-                _state["kernels"] = (_kernels_numba.gather_scale_2d, _kernels_numba.gather_scale_3d)
-            except ImportError:
-                log.debug("numba is not installed: transforms use torch's gathers")
-            except Exception as exc:  # noqa: BLE001 — a numba that does not import (a NumPy it does not support)
-                log.warning("numba did not import (%s: %s); transforms use torch's gathers", type(exc).__name__, exc)
-    return _state["kernels"]
+    return compiled(_state, "kernels", f"{__package__}._kernels_numba",
+                    lambda m: (m.gather_scale_2d, m.gather_scale_3d), "transforms use torch's gathers")

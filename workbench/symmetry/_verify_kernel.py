@@ -19,18 +19,15 @@ not covered here (not on the CPU, not float32/float64, not contiguous, too small
 """
 from __future__ import annotations
 
-import logging
 import math
-import os
 from typing import Optional
 
 import numpy as np
 import torch
 
+from .._numba import compiled, give_up
 from ..groups import ScaledPermutation
 from ._kernels import _checked_index
-
-log = logging.getLogger(__name__)
 
 _state: dict = {"kernel": None, "tried": False}
 
@@ -40,18 +37,8 @@ MIN_NUMEL = 4096
 
 
 def _kernel():
-    if not _state["tried"]:
-        _state["tried"] = True
-        if os.environ.get("WORKBENCH_NUMBA", "1") != "0":
-            try:
-                from ._verify_kernel_numba import sums
-
-                _state["kernel"] = sums
-            except ImportError:
-                log.debug("numba is not installed: verify compares activations with torch's kernels")
-            except Exception as exc:  # noqa: BLE001 — a numba that does not import (a NumPy it does not support)
-                log.warning("numba did not import (%s: %s); verify uses torch's kernels", type(exc).__name__, exc)
-    return _state["kernel"]
+    return compiled(_state, "kernel", f"{__package__}._verify_kernel_numba", lambda m: m.sums,
+                    "verify compares activations with torch's kernels")
 
 
 class OnePass:
@@ -76,9 +63,7 @@ class OnePass:
             kernel(h_new.detach().view(self.shape).numpy(), h.detach().view(self.shape).numpy(), self.perm,
                    self.scale, self.shift, out)
         except Exception as exc:  # noqa: BLE001 — a numba/llvmlite that cannot compile the loop: torch's kernels
-            log.warning("verify's compiled check failed (%s: %s); using torch's kernels from now on",
-                        type(exc).__name__, exc)
-            _state["kernel"] = None
+            give_up(_state, "kernel", "verify's compiled check", exc, "verify compares activations with torch's kernels")
             return None
         return [math.sqrt(v) if v >= 0 else v for v in out.tolist()]  # a NaN stays NaN (math.sqrt would raise)
 
