@@ -321,20 +321,13 @@ def views(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def blank(model: nn.Module, dtype: torch.dtype, untie: bool = False, shell: bool = False) -> nn.Module:
+def blank(model: nn.Module, dtype: torch.dtype, untie: bool = False) -> nn.Module:
     """A fresh Hugging Face model of ``model``'s class and config, parameters uninitialised in
     ``dtype`` (the caller writes every one), persistent buffers copied; ``untie``: built with
-    ``tie_word_embeddings=False`` (the parameter names stay the same). ``shell`` and ``model`` a bridge:
-    a whole new bridge like it where one can be copied safely (``_hf_shell``; else the bare model, which
-    :func:`finish` boots a bridge around)."""
+    ``tie_word_embeddings=False`` (the parameter names stay the same). For a bridge, the bare model, which
+    :func:`finish` boots a bridge around (``_layout.blank`` first tries a copy of a template: ``_hf_shell``)."""
     import warnings
 
-    if shell and not untie and model_kind(model) == ModelKind.HF_BRIDGE:
-        from ._hf_shell import shell as copied
-
-        new = copied(model, dtype)
-        if new is not None:
-            return new
     hf = hf_model(model)
     config = copy.deepcopy(hf.config)
     if untie and getattr(config, "tie_word_embeddings", False):
@@ -373,7 +366,7 @@ def _boot(name: str, fresh: nn.Module, tokenizer):
     import warnings
 
     from ._compat import require
-    from ._layout import _hidden, _no_random_init
+    from ._quiet_build import _hidden, _no_random_init
 
     require("transformer_lens")
     from transformer_lens.model_bridge import TransformerBridge

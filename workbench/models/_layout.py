@@ -16,6 +16,7 @@ from torch import nn
 
 from .._errors import IncompatibleWeightsError, InvalidOptionError
 from ._kind import ModelKind, model_kind
+from ._quiet_build import _hidden, _no_random_init
 
 
 def shape_facts(cfg: Any) -> dict[str, int]:
@@ -156,23 +157,6 @@ def finish(model: nn.Module, new: nn.Module) -> nn.Module:
     return new
 
 
-class _no_random_init:
-    """Skip ``torch.nn.init``'s random fills while a model is built whose every parameter is then
-    overwritten (``write_weights`` checks that): they were 40% of rebuilding a GPT-2-sized bridge."""
-
-    NAMES = ("normal_", "uniform_", "trunc_normal_", "kaiming_uniform_", "kaiming_normal_", "xavier_uniform_",
-             "xavier_normal_", "orthogonal_", "zeros_", "ones_", "constant_")
-
-    def __enter__(self):
-        self.saved = {n: getattr(torch.nn.init, n) for n in self.NAMES}
-        for n in self.NAMES:
-            setattr(torch.nn.init, n, lambda tensor, *args, **kwargs: tensor)
-
-    def __exit__(self, *exc):
-        for n, fn in self.saved.items():
-            setattr(torch.nn.init, n, fn)
-
-
 def write_weights(model: nn.Module, weights: dict[str, torch.Tensor]) -> None:
     """Copy canonical-layout ``weights`` into ``model``'s own parameters, in place."""
     kind = model_kind(model)
@@ -245,9 +229,10 @@ def blank(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     caller writes every one (``write_weights`` checks that; ``canonical_views`` callers write all).
     Native bridges come from a deep copy of a cached template (see ``_TEMPLATES``)."""
     if model_kind(model) in _HF:  # a bare Hugging Face model (``finish`` boots a bridge around it), or a
-        from . import _hf  # bridge copied from a never-run template where that is safe (``_hf_shell``)
+        from . import _hf, _hf_shell  # bridge copied from a never-run template where that is safe
 
-        return _hf.blank(model, dtype, shell=True)
+        copied = _hf_shell.shell(model, dtype) if model_kind(model) == ModelKind.HF_BRIDGE else None
+        return _hf.blank(model, dtype) if copied is None else copied
     if model_kind(model) != ModelKind.NATIVE:
         return _boot(model, dtype)
     import copy
@@ -366,28 +351,6 @@ def canonical_views(model: nn.Module) -> Optional[dict[str, torch.Tensor]]:
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     buffers = {b.untyped_storage().data_ptr() for b in model.buffers()}
     return views if params <= seen <= params | buffers else None
-
-
-class _hidden:
-    """Hide a class's property while a model is built. A bridge's hook scan reads every public
-    attribute and keeps only the hook points; ``W_E_pos`` is a concatenated copy of the embeddings
-    (157 MB for GPT-2 small), made twice per boot and thrown away: 10-20% of the boot, and the peak
-    memory of a transform."""
-
-    def __init__(self, cls: type, name: str):
-        self.cls, self.name = cls, name
-
-    def __enter__(self):
-        self.saved = self.cls.__dict__.get(self.name)
-        if isinstance(self.saved, property):
-            setattr(self.cls, self.name, property(self._missing))
-
-    def _missing(self, obj):
-        raise AttributeError(f"{self.name} is hidden while the model is built")
-
-    def __exit__(self, *exc):
-        if isinstance(self.saved, property):
-            setattr(self.cls, self.name, self.saved)
 
 
 class _Viewed(torch.Tensor):
