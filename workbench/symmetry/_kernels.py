@@ -2,16 +2,17 @@
 another on axis 1), the step every transform of a weight takes.
 
 Why a compiled kernel (measured on this project's 2-core AMD EPYC, one thread, a 2048×2048 float32
-weight; see benchmarks/results/transforms.md): a copy of the weight takes 1.4 ms. torch's kernels need
-a row gather (``index_select`` dim 0, 1.8 ms), a column gather (dim 1, 4.4–6 ms) and two in-place
-products: 7.7 ms. A column gather reads each source row in a random order, so the hardware prefetcher
-cannot see which row comes next and every row's 128 cache lines arrive as misses; AVX-512 gathers do
-not help on this CPU (6.4 ms, written in C). The loop below gathers from the source row while it
-prefetches the *next* source row: 3.3–3.5 ms, with the source held in L1 the same loop takes 2.5 ms
-(the arithmetic floor of a scalar gather here). numba compiles it (``cache=True``: once per machine);
-no well-kept library offers a fused permute-and-scale, and torch's own kernels are the fallback.
+weight, min of 30): a clone of the weight takes 1.2–1.3 ms. torch's kernels need a row gather
+(``index_select`` dim 0), a column gather (dim 1) and two in-place products: 7.7 ms. A column gather
+reads each source row in a random order, so the hardware prefetcher cannot see which row comes next.
+The loops in ``_kernels_numba.py`` walk the source rows in order (writing the permuted output rows with
+non-temporal stores), prefetch the next row, and gather each output line into a vector register:
+rows and columns permuted 1.66 ms, rows only 0.96 ms (below a clone). AVX-512's hardware gather measured
+slower than the scalar loads here, even from L1 (1.77 vs 1.44 ms). numba compiles the loops
+(``cache=True``: once per machine); no well-kept library offers a fused permute-and-scale, and torch's
+own kernels are the fallback.
 
-numba is optional (the ``test`` extra and the benchmarks install it). Without it, or for anything it
+numba is optional (the ``fast`` extra; ``dev`` and the benchmarks install it). Without it, or for anything it
 does not cover (a device other than the CPU, dtypes other than float32/float64, a destination that is
 not contiguous or overlaps the source, weights too small to repay the call), the torch path runs.
 Both compute the same thing in the same order, gather then ``× r`` rounded to the dtype then ``× c``
