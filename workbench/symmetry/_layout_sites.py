@@ -350,10 +350,14 @@ def _measure_pairs(model: nn.Module, layer: int) -> tuple[tuple[int, int], ...]:
                 f"the rotary dimension is {rd}, an odd number: Hugging Face's rotary embedding then modulates the "
                 f"unpaired dimension by absolute position (not a rotation of pairs), so the query/key group is not "
                 f"known: the QK spaces are left unchanged.")
+    # Always a float64 copy (small angles of slow frequencies need the precision), never the user's model even
+    # when it is float64 already: hooks the user left on it (permanent ones, or on a HookPoint between hook_q
+    # and hook_pattern) would run inside the measurement and could change what is read, and the pairs are
+    # then kept for every model of this configuration (tests/test_rotary_measure.py).
     if kind == ModelKind.HF:
         model = hf.scratch_bridge(model, hf.hf_model(clone(model, torch.float64)))
-    elif next(model.parameters()).dtype != torch.float64:
-        model = clone(model, torch.float64)  # small angles of slow frequencies need the precision
+    else:
+        model = clone(model, torch.float64)
     dh, T = int(model.cfg.d_head), int(model.cfg.n_ctx)
     T = min(T, dh + 1)  # one query position plus at most one key position per dimension
     a = f"blocks.{layer}.attn"
