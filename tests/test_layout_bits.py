@@ -1,0 +1,139 @@
+"""The layout backend's transforms give the same bits for the same seed as the code they were first recorded on.
+
+Issue 17's per-call Python was cut (the canonical views computed once per call and passed along, work that
+depends on neither the drawn elements nor the weight values done once); none of it may change a bit of the
+result. Every family benchmarks/coverage_text.py times (raw Hugging Face models, tiny shapes) is transformed at
+two seeds on the same object, then once on a fresh copy (a new object of a seen structure) and once in place;
+every weight and buffer is hashed (raw bytes, SHA-256). A GPT-2 TransformerLens bridge is hashed the same way.
+
+The hashes were recorded on commit 42c1fbe (before the change) by ``_record()`` below; they depend on torch's RNG
+and float arithmetic, so a different torch version may need them rerecorded on the old code (say which commit)."""
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+
+import workbench as wb
+
+from test_transform_bits import _digest, lapack_haar, one_thread  # noqa: F401  (fixtures, used by name)
+
+transformers = pytest.importorskip("transformers")
+
+D, L, H, V, F = 32, 2, 4, 50, 48
+_COMMON = dict(hidden_size=D, num_hidden_layers=L, num_attention_heads=H, vocab_size=V, max_position_embeddings=64)
+FAMILIES = {  # benchmarks/coverage_text.py's shapes(quick=True)
+    "mistral": ("MistralForCausalLM", dict(_COMMON, intermediate_size=F, num_key_value_heads=2, sliding_window=16)),
+    "qwen2": ("Qwen2ForCausalLM", dict(_COMMON, intermediate_size=F, num_key_value_heads=2, tie_word_embeddings=True)),
+    "gemma": ("GemmaForCausalLM", dict(_COMMON, intermediate_size=F, num_key_value_heads=1, head_dim=D // H)),
+    "phi": ("PhiForCausalLM", dict(_COMMON, intermediate_size=F)),
+    "opt": ("OPTForCausalLM", dict(_COMMON, ffn_dim=F)),
+    "opt350": ("OPTForCausalLM", dict(_COMMON, ffn_dim=F, word_embed_proj_dim=D // 2, do_layer_norm_before=False)),
+    "gpt_neox": ("GPTNeoXForCausalLM", dict(_COMMON, intermediate_size=F)),
+    "gpt2": ("GPT2LMHeadModel", dict(n_embd=D, n_layer=L, n_head=H, vocab_size=V, n_positions=64)),
+    "llama": ("LlamaForCausalLM", dict(_COMMON, intermediate_size=F, num_key_value_heads=2)),
+    "bert": ("BertForMaskedLM", dict(hidden_size=D, num_hidden_layers=L, num_attention_heads=H, vocab_size=V,
+                                     intermediate_size=F, max_position_embeddings=64)),
+}
+
+
+def build(family: str, dtype=torch.float32):
+    cls_name, kw = FAMILIES[family]
+    config_cls = {"GPT2LMHeadModel": "GPT2Config", "BertForMaskedLM": "BertConfig"}.get(
+        cls_name, cls_name.replace("ForCausalLM", "Config"))
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = getattr(transformers, cls_name)(getattr(transformers, config_cls)(**kw)).eval()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim == 1 and ("norm" in name.lower() or "ln" in name):  # a fresh model's 1s and 0s are degenerate
+                p.add_(0.3 * torch.randn(p.shape, generator=g))
+    return model.to(dtype)
+
+
+def _digests(model, inplace: bool = True) -> list[str]:
+    out = []
+    for seed in (0, 1):  # a first call, then a repeated one on the same object
+        new, _ = wb.random_intertwiner(model, seed=seed)
+        out.append(_digest(new))
+    twin = copy.deepcopy(model)  # a new object of a seen structure
+    new, _ = wb.random_intertwiner(twin, seed=2)
+    out.append(_digest(new))
+    if inplace:  # (a live bridge around a Hugging Face model refuses it)
+        wb.random_intertwiner(twin, seed=3, inplace=True)
+        out.append(_digest(twin))
+    out.append(_digest(model))  # the original, untouched
+    return out
+
+
+def _bridge(model):
+    pytest.importorskip("transformer_lens")
+    from tokenizers import Tokenizer, models
+    from transformer_lens.model_bridge import TransformerBridge
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({"a": 0, "[UNK]": 1}, unk_token="[UNK]"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return TransformerBridge.boot_transformers(
+            "local/x", hf_model=copy.deepcopy(model), dtype=torch.float32,
+            tokenizer=PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[UNK]")).eval()
+
+
+def _case(case: str) -> list[str]:
+    family, dtype = case.split("/")
+    model = build(family.removesuffix("-bridge"), getattr(torch, dtype))
+    if family.endswith("-bridge"):
+        return _digests(_bridge(model), inplace=False)
+    return _digests(model)
+
+
+EXPECTED = {
+    'mistral/float32': ['2003bfd36e2581f6', 'f006d8973cd959da', 'a88cc84e8fffd0ae', 'b8f4ae2819d1ee2a', '65f5a59ffa868946'],
+    'mistral/float64': ['33242663aee99f64', '5435e6357b09c6de', 'aa33db240768fe6d', 'fc1d9991e0f7c267', 'dd8e3401c6ea4afb'],
+    'qwen2/float32': ['d2ad660897fb419f', 'e9372b629c8dbbfc', 'd68f6a1bc224971a', '7d3c345c1ed25bff', 'c7085334b3dce9da'],
+    'qwen2/float64': ['056b571beb0f180f', '99761dad3b1e1aa4', 'cee11ff593a67a49', 'a4309938794a81e1', 'fbff4e390e7c2123'],
+    'gemma/float32': ['20e4d98780aefa7b', '9665a6ba12c6c3bd', 'a15edfb2995277d2', 'cdb654af75c94199', '2f61c1e63439fcf4'],
+    'gemma/float64': ['643048c177c9389d', '8a6b9b5c9a877005', '92f6c7ca50ae3594', '42816c8864c40778', '39db0a9fd3b9eb5e'],
+    'phi/float32': ['a1f83907c78736c7', '44d229d0201e57a9', '8ee3f2b567ffa2d4', '196c4f8830e7c287', '9afdd257c234e70e'],
+    'phi/float64': ['f5f3ff1296426e82', '2e0c20ed911efc3f', 'c7b21e5b1e1647aa', 'b275d5044b52cb60', '04095329c5583570'],
+    'opt/float32': ['25ce88f3f686f522', '4efd2423b5ea6bf7', '0e63f3da55ec9e9e', '5f209e49ebaab64e', '546b56f6edac4702'],
+    'opt/float64': ['1917c64ddadf64f4', '496fba85921c3a94', '2b43a1effb004026', 'cd93b2dd8191160d', 'd6cac938223c312d'],
+    'opt350/float32': ['37cfa8b21e46c604', 'd7a323be9e074c84', '0db53dd618e16ca1', 'bfcb89f9e4bf5548', 'b4e623098f5d9234'],
+    'opt350/float64': ['520a883bb26cd185', '55f0d43e9f9d8509', '0b72712a628ada86', '9deb6a053db56acf', '5fb102b0e6380c81'],
+    'gpt_neox/float32': ['6e6664d706eee217', '0beaf30135b4dd21', '2302ca28f3d75bb8', '9abac739b6f5bb2c', 'f92683bc4285d89a'],
+    'gpt_neox/float64': ['703b9435962f05ac', 'd89aa82b5e7e4c49', '34e182532b07bebf', 'fc9d8c1bd903f0c4', 'c31b71c1f88bf1da'],
+    'gpt2/float32': ['7c2321009195efd9', 'bf9f5aa95547c260', '9425456fcc92d899', 'a70c6913f6677eca', '461cc98b0b7ef93a'],
+    'gpt2/float64': ['6de0e18ad9e5a8b6', 'e66d720bb71b25ec', '5eacc70a9b4760e9', 'a51b083d1e473d53', '88493122b83f1034'],
+    'llama/float32': ['2003bfd36e2581f6', 'f006d8973cd959da', 'a88cc84e8fffd0ae', 'b8f4ae2819d1ee2a', '65f5a59ffa868946'],
+    'llama/float64': ['33242663aee99f64', '5435e6357b09c6de', 'aa33db240768fe6d', 'fc1d9991e0f7c267', 'dd8e3401c6ea4afb'],
+    'bert/float32': ['554286af1432f60f', '7b12decf5e8c52ac', '5fb2959b81a217f1', '048e820cd8fca9d3', 'd2b571f94d274c9c'],
+    'bert/float64': ['946b25f59d1abd76', 'e0b72f8a3c4bb656', 'b7babdd078719aa4', '74fca0c1a7c0cd9b', '614acdf22874e003'],
+    'gpt2-bridge/float32': ['c8815f1bc6b186e9', 'cfda9b62c95ab036', 'd4103eec2ac778e1', '13817c09a0020f4d'],
+}
+
+
+@pytest.mark.parametrize("case", sorted(EXPECTED))
+def test_same_seed_same_bits_as_recorded(case):
+    assert _case(case) == EXPECTED[case]
+
+
+def _record() -> dict:  # run on the recording commit: cd tests && python -c "from test_layout_bits import _record; _record()"
+    cases = [f"{f}/{d}" for f in FAMILIES for d in ("float32", "float64")] + ["gpt2-bridge/float32"]
+    got = {}
+    from workbench._threads import threads
+    from workbench.models import ensure_torchvision_importable
+
+    ensure_torchvision_importable()  # as tests/conftest.py does
+    from workbench.groups import _haar
+
+    _haar._state.update({"kernel": None, "tried": True})
+    with threads(1):
+        for c in cases:
+            got[c] = _case(c)
+            print(f"    {c!r}: {got[c]!r},", flush=True)
+    return got
