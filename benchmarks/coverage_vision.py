@@ -208,35 +208,12 @@ def page(rows: list, started: str, load0: float, load1: float, command: str = CO
         "verdict and the largest relative output difference; *direct float64*: the same transform on a float64 "
         "copy, outputs compared by the script itself. Groups per kind of site are in the JSON (`groups`).", "",
         *lines, "",
-        "Cost (CPU time on one torch thread, the minimum over `--reps` interleaved runs, against `copy.deepcopy`): a "
-        "dense (GL) site's transform is matrix products, not a copy. ViT and Swin (and timm's ViT, 72 maps) draw one "
-        "GL(d_head) map per head for queries/keys and one for values/out-projection (288 on ViT-B/16, 276 on Swin-T); "
-        "MobileNetV2 and EfficientNet-B0 have 7 GL sites each (linear bottlenecks, n up to 320). Since the 13:26 run "
-        "(ViT-B/16 11.3×, Swin-T 8.2×, timm ViT 4.3×, EfficientNet-B0 3.2×, MobileNetV2 3.0×, wall clock): a GL draw "
-        "U·diag(s)·Vᵀ keeps its exact inverse V·diag(1/s)·Uᵀ (no LU); a parameter's moves are composed per axis and "
-        "done as one gather and one batched product written into the copy (ViT-B/16 did 1008 float64 products of "
-        "single heads and a float64 round trip per tensor); and a float32 weight's dense products run in float32 "
-        "when the map's condition number is at most 1e3 (the error argument and its entrywise bound: "
-        "`workbench/symmetry/_port_moves.py`, `tests/test_port_moves.py`; float64 models keep float64, the direct "
-        "float64 check above is unchanged). That float32 arithmetic moves the float32 verify figures: ViT-B/16 "
-        "3e-06 → 1e-05, Swin-T 7e-06 → 1e-05, EfficientNet-B0 4e-06 → 3e-05, MobileNetV2 2e-05 → 2e-05 (the "
-        "transformed float32 model against the exact function: ViT-B/16 8e-06 with float64 products, 1.2e-05 with "
-        "float32 ones, the original's own float32 rounding 2e-06; EfficientNet-B0 6e-06 and 2.7e-05, its own "
-        "3e-06); every verdict still PASSes. What is left, measured on this core in CPU time: **ViT-B/16** cannot "
-        "reach 3× with its group's draws — the 288 GL(64) draws cost 86 ms (576 Householder QRs of 64×64 in "
-        "float64, 55 ms; the float32 normals, 9 ms; the products U·S·Vᵀ and V·S⁻¹·Uᵀ, 14 ms), the minimum 576 "
-        "products of a 64×64 map with a 64×768 block cost 45–58 ms in float32 (~60 GFLOP/s), and one gather pass "
-        "over the 86M weights 47 ms, a floor of ≈190 ms against a 40–50 ms deepcopy (≈4×; the rest of its time "
-        "above is per-port planning in Python and a second pass over the attention weights). **Swin-T** is not at "
-        "its floor (draws 16 ms, products ≈8 ms, a gather pass 19 ms, ≈2× a deepcopy): the rest is Python spread "
-        "over the push (port planning, the per-head batched products' setup, element construction); composing its "
-        "1162 port moves in NumPy instead of torch (helper 21's change) took that part from ≈13 to ≈6 ms, within "
-        "this machine's noise on the ratio. **MobileNetV2**, **EfficientNet-B0** and **timm's ViT** are near the "
-        "line (2.9–3.0×, 2.6–2.7× and 2.6–3.6× across this session's runs; MobileNetV2's 14 QRs with n up to 320 "
-        "take 13 ms, its float32 bottleneck products 11 ms and the draws' own products 5 ms, 1.8× its deepcopy "
-        "before any permutation site is pushed): a single run's minimum of a 20–60 ms call on this shared machine "
-        "moves by ±15%. Every model with permutation and scaling sites only is within 3×; the wall-clock ratios "
-        "are in the JSON (`wall_ratio`).", "",
+        "Cost: CPU time on one torch thread, the minimum over `--reps` interleaved runs, against `copy.deepcopy` "
+        "(the wall-clock ratios are in the JSON, `wall_ratio`). A dense (GL) site's transform is matrix products, "
+        "not a copy: ViT and Swin (and timm's ViT, 72 maps) draw one GL(d_head) map per head for queries/keys and "
+        "one for values/out-projection (288 on ViT-B/16, 276 on Swin-T). Where each model's time goes, measured, "
+        "and what limits it: [coverage_costs.md](coverage_costs.md) (hand-written, dated; this page is generated "
+        "and its figures are this run's).", "",
         *(["Errors:", "", *errors, ""] if errors else []),
         "What is still frozen (the first reasons; all of them in the JSON's `skipped_reasons`):", "", *frozen, "",
     ])
