@@ -12,11 +12,11 @@ Nothing here imports TransformerLens or transformers at import time.
 from . import _hf as hf
 from ._compat import ensure_torchvision_importable, require
 from ._kind import ModelKind, has_hooked_transformer, has_layout, is_transformer_lens, model_kind
-from ._layout import (blank, canonical_views, finish, from_canonical, read_weights, rebuild, shape_facts, tied_keys,
-                      to_canonical, write_weights)
+from ._layout import (blank, canonical_views, finish, from_canonical, one_call, read_weights, rebuild, shape_facts,
+                      tied_keys, to_canonical, views_like, write_weights)
 from ._modes import eval_mode, no_grad_analysis
 from ._trace import TraceFailure, describe, propagate_shapes, trace
 
 __all__ = ["ModelKind", "TraceFailure", "blank", "canonical_views", "describe", "eval_mode", "from_canonical",
            "ensure_torchvision_importable", "finish", "has_hooked_transformer", "has_layout", "hf", "is_transformer_lens",
-           "model_kind", "no_grad_analysis", "propagate_shapes", "read_weights", "rebuild", "require", "shape_facts", "tied_keys", "to_canonical", "trace", "write_weights"]
+           "model_kind", "no_grad_analysis", "one_call", "propagate_shapes", "read_weights", "rebuild", "require", "shape_facts", "tied_keys", "to_canonical", "trace", "views_like", "write_weights"]

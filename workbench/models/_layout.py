@@ -9,6 +9,8 @@ transformer symmetries reads like it (``W_Q[h]`` is one head's map). Grouped-que
 from __future__ import annotations
 
 from collections import OrderedDict
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any, Optional
 
 import torch
@@ -321,13 +323,94 @@ def _boot(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     return new
 
 
+# The views computed so far in this call (``one_call``): {id(model): (model, views)}, or None outside one.
+# Never kept across calls: a view is a view of that object's tensors as they are now, and a parameter a
+# user replaces between two calls (``p.data = ...``, a new ``nn.Parameter``) would leave it stale.
+_CALL_VIEWS: ContextVar[Optional[dict]] = ContextVar("workbench_canonical_views_this_call", default=None)
+
+
+@contextmanager
+def one_call():
+    """Within it, :func:`canonical_views` of one model object is computed once (a transform reads it for the
+    map and again for the push: ~4 ms each for a 40M-parameter Hugging Face model). Only for code that
+    replaces no parameter of the models it reads inside (writing into them is fine: the views see it)."""
+    token = _CALL_VIEWS.set({})
+    try:
+        yield
+    finally:
+        _CALL_VIEWS.reset(token)
+
+
 def canonical_views(model: nn.Module) -> Optional[dict[str, torch.Tensor]]:
     """Every weight of ``model`` in the canonical layout as a *view* of its own tensor (writing a view
     writes the model), or None where that is not possible (a copying layout).
 
     The views let a transform read the original and write the copy without the two full copies that
-    ``read_weights`` (``.contiguous()``) and ``write_weights`` (``load_state_dict``) make.
+    ``read_weights`` (``.contiguous()``) and ``write_weights`` (``load_state_dict``) make. Inside
+    :func:`one_call`, computed once per model object (each caller gets its own dict of the same views).
     """
+    memo = _CALL_VIEWS.get()
+    if memo is None:
+        return _canonical_views(model)
+    hit = memo.get(id(model))
+    if hit is None or hit[0] is not model:
+        hit = memo[id(model)] = (model, _canonical_views(model))
+    return None if hit[1] is None else dict(hit[1])
+
+
+def views_like(views: dict[str, torch.Tensor], model: nn.Module, new: nn.Module) -> Optional[dict[str, torch.Tensor]]:
+    """``canonical_views(new)`` for ``new``, a model of ``model``'s structure (``blank``), from ``model``'s
+    ``views``: each view re-pointed at the same place of ``new``'s tensor of the same name, without walking
+    the layout again (its maps from names to keys). Where the tensors do not line up (a name missing, another
+    shape or other strides, a storage two differently placed tensors share, a parameter of ``new`` no view
+    reaches), ``canonical_views(new)`` itself."""
+    old, fresh = _named_tensors(model), _named_tensors(new)
+    used = {v.untyped_storage().data_ptr() for v in views.values()}
+    at: dict[int, tuple] = {}  # source storage -> (its tensor, the new tensor in its place)
+    for name, t in old.items():
+        if t.untyped_storage().data_ptr() not in used:  # not a weight (a bridge's split copy of a fused q/k/v)
+            continue
+        n = fresh.get(name)
+        if n is None or n.shape != t.shape or n.stride() != t.stride():
+            return canonical_views(new)
+        key = t.untyped_storage().data_ptr()
+        if key in at:
+            t0, n0 = at[key]  # a tie (one tensor under two names), or two tensors of one storage: refused
+            if (t0.storage_offset(), n0.untyped_storage().data_ptr(), n0.storage_offset()) != (
+                    t.storage_offset(), n.untyped_storage().data_ptr(), n.storage_offset()):
+                return canonical_views(new)
+        else:
+            at[key] = (t, n)
+    out = {}
+    for k, v in views.items():
+        hit = at.get(v.untyped_storage().data_ptr())
+        if hit is None:
+            return canonical_views(new)
+        t, n = hit
+        out[k] = n.as_strided(v.shape, v.stride(), n.storage_offset() + v.storage_offset() - t.storage_offset())
+    from . import _hf
+
+    reached = {v.untyped_storage().data_ptr() for v in out.values()}
+    params = _hf.hf_model(new).parameters() if model_kind(new) in _HF else new.parameters()
+    if not {p.untyped_storage().data_ptr() for p in params} <= reached:  # a blank model is fully written
+        return canonical_views(new)
+    return out
+
+
+def _named_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter and buffer by name (ties under each of their names), detached; a Hugging Face
+    model's under its own names, as ``_hf.views`` reads them."""
+    if model_kind(model) in _HF:
+        from . import _hf
+
+        hf = _hf.hf_model(model)
+        items = [*hf.named_parameters(remove_duplicate=False), *hf.named_buffers(remove_duplicate=False)]
+        return {k.replace("._original_component", ""): t.detach() for k, t in items}
+    return {k: t.detach() for k, t in [*model.named_parameters(remove_duplicate=False),
+                                       *model.named_buffers(remove_duplicate=False)]}
+
+
+def _canonical_views(model: nn.Module) -> Optional[dict[str, torch.Tensor]]:
     kind = model_kind(model)
     if kind == ModelKind.HOOKED:
         views = read_weights(model)  # HookedTransformer already stores the canonical layout

@@ -16,7 +16,7 @@ from torch import nn
 from .._errors import InvalidOptionError
 from .._threads import in_parallel, threads
 from ..groups import GroupElement, ScaledPermutation
-from ..models import blank, canonical_views, finish, read_weights, rebuild, tied_keys, write_weights
+from ..models import blank, canonical_views, finish, read_weights, rebuild, tied_keys, views_like, write_weights
 from ._sites import Observation, Site, SymmetryMap
 
 
@@ -223,7 +223,7 @@ def _pushed(model: nn.Module, ops: dict[str, list], inplace: bool, dtype: Option
                 return model
             return rebuild(model, out, dtype)
         new = model if inplace else blank(model, dtype)
-        dst = src if inplace else canonical_views(new)
+        dst = src if inplace else views_like(src, model, new)
         # A tied parameter (Hugging Face's unembedding = embedding) is one tensor under two keys: it is
         # written once, after checking that both keys' maps agree on it.
         second = set()

@@ -23,6 +23,7 @@ output is the stream, a projection's output ``[..., heads·d_head]`` a head spac
 """
 from __future__ import annotations
 
+import copy
 from typing import Optional
 
 import torch
@@ -88,11 +89,15 @@ def transformer_map(model: nn.Module) -> SymmetryMap:
             pairs = rotary_pairs(model)
         except UnsupportedModelError as exc:  # the QK spaces are left alone; every other site still holds
             qk_unknown = str(exc)
+    # One group per kind of head space, built once and copied per site (a site may be edited on its own):
+    # a rotary group checks its pairs on construction, O(d_head²) each time (~1 ms a map at d_head 64).
+    qk_one = get_group("rotary", dh, pairs=pairs) if pairs is not None else get_group("gl", dh)
+    ov_one = get_group("gl", dh)
     for layer in range(L):
         a = f"blocks.{layer}.attn"
         for k in range(K):
             heads = tuple(range(k * r, (k + 1) * r))
-            qk_group = get_group("rotary", dh, pairs=pairs) if pairs is not None else get_group("gl", dh)
+            qk_group = copy.copy(qk_one)
             notes = [f"query heads {list(heads)} share key head {k}"] if r > 1 else []
             if pairs is not None:
                 notes.append(f"rotary pairs {pairs[:2]}… (measured through hook_q/hook_k)")
@@ -103,7 +108,7 @@ def transformer_map(model: nn.Module) -> SymmetryMap:
                                   _present([Port(f"{a}.W_Q", "pre", axis=2, heads=heads), Port(f"{a}.b_Q", "pre", axis=1, heads=heads)], W),
                                   _present([Port(f"{a}.W_K", "pre", axis=2, heads=(k,)), Port(f"{a}.b_K", "pre", axis=1, heads=(k,))], W),
                                   [], see.qk(layer, heads, k), notes))
-            sites.append(Site(f"{a}.ov.{k}", dh, get_group("gl", dh), "linear (value → output)", f"{a}.hook_v",
+            sites.append(Site(f"{a}.ov.{k}", dh, copy.copy(ov_one), "linear (value → output)", f"{a}.hook_v",
                               _present([Port(f"{a}.W_V", "pre", axis=2, heads=(k,)), Port(f"{a}.b_V", "pre", axis=1, heads=(k,))], W),
                               _present([Port(f"{a}.W_O", "post", axis=1, heads=heads)], W), [],
                               see.ov(layer, heads, k), list(notes[:1])))

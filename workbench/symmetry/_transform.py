@@ -19,6 +19,7 @@ from .._random import SeedLike, as_generator
 from .._report import Report, new_axes
 from .._threads import threads
 from ..groups import Dense, Group, GroupElement, ScaledPermutation, element_from_dict, get_group
+from ..models import one_call
 from ._backend import backend_for, one_example
 from ._lattice import generators
 from ._map import symmetry_map
@@ -112,7 +113,8 @@ def random_intertwiner(model: nn.Module, seed: SeedLike = 0, sites: Optional[Ite
         (True, False)
     """
     shown = show_progress(progress)  # (a bad value is refused here)
-    with progress_bar(total=3, desc="random_intertwiner", unit="step", progress=True) if shown else _QUIET as bar:
+    # one_call: the layout backend's views of the model's weights, read by the map and the push, made once
+    with progress_bar(total=3, desc="random_intertwiner", unit="step", progress=True) if shown else _QUIET as bar, one_call():
         bar.set_postfix_str("symmetry map")
         gen, seed = as_generator(seed)  # the effective int seed is what the Transform records
         smap = _traced_map(model, example, affine, "random_intertwiner")
@@ -298,14 +300,15 @@ def apply_transform(model: nn.Module, transform: Transform, *, example: Optional
 
     ``example`` is an input batch (needed when the input size cannot be guessed). A transform the
     model's dtype cannot hold (weights that would overflow) is refused before anything is written."""
-    smap = _traced_map(model, example, transform.affine, "apply_transform")
-    for name, e in transform.elements.items():
-        site = smap[name]
-        if site.n != e.n:
-            raise InvalidOptionError(f"the transform's element for {name!r} acts on {e.n} dimensions; the site has {site.n}.")
-        if site.embeds and name not in transform.forced:
-            _check_host(site, e, transform.elements)
-    return _push(model, smap, transform, inplace)
+    with one_call():  # (see random_intertwiner)
+        smap = _traced_map(model, example, transform.affine, "apply_transform")
+        for name, e in transform.elements.items():
+            site = smap[name]
+            if site.n != e.n:
+                raise InvalidOptionError(f"the transform's element for {name!r} acts on {e.n} dimensions; the site has {site.n}.")
+            if site.embeds and name not in transform.forced:
+                _check_host(site, e, transform.elements)
+        return _push(model, smap, transform, inplace)
 
 
 def _check_host(site: Site, element: GroupElement, elements: dict) -> None:

@@ -1,0 +1,99 @@
+"""A transform reads a model's canonical views once per call (``one_call``) and points the new model's views
+at its blank tensors without walking the layout again (``views_like``); neither may change what is written.
+
+Adversarial cases: a parameter stored transposed (the blank model's is contiguous, so re-pointing a view with
+the source's strides would address the wrong entries: ``views_like`` must fall back), a parameter replaced
+between two calls (views are never kept across calls), and a bridge whose blank is a bare model of other names.
+The transforms are checked directly: logits of the original and the new model in float64, to 1e-10."""
+from __future__ import annotations
+
+import pytest
+import torch
+from test_layout_bits import FAMILIES, _bridge, build
+
+import workbench as wb
+from workbench.models import _layout, blank, canonical_views, one_call, views_like
+
+
+def _where(views: dict) -> dict:
+    return {k: (v.untyped_storage().data_ptr(), tuple(v.shape), v.stride(), v.storage_offset(), v.dtype)
+            for k, v in views.items()}
+
+
+def _counted(monkeypatch) -> list:
+    calls = []
+    real = _layout._canonical_views
+
+    def spy(model):
+        calls.append(model)
+        return real(model)
+    monkeypatch.setattr(_layout, "_canonical_views", spy)
+    return calls
+
+
+@pytest.mark.parametrize("family", [*FAMILIES, "qwen2-bridge", "gpt2-bridge"])
+def test_views_like_are_the_new_models_own_canonical_views(family):
+    model = build(family.removesuffix("-bridge"))
+    if family.endswith("-bridge"):
+        model = _bridge(model)
+    for dtype in (torch.float32, torch.float64):
+        new = blank(model, dtype)
+        got, want = views_like(canonical_views(model), model, new), canonical_views(new)
+        assert want is not None and _where(got) == _where(want)
+
+
+def test_a_transposed_parameter_falls_back_and_the_transform_is_exact(monkeypatch):
+    model = build("phi", torch.float64)  # untied: lm_head is its own parameter (LayerNorm computed in float64)
+    w = model.lm_head.weight.detach()
+    model.lm_head.weight = torch.nn.Parameter(w.T.contiguous().T)  # same values, column-major storage
+    assert model.lm_head.weight.stride() != w.stride()
+    src = canonical_views(model)
+    new = blank(model, torch.float64)
+    want = canonical_views(new)
+    # the negative control: the source's strides on the blank's (contiguous) tensor address other entries
+    key = next(k for k, v in src.items() if v.untyped_storage().data_ptr() == model.lm_head.weight.untyped_storage().data_ptr())
+    t = new.lm_head.weight.detach()
+    naive = t.as_strided(src[key].shape, src[key].stride(), t.storage_offset())
+    assert naive.stride() != want[key].stride()
+    assert _where(views_like(src, model, new)) == _where(want)
+    ids = torch.randint(0, 50, (2, 7), generator=torch.Generator().manual_seed(0))
+    out, _ = wb.random_intertwiner(model, seed=4)
+    with torch.no_grad():
+        a, b = model(ids).logits, out(ids).logits
+    assert not torch.equal(out.lm_head.weight, model.lm_head.weight)
+    assert ((a - b).abs().max() / a.abs().max()).item() < 1e-10
+
+
+def test_one_transform_computes_the_views_once(monkeypatch):
+    model = build("qwen2")
+    wb.random_intertwiner(model, seed=0)  # first-call caches (layout, rotary pairs) out of the way
+    calls = _counted(monkeypatch)
+    wb.random_intertwiner(model, seed=1)
+    assert calls == [model]  # the map's and the push's; the new model's come from views_like
+    calls.clear()
+    new, t = wb.random_intertwiner(model, seed=1)
+    wb.apply_transform(model, t)
+    assert calls == [model, model]  # one per call, never kept between calls
+
+
+def test_views_are_not_kept_across_calls_or_models(monkeypatch):
+    model = build("gpt2", torch.float64)
+    calls = _counted(monkeypatch)
+    with one_call():
+        a, b = canonical_views(model), canonical_views(model)
+        assert a is not b and _where(a) == _where(b) and len(calls) == 1
+        a.clear()  # a caller's dict is its own
+        assert canonical_views(model)
+        twin = build("gpt2", torch.float64)  # another object of the same structure: its own views
+        assert _where(canonical_views(twin)) != _where(b) and len(calls) == 2
+    p = model.transformer.wpe.weight
+    model.transformer.wpe.weight = torch.nn.Parameter(p.detach().clone())  # replaced between two calls
+    after = canonical_views(model)
+    ptr = model.transformer.wpe.weight.untyped_storage().data_ptr()
+    assert ptr in {v.untyped_storage().data_ptr() for v in after.values()}
+    assert p.untyped_storage().data_ptr() not in {v.untyped_storage().data_ptr() for v in after.values()}
+    ids = torch.randint(0, 50, (2, 6), generator=torch.Generator().manual_seed(1))
+    out, _ = wb.random_intertwiner(model, seed=2)
+    with torch.no_grad():
+        x, y = model(ids).logits, out(ids).logits
+    assert ((x - y).abs().max() / x.abs().max()).item() < 1e-10
