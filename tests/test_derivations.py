@@ -161,8 +161,12 @@ def test_tokenwise_mlp_hidden_site(c, hidden, act, channels_last, seed):
     mlp = randomise(nn.Sequential(nn.Linear(c, hidden), act_module, nn.Linear(hidden, c)).double(), g)
     x = torch.randn((2, 3, 4, c) if channels_last else (2, 5, c), generator=g, dtype=F64)
     pre = mlp[0](x).flatten(0, -2)
-    # a ReLU unit that never switches on this data acts linearly (or as zero), and then more maps pass
-    assume(act == "gelu" or bool(((pre > 0).any(0) & (pre < 0).any(0)).all()))
+    # a ReLU unit that never switches on this data acts linearly (or as zero), and then more maps pass; and where
+    # every example's units share one sign (all on, or all off), a small rotation keeps each example in its orthant
+    # and passes too (seed 19978, c = hidden = 2: both rows of W1 nearly parallel): the control needs an example
+    # with one unit on and another off
+    assume(act == "gelu" or (bool(((pre > 0).any(0) & (pre < 0).any(0)).all())
+                             and bool(((pre > 0).any(1) & (pre < 0).any(1)).any())))
     m = perm(hidden, g) @ (pos_diag(hidden, g) if act == "relu" else torch.eye(hidden, dtype=F64))
     bad = pos_diag(hidden, g, 1.0) if act == "gelu" else haar(hidden, g)
 
