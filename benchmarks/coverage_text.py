@@ -186,7 +186,9 @@ def main() -> None:
         "`heads.k`: query heads within group k; `word`: OPT-350m's tied word space behind project_in/out). "
         "verify: the verdict and the largest relative output difference; `checked` sites are in the JSON.", "",
         table(rows), "",
-        f"{sum(r['pass'] for r in rows)}/{len(rows)} rows within {TARGET:g}× copy.deepcopy.", "",
+        f"{sum(r['pass'] for r in rows)}/{len(rows)} rows within {TARGET:g}× copy.deepcopy. Where each row's time "
+        "goes, measured, and which ratios the group's arithmetic alone puts above the line: "
+        "[coverage_costs.md](coverage_costs.md) (hand-written, dated; this page is generated).", "",
     ])
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "coverage_text.md").write_text(text)
