@@ -70,18 +70,7 @@ def haar_qr(A, Q, d):  # pragma: no cover — compiled; tests/test_haar.py check
                 aj = a[j]
                 for c in range(lo, hi):  # w = vᵀ·A[j:, lo:] (v_j = 1)
                     w[c] = aj[c]
-                i = j + 1
-                while i + 3 < n:
-                    v0, v1, v2, v3 = a[i, j], a[i + 1, j], a[i + 2, j], a[i + 3, j]
-                    a0, a1, a2, a3 = a[i], a[i + 1], a[i + 2], a[i + 3]
-                    for c in range(lo, hi):
-                        w[c] += v0 * a0[c] + v1 * a1[c] + v2 * a2[c] + v3 * a3[c]
-                    i += 4
-                while i < n:
-                    vi, ai = a[i, j], a[i]
-                    for c in range(lo, hi):
-                        w[c] += vi * ai[c]
-                    i += 1
+                _add_vt(w, a, a, j, n, lo, hi)
                 for c in range(lo, U(j + 1)):  # columns up to j (R, earlier reflectors, v itself) stay as they are
                     w[c] = 0.0
                 for c in range(lo, hi):
@@ -100,18 +89,7 @@ def haar_qr(A, Q, d):  # pragma: no cover — compiled; tests/test_haar.py check
             t = tau[j]
             for c in range(lo, hi):
                 w[c] = 0.0
-            i = j + 1
-            while i + 3 < n:
-                v0, v1, v2, v3 = a[i, j], a[i + 1, j], a[i + 2, j], a[i + 3, j]
-                q0, q1, q2, q3 = q[i], q[i + 1], q[i + 2], q[i + 3]
-                for c in range(lo, hi):
-                    w[c] += v0 * q0[c] + v1 * q1[c] + v2 * q2[c] + v3 * q3[c]
-                i += 4
-            while i < n:
-                vi, qi = a[i, j], q[i]
-                for c in range(lo, hi):
-                    w[c] += vi * qi[c]
-                i += 1
+            _add_vt(w, q, a, j, n, lo, hi)
             qj = q[j]
             for c in range(lo, hi):
                 w[c] *= t
@@ -125,6 +103,24 @@ def haar_qr(A, Q, d):  # pragma: no cover — compiled; tests/test_haar.py check
             di, qi = dst[i], q[i]
             for c in range(U(n)):
                 di[c] = qi[c]
+
+
+@njit(inline="always", fastmath={"contract"})
+def _add_vt(w, x, a, j, n, lo, hi):  # pragma: no cover — compiled
+    """w[lo:hi] += Σ_{i > j} v_i·x[i, lo:hi], with v_i = a[i, j]: vᵀ·x without v's implied 1 at row j (four rows
+    a pass, as in the module docstring; the sums in the same order wherever it is called)."""
+    i = j + 1
+    while i + 3 < n:
+        v0, v1, v2, v3 = a[i, j], a[i + 1, j], a[i + 2, j], a[i + 3, j]
+        x0, x1, x2, x3 = x[i], x[i + 1], x[i + 2], x[i + 3]
+        for c in range(lo, hi):
+            w[c] += v0 * x0[c] + v1 * x1[c] + v2 * x2[c] + v3 * x3[c]
+        i += 4
+    while i < n:
+        vi, xi = a[i, j], x[i]
+        for c in range(lo, hi):
+            w[c] += vi * xi[c]
+        i += 1
 
 
 @njit(inline="always", fastmath={"contract"})
