@@ -25,7 +25,6 @@ bridge and the original against each other and against a plain boot, in float64.
 """
 from __future__ import annotations
 
-import copy
 import enum
 import gc
 import types
@@ -35,6 +34,8 @@ from typing import Optional
 
 import torch
 from torch import nn
+
+from ._quiet_build import as_template, fresh_copy
 
 # Templates per key (see the module docstring); None records a configuration that is booted instead.
 _TEMPLATES: "OrderedDict[tuple, object]" = OrderedDict()
@@ -80,17 +81,7 @@ def _template(model: nn.Module, dtype: torch.dtype):
         return None
     if derived(T):
         return None
-    # The template's parameters become meta tensors (tied ones stay tied): any reference a copy kept to
-    # one would fail loudly.
-    meta, devices = {}, {}
-    for m in modules:
-        for name, p in m._parameters.items():
-            if p is not None:
-                if id(p) not in meta:
-                    meta[id(p)] = nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
-                    devices[id(meta[id(p)])] = p.device
-                m._parameters[name] = meta[id(p)]
-    entry = (T, devices)
+    entry = as_template(T, modules)  # meta parameters: any reference a copy kept to one would fail loudly
     trial = _copy(entry, model)  # (its config's weak reference to its bridge must name the copy)
     ref = getattr(trial.cfg, "_bridge_ref", None)
     if _reaches(trial, T) or _tokenizers(trial) != {id(trial.tokenizer)} or (ref is not None and ref() is not trial):
@@ -119,18 +110,9 @@ def _copy(entry, model: nn.Module) -> nn.Module:
 
     T, devices = entry
     memo = {}
-    for m in _params(T):
-        for p in m._parameters.values():
-            if p is not None and id(p) not in memo:
-                memo[id(p)] = nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device=devices[id(p)]),
-                                           requires_grad=p.requires_grad)
-        for name in _HOOK_DICTS:  # empty hook dicts are most of a module's deep copy (``_layout.blank``)
-            d = getattr(m, name, None)
-            if type(d) in (dict, OrderedDict) and not d:
-                memo.setdefault(id(d), type(d)())
     if T.tokenizer is not None:  # the model's tokenizer, configured as a boot configures it (cfg's BOS flags)
         memo[id(T.tokenizer)] = configure_tokenizer(_hf._configured(model.tokenizer), T.cfg)
-    new = copy.deepcopy(T, memo)
+    new = fresh_copy(T, devices, _params(T), memo)
     buffers = {k.replace("._original_component", ""): b for k, b in _hf.hf_model(model).named_buffers()}
     with torch.no_grad():  # the model's own buffers, as ``_hf.blank`` copies them
         for name, b in new.original_model.named_buffers():

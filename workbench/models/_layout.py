@@ -8,7 +8,6 @@ transformer symmetries reads like it (``W_Q[h]`` is one head's map). Grouped-que
 """
 from __future__ import annotations
 
-from collections import OrderedDict
 from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Any, Optional
@@ -18,7 +17,7 @@ from torch import nn
 
 from .._errors import IncompatibleWeightsError, InvalidOptionError
 from ._kind import ModelKind, model_kind
-from ._quiet_build import _hidden, _no_random_init
+from ._quiet_build import _hidden, _no_random_init, as_template, fresh_copy
 
 
 def shape_facts(cfg: Any) -> dict[str, int]:
@@ -237,24 +236,16 @@ def blank(model: nn.Module, dtype: torch.dtype) -> nn.Module:
         return _hf.blank(model, dtype) if copied is None else copied
     if model_kind(model) != ModelKind.NATIVE:
         return _boot(model, dtype)
-    import copy
-
     cfg = {k: v for k, v in vars(model.cfg).items() if not k.startswith("_") and k not in ("dtype", "init_weights")}
     key = f"{type(model).__name__} {dtype} {sorted(cfg.items())!r}"
     entry = _TEMPLATES.pop(key, None)
     if entry is None:
-        entry = _as_template(_boot(model, dtype))
+        entry = as_template(_boot(model, dtype))
     _TEMPLATES[key] = entry  # most recently used last
     while len(_TEMPLATES) > _TEMPLATES_KEPT:
         _TEMPLATES.pop(next(iter(_TEMPLATES)))
     template, devices = entry
-    memo = {id(p): nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device=devices[id(p)]), requires_grad=p.requires_grad)
-            for p in template.parameters()}
-    for module in template.modules():  # its empty hook dicts, 8 per module: deep-copied one by one
-        for v in vars(module).values():  # (through __reduce_ex__) they were two thirds of the copy
-            if type(v) in (dict, OrderedDict) and not v:
-                memo.setdefault(id(v), type(v)())
-    new = copy.deepcopy(template, memo)
+    new = fresh_copy(template, devices, template.modules())
     new.train(model.training)
     return new
 
@@ -267,21 +258,6 @@ def blank(model: nn.Module, dtype: torch.dtype) -> nn.Module:
 # keep calling). Any reference a copy kept to a template parameter would fail loudly (meta).
 _TEMPLATES: dict[str, tuple[nn.Module, dict[int, torch.device]]] = {}
 _TEMPLATES_KEPT = 2
-
-
-def _as_template(model: nn.Module) -> tuple[nn.Module, dict[int, torch.device]]:
-    """``model`` with every parameter replaced by a meta tensor of its shape (tied ones stay tied), and
-    the device each meta parameter's copies belong on."""
-    meta: dict[int, nn.Parameter] = {}
-    devices: dict[int, torch.device] = {}
-    for module in model.modules():
-        for name, p in module._parameters.items():
-            if p is not None:
-                if id(p) not in meta:
-                    meta[id(p)] = nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
-                    devices[id(meta[id(p)])] = p.device
-                module._parameters[name] = meta[id(p)]
-    return model, devices
 
 
 def _boot(model: nn.Module, dtype: torch.dtype) -> nn.Module:
