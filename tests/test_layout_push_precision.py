@@ -103,6 +103,18 @@ def test_a_non_symmetry_still_fails_with_float32_products(monkeypatch):
     assert not wb.verify(m32, new, _tokens(), transform=t).passed
 
 
+def _assert_exact_inverses(sites, elements, names, rel):
+    """``_with_inverses`` gives each of ``names`` (drawn without one) the matrix's inverse, checked against
+    ``linalg.inv``, and its condition number, against the singular values to ``rel``; the matrix unchanged."""
+    known = lp._with_inverses(sites, elements)
+    for n in names:
+        e, k = elements[n], known[n]
+        assert e.inv is None and k.inv is not None and torch.equal(k.M, e.M)
+        assert torch.allclose(k.inv, torch.linalg.inv(e.M), rtol=0, atol=1e-12 * float(k.inv.abs().max()))
+        s = torch.linalg.svdvals(e.M)
+        assert k.cond == pytest.approx(float(s.max() / s.min()), rel=rel)
+
+
 def test_rotary_elements_get_their_exact_inverse_and_condition_number():
     model = _model(act_fn="gelu", normalization_type="RMS", positional_embedding_type="rotary")
     smap = wb.symmetry_map(model)
@@ -110,13 +122,7 @@ def test_rotary_elements_get_their_exact_inverse_and_condition_number():
     sites = {s.name: s for s in smap}
     rotary = [n for n in t.elements if sites[n].group.name == "rotary"]
     assert rotary
-    known = lp._with_inverses(sites, t.elements)
-    for n in rotary:
-        e, k = t.elements[n], known[n]
-        assert e.inv is None and k.inv is not None and torch.equal(k.M, e.M)
-        assert torch.allclose(k.inv, torch.linalg.inv(e.M), rtol=0, atol=1e-12 * float(k.inv.abs().max()))
-        s = torch.linalg.svdvals(e.M)
-        assert k.cond == pytest.approx(float(s.max() / s.min()), rel=1e-12)
+    _assert_exact_inverses(sites, t.elements, rotary, rel=1e-12)
     # anything not of that structure is left alone: a GL draw at a rotary site (forced), a nudged element
     G = get_group("gl", t.elements[rotary[0]].n)
     forced = dict(t.elements, **{rotary[0]: G.sample(torch.Generator().manual_seed(0))})
@@ -137,13 +143,7 @@ def test_partial_rotary_elements_get_their_inverse_and_condition_number():
     sites = {s.name: s for s in wb.symmetry_map(model)}
     rotary = [n for n in t.elements if sites[n].group.name == "rotary"]
     assert rotary and all(sites[n].group.free for n in rotary)
-    known = lp._with_inverses(sites, t.elements)
-    for n in rotary:
-        e, k = t.elements[n], known[n]
-        assert e.inv is None and k.inv is not None and torch.equal(k.M, e.M)
-        assert torch.allclose(k.inv, torch.linalg.inv(e.M), rtol=0, atol=1e-12 * float(k.inv.abs().max()))
-        s = torch.linalg.svdvals(e.M)
-        assert k.cond == pytest.approx(float(s.max() / s.min()), rel=1e-10)
+    _assert_exact_inverses(sites, t.elements, rotary, rel=1e-10)
     G = sites[rotary[0]].group
     coupled = t.elements[rotary[0]].M.clone()
     coupled[G.pairs[0][0], G.free[0]] = 1e-9

@@ -6,22 +6,13 @@ computation (memo emptied), the copies' calls counted with their own hooks, outp
 """
 import copy
 
-import pytest
 import torch
 
 import workbench as wb
 import workbench.symmetry._verify_floor as floor
-from test_verdicts import deep_bn_cnn
+from test_verify_kernel import deep  # noqa: F401  (a fixture, used by name)
 
 ROWS_RULE = "most different rows"
-
-
-@pytest.fixture
-def deep():
-    model, x = deep_bn_cnn(), torch.randn(32, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-    new, t = wb.random_intertwiner(model, seed=0, example=x)
-    floor._COPIES.clear()
-    return model, x, new, t
 
 
 def copy_calls(model) -> list:
