@@ -17,6 +17,7 @@ import pytest
 import torch
 from scipy import stats
 
+from workbench._errors import InvalidOptionError, MissingDependencyError
 from workbench.groups import _haar, get_group
 from workbench.groups._families import _haar as haar_draw, _normal
 
@@ -141,7 +142,7 @@ def test_without_numba_the_draw_is_torchs_qr(numba_off):
     Q0, d0 = lapack(gaussians(6, 16, seed=0))
     assert torch.equal(Q, Q0) and torch.equal(d, d0)
     assert torch.equal(haar_draw(6, 16, torch.Generator().manual_seed(0)), Q0 * d0)
-    with pytest.raises(RuntimeError, match="numba is not available"):
+    with pytest.raises(MissingDependencyError, match="numba is not available"):
         _haar.haar_qr(gaussians(1, 4, seed=0), fast=True)
 
 
@@ -162,7 +163,7 @@ def test_inputs_the_loop_does_not_take_go_to_torch(kernel):
         Q, d = _haar.haar_qr(G)
         Q0, d0 = lapack(G)
         assert torch.equal(Q, Q0) and torch.equal(d, d0)
-    with pytest.raises(RuntimeError, match="float64"):
+    with pytest.raises(InvalidOptionError, match="float64"):
         _haar.haar_qr(gaussians(2, 5, seed=0).float(), fast=True)
     big = gaussians(1, _haar.FAST_MAX_N + 1, seed=0)
     assert torch.equal(_haar.haar_qr(big)[0], lapack(big)[0])  # beyond FAST_MAX_N: torch's QR

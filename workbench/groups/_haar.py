@@ -14,6 +14,7 @@ from typing import Optional
 
 import torch
 
+from .._errors import InvalidOptionError, MissingDependencyError
 from .._numba import compiled, give_up
 
 # Up to this n the compiled loop is faster than MKL's QR here (measured, one thread, min of 15–20 interleaved:
@@ -27,10 +28,12 @@ def haar_qr(G: torch.Tensor, *, fast: Optional[bool] = None) -> tuple[torch.Tens
     ``d = sign(diag R)`` ``[k, 1, n]`` (0 where R's diagonal is 0), so ``Q·d`` is Haar when G is Gaussian.
 
     ``fast``: None takes the compiled loop where it applies (numba installed, n ≤ FAST_MAX_N), False
-    forces torch's QR, True requires the compiled loop (tests; raises RuntimeError without numba)."""
+    forces torch's QR, True requires the compiled loop (tests): ``MissingDependencyError`` without numba,
+    ``InvalidOptionError`` for an input the loop does not take."""
     kernel = _kernel() if fast is not False else None
     if fast and kernel is None:
-        raise RuntimeError("the compiled Haar QR was required but numba is not available (or WORKBENCH_NUMBA=0)")
+        raise MissingDependencyError("the compiled Haar QR was required (fast=True) but numba is not available (or "
+                                     "WORKBENCH_NUMBA=0); install the 'fast' extra, or pass fast=None to use torch's QR")
     k, n = G.shape[0], G.shape[-1]
     applies = G.dtype == torch.float64 and G.device.type == "cpu" and G.ndim == 3 and G.shape[1] == n
     if kernel is not None and applies and (fast or n <= FAST_MAX_N):
@@ -45,8 +48,8 @@ def haar_qr(G: torch.Tensor, *, fast: Optional[bool] = None) -> tuple[torch.Tens
                 raise
             give_up(_state, "kernel", "the compiled Haar QR", exc, "Haar draws use torch's QR")
     elif fast:  # numba is there but this input is not what the loop takes
-        raise RuntimeError(f"the compiled Haar QR takes [k, n, n] float64 on the CPU; got {G.dtype} "
-                           f"{tuple(G.shape)} on {G.device}")
+        raise InvalidOptionError(f"the compiled Haar QR (fast=True) takes [k, n, n] float64 on the CPU; got "
+                                 f"{G.dtype} {tuple(G.shape)} on {G.device}; pass fast=None to use torch's QR")
     Q, R = torch.linalg.qr(G)
     return Q, torch.sign(torch.diagonal(R, dim1=-2, dim2=-1)).unsqueeze(-2)
 
