@@ -25,6 +25,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
+from .._errors import InvalidOptionError, MissingDependencyError
 from .._numba import compiled, give_up
 
 # Below this many elements the numba call's own cost (argument typing, ~10 µs) outweighs what it saves.
@@ -43,17 +44,28 @@ def gather_scale_into(src: torch.Tensor, out: torch.Tensor, row_perm: Optional[t
 
     ``src`` and ``out`` have one shape (axes after 1 are carried along); ``buffer(like)`` gives scratch
     memory shaped like ``like`` for the torch path. ``fast``: None picks the compiled kernel where it
-    applies, False forces the torch path, True requires the kernel (tests; raises where it cannot run).
+    applies, False forces the torch path, True requires the kernel (tests): ``MissingDependencyError``
+    without numba (or with ``WORKBENCH_NUMBA=0``), ``InvalidOptionError`` for arguments it does not take
+    (as ``groups._haar.haar_qr``).
     Returns the largest ``|src|`` (NaN if any is NaN) when the compiled kernel ran, which read all of it
     anyway; None after the torch path.
     """
+    if fast and _kernels() is None:  # before the arguments: without numba no argument could run
+        raise MissingDependencyError("the compiled transform kernel was required (fast=True) but numba is not "
+                                     "available (or WORKBENCH_NUMBA=0); install the 'fast' extra, or pass fast=None "
+                                     "to use torch's gathers")
     if fast is not False and _fast_applies(src, out, row_perm, col_perm, strict=fast is True):
         kernels = _kernels()
         peak = None if kernels is None else _run_fast(kernels, src, out, row_perm, row_scale, col_perm, col_scale)
         if peak is not None:
             return peak
-        if fast:
-            raise RuntimeError("the compiled kernel was required but numba is not available")
+        if fast and _kernels() is None:  # the loops failed to compile just now (give_up logged why)
+            raise MissingDependencyError("the compiled transform kernel was required (fast=True) but numba could not "
+                                         "compile it (see the warning logged); pass fast=None to use torch's gathers")
+        if fast:  # numba is there, but an index outside the weight (or a scale of the wrong length)
+            raise InvalidOptionError("the compiled transform kernel (fast=True) cannot use these permutations or "
+                                     "scales (an index outside the weight, or a length that differs from its axis); "
+                                     "pass fast=None to use torch's gathers, which name what is wrong")
     _torch_path(src, out, row_perm, row_scale, col_perm, col_scale, buffer)
     return None
 
@@ -95,7 +107,7 @@ def _fast_applies(src, out, row_perm, col_perm, strict: bool) -> bool:
     elif src.requires_grad and torch.is_grad_enabled():
         why = "a source that needs gradients"
     if why is not None and strict:
-        raise RuntimeError(f"the compiled kernel cannot run here: {why}")
+        raise InvalidOptionError(f"the compiled kernel cannot run here: {why}; pass fast=None to use torch's gathers")
     return why is None
 
 
