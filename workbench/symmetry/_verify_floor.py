@@ -185,8 +185,10 @@ COPIES_MAX_BYTES = 256 * 2**20
 #: the original's floor and, where that does not carry the verdict, the new model's)
 _COPIES: dict = {}
 _COPIES_KEPT = 2
-#: input rows whose outputs (both copies') are kept with the copies: a few batches' worth
-OUTPUTS_KEPT = 4
+#: samples of input rows whose outputs (both copies') are kept with the copies, and the most bytes their inputs
+#: may take together (the oldest go first): 16 samples of FLOOR_ROWS rows cover most rows of a batch of 32
+OUTPUTS_KEPT = 16
+OUTPUTS_MAX_BYTES = 16 * 2**20
 
 
 def _copies(model: nn.Module) -> tuple[nn.Module, nn.Module, list]:
@@ -223,33 +225,49 @@ def _copies(model: nn.Module) -> tuple[nn.Module, nn.Module, list]:
     return low, high, outputs
 
 
-# The rows' two forwards (the float32 copy's and the float64 copy's outputs) are most of the rows' floor (15 of
-# verify's ~115 ms on the benchmark's CNN-26 at batch 32, the float64 one 11 ms: CPUs have no fast float64
-# convolution). They are a function of the copies and the rows' inputs only, so they are kept with the copies and
-# recalled when the same copies (checked as above) see inputs equal to earlier ones (torch.equal, same dtype,
-# shape and device): a verify repeated on the same models and batch, or another transform whose worst rows are
-# the same. The floor is then what computing it again would give, and is judged as before: against this call's
-# outputs and scales, and refused when the float32 copy's outputs on the rows disagree with the caller's model's
-# (the safety net that also catches a stale copy). Only the outputs' floor is kept (the sites' stage, which also
-# needs every watched activation of both copies, computes afresh); the thread count is part of the key, since a
-# kernel may round differently with another.
+# The rows' two forwards (the float32 copy's and the float64 copy's outputs) are most of the rows' floor (11.5 of
+# verify's ~105 ms on the benchmark's CNN-26 at batch 32, the float64 one 7.6 ms: CPUs have no fast float64
+# convolution, and it already runs near a core's float64 peak). They are a function of the copies and each row's
+# input only, so they are kept with the copies, row by row, and recalled when the same copies (checked as above)
+# see an input row equal to one seen before (torch.equal, same dtype, row shape and device): a verify repeated on
+# the same models and batch, and also another transform on them, whose worst rows differ from call to call but are
+# drawn from the same batch (on CNN-26, 33 transforms chose 33 different pairs out of 22 rows). Only when every row
+# is found: then each row's two outputs come from the same earlier sample (both copies ran on the same rows), so
+# each row's float32-against-float64 difference is the rounding of one function, as when computed now; a row's
+# float32 output with float64 output of another sample would not be (a model that mixes rows computes another
+# function in each company, and their difference would pass for a floor: tested). Where a row is missing, both
+# copies run on all rows again. The floor is judged as before: against this call's outputs and scales, and refused
+# when the float32 copy's outputs on the rows disagree with the caller's model's beyond it (the safety net that also
+# catches a stale copy, a row that its earlier company made round otherwise, and a model that mixes rows). Only
+# the outputs' floor is kept (the sites' stage, which also needs every watched activation of both copies, computes
+# afresh); the thread count is part of the key, since a kernel may round differently with another.
 def _recall(outputs: list, inputs) -> Optional[tuple]:
-    if not isinstance(inputs, torch.Tensor):
+    """(float32 copy's outputs, float64 copy's outputs) on ``inputs``, each row's pair from one earlier sample with an
+    equal row; None unless every row is found."""
+    if not isinstance(inputs, torch.Tensor) or inputs.ndim < 1:
         return None
     threads = torch.get_num_threads()
-    for seen, n, raw_out, out64 in outputs:
-        if (n == threads and seen.dtype == inputs.dtype and seen.shape == inputs.shape and seen.device == inputs.device
-                and torch.equal(seen, inputs)):
-            return raw_out, out64
-    return None
+    entries = [(seen, raw_out, out64) for seen, n, raw_out, out64 in outputs
+               if n == threads and seen.dtype == inputs.dtype and seen.shape[1:] == inputs.shape[1:]
+               and seen.device == inputs.device]
+    found = []
+    for row in inputs:
+        pair = next(((raw_out[j], out64[j]) for seen, raw_out, out64 in entries for j in range(len(seen))
+                     if torch.equal(seen[j], row)), None)
+        if pair is None:
+            return None
+        found.append(pair)
+    return torch.stack([f[0] for f in found]), torch.stack([f[1] for f in found])
 
 
 def _remember(outputs: list, inputs, raw_out, out64) -> None:
-    if not (isinstance(inputs, torch.Tensor) and isinstance(raw_out, torch.Tensor) and isinstance(out64, torch.Tensor)):
-        return
-    if len(outputs) >= OUTPUTS_KEPT:
-        outputs.pop(0)
+    if not (isinstance(inputs, torch.Tensor) and isinstance(raw_out, torch.Tensor) and isinstance(out64, torch.Tensor)
+            and inputs.ndim >= 1 and raw_out.ndim >= 1 and len(raw_out) == len(out64) == len(inputs)):
+        return  # only outputs with one row per input row can be recalled row by row
     outputs.append((inputs.detach().clone(), torch.get_num_threads(), raw_out.detach(), out64.detach()))
+    while len(outputs) > OUTPUTS_KEPT or (len(outputs) > 1 and sum(e[0].numel() * e[0].element_size()
+                                                                   for e in outputs) > OUTPUTS_MAX_BYTES):
+        outputs.pop(0)
 
 
 def _tensors(model: nn.Module) -> list:
