@@ -47,9 +47,9 @@ def _compute_rule(func) -> Union[None, str, int]:
     return params.index("inplace") if "inplace" in params else None
 
 
-def _written(func, args: tuple, kwargs: dict) -> list:
-    """The arguments a torch call is about to write into."""
-    rule, out = _rule(func), []
+def _written(func, args: tuple, kwargs: dict, rule: Union[None, str, int]) -> list:
+    """The arguments a torch call is about to write into (``rule``: ``_rule(func)``)."""
+    out = []
     if isinstance(rule, int):
         flag = kwargs.get("inplace", args[rule] if len(args) > rule else False)
         writes = isinstance(flag, int) and bool(flag)  # True, or 1
@@ -71,8 +71,15 @@ class WriteGuard(TorchFunctionMode):
         self.core = core
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if self.core._watch:
-            for t in _written(func, args, kwargs):
-                self.core._before_write(t)
-        return func(*args, **kwargs)
+        # Every torch call of the forward comes through here (about a hundred in a ResNet-20 forward), so
+        # the common case, a call that writes nothing and has no ``out=``, is one dict lookup.
+        core = self.core
+        if core._watch:
+            try:
+                rule = _RULES[func]
+            except (KeyError, TypeError):
+                rule = _rule(func)
+            if rule is not None or kwargs:
+                for t in _written(func, args, kwargs or {}, rule):
+                    core._before_write(t)
+        return func(*args, **kwargs) if kwargs else func(*args)

@@ -74,6 +74,11 @@ def _conversion(module: nn.Module):
 
     TransformerLens shows hook functions and caches the converted activation; so do we.
     """
+    # TransformerLens sets it as an attribute of the hook point (or a property of its alias wrapper). On any
+    # other module a plain getattr would go through nn.Module.__getattr__ and raise and catch an
+    # AttributeError: a capture asks once per hooked module, on every entry.
+    if "hook_conversion" not in module.__dict__ and not hasattr(type(module), "hook_conversion"):
+        return None
     return getattr(module, "hook_conversion", None)
 
 
