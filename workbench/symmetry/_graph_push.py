@@ -13,7 +13,7 @@ from ..groups import Dense, GroupElement, ScaledPermutation
 from ..hooks import inherit_copy_list
 from ._kernels import gather_scale_into
 from ._graph_stream import plan_ports
-from ._port_moves import Moves, dense_ok, fits
+from ._port_moves import Moves, dense_ok, fits, scale_range
 from ._sites import Site, SymmetryMap
 
 
@@ -85,7 +85,7 @@ def push_graph(model: nn.Module, smap: SymmetryMap, transform, inplace: bool, hi
                     _check_small(hint, f"{module_name}.{attr}", value, dst)
         scratch: dict = dict(_SCRATCH)
         done: set[int] = set()
-        known: dict = {}
+        known = scratch  # the elements' |scale| ranges, found once for the dtype checks and the bounds alike
         for module_name, plan in plans.items():
             peak = _apply_plan(old_modules[module_name], modules[module_name], plan, scratch, done)
             if not inplace:  # a copy: its weights are checked as they are made (see _check_ranges)
@@ -213,7 +213,7 @@ def _magnitude(e: Optional[GroupElement], known: Optional[dict] = None) -> float
     if known is not None and id(e) in known:
         return known[id(e)]
     if isinstance(e, ScaledPermutation):
-        value = 1.0 if e.scale is None else float(e.scale.abs().max())
+        value = 1.0 if e.scale is None else scale_range(e, known)[1] if e.scale.numel() else 1.0
     else:
         value = float(e.matrix().abs().sum(1).max())
     if known is not None:

@@ -44,6 +44,8 @@ from __future__ import annotations
 
 import functools
 import re
+import weakref
+from collections import OrderedDict
 from typing import Optional
 
 import torch
@@ -130,33 +132,69 @@ def plan_ports(modules: dict, site, element, moves_for, forced: bool) -> None:
     ``element`` at ``site`` does to every parameter port of the site. Writers move by the element (``"pre"``),
     φ of it (``"post"``), its permutation part (``"perm"``: LayerNorm gains), or permute units of ``block``
     (``"heads"``); readers by the inverse transpose of the element (or of φ of it)."""
+    ports = _site_ports(site, modules)
+    if not ports:
+        return
     HeadPermutation = _head_permutation()
     perm = element.perm_part()
     duals: dict = {}  # F⁻ᵀ per level, inverted once per site (a head's weight and bias share it)
-    for role, ports in (("writer", site.writers), ("reader", site.readers)):
-        for p in ports:
+    heads: dict = {}  # block → the head permutation, one per site (its index is computed per move it makes)
+    for role, level, block, axis, module, attr, sl in ports:
+        if level == "heads":
+            if perm is None:
+                continue  # a forced dense element at a permutation site: only its permutation part moves
+            F = heads.get(block)
+            if F is None:
+                F = heads[block] = HeadPermutation(perm, block)
+        elif level == "perm":
+            F = perm
+            if F is None:  # a dense element: the gain must be 1 already (the group says so), else refuse
+                gain = getattr(modules[module], attr)
+                if not forced and not bool((gain == 1).all()):
+                    raise InvalidOptionError(f"site {site.name!r}: a dense element cannot pass {module!r}, whose gain "
+                                             f"is not all ones; only permutations can.")
+                continue
+        else:
+            F = element.phi() if level == "post" else element
+            if role == "reader":
+                F = duals[level] if level in duals else duals.setdefault(level, F.inverse_transpose())
+        if block > 1 and level != "heads":
+            F = _Tiled(F, block)
+        moves_for(module, attr).add(F, axis, sl)
+
+
+# A site's parameter ports as plain tuples ``(role, level, block, axis, module, attr, slice)``, in the order
+# plan_ports visits them, by site: what they are depends only on the map (which the structure of the model
+# decides, _map._structure_key), never on an element or a weight, and every transform with that map replays
+# them (a Swin-T transform visits ~1200 ports: parsing each name and testing it against the modules was a
+# tenth of its port planning). Keyed by the site object, which the map memo keeps alive and shares between
+# the models of one structure, held weakly (an entry leaves with its site's map); the entry keeps the site's
+# port lists and their lengths, so a list replaced or edited in place (a site is a plain dataclass) is seen.
+_PORTS: "OrderedDict[int, tuple]" = OrderedDict()
+_PORTS_SIZE = 8192
+
+
+def _site_ports(site, modules: dict) -> tuple:
+    key = id(site)
+    hit = _PORTS.get(key)
+    writers, readers = site.writers, site.readers
+    if hit is not None and hit[0]() is site and hit[1] is writers and hit[2] is readers \
+            and hit[3] == (len(writers), len(readers)):
+        return hit[4]
+    ports = []
+    for role, group in (("writer", writers), ("reader", readers)):
+        for p in group:
             if p.name in modules:  # a module port: _graph_push plans it
                 continue
             module, attr, sl = split_port(p.name)
-            if p.level == "heads":
-                if perm is None:
-                    continue  # a forced dense element at a permutation site: only its permutation part moves
-                F = HeadPermutation(perm, p.block)
-            elif p.level == "perm":
-                F = perm
-                if F is None:  # a dense element: the gain must be 1 already (the group says so), else refuse
-                    gain = getattr(modules[module], attr)
-                    if not forced and not bool((gain == 1).all()):
-                        raise InvalidOptionError(f"site {site.name!r}: a dense element cannot pass {module!r}, whose gain "
-                                                 f"is not all ones; only permutations can.")
-                    continue
-            else:
-                F = element.phi() if p.level == "post" else element
-                if role == "reader":
-                    F = duals[p.level] if p.level in duals else duals.setdefault(p.level, F.inverse_transpose())
-            if p.block > 1 and p.level != "heads":
-                F = _Tiled(F, p.block)
-            moves_for(module, attr).add(F, p.axis, sl)
+            ports.append((role, p.level, p.block, p.axis, module, attr, sl))
+    ports = tuple(ports)
+    # (the callback runs when the site dies, before its id can be reused; an entry replaced since is not its own)
+    _PORTS[key] = (weakref.ref(site, lambda ref, key=key: _PORTS.pop(key) if _PORTS.get(key, (None,))[0] is ref
+                               else None), writers, readers, (len(writers), len(readers)), ports)
+    while len(_PORTS) > _PORTS_SIZE:
+        _PORTS.popitem(last=False)
+    return ports
 
 
 def table_parameter(graph, node: fx.Node, value) -> bool:

@@ -9,7 +9,9 @@ transform of a 5M-parameter MLP; a ResNet's trace takes far longer).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
+import types
 import weakref
 from collections import OrderedDict
 from typing import Any, Optional
@@ -105,6 +107,13 @@ def _value_key(v: Any) -> Any:
         return (type(v), tuple(_value_key(a) for a in v))
     if isinstance(v, (set, frozenset)):
         return (type(v), tuple(sorted(map(repr, v))))
+    if type(v) is dict:  # in order (a forward may iterate it): timm's feature_info is a list of such dicts
+        return (dict, tuple((_value_key(k), _value_key(a)) for k, a in v.items()))
+    if type(v) is functools.partial and isinstance(v.func, (type, types.FunctionType, types.BuiltinFunctionType)):
+        # a constructor argument kept as an attribute (torchvision ViT's ``norm_layer``): the callable itself
+        # (kept alive by the key, as _class_key keeps classes) and its arguments by value
+        return (functools.partial, v.func, tuple(map(_value_key, v.args)),
+                tuple((k, _value_key(a)) for k, a in v.keywords.items()))
     raise _Unkeyable(type(v).__name__)
 
 

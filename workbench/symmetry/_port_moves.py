@@ -28,6 +28,7 @@ and bfloat16 weights are moved in float64 and rounded once (their range check re
 from __future__ import annotations
 
 import bisect
+import weakref
 from typing import Optional
 
 import numpy as np
@@ -54,11 +55,24 @@ def fits(e, dtype: torch.dtype, scratch: Optional[dict] = None) -> bool:
     if scratch is not None and key in scratch:
         return scratch[key]
     info = torch.finfo(dtype)
-    lo, hi = torch.aminmax(e.scale.abs())  # NaN in either: not a normal number, and the comparisons say so
+    lo, hi = scale_range(e, scratch)  # NaN in either: not a normal number, and the comparisons say so
     ok = bool(hi <= info.max) and bool(lo >= info.tiny)
     if scratch is not None:
         scratch[key] = ok
     return ok
+
+
+def scale_range(e: ScaledPermutation, scratch: Optional[dict] = None) -> tuple[float, float]:
+    """``(min, max)`` of a scaled permutation's |scale| (NaN where it holds one; (inf, 0) for no entries),
+    found once per element within a push (``scratch``, as in :func:`fits`): the dtype check of every weight the
+    element moves and the range check's bound (``_graph_push._magnitude``) read the same two numbers."""
+    key = ("range", id(e))
+    if scratch is not None and key in scratch:
+        return scratch[key]
+    value = _absrange(e.scale) if e.scale.numel() else (float("inf"), 0.0)
+    if scratch is not None:
+        scratch[key] = value
+    return value
 
 
 class _Tiled:
@@ -94,7 +108,7 @@ def _parts(F, n: int):
     if isinstance(F, ScaledPermutation) and F.n == n:
         return "perm", F.perm, F.scale
     if callable(getattr(F, "index", None)):  # _layout_push.HeadPermutation (not imported: it imports this module)
-        return "perm", F.index(n), None
+        return "perm", _head_index(F, n), None
     if isinstance(F, _Tiled) and F.F.n * F.k == n:
         m, k = F.F.n, F.k
         if isinstance(F.F, ScaledPermutation):
@@ -103,6 +117,23 @@ def _parts(F, n: int):
         if isinstance(F.F, Dense):
             return "dense", [(j * m, m, F.F.M, F.F.cond) for j in range(k)]
     return None
+
+
+# A head permutation's index on an axis of length n, by permutation object: plan_ports makes one per site and
+# block, and its queries', keys' and values' row blocks (and a Swin bias table) ask for the same index. Held
+# weakly: the permutation lives for one push. (A clone is returned: a composed index may be the very tensor.)
+_HEAD_INDEX: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _head_index(F, n: int) -> torch.Tensor:
+    try:
+        known = _HEAD_INDEX.setdefault(F, {})
+    except TypeError:  # not weakly referable or not hashable: computed each time, as before
+        return F.index(n)
+    idx = known.get(n)
+    if idx is None:
+        idx = known[n] = F.index(n)
+    return idx.clone()
 
 
 class _Axis:
@@ -239,7 +270,11 @@ class Moves:
         op = self.axes.get(axis)
         if op is None:
             op = self.axes[axis] = _Axis(self.own.shape[axis])
-        if not op.then(F, sl):  # not composable: what is pending is done in float64, then F alone
+        if type(F) is Dense and sl is not None and F.n == sl[1] - sl[0]:  # most moves (a head's map): then's first case
+            done = op._block(sl[0], F.n, F.M, F.cond)
+        else:
+            done = op.then(F, sl)
+        if not done:  # not composable: what is pending is done in float64, then F alone
             self.base = self.value(torch.float64)
             self.axes = {}
             self.base = _act_slice(self.base, F, axis, sl, False)
