@@ -95,6 +95,7 @@ class HeadPermutation:
 # axis no element acts on (the vocabulary of W_E and W_U). Each slice is one job of ``in_parallel``:
 # the peak stays near a slice per thread plus the new model, and on many cores no single-threaded
 # job is much longer than the others (W_E whole would be a quarter of GPT-2 small's FLOPs).
+# On one thread, a weight moved by one gather pass in its own dtype is whole (``_jobs``).
 _SLICE = 2 ** 22
 
 
@@ -296,6 +297,7 @@ def _jobs(weights: list[tuple[torch.Tensor, torch.Tensor, list]], casts: dict) -
         return isinstance(F, Dense) and not dense_ok(F, dtype)
 
     calls, costs = [], []
+    one_thread = torch.get_num_threads() == 1  # ``in_parallel`` then runs the calls in turn
     for src, dst, ops in weights:
         if all((isinstance(F, ScaledPermutation) and F.scale is None) or isinstance(F, HeadPermutation) for _, F in ops):
             last = -1  # exact in any dtype
@@ -305,7 +307,10 @@ def _jobs(weights: list[tuple[torch.Tensor, torch.Tensor, list]], casts: dict) -
             last = len(ops) - 1
         used = {a % src.ndim for a, F in ops} | {0 for _, F in ops if isinstance(F, dict)}
         free = [a for a in range(src.ndim) if a not in used]
-        axis = max(free, key=lambda a: src.shape[a]) if free and src.numel() > _SLICE else None
+        # One gather pass in the weight's dtype needs no scratch memory to bound, and on one thread no jobs to
+        # balance: whole (W_E's 4 slices were 4 gathers, each with its own index set-up)
+        whole = last == -1 and one_thread and _gather_run(ops, 0, src) == len(ops)
+        axis = max(free, key=lambda a: src.shape[a]) if free and src.numel() > _SLICE and not whole else None
         step = 1 if axis is None else max(1, _SLICE * src.shape[axis] // src.numel())
         for start in range(0, src.shape[axis] if axis is not None else 1, step):
             x = src if axis is None else src.narrow(axis, start, min(step, src.shape[axis] - start))
@@ -323,7 +328,7 @@ def _push_slice(x: torch.Tensor, out: torch.Tensor, ops: list, last: int, casts:
         # .double() / .to() keep the strides: the model's own memory order
         x = x.double() if i <= last else x.to(dtype)
         j = _gather_run(ops, i, x)
-        if j > i:  # permutations on distinct axes: one pass (ops[last] is general, so never inside a run)
+        if j > i:  # permutations: one pass (ops[last] is general, so never inside a run)
             x = _gathered(x, ops[i:j], out if j == len(ops) else None)
             i = j
             continue
@@ -335,25 +340,30 @@ def _push_slice(x: torch.Tensor, out: torch.Tensor, ops: list, last: int, casts:
 
 
 def _gather_run(ops: list, i: int, x: torch.Tensor) -> int:
-    """The end of the run of (scaled, head) permutations from ``ops[i]``, each on an axis of ``x`` no other
-    in the run moves (``i``: none to fuse)."""
+    """The end of the run of (scaled, head) permutations from ``ops[i]`` (``i``: none to fuse). Several may
+    act on one axis — a key/value group's permutation, then the query heads' within each group — as long as
+    at most one of those carries a scale: their composition is one index and that one scale, so each entry is
+    still one gather and one product by the same factor (the same bits as one gather per move)."""
     from ..groups import ScaledPermutation
 
     if x.ndim < 2:
         return i
-    seen, j = set(), i
+    scaled, j = set(), i
     while j < len(ops):
         a, F = ops[j]
         a %= x.ndim
-        if a in seen or not (isinstance(F, HeadPermutation) or (isinstance(F, ScaledPermutation) and F.n == x.shape[a])):
+        if not (isinstance(F, HeadPermutation) or (isinstance(F, ScaledPermutation) and F.n == x.shape[a])):
             break
-        seen.add(a)
+        if getattr(F, "scale", None) is not None:
+            if a in scaled:
+                break
+            scaled.add(a)
         j += 1
     return j
 
 
 def _gathered(x: torch.Tensor, run: list, out: Optional[torch.Tensor]) -> torch.Tensor:
-    """``x`` moved by ``run`` (permutations on distinct axes) in one gather pass (``_kernels.gather_scale_into``:
+    """``x`` moved by ``run`` (permutations, see ``_gather_run``) in one gather pass (``_kernels.gather_scale_into``:
     numba's fused loop, else torch's gathers): ``x`` in memory order is a matrix [rows, last axis], and the
     moves of the row axes compose into one index (and one scale) over their flattened product.
 
@@ -364,19 +374,28 @@ def _gathered(x: torch.Tensor, run: list, out: Optional[torch.Tensor]) -> torch.
     xm, back = x.permute(order), [order.index(d) for d in range(x.ndim)]
     if not xm.is_contiguous():
         xm = xm.contiguous()
-    moves = {order.index(a % x.ndim): F for a, F in run}
+    moves: dict[int, tuple] = {}  # memory axis -> (index, scale or None): its moves composed in order
+    for a, F in run:
+        m = order.index(a % x.ndim)
+        i_F = F.index(xm.shape[m]) if isinstance(F, HeadPermutation) else F.perm
+        s_F = getattr(F, "scale", None)
+        if m in moves:  # after (i, s): out[c] = x[i[f[c]]]·s[f[c]]·s_F[c], one of s, s_F None (``_gather_run``)
+            i, s = moves[m]
+            moves[m] = (i[i_F], s_F if s is None else s[i_F])
+        else:
+            moves[m] = (i_F, s_F)
     sides = []  # (index, scale) of the rows (memory axes but the last) and of the columns (the last)
     for axes in (range(x.ndim - 1), [x.ndim - 1]):
         idx, scale = None, None
         if any(m in moves for m in axes):
             idx, scale = torch.zeros(1, dtype=torch.long), torch.ones(1, dtype=torch.float64)
             for m in axes:
-                n, F = xm.shape[m], moves.get(m)
-                i_m = torch.arange(n) if F is None else (F.index(n) if isinstance(F, HeadPermutation) else F.perm)
-                s_m = getattr(F, "scale", None)
+                n = xm.shape[m]
+                i_m, s_m = moves.get(m, (None, None))
+                i_m = torch.arange(n) if i_m is None else i_m
                 idx = (idx[:, None] * n + i_m[None, :]).flatten()
                 scale = scale.repeat_interleave(n) if s_m is None else (scale[:, None] * s_m.double()[None, :]).flatten()
-            if not any(getattr(moves.get(m), "scale", None) is not None for m in axes):
+            if all(moves.get(m, (None, None))[1] is None for m in axes):
                 scale = None
         sides.append((idx, scale))
     R = xm.numel() // xm.shape[-1]
@@ -403,7 +422,8 @@ def _along(x: torch.Tensor, F, axis: int, out: Optional[torch.Tensor], casts: di
     map writes straight into ``out`` (the new model's tensor) when it lies in the same order and dtype,
     saving a copy of the weight; otherwise the result is returned and the caller copies it.
     ``casts`` memoises a dense map's matrix per dtype across calls (the stream's 768×768 rotation
-    meets some 200 weights and slices).
+    meets some 200 weights and slices), and a per-head dict's stacked matrices (keyed by its elements'
+    ids: they stay alive in the ops for the whole push).
     """
     from ..groups import Dense
 
@@ -412,7 +432,11 @@ def _along(x: torch.Tensor, F, axis: int, out: Optional[torch.Tensor], casts: di
     if isinstance(F, dict):  # per-head maps: one batched product over the heads on axis 0
         names = "abcdefg"[:x.ndim]
         spec = "".join("y" if d == axis else names[d] for d in order)
-        M = _stack(F, x.shape[0], x.shape[axis]).to(x.dtype)
+        # the same heads' maps meet several weights (W_Q and b_Q; W_V, b_V and W_O's dual): stacked once a call
+        key = ("stack", tuple((h, id(f)) for h, f in F.items()), x.shape[0], x.shape[axis], x.dtype)
+        M = casts.get(key)
+        if M is None:
+            M = casts[key] = _stack(F, x.shape[0], x.shape[axis]).to(x.dtype)
         return torch.einsum(f"{spec},azy->{spec.replace('y', 'z')}", xm, M).permute(back)
     if not isinstance(F, Dense):  # a (scaled) permutation: its own act, an index_select
         return F.act(xm, order.index(axis)).permute(back)
