@@ -190,7 +190,7 @@ def _site_ports(site, modules: dict) -> tuple:
             ports.append((role, p.level, p.block, p.axis, module, attr, sl))
     ports = tuple(ports)
     # (the callback runs when the site dies, before its id can be reused; an entry replaced since is not its own)
-    _PORTS[key] = (weakref.ref(site, lambda ref, key=key: _PORTS.pop(key) if _PORTS.get(key, (None,))[0] is ref
+    _PORTS[key] = (weakref.ref(site, lambda ref, key=key: _PORTS.pop(key, None) if _PORTS.get(key, (None,))[0] is ref
                                else None), writers, readers, (len(writers), len(readers)), ports)
     while len(_PORTS) > _PORTS_SIZE:
         _PORTS.popitem(last=False)
