@@ -152,9 +152,9 @@ def finish(model: nn.Module, new: nn.Module) -> nn.Module:
     bridge's blank is a bare Hugging Face model, wrapped now (booting splits fused q/k/v into copies,
     so it must come after the weights); every other kind is already complete."""
     if model_kind(model) == ModelKind.HF_BRIDGE:
-        from . import _hf
+        from . import _hf, _hf_shell  # a template's copy derives its split q/k/v from the written weights
 
-        return _hf.finish(model, new)
+        return _hf.finish(model, _hf_shell.finish(new))
     return new
 
 

@@ -28,12 +28,16 @@ def as_template(model: nn.Module, modules: Optional[Iterable[nn.Module]] = None)
     return model, devices
 
 
-def fresh_copy(template: nn.Module, devices: dict, modules: Iterable[nn.Module], memo: Optional[dict] = None):
+def fresh_copy(template: nn.Module, devices: dict, modules: Iterable[nn.Module], memo: Optional[dict] = None,
+               *, copies: Optional[dict] = None):
     """A deep copy of ``template`` (from :func:`as_template`) whose parameters, those of ``modules``, are new
     uninitialised tensors on their devices; ``memo``: more objects to stand in (``copy.deepcopy``'s). A module's
     empty dicts (its hook dicts, 8 or more per module) are given as new ones: deep-copied one by one through
-    ``__reduce_ex__`` they were two thirds of a copy."""
-    memo = dict(memo or {})
+    ``__reduce_ex__`` they were two thirds of a copy. ``copies``: an empty dict that receives the copy's memo
+    (id of a template object -> its copy), for a caller that re-binds what the copy shares (``_hf_shell``)."""
+    given = memo or {}
+    memo = copies if copies is not None else {}
+    memo.update(given)
     for m in modules:
         for p in m._parameters.values():
             if p is not None and id(p) not in memo:
