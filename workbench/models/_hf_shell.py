@@ -81,7 +81,7 @@ def _params(bridge: nn.Module):
 
 def _template(model: nn.Module, dtype: torch.dtype):
     """``(template, devices, mirrored placeholders' names, split attentions' names, every split attention the
-    template reaches)`` or None (see the module docstring)."""
+    template reaches, its modules)`` or None (see the module docstring)."""
     from . import _hf
 
     try:  # TransformerLens 4.x's boot, whose pieces this module reads; 3.9's early bridge is booted
@@ -105,7 +105,7 @@ def _template(model: nn.Module, dtype: torch.dtype):
     if any(type(o) not in classes or _split_fn(o) is None for o in splitters):
         return None
     T, devices = as_template(T, modules)  # meta parameters: any reference a copy kept to one would fail loudly
-    entry = (T, devices, tuple(wired), tuple(splits), tuple(splitters))
+    entry = (T, devices, tuple(wired), tuple(splits), tuple(splitters), tuple(modules))
     trial = finish(_copy(entry, model))  # (its config's weak reference to its bridge must name the copy)
     ref = getattr(trial.cfg, "_bridge_ref", None)
     if _reaches(trial, T) or _tokenizers(trial) != {id(trial.tokenizer)} or (ref is not None and ref() is not trial):
@@ -240,7 +240,7 @@ def _copy(entry, model: nn.Module) -> nn.Module:
     from . import _hf
     from transformer_lens.model_bridge.sources._bridge_builder import configure_tokenizer
 
-    T, devices, wired, splits, splitters = entry
+    T, devices, wired, splits, splitters, modules = entry
     memo = {}
     if T.tokenizer is not None:  # the model's tokenizer, configured as a boot configures it (cfg's BOS flags)
         memo[id(T.tokenizer)] = configure_tokenizer(_hf._configured(model.tokenizer), T.cfg)
@@ -249,7 +249,7 @@ def _copy(entry, model: nn.Module) -> nn.Module:
         for p in (p for b in (attn.q, attn.k, attn.v) for p in b.original_component.parameters()):
             memo[id(p)] = nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device="meta"), requires_grad=p.requires_grad)
     copies = {}
-    new = fresh_copy(T, devices, _params(T), memo, copies=copies)
+    new = fresh_copy(T, devices, modules, memo, copies=copies)
     for o in splitters:  # JointQKVAttentionBridge.__deepcopy__ shares the split function: bind it to the copy's own
         fn = _split_fn(o)  # (its adapter's, or its block template's; one the copy does not hold stays shared and
         if id(o) in copies:  # ``_template``'s trial finds it)
