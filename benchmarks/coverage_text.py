@@ -55,11 +55,13 @@ TARGET = 3.0
 CLOCK = "cpu"  # judged on CPU time, one torch thread (see the docstring)
 
 
-def shapes(quick: bool) -> dict:
-    """Family -> (class name, config keywords)."""
+def shapes(quick: bool, positions: int = 512) -> dict:
+    """Family -> (class name, config keywords). ``positions``: the position tables' length (tests/test_layout_bits.py
+    pins transforms of the quick shapes with 64)."""
     d, L, H, V, f = (32, 2, 4, 50, 48) if quick else (512, 6, 8, 32000, 2048)
     kv = H // 4 if not quick else 2
-    common = dict(hidden_size=d, num_hidden_layers=L, num_attention_heads=H, vocab_size=V, max_position_embeddings=512)
+    common = dict(hidden_size=d, num_hidden_layers=L, num_attention_heads=H, vocab_size=V,
+                  max_position_embeddings=positions)
     return {
         "mistral": ("MistralForCausalLM", dict(common, intermediate_size=f, num_key_value_heads=kv, sliding_window=16)),
         "qwen2": ("Qwen2ForCausalLM", dict(common, intermediate_size=f, num_key_value_heads=kv, tie_word_embeddings=True)),
@@ -68,10 +70,10 @@ def shapes(quick: bool) -> dict:
         "opt": ("OPTForCausalLM", dict(common, ffn_dim=f)),
         "opt350": ("OPTForCausalLM", dict(common, ffn_dim=f, word_embed_proj_dim=d // 2, do_layer_norm_before=False)),
         "gpt_neox": ("GPTNeoXForCausalLM", dict(common, intermediate_size=f)),
-        "gpt2": ("GPT2LMHeadModel", dict(n_embd=d, n_layer=L, n_head=H, vocab_size=V, n_positions=512)),
+        "gpt2": ("GPT2LMHeadModel", dict(n_embd=d, n_layer=L, n_head=H, vocab_size=V, n_positions=positions)),
         "llama": ("LlamaForCausalLM", dict(common, intermediate_size=f, num_key_value_heads=kv)),
         "bert": ("BertForMaskedLM", dict(hidden_size=d, num_hidden_layers=L, num_attention_heads=H, vocab_size=V,
-                                         intermediate_size=f, max_position_embeddings=512)),
+                                         intermediate_size=f, max_position_embeddings=positions)),
     }
 
 

@@ -17,42 +17,18 @@ import pytest
 import torch
 
 import workbench as wb
+from benchmarks.coverage_text import build as build_family, shapes
 
 from test_transform_bits import _digest, lapack_haar, one_thread  # noqa: F401  (fixtures, used by name)
 
 transformers = pytest.importorskip("transformers")
 
-D, L, H, V, F = 32, 2, 4, 50, 48
-_COMMON = dict(hidden_size=D, num_hidden_layers=L, num_attention_heads=H, vocab_size=V, max_position_embeddings=64)
-FAMILIES = {  # benchmarks/coverage_text.py's shapes(quick=True)
-    "mistral": ("MistralForCausalLM", dict(_COMMON, intermediate_size=F, num_key_value_heads=2, sliding_window=16)),
-    "qwen2": ("Qwen2ForCausalLM", dict(_COMMON, intermediate_size=F, num_key_value_heads=2, tie_word_embeddings=True)),
-    "gemma": ("GemmaForCausalLM", dict(_COMMON, intermediate_size=F, num_key_value_heads=1, head_dim=D // H)),
-    "phi": ("PhiForCausalLM", dict(_COMMON, intermediate_size=F)),
-    "opt": ("OPTForCausalLM", dict(_COMMON, ffn_dim=F)),
-    "opt350": ("OPTForCausalLM", dict(_COMMON, ffn_dim=F, word_embed_proj_dim=D // 2, do_layer_norm_before=False)),
-    "gpt_neox": ("GPTNeoXForCausalLM", dict(_COMMON, intermediate_size=F)),
-    "gpt2": ("GPT2LMHeadModel", dict(n_embd=D, n_layer=L, n_head=H, vocab_size=V, n_positions=64)),
-    "llama": ("LlamaForCausalLM", dict(_COMMON, intermediate_size=F, num_key_value_heads=2)),
-    "bert": ("BertForMaskedLM", dict(hidden_size=D, num_hidden_layers=L, num_attention_heads=H, vocab_size=V,
-                                     intermediate_size=F, max_position_embeddings=64)),
-}
+# benchmarks/coverage_text.py's tiny shapes, with the 64-position tables the hashes were recorded on
+FAMILIES = shapes(quick=True, positions=64)
 
 
 def build(family: str, dtype=torch.float32):
-    cls_name, kw = FAMILIES[family]
-    config_cls = {"GPT2LMHeadModel": "GPT2Config", "BertForMaskedLM": "BertConfig"}.get(
-        cls_name, cls_name.replace("ForCausalLM", "Config"))
-    torch.manual_seed(0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = getattr(transformers, cls_name)(getattr(transformers, config_cls)(**kw)).eval()
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.ndim == 1 and ("norm" in name.lower() or "ln" in name):  # a fresh model's 1s and 0s are degenerate
-                p.add_(0.3 * torch.randn(p.shape, generator=g))
-    return model.to(dtype)
+    return build_family(*FAMILIES[family]).to(dtype)
 
 
 def _digests(model, inplace: bool = True) -> list[str]:
