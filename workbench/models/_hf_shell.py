@@ -44,6 +44,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from .._errors import UnsupportedModelError
 from ._quiet_build import as_template, fresh_copy
 
 # Templates per key (see the module docstring); None records a configuration that is booted instead.
@@ -209,8 +210,10 @@ def finish(new: nn.Module) -> nn.Module:
         for bridge, linear in zip((attn.q, attn.k, attn.v), made):
             own = bridge.original_component
             if set(own._parameters) != set(linear._parameters):
-                raise RuntimeError(f"the split of {type(attn).__name__} changed its parameters: "
-                                   f"{sorted(own._parameters)} -> {sorted(linear._parameters)}")
+                raise UnsupportedModelError(
+                    f"the installed TransformerLens's split of {type(attn).__name__} gives parameters "
+                    f"{sorted(linear._parameters)} where the bridge's copy has {sorted(own._parameters)}: a copied "
+                    f"bridge cannot be finished; its q, k and v must carry the same parameters as after a boot")
             own._parameters.update(linear._parameters)
     return new
 
