@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from ..groups import Dense, ScaledPermutation
+from ._kernels import abs_range
 
 # The largest condition number a dense map's product may run in float32 with (module docstring).
 COND_MAX = 1e3
@@ -100,15 +101,17 @@ def _act_slice(v: torch.Tensor, F, axis: int, sl: Optional[tuple[int, int]], own
     return out
 
 
-def _parts(F, n: int):
+def _parts(F, n: int, numpy: bool = False):
     """``F`` acting on a range of length ``n`` as ``("perm", idx, scale)`` (out[i] = scale[i]·x[idx[i]]) or
-    ``("dense", [(offset, size, M, cond)])``; None for a map not understood here."""
+    ``("dense", [(offset, size, M, cond)])``; None for a map not understood here. ``numpy``: a head permutation's
+    ``idx`` as the read-only NumPy array :func:`_head_index` keeps (``_Axis.then``), else a tensor of its own."""
     if isinstance(F, Dense) and F.n == n:
         return "dense", [(0, n, F.M, F.cond)]
     if isinstance(F, ScaledPermutation) and F.n == n:
         return "perm", F.perm, F.scale
     if callable(getattr(F, "index", None)):  # _layout_push.HeadPermutation (not imported: it imports this module)
-        return "perm", _head_index(F, n), None
+        idx = _head_index(F, n)
+        return "perm", idx if numpy else torch.from_numpy(idx.copy()), None
     if isinstance(F, _Tiled) and F.F.n * F.k == n:
         m, k = F.F.n, F.k
         if isinstance(F.F, ScaledPermutation):
@@ -121,19 +124,21 @@ def _parts(F, n: int):
 
 # A head permutation's index on an axis of length n, by permutation object: plan_ports makes one per site and
 # block, and its queries', keys' and values' row blocks (and a Swin bias table) ask for the same index. Held
-# weakly: the permutation lives for one push. (A clone is returned: a composed index may be the very tensor.)
+# weakly: the permutation lives for one push. Kept as a read-only NumPy array (``_Axis.then`` composes in NumPy;
+# ``_tensor`` copies a read-only array, so no composed index is ever this array itself).
 _HEAD_INDEX: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
-def _head_index(F, n: int) -> torch.Tensor:
+def _head_index(F, n: int) -> np.ndarray:
     try:
         known = _HEAD_INDEX.setdefault(F, {})
     except TypeError:  # not weakly referable or not hashable: computed each time, as before
-        return F.index(n)
+        return _np(F.index(n))
     idx = known.get(n)
     if idx is None:
-        idx = known[n] = F.index(n)
-    return idx.clone()
+        idx = known[n] = _np(F.index(n)).copy()
+        idx.flags.writeable = False
+    return idx
 
 
 class _Axis:
@@ -153,7 +158,7 @@ class _Axis:
         a, b = sl if sl is not None else (0, self.L)
         if isinstance(F, Dense) and F.n == b - a:  # most moves (a head's map on its rows): no _parts tuple
             return self._block(a, F.n, F.M, F.cond)
-        parts = _parts(F, b - a)
+        parts = _parts(F, b - a, numpy=True)
         if parts is None:
             return False
         if parts[0] == "dense":
@@ -169,8 +174,20 @@ class _Axis:
         # a dozen small operations that cost torch 5-10 µs of dispatch apiece and NumPy about 1. Gathers of
         # integers are exact and a float64 product rounds the same (IEEE) in both, so the result is the same bits.
         _, f_idx, f_scale = parts
-        f_idx = _np(f_idx)
+        f_idx = f_idx if isinstance(f_idx, np.ndarray) else _np(f_idx)
         whole = a == 0 and b == self.L
+        if self.blocks and f_scale is None:  # a permutation after dense blocks (a head permutation): blocks move
+            moved = self._moved_blocks(a, b, f_idx)
+            if moved is not None:
+                if whole:
+                    g = f_idx
+                else:
+                    g = np.arange(self.L, dtype=np.int64)
+                    g[a:b] = a + f_idx
+                self.idx = _tensor(g if self.idx is None else self.idx.numpy()[g])
+                self.scale = None if self.scale is None else _tensor(self.scale.numpy()[g])
+                self.blocks, self.starts = moved
+                return True
         if whole:
             g, gs = f_idx, None if f_scale is None else _np(f_scale, np.float64)
         else:
@@ -220,6 +237,40 @@ class _Axis:
         return True
 
 
+    def _moved_blocks(self, a: int, b: int, f_idx: np.ndarray) -> Optional[tuple[dict, list]]:
+        """``(blocks, starts)`` after the permutation ``out[a + i] = x[a + f_idx[i]]`` of ``[a, b)`` (the identity
+        elsewhere), for the general path of :meth:`then` with no scale; None where that path must decide (a block
+        straddles ``a`` or ``b``, or is not carried whole and in order). Only the blocks inside ``[a, b)`` are
+        looked at: a head permutation moves one of a packed projection's three sections, and the general path
+        checked all 3·H blocks on each (a Swin-T transform made 84 such moves at 40-90 µs each). The blocks'
+        matrices are the same objects, only their starts change: no arithmetic, the same result."""
+        starts, blocks = self.starts, self.blocks
+        lo, hi = bisect.bisect_left(starts, a), bisect.bisect_left(starts, b)
+        if (lo and starts[lo - 1] + blocks[starts[lo - 1]][0] > a) or (hi > lo and starts[hi - 1] + blocks[starts[hi - 1]][0] > b):
+            return None
+        inner = starts[lo:hi]
+        if not inner:
+            return blocks, starts
+        m = b - a
+        inv = np.empty(m, dtype=np.int64)
+        inv[f_idx] = np.arange(m)  # output row (local) of each input row
+        new = dict(blocks)
+        for s in inner:
+            del new[s]
+        by_size: dict[int, list] = {}
+        for s in inner:
+            by_size.setdefault(blocks[s][0], []).append(s)
+        moved = []
+        for n, group in by_size.items():
+            span = np.arange(n)
+            rows = inv[(np.asarray(group) - a)[:, None] + span]
+            if not np.array_equal(rows, rows[:, :1] + span):
+                return None
+            for s, r in zip(group, rows[:, 0].tolist()):
+                new[a + r] = blocks[s]
+                moved.append(a + r)
+        return new, starts[:lo] + sorted(moved) + starts[hi:]
+
     def _block(self, s: int, n: int, M: torch.Tensor, cond) -> bool:
         """Compose the dense map M on ``[s, s + n)`` after what is here (False: it straddles a block)."""
         old = self.blocks.get(s)
@@ -237,9 +288,9 @@ class _Axis:
 
 
 def _absrange(scale: torch.Tensor) -> tuple[float, float]:
-    """(min, max) of |scale| (NaN where it holds one), in NumPy: a third of torch's per-call cost here."""
-    a = np.abs(_np(scale))
-    return float(a.min()), float(a.max())
+    """(min, max) of |scale| (NaN where it holds one), through NumPy's view of it: a third of torch's per-call cost
+    here, and one compiled pass where numba is there (``_kernels.abs_range``)."""
+    return abs_range(_np(scale).reshape(-1))
 
 
 def _np(t: torch.Tensor, dtype=None) -> np.ndarray:
