@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import itertools
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -98,6 +99,50 @@ def test_the_compiled_kernel_agrees_bit_for_bit_with_torchs_gathers(case):
 
 
 @needs_kernel
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(n=st.integers(1, 700), dtype=st.sampled_from([torch.float32, F64]), scaled=st.booleans(),
+       strided=st.booleans(), seed=st.integers(0, 2**31 - 1))
+def test_the_vector_kernel_agrees_bit_for_bit_with_torchs_gather(n, dtype, scaled, strided, seed):
+    """A bias (a vector with a row permutation and scale) goes through its own compiled loop (from
+    FAST_MIN_VECTOR entries; any length with fast=True): the same bits as torch's gather and product, specials
+    included, and its peak."""
+    g = torch.Generator().manual_seed(seed)
+    src = torch.randn(2 * n if strided else n, generator=g, dtype=dtype)[:: 2 if strided else 1]
+    specials = torch.tensor([float("inf"), float("-inf"), float("nan"), -0.0, 1e-40, -3e-310], dtype=dtype)
+    with torch.no_grad():
+        src[seed % n] = specials[seed % len(specials)]
+    p = torch.randperm(n, generator=g)
+    r = torch.exp(3.0 * torch.randn(n, generator=g, dtype=F64)) * torch.where(
+        torch.rand(n, generator=g) < 0.3, -1.0, 1.0).double() if scaled else None
+    out = torch.empty(n, dtype=dtype)
+    peak = _kernels.gather_scale_into(src, out, p, r, None, None, buffer, fast=True)
+    assert torch.equal(bits(out), bits(torch_reference(src, p, r, None, None)))
+    a = src.abs()
+    want = float("nan") if bool(a.isnan().any()) else float(a.max())
+    assert (peak != peak and want != want) or peak == want
+
+
+@needs_kernel
+def test_an_index_outside_the_axis_never_reaches_the_unchecked_loops():
+    """The compiled index check (one pass, int32) refuses what NumPy's min/max refused: an entry below 0 or at n
+    and beyond, first or last; torch's gather, which then runs, raises. Nothing is written by the loops."""
+    for n in (300, 5000):
+        W, v = torch.randn(n, 64), torch.randn(n)
+        for bad_value, where in ((n, 0), (-1, n - 1), (2**40, n // 2)):
+            bad = torch.randperm(n)
+            bad[where] = bad_value
+            assert _kernels._checked_index(bad, n) is False
+            for src in (W, v):
+                out = torch.full_like(src, 7.0)
+                with pytest.raises((IndexError, RuntimeError)):
+                    _kernels.gather_scale_into(src, out, bad, None, None, None, buffer)
+        good = torch.randperm(n)
+        idx = _kernels._checked_index(good, n)
+        assert idx.dtype == np.int32 and np.array_equal(idx, good.numpy())
+    assert len(_kernels._checked_index(torch.empty(0, dtype=torch.long), 0)) == 0
+
+
+@needs_kernel
 def test_the_kernel_is_used_where_it_applies_and_torch_elsewhere(monkeypatch):
     W = torch.randn(256, 128)
     p, q = torch.randperm(256), torch.randperm(128)
@@ -157,6 +202,7 @@ def cnn(dtype):
 def test_a_transform_is_the_same_with_and_without_the_kernel(build, shape, dtype, monkeypatch):
     model = build(dtype)
     monkeypatch.setattr(_kernels, "FAST_MIN_NUMEL", 0)  # every weight through the kernel
+    monkeypatch.setattr(_kernels, "FAST_MIN_VECTOR", 0)  # and every bias through the vector loop
     fast, t = wb.random_intertwiner(model, seed=3)
     monkeypatch.setattr(_kernels, "_state", {"kernels": None, "tried": True})
     plain, t2 = wb.random_intertwiner(model, seed=3)

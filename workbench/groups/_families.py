@@ -289,10 +289,16 @@ class ScaledPermutationGroup(Group):
     def sample(self, generator=None, *, seed=None) -> ScaledPermutation:
         g = _gen(generator, seed)
         perm = torch.randperm(self.n, generator=g)
-        # Log-normal scales exp(σz − σ²/2) have mean 1 (the paper's exp(g)/exp(1/2) at σ = 1).
-        mag = torch.exp(self.sigma * torch.randn(self.n, generator=g, dtype=torch.float64) - self.sigma ** 2 / 2)
-        sign = torch.where(torch.rand(self.n, generator=g) < 0.5, -1.0, 1.0).double()
-        scale = {"positive": mag, "sign": sign, "nonzero": sign * mag}[self.diagonal]
+        # Log-normal scales exp(σz − σ²/2) have mean 1 (the paper's exp(g)/exp(1/2) at σ = 1). In place: the
+        # same roundings as ``torch.exp(σ·z − σ²/2)``, without two temporaries.
+        mag = torch.randn(self.n, generator=g, dtype=torch.float64).mul_(self.sigma).sub_(self.sigma ** 2 / 2).exp_()
+        # Every diagonal draws the signs, so that a seed gives each kind the same permutations and magnitudes
+        # and the draws after this one do not depend on the kind; a positive diagonal only advances the generator.
+        coins = torch.rand(self.n, generator=g)
+        if self.diagonal == "positive":
+            return ScaledPermutation(perm, mag, self.phi, self.name)
+        sign = torch.where(coins < 0.5, -1.0, 1.0).double()
+        scale = sign if self.diagonal == "sign" else sign * mag
         return ScaledPermutation(perm, scale, self.phi, self.name)
 
     def _contains(self, M, atol):

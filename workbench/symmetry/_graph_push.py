@@ -87,9 +87,9 @@ def push_graph(model: nn.Module, smap: SymmetryMap, transform, inplace: bool, hi
         done: set[int] = set()
         known = scratch  # the elements' |scale| ranges, found once for the dtype checks and the bounds alike
         for module_name, plan in plans.items():
-            peak = _apply_plan(old_modules[module_name], modules[module_name], plan, scratch, done)
+            peak, bias_peak = _apply_plan(old_modules[module_name], modules[module_name], plan, scratch, done)
             if not inplace:  # a copy: its weights are checked as they are made (see _check_ranges)
-                _check_weight(old_modules, module_name, plan, hint, peak, known)
+                _check_weight(old_modules, module_name, plan, hint, peak, known, bias_peak)
     return new
 
 
@@ -265,9 +265,9 @@ def _refuse(hint: str, what: str, value: float, dtype: torch.dtype):
 
 
 def _check_weight(modules: dict, name: str, plan: _Plan, hint: str, peak: Optional[float] = None,
-                  known: Optional[dict] = None) -> None:
-    """The range check of one module's weight and bias (``peak``: max|W| when already known; ``known``: the
-    elements' norms found so far in this push, see _magnitude)."""
+                  known: Optional[dict] = None, bias_peak: Optional[float] = None) -> None:
+    """The range check of one module's weight and bias (``peak``, ``bias_peak``: max|W|, max|b| when already known;
+    ``known``: the elements' norms found so far in this push, see _magnitude)."""
     m = modules[name]
     W = plan.weight if plan.weight is not None else m.weight
     top = torch.finfo(m.weight.dtype).max
@@ -281,15 +281,20 @@ def _check_weight(modules: dict, name: str, plan: _Plan, hint: str, peak: Option
         if not exact <= top:
             _refuse(hint, f"{name}.weight", exact, m.weight.dtype)
     if m.bias is not None and plan.rows is not None and not plan.zero_bias:
-        exact = float(plan.rows.act(m.bias.detach().double(), 0).abs().max())
-        if not exact <= top:
-            _refuse(hint, f"{name}.bias", exact, m.bias.dtype)
+        # The same bound first (max|b|·‖rows‖∞, a fraction of the float64 product's cost): the exact value is
+        # computed only where the bound does not clear the range (NaN-safe), as for the weight
+        bound = (_peak(m.bias) if bias_peak is None else bias_peak) * _magnitude(plan.rows, known)
+        if not bound <= top:
+            exact = float(plan.rows.act(m.bias.detach().double(), 0).abs().max())
+            if not exact <= top:
+                _refuse(hint, f"{name}.bias", exact, m.bias.dtype)
 
 
-def _apply_plan(src: nn.Module, dst: nn.Module, plan: _Plan, scratch: dict, done: set) -> Optional[float]:
-    """Write ``dst``'s weight and bias from ``src``'s; returns max|source weight| where the kernel measured it."""
+def _apply_plan(src: nn.Module, dst: nn.Module, plan: _Plan, scratch: dict, done: set) -> tuple:
+    """Write ``dst``'s weight and bias from ``src``'s; returns max|source weight| and max|source bias| where the
+    kernel measured them (else None)."""
     W, out = (plan.weight if plan.weight is not None else src.weight), dst.weight
-    peak = None
+    peak = bias_peak = None
     if id(out) not in done:  # a weight shared by several modules is written once
         done.add(id(out))
         shape = out.shape
@@ -304,12 +309,12 @@ def _apply_plan(src: nn.Module, dst: nn.Module, plan: _Plan, scratch: dict, done
         if plan.zero_bias:
             dst.bias.zero_()
         else:
-            _act_into(src.bias, dst.bias, plan.rows, None, scratch)
+            bias_peak = _act_into(src.bias, dst.bias, plan.rows, None, scratch)
         if plan.offset is not None:
             out = dst.weight
             c = plan.offset.to(out.dtype).reshape(1, -1, *([1] * (out.ndim - 2)))
             dst.bias.sub_((out * c).sum(dim=tuple(range(1, out.ndim))))
-    return peak
+    return peak, bias_peak
 
 
 def _acted(value: torch.Tensor, rows, cols, dtype: torch.dtype = torch.float64) -> torch.Tensor:

@@ -28,8 +28,10 @@ import torch
 from .._errors import InvalidOptionError, MissingDependencyError
 from .._numba import compiled, give_up
 
-# Below this many elements the numba call's own cost (argument typing, ~10 µs) outweighs what it saves.
+# Below this many elements a matrix's compiled call (its arguments' preparation, ~10–30 µs) outweighs what it
+# saves; a vector (a bias: one gather and one product) repays its much cheaper call from this length.
 FAST_MIN_NUMEL = 1 << 14
+FAST_MIN_VECTOR = 256
 _FAST_DTYPES = (torch.float32, torch.float64)
 _NUMPY = {torch.float32: np.float32, torch.float64: np.float64}
 _state: dict = {"kernels": None, "tried": False}
@@ -96,11 +98,13 @@ def _fast_applies(src, out, row_perm, col_perm, strict: bool) -> bool:
         why = "not on the CPU"
     elif src.dtype != out.dtype or out.dtype not in _FAST_DTYPES:
         why = f"dtype {src.dtype} → {out.dtype}"
-    elif out.ndim < 2 or src.shape != out.shape or (row_perm is None and col_perm is None):
+    elif out.ndim == 1 and (row_perm is None or col_perm is not None or src.shape != out.shape):
+        why = "not a vector with a permuted axis"
+    elif out.ndim != 1 and (out.ndim < 2 or src.shape != out.shape or (row_perm is None and col_perm is None)):
         why = "not a matrix with a permuted axis"
     elif not out.is_contiguous():
         why = "a destination that is not contiguous"
-    elif not strict and out.numel() < FAST_MIN_NUMEL:
+    elif not strict and out.numel() < (FAST_MIN_VECTOR if out.ndim == 1 else FAST_MIN_NUMEL):
         why = "too small to repay the call"
     elif _overlaps(src, out):
         why = "a destination that overlaps the source"
@@ -128,13 +132,21 @@ def _checked_index(perm: Optional[torch.Tensor], n: int):
         perm = perm.cpu()
     if perm.ndim != 1 or perm.numel() != n or perm.dtype != torch.long:
         return False
-    # NumPy's min, max and cast: the same answers as torch's, at half the call overhead (a transform
-    # makes a dozen such calls per weight, and a repeated one is otherwise bound by them)
     index = perm.numpy()
+    # int32 where it holds every index: the column gather reads one index per element, and half the bytes
+    # took a tenth off the 2048×2048 weight's pass (measured). Checked and cast in one compiled pass where
+    # numba is there (empty: an entry outside [0, n))
+    kernels = _kernels()
+    if kernels is not None and 0 < n <= 2**31:
+        try:
+            small = kernels[3](index, n)
+        except Exception as exc:  # noqa: BLE001 — as in _run_fast: torch's kernels from now on
+            give_up(_state, "kernels", "the compiled transform kernel", exc, "transforms use torch's gathers")
+        else:
+            return small if len(small) == n else False
+    # NumPy's min, max and cast: the same answers as torch's, at half the call overhead
     if n and (int(index.min()) < 0 or int(index.max()) >= n):
         return False
-    # int32 where it holds every index: the column gather reads one index per element, and half the bytes
-    # took a tenth off the 2048×2048 weight's pass (measured)
     return index.astype(np.int32) if n <= 2**31 else index
 
 
@@ -154,7 +166,7 @@ def _scale(scale: Optional[torch.Tensor], dtype: torch.dtype, n: int):
 def _run_fast(kernels, src, out, row_perm, row_scale, col_perm, col_scale) -> Optional[float]:
     """The largest |value| of ``src`` when the compiled kernel wrote ``out`` (None: an index it must not use;
     nothing written)."""
-    R, C = out.shape[0], out.shape[1]
+    R, C = out.shape[0], (out.shape[1] if out.ndim > 1 else 1)
     p, q = _checked_index(row_perm, R), _checked_index(col_perm, C)
     r, c = _scale(row_scale, out.dtype, R), _scale(col_scale, out.dtype, C)
     if p is False or q is False or r is False or c is False:
@@ -164,12 +176,17 @@ def _run_fast(kernels, src, out, row_perm, row_scale, col_perm, col_scale) -> Op
     d = out.detach()
     unsigned, mask = _BITS[out.dtype]
     try:
-        _warm(kernels, K == 1, p, q)
-        if K == 1:
+        if out.ndim == 1:  # a vector: row_perm is set (_fast_applies), nothing on a second axis
+            _warm(kernels, "vector", p, None)
+            s_np = s.numpy()
+            bits = kernels[2](s_np, d.numpy(), p, r, s_np.view(unsigned), mask)
+        elif K == 1:
+            _warm(kernels, True, p, q)
             s_np = s.reshape(R, C).numpy()
             bits = kernels[0](s_np, d.view(R, C).numpy(), p, r, q, c, s_np.view(unsigned), mask, d.data_ptr() % 64,
                               64 // out.element_size())
         else:
+            _warm(kernels, False, p, q)
             s_np = s.reshape(R, C, K).numpy()
             bits = kernels[1](s_np, d.view(R, C, K).numpy(), p, r, q, c, s_np.view(unsigned), mask)
     except Exception as exc:  # noqa: BLE001 — a numba/llvmlite that cannot compile the loops: torch's kernels, always
@@ -195,6 +212,13 @@ def _warm(kernels, flat: bool, p, q) -> None:
     if key in warmed:
         return
     warmed.add(key)
+    if flat == "vector":
+        for dtype in _FAST_DTYPES:
+            unsigned, mask = _BITS[dtype]
+            src = np.zeros(2, dtype=_NUMPY[dtype])
+            for r in (None, np.ones(2, dtype=_NUMPY[dtype])):
+                kernels[2](src, np.empty_like(src), np.arange(2, dtype=p.dtype), r, src.view(unsigned), mask)
+        return
     shape = (2, 2) if flat else (2, 2, 2)
     tiny_p = None if p is None else np.arange(2, dtype=p.dtype)
     tiny_q = None if q is None else np.arange(2, dtype=q.dtype)
@@ -216,6 +240,23 @@ _BITS = {torch.float32: (np.uint32, np.uint32(0x7FFFFFFF)), torch.float64: (np.u
 
 
 def _kernels():
-    """The compiled kernels (2-D, 3-D), or None without numba or with ``WORKBENCH_NUMBA=0``."""
+    """The compiled kernels (2-D, 3-D, 1-D, the index check, the |scale| range), or None without numba or with ``WORKBENCH_NUMBA=0``."""
     return compiled(_state, "kernels", f"{__package__}._kernels_numba",
-                    lambda m: (m.gather_scale_2d, m.gather_scale_3d), "transforms use torch's gathers")
+                    lambda m: (m.gather_scale_2d, m.gather_scale_3d, m.gather_scale_1d, m.index_int32, m.abs_range),
+                    "transforms use torch's gathers")
+
+
+def abs_range(values: np.ndarray) -> tuple[float, float]:
+    """``(min, max)`` of ``|values|`` (both NaN where one is NaN), for a non-empty vector: one compiled pass where
+    numba is there (a transform asks this of each scaled permutation's scales, four to six times a push), else
+    NumPy's ``abs``, ``min`` and ``max``."""
+    kernels = _kernels()
+    if kernels is not None and values.ndim == 1 and values.dtype in (np.float32, np.float64):
+        try:
+            lo, hi = kernels[4](values)
+        except Exception as exc:  # noqa: BLE001 — as in _run_fast
+            give_up(_state, "kernels", "the compiled transform kernel", exc, "transforms use torch's gathers")
+        else:
+            return float(lo), float(hi)
+    a = np.abs(values)
+    return float(a.min()), float(a.max())

@@ -21,6 +21,7 @@ from .._threads import threads
 from ..groups import Dense, Group, GroupElement, ScaledPermutation, element_from_dict, get_group
 from ..models import one_call
 from ._backend import backend_for, one_example
+from ._kernels import abs_range
 from ._lattice import generators
 from ._map import symmetry_map
 from ._sites import Site, SymmetryMap
@@ -242,8 +243,12 @@ def _check_elements(elements: dict, scale_sigma: float) -> None:
         for parts in dense.values():
             bad = bad or not all(np.isfinite(m.sum()) for m in parts)
         for parts in scales.values():  # one dtype per concatenation: 1/a must round in the element's own dtype
-            a = np.abs(np.concatenate(parts))
-            bad = bad or not np.isfinite(a).all() or not np.isfinite(1 / a).all()
+            # every |a| and 1/|a| finite ⟺ max|a| and 1/min|a| are (1/x rounds monotonically; NaN propagates)
+            values = parts[0] if len(parts) == 1 else np.concatenate(parts)
+            if values.size:
+                lo, hi = abs_range(values)
+                one = values.dtype.type(1)
+                bad = bad or not np.isfinite(hi) or not np.isfinite(one / values.dtype.type(lo))
     if bad:
         for name, e in elements.items():
             _check_element(name, e, scale_sigma)
