@@ -353,7 +353,7 @@ def _act_into(src: torch.Tensor, out: torch.Tensor, rows, cols, scratch: dict) -
         return None
     return gather_scale_into(src, out, rows.perm if rows is not None else None, rows.scale if rows is not None else None,
                       cols.perm if cols is not None else None, cols.scale if cols is not None else None,
-                      lambda like: _buffer(scratch, like))
+                      lambda like: _buffer(scratch, like), memo=scratch)
 
 
 def _product_dtype(dtype: torch.dtype, rows, cols, scratch: Optional[dict] = None) -> torch.dtype:

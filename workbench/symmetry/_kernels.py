@@ -40,7 +40,7 @@ _state: dict = {"kernels": None, "tried": False}
 def gather_scale_into(src: torch.Tensor, out: torch.Tensor, row_perm: Optional[torch.Tensor],
                       row_scale: Optional[torch.Tensor], col_perm: Optional[torch.Tensor],
                       col_scale: Optional[torch.Tensor], buffer: Callable[[torch.Tensor], torch.Tensor],
-                      *, fast: Optional[bool] = None) -> Optional[float]:
+                      *, fast: Optional[bool] = None, memo: Optional[dict] = None) -> Optional[float]:
     """``out = (src[row_perm][:, col_perm] · row_scale[:, None]) · col_scale[None, :]`` along axes 0 and 1,
     each factor rounded to ``out``'s dtype as it is applied (a missing perm or scale: none on that axis).
 
@@ -50,7 +50,7 @@ def gather_scale_into(src: torch.Tensor, out: torch.Tensor, row_perm: Optional[t
     without numba (or with ``WORKBENCH_NUMBA=0``), ``InvalidOptionError`` for arguments it does not take
     (as ``groups._haar.haar_qr``).
     Returns the largest ``|src|`` (NaN if any is NaN) when the compiled kernel ran, which read all of it
-    anyway; None after the torch path.
+    anyway; None after the torch path. ``memo``: see ``_run_fast`` (a push's scratch dict).
     """
     if fast and _kernels() is None:  # before the arguments: without numba no argument could run
         raise MissingDependencyError("the compiled transform kernel was required (fast=True) but numba is not "
@@ -58,7 +58,7 @@ def gather_scale_into(src: torch.Tensor, out: torch.Tensor, row_perm: Optional[t
                                      "to use torch's gathers")
     if fast is not False and _fast_applies(src, out, row_perm, col_perm, strict=fast is True):
         kernels = _kernels()
-        peak = None if kernels is None else _run_fast(kernels, src, out, row_perm, row_scale, col_perm, col_scale)
+        peak = None if kernels is None else _run_fast(kernels, src, out, row_perm, row_scale, col_perm, col_scale, memo)
         if peak is not None:
             return peak
         if fast and _kernels() is None:  # the loops failed to compile just now (give_up logged why)
@@ -163,12 +163,26 @@ def _scale(scale: Optional[torch.Tensor], dtype: torch.dtype, n: int):
     return scale.to(device="cpu", dtype=dtype).contiguous().numpy()
 
 
-def _run_fast(kernels, src, out, row_perm, row_scale, col_perm, col_scale) -> Optional[float]:
+def _prepared(memo: Optional[dict], make, t: Optional[torch.Tensor], *key):
+    """``make(t, *key)``, once per tensor and key within ``memo``'s life (one push: a site's permutation serves
+    its writers' rows, their biases and its readers' columns). The entry holds ``t`` itself, so its id cannot
+    be reused by another tensor while the memo lives."""
+    if memo is None or t is None:
+        return make(t, *key)
+    k = (make, id(t), *key)
+    hit = memo.get(k)
+    if hit is None or hit[0] is not t:
+        hit = memo[k] = (t, make(t, *key))
+    return hit[1]
+
+
+def _run_fast(kernels, src, out, row_perm, row_scale, col_perm, col_scale, memo: Optional[dict] = None):
     """The largest |value| of ``src`` when the compiled kernel wrote ``out`` (None: an index it must not use;
-    nothing written)."""
+    nothing written). ``memo``: a dict that lives while none of the perms and scales it sees change (one push),
+    where each one's prepared array is kept."""
     R, C = out.shape[0], (out.shape[1] if out.ndim > 1 else 1)
-    p, q = _checked_index(row_perm, R), _checked_index(col_perm, C)
-    r, c = _scale(row_scale, out.dtype, R), _scale(col_scale, out.dtype, C)
+    p, q = _prepared(memo, _checked_index, row_perm, R), _prepared(memo, _checked_index, col_perm, C)
+    r, c = _prepared(memo, _scale, row_scale, out.dtype, R), _prepared(memo, _scale, col_scale, out.dtype, C)
     if p is False or q is False or r is False or c is False:
         return None
     K = out.numel() // max(R * C, 1)
