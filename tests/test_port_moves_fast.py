@@ -25,7 +25,7 @@ def _dense(n: int, g: torch.Generator) -> Dense:
 
 def _state(op: pm._Axis):
     return (None if op.idx is None else op.idx.tolist(), None if op.scale is None else op.scale.tolist(),
-            {s: (n, C.tolist(), cond) for s, (n, C, cond) in op.blocks.items()}, list(op.starts))
+            [(s, n, C.tolist(), cond) for s, (n, C, cond) in op.blocks.items()], list(op.starts))  # (in order)
 
 
 def _general_only(monkeypatch):
