@@ -141,6 +141,26 @@ def _head_index(F, n: int) -> np.ndarray:
     return idx
 
 
+def _head_units(F) -> Optional[tuple[int, list]]:
+    """``(block, inv)`` for a head permutation of whole units (``HeadPermutation`` without ``heads``: output unit j
+    reads input unit ``perm[j]``, its ``block`` entries in order, so input unit u lands on output unit ``inv[u]``);
+    None for any other map. Kept with the permutation's index (``_HEAD_INDEX``), once per permutation."""
+    if getattr(F, "heads", 0) is not None or type(getattr(F, "block", None)) is not int:
+        return None
+    try:
+        known = _HEAD_INDEX.setdefault(F, {})
+    except TypeError:
+        return None
+    hit = known.get("units")
+    if hit is None:
+        perm = F.perm.tolist()
+        inv = [0] * len(perm)
+        for j, u in enumerate(perm):
+            inv[u] = j
+        hit = known["units"] = (F.block, inv)
+    return hit
+
+
 class _Axis:
     """The composite of the moves on one axis of length L: ``out = B · diag(scale) · x[idx]``, B dense blocks
     ``start → (size, C, cond)`` on disjoint ranges (the identity elsewhere)."""
@@ -177,7 +197,7 @@ class _Axis:
         f_idx = f_idx if isinstance(f_idx, np.ndarray) else _np(f_idx)
         whole = a == 0 and b == self.L
         if self.blocks and f_scale is None:  # a permutation after dense blocks (a head permutation): blocks move
-            moved = self._moved_blocks(a, b, f_idx)
+            moved = self._moved_blocks(a, b, f_idx, _head_units(F))
             if moved is not None:
                 if whole:
                     g = f_idx
@@ -237,13 +257,14 @@ class _Axis:
         return True
 
 
-    def _moved_blocks(self, a: int, b: int, f_idx: np.ndarray) -> Optional[tuple[dict, list]]:
+    def _moved_blocks(self, a: int, b: int, f_idx: np.ndarray, units: Optional[tuple] = None) -> Optional[tuple[dict, list]]:
         """``(blocks, starts)`` after the permutation ``out[a + i] = x[a + f_idx[i]]`` of ``[a, b)`` (the identity
         elsewhere), for the general path of :meth:`then` with no scale; None where that path must decide (a block
         straddles ``a`` or ``b``, or is not carried whole and in order). Only the blocks inside ``[a, b)`` are
         looked at: a head permutation moves one of a packed projection's three sections, and the general path
-        checked all 3·H blocks on each (a Swin-T transform made 84 such moves at 40-90 µs each). The blocks'
-        matrices are the same objects, only their starts change: no arithmetic, the same result."""
+        checked all 3·H blocks on each (a Swin-T transform made 84 such moves at 40-90 µs each). ``units``: a head
+        permutation's ``(block, inv)`` (:func:`_head_units`), where a block that is one whole unit needs no check.
+        The blocks' matrices are the same objects, only their starts change: no arithmetic, the same result."""
         starts, blocks = self.starts, self.blocks
         lo, hi = bisect.bisect_left(starts, a), bisect.bisect_left(starts, b)
         if (lo and starts[lo - 1] + blocks[starts[lo - 1]][0] > a) or (hi > lo and starts[hi - 1] + blocks[starts[hi - 1]][0] > b):
@@ -251,19 +272,30 @@ class _Axis:
         inner = starts[lo:hi]
         if not inner:
             return blocks, starts
-        m = b - a
-        inv = np.empty(m, dtype=np.int64)
-        inv[f_idx] = np.arange(m)  # output row (local) of each input row
-        by_size: dict[int, list] = {}
-        for s in inner:
-            by_size.setdefault(blocks[s][0], []).append(s)
-        where = {}  # an inner block's start → its new start
-        for n, group in by_size.items():
-            span = np.arange(n)
-            rows = inv[(np.asarray(group) - a)[:, None] + span]
-            if not np.array_equal(rows, rows[:, :1] + span):
-                return None
-            where.update(zip(group, (a + r for r in rows[:, 0].tolist())))
+        where: Optional[dict] = None  # an inner block's start → its new start
+        if units is not None:  # a block that is one whole unit of a head permutation goes where its unit goes
+            unit, inv_units = units
+            where = {}
+            for s in inner:
+                o = s - a
+                if blocks[s][0] != unit or o % unit:
+                    where = None
+                    break
+                where[s] = a + inv_units[o // unit] * unit
+        if where is None:
+            m = b - a
+            inv = np.empty(m, dtype=np.int64)
+            inv[f_idx] = np.arange(m)  # output row (local) of each input row
+            by_size: dict[int, list] = {}
+            for s in inner:
+                by_size.setdefault(blocks[s][0], []).append(s)
+            where = {}
+            for n, group in by_size.items():
+                span = np.arange(n)
+                rows = inv[(np.asarray(group) - a)[:, None] + span]
+                if not np.array_equal(rows, rows[:, :1] + span):
+                    return None
+                where.update(zip(group, (a + r for r in rows[:, 0].tolist())))
         # The new dict in the general path's order (by block size, then the old order): nothing reads the order,
         # but a composed operator is compared with the general path's entry by entry (test_transform_overhead).
         groups: dict[int, list] = {}
