@@ -379,11 +379,27 @@ def _named_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     if model_kind(model) in _HF:
         from . import _hf
 
-        hf = _hf.hf_model(model)
-        items = [*hf.named_parameters(remove_duplicate=False), *hf.named_buffers(remove_duplicate=False)]
+        items = _members(_hf.hf_model(model))
         return {k.replace("._original_component", ""): t.detach() for k, t in items}
-    return {k: t.detach() for k, t in [*model.named_parameters(remove_duplicate=False),
-                                       *model.named_buffers(remove_duplicate=False)]}
+    return {k: t.detach() for k, t in _members(model)}
+
+
+def _members(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """``[*named_parameters(remove_duplicate=False), *named_buffers(remove_duplicate=False)]`` from one walk of
+    the module tree instead of two: the Hugging Face model inside a bridge has ~1,200 modules with its hook
+    points, and a push lists two such trees (``views_like``): 1.9 → 1.1 ms a tree (process time, OPT-350m-like,
+    min of 20). A class that names its members its own way (a TransformerBridge does) is asked itself."""
+    cls = type(model)
+    if any(getattr(cls, f) is not getattr(nn.Module, f) for f in ("named_parameters", "named_buffers", "named_modules")):
+        return [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
+    modules = list(model.named_modules(remove_duplicate=False))
+    out = []
+    for members in ("_parameters", "_buffers"):
+        for name, m in modules:
+            for k, t in getattr(m, members).items():
+                if t is not None:
+                    out.append((f"{name}.{k}" if name else k, t))
+    return out
 
 
 def _canonical_views(model: nn.Module) -> Optional[dict[str, torch.Tensor]]:

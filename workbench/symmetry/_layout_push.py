@@ -71,9 +71,16 @@ class HeadPermutation:
 
     def __init__(self, perm: ScaledPermutation, block: int = 1, heads: Optional[tuple] = None):
         self.perm, self.block, self.heads = perm.perm, block, heads
+        self._index: dict[int, torch.Tensor] = {}  # n -> index: one move meets W_Q, b_Q and W_O (~10 µs each)
 
     def index(self, n: int) -> torch.Tensor:
-        """``idx`` with ``out[c] = x[idx[c]]`` on an axis of length ``n``."""
+        """``idx`` with ``out[c] = x[idx[c]]`` on an axis of length ``n`` (the same tensor on every call: read only)."""
+        idx = self._index.get(n)
+        if idx is None:
+            idx = self._index[n] = self._compute(n)
+        return idx
+
+    def _compute(self, n: int) -> torch.Tensor:
         if self.heads is None:
             idx = (self.perm[:, None] * self.block + torch.arange(self.block)).flatten()
             if idx.numel() != n:
@@ -110,7 +117,15 @@ def _weight_ops(smap: SymmetryMap, transform) -> dict[str, list]:
     for name, e in elements.items():
         site = sites[name]
         perm = e.perm_part()
-        lifted = lambda p: None if perm is None else HeadPermutation(perm, p.block, p.heads)  # noqa: E731
+        heads: dict[tuple, HeadPermutation] = {}  # one lifted move per (block, heads): its index is made once
+
+        def lifted(p, perm=perm, heads=heads):
+            if perm is None:
+                return None
+            F = heads.get((p.block, p.heads))
+            if F is None:
+                F = heads[p.block, p.heads] = HeadPermutation(perm, p.block, p.heads)
+            return F
         ops = [(p, {"pre": e, "perm": perm, "dual": duals.get((name, "inverse"))}.get(p.level) if p.level != "heads"
                 else lifted(p)) for p in site.writers]
         ops += [(p, duals[name, p.level]) for p in site.readers]
@@ -329,7 +344,7 @@ def _push_slice(x: torch.Tensor, out: torch.Tensor, ops: list, last: int, casts:
         x = x.double() if i <= last else x.to(dtype)
         j = _gather_run(ops, i, x)
         if j > i:  # permutations: one pass (ops[last] is general, so never inside a run)
-            x = _gathered(x, ops[i:j], out if j == len(ops) else None)
+            x = _gathered(x, ops[i:j], out if j == len(ops) else None, casts)
             i = j
             continue
         a, F = ops[i]
@@ -362,42 +377,22 @@ def _gather_run(ops: list, i: int, x: torch.Tensor) -> int:
     return j
 
 
-def _gathered(x: torch.Tensor, run: list, out: Optional[torch.Tensor]) -> torch.Tensor:
+def _gathered(x: torch.Tensor, run: list, out: Optional[torch.Tensor], casts: Optional[dict] = None) -> torch.Tensor:
     """``x`` moved by ``run`` (permutations, see ``_gather_run``) in one gather pass (``_kernels.gather_scale_into``:
     numba's fused loop, else torch's gathers): ``x`` in memory order is a matrix [rows, last axis], and the
     moves of the row axes compose into one index (and one scale) over their flattened product.
 
-    Written into ``out`` when it lies in ``x``'s memory order and is not ``x``'s storage (``inplace``)."""
+    Written into ``out`` when it lies in ``x``'s memory order and is not ``x``'s storage (``inplace``).
+    ``casts`` (one push's memo, see ``_along``) keeps the composed indices and scales, keyed by the moves' ids
+    (they live in the push's ops until it ends) and the shape: W_K and W_V, or every reader of the stream,
+    compose the same ones (~20 small tensor operations a side)."""
     from ._kernels import gather_scale_into
 
     order = sorted(range(x.ndim), key=lambda d: -x.stride(d))
     xm, back = x.permute(order), [order.index(d) for d in range(x.ndim)]
     if not xm.is_contiguous():
         xm = xm.contiguous()
-    moves: dict[int, tuple] = {}  # memory axis -> (index, scale or None): its moves composed in order
-    for a, F in run:
-        m = order.index(a % x.ndim)
-        i_F = F.index(xm.shape[m]) if isinstance(F, HeadPermutation) else F.perm
-        s_F = getattr(F, "scale", None)
-        if m in moves:  # after (i, s): out[c] = x[i[f[c]]]·s[f[c]]·s_F[c], one of s, s_F None (``_gather_run``)
-            i, s = moves[m]
-            moves[m] = (i[i_F], s_F if s is None else s[i_F])
-        else:
-            moves[m] = (i_F, s_F)
-    sides = []  # (index, scale) of the rows (memory axes but the last) and of the columns (the last)
-    for axes in (range(x.ndim - 1), [x.ndim - 1]):
-        idx, scale = None, None
-        if any(m in moves for m in axes):
-            idx, scale = torch.zeros(1, dtype=torch.long), torch.ones(1, dtype=torch.float64)
-            for m in axes:
-                n = xm.shape[m]
-                i_m, s_m = moves.get(m, (None, None))
-                i_m = torch.arange(n) if i_m is None else i_m
-                idx = (idx[:, None] * n + i_m[None, :]).flatten()
-                scale = scale.repeat_interleave(n) if s_m is None else (scale[:, None] * s_m.double()[None, :]).flatten()
-            if all(moves.get(m, (None, None))[1] is None for m in axes):
-                scale = None
-        sides.append((idx, scale))
+    sides = _sides(xm, [(order.index(a % x.ndim), F) for a, F in run], {} if casts is None else casts)
     R = xm.numel() // xm.shape[-1]
     into = (out is not None and out.dtype == x.dtype and out.permute(order).is_contiguous()
             and out.untyped_storage().data_ptr() != x.untyped_storage().data_ptr())
@@ -405,6 +400,48 @@ def _gathered(x: torch.Tensor, run: list, out: Optional[torch.Tensor]) -> torch.
     (p, r), (q, c) = sides
     gather_scale_into(xm.reshape(R, -1), res.view(R, -1), p, r, q, c, torch.empty_like)
     return out if into else res.permute(back)
+
+
+def _sides(xm: torch.Tensor, run: list, memo: dict) -> list:
+    """``[(index, scale) of the rows, (index, scale) of the columns]`` of ``xm`` (memory order: rows are every
+    axis but the last) for ``run``'s moves, given as ``(memory axis, move)``; None where nothing moves.
+    ``memo`` (one push's, see ``_gathered``) keeps each side by the ids of the moves on its axes and its shape:
+    the stream's move is every reader's column side (W_Q, W_K, W_V, W_in, ...), a layer's head move that of
+    W_K and W_V."""
+    ndim = xm.ndim
+    sides = []  # (index, scale) of the rows (memory axes but the last) and of the columns (the last)
+    for axes in (range(ndim - 1), [ndim - 1]):
+        key = ("side", tuple((m, id(F)) for m, F in run if m in axes), tuple(xm.shape[m] for m in axes))
+        side = memo.get(key)
+        if side is None:
+            side = memo[key] = _side(xm, [(m, F) for m, F in run if m in axes], axes)
+        sides.append(side)
+    return sides
+
+
+def _side(xm: torch.Tensor, run: list, axes) -> tuple:
+    """One side of ``_sides``: the moves of ``run`` (all on ``axes``) as one index and scale over those axes."""
+    moves: dict[int, tuple] = {}  # memory axis -> (index, scale or None): its moves composed in order
+    for m, F in run:
+        i_F = F.index(xm.shape[m]) if isinstance(F, HeadPermutation) else F.perm
+        s_F = getattr(F, "scale", None)
+        if m in moves:  # after (i, s): out[c] = x[i[f[c]]]·s[f[c]]·s_F[c], one of s, s_F None (``_gather_run``)
+            i, s = moves[m]
+            moves[m] = (i[i_F], s_F if s is None else s[i_F])
+        else:
+            moves[m] = (i_F, s_F)
+    idx, scale = None, None
+    if any(m in moves for m in axes):
+        idx, scale = torch.zeros(1, dtype=torch.long), torch.ones(1, dtype=torch.float64)
+        for m in axes:
+            n = xm.shape[m]
+            i_m, s_m = moves.get(m, (None, None))
+            i_m = torch.arange(n) if i_m is None else i_m
+            idx = (idx[:, None] * n + i_m[None, :]).flatten()
+            scale = scale.repeat_interleave(n) if s_m is None else (scale[:, None] * s_m.double()[None, :]).flatten()
+        if all(moves.get(m, (None, None))[1] is None for m in axes):
+            scale = None
+    return idx, scale
 
 
 def _stack(mats: dict[int, GroupElement], heads: int, n: int) -> torch.Tensor:
