@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Optional, Union
@@ -155,6 +156,7 @@ def _draw(model: nn.Module, smap: SymmetryMap, seed: int, gen: torch.Generator, 
     """One random element of each chosen site's group (or of ``group``, checked against the site's)."""
     drawn: dict[str, Group] = {}  # site name -> the group its element comes from
     site_of: dict[str, Site] = {}  # looked up once (each ``smap[name]`` is a few µs, three per site)
+    with_sigma: dict[Group, Group] = {}  # a group -> its copy with this call's σ, one per equal group
     forced = []
     for site in _choose(smap, sites):
         site_of.setdefault(site.name, site)
@@ -168,8 +170,11 @@ def _draw(model: nn.Module, smap: SymmetryMap, seed: int, gen: torch.Generator, 
                 )
             forced.append(site.name)
         if getattr(G, "sigma", scale_sigma) != scale_sigma:  # a copy with this call's σ; the map's group is shared
-            G = copy.copy(G)
-            G.sigma = scale_sigma
+            copied = with_sigma.get(G)  # (Swin-T's 276 head sites carry equal groups: 276 copies were ~1 ms)
+            if copied is None:
+                copied = with_sigma[G] = copy.copy(G)
+                copied.sigma = scale_sigma
+            G = copied
         drawn[site.name] = G  # (no copy where σ already agrees: ~5 µs a site, 300 sites on Swin-T; nothing here writes to it)
     elements = {}
     with threads(1):  # hundreds of small draws (QRs of 64×64 per head): see workbench._threads
@@ -218,6 +223,9 @@ def _traced_map(model: nn.Module, example, affine: bool, verb: str) -> SymmetryM
     return smap
 
 
+_SCREENED = (torch.float32, torch.float64)
+
+
 def _check_elements(elements: dict, scale_sigma: float) -> None:
     """``_check_element`` of every element, in one pass per kind and dtype over all of them (a Swin-T draw has
     ~300 elements, and the per-element calls cost more than their arithmetic). Only where that pass finds a
@@ -225,26 +233,27 @@ def _check_elements(elements: dict, scale_sigma: float) -> None:
     (first) site as before."""
     scales: dict = {}  # dtype -> the scaled permutations' |scale| arrays
     dense: dict = {}  # dtype -> the dense maps' flattened matrices
+    # (the loop is lean on purpose: Swin-T's 276 per-head maps spent 1.2 ms here on attribute and device lookups)
     for name, e in elements.items():
-        values = e.scale if isinstance(e, ScaledPermutation) else getattr(e, "M", None)
+        perm = isinstance(e, ScaledPermutation)
+        values = e.scale if perm else getattr(e, "M", None)
         if values is None:
             continue
-        values = values.detach()
-        if values.device.type != "cpu" or values.dtype not in (torch.float32, torch.float64):
+        if not values.is_cpu or values.dtype not in _SCREENED:
             _check_element(name, e, scale_sigma)
             continue
-        kind = scales if isinstance(e, ScaledPermutation) else dense
-        kind.setdefault(values.dtype, []).append(values.numpy().reshape(-1))
+        kind = scales if perm else dense
+        kind.setdefault(values.dtype, []).append((values.detach() if values.requires_grad else values).numpy())
     bad = False
     with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
         # A dense map's screen is the sum of its entries, which is finite only if every entry is (inf or NaN in a
-        # sum of IEEE numbers stays inf or NaN); a finite map whose sum overflows is checked exactly below. No
-        # concatenation: ViT-B/16's 576 GL(64) maps would be 19 MB of fresh memory.
+        # sum of IEEE numbers stays inf or NaN); so is the sum of those sums, unless it overflows, and then every
+        # map is checked exactly below. No concatenation: ViT-B/16's 576 GL(64) maps would be 19 MB of fresh memory.
         for parts in dense.values():
-            bad = bad or not all(np.isfinite(m.sum()) for m in parts)
+            bad = bad or not math.isfinite(sum(float(m.sum()) for m in parts))
         for parts in scales.values():  # one dtype per concatenation: 1/a must round in the element's own dtype
             # every |a| and 1/|a| finite ⟺ max|a| and 1/min|a| are (1/x rounds monotonically; NaN propagates)
-            values = parts[0] if len(parts) == 1 else np.concatenate(parts)
+            values = parts[0].reshape(-1) if len(parts) == 1 else np.concatenate([a.reshape(-1) for a in parts])
             if values.size:
                 lo, hi = abs_range(values)
                 one = values.dtype.type(1)
