@@ -104,15 +104,19 @@ def test_a_non_symmetry_still_fails_with_float32_products(monkeypatch):
 
 
 def _assert_exact_inverses(sites, elements, names, rel):
-    """``_with_inverses`` gives each of ``names`` (drawn without one) the matrix's inverse, checked against
-    ``linalg.inv``, and its condition number, against the singular values to ``rel``; the matrix unchanged."""
-    known = lp._with_inverses(sites, elements)
+    """Each of ``names`` as drawn carries the matrix's inverse (from its blocks, ``groups._families._rotary_inverse``),
+    and ``_with_inverses`` gives the same matrix without one (a user's element, a loaded transform) an inverse too:
+    both checked against ``linalg.inv``, and their condition numbers against the singular values to ``rel``; the
+    matrix unchanged."""
+    bare = {n: Dense(e.M, e.phi_kind, e.group) if n in names else e for n, e in elements.items()}
+    known = lp._with_inverses(sites, bare)
     for n in names:
-        e, k = elements[n], known[n]
-        assert e.inv is None and k.inv is not None and torch.equal(k.M, e.M)
-        assert torch.allclose(k.inv, torch.linalg.inv(e.M), rtol=0, atol=1e-12 * float(k.inv.abs().max()))
-        s = torch.linalg.svdvals(e.M)
-        assert k.cond == pytest.approx(float(s.max() / s.min()), rel=rel)
+        e = elements[n]
+        for k in (e, known[n]):
+            assert k.inv is not None and torch.equal(k.M, e.M)
+            assert torch.allclose(k.inv, torch.linalg.inv(e.M), rtol=0, atol=1e-12 * float(k.inv.abs().max()))
+            s = torch.linalg.svdvals(e.M)
+            assert k.cond == pytest.approx(float(s.max() / s.min()), rel=rel)
 
 
 def test_rotary_elements_get_their_exact_inverse_and_condition_number():

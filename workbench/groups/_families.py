@@ -123,10 +123,10 @@ class GeneralLinear(Group):
         """[k, n, n]: U·diag(s)·Vᵀ with U, V Haar and log-normal singular values s."""
         return self._factored(k, g, inverse=False)[0]
 
-    def _factored(self, k: int, g: torch.Generator, inverse: bool = True):
+    def _factored(self, k: int, g: torch.Generator, inverse: bool = True, values: bool = False):
         """``(M, M⁻¹, cond)``: M = U·diag(s)·Vᵀ ``[k, n, n]``, its inverse V·diag(1/s)·Uᵀ from the same factors
         (one batched product: an LU inverse per element cost 50 ms of a ViT-B/16 transform's 288 maps, and
-        is no more exact), and ``[k]`` condition numbers max s / min s."""
+        is no more exact), and ``[k]`` condition numbers max s / min s; with ``values``, ``s`` ``[k, n]`` too."""
         # U = Qu·Du and V = Qv·Dv (Haar: QR factors times the signs of diag R); the signs are applied to s, not to
         # the two [k, n, n] factors: Qu·(Du·s·Dv)·Qvᵀ has the same bits as (U·s)·Vᵀ (sign flips are exact).
         (qu, du), (qv, dv) = _haar(k, self.n, g, signs=True), _haar(k, self.n, g, signs=True)
@@ -136,6 +136,8 @@ class GeneralLinear(Group):
         if not inverse:
             return M, None, None
         cond = (s.amax(-1) / s.amin(-1)).reshape(k)
+        if values:
+            return M, (qv / (d * s)) @ qu.mT, cond, s.reshape(k, self.n)
         return M, (qv / (d * s)) @ qu.mT, cond
 
     def _contains(self, M, atol):
@@ -220,10 +222,16 @@ class RotaryCommutant(Group):
             t = 2 * torch.pi * torch.rand(k, len(a), generator=g, dtype=torch.float64)
             c, si = s * t.cos(), s * t.sin()
             M[:, a, a], M[:, a, b], M[:, b, a], M[:, b, b] = c, -si, si, c
+        free = None
         if self.free and k:
             idx = torch.tensor(self.free)
-            M[:, idx.unsqueeze(1), idx.unsqueeze(0)] = GeneralLinear(len(self.free), sigma=self.sigma)._matrices(k, g)
-        return _dense(self, M)
+            # the same draws as GeneralLinear's matrices alone (its inverse consumes no random numbers)
+            free = GeneralLinear(len(self.free), sigma=self.sigma)._factored(k, g, values=True)
+            M[:, idx.unsqueeze(1), idx.unsqueeze(0)] = free[0]
+        if not self.pairs or not k:
+            return _dense(self, M)
+        inv, cond = _rotary_inverse(M, self.pairs, self.free, free)
+        return _dense(self, M, inv=inv, cond=cond)
 
     def _contains(self, M, atol):
         for a, b in self.pairs:
@@ -234,6 +242,27 @@ class RotaryCommutant(Group):
             if rest and (M[[a, b]][:, rest].abs().max() > atol or M[rest][:, [a, b]].abs().max() > atol):
                 return False
         return bool(torch.linalg.matrix_rank(M) == self.n)
+
+
+def _rotary_inverse(M: torch.Tensor, pairs: tuple, free: tuple, factored) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(M⁻¹, cond)`` of a rotary commutant batch ``M`` ``[k, n, n]``, from its blocks: on each pair (sR)⁻¹ = (sR)ᵀ/s²
+    with s² read from M's own entries; on the free dimensions the inverse V·diag(1/s)·Uᵀ and singular values s of
+    the GL draw (``factored``: ``GeneralLinear._factored(..., values=True)``). cond = max / min over every block's
+    singular values (s twice for a pair). A push would otherwise find the free block's inverse by an LU and its
+    singular values by an SVD of the drawn matrix (9.7 ms of a GPT-NeoX-sized transform): the same map, its
+    inverse rounded differently."""
+    a, b = torch.tensor(pairs).T
+    s2 = M[:, a, a] ** 2 + M[:, b, a] ** 2  # [k, pairs]: s² of each pair
+    w = torch.zeros(M.shape[:2], dtype=torch.float64)
+    w[:, a], w[:, b] = 1 / s2, 1 / s2
+    inv = M.mT * w[:, :, None]  # row i of Mᵀ over s² of its pair; the free block's rows are zero here
+    cond = (s2.amax(1) / s2.amin(1)).sqrt()
+    if factored is not None:
+        _, Binv, _, s = factored
+        f = torch.tensor(free, dtype=torch.long)
+        inv[:, f[:, None], f[None, :]] = Binv
+        cond = torch.maximum(s2.amax(1).sqrt(), s.amax(1)) / torch.minimum(s2.amin(1).sqrt(), s.amin(1))
+    return inv, cond
 
 
 def _haar(k: int, n: int, g: torch.Generator, signs: bool = False):

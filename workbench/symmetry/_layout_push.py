@@ -398,7 +398,9 @@ def _gathered(x: torch.Tensor, run: list, out: Optional[torch.Tensor], casts: Op
             and out.untyped_storage().data_ptr() != x.untyped_storage().data_ptr())
     res = out.permute(order) if into else torch.empty(xm.shape, dtype=x.dtype, device=x.device)
     (p, r), (q, c) = sides
-    gather_scale_into(xm.reshape(R, -1), res.view(R, -1), p, r, q, c, torch.empty_like)
+    # the same memo keeps each composed side's checked index and cast scale for the kernel (a side is one tensor
+    # object across the weights that share it, see _sides)
+    gather_scale_into(xm.reshape(R, -1), res.view(R, -1), p, r, q, c, torch.empty_like, memo=casts)
     return out if into else res.permute(back)
 
 
