@@ -14,7 +14,7 @@ from workbench.groups import ScaledPermutation
 from workbench.symmetry._layout_push import HeadPermutation, _gather_run, _gathered, _push_slice
 
 
-def _sp(n: int, g: torch.Generator, scaled: bool) -> ScaledPermutation:
+def _sp(n: int, g: torch.Generator, scaled: bool = True) -> ScaledPermutation:
     scale = torch.exp(torch.randn(n, generator=g, dtype=torch.float64)) if scaled else None
     return ScaledPermutation(torch.randperm(n, generator=g), scale)
 

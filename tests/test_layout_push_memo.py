@@ -24,16 +24,7 @@ from workbench.groups import ScaledPermutation
 from workbench.models._layout import _members
 from workbench.symmetry._layout_push import HeadPermutation, _push_slice
 
-
-def _sp(n: int, g: torch.Generator, scaled: bool = True) -> ScaledPermutation:
-    scale = torch.exp(torch.randn(n, generator=g, dtype=torch.float64)) if scaled else None
-    return ScaledPermutation(torch.randperm(n, generator=g), scale)
-
-
-def _stepwise(x: torch.Tensor, run: list) -> torch.Tensor:
-    for a, F in run:
-        x = F.act(x, a)
-    return x
+from test_layout_gather_compose import _sp, _stepwise  # (a scaled permutation; moves applied one at a time)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
