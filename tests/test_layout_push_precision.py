@@ -104,7 +104,7 @@ def test_a_non_symmetry_still_fails_with_float32_products(monkeypatch):
 
 
 def _assert_exact_inverses(sites, elements, names, rel):
-    """Each of ``names`` as drawn carries the matrix's inverse (from its blocks, ``groups._families._rotary_inverse``),
+    """Each of ``names`` as drawn carries the matrix's inverse (from its blocks, ``groups._families.rotary_inverse``),
     and ``_with_inverses`` gives the same matrix without one (a user's element, a loaded transform) an inverse too:
     both checked against ``linalg.inv``, and their condition numbers against the singular values to ``rel``; the
     matrix unchanged."""

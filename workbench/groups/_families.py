@@ -222,15 +222,17 @@ class RotaryCommutant(Group):
             t = 2 * torch.pi * torch.rand(k, len(a), generator=g, dtype=torch.float64)
             c, si = s * t.cos(), s * t.sin()
             M[:, a, a], M[:, a, b], M[:, b, a], M[:, b, b] = c, -si, si, c
-        free = None
+        free_inverse = free_values = None
         if self.free and k:
             idx = torch.tensor(self.free)
             # the same draws as GeneralLinear's matrices alone (its inverse consumes no random numbers)
-            free = GeneralLinear(len(self.free), sigma=self.sigma)._factored(k, g, values=True)
-            M[:, idx.unsqueeze(1), idx.unsqueeze(0)] = free[0]
+            B, free_inverse, _, free_values = GeneralLinear(len(self.free), sigma=self.sigma)._factored(k, g, values=True)
+            M[:, idx.unsqueeze(1), idx.unsqueeze(0)] = B
         if not self.pairs or not k:
             return _dense(self, M)
-        inv, cond = _rotary_inverse(M, self.pairs, self.free, free)
+        # the exact inverse and cond from the blocks: a push would otherwise find the free block's by an LU and an
+        # SVD (9.7 ms of a GPT-NeoX-sized transform), the same map with its inverse rounded differently
+        inv, cond, _ = rotary_inverse(M, self.pairs, self.free, free_inverse, free_values)
         return _dense(self, M, inv=inv, cond=cond)
 
     def _contains(self, M, atol):
@@ -244,25 +246,26 @@ class RotaryCommutant(Group):
         return bool(torch.linalg.matrix_rank(M) == self.n)
 
 
-def _rotary_inverse(M: torch.Tensor, pairs: tuple, free: tuple, factored) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(M⁻¹, cond)`` of a rotary commutant batch ``M`` ``[k, n, n]``, from its blocks: on each pair (sR)⁻¹ = (sR)ᵀ/s²
-    with s² read from M's own entries; on the free dimensions the inverse V·diag(1/s)·Uᵀ and singular values s of
-    the GL draw (``factored``: ``GeneralLinear._factored(..., values=True)``). cond = max / min over every block's
-    singular values (s twice for a pair). A push would otherwise find the free block's inverse by an LU and its
-    singular values by an SVD of the drawn matrix (9.7 ms of a GPT-NeoX-sized transform): the same map, its
-    inverse rounded differently."""
+def rotary_inverse(M: torch.Tensor, pairs: tuple, free: tuple = (), free_inverse: Optional[torch.Tensor] = None,
+                   free_values: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(M⁻¹, cond, s²)`` of a rotary commutant batch ``M`` ``[k, n, n]``, from its blocks: on each pair
+    (sR)⁻¹ = (sR)ᵀ/s², with s² ``[k, pairs]`` read from M's own entries; on the ``free`` dimensions
+    ``free_inverse`` ``[k, f, f]``, whose block has the singular values ``free_values`` ``[k, f]``. cond = max / min
+    over every block's singular values (s twice for a pair). A draw passes its GL factors' V·diag(1/s)·Uᵀ and s
+    (``RotaryCommutant``); the layout push, for a matrix drawn elsewhere, an LU inverse and an SVD
+    (``_layout_push._with_inverses``, which also checks the structure with the returned s²)."""
     a, b = torch.tensor(pairs).T
     s2 = M[:, a, a] ** 2 + M[:, b, a] ** 2  # [k, pairs]: s² of each pair
     w = torch.zeros(M.shape[:2], dtype=torch.float64)
     w[:, a], w[:, b] = 1 / s2, 1 / s2
     inv = M.mT * w[:, :, None]  # row i of Mᵀ over s² of its pair; the free block's rows are zero here
     cond = (s2.amax(1) / s2.amin(1)).sqrt()
-    if factored is not None:
-        _, Binv, _, s = factored
+    if len(free):
         f = torch.tensor(free, dtype=torch.long)
-        inv[:, f[:, None], f[None, :]] = Binv
-        cond = torch.maximum(s2.amax(1).sqrt(), s.amax(1)) / torch.minimum(s2.amin(1).sqrt(), s.amin(1))
-    return inv, cond
+        inv[:, f[:, None], f[None, :]] = free_inverse
+        cond = (torch.maximum(s2.amax(1).sqrt(), free_values.amax(1))
+                / torch.minimum(s2.amin(1).sqrt(), free_values.amin(1)))
+    return inv, cond, s2
 
 
 def _haar(k: int, n: int, g: torch.Generator, signs: bool = False):

@@ -15,7 +15,7 @@ from torch import nn
 
 from .._errors import InvalidOptionError
 from .._threads import in_parallel, threads
-from ..groups import GroupElement, ScaledPermutation
+from ..groups import GroupElement, ScaledPermutation, rotary_inverse
 from ..models import blank, canonical_views, finish, read_weights, rebuild, tied_keys, views_like, write_weights
 from ._sites import Observation, Site, SymmetryMap
 
@@ -172,21 +172,15 @@ def _with_inverses(sites: dict[str, Site], elements: dict[str, GroupElement]) ->
         mask[a, a] = mask[a, b] = mask[b, a] = mask[b, b] = True
         mask[f[:, None], f[None, :]] = True
         ok = ((M * ~mask).abs().amax((1, 2)) == 0) & (M[:, a, a] == M[:, b, b]).all(1) & (M[:, a, b] == -M[:, b, a]).all(1)
-        s2 = M[:, a, a] ** 2 + M[:, b, a] ** 2  # [k, pairs]: s² of each pair
-        ok &= (s2 > 0).all(1) & torch.isfinite(s2).all(1)
-        w = torch.zeros(M.shape[:2], dtype=torch.float64)
-        w[:, a], w[:, b] = 1 / s2, 1 / s2
-        inv = M.mT * w[:, :, None]  # row i of Mᵀ over s² of its pair; the free block's rows are zero here
-        cond = (s2.amax(1) / s2.amin(1)).sqrt()
+        Binv = sv = None
         if len(free):
-            hi, lo = s2.amax(1).sqrt(), s2.amin(1).sqrt()
             B = M[:, f[:, None], f[None, :]]
             with threads(1):
                 Binv, info = torch.linalg.inv_ex(B)
-                sv = torch.linalg.svdvals(B)  # descending
-            inv[:, f[:, None], f[None, :]] = Binv
+                sv = torch.linalg.svdvals(B)
             ok &= (info == 0) & torch.isfinite(Binv).all((1, 2)) & (sv[:, -1] > 0)
-            cond = torch.maximum(hi, sv[:, 0]) / torch.minimum(lo, sv[:, -1])
+        inv, cond, s2 = rotary_inverse(M, pairs, free, Binv, sv)
+        ok &= (s2 > 0).all(1) & torch.isfinite(s2).all(1)
         for k, name in enumerate(names):
             if ok[k]:
                 e = elements[name]
