@@ -195,12 +195,12 @@ def _run_fast(kernels, src, out, row_perm, row_scale, col_perm, col_scale, memo:
             s_np = s.numpy()
             bits = kernels[2](s_np, d.numpy(), p, r, s_np.view(unsigned), mask)
         elif K == 1:
-            _warm(kernels, True, p, q)
+            _warm(kernels, "matrix", p, q)
             s_np = s.reshape(R, C).numpy()
             bits = kernels[0](s_np, d.view(R, C).numpy(), p, r, q, c, s_np.view(unsigned), mask, d.data_ptr() % 64,
                               64 // out.element_size())
         else:
-            _warm(kernels, False, p, q)
+            _warm(kernels, "blocks", p, q)
             s_np = s.reshape(R, C, K).numpy()
             bits = kernels[1](s_np, d.view(R, C, K).numpy(), p, r, q, c, s_np.view(unsigned), mask)
     except Exception as exc:  # noqa: BLE001 — a numba/llvmlite that cannot compile the loops: torch's kernels, always
@@ -209,7 +209,7 @@ def _run_fast(kernels, src, out, row_perm, row_scale, col_perm, col_scale, memo:
     return float(np.array([bits], dtype=unsigned).view(s_np.dtype)[0])
 
 
-def _warm(kernels, flat: bool, p, q) -> None:
+def _warm(kernels, loop: str, p, q) -> None:
     """Compile, once per process, every variant of a kernel that the same weights can meet on another draw.
 
     numba compiles one machine-code variant per argument signature, and a None scale is another signature
@@ -218,22 +218,23 @@ def _warm(kernels, flat: bool, p, q) -> None:
     moves in float64 (``_port_moves.dense_ok``). So new variants appeared on the third transform of timm's
     ViT and later ones (3 compiles, ~21 ms, inside a timed transform). Passing ones instead of None would
     fix the signature but multiply by 1 (a signalling NaN would come back quiet: not the same bits), so the
-    variants sharing this call's structure (matrix or not, which axes are permuted, the index type) are
+    variants sharing this call's structure (``loop``: "vector", "matrix" or "blocks", the 1-D, 2-D or 3-D loop;
+    which axes are permuted, the index type) are
     compiled here on tiny arrays the first time that structure runs: 8 variants, loaded from numba's
     on-disk cache after the first run on a machine."""
-    key = (flat, None if p is None else p.dtype, None if q is None else q.dtype)
+    key = (loop, None if p is None else p.dtype, None if q is None else q.dtype)
     warmed = _state.setdefault("warmed", set())
     if key in warmed:
         return
     warmed.add(key)
-    if flat == "vector":
+    if loop == "vector":
         for dtype in _FAST_DTYPES:
             unsigned, mask = _BITS[dtype]
             src = np.zeros(2, dtype=_NUMPY[dtype])
             for r in (None, np.ones(2, dtype=_NUMPY[dtype])):
                 kernels[2](src, np.empty_like(src), np.arange(2, dtype=p.dtype), r, src.view(unsigned), mask)
         return
-    shape = (2, 2) if flat else (2, 2, 2)
+    shape = (2, 2) if loop == "matrix" else (2, 2, 2)
     tiny_p = None if p is None else np.arange(2, dtype=p.dtype)
     tiny_q = None if q is None else np.arange(2, dtype=q.dtype)
     for dtype in _FAST_DTYPES:
@@ -243,7 +244,7 @@ def _warm(kernels, flat: bool, p, q) -> None:
         for r in (None, ones):
             for c in (None, ones):
                 out = np.empty_like(src)
-                if flat:
+                if loop == "matrix":
                     kernels[0](src, out, tiny_p, r, tiny_q, c, src.view(unsigned), mask, 0, 64 // src.itemsize)
                 else:
                     kernels[1](src, out, tiny_p, r, tiny_q, c, src.view(unsigned), mask)
