@@ -256,7 +256,6 @@ class _Axis:
         self.blocks, self.starts = blocks, sorted(blocks)
         return True
 
-
     def _moved_blocks(self, a: int, b: int, f_idx: np.ndarray, units: Optional[tuple] = None) -> Optional[tuple[dict, list]]:
         """``(blocks, starts)`` after the permutation ``out[a + i] = x[a + f_idx[i]]`` of ``[a, b)`` (the identity
         elsewhere), for the general path of :meth:`then` with no scale; None where that path must decide (a block
