@@ -88,6 +88,24 @@ def test_sample_many_draws_distinct_members_reproducibly(name):
         G.sample_many(-1)
 
 
+@pytest.mark.parametrize("name", ["orthogonal", "special_orthogonal", "orthogonal_ones", "gl"])
+@pytest.mark.parametrize("n", [1, 2, 5, 8, 33])
+def test_a_batch_split_anywhere_draws_the_same_elements(name, n):
+    """``sample_many(a)`` then ``sample_many(b)`` from one generator are ``sample_many(a + b)``'s elements: probing
+    streams its random bases in chunks sized by the data's shape, and a chunk must not change which bases come
+    out (groups/_families.py, ``_element_normals``). The same to rounding, not bit for bit: MKL's batched
+    products (GL's U·s·Vᵀ, the reflection that fixes 1) may sum in another order for another batch size
+    (measured: ≤ 1.2e-16). n = 5 draws 15 normals per Haar factor, which torch's sampler draws differently
+    in a batch without the padding (other elements, O(1) apart)."""
+    G = get_group(name, n)
+    whole = G.sample_many(7, seed=11)
+    g = torch.Generator().manual_seed(11)
+    parts = G.sample_many(3, g) + G.sample_many(1, g) + G.sample_many(3, g)
+    assert all((a.matrix() - b.matrix()).abs().max() <= 1e-14 * b.matrix().abs().max() for a, b in zip(whole, parts))
+    if n > 1:  # the negative control: the next batch is other elements
+        assert not torch.equal(G.sample_many(1, g)[0].matrix(), whole[0].matrix())
+
+
 def test_batched_dense_samplers_are_haar():
     # O(4) drawn 2000 at once: the same moments as one by one (see test_orthogonal_sampling_is_haar)
     Qs = torch.stack([e.matrix() for e in get_group("orthogonal", 4).sample_many(2000, seed=1)])

@@ -1,9 +1,10 @@
-"""The Haar draw's QR (workbench/groups/_haar.py): the compiled Householder loop against LAPACK's QR, its law,
-and the torch fallback.
+"""The Haar draw (workbench/groups/_haar.py): Householder reflections of Gaussian vectors (Stewart's method), the
+compiled loop against torch's path and against the definition written out here, the claim that it is the QR's Q
+as a function of the QR's own vectors, its law, and the fallbacks.
 
-Q and sign(diag R) of an invertible G are unique, so the compiled loop must give LAPACK's Q to rounding: the
-bound is the QR factor's own sensitivity, κ(G)·ε (measured: ≤ 2.4·κ·ε at n = 2, ≤ 0.21·κ·ε at n = 64; the
-test allows 10·κ·ε). A wrong reflector sign, a wrong τ or a mis-ordered accumulation moves Q by O(1).
+The definition (the module docstring): H_j reflects coordinates j … n−1 and maps x_j = G[j:, j] to β_j·e_j with
+β_j = −sign(x_j[0])·‖x_j‖ (+ for a zero x_j[0]), Q = H_0·…·H_{n−1} and d = sign(β). A wrong reflector sign, a
+wrong τ or a mis-ordered product moves Q by O(1); the two paths and the reference agree to a few n·ε.
 Nothing here is timed (the speed is measured by hand; see the module docstring of _haar_numba).
 """
 from __future__ import annotations
@@ -29,9 +30,28 @@ def gaussians(k: int, n: int, seed: int) -> torch.Tensor:
     return _normal((k, n, n), torch.Generator().manual_seed(seed))
 
 
-def lapack(G: torch.Tensor):
-    Q, R = torch.linalg.qr(G)
-    return Q, torch.sign(torch.diagonal(R, dim1=-2, dim2=-1)).unsqueeze(-2)
+def reference(G: torch.Tensor):
+    """Q and d of the module docstring's definition, one explicit n×n reflection matrix at a time (float64)."""
+    k, n = G.shape[0], G.shape[-1]
+    Qs, ds = [], []
+    for b in range(k):
+        Q, d = torch.eye(n, dtype=F64), torch.zeros(n, dtype=F64)
+        for j in range(n):
+            x = G[b, j:, j]
+            norm = torch.linalg.vector_norm(x)
+            beta = -norm if x[0] >= 0 else norm
+            u = x.clone()
+            u[0] -= beta  # H·x = β·e_j for H = I − 2uuᵀ/uᵀu, u = x − β·e_j
+            H = torch.eye(n, dtype=F64)
+            if (u * u).sum() > 0 and x[1:].abs().sum() > 0:  # a zero tail: H = I (dlarfg's convention)
+                H[j:, j:] -= 2 * torch.outer(u, u) / (u * u).sum()
+            else:
+                beta = x[0]
+            Q = Q @ H
+            d[j] = torch.sign(beta)
+        Qs.append(Q)
+        ds.append(d)
+    return torch.stack(Qs), torch.stack(ds).unsqueeze(-2)
 
 
 @pytest.fixture
@@ -44,56 +64,87 @@ def numba_off(monkeypatch):
 def kernel():
     pytest.importorskip("numba")
     if _haar._kernel() is None:
-        pytest.skip("the compiled Haar QR is off (WORKBENCH_NUMBA=0)")
+        pytest.skip("the compiled Haar draw is off (WORKBENCH_NUMBA=0)")
 
 
-# ------------------------------------------------------------------ the compiled loop is LAPACK's QR, to rounding
-@pytest.mark.parametrize("n, k", [(1, 5), (2, 400), (3, 200), (4, 200), (7, 100), (8, 100), (9, 60), (17, 30),
-                                  (64, 40), (65, 8), (128, 4), (200, 2)])
-def test_compiled_qr_equals_lapacks_for_the_same_gaussians(kernel, n, k):
+# ------------------------------------------------------------------ both paths compute the definition
+@pytest.mark.parametrize("n, k", [(1, 5), (2, 200), (3, 100), (4, 100), (7, 50), (8, 50), (9, 30), (17, 10),
+                                  (64, 6), (65, 3), (128, 2), (256, 1)])
+def test_both_paths_are_the_definition_for_the_same_gaussians(kernel, n, k):
     G = gaussians(k, n, seed=n)
-    Q, d = _haar.haar_qr(G, fast=True)
-    Q0, d0 = lapack(G)
-    assert Q.shape == (k, n, n) and d.shape == (k, 1, n) and Q.dtype == d.dtype == F64
-    assert torch.equal(d, d0)  # every sign of R's diagonal as LAPACK's
-    err = (Q * d - Q0 * d0).abs().amax((-2, -1))
-    assert (err <= 10 * torch.linalg.cond(G) * EPS).all(), (err / (torch.linalg.cond(G) * EPS)).max()
-    # as orthogonal as LAPACK's Q (measured: max |QᵀQ − I| 1.6e-15 against LAPACK's 1.8e-15 at n = 64)
+    Q0, d0 = reference(G)
+    tol = 8 * n * EPS
+    for fast in (True, False):
+        Q, d = _haar.haar_reflections(G, fast=fast)
+        assert Q.shape == (k, n, n) and d.shape == (k, 1, n) and Q.dtype == d.dtype == F64
+        assert torch.equal(d, d0)
+        assert (Q - Q0).abs().max() <= tol, ((Q - Q0).abs().max() / (n * EPS), fast)
+    # as orthogonal as LAPACK's own accumulation (torch's path)
     eye = torch.eye(n, dtype=F64)
-    ours, theirs = ((q.mT @ q - eye).abs().max().item() for q in (Q, Q0))
-    assert ours <= 1.5 * theirs + 2 * EPS
+    ours, theirs = ((q.mT @ q - eye).abs().max().item() for q in (_haar.haar_reflections(G, fast=True)[0],
+                                                                  _haar.haar_reflections(G, fast=False)[0]))
+    assert ours <= 2 * theirs + 4 * EPS
 
 
-def test_compiled_qr_on_columns_already_reduced(kernel):
-    """Columns with zeros below the diagonal take dlarfg's τ = 0 branch (H = I, R's entry keeps its sign);
-    a triangular input with a negative diagonal must give Q = I and those signs, as LAPACK does."""
+def test_the_upper_triangle_is_not_read(kernel):
+    G = gaussians(4, 12, seed=0)
+    L = G.tril()
+    for fast in (True, False):
+        Q, d = _haar.haar_reflections(G, fast=fast)
+        Q1, d1 = _haar.haar_reflections(L, fast=fast)
+        assert torch.equal(Q, Q1) and torch.equal(d, d1)
+
+
+def test_columns_with_nothing_below_the_diagonal(kernel):
+    """A zero tail takes dlarfg's τ = 0 branch (H = I, β = α keeps its sign): a triangular input with a negative
+    diagonal entry gives Q = I and that sign, on both paths, as the definition does."""
     g = torch.Generator().manual_seed(0)
     T = torch.randn(3, 6, 6, generator=g, dtype=F64).triu()
     T[:, 2, 2] = -abs(T[:, 2, 2])
     G = torch.randn(3, 6, 6, generator=g, dtype=F64)
-    G[:, 3:, 1] = 0.0  # one column reduced midway, the rest not
+    G[:, 3:, 1] = 0.0  # one column with a zero tail, the rest not
     for A in (T, G):
-        Q, d = _haar.haar_qr(A, fast=True)
-        Q0, d0 = lapack(A)
-        assert torch.equal(d, d0)
-        assert (Q * d - Q0 * d0).abs().max() < 1e-13
-    Q, d = _haar.haar_qr(T, fast=True)
-    assert torch.equal(Q, torch.eye(6, dtype=F64).expand(3, 6, 6)) and (d[:, 0, 2] == -1).all()
+        Q0, d0 = reference(A)
+        for fast in (True, False):
+            Q, d = _haar.haar_reflections(A, fast=fast)
+            assert torch.equal(d, d0) and (Q - Q0).abs().max() < 1e-14
+    for fast in (True, False):
+        Q, d = _haar.haar_reflections(T, fast=fast)
+        assert (Q - torch.eye(6, dtype=F64)).abs().max() == 0 and (d[:, 0, 2] == -1).all()
 
 
 def test_the_input_is_left_as_it_was(kernel):
     G = gaussians(4, 16, seed=0)
     before = G.clone()
-    _haar.haar_qr(G, fast=True)
-    assert torch.equal(G, before)
+    for fast in (True, False):
+        _haar.haar_reflections(G, fast=fast)
+        assert torch.equal(G, before)
 
 
-def test_a_groups_draw_is_the_compiled_loops_output(kernel):
-    """O(n) and GL(n) draws take the compiled loop where numba is installed: the same bits as calling it on the
-    generator's Gaussians (so the test above covers what the groups return)."""
-    Q, d = _haar.haar_qr(gaussians(5, 64, seed=3), fast=True)
-    drawn = torch.stack([e.matrix() for e in get_group("orthogonal", 64).sample_many(5, seed=3)])
-    assert torch.equal(drawn, Q * d)
+# ------------------------------------------------------------------ the derivation: a QR's Q from its own vectors
+@pytest.mark.parametrize("n", [2, 5, 16, 64])
+def test_a_qrs_q_is_this_function_of_the_qrs_vectors(kernel, n):
+    """The module docstring's argument: a Householder QR of G reflects x_j = (H_{j−1}·…·H_0·G)[j:, j] at step j.
+    Fed those x_j, the draw must return the QR's own Q and sign(diag R) (LAPACK's, to κ·ε) — the same function;
+    fed G's raw columns instead (what a draw does), it returns another orthogonal matrix (for n ≥ 3: at n = 2 only
+    x_0 is reflected, and it is G's first column either way)."""
+    G = gaussians(3, n, seed=n)
+    A, tau = torch.geqrf(G)
+    X = torch.zeros_like(G)
+    for b in range(3):
+        P = G[b].clone()
+        for j in range(n):
+            X[b, j:, j] = P[j:, j]
+            v = torch.zeros(n, dtype=F64)
+            v[j], v[j + 1:] = 1.0, A[b, j + 1:, j]
+            P = P - tau[b, j] * torch.outer(v, v @ P)  # H_j·P
+    Q0, R0 = torch.linalg.qr(G)
+    d0 = torch.sign(torch.diagonal(R0, dim1=-2, dim2=-1)).unsqueeze(-2)
+    Q, d = _haar.haar_reflections(X, fast=True)
+    assert torch.equal(d, d0)
+    assert (Q * d - Q0 * d0).abs().max() <= 10 * torch.linalg.cond(G).max() * EPS
+    other, _ = _haar.haar_reflections(G, fast=True)
+    assert (other - Q).abs().max() > 0.1 if n > 2 else torch.equal(other, Q)
 
 
 # ------------------------------------------------------------------ the law: Haar on O(n)
@@ -103,32 +154,51 @@ def _entry_cdf(n: int):
     return lambda x: 0.5 + 0.5 * np.sign(x) * beta.cdf(np.square(x))
 
 
-@pytest.mark.parametrize("n, k", [(8, 4000), (64, 600)])
-def test_compiled_draws_are_haar(kernel, n, k):
-    """An entry's distribution (Kolmogorov–Smirnov against the exact law), the trace's moments (E tr = 0 and
-    E tr² = 1 for every n ≥ 2: Diaconis & Shahshahani 1994) and the balance of det = ±1; the same statistics
-    of Q without the sign correction (always det (−1)^{n−1}, Q₀₀ < 0) fail every one of them."""
-    Q, d = _haar.haar_qr(gaussians(k, n, seed=1), fast=True)
+def _verdicts(H: torch.Tensor, n: int) -> tuple:
+    k = H.shape[0]
     cdf = _entry_cdf(n)
+    tr = H.diagonal(dim1=-2, dim2=-1).sum(-1)
+    positive = int((torch.linalg.det(H) > 0).sum())
+    return (stats.kstest(H[:, 0, 0].numpy(), cdf).pvalue > 1e-3,
+            stats.kstest(H[:, n // 2, n - 1].numpy(), cdf).pvalue > 1e-3,
+            stats.kstest(H[:, n - 1, 0].numpy(), cdf).pvalue > 1e-3,
+            abs(tr.mean().item()) < 5 / k ** 0.5,  # sd of tr is 1
+            abs((tr ** 2).mean().item() - 1) < 5 * 2 ** 0.5 / k ** 0.5,  # var of tr² ≈ 2
+            abs(positive - k / 2) < 5 * (k / 4) ** 0.5)  # Binomial(k, 1/2)
 
-    def verdicts(H):
-        tr = H.diagonal(dim1=-2, dim2=-1).sum(-1)
-        positive = int((torch.linalg.det(H) > 0).sum())
-        return (stats.kstest(H[:, 0, 0].numpy(), cdf).pvalue > 1e-3,
-                stats.kstest(H[:, n // 2, n - 1].numpy(), cdf).pvalue > 1e-3,
-                abs(tr.mean().item()) < 5 / k ** 0.5,  # sd of tr is 1
-                abs((tr ** 2).mean().item() - 1) < 5 * 2 ** 0.5 / k ** 0.5,  # var of tr² ≈ 2
-                abs(positive - k / 2) < 5 * (k / 4) ** 0.5)  # Binomial(k, 1/2)
 
-    assert all(verdicts(Q * d))
-    wrong = verdicts(Q)  # the control: the QR factor alone is not Haar
-    assert not wrong[0] and not wrong[4]
+@pytest.mark.parametrize("n, k", [(8, 4000), (64, 600)])
+def test_draws_are_haar(n, k):
+    """Through the group draw (whichever path runs): three entries' distributions (Kolmogorov–Smirnov against the
+    exact law), the trace's moments (E tr = 0 and E tr² = 1 for every n ≥ 2: Diaconis & Shahshahani 1994) and
+    the balance of det = ±1. The controls fail: Q without the signs (always det (−1)^{n−1}, Q₀₀ < 0 …), and
+    reflections of one Gaussian vector reused for every column (Q then depends on too few numbers)."""
+    g = torch.Generator().manual_seed(1)
+    Q, d = haar_draw(k, n, g, signs=True)
+    assert all(_verdicts(Q * d, n))
+    wrong = _verdicts(Q, n)
+    assert not wrong[0] and not wrong[5]
+    G = _normal((k, n, 1), g).expand(k, n, n).contiguous()  # one vector's tail in every column
+    Qr, dr = _haar.haar_reflections(G)
+    assert not all(_verdicts(Qr * dr, n))
+
+
+def test_group_draws_are_the_reflections_of_the_generators_normals():
+    """O(n) and GL(n) draws go through ``_haar`` with the generator's n(n+1)/2 normals per matrix, row by row
+    over the lower triangle: the same bits as calling it on those numbers."""
+    n, k = 64, 5
+    L = torch.zeros(k, n, n, dtype=F64)
+    rows, cols = torch.tril_indices(n, n)
+    L[:, rows, cols] = _normal((k, rows.numel()), torch.Generator().manual_seed(3))
+    Q, d = _haar.haar_reflections(L)
+    drawn = torch.stack([e.matrix() for e in get_group("orthogonal", n).sample_many(k, seed=3)])
+    assert torch.equal(drawn, Q * d)
 
 
 def test_orthogonal_group_draws_are_orthogonal_for_every_size():
-    """Through the group, whichever path runs (n = 768 always takes torch's QR): orthogonal to rounding, and
+    """Through the group, whichever path runs (n = 768 always takes torch's): orthogonal to rounding, and
     special_orthogonal's determinant +1."""
-    for n, k in ((1, 50), (2, 200), (4, 100), (64, 20), (129, 2), (768, 1)):
+    for n, k in ((1, 50), (2, 200), (4, 100), (64, 20), (257, 2), (768, 1)):
         Q = torch.stack([e.matrix() for e in get_group("orthogonal", n).sample_many(k, seed=n)])
         eye = torch.eye(n, dtype=F64)
         assert (Q.mT @ Q - eye).abs().max() < 20 * n ** 0.5 * EPS
@@ -136,18 +206,18 @@ def test_orthogonal_group_draws_are_orthogonal_for_every_size():
     assert 150 < int((Q == 1).sum()) < 250  # O(1) = {±1}, each half the time
 
 
-# ------------------------------------------------------------------ numba off: torch's QR, the same draws to rounding
-def test_without_numba_the_draw_is_torchs_qr(numba_off):
-    Q, d = _haar.haar_qr(gaussians(6, 16, seed=0))
-    Q0, d0 = lapack(gaussians(6, 16, seed=0))
+# ------------------------------------------------------------------ numba off: torch's path, the same draws to rounding
+def test_without_numba_the_draw_is_torchs_path(numba_off):
+    G = gaussians(6, 16, seed=0)
+    Q, d = _haar.haar_reflections(G)
+    Q0, d0 = _haar._reflections_torch(G)
     assert torch.equal(Q, Q0) and torch.equal(d, d0)
-    assert torch.equal(haar_draw(6, 16, torch.Generator().manual_seed(0)), Q0 * d0)
     with pytest.raises(MissingDependencyError, match="numba is not available"):
-        _haar.haar_qr(gaussians(1, 4, seed=0), fast=True)
+        _haar.haar_reflections(gaussians(1, 4, seed=0), fast=True)
 
 
 def test_a_seed_draws_the_same_elements_with_and_without_numba(kernel, monkeypatch):
-    """The one promise across installs: the same elements up to rounding (κ·ε), never other elements."""
+    """The one promise across installs: the same elements up to rounding, never other elements."""
     on = [e.matrix() for e in get_group("gl", 64, sigma=0.5).sample_many(4, seed=9)]
     on_o = [e.matrix() for e in get_group("orthogonal", 32).sample_many(4, seed=9)]
     monkeypatch.setattr(_haar, "_state", {"kernel": None, "tried": True})
@@ -160,13 +230,13 @@ def test_a_seed_draws_the_same_elements_with_and_without_numba(kernel, monkeypat
 
 def test_inputs_the_loop_does_not_take_go_to_torch(kernel):
     for G in (gaussians(2, 5, seed=0).float(), gaussians(2, 200, seed=0)[:, :, :150]):
-        Q, d = _haar.haar_qr(G)
-        Q0, d0 = lapack(G)
-        assert torch.equal(Q, Q0) and torch.equal(d, d0)
-    with pytest.raises(InvalidOptionError, match="float64"):
-        _haar.haar_qr(gaussians(2, 5, seed=0).float(), fast=True)
-    big = gaussians(1, _haar.FAST_MAX_N + 1, seed=0)
-    assert torch.equal(_haar.haar_qr(big)[0], lapack(big)[0])  # beyond FAST_MAX_N: torch's QR
+        with pytest.raises(InvalidOptionError, match="float64"):
+            _haar.haar_reflections(G, fast=True)
+    G = gaussians(2, 5, seed=0).float()
+    for A in (G, gaussians(1, _haar.FAST_MAX_N + 1, seed=0)):  # float32; beyond FAST_MAX_N
+        Q, d = _haar.haar_reflections(A)
+        Q0, d0 = _haar._reflections_torch(A)
+        assert torch.equal(Q, Q0) and torch.equal(d, d0) and Q.dtype == A.dtype
 
 
 def test_a_loop_that_fails_falls_back_to_torch(kernel, monkeypatch, caplog):
@@ -175,8 +245,8 @@ def test_a_loop_that_fails_falls_back_to_torch(kernel, monkeypatch, caplog):
 
     monkeypatch.setattr(_haar, "_state", {"kernel": broken, "tried": True})
     G = gaussians(3, 8, seed=0)
-    Q, d = _haar.haar_qr(G)
-    assert torch.equal(Q, lapack(G)[0]) and "LLVM says no" in caplog.text
+    Q, d = _haar.haar_reflections(G)
+    assert torch.equal(Q, _haar._reflections_torch(G)[0]) and "LLVM says no" in caplog.text
     assert _haar._state["kernel"] is None  # not tried again
 
 

@@ -87,18 +87,24 @@ def test_rejection_rate_under_a_true_null_is_calibrated(statistic):
     lo, hi = stats.binom.ppf([0.0005, 0.9995], seeds, 0.05)  # 99.9% binomial interval around 10
     assert lo <= rejections <= hi, rejections
     # power control: unrotated, in 16 dimensions, the planted unit is found nearly every time (in 5
-    # dimensions a random basis is never far from any direction, and the test has little power there)
+    # dimensions a random basis is never far from any direction, and the test has little power there).
+    # Measured over 400 seeds: power 0.94 for both statistics (377 and 379 found); the bound is the 0.1%
+    # quantile of Binomial(40, 0.94), so the check does not hang on one stream of bases (36 did: 9% of
+    # streams fall below it).
     found = sum(float(privileged_basis_test(*planted(s, n=80, d=16, strength=1.5, relu=False), bases=["orthogonal"], n_bases=19,
                                             seed=s, statistic=statistic).p_values("orthogonal")[0]) <= 0.05
                 for s in range(40))
-    assert found >= 36, found
+    assert found >= stats.binom.ppf(0.001, 40, 0.94), found
 
 
 def test_planted_unit_is_privileged_and_a_rotation_removes_it():
     X, y = planted(0)
     t = privileged_basis_test(X, {"c": y}, n_bases=199, seed=0)
     frame = t.to_frame().set_index("family")
-    assert frame.loc["orthogonal", "p"] < 0.01 and frame.loc["gl", "p"] < 0.01
+    # p = (1 + bases at least as extreme) / 200. Over seeds 0-7 of the bases, 3 of 3,184 random bases beat the
+    # planted unit (p 0.005 or 0.01 each time); ≤ 0.02 allows three per test, and four happen at that rate with
+    # probability 4e-5
+    assert frame.loc["orthogonal", "p"] <= 0.02 and frame.loc["gl", "p"] <= 0.02
     assert frame.loc["orthogonal", "z"] > 2 and frame.privileged.all()
     rotated = privileged_basis_test(rotate(X, 1), {"c": y}, bases=["orthogonal"], n_bases=199, seed=0)
     assert rotated.observed[0] < t.observed[0]  # the rotation smeared the concept over units

@@ -9,7 +9,13 @@ it (a new object of a seen structure), into a copy and in place.
 
 The hashes were recorded on commit eceeeac (before the repeated call replayed a per-structure plan), by
 ``_record()`` below; they depend on torch's RNG and float arithmetic, so a different torch version may need
-them rerecorded on the old code (say which commit did it)."""
+them rerecorded on the old code (say which commit did it).
+
+Re-recorded once, on purpose: vit and swin (the cases that draw O(n) or GL(n) elements) after Haar draws changed
+from a QR of Gaussians to Stewart's reflections of fresh Gaussians (workbench/groups/_haar.py: the same law, other
+draws for a seed). Their new hashes were recorded on eceeeac's code with only the draw replaced (torch's path, as
+here) and are the hashes this code gives: the replay still matches the code before it, bit for bit. mlp and cnn
+draw no dense element and are unchanged."""
 from __future__ import annotations
 
 import copy
@@ -118,10 +124,10 @@ EXPECTED = {
     'mlp/float64': ['a491a6f885acab19', 'e443b7670c1fcc3e', '5f756a8f9441664d', '2851314643268666'],
     'cnn/float32': ['648fb86fe9045b1f', '8e29c0797e1faa10', 'd2dd357877812486', 'd2645911b7896bb0'],
     'cnn/float64': ['3a067dbeea5b62e4', 'f1449ffdb5c2e8bb', '3762450f4179f14d', '83c57054ef99caa6'],
-    'vit/float32': ['898c364a7f984168', 'b9ca8f91a6cc9a1b', 'dc117f3e367657a6', '7237f2afa69c2b0c'],
-    'vit/float64': ['957d6a491853bedc', 'c0ce3f8850beafd2', '5fafa857c9d717f1', 'af27a95a3e011220'],
-    'swin/float32': ['2f315bc0f6d5bf91', '778137c6386fd847', 'ed55674570ac8c26', 'ff88988c5b15061f'],
-    'swin/float64': ['2b380e84882a8c08', 'afbb8ac09cbe4de0', 'ebb1038b511e556f', '1ba650ca96962fd4'],
+    'vit/float32': ['94ac17d874d27ea2', 'cf70cbe208e295f8', '58d881e51fb08d96', 'c2402eb2d202b653'],
+    'vit/float64': ['6691f786f263e817', 'cb91f9c022c82afb', 'e639797c0333760e', '08d6444e5832fbd9'],
+    'swin/float32': ['f5cde1af6e7062e9', 'c6d037e3f5733d67', '1d9b154c0ab54ed4', '71a0fdb934112557'],
+    'swin/float64': ['d970933ffb2de9be', '21bdbf9c4d6e40cd', '91ede6f29ed69adf', '7a75b37274a33c17'],
 }
 
 

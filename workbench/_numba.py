@@ -2,7 +2,7 @@
 
 Three places run a compiled loop with a torch fallback that gives the same result: a transform's
 gather-and-scale (symmetry/_kernels.py), verify's one-pass site check (symmetry/_verify_kernel.py) and the
-Haar draws' QR (groups/_haar.py). Each keeps a ``state`` dict ``{key: loop or None, "tried": bool}`` of its
+Haar draws' reflections (groups/_haar.py). Each keeps a ``state`` dict ``{key: loop or None, "tried": bool}`` of its
 own (tests replace it to force a path); this module fills it once, lazily (importing numba costs ~0.3 s,
 paid only by the first caller that needs it), and turns it off for good after a failure, with one
 message in the log. ``WORKBENCH_NUMBA=0`` turns every compiled loop off.

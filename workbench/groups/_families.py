@@ -1,13 +1,14 @@
 """Group families and the one registry of group names every verb uses."""
 from __future__ import annotations
 
+import functools
 from typing import Optional, Union
 
 import torch
 
 from .._errors import InvalidOptionError, check_option
 from ._elements import Dense, GroupElement, Phi, ScaledPermutation, identity
-from ._haar import haar_qr
+from ._haar import haar_reflections
 
 Generator = Optional[torch.Generator]
 
@@ -46,7 +47,7 @@ class Group:
 
     def sample_many(self, k: int, generator: Generator = None, *, seed: Optional[int] = None) -> list[GroupElement]:
         """``k`` independent random elements. Dense families draw them in one batched computation
-        (one QR call for all of them), so these are not the elements ``k`` calls of ``sample`` give."""
+        (one batched Haar call for all of them), so these are not the elements ``k`` calls of ``sample`` give."""
         if not isinstance(k, int) or k < 0:
             raise InvalidOptionError(f"sample_many draws k ≥ 0 elements; got k={k!r}.")
         return self._sample_many(k, _gen(generator, seed))
@@ -127,10 +128,14 @@ class GeneralLinear(Group):
         """``(M, M⁻¹, cond)``: M = U·diag(s)·Vᵀ ``[k, n, n]``, its inverse V·diag(1/s)·Uᵀ from the same factors
         (one batched product: an LU inverse per element cost 50 ms of a ViT-B/16 transform's 288 maps, and
         is no more exact), and ``[k]`` condition numbers max s / min s; with ``values``, ``s`` ``[k, n]`` too."""
-        # U = Qu·Du and V = Qv·Dv (Haar: QR factors times the signs of diag R); the signs are applied to s, not to
-        # the two [k, n, n] factors: Qu·(Du·s·Dv)·Qvᵀ has the same bits as (U·s)·Vᵀ (sign flips are exact).
-        (qu, du), (qv, dv) = _haar(k, self.n, g, signs=True), _haar(k, self.n, g, signs=True)
-        s = torch.exp(self.sigma * _normal((k, 1, self.n), g))
+        # Each element's normals are one row (``_element_normals``): U's reflections, V's, its log singular values.
+        # U = Qu·Du and V = Qv·Dv (Haar: products of reflections times their signs, ``_haar``); the signs are applied
+        # to s, not to the two [k, n, n] factors: Qu·(Du·s·Dv)·Qvᵀ has the same bits as (U·s)·Vᵀ (sign flips are exact).
+        n, tri = self.n, self.n * (self.n + 1) // 2
+        x = _element_normals(k, 2 * tri + n, g)
+        q, signs = _haar_of(torch.cat([x[:, :tri], x[:, tri:2 * tri]]), n, signs=True)  # one call for both factors
+        qu, qv, du, dv = q[:k], q[k:], signs[:k], signs[k:]
+        s = torch.exp(self.sigma * x[:, 2 * tri:].unsqueeze(1))
         d = du * dv
         M = (qu * (d * s)) @ qv.mT
         if not inverse:
@@ -269,18 +274,44 @@ def rotary_inverse(M: torch.Tensor, pairs: tuple, free: tuple = (), free_inverse
 
 
 def _haar(k: int, n: int, g: torch.Generator, signs: bool = False):
-    """[k, n, n] Haar-distributed orthogonal matrices: QR of Gaussians (one batched call, ``_haar.haar_qr``:
-    a compiled Householder loop where numba is installed, torch's QR otherwise; the same Q to rounding),
-    columns multiplied by sign(diag R); with ``signs``, ``(Q, sign(diag R) as [k, 1, n])`` unmultiplied."""
-    Q, d = haar_qr(_normal((k, n, n), g))
+    """[k, n, n] Haar-distributed orthogonal matrices: Householder reflections of Gaussian vectors (Stewart's
+    method, one batched call, ``_haar.haar_reflections``: a compiled loop where numba is installed, torch's
+    otherwise; the same Q to rounding), columns multiplied by the reflections' signs; with ``signs``,
+    ``(Q, signs as [k, 1, n])`` unmultiplied. Each matrix reads n(n+1)/2 normals (``_element_normals``)."""
+    return _haar_of(_element_normals(k, n * (n + 1) // 2, g), n, signs)
+
+
+def _haar_of(x: torch.Tensor, n: int, signs: bool = False):
+    """``_haar`` of given normals ``x`` ``[k, n(n+1)/2]``: row b fills matrix b's lower triangle, row by row."""
+    G = torch.zeros(x.shape[0], n, n, dtype=torch.float64)
+    rows, cols = _lower(n)
+    G[:, rows, cols] = x
+    Q, d = haar_reflections(G)
     return (Q, d) if signs else Q * d
+
+
+@functools.lru_cache(maxsize=64)
+def _lower(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows, columns) of an n×n lower triangle with its diagonal, row by row."""
+    rows, cols = torch.tril_indices(n, n)
+    return rows, cols
+
+
+def _element_normals(k: int, width: int, g: torch.Generator) -> torch.Tensor:
+    """``[k, width]`` standard normals (``_normal``), row b drawn exactly as a call for that one row would draw
+    it, so a batch split anywhere (``sample_many(a)`` then ``sample_many(b)`` against ``sample_many(a + b)``)
+    draws the same elements: probing streams its random bases in chunks whose size depends on the data's
+    shape, and a chunk must not change which bases come out. torch's CPU sampler turns uniforms into
+    normals 16 at a time and redraws the last block of a size that is not a multiple of 16, so each row is
+    drawn padded to a multiple of 16 and the padding is dropped."""
+    return _normal((k, -(-width // 16) * 16), g)[:, :width]
 
 
 def _normal(shape: tuple, g: torch.Generator) -> torch.Tensor:
     """Standard normals as float64, drawn in float32: four times faster on CPU (a float64 draw took
     0.1 s of the 0.6 s that sampling a GPT-2-small-sized transform cost). The 2⁻²⁴ quantisation of
-    a Gaussian entry is immaterial to what is built from them: a QR factor is orthogonal to float64
-    precision whatever its input, and a scale exp(σz) is exact for the z it got."""
+    a Gaussian entry is immaterial to what is built from them: a product of reflections is orthogonal to
+    float64 precision whatever its input, and a scale exp(σz) is exact for the z it got."""
     return torch.randn(shape, generator=g, dtype=torch.float32).double()
 
 

@@ -48,7 +48,7 @@ def gather_scale_into(src: torch.Tensor, out: torch.Tensor, row_perm: Optional[t
     memory shaped like ``like`` for the torch path. ``fast``: None picks the compiled kernel where it
     applies, False forces the torch path, True requires the kernel (tests): ``MissingDependencyError``
     without numba (or with ``WORKBENCH_NUMBA=0``), ``InvalidOptionError`` for arguments it does not take
-    (as ``groups._haar.haar_qr``).
+    (as ``groups._haar.haar_reflections``).
     Returns the largest ``|src|`` (NaN if any is NaN) when the compiled kernel ran, which read all of it
     anyway; None after the torch path. ``memo``: see ``_run_fast`` (a push's scratch dict).
     """
