@@ -9,6 +9,7 @@ CPU time (user + system, page faults included) measures the work. Work overlappe
 from __future__ import annotations
 
 import gc
+import random
 import statistics
 import time
 from typing import Callable, Optional
@@ -24,8 +25,17 @@ def synchronize(device: torch.device) -> None:
 def timed(variants: dict[str, Callable[[], object]], reps: int, warmup: int = 2,
           device: torch.device = torch.device("cpu"), after: Optional[Callable[[], None]] = None) -> dict:
     """``{variant: {"wall": [s, ...], "cpu": [s, ...]}}``: ``warmup`` untimed calls of each, then ``reps``
-    repetitions, each running every variant once in an order rotated from one repetition to the next (a
-    burst of load hits all of them). ``after()``, untimed, follows every call (cleaning up files)."""
+    repetitions, each running every variant once (a burst of load hits all of them), in an order shuffled
+    anew each repetition by a generator seeded with 0. ``after()``, untimed, follows every call (cleaning up
+    files).
+
+    Why shuffled: what a call leaves in the caches is what the next one starts with. The rotated order used
+    before (abc, bca, cab) keeps every variant behind the same neighbour in every repetition, so the bias a
+    neighbour leaves was systematic and a minimum could not remove it: measured on the 5.3M-parameter MLP
+    (21 MB, inside this CPU's 32 MB L3), ``random_intertwiner`` always ran right after a ``copy.deepcopy``
+    whose 21 MB of new writes had evicted part of the model, while the deepcopy ran after a call that had
+    just read the model and stored its output past the cache. Shuffled, each variant follows each other
+    one in some repetitions; the seed keeps a run's order reproducible."""
     after = after or (lambda: None)
     for fn in variants.values():
         for _ in range(warmup):
@@ -33,9 +43,11 @@ def timed(variants: dict[str, Callable[[], object]], reps: int, warmup: int = 2,
             after()
     synchronize(device)
     keys, out = list(variants), {k: {"wall": [], "cpu": []} for k in variants}
-    for r in range(reps):
+    order = random.Random(0)
+    for _ in range(reps):
         gc.collect()
-        for k in keys[r % len(keys):] + keys[:r % len(keys)]:
+        order.shuffle(keys)
+        for k in keys:
             w0, c0 = time.perf_counter(), time.process_time()
             variants[k]()
             synchronize(device)

@@ -10,8 +10,8 @@ Method. Everything runs on the CPU under ``torch.no_grad()`` with torch's defaul
   (b) A TransformerLens 4 ``TransformerBridge.boot_native`` model (d_model 256, 4 layers), 32x128 tokens;
       workbench and ``bridge.run_with_cache`` capture the same names.
 Within one group the variants are timed side by side: every repetition runs each variant once (after
-warm-up calls), in an order rotated from one repetition to the next, so machine noise hits all of them
-alike. A ratio is the median, over repetitions, of a variant's time over the plain forward's time in
+warm-up calls), in an order shuffled anew each repetition (benchmarks/_timing.py says why), so machine
+noise hits all of them alike. A ratio is the median, over repetitions, of a variant's time over the plain forward's time in
 the same repetition (paired, so slow drifts in machine load cancel); "ratio of mins" divides the fastest
 times. The CNN group also times hand-written forward hooks that keep the same tensors (the floor cost of
 holding every activation), as the transformer group times TransformerLens's own cache.

@@ -4,7 +4,7 @@
     python benchmarks/gpu.py --device cpu --small       # the same script on a CPU, small sizes (a smoke test)
 
 Sections, each timed interleaved against a baseline in the same run (benchmarks/performance.py's
-``timed``: warm-up calls, rotated order, the device synchronised before every clock read, minimum of N):
+``timed``: warm-up calls, an order shuffled each repetition, the device synchronised before every clock read, minimum of N):
 
 1. capture overhead: ``wb.capture`` of every name of two CNNs at batch 128, activations kept on the GPU
    (``device=None``) and streamed to pinned CPU memory (``device="cpu"``), against the plain forward and

@@ -10,15 +10,15 @@
 | 3 verify | ``wb.verify`` of a transformed CNN with BatchNorm, repeated on one batch and of a new transform each call | the two models' plain forwards |
 | 4 transform | ``wb.random_intertwiner`` of a 5.3M-parameter MLP, repeated, on a fresh object of a seen architecture, on a never-seen one | ``copy.deepcopy`` |
 
-Method. Every variant of a group runs once per repetition, in an order rotated from one repetition to
-the next, after warm-up calls (``timed``). Each call records its wall time and this process's CPU
-time (user + system, which includes page faults). Ratios are minimum over minimum, with the median of
-the per-repetition ratios beside them. Compute groups (1, 3, 4) run on one torch thread and are judged
-on CPU time: this machine has 2 cores and a load average of 7 to 10 from other users' jobs, so a wall
-clock mostly measures the scheduler (a two-thread forward waits at every OpenMP barrier for a thread
-that is not running), while CPU time measures the work. Harvest (2) is judged on wall time, because
-it overlaps computing with disk writes on a background thread, which CPU time cannot show. The load
-average is recorded at the start and end of each group.
+Method. Every variant of a group runs once per repetition, in an order shuffled anew each repetition
+(seeded; ``timed`` says why a rotated order was biased), after warm-up calls. Each call records its
+wall time and this process's CPU time (user + system, which includes page faults). Ratios are minimum
+over minimum, with the median of the per-repetition ratios beside them. Compute groups (1, 3, 4) run on
+one torch thread and are judged on CPU time: this machine has 2 cores and a load average of 7 to 10
+from other users' jobs, so a wall clock mostly measures the scheduler (a two-thread forward waits at
+every OpenMP barrier for a thread that is not running), while CPU time measures the work. Harvest (2)
+is judged on wall time, because it overlaps computing with disk writes on a background thread, which
+CPU time cannot show. The load average is recorded at the start and end of each group.
 
 ``--device cuda`` runs groups 1-3 on a GPU (benchmarks/gpu.py is the one-command GPU check); the
 timings then synchronise the device before reading the clock.

@@ -17,7 +17,7 @@ K_ij = max_c ⟨H_i[c], H_j[c]⟩ differs:
     product per block, max over channels (see ``grelu_kernel``).
 Timing: CPU, torch's default thread count, the machine shared with other jobs. (a) Both at a subsample
 of N_sub examples, side by side with ``cache.interleaved`` (one warm-up call each; every repetition runs
-both, order rotated): the paired median ratio at equal N. (b) The vectorised version alone at N =
+both, order shuffled): the paired median ratio at equal N. (b) The vectorised version alone at N =
 2,000. (c) The loop at N = 2,000 is too slow to repeat on this machine (minutes per call), so its time
 is the fastest N_sub loop time scaled by (2000 / N_sub)²: its work — products over j earlier examples
 for every j — grows exactly as N²; the O(N) standardisation it also pays is timed separately and

@@ -26,7 +26,7 @@ downsample, average pool, fc 1000; 11.69M parameters like torchvision's) and an 
       first example of x (64x64 for ResNet-18, where random_intertwiner guessed 32x32): the first verify
       of (c) pays that trace, untimed; the timed calls find the map memoised.
 Within a group the variants are timed side by side with ``cache.interleaved`` (after two warm-up calls
-each, every repetition runs every variant once, in an order rotated per repetition). A ratio is the median
+each, every repetition runs every variant once, in an order shuffled per repetition). A ratio is the median
 over repetitions of the row's time over the baseline's in the same repetition; "ratio of mins" divides the
 fastest times. Each missed target is profiled afterwards (cProfile, one call, top 15 by cumulative time).
 """
