@@ -40,6 +40,7 @@ def push_graph(model: nn.Module, smap: SymmetryMap, transform, inplace: bool, hi
     plans: dict[str, _Plan] = {}
     small: dict[int, tuple[str, str, Moves]] = {}  # id(original tensor) → (module, attribute, its moves)
     sites = {s.name: s for s in smap.sites}  # smap[name] searches: 28 ms over ViT-B/16's 313 sites
+    stacked: dict = {}  # dense blocks stacked for a weight, reused by its bias (_port_moves._stacked)
     with torch.no_grad():
         hosted = _with_hosts(smap, transform.elements)
         named: dict = {}  # (module, attribute) → its Moves, for this push (see _plan_site)
@@ -48,7 +49,7 @@ def push_graph(model: nn.Module, smap: SymmetryMap, transform, inplace: bool, hi
             offset = site.group.offset(element) if site.affine and name not in transform.forced else None
             _plan_site(old_modules, site, element, offset, plans, small, name in transform.forced, named)
         hint = hint or "the transform's elements move weights beyond the dtype's range"
-        values = {k: moves.value() for k, (_, _, moves) in small.items()} if inplace else {}
+        values = {k: moves.value(memo=stacked) for k, (_, _, moves) in small.items()} if inplace else {}
         _check_ranges(old_modules, plans, small, hint, weights=inplace, values=values)
     if inplace:
         new = model
@@ -79,7 +80,7 @@ def push_graph(model: nn.Module, smap: SymmetryMap, transform, inplace: bool, hi
             if inplace:
                 _set(dst, values[key])
             else:  # computed into the copy's tensor, then checked (a refusal discards the copy)
-                value = moves.value(out=dst)
+                value = moves.value(out=dst, memo=stacked)
                 if not (dst.is_floating_point() and moves.bound is not None
                         and moves.bound <= 0.5 * torch.finfo(dst.dtype).max):  # (½: the rounding on the way)
                     _check_small(hint, f"{module_name}.{attr}", value, dst)
