@@ -37,7 +37,9 @@ def projected(X: torch.Tensor, group: Group, n_bases: int, generator: torch.Gene
     Column block b of ``X_rot`` holds X in the b-th basis of the chunk. ``X_rot`` is a view of a
     buffer that the next chunk overwrites: compute what you need from it before asking for more.
     Elements are turned into float64 matrices; for a scaled permutation each output is one exact
-    product plus exact zeros, so statistics invariant under the group come out bit-identical.
+    product plus exact zeros, so statistics invariant under the group come out bit-identical. Which
+    bases come out does not depend on the chunk size (which depends on the data's shape): the groups'
+    ``sample_many`` draws the same elements, to rounding, however a batch is split.
     ``bar``: a progress bar (``workbench._progress.progress_bar``) advanced by each chunk's bases.
     """
     N, d = X.shape
