@@ -243,16 +243,24 @@ def test_a_transform_whose_own_rounding_exceeds_the_originals_passes_and_a_nudge
     leaves the new model's weights worse conditioned, so the NEW model's float32 rounding (1.2e-5 here) is
     above the dtype's 1e-5 while the original's is far below it: measured on the original alone, an exact
     transform was a FAIL. The new model's own floor counts too; a transform that is not a symmetry computes
-    another function in both precisions, so its floor stays small and a 1e-3 nudge still FAILs."""
+    another function in both precisions, so its floor stays small and a 1e-3 nudge still FAILs.
+
+    The case is searched for, not pinned to one seed: which transform seed gives a floor above 1e-5 depends on
+    the draws' stream (seed 4 did until the Haar draws changed on 2026-12-04; then its floor was 9e-7 and the
+    test no longer tested this). Measured then: 2 of the first 70 seeds exceed 1e-5 (68: 1.2e-5)."""
     from test_symmetry import ACTIVATIONS, mlp
 
     model = mlp([3, 6, 6], ACTIVATIONS["identity"], bias=True, batchnorm=False, seed=4).double()
     x = torch.randn(6, 5, generator=torch.Generator().manual_seed(4)).double()
-    _, t = wb.random_intertwiner(model, seed=4, scale_sigma=1.0)
-    m32 = copy.deepcopy(model).float()
-    new32 = wb.apply_transform(m32, t)
-    x32 = x.float()
-    assert own_floor(new32, x32) > 2 * own_floor(m32, x32)  # the premise: the new model rounds worse
+    m32, x32 = copy.deepcopy(model).float(), x.float()
+    for seed in range(400):  # the premise, measured here: the new model rounds above the dtype's tolerance
+        _, t = wb.random_intertwiner(model, seed=seed, scale_sigma=1.0)
+        new32 = wb.apply_transform(m32, t)
+        if own_floor(new32, x32) > 1e-5:
+            break
+    else:
+        pytest.fail("no transform seed below 400 gives a new model whose float32 rounding exceeds 1e-5")
+    assert own_floor(new32, x32) > 10 * own_floor(m32, x32)
     report = wb.verify(m32, new32, x32, transform=t)
     assert report.passed and report.max_rel_diff < report.tolerance <= 10 * max(own_floor(new32, x32), 1e-6) * 1.5
     nudged = copy.deepcopy(new32)
