@@ -12,7 +12,9 @@ downsample, average pool, fc 1000; 11.69M parameters like torchvision's) and an 
 1024-4096-4096-4096-10 with ReLU (37.8M parameters).
   (a, b) ``copy.deepcopy(model)`` against ``wb.random_intertwiner(model, seed=i)`` (a new seed each call),
       both at steady state (the model's symmetry map memoised by earlier calls) and as the first call on a
-      fresh model object, which traces it with torch.fx again. The fresh objects are made before timing
+      fresh model object, whose per-object memo misses; it finds the map by the model's structure (a trace
+      with torch.fx is paid once per architecture: benchmarks/performance.py's "never-seen architecture"
+      row measures that). The fresh objects are made before timing
       by ``copy.deepcopy(model, memo)`` with a memo that maps every parameter and buffer to itself: new
       module objects (so the per-object memo misses) that share the weights (so nine of them cost no
       memory); random_intertwiner still copies all the weights, as on any model. A last row runs each
@@ -94,7 +96,7 @@ def bench_intertwiner(kind: str, reps: int, proc_reps: int) -> list[dict]:
     rows = [row(f"{name} copy.deepcopy ({params(model)})", t["copy"], t["copy"]),
             row(f"{name} wb.random_intertwiner, steady state (map memoised)", t["steady"], t["copy"], target,
                 note=miss.capitalize() + ".", profile=lambda: wb.random_intertwiner(model, seed=99)),
-            row(f"{name} wb.random_intertwiner, first call on a fresh model object (traces)", t["first"],
+            row(f"{name} wb.random_intertwiner, first call on a fresh model object (map found by structure)", t["first"],
                 t["copy"], target, note=f"On a model it has not seen, {miss} (this includes the torch.fx trace).",
                 profile=lambda s=shell(model): wb.random_intertwiner(s, seed=99))]  # shell made untimed
     if proc_reps:  # fresh interpreters: {"copy": s, "ri": s} from each
