@@ -70,6 +70,9 @@ def make_cnn() -> nn.Module:
 
 
 def make_bridge() -> nn.Module:
+    from workbench.models import ensure_torchvision_importable
+
+    ensure_torchvision_importable()  # TransformerLens imports transformers, which imports torchvision (_compat.py)
     from transformer_lens.config import TransformerBridgeConfig
     from transformer_lens.model_bridge import TransformerBridge
 

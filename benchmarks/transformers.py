@@ -124,6 +124,9 @@ two single-threaded products at once, which is how the transform runs its own. P
 def make(size: str):
     import warnings
 
+    from workbench.models import ensure_torchvision_importable
+
+    ensure_torchvision_importable()  # TransformerLens imports transformers, which imports torchvision (_compat.py)
     from transformer_lens.config import TransformerBridgeConfig
     from transformer_lens.model_bridge import TransformerBridge
 
