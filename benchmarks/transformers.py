@@ -118,6 +118,11 @@ took it under 2× (this table):
 The bound's matmul is a single two-threaded product, as the issue defines it; the stricter row times
 two single-threaded products at once, which is how the transform runs its own. Peak memory rose from
 1.2× to 1.4× the model: two weights are in flight at once.
+
+Since then (2026-12-04): the Haar factors are no longer QRs. Each is the product of the Householder
+reflections of fresh Gaussian vectors (Stewart's method: the same law, about half the arithmetic;
+`workbench/groups/_haar.py`), and this CPU is an AMD EPYC, not the Intel Xeon of the runs above, so its
+matmul rate and bound differ. The table above is that code on this machine.
 """
 
 
