@@ -52,6 +52,41 @@ def test_auroc_matches_sklearn_with_ties(seed, levels):
     np.testing.assert_array_equal(average_ranks(torch.tensor(X)).numpy(), ref_ranks)
 
 
+@settings(max_examples=40, deadline=None)
+@given(st.integers(0, 10_000), st.integers(1, 6), st.sampled_from(["levels", "sparse_zeros", "distinct"]),
+       st.sampled_from([np.float32, np.float64]))
+def test_average_ranks_of_data_with_few_zeros_match_the_definition(seed, levels, kind, dtype):
+    """average_ranks has two paths: SciPy's rankdata where over 1% of the values are zero, its own sort and
+    tie averaging elsewhere (the null's random bases). This drives the second with ties of every shape."""
+    rng = np.random.default_rng(seed)
+    if kind == "levels":  # ties everywhere, none of them zero
+        X = rng.integers(1, levels + 1, size=(80, 5)).astype(dtype)
+    elif kind == "sparse_zeros":  # distinct values but for a few zeros (< 1%) and one repeated value
+        X = rng.standard_normal((400, 5)).astype(dtype)
+        X[rng.integers(0, 400, 3), rng.integers(0, 5, 3)] = 0
+        X[:levels, 2] = X[0, 2]
+    else:
+        X = rng.standard_normal((80, 5)).astype(dtype)
+    assert np.count_nonzero(X == 0) <= X.size // 100  # the path under test
+    ref = np.array([[1 + (col < v).sum() + ((col == v).sum() - 1) / 2 for v in col] for col in X.T])
+    got = average_ranks(torch.tensor(X)).numpy()
+    assert got.dtype == dtype
+    np.testing.assert_array_equal(got, ref.astype(dtype))
+
+
+def test_average_ranks_paths_agree_with_rankdata_on_large_data():
+    from scipy.stats import rankdata
+
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((10_000, 16)).astype(np.float32)  # float32 normals collide a few times per column
+    relu = np.maximum(X, 0)  # half zeros: the rankdata path
+    for data in (X, relu, np.round(X * 4)):
+        np.testing.assert_array_equal(average_ranks(torch.tensor(data)).numpy(),
+                                      rankdata(data.T, axis=1).astype(np.float32))
+    sorted_col = np.sort(X[:, 0])
+    assert (sorted_col[1:] == sorted_col[:-1]).any()  # the tie branch ran on its own path
+
+
 def test_mean_difference_and_f_statistic_match_references():
     X, y = planted(1, n=200, relu=False)
     s = concept_scores(X, {"c": y})

@@ -22,11 +22,34 @@ def average_ranks(X: torch.Tensor) -> torch.Tensor:
     >>> average_ranks(torch.tensor([[3.0], [1.0], [3.0]])).tolist()
     [[2.5, 1.0, 2.5]]
     """
-    from scipy.stats import rankdata
+    a = X.T.contiguous().numpy()  # rows of a contiguous [m, N] array sort fastest
+    if np.count_nonzero(a == 0) > a.size // 100:
+        from scipy.stats import rankdata
 
-    # Rows of a contiguous [m, N] array rank fastest. Measured against the hand-written torch version
-    # this replaced: as fast on continuous data, 3.5x faster on ReLU maps full of tied zeros.
-    ranks = rankdata(X.T.contiguous().numpy(), axis=1)
+        # Many tied zeros (a ReLU map in its own basis): scipy's stable sort is fastest here (144 ms where
+        # NumPy's default sort takes 266, on 256 units x 10,000 examples half zero).
+        return torch.from_numpy(rankdata(a, axis=1)).to(X.dtype)
+    # Data with few ties: the random bases of privileged_basis_test's null, ~all of its time. NumPy's default
+    # (SIMD) sort, then each run of ties given its average position, is what rankdata computes, with the
+    # same numbers (tests/test_probing.py), in half the time on this project's CPU: 124-138 ms against
+    # 223-239 (scipy 1.17 sorts stably, which costs 2x on distinct values).
+    m, N = a.shape
+    order = np.argsort(a, axis=1)
+    s = np.take_along_axis(a, order, axis=1)
+    pos = np.arange(1, N + 1, dtype=np.float64)
+    same = s[:, 1:] == s[:, :-1]
+    if same.any():  # float32 data ties now and then (10,000 normals: a few collisions per row)
+        start = np.ones((m, N), dtype=bool)
+        start[:, 1:] = ~same
+        end = np.ones((m, N), dtype=bool)
+        end[:, :-1] = ~same
+        first = np.maximum.accumulate(np.where(start, pos, 0.0), axis=1)  # the run's first position
+        last = np.minimum.accumulate(np.where(end, pos, np.inf)[:, ::-1], axis=1)[:, ::-1]  # its last
+        value = (first + last) / 2
+    else:
+        value = np.broadcast_to(pos, (m, N))
+    ranks = np.empty((m, N), dtype=np.float64)
+    np.put_along_axis(ranks, order, value, axis=1)
     return torch.from_numpy(ranks).to(X.dtype)
 
 
