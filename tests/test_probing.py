@@ -85,6 +85,13 @@ def test_average_ranks_paths_agree_with_rankdata_on_large_data():
                                       rankdata(data.T, axis=1).astype(np.float32))
     sorted_col = np.sort(X[:, 0])
     assert (sorted_col[1:] == sorted_col[:-1]).any()  # the tie branch ran on its own path
+    with_nan, with_inf = X[:200].copy(), X[:200].copy()
+    with_nan[5, 3] = np.nan
+    with_inf[[5, 9], 3], with_inf[7, 4] = np.inf, -np.inf
+    for data in (with_nan, with_inf):
+        np.testing.assert_array_equal(average_ranks(torch.tensor(data)).numpy(),
+                                      rankdata(data.T, axis=1).astype(np.float32))
+    assert np.isnan(average_ranks(torch.tensor(with_nan)).numpy()[3]).all()
 
 
 def test_mean_difference_and_f_statistic_match_references():

@@ -19,15 +19,18 @@ from ._inputs import prepare
 def average_ranks(X: torch.Tensor) -> torch.Tensor:
     """1-based ranks of each column of ``X [N, m]``, ties sharing their average rank; returns ``[m, N]``.
 
+    The numbers of ``scipy.stats.rankdata(X.T, axis=1)`` (a column holding a NaN ranks as all NaN).
+
     >>> average_ranks(torch.tensor([[3.0], [1.0], [3.0]])).tolist()
     [[2.5, 1.0, 2.5]]
     """
     a = X.T.contiguous().numpy()  # rows of a contiguous [m, N] array sort fastest
-    if np.count_nonzero(a == 0) > a.size // 100:
+    if np.count_nonzero(a == 0) > a.size // 100 or np.isnan(a).any():
         from scipy.stats import rankdata
 
         # Many tied zeros (a ReLU map in its own basis): scipy's stable sort is fastest here (144 ms where
-        # NumPy's default sort takes 266, on 256 units x 10,000 examples half zero).
+        # NumPy's default sort takes 266, on 256 units x 10,000 examples half zero). A column with a NaN
+        # gets NaN ranks (rankdata's nan_policy="propagate"; the probing verbs refuse non-finite input).
         return torch.from_numpy(rankdata(a, axis=1)).to(X.dtype)
     # Data with few ties: the random bases of privileged_basis_test's null, ~all of its time. NumPy's default
     # (SIMD) sort, then each run of ties given its average position, is what rankdata computes, with the
