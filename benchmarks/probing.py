@@ -70,9 +70,9 @@ MEMORY_NOTES = [
     "- **Not the cause**: switching torch between 1 and 2 threads per chunk. With torch at 1 thread for "
     "the whole run (no switching) the old code still reached +514 MiB at 200 bases, and with "
     "`MALLOC_ARENA_MAX=1` +1,031 MiB.",
-    "- **What is left is spread, not growth**: the neuron-basis statistic (ReLU ties take the tie branch "
-    "of `average_ranks`) usually sets the test's peak. Alone in a fresh process it peaks +124 MiB in every "
-    "run at 1 thread, and +124 to +194 MiB at 2 threads (where parallel ops' buffers land), so single runs "
+    "- **What is left is spread, not growth** (measured 2026-11-27, when `average_ranks` was our own torch "
+    "code; ReLU maps now go to SciPy's `rankdata`): the neuron-basis statistic usually set the test's "
+    "peak. Alone in a fresh process it peaked +124 MiB in every run at 1 thread, and +124 to +194 MiB at 2 threads (where parallel ops' buffers land), so single runs "
     "differ by tens of MiB whatever n_bases is; hence 5 runs per setting and the median. A ratio of "
     "medians at 5 runs still moves by ±30% between reruns (a setting's median can sit on either of the "
     "allocator's usual levels), so a PASS here means no trend beyond the spread, not a precise 1.0; the "
