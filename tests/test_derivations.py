@@ -711,7 +711,14 @@ def test_channel_shuffle_and_chunk(half, units, seed):
         randomise(conv, g)
     x = torch.randn(2, 2 * half, 3, 3, generator=g, dtype=F64)
     real = lambda weights: (lambda u, b, inp: (lambda y: y if b == "final" else F.relu(y))(F.conv2d(inp, *weights[(u, b)])))
-    ref = shuffle_stage(x, real({k: (c.weight.detach(), c.bias.detach()) for k, c in convs.items()}), units)
+    outputs = {}  # each branch's output in the reference run: a control must swap channels that differ there
+
+    def recorded(u, b, inp):
+        y = real({k: (c.weight.detach(), c.bias.detach()) for k, c in convs.items()})(u, b, inp)
+        outputs[(u, b)] = y
+        return y
+
+    ref = shuffle_stage(x, recorded, units)
     # Which label sits at each input position of each reader (a label = (unit, branch, channel)): run the
     # stage's data movement on labels instead of numbers.
     seen, site_id = {}, lambda u, b: 1000 * (2 * u + (b == "b2"))
@@ -758,16 +765,23 @@ def test_channel_shuffle_and_chunk(half, units, seed):
         return elements
 
     same(moved(sample()), ref)
-    # swap two channels of one branch that lie in different route classes
+    # swap two channels of one branch that lie in different route classes, and whose values differ on x: a
+    # branch whose ReLU is dead on this small input (seed 134: both channels of unit 0's b1 are 0 everywhere)
+    # would make any swap of them invisible, and the control vacuous
+    controls = 0
     for (u, b) in [k for k in convs if k[1] != "final"]:
         cls = [route_class(b, i, half, units - 1 - u) for i in range(half)]
-        pair = next(((i, j) for i in range(half) for j in range(half) if cls[i] != cls[j]), None)
+        y = outputs[(u, b)]
+        pair = next(((i, j) for i in range(half) for j in range(half)
+                     if cls[i] != cls[j] and not torch.equal(y[:, i], y[:, j])), None)
         if pair:
+            controls += 1
             elements = {k: (torch.arange(half), torch.ones(half, dtype=F64)) for k in convs if k[1] != "final"}
             elements[(u, b)][0][[pair[0], pair[1]]] = torch.tensor([pair[1], pair[0]])
             assert moved(elements) is None  # no reader can take it: structurally outside the group
             differs(moved(elements, strict=False), ref)  # and with the readers that can, the output moves
             break
+    assume(controls)  # every class-crossing pair dead or equal on x: no control can show anything here
 
 
 # ---- 9. group_norm --------------------------------------------------------------------------------------
