@@ -61,3 +61,20 @@ def ratio(t: dict, base: dict, clock: str) -> tuple[float, float]:
     """(minimum over minimum, median of the per-repetition ratios) of ``t`` against ``base`` on ``clock``."""
     a, b = t[clock], base[clock]
     return min(a) / min(b), statistics.median(x / y for x, y in zip(a, b))
+
+
+def matmul_seconds(dtype: torch.dtype, n: int = 768, rows: int = 16384, reps: int = 3, paired: bool = False) -> float:
+    """Seconds per FLOP of [rows, n] @ [n, n] in ``dtype`` (min time of ``reps``); ``paired``: two such
+    products at once, each single-threaded on its own Python thread (``in_parallel``)."""
+    from workbench._threads import in_parallel
+
+    a, b = torch.randn(rows, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    best = float("inf")
+    for _ in range(reps + 1):
+        t0 = time.perf_counter()
+        if paired:
+            in_parallel([lambda: a @ b, lambda: a @ b])
+        else:
+            a @ b
+        best = min(best, time.perf_counter() - t0)
+    return best / (2 * rows * n * n * (2 if paired else 1))

@@ -41,6 +41,7 @@ import torch  # noqa: E402
 
 import workbench as wb  # noqa: E402
 from cache import interleaved, machine, noise_hint, row, table  # noqa: E402  (the house helpers)
+from benchmarks._timing import matmul_seconds  # noqa: E402
 
 RESULTS = HERE / "results"
 LAYER = "9"  # myrtle: conv-BN-ReLU blocks at 2, 5, 9, 13; "9" is the third ReLU, 64 channels at 16×16
@@ -105,7 +106,9 @@ def bench(n: int, n_sub: int, reps: int, loop_reps: int) -> tuple[list[dict], di
     scale = (n / n_sub) ** 2
     est = [v * scale for v in t["loop"]]
     speedup = min(est) / min(full)
-    rate = gemm_rate()
+    # this machine's float64 rate on a square product at torch's thread count: the ceiling for any
+    # implementation of the same multiply-adds
+    rate = 1 / matmul_seconds(torch.float64, n=n, rows=n, reps=5)
     c, positions = a.shape[1], a[0, 0].numel()
     # the vectorised version's multiply-adds: the upper triangle of two [N, N] kernels, each entry C·P of them
     bound = [2 * 2 * c * positions * n * (n + 1) / 2 / rate]
@@ -122,18 +125,6 @@ def bench(n: int, n_sub: int, reps: int, loop_reps: int) -> tuple[list[dict], di
             f"allows (info)", bound, ratio=min(est) / bound[0]),
     ]
     return rows, agreement
-
-
-def gemm_rate(n: int = 2000, reps: int = 5) -> float:
-    """FLOP/s of the fastest of ``reps`` float64 ``[n, n] @ [n, n]`` products at torch's thread count: the ceiling
-    for any implementation of the same multiply-adds on this machine."""
-    x = torch.randn(n, n, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
-    best = float("inf")
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        x @ x
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n ** 3 / best
 
 
 def _offdiag_max_diff(K_loop: torch.Tensor, acts: torch.Tensor) -> float:

@@ -47,6 +47,7 @@ import importlib.util  # noqa: E402
 import torch  # noqa: E402
 
 import workbench as wb  # noqa: E402
+from benchmarks._timing import matmul_seconds  # noqa: E402  (also the similarity benchmark's bound)
 
 _spec = importlib.util.spec_from_file_location("bench_cache", HERE / "cache.py")
 _cache = importlib.util.module_from_spec(_spec)
@@ -155,23 +156,6 @@ def dense_flops(model) -> float:
             numel = t[list(port.heads)].numel() if port.heads else t.numel()
             total += 2 * numel * site.n
     return total
-
-
-def matmul_seconds(dtype: torch.dtype, n: int = 768, rows: int = 16384, reps: int = 3, paired: bool = False) -> float:
-    """Seconds per FLOP of [rows, n] @ [n, n] in ``dtype`` (min time of ``reps``); ``paired``: two such
-    products at once, each single-threaded on its own Python thread (``in_parallel``)."""
-    from workbench._threads import in_parallel
-
-    a, b = torch.randn(rows, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    best = float("inf")
-    for _ in range(reps + 1):
-        t0 = time.perf_counter()
-        if paired:
-            in_parallel([lambda: a @ b, lambda: a @ b])
-        else:
-            a @ b
-        best = min(best, time.perf_counter() - t0)
-    return best / (2 * rows * n * n * (2 if paired else 1))
 
 
 class stages:

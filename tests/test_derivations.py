@@ -713,8 +713,10 @@ def test_channel_shuffle_and_chunk(half, units, seed):
     real = lambda weights: (lambda u, b, inp: (lambda y: y if b == "final" else F.relu(y))(F.conv2d(inp, *weights[(u, b)])))
     outputs = {}  # each branch's output in the reference run: a control must swap channels that differ there
 
+    branch = real({k: (c.weight.detach(), c.bias.detach()) for k, c in convs.items()})
+
     def recorded(u, b, inp):
-        y = real({k: (c.weight.detach(), c.bias.detach()) for k, c in convs.items()})(u, b, inp)
+        y = branch(u, b, inp)
         outputs[(u, b)] = y
         return y
 
