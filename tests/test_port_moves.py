@@ -88,7 +88,10 @@ def test_composed_moves_equal_the_moves_one_by_one(kinds, dtype, seed):
         moves.add(F, axis, sl)
         expect = _act_slice(expect, F, axis, sl, False)
     got = moves.value(F64)
-    assert torch.allclose(got, expect, atol=1e-12, rtol=0)
+    # rounding scales with the entries: repeated dense moves on one block grow them to ~10⁴ (hypothesis seed 150),
+    # where the two float64 orders of products differ by ~1e-12 absolute, ~1 ulp of the largest entry
+    scale = max(1.0, float(expect.abs().max()))
+    assert torch.allclose(got, expect, atol=1e-13 * scale, rtol=0)
     if moves.bound is not None:  # what lets a copy skip its range check must bound the result
         assert float(got.abs().max()) <= moves.bound * (1 + 1e-12)
     out = torch.empty_like(own)
