@@ -7,12 +7,14 @@ pretrained all-MiniLM-L6-v2 from the PyPI package; its MLM head is freshly initi
 compared by its encoder outputs. TransformerLens 3.9 has no bridges: these tests are not in the
 ``transformer`` marker that the 3.9 pass selects.
 """
+import copy
 import warnings
 
 import pytest
 import torch
 
 import workbench as wb
+from workbench import UnsupportedModelError
 from workbench.models import hf
 
 family = hf.family
@@ -186,8 +188,8 @@ def test_minilm_interpretation_shift_value_space_vs_mlp_neurons(minilm):
 
 
 def test_unmapped_hugging_face_family_is_refused_with_a_reason(tmp_path):
-    """Gemma-2's sandwich norms (a norm after attention and after the MLP) are components TransformerLens
-    maps but the canonical layout has no place for: refused, naming them; nothing is transformed."""
+    """Gemma-2 (sandwich norms: a norm after attention and after the MLP) is a family whose layout is not checked
+    here: refused in a bridge, naming the family; nothing is transformed or folded."""
     from transformer_lens.model_bridge import TransformerBridge
     from transformers import Gemma2Config, Gemma2ForCausalLM
 
@@ -196,10 +198,66 @@ def test_unmapped_hugging_face_family_is_refused_with_a_reason(tmp_path):
     _tokenizer(tmp_path / "g2", 50)
     model = TransformerBridge.boot_transformers(str(tmp_path / "g2"))
     smap = wb.symmetry_map(model)
-    assert len(smap) == 0 and "Gemma2ForCausalLM" in smap.skipped[0][1] and "ln1_post" in smap.skipped[0][1]
-    with pytest.raises(TypeError, match="no place in the canonical"):
+    assert len(smap) == 0 and "Gemma2ForCausalLM" in smap.skipped[0][1] and "'gemma2'" in smap.skipped[0][1]
+    assert "not been checked" in smap.skipped[0][1]
+    with pytest.raises(TypeError, match="gemma2"):
         wb.fold_layernorm(model)
-    with pytest.raises(ValueError, match="no place in the canonical"):
+    with pytest.raises(UnsupportedModelError, match="gemma2"):
+        wb.random_intertwiner(model)
+
+
+def _openai_gpt():
+    from transformers import OpenAIGPTConfig, OpenAIGPTLMHeadModel
+
+    torch.manual_seed(0)
+    model = OpenAIGPTLMHeadModel(OpenAIGPTConfig(n_embd=32, n_layer=2, n_head=4, vocab_size=50, n_positions=16)).double().eval()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim == 1:
+                p.add_(0.3 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    return model
+
+
+def test_a_family_whose_adapter_misstates_it_is_refused_not_transformed():
+    """OpenAI GPT: TransformerLens 4 maps every weight, but its adapter's configuration reads the GELU MLP as ReLU
+    and the post-LN blocks as pre-LN. Taken at its word, the transform scaled MLP units by P·D₊ (not a symmetry of
+    GELU) and moved the float64 log-probabilities by 7e-4. Refused now, before any of it is read; and the direct
+    check below shows the scaling the adapter's word would have allowed is indeed no symmetry of this model."""
+    model = _openai_gpt()
+    smap = wb.symmetry_map(model)
+    assert len(smap) == 0 and "'openai-gpt'" in smap.skipped[0][1] and "not been checked" in smap.skipped[0][1]
+    with pytest.raises(UnsupportedModelError, match="openai-gpt"):
+        wb.random_intertwiner(model, seed=0)
+    ids = torch.randint(0, 50, (2, 9), generator=torch.Generator().manual_seed(2))
+    # the negative control, computed here: a positive scaling of MLP units (P·D₊, what ReLU would allow)
+    scaled = copy.deepcopy(model)
+    s = torch.exp(0.5 * torch.randn(scaled.transformer.h[0].mlp.c_fc.nf, generator=torch.Generator().manual_seed(3),
+                                    dtype=torch.float64))
+    with torch.no_grad():
+        mlp = scaled.transformer.h[0].mlp
+        mlp.c_fc.weight.mul_(s)  # Conv1D: [in, out]
+        mlp.c_fc.bias.mul_(s)
+        mlp.c_proj.weight.div_(s[:, None])
+        old, new = model(ids).logits.log_softmax(-1), scaled(ids).logits.log_softmax(-1)
+    assert float((new - old).abs().max() / old.abs().max()) > 1e-4
+    # comparing two models needs no layout: verify still compares their logits, and sees the change
+    assert wb.verify(model, copy.deepcopy(model), ids).function_preserved
+    assert not wb.verify(model, scaled, ids).function_preserved
+
+
+@pytest.mark.parametrize("cls", ["RobertaForMaskedLM", "FalconForCausalLM"])
+def test_a_family_without_an_adapter_is_refused_with_our_error(cls):
+    """No TransformerLens adapter: an empty map naming the family, and our error (not TransformerLens's ValueError
+    listing every architecture it knows)."""
+    import transformers
+
+    config = getattr(transformers, cls.replace("ForMaskedLM", "Config").replace("ForCausalLM", "Config"))(
+        hidden_size=32, num_hidden_layers=1, num_attention_heads=4, vocab_size=50, intermediate_size=48)
+    model = getattr(transformers, cls)(config).eval()
+    smap = wb.symmetry_map(model)
+    assert len(smap) == 0 and config.model_type in smap.skipped[0][1] and len(smap.skipped[0][1]) < 600
+    with pytest.raises(UnsupportedModelError, match=config.model_type):
         wb.random_intertwiner(model)
 
 

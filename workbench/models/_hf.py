@@ -63,6 +63,15 @@ class Layout:
     paths: dict = field(default_factory=dict)  # component key ("blocks.0.attn.q") -> Hugging Face module path
 
 
+# The Hugging Face families (``config.model_type``) whose layout facts have been checked against the model's own
+# forward: tests/test_hf_families.py and tests/test_hf_symmetry.py compute each one's float64 function preservation
+# directly, with negative controls, for the groups docs/DERIVATIONS.md §10 derives. A family outside it is refused
+# even when TransformerLens's adapter maps every weight: the facts a transform rests on (activation, where the norms
+# sit, parallel blocks) come from the adapter's config, and an adapter can state them wrongly. OpenAI GPT's reads
+# its GELU as ReLU and its post-LN blocks as pre-LN; a transform built on them changed the float64 log-probabilities
+# by 7e-4. Add a family only with its derivation and those tests.
+CHECKED_FAMILIES = frozenset({"bert", "gemma", "gpt2", "gpt_neox", "llama", "mistral", "opt", "phi", "qwen2"})
+
 # Layouts per (class, config): building one boots nothing, but walks a weightless model (~10 ms).
 _LAYOUTS: "OrderedDict[tuple, object]" = OrderedDict()
 _KEPT = 8
@@ -120,14 +129,30 @@ def _build_adapter(hf: nn.Module):
         raise UnsupportedModelError(
             f"a raw Hugging Face {type(hf).__name__} is read through TransformerLens 4's architecture adapters; "
             f"the installed TransformerLens has none (3.x). Install transformer-lens>=4.") from None
+    _check_family(hf)
     config = copy.deepcopy(hf.config)
-    arch = source.determine_architecture_from_hf_config(config)
+    try:
+        arch = source.determine_architecture_from_hf_config(config)
+    except ValueError as exc:  # TransformerLens lists every architecture it knows in this message: the first line says it
+        raise UnsupportedModelError(f"TransformerLens 4 has no architecture adapter for {type(hf).__name__} "
+                                    f"({str(exc).splitlines()[0][:120]}…)") from None
     cfg = source.build_bridge_config_from_hf(config, arch, f"local/{config.model_type}", next(hf.parameters()).dtype)
     found = ArchitectureAdapterFactory.select_architecture_adapter(cfg)
     prepare = getattr(found, "prepare_model", None)
     if prepare is not None:  # name fixes that depend on the model (NeoX's embed_out), on a weightless copy
         prepare(_reference(hf))
     return found
+
+
+def _check_family(hf: nn.Module) -> None:
+    """Refuse a family whose layout facts are not checked here (``CHECKED_FAMILIES``), before anything reads them."""
+    family = getattr(hf.config, "model_type", None)
+    if family not in CHECKED_FAMILIES:
+        raise UnsupportedModelError(
+            f"its family {family!r} has not been checked against its own forward here (checked: "
+            f"{', '.join(sorted(CHECKED_FAMILIES))}). The layout's facts (activation, norm placement, parallel "
+            f"blocks) come from TransformerLens's adapter configuration, which can disagree with the model, so "
+            f"nothing is transformed; docs/COVERAGE.md says what adding a family takes.")
 
 
 def layout(model: nn.Module) -> Layout:
@@ -142,6 +167,7 @@ def layout(model: nn.Module) -> Layout:
 
 def _layout_or_error(model: nn.Module, hf: nn.Module):
     try:
+        _check_family(hf)  # a bridge's adapter is its own: checked here too
         return _build_layout(adapter(model), hf)
     except UnsupportedModelError as exc:
         return exc
@@ -291,7 +317,8 @@ def is_post_ln(model: nn.Module) -> bool:
 
 
 def is_encoder(model: nn.Module) -> bool:
-    return model_kind(model) in (ModelKind.HF, ModelKind.HF_BRIDGE) and facts(model)["encoder"]
+    """An encoder whose layout is read here (BERT); False for a refused family (``verify`` then compares logits)."""
+    return model_kind(model) in (ModelKind.HF, ModelKind.HF_BRIDGE) and not unsupported(model) and facts(model)["encoder"]
 
 
 def gain_offset(model: nn.Module) -> float:

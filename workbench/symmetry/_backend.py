@@ -224,6 +224,8 @@ class LayoutBackend(Backend):
         from ..hooks import intervene, run_with_cache
 
         kind = model_kind(model)
+        if kind in (ModelKind.HF, ModelKind.HF_BRIDGE) and hf.unsupported(model):
+            return None  # which parts compute in float32 is read from the layout: none for a refused family
         rms = str(getattr(hf.config(model), "normalization_type", "") or "").startswith("RMS")
         names = _round_raw(model, rms) if kind == ModelKind.HF else _round_lens(model, inputs, rms)
         if not names:
