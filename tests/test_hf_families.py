@@ -160,6 +160,52 @@ def test_raw_model_sites_groups_and_exact_random_intertwiner(family, raw):
     assert report.representations_moved, report.to_frame()
 
 
+# Configuration switches inside each checked family that change what a forward computes: activations (the MLP's
+# group follows them), biases, parallel or sequential residuals, how much of a head rotates, head sizes, ties.
+VARIANTS = [
+    ("gpt_neox", dict(use_parallel_residual=False)), ("gpt_neox", dict(rotary_pct=1.0)), ("gpt_neox", dict(hidden_act="relu")),
+    ("gpt_neox", dict(tie_word_embeddings=True)), ("gpt2", dict(activation_function="relu")),
+    ("gpt2", dict(activation_function="silu")), ("gpt2", dict(scale_attn_by_inverse_layer_idx=True)),
+    ("opt", dict(enable_bias=False)), ("opt", dict(activation_function="gelu")), ("opt", dict(_remove_final_layer_norm=True)),
+    ("opt", dict(tie_word_embeddings=False)), ("llama", dict(mlp_bias=True, attention_bias=True)),
+    ("llama", dict(hidden_act="relu")), ("llama", dict(head_dim=16)), ("llama", dict(num_key_value_heads=1)),
+    ("mistral", dict(sliding_window=None)), ("phi", dict(partial_rotary_factor=1.0)), ("phi", dict(hidden_act="relu")),
+    ("qwen2", dict(use_sliding_window=True, sliding_window=4)), ("gemma", dict(hidden_activation="relu")),
+]
+
+
+@pytest.mark.parametrize("family,extra", VARIANTS, ids=[f"{f}-{'-'.join(map(str, e.values()))}" for f, e in VARIANTS])
+def test_configuration_variants_are_exact(family, extra):
+    """Each switch, one at a time: the transform preserves log-probabilities in float64 (computed directly), and a
+    ReLU MLP takes P·D₊ where a smooth one takes permutations only (the group follows the activation)."""
+    model = build(family, kw=dict(CONFIGS[family][1], **extra))
+    smap = wb.symmetry_map(model)
+    assert all(why.startswith("one key/value head") for _, why in smap.skipped), smap.skipped  # MQA: said, not a loss
+    act = extra.get("hidden_act") or extra.get("activation_function") or extra.get("hidden_activation")
+    if MLP[family] == "diagonal_permutation":  # gated: act(gate) ⊙ up, whatever the activation
+        want = "diagonal_permutation"
+    else:  # ReLU is positively homogeneous (P·D₊); GELU, SiLU are not (P)
+        want = "scaled_permutation" if (act or ("relu" if family == "opt" else None)) == "relu" else "permutation"
+    assert kinds(smap)["blocks.mlp"] == {want}, (extra, kinds(smap)["blocks.mlp"])
+    new, _ = wb.random_intertwiner(model, seed=4)
+    assert rel(logp(new), logp(model)) <= TOL
+
+
+def test_gpt_neox_without_attention_biases_moves_all_but_its_qk_spaces():
+    """TransformerLens 4 cannot boot a bridge around a GPT-NeoX without q/k/v biases (its split asserts a bias), and
+    the rotary pairs are measured through one: the QK spaces are skipped, saying so; every other site moves, and
+    the function is preserved (computed directly)."""
+    model = build("gpt_neox", kw=dict(CONFIGS["gpt_neox"][1], attention_bias=False))
+    smap = wb.symmetry_map(model)
+    assert {name for name, _ in smap.skipped} == {"blocks.0.attn.qk.0", "blocks.0.attn.qk.1", "blocks.0.attn.qk.2",
+                                                  "blocks.0.attn.qk.3", "blocks.1.attn.qk.0", "blocks.1.attn.qk.1",
+                                                  "blocks.1.attn.qk.2", "blocks.1.attn.qk.3"}
+    assert all("could not boot" in why for _, why in smap.skipped)
+    assert {"resid", "blocks.0.attn.ov.0", "blocks.0.mlp"} <= set(smap.names)
+    new, _ = wb.random_intertwiner(model, seed=5)
+    assert rel(logp(new), logp(model)) <= TOL
+
+
 @pytest.mark.parametrize("family", ["mistral", "qwen2", "gemma", "phi", "opt", "opt350", "gpt_neox"])
 def test_bridge_around_each_family_is_exact(family, raw, tmp_path_factory):
     model = bridge(raw(family), tmp_path_factory.getbasetemp())

@@ -251,8 +251,9 @@ def _fused(comp, prefix: str, path: str, qkv: Optional[nn.Module], cfg) -> dict[
     shapes = {leaf: p.shape for leaf, p in qkv.named_parameters(recurse=False)}
     for leaf, shape in shapes.items():  # entries are their own flat indices (exact in float64 up to 2^53)
         setattr(probe, leaf, nn.Parameter(torch.arange(shape.numel(), dtype=torch.float64).reshape(shape), requires_grad=False))
-    if "bias" not in shapes:
-        probe.bias = None
+    if "bias" not in shapes:  # an adapter's split may assume a bias (GPT-NeoX's asserts one): give it zeros, read none
+        n_out = getattr(qkv, "out_features", None) or getattr(qkv, "nf", None) or shapes["weight"][0]
+        probe.bias = nn.Parameter(torch.zeros(int(n_out), dtype=torch.float64), requires_grad=False)
     setattr(holder, path.rpartition(".")[2], probe)
     parts = comp.split_qkv_matrix(holder)
     dh = int(cfg.d_head)

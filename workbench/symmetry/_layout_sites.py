@@ -360,7 +360,13 @@ def _measure_pairs(model: nn.Module, layer: int) -> tuple[tuple[int, int], ...]:
     # and hook_pattern) would run inside the measurement and could change what is read, and the pairs are
     # then kept for every model of this configuration (tests/test_rotary_measure.py).
     if kind == ModelKind.HF:
-        model = hf.scratch_bridge(model, hf.hf_model(clone(model, torch.float64)))
+        try:
+            model = hf.scratch_bridge(model, hf.hf_model(clone(model, torch.float64)))
+        except Exception as exc:  # TransformerLens's boot of this configuration (an assert, a missing attribute)
+            raise UnsupportedModelError(
+                f"the rotary pairs are measured through a TransformerLens bridge, and TransformerLens could not boot "
+                f"one around this configuration ({type(exc).__name__}: {str(exc)[:160] or 'no message'}): the QK "
+                f"spaces are left unchanged.") from exc
     else:
         model = clone(model, torch.float64)
     dh, T = int(model.cfg.d_head), int(model.cfg.n_ctx)
