@@ -246,6 +246,59 @@ def test_a_family_whose_adapter_misstates_it_is_refused_not_transformed():
     assert not wb.verify(model, scaled, ids).function_preserved
 
 
+def _ungated(monkeypatch, *families):
+    """Read ``families`` as if checked (fresh layout caches: a refusal is cached per configuration)."""
+    from collections import OrderedDict
+
+    from workbench.models import _hf
+
+    monkeypatch.setattr(_hf, "CHECKED_FAMILIES", _hf.CHECKED_FAMILIES | set(families))
+    monkeypatch.setattr(_hf, "_LAYOUTS", OrderedDict())
+
+
+def test_verify_fails_the_transform_the_gate_now_refuses(monkeypatch):
+    """What the gate prevents, shown with it lifted: the transform built on the adapter's facts changes OpenAI GPT's
+    function (computed directly in float64), and verify says FAIL. (Before, verify raised on its layers' list
+    outputs instead of comparing.)"""
+    model = _openai_gpt()
+    _ungated(monkeypatch, "openai-gpt")
+    new, t = wb.random_intertwiner(model, seed=0)
+    ids = torch.randint(0, 50, (2, 9), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        old, got = model(ids).logits.log_softmax(-1), new(ids).logits.log_softmax(-1)
+    assert float((got - old).abs().max() / old.abs().max()) > 1e-4
+    report = wb.verify(model, new, ids, transform=t)
+    assert not report.passed and not report.function_preserved
+
+
+def test_verify_and_interpretation_shift_read_layers_that_return_tuples(monkeypatch):
+    """GPT-Neo's blocks return ``(hidden_states, ...)``: verify observes the stream at each block's output (the
+    tuple's first element) and compares; interpretation_shift reads it the same way."""
+    from transformers import GPTNeoConfig, GPTNeoForCausalLM
+
+    torch.manual_seed(0)
+    model = GPTNeoForCausalLM(GPTNeoConfig(hidden_size=32, num_layers=2, num_heads=4, vocab_size=50, max_position_embeddings=16,
+                                           attention_types=[[["global", "local"], 1]], window_size=4)).double().eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim == 1:
+                p.add_(0.3 * torch.randn(p.shape, dtype=p.dtype))
+    _ungated(monkeypatch, "gpt_neo")
+    block = model.transformer.h[0]
+    ids = torch.randint(0, 50, (2, 9), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert isinstance(block(model.transformer.wte(ids)), tuple)  # what the layer returns
+    new, t = wb.random_intertwiner(model, seed=0)
+    report = wb.verify(model, new, ids, transform=t)
+    assert report.passed and "resid" in {c.site for c in report.checked}, report.to_frame()
+    assert any(o.name == "transformer.h.0" for o in wb.symmetry_map(model)["resid"].observed)
+    shift = wb.interpretation_shift(model, new, ids, "resid", k=3)
+    assert float(shift.overlap_matched.mean()) == 1.0  # a permutation: each unit's top contexts are found again
+    # a wrong element at the stream is caught at those outputs
+    bad, bt = wb.random_intertwiner(model, seed=0, sites=["resid"], group="signed_permutation", allow_non_symmetry=True)
+    assert not wb.verify(model, bad, ids, transform=bt).passed
+
+
 @pytest.mark.parametrize("cls", ["RobertaForMaskedLM", "FalconForCausalLM"])
 def test_a_family_without_an_adapter_is_refused_with_our_error(cls):
     """No TransformerLens adapter: an empty map naming the family, and our error (not TransformerLens's ValueError
@@ -272,3 +325,27 @@ def test_untie_embeddings_then_a_non_orthogonal_stream_map(gpt2):
     assert not wb.verify(untied, new, tokens(), transform=t).function_preserved  # LayerNorm: GL is no symmetry
     with pytest.raises(TypeError, match="Hugging Face"):
         wb.untie_embeddings(torch.nn.Linear(2, 2))
+
+
+def test_interpretation_shift_on_raw_hugging_face_models():
+    """Raw models show their sites at module outputs with units last ([batch, pos, d], a projection's
+    [batch, pos, heads·d_head]). interpretation_shift raised StopIteration on every raw model (it looked for a
+    TransformerLens hook name). A head permutation is found again by the matching, unit for unit; a raw GPT-2's
+    value heads (parts of the fused c_attn, no module's output) are refused with our error."""
+    import test_hf_families as fam
+
+    llama = fam.build("llama")
+    for seed in range(4):
+        for site in ["blocks.0.attn.heads", "blocks.0.attn.heads.0", "blocks.1.mlp"]:
+            new, t = wb.random_intertwiner(llama, seed=seed, sites=[site], group="permutation")
+            shift = wb.interpretation_shift(llama, new, fam.IDS, site, k=3)
+            assert float(shift.overlap_matched.mean()) == 1.0
+            assert torch.equal(shift.perm, t.elements[site].perm)  # the matching recovers the permutation
+    new, t = wb.random_intertwiner(llama, seed=0, sites=["blocks.0.attn.qk.0"])  # a rotary GL map: contexts change
+    assert float(wb.interpretation_shift(llama, new, fam.IDS, "blocks.0.attn.qk.0", k=3).overlap_matched.mean()) < 0.9
+    gpt2 = fam.build("gpt2")
+    new, t = wb.random_intertwiner(gpt2, seed=1, sites=["resid"])
+    shift = wb.interpretation_shift(gpt2, new, fam.IDS, "resid", k=3)
+    assert float(shift.overlap_matched.mean()) == 1.0 and torch.equal(shift.perm, t.elements["resid"].perm)
+    with pytest.raises(UnsupportedModelError, match="blocks.0.attn.ov.0"):
+        wb.interpretation_shift(gpt2, new, fam.IDS, "blocks.0.attn.ov.0")

@@ -29,8 +29,18 @@ def intervene(model: nn.Module, edits: Mapping[Any, Any]):
         yield model
 
 
+def first_tensor(output: Any) -> Any:
+    """A module's output if it is a tensor, else the first element of a tuple or list output when that is a tensor
+    (a Hugging Face layer that returns ``(hidden_states, ...)``: GPT-Neo's, OpenAI GPT's), else the output as is.
+    For ``reduce=`` of a capture and of :func:`watch`."""
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    return output
+
+
 @contextmanager
-def watch(model: nn.Module, fns: Mapping[str, Callable[[torch.Tensor, str], None]]):
+def watch(model: nn.Module, fns: Mapping[str, Callable[[torch.Tensor, str], None]],
+          reduce: Optional[Callable[[Any], Any]] = None):
     """Call ``fn(activation, name)`` on each activation of the named hook points as the model produces it,
     storing and replacing nothing, while the context is open.
 
@@ -38,9 +48,11 @@ def watch(model: nn.Module, fns: Mapping[str, Callable[[torch.Tensor, str], None
     can overwrite the value, so nothing has to be copied (``verify`` compares the new model's activations
     this way instead of capturing them). Hooks run after those already on the module, as a capture's do;
     ``fn`` runs with torch-function modes off (a capture's write guard does not see its arithmetic), and
-    only on tensor outputs. The hooks are removed when the block ends, also on an exception.
+    only on tensor outputs: ``reduce(output)`` first where given (``first_tensor`` picks a layer's hidden states out
+    of a tuple). The hooks are removed when the block ends, also on an exception.
     """
-    with _forward_hooks(model, fns, _watch_hook, "watch", prepend=False):
+    make = _watch_hook if reduce is None else (lambda name, fn, convert: _watch_hook(name, fn, convert, reduce))
+    with _forward_hooks(model, fns, make, "watch", prepend=False):
         yield model
 
 
@@ -61,8 +73,10 @@ def _forward_hooks(model: nn.Module, items: Mapping[Any, Any], make: Callable, p
             h.remove()
 
 
-def _watch_hook(name: str, fn: Callable, convert=None) -> Callable:
+def _watch_hook(name: str, fn: Callable, convert=None, reduce: Optional[Callable] = None) -> Callable:
     def hook(module, args, output):
+        if reduce is not None:
+            output = reduce(output)
         if isinstance(output, torch.Tensor):
             with _quiet():
                 fn(output.detach() if convert is None else convert.convert(output).detach(), name)

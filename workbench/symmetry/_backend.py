@@ -221,7 +221,7 @@ class LayoutBackend(Backend):
         measured); a raw Hugging Face model, which has only its modules' outputs, rounds the embedding's
         and every layer's output (the stream) and, under eager attention, each attention's output
         projection."""
-        from ..hooks import intervene, run_with_cache
+        from ..hooks import first_tensor, intervene, run_with_cache
 
         kind = model_kind(model)
         if kind in (ModelKind.HF, ModelKind.HF_BRIDGE) and hf.unsupported(model):
@@ -233,7 +233,7 @@ class LayoutBackend(Backend):
         rounding = {n: (lambda x, name: x.float().double()) for n in names}
         watched = list(cache.keys()) if cache is not None else []
         with eval_mode(model), intervene(model, rounding), torch.no_grad():
-            rounded, rcache = run_with_cache(model, inputs, names=watched or None, budget=None) if watched else (model(inputs), None)
+            rounded, rcache = run_with_cache(model, inputs, names=watched or None, budget=None, reduce=first_tensor) if watched else (model(inputs), None)
         rounded = rcache[last].flatten(0, -2) if last else self.output(rounded).detach().log_softmax(-1).flatten(0, -2)
         return rounded, largest_relative_change(cache, rcache, watched)
 

@@ -119,6 +119,10 @@ def transformer_map(model: nn.Module) -> SymmetryMap:
         names = _known(model)
         for site in sites:  # hook points differ between versions (a bridge's SoLU has no hook_mid)
             site.observed = [o for o in site.observed if o.name in names]
+    else:  # where a raw model shows a site: its first module output (a TransformerLens hook name it has not)
+        for site in sites:
+            if site.observed:
+                site.hook_name = site.observed[0].name
     return SymmetryMap(name, sites, skipped)
 
 

@@ -8,14 +8,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from .._errors import InvalidOptionError
+from .._errors import InvalidOptionError, UnsupportedModelError
 from .._progress import ProgressLike, progress_bar
 from .._report import Report, new_axes
 from ..groups import ScaledPermutation
-from ..hooks import run_with_cache
+from ..hooks import first_tensor, run_with_cache
 from ._map import symmetry_map
 from ._sites import Site
-from ..models import eval_mode, is_transformer_lens, no_grad_analysis
+from ..models import eval_mode, has_layout, no_grad_analysis
 
 
 def _units(acts: torch.Tensor) -> torch.Tensor:
@@ -138,12 +138,35 @@ class InterpretationShift(Report):
 def site_units(h: torch.Tensor, site: Site, hook, transformer: bool) -> torch.Tensor:
     """An activation at a site's hook -> ``[batch, C, rest]``: units second, everything else flattened.
 
-    TransformerLens activations keep units last (``[batch, pos, d]``, per head ``[batch, pos, head,
-    d_head]``: a per-head site reads its first head); grouped units (``hook.block > 1``) are split.
+    ``transformer``: units last, as TransformerLens and raw Hugging Face activations keep them (``[batch, pos, d]``,
+    per head ``[batch, pos, head, d_head]``, or a raw projection's ``[batch, pos, heads·d_head]``: a per-head site
+    reads its first head; a site of whole heads puts the head axis second). Otherwise grouped units
+    (``hook.block > 1``: features per channel, flattened channel-major) are split.
     """
     if transformer:
-        h = (h[..., hook.heads[0], :] if hook.heads else h).movedim(-1, 1)
+        if hook.level == "heads":  # units are whole heads (or key/value groups of them) on the head axis
+            ax = hook.axis
+            if ax == -1:  # a raw projection's output [..., heads·d_head]: one unit is ``block`` features
+                h, ax = h.unflatten(-1, (-1, hook.block)), -2
+            if hook.heads:
+                h = h.index_select(ax, torch.tensor(hook.heads, device=h.device))
+            h = h.movedim(ax, 1)
+        else:
+            if hook.block > 1:  # a raw Hugging Face projection's output [..., heads·d_head]
+                h = h.unflatten(-1, (-1, hook.block))
+            h = (h[..., hook.heads[0], :] if hook.heads else h).movedim(-1, 1)
     return h.reshape(h.shape[0], site.n, -1)
+
+
+def site_observation(site: Site):
+    """The observation at ``site.hook_name``; an ``UnsupportedModelError`` where the model shows none (a raw GPT-2's
+    fused q/k/v projection has no output per head space)."""
+    found = next((o for o in site.observed if o.name == site.hook_name), None)
+    if found is None:
+        raise UnsupportedModelError(f"site {site.name!r} has no activation this model shows (it is moved by its weights "
+                                    f"alone: a fused q/k/v projection's parts are no module's output); per-unit reads "
+                                    f"(top examples, traces, probes) need one.")
+    return found
 
 
 def unit_activations(model: nn.Module, sites, inputs: torch.Tensor, *, per_sequence: bool = False, batch_size: int = 256,
@@ -158,8 +181,8 @@ def unit_activations(model: nn.Module, sites, inputs: torch.Tensor, *, per_seque
     batch. The model runs in eval mode, restored.
     """
 
-    tl = is_transformer_lens(model)
-    hooks = {s.name: next(o for o in s.observed if o.name == s.hook_name) for s in sites}
+    tl = has_layout(model)  # units last: TransformerLens and raw Hugging Face activations
+    hooks = {s.name: site_observation(s) for s in sites}
     names = sorted({o.name for o in hooks.values()})
     stop = all(o.call == 0 for o in hooks.values())  # stop_at stops at a name's first call
     parts: dict[str, list] = {s.name: [] for s in sites}
@@ -167,7 +190,8 @@ def unit_activations(model: nn.Module, sites, inputs: torch.Tensor, *, per_seque
         for start in range(0, len(inputs), batch_size):
             if check is not None:
                 check(None)
-            _, cache = run_with_cache(model, inputs[start:start + batch_size], names=names, stop_at=stop, budget=None)
+            _, cache = run_with_cache(model, inputs[start:start + batch_size], names=names, stop_at=stop, budget=None,
+                                      reduce=first_tensor)  # a Hugging Face layer may return (hidden_states, ...)
             for s in sites:
                 o = hooks[s.name]
                 h = site_units(cache.calls(o.name)[o.call], s, o, tl)  # [batch, C, rest]

@@ -14,7 +14,7 @@ from .._errors import InvalidOptionError, UnknownNameError
 from .._offload import offloaded_modules
 from .._progress import ProgressLike, progress_bar
 from .._report import Report, new_axes
-from ..hooks import run_with_cache, watch
+from ..hooks import first_tensor, run_with_cache, watch
 from ..models import eval_mode, no_grad_analysis
 from ._backend import Move, backend_for
 from ._map import symmetry_map
@@ -221,15 +221,17 @@ def _verify(model, new_model, inputs, transform, dtype, tolerance, bar) -> Invar
     # them (device=None): the checks run there, on a GPU or across the devices of a dispatched model.
     with eval_mode(model, new_model), torch.no_grad():
         bar.set_postfix_str("model")
-        out, cache = run_with_cache(model, inputs, names=names or None, budget=None, device=None) if names else (model(inputs), None)
+        # first_tensor: a Hugging Face layer may return (hidden_states, ...) — GPT-Neo's does — and its stream is the first
+        out, cache = (run_with_cache(model, inputs, names=names or None, budget=None, device=None, reduce=first_tensor)
+                      if names else (model(inputs), None))
         bar.update()
         bar.set_postfix_str("new model")
         # The new model's activations are compared with F·h as its modules produce them (``watch``), not
         # captured: nothing of it is copied before an in-place op or held, and each is compared while in cache.
         expected = _expected(backend, sites, transform, cache)
         measured: dict[tuple[str, int], torch.Tensor] = {}
-        with watch(new_model, _measure(expected, cache, measured)):
-            new_out, new_cache = (run_with_cache(new_model, inputs, names=extra, budget=None, device=None) if extra
+        with watch(new_model, _measure(expected, cache, measured), reduce=first_tensor):
+            new_out, new_cache = (run_with_cache(new_model, inputs, names=extra, budget=None, device=None, reduce=first_tensor) if extra
                                   else (new_model(inputs), None))
         bar.update()
     out, new_out = backend.output(out), backend.output(new_out)  # a Hugging Face model's logits

@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..hooks import run_with_cache
+from ..hooks import first_tensor, run_with_cache
 from ..models import eval_mode
 from ._backend import largest_relative_change
 
@@ -150,7 +150,7 @@ def _own_rounding(backend, model, smap, inputs, raw_out, cache, names, dtype, ro
                 cache = None
             else:
                 with eval_mode(low), torch.no_grad():
-                    raw_out, cache = (run_with_cache(low, inputs, names=names, budget=None, device=None) if names
+                    raw_out, cache = (run_with_cache(low, inputs, names=names, budget=None, device=None, reduce=first_tensor) if names
                                       else (low(inputs), None))
                 raw_out = backend.output(raw_out).detach()
         except Exception:  # noqa: BLE001 (see above: the whole batch's measurement follows)
@@ -160,7 +160,7 @@ def _own_rounding(backend, model, smap, inputs, raw_out, cache, names, dtype, ro
             if raw_out is None:
                 exact = backend.clone(model, dtype)
                 with eval_mode(exact), torch.no_grad():
-                    raw_out, cache = (run_with_cache(exact, inputs, names=names, budget=None, device=None) if names
+                    raw_out, cache = (run_with_cache(exact, inputs, names=names, budget=None, device=None, reduce=first_tensor) if names
                                       else (exact(inputs), None))
                 raw_out = backend.output(raw_out).detach()
                 model = exact
@@ -170,7 +170,7 @@ def _own_rounding(backend, model, smap, inputs, raw_out, cache, names, dtype, ro
     if recalled is None:
         inputs64 = inputs.to(torch.float64) if isinstance(inputs, torch.Tensor) and inputs.is_floating_point() else inputs
         with eval_mode(exact), torch.no_grad():
-            out64, cache64 = (run_with_cache(exact, inputs64, names=names, budget=None, device=None) if names
+            out64, cache64 = (run_with_cache(exact, inputs64, names=names, budget=None, device=None, reduce=first_tensor) if names
                               else (exact(inputs64), None))
         out64 = backend.output(out64)
         if rows is not None and not names:

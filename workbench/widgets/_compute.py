@@ -16,11 +16,11 @@ from torch import nn
 
 from .._errors import WorkbenchError
 from .._report import Report
-from ..hooks import run_with_cache
-from ..models import is_transformer_lens, no_grad_analysis
+from ..hooks import first_tensor, run_with_cache
+from ..models import has_layout, no_grad_analysis
 from ..symmetry import (InterpretationShift, InvarianceReport, NeuronMatching, Site, Transform, match_neurons,
                         random_intertwiner, verify)
-from ..symmetry import site_units
+from ..symmetry import site_observation, site_units
 from ..symmetry import unit_activations as _unit_activations
 from ..models import eval_mode
 
@@ -47,10 +47,10 @@ def unit_activations(model: nn.Module, sites: Sequence[Site], inputs: torch.Tens
 
 def unit_traces(model: nn.Module, site: Site, inputs: torch.Tensor, unit: int) -> torch.Tensor:
     """The activation of one unit at every position (pixel, token) of a few examples: ``float64 [k, rest]``."""
-    o = next(o for o in site.observed if o.name == site.hook_name)
+    o = site_observation(site)
     with eval_mode(model), torch.no_grad():
-        _, cache = run_with_cache(model, inputs, names=o.name, stop_at=o.call == 0, budget=None)
-    return site_units(cache.calls(o.name)[o.call], site, o, is_transformer_lens(model))[:, unit].double()
+        _, cache = run_with_cache(model, inputs, names=o.name, stop_at=o.call == 0, budget=None, reduce=first_tensor)
+    return site_units(cache.calls(o.name)[o.call], site, o, has_layout(model))[:, unit].double()
 
 
 def correlation(before: torch.Tensor, after: torch.Tensor) -> torch.Tensor:

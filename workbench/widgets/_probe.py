@@ -20,8 +20,8 @@ from torch import nn
 from .._errors import InvalidOptionError, WorkbenchError, check_option
 from .._progress import ProgressLike, progress_bar
 from .._report import Report, new_axes
-from ..hooks import run_with_cache
-from ..models import is_transformer_lens
+from ..hooks import first_tensor, run_with_cache
+from ..models import has_layout
 from ..probing import PrivilegedBasisTest, UnitScores, concept_matrix, concept_scores, privileged_basis_test, resolve_group
 from ..symmetry import symmetry_map
 from ..models import eval_mode
@@ -137,10 +137,12 @@ def _reduce(x: torch.Tensor, concept_ndim: int, where: str) -> torch.Tensor:
 def _capture(model: nn.Module, inputs: torch.Tensor, concept_ndim: int, batch_size: int, progress: ProgressLike):
     """``({site: acts}, {site: Site}, skipped)``: every usable site of ``wb.symmetry_map(model)``, captured once."""
 
-    tl, sites, skipped = is_transformer_lens(model), {}, []
+    tl, sites, skipped = has_layout(model), {}, []  # units last: TransformerLens and raw Hugging Face models
     for s in symmetry_map(model).sites:
-        o = next(o for o in s.observed if o.name == s.hook_name)
-        if o.block > 1:  # per-head slices of a wider hook: not one unit per channel
+        o = next((o for o in s.observed if o.name == s.hook_name), None)
+        if o is None:  # moved by weights alone (a fused q/k/v projection's parts are no module's output)
+            skipped.append(f"{s.name} (no activation shows it)")
+        elif o.block > 1:  # per-head slices of a wider hook: not one unit per channel
             skipped.append(f"{s.name} (per-head block)")
         else:
             sites[s.name] = (s, o)
@@ -152,7 +154,7 @@ def _capture(model: nn.Module, inputs: torch.Tensor, concept_ndim: int, batch_si
         for lo in progress_bar(range(0, len(inputs), batch_size), desc="capturing", unit="batch", progress=progress,
                                leave=False):
             try:
-                _, cache = run_with_cache(model, inputs[lo:lo + batch_size], names=names, budget=None)
+                _, cache = run_with_cache(model, inputs[lo:lo + batch_size], names=names, budget=None, reduce=first_tensor)
             except WorkbenchError:
                 raise
             except Exception as exc:
