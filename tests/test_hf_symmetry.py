@@ -349,3 +349,21 @@ def test_interpretation_shift_on_raw_hugging_face_models():
     assert float(shift.overlap_matched.mean()) == 1.0 and torch.equal(shift.perm, t.elements["resid"].perm)
     with pytest.raises(UnsupportedModelError, match="blocks.0.attn.ov.0"):
         wb.interpretation_shift(gpt2, new, fam.IDS, "blocks.0.attn.ov.0")
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_explorer_on_a_raw_hugging_face_model(family):
+    """The explorer scores the units of every site a raw model shows and lists the rest (GPT-2's fused q/k/v parts)
+    as skipped; an Apply at the stream is verified and its permutation recovered by the matching."""
+    import test_hf_families as fam
+    from workbench.widgets import IntertwinerExplorer
+
+    model = fam.build(family)
+    ex = IntertwinerExplorer(model, fam.IDS, progress=False)
+    full = wb.symmetry_map(model)
+    assert set(ex.smap.names) | {n for n, _ in ex.smap.skipped} >= set(full.names)
+    assert ("blocks.0.attn.ov.0" in ex.smap.names) == (family == "llama")
+    ex.site, ex.group = "blocks.1.mlp", "permutation"
+    result = ex.apply()
+    assert result.verification.passed
+    assert torch.equal(result.matching.perm, result.transform.elements["blocks.1.mlp"].perm)

@@ -1,6 +1,8 @@
 """``IntertwinerExplorer``: apply a random intertwiner at one site and watch the function stay and the neurons move."""
 from __future__ import annotations
 
+import dataclasses
+
 import html
 import math
 from typing import Optional
@@ -90,7 +92,12 @@ class IntertwinerExplorer(BackgroundAction, widgets.VBox):
         self.k = checked_int("k", k, 1)
         self.verify_examples = checked_int("verify_examples", verify_examples, 1)
         self.batch_size = checked_int("batch_size", batch_size, 1)
-        self.smap = symmetry_map(model)
+        smap = symmetry_map(model)
+        # a site no activation shows (a raw GPT-2's fused q/k/v parts) has no units to score: listed as skipped
+        hidden = [s for s in smap.sites if not any(o.name == s.hook_name for o in s.observed)]
+        self.smap = dataclasses.replace(smap, sites=[s for s in smap.sites if s not in hidden],
+                                        skipped=list(smap.skipped) + [(s.name, "no activation of this model shows it")
+                                                                      for s in hidden]) if hidden else smap
         if not len(self.smap):
             reasons = "; ".join(f"{p}: {why}" for p, why in self.smap.skipped) or "no hidden layer with a writer and a reader"
             raise WorkbenchError(f"wb.symmetry_map found no site in this {type(model).__name__} to transform ({reasons}).")
