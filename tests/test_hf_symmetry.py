@@ -367,3 +367,99 @@ def test_explorer_on_a_raw_hugging_face_model(family):
     result = ex.apply()
     assert result.verification.passed
     assert torch.equal(result.matching.perm, result.transform.elements["blocks.1.mlp"].perm)
+
+
+def _opt_with_gelu():
+    """OPT (ReLU MLPs: P·D₊ by its config) with layer 0's activation module replaced by GELU after it was built."""
+    import test_hf_families as fam
+
+    model = fam.build("opt")
+    model.model.decoder.layers[0].activation_fn = torch.nn.GELU()
+    return model
+
+
+def test_a_raw_model_changed_after_it_was_built_is_refused(monkeypatch):
+    """The layout is read from the class and config; a model changed afterwards is compared with what they build.
+    The adversary: OPT with one ReLU swapped for GELU. Read by its config, its MLP takes P·D₊, which GELU does not
+    allow, and the new model is built from the class and config (so the swap is lost too): with the check lifted the
+    function changed (computed directly). Refused now, naming the module."""
+    import test_hf_families as fam
+    from workbench.models import _hf
+
+    model = _opt_with_gelu()
+    smap = wb.symmetry_map(model)
+    assert len(smap) == 0 and "activation_fn" in smap.skipped[0][1] and "GELU" in smap.skipped[0][1]
+    with pytest.raises(UnsupportedModelError, match="activation_fn"):
+        wb.random_intertwiner(model, seed=0)
+    monkeypatch.setattr(_hf, "_unread", lambda model, lay: None)  # what the check prevents
+    new, _ = wb.random_intertwiner(model, seed=0, sites=["blocks.0.mlp"])
+    with torch.no_grad():  # the models themselves (fam.logp rebuilds from the config, which would undo the change)
+        old, got = model(input_ids=fam.IDS).logits.log_softmax(-1), new(input_ids=fam.IDS).logits.log_softmax(-1)
+    assert fam.rel(got, old) > 1e-6
+
+
+def _deleted_layer(model):
+    model.model.layers = model.model.layers[:1]
+
+
+def _hand_untied(model):
+    model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())
+
+
+def _forward_on_instance(model):
+    mlp = model.model.layers[0].mlp
+    mlp.forward = lambda x: type(mlp).forward(mlp, 2 * x)
+
+
+def _extra_module(model):
+    model.model.layers[0].mlp.act_fn = torch.nn.Sequential(torch.nn.SiLU(), torch.nn.Dropout(0.0))
+
+
+@pytest.mark.parametrize("change,words", [(_deleted_layer, "lacks"), (_hand_untied, "tied"), (_forward_on_instance, "forward"),
+                                          (_extra_module, "Sequential")])
+def test_other_changes_after_building_are_refused(change, words):
+    import test_hf_families as fam
+
+    model = fam.build("qwen2")  # tied embeddings
+    change(model)
+    smap = wb.symmetry_map(model)
+    assert len(smap) == 0 and words in smap.skipped[0][1], smap.skipped
+
+
+def test_base_models_without_their_head_are_read():
+    """LlamaModel, GPT2Model, OPTModel, BertModel without a pooler: their output is the stream (after the final norm),
+    compared in the new basis. Computed directly: each last hidden state moves by the stream's element, float64,
+    with the norms exact (Hugging Face's RMSNorm runs in float32). A pooler (a reader the layout has no place for)
+    is refused, naming it; fold_layernorm refuses a base model (its final gain has no reader)."""
+    import transformers
+    import test_hf_families as fam
+    from test_derivations import exact_norms
+
+    for family in ["llama", "gpt2", "opt", "gemma"]:
+        base = fam.build(family).base_model
+        assert wb.models.hf.is_base(base)
+        new, t = wb.random_intertwiner(base, seed=0)
+        with torch.no_grad():
+            a = exact_norms(copy.deepcopy(base))(input_ids=fam.IDS).last_hidden_state
+            b = exact_norms(copy.deepcopy(new))(input_ids=fam.IDS).last_hidden_state
+        moved = t.elements["resid"].act(a, -1)
+        assert float((moved - b).abs().max() / a.abs().max()) < 1e-12, family
+        assert float((a - b).abs().max() / a.abs().max()) > 1e-3  # the stream did move
+        report = wb.verify(base, new, fam.IDS, transform=t)
+        assert report.passed and report.compared == "last hidden states", report.summary()
+        bad, bt = wb.random_intertwiner(base, seed=0, sites=["resid"], group="orthogonal", allow_non_symmetry=True)
+        assert not wb.verify(base, bad, fam.IDS, transform=bt).passed
+        with pytest.raises(wb.InvalidOptionError, match="base model"):
+            wb.fold_layernorm(base)
+    config = transformers.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, vocab_size=50,
+                                     intermediate_size=48, max_position_embeddings=16)
+    torch.manual_seed(0)
+    bert = transformers.BertModel(config, add_pooling_layer=False).double().eval()
+    new, t = wb.random_intertwiner(bert, seed=1)
+    with torch.no_grad():
+        a, b = bert(input_ids=fam.IDS).last_hidden_state, new(input_ids=fam.IDS).last_hidden_state
+    assert float((t.elements["resid"].act(a, -1) - b).abs().max() / a.abs().max()) < 1e-12
+    assert wb.verify(bert, new, fam.IDS, transform=t).passed
+    pooled = transformers.BertModel(config).double().eval()
+    smap = wb.symmetry_map(pooled)
+    assert len(smap) == 0 and "pooler.dense" in smap.skipped[0][1]

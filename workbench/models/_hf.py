@@ -61,6 +61,12 @@ class Layout:
     tied: list[tuple[str, ...]]  # bridge keys naming one tensor (the unembedding tied to the embedding)
     facts: dict = field(default_factory=dict)
     paths: dict = field(default_factory=dict)  # component key ("blocks.0.attn.q") -> Hugging Face module path
+    # What ``type(model)(config)`` has, for checking a raw model against it (``unsupported``): module types, parameter
+    # shapes, which parameter names share a tensor, and the parameters the layout reaches.
+    modules: dict = field(default_factory=dict)
+    shapes: dict = field(default_factory=dict)
+    ties: frozenset = frozenset()
+    reached: frozenset = frozenset()
 
 
 # The Hugging Face families (``config.model_type``) whose layout facts have been checked against the model's own
@@ -173,8 +179,20 @@ def _layout_or_error(model: nn.Module, hf: nn.Module):
         return exc
 
 
+def base_prefix(hf: nn.Module) -> str:
+    """For a base model without its head (``BertModel``, ``LlamaModel``: ``base_model`` is the model itself), the
+    prefix its language-model class puts before every path the adapter maps (``"bert"``, ``"model"``); else ``""``."""
+    prefix = getattr(hf, "base_model_prefix", "") or ""
+    return prefix if prefix and getattr(hf, "base_model", None) is hf else ""
+
+
 def _build_layout(ad, hf: nn.Module) -> Layout:
     ref = _reference(hf)
+    base = base_prefix(hf)
+
+    def local(path: str) -> str:
+        """An adapter path (written for the language-model class) in this model: a base model drops the prefix."""
+        return path[len(base) + 1:] if base and path.startswith(base + ".") else path
     n_layers = int(ad.cfg.n_layers)
     entries: dict[str, _Entry] = {}
     unknown: list[str] = []
@@ -193,7 +211,7 @@ def _build_layout(ad, hf: nn.Module) -> Layout:
 
     def walk(components: dict, prefix: str, path: str) -> None:
         for name, comp in components.items():
-            key, sub = f"{prefix}{name}", f"{path}.{comp.name}".strip(".") if comp.name else path
+            key, sub = f"{prefix}{name}", local(f"{path}.{comp.name}".strip(".")) if comp.name else path
             subs = dict(getattr(comp, "submodules", None) or {})
             if name == "blocks":
                 for i in range(n_layers):
@@ -216,17 +234,15 @@ def _build_layout(ad, hf: nn.Module) -> Layout:
             walk(subs, f"{key}.", sub)
 
     walk(ad.component_mapping, "", "")
+    if base and "project_out" in paths:
+        raise UnsupportedModelError(f"a base {type(hf).__name__} with project_out returns the word space, not the stream "
+                                    f"(OPT-350m); read it with its language-model head ({type(hf).__name__[:-5]}ForCausalLM).")
     if unknown:
         raise UnsupportedModelError(f"the components {unknown[:4]} have no place in the canonical "
                                     f"transformer layout (embeddings, norms, q/k/v/o, MLP in/gate/out, unembedding).")
     by_param: dict[int, list[str]] = {}
     names = dict(ref.named_parameters(remove_duplicate=False))
-    reached = {id(names[e.param]) for e in entries.values()}
-    missing = [n for n, p in names.items() if id(p) not in reached]
-    if missing:
-        raise UnsupportedModelError(f"the parameters {missing[:4]} are not in TransformerLens's mapping "
-                                    f"of this architecture, so its symmetries are not derived here (e.g. Phi's "
-                                    f"qk_layernorm); nothing is transformed.")
+    reached = {id(names[e.param]) for e in entries.values() if e.param in names}
     for e in entries.values():
         if e.strided is None:
             by_param.setdefault(id(names[e.param]), []).append(e.key)
@@ -237,10 +253,64 @@ def _build_layout(ad, hf: nn.Module) -> Layout:
         "gain_offset": 1.0 if getattr(ad.cfg, "rmsnorm_uses_offset", False) else 0.0,
         "post_ln": getattr(config, "model_type", None) == "bert" or getattr(config, "do_layer_norm_before", True) is False,
         "encoder": getattr(config, "model_type", None) == "bert",
+        "base": bool(base),  # no head: the model's output is the stream after the final norm (its last hidden state)
         "parallel": bool(getattr(ad.cfg, "parallel_attn_mlp", False)),
     }
     fused = {e.key.rpartition('.')[0] for e in entries.values() if e.strided is not None}
-    return Layout(list(entries.values()), tied, facts, {k: v for k, v in paths.items() if k not in fused})
+    return Layout(list(entries.values()), tied, facts, {k: v for k, v in paths.items() if k not in fused},
+                  modules={n: type(m) for n, m in ref.named_modules()},
+                  shapes={n: tuple(p.shape) for n, p in names.items()}, ties=_ties(ref),
+                  reached=frozenset(n for n, p in names.items() if id(p) in reached))
+
+
+def _ties(model: nn.Module) -> frozenset:
+    """The groups of parameter names that are one tensor (a tied unembedding), as a set of frozensets."""
+    groups: dict[int, set] = {}
+    for n, p in model.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(p), set()).add(n)
+    return frozenset(frozenset(g) for g in groups.values() if len(g) > 1)
+
+
+def _unread(model: nn.Module, lay: Layout) -> Optional[str]:
+    """Why the layout (read from the class and config) does not describe ``model`` itself; None where it does.
+
+    A bridge's Hugging Face model is wrapped by TransformerLens, so it is held to the class's own parameters: each
+    must be reached. A raw model is compared with ``type(model)(config)``: a module added or replaced (another
+    activation module at the same name), a forward set on an instance, a parameter of another shape, weights tied
+    or untied by hand: any of these would make the layout's facts wrong for it. Modules the class builds and this
+    model lacks are fine where nothing the layout reads is among them (``BertModel(add_pooling_layer=False)``)."""
+    if model_kind(model) == ModelKind.HF_BRIDGE:
+        missing = [n for n in lay.shapes if n not in lay.reached]
+        return (f"the parameters {missing[:4]} are not in TransformerLens's mapping of this architecture, so its "
+                f"symmetries are not derived here (e.g. Phi's qk_layernorm); nothing is transformed.") if missing else None
+    hf = hf_model(model)
+    for name, m in hf.named_modules():
+        if name not in lay.modules or type(m) is not lay.modules[name]:
+            got = "no such module" if name not in lay.modules else lay.modules[name].__name__
+            return (f"its module {name or type(hf).__name__!r} is a {type(m).__name__} where "
+                    f"{type(hf).__name__}(config) has {got}: the model was changed after it was built, and what the "
+                    f"layout reads from its class and config may not hold; nothing is transformed.")
+        if "forward" in vars(m):
+            return (f"its module {name or type(hf).__name__!r} has a forward set on the instance: the layout reads the "
+                    f"class's computation, not this one; nothing is transformed.")
+    params = dict(hf.named_parameters(remove_duplicate=False))
+    for name, p in params.items():
+        if lay.shapes.get(name) != tuple(p.shape):
+            return (f"its parameter {name!r} has shape {tuple(p.shape)} where {type(hf).__name__}(config) has "
+                    f"{lay.shapes.get(name)}; nothing is transformed.")
+    lacking = [e.param for e in lay.entries if e.param not in params]
+    if lacking:
+        return f"it lacks {lacking[:3]}, which {type(hf).__name__}(config) has and the layout reads; nothing is transformed."
+    missing = [n for n in params if n not in lay.reached]
+    if missing:
+        return (f"the parameters {missing[:4]} are not in TransformerLens's mapping of this architecture, so its "
+                f"symmetries are not derived here (e.g. Phi's qk_layernorm); nothing is transformed.")
+    ties = {t for t in lay.ties if t <= params.keys()}
+    if _ties(hf) != ties:
+        return (f"its weights are tied as {sorted(map(sorted, _ties(hf)))} where {type(hf).__name__}(config) ties "
+                f"{sorted(map(sorted, ties))} (tied or untied by hand: wb.untie_embeddings unties and says so in the "
+                f"config); nothing is transformed.")
+    return None
 
 
 def _fused(comp, prefix: str, path: str, qkv: Optional[nn.Module], cfg) -> dict[str, _Entry]:
@@ -295,10 +365,12 @@ def _strides(idx: torch.Tensor) -> Optional[tuple[int, ...]]:
 def unsupported(model: nn.Module) -> Optional[str]:
     """Why this Hugging Face model (or bridge) cannot be read in the canonical layout; None when it can."""
     try:
-        layout(model)
+        why = _unread(model, layout(model))
     except (UnsupportedModelError, ImportError) as exc:
-        return f"{type(hf_model(model)).__name__} (model_type {getattr(hf_model(model).config, 'model_type', None)!r}): {exc}"
-    return None
+        why = str(exc)
+    if why is None:
+        return None
+    return f"{type(hf_model(model)).__name__} (model_type {getattr(hf_model(model).config, 'model_type', None)!r}): {why}"
 
 
 def facts(model: nn.Module) -> dict:
@@ -315,6 +387,11 @@ def family(model: nn.Module) -> Optional[str]:
 def is_post_ln(model: nn.Module) -> bool:
     """Post-LayerNorm (BERT, OPT-350m): the norms sit on the residual stream and cannot be folded away."""
     return model_kind(model) in (ModelKind.HF, ModelKind.HF_BRIDGE) and facts(model)["post_ln"]
+
+
+def is_base(model: nn.Module) -> bool:
+    """A base model read here (``LlamaModel``): no unembedding, its output is ``last_hidden_state``."""
+    return model_kind(model) in (ModelKind.HF, ModelKind.HF_BRIDGE) and not unsupported(model) and facts(model)["base"]
 
 
 def is_encoder(model: nn.Module) -> bool:
@@ -441,3 +518,23 @@ class _no_hf_init:
 
     def __exit__(self, *exc):
         return self.ctx.__exit__(*exc)
+
+
+def with_head(base: nn.Module) -> nn.Module:
+    """The language model the adapter reads, built around ``base`` (a base model read here): ``base``'s own modules
+    under the head class's prefix, every head parameter zero. What a measurement through a TransformerLens bridge
+    runs on (a bridge boots language models only); the head's output is never read."""
+    import transformers
+
+    from transformer_lens.model_bridge.sources.transformers import source
+
+    arch = source.determine_architecture_from_hf_config(copy.deepcopy(base.config))
+    with _no_hf_init():
+        lm = getattr(transformers, arch)(copy.deepcopy(base.config))
+    setattr(lm, base.base_model_prefix, base)
+    own = {id(p) for p in base.parameters()}
+    with torch.no_grad():
+        for p in lm.parameters():
+            if id(p) not in own:
+                p.zero_()
+    return lm.to(next(base.parameters()).dtype).eval()

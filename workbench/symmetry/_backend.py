@@ -183,18 +183,27 @@ class LayoutBackend(Backend):
         return observe(site, element, obs, h)
 
     def output(self, value):
-        """A Hugging Face model returns a ``ModelOutput``: its logits are compared."""
-        logits = getattr(value, "logits", None)
-        return logits if isinstance(logits, torch.Tensor) and not isinstance(value, torch.Tensor) else value
+        """A Hugging Face model returns a ``ModelOutput``: its logits are compared (a base model's: its last hidden
+        state)."""
+        if isinstance(value, torch.Tensor):
+            return value
+        for name in ("logits", "last_hidden_state"):
+            found = getattr(value, name, None)
+            if isinstance(found, torch.Tensor):
+                return found
+        return value
 
     def _last(self, model) -> Optional[str]:
-        """An encoder's output is its last hidden state (MiniLM's MLM head is untrained): its last layer's
-        output (a raw Hugging Face model: that layer module's output)."""
-        if not hf.is_encoder(model):
+        """What is compared in the new basis, where the output is the stream itself: an encoder's last hidden state
+        (MiniLM's MLM head is untrained), its last layer's output (a raw Hugging Face model: that layer module's
+        output); a base model's output, its final norm's output (the last layer's where it has none)."""
+        encoder = hf.is_encoder(model)
+        if not encoder and not hf.is_base(model):
             return None
         L = int(hf.config(model).n_layers)
         if model_kind(model) == ModelKind.HF:
-            return hf.layout(model).paths[f"blocks.{L - 1}"]
+            paths = hf.layout(model).paths
+            return paths[f"blocks.{L - 1}"] if encoder else paths.get("ln_final", paths[f"blocks.{L - 1}"])
         return f"blocks.{L - 1}.hook_resid_post"
 
     def output_names(self, model):
@@ -207,7 +216,8 @@ class LayoutBackend(Backend):
             old = cache[last]
             if transform is not None and "resid" in transform.elements:
                 old = self.observe(smap["resid"], transform.elements["resid"], Observation(last, 0, "pre"), old, False)
-            return old.flatten(0, -2), new_cache[last].flatten(0, -2), "encoder outputs", False, None
+            what = "encoder outputs" if hf.is_encoder(model) else "last hidden states"
+            return old.flatten(0, -2), new_cache[last].flatten(0, -2), what, False, None
         # logits may shift by a constant per position (center_unembed): compare log-probabilities
         old, new = out.log_softmax(-1).flatten(0, -2), new_out.log_softmax(-1).flatten(0, -2)
         kl = (old.exp() * (old - new)).sum(-1).mean().item()

@@ -69,6 +69,10 @@ def fold_layernorm(model: nn.Module, example: Optional[torch.Tensor] = None) -> 
         raise InvalidOptionError(f"fold_layernorm: {type(hf.hf_model(model)).__name__} is post-LayerNorm — every norm sits on "
                                  f"the residual stream itself, so there is nothing to fold into; its stream group stays "
                                  f"the permutations.")
+    if hf.is_base(model):
+        raise InvalidOptionError(f"fold_layernorm: {type(hf.hf_model(model)).__name__} is a base model — its final norm's "
+                                 f"output is the model's output, so that norm's gain has no reader to move into and the "
+                                 f"stream keeps its group; fold the language model (with its head) instead.")
     offset = hf.gain_offset(model)
     W = {k: v.double().clone() for k, v in read_weights(model).items()}
     for layer in range(int(hf.config(model).n_layers)):

@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .._errors import InvalidOptionError
+from .._errors import InvalidOptionError, UnsupportedModelError
 from .._threads import in_parallel, threads
 from ..groups import GroupElement, ScaledPermutation, rotary_inverse
 from ..models import blank, canonical_views, finish, read_weights, rebuild, tied_keys, views_like, write_weights
@@ -28,9 +28,12 @@ def push_transformer(model: nn.Module, smap: SymmetryMap, transform, inplace: bo
     Each weight is read from the original and written into the new model's own tensor, one weight
     (or one slice of a large one) at a time.
     """
-    from ..models import ModelKind, model_kind
+    from ..models import ModelKind, hf, model_kind
 
-    if inplace and model_kind(model) == ModelKind.HF_BRIDGE:
+    kind = model_kind(model)
+    if kind in (ModelKind.HF, ModelKind.HF_BRIDGE) and (reason := hf.unsupported(model)):
+        raise UnsupportedModelError(reason)  # the map was empty for this reason: nothing is written
+    if inplace and kind == ModelKind.HF_BRIDGE:
         raise InvalidOptionError("inplace=True cannot transform a live bridge around a Hugging Face model: the bridge "
                                  "keeps split copies of fused q/k/v made at boot, which would not follow. Use the "
                                  "returned model (inplace=False), or transform the Hugging Face model itself.")

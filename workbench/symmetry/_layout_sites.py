@@ -365,7 +365,8 @@ def _measure_pairs(model: nn.Module, layer: int) -> tuple[tuple[int, int], ...]:
     # then kept for every model of this configuration (tests/test_rotary_measure.py).
     if kind == ModelKind.HF:
         try:
-            model = hf.scratch_bridge(model, hf.hf_model(clone(model, torch.float64)))
+            fresh = hf.hf_model(clone(model, torch.float64))
+            model = hf.scratch_bridge(model, hf.with_head(fresh) if hf.is_base(model) else fresh)
         except Exception as exc:  # TransformerLens's boot of this configuration (an assert, a missing attribute)
             raise UnsupportedModelError(
                 f"the rotary pairs are measured through a TransformerLens bridge, and TransformerLens could not boot "
