@@ -291,6 +291,11 @@ def _unread(model: nn.Module, lay: Layout) -> Optional[str]:
                     f"{type(hf).__name__}(config) has {got}: the model was changed after it was built, and what the "
                     f"layout reads from its class and config may not hold; nothing is transformed.")
         if "forward" in vars(m):
+            if hasattr(m, "_hf_hook"):  # accelerate's dispatch wraps forward to bring offloaded weights in
+                return (f"it is dispatched by accelerate (module {name or type(hf).__name__!r} runs through its hook): "
+                        f"the layout reads every weight where the class keeps it, and an offloaded one is on the meta "
+                        f"device; transform the model before dispatching it (a plain nn.Module dispatched by "
+                        f"accelerate is transformed through its graph instead).")
             return (f"its module {name or type(hf).__name__!r} has a forward set on the instance: the layout reads the "
                     f"class's computation, not this one; nothing is transformed.")
     params = dict(hf.named_parameters(remove_duplicate=False))
