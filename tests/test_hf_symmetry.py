@@ -427,10 +427,10 @@ def test_other_changes_after_building_are_refused(change, words):
 
 
 def test_base_models_without_their_head_are_read():
-    """LlamaModel, GPT2Model, OPTModel, BertModel without a pooler: their output is the stream (after the final norm),
+    """LlamaModel, GPT2Model, OPTModel, GemmaModel: their output is the stream (after the final norm),
     compared in the new basis. Computed directly: each last hidden state moves by the stream's element, float64,
-    with the norms exact (Hugging Face's RMSNorm runs in float32). A pooler (a reader the layout has no place for)
-    is refused, naming it; fold_layernorm refuses a base model (its final gain has no reader)."""
+    with the norms exact (Hugging Face's RMSNorm runs in float32); fold_layernorm refuses a base model (its final
+    gain has no reader)."""
     import transformers
     import test_hf_families as fam
     from test_derivations import exact_norms
@@ -454,15 +454,11 @@ def test_base_models_without_their_head_are_read():
     config = transformers.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, vocab_size=50,
                                      intermediate_size=48, max_position_embeddings=16)
     torch.manual_seed(0)
+    # built without the pooler its class and config give it: a transformed model is built from those, so it would
+    # carry a pooler never written — refused, naming what it lacks
     bert = transformers.BertModel(config, add_pooling_layer=False).double().eval()
-    new, t = wb.random_intertwiner(bert, seed=1)
-    with torch.no_grad():
-        a, b = bert(input_ids=fam.IDS).last_hidden_state, new(input_ids=fam.IDS).last_hidden_state
-    assert float((t.elements["resid"].act(a, -1) - b).abs().max() / a.abs().max()) < 1e-12
-    assert wb.verify(bert, new, fam.IDS, transform=t).passed
-    pooled = transformers.BertModel(config).double().eval()
-    smap = wb.symmetry_map(pooled)
-    assert len(smap) == 0 and "pooler.dense" in smap.skipped[0][1]
+    smap = wb.symmetry_map(bert)
+    assert len(smap) == 0 and "lacks ['pooler.dense.weight'" in smap.skipped[0][1]
 
 
 def test_a_raw_model_dispatched_by_accelerate_is_refused_with_the_reason(tmp_path):
@@ -479,3 +475,60 @@ def test_a_raw_model_dispatched_by_accelerate_is_refused_with_the_reason(tmp_pat
     assert len(smap) == 0 and "dispatched by accelerate" in smap.skipped[0][1]
     with pytest.raises(UnsupportedModelError, match="accelerate"):
         wb.random_intertwiner(moved, seed=0)
+
+
+HEADS = [("BertModel", "pooler_output"), ("BertForSequenceClassification", "logits"), ("BertForTokenClassification", "logits"),
+         ("GPT2ForSequenceClassification", "logits"), ("LlamaForSequenceClassification", "logits")]
+
+
+@pytest.mark.parametrize("cls,output", HEADS)
+def test_pooler_and_classification_heads(cls, output):
+    """BERT's pooler reads the first token's stream (then tanh; a sequence classifier reads that); a token classifier
+    and a decoder's score read the stream. Each reader's columns move with the stream, so the head's output is
+    unchanged: computed directly in float64 (norms exact). verify answers for the head too: a transform that left
+    the classifier unwritten (a bug found while building this) gave garbage logits with the encoder outputs exact,
+    and verify said PASS; it now FAILs on the head's log-probabilities."""
+    import transformers
+    from test_derivations import exact_norms
+
+    kw = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, vocab_size=50, intermediate_size=48,
+              max_position_embeddings=16, num_labels=3)
+    if cls.startswith("GPT2"):
+        config = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=50, n_positions=16, num_labels=3,
+                                         pad_token_id=0)
+    else:
+        config = getattr(transformers, cls[:cls.index("For")] + "Config" if "For" in cls else "BertConfig")(
+            **kw, **({"num_key_value_heads": 2, "pad_token_id": 0} if cls.startswith("Llama") else {}))
+    torch.manual_seed(0)
+    model = getattr(transformers, cls)(config).double().eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim == 1:
+                p.add_(0.3 * torch.randn(p.shape, dtype=p.dtype))
+    ids = torch.randint(1, 50, (3, 9), generator=torch.Generator().manual_seed(0))
+    smap = wb.symmetry_map(model)
+    assert not smap.skipped and len(smap) > 10
+    new, t = wb.random_intertwiner(model, seed=0)
+    with torch.no_grad():
+        a = getattr(exact_norms(copy.deepcopy(model))(input_ids=ids), output)
+        b = getattr(exact_norms(copy.deepcopy(new))(input_ids=ids), output)
+    assert float((a - b).abs().max() / a.abs().max()) < 1e-12
+    assert wb.verify(model, new, ids, transform=t).passed
+    bad, bt = wb.random_intertwiner(model, seed=0, sites=["resid"], group="orthogonal", allow_non_symmetry=True)
+    assert not wb.verify(model, bad, ids, transform=bt).passed
+
+
+def test_verify_fails_an_encoder_whose_head_is_wrong():
+    """The encoder outputs agree, the head does not: a classifier's weights changed in the new model. verify compares
+    the stream in the new basis and the head's log-probabilities, and FAILs on the latter."""
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, vocab_size=50,
+                                     intermediate_size=48, max_position_embeddings=16, num_labels=3)
+    model = transformers.BertForSequenceClassification(config).double().eval()
+    new, t = wb.random_intertwiner(model, seed=0)
+    with torch.no_grad():
+        new.classifier.weight.mul_(1.5)
+    report = wb.verify(model, new, torch.randint(1, 50, (3, 9)), transform=t)
+    assert not report.passed and report.compared == "log-probabilities"

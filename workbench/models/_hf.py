@@ -211,6 +211,8 @@ def _build_layout(ad, hf: nn.Module) -> Layout:
 
     def walk(components: dict, prefix: str, path: str) -> None:
         for name, comp in components.items():
+            if not prefix and name == "pooler":  # BERT's pooler, where the adapter maps it: read by _heads as everywhere
+                continue
             key, sub = f"{prefix}{name}", local(f"{path}.{comp.name}".strip(".")) if comp.name else path
             subs = dict(getattr(comp, "submodules", None) or {})
             if name == "blocks":
@@ -234,6 +236,8 @@ def _build_layout(ad, hf: nn.Module) -> Layout:
             walk(subs, f"{key}.", sub)
 
     walk(ad.component_mapping, "", "")
+    for e in _heads(hf, ref, base):
+        entries.setdefault(e.key, e)
     if base and "project_out" in paths:
         raise UnsupportedModelError(f"a base {type(hf).__name__} with project_out returns the word space, not the stream "
                                     f"(OPT-350m); read it with its language-model head ({type(hf).__name__[:-5]}ForCausalLM).")
@@ -261,6 +265,32 @@ def _build_layout(ad, hf: nn.Module) -> Layout:
                   modules={n: type(m) for n, m in ref.named_modules()},
                   shapes={n: tuple(p.shape) for n, p in names.items()}, ties=_ties(ref),
                   reached=frozenset(n for n, p in names.items() if id(p) in reached))
+
+
+def _heads(hf: nn.Module, ref: nn.Module, base: str) -> list[_Entry]:
+    """Heads TransformerLens's mapping leaves out, where this class's forward is known: BERT's pooler (a dense layer
+    reading the first token's stream, then tanh), whose output a ``BertForSequenceClassification``'s classifier
+    reads (in no site's space: an entry only so that it is copied); a token classifier and a decoder's
+    sequence-classification ``score``, which read the stream (the latter after the final norm, at the last token)."""
+    def present(path: str) -> bool:
+        try:
+            ref.get_submodule(path)
+            return True
+        except AttributeError:
+            return False
+
+    entries = []
+    family, cls = getattr(hf.config, "model_type", None), type(hf).__name__
+    pooler = "pooler.dense" if base or not getattr(hf, "base_model_prefix", "") else f"{hf.base_model_prefix}.pooler.dense"
+    if family == "bert" and present(pooler):
+        entries += [_Entry(f"pooler.{leaf}", f"{pooler}.{leaf}") for leaf in ("weight", "bias")]
+        if cls == "BertForSequenceClassification":  # reads the pooled (tanh) output, no site's space: copied as it is
+            entries += [_Entry(f"classifier.{leaf}", f"classifier.{leaf}") for leaf in ("weight", "bias")]
+    if family == "bert" and cls == "BertForTokenClassification":  # a label per token, read from its stream
+        entries += [_Entry(f"score.{leaf}", f"classifier.{leaf}") for leaf in ("weight", "bias")]
+    if family != "bert" and cls.endswith("ForSequenceClassification") and present("score"):
+        entries += [_Entry(f"score.{leaf}", f"score.{leaf}") for leaf, _ in ref.score.named_parameters(recurse=False)]
+    return entries
 
 
 def _ties(model: nn.Module) -> frozenset:
@@ -525,15 +555,19 @@ class _no_hf_init:
         return self.ctx.__exit__(*exc)
 
 
-def with_head(base: nn.Module) -> nn.Module:
-    """The language model the adapter reads, built around ``base`` (a base model read here): ``base``'s own modules
-    under the head class's prefix, every head parameter zero. What a measurement through a TransformerLens bridge
-    runs on (a bridge boots language models only); the head's output is never read."""
+def with_head(hf: nn.Module) -> nn.Module:
+    """``hf`` itself if it is the language model the adapter reads, else that language model built around ``hf``'s
+    base model (a base model, or one with a classification head): its own modules under the head class's prefix,
+    every head parameter zero. What a measurement through a TransformerLens bridge runs on (a bridge boots language
+    models only); the head's output is never read."""
     import transformers
 
     from transformer_lens.model_bridge.sources.transformers import source
 
-    arch = source.determine_architecture_from_hf_config(copy.deepcopy(base.config))
+    arch = source.determine_architecture_from_hf_config(copy.deepcopy(hf.config))
+    if type(hf).__name__ == arch:
+        return hf
+    base = hf.base_model
     with _no_hf_init():
         lm = getattr(transformers, arch)(copy.deepcopy(base.config))
     setattr(lm, base.base_model_prefix, base)

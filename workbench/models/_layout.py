@@ -54,8 +54,8 @@ def to_canonical(sd: dict[str, torch.Tensor], cfg: Any) -> dict[str, torch.Tenso
             out["token_type_embed.W_TT"] = t
         elif stem == "mlm_head":  # BERT's MLM head dense: reads the stream, writes the head's space
             out["mlm.W" if W else "mlm.b"] = t.T if W else t
-        elif stem in ("project_in", "project_out"):  # OPT-350m: word space ↔ stream, [d_in, d_out]
-            out[f"{stem}.{'W' if W else 'b'}"] = t.T if W else t
+        elif stem in ("project_in", "project_out", "pooler", "score"):  # [d_in, d_out]: OPT-350m's word space ↔ stream;
+            out[f"{stem}.{'W' if W else 'b'}"] = t.T if W else t  # BERT's pooler, a classifier's score: stream readers
         else:  # norms: ln1, ln2, ln_final, mlp.ln (SoLU)
             out[f"{stem}.{'w' if W else 'b'}"] = t
     return {k: v.contiguous() for k, v in out.items()}
@@ -90,7 +90,7 @@ def from_canonical(sd: dict[str, torch.Tensor], cfg: Any) -> dict[str, torch.Ten
             out["token_type_embed.weight"] = t
         elif key in ("mlm.W", "mlm.b"):
             out[f"mlm_head.{'weight' if leaf == 'W' else 'bias'}"] = t.T if leaf == "W" else t
-        elif base in ("project_in", "project_out"):
+        elif base in ("project_in", "project_out", "pooler", "score"):
             out[f"{base}.{'weight' if leaf == 'W' else 'bias'}"] = t.T if leaf == "W" else t
         else:
             out[f"{base}.{'weight' if leaf == 'w' else 'bias'}"] = t

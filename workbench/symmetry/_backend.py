@@ -62,6 +62,10 @@ class Backend:
         """Hook names whose values are the output compared (beyond the model's return value)."""
         return []
 
+    def head_output(self, model, out, new_out):
+        """A second output pair that must agree as well (see LayoutBackend), or None."""
+        return None
+
     def compared(self, model, smap, transform, out, new_out, cache, new_cache) -> tuple:
         """``(old, new, what, per_row, kl)``: the two outputs as compared, what they are, whether each row
         (rather than each column) shares one scale, and the mean KL divergence where they are
@@ -205,6 +209,13 @@ class LayoutBackend(Backend):
             paths = hf.layout(model).paths
             return paths[f"blocks.{L - 1}"] if encoder else paths.get("ln_final", paths[f"blocks.{L - 1}"])
         return f"blocks.{L - 1}.hook_resid_post"
+
+    def head_output(self, model, out, new_out):
+        """An encoder with a head (MLM, classification) is compared by its stream in the new basis; its head's output
+        must agree too: both log-probabilities, or None where the output is the stream itself (a base model)."""
+        if hf.is_base(model) or out.shape != new_out.shape:
+            return None
+        return out.log_softmax(-1).flatten(0, -2), new_out.log_softmax(-1).flatten(0, -2)
 
     def output_names(self, model):
         last = self._last(model)

@@ -187,7 +187,7 @@ def _resid_site(model, cfg, W: dict, L: int, see) -> Site:
     writers = [] if word else [Port("embed.W_E", "pre", axis=1)]
     writers += [Port(k, "pre", axis=1) for k in ("pos_embed.W_pos", "token_type_embed.W_TT", "mlm.W", "project_in.W")]
     writers.append(Port("mlm.b", "pre", axis=0))
-    readers = [Port("mlm.W", "post", axis=0), Port("project_out.W", "post", axis=0)]
+    readers = [Port(k, "post", axis=0) for k in ("mlm.W", "project_out.W", "pooler.W", "score.W")]
     for layer in range(L):
         b = f"blocks.{layer}"
         writers += [Port(f"{b}.attn.W_O", "pre", axis=2), Port(f"{b}.attn.b_O", "pre", axis=0)]
@@ -366,7 +366,7 @@ def _measure_pairs(model: nn.Module, layer: int) -> tuple[tuple[int, int], ...]:
     if kind == ModelKind.HF:
         try:
             fresh = hf.hf_model(clone(model, torch.float64))
-            model = hf.scratch_bridge(model, hf.with_head(fresh) if hf.is_base(model) else fresh)
+            model = hf.scratch_bridge(model, hf.with_head(fresh))
         except Exception as exc:  # TransformerLens's boot of this configuration (an assert, a missing attribute)
             raise UnsupportedModelError(
                 f"the rotary pairs are measured through a TransformerLens bridge, and TransformerLens could not boot "

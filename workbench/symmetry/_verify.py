@@ -238,10 +238,14 @@ def _verify(model, new_model, inputs, transform, dtype, tolerance, bar) -> Invar
     for value, which in ((out, "model"), (new_out, "new_model")):
         if not isinstance(value, torch.Tensor):
             raise InvalidOptionError(f"verify compares tensor outputs; {which} returned {type(value).__name__}.")
-    raw_out = out.detach()
-    out, new_out, compared, per_row, kl = backend.compared(model, smap, transform, raw_out, new_out.detach(),
-                                                           cache, new_cache)
+    raw_out, raw_new = out.detach(), new_out.detach()
+    out, new_out, compared, per_row, kl = backend.compared(model, smap, transform, raw_out, raw_new, cache, new_cache)
     cmp = _Comparison(out, new_out, per_row, run_dtype)
+    head = backend.head_output(model, raw_out, raw_new) if last else None
+    if head is not None:  # an encoder compared by its stream also answers for the head it returns (logits)
+        cmp_head = _Comparison(head[0], head[1], True, run_dtype)
+        if cmp_head.max_rel > tol or not cmp_head.finite:
+            out, new_out, compared, per_row, cmp = head[0], head[1], "log-probabilities", True, cmp_head
     bar.set_postfix_str("sites")
     checks = _site_checks(sites, transform, expected, measured, bar)
     bar.update(max(0, bar.total - bar.n))  # sites that could not be checked (an untraceable model) are steps done
