@@ -309,10 +309,12 @@ def _unread(model: nn.Module, lay: Layout) -> Optional[str]:
     activation module at the same name), a forward set on an instance, a parameter of another shape, weights tied
     or untied by hand: any of these would make the layout's facts wrong for it. Modules the class builds and this
     model lacks are fine where nothing the layout reads is among them (``BertModel(add_pooling_layer=False)``)."""
-    if model_kind(model) == ModelKind.HF_BRIDGE:
-        missing = [n for n in lay.shapes if n not in lay.reached]
+    missing = [n for n in lay.shapes if n not in lay.reached]  # the class's own: a rebuilt model would not write them
+    if missing:
         return (f"the parameters {missing[:4]} are not in TransformerLens's mapping of this architecture, so its "
-                f"symmetries are not derived here (e.g. Phi's qk_layernorm); nothing is transformed.") if missing else None
+                f"symmetries are not derived here (e.g. Phi's qk_layernorm); nothing is transformed.")
+    if model_kind(model) == ModelKind.HF_BRIDGE:
+        return None
     hf = hf_model(model)
     for name, m in hf.named_modules():
         if name not in lay.modules or type(m) is not lay.modules[name]:
