@@ -415,8 +415,12 @@ def _extra_module(model):
     model.model.layers[0].mlp.act_fn = torch.nn.Sequential(torch.nn.SiLU(), torch.nn.Dropout(0.0))
 
 
+def _config_edited(model):
+    model.config.hidden_act = "relu"  # the modules were built with SiLU; read by the config, the MLP would take P·D₊
+
+
 @pytest.mark.parametrize("change,words", [(_deleted_layer, "lacks"), (_hand_untied, "tied"), (_forward_on_instance, "forward"),
-                                          (_extra_module, "Sequential")])
+                                          (_extra_module, "Sequential"), (_config_edited, "SiLU")])
 def test_other_changes_after_building_are_refused(change, words):
     import test_hf_families as fam
 
