@@ -76,7 +76,8 @@ class Layout:
 # sit, parallel blocks) come from the adapter's config, and an adapter can state them wrongly. OpenAI GPT's reads
 # its GELU as ReLU and its post-LN blocks as pre-LN; a transform built on them changed the float64 log-probabilities
 # by 7e-4. Add a family only with its derivation and those tests.
-CHECKED_FAMILIES = frozenset({"bert", "gemma", "gpt2", "gpt_neox", "llama", "mistral", "opt", "phi", "qwen2"})
+CHECKED_FAMILIES = frozenset({"bert", "gemma", "gpt2", "gpt_neo", "gpt_neox", "gptj", "llama", "mistral", "nemotron",
+                              "opt", "phi", "qwen2", "stablelm", "starcoder2"})
 
 # Layouts per (class, config): building one boots nothing, but walks a weightless model (~10 ms).
 _LAYOUTS: "OrderedDict[tuple, object]" = OrderedDict()

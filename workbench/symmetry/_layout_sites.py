@@ -182,7 +182,7 @@ def _resid_site(model, cfg, W: dict, L: int, see) -> Site:
         elif not tied:
             notes.append(_LN_MORE.format("P" if group.name == "permutation" else "R"))
     if offset:
-        notes.append(f"norm gains are {offset:g} + w (Gemma); folded means w = {1 - offset - 1:g}")
+        notes.append(f"norm gains are {offset:g} + w (Gemma, Nemotron); folded means w = {1 - offset:g}")
     word = "project_in.W" in W  # OPT-350m: the embedding writes the word space, project_in the stream
     writers = [] if word else [Port("embed.W_E", "pre", axis=1)]
     writers += [Port(k, "pre", axis=1) for k in ("pos_embed.W_pos", "token_type_embed.W_TT", "mlm.W", "project_in.W")]
