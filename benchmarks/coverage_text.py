@@ -6,9 +6,11 @@ those families; ``--kinds raw|bridge`` one kind of row. Results go to ``benchmar
 (raw numbers in ``coverage_text.json``), or to the folder ``--out DIR`` (a partial run kept apart from the table).
 
 Method. Every family issue 17 names (Mistral, Qwen2, Gemma, Phi, OPT 125m- and 350m-like, GPT-NeoX)
-plus GPT-2, LLaMA and BERT, each at one shape the size of the smallest released checkpoints (hidden 512,
-6 layers, 8 heads of 64, vocabulary 32,000, MLP 2,048 — Pythia-70m's size; GQA with 2 key/value heads
-for Mistral, Qwen2, LLaMA, one for Gemma; 30-60M parameters),
+plus GPT-2, LLaMA and BERT, and the families checked since (GPT-J, StableLM, StarCoder2, Nemotron, GPT-Neo),
+each at one shape the size of the smallest released checkpoints (hidden 512, 6 layers, 8 heads of 64, vocabulary
+32,000, MLP 2,048 — Pythia-70m's size; GQA with 2 key/value heads for Mistral, Qwen2, LLaMA, StableLM, StarCoder2
+and Nemotron, one for Gemma; GPT-J rotates 32 of 64 dimensions; GPT-Neo alternates global and local (window 16)
+layers; 30-60M parameters),
 random float32 weights with random norm gains and biases, built offline from a config. Each is
 measured twice: the raw ``PreTrainedModel`` and a TransformerLens 4 bridge around a copy of it. Per row:
 
@@ -74,6 +76,15 @@ def shapes(quick: bool, positions: int = 512) -> dict:
         "llama": ("LlamaForCausalLM", dict(common, intermediate_size=f, num_key_value_heads=kv)),
         "bert": ("BertForMaskedLM", dict(hidden_size=d, num_hidden_layers=L, num_attention_heads=H, vocab_size=V,
                                          intermediate_size=f, max_position_embeddings=positions)),
+        # checked families added on 2026-12-04 (tests/test_hf_families_more.py)
+        "gptj": ("GPTJForCausalLM", dict(n_embd=d, n_layer=L, n_head=H, vocab_size=V, n_positions=positions, n_inner=f,
+                                         rotary_dim=d // H // 2)),
+        "stablelm": ("StableLmForCausalLM", dict(common, intermediate_size=f, num_key_value_heads=kv)),
+        "starcoder2": ("Starcoder2ForCausalLM", dict(common, intermediate_size=f, num_key_value_heads=kv)),
+        "nemotron": ("NemotronForCausalLM", dict(common, intermediate_size=f, num_key_value_heads=kv)),
+        "gpt_neo": ("GPTNeoForCausalLM", dict(hidden_size=d, num_layers=L, num_heads=H, vocab_size=V, intermediate_size=f,
+                                              max_position_embeddings=positions, window_size=16,
+                                              attention_types=[[["global", "local"], L // 2]])),
     }
 
 

@@ -15,12 +15,12 @@ from .._offload import offloaded_modules
 from .._progress import ProgressLike, progress_bar
 from .._report import Report, new_axes
 from ..hooks import first_tensor, run_with_cache, watch
-from ..models import eval_mode, no_grad_analysis
+from ..models import eval_mode, has_layout, no_grad_analysis
 from ._backend import Move, backend_for
 from ._map import symmetry_map
 from ._sites import Site
 from ._transform import Transform, apply_transform
-from ._verify_floor import FLOOR_ROWS, _Comparison, _fails, _floor_rows, _own_rounding
+from ._verify_floor import FLOOR_ROWS, _Comparison, _fails, _floor_rows, _own_rounding, trivial_floor
 from ._verify_kernel import OnePass, one_pass
 
 # Relative tolerances by dtype: what an exact symmetry achieves with random weights, with margin.
@@ -253,6 +253,8 @@ def _verify(model, new_model, inputs, transform, dtype, tolerance, bar) -> Invar
     strict_fail = cmp.max_rel > tol or any(c.equivariance_error > tol for c in checks)
     if tolerance is None and run_dtype == torch.float64 and strict_fail:
         floors = backend.floor(model, inputs, cache, last)
+        if floors is None and has_layout(model):
+            floors = trivial_floor(backend, model, inputs, cache, last)
         if floors is not None:  # the rule: within 10× the floor measured for this model
             rounded, site_floor = floors
             reference = cache[last].flatten(0, -2) if last else out  # the original's output, in its own basis

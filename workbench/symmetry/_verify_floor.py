@@ -312,3 +312,30 @@ def _same_values(model: nn.Module, low: nn.Module) -> bool:
     a, b = _tensors(model), _tensors(low)
     return len(a) == len(b) and all(x.shape == y.shape and x.dtype == y.dtype and x.device == y.device
                                     and torch.equal(x, y) for x, y in zip(a, b))
+
+
+def trivial_floor(backend, model: nn.Module, inputs, cache, last: Optional[str]):
+    """For a transformer where no part known to compute in float32 can be named (a bridge whose hooks see float64
+    values while the attention inside computes q·kᵀ in float32: GPT-J's, GPT-Neo's): the change that an exact and
+    trivial symmetry makes through the model's own arithmetic, every query map ·c and key map ÷c (c = 1.3, which
+    changes no score), as ``(outputs, site floor)`` like ``backend.floor``. Activations it scales (the queries and
+    keys) are left out of the site floor. None without QK sites. Where the arithmetic is exact the change is ~1e-16
+    and raises nothing."""
+    from ..groups import Dense
+    from ._map import symmetry_map
+    from ._transform import Transform, apply_transform
+
+    qk = [s for s in symmetry_map(model) if ".qk." in s.name]
+    if not qk:
+        return None
+    c = 1.3
+    t = Transform({s.name: Dense(c * torch.eye(s.n, dtype=torch.float64), cond=1.0) for s in qk},
+                  {s.name: s.group.name for s in qk}, model=type(model).__name__)
+    scaled = apply_transform(model, t)
+    moved = {o.name for s in qk for o in s.observed}
+    watched = [n for n in (cache.keys() if cache is not None else []) if n not in moved]
+    with eval_mode(scaled), torch.no_grad():
+        out, rcache = (run_with_cache(scaled, inputs, names=watched, budget=None, reduce=first_tensor) if watched
+                       else (scaled(inputs), None))
+    rounded = rcache[last].flatten(0, -2) if last else backend.output(out).detach().log_softmax(-1).flatten(0, -2)
+    return rounded, largest_relative_change(cache, rcache, watched)
