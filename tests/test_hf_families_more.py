@@ -373,3 +373,25 @@ def test_stablelm_qk_layernorm_is_refused():
     assert len(smap) == 0 and "q_layernorm" in smap.skipped[0][1]
     with pytest.raises(ValueError, match="q_layernorm"):
         wb.random_intertwiner(model)
+
+
+def test_gpt_neo_float64_verify_floor_covers_its_float32_scores():
+    """At hidden 256 and 4 layers, the float32 q·kᵀ inside GPT-Neo's attention moves later activations by 6e-7 under
+    an exact transform, while rounding its attention's output (the floor named by module) accounts for 5e-8: verify
+    FAILed the exact transform. It then measures the rounding of a trivial symmetry (queries·1.3, keys÷1.3) through
+    the model and PASSes; a wrong stream element still FAILs (computed directly too)."""
+    from benchmarks.coverage_text import build as build_shape
+
+    kw = dict(hidden_size=256, num_layers=4, num_heads=4, vocab_size=1000, intermediate_size=512,
+              max_position_embeddings=64, window_size=8, attention_types=[[["global", "local"], 2]])
+    model = build_shape("GPTNeoForCausalLM", kw)
+    ids = torch.randint(0, 1000, (4, 16), generator=torch.Generator().manual_seed(0))
+    new, t = wb.random_intertwiner(model, seed=0)
+    report = wb.verify(model, new, ids, transform=t, dtype=F64)
+    assert report.passed and report.tolerance < 1e-5, report.summary()
+    bad, bt = wb.random_intertwiner(model, seed=0, sites=["resid"], group="signed_permutation", allow_non_symmetry=True)
+    with torch.no_grad():
+        old = model.double()(input_ids=ids).logits.log_softmax(-1)
+        moved = copy.deepcopy(bad).double()(input_ids=ids).logits.log_softmax(-1)
+    assert rel(moved, old) > FAIL
+    assert not wb.verify(model, bad, ids, transform=bt, dtype=F64).passed

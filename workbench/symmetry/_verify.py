@@ -252,13 +252,21 @@ def _verify(model, new_model, inputs, transform, dtype, tolerance, bar) -> Invar
     floor, floored = None, None
     strict_fail = cmp.max_rel > tol or any(c.equivariance_error > tol for c in checks)
     if tolerance is None and run_dtype == torch.float64 and strict_fail:
-        floors = backend.floor(model, inputs, cache, last)
-        if floors is None and has_layout(model):
-            floors = trivial_floor(backend, model, inputs, cache, last)
-        if floors is not None:  # the rule: within 10× the floor measured for this model
-            rounded, site_floor = floors
+        # The parts named as computing in float32 first; where that floor does not carry the verdict (or none is
+        # named) and the model is a transformer, the rounding of an exact, trivial symmetry through its arithmetic:
+        # GPT-Neo's float32 q·kᵀ moves later activations more than rounding its attention's output does.
+        measures = [lambda: backend.floor(model, inputs, cache, last)]
+        if has_layout(model):
+            measures.append(lambda: trivial_floor(backend, model, inputs, cache, last))
+        for measure in measures:
+            if not (cmp.max_rel > tol or any(c.equivariance_error > tol for c in checks)):
+                break
+            floors = measure()
+            if floors is None:
+                continue
+            rounded, site_floor = floors  # the rule: within 10× the floor measured for this model
             reference = cache[last].flatten(0, -2) if last else out  # the original's output, in its own basis
-            floor = (rounded - reference).abs().max().item()
+            floor = max(floor or 0.0, (rounded - reference).abs().max().item())
             tol = max(tol, 10 * _Comparison(reference, rounded, per_row, run_dtype).max_rel, 10 * site_floor)
             floored = "float32"
     elif tolerance is None and run_dtype != torch.float64 and strict_fail and not offloaded_modules(model):
