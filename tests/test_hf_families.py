@@ -70,15 +70,22 @@ def build(family, seed=0, kw=None):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = getattr(transformers, cls)(config).double().eval()
+    return random_parameters(model, seed, gain=0.0 if family == "gemma" else 1.0)
+
+
+def random_parameters(model, seed: int, gain: float = 1.0, embedding=lambda name: "embed" in name):
+    """Every parameter of ``model`` random in float64, in place: norm gains ``gain`` + N(0, 0.4²) (a fresh model's 1s and
+    0s would let a wrong transform of the norms pass), other vectors N(0, 0.3²), matrices N(0, 1/fan-in) (embeddings,
+    which ``embedding(name)`` picks, N(0, 1))."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.ndim == 1 and name.endswith("weight") and ("norm" in name or "ln" in name):
-                p.copy_((0 if family == "gemma" else 1) + 0.4 * torch.randn(p.shape, generator=g, dtype=F64))
+                p.copy_(gain + 0.4 * torch.randn(p.shape, generator=g, dtype=F64))
             elif p.ndim == 1:
                 p.copy_(0.3 * torch.randn(p.shape, generator=g, dtype=F64))
             else:
-                p.copy_(torch.randn(p.shape, generator=g, dtype=F64) / math.sqrt(p.shape[1] if "embed" not in name else 1))
+                p.copy_(torch.randn(p.shape, generator=g, dtype=F64) / math.sqrt(1 if embedding(name) else p.shape[1]))
     return model
 
 
@@ -136,12 +143,17 @@ def kinds(smap):
     return out
 
 
+def mapped(model):
+    """``model``'s state before anything runs (to check it is untouched), its map, and the groups per kind of site."""
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    smap = wb.symmetry_map(model)
+    return before, smap, kinds(smap)
+
+
 @pytest.mark.parametrize("family", list(CONFIGS))
 def test_raw_model_sites_groups_and_exact_random_intertwiner(family, raw):
     model = raw(family)
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    smap = wb.symmetry_map(model)
-    got = kinds(smap)
+    before, smap, got = mapped(model)
     assert got["resid"] == {RESID[family]} and got["blocks.mlp"] == {MLP[family]}
     assert got["blocks.attn.ov"] == {"gl"}
     assert got["blocks.attn.qk"] == {"rotary" if family in ROTARY else "gl"}
@@ -206,16 +218,23 @@ def test_gpt_neox_without_attention_biases_moves_all_but_its_qk_spaces():
     assert rel(logp(new), logp(model)) <= TOL
 
 
-@pytest.mark.parametrize("family", ["mistral", "qwen2", "gemma", "phi", "opt", "opt350", "gpt_neox"])
-def test_bridge_around_each_family_is_exact(family, raw, tmp_path_factory):
-    model = bridge(raw(family), tmp_path_factory.getbasetemp())
+def bridged_exactly(raw_model, folder, logp=logp):
+    """A bridge around ``raw_model``: the same map as the raw model's, a random element of every site exact (``logp``:
+    log-probabilities computed here) and verified. Returns the bridge and verify's report."""
+    model = bridge(raw_model, folder)
     smap = wb.symmetry_map(model)
-    assert kinds(smap) == kinds(wb.symmetry_map(raw(family)))  # the same map, raw or bridged
+    assert kinds(smap) == kinds(wb.symmetry_map(raw_model))  # the same map, raw or bridged
     new, t = wb.random_intertwiner(model, seed=2)
     assert wb.models.model_kind(new) == wb.models.ModelKind.HF_BRIDGE
     assert rel(logp(new), logp(model)) <= TOL
     report = wb.verify(model, new, IDS, transform=t)
     assert report.passed and len(report.checked) == len(smap), report.to_frame()
+    return model, report
+
+
+@pytest.mark.parametrize("family", ["mistral", "qwen2", "gemma", "phi", "opt", "opt350", "gpt_neox"])
+def test_bridge_around_each_family_is_exact(family, raw, tmp_path_factory):
+    _, report = bridged_exactly(raw(family), tmp_path_factory.getbasetemp())
     if RESID[family] == "signed_permutation":  # RMSNorm in float32 inside: held to 10× the measured floor
         assert report.floor is not None and report.max_abs_diff <= 10 * report.floor
 

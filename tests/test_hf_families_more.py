@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 import workbench as wb
-from test_hf_families import FAIL, IDS, LARGER, TOL, as_raw, bridge, kinds, rel
+from test_hf_families import FAIL, IDS, LARGER, TOL, as_raw, bridge, bridged_exactly, kinds, mapped, random_parameters, rel
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 transformers = pytest.importorskip("transformers")
@@ -59,17 +59,8 @@ def build(family, seed=0, kw=None):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = getattr(transformers, cls)(config).double().eval()
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.ndim == 1 and name.endswith("weight") and ("norm" in name or "ln" in name):
-                p.copy_(1 - OFFSET.get(family, 0.0) + 0.4 * torch.randn(p.shape, generator=g, dtype=F64))
-            elif p.ndim == 1:
-                p.copy_(0.3 * torch.randn(p.shape, generator=g, dtype=F64))
-            else:
-                embedding = "embed" in name or name.endswith(("wte.weight", "wpe.weight"))
-                p.copy_(torch.randn(p.shape, generator=g, dtype=F64) / math.sqrt(1 if embedding else p.shape[1]))
-    return model
+    return random_parameters(model, seed, gain=1 - OFFSET.get(family, 0.0),
+                             embedding=lambda name: "embed" in name or name.endswith(("wte.weight", "wpe.weight")))
 
 
 def _neo_attn64(self, query, key, value, attention_mask=None):
@@ -183,9 +174,7 @@ def test_layout_facts_computed_from_the_modules_agree_with_the_adapter(family, e
 @pytest.mark.parametrize("family", list(CONFIGS))
 def test_raw_model_sites_groups_and_exact_random_intertwiner(family, raw):
     model = raw(family)
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    smap = wb.symmetry_map(model)
-    got = kinds(smap)
+    before, smap, got = mapped(model)
     assert got["resid"] == {"permutation"} and got["blocks.mlp"] == {MLP[family]} and got["blocks.attn.ov"] == {"gl"}
     assert sum(s.name.startswith("blocks.0.attn.ov.") for s in smap) == KV.get(family, 4)
     if family == "gpt_neo":  # learned positions: scores q·kᵀ, any A per head
@@ -349,14 +338,7 @@ def test_fold_layernorm_then_the_folded_group(family, raw):
 
 @pytest.mark.parametrize("family", list(CONFIGS))
 def test_bridge_around_each_family_is_exact(family, raw, tmp_path_factory):
-    model = bridge(raw(family), tmp_path_factory.getbasetemp())
-    smap = wb.symmetry_map(model)
-    assert kinds(smap) == kinds(wb.symmetry_map(raw(family)))  # the same map, raw or bridged
-    new, t = wb.random_intertwiner(model, seed=2)
-    assert wb.models.model_kind(new) == wb.models.ModelKind.HF_BRIDGE
-    assert rel(logp(new), logp(model)) <= TOL
-    report = wb.verify(model, new, IDS, transform=t)
-    assert report.passed and len(report.checked) == len(smap), report.to_frame()
+    model, report = bridged_exactly(raw(family), tmp_path_factory.getbasetemp(), logp)
     # GPT-J's and GPT-Neo's attention computes q·kᵀ in float32 inside the bridge, whose hooks see float64 values: the
     # floor is what queries·1.3 and keys÷1.3 (no score changes) move the outputs by, and a wrong element still FAILs
     assert (report.floor is not None) == (family in ("gptj", "gpt_neo")), report.summary()
