@@ -451,6 +451,8 @@ def one_thread():
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(small_vision_models()))
 def test_real_vision_models_transform_exactly(name, one_thread):
+    torch.manual_seed(0)  # the constructors draw from the global generator: without a seed the weights (and whether the
+    # negative control's channels are alive) depended on the tests run before (DenseNet's swap once moved nothing)
     model = randomised(small_vision_models()[name]())
     x = torch.randn(2, 3, 32, 32, dtype=F64, generator=torch.Generator().manual_seed(1))
     smap = wb.symmetry_map(model, x)
