@@ -427,14 +427,19 @@ def is_post_ln(model: nn.Module) -> bool:
     return model_kind(model) in (ModelKind.HF, ModelKind.HF_BRIDGE) and facts(model)["post_ln"]
 
 
+def _read_fact(model: nn.Module, key: str) -> bool:
+    """A layout fact of a Hugging Face model read here; False for any other model and for a refused one."""
+    return model_kind(model) in (ModelKind.HF, ModelKind.HF_BRIDGE) and not unsupported(model) and facts(model)[key]
+
+
 def is_base(model: nn.Module) -> bool:
     """A base model read here (``LlamaModel``): no unembedding, its output is ``last_hidden_state``."""
-    return model_kind(model) in (ModelKind.HF, ModelKind.HF_BRIDGE) and not unsupported(model) and facts(model)["base"]
+    return _read_fact(model, "base")
 
 
 def is_encoder(model: nn.Module) -> bool:
     """An encoder whose layout is read here (BERT); False for a refused family (``verify`` then compares logits)."""
-    return model_kind(model) in (ModelKind.HF, ModelKind.HF_BRIDGE) and not unsupported(model) and facts(model)["encoder"]
+    return _read_fact(model, "encoder")
 
 
 def gain_offset(model: nn.Module) -> float:
