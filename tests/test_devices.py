@@ -134,3 +134,159 @@ def test_capture_keeps_values_where_they_were_computed_or_moves_them_where_asked
     with wb.capture(model, names="1", dtype=torch.float32) as cast:
         model(x)
     assert cast["1"].dtype == torch.float32 and torch.equal(cast["1"], kept["1"].float())
+
+
+# ------------------------------------------------------------------ a raw Hugging Face model dispatched by accelerate
+# What ``from_pretrained(..., device_map=...)`` gives a user whose model does not fit one device: its layout is read
+# and pushed as the in-memory model's (the same map, the same weights), and the transformed copy is dispatched alike.
+HF_FAMILIES = ["gpt2", "llama", "opt"]  # LayerNorm, tied; RMSNorm, rotary, gated; ReLU, learned positions offset
+
+
+def hf_device_map(model, offloaded: str = "disk") -> dict:
+    """Every top-level piece on the CPU, the first block ``offloaded``."""
+    blocks = next(n for n, m in model.named_modules() if isinstance(m, nn.ModuleList))
+    out = {}
+
+    def walk(prefix, module):
+        for n, child in module.named_children():
+            full = f"{prefix}.{n}" if prefix else n
+            if full == blocks:
+                out.update({f"{full}.{i}": offloaded if i == 0 else "cpu" for i in range(len(child))})
+            elif blocks.startswith(full + "."):
+                walk(full, child)
+            else:
+                out[full] = "cpu"
+    walk("", model)
+    return out
+
+
+def hf_dispatched(family, how, tmp_path):
+    """(the tiny float64 model of ``family`` in memory, a copy dispatched by accelerate: its first block offloaded to
+    disk (``how="disk"``), or every weight offloaded to CPU memory (``how="cpu_offload"``))."""
+    import test_hf_families as fam
+
+    model = fam.build(family)
+    if how == "disk":
+        moved = accelerate.dispatch_model(copy.deepcopy(model), device_map=hf_device_map(model),
+                                          offload_dir=str(tmp_path / "offload"))
+    else:
+        moved = accelerate.cpu_offload(copy.deepcopy(model), execution_device="cpu")
+    return model, moved
+
+
+def served(model) -> dict:
+    """Every parameter's value, an offloaded one read from what accelerate's hook serves."""
+    from workbench._offload import offloaded_tensor
+
+    return {n: torch.as_tensor(offloaded_tensor(model, n, p)).clone()
+            for n, p in model.named_parameters(remove_duplicate=False)}
+
+
+def in_memory(model, weights):
+    """A plain copy of the raw Hugging Face ``model``'s class holding ``weights``."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        plain = type(model)(copy.deepcopy(model.config)).double().eval()
+    plain.load_state_dict(weights, strict=False)
+    plain.tie_weights()
+    return plain
+
+
+@pytest.mark.parametrize("how", ["disk", "cpu_offload"])
+@pytest.mark.parametrize("family", HF_FAMILIES)
+def test_a_dispatched_hugging_face_model_is_transformed_as_in_memory_and_stays_dispatched(family, how, tmp_path):
+    """The map is the in-memory model's; the transform writes the weights the in-memory transform writes, bit for bit;
+    the copy's offloaded modules are offloaded (their hooks serve the new weights, the original's files untouched);
+    the function is preserved, computed here in float64 from the weights the copy serves (RMSNorm exact), and the
+    dispatched copy's own forward computes what those weights compute; verify passes."""
+    import test_hf_families as fam
+
+    model, moved = hf_dispatched(family, how, tmp_path)
+    meta = {n for n, p in moved.named_parameters() if p.device.type == "meta"}
+    assert meta  # the fixture offloads
+    assert fam.kinds(wb.symmetry_map(moved)) == fam.kinds(wb.symmetry_map(model))
+    before = served(moved)
+    new, t = wb.random_intertwiner(moved, seed=3)
+    reference, _ = wb.random_intertwiner(model, seed=3)
+    assert {n for n, p in new.named_parameters() if p.device.type == "meta"} == meta
+    weights, ref = served(new), dict(reference.named_parameters(remove_duplicate=False))
+    assert weights.keys() == ref.keys() and all(torch.equal(weights[n], ref[n]) for n in ref)
+    assert not torch.equal(weights[sorted(meta)[0]], before[sorted(meta)[0]])  # new weights, not the files
+    after = served(moved)
+    assert all(torch.equal(before[n], after[n]) for n in before)  # the original's offload is untouched
+    assert {n for n, p in moved.named_parameters() if p.device.type == "meta"} == meta
+    assert fam.rel(fam.logp(in_memory(model, weights)), fam.logp(model)) <= fam.TOL
+    with torch.no_grad():
+        assert torch.equal(new(input_ids=fam.IDS).logits, reference(input_ids=fam.IDS).logits)
+    assert wb.verify(moved, new, fam.IDS, transform=t).passed
+
+
+def test_verify_reads_what_a_dispatched_copy_serves(tmp_path):
+    """The negative control: one offloaded weight of the transformed copy altered behind its hook (a column swap of
+    the MLP's input projection) changes the function, and verify FAILs it."""
+    import test_hf_families as fam
+
+    model, moved = hf_dispatched("gpt2", "disk", tmp_path)
+    new, t = wb.random_intertwiner(moved, seed=3)
+    hook = new.get_submodule("transformer.h.0.mlp.c_fc")._hf_hook
+    w = hook.weights_map["weight"]
+    hook.weights_map["weight"] = w[:, [1, 0] + list(range(2, w.shape[1]))].clone()
+    assert fam.rel(fam.logp(in_memory(model, served(new))), fam.logp(model)) > 1e-3  # checked here
+    assert not wb.verify(moved, new, fam.IDS, transform=t).passed
+
+
+def test_a_forward_set_on_the_instance_stays_refused_under_accelerate(tmp_path):
+    """accelerate's own wrapper around a module's class forward is read through; a forward the user set on an instance
+    before dispatching is not the class's computation, and is refused by name."""
+    import test_hf_families as fam
+
+    model = fam.build("gpt2")
+    block = model.transformer.h[1].mlp
+    block.forward = lambda x, block=block: type(block).forward(block, x) * 1.0
+    moved = accelerate.dispatch_model(model, device_map=hf_device_map(model), offload_dir=str(tmp_path / "offload"))
+    smap = wb.symmetry_map(moved)
+    assert len(smap) == 0 and "accelerate's hook around a forward set on the instance" in smap.skipped[0][1]
+    assert "transformer.h.1.mlp" in smap.skipped[0][1]
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_fold_layernorm_and_untie_of_a_dispatched_hugging_face_model(family, tmp_path):
+    """fold_layernorm and untie_embeddings read a dispatched model's offloaded weights and give a model dispatched alike,
+    holding the weights the in-memory model's fold / untie gives, bit for bit; the function is unchanged (computed here
+    in float64 from the weights served)."""
+    import test_hf_families as fam
+
+    model, moved = hf_dispatched(family, "disk", tmp_path)
+    meta = {n for n, p in moved.named_parameters() if p.device.type == "meta"}
+    for verb in (wb.fold_layernorm, wb.untie_embeddings):
+        new, reference = verb(moved), verb(model)
+        assert {n for n, p in new.named_parameters() if p.device.type == "meta"} == meta
+        weights, ref = served(new), dict(reference.named_parameters(remove_duplicate=False))
+        assert weights.keys() == ref.keys() and all(torch.equal(weights[n], ref[n]) for n in ref)
+        assert fam.rel(fam.logp(in_memory(reference, weights)), fam.logp(model)) <= fam.TOL
+        if verb is wb.fold_layernorm:  # the offloaded block's norm gains are folded, not what the files hold
+            gains = [n for n in meta if "norm" in n or ".ln_" in n]
+            assert gains and all(torch.equal(weights[n], torch.ones_like(weights[n])) for n in gains if n.endswith("weight"))
+
+
+def test_fold_layernorm_of_a_dispatched_module_is_folded_and_offloaded_alike(tmp_path):
+    """A plain module whose LayerNorm and its reader accelerate offloaded to disk: the fold's plan reads the offloaded
+    gain and bias (a zero gain would be refused), the copy is folded onloaded and offloaded again; its output is the
+    original's, computed directly in float64, and its hooks serve the in-memory fold's weights."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.LayerNorm(8), nn.Linear(8, 4), nn.ReLU(), nn.Linear(4, 3)).double().eval()
+    with torch.no_grad():
+        model[1].weight.mul_(2.5).add_(0.2 * torch.randn(8, dtype=F64))
+        model[1].bias.add_(0.3)
+    moved = accelerate.dispatch_model(copy.deepcopy(model), device_map={"0": "cpu", "1": "disk", "2": "disk", "3": "cpu",
+                                                                        "4": "cpu"}, offload_dir=str(tmp_path / "off"))
+    x = torch.randn(5, 6, dtype=F64)
+    folded, reference = wb.fold_layernorm(moved, x), wb.fold_layernorm(model, x)
+    assert {n for n, p in folded.named_parameters() if p.device.type == "meta"} == {"1.weight", "1.bias", "2.weight", "2.bias"}
+    weights = served(folded)
+    assert all(torch.equal(weights[n], p) for n, p in reference.named_parameters())
+    assert torch.equal(weights["1.weight"], torch.ones(8, dtype=F64))  # folded, not the files
+    with torch.no_grad():
+        assert (folded(x) - model(x)).abs().max() <= 1e-12 * model(x).abs().max()

@@ -465,22 +465,6 @@ def test_base_models_without_their_head_are_read():
     assert len(smap) == 0 and "lacks ['pooler.dense.weight'" in smap.skipped[0][1]
 
 
-def test_a_raw_model_dispatched_by_accelerate_is_refused_with_the_reason(tmp_path):
-    """accelerate's dispatch sets forward on each module and puts offloaded weights on the meta device, where the
-    layout's reads (norm gains, weights) cannot go: refused, saying so (before, a RuntimeError from a meta tensor)."""
-    accelerate = pytest.importorskip("accelerate")
-    import test_hf_families as fam
-
-    model = fam.build("gpt2")
-    device_map = {"transformer.wte": "cpu", "transformer.wpe": "cpu", "transformer.h.0": "disk", "transformer.h.1": "cpu",
-                  "transformer.ln_f": "cpu", "lm_head": "cpu"}
-    moved = accelerate.dispatch_model(copy.deepcopy(model), device_map=device_map, offload_dir=str(tmp_path / "off"))
-    smap = wb.symmetry_map(moved)
-    assert len(smap) == 0 and "dispatched by accelerate" in smap.skipped[0][1]
-    with pytest.raises(UnsupportedModelError, match="accelerate"):
-        wb.random_intertwiner(moved, seed=0)
-
-
 HEADS = [("BertModel", "pooler_output"), ("BertForSequenceClassification", "logits"), ("BertForTokenClassification", "logits"),
          ("GPT2ForSequenceClassification", "logits"), ("LlamaForSequenceClassification", "logits")]
 

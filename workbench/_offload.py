@@ -11,10 +11,12 @@ accelerate is imported only when a module carries an accelerate hook.
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from typing import Callable, Iterator, Optional
 
 import torch
 from torch import nn
+
+from ._errors import UnsupportedModelError
 
 
 def offloaded_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -61,6 +63,69 @@ def offload_like(new: nn.Module, names: list[str]) -> None:
             module, include_buffers=hook.offload_buffers, recurse=hook.place_submodules, remove_non_persistent=True)}
         hook.tied_params_map, hook.tied_params_names = {}, set()  # the copy shares no tensor with the original
         hook.post_forward(module, None)  # every offloaded tensor to meta, as accelerate leaves them
+
+
+def foreign_forward(module: nn.Module) -> Optional[str]:
+    """Why ``module``'s instance ``forward`` may compute something other than its class's; None where it is only
+    accelerate's wrapper around the class's own forward (its ``AlignDevicesHook``, alone or chained), which moves
+    weights and inputs between devices and computes nothing."""
+    if "forward" not in vars(module):
+        return None
+    hook = vars(module).get("_hf_hook")
+    if hook is None:
+        return "a forward set on the instance"
+    old = vars(module).get("_old_forward")
+    if getattr(old, "__func__", None) is not type(module).forward or getattr(old, "__self__", None) is not module:
+        return "accelerate's hook around a forward set on the instance"
+    kinds = {type(h).__name__ for h in getattr(hook, "hooks", (hook,))}
+    if kinds != {"AlignDevicesHook"}:
+        return f"accelerate hooks {sorted(kinds)} (only AlignDevicesHook, which moves tensors between devices, is read)"
+    return None
+
+
+def dispatch_like(new: nn.Module, model: nn.Module) -> None:
+    """Give ``new`` (a model built afresh with ``model``'s module tree, every weight in memory) the accelerate hooks
+    ``model`` has, module by module: what ``model`` offloads, ``new`` offloads too, its hooks serving ``new``'s own
+    weights from CPU memory (as :func:`offload_like` leaves a transformed copy); what ``model`` places on a device,
+    ``new``'s hooks place there. Weights ``new`` ties share one entry of a new tied-parameter map, as
+    ``accelerate.dispatch_model`` gives them."""
+    from accelerate.hooks import AlignDevicesHook, SequentialHook, add_hook_to_module
+    from accelerate.utils import find_tied_parameters
+
+    tied = {new.get_parameter(n).data_ptr(): {} for group in find_tied_parameters(new) for n in group}
+
+    def fresh(hook):
+        if isinstance(hook, SequentialHook):
+            return SequentialHook(*map(fresh, hook.hooks))
+        if type(hook) is not AlignDevicesHook:  # foreign_forward refuses these before a transform
+            raise UnsupportedModelError(f"an accelerate {type(hook).__name__} cannot be given to a transformed copy.")
+        return AlignDevicesHook(execution_device=hook.execution_device, offload=hook.offload,
+                                io_same_device=hook.io_same_device, offload_buffers=hook.offload_buffers,
+                                place_submodules=hook.place_submodules, skip_keys=hook.skip_keys,
+                                tied_params_map=None if hook.tied_params_map is None else tied)
+
+    for name, m in model.named_modules():  # parents first, as accelerate attaches them
+        hook = vars(m).get("_hf_hook")
+        if hook is not None:
+            add_hook_to_module(new.get_submodule(name), fresh(hook))
+    if "hf_device_map" in vars(model):
+        new.hf_device_map = dict(model.hf_device_map)
+
+
+def built_alike(model: nn.Module, build: Callable[[], nn.Module]) -> nn.Module:
+    """``build()`` (a new model made from ``model``'s weights: a transform, a fold) run with ``model``'s offloaded
+    weights onloaded, and the new model offloaded as ``model`` is: a copy that carries ``model``'s hooks has them serve
+    its own weights (:func:`offload_like`); one built afresh from a class and config gets them (:func:`dispatch_like`)."""
+    offloaded = offloaded_modules(model)
+    if not offloaded:
+        return build()
+    with all_onloaded(model):
+        new = build()
+    if any("_hf_hook" in vars(m) for m in new.modules()):
+        offload_like(new, [name for name, _ in offloaded])
+    else:
+        dispatch_like(new, model)
+    return new
 
 
 def offloaded_tensor(model: nn.Module, name: str, t: torch.Tensor) -> torch.Tensor:

@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from .._errors import UnsupportedModelError
+from .._offload import foreign_forward, offloaded_modules, offloaded_tensor
 from ._kind import ModelKind, model_kind
 
 # Canonical component keys the layout knows (``{i}``: a layer); a mapped component outside these has no
@@ -294,12 +295,22 @@ def _heads(hf: nn.Module, ref: nn.Module, base: str) -> list[_Entry]:
     return entries
 
 
-def _ties(model: nn.Module) -> frozenset:
-    """The groups of parameter names that are one tensor (a tied unembedding), as a set of frozensets."""
+def _ties(model: nn.Module, params: Optional[dict] = None, expected: frozenset = frozenset()) -> frozenset:
+    """The groups of parameter names that are one tensor (a tied unembedding), as a set of frozensets. A group of
+    ``expected`` (what the class and config tie) with a weight accelerate offloaded counts where every member is
+    served the same values: the offload gives each module its own parameter, so identity cannot show it."""
     groups: dict[int, set] = {}
     for n, p in model.named_parameters(remove_duplicate=False):
         groups.setdefault(id(p), set()).add(n)
-    return frozenset(frozenset(g) for g in groups.values() if len(g) > 1)
+    found = {frozenset(g) for g in groups.values() if len(g) > 1}
+    missing = expected - found
+    offloaded = [name + "." for name, _ in offloaded_modules(model)] if missing else []
+    for group in missing:  # (a transform reads the model onloaded: its parameters are then the served values)
+        if any(n.startswith(m) for n in group for m in offloaded):
+            first, *rest = (torch.as_tensor(offloaded_tensor(model, n, params[n])) for n in sorted(group))
+            if all(torch.equal(first, t) for t in rest):
+                found = {g for g in found if not g <= group} | {group}
+    return frozenset(found)
 
 
 def _unread(model: nn.Module, lay: Layout) -> Optional[str]:
@@ -323,14 +334,10 @@ def _unread(model: nn.Module, lay: Layout) -> Optional[str]:
             return (f"its module {name or type(hf).__name__!r} is a {type(m).__name__} where "
                     f"{type(hf).__name__}(config) has {got}: the model was changed after it was built, and what the "
                     f"layout reads from its class and config may not hold; nothing is transformed.")
-        if "forward" in vars(m):
-            if hasattr(m, "_hf_hook"):  # accelerate's dispatch wraps forward to bring offloaded weights in
-                return (f"it is dispatched by accelerate (module {name or type(hf).__name__!r} runs through its hook): "
-                        f"the layout reads every weight where the class keeps it, and an offloaded one is on the meta "
-                        f"device; transform the model before dispatching it (a plain nn.Module dispatched by "
-                        f"accelerate is transformed through its graph instead).")
-            return (f"its module {name or type(hf).__name__!r} has a forward set on the instance: the layout reads the "
-                    f"class's computation, not this one; nothing is transformed.")
+        why = foreign_forward(m)
+        if why:
+            return (f"its module {name or type(hf).__name__!r} runs {why}: the layout reads the class's computation, "
+                    f"not this one; nothing is transformed.")
     params = dict(hf.named_parameters(remove_duplicate=False))
     for name, p in params.items():
         if lay.shapes.get(name) != tuple(p.shape):
@@ -344,7 +351,7 @@ def _unread(model: nn.Module, lay: Layout) -> Optional[str]:
         return (f"the parameters {missing[:4]} are not in TransformerLens's mapping of this architecture, so its "
                 f"symmetries are not derived here (e.g. Phi's qk_layernorm); nothing is transformed.")
     ties = {t for t in lay.ties if t <= params.keys()}
-    if _ties(hf) != ties:
+    if _ties(hf, params, ties) != ties:
         return (f"its weights are tied as {sorted(map(sorted, _ties(hf)))} where {type(hf).__name__}(config) ties "
                 f"{sorted(map(sorted, ties))} (tied or untied by hand: wb.untie_embeddings unties and says so in the "
                 f"config); nothing is transformed.")

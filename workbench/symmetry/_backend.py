@@ -167,9 +167,11 @@ class LayoutBackend(Backend):
     memoised = False
 
     def site_map(self, model, example, affine):
+        from .._offload import all_onloaded
         from ._layout_sites import transformer_map
 
-        return transformer_map(model)
+        with all_onloaded(model):  # the layout reads weights (norm gains, rotary pairs): accelerate's offloaded ones too
+            return transformer_map(model)
 
     def push(self, model, smap, transform, inplace, hint=""):
         from ._layout_push import push_transformer

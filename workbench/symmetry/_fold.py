@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from .._errors import InvalidOptionError, UnsupportedModelError
+from .._offload import built_alike
 from ..models import ModelKind, has_layout, hf, model_kind, read_weights, rebuild
 
 # Each residual-stream norm and the weights that read its output (canonical layout: d_model axis). A
@@ -73,6 +74,11 @@ def fold_layernorm(model: nn.Module, example: Optional[torch.Tensor] = None) -> 
         raise InvalidOptionError(f"fold_layernorm: {type(hf.hf_model(model)).__name__} is a base model — its final norm's "
                                  f"output is the model's output, so that norm's gain has no reader to move into and the "
                                  f"stream keeps its group; fold the language model (with its head) instead.")
+    return built_alike(model, lambda: _fold_layout(model))  # weights accelerate offloaded: read onloaded, and the
+    # folded model offloaded alike
+
+
+def _fold_layout(model: nn.Module) -> nn.Module:
     offset = hf.gain_offset(model)
     W = {k: v.double().clone() for k, v in read_weights(model).items()}
     for layer in range(int(hf.config(model).n_layers)):
@@ -125,4 +131,4 @@ def untie_embeddings(model: nn.Module) -> nn.Module:
                                  f"models never tie W_U to W_E); got {type(model).__name__}.")
     if reason := hf.unsupported(model):
         raise InvalidOptionError(f"untie_embeddings cannot read this model: {reason}")
-    return rebuild(model, read_weights(model), untie=True)
+    return built_alike(model, lambda: rebuild(model, read_weights(model), untie=True))

@@ -31,6 +31,7 @@ import torch
 from torch import fx, nn
 
 from .._errors import InvalidOptionError
+from .._offload import built_alike, offloaded_tensor
 from ..models import TraceFailure, describe, propagate_shapes, trace
 from ._graph import _PASS
 from ._graph_ops import _IGNORED_METHODS, _META_ATTRS
@@ -131,8 +132,8 @@ def fold_plan(model: nn.Module, example: Optional[torch.Tensor] = None) -> FoldP
             why = next((f"its reader {r.module} is called more than once or shares a parameter (tied, read directly, or "
                         f"computed by a parametrization)" for r in readers
                         if len(calls[r.module]) > 1 or shared(r.weight) or (r.bias and shared(r.bias))), None)
-        if why is None and m.bias is not None and bool(m.bias.ne(0).any()) and any(r.bias is None for r in readers) \
-                and bool(m.weight.eq(0).any()):
+        if why is None and m.bias is not None and any(r.bias is None for r in readers) \
+                and bool(_value(model, f"{name}.bias").ne(0).any()) and bool(_value(model, f"{name}.weight").eq(0).any()):
             why = "a zero gain, and a bias with no reader bias to absorb it"
         if why is None:
             plan.folds[name] = readers
@@ -150,11 +151,21 @@ def fold_graph(model: nn.Module, example: Optional[torch.Tensor] = None) -> nn.M
         raise InvalidOptionError(f"fold_layernorm: no LayerNorm of {type(model).__name__} can be folded — each must be "
                                  f"read only by linear maps that absorb it (nn.Linear, packed self-attention, timm's "
                                  f"Attention), possibly after token selection, token means or dropout. {reasons}")
-    new = copy.deepcopy(model)
-    with torch.no_grad():
-        for name, readers in plan.folds.items():
-            _fold_one(new, name, readers)
-    return new
+
+    def build() -> nn.Module:
+        new = copy.deepcopy(model)
+        with torch.no_grad():
+            for name, readers in plan.folds.items():
+                _fold_one(new, name, readers)
+        return new
+    # weights accelerate offloaded: copied and folded onloaded, and the copy offloaded alike (the plan ran the model,
+    # whose hooks offload again after each forward: it is made first)
+    return built_alike(model, build)
+
+
+def _value(model: nn.Module, path: str) -> torch.Tensor:
+    """Parameter ``path``'s value, where accelerate serves it if it offloaded it."""
+    return torch.as_tensor(offloaded_tensor(model, path, _param(model, path)))
 
 
 def _fold_one(model: nn.Module, name: str, readers: list[Reader]) -> None:

@@ -14,7 +14,7 @@ from torch import nn
 
 from .._errors import InvalidOptionError, UntraceableModelError
 from .._memory import keep_freed_memory
-from .._offload import all_onloaded, offload_like, offloaded_modules
+from .._offload import built_alike, offloaded_modules
 from .._progress import ProgressLike, progress_bar, show_progress
 from .._random import SeedLike, as_generator
 from .._report import Report, new_axes
@@ -203,17 +203,12 @@ def _push(model: nn.Module, smap: SymmetryMap, transform: Transform, inplace: bo
     the push reads them, and the copy's are offloaded again, its hooks serving the transformed weights."""
     keep_freed_memory()  # once per process: a transform's new weights reuse freed memory, as captures do
     offloaded = offloaded_modules(model)
-    if not offloaded:
-        return backend_for(model).push(model, smap, transform, inplace, hint)
-    if inplace:
+    if offloaded and inplace:
         raise InvalidOptionError(
             f"inplace=True cannot transform weights accelerate offloaded ({len(offloaded)} modules, e.g. "
             f"{offloaded[0][0]!r}): they live in its offload folder or map, not in the model. Use inplace=False "
             f"(the copy keeps the same device layout; its offloaded weights are held in CPU memory).")
-    with all_onloaded(model):
-        new = backend_for(model).push(model, smap, transform, False, hint)
-    offload_like(new, [name for name, _ in offloaded])
-    return new
+    return built_alike(model, lambda: backend_for(model).push(model, smap, transform, inplace, hint))
 
 
 def _traced_map(model: nn.Module, example, affine: bool, verb: str) -> SymmetryMap:
