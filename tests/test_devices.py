@@ -290,3 +290,85 @@ def test_fold_layernorm_of_a_dispatched_module_is_folded_and_offloaded_alike(tmp
     assert torch.equal(weights["1.weight"], torch.ones(8, dtype=F64))  # folded, not the files
     with torch.no_grad():
         assert (folded(x) - model(x)).abs().max() <= 1e-12 * model(x).abs().max()
+
+
+# ------------------------------------------------------------------ traced models dispatched by accelerate
+def vision_device_map(model) -> dict:
+    """Alternate children on the CPU and on disk; a child holding most of the weights is split one level further
+    (its blocks alternate), its own tensors on the CPU."""
+    total = sum(p.numel() for p in model.parameters())
+    pieces, own = [], [n for n, _ in list(model.named_parameters(recurse=False)) + list(model.named_buffers(recurse=False))]
+    for name, child in model.named_children():
+        if sum(p.numel() for p in child.parameters()) > total / 2 and len(list(child.children())) > 1:
+            pieces += [f"{name}.{k}" for k, _ in child.named_children()]
+            own += [f"{name}.{k}" for k, _ in list(child.named_parameters(recurse=False)) + list(child.named_buffers(recurse=False))]
+        else:
+            pieces.append(name)
+    return {**{p: "disk" if i % 2 else "cpu" for i, p in enumerate(pieces)}, **{n: "cpu" for n in own}}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["convnext", "vit", "mobilenet_v3_small", "densenet"])
+def test_a_dispatched_vision_model_has_the_in_memory_map_and_transform(name, tmp_path):
+    """Traced models with blocks offloaded to disk. The trace reads a dispatched module's class forward, not
+    accelerate's hook around it (traced through, the hook's device moves froze the residual streams of a ResNet and
+    its control flow on devices made a ViT untraceable); the rules read offloaded LayerNorm gains and layer scales
+    through the hooks. The map is the in-memory model's, the transform writes the in-memory transform's weights and
+    preserves the function (float64, computed directly); the fold does too."""
+    from test_vision_constructs import randomised, small_vision_models
+
+    torch.manual_seed(0)
+    model = randomised(small_vision_models()[name]())
+    moved = accelerate.dispatch_model(copy.deepcopy(model), device_map=vision_device_map(model),
+                                      offload_dir=str(tmp_path / "off"))
+    assert any(p.device.type == "meta" for p in moved.parameters())
+    x = torch.randn(2, 3, 32, 32, dtype=F64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        base = model(x)
+        assert torch.equal(moved(x), base)
+    smap = wb.symmetry_map(moved, x)
+    assert [(s.name, s.group.name) for s in smap] == [(s.name, s.group.name) for s in wb.symmetry_map(model, x)]
+    new, t = wb.random_intertwiner(moved, seed=2, example=x)
+    reference = wb.apply_transform(model, t)
+    weights = served(new)
+    assert all(torch.equal(weights[n], p) for n, p in reference.named_parameters())
+    with torch.no_grad():
+        assert (new(x) - base).abs().max() <= 1e-10 * base.abs().max()
+    original = dict(model.named_parameters())
+    offloaded = [n for n, p in new.named_parameters() if p.device.type == "meta"]
+    assert any(not torch.equal(weights[n], original[n]) for n in offloaded)  # the offloaded weights moved too
+    assert wb.verify(moved, new, x, transform=t).passed
+    if name in ("convnext", "vit"):
+        folded = wb.fold_layernorm(moved, x)
+        with torch.no_grad():
+            assert (folded(x) - base).abs().max() <= 1e-10 * base.abs().max()
+
+
+class _Moves(nn.Module):
+    """Two ReLU layers with a ``.to()`` of the hidden activations between them (a device move, or a dtype change)."""
+
+    def __init__(self, dtype=None):
+        super().__init__()
+        self.fc1, self.act, self.fc2 = nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3)
+        self.dtype = dtype
+
+    def forward(self, x):
+        h = self.act(self.fc1(x))
+        h = h.to(x.device) if self.dtype is None else h.to(self.dtype)
+        return self.fc2(h.to(x.dtype))
+
+
+def test_a_device_move_inside_a_forward_keeps_the_site_and_a_dtype_change_does_not():
+    """``x.to(device)`` copies values: every channel map commutes with it, so the hidden site is mapped (and exact);
+    a cast to float16 rounds, so the site it touches is skipped, naming the method."""
+    torch.manual_seed(0)
+    model = _Moves().double().eval()
+    x = torch.randn(5, 4, dtype=F64)
+    smap = wb.symmetry_map(model, x)
+    assert [(s.name, s.group.name) for s in smap] == [("act", "scaled_permutation")]
+    new, _ = wb.random_intertwiner(model, seed=1, example=x)
+    with torch.no_grad():
+        assert (new(x) - model(x)).abs().max() <= 1e-12 * model(x).abs().max()
+    cast = _Moves(torch.float16).double().eval()
+    smap = wb.symmetry_map(cast, x)
+    assert len(smap) == 0 and any(".to() is not understood" in why for _, why in smap.skipped), smap.skipped

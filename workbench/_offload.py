@@ -128,6 +128,22 @@ def built_alike(model: nn.Module, build: Callable[[], nn.Module]) -> nn.Module:
     return new
 
 
+def served(module: nn.Module, attr: str) -> Optional[torch.Tensor]:
+    """``module``'s own parameter or buffer ``attr`` as its forward sees it: the tensor itself, or, where accelerate
+    offloaded it (a ``meta`` tensor), the value the module's hook serves (for rules that decide by a value: a
+    LayerNorm's gain of 1, a PReLU's slope)."""
+    t = getattr(module, attr)
+    if t is None or t.device.type != "meta":
+        return t
+    hook = vars(module).get("_hf_hook")
+    for h in getattr(hook, "hooks", (hook,)):
+        weights = getattr(h, "weights_map", None)
+        if getattr(h, "offload", False) and weights is not None and attr in weights:
+            return torch.as_tensor(weights[attr])
+    raise UnsupportedModelError(f"{type(module).__name__}.{attr} is on the meta device and no accelerate hook of the "
+                                f"module serves it, so its value cannot be read.")
+
+
 def offloaded_tensor(model: nn.Module, name: str, t: torch.Tensor) -> torch.Tensor:
     """The value of parameter or buffer ``name`` of ``model``: ``t`` itself unless it is an offloaded ``meta``
     tensor, then the value accelerate keeps for it (its hook's weights map)."""

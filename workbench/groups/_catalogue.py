@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._errors import InvalidOptionError, nearest
+from .._offload import served
 from ._elements import Phi
 from ._families import FAMILIES, Group
 
@@ -226,7 +227,7 @@ def activation_call(fn: Callable, args: tuple = (), kwargs: Optional[dict] = Non
 
 def _prelu(m: nn.PReLU) -> _Entry:
     if m.weight.numel() == 1:
-        return _slope(float(m.weight.detach()))
+        return _slope(float(served(m, "weight").detach()))
     # one slope per channel: scaling a channel is still exact, swapping two channels is not
     return _Entry("prelu_per_channel", "positive_diagonal", None, ("positive_scaling",))
 

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
+from .._offload import served
 from ._modes import eval_mode
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
@@ -40,6 +41,15 @@ class _Tracer(fx.Tracer):
     def __init__(self, is_activation):
         super().__init__()
         self._is_activation = is_activation
+
+    def call_module(self, m: nn.Module, forward, args, kwargs):
+        # A module accelerate dispatched runs its class's forward inside a hook that moves weights and inputs between
+        # devices: traced through, the graph would record those moves (and their control flow on devices); the
+        # class's own forward is what it computes.
+        if ("_hf_hook" in vars(m) and "_old_forward" in vars(m) and not replaced_forward(m)
+                and not (m._forward_hooks or m._forward_pre_hooks)):
+            forward = vars(m)["_old_forward"]
+        return super().call_module(m, forward, args, kwargs)
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         # A module whose forward was replaced on the object computes that forward, not its class's: traced
@@ -113,10 +123,19 @@ def describe(node: fx.Node, modules: dict) -> str:
 class _Shapes(fx.Interpreter):
     """Runs the trace and records each tensor's shape; a failure names the node, printing nothing."""
 
-    def __init__(self, gm: fx.GraphModule, model_name: str, example_shape: tuple):
+    def __init__(self, gm: fx.GraphModule, model: nn.Module, example_shape: tuple):
         super().__init__(gm)
         self.extra_traceback = False
-        self.model_name, self.example_shape = model_name, example_shape
+        self.model, self.model_name, self.example_shape = model, type(model).__name__, example_shape
+
+    def fetch_attr(self, target: str):
+        # A parameter accelerate offloaded is a meta tensor in the model; the forward sees what its module's hook
+        # serves (a dispatched module's forward is traced without the hook: Tracer.call_module)
+        owner, _, attr = target.rpartition(".")
+        value = super().fetch_attr(target)
+        if isinstance(value, torch.Tensor) and value.device.type == "meta":
+            value = served(self.model.get_submodule(owner) if owner else self.model, attr)
+        return value
 
     def run_node(self, n: fx.Node) -> Any:
         try:
@@ -134,4 +153,4 @@ def propagate_shapes(gm: fx.GraphModule, model: nn.Module, example: torch.Tensor
     """Run ``gm`` once on ``example`` (a copy: an in-place op on the input must not touch the user's
     tensor) in eval mode without gradients, recording shapes in ``node.meta["tensor_meta"]``."""
     with eval_mode(model), torch.no_grad():
-        _Shapes(gm, type(model).__name__, tuple(example.shape)).run(example.clone())
+        _Shapes(gm, model, tuple(example.shape)).run(example.clone())

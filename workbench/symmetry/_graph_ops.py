@@ -146,10 +146,20 @@ class TensorOps:
                                      f"{self.channel_axis(x) if self.shape(x) else 1}), not only positions")
         elif name in ("contiguous", "clone", "detach"):
             return self._out(node, x)
+        elif name in ("to", "cpu", "cuda") and self._moves_only(node, x):
+            return self._out(node, x)
         else:
             self._fresh(node, f"the method .{name}() is not understood by the symmetry rules")
         if inplace or name == "__iadd__":
             self._overwrite(x, node)
+
+    def _moves_only(self, node: fx.Node, x: fx.Node) -> bool:
+        """Whether ``.to()``/``.cpu()``/``.cuda()`` only moved ``x`` to another device (same shape, same dtype, as
+        accelerate's hooks move inputs to a module's execution device): every channel map commutes with a copy.
+        A change of dtype rounds (or truncates to integers), and stays not understood."""
+        a, b = node.meta.get("tensor_meta"), x.meta.get("tensor_meta")
+        return (a is not None and b is not None and getattr(a, "dtype", None) == getattr(b, "dtype", 0)
+                and self.shape(node) == self.shape(x))
 
     def _keeps_channels(self, node: fx.Node, x: fx.Node) -> bool:
         """Whether a reshape or expand of ``x`` leaves its channel axis whole where it was, changing only the

@@ -52,6 +52,7 @@ import torch
 from torch import fx, nn
 
 from .._errors import InvalidOptionError
+from .._offload import served
 from ..groups import Dense, Group, ScaledPermutation, get_group
 from ._port_moves import _Tiled
 from ._sites import Port
@@ -310,7 +311,7 @@ def layer_norm(graph, node: fx.Node, m: nn.Module, x: fx.Node, name: str) -> boo
                            f"(shape {tuple(xs)})")
         return False
     sp = graph.space(x)
-    gain = m.weight if m.elementwise_affine else None
+    gain = served(m, "weight") if m.elementwise_affine else None
     folded = gain is None or bool((gain == 1).all())
     sp.constraints.append(("layernorm_folded" if folded else "layernorm", node))
     sp.offsets_ok = False
@@ -469,7 +470,7 @@ def patch_merging(graph, node: fx.Node, m: nn.Module, x: fx.Node, name: str) -> 
         graph._fresh(node, f"{name} (PatchMerging) on a tensor of shape {tuple(xs)} is not understood")
         return False
     sp = graph.space(x)
-    folded = not norm.elementwise_affine or bool((norm.weight == 1).all())
+    folded = not norm.elementwise_affine or bool((served(norm, "weight") == 1).all())
     sp.constraints.append(("layernorm_folded" if folded else "layernorm", node))
     sp.offsets_ok = False
     level = graph.info[x].level

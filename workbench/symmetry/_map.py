@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from .._errors import InvalidOptionError
+from .._offload import served
 from ._backend import backend_for, one_example
 from ._sites import SymmetryMap
 
@@ -73,9 +74,9 @@ def _values_read(model: nn.Module, walk: Optional[list] = None) -> tuple:
     slopes, gains = [], []
     for m in modules:
         if isinstance(m, nn.PReLU):
-            slopes.append(tuple(m.weight.detach().flatten().tolist()))
+            slopes.append(tuple(served(m, "weight").detach().flatten().tolist()))
         elif isinstance(m, nn.LayerNorm) and m.weight is not None:
-            gains.append(bool((m.weight == 1).all()))
+            gains.append(bool((served(m, "weight") == 1).all()))
     return tuple(slopes), tuple(gains)
 
 
