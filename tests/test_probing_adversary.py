@@ -51,6 +51,9 @@ def test_unit_scales_neither_change_the_verdict_nor_fake_a_privileged_basis():
     for f in a.null:
         torch.testing.assert_close(a.null[f], b.null[f], rtol=1e-9, atol=0)
         assert torch.equal(a.p_values(f), b.p_values(f))
+    for scale in (1e-200, 1e200):  # the standard deviations of such units must neither underflow nor overflow
+        c = privileged_basis_test(X * scale, y, bases=["orthogonal"], n_bases=30, seed=3)
+        torch.testing.assert_close(c.null["orthogonal"], a.null["orthogonal"], rtol=1e-9, atol=0)
     assert a.standardized and not privileged_basis_test(X, y, bases=["orthogonal"], n_bases=3,
                                                         standardize=False).standardized
 

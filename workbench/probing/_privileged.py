@@ -14,7 +14,12 @@ whose shared directions correlate every rotated unit; the best of d correlated u
 than the best of d independent ones, so unequal scales alone made the neuron basis look privileged.
 Measured (labels independent of Gaussian activations whose 16 unit standard deviations are
 log-uniform on [0.1, 10], n = 200, 99 rotations, 300 data sets): privileged (q < 0.05) in 83 and 93
-of 300 data sets for the AUROC and mean-difference statistics raw, in 6 and 5 standardized.
+of 300 data sets for the AUROC and mean-difference statistics raw, in 6 and 5 standardized. The
+standard deviations are the sample's, a per-unit operation, so with standardizing the calibration is
+measured rather than exact by the argument above (which ``standardize=False`` keeps): isotropic
+Gaussian activations, a concept along a random direction, 19 rotations, 1500 data sets each,
+P(p ≤ 0.05) = 0.053 (n = 50, d = 8), 0.050 (n = 20, d = 16), 0.057 with half the rows zero (n = 100,
+d = 8); the 99% binomial band around 0.05 is [0.036, 0.065].
 
 What a small p-value does and does not say: the null is that activations and concepts *together*
 look the same in every basis of the family. Standardizing removes unequal scales, not other ways in
@@ -309,8 +314,11 @@ def privileged_basis_test(acts, concepts, bases: Sequence = ("orthogonal", "gl")
     seed = as_seed(seed)
     X, Y, names = prepare(acts, concepts, where, names)
     if standardize:
-        sd = X.std(0, unbiased=False)
-        X = X / torch.where(sd > 0, sd, torch.ones((), dtype=X.dtype))
+        # scaled by each unit's largest |value| first, so squares neither overflow (1e200) nor underflow
+        big = X.abs().amax(0)
+        big = torch.where(big > 0, big, torch.ones((), dtype=X.dtype))
+        sd = (X / big).std(0, unbiased=False)
+        X = X / big / torch.where(sd > 0, sd, torch.ones((), dtype=X.dtype))
     families = {g.name: (g, "random") for g in resolve_bases(bases, X.shape[1])}
     if group is not None:
         own = resolve_group(group, X.shape[1])
