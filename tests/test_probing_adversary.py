@@ -156,6 +156,7 @@ def test_degenerate_input_gets_workbench_errors_not_tracebacks():
         (lambda: pbt(X, y, bases=None), "bases must be a list"),  # was 'NoneType' object is not iterable
         (lambda: pbt(X, y, bases=3), "bases must be a list"),
         (lambda: pbt(X, y, bases=[]), "no basis family"),  # was an empty report
+        (lambda: pbt(X, y, where=torch.rand(60)), "where must be a bool mask"),  # every row was kept
         (lambda: basis_alignment(X[:0], n_bases=5), "at least one example of at least one unit"),
         (lambda: basis_alignment(X[:, :0], n_bases=5), "at least one example of at least one unit"),
         (lambda: basis_alignment(X, n_bases=True), "n_bases must be a positive int"),

@@ -70,7 +70,12 @@ def prepare(acts, concepts, where=None, names: Optional[Sequence[str]] = None
         raise InvalidOptionError(f"acts {tuple(X.shape)} and concepts {tuple(Y.shape)} must agree on every axis "
                                  f"but the last (examples{', tokens' if X.ndim > 2 else ''}).")
     if where is not None:
-        keep = _tensor(where, "where").bool()
+        keep = _tensor(where, "where")
+        if keep.dtype != torch.bool:
+            if not bool(((keep == 0) | (keep == 1)).all()):  # .bool() would keep every nonzero row, 0.3 included
+                raise InvalidOptionError("where must be a bool mask of the rows to keep (or 0/1); got other values. "
+                                         "Threshold it first (e.g. where=weights > 0.5).")
+            keep = keep.bool()
         if keep.shape != X.shape[:-1]:
             raise InvalidOptionError(f"where must have shape {tuple(X.shape[:-1])}; got {tuple(keep.shape)}.")
         X, Y = X[keep], Y[keep]
