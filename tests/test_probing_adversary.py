@@ -115,6 +115,20 @@ def test_a_constant_unit_scores_zero_and_a_perfect_unit_scores_infinite_f():
     assert curve.to_frame().auc_mean.tolist() == [1.0]
 
 
+def test_scores_do_not_overflow_or_underflow_at_extreme_scales():
+    # squares of 1e160 overflowed and of 1e-200 underflowed: the planted unit's mean difference read 0
+    # and its F 0 or inf; every statistic here is scale-invariant (the raw difference scales along)
+    X, y = _data(4, n=300, d=3)
+    X[:, 1] += 2 * y
+    ref = concept_scores(X, y)
+    for scale in (1e-200, 1e160, 1e200):
+        s = concept_scores(X * scale, y)
+        torch.testing.assert_close(s.mean_difference, ref.mean_difference, rtol=1e-12, atol=0)
+        torch.testing.assert_close(s.f_statistic, ref.f_statistic, rtol=1e-10, atol=0)
+        raw = mean_difference_matrix(X * scale, y[:, None], standardize=False) / scale
+        torch.testing.assert_close(raw, mean_difference_matrix(X, y[:, None], standardize=False), rtol=1e-12, atol=0)
+
+
 # ----------------------------------------------------------------------------- multiple testing
 def _bh(p):
     """Benjamini–Hochberg written out: q_(i) = min over j ≥ i of p_(j)·m/j, capped at 1."""
