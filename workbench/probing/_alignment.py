@@ -7,8 +7,10 @@ compared with its distribution over random bases of a family (default Haar rotat
 """
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from .._errors import InvalidOptionError
@@ -95,9 +97,12 @@ def basis_alignment(acts, *, family="orthogonal", n_bases: int = 100, seed: Seed
         n_bases: random bases (streamed).
         seed: an int, None, a ``torch.Generator`` or a NumPy ``Generator``; same seed, same bases.
         outlier_factor: a unit is an outlier dimension when its RMS exceeds this many times the
-            median unit's RMS. Random bases make outliers too: a Haar rotation of a signal carried
-            by one unit leaves an outlier dimension in 3-8% of bases (measured, d = 64 down to 8), so
-            this statistic's p-value needs more bases than the kurtosis ones to mean much.
+            median unit's RMS (``torch.median``: for even d the lower of the two middle values).
+            Random bases make outliers too: a Haar rotation of a signal carried by one unit (the
+            others zero) leaves an outlier dimension in 8.7%, 5.3%, 2.8% and 1.7% of bases at d = 8,
+            16, 32, 64 (2000 bases each; a direct NumPy simulation of |Q e₁| against its lower median
+            gives 9.4%, 4.8%, 3.0%, 2.1% over 4000), so this statistic's p-value needs more bases than
+            the kurtosis ones to mean much.
         progress: a bar of the bases done: True, False, or None (the default) for a bar in a Jupyter
             notebook only.
 
@@ -114,11 +119,19 @@ def basis_alignment(acts, *, family="orthogonal", n_bases: int = 100, seed: Seed
     X = _tensor(acts, "acts")
     if not X.is_floating_point() or X.ndim < 2:
         raise InvalidOptionError(f"acts must be floating point [N, d]; got {X.dtype} of shape {tuple(X.shape)}.")
+    if X.shape[-1] == 0 or X.numel() == 0:
+        raise InvalidOptionError(f"acts must hold at least one example of at least one unit; got shape "
+                                 f"{tuple(X.shape)}.")
     X = X.reshape(-1, X.shape[-1]).to(torch.float64)
     if not bool(torch.isfinite(X).all()):
         raise InvalidOptionError("acts contain NaN or infinite values.")
-    if not isinstance(n_bases, int) or n_bases < 1:
+    if not isinstance(n_bases, numbers.Integral) or isinstance(n_bases, (bool, np.bool_)) or n_bases < 1:
         raise InvalidOptionError(f"n_bases must be a positive int; got {n_bases!r}.")
+    n_bases = int(n_bases)
+    if isinstance(outlier_factor, bool) or not isinstance(outlier_factor, numbers.Real) or not outlier_factor > 0 \
+            or outlier_factor == float("inf"):
+        raise InvalidOptionError(f"outlier_factor must be a finite number > 0 (a multiple of the median unit's RMS, "
+                                 f"e.g. 6.0); got {outlier_factor!r}.")
     seed = as_seed(seed)
     (group,) = resolve_bases([family], X.shape[1])
     observed = alignment_statistics(X, 1, outlier_factor)[0]

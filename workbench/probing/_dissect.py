@@ -9,6 +9,7 @@ exceeds 0.04; the unique detectors of a layer are the distinct concepts its dete
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -31,16 +32,23 @@ def _mask_source(masks, names):
         if ds.segments is not None:
             regions = ds.mask_regions.long()[None, :, None, None]
             fetch = lambda lo, hi: (ds.segments[lo:hi, None].long() == regions) & ds.concepts[lo:hi, :, None, None]
-            return fetch, len(names), tuple(ds.segments.shape[-2:]), names
+            return fetch, len(names), tuple(ds.segments.shape[-2:]), names, len(ds.segments)
         masks = ds.masks
         if masks is None:
             raise InvalidOptionError("this ConceptDataset has no per-pixel masks; dissection needs masks "
                                      "(e.g. wb.data.shapes).")
-    M = _tensor(masks, "masks").bool()
+    M = _tensor(masks, "masks")
     if M.ndim != 4:
         raise InvalidOptionError(f"masks must be bool [N, K, H, W]; got shape {tuple(M.shape)}.")
+    if M.dtype != torch.bool:
+        if not bool(((M == 0) | (M == 1)).all()):  # .bool() would read 0.3 (a soft mask) as True
+            raise InvalidOptionError("masks must be binary (bool, or 0/1); got other values. Threshold soft masks "
+                                     "first (e.g. masks > 0.5).")
+        M = M.bool()
     names = [f"c{k}" for k in range(M.shape[1])] if names is None else list(names)
-    return (lambda lo, hi: M[lo:hi]), M.shape[1], tuple(M.shape[-2:]), names
+    if len(names) != M.shape[1]:
+        raise InvalidOptionError(f"{len(names)} concept names for {M.shape[1]} mask channels.")
+    return (lambda lo, hi: M[lo:hi]), M.shape[1], tuple(M.shape[-2:]), names, M.shape[0]
 
 
 def unit_thresholds(maps: torch.Tensor, quantile: float = 0.005) -> torch.Tensor:
@@ -136,7 +144,17 @@ def dissect(maps, masks, *, names: Optional[Sequence[str]] = None, quantile: flo
                                  f"{A.dtype} of shape {tuple(A.shape)}. For [N, d] activations use concept_scores.")
     if not 0 < quantile < 1:
         raise InvalidOptionError(f"quantile must lie in (0, 1); got {quantile!r} (Network Dissection uses 0.005).")
-    fetch, K, size, names = _mask_source(masks, names)
+    if isinstance(batch_size, (bool, np.bool_)) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
+        raise InvalidOptionError(f"batch_size must be an int ≥ 1 (images upsampled at once); got {batch_size!r}.")
+    fetch, K, size, names, n_masks = _mask_source(masks, names)
+    if n_masks != A.shape[0]:
+        raise InvalidOptionError(f"masks cover {n_masks} images but maps have {A.shape[0]}: pass one mask set per "
+                                 f"image, in the maps' order.")
+    if A.shape[1] == 0 or K == 0 or A.shape[0] == 0 or min(A.shape[2:]) == 0 or min(size) == 0:
+        raise InvalidOptionError(f"maps {tuple(A.shape)} and masks ({n_masks}, {K}, {size[0]}, {size[1]}) need at least "
+                                 f"one image, unit, concept and location.")
+    if not bool(torch.isfinite(A).all()):
+        raise InvalidOptionError("maps contain NaN or infinite values; thresholds and IoU would be meaningless.")
     if A.dtype not in (torch.float32, torch.float64):
         A = A.float()  # upsampling runs in the maps' own precision (float32 is ~4× faster than float64)
     if basis is not None:

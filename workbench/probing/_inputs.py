@@ -25,7 +25,14 @@ def concept_matrix(concepts, names: Optional[Sequence[str]] = None) -> tuple[tor
         return concepts.concepts.bool(), list(concepts.concept_names)
     if isinstance(concepts, dict):
         names = list(concepts)
-        concepts = torch.stack([_tensor(v, f"concept {k!r}") for k, v in concepts.items()], dim=-1)
+        columns = [_tensor(v, f"concept {k!r}") for k, v in concepts.items()]
+        shapes = {k: tuple(c.shape) for k, c in zip(names, columns)}
+        if len(set(shapes.values())) > 1:
+            raise InvalidOptionError(f"every concept in the dict must label the same examples (one shape); got "
+                                     f"shapes {shapes}.")
+        if not columns:
+            raise InvalidOptionError("concepts is an empty dict; pass at least one {name: labels} entry.")
+        concepts = torch.stack(columns, dim=-1)
     Y = _tensor(concepts, "concepts")
     if Y.dtype != torch.bool:
         if not bool(((Y == 0) | (Y == 1)).all()):
@@ -63,10 +70,18 @@ def prepare(acts, concepts, where=None, names: Optional[Sequence[str]] = None
         raise InvalidOptionError(f"acts {tuple(X.shape)} and concepts {tuple(Y.shape)} must agree on every axis "
                                  f"but the last (examples{', tokens' if X.ndim > 2 else ''}).")
     if where is not None:
-        keep = _tensor(where, "where").bool()
+        keep = _tensor(where, "where")
+        if keep.dtype != torch.bool:
+            if not bool(((keep == 0) | (keep == 1)).all()):  # .bool() would keep every nonzero row, 0.3 included
+                raise InvalidOptionError("where must be a bool mask of the rows to keep (or 0/1); got other values. "
+                                         "Threshold it first (e.g. where=weights > 0.5).")
+            keep = keep.bool()
         if keep.shape != X.shape[:-1]:
             raise InvalidOptionError(f"where must have shape {tuple(X.shape[:-1])}; got {tuple(keep.shape)}.")
         X, Y = X[keep], Y[keep]
+    if X.shape[-1] == 0 or Y.shape[-1] == 0:
+        raise InvalidOptionError(f"acts {tuple(X.shape)} and concepts {tuple(Y.shape)} need at least one unit and one "
+                                 f"concept (a last axis of length ≥ 1).")
     X = X.reshape(-1, X.shape[-1]).to(torch.float64)
     Y = Y.reshape(-1, Y.shape[-1])
     if not bool(torch.isfinite(X).all()):
@@ -96,6 +111,11 @@ def resolve_bases(bases, n: int) -> list[Group]:
     """The basis families named in ``bases`` (registry names or Group objects), each on ``n`` units."""
     if isinstance(bases, (str, Group)):
         bases = [bases]
+    try:
+        bases = list(bases)
+    except TypeError:
+        raise InvalidOptionError(f"bases must be a list of family names or Group objects, e.g. ['orthogonal', "
+                                 f"'gl']; got {bases!r}.") from None
     out = []
     for b in bases:
         if isinstance(b, str):

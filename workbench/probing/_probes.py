@@ -6,6 +6,7 @@ inside ``fit`` and cross-validation never selects units on held-out rows.
 """
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -139,10 +140,13 @@ class ProbeCurve(Report):
 
     def summary(self) -> str:
         f = self.scores
-        sparse = f[f.probe == "sparse"]
-        k1 = sparse[sparse.k == sparse.k.min()].auc_mean.mean()
-        dense = f[f.probe == "dense"].auc_mean.mean()
-        return f"mean CV AUC: k={int(sparse.k.min())} {k1:.3f}, dense {dense:.3f} ({self.selection}, {self.cv}-fold)"
+        sparse, dense = f[f.probe == "sparse"], f[f.probe == "dense"]
+        parts = []
+        if len(sparse):  # every k above the layer's width leaves only the dense probe
+            parts.append(f"k={int(sparse.k.min())} {sparse[sparse.k == sparse.k.min()].auc_mean.mean():.3f}")
+        if len(dense):
+            parts.append(f"dense {dense.auc_mean.mean():.3f}")
+        return f"mean CV AUC: {', '.join(parts)} ({self.selection}, {self.cv}-fold)"
 
     def plot(self, ax=None):
         """AUC against k per concept; the dense probe as a dashed line per concept."""
@@ -178,6 +182,11 @@ def probe_curve(acts, concepts, ks: Sequence[int] = (1, 2, 4, 8, 16), *, selecti
     import pandas as pd
     from sklearn.model_selection import StratifiedKFold, cross_val_score
     check_option("selection", selection, SELECTIONS)
+    if isinstance(cv, (bool, np.bool_)) or not isinstance(cv, numbers.Integral) or cv < 2:
+        raise InvalidOptionError(f"cv is the number of cross-validation folds, an int ≥ 2 (e.g. 5); got {cv!r}.")
+    bad = [k for k in ks if isinstance(k, (bool, np.bool_)) or not isinstance(k, numbers.Integral) or k < 1]
+    if bad:
+        raise InvalidOptionError(f"ks are probe sizes, ints ≥ 1 (units per sparse probe); got {bad}.")
     X, Y, names = prepare(acts, concepts, where, names)
     X = X.numpy()
     small = [n for n, c in zip(names, Y.sum(0).tolist()) if min(c, len(Y) - c) < cv]
@@ -185,6 +194,9 @@ def probe_curve(acts, concepts, ks: Sequence[int] = (1, 2, 4, 8, 16), *, selecti
         raise InvalidOptionError(f"concepts {small} have fewer than cv={cv} examples in one class; use fewer folds "
                                  f"or more examples.")
     ks = sorted({int(k) for k in ks if k <= X.shape[1]})
+    if not ks and not dense:
+        raise InvalidOptionError(f"no probe to fit: every k in ks is above the layer's {X.shape[1]} units (or ks is "
+                                 f"empty) and dense=False; pass some k ≤ {X.shape[1]} or dense=True.")
     seed = as_seed(seed)
     state = seed % 2**32  # scikit-learn takes seeds in [0, 2**32)
     folds = StratifiedKFold(cv, shuffle=True, random_state=state)

@@ -79,25 +79,53 @@ def mean_difference_matrix(X: torch.Tensor, Y: torch.Tensor, standardize: bool =
     """
     Yf = Y.to(X.dtype)
     n1 = Yf.sum(0)
-    diff = X.T @ Yf / n1 - X.T @ (1 - Yf) / (Y.shape[0] - n1)
+    Xc, const, big = _centred(X)
+    diff = Xc.T @ Yf / n1 - Xc.T @ (1 - Yf) / (Y.shape[0] - n1)
+    diff = torch.where(const, torch.zeros((), dtype=X.dtype), diff)
     if not standardize:
-        return diff
-    sd = X.std(0, unbiased=False)[:, None]
-    return torch.where(sd > 0, diff / sd.clamp_min(torch.finfo(X.dtype).tiny), torch.zeros((), dtype=X.dtype))
+        return diff * big
+    sd = Xc.std(0, unbiased=False)[:, None]
+    ok = (sd > 0) & ~const
+    return torch.where(ok, diff / sd.clamp_min(torch.finfo(X.dtype).tiny), torch.zeros((), dtype=X.dtype))
+
+
+def _centred(X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``((X − column means) / big, constant [m, 1], big [m, 1])``, big each column's largest |value|
+    (1 for a zero column): squares of 1e160 overflowed and of 1e-200 underflowed, which read as a
+    mean difference of 0 and an F of 0 or inf for a unit that separates the classes. Sums of a
+    constant column's values do not come back to
+    the value exactly (61 copies of -1.84 have a mean 1 ulp off), so its mean difference and standard
+    deviation were both rounding errors of the same size, and their ratio anything (17 was measured for
+    a constant unit); constant columns are found exactly and score 0. Centring first keeps the rounding
+    of the class sums relative to the spread, not to a large common offset."""
+    const = (X == X[:1]).all(0)[:, None] if X.shape[0] else torch.ones(X.shape[1], 1, dtype=torch.bool)
+    big = X.abs().amax(0, keepdim=True) if X.shape[0] else torch.ones(1, X.shape[1], dtype=X.dtype)
+    big = torch.where(big > 0, big, torch.ones((), dtype=X.dtype))
+    Xs = X / big
+    return Xs - Xs.mean(0, keepdim=True), const, big.T
 
 
 def f_statistic_matrix(X: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
-    """One-way ANOVA F of each unit for each binary concept (the square of the pooled two-sample t): ``[m, K]``."""
+    """One-way ANOVA F of each unit for each binary concept (the square of the pooled two-sample t): ``[m, K]``.
+
+    +inf where the two classes differ and neither varies within itself (a unit that is the concept:
+    nothing separates better), 0 for a constant unit.
+    """
     Yf = Y.to(X.dtype)
     N, n1 = Y.shape[0], Yf.sum(0)
     n0 = N - n1
+    X, const, _ = _centred(X)  # F is shift- and scale-invariant; centred sums do not cancel a large offset
     s1, s = X.T @ Yf, X.sum(0)[:, None]  # [m, K], [m, 1]
     m1, m0 = s1 / n1, (s - s1) / n0
     between = n1 * (m1 - s / N) ** 2 + n0 * (m0 - s / N) ** 2
     within = (X * X).sum(0)[:, None] - n1 * m1 ** 2 - n0 * m0 ** 2
-    within = within.clamp_min(0) / (N - 2)
-    return torch.where(within > 0, between / within.clamp_min(torch.finfo(X.dtype).tiny),
-                       torch.zeros((), dtype=X.dtype))
+    within = within.clamp_min(0) / max(N - 2, 1)
+    zero, inf = torch.zeros((), dtype=X.dtype), torch.full((), torch.inf, dtype=X.dtype)
+    # no spread within the classes: a perfect separator (between > 0) scored 0, the worst, and sparse
+    # probes selecting by F passed over the one unit that is the concept
+    F = torch.where(within > 0, between / within.clamp_min(torch.finfo(X.dtype).tiny),
+                    torch.where(between > 0, inf, zero))
+    return torch.where(const, zero, F)
 
 
 def auroc(acts, concepts, *, where=None) -> torch.Tensor:

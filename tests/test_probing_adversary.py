@@ -1,0 +1,221 @@
+"""Data built to fool the probing verdicts: each test here failed before the fix it names.
+
+Each check computes the right answer itself (a closed form, a hand count, a simulation with its own
+binomial bound, or scikit-learn/SciPy), never by asking the tool under test.
+"""
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+from sklearn.feature_selection import f_classif
+
+import workbench as wb
+from workbench.probing import (SparseProbe, basis_alignment, bh_qvalues, concept_scores, dissect,
+                               privileged_basis_test, probe_curve)
+from workbench.probing._scores import f_statistic_matrix, mean_difference_matrix
+
+
+def _data(seed=0, n=120, d=6):
+    rng = np.random.default_rng(seed)
+    return torch.as_tensor(rng.standard_normal((n, d))), torch.as_tensor(rng.random(n) < 0.5)
+
+
+# ----------------------------------------------------------------------------- verdicts
+def test_unit_scales_neither_change_the_verdict_nor_fake_a_privileged_basis():
+    """Labels independent of Gaussian activations whose unit scales differ: no unit carries the concept.
+
+    Unstandardized, a rotation of unequal-scale units is dominated by the largest ones, every rotated
+    unit is correlated with the others and their best |AUROC − 0.5| is smaller than that of the d
+    independent neuron-basis units: p ≤ 0.05 in 28% of such data sets (measured, n = 200, d = 16,
+    99 bases, 300 sets). Rescaling units is a symmetry of a ReLU layer, so the verdict must not move.
+    """
+    R, B, hits = 200, 19, 0
+    for r in range(R):
+        rng = np.random.default_rng(r)
+        X = rng.standard_normal((100, 16)) * np.exp(rng.uniform(np.log(0.1), np.log(10), 16))
+        y = rng.random(100) < 0.5
+        t = privileged_basis_test(torch.as_tensor(X), torch.as_tensor(y), bases=["orthogonal"], n_bases=B, seed=r)
+        hits += float(t.p_values("orthogonal")[0]) <= 0.05
+    # Under the null the +1-corrected p is ≤ 0.05 only when the neuron basis ranks first of B + 1 = 20
+    # exchangeable draws (or ties first): probability ≤ 1/20, so hits ≤ Binomial(200, 0.05) in
+    # distribution and P(hits ≥ 28) = 9.6e-7 for a correct test; before the fix hits ≈ 0.28·200 = 56
+    # (P(≤ 27) < 1e-4 even at a rate of 0.25).
+    assert hits < 28, hits
+    assert stats.binom.sf(27, R, 0.05) < 1e-6
+
+    # the layer's own gauge: the same data with units rescaled (a ReLU net's function-preserving D₊)
+    X, y = _data(1, n=150, d=8)
+    D = torch.as_tensor(np.exp(np.random.default_rng(2).uniform(-4, 4, 8)))
+    a = privileged_basis_test(X, y, bases=["orthogonal", "gl"], n_bases=30, seed=3)
+    b = privileged_basis_test(X * D, y, bases=["orthogonal", "gl"], n_bases=30, seed=3)
+    for f in a.null:
+        torch.testing.assert_close(a.null[f], b.null[f], rtol=1e-9, atol=0)
+        assert torch.equal(a.p_values(f), b.p_values(f))
+    for scale in (1e-200, 1e200):  # the standard deviations of such units must neither underflow nor overflow
+        c = privileged_basis_test(X * scale, y, bases=["orthogonal"], n_bases=30, seed=3)
+        torch.testing.assert_close(c.null["orthogonal"], a.null["orthogonal"], rtol=1e-9, atol=0)
+    assert a.standardized and not privileged_basis_test(X, y, bases=["orthogonal"], n_bases=3,
+                                                        standardize=False).standardized
+
+
+def test_alpha_outside_0_1_is_refused_not_a_privileged_verdict_for_p_of_0_8():
+    X, y = _data()
+    assert not privileged_basis_test(X, y, bases=["orthogonal"], n_bases=9).to_frame().privileged.any()
+    for alpha in (1.5, 1.0, 0.0, -1, float("nan"), "0.05", True):
+        with pytest.raises(wb.InvalidOptionError, match=r"alpha is a false discovery rate in \(0, 1\)"):
+            privileged_basis_test(X, y, bases=["orthogonal"], n_bases=9, alpha=alpha)
+
+
+def test_a_custom_statistic_of_the_wrong_length_or_nan_is_refused():
+    X, y = _data()
+    # three numbers for one concept were taken as three concepts' values (and the extra ones dropped)
+    with pytest.raises(wb.InvalidOptionError, match=r"must return K = 1 numbers.*returned shape \(3,\)"):
+        privileged_basis_test(X, y, bases=["orthogonal"], n_bases=9, statistic=lambda a, c: torch.zeros(3))
+    # a NaN statistic was neither ≥ nor tied with any basis: p = 1/(B+1), the smallest p there is
+    nan = lambda a, c: torch.full((c.shape[1],), float("nan"))
+    with pytest.raises(wb.InvalidOptionError, match=r"statistic '<lambda>' is NaN in the neuron basis"):
+        privileged_basis_test(X, y, bases=["orthogonal"], n_bases=99, statistic=nan)
+    first = {"n": 0}
+
+    def nan_in_bases(a, c):  # finite in the neuron basis (the first call), NaN in the random ones
+        first["n"] += 1
+        return torch.full((c.shape[1],), 0.1 if first["n"] == 1 else float("nan"), dtype=torch.float64)
+    with pytest.raises(wb.InvalidOptionError, match=r"NaN in bases of 'orthogonal'"):
+        privileged_basis_test(X, y, bases=["orthogonal"], n_bases=9, statistic=nan_in_bases)
+    # a plain list or array is a fine return value
+    t = privileged_basis_test(X, y, bases=["orthogonal"], n_bases=9, statistic=lambda a, c: [float(a[:, 0].mean())])
+    assert t.observed.shape == (1,)
+
+
+# ----------------------------------------------------------------------------- scores
+def test_a_constant_unit_scores_zero_and_a_perfect_unit_scores_infinite_f():
+    # 188 copies of -1.8421…: the mean is 1 ulp off the value, the standard deviation 2e-16 instead of 0,
+    # the class means differ by a rounding error too, and their ratio read 17 (a huge effect size)
+    X = torch.full((188, 1), -1.8421091473039353, dtype=torch.float64)
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        y = torch.as_tensor(rng.random(188) < 0.5)[:, None]
+        assert mean_difference_matrix(X, y).item() == 0.0
+        assert mean_difference_matrix(X, y, standardize=False).item() == 0.0
+        assert f_statistic_matrix(X, y).item() == 0.0
+    # a unit that IS the concept (no spread within either class) had F = 0, the worst score, so the
+    # F-selected sparse probe passed it over: k = 1 cross-validated AUC 0.53 instead of 1
+    Xn = rng.standard_normal((200, 6))
+    y = rng.random(200) < 0.5
+    Xn[:, 2] = 3.0 * y
+    with np.errstate(divide="ignore"):  # SciPy's F divides by the zero within-class sum of unit 2
+        ref, _ = f_classif(Xn, y)
+    F = concept_scores(torch.as_tensor(Xn), torch.as_tensor(y)).f_statistic[:, 0].numpy()
+    # SciPy's F is inf (its within-class sum is exactly 0); ours is inf or, where the within-class sum
+    # rounds to a positive number, ~1e17: either way far above every other unit
+    assert np.isinf(ref[2]) and F[2] > 1e12 * F[[0, 1, 3, 4, 5]].max()
+    np.testing.assert_allclose(F[[0, 1, 3, 4, 5]], ref[[0, 1, 3, 4, 5]], rtol=1e-10)
+    assert SparseProbe(k=1, selection="f_statistic").fit(Xn, y).units_.tolist() == [2]
+    curve = probe_curve(torch.as_tensor(Xn), torch.as_tensor(y), ks=[1], selection="f_statistic", cv=3, dense=False)
+    assert curve.to_frame().auc_mean.tolist() == [1.0]
+
+
+def test_scores_do_not_overflow_or_underflow_at_extreme_scales():
+    # squares of 1e160 overflowed and of 1e-200 underflowed: the planted unit's mean difference read 0
+    # and its F 0 or inf; every statistic here is scale-invariant (the raw difference scales along)
+    X, y = _data(4, n=300, d=3)
+    X[:, 1] += 2 * y
+    ref = concept_scores(X, y)
+    for scale in (1e-200, 1e160, 1e200):
+        s = concept_scores(X * scale, y)
+        torch.testing.assert_close(s.mean_difference, ref.mean_difference, rtol=1e-12, atol=0)
+        torch.testing.assert_close(s.f_statistic, ref.f_statistic, rtol=1e-10, atol=0)
+        raw = mean_difference_matrix(X * scale, y[:, None], standardize=False) / scale
+        torch.testing.assert_close(raw, mean_difference_matrix(X, y[:, None], standardize=False), rtol=1e-12, atol=0)
+
+
+# ----------------------------------------------------------------------------- multiple testing
+def _bh(p):
+    """Benjamini–Hochberg written out: q_(i) = min over j ≥ i of p_(j)·m/j, capped at 1."""
+    m, order = len(p), np.argsort(p, kind="stable")
+    q, run = np.empty(m), 1.0
+    for i in range(m - 1, -1, -1):
+        run = min(run, p[order[i]] * m / (i + 1))
+        q[order[i]] = run
+    return q
+
+
+def test_bh_qvalues_against_a_direct_implementation_and_bad_p_values():
+    rng = np.random.default_rng(0)
+    for t in range(300):
+        m = int(rng.integers(1, 30))
+        p = [rng.random(m), rng.choice([0.01, 0.02, 0.05, 0.5, 1.0], m), rng.integers(1, 21, m) / 20][t % 3]
+        np.testing.assert_allclose(bh_qvalues(p), _bh(p), rtol=1e-12, atol=0)
+    assert bh_qvalues([1.0]).tolist() == [1.0] and bh_qvalues([0.03]).tolist() == [0.03]
+    # NaN and p > 1 went to SciPy's ValueError; a matrix was adjusted column by column without a word
+    with pytest.raises(wb.InvalidOptionError, match=r"p-values must lie in \[0, 1\]; got \[nan\] at positions \[1\]"):
+        bh_qvalues(np.array([0.01, np.nan, 0.5]))
+    with pytest.raises(wb.InvalidOptionError, match=r"got \[1.5\]"):
+        bh_qvalues([0.2, 1.5])
+    with pytest.raises(wb.InvalidOptionError, match=r"vector of p-values \(shape \[m\]\); got shape \(2, 2\)"):
+        bh_qvalues(np.full((2, 2), 0.1))
+    with pytest.raises(wb.InvalidOptionError, match=r"got shape \(\)"):
+        bh_qvalues(0.03)
+
+
+# ----------------------------------------------------------------------------- degenerate input
+def test_degenerate_input_gets_workbench_errors_not_tracebacks():
+    X, y = _data(n=60, d=4)
+    E = wb.InvalidOptionError
+    pbt = lambda *a, **k: privileged_basis_test(*a, **{"bases": ["orthogonal"], "n_bases": 9, **k})
+    cases = [
+        (lambda: pbt(X, {"a": y, "b": y[:30]}), r"same examples.*'b': \(30,\)"),  # was torch.stack's RuntimeError
+        (lambda: pbt(X[:, :0], y), "at least one unit and one concept"),  # was a reshape RuntimeError
+        (lambda: pbt(X, torch.zeros(60, 0, dtype=torch.bool)), "at least one unit and one concept"),
+        (lambda: pbt(X, {}), "empty dict"),
+        (lambda: pbt(X, y, bases=None), "bases must be a list"),  # was 'NoneType' object is not iterable
+        (lambda: pbt(X, y, bases=3), "bases must be a list"),
+        (lambda: pbt(X, y, bases=[]), "no basis family"),  # was an empty report
+        (lambda: pbt(X, y, where=torch.rand(60)), "where must be a bool mask"),  # every row was kept
+        (lambda: basis_alignment(X[:0], n_bases=5), "at least one example of at least one unit"),
+        (lambda: basis_alignment(X[:, :0], n_bases=5), "at least one example of at least one unit"),
+        (lambda: basis_alignment(X, n_bases=True), "n_bases must be a positive int"),
+        (lambda: basis_alignment(X, n_bases=5, outlier_factor=float("nan")), "outlier_factor must be"),
+        (lambda: probe_curve(X, y, ks=[], dense=False, cv=3), "no probe to fit"),  # was an AttributeError
+        (lambda: probe_curve(X, y, ks=[0], cv=3), r"ks are probe sizes.*\[0\]"),  # was 'All the 3 fits failed'
+        (lambda: probe_curve(X, y, ks=[1], cv=1), "cv is the number of cross-validation folds"),
+        (lambda: probe_curve(X, y, ks=[1], cv=2.5), "cv is the number of cross-validation folds"),
+    ]
+    maps, masks = torch.rand(4, 2, 3, 3), torch.zeros(4, 1, 6, 6, dtype=torch.bool)
+    cases += [
+        (lambda: dissect(maps, torch.zeros(6, 1, 6, 6, dtype=torch.bool)), "masks cover 6 images but maps have 4"),
+        (lambda: dissect(maps.clone().fill_(float("nan")), masks), "NaN or infinite"),  # was '0 detectors'
+        (lambda: dissect(maps, masks, names=["a", "b"]), "2 concept names for 1 mask channels"),
+        (lambda: dissect(maps, torch.rand(4, 1, 6, 6)), "masks must be binary"),  # 0.3 was read as True
+        (lambda: dissect(maps, masks, batch_size=0), "batch_size must be an int"),
+        (lambda: dissect(maps[:, :0], masks), "at least one image, unit, concept"),
+        (lambda: dissect(maps, masks[:, :0]), "at least one image, unit, concept"),
+        (lambda: dissect(maps[:0], masks[:0]), "at least one image, unit, concept"),
+    ]
+    for fn, message in cases:
+        with pytest.raises(E, match=message):
+            fn()
+    # accepted as what they are: NumPy ints, a single class member, ks all above the width (dense only)
+    assert privileged_basis_test(X, y, bases=["orthogonal"], n_bases=np.int64(5)).null["orthogonal"].shape == (5, 1)
+    assert privileged_basis_test(X, torch.arange(60) == 7, bases=["orthogonal"], n_bases=5).observed.shape == (1,)
+    assert probe_curve(X, y, ks=[16], cv=3).summary().startswith("mean CV AUC: dense")
+
+
+def test_inputs_are_not_mutated():
+    X, y = _data(n=80, d=5)
+    Xn, yn = X.numpy().copy(), y.numpy().copy()
+    X32 = X.float()
+    keep = [X.clone(), y.clone(), X32.clone()]
+    privileged_basis_test(X, y, bases=["orthogonal", "gl"], group="relu", n_bases=5)
+    privileged_basis_test(X32, y, bases=["orthogonal"], n_bases=5, statistic="mean_difference")
+    privileged_basis_test(Xn, yn, bases=["orthogonal"], n_bases=5)
+    concept_scores(X, y)
+    basis_alignment(X, n_bases=5)
+    probe_curve(X, y, ks=[1, 2], cv=3)
+    SparseProbe(k=2).fit(Xn, yn)
+    maps, masks = torch.rand(4, 2, 3, 3, dtype=torch.float64), torch.rand(4, 2, 6, 6) > 0.5
+    m0, k0 = maps.clone(), masks.clone()
+    dissect(maps, masks, quantile=0.1, basis=wb.get_group("orthogonal", 2).sample(seed=0))
+    assert torch.equal(X, keep[0]) and torch.equal(y, keep[1]) and torch.equal(X32, keep[2])
+    assert np.array_equal(Xn, X.numpy()) and np.array_equal(yn, y.numpy())
+    assert torch.equal(maps, m0) and torch.equal(masks, k0)
