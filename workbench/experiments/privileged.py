@@ -30,7 +30,7 @@ def protocol(budget: str) -> dict:
                  "n_images": 1000, "images": "the first N images of the zoo's test set (29 concepts)"},
          "transformers": {"models": list(TRANSFORMERS), "n_sequences": 200, "n_sentences": 400, "max_tokens": 3000,
                           "min_positives": 20, "minilm_bases": 40},
-         "n_bases": 100, "statistic": "auroc", "bases": ["orthogonal", "gl"], "alpha": 0.05}
+         "n_bases": 100, "statistic": "auroc", "bases": ["orthogonal", "gl"], "alpha": 0.05, "standardize": True}
     if budget == "paper":
         return p
     if budget == "quick":
@@ -50,7 +50,7 @@ def settings(p: dict, job: dict) -> dict:
     """What one run depends on: the data and test settings, not the lists of models and seeds."""
     part = "cnn" if job["model"] in p["cnn"]["models"] else "transformers"
     sub = {k: v for k, v in p[part].items() if k not in ("models", "seeds")}
-    return {"part": sub, **{k: p[k] for k in ("n_bases", "statistic", "bases", "alpha")}}
+    return {"part": sub, **{k: p[k] for k in ("n_bases", "statistic", "bases", "alpha", "standardize")}}
 
 
 def jobs(p: dict) -> list[dict]:
@@ -88,7 +88,7 @@ def run(job: dict, p: dict, ctx: dict) -> list[dict]:
             X = torch.cat([c[layer].float() for c in caches])
             X = X.mean((2, 3)) if X.ndim == 4 else X
             test = privileged_basis_test(X, ds, bases=tuple(p["bases"]), group=sites[SITE_OF[layer]],
-                                         n_bases=p["n_bases"], seed=0)
+                                         n_bases=p["n_bases"], seed=0, standardize=p["standardize"])
             rows += _rows({**job, "site": layer, "layer": CNN_LAYERS[layer], "d": X.shape[1]}, test,
                           basis_alignment(X, n_bases=p["n_bases"], seed=0))
         return rows
@@ -98,7 +98,7 @@ def run(job: dict, p: dict, ctx: dict) -> list[dict]:
     for hook, X in X_by_hook.items():
         site = sites.get(hook) or (sites.get("blocks.0.hook_resid_pre") if "hook_resid" in hook else None)
         test = privileged_basis_test(X, Y, names=names, bases=("orthogonal", "gl") if X.shape[1] <= 512 else ("orthogonal",),
-                                     group=site, n_bases=n_bases, seed=0)
+                                     group=site, n_bases=n_bases, seed=0, standardize=p["standardize"])
         kind = "MLP neurons" if "mlp" in hook else "residual stream"
         rows += _rows({**job, "site": hook, "layer": kind, "d": X.shape[1]}, test,
                       basis_alignment(X, n_bases=n_bases, seed=0))
@@ -177,6 +177,9 @@ def page(doc) -> str:
               f"- Transformers: {', '.join(p['transformers']['models']) or 'none'} (token activations, up to "
               f"{p['transformers']['max_tokens']} tokens; concepts with fewer than {p['transformers']['min_positives']} "
               "positives dropped).",
+              ("- Units divided by their standard deviations before the bases turn (a unit's scale is not basis-free: "
+               "a ReLU layer can rescale it without changing the function).\n" if p.get("standardize") else
+               "- Units as they are (not standardized).\n") +
               f"- Statistic: best unit's |AUROC − 0.5| per concept; layer test: its mean over concepts against {p['n_bases']} "
               f"random bases per family ({', '.join(p['bases'])}, and the layer's own group); z and +1-corrected p; "
               f"privileged concepts at BH q < {p['alpha']}.",
