@@ -237,6 +237,14 @@ def _build_layout(ad, hf: nn.Module) -> Layout:
             walk(subs, f"{key}.", sub)
 
     walk(ad.component_mapping, "", "")
+    if getattr(hf.config, "model_type", None) == "bert" and paths.get("unembed") == "cls.seq_relationship":
+        # BertForNextSentencePrediction: the adapter's "unembed" is the NSP head, which reads the pooler's tanh output
+        # (like BertForSequenceClassification's classifier), not the stream: in no site's space, copied as it is. Read
+        # as an unembedding, the stream's permutation moved its columns and changed the logits by 0.3.
+        del paths["unembed"]
+        for leaf in ("weight", "bias"):
+            if f"unembed.{leaf}" in entries:
+                entries[f"classifier.{leaf}"] = _Entry(f"classifier.{leaf}", entries.pop(f"unembed.{leaf}").param)
     for e in _heads(hf, ref, base):
         entries.setdefault(e.key, e)
     if base and "project_out" in paths:
