@@ -158,6 +158,7 @@ def _head_sites(a: str, H: int, K: int, W: dict, see, skipped: list) -> list[Sit
 
 def _resid_site(model, cfg, W: dict, L: int, see) -> Site:
     norm = getattr(cfg, "normalization_type", None)
+    word = "project_in.W" in W  # OPT-350m: the embedding writes the word space, project_in the stream
     if norm not in _NORMS:
         raise UnsupportedModelError(f"normalization_type {norm!r} is not supported; supported: {list(_NORMS)}.")
     post_ln = hf.is_post_ln(model)
@@ -183,11 +184,11 @@ def _resid_site(model, cfg, W: dict, L: int, see) -> Site:
             notes.append(_LN_MORE.format("P" if group.name == "permutation" else "R"))
     if offset:
         notes.append(f"norm gains are {offset:g} + w (Gemma, Nemotron); folded means w = {1 - offset:g}")
-    word = "project_in.W" in W  # OPT-350m: the embedding writes the word space, project_in the stream
     writers = [] if word else [Port("embed.W_E", "pre", axis=1)]
     writers += [Port(k, "pre", axis=1) for k in ("pos_embed.W_pos", "token_type_embed.W_TT", "mlm.W", "project_in.W")]
     writers.append(Port("mlm.b", "pre", axis=0))
-    readers = [Port(k, "post", axis=0) for k in ("mlm.W", "project_out.W", "pooler.W", "score.W")]
+    # a classifier's score reads the stream, or where project_out maps it to the word space (OPT-350m) that space
+    readers = [Port(k, "post", axis=0) for k in ("mlm.W", "project_out.W", "pooler.W") + (() if word else ("score.W",))]
     for layer in range(L):
         b = f"blocks.{layer}"
         writers += [Port(f"{b}.attn.W_O", "pre", axis=2), Port(f"{b}.attn.b_O", "pre", axis=0)]
@@ -210,8 +211,9 @@ def _word_site(W: dict, see) -> Site:
     n = W["project_in.W"].shape[0]
     return Site("word", n, get_group("gl", n), "linear (tied word embedding ↔ project_in / project_out)", "embed.hook_out",
                 _present([Port("embed.W_E", "pre", axis=1), Port("project_out.W", "dual", axis=1)], W),
-                _present([Port("project_in.W", "pre", axis=0), Port("unembed.W_U", "dual", axis=0)], W), [],
-                see.word(), ["the output side moves by Q⁻ᵀ: the tied unembedding reads it by Q"])
+                _present([Port("project_in.W", "pre", axis=0), Port("unembed.W_U", "dual", axis=0),
+                          Port("score.W", "dual", axis=0)], W), [],  # a sequence classifier's score reads project_out's output
+                see.word(), ["the output side moves by Q⁻ᵀ: the tied unembedding (or a classifier's score) reads it by Q"])
 
 
 def _present(ports: list[Port], W: dict) -> list[Port]:
