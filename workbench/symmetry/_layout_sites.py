@@ -114,7 +114,11 @@ def transformer_map(model: nn.Module) -> SymmetryMap:
                               see.ov(layer, heads, k), list(notes[:1])))
         sites += _head_sites(a, H, K, W, see, skipped)
         if not getattr(cfg, "attn_only", False):
-            sites.append(_mlp_site(cfg, W, layer, see))
+            mlp = _mlp_site(cfg, W, layer, see)
+            if isinstance(mlp, str):  # an activation whose group is not derived: these hidden units stay as they are
+                skipped.append((f"blocks.{layer}.mlp", mlp))
+            else:
+                sites.append(mlp)
     if kind != ModelKind.HF:  # a raw model's observations are its own module paths, from the layout
         names = _known(model)
         for site in sites:  # hook points differ between versions (a bridge's SoLU has no hook_mid)
@@ -220,7 +224,10 @@ def _present(ports: list[Port], W: dict) -> list[Port]:
     return [p for p in ports if p.name in W]
 
 
-def _mlp_site(cfg, W: dict, layer: int, see) -> Site:
+def _mlp_site(cfg, W: dict, layer: int, see):
+    """The MLP's hidden units as a site; or, where the model's activation is not in the catalogue (Hugging Face's
+    ``gelu_10``, ``laplace``, ``sqrtsoftplus``…), why they are left alone."""
+    from .._errors import InvalidOptionError
     from ..groups import intertwiner_group
 
     m = f"blocks.{layer}.mlp"
@@ -232,7 +239,12 @@ def _mlp_site(cfg, W: dict, layer: int, see) -> Site:
     elif act.startswith("solu"):
         group, label = get_group("permutation", n), act  # x·softmax(x) is only permutation-equivariant
     else:
-        group, label = intertwiner_group(act, n), act
+        try:
+            group, label = intertwiner_group(act, n), act
+        except InvalidOptionError:  # the model's configuration names it, not the user: no "did you mean"
+            return (f"the MLP activation {act!r} (the model's configuration) is not in the catalogue of activations whose "
+                    f"intertwiner group is derived (wb.groups.CATALOGUE), so these hidden units are left unchanged; "
+                    f"every other site still holds.")
     writers = [Port(f"{m}.W_in", "pre", axis=1), Port(f"{m}.b_in", "pre", axis=0)]
     if gated:
         writers += [Port(f"{m}.W_gate", "perm", axis=1), Port(f"{m}.b_gate", "perm", axis=0)]
