@@ -82,7 +82,9 @@ def fold_layernorm(model: nn.Module, example: Optional[torch.Tensor] = None) -> 
                 readers += [(f"blocks.{layer}.mlp.W_{m}", f"blocks.{layer}.mlp.b_{m}") for m in ("in", "gate")]
             _fold(W, f"blocks.{layer}.{ln}", [r for r in readers if r[0] in W], heads=lambda key: ".attn." in key,
                   offset=offset)
-    _fold(W, "ln_final", [("unembed.W_U", "unembed.b_U")], heads=lambda key: False, offset=offset)
+    # the final norm's reader: the unembedding, or a sequence classifier's score (LlamaForSequenceClassification)
+    _fold(W, "ln_final", [r for r in (("unembed.W_U", "unembed.b_U"), ("score.W", "score.b")) if r[0] in W],
+          heads=lambda key: False, offset=offset)
     return rebuild(model, W, untie=True)
 
 
