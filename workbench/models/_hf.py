@@ -67,6 +67,7 @@ class Layout:
     shapes: dict = field(default_factory=dict)
     ties: frozenset = frozenset()
     reached: frozenset = frozenset()
+    settings: dict = field(default_factory=dict)  # module name -> the settings its class took from the config (_settings)
 
 
 # The Hugging Face families (``config.model_type``) whose layout facts have been checked against the model's own
@@ -271,7 +272,7 @@ def _build_layout(ad, hf: nn.Module) -> Layout:
     }
     fused = {e.key.rpartition('.')[0] for e in entries.values() if e.strided is not None}
     return Layout(list(entries.values()), tied, facts, {k: v for k, v in paths.items() if k not in fused},
-                  modules={n: type(m) for n, m in ref.named_modules()},
+                  modules={n: type(m) for n, m in ref.named_modules()}, settings={n: _settings(m) for n, m in ref.named_modules()},
                   shapes={n: tuple(p.shape) for n, p in names.items()}, ties=_ties(ref),
                   reached=frozenset(n for n, p in names.items() if id(p) in reached))
 
@@ -302,6 +303,42 @@ def _heads(hf: nn.Module, ref: nn.Module, base: str) -> list[_Entry]:
     return entries
 
 
+# Module attributes that say nothing about what an eval-mode forward computes, or that the forward itself changes (a
+# dynamic rotary embedding's cache length); a config edit of pad_token_id (common before batched generation) changes
+# an embedding's padding_idx, which only masks its gradient.
+_STATE = frozenset({"training", "gradient_checkpointing", "max_seq_len_cached", "name_or_path", "kernel_config",
+                    "loss_type", "padding_idx", "p", "inplace"})
+
+
+def _settings(m: nn.Module) -> dict:
+    """What a module took from the configuration when it was built: its plain attributes (a norm's ``eps``, how many
+    dimensions a head rotates, the score scale, whether a block is parallel), without ``_STATE``."""
+    return {k: v for k, v in vars(m).items() if not k.startswith("_") and k not in _STATE
+            and isinstance(v, (bool, int, float, str, tuple, type(None)))}
+
+
+def _edited(hf: nn.Module, lay: Layout) -> Optional[str]:
+    """Where a module of ``hf`` was built with settings other than ``type(hf)(config)`` gives it now: the configuration
+    was edited after building (``config.layer_norm_epsilon``, ``config.rope_parameters["partial_rotary_factor"]``).
+    A transformed model is built from the configuration, so it would compute something else: with the norm's eps
+    edited from 1e-5 to 0.5, GPT-2's log-probabilities moved by 0.1, and verify, measuring its float64 floor on a
+    copy rebuilt the same way, took that 0.1 for rounding and said PASS. In a bridge, the Hugging Face modules its
+    components wrap (``._original_component``) are compared."""
+    for name, m in hf.named_modules():
+        name = name.replace("._original_component", "")
+        if type(m) is not lay.modules.get(name):  # a bridge's wrapper (its own attributes), or a module _unread names
+            continue
+        have, want = _settings(m), lay.settings.get(name, {})
+        for k in sorted(set(have) | set(want)):
+            if have.get(k, "(none)") != want.get(k, "(none)"):
+                return (f"its module {name or type(hf).__name__!r} ({type(m).__name__}) has {k} = {have.get(k, '(none)')!r} "
+                        f"where {type(hf).__name__}(config) builds {want.get(k, '(none)')!r}: the configuration was edited "
+                        f"after the model was built, and a transformed model, built from the configuration, would compute "
+                        f"something else; nothing is transformed (rebuild the model from the edited configuration, or "
+                        f"undo the edit).")
+    return None
+
+
 def _ties(model: nn.Module) -> frozenset:
     """The groups of parameter names that are one tensor (a tied unembedding), as a set of frozensets."""
     groups: dict[int, set] = {}
@@ -323,7 +360,7 @@ def _unread(model: nn.Module, lay: Layout) -> Optional[str]:
         return (f"the parameters {missing[:4]} are not in TransformerLens's mapping of this architecture, so its "
                 f"symmetries are not derived here (e.g. Phi's qk_layernorm); nothing is transformed.")
     if model_kind(model) == ModelKind.HF_BRIDGE:
-        return None
+        return _edited(hf_model(model), lay)
     hf = hf_model(model)
     for name, m in hf.named_modules():
         if name not in lay.modules or type(m) is not lay.modules[name]:
@@ -356,7 +393,7 @@ def _unread(model: nn.Module, lay: Layout) -> Optional[str]:
         return (f"its weights are tied as {sorted(map(sorted, _ties(hf)))} where {type(hf).__name__}(config) ties "
                 f"{sorted(map(sorted, ties))} (tied or untied by hand: wb.untie_embeddings unties and says so in the "
                 f"config); nothing is transformed.")
-    return None
+    return _edited(hf, lay)
 
 
 def _fused(comp, prefix: str, path: str, qkv: Optional[nn.Module], cfg) -> dict[str, _Entry]:
