@@ -239,6 +239,22 @@ def test_fold_layernorm_of_a_sequence_classifier(family, cls, folded):
     assert rel(outputs(new)["logits"], outputs(model)["logits"]) <= TOL
 
 
+@pytest.mark.parametrize("family,cls", [("gpt2", "GPT2ForTokenClassification"), ("llama", "LlamaForTokenClassification"),
+                                        ("gpt_neox", "GPTNeoXForTokenClassification")])
+def test_a_decoder_token_classifier_reads_the_stream(family, cls):
+    """A decoder's token classifier (``score``, or ``classifier`` in GPT-2/NeoX/Neo) reads every position's final
+    stream, after the final norm: a reader of the stream like the unembedding. It was refused as a parameter outside
+    the mapping; now it is exact, a wrong stream element FAILs verify, and fold_layernorm moves the final gain into it."""
+    model = build(family, cls=cls)
+    assert not wb.symmetry_map(model).skipped
+    assert preserved(model) <= TOL
+    bad, bt = wb.random_intertwiner(model, seed=3, sites=["resid"], group="orthogonal", allow_non_symmetry=True)
+    assert rel(outputs(bad)["logits"], outputs(model)["logits"]) > 1e-6
+    assert not wb.verify(model, bad, IDS, transform=bt).passed
+    f = wb.fold_layernorm(model)
+    assert rel(outputs(f)["logits"], outputs(model)["logits"]) <= TOL
+
+
 # ---------------------------------------------------------------------- refusals, naming what is not derived
 REFUSED = [
     ("gpt2", dict(add_cross_attention=True), None, "crossattention"),  # cross-attention: a second input stream
@@ -247,7 +263,7 @@ REFUSED = [
     ("stablelm", dict(qk_layernorm=True), None, "q_layernorm"),
     ("gpt2", {}, "GPT2DoubleHeadsModel", "multiple_choice_head"),
     ("bert", {}, "BertForPreTraining", "nsp_head"),  # its output has no single logits tensor verify could compare
-    ("gpt2", {}, "GPT2ForQuestionAnswering", "qa_outputs"), ("llama", {}, "LlamaForTokenClassification", "score"),
+    ("gpt2", {}, "GPT2ForQuestionAnswering", "qa_outputs"),  # start/end logits: no single output verify could compare
     ("opt", dict(word_embed_proj_dim=16), None, "final_layer_norm"),  # pre-LN with project_out: the adapter has no final norm
 ]
 

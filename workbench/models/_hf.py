@@ -300,6 +300,10 @@ def _heads(hf: nn.Module, ref: nn.Module, base: str) -> list[_Entry]:
         entries += [_Entry(f"score.{leaf}", f"classifier.{leaf}") for leaf in ("weight", "bias")]
     if family != "bert" and cls.endswith("ForSequenceClassification") and present("score"):
         entries += [_Entry(f"score.{leaf}", f"score.{leaf}") for leaf, _ in ref.score.named_parameters(recurse=False)]
+    if family != "bert" and cls.endswith("ForTokenClassification"):  # a label per token, read from the final stream
+        head = next((h for h in ("score", "classifier") if present(h)), None)  # (GPT-2, GPT-NeoX, GPT-Neo: classifier)
+        if head is not None and isinstance(ref.get_submodule(head), nn.Linear):
+            entries += [_Entry(f"score.{leaf}", f"{head}.{leaf}") for leaf, _ in ref.get_submodule(head).named_parameters(recurse=False)]
     return entries
 
 
