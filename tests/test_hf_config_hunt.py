@@ -338,3 +338,21 @@ def test_verify_does_not_take_a_changed_copy_for_rounding(monkeypatch):
     assert moved > 1e-2
     report = wb.verify(model, new, IDS, transform=t)
     assert not report.passed and report.tolerance < 1e-3, report.summary()
+
+
+def test_gpt_neo_verify_measures_the_transformed_models_rounding_too():
+    """GPT-Neo computes q·kᵀ in float32 inside a float64 model. A GL element A of a head's query/key space leaves the
+    transformed model's q' = A·q and k' = A⁻ᵀ·k rounding more than the original's (errors ~ eps·|q'|·|k'|): here its
+    exact transform moves Hugging Face's own log-probabilities by 2.75e-6 (float64 formula: 6e-15), while the floor
+    measured on the original gave a tolerance of 7e-7, and verify FAILed (3 of 60 random GPT-Neo models). The trivial
+    symmetry is now measured on the transformed model too: PASS, and a wrong element still FAILs."""
+    model = build("gpt_neo", dict(activation_function="tanh", tie_word_embeddings=False, window_size=2), seed=57)
+    new, t = wb.random_intertwiner(model, seed=58)
+    assert rel(outputs(new)["logits"], outputs(model)["logits"]) <= TOL  # exact, computed in float64
+    with torch.no_grad():
+        own = rel(new(input_ids=IDS).logits.log_softmax(-1), model(input_ids=IDS).logits.log_softmax(-1))
+    assert 1e-6 < own < 1e-5  # Hugging Face's float32 q·kᵀ
+    report = wb.verify(model, new, IDS, transform=t)
+    assert report.passed and report.tolerance < 1e-4, report.summary()
+    bad, bt = wb.random_intertwiner(model, seed=58, sites=["resid"], group="signed_permutation", allow_non_symmetry=True)
+    assert not wb.verify(model, bad, IDS, transform=bt).passed
