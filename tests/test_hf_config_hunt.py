@@ -356,3 +356,22 @@ def test_gpt_neo_verify_measures_the_transformed_models_rounding_too():
     assert report.passed and report.tolerance < 1e-4, report.summary()
     bad, bt = wb.random_intertwiner(model, seed=58, sites=["resid"], group="signed_permutation", allow_non_symmetry=True)
     assert not wb.verify(model, bad, IDS, transform=bt).passed
+
+
+@pytest.mark.parametrize("extra", [dict(do_layer_norm_before=False), dict(_remove_final_layer_norm=True)],
+                         ids=["post-LN", "no-final-norm"])
+def test_an_opt_bridge_without_the_final_norm_its_adapter_maps_is_refused(extra, tmp_path):
+    """TransformerLens's OPT adapter maps ln_final to model.decoder.final_layer_norm, which an OPT without project_out
+    builds only pre-LN and with _remove_final_layer_norm off: around the others the bridge boots, but its forward fails
+    (a RuntimeError from TransformerLens: 'Original component not set'), and verify crashed with it after the map and
+    the transform had gone through. Refused now, naming the component; the raw model is read and exact."""
+    from test_hf_families import bridge
+
+    raw = build("opt", extra)
+    model = bridge(raw, tmp_path)
+    with pytest.raises(RuntimeError, match="Original component not set"):
+        with torch.no_grad():
+            model(IDS)
+    smap = wb.symmetry_map(model)
+    assert len(smap) == 0 and "final_layer_norm" in smap.skipped[0][1], smap.skipped
+    assert preserved(raw) <= TOL

@@ -68,6 +68,7 @@ class Layout:
     ties: frozenset = frozenset()
     reached: frozenset = frozenset()
     settings: dict = field(default_factory=dict)  # module name -> the settings its class took from the config (_settings)
+    absent: tuple = ()  # (key, path) of components the adapter maps, not optional, that this class and config do not build
 
 
 # The Hugging Face families (``config.model_type``) whose layout facts have been checked against the model's own
@@ -210,6 +211,7 @@ def _build_layout(ad, hf: nn.Module) -> Layout:
             return None  # a bridge-only component (the split q/k/v of a joint attention)
 
     paths: dict[str, str] = {}
+    absent: list[tuple[str, str]] = []
 
     def walk(components: dict, prefix: str, path: str) -> None:
         for name, comp in components.items():
@@ -228,6 +230,8 @@ def _build_layout(ad, hf: nn.Module) -> Layout:
                     subs.pop(part, None)
                 entries.update(_fused(comp, f"{key}.", f"{sub}.{qkv.name}", module(f"{sub}.{qkv.name}"), ad.cfg))
             m = module(sub)
+            if m is None and comp.name is not None and not getattr(comp, "optional", False):
+                absent.append((key, sub))
             if m is not None and comp.name is not None:
                 paths[key] = sub
                 for leaf, _ in m.named_parameters(recurse=False):
@@ -274,7 +278,7 @@ def _build_layout(ad, hf: nn.Module) -> Layout:
     return Layout(list(entries.values()), tied, facts, {k: v for k, v in paths.items() if k not in fused},
                   modules={n: type(m) for n, m in ref.named_modules()}, settings={n: _settings(m) for n, m in ref.named_modules()},
                   shapes={n: tuple(p.shape) for n, p in names.items()}, ties=_ties(ref),
-                  reached=frozenset(n for n, p in names.items() if id(p) in reached))
+                  reached=frozenset(n for n, p in names.items() if id(p) in reached), absent=tuple(absent))
 
 
 def _heads(hf: nn.Module, ref: nn.Module, base: str) -> list[_Entry]:
@@ -318,7 +322,8 @@ def _settings(m: nn.Module) -> dict:
     """What a module took from the configuration when it was built: its plain attributes (a norm's ``eps``, how many
     dimensions a head rotates, the score scale, whether a block is parallel), without ``_STATE``."""
     return {k: v for k, v in vars(m).items() if not k.startswith("_") and k not in _STATE
-            and isinstance(v, (bool, int, float, str, tuple, type(None)))}
+            and isinstance(v, (bool, int, float, str, tuple))}  # not None: an empty module slot (OPT's final_layer_norm),
+    # which a bridge fills with its own component; a setting that is None on one side only still differs
 
 
 def _edited(hf: nn.Module, lay: Layout) -> Optional[str]:
@@ -364,6 +369,11 @@ def _unread(model: nn.Module, lay: Layout) -> Optional[str]:
         return (f"the parameters {missing[:4]} are not in TransformerLens's mapping of this architecture, so its "
                 f"symmetries are not derived here (e.g. Phi's qk_layernorm); nothing is transformed.")
     if model_kind(model) == ModelKind.HF_BRIDGE:
+        if lay.absent:  # TransformerLens's OPT adapter maps a final norm that post-LN OPT (and _remove_final_layer_norm) lacks
+            key, path = lay.absent[0]
+            return (f"TransformerLens's bridge maps its {key!r} to {path}, which {type(hf_model(model)).__name__}(config) "
+                    f"does not build: the bridge's forward fails there ('Original component not set'), so nothing is "
+                    f"transformed or verified; the raw Hugging Face model (bridge.original_model) is read.")
         return _edited(hf_model(model), lay)
     hf = hf_model(model)
     for name, m in hf.named_modules():
