@@ -375,3 +375,18 @@ def test_an_opt_bridge_without_the_final_norm_its_adapter_maps_is_refused(extra,
     smap = wb.symmetry_map(model)
     assert len(smap) == 0 and "final_layer_norm" in smap.skipped[0][1], smap.skipped
     assert preserved(raw) <= TOL
+
+
+def test_an_untied_bert_mlm_head_is_read():
+    """BertForMaskedLM with tie_word_embeddings=False: the decoder adds its own bias and cls.predictions.bias (tied to it
+    otherwise) is read by nothing. It was refused as a parameter outside the mapping — so wb.untie_embeddings gave a
+    model the workbench then refused, with that bias left unwritten. Now it is copied (a vector over the vocabulary, no
+    site's space): exact, and the untied copy carries the value it was tied to."""
+    model = build("bert", dict(tie_word_embeddings=False))
+    assert not wb.symmetry_map(model).skipped and preserved(model) <= TOL
+    tied = build("bert")
+    untied = wb.untie_embeddings(tied)
+    assert not untied.config.tie_word_embeddings
+    assert torch.equal(untied.cls.predictions.bias, tied.cls.predictions.decoder.bias)
+    assert rel(outputs(untied)["logits"], outputs(tied)["logits"]) == 0.0
+    assert not wb.symmetry_map(untied).skipped and preserved(untied) <= TOL

@@ -300,6 +300,13 @@ def _heads(hf: nn.Module, ref: nn.Module, base: str) -> list[_Entry]:
         entries += [_Entry(f"pooler.{leaf}", f"{pooler}.{leaf}") for leaf in ("weight", "bias")]
         if cls == "BertForSequenceClassification":  # reads the pooled (tanh) output, no site's space: copied as it is
             entries += [_Entry(f"classifier.{leaf}", f"classifier.{leaf}") for leaf in ("weight", "bias")]
+    names = dict(ref.named_parameters(remove_duplicate=False))
+    own, decoder = "cls.predictions.bias", "cls.predictions.decoder.bias"
+    if family == "bert" and own in names and decoder in names and names[own] is not names[decoder]:
+        # an untied MLM head (tie_word_embeddings=False, as wb.untie_embeddings leaves it): the decoder adds its own
+        # bias, and cls.predictions.bias (tied to it otherwise) is read by nothing; a vector over the vocabulary, which
+        # no site moves: copied as it is
+        entries.append(_Entry("mlm_vocab.bias", own))
     if family == "bert" and cls == "BertForTokenClassification":  # a label per token, read from its stream
         entries += [_Entry(f"score.{leaf}", f"classifier.{leaf}") for leaf in ("weight", "bias")]
     if family != "bert" and cls.endswith("ForSequenceClassification") and present("score"):

@@ -127,4 +127,7 @@ def untie_embeddings(model: nn.Module) -> nn.Module:
                                  f"models never tie W_U to W_E); got {type(model).__name__}.")
     if reason := hf.unsupported(model):
         raise InvalidOptionError(f"untie_embeddings cannot read this model: {reason}")
-    return rebuild(model, read_weights(model), untie=True)
+    W = dict(read_weights(model))
+    if hf.facts(model)["family"] == "bert" and "unembed.b_U" in W:  # BERT's MLM head: untied, cls.predictions.bias is
+        W.setdefault("mlm_vocab.b", W["unembed.b_U"])  # a tensor of its own (read by nothing): the value it was tied to
+    return rebuild(model, W, untie=True)
