@@ -68,6 +68,8 @@ class Layout:
     shapes: dict = field(default_factory=dict)
     ties: frozenset = frozenset()
     reached: frozenset = frozenset()
+    settings: dict = field(default_factory=dict)  # module name -> the settings its class took from the config (_settings)
+    absent: tuple = ()  # (key, path) of components the adapter maps, not optional, that this class and config do not build
 
 
 # The Hugging Face families (``config.model_type``) whose layout facts have been checked against the model's own
@@ -210,6 +212,7 @@ def _build_layout(ad, hf: nn.Module) -> Layout:
             return None  # a bridge-only component (the split q/k/v of a joint attention)
 
     paths: dict[str, str] = {}
+    absent: list[tuple[str, str]] = []
 
     def walk(components: dict, prefix: str, path: str) -> None:
         for name, comp in components.items():
@@ -228,6 +231,8 @@ def _build_layout(ad, hf: nn.Module) -> Layout:
                     subs.pop(part, None)
                 entries.update(_fused(comp, f"{key}.", f"{sub}.{qkv.name}", module(f"{sub}.{qkv.name}"), ad.cfg))
             m = module(sub)
+            if m is None and comp.name is not None and not getattr(comp, "optional", False):
+                absent.append((key, sub))
             if m is not None and comp.name is not None:
                 paths[key] = sub
                 for leaf, _ in m.named_parameters(recurse=False):
@@ -238,6 +243,14 @@ def _build_layout(ad, hf: nn.Module) -> Layout:
             walk(subs, f"{key}.", sub)
 
     walk(ad.component_mapping, "", "")
+    if getattr(hf.config, "model_type", None) == "bert" and paths.get("unembed") == "cls.seq_relationship":
+        # BertForNextSentencePrediction: the adapter's "unembed" is the NSP head, which reads the pooler's tanh output
+        # (like BertForSequenceClassification's classifier), not the stream: in no site's space, copied as it is. Read
+        # as an unembedding, the stream's permutation moved its columns and changed the logits by 0.3.
+        del paths["unembed"]
+        for leaf in ("weight", "bias"):
+            if f"unembed.{leaf}" in entries:
+                entries[f"classifier.{leaf}"] = _Entry(f"classifier.{leaf}", entries.pop(f"unembed.{leaf}").param)
     for e in _heads(hf, ref, base):
         entries.setdefault(e.key, e)
     if base and "project_out" in paths:
@@ -264,9 +277,9 @@ def _build_layout(ad, hf: nn.Module) -> Layout:
     }
     fused = {e.key.rpartition('.')[0] for e in entries.values() if e.strided is not None}
     return Layout(list(entries.values()), tied, facts, {k: v for k, v in paths.items() if k not in fused},
-                  modules={n: type(m) for n, m in ref.named_modules()},
+                  modules={n: type(m) for n, m in ref.named_modules()}, settings={n: _settings(m) for n, m in ref.named_modules()},
                   shapes={n: tuple(p.shape) for n, p in names.items()}, ties=_ties(ref),
-                  reached=frozenset(n for n, p in names.items() if id(p) in reached))
+                  reached=frozenset(n for n, p in names.items() if id(p) in reached), absent=tuple(absent))
 
 
 def _heads(hf: nn.Module, ref: nn.Module, base: str) -> list[_Entry]:
@@ -288,11 +301,59 @@ def _heads(hf: nn.Module, ref: nn.Module, base: str) -> list[_Entry]:
         entries += [_Entry(f"pooler.{leaf}", f"{pooler}.{leaf}") for leaf in ("weight", "bias")]
         if cls == "BertForSequenceClassification":  # reads the pooled (tanh) output, no site's space: copied as it is
             entries += [_Entry(f"classifier.{leaf}", f"classifier.{leaf}") for leaf in ("weight", "bias")]
+    names = dict(ref.named_parameters(remove_duplicate=False))
+    own, decoder = "cls.predictions.bias", "cls.predictions.decoder.bias"
+    if family == "bert" and own in names and decoder in names and names[own] is not names[decoder]:
+        # an untied MLM head (tie_word_embeddings=False, as wb.untie_embeddings leaves it): the decoder adds its own
+        # bias, and cls.predictions.bias (tied to it otherwise) is read by nothing; a vector over the vocabulary, which
+        # no site moves: copied as it is
+        entries.append(_Entry("mlm_vocab.bias", own))
     if family == "bert" and cls == "BertForTokenClassification":  # a label per token, read from its stream
         entries += [_Entry(f"score.{leaf}", f"classifier.{leaf}") for leaf in ("weight", "bias")]
     if family != "bert" and cls.endswith("ForSequenceClassification") and present("score"):
         entries += [_Entry(f"score.{leaf}", f"score.{leaf}") for leaf, _ in ref.score.named_parameters(recurse=False)]
+    if family != "bert" and cls.endswith("ForTokenClassification"):  # a label per token, read from the final stream
+        head = next((h for h in ("score", "classifier") if present(h)), None)  # (GPT-2, GPT-NeoX, GPT-Neo: classifier)
+        if head is not None and isinstance(ref.get_submodule(head), nn.Linear):
+            entries += [_Entry(f"score.{leaf}", f"{head}.{leaf}") for leaf, _ in ref.get_submodule(head).named_parameters(recurse=False)]
     return entries
+
+
+# Module attributes that say nothing about what an eval-mode forward computes, or that the forward itself changes (a
+# dynamic rotary embedding's cache length); a config edit of pad_token_id (common before batched generation) changes
+# an embedding's padding_idx, which only masks its gradient.
+_STATE = frozenset({"training", "gradient_checkpointing", "max_seq_len_cached", "name_or_path", "kernel_config",
+                    "loss_type", "padding_idx", "p", "inplace"})
+
+
+def _settings(m: nn.Module) -> dict:
+    """What a module took from the configuration when it was built: its plain attributes (a norm's ``eps``, how many
+    dimensions a head rotates, the score scale, whether a block is parallel), without ``_STATE``."""
+    return {k: v for k, v in vars(m).items() if not k.startswith("_") and k not in _STATE
+            and isinstance(v, (bool, int, float, str, tuple))}  # not None: an empty module slot (OPT's final_layer_norm),
+    # which a bridge fills with its own component; a setting that is None on one side only still differs
+
+
+def _edited(hf: nn.Module, lay: Layout) -> Optional[str]:
+    """Where a module of ``hf`` was built with settings other than ``type(hf)(config)`` gives it now: the configuration
+    was edited after building (``config.layer_norm_epsilon``, ``config.rope_parameters["partial_rotary_factor"]``).
+    A transformed model is built from the configuration, so it would compute something else: with the norm's eps
+    edited from 1e-5 to 0.5, GPT-2's log-probabilities moved by 0.1, and verify, measuring its float64 floor on a
+    copy rebuilt the same way, took that 0.1 for rounding and said PASS. In a bridge, the Hugging Face modules its
+    components wrap (``._original_component``) are compared."""
+    for name, m in hf.named_modules():
+        name = name.replace("._original_component", "")
+        if type(m) is not lay.modules.get(name):  # a bridge's wrapper (its own attributes), or a module _unread names
+            continue
+        have, want = _settings(m), lay.settings.get(name, {})
+        for k in sorted(set(have) | set(want)):
+            if have.get(k, "(none)") != want.get(k, "(none)"):
+                return (f"its module {name or type(hf).__name__!r} ({type(m).__name__}) has {k} = {have.get(k, '(none)')!r} "
+                        f"where {type(hf).__name__}(config) builds {want.get(k, '(none)')!r}: the configuration was edited "
+                        f"after the model was built, and a transformed model, built from the configuration, would compute "
+                        f"something else; nothing is transformed (rebuild the model from the edited configuration, or "
+                        f"undo the edit).")
+    return None
 
 
 def _ties(model: nn.Module, params: Optional[dict] = None, expected: frozenset = frozenset()) -> frozenset:
@@ -326,7 +387,12 @@ def _unread(model: nn.Module, lay: Layout) -> Optional[str]:
         return (f"the parameters {missing[:4]} are not in TransformerLens's mapping of this architecture, so its "
                 f"symmetries are not derived here (e.g. Phi's qk_layernorm); nothing is transformed.")
     if model_kind(model) == ModelKind.HF_BRIDGE:
-        return None
+        if lay.absent:  # TransformerLens's OPT adapter maps a final norm that post-LN OPT (and _remove_final_layer_norm) lacks
+            key, path = lay.absent[0]
+            return (f"TransformerLens's bridge maps its {key!r} to {path}, which {type(hf_model(model)).__name__}(config) "
+                    f"does not build: the bridge's forward fails there ('Original component not set'), so nothing is "
+                    f"transformed or verified; the raw Hugging Face model (bridge.original_model) is read.")
+        return _edited(hf_model(model), lay)
     hf = hf_model(model)
     for name, m in hf.named_modules():
         if name not in lay.modules or type(m) is not lay.modules[name]:
@@ -355,7 +421,7 @@ def _unread(model: nn.Module, lay: Layout) -> Optional[str]:
         return (f"its weights are tied as {sorted(map(sorted, _ties(hf)))} where {type(hf).__name__}(config) ties "
                 f"{sorted(map(sorted, ties))} (tied or untied by hand: wb.untie_embeddings unties and says so in the "
                 f"config); nothing is transformed.")
-    return None
+    return _edited(hf, lay)
 
 
 def _fused(comp, prefix: str, path: str, qkv: Optional[nn.Module], cfg) -> dict[str, _Entry]:
@@ -498,7 +564,28 @@ def blank(model: nn.Module, dtype: torch.dtype, untie: bool = False) -> nn.Modul
         for name, b in fresh.named_buffers():
             if name in buffers and buffers[name].shape == b.shape:
                 b.copy_(buffers[name])
+    copy_rope_state(hf, fresh)
     return fresh.train(model.training)
+
+
+# What a Hugging Face dynamic rotary embedding changes on itself in a forward besides its inv_freq buffer (read by
+# transformers' dynamic_rope_update).
+_ROPE_STATE = ("max_seq_len_cached", "attention_scaling")
+
+
+def copy_rope_state(hf: nn.Module, fresh: nn.Module) -> None:
+    """Give ``fresh`` (a new model of ``hf``'s class, its buffers copied from ``hf``) the state a dynamic rotary embedding
+    keeps beside its buffer: how long a sequence its inv_freq was grown for, and the scaling that came with it. The
+    grown inv_freq is copied with the buffers; without the length the fresh model would keep it where the original
+    resets it at the next short input (a Llama with rope_type "dynamic", after a 40-token forward, transformed:
+    log-probabilities on 9 tokens changed by 3e-2)."""
+    own = {n.replace("._original_component", ""): m for n, m in hf.named_modules()}  # a bridge: the wrapped module last
+    for name, m in fresh.named_modules():
+        name = name.replace("._original_component", "")
+        for attr in _ROPE_STATE:
+            if name in own and attr in vars(own[name]) and attr in vars(m):
+                value = vars(own[name])[attr]
+                setattr(m, attr, value.clone() if isinstance(value, torch.Tensor) else value)
 
 
 def finish(model: nn.Module, fresh: nn.Module) -> nn.Module:

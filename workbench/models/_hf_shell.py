@@ -268,6 +268,7 @@ def _copy(entry, model: nn.Module) -> nn.Module:
             own = buffers.get(name.replace("._original_component", ""))
             if own is not None and own.shape == b.shape:
                 b.copy_(own)
+    _hf.copy_rope_state(_hf.hf_model(model), new.original_model)  # and a dynamic rotary embedding's state beside them
     return new
 
 

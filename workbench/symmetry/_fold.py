@@ -88,7 +88,9 @@ def _fold_layout(model: nn.Module) -> nn.Module:
                 readers += [(f"blocks.{layer}.mlp.W_{m}", f"blocks.{layer}.mlp.b_{m}") for m in ("in", "gate")]
             _fold(W, f"blocks.{layer}.{ln}", [r for r in readers if r[0] in W], heads=lambda key: ".attn." in key,
                   offset=offset)
-    _fold(W, "ln_final", [("unembed.W_U", "unembed.b_U")], heads=lambda key: False, offset=offset)
+    # the final norm's reader: the unembedding, or a sequence classifier's score (LlamaForSequenceClassification)
+    _fold(W, "ln_final", [r for r in (("unembed.W_U", "unembed.b_U"), ("score.W", "score.b")) if r[0] in W],
+          heads=lambda key: False, offset=offset)
     return rebuild(model, W, untie=True)
 
 
@@ -131,4 +133,9 @@ def untie_embeddings(model: nn.Module) -> nn.Module:
                                  f"models never tie W_U to W_E); got {type(model).__name__}.")
     if reason := hf.unsupported(model):
         raise InvalidOptionError(f"untie_embeddings cannot read this model: {reason}")
-    return built_alike(model, lambda: rebuild(model, read_weights(model), untie=True))
+    def untied() -> nn.Module:
+        W = dict(read_weights(model))
+        if hf.facts(model)["family"] == "bert" and "unembed.b_U" in W:  # BERT's MLM head: untied, cls.predictions.bias is
+            W.setdefault("mlm_vocab.b", W["unembed.b_U"])  # a tensor of its own (read by nothing): the value it was tied to
+        return rebuild(model, W, untie=True)
+    return built_alike(model, untied)

@@ -114,7 +114,11 @@ def transformer_map(model: nn.Module) -> SymmetryMap:
                               see.ov(layer, heads, k), list(notes[:1])))
         sites += _head_sites(a, H, K, W, see, skipped)
         if not getattr(cfg, "attn_only", False):
-            sites.append(_mlp_site(cfg, W, layer, see))
+            mlp = _mlp_site(cfg, W, layer, see)
+            if isinstance(mlp, str):  # an activation whose group is not derived: these hidden units stay as they are
+                skipped.append((f"blocks.{layer}.mlp", mlp))
+            else:
+                sites.append(mlp)
     if kind != ModelKind.HF:  # a raw model's observations are its own module paths, from the layout
         names = _known(model)
         for site in sites:  # hook points differ between versions (a bridge's SoLU has no hook_mid)
@@ -158,6 +162,7 @@ def _head_sites(a: str, H: int, K: int, W: dict, see, skipped: list) -> list[Sit
 
 def _resid_site(model, cfg, W: dict, L: int, see) -> Site:
     norm = getattr(cfg, "normalization_type", None)
+    word = "project_in.W" in W  # OPT-350m: the embedding writes the word space, project_in the stream
     if norm not in _NORMS:
         raise UnsupportedModelError(f"normalization_type {norm!r} is not supported; supported: {list(_NORMS)}.")
     post_ln = hf.is_post_ln(model)
@@ -183,11 +188,11 @@ def _resid_site(model, cfg, W: dict, L: int, see) -> Site:
             notes.append(_LN_MORE.format("P" if group.name == "permutation" else "R"))
     if offset:
         notes.append(f"norm gains are {offset:g} + w (Gemma, Nemotron); folded means w = {1 - offset:g}")
-    word = "project_in.W" in W  # OPT-350m: the embedding writes the word space, project_in the stream
     writers = [] if word else [Port("embed.W_E", "pre", axis=1)]
     writers += [Port(k, "pre", axis=1) for k in ("pos_embed.W_pos", "token_type_embed.W_TT", "mlm.W", "project_in.W")]
     writers.append(Port("mlm.b", "pre", axis=0))
-    readers = [Port(k, "post", axis=0) for k in ("mlm.W", "project_out.W", "pooler.W", "score.W")]
+    # a classifier's score reads the stream, or where project_out maps it to the word space (OPT-350m) that space
+    readers = [Port(k, "post", axis=0) for k in ("mlm.W", "project_out.W", "pooler.W") + (() if word else ("score.W",))]
     for layer in range(L):
         b = f"blocks.{layer}"
         writers += [Port(f"{b}.attn.W_O", "pre", axis=2), Port(f"{b}.attn.b_O", "pre", axis=0)]
@@ -210,15 +215,19 @@ def _word_site(W: dict, see) -> Site:
     n = W["project_in.W"].shape[0]
     return Site("word", n, get_group("gl", n), "linear (tied word embedding ↔ project_in / project_out)", "embed.hook_out",
                 _present([Port("embed.W_E", "pre", axis=1), Port("project_out.W", "dual", axis=1)], W),
-                _present([Port("project_in.W", "pre", axis=0), Port("unembed.W_U", "dual", axis=0)], W), [],
-                see.word(), ["the output side moves by Q⁻ᵀ: the tied unembedding reads it by Q"])
+                _present([Port("project_in.W", "pre", axis=0), Port("unembed.W_U", "dual", axis=0),
+                          Port("score.W", "dual", axis=0)], W), [],  # a sequence classifier's score reads project_out's output
+                see.word(), ["the output side moves by Q⁻ᵀ: the tied unembedding (or a classifier's score) reads it by Q"])
 
 
 def _present(ports: list[Port], W: dict) -> list[Port]:
     return [p for p in ports if p.name in W]
 
 
-def _mlp_site(cfg, W: dict, layer: int, see) -> Site:
+def _mlp_site(cfg, W: dict, layer: int, see):
+    """The MLP's hidden units as a site; or, where the model's activation is not in the catalogue (Hugging Face's
+    ``gelu_10``, ``laplace``, ``sqrtsoftplus``…), why they are left alone."""
+    from .._errors import InvalidOptionError
     from ..groups import intertwiner_group
 
     m = f"blocks.{layer}.mlp"
@@ -230,7 +239,12 @@ def _mlp_site(cfg, W: dict, layer: int, see) -> Site:
     elif act.startswith("solu"):
         group, label = get_group("permutation", n), act  # x·softmax(x) is only permutation-equivariant
     else:
-        group, label = intertwiner_group(act, n), act
+        try:
+            group, label = intertwiner_group(act, n), act
+        except InvalidOptionError:  # the model's configuration names it, not the user: no "did you mean"
+            return (f"the MLP activation {act!r} (the model's configuration) is not in the catalogue of activations whose "
+                    f"intertwiner group is derived (wb.groups.CATALOGUE), so these hidden units are left unchanged; "
+                    f"every other site still holds.")
     writers = [Port(f"{m}.W_in", "pre", axis=1), Port(f"{m}.b_in", "pre", axis=0)]
     if gated:
         writers += [Port(f"{m}.W_gate", "perm", axis=1), Port(f"{m}.b_gate", "perm", axis=0)]

@@ -189,6 +189,13 @@ def verify(model: nn.Module, new_model: nn.Module, inputs: torch.Tensor, transfo
         return _verify(model, new_model, inputs, transform, dtype, tolerance, bar)
 
 
+# A float64 model's float32 parts round its outputs by 1e-8 to 2e-6 relative (GPT-Neo's q·kᵀ the most, measured); a
+# "floor" above this is not rounding but a measuring copy that computes something else (a trivial symmetry applied to
+# a model rebuilt from a configuration edited after building moved GPT-2's log-probabilities by 0.1, which became a
+# tolerance of 1 and a PASS for a changed function). Such a measurement is not used.
+_NOT_ROUNDING = 1e-4
+
+
 def _verify(model, new_model, inputs, transform, dtype, tolerance, bar) -> InvarianceReport:
     backend = backend_for(model)
     example = backend.example(inputs)
@@ -255,19 +262,28 @@ def _verify(model, new_model, inputs, transform, dtype, tolerance, bar) -> Invar
         # The parts named as computing in float32 first; where that floor does not carry the verdict (or none is
         # named) and the model is a transformer, the rounding of an exact, trivial symmetry through its arithmetic:
         # GPT-Neo's float32 q·kᵀ moves later activations more than rounding its attention's output does.
-        measures = [lambda: backend.floor(model, inputs, cache, last)]
+        # Last, the same trivial symmetry on the transformed model: it rounds more where its element left a float32 part
+        # worse conditioned (a GL map A of a head's query/key space: q' = A·q and k' = A⁻ᵀ·k round with errors
+        # ~ eps·|q'|·|k'|). GPT-Neo's exact transforms FAILed in 3 of 60 random models (2.75e-6 against a tolerance of
+        # 7e-7 measured on the original) before it was measured.
+        old_ref = cache[last].flatten(0, -2) if last else out  # the original's output, in its own basis
+        measures = [(lambda: backend.floor(model, inputs, cache, last), old_ref)]
         if has_layout(model):
-            measures.append(lambda: trivial_floor(backend, model, inputs, cache, last))
-        for measure in measures:
+            measures.append((lambda: trivial_floor(backend, model, inputs, cache, last), old_ref))
+            measures.append((lambda: trivial_floor(backend, new_model, inputs, new_cache, last),
+                             new_cache[last].flatten(0, -2) if last else new_out))
+        for measure, reference in measures:
             if not (cmp.max_rel > tol or any(c.equivariance_error > tol for c in checks)):
                 break
             floors = measure()
             if floors is None:
                 continue
             rounded, site_floor = floors  # the issue's rule: within 10× the floor measured for this model
-            reference = cache[last].flatten(0, -2) if last else out  # the original's output, in its own basis
+            rounding = _Comparison(reference, rounded, per_row, run_dtype).max_rel
+            if not rounding <= _NOT_ROUNDING or not site_floor <= _NOT_ROUNDING:
+                continue  # the measuring copy computes something else than the model: that is no rounding floor
             floor = max(floor or 0.0, (rounded - reference).abs().max().item())
-            tol = max(tol, 10 * _Comparison(reference, rounded, per_row, run_dtype).max_rel, 10 * site_floor)
+            tol = max(tol, 10 * rounding, 10 * site_floor)
             floored = "float32"
     elif tolerance is None and run_dtype != torch.float64 and strict_fail and not offloaded_modules(model):
         # A deep float32 model's own rounding can exceed the dtype's tolerance (a 7-layer CNN with BatchNorm
