@@ -15,8 +15,16 @@ pytestmark = pytest.mark.transformer
 
 
 @pytest.fixture(scope="module")
-def model_and_caches():
-    model = make_transformer(seed=3).eval()
+def model():
+    return make_transformer(seed=3).eval()
+
+
+@pytest.fixture
+def model_and_caches(model):
+    # Fresh caches for each test (the model is shared): TransformerLens's ActivationCache writes into itself —
+    # stack_head_results computes blocks.{l}.attn.hook_result and stores it in cache_dict — so one module-wide
+    # cache made test_keys_are_transformer_lens_keys fail whenever it ran after that method's test (found by
+    # running this file in reverse order).
     tokens = torch.randint(0, 40, (2, 7), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         _, theirs = model.run_with_cache(tokens)
