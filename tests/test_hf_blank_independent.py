@@ -1,4 +1,4 @@
-"""A raw Hugging Face model's transform is built into a blank (models/_hf.py ``blank``) that shares nothing with
+"""A raw Hugging Face model's transform is built into a blank (models/_hf_build.py ``blank``) that shares nothing with
 the user's model or with the next transform's blank through which a later mutation could leak (issue 17).
 
 Adversarially: the transformed model's weights, buffers, config (fields its forward pass reads) and hooks are
@@ -61,7 +61,7 @@ def _mutate(model: torch.nn.Module) -> None:
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_blank_shares_nothing_a_mutation_could_leak_through(family):
-    from workbench.models import _hf
+    from workbench.models import _hf_build
 
     model = build(family, torch.float64)
     ids = torch.randint(0, 50, (2, 7), generator=torch.Generator().manual_seed(0))
@@ -81,7 +81,7 @@ def test_blank_shares_nothing_a_mutation_could_leak_through(family):
     assert again.config.output_hidden_states is False
     assert torch.equal(_logits(again, ids), nxt_before)
     torch.testing.assert_close(_logits(again, ids), ref, rtol=_TOL, atol=_TOL * float(ref.abs().max()))
-    blank = _hf.blank(model, torch.float64)  # a bare blank: its buffers are the model's, nothing else carried
+    blank = _hf_build.blank(model, torch.float64)  # a bare blank: its buffers are the model's, nothing else carried
     assert vars(blank.config) == vars(model.config) and blank.config is not model.config
     for (n, b), (_, b0) in zip(blank.named_buffers(), model.named_buffers()):
         assert torch.equal(b, b0), n

@@ -1,5 +1,5 @@
 """The bridge a transform of a Hugging Face bridge returns is booted without work whose results the bridge
-does not keep (``models/_hf._boot``: the hook scan's ``W_E_pos`` concatenations, the random initialisation
+does not keep (``models/_hf_build.boot``: the hook scan's ``W_E_pos`` concatenations, the random initialisation
 of the ``nn.Linear`` layers a fused q/k/v is split into). Checked here against TransformerLens's own plain
 ``boot_transformers`` around the same weights, bit for bit: every parameter and buffer (the split q/k/v
 copies included), the hook registry, the outputs; and that both shortcuts are undone afterwards.
@@ -35,9 +35,9 @@ def _plain(raw):
 
 
 def _light(raw):
-    from workbench.models import _hf
+    from workbench.models import _hf_build
 
-    return _hf._boot("local/x", copy.deepcopy(raw), _tokenizer()).eval()
+    return _hf_build.boot("local/x", copy.deepcopy(raw), _tokenizer()).eval()
 
 
 def _differences(a, b) -> list[str]:

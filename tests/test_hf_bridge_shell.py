@@ -120,12 +120,12 @@ def test_the_copy_takes_the_models_tokenizer_and_training_mode():
     model's tokenizer. The training mode is part of the template's key."""
     from tokenizers import Tokenizer, models
     from transformers import PreTrainedTokenizerFast
-    from workbench.models import _hf
+    from workbench.models import _hf_build
 
     raw = build("llama")
     A = _plain(raw)
     tok = Tokenizer(models.WordLevel({f"u{i}": 48 - i for i in range(49)} | {"[UNK]": 49}, unk_token="[UNK]"))
-    C = _hf._boot("local/x", copy.deepcopy(raw), PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]",
+    C = _hf_build.boot("local/x", copy.deepcopy(raw), PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]",
                                                                           pad_token="[UNK]")).eval()
     a, _ = wb.random_intertwiner(A, seed=0)
     c, _ = wb.random_intertwiner(C, seed=0)

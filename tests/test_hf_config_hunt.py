@@ -331,7 +331,7 @@ def test_verify_does_not_take_a_changed_copy_for_rounding(monkeypatch):
 
     model = build("gpt2")
     model.config.layer_norm_epsilon = 0.5
-    monkeypatch.setattr(_hf, "_edited", lambda hf, lay: None)  # what the refusal prevents
+    monkeypatch.setattr(_hf.check, "edited", lambda hf, lay: None)  # what the refusal prevents
     new, t = wb.random_intertwiner(model, seed=1)
     with torch.no_grad():
         moved = rel(new(input_ids=IDS).logits.log_softmax(-1), model(input_ids=IDS).logits.log_softmax(-1))

@@ -391,7 +391,7 @@ def test_a_raw_model_changed_after_it_was_built_is_refused(monkeypatch):
     assert len(smap) == 0 and "activation_fn" in smap.skipped[0][1] and "GELU" in smap.skipped[0][1]
     with pytest.raises(UnsupportedModelError, match="activation_fn"):
         wb.random_intertwiner(model, seed=0)
-    monkeypatch.setattr(_hf, "_unread", lambda model, lay: None)  # what the check prevents
+    monkeypatch.setattr(_hf.check, "unread", lambda model, hf, lay: None)  # what the check prevents
     new, _ = wb.random_intertwiner(model, seed=0, sites=["blocks.0.mlp"])
     with torch.no_grad():  # the models themselves (fam.logp rebuilds from the config, which would undo the change)
         old, got = model(input_ids=fam.IDS).logits.log_softmax(-1), new(input_ids=fam.IDS).logits.log_softmax(-1)

@@ -10,6 +10,7 @@
 Nothing here imports TransformerLens or transformers at import time.
 """
 from . import _hf as hf
+from . import _hf_build as hf_build
 from ._compat import ensure_torchvision_importable, require
 from ._kind import ModelKind, has_hooked_transformer, has_layout, is_transformer_lens, model_kind
 from ._layout import (blank, canonical_views, finish, from_canonical, one_call, read_weights, rebuild, shape_facts,
@@ -18,5 +19,5 @@ from ._modes import eval_mode, no_grad_analysis
 from ._trace import TraceFailure, describe, propagate_shapes, trace
 
 __all__ = ["ModelKind", "TraceFailure", "blank", "canonical_views", "describe", "eval_mode", "from_canonical",
-           "ensure_torchvision_importable", "finish", "has_hooked_transformer", "has_layout", "hf", "is_transformer_lens",
+           "ensure_torchvision_importable", "finish", "has_hooked_transformer", "has_layout", "hf", "hf_build", "is_transformer_lens",
            "model_kind", "no_grad_analysis", "one_call", "propagate_shapes", "read_weights", "rebuild", "require", "shape_facts", "tied_keys", "to_canonical", "trace", "views_like", "write_weights"]

@@ -18,12 +18,8 @@ mapping does not cover (Phi's ``qk_layernorm``) is refused, naming the parameter
 The few facts the adapter does not state in its mapping are read from the configs: Gemma's RMSNorm
 gain is ``1 + w`` (the adapter's ``cfg.rmsnorm_uses_offset``); post-LayerNorm (BERT, OPT with
 ``do_layer_norm_before=False``); encoders (BERT); which parameters are tied (one tensor, by identity).
-A transformed model is a fresh Hugging Face model — built without random initialisation, cast
-*before* loading (float64 values loaded into float32 parameters were rounded), its weights written —
-and, for a bridge, wrapped by a new ``boot_transformers`` *after* the weights are in (the bridge
-copies the fused q/k/v into split tensors at boot) — or, where that is provably the same, the new bridge
-is a copy of a never-run template (``_hf_shell.py``). A live bridge is never written: those split
-copies would not follow.
+Whether the layout describes the model itself (not only its class and config) is ``_hf_check.py``'s; how a
+transformed model is built, ``_hf_build.py``'s.
 """
 from __future__ import annotations
 
@@ -36,7 +32,7 @@ import torch
 from torch import nn
 
 from .._errors import UnsupportedModelError
-from .._offload import foreign_forward, offloaded_modules, offloaded_tensor
+from . import _hf_check as check
 from ._kind import ModelKind, model_kind
 
 # Canonical component keys the layout knows (``{i}``: a layer); a mapped component outside these has no
@@ -68,7 +64,7 @@ class Layout:
     shapes: dict = field(default_factory=dict)
     ties: frozenset = frozenset()
     reached: frozenset = frozenset()
-    settings: dict = field(default_factory=dict)  # module name -> the settings its class took from the config (_settings)
+    settings: dict = field(default_factory=dict)  # module name -> the settings its class took from the config (_hf_check.settings)
     absent: tuple = ()  # (key, path) of components the adapter maps, not optional, that this class and config do not build
 
 
@@ -277,8 +273,8 @@ def _build_layout(ad, hf: nn.Module) -> Layout:
     }
     fused = {e.key.rpartition('.')[0] for e in entries.values() if e.strided is not None}
     return Layout(list(entries.values()), tied, facts, {k: v for k, v in paths.items() if k not in fused},
-                  modules={n: type(m) for n, m in ref.named_modules()}, settings={n: _settings(m) for n, m in ref.named_modules()},
-                  shapes={n: tuple(p.shape) for n, p in names.items()}, ties=_ties(ref),
+                  modules={n: type(m) for n, m in ref.named_modules()}, settings={n: check.settings(m) for n, m in ref.named_modules()},
+                  shapes={n: tuple(p.shape) for n, p in names.items()}, ties=check.ties(ref),
                   reached=frozenset(n for n, p in names.items() if id(p) in reached), absent=tuple(absent))
 
 
@@ -317,111 +313,6 @@ def _heads(hf: nn.Module, ref: nn.Module, base: str) -> list[_Entry]:
         if head is not None and isinstance(ref.get_submodule(head), nn.Linear):
             entries += [_Entry(f"score.{leaf}", f"{head}.{leaf}") for leaf, _ in ref.get_submodule(head).named_parameters(recurse=False)]
     return entries
-
-
-# Module attributes that say nothing about what an eval-mode forward computes, or that the forward itself changes (a
-# dynamic rotary embedding's cache length); a config edit of pad_token_id (common before batched generation) changes
-# an embedding's padding_idx, which only masks its gradient.
-_STATE = frozenset({"training", "gradient_checkpointing", "max_seq_len_cached", "name_or_path", "kernel_config",
-                    "loss_type", "padding_idx", "p", "inplace"})
-
-
-def _settings(m: nn.Module) -> dict:
-    """What a module took from the configuration when it was built: its plain attributes (a norm's ``eps``, how many
-    dimensions a head rotates, the score scale, whether a block is parallel), without ``_STATE``."""
-    return {k: v for k, v in vars(m).items() if not k.startswith("_") and k not in _STATE
-            and isinstance(v, (bool, int, float, str, tuple))}  # not None: an empty module slot (OPT's final_layer_norm),
-    # which a bridge fills with its own component; a setting that is None on one side only still differs
-
-
-def _edited(hf: nn.Module, lay: Layout) -> Optional[str]:
-    """Where a module of ``hf`` was built with settings other than ``type(hf)(config)`` gives it now: the configuration
-    was edited after building (``config.layer_norm_epsilon``, ``config.rope_parameters["partial_rotary_factor"]``).
-    A transformed model is built from the configuration, so it would compute something else: with the norm's eps
-    edited from 1e-5 to 0.5, GPT-2's log-probabilities moved by 0.1, and verify, measuring its float64 floor on a
-    copy rebuilt the same way, took that 0.1 for rounding and said PASS. In a bridge, the Hugging Face modules its
-    components wrap (``._original_component``) are compared."""
-    for name, m in hf.named_modules():
-        name = name.replace("._original_component", "")
-        if type(m) is not lay.modules.get(name):  # a bridge's wrapper (its own attributes), or a module _unread names
-            continue
-        have, want = _settings(m), lay.settings.get(name, {})
-        for k in sorted(set(have) | set(want)):
-            if have.get(k, "(none)") != want.get(k, "(none)"):
-                return (f"its module {name or type(hf).__name__!r} ({type(m).__name__}) has {k} = {have.get(k, '(none)')!r} "
-                        f"where {type(hf).__name__}(config) builds {want.get(k, '(none)')!r}: the configuration was edited "
-                        f"after the model was built, and a transformed model, built from the configuration, would compute "
-                        f"something else; nothing is transformed (rebuild the model from the edited configuration, or "
-                        f"undo the edit).")
-    return None
-
-
-def _ties(model: nn.Module, params: Optional[dict] = None, expected: frozenset = frozenset()) -> frozenset:
-    """The groups of parameter names that are one tensor (a tied unembedding), as a set of frozensets. A group of
-    ``expected`` (what the class and config tie) with a weight accelerate offloaded counts where every member is
-    served the same values: the offload gives each module its own parameter, so identity cannot show it."""
-    groups: dict[int, set] = {}
-    for n, p in model.named_parameters(remove_duplicate=False):
-        groups.setdefault(id(p), set()).add(n)
-    found = {frozenset(g) for g in groups.values() if len(g) > 1}
-    missing = expected - found
-    offloaded = [name + "." for name, _ in offloaded_modules(model)] if missing else []
-    for group in missing:  # (a transform reads the model onloaded: its parameters are then the served values)
-        if any(n.startswith(m) for n in group for m in offloaded):
-            first, *rest = (torch.as_tensor(offloaded_tensor(model, n, params[n])) for n in sorted(group))
-            if all(torch.equal(first, t) for t in rest):
-                found = {g for g in found if not g <= group} | {group}
-    return frozenset(found)
-
-
-def _unread(model: nn.Module, lay: Layout) -> Optional[str]:
-    """Why the layout (read from the class and config) does not describe ``model`` itself; None where it does.
-
-    A bridge's Hugging Face model is wrapped by TransformerLens, so it is held to the class's own parameters: each
-    must be reached. A raw model is compared with ``type(model)(config)``: a module added or replaced (another
-    activation module at the same name), a forward set on an instance, a parameter of another shape, weights tied
-    or untied by hand: any of these would make the layout's facts wrong for it. Modules the class builds and this
-    model lacks are fine where nothing the layout reads is among them (``BertModel(add_pooling_layer=False)``)."""
-    missing = [n for n in lay.shapes if n not in lay.reached]  # the class's own: a rebuilt model would not write them
-    if missing:
-        return (f"the parameters {missing[:4]} are not in TransformerLens's mapping of this architecture, so its "
-                f"symmetries are not derived here (e.g. Phi's qk_layernorm); nothing is transformed.")
-    if model_kind(model) == ModelKind.HF_BRIDGE:
-        if lay.absent:  # TransformerLens's OPT adapter maps a final norm that post-LN OPT (and _remove_final_layer_norm) lacks
-            key, path = lay.absent[0]
-            return (f"TransformerLens's bridge maps its {key!r} to {path}, which {type(hf_model(model)).__name__}(config) "
-                    f"does not build: the bridge's forward fails there ('Original component not set'), so nothing is "
-                    f"transformed or verified; the raw Hugging Face model (bridge.original_model) is read.")
-        return _edited(hf_model(model), lay)
-    hf = hf_model(model)
-    for name, m in hf.named_modules():
-        if name not in lay.modules or type(m) is not lay.modules[name]:
-            got = "no such module" if name not in lay.modules else lay.modules[name].__name__
-            return (f"its module {name or type(hf).__name__!r} is a {type(m).__name__} where "
-                    f"{type(hf).__name__}(config) has {got}: the model was changed after it was built, and what the "
-                    f"layout reads from its class and config may not hold; nothing is transformed.")
-        why = foreign_forward(m)
-        if why:
-            return (f"its module {name or type(hf).__name__!r} runs {why}: the layout reads the class's computation, "
-                    f"not this one; nothing is transformed.")
-    params = dict(hf.named_parameters(remove_duplicate=False))
-    for name, p in params.items():
-        if lay.shapes.get(name) != tuple(p.shape):
-            return (f"its parameter {name!r} has shape {tuple(p.shape)} where {type(hf).__name__}(config) has "
-                    f"{lay.shapes.get(name)}; nothing is transformed.")
-    lacking = [e.param for e in lay.entries if e.param not in params]
-    if lacking:
-        return f"it lacks {lacking[:3]}, which {type(hf).__name__}(config) has and the layout reads; nothing is transformed."
-    missing = [n for n in params if n not in lay.reached]
-    if missing:
-        return (f"the parameters {missing[:4]} are not in TransformerLens's mapping of this architecture, so its "
-                f"symmetries are not derived here (e.g. Phi's qk_layernorm); nothing is transformed.")
-    ties = {t for t in lay.ties if t <= params.keys()}
-    if _ties(hf, params, ties) != ties:
-        return (f"its weights are tied as {sorted(map(sorted, _ties(hf)))} where {type(hf).__name__}(config) ties "
-                f"{sorted(map(sorted, ties))} (tied or untied by hand: wb.untie_embeddings unties and says so in the "
-                f"config); nothing is transformed.")
-    return _edited(hf, lay)
 
 
 def _fused(comp, prefix: str, path: str, qkv: Optional[nn.Module], cfg) -> dict[str, _Entry]:
@@ -476,7 +367,7 @@ def _strides(idx: torch.Tensor) -> Optional[tuple[int, ...]]:
 def unsupported(model: nn.Module) -> Optional[str]:
     """Why this Hugging Face model (or bridge) cannot be read in the canonical layout; None when it can."""
     try:
-        why = _unread(model, layout(model))
+        why = check.unread(model, hf_model(model), layout(model))
     except (UnsupportedModelError, ImportError) as exc:
         why = str(exc)
     if why is None:
@@ -540,142 +431,3 @@ def views(model: nn.Module) -> dict[str, torch.Tensor]:
         else:
             out[e.key] = t.T if e.transpose and t.ndim == 2 else t
     return out
-
-
-def blank(model: nn.Module, dtype: torch.dtype, untie: bool = False) -> nn.Module:
-    """A fresh Hugging Face model of ``model``'s class and config, parameters uninitialised in
-    ``dtype`` (the caller writes every one), persistent buffers copied; ``untie``: built with
-    ``tie_word_embeddings=False`` (the parameter names stay the same). For a bridge, the bare model, which
-    :func:`finish` boots a bridge around (``_layout.blank`` first tries a copy of a template: ``_hf_shell``)."""
-    import warnings
-
-    hf = hf_model(model)
-    config = copy.deepcopy(hf.config)
-    if untie and getattr(config, "tie_word_embeddings", False):
-        config.tie_word_embeddings = False
-    buffers = {k.replace("._original_component", ""): b for k, b in hf.named_buffers()}
-    with warnings.catch_warnings(), _no_hf_init():
-        warnings.simplefilter("ignore")
-        fresh = type(hf)(config)
-        fresh.tie_weights()  # skipped under no_init_weights; a no-op when the config unties them
-    with torch.no_grad():
-        for p in fresh.parameters():  # parameters only: rotary inv_freq buffers stay float32, as HF keeps them
-            p.data = p.data.to(dtype)
-        for name, b in fresh.named_buffers():
-            if name in buffers and buffers[name].shape == b.shape:
-                b.copy_(buffers[name])
-    copy_rope_state(hf, fresh)
-    return fresh.train(model.training)
-
-
-# What a Hugging Face dynamic rotary embedding changes on itself in a forward besides its inv_freq buffer (read by
-# transformers' dynamic_rope_update).
-_ROPE_STATE = ("max_seq_len_cached", "attention_scaling")
-
-
-def copy_rope_state(hf: nn.Module, fresh: nn.Module) -> None:
-    """Give ``fresh`` (a new model of ``hf``'s class, its buffers copied from ``hf``) the state a dynamic rotary embedding
-    keeps beside its buffer: how long a sequence its inv_freq was grown for, and the scaling that came with it. The
-    grown inv_freq is copied with the buffers; without the length the fresh model would keep it where the original
-    resets it at the next short input (a Llama with rope_type "dynamic", after a 40-token forward, transformed:
-    log-probabilities on 9 tokens changed by 3e-2)."""
-    own = {n.replace("._original_component", ""): m for n, m in hf.named_modules()}  # a bridge: the wrapped module last
-    for name, m in fresh.named_modules():
-        name = name.replace("._original_component", "")
-        for attr in _ROPE_STATE:
-            if name in own and attr in vars(own[name]) and attr in vars(m):
-                value = vars(own[name])[attr]
-                setattr(m, attr, value.clone() if isinstance(value, torch.Tensor) else value)
-
-
-def finish(model: nn.Module, fresh: nn.Module) -> nn.Module:
-    """``fresh`` (a Hugging Face model whose weights are written) as the kind ``model`` is: wrapped by a
-    new bridge for a bridge (unless ``fresh`` already is one: :func:`blank`'s ``shell``), itself for a raw
-    model."""
-    if model_kind(model) != ModelKind.HF_BRIDGE or model_kind(fresh) == ModelKind.HF_BRIDGE:
-        return fresh
-    new = _boot(model.cfg.model_name, fresh, _configured(model.tokenizer))
-    return new.train(model.training)
-
-
-def _boot(name: str, fresh: nn.Module, tokenizer):
-    """``TransformerBridge.boot_transformers`` around ``fresh``, without two pieces of work that make nothing
-    the bridge keeps: the hook scan (run twice per boot) reads every public attribute of every module, and
-    ``W_E_pos`` concatenates the token and position embeddings each time (a 66 MB copy for a 32,000-word
-    vocabulary: some 40% of booting an OPT or GPT-2 bridge); and a fused q/k/v's split builds ``nn.Linear`` layers
-    whose random initialisation is replaced by the split weights at once. What the skipped work would have
-    made is checked bit for bit against a plain boot in tests/test_hf_bridge_boot.py."""
-    import warnings
-
-    from ._compat import require
-    from ._quiet_build import _hidden, _no_random_init
-
-    require("transformer_lens")
-    from transformer_lens.model_bridge import TransformerBridge
-
-    with warnings.catch_warnings(), _hidden(TransformerBridge, "W_E_pos"), _no_random_init():
-        warnings.simplefilter("ignore")
-        return TransformerBridge.boot_transformers(name, hf_model=fresh, tokenizer=tokenizer,
-                                                   dtype=next(fresh.parameters()).dtype)
-
-
-def _configured(tokenizer):
-    """The original bridge's tokenizer, already configured by its boot (BOS added), as a copy that a second
-    boot keeps as it is: booting reloads a tokenizer by its ``name_or_path`` with ``add_bos_token=True``
-    unless it says it adds one — which fails offline for a hub name, and with a ``KeyError`` for a
-    tokenizer built in memory (it has no such path)."""
-    if tokenizer is None:
-        return None
-    tok = copy.copy(tokenizer)
-    tok.init_kwargs = {**tokenizer.init_kwargs, "name_or_path": getattr(tokenizer, "name_or_path", ""), "add_bos_token": True}
-    return tok
-
-
-def scratch_bridge(model: nn.Module, fresh: nn.Module):
-    """A bridge around ``fresh`` (a copy of the raw Hugging Face ``model``), with a throwaway word-level
-    tokenizer: what measurements through TransformerLens hooks (rotary pairs) run on."""
-    from tokenizers import Tokenizer, models
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.WordLevel({"a": 0, "[UNK]": 1}, unk_token="[UNK]"))
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[UNK]")
-    return _boot(f"local/{fresh.config.model_type}", fresh, tokenizer)
-
-
-class _no_hf_init:
-    """Skip Hugging Face's random initialisation of a model whose parameters are all written next."""
-
-    def __enter__(self):
-        try:
-            from transformers.initialization import no_init_weights
-        except ImportError:  # transformers 4.x
-            from transformers.modeling_utils import no_init_weights
-        self.ctx = no_init_weights()
-        return self.ctx.__enter__()
-
-    def __exit__(self, *exc):
-        return self.ctx.__exit__(*exc)
-
-
-def with_head(hf: nn.Module) -> nn.Module:
-    """``hf`` itself if it is the language model the adapter reads, else that language model built around ``hf``'s
-    base model (a base model, or one with a classification head): its own modules under the head class's prefix,
-    every head parameter zero. What a measurement through a TransformerLens bridge runs on (a bridge boots language
-    models only); the head's output is never read."""
-    import transformers
-
-    from transformer_lens.model_bridge.sources.transformers import source
-
-    arch = source.determine_architecture_from_hf_config(copy.deepcopy(hf.config))
-    if type(hf).__name__ == arch:
-        return hf
-    base = hf.base_model
-    with _no_hf_init():
-        lm = getattr(transformers, arch)(copy.deepcopy(base.config))
-    setattr(lm, base.base_model_prefix, base)
-    own = {id(p) for p in base.parameters()}
-    with torch.no_grad():
-        for p in lm.parameters():
-            if id(p) not in own:
-                p.zero_()
-    return lm.to(next(base.parameters()).dtype).eval()

@@ -1,13 +1,13 @@
 """A transform's new bridge around a Hugging Face model: a deep copy of a never-run template, not a boot.
 
 Booting a ``TransformerBridge`` costs 1.5-2 deep copies of the whole bridge in CPU time even with the
-work ``_hf._boot`` skips (two scans of every attribute of ~600 modules for hook points, the adapter's
+work ``_hf_build.boot`` skips (two scans of every attribute of ~600 modules for hook points, the adapter's
 block templates deep-copied per layer, ``train()`` over both trees: 80-150 ms at 40-55M parameters). A transform's new bridge differs from a boot around the pushed weights only in its
 weights, so it is built like native bridges are (``_layout._TEMPLATES``): a *template* is booted once per
 (class, config, dtype, model name, training mode) around a blank model, never run and never handed out,
 its parameters then meta tensors; a new bridge is ``copy.deepcopy(template)`` with fresh uninitialised
 parameters in the memo (the caller writes every one through ``canonical_views``), the model's own
-buffers copied in as ``_hf.blank`` copies them, and the model's tokenizer configured as a boot would.
+buffers copied in as ``_hf_build.blank`` copies them, and the model's tokenizer configured as a boot would.
 
 A bridge that has run is never copied: its hooks may be closures over its own hook points. The template
 is copied only where the copy provably is a boot's equal sharing nothing with it; otherwise
@@ -83,14 +83,14 @@ def _params(bridge: nn.Module):
 def _template(model: nn.Module, dtype: torch.dtype):
     """``(template, devices, mirrored placeholders' names, split attentions' names, every split attention the
     template reaches, its modules)`` or None (see the module docstring)."""
-    from . import _hf
+    from . import _hf_build
 
     try:  # TransformerLens 4.x's boot, whose pieces this module reads; 3.9's early bridge is booted
         from transformer_lens.model_bridge.sources._bridge_builder import configure_tokenizer  # noqa: F401
     except ImportError:
         return None
-    fresh = _hf.blank(model, dtype)
-    T = _hf._boot(str(model.cfg.model_name), fresh, _hf._configured(model.tokenizer))
+    fresh = _hf_build.blank(model, dtype)
+    T = _hf_build.boot(str(model.cfg.model_name), fresh, _hf_build.configured(model.tokenizer))
     modules = _params(T)
     wired = _unwire(T, modules)
     if wired is None:
@@ -240,13 +240,13 @@ def _derived(bridge: nn.Module) -> list[tuple[str, nn.Parameter]]:
 
 
 def _copy(entry, model: nn.Module) -> nn.Module:
-    from . import _hf
+    from . import _hf, _hf_build
     from transformer_lens.model_bridge.sources._bridge_builder import configure_tokenizer
 
     T, devices, wired, splits, splitters, modules = entry
     memo = {}
     if T.tokenizer is not None:  # the model's tokenizer, configured as a boot configures it (cfg's BOS flags)
-        memo[id(T.tokenizer)] = configure_tokenizer(_hf._configured(model.tokenizer), T.cfg)
+        memo[id(T.tokenizer)] = configure_tokenizer(_hf_build.configured(model.tokenizer), T.cfg)
     for name in splits:  # split q, k, v: meta until ``finish`` derives them from the written weights
         attn = T.get_submodule(name)
         for p in (p for b in (attn.q, attn.k, attn.v) for p in b.original_component.parameters()):
@@ -263,12 +263,12 @@ def _copy(entry, model: nn.Module) -> nn.Module:
         for name in wired:  # the boot's placeholder mirrors, over the copy's own components
             _wire_symbolic_hooks(new.get_submodule(name))
     buffers = {k.replace("._original_component", ""): b for k, b in _hf.hf_model(model).named_buffers()}
-    with torch.no_grad():  # the model's own buffers, as ``_hf.blank`` copies them
+    with torch.no_grad():  # the model's own buffers, as ``_hf_build.blank`` copies them
         for name, b in new.original_model.named_buffers():
             own = buffers.get(name.replace("._original_component", ""))
             if own is not None and own.shape == b.shape:
                 b.copy_(own)
-    _hf.copy_rope_state(_hf.hf_model(model), new.original_model)  # and a dynamic rotary embedding's state beside them
+    _hf_build.copy_rope_state(_hf.hf_model(model), new.original_model)  # and a dynamic rotary embedding's state beside them
     return new
 
 
@@ -312,7 +312,7 @@ def _reaches(new: nn.Module, T: nn.Module) -> bool:
     closures are followed)."""
     own = _reach(T)
     for i in _reach(T.tokenizer) if T.tokenizer is not None else ():  # the user's tokenizer's state: a shallow
-        own.pop(i, None)  # copy of it is what a boot gets too (``_hf._configured``)
+        own.pop(i, None)  # copy of it is what a boot gets too (``_hf_build.configured``)
     return any(i in own and not _immutable(o) for i, o in _reach(new).items())
 
 

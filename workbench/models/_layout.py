@@ -137,11 +137,11 @@ def rebuild(model: nn.Module, weights: dict[str, torch.Tensor], dtype: Optional[
     kind = model_kind(model)
     dtype = dtype or next(model.parameters()).dtype
     if kind in _HF:  # weights go into a fresh Hugging Face model; a bridge is booted around it after
-        from . import _hf
+        from . import _hf_build
 
-        new = _hf.blank(model, dtype, untie)
+        new = _hf_build.blank(model, dtype, untie)
         write_weights(new, weights)
-        return _hf.finish(model, new)
+        return _hf_build.finish(model, new)
     new = blank(model, dtype)
     write_weights(new, weights)
     return new
@@ -152,9 +152,9 @@ def finish(model: nn.Module, new: nn.Module) -> nn.Module:
     bridge's blank is a bare Hugging Face model, wrapped now (booting splits fused q/k/v into copies,
     so it must come after the weights); every other kind is already complete."""
     if model_kind(model) == ModelKind.HF_BRIDGE:
-        from . import _hf, _hf_shell  # a template's copy derives its split q/k/v from the written weights
+        from . import _hf_build, _hf_shell  # a template's copy derives its split q/k/v from the written weights
 
-        return _hf.finish(model, _hf_shell.finish(new))
+        return _hf_build.finish(model, _hf_shell.finish(new))
     return new
 
 
@@ -230,10 +230,10 @@ def blank(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     caller writes every one (``write_weights`` checks that; ``canonical_views`` callers write all).
     Native bridges come from a deep copy of a cached template (see ``_TEMPLATES``)."""
     if model_kind(model) in _HF:  # a bare Hugging Face model (``finish`` boots a bridge around it), or a
-        from . import _hf, _hf_shell  # bridge copied from a never-run template where that is safe
+        from . import _hf_build, _hf_shell  # bridge copied from a never-run template where that is safe
 
         copied = _hf_shell.shell(model, dtype) if model_kind(model) == ModelKind.HF_BRIDGE else None
-        return _hf.blank(model, dtype) if copied is None else copied
+        return _hf_build.blank(model, dtype) if copied is None else copied
     if model_kind(model) != ModelKind.NATIVE:
         return _boot(model, dtype)
     cfg = {k: v for k, v in vars(model.cfg).items() if not k.startswith("_") and k not in ("dtype", "init_weights")}

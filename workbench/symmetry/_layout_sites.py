@@ -31,7 +31,7 @@ from torch import nn
 
 from .._errors import UnsupportedModelError
 from ..groups import get_group
-from ..models import ModelKind, canonical_views, hf, model_kind, read_weights, shape_facts
+from ..models import ModelKind, canonical_views, hf, hf_build, model_kind, read_weights, shape_facts
 from ._sites import Observation, Port, Site, SymmetryMap
 
 _NORMS = {  # normalisation type -> (group with gains present, group once folded, what folding does)
@@ -380,7 +380,7 @@ def _measure_pairs(model: nn.Module, layer: int) -> tuple[tuple[int, int], ...]:
     if kind == ModelKind.HF:
         try:
             fresh = hf.hf_model(clone(model, torch.float64))
-            model = hf.scratch_bridge(model, hf.with_head(fresh))
+            model = hf_build.scratch_bridge(model, hf_build.with_head(fresh))
         except Exception as exc:  # TransformerLens's boot of this configuration (an assert, a missing attribute)
             raise UnsupportedModelError(
                 f"the rotary pairs are measured through a TransformerLens bridge, and TransformerLens could not boot "

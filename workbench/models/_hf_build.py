@@ -1,0 +1,158 @@
+"""Building a Hugging Face model (or a TransformerLens bridge around one) afresh, for a transformed model and for
+measurements: the layout itself is read in ``_hf.py``.
+
+A transformed model is a fresh Hugging Face model — built without random initialisation, cast
+*before* loading (float64 values loaded into float32 parameters were rounded), its weights written —
+and, for a bridge, wrapped by a new ``boot_transformers`` *after* the weights are in (the bridge
+copies the fused q/k/v into split tensors at boot) — or, where that is provably the same, the new bridge
+is a copy of a never-run template (``_hf_shell.py``). A live bridge is never written: those split
+copies would not follow.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from ._hf import hf_model
+from ._kind import ModelKind, model_kind
+
+
+def blank(model: nn.Module, dtype: torch.dtype, untie: bool = False) -> nn.Module:
+    """A fresh Hugging Face model of ``model``'s class and config, parameters uninitialised in
+    ``dtype`` (the caller writes every one), persistent buffers copied; ``untie``: built with
+    ``tie_word_embeddings=False`` (the parameter names stay the same). For a bridge, the bare model, which
+    :func:`finish` boots a bridge around (``_layout.blank`` first tries a copy of a template: ``_hf_shell``)."""
+    import warnings
+
+    hf = hf_model(model)
+    config = copy.deepcopy(hf.config)
+    if untie and getattr(config, "tie_word_embeddings", False):
+        config.tie_word_embeddings = False
+    buffers = {k.replace("._original_component", ""): b for k, b in hf.named_buffers()}
+    with warnings.catch_warnings(), no_hf_init():
+        warnings.simplefilter("ignore")
+        fresh = type(hf)(config)
+        fresh.tie_weights()  # skipped under no_init_weights; a no-op when the config unties them
+    with torch.no_grad():
+        for p in fresh.parameters():  # parameters only: rotary inv_freq buffers stay float32, as HF keeps them
+            p.data = p.data.to(dtype)
+        for name, b in fresh.named_buffers():
+            if name in buffers and buffers[name].shape == b.shape:
+                b.copy_(buffers[name])
+    copy_rope_state(hf, fresh)
+    return fresh.train(model.training)
+
+
+# What a Hugging Face dynamic rotary embedding changes on itself in a forward besides its inv_freq buffer (read by
+# transformers' dynamic_rope_update).
+_ROPE_STATE = ("max_seq_len_cached", "attention_scaling")
+
+
+def copy_rope_state(hf: nn.Module, fresh: nn.Module) -> None:
+    """Give ``fresh`` (a new model of ``hf``'s class, its buffers copied from ``hf``) the state a dynamic rotary embedding
+    keeps beside its buffer: how long a sequence its inv_freq was grown for, and the scaling that came with it. The
+    grown inv_freq is copied with the buffers; without the length the fresh model would keep it where the original
+    resets it at the next short input (a Llama with rope_type "dynamic", after a 40-token forward, transformed:
+    log-probabilities on 9 tokens changed by 3e-2)."""
+    own = {n.replace("._original_component", ""): m for n, m in hf.named_modules()}  # a bridge: the wrapped module last
+    for name, m in fresh.named_modules():
+        name = name.replace("._original_component", "")
+        for attr in _ROPE_STATE:
+            if name in own and attr in vars(own[name]) and attr in vars(m):
+                value = vars(own[name])[attr]
+                setattr(m, attr, value.clone() if isinstance(value, torch.Tensor) else value)
+
+
+def finish(model: nn.Module, fresh: nn.Module) -> nn.Module:
+    """``fresh`` (a Hugging Face model whose weights are written) as the kind ``model`` is: wrapped by a
+    new bridge for a bridge (unless ``fresh`` already is one: :func:`blank`'s ``shell``), itself for a raw
+    model."""
+    if model_kind(model) != ModelKind.HF_BRIDGE or model_kind(fresh) == ModelKind.HF_BRIDGE:
+        return fresh
+    new = boot(model.cfg.model_name, fresh, configured(model.tokenizer))
+    return new.train(model.training)
+
+
+def boot(name: str, fresh: nn.Module, tokenizer):
+    """``TransformerBridge.boot_transformers`` around ``fresh``, without two pieces of work that make nothing
+    the bridge keeps: the hook scan (run twice per boot) reads every public attribute of every module, and
+    ``W_E_pos`` concatenates the token and position embeddings each time (a 66 MB copy for a 32,000-word
+    vocabulary: some 40% of booting an OPT or GPT-2 bridge); and a fused q/k/v's split builds ``nn.Linear`` layers
+    whose random initialisation is replaced by the split weights at once. What the skipped work would have
+    made is checked bit for bit against a plain boot in tests/test_hf_bridge_boot.py."""
+    import warnings
+
+    from ._compat import require
+    from ._quiet_build import _hidden, _no_random_init
+
+    require("transformer_lens")
+    from transformer_lens.model_bridge import TransformerBridge
+
+    with warnings.catch_warnings(), _hidden(TransformerBridge, "W_E_pos"), _no_random_init():
+        warnings.simplefilter("ignore")
+        return TransformerBridge.boot_transformers(name, hf_model=fresh, tokenizer=tokenizer,
+                                                   dtype=next(fresh.parameters()).dtype)
+
+
+def configured(tokenizer):
+    """The original bridge's tokenizer, already configured by its boot (BOS added), as a copy that a second
+    boot keeps as it is: booting reloads a tokenizer by its ``name_or_path`` with ``add_bos_token=True``
+    unless it says it adds one — which fails offline for a hub name, and with a ``KeyError`` for a
+    tokenizer built in memory (it has no such path)."""
+    if tokenizer is None:
+        return None
+    tok = copy.copy(tokenizer)
+    tok.init_kwargs = {**tokenizer.init_kwargs, "name_or_path": getattr(tokenizer, "name_or_path", ""), "add_bos_token": True}
+    return tok
+
+
+def scratch_bridge(model: nn.Module, fresh: nn.Module):
+    """A bridge around ``fresh`` (a copy of the raw Hugging Face ``model``), with a throwaway word-level
+    tokenizer: what measurements through TransformerLens hooks (rotary pairs) run on."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({"a": 0, "[UNK]": 1}, unk_token="[UNK]"))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[UNK]")
+    return boot(f"local/{fresh.config.model_type}", fresh, tokenizer)
+
+
+class no_hf_init:
+    """Skip Hugging Face's random initialisation of a model whose parameters are all written next."""
+
+    def __enter__(self):
+        try:
+            from transformers.initialization import no_init_weights
+        except ImportError:  # transformers 4.x
+            from transformers.modeling_utils import no_init_weights
+        self.ctx = no_init_weights()
+        return self.ctx.__enter__()
+
+    def __exit__(self, *exc):
+        return self.ctx.__exit__(*exc)
+
+
+def with_head(hf: nn.Module) -> nn.Module:
+    """``hf`` itself if it is the language model the adapter reads, else that language model built around ``hf``'s
+    base model (a base model, or one with a classification head): its own modules under the head class's prefix,
+    every head parameter zero. What a measurement through a TransformerLens bridge runs on (a bridge boots language
+    models only); the head's output is never read."""
+    import transformers
+
+    from transformer_lens.model_bridge.sources.transformers import source
+
+    arch = source.determine_architecture_from_hf_config(copy.deepcopy(hf.config))
+    if type(hf).__name__ == arch:
+        return hf
+    base = hf.base_model
+    with no_hf_init():
+        lm = getattr(transformers, arch)(copy.deepcopy(base.config))
+    setattr(lm, base.base_model_prefix, base)
+    own = {id(p) for p in base.parameters()}
+    with torch.no_grad():
+        for p in lm.parameters():
+            if id(p) not in own:
+                p.zero_()
+    return lm.to(next(base.parameters()).dtype).eval()

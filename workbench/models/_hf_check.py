@@ -1,0 +1,120 @@
+"""The structure check of a Hugging Face model read in the canonical layout (``_hf.py``): does the layout, read from
+the model's class and configuration, describe the model itself?
+
+The layout's facts come from ``type(model)(config)``, and a transformed model is built from them, so a model changed
+after it was built (a module swapped, added or deleted, a forward set on an instance, weights tied or untied by hand,
+a configuration edited so that its modules' settings differ from what it now builds) is refused, naming the change.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .._offload import foreign_forward, offloaded_modules, offloaded_tensor
+from ._kind import ModelKind, model_kind
+
+# Module attributes that say nothing about what an eval-mode forward computes, or that the forward itself changes (a
+# dynamic rotary embedding's cache length); a config edit of pad_token_id (common before batched generation) changes
+# an embedding's padding_idx, which only masks its gradient.
+STATE = frozenset({"training", "gradient_checkpointing", "max_seq_len_cached", "name_or_path", "kernel_config",
+                    "loss_type", "padding_idx", "p", "inplace"})
+
+
+def settings(m: nn.Module) -> dict:
+    """What a module took from the configuration when it was built: its plain attributes (a norm's ``eps``, how many
+    dimensions a head rotates, the score scale, whether a block is parallel), without ``STATE``."""
+    return {k: v for k, v in vars(m).items() if not k.startswith("_") and k not in STATE
+            and isinstance(v, (bool, int, float, str, tuple))}  # not None: an empty module slot (OPT's final_layer_norm),
+    # which a bridge fills with its own component; a setting that is None on one side only still differs
+
+
+def edited(hf: nn.Module, lay) -> Optional[str]:
+    """Where a module of ``hf`` was built with settings other than ``type(hf)(config)`` gives it now: the configuration
+    was edited after building (``config.layer_norm_epsilon``, ``config.rope_parameters["partial_rotary_factor"]``).
+    A transformed model is built from the configuration, so it would compute something else: with the norm's eps
+    edited from 1e-5 to 0.5, GPT-2's log-probabilities moved by 0.1, and verify, measuring its float64 floor on a
+    copy rebuilt the same way, took that 0.1 for rounding and said PASS. In a bridge, the Hugging Face modules its
+    components wrap (``._original_component``) are compared."""
+    for name, m in hf.named_modules():
+        name = name.replace("._original_component", "")
+        if type(m) is not lay.modules.get(name):  # a bridge's wrapper (its own attributes), or a module unread names
+            continue
+        have, want = settings(m), lay.settings.get(name, {})
+        for k in sorted(set(have) | set(want)):
+            if have.get(k, "(none)") != want.get(k, "(none)"):
+                return (f"its module {name or type(hf).__name__!r} ({type(m).__name__}) has {k} = {have.get(k, '(none)')!r} "
+                        f"where {type(hf).__name__}(config) builds {want.get(k, '(none)')!r}: the configuration was edited "
+                        f"after the model was built, and a transformed model, built from the configuration, would compute "
+                        f"something else; nothing is transformed (rebuild the model from the edited configuration, or "
+                        f"undo the edit).")
+    return None
+
+
+def ties(model: nn.Module, params: Optional[dict] = None, expected: frozenset = frozenset()) -> frozenset:
+    """The groups of parameter names that are one tensor (a tied unembedding), as a set of frozensets. A group of
+    ``expected`` (what the class and config tie) with a weight accelerate offloaded counts where every member is
+    served the same values: the offload gives each module its own parameter, so identity cannot show it."""
+    groups: dict[int, set] = {}
+    for n, p in model.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(p), set()).add(n)
+    found = {frozenset(g) for g in groups.values() if len(g) > 1}
+    missing = expected - found
+    offloaded = [name + "." for name, _ in offloaded_modules(model)] if missing else []
+    for group in missing:  # (a transform reads the model onloaded: its parameters are then the served values)
+        if any(n.startswith(m) for n in group for m in offloaded):
+            first, *rest = (torch.as_tensor(offloaded_tensor(model, n, params[n])) for n in sorted(group))
+            if all(torch.equal(first, t) for t in rest):
+                found = {g for g in found if not g <= group} | {group}
+    return frozenset(found)
+
+
+def unread(model: nn.Module, hf: nn.Module, lay) -> Optional[str]:
+    """Why the layout ``lay`` (``_hf.Layout``, read from the class and config) does not describe ``model`` (its Hugging
+    Face model ``hf``) itself; None where it does.
+
+    A bridge's Hugging Face model is wrapped by TransformerLens, so it is held to the class's own parameters: each
+    must be reached. A raw model is compared with ``type(model)(config)``: a module added or replaced (another
+    activation module at the same name), a forward set on an instance, a parameter of another shape, weights tied
+    or untied by hand: any of these would make the layout's facts wrong for it. Modules the class builds and this
+    model lacks are fine where nothing the layout reads is among them (``BertModel(add_pooling_layer=False)``)."""
+    missing = [n for n in lay.shapes if n not in lay.reached]  # the class's own: a rebuilt model would not write them
+    if missing:
+        return (f"the parameters {missing[:4]} are not in TransformerLens's mapping of this architecture, so its "
+                f"symmetries are not derived here (e.g. Phi's qk_layernorm); nothing is transformed.")
+    if model_kind(model) == ModelKind.HF_BRIDGE:
+        if lay.absent:  # TransformerLens's OPT adapter maps a final norm that post-LN OPT (and _remove_final_layer_norm) lacks
+            key, path = lay.absent[0]
+            return (f"TransformerLens's bridge maps its {key!r} to {path}, which {type(hf).__name__}(config) "
+                    f"does not build: the bridge's forward fails there ('Original component not set'), so nothing is "
+                    f"transformed or verified; the raw Hugging Face model (bridge.original_model) is read.")
+        return edited(hf, lay)
+    for name, m in hf.named_modules():
+        if name not in lay.modules or type(m) is not lay.modules[name]:
+            got = "no such module" if name not in lay.modules else lay.modules[name].__name__
+            return (f"its module {name or type(hf).__name__!r} is a {type(m).__name__} where "
+                    f"{type(hf).__name__}(config) has {got}: the model was changed after it was built, and what the "
+                    f"layout reads from its class and config may not hold; nothing is transformed.")
+        why = foreign_forward(m)
+        if why:
+            return (f"its module {name or type(hf).__name__!r} runs {why}: the layout reads the class's computation, "
+                    f"not this one; nothing is transformed.")
+    params = dict(hf.named_parameters(remove_duplicate=False))
+    for name, p in params.items():
+        if lay.shapes.get(name) != tuple(p.shape):
+            return (f"its parameter {name!r} has shape {tuple(p.shape)} where {type(hf).__name__}(config) has "
+                    f"{lay.shapes.get(name)}; nothing is transformed.")
+    lacking = [e.param for e in lay.entries if e.param not in params]
+    if lacking:
+        return f"it lacks {lacking[:3]}, which {type(hf).__name__}(config) has and the layout reads; nothing is transformed."
+    missing = [n for n in params if n not in lay.reached]
+    if missing:
+        return (f"the parameters {missing[:4]} are not in TransformerLens's mapping of this architecture, so its "
+                f"symmetries are not derived here (e.g. Phi's qk_layernorm); nothing is transformed.")
+    expected = {t for t in lay.ties if t <= params.keys()}
+    if ties(hf, params, expected) != expected:
+        return (f"its weights are tied as {sorted(map(sorted, ties(hf)))} where {type(hf).__name__}(config) ties "
+                f"{sorted(map(sorted, expected))} (tied or untied by hand: wb.untie_embeddings unties and says so in the "
+                f"config); nothing is transformed.")
+    return edited(hf, lay)
