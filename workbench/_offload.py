@@ -65,6 +65,18 @@ def offload_like(new: nn.Module, names: list[str]) -> None:
         hook.post_forward(module, None)  # every offloaded tensor to meta, as accelerate leaves them
 
 
+def own_forward(module: nn.Module) -> bool:
+    """Whether ``module`` computes its class's ``forward``: no ``forward`` set on the object, or only accelerate's
+    hook around the class's own (``_hf_hook``, the module's forward kept in ``_old_forward``), which moves tensors
+    between devices; not where ``_old_forward`` was itself replaced before the hook was added."""
+    f = vars(module).get("forward")
+    if f is None:
+        return True
+    if "_hf_hook" in vars(module) and "_old_forward" in vars(module):
+        f = vars(module)["_old_forward"]
+    return getattr(f, "__func__", None) is type(module).forward and getattr(f, "__self__", None) is module
+
+
 def foreign_forward(module: nn.Module) -> Optional[str]:
     """Why ``module``'s instance ``forward`` may compute something other than its class's; None where it is only
     accelerate's wrapper around the class's own forward (its ``AlignDevicesHook``, alone or chained), which moves
@@ -74,8 +86,7 @@ def foreign_forward(module: nn.Module) -> Optional[str]:
     hook = vars(module).get("_hf_hook")
     if hook is None:
         return "a forward set on the instance"
-    old = vars(module).get("_old_forward")
-    if getattr(old, "__func__", None) is not type(module).forward or getattr(old, "__self__", None) is not module:
+    if not own_forward(module):
         return "accelerate's hook around a forward set on the instance"
     kinds = {type(h).__name__ for h in getattr(hook, "hooks", (hook,))}
     if kinds != {"AlignDevicesHook"}:
@@ -128,6 +139,16 @@ def built_alike(model: nn.Module, build: Callable[[], nn.Module]) -> nn.Module:
     return new
 
 
+def _hook_value(module: nn.Module, key: str):
+    """The value ``module``'s offloading accelerate hook (alone or chained) serves for ``key``; None where none does."""
+    hook = vars(module).get("_hf_hook")
+    for h in getattr(hook, "hooks", (hook,)):
+        weights = getattr(h, "weights_map", None)
+        if getattr(h, "offload", False) and weights is not None and key in weights:
+            return weights[key]
+    return None
+
+
 def served(module: nn.Module, attr: str) -> Optional[torch.Tensor]:
     """``module``'s own parameter or buffer ``attr`` as its forward sees it: the tensor itself, or, where accelerate
     offloaded it (a ``meta`` tensor), the value the module's hook serves (for rules that decide by a value: a
@@ -135,29 +156,24 @@ def served(module: nn.Module, attr: str) -> Optional[torch.Tensor]:
     t = getattr(module, attr)
     if t is None or t.device.type != "meta":
         return t
-    hook = vars(module).get("_hf_hook")
-    for h in getattr(hook, "hooks", (hook,)):
-        weights = getattr(h, "weights_map", None)
-        if getattr(h, "offload", False) and weights is not None and attr in weights:
-            return torch.as_tensor(weights[attr])
-    raise UnsupportedModelError(f"{type(module).__name__}.{attr} is on the meta device and no accelerate hook of the "
-                                f"module serves it, so its value cannot be read.")
+    value = _hook_value(module, attr)
+    if value is None:
+        raise UnsupportedModelError(f"{type(module).__name__}.{attr} is on the meta device and no accelerate hook of "
+                                    f"the module serves it, so its value cannot be read.")
+    return torch.as_tensor(value)
 
 
 def offloaded_tensor(model: nn.Module, name: str, t: torch.Tensor) -> torch.Tensor:
     """The value of parameter or buffer ``name`` of ``model``: ``t`` itself unless it is an offloaded ``meta``
-    tensor, then the value accelerate keeps for it (its hook's weights map)."""
+    tensor, then the value accelerate keeps for it (the weights map of its module's hook, or of an ancestor's that
+    placed its submodules)."""
     if t.device.type != "meta":
         return t
-    owner, _, local = name.rpartition(".")
-    path = owner
+    path = name.rpartition(".")[0]
     while True:
-        module = model.get_submodule(path) if path else model
-        hook = getattr(module, "_hf_hook", None)
-        weights = getattr(hook, "weights_map", None)
-        key = name[len(path) + 1:] if path else name
-        if weights is not None and getattr(hook, "offload", False) and key in weights:
-            return weights[key]
+        value = _hook_value(model.get_submodule(path) if path else model, name[len(path) + 1:] if path else name)
+        if value is not None:
+            return value
         if not path:
             return t
         path = path.rpartition(".")[0]

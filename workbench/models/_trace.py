@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from .._offload import served
+from .._offload import own_forward, served
 from ._modes import eval_mode
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
@@ -46,7 +46,7 @@ class _Tracer(fx.Tracer):
         # A module accelerate dispatched runs its class's forward inside a hook that moves weights and inputs between
         # devices: traced through, the graph would record those moves (and their control flow on devices); the
         # class's own forward is what it computes.
-        if ("_hf_hook" in vars(m) and "_old_forward" in vars(m) and not replaced_forward(m)
+        if ("_hf_hook" in vars(m) and "_old_forward" in vars(m) and own_forward(m)
                 and not (m._forward_hooks or m._forward_pre_hooks)):
             forward = vars(m)["_old_forward"]
         return super().call_module(m, forward, args, kwargs)
@@ -55,22 +55,9 @@ class _Tracer(fx.Tracer):
         # A module whose forward was replaced on the object computes that forward, not its class's: traced
         # through, fx records what the replacement does (``relu.forward = torch.tanh`` becomes a tanh node);
         # kept a leaf, the rules would read its class and give a ReLU's group to a tanh.
-        if replaced_forward(m):
+        if not own_forward(m):
             return False
         return super().is_leaf_module(m, qualname) or self._is_activation(m)
-
-
-def replaced_forward(m: nn.Module) -> bool:
-    """Whether ``m`` computes something other than its class's ``forward``: a ``forward`` set on the object.
-    accelerate's hooks set one too (``_hf_hook``, the module's own forward kept in ``_old_forward``), which
-    only moves tensors between devices around the module's forward: that one counts as the class's own
-    unless ``_old_forward`` was itself replaced before the hook was added."""
-    f = vars(m).get("forward")
-    if f is None:
-        return False
-    if hasattr(m, "_hf_hook") and "_old_forward" in vars(m):
-        f = vars(m)["_old_forward"]
-    return getattr(f, "__func__", None) is not type(m).forward or getattr(f, "__self__", None) is not m
 
 
 def _one_line(exc: BaseException) -> str:
@@ -91,7 +78,7 @@ def _user_frame(exc: BaseException) -> str:
 
 def trace(model: nn.Module, is_activation) -> fx.GraphModule:
     """``model`` traced (activation modules stay leaves); a :class:`TraceFailure` naming the user's line."""
-    if replaced_forward(model):  # fx traces type(model).forward, whatever the object's forward is
+    if not own_forward(model):  # fx traces type(model).forward, whatever the object's forward is
         f = vars(model)["forward"]
         raise TraceFailure(f"{type(model).__name__}'s forward was replaced on this object (by "
                            f"{getattr(f, '__qualname__', type(f).__name__)}), and torch.fx traces the class's "
