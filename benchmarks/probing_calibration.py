@@ -1,7 +1,8 @@
 """The simulations behind the calibration figures of ``privileged_basis_test`` (``workbench/probing/_privileged.py``).
 
-Rerun with ``.venv/bin/python benchmarks/probing_calibration.py`` (about 15 CPU minutes on one core of a
-2-CPU machine; nice it on a shared one). It writes ``benchmarks/results/probing_calibration.json`` and ``.md``.
+Rerun with ``.venv/bin/python benchmarks/probing_calibration.py`` (about 4-5 minutes on one thread of a 2-CPU
+machine at load 4-5; nice it on a shared one). It writes ``benchmarks/results/probing_calibration.json``
+and ``.md``; the same seeds give the same counts.
 ``--quick`` is a smoke run (a few data sets per row, few bases) that prints the table and writes files only
 where ``--out`` says.
 
@@ -236,21 +237,22 @@ def markdown(result: dict) -> str:
              f"{result['load'][0]:.2f} / {result['load'][1]:.2f}",
              "- Protocol: the script's docstring; each row's own settings are in its line and in the JSON.",
              "- Counts: data sets called privileged (q < 0.05; with one concept, p ≤ 0.04 at 99 bases) or, in "
-             "rows measured as P(p ≤ 0.05), with p ≤ 0.05 (with several concepts: data sets with any such concept); 95% Clopper–Pearson interval from "
-             "`scipy.stats.binomtest`. *Earlier figure*: what `_privileged.py`'s docstring (for power: a helper's report) gave before this "
-             "script existed, from runs that left no script, "
-             "and the two-sided Fisher exact p of the two counts: *agrees* when it is ≥ 0.05 (a quoted 0/300 "
-             "lies outside the interval of a measured 1/300, yet the two agree).",
+             "rows measured as P(p ≤ 0.05), with p ≤ 0.05 (with several concepts: data sets with any such "
+             "concept); 95% Clopper–Pearson interval from `scipy.stats.binomtest`. *Earlier figure*: what "
+             "`_privileged.py`'s docstring (for power: a helper's report) gave before this script existed, from "
+             "runs that left no script, and the two-sided Fisher exact p of the two counts: *agrees* when it is "
+             "≥ 0.05 (a quoted 0/300 lies outside the interval of a measured 1/300, yet the two agree).",
              f"- Reference: under an exact null a 99-basis test is privileged with probability 0.04; more than "
              f"{result['reference']['more_than']} of 300 has probability {result['reference']['sf_004']:.2g} "
-             f"at that rate and {result['reference']['sf_005']:.2g} at 0.05. The 99% binomial band of P(p ≤ 0.05) over 1500 data sets is "
-             f"[{result['reference']['band_1500'][0]:.3f}, {result['reference']['band_1500'][1]:.3f}].", ""]
+             f"at that rate and {result['reference']['sf_005']:.2g} at 0.05. The 99% binomial band of "
+             f"P(p ≤ 0.05) over 1500 data sets is [{result['reference']['band_1500'][0]:.3f}, "
+             f"{result['reference']['band_1500'][1]:.3f}].", ""]
     section = None
     for r in result["rows"]:
         if r["section"] != section:
             section = r["section"]
             lines += ["", f"## {section}", "", "| row | n | d | statistic | standardize | bases | measure | count "
-                      "| 95% interval | privileged / p ≤ 0.05 | earlier figure |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+                      "| 95% interval | privileged / p ≤ 0.05 | earlier figure |", "|---" * 11 + "|"]
         lines.append(f"| {r['label']} | {r['n']} | {r['d']} | {r['statistic']} | {r['standardize']} | "
                      f"{r['n_bases']} | {r['measure']} | {fmt_count(r)} | [{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}] | "
                      f"{r['count_privileged']} / {r['count_p_le_005']} | {quoted(r)} |")
@@ -289,7 +291,7 @@ def main(argv=None) -> dict:
             bar.set_postfix_str(f"{row['section'][:20]}: {row['label']}", refresh=False)
             done.append(run_row(row, bar))
     band = stats.binom.ppf([0.005, 0.995], 1500, 0.05) / 1500
-    more = 25
+    more = 22  # the docstring's threshold: P(> 22 of 300) = 0.0025 at the exact null's 4%
     result = dict(command="python " + " ".join(shlex.quote(a) for a in [f"benchmarks/{Path(__file__).name}"]
                                               + list(sys.argv[1:] if argv is None else argv)),
                   date=started.isoformat(timespec="seconds"), machine=machine(),

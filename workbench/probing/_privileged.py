@@ -32,7 +32,7 @@ What a small p-value does and does not say: the null is that activations and con
 look the same in every basis of the family. Standardizing removes unequal scales, not other ways in
 which the activations alone differ between bases, and those can move the statistic for a concept no
 unit carries. Measured with labels drawn independently of i.i.d. standardized units (d = 16, 99
-rotations, 300 data sets; a calibrated test is privileged in 4%, 12 of 300, and more than 21 of 300
+rotations, 300 data sets; a calibrated test is privileged in 4%, 12 of 300, and more than 22 of 300
 has probability 0.0025 under it): with the AUROC statistic at n = 1000, privileged in 36 of 300 for
 Cauchy units, 24 for log-normal (σ = 2) units, 16 for Gaussian units; at n = 200, 33, 33, 15 (Cauchy,
 log-normal, Student-t(3)); with the mean difference at n = 200 in 1, 1 and 12 (conservative for the
