@@ -13,31 +13,36 @@ built-in statistics ignore it — but a rotation of units of unequal scales is d
 whose shared directions correlate every rotated unit; the best of d correlated units is less extreme
 than the best of d independent ones, so unequal scales alone made the neuron basis look privileged.
 Measured (labels independent of Gaussian activations whose 16 unit standard deviations are
-log-uniform on [0.1, 10], n = 200, 99 rotations, 300 data sets): privileged (q < 0.05) in 83 and 93
-of 300 data sets for the AUROC and mean-difference statistics raw, in 6 and 5 standardized. The
+log-uniform on [0.1, 10], n = 200, 99 rotations, 300 data sets): privileged (q < 0.05) in 86 and 90
+of 300 data sets for the AUROC and mean-difference statistics raw, in 11 and 10 standardized; an exact
+null gives 4% (12 of 300: with one concept q = p, and q < 0.05 is p ≤ 0.04 with 99 rotations). The
 standard deviations are the sample's, a per-unit operation, so with standardizing the calibration is
 measured rather than exact by the argument above (which ``standardize=False`` keeps): isotropic
-Gaussian activations, a concept along a random direction, 19 rotations, 1500 data sets each,
-P(p ≤ 0.05) = 0.053 (n = 50, d = 8), 0.050 (n = 20, d = 16), 0.057 with half the rows zero (n = 100,
-d = 8); the 99% binomial band around 0.05 is [0.036, 0.065]. Standardizing also changes which
-concepts count as basis-free: with the same unequal scales, a concept along a random direction of the
-*raw* activations is dominated by the few largest units on it, so single units do carry it, and it
-came out privileged in 171 of 300 data sets standardized, 9 of 300 raw. Raw directions are only
-basis-free when unit scales mean something; in a ReLU layer they do not (a function-preserving
+Gaussian activations, a concept along a random direction (y = x·u > 0, u uniform), the AUROC
+statistic, 19 rotations, 1500 data sets each, P(p ≤ 0.05) = 0.053 (n = 50, d = 8), 0.051 (n = 20,
+d = 16), 0.050 with half the rows zero (n = 100, d = 8); the 99% binomial band around 0.05 is
+[0.036, 0.065]. Standardizing also changes which concepts count as basis-free: with the same unequal
+scales, a concept along a random direction of the *raw* activations is dominated by the few largest
+units on it, so single units do carry it, and it came out privileged in 160 of 300 data sets
+standardized, 11 of 300 raw (AUROC, n = 200, 99 rotations). Raw directions are only basis-free when
+unit scales mean something; in a ReLU layer they do not (a function-preserving
 rescaling moves them). ``standardize=False`` asks the raw question.
 
 What a small p-value does and does not say: the null is that activations and concepts *together*
 look the same in every basis of the family. Standardizing removes unequal scales, not other ways in
 which the activations alone differ between bases, and those can move the statistic for a concept no
 unit carries. Measured with labels drawn independently of i.i.d. standardized units (d = 16, 99
-rotations, 300 data sets; a calibrated test is privileged in at most 5%, and more than 25 of 300 has
-probability < 0.005 under 5%): with the AUROC statistic at n = 1000, privileged in 38 of 300 for
-Cauchy units, 33 for log-normal (σ = 2) units, 12 for Gaussian units; at n = 200, 24, 30, 19 (Cauchy,
-log-normal, Student-t(3)); with the mean difference at n = 200 in 0, 1 and 11 (conservative there).
-ReLU'd Gaussian units gave 10 (AUROC) and 8, 90%-sparse ReLU'd units 0 and 3 (n = 200). So a concept
-found privileged in a layer with heavy-tailed units (``basis_alignment``) needs a control: the same
-test with the concept's labels shuffled (``y[torch.randperm(len(y))]``), over a few shuffles, shows
-how often this layer makes a concept it cannot carry look privileged.
+rotations, 300 data sets; a calibrated test is privileged in 4%, 12 of 300, and more than 22 of 300
+has probability 0.0025 under it): with the AUROC statistic at n = 1000, privileged in 36 of 300 for
+Cauchy units, 24 for log-normal (σ = 2) units, 16 for Gaussian units; at n = 200, 33, 33, 15 (Cauchy,
+log-normal, Student-t(3)); with the mean difference at n = 200 in 1, 1 and 12 (conservative for the
+first two). ReLU'd Gaussian units gave 9 (AUROC) and 9, 90%-sparse ReLU'd units 0 and 2 (n = 200).
+So a concept found privileged in a layer with heavy-tailed units (``basis_alignment``) needs a
+control: the same test with the concept's labels shuffled (``y[torch.randperm(len(y))]``), over a few
+shuffles, shows how often this layer makes a concept it cannot carry look privileged.
+
+Every figure above is a row of ``benchmarks/probing_calibration.py`` (seeded, about 4 CPU minutes);
+its page ``benchmarks/results/probing_calibration.md`` gives each count's 95% interval and protocol.
 """
 from __future__ import annotations
 
@@ -286,13 +291,14 @@ def privileged_basis_test(acts, concepts, bases: Sequence = ("orthogonal", "gl")
             The smallest p is 1/(n_bases + 1), so with K concepts a concept alone reaches q < alpha
             only if K/(n_bases + 1) < alpha (20 concepts need n_bases ≥ 400 at alpha = 0.05); with fewer
             bases only several small p-values together do. Measured under the complete null (20
-            concepts, labels independent of or along random directions of isotropic data, 99 bases,
-            300 data sets each): no concept privileged in any data set.
+            concepts, labels independent of or along random directions of isotropic data, n = 200,
+            d = 16, 99 bases, 300 data sets each; ``benchmarks/probing_calibration.py``): no concept
+            privileged in any data set.
         standardize: divide each unit by its standard deviation over the rows tested (constant units
             are left as they are) before computing anything, in the neuron basis as in every random
             one. The built-in statistics are unchanged by it in the neuron basis; what changes is the
             null, which no longer depends on the units' arbitrary scales (module docstring: with
-            unequal scales and no concept at all, raw activations gave "privileged" in 28-31% of data
+            unequal scales and no concept at all, raw activations gave "privileged" in 29-30% of data
             sets at alpha = 0.05). False turns the raw activations. The layer's own group acts on
             the standardized activations too. For permutation groups, signed or scaled (the ReLU,
             GELU, tanh, LayerNorm groups), standardizing M·x gives the standardized x acted on by M up
