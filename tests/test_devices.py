@@ -223,6 +223,36 @@ def test_a_dispatched_hugging_face_model_is_transformed_as_in_memory_and_stays_d
     assert wb.verify(moved, new, fam.IDS, transform=t).passed
 
 
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_a_bridge_around_a_dispatched_model_is_transformed_as_in_memory(family, tmp_path):
+    """A TransformerLens bridge booted around a dispatched Hugging Face model: the in-memory bridge's map; the
+    transformed bridge's model stays dispatched alike and serves the in-memory bridge transform's weights, bit for bit;
+    the function is unchanged (computed here in float64 from the weights served); verify passes, and asked for a
+    float64 copy of this float64 model, says so instead of copying."""
+    import test_hf_families as fam
+
+    model, moved = hf_dispatched(family, "disk", tmp_path)
+    bridged, reference = fam.bridge(moved, tmp_path), fam.bridge(model, tmp_path)
+    meta = {n for n, p in bridged.original_model.named_parameters() if p.device.type == "meta"}
+    assert meta  # the copy fam.bridge boots around is dispatched too
+    assert fam.kinds(wb.symmetry_map(bridged)) == fam.kinds(wb.symmetry_map(reference)) == fam.kinds(wb.symmetry_map(model))
+    new, t = wb.random_intertwiner(bridged, seed=3)
+    ref, _ = wb.random_intertwiner(reference, seed=3)
+    assert {n for n, p in new.original_model.named_parameters() if p.device.type == "meta"} == meta
+    weights = served(new.original_model)
+    want = dict(ref.original_model.named_parameters(remove_duplicate=False))
+    assert weights.keys() == want.keys() and all(torch.equal(weights[n], want[n]) for n in want)
+    # The Hugging Face model's own names (the bridge wraps its modules, and adds aliases such as self_attn.o)
+    names = dict(model.named_parameters(remove_duplicate=False)).keys()
+    plain = {n.replace("._original_component", ""): w for n, w in weights.items()}
+    assert names <= plain.keys()
+    plain = {n: plain[n] for n in names}
+    assert fam.rel(fam.logp(in_memory(model, plain)), fam.logp(model)) <= fam.TOL
+    assert wb.verify(bridged, new, fam.IDS, transform=t).passed
+    with pytest.raises(InvalidOptionError, match="already torch.float64: dtype=None"):
+        wb.verify(bridged, new, fam.IDS, transform=t, dtype=F64)
+
+
 def test_verify_reads_what_a_dispatched_copy_serves(tmp_path):
     """The negative control: one offloaded weight of the transformed copy altered behind its hook (a column swap of
     the MLP's input projection) changes the function, and verify FAILs it."""

@@ -103,7 +103,13 @@ def dispatch_like(new: nn.Module, model: nn.Module) -> None:
     from accelerate.hooks import AlignDevicesHook, SequentialHook, add_hook_to_module
     from accelerate.utils import find_tied_parameters
 
-    tied = {new.get_parameter(n).data_ptr(): {} for group in find_tied_parameters(new) for n in group}
+    # A tie is one parameter held by different modules (an unembedding tied to the embedding). A TransformerLens
+    # bridge reaches one module by several paths (``attn.qkv`` and ``attn._original_component.c_attn``), which
+    # ``find_tied_parameters`` also reports; accelerate keys its map by data pointer, and GPT-2's split q/k/v are
+    # views starting at c_attn's pointer, so such a "tie" gave c_attn.weight the [32, 32] query view in place of
+    # its [32, 96] self (tests/test_devices.py, the bridge around a dispatched model).
+    tied = {new.get_parameter(n).data_ptr(): {} for group in find_tied_parameters(new)
+            if len({id(new.get_submodule(n.rpartition(".")[0])) for n in group}) > 1 for n in group}
 
     def fresh(hook):
         if isinstance(hook, SequentialHook):

@@ -200,10 +200,13 @@ def _verify(model, new_model, inputs, transform, dtype, tolerance, bar) -> Invar
     backend = backend_for(model)
     example = backend.example(inputs)
     if dtype is not None and offloaded_modules(model):
+        own = {p.dtype for p in model.parameters() if p.is_floating_point()}  # (an offloaded meta parameter keeps it)
+        advice = (f"The model is already {dtype}: dtype=None verifies in it." if own == {dtype} else
+                  f"Verify in the model's own dtype (dtype=None), or load the model in {dtype} first.")
         raise InvalidOptionError(
             f"verify(dtype={dtype}) re-applies the transform to a {dtype} copy, which a model whose weights accelerate "
             f"offloaded ({offloaded_modules(model)[0][0]!r}, …) cannot give: its offloaded weights keep their stored "
-            f"dtype. Verify in the model's own dtype (dtype=None), or load the model in {dtype} first.")
+            f"dtype. {advice}")
     if dtype is not None:
         bar.set_postfix_str(f"{str(dtype).replace('torch.', '')} copy")
         model = backend.clone(model, dtype)
