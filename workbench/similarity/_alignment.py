@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from .._errors import InvalidOptionError
-from ._prep import DegenerateRepresentationError, as_pair, per_position, score_from_distance, unit_normalise
+from ._prep import DegenerateRepresentationError, as_pair, centred, per_position, score_from_distance, unit_normalise
 
 
 def _pair_rows(acts_a, acts_b):
@@ -149,7 +149,7 @@ def _basis(H: torch.Tensor, keep, name: str) -> torch.Tensor:
     if m <= c:
         raise InvalidOptionError(f"CCA needs more samples than units, or every pair of bases correlates "
                                  f"perfectly; {name} has {m} samples (examples × positions) and {c} units.")
-    H = H - H.mean(0, keepdim=True)
+    H = centred(H)
     Q, R = torch.linalg.qr(H)  # cheap on tall [N·P, C] data; the SVD then runs on C × C
     U, S, _ = torch.linalg.svd(R)
     rank = int((S > S.max() * m * torch.finfo(S.dtype).eps).sum()) if S.max() > 0 else 0

@@ -1,0 +1,251 @@
+"""Similarity measures against direct float64 definitions, and the inputs that would fool them.
+
+The references below are written from the published definitions with NumPy/SciPy only (traces with
+the centring matrix, scipy's Procrustes and Hungarian solvers, SVDs of orthonormal bases), never
+by calling the code under test.
+"""
+import math
+
+import numpy as np
+import pytest
+import scipy.linalg as sla
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from scipy.optimize import linear_sum_assignment
+
+import workbench as wb
+from workbench import InvalidOptionError
+from workbench.similarity import MEASURES, DegenerateRepresentationError
+
+S = wb.similarity
+TOL = 1e-10  # float64 through Grams, SVDs and sums on these sizes: worst measured 7e-15
+
+
+# ---------------------------------------------------------------------------------------- references
+def _flat(x):
+    return x.reshape(x.shape[0], -1)
+
+
+def _rows(x):
+    return np.moveaxis(x, 1, -1).reshape(-1, x.shape[1])
+
+
+def _hsic_biased(K, L):  # Gretton et al. 2005: tr(K H L H) / (n − 1)²
+    n = len(K)
+    H = np.eye(n) - np.ones((n, n)) / n
+    return np.trace(K @ H @ L @ H) / (n - 1) ** 2
+
+
+def _hsic_unbiased(K, L):  # Song et al. 2012, eq. (5)
+    n = len(K)
+    K, L = K.copy(), L.copy()
+    np.fill_diagonal(K, 0)
+    np.fill_diagonal(L, 0)
+    one = np.ones(n)
+    return (np.trace(K @ L) + (one @ K @ one) * (one @ L @ one) / ((n - 1) * (n - 2))
+            - 2 / (n - 2) * (one @ K @ L @ one)) / (n * (n - 3))
+
+
+def _cka(K, L, unbiased=False):
+    h = _hsic_unbiased if unbiased else _hsic_biased
+    n = len(K)
+    # The unbiased self-HSIC is exactly 0 for some inputs (one example differing from the rest); rounding
+    # leaves ±1e-17 there, and 0/0 is no similarity: NaN, which the test reads as "must refuse".
+    if any(h(G, G) <= 1e-10 * (G ** 2).sum() / (n * (n - 3) if unbiased else (n - 1) ** 2) for G in (K, L)):
+        return math.nan
+    return h(K, L) / np.sqrt(h(K, K) * h(L, L))
+
+
+def _linear_cka(a, b, unbiased=False):
+    X, Y = _flat(a), _flat(b)
+    return _cka(X @ X.T, Y @ Y.T, unbiased)
+
+
+def _rbf_cka(a, b):
+    def gram(x):
+        X = _flat(x)
+        D = ((X[:, None] - X[None]) ** 2).sum(-1)
+        d = np.sort(D[np.triu_indices(len(X), 1)])
+        return np.exp(-D / (2 * d[(len(d) - 1) // 2]))  # the lower median, as documented
+    return _cka(gram(a), gram(b))
+
+
+def _standardise(x):
+    """[N, C, P]: each channel centred and scaled to norm 1 over (examples, positions); constant → 0."""
+    X = x.reshape(x.shape[0], x.shape[1], -1).astype(float)
+    const = X.max(axis=(0, 2), keepdims=True) == X.min(axis=(0, 2), keepdims=True)
+    X = np.where(const, 0.0, X - X.mean(axis=(0, 2), keepdims=True))
+    norm = np.sqrt((X ** 2).sum(axis=(0, 2), keepdims=True))
+    return X / np.where(norm > 0, norm, 1)
+
+
+def _grelu_cka(a, b):
+    def gram(x):  # the paper's loop: K_ij = max_c <H_i[c], H_j[c]>
+        H = _standardise(x)
+        n = len(H)
+        return np.array([[max(H[i, c] @ H[j, c] for c in range(H.shape[1])) for j in range(n)] for i in range(n)])
+    return _cka(gram(a), gram(b), True)
+
+
+def _standardized_cka(a, b):
+    X, Y = _flat(_standardise(a)), _flat(_standardise(b))
+    return _cka(X @ X.T, Y @ Y.T, True)
+
+
+def _pad(A, B):
+    c = max(A.shape[1], B.shape[1])
+    return np.pad(A, ((0, 0), (0, c - A.shape[1]))), np.pad(B, ((0, 0), (0, c - B.shape[1])))
+
+
+def _orthogonal_procrustes(a, b):
+    A, B = _rows(a), _rows(b)
+    A, B = _pad(A / np.linalg.norm(A), B / np.linalg.norm(B))
+    R, _ = sla.orthogonal_procrustes(B, A)
+    return 1 - np.sqrt(((A - B @ R) ** 2).sum() / 4)
+
+
+def _permutation_procrustes(a, b):
+    A, B = _rows(a), _rows(b)
+    A, B = _pad(A / np.linalg.norm(A), B / np.linalg.norm(B))
+    r, c = linear_sum_assignment(A.T @ B, maximize=True)
+    return 1 - np.sqrt(((A[:, r] - B[:, c]) ** 2).sum() / 4)
+
+
+def _grelu_procrustes(a, b):  # PAPER.md §5: units normalised, Hungarian on C_ij, d² = (‖A‖²+‖B‖²−2Σ)/(4C)
+    def unit(H):
+        n = np.linalg.norm(H, axis=0)
+        return H / np.where(n > 0, n, 1)
+    A, B = _pad(unit(_rows(a)), unit(_rows(b)))
+    C = A.T @ B
+    r, c = linear_sum_assignment(C, maximize=True)
+    return 1 - np.sqrt(max((A ** 2).sum() + (B ** 2).sum() - 2 * C[r, c].sum(), 0) / (4 * A.shape[1]))
+
+
+def _correlation_matching(a, b):
+    def z(H):  # Pearson's standardisation; an exactly constant unit is 0, so it correlates 0
+        H = np.where(H.max(0) == H.min(0), 0.0, H - H.mean(0))
+        n = np.linalg.norm(H, axis=0)
+        return H / np.where(n > 0, n, 1)
+    R = z(_rows(a)).T @ z(_rows(b))
+    r, c = linear_sum_assignment(R, maximize=True)
+    return R[r, c].mean()
+
+
+def _basis(H, keep=None):
+    U, S, _ = np.linalg.svd(H - H.mean(0), full_matrices=False)
+    k = rank = int((S > S.max() * max(H.shape) * np.finfo(float).eps).sum())
+    if keep is not None:
+        share = np.cumsum(S[:rank] ** 2) / (S[:rank] ** 2).sum()
+        k = min(rank, int(np.searchsorted(share, keep - 1e-12)) + 1)
+    return U[:, :k]
+
+
+def _mean_cca(a, b, keep=None):  # Raghu et al. 2017: CCA of (SVD-truncated) bases = singular values of QaᵀQb
+    rho = np.linalg.svd(_basis(_rows(a), keep).T @ _basis(_rows(b), keep), compute_uv=False)
+    return np.minimum(rho, 1).mean()
+
+
+REFERENCE = {"linear_cka": _linear_cka, "linear_cka_unbiased": lambda a, b: _linear_cka(a, b, True),
+             "rbf_cka": _rbf_cka, "standardized_cka": _standardized_cka, "grelu_cka": _grelu_cka,
+             "orthogonal_procrustes": _orthogonal_procrustes, "permutation_procrustes": _permutation_procrustes,
+             "grelu_procrustes": _grelu_procrustes, "correlation_matching": _correlation_matching,
+             "mean_cca": _mean_cca, "svcca": lambda a, b: _mean_cca(a, b, 0.99)}
+MIN_N = {"linear_cka_unbiased": 4, "standardized_cka": 4, "grelu_cka": 4, "rbf_cka": 3}
+
+
+def test_every_measure_has_a_reference():
+    assert set(REFERENCE) == set(MEASURES)
+
+
+@settings(max_examples=100, deadline=None)
+@given(n=st.integers(2, 12), ca=st.integers(1, 6), cb=st.integers(1, 6), spatial=st.sampled_from([(), (2,), (2, 3)]),
+       relu=st.booleans(), seed=st.integers(0, 2 ** 31))
+def test_every_measure_equals_its_published_definition(n, ca, cb, spatial, relu, seed):
+    """Random sizes including n < d, n = d, d = 1, n = 2, 3; related pairs so values sit mid-range."""
+    rng = np.random.default_rng(seed)
+    a = rng.standard_normal((n, ca, *spatial))
+    b = rng.standard_normal((n, cb, *spatial)) + 0.7 * np.resize(a, (n, cb, *spatial))
+    if relu:
+        a, b = np.maximum(a, 0), np.maximum(b, 0)
+    for name, measure in MEASURES.items():
+        rows = n * math.prod(spatial)
+        if n < MIN_N.get(name, 2) or (name in ("mean_cca", "svcca") and rows <= max(ca, cb)):
+            with pytest.raises(InvalidOptionError):
+                measure(a, b)
+            continue
+        with np.errstate(all="ignore"):
+            try:
+                ref = float(REFERENCE[name](a, b))
+            except ValueError:  # scipy refuses the NaNs of 0/0 on a dead side
+                ref = math.nan
+        dead = any(not x.any() for x in (a, b))  # documented: no signal → refused, not scored (e.g. 0.5)
+        if measure.invariant_to("translation"):
+            dead = dead or any((_rows(x).max(0) == _rows(x).min(0)).all() for x in (a, b))
+        if dead or not np.isfinite(ref):  # a degenerate draw (every unit dead after ReLU): ours must refuse
+            with pytest.raises(DegenerateRepresentationError):
+                measure(a, b)
+            continue
+        ours = measure(torch.from_numpy(a), torch.from_numpy(b))
+        assert abs(ours - ref) <= TOL, (name, ours, ref)
+
+
+# ---------------------------------------------------------------------------------------- data that would fool them
+def _pair(shape, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g, dtype=torch.float64).relu() + 0.01
+    return x, torch.randn(shape, generator=g, dtype=torch.float64).relu() + 0.5 * x
+
+
+@settings(max_examples=30, deadline=None)
+@given(value=st.floats(-1e3, 1e3, allow_nan=False).filter(lambda v: v != 0), n=st.integers(5, 40),
+       spatial=st.sampled_from([(), (3,), (2, 2)]))
+def test_a_constant_map_is_degenerate_whatever_its_value(value, n, spatial):
+    """Centring a constant 0.1 left 1e-17 of rounding, which CKA, CCA and correlation matching then read as a
+    representation (linear CKA 2e-33, mean CCA 9e-17, correlation matching 5e-18) instead of refusing it."""
+    _, live = _pair((n, 4, *spatial), n)
+    constant = torch.full((n, 4, *spatial), value, dtype=torch.float64)
+    for name, measure in MEASURES.items():
+        if not measure.invariant_to("translation"):
+            continue  # the uncentred measures see a constant map as a signal
+        for a, b in ((constant, live), (live, constant)):
+            with pytest.raises(DegenerateRepresentationError):
+                measure(a, b)
+
+
+@pytest.mark.parametrize("value", [0.1, 0.7, 1.1, 123.456])
+@pytest.mark.parametrize("n, positions", [(7, 1), (5, 9), (30, 4)])
+def test_a_constant_unit_correlates_zero_with_everything(value, n, positions):
+    """As documented; its rounding residue, scaled to norm 1, correlated perfectly with its own copy (1.0, not 0.75)."""
+    x, _ = _pair((n, 4, positions), 3)
+    x[:, 0] = value
+    assert S.correlation_matching(x, x) == pytest.approx(3 / 4, abs=1e-12)
+    assert S.correlation_matching(x, x) == pytest.approx(_correlation_matching(x.numpy(), x.numpy()), abs=1e-12)
+
+
+@pytest.mark.parametrize("k", [-600, -250, 250, 600])
+def test_power_of_two_scale_changes_nothing_even_far_from_one(k):
+    """Every measure is invariant to isotropic scaling; far from 1, Gram products overflowed or
+    underflowed (Procrustes 0.5, correlation matching 0, CKA 'degenerate' at 2^±600 ≈ 1e±180)."""
+    x, y = _pair((20, 4, 2, 2), 1)
+    for name, measure in MEASURES.items():
+        base = measure(x, y)
+        assert measure(x * 2.0 ** k, y) == base, name  # a power of two changes no rounding: equal, not close
+        assert measure(x, y * 2.0 ** k) == base, name
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(4, 40), c=st.integers(1, 6), which=st.integers(0, 39), seed=st.integers(0, 2 ** 31))
+def test_unbiased_cka_refuses_a_map_where_only_one_example_differs(n, c, which, seed):
+    """The U-statistic HSIC(K, K) of a linear kernel is exactly 0 when one example differs from the others
+    (checked in exact fractions for N = 4, 5, 6, 10); its ±1e-17 of rounding had made CKA any number
+    (6.9e-08 for N = 4) or a refusal, by the sign of the residue."""
+    rng = np.random.default_rng(seed)
+    x = np.tile(rng.random((1, c)), (n, 1))
+    x[which % n] += rng.standard_normal(c)
+    y = rng.standard_normal((n, 3))
+    assert math.isnan(_linear_cka(x, y, True))  # the reference agrees: 0/0
+    for name in ("linear_cka_unbiased", "standardized_cka"):
+        with pytest.raises(DegenerateRepresentationError, match="acts_a"):
+            MEASURES[name](x, y)
+    assert S.linear_cka(x, y) == pytest.approx(_linear_cka(x, y), abs=TOL)  # the biased estimator is defined
