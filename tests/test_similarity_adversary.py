@@ -151,7 +151,7 @@ REFERENCE = {"linear_cka": _linear_cka, "linear_cka_unbiased": lambda a, b: _lin
              "orthogonal_procrustes": _orthogonal_procrustes, "permutation_procrustes": _permutation_procrustes,
              "grelu_procrustes": _grelu_procrustes, "correlation_matching": _correlation_matching,
              "mean_cca": _mean_cca, "svcca": lambda a, b: _mean_cca(a, b, 0.99)}
-MIN_N = {"linear_cka_unbiased": 4, "standardized_cka": 4, "grelu_cka": 4, "rbf_cka": 3}
+MIN_N = {"linear_cka_unbiased": 4, "standardized_cka": 4, "grelu_cka": 4, "rbf_cka": 3, "linear_cka": 3}
 
 
 def test_every_measure_has_a_reference():
@@ -170,7 +170,8 @@ def test_every_measure_equals_its_published_definition(n, ca, cb, spatial, relu,
         a, b = np.maximum(a, 0), np.maximum(b, 0)
     for name, measure in MEASURES.items():
         rows = n * math.prod(spatial)
-        if n < MIN_N.get(name, 2) or (name in ("mean_cca", "svcca") and rows <= max(ca, cb)):
+        if (n < MIN_N.get(name, 2) or (name in ("mean_cca", "svcca") and rows <= max(ca, cb) + 1)
+                or (name == "correlation_matching" and rows < 3)):
             with pytest.raises(InvalidOptionError):
                 measure(a, b)
             continue
@@ -198,7 +199,7 @@ def _pair(shape, seed):
 
 
 @settings(max_examples=30, deadline=None)
-@given(value=st.floats(-1e3, 1e3, allow_nan=False).filter(lambda v: v != 0), n=st.integers(5, 40),
+@given(value=st.floats(-1e3, 1e3, allow_nan=False).filter(lambda v: v != 0), n=st.integers(6, 40),
        spatial=st.sampled_from([(), (3,), (2, 2)]))
 def test_a_constant_map_is_degenerate_whatever_its_value(value, n, spatial):
     """Centring a constant 0.1 left 1e-17 of rounding, which CKA, CCA and correlation matching then read as a
@@ -249,3 +250,33 @@ def test_unbiased_cka_refuses_a_map_where_only_one_example_differs(n, c, which, 
         with pytest.raises(DegenerateRepresentationError, match="acts_a"):
             MEASURES[name](x, y)
     assert S.linear_cka(x, y) == pytest.approx(_linear_cka(x, y), abs=TOL)  # the biased estimator is defined
+
+
+@pytest.mark.parametrize("name", ["mean_cca", "svcca"])
+@pytest.mark.parametrize("c, spatial", [(1, ()), (3, ()), (7, ()), (3, (1,))])
+def test_cca_refuses_as_many_units_as_centred_dimensions(name, c, spatial):
+    """N·P = C + 1 samples: after centring one side spans the whole space, so every canonical correlation is 1
+    for unrelated random maps (the reference reads 1.0 too); the old check (N·P ≤ C) let that through as 1.0."""
+    rng = np.random.default_rng(c)
+    a, b = rng.standard_normal((c + 1, c, *spatial)), rng.standard_normal((c + 1, c, *spatial))
+    assert _mean_cca(a, b) == pytest.approx(1.0, abs=1e-9)  # the definition itself is trivial here
+    with pytest.raises(InvalidOptionError, match="at least units \\+ 2"):
+        MEASURES[name](a, b)
+    a, b = rng.standard_normal((c + 2, c, *spatial)), rng.standard_normal((c + 2, c, *spatial))
+    assert MEASURES[name](a, b) == pytest.approx(_mean_cca(a, b, None if name == "mean_cca" else 0.99), abs=TOL)
+
+
+def test_two_samples_are_refused_where_every_pair_of_maps_would_read_one():
+    """With two examples, centred linear Grams are both ±[[1, −1], [−1, 1]]: linear CKA read 1.0 for any two
+    maps; with two samples every Pearson correlation is ±1, and correlation matching read ±1."""
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal((2, 5)), rng.standard_normal((2, 3))
+    assert _linear_cka(a, b) == pytest.approx(1.0)  # the definition is trivial at N = 2
+    for name in ("linear_cka", "correlation_matching"):
+        with pytest.raises(InvalidOptionError, match="at least 3"):
+            MEASURES[name](a, b)
+    c = rng.standard_normal((3, 5))
+    assert S.linear_cka(c, c[:, :2]) == pytest.approx(_linear_cka(c, c[:, :2]), abs=TOL)
+    assert S.linear_cka(c, c[:, :2]) < 1 - 1e-3
+    assert S.correlation_matching(c[:, :2], c[:, 2:4]) == pytest.approx(_correlation_matching(c[:, :2], c[:, 2:4]),
+                                                                        abs=TOL)

@@ -77,7 +77,7 @@ def linear_cka(acts_a, acts_b, *, unbiased: bool = False) -> float:
     the kernel is the inner product, i.e. the sum over channels of per-channel inner products over
     positions. Invariant to orthogonal maps of the channels (the same map at every position is
     orthogonal on the flattened vector), isotropic scaling and translation; not to per-unit scaling
-    or general invertible maps. ``unbiased=True`` uses the unbiased HSIC (needs N ≥ 4).
+    or general invertible maps. Needs N ≥ 3 (N ≥ 4 for ``unbiased=True``, the unbiased HSIC).
 
     Args:
         acts_a: ``[N, C_a]`` or ``[N, C_a, *spatial]``.
@@ -94,7 +94,8 @@ def linear_cka(acts_a, acts_b, *, unbiased: bool = False) -> float:
         >>> round(linear_cka(x, 3 * x @ q), 12)
         1.0
     """
-    a, b = as_pair(acts_a, acts_b, min_examples=4 if unbiased else 2)
+    # Two centred examples span one direction, so any two maps read 1.0: at least 3.
+    a, b = as_pair(acts_a, acts_b, min_examples=4 if unbiased else 3)
     if unbiased or a.shape[0] <= max(a[0].numel(), b[0].numel()):
         return cka_from_kernels(_linear_gram(a), _linear_gram(b), unbiased=unbiased)
     # More examples than features: ||YᵀX||² / (||XᵀX|| ||YᵀY||) is the same number from C×C matrices.
