@@ -280,3 +280,52 @@ def test_two_samples_are_refused_where_every_pair_of_maps_would_read_one():
     assert S.linear_cka(c, c[:, :2]) < 1 - 1e-3
     assert S.correlation_matching(c[:, :2], c[:, 2:4]) == pytest.approx(_correlation_matching(c[:, :2], c[:, 2:4]),
                                                                         abs=TOL)
+
+
+# ---------------------------------------------------------------------------------------- inputs and the report
+def test_odd_dtypes_layouts_and_aliasing_give_the_float64_answer_and_mutate_nothing():
+    x, y = _pair((12, 3, 2, 2), 4)
+    expect = {name: m(x, y) for name, m in MEASURES.items()}
+    variants = {"float16": x.half(), "bfloat16": x.bfloat16(), "non-contiguous": x.transpose(2, 3).contiguous().transpose(2, 3),
+                "requires_grad": x.clone().requires_grad_(True), "numpy big-endian": x.numpy().astype(">f8"),
+                "numpy Fortran order": np.asfortranarray(x.numpy())}
+    def as_float64(v):
+        return v.detach().double() if isinstance(v, torch.Tensor) else torch.from_numpy(v.astype("=f8"))
+
+    for label, v in variants.items():
+        before = as_float64(v).clone()
+        for name, m in MEASURES.items():
+            assert m(v, y) == m(as_float64(v), y), (label, name)  # read as its own float64 values, nothing else
+            if label not in ("float16", "bfloat16"):
+                assert m(v, y) == expect[name], (label, name)
+        assert torch.equal(as_float64(v), before)
+    for label, v in {"int": (10 * x).int(), "bool": x > 0.5}.items():
+        for name, m in MEASURES.items():
+            assert m(v, y) == m(v.double(), y), (label, name)
+    same = x.clone()
+    for name, m in MEASURES.items():  # the same tensor on both sides: 1, and untouched
+        assert m(same, same) == pytest.approx(1.0, abs=1e-12), name
+        assert torch.equal(same, x)
+    with pytest.raises(InvalidOptionError, match="must hold numbers.*dtype <U"):
+        S.linear_cka(np.array([["a", "b"]] * 4), x)
+
+
+def test_report_summary_skips_nan_and_compare_refuses_no_measures():
+    """min/max with a NaN key reported 'lowest grelu_cka nan, highest grelu_cka nan' beside linear_cka 0.5;
+    compare(measures=[]) built a report whose summary raised ValueError."""
+    report = S.SimilarityReport({"grelu_cka": math.nan, "linear_cka": 0.5, "mean_cca": 0.25}, (8, 3), (8, 3))
+    assert report.summary() == ("3 measures on [8, 3] vs [8, 3]; lowest mean_cca 0.250, highest linear_cka 0.500; "
+                                "NaN: grelu_cka")
+    assert "NaN: grelu_cka" in report._repr_html_() and len(report.to_frame()) == 3
+    all_nan = S.SimilarityReport({"grelu_cka": math.nan}, (8, 3), (8, 3))
+    assert all_nan.summary() == "1 measures on [8, 3] vs [8, 3]; NaN: grelu_cka"
+    import matplotlib
+    matplotlib.use("Agg")
+    assert len(report.plot().patches) >= 2
+    x, y = _pair((10, 3), 2)
+    with pytest.raises(InvalidOptionError, match="measures is empty"):
+        S.compare(x, y, measures=[])
+    one = S.compare(x, y, measures="grelu_procrustes")  # one measure: the table is that measure's own call
+    assert one.values == {"grelu_procrustes": S.grelu_procrustes(x, y)} and len(one.to_frame()) == 1
+    everything = S.compare(x.float(), y.numpy())
+    assert everything.values == {name: m(x.float(), y.numpy()) for name, m in MEASURES.items()}

@@ -25,7 +25,10 @@ class DegenerateRepresentationError(WorkbenchError, ValueError):
 def as_acts(acts, name: str = "acts") -> torch.Tensor:
     """``acts`` as a float64 tensor ``[N, C, *spatial]``, or a clear error."""
     if isinstance(acts, np.ndarray):
-        acts = torch.from_numpy(acts)
+        if acts.dtype.kind not in "biufc":
+            raise InvalidOptionError(f"{name} must hold numbers; got a numpy array of dtype {acts.dtype}.")
+        # torch refuses non-native byte order (e.g. '>f8' read from a file) with its own error.
+        acts = torch.from_numpy(acts.astype(acts.dtype.newbyteorder("="), copy=False))
     if not isinstance(acts, torch.Tensor):
         raise InvalidOptionError(f"{name} must be a torch tensor or numpy array of shape [N, C] or "
                                  f"[N, C, *spatial]; got {type(acts).__name__}.")
