@@ -361,3 +361,36 @@ def test_a_verdict_at_95_percent_needs_the_sign_test_at_5_percent(values):
     p = quantile_test(values, q=0, p=0.5).pvalue
     assert p > 0.05  # the data do not show a nonzero median at 5%
     assert _stats.excludes_zero(_stats.median_ci(values)) in (0, None)
+
+
+# ---------------------------------------------------------------------------------------- the public kernel functions
+def test_hsic_and_cka_from_kernels_check_their_gram_matrices():
+    """Unbiased HSIC of N = 3 returned NaN (0/0) and CKA called that 'constant'; a non-symmetric L gave CKA
+    0.99; a [3, 2] 'Gram' gave a number; numpy input raised TypeError; mismatched sizes a raw RuntimeError."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((6, 4))
+    K = x @ x.T
+    with pytest.raises(InvalidOptionError, match="unbiased HSIC needs at least 4 examples; got 3"):
+        S.hsic(torch.from_numpy(K[:3, :3]), torch.from_numpy(K[:3, :3]), unbiased=True)
+    with pytest.raises(InvalidOptionError, match="at least 4 examples"):
+        S.cka_from_kernels(torch.from_numpy(K[:3, :3]), torch.from_numpy(K[:3, :3]), unbiased=True)
+    with pytest.raises(InvalidOptionError, match="L is not symmetric"):
+        S.cka_from_kernels(torch.from_numpy(K), torch.from_numpy(K + rng.standard_normal((6, 6))))
+    with pytest.raises(InvalidOptionError, match=r"square Gram matrix.*\(6, 2\)"):
+        S.hsic(torch.from_numpy(K[:, :2]), torch.from_numpy(K[:, :2]))
+    with pytest.raises(InvalidOptionError, match="same examples"):
+        S.hsic(torch.from_numpy(K), torch.from_numpy(K[:4, :4]))
+    with pytest.raises(InvalidOptionError, match="NaN or infinite"):
+        S.hsic(torch.from_numpy(K), torch.full((6, 6), math.nan, dtype=torch.float64))
+    for unbiased, ref in ((False, _hsic_biased), (True, _hsic_unbiased)):  # numpy and float32 read in float64
+        assert float(S.hsic(K, K, unbiased=unbiased)) == pytest.approx(ref(K, K), rel=1e-12)
+        K32 = K.astype(np.float32)
+        assert float(S.hsic(torch.from_numpy(K32), torch.from_numpy(K))) == pytest.approx(
+            _hsic_biased(K32.astype(float), K), rel=1e-12)
+
+
+def test_grelu_kernel_is_unchanged_by_a_power_of_two_far_from_one():
+    """Its channel variances overflowed at 2^600 (≈ 1e180): the kernel came back all zeros."""
+    x, _ = _pair((8, 3, 2, 2), 6)
+    for k in (-600, 600):
+        assert torch.equal(S.grelu_kernel(x * 2.0 ** k), S.grelu_kernel(x))

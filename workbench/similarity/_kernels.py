@@ -7,10 +7,11 @@ f(x) + f(y)), so the kernel decides the invariances.
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from .._errors import InvalidOptionError
-from ._prep import DegenerateRepresentationError, as_acts, as_pair, centred, per_example, standardised_channels  # noqa: F401 (re-exported)
+from ._prep import DegenerateRepresentationError, _in_safe_range, as_acts, as_pair, centred, per_example, standardised_channels  # noqa: F401 (re-exported)
 
 
 def hsic(K: torch.Tensor, L: torch.Tensor, *, unbiased: bool = False) -> torch.Tensor:
@@ -20,6 +21,10 @@ def hsic(K: torch.Tensor, L: torch.Tensor, *, unbiased: bool = False) -> torch.T
     ``unbiased=True``: the U-statistic of Song et al. (2012), which ignores the diagonals and needs
     N ≥ 4: [tr(K̃L̃) + 1ᵀK̃1·1ᵀL̃1 / ((N−1)(N−2)) − 2/(N−2)·1ᵀK̃L̃1] / (N(N−3)), K̃ = K with zero diagonal.
     """
+    return _hsic(*_grams(K, L, unbiased), unbiased)
+
+
+def _hsic(K: torch.Tensor, L: torch.Tensor, unbiased: bool) -> torch.Tensor:
     n = K.shape[0]
     if not unbiased:
         # tr(KHLH) = <HKH, HLH>. Centring both sides (not just one) keeps a large constant part of L,
@@ -33,6 +38,37 @@ def hsic(K: torch.Tensor, L: torch.Tensor, *, unbiased: bool = False) -> torch.T
     return total / (n * (n - 3))
 
 
+def _grams(K, L, unbiased: bool):
+    """Two Gram matrices as float64 tensors ``[N, N]`` over the same N examples, or a clear error.
+
+    The estimators read only the upper triangle's sums through column sums, so a non-symmetric matrix
+    would silently give a number for some other kernel; and the unbiased one divides by N − 3.
+    """
+    out = []
+    for name, G in (("K", K), ("L", L)):
+        if isinstance(G, np.ndarray):
+            G = torch.from_numpy(G.astype(np.float64))
+        if not isinstance(G, torch.Tensor) or G.ndim != 2 or G.shape[0] != G.shape[1]:
+            raise InvalidOptionError(f"{name} must be a square Gram matrix [N, N] (torch or numpy); got "
+                                     f"{tuple(G.shape) if hasattr(G, 'shape') else type(G).__name__}.")
+        G = G.detach().to("cpu", torch.float64)
+        if not bool(torch.isfinite(G).all()):
+            raise InvalidOptionError(f"{name} contains NaN or infinite values.")
+        if not bool(((G - G.T).abs() <= 1e-9 * G.abs().amax()).all()):
+            raise InvalidOptionError(f"{name} is not symmetric, so it is not a Gram matrix; HSIC reads kernels "
+                                     f"k(x_i, x_j) = k(x_j, x_i).")
+        out.append(G)
+    K, L = out
+    n, need = K.shape[0], 4 if unbiased else 2
+    if L.shape != K.shape:
+        raise InvalidOptionError(f"K and L must be Gram matrices of the same examples; got shapes {tuple(K.shape)} "
+                                 f"and {tuple(L.shape)}.")
+    if n < need:
+        raise InvalidOptionError(f"{'unbiased' if unbiased else 'biased'} HSIC needs at least {need} examples; "
+                                 f"got {n}.")
+    return K, L
+
+
 def _centre(K: torch.Tensor) -> torch.Tensor:
     """HKH: rows and columns of ``K [N, N]`` centred."""
     return K - K.mean(0, keepdim=True) - K.mean(1, keepdim=True) + K.mean()
@@ -40,13 +76,14 @@ def _centre(K: torch.Tensor) -> torch.Tensor:
 
 def cka_from_kernels(K: torch.Tensor, L: torch.Tensor, *, unbiased: bool = False) -> float:
     """CKA of two Gram matrices ``[N, N]``; a clear error where a self-HSIC is not positive."""
-    kk, ll = hsic(K, K, unbiased=unbiased), hsic(L, L, unbiased=unbiased)
+    K, L = _grams(K, L, unbiased)  # checked once: the three HSICs below read the same two matrices
+    kk, ll = _hsic(K, K, unbiased), _hsic(L, L, unbiased)
     for name, v, G in (("acts_a", kk, K), ("acts_b", ll, L)):
         if not v > (_rounding_floor(G) if unbiased else 0):
             raise DegenerateRepresentationError(
                 f"HSIC({name}, {name}) = {float(v):.3g} is not positive: {name} is (nearly) constant over the "
                 f"examples under this kernel, so CKA is undefined.")
-    return float(hsic(K, L, unbiased=unbiased) / (kk * ll).sqrt())
+    return float(_hsic(K, L, unbiased) / (kk * ll).sqrt())
 
 
 def _rounding_floor(K: torch.Tensor) -> torch.Tensor:
@@ -170,7 +207,7 @@ def grelu_kernel(acts, *, block_bytes: int = 1 << 26) -> torch.Tensor:
         >>> K.shape, bool(torch.equal(K, K.T))
         (torch.Size([6, 6]), True)
     """
-    Hc = standardised_channels(as_acts(acts))  # [C, N, P]
+    Hc = standardised_channels(_in_safe_range(as_acts(acts)))  # [C, N, P]; variances of 1e±160 over/underflowed
     c, n = Hc.shape[:2]
     K = Hc.new_empty(n, n)
     rows = max(1, block_bytes // (8 * c * n))
