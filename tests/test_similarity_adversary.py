@@ -59,6 +59,7 @@ def _cka(K, L, unbiased=False):
 
 def _linear_cka(a, b, unbiased=False):
     X, Y = _flat(a), _flat(b)
+    X, Y = X - X.mean(0), Y - Y.mean(0)  # the same CKA (Kornblith et al. 2019, eq. 5), no 1e8-sized Gram entries
     return _cka(X @ X.T, Y @ Y.T, unbiased)
 
 
@@ -394,3 +395,28 @@ def test_grelu_kernel_is_unchanged_by_a_power_of_two_far_from_one():
     x, _ = _pair((8, 3, 2, 2), 6)
     for k in (-600, 600):
         assert torch.equal(S.grelu_kernel(x * 2.0 ** k), S.grelu_kernel(x))
+
+
+def _fooling_inputs():
+    rng = np.random.default_rng(11)
+    x = np.maximum(rng.standard_normal((30, 5)), 0) + 0.01
+    y = np.maximum(rng.standard_normal((30, 5)), 0) + 0.5 * x
+    big = x.copy(); big[:, 0] *= 1e6
+    dup = x.copy(); dup[:, 1] = dup[:, 0]
+    rank = x.copy(); rank[:, 2] = rank[:, 0] + rank[:, 1]
+    rows = x.copy(); rows[10:] = rows[0] + 0.1 * rng.random((20, 5))
+    const = x.copy(); const[:, 3] = 0.1
+    offset = (x + 1e4).astype(np.float32).astype(np.float64)  # what a float32 map with a large mean holds
+    conv = rng.standard_normal((9, 3, 4, 4)), rng.standard_normal((9, 3, 4, 4))
+    return {"one unit 1e6": (big, y), "duplicated unit": (dup, y), "rank-deficient": (rank, y),
+            "rows nearly repeated": (rows, y), "constant unit 0.1": (const, y), "float32 mean 1e4": (offset, y),
+            "conv": conv, "d = 1": (x[:, :1], y[:, :1]), "one side wider": (x, y[:, :3])}
+
+
+@pytest.mark.parametrize("case", list(_fooling_inputs()))
+def test_inputs_that_would_fool_a_measure_still_match_the_definition(case):
+    a, b = _fooling_inputs()[case]
+    for name, measure in MEASURES.items():
+        with np.errstate(all="ignore"):
+            ref = float(REFERENCE[name](a, b))
+        assert measure(a, b) == pytest.approx(ref, abs=1e-9), name
