@@ -420,3 +420,14 @@ def test_inputs_that_would_fool_a_measure_still_match_the_definition(case):
         with np.errstate(all="ignore"):
             ref = float(REFERENCE[name](a, b))
         assert measure(a, b) == pytest.approx(ref, abs=1e-9), name
+
+
+def test_channel_sign_flips_are_invisible_to_the_cka_measures_on_channels_but_not_to_matching():
+    """Beyond the table (which has no sign-flip row): the per-channel CKAs read a sign-flipped map as identical
+    (the group of every nonzero D, larger than G_ReLU), as documented; the matching measures see the flip."""
+    x, y = _pair((30, 5, 2, 2), 12)
+    flip = torch.tensor([1.0, -1.0, 1.0, -1.0, -1.0], dtype=torch.float64).reshape(1, 5, 1, 1)
+    for name in ("grelu_cka", "standardized_cka", "linear_cka", "mean_cca"):
+        assert MEASURES[name](x * flip, y) == pytest.approx(MEASURES[name](x, y), abs=1e-12), name
+    for name in ("grelu_procrustes", "permutation_procrustes", "correlation_matching"):
+        assert MEASURES[name](x * flip, y) < MEASURES[name](x, y) - 0.1, name

@@ -224,6 +224,9 @@ def grelu_cka(acts_a, acts_b) -> float:
 
     Invariant to permutations and per-channel positive scalings (the ReLU intertwiner group P·D₊,
     applied to channels at every position), to isotropic scaling and translation; not to rotations.
+    Also to flipping a channel's sign — ⟨−a, −b⟩ = ⟨a, b⟩ inside each channel's inner product — so to
+    every nonzero per-channel scaling P·D, a larger group than G_ReLU (a ReLU net's sign-flipped
+    representation is not an equivalent one, yet reads 1 here; G_ReLU-Procrustes tells them apart).
     Conv maps are read per example: the inner product runs over positions within one channel, the
     max over channels. Needs N ≥ 4.
 
@@ -248,7 +251,8 @@ def standardized_cka(acts_a, acts_b) -> float:
     The same per-channel centring and normalisation as :func:`grelu_cka`, with the sum over channels
     where G_ReLU-CKA takes the max. The normalisation makes it invariant to per-channel scaling —
     and therefore *not* to rotations of the channels, although the paper uses it as the
-    orthogonal-invariant counterpart. Needs N ≥ 4.
+    orthogonal-invariant counterpart. Like G_ReLU-CKA it is also invariant to sign flips of channels
+    (signed permutations are orthogonal). Needs N ≥ 4.
 
     Example:
         >>> import torch
