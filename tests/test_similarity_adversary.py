@@ -431,3 +431,18 @@ def test_channel_sign_flips_are_invisible_to_the_cka_measures_on_channels_but_no
         assert MEASURES[name](x * flip, y) == pytest.approx(MEASURES[name](x, y), abs=1e-12), name
     for name in ("grelu_procrustes", "permutation_procrustes", "correlation_matching"):
         assert MEASURES[name](x * flip, y) < MEASURES[name](x, y) - 0.1, name
+
+
+@pytest.mark.parametrize("k", range(2, 10))
+def test_the_cyclic_seed_design_has_every_edge_of_the_cycle(k):
+    """_cyclic([0, 1, 2], 3) returned 2 pairs (0-1, 1-2) for the protocol's 3 (myrtle_relu_w32): odd cycles
+    lost their closing pair. The first pairs stay disjoint, and a shorter request is a prefix of a longer one."""
+    from workbench.experiments.similarity import _cyclic
+
+    pairs = _cyclic(list(range(k)), k)
+    edges = {frozenset(map(int, p.split("-"))) for p in pairs}
+    expect = {frozenset((i, (i + 1) % k)) for i in range(k)}
+    assert len(pairs) == len(expect) and edges == expect
+    disjoint = pairs[:k // 2]
+    assert len({s for p in disjoint for s in p.split("-")}) == 2 * len(disjoint)
+    assert all(_cyclic(list(range(k)), m) == pairs[:m] for m in range(1, k + 1))
