@@ -89,8 +89,8 @@ def centred(H: torch.Tensor) -> torch.Tensor:
     blow up into a unit (or a whole representation) of pure noise instead of reporting it as dead
     or degenerate; the shift also cancels a large common offset before the mean is rounded.
     """
-    H = H - H[:1]
-    return H - H.mean(0, keepdim=True)
+    H = H - H[:1]  # a fresh tensor: the mean comes off in place, one copy of a large map rather than two
+    return H.sub_(H.mean(0, keepdim=True))
 
 
 def per_example(acts: torch.Tensor) -> torch.Tensor:
