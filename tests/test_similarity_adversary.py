@@ -336,27 +336,13 @@ def test_report_summary_skips_nan_and_compare_refuses_no_measures():
 from workbench.experiments import _stats  # noqa: E402
 
 
-def test_median_ci_is_scipys_percentile_bootstrap_of_the_median():
-    from scipy.stats import bootstrap
-
-    v = [0.31, 0.12, 0.44, 0.29, 0.35, 0.18, 0.5, 0.27]
-    s = _stats.median_ci(v + [math.nan])  # a NaN is dropped, and n says so
-    ref = bootstrap((np.array(v),), np.median, confidence_level=0.95, n_resamples=9999, method="percentile",
-                    random_state=np.random.default_rng(0)).confidence_interval
-    assert (s["n"], s["median"], s["lo"], s["hi"]) == (8, float(np.median(v)), ref.low, ref.high)
-    assert _stats.paired({"0-1": 0.5, "2-3": 0.25, "4-5": 1.0}, {"2-3": 0.125, "0-1": 0.25}) == [0.25, 0.125]
-
-
-@pytest.mark.xfail(strict=True, reason="finding, not fixed here: a 'the interval excludes 0' verdict from 3-8 values "
-                   "is a percentile bootstrap of the median, which under-covers; fixing it re-renders every committed "
-                   "results page (docs/results/*), which is the lead's call")
 @pytest.mark.parametrize("values", [[1.0, 2.0, 3.0], [1.0, 2.0, 3.0, 4.0], [-1.0, 2, 3, 4, 5, 6, 7, 8],
                                     [1e-9, 1e-9, 1e-9]])
 def test_a_verdict_at_95_percent_needs_the_sign_test_at_5_percent(values):
     """A median's interval excludes 0 at 95% only if the sign test rejects a zero median at 5% (two-sided):
     the distribution-free interval for a median is made of order statistics (scipy.stats.quantile_test).
-    The bootstrap interval of 3 distinct values is [min, max]: all-positive reads 'excludes 0' with sign-test
-    p = 0.25 (under a zero-median null, 24% of random triples get a verdict; 13% at n = 4, 13% at n = 7)."""
+    The percentile bootstrap's interval of 3 distinct values was [min, max]: all-positive read 'excludes 0' with
+    sign-test p = 0.25 (under a zero-median null, 24% of random triples got a verdict; 13% at n = 4 and 7)."""
     from scipy.stats import quantile_test
 
     p = quantile_test(values, q=0, p=0.5).pvalue
@@ -492,3 +478,10 @@ def test_mean_cca_stays_gl_invariant_for_ill_conditioned_maps_and_d_close_to_n()
         M = U @ torch.diag(torch.logspace(0, -6, c, dtype=torch.float64)) @ V  # condition number 1e6
         assert S.mean_cca(x @ M, y) == pytest.approx(S.mean_cca(x, y), abs=1e-9)
         assert S.mean_cca(x @ M, y) == pytest.approx(_mean_cca(x.numpy(), y.numpy()), abs=1e-9)
+
+
+def test_verdicts_under_a_zero_median_null_are_rare():
+    rng = np.random.default_rng(0)
+    for n in (3, 4, 6, 7, 8):
+        calls = [_stats.excludes_zero(_stats.median_ci(rng.standard_normal(n))) for _ in range(400)]
+        assert sum(c not in (0, None) for c in calls) / 400 <= 0.05 + 0.02, n  # nominal 5%, sampling slack
