@@ -24,24 +24,28 @@ COMMITTED = [n for n in E.EXPERIMENTS if (RESULTS / f"{n}.json").exists()]
 
 
 # ------------------------------------------------------------------------------------ statistics
-def test_median_ci_is_the_median_with_a_bootstrap_interval_around_it():
+def test_median_ci_is_the_median_with_a_distribution_free_interval_around_it():
     v = [3.0, 1.0, 4.0, 1.5, 5.0, 9.0, 2.0, 6.0]
     s = _stats.median_ci(v)
     assert s["median"] == np.median(v) and s["n"] == 8
-    assert min(v) <= s["lo"] <= s["median"] <= s["hi"] <= max(v)
-    assert _stats.median_ci(v) == s  # fixed resampling seed: the same interval every time
+    assert (s["lo"], s["hi"]) == (1.0, 9.0)  # n = 8: only [x_(1), x_(8)] covers 95% (99.2%; [x_(2), x_(7)] 93%)
+    twelve = _stats.median_ci(list(range(1, 13)))
+    assert (twelve["lo"], twelve["hi"]) == (3.0, 10.0)  # 1 − 2·P(Bin(12, ½) ≤ 2) = 96.1%
     one = _stats.median_ci([2.5])
     assert one == {"n": 1, "median": 2.5, "lo": None, "hi": None} and _stats.fmt(one) == "2.5 (n = 1)"
     assert _stats.median_ci([]) ["median"] is None and _stats.fmt(_stats.median_ci([])) == "—"
-    same = _stats.median_ci([4.0, 4.0, 4.0])
-    assert (same["lo"], same["hi"]) == (4.0, 4.0)
+    few = _stats.median_ci([4.0, 4.0, 4.0, 5.0, 6.0])  # n ≤ 5: no interval reaches 95%
+    assert (few["lo"], few["hi"]) == (None, None) and _stats.fmt(few) == "4.0 (n = 5)"
 
 
-def test_a_verdict_needs_three_values_and_an_interval_that_excludes_zero():
-    assert _stats.excludes_zero(_stats.median_ci([5.0, 6.0, 7.0, 8.0])) == 1
-    assert _stats.excludes_zero(_stats.median_ci([-5.0, -6.0, -7.0])) == -1
-    assert _stats.excludes_zero(_stats.median_ci([-5.0, 6.0, 1.0, -2.0])) == 0
-    assert _stats.excludes_zero(_stats.median_ci([5.0, 6.0])) is None  # two agreeing values: no verdict
+def test_a_verdict_is_the_sign_test_at_5_percent():
+    from scipy.stats import quantile_test
+
+    assert _stats.excludes_zero(_stats.median_ci([5.0, 6.0, 7.0, 8.0, 9.0, 10.0])) == 1  # sign test p = 0.031
+    assert _stats.excludes_zero(_stats.median_ci([-5.0, -6.0, -7.0, -1.0, -2.0, -3.0])) == -1
+    assert _stats.excludes_zero(_stats.median_ci([-1.0, 2, 3, 4, 5, 6, 7, 8])) == 0  # p = 0.07
+    assert quantile_test([-1.0, 2, 3, 4, 5, 6, 7, 8], q=0).pvalue > 0.05
+    assert _stats.excludes_zero(_stats.median_ci([5.0, 6.0, 7.0, 8.0, 9.0])) is None  # p = 0.0625 at best: no verdict
     assert _stats.paired({"a": 3.0, "b": 1.0, "c": 9.0}, {"a": 1.0, "b": 1.0}) == [2.0, 0.0]
 
 

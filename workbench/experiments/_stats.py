@@ -1,26 +1,26 @@
-"""Medians with bootstrap 95% intervals over pairs or seeds, and paired differences.
+"""Medians with distribution-free 95% intervals over pairs or seeds, and paired differences.
 
-``scipy.stats.bootstrap`` (percentile method, 9,999 resamples, a fixed seed) on the median. The
-percentile method rather than BCa: with 3–8 values BCa's acceleration estimate is unstable and it
-fails on ties, which rounded accuracies produce. With n values the interval of a median can only
-take values of the data, so it is coarse for small n — it is still the honest statement of what n
-pairs show. One value has no interval (reported as such, never as a zero-width one).
+The interval of a median is made of order statistics, [x_(k), x_(n−k+1)] with the largest k whose
+binomial coverage 1 − 2·P(Bin(n, ½) < k) is at least 95% (``scipy.stats.quantile_test``): exact
+for any continuous distribution, so "the interval excludes 0" is the two-sided sign test at 5%.
+It replaces a percentile bootstrap, which on the 3–8 values these experiments have gives a verdict
+far more often than 5% of the time when the median is 0 (measured 24% at n = 3, 13% at n = 4 and
+n = 7): the bootstrap interval of three distinct values is [min, max], whose coverage is 75%.
+With n ≤ 5 values no interval reaches 95% (even [min, max] covers 1 − 2^(1−n) ≤ 94%): the median
+is reported without one, and there is no verdict.
 """
 from __future__ import annotations
 
 import math
-import warnings
 from typing import Optional, Sequence
 
 import numpy as np
 
-N_RESAMPLES = 9999
 CONFIDENCE = 0.95
-SEED = 0
 
 
 def median_ci(values: Sequence[float]) -> dict:
-    """``{"n", "median", "lo", "hi"}``: the median and its bootstrap 95% interval (None for n < 2)."""
+    """``{"n", "median", "lo", "hi"}``: the median and its distribution-free 95% interval (None when n ≤ 5)."""
     v = np.asarray([float(x) for x in values], dtype=float)
     v = v[~np.isnan(v)]
     if len(v) == 0:
@@ -28,16 +28,12 @@ def median_ci(values: Sequence[float]) -> dict:
     med = float(np.median(v))
     if len(v) < 2:
         return {"n": 1, "median": med, "lo": None, "hi": None}
-    if np.all(v == v[0]):
-        return {"n": len(v), "median": med, "lo": med, "hi": med}
-    from scipy.stats import bootstrap
+    from scipy.stats import quantile_test
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        res = bootstrap((v,), np.median, confidence_level=CONFIDENCE, n_resamples=N_RESAMPLES, method="percentile",
-                        random_state=np.random.default_rng(SEED), vectorized=True, axis=-1)
-    lo, hi = float(res.confidence_interval.low), float(res.confidence_interval.high)
-    return {"n": len(v), "median": med, "lo": lo, "hi": hi}
+    ci = quantile_test(v, q=med, p=0.5).confidence_interval(CONFIDENCE)
+    if math.isnan(ci.low) or math.isnan(ci.high):  # too few values for any 95% interval
+        return {"n": len(v), "median": med, "lo": None, "hi": None}
+    return {"n": len(v), "median": med, "lo": float(ci.low), "hi": float(ci.high)}
 
 
 def paired(a: dict, b: dict) -> list[float]:
@@ -45,11 +41,11 @@ def paired(a: dict, b: dict) -> list[float]:
     return [a[k] - b[k] for k in sorted(set(a) & set(b))]
 
 
-MIN_N = 3  # fewer values than this: no verdict (a bootstrap over two values is just their range)
+MIN_N = 6  # fewer values than this have no 95% interval of their median, so no verdict
 
 
 def excludes_zero(s: dict) -> Optional[int]:
-    """+1 if the interval lies above 0, −1 if below, 0 if it contains 0; None with fewer than 3 values."""
+    """+1 if the interval lies above 0, −1 if below, 0 if it contains 0; None with fewer than 6 values."""
     if s["lo"] is None or s["hi"] is None or s["n"] < MIN_N:
         return None
     if s["lo"] > 0:
@@ -60,12 +56,12 @@ def excludes_zero(s: dict) -> Optional[int]:
 
 
 def fmt(s: dict, digits: int = 1) -> str:
-    """``"12.3 [10.1, 14.0]"``; ``"12.3 (n = 1)"`` without an interval; ``"—"`` without data."""
+    """``"12.3 [10.1, 14.0]"``; ``"12.3 (n = 4)"`` without an interval (n ≤ 5); ``"—"`` without data."""
     if s["median"] is None:
         return "—"
     f = f"{{:.{digits}f}}"
     if s["lo"] is None:
-        return f.format(s["median"]) + " (n = 1)"
+        return f.format(s["median"]) + f" (n = {s['n']})"
     return f"{f.format(s['median'])} [{f.format(s['lo'])}, {f.format(s['hi'])}]"
 
 

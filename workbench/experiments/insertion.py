@@ -129,7 +129,7 @@ def page(doc) -> str:
               "is evaluated on the test images.",
               f"- Data: {_data.describe(p)}.",
               "- Penalty = control accuracy − accuracy (same seed and site); \"vs original\" uses the trained network's "
-              "own accuracy instead of the control's. Median [95% CI] over seeds (bootstrap, as on every page).", ""]
+              "own accuracy instead of the control's. Median [95% CI] over seeds (distribution-free, order statistics, as on every page; none for fewer than 6 seeds).", ""]
     rows = table_rows(doc)
     lines += ["## Penalties (points; paper beside)", "",
               table(["site", "original %", "control %", "G_ReLU", "orthogonal", "G_ReLU vs original", "orthogonal vs original",
@@ -141,7 +141,7 @@ def page(doc) -> str:
     for r in rows:
         c = r["orthogonal − relu"]
         if c["sign"] is None:
-            verdict = "fewer than 3 seeds, no verdict."
+            verdict = "fewer than 6 seeds, no 95% interval, no verdict."
         elif c["sign"] == 0:
             verdict = "the interval contains 0: not shown at this budget."
         else:

@@ -27,10 +27,16 @@ WIDTHS = {"myrtle_relu_w8": 8, "myrtle_relu": 16, "myrtle_relu_w32": 32}
 
 
 def _cyclic(seeds, n):
+    """The first n edges of the cycle seed 0 – 1 – … – last – 0: disjoint pairs first, then the shifted ones.
+
+    With an odd count the closing pair (last, 0) is neither, and was left out: 3 seeds gave 2 pairs
+    where the protocol asks for 3 (so myrtle_relu_w32 never reached a verdict).
+    """
     k = len(seeds)
     first = [(seeds[i], seeds[i + 1]) for i in range(0, k - 1, 2)]
     second = [(seeds[i], seeds[(i + 1) % k]) for i in range(1, k, 2)] if k > 2 else []
-    return [f"{a}-{b}" for a, b in (first + second)[:n]]
+    closing = [(seeds[-1], seeds[0])] if k > 2 and k % 2 else []
+    return [f"{a}-{b}" for a, b in (first + second + closing)[:n]]
 
 
 def protocol(budget: str) -> dict:
@@ -208,7 +214,7 @@ def page(doc) -> str:
     lines += ["## Protocol", "",
               f"- Images: N = {p['n_images']}, {p['images']}; layers: {p['layers']}. Float64 in every measure.",
               "- Pairs of independently trained seeds: " + "; ".join(f"`{f}` {', '.join(v['pairs'])}" for f, v in fams.items())
-              + ". Median [95% CI] over pairs (bootstrap).",
+              + ". Median [95% CI] over pairs (distribution-free, order statistics; none for fewer than 6 pairs).",
               "- `standardized_cka` is the paper's \"orthogonal\" CKA: channels standardised first, so it is invariant to "
               "per-channel scaling and *not* to rotations; `linear_cka_unbiased` is the rotation-invariant one.",
               "- The paper's similarity models (`mCNN` = `mCNN_bn_k` in its code) have BatchNorm before every ReLU, as ours do.",
@@ -227,7 +233,7 @@ def page(doc) -> str:
         lines += [f"Gaps, `{fam}` (orthogonal-side − G_ReLU-side, paired by seed pair):", ""]
         for r in g:
             verdict = {1: "G_ReLU-side lower (interval excludes 0)", 0: "interval contains 0", -1: "G_ReLU-side higher",
-                       None: "fewer than 3 pairs, no verdict"}[r["sign"]]
+                       None: "fewer than 6 pairs, no 95% interval, no verdict"}[r["sign"]]
             lines.append(f"- layer {r['layer']}: {r['upper']} − {r['lower']} = {fmt(r, 3)} — {verdict}")
         lines.append("")
     wr = width_rows(doc)

@@ -247,7 +247,7 @@ def headlines(doc) -> list[dict]:
 def _verdict(c: dict, what_x: str, what_y: str) -> str:
     s = fmt(c)
     if c["sign"] is None:
-        return f"{what_x} − {what_y}: {s}; fewer than 3 pairs, no verdict."
+        return f"{what_x} − {what_y}: {s}; fewer than 6 pairs, no 95% interval, no verdict."
     if c["sign"] == 0:
         return f"{what_x} − {what_y}: {s} points; the interval contains 0 — no difference shown."
     word = "higher" if c["sign"] > 0 else "lower"
@@ -279,8 +279,8 @@ def page(doc) -> str:
               f"{rn['n_train']} training images, {rn['epochs']} epochs; paper mode `skip=\"unmapped\"` (a cut inside a "
               "residual branch maps only the branch; the skip stream passes from A as it is) and, at branch sites, ours "
               "(`skip=\"mapped\"`: the skip stream gets its own layer of the same family).",
-              "- Intervals: median over pairs, bootstrap 95% percentile interval (scipy.stats.bootstrap, 9,999 resamples, "
-              "seed 0).", ""]
+              "- Intervals: median over pairs, distribution-free 95% interval from order statistics "
+              "(scipy.stats.quantile_test); fewer than 6 pairs have none.", ""]
     rows = myrtle_table(doc)
     lines += ["## Myrtle: penalty per family and layer (median [95% CI] over pairs; paper beside)", "",
               table(["family"] + [f"site {s}" for s in my["sites"]] + ["paper (3/6/10/14)"],

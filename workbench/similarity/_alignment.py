@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from .._errors import InvalidOptionError
-from ._prep import DegenerateRepresentationError, as_pair, per_position, score_from_distance, unit_normalise
+from ._prep import DegenerateRepresentationError, as_pair, centred, per_position, score_from_distance, unit_normalise
 
 
 def _pair_rows(acts_a, acts_b):
@@ -135,6 +135,9 @@ def correlation_matching(acts_a, acts_b) -> float:
         1.0
     """
     A, B = _pair_rows(acts_a, acts_b)
+    if A.shape[0] < 3:  # two centred samples are ±(1, −1)/√2: every correlation is ±1 whatever the maps
+        raise InvalidOptionError(f"correlation matching needs at least 3 samples (examples × positions); got "
+                                 f"{A.shape[0]}, for which every correlation is ±1.")
     R = unit_normalise(A, centre=True, name="acts_a").T @ unit_normalise(B, centre=True, name="acts_b")  # [C_a, C_b] correlations
     if R.shape[0] > R.shape[1]:
         R = R.T
@@ -146,10 +149,13 @@ def _basis(H: torch.Tensor, keep, name: str) -> torch.Tensor:
     """Orthonormal basis ``[M, k]`` of the centred columns' span: all of it (``keep=None``) or the top
     singular directions holding a ``keep`` fraction of the variance (SVCCA's step one)."""
     m, c = H.shape
-    if m <= c:
-        raise InvalidOptionError(f"CCA needs more samples than units, or every pair of bases correlates "
-                                 f"perfectly; {name} has {m} samples (examples × positions) and {c} units.")
-    H = H - H.mean(0, keepdim=True)
+    # Centring leaves m − 1 dimensions: with c ≥ m − 1 units one side spans all of them, so every canonical
+    # correlation is 1 whatever the other side is (unrelated random maps read 1.0 at m = c + 1).
+    if m <= c + 1:
+        raise InvalidOptionError(f"CCA needs more samples than units, at least units + 2 (centring removes one "
+                                 f"dimension), or every canonical correlation is 1 whatever the other side is; "
+                                 f"{name} has {m} samples (examples × positions) and {c} units.")
+    H = centred(H)
     Q, R = torch.linalg.qr(H)  # cheap on tall [N·P, C] data; the SVD then runs on C × C
     U, S, _ = torch.linalg.svd(R)
     rank = int((S > S.max() * m * torch.finfo(S.dtype).eps).sum()) if S.max() > 0 else 0
@@ -173,7 +179,7 @@ def mean_cca(acts_a, acts_b) -> float:
 
     Canonical correlations are the singular values of Q_aᵀQ_b for orthonormal bases of the two
     column spaces; the mean runs over min(rank_a, rank_b) of them. Invariant to every invertible
-    linear map of the units and to translation. Needs more samples (N·P) than units.
+    linear map of the units and to translation. Needs N·P ≥ C + 2 samples (centring removes one dimension).
 
     Example:
         >>> import torch

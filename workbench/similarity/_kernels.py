@@ -7,10 +7,11 @@ f(x) + f(y)), so the kernel decides the invariances.
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from .._errors import InvalidOptionError
-from ._prep import DegenerateRepresentationError, as_acts, as_pair, per_example, standardised_channels  # noqa: F401 (re-exported)
+from ._prep import DegenerateRepresentationError, _in_safe_range, as_acts, as_pair, centred, per_example, standardised_channels  # noqa: F401 (re-exported)
 
 
 def hsic(K: torch.Tensor, L: torch.Tensor, *, unbiased: bool = False) -> torch.Tensor:
@@ -20,6 +21,10 @@ def hsic(K: torch.Tensor, L: torch.Tensor, *, unbiased: bool = False) -> torch.T
     ``unbiased=True``: the U-statistic of Song et al. (2012), which ignores the diagonals and needs
     N ≥ 4: [tr(K̃L̃) + 1ᵀK̃1·1ᵀL̃1 / ((N−1)(N−2)) − 2/(N−2)·1ᵀK̃L̃1] / (N(N−3)), K̃ = K with zero diagonal.
     """
+    return _hsic(*_grams(K, L, unbiased), unbiased)
+
+
+def _hsic(K: torch.Tensor, L: torch.Tensor, unbiased: bool) -> torch.Tensor:
     n = K.shape[0]
     if not unbiased:
         # tr(KHLH) = <HKH, HLH>. Centring both sides (not just one) keeps a large constant part of L,
@@ -33,6 +38,37 @@ def hsic(K: torch.Tensor, L: torch.Tensor, *, unbiased: bool = False) -> torch.T
     return total / (n * (n - 3))
 
 
+def _grams(K, L, unbiased: bool):
+    """Two Gram matrices as float64 tensors ``[N, N]`` over the same N examples, or a clear error.
+
+    The estimators read only the upper triangle's sums through column sums, so a non-symmetric matrix
+    would silently give a number for some other kernel; and the unbiased one divides by N − 3.
+    """
+    out = []
+    for name, G in (("K", K), ("L", L)):
+        if isinstance(G, np.ndarray):
+            G = torch.from_numpy(G.astype(np.float64))
+        if not isinstance(G, torch.Tensor) or G.ndim != 2 or G.shape[0] != G.shape[1]:
+            raise InvalidOptionError(f"{name} must be a square Gram matrix [N, N] (torch or numpy); got "
+                                     f"{tuple(G.shape) if hasattr(G, 'shape') else type(G).__name__}.")
+        G = G.detach().to("cpu", torch.float64)
+        if not bool(torch.isfinite(G).all()):
+            raise InvalidOptionError(f"{name} contains NaN or infinite values.")
+        if not bool(((G - G.T).abs() <= 1e-9 * G.abs().amax()).all()):
+            raise InvalidOptionError(f"{name} is not symmetric, so it is not a Gram matrix; HSIC reads kernels "
+                                     f"k(x_i, x_j) = k(x_j, x_i).")
+        out.append(G)
+    K, L = out
+    n, need = K.shape[0], 4 if unbiased else 2
+    if L.shape != K.shape:
+        raise InvalidOptionError(f"K and L must be Gram matrices of the same examples; got shapes {tuple(K.shape)} "
+                                 f"and {tuple(L.shape)}.")
+    if n < need:
+        raise InvalidOptionError(f"{'unbiased' if unbiased else 'biased'} HSIC needs at least {need} examples; "
+                                 f"got {n}.")
+    return K, L
+
+
 def _centre(K: torch.Tensor) -> torch.Tensor:
     """HKH: rows and columns of ``K [N, N]`` centred."""
     return K - K.mean(0, keepdim=True) - K.mean(1, keepdim=True) + K.mean()
@@ -40,18 +76,34 @@ def _centre(K: torch.Tensor) -> torch.Tensor:
 
 def cka_from_kernels(K: torch.Tensor, L: torch.Tensor, *, unbiased: bool = False) -> float:
     """CKA of two Gram matrices ``[N, N]``; a clear error where a self-HSIC is not positive."""
-    kk, ll = hsic(K, K, unbiased=unbiased), hsic(L, L, unbiased=unbiased)
-    for name, v in (("acts_a", kk), ("acts_b", ll)):
-        if not v > 0:
+    K, L = _grams(K, L, unbiased)  # checked once: the three HSICs below read the same two matrices
+    kk, ll = _hsic(K, K, unbiased), _hsic(L, L, unbiased)
+    for name, v, G in (("acts_a", kk, K), ("acts_b", ll, L)):
+        if not v > (_rounding_floor(G) if unbiased else 0):
             raise DegenerateRepresentationError(
                 f"HSIC({name}, {name}) = {float(v):.3g} is not positive: {name} is (nearly) constant over the "
                 f"examples under this kernel, so CKA is undefined.")
-    return float(hsic(K, L, unbiased=unbiased) / (kk * ll).sqrt())
+    return float(_hsic(K, L, unbiased) / (kk * ll).sqrt())
+
+
+def _rounding_floor(K: torch.Tensor) -> torch.Tensor:
+    """What rounding alone can make of the unbiased HSIC(K, K): n·16·eps times its terms taken in absolute value.
+
+    The U-statistic is a difference of terms, and it is exactly 0 for some live-looking inputs — e.g.
+    a linear kernel where only one example differs from the others — so ``> 0`` alone let a rounding
+    residue of ±1e-17 through, which the ratio then turned into any number (6.9e-08 measured). A real
+    self-HSIC is far above this floor (≥ 7e-3 of its terms on 3,000 random draws with 4 ≤ N < 200).
+    """
+    n = K.shape[0]
+    A = K.abs()
+    A.fill_diagonal_(0)
+    a1 = A.sum(0)
+    terms = ((A * A).sum() + a1.sum() ** 2 / ((n - 1) * (n - 2)) + 2.0 / (n - 2) * (a1 @ a1)) / (n * (n - 3))
+    return 16 * n * torch.finfo(K.dtype).eps * terms
 
 
 def _linear_gram(acts: torch.Tensor) -> torch.Tensor:
-    X = per_example(acts)
-    X = X - X.mean(0, keepdim=True)  # centred features: adding a constant to every example does nothing
+    X = centred(per_example(acts))  # adding a constant to every example does nothing
     return X @ X.T
 
 
@@ -62,7 +114,7 @@ def linear_cka(acts_a, acts_b, *, unbiased: bool = False) -> float:
     the kernel is the inner product, i.e. the sum over channels of per-channel inner products over
     positions. Invariant to orthogonal maps of the channels (the same map at every position is
     orthogonal on the flattened vector), isotropic scaling and translation; not to per-unit scaling
-    or general invertible maps. ``unbiased=True`` uses the unbiased HSIC (needs N ≥ 4).
+    or general invertible maps. Needs N ≥ 3 (N ≥ 4 for ``unbiased=True``, the unbiased HSIC).
 
     Args:
         acts_a: ``[N, C_a]`` or ``[N, C_a, *spatial]``.
@@ -79,12 +131,12 @@ def linear_cka(acts_a, acts_b, *, unbiased: bool = False) -> float:
         >>> round(linear_cka(x, 3 * x @ q), 12)
         1.0
     """
-    a, b = as_pair(acts_a, acts_b, min_examples=4 if unbiased else 2)
+    # Two centred examples span one direction, so any two maps read 1.0: at least 3.
+    a, b = as_pair(acts_a, acts_b, min_examples=4 if unbiased else 3)
     if unbiased or a.shape[0] <= max(a[0].numel(), b[0].numel()):
         return cka_from_kernels(_linear_gram(a), _linear_gram(b), unbiased=unbiased)
     # More examples than features: ||YᵀX||² / (||XᵀX|| ||YᵀY||) is the same number from C×C matrices.
-    X, Y = per_example(a), per_example(b)
-    X, Y = X - X.mean(0), Y - Y.mean(0)
+    X, Y = centred(per_example(a)), centred(per_example(b))
     xx, yy = (X.T @ X).norm(), (Y.T @ Y).norm()
     if not (xx > 0 and yy > 0):
         return cka_from_kernels(X @ X.T, Y @ Y.T)  # raises the degenerate-input error
@@ -92,8 +144,7 @@ def linear_cka(acts_a, acts_b, *, unbiased: bool = False) -> float:
 
 
 def _rbf_gram(acts: torch.Tensor, bandwidth: float, name: str) -> torch.Tensor:
-    X = per_example(acts)
-    X = X - X.mean(0, keepdim=True)  # distances do not change; the Gram below loses less precision
+    X = centred(per_example(acts))  # distances do not change; the Gram below loses less precision
     G = X @ X.T
     sq = G.diagonal()
     D2 = (sq[:, None] + sq[None, :] - 2 * G).clamp_min(0)
@@ -156,7 +207,7 @@ def grelu_kernel(acts, *, block_bytes: int = 1 << 26) -> torch.Tensor:
         >>> K.shape, bool(torch.equal(K, K.T))
         (torch.Size([6, 6]), True)
     """
-    Hc = standardised_channels(as_acts(acts))  # [C, N, P]
+    Hc = standardised_channels(_in_safe_range(as_acts(acts)))  # [C, N, P]; variances of 1e±160 over/underflowed
     c, n = Hc.shape[:2]
     K = Hc.new_empty(n, n)
     rows = max(1, block_bytes // (8 * c * n))
@@ -173,6 +224,9 @@ def grelu_cka(acts_a, acts_b) -> float:
 
     Invariant to permutations and per-channel positive scalings (the ReLU intertwiner group P·D₊,
     applied to channels at every position), to isotropic scaling and translation; not to rotations.
+    Also to flipping a channel's sign — ⟨−a, −b⟩ = ⟨a, b⟩ inside each channel's inner product — so to
+    every nonzero per-channel scaling P·D, a larger group than G_ReLU (a ReLU net's sign-flipped
+    representation is not an equivalent one, yet reads 1 here; G_ReLU-Procrustes tells them apart).
     Conv maps are read per example: the inner product runs over positions within one channel, the
     max over channels. Needs N ≥ 4.
 
@@ -197,7 +251,8 @@ def standardized_cka(acts_a, acts_b) -> float:
     The same per-channel centring and normalisation as :func:`grelu_cka`, with the sum over channels
     where G_ReLU-CKA takes the max. The normalisation makes it invariant to per-channel scaling —
     and therefore *not* to rotations of the channels, although the paper uses it as the
-    orthogonal-invariant counterpart. Needs N ≥ 4.
+    orthogonal-invariant counterpart. Like G_ReLU-CKA it is also invariant to sign flips of channels
+    (signed permutations are orthogonal). Needs N ≥ 4.
 
     Example:
         >>> import torch

@@ -25,7 +25,10 @@ class DegenerateRepresentationError(WorkbenchError, ValueError):
 def as_acts(acts, name: str = "acts") -> torch.Tensor:
     """``acts`` as a float64 tensor ``[N, C, *spatial]``, or a clear error."""
     if isinstance(acts, np.ndarray):
-        acts = torch.from_numpy(acts)
+        if acts.dtype.kind not in "biufc":
+            raise InvalidOptionError(f"{name} must hold numbers; got a numpy array of dtype {acts.dtype}.")
+        # torch refuses non-native byte order (e.g. '>f8' read from a file) with its own error.
+        acts = torch.from_numpy(acts.astype(acts.dtype.newbyteorder("="), copy=False))
     if not isinstance(acts, torch.Tensor):
         raise InvalidOptionError(f"{name} must be a torch tensor or numpy array of shape [N, C] or "
                                  f"[N, C, *spatial]; got {type(acts).__name__}.")
@@ -44,8 +47,15 @@ def as_acts(acts, name: str = "acts") -> torch.Tensor:
 
 
 def as_pair(acts_a, acts_b, *, min_examples: int = 2, same_positions: bool = False):
-    """Both activation sets checked against each other: the same examples (and positions, if asked)."""
-    a, b = as_acts(acts_a, "acts_a"), as_acts(acts_b, "acts_b")
+    """Both activation sets checked against each other: the same examples (and positions, if asked).
+
+    Each side is brought to a largest entry in [0.5, 1) by a power of two when it lies far outside
+    that range: every measure is invariant to isotropic scaling and a power of two changes no
+    rounding, so the numbers are unchanged — except that fourth powers (self-HSIC products) of
+    entries near 1e±80 no longer overflow to inf or underflow to 0 (which read as 0.5, 0 or
+    "degenerate" for inputs that are merely large or small).
+    """
+    a, b = _in_safe_range(as_acts(acts_a, "acts_a")), _in_safe_range(as_acts(acts_b, "acts_b"))
     if a.shape[0] != b.shape[0]:
         raise InvalidOptionError(f"acts_a and acts_b must describe the same examples: got {a.shape[0]} and "
                                  f"{b.shape[0]} rows (shapes {tuple(a.shape)} and {tuple(b.shape)}).")
@@ -56,6 +66,31 @@ def as_pair(acts_a, acts_b, *, min_examples: int = 2, same_positions: bool = Fal
             f"this measure pairs the two maps position by position, so their spatial shapes must match; got "
             f"{tuple(a.shape[2:])} and {tuple(b.shape[2:])} (shapes {tuple(a.shape)} and {tuple(b.shape)}).")
     return a, b
+
+
+_SAFE_EXPONENT = 60  # |entries| in [2^-60, 2^60]: eighth powers and sums over 2^40 terms stay finite and normal
+
+
+def _in_safe_range(acts: torch.Tensor) -> torch.Tensor:
+    top = acts.abs().amax()
+    if not top > 0:
+        return acts
+    _, exponent = torch.frexp(top)
+    if abs(int(exponent)) <= _SAFE_EXPONENT:
+        return acts  # no copy for ordinary activations
+    return torch.ldexp(acts, -exponent)
+
+
+def centred(H: torch.Tensor) -> torch.Tensor:
+    """``H [M, F]`` with each column's mean over the M rows removed, a constant column to exactly 0.
+
+    The first row is subtracted before the mean: a plain ``H − mean`` leaves rounding residue (1e-17)
+    in a constant column such as 0.1, which the measures that normalise columns or whole maps would
+    blow up into a unit (or a whole representation) of pure noise instead of reporting it as dead
+    or degenerate; the shift also cancels a large common offset before the mean is rounded.
+    """
+    H = H - H[:1]  # a fresh tensor: the mean comes off in place, one copy of a large map rather than two
+    return H.sub_(H.mean(0, keepdim=True))
 
 
 def per_example(acts: torch.Tensor) -> torch.Tensor:
@@ -78,7 +113,7 @@ def unit_normalise(H: torch.Tensor, *, centre: bool, name: str) -> torch.Tensor:
     G_ReLU-Procrustes, above two unrelated live layers).
     """
     if centre:
-        H = H - H.mean(0, keepdim=True)
+        H = centred(H)
     norms = H.norm(dim=0, keepdim=True)
     if not bool((norms > 0).any()):
         what = "constant over the samples" if centre else "all zeros"

@@ -186,10 +186,14 @@ class SimilarityReport(Report):
         return self.values[get_measure(name).name]
 
     def summary(self) -> str:
-        lo = min(self.values, key=self.values.get)
-        hi = max(self.values, key=self.values.get)
-        return (f"{len(self.values)} measures on {list(self.shape_a)} vs {list(self.shape_b)}; "
-                f"lowest {lo} {self.values[lo]:.3f}, highest {hi} {self.values[hi]:.3f}")
+        head = f"{len(self.values)} measures on {list(self.shape_a)} vs {list(self.shape_b)}"
+        # NaN compares false with everything, so min/max would return whichever NaN came first as both.
+        real = {k: v for k, v in self.values.items() if v == v}
+        nan = f"; NaN: {', '.join(k for k in self.values if k not in real)}" if len(real) < len(self.values) else ""
+        if not real:
+            return head + nan
+        lo, hi = min(real, key=real.get), max(real, key=real.get)
+        return f"{head}; lowest {lo} {real[lo]:.3f}, highest {hi} {real[hi]:.3f}{nan}"
 
     def to_frame(self):
         import pandas as pd
@@ -232,6 +236,8 @@ def compare(acts_a, acts_b, measures: Optional[Union[str, Iterable[str]]] = None
     """
     names = list(MEASURES) if measures is None else [measures] if isinstance(measures, str) else list(measures)
     chosen = [get_measure(n) for n in names]
+    if not chosen:
+        raise InvalidOptionError(f"measures is empty; pass None for all of them or names from {list(MEASURES)}.")
     a, b = as_acts(acts_a, "acts_a"), as_acts(acts_b, "acts_b")  # detached float64: no graph is recorded
     values = {}
     with progress_bar(chosen, desc="similarity", unit="measure", progress=progress) as bar:
