@@ -20,7 +20,7 @@ from .._errors import InvalidOptionError, check_option
 from .._report import Report, new_axes
 from ..groups import Group, GroupElement, get_group
 from ._cut import Cut
-from ._train import LR_SCHEDULES, accuracy, as_xy, check_epochs, fit, model_accuracy
+from ._train import LR_SCHEDULES, accuracy, as_xy, check_batch, check_epochs, check_labels, check_like, fit, model_accuracy
 
 
 @dataclass(repr=False)
@@ -123,7 +123,8 @@ def insertion_test(model: nn.Module, site: str, group: Union[str, Group] = "orth
         100.0
     """
     epochs = check_epochs(epochs)
-    if not isinstance(repeats, int) or repeats < 1:
+    check_batch(batch_size, lr)
+    if not isinstance(repeats, int) or isinstance(repeats, bool) or repeats < 1:
         raise InvalidOptionError(f"repeats must be a whole number ≥ 1; got {repeats!r}.")
     check_option("report", report, ["last", "best"])
     check_option("lr_schedule", lr_schedule, LR_SCHEDULES)
@@ -135,21 +136,32 @@ def insertion_test(model: nn.Module, site: str, group: Union[str, Group] = "orth
                                  "or keep the trained weights (reinit=False).")
     x, y = as_xy(data)
     xe, ye = (x, y) if eval_data is None else as_xy(eval_data, "eval_data")
+    val = None if val_data is None else as_xy(val_data, "val_data")
+    for name, other in (("eval_data", xe), ("val_data", None if val is None else val[0])):
+        if other is not None:
+            check_like(x, other, name)
     cut = Cut(model, site, x[:1], "before")
+    check_labels(cut.model, x, ("data", y), *([] if eval_data is None else [("eval_data", ye)]),
+                 *([] if val is None else [("val_data", val[1])]))
     k = cut.primary
     n = cut.crossings[k].channels
     G = get_group(group, n)
     gen = torch.Generator().manual_seed(int(seed))
     acts, eval_acts = cut.run_head(x), (None if eval_data is None else cut.run_head(xe))
-    val = None if val_data is None else as_xy(val_data, "val_data")
     val_acts = None if val is None else cut.run_head(val[0])
     head_params = {name for name, _ in cut.head.named_parameters()}
     elements = G.sample_many(repeats, gen)
 
     def retrain(M) -> tuple[float, Optional[int], list]:
+        # The caller's global generator is left as it was; inside, it is seeded, so the fresh weights and a
+        # Dropout's masks are the same for every run (runs differ by M alone) and for every call with this seed.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(seed) + 2)
+            return _retrain(M)
+
+    def _retrain(M) -> tuple[float, Optional[int], list]:
         tail = copy.deepcopy(cut.tail)
         if reinit:  # every run starts from the same fresh weights, so runs differ by M alone
-            torch.manual_seed(int(seed) + 2)
             for m in tail.modules():
                 own = {n for n, _ in m.named_parameters(recurse=False)}
                 if own and hasattr(m, "reset_parameters") and not any(f"{_path(tail, m)}{n}" in head_params for n in own):

@@ -15,7 +15,7 @@ from ..groups import Group, GroupElement
 from ._cut import Cut, Crossing
 from ._init import fit as fit_init, rows, sample_rows
 from ._layers import BirkhoffMap, IdentityMap, SinkhornMap, StitchLayer, make_layer, parse_stitch_group
-from ._train import OPTIMIZERS, accuracy, as_xy, check_epochs, fit, model_accuracy
+from ._train import OPTIMIZERS, accuracy, as_xy, check_batch, check_epochs, check_labels, check_like, fit, model_accuracy
 
 BN_MODES = ["frozen", "reestimate", "train"]
 REPORTS = ["last", "best"]
@@ -30,7 +30,7 @@ class StitchResult(Report):
 
     ``penalty`` = mean(accuracy_a, accuracy_b) − stitched_accuracy. ``weight`` ``[C_b, C_a]`` is the
     learned map at the site (after rounding, for Sinkhorn relaxations), ``element`` the same map as a
-    group element (None for maps that are not: low rank, non-square). ``maps`` holds every crossing
+    group element (None for maps that are not: low rank, non-square, singular). ``maps`` holds every crossing
     site's map (a cut inside a residual branch maps the skip stream too); ``crossings`` lists each
     value crossing the cut and the site that mapped it (None: passed from A unmapped).
     """
@@ -178,11 +178,24 @@ def stitch(model_a: nn.Module, model_b: nn.Module, site: Union[str, tuple[str, s
     if report == "best" and val_data is None:
         raise InvalidOptionError("report='best' picks the epoch with the best accuracy on val_data; pass val_data "
                                  "(held out from data and eval_data), or report='last'.")
+    check_batch(batch_size, lr)
     x, y = as_xy(data)
     xe, ye = (x, y) if eval_data is None else as_xy(eval_data, "eval_data")
-    site_a, site_b = (site, site) if isinstance(site, str) else tuple(site)
+    val = None if val_data is None else as_xy(val_data, "val_data")
+    for name, other in (("eval_data", xe), ("val_data", None if val is None else val[0])):
+        if other is not None:
+            check_like(x, other, name)
+    if isinstance(site, (tuple, list)) and len(site) == 2:
+        site_a, site_b = site
+    elif isinstance(site, (tuple, list)):
+        raise InvalidOptionError(f"site={site!r}: one site (the same in both models) or a pair (site_a, site_b).")
+    else:
+        site_a = site_b = site
     cut_a = Cut(model_a, site_a, x[:1], "after")
     cut_b = Cut(model_b, site_b, x[:1], "after")
+    labelled = [("data", y)] + ([] if eval_data is None else [("eval_data", ye)]) + ([] if val is None else [("val_data", val[1])])
+    check_labels(cut_a.model, x, *labelled)
+    check_labels(cut_b.model, x, *labelled)
     pairs = _pair(cut_a, cut_b)
     primary_site = pairs[cut_b.primary][1].site
     # Endpoints first: a BatchNorm re-estimate below changes B's copy after the cut.
@@ -233,7 +246,6 @@ def stitch(model_a: nn.Module, model_b: nn.Module, site: Union[str, tuple[str, s
             m.anneal(epoch / max(epochs - 1, 1))
         _set_bn_train(cut_b, bn == "train")
 
-    val = None if val_data is None else as_xy(val_data, "val_data")
     val_acts = None if val is None else cut_a.run_head(val[0])
     best = {"accuracy": -1.0, "epoch": None, "state": None}
 
