@@ -164,6 +164,28 @@ def test_a_functional_activation_site_stitches_at_its_pre_activation():
     assert torch.equal(cut.head(x)[0], model.l1(x)) and torch.equal(cut.tail(*cut.head(x)), model(x))
 
 
+class OffsetRelu(FunctionalLeaky):
+    def forward(self, x):
+        return self.l2(F.relu(self.l1(x) + 1.0))
+
+
+def test_insertion_at_a_functional_activation_is_on_its_input_and_not_past_an_offset():
+    """F.leaky_relu(l1(x)): the pre-activation is l1's output (before: refused as 'not an activation').
+    F.relu(l1(x) + 1): l1's output is not the pre-activation; inserting there would be M·z + 1, not M·(z + 1)."""
+    torch.manual_seed(0)
+    x = torch.randn(200, 4)
+    model = FunctionalLeaky().eval()
+    y = model(x).argmax(1)
+    r = insertion_test(model, "l1", "orthogonal", (x, y), epochs=0, repeats=2, reinit=False)
+    with torch.no_grad():
+        for M, got in zip(r.elements, r.accuracies):
+            out = model.l2(F.leaky_relu(model.l1(x).double() @ M.matrix().T, 0.1).float())
+            assert got == pytest.approx(100.0 * float((out.argmax(1) == y).double().mean()))
+    offset = OffsetRelu().eval()
+    with pytest.raises(InvalidOptionError, match="no activation function takes its output directly"):
+        insertion_test(offset, "l1", "orthogonal", (x, offset(x).argmax(1)), epochs=0, repeats=1, reinit=False)
+
+
 # ------------------------------------------------------------------------------------------ group constraints
 def _one_nonzero_per_row_and_column(W):
     nz = W != 0

@@ -62,14 +62,20 @@ class Cut:
         graph = space_graph(self.model, example)
         nodes = list(graph.gm.graph.nodes)
         cut_node = self._site_node(nodes)
-        if where == "before" and not (cut_node.op == "call_module" and is_activation(graph.modules[cut_node.target])):
+        # A functional activation (F.leaky_relu(self.l1(x))) has no module: its site is observed at the module whose
+        # output the activation takes, so "before" the activation is right after that module.
+        pre_out = where == "before" and not (cut_node.op == "call_module" and is_activation(graph.modules[cut_node.target]))
+        if pre_out and not any(u.op == "call_function" and u.args and u.args[0] is cut_node and is_activation(u.target)
+                               for u in cut_node.users):  # F.relu(self.l1(x) + 1): l1's output is not the pre-activation
             raise InvalidOptionError(
-                f"site {self.site.name!r} is observed at {self.site.hook_name!r}, which is not an activation: "
-                f"there is no pre-activation to insert into (a linear site absorbs any invertible map).")
+                f"site {self.site.name!r} is observed at {self.at!r}, which is not an activation: there is no "
+                f"pre-activation to insert into (no activation function takes its output directly; a linear site "
+                f"absorbs any invertible map, and in F.relu(layer(x) + c) M would land before the + c).")
         pos = {n: i for i, n in enumerate(nodes)}
-        c = pos[cut_node] + (1 if where == "after" else 0)
+        after = where == "after" or pre_out
+        c = pos[cut_node] + (1 if after else 0)
         #: the node whose input (before) or output (after) is the site's activation
-        self.site_node = cut_node.name if where == "after" else cut_node.args[0].name
+        self.site_node = cut_node.name if after else cut_node.args[0].name
         site_of = self._site_of_space(graph, smap)
         head = [n for n in nodes[:c] if n.op != "get_attr"]  # parameters read directly are copied, not crossed
         crossing = [n for n in head if any(pos[u] >= c for u in n.users)]
