@@ -508,3 +508,18 @@ def test_null_effects_get_a_verdict_about_five_percent_of_the_time_at_three_seed
         old += s["lo"] > 0 or s["hi"] < 0
         new += _stats.excludes_zero(s) != 0
     assert old >= 30 and new <= 20  # binomial(200, 0.25) ≥ 30 and binomial(200, 0.05) ≤ 20 with p > 0.999
+
+
+def test_two_cuts_in_one_site_are_told_apart_in_the_report():
+    """A site observed at two activations (a residual stream: a1, and a2 after the add) — cut at either by
+    its hook name. Before, both results read 'inserted at a1' (penalties +12.00 and +4.00 on one model)."""
+    torch.manual_seed(0)
+    m = Residual().eval()
+    x = torch.randn(50, 4)
+    y = m(x).argmax(1)
+    first = insertion_test(m, "a1", "orthogonal", (x, y), epochs=0, repeats=1, reinit=False, seed=1)
+    second = insertion_test(m, "a2", "orthogonal", (x, y), epochs=0, repeats=1, reinit=False, seed=1)
+    assert "(before a2)" in second.summary() and "(before" not in first.summary()
+    assert list(second.to_frame()["hook"]) == ["a2"] and list(first.to_frame()["hook"]) == ["a1"]
+    s = stitch(m, m, "a2", "trivial", (x, y), epochs=0)
+    assert "(after a2)" in s.summary() and s.to_frame()["hook"].item() == "a2"

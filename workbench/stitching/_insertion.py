@@ -45,6 +45,12 @@ class InsertionResult(Report):
     n_eval: int = 0
     best_epochs: list = field(default_factory=list)  # report="best": the epoch picked on val_data, per repeat
     curves: list = field(default_factory=list)  # per repeat: [{"epoch", "loss", "train_accuracy", ("val_accuracy")}]
+    hook: str = ""  # the activation module M was inserted before (a site may be observed at several)
+
+    @property
+    def where(self) -> str:
+        """The site, and the activation M went before where that is not the site's own name."""
+        return self.site if not self.hook or self.hook == self.site else f"{self.site} (before {self.hook})"
 
     @property
     def baseline(self) -> float:
@@ -65,7 +71,7 @@ class InsertionResult(Report):
 
     def summary(self) -> str:
         control = "no control" if self.accuracy_control is None else f"control {self.accuracy_control:.1f}%"
-        return (f"{self.group} inserted at {self.site}: penalty {self.penalty:+.2f} ± {self.penalty_std:.2f} points "
+        return (f"{self.group} inserted at {self.where}: penalty {self.penalty:+.2f} ± {self.penalty_std:.2f} points "
                 f"({len(self.accuracies)} repeats, {self.epochs} epochs retraining; {control}, "
                 f"original {self.accuracy_original:.1f}%, seed {self.seed})")
 
@@ -73,7 +79,7 @@ class InsertionResult(Report):
         """One row per repeat."""
         import pandas as pd
 
-        return pd.DataFrame([{"site": self.site, "group": self.group, "repeat": r, "accuracy": a,
+        return pd.DataFrame([{"site": self.site, "hook": self.hook, "group": self.group, "repeat": r, "accuracy": a,
                               "accuracy_control": self.accuracy_control, "accuracy_original": self.accuracy_original,
                               "penalty": self.baseline - a, "epochs": self.epochs, "seed": self.seed}
                              for r, a in enumerate(self.accuracies)])
@@ -87,7 +93,7 @@ class InsertionResult(Report):
             ax.axhline(self.accuracy_control, ls="--", color="k", label="control (M = I, retrained)")
         ax.axhline(self.accuracy_original, ls=":", color="grey", label="original")
         ax.set_ylabel("accuracy after retraining (%)")
-        ax.set_title(f"insertion test at {self.site}")
+        ax.set_title(f"insertion test at {self.where}")
         ax.legend(fontsize="small")
         return ax
 
@@ -200,7 +206,8 @@ def insertion_test(model: nn.Module, site: str, group: Union[str, Group] = "orth
     control_acc = retrain(None)[0] if control else None
     runs = [retrain(M) for M in elements]
     return InsertionResult(cut.site.name, G.name, model_accuracy(cut.model, xe, ye), control_acc, [r[0] for r in runs],
-                           elements, epochs, int(seed), lr, len(y), len(ye), [r[1] for r in runs], [r[2] for r in runs])
+                           elements, epochs, int(seed), lr, len(y), len(ye), [r[1] for r in runs], [r[2] for r in runs],
+                           hook=cut.at)
 
 
 def _path(root: nn.Module, module: nn.Module) -> str:

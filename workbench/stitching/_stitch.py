@@ -70,7 +70,8 @@ class StitchResult(Report):
 
     def summary(self) -> str:
         relaxed = "" if self.relaxed_accuracy is None else f" (relaxed {self.relaxed_accuracy:.1f}%)"
-        return (f"{self.group} stitch at {self.site}: {self.stitched_accuracy:.1f}%{relaxed} vs endpoints "
+        at = self.site if not self.hook or self.hook == self.site else f"{self.site} (after {self.hook})"
+        return (f"{self.group} stitch at {at}: {self.stitched_accuracy:.1f}%{relaxed} vs endpoints "
                 f"{self.accuracy_a:.1f}% / {self.accuracy_b:.1f}% → penalty {self.penalty:+.2f} points "
                 f"({self.epochs} epochs{'' if self.best_epoch is None else f', best epoch {self.best_epoch} on val_data'}, "
                 f"seed {self.seed}, BatchNorm {self.bn}, {self.n_eval} {self.evaluated_on} examples)")
@@ -79,7 +80,7 @@ class StitchResult(Report):
         """One row: the numbers and the settings that made them (concatenate rows across runs)."""
         import pandas as pd
 
-        return pd.DataFrame([{"site": self.site, "group": self.group, "accuracy_a": self.accuracy_a,
+        return pd.DataFrame([{"site": self.site, "hook": self.hook, "group": self.group, "accuracy_a": self.accuracy_a,
                               "accuracy_b": self.accuracy_b, "stitched_accuracy": self.stitched_accuracy,
                               "relaxed_accuracy": self.relaxed_accuracy, "penalty": self.penalty,
                               "epochs": self.epochs, "seed": self.seed, "bn": self.bn, "n_train": self.n_train,
