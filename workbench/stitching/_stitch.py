@@ -15,7 +15,7 @@ from ..groups import Group, GroupElement
 from ._cut import Cut, Crossing
 from ._init import fit as fit_init, rows, sample_rows
 from ._layers import BirkhoffMap, IdentityMap, SinkhornMap, StitchLayer, make_layer, parse_stitch_group
-from ._train import OPTIMIZERS, accuracy, as_xy, check_batch, check_epochs, check_labels, check_like, fit, model_accuracy
+from ._train import OPTIMIZERS, accuracy, as_xy, batches, check_batch, check_epochs, check_labels, check_like, fit, model_accuracy
 
 BN_MODES = ["frozen", "reestimate", "train"]
 REPORTS = ["last", "best"]
@@ -340,8 +340,8 @@ def _maybe_reestimate(bn: str, cut: Cut, forward, n: int, batch_size: int) -> No
         m.momentum = None
         m.train()
     try:
-        for i in range(0, n, batch_size):
-            forward(torch.arange(i, min(i + batch_size, n)))
+        for idx in batches(torch.arange(n), batch_size):
+            forward(idx)
     finally:
         for m, momentum in saved:
             m.momentum = momentum

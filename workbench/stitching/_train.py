@@ -91,6 +91,15 @@ def model_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_siz
         return accuracy(lambda idx: model(x[idx]), y, batch_size)
 
 
+def batches(order: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
+    """``order`` in batches of ``batch_size``; a last batch of one example joins the one before it: a BatchNorm
+    on batch statistics cannot normalise a single value per channel (129 examples in batches of 128 failed)."""
+    parts = list(order.split(batch_size))
+    if len(parts) > 1 and len(parts[-1]) == 1:
+        parts[-2:] = [torch.cat(parts[-2:])]
+    return parts
+
+
 OPTIMIZERS = ["adam", "sgd"]
 LR_SCHEDULES = [None, "step"]
 
@@ -124,7 +133,7 @@ def fit(forward: Callable[[torch.Tensor], torch.Tensor], params: Sequence, label
         if on_epoch is not None:
             on_epoch(epoch)
         total, correct = 0.0, 0
-        for idx in torch.randperm(len(labels), generator=gen).split(batch_size):
+        for idx in batches(torch.randperm(len(labels), generator=gen), batch_size):
             logits = forward(idx)
             loss = F.cross_entropy(logits, labels[idx])
             objective = loss if regulariser is None else loss + regulariser()
