@@ -523,3 +523,41 @@ def test_two_cuts_in_one_site_are_told_apart_in_the_report():
     assert list(second.to_frame()["hook"]) == ["a2"] and list(first.to_frame()["hook"]) == ["a1"]
     s = stitch(m, m, "a2", "trivial", (x, y), epochs=0)
     assert "(after a2)" in s.summary() and s.to_frame()["hook"].item() == "a2"
+
+
+@pytest.mark.parametrize("n", [129, 130])
+def test_a_last_batch_of_one_example_does_not_break_batchnorm_on_batch_statistics(n):
+    """129 examples in batches of 128 left one example for a BatchNorm1d in train mode: torch's 'Expected more
+    than 1 value per channel when training' from stitch(bn='train'/'reestimate') and insertion_test."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 3)).eval()
+    x = torch.randn(n, 4)
+    y = net(x).argmax(1)
+    for bn in ("train", "reestimate"):
+        r = stitch(net, net, "1", "gl", (x, y), epochs=1, bn=bn)
+        assert r.n_train == n and len(r.curve) == 1
+    r = insertion_test(net, "1", "relu", (x, y), epochs=1, repeats=1, reinit=False)
+    assert r.n_train == n and r.accuracy_original == 100.0
+
+
+class _Gain(nn.Module):
+    """A learned per-channel gain with no reset_parameters()."""
+
+    def __init__(self, n):
+        super().__init__()
+        self.g = nn.Parameter(torch.full((n,), 3.0))
+
+    def forward(self, x):
+        return x * self.g
+
+
+def test_reinit_refuses_a_parameter_it_cannot_reset():
+    """reinit=True reset every module with reset_parameters() and silently retrained the rest from their trained
+    values (here the gain stayed at 3.0 while the Linear layers started fresh)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 6), _Gain(6), nn.ReLU(), nn.Linear(6, 3)).eval()
+    x = torch.randn(100, 4)
+    y = net(x).argmax(1)
+    with pytest.raises(InvalidOptionError, match=r"cannot re-initialise \['3.g'\].*reinit=False"):
+        insertion_test(net, "1", "relu", (x, y), epochs=1, repeats=1)
+    assert insertion_test(net, "1", "relu", (x, y), epochs=1, repeats=1, reinit=False).accuracy_original == 100.0

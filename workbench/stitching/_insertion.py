@@ -168,10 +168,19 @@ def insertion_test(model: nn.Module, site: str, group: Union[str, Group] = "orth
     def _retrain(M) -> tuple[float, Optional[int], list]:
         tail = copy.deepcopy(cut.tail)
         if reinit:  # every run starts from the same fresh weights, so runs differ by M alone
+            kept = []
             for m in tail.modules():
-                own = {n for n, _ in m.named_parameters(recurse=False)}
-                if own and hasattr(m, "reset_parameters") and not any(f"{_path(tail, m)}{n}" in head_params for n in own):
+                own = [f"{_path(tail, m)}{n}" for n, _ in m.named_parameters(recurse=False)]
+                if not own or any(n in head_params for n in own):
+                    continue
+                if hasattr(m, "reset_parameters"):
                     m.reset_parameters()
+                else:
+                    kept += own
+            if kept:  # they would be retrained from their trained values while the rest starts fresh
+                raise InvalidOptionError(
+                    f"reinit=True cannot re-initialise {kept}: their modules have no reset_parameters(). Pass "
+                    f"reinit=False (retrain from the trained weights, the paper's protocol) or give them one.")
         params = [p for name, p in tail.named_parameters() if name not in head_params]
         for p in params:
             p.requires_grad_(True)
