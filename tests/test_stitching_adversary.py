@@ -561,3 +561,25 @@ def test_reinit_refuses_a_parameter_it_cannot_reset():
     with pytest.raises(InvalidOptionError, match=r"cannot re-initialise \['3.g'\].*reinit=False"):
         insertion_test(net, "1", "relu", (x, y), epochs=1, repeats=1)
     assert insertion_test(net, "1", "relu", (x, y), epochs=1, repeats=1, reinit=False).accuracy_original == 100.0
+
+
+@pytest.mark.parametrize("site", ["1", "3"])
+def test_a_fitted_stitch_undoes_a_known_intertwiner_exactly(pair, blobs, site):
+    """B = A with its hidden units permuted and positively scaled (dead units included): the closed-form G_ReLU
+    and GL fits recover it with no training; a permutation without scales cannot (negative control)."""
+    a, _ = pair
+    x, y = blobs
+    b, _ = wb.random_intertwiner(a, seed=3, example=x[:1])
+    with torch.no_grad():
+        want = 100.0 * float((a(x).argmax(1) == y).double().mean())
+    ha, hb = Cut(a, site, x[:1]).head(x)[0].double(), Cut(b, site, x[:1]).head(x)[0].double()
+
+    def maps_a_onto_b(r):
+        z = ha @ r.weight.double().T + (0 if r.bias is None else r.bias.double())
+        return torch.allclose(z, hb, atol=1e-4 * float(hb.abs().max()))
+
+    for group in ("relu", "gl"):
+        r = stitch(a, b, site, group, (x, y), epochs=0, init="match")
+        assert r.stitched_accuracy == pytest.approx(want) and r.penalty == 0, group
+        assert maps_a_onto_b(r), group
+    assert not maps_a_onto_b(stitch(a, b, site, "permutation", (x, y), epochs=0, init="match"))
