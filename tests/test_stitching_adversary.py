@@ -583,3 +583,11 @@ def test_a_fitted_stitch_undoes_a_known_intertwiner_exactly(pair, blobs, site):
         assert r.stitched_accuracy == pytest.approx(want) and r.penalty == 0, group
         assert maps_a_onto_b(r), group
     assert not maps_a_onto_b(stitch(a, b, site, "permutation", (x, y), epochs=0, init="match"))
+
+
+def test_the_faithfulness_check_does_not_refuse_a_nan_example():
+    """The check compares model(x1) with tail(head(x1)); NaN inputs give NaN on both, which is not a difference."""
+    net = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3))
+    x = torch.full((3, 4), float("nan"))
+    cut = Cut(net, "1", x[:1])
+    assert torch.isnan(cut.tail(*cut.head(x))).all()

@@ -106,7 +106,8 @@ class Cut:
         want, got = tree_flatten(self.model(x))[0], tree_flatten(self.tail(*self.head(x)))[0]
         if len(want) == len(got) and all(
                 not isinstance(w, torch.Tensor) or isinstance(g, torch.Tensor) and w.shape == g.shape and
-                torch.allclose(g, w, rtol=1e-5, atol=1e-6 * float(w.abs().max().clamp_min(1)) if w.numel() else 0.0)
+                torch.allclose(g, w, rtol=1e-5, atol=1e-6 * float(w.nan_to_num().abs().max().clamp_min(1)) if w.numel() else 0.0,
+                               equal_nan=True)
                 for w, g in zip(want, got)):
             return
         hooked = [name or type(self.model).__name__ for name, m in self.model.named_modules()
