@@ -591,3 +591,12 @@ def test_the_faithfulness_check_does_not_refuse_a_nan_example():
     x = torch.full((3, 4), float("nan"))
     cut = Cut(net, "1", x[:1])
     assert torch.isnan(cut.tail(*cut.head(x))).all()
+
+
+def test_insertion_refuses_the_ambiguous_identity_group(pair, blobs):
+    """stitch(group='identity') is the identity map, but insertion_test(group='identity') drew a random GL matrix
+    (the identity activation's group in the registry) — the same word, opposite experiments."""
+    a, _ = pair
+    with pytest.raises(InvalidOptionError, match="'gl'.*'trivial'"):
+        insertion_test(a, "1", "identity", blobs, epochs=1, repeats=1)
+    assert insertion_test(a, "1", "trivial", blobs, epochs=0, repeats=1, reinit=False).penalty == 0

@@ -130,6 +130,11 @@ def insertion_test(model: nn.Module, site: str, group: Union[str, Group] = "orth
     """
     epochs = check_epochs(epochs)
     check_batch(batch_size, lr)
+    if isinstance(group, str) and group.strip().lower() == "identity":
+        # The registry's "identity" is the identity activation's group (GL: a random dense M), while a stitch's
+        # "identity" is the identity map: here one reading would be as natural as the other.
+        raise InvalidOptionError("group='identity' is ambiguous in an insertion test: 'gl' inserts a random invertible "
+                                 "M (the identity activation's group); 'trivial' inserts M = I (what control=True runs).")
     if not isinstance(repeats, int) or isinstance(repeats, bool) or repeats < 1:
         raise InvalidOptionError(f"repeats must be a whole number ≥ 1; got {repeats!r}.")
     check_option("report", report, ["last", "best"])
