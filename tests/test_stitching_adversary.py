@@ -600,3 +600,15 @@ def test_insertion_refuses_the_ambiguous_identity_group(pair, blobs):
     with pytest.raises(InvalidOptionError, match="'gl'.*'trivial'"):
         insertion_test(a, "1", "identity", blobs, epochs=1, repeats=1)
     assert insertion_test(a, "1", "trivial", blobs, epochs=0, repeats=1, reinit=False).penalty == 0
+
+
+def test_an_integer_site_is_refused_not_read_as_a_position(pair, blobs):
+    """Sequential's module "1" is the first ReLU, but the symmetry map indexes by position: site=1 silently cut
+    at its second site, "3" (both stitch and insertion reported site '3')."""
+    a, b = pair
+    with pytest.raises(InvalidOptionError, match="the module named '1'"):
+        stitch(a, b, 1, "gl", blobs, epochs=0)
+    with pytest.raises(InvalidOptionError, match="site must be a site name"):
+        insertion_test(a, 1, "relu", blobs, epochs=0, repeats=1, reinit=False)
+    with pytest.raises(InvalidOptionError, match="site must be a site name"):
+        stitch(a, b, (1, "3"), "gl", blobs, epochs=0)

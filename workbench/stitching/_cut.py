@@ -161,6 +161,10 @@ def _resolve(smap, site, model: nn.Module) -> tuple[Site, str]:
     an activation module observed by one site."""
     if isinstance(site, Site):
         return smap[site.name], smap[site.name].hook_name
+    if not isinstance(site, str):  # smap[1] is the map's second site, not the module named "1"
+        hint = f" (the module named {str(site)!r}?)" if isinstance(site, int) else ""
+        raise InvalidOptionError(f"site must be a site name or a Site; got {type(site).__name__} {site!r}{hint}. "
+                                 f"Sites here: {list(smap.names)}.")
     if isinstance(site, str) and site not in smap.names:
         owners = [s for s in smap.sites if any(o.name == site for o in s.observed)]
         module = dict(model.named_modules()).get(site)
