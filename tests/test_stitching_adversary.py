@@ -450,66 +450,6 @@ def test_a_gl_fit_is_invertible_and_fits_as_least_squares(n, dead, rows, seed):
         assert sv.min() > 1e-8 * sv.max()
 
 
-# ------------------------------------------------------------------------------------------ verdicts
-def _verdict_here(v):
-    """The verdict computed here: scipy's bootstrap percentile interval of the median and its one-sample t-test."""
-    from scipy.stats import bootstrap, ttest_1samp
-
-    v = np.asarray(v, dtype=float)
-    if len(v) < 3:
-        return None
-    if np.all(v == v[0]):
-        return 0  # no spread: nothing to test against
-    ci = bootstrap((v,), np.median, confidence_level=0.95, n_resamples=9999, method="percentile",
-                   random_state=np.random.default_rng(0)).confidence_interval
-    side = 1 if ci.low > 0 else -1 if ci.high < 0 else 0
-    return side if side and ttest_1samp(v, 0.0).pvalue < 0.05 else 0
-
-
-@settings(max_examples=40, deadline=None)
-@given(st.lists(st.sampled_from([-3.0, -1.0, -0.5, 0.0, 0.5, 1.0, 2.0, 4.0, 7.5]), min_size=1, max_size=10))
-def test_a_verdict_is_the_interval_and_the_t_test_computed_directly(values):
-    from workbench.experiments import _stats
-
-    s = _stats.median_ci(values)
-    assert _stats.excludes_zero(s) == _verdict_here(values)
-    if len(set(values)) > 1:
-        from scipy.stats import ttest_1samp
-        assert s["p"] == pytest.approx(ttest_1samp(values, 0.0).pvalue)
-
-
-def test_three_spread_seeds_all_above_zero_are_not_a_verdict():
-    """n = 3: the percentile interval of a median is [min, max], which holds the true median with probability
-    1 − 2·(1/2)³ = 0.75, so 'the 95% interval excludes 0' alone fired for a quarter of null effects. The
-    committed insertion page had three such verdicts (site 1: 4.37, 25.47, 15.47; t-test p = 0.13)."""
-    from workbench.experiments import _stats
-    from workbench.experiments.stitching import _verdict
-
-    d = [4.37, 25.47, 15.47]
-    s = _stats.median_ci(d)
-    assert (s["lo"], s["hi"]) == (min(d), max(d))
-    c = {**s, "sign": _stats.excludes_zero(s)}
-    assert c["sign"] == 0
-    sentence = _verdict(c, "x", "y")
-    assert "no difference shown" in sentence and "p = 0.13" in sentence and "contains 0" not in sentence
-    tight = _stats.median_ci([10.7, 15.3, 21.6, 14.0])
-    assert "x is higher" in _verdict({**tight, "sign": _stats.excludes_zero(tight)}, "x", "y")
-
-
-def test_null_effects_get_a_verdict_about_five_percent_of_the_time_at_three_seeds():
-    """The whole rule against its promise, on 200 null samples of 3 (normal): the old interval-only rule
-    fires ~25% of the time (1 − 0.75); this one must stay near 5%."""
-    from workbench.experiments import _stats
-
-    rng = np.random.default_rng(7)
-    old = new = 0
-    for _ in range(200):
-        s = _stats.median_ci(rng.normal(0.0, 1.0, 3))
-        old += s["lo"] > 0 or s["hi"] < 0
-        new += _stats.excludes_zero(s) != 0
-    assert old >= 30 and new <= 20  # binomial(200, 0.25) ≥ 30 and binomial(200, 0.05) ≤ 20 with p > 0.999
-
-
 def test_two_cuts_in_one_site_are_told_apart_in_the_report():
     """A site observed at two activations (a residual stream: a1, and a2 after the add) — cut at either by
     its hook name. Before, both results read 'inserted at a1' (penalties +12.00 and +4.00 on one model)."""

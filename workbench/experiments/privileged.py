@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ._stats import excludes_zero, fmt, median_ci, not_shown
+from ._stats import excludes_zero, fmt, median_ci
 
 NAME = "privileged"
 TITLE = "Is the neuron basis privileged? (privileged-basis test)"
@@ -194,7 +194,7 @@ def page(doc) -> str:
         s = r["z_orth"]["sign"]
         if s is None:
             continue
-        verdict = {1: "privileged against rotations (z interval above 0)", 0: f"not shown ({not_shown(r['z_orth'])})",
+        verdict = {1: "privileged against rotations (z interval above 0)", 0: "not shown (z interval contains 0)",
                    -1: "less aligned than random rotations (z interval below 0)"}[s]
         if s == 1 and r["z_orth"]["median"] < 3:  # every seed above 0, none far: one seed alone would not show it
             alone = "" if r["priv_orth"]["median"] else ", no concept privileged on its own"

@@ -13,7 +13,7 @@ import itertools
 import torch
 from torch import nn
 
-from ._stats import excludes_zero, fmt, median_ci, not_shown, paired, shown
+from ._stats import excludes_zero, fmt, median_ci, paired
 
 NAME = "similarity"
 TITLE = "Similarity across seeds (paper §5)"
@@ -226,8 +226,7 @@ def page(doc) -> str:
             continue
         lines += [f"Gaps, `{fam}` (orthogonal-side − G_ReLU-side, paired by seed pair):", ""]
         for r in g:
-            verdict = {1: f"G_ReLU-side lower ({shown(r)})", 0: f"no difference shown ({not_shown(r)})",
-                       -1: f"G_ReLU-side higher ({shown(r)})",
+            verdict = {1: "G_ReLU-side lower (interval excludes 0)", 0: "interval contains 0", -1: "G_ReLU-side higher",
                        None: "fewer than 3 pairs, no verdict"}[r["sign"]]
             lines.append(f"- layer {r['layer']}: {r['upper']} − {r['lower']} = {fmt(r, 3)} — {verdict}")
         lines.append("")

@@ -13,7 +13,7 @@ from __future__ import annotations
 import zlib
 
 from . import _data
-from ._stats import excludes_zero, fmt, median_ci, not_shown, paired, shown
+from ._stats import excludes_zero, fmt, median_ci, paired
 
 NAME = "stitching"
 TITLE = "Stitching (paper §4)"
@@ -249,9 +249,9 @@ def _verdict(c: dict, what_x: str, what_y: str) -> str:
     if c["sign"] is None:
         return f"{what_x} − {what_y}: {s}; fewer than 3 pairs, no verdict."
     if c["sign"] == 0:
-        return f"{what_x} − {what_y}: {s} points; no difference shown ({not_shown(c)})."
+        return f"{what_x} − {what_y}: {s} points; the interval contains 0 — no difference shown."
     word = "higher" if c["sign"] > 0 else "lower"
-    return f"{what_x} − {what_y}: {s} points; {what_x} is {word} ({shown(c)})."
+    return f"{what_x} − {what_y}: {s} points; {what_x} is {word} (the interval excludes 0)."
 
 
 def page(doc) -> str:
