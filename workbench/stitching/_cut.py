@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 from torch import fx, nn
 
-from .._errors import InvalidOptionError
+from .._errors import InvalidOptionError, UnsupportedModelError
 from ..symmetry import Site, is_activation, space_graph, symmetry_map
 
 
@@ -62,14 +62,20 @@ class Cut:
         graph = space_graph(self.model, example)
         nodes = list(graph.gm.graph.nodes)
         cut_node = self._site_node(nodes)
-        if where == "before" and not (cut_node.op == "call_module" and is_activation(graph.modules[cut_node.target])):
+        # A functional activation (F.leaky_relu(self.l1(x))) has no module: its site is observed at the module whose
+        # output the activation takes, so "before" the activation is right after that module.
+        pre_out = where == "before" and not (cut_node.op == "call_module" and is_activation(graph.modules[cut_node.target]))
+        if pre_out and not any(u.op == "call_function" and u.args and u.args[0] is cut_node and is_activation(u.target)
+                               for u in cut_node.users):  # F.relu(self.l1(x) + 1): l1's output is not the pre-activation
             raise InvalidOptionError(
-                f"site {self.site.name!r} is observed at {self.site.hook_name!r}, which is not an activation: "
-                f"there is no pre-activation to insert into (a linear site absorbs any invertible map).")
+                f"site {self.site.name!r} is observed at {self.at!r}, which is not an activation: there is no "
+                f"pre-activation to insert into (no activation function takes its output directly; a linear site "
+                f"absorbs any invertible map, and in F.relu(layer(x) + c) M would land before the + c).")
         pos = {n: i for i, n in enumerate(nodes)}
-        c = pos[cut_node] + (1 if where == "after" else 0)
+        after = where == "after" or pre_out
+        c = pos[cut_node] + (1 if after else 0)
         #: the node whose input (before) or output (after) is the site's activation
-        self.site_node = cut_node.name if where == "after" else cut_node.args[0].name
+        self.site_node = cut_node.name if after else cut_node.args[0].name
         site_of = self._site_of_space(graph, smap)
         head = [n for n in nodes[:c] if n.op != "get_attr"]  # parameters read directly are copied, not crossed
         crossing = [n for n in head if any(pos[u] >= c for u in n.users)]
@@ -87,6 +93,30 @@ class Cut:
             self.crossings.append(Crossing(n.name, site_name, tuple(meta.shape), info.block if info else 1))
         self.head = _graph_module(self.model, nodes[:c], [], crossing)
         self.tail = _graph_module(self.model, nodes[c:], crossing, None, extra=[n for n in nodes[:c] if n.op == "get_attr"])
+        self._check_faithful(example[:1], {n.target for n in nodes if n.op == "call_module"})
+
+    _HOOKS = ("_forward_hooks", "_forward_pre_hooks")
+
+    @torch.no_grad()
+    def _check_faithful(self, x: torch.Tensor, called: set) -> None:
+        """``tail(head(x))`` must be ``model(x)``: the traced graph drops a forward hook on a module it traces
+        through (the root, a container), so a stitch with the identity would differ from the model itself."""
+        from torch.utils._pytree import tree_flatten
+
+        want, got = tree_flatten(self.model(x))[0], tree_flatten(self.tail(*self.head(x)))[0]
+        if len(want) == len(got) and all(
+                not isinstance(w, torch.Tensor) or isinstance(g, torch.Tensor) and w.shape == g.shape and
+                torch.allclose(g, w, rtol=1e-5, atol=1e-6 * float(w.nan_to_num().abs().max().clamp_min(1)) if w.numel() else 0.0,
+                               equal_nan=True)
+                for w, g in zip(want, got)):
+            return
+        hooked = [name or type(self.model).__name__ for name, m in self.model.named_modules()
+                  if name not in called and any(getattr(m, h, None) for h in self._HOOKS)]
+        why = (f"forward hooks on {hooked} change what it computes, and the traced graph does not run hooks on "
+               f"modules it traces through; remove them (handle.remove()) or fold them into the model" if hooked
+               else "its forward does something the traced graph does not record (e.g. control flow on values)")
+        raise UnsupportedModelError(f"{type(self.model).__name__} cut at {self.site.name!r}: the cut model's output "
+                                    f"differs from the model's own on the first example: {why}.")
 
     def _site_node(self, nodes) -> fx.Node:
         name, _, call = self.site.name.partition("#")
@@ -131,6 +161,10 @@ def _resolve(smap, site, model: nn.Module) -> tuple[Site, str]:
     an activation module observed by one site."""
     if isinstance(site, Site):
         return smap[site.name], smap[site.name].hook_name
+    if not isinstance(site, str):  # smap[1] is the map's second site, not the module named "1"
+        hint = f" (the module named {str(site)!r}?)" if isinstance(site, int) else ""
+        raise InvalidOptionError(f"site must be a site name or a Site; got {type(site).__name__} {site!r}{hint}. "
+                                 f"Sites here: {list(smap.names)}.")
     if isinstance(site, str) and site not in smap.names:
         owners = [s for s in smap.sites if any(o.name == site for o in s.observed)]
         module = dict(model.named_modules()).get(site)

@@ -46,7 +46,10 @@ def fit(spec: StitchSpec, X: torch.Tensor, Y: torch.Tensor):
 
         return match_neurons(X, Y, signed=spec.diagonal in ("sign", "nonzero")).element
     if spec.kind == "diagonal":
-        return Fit(torch.diag((X * Y).sum(0) / (X * X).sum(0).clamp_min(1e-30)).clamp_min(1e-6))
+        # A unit never active in A has no fitted scale and gets no gradient: it starts (and stays) at 1, not at 0⁺.
+        xx = (X * X).sum(0)
+        s = torch.where(xx > 0, (X * Y).sum(0) / xx.clamp_min(1e-30), torch.ones_like(xx))
+        return Fit(torch.diag(s.clamp_min(1e-6)))
     if spec.kind == "orthogonal":
         U, _, Vh = torch.linalg.svd(Y.T @ X)
         if spec.special and torch.linalg.det(U @ Vh) < 0:
@@ -57,9 +60,31 @@ def fit(spec: StitchSpec, X: torch.Tensor, Y: torch.Tensor):
     sol = torch.linalg.lstsq(Xb, Y, driver="gelsd").solution  # [C_a + 1, C_b]
     W, b = sol[:-1].T, sol[-1]
     if spec.rank is None:
-        return Fit(W, b)
+        return Fit(*(_invertible(W, b, X) if W.shape[0] == W.shape[1] else (W, b)))
     fitted = X @ W.T
     _, _, Vh = torch.linalg.svd(fitted - fitted.mean(0), full_matrices=False)
     Vk = Vh[: spec.rank].T  # [C_b, k]: top principal directions of the fitted values
     V = Vk.T @ W  # [k, C_a]
     return Fit(Vk @ V, Y.mean(0) - (Vk @ V) @ X.mean(0), (Vk, V))
+
+
+def _invertible(W: torch.Tensor, b: torch.Tensor, X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same fit on the data, invertible where it can be: a GL stitch must start in GL.
+
+    Least squares leaves W's action on directions N in which A's data never varies (a unit that never
+    fires) at its minimum norm, 0, and gradients never move it, so W would stay singular. On the data
+    Nᵀ(x − μ) = 0, so W's action on N can be replaced — here by c·B, B spanning what W's range misses,
+    c W's mean singular value — and the bias corrected by the constant it adds: every fitted value is kept.
+    """
+    mu = X.mean(0)
+    _, s, Vh = torch.linalg.svd(X - mu)  # full: Vh is [C_a, C_a] even with fewer rows than channels
+    r = int((s > s[0] * max(X.shape) * torch.finfo(torch.float32).eps).sum()) if len(s) and s[0] > 0 else 0
+    N = Vh[r:].T
+    if N.shape[1] == 0:
+        return W, b
+    off = W - (W @ N) @ N.T
+    U, sw, _ = torch.linalg.svd(off)
+    kept = sw[: len(sw) - N.shape[1]]
+    c = kept.mean() if len(kept) and kept.mean() > 0 else torch.ones((), dtype=W.dtype)
+    B = U[:, len(sw) - N.shape[1]:]
+    return off + c * B @ N.T, b + (W @ N - c * B) @ (N.T @ mu)

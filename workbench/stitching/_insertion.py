@@ -20,7 +20,7 @@ from .._errors import InvalidOptionError, check_option
 from .._report import Report, new_axes
 from ..groups import Group, GroupElement, get_group
 from ._cut import Cut
-from ._train import LR_SCHEDULES, accuracy, as_xy, check_epochs, fit, model_accuracy
+from ._train import LR_SCHEDULES, accuracy, as_xy, check_batch, check_epochs, check_labels, check_like, fit, model_accuracy
 
 
 @dataclass(repr=False)
@@ -45,6 +45,12 @@ class InsertionResult(Report):
     n_eval: int = 0
     best_epochs: list = field(default_factory=list)  # report="best": the epoch picked on val_data, per repeat
     curves: list = field(default_factory=list)  # per repeat: [{"epoch", "loss", "train_accuracy", ("val_accuracy")}]
+    hook: str = ""  # the activation module M was inserted before (a site may be observed at several)
+
+    @property
+    def where(self) -> str:
+        """The site, and the activation M went before where that is not the site's own name."""
+        return self.site if not self.hook or self.hook == self.site else f"{self.site} (before {self.hook})"
 
     @property
     def baseline(self) -> float:
@@ -65,7 +71,7 @@ class InsertionResult(Report):
 
     def summary(self) -> str:
         control = "no control" if self.accuracy_control is None else f"control {self.accuracy_control:.1f}%"
-        return (f"{self.group} inserted at {self.site}: penalty {self.penalty:+.2f} ± {self.penalty_std:.2f} points "
+        return (f"{self.group} inserted at {self.where}: penalty {self.penalty:+.2f} ± {self.penalty_std:.2f} points "
                 f"({len(self.accuracies)} repeats, {self.epochs} epochs retraining; {control}, "
                 f"original {self.accuracy_original:.1f}%, seed {self.seed})")
 
@@ -73,7 +79,7 @@ class InsertionResult(Report):
         """One row per repeat."""
         import pandas as pd
 
-        return pd.DataFrame([{"site": self.site, "group": self.group, "repeat": r, "accuracy": a,
+        return pd.DataFrame([{"site": self.site, "hook": self.hook, "group": self.group, "repeat": r, "accuracy": a,
                               "accuracy_control": self.accuracy_control, "accuracy_original": self.accuracy_original,
                               "penalty": self.baseline - a, "epochs": self.epochs, "seed": self.seed}
                              for r, a in enumerate(self.accuracies)])
@@ -87,7 +93,7 @@ class InsertionResult(Report):
             ax.axhline(self.accuracy_control, ls="--", color="k", label="control (M = I, retrained)")
         ax.axhline(self.accuracy_original, ls=":", color="grey", label="original")
         ax.set_ylabel("accuracy after retraining (%)")
-        ax.set_title(f"insertion test at {self.site}")
+        ax.set_title(f"insertion test at {self.where}")
         ax.legend(fontsize="small")
         return ax
 
@@ -123,7 +129,13 @@ def insertion_test(model: nn.Module, site: str, group: Union[str, Group] = "orth
         100.0
     """
     epochs = check_epochs(epochs)
-    if not isinstance(repeats, int) or repeats < 1:
+    check_batch(batch_size, lr)
+    if isinstance(group, str) and group.strip().lower() == "identity":
+        # The registry's "identity" is the identity activation's group (GL: a random dense M), while a stitch's
+        # "identity" is the identity map: here one reading would be as natural as the other.
+        raise InvalidOptionError("group='identity' is ambiguous in an insertion test: 'gl' inserts a random invertible "
+                                 "M (the identity activation's group); 'trivial' inserts M = I (what control=True runs).")
+    if not isinstance(repeats, int) or isinstance(repeats, bool) or repeats < 1:
         raise InvalidOptionError(f"repeats must be a whole number ≥ 1; got {repeats!r}.")
     check_option("report", report, ["last", "best"])
     check_option("lr_schedule", lr_schedule, LR_SCHEDULES)
@@ -135,25 +147,45 @@ def insertion_test(model: nn.Module, site: str, group: Union[str, Group] = "orth
                                  "or keep the trained weights (reinit=False).")
     x, y = as_xy(data)
     xe, ye = (x, y) if eval_data is None else as_xy(eval_data, "eval_data")
+    val = None if val_data is None else as_xy(val_data, "val_data")
+    for name, other in (("eval_data", xe), ("val_data", None if val is None else val[0])):
+        if other is not None:
+            check_like(x, other, name)
     cut = Cut(model, site, x[:1], "before")
+    check_labels(cut.model, x, ("data", y), *([] if eval_data is None else [("eval_data", ye)]),
+                 *([] if val is None else [("val_data", val[1])]))
     k = cut.primary
     n = cut.crossings[k].channels
     G = get_group(group, n)
     gen = torch.Generator().manual_seed(int(seed))
     acts, eval_acts = cut.run_head(x), (None if eval_data is None else cut.run_head(xe))
-    val = None if val_data is None else as_xy(val_data, "val_data")
     val_acts = None if val is None else cut.run_head(val[0])
     head_params = {name for name, _ in cut.head.named_parameters()}
     elements = G.sample_many(repeats, gen)
 
     def retrain(M) -> tuple[float, Optional[int], list]:
+        # The caller's global generator is left as it was; inside, it is seeded, so the fresh weights and a
+        # Dropout's masks are the same for every run (runs differ by M alone) and for every call with this seed.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(seed) + 2)
+            return _retrain(M)
+
+    def _retrain(M) -> tuple[float, Optional[int], list]:
         tail = copy.deepcopy(cut.tail)
         if reinit:  # every run starts from the same fresh weights, so runs differ by M alone
-            torch.manual_seed(int(seed) + 2)
+            kept = []
             for m in tail.modules():
-                own = {n for n, _ in m.named_parameters(recurse=False)}
-                if own and hasattr(m, "reset_parameters") and not any(f"{_path(tail, m)}{n}" in head_params for n in own):
+                own = [f"{_path(tail, m)}{n}" for n, _ in m.named_parameters(recurse=False)]
+                if not own or any(n in head_params for n in own):
+                    continue
+                if hasattr(m, "reset_parameters"):
                     m.reset_parameters()
+                else:
+                    kept += own
+            if kept:  # they would be retrained from their trained values while the rest starts fresh
+                raise InvalidOptionError(
+                    f"reinit=True cannot re-initialise {kept}: their modules have no reset_parameters(). Pass "
+                    f"reinit=False (retrain from the trained weights, the paper's protocol) or give them one.")
         params = [p for name, p in tail.named_parameters() if name not in head_params]
         for p in params:
             p.requires_grad_(True)
@@ -188,7 +220,8 @@ def insertion_test(model: nn.Module, site: str, group: Union[str, Group] = "orth
     control_acc = retrain(None)[0] if control else None
     runs = [retrain(M) for M in elements]
     return InsertionResult(cut.site.name, G.name, model_accuracy(cut.model, xe, ye), control_acc, [r[0] for r in runs],
-                           elements, epochs, int(seed), lr, len(y), len(ye), [r[1] for r in runs], [r[2] for r in runs])
+                           elements, epochs, int(seed), lr, len(y), len(ye), [r[1] for r in runs], [r[2] for r in runs],
+                           hook=cut.at)
 
 
 def _path(root: nn.Module, module: nn.Module) -> str:

@@ -164,7 +164,12 @@ class LinearMap(StitchLayer):
         return self.l1 * self.weight().abs().sum() if self.l1 else torch.zeros(())
 
     def element(self):
-        return Dense(self.W.detach().double(), group="gl") if self.rank is None and self.W.shape[0] == self.W.shape[1] else None
+        """The map as a GL element; None when it is not one: low rank, not square, or singular (a fitted map sends
+        a unit that is never active in A to 0, and no gradient moves it). Singular to float32's rank tolerance."""
+        if self.rank is not None or self.W.shape[0] != self.W.shape[1]:
+            return None
+        W = self.W.detach()
+        return Dense(W.double(), group="gl") if int(torch.linalg.matrix_rank(W.float())) == W.shape[0] else None
 
 
 class OrthogonalMap(StitchLayer):
@@ -218,6 +223,9 @@ class SinkhornMap(StitchLayer):
         self.logits = nn.Parameter(logits)
         self.diagonal, self.alpha = diagonal, alpha
         s0 = torch.ones(n) if start is None or start.scale is None else start.scale.float()
+        # A fitted scale of 0 (a unit that is never active in A) is in no group here, and a unit whose input is
+        # always 0 gets no gradient, so it would stay 0: start it at 1.
+        s0 = torch.where(s0 == 0, torch.ones_like(s0), s0)
         self.log_scale = nn.Parameter(s0.abs().clamp_min(1e-6).log()) if diagonal == "positive" else None
         self.scale = nn.Parameter(s0.clone()) if diagonal in ("sign", "nonzero") else None
         self.perm: Optional[torch.Tensor] = None  # set by round()
@@ -231,7 +239,9 @@ class SinkhornMap(StitchLayer):
         if self.log_scale is not None:
             return self.log_scale.exp()
         if self.scale is not None:
-            return torch.sign(self.scale) if (self.perm is not None and self.diagonal == "sign") else self.scale
+            if self.perm is not None and self.diagonal == "sign":  # ±1: sign(0) = 0 would leave a zero row
+                return torch.where(self.scale < 0, -torch.ones_like(self.scale), torch.ones_like(self.scale))
+            return self.scale
         return None
 
     def soft(self) -> torch.Tensor:

@@ -15,7 +15,7 @@ from ..groups import Group, GroupElement
 from ._cut import Cut, Crossing
 from ._init import fit as fit_init, rows, sample_rows
 from ._layers import BirkhoffMap, IdentityMap, SinkhornMap, StitchLayer, make_layer, parse_stitch_group
-from ._train import OPTIMIZERS, accuracy, as_xy, check_epochs, fit, model_accuracy
+from ._train import OPTIMIZERS, accuracy, as_xy, batches, check_batch, check_epochs, check_labels, check_like, fit, model_accuracy
 
 BN_MODES = ["frozen", "reestimate", "train"]
 REPORTS = ["last", "best"]
@@ -30,7 +30,7 @@ class StitchResult(Report):
 
     ``penalty`` = mean(accuracy_a, accuracy_b) − stitched_accuracy. ``weight`` ``[C_b, C_a]`` is the
     learned map at the site (after rounding, for Sinkhorn relaxations), ``element`` the same map as a
-    group element (None for maps that are not: low rank, non-square). ``maps`` holds every crossing
+    group element (None for maps that are not: low rank, non-square, singular). ``maps`` holds every crossing
     site's map (a cut inside a residual branch maps the skip stream too); ``crossings`` lists each
     value crossing the cut and the site that mapped it (None: passed from A unmapped).
     """
@@ -70,7 +70,8 @@ class StitchResult(Report):
 
     def summary(self) -> str:
         relaxed = "" if self.relaxed_accuracy is None else f" (relaxed {self.relaxed_accuracy:.1f}%)"
-        return (f"{self.group} stitch at {self.site}: {self.stitched_accuracy:.1f}%{relaxed} vs endpoints "
+        at = self.site if not self.hook or self.hook == self.site else f"{self.site} (after {self.hook})"
+        return (f"{self.group} stitch at {at}: {self.stitched_accuracy:.1f}%{relaxed} vs endpoints "
                 f"{self.accuracy_a:.1f}% / {self.accuracy_b:.1f}% → penalty {self.penalty:+.2f} points "
                 f"({self.epochs} epochs{'' if self.best_epoch is None else f', best epoch {self.best_epoch} on val_data'}, "
                 f"seed {self.seed}, BatchNorm {self.bn}, {self.n_eval} {self.evaluated_on} examples)")
@@ -79,7 +80,7 @@ class StitchResult(Report):
         """One row: the numbers and the settings that made them (concatenate rows across runs)."""
         import pandas as pd
 
-        return pd.DataFrame([{"site": self.site, "group": self.group, "accuracy_a": self.accuracy_a,
+        return pd.DataFrame([{"site": self.site, "hook": self.hook, "group": self.group, "accuracy_a": self.accuracy_a,
                               "accuracy_b": self.accuracy_b, "stitched_accuracy": self.stitched_accuracy,
                               "relaxed_accuracy": self.relaxed_accuracy, "penalty": self.penalty,
                               "epochs": self.epochs, "seed": self.seed, "bn": self.bn, "n_train": self.n_train,
@@ -178,11 +179,24 @@ def stitch(model_a: nn.Module, model_b: nn.Module, site: Union[str, tuple[str, s
     if report == "best" and val_data is None:
         raise InvalidOptionError("report='best' picks the epoch with the best accuracy on val_data; pass val_data "
                                  "(held out from data and eval_data), or report='last'.")
+    check_batch(batch_size, lr)
     x, y = as_xy(data)
     xe, ye = (x, y) if eval_data is None else as_xy(eval_data, "eval_data")
-    site_a, site_b = (site, site) if isinstance(site, str) else tuple(site)
+    val = None if val_data is None else as_xy(val_data, "val_data")
+    for name, other in (("eval_data", xe), ("val_data", None if val is None else val[0])):
+        if other is not None:
+            check_like(x, other, name)
+    if isinstance(site, (tuple, list)) and len(site) == 2:
+        site_a, site_b = site
+    elif isinstance(site, (tuple, list)):
+        raise InvalidOptionError(f"site={site!r}: one site (the same in both models) or a pair (site_a, site_b).")
+    else:
+        site_a = site_b = site
     cut_a = Cut(model_a, site_a, x[:1], "after")
     cut_b = Cut(model_b, site_b, x[:1], "after")
+    labelled = [("data", y)] + ([] if eval_data is None else [("eval_data", ye)]) + ([] if val is None else [("val_data", val[1])])
+    check_labels(cut_a.model, x, *labelled)
+    check_labels(cut_b.model, x, *labelled)
     pairs = _pair(cut_a, cut_b)
     primary_site = pairs[cut_b.primary][1].site
     # Endpoints first: a BatchNorm re-estimate below changes B's copy after the cut.
@@ -233,7 +247,6 @@ def stitch(model_a: nn.Module, model_b: nn.Module, site: Union[str, tuple[str, s
             m.anneal(epoch / max(epochs - 1, 1))
         _set_bn_train(cut_b, bn == "train")
 
-    val = None if val_data is None else as_xy(val_data, "val_data")
     val_acts = None if val is None else cut_a.run_head(val[0])
     best = {"accuracy": -1.0, "epoch": None, "state": None}
 
@@ -327,8 +340,8 @@ def _maybe_reestimate(bn: str, cut: Cut, forward, n: int, batch_size: int) -> No
         m.momentum = None
         m.train()
     try:
-        for i in range(0, n, batch_size):
-            forward(torch.arange(i, min(i + batch_size, n)))
+        for idx in batches(torch.arange(n), batch_size):
+            forward(idx)
     finally:
         for m, momentum in saved:
             m.momentum = momentum

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._errors import InvalidOptionError
+from .._errors import InvalidOptionError, OutOfRangeError
 
 
 def as_xy(data, name: str = "data") -> tuple[torch.Tensor, torch.Tensor]:
@@ -31,6 +31,40 @@ def as_xy(data, name: str = "data") -> tuple[torch.Tensor, torch.Tensor]:
     if len(x) == 0:
         raise InvalidOptionError(f"{name} is empty.")
     return x, y.long()
+
+
+def check_like(x: torch.Tensor, other: torch.Tensor, name: str) -> None:
+    """``other`` (eval or validation inputs) must be examples of the same shape and dtype as the training inputs."""
+    if other.shape[1:] != x.shape[1:] or other.dtype != x.dtype:
+        raise InvalidOptionError(f"{name}: its inputs are {str(other.dtype).replace('torch.', '')}{list(other.shape[1:])} "
+                                 f"per example, but data's are {str(x.dtype).replace('torch.', '')}{list(x.shape[1:])}; "
+                                 f"pass examples of one kind.")
+
+
+@torch.no_grad()
+def check_labels(model: nn.Module, x: torch.Tensor, *labels: tuple[str, torch.Tensor]) -> None:
+    """Every label must name one of the model's outputs: a label ≥ the number of classes (or < 0) is never
+    the argmax, so an accuracy would quietly count it wrong and the training loss would fail inside torch."""
+    from ..models import eval_mode
+
+    with eval_mode(model):
+        out = model(x[:1])
+    if not (isinstance(out, torch.Tensor) and out.ndim == 2):
+        raise InvalidOptionError(f"{type(model).__name__} must return class scores [N, classes] (accuracy is their "
+                                 f"argmax); it returns {type(out).__name__}{list(out.shape) if isinstance(out, torch.Tensor) else ''}.")
+    n = out.shape[1]
+    for name, y in labels:
+        lo, hi = int(y.min()), int(y.max())
+        if lo < 0 or hi >= n:
+            raise OutOfRangeError(f"{name}: labels must be class indices in [0, {n}) for {type(model).__name__}'s {n} "
+                                  f"outputs; they run from {lo} to {hi}.")
+
+
+def check_batch(batch_size, lr) -> None:
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+        raise InvalidOptionError(f"batch_size must be a whole number ≥ 1; got {batch_size!r}.")
+    if lr is not None and not (isinstance(lr, (int, float)) and not isinstance(lr, bool) and lr >= 0 and lr == lr):
+        raise InvalidOptionError(f"lr must be a number ≥ 0; got {lr!r}.")
 
 
 def check_epochs(epochs) -> int:
@@ -55,6 +89,15 @@ def model_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_siz
 
     with eval_mode(model):
         return accuracy(lambda idx: model(x[idx]), y, batch_size)
+
+
+def batches(order: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
+    """``order`` in batches of ``batch_size``; a last batch of one example joins the one before it: a BatchNorm
+    on batch statistics cannot normalise a single value per channel (129 examples in batches of 128 failed)."""
+    parts = list(order.split(batch_size))
+    if len(parts) > 1 and len(parts[-1]) == 1:
+        parts[-2:] = [torch.cat(parts[-2:])]
+    return parts
 
 
 OPTIMIZERS = ["adam", "sgd"]
@@ -90,7 +133,7 @@ def fit(forward: Callable[[torch.Tensor], torch.Tensor], params: Sequence, label
         if on_epoch is not None:
             on_epoch(epoch)
         total, correct = 0.0, 0
-        for idx in torch.randperm(len(labels), generator=gen).split(batch_size):
+        for idx in batches(torch.randperm(len(labels), generator=gen), batch_size):
             logits = forward(idx)
             loss = F.cross_entropy(logits, labels[idx])
             objective = loss if regulariser is None else loss + regulariser()
