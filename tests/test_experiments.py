@@ -35,7 +35,10 @@ def test_median_ci_is_the_median_with_a_distribution_free_interval_around_it():
     assert one == {"n": 1, "median": 2.5, "lo": None, "hi": None} and _stats.fmt(one) == "2.5 (n = 1)"
     assert _stats.median_ci([]) ["median"] is None and _stats.fmt(_stats.median_ci([])) == "—"
     few = _stats.median_ci([4.0, 4.0, 4.0, 5.0, 6.0])  # n ≤ 5: no interval reaches 95%
-    assert (few["lo"], few["hi"]) == (None, None) and _stats.fmt(few) == "4.0 (n = 5)"
+    assert (few["lo"], few["hi"]) == (None, None) and _stats.excludes_zero(few) is None
+    # the range instead, with how often a range of 5 holds the median: 1 − 2·(1/2)⁵ (never called a 95% interval)
+    assert _stats.fmt(few) == "4.0 (range of 5: 4.0–6.0, 94%)" and _stats.range_coverage(5) == 1 - 2 * 0.5 ** 5
+    assert _stats.fmt(_stats.median_ci([1.0, 3.0, 2.0])) == "2.0 (range of 3: 1.0–3.0, 75%)"
 
 
 def test_a_verdict_is_the_sign_test_at_5_percent():

@@ -421,17 +421,17 @@ def test_channel_sign_flips_are_invisible_to_the_cka_measures_on_channels_but_no
 
 @pytest.mark.parametrize("k", range(2, 10))
 def test_the_cyclic_seed_design_has_every_edge_of_the_cycle(k):
-    """_cyclic([0, 1, 2], 3) returned 2 pairs (0-1, 1-2) for the protocol's 3 (myrtle_relu_w32): odd cycles
+    """similarity._cyclic([0, 1, 2], 3) returned 2 pairs (0-1, 1-2) for the protocol's 3 (myrtle_relu_w32): odd cycles
     lost their closing pair. The first pairs stay disjoint, and a shorter request is a prefix of a longer one."""
-    from workbench.experiments.similarity import _cyclic
+    from workbench.experiments._runs import cyclic_pairs
 
-    pairs = _cyclic(list(range(k)), k)
+    pairs = cyclic_pairs(list(range(k)), k)
     edges = {frozenset(map(int, p.split("-"))) for p in pairs}
     expect = {frozenset((i, (i + 1) % k)) for i in range(k)}
     assert len(pairs) == len(expect) and edges == expect
     disjoint = pairs[:k // 2]
     assert len({s for p in disjoint for s in p.split("-")}) == 2 * len(disjoint)
-    assert all(_cyclic(list(range(k)), m) == pairs[:m] for m in range(1, k + 1))
+    assert all(cyclic_pairs(list(range(k)), m) == pairs[:m] for m in range(1, k + 1))
 
 
 # ---------------------------------------------------------------------------------------- random_transform's law

@@ -117,5 +117,5 @@ def headline_block(folder: Optional[Path] = None) -> str:
 
             doc = json.loads(path.read_text())
             rows += [[f"[{name}](results/{name}.md)", r["what"], r["ours"], r["paper"]] for r in module(name).headlines(doc)]
-    body = table(["experiment", "quantity", "ours: median [95% CI]", "paper"], rows) if rows else "(no results yet)"
+    body = table(["experiment", "quantity", "ours: median [95% CI], or (the range of n < 6 values, how often such a range holds the median)", "paper"], rows) if rows else "(no results yet)"
     return "\n".join([HEADLINES_START, "", body, "", HEADLINES_END])

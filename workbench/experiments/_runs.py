@@ -147,3 +147,16 @@ def collect(store: RunStore, jobs: list[dict]) -> tuple[list[dict], list[dict], 
         seconds += rec["seconds"]
         finished.append(rec["finished"])
     return rows, missing, seconds, finished
+
+
+def cyclic_pairs(seeds: list[int], n: int) -> list[str]:
+    """Pairs of seeds as "a-b" names, the first ``n`` edges of the cycle seed 0 – 1 – … – last – 0 (every model in
+    two pairs): disjoint pairs first, then the shifted ones, then for an odd count the closing pair (last, 0),
+    which both kinds miss (3 seeds gave 2 pairs where the similarity protocol asks for 3, so myrtle_relu_w32
+    never reached a verdict). One function for the stitching and similarity protocols.
+    """
+    k = len(seeds)
+    first = [(seeds[i], seeds[i + 1]) for i in range(0, k - 1, 2)]
+    second = [(seeds[i], seeds[(i + 1) % k]) for i in range(1, k, 2)] if k > 2 else []
+    closing = [(seeds[-1], seeds[0])] if k > 2 and k % 2 else []
+    return [f"{a}-{b}" for a, b in (first + second + closing)[:n]]

@@ -6,8 +6,9 @@ for any continuous distribution, so "the interval excludes 0" is the two-sided s
 It replaces a percentile bootstrap, which on the 3–8 values these experiments have gives a verdict
 far more often than 5% of the time when the median is 0 (measured 24% at n = 3, 13% at n = 4 and
 n = 7): the bootstrap interval of three distinct values is [min, max], whose coverage is 75%.
-With n ≤ 5 values no interval reaches 95% (even [min, max] covers 1 − 2^(1−n) ≤ 94%): the median
-is reported without one, and there is no verdict.
+With n ≤ 5 values no interval reaches 95% (even [min, max] covers 1 − 2^(1−n) ≤ 94%): there is no
+verdict, and the median is reported with the range of its values and that range's own coverage
+(75% for 3 values, 87.5% for 4, 93.75% for 5), never as a 95% interval.
 """
 from __future__ import annotations
 
@@ -31,15 +32,25 @@ def median_ci(values: Sequence[float]) -> dict:
     from scipy.stats import quantile_test
 
     ci = quantile_test(v, q=med, p=0.5).confidence_interval(CONFIDENCE)
-    if math.isnan(ci.low) or math.isnan(ci.high):  # too few values for any 95% interval
-        return {"n": len(v), "median": med, "lo": None, "hi": None}
+    if math.isnan(ci.low) or math.isnan(ci.high):  # too few values for any 95% interval: their range, said so
+        return {"n": len(v), "median": med, "lo": None, "hi": None, "min": float(v.min()), "max": float(v.max())}
     return {"n": len(v), "median": med, "lo": float(ci.low), "hi": float(ci.high)}
+
+
+def range_coverage(n: int) -> float:
+    """The probability that the range of ``n`` values of a continuous law holds its median: 1 − 2^(1−n)."""
+    return 1.0 - 2.0 ** (1 - n)
 
 
 def paired(a: dict, b: dict) -> list[float]:
     """``a[k] − b[k]`` for the keys (pairs, seeds) both have, in sorted key order."""
     return [a[k] - b[k] for k in sorted(set(a) & set(b))]
 
+
+#: How every page states its intervals (one sentence, one place).
+INTERVALS = ("median [95% CI]: a distribution-free interval from order statistics (scipy.stats.quantile_test). With "
+             "fewer than 6 values none exists: the range of the values is shown instead, with how often such a range "
+             "holds the median (75% for 3 values, 88% for 4, 94% for 5), and there is no verdict")
 
 MIN_N = 6  # fewer values than this have no 95% interval of their median, so no verdict
 
@@ -56,12 +67,16 @@ def excludes_zero(s: dict) -> Optional[int]:
 
 
 def fmt(s: dict, digits: int = 1) -> str:
-    """``"12.3 [10.1, 14.0]"``; ``"12.3 (n = 4)"`` without an interval (n ≤ 5); ``"—"`` without data."""
+    """``"12.3 [10.1, 14.0]"`` (a 95% interval); ``"12.3 (range of 4: 10.1–14.0, 88%)"`` with 2–5 values (the range
+    and how often such a range holds the median); ``"12.3 (n = 1)"``; ``"—"`` without data."""
     if s["median"] is None:
         return "—"
     f = f"{{:.{digits}f}}"
     if s["lo"] is None:
-        return f.format(s["median"]) + f" (n = {s['n']})"
+        if s.get("min") is None:
+            return f.format(s["median"]) + f" (n = {s['n']})"
+        return (f"{f.format(s['median'])} (range of {s['n']}: {f.format(s['min'])}–{f.format(s['max'])}, "
+                f"{range_coverage(s['n']):.0%})")
     return f"{f.format(s['median'])} [{f.format(s['lo'])}, {f.format(s['hi'])}]"
 
 

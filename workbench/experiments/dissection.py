@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ._stats import excludes_zero, fmt, median_ci
+from ._stats import INTERVALS, excludes_zero, fmt, median_ci
 
 NAME = "dissection"
 TITLE = "Network Dissection with a random-basis null"
@@ -131,7 +131,7 @@ def page(doc) -> str:
               f"IoU > {p['iou_threshold']} counts a detector.",
               f"- Null: {p['rotations']} Haar rotations of the channel basis per model and layer (the same draws for every model "
               "of one width); own group: one random element of the layer's group from `wb.symmetry_map`.",
-              "- Median [95% CI] over seeds; the difference is paired by seed; p = the largest per-seed +1-corrected share "
+              f"- Over seeds, {INTERVALS}. The difference is paired by seed; p = the largest per-seed +1-corrected share "
               "of rotations with at least as many detectors.", ""]
     for metric in ("detectors", "unique_detectors"):
         rs = rows(doc, metric)

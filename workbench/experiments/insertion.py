@@ -11,7 +11,7 @@ from __future__ import annotations
 import zlib
 
 from . import _data
-from ._stats import excludes_zero, fmt, median_ci, paired
+from ._stats import INTERVALS, excludes_zero, fmt, median_ci, paired
 
 NAME = "insertion"
 TITLE = "The insertion (sanity) test (paper §3.3)"
@@ -129,7 +129,8 @@ def page(doc) -> str:
               "is evaluated on the test images.",
               f"- Data: {_data.describe(p)}.",
               "- Penalty = control accuracy − accuracy (same seed and site); \"vs original\" uses the trained network's "
-              "own accuracy instead of the control's. Median [95% CI] over seeds (distribution-free, order statistics, as on every page; none for fewer than 6 seeds).", ""]
+              "own accuracy instead of the control's.",
+              f"- Over seeds, {INTERVALS}.", ""]
     rows = table_rows(doc)
     lines += ["## Penalties (points; paper beside)", "",
               table(["site", "original %", "control %", "G_ReLU", "orthogonal", "G_ReLU vs original", "orthogonal vs original",

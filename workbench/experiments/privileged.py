@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ._stats import excludes_zero, fmt, median_ci
+from ._stats import INTERVALS, excludes_zero, fmt, median_ci
 
 NAME = "privileged"
 TITLE = "Is the neuron basis privileged? (privileged-basis test)"
@@ -183,7 +183,7 @@ def page(doc) -> str:
               f"- Statistic: best unit's |AUROC − 0.5| per concept; layer test: its mean over concepts against {p['n_bases']} "
               f"random bases per family ({', '.join(p['bases'])}, and the layer's own group); z and +1-corrected p; "
               f"privileged concepts at BH q < {p['alpha']}.",
-              "- z: median [95% CI] over seeds (one value for the transformers: one seed each).", ""]
+              f"- z over seeds: {INTERVALS}. The transformers have one value each (one seed).", ""]
     rows = table_rows(doc)
     lines += [table(["model", "layer", "seeds", "z vs rotations", "z vs GL", "privileged concepts vs rotations",
                      "own group identical", "kurtosis per example"],

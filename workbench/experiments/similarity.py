@@ -13,7 +13,8 @@ import itertools
 import torch
 from torch import nn
 
-from ._stats import excludes_zero, fmt, median_ci, paired
+from ._runs import cyclic_pairs
+from ._stats import INTERVALS, excludes_zero, fmt, median_ci, paired
 
 NAME = "similarity"
 TITLE = "Similarity across seeds (paper §5)"
@@ -26,19 +27,6 @@ GAPS = [("orthogonal_procrustes", "grelu_procrustes"), ("standardized_cka", "gre
 WIDTHS = {"myrtle_relu_w8": 8, "myrtle_relu": 16, "myrtle_relu_w32": 32}
 
 
-def _cyclic(seeds, n):
-    """The first n edges of the cycle seed 0 – 1 – … – last – 0: disjoint pairs first, then the shifted ones.
-
-    With an odd count the closing pair (last, 0) is neither, and was left out: 3 seeds gave 2 pairs
-    where the protocol asks for 3 (so myrtle_relu_w32 never reached a verdict).
-    """
-    k = len(seeds)
-    first = [(seeds[i], seeds[i + 1]) for i in range(0, k - 1, 2)]
-    second = [(seeds[i], seeds[(i + 1) % k]) for i in range(1, k, 2)] if k > 2 else []
-    closing = [(seeds[-1], seeds[0])] if k > 2 and k % 2 else []
-    return [f"{a}-{b}" for a, b in (first + second + closing)[:n]]
-
-
 def protocol(budget: str) -> dict:
     from .. import zoo
 
@@ -49,13 +37,13 @@ def protocol(budget: str) -> dict:
     all_measures = list(__import__("workbench.similarity", fromlist=["MEASURES"]).MEASURES)
     p = {"n_images": 500, "images": "the first N images of the zoo's test set (shapes seed 2)",
          "layers": "every activation module (ReLU/GELU), after BatchNorm and before pooling",
-         "families": {"myrtle_relu": {"pairs": _cyclic(list(range(8)), 8), "measures": all_measures},
-                      "myrtle_gelu": {"pairs": _cyclic([0, 1, 2, 3], 4), "measures": HEADLINE},
-                      "myrtle_relu_w8": {"pairs": _cyclic([0, 1, 2, 3], 4), "measures": HEADLINE},
-                      "myrtle_relu_w32": {"pairs": _cyclic([0, 1, 2], 3), "measures": HEADLINE},
-                      "resnet20_relu": {"pairs": _cyclic([0, 1, 2, 3], 3), "measures": HEADLINE}},
+         "families": {"myrtle_relu": {"pairs": cyclic_pairs(list(range(8)), 8), "measures": all_measures},
+                      "myrtle_gelu": {"pairs": cyclic_pairs([0, 1, 2, 3], 4), "measures": HEADLINE},
+                      "myrtle_relu_w8": {"pairs": cyclic_pairs([0, 1, 2, 3], 4), "measures": HEADLINE},
+                      "myrtle_relu_w32": {"pairs": cyclic_pairs([0, 1, 2], 3), "measures": HEADLINE},
+                      "resnet20_relu": {"pairs": cyclic_pairs([0, 1, 2, 3], 3), "measures": HEADLINE}},
          "controls": ["myrtle_relu", "myrtle_gelu"],
-         "matrix": {"family": "myrtle_relu", "pairs": _cyclic(list(range(8)), 4), "measures": ["grelu_cka", "standardized_cka"]}}
+         "matrix": {"family": "myrtle_relu", "pairs": cyclic_pairs(list(range(8)), 4), "measures": ["grelu_cka", "standardized_cka"]}}
     if budget == "quick":
         p.update(n_images=200, families={k: {**v, "pairs": v["pairs"][:2], "measures": HEADLINE}
                                          for k, v in p["families"].items() if k != "resnet20_relu"},
@@ -214,7 +202,7 @@ def page(doc) -> str:
     lines += ["## Protocol", "",
               f"- Images: N = {p['n_images']}, {p['images']}; layers: {p['layers']}. Float64 in every measure.",
               "- Pairs of independently trained seeds: " + "; ".join(f"`{f}` {', '.join(v['pairs'])}" for f, v in fams.items())
-              + ". Median [95% CI] over pairs (distribution-free, order statistics; none for fewer than 6 pairs).",
+              + f". Over pairs, {INTERVALS}.",
               "- `standardized_cka` is the paper's \"orthogonal\" CKA: channels standardised first, so it is invariant to "
               "per-channel scaling and *not* to rotations; `linear_cka_unbiased` is the rotation-invariant one.",
               "- The paper's similarity models (`mCNN` = `mCNN_bn_k` in its code) have BatchNorm before every ReLU, as ours do.",

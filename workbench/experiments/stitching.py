@@ -13,7 +13,8 @@ from __future__ import annotations
 import zlib
 
 from . import _data
-from ._stats import excludes_zero, fmt, median_ci, paired
+from ._runs import cyclic_pairs
+from ._stats import INTERVALS, excludes_zero, fmt, median_ci, paired
 
 NAME = "stitching"
 TITLE = "Stitching (paper §4)"
@@ -30,14 +31,6 @@ def where(site: str) -> str:
     return "stem" if site == "act" else ("branch" if site.endswith("act1") else "stream")
 
 
-def _cyclic_pairs(seeds: list[int], n: int) -> list[str]:
-    """Disjoint pairs (0-1, 2-3, …), then the shifted ones (1-2, 3-4, …, last-0): every model twice."""
-    k = len(seeds)
-    first = [(seeds[i], seeds[i + 1]) for i in range(0, k - 1, 2)]
-    second = [(seeds[i], seeds[(i + 1) % k]) for i in range(1, k, 2)]
-    return [f"{a}-{b}" for a, b in (first + second)[:n]]
-
-
 def protocol(budget: str) -> dict:
     """Every setting of a budget. ``paper``: the paper's protocol at the scale this CPU allows."""
     train = {"epochs": 16, "batch_size": 128, "bn": "train", "bn_examples": 1500, "report": "best", "bias": False,
@@ -47,7 +40,7 @@ def protocol(budget: str) -> dict:
              "sharpening_alpha": 0.1, "warmup": "P alone for the first half of the epochs, then P and the scales",
              "rounding": "Hungarian (scipy.optimize.linear_sum_assignment) for every evaluation"}
     myrtle = {"model": "myrtle_relu", "sites": MYRTLE_SITES, "families": ["gl", "low_rank:1", "low_rank:4", "relu"],
-              "pairs": _cyclic_pairs(list(range(8)), 4), "orthogonal_pairs": 0,
+              "pairs": cyclic_pairs(list(range(8)), 4), "orthogonal_pairs": 0,
               "lasso_alphas": [1e-4, 1e-3], "lasso_pairs": 1}
     # The 19-site sweep on one pair: at ~3-5 min a run on this shared CPU, 19 sites x 2 families x 3 pairs
     # would take most of a day. Every run is kept, so adding pairs later reuses these.
@@ -58,7 +51,7 @@ def protocol(budget: str) -> dict:
         return {"train": train, "myrtle": myrtle, "resnet": resnet}
     if budget == "quick":
         train.update(epochs=4, n_train=800, n_val=300, n_test=1000, bn_examples=800)
-        myrtle.update(pairs=_cyclic_pairs([0, 1, 2, 3], 2), orthogonal_pairs=0, lasso_alphas=[1e-4, 1e-3], lasso_pairs=1)
+        myrtle.update(pairs=cyclic_pairs([0, 1, 2, 3], 2), orthogonal_pairs=0, lasso_alphas=[1e-4, 1e-3], lasso_pairs=1)
         resnet.update(sites=["act", "layer1.1.act1", "layer1.1.act2"], pairs=["0-1"], n_train=800, epochs=4)
         return {"train": train, "myrtle": myrtle, "resnet": resnet}
     if budget == "smoke":  # seconds: for tests of the machinery, not for numbers
@@ -279,8 +272,7 @@ def page(doc) -> str:
               f"{rn['n_train']} training images, {rn['epochs']} epochs; paper mode `skip=\"unmapped\"` (a cut inside a "
               "residual branch maps only the branch; the skip stream passes from A as it is) and, at branch sites, ours "
               "(`skip=\"mapped\"`: the skip stream gets its own layer of the same family).",
-              "- Intervals: median over pairs, distribution-free 95% interval from order statistics "
-              "(scipy.stats.quantile_test); fewer than 6 pairs have none.", ""]
+              f"- Over pairs, {INTERVALS}.", ""]
     rows = myrtle_table(doc)
     lines += ["## Myrtle: penalty per family and layer (median [95% CI] over pairs; paper beside)", "",
               table(["family"] + [f"site {s}" for s in my["sites"]] + ["paper (3/6/10/14)"],
