@@ -450,6 +450,22 @@ def test_a_gl_fit_is_invertible_and_fits_as_least_squares(n, dead, rows, seed):
         assert sv.min() > 1e-8 * sv.max()
 
 
+def test_a_gl_fit_over_many_rows_never_forms_a_rows_by_rows_matrix():
+    """A conv site gives one row per image and position (the tour: 512 images × 16 × 16 = 131,072 rows). The
+    invertible start's SVD once asked for the full [rows, rows] U: 137 GB, and the tour died. 200,000 rows of 3
+    channels (one dead) would need 320 GB that way."""
+    from workbench.stitching import parse_stitch_group
+    from workbench.stitching._init import fit
+
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(200_000, 3, generator=g).clamp_min(0)
+    X[:, 1] = 0.0
+    Y = X @ torch.randn(3, 3, generator=g) + 0.1 * torch.randn(200_000, 3, generator=g)
+    f = fit(parse_stitch_group("gl"), X, Y)
+    sv = torch.linalg.svdvals(f.weight.double())
+    assert sv.min() > 1e-6 * sv.max()  # invertible despite the dead unit
+
+
 def test_two_cuts_in_one_site_are_told_apart_in_the_report():
     """A site observed at two activations (a residual stream: a1, and a2 after the add) — cut at either by
     its hook name. Before, both results read 'inserted at a1' (penalties +12.00 and +4.00 on one model)."""

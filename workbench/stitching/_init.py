@@ -77,7 +77,9 @@ def _invertible(W: torch.Tensor, b: torch.Tensor, X: torch.Tensor) -> tuple[torc
     c W's mean singular value — and the bias corrected by the constant it adds: every fitted value is kept.
     """
     mu = X.mean(0)
-    _, s, Vh = torch.linalg.svd(X - mu)  # full: Vh is [C_a, C_a] even with fewer rows than channels
+    # Vh must be [C_a, C_a]: full matrices only with fewer rows than channels, where U is small (the tour's
+    # 131,072 rows of positions would make a full U of 137 GB)
+    _, s, Vh = torch.linalg.svd(X - mu, full_matrices=X.shape[0] < X.shape[1])
     r = int((s > s[0] * max(X.shape) * torch.finfo(torch.float32).eps).sum()) if len(s) and s[0] > 0 else 0
     N = Vh[r:].T
     if N.shape[1] == 0:
