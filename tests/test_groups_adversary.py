@@ -1,0 +1,281 @@
+"""Adversarial tests of the groups layer's verdicts (check_intertwiner, discover_group, the catalogue) and of
+the neuron-level interpretation tools (match_neurons, interpretation_shift).
+
+Every verdict is held against an answer computed here directly: the element applied by hand in float64
+(σ(Mx) against φ(M)σ(x)), scipy's linear_sum_assignment on cosines computed here, a permutation whose
+effect is known. The inputs are the ones that would fool a numerical check: activations that agree with
+a catalogued one on a small range only, elements that nearly commute or are not invertible, units that
+a permutation with a fixed point never moves."""
+import functools
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from scipy.optimize import linear_sum_assignment
+from torch import nn
+
+import workbench as wb
+from workbench._errors import InvalidOptionError
+from workbench.groups import (CATALOGUE, Dense, ScaledPermutation, check_intertwiner, discover_group, get_group,
+                              intertwiner_group)
+from workbench.groups._discover import generator_element
+from workbench.symmetry import match_neurons
+
+F64 = torch.float64
+FAST = settings(max_examples=15, deadline=None)
+
+
+def direct_error(fn, M: torch.Tensor, X: torch.Tensor, phi=lambda M: M) -> float:
+    """max |σ(Mx) − φ(M)σ(x)| over the rows x of X, computed here in float64 with dense matrices."""
+    M, X = M.to(F64), X.to(F64)
+    return float((fn(X @ M.T) - fn(X) @ phi(M).T).abs().max())
+
+
+def pos_diag(n, seed, lo=0.5, hi=2.0):
+    g = torch.Generator().manual_seed(seed)
+    return ScaledPermutation(torch.arange(n), lo + (hi - lo) * torch.rand(n, generator=g, dtype=F64))
+
+
+# ------------------------------------------------------------------ activations that agree on a small range only
+
+# (activation, its true group, an input where a member of the wrongly claimed group visibly fails)
+LOOK_ALIKES = [
+    (lambda x: x.clamp(0, 20), "permutation"),  # ReLU up to 20: a positive scaling is not an intertwiner
+    (lambda x: x.clamp(0, 100), "permutation"),
+    (lambda x: torch.relu(x + 50) - 50, "permutation"),  # max(x, −50): a ReLU with its kink moved far away
+    (lambda x: torch.relu(x - 30), "permutation"),  # zero on |x| < 30: looks like the zero map (GL)
+    (lambda x: x.clamp(-20, 20), "signed_permutation"),  # odd; the identity up to 20 (looks like GL)
+    (lambda x: x.clamp(-100, 100), "signed_permutation"),
+    (lambda x: F.softplus(x, beta=1e8), "permutation"),  # ReLU except within 2·10⁻⁷ of 0
+]
+
+
+@pytest.mark.parametrize("fn,true_group", LOOK_ALIKES, ids=[f"{i}:{g}" for i, (_, g) in enumerate(LOOK_ALIKES)])
+def test_an_activation_that_agrees_with_relu_or_the_identity_on_a_small_range_gets_its_own_group(fn, true_group):
+    found = discover_group(fn)
+    assert found.group.name == true_group, found.summary()
+    # the claim the old inputs (Gaussian × 3) made is false, shown directly: a member of the larger group fails
+    x = torch.tensor([[-200.0, -40.0, 0.0, 1e-7, 5.0, 35.0, 80.0, 150.0]], dtype=F64)
+    D = torch.diag(torch.tensor([3.0, 2.0, 0.5, 4.0, 5.0, 2.5, 0.5, 3.0], dtype=F64))
+    assert direct_error(fn, D, x) > 1e-9
+    assert found.input_max > 1e3 and "|x| ≤" in found.summary()
+
+
+def test_relu6_and_a_clamp_at_20_fail_a_positive_scaling_that_relu_passes():
+    g = get_group("relu", 8).sample(seed=0)
+    assert check_intertwiner("relu", g).passed
+    for fn in ("relu6", nn.Hardtanh(0.0, 20.0), lambda x: x.clamp(0, 20)):
+        res = check_intertwiner(fn, g)
+        assert not res.passed and res.worst_ratio > 1e6, res.summary()
+    assert intertwiner_group("relu6", 8).name == intertwiner_group(nn.Hardtanh(0.0, 20.0), 8).name == "permutation"
+
+
+def test_a_kink_beyond_the_range_checked_is_stated_and_found_with_a_wider_scale():
+    fn = lambda x: x.clamp(0, 1e5)  # noqa: E731
+    found = discover_group(fn)
+    # beyond the default range the check cannot see the clamp: the verdict says which inputs it covers
+    assert found.group.name == "scaled_permutation" and found.input_max < 1e5
+    assert f"|x| ≤ {found.input_max:.3g}" in found.summary() and "scale=" in found.summary()
+    wide = discover_group(fn, scale=(1e-3, 1e6))
+    assert wide.group.name == "permutation" and wide.input_max > 1e5
+
+
+@pytest.mark.parametrize("fn,name", [(F.gelu, "permutation"), (functools.partial(F.gelu, approximate="tanh"), "permutation"),
+                                     (F.silu, "permutation"), (F.elu, "permutation"),
+                                     (functools.partial(F.elu, alpha=2.0), "permutation"),
+                                     (functools.partial(F.leaky_relu, negative_slope=1e-6), "scaled_permutation"),
+                                     (torch.tanh, "signed_permutation"), (torch.relu, "scaled_permutation")])
+def test_near_relatives_of_relu_get_the_catalogues_group(fn, name):
+    found, G = discover_group(fn), intertwiner_group(fn, 8)
+    assert found.group.name == G.name == name, found.summary()
+
+
+@pytest.mark.parametrize("name", ["gelu", "relu", "tanh", "sigmoid", "x^3", "abs", "softplus"])
+@pytest.mark.parametrize("c", [1e-15, 1e-9, 1e9, 1e15])
+def test_a_constant_multiple_of_an_activation_gets_the_same_verdict(name, c):
+    # the tolerance is relative to σ itself: 1e-15·GELU is not positively homogeneous either (with an absolute
+    # floor of 100·eps the error 1e-15·0.13 passed, and GELU·1e-15 was given P·D₊)
+    fn = wb.groups.Activation(name)
+    base = discover_group(fn, n_samples=512)
+    scaled = discover_group(lambda x: c * fn(x), n_samples=512)
+    assert (scaled.group.name, scaled.group.phi) == (base.group.name, base.group.phi), (c, scaled.summary())
+
+
+# ------------------------------------------------------------------ the permutation generator moves every unit
+
+@pytest.mark.parametrize("n", [2, 3, 5, 8, 13])
+@pytest.mark.parametrize("seed", range(4))
+def test_the_permutation_generator_is_an_n_cycle(n, seed):
+    perm = generator_element("permutation", n, seed=seed).perm.tolist()
+    seen, i = set(), 0
+    while i not in seen:
+        seen.add(i)
+        i = perm[i]
+    assert len(seen) == n, perm  # one cycle through every unit: no unit is left where it was
+
+
+@pytest.mark.parametrize("unit", range(8))
+def test_one_linear_unit_among_relus_is_not_given_permutations(unit):
+    # a ReLU layer with one linear unit (a skip unit): swapping it with a ReLU unit changes the function.
+    # The old test permutation fixed unit 0 (seed 0, n = 8), so this activation was given P·D₊.
+    def act(x):
+        y = torch.relu(x)
+        y[..., unit] = x[..., unit]
+        return y
+
+    found = discover_group(act)
+    assert found.group.name == "positive_diagonal", found.summary()
+    swap = torch.arange(8)
+    swap[[unit, (unit + 1) % 8]] = swap[[(unit + 1) % 8, unit]]
+    P = torch.eye(8, dtype=F64)[swap]
+    x = torch.randn(64, 8, generator=torch.Generator().manual_seed(unit), dtype=F64)
+    assert direct_error(act, P, x) > 0.1  # the permutation is not an intertwiner
+    assert direct_error(act, pos_diag(8, unit).matrix(), x) < 1e-12  # the positive diagonal is
+
+
+# ------------------------------------------------------------------ elements: nearly commuting, singular, bad
+
+@pytest.mark.parametrize("eps,dtype,passes", [(1e-7, F64, False), (1e-10, F64, False), (1e-12, F64, False),
+                                              (1e-4, torch.float32, False), (1e-3, torch.float32, False),
+                                              (0.0, F64, True), (0.0, torch.float32, True)])
+def test_a_permutation_times_a_scaling_near_one_is_not_a_gelu_intertwiner(eps, dtype, passes):
+    perm = generator_element("permutation", 8, seed=1).perm
+    e = ScaledPermutation(perm, torch.full((8,), 1 + eps, dtype=F64))
+    res = check_intertwiner("gelu", e, dtype=dtype)
+    assert res.passed == passes, res.summary()
+    x = torch.randn(256, 8, generator=torch.Generator().manual_seed(0), dtype=F64)
+    direct = direct_error(F.gelu, e.matrix(), x)
+    assert (direct == 0.0) == (eps == 0.0) and direct <= 0.5 * eps  # GELU(λx) − λGELU(x) ≈ (λ − 1)x²φ(x)
+
+
+def test_negative_controls_fail_and_true_members_pass_directly_and_in_the_check():
+    x = torch.randn(512, 8, generator=torch.Generator().manual_seed(0), dtype=F64) * 3
+    Q = get_group("orthogonal", 8).sample(seed=0)
+    D = pos_diag(8, 1)
+    S = ScaledPermutation(torch.arange(8), torch.tensor([-1.0, 1, -1, 1, 1, -1, 1, 1], dtype=F64))
+    cases = [("relu", torch.relu, Q, False), ("relu", torch.relu, D, True), ("gelu", F.gelu, D, False),
+             ("tanh", torch.tanh, D, False), ("tanh", torch.tanh, S, True), ("gelu", F.gelu, S, False),
+             ("identity", lambda t: t, Q, True)]
+    for name, fn, e, member in cases:
+        direct = direct_error(fn, e.matrix(), x)
+        assert (direct < 1e-12) == member, (name, direct)
+        assert check_intertwiner(name, e).passed == member, (name, check_intertwiner(name, e).summary())
+
+
+@pytest.mark.parametrize("element,what", [
+    (Dense(torch.zeros(4, 4, dtype=F64)), "singular"),  # passed for ReLU: relu(0) = 0·relu(x)
+    (Dense(torch.ones(4, 4, dtype=F64)), "singular"),  # rank 1
+    (Dense(torch.diag(torch.tensor([1.0, 1.0, 1.0, 1e-300], dtype=F64))), "singular"),
+    (ScaledPermutation(torch.zeros(4, dtype=torch.long)), "not a permutation"),  # passed for every σ: σ(x₀) = σ(x₀)
+    (ScaledPermutation(torch.tensor([1, 2, 3, 4])), "not a permutation"),  # was a RuntimeError from index_select
+    (ScaledPermutation(torch.arange(4), torch.tensor([1.0, 0.0, 2.0, 1.0], dtype=F64)), "zero scale"),
+    (ScaledPermutation(torch.arange(4), torch.tensor([1.0, float("nan"), 2.0, 1.0], dtype=F64)), "non-finite"),
+    (ScaledPermutation(torch.arange(4), torch.full((4,), float("inf"), dtype=F64)), "non-finite"),
+    (Dense(torch.tensor([[1.0, 0, 0, 0], [0, float("nan"), 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]], dtype=F64)), "non-finite"),
+])
+@pytest.mark.parametrize("act", ["relu", "gelu", "identity"])
+def test_singular_or_non_finite_elements_are_refused(element, what, act):
+    with pytest.raises(InvalidOptionError, match=what):
+        check_intertwiner(act, element)
+
+
+def test_a_float32_element_is_checked_like_its_float64_twin():
+    perm = generator_element("permutation", 6, seed=2).perm
+    s32 = torch.tensor([0.5, 2.0, 1.5, 3.0, 0.25, 1.0], dtype=torch.float32)
+    for act in ("relu", "gelu"):
+        a = check_intertwiner(act, ScaledPermutation(perm, s32))
+        b = check_intertwiner(act, ScaledPermutation(perm, s32.double()))
+        assert a.passed == b.passed == (act == "relu") and a.max_abs_error == b.max_abs_error
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"n_samples": 0}, "n_samples"), ({"n_samples": 2.5}, "n_samples"), ({"scale": -1.0}, "scale"),
+    ({"scale": 0.0}, "scale"), ({"scale": float("nan")}, "scale"), ({"scale": (5.0, 1.0)}, "scale"),
+    ({"scale": (0.0, 1.0)}, "scale"), ({"scale": "big"}, "scale"), ({"dtype": torch.int64}, "dtype"),
+])
+def test_bad_options_are_refused_by_name(kwargs, match):
+    with pytest.raises(InvalidOptionError, match=match):
+        check_intertwiner("relu", get_group("relu", 4).sample(seed=0), **kwargs)
+    if "dtype" not in kwargs:
+        with pytest.raises(InvalidOptionError, match=match):
+            discover_group("relu", 4, **kwargs)
+
+
+def test_an_activation_that_cannot_take_n_units_is_refused_clearly():
+    with pytest.raises(InvalidOptionError, match="could not be applied"):  # a RuntimeError from torch before
+        check_intertwiner(nn.PReLU(3), get_group("permutation", 8).sample(seed=0))
+    with pytest.raises(InvalidOptionError, match="not elementwise"):
+        check_intertwiner(lambda x: x.sum(-1), get_group("permutation", 4).sample(seed=0))
+
+
+def test_an_overflowing_activation_is_checked_where_it_is_finite_and_says_so():
+    # softplus with a large β overflows (exp(βx) = inf) beyond x ≈ 0.7: permutations still commute with it.
+    # Before, the infinities made every check fail, and discover_group called its group trivial.
+    fn = functools.partial(F.softplus, beta=1e3, threshold=1e9)
+    found = discover_group(fn, scale=(1e-6, 1.0))
+    assert found.group.name == "permutation", found.summary()
+    res = check_intertwiner(torch.exp, generator_element("permutation", 8, seed=0))
+    assert res.passed and res.n_checked < res.n_samples and "left out" in res.summary()
+    assert np.isfinite(res.input_max) and res.errors.isnan().sum() == res.n_samples - res.n_checked
+    with pytest.raises(InvalidOptionError, match="not finite"):
+        check_intertwiner(torch.sqrt, generator_element("permutation", 8, seed=0))  # NaN on most inputs
+
+
+def test_a_verdict_states_the_inputs_it_covers():
+    res = check_intertwiner("relu", get_group("relu", 8).sample(seed=0))
+    x = torch.randn(4096, 8, generator=torch.Generator().manual_seed(0), dtype=F64)
+    assert res.input_max > 1e3 and "|x| ≤" in res.summary()
+    old = check_intertwiner("relu", get_group("relu", 8).sample(seed=0), scale=3.0)  # one scale: the old inputs
+    assert old.input_max < 3 * float(x.abs().max()) * 6 and old.scale == 3.0
+    frame = res.to_frame()
+    assert {"input_max", "n_checked", "worst_ratio"} <= set(frame.columns)
+
+
+# ------------------------------------------------------------------ the catalogue: modules, partials, subclasses
+
+class ShiftedReLU(nn.ReLU):
+    def forward(self, x):
+        return torch.relu(x - 1)
+
+
+def test_a_subclass_with_its_own_forward_is_not_given_its_parents_group():
+    import torch.ao.nn.quantized as nnq
+
+    # torch.ao's quantized ReLU6 subclasses nn.ReLU: the catalogue gave it P·D₊, which ReLU6 does not have
+    for module in (nnq.ReLU6(), ShiftedReLU()):
+        with pytest.raises(InvalidOptionError, match="defines its own forward"):
+            intertwiner_group(module, 4)
+    found = discover_group(ShiftedReLU())
+    assert found.group.name == "permutation"
+    x = torch.tensor([[0.5, 2.0, 3.0, 4.0]], dtype=F64)
+    assert direct_error(ShiftedReLU(), 2 * torch.eye(4, dtype=F64), x) > 0.5
+    assert not wb.symmetry._graph_sites.is_activation(ShiftedReLU())
+
+
+def test_a_nan_argument_is_refused():
+    with pytest.raises(InvalidOptionError, match="NaN"):
+        intertwiner_group(functools.partial(F.leaky_relu, negative_slope=float("nan")), 4)
+
+
+@pytest.mark.parametrize("spec", [functools.partial(torch.clamp, min=0.0, max=20.0), nn.Hardtanh(0.0, 20.0),
+                                  functools.partial(F.hardtanh, min_val=-20.0, max_val=20.0), nn.ReLU6(),
+                                  functools.partial(F.softplus, beta=1e8), nn.LeakyReLU(1e-6), nn.ELU(2.0),
+                                  nn.GELU(approximate="tanh"), functools.partial(F.threshold, threshold=-5.0, value=-5.0)])
+def test_catalogue_and_discovery_agree_on_activations_with_arguments(spec):
+    G, found = intertwiner_group(spec, 8), discover_group(spec)
+    assert (found.group.name, found.group.phi) == (G.name, G.phi), found.summary()
+
+
+@pytest.mark.parametrize("row", CATALOGUE, ids=lambda r: r["activation"])
+def test_every_catalogue_group_sample_passes_directly_in_float64(row):
+    fn = wb.groups.Activation(row["activation"])
+    G = intertwiner_group(row["activation"], 6)
+    x = torch.randn(256, 6, generator=torch.Generator().manual_seed(3), dtype=F64) * 5
+    for seed in range(3):
+        e = G.sample(seed=seed)
+        direct = (fn(e.act(x)) - e.phi().act(fn(x))).abs().max()
+        assert direct <= 1e-10 * max(1.0, float(fn(x).abs().max()) * 50 ** 3), (row["activation"], float(direct))
+        assert check_intertwiner(fn, e).passed
