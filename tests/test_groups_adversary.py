@@ -279,3 +279,134 @@ def test_every_catalogue_group_sample_passes_directly_in_float64(row):
         direct = (fn(e.act(x)) - e.phi().act(fn(x))).abs().max()
         assert direct <= 1e-10 * max(1.0, float(fn(x).abs().max()) * 50 ** 3), (row["activation"], float(direct))
         assert check_intertwiner(fn, e).passed
+
+
+# ------------------------------------------------------------------ match_neurons against scipy
+
+def cosines(A, B):
+    a = A / np.linalg.norm(A, axis=0, keepdims=True)
+    b = B / np.linalg.norm(B, axis=0, keepdims=True)
+    return b.T @ a  # [C_b, C_a]
+
+
+@FAST
+@given(st.integers(2, 12), st.integers(1, 30), st.integers(0, 10_000), st.booleans())
+def test_match_neurons_reaches_scipys_optimum_on_cosines_computed_here(C, N, seed, signed):
+    rng = np.random.default_rng(seed)
+    A, B = rng.normal(size=(N, C)), rng.normal(size=(N, C))  # N < C included
+    m = match_neurons(torch.tensor(A), torch.tensor(B), signed=signed)
+    cos = cosines(A, B)
+    score = np.abs(cos) if signed else cos
+    r, c = linear_sum_assignment(score, maximize=True)
+    assert sorted(m.perm.tolist()) == list(range(C))
+    assert np.isclose(score[np.arange(C), m.perm.numpy()].sum(), score[r, c].sum(), atol=1e-12)
+    np.testing.assert_allclose(m.similarity.numpy(), cos, atol=1e-12)
+    matched = A[:, m.perm.numpy()]
+    ls = (B * matched).sum(0) / (matched * matched).sum(0)  # least squares b ≈ s·a
+    np.testing.assert_allclose(m.scale.numpy(), ls, rtol=1e-10)
+
+
+@FAST
+@given(st.integers(2, 10), st.integers(0, 10_000), st.booleans())
+def test_an_applied_scaled_permutation_is_recovered_exactly(C, seed, signed):
+    g = torch.Generator().manual_seed(seed)
+    A = torch.relu(torch.randn(40, C, 3, generator=g, dtype=F64)) + 0.01  # [N, C, positions]
+    perm = torch.randperm(C, generator=g)
+    s = torch.exp(torch.randn(C, generator=g, dtype=F64))
+    if signed:
+        s = s * torch.where(torch.rand(C, generator=g) < 0.5, -1.0, 1.0).double()
+    B = A[:, perm] * s.reshape(1, C, 1)
+    m = match_neurons(A, B, signed=signed)
+    assert torch.equal(m.perm, perm)
+    torch.testing.assert_close(m.scale, s, rtol=1e-12, atol=0)
+    torch.testing.assert_close(m.element.act(A, dim=1), B, rtol=1e-12, atol=0)
+    family = "diagonal_permutation" if (s < 0).any() else "scaled_permutation"  # a sign flip is not in P·D₊
+    assert get_group(family, C).contains(m.element) and m.element.group == family
+
+
+@pytest.mark.parametrize("size", [1e-200, 1e-20, 1.0, 1e20, 1e200])
+def test_matching_does_not_depend_on_the_units_size(size):
+    g = torch.Generator().manual_seed(0)
+    A = torch.randn(30, 5, generator=g, dtype=F64)
+    perm, s = torch.tensor([2, 0, 4, 1, 3]), torch.tensor([0.5, 2.0, 1.0, 3.0, 0.25], dtype=F64)
+    m = match_neurons(A * size, A[:, perm] * s * size)
+    assert torch.equal(m.perm, perm)  # with norms clamped at 1e-30, units of size 1e-20 had cosine ~0
+    torch.testing.assert_close(m.scale, s, rtol=1e-12, atol=0)
+    torch.testing.assert_close(m.quality, torch.ones(5, dtype=F64), rtol=0, atol=1e-12)
+
+
+def test_dead_units_get_cosine_zero_and_an_invertible_element():
+    g = torch.Generator().manual_seed(1)
+    A = torch.relu(torch.randn(20, 4, generator=g, dtype=F64))
+    A[:, 2] = 0  # a dead ReLU unit in both models
+    m = match_neurons(A, A.clone())
+    assert m.quality[2] == 0 and m.scale[2] == 1.0  # was scale 0: a singular "group element"
+    assert check_intertwiner("relu", m.element).passed
+    torch.testing.assert_close(m.element.act(A, dim=1), A, rtol=0, atol=0)
+
+
+def test_ties_and_constant_units_give_a_valid_optimal_matching():
+    A = torch.ones(10, 4, dtype=F64)  # every unit constant and identical: every matching is optimal
+    m = match_neurons(A, A * 2)
+    assert sorted(m.perm.tolist()) == [0, 1, 2, 3] and torch.allclose(m.scale, torch.full((4,), 2.0, dtype=F64))
+
+
+@pytest.mark.parametrize("a,b,match", [
+    (torch.full((5, 3), float("nan")), torch.ones(5, 3), "non-finite"),  # a ValueError from scipy before
+    (torch.ones(5, 3), torch.tensor([[float("inf")] * 3] * 5), "non-finite"),
+    (torch.ones(0, 3), torch.ones(0, 3), "at least one example"),  # matched nothing, silently, before
+    (torch.ones(5, 3), torch.ones(5, 4), "same shape"),
+    (torch.ones(5), torch.ones(5), "examples, units"),
+])
+def test_match_neurons_refuses_bad_input(a, b, match):
+    with pytest.raises(InvalidOptionError, match=match):
+        match_neurons(a, b)
+
+
+# ------------------------------------------------------------------ interpretation_shift on known transforms
+
+def relu_mlp(seed=0, sparse=False):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(5, 12), nn.ReLU(), nn.Linear(12, 3)).double()
+    if sparse:
+        with torch.no_grad():
+            model[0].bias -= 1.0  # units active on few examples: many exact zeros (ties)
+    return model
+
+
+def top_k_direct(model, X, k):
+    h = torch.relu(model[0](X))  # [N, C], the site's activation computed here
+    return h, h.topk(k, dim=0).indices.T
+
+
+@pytest.mark.parametrize("group", ["permutation", "positive_diagonal", "scaled_permutation", None])
+def test_interpretations_move_with_the_applied_element_and_nothing_else(group):
+    model = relu_mlp(1)
+    X = torch.randn(300, 5, generator=torch.Generator().manual_seed(2), dtype=F64)
+    new, t = wb.random_intertwiner(model, seed=4, group=group, progress=False) if group else (model, None)
+    site = "1"
+    shift = wb.interpretation_shift(model, new, X, site, k=10, progress=False)
+    h, top = top_k_direct(model, X, 10)
+    h_new, top_new = top_k_direct(new, X, 10)
+    perm = t.elements[site].perm if t else torch.arange(12)
+    torch.testing.assert_close(h_new, t.elements[site].act(h, dim=1) if t else h, rtol=1e-12, atol=1e-12)
+    # new unit u is old unit perm[u]: its top examples are the same set, and the matching finds perm
+    assert torch.equal(shift.perm, perm)
+    assert shift.overlap_matched.min() == 1.0
+    for u in range(12):
+        assert set(top_new[u].tolist()) == set(top[perm[u]].tolist())
+    same_index = torch.tensor([len(set(top[u].tolist()) & set(top_new[u].tolist())) / 10 for u in range(12)], dtype=F64)
+    torch.testing.assert_close(shift.overlap_same_index, same_index)
+    if group in (None, "positive_diagonal"):
+        assert shift.overlap_same_index.min() == 1.0  # zero shift: nothing moved
+    else:
+        assert shift.overlap_same_index.mean() < 0.5
+
+
+def test_a_rotation_at_a_relu_site_is_a_negative_control_that_moves_interpretations():
+    model = relu_mlp(1)
+    X = torch.randn(300, 5, generator=torch.Generator().manual_seed(2), dtype=F64)
+    new, _ = wb.random_intertwiner(model, seed=0, group="orthogonal", allow_non_symmetry=True, progress=False)
+    assert (new(X) - model(X)).abs().max() > 1e-3  # the function changed
+    shift = wb.interpretation_shift(model, new, X, "1", k=10, progress=False)
+    assert shift.overlap_matched.mean() < 0.9

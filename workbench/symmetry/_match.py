@@ -37,8 +37,10 @@ class NeuronMatching(Report):
 
     @property
     def element(self) -> ScaledPermutation:
-        """The matching as a group element M with acts_b ≈ M acts_a along the unit axis."""
-        return ScaledPermutation(self.perm, self.scale, group="scaled_permutation")
+        """The matching as a group element M with acts_b ≈ M acts_a along the unit axis (P·D₊, or a permutation
+        times a nonzero diagonal where a signed matching found sign flips)."""
+        group = "diagonal_permutation" if bool((self.scale < 0).any()) else "scaled_permutation"
+        return ScaledPermutation(self.perm, self.scale, group=group)
 
     def summary(self) -> str:
         q = self.quality
@@ -61,28 +63,50 @@ class NeuronMatching(Report):
         return ax
 
 
+def _normalised(X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(rows over their norms, rows over their largest |value|, those largest values)``; a zero row stays
+    zero. Dividing by the largest value first handles a unit of size 10⁻²⁰⁰ as exactly as one of size 1
+    (its squares would underflow)."""
+    peak = X.abs().amax(dim=1)
+    Y = X / torch.where(peak > 0, peak, 1.0).unsqueeze(1)
+    norm = Y.norm(dim=1)
+    return Y / torch.where(norm > 0, norm, 1.0).unsqueeze(1), Y, peak
+
+
 def match_neurons(acts_a: torch.Tensor, acts_b: torch.Tensor, *, signed: bool = False) -> NeuronMatching:
     """Match the units of two activation sets (``[N, C, ...]`` each) by a scale-invariant similarity.
 
     The similarity is the cosine between units (each unit's values over examples and positions, not
     centred, so a positive scaling leaves it unchanged); the Hungarian algorithm maximises the total.
     ``signed=True`` matches on |cosine| so sign flips are recovered too. An applied P·D₊ is recovered
-    exactly: ``matching.element`` maps ``acts_a`` onto ``acts_b``.
+    exactly: ``matching.element`` maps ``acts_a`` onto ``acts_b``. A unit that is zero on every example
+    (a dead ReLU) has cosine 0 with every unit and scale 1 (no scale fits it; 1 keeps the element
+    invertible).
     """
     from scipy.optimize import linear_sum_assignment
 
     A, B = _units(acts_a), _units(acts_b)
     if A.shape != B.shape:
         raise InvalidOptionError(f"both activation sets need the same shape; got {tuple(acts_a.shape)} and {tuple(acts_b.shape)}.")
-    An = A / A.norm(dim=1, keepdim=True).clamp_min(1e-30)
-    Bn = B / B.norm(dim=1, keepdim=True).clamp_min(1e-30)
+    if A.shape[1] == 0:
+        raise InvalidOptionError(f"matching needs at least one example; got shape {tuple(acts_a.shape)}.")
+    for name, X in (("acts_a", A), ("acts_b", B)):
+        if not bool(torch.isfinite(X).all()):
+            bad = torch.nonzero(~torch.isfinite(X).all(dim=1)).flatten().tolist()
+            raise InvalidOptionError(f"{name} has non-finite values (inf or NaN) in units {bad[:10]}; a unit's cosine "
+                                     f"with another needs finite activations.")
+    (An, Ya, pa), (Bn, Yb, pb) = _normalised(A), _normalised(B)
     sim = Bn @ An.T  # [C_b, C_a]
     score = sim.abs() if signed else sim
     rows, cols = linear_sum_assignment(score.numpy(), maximize=True)
     perm = torch.as_tensor(cols[np.argsort(rows)], dtype=torch.long)
-    matched_a = A[perm]
-    scale = (B * matched_a).sum(1) / (matched_a * matched_a).sum(1).clamp_min(1e-30)
     quality = sim[torch.arange(len(perm)), perm]
+    # the least-squares scale ⟨b, a⟩/⟨a, a⟩, on rows over their largest values: no square of a tiny unit
+    # underflows, and b = a gives exactly 1
+    Ya, pa = Ya[perm], pa[perm]
+    aa = (Ya * Ya).sum(1)
+    scale = torch.where(aa > 0, (pb / torch.where(pa > 0, pa, 1.0)) * (Yb * Ya).sum(1) / torch.where(aa > 0, aa, 1.0), 0.0)
+    scale = torch.where(scale == 0, torch.ones_like(scale), scale)  # a dead unit on either side: no scale fits
     return NeuronMatching(perm, scale, quality.abs() if signed else quality, sim)
 
 
