@@ -410,3 +410,17 @@ def test_a_rotation_at_a_relu_site_is_a_negative_control_that_moves_interpretati
     assert (new(X) - model(X)).abs().max() > 1e-3  # the function changed
     shift = wb.interpretation_shift(model, new, X, "1", k=10, progress=False)
     assert shift.overlap_matched.mean() < 0.9
+
+
+@pytest.mark.parametrize("kwargs,match", [({"k": 0}, "k is the number"), ({"k": -1}, "k is the number"),
+                                          ({"k": 2.5}, "k is the number"), ({"batch_size": 0}, "batch_size")])
+def test_interpretation_shift_refuses_bad_options(kwargs, match):
+    model = relu_mlp(1)
+    X = torch.randn(30, 5, generator=torch.Generator().manual_seed(2), dtype=F64)
+    with pytest.raises(InvalidOptionError, match=match):  # k = 0 gave NaN overlaps, k = -1 a torch RuntimeError
+        wb.interpretation_shift(model, model, X, "1", progress=False, **kwargs)
+    with pytest.raises(InvalidOptionError, match="at least one example"):  # a torch.cat ValueError before
+        wb.interpretation_shift(model, model, X[:0], "1", k=3, progress=False)
+    other = nn.Sequential(nn.Linear(5, 10), nn.ReLU(), nn.Linear(10, 3)).double()
+    with pytest.raises(InvalidOptionError, match="could not be read as the original's 12 units"):
+        wb.interpretation_shift(model, other, X, "1", k=3, progress=False)

@@ -239,12 +239,23 @@ def interpretation_shift(model: nn.Module, new_model: nn.Module, data: torch.Ten
     under a rotation they change. ``progress``: a bar of the batches of ``data`` run through both
     models: True, False, or None (the default) for a bar in a Jupyter notebook only.
     """
-    batches = -(-len(data) // batch_size) if batch_size > 0 else 0
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:  # k = 0 gave NaN overlaps
+        raise InvalidOptionError(f"k is the number of top examples per unit, an integer ≥ 1; got {k!r}.")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise InvalidOptionError(f"batch_size is an integer ≥ 1; got {batch_size!r}.")
+    if len(data) == 0:
+        raise InvalidOptionError("interpretation_shift needs at least one example in data; got none.")
+    batches = -(-len(data) // batch_size)
     with progress_bar(total=2 * batches, desc="interpretation_shift", unit="batch", progress=progress) as bar:
         smap = symmetry_map(model, example)
         site = smap[site] if isinstance(site, str) else site
         a = unit_activations(model, [site], data, batch_size=batch_size, bar=bar)[site.name]
-        b = unit_activations(new_model, [site], data, batch_size=batch_size, bar=bar)[site.name]
+        try:
+            b = unit_activations(new_model, [site], data, batch_size=batch_size, bar=bar)[site.name]
+        except (RuntimeError, UnsupportedModelError) as exc:  # e.g. a reshape to the site's n units failed
+            raise InvalidOptionError(f"new_model's activation at site {site.name!r} could not be read as the original's "
+                                     f"{site.n} units ({exc}); interpretation_shift compares a model with a transformed "
+                                     f"copy of it (wb.random_intertwiner, wb.apply_transform).") from exc
     perm = match_neurons(a, b, signed=not site.group.name.startswith("scaled")).perm
     return InterpretationShift.from_scores(site.name, a, b, perm, k)
 
