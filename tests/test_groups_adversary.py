@@ -424,3 +424,38 @@ def test_interpretation_shift_refuses_bad_options(kwargs, match):
     other = nn.Sequential(nn.Linear(5, 10), nn.ReLU(), nn.Linear(10, 3)).double()
     with pytest.raises(InvalidOptionError, match="could not be read as the original's 12 units"):
         wb.interpretation_shift(model, other, X, "1", k=3, progress=False)
+
+
+@pytest.mark.parametrize("act", [nn.Sigmoid(), nn.Tanh(), nn.Hardsigmoid()])
+def test_affine_and_linear_sign_flips_are_matched_to_the_unit_they_flip(act):
+    # σ(−x) = 1 − σ(x): the affine extension flips sigmoid units and the function is unchanged; the uncentred
+    # cosine could not see 1 − a as a flipped a, and matched 7 of 16 units to the wrong unit before
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), act, nn.Linear(16, 3)).double()
+    X = torch.randn(400, 6, generator=torch.Generator().manual_seed(1), dtype=F64)
+    new, t = wb.random_intertwiner(model, seed=2, affine=True, progress=False)
+    site = next(iter(t.elements))
+    e = t.elements[site]
+    with torch.no_grad():
+        assert (e.scale < 0).any() and float((new(X) - model(X)).abs().max()) < 1e-12
+        h, h_new = act(model[0](X)), act(new[0](X))
+    shift = wb.interpretation_shift(model, new, X, site, k=10, progress=False)
+    assert torch.equal(shift.perm, e.perm)
+    for u in range(16):  # a kept unit keeps its top-k; a flipped unit's top-k is the old unit's bottom-k
+        old = h[:, e.perm[u]] if e.scale[u] > 0 else -h[:, e.perm[u]]
+        assert set(h_new[:, u].topk(10).indices.tolist()) == set(old.topk(10).indices.tolist())
+        assert shift.overlap_matched[u] == (1.0 if e.scale[u] > 0 else len(
+            set(h[:, e.perm[u]].topk(10).indices.tolist()) & set(h_new[:, u].topk(10).indices.tolist())) / 10)
+
+
+def test_centred_matching_recovers_affine_flips_and_keeps_the_uncentred_scale():
+    g = torch.Generator().manual_seed(5)
+    A = torch.sigmoid(torch.randn(200, 6, generator=g, dtype=F64))
+    perm = torch.tensor([3, 0, 5, 1, 2, 4])
+    flip = torch.tensor([True, False, True, False, False, True])
+    B = torch.where(flip, 1 - A[:, perm], A[:, perm])
+    m = match_neurons(A, B, signed=True, centred=True)
+    assert torch.equal(m.perm, perm)
+    corr = np.corrcoef(B.T.numpy(), A.T.numpy())[:6, 6:]  # [C_b, C_a] Pearson, computed here
+    np.testing.assert_allclose(m.similarity.numpy(), corr, atol=1e-12)
+    np.testing.assert_allclose(m.quality.numpy(), 1.0, atol=1e-12)

@@ -73,7 +73,8 @@ def _normalised(X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
     return Y / torch.where(norm > 0, norm, 1.0).unsqueeze(1), Y, peak
 
 
-def match_neurons(acts_a: torch.Tensor, acts_b: torch.Tensor, *, signed: bool = False) -> NeuronMatching:
+def match_neurons(acts_a: torch.Tensor, acts_b: torch.Tensor, *, signed: bool = False,
+                  centred: bool = False) -> NeuronMatching:
     """Match the units of two activation sets (``[N, C, ...]`` each) by a scale-invariant similarity.
 
     The similarity is the cosine between units (each unit's values over examples and positions, not
@@ -81,7 +82,9 @@ def match_neurons(acts_a: torch.Tensor, acts_b: torch.Tensor, *, signed: bool = 
     ``signed=True`` matches on |cosine| so sign flips are recovered too. An applied P·D₊ is recovered
     exactly: ``matching.element`` maps ``acts_a`` onto ``acts_b``. A unit that is zero on every example
     (a dead ReLU) has cosine 0 with every unit and scale 1 (no scale fits it; 1 keeps the element
-    invertible).
+    invertible). ``centred=True`` matches on correlations (each unit's mean removed first), which also
+    sees an affine sign flip a ↦ c − a (a sigmoid unit under σ(−x) = 1 − σ(x)) as the same unit, negated;
+    ``scale`` stays the uncentred least-squares fit.
     """
     from scipy.optimize import linear_sum_assignment
 
@@ -96,6 +99,8 @@ def match_neurons(acts_a: torch.Tensor, acts_b: torch.Tensor, *, signed: bool = 
             raise InvalidOptionError(f"{name} has non-finite values (inf or NaN) in units {bad[:10]}; a unit's cosine "
                                      f"with another needs finite activations.")
     (An, Ya, pa), (Bn, Yb, pb) = _normalised(A), _normalised(B)
+    if centred:  # (on rows over their largest values: the means of tiny units do not underflow either)
+        An, Bn = (_normalised(Y - Y.mean(dim=1, keepdim=True))[0] for Y in (Ya, Yb))
     sim = Bn @ An.T  # [C_b, C_a]
     score = sim.abs() if signed else sim
     rows, cols = linear_sum_assignment(score.numpy(), maximize=True)
@@ -228,6 +233,14 @@ def unit_activations(model: nn.Module, sites, inputs: torch.Tensor, *, per_seque
     return {name: torch.cat(p) for name, p in parts.items()}
 
 
+def match_site_units(before: torch.Tensor, after: torch.Tensor, site: Site) -> NeuronMatching:
+    """The units of a site after a transform matched to those before (``[N, C]`` each), as far as the site's
+    group lets them move: a group of positive scalings only (P·D₊) matches on cosines; any other may have
+    flipped signs, linearly (tanh: a ↦ −a) or affinely (sigmoid: a ↦ 1 − a), so it matches on |correlation|."""
+    signed = not site.group.name.startswith("scaled")
+    return match_neurons(before, after, signed=signed, centred=signed)
+
+
 @no_grad_analysis
 def interpretation_shift(model: nn.Module, new_model: nn.Module, data: torch.Tensor, site: Union[str, Site],
                          k: int = 10, *, batch_size: int = 256, example: Optional[torch.Tensor] = None,
@@ -256,6 +269,6 @@ def interpretation_shift(model: nn.Module, new_model: nn.Module, data: torch.Ten
             raise InvalidOptionError(f"new_model's activation at site {site.name!r} could not be read as the original's "
                                      f"{site.n} units ({exc}); interpretation_shift compares a model with a transformed "
                                      f"copy of it (wb.random_intertwiner, wb.apply_transform).") from exc
-    perm = match_neurons(a, b, signed=not site.group.name.startswith("scaled")).perm
+    perm = match_site_units(a, b, site).perm
     return InterpretationShift.from_scores(site.name, a, b, perm, k)
 

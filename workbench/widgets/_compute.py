@@ -18,8 +18,9 @@ from .._errors import WorkbenchError
 from .._report import Report
 from ..hooks import first_tensor, run_with_cache
 from ..models import has_layout, no_grad_analysis
-from ..symmetry import (InterpretationShift, InvarianceReport, NeuronMatching, Site, Transform, match_neurons,
-                        random_intertwiner, verify)
+from ..symmetry import (InterpretationShift, InvarianceReport, NeuronMatching, Site, Transform, random_intertwiner,
+                        verify)
+from ..symmetry._match import match_site_units
 from ..symmetry import site_observation, site_units
 from ..symmetry import unit_activations as _unit_activations
 from ..models import eval_mode
@@ -173,8 +174,7 @@ def explore(model: nn.Module, site: Site, group: Optional[str], seed: int, sigma
     check("scores")
     after = unit_activations(new, [site], inputs, batch_size=batch_size, check=check)[site.name]
     check("matching")
-    # Sign flips are recovered unless the site's group has only positive scalings (as interpretation_shift does).
-    matching = match_neurons(before, after, signed=not site.group.name.startswith("scaled"))
+    matching = match_site_units(before, after, site)  # as interpretation_shift matches them
     shift = InterpretationShift.from_scores(site.name, before, after, matching.perm, k)
     result = ExplorerResult(site.name, transform.groups[site.name], site.group.name, seed, sigma, transform, report,
                             matching, correlation(before, after), shift, n_verify, len(inputs))
