@@ -459,3 +459,30 @@ def test_centred_matching_recovers_affine_flips_and_keeps_the_uncentred_scale():
     corr = np.corrcoef(B.T.numpy(), A.T.numpy())[:6, 6:]  # [C_b, C_a] Pearson, computed here
     np.testing.assert_allclose(m.similarity.numpy(), corr, atol=1e-12)
     np.testing.assert_allclose(m.quality.numpy(), 1.0, atol=1e-12)
+
+
+TRUTH = {  # which scaled permutations D·P are intertwiners (φ(M) = M), derived by hand
+    "relu": lambda s: bool((s > 0).all()), "leaky_relu": lambda s: bool((s > 0).all()),
+    "tanh": lambda s: bool((s.abs() == 1).all()), "erf": lambda s: bool((s.abs() == 1).all()),
+    "gelu": lambda s: bool((s == 1).all()), "sigmoid": lambda s: bool((s == 1).all()),
+    "identity": lambda s: True,
+}
+
+
+@FAST
+@given(st.sampled_from(sorted(TRUTH)), st.integers(2, 12), st.integers(0, 10_000),
+       st.sampled_from(["ones", "positive", "signs", "signed", "one_off"]))
+def test_the_verdict_on_a_random_scaled_permutation_matches_the_direct_answer(name, n, seed, kind):
+    g = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(n, generator=g)
+    mag = torch.exp(torch.randn(n, generator=g, dtype=F64))
+    sign = torch.where(torch.rand(n, generator=g) < 0.5, -1.0, 1.0).double()
+    s = {"ones": torch.ones(n, dtype=F64), "positive": mag, "signs": sign, "signed": sign * mag,
+         "one_off": torch.ones(n, dtype=F64).index_fill(0, torch.tensor([seed % n]), 1.5)}[kind]
+    e = ScaledPermutation(perm, s)
+    fn = wb.groups.Activation(name)
+    x = torch.randn(512, n, generator=g, dtype=F64) * torch.logspace(-3, 3, 512, dtype=F64).unsqueeze(1)
+    direct = direct_error(fn, e.matrix(), x) / max(1.0, float(fn(x).abs().max()))
+    truth = TRUTH[name](s)
+    assert (direct < 1e-12) == truth, (name, kind, direct)
+    assert check_intertwiner(name, e, n_samples=512, seed=seed).passed == truth
