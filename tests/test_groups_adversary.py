@@ -509,3 +509,11 @@ def test_flipped_conv_units_are_matched_although_their_per_image_maxima_do_not_f
         old = h[:, e.perm[u]].amax(1) if e.scale[u] > 0 else -h[:, e.perm[u]].amin(1)
         assert set(h_new[:, u].amax(1).topk(10).indices.tolist()) == set(old.topk(10).indices.tolist())
     assert shift.overlap_matched[e.scale > 0].min() == 1.0
+
+
+@pytest.mark.parametrize("eps", [1e-6, 1e-12])
+def test_a_tiny_non_linearity_is_seen_down_to_float64_precision(eps):
+    # below about 1e-13 relative (100·eps) a perturbation is float64 noise and no check can see it
+    assert discover_group(lambda x: x + eps * torch.relu(x)).group.name == "scaled_permutation"  # not GL
+    assert discover_group(lambda x: torch.relu(x) + eps * x * x).group.name == "permutation"  # not P·D₊
+    assert discover_group(lambda x: torch.tanh(x) + eps * x * x).group.name == "permutation"  # not signed P
