@@ -150,9 +150,10 @@ def _check_element(element: GroupElement) -> None:
             if not bool(torch.isfinite(element.scale).all()):
                 raise InvalidOptionError(f"{what} has non-finite scales ({element.scale.tolist()}); an element is a finite "
                                          f"invertible matrix.")
-            if bool((element.scale == 0).any()):
-                raise InvalidOptionError(f"{what} has a zero scale (units {torch.nonzero(element.scale == 0).flatten().tolist()}): "
-                                         f"the matrix is singular, so it is in no intertwiner group; scales must be nonzero.")
+            zero = torch.nonzero(element.scale == 0).flatten().tolist()
+            if zero:
+                raise InvalidOptionError(f"{what} has a zero scale (units {zero}): the matrix is singular, so it is "
+                                         f"in no intertwiner group; scales must be nonzero.")
         return
     M = element.matrix(torch.float64)
     if not bool(torch.isfinite(M).all()):

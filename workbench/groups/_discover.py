@@ -28,7 +28,8 @@ def generator_element(name: str, n: int, *, degree: int = 1, seed: int = 0) -> G
     """A random, non-identity element of the generator ``name`` (one of :data:`GENERATORS`) on n units.
 
     Scalings are diagonal (no permutation), so a per-unit activation can pass them while failing
-    permutations; the permutation is a single n-cycle, moving every unit. ``degree`` d sets φ = A^{⊙d} for the two scaling generators.
+    permutations; the permutation is a single n-cycle, moving every unit. ``degree`` d sets φ = A^{⊙d}
+    for the two scaling generators.
     """
     check_option("generator", name, GENERATORS)
     g = torch.Generator().manual_seed(seed)
