@@ -517,3 +517,20 @@ def test_a_tiny_non_linearity_is_seen_down_to_float64_precision(eps):
     assert discover_group(lambda x: x + eps * torch.relu(x)).group.name == "scaled_permutation"  # not GL
     assert discover_group(lambda x: torch.relu(x) + eps * x * x).group.name == "permutation"  # not P·D₊
     assert discover_group(lambda x: torch.tanh(x) + eps * x * x).group.name == "permutation"  # not signed P
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("n", [2, 5, 16])
+def test_an_activation_computed_with_a_cancellation_keeps_its_group(seed, n):
+    # sigmoid(x) − 1/2 is odd, but near 0 it is computed to eps·(1/2), not eps·σ(x): held to its own tiny values
+    # alone, its negation failed on 7 of 48 (seed, n) pairs (the median-input floor this replaced); x³ + 2 − 2 lost
+    # its scalings, and discover_group(x³ + 2, affine=True) lost its affine group (σ − σ(0) was formed first)
+    assert discover_group(lambda x: torch.sigmoid(x) - 0.5, n, seed=seed, n_samples=1024).group.name == "signed_permutation"
+    found = discover_group(lambda x: x ** 3 + 2 - 2, n, seed=seed, n_samples=1024).group
+    assert (found.name, found.phi) == ("diagonal_permutation", ("power", 3))
+    affine = discover_group(lambda x: x ** 3 + 2, n, seed=seed, n_samples=1024, affine=True).group
+    assert (affine.name, affine.phi, affine.centre) == ("affine_diagonal_permutation", ("power", 3), 2.0)
+    e = affine.sample(seed=seed)
+    x = torch.randn(64, n, generator=torch.Generator().manual_seed(seed), dtype=F64)
+    direct = (e.act(x) ** 3 + 2) - (e.phi().act(x ** 3 + 2) + affine.offset(e))  # σ(Mx) − φ(M)σ(x) − c, here
+    assert float(direct.abs().max()) < 1e-9 * max(1.0, float((e.act(x) ** 3).abs().max()))

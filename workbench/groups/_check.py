@@ -184,8 +184,8 @@ def check_intertwiner(activation, element: GroupElement, *, n_samples: int = 409
         scale: ``(low, high)``: each input row is a standard Gaussian times a scale log-uniform between
             them; a float: every row times that one scale.
         dtype: the dtype of the computation; each input's tolerance is ``100·eps(dtype)`` times its largest
-            |value| (σ(Mx), φ(M)σ(x) or c), or the median input's where that is larger: a small input is
-            held to about its own magnitude, not the largest input's.
+            |value| (σ(Mx), φ(M)σ(x) or c), or the largest such value over inputs of size at most 1 where
+            that is larger: a small input is held to σ's magnitude on unit inputs, not the largest input's.
         group: the group M came from, a :class:`Group` or a registry name. Its ``offset(M)`` is the
             affine c (None: c = 0). Without it, an element sampled from an affine extension (its
             ``group`` starts with ``"affine_"``) gets c = σ(0)(1 − φ(M)·1).
@@ -240,11 +240,13 @@ def check_intertwiner(activation, element: GroupElement, *, n_samples: int = 409
     eps = torch.finfo(dtype).eps
     err = (lhs - rhs).abs().double().amax(dim=1)  # [N]
     # Each input is held to its own magnitude, so the large inputs a wide scale draws do not loosen the small
-    # ones; but no tighter than the median input's: a σ computed with a cancellation (sigmoid(x) − 1/2 near 0)
-    # errs by eps·(its intermediates), not eps·σ(x). Both scale with σ, so c·σ gets σ's verdict for any c > 0.
+    # ones; but no tighter than σ's magnitude on inputs of size about 1 (|x|, |Mx| ≤ 1; the median input's
+    # where none are drawn): a σ computed with a cancellation (sigmoid(x) − 1/2, x³ + 2 − 2 near 0) errs by
+    # eps·(its intermediates), not eps·σ(x). Both scale with σ, so c·σ gets σ's verdict for any c > 0.
     peaks = size.amax(dim=1)  # [N]
-    floor = max(float(peaks[kept].median()), torch.finfo(dtype).tiny)
-    tols = 100 * eps * peaks.clamp_min(floor)  # [N]
+    unit = kept & (torch.maximum(x.abs(), mx.abs()).amax(dim=1) <= 1)
+    floor = float(peaks[unit].max()) if bool(unit.any()) else float(peaks[kept].median())
+    tols = 100 * eps * peaks.clamp_min(max(floor, torch.finfo(dtype).tiny))  # [N]
     err[~kept] = math.nan
     ratio = torch.where(kept, err / tols, torch.zeros_like(err))
     worst = int(ratio.argmax())
