@@ -534,3 +534,19 @@ def test_an_activation_computed_with_a_cancellation_keeps_its_group(seed, n):
     x = torch.randn(64, n, generator=torch.Generator().manual_seed(seed), dtype=F64)
     direct = (e.act(x) ** 3 + 2) - (e.phi().act(x ** 3 + 2) + affine.offset(e))  # σ(Mx) − φ(M)σ(x) − c, here
     assert float(direct.abs().max()) < 1e-9 * max(1.0, float((e.act(x) ** 3).abs().max()))
+
+
+def test_the_explorer_matches_flipped_conv_units_as_interpretation_shift_does():
+    from workbench.widgets._compute import explore, unit_extremes
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.Tanh(), nn.Conv2d(16, 8, 3), nn.AdaptiveAvgPool2d(1),
+                          nn.Flatten(), nn.Linear(8, 3)).double()
+    X = torch.randn(300, 3, 8, 8, generator=torch.Generator().manual_seed(1), dtype=F64)
+    site = wb.symmetry_map(model).sites[0]
+    before, before_min = unit_extremes(model, [site], X)
+    result, new = explore(model, site, None, 0, 1.0, X, before[site.name], before_min=before_min[site.name])
+    e = result.transform.elements[site.name]
+    assert (e.scale < 0).sum() >= 4 and torch.equal(result.matching.perm, e.perm)  # 7 of 16 were wrong before
+    shift = wb.interpretation_shift(model, new, X, site.name, k=10, progress=False)
+    assert torch.equal(result.shift.perm, shift.perm) and torch.equal(result.shift.overlap_matched, shift.overlap_matched)
