@@ -204,6 +204,8 @@ def _bind(key: str, fn, args: tuple, kwargs: dict) -> dict:
         if not (v is None or isinstance(v, (bool, int, float, str))):
             raise InvalidOptionError(f"{where}: argument {k}={v!r} is not a plain number, so the group cannot be "
                                      f"read from it; {_HINT}.")
+        if isinstance(v, float) and math.isnan(v):  # σ is NaN wherever the argument is used: no group
+            raise InvalidOptionError(f"{where}: argument {k} is NaN; an activation's arguments are numbers.")
     return params
 
 
@@ -307,8 +309,16 @@ def _resolve(activation) -> tuple[_Entry, str, Callable]:
         e = _from_string(activation)
         return e, e.key, e.fn
     if isinstance(activation, nn.Module):
-        for cls in type(activation).__mro__:
+        mro = type(activation).__mro__
+        for i, cls in enumerate(mro):
             if cls in _MODULES:
+                if any("forward" in vars(sub) for sub in mro[:i]):
+                    # A subclass with its own forward computes something else under the catalogued name
+                    # (torch.ao's quantized ReLU6 subclasses nn.ReLU): its parent's group would be a guess.
+                    raise InvalidOptionError(
+                        f"{type(activation).__name__} ({activation!r}) extends {cls.__name__} but defines its own "
+                        f"forward, so the catalogue cannot read its group from {cls.__name__}'s; {_HINT}, which "
+                        f"tests the generators numerically.")
                 rule = _MODULES[cls]
                 e = _ENTRIES[rule] if isinstance(rule, str) else rule(activation)
                 return e, repr(activation), activation

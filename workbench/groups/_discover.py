@@ -8,7 +8,7 @@ import torch
 from .._errors import InvalidOptionError, check_option
 from .._report import Report, new_axes
 from ._catalogue import GENERATORS, _build, activation_callable, affine_extension
-from ._check import IntertwinerCheck, check_intertwiner
+from ._check import DEFAULT_SCALE, IntertwinerCheck, check_intertwiner
 from ._elements import GroupElement, ScaledPermutation
 from ._families import GeneralLinear, Group, Orthogonal
 
@@ -28,7 +28,8 @@ def generator_element(name: str, n: int, *, degree: int = 1, seed: int = 0) -> G
     """A random, non-identity element of the generator ``name`` (one of :data:`GENERATORS`) on n units.
 
     Scalings are diagonal (no permutation), so a per-unit activation can pass them while failing
-    permutations. ``degree`` d sets φ = A^{⊙d} for the two scaling generators.
+    permutations; the permutation is a single n-cycle, moving every unit. ``degree`` d sets φ = A^{⊙d}
+    for the two scaling generators.
     """
     check_option("generator", name, GENERATORS)
     g = torch.Generator().manual_seed(seed)
@@ -38,8 +39,13 @@ def generator_element(name: str, n: int, *, degree: int = 1, seed: int = 0) -> G
     sign = torch.where(torch.rand(n, generator=g) < 0.5, -1.0, 1.0).double()
     sign[0] = -1.0  # at least one flip
     if name == "permutation":
-        perm = torch.randperm(n, generator=g)
-        perm = torch.roll(eye, 1) if bool((perm == eye).all()) else perm
+        # One n-cycle (Sattolo's shuffle): σ(Px) = Pσ(x) then makes every unit's function equal to the next
+        # one's round the cycle, so all are equal. A permutation with a fixed point cannot tell a unit
+        # there from the others (a ReLU layer with one linear unit would pass as P·D₊).
+        perm = eye.clone()
+        for i in range(n - 1, 0, -1):
+            j = int(torch.randint(i, (1,), generator=g))
+            perm[i], perm[j] = perm[j].clone(), perm[i].clone()
         return ScaledPermutation(perm, None, "identity", "permutation")
     if name == "rotation":
         return Orthogonal(n, special=True).sample(generator=g)
@@ -86,10 +92,14 @@ def _decide(holds: dict, d: int) -> tuple[str, object]:
     return "permutation", "identity"
 
 
-def _run(fn, n: int, seed: int, n_samples: int) -> tuple[int, dict]:
-    d = _degree(fn, n, seed)
+def _run(fn, n: int, seed: int, n_samples: int, scale, centre: float = 0.0) -> tuple[int, dict]:
+    """The degree and one check per generator; with a ``centre`` σ(0), the checks of σ − σ(0) made on σ itself
+    with the offset c(M) = σ(0)(1 − φ(M)·1). (Subtracting σ(0) first would cancel: x³ + 2 − 2 is exact to
+    eps·2, not eps·x³, and each input's tolerance, relative to its own values, would fail it.)"""
+    d = _degree((lambda x: fn(x) - centre) if centre else fn, n, seed)
+    offset = affine_extension(GeneralLinear(n), centre) if centre else None
     return d, {name: check_intertwiner(fn, generator_element(name, n, degree=d, seed=seed), seed=seed,
-                                       n_samples=n_samples) for name in GENERATORS}
+                                       n_samples=n_samples, scale=scale, group=offset) for name in GENERATORS}
 
 
 @dataclass(repr=False)
@@ -103,6 +113,12 @@ class GroupDiscovery(Report):
     checks: dict  # generator name → IntertwinerCheck
     group: Group  # source="empirical"
     affine_checks: dict = field(default_factory=dict)  # with affine=True: the checks on σ − σ(0)
+    scale: object = DEFAULT_SCALE  # the input scales the checks drew (see check_intertwiner)
+
+    @property
+    def input_max(self) -> float:
+        """The largest |x| any check compared: nothing is claimed about σ beyond it."""
+        return min(c.input_max for c in self.checks.values())
 
     @property
     def holds(self) -> dict:
@@ -115,14 +131,16 @@ class GroupDiscovery(Report):
 
     def summary(self) -> str:
         held = ", ".join(self.members) or "no generator"
-        return f"{self.activation}: {held} hold → {self.group.name} ({self.group.label}) [empirical]"
+        return (f"{self.activation}: {held} hold → {self.group.name} ({self.group.label}) [empirical, on inputs "
+                f"with |x| ≤ {self.input_max:.3g}; widen with scale=]")
 
     def to_frame(self):
         import pandas as pd
 
         rounds = (("σ", self.checks), ("σ − σ(0)", self.affine_checks))
         rows = [{"on": on, "generator": k, "test": DESCRIPTIONS[k], "holds": c.passed,
-                 "max_abs_error": c.max_abs_error, "tolerance": c.tolerance}
+                 "max_abs_error": c.max_abs_error, "tolerance": c.tolerance, "worst_ratio": c.worst_ratio,
+                 "input_max": c.input_max}
                 for on, checks in rounds for k, c in checks.items()]
         return pd.DataFrame(rows)
 
@@ -132,7 +150,7 @@ class GroupDiscovery(Report):
 
         ax = new_axes(ax)
         frame = self.to_frame()
-        frame["error / tolerance"] = (frame["max_abs_error"] / frame["tolerance"]).clip(lower=1e-6)
+        frame["error / tolerance"] = frame["worst_ratio"].clip(lower=1e-6)
         # Not barplot(log_scale=True): with seaborn 0.13.2 and matplotlib 3.11 it draws no bars.
         sns.barplot(data=frame, y="generator", x="error / tolerance", hue="on", ax=ax)
         ax.set_xscale("log")
@@ -142,13 +160,17 @@ class GroupDiscovery(Report):
 
 
 def discover_group(activation, n: int = 8, *, seed: int = 0, affine: bool = False,
-                   n_samples: int = 2048) -> GroupDiscovery:
+                   n_samples: int = 2048, scale=DEFAULT_SCALE) -> GroupDiscovery:
     """Find the intertwiner group of any elementwise activation by testing generators numerically.
 
     Tests (float64, :func:`check_intertwiner`) permutations, positive and signed scalings with the
     estimated degree d, negation (odd), sign flips with φ = abs (even), affine negation, a rotation
     and a dense GL map, then builds the largest catalogue group consistent with what holds. It agrees
     with :func:`intertwiner_group` on every catalogue activation.
+
+    The group is found on the inputs drawn (rows of a Gaussian, each times a scale log-uniform over
+    ``scale``, by default 10⁻⁶ … 10³, so |x| up to about 3.5·10³): an activation that changes shape only
+    beyond ``input_max`` (a clamp at 10⁴) is not seen, and a wider ``scale`` is the remedy.
 
     Args:
         activation: any callable mapping ``[n_samples, n]`` to ``[n_samples, n]``, a catalogue name,
@@ -157,6 +179,7 @@ def discover_group(activation, n: int = 8, *, seed: int = 0, affine: bool = Fals
         seed: the random inputs and generator elements.
         affine: also test σ − σ(0); where its group is larger, return it as an affine extension
             (``offset`` c(M) = σ(0)(1 − φ(M)·1)).
+        n_samples, scale: the random inputs (see :func:`check_intertwiner`).
 
     Returns:
         a :class:`GroupDiscovery` with ``.group`` (``source="empirical"``), ``.checks`` and ``.members``.
@@ -171,7 +194,7 @@ def discover_group(activation, n: int = 8, *, seed: int = 0, affine: bool = Fals
         raise InvalidOptionError(f"discover_group needs n ≥ 2 units (with one unit a permutation cannot be told "
                                  f"from the identity); got n={n!r}.")
     fn, display = activation_callable(activation)
-    d, checks = _run(fn, n, seed, n_samples)
+    d, checks = _run(fn, n, seed, n_samples, scale)
     family, phi = _decide({k: c.passed for k, c in checks.items()}, d)
     group = _build(family, n, phi, 1.0, "empirical", display)
     affine_checks: dict[str, IntertwinerCheck] = {}
@@ -179,10 +202,10 @@ def discover_group(activation, n: int = 8, *, seed: int = 0, affine: bool = Fals
         with torch.no_grad():
             centre = float(fn(torch.zeros(1, n, dtype=torch.float64))[0, 0])
         if centre != 0.0:
-            d2, affine_checks = _run(lambda x: fn(x) - centre, n, seed, n_samples)
+            d2, affine_checks = _run(fn, n, seed, n_samples, scale, centre)
             family2, phi2 = _decide({k: c.passed for k, c in affine_checks.items()}, d2)
             if (family2, phi2) != (family, phi):
                 group = affine_extension(_build(family2, n, phi2, 1.0, "empirical", display), centre)
                 group.source = "empirical"
     return GroupDiscovery(activation=display, n=n, seed=seed, degree=d, checks=checks, group=group,
-                          affine_checks=affine_checks)
+                          affine_checks=affine_checks, scale=scale)

@@ -37,8 +37,10 @@ class NeuronMatching(Report):
 
     @property
     def element(self) -> ScaledPermutation:
-        """The matching as a group element M with acts_b ≈ M acts_a along the unit axis."""
-        return ScaledPermutation(self.perm, self.scale, group="scaled_permutation")
+        """The matching as a group element M with acts_b ≈ M acts_a along the unit axis (P·D₊, or a permutation
+        times a nonzero diagonal where a signed matching found sign flips)."""
+        group = "diagonal_permutation" if bool((self.scale < 0).any()) else "scaled_permutation"
+        return ScaledPermutation(self.perm, self.scale, group=group)
 
     def summary(self) -> str:
         q = self.quality
@@ -61,28 +63,55 @@ class NeuronMatching(Report):
         return ax
 
 
-def match_neurons(acts_a: torch.Tensor, acts_b: torch.Tensor, *, signed: bool = False) -> NeuronMatching:
+def _normalised(X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(rows over their norms, rows over their largest |value|, those largest values)``; a zero row stays
+    zero. Dividing by the largest value first handles a unit of size 10⁻²⁰⁰ as exactly as one of size 1
+    (its squares would underflow)."""
+    peak = X.abs().amax(dim=1)
+    Y = X / torch.where(peak > 0, peak, 1.0).unsqueeze(1)
+    norm = Y.norm(dim=1)
+    return Y / torch.where(norm > 0, norm, 1.0).unsqueeze(1), Y, peak
+
+
+def match_neurons(acts_a: torch.Tensor, acts_b: torch.Tensor, *, signed: bool = False,
+                  centred: bool = False) -> NeuronMatching:
     """Match the units of two activation sets (``[N, C, ...]`` each) by a scale-invariant similarity.
 
     The similarity is the cosine between units (each unit's values over examples and positions, not
     centred, so a positive scaling leaves it unchanged); the Hungarian algorithm maximises the total.
     ``signed=True`` matches on |cosine| so sign flips are recovered too. An applied P·D₊ is recovered
-    exactly: ``matching.element`` maps ``acts_a`` onto ``acts_b``.
+    exactly: ``matching.element`` maps ``acts_a`` onto ``acts_b``. A unit that is zero on every example
+    (a dead ReLU) has cosine 0 with every unit and scale 1 (no scale fits it; 1 keeps the element
+    invertible). ``centred=True`` matches on correlations (each unit's mean removed first), which also
+    sees an affine sign flip a ↦ c − a (a sigmoid unit under σ(−x) = 1 − σ(x)) as the same unit, negated;
+    ``scale`` stays the uncentred least-squares fit.
     """
     from scipy.optimize import linear_sum_assignment
 
     A, B = _units(acts_a), _units(acts_b)
     if A.shape != B.shape:
         raise InvalidOptionError(f"both activation sets need the same shape; got {tuple(acts_a.shape)} and {tuple(acts_b.shape)}.")
-    An = A / A.norm(dim=1, keepdim=True).clamp_min(1e-30)
-    Bn = B / B.norm(dim=1, keepdim=True).clamp_min(1e-30)
+    if A.shape[1] == 0:
+        raise InvalidOptionError(f"matching needs at least one example; got shape {tuple(acts_a.shape)}.")
+    for name, X in (("acts_a", A), ("acts_b", B)):
+        if not bool(torch.isfinite(X).all()):
+            bad = torch.nonzero(~torch.isfinite(X).all(dim=1)).flatten().tolist()
+            raise InvalidOptionError(f"{name} has non-finite values (inf or NaN) in units {bad[:10]}; a unit's cosine "
+                                     f"with another needs finite activations.")
+    (An, Ya, pa), (Bn, Yb, pb) = _normalised(A), _normalised(B)
+    if centred:  # (on rows over their largest values: the means of tiny units do not underflow either)
+        An, Bn = (_normalised(Y - Y.mean(dim=1, keepdim=True))[0] for Y in (Ya, Yb))
     sim = Bn @ An.T  # [C_b, C_a]
     score = sim.abs() if signed else sim
     rows, cols = linear_sum_assignment(score.numpy(), maximize=True)
     perm = torch.as_tensor(cols[np.argsort(rows)], dtype=torch.long)
-    matched_a = A[perm]
-    scale = (B * matched_a).sum(1) / (matched_a * matched_a).sum(1).clamp_min(1e-30)
     quality = sim[torch.arange(len(perm)), perm]
+    # the least-squares scale ⟨b, a⟩/⟨a, a⟩, on rows over their largest values: no square of a tiny unit
+    # underflows, and b = a gives exactly 1
+    Ya, pa = Ya[perm], pa[perm]
+    aa = (Ya * Ya).sum(1)
+    scale = torch.where(aa > 0, (pb / torch.where(pa > 0, pa, 1.0)) * (Yb * Ya).sum(1) / torch.where(aa > 0, aa, 1.0), 0.0)
+    scale = torch.where(scale == 0, torch.ones_like(scale), scale)  # a dead unit on either side: no scale fits
     return NeuronMatching(perm, scale, quality.abs() if signed else quality, sim)
 
 
@@ -180,12 +209,21 @@ def unit_activations(model: nn.Module, sites, inputs: torch.Tensor, *, per_seque
     is called before each batch (the widgets' cancel point); ``bar`` (a progress bar) advances by one per
     batch. The model runs in eval mode, restored.
     """
+    return _unit_scores(model, sites, inputs, per_sequence=per_sequence, batch_size=batch_size, check=check,
+                        bar=bar)[0]
 
+
+def _unit_scores(model: nn.Module, sites, inputs: torch.Tensor, *, per_sequence: bool = False, batch_size: int = 256,
+                 check=None, bar=None, lowest: bool = False) -> tuple[dict, Optional[dict]]:
+    """:func:`unit_activations`, and with ``lowest`` (where values are pooled over positions) the smallest value
+    per example and unit too: a sign flip turns a unit's largest values into the negated smallest ones."""
     tl = has_layout(model)  # units last: TransformerLens and raw Hugging Face activations
     hooks = {s.name: site_observation(s) for s in sites}
     names = sorted({o.name for o in hooks.values()})
     stop = all(o.call == 0 for o in hooks.values())  # stop_at stops at a name's first call
     parts: dict[str, list] = {s.name: [] for s in sites}
+    pooled = not (tl and not per_sequence)
+    lows: Optional[dict[str, list]] = {s.name: [] for s in sites} if lowest and pooled else None
     with eval_mode(model), torch.no_grad():
         for start in range(0, len(inputs), batch_size):
             if check is not None:
@@ -199,9 +237,40 @@ def unit_activations(model: nn.Module, sites, inputs: torch.Tensor, *, per_seque
                     parts[s.name].append(h.transpose(1, 2).flatten(0, 1).double())
                 else:
                     parts[s.name].append(h.amax(dim=2).double())
+                    if lows is not None:
+                        lows[s.name].append(h.amin(dim=2).double())
             if bar is not None:
                 bar.update()
-    return {name: torch.cat(p) for name, p in parts.items()}
+    low = None if lows is None else {name: torch.cat(p) for name, p in lows.items()}
+    return {name: torch.cat(p) for name, p in parts.items()}, low
+
+
+def match_site_units(before: torch.Tensor, after: torch.Tensor, site: Site, *, before_min: Optional[torch.Tensor] = None,
+                     after_min: Optional[torch.Tensor] = None) -> NeuronMatching:
+    """The units of a site after a transform matched to those before (``[N, C]`` each), as far as the site's
+    group lets them move: a group of positive scalings only (P·D₊) matches on cosines; any other may have
+    flipped signs, linearly (tanh: a ↦ −a) or affinely (sigmoid: a ↦ 1 − a), so it matches on |correlation|.
+
+    Scores pooled over positions (an image's largest value per unit) do not flip with the unit: the new
+    largest value is the old smallest, negated. With the smallest values too (``before_min``, ``after_min``),
+    a unit is compared on (largest, smallest) both as it is and flipped, (−smallest, −largest), and the
+    better of the two counts."""
+    signed = not site.group.name.startswith("scaled")
+    if not signed or before_min is None or after_min is None:
+        return match_neurons(before, after, signed=signed, centred=signed)
+    from scipy.optimize import linear_sum_assignment
+
+    B = torch.cat([after, after_min])  # [2N, C]
+    kept = match_neurons(torch.cat([before, before_min]), B, signed=True, centred=True)
+    flipped = match_neurons(torch.cat([before_min, before]), B, signed=True, centred=True)
+    flip = flipped.similarity.abs() > kept.similarity.abs()  # [C_b, C_a]
+    sim = torch.where(flip, flipped.similarity, kept.similarity)
+    rows, cols = linear_sum_assignment(sim.abs().numpy(), maximize=True)
+    perm = torch.as_tensor(cols[np.argsort(rows)], dtype=torch.long)
+    units = torch.arange(len(perm))
+    quality = sim[units, perm]
+    scale = torch.where(flip[units, perm], -1.0, 1.0).double() * quality.sign()  # ±1: whether the unit flipped
+    return NeuronMatching(perm, torch.where(scale == 0, 1.0, scale), quality.abs(), sim)
 
 
 @no_grad_analysis
@@ -210,17 +279,33 @@ def interpretation_shift(model: nn.Module, new_model: nn.Module, data: torch.Ten
                          progress: ProgressLike = None) -> InterpretationShift:
     """For each unit of ``site``, its top-``k`` examples of ``data`` in both models, compared.
 
-    Units of the new model are matched to the original's by :func:`match_neurons` on their
-    activations. Under P·D₊ the top examples are the same sets, relabelled (matched overlap 1);
-    under a rotation they change. ``progress``: a bar of the batches of ``data`` run through both
+    Units of the new model are matched to the original's by :func:`match_site_units` on their
+    activations (at a site whose group can flip signs, on |correlation|, and on images also on each
+    unit's smallest value per image, which a flip makes the largest). Under P·D₊ the top examples are
+    the same sets, relabelled (matched overlap 1); a flipped unit's top examples are the old unit's
+    bottom ones; under a rotation they change. ``progress``: a bar of the batches of ``data`` run through both
     models: True, False, or None (the default) for a bar in a Jupyter notebook only.
     """
-    batches = -(-len(data) // batch_size) if batch_size > 0 else 0
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:  # k = 0 gave NaN overlaps
+        raise InvalidOptionError(f"k is the number of top examples per unit, an integer ≥ 1; got {k!r}.")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise InvalidOptionError(f"batch_size is an integer ≥ 1; got {batch_size!r}.")
+    if len(data) == 0:
+        raise InvalidOptionError("interpretation_shift needs at least one example in data; got none.")
+    batches = -(-len(data) // batch_size)
     with progress_bar(total=2 * batches, desc="interpretation_shift", unit="batch", progress=progress) as bar:
         smap = symmetry_map(model, example)
         site = smap[site] if isinstance(site, str) else site
-        a = unit_activations(model, [site], data, batch_size=batch_size, bar=bar)[site.name]
-        b = unit_activations(new_model, [site], data, batch_size=batch_size, bar=bar)[site.name]
-    perm = match_neurons(a, b, signed=not site.group.name.startswith("scaled")).perm
+        lowest = not site.group.name.startswith("scaled")  # pooled scores of a unit that may flip: see match_site_units
+        a, a_low = _unit_scores(model, [site], data, batch_size=batch_size, bar=bar, lowest=lowest)
+        try:
+            b, b_low = _unit_scores(new_model, [site], data, batch_size=batch_size, bar=bar, lowest=lowest)
+        except (RuntimeError, UnsupportedModelError) as exc:  # e.g. a reshape to the site's n units failed
+            raise InvalidOptionError(f"new_model's activation at site {site.name!r} could not be read as the original's "
+                                     f"{site.n} units ({exc}); interpretation_shift compares a model with a transformed "
+                                     f"copy of it (wb.random_intertwiner, wb.apply_transform).") from exc
+    a, b = a[site.name], b[site.name]
+    low = {} if a_low is None else {"before_min": a_low[site.name], "after_min": b_low[site.name]}
+    perm = match_site_units(a, b, site, **low).perm
     return InterpretationShift.from_scores(site.name, a, b, perm, k)
 

@@ -18,8 +18,9 @@ from .._errors import WorkbenchError
 from .._report import Report
 from ..hooks import first_tensor, run_with_cache
 from ..models import has_layout, no_grad_analysis
-from ..symmetry import (InterpretationShift, InvarianceReport, NeuronMatching, Site, Transform, match_neurons,
-                        random_intertwiner, verify)
+from ..symmetry import (InterpretationShift, InvarianceReport, NeuronMatching, Site, Transform, random_intertwiner,
+                        verify)
+from ..symmetry._match import _unit_scores, match_site_units
 from ..symmetry import site_observation, site_units
 from ..symmetry import unit_activations as _unit_activations
 from ..models import eval_mode
@@ -43,6 +44,14 @@ def unit_activations(model: nn.Module, sites: Sequence[Site], inputs: torch.Tens
     whole sequences; ``wb.interpretation_shift`` ranks every token): ``{site name: float64 [N, C]}``.
     ``bar``: a progress bar advanced by one per batch."""
     return _unit_activations(model, sites, inputs, per_sequence=True, batch_size=batch_size, check=check, bar=bar)
+
+
+def unit_extremes(model: nn.Module, sites: Sequence[Site], inputs: torch.Tensor, *, batch_size: int = 256,
+                  check: Check = _no_check, bar=None) -> tuple[dict, dict]:
+    """:func:`unit_activations` and each example's *smallest* value per unit, ``({site: [N, C]}, {site: [N, C]})``:
+    what a sign flip turns into the largest (see ``wb.symmetry.match_site_units``)."""
+    return _unit_scores(model, sites, inputs, per_sequence=True, batch_size=batch_size, check=check, bar=bar,
+                        lowest=True)
 
 
 def unit_traces(model: nn.Module, site: Site, inputs: torch.Tensor, unit: int) -> torch.Tensor:
@@ -152,13 +161,14 @@ def badge_html(passed: bool) -> str:
 @no_grad_analysis
 def explore(model: nn.Module, site: Site, group: Optional[str], seed: int, sigma: float, inputs: torch.Tensor,
             before: torch.Tensor, *, verify_examples: int = 32, batch_size: int = 256, k: int = 10,
-            check: Check = _no_check) -> tuple[ExplorerResult, nn.Module]:
+            check: Check = _no_check, before_min: Optional[torch.Tensor] = None) -> tuple[ExplorerResult, nn.Module]:
     """One Apply: a new model with a random element at ``site``, verified, with unit scores compared.
 
     Args:
         group: None for the site's own group, or a registry name (a non-symmetry is the negative control).
         inputs: ``[N, ...]`` examples; ``wb.verify`` runs on the first ``verify_examples`` of them.
         before: the original model's ``unit_activations`` at the site, ``[N, C]``.
+        before_min: its smallest values (``unit_extremes``), so that units whose sign flipped are matched.
 
     Returns:
         ``(result, new_model)``; ``model`` is not modified. The verbs inside draw no progress bars of their
@@ -171,10 +181,11 @@ def explore(model: nn.Module, site: Site, group: Optional[str], seed: int, sigma
     n_verify = min(verify_examples, len(inputs))
     report = verify(model, new, inputs[:n_verify], transform=transform, progress=False)
     check("scores")
-    after = unit_activations(new, [site], inputs, batch_size=batch_size, check=check)[site.name]
+    after, after_min = unit_extremes(new, [site], inputs, batch_size=batch_size, check=check)
+    after = after[site.name]
     check("matching")
-    # Sign flips are recovered unless the site's group has only positive scalings (as interpretation_shift does).
-    matching = match_neurons(before, after, signed=not site.group.name.startswith("scaled"))
+    low = {} if before_min is None else {"before_min": before_min, "after_min": after_min[site.name]}
+    matching = match_site_units(before, after, site, **low)  # as interpretation_shift matches them
     shift = InterpretationShift.from_scores(site.name, before, after, matching.perm, k)
     result = ExplorerResult(site.name, transform.groups[site.name], site.group.name, seed, sigma, transform, report,
                             matching, correlation(before, after), shift, n_verify, len(inputs))

@@ -16,7 +16,7 @@ from .._progress import ProgressLike, progress_bar
 from ..groups import GROUP_ALIASES, GROUP_NAMES
 from ..symmetry import symmetry_map
 from ._base import BackgroundAction, Job, checked_int, html_bundle, int_control, show, shown_text
-from ._compute import ExplorerResult, badge_html, explore, unit_activations, unit_traces
+from ._compute import ExplorerResult, badge_html, explore, unit_extremes, unit_traces
 from ._examples import example_rows_html, kind_of, token_contexts_html
 from ._pixels import colour_bar_html, coloured, png_bytes
 
@@ -101,7 +101,8 @@ class IntertwinerExplorer(BackgroundAction, widgets.VBox):
         if not len(self.smap):
             reasons = "; ".join(f"{p}: {why}" for p, why in self.smap.skipped) or "no hidden layer with a writer and a reader"
             raise WorkbenchError(f"wb.symmetry_map found no site in this {type(model).__name__} to transform ({reasons}).")
-        self.before = self._score_all(progress)  # {site: [N, C]}, the original model's unit scores
+        # {site: [N, C]}, the original model's unit scores, and their smallest values (for flipped units)
+        self.before, self.before_min = self._score_all(progress)
         _warm_up()
         self._result: Optional[ExplorerResult] = None
         self._new_model: Optional[nn.Module] = None
@@ -115,7 +116,7 @@ class IntertwinerExplorer(BackgroundAction, widgets.VBox):
         batches = math.ceil(len(self.inputs) / self.batch_size)
         with progress_bar(total=batches, desc="scoring units", unit="batch", progress=progress, leave=False) as bar:
             try:
-                return unit_activations(self.model, self.smap.sites, self.inputs, batch_size=self.batch_size, bar=bar)
+                return unit_extremes(self.model, self.smap.sites, self.inputs, batch_size=self.batch_size, bar=bar)
             except WorkbenchError:
                 raise
             except Exception as exc:  # a shape mismatch deep in torch: say which data did not fit
@@ -229,7 +230,7 @@ class IntertwinerExplorer(BackgroundAction, widgets.VBox):
         seed, sigma = self.seed, self.sigma  # read now: the controls may change while a worker runs
         return self._launch(lambda check: explore(self.model, site, group, seed, sigma, self.inputs, self.before[site.name],
                                                   verify_examples=self.verify_examples, batch_size=self.batch_size,
-                                                  k=self.k, check=check), wait)
+                                                  k=self.k, check=check, before_min=self.before_min[site.name]), wait)
 
     def _done(self, value) -> None:
         self._result, self._new_model = value
