@@ -52,6 +52,7 @@ from workbench.probing import privileged_basis_test  # noqa: E402
 from workbench.probing._inputs import prepare  # noqa: E402
 from workbench.probing._null import chunk_size, family_generator, null_distribution, projected  # noqa: E402
 from workbench.probing._privileged import STATISTICS  # noqa: E402
+from benchmarks._timing import machine_line  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 # what the diagnosis of the memory growth found (issue 6); measured with the instrumented children
@@ -186,16 +187,6 @@ def spread(v: list[float]) -> str:
     return f"+{np.median(v):.0f} MiB (min {min(v):.0f}, max {max(v):.0f})"
 
 
-def machine() -> str:
-    with open("/proc/cpuinfo") as f:
-        cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "unknown")
-    import sklearn
-
-    return (f"{os.cpu_count()} CPUs ({cpu}), torch threads {torch.get_num_threads()}, Python "
-            f"{sys.version.split()[0]}, torch {torch.__version__}, numpy {np.__version__}, scikit-learn "
-            f"{sklearn.__version__}, workbench {wb.__version__}")
-
-
 def fmt_s(t: float) -> str:
     return f"{t:.3g} s" if t < 100 else f"{t:,.0f} s"
 
@@ -260,7 +251,7 @@ def main() -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "probing.md").write_text("\n".join([
         "# Privileged-basis test benchmark", "",
-        f"- Date: {started}", f"- Machine: {machine()}",
+        f"- Date: {started}", f"- Machine: {machine_line('sklearn')}",
         "- Rerun: `nice -n 10 .venv/bin/python benchmarks/probing.py`; method in the script's docstring.",
         f"- Settings: {s}",
         f"- Load average (1 min) at start / end: {s['load'][0]} / {s['load'][1]} (above {os.cpu_count()}: other "

@@ -58,6 +58,7 @@ from scipy import stats  # noqa: E402
 
 import workbench as wb  # noqa: E402
 from workbench.probing import privileged_basis_test  # noqa: E402
+from benchmarks._timing import machine_line  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 SPARSE_SHIFT = float(stats.norm.ppf(0.9))  # ReLU(Z − this) is zero in 90% of rows
@@ -207,14 +208,6 @@ def run_row(row: dict, bar) -> dict:
     return {k: v for k, v in row.items() if k != "data_kw"} | {"data_kw": row["data_kw"]} | res
 
 
-def machine() -> str:
-    with open("/proc/cpuinfo") as f:
-        cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "unknown")
-    return (f"{os.cpu_count()} CPUs ({cpu}), torch threads {torch.get_num_threads()}, Python "
-            f"{sys.version.split()[0]}, torch {torch.__version__}, numpy {np.__version__}, scipy "
-            f"{__import__('scipy').__version__}, workbench {wb.__version__}")
-
-
 def fmt_count(r: dict) -> str:
     if r["measure"] == "p<=0.05" and r["sets"] != 300:
         return f"{r['rate']:.3f} ({r['count']}/{r['sets']})"
@@ -294,7 +287,7 @@ def main(argv=None) -> dict:
     more = 22  # the docstring's threshold: P(> 22 of 300) = 0.0025 at the exact null's 4%
     result = dict(command="python " + " ".join(shlex.quote(a) for a in [f"benchmarks/{Path(__file__).name}"]
                                               + list(sys.argv[1:] if argv is None else argv)),
-                  date=started.isoformat(timespec="seconds"), machine=machine(),
+                  date=started.isoformat(timespec="seconds"), machine=machine_line("scipy"),
                   seconds=time.perf_counter() - t0, load=[load0, os.getloadavg()[0]], quick=args.quick,
                   reference=dict(more_than=more, sf_004=float(stats.binom.sf(more, 300, 0.04)),
                                  sf_005=float(stats.binom.sf(more, 300, 0.05)), band_1500=band.tolist()),
