@@ -17,6 +17,15 @@ from typing import Callable, Optional
 import torch
 
 
+def cpu_name() -> str:
+    """The CPU's model name from /proc/cpuinfo ("unknown" where there is none)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "unknown")
+    except OSError:
+        return "unknown"
+
+
 def machine_line(*packages: str) -> str:
     """This machine and the versions a results page states: CPUs, torch threads, Python, torch, NumPy and each of
     ``packages`` (importable names, e.g. "scipy", "sklearn"), and workbench."""
@@ -27,14 +36,8 @@ def machine_line(*packages: str) -> str:
 
     import workbench as wb
 
-    cpu = "unknown"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
     extra = "".join(f", {name} {__import__(name).__version__}" for name in packages)
-    return (f"{os.cpu_count()} CPUs ({cpu}), torch threads {torch.get_num_threads()}, Python "
+    return (f"{os.cpu_count()} CPUs ({cpu_name()}), torch threads {torch.get_num_threads()}, Python "
             f"{platform.python_version()}, torch {torch.__version__}, numpy {np.__version__}{extra}, workbench {wb.__version__}")
 
 

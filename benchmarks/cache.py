@@ -49,7 +49,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from benchmarks._timing import timed  # noqa: E402
+from benchmarks._timing import cpu_name, timed  # noqa: E402
 
 import workbench as wb  # noqa: E402
 from workbench.zoo import BasicBlock, ResNet  # noqa: E402
@@ -281,9 +281,7 @@ def table(rows: list[dict]) -> str:
 
 
 def machine() -> dict:
-    with open("/proc/cpuinfo") as f:
-        cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "unknown")
-    return {"nproc": os.cpu_count(), "cpu": cpu, "torch_threads": torch.get_num_threads(),
+    return {"nproc": os.cpu_count(), "cpu": cpu_name(), "torch_threads": torch.get_num_threads(),
             "python": sys.version.split()[0], "torch": torch.__version__,
             "transformer_lens": md.version("transformer-lens"), "workbench": wb.__version__}
 

@@ -133,7 +133,7 @@ def hand_hooks(model: nn.Module, clone: set[str], to_cpu: bool = False):
 
 # ---------------------------------------------------------------------------------------- timing
 # One loop for every benchmark (benchmarks/_timing.py): interleaved, wall and CPU clocks.
-from benchmarks._timing import synchronize, timed  # noqa: E402,F401
+from benchmarks._timing import cpu_name, synchronize, timed  # noqa: E402,F401
 
 
 def row(label: str, t: dict, base: dict, clock: str, target=None, **extra) -> dict:
@@ -434,13 +434,7 @@ def table(rows: list[dict]) -> str:
 
 
 def machine() -> dict:
-    cpu = "unknown"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    m = {"nproc": os.cpu_count(), "cpu": cpu, "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
+    m = {"nproc": os.cpu_count(), "cpu": cpu_name(), "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
          "torch": torch.__version__, "numpy": np.__version__, "workbench": wb.__version__}
     if torch.cuda.is_available():
         m["gpu"] = torch.cuda.get_device_name(0)
