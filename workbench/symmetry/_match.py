@@ -213,6 +213,15 @@ def unit_activations(model: nn.Module, sites, inputs: torch.Tensor, *, per_seque
                         bar=bar)[0]
 
 
+def unit_extremes(model: nn.Module, sites, inputs: torch.Tensor, *, per_sequence: bool = False, batch_size: int = 256,
+                  check=None, bar=None) -> tuple[dict, Optional[dict]]:
+    """:func:`unit_activations`, and where values are pooled over positions (images; token inputs with
+    ``per_sequence``) each example's smallest value per unit too, else None: a sign flip turns a unit's
+    largest values into the negated smallest ones (:func:`match_site_units` reads both)."""
+    return _unit_scores(model, sites, inputs, per_sequence=per_sequence, batch_size=batch_size, check=check, bar=bar,
+                        lowest=True)
+
+
 def _unit_scores(model: nn.Module, sites, inputs: torch.Tensor, *, per_sequence: bool = False, batch_size: int = 256,
                  check=None, bar=None, lowest: bool = False) -> tuple[dict, Optional[dict]]:
     """:func:`unit_activations`, and with ``lowest`` (where values are pooled over positions) the smallest value

@@ -20,7 +20,7 @@ from ..hooks import first_tensor, run_with_cache
 from ..models import has_layout, no_grad_analysis
 from ..symmetry import (InterpretationShift, InvarianceReport, NeuronMatching, Site, Transform, random_intertwiner,
                         verify)
-from ..symmetry._match import _unit_scores, match_site_units
+from ..symmetry import match_site_units, unit_extremes as _unit_extremes
 from ..symmetry import site_observation, site_units
 from ..symmetry import unit_activations as _unit_activations
 from ..models import eval_mode
@@ -50,8 +50,7 @@ def unit_extremes(model: nn.Module, sites: Sequence[Site], inputs: torch.Tensor,
                   check: Check = _no_check, bar=None) -> tuple[dict, dict]:
     """:func:`unit_activations` and each example's *smallest* value per unit, ``({site: [N, C]}, {site: [N, C]})``:
     what a sign flip turns into the largest (see ``wb.symmetry.match_site_units``)."""
-    return _unit_scores(model, sites, inputs, per_sequence=True, batch_size=batch_size, check=check, bar=bar,
-                        lowest=True)
+    return _unit_extremes(model, sites, inputs, per_sequence=True, batch_size=batch_size, check=check, bar=bar)
 
 
 def unit_traces(model: nn.Module, site: Site, inputs: torch.Tensor, unit: int) -> torch.Tensor:
