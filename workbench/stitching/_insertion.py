@@ -20,7 +20,7 @@ from .._errors import InvalidOptionError, check_option
 from .._report import Report, new_axes
 from ..groups import Group, GroupElement, get_group
 from ._cut import Cut
-from ._train import LR_SCHEDULES, accuracy, as_xy, check_batch, check_epochs, check_labels, check_like, fit, model_accuracy
+from ._train import LR_SCHEDULES, accuracy, check_batch, check_epochs, check_labels, fit, model_accuracy, splits
 
 
 @dataclass(repr=False)
@@ -145,15 +145,9 @@ def insertion_test(model: nn.Module, site: str, group: Union[str, Group] = "orth
     if reinit and epochs == 0:
         raise InvalidOptionError("reinit=True with epochs=0 would evaluate an untrained network; retrain (epochs ≥ 1) "
                                  "or keep the trained weights (reinit=False).")
-    x, y = as_xy(data)
-    xe, ye = (x, y) if eval_data is None else as_xy(eval_data, "eval_data")
-    val = None if val_data is None else as_xy(val_data, "val_data")
-    for name, other in (("eval_data", xe), ("val_data", None if val is None else val[0])):
-        if other is not None:
-            check_like(x, other, name)
+    x, y, xe, ye, val, labelled = splits(data, eval_data, val_data)
     cut = Cut(model, site, x[:1], "before")
-    check_labels(cut.model, x, ("data", y), *([] if eval_data is None else [("eval_data", ye)]),
-                 *([] if val is None else [("val_data", val[1])]))
+    check_labels(cut.model, x, *labelled)
     k = cut.primary
     n = cut.crossings[k].channels
     G = get_group(group, n)

@@ -15,7 +15,7 @@ from ..groups import Group, GroupElement
 from ._cut import Cut, Crossing
 from ._init import fit as fit_init, rows, sample_rows
 from ._layers import BirkhoffMap, IdentityMap, SinkhornMap, StitchLayer, make_layer, parse_stitch_group
-from ._train import OPTIMIZERS, accuracy, as_xy, batches, check_batch, check_epochs, check_labels, check_like, fit, model_accuracy
+from ._train import OPTIMIZERS, accuracy, batches, check_batch, check_epochs, check_labels, fit, model_accuracy, splits
 
 BN_MODES = ["frozen", "reestimate", "train"]
 REPORTS = ["last", "best"]
@@ -180,12 +180,7 @@ def stitch(model_a: nn.Module, model_b: nn.Module, site: Union[str, tuple[str, s
         raise InvalidOptionError("report='best' picks the epoch with the best accuracy on val_data; pass val_data "
                                  "(held out from data and eval_data), or report='last'.")
     check_batch(batch_size, lr)
-    x, y = as_xy(data)
-    xe, ye = (x, y) if eval_data is None else as_xy(eval_data, "eval_data")
-    val = None if val_data is None else as_xy(val_data, "val_data")
-    for name, other in (("eval_data", xe), ("val_data", None if val is None else val[0])):
-        if other is not None:
-            check_like(x, other, name)
+    x, y, xe, ye, val, labelled = splits(data, eval_data, val_data)
     if isinstance(site, (tuple, list)) and len(site) == 2:
         site_a, site_b = site
     elif isinstance(site, (tuple, list)):
@@ -194,7 +189,6 @@ def stitch(model_a: nn.Module, model_b: nn.Module, site: Union[str, tuple[str, s
         site_a = site_b = site
     cut_a = Cut(model_a, site_a, x[:1], "after")
     cut_b = Cut(model_b, site_b, x[:1], "after")
-    labelled = [("data", y)] + ([] if eval_data is None else [("eval_data", ye)]) + ([] if val is None else [("val_data", val[1])])
     check_labels(cut_a.model, x, *labelled)
     check_labels(cut_b.model, x, *labelled)
     pairs = _pair(cut_a, cut_b)

@@ -5,7 +5,7 @@ step is one tail forward and backward on a minibatch of cached tensors.
 """
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence
+from typing import Callable, NamedTuple, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +31,31 @@ def as_xy(data, name: str = "data") -> tuple[torch.Tensor, torch.Tensor]:
     if len(x) == 0:
         raise InvalidOptionError(f"{name} is empty.")
     return x, y.long()
+
+
+class Splits(NamedTuple):
+    """The training, evaluation and validation examples of a stitch or an insertion test, checked together."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    xe: torch.Tensor  # eval_data's inputs, or data's where none was given
+    ye: torch.Tensor
+    val: Optional[tuple[torch.Tensor, torch.Tensor]]
+    labelled: list  # (name, labels) of every set given, for check_labels
+
+
+def splits(data, eval_data=None, val_data=None) -> Splits:
+    """``data``, ``eval_data`` and ``val_data`` read by :func:`as_xy`; the other two must be examples of the same
+    shape and dtype as ``data`` (:func:`check_like`)."""
+    x, y = as_xy(data)
+    xe, ye = (x, y) if eval_data is None else as_xy(eval_data, "eval_data")
+    val = None if val_data is None else as_xy(val_data, "val_data")
+    labelled = [("data", y)]
+    for name, given in (("eval_data", None if eval_data is None else (xe, ye)), ("val_data", val)):
+        if given is not None:
+            check_like(x, given[0], name)
+            labelled.append((name, given[1]))
+    return Splits(x, y, xe, ye, val, labelled)
 
 
 def check_like(x: torch.Tensor, other: torch.Tensor, name: str) -> None:
