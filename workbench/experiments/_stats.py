@@ -47,12 +47,18 @@ def paired(a: dict, b: dict) -> list[float]:
     return [a[k] - b[k] for k in sorted(set(a) & set(b))]
 
 
+#: Fewer values than this have no 95% interval of their median (even their range covers less), so no verdict.
+MIN_N = next(n for n in range(2, 100) if range_coverage(n) >= CONFIDENCE)
+
 #: How every page states its intervals (one sentence, one place).
 INTERVALS = ("median [95% CI]: a distribution-free interval from order statistics (scipy.stats.quantile_test). With "
-             "fewer than 6 values none exists: the range of the values is shown instead, with how often such a range "
-             "holds the median (75% for 3 values, 88% for 4, 94% for 5), and there is no verdict")
+             f"fewer than {MIN_N} values none exists: the range of the values is shown instead, with how often such a "
+             "range holds the median (75% for 3 values, 88% for 4, 94% for 5), and there is no verdict")  # range_coverage(n)
 
-MIN_N = 6  # fewer values than this have no 95% interval of their median, so no verdict
+
+def no_verdict(what: str) -> str:
+    """The verdict sentence where ``excludes_zero`` gives None: too few ``what`` (pairs, seeds) for a 95% interval."""
+    return f"fewer than {MIN_N} {what}, no 95% interval, no verdict"
 
 
 def excludes_zero(s: dict) -> Optional[int]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import zlib
 
 from . import _data
-from ._stats import INTERVALS, excludes_zero, fmt, median_ci, paired
+from ._stats import INTERVALS, excludes_zero, fmt, median_ci, no_verdict, paired
 
 NAME = "insertion"
 TITLE = "The insertion (sanity) test (paper §3.3)"
@@ -142,7 +142,7 @@ def page(doc) -> str:
     for r in rows:
         c = r["orthogonal − relu"]
         if c["sign"] is None:
-            verdict = "fewer than 6 seeds, no 95% interval, no verdict."
+            verdict = no_verdict("seeds") + "."
         elif c["sign"] == 0:
             verdict = "the interval contains 0: not shown at this budget."
         else:

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ._runs import cyclic_pairs
-from ._stats import INTERVALS, excludes_zero, fmt, median_ci, paired
+from ._stats import INTERVALS, excludes_zero, fmt, median_ci, no_verdict, paired
 
 NAME = "similarity"
 TITLE = "Similarity across seeds (paper §5)"
@@ -221,7 +221,7 @@ def page(doc) -> str:
         lines += [f"Gaps, `{fam}` (orthogonal-side − G_ReLU-side, paired by seed pair):", ""]
         for r in g:
             verdict = {1: "G_ReLU-side lower (interval excludes 0)", 0: "interval contains 0", -1: "G_ReLU-side higher",
-                       None: "fewer than 6 pairs, no 95% interval, no verdict"}[r["sign"]]
+                       None: no_verdict("pairs")}[r["sign"]]
             lines.append(f"- layer {r['layer']}: {r['upper']} − {r['lower']} = {fmt(r, 3)} — {verdict}")
         lines.append("")
     wr = width_rows(doc)

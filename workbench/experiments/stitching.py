@@ -14,7 +14,7 @@ import zlib
 
 from . import _data
 from ._runs import cyclic_pairs
-from ._stats import INTERVALS, excludes_zero, fmt, median_ci, paired
+from ._stats import INTERVALS, excludes_zero, fmt, median_ci, no_verdict, paired
 
 NAME = "stitching"
 TITLE = "Stitching (paper §4)"
@@ -240,7 +240,7 @@ def headlines(doc) -> list[dict]:
 def _verdict(c: dict, what_x: str, what_y: str) -> str:
     s = fmt(c)
     if c["sign"] is None:
-        return f"{what_x} − {what_y}: {s}; fewer than 6 pairs, no 95% interval, no verdict."
+        return f"{what_x} − {what_y}: {s}; {no_verdict('pairs')}."
     if c["sign"] == 0:
         return f"{what_x} − {what_y}: {s} points; the interval contains 0 — no difference shown."
     word = "higher" if c["sign"] > 0 else "lower"
