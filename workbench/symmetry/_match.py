@@ -254,6 +254,11 @@ def _unit_scores(model: nn.Module, sites, inputs: torch.Tensor, *, per_sequence:
     return {name: torch.cat(p) for name, p in parts.items()}, low
 
 
+def _may_flip(site: Site) -> bool:
+    """Whether the site's group can flip a unit's sign: any group but those of positive scalings (P·D₊)."""
+    return not site.group.name.startswith("scaled")
+
+
 def match_site_units(before: torch.Tensor, after: torch.Tensor, site: Site, *, before_min: Optional[torch.Tensor] = None,
                      after_min: Optional[torch.Tensor] = None) -> NeuronMatching:
     """The units of a site after a transform matched to those before (``[N, C]`` each), as far as the site's
@@ -264,7 +269,7 @@ def match_site_units(before: torch.Tensor, after: torch.Tensor, site: Site, *, b
     largest value is the old smallest, negated. With the smallest values too (``before_min``, ``after_min``),
     a unit is compared on (largest, smallest) both as it is and flipped, (−smallest, −largest), and the
     better of the two counts."""
-    signed = not site.group.name.startswith("scaled")
+    signed = _may_flip(site)
     if not signed or before_min is None or after_min is None:
         return match_neurons(before, after, signed=signed, centred=signed)
     from scipy.optimize import linear_sum_assignment
@@ -305,7 +310,7 @@ def interpretation_shift(model: nn.Module, new_model: nn.Module, data: torch.Ten
     with progress_bar(total=2 * batches, desc="interpretation_shift", unit="batch", progress=progress) as bar:
         smap = symmetry_map(model, example)
         site = smap[site] if isinstance(site, str) else site
-        lowest = not site.group.name.startswith("scaled")  # pooled scores of a unit that may flip: see match_site_units
+        lowest = _may_flip(site)  # pooled scores of a unit that may flip: see match_site_units
         a, a_low = _unit_scores(model, [site], data, batch_size=batch_size, bar=bar, lowest=lowest)
         try:
             b, b_low = _unit_scores(new_model, [site], data, batch_size=batch_size, bar=bar, lowest=lowest)

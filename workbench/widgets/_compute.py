@@ -183,8 +183,8 @@ def explore(model: nn.Module, site: Site, group: Optional[str], seed: int, sigma
     after, after_min = unit_extremes(new, [site], inputs, batch_size=batch_size, check=check)
     after = after[site.name]
     check("matching")
-    low = {} if before_min is None else {"before_min": before_min, "after_min": after_min[site.name]}
-    matching = match_site_units(before, after, site, **low)  # as interpretation_shift matches them
+    # as interpretation_shift matches them (without before_min, on the largest values alone)
+    matching = match_site_units(before, after, site, before_min=before_min, after_min=after_min[site.name])
     shift = InterpretationShift.from_scores(site.name, before, after, matching.perm, k)
     result = ExplorerResult(site.name, transform.groups[site.name], site.group.name, seed, sigma, transform, report,
                             matching, correlation(before, after), shift, n_verify, len(inputs))
