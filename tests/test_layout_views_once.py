@@ -97,3 +97,28 @@ def test_views_are_not_kept_across_calls_or_models(monkeypatch):
     with torch.no_grad():
         x, y = model(ids).logits, out(ids).logits
     assert ((x - y).abs().max() / x.abs().max()).item() < 1e-10
+
+
+def test_the_structure_check_runs_once_per_transform_and_again_on_the_next_call(monkeypatch):
+    from workbench.models import _hf
+
+    model = build("gpt2", torch.float64)
+    wb.random_intertwiner(model, seed=0)
+    checked = []
+    real = _hf._unsupported
+
+    def spy(m):
+        checked.append(m)
+        return real(m)
+    monkeypatch.setattr(_hf, "_unsupported", spy)
+    wb.random_intertwiner(model, seed=1)
+    assert checked == [model]  # the map's and the push's question, answered once
+    # An edit between two calls is seen by the next one: a module swapped after the model was built is refused.
+    model.transformer.h[0].mlp.act = torch.nn.ReLU()
+    with pytest.raises(wb.UnsupportedModelError, match="was changed after it was built"):
+        wb.random_intertwiner(model, seed=2)
+    assert checked[1:] and all(m is model for m in checked)
+    with one_call():  # inside one call, asked twice of one model, answered once; another object is its own
+        twin = build("gpt2", torch.float64)
+        assert _hf.unsupported(model) == _hf.unsupported(model) and _hf.unsupported(twin) is None
+        assert [m for m in checked[2:] if m is model] == [model] and [m for m in checked if m is twin] == [twin]

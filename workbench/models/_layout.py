@@ -299,7 +299,7 @@ def _boot(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     return new
 
 
-# The views computed so far in this call (``one_call``): {id(model): (model, views)}, or None outside one.
+# What was computed so far in this call (``one_call``): {(what, id(model)): (model, value)}, or None outside one.
 # Never kept across calls: a view is a view of that object's tensors as they are now, and a parameter a
 # user replaces between two calls (``p.data = ...``, a new ``nn.Parameter``) would leave it stale.
 _CALL_VIEWS: ContextVar[Optional[dict]] = ContextVar("workbench_canonical_views_this_call", default=None)
@@ -308,13 +308,27 @@ _CALL_VIEWS: ContextVar[Optional[dict]] = ContextVar("workbench_canonical_views_
 @contextmanager
 def one_call():
     """Within it, :func:`canonical_views` of one model object is computed once (a transform reads it for the
-    map and again for the push: ~4 ms each for a 40M-parameter Hugging Face model). Only for code that
-    replaces no parameter of the models it reads inside (writing into them is fine: the views see it)."""
+    map and again for the push: ~4 ms each for a 40M-parameter Hugging Face model), and so is each
+    :func:`per_call` value (the structure check of a Hugging Face model, ``_hf.unsupported``). Only for code
+    that replaces no parameter or module of the models it reads inside (writing into them is fine: the views
+    see it)."""
     token = _CALL_VIEWS.set({})
     try:
         yield
     finally:
         _CALL_VIEWS.reset(token)
+
+
+def per_call(model: nn.Module, what: str, compute):
+    """``compute()`` (a function of ``model``'s structure or weights) once per model object and ``what`` inside
+    :func:`one_call`; every time outside one."""
+    memo = _CALL_VIEWS.get()
+    if memo is None:
+        return compute()
+    hit = memo.get((what, id(model)))
+    if hit is None or hit[0] is not model:
+        hit = memo[(what, id(model))] = (model, compute())
+    return hit[1]
 
 
 def canonical_views(model: nn.Module) -> Optional[dict[str, torch.Tensor]]:
@@ -325,13 +339,8 @@ def canonical_views(model: nn.Module) -> Optional[dict[str, torch.Tensor]]:
     ``read_weights`` (``.contiguous()``) and ``write_weights`` (``load_state_dict``) make. Inside
     :func:`one_call`, computed once per model object (each caller gets its own dict of the same views).
     """
-    memo = _CALL_VIEWS.get()
-    if memo is None:
-        return _canonical_views(model)
-    hit = memo.get(id(model))
-    if hit is None or hit[0] is not model:
-        hit = memo[id(model)] = (model, _canonical_views(model))
-    return None if hit[1] is None else dict(hit[1])
+    views = per_call(model, "canonical_views", lambda: _canonical_views(model))
+    return None if views is None else dict(views)
 
 
 def views_like(views: dict[str, torch.Tensor], model: nn.Module, new: nn.Module) -> Optional[dict[str, torch.Tensor]]:
