@@ -20,6 +20,12 @@ from .._errors import InvalidOptionError, UnsupportedModelError
 from ..symmetry import Site, is_activation, space_graph, symmetry_map
 
 
+def site_label(site: str, hook: str, side: str) -> str:
+    """How results name where a layer went: the site, and the activation module whose ``side`` ("before" or
+    "after") it is where that is not the site's own name (a site may be observed at several)."""
+    return site if not hook or hook == site else f"{site} ({side} {hook})"
+
+
 @dataclass(frozen=True)
 class Crossing:
     """One tensor crossing the cut: its fx node name, the site its channel axis belongs to (None when

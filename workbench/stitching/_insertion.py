@@ -19,7 +19,7 @@ from torch import nn
 from .._errors import InvalidOptionError, check_option
 from .._report import Report, new_axes
 from ..groups import Group, GroupElement, get_group
-from ._cut import Cut
+from ._cut import Cut, site_label
 from ._train import LR_SCHEDULES, accuracy, check_batch, check_epochs, check_labels, fit, model_accuracy, splits
 
 
@@ -50,7 +50,7 @@ class InsertionResult(Report):
     @property
     def where(self) -> str:
         """The site, and the activation M went before where that is not the site's own name."""
-        return self.site if not self.hook or self.hook == self.site else f"{self.site} (before {self.hook})"
+        return site_label(self.site, self.hook, "before")
 
     @property
     def baseline(self) -> float:
@@ -139,13 +139,10 @@ def insertion_test(model: nn.Module, site: str, group: Union[str, Group] = "orth
         raise InvalidOptionError(f"repeats must be a whole number ≥ 1; got {repeats!r}.")
     check_option("report", report, ["last", "best"])
     check_option("lr_schedule", lr_schedule, LR_SCHEDULES)
-    if report == "best" and val_data is None:
-        raise InvalidOptionError("report='best' picks the epoch with the best accuracy on val_data; pass val_data "
-                                 "(held out from data and eval_data), or report='last'.")
     if reinit and epochs == 0:
         raise InvalidOptionError("reinit=True with epochs=0 would evaluate an untrained network; retrain (epochs ≥ 1) "
                                  "or keep the trained weights (reinit=False).")
-    x, y, xe, ye, val, labelled = splits(data, eval_data, val_data)
+    x, y, xe, ye, val, labelled = splits(data, eval_data, val_data, report)
     cut = Cut(model, site, x[:1], "before")
     check_labels(cut.model, x, *labelled)
     k = cut.primary

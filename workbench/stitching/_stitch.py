@@ -12,7 +12,7 @@ from .._errors import InvalidOptionError, check_option
 from .._report import Report, new_axes
 from .._repr import tensor_summary
 from ..groups import Group, GroupElement
-from ._cut import Cut, Crossing
+from ._cut import Crossing, Cut, site_label
 from ._init import fit as fit_init, rows, sample_rows
 from ._layers import BirkhoffMap, IdentityMap, SinkhornMap, StitchLayer, make_layer, parse_stitch_group
 from ._train import OPTIMIZERS, accuracy, batches, check_batch, check_epochs, check_labels, fit, model_accuracy, splits
@@ -70,7 +70,7 @@ class StitchResult(Report):
 
     def summary(self) -> str:
         relaxed = "" if self.relaxed_accuracy is None else f" (relaxed {self.relaxed_accuracy:.1f}%)"
-        at = self.site if not self.hook or self.hook == self.site else f"{self.site} (after {self.hook})"
+        at = site_label(self.site, self.hook, "after")
         return (f"{self.group} stitch at {at}: {self.stitched_accuracy:.1f}%{relaxed} vs endpoints "
                 f"{self.accuracy_a:.1f}% / {self.accuracy_b:.1f}% → penalty {self.penalty:+.2f} points "
                 f"({self.epochs} epochs{'' if self.best_epoch is None else f', best epoch {self.best_epoch} on val_data'}, "
@@ -176,11 +176,8 @@ def stitch(model_a: nn.Module, model_b: nn.Module, site: Union[str, tuple[str, s
                                  f"not one. Use init='random' or None.")
     if l1 and spec.kind != "linear":
         raise InvalidOptionError(f"l1={l1!r}: the LASSO penalty is for linear stitches ('gl', 'low_rank:k'), not {spec.name!r}.")
-    if report == "best" and val_data is None:
-        raise InvalidOptionError("report='best' picks the epoch with the best accuracy on val_data; pass val_data "
-                                 "(held out from data and eval_data), or report='last'.")
     check_batch(batch_size, lr)
-    x, y, xe, ye, val, labelled = splits(data, eval_data, val_data)
+    x, y, xe, ye, val, labelled = splits(data, eval_data, val_data, report)
     if isinstance(site, (tuple, list)) and len(site) == 2:
         site_a, site_b = site
     elif isinstance(site, (tuple, list)):

@@ -44,9 +44,12 @@ class Splits(NamedTuple):
     labelled: list  # (name, labels) of every set given, for check_labels
 
 
-def splits(data, eval_data=None, val_data=None) -> Splits:
+def splits(data, eval_data=None, val_data=None, report: str = "last") -> Splits:
     """``data``, ``eval_data`` and ``val_data`` read by :func:`as_xy`; the other two must be examples of the same
-    shape and dtype as ``data`` (:func:`check_like`)."""
+    shape and dtype as ``data`` (:func:`check_like`), and ``report="best"`` needs ``val_data`` to pick its epoch on."""
+    if report == "best" and val_data is None:
+        raise InvalidOptionError("report='best' picks the epoch with the best accuracy on val_data; pass val_data "
+                                 "(held out from data and eval_data), or report='last'.")
     x, y = as_xy(data)
     xe, ye = (x, y) if eval_data is None else as_xy(eval_data, "eval_data")
     val = None if val_data is None else as_xy(val_data, "val_data")
