@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gc
 import random
+import resource
 import statistics
 import time
 from typing import Callable, Optional
@@ -41,6 +42,45 @@ def machine_line(*packages: str) -> str:
             f"{platform.python_version()}, torch {torch.__version__}, numpy {np.__version__}{extra}, workbench {wb.__version__}")
 
 
+# glibc's mallopt parameter (malloc.h): how many allocations mmap may serve at once; 0 serves all from the heap
+_M_MMAP_MAX = -4
+
+
+def reuse_freed_memory() -> bool:
+    """Serve every allocation of this process from glibc's heap and keep what is freed there, so that a call which
+    allocates what an earlier call freed takes no page fault: workbench's own setting (``_memory.keep_freed_memory``,
+    which a capture, harvest, verify or transform applies) plus no ``mmap`` at all. True where it is in effect
+    (Linux with glibc).
+
+    Why a benchmark sets it: glibc's largest mmap threshold is 32 MiB, so a larger tensor (a 32,000 × 512 float32
+    embedding is 62.5 MiB) is mapped afresh by every call that makes one and unmapped when it is freed, and each
+    call faults it in again page by page. What that costs depends on the host (transparent huge pages ``always``
+    fault in 2 MiB pages, ``madvise`` in 4 KiB ones: GPT-2's embedding then costs 16,000 faults and about 20 ms on
+    this project's machine, where its deepcopy takes 18 ms without them), and which calls pay it depended on the
+    heap's layout: measured 2026-12-04 on one model in one process, ``random_intertwiner`` over ``copy.deepcopy``
+    read 2.4 when both paid it and 3.9 when neither did. With this setting neither does, on any host; the faults
+    per call are recorded (``timed``'s ``faults``) to show it, and :func:`release_freed_memory` gives the other
+    regime, every call on fresh memory."""
+    from workbench._memory import _libc, keep_freed_memory
+
+    libc = _libc()
+    return bool(keep_freed_memory() and libc is not None and libc.mallopt(_M_MMAP_MAX, 0))
+
+
+def release_freed_memory() -> None:
+    """Collect garbage and hand every freed page back to the kernel (glibc's ``malloc_trim``): the next call starts
+    on fresh memory, as a process's first call does. Use as ``timed``'s ``after``."""
+    from workbench._memory import release_memory
+
+    gc.collect()
+    release_memory()
+
+
+def _faults() -> int:
+    """Minor page faults of this process so far (memory the kernel had to map in)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -48,7 +88,8 @@ def synchronize(device: torch.device) -> None:
 
 def timed(variants: dict[str, Callable[[], object]], reps: int, warmup: int = 2,
           device: torch.device = torch.device("cpu"), after: Optional[Callable[[], None]] = None) -> dict:
-    """``{variant: {"wall": [s, ...], "cpu": [s, ...]}}``: ``warmup`` untimed calls of each, then ``reps``
+    """``{variant: {"wall": [s, ...], "cpu": [s, ...], "faults": [n, ...]}}`` (``faults``: minor page faults during
+    the call): ``warmup`` untimed calls of each, then ``reps``
     repetitions, each running every variant once (a burst of load hits all of them), in an order shuffled
     anew each repetition by a generator seeded with 0. ``after()``, untimed, follows every call (cleaning up
     files).
@@ -66,17 +107,18 @@ def timed(variants: dict[str, Callable[[], object]], reps: int, warmup: int = 2,
             fn()
             after()
     synchronize(device)
-    keys, out = list(variants), {k: {"wall": [], "cpu": []} for k in variants}
+    keys, out = list(variants), {k: {"wall": [], "cpu": [], "faults": []} for k in variants}
     order = random.Random(0)
     for _ in range(reps):
         gc.collect()
         order.shuffle(keys)
         for k in keys:
-            w0, c0 = time.perf_counter(), time.process_time()
+            f0, w0, c0 = _faults(), time.perf_counter(), time.process_time()
             variants[k]()
             synchronize(device)
             out[k]["wall"].append(time.perf_counter() - w0)
             out[k]["cpu"].append(time.process_time() - c0)
+            out[k]["faults"].append(_faults() - f0)
             after()
     return out
 
