@@ -22,10 +22,10 @@ _WRITE_DUNDERS = frozenset({"__setitem__", "__iadd__", "__isub__", "__imul__", "
                             "__imod__", "__ipow__", "__iand__", "__ior__", "__ixor__", "__ilshift__",
                             "__irshift__", "__imatmul__"})
 _NOT_WRITES = frozenset({"requires_grad_", "retain_grad", "share_memory_", "rename_", "record_stream"})
-_RULES: dict = {}  # torch callable -> "first" | index of its ``inplace`` parameter | None
+_RULES: dict = {}  # torch callable -> "first" | index of its ``inplace`` parameter | tuple of written args | None
 
 
-def _rule(func) -> Union[None, str, int]:
+def _rule(func) -> Union[None, str, int, tuple]:
     try:
         return _RULES[func]
     except KeyError:
@@ -36,7 +36,14 @@ def _rule(func) -> Union[None, str, int]:
     return rule
 
 
-def _compute_rule(func) -> Union[None, str, int]:
+def _compute_rule(func) -> Union[None, str, int, tuple]:
+    schema = getattr(func, "_schema", None)
+    if schema is not None and isinstance(func, torch._ops.OpOverload):
+        # torch.ops.aten.add_.Tensor(x, y): its name is "add_.Tensor", but its schema says exactly which
+        # arguments it writes (``Tensor(a!) self``). ``out=`` is handled with every call's keywords.
+        written = tuple((i, a.name) for i, a in enumerate(schema.arguments)
+                        if a.alias_info is not None and a.alias_info.is_write and a.name != "out")
+        return written or None
     name = getattr(func, "__name__", "")
     if name in _WRITE_DUNDERS or (name.endswith("_") and not name.endswith("__") and name not in _NOT_WRITES):
         return "first"  # Tensor.relu_, torch.relu_, copy_, index_put_, x[...] = v
@@ -47,10 +54,16 @@ def _compute_rule(func) -> Union[None, str, int]:
     return params.index("inplace") if "inplace" in params else None
 
 
-def _written(func, args: tuple, kwargs: dict, rule: Union[None, str, int]) -> list:
+def _written(func, args: tuple, kwargs: dict, rule: Union[None, str, int, tuple]) -> list:
     """The arguments a torch call is about to write into (``rule``: ``_rule(func)``)."""
     out = []
-    if isinstance(rule, int):
+    if isinstance(rule, tuple):  # an aten operator: the arguments its schema marks as written
+        for i, name in rule:
+            arg = args[i] if i < len(args) else kwargs.get(name)
+            if arg is not None:
+                out.extend(arg if isinstance(arg, (list, tuple)) else (arg,))
+        writes = False
+    elif isinstance(rule, int):
         flag = kwargs.get("inplace", args[rule] if len(args) > rule else False)
         writes = isinstance(flag, int) and bool(flag)  # True, or 1
     else:
