@@ -65,6 +65,9 @@ class capture:
 
     def __enter__(self) -> ActivationCache:
         core = self._core
+        if core._handles:  # entered again inside its own block: the hooks and the guard would be attached twice
+            raise InvalidOptionError("this wb.capture(...) object is already open (entered and not yet left); "
+                                     "open a new wb.capture(...) to nest captures.")
         core.reset()  # a capture object entered twice starts empty; the first cache keeps its values
         core.attach()
         # The cache handed out now is filled in place as forwards run, and settled when the block ends.
@@ -86,7 +89,10 @@ class capture:
                 core.check(raise_errors=ok)
         finally:
             core.detach()
-            self.cache._settle(core.unfired(stopped))
+            # Values still held by reference share memory the model, the caller or autograd may write after
+            # the block; the cache refuses a read of one whose version counter moved since.
+            self.cache._settle(core.unfired(stopped), held=[rec[2] for recs in core._watch.values() for rec in recs
+                                                            if rec[2]._version == rec[3]])
         if ok and not stopped:
             core.report_unfired()
         return stopped
