@@ -11,7 +11,8 @@ what the module produced. Autograd version counters back this up: a value whose 
 although it was never cloned was written by something the mode cannot see (another thread,
 ``torch._C.DisableTorchFunction``). That value is dropped, the capture raises
 ``ActivationOverwrittenError`` (a clear refusal, never a wrong value), and the model remembers to copy
-that name at capture time from then on.
+that name at capture time from then on. Writes that are no torch call and move no version counter (NumPy,
+storage objects, ``.data`` off the guard's thread) cannot be seen at all: docs/ARCHITECTURE.md lists them.
 
 Why not re-run the forward to recover an overwritten value (what this core did before): a second
 forward fires the user's hooks twice, advances counters inside modules twice, updates BatchNorm
@@ -36,7 +37,7 @@ import torch
 from torch import nn
 
 from .._errors import (ActivationOverwrittenError, CacheBudgetError, HookNotFiredError,
-                       InvalidOptionError)
+                       InvalidOptionError, UnsupportedModelError)
 from .._memory import keep_freed_memory
 from .._repr import human_bytes, parse_bytes
 from ._cache import storage_key
@@ -74,6 +75,32 @@ def default_budget() -> int:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4
     except (ValueError, OSError, AttributeError):
         return 4 * 2**30
+
+
+def _remove_mode(mode) -> None:
+    """Take ``mode`` off this thread's torch-function mode stack, wherever it is on it.
+
+    ``TorchFunctionMode.__exit__`` pops the top mode, whichever it is: two captures left out of order (an
+    ``ExitStack``, contexts entered by hand) would each take the other's guard off, leaving the first's on
+    the stack for good (a Python call per torch call, and a dead capture kept alive) and the second's
+    values unguarded. Modes above ``mode`` are put back in their order. Not on this thread's stack (left
+    on another thread): nothing to do here.
+    """
+    with _quiet():
+        n = torch._C._len_torch_function_stack()
+        if n and torch._C._get_function_stack_at(n - 1) is mode:
+            torch._C._pop_torch_function_stack()
+            return
+        if not any(torch._C._get_function_stack_at(i) is mode for i in range(n)):
+            return
+        above = []
+        while True:
+            top = torch._C._pop_torch_function_stack()
+            if top is mode:
+                break
+            above.append(top)
+        for m in reversed(above):
+            torch._C._push_on_torch_function_stack(m)
 
 
 class _StopForward(Exception):
@@ -116,6 +143,30 @@ class _Capture:
         tl = self.points.family == "transformer_lens"
         self._gated = {n: why for n in requested if tl and n not in explicit for why in [gate_reason(model, n)] if why}
         requested = [n for n in requested if n not in self._gated]
+        # TorchScript modules run no Python hooks (torch refuses to register them) and their code is not seen by
+        # the write guard: a scripted root is refused, scripted sub-modules asked for by name too; a pattern
+        # skips them (the script's own sub-modules never run as Python modules, so they are skipped as well).
+        if isinstance(model, torch.jit.ScriptModule):
+            raise UnsupportedModelError(
+                f"{type(model).__name__} is a TorchScript module (torch.jit.script/trace): it runs no Python hooks, "
+                f"so nothing can be captured from it. Capture the original nn.Module instead.")
+        scripted = {c: m for c, m in self.points.modules.items() if isinstance(m, torch.jit.ScriptModule)}
+        if scripted:
+            def inside(n):
+                c = self.points.canonical(n)
+                return next((s for s in scripted if c == s or c.startswith(s + ".")), None)
+            bad = [n for n in requested if n in explicit and inside(n)]
+            if bad:
+                raise UnsupportedModelError(
+                    f"{bad} {'is' if len(bad) == 1 else 'are'} inside a TorchScript module "
+                    f"({sorted({inside(n) for n in bad})}): TorchScript runs no Python hooks, so nothing can be "
+                    f"captured there. Capture the original (unscripted) module, or name modules outside the script.")
+            for n in requested:
+                where = inside(n)
+                if where is not None:
+                    self._gated[n] = (f"it is inside the TorchScript module {where!r}, which runs no Python hooks; "
+                                      f"capture the original (unscripted) module")
+            requested = [n for n in requested if n not in self._gated]
         # One hook per module; the first requested name of a module is the key its values go under.
         self.key_of: dict[str, str] = {}  # canonical -> storage key
         for n in requested:
@@ -184,7 +235,7 @@ class _Capture:
 
     def detach(self) -> None:
         if self._guard is not None:
-            self._guard.__exit__(None, None, None)
+            _remove_mode(self._guard)
             self._guard = None
         for h in self._handles:
             h.remove()
@@ -227,6 +278,15 @@ class _Capture:
 
     def _keep(self, canon: str, key: str, value: torch.Tensor) -> None:
         t, private = self._to_target(value.detach()) if self._moves else (value.detach(), False)
+        if t.layout != torch.strided:  # sparse: no one storage the guard could watch, so a private copy
+            if not private:
+                t = t.clone()
+            address, nbytes = storage_key(t)
+            self._count(address, nbytes)
+            self._fired.add(key)
+            if not self._overflow:
+                self.calls.setdefault(key, []).append(t)
+            return
         if not private and (canon in self._copy or t.is_inference()):
             # Inference tensors keep no version counter, so an unseen overwrite could not be detected.
             t, private = t.clone(), True
@@ -277,6 +337,11 @@ class _Capture:
         if not records:
             return
         clones: dict[tuple, torch.Tensor] = {}  # one copy per distinct view (aliases share it)
+        if all(rec[2]._version == rec[3] for rec in records):
+            # Every value held in the model's memory is about to be replaced by a copy: the capture no longer
+            # holds that memory, so its bytes leave the budget's tally (else a budget fitting exactly what is
+            # kept would be refused for memory only the model holds).
+            self.needed -= self._stored.pop(address, 0)
         for rec in records:
             key, pos, ref, version = rec
             if ref._version != version:  # overwritten unseen earlier: leave it for check() to report
