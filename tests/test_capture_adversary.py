@@ -118,6 +118,90 @@ def test_outputs_of_every_dtype_written_in_place_are_kept_as_produced(dtype):
     assert cache["cast"].dtype == dtype and torch.equal(cache["cast"], produced)
 
 
+class Stats(nn.Module):
+    """Returns its running mean (a buffer), which a functional batch norm in training mode then updates."""
+
+    def __init__(self, norm):
+        super().__init__()
+        self.norm = norm
+        self.register_buffer("mean", torch.randn(4))
+        self.register_buffer("var", torch.rand(4) + 0.5)
+
+    def forward(self, x):
+        return self.mean
+
+
+class StatsUser(nn.Module):
+    def __init__(self, norm):
+        super().__init__()
+        self.stats, self.lin = Stats(norm), nn.Linear(4, 4)
+
+    def forward(self, x):
+        m = self.stats(x)
+        if self.stats.norm == "batch_norm":
+            F.batch_norm(x, self.stats.mean, self.stats.var, training=True, momentum=0.5)
+        elif self.stats.norm == "torch.batch_norm":
+            torch.batch_norm(x, None, None, self.stats.mean, self.stats.var, True, 0.5, 1e-5, False)
+        else:
+            F.instance_norm(x.t().reshape(1, 4, -1), self.stats.mean, self.stats.var, momentum=0.5)
+        return self.lin(x) + m
+
+
+@pytest.mark.parametrize("norm", ["batch_norm", "torch.batch_norm", "instance_norm"])
+def test_running_statistics_written_by_a_norm_function_are_kept_as_produced(norm):
+    """F.batch_norm writes its running statistics (not its first argument) without moving their version
+    counter: nothing but the guard can see it."""
+    torch.manual_seed(0)
+    model, x = StatsUser(norm), torch.randn(6, 4)
+    produced = model.stats.mean.clone()
+    kept = []
+    handle = model.stats.register_forward_hook(lambda m, a, o: kept.append(o.detach()))
+    with torch.no_grad():
+        model(x)
+    handle.remove()
+    assert not torch.equal(kept[0], produced)  # negative control: the update reaches a kept reference
+    model.stats.mean.copy_(produced)
+    with torch.no_grad():
+        _, cache = wb.run_with_cache(model, x, names=["stats"])
+    assert torch.equal(cache["stats"], produced) and model not in _COPY_AT_CAPTURE
+
+
+def test_an_embedding_renormalising_its_weight_is_kept_as_produced():
+    class Weight(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(5, 4, max_norm=0.1)
+
+        def forward(self, i):
+            return self.emb.weight  # the output is the weight, which the lookup below renormalises
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = Weight()
+
+        def forward(self, i):
+            w = self.w(i)
+            return self.w.emb(i) + 0 * w.sum()
+
+    torch.manual_seed(0)
+    model, i = M(), torch.tensor([[0, 1]])
+    produced = model.w.emb.weight.detach().clone()
+    with torch.no_grad():
+        _, cache = wb.run_with_cache(model, i, names=["w"])
+    assert torch.equal(cache["w"], produced) and model not in _COPY_AT_CAPTURE
+    assert not torch.equal(model.w.emb.weight, produced)  # the renormalisation did write the weight
+
+
+def test_share_memory_moving_a_value_is_copied_first():
+    model = Writer(lambda h: (h.share_memory_(), h.mul_(2)))
+    x = torch.randn(5, 4, generator=torch.Generator().manual_seed(0))
+    ref = reference(model, x)
+    with torch.no_grad():
+        _, cache = wb.run_with_cache(model, x, names=["lin"])
+    assert torch.equal(cache["lin"], ref) and model not in _COPY_AT_CAPTURE
+
+
 # ---------------------------------------------------------------- writes after the capture ended
 class Pos(nn.Module):
     """Returns a view of its parameter (a positional embedding): the output shares the weight's memory."""

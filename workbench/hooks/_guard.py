@@ -6,6 +6,7 @@ attached it; what it cannot see, the capture's version-counter check refuses.
 """
 from __future__ import annotations
 
+import functools
 import inspect
 from typing import Union
 
@@ -21,7 +22,38 @@ quiet = torch._C.DisableTorchFunction
 _WRITE_DUNDERS = frozenset({"__setitem__", "__iadd__", "__isub__", "__imul__", "__itruediv__", "__ifloordiv__",
                             "__imod__", "__ipow__", "__iand__", "__ior__", "__ixor__", "__ilshift__",
                             "__irshift__", "__imatmul__"})
-_NOT_WRITES = frozenset({"requires_grad_", "retain_grad", "share_memory_", "rename_", "record_stream"})
+# (``share_memory_`` is a write here: it moves the values to new memory, where the guard would no longer find them.)
+_NOT_WRITES = frozenset({"requires_grad_", "retain_grad", "rename_", "record_stream"})
+
+
+class _Writes:
+    """Torch functions that write an argument other than the first, with no ``_`` in their name and no
+    ``inplace=``/``out=``: the arguments at ``positions`` (or keywords ``names``) when the flag at
+    ``flag`` (keyword ``flag_name``, default ``default``) is set. Running statistics do not even move a
+    version counter (``F.batch_norm`` in training mode), so nothing else would catch these writes."""
+
+    def __init__(self, positions: tuple, names: tuple, flag: int, flag_name: str, default):
+        self.positions, self.names, self.flag, self.flag_name, self.default = positions, names, flag, flag_name, default
+
+    def __call__(self, args: tuple, kwargs: dict) -> list:
+        flag = args[self.flag] if len(args) > self.flag else kwargs.get(self.flag_name, self.default)
+        if flag is None or flag is False:
+            return []
+        return [args[i] if len(args) > i else kwargs.get(n) for i, n in zip(self.positions, self.names)]
+
+
+@functools.lru_cache(maxsize=None)
+def _known_writers() -> dict:
+    import torch.nn.functional as F
+
+    stats = ("running_mean", "running_var")
+    return {
+        F.batch_norm: _Writes((1, 2), stats, 5, "training", False),
+        F.instance_norm: _Writes((1, 2), stats, 5, "use_input_stats", True),
+        torch.batch_norm: _Writes((3, 4), stats, 5, "training", False),
+        torch.instance_norm: _Writes((3, 4), stats, 5, "use_input_stats", True),
+        F.embedding: _Writes((1,), ("weight",), 3, "max_norm", None),  # renormalises rows of the weight
+    }
 _RULES: dict = {}  # torch callable -> "first" | index of its ``inplace`` parameter | tuple of written args | None
 
 
@@ -36,7 +68,10 @@ def _rule(func) -> Union[None, str, int, tuple]:
     return rule
 
 
-def _compute_rule(func) -> Union[None, str, int, tuple]:
+def _compute_rule(func) -> Union[None, str, int, tuple, _Writes]:
+    known = _known_writers().get(func)
+    if known is not None:
+        return known
     schema = getattr(func, "_schema", None)
     if schema is not None and isinstance(func, torch._ops.OpOverload):
         # torch.ops.aten.add_.Tensor(x, y): its name is "add_.Tensor", but its schema says exactly which
@@ -57,7 +92,10 @@ def _compute_rule(func) -> Union[None, str, int, tuple]:
 def _written(func, args: tuple, kwargs: dict, rule: Union[None, str, int, tuple]) -> list:
     """The arguments a torch call is about to write into (``rule``: ``_rule(func)``)."""
     out = []
-    if isinstance(rule, tuple):  # an aten operator: the arguments its schema marks as written
+    if isinstance(rule, _Writes):
+        out.extend(rule(args, kwargs))
+        writes = False
+    elif isinstance(rule, tuple):  # an aten operator: the arguments its schema marks as written
         for i, name in rule:
             arg = args[i] if i < len(args) else kwargs.get(name)
             if arg is not None:
