@@ -400,6 +400,24 @@ def test_harvest_stores_a_value_overwritten_in_place_as_produced(tmp_path, route
     assert no_hooks_left(model)
 
 
+def test_harvest_names_a_module_whose_output_it_cannot_store_instead_of_saying_it_never_fired(tmp_path):
+    class Pair(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+
+        def forward(self, x):
+            h = self.lin(x)
+            return h, h
+
+    model = nn.Sequential(Pair())
+    with pytest.raises(InvalidOptionError, match=r"cannot store '0': its module returned tuple.*reduce=lambda"):
+        wb.harvest(model, [torch.randn(2, 4)], path=tmp_path / "acts", progress=False)
+    assert no_hooks_left(model)
+    store = wb.harvest(model, [torch.randn(2, 4)], names=["0"], reduce=lambda out: out[0], progress=False)
+    assert store["0"].shape == (2, 4)
+
+
 # ---------------------------------------------------------------- documented limitations (docs/ARCHITECTURE.md)
 def _numpy_write(h):
     h.detach().numpy()[0, 0] = 123.0

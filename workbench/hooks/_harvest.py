@@ -294,6 +294,9 @@ def _run(model, core: _Capture, keys: list[str], batches: Iterable, writer: Opti
             arrays = {}
             for key in keys:
                 calls = core.calls.get(key, [])
+                if not calls and key in core.skipped:  # it fired, but gave nothing storable (e.g. a tuple)
+                    raise InvalidOptionError(f"harvest cannot store {key!r}: {core.skipped[key]}; or leave it out "
+                                             f"of names=. Nothing of batch {index} was stored.")
                 if len(calls) != 1:
                     raise InvalidOptionError(
                         f"harvest stores one activation per name per batch, but {key!r} fired {len(calls)} "
