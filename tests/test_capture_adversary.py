@@ -375,6 +375,23 @@ def test_captures_left_out_of_order_each_remove_their_own_guard():
     assert model not in _COPY_AT_CAPTURE and no_hooks_left(model)
 
 
+def test_an_outer_captures_stop_at_ends_its_own_block_not_the_inner_one():
+    """The inner capture used to take the outer one's stop for its own: the code after the inner block ran
+    and the outer capture discarded the value it had stopped for."""
+    torch.manual_seed(0)
+    model, x = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 4)), torch.randn(2, 4)
+    with torch.no_grad():
+        ref = model[0](x).clone()
+    ran_on = []
+    with torch.no_grad(), wb.capture(model, names=["0"], stop_at=True) as outer:
+        with wb.capture(model, names=["0", "1", "2"]) as inner:
+            model(x)
+        ran_on.append("after the inner block")
+    assert ran_on == [] and torch.equal(outer["0"], ref) and outer.failures == []
+    assert list(inner) == [] and "stop_at of another capture" in inner.failures[0]
+    assert no_hooks_left(model)
+
+
 def test_a_budget_fitting_exactly_what_is_kept_is_enough_when_the_guard_copies():
     model, x = Inner(), torch.randn(3, 4)  # a's output is copied by the guard before relu_ writes it
     kept = 2 * 3 * 4 * 4

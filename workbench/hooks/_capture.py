@@ -77,7 +77,8 @@ class capture:
         return self.cache
 
     def __exit__(self, exc_type, exc, tb) -> bool:
-        core, stopped = self._core, exc_type is _StopForward
+        # Only this capture's own stop_at ends its block quietly; another capture's passes through it.
+        core, stopped = self._core, exc_type is _StopForward and getattr(exc, "core", None) is self._core
         self.stopped = stopped
         ok = exc_type is None or stopped
         try:

@@ -104,7 +104,12 @@ def _remove_mode(mode) -> None:
 
 
 class _StopForward(Exception):
-    """Raised inside a hook to end the forward pass early (``stop_at``); never escapes a capture."""
+    """Raised inside a hook to end the forward pass early (``stop_at``); never escapes the capture that raised
+    it. Another capture open on the same model sees it as a forward that ended early (it carries its core)."""
+
+    def __init__(self, core=None):
+        super().__init__("the forward was ended early by the stop_at of another capture")
+        self.core = core
 
 
 def _is_explicit(item) -> bool:
@@ -274,7 +279,7 @@ class _Capture:
         with _quiet():
             self._keep(canon, key, value)
         if self.stop_keys is not None and self.stop_keys <= self._fired:
-            raise _StopForward()
+            raise _StopForward(self)
 
     def _keep(self, canon: str, key: str, value: torch.Tensor) -> None:
         t, private = self._to_target(value.detach()) if self._moves else (value.detach(), False)
@@ -394,7 +399,7 @@ class _Capture:
         if self._forward is None:
             return
         exc = sys.exc_info()[1]  # torch calls always_call hooks inside its `except Exception:`
-        if isinstance(exc, _StopForward):
+        if isinstance(exc, _StopForward) and exc.core is self:
             return  # stop_at: the capture's exit finishes this forward
         self._abandon(_describe(exc))
 
