@@ -464,3 +464,33 @@ def test_writes_outside_torch_calls_and_version_counters_are_a_documented_limita
     assert not torch.equal(cache["lin"], ref)
     assert no_hooks_left(model)
 
+
+
+# ---------------------------------------------------------------- torch.compile
+class Compiled(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 4)
+
+    def forward(self, x):
+        h = self.a(x)
+        h.relu_()
+        h[:, 0] = 5.0
+        return self.b(h)
+
+
+@pytest.mark.parametrize("whole", [True, False], ids=["compiled_model", "compiled_submodule"])
+def test_a_compiled_model_gives_the_values_as_produced(whole):
+    """Dynamo traces through the write guard (aot_eager: its graphs, without a C++ compiler)."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    plain, x = Compiled(), torch.randn(3, 4)
+    ref = reference(plain, x)
+    compiled = torch.compile(plain, backend="aot_eager")
+    model = compiled if whole else nn.Sequential(compiled)
+    key = "_orig_mod.a" if whole else "0._orig_mod.a"
+    with torch.no_grad():
+        for _ in range(2):  # the second run uses the compiled graph (and copies in the hook)
+            out, cache = wb.run_with_cache(model, x)
+            assert torch.equal(cache[key], ref) and torch.equal(out, plain(x))
+    assert no_hooks_left(model)

@@ -6,7 +6,6 @@ attached it; what it cannot see, the capture's version-counter check refuses.
 """
 from __future__ import annotations
 
-import functools
 import inspect
 from typing import Union
 
@@ -42,18 +41,23 @@ class _Writes:
         return [args[i] if len(args) > i else kwargs.get(n) for i, n in zip(self.positions, self.names)]
 
 
-@functools.lru_cache(maxsize=None)
+_KNOWN: dict = {}  # filled on first use (not an lru_cache: torch.compile traces into the guard and warns on one)
+
+
 def _known_writers() -> dict:
+    if _KNOWN:
+        return _KNOWN
     import torch.nn.functional as F
 
     stats = ("running_mean", "running_var")
-    return {
+    _KNOWN.update({
         F.batch_norm: _Writes((1, 2), stats, 5, "training", False),
         F.instance_norm: _Writes((1, 2), stats, 5, "use_input_stats", True),
         torch.batch_norm: _Writes((3, 4), stats, 5, "training", False),
         torch.instance_norm: _Writes((3, 4), stats, 5, "use_input_stats", True),
         F.embedding: _Writes((1,), ("weight",), 3, "max_norm", None),  # renormalises rows of the weight
-    }
+    })
+    return _KNOWN
 _RULES: dict = {}  # torch callable -> "first" | index of its ``inplace`` parameter | tuple of written args | None
 
 
