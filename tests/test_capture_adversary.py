@@ -45,6 +45,8 @@ SEEN = {
     "complex_view": lambda h: torch.view_as_complex(h.detach().view(h.shape[0], -1, 2)).mul_(2j),
     "int_bitcast_view": lambda h: h.detach().view(torch.int32).bitwise_xor_(1),
     "dlpack_alias": lambda h: torch.from_dlpack(h.detach()).mul_(2),
+    "keyword_input": lambda h: torch.relu_(input=h),
+    "numpy_bool_inplace_flag": lambda h: F.relu(h, inplace=np.True_),
 }
 
 

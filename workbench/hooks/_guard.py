@@ -107,11 +107,13 @@ def _written(func, args: tuple, kwargs: dict, rule: Union[None, str, int, tuple]
         writes = False
     elif isinstance(rule, int):
         flag = kwargs.get("inplace", args[rule] if len(args) > rule else False)
-        writes = isinstance(flag, int) and bool(flag)  # True, or 1
+        writes = flag is not None and flag is not False and not isinstance(flag, torch.Tensor) and bool(flag)  # True, 1, np.True_
     else:
         writes = rule == "first"
-    if args and writes:  # a list for the _foreach_ ops an optimizer step uses
-        out.extend(args[0] if isinstance(args[0], (list, tuple)) else (args[0],))
+    if writes:  # a list for the _foreach_ ops an optimizer step uses
+        first = args[0] if args else kwargs.get("input", kwargs.get("self"))  # torch.relu_(input=x)
+        if first is not None:
+            out.extend(first if isinstance(first, (list, tuple)) else (first,))
     target = kwargs.get("out") if kwargs else None
     if target is not None:
         out.extend(target if isinstance(target, (tuple, list)) else (target,))
