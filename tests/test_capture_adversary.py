@@ -394,6 +394,40 @@ def test_an_outer_captures_stop_at_ends_its_own_block_not_the_inner_one():
     assert no_hooks_left(model)
 
 
+class OnEachItem(nn.Module):
+    """Calls itself on each item of a list input (a common way to take lists), after a module of its own."""
+
+    def __init__(self, fail_once=False):
+        super().__init__()
+        self.pre, self.lin, self.fail_once = nn.Linear(4, 4), nn.Linear(4, 4), fail_once
+
+    def forward(self, x):
+        if isinstance(x, list):
+            p = self.pre(x[0])
+            if self.fail_once:
+                try:
+                    self(None)  # an inner call that raises, caught by the forward itself
+                except TypeError:
+                    pass
+            return [self(t) for t in x] + [p]
+        return self.lin(x)
+
+
+@pytest.mark.parametrize("fail_once", [False, True])
+def test_a_model_calling_itself_inside_its_forward_keeps_every_value_and_reports_no_failure(fail_once):
+    """Each inner call used to be taken for a new forward after an interrupted one: the outer forward's values
+    were discarded ('pre' lost) and a failure was reported although nothing failed."""
+    torch.manual_seed(0)
+    model, xs = OnEachItem(fail_once), [torch.randn(2, 4), torch.randn(3, 4)]
+    with torch.no_grad():
+        refs = [model.lin(t).clone() for t in xs]
+        pre = model.pre(xs[0]).clone()
+        _, cache = wb.run_with_cache(model, xs, names=["lin", "pre"])
+    assert cache.failures == [] and cache.unfired == {}
+    assert [torch.equal(a, b) for a, b in zip(cache.calls("lin"), refs)] == [True, True]
+    assert torch.equal(cache["pre"], pre) and no_hooks_left(model)
+
+
 def test_a_budget_fitting_exactly_what_is_kept_is_enough_when_the_guard_copies():
     model, x = Inner(), torch.randn(3, 4)  # a's output is copied by the guard before relu_ writes it
     kept = 2 * 3 * 4 * 4

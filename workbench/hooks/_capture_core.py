@@ -203,6 +203,8 @@ class _Capture:
         self.needed = 0  # bytes the captures would need, stored or not
         self._overflow = False
         self._forward: Optional[dict] = None  # the open root forward: marks to roll back to
+        self._depth = 0  # calls of the model made inside its own open forward
+        self._inner_ok = False
         self._fired: set[str] = set()  # keys fired in the current forward (stop_at, failure reports)
         self._in_flight: set = set()  # CUDA devices with asynchronous copies to the host not yet waited for
         self.skipped: dict[str, str] = dict(self._gated)
@@ -386,17 +388,42 @@ class _Capture:
 
     # ------------------------------------------------------------------ root forward bookkeeping
     def _root_pre(self, module, args):
-        if self._forward is not None:  # the previous forward never finished (interrupted inside)
-            self._abandon("it was interrupted")
+        if self._forward is not None:
+            if self._called_inside_itself():  # a forward that calls the model again (e.g. on each item of a list)
+                self._depth += 1
+                return
+            self._abandon("it was interrupted")  # the previous forward never finished (interrupted inside)
         self._forward = {"marks": {k: len(v) for k, v in self.calls.items()}}
         self._fired = set()
+        self._depth, self._inner_ok = 0, False
+
+    def _called_inside_itself(self) -> bool:
+        """Whether the model's forward is running further up this stack (runs only while a forward is open)."""
+        code, seen, frame = nn.Module._call_impl.__code__, 0, sys._getframe(1)
+        while frame is not None:
+            if frame.f_code is code and frame.f_locals.get("self") is self.model:
+                seen += 1
+                if seen > 1:
+                    return True
+            frame = frame.f_back
+        return False
 
     def _root_post(self, module, args, output):
+        if self._depth:  # the end of a call made inside the forward: the outer forward is still open
+            self._depth -= 1
+            self._inner_ok = True  # for _root_failed, which runs next (it runs on success too)
+            return
         if self._forward is not None:
             self.finish_forward()
 
     def _root_failed(self, module, args, output):
         if self._forward is None:
+            return
+        if self._inner_ok:  # an inner call that succeeded
+            self._inner_ok = False
+            return
+        if self._depth:  # an inner call raised: its exception reaches the outer forward, which decides
+            self._depth -= 1
             return
         exc = sys.exc_info()[1]  # torch calls always_call hooks inside its `except Exception:`
         if isinstance(exc, _StopForward) and exc.core is self:
