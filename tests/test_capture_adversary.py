@@ -19,6 +19,11 @@ from workbench import ActivationOverwrittenError, CacheBudgetError, InvalidOptio
 from workbench._errors import UnsupportedModelError
 from workbench.hooks._capture import _COPY_AT_CAPTURE
 
+# A custom operator that writes its argument and has no "_" in its name (torch.library, as extensions declare them).
+_LIB = torch.library.Library("wb_adversary", "FRAGMENT")
+_LIB.define("shift(Tensor(a!) x, float k) -> ()")
+_LIB.impl("shift", lambda x, k: x.add_(k) and None, "CPU")
+
 # Routes of a write into the value ``h`` of module ``lin``, seen by the write guard (same thread, torch calls).
 SEEN = {
     "aten_overload_add_": lambda h: torch.ops.aten.add_.Tensor(h, torch.ones_like(h)),
@@ -45,6 +50,8 @@ SEEN = {
     "complex_view": lambda h: torch.view_as_complex(h.detach().view(h.shape[0], -1, 2)).mul_(2j),
     "int_bitcast_view": lambda h: h.detach().view(torch.int32).bitwise_xor_(1),
     "dlpack_alias": lambda h: torch.from_dlpack(h.detach()).mul_(2),
+    "custom_op_packet": lambda h: torch.ops.wb_adversary.shift(h, 1.0),
+    "custom_op_overload": lambda h: torch.ops.wb_adversary.shift.default(h, 1.0),
     "keyword_input": lambda h: torch.relu_(input=h),
     "numpy_bool_inplace_flag": lambda h: F.relu(h, inplace=np.True_),
 }

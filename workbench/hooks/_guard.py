@@ -76,13 +76,20 @@ def _compute_rule(func) -> Union[None, str, int, tuple, _Writes]:
     known = _known_writers().get(func)
     if known is not None:
         return known
-    schema = getattr(func, "_schema", None)
-    if schema is not None and isinstance(func, torch._ops.OpOverload):
+    if isinstance(func, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)):
         # torch.ops.aten.add_.Tensor(x, y): its name is "add_.Tensor", but its schema says exactly which
-        # arguments it writes (``Tensor(a!) self``). ``out=`` is handled with every call's keywords.
-        written = tuple((i, a.name) for i, a in enumerate(schema.arguments)
-                        if a.alias_info is not None and a.alias_info.is_write and a.name != "out")
-        return written or None
+        # arguments it writes (``Tensor(a!) self``). A packet (torch.ops.mylib.scale(x)) is resolved to an
+        # overload only past the guard: what any of its overloads writes. ``out=`` is handled with every
+        # call's keywords.
+        try:
+            schemas = ([func._schema] if isinstance(func, torch._ops.OpOverload) else
+                       [getattr(func, o)._schema for o in func.overloads()])
+        except (AttributeError, RuntimeError):
+            schemas = []
+        written = tuple(sorted({(i, a.name) for schema in schemas for i, a in enumerate(schema.arguments)
+                                if a.alias_info is not None and a.alias_info.is_write and a.name != "out"}))
+        if written:
+            return written
     name = getattr(func, "__name__", "")
     if name in _WRITE_DUNDERS or (name.endswith("_") and not name.endswith("__") and name not in _NOT_WRITES):
         return "first"  # Tensor.relu_, torch.relu_, copy_, index_put_, x[...] = v
