@@ -22,7 +22,13 @@ from workbench.hooks._capture import _COPY_AT_CAPTURE
 # A custom operator that writes its argument and has no "_" in its name (torch.library, as extensions declare them).
 _LIB = torch.library.Library("wb_adversary", "FRAGMENT")
 _LIB.define("shift(Tensor(a!) x, float k) -> ()")
-_LIB.impl("shift", lambda x, k: x.add_(k) and None, "CPU")
+
+
+def _shift(x, k):
+    x.add_(k)
+
+
+_LIB.impl("shift", _shift, "CPU")
 
 # Routes of a write into the value ``h`` of module ``lin``, seen by the write guard (same thread, torch calls).
 SEEN = {
