@@ -217,6 +217,42 @@ def test_share_memory_moving_a_value_is_copied_first():
     assert torch.equal(cache["lin"], ref) and model not in _COPY_AT_CAPTURE
 
 
+class Aliases(nn.Module):
+    """lin's output under three names (a flattening view, an identity), then written through the last alias;
+    an empty slice of it; and lin called again on the written value (a shared module)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin, self.flat, self.same, self.empty = nn.Linear(4, 4), nn.Flatten(0), nn.Identity(), nn.Identity()
+
+    def forward(self, x):
+        h = self.lin(x)
+        f = self.same(self.flat(h))
+        self.empty(f[:0])
+        f.mul_(-1)
+        again = self.lin(h)
+        again.t_().fill_(0)
+        return h
+
+
+@pytest.mark.parametrize("grad", ["no_grad", "enable_grad", "inference_mode"])
+@pytest.mark.parametrize("dtype", [None, torch.float32, torch.float64])
+def test_aliases_shared_modules_and_conversions_keep_the_values_as_produced(grad, dtype):
+    torch.manual_seed(0)
+    model, x = Aliases(), torch.randn(3, 4)
+    with torch.no_grad():
+        first = model.lin(x).clone()
+        second = model.lin(-first).clone()
+    mode = {"no_grad": torch.no_grad, "enable_grad": torch.enable_grad, "inference_mode": torch.inference_mode}[grad]
+    with mode():
+        _, cache = wb.run_with_cache(model, x, dtype=dtype)
+    want = dtype or torch.float32
+    assert [torch.equal(t, r.to(want)) for t, r in zip(cache.calls("lin"), [first, second])] == [True, True]
+    assert torch.equal(cache["flat"], first.flatten(0).to(want)) and torch.equal(cache["same"], cache["flat"])
+    assert cache["empty"].shape == (0,) and not any(t.requires_grad for n in cache for t in cache.calls(n))
+    assert no_hooks_left(model)
+
+
 # ---------------------------------------------------------------- writes after the capture ended
 class Pos(nn.Module):
     """Returns a view of its parameter (a positional embedding): the output shares the weight's memory."""
