@@ -372,6 +372,41 @@ def test_harvest_refuses_sparse_values_clearly(tmp_path):
     assert no_hooks_left(model)
 
 
+@pytest.mark.parametrize("transform", ["vmap", "grad"])
+def test_values_inside_torch_func_transforms_are_refused_clearly(transform):
+    model, xs = nn.Sequential(nn.Linear(4, 4), nn.Tanh()), torch.randn(5, 3, 4)
+    with pytest.raises(UnsupportedModelError, match=r"'0'.*torch.func transform.*direct call"):
+        with wb.capture(model, names=["0"]):
+            if transform == "vmap":
+                torch.func.vmap(model)(xs)
+            else:
+                params = dict(model.named_parameters())
+                torch.func.grad(lambda p, x: torch.func.functional_call(model, p, x).sum())(params, xs[0])
+    assert no_hooks_left(model)
+
+
+def test_nested_jagged_outputs_are_kept_as_private_copies():
+    class Double(nn.Module):
+        def forward(self, x):
+            return x * 2
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.twice = Double()
+
+        def forward(self, x):
+            y = self.twice(x)
+            produced = y.values().clone()
+            y.values().zero_()  # writes the memory the output shares
+            return produced
+
+    nt = torch.nested.nested_tensor([torch.randn(2, 4), torch.randn(3, 4)], layout=torch.jagged)
+    with torch.no_grad():
+        produced, cache = wb.run_with_cache(M(), nt, names=["twice"])
+    assert cache["twice"].is_nested and torch.equal(cache["twice"].values(), produced)
+
+
 class Inner(nn.Module):
     def __init__(self):
         super().__init__()

@@ -298,7 +298,13 @@ class _Capture:
             # Inference tensors keep no version counter, so an unseen overwrite could not be detected.
             t, private = t.clone(), True
         # _account's work, with the storage looked up once for both records (this runs once per hook).
-        storage = t.untyped_storage()
+        try:
+            storage = t.untyped_storage()
+        except NotImplementedError as exc:  # a torch.func wrapper (vmap's BatchedTensor, grad's TensorWrapper)
+            raise UnsupportedModelError(
+                f"{key!r}: its module gave a tensor with no memory of its own ({exc}): a value inside a torch.func "
+                f"transform (vmap, grad, jacrev, ...) is a wrapper that means nothing outside it. Capture a direct "
+                f"call of the model instead (for vmap: on the whole batch).") from None
         address = storage.data_ptr()
         if address not in self._stored:
             self._count(address, storage.nbytes())
