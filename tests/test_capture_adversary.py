@@ -385,6 +385,17 @@ def test_values_inside_torch_func_transforms_are_refused_clearly(transform):
     assert no_hooks_left(model)
 
 
+def test_a_reduce_writing_into_the_output_is_refused_rather_than_changing_the_forward():
+    torch.manual_seed(0)
+    model, x = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2)), torch.randn(3, 4)
+    with torch.no_grad():
+        plain = model(x)
+        with pytest.raises(InvalidOptionError, match=r"reduce wrote into the output of '0' in place"):
+            wb.run_with_cache(model, x, names=["0"], reduce=lambda out: out.relu_().mean(0, keepdim=True))
+        out, cache = wb.run_with_cache(model, x, names=["0"], reduce=lambda out: out.relu().mean(0, keepdim=True))
+    assert torch.equal(out, plain) and no_hooks_left(model)
+
+
 def test_nested_jagged_outputs_are_kept_as_private_copies():
     class Double(nn.Module):
         def forward(self, x):

@@ -263,8 +263,15 @@ class _Capture:
 
     def _store(self, canon: str, key: str, output: Any) -> None:
         if self.reduce_fn is not None:
+            tracked = isinstance(output, torch.Tensor) and not output.is_inference()
+            version = output._version if tracked else None
             with torch.no_grad():  # the user's reduce runs under the write guard, like the model
                 value = self.reduce_fn(output)
+            if tracked and output._version != version:
+                raise InvalidOptionError(
+                    f"reduce wrote into the output of {key!r} in place (e.g. out.relu_()), which the model goes on "
+                    f"to use: the capture would change the forward. Make reduce work on a copy or out of place "
+                    f"(out.relu() instead of out.relu_()).")
             if not isinstance(value, torch.Tensor):
                 raise InvalidOptionError(f"reduce returned {type(value).__name__} for {key!r}; it must return a tensor.")
         elif isinstance(output, torch.Tensor):
