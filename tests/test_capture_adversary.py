@@ -295,6 +295,21 @@ def test_a_value_written_after_the_block_is_refused_never_read_wrong():
     assert not torch.equal(cache._calls["1"][0], produced)
 
 
+def test_a_read_inside_the_block_refuses_a_value_an_unseen_op_wrote():
+    torch.manual_seed(0)
+    model, x = nn.Sequential(nn.Linear(4, 3), nn.Tanh()), torch.randn(2, 4)
+    with torch.no_grad():
+        ref = model[0](x).clone()
+    with pytest.raises(ActivationOverwrittenError, match="when the block ends"):
+        with torch.no_grad(), wb.capture(model, names=["0"]) as cache:
+            model(x)
+            assert torch.equal(cache["0"], ref)
+            with torch._C.DisableTorchFunction():  # unseen by the guard: only the version counter moves
+                cache._calls["0"][0].mul_(2)
+            cache["0"]
+    assert no_hooks_left(model)
+
+
 def test_an_optimizer_step_on_a_weight_the_output_views_is_refused_after_the_block():
     torch.manual_seed(0)
     model = nn.Sequential(Pos(), nn.Linear(4, 4))

@@ -89,15 +89,24 @@ class ActivationCache(CacheViews, Mapping):
         """
         self.unfired = dict(unfired)
         self._held = {id(t): (t, t._version) for t in held}
+        self._live = None
 
     _held: dict = {}
+    #: inside ``wb.capture``: returns ``{id: (value, version at capture)}`` of the values held by reference
+    _live = None
 
     def _check_held(self, name: str, tensors) -> None:
-        """Refuse values written in place after the capture ended (their memory was shared, not copied)."""
-        held = self._held
+        """Refuse values written in place after the capture ended (their memory was shared, not copied), or,
+        inside the block, by an op the write guard could not see."""
+        held = self._live() if self._live is not None else self._held
         for t in tensors:
             rec = held.get(id(t))
             if rec is not None and rec[0]._version != rec[1]:
+                if self._live is not None:
+                    raise ActivationOverwrittenError(
+                        f"{name!r} was overwritten in place after it was captured, by an op workbench's write guard "
+                        f"could not see (run on another thread, or under torch._C.DisableTorchFunction): it is no "
+                        f"longer the value its module produced. The capture drops it when the block ends.")
                 raise ActivationOverwrittenError(
                     f"{name!r} is no longer the value its module produced: it shares memory with the model's "
                     f"tensors (its output, a parameter or buffer, or the input it was given), and an in-place op "
@@ -186,7 +195,7 @@ class ActivationCache(CacheViews, Mapping):
                 f"{name!r} is not in this cache ({len(self._calls)} names)."
                 + (f" Nearest names: {close}." if close else "")
             )
-        if self._held:
+        if self._held or self._live is not None:
             self._check_held(name, self._calls[key])
         return list(self._calls[key])
 

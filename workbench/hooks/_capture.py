@@ -73,6 +73,9 @@ class capture:
         # The cache handed out now is filled in place as forwards run, and settled when the block ends.
         self.cache = ActivationCache(core.calls, core._aliases(), skipped=core.skipped, failures=core.failures,
                                      model=core.model, listed=core.selected)
+        # Reads inside the block refuse a value an op the guard could not see has written (the version check
+        # of the block's end, done early for the value read).
+        self.cache._live = lambda: {id(r[2]): (r[2], r[3]) for recs in core._watch.values() for r in recs}
         self.stopped = False
         return self.cache
 
