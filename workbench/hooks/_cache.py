@@ -92,17 +92,17 @@ class ActivationCache(CacheViews, Mapping):
         self._live = None
 
     _held: dict = {}
-    #: inside ``wb.capture``: returns ``{id: (value, version at capture)}`` of the values held by reference
+    #: inside ``wb.capture``: ``value -> (value, version at capture)`` for a value held by reference, else None
     _live = None
 
     def _check_held(self, name: str, tensors) -> None:
         """Refuse values written in place after the capture ended (their memory was shared, not copied), or,
         inside the block, by an op the write guard could not see."""
-        held = self._live() if self._live is not None else self._held
+        live, held = self._live, self._held
         for t in tensors:
-            rec = held.get(id(t))
+            rec = live(t) if live is not None else held.get(id(t))
             if rec is not None and rec[0]._version != rec[1]:
-                if self._live is not None:
+                if live is not None:
                     raise ActivationOverwrittenError(
                         f"{name!r} was overwritten in place after it was captured, by an op workbench's write guard "
                         f"could not see (run on another thread, or under torch._C.DisableTorchFunction): it is no "

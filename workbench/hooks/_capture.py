@@ -75,7 +75,7 @@ class capture:
                                      model=core.model, listed=core.selected)
         # Reads inside the block refuse a value an op the guard could not see has written (the version check
         # of the block's end, done early for the value read).
-        self.cache._live = lambda: {id(r[2]): (r[2], r[3]) for recs in core._watch.values() for r in recs}
+        self.cache._live = core.held_version
         self.stopped = False
         return self.cache
 

@@ -483,6 +483,16 @@ class _Capture:
         """``id`` of every stored value that shares memory with the model (the others are private copies)."""
         return {id(rec[2]) for recs in self._watch.values() for rec in recs}
 
+    def held_version(self, t: torch.Tensor) -> Optional[tuple]:
+        """``(t, its version at capture)`` if ``t`` is a value held by reference, else None (one lookup)."""
+        with _quiet():
+            if t.layout != torch.strided:
+                return None
+            for rec in self._watch.get(t.untyped_storage().data_ptr(), ()):
+                if rec[2] is t:
+                    return rec[2], rec[3]
+        return None
+
     def _overwritten(self) -> list[str]:
         with _quiet():
             return sorted({key for recs in self._watch.values() for key, _, ref, version in recs if ref._version != version})
