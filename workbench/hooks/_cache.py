@@ -8,7 +8,7 @@ from typing import Iterator, Optional
 
 import torch
 
-from .._errors import UnknownNameError, nearest
+from .._errors import ActivationOverwrittenError, UnknownNameError, nearest
 from .._repr import html_table, human_bytes
 from ._cache_views import CacheViews
 
@@ -23,8 +23,23 @@ def unique_nbytes(tensors) -> int:
 
 def storage_key(t: torch.Tensor) -> tuple[int, int]:
     """``(storage address, storage bytes)``: what keeping ``t`` alive really costs."""
+    if t.layout != torch.strided:  # sparse: no one storage (the capture keeps such values as private copies)
+        return -id(t), sparse_nbytes(t)
     s = t.untyped_storage()
     return s.data_ptr(), s.nbytes()
+
+
+def sparse_nbytes(t: torch.Tensor) -> int:
+    """Bytes of a sparse tensor's indices and values."""
+    if t.layout == torch.sparse_coo:
+        parts = (t._indices(), t._values())
+    elif t.layout in (torch.sparse_csr, torch.sparse_bsr):
+        parts = (t.crow_indices(), t.col_indices(), t.values())
+    elif t.layout in (torch.sparse_csc, torch.sparse_bsc):
+        parts = (t.ccol_indices(), t.row_indices(), t.values())
+    else:
+        return t.numel() * t.element_size()
+    return sum(p.numel() * p.element_size() for p in parts)
 
 
 class ActivationCache(CacheViews, Mapping):
@@ -66,9 +81,38 @@ class ActivationCache(CacheViews, Mapping):
         #: one line per forward that raised inside the capture: its values were discarded
         self.failures: list[str] = failures if failures is not None else []
 
-    def _settle(self, unfired: dict[str, str]) -> None:
-        """The capture ended: record the names that got no value (the values themselves are in place)."""
+    def _settle(self, unfired: dict[str, str], held=()) -> None:
+        """The capture ended: record the names that got no value (the values themselves are in place).
+
+        ``held``: the values kept by reference (sharing memory with the model's tensors, its output or its
+        input), each with its version counter now; a read of one whose counter moved since is refused.
+        """
         self.unfired = dict(unfired)
+        self._held = {id(t): (t, t._version) for t in held}
+        self._live = None
+
+    _held: dict = {}
+    #: inside ``wb.capture``: ``value -> (value, version at capture)`` for a value held by reference, else None
+    _live = None
+
+    def _check_held(self, name: str, tensors) -> None:
+        """Refuse values written in place after the capture ended (their memory was shared, not copied), or,
+        inside the block, by an op the write guard could not see."""
+        live, held = self._live, self._held
+        for t in tensors:
+            rec = live(t) if live is not None else held.get(id(t))
+            if rec is not None and rec[0]._version != rec[1]:
+                if live is not None:
+                    raise ActivationOverwrittenError(
+                        f"{name!r} was overwritten in place after it was captured, by an op workbench's write guard "
+                        f"could not see (run on another thread, or under torch._C.DisableTorchFunction): it is no "
+                        f"longer the value its module produced. The capture drops it when the block ends.")
+                raise ActivationOverwrittenError(
+                    f"{name!r} is no longer the value its module produced: it shares memory with the model's "
+                    f"tensors (its output, a parameter or buffer, or the input it was given), and an in-place op "
+                    f"wrote into that memory after the capture ended (e.g. out.add_(...), an optimizer step, the "
+                    f"next forward). Capture again, or clone what you will edit before writing into it "
+                    f"(out = out.clone()).")
 
     @property
     def _has_model(self) -> bool:
@@ -151,6 +195,8 @@ class ActivationCache(CacheViews, Mapping):
                 f"{name!r} is not in this cache ({len(self._calls)} names)."
                 + (f" Nearest names: {close}." if close else "")
             )
+        if self._held or self._live is not None:
+            self._check_held(name, self._calls[key])
         return list(self._calls[key])
 
     @property
@@ -160,7 +206,7 @@ class ActivationCache(CacheViews, Mapping):
 
     def to(self, *args, **kwargs) -> "ActivationCache":
         """A new cache with every activation moved or cast, as ``Tensor.to(*args, **kwargs)``."""
-        moved = {n: [t.to(*args, **kwargs) for t in ts] for n, ts in self._calls.items()}
+        moved = {n: [t.to(*args, **kwargs) for t in self.calls(n)] for n in self._calls}
         return ActivationCache(moved, self._aliases, self.unfired, dict(self.skipped), list(self.failures),
                                self._model(), self._listed)
 

@@ -44,6 +44,9 @@ class CacheViews:
                 f"unembedding); this cache comes from {kind}. On other models use tuple keys where layers are "
                 f"numbered (cache['relu', 2]) and cache.stack_activation('relu').")
         filled = sum(len(v) for v in self._calls.values())
+        if self._held or self._live is not None:  # TransformerLens's cache below holds the same tensors: refuse any written since
+            for n, ts in self._calls.items():
+                self._check_held(n, ts)
         if self._tl_cache is None or self._tl_size != filled:  # a cache inside wb.capture may still be filling
             ActivationCache = require("transformer_lens").ActivationCache
             values = {}

@@ -65,16 +65,23 @@ class capture:
 
     def __enter__(self) -> ActivationCache:
         core = self._core
+        if core._handles:  # entered again inside its own block: the hooks and the guard would be attached twice
+            raise InvalidOptionError("this wb.capture(...) object is already open (entered and not yet left); "
+                                     "open a new wb.capture(...) to nest captures.")
         core.reset()  # a capture object entered twice starts empty; the first cache keeps its values
         core.attach()
         # The cache handed out now is filled in place as forwards run, and settled when the block ends.
         self.cache = ActivationCache(core.calls, core._aliases(), skipped=core.skipped, failures=core.failures,
                                      model=core.model, listed=core.selected)
+        # Reads inside the block refuse a value an op the guard could not see has written (the version check
+        # of the block's end, done early for the value read).
+        self.cache._live = core.held_version
         self.stopped = False
         return self.cache
 
     def __exit__(self, exc_type, exc, tb) -> bool:
-        core, stopped = self._core, exc_type is _StopForward
+        # Only this capture's own stop_at ends its block quietly; another capture's passes through it.
+        core, stopped = self._core, exc_type is _StopForward and getattr(exc, "core", None) is self._core
         self.stopped = stopped
         ok = exc_type is None or stopped
         try:
@@ -86,7 +93,10 @@ class capture:
                 core.check(raise_errors=ok)
         finally:
             core.detach()
-            self.cache._settle(core.unfired(stopped))
+            # Values still held by reference share memory the model, the caller or autograd may write after
+            # the block; the cache refuses a read of one whose version counter moved since.
+            self.cache._settle(core.unfired(stopped), held=[rec[2] for recs in core._watch.values() for rec in recs
+                                                            if rec[2]._version == rec[3]])
         if ok and not stopped:
             core.report_unfired()
         return stopped

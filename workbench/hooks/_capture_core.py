@@ -11,7 +11,8 @@ what the module produced. Autograd version counters back this up: a value whose 
 although it was never cloned was written by something the mode cannot see (another thread,
 ``torch._C.DisableTorchFunction``). That value is dropped, the capture raises
 ``ActivationOverwrittenError`` (a clear refusal, never a wrong value), and the model remembers to copy
-that name at capture time from then on.
+that name at capture time from then on. Writes that are no torch call and move no version counter (NumPy,
+storage objects, ``.data`` off the guard's thread) cannot be seen at all: docs/ARCHITECTURE.md lists them.
 
 Why not re-run the forward to recover an overwritten value (what this core did before): a second
 forward fires the user's hooks twice, advances counters inside modules twice, updates BatchNorm
@@ -36,7 +37,7 @@ import torch
 from torch import nn
 
 from .._errors import (ActivationOverwrittenError, CacheBudgetError, HookNotFiredError,
-                       InvalidOptionError)
+                       InvalidOptionError, UnsupportedModelError)
 from .._memory import keep_freed_memory
 from .._repr import human_bytes, parse_bytes
 from ._cache import storage_key
@@ -76,8 +77,39 @@ def default_budget() -> int:
         return 4 * 2**30
 
 
+def _remove_mode(mode) -> None:
+    """Take ``mode`` off this thread's torch-function mode stack, wherever it is on it.
+
+    ``TorchFunctionMode.__exit__`` pops the top mode, whichever it is: two captures left out of order (an
+    ``ExitStack``, contexts entered by hand) would each take the other's guard off, leaving the first's on
+    the stack for good (a Python call per torch call, and a dead capture kept alive) and the second's
+    values unguarded. Modes above ``mode`` are put back in their order. Not on this thread's stack (left
+    on another thread): nothing to do here.
+    """
+    with _quiet():
+        n = torch._C._len_torch_function_stack()
+        if n and torch._C._get_function_stack_at(n - 1) is mode:
+            torch._C._pop_torch_function_stack()
+            return
+        if not any(torch._C._get_function_stack_at(i) is mode for i in range(n)):
+            return
+        above = []
+        while True:
+            top = torch._C._pop_torch_function_stack()
+            if top is mode:
+                break
+            above.append(top)
+        for m in reversed(above):
+            torch._C._push_on_torch_function_stack(m)
+
+
 class _StopForward(Exception):
-    """Raised inside a hook to end the forward pass early (``stop_at``); never escapes a capture."""
+    """Raised inside a hook to end the forward pass early (``stop_at``); never escapes the capture that raised
+    it. Another capture open on the same model sees it as a forward that ended early (it carries its core)."""
+
+    def __init__(self, core=None):
+        super().__init__("the forward was ended early by the stop_at of another capture")
+        self.core = core
 
 
 def _is_explicit(item) -> bool:
@@ -116,6 +148,30 @@ class _Capture:
         tl = self.points.family == "transformer_lens"
         self._gated = {n: why for n in requested if tl and n not in explicit for why in [gate_reason(model, n)] if why}
         requested = [n for n in requested if n not in self._gated]
+        # TorchScript modules run no Python hooks (torch refuses to register them) and their code is not seen by
+        # the write guard: a scripted root is refused, scripted sub-modules asked for by name too; a pattern
+        # skips them (the script's own sub-modules never run as Python modules, so they are skipped as well).
+        if isinstance(model, torch.jit.ScriptModule):
+            raise UnsupportedModelError(
+                f"{type(model).__name__} is a TorchScript module (torch.jit.script/trace): it runs no Python hooks, "
+                f"so nothing can be captured from it. Capture the original nn.Module instead.")
+        scripted = {c: m for c, m in self.points.modules.items() if isinstance(m, torch.jit.ScriptModule)}
+        if scripted:
+            def inside(n):
+                c = self.points.canonical(n)
+                return next((s for s in scripted if c == s or c.startswith(s + ".")), None)
+            bad = [n for n in requested if n in explicit and inside(n)]
+            if bad:
+                raise UnsupportedModelError(
+                    f"{bad} {'is' if len(bad) == 1 else 'are'} inside a TorchScript module "
+                    f"({sorted({inside(n) for n in bad})}): TorchScript runs no Python hooks, so nothing can be "
+                    f"captured there. Capture the original (unscripted) module, or name modules outside the script.")
+            for n in requested:
+                where = inside(n)
+                if where is not None:
+                    self._gated[n] = (f"it is inside the TorchScript module {where!r}, which runs no Python hooks; "
+                                      f"capture the original (unscripted) module")
+            requested = [n for n in requested if n not in self._gated]
         # One hook per module; the first requested name of a module is the key its values go under.
         self.key_of: dict[str, str] = {}  # canonical -> storage key
         for n in requested:
@@ -147,6 +203,8 @@ class _Capture:
         self.needed = 0  # bytes the captures would need, stored or not
         self._overflow = False
         self._forward: Optional[dict] = None  # the open root forward: marks to roll back to
+        self._depth = 0  # calls of the model made inside its own open forward
+        self._inner_ok = False
         self._fired: set[str] = set()  # keys fired in the current forward (stop_at, failure reports)
         self._in_flight: set = set()  # CUDA devices with asynchronous copies to the host not yet waited for
         self.skipped: dict[str, str] = dict(self._gated)
@@ -184,7 +242,7 @@ class _Capture:
 
     def detach(self) -> None:
         if self._guard is not None:
-            self._guard.__exit__(None, None, None)
+            _remove_mode(self._guard)
             self._guard = None
         for h in self._handles:
             h.remove()
@@ -205,8 +263,15 @@ class _Capture:
 
     def _store(self, canon: str, key: str, output: Any) -> None:
         if self.reduce_fn is not None:
+            tracked = isinstance(output, torch.Tensor) and not output.is_inference()
+            version = output._version if tracked else None
             with torch.no_grad():  # the user's reduce runs under the write guard, like the model
                 value = self.reduce_fn(output)
+            if tracked and output._version != version:
+                raise InvalidOptionError(
+                    f"reduce wrote into the output of {key!r} in place (e.g. out.relu_()), which the model goes on "
+                    f"to use: the capture would change the forward. Make reduce work on a copy or out of place "
+                    f"(out.relu() instead of out.relu_()).")
             if not isinstance(value, torch.Tensor):
                 raise InvalidOptionError(f"reduce returned {type(value).__name__} for {key!r}; it must return a tensor.")
         elif isinstance(output, torch.Tensor):
@@ -223,15 +288,30 @@ class _Capture:
         with _quiet():
             self._keep(canon, key, value)
         if self.stop_keys is not None and self.stop_keys <= self._fired:
-            raise _StopForward()
+            raise _StopForward(self)
 
     def _keep(self, canon: str, key: str, value: torch.Tensor) -> None:
         t, private = self._to_target(value.detach()) if self._moves else (value.detach(), False)
+        if t.layout != torch.strided:  # sparse: no one storage the guard could watch, so a private copy
+            if not private:
+                t = t.clone()
+            address, nbytes = storage_key(t)
+            self._count(address, nbytes)
+            self._fired.add(key)
+            if not self._overflow:
+                self.calls.setdefault(key, []).append(t)
+            return
         if not private and (canon in self._copy or t.is_inference()):
             # Inference tensors keep no version counter, so an unseen overwrite could not be detected.
             t, private = t.clone(), True
         # _account's work, with the storage looked up once for both records (this runs once per hook).
-        storage = t.untyped_storage()
+        try:
+            storage = t.untyped_storage()
+        except NotImplementedError as exc:  # a torch.func wrapper (vmap's BatchedTensor, grad's TensorWrapper)
+            raise UnsupportedModelError(
+                f"{key!r}: its module gave a tensor with no memory of its own ({exc}): a value inside a torch.func "
+                f"transform (vmap, grad, jacrev, ...) is a wrapper that means nothing outside it. Capture a direct "
+                f"call of the model instead (for vmap: on the whole batch).") from None
         address = storage.data_ptr()
         if address not in self._stored:
             self._count(address, storage.nbytes())
@@ -277,6 +357,11 @@ class _Capture:
         if not records:
             return
         clones: dict[tuple, torch.Tensor] = {}  # one copy per distinct view (aliases share it)
+        if all(rec[2]._version == rec[3] for rec in records):
+            # Every value held in the model's memory is about to be replaced by a copy: the capture no longer
+            # holds that memory, so its bytes leave the budget's tally (else a budget fitting exactly what is
+            # kept would be refused for memory only the model holds).
+            self.needed -= self._stored.pop(address, 0)
         for rec in records:
             key, pos, ref, version = rec
             if ref._version != version:  # overwritten unseen earlier: leave it for check() to report
@@ -316,20 +401,45 @@ class _Capture:
 
     # ------------------------------------------------------------------ root forward bookkeeping
     def _root_pre(self, module, args):
-        if self._forward is not None:  # the previous forward never finished (interrupted inside)
-            self._abandon("it was interrupted")
+        if self._forward is not None:
+            if self._called_inside_itself():  # a forward that calls the model again (e.g. on each item of a list)
+                self._depth += 1
+                return
+            self._abandon("it was interrupted")  # the previous forward never finished (interrupted inside)
         self._forward = {"marks": {k: len(v) for k, v in self.calls.items()}}
         self._fired = set()
+        self._depth, self._inner_ok = 0, False
+
+    def _called_inside_itself(self) -> bool:
+        """Whether the model's forward is running further up this stack (runs only while a forward is open)."""
+        code, seen, frame = nn.Module._call_impl.__code__, 0, sys._getframe(1)
+        while frame is not None:
+            if frame.f_code is code and frame.f_locals.get("self") is self.model:
+                seen += 1
+                if seen > 1:
+                    return True
+            frame = frame.f_back
+        return False
 
     def _root_post(self, module, args, output):
+        if self._depth:  # the end of a call made inside the forward: the outer forward is still open
+            self._depth -= 1
+            self._inner_ok = True  # for _root_failed, which runs next (it runs on success too)
+            return
         if self._forward is not None:
             self.finish_forward()
 
     def _root_failed(self, module, args, output):
         if self._forward is None:
             return
+        if self._inner_ok:  # an inner call that succeeded
+            self._inner_ok = False
+            return
+        if self._depth:  # an inner call raised: its exception reaches the outer forward, which decides
+            self._depth -= 1
+            return
         exc = sys.exc_info()[1]  # torch calls always_call hooks inside its `except Exception:`
-        if isinstance(exc, _StopForward):
+        if isinstance(exc, _StopForward) and exc.core is self:
             return  # stop_at: the capture's exit finishes this forward
         self._abandon(_describe(exc))
 
@@ -372,6 +482,16 @@ class _Capture:
     def by_reference(self) -> set[int]:
         """``id`` of every stored value that shares memory with the model (the others are private copies)."""
         return {id(rec[2]) for recs in self._watch.values() for rec in recs}
+
+    def held_version(self, t: torch.Tensor) -> Optional[tuple]:
+        """``(t, its version at capture)`` if ``t`` is a value held by reference, else None (one lookup)."""
+        with _quiet():
+            if t.layout != torch.strided:
+                return None
+            for rec in self._watch.get(t.untyped_storage().data_ptr(), ()):
+                if rec[2] is t:
+                    return rec[2], rec[3]
+        return None
 
     def _overwritten(self) -> list[str]:
         with _quiet():

@@ -294,11 +294,18 @@ def _run(model, core: _Capture, keys: list[str], batches: Iterable, writer: Opti
             arrays = {}
             for key in keys:
                 calls = core.calls.get(key, [])
+                if not calls and key in core.skipped:  # it fired, but gave nothing storable (e.g. a tuple)
+                    raise InvalidOptionError(f"harvest cannot store {key!r}: {core.skipped[key]}; or leave it out "
+                                             f"of names=. Nothing of batch {index} was stored.")
                 if len(calls) != 1:
                     raise InvalidOptionError(
                         f"harvest stores one activation per name per batch, but {key!r} fired {len(calls)} "
                         f"times in batch {index}; narrow names= or capture it with wb.capture(...)."
                     )
+                if calls[0].layout != torch.strided:
+                    raise InvalidOptionError(
+                        f"{key!r} gave a {calls[0].layout} tensor in batch {index}; a store keeps dense rows. Pass "
+                        f"reduce=lambda out: out.to_dense() to store its values densely, or capture it with wb.capture.")
                 arrays[key] = _to_numpy(calls[0], copy=id(calls[0]) in by_reference and id(calls[0]) not in sole)
             core.reset()
             if isinstance(y, torch.Tensor):
