@@ -34,8 +34,9 @@ LANGUAGE = {"generator": "synthetic_language", "train": {"n": 6000, "seed": 1}, 
 
 RECIPES = {r.name: r for r in [
     Recipe("myrtle_relu", "cnn", "myrtle", {"width": 16, "act": "relu", "batchnorm": True}, SHAPES,
-           seeds=(0, 1, 2, 3, 4, 5, 6, 7), purpose="stitching and similarity across seeds (8 seeds: 8 stitching pairs "
-                                                  "in which every model appears twice); ReLU side of the ReLU/GELU contrast"),
+           seeds=(0, 1, 2, 3, 4, 5, 6, 7), purpose="stitching and similarity across seeds (8 seeds: 8 similarity pairs "
+                                                  "in which every model appears twice, 4 disjoint stitching pairs); ReLU "
+                                                  "side of the ReLU/GELU contrast"),
     Recipe("myrtle_relu_w8", "cnn", "myrtle", {"width": 8, "act": "relu", "batchnorm": True}, SHAPES,
            epochs=12, seeds=(0, 1, 2, 3), purpose="the width effect on similarity (paper §5): half myrtle_relu's "
                                                   "width; 12 epochs (6 left it at 78-82%, under the zoo's 80% bar)"),
