@@ -78,12 +78,14 @@ def fmt(s: dict, digits: int = 1) -> str:
     if s["median"] is None:
         return "—"
     f = f"{{:.{digits}f}}"
+    # A median of an even number of counts can fall halfway (7.5 of 0, 7, 8, 11): shown, not rounded to 8.
+    m = (f"{s['median']:.1f}" if digits == 0 and float(s["median"]) != round(float(s["median"]))
+         else f.format(s["median"]))
     if s["lo"] is None:
         if s.get("min") is None:
-            return f.format(s["median"]) + f" (n = {s['n']})"
-        return (f"{f.format(s['median'])} (range of {s['n']}: {f.format(s['min'])}–{f.format(s['max'])}, "
-                f"{range_coverage(s['n']):.0%})")
-    return f"{f.format(s['median'])} [{f.format(s['lo'])}, {f.format(s['hi'])}]"
+            return m + f" (n = {s['n']})"
+        return f"{m} (range of {s['n']}: {f.format(s['min'])}–{f.format(s['max'])}, {range_coverage(s['n']):.0%})"
+    return f"{m} [{f.format(s['lo'])}, {f.format(s['hi'])}]"
 
 
 def is_number(x) -> bool:
