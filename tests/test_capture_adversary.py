@@ -640,3 +640,31 @@ def test_a_compiled_model_gives_the_values_as_produced(whole):
             out, cache = wb.run_with_cache(model, x)
             assert torch.equal(cache[key], ref) and torch.equal(out, plain(x))
     assert no_hooks_left(model)
+
+
+def test_an_intermediate_only_the_cache_holds_is_the_callers_to_edit():
+    # Container semantics for what only the cache holds: the caller normalising a value in place reads it back
+    # edited (as from any dict of tensors), while a value sharing memory with the model or the caller's output is
+    # still refused once written (the tests above).
+    torch.manual_seed(0)
+    model, x = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)), torch.randn(3, 4)
+    with torch.no_grad():
+        out, cache = wb.run_with_cache(model, x)
+        a = cache["0"]
+        a /= a.norm()
+    assert cache["0"] is a and torch.equal(cache["0"], a)
+    assert abs(float(cache["0"].norm()) - 1.0) < 1e-6
+    out.mul_(0)  # the caller's output is the last module's value: that one is refused
+    with pytest.raises(ActivationOverwrittenError, match="'2' is no longer the value its module produced"):
+        cache["2"]
+
+
+def test_a_value_that_is_the_callers_input_is_refused_once_the_input_is_written():
+    model, x = nn.Sequential(nn.Identity(), nn.Linear(4, 2)), torch.randn(3, 4)
+    with torch.no_grad():
+        _, cache = wb.run_with_cache(model, x, names=["0"])
+        kept = x.clone()
+        assert torch.equal(cache["0"], kept)
+        x.copy_(torch.randn(3, 4))  # a loop refilling its input buffer for the next batch
+    with pytest.raises(ActivationOverwrittenError, match="'0' is no longer"):
+        cache["0"]

@@ -93,10 +93,10 @@ class capture:
                 core.check(raise_errors=ok)
         finally:
             core.detach()
-            # Values still held by reference share memory the model, the caller or autograd may write after
-            # the block; the cache refuses a read of one whose version counter moved since.
-            self.cache._settle(core.unfired(stopped), held=[rec[2] for recs in core._watch.values() for rec in recs
-                                                            if rec[2]._version == rec[3]])
+            # Values held by reference that share memory with the model's weights or the caller's input and output
+            # may be written after the block (an optimizer step, the next forward, out.add_()): the cache refuses a
+            # read of one whose version counter moved since. Intermediates only the cache holds are the caller's.
+            self.cache._settle(core.unfired(stopped), held=core.shared_after())
         if ok and not stopped:
             core.report_unfired()
         return stopped

@@ -31,6 +31,7 @@ import os
 import sys
 import warnings
 import weakref
+from collections.abc import Mapping
 from typing import Any, Callable, Optional, Union
 
 import torch
@@ -121,6 +122,34 @@ def _explicit_names(names: NameFilter) -> set[str]:
     return {i for i in items if _is_explicit(i)}
 
 
+def _tensors(obj, depth: int = 0) -> list[torch.Tensor]:
+    """The tensors in a forward's arguments or output: nested tuples, lists and mappings (a Hugging Face
+    ``ModelOutput`` is one), four levels deep."""
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if depth >= 4:
+        return []
+    if isinstance(obj, (tuple, list)):
+        return [t for o in obj for t in _tensors(o, depth + 1)]
+    if isinstance(obj, Mapping):
+        return [t for o in obj.values() for t in _tensors(o, depth + 1)]
+    return []
+
+
+def _storages(obj) -> set[int]:
+    """Storage addresses of the dense tensors in ``obj`` (as :func:`_tensors` finds them). Addresses, not the
+    tensors: a capture keeps no input alive for this."""
+    out = set()
+    with _quiet():
+        for t in _tensors(obj):
+            if t.layout == torch.strided and not t.is_meta:
+                try:
+                    out.add(t.untyped_storage().data_ptr())
+                except (RuntimeError, NotImplementedError):  # a torch.func wrapper (vmap, grad): no memory of its own
+                    pass
+    return out
+
+
 def _describe(exc: Optional[BaseException]) -> str:
     if exc is None:
         return "it did not finish"
@@ -208,6 +237,7 @@ class _Capture:
         self._fired: set[str] = set()  # keys fired in the current forward (stop_at, failure reports)
         self._in_flight: set = set()  # CUDA devices with asynchronous copies to the host not yet waited for
         self.skipped: dict[str, str] = dict(self._gated)
+        self._io: set[int] = set()  # storage addresses of what the root forwards were given and returned (shared_after)
         self.failures: list[str] = []
         self.lost: dict[str, str] = {}
 
@@ -230,7 +260,7 @@ class _Capture:
             for canon, key in self.key_of.items():
                 module = self.points.modules[canon]
                 self._handles.append(module.register_forward_hook(self._make_hook(canon, key)))
-            self._handles.append(self.model.register_forward_pre_hook(self._root_pre))
+            self._handles.append(self.model.register_forward_pre_hook(self._root_pre, with_kwargs=True))
             self._handles.append(self.model.register_forward_hook(self._root_post))
             # Runs only when the forward raised (the hook above then did not): roll that forward back.
             self._handles.append(self.model.register_forward_hook(self._root_failed, always_call=True))
@@ -400,7 +430,8 @@ class _Capture:
             self._watch.clear()
 
     # ------------------------------------------------------------------ root forward bookkeeping
-    def _root_pre(self, module, args):
+    def _root_pre(self, module, args, kwargs):
+        self._io.update(_storages((args, kwargs)))
         if self._forward is not None:
             if self._called_inside_itself():  # a forward that calls the model again (e.g. on each item of a list)
                 self._depth += 1
@@ -422,6 +453,7 @@ class _Capture:
         return False
 
     def _root_post(self, module, args, output):
+        self._io.update(_storages(output))
         if self._depth:  # the end of a call made inside the forward: the outer forward is still open
             self._depth -= 1
             self._inner_ok = True  # for _root_failed, which runs next (it runs on success too)
@@ -478,6 +510,17 @@ class _Capture:
                 f"{bad} were {why}. workbench now copies these names at capture time on this model: run the "
                 f"capture again."
             )
+
+    def shared_after(self) -> list[torch.Tensor]:
+        """The values held by reference, unchanged so far, that something other than the cache may write after the
+        capture ends: those sharing memory with the model's parameters or buffers (an optimizer step, the next
+        forward updating a buffer a module returned) or with the tensors the root forwards were given or returned
+        (the caller's input and output). A value only the cache holds (an intermediate) is the caller's to edit,
+        as any tensor handed out is."""
+        shared = self._io | _storages([*self.model.parameters(), *self.model.buffers()])
+        with _quiet():
+            return [rec[2] for address, recs in self._watch.items() if address in shared
+                    for rec in recs if rec[2]._version == rec[3]]
 
     def by_reference(self) -> set[int]:
         """``id`` of every stored value that shares memory with the model (the others are private copies)."""
