@@ -11,9 +11,10 @@ Nothing here imports TransformerLens or transformers at import time.
 """
 from . import _hf as hf
 from . import _hf_build as hf_build
+from ._call import one_call
 from ._compat import ensure_torchvision_importable, require
 from ._kind import ModelKind, has_hooked_transformer, has_layout, is_transformer_lens, model_kind
-from ._layout import (blank, canonical_views, finish, from_canonical, one_call, read_weights, rebuild, shape_facts,
+from ._layout import (blank, canonical_views, finish, from_canonical, read_weights, rebuild, shape_facts,
                       tied_keys, to_canonical, views_like, write_weights)
 from ._modes import eval_mode, no_grad_analysis
 from ._trace import TraceFailure, describe, propagate_shapes, trace

@@ -33,6 +33,7 @@ from torch import nn
 
 from .._errors import UnsupportedModelError
 from . import _hf_check as check
+from ._call import per_call
 from ._kind import ModelKind, model_kind
 
 # Canonical component keys the layout knows (``{i}``: a layer); a mapped component outside these has no
@@ -368,8 +369,6 @@ def unsupported(model: nn.Module) -> Optional[str]:
     """Why this Hugging Face model (or bridge) cannot be read in the canonical layout; None when it can. Checked
     once per model inside ``_layout.one_call`` (a transform asks for the map and again for the push: ~1 ms each
     for a 40M-parameter model)."""
-    from ._layout import per_call
-
     return per_call(model, "unsupported", lambda: _unsupported(model))
 
 

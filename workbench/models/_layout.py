@@ -8,14 +8,13 @@ transformer symmetries reads like it (``W_Q[h]`` is one head's map). Grouped-que
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
-from contextvars import ContextVar
 from typing import Any, Optional
 
 import torch
 from torch import nn
 
 from .._errors import IncompatibleWeightsError, InvalidOptionError
+from ._call import per_call
 from ._kind import ModelKind, model_kind
 from ._quiet_build import _hidden, _no_random_init, as_template, fresh_copy
 
@@ -297,38 +296,6 @@ def _boot(model: nn.Module, dtype: torch.dtype) -> nn.Module:
             new = new.to(dtype)
     new.train(model.training)
     return new
-
-
-# What was computed so far in this call (``one_call``): {(what, id(model)): (model, value)}, or None outside one.
-# Never kept across calls: a view is a view of that object's tensors as they are now, and a parameter a
-# user replaces between two calls (``p.data = ...``, a new ``nn.Parameter``) would leave it stale.
-_CALL_VIEWS: ContextVar[Optional[dict]] = ContextVar("workbench_canonical_views_this_call", default=None)
-
-
-@contextmanager
-def one_call():
-    """Within it, :func:`canonical_views` of one model object is computed once (a transform reads it for the
-    map and again for the push: ~4 ms each for a 40M-parameter Hugging Face model), and so is each
-    :func:`per_call` value (the structure check of a Hugging Face model, ``_hf.unsupported``). Only for code
-    that replaces no parameter or module of the models it reads inside (writing into them is fine: the views
-    see it)."""
-    token = _CALL_VIEWS.set({})
-    try:
-        yield
-    finally:
-        _CALL_VIEWS.reset(token)
-
-
-def per_call(model: nn.Module, what: str, compute):
-    """``compute()`` (a function of ``model``'s structure or weights) once per model object and ``what`` inside
-    :func:`one_call`; every time outside one."""
-    memo = _CALL_VIEWS.get()
-    if memo is None:
-        return compute()
-    hit = memo.get((what, id(model)))
-    if hit is None or hit[0] is not model:
-        hit = memo[(what, id(model))] = (model, compute())
-    return hit[1]
 
 
 def canonical_views(model: nn.Module) -> Optional[dict[str, torch.Tensor]]:
