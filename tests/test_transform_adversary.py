@@ -281,3 +281,87 @@ def test_an_in_place_replay_of_a_refused_element_writes_nothing():
         wb.apply_transform(gelu, t, inplace=True)
     for k, v in gelu.state_dict().items():
         assert torch.equal(v, before[k]), k
+
+
+# ---------------------------------------------------------------------- save / load round trips, bit for bit
+class _Cat(nn.Module):
+    """Two ReLU pieces concatenated along the features: a host site embedding both."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.out = nn.Linear(4, 3), nn.Linear(4, 5), nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.out(torch.cat([torch.relu(self.a(x)), torch.relu(self.b(x))], dim=1))
+
+
+def _grouped_cnn():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1, groups=2), nn.ReLU(),
+                         nn.Conv2d(8, 4, 1)).double().eval()
+
+
+def _cases():
+    torch.manual_seed(0)
+    x4 = _x()
+    yield "permutation (GELU)", _mlp(nn.GELU()), x4, {}
+    yield "scaled permutation (ReLU)", _mlp(nn.ReLU()), x4, {}
+    yield "signed permutation (tanh)", _mlp(nn.Tanh()), x4, {}
+    yield "GL (no activation)", _mlp(nn.Identity()), x4, {}
+    yield "orthogonal forced at a ReLU", _mlp(nn.ReLU()), x4, dict(group="orthogonal", allow_non_symmetry=True)
+    yield "rotations fixing 1 (LayerNorm, gain 1)", _LN().double().eval(), x4, {}
+    yield "P·D with φ = M² (x²)", _Square().double().eval(), x4, {}
+    yield "embedded sites and their host (cat)", _Cat().double().eval(), x4, {}
+    yield "grouped permutations (grouped conv)", _grouped_cnn(), torch.randn(2, 3, 5, 5, dtype=F64), {}
+
+
+def _same_element(a, b) -> bool:
+    if type(a) is not type(b) or a.phi_kind != b.phi_kind or a.n != b.n:
+        return False
+    for attr in ("perm", "scale", "M", "inv", "signs"):
+        u, v = getattr(a, attr, None), getattr(b, attr, None)
+        if (u is None) != (v is None) or (u is not None and not torch.equal(u.double(), v.double())):
+            return False
+    return getattr(a, "orthogonal", None) == getattr(b, "orthogonal", None) and getattr(a, "cond", None) == getattr(b, "cond", None)
+
+
+@pytest.mark.parametrize("case", list(_cases()), ids=lambda c: c[0])
+def test_a_saved_transform_loads_bit_for_bit_and_replays_the_same_weights(case, tmp_path):
+    _, model, x, kw = case
+    new, t = wb.random_intertwiner(model, seed=7, example=x[:1], **kw)
+    assert t.elements
+    t.save(tmp_path / "t.json")
+    back = Transform.load(tmp_path / "t.json")
+    assert back.groups == t.groups and back.forced == t.forced and back.seed == 7 and list(back.elements) == list(t.elements)
+    for name in t.elements:
+        assert _same_element(t.elements[name], back.elements[name]), name
+    again = wb.apply_transform(model, back, example=x[:1])
+    for (name, p), q in zip(new.state_dict().items(), again.state_dict().values()):
+        assert torch.equal(p, q), name
+    if not kw:
+        assert _max_change(model, again, x) < 1e-10 * max(1.0, model(x).abs().max().item())
+
+
+def test_the_recorded_seed_gives_the_same_transform_in_a_fresh_process(tmp_path):
+    import subprocess
+    import sys
+
+    g = torch.Generator().manual_seed(11)
+    _, t = wb.random_intertwiner(_mlp(nn.Tanh()), seed=g)
+    code = ("import json, sys, torch, workbench as wb\nfrom torch import nn\n"
+            "torch.manual_seed(0)\n"
+            "m = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3)).double().eval()\n"
+            f"_, t = wb.random_intertwiner(m, seed={t.seed})\n"
+            "sys.stdout.write(json.dumps(t.to_dict()))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
+    assert json.loads(out.stdout) == json.loads(json.dumps(t.to_dict()))
+
+
+def test_a_model_on_the_meta_device_is_refused_saying_it_has_no_values():
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    with pytest.raises(InvalidOptionError, match="meta device"):
+        wb.random_intertwiner(model, seed=0)
+    _, t = wb.random_intertwiner(_mlp(nn.ReLU()).float(), seed=0)
+    with pytest.raises(InvalidOptionError, match="meta device"):
+        wb.apply_transform(model, t)

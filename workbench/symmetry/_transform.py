@@ -1,6 +1,7 @@
 """Function-preserving transforms: one group element per site, pushed into writers and readers."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -12,7 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .._errors import InvalidOptionError, UntraceableModelError
+from .._errors import InvalidOptionError, UntraceableModelError, WorkbenchError
 from .._memory import keep_freed_memory
 from .._offload import built_alike, offloaded_modules
 from .._progress import ProgressLike, progress_bar, show_progress
@@ -120,8 +121,10 @@ def random_intertwiner(model: nn.Module, seed: SeedLike = 0, sites: Optional[Ite
     """A new model with a random element of each site's own group pushed into its weights.
 
     Returns ``(new_model, transform)``; the input model is not modified (unless ``inplace=True``).
-    ``seed`` is an int, None, a ``torch.Generator`` or a NumPy ``Generator``; the transform records the
-    effective int seed, which reproduces it.
+    ``seed`` is an int, None, a ``torch.Generator`` or a NumPy ``Generator`` (one draw is taken from a
+    generator, which advances); the transform records the effective int seed, which reproduces it.
+    ``inplace=True`` rewrites the values of the model's own parameters (the same objects): their ``.grad``
+    and any optimizer state (Adam's moments) stay in the old basis — zero them, or make a new optimizer.
     ``sites`` picks site names (default: all sites of ``wb.symmetry_map(model, example)``; ``example``
     is an input batch, needed when the input size cannot be guessed); ``scale_sigma`` is the σ of the
     log-normal scalings — a σ whose scalings the model's dtype cannot hold is refused. ``group``
@@ -141,7 +144,7 @@ def random_intertwiner(model: nn.Module, seed: SeedLike = 0, sites: Optional[Ite
     """
     shown = show_progress(progress)  # (a bad value is refused here)
     # one_call: the layout backend's views of the model's weights, read by the map and the push, made once
-    with progress_bar(total=3, desc="random_intertwiner", unit="step", progress=True) if shown else _QUIET as bar, one_call():
+    with _no_values_refused(model, "random_intertwiner"), progress_bar(total=3, desc="random_intertwiner", unit="step", progress=True) if shown else _QUIET as bar, one_call():
         bar.set_postfix_str("symmetry map")
         gen, seed = as_generator(seed)  # the effective int seed is what the Transform records
         smap = _traced_map(model, example, affine, "random_intertwiner")
@@ -333,8 +336,12 @@ def apply_transform(model: nn.Module, transform: Transform, *, example: Optional
     """A new model with ``transform``'s elements pushed into ``model`` (which is not modified).
 
     ``example`` is an input batch (needed when the input size cannot be guessed). A transform the
-    model's dtype cannot hold (weights that would overflow) is refused before anything is written."""
-    with one_call():  # (see random_intertwiner)
+    model's dtype cannot hold (weights that would overflow) is refused before anything is written, and so
+    is one that is not a symmetry of *this* model: each element (unless listed in ``transform.forced``)
+    must be in its site's group here, with the site's φ — a transform drawn on another model whose map
+    differs (another activation, a LayerNorm gain of 1 or not, a site frozen on one) is refused, naming
+    the site."""
+    with _no_values_refused(model, "apply_transform"), one_call():  # (see random_intertwiner)
         smap = _traced_map(model, example, transform.affine, "apply_transform")
         for name, e in transform.elements.items():
             site = smap[name]
@@ -356,6 +363,26 @@ def apply_transform(model: nn.Module, transform: Transform, *, example: Optional
             for site, e in members:
                 _check_member(model, site, e, transform.groups.get(site.name, "?"))
         return new_model
+
+
+@contextlib.contextmanager
+def _no_values_refused(model: nn.Module, verb: str):
+    """A model whose weights are on the ``meta`` device (built under ``torch.device("meta")``, never loaded) has no
+    values to transform: torch's own error from deep inside the map or the push ("Tensor.item() cannot be called on
+    meta tensors") becomes a refusal saying so. Looked at only when something failed (accelerate's offloaded
+    weights are on ``meta`` too, and transform as they are served)."""
+    try:
+        yield
+    except (RuntimeError, NotImplementedError) as exc:
+        if isinstance(exc, WorkbenchError):
+            raise
+        meta = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+        if not meta or offloaded_modules(model):
+            raise
+        raise InvalidOptionError(
+            f"{verb}: {type(model).__name__}'s weights are on the meta device ({len(meta)} parameters, e.g. {meta[0]!r}): "
+            f"they have shapes but no values, so there is nothing to transform. Load the weights first "
+            f"(model.to_empty(device='cpu') and load_state_dict, or from_pretrained).") from exc
 
 
 def _check_member(model: nn.Module, site: Site, e: GroupElement, drawn_from: str) -> None:
