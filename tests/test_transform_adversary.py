@@ -365,3 +365,25 @@ def test_a_model_on_the_meta_device_is_refused_saying_it_has_no_values():
     _, t = wb.random_intertwiner(_mlp(nn.ReLU()).float(), seed=0)
     with pytest.raises(InvalidOptionError, match="meta device"):
         wb.apply_transform(model, t)
+
+
+class _Tied(nn.Module):
+    def __init__(self, tied: bool):
+        super().__init__()
+        self.e, self.h, self.o = nn.Embedding(10, 6), nn.Linear(6, 6), nn.Linear(6, 10, bias=False)
+        if tied:
+            self.o.weight = self.e.weight
+
+    def forward(self, t):
+        return self.o(torch.relu(self.h(self.e(t))))
+
+
+def test_a_transform_of_an_untied_model_names_the_site_a_tied_twin_does_not_have():
+    torch.manual_seed(0)
+    untied = _Tied(False).double().eval()
+    tied = _Tied(True).double().eval()
+    tokens = torch.randint(0, 10, (8, 5), generator=torch.Generator().manual_seed(0))
+    _, t = wb.random_intertwiner(untied, seed=0, example=tokens[:1])
+    assert list(t.elements) == ["h"]
+    with pytest.raises(WorkbenchError, match=r"site 'h'.*another model"):
+        wb.apply_transform(tied, t, example=tokens[:1])

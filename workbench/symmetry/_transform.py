@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .._errors import InvalidOptionError, UntraceableModelError, WorkbenchError
+from .._errors import InvalidOptionError, UnknownNameError, UntraceableModelError, WorkbenchError
 from .._memory import keep_freed_memory
 from .._offload import built_alike, offloaded_modules
 from .._progress import ProgressLike, progress_bar, show_progress
@@ -344,7 +344,12 @@ def apply_transform(model: nn.Module, transform: Transform, *, example: Optional
     with _no_values_refused(model, "apply_transform"), one_call():  # (see random_intertwiner)
         smap = _traced_map(model, example, transform.affine, "apply_transform")
         for name, e in transform.elements.items():
-            site = smap[name]
+            try:
+                site = smap[name]
+            except UnknownNameError as exc:
+                raise UnknownNameError(f"the transform names site {name!r}, which {type(model).__name__} does not have "
+                                       f"(was the transform made for another model, or is the site frozen or skipped "
+                                       f"here: wb.symmetry_map(model).skipped says why): {exc}") from None
             if site.n != e.n:
                 raise InvalidOptionError(f"the transform's element for {name!r} acts on {e.n} dimensions; the site has {site.n}.")
             e.validate(f"the transform's element for site {name!r}")
