@@ -9,6 +9,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from torch import nn
 
 import workbench as wb
+from workbench._errors import InvalidOptionError
 from models import TinyResNet, cnn, mlp, randomise
 
 matplotlib.use("Agg")
@@ -244,8 +245,11 @@ def test_affine_extension_for_sigmoid():
     assert any((e.scale < 0).any() for e in t.elements.values())  # some sign flips really happened
     report = wb.verify(model, new, torch.randn(16, 5), transform=t, dtype=torch.float64)
     assert report.passed, report.to_frame()
-    # Without the offsets absorbed by the readers' biases, the same sign flips change the function.
-    flips = wb.Transform(t.elements, t.groups, seed=4, model=t.model, affine=False)
+    # Without the offsets absorbed by the readers' biases, the same sign flips change the function: a linear
+    # replay refuses them (not in the linear map's group), and forced (the negative control) they break it.
+    with pytest.raises(InvalidOptionError, match="not in the site's group permutation"):
+        wb.apply_transform(model, wb.Transform(t.elements, t.groups, seed=4, model=t.model, affine=False))
+    flips = wb.Transform(t.elements, t.groups, forced=list(t.elements), seed=4, model=t.model, affine=False)
     broken = wb.apply_transform(model, flips)
     assert not wb.verify(model, broken, torch.randn(16, 5)).function_preserved
 

@@ -8,6 +8,7 @@ hidden activation moves as h ↦ φ(M) h while the writer's rows move by M.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
@@ -85,6 +86,14 @@ class GroupElement:
         """A JSON-serialisable record (tensors as nested lists) that :func:`element_from_dict` reads."""
         raise NotImplementedError
 
+    def validate(self, what: str = "the element") -> "GroupElement":
+        """This element, if it is the invertible map its fields say it is; otherwise an
+        :class:`~workbench._errors.InvalidOptionError` naming what is wrong (``what`` names the element). A record
+        edited by hand, or an element built by hand, can be no map at all (a permutation with a repeated index)
+        or another map than it claims (an "orthogonal" matrix whose transpose is not its inverse): pushed, either
+        would change a model's function while its transform says it is a symmetry."""
+        return self
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}(n={self.n}, group={self.group!r}, phi={_phi_name(self.phi_kind)})"
 
@@ -115,6 +124,24 @@ class ScaledPermutation(GroupElement):
                 raise InvalidOptionError(f"scale must have shape ({self.n},); got {tuple(self.scale.shape)}.")
             if not self.scale.is_floating_point():
                 self.scale = self.scale.double()
+
+    def validate(self, what: str = "the element") -> "ScaledPermutation":
+        perm = self.perm
+        ok = perm.ndim == 1 and bool(((perm >= 0) & (perm < self.n)).all())
+        if not ok or not bool((torch.bincount(perm, minlength=self.n) == 1).all()):
+            raise InvalidOptionError(f"{what}: its perm is not a permutation of 0..{self.n - 1} (each index exactly "
+                                     f"once); got {perm.tolist()[:12]}{' …' if self.n > 12 else ''}.")
+        if self.scale is not None:
+            s = self.scale.detach().to("cpu", torch.float64)
+            if not bool(torch.isfinite(s).all()):
+                raise InvalidOptionError(f"{what}: its scale has entries that are not finite (at "
+                                         f"{torch.nonzero(~torch.isfinite(s)).flatten().tolist()[:8]}); a scale must "
+                                         f"be finite and nonzero.")
+            if bool((s == 0).any()) or not bool(torch.isfinite(1 / s).all()):
+                raise InvalidOptionError(f"{what}: its scale has zero (or subnormal) entries (at "
+                                         f"{torch.nonzero(~torch.isfinite(1 / s)).flatten().tolist()[:8]}): the map is "
+                                         f"not invertible; a scale must be finite and nonzero.")
+        return self
 
     def matrix(self, dtype: torch.dtype = torch.float64) -> torch.Tensor:
         m = torch.zeros(self.n, self.n, dtype=dtype)
@@ -196,6 +223,37 @@ class Dense(GroupElement):
         if self.orthogonal and self.cond is None:
             self.cond = 1.0
         self.n = int(self.M.shape[0])
+
+    def validate(self, what: str = "the element") -> "Dense":
+        M = self.M.detach().to("cpu", torch.float64)
+        if not bool(torch.isfinite(M).all()):
+            raise InvalidOptionError(f"{what}: its matrix has entries that are not finite; a group element is a "
+                                     f"finite invertible matrix.")
+        eye = torch.eye(self.n, dtype=torch.float64)
+        scale = max(1.0, M.abs().max().item())
+        if self.orthogonal:
+            err = (M @ M.T - eye).abs().max().item()
+            if not err <= 1e-9:
+                raise InvalidOptionError(f"{what} says it is orthogonal, but M·Mᵀ differs from the identity by {err:.2e}: "
+                                         f"its transpose (what a push uses as its inverse) is not its inverse. Give "
+                                         f"orthogonal=False for a general linear map.")
+            return self
+        if self.inv is not None:
+            inv = self.inv.detach().to("cpu", torch.float64)
+            if not bool(torch.isfinite(inv).all()):
+                raise InvalidOptionError(f"{what}: its inverse has entries that are not finite.")
+            err = (M @ inv - eye).abs().max().item()
+            if not err <= 1e-8 * max(1.0, scale * inv.abs().max().item() * self.n):
+                raise InvalidOptionError(f"{what}: the inverse it carries is not M's inverse (M·M⁻¹ differs from the "
+                                         f"identity by {err:.2e}); leave the inverse out to have it computed.")
+        else:
+            s = torch.linalg.svdvals(M)
+            if not s[-1].item() > self.n * torch.finfo(torch.float64).eps * s[0].item():
+                raise InvalidOptionError(f"{what}: its matrix is singular (smallest singular value {s[-1].item():.2e}, "
+                                         f"largest {s[0].item():.2e}), so it is no invertible map.")
+        if self.cond is not None and not (math.isfinite(self.cond) and self.cond >= 1):
+            raise InvalidOptionError(f"{what}: its condition number {self.cond!r} is not a number ≥ 1.")
+        return self
 
     def matrix(self, dtype: torch.dtype = torch.float64) -> torch.Tensor:
         return self.M.to(dtype)
@@ -286,15 +344,29 @@ def _compose(a: GroupElement, b: GroupElement) -> GroupElement:
     return Dense(a.matrix() @ b.matrix(), phi, group, ortho)
 
 
-def element_from_dict(d: dict) -> GroupElement:
-    """Rebuild an element from :meth:`GroupElement.to_dict`."""
+def element_from_dict(d: dict, what: str = "the element") -> GroupElement:
+    """Rebuild an element from :meth:`GroupElement.to_dict`, refusing a record that is no invertible map or not
+    the map it says (``GroupElement.validate``; ``what`` names it in the message)."""
+    if not isinstance(d, dict) or "type" not in d:
+        raise InvalidOptionError(f"{what}: not a group element record (a dict with a 'type'); got {type(d).__name__}.")
     phi = d.get("phi", "identity")
     phi = tuple(phi) if isinstance(phi, list) else phi
-    if d["type"] == "scaled_permutation":
-        scale = None if d["scale"] is None else torch.tensor(d["scale"], dtype=torch.float64)
-        return ScaledPermutation(torch.tensor(d["perm"]), scale, phi, d.get("group", ""))
-    if d["type"] == "dense":
-        inv = torch.tensor(d["inverse"], dtype=torch.float64) if d.get("inverse") is not None else None
-        return Dense(torch.tensor(d["M"], dtype=torch.float64), phi, d.get("group", ""), d.get("orthogonal", False),
-                     inv, d.get("cond"))
-    raise InvalidOptionError(f"unknown group element type {d['type']!r}; known: 'scaled_permutation', 'dense'.")
+    try:
+        if d["type"] == "scaled_permutation":
+            perm = d["perm"]
+            if not isinstance(perm, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in perm):
+                raise InvalidOptionError(f"{what}: its perm is not a permutation: a list of integer indices; got "
+                                         f"{str(perm)[:80]}.")
+            scale = None if d["scale"] is None else torch.tensor(d["scale"], dtype=torch.float64)
+            return ScaledPermutation(torch.tensor(perm, dtype=torch.long), scale, phi, d.get("group", "")).validate(what)
+        if d["type"] == "dense":
+            inv = torch.tensor(d["inverse"], dtype=torch.float64) if d.get("inverse") is not None else None
+            return Dense(torch.tensor(d["M"], dtype=torch.float64), phi, d.get("group", ""), d.get("orthogonal", False),
+                         inv, d.get("cond")).validate(what)
+    except KeyError as exc:
+        raise InvalidOptionError(f"{what}: its {d['type']!r} record has no {exc.args[0]!r}.") from None
+    except (TypeError, ValueError) as exc:
+        if isinstance(exc, InvalidOptionError):
+            raise
+        raise InvalidOptionError(f"{what}: its record does not hold numbers of the right shape: {exc}") from None
+    raise InvalidOptionError(f"{what}: unknown group element type {d['type']!r}; known: 'scaled_permutation', 'dense'.")

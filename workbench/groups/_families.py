@@ -64,11 +64,23 @@ class Group:
         return e
 
     def contains(self, element: GroupElement, atol: float = 1e-9) -> bool:
-        """Whether ``element``'s matrix lies in this group (to ``atol``)."""
-        return element.n == self.n and self._contains(element.matrix(), atol)
+        """Whether ``element``'s matrix lies in this group (to ``atol``). A scaled permutation is judged from its
+        permutation and scalings (no n×n matrix) where the family can."""
+        if element.n != self.n:
+            return False
+        if isinstance(element, ScaledPermutation):
+            scale = element.scale.detach().double().cpu() if element.scale is not None else torch.ones(self.n, dtype=torch.float64)
+            found = self._contains_monomial(element.perm.cpu(), scale, atol)
+            if found is not None:
+                return bool(found)
+        return self._contains(element.matrix(), atol)
 
     def _contains(self, M: torch.Tensor, atol: float) -> bool:
         raise NotImplementedError
+
+    def _contains_monomial(self, perm: torch.Tensor, scale: torch.Tensor, atol: float) -> Optional[bool]:
+        """Whether ``diag(scale)·P`` (perm a permutation, scale nonzero) lies in this group; None: ask ``_contains``."""
+        return None
 
     def offset(self, element: GroupElement) -> Optional[torch.Tensor]:
         """c(M), float64 ``[n]``, with σ(Mx) = φ(M)σ(x) + c(M); None for a purely linear intertwiner.
@@ -98,6 +110,10 @@ class Group:
 
     def __hash__(self):
         return hash((type(self).__name__, self.n))
+
+
+def _unit(scale: torch.Tensor, atol: float) -> bool:
+    return bool(torch.allclose(scale, torch.ones_like(scale), atol=atol, rtol=0))
 
 
 def _is_monomial(M: torch.Tensor, atol: float) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
@@ -148,6 +164,9 @@ class GeneralLinear(Group):
     def _contains(self, M, atol):
         return bool(torch.linalg.matrix_rank(M) == self.n)
 
+    def _contains_monomial(self, perm, scale, atol):
+        return bool((scale != 0).all())
+
 
 class Orthogonal(Group):
     name, label, continuous = "orthogonal", "O(n): rotations and reflections", True
@@ -167,6 +186,9 @@ class Orthogonal(Group):
     def _contains(self, M, atol):
         ok = torch.allclose(M @ M.T, torch.eye(self.n, dtype=M.dtype), atol=atol, rtol=0)
         return bool(ok and (not self.special or torch.linalg.det(M) > 0))
+
+    def _contains_monomial(self, perm, scale, atol):
+        return None if self.special else _unit(scale.abs(), atol)
 
 
 class OrthogonalOnes(Group):
@@ -196,6 +218,9 @@ class OrthogonalOnes(Group):
     def _contains(self, M, atol):
         ones = torch.ones(self.n, dtype=M.dtype)
         return bool(Orthogonal(self.n)._contains(M, atol) and torch.allclose(M @ ones, ones, atol=atol, rtol=0))
+
+    def _contains_monomial(self, perm, scale, atol):
+        return _unit(scale, atol)  # M·1 = scale: a monomial fixing 1 is a permutation
 
 
 class RotaryCommutant(Group):
@@ -334,6 +359,9 @@ class Permutation(Group):
         mono = _is_monomial(M, atol)
         return mono is not None and bool(torch.allclose(mono[1], torch.ones_like(mono[1]), atol=atol))
 
+    def _contains_monomial(self, perm, scale, atol):
+        return _unit(scale, atol)
+
 
 class ScaledPermutationGroup(Group):
     """Permutations times a diagonal: positive (G_ReLU), ±1 (signed), or any nonzero."""
@@ -374,6 +402,13 @@ class ScaledPermutationGroup(Group):
             return bool(torch.allclose(s.abs(), torch.ones_like(s), atol=atol))
         return True
 
+    def _contains_monomial(self, perm, scale, atol):
+        if self.diagonal == "positive":
+            return bool((scale > 0).all())
+        if self.diagonal == "sign":
+            return _unit(scale.abs(), atol)
+        return bool((scale != 0).all())
+
 
 class PositiveDiagonal(Group):
     """Positive scalings without permutations: the group of a per-channel PReLU (one slope per unit)."""
@@ -393,6 +428,9 @@ class PositiveDiagonal(Group):
         mono = _is_monomial(M, atol)
         return mono is not None and bool((mono[0] == torch.arange(self.n)).all() and (mono[1] > 0).all())
 
+    def _contains_monomial(self, perm, scale, atol):
+        return bool((perm == torch.arange(self.n)).all() and (scale > 0).all())
+
 
 class Trivial(Group):
     """Only the identity: what an empirical search returns when not even permutations commute."""
@@ -404,6 +442,9 @@ class Trivial(Group):
 
     def _contains(self, M, atol):
         return bool(torch.allclose(M, torch.eye(self.n, dtype=M.dtype), atol=atol, rtol=0))
+
+    def _contains_monomial(self, perm, scale, atol):
+        return bool((perm == torch.arange(self.n)).all()) and _unit(scale, atol)
 
 
 # ---------------------------------------------------------------------- the registry

@@ -52,6 +52,10 @@ class _ChannelPermutations(OnBase):
             return False
         return self._keeps((M.abs() > atol).float().argmax(dim=1))
 
+    def _contains_monomial(self, perm, scale, atol):
+        base = self.base._contains_monomial(perm, scale, atol)
+        return None if base is None else bool(base and self._keeps(perm))
+
     def _perm(self, g: torch.Generator) -> torch.Tensor:
         raise NotImplementedError
 

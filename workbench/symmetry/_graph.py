@@ -34,6 +34,26 @@ _BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 _PASS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.Identity)
 _AVG = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d)
 _MAX = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d)
+
+
+def computed_weights(m: nn.Module) -> str:
+    """Why ``m`` (or a module inside it) has a weight computed at each forward rather than held as a parameter:
+    a ``torch.nn.utils.parametrize`` parametrization (``parametrizations.weight_norm`` is one), or a weight set as a
+    plain tensor attribute that a forward pre-hook recomputes (the hook-based ``weight_norm``, ``spectral_norm``).
+    "" when every weight is a parameter."""
+    from torch.nn.utils import parametrize
+
+    for sub_name, sub in m.named_modules():
+        where = f"{sub_name}." if sub_name else ""
+        if parametrize.is_parametrized(sub):
+            names = ", ".join(f"{where}{k}" for k in sub.parametrizations.keys())
+            return f"{names} is computed by a parametrization (torch.nn.utils.parametrize)"
+        for attr, value in vars(sub).items():
+            if isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter) and attr in ("weight", "bias"):
+                return f"{where}{attr} is computed before each forward (weight_norm or spectral_norm)"
+    return ""
+
+
 @dataclass
 class Space:
     """One hidden space under construction (a union-find class)."""
@@ -299,6 +319,11 @@ class Graph(TensorOps):
         x = args[0] if args else None
         if x is None:
             self._fresh(node, f"{name} ({type(m).__name__}) reads no traced tensor")
+            return False
+        computed = computed_weights(m)
+        if computed:
+            self._fresh(node, f"{name}: {computed}, not a parameter a transform can write (the next forward would "
+                              f"recompute it from its own parameters)")
             return False
         xs = self.shape(x)
         from ._graph_stream import attention, is_attention, is_leaf, layer_norm, patch_merging

@@ -29,6 +29,7 @@ from typing import Optional
 import torch
 from torch import fx, nn
 
+from .._errors import InvalidOptionError
 from ..groups import Group, ScaledPermutation
 from ._channel_families import OnBase
 
@@ -64,7 +65,11 @@ def with_input_signs(element, record: dict):
     signs = record.get("input_signs")
     if signs is None or not isinstance(element, ScaledPermutation):
         return element
-    return InputSigned(element.perm, element.scale, element.phi_kind, element.group, torch.tensor(signs))
+    signs = torch.as_tensor(signs, dtype=torch.float64)
+    if signs.shape != (element.n,) or not bool((signs.abs() == 1).all()):
+        raise InvalidOptionError(f"a GroupNorm site's input_signs must be {element.n} values, each +1 or -1; got "
+                                 f"{signs.tolist()[:12]}.")
+    return InputSigned(element.perm, element.scale, element.phi_kind, element.group, signs)
 
 
 def before_norm(element) -> Optional[ScaledPermutation]:
@@ -97,6 +102,19 @@ class GroupSigns(OnBase):
 
     def _contains(self, M, atol):
         return self.base._contains(M, atol)
+
+    def _contains_monomial(self, perm, scale, atol):
+        return self.base._contains_monomial(perm, scale, atol)
+
+    def contains(self, element, atol: float = 1e-9) -> bool:
+        """The base family's element, with input signs (if any) ±1 and one value per block of the norm's groups."""
+        if not super().contains(element, atol):
+            return False
+        signs = getattr(element, "signs", None)
+        if signs is None:
+            return True
+        s = signs.double().reshape(-1, self.block)
+        return bool((s.abs() == 1).all() and (s == s[:, :1]).all())
 
 
 # ---------------------------------------------------------------------- the rules

@@ -248,6 +248,10 @@ class WithSign(Group):
     def _contains(self, M, atol):
         return self.base._contains(M, atol) or self.base._contains(-M, atol)
 
+    def _contains_monomial(self, perm, scale, atol):
+        found = [self.base._contains_monomial(perm, s, atol) for s in (scale, -scale)]
+        return None if None in found else any(found)
+
 
 def with_sign(group: Group, space) -> Group:
     """``group`` times a global sign when every constraint on a LayerNorm stream passes one."""

@@ -1,6 +1,7 @@
 """Function-preserving transforms: one group element per site, pushed into writers and readers."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -12,7 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .._errors import InvalidOptionError, UntraceableModelError
+from .._errors import InvalidOptionError, UnknownNameError, UntraceableModelError, WorkbenchError
 from .._memory import keep_freed_memory
 from .._offload import built_alike, offloaded_modules
 from .._progress import ProgressLike, progress_bar, show_progress
@@ -66,13 +67,38 @@ class Transform(Report):
 
     @classmethod
     def from_dict(cls, d: dict) -> "Transform":
-        if d.get("format") != "workbench-transform":
-            raise InvalidOptionError(f"not a workbench transform record: format {d.get('format')!r}, expected 'workbench-transform' "
+        """The transform a :meth:`to_dict` record describes. A record that is no transform is refused, naming what
+        is wrong: each element must be the invertible map it says it is (a permutation of its indices, finite
+        nonzero scalings, an "orthogonal" matrix whose transpose is its inverse, an inverse that is M's), and
+        every element needs its group's name (and every group name and forced site an element). Whether an element
+        is a symmetry of a model is checked where it meets one (:func:`apply_transform`)."""
+        if not isinstance(d, dict) or d.get("format") != "workbench-transform":
+            got = d.get("format") if isinstance(d, dict) else type(d).__name__
+            raise InvalidOptionError(f"not a workbench transform record: format {got!r}, expected 'workbench-transform' "
                                      f"(written by Transform.save / to_dict).")
+        if d.get("version", 1) != 1:
+            raise InvalidOptionError(f"a transform record of version {d.get('version')!r}; this workbench reads version 1.")
+        missing = [k for k in ("elements", "groups") if not isinstance(d.get(k), dict)]
+        if missing:
+            raise InvalidOptionError(f"a transform record needs {' and '.join(map(repr, missing))} (a dict per site); "
+                                     f"this one has {sorted(d)}.")
+        elements, groups = d["elements"], d["groups"]
+        if set(elements) != set(groups):
+            raise InvalidOptionError(
+                f"the record's elements and groups name different sites: elements without a group "
+                f"{sorted(set(elements) - set(groups))}, groups without an element {sorted(set(groups) - set(elements))}. "
+                f"Each site needs both (its group's name is what verify reports).")
+        forced = list(d.get("forced", []))
+        if not set(forced) <= set(elements):
+            raise InvalidOptionError(f"the record's forced sites {sorted(set(forced) - set(elements))} have no element; "
+                                     f"forced lists sites of the transform given a map outside their group.")
+        seed = d.get("seed")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise InvalidOptionError(f"the record's seed {seed!r} is not an int (or null).")
         from ._graph_groupnorm import with_input_signs  # a GroupNorm site's signs on its input (DERIVATIONS §9)
 
-        return cls({k: with_input_signs(element_from_dict(v), v) for k, v in d["elements"].items()}, d["groups"], d["forced"],
-                   d["seed"], d["model"], d["affine"])
+        return cls({k: with_input_signs(element_from_dict(v, f"the element for site {k!r}"), v)
+                    for k, v in elements.items()}, dict(groups), forced, seed, d.get("model", ""), bool(d.get("affine", False)))
 
     def save(self, path: Union[str, Path]) -> None:
         """Write the record as JSON (elements as plain numbers; no pickle)."""
@@ -95,8 +121,10 @@ def random_intertwiner(model: nn.Module, seed: SeedLike = 0, sites: Optional[Ite
     """A new model with a random element of each site's own group pushed into its weights.
 
     Returns ``(new_model, transform)``; the input model is not modified (unless ``inplace=True``).
-    ``seed`` is an int, None, a ``torch.Generator`` or a NumPy ``Generator``; the transform records the
-    effective int seed, which reproduces it.
+    ``seed`` is an int, None, a ``torch.Generator`` or a NumPy ``Generator`` (one draw is taken from a
+    generator, which advances); the transform records the effective int seed, which reproduces it.
+    ``inplace=True`` rewrites the values of the model's own parameters (the same objects): their ``.grad``
+    and any optimizer state (Adam's moments) stay in the old basis — zero them, or make a new optimizer.
     ``sites`` picks site names (default: all sites of ``wb.symmetry_map(model, example)``; ``example``
     is an input batch, needed when the input size cannot be guessed); ``scale_sigma`` is the σ of the
     log-normal scalings — a σ whose scalings the model's dtype cannot hold is refused. ``group``
@@ -116,7 +144,7 @@ def random_intertwiner(model: nn.Module, seed: SeedLike = 0, sites: Optional[Ite
     """
     shown = show_progress(progress)  # (a bad value is refused here)
     # one_call: the layout backend's views of the model's weights, read by the map and the push, made once
-    with progress_bar(total=3, desc="random_intertwiner", unit="step", progress=True) if shown else _QUIET as bar, one_call():
+    with _no_values_refused(model, "random_intertwiner"), progress_bar(total=3, desc="random_intertwiner", unit="step", progress=True) if shown else _QUIET as bar, one_call():
         bar.set_postfix_str("symmetry map")
         gen, seed = as_generator(seed)  # the effective int seed is what the Transform records
         smap = _traced_map(model, example, affine, "random_intertwiner")
@@ -308,16 +336,86 @@ def apply_transform(model: nn.Module, transform: Transform, *, example: Optional
     """A new model with ``transform``'s elements pushed into ``model`` (which is not modified).
 
     ``example`` is an input batch (needed when the input size cannot be guessed). A transform the
-    model's dtype cannot hold (weights that would overflow) is refused before anything is written."""
-    with one_call():  # (see random_intertwiner)
+    model's dtype cannot hold (weights that would overflow) is refused before anything is written, and so
+    is one that is not a symmetry of *this* model: each element (unless listed in ``transform.forced``)
+    must be in its site's group here, with the site's φ — a transform drawn on another model whose map
+    differs (another activation, a LayerNorm gain of 1 or not, a site frozen on one) is refused, naming
+    the site."""
+    with _no_values_refused(model, "apply_transform"), one_call():  # (see random_intertwiner)
         smap = _traced_map(model, example, transform.affine, "apply_transform")
         for name, e in transform.elements.items():
-            site = smap[name]
+            try:
+                site = smap[name]
+            except UnknownNameError as exc:
+                raise UnknownNameError(f"the transform names site {name!r}, which {type(model).__name__} does not have "
+                                       f"(was the transform made for another model, or is the site frozen or skipped "
+                                       f"here: wb.symmetry_map(model).skipped says why): {exc}") from None
             if site.n != e.n:
                 raise InvalidOptionError(f"the transform's element for {name!r} acts on {e.n} dimensions; the site has {site.n}.")
+            e.validate(f"the transform's element for site {name!r}")
             if site.embeds and name not in transform.forced:
                 _check_host(site, e, transform.elements)
-        return _push(model, smap, transform, inplace)
+        members = [(smap[name], e) for name, e in transform.elements.items()
+                   if name not in transform.forced and not smap[name].embeds]
+        # Membership is checked before an in-place push (which must not write a refused element), and after a push
+        # into a copy, so that the push's own, more specific refusals (a GroupNorm or a grouped conv that a
+        # permutation crosses) speak first; a refused copy is dropped.
+        if inplace:
+            for site, e in members:
+                _check_member(model, site, e, transform.groups.get(site.name, "?"))
+        new_model = _push(model, smap, transform, inplace)
+        if not inplace:
+            for site, e in members:
+                _check_member(model, site, e, transform.groups.get(site.name, "?"))
+        return new_model
+
+
+@contextlib.contextmanager
+def _no_values_refused(model: nn.Module, verb: str):
+    """A model whose weights are on the ``meta`` device (built under ``torch.device("meta")``, never loaded) has no
+    values to transform: torch's own error from deep inside the map or the push ("Tensor.item() cannot be called on
+    meta tensors") becomes a refusal saying so. Looked at only when something failed (accelerate's offloaded
+    weights are on ``meta`` too, and transform as they are served)."""
+    try:
+        yield
+    except (RuntimeError, NotImplementedError) as exc:
+        if isinstance(exc, WorkbenchError):
+            raise
+        meta = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+        if not meta or offloaded_modules(model):
+            raise
+        raise InvalidOptionError(
+            f"{verb}: {type(model).__name__}'s weights are on the meta device ({len(meta)} parameters, e.g. {meta[0]!r}): "
+            f"they have shapes but no values, so there is nothing to transform. Load the weights first "
+            f"(model.to_empty(device='cpu') and load_state_dict, or from_pretrained).") from exc
+
+
+def _check_member(model: nn.Module, site: Site, e: GroupElement, drawn_from: str) -> None:
+    """A transform replayed on a model (another one, the same one edited, one whose map differs: a LayerNorm gain
+    of 1 gives rotations, a GELU only permutations) must be a symmetry of *that* model's site: its element in the
+    site's group, and the readers undoing φ of the site's own activation (φ(M) = M for a ReLU, M^{⊙2} for x²).
+    Otherwise the push changes the function while the transform says it is a symmetry."""
+    phi = site.group.phi
+    if e.phi_kind != phi and not (isinstance(e, ScaledPermutation) and e.scale is None):  # φ(P) = P for every φ
+        raise InvalidOptionError(
+            f"site {site.name!r} of {type(model).__name__}: the transform's element moves the activation after the "
+            f"nonlinearity by φ = {_phi_text(e.phi_kind)}, but this model's site ({site.activation}, group "
+            f"{site.group.name}) moves it by φ = {_phi_text(phi)}: the element was drawn for another activation (was "
+            f"the transform made for another model?), and pushing it would change the function. Draw a transform "
+            f"for this model (wb.random_intertwiner), or list the site in the transform's forced sites for a "
+            f"negative control.")
+    if not site.group.contains(e):
+        raise InvalidOptionError(
+            f"site {site.name!r} of {type(model).__name__}: the transform's element ({type(e).__name__}, drawn from "
+            f"{drawn_from}) is not in the site's group {site.group.name} ({site.group.label}): it is not a symmetry "
+            f"of this model, whose map differs from the one the transform was drawn on (another activation, a "
+            f"LayerNorm gain that is or is not all ones, a site frozen or shared), or the record was edited. "
+            f"Draw a transform for this model (wb.random_intertwiner), or list the site in the transform's forced "
+            f"sites for a negative control.")
+
+
+def _phi_text(phi) -> str:
+    return {"identity": "M", "abs": "abs(M)"}.get(phi, f"M^{phi[1]}" if isinstance(phi, tuple) else str(phi))
 
 
 def _check_host(site: Site, element: GroupElement, elements: dict) -> None:

@@ -175,7 +175,9 @@ def verify(model: nn.Module, new_model: nn.Module, inputs: torch.Tensor, transfo
     the map of ``model`` traced on the first example of ``inputs``. Without a transform, or when no
     site could be checked, the verdict is ``"NOT CHECKED"``, never ``"PASS"``.
     ``dtype=torch.float64`` re-applies ``transform`` to a float64 copy of ``model`` for an exactness
-    check. The tolerance comes from the dtype.
+    check; ``new_model`` must then be what ``transform`` makes of ``model`` (its weights are compared with the
+    transform's replay, and a new model edited after the draw, or made by another transform, is refused). The
+    tolerance comes from the dtype.
 
     TransformerLens decoders are compared by log-probabilities (logits may shift by a constant),
     with the mean KL divergence and top-1 agreement over all positions; ``inputs`` are tokens.
@@ -209,6 +211,8 @@ def _verify(model, new_model, inputs, transform, dtype, tolerance, bar) -> Invar
             f"dtype. {advice}")
     if dtype is not None:
         bar.set_postfix_str(f"{str(dtype).replace('torch.', '')} copy")
+        if transform is not None:
+            _check_made_by(model, new_model, transform, example)
         model = backend.clone(model, dtype)
         inputs = inputs.to(dtype) if inputs.is_floating_point() else inputs
         example = backend.example(inputs)
@@ -344,6 +348,44 @@ def _verify(model, new_model, inputs, transform, dtype, tolerance, bar) -> Invar
     return InvarianceReport(cmp.max_abs, cmp.max_rel, top1, tol, str(run_dtype).replace("torch.", ""), checks,
                             compared, kl, floor, rule, cmp.worst(), ties, not_checked, cmp.finite,
                             outputs_zero=cmp.zero)
+
+
+def _check_made_by(model: nn.Module, new_model: nn.Module, transform: Transform, example) -> None:
+    """``verify(dtype=...)`` judges ``transform`` re-applied to a copy of ``model`` in that dtype, never running
+    ``new_model``: its verdict speaks for ``new_model`` only if ``new_model`` is what the transform makes of
+    ``model``. Checked here on the weights: the transform replayed on ``model`` in its own dtype against
+    ``new_model``'s tensors, name by name, to a few units of rounding (a replay gives the same bits). A new model
+    edited after its transform was drawn, or made by another draw, is refused, naming the first tensor that
+    differs."""
+    replay = apply_transform(model, transform, example=example)
+    want = replay.state_dict()
+    got = new_model.state_dict()
+    if set(want) != set(got):
+        raise InvalidOptionError(
+            f"verify(dtype=...): new_model is not what the transform makes of model: their tensors have different "
+            f"names (only in new_model: {sorted(set(got) - set(want))[:3]}, only in the transform's replay: "
+            f"{sorted(set(want) - set(got))[:3]}). verify(dtype=...) checks the transform re-applied to a copy of "
+            f"model and never runs new_model; verify without dtype to compare new_model itself.")
+    for name, a in want.items():
+        b = got[name]
+        if not (a.is_floating_point() and b.is_floating_point()):
+            continue  # counters (a BatchNorm's num_batches_tracked) and masks: no part of the function in eval mode
+        b = b.to(device=a.device, dtype=a.dtype)
+        if a.shape != b.shape:
+            differs = f"shape {tuple(b.shape)} where the replay has {tuple(a.shape)}"
+        elif torch.equal(a, b):
+            continue
+        else:
+            gap = (a.double() - b.double()).abs().max().item()
+            peak = a.double().abs().max().item()
+            if gap <= 8 * torch.finfo(a.dtype).eps * max(peak, torch.finfo(a.dtype).tiny):
+                continue
+            differs = f"values up to {gap:.3g} away from the replay's (largest |value| {peak:.3g})"
+        raise InvalidOptionError(
+            f"verify(dtype=...): new_model is not what the transform makes of model: its {name!r} has {differs} "
+            f"(edited after the transform was drawn, or made by another transform?). verify(dtype=...) checks the "
+            f"transform re-applied to a copy of model and never runs new_model, so its verdict would not be about "
+            f"new_model; verify without dtype compares new_model itself, or pass the transform that made it.")
 
 
 def _sites(model: nn.Module, transform: Optional[Transform], example) -> tuple[list[Site], list, object]:
