@@ -613,14 +613,11 @@ def test_writes_outside_torch_calls_and_version_counters_are_a_documented_limita
 
 
 # ---------------------------------------------------------------- torch.compile
-class Compiled(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 4)
+class Compiled(Inner):
+    """Inner with a second in-place write (an indexed assignment) for the compiler to trace."""
 
     def forward(self, x):
-        h = self.a(x)
-        h.relu_()
+        h = self.a(x).relu_()
         h[:, 0] = 5.0
         return self.b(h)
 

@@ -20,14 +20,15 @@ def _where(views: dict) -> dict:
             for k, v in views.items()}
 
 
-def _counted(monkeypatch) -> list:
+def _counted(monkeypatch, module=_layout, name: str = "_canonical_views") -> list:
+    """The models ``module.name`` is called with from now on (the function itself still runs)."""
     calls = []
-    real = _layout._canonical_views
+    real = getattr(module, name)
 
     def spy(model):
         calls.append(model)
         return real(model)
-    monkeypatch.setattr(_layout, "_canonical_views", spy)
+    monkeypatch.setattr(module, name, spy)
     return calls
 
 
@@ -104,13 +105,7 @@ def test_the_structure_check_runs_once_per_transform_and_again_on_the_next_call(
 
     model = build("gpt2", torch.float64)
     wb.random_intertwiner(model, seed=0)
-    checked = []
-    real = _hf._unsupported
-
-    def spy(m):
-        checked.append(m)
-        return real(m)
-    monkeypatch.setattr(_hf, "_unsupported", spy)
+    checked = _counted(monkeypatch, _hf, "_unsupported")
     wb.random_intertwiner(model, seed=1)
     assert checked == [model]  # the map's and the push's question, answered once
     # An edit between two calls is seen by the next one: a module swapped after the model was built is refused.
