@@ -568,3 +568,21 @@ def test_an_integer_site_is_refused_not_read_as_a_position(pair, blobs):
         insertion_test(a, 1, "relu", blobs, epochs=0, repeats=1, reinit=False)
     with pytest.raises(InvalidOptionError, match="site must be a site name"):
         stitch(a, b, (1, "3"), "gl", blobs, epochs=0)
+
+
+def test_training_bars_follow_the_progress_convention(capsys):
+    # Epoch bars used to be shown whenever epochs >= 2, in scripts and under `workbench reproduce --quiet` too.
+    # Now: None (the default) shows one in a Jupyter notebook only, True always, False never; a bad value is refused.
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    x = torch.randn(64, 4)
+    y = net(x).argmax(1).detach()
+    for verb, desc in ((lambda **kw: wb.stitching.stitch(net, net, "1", "relu", (x, y), epochs=2, **kw), "stitch "),
+                       (lambda **kw: wb.stitching.insertion_test(net, "1", "relu", (x, y), epochs=2, repeats=1, **kw),
+                        "retrain after 1")):
+        verb()
+        assert desc not in capsys.readouterr().err
+        verb(progress=True)
+        assert desc in capsys.readouterr().err
+        with pytest.raises(InvalidOptionError, match="progress="):
+            verb(progress="yes")

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from .._errors import InvalidOptionError, check_option
+from .._progress import ProgressLike, show_progress
 from .._report import Report, new_axes
 from ..groups import Group, GroupElement, get_group
 from ._cut import Cut, site_label
@@ -101,7 +102,7 @@ class InsertionResult(Report):
 def insertion_test(model: nn.Module, site: str, group: Union[str, Group] = "orthogonal", data=None, epochs: int = 3,
                    repeats: int = 3, seed: int = 0, *, eval_data=None, val_data=None, lr: float = 1e-3,
                    batch_size: int = 128, reinit: bool = True, control: bool = True, weight_decay: float = 0.0,
-                   lr_schedule: Optional[str] = None, report: str = "last") -> InsertionResult:
+                   lr_schedule: Optional[str] = None, report: str = "last", progress: ProgressLike = None) -> InsertionResult:
     """Insert a fixed random element of ``group`` before ``site``'s nonlinearity, retrain what follows.
 
     The model is not modified (a deep copy is cut). Everything up to the pre-activation is frozen
@@ -119,6 +120,8 @@ def insertion_test(model: nn.Module, site: str, group: Union[str, Group] = "orth
         site: a site of ``wb.symmetry_map(model)`` whose hook is an activation module.
         group: a registry name (``"relu"``, ``"orthogonal"``, ``"gl"``, …) or a Group on the site's channels.
         data: a ConceptDataset or ``(inputs [N, ...], labels [N])``.
+        progress: a bar over each retraining's epochs: True, False, or None (the default) for one in a Jupyter
+            notebook only.
 
     Example:
         >>> import torch, workbench as wb
@@ -129,6 +132,7 @@ def insertion_test(model: nn.Module, site: str, group: Union[str, Group] = "orth
         100.0
     """
     epochs = check_epochs(epochs)
+    show_progress(progress)  # (a bad value is refused before anything runs)
     check_batch(batch_size, lr)
     if isinstance(group, str) and group.strip().lower() == "identity":
         # The registry's "identity" is the identity activation's group (GL: a random dense M), while a stitch's
@@ -198,7 +202,8 @@ def insertion_test(model: nn.Module, site: str, group: Union[str, Group] = "orth
         tail.train()
         curve = fit(lambda idx: tail(*[v[idx] for v in train_vals]), params, y, epochs, lr=lr, batch_size=batch_size,
                     gen=torch.Generator().manual_seed(int(seed) + 1), after_epoch=after_epoch,
-                    weight_decay=weight_decay, lr_schedule=lr_schedule, desc=f"retrain after {site}")
+                    weight_decay=weight_decay, lr_schedule=lr_schedule, desc=f"retrain after {site}",
+                    progress=progress)
         tail.eval()
         if report == "best" and best["state"] is not None:
             tail.load_state_dict(best["state"])

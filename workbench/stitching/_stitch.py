@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from .._errors import InvalidOptionError, check_option
+from .._progress import ProgressLike, show_progress
 from .._report import Report, new_axes
 from .._repr import tensor_summary
 from ..groups import Group, GroupElement
@@ -118,7 +119,7 @@ def stitch(model_a: nn.Module, model_b: nn.Module, site: Union[str, tuple[str, s
            data=None, epochs: int = 5, seed: int = 0, *, eval_data=None, val_data=None, bn: str = "frozen",
            lr: Optional[float] = None, batch_size: int = 128, init=None, bias: Optional[bool] = None,
            optimizer: str = "adam", weight_decay: float = 0.0, l1: float = 0.0, report: str = "last",
-           skip: str = "mapped", bn_examples: Optional[int] = None) -> StitchResult:
+           skip: str = "mapped", bn_examples: Optional[int] = None, progress: ProgressLike = None) -> StitchResult:
     """Train a stitching layer from model A's activation at ``site`` into model B; report the penalty.
 
     Both models stay frozen and unmodified (each is deep-copied). The cut is a position in the
@@ -153,6 +154,8 @@ def stitch(model_a: nn.Module, model_b: nn.Module, site: Union[str, tuple[str, s
         l1: LASSO weight α for linear stitches (``"gl"``, ``"low_rank:k"``): α·Σ|W| is added to the loss.
         report: ``"last"`` (the map after the last epoch) or ``"best"`` (the epoch with the best
             accuracy on ``val_data``; recorded as ``best_epoch``).
+        progress: a bar over the training epochs: True, False, or None (the default) for one in a Jupyter
+            notebook only.
 
     Example:
         >>> import torch, workbench as wb
@@ -164,6 +167,7 @@ def stitch(model_a: nn.Module, model_b: nn.Module, site: Union[str, tuple[str, s
     """
     spec = parse_stitch_group(group)
     epochs = check_epochs(epochs)
+    show_progress(progress)  # (a bad value is refused before anything runs)
     check_option("bn", bn, BN_MODES)
     check_option("report", report, REPORTS)
     check_option("skip", skip, SKIP_MODES)
@@ -259,7 +263,7 @@ def stitch(model_a: nn.Module, model_b: nn.Module, site: Union[str, tuple[str, s
     curve = fit(lambda idx: run(acts, idx), [g for g in groups if g["params"]], y, epochs, lr=step,
                 batch_size=batch_size, gen=gen, regulariser=reg, on_epoch=schedule, after_step=project,
                 after_epoch=after_epoch, optimizer=optimizer, weight_decay=weight_decay,
-                desc=f"stitch {spec.name} at {site_b}") if params else []
+                desc=f"stitch {spec.name} at {site_b}", progress=progress) if params else []
     _set_bn_train(cut_b, False)
     if report == "best" and best["state"] is not None:
         for k, m in layers.items():

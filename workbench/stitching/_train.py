@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._errors import InvalidOptionError, OutOfRangeError
+from .._progress import ProgressLike, progress_bar
 
 
 def as_xy(data, name: str = "data") -> tuple[torch.Tensor, torch.Tensor]:
@@ -137,7 +138,7 @@ def fit(forward: Callable[[torch.Tensor], torch.Tensor], params: Sequence, label
         regulariser: Optional[Callable[[], torch.Tensor]] = None, on_epoch: Optional[Callable[[int], None]] = None,
         after_step: Optional[Callable[[], None]] = None, after_epoch: Optional[Callable[[int], dict]] = None,
         optimizer: str = "adam", weight_decay: float = 0.0, lr_schedule: Optional[str] = None,
-        desc: str = "training") -> list[dict]:
+        desc: str = "training", progress: ProgressLike = None) -> list[dict]:
     """Minimise cross-entropy of ``forward(indices)`` over ``params``; return the per-epoch curve.
 
     ``params``: parameters, or torch parameter groups (dicts) for per-group weight decay.
@@ -146,9 +147,8 @@ def fit(forward: Callable[[torch.Tensor], torch.Tensor], params: Sequence, label
     ``on_epoch(e)`` runs before epoch ``e`` (a schedule: e.g. unfreeze scales half-way);
     ``after_step()`` after every optimiser step (a projection back onto a constraint set);
     ``after_epoch(e)`` after epoch ``e``, its dict is merged into that epoch's curve entry (an evaluation).
+    ``progress``: a bar over the epochs (True, False, or None for one in a Jupyter notebook only); none for one epoch.
     """
-    from tqdm.auto import tqdm
-
     params = list(params)
     opt = None
     if params:
@@ -157,7 +157,7 @@ def fit(forward: Callable[[torch.Tensor], torch.Tensor], params: Sequence, label
     sched = (torch.optim.lr_scheduler.StepLR(opt, step_size=max(1, epochs // 4), gamma=0.5)
              if opt is not None and lr_schedule == "step" else None)
     curve = []
-    for epoch in tqdm(range(epochs), desc=desc, leave=False, disable=epochs < 2):
+    for epoch in progress_bar(range(epochs), desc=desc, leave=False, progress=progress if epochs >= 2 else False):
         if on_epoch is not None:
             on_epoch(epoch)
         total, correct = 0.0, 0
