@@ -46,7 +46,7 @@ def main(argv=None) -> int:
                                          "JSON and page")
     r.add_argument("experiment", choices=EXPERIMENTS)
     r.add_argument("--budget", choices=BUDGETS, default="quick",
-                   help="quick (≤ 10 min, the default), paper (the paper's protocol at CPU scale: hours) or smoke")
+                   help="quick (seconds to minutes, the default), paper (the paper's protocol at CPU scale: hours) or smoke")
     r.add_argument("--out", type=Path, default=None,
                    help="folder for <experiment>.json/.md (default: docs/results for paper, report/reproduce-<budget> else)")
     r.add_argument("--runs", type=Path, default=None, help="folder of the per-run records (default: <out>/.runs)")

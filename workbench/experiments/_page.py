@@ -22,7 +22,7 @@ def header(doc: dict, title: str) -> list[str]:
     t = doc["timing"]
     budget = doc["budget"]
     note = {"paper": "the paper's protocol at the scale this CPU allows",
-            "quick": "**quick budget** (≤ 10 minutes): too small to compare with the paper; "
+            "quick": "**quick budget** (seconds to minutes): too small to compare with the paper; "
                      "rerun with `--budget paper` for the numbers quoted in docs/results.md",
             "smoke": "**smoke budget**: a test of the machinery, not a result"}.get(budget, budget)
     day = datetime.datetime.fromtimestamp(t["finished"], datetime.timezone.utc).date().isoformat()
