@@ -5,6 +5,7 @@ Each model writes into a captured value by some route; the reference is computed
 (``ActivationOverwrittenError``); a documented limitation is pinned as such. Negative controls show that a
 hand-written hook keeping a reference gets the wrong value in the same model, so the reference would catch it.
 """
+import copy
 import threading
 
 import numpy as np
@@ -665,3 +666,28 @@ def test_a_value_that_is_the_callers_input_is_refused_once_the_input_is_written(
         x.copy_(torch.randn(3, 4))  # a loop refilling its input buffer for the next batch
     with pytest.raises(ActivationOverwrittenError, match="'0' is no longer"):
         cache["0"]
+
+
+def test_a_copy_made_inside_an_open_capture_does_not_capture_or_fail():
+    # copy.deepcopy copies a module's hook dicts. A copy made inside the block (random_intertwiner's new model, a
+    # user's deepcopy) used to carry a deep copy of the whole capture, captured values included: its forwards ran
+    # that second capture, which refused them (ActivationOverwrittenError naming every name) and kept running after
+    # the block. Now the copy's hooks share the capture and ignore modules they were not registered on.
+    torch.manual_seed(0)
+    model, x = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)).eval(), torch.randn(3, 4)
+    with torch.no_grad():
+        want = model(x).clone()
+        with wb.capture(model) as cache:
+            model(x)
+            new, t = wb.random_intertwiner(model, seed=0)
+            before = {k: len(cache.calls(k)) for k in cache}
+            out = new(x)
+            twin = copy.deepcopy(model)
+            twin(x)
+            assert {k: len(cache.calls(k)) for k in cache} == before
+        for _ in range(2):  # after the block too: the copies run as plain models
+            assert torch.allclose(new(x), want, atol=1e-5) and torch.equal(twin(x), want)
+    assert torch.allclose(out, want, atol=1e-5)
+    assert {k: len(cache.calls(k)) for k in cache} == before
+    assert torch.equal(cache.calls("2")[0], want)
+    assert no_hooks_left(model)

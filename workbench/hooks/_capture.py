@@ -29,7 +29,10 @@ class capture:
     exception or KeyboardInterrupt, and hooks that were on the model before stay untouched. The
     model's forward runs exactly once per call: values about to be overwritten in place are copied
     just before the write, and a forward that raises leaves none of its values behind
-    (``cache.failures`` says what it did not reach).
+    (``cache.failures`` says what it did not reach). Every forward of ``model`` while the block is open
+    is recorded, including those a workbench verb runs on it (``symmetry_map``'s one-example run inside
+    ``random_intertwiner``, ``verify``'s forwards): call those outside the block. A copy of the model made
+    inside the block (``copy.deepcopy``, ``random_intertwiner``'s new model) records nothing.
 
     Args:
         model: any ``torch.nn.Module`` (hook names = ``named_modules()`` paths) or a TransformerLens

@@ -219,6 +219,16 @@ class _Capture:
         self._canon_of = {k: c for c, k in self.key_of.items()}
         self.reset()
 
+    def __deepcopy__(self, memo):
+        # A hook of this capture is a bound method or a closure over it; copy.deepcopy of a module copies its hook
+        # dicts, and deep-copied a bound method's capture with everything it held (every captured value) into the
+        # copy (random_intertwiner's new model, made inside an open capture block), whose forwards then ran that
+        # second capture forever. The copy's hooks share this capture instead, and do nothing there (_make_hook).
+        return self
+
+    def __copy__(self):
+        return self
+
     def reset(self) -> None:
         """Forget everything captured so far (a new context; harvest empties the capture after every batch)."""
         self.calls: dict[str, list[torch.Tensor]] = {}  # a new dict: a cache handed out earlier keeps its own
@@ -280,15 +290,22 @@ class _Capture:
 
     # ------------------------------------------------------------------ per-module hook
     def _make_hook(self, canon: str, key: str) -> Callable:
-        convert = _conversion(self.points.modules[canon])
+        # A hook fires only for the module it was registered on: copy.deepcopy copies a module's hook dicts, so a
+        # copy made while the capture is open (random_intertwiner's new model, a user's deepcopy) carries this
+        # hook, and its forwards must not land in this cache (they did, and the root check then took the copy's
+        # values for overwritten ones and refused the whole forward).
+        own = self.points.modules[canon]
+        convert = _conversion(own)
         store = self._store
 
         if convert is None:
             def hook(module, args, output):
-                store(canon, key, output)
+                if module is own:
+                    store(canon, key, output)
         else:
             def hook(module, args, output):
-                store(canon, key, convert.convert(output))
+                if module is own:
+                    store(canon, key, convert.convert(output))
         return hook
 
     def _store(self, canon: str, key: str, output: Any) -> None:
@@ -431,6 +448,8 @@ class _Capture:
 
     # ------------------------------------------------------------------ root forward bookkeeping
     def _root_pre(self, module, args, kwargs):
+        if module is not self.model:  # a copy of the model carrying this hook (see _make_hook)
+            return
         self._io.update(_storages((args, kwargs)))
         if self._forward is not None:
             if self._called_inside_itself():  # a forward that calls the model again (e.g. on each item of a list)
@@ -453,6 +472,8 @@ class _Capture:
         return False
 
     def _root_post(self, module, args, output):
+        if module is not self.model:
+            return
         self._io.update(_storages(output))
         if self._depth:  # the end of a call made inside the forward: the outer forward is still open
             self._depth -= 1
@@ -462,7 +483,7 @@ class _Capture:
             self.finish_forward()
 
     def _root_failed(self, module, args, output):
-        if self._forward is None:
+        if module is not self.model or self._forward is None:
             return
         if self._inner_ok:  # an inner call that succeeded
             self._inner_ok = False
