@@ -668,7 +668,7 @@ def test_a_value_that_is_the_callers_input_is_refused_once_the_input_is_written(
         cache["0"]
 
 
-def test_a_copy_made_inside_an_open_capture_does_not_capture_or_fail():
+def test_a_copy_made_inside_an_open_capture_and_the_maps_own_run_record_nothing():
     # copy.deepcopy copies a module's hook dicts. A copy made inside the block (random_intertwiner's new model, a
     # user's deepcopy) used to carry a deep copy of the whole capture, captured values included: its forwards ran
     # that second capture, which refused them (ActivationOverwrittenError naming every name) and kept running after
@@ -680,7 +680,10 @@ def test_a_copy_made_inside_an_open_capture_does_not_capture_or_fail():
         with wb.capture(model) as cache:
             model(x)
             new, t = wb.random_intertwiner(model, seed=0)
+            wb.symmetry_map(model, torch.randn(5, 4))
             before = {k: len(cache.calls(k)) for k in cache}
+            # the map's one-example runs are the verb's own: not recorded (only the caller's forward is)
+            assert before == {"0": 1, "1": 1, "2": 1}
             out = new(x)
             twin = copy.deepcopy(model)
             twin(x)

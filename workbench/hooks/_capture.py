@@ -30,9 +30,10 @@ class capture:
     model's forward runs exactly once per call: values about to be overwritten in place are copied
     just before the write, and a forward that raises leaves none of its values behind
     (``cache.failures`` says what it did not reach). Every forward of ``model`` while the block is open
-    is recorded, including those a workbench verb runs on it (``symmetry_map``'s one-example run inside
-    ``random_intertwiner``, ``verify``'s forwards): call those outside the block. A copy of the model made
-    inside the block (``copy.deepcopy``, ``random_intertwiner``'s new model) records nothing.
+    is recorded, including those a verb runs on it on your data (``verify``'s): call those outside the
+    block. Not recorded: the symmetry map's own one-example run (inside ``symmetry_map``,
+    ``random_intertwiner``, ``apply_transform``), and the forwards of a copy of the model made inside the block
+    (``copy.deepcopy``, ``random_intertwiner``'s new model).
 
     Args:
         model: any ``torch.nn.Module`` (hook names = ``named_modules()`` paths) or a TransformerLens

@@ -39,6 +39,7 @@ from torch import nn
 
 from .._errors import (ActivationOverwrittenError, CacheBudgetError, HookNotFiredError,
                        InvalidOptionError, UnsupportedModelError)
+from .._internal_forward import closed, opened, paused
 from .._memory import keep_freed_memory
 from .._repr import human_bytes, parse_bytes
 from ._cache import storage_key
@@ -276,11 +277,13 @@ class _Capture:
             self._handles.append(self.model.register_forward_hook(self._root_failed, always_call=True))
             self._guard = WriteGuard(self)
             self._guard.__enter__()
+            opened(self)
         except BaseException:
             self.detach()
             raise
 
     def detach(self) -> None:
+        closed(self)
         if self._guard is not None:
             _remove_mode(self._guard)
             self._guard = None
@@ -294,17 +297,18 @@ class _Capture:
         # copy made while the capture is open (random_intertwiner's new model, a user's deepcopy) carries this
         # hook, and its forwards must not land in this cache (they did, and the root check then took the copy's
         # values for overwritten ones and refused the whole forward).
+        # Nor for a forward a workbench verb runs for itself (_internal_forward: the symmetry map's example run).
         own = self.points.modules[canon]
         convert = _conversion(own)
         store = self._store
 
         if convert is None:
             def hook(module, args, output):
-                if module is own:
+                if module is own and not paused(self):
                     store(canon, key, output)
         else:
             def hook(module, args, output):
-                if module is own:
+                if module is own and not paused(self):
                     store(canon, key, convert.convert(output))
         return hook
 
@@ -448,7 +452,7 @@ class _Capture:
 
     # ------------------------------------------------------------------ root forward bookkeeping
     def _root_pre(self, module, args, kwargs):
-        if module is not self.model:  # a copy of the model carrying this hook (see _make_hook)
+        if module is not self.model or paused(self):  # a copy of the model carrying this hook, or a verb's own forward
             return
         self._io.update(_storages((args, kwargs)))
         if self._forward is not None:
@@ -472,7 +476,7 @@ class _Capture:
         return False
 
     def _root_post(self, module, args, output):
-        if module is not self.model:
+        if module is not self.model or paused(self):
             return
         self._io.update(_storages(output))
         if self._depth:  # the end of a call made inside the forward: the outer forward is still open
@@ -483,7 +487,7 @@ class _Capture:
             self.finish_forward()
 
     def _root_failed(self, module, args, output):
-        if module is not self.model or self._forward is None:
+        if module is not self.model or self._forward is None or paused(self):
             return
         if self._inner_ok:  # an inner call that succeeded
             self._inner_ok = False

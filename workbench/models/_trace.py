@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
+from .._internal_forward import internal_forward
 from .._offload import own_forward, served
 from ._modes import eval_mode
 
@@ -139,5 +140,5 @@ class _Shapes(fx.Interpreter):
 def propagate_shapes(gm: fx.GraphModule, model: nn.Module, example: torch.Tensor) -> None:
     """Run ``gm`` once on ``example`` (a copy: an in-place op on the input must not touch the user's
     tensor) in eval mode without gradients, recording shapes in ``node.meta["tensor_meta"]``."""
-    with eval_mode(model), torch.no_grad():
+    with eval_mode(model), torch.no_grad(), internal_forward():  # an open wb.capture records nothing of it
         _Shapes(gm, model, tuple(example.shape)).run(example.clone())
