@@ -426,7 +426,7 @@ class PositiveDiagonal(Group):
 
     def _contains(self, M, atol):
         mono = _is_monomial(M, atol)
-        return mono is not None and bool((mono[0] == torch.arange(self.n)).all() and (mono[1] > 0).all())
+        return mono is not None and self._contains_monomial(*mono, atol)
 
     def _contains_monomial(self, perm, scale, atol):
         return bool((perm == torch.arange(self.n)).all() and (scale > 0).all())

@@ -346,8 +346,7 @@ class _Capture:
         if t.layout != torch.strided:  # sparse: no one storage the guard could watch, so a private copy
             if not private:
                 t = t.clone()
-            address, nbytes = storage_key(t)
-            self._count(address, nbytes)
+            self._account(t)
             self._fired.add(key)
             if not self._overflow:
                 self.calls.setdefault(key, []).append(t)

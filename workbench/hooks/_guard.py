@@ -58,6 +58,8 @@ def _known_writers() -> dict:
         F.embedding: _Writes((1,), ("weight",), 3, "max_norm", None),  # renormalises rows of the weight
     })
     return _KNOWN
+
+
 _RULES: dict = {}  # torch callable -> "first" | index of its ``inplace`` parameter | tuple of written args | None
 
 
