@@ -288,11 +288,12 @@ class Graph(TensorOps):
 
             if not node.users:  # read and never used (fx records attribute reads near a leaf call): no value flows
                 return
+            from ._graph_batchnorm import batch_norm_parameter
             from ._graph_groupnorm import group_norm_parameter
 
             if table_parameter(self, node, _attr(self.model, node.target)) or \
                     scale_parameter(self, node, _attr(self.model, node.target)) or \
-                    group_norm_parameter(self, node, _attr(self.model, node.target)):
+                    group_norm_parameter(self, node, _attr(self.model, node.target)) or batch_norm_parameter(self, node):
                 return
             sid = self.new_space(f"parameter {node.target!r} used directly in forward")
             self.info[node] = TensorInfo(sid, "pre")
@@ -373,27 +374,9 @@ class Graph(TensorOps):
 
             return group_norm_module(self, node, m, x, name)
         if isinstance(m, _BN):
-            if not self._channels_first(node, x, f"{name} (BatchNorm)"):
-                return False
-            if not (m.affine and m.track_running_stats):
-                self._fresh(node, f"{name}: BatchNorm without affine parameters or running statistics")
-                return False
-            if x.op == "call_module" and len(x.users) == 1 and self.space(x).writers and self.info[x].level == "pre" \
-                    and any(w_node is x for _, w_node in self.space(x).writers):
-                self.info[x].level = "prebn"  # the writer feeds only this BatchNorm: scalings go on γ, β
-                mode = "output"
-            else:
-                mode = "input"
-                self.space(x).constraints.append(("batchnorm_input", node))
-            self.space(x).norms.append((name, mode, x))
-            # After its writer the norm turns P-moved values into M-moved ones; reading a stream, it keeps
-            # the level it reads (post-activation values move by φ(M), and so does the norm's output).
-            self._out(node, x, level="pre" if mode == "output" else None)
-            place = self._place(name)
-            for pname in ("weight", "bias", "running_mean", "running_var"):
-                self.uses.append(Use(place, f"{name}.{pname}", getattr(m, pname), self.info[x].space, None, node, x,
-                                     mode=mode))
-            return True
+            from ._graph_batchnorm import batch_norm
+
+            return batch_norm(self, node, m, x, name)
         if isinstance(m, _PASS):
             self._out(node, x)
             self._carry_token(node, x)

@@ -44,6 +44,11 @@ class TensorOps:
             elif self.shape(node) is not None:
                 self._fresh(node, f"output {node.args[1]} of {node.args[0].target} (attention weights) is not understood")
             return
+        if fname == "batch_norm" and args:
+            from ._graph_batchnorm import batch_norm_function
+
+            if batch_norm_function(self, node):  # F.batch_norm with a BatchNorm module's own tensors (timm)
+                return
         if fname == "group_norm" and args:
             from ._graph_groupnorm import group_norm_function
 

@@ -222,17 +222,26 @@ def settle_embedded(graph, sites: list, root_of: dict, site_of_space: dict, drop
 
 
 def channel_pad(graph, node: fx.Node, x: fx.Node) -> None:
-    """F.pad with zeros on the channel axis (CIFAR ResNets' option-A shortcut): a space embedding x's."""
+    """F.pad with zeros on the channel axis (CIFAR ResNets' option-A shortcut): a space embedding x's. Zeros on
+    spatial axes only keep x's space: a map acting at each position sends the padded zeros to zeros."""
     pad = node.args[1] if len(node.args) > 1 else node.kwargs.get("pad")
     mode = node.args[2] if len(node.args) > 2 else node.kwargs.get("mode", "constant")
     value = node.args[3] if len(node.args) > 3 else node.kwargs.get("value", 0)
     xs = graph.shape(x)
-    if mode != "constant" or value not in (0, 0.0, None) or xs is None or pad is None:
-        return graph._fresh(node, "a padding that is not zeros")
+    if mode != "constant" or value not in (0, 0.0, None) or xs is None or not isinstance(pad, (list, tuple)):
+        return graph._fresh(node, "a padding that is not zeros, or whose widths are computed in the forward")
     pad = list(pad) + [0] * (2 * len(xs) - len(pad))  # pairs from the last axis backwards
     channel = 2 * (len(xs) - 2)
-    if any(pad[:channel]) or len(pad) > 2 * (len(xs) - 1) and any(pad[channel + 2:]):
-        return graph._fresh(node, "a padding of spatial axes")
+    spatial, ours = pad[:channel], pad[channel:]  # ours: the channel axis's pair, then the batch axis's
+    if any(not isinstance(p, int) for p in ours):
+        return graph._fresh(node, "a padding of the channel or batch axis whose width is computed in the forward")
+    if any(ours[2:]):
+        return graph._fresh(node, "a padding of the batch axis")
+    if any(not isinstance(p, int) or p for p in spatial):  # (a width computed in the forward: timm's "same" padding)
+        if any(ours):
+            return graph._fresh(node, "a padding of spatial axes and channels at once")
+        graph.space(x).offsets_ok = False  # a constant offset would become a border effect
+        return graph._out(node, x)
     before = pad[channel]
     sid = graph.new_space()
     graph.spaces[sid].n = xs[1] + before + pad[channel + 1]
