@@ -451,6 +451,8 @@ def test_base_models_without_their_head_are_read():
         assert float((a - b).abs().max() / a.abs().max()) > 1e-3  # the stream did move
         report = wb.verify(base, new, fam.IDS, transform=t)
         assert report.passed and report.compared == "last hidden states", report.summary()
+        # the output itself moved (above): the verdict's text must say what was compared
+        assert "last hidden state difference in the new basis" in report.summary(), report.summary()
         bad, bt = wb.random_intertwiner(base, seed=0, sites=["resid"], group="orthogonal", allow_non_symmetry=True)
         assert not wb.verify(base, bad, fam.IDS, transform=bt).passed
         with pytest.raises(wb.InvalidOptionError, match="base model"):

@@ -101,10 +101,14 @@ class InvarianceReport(Report):
         return self.verdict == "PASS"
 
     def summary(self) -> str:
-        what = {"log-probabilities": "log-probability", "encoder outputs": "encoder output"}.get(self.compared, "output")
+        what = {"log-probabilities": "log-probability", "encoder outputs": "encoder output",
+                "last hidden states": "last hidden state"}.get(self.compared, "output")
         checked = self.checked
         moved = sum(s.representation_change > 100 * self.tolerance for s in checked)
-        text = (f"{self.verdict}: max relative {what} difference {self.max_rel_diff:.2e} (tolerance "
+        # An encoder's or a base model's output is the residual stream itself: it moves with the stream's element,
+        # and is compared with the original's moved by that element (docs/COVERAGE.md), which the text must say.
+        basis = " in the new basis" if self.compared in ("encoder outputs", "last hidden states") else ""
+        text = (f"{self.verdict}: max relative {what} difference{basis} {self.max_rel_diff:.2e} (tolerance "
                 f"{self.tolerance:.0e}, {self.dtype})")
         if not self.finite:
             text += "; the new model's outputs are not finite"
