@@ -188,6 +188,27 @@ def concatenate(graph, node: fx.Node) -> None:
     graph.info[node] = type(graph.info[pieces[0]])(sid, "pre", last=graph.last(pieces[0]))
 
 
+OVERDETERMINED = ("two concatenations (or zero-padding shortcuts) meet in it through an addition (a residual over a "
+                  "concatenation, as in GhostNetV3's blocks), each carrying other pieces on the same channels: those pieces "
+                  "would have to take one element together, which is not implemented, so it cannot move "
+                  "(docs/DERIVATIONS.md §6)")
+
+
+def _overdetermined(sites: list) -> list[str]:
+    """Sites whose channels two different pieces claim: ``cat(a₁, b₁) + s`` and then ``cat(a₂, b₂) + …`` in one space
+    make its element both blockdiag(M_a₁, M_b₁) and blockdiag(M_a₂, M_b₂), drawn independently (a silent wrong
+    transform: 0.8 relative on two such blocks, tests/test_graph_functional_norms.py)."""
+    out = []
+    for host in sites:
+        claims: dict[int, tuple] = {}
+        for piece, start, count, _level in host.embeds:
+            channels = range(start, start + count) if isinstance(start, int) else start  # chunk, shuffle: a list
+            if any(claims.setdefault(int(ch), (piece, k)) != (piece, k) for k, ch in enumerate(channels)):
+                out.append(host.name)
+                break
+    return out
+
+
 def settle_embedded(graph, sites: list, root_of: dict, site_of_space: dict, drop: dict) -> dict:
     """Sites that must not move, with the reason, because a space carrying their channels (a concatenation,
     a zero-padding shortcut) cannot move; and the groups of sites carried by another restricted to what that
@@ -195,10 +216,10 @@ def settle_embedded(graph, sites: list, root_of: dict, site_of_space: dict, drop
     from ._lattice import generators, restrict
 
     by_name = {s.name: s for s in sites}
-    out: dict = {}
+    out: dict = {host: OVERDETERMINED for host in _overdetermined(sites) if host not in drop}
     stack = [(site_of_space.get(graph.find(pid)), sp.label or "a space")
              for sp in graph.spaces.values() if sp.embeds and graph.find(sp.id) not in root_of for pid, *_ in sp.embeds]
-    stack += [(p, h) for h in drop for p, *_ in by_name[h].embeds] if drop else []
+    stack += [(p, h) for h in (*drop, *out) for p, *_ in by_name[h].embeds]
     while stack:
         name, host = stack.pop()
         if name is None or name in out or name in drop:
