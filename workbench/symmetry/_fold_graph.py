@@ -34,7 +34,7 @@ from .._errors import InvalidOptionError
 from .._offload import built_alike, offloaded_tensor
 from ..models import TraceFailure, describe, propagate_shapes, trace
 from ._graph import _PASS
-from ._graph_ops import _IGNORED_METHODS, _META_ATTRS
+from ._graph_reads import reads_only_shape
 from ._graph_sites import default_examples, is_activation
 from ._graph_stream import _LN_FIRST, _LN_LAST, _mha, _qualname, _refuse_why, _timm_attention, is_leaf
 
@@ -231,8 +231,7 @@ def _readers(ln_node: fx.Node, m: nn.Module, modules: dict, calls: dict) -> tupl
 def _step(u: fx.Node, x: fx.Node, ax: int, modules: dict):
     """What ``u`` does with ``x`` (channels on axis ``ax``): a :class:`Reader`, the channel axis of ``u``'s output
     (an op that commutes with a per-channel affine map), None (it reads only the shape), or why not (a string)."""
-    if (u.op == "call_function" and u.target is getattr and len(u.args) == 2 and u.args[1] in _META_ATTRS) or \
-            (u.op == "call_method" and u.target in _IGNORED_METHODS):
+    if reads_only_shape(u):
         return None
     shape = _shape(x) or ()
     nd, last = len(shape), ax == len(shape) - 1

@@ -11,6 +11,8 @@ from typing import Optional
 from torch import fx, nn
 import torch.nn.functional as F
 
+from ._graph_reads import value_readers
+
 _SLOTS = ("running_mean", "running_var", "weight", "bias")  # F.batch_norm's arguments 1-4
 
 
@@ -36,15 +38,6 @@ def batch_norm(graph, node: fx.Node, m: nn.Module, x: fx.Node, name: str, place:
     for pname in _SLOTS[2:] + _SLOTS[:2]:
         graph.record_use(place, f"{name}.{pname}", getattr(m, pname), graph.info[x].space, None, node, x, mode=mode)
     return True
-
-
-def value_readers(x: fx.Node) -> list[fx.Node]:
-    """The users of ``x`` that read its values: not ``x.shape``, ``x.ndim``, ``x.size()`` (timm's norms assert on them)."""
-    from ._graph_ops import _IGNORED_METHODS, _META_ATTRS
-
-    return [u for u in x.users if not (
-        (u.op == "call_function" and u.target is getattr and len(u.args) > 1 and u.args[1] in _META_ATTRS)
-        or (u.op == "call_method" and u.target in _IGNORED_METHODS))]
 
 
 def _arg(node: fx.Node, i: int, name: str, default=None):

@@ -177,7 +177,7 @@ def _rule(graph, node, x, name: str, groups: int, wpath, bpath, w, b, module: bo
     sp.n = sp.n or xs[1]
     info = graph.info[x]
     # The BatchNorm rule's test for "a writer whose output only this norm reads" (then scalings go on γ, β).
-    from ._graph_batchnorm import value_readers
+    from ._graph_reads import value_readers
 
     feeds_only = x.op == "call_module" and len(value_readers(x)) == 1 and info.level == "pre" and \
         any(w_node is x for _, w_node in sp.writers)

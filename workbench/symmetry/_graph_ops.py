@@ -12,14 +12,14 @@ from typing import Any
 import torch
 from torch import fx
 
+from ._graph_reads import IGNORED_METHODS, META_ATTRS
+
 _ADD = {operator.add, operator.iadd, torch.add}
 _ADD_METHODS = {"add", "add_", "__add__", "__iadd__"}
 # Tensor methods that apply a catalogued activation (their arguments are read like a function's).
 _ACT_METHODS = {"relu": torch.relu, "tanh": torch.tanh, "sigmoid": torch.sigmoid, "abs": torch.abs,
                 "square": torch.square, "clamp": torch.clamp, "clip": torch.clamp, "clamp_min": torch.clamp_min,
                 "clamp_max": torch.clamp_max}
-_IGNORED_METHODS = {"size", "dim"}
-_META_ATTRS = {"shape", "dtype", "device", "ndim", "is_cuda", "requires_grad", "layout"}  # read no values
 
 
 class TensorOps:
@@ -54,7 +54,7 @@ class TensorOps:
 
             return group_norm_function(self, node)  # F.group_norm, torch.group_norm (DERIVATIONS §9)
         if fn is getattr and args:
-            if node.args[1] in _META_ATTRS:  # x.shape and friends read no values
+            if node.args[1] in META_ATTRS:  # x.shape and friends read no values
                 return
             return self._fresh(node, f"the tensor attribute .{node.args[1]} is not understood by the symmetry rules")
         if fn in _ADD:
@@ -118,7 +118,7 @@ class TensorOps:
         if not (isinstance(x, fx.Node) and x in self.info):
             return self._fresh(node, f"the method .{name}() is not understood")
         inplace = name.endswith("_") and not name.endswith("__")
-        if name in _IGNORED_METHODS:
+        if name in IGNORED_METHODS:
             return
         from ._graph_shuffle import SHUFFLE_OPS, shuffle_rule
 
