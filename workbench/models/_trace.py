@@ -39,9 +39,10 @@ class TensorShape:
 class _Tracer(fx.Tracer):
     """torch.fx's tracer, keeping every catalogued activation module a leaf (custom ones too)."""
 
-    def __init__(self, is_activation):
+    def __init__(self, is_activation, opaque: frozenset = frozenset()):
         super().__init__()
         self._is_activation = is_activation
+        self._opaque = opaque  # ids of sub-modules kept whole because fx cannot trace into them (trace_kept_whole)
 
     def call_module(self, m: nn.Module, forward, args, kwargs):
         # A module accelerate dispatched runs its class's forward inside a hook that moves weights and inputs between
@@ -56,6 +57,8 @@ class _Tracer(fx.Tracer):
         # A module whose forward was replaced on the object computes that forward, not its class's: traced
         # through, fx records what the replacement does (``relu.forward = torch.tanh`` becomes a tanh node);
         # kept a leaf, the rules would read its class and give a ReLU's group to a tanh.
+        if id(m) in self._opaque:
+            return True
         if not own_forward(m):
             return False
         return super().is_leaf_module(m, qualname) or self._is_activation(m)
@@ -78,7 +81,23 @@ def _user_frame(exc: BaseException) -> str:
 
 
 def trace(model: nn.Module, is_activation) -> fx.GraphModule:
-    """``model`` traced (activation modules stay leaves); a :class:`TraceFailure` naming the user's line."""
+    """``model`` traced (activation modules stay leaves); a :class:`TraceFailure` naming the user's line. Nothing is
+    kept whole: a caller whose rules would read an untraced module by its class (the fold reads a Linear subclass
+    as a Linear) must not get one (:func:`trace_kept_whole` says which are)."""
+    return trace_kept_whole(model, is_activation, most=0)[0]
+
+
+# How many sub-modules tracing may keep whole before giving up (each costs one more trace of the model).
+_MOST_KEPT_WHOLE = 32
+
+
+def trace_kept_whole(model: nn.Module, is_activation, most: int = _MOST_KEPT_WHOLE) -> tuple[fx.GraphModule, dict[str, str]]:
+    """``model`` traced, keeping whole (as fx leaves) the sub-modules whose own forward fx cannot trace — control flow
+    on a traced value, most often on a tensor's shape (timm's CrossViT, Twins, TinyViT, MobileViT) — and why, by
+    name. A module kept whole is opaque to the symmetry rules: what it reads and makes cannot move (the rules freeze
+    an op they do not understand), and the rest of the model is mapped. The failing module is the innermost
+    sub-module whose forward is on the failure's stack; a failure in the model's own forward is a
+    :class:`TraceFailure` naming the user's line, as is one that keeps failing."""
     if not own_forward(model):  # fx traces type(model).forward, whatever the object's forward is
         f = vars(model)["forward"]
         raise TraceFailure(f"{type(model).__name__}'s forward was replaced on this object (by "
@@ -86,11 +105,37 @@ def trace(model: nn.Module, is_activation) -> fx.GraphModule:
                            f"forward ({type(model).__qualname__}.forward), which this model no longer computes: "
                            f"define the new forward in a subclass, or wrap the model in a module whose forward "
                            f"calls it")
-    try:
-        return fx.GraphModule(model, _Tracer(is_activation).trace(model))
-    except Exception as exc:  # TraceError, a TypeError from a proxy used as a bool, …: say where
-        raise TraceFailure(f"torch.fx could not trace {type(model).__name__}: {_one_line(exc)}"
-                           f"{_user_frame(exc)}") from None
+    names = {id(m): n for n, m in model.named_modules() if n}
+    kept: dict[str, str] = {}
+    opaque: set[int] = set()
+    for _ in range(most + 1):
+        try:
+            return fx.GraphModule(model, _Tracer(is_activation, frozenset(opaque)).trace(model)), kept
+        except Exception as exc:  # TraceError, a TypeError from a proxy used as a bool, …: say where
+            where = _failing_module(exc, names, opaque)
+            why = f"{_one_line(exc)}{_user_frame(exc)}"
+            if where is None or len(kept) >= most:
+                hint = ("" if where is not None or not most else
+                        ". Sub-modules whose own forward does this are kept whole; the model's own forward cannot be: "
+                        "map a part of it (its blocks, say), or move the branch into a sub-module")
+                raise TraceFailure(f"torch.fx could not trace {type(model).__name__}: {why}{hint}") from None
+            opaque.add(id(where))
+            kept[names[id(where)]] = why
+    raise AssertionError("unreachable")
+
+
+def _failing_module(exc: BaseException, names: dict, opaque: set):
+    """The innermost sub-module of the model whose ``forward`` frame is on ``exc``'s stack (not yet kept whole), or
+    None (the failure is in the model's own forward)."""
+    found = None
+    tb = exc.__traceback__
+    while tb is not None:
+        frame = tb.tb_frame
+        owner = frame.f_locals.get("self") if frame.f_code.co_name == "forward" else None
+        if isinstance(owner, nn.Module) and id(owner) in names and id(owner) not in opaque:
+            found = owner
+        tb = tb.tb_next
+    return found
 
 
 def describe(node: fx.Node, modules: dict) -> str:

@@ -26,7 +26,7 @@ from torch import fx, nn
 
 from .._errors import InvalidOptionError
 from ..groups import activation_call
-from ..models import propagate_shapes, trace
+from ..models import propagate_shapes, trace_kept_whole
 from ._graph_ops import TensorOps, _tuple
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -136,7 +136,8 @@ class Graph(TensorOps):
         self.modules = dict(model.named_modules())
         self.is_activation = is_activation  # callable(obj) -> bool
         # LayerNorms and attention modules stay whole (leaves): their rules are in _graph_stream
-        self.gm = trace(model, lambda m: is_activation(m) or is_leaf(m))
+        # Sub-modules fx cannot trace into are kept whole, and opaque: their name -> why (models/_trace.py)
+        self.gm, self.kept_whole = trace_kept_whole(model, lambda m: is_activation(m) or is_leaf(m))
         propagate_shapes(self.gm, model, example)
         self.parent: dict[int, int] = {}
         self.spaces: dict[int, Space] = {}
@@ -320,6 +321,10 @@ class Graph(TensorOps):
         x = args[0] if args else None
         if x is None:
             self._fresh(node, f"{name} ({type(m).__name__}) reads no traced tensor")
+            return False
+        if name in self.kept_whole:  # before any rule: its class may be a Linear or a norm whose forward was rewritten
+            self._fresh(node, f"{name} ({type(m).__name__}) is kept whole: torch.fx cannot trace into its forward "
+                              f"({self.kept_whole[name]}), so what it reads and makes does not move")
             return False
         computed = computed_weights(m)
         if computed:
