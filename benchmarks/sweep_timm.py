@@ -22,7 +22,7 @@ belongs) or ``timeout``. Inputs are 64×64 where the model accepts ``img_size=64
 the model's own input size.
 
 Run: ``.venv/bin/python benchmarks/sweep_timm.py`` (about 35 minutes on one core, 14 of them counting parameters); ``--only NAME …`` reruns some
-models. Results: ``benchmarks/results/sweep_timm.md`` and ``.json``.
+models; ``--torchvision --out benchmarks/results/sweep_torchvision`` sweeps torchvision's families the same way. Results: ``benchmarks/results/sweep_timm.md`` and ``.json``.
 """
 from __future__ import annotations
 
@@ -83,6 +83,28 @@ def selection(per_module: int) -> list[tuple[str, str, int]]:
             if len(stems) >= per_module:
                 break
     return chosen
+
+
+def torchvision_selection() -> list[tuple[str, str, int]]:
+    """``("tv:NAME", "torchvision", parameters)``: the smallest classification model of each torchvision name stem
+    (``resnet``, ``vit``, ``swin``, …)."""
+    import torch
+
+    _timm()  # (makes torchvision importable)
+    import torchvision.models as tvm
+
+    best: dict[str, tuple] = {}
+    for name in tvm.list_models(module=tvm):
+        try:
+            with torch.device("meta"), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                n = sum(p.numel() for p in tvm.get_model(name, weights=None).parameters())
+        except Exception:  # noqa: BLE001 - RegNet computes its widths with tensors, not on meta: counted as huge
+            n = 10 ** 12
+        stem = name.split("_")[0].rstrip("0123456789")
+        if stem not in best or n < best[stem][0]:
+            best[stem] = (n, name)
+    return [(f"tv:{name}", "torchvision", n) for stem, (n, name) in sorted(best.items())]
 
 
 def build(name: str):
@@ -199,12 +221,12 @@ def failed(row: dict, exc: BaseException) -> None:
                    where=traceback.format_exception(exc)[-6:])
 
 
-def page(rows: list, started: str, command: str) -> str:
+def page(rows: list, started: str, command: str, title: str = "Every timm architecture file") -> str:
     from collections import Counter
 
     counts = Counter(r["status"] for r in rows)
     lines = [
-        "# Every timm architecture file, transformed (graph backend)", "",
+        f"# {title}, transformed (graph backend)", "",
         f"Run {started} with `{command}`; method in the script's docstring. {len(rows)} models: "
         + ", ".join(f"{n} {s}" for s, n in counts.most_common()) + ".", "",
         "| model | module | parameters | input | status | sites (skipped) | groups | direct float64 | note |",
@@ -227,6 +249,8 @@ def main() -> None:
     parser.add_argument("--one", help=argparse.SUPPRESS)  # the subprocess's entry
     parser.add_argument("--only", nargs="*")
     parser.add_argument("--per-module", type=int, default=2)
+    parser.add_argument("--torchvision", action="store_true",
+                        help="torchvision's classification families instead (the smallest of each name stem)")
     parser.add_argument("--timeout", type=int, default=600)
     parser.add_argument("--out", default=str(RESULTS / "sweep_timm"))
     args = parser.parse_args()
@@ -236,7 +260,7 @@ def main() -> None:
         return
     out = Path(args.out)
     started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    chosen = selection(args.per_module)
+    chosen = torchvision_selection() if args.torchvision else selection(args.per_module)
     if args.only:
         chosen = [c for c in chosen if c[0] in args.only] + [(n, "?", 0) for n in args.only
                                                              if n not in {c[0] for c in chosen}]
@@ -257,7 +281,8 @@ def main() -> None:
               f"{row.get('direct64', '')} {row.get('error', '')[:120]}", flush=True)
         out.with_suffix(".json").write_text(json.dumps({"started": started, "rows": rows}, indent=1, default=str))
     command = ".venv/bin/python benchmarks/sweep_timm.py " + " ".join(sys.argv[1:])
-    out.with_suffix(".md").write_text(page(rows, started, command.strip()))
+    title = "Every torchvision classification family" if args.torchvision else "Every timm architecture file"
+    out.with_suffix(".md").write_text(page(rows, started, command.strip(), title))
 
 
 if __name__ == "__main__":
