@@ -249,6 +249,7 @@ def main() -> None:
     parser.add_argument("--one", help=argparse.SUPPRESS)  # the subprocess's entry
     parser.add_argument("--only", nargs="*")
     parser.add_argument("--per-module", type=int, default=2)
+    parser.add_argument("--models-from", metavar="JSON", help="sweep the models an earlier run's JSON lists")
     parser.add_argument("--torchvision", action="store_true",
                         help="torchvision's classification families instead (the smallest of each name stem)")
     parser.add_argument("--timeout", type=int, default=600)
@@ -260,7 +261,11 @@ def main() -> None:
         return
     out = Path(args.out)
     started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    chosen = torchvision_selection() if args.torchvision else selection(args.per_module)
+    if args.models_from:  # the models (and modules) of an earlier run: skips counting every model's parameters
+        chosen = [(r["model"], r.get("module", "?"), r.get("parameters", 0))
+                  for r in json.loads(Path(args.models_from).read_text())["rows"]]
+    else:
+        chosen = torchvision_selection() if args.torchvision else selection(args.per_module)
     if args.only:
         chosen = [c for c in chosen if c[0] in args.only] + [(n, "?", 0) for n in args.only
                                                              if n not in {c[0] for c in chosen}]

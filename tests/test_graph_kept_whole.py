@@ -147,3 +147,64 @@ def test_a_branch_in_the_models_own_forward_is_still_refused_with_its_line_and_a
     assert len(smap) == 0
     why = smap.skipped[0][1]
     assert "x.shape[0] > 0" in why and "map a part of it" in why, why
+
+
+def resample_table(table: torch.Tensor, n: int) -> torch.Tensor:
+    """A module-level helper that branches on a size (timm's resample_abs_pos_embed): fx cannot trace into it."""
+    if table.shape[0] != n:
+        table = table[:n]
+    return table
+
+
+class WithTable(nn.Module):
+    """The branch is in a function the model's own forward calls: that function is kept whole (one recorded call)."""
+
+    def __init__(self, c=6):
+        super().__init__()
+        self.table = nn.Parameter(torch.randn(8, c, dtype=F64))
+        self.a, self.b, self.head = nn.Linear(4, c), nn.Linear(c, c), nn.Linear(c, 3)
+
+    def forward(self, x):
+        h = self.a(x) + resample_table(self.table, x.shape[0])  # the stream meets the kept-whole call: frozen
+        h = self.b(torch.relu(h))  # the ReLU's space, written by a and read by b... a is frozen with the stream
+        return self.head(torch.relu(h))  # b's output: a site read by head
+
+
+def test_a_function_fx_cannot_trace_is_kept_whole_and_the_rest_is_mapped():
+    torch.manual_seed(0)
+    model = WithTable().double().eval()
+    x = torch.randn(5, 4, dtype=F64)
+    smap = wb.symmetry_map(model, x)
+    reasons = " ".join(r for _, r in smap.skipped)
+    assert "resample_table() is kept whole" in reasons and "table.shape[0] != n" in reasons, reasons
+    assert sites(smap) == {"b": "scaled_permutation"}, (sites(smap), smap.skipped)
+    for seed in range(3):
+        new, _ = wb.random_intertwiner(model, seed=seed, example=x)
+        assert changed(model, new, x) < 1e-10
+    bad = forced(model, "b", torch.roll(torch.arange(6), 1), [1.0] * 5 + [-1.0], x=x)
+    assert changed(model, bad, x) > 1e-6
+
+
+def test_every_module_of_a_class_fx_cannot_trace_is_kept_whole_at_once():
+    """Forty blocks of one untraceable class (timm's PNASNet has more than the 32 retries allow one by one)."""
+
+    class Deep(nn.Module):
+        def __init__(self, n=40, c=4):
+            super().__init__()
+            self.a, self.head = nn.Linear(4, c), nn.Linear(c, 3)
+            self.blocks = nn.ModuleList([Branchy(c) for _ in range(n)])
+
+        def forward(self, x):
+            h = torch.relu(self.a(x))
+            for block in self.blocks:
+                h = h + block(h)
+            return self.head(h)
+
+    torch.manual_seed(0)
+    model = Deep().double().eval()
+    x = torch.randn(3, 4, dtype=F64)
+    smap = wb.symmetry_map(model, x[:1])
+    reasons = " ".join(r for _, r in smap.skipped)
+    assert "blocks.39 (Branchy) is kept whole" in reasons, reasons[:500]
+    new, _ = wb.random_intertwiner(model, seed=0, example=x[:1])
+    assert changed(model, new, x) < 1e-10

@@ -39,8 +39,9 @@ class TensorShape:
 class _Tracer(fx.Tracer):
     """torch.fx's tracer, keeping every catalogued activation module a leaf (custom ones too)."""
 
-    def __init__(self, is_activation, opaque: frozenset = frozenset()):
-        super().__init__()
+    def __init__(self, is_activation, opaque: frozenset = frozenset(), functions: tuple = ()):
+        # functions: module-level functions kept whole (recorded as one call) because fx cannot trace into them
+        super().__init__(autowrap_functions=functions)
         self._is_activation = is_activation
         self._opaque = opaque  # ids of sub-modules kept whole because fx cannot trace into them (trace_kept_whole)
 
@@ -87,7 +88,8 @@ def trace(model: nn.Module, is_activation) -> fx.GraphModule:
     return trace_kept_whole(model, is_activation, most=0)[0]
 
 
-# How many sub-modules tracing may keep whole before giving up (each costs one more trace of the model).
+# How many times tracing may keep something whole (a module class, a function) before giving up: each costs one more
+# trace of the model.
 _MOST_KEPT_WHOLE = 32
 
 
@@ -108,20 +110,50 @@ def trace_kept_whole(model: nn.Module, is_activation, most: int = _MOST_KEPT_WHO
     names = {id(m): n for n, m in model.named_modules() if n}
     kept: dict[str, str] = {}
     opaque: set[int] = set()
-    for _ in range(most + 1):
+    functions: list = []
+    for tries in range(most + 1):
         try:
-            return fx.GraphModule(model, _Tracer(is_activation, frozenset(opaque)).trace(model)), kept
+            tracer = _Tracer(is_activation, frozenset(opaque), tuple(functions))
+            return fx.GraphModule(model, tracer.trace(model)), kept
         except Exception as exc:  # TraceError, a TypeError from a proxy used as a bool, …: say where
             where = _failing_module(exc, names, opaque)
+            function = None if where is not None else _failing_function(exc, functions)
             why = f"{_one_line(exc)}{_user_frame(exc)}"
-            if where is None or len(kept) >= most:
-                hint = ("" if where is not None or not most else
-                        ". Sub-modules whose own forward does this are kept whole; the model's own forward cannot be: "
-                        "map a part of it (its blocks, say), or move the branch into a sub-module")
+            if (where is None and function is None) or tries >= most:
+                hint = ("" if where is not None or function is not None or not most else
+                        ". Sub-modules and functions whose code does this are kept whole; the model's own forward "
+                        "cannot be: map a part of it (its blocks, say), or move the branch into a sub-module")
                 raise TraceFailure(f"torch.fx could not trace {type(model).__name__}: {why}{hint}") from None
-            opaque.add(id(where))
-            kept[names[id(where)]] = why
+            if where is not None:  # every module of its class: fx would fail on each the same way, one retry each
+                for m in model.modules():
+                    if type(m) is type(where) and id(m) in names:
+                        opaque.add(id(m))
+                        kept[names[id(m)]] = why
+            else:
+                functions.append(function)
+                kept[f"{function.__module__}.{function.__qualname__}()"] = why
     raise AssertionError("unreachable")
+
+
+def _failing_function(exc: BaseException, wrapped: list):
+    """The outermost module-level function (not a method: no ``self``) outside torch and workbench called after the last
+    module ``forward`` on ``exc``'s stack, found by name in the globals of the code that called it (where fx's autowrap
+    replaces it: a module's forward, or a method beside it), or None."""
+    frames = []
+    tb = exc.__traceback__
+    while tb is not None:
+        frames.append(tb.tb_frame)
+        tb = tb.tb_next
+    forwards = [i for i, f in enumerate(frames) if f.f_code.co_name == "forward" and isinstance(f.f_locals.get("self"), nn.Module)]
+    for i in range((forwards[-1] + 1) if forwards else 1, len(frames)):
+        frame, caller = frames[i], frames[i - 1]
+        code = frame.f_code
+        if code.co_filename.startswith((_TORCH_DIR, _OUR_DIR)) or "self" in frame.f_locals:
+            continue
+        fn = caller.f_globals.get(code.co_name)
+        if getattr(fn, "__code__", None) is code and fn not in wrapped:
+            return fn
+    return None
 
 
 def _failing_module(exc: BaseException, names: dict, opaque: set):

@@ -110,6 +110,10 @@ class TensorOps:
             return self._channel_pad(node, args[0])
         from ._graph_groupnorm import standardised_weight
 
+        kept = next((why for name, why in self.kept_whole.items() if name.endswith(f".{fname}()")), None)
+        if kept is not None:  # a function fx could not trace into, recorded as one call (models/_trace.py)
+            return self._fresh(node, f"{fname}() is kept whole: torch.fx cannot trace into it ({kept}), so what it reads "
+                                     f"and makes does not move")
         self._fresh(node, standardised_weight(node) or f"the function {fname} is not understood by the symmetry rules")
 
     def _method(self, node: fx.Node) -> None:
