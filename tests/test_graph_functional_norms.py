@@ -3,7 +3,7 @@
 - ``F.batch_norm`` called with a BatchNorm module's own tensors — timm's ``BatchNormAct2d`` (a BatchNorm subclass whose
   forward is ``F.batch_norm`` then an activation, so the tracer enters it) in most of its CNNs. The function was
   "not understood" and froze every space around it: timm's MobileNetV2, DarkNet, MobileOne, DenseNet and DPN had 0
-  sites. It now takes the BatchNorm module's rule (DERIVATIONS §1). A shape read of the norm's input (timm asserts
+  sites. It now takes the BatchNorm module's rule (DERIVATIONS §6, Lemma 4). A shape read of the norm's input (timm asserts
   on ``x.ndim``) reads no values, so the writer still feeds the norm alone (then scalings go on γ, β, and a linear
   bottleneck keeps GL with the norm folded).
 - ``F.pad`` with zeros on spatial axes only, including widths computed in the forward from the input's shape (timm's

@@ -2,7 +2,7 @@
 BatchNorm module's own four tensors, as timm's ``BatchNormAct2d`` (a BatchNorm subclass whose forward is
 ``F.batch_norm`` followed by an activation, which the tracer therefore enters) does. Both are the same per-channel
 affine map ``(x − μ) / √(σ² + ε) · γ + β`` of the module's tensors, so both take the one rule below: permutations
-and diagonal scalings of the channels pass it (DERIVATIONS §1), written into γ, β, μ, σ².
+and diagonal scalings of the channels pass it (DERIVATIONS §6, Lemma 4), written into γ, β, μ, σ².
 """
 from __future__ import annotations
 
