@@ -183,7 +183,9 @@ def page(rows: list, started: str, command: str) -> str:
 
 def main() -> None:
     import os
-    import subprocess
+
+    sys.path.append(str(HERE))
+    from sweep_timm import isolated
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--one", help=argparse.SUPPRESS)
@@ -198,15 +200,8 @@ def main() -> None:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONPATH": str(HERE.parent)}
     rows = []
     for family in args.only or FAMILIES:
-        try:
-            proc = subprocess.run([sys.executable, __file__, "--one", family], capture_output=True, text=True,
-                                  timeout=600, env=env)
-            found = [line[4:] for line in proc.stdout.splitlines() if line.startswith("ROW ")]
-            row = json.loads(found[-1]) if found else {"family": family, "class": FAMILIES[family][0], "status": "crash",
-                                                       "error": f"exit {proc.returncode}: {proc.stderr[-300:]}"}
-        except subprocess.TimeoutExpired:
-            row = {"family": family, "class": FAMILIES[family][0], "status": "timeout"}
-        rows.append(row)
+        rows.append(isolated(__file__, family, {"family": family, "class": FAMILIES[family][0]}, 600, env))
+        row = rows[-1]
         print(f"{family:14s} {row['status']:9s} {row.get('sites', '')} {row.get('direct64', '')} "
               f"{(row.get('error') or '')[:150]}", flush=True)
     out = Path(args.out)

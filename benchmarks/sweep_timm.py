@@ -221,6 +221,19 @@ def failed(row: dict, exc: BaseException) -> None:
                    where=traceback.format_exception(exc)[-6:])
 
 
+def isolated(script: str, name: str, row: dict, timeout: int, env: dict) -> dict:
+    """``script --one name`` in a fresh interpreter (a model that crashes or hangs takes only itself down): the row it
+    prints, or ``row`` marked ``crash`` (with the end of its stderr) or ``timeout``."""
+    try:
+        proc = subprocess.run([sys.executable, script, "--one", name], capture_output=True, text=True, timeout=timeout,
+                              env=env)
+    except subprocess.TimeoutExpired:
+        return {**row, "status": "timeout", "error": f"over {timeout} s"}
+    found = [line[4:] for line in proc.stdout.splitlines() if line.startswith("ROW ")]
+    return json.loads(found[-1]) if found else {**row, "status": "crash",
+                                                "error": f"exit {proc.returncode}: {proc.stderr[-300:]}"}
+
+
 def page(rows: list, started: str, command: str, title: str = "Every timm architecture file") -> str:
     from collections import Counter
 
@@ -272,14 +285,7 @@ def main() -> None:
     rows = []
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(HERE.parent)}
     for i, (name, module, n) in enumerate(chosen):
-        try:
-            proc = subprocess.run([sys.executable, __file__, "--one", name], capture_output=True, text=True,
-                                  timeout=args.timeout, env=env)
-            found = [line[4:] for line in proc.stdout.splitlines() if line.startswith("ROW ")]
-            row = json.loads(found[-1]) if found else {"model": name, "status": "crash",
-                                                       "error": f"exit {proc.returncode}: {proc.stderr[-300:]}"}
-        except subprocess.TimeoutExpired:
-            row = {"model": name, "status": "timeout", "error": f"over {args.timeout} s"}
+        row = isolated(__file__, name, {"model": name}, args.timeout, env)
         row["module"] = module
         rows.append(row)
         print(f"[{i + 1}/{len(chosen)}] {name:40s} {row['status']:9s} {row.get('sites', '')} "
