@@ -153,6 +153,9 @@ class Graph(TensorOps):
         self.chunks: dict[fx.Node, list] = {}  # chunk / split of the channels → the layout of each piece
         for node in self.gm.graph.nodes:
             self._visit(node)
+        from ._graph_vision import unite_aligned_pieces
+
+        unite_aligned_pieces(self)  # pieces two concatenations lay on the same channels of one space: one site
         share_parameters(self)
 
     # ------------------------------------------------------------------ union-find

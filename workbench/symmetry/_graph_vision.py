@@ -188,6 +188,37 @@ def concatenate(graph, node: fx.Node) -> None:
     graph.info[node] = type(graph.info[pieces[0]])(sid, "pre", last=graph.last(pieces[0]))
 
 
+def unite_aligned_pieces(graph) -> None:
+    """Pieces that claim the same channels of one space take one element: ``cat(a₁, b₁) + s`` and then ``cat(a₂, b₂) + …``
+    in one stream (GhostNetV3's blocks) make its element blockdiag(M_a₁, M_b₁) and blockdiag(M_a₂, M_b₂) at once, so
+    a₁ and a₂ (and b₁ and b₂) are one site. United only where the claims line up exactly — the same offset in pieces
+    of the same size, read at the same level, neither piece a space that itself carries pieces or the host itself —
+    else the space stays overdetermined and is frozen (:func:`settle_embedded`)."""
+    changed = True
+    while changed:
+        changed = False
+        hosts: dict[int, list] = {}
+        for sp in graph.spaces.values():
+            for pid, start, count, node in sp.embeds:
+                hosts.setdefault(graph.find(sp.id), []).append((graph.find(pid), start, count, node))
+        for root, embeds in hosts.items():
+            claims: dict[int, tuple] = {}
+            for piece, start, count, node in embeds:
+                if not isinstance(start, int) or piece == root or graph.spaces[piece].embeds:
+                    continue
+                level = graph.info[node].level if node in graph.info else None
+                for k in range(count):
+                    first = claims.setdefault(start + k, (piece, k, count, level))
+                    if first[0] != piece and first[1:] == (k, count, level):
+                        graph.union(first[0], piece)
+                        changed = True
+                        break
+                if changed:
+                    break
+            if changed:
+                break
+
+
 OVERDETERMINED = ("two concatenations (or zero-padding shortcuts) meet in it through an addition (a residual over a "
                   "concatenation, as in GhostNetV3's blocks), each carrying other pieces on the same channels: those pieces "
                   "would have to take one element together, which is not implemented, so it cannot move "
