@@ -219,16 +219,15 @@ def unite_aligned_pieces(graph) -> None:
                 break
 
 
-OVERDETERMINED = ("two concatenations (or zero-padding shortcuts) meet in it through an addition (a residual over a "
-                  "concatenation, as in GhostNetV3's blocks), each carrying other pieces on the same channels: those pieces "
-                  "would have to take one element together, which is not implemented, so it cannot move "
-                  "(docs/DERIVATIONS.md §6)")
+OVERDETERMINED = ("two concatenations (or zero-padding shortcuts) meet in it through an addition, laying different "
+                  "pieces on the same channels at different offsets or sizes: no element of the pieces gives both "
+                  "block-diagonals, so it cannot move (docs/DERIVATIONS.md §6)")
 
 
 def _overdetermined(sites: list) -> list[str]:
-    """Sites whose channels two different pieces claim: ``cat(a₁, b₁) + s`` and then ``cat(a₂, b₂) + …`` in one space
-    make its element both blockdiag(M_a₁, M_b₁) and blockdiag(M_a₂, M_b₂), drawn independently (a silent wrong
-    transform: 0.8 relative on two such blocks, tests/test_graph_functional_norms.py)."""
+    """Sites whose channels two different pieces still claim after :func:`unite_aligned_pieces` (their claims did not
+    line up): the element would have to be two different block-diagonals at once. Drawn independently, such pieces
+    changed a two-block miniature's outputs by 0.8 (tests/test_graph_functional_norms.py)."""
     out = []
     for host in sites:
         claims: dict[int, tuple] = {}
