@@ -208,3 +208,33 @@ def test_every_module_of_a_class_fx_cannot_trace_is_kept_whole_at_once():
     assert "blocks.39 (Branchy) is kept whole" in reasons, reasons[:500]
     new, _ = wb.random_intertwiner(model, seed=0, example=x[:1])
     assert changed(model, new, x) < 1e-10
+
+
+def avg_pool_mixing(x: torch.Tensor) -> torch.Tensor:
+    """Named like a pooling, but mixes channels (and branches on a shape, so it is kept whole): the rules must not go
+    by its name."""
+    if x.shape[0] > 0:
+        x = x.flip(1)  # reverses the channels
+    return x
+
+
+def test_a_kept_whole_function_is_not_read_by_its_name():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.head = nn.Conv2d(3, 4, 1), nn.Conv2d(4, 4, 1), nn.Linear(4, 3)
+
+        def forward(self, x):
+            h = torch.relu(self.a(x))
+            h = avg_pool_mixing(h)  # read as an average pooling, the ReLU's space would pass it and move
+            return self.head(torch.relu(self.b(h)).mean((2, 3)))
+
+    torch.manual_seed(0)
+    model = Net().double().eval()
+    x = torch.randn(3, 3, 5, 5, dtype=F64)
+    smap = wb.symmetry_map(model, x[:1])
+    assert "avg_pool_mixing() is kept whole" in " ".join(r for _, r in smap.skipped)
+    assert "a" not in sites(smap), sites(smap)
+    for seed in range(3):
+        new, _ = wb.random_intertwiner(model, seed=seed, example=x[:1])
+        assert changed(model, new, x) < 1e-10

@@ -98,8 +98,10 @@ def trace_kept_whole(model: nn.Module, is_activation, most: int = _MOST_KEPT_WHO
     on a traced value, most often on a tensor's shape (timm's CrossViT, Twins, TinyViT, MobileViT) — and why, by
     name. A module kept whole is opaque to the symmetry rules: what it reads and makes cannot move (the rules freeze
     an op they do not understand), and the rest of the model is mapped. The failing module is the innermost
-    sub-module whose forward is on the failure's stack; a failure in the model's own forward is a
-    :class:`TraceFailure` naming the user's line, as is one that keeps failing."""
+    sub-module whose forward is on the failure's stack, kept whole with every module of its class; where no sub-module's
+    forward is, the outermost module-level function called after the last forward is kept whole instead (one recorded
+    call: fx's autowrap), its name ``module.qualname()`` among the returned reasons. A failure in the model's own code
+    is a :class:`TraceFailure` naming the user's line, as is one that keeps failing."""
     if not own_forward(model):  # fx traces type(model).forward, whatever the object's forward is
         f = vars(model)["forward"]
         raise TraceFailure(f"{type(model).__name__}'s forward was replaced on this object (by "

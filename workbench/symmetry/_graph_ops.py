@@ -28,6 +28,11 @@ class TensorOps:
     def _function(self, node: fx.Node, fn: Any) -> None:
         args = self._tensor_args(node)
         fname = getattr(fn, "__name__", str(fn))
+        kept = self.kept_whole.get(f"{getattr(fn, '__module__', '')}.{getattr(fn, '__qualname__', '')}()")
+        if kept is not None:  # a function fx could not trace into, one recorded call (models/_trace.py): before the
+            # rules below, which go by name (a user's "avg_pool" helper is no average pooling)
+            return self._fresh(node, f"{fname}() is kept whole: torch.fx cannot trace into it ({kept}), so what it reads "
+                                     f"and makes does not move")
         if fn is operator.getitem and node.args and node.args[0] in self.chunks:
             from ._graph_shuffle import chunk_piece
 
@@ -110,10 +115,6 @@ class TensorOps:
             return self._channel_pad(node, args[0])
         from ._graph_groupnorm import standardised_weight
 
-        kept = next((why for name, why in self.kept_whole.items() if name.endswith(f".{fname}()")), None)
-        if kept is not None:  # a function fx could not trace into, recorded as one call (models/_trace.py)
-            return self._fresh(node, f"{fname}() is kept whole: torch.fx cannot trace into it ({kept}), so what it reads "
-                                     f"and makes does not move")
         self._fresh(node, standardised_weight(node) or f"the function {fname} is not understood by the symmetry rules")
 
     def _method(self, node: fx.Node) -> None:
