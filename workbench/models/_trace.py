@@ -133,19 +133,29 @@ def trace_kept_whole(model: nn.Module, is_activation, most: int = _MOST_KEPT_WHO
                         kept[names[id(m)]] = why
             else:
                 functions.append(function)
-                kept[f"{function.__module__}.{function.__qualname__}()"] = why
+                kept[kept_call_name(function)] = why
     raise AssertionError("unreachable")
+
+
+def kept_call_name(fn) -> str:
+    """The key under which :func:`trace_kept_whole` lists a function it kept whole: ``module.qualname()``."""
+    return f"{getattr(fn, '__module__', '')}.{getattr(fn, '__qualname__', '')}()"
+
+
+def _stack(exc: BaseException) -> list:
+    """The frames of ``exc``'s traceback, outermost first."""
+    frames, tb = [], exc.__traceback__
+    while tb is not None:
+        frames.append(tb.tb_frame)
+        tb = tb.tb_next
+    return frames
 
 
 def _failing_function(exc: BaseException, wrapped: list):
     """The outermost module-level function (not a method: no ``self``) outside torch and workbench called after the last
     module ``forward`` on ``exc``'s stack, found by name in the globals of the code that called it (where fx's autowrap
     replaces it: a module's forward, or a method beside it), or None."""
-    frames = []
-    tb = exc.__traceback__
-    while tb is not None:
-        frames.append(tb.tb_frame)
-        tb = tb.tb_next
+    frames = _stack(exc)
     forwards = [i for i, f in enumerate(frames) if f.f_code.co_name == "forward" and isinstance(f.f_locals.get("self"), nn.Module)]
     for i in range((forwards[-1] + 1) if forwards else 1, len(frames)):
         frame, caller = frames[i], frames[i - 1]
@@ -162,13 +172,10 @@ def _failing_module(exc: BaseException, names: dict, opaque: set):
     """The innermost sub-module of the model whose ``forward`` frame is on ``exc``'s stack (not yet kept whole), or
     None (the failure is in the model's own forward)."""
     found = None
-    tb = exc.__traceback__
-    while tb is not None:
-        frame = tb.tb_frame
+    for frame in _stack(exc):
         owner = frame.f_locals.get("self") if frame.f_code.co_name == "forward" else None
         if isinstance(owner, nn.Module) and id(owner) in names and id(owner) not in opaque:
             found = owner
-        tb = tb.tb_next
     return found
 
 

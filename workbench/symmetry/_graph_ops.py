@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import fx
 
+from ..models import kept_call_name
 from ._graph_reads import IGNORED_METHODS, META_ATTRS
 
 _ADD = {operator.add, operator.iadd, torch.add}
@@ -28,7 +29,7 @@ class TensorOps:
     def _function(self, node: fx.Node, fn: Any) -> None:
         args = self._tensor_args(node)
         fname = getattr(fn, "__name__", str(fn))
-        kept = self.kept_whole.get(f"{getattr(fn, '__module__', '')}.{getattr(fn, '__qualname__', '')}()")
+        kept = self.kept_whole.get(kept_call_name(fn))
         if kept is not None:  # a function fx could not trace into, one recorded call (models/_trace.py): before the
             # rules below, which go by name (a user's "avg_pool" helper is no average pooling)
             return self._fresh(node, f"{fname}() is kept whole: torch.fx cannot trace into it ({kept}), so what it reads "
