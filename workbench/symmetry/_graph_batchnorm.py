@@ -16,7 +16,7 @@ from ._graph_reads import value_readers
 _SLOTS = ("running_mean", "running_var", "weight", "bias")  # F.batch_norm's arguments 1-4
 
 
-def batch_norm(graph, node: fx.Node, m: nn.Module, x: fx.Node, name: str, place: Optional[str] = None) -> bool:
+def batch_norm(graph, node: fx.Node, m: nn.Module, x: fx.Node, name: str) -> bool:
     """The rule for one BatchNorm call reading ``x`` (``m``: the module whose tensors it uses, ``name`` its path)."""
     if not graph._channels_first(node, x, f"{name} (BatchNorm)"):
         return False
@@ -34,7 +34,7 @@ def batch_norm(graph, node: fx.Node, m: nn.Module, x: fx.Node, name: str, place:
     # After its writer the norm turns P-moved values into M-moved ones; reading a stream, it keeps
     # the level it reads (post-activation values move by φ(M), and so does the norm's output).
     graph._out(node, x, level="pre" if mode == "output" else None)
-    place = place or graph._place(name)
+    place = graph._place(name)
     for pname in _SLOTS[2:] + _SLOTS[:2]:
         graph.record_use(place, f"{name}.{pname}", getattr(m, pname), graph.info[x].space, None, node, x, mode=mode)
     return True
@@ -75,7 +75,6 @@ def batch_norm_function(graph, node: fx.Node) -> bool:
     if found is None or not isinstance(x, fx.Node) or x not in graph.info:
         return False
     path, m = found
-    place = graph._place(path)
-    graph.calls[path] = graph.calls.get(path, 0) + 1  # (a module call counts itself when it is observed)
-    batch_norm(graph, node, m, x, path, place)
+    batch_norm(graph, node, m, x, path)
+    graph.calls[path] = graph.calls.get(path, 0) + 1  # the next call's place (a module call counts itself when observed)
     return True

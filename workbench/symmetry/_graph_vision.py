@@ -17,6 +17,8 @@
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import fx
 
@@ -194,29 +196,27 @@ def unite_aligned_pieces(graph) -> None:
     a₁ and a₂ (and b₁ and b₂) are one site. United only where the claims line up exactly — the same offset in pieces
     of the same size, read at the same level, neither piece a space that itself carries pieces or the host itself —
     else the space stays overdetermined and is frozen (:func:`settle_embedded`)."""
-    changed = True
-    while changed:
-        changed = False
-        hosts: dict[int, list] = {}
-        for sp in graph.spaces.values():
-            for pid, start, count, node in sp.embeds:
-                hosts.setdefault(graph.find(sp.id), []).append((graph.find(pid), start, count, node))
-        for root, embeds in hosts.items():
-            claims: dict[int, tuple] = {}
-            for piece, start, count, node in embeds:
-                if not isinstance(start, int) or piece == root or graph.spaces[piece].embeds:
-                    continue
-                level = graph.info[node].level if node in graph.info else None
-                for k in range(count):
-                    first = claims.setdefault(start + k, (piece, k, count, level))
-                    if first[0] != piece and first[1:] == (k, count, level):
-                        graph.union(first[0], piece)
-                        changed = True
-                        break
-                if changed:
-                    break
-            if changed:
-                break
+    while (pair := _aligned_pair(graph)) is not None:
+        graph.union(*pair)  # the spaces change: look again from the start
+
+
+def _aligned_pair(graph) -> Optional[tuple[int, int]]:
+    """Two piece spaces (roots) that claim one channel of one host at the same offset, size and level, or None."""
+    hosts: dict[int, list] = {}
+    for sp in graph.spaces.values():
+        for pid, start, count, node in sp.embeds:
+            hosts.setdefault(graph.find(sp.id), []).append((graph.find(pid), start, count, node))
+    for root, embeds in hosts.items():
+        claims: dict[int, tuple] = {}
+        for piece, start, count, node in embeds:
+            if not isinstance(start, int) or piece == root or graph.spaces[piece].embeds:
+                continue
+            level = graph.info[node].level if node in graph.info else None
+            for k in range(count):
+                first = claims.setdefault(start + k, (piece, k, count, level))
+                if first[0] != piece and first[1:] == (k, count, level):
+                    return first[0], piece
+    return None
 
 
 OVERDETERMINED = ("two concatenations (or zero-padding shortcuts) meet in it through an addition, laying different "
