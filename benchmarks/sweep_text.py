@@ -94,11 +94,6 @@ def outputs(model, ids):
     return out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state
 
 
-def base(model) -> bool:
-    """A model without a head (what ``AutoModel`` loads): its output is its last hidden state."""
-    return type(model).__name__.endswith("Model") and not hasattr(model, "lm_head")
-
-
 def computes_in_float32(model, ids) -> bool:
     """Whether a torch call in the (float64) model's forward returns a float32 tensor: then float64 outputs carry
     float32 rounding, and so does any comparison of two of them."""
@@ -145,7 +140,7 @@ def one(family: str) -> dict:
         else:
             new, t = wb.random_intertwiner(model, seed=0)
             a, b = outputs(model, ids), outputs(new, ids)
-            if base(model) and "resid" in t.elements:
+            if wb.models.hf.is_base(model) and "resid" in t.elements:  # no head (what AutoModel loads)
                 # a model without a head returns the stream itself, which moves by the stream's element (docs/COVERAGE.md):
                 # the original's moved here by hand, out[..., c] = old[..., perm[c]] * scale[c]
                 e = t.elements["resid"]
