@@ -260,6 +260,27 @@ def test_negative_controls_one_step_outside_each_group(family, raw):
         assert not wb.verify(model, new, IDS, transform=t).passed
 
 
+def test_forcing_a_rotary_site_by_its_own_family_name_keeps_its_pairs(raw):
+    """``group="rotary"`` at a rotary QK site is the site's own group (its measured pairs), not the family's default:
+    ``get_group("rotary", n)`` has no pairs (GL on every dimension), was accepted as a subgroup by its name, and
+    changed a Llama's log-probabilities by 0.2 with no refusal. A rotary group on other pairs is refused as no
+    symmetry; forced, it changes the function (computed directly)."""
+    model = raw("llama")
+    site = "blocks.0.attn.qk.0"
+    own = wb.symmetry_map(model)[site].group
+    new, t = wb.random_intertwiner(model, seed=1, sites=[site], group="rotary")
+    M = t.elements[site].matrix()
+    assert not t.forced and own.contains(t.elements[site]) and not torch.allclose(M, torch.eye(8, dtype=F64))
+    assert rel(logp(new), logp(model)) <= TOL
+    adjacent = wb.get_group("rotary", 8, pairs=((0, 1), (2, 3), (4, 5), (6, 7)))
+    assert own.pairs != adjacent.pairs
+    for wrong in (adjacent, wb.get_group("rotary", 8)):
+        with pytest.raises(ValueError, match="not a symmetry"):
+            wb.random_intertwiner(model, sites=[site], group=wrong)
+        bad, bt = wb.random_intertwiner(model, seed=1, sites=[site], group=wrong, allow_non_symmetry=True)
+        assert bt.forced == [site] and rel(logp(bad), logp(model)) > FAIL
+
+
 @pytest.mark.parametrize("family", ["qwen2", "gemma", "opt"])
 def test_tied_embeddings_keep_the_tie_or_refuse(family, raw):
     """Tied unembedding = embedding: the stream's own group (orthogonal elements) keeps one tensor; a map

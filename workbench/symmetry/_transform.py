@@ -110,7 +110,23 @@ class Transform(Report):
 
 
 def _is_subgroup(sub: Group, site: Site) -> bool:
-    return generators(sub) <= generators(site.group)
+    """Whether ``sub`` lies in the site's group. A family with parameters read from the model is judged on them too:
+    a rotary group is its pairs (another pairing, or none — GL on every dimension — is no subgroup), and a normed
+    rotary group's rigid pairs (±I only) must stay rigid."""
+    if not generators(sub) <= generators(site.group):
+        return False
+    own = site.group
+    if getattr(sub, "pairs", None) is not None and getattr(own, "pairs", None) is not None and sub.pairs != own.pairs:
+        return False
+    return set(getattr(sub, "rigid", ())) >= set(getattr(own, "rigid", ()))
+
+
+def _named_group(group: Union[str, Group], site: Site) -> Group:
+    """The group ``group`` names at ``site``. A name of the site's own family is the site's group: a family with
+    parameters read from the model is not its default (``get_group("rotary", n)`` has no pairs, i.e. GL on every
+    dimension; drawn at a rotary site it changed a Llama's log-probabilities by 0.2 with no refusal)."""
+    G = get_group(group, site.n)
+    return site.group if isinstance(group, str) and G.name == site.group.name else G
 
 
 def random_intertwiner(model: nn.Module, seed: SeedLike = 0, sites: Optional[Iterable[str]] = None,
@@ -188,7 +204,7 @@ def _draw(model: nn.Module, smap: SymmetryMap, seed: int, gen: torch.Generator, 
     forced = []
     for site in _choose(smap, sites):
         site_of.setdefault(site.name, site)
-        G = site.group if group is None else get_group(group, site.n)
+        G = site.group if group is None else _named_group(group, site)
         if group is not None and not _is_subgroup(G, site):
             if not allow_non_symmetry:
                 raise InvalidOptionError(
