@@ -13,7 +13,7 @@ from torch import nn
 matplotlib.use("Agg")
 
 from workbench._errors import InvalidOptionError  # noqa: E402
-from workbench.groups import (CATALOGUE, FAMILIES, GENERATORS, ScaledPermutation, activation_call,  # noqa: E402
+from workbench.groups import (CATALOGUE, FAMILIES, GENERATORS, Dense, ScaledPermutation, activation_call,  # noqa: E402
                               catalogue_frame, check_intertwiner, discover_group, element_from_dict, geodesic,
                               get_group, identity, intertwiner_group)
 from workbench.groups._catalogue import degree_of  # noqa: E402
@@ -144,12 +144,44 @@ def test_contains_own_samples_and_rejects_others():
                "positive_diagonal": {"D+", "I"}, "orthogonal": {"P", "PD±", "R", "R-", "I"},
                "special_orthogonal": {"R", "I"}, "gl": set(el), "trivial": {"I"},
                "orthogonal_ones": {"P", "I"},  # rotations fixing 1: permutations do, sign flips and R do not
-               "rotary": set(el)}  # with no rotary pairs given, every dimension is free: GL
+               "rotary": set(el),  # with no rotary pairs given, every dimension is free: GL
+               "rotary_orthogonal": {"I"}}  # no pairs: ±1 on every dimension (no sign flip above is diagonal)
     assert set(members) == set(FAMILIES)
     for name, inside in members.items():
         G = get_group(name, 5)
         assert {k for k, e in el.items() if G.contains(e)} == inside, name
         assert not G.contains(identity(4))  # wrong n
+
+
+def test_normed_rotary_group_rotates_free_pairs_flips_rigid_ones_and_signs_the_rest():
+    """rotary_orthogonal (a QK space behind per-head q/k RMSNorms): orthogonal draws; on a pair not listed as rigid a
+    rotation, on a rigid pair ±I, ±1 on an unpaired dimension. A scaled rotation, a rotation of a rigid pair and a
+    mixing of the unpaired dimensions are not members; rigid pairs must be pairs."""
+    import math
+
+    G = get_group("rotary_orthogonal", 7, pairs=((0, 3), (1, 4), (2, 5)), rigid=((1, 4),))
+    assert G.continuous and G.free == (6,)
+    for e in G.sample_many(20, seed=0):
+        M = e.matrix()
+        assert G.contains(e) and e.orthogonal and torch.allclose(M @ M.T, torch.eye(7, dtype=torch.float64), atol=1e-15)
+        assert torch.equal(M[[1, 4]][:, [1, 4]].abs(), torch.eye(2, dtype=torch.float64)) and abs(float(M[6, 6])) == 1
+    angles = torch.stack([torch.atan2(e.matrix()[3, 0], e.matrix()[0, 0]) for e in G.sample_many(200, seed=1)])
+    assert angles.min() < -2.5 and angles.max() > 2.5  # rotations all round the circle
+
+    def pairs_map(t0, t1, t2, s=1.0, last=1.0):
+        M = torch.zeros(7, 7, dtype=torch.float64)
+        for (a, b), t in zip(((0, 3), (1, 4), (2, 5)), (t0, t1, t2)):
+            M[[a, a, b, b], [a, b, a, b]] = s * torch.tensor([math.cos(t), -math.sin(t), math.sin(t), math.cos(t)], dtype=torch.float64)
+        M[6, 6] = last
+        return Dense(M)
+
+    assert G.contains(pairs_map(0.3, math.pi, -1.0, last=-1.0))
+    assert not G.contains(pairs_map(0.3, 0.5, -1.0))  # the rigid pair turned
+    assert not G.contains(pairs_map(0.3, 0.0, -1.0, s=1.5))  # scaled
+    assert not G.contains(pairs_map(0.3, 0.0, -1.0, last=2.0))
+    assert not get_group("rotary_orthogonal", 4, pairs=((0, 2), (1, 3)), rigid=((0, 2), (1, 3))).continuous
+    with pytest.raises(ValueError, match="rigid pairs"):
+        get_group("rotary_orthogonal", 4, pairs=((0, 2), (1, 3)), rigid=((0, 1),))
 
 
 # ------------------------------------------------------------------------------------------- catalogue

@@ -276,6 +276,50 @@ class RotaryCommutant(Group):
         return bool(torch.linalg.matrix_rank(M) == self.n)
 
 
+class NormedRotary(RotaryCommutant):
+    """The maps of a query/key head space that pass a per-head RMSNorm on q and on k (Qwen3's ``q_norm``/``k_norm``,
+    gains γ_q and γ_k kept) and then commute with the rotary embedding: docs/DERIVATIONS.md §10, Qwen3.
+
+    The norm passes M exactly when M is orthogonal (its ε included), and γ·M·γ⁻¹ must then commute with the rotation:
+    on a pair whose gains are equal (γ_a = γ_b, in both norms) a rotation R(θ), on a pair whose gains differ (``rigid``)
+    only ±I, and ±1 on each dimension no pair covers. Elements are orthogonal, so keys move by the same M.
+    """
+
+    name, label = "rotary_orthogonal", "per rotary pair R(θ) (±I on a pair whose q/k norm gains differ), ±1 unrotated"
+
+    def __init__(self, n: int, *, pairs=(), rigid=(), **kw):
+        super().__init__(n, pairs=pairs, **kw)
+        self.rigid = tuple(sorted((int(a), int(b)) for a, b in rigid))
+        if not set(self.rigid) <= set(self.pairs):
+            raise InvalidOptionError(f"rigid pairs {self.rigid} must be among the rotary pairs {self.pairs}.")
+        self.continuous = len(self.rigid) < len(self.pairs)  # a rotation left: coordinates carry no meaning
+
+    def _sample_many(self, k, g) -> list[Dense]:
+        M = torch.zeros(k, self.n, self.n, dtype=torch.float64)
+        if self.pairs and k:
+            a, b = torch.tensor(self.pairs).T
+            t = 2 * torch.pi * torch.rand(k, len(a), generator=g, dtype=torch.float64)
+            rigid = torch.tensor([p in self.rigid for p in self.pairs])
+            t[:, rigid] = torch.pi * (t[:, rigid] > torch.pi).double()  # 0 or π: ±I
+            c, si = t.cos(), t.sin()
+            si[:, rigid] = 0.0  # sin π is 1e-16, not 0: ±I exactly
+            M[:, a, a], M[:, a, b], M[:, b, a], M[:, b, b] = c, -si, si, c
+        if self.free and k:
+            idx = torch.tensor(self.free)
+            M[:, idx, idx] = torch.where(torch.rand(k, len(idx), generator=g) < 0.5, -1.0, 1.0).double()
+        return _dense(self, M, orthogonal=True)
+
+    def _contains(self, M, atol):
+        if not (super()._contains(M, atol) and Orthogonal(self.n)._contains(M, atol)):
+            return False
+        rigid_off = [M[a, b] for a, b in self.rigid]
+        free_off = M[list(self.free)][:, list(self.free)] - torch.diag(torch.diagonal(M)[list(self.free)]) if self.free else M[:0, :0]
+        return all(abs(float(x)) <= atol for x in rigid_off) and bool((free_off.abs() <= atol).all())
+
+    def _contains_monomial(self, perm, scale, atol):
+        return None  # judged on the matrix
+
+
 def rotary_inverse(M: torch.Tensor, pairs: tuple, free: tuple = (), free_inverse: Optional[torch.Tensor] = None,
                    free_values: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(M⁻¹, cond, s²)`` of a rotary commutant batch ``M`` ``[k, n, n]``, from its blocks: on each pair
@@ -464,6 +508,7 @@ FAMILIES = {
     "trivial": Trivial,
     "orthogonal_ones": OrthogonalOnes,
     "rotary": RotaryCommutant,
+    "rotary_orthogonal": NormedRotary,
 }
 # Aliases: other names of a family, and activation names for their intertwiner group ("relu" → P·D₊,
 # "gelu" → P). So "identity" and "linear" name the identity activation's group, GL — not the trivial

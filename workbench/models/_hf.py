@@ -41,6 +41,12 @@ from ._kind import ModelKind, model_kind
 _KNOWN = {"embed", "pos_embed", "token_type_embed", "embed_ln", "ln_final", "unembed", "mlm_head", "project_in",
           "project_out", "blocks.{i}.ln1", "blocks.{i}.ln2", "blocks.{i}.attn.q", "blocks.{i}.attn.k",
           "blocks.{i}.attn.v", "blocks.{i}.attn.o", "blocks.{i}.mlp.in", "blocks.{i}.mlp.out", "blocks.{i}.mlp.gate"}
+# Per-head norms on q and k (``blocks.0.attn.q_norm.weight``), known only in the families whose norm was checked against
+# the model's forward (an RMSNorm over each head's d_head, one gain shared by every head, before the rotary embedding:
+# docs/DERIVATIONS.md §10, Qwen3). StableLM's and Phi's per-head LayerNorms, which the adapters map to the same keys,
+# stay refused by name.
+_QK_NORMS = {"blocks.{i}.attn.q_norm", "blocks.{i}.attn.k_norm"}
+QK_NORM_FAMILIES = frozenset({"qwen3"})
 
 
 @dataclass(frozen=True)
@@ -77,7 +83,7 @@ class Layout:
 # its GELU as ReLU and its post-LN blocks as pre-LN; a transform built on them changed the float64 log-probabilities
 # by 7e-4. Add a family only with its derivation and those tests.
 CHECKED_FAMILIES = frozenset({"bert", "gemma", "gpt2", "gpt_neo", "gpt_neox", "gptj", "llama", "mistral", "nemotron",
-                              "opt", "phi", "qwen2", "stablelm", "starcoder2"})
+                              "opt", "phi", "qwen2", "qwen3", "stablelm", "starcoder2"})
 
 # Layouts per (class, config): building one boots nothing, but walks a weightless model (~10 ms).
 _LAYOUTS: "OrderedDict[tuple, object]" = OrderedDict()
@@ -198,9 +204,11 @@ def _build_layout(ad, hf: nn.Module) -> Layout:
     entries: dict[str, _Entry] = {}
     unknown: list[str] = []
 
+    qk_norms = getattr(hf.config, "model_type", None) in QK_NORM_FAMILIES
+
     def known(key: str) -> bool:
-        parts = key.split(".")
-        return ".".join("{i}" if p.isdigit() else p for p in parts) in _KNOWN
+        pattern = ".".join("{i}" if p.isdigit() else p for p in key.split("."))
+        return pattern in _KNOWN or (qk_norms and pattern in _QK_NORMS)
 
     def module(path: str) -> Optional[nn.Module]:
         try:
@@ -271,6 +279,7 @@ def _build_layout(ad, hf: nn.Module) -> Layout:
         "encoder": getattr(config, "model_type", None) == "bert",
         "base": bool(base),  # no head: the model's output is the stream after the final norm (its last hidden state)
         "parallel": bool(getattr(ad.cfg, "parallel_attn_mlp", False)),
+        "qk_norm": any(e.key.endswith((".attn.q_norm.weight", ".attn.k_norm.weight")) for e in entries.values()),
     }
     fused = {e.key.rpartition('.')[0] for e in entries.values() if e.strided is not None}
     return Layout(list(entries.values()), tied, facts, {k: v for k, v in paths.items() if k not in fused},

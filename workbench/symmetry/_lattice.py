@@ -5,11 +5,12 @@ from ..groups import Group, get_group
 
 # Which kinds of generator each family contains.
 _GENERATORS = {
-    "gl": {"perm", "pos_scale", "neg", "rotation", "rotation_ones", "rotary", "general"},
+    "gl": {"perm", "pos_scale", "neg", "rotation", "rotation_ones", "rotary", "rotary_orthogonal", "general"},
     "orthogonal": {"perm", "neg", "rotation", "rotation_ones"},
     "special_orthogonal": {"perm", "neg", "rotation", "rotation_ones"},
     "orthogonal_ones": {"perm", "rotation_ones"},
-    "rotary": {"rotary"},
+    "rotary": {"rotary", "rotary_orthogonal"},
+    "rotary_orthogonal": {"rotary_orthogonal"},  # its pairs and rigid pairs are compared too (_transform._is_subgroup)
     "diagonal_permutation": {"perm", "pos_scale", "neg"},
     "scaled_permutation": {"perm", "pos_scale"},
     "signed_permutation": {"perm", "neg"},
@@ -19,7 +20,7 @@ _GENERATORS = {
 }
 # Largest family with exactly a given generator set (order matters: first match wins).
 _BY_GENERATORS = [
-    ({"perm", "pos_scale", "neg", "rotation", "rotation_ones", "rotary", "general"}, "gl"),
+    ({"perm", "pos_scale", "neg", "rotation", "rotation_ones", "rotary", "rotary_orthogonal", "general"}, "gl"),
     ({"perm", "neg", "rotation", "rotation_ones"}, "orthogonal"),
     ({"perm", "rotation_ones"}, "orthogonal_ones"),
     ({"perm", "pos_scale", "neg"}, "diagonal_permutation"),
@@ -40,7 +41,7 @@ CONSTRAINTS = {
     "constant_add": ({"perm", "rotation_ones"},
                      "a constant c is added to every unit: only maps with M·1 = 1 keep c·1 in place (the rules "
                      "grant permutations, and rotations fixing 1 where the site is linear)"),
-    "mixed_levels": ({"perm", "pos_scale", "neg", "rotation", "rotation_ones", "rotary", "general"}, "pre- and post-activation values are added"),
+    "mixed_levels": ({"perm", "pos_scale", "neg", "rotation", "rotation_ones", "rotary", "rotary_orthogonal", "general"}, "pre- and post-activation values are added"),
 }
 
 

@@ -93,14 +93,19 @@ def transformer_map(model: nn.Module) -> SymmetryMap:
     # a rotary group checks its pairs on construction, O(d_head²) each time (~1 ms a map at d_head 64).
     qk_one = get_group("rotary", dh, pairs=pairs) if pairs is not None else get_group("gl", dh)
     ov_one = get_group("gl", dh)
+    qk_norm = kind in _HF and hf.facts(model)["qk_norm"]
     for layer in range(L):
         a = f"blocks.{layer}.attn"
+        if qk_norm and pairs is not None:
+            qk_one, rigid_note = _normed_qk_group(W, a, dh, pairs)
         for k in range(K):
             heads = tuple(range(k * r, (k + 1) * r))
             qk_group = copy.copy(qk_one)
             notes = [f"query heads {list(heads)} share key head {k}"] if r > 1 else []
             if pairs is not None:
                 notes.append(f"rotary pairs {pairs[:2]}… (measured through hook_q/hook_k)")
+            if qk_norm and pairs is not None:
+                notes.append(rigid_note)
             if qk_unknown:
                 skipped.append((f"{a}.qk.{k}", qk_unknown))
             else:
@@ -128,6 +133,20 @@ def transformer_map(model: nn.Module) -> SymmetryMap:
             if site.observed:
                 site.hook_name = site.observed[0].name
     return SymmetryMap(name, sites, skipped)
+
+
+def _normed_qk_group(W: dict, a: str, dh: int, pairs: tuple):
+    """The QK group of a layer whose heads normalise q and k (Qwen3's RMSNorm per head, one gain shared by every head),
+    and a note on it: a rotation on each pair whose gains are equal in both norms, ±I on the others (docs/DERIVATIONS.md
+    §10, Qwen3). The norms' gains stay as they are; their own symmetries (one scale per pair shared by every head of
+    the layer, q's gain times it and k's divided) couple all heads of a layer and are not sampled."""
+    gq, gk = W[f"{a}.q_norm.w"], W[f"{a}.k_norm.w"]
+    rigid = tuple(p for p in pairs if not (bool(gq[p[0]] == gq[p[1]]) and bool(gk[p[0]] == gk[p[1]])))
+    group = get_group("rotary_orthogonal", dh, pairs=pairs, rigid=rigid)
+    note = (f"q/k RMSNorm per head: orthogonal maps only; {len(pairs) - len(rigid)} of {len(pairs)} rotary pairs rotate "
+            f"(equal gains), {len(rigid)} only ±I (their q or k norm gains differ); the gains' own scalings (per pair, "
+            f"shared by every head) are not sampled")
+    return group, note
 
 
 def _known(model: nn.Module) -> set:
@@ -366,6 +385,11 @@ def _measure_pairs(model: nn.Module, layer: int) -> tuple[tuple[int, int], ...]:
     from ._layout_push import clone
 
     kind = model_kind(model)
+    # Per-head norms on q and k (Qwen3) sit between hook_q and the rotary embedding: the rotation is measured after
+    # them, where a bridge shows q and k as [batch, head, pos, d_head] (hook_q: [batch, pos, head, d_head]). (A bridge
+    # declares hook_q_normed wherever its adapter maps an optional q norm, StableLM's too: the layout says whether the
+    # model has one.)
+    normed = kind in _HF and hf.facts(model)["qk_norm"]
     if kind in _HF:
         rd = _hf_rotary_dim(hf.hf_model(model))
         if rd is not None and rd % 2:
@@ -393,12 +417,14 @@ def _measure_pairs(model: nn.Module, layer: int) -> tuple[tuple[int, int], ...]:
     a = f"blocks.{layer}.attn"
     device = next(model.parameters()).device
     tokens = torch.zeros(dh, T, dtype=torch.long, device=device)
+    hooks = (f"{a}.hook_q_normed", f"{a}.hook_k_normed") if normed else (f"{a}.hook_q", f"{a}.hook_k")
+    at = 2 if normed else 1  # the position axis
 
-    def queries(q, name):  # [batch, pos, head, d_head]: example i carries e_i at every position
+    def queries(q, name):  # example i carries e_i at every position and head
         return torch.eye(dh, dtype=q.dtype, device=q.device)[:, None, None, :].expand(q.shape).clone()
 
     def pattern(keys):  # the last query, head 0: [example, key]
-        return _patterns(model, a, tokens, queries, keys)[:, 0, T - 1, :]
+        return _patterns(model, a, tokens, queries, keys, hooks)[:, 0, T - 1, :]
 
     # The keys the last query sees (a sliding window may hide the oldest): with every key zero, the
     # pattern is uniform over them.
@@ -413,7 +439,7 @@ def _measure_pairs(model: nn.Module, layer: int) -> tuple[tuple[int, int], ...]:
         def keys(k, name, js=js):  # key position seen[m] carries e_{js[m]}; the others (the last too) zero
             new = torch.zeros_like(k)
             for m, j in enumerate(js):
-                new[:, seen[m], :, j] = 1
+                new.select(at, seen[m])[..., j] = 1
             return new
 
         # The pattern is softmax(scores); the last key is zero, so log p_m − log p_last is score m.
@@ -440,14 +466,15 @@ def _measure_pairs(model: nn.Module, layer: int) -> tuple[tuple[int, int], ...]:
     def random(seed, x):
         return torch.randn(x.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(x)
 
-    plain = _patterns(model, a, tokens, lambda q, name: random(1, q), lambda k, name: random(2, k))
-    moved = _patterns(model, a, tokens, lambda q, name: random(1, q) @ M.to(q), lambda k, name: random(2, k) @ dual.to(k))
+    plain = _patterns(model, a, tokens, lambda q, name: random(1, q), lambda k, name: random(2, k), hooks)
+    moved = _patterns(model, a, tokens, lambda q, name: random(1, q) @ M.to(q), lambda k, name: random(2, k) @ dual.to(k),
+                      hooks)
     change = (moved - plain).abs().max().item()
     # What the attention's own arithmetic moves the pattern by: q·c and k/c leave every score as it is, so any change
     # is rounding (GPT-J's and GPT-Neo's eager attention compute q·kᵀ in float32 even in a float64 model: ~1e-7).
     # A map that is no symmetry moves a pattern by 1e-1 or more (a wrong pairing: 0.17-0.81), far above 10³× that.
     c = 1.3
-    scaled = _patterns(model, a, tokens, lambda q, name: random(1, q) * c, lambda k, name: random(2, k) / c)
+    scaled = _patterns(model, a, tokens, lambda q, name: random(1, q) * c, lambda k, name: random(2, k) / c, hooks)
     if change > max(1e-9, 1e3 * (scaled - plain).abs().max().item()):
         raise UnsupportedModelError(
             f"the positional embedding at layer {layer} is not 2-D rotations of dimension pairs (measured pairs "
@@ -469,10 +496,10 @@ def _hf_rotary_dim(model: nn.Module) -> Optional[int]:
     return int(head_dim * factor) if head_dim else None
 
 
-def _patterns(model: nn.Module, a: str, tokens: torch.Tensor, queries, keys) -> torch.Tensor:
-    """Every attention pattern of ``a`` with its queries and keys replaced (float64)."""
+def _patterns(model: nn.Module, a: str, tokens: torch.Tensor, queries, keys, hooks: tuple[str, str]) -> torch.Tensor:
+    """Every attention pattern of ``a`` with its queries and keys (at ``hooks``) replaced (float64)."""
     from ..hooks import intervene, run_with_cache
 
-    with torch.no_grad(), intervene(model, {f"{a}.hook_q": queries, f"{a}.hook_k": keys}):
+    with torch.no_grad(), intervene(model, {hooks[0]: queries, hooks[1]: keys}):
         _, cache = run_with_cache(model, tokens, names=[f"{a}.hook_pattern"], budget=None)
     return cache[f"{a}.hook_pattern"].double()

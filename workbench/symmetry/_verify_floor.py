@@ -319,18 +319,19 @@ def trivial_floor(backend, model: nn.Module, inputs, cache, last: Optional[str])
     values while the attention inside computes q·kᵀ in float32: GPT-J's, GPT-Neo's): the change that an exact and
     trivial symmetry makes through the model's own arithmetic, every query map ·c and key map ÷c (c = 1.3, which
     changes no score), as ``(outputs, site floor)`` like ``backend.floor``. Activations it scales (the queries and
-    keys) are left out of the site floor. None without QK sites. Where the arithmetic is exact the change is ~1e-16
+    keys) are left out of the site floor. None without QK sites that take c·I. Where the arithmetic is exact the change is ~1e-16
     and raises nothing."""
     from ..groups import Dense
     from ._map import symmetry_map
     from ._transform import Transform, apply_transform
 
-    qk = [s for s in symmetry_map(model) if ".qk." in s.name]
+    c = 1.3
+    scale = {}  # (a QK site whose heads normalise q and k — Qwen3 — takes orthogonal maps only: c·I is none of them)
+    qk = [s for s in symmetry_map(model) if ".qk." in s.name
+          and s.group.contains(scale.setdefault(s.n, Dense(c * torch.eye(s.n, dtype=torch.float64), cond=1.0)))]
     if not qk:
         return None
-    c = 1.3
-    t = Transform({s.name: Dense(c * torch.eye(s.n, dtype=torch.float64), cond=1.0) for s in qk},
-                  {s.name: s.group.name for s in qk}, model=type(model).__name__)
+    t = Transform({s.name: scale[s.n] for s in qk}, {s.name: s.group.name for s in qk}, model=type(model).__name__)
     scaled = apply_transform(model, t)
     moved = {o.name for s in qk for o in s.observed}
     watched = [n for n in (cache.keys() if cache is not None else []) if n not in moved]

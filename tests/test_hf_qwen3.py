@@ -1,0 +1,242 @@
+"""Qwen3: an RMSNorm on each head's queries and keys (``q_norm``, ``k_norm``) between the projections and the rotary
+embedding (docs/DERIVATIONS.md §10, Qwen3).
+
+A tiny random float64 Qwen3 (hidden 32, 4 query heads sharing 2 key/value heads, d_head 8, vocabulary 50), every
+parameter random (norm gains around 1). First the facts the derivation rests on are computed from the model's own
+modules: each norm acts on one head's d_head values with one gain shared by every head, and the attention is
+softmax(rot(q_norm(q))·rot(k_norm(k))ᵀ/√d_head) with ``rotate_half`` pairs (i, i + d/2), written out here in float64.
+Then the group, checked by editing weights by hand (no workbench code): an orthogonal map rotating the pairs whose
+gains are equal and ±I on the others preserves log-probabilities; a rotation of a pair whose gains differ, a scaled
+rotation (the norm divides the scale out) and a Haar rotation change them. Then workbench's map, draws, verify, fold,
+bridge and refusals, compared directly in float64, and a property over random shapes and gain patterns.
+"""
+import copy
+import math
+import warnings
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+import workbench as wb
+from test_hf_families import FAIL, IDS, TOL, bridged_exactly, kinds, logp, random_parameters, rel
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("transformer_lens.model_bridge")
+
+F64 = torch.float64
+SHAPE = dict(vocab_size=50, bos_token_id=0, eos_token_id=0, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+             num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=16)
+HALVES = ((0, 4), (1, 5), (2, 6), (3, 7))
+
+
+def build(seed=0, equal=(), **kw):
+    """A random float64 Qwen3; in layer 0 the q and k norm gains are made equal on the pairs ``equal``."""
+    config = transformers.Qwen3Config(**{**SHAPE, **kw})
+    torch.manual_seed(seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = transformers.Qwen3ForCausalLM(config).double().eval()
+    model = random_parameters(model, seed)
+    with torch.no_grad():
+        for norm in (model.model.layers[0].self_attn.q_norm, model.model.layers[0].self_attn.k_norm):
+            for a, b in equal:
+                norm.weight[b] = norm.weight[a]
+    return model
+
+
+def rotate_half(t):
+    a, b = t.chunk(2, -1)
+    return torch.cat((-b, a), -1)
+
+
+def test_the_norms_are_per_head_with_one_gain_before_a_halves_rotary():
+    """Computed from the modules: q_norm reads q_proj's output one head at a time (d_head values) with one gain of
+    d_head entries for every head, and the attention output is the formula written out here in float64."""
+    model = build()
+    attn, cfg = model.model.layers[0].self_attn, model.config
+    seen = {}
+
+    def keep(name):
+        def hook(mod, args, kwargs, out):
+            seen[name] = (args[0] if args else kwargs["hidden_states"], out[0] if isinstance(out, tuple) else out)
+        return hook
+
+    handles = [m.register_forward_hook(keep(n), with_kwargs=True) for n, m in
+               (("q_norm", attn.q_norm), ("k_norm", attn.k_norm), ("attn", attn), ("ln1", model.model.layers[0].input_layernorm))]
+    try:
+        with torch.no_grad():
+            model(input_ids=IDS)
+    finally:
+        for h in handles:
+            h.remove()
+    x = seen["ln1"][1]  # what attention reads
+    B, T, _ = x.shape
+    H, K, dh = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    assert attn.q_norm.weight.shape == (dh,) and attn.k_norm.weight.shape == (dh,)
+
+    def norm(t, w):
+        return t * torch.rsqrt(t.pow(2).mean(-1, keepdim=True) + cfg.rms_norm_eps) * w
+
+    q_in, q_out = seen["q_norm"]
+    assert torch.equal(q_in, attn.q_proj(x).view(B, T, H, dh))
+    assert torch.allclose(q_out, norm(q_in, attn.q_norm.weight), rtol=0, atol=1e-6)  # HF's norm rounds in float32
+    q = norm(q_in, attn.q_norm.weight).transpose(1, 2)  # [B, H, T, dh], the formula in float64
+    k = norm(attn.k_proj(x).view(B, T, K, dh), attn.k_norm.weight).transpose(1, 2)
+    v = attn.v_proj(x).view(B, T, K, dh).transpose(1, 2)
+    cos, sin = model.model.rotary_emb(x, torch.arange(T)[None])
+    q, k = q * cos[:, None] + rotate_half(q) * sin[:, None], k * cos[:, None] + rotate_half(k) * sin[:, None]
+    k, v = k.repeat_interleave(H // K, 1), v.repeat_interleave(H // K, 1)
+    scores = q @ k.transpose(-1, -2) / math.sqrt(dh)
+    scores = scores.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), -math.inf)
+    out = attn.o_proj((scores.softmax(-1) @ v).transpose(1, 2).reshape(B, T, H * dh))
+    assert torch.allclose(seen["attn"][1], out, rtol=0, atol=1e-6)
+    wb_cfg = wb.models.hf.adapter(model).cfg
+    assert wb_cfg.normalization_type == "RMS" and wb_cfg.gated_mlp and not wb_cfg.parallel_attn_mlp
+    assert wb.models.hf.facts(model)["qk_norm"]
+
+
+def _edit_qk(model, layer, Mq, Mk):
+    """Every query head's q_proj rows by Mq and every key head's k_proj rows by Mk, by hand."""
+    new = copy.deepcopy(model)
+    attn = new.model.layers[layer].self_attn
+    with torch.no_grad():
+        q, k = attn.q_proj.weight.view(4, 8, 32), attn.k_proj.weight.view(2, 8, 32)
+        q.copy_(Mq @ q)
+        k.copy_(Mk @ k)
+    return new
+
+
+def _pairs_map(angles, scale=1.0):
+    M = torch.zeros(8, 8, dtype=F64)
+    for (a, b), t in zip(HALVES, angles):
+        M[[a, a, b, b], [a, b, a, b]] = scale * torch.tensor([math.cos(t), -math.sin(t), math.sin(t), math.cos(t)], dtype=F64)
+    return M
+
+
+def test_the_derived_group_by_hand():
+    """Pairs 0-2 have equal gains in both norms, pair 3 not: rotating pairs 0-2 and −I on pair 3 preserves the
+    log-probabilities (q and k rows by the same orthogonal M); rotating pair 3 or a Haar rotation change them. A
+    scaled rotation (q by 1.5·R, k by R/1.5, which leaves the scores alone without the norms) is divided out by the
+    norms but for their ε (1e-6 added to the mean square): it moves the log-probabilities by ~1e-7 — no exact symmetry,
+    so not in the group."""
+    model = build(equal=HALVES[:3])
+    ref = logp(model)
+    good = _pairs_map([0.7, 2.1, -1.3, math.pi])
+    assert rel(logp(_edit_qk(model, 0, good, good)), ref) <= TOL
+    turned = _pairs_map([0.7, 2.1, -1.3, 0.4])
+    assert rel(logp(_edit_qk(model, 0, turned, turned)), ref) > FAIL
+    scaled = _pairs_map([0.7, 2.1, -1.3, math.pi])
+    assert 1e3 * TOL < rel(logp(_edit_qk(model, 0, 1.5 * scaled, scaled / 1.5)), ref) < FAIL
+    Q = torch.linalg.qr(torch.randn(8, 8, generator=torch.Generator().manual_seed(0), dtype=F64))[0]
+    assert rel(logp(_edit_qk(model, 0, Q, Q)), ref) > FAIL
+
+
+def test_map_groups_and_exact_random_intertwiner():
+    """The map: the stream signed permutations (RMSNorm, gains kept), per key head a QK site of orthogonal maps on the
+    halves pairs (rigid where gains differ: all pairs of layer 1, pair 3 of layer 0), GL values, the gated MLP's D·P,
+    GQA head permutations; every site's random element preserves the log-probabilities and verify passes."""
+    model = build(equal=HALVES[:3])
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    smap = wb.symmetry_map(model)
+    assert not smap.skipped, smap.skipped
+    got = kinds(smap)
+    assert got["resid"] == {"signed_permutation"} and got["blocks.attn.qk"] == {"rotary_orthogonal"}
+    assert got["blocks.attn.ov"] == {"gl"} and got["blocks.mlp"] == {"diagonal_permutation"}
+    g0, g1 = smap["blocks.0.attn.qk.1"].group, smap["blocks.1.attn.qk.0"].group
+    assert g0.pairs == HALVES and g0.rigid == HALVES[3:] and g0.continuous
+    assert g1.rigid == HALVES and not g1.continuous
+    new, t = wb.random_intertwiner(model, seed=1)
+    M = t.elements["blocks.0.attn.qk.0"].matrix()
+    assert abs(float(M[0, 4])) > 1e-3 and torch.allclose(M @ M.T, torch.eye(8, dtype=F64), atol=1e-14)  # a rotation
+    assert torch.equal(M[[3, 7]][:, [3, 7]].abs(), torch.eye(2, dtype=F64))  # ±I on the rigid pair
+    assert rel(logp(new), logp(model)) <= TOL
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    for name in ("q_norm", "k_norm"):  # the norms' gains are not moved
+        assert torch.equal(getattr(new.model.layers[0].self_attn, name).weight, getattr(model.model.layers[0].self_attn, name).weight)
+    report = wb.verify(model, new, IDS, transform=t)
+    assert report.passed and report.representations_moved, report.summary()
+
+
+def test_negative_controls_are_refused_and_change_the_function():
+    """At a QK site: the rotary commutant with scales (Llama's group), GL, a Haar rotation, and rotations of the rigid
+    pair (the normed group without its rigid pairs) are each refused as no symmetry; forced, each changes the
+    function (computed directly) and verify fails."""
+    model = build(equal=HALVES[:3])
+    ref = logp(model)
+    site = "blocks.0.attn.qk.0"
+    own = wb.symmetry_map(model)[site].group
+    for wrong in (wb.get_group("rotary", 8, pairs=HALVES), "gl", "orthogonal",
+                  wb.get_group("rotary_orthogonal", 8, pairs=HALVES)):
+        with pytest.raises(ValueError, match="not a symmetry"):
+            wb.random_intertwiner(model, sites=[site], group=wrong)
+        bad, bt = wb.random_intertwiner(model, seed=2, sites=[site], group=wrong, allow_non_symmetry=True)
+        assert bt.forced == [site] and rel(logp(bad), ref) > FAIL, wrong
+        assert not wb.verify(model, bad, IDS, transform=bt).passed
+    new, t = wb.random_intertwiner(model, seed=2, sites=[site], group="rotary_orthogonal")  # the site's own, by name
+    assert not t.forced and own.contains(t.elements[site]) and rel(logp(new), ref) <= TOL
+
+
+def test_other_per_head_norms_stay_refused():
+    """StableLM's qk_layernorm (a LayerNorm per head, mapped by TransformerLens to the same q_norm key) is still refused
+    by name: the q/k norm keys are known only in the families whose norm was checked (Qwen3)."""
+    from test_hf_families_more import CONFIGS, build as build_more
+
+    model = build_more("stablelm", kw=dict(CONFIGS["stablelm"][1], qk_layernorm=True))
+    smap = wb.symmetry_map(model)
+    assert len(smap) == 0 and "q_layernorm" in smap.skipped[0][1]
+
+
+@pytest.mark.parametrize("kw", [dict(attention_bias=True), dict(tie_word_embeddings=True),
+                                dict(num_key_value_heads=1), dict(num_key_value_heads=4),
+                                dict(use_sliding_window=True, sliding_window=4, max_window_layers=1)],
+                         ids=["biases", "tied", "mqa", "mha", "sliding"])
+def test_configuration_variants_are_exact(kw):
+    model = build(seed=3, equal=HALVES[:2], **kw)
+    smap = wb.symmetry_map(model)
+    assert kinds(smap)["blocks.attn.qk"] == {"rotary_orthogonal"}
+    assert all(why.startswith("one key/value head") for _, why in smap.skipped), smap.skipped
+    new, _ = wb.random_intertwiner(model, seed=4)
+    assert rel(logp(new), logp(model)) <= TOL
+
+
+def test_fold_then_the_orthogonal_stream():
+    """Folding the stream's RMSNorm gains leaves the per-head norms as they are; the folded stream takes O(d)."""
+    model = build(equal=HALVES)
+    f = wb.fold_layernorm(model)
+    assert rel(logp(f), logp(model)) <= TOL
+    assert torch.equal(f.model.layers[1].self_attn.q_norm.weight, model.model.layers[1].self_attn.q_norm.weight)
+    smap = wb.symmetry_map(f)
+    assert smap["resid"].group.name == "orthogonal"
+    new, _ = wb.random_intertwiner(f, seed=5)
+    assert rel(logp(new), logp(model)) <= TOL
+
+
+def test_bridge_around_qwen3_is_exact(tmp_path_factory):
+    _, report = bridged_exactly(build(equal=HALVES[:3]), tmp_path_factory.getbasetemp())
+    assert report.floor is not None and report.max_abs_diff <= 10 * report.floor  # HF's RMSNorms round in float32
+
+
+@st.composite
+def shapes(draw):
+    heads = draw(st.sampled_from([2, 4]))
+    dh = draw(st.sampled_from([4, 8]))
+    kw = dict(num_attention_heads=heads, num_key_value_heads=draw(st.sampled_from([k for k in (1, 2, 4) if heads % k == 0])),
+              head_dim=dh, hidden_size=draw(st.sampled_from([16, 24])), num_hidden_layers=draw(st.integers(1, 2)),
+              tie_word_embeddings=draw(st.booleans()), attention_bias=draw(st.booleans()))
+    pairs = tuple((i, i + dh // 2) for i in range(dh // 2))
+    equal = tuple(p for p in pairs if draw(st.booleans()))
+    return kw, equal
+
+
+@settings(max_examples=10, deadline=None)
+@given(shape=shapes(), seed=st.integers(0, 2 ** 16))
+def test_property_random_shapes_and_gain_patterns_are_exact(shape, seed):
+    kw, equal = shape
+    model = build(seed=seed % 5, equal=equal, **kw)
+    smap = wb.symmetry_map(model)
+    g = smap["blocks.0.attn.qk.0"].group
+    assert set(g.pairs) - set(g.rigid) == set(equal)
+    new, _ = wb.random_intertwiner(model, seed=seed)
+    assert rel(logp(new), logp(model)) <= TOL, (kw, equal)
