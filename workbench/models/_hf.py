@@ -46,7 +46,12 @@ _KNOWN = {"embed", "pos_embed", "token_type_embed", "embed_ln", "ln_final", "une
 # docs/DERIVATIONS.md §10, Qwen3). StableLM's and Phi's per-head LayerNorms, which the adapters map to the same keys,
 # stay refused by name.
 _QK_NORMS = {"blocks.{i}.attn.q_norm", "blocks.{i}.attn.k_norm"}
-QK_NORM_FAMILIES = frozenset({"qwen3"})
+QK_NORM_FAMILIES = frozenset({"qwen3", "gemma3_text"})
+# Norms on a block's outputs before they join the stream (Gemma 2 and 3: ``post_attention_layernorm``,
+# ``post_feedforward_layernorm``), known only where checked: docs/DERIVATIONS.md §10, Gemma 2 and 3. OLMo 2 maps the
+# same keys with no norm before its blocks: a different stream, refused by name.
+_SANDWICH = {"blocks.{i}.ln1_post", "blocks.{i}.ln2_post"}
+SANDWICH_FAMILIES = frozenset({"gemma2", "gemma3_text"})
 
 
 @dataclass(frozen=True)
@@ -83,7 +88,7 @@ class Layout:
 # its GELU as ReLU and its post-LN blocks as pre-LN; a transform built on them changed the float64 log-probabilities
 # by 7e-4. Add a family only with its derivation and those tests.
 CHECKED_FAMILIES = frozenset({"bert", "gemma", "gpt2", "gpt_neo", "gpt_neox", "gptj", "llama", "mistral", "nemotron",
-                              "opt", "phi", "qwen2", "qwen3", "stablelm", "starcoder2"})
+                              "opt", "phi", "qwen2", "qwen3", "stablelm", "starcoder2", "gemma2", "gemma3_text"})
 
 # Layouts per (class, config): building one boots nothing, but walks a weightless model (~10 ms).
 _LAYOUTS: "OrderedDict[tuple, object]" = OrderedDict()
@@ -143,7 +148,7 @@ def _build_adapter(hf: nn.Module):
             f"a raw Hugging Face {type(hf).__name__} is read through TransformerLens 4's architecture adapters; "
             f"the installed TransformerLens has none (3.x). Install transformer-lens>=4.") from None
     _check_family(hf)
-    config = copy.deepcopy(hf.config)
+    config = named_config(hf)
     try:
         arch = source.determine_architecture_from_hf_config(config)
     except ValueError as exc:  # TransformerLens lists every architecture it knows in this message: the first line says it
@@ -155,6 +160,16 @@ def _build_adapter(hf: nn.Module):
     if prepare is not None:  # name fixes that depend on the model (NeoX's embed_out), on a weightless copy
         prepare(_reference(hf))
     return found
+
+
+def named_config(hf: nn.Module):
+    """A copy of ``hf``'s config that names its architecture. A config built in code names none, and TransformerLens's
+    fallback by ``model_type`` lacks some (``gemma3_text``): a language-model class is the architecture a checkpoint's
+    config would name."""
+    config = copy.deepcopy(hf.config)
+    if not getattr(config, "architectures", None) and type(hf).__name__.endswith("ForCausalLM"):
+        config.architectures = [type(hf).__name__]
+    return config
 
 
 def _check_family(hf: nn.Module) -> None:
@@ -205,10 +220,11 @@ def _build_layout(ad, hf: nn.Module) -> Layout:
     unknown: list[str] = []
 
     qk_norms = getattr(hf.config, "model_type", None) in QK_NORM_FAMILIES
+    sandwich = getattr(hf.config, "model_type", None) in SANDWICH_FAMILIES
 
     def known(key: str) -> bool:
         pattern = ".".join("{i}" if p.isdigit() else p for p in key.split("."))
-        return pattern in _KNOWN or (qk_norms and pattern in _QK_NORMS)
+        return pattern in _KNOWN or (qk_norms and pattern in _QK_NORMS) or (sandwich and pattern in _SANDWICH)
 
     def module(path: str) -> Optional[nn.Module]:
         try:

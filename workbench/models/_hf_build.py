@@ -15,7 +15,7 @@ import copy
 import torch
 from torch import nn
 
-from ._hf import hf_model
+from ._hf import hf_model, named_config
 from ._kind import ModelKind, model_kind
 
 
@@ -116,6 +116,7 @@ def scratch_bridge(model: nn.Module, fresh: nn.Module):
 
     tok = Tokenizer(models.WordLevel({"a": 0, "[UNK]": 1}, unk_token="[UNK]"))
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[UNK]")
+    fresh.config = named_config(fresh)  # (a copy: booting reads the architecture from it)
     return boot(f"local/{fresh.config.model_type}", fresh, tokenizer)
 
 
@@ -143,7 +144,7 @@ def with_head(hf: nn.Module) -> nn.Module:
 
     from transformer_lens.model_bridge.sources.transformers import source
 
-    arch = source.determine_architecture_from_hf_config(copy.deepcopy(hf.config))
+    arch = source.determine_architecture_from_hf_config(named_config(hf))
     if type(hf).__name__ == arch:
         return hf
     base = hf.base_model

@@ -52,8 +52,10 @@ _HF = (ModelKind.HF, ModelKind.HF_BRIDGE)
 
 def norm_keys(weights: dict) -> list[str]:
     """Gain and bias keys of the LayerNorms on the residual stream (not SoLU's ``mlp.ln``); BERT's
-    embedding LayerNorm and its MLM head's (whose space is tied to the stream's) included."""
-    return [k for k in weights if k.rpartition(".")[0].rpartition(".")[2] in ("ln1", "ln2")
+    embedding LayerNorm and its MLM head's (whose space is tied to the stream's) included, and Gemma 2/3's norms on a
+    block's outputs (``ln1_post``, ``ln2_post``), whose outputs join the stream: a gain there passes only what it
+    commutes with, as a reader's does (``is_folded``), and moves by the element's permutation."""
+    return [k for k in weights if k.rpartition(".")[0].rpartition(".")[2] in ("ln1", "ln2", "ln1_post", "ln2_post")
             or k.startswith("ln_final.") or k.startswith("embed_ln.")]
 
 
