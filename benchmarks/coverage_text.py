@@ -6,7 +6,8 @@ those families; ``--kinds raw|bridge`` one kind of row. Results go to ``benchmar
 (raw numbers in ``coverage_text.json``), or to the folder ``--out DIR`` (a partial run kept apart from the table).
 
 Method. Every family issue 17 names (Mistral, Qwen2, Gemma, Phi, OPT 125m- and 350m-like, GPT-NeoX)
-plus GPT-2, LLaMA and BERT, and the families checked since (GPT-J, StableLM, StarCoder2, Nemotron, GPT-Neo),
+plus GPT-2, LLaMA and BERT, and the families checked since (GPT-J, StableLM, StarCoder2, Nemotron, GPT-Neo; Qwen3,
+Gemma 2 and Gemma 3),
 each at one shape the size of the smallest released checkpoints (hidden 512, 6 layers, 8 heads of 64, vocabulary
 32,000, MLP 2,048 — Pythia-70m's size; GQA with 2 key/value heads for Mistral, Qwen2, LLaMA, StableLM, StarCoder2
 and Nemotron, one for Gemma; GPT-J rotates 32 of 64 dimensions; GPT-Neo alternates global and local (window 16)
@@ -90,18 +91,26 @@ def shapes(quick: bool, positions: int = 512) -> dict:
         "gpt_neo": ("GPTNeoForCausalLM", dict(hidden_size=d, num_layers=L, num_heads=H, vocab_size=V, intermediate_size=f,
                                               max_position_embeddings=positions, window_size=16,
                                               attention_types=[[["global", "local"], L // 2]])),
+        # checked families added on 2026-12-05 (tests/test_hf_qwen3.py, tests/test_hf_gemma23.py): per-head q/k norms
+        # (Qwen3, Gemma 3), norms on the blocks' outputs and soft caps (Gemma 2), local and global layers (Gemma 2, 3)
+        "qwen3": ("Qwen3ForCausalLM", dict(common, intermediate_size=f, num_key_value_heads=kv, head_dim=d // H)),
+        "gemma2": ("Gemma2ForCausalLM", dict(common, intermediate_size=f, num_key_value_heads=kv, head_dim=d // H,
+                                             sliding_window=16)),
+        "gemma3": ("Gemma3ForCausalLM", dict(common, intermediate_size=f, num_key_value_heads=kv, head_dim=d // H,
+                                             sliding_window=16)),
     }
 
 
 def build(cls_name: str, kw: dict, seed: int = 0):
     import transformers
 
-    config_cls = {"GPT2LMHeadModel": "GPT2Config", "BertForMaskedLM": "BertConfig"}.get(
+    config_cls = {"GPT2LMHeadModel": "GPT2Config", "BertForMaskedLM": "BertConfig", "Gemma3ForCausalLM": "Gemma3TextConfig"}.get(
         cls_name, cls_name.replace("ForCausalLM", "Config"))
     torch.manual_seed(seed)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = getattr(transformers, cls_name)(getattr(transformers, config_cls)(**kw)).eval()
+    model.config.architectures = [cls_name]  # as a checkpoint's config names it (a TransformerLens boot reads it)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
