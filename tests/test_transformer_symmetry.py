@@ -243,3 +243,27 @@ def test_interpretation_shift_mlp_neurons_relabel_but_residual_coordinates_chang
     new, _ = wb.random_intertwiner(model, seed=1, sites=["resid"])  # a rotation fixing 1: exact, coordinates move
     shift = wb.interpretation_shift(model, new, data, "resid", k=8)
     assert shift.overlap_same_index.mean() < 0.3 and shift.overlap_matched.mean() < 0.5
+
+
+def test_qk_norms_of_a_lens_model_leave_its_qk_spaces_alone_and_say_why():
+    """TransformerLens 3's ``use_qk_norm`` puts a norm on q and k (per head or over all heads, by architecture name):
+    derived here for Hugging Face's Qwen3 and Gemma 3 only, so the QK sites are skipped with that reason (before, the
+    rotary measurement refused them as "not 2-D rotations", which was wrong about the cause), and every other site
+    is exact, computed directly. TransformerLens 4's native models build no q/k norm from this switch: their QK sites
+    are read as usual."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = clone(randomised(make_transformer(**FAMILIES["gated_silu_rms_gqa"], use_qk_norm=True)), torch.float64)
+    normed = any(k.endswith("attn.q_norm.w") for k in model.state_dict())
+    smap = wb.symmetry_map(model)
+    qk = [s.name for s in smap if ".qk." in s.name]
+    if normed:
+        assert not qk and smap.skipped and all("use_qk_norm" in why for _, why in smap.skipped), smap.skipped
+    else:
+        assert len(qk) == 4 and not smap.skipped
+    new, t = wb.random_intertwiner(model, seed=5)
+    with torch.no_grad():
+        a, b = model(tokens()).log_softmax(-1), new(tokens()).log_softmax(-1)
+    if normed:  # TransformerLens 3 computes its RMSNorms in the model's dtype: exact (4's native ones round in float32)
+        assert float(((a - b).abs() / a.abs().amax(-1, keepdim=True)).max()) <= 1e-10
+    assert wb.verify(model, new, tokens(), transform=t).passed

@@ -86,7 +86,13 @@ def transformer_map(model: nn.Module) -> SymmetryMap:
         sites.append(_word_site(W, see))
     skipped = []
     pairs, qk_unknown = None, None
-    if pos == "rotary":
+    if kind not in _HF and any(k.endswith(("attn.q_norm.w", "attn.k_norm.w")) for k in W):
+        # TransformerLens 3's use_qk_norm: per head (Qwen3, Gemma 3) or over all heads at once (OLMo 2), by its
+        # architecture name; derived here for Hugging Face's per-head norms only (docs/DERIVATIONS.md §10, Qwen3)
+        qk_unknown = ("norms on the queries and keys (TransformerLens's use_qk_norm): their group is derived for "
+                      "Hugging Face's Qwen3 and Gemma 3 (read those raw or in a TransformerLens 4 bridge); the QK "
+                      "spaces are left unchanged")
+    elif pos == "rotary":
         try:
             pairs = rotary_pairs(model)
         except UnsupportedModelError as exc:  # the QK spaces are left alone; every other site still holds
