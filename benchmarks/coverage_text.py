@@ -2,12 +2,13 @@
 
 Rerun with ``.venv/bin/python benchmarks/coverage_text.py``; ``--quick`` uses the tests' tiny shapes
 (hidden 32) and writes nothing; ``--reps N`` sets the repetitions (default 5); ``--only FAMILY …`` runs
-those families; ``--kinds raw|bridge`` one kind of row. Results go to ``benchmarks/results/coverage_text.md``
+those families; ``--kinds raw|bridge`` one kind of row; ``--merge`` with ``--only`` keeps the other families' rows
+from the existing JSON, each with the date of the run that measured it (the page says which rows came from which run). Results go to ``benchmarks/results/coverage_text.md``
 (raw numbers in ``coverage_text.json``), or to the folder ``--out DIR`` (a partial run kept apart from the table).
 
 Method. Every family issue 17 names (Mistral, Qwen2, Gemma, Phi, OPT 125m- and 350m-like, GPT-NeoX)
 plus GPT-2, LLaMA and BERT, and the families checked since (GPT-J, StableLM, StarCoder2, Nemotron, GPT-Neo; Qwen3,
-Gemma 2 and Gemma 3),
+Gemma 2, Gemma 3 and OLMo 2),
 each at one shape the size of the smallest released checkpoints (hidden 512, 6 layers, 8 heads of 64, vocabulary
 32,000, MLP 2,048 — Pythia-70m's size; GQA with 2 key/value heads for Mistral, Qwen2, LLaMA, StableLM, StarCoder2
 and Nemotron, one for Gemma; GPT-J rotates 32 of 64 dimensions; GPT-Neo alternates global and local (window 16)
@@ -98,6 +99,7 @@ def shapes(quick: bool, positions: int = 512) -> dict:
                                              sliding_window=16)),
         "gemma3": ("Gemma3ForCausalLM", dict(common, intermediate_size=f, num_key_value_heads=kv, head_dim=d // H,
                                              sliding_window=16)),
+        "olmo2": ("Olmo2ForCausalLM", dict(common, intermediate_size=f, num_key_value_heads=kv)),
     }
 
 
@@ -210,6 +212,7 @@ def main() -> None:
     parser.add_argument("--only", nargs="*")
     parser.add_argument("--kinds", nargs="*", choices=("raw", "bridge"), default=("raw", "bridge"))
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder for coverage_text.md/.json")
+    parser.add_argument("--merge", action="store_true", help="with --only: keep the other rows of the existing JSON")
     args = parser.parse_args()
     torch.set_num_threads(1)  # what CPU time judges is one thread's work (the docstring)
     _timing.reuse_freed_memory()  # the judged regime: no page faults on either side (see measure)
@@ -225,6 +228,7 @@ def main() -> None:
         for kind in args.kinds:
             model = raw if kind == "raw" else bridge(raw)
             row = measure(name, kind, model, ids, args.reps)
+            row["run"] = started
             rows.append(row)
             print(f"{name:9s} {kind:6s} {row['parameters'] / 1e6:6.2f}M sites {row['sites']:3d} {row['verify32']}/"
                   f"{row['verify64']} ratio {row['ratio']:.2f} ({row['ratio_median']:.2f})", flush=True)
@@ -233,12 +237,27 @@ def main() -> None:
     load1 = os.getloadavg()[0]
     import platform
 
+    runs = ""
+    if args.merge:  # the rows of the families not run now, as the last run measured them (with that run's date)
+        old = json.loads((args.out / "coverage_text.json").read_text())
+        new = {(r["family"], r["kind"]) for r in rows}
+        kept = [dict(r, run=r.get("run", old["started"])) for r in old["rows"] if (r["family"], r["kind"]) not in new]
+        rows = kept + rows
+        order = list(shapes(False))
+        rows.sort(key=lambda r: (order.index(r["family"]) if r["family"] in order else len(order), r["kind"] != "raw"))
+        when: dict = {}
+        for r in rows:
+            when.setdefault(r["run"], []).append(r["family"])
+        runs = " Rows come from more than one run (`--merge`): " + "; ".join(
+            f"{t}: {', '.join(dict.fromkeys(fams))}" for t, fams in when.items()) + "."
+
     text = "\n".join([
         "# Coverage of Hugging Face text models: sites, groups, verify, cost", "",
         f"Run {started} on {platform.processor() or platform.machine()} ({os.cpu_count()} cores, torch "
         f"{torch.__version__}, transformers {__import__('transformers').__version__}) with "
-        f"`.venv/bin/python benchmarks/coverage_text.py`; method in the script's docstring. Load average (1 min) at "
-        f"start / end: {load0:.1f} / {load1:.1f} on {os.cpu_count()} cores.", "",
+        f"`.venv/bin/python benchmarks/coverage_text.py{' --only ' + ' '.join(args.only) + ' --merge' if args.merge else ''}`; "
+        f"method in the script's docstring. Load average (1 min) at "
+        f"start / end: {load0:.1f} / {load1:.1f} on {os.cpu_count()} cores.{runs}", "",
         "Groups per kind of site (`qk`/`ov`: per key/value head; `heads`: key/value groups, or all heads; "
         "`heads.k`: query heads within group k; `word`: OPT-350m's tied word space behind project_in/out). "
         "verify: the verdict and the largest relative output difference; `checked` sites are in the JSON.", "",

@@ -215,15 +215,6 @@ def test_bridge_around_each_is_exact(family, tmp_path_factory):
     bridged_exactly(model, tmp_path_factory.getbasetemp(), logp)
 
 
-def test_olmo2_output_norms_stay_refused():
-    """OLMo 2 has output norms and no norm before its blocks (a different stream): TransformerLens maps them to the
-    same keys, and OLMo 2 is refused by its family."""
-    config = transformers.Olmo2Config(**{k: v for k, v in SHAPE.items() if k not in ("head_dim", "sliding_window")})
-    model = transformers.Olmo2ForCausalLM(config).double().eval()
-    smap = wb.symmetry_map(model)
-    assert len(smap) == 0 and "olmo2" in smap.skipped[0][1]
-
-
 @st.composite
 def shapes(draw):
     heads = draw(st.sampled_from([2, 4]))

@@ -188,22 +188,23 @@ def test_minilm_interpretation_shift_value_space_vs_mlp_neurons(minilm):
 
 
 def test_unmapped_hugging_face_family_is_refused_with_a_reason(tmp_path):
-    """OLMo-2 (a norm after attention and after the MLP, none before: the blocks read the raw stream) is a family whose
-    layout is not checked here: refused in a bridge, naming the family; nothing is transformed or folded. (Gemma-2,
-    this test's model until its sandwich norms were derived, is checked now: tests/test_hf_gemma23.py.)"""
+    """Granite (multipliers on its embedding, residual branches, attention scores and logits, which the adapter's
+    configuration does not state) is a family whose layout is not checked here: refused in a bridge, naming the
+    family; nothing is transformed or folded. (Gemma-2 and then OLMo-2 were this test's model until each was checked:
+    tests/test_hf_gemma23.py, tests/test_hf_olmo2.py.)"""
     from transformer_lens.model_bridge import TransformerBridge
-    from transformers import Olmo2Config, Olmo2ForCausalLM
+    from transformers import GraniteConfig, GraniteForCausalLM
 
-    Olmo2ForCausalLM(Olmo2Config(hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
-                                 num_key_value_heads=2, vocab_size=50)).save_pretrained(tmp_path / "o2")
-    _tokenizer(tmp_path / "o2", 50)
-    model = TransformerBridge.boot_transformers(str(tmp_path / "o2"))
+    GraniteForCausalLM(GraniteConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
+                                     num_key_value_heads=2, vocab_size=50)).save_pretrained(tmp_path / "g")
+    _tokenizer(tmp_path / "g", 50)
+    model = TransformerBridge.boot_transformers(str(tmp_path / "g"))
     smap = wb.symmetry_map(model)
-    assert len(smap) == 0 and "Olmo2ForCausalLM" in smap.skipped[0][1] and "'olmo2'" in smap.skipped[0][1]
+    assert len(smap) == 0 and "GraniteForCausalLM" in smap.skipped[0][1] and "'granite'" in smap.skipped[0][1]
     assert "not been checked" in smap.skipped[0][1]
-    with pytest.raises(TypeError, match="olmo2"):
+    with pytest.raises(TypeError, match="granite"):
         wb.fold_layernorm(model)
-    with pytest.raises(UnsupportedModelError, match="olmo2"):
+    with pytest.raises(UnsupportedModelError, match="granite"):
         wb.random_intertwiner(model)
 
 

@@ -46,12 +46,12 @@ _KNOWN = {"embed", "pos_embed", "token_type_embed", "embed_ln", "ln_final", "une
 # docs/DERIVATIONS.md §10, Qwen3). StableLM's and Phi's per-head LayerNorms, which the adapters map to the same keys,
 # stay refused by name.
 _QK_NORMS = {"blocks.{i}.attn.q_norm", "blocks.{i}.attn.k_norm"}
-QK_NORM_FAMILIES = frozenset({"qwen3", "gemma3_text"})
+QK_NORM_FAMILIES = frozenset({"qwen3", "gemma3_text", "olmo2"})  # (OLMo 2: one RMSNorm over every head's values)
 # Norms on a block's outputs before they join the stream (Gemma 2 and 3: ``post_attention_layernorm``,
-# ``post_feedforward_layernorm``), known only where checked: docs/DERIVATIONS.md §10, Gemma 2 and 3. OLMo 2 maps the
-# same keys with no norm before its blocks: a different stream, refused by name.
+# ``post_feedforward_layernorm``), known only where checked: docs/DERIVATIONS.md §10, Gemma 2 and 3, OLMo 2 (which
+# has no norm before its blocks).
 _SANDWICH = {"blocks.{i}.ln1_post", "blocks.{i}.ln2_post"}
-SANDWICH_FAMILIES = frozenset({"gemma2", "gemma3_text"})
+SANDWICH_FAMILIES = frozenset({"gemma2", "gemma3_text", "olmo2"})
 
 
 @dataclass(frozen=True)
@@ -88,7 +88,7 @@ class Layout:
 # its GELU as ReLU and its post-LN blocks as pre-LN; a transform built on them changed the float64 log-probabilities
 # by 7e-4. Add a family only with its derivation and those tests.
 CHECKED_FAMILIES = frozenset({"bert", "gemma", "gpt2", "gpt_neo", "gpt_neox", "gptj", "llama", "mistral", "nemotron",
-                              "opt", "phi", "qwen2", "qwen3", "stablelm", "starcoder2", "gemma2", "gemma3_text"})
+                              "opt", "phi", "qwen2", "qwen3", "stablelm", "starcoder2", "gemma2", "gemma3_text", "olmo2"})
 
 # Layouts per (class, config): building one boots nothing, but walks a weightless model (~10 ms).
 _LAYOUTS: "OrderedDict[tuple, object]" = OrderedDict()

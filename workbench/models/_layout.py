@@ -55,7 +55,9 @@ def to_canonical(sd: dict[str, torch.Tensor], cfg: Any) -> dict[str, torch.Tenso
             out["mlm.W" if W else "mlm.b"] = t.T if W else t
         elif stem in ("project_in", "project_out", "pooler", "score"):  # [d_in, d_out]: OPT-350m's word space ↔ stream;
             out[f"{stem}.{'W' if W else 'b'}"] = t.T if W else t  # BERT's pooler, a classifier's score: stream readers
-        else:  # norms: ln1, ln2, ln_final, mlp.ln (SoLU)
+        elif owner in ("q_norm", "k_norm") and t.ndim == 1 and t.shape[0] != dh:  # one norm over every head (OLMo 2):
+            out[f"{stem}.{'w' if W else 'b'}"] = t.reshape(-1, dh)  # [heads, d_head], as W_Q's leading axis
+        else:  # norms: ln1, ln2, ln_final, mlp.ln (SoLU), a per-head q/k norm's one gain (Qwen3)
             out[f"{stem}.{'w' if W else 'b'}"] = t
     return {k: v.contiguous() for k, v in out.items()}
 
@@ -91,6 +93,8 @@ def from_canonical(sd: dict[str, torch.Tensor], cfg: Any) -> dict[str, torch.Ten
             out[f"mlm_head.{'weight' if leaf == 'W' else 'bias'}"] = t.T if leaf == "W" else t
         elif base in ("project_in", "project_out", "pooler", "score"):
             out[f"{base}.{'weight' if leaf == 'W' else 'bias'}"] = t.T if leaf == "W" else t
+        elif base.endswith((".q_norm", ".k_norm")) and t.ndim == 2:  # [heads, d_head] -> one norm's [heads·d_head]
+            out[f"{base}.{'weight' if leaf == 'w' else 'bias'}"] = t.reshape(-1)
         else:
             out[f"{base}.{'weight' if leaf == 'w' else 'bias'}"] = t
     return {k: v.contiguous() for k, v in out.items()}

@@ -104,10 +104,10 @@ def transformer_map(model: nn.Module) -> SymmetryMap:
     qk_norm = kind in _HF and hf.facts(model)["qk_norm"]
     for layer in range(L):
         a = f"blocks.{layer}.attn"
-        if qk_norm and pairs is not None:
-            qk_one, rigid_note = _normed_qk_group(W, a, dh, pairs)
         for k in range(K):
             heads = tuple(range(k * r, (k + 1) * r))
+            if qk_norm and pairs is not None:
+                qk_one, rigid_note = _normed_qk_group(W, a, dh, pairs, heads, k)
             qk_group = copy.copy(qk_one)
             notes = [f"query heads {list(heads)} share key head {k}"] if r > 1 else []
             if pairs is not None:
@@ -143,18 +143,28 @@ def transformer_map(model: nn.Module) -> SymmetryMap:
     return SymmetryMap(name, sites, skipped)
 
 
-def _normed_qk_group(W: dict, a: str, dh: int, pairs: tuple):
-    """The QK group of a layer whose heads normalise q and k (Qwen3's RMSNorm per head, one gain shared by every head),
-    and a note on it: a rotation on each pair whose gains are equal in both norms, ±I on the others (docs/DERIVATIONS.md
-    §10, Qwen3). The norms' gains stay as they are; their own symmetries (one scale per pair shared by every head of
-    the layer, q's gain times it and k's divided) couple all heads of a layer and are not sampled."""
+_QK_GROUPS: dict = {}  # (d_head, pairs, rigid) -> the group, built once per map (a pair check each construction)
+
+
+def _normed_qk_group(W: dict, a: str, dh: int, pairs: tuple, heads: tuple, k: int):
+    """The QK group of key head ``k`` and its query ``heads`` where q and k are normalised before the rotary embedding
+    (Qwen3 and Gemma 3: an RMSNorm per head with one gain for every head; OLMo 2: one RMSNorm over every head's values,
+    a gain per head), and a note on it: a rotation on each pair whose gains are equal in every norm slice the site's
+    element meets (each query head's and the key head's), ±I on the others (docs/DERIVATIONS.md §10, Qwen3). The
+    norms' gains stay as they are; their own symmetries (a scale per pair, q's gain times it and k's divided, shared
+    by every head a gain serves) are not sampled."""
     gq, gk = W[f"{a}.q_norm.w"], W[f"{a}.k_norm.w"]
-    rigid = tuple(p for p in pairs if not (bool(gq[p[0]] == gq[p[1]]) and bool(gk[p[0]] == gk[p[1]])))
-    group = get_group("rotary_orthogonal", dh, pairs=pairs, rigid=rigid)
-    note = (f"q/k RMSNorm per head: orthogonal maps only; {len(pairs) - len(rigid)} of {len(pairs)} rotary pairs rotate "
-            f"(equal gains), {len(rigid)} only ±I (their q or k norm gains differ); the gains' own scalings (per pair, "
-            f"shared by every head) are not sampled")
-    return group, note
+    slices = ([gq] if gq.ndim == 1 else [gq[h] for h in heads]) + ([gk] if gk.ndim == 1 else [gk[k]])
+    rigid = tuple(p for p in pairs if not all(bool(g[p[0]] == g[p[1]]) for g in slices))
+    key = (dh, pairs, rigid)
+    if key not in _QK_GROUPS:
+        if len(_QK_GROUPS) > 64:
+            _QK_GROUPS.clear()
+        _QK_GROUPS[key] = get_group("rotary_orthogonal", dh, pairs=pairs, rigid=rigid)
+    width = "per head" if gq.ndim == 1 else "over every head at once"
+    note = (f"q/k RMSNorm {width}: orthogonal maps only; {len(pairs) - len(rigid)} of {len(pairs)} rotary pairs rotate "
+            f"(equal gains), {len(rigid)} only ±I (their q or k norm gains differ); the gains' own scalings are not sampled")
+    return _QK_GROUPS[key], note
 
 
 def _known(model: nn.Module) -> set:
@@ -168,10 +178,14 @@ def _head_sites(a: str, H: int, K: int, W: dict, see, skipped: list) -> list[Sit
     """Permutations of heads: all heads together, or under grouped-query attention the key/value groups
     (query heads moving with their group) and the query heads within each group."""
     r = H // K
-    kv = ("W_K", "b_K", "W_V", "b_V")
+    # one q/k norm over every head's values (OLMo 2) has a gain per head, [heads, d_head]: it moves with its head
+    # (a per-head norm's one gain, Qwen3's, serves every head and stays)
+    q_norm, k_norm = (("q_norm.w",), ("k_norm.w",)) if W.get(f"{a}.q_norm.w", torch.empty(0)).ndim == 2 else ((), ())
+    kv = ("W_K", "b_K", "W_V", "b_V", *k_norm)
     sites = []
     if K > 1:
-        ports = [Port(f"{a}.{p}", "heads", axis=0, block=1 if p in kv else r) for p in ("W_Q", "b_Q", *kv, "W_O")]
+        ports = [Port(f"{a}.{p}", "heads", axis=0, block=1 if p in kv else r)
+                 for p in ("W_Q", "b_Q", *q_norm, *kv, "W_O")]
         label = "attention heads" if r == 1 else f"key/value head groups (each with its {r} query heads)"
         sites.append(Site(f"{a}.heads", K, get_group("permutation", K), label, f"{a}.hook_z", _present(ports, W), [], [],
                           see.heads(a, None, r)))
@@ -181,7 +195,7 @@ def _head_sites(a: str, H: int, K: int, W: dict, see, skipped: list) -> list[Sit
     if r > 1:
         for k in range(K):
             heads = tuple(range(k * r, (k + 1) * r))
-            ports = [Port(f"{a}.{p}", "heads", axis=0, heads=heads) for p in ("W_Q", "b_Q", "W_O")]
+            ports = [Port(f"{a}.{p}", "heads", axis=0, heads=heads) for p in ("W_Q", "b_Q", *q_norm, "W_O")]
             sites.append(Site(f"{a}.heads.{k}", r, get_group("permutation", r), f"query heads sharing key/value head {k}",
                               f"{a}.hook_z", _present(ports, W), [], [], see.heads(a, heads, 1)))
     return sites
@@ -426,9 +440,19 @@ def _measure_pairs(model: nn.Module, layer: int) -> tuple[tuple[int, int], ...]:
     device = next(model.parameters()).device
     tokens = torch.zeros(dh, T, dtype=torch.long, device=device)
     hooks = (f"{a}.hook_q_normed", f"{a}.hook_k_normed") if normed else (f"{a}.hook_q", f"{a}.hook_k")
-    at = 2 if normed else 1  # the position axis
 
-    def queries(q, name):  # example i carries e_i at every position and head
+    def per_head(fn):
+        """A hook writing ``fn(t, at)``, ``t`` the hook's value as [..., d_head] with its position axis ``at``: hook_q
+        [batch, pos, head, d_head]; after a per-head norm [batch, head, pos, d_head]; after one norm over every head
+        (OLMo 2) [batch, pos, heads·d_head], seen per head."""
+        def hook(t, name):
+            if t.shape[-1] == dh:
+                return fn(t, 2 if normed else 1)
+            return fn(t.unflatten(-1, (-1, dh)), 1).flatten(-2)
+        return hook
+
+    @per_head
+    def queries(q, at):  # example i carries e_i at every position and head
         return torch.eye(dh, dtype=q.dtype, device=q.device)[:, None, None, :].expand(q.shape).clone()
 
     def pattern(keys):  # the last query, head 0: [example, key]
@@ -444,14 +468,14 @@ def _measure_pairs(model: nn.Module, layer: int) -> tuple[tuple[int, int], ...]:
     for start in range(0, dh, len(seen)):
         js = list(range(start, min(start + len(seen), dh)))
 
-        def keys(k, name, js=js):  # key position seen[m] carries e_{js[m]}; the others (the last too) zero
+        def keys(k, at, js=js):  # key position seen[m] carries e_{js[m]}; the others (the last too) zero
             new = torch.zeros_like(k)
             for m, j in enumerate(js):
                 new.select(at, seen[m])[..., j] = 1
             return new
 
         # The pattern is softmax(scores); the last key is zero, so log p_m − log p_last is score m.
-        logp = pattern(keys).log()
+        logp = pattern(per_head(keys)).log()
         touches[:, js] = (logp[:, seen[:len(js)]] - logp[:, T - 1:T]).abs()
     touches = touches > 1e-9 * touches.max()
     pairs = []
@@ -475,8 +499,8 @@ def _measure_pairs(model: nn.Module, layer: int) -> tuple[tuple[int, int], ...]:
         return torch.randn(x.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(x)
 
     plain = _patterns(model, a, tokens, lambda q, name: random(1, q), lambda k, name: random(2, k), hooks)
-    moved = _patterns(model, a, tokens, lambda q, name: random(1, q) @ M.to(q), lambda k, name: random(2, k) @ dual.to(k),
-                      hooks)
+    moved = _patterns(model, a, tokens, per_head(lambda q, at: random(1, q) @ M.to(q)),
+                      per_head(lambda k, at: random(2, k) @ dual.to(k)), hooks)
     change = (moved - plain).abs().max().item()
     # What the attention's own arithmetic moves the pattern by: q·c and k/c leave every score as it is, so any change
     # is rounding (GPT-J's and GPT-Neo's eager attention compute q·kᵀ in float32 even in a float64 model: ~1e-7).
