@@ -240,3 +240,15 @@ def test_property_random_shapes_and_gain_patterns_are_exact(shape, seed):
     assert set(g.pairs) - set(g.rigid) == set(equal)
     new, _ = wb.random_intertwiner(model, seed=seed)
     assert rel(logp(new), logp(model)) <= TOL, (kw, equal)
+
+
+def test_a_transform_drawn_where_pairs_rotate_is_refused_where_they_cannot():
+    """A transform drawn on a Qwen3 whose q/k gains are equal on every pair (as built: rotations) replayed on one whose
+    gains differ (as trained: ±I only) is refused, naming the site; forced, it would change the function."""
+    fresh, trained = build(equal=HALVES), build()
+    _, t = wb.random_intertwiner(fresh, seed=6)
+    with pytest.raises(ValueError, match="blocks.0.attn.qk"):
+        wb.apply_transform(trained, t)
+    assert all(p in wb.symmetry_map(trained)["blocks.0.attn.qk.0"].group.rigid for p in HALVES)
+    same = wb.apply_transform(build(equal=HALVES, seed=0), t)  # the same model: accepted and exact
+    assert rel(logp(same), logp(fresh)) <= TOL
