@@ -10,7 +10,6 @@ map, draws, verify, fold, bridge and a property, each compared directly in float
 (the only one with soft-capping) takes its softmax in float32: the direct check gives it its formula in float64.
 """
 import copy
-import math
 import warnings
 
 import pytest
@@ -19,6 +18,7 @@ from hypothesis import given, settings, strategies as st
 
 import workbench as wb
 from test_hf_families import FAIL, IDS, TOL, as_raw, bridged_exactly, kinds, random_parameters, rel
+from test_hf_families_more import _trace
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 transformers = pytest.importorskip("transformers")
@@ -85,20 +85,9 @@ def test_each_block_normalises_its_outputs_before_the_stream(family):
     x·rsqrt(mean(x²) + ε)·(1 + w); the final norm reads the stream and the tied embedding (scaled by √d) writes it."""
     model = build(family)
     layer = model.model.layers[0]
-    seen, handles = {}, []
     parts = {n: getattr(layer, n) for n in ("input_layernorm", "self_attn", "post_attention_layernorm",
                                             "pre_feedforward_layernorm", "mlp", "post_feedforward_layernorm")}
-    parts["layer"] = layer
-    for name, m in parts.items():
-        def hook(mod, args, kwargs, out, name=name):
-            seen[name] = (args[0] if args else kwargs["hidden_states"], out[0] if isinstance(out, tuple) else out)
-        handles.append(m.register_forward_hook(hook, with_kwargs=True))
-    try:
-        with torch.no_grad():
-            model(input_ids=IDS)
-    finally:
-        for h in handles:
-            h.remove()
+    seen = _trace(model, {**parts, "layer": layer})
     x, out = seen["layer"]
     x = x[0] if isinstance(x, tuple) else x
     assert torch.equal(seen["input_layernorm"][0], x) and torch.equal(seen["self_attn"][0], seen["input_layernorm"][1])

@@ -7,7 +7,6 @@ the attention are computed from the modules; then, by editing weights by hand, t
 norms' per-head gains along; then workbench's map, draws, verify, fold, bridge and a property, compared directly.
 """
 import copy
-import math
 import warnings
 
 import pytest
@@ -16,6 +15,8 @@ from hypothesis import given, settings, strategies as st
 
 import workbench as wb
 from test_hf_families import FAIL, IDS, TOL, bridged_exactly, kinds, logp, random_parameters, rel
+from test_hf_families_more import _trace
+from test_hf_qwen3 import rms, rope_attention
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 transformers = pytest.importorskip("transformers")
@@ -46,27 +47,11 @@ def build(seed=0, equal_in_group0=False, **kw):
     return model
 
 
-def rotate_half(t):
-    a, b = t.chunk(2, -1)
-    return torch.cat((-b, a), -1)
-
-
 def test_blocks_read_the_raw_stream_and_one_norm_spans_every_head():
     model = build()
     layer, attn, cfg = model.model.layers[0], model.model.layers[0].self_attn, model.config
-    seen, handles = {}, []
-    parts = {"layer": layer, "attn": attn, "post_attn": layer.post_attention_layernorm, "mlp": layer.mlp,
-             "post_ff": layer.post_feedforward_layernorm, "q_norm": attn.q_norm}
-    for name, m in parts.items():
-        def hook(mod, args, kwargs, out, name=name):
-            seen[name] = (args[0] if args else kwargs["hidden_states"], out[0] if isinstance(out, tuple) else out)
-        handles.append(m.register_forward_hook(hook, with_kwargs=True))
-    try:
-        with torch.no_grad():
-            model(input_ids=IDS)
-    finally:
-        for h in handles:
-            h.remove()
+    seen = _trace(model, {"layer": layer, "attn": attn, "post_attn": layer.post_attention_layernorm, "mlp": layer.mlp,
+                          "post_ff": layer.post_feedforward_layernorm, "q_norm": attn.q_norm})
     x, out = seen["layer"]
     assert not hasattr(layer, "input_layernorm") and torch.equal(seen["attn"][0], x)  # the raw stream
     mid = x + seen["post_attn"][1]
@@ -76,19 +61,10 @@ def test_blocks_read_the_raw_stream_and_one_norm_spans_every_head():
     H, K, dh = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.hidden_size // cfg.num_attention_heads
     assert attn.q_norm.weight.shape == (H * dh,) and attn.k_norm.weight.shape == (K * dh,)
     assert torch.equal(seen["q_norm"][0], attn.q_proj(x))  # every head's values at once
-
-    def norm(t, w):
-        return t * torch.rsqrt(t.pow(2).mean(-1, keepdim=True) + cfg.rms_norm_eps) * w
-
-    q = norm(attn.q_proj(x), attn.q_norm.weight).view(B, T, H, dh).transpose(1, 2)
-    k = norm(attn.k_proj(x), attn.k_norm.weight).view(B, T, K, dh).transpose(1, 2)
+    q = rms(attn.q_proj(x), attn.q_norm.weight, cfg.rms_norm_eps).view(B, T, H, dh).transpose(1, 2)
+    k = rms(attn.k_proj(x), attn.k_norm.weight, cfg.rms_norm_eps).view(B, T, K, dh).transpose(1, 2)
     v = attn.v_proj(x).view(B, T, K, dh).transpose(1, 2)
-    cos, sin = model.model.rotary_emb(x, torch.arange(T)[None])
-    q, k = q * cos[:, None] + rotate_half(q) * sin[:, None], k * cos[:, None] + rotate_half(k) * sin[:, None]
-    k, v = k.repeat_interleave(H // K, 1), v.repeat_interleave(H // K, 1)
-    scores = (q @ k.transpose(-1, -2) / math.sqrt(dh)).masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), -math.inf)
-    want = attn.o_proj((scores.softmax(-1) @ v).transpose(1, 2).reshape(B, T, H * dh))
-    assert torch.allclose(seen["attn"][1], want, rtol=0, atol=1e-6)  # Hugging Face's norms round in float32
+    assert torch.allclose(seen["attn"][1], rope_attention(model, attn, x, q, k, v), rtol=0, atol=1e-6)  # (float32 norms)
     facts = wb.models.hf.facts(model)
     assert facts["qk_norm"] and not facts["parallel"] and not facts["post_ln"]
 

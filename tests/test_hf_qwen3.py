@@ -20,6 +20,7 @@ from hypothesis import given, settings, strategies as st
 
 import workbench as wb
 from test_hf_families import FAIL, IDS, TOL, bridged_exactly, kinds, logp, random_parameters, rel
+from test_hf_families_more import _trace
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 transformers = pytest.importorskip("transformers")
@@ -46,9 +47,26 @@ def build(seed=0, equal=(), **kw):
     return model
 
 
-def rotate_half(t):
-    a, b = t.chunk(2, -1)
-    return torch.cat((-b, a), -1)
+def rms(t, w, eps):
+    """An RMSNorm over the last axis in float64 (Hugging Face's rounds in float32)."""
+    return t * torch.rsqrt(t.pow(2).mean(-1, keepdim=True) + eps) * w
+
+
+def rope_attention(model, attn, x, q, k, v):
+    """Causal attention written out in float64 from queries, keys and values [batch, heads, pos, d_head] before the
+    rotary embedding (``rotate_half`` pairs (i, i + d/2), the model's own cos/sin), key/value heads repeated for their
+    query heads, scores over √d_head, then ``o_proj``."""
+    def rotate_half(t):
+        a, b = t.chunk(2, -1)
+        return torch.cat((-b, a), -1)
+
+    B, T, _ = x.shape
+    cos, sin = model.model.rotary_emb(x, torch.arange(T)[None])
+    q, k = q * cos[:, None] + rotate_half(q) * sin[:, None], k * cos[:, None] + rotate_half(k) * sin[:, None]
+    r = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(r, 1), v.repeat_interleave(r, 1)
+    scores = (q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])).masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), -math.inf)
+    return attn.o_proj((scores.softmax(-1) @ v).transpose(1, 2).reshape(B, T, -1))
 
 
 def test_the_norms_are_per_head_with_one_gain_before_a_halves_rotary():
@@ -56,42 +74,18 @@ def test_the_norms_are_per_head_with_one_gain_before_a_halves_rotary():
     d_head entries for every head, and the attention output is the formula written out here in float64."""
     model = build()
     attn, cfg = model.model.layers[0].self_attn, model.config
-    seen = {}
-
-    def keep(name):
-        def hook(mod, args, kwargs, out):
-            seen[name] = (args[0] if args else kwargs["hidden_states"], out[0] if isinstance(out, tuple) else out)
-        return hook
-
-    handles = [m.register_forward_hook(keep(n), with_kwargs=True) for n, m in
-               (("q_norm", attn.q_norm), ("k_norm", attn.k_norm), ("attn", attn), ("ln1", model.model.layers[0].input_layernorm))]
-    try:
-        with torch.no_grad():
-            model(input_ids=IDS)
-    finally:
-        for h in handles:
-            h.remove()
+    seen = _trace(model, {"q_norm": attn.q_norm, "attn": attn, "ln1": model.model.layers[0].input_layernorm})
     x = seen["ln1"][1]  # what attention reads
     B, T, _ = x.shape
     H, K, dh = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
     assert attn.q_norm.weight.shape == (dh,) and attn.k_norm.weight.shape == (dh,)
-
-    def norm(t, w):
-        return t * torch.rsqrt(t.pow(2).mean(-1, keepdim=True) + cfg.rms_norm_eps) * w
-
     q_in, q_out = seen["q_norm"]
     assert torch.equal(q_in, attn.q_proj(x).view(B, T, H, dh))
-    assert torch.allclose(q_out, norm(q_in, attn.q_norm.weight), rtol=0, atol=1e-6)  # HF's norm rounds in float32
-    q = norm(q_in, attn.q_norm.weight).transpose(1, 2)  # [B, H, T, dh], the formula in float64
-    k = norm(attn.k_proj(x).view(B, T, K, dh), attn.k_norm.weight).transpose(1, 2)
+    assert torch.allclose(q_out, rms(q_in, attn.q_norm.weight, cfg.rms_norm_eps), rtol=0, atol=1e-6)  # (float32 inside)
+    q = rms(q_in, attn.q_norm.weight, cfg.rms_norm_eps).transpose(1, 2)  # [B, H, T, dh], the formula in float64
+    k = rms(attn.k_proj(x).view(B, T, K, dh), attn.k_norm.weight, cfg.rms_norm_eps).transpose(1, 2)
     v = attn.v_proj(x).view(B, T, K, dh).transpose(1, 2)
-    cos, sin = model.model.rotary_emb(x, torch.arange(T)[None])
-    q, k = q * cos[:, None] + rotate_half(q) * sin[:, None], k * cos[:, None] + rotate_half(k) * sin[:, None]
-    k, v = k.repeat_interleave(H // K, 1), v.repeat_interleave(H // K, 1)
-    scores = q @ k.transpose(-1, -2) / math.sqrt(dh)
-    scores = scores.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), -math.inf)
-    out = attn.o_proj((scores.softmax(-1) @ v).transpose(1, 2).reshape(B, T, H * dh))
-    assert torch.allclose(seen["attn"][1], out, rtol=0, atol=1e-6)
+    assert torch.allclose(seen["attn"][1], rope_attention(model, attn, x, q, k, v), rtol=0, atol=1e-6)
     wb_cfg = wb.models.hf.adapter(model).cfg
     assert wb_cfg.normalization_type == "RMS" and wb_cfg.gated_mlp and not wb_cfg.parallel_attn_mlp
     assert wb.models.hf.facts(model)["qk_norm"]
