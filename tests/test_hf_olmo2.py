@@ -16,16 +16,14 @@ from hypothesis import given, settings, strategies as st
 import workbench as wb
 from test_hf_families import FAIL, IDS, TOL, bridged_exactly, kinds, logp, random_parameters, rel
 from test_hf_families_more import _trace
-from test_hf_qwen3 import rms, rope_attention
+from test_hf_qwen3 import HALVES, rms, rope_attention
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("transformer_lens.model_bridge")
 
-F64 = torch.float64
 SHAPE = dict(vocab_size=50, bos_token_id=0, eos_token_id=0, pad_token_id=0, hidden_size=32, intermediate_size=48,
              num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=16)
-HALVES = ((0, 4), (1, 5), (2, 6), (3, 7))
 
 
 def build(seed=0, equal_in_group0=False, **kw):
