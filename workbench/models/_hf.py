@@ -88,7 +88,7 @@ class Layout:
 # its GELU as ReLU and its post-LN blocks as pre-LN; a transform built on them changed the float64 log-probabilities
 # by 7e-4. Add a family only with its derivation and those tests.
 CHECKED_FAMILIES = frozenset({"bert", "gemma", "gpt2", "gpt_neo", "gpt_neox", "gptj", "llama", "mistral", "nemotron",
-                              "opt", "phi", "qwen2", "qwen3", "stablelm", "starcoder2", "gemma2", "gemma3_text", "olmo2"})
+                              "opt", "phi", "qwen2", "qwen3", "stablelm", "starcoder2", "gemma2", "gemma3_text", "olmo2", "phi3"})
 
 # Layouts per (class, config): building one boots nothing, but walks a weightless model (~10 ms).
 _LAYOUTS: "OrderedDict[tuple, object]" = OrderedDict()
@@ -251,6 +251,11 @@ def _build_layout(ad, hf: nn.Module) -> Layout:
                 for part in "qkv":
                     subs.pop(part, None)
                 entries.update(_fused(comp, f"{key}.", f"{sub}.{qkv.name}", module(f"{sub}.{qkv.name}"), ad.cfg))
+            if hasattr(comp, "split_gate_up_matrix"):  # Phi-3's gate_up_proj: [gate | up], split by the adapter
+                for part in ("gate", "in"):
+                    subs.pop(part, None)
+                path_ = f"{sub}.{comp.fused_attr}"
+                entries.update(_fused_gate_up(comp, f"{key}.", path_, module(path_)))
             m = module(sub)
             if m is None and comp.name is not None and not getattr(comp, "optional", False):
                 absent.append((key, sub))
@@ -341,30 +346,43 @@ def _heads(hf: nn.Module, ref: nn.Module, base: str) -> list[_Entry]:
     return entries
 
 
+def _fused_gate_up(comp, prefix: str, path: str, fused: Optional[nn.Module]) -> dict[str, _Entry]:
+    """A fused gate/up projection's gate and up (``mlp.gate``, ``mlp.in``) as strided views, measured through the
+    adapter's own split as ``_fused`` measures q/k/v."""
+    if fused is None:
+        raise UnsupportedModelError(f"a fused gate/up projection at {path} that this model does not build.")
+    return _measured_split(path, fused, lambda holder: comp.split_gate_up_matrix(holder), ("gate", "in"), prefix, None)
+
+
 def _fused(comp, prefix: str, path: str, qkv: Optional[nn.Module], cfg) -> dict[str, _Entry]:
     """q, k and v of a fused projection as strided views, measured through the adapter's own split."""
     if qkv is None or not hasattr(comp, "split_qkv_matrix"):
         raise UnsupportedModelError(f"a fused q/k/v projection at {path} without a split the adapter defines.")
+    return _measured_split(path, qkv, comp.split_qkv_matrix, ("q", "k", "v"), prefix, int(cfg.d_head))
+
+
+def _measured_split(path: str, fused: nn.Module, split, parts: tuple, prefix: str, dh: Optional[int]) -> dict[str, _Entry]:
+    """The adapter's ``split`` of the fused module at ``path``, run on a weight whose entries are their own flat indices:
+    each part's indices (per head, ``[heads, d_head(, d_model)]``, where ``dh`` is given) as a strided view of the
+    fused tensor; a split that is no strided view, or that does not cover every entry once, is refused."""
     holder, probe = nn.Module(), nn.Module()
-    shapes = {leaf: p.shape for leaf, p in qkv.named_parameters(recurse=False)}
+    shapes = {leaf: p.shape for leaf, p in fused.named_parameters(recurse=False)}
     for leaf, shape in shapes.items():  # entries are their own flat indices (exact in float64 up to 2^53)
         setattr(probe, leaf, nn.Parameter(torch.arange(shape.numel(), dtype=torch.float64).reshape(shape), requires_grad=False))
     if "bias" not in shapes:  # an adapter's split may assume a bias (GPT-NeoX's asserts one): give it zeros, read none
-        n_out = getattr(qkv, "out_features", None) or getattr(qkv, "nf", None) or shapes["weight"][0]
+        n_out = getattr(fused, "out_features", None) or getattr(fused, "nf", None) or shapes["weight"][0]
         probe.bias = nn.Parameter(torch.zeros(int(n_out), dtype=torch.float64), requires_grad=False)
     setattr(holder, path.rpartition(".")[2], probe)
-    parts = comp.split_qkv_matrix(holder)
-    dh = int(cfg.d_head)
     out, seen = {}, {leaf: [] for leaf in shapes}
-    for part, lin in zip("qkv", parts):
+    for part, lin in zip(parts, split(holder)):
         for leaf in shapes:
             t = getattr(lin, leaf, None)
             if t is None:
                 continue
-            idx = t.detach().reshape(-1, dh, *t.shape[1:])  # [heads, d_head(, d_model)]
+            idx = t.detach().reshape(-1, dh, *t.shape[1:]) if dh else t.detach()  # [heads, d_head(, d_model)]
             strides = _strides(idx)
             if strides is None:
-                raise UnsupportedModelError(f"the fused q/k/v projection {path} splits into a {part} that is no strided view "
+                raise UnsupportedModelError(f"the fused projection {path} splits into a {part} that is no strided view "
                                             f"of it; its layout is not supported.")
             seen[leaf].append(idx.flatten())
             out[f"{prefix}{part}.{leaf}"] = _Entry(f"{prefix}{part}.{leaf}", f"{path}.{leaf}", False,
