@@ -247,7 +247,7 @@ def test_interpretation_shift_mlp_neurons_relabel_but_residual_coordinates_chang
 
 def test_qk_norms_of_a_lens_model_leave_its_qk_spaces_alone_and_say_why():
     """TransformerLens 3's ``use_qk_norm`` puts a norm on q and k (per head or over all heads, by architecture name):
-    derived here for Hugging Face's Qwen3 and Gemma 3 only, so the QK sites are skipped with that reason (before, the
+    derived here for Hugging Face's Qwen3, Gemma 3 and OLMo 2 only, so the QK sites are skipped with that reason (before, the
     rotary measurement refused them as "not 2-D rotations", which was wrong about the cause), and every other site
     is exact, computed directly. TransformerLens 4's native models build no q/k norm from this switch: their QK sites
     are read as usual."""

@@ -87,11 +87,11 @@ def transformer_map(model: nn.Module) -> SymmetryMap:
     skipped = []
     pairs, qk_unknown = None, None
     if kind not in _HF and any(k.endswith(("attn.q_norm.w", "attn.k_norm.w")) for k in W):
-        # TransformerLens 3's use_qk_norm: per head (Qwen3, Gemma 3) or over all heads at once (OLMo 2), by its
-        # architecture name; derived here for Hugging Face's per-head norms only (docs/DERIVATIONS.md §10, Qwen3)
+        # TransformerLens 3's use_qk_norm: per head (Qwen3, Gemma 3) or over all heads at once (OLMo 2), chosen by its
+        # architecture name, which a lens model's weights do not show; derived for Hugging Face's models (§10, Qwen3)
         qk_unknown = ("norms on the queries and keys (TransformerLens's use_qk_norm): their group is derived for "
-                      "Hugging Face's Qwen3 and Gemma 3 (read those raw or in a TransformerLens 4 bridge); the QK "
-                      "spaces are left unchanged")
+                      "Hugging Face's Qwen3, Gemma 3 and OLMo 2 (read those raw or in a TransformerLens 4 bridge); the "
+                      "QK spaces are left unchanged")
     elif pos == "rotary":
         try:
             pairs = rotary_pairs(model)
