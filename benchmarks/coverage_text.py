@@ -8,7 +8,7 @@ from the existing JSON, each with the date of the run that measured it (the page
 
 Method. Every family issue 17 names (Mistral, Qwen2, Gemma, Phi, OPT 125m- and 350m-like, GPT-NeoX)
 plus GPT-2, LLaMA and BERT, and the families checked since (GPT-J, StableLM, StarCoder2, Nemotron, GPT-Neo; Qwen3,
-Gemma 2, Gemma 3, OLMo 2 and Phi-3),
+Gemma 2, Gemma 3, OLMo 2, Phi-3 and Cohere),
 each at one shape the size of the smallest released checkpoints (hidden 512, 6 layers, 8 heads of 64, vocabulary
 32,000, MLP 2,048 — Pythia-70m's size; GQA with 2 key/value heads for Mistral, Qwen2, LLaMA, StableLM, StarCoder2
 and Nemotron, one for Gemma; GPT-J rotates 32 of 64 dimensions; GPT-Neo alternates global and local (window 16)
@@ -100,7 +100,10 @@ def shapes(quick: bool, positions: int = 512) -> dict:
         "gemma3": ("Gemma3ForCausalLM", dict(common, intermediate_size=f, num_key_value_heads=kv, head_dim=d // H,
                                              sliding_window=16)),
         "olmo2": ("Olmo2ForCausalLM", dict(common, intermediate_size=f, num_key_value_heads=kv)),
-        "phi3": ("Phi3ForCausalLM", dict(common, intermediate_size=f, num_key_value_heads=kv)),  # fused qkv, gate_up
+        "phi3": ("Phi3ForCausalLM", dict(common, intermediate_size=f, num_key_value_heads=kv, pad_token_id=0, bos_token_id=0,
+                                         eos_token_id=0)),  # fused qkv and gate_up; its default token ids lie past V
+        "cohere": ("CohereForCausalLM", dict(common, intermediate_size=f, num_key_value_heads=kv, pad_token_id=0,
+                                             bos_token_id=0, eos_token_id=0)),  # parallel, one LayerNorm, tied, logit_scale
     }
 
 

@@ -249,7 +249,8 @@ class LayoutBackend(Backend):
         kind = model_kind(model)
         if kind in (ModelKind.HF, ModelKind.HF_BRIDGE) and hf.unsupported(model):
             return None  # which parts compute in float32 is read from the layout: none for a refused family
-        rms = str(getattr(hf.config(model), "normalization_type", "") or "").startswith("RMS")
+        rms = (str(getattr(hf.config(model), "normalization_type", "") or "").startswith("RMS")
+               or (kind in (ModelKind.HF, ModelKind.HF_BRIDGE) and hf.facts(model)["family"] in hf.FLOAT32_NORM_FAMILIES))
         names = _round_raw(model, rms) if kind == ModelKind.HF else _round_lens(model, inputs, rms)
         if not names:
             return None  # verify then measures a trivial symmetry's rounding (_verify_floor.trivial_floor)
