@@ -1,0 +1,89 @@
+"""GPT-BigCode (StarCoder 1, SantaCoder): GPT-2's blocks with multi-query attention — one key and one value head for all
+query heads, fused in ``c_attn`` as [q | k | v] rows. docs/DERIVATIONS.md §10, GPT-BigCode.
+
+TransformerLens's split of ``c_attn`` assumes multi-query attention; a configuration without it (``multi_query=False``)
+is refused with the split's own failure named, never a crash.
+"""
+import warnings
+
+import pytest
+import torch
+
+import workbench as wb
+from test_hf_families import FAIL, IDS, TOL, bridged_exactly, kinds, logp, random_parameters, rel
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("transformer_lens.model_bridge")
+
+SHAPE = dict(n_embd=32, n_layer=2, n_head=4, n_positions=16, vocab_size=50, n_inner=48, multi_query=True)
+
+
+def build(seed=0, **kw):
+    torch.manual_seed(seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = transformers.GPTBigCodeForCausalLM(transformers.GPTBigCodeConfig(**{**SHAPE, **kw})).double().eval()
+    return random_parameters(model, seed, embedding=lambda name: name.endswith(("wte.weight", "wpe.weight")))
+
+
+def test_fused_multi_query_projection_and_block_form():
+    """c_attn's rows are [q (heads·d_head) | k (d_head) | v (d_head)]; the layout's q, k, v are views of those blocks;
+    the MLP is c_proj(gelu_tanh(c_fc(x))); the embedding is tied and positions are learned."""
+    model = build()
+    attn, mlp = model.transformer.h[0].attn, model.transformer.h[0].mlp
+    views = wb.models.hf.views(model)
+    w = attn.c_attn.weight
+    assert w.shape == (48, 32)
+    for part, rows in (("q", slice(0, 32)), ("k", slice(32, 40)), ("v", slice(40, 48))):
+        assert torch.equal(views[f"blocks.0.attn.{part}.weight"].reshape(-1, 32), w[rows])
+    x = torch.randn(2, 5, 32, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    want = mlp.c_proj(torch.nn.functional.gelu(mlp.c_fc(x), approximate="tanh"))
+    assert torch.allclose(mlp(x), want, rtol=0, atol=1e-13)
+    assert model.lm_head.weight is model.transformer.wte.weight
+    cfg = wb.models.hf.adapter(model).cfg
+    assert cfg.normalization_type == "LN" and cfg.positional_embedding_type == "standard" and cfg.n_key_value_heads == 1
+
+
+def test_map_groups_and_exact_random_intertwiner():
+    """Tied LayerNorm stream: P; one QK map GL(d_head) and one OV map for the single key/value head, shared by every
+    query head; query heads permuted among themselves; GELU: P. Exact, verified; one step larger is refused and wrong."""
+    model = build()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    smap = wb.symmetry_map(model)
+    got = kinds(smap)
+    assert got["resid"] == {"permutation"} and got["blocks.attn.qk"] == {"gl"} and got["blocks.attn.ov"] == {"gl"}
+    assert got["blocks.mlp"] == {"permutation"} and got["blocks.attn.heads"] == {"permutation"}
+    assert sum(s.name.startswith("blocks.0.attn.qk.") for s in smap) == 1
+    assert all(why.startswith("one key/value head") for _, why in smap.skipped)
+    new, t = wb.random_intertwiner(model, seed=1)
+    assert rel(logp(new), logp(model)) <= TOL
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert wb.verify(model, new, IDS, transform=t).passed
+    for site, larger in (("resid", "signed_permutation"), ("blocks.1.mlp", "signed_permutation")):
+        with pytest.raises(ValueError, match="not a symmetry"):
+            wb.random_intertwiner(model, sites=[site], group=larger)
+        bad, bt = wb.random_intertwiner(model, seed=3, sites=[site], group=larger, allow_non_symmetry=True)
+        assert rel(logp(bad), logp(model)) > FAIL and not wb.verify(model, bad, IDS, transform=bt).passed
+
+
+def test_without_multi_query_the_split_fails_and_is_refused():
+    model = build(multi_query=False)
+    smap = wb.symmetry_map(model)
+    assert len(smap) == 0 and "split of the fused projection" in smap.skipped[0][1]
+    with pytest.raises(wb.UnsupportedModelError, match="split"):
+        wb.random_intertwiner(model)
+
+
+def test_fold_then_the_folded_stream():
+    model = build()
+    f = wb.fold_layernorm(model)
+    assert rel(logp(f), logp(model)) <= TOL and wb.symmetry_map(f)["resid"].group.name == "orthogonal_ones"
+    new, _ = wb.random_intertwiner(f, seed=2)
+    assert rel(logp(new), logp(model)) <= TOL
+
+
+def test_bridge_around_gpt_bigcode_is_exact(tmp_path_factory):
+    model = build()
+    model.config.architectures = ["GPTBigCodeForCausalLM"]
+    bridged_exactly(model, tmp_path_factory.getbasetemp())
