@@ -52,8 +52,8 @@ _HF = (ModelKind.HF, ModelKind.HF_BRIDGE)
 
 def norm_keys(weights: dict) -> list[str]:
     """Gain and bias keys of the LayerNorms on the residual stream (not SoLU's ``mlp.ln``); BERT's
-    embedding LayerNorm and its MLM head's (whose space is tied to the stream's) included, and Gemma 2/3's norms on a
-    block's outputs (``ln1_post``, ``ln2_post``), whose outputs join the stream: a gain there passes only what it
+    embedding LayerNorm and its MLM head's (whose space is tied to the stream's) included, and the norms on a block's
+    outputs (``ln1_post``, ``ln2_post``: Gemma 2 and 3, OLMo 2), whose outputs join the stream: a gain there passes only what it
     commutes with, as a reader's does (``is_folded``), and moves by the element's permutation."""
     return [k for k in weights if k.rpartition(".")[0].rpartition(".")[2] in ("ln1", "ln2", "ln1_post", "ln2_post")
             or k.startswith("ln_final.") or k.startswith("embed_ln.")]
@@ -111,7 +111,7 @@ def transformer_map(model: nn.Module) -> SymmetryMap:
             qk_group = copy.copy(qk_one)
             notes = [f"query heads {list(heads)} share key head {k}"] if r > 1 else []
             if pairs is not None:
-                notes.append(f"rotary pairs {pairs[:2]}… (measured through hook_q/hook_k)")
+                notes.append(f"rotary pairs {pairs[:2]}… (measured through the attention's hooks)")
             if qk_norm and pairs is not None:
                 notes.append(rigid_note)
             if qk_unknown:
@@ -143,7 +143,7 @@ def transformer_map(model: nn.Module) -> SymmetryMap:
     return SymmetryMap(name, sites, skipped)
 
 
-_QK_GROUPS: dict = {}  # (d_head, pairs, rigid) -> the group, built once per map (a pair check each construction)
+_QK_GROUPS: dict = {}  # (d_head, pairs, rigid) -> the group, built once (each construction checks its pairs); sites copy it
 
 
 def _normed_qk_group(W: dict, a: str, dh: int, pairs: tuple, heads: tuple, k: int):
@@ -407,8 +407,8 @@ def _measure_pairs(model: nn.Module, layer: int) -> tuple[tuple[int, int], ...]:
     from ._layout_push import clone
 
     kind = model_kind(model)
-    # Per-head norms on q and k (Qwen3) sit between hook_q and the rotary embedding: the rotation is measured after
-    # them, where a bridge shows q and k as [batch, head, pos, d_head] (hook_q: [batch, pos, head, d_head]). (A bridge
+    # Norms on q and k (Qwen3, Gemma 3, OLMo 2) sit between hook_q and the rotary embedding: the rotation is measured
+    # after them, at hook_q_normed (see per_head for the layouts a bridge shows there). (A bridge
     # declares hook_q_normed wherever its adapter maps an optional q norm, StableLM's too: the layout says whether the
     # model has one.)
     normed = kind in _HF and hf.facts(model)["qk_norm"]
