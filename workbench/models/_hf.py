@@ -41,10 +41,10 @@ from ._kind import ModelKind, model_kind
 _KNOWN = {"embed", "pos_embed", "token_type_embed", "embed_ln", "ln_final", "unembed", "mlm_head", "project_in",
           "project_out", "blocks.{i}.ln1", "blocks.{i}.ln2", "blocks.{i}.attn.q", "blocks.{i}.attn.k",
           "blocks.{i}.attn.v", "blocks.{i}.attn.o", "blocks.{i}.mlp.in", "blocks.{i}.mlp.out", "blocks.{i}.mlp.gate"}
-# Per-head norms on q and k (``blocks.0.attn.q_norm.weight``), known only in the families whose norm was checked against
-# the model's forward (an RMSNorm over each head's d_head, one gain shared by every head, before the rotary embedding:
-# docs/DERIVATIONS.md §10, Qwen3). StableLM's and Phi's per-head LayerNorms, which the adapters map to the same keys,
-# stay refused by name.
+# Norms on q and k (``blocks.0.attn.q_norm.weight``), known only in the families whose norm was checked against the
+# model's forward (RMSNorms before the rotary embedding: per head with one gain for every head in Qwen3 and Gemma 3, one
+# over all heads with a gain per head in OLMo 2; docs/DERIVATIONS.md §10, Qwen3 and OLMo 2). StableLM's, Phi's and
+# Cohere's per-head LayerNorms, which the adapters map to the same keys, stay refused by name.
 _QK_NORMS = {"blocks.{i}.attn.q_norm", "blocks.{i}.attn.k_norm"}
 QK_NORM_FAMILIES = frozenset({"qwen3", "gemma3_text", "olmo2"})  # (OLMo 2: one RMSNorm over every head's values)
 # Norms on a block's outputs before they join the stream (Gemma 2 and 3: ``post_attention_layernorm``,
@@ -87,8 +87,9 @@ class Layout:
 # sit, parallel blocks) come from the adapter's config, and an adapter can state them wrongly. OpenAI GPT's reads
 # its GELU as ReLU and its post-LN blocks as pre-LN; a transform built on them changed the float64 log-probabilities
 # by 7e-4. Add a family only with its derivation and those tests.
-CHECKED_FAMILIES = frozenset({"bert", "gemma", "gpt2", "gpt_neo", "gpt_neox", "gptj", "llama", "mistral", "nemotron",
-                              "opt", "phi", "qwen2", "qwen3", "stablelm", "starcoder2", "gemma2", "gemma3_text", "olmo2", "phi3", "cohere", "gpt_bigcode"})
+CHECKED_FAMILIES = frozenset({"bert", "cohere", "gemma", "gemma2", "gemma3_text", "gpt2", "gpt_bigcode", "gpt_neo",
+                              "gpt_neox", "gptj", "llama", "mistral", "nemotron", "olmo2", "opt", "phi", "phi3",
+                              "qwen2", "qwen3", "stablelm", "starcoder2"})
 # Families whose norms compute in float32 inside a float64 model although they are LayerNorms (every Hugging Face
 # RMSNorm does; Cohere's LayerNorm too): verify rounds the stream where they read it to measure its floor.
 FLOAT32_NORM_FAMILIES = frozenset({"cohere"})
