@@ -188,23 +188,23 @@ def test_minilm_interpretation_shift_value_space_vs_mlp_neurons(minilm):
 
 
 def test_unmapped_hugging_face_family_is_refused_with_a_reason(tmp_path):
-    """Granite (multipliers on its embedding, residual branches, attention scores and logits, which the adapter's
-    configuration does not state) is a family whose layout is not checked here: refused in a bridge, naming the
-    family; nothing is transformed or folded. (Gemma-2 and then OLMo-2 were this test's model until each was checked:
-    tests/test_hf_gemma23.py, tests/test_hf_olmo2.py.)"""
+    """OLMo (1: LayerNorms without any parameters, clipped q/k/v) is a family whose layout is not checked here: refused in
+    a bridge, naming the family; nothing is transformed or folded. (Gemma-2, OLMo-2 and Granite were this test's model
+    until each was checked: tests/test_hf_gemma23.py, test_hf_olmo2.py, test_hf_granite.py.)"""
     from transformer_lens.model_bridge import TransformerBridge
-    from transformers import GraniteConfig, GraniteForCausalLM
+    from transformers import OlmoConfig, OlmoForCausalLM
 
-    GraniteForCausalLM(GraniteConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
-                                     num_key_value_heads=2, vocab_size=50)).save_pretrained(tmp_path / "g")
-    _tokenizer(tmp_path / "g", 50)
-    model = TransformerBridge.boot_transformers(str(tmp_path / "g"))
+    OlmoForCausalLM(OlmoConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
+                               num_key_value_heads=2, vocab_size=50, pad_token_id=0, bos_token_id=0,
+                               eos_token_id=0)).save_pretrained(tmp_path / "o")
+    _tokenizer(tmp_path / "o", 50)
+    model = TransformerBridge.boot_transformers(str(tmp_path / "o"))
     smap = wb.symmetry_map(model)
-    assert len(smap) == 0 and "GraniteForCausalLM" in smap.skipped[0][1] and "'granite'" in smap.skipped[0][1]
+    assert len(smap) == 0 and "OlmoForCausalLM" in smap.skipped[0][1] and "'olmo'" in smap.skipped[0][1]
     assert "not been checked" in smap.skipped[0][1]
-    with pytest.raises(TypeError, match="granite"):
+    with pytest.raises(TypeError, match="olmo"):
         wb.fold_layernorm(model)
-    with pytest.raises(UnsupportedModelError, match="granite"):
+    with pytest.raises(UnsupportedModelError, match="olmo"):
         wb.random_intertwiner(model)
 
 

@@ -1,0 +1,76 @@
+"""Granite: a Llama (RMSNorm, GQA, rotary, SwiGLU) with four scalars — the embedding times ``embedding_multiplier``,
+each block's outputs times ``residual_multiplier`` before they join the stream, the attention scores times
+``attention_multiplier`` (instead of 1/√d_head), the logits divided by ``logits_scaling``. docs/DERIVATIONS.md §10.
+
+A scalar commutes with every linear map, so the groups are Llama's; what is checked here is that the scalars sit where
+that argument needs them (computed from the modules), then the map, draws, fold and bridge, compared directly.
+"""
+import math
+import warnings
+
+import pytest
+import torch
+
+import workbench as wb
+from test_hf_families import FAIL, IDS, TOL, bridged_exactly, kinds, logp, random_parameters, rel
+from test_hf_families_more import _trace
+from test_hf_qwen3 import rms
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("transformer_lens.model_bridge")
+
+SHAPE = dict(vocab_size=50, bos_token_id=0, eos_token_id=0, pad_token_id=0, hidden_size=32, intermediate_size=48,
+             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=16,
+             embedding_multiplier=3.0, residual_multiplier=0.3, attention_multiplier=0.2, logits_scaling=2.5)
+
+
+def build(seed=0, **kw):
+    torch.manual_seed(seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = transformers.GraniteForCausalLM(transformers.GraniteConfig(**{**SHAPE, **kw})).double().eval()
+    return random_parameters(model, seed)
+
+
+def test_the_four_scalars_sit_where_the_argument_needs_them():
+    model = build()
+    layer, cfg = model.model.layers[0], model.config
+    seen = _trace(model, {"layer": layer, "attn": layer.self_attn, "mlp": layer.mlp, "n2": layer.post_attention_layernorm,
+                          "final": model.model.norm})
+    x, out = seen["layer"]
+    assert torch.allclose(x, model.model.embed_tokens(IDS) * 3.0, rtol=0, atol=1e-13)  # the first layer's input
+    mid = x + 0.3 * seen["attn"][1]
+    assert torch.allclose(seen["n2"][0], mid, rtol=0, atol=1e-13)
+    assert torch.allclose(out, mid + 0.3 * seen["mlp"][1], rtol=0, atol=1e-13)
+    with torch.no_grad():
+        logits = model(input_ids=IDS).logits
+    assert torch.allclose(logits, model.lm_head(seen["final"][1]) / 2.5, rtol=0, atol=1e-12)
+    assert layer.self_attn.scaling == 0.2 != 1 / math.sqrt(8)  # scores: q·k times the multiplier
+    assert torch.allclose(seen["final"][1], rms(seen["final"][0], model.model.norm.weight, cfg.rms_norm_eps), atol=1e-6)
+
+
+def test_map_groups_and_exact_random_intertwiner():
+    model = build()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    smap = wb.symmetry_map(model)
+    assert not smap.skipped
+    got = kinds(smap)
+    assert got["resid"] == {"signed_permutation"} and got["blocks.attn.qk"] == {"rotary"}
+    assert got["blocks.attn.ov"] == {"gl"} and got["blocks.mlp"] == {"diagonal_permutation"}
+    new, t = wb.random_intertwiner(model, seed=1)
+    assert rel(logp(new), logp(model)) <= TOL
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert wb.verify(model, new, IDS, transform=t).passed
+    bad, bt = wb.random_intertwiner(model, seed=3, sites=["resid"], group="orthogonal", allow_non_symmetry=True)
+    assert rel(logp(bad), logp(model)) > FAIL and not wb.verify(model, bad, IDS, transform=bt).passed
+    f = wb.fold_layernorm(model)
+    assert rel(logp(f), logp(model)) <= TOL and wb.symmetry_map(f)["resid"].group.name == "orthogonal"
+    new, _ = wb.random_intertwiner(f, seed=2)
+    assert rel(logp(new), logp(model)) <= TOL
+
+
+def test_bridge_around_granite_is_exact(tmp_path_factory):
+    model = build()
+    model.config.architectures = ["GraniteForCausalLM"]
+    bridged_exactly(model, tmp_path_factory.getbasetemp())
