@@ -4,13 +4,12 @@ query heads, fused in ``c_attn`` as [q | k | v] rows. docs/DERIVATIONS.md §10, 
 TransformerLens's split of ``c_attn`` assumes multi-query attention; a configuration without it (``multi_query=False``)
 is refused with the split's own failure named, never a crash.
 """
-import warnings
 
 import pytest
 import torch
 
 import workbench as wb
-from test_hf_families import FAIL, IDS, TOL, bridged_exactly, kinds, logp, random_parameters, rel
+from test_hf_families import FAIL, IDS, TOL, bridged_exactly, exact_everywhere, logp, random_model, rel
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 transformers = pytest.importorskip("transformers")
@@ -20,11 +19,8 @@ SHAPE = dict(n_embd=32, n_layer=2, n_head=4, n_positions=16, vocab_size=50, n_in
 
 
 def build(seed=0, **kw):
-    torch.manual_seed(seed)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = transformers.GPTBigCodeForCausalLM(transformers.GPTBigCodeConfig(**{**SHAPE, **kw})).double().eval()
-    return random_parameters(model, seed, embedding=lambda name: name.endswith(("wte.weight", "wpe.weight")))
+    return random_model("GPTBigCodeForCausalLM", "GPTBigCodeConfig", {**SHAPE, **kw}, seed,
+                        embedding=lambda name: name.endswith(("wte.weight", "wpe.weight")))
 
 
 def test_fused_multi_query_projection_and_block_form():
@@ -49,17 +45,10 @@ def test_map_groups_and_exact_random_intertwiner():
     """Tied LayerNorm stream: P; one QK map GL(d_head) and one OV map for the single key/value head, shared by every
     query head; query heads permuted among themselves; GELU: P. Exact, verified; one step larger is refused and wrong."""
     model = build()
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    smap = wb.symmetry_map(model)
-    got = kinds(smap)
-    assert got["resid"] == {"permutation"} and got["blocks.attn.qk"] == {"gl"} and got["blocks.attn.ov"] == {"gl"}
-    assert got["blocks.mlp"] == {"permutation"} and got["blocks.attn.heads"] == {"permutation"}
+    smap, _, _, _ = exact_everywhere(model, {"resid": {"permutation"}, "blocks.attn.qk": {"gl"}, "blocks.attn.ov": {"gl"},
+                                             "blocks.mlp": {"permutation"}, "blocks.attn.heads": {"permutation"}},
+                                     skipped="one key/value head")
     assert sum(s.name.startswith("blocks.0.attn.qk.") for s in smap) == 1
-    assert all(why.startswith("one key/value head") for _, why in smap.skipped)
-    new, t = wb.random_intertwiner(model, seed=1)
-    assert rel(logp(new), logp(model)) <= TOL
-    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
-    assert wb.verify(model, new, IDS, transform=t).passed
     for site, larger in (("resid", "signed_permutation"), ("blocks.1.mlp", "signed_permutation")):
         with pytest.raises(ValueError, match="not a symmetry"):
             wb.random_intertwiner(model, sites=[site], group=larger)

@@ -6,14 +6,12 @@ Hugging Face's Cohere computes its LayerNorm and its rotary embedding in float32
 checks here give both their formula in float64 (``logp``), and verify, which runs the model as it is, is held to the
 floor it measures (the stream rounded where the norms read it: ``_hf.FLOAT32_NORM_FAMILIES``).
 """
-import copy
-import warnings
 
 import pytest
 import torch
 
 import workbench as wb
-from test_hf_families import FAIL, IDS, TOL, as_raw, bridged_exactly, kinds, random_parameters, rel
+from test_hf_families import FAIL, IDS, LLAMA_LIKE, TOL, as_raw, bridged_exactly, exact_everywhere, random_model, rel
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 transformers = pytest.importorskip("transformers")
@@ -25,12 +23,7 @@ SHAPE = dict(vocab_size=50, bos_token_id=0, eos_token_id=0, pad_token_id=0, hidd
 
 
 def build(seed=0, **kw):
-    config = transformers.CohereConfig(**{**SHAPE, **kw})
-    torch.manual_seed(seed)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = transformers.CohereForCausalLM(config).double().eval()
-    return random_parameters(model, seed)
+    return random_model("CohereForCausalLM", "CohereConfig", {**SHAPE, **kw}, seed)
 
 
 def layer_norm64(x, norm):
@@ -85,18 +78,8 @@ def test_map_groups_and_exact_random_intertwiner():
     exact in float64; verify passes on the model as it is (float32 inside, judged against its measured floor); a
     sign per coordinate of the stream and the halves pairing are refused, and change the function."""
     model = build()
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    smap = wb.symmetry_map(model)
-    assert not smap.skipped, smap.skipped
-    got = kinds(smap)
-    assert got["resid"] == {"permutation"} and got["blocks.attn.qk"] == {"rotary"}
-    assert got["blocks.attn.ov"] == {"gl"} and got["blocks.mlp"] == {"diagonal_permutation"}
-    assert smap["blocks.0.attn.qk.0"].group.pairs == ((0, 1), (2, 3), (4, 5), (6, 7))
-    new, t = wb.random_intertwiner(model, seed=1)
-    assert rel(logp(new), logp(model)) <= TOL
-    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
-    report = wb.verify(model, new, IDS, transform=t)
-    assert report.passed and report.floor is not None and report.representations_moved, report.summary()
+    smap, _, _, report = exact_everywhere(model, {**LLAMA_LIKE, "resid": {"permutation"}}, logp)
+    assert smap["blocks.0.attn.qk.0"].group.pairs == ((0, 1), (2, 3), (4, 5), (6, 7)) and report.floor is not None
     halves = wb.get_group("rotary", 8, pairs=((0, 4), (1, 5), (2, 6), (3, 7)))
     for site, wrong in (("resid", "signed_permutation"), ("blocks.0.attn.qk.0", halves)):
         with pytest.raises(ValueError, match="not a symmetry"):

@@ -54,6 +54,9 @@ MLP = {"mistral": "diagonal_permutation", "qwen2": "diagonal_permutation", "gemm
        "gpt_neox": "permutation", "gpt2": "permutation"}
 ROTARY = {"mistral": 8, "qwen2": 8, "gemma": 8, "llama": 8, "phi": 4, "gpt_neox": 2}  # rotated dims of d_head 8
 KV = {"mistral": 2, "qwen2": 2, "gemma": 1, "llama": 2}  # of 4 heads
+# The groups of a Llama-like decoder with its RMSNorm gains kept (SwiGLU, rotary), for exact_everywhere.
+LLAMA_LIKE = {"resid": {"signed_permutation"}, "blocks.attn.qk": {"rotary"}, "blocks.attn.ov": {"gl"},
+              "blocks.mlp": {"diagonal_permutation"}}
 # One step outside each site's group, for the negative controls.
 LARGER = {"signed_permutation": "orthogonal", "permutation": "signed_permutation", "rotary": "gl",
           "diagonal_permutation": "gl", "scaled_permutation": "diagonal_permutation"}
@@ -89,6 +92,16 @@ def random_parameters(model, seed: int, gain: float = 1.0, embedding=lambda name
     return model
 
 
+def random_model(cls: str, config_cls: str, kw: dict, seed: int = 0, **random) -> "transformers.PreTrainedModel":
+    """A tiny float64 Hugging Face ``cls`` in eval mode, built offline from ``config_cls(**kw)``, every parameter random
+    (``random``: ``random_parameters``' keywords)."""
+    torch.manual_seed(seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = getattr(transformers, cls)(getattr(transformers, config_cls)(**kw)).double().eval()
+    return random_parameters(model, seed, **random)
+
+
 def as_raw(model):
     """A plain float64 Hugging Face model with ``model``'s weights (a bridge's are read under the Hugging
     Face names, its wrappers' ``_original_component`` levels removed), RMSNorms exact in float64."""
@@ -111,6 +124,23 @@ def logp(model):
 def rel(new, old):
     """Largest |new − old| relative to each position's largest |old| (the verify rule, computed here)."""
     return float(((new - old).abs() / old.abs().amax(-1, keepdim=True)).max())
+
+
+def exact_everywhere(model, groups: dict, logp=logp, skipped: str = ""):
+    """``model``'s map has the ``groups`` per kind of site (``kinds``) and skips nothing (or only places whose reason
+    starts with ``skipped``); a random element of every site preserves the log-probabilities (``logp``, computed here)
+    to TOL, leaves ``model`` untouched, and verify passes. Returns (map, new model, transform, verify's report)."""
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    smap = wb.symmetry_map(model)
+    assert all(skipped and why.startswith(skipped) for _, why in smap.skipped), smap.skipped
+    got = kinds(smap)
+    assert {k: got.get(k) for k in groups} == groups, got
+    new, t = wb.random_intertwiner(model, seed=1)
+    assert rel(logp(new), logp(model)) <= TOL
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    report = wb.verify(model, new, IDS, transform=t)
+    assert report.passed and report.representations_moved, report.summary()
+    return smap, new, t, report
 
 
 def bridge(model, folder):
@@ -378,6 +408,16 @@ def test_refused_constructs_name_what_is_not_derived():
     assert len(smap) == 0 and "q_layernorm" in smap.skipped[0][1]
     with pytest.raises(ValueError, match="q_layernorm"):
         wb.random_intertwiner(phi)
+
+
+@st.composite
+def decoder_shapes(draw) -> dict:
+    """Small decoder shapes for the families' properties: 2 or 4 query heads of 4 or 8 dimensions, 1, 2 or 4 key/value
+    heads, tied or untied embeddings, 1 or 2 layers (Hugging Face config keywords)."""
+    heads = draw(st.sampled_from([2, 4]))
+    return dict(num_attention_heads=heads, hidden_size=heads * draw(st.sampled_from([4, 8])),
+                num_key_value_heads=draw(st.sampled_from([k for k in (1, 2, 4) if heads % k == 0])),
+                tie_word_embeddings=draw(st.booleans()), num_hidden_layers=draw(st.integers(1, 2)))
 
 
 @st.composite

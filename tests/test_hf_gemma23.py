@@ -10,14 +10,13 @@ map, draws, verify, fold, bridge and a property, each compared directly in float
 (the only one with soft-capping) takes its softmax in float32: the direct check gives it its formula in float64.
 """
 import copy
-import warnings
 
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
 import workbench as wb
-from test_hf_families import FAIL, IDS, TOL, as_raw, bridged_exactly, kinds, random_parameters, rel
+from test_hf_families import FAIL, IDS, TOL, as_raw, bridged_exactly, exact_everywhere, random_model, rel
 from test_hf_families_more import _trace
 
 pytestmark = pytest.mark.filterwarnings("ignore")
@@ -35,12 +34,7 @@ FAMILIES = {"gemma2": ("Gemma2ForCausalLM", "Gemma2Config", {}),
 def build(family, seed=0, gain=True, **kw):
     """A random float64 model (norm weights w around 0, gains 1 + w; ``gain=False``: every w exactly 0, as built)."""
     cls, config_cls, own = FAMILIES[family]
-    config = getattr(transformers, config_cls)(**{**SHAPE, **own, **kw})
-    torch.manual_seed(seed)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = getattr(transformers, cls)(config).double().eval()
-    model = random_parameters(model, seed, gain=0.0)
+    model = random_model(cls, config_cls, {**SHAPE, **own, **kw}, seed, gain=0.0)
     if not gain:
         with torch.no_grad():
             for name, p in model.named_parameters():
@@ -145,23 +139,15 @@ def test_the_stream_group_by_hand(family):
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_map_groups_and_exact_random_intertwiner(family):
     model = build(family)
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    smap = wb.symmetry_map(model)
-    assert not smap.skipped, smap.skipped
-    got = kinds(smap)
-    assert got["resid"] == {"signed_permutation"} and got["blocks.attn.ov"] == {"gl"}
-    assert got["blocks.mlp"] == {"diagonal_permutation"} and got["blocks.attn.heads"] == {"permutation"}
-    assert got["blocks.attn.qk"] == {"rotary_orthogonal" if family == "gemma3" else "rotary"}
+    smap, new, t, _ = exact_everywhere(model, {
+        "resid": {"signed_permutation"}, "blocks.attn.ov": {"gl"}, "blocks.mlp": {"diagonal_permutation"},
+        "blocks.attn.heads": {"permutation"}, "blocks.attn.qk": {"rotary_orthogonal" if family == "gemma3" else "rotary"}},
+        logp)
     assert smap["blocks.1.attn.qk.0"].group.pairs == ((0, 4), (1, 5), (2, 6), (3, 7))
-    new, t = wb.random_intertwiner(model, seed=1)
-    assert rel(logp(new), logp(model)) <= TOL
-    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     P = t.elements["resid"]
     a, b = model.model.layers[1].post_feedforward_layernorm.weight, new.model.layers[1].post_feedforward_layernorm.weight
     assert torch.equal(b, a[P.perm.argsort()]) or torch.equal(b, a[P.perm])  # moved, by the element's permutation
     assert not torch.equal(a, b)
-    report = wb.verify(model, new, IDS, transform=t)
-    assert report.passed and report.representations_moved, report.summary()
     bad, bt = wb.random_intertwiner(model, seed=3, sites=["resid"], group="orthogonal", allow_non_symmetry=True)
     assert rel(logp(bad), logp(model)) > FAIL and not wb.verify(model, bad, IDS, transform=bt).passed
     with pytest.raises(ValueError, match="not a symmetry"):

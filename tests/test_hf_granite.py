@@ -6,13 +6,12 @@ A scalar commutes with every linear map, so the groups are Llama's; what is chec
 that argument needs them (computed from the modules), then the map, draws, fold and bridge, compared directly.
 """
 import math
-import warnings
 
 import pytest
 import torch
 
 import workbench as wb
-from test_hf_families import FAIL, IDS, TOL, bridged_exactly, kinds, logp, random_parameters, rel
+from test_hf_families import FAIL, IDS, LLAMA_LIKE, TOL, bridged_exactly, exact_everywhere, logp, random_model, rel
 from test_hf_families_more import _trace
 from test_hf_qwen3 import rms
 
@@ -26,11 +25,7 @@ SHAPE = dict(vocab_size=50, bos_token_id=0, eos_token_id=0, pad_token_id=0, hidd
 
 
 def build(seed=0, **kw):
-    torch.manual_seed(seed)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = transformers.GraniteForCausalLM(transformers.GraniteConfig(**{**SHAPE, **kw})).double().eval()
-    return random_parameters(model, seed)
+    return random_model("GraniteForCausalLM", "GraniteConfig", {**SHAPE, **kw}, seed)
 
 
 def test_the_four_scalars_sit_where_the_argument_needs_them():
@@ -52,16 +47,7 @@ def test_the_four_scalars_sit_where_the_argument_needs_them():
 
 def test_map_groups_and_exact_random_intertwiner():
     model = build()
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    smap = wb.symmetry_map(model)
-    assert not smap.skipped
-    got = kinds(smap)
-    assert got["resid"] == {"signed_permutation"} and got["blocks.attn.qk"] == {"rotary"}
-    assert got["blocks.attn.ov"] == {"gl"} and got["blocks.mlp"] == {"diagonal_permutation"}
-    new, t = wb.random_intertwiner(model, seed=1)
-    assert rel(logp(new), logp(model)) <= TOL
-    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
-    assert wb.verify(model, new, IDS, transform=t).passed
+    exact_everywhere(model, LLAMA_LIKE)
     bad, bt = wb.random_intertwiner(model, seed=3, sites=["resid"], group="orthogonal", allow_non_symmetry=True)
     assert rel(logp(bad), logp(model)) > FAIL and not wb.verify(model, bad, IDS, transform=bt).passed
     f = wb.fold_layernorm(model)

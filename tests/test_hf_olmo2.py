@@ -7,14 +7,14 @@ the attention are computed from the modules; then, by editing weights by hand, t
 norms' per-head gains along; then workbench's map, draws, verify, fold, bridge and a property, compared directly.
 """
 import copy
-import warnings
 
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
 import workbench as wb
-from test_hf_families import FAIL, IDS, TOL, bridged_exactly, kinds, logp, random_parameters, rel
+from test_hf_families import (FAIL, IDS, TOL, bridged_exactly, decoder_shapes, exact_everywhere, logp, random_model,
+                              rel)
 from test_hf_families_more import _trace
 from test_hf_qwen3 import HALVES, rms, rope_attention
 
@@ -29,12 +29,7 @@ SHAPE = dict(vocab_size=50, bos_token_id=0, eos_token_id=0, pad_token_id=0, hidd
 def build(seed=0, equal_in_group0=False, **kw):
     """A random float64 OLMo 2 (gains around 1); ``equal_in_group0``: in layer 0 the gains of query heads 0, 1 and
     key head 0 are equal on every rotary pair (their site may rotate), the others' stay generic."""
-    config = transformers.Olmo2Config(**{**SHAPE, **kw})
-    torch.manual_seed(seed)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = transformers.Olmo2ForCausalLM(config).double().eval()
-    model = random_parameters(model, seed)
+    model = random_model("Olmo2ForCausalLM", "Olmo2Config", {**SHAPE, **kw}, seed)
     if equal_in_group0:
         attn = model.model.layers[0].self_attn
         with torch.no_grad():
@@ -93,21 +88,12 @@ def test_map_groups_and_exact_random_intertwiner():
     the pairs where every gain slice the site meets is equal (key head 0's site in layer 0), ±I elsewhere; heads
     permuted with their gain slices; every element exact, verify passes, the stream's rotation refused and wrong."""
     model = build(equal_in_group0=True)
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    smap = wb.symmetry_map(model)
-    assert not smap.skipped, smap.skipped
-    got = kinds(smap)
-    assert got["resid"] == {"signed_permutation"} and got["blocks.attn.qk"] == {"rotary_orthogonal"}
-    assert got["blocks.attn.ov"] == {"gl"} and got["blocks.mlp"] == {"diagonal_permutation"}
-    assert got["blocks.attn.heads"] == {"permutation"}
+    smap, new, t, _ = exact_everywhere(model, {
+        "resid": {"signed_permutation"}, "blocks.attn.qk": {"rotary_orthogonal"}, "blocks.attn.ov": {"gl"},
+        "blocks.mlp": {"diagonal_permutation"}, "blocks.attn.heads": {"permutation"}})
     assert smap["blocks.0.attn.qk.0"].group.rigid == () and smap["blocks.0.attn.qk.1"].group.rigid == HALVES
     assert smap["blocks.1.attn.qk.0"].group.rigid == HALVES
-    new, t = wb.random_intertwiner(model, seed=1)
-    assert rel(logp(new), logp(model)) <= TOL
-    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert abs(float(t.elements["blocks.0.attn.qk.0"].matrix()[0, 4])) > 1e-3  # a rotation, not ±I
-    report = wb.verify(model, new, IDS, transform=t)
-    assert report.passed and report.representations_moved, report.summary()
     with pytest.raises(ValueError, match="not a symmetry"):
         wb.random_intertwiner(model, sites=["resid"], group="orthogonal")
     bad, bt = wb.random_intertwiner(model, seed=3, sites=["resid"], group="orthogonal", allow_non_symmetry=True)
@@ -137,17 +123,9 @@ def test_bridge_around_olmo2_is_exact(tmp_path_factory):
     assert report.floor is not None and report.max_abs_diff <= 10 * report.floor  # float32 RMSNorms inside
 
 
-@st.composite
-def shapes(draw):
-    heads = draw(st.sampled_from([2, 4]))
-    return dict(num_attention_heads=heads, hidden_size=heads * draw(st.sampled_from([4, 8])),
-                num_key_value_heads=draw(st.sampled_from([k for k in (1, 2, 4) if heads % k == 0])),
-                tie_word_embeddings=draw(st.booleans()), attention_bias=draw(st.booleans()),
-                num_hidden_layers=draw(st.integers(1, 2)))
-
-
 @settings(max_examples=8, deadline=None)
-@given(kw=shapes(), seed=st.integers(0, 2 ** 16))
+@given(kw=st.builds(lambda d, bias: {**d, "attention_bias": bias}, decoder_shapes(), st.booleans()),
+       seed=st.integers(0, 2 ** 16))
 def test_property_random_shapes_are_exact(kw, seed):
     model = build(seed=seed % 5, **kw)
     new, _ = wb.random_intertwiner(model, seed=seed)

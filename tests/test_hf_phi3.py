@@ -8,14 +8,14 @@ element of every site exact in float64, computed directly; a hand-made element o
 function; fold, bridge (its split copies rebuilt after a transform) and a property over shapes.
 """
 import copy
-import warnings
 
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
 import workbench as wb
-from test_hf_families import FAIL, IDS, TOL, bridged_exactly, kinds, logp, random_parameters, rel
+from test_hf_families import (FAIL, IDS, LLAMA_LIKE, TOL, bridged_exactly, decoder_shapes, exact_everywhere, logp,
+                              random_model, rel)
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 transformers = pytest.importorskip("transformers")
@@ -26,12 +26,7 @@ SHAPE = dict(vocab_size=50, bos_token_id=0, eos_token_id=0, pad_token_id=0, hidd
 
 
 def build(seed=0, **kw):
-    config = transformers.Phi3Config(**{**SHAPE, **kw})
-    torch.manual_seed(seed)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = transformers.Phi3ForCausalLM(config).double().eval()
-    return random_parameters(model, seed)
+    return random_model("Phi3ForCausalLM", "Phi3Config", {**SHAPE, **kw}, seed)
 
 
 def test_the_fused_projections_split_as_the_modules_compute():
@@ -55,16 +50,7 @@ def test_the_fused_projections_split_as_the_modules_compute():
 
 def test_map_groups_and_exact_random_intertwiner():
     model = build()
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    smap = wb.symmetry_map(model)
-    assert not smap.skipped, smap.skipped
-    got = kinds(smap)
-    assert got["resid"] == {"signed_permutation"} and got["blocks.attn.qk"] == {"rotary"}
-    assert got["blocks.attn.ov"] == {"gl"} and got["blocks.mlp"] == {"diagonal_permutation"}
-    new, t = wb.random_intertwiner(model, seed=1)
-    assert rel(logp(new), logp(model)) <= TOL
-    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
-    assert wb.verify(model, new, IDS, transform=t).passed
+    exact_everywhere(model, LLAMA_LIKE)
     one, t1 = wb.random_intertwiner(model, seed=2, sites=["blocks.0.mlp"])  # the gate half by P, the up half by D·P
     M = t1.elements["blocks.0.mlp"].matrix()
     a, b = model.model.layers[0].mlp.gate_up_proj.weight, one.model.layers[0].mlp.gate_up_proj.weight
@@ -112,18 +98,11 @@ def test_bridge_around_phi3_is_exact(tmp_path_factory):
     assert report.floor is not None and report.max_abs_diff <= 10 * report.floor  # float32 RMSNorms inside
 
 
-@st.composite
-def shapes(draw):
-    heads = draw(st.sampled_from([2, 4]))
-    return dict(num_attention_heads=heads, hidden_size=heads * draw(st.sampled_from([4, 8])),
-                num_key_value_heads=draw(st.sampled_from([k for k in (1, 2, 4) if heads % k == 0])),
-                tie_word_embeddings=draw(st.booleans()), num_hidden_layers=draw(st.integers(1, 2)),
-                rope_parameters={"rope_theta": 10000.0, "rope_type": "default",
-                                 "partial_rotary_factor": draw(st.sampled_from([0.5, 1.0]))})
-
-
 @settings(max_examples=8, deadline=None)
-@given(kw=shapes(), seed=st.integers(0, 2 ** 16))
+@given(kw=st.builds(lambda d, f: {**d, "rope_parameters": {"rope_theta": 10000.0, "rope_type": "default",
+                                                             "partial_rotary_factor": f}},
+                    decoder_shapes(), st.sampled_from([0.5, 1.0])),
+       seed=st.integers(0, 2 ** 16))
 def test_property_random_shapes_are_exact(kw, seed):
     model = build(seed=seed % 5, **kw)
     new, _ = wb.random_intertwiner(model, seed=seed)
