@@ -8,7 +8,7 @@ from the existing JSON, each with the date of the run that measured it (the page
 
 Method. Every family issue 17 names (Mistral, Qwen2, Gemma, Phi, OPT 125m- and 350m-like, GPT-NeoX)
 plus GPT-2, LLaMA and BERT, and the families checked since (GPT-J, StableLM, StarCoder2, Nemotron, GPT-Neo; Qwen3,
-Gemma 2, Gemma 3, OLMo 2, Phi-3, Cohere, GPT-BigCode and Granite),
+Gemma 2, Gemma 3, OLMo 2, Phi-3, Cohere, GPT-BigCode, Granite and BLOOM),
 each at one shape the size of the smallest released checkpoints (hidden 512, 6 layers, 8 heads of 64, vocabulary
 32,000, MLP 2,048 — Pythia-70m's size; GQA with 2 key/value heads for Mistral, Qwen2, LLaMA, StableLM, StarCoder2
 and Nemotron, one for Gemma; GPT-J rotates 32 of 64 dimensions; GPT-Neo alternates global and local (window 16)
@@ -110,6 +110,7 @@ def shapes(quick: bool, positions: int = 512) -> dict:
                                                bos_token_id=0, eos_token_id=0, embedding_multiplier=12.0,
                                                residual_multiplier=0.22, attention_multiplier=1 / 64,
                                                logits_scaling=8.0)),  # a Llama with scalar multipliers
+        "bloom": ("BloomForCausalLM", dict(hidden_size=d, n_layer=L, n_head=H, vocab_size=V)),  # ALiBi, embedding LN
     }
 
 

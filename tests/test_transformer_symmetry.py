@@ -267,3 +267,28 @@ def test_qk_norms_of_a_lens_model_leave_its_qk_spaces_alone_and_say_why():
     if normed:  # TransformerLens 3 computes its RMSNorms in the model's dtype: exact (4's native ones round in float32)
         assert float(((a - b).abs() / a.abs().amax(-1, keepdim=True)).max()) <= 1e-10
     assert wb.verify(model, new, tokens(), transform=t).passed
+
+
+def test_alibi_lens_model_has_no_head_permutations_and_is_exact():
+    """ALiBi (TransformerLens 3's positional_embedding_type="alibi", BLOOM's): a bias m_h·(j − i) on head h's scores,
+    moved by no channel map (QK stays GL) but tied to the head's index, so heads are not permuted (the map says why);
+    every other site is exact, computed directly. TransformerLens 4's native models have no ALiBi (it refuses to build
+    one); its Hugging Face BLOOM is tests/test_hf_bloom.py."""
+    from conftest import has_hooked_transformer
+
+    kw = dict(act_fn="gelu", normalization_type="LN", positional_embedding_type="alibi")
+    if not has_hooked_transformer():
+        with pytest.raises(ValueError, match="alibi"):
+            make_transformer(**kw)
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = clone(randomised(make_transformer(**kw)), torch.float64)
+    smap = wb.symmetry_map(model)
+    assert not any(".heads" in s.name for s in smap) and {s.name.split(".")[-2] for s in smap if ".qk." in s.name} == {"qk"}
+    assert smap.skipped and all(why.startswith("ALiBi gives each head its own slope") for _, why in smap.skipped)
+    new, t = wb.random_intertwiner(model, seed=2)
+    with torch.no_grad():
+        a, b = model(tokens()).log_softmax(-1), new(tokens()).log_softmax(-1)
+    assert float(((a - b).abs() / a.abs().amax(-1, keepdim=True)).max()) <= 1e-10
+    assert wb.verify(model, new, tokens(), transform=t).passed

@@ -87,12 +87,17 @@ class Layout:
 # sit, parallel blocks) come from the adapter's config, and an adapter can state them wrongly. OpenAI GPT's reads
 # its GELU as ReLU and its post-LN blocks as pre-LN; a transform built on them changed the float64 log-probabilities
 # by 7e-4. Add a family only with its derivation and those tests.
-CHECKED_FAMILIES = frozenset({"bert", "cohere", "gemma", "gemma2", "gemma3_text", "gpt2", "gpt_bigcode", "gpt_neo",
-                              "gpt_neox", "gptj", "granite", "llama", "mistral", "nemotron", "olmo2", "opt", "phi",
-                              "phi3", "qwen2", "qwen3", "stablelm", "starcoder2"})
+CHECKED_FAMILIES = frozenset({"bert", "bloom", "cohere", "gemma", "gemma2", "gemma3_text", "gpt2", "gpt_bigcode",
+                              "gpt_neo", "gpt_neox", "gptj", "granite", "llama", "mistral", "nemotron", "olmo2",
+                              "opt", "phi", "phi3", "qwen2", "qwen3", "stablelm", "starcoder2"})
 # Families whose norms compute in float32 inside a float64 model although they are LayerNorms (every Hugging Face
 # RMSNorm does; Cohere's LayerNorm too): verify rounds the stream where they read it to measure its floor.
 FLOAT32_NORM_FAMILIES = frozenset({"cohere"})
+# MLP activations a family hard-codes in its module while TransformerLens's adapter leaves ``act_fn`` at its default
+# ("relu"): BLOOM's BloomGelu is the tanh-approximated GELU (tests/test_hf_bloom.py computes it from the module).
+_ACTIVATIONS = {"bloom": "gelu_new"}
+# Configuration switches of a checked family that change where the stream is read and are not derived: refused by name.
+_UNDERIVED_SWITCHES = {"bloom": ("apply_residual_connection_post_layernorm",)}
 
 # Layouts per (class, config): building one boots nothing, but walks a weightless model (~10 ms).
 _LAYOUTS: "OrderedDict[tuple, object]" = OrderedDict()
@@ -177,8 +182,13 @@ def named_config(hf: nn.Module):
 
 
 def _check_family(hf: nn.Module) -> None:
-    """Refuse a family whose layout facts are not checked here (``CHECKED_FAMILIES``), before anything reads them."""
+    """Refuse a family whose layout facts are not checked here (``CHECKED_FAMILIES``), before anything reads them, and
+    a configuration switch of a checked family that is not derived (``_UNDERIVED_SWITCHES``)."""
     family = getattr(hf.config, "model_type", None)
+    for switch in _UNDERIVED_SWITCHES.get(family, ()):
+        if getattr(hf.config, switch, False):
+            raise UnsupportedModelError(f"{switch}=True changes which values the residual stream carries; its group is "
+                                        f"not derived here (docs/DERIVATIONS.md §10), so nothing is transformed.")
     if family not in CHECKED_FAMILIES:
         raise UnsupportedModelError(
             f"its family {family!r} has not been checked against its own forward here (checked: "
@@ -305,6 +315,7 @@ def _build_layout(ad, hf: nn.Module) -> Layout:
         "base": bool(base),  # no head: the model's output is the stream after the final norm (its last hidden state)
         "parallel": bool(getattr(ad.cfg, "parallel_attn_mlp", False)),
         "qk_norm": any(e.key.endswith((".attn.q_norm.weight", ".attn.k_norm.weight")) for e in entries.values()),
+        "act_fn": _ACTIVATIONS.get(getattr(config, "model_type", None)),  # None: the adapter's configuration says it
     }
     fused = {e.key.rpartition('.')[0] for e in entries.values() if e.strided is not None}
     return Layout(list(entries.values()), tied, facts, {k: v for k, v in paths.items() if k not in fused},

@@ -74,8 +74,8 @@ def transformer_map(model: nn.Module) -> SymmetryMap:
         return SymmetryMap(name, [], [(name, reason)])
     cfg = hf.config(model)
     pos = getattr(cfg, "positional_embedding_type", "standard")
-    if pos not in ("standard", "rotary"):
-        return SymmetryMap(name, [], [(name, f"positional embedding {pos!r} is not supported (standard, rotary are).")])
+    if pos not in ("standard", "rotary", "alibi"):
+        return SymmetryMap(name, [], [(name, f"positional embedding {pos!r} is not supported (standard, rotary, alibi are).")])
     W = canonical_views(model) or read_weights(model)  # views: no copy of every weight
     f = shape_facts(cfg)
     L, H, K, dh = int(cfg.n_layers), f["n_heads"], f["n_kv"], f["d_head"]
@@ -125,9 +125,14 @@ def transformer_map(model: nn.Module) -> SymmetryMap:
                               _present([Port(f"{a}.W_V", "pre", axis=2, heads=(k,)), Port(f"{a}.b_V", "pre", axis=1, heads=(k,))], W),
                               _present([Port(f"{a}.W_O", "post", axis=1, heads=heads)], W), [],
                               see.ov(layer, heads, k), list(notes[:1])))
-        sites += _head_sites(a, H, K, W, see, skipped)
+        if pos == "alibi":  # a bias m_h·(j − i) on head h's scores: no channel moves it (QK stays GL), but each head has
+            # its own slope m_h, so permuting heads moves the biases (docs/DERIVATIONS.md §10, BLOOM)
+            skipped.append((f"{a}.heads", "ALiBi gives each head its own slope: permuting heads would move the position "
+                                          "biases, so heads are not permuted"))
+        else:
+            sites += _head_sites(a, H, K, W, see, skipped)
         if not getattr(cfg, "attn_only", False):
-            mlp = _mlp_site(cfg, W, layer, see)
+            mlp = _mlp_site(cfg, W, layer, see, hf.facts(model)["act_fn"] if kind in _HF else None)
             if isinstance(mlp, str):  # an activation whose group is not derived: these hidden units stay as they are
                 skipped.append((f"blocks.{layer}.mlp", mlp))
             else:
@@ -265,14 +270,15 @@ def _present(ports: list[Port], W: dict) -> list[Port]:
     return [p for p in ports if p.name in W]
 
 
-def _mlp_site(cfg, W: dict, layer: int, see):
+def _mlp_site(cfg, W: dict, layer: int, see, act=None):
     """The MLP's hidden units as a site; or, where the model's activation is not in the catalogue (Hugging Face's
-    ``gelu_10``, ``laplace``, ``sqrtsoftplus``…), why they are left alone."""
+    ``gelu_10``, ``laplace``, ``sqrtsoftplus``…), why they are left alone. ``act``: the activation where the layout
+    knows it better than the configuration (``_hf._ACTIVATIONS``)."""
     from .._errors import InvalidOptionError
     from ..groups import intertwiner_group
 
     m = f"blocks.{layer}.mlp"
-    act = str(getattr(cfg, "act_fn", "gelu"))
+    act = act or str(getattr(cfg, "act_fn", "gelu"))
     n = W[f"{m}.W_in"].shape[1]
     gated = f"{m}.W_gate" in W
     if gated:  # act(gate) ⊙ up: permute both, any nonzero diagonal on the up branch
