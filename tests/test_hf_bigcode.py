@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import workbench as wb
-from test_hf_families import FAIL, IDS, TOL, bridged_exactly, exact_everywhere, logp, random_model, rel
+from test_hf_families import TOL, bridged_exactly, exact_everywhere, logp, random_model, refused_and_wrong, rel
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 transformers = pytest.importorskip("transformers")
@@ -50,10 +50,7 @@ def test_map_groups_and_exact_random_intertwiner():
                                      skipped="one key/value head")
     assert sum(s.name.startswith("blocks.0.attn.qk.") for s in smap) == 1
     for site, larger in (("resid", "signed_permutation"), ("blocks.1.mlp", "signed_permutation")):
-        with pytest.raises(ValueError, match="not a symmetry"):
-            wb.random_intertwiner(model, sites=[site], group=larger)
-        bad, bt = wb.random_intertwiner(model, seed=3, sites=[site], group=larger, allow_non_symmetry=True)
-        assert rel(logp(bad), logp(model)) > FAIL and not wb.verify(model, bad, IDS, transform=bt).passed
+        refused_and_wrong(model, site, larger)
 
 
 def test_without_multi_query_the_split_fails_and_is_refused():

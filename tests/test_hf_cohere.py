@@ -11,7 +11,8 @@ import pytest
 import torch
 
 import workbench as wb
-from test_hf_families import FAIL, IDS, LLAMA_LIKE, TOL, as_raw, bridged_exactly, exact_everywhere, random_model, rel
+from test_hf_families import (IDS, LLAMA_LIKE, TOL, as_raw, bridged_exactly, exact_everywhere, random_model,
+                              refused_and_wrong, rel)
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 transformers = pytest.importorskip("transformers")
@@ -82,10 +83,7 @@ def test_map_groups_and_exact_random_intertwiner():
     assert smap["blocks.0.attn.qk.0"].group.pairs == ((0, 1), (2, 3), (4, 5), (6, 7)) and report.floor is not None
     halves = wb.get_group("rotary", 8, pairs=((0, 4), (1, 5), (2, 6), (3, 7)))
     for site, wrong in (("resid", "signed_permutation"), ("blocks.0.attn.qk.0", halves)):
-        with pytest.raises(ValueError, match="not a symmetry"):
-            wb.random_intertwiner(model, sites=[site], group=wrong)
-        bad, bt = wb.random_intertwiner(model, seed=3, sites=[site], group=wrong, allow_non_symmetry=True)
-        assert rel(logp(bad), logp(model)) > FAIL and not wb.verify(model, bad, IDS, transform=bt).passed
+        refused_and_wrong(model, site, wrong, logp)
 
 
 def test_fold_unties_and_the_folded_stream_rotates():

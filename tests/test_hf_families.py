@@ -143,6 +143,16 @@ def exact_everywhere(model, groups: dict, logp=logp, skipped: str = ""):
     return smap, new, t, report
 
 
+def refused_and_wrong(model, site: str, group, logp=logp, seed: int = 3) -> None:
+    """``group`` at ``site`` is refused as no symmetry; forced (``allow_non_symmetry``), it changes the log-probabilities
+    (``logp``, computed here) beyond FAIL and verify fails."""
+    with pytest.raises(ValueError, match="not a symmetry"):
+        wb.random_intertwiner(model, sites=[site], group=group)
+    bad, bt = wb.random_intertwiner(model, seed=seed, sites=[site], group=group, allow_non_symmetry=True)
+    assert bt.forced == [site] and rel(logp(bad), logp(model)) > FAIL, (site, group)
+    assert not wb.verify(model, bad, IDS, transform=bt).passed
+
+
 def bridge(model, folder):
     """A float64 bridge around a copy of the raw ``model`` (booting changes the model it is given)."""
     from tokenizers import Tokenizer, models

@@ -14,8 +14,8 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 import workbench as wb
-from test_hf_families import (FAIL, IDS, LLAMA_LIKE, TOL, bridged_exactly, decoder_shapes, exact_everywhere, logp,
-                              random_model, rel)
+from test_hf_families import (FAIL, LLAMA_LIKE, TOL, bridged_exactly, decoder_shapes, exact_everywhere, logp,
+                              random_model, refused_and_wrong, rel)
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 transformers = pytest.importorskip("transformers")
@@ -58,10 +58,7 @@ def test_map_groups_and_exact_random_intertwiner():
     assert torch.allclose(b[:48], P @ a[:48], rtol=0, atol=1e-12) and torch.allclose(b[48:], M @ a[48:], rtol=0, atol=1e-12)
     assert not torch.allclose(M.abs(), P)  # a scaling, not only a permutation
     for site, larger in (("resid", "orthogonal"), ("blocks.1.mlp", "gl")):
-        with pytest.raises(ValueError, match="not a symmetry"):
-            wb.random_intertwiner(model, sites=[site], group=larger)
-        bad, bt = wb.random_intertwiner(model, seed=3, sites=[site], group=larger, allow_non_symmetry=True)
-        assert rel(logp(bad), logp(model)) > FAIL and not wb.verify(model, bad, IDS, transform=bt).passed
+        refused_and_wrong(model, site, larger)
 
 
 def test_a_scaling_on_the_gate_half_is_not_a_symmetry():

@@ -18,7 +18,8 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 import workbench as wb
-from test_hf_families import FAIL, IDS, TOL, bridged_exactly, exact_everywhere, kinds, logp, random_model, rel
+from test_hf_families import (FAIL, TOL, bridged_exactly, exact_everywhere, kinds, logp, random_model,
+                              refused_and_wrong, rel)
 from test_hf_families_more import _trace
 
 pytestmark = pytest.mark.filterwarnings("ignore")
@@ -148,11 +149,7 @@ def test_negative_controls_are_refused_and_change_the_function():
     own = wb.symmetry_map(model)[site].group
     for wrong in (wb.get_group("rotary", 8, pairs=HALVES), "gl", "orthogonal",
                   wb.get_group("rotary_orthogonal", 8, pairs=HALVES)):
-        with pytest.raises(ValueError, match="not a symmetry"):
-            wb.random_intertwiner(model, sites=[site], group=wrong)
-        bad, bt = wb.random_intertwiner(model, seed=2, sites=[site], group=wrong, allow_non_symmetry=True)
-        assert bt.forced == [site] and rel(logp(bad), ref) > FAIL, wrong
-        assert not wb.verify(model, bad, IDS, transform=bt).passed
+        refused_and_wrong(model, site, wrong, seed=2)
     new, t = wb.random_intertwiner(model, seed=2, sites=[site], group="rotary_orthogonal")  # the site's own, by name
     assert not t.forced and own.contains(t.elements[site]) and rel(logp(new), ref) <= TOL
 
