@@ -326,12 +326,12 @@ def trivial_floor(backend, model: nn.Module, inputs, cache, last: Optional[str])
     from ._transform import Transform, apply_transform
 
     c = 1.3
-    scale = {}  # (a QK site whose heads normalise q and k — Qwen3 — takes orthogonal maps only: c·I is none of them)
-    qk = [s for s in symmetry_map(model) if ".qk." in s.name
-          and s.group.contains(scale.setdefault(s.n, Dense(c * torch.eye(s.n, dtype=torch.float64), cond=1.0)))]
+    qk = [s for s in symmetry_map(model) if ".qk." in s.name]
+    scaled = {s.n: Dense(c * torch.eye(s.n, dtype=torch.float64), cond=1.0) for s in qk}
+    qk = [s for s in qk if s.group.contains(scaled[s.n])]  # (behind q/k norms, Qwen3's, only orthogonal maps pass)
     if not qk:
         return None
-    t = Transform({s.name: scale[s.n] for s in qk}, {s.name: s.group.name for s in qk}, model=type(model).__name__)
+    t = Transform({s.name: scaled[s.n] for s in qk}, {s.name: s.group.name for s in qk}, model=type(model).__name__)
     scaled = apply_transform(model, t)
     moved = {o.name for s in qk for o in s.observed}
     watched = [n for n in (cache.keys() if cache is not None else []) if n not in moved]
