@@ -276,7 +276,7 @@ def test_gptj_rotary_pairs_are_measured_through_float32_attention(raw, monkeypat
 
     from transformers.models.gptj import modeling_gptj
 
-    from workbench.symmetry import _layout_sites
+    from workbench.symmetry import _rotary_pairs
 
     def eager64(module, query, key, value, attention_mask, scaling, dropout=0.0, **kw):
         w = query @ key.transpose(2, 3) * scaling + (0 if attention_mask is None else attention_mask)
@@ -284,7 +284,7 @@ def test_gptj_rotary_pairs_are_measured_through_float32_attention(raw, monkeypat
         return (w @ value).transpose(1, 2).contiguous(), w
 
     monkeypatch.setattr(modeling_gptj, "eager_attention_forward", eager64)
-    monkeypatch.setattr(_layout_sites, "_PAIRS", {})  # measured pairs are kept per configuration: measure again
+    monkeypatch.setattr(_rotary_pairs, "_PAIRS", {})  # measured pairs are kept per configuration: measure again
     assert wb.symmetry_map(model)["blocks.0.attn.qk.0"].group.pairs == ((0, 1), (2, 3))
 
 

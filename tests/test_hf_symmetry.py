@@ -19,7 +19,7 @@ from workbench.models import hf
 
 family = hf.family
 from workbench.symmetry._layout_push import clone
-from workbench.symmetry._layout_sites import rotary_pairs
+from workbench.symmetry._rotary_pairs import rotary_pairs
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 

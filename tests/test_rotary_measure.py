@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import make_transformer
-from workbench.symmetry import _layout_sites
+from workbench.symmetry import _rotary_pairs
 from workbench.symmetry._layout_push import clone
 
 pytestmark = pytest.mark.transformer
@@ -20,9 +20,9 @@ def _rotary64():
 
 
 def test_a_users_hook_does_not_reach_the_rotary_measurement(monkeypatch):
-    monkeypatch.setattr(_layout_sites, "_PAIRS", {})
+    monkeypatch.setattr(_rotary_pairs, "_PAIRS", {})
     plain = _rotary64()
-    truth = _layout_sites._measure_pairs(clone(plain, torch.float64), 0)
+    truth = _rotary_pairs._measure_pairs(clone(plain, torch.float64), 0)
     assert len(truth) == int(plain.cfg.d_head) // 2  # every dimension has a partner
 
     model = _rotary64()
@@ -35,11 +35,11 @@ def test_a_users_hook_does_not_reach_the_rotary_measurement(monkeypatch):
 
     model.hook_dict["blocks.0.attn.hook_pattern"].add_hook(scramble, is_permanent=True)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    got = _layout_sites.rotary_pairs(model, 0)
+    got = _rotary_pairs.rotary_pairs(model, 0)
     assert not calls  # the measurement never ran the user's model
     assert got == truth
     # the user's hook is still there and still fires on the user's model; nothing was written
     model(torch.zeros(1, 4, dtype=torch.long))
     assert calls and all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     # and what was kept for this configuration is the truth for a model without hooks
-    assert _layout_sites.rotary_pairs(plain, 0) == truth
+    assert _rotary_pairs.rotary_pairs(plain, 0) == truth

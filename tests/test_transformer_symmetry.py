@@ -13,7 +13,7 @@ import workbench as wb
 from conftest import make_transformer
 from workbench.groups import get_group
 from workbench.symmetry._layout_push import clone
-from workbench.symmetry._layout_sites import rotary_pairs
+from workbench.symmetry._rotary_pairs import rotary_pairs
 
 pytestmark = [pytest.mark.transformer, pytest.mark.filterwarnings("ignore")]
 
