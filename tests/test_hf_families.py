@@ -66,14 +66,9 @@ def build(family, seed=0, kw=None):
     """A tiny random float64 Hugging Face model of ``family`` in eval mode, every parameter random
     (``kw``: other config keywords than the family's own)."""
     cls, own = CONFIGS[family]
-    kw = own if kw is None else kw
-    config = getattr(transformers, cls.replace("ForCausalLM", "Config").replace("LMHeadModel", "Config"))(
-        **({} if family == "gpt2" else BASE), **({"vocab_size": 50} if family == "gpt2" else {}), **kw)
-    torch.manual_seed(seed)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = getattr(transformers, cls)(config).double().eval()
-    return random_parameters(model, seed, gain=0.0 if family == "gemma" else 1.0)
+    base = {"vocab_size": 50} if family == "gpt2" else BASE
+    return random_model(cls, cls.replace("ForCausalLM", "Config").replace("LMHeadModel", "Config"),
+                        {**base, **(own if kw is None else kw)}, seed, gain=0.0 if family == "gemma" else 1.0)
 
 
 def random_parameters(model, seed: int, gain: float = 1.0, embedding=lambda name: "embed" in name):

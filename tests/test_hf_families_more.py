@@ -16,14 +16,13 @@ a TransformerLens bridge, which uses eager attention: see test_gptj_rotary_pairs
 import copy
 import math
 import types
-import warnings
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import workbench as wb
-from test_hf_families import FAIL, IDS, LARGER, TOL, as_raw, bridge, bridged_exactly, kinds, mapped, random_parameters, rel
+from test_hf_families import FAIL, IDS, LARGER, TOL, as_raw, bridge, bridged_exactly, kinds, mapped, random_model, rel
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 transformers = pytest.importorskip("transformers")
@@ -54,13 +53,9 @@ NEO_FLOOR = 1e-5  # GPT-Neo's own forward (q·k in float32): measured 2e-7 to 1.
 def build(family, seed=0, kw=None):
     """A tiny random float64 model of ``family`` in eval mode, every parameter random (``kw``: other config keywords)."""
     cls, own = CONFIGS[family]
-    config = getattr(transformers, cls.replace("ForCausalLM", "Config"))(**TOKENS, **(own if kw is None else kw))
-    torch.manual_seed(seed)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = getattr(transformers, cls)(config).double().eval()
-    return random_parameters(model, seed, gain=1 - OFFSET.get(family, 0.0),
-                             embedding=lambda name: "embed" in name or name.endswith(("wte.weight", "wpe.weight")))
+    return random_model(cls, cls.replace("ForCausalLM", "Config"), {**TOKENS, **(own if kw is None else kw)}, seed,
+                        gain=1 - OFFSET.get(family, 0.0),
+                        embedding=lambda name: "embed" in name or name.endswith(("wte.weight", "wpe.weight")))
 
 
 def _neo_attn64(self, query, key, value, attention_mask=None):
