@@ -1,11 +1,12 @@
-"""OPT, GPT-2, GPT-NeoX and BERT bridges copied from a never-run template (``models/_hf_shell``), not booted.
+"""OPT, GPT-2, GPT-NeoX, BLOOM and BERT bridges copied from a never-run template (``models/_hf_shell``), not booted.
 
 Their boots make what ties a bridge to its weights: OPT's and BERT's placeholder MLP (``blocks.{i}.mlp``) gets
 permanent hooks, closures over the booted components, that mirror ``fc1``/``fc2``'s hook points into its own;
-GPT-2's and GPT-NeoX's fused q/k/v are split into q, k, v at boot (views of GPT-2's ``c_attn``, copies of
-GPT-NeoX's interleaved ``query_key_value``). A copy gets the mirrors wired over its own components and its
-split q, k, v derived from its pushed weights. The adversary: the original bridge has run, with a cache and a
-live hook of the user's on the very hook point the mirror fires; it is transformed twice. Everything is
+GPT-2's, GPT-NeoX's and BLOOM's fused q/k/v are split into q, k, v at boot (views of GPT-2's ``c_attn``, copies of
+GPT-NeoX's and BLOOM's interleaved ``query_key_value``; BLOOM's attention is a subclass, its ALiBi bias made per
+call). A copy gets the mirrors wired over its own components and its split q, k, v derived from its pushed
+weights. The adversary: the original bridge has run, with a cache and a live hook of the user's on the very hook
+point the mirror fires; it is transformed twice. Everything is
 checked directly in float64: the new bridge against the pushed Hugging Face model run on its own, the
 cached q, k, v and z against a matrix product of the new weights, the placeholder's hook against the
 Hugging Face ``fc2`` output; the original and the template are hashed before and after; and the new
@@ -26,26 +27,31 @@ pytest.importorskip("transformer_lens.model_bridge")
 
 from test_hf_bridge_boot import _plain  # noqa: E402
 from test_hf_bridge_shell import _hooked, _reference  # noqa: E402
+from test_hf_bloom import build as _bloom, logp as _bloom_logp  # noqa: E402
 from test_hf_families import IDS, as_raw, build, logp, rel  # noqa: E402
 
 from workbench.models import _hf_shell  # noqa: E402
 
 F64, TOL = torch.float64, 1e-10
-FAMILIES = ["opt", "opt350", "bert", "gpt2", "gpt_neox"]
+FAMILIES = ["opt", "opt350", "bert", "gpt2", "gpt_neox", "bloom"]
+SPLIT = ("gpt2", "gpt_neox", "bloom")  # a fused q/k/v split at boot
 # Hugging Face modules of layer {i}: the q/k/v projection(s) (one name: fused), the output projection (its input
-# is z) and the MLP's output projection (what the placeholder's hook_out mirrors).
+# is z) and the module whose output the MLP's hook_out sees (the placeholder's mirror: its output projection; BLOOM's
+# MLP adds the residual itself, so its whole MLP).
 SPEC = {
     "opt": ("model.decoder.layers.{i}.self_attn.", ("q_proj", "k_proj", "v_proj"), "out_proj", "model.decoder.layers.{i}.fc2"),
     "bert": ("bert.encoder.layer.{i}.attention.", ("self.query", "self.key", "self.value"), "output.dense",
              "bert.encoder.layer.{i}.output.dense"),
     "gpt2": ("transformer.h.{i}.attn.", ("c_attn",), "c_proj", "transformer.h.{i}.mlp.c_proj"),
     "gpt_neox": ("gpt_neox.layers.{i}.attention.", ("query_key_value",), "dense", "gpt_neox.layers.{i}.mlp.dense_4h_to_h"),
+    "bloom": ("transformer.h.{i}.self_attention.", ("query_key_value",), "dense", "transformer.h.{i}.mlp"),
 }
 SPEC["opt350"] = SPEC["opt"]
 # The attention the bridge computes: OPT's and BERT's run Hugging Face's own module, in the eager implementation
 # their config names (its softmax rounds through float32: a plain boot differs from SDPA by ~6e-8 too); GPT-2's
-# and GPT-NeoX's split attention is TransformerLens's own reconstruction, exact in float64 like SDPA.
-IMPL = {"opt": "eager", "opt350": "eager", "bert": "eager", "gpt2": "sdpa", "gpt_neox": "sdpa"}
+# and GPT-NeoX's split attention is TransformerLens's own reconstruction, exact in float64 like SDPA. BLOOM's has one
+# implementation, its softmax through float32 as TransformerLens's BLOOM reconstruction's is.
+IMPL = {"opt": "eager", "opt350": "eager", "bert": "eager", "gpt2": "sdpa", "gpt_neox": "sdpa", "bloom": "eager"}
 
 
 def _bert():
@@ -68,6 +74,10 @@ def _bert():
 
 
 def _model(family):
+    if family == "bloom":
+        model = _bloom()
+        model.config.architectures = ["BloomForCausalLM"]  # (what a boot picks its adapter by)
+        return model
     return _bert() if family == "bert" else build(family)
 
 
@@ -116,7 +126,7 @@ def _direct(raw, family, n_heads, d_head) -> dict:
         mods = [raw.get_submodule(prefix.format(i=i) + n) for n in qkv]
         if family == "gpt2":  # Conv1D: x W + b, columns [q | k | v]
             q, k, v = (x @ mods[0].weight + mods[0].bias).split(n_heads * d_head, -1)
-        elif family == "gpt_neox":  # rows interleaved per head: [head, (q | k | v), d_head]
+        elif family in ("gpt_neox", "bloom"):  # rows interleaved per head: [head, (q | k | v), d_head]
             y = (x @ mods[0].weight.T + mods[0].bias).view(*IDS.shape, n_heads, 3, d_head)
             q, k, v = y[..., 0, :], y[..., 1, :], y[..., 2, :]
         else:
@@ -157,7 +167,7 @@ def test_a_copy_of_a_template_sees_only_its_own_weights_and_hooks(family):
     assert first is not None
     T = next(reversed(_hf_shell._TEMPLATES.values()))[0]
     template = _template_state(T)
-    if family in ("gpt2", "gpt_neox"):
+    if family in SPLIT:
         with pytest.raises(Exception):
             first(IDS)
     new, _ = wb.random_intertwiner(B, seed=3)
@@ -171,7 +181,8 @@ def test_a_copy_of_a_template_sees_only_its_own_weights_and_hooks(family):
     with torch.no_grad():
         assert rel(new(IDS).double(), raw(input_ids=IDS).logits) <= TOL
         assert rel(other(IDS).double(), raw_other(input_ids=IDS).logits) <= TOL
-    assert rel(logp(new), logp(B)) <= TOL and rel(logp(other), logp(B)) <= TOL
+    lp = _bloom_logp if family == "bloom" else logp  # (BLOOM's: its softmax in float64)
+    assert rel(lp(new), lp(B)) <= TOL and rel(lp(other), lp(B)) <= TOL
     ref = _reference(new)  # and is a plain boot around its weights, down to which split tensors are views
     assert hooks == _hooked(ref) and _aliases(new) == _aliases(ref)
     with torch.no_grad():
@@ -231,3 +242,24 @@ def test_only_the_boots_own_mirrors_are_taken_off_a_template():
     assert _hf_shell._unwire(G, _hf_shell._params(G)) == []
     G.blocks[0].attn._register_state_dict_hook(lambda *a: None)
     assert _hf_shell._unwire(G, _hf_shell._params(G)) is None
+
+
+def test_a_bloom_attention_other_than_the_one_read_is_booted(monkeypatch):
+    """Negative control for ``_split_classes``: BLOOM's attention, a subclass, is copied only as read in TransformerLens
+    4.x (nothing of its own but ``__init__`` and forward-time code); one that defines its own copy, or sets an
+    attribute in its ``__init__``, is no split class and its template is refused (booted instead)."""
+    from transformer_lens.model_bridge.generalized_components import BloomAttentionBridge
+
+    B = _plain(_model("bloom"))
+    assert BloomAttentionBridge in _hf_shell._split_classes() and _hf_shell._template(B, F64) is not None
+    monkeypatch.setattr(BloomAttentionBridge, "__deepcopy__", lambda self, memo: self, raising=False)
+    assert BloomAttentionBridge not in _hf_shell._split_classes() and _hf_shell._template(B, F64) is None
+    monkeypatch.delattr(BloomAttentionBridge, "__deepcopy__")
+    own = BloomAttentionBridge.__init__
+
+    def __init__(self, *args, **kwargs):
+        own(self, *args, **kwargs)
+        self.slopes = None
+
+    monkeypatch.setattr(BloomAttentionBridge, "__init__", __init__)
+    assert BloomAttentionBridge not in _hf_shell._split_classes()

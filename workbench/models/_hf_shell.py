@@ -19,17 +19,18 @@ is copied only where the copy provably is a boot's equal sharing nothing with it
   copy by TransformerLens's own ``_wire_symbolic_hooks``, over the copy's components: any other hook (or a
   wire that is not exactly one of those) and the family is booted;
 - every parameter is a Hugging Face parameter the layout reaches, or a fused q/k/v's split q, k, v (GPT-2,
-  GPT-NeoX), which a boot derives from the pushed weights (views of GPT-2's ``c_attn``, copies of GPT-NeoX's
-  interleaved ``query_key_value``). A copy's split q, k, v are meta tensors until :func:`finish` runs the
-  copy's own split function over its pushed fused weights, as a boot does (an unfinished copy fails loudly);
-  the split function, which TransformerLens's ``JointQKVAttentionBridge.__deepcopy__`` shares, is re-bound to
-  the copy's own adapter or attention (it would otherwise reach the template's);
+  GPT-NeoX, BLOOM: its attention a subclass, accepted only as read, ``_split_classes``), which a boot derives
+  from the pushed weights (views of GPT-2's ``c_attn``, copies of GPT-NeoX's and BLOOM's interleaved
+  ``query_key_value``). A copy's split q, k, v are meta tensors until :func:`finish` runs the copy's own split
+  function over its pushed fused weights, as a boot does (an unfinished copy fails loudly); the split function,
+  which TransformerLens's ``JointQKVAttentionBridge.__deepcopy__`` shares, is re-bound to the copy's own adapter
+  or attention (it would otherwise reach the template's);
 - a trial copy, its mirrors wired and its split q, k, v derived, reaches no object of the template.
   ``copy.deepcopy`` shares what it treats as atomic — functions and their closures, weak references, bound
   built-in methods — so the check follows those on the copy too.
 tests/test_hf_bridge_shell.py runs a bridge with hooks and a cache, transforms it and checks the new
 bridge and the original against each other and against a plain boot, in float64;
-tests/test_hf_bridge_shell_families.py does so for OPT, BERT, GPT-2 and GPT-NeoX, checking the copy's hook
+tests/test_hf_bridge_shell_families.py does so for OPT, BERT, GPT-2, GPT-NeoX and BLOOM, checking the copy's hook
 points (q, k, v, z, the mirrored MLP output) against the pushed weights directly.
 """
 from __future__ import annotations
@@ -175,15 +176,32 @@ def _is_wire(handle, codes: set, placeholder: nn.Module) -> bool:
     return bool(handle.is_permanent) and getattr(fn, "__code__", None) in codes and cells == [placeholder]
 
 
+# What TransformerLens 4.x's BloomAttentionBridge defines itself: an ``__init__`` that only calls its parent's
+# (JointQKVAttentionBridge's) with the parent's defaults, and forward-time code (the ALiBi bias and the mask come in
+# per call from the block; ``set_processed_weights`` is weight processing, which no boot runs). It inherits the
+# boot-time split (``set_original_component``) and ``__deepcopy__``, so its state is the parent's.
+_BLOOM_READ = frozenset({"__module__", "__doc__", "__init__", "forward", "_reconstruct_attention",
+                         "set_processed_weights"})
+
+
 def _split_classes() -> tuple:
     """The fused-q/k/v attention bridges whose boot-time split this module re-derives (read in TransformerLens
-    4.x: the split q, k, v are the only state the boot derives from the weights); subclasses are booted."""
+    4.x: the split q, k, v are the only state the boot derives from the weights), the parent first. Other subclasses
+    are booted; BLOOM's is accepted only as read (``_BLOOM_READ``): one that defines anything more, names anything
+    but ``super().__init__`` in its ``__init__`` (an attribute it sets) or derives from another class is booted."""
     try:
         from transformer_lens.model_bridge.generalized_components import (JointQKVAttentionBridge,
                                                                           JointQKVPositionEmbeddingsAttentionBridge)
     except ImportError:
         return ()
-    return JointQKVAttentionBridge, JointQKVPositionEmbeddingsAttentionBridge
+    classes = (JointQKVAttentionBridge, JointQKVPositionEmbeddingsAttentionBridge)
+    try:
+        from transformer_lens.model_bridge.generalized_components import BloomAttentionBridge as bloom
+    except ImportError:
+        return classes
+    read = (bloom.__bases__ == (JointQKVAttentionBridge,) and set(vars(bloom)) == _BLOOM_READ
+            and bloom.__init__.__code__.co_names == ("super", "__init__"))
+    return classes + (bloom,) if read else classes
 
 
 def _split_fn(attn: nn.Module):
