@@ -151,6 +151,23 @@ def _storages(obj) -> set[int]:
     return out
 
 
+def _tensor_storages(model: nn.Module) -> set[int]:
+    """Storage addresses of ``model``'s parameters and buffers. What :func:`_storages` gives for ``[*parameters(),
+    *buffers()]``, read from each module's own dicts: ``parameters()``'s generators and de-duplication were half of
+    a capture's end on a small batch (ResNet-20's 128 tensors: 217 -> 104 µs)."""
+    out = set()
+    with _quiet():
+        for m in model.modules():
+            for tensors in (m._parameters, m._buffers):
+                for t in tensors.values():
+                    if t is not None and t.layout == torch.strided and not t.is_meta:
+                        try:
+                            out.add(t.untyped_storage().data_ptr())
+                        except (RuntimeError, NotImplementedError):  # a torch.func wrapper: no memory of its own
+                            pass
+    return out
+
+
 def _describe(exc: Optional[BaseException]) -> str:
     if exc is None:
         return "it did not finish"
@@ -541,7 +558,9 @@ class _Capture:
         forward updating a buffer a module returned) or with the tensors the root forwards were given or returned
         (the caller's input and output). A value only the cache holds (an intermediate) is the caller's to edit,
         as any tensor handed out is."""
-        shared = self._io | _storages([*self.model.parameters(), *self.model.buffers()])
+        if not self._watch:
+            return []
+        shared = self._io | _tensor_storages(self.model)
         with _quiet():
             return [rec[2] for address, recs in self._watch.items() if address in shared
                     for rec in recs if rec[2]._version == rec[3]]
