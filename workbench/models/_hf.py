@@ -34,6 +34,7 @@ from torch import nn
 from .._errors import UnsupportedModelError
 from . import _hf_check as check
 from ._call import per_call
+from ._hf_entries import Entry, heads
 from ._kind import ModelKind, model_kind
 
 # Canonical component keys the layout knows (``{i}``: a layer); a mapped component outside these has no
@@ -54,19 +55,11 @@ _SANDWICH = {"blocks.{i}.ln1_post", "blocks.{i}.ln2_post"}
 SANDWICH_FAMILIES = frozenset({"gemma2", "gemma3_text", "olmo2"})
 
 
-@dataclass(frozen=True)
-class _Entry:
-    key: str  # bridge-layout key, e.g. "blocks.0.attn.q.weight"
-    param: str  # the Hugging Face parameter's name
-    transpose: bool = False  # Conv1D stores [in, out]
-    strided: Optional[tuple] = None  # part of a fused tensor: (size, stride, offset) of its view
-
-
 @dataclass
 class Layout:
     """Where every bridge-layout key lives in a Hugging Face model of one class and config."""
 
-    entries: list[_Entry]
+    entries: list[Entry]
     tied: list[tuple[str, ...]]  # bridge keys naming one tensor (the unembedding tied to the embedding)
     facts: dict = field(default_factory=dict)
     paths: dict = field(default_factory=dict)  # component key ("blocks.0.attn.q") -> Hugging Face module path
@@ -230,7 +223,7 @@ def _build_layout(ad, hf: nn.Module) -> Layout:
         """An adapter path (written for the language-model class) in this model: a base model drops the prefix."""
         return path[len(base) + 1:] if base and path.startswith(base + ".") else path
     n_layers = int(ad.cfg.n_layers)
-    entries: dict[str, _Entry] = {}
+    entries: dict[str, Entry] = {}
     unknown: list[str] = []
 
     qk_norms = getattr(hf.config, "model_type", None) in QK_NORM_FAMILIES
@@ -251,7 +244,7 @@ def _build_layout(ad, hf: nn.Module) -> Layout:
 
     def walk(components: dict, prefix: str, path: str) -> None:
         for name, comp in components.items():
-            if not prefix and name == "pooler":  # BERT's pooler, where the adapter maps it: read by _heads as everywhere
+            if not prefix and name == "pooler":  # BERT's pooler, where the adapter maps it: read by heads as everywhere
                 continue
             key, sub = f"{prefix}{name}", local(f"{path}.{comp.name}".strip(".")) if comp.name else path
             subs = dict(getattr(comp, "submodules", None) or {})
@@ -279,7 +272,7 @@ def _build_layout(ad, hf: nn.Module) -> Layout:
                     if not known(key):
                         unknown.append(f"{key} ({sub}.{leaf})")
                         continue
-                    entries.setdefault(f"{key}.{leaf}", _Entry(f"{key}.{leaf}", f"{sub}.{leaf}", type(m).__name__ == "Conv1D"))
+                    entries.setdefault(f"{key}.{leaf}", Entry(f"{key}.{leaf}", f"{sub}.{leaf}", type(m).__name__ == "Conv1D"))
             walk(subs, f"{key}.", sub)
 
     walk(ad.component_mapping, "", "")
@@ -290,8 +283,8 @@ def _build_layout(ad, hf: nn.Module) -> Layout:
         del paths["unembed"]
         for leaf in ("weight", "bias"):
             if f"unembed.{leaf}" in entries:
-                entries[f"classifier.{leaf}"] = _Entry(f"classifier.{leaf}", entries.pop(f"unembed.{leaf}").param)
-    for e in _heads(hf, ref, base):
+                entries[f"classifier.{leaf}"] = Entry(f"classifier.{leaf}", entries.pop(f"unembed.{leaf}").param)
+    for e in heads(hf, ref, base):
         entries.setdefault(e.key, e)
     if base and "project_out" in paths:
         raise UnsupportedModelError(f"a base {type(hf).__name__} with project_out returns the word space, not the stream "
@@ -324,44 +317,7 @@ def _build_layout(ad, hf: nn.Module) -> Layout:
                   reached=frozenset(n for n, p in names.items() if id(p) in reached), absent=tuple(absent))
 
 
-def _heads(hf: nn.Module, ref: nn.Module, base: str) -> list[_Entry]:
-    """Heads TransformerLens's mapping leaves out, where this class's forward is known: BERT's pooler (a dense layer
-    reading the first token's stream, then tanh), whose output a ``BertForSequenceClassification``'s classifier
-    reads (in no site's space: an entry only so that it is copied); a token classifier and a decoder's
-    sequence-classification ``score``, which read the stream (the latter after the final norm, at the last token)."""
-    def present(path: str) -> bool:
-        try:
-            ref.get_submodule(path)
-            return True
-        except AttributeError:
-            return False
-
-    entries = []
-    family, cls = getattr(hf.config, "model_type", None), type(hf).__name__
-    pooler = "pooler.dense" if base or not getattr(hf, "base_model_prefix", "") else f"{hf.base_model_prefix}.pooler.dense"
-    if family == "bert" and present(pooler):
-        entries += [_Entry(f"pooler.{leaf}", f"{pooler}.{leaf}") for leaf in ("weight", "bias")]
-        if cls == "BertForSequenceClassification":  # reads the pooled (tanh) output, no site's space: copied as it is
-            entries += [_Entry(f"classifier.{leaf}", f"classifier.{leaf}") for leaf in ("weight", "bias")]
-    names = dict(ref.named_parameters(remove_duplicate=False))
-    own, decoder = "cls.predictions.bias", "cls.predictions.decoder.bias"
-    if family == "bert" and own in names and decoder in names and names[own] is not names[decoder]:
-        # an untied MLM head (tie_word_embeddings=False, as wb.untie_embeddings leaves it): the decoder adds its own
-        # bias, and cls.predictions.bias (tied to it otherwise) is read by nothing; a vector over the vocabulary, which
-        # no site moves: copied as it is
-        entries.append(_Entry("mlm_vocab.bias", own))
-    if family == "bert" and cls == "BertForTokenClassification":  # a label per token, read from its stream
-        entries += [_Entry(f"score.{leaf}", f"classifier.{leaf}") for leaf in ("weight", "bias")]
-    if family != "bert" and cls.endswith("ForSequenceClassification") and present("score"):
-        entries += [_Entry(f"score.{leaf}", f"score.{leaf}") for leaf, _ in ref.score.named_parameters(recurse=False)]
-    if family != "bert" and cls.endswith("ForTokenClassification"):  # a label per token, read from the final stream
-        head = next((h for h in ("score", "classifier") if present(h)), None)  # (GPT-2, GPT-NeoX, GPT-Neo: classifier)
-        if head is not None and isinstance(ref.get_submodule(head), nn.Linear):
-            entries += [_Entry(f"score.{leaf}", f"{head}.{leaf}") for leaf, _ in ref.get_submodule(head).named_parameters(recurse=False)]
-    return entries
-
-
-def _fused_gate_up(comp, prefix: str, path: str, fused: Optional[nn.Module]) -> dict[str, _Entry]:
+def _fused_gate_up(comp, prefix: str, path: str, fused: Optional[nn.Module]) -> dict[str, Entry]:
     """A fused gate/up projection's gate and up (``mlp.gate``, ``mlp.in``) as strided views, measured through the
     adapter's own split as ``_fused`` measures q/k/v."""
     if fused is None:
@@ -369,14 +325,14 @@ def _fused_gate_up(comp, prefix: str, path: str, fused: Optional[nn.Module]) -> 
     return _measured_split(path, fused, lambda holder: comp.split_gate_up_matrix(holder), ("gate", "in"), prefix, None)
 
 
-def _fused(comp, prefix: str, path: str, qkv: Optional[nn.Module], cfg) -> dict[str, _Entry]:
+def _fused(comp, prefix: str, path: str, qkv: Optional[nn.Module], cfg) -> dict[str, Entry]:
     """q, k and v of a fused projection as strided views, measured through the adapter's own split."""
     if qkv is None or not hasattr(comp, "split_qkv_matrix"):
         raise UnsupportedModelError(f"a fused q/k/v projection at {path} without a split the adapter defines.")
     return _measured_split(path, qkv, comp.split_qkv_matrix, ("q", "k", "v"), prefix, int(cfg.d_head))
 
 
-def _measured_split(path: str, fused: nn.Module, split, parts: tuple, prefix: str, dh: Optional[int]) -> dict[str, _Entry]:
+def _measured_split(path: str, fused: nn.Module, split, parts: tuple, prefix: str, dh: Optional[int]) -> dict[str, Entry]:
     """The adapter's ``split`` of the fused module at ``path``, run on a weight whose entries are their own flat indices:
     each part's indices (per head, ``[heads, d_head(, d_model)]``, where ``dh`` is given) as a strided view of the
     fused tensor; a split that is no strided view, or that does not cover every entry once, is refused."""
@@ -406,7 +362,7 @@ def _measured_split(path: str, fused: nn.Module, split, parts: tuple, prefix: st
                 raise UnsupportedModelError(f"the fused projection {path} splits into a {part} that is no strided view "
                                             f"of it; its layout is not supported.")
             seen[leaf].append(idx.flatten())
-            out[f"{prefix}{part}.{leaf}"] = _Entry(f"{prefix}{part}.{leaf}", f"{path}.{leaf}", False,
+            out[f"{prefix}{part}.{leaf}"] = Entry(f"{prefix}{part}.{leaf}", f"{path}.{leaf}", False,
                                                    (tuple(idx.shape), strides, int(idx.flatten()[0])))
     for leaf, pieces in seen.items():
         got = torch.cat(pieces).sort().values if pieces else torch.empty(0)
