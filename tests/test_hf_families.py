@@ -121,31 +121,32 @@ def rel(new, old):
     return float(((new - old).abs() / old.abs().amax(-1, keepdim=True)).max())
 
 
-def exact_everywhere(model, groups: dict, logp=logp, skipped: str = ""):
+def exact_everywhere(model, groups: dict, logp=logp, skipped: str = "", inputs=None):
     """``model``'s map has the ``groups`` per kind of site (``kinds``) and skips nothing (or only places whose reason
     starts with ``skipped``); a random element of every site preserves the log-probabilities (``logp``, computed here)
-    to TOL, leaves ``model`` untouched, and verify passes. Returns (map, new model, transform, verify's report)."""
+    to TOL, leaves ``model`` untouched, and verify passes on IDS (or ``inputs``: a vision model's pixels, also the
+    map's example). Returns (map, new model, transform, verify's report)."""
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    smap = wb.symmetry_map(model)
+    smap = wb.symmetry_map(model, example=inputs)
     assert all(skipped and why.startswith(skipped) for _, why in smap.skipped), smap.skipped
     got = kinds(smap)
     assert {k: got.get(k) for k in groups} == groups, got
-    new, t = wb.random_intertwiner(model, seed=1)
+    new, t = wb.random_intertwiner(model, seed=1, example=inputs)
     assert rel(logp(new), logp(model)) <= TOL
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
-    report = wb.verify(model, new, IDS, transform=t)
+    report = wb.verify(model, new, IDS if inputs is None else inputs, transform=t)
     assert report.passed and report.representations_moved, report.summary()
     return smap, new, t, report
 
 
-def refused_and_wrong(model, site: str, group, logp=logp, seed: int = 3) -> None:
+def refused_and_wrong(model, site: str, group, logp=logp, seed: int = 3, inputs=None) -> None:
     """``group`` at ``site`` is refused as no symmetry; forced (``allow_non_symmetry``), it changes the log-probabilities
-    (``logp``, computed here) beyond FAIL and verify fails."""
+    (``logp``, computed here) beyond FAIL and verify fails (on IDS, or ``inputs``: a vision model's pixels)."""
     with pytest.raises(ValueError, match="not a symmetry"):
-        wb.random_intertwiner(model, sites=[site], group=group)
-    bad, bt = wb.random_intertwiner(model, seed=seed, sites=[site], group=group, allow_non_symmetry=True)
+        wb.random_intertwiner(model, sites=[site], group=group, example=inputs)
+    bad, bt = wb.random_intertwiner(model, seed=seed, sites=[site], group=group, allow_non_symmetry=True, example=inputs)
     assert bt.forced == [site] and rel(logp(bad), logp(model)) > FAIL, (site, group)
-    assert not wb.verify(model, bad, IDS, transform=bt).passed
+    assert not wb.verify(model, bad, IDS if inputs is None else inputs, transform=bt).passed
 
 
 def bridge(model, folder):

@@ -34,7 +34,7 @@ from torch import nn
 from .._errors import UnsupportedModelError
 from . import _hf_check as check
 from ._call import per_call
-from ._hf_entries import Entry, heads
+from ._hf_entries import VISION_FAMILIES, Entry, heads, vision_embeddings
 from ._kind import ModelKind, model_kind
 
 # Canonical component keys the layout knows (``{i}``: a layer); a mapped component outside these has no
@@ -82,7 +82,7 @@ class Layout:
 # by 7e-4. Add a family only with its derivation and those tests.
 CHECKED_FAMILIES = frozenset({"bert", "bloom", "cohere", "gemma", "gemma2", "gemma3_text", "gpt2", "gpt_bigcode",
                               "gpt_neo", "gpt_neox", "gptj", "granite", "llama", "mistral", "nemotron", "olmo2",
-                              "opt", "phi", "phi3", "qwen2", "qwen3", "stablelm", "starcoder2"})
+                              "opt", "phi", "phi3", "qwen2", "qwen3", "stablelm", "starcoder2", "vit"})
 # Families whose norms compute in float32 inside a float64 model although they are LayerNorms (every Hugging Face
 # RMSNorm does; Cohere's LayerNorm too): verify rounds the stream where they read it to measure its floor.
 FLOAT32_NORM_FAMILIES = frozenset({"cohere"})
@@ -166,11 +166,13 @@ def _build_adapter(hf: nn.Module):
 
 def named_config(hf: nn.Module):
     """A copy of ``hf``'s config that names its architecture. A config built in code names none, and TransformerLens's
-    fallback by ``model_type`` lacks some (``gemma3_text``): a language-model class is the architecture a checkpoint's
-    config would name."""
+    fallback by ``model_type`` lacks some (``gemma3_text``, ``vit``): a language-model class, or a ViT class (its adapter is
+    listed under ``ViTModel`` and ``ViTForImageClassification``), is the architecture a checkpoint's config would name."""
     config = copy.deepcopy(hf.config)
-    if not getattr(config, "architectures", None) and type(hf).__name__.endswith("ForCausalLM"):
-        config.architectures = [type(hf).__name__]
+    name = type(hf).__name__
+    vision = getattr(config, "model_type", None) in VISION_FAMILIES and name in ("ViTModel", "ViTForImageClassification")
+    if not getattr(config, "architectures", None) and (name.endswith("ForCausalLM") or vision):
+        config.architectures = [name]
     return config
 
 
@@ -226,8 +228,9 @@ def _build_layout(ad, hf: nn.Module) -> Layout:
     entries: dict[str, Entry] = {}
     unknown: list[str] = []
 
-    qk_norms = getattr(hf.config, "model_type", None) in QK_NORM_FAMILIES
-    sandwich = getattr(hf.config, "model_type", None) in SANDWICH_FAMILIES
+    family = getattr(hf.config, "model_type", None)
+    qk_norms = family in QK_NORM_FAMILIES
+    sandwich = family in SANDWICH_FAMILIES
 
     def known(key: str) -> bool:
         pattern = ".".join("{i}" if p.isdigit() else p for p in key.split("."))
@@ -244,7 +247,11 @@ def _build_layout(ad, hf: nn.Module) -> Layout:
 
     def walk(components: dict, prefix: str, path: str) -> None:
         for name, comp in components.items():
-            if not prefix and name == "pooler":  # BERT's pooler, where the adapter maps it: read by heads as everywhere
+            if not prefix and name == "pooler":  # BERT's (ViT's) pooler, where the adapter maps it: read by heads as everywhere
+                continue
+            if not prefix and name == "embed" and family in VISION_FAMILIES:  # one module, its parameters placed one by one
+                paths["embed"] = local(comp.name)
+                entries.update((e.key, e) for e in vision_embeddings(paths["embed"], module(paths["embed"])))
                 continue
             key, sub = f"{prefix}{name}", local(f"{path}.{comp.name}".strip(".")) if comp.name else path
             subs = dict(getattr(comp, "submodules", None) or {})
@@ -284,6 +291,10 @@ def _build_layout(ad, hf: nn.Module) -> Layout:
         for leaf in ("weight", "bias"):
             if f"unembed.{leaf}" in entries:
                 entries[f"classifier.{leaf}"] = Entry(f"classifier.{leaf}", entries.pop(f"unembed.{leaf}").param)
+    if family in VISION_FAMILIES and "unembed" in paths and "unembed.weight" not in entries:
+        raise UnsupportedModelError(f"{type(hf).__name__} with num_labels=0: its classifier is an Identity, so its logits "
+                                    f"are the class token's stream itself, in the basis a transform moves; not derived "
+                                    f"here (read the ViTModel, whose output is compared in the new basis).")
     for e in heads(hf, ref, base):
         entries.setdefault(e.key, e)
     if base and "project_out" in paths:

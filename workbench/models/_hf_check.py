@@ -102,6 +102,10 @@ def unread(model: nn.Module, hf: nn.Module, lay) -> Optional[str]:
                     f"not this one; nothing is transformed.")
     params = dict(hf.named_parameters(remove_duplicate=False))
     for name, p in params.items():
+        if name not in lay.shapes:  # built with other arguments than the config (ViTModel(config, use_mask_token=True))
+            return (f"its parameter {name!r} is not one {type(hf).__name__}(config) builds (a constructor argument "
+                    f"beyond the configuration, or added after building), and a transformed model is built from the "
+                    f"configuration; nothing is transformed.")
         if lay.shapes.get(name) != tuple(p.shape):
             return (f"its parameter {name!r} has shape {tuple(p.shape)} where {type(hf).__name__}(config) has "
                     f"{lay.shapes.get(name)}; nothing is transformed.")

@@ -1,5 +1,6 @@
 """Entries of a Hugging Face model's canonical layout (``_hf.py``) that walking TransformerLens's component mapping does
-not give: heads the mapping leaves out (BERT's pooler, classifiers, a decoder's score).
+not give: heads the mapping leaves out (BERT's pooler, classifiers, a decoder's score) and a ViT's embeddings, which
+the mapping gives as one component (``embed``) whose parameters the canonical layout places one by one.
 """
 from __future__ import annotations
 
@@ -7,6 +8,18 @@ from dataclasses import dataclass
 from typing import Optional
 
 from torch import nn
+
+from .._errors import UnsupportedModelError
+
+# Families whose embeddings are a ViT's (patches, a class token, learned positions): docs/DERIVATIONS.md §10, ViT.
+VISION_FAMILIES = frozenset({"vit"})
+# A ViTEmbeddings' parameters (under the module TransformerLens maps to ``embed``) -> bridge-layout key. Each writes the
+# residual stream: the patch projection is a Conv2d whose output channel (dim 0) is the stream's; the class token
+# [1, 1, d] and the position embeddings [1, 1 + patches, d] are added along it (``_layout.to_canonical`` drops the
+# leading 1s).
+_VIT_EMBEDDINGS = {"patch_embeddings.projection.weight": "patch_embed.weight",
+                   "patch_embeddings.projection.bias": "patch_embed.bias",
+                   "cls_token": "cls_token.weight", "position_embeddings": "pos_embed.weight"}
 
 
 @dataclass(frozen=True)
@@ -17,9 +30,22 @@ class Entry:
     strided: Optional[tuple] = None  # part of a fused tensor: (size, stride, offset) of its view
 
 
+def vision_embeddings(path: str, embeddings: nn.Module) -> list[Entry]:
+    """The entries of a ViT's embeddings module at ``path``; a parameter of it not in ``_VIT_EMBEDDINGS`` is refused by
+    name (a model built with ``use_mask_token=True`` is refused before: ``ViTModel(config)`` builds no mask token, so
+    a transformed model could not have one, ``_hf_check.unread``)."""
+    names = [n for n, _ in embeddings.named_parameters()]
+    other = [n for n in names if n not in _VIT_EMBEDDINGS]
+    if other:
+        raise UnsupportedModelError(f"the ViT embeddings' parameters {[f'{path}.{n}' for n in other]} have no derived "
+                                    f"place in the residual stream's writers; nothing is transformed.")
+    return [Entry(_VIT_EMBEDDINGS[n], f"{path}.{n}") for n in names]
+
+
 def heads(hf: nn.Module, ref: nn.Module, base: str) -> list[Entry]:
-    """Heads TransformerLens's mapping leaves out, where this class's forward is known: BERT's pooler (a dense layer
-    reading the first token's stream, then tanh), whose output a ``BertForSequenceClassification``'s classifier
+    """Heads TransformerLens's mapping leaves out, where this class's forward is known: BERT's and ViT's pooler (a dense
+    layer reading the first token's stream after the final norm, then tanh; ViT's activation is ``pooler_act``, its
+    width ``pooler_output_size``: neither is in a site's space), whose output a ``BertForSequenceClassification``'s classifier
     reads (in no site's space: an entry only so that it is copied); a token classifier and a decoder's
     sequence-classification ``score``, which read the stream (the latter after the final norm, at the last token)."""
     def present(path: str) -> bool:
@@ -32,7 +58,7 @@ def heads(hf: nn.Module, ref: nn.Module, base: str) -> list[Entry]:
     entries = []
     family, cls = getattr(hf.config, "model_type", None), type(hf).__name__
     pooler = "pooler.dense" if base or not getattr(hf, "base_model_prefix", "") else f"{hf.base_model_prefix}.pooler.dense"
-    if family == "bert" and present(pooler):
+    if (family == "bert" or family in VISION_FAMILIES) and present(pooler):
         entries += [Entry(f"pooler.{leaf}", f"{pooler}.{leaf}") for leaf in ("weight", "bias")]
         if cls == "BertForSequenceClassification":  # reads the pooled (tanh) output, no site's space: copied as it is
             entries += [Entry(f"classifier.{leaf}", f"classifier.{leaf}") for leaf in ("weight", "bias")]
