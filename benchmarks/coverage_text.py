@@ -8,7 +8,8 @@ from the existing JSON, each with the date of the run that measured it (the page
 
 Method. Every family issue 17 names (Mistral, Qwen2, Gemma, Phi, OPT 125m- and 350m-like, GPT-NeoX)
 plus GPT-2, LLaMA and BERT, and the families checked since (GPT-J, StableLM, StarCoder2, Nemotron, GPT-Neo; Qwen3,
-Gemma 2, Gemma 3, OLMo 2, Phi-3, Cohere, GPT-BigCode, Granite and BLOOM),
+Gemma 2, Gemma 3, OLMo 2, Phi-3, Cohere, GPT-BigCode, Granite and BLOOM; and ViT, an encoder over image patches:
+ViT-B/16's 224-pixel images in 16-pixel patches, 197 tokens, 1,000 labels, verified on 4 random images),
 each at one shape the size of the smallest released checkpoints (hidden 512, 6 layers, 8 heads of 64, vocabulary
 32,000, MLP 2,048 — Pythia-70m's size; GQA with 2 key/value heads for Mistral, Qwen2, LLaMA, StableLM, StarCoder2
 and Nemotron, one for Gemma; GPT-J rotates 32 of 64 dimensions; GPT-Neo alternates global and local (window 16)
@@ -111,14 +112,27 @@ def shapes(quick: bool, positions: int = 512) -> dict:
                                                residual_multiplier=0.22, attention_multiplier=1 / 64,
                                                logits_scaling=8.0)),  # a Llama with scalar multipliers
         "bloom": ("BloomForCausalLM", dict(hidden_size=d, n_layer=L, n_head=H, vocab_size=V)),  # ALiBi, embedding LN
+        # an encoder over image patches (tests/test_hf_vit.py): ViT-B/16's image and patch, 1,000 labels; its inputs are
+        # pixels (``inputs``)
+        "vit": ("ViTForImageClassification", dict(hidden_size=d, num_hidden_layers=L, num_attention_heads=H,
+                                                  intermediate_size=f, image_size=32 if quick else 224,
+                                                  patch_size=8 if quick else 16, num_labels=10 if quick else 1000)),
     }
+
+
+def inputs(kw: dict) -> torch.Tensor:
+    """A batch of 4: 16 random tokens each, or for a vision model (its config has an ``image_size``) random pixels."""
+    g = torch.Generator().manual_seed(0)
+    if "image_size" in kw:
+        return torch.randn(4, 3, kw["image_size"], kw["image_size"], generator=g)
+    return torch.randint(0, kw.get("vocab_size", 50), (4, 16), generator=g)
 
 
 def build(cls_name: str, kw: dict, seed: int = 0):
     import transformers
 
-    config_cls = {"GPT2LMHeadModel": "GPT2Config", "BertForMaskedLM": "BertConfig", "Gemma3ForCausalLM": "Gemma3TextConfig"}.get(
-        cls_name, cls_name.replace("ForCausalLM", "Config"))
+    config_cls = {"GPT2LMHeadModel": "GPT2Config", "BertForMaskedLM": "BertConfig", "Gemma3ForCausalLM": "Gemma3TextConfig",
+                  "ViTForImageClassification": "ViTConfig"}.get(cls_name, cls_name.replace("ForCausalLM", "Config"))
     torch.manual_seed(seed)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -138,11 +152,12 @@ def bridge(model):
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.WordLevel({"a": 0, "[UNK]": 1}, unk_token="[UNK]"))
+    vision = hasattr(model.config, "image_size")  # no tokenizer
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return TransformerBridge.boot_transformers(
             "local/x", hf_model=copy.deepcopy(model), dtype=torch.float32,
-            tokenizer=PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[UNK]")).eval()
+            tokenizer=None if vision else PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[UNK]")).eval()
 
 
 def groups(smap) -> str:
@@ -235,7 +250,7 @@ def main() -> None:
         if args.only and name not in args.only:
             continue
         raw = build(cls_name, kw)
-        ids = torch.randint(0, kw.get("vocab_size", 50), (4, 16), generator=torch.Generator().manual_seed(0))
+        ids = inputs(kw)
         for kind in args.kinds:
             model = raw if kind == "raw" else bridge(raw)
             row = measure(name, kind, model, ids, args.reps)
