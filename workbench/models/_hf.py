@@ -34,7 +34,7 @@ from torch import nn
 from .._errors import UnsupportedModelError
 from . import _hf_check as check
 from ._call import per_call
-from ._hf_entries import VISION_FAMILIES, Entry, heads, vision_embeddings
+from ._hf_entries import BERT_FAMILIES, VISION_FAMILIES, Entry, heads, vision_embeddings
 from ._kind import ModelKind, model_kind
 
 # Canonical component keys the layout knows (``{i}``: a layer); a mapped component outside these has no
@@ -82,13 +82,19 @@ class Layout:
 # by 7e-4. Add a family only with its derivation and those tests.
 CHECKED_FAMILIES = frozenset({"bert", "bloom", "cohere", "gemma", "gemma2", "gemma3_text", "gpt2", "gpt_bigcode",
                               "gpt_neo", "gpt_neox", "gptj", "granite", "llama", "mistral", "nemotron", "olmo2",
-                              "opt", "phi", "phi3", "qwen2", "qwen3", "stablelm", "starcoder2", "vit"})
+                              "opt", "phi", "phi3", "qwen2", "qwen3", "roberta", "stablelm", "starcoder2", "vit",
+                              "xlm-roberta"})
 # Families whose norms compute in float32 inside a float64 model although they are LayerNorms (every Hugging Face
 # RMSNorm does; Cohere's LayerNorm too): verify rounds the stream where they read it to measure its floor.
 FLOAT32_NORM_FAMILIES = frozenset({"cohere"})
 # MLP activations a family hard-codes in its module while TransformerLens's adapter leaves ``act_fn`` at its default
 # ("relu"): BLOOM's BloomGelu is the tanh-approximated GELU (tests/test_hf_bloom.py computes it from the module).
 _ACTIVATIONS = {"bloom": "gelu_new"}
+# Checked families whose TransformerLens adapter is listed under one class only, with no fallback by ``model_type``: every
+# class of the family is read through it (a checkpoint of RobertaForSequenceClassification names only that class), and
+# the heads it does not map are read by ``_hf_entries.heads``. XLM-RoBERTa's modules are RoBERTa's under other class
+# names (transformers generates one from the other), with the same attribute paths.
+_ADAPTER_CLASSES = {"roberta": "RobertaForMaskedLM", "xlm-roberta": "RobertaForMaskedLM"}
 # Configuration switches of a checked family that change where the stream is read and are not derived: refused by name.
 _UNDERIVED_SWITCHES = {"bloom": ("apply_residual_connection_post_layernorm",)}
 
@@ -160,7 +166,12 @@ def _build_adapter(hf: nn.Module):
     found = ArchitectureAdapterFactory.select_architecture_adapter(cfg)
     prepare = getattr(found, "prepare_model", None)
     if prepare is not None:  # name fixes that depend on the model (NeoX's embed_out), on a weightless copy
-        prepare(_reference(hf))
+        ref, base = _reference(hf), base_prefix(hf)
+        if base:  # the adapter is written for the language-model class, which holds a base model under its prefix
+            holder = nn.Module()  # (RoBERTa's reads hf_model.roberta.embeddings: a RobertaModel has no .roberta)
+            holder.add_module(base, ref)
+            ref = holder
+        prepare(ref)
     return found
 
 
@@ -173,6 +184,9 @@ def named_config(hf: nn.Module):
     vision = getattr(config, "model_type", None) in VISION_FAMILIES and name in ("ViTModel", "ViTForImageClassification")
     if not getattr(config, "architectures", None) and (name.endswith("ForCausalLM") or vision):
         config.architectures = [name]
+    listed = _ADAPTER_CLASSES.get(getattr(config, "model_type", None))
+    if listed and listed not in (config.architectures or []):  # tried after the classes the config names
+        config.architectures = [*(config.architectures or []), listed]
     return config
 
 
@@ -314,8 +328,8 @@ def _build_layout(ad, hf: nn.Module) -> Layout:
     facts = {
         "family": getattr(config, "model_type", None),
         "gain_offset": 1.0 if getattr(ad.cfg, "rmsnorm_uses_offset", False) else 0.0,
-        "post_ln": getattr(config, "model_type", None) == "bert" or getattr(config, "do_layer_norm_before", True) is False,
-        "encoder": getattr(config, "model_type", None) == "bert",
+        "post_ln": getattr(config, "model_type", None) in BERT_FAMILIES or getattr(config, "do_layer_norm_before", True) is False,
+        "encoder": getattr(config, "model_type", None) in BERT_FAMILIES,
         "base": bool(base),  # no head: the model's output is the stream after the final norm (its last hidden state)
         "parallel": bool(getattr(ad.cfg, "parallel_attn_mlp", False)),
         "qk_norm": any(e.key.endswith((".attn.q_norm.weight", ".attn.k_norm.weight")) for e in entries.values()),

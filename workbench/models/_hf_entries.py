@@ -11,6 +11,13 @@ from torch import nn
 
 from .._errors import UnsupportedModelError
 
+# BERT's encoder (word, position and token-type embeddings into a LayerNorm, post-LN blocks, a pooler on the first
+# token) under its own family names: RoBERTa is BERT's modules with positions counted from padding_idx + 1 (which rows
+# of the position table a token reads: no channel) and its own heads (docs/DERIVATIONS.md §10, BERT and RoBERTa).
+BERT_FAMILIES = frozenset({"bert", "roberta", "xlm-roberta"})
+# Each BERT-like family's MLM head bias (read by nothing when the head is untied) and its decoder's own.
+_MLM_BIASES = {"bert": ("cls.predictions.bias", "cls.predictions.decoder.bias"),
+               "roberta": ("lm_head.bias", "lm_head.decoder.bias"), "xlm-roberta": ("lm_head.bias", "lm_head.decoder.bias")}
 # Families whose embeddings are a ViT's (patches, a class token, learned positions): docs/DERIVATIONS.md §10, ViT.
 VISION_FAMILIES = frozenset({"vit"})
 # A ViTEmbeddings' parameters (under the module TransformerLens maps to ``embed``) -> bridge-layout key. Each writes the
@@ -58,13 +65,18 @@ def heads(hf: nn.Module, ref: nn.Module, base: str) -> list[Entry]:
     entries = []
     family, cls = getattr(hf.config, "model_type", None), type(hf).__name__
     pooler = "pooler.dense" if base or not getattr(hf, "base_model_prefix", "") else f"{hf.base_model_prefix}.pooler.dense"
-    if (family == "bert" or family in VISION_FAMILIES) and present(pooler):
+    if (family in BERT_FAMILIES or family in VISION_FAMILIES) and present(pooler):
         entries += [Entry(f"pooler.{leaf}", f"{pooler}.{leaf}") for leaf in ("weight", "bias")]
         if cls == "BertForSequenceClassification":  # reads the pooled (tanh) output, no site's space: copied as it is
             entries += [Entry(f"classifier.{leaf}", f"classifier.{leaf}") for leaf in ("weight", "bias")]
+    if family in BERT_FAMILIES - {"bert"} and cls.endswith("ForSequenceClassification") and present("classifier.dense"):
+        # RobertaClassificationHead: dense and tanh on the first token's final stream — the pooler's computation, so it
+        # takes the pooler's place as a reader of the stream — then out_proj on that tanh output (no site's space: copied)
+        entries += [Entry(f"pooler.{leaf}", f"classifier.dense.{leaf}") for leaf in ("weight", "bias")]
+        entries += [Entry(f"classifier.{leaf}", f"classifier.out_proj.{leaf}") for leaf in ("weight", "bias")]
     names = dict(ref.named_parameters(remove_duplicate=False))
-    own, decoder = "cls.predictions.bias", "cls.predictions.decoder.bias"
-    if family == "bert" and own in names and decoder in names and names[own] is not names[decoder]:
+    own, decoder = _MLM_BIASES.get(family, ("", ""))
+    if own in names and decoder in names and names[own] is not names[decoder]:
         # an untied MLM head (tie_word_embeddings=False, as wb.untie_embeddings leaves it): the decoder adds its own
         # bias, and cls.predictions.bias (tied to it otherwise) is read by nothing; a vector over the vocabulary, which
         # no site moves: copied as it is

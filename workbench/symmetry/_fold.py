@@ -135,7 +135,7 @@ def untie_embeddings(model: nn.Module) -> nn.Module:
         raise InvalidOptionError(f"untie_embeddings cannot read this model: {reason}")
     def untied() -> nn.Module:
         W = dict(read_weights(model))
-        if hf.facts(model)["family"] == "bert" and "unembed.b_U" in W:  # BERT's MLM head: untied, cls.predictions.bias is
+        if hf.facts(model)["family"] in hf.BERT_FAMILIES and "unembed.b_U" in W:  # BERT's (RoBERTa's) MLM head: untied, its own bias is
             W.setdefault("mlm_vocab.b", W["unembed.b_U"])  # a tensor of its own (read by nothing): the value it was tied to
         return rebuild(model, W, untie=True)
     return built_alike(model, untied)
