@@ -112,6 +112,11 @@ def shapes(quick: bool, positions: int = 512) -> dict:
                                                residual_multiplier=0.22, attention_multiplier=1 / 64,
                                                logits_scaling=8.0)),  # a Llama with scalar multipliers
         "bloom": ("BloomForCausalLM", dict(hidden_size=d, n_layer=L, n_head=H, vocab_size=V)),  # ALiBi, embedding LN
+        # BERT's encoder with positions from padding_idx + 1 and its own heads (tests/test_hf_roberta.py): the table has 2
+        # more rows than positions, as RoBERTa's checkpoints do (514 for 512)
+        "roberta": ("RobertaForMaskedLM", dict(hidden_size=d, num_hidden_layers=L, num_attention_heads=H, vocab_size=V,
+                                               intermediate_size=f, max_position_embeddings=positions + 2, pad_token_id=1,
+                                               bos_token_id=0, eos_token_id=2)),
         # an encoder over image patches (tests/test_hf_vit.py): ViT-B/16's image and patch, 1,000 labels; its inputs are
         # pixels (``inputs``)
         "vit": ("ViTForImageClassification", dict(hidden_size=d, num_hidden_layers=L, num_attention_heads=H,
@@ -131,7 +136,7 @@ def inputs(kw: dict) -> torch.Tensor:
 def build(cls_name: str, kw: dict, seed: int = 0):
     import transformers
 
-    config_cls = {"GPT2LMHeadModel": "GPT2Config", "BertForMaskedLM": "BertConfig", "Gemma3ForCausalLM": "Gemma3TextConfig",
+    config_cls = {"GPT2LMHeadModel": "GPT2Config", "BertForMaskedLM": "BertConfig", "RobertaForMaskedLM": "RobertaConfig", "Gemma3ForCausalLM": "Gemma3TextConfig",
                   "ViTForImageClassification": "ViTConfig"}.get(cls_name, cls_name.replace("ForCausalLM", "Config"))
     torch.manual_seed(seed)
     with warnings.catch_warnings():

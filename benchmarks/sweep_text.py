@@ -52,6 +52,7 @@ FAMILIES = {
     "xglm": ("AutoModelForCausalLM", dict(d_model=D, num_layers=L, attention_heads=H, ffn_dim=F)),
     "biogpt": ("AutoModelForCausalLM", {}),
     "roberta": ("AutoModelForMaskedLM", {}),
+    "xlm-roberta": ("AutoModelForSequenceClassification", dict(num_labels=3)),
     "electra": ("AutoModelForMaskedLM", dict(embedding_size=D)),
     "distilbert": ("AutoModelForMaskedLM", dict(dim=D, n_layers=L, n_heads=H, hidden_dim=F)),
     "albert": ("AutoModelForMaskedLM", dict(embedding_size=16)),
