@@ -188,23 +188,23 @@ def test_minilm_interpretation_shift_value_space_vs_mlp_neurons(minilm):
 
 
 def test_unmapped_hugging_face_family_is_refused_with_a_reason(tmp_path):
-    """OLMo (1: LayerNorms without any parameters, clipped q/k/v) is a family whose layout is not checked here: refused in
-    a bridge, naming the family; nothing is transformed or folded. (Gemma-2, OLMo-2 and Granite were this test's model
-    until each was checked: tests/test_hf_gemma23.py, test_hf_olmo2.py, test_hf_granite.py.)"""
+    """Mixtral (a sparse mixture of experts in every block) is a family whose layout is not checked here: refused in a
+    bridge, naming the family; nothing is transformed or folded. (Gemma-2, OLMo-2, Granite and OLMo 1 were this test's
+    model until each was checked: tests/test_hf_gemma23.py, test_hf_olmo2.py, test_hf_granite.py, test_hf_olmo.py.)"""
     from transformer_lens.model_bridge import TransformerBridge
-    from transformers import OlmoConfig, OlmoForCausalLM
+    from transformers import MixtralConfig, MixtralForCausalLM
 
-    OlmoForCausalLM(OlmoConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
-                               num_key_value_heads=2, vocab_size=50, pad_token_id=0, bos_token_id=0,
-                               eos_token_id=0)).save_pretrained(tmp_path / "o")
+    MixtralForCausalLM(MixtralConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
+                                     num_key_value_heads=2, vocab_size=50, num_local_experts=4, num_experts_per_tok=2,
+                                     pad_token_id=0, bos_token_id=0, eos_token_id=0)).save_pretrained(tmp_path / "o")
     _tokenizer(tmp_path / "o", 50)
     model = TransformerBridge.boot_transformers(str(tmp_path / "o"))
     smap = wb.symmetry_map(model)
-    assert len(smap) == 0 and "OlmoForCausalLM" in smap.skipped[0][1] and "'olmo'" in smap.skipped[0][1]
+    assert len(smap) == 0 and "MixtralForCausalLM" in smap.skipped[0][1] and "'mixtral'" in smap.skipped[0][1]
     assert "not been checked" in smap.skipped[0][1]
-    with pytest.raises(TypeError, match="olmo"):
+    with pytest.raises(TypeError, match="mixtral"):
         wb.fold_layernorm(model)
-    with pytest.raises(UnsupportedModelError, match="olmo"):
+    with pytest.raises(UnsupportedModelError, match="mixtral"):
         wb.random_intertwiner(model)
 
 

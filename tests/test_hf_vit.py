@@ -152,3 +152,71 @@ def test_unsupported_variants_are_refused_by_name(make, named):
     assert len(smap) == 0 and named in smap.skipped[0][1], smap.skipped
     with pytest.raises(wb.UnsupportedModelError, match=named.replace(".", r"\.")):
         wb.random_intertwiner(model, example=PIXELS)
+
+
+# ---------------------------------------------------------------------- DeiT: ViT's modules and a distillation token
+def deit(cls="DeiTForImageClassification", seed=0, **kw):
+    return random_model(cls, "DeiTConfig", {**SHAPE, **kw}, seed, embedding=lambda name: "embeddings." in name)
+
+
+def test_deit_distillation_token_writes_the_stream_and_the_classifier_reads_the_class_token():
+    """DeiT's embeddings put a distillation token after the class token (positions for both): a second writer of the
+    stream along its last axis. DeiTForImageClassification reads only the class token after the final LayerNorm."""
+    model = deit()
+    e, d = model.deit.embeddings, SHAPE["hidden_size"]
+    seen = {}
+    hooks = [model.deit.layers[0].register_forward_pre_hook(lambda m, a: seen.__setitem__("h", a[0])),
+             model.classifier.register_forward_hook(lambda m, a, o: seen.__setitem__("c", a[0]))]
+    try:
+        with torch.no_grad():
+            model(pixel_values=PIXELS)
+            stream = model.deit(pixel_values=PIXELS).last_hidden_state
+    finally:
+        for h in hooks:
+            h.remove()
+    patches = F.conv2d(PIXELS, e.patch_embeddings.projection.weight, e.patch_embeddings.projection.bias, stride=8)
+    want = torch.cat([e.cls_token.expand(3, 1, d), e.distillation_token.expand(3, 1, d),
+                      patches.flatten(2).transpose(1, 2)], 1) + e.position_embeddings
+    assert torch.allclose(seen["h"], want, rtol=0, atol=1e-13)
+    assert torch.equal(seen["c"], stream[:, 0])
+
+
+@pytest.mark.parametrize("cls", ["DeiTForImageClassification", "DeiTModel"])
+def test_deit_map_groups_and_exact_draws(cls):
+    model = deit(cls)
+    out = (lambda m: logp(m)) if cls != "DeiTModel" else None
+    smap = wb.symmetry_map(model, PIXELS)
+    assert kinds(smap) == GROUPS and not smap.skipped, smap.skipped
+    assert {"dist_token.W", "cls_token.W", "patch_embed.W"} <= {p.name for p in smap["resid"].writers}
+    for seed in (1, 2):
+        new, t = wb.random_intertwiner(model, seed=seed, example=PIXELS)
+        with torch.no_grad():
+            old, got = model(pixel_values=PIXELS), new(pixel_values=PIXELS)
+        if out is not None:
+            assert rel(out(new), out(model)) <= TOL
+        else:  # the last hidden state moves with the stream; the pooler reads it
+            assert rel(got.last_hidden_state, t.elements["resid"].act(old.last_hidden_state, -1)) <= TOL
+            assert rel(got.pooler_output, old.pooler_output) <= TOL
+        assert wb.verify(model, new, PIXELS, transform=t).passed
+    bad, bt = wb.random_intertwiner(model, seed=3, sites=["resid"], group="orthogonal", allow_non_symmetry=True,
+                                    example=PIXELS)
+    assert not wb.verify(model, bad, PIXELS, transform=bt).passed
+
+
+def test_deit_distillation_token_left_unmoved_changes_the_function():
+    """The negative of the writer: a transform whose distillation token is put back unmoved changes the logits."""
+    model = deit()
+    new, t = wb.random_intertwiner(model, seed=1, example=PIXELS)
+    with torch.no_grad():
+        new.deit.embeddings.distillation_token.copy_(model.deit.embeddings.distillation_token)
+    assert rel(logp(new), logp(model)) > 1e-6
+
+
+def test_deit_with_teacher_is_refused_by_name():
+    """DeiTForImageClassificationWithTeacher averages two heads (the class token's and the distillation token's);
+    TransformerLens's ViT adapter refuses it, and so does the map, naming the class."""
+    model = deit("DeiTForImageClassificationWithTeacher")
+    smap = wb.symmetry_map(model, PIXELS)
+    assert len(smap) == 0 and "WithTeacher" in smap.skipped[0][1], smap.skipped
+    with pytest.raises(wb.UnsupportedModelError, match="WithTeacher"):
+        wb.random_intertwiner(model, example=PIXELS)

@@ -80,13 +80,13 @@ class Layout:
 # sit, parallel blocks) come from the adapter's config, and an adapter can state them wrongly. OpenAI GPT's reads
 # its GELU as ReLU and its post-LN blocks as pre-LN; a transform built on them changed the float64 log-probabilities
 # by 7e-4. Add a family only with its derivation and those tests.
-CHECKED_FAMILIES = frozenset({"bert", "bloom", "cohere", "gemma", "gemma2", "gemma3_text", "gpt2", "gpt_bigcode",
-                              "gpt_neo", "gpt_neox", "gptj", "granite", "llama", "mistral", "nemotron", "olmo2",
-                              "opt", "phi", "phi3", "qwen2", "qwen3", "roberta", "stablelm", "starcoder2", "vit",
-                              "xlm-roberta"})
+CHECKED_FAMILIES = frozenset({"bert", "bloom", "cohere", "deit", "gemma", "gemma2", "gemma3_text", "gpt2",
+                              "gpt_bigcode", "gpt_neo", "gpt_neox", "gptj", "granite", "llama", "mistral", "nemotron",
+                              "olmo", "olmo2", "opt", "phi", "phi3", "qwen2", "qwen3", "roberta", "stablelm",
+                              "starcoder2", "vit", "xlm-roberta"})
 # Families whose norms compute in float32 inside a float64 model although they are LayerNorms (every Hugging Face
 # RMSNorm does; Cohere's LayerNorm too): verify rounds the stream where they read it to measure its floor.
-FLOAT32_NORM_FAMILIES = frozenset({"cohere"})
+FLOAT32_NORM_FAMILIES = frozenset({"cohere", "olmo"})  # (OLMo 1's parameter-free LayerNorm too)
 # MLP activations a family hard-codes in its module while TransformerLens's adapter leaves ``act_fn`` at its default
 # ("relu"): BLOOM's BloomGelu is the tanh-approximated GELU (tests/test_hf_bloom.py computes it from the module).
 _ACTIVATIONS = {"bloom": "gelu_new"}
@@ -95,8 +95,15 @@ _ACTIVATIONS = {"bloom": "gelu_new"}
 # the heads it does not map are read by ``_hf_entries.heads``. XLM-RoBERTa's modules are RoBERTa's under other class
 # names (transformers generates one from the other), with the same attribute paths.
 _ADAPTER_CLASSES = {"roberta": "RobertaForMaskedLM", "xlm-roberta": "RobertaForMaskedLM"}
+# The vision classes TransformerLens's ViT adapter is listed under (a config built in code names none).
+_VISION_CLASSES = ("ViTModel", "ViTForImageClassification", "DeiTModel", "DeiTForImageClassification")
 # Configuration switches of a checked family that change where the stream is read and are not derived: refused by name.
-_UNDERIVED_SWITCHES = {"bloom": ("apply_residual_connection_post_layernorm",)}
+_UNDERIVED_SWITCHES = {
+    "bloom": {"apply_residual_connection_post_layernorm": "changes which values the residual stream carries"},
+    # clamps every query, key and value coordinate to [-c, c]: only maps that move coordinates whole (permutations,
+    # signs) commute with it, not the GL and rotary maps of those spaces
+    "olmo": {"clip_qkv": "clamps each query, key and value coordinate, which the maps of those spaces do not commute with"},
+}
 
 # Layouts per (class, config): building one boots nothing, but walks a weightless model (~10 ms).
 _LAYOUTS: "OrderedDict[tuple, object]" = OrderedDict()
@@ -177,11 +184,11 @@ def _build_adapter(hf: nn.Module):
 
 def named_config(hf: nn.Module):
     """A copy of ``hf``'s config that names its architecture. A config built in code names none, and TransformerLens's
-    fallback by ``model_type`` lacks some (``gemma3_text``, ``vit``): a language-model class, or a ViT class (its adapter is
-    listed under ``ViTModel`` and ``ViTForImageClassification``), is the architecture a checkpoint's config would name."""
+    fallback by ``model_type`` lacks some (``gemma3_text``, ``vit``, ``deit``): a language-model class, or a ViT or DeiT
+    class (``_VISION_CLASSES``: the adapter is listed under those), is the architecture a checkpoint's config would name."""
     config = copy.deepcopy(hf.config)
     name = type(hf).__name__
-    vision = getattr(config, "model_type", None) in VISION_FAMILIES and name in ("ViTModel", "ViTForImageClassification")
+    vision = getattr(config, "model_type", None) in VISION_FAMILIES and name in _VISION_CLASSES
     if not getattr(config, "architectures", None) and (name.endswith("ForCausalLM") or vision):
         config.architectures = [name]
     listed = _ADAPTER_CLASSES.get(getattr(config, "model_type", None))
@@ -194,10 +201,11 @@ def _check_family(hf: nn.Module) -> None:
     """Refuse a family whose layout facts are not checked here (``CHECKED_FAMILIES``), before anything reads them, and
     a configuration switch of a checked family that is not derived (``_UNDERIVED_SWITCHES``)."""
     family = getattr(hf.config, "model_type", None)
-    for switch in _UNDERIVED_SWITCHES.get(family, ()):
-        if getattr(hf.config, switch, False):
-            raise UnsupportedModelError(f"{switch}=True changes which values the residual stream carries; its group is "
-                                        f"not derived here (docs/DERIVATIONS.md §10), so nothing is transformed.")
+    for switch, what in _UNDERIVED_SWITCHES.get(family, {}).items():
+        value = getattr(hf.config, switch, None)
+        if value not in (None, False):
+            raise UnsupportedModelError(f"{switch}={value!r} {what}; its group is not derived here (docs/DERIVATIONS.md "
+                                        f"§10), so nothing is transformed.")
     if family not in CHECKED_FAMILIES:
         raise UnsupportedModelError(
             f"its family {family!r} has not been checked against its own forward here (checked: "

@@ -19,14 +19,15 @@ BERT_FAMILIES = frozenset({"bert", "roberta", "xlm-roberta"})
 _MLM_BIASES = {"bert": ("cls.predictions.bias", "cls.predictions.decoder.bias"),
                "roberta": ("lm_head.bias", "lm_head.decoder.bias"), "xlm-roberta": ("lm_head.bias", "lm_head.decoder.bias")}
 # Families whose embeddings are a ViT's (patches, a class token, learned positions): docs/DERIVATIONS.md §10, ViT.
-VISION_FAMILIES = frozenset({"vit"})
+VISION_FAMILIES = frozenset({"vit", "deit"})  # (DeiT: ViT's modules and a distillation token)
 # A ViTEmbeddings' parameters (under the module TransformerLens maps to ``embed``) -> bridge-layout key. Each writes the
 # residual stream: the patch projection is a Conv2d whose output channel (dim 0) is the stream's; the class token
 # [1, 1, d] and the position embeddings [1, 1 + patches, d] are added along it (``_layout.to_canonical`` drops the
 # leading 1s).
 _VIT_EMBEDDINGS = {"patch_embeddings.projection.weight": "patch_embed.weight",
                    "patch_embeddings.projection.bias": "patch_embed.bias",
-                   "cls_token": "cls_token.weight", "position_embeddings": "pos_embed.weight"}
+                   "cls_token": "cls_token.weight", "position_embeddings": "pos_embed.weight",
+                   "distillation_token": "dist_token.weight"}  # DeiT's second token [1, 1, d], after the class token
 
 
 @dataclass(frozen=True)

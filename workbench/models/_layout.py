@@ -47,8 +47,8 @@ def to_canonical(sd: dict[str, torch.Tensor], cfg: Any) -> dict[str, torch.Tenso
             out["embed.W_E"] = t
         elif stem == "pos_embed":  # [positions, d_model]; a ViT's [1, positions, d_model] without its leading 1
             out["pos_embed.W_pos"] = t.reshape(-1, t.shape[-1])
-        elif stem == "cls_token":  # a ViT's class token [1, 1, d_model]: one row of the stream, [1, d_model]
-            out["cls_token.W"] = t.reshape(-1, t.shape[-1])
+        elif stem in ("cls_token", "dist_token"):  # a ViT's class token (DeiT's distillation token) [1, 1, d_model]:
+            out[f"{stem}.W"] = t.reshape(-1, t.shape[-1])  # one row of the stream, [1, d_model]
         elif stem == "patch_embed":  # a ViT's patch projection, a Conv2d: [d_model, channels, p, p] and [d_model]
             out[f"patch_embed.{'W' if W else 'b'}"] = t
         elif stem == "unembed":
@@ -87,7 +87,7 @@ def from_canonical(sd: dict[str, torch.Tensor], cfg: Any) -> dict[str, torch.Ten
             out["embed.weight"] = t
         elif key == "pos_embed.W_pos":  # (a ViT's is read and written through views of its own [1, positions, d_model])
             out["pos_embed.weight"] = t
-        elif base in ("cls_token", "patch_embed"):  # a ViT's: as above
+        elif base in ("cls_token", "dist_token", "patch_embed"):  # a ViT's: as above
             out[f"{base}.{'bias' if leaf == 'b' else 'weight'}"] = t
         elif key == "unembed.W_U":
             out["unembed.weight"] = t.T

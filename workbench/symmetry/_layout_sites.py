@@ -230,7 +230,8 @@ def _resid_site(model, cfg, W: dict, L: int, see) -> Site:
     if offset:
         notes.append(f"norm gains are {offset:g} + w (Gemma, Nemotron); folded means w = {1 - offset:g}")
     writers = [] if word else [Port("embed.W_E", "pre", axis=1)]
-    writers += [Port(k, "pre", axis=1) for k in ("pos_embed.W_pos", "token_type_embed.W_TT", "mlm.W", "project_in.W", "cls_token.W")]
+    writers += [Port(k, "pre", axis=1) for k in ("pos_embed.W_pos", "token_type_embed.W_TT", "mlm.W", "project_in.W", "cls_token.W",
+                                                 "dist_token.W")]
     # mlm.b; a ViT's patch projection (a Conv2d, [d_model, channels, p, p]: the stream is its output channel) and its bias
     writers += [Port(k, "pre", axis=0) for k in ("mlm.b", "patch_embed.W", "patch_embed.b")]
     # a classifier's score reads the stream, or where project_out maps it to the word space (OPT-350m) that space
