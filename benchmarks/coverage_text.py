@@ -112,6 +112,9 @@ def shapes(quick: bool, positions: int = 512) -> dict:
                                                residual_multiplier=0.22, attention_multiplier=1 / 64,
                                                logits_scaling=8.0)),  # a Llama with scalar multipliers
         "bloom": ("BloomForCausalLM", dict(hidden_size=d, n_layer=L, n_head=H, vocab_size=V)),  # ALiBi, embedding LN
+        # Falcon-7B's form (tests/test_hf_falcon.py): fused multi-query q/k/v, one LayerNorm read by a parallel block
+        "falcon": ("FalconForCausalLM", dict(common, ffn_hidden_size=f, multi_query=True, pad_token_id=0, bos_token_id=0,
+                                             eos_token_id=0)),
         # a Llama whose LayerNorms have no parameters (tests/test_hf_olmo.py): the stream takes rotations fixing 1
         "olmo": ("OlmoForCausalLM", dict(common, intermediate_size=f, num_key_value_heads=kv, pad_token_id=0,
                                          bos_token_id=0, eos_token_id=0)),

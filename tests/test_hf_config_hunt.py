@@ -55,6 +55,7 @@ FAMILIES = {  # family: (config class, model class, config keywords)
     "opt": ("OPTConfig", "OPTForCausalLM", dict(hidden_size=32, ffn_dim=48, num_attention_heads=4, num_hidden_layers=2,
                                                 max_position_embeddings=16, vocab_size=50)),
     "bert": ("BertConfig", "BertForMaskedLM", SMALL),
+    "falcon": ("FalconConfig", "FalconForCausalLM", dict(SMALL, multi_query=True, **TOKENS)),  # Falcon-7B's form
     "roberta": ("RobertaConfig", "RobertaForMaskedLM", dict(SMALL, pad_token_id=1, bos_token_id=0, eos_token_id=2)),
     "xlm-roberta": ("XLMRobertaConfig", "XLMRobertaForMaskedLM", dict(SMALL, pad_token_id=1, bos_token_id=0, eos_token_id=2)),
     "gptj": ("GPTJConfig", "GPTJForCausalLM", dict(n_embd=32, n_layer=2, n_head=4, n_positions=16, n_inner=48, rotary_dim=4,

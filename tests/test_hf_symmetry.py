@@ -301,7 +301,7 @@ def test_verify_and_interpretation_shift_read_layers_that_return_tuples(monkeypa
     assert not wb.verify(model, bad, ids, transform=bt).passed
 
 
-@pytest.mark.parametrize("cls", ["ElectraForMaskedLM", "FalconForCausalLM"])
+@pytest.mark.parametrize("cls", ["ElectraForMaskedLM", "PersimmonForCausalLM"])
 def test_a_family_without_an_adapter_is_refused_with_our_error(cls):
     """No TransformerLens adapter: an empty map naming the family, and our error (not TransformerLens's ValueError
     listing every architecture it knows)."""

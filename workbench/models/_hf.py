@@ -80,16 +80,17 @@ class Layout:
 # sit, parallel blocks) come from the adapter's config, and an adapter can state them wrongly. OpenAI GPT's reads
 # its GELU as ReLU and its post-LN blocks as pre-LN; a transform built on them changed the float64 log-probabilities
 # by 7e-4. Add a family only with its derivation and those tests.
-CHECKED_FAMILIES = frozenset({"bert", "bloom", "cohere", "deit", "gemma", "gemma2", "gemma3_text", "gpt2",
+CHECKED_FAMILIES = frozenset({"bert", "bloom", "cohere", "deit", "falcon", "gemma", "gemma2", "gemma3_text", "gpt2",
                               "gpt_bigcode", "gpt_neo", "gpt_neox", "gptj", "granite", "llama", "mistral", "nemotron",
                               "olmo", "olmo2", "opt", "phi", "phi3", "qwen2", "qwen3", "roberta", "stablelm",
                               "starcoder2", "vit", "xlm-roberta"})
 # Families whose norms compute in float32 inside a float64 model although they are LayerNorms (every Hugging Face
 # RMSNorm does; Cohere's LayerNorm too): verify rounds the stream where they read it to measure its floor.
 FLOAT32_NORM_FAMILIES = frozenset({"cohere", "olmo"})  # (OLMo 1's parameter-free LayerNorm too)
-# MLP activations a family hard-codes in its module while TransformerLens's adapter leaves ``act_fn`` at its default
-# ("relu"): BLOOM's BloomGelu is the tanh-approximated GELU (tests/test_hf_bloom.py computes it from the module).
-_ACTIVATIONS = {"bloom": "gelu_new"}
+# MLP activations a family's module runs while TransformerLens's adapter leaves ``act_fn`` at its default ("relu"):
+# BLOOM's BloomGelu is the tanh-approximated GELU (tests/test_hf_bloom.py computes it from the module); Falcon's MLP
+# runs its config's ``activation`` (a config attribute named here is read from the config: ``_activation``).
+_ACTIVATIONS = {"bloom": "gelu_new", "falcon": "activation"}  # (Falcon's MLP runs ACT2FN[config.activation])
 # Checked families whose TransformerLens adapter is listed under one class only, with no fallback by ``model_type``: every
 # class of the family is read through it (a checkpoint of RobertaForSequenceClassification names only that class), and
 # the heads it does not map are read by ``_hf_entries.heads``. XLM-RoBERTa's modules are RoBERTa's under other class
@@ -180,6 +181,13 @@ def _build_adapter(hf: nn.Module):
             ref = holder
         prepare(ref)
     return found
+
+
+def _activation(config) -> Optional[str]:
+    """The MLP activation a family's module runs where TransformerLens's adapter does not say it (``_ACTIVATIONS``: a
+    name, or where the family reads it from its config, that config attribute)."""
+    act = _ACTIVATIONS.get(getattr(config, "model_type", None))
+    return getattr(config, act) if act is not None and hasattr(config, act) else act
 
 
 def named_config(hf: nn.Module):
@@ -341,7 +349,7 @@ def _build_layout(ad, hf: nn.Module) -> Layout:
         "base": bool(base),  # no head: the model's output is the stream after the final norm (its last hidden state)
         "parallel": bool(getattr(ad.cfg, "parallel_attn_mlp", False)),
         "qk_norm": any(e.key.endswith((".attn.q_norm.weight", ".attn.k_norm.weight")) for e in entries.values()),
-        "act_fn": _ACTIVATIONS.get(getattr(config, "model_type", None)),  # None: the adapter's configuration says it
+        "act_fn": _activation(config),  # None: the adapter's configuration says it
     }
     fused = {e.key.rpartition('.')[0] for e in entries.values() if e.strided is not None}
     return Layout(list(entries.values()), tied, facts, {k: v for k, v in paths.items() if k not in fused},
