@@ -263,3 +263,36 @@ def test_a_bloom_attention_other_than_the_one_read_is_booted(monkeypatch):
 
     monkeypatch.setattr(BloomAttentionBridge, "__init__", __init__)
     assert BloomAttentionBridge not in _hf_shell._split_classes()
+
+
+def test_a_falcon_bridge_is_copied_with_the_adapters_patches_bound_to_the_copy(monkeypatch):
+    """Falcon's adapter sets every FalconLinear's and decoder layer's ``forward`` to a closure over that module at boot.
+    A deep copy keeps the template's closures, so without ``_PREPARED_AGAIN`` the trial copy reaches the template and
+    Falcon is booted for every transform; the copy now runs the adapter's ``prepare_model`` on its own modules. It
+    computes what a plain boot around the same weights computes, bit for bit, every patched forward closes over the
+    copy's own module, the function is preserved (computed in float64 on the plain models), and the original is as
+    it was."""
+    from collections import OrderedDict
+
+    from test_hf_config_hunt import build as hunt, outputs
+
+    raw = hunt("falcon")
+    raw.config.architectures = ["FalconForCausalLM"]
+    B = _plain(raw)
+    before = _digest(B)
+    monkeypatch.setattr(_hf_shell, "_TEMPLATES", OrderedDict())  # templates of this test only
+    assert _hf_shell.shell(B, F64) is not None
+    new, _ = wb.random_intertwiner(B, seed=3)
+    with torch.no_grad():
+        assert torch.equal(_reference(new)(IDS), new(IDS))
+    patched = [m for m in new.original_model.modules() if "forward" in m.__dict__]
+    assert len(patched) == 2 * (2 + 2) + 2  # per layer: q/k/v, dense, two MLP linears; and each decoder layer
+    for m in patched:
+        f = m.__dict__["forward"]
+        owners = [c.cell_contents for c in (getattr(f, "__closure__", None) or ())] + [getattr(f, "__self__", None)]
+        assert any(o is m for o in owners), type(m).__name__
+    assert rel(outputs(as_raw(new))["logits"], outputs(as_raw(B))["logits"]) <= TOL
+    assert _digest(B) == before
+    monkeypatch.setattr(_hf_shell, "_PREPARED_AGAIN", frozenset())  # the negative: the template's closures are reached
+    monkeypatch.setattr(_hf_shell, "_TEMPLATES", OrderedDict())
+    assert _hf_shell.shell(B, F64) is None

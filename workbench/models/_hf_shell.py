@@ -257,6 +257,14 @@ def _derived(bridge: nn.Module) -> list[tuple[str, nn.Parameter]]:
     return out
 
 
+# Families whose adapter's ``prepare_model`` sets each module's ``forward`` to a closure over that module (Falcon's: its
+# linear layers and decoder layers, to avoid in-place ops under backward hooks). A deep copy keeps those closures, so
+# the copy would compute with the template's modules; the adapter's own ``prepare_model`` is run again on the copy's
+# Hugging Face model, which binds them to the copy's (what a boot does). ``_template``'s trial still refuses a copy
+# that reaches any object of the template.
+_PREPARED_AGAIN = frozenset({"falcon"})
+
+
 def _copy(entry, model: nn.Module) -> nn.Module:
     from . import _hf, _hf_build
     from transformer_lens.model_bridge.sources._bridge_builder import configure_tokenizer
@@ -280,6 +288,8 @@ def _copy(entry, model: nn.Module) -> nn.Module:
 
         for name in wired:  # the boot's placeholder mirrors, over the copy's own components
             _wire_symbolic_hooks(new.get_submodule(name))
+    if _hf.hf_model(model).config.model_type in _PREPARED_AGAIN:  # the adapter's patched forwards, over the copy's modules
+        new.adapter.prepare_model(new.original_model)
     buffers = {k.replace("._original_component", ""): b for k, b in _hf.hf_model(model).named_buffers()}
     with torch.no_grad():  # the model's own buffers, as ``_hf_build.blank`` copies them
         for name, b in new.original_model.named_buffers():
