@@ -188,23 +188,23 @@ def test_minilm_interpretation_shift_value_space_vs_mlp_neurons(minilm):
 
 
 def test_unmapped_hugging_face_family_is_refused_with_a_reason(tmp_path):
-    """Mixtral (a sparse mixture of experts in every block) is a family whose layout is not checked here: refused in a
-    bridge, naming the family; nothing is transformed or folded. (Gemma-2, OLMo-2, Granite and OLMo 1 were this test's
-    model until each was checked: tests/test_hf_gemma23.py, test_hf_olmo2.py, test_hf_granite.py, test_hf_olmo.py.)"""
+    """MPT (ALiBi, a LayerNorm without bias, fused q/k/v) is a family TransformerLens has an adapter for whose layout is
+    not checked here: refused in a bridge, naming the family; nothing is transformed or folded. (Gemma-2, OLMo-2,
+    Granite, OLMo 1 and Mixtral were this test's model until each was checked: tests/test_hf_gemma23.py,
+    test_hf_olmo2.py, test_hf_granite.py, test_hf_olmo.py, test_hf_mixtral.py.)"""
     from transformer_lens.model_bridge import TransformerBridge
-    from transformers import MixtralConfig, MixtralForCausalLM
+    from transformers import MptConfig, MptForCausalLM
 
-    MixtralForCausalLM(MixtralConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
-                                     num_key_value_heads=2, vocab_size=50, num_local_experts=4, num_experts_per_tok=2,
-                                     pad_token_id=0, bos_token_id=0, eos_token_id=0)).save_pretrained(tmp_path / "o")
+    MptForCausalLM(MptConfig(d_model=32, n_heads=4, n_layers=1, expansion_ratio=2, vocab_size=50, max_seq_len=16,
+                             pad_token_id=0, bos_token_id=0, eos_token_id=0)).save_pretrained(tmp_path / "o")
     _tokenizer(tmp_path / "o", 50)
     model = TransformerBridge.boot_transformers(str(tmp_path / "o"))
     smap = wb.symmetry_map(model)
-    assert len(smap) == 0 and "MixtralForCausalLM" in smap.skipped[0][1] and "'mixtral'" in smap.skipped[0][1]
+    assert len(smap) == 0 and "MptForCausalLM" in smap.skipped[0][1] and "'mpt'" in smap.skipped[0][1]
     assert "not been checked" in smap.skipped[0][1]
-    with pytest.raises(TypeError, match="mixtral"):
+    with pytest.raises(TypeError, match="mpt"):
         wb.fold_layernorm(model)
-    with pytest.raises(UnsupportedModelError, match="mixtral"):
+    with pytest.raises(UnsupportedModelError, match="mpt"):
         wb.random_intertwiner(model)
 
 
@@ -311,7 +311,8 @@ def test_a_family_without_an_adapter_is_refused_with_our_error(cls):
         hidden_size=32, num_hidden_layers=1, num_attention_heads=4, vocab_size=50, intermediate_size=48)
     model = getattr(transformers, cls)(config).eval()
     smap = wb.symmetry_map(model)
-    assert len(smap) == 0 and config.model_type in smap.skipped[0][1] and len(smap.skipped[0][1]) < 600
+    # (TransformerLens's list is ~3 KB; ours names the checked families, a list that grows with each one: 601 with Mixtral)
+    assert len(smap) == 0 and config.model_type in smap.skipped[0][1] and len(smap.skipped[0][1]) < 1000
     with pytest.raises(UnsupportedModelError, match=config.model_type):
         wb.random_intertwiner(model)
 
