@@ -34,7 +34,7 @@ from torch import nn
 from .._errors import UnsupportedModelError
 from . import _hf_check as check
 from ._call import per_call
-from ._hf_entries import BERT_FAMILIES, VISION_FAMILIES, Entry, heads, vision_embeddings
+from ._hf_entries import BERT_FAMILIES, MOE_FAMILIES, VISION_FAMILIES, Entry, experts, heads, vision_embeddings
 from ._kind import ModelKind, model_kind
 
 # Canonical component keys the layout knows (``{i}``: a layer); a mapped component outside these has no
@@ -81,7 +81,7 @@ class Layout:
 # its GELU as ReLU and its post-LN blocks as pre-LN; a transform built on them changed the float64 log-probabilities
 # by 7e-4. Add a family only with its derivation and those tests.
 CHECKED_FAMILIES = frozenset({"bert", "bloom", "cohere", "deit", "falcon", "gemma", "gemma2", "gemma3_text", "gpt2",
-                              "gpt_bigcode", "gpt_neo", "gpt_neox", "gptj", "granite", "llama", "mistral", "nemotron",
+                              "gpt_bigcode", "gpt_neo", "gpt_neox", "gptj", "granite", "llama", "mistral", "mixtral", "nemotron",
                               "olmo", "olmo2", "opt", "phi", "phi3", "qwen2", "qwen3", "roberta", "stablelm",
                               "starcoder2", "vit", "xlm-roberta"})
 # Families whose norms compute in float32 inside a float64 model although they are LayerNorms (every Hugging Face
@@ -284,6 +284,10 @@ def _build_layout(ad, hf: nn.Module) -> Layout:
                 entries.update((e.key, e) for e in vision_embeddings(paths["embed"], module(paths["embed"])))
                 continue
             key, sub = f"{prefix}{name}", local(f"{path}.{comp.name}".strip(".")) if comp.name else path
+            if family in MOE_FAMILIES and prefix and name == "mlp":  # the adapter's one MoE module: placed by its parts
+                paths[key], paths[f"{key}.router"] = sub, f"{sub}.gate"  # (the router's output: its logits, first)
+                entries.update((e.key, e) for e in experts(key, sub, module(sub)))
+                continue
             subs = dict(getattr(comp, "submodules", None) or {})
             if name == "blocks":
                 for i in range(n_layers):

@@ -1,6 +1,7 @@
 """Entries of a Hugging Face model's canonical layout (``_hf.py``) that walking TransformerLens's component mapping does
-not give: heads the mapping leaves out (BERT's pooler, classifiers, a decoder's score) and a ViT's embeddings, which
-the mapping gives as one component (``embed``) whose parameters the canonical layout places one by one.
+not give: heads the mapping leaves out (BERT's pooler, classifiers, a decoder's score), a ViT's embeddings, which
+the mapping gives as one component (``embed``) whose parameters the canonical layout places one by one, and a sparse
+mixture of experts (Mixtral), which the mapping gives as one module delegating to its own forward.
 """
 from __future__ import annotations
 
@@ -28,6 +29,12 @@ _VIT_EMBEDDINGS = {"patch_embeddings.projection.weight": "patch_embed.weight",
                    "patch_embeddings.projection.bias": "patch_embed.bias",
                    "cls_token": "cls_token.weight", "position_embeddings": "pos_embed.weight",
                    "distillation_token": "dist_token.weight"}  # DeiT's second token [1, 1, d], after the class token
+
+# Families whose MLP is a sparse mixture of experts read here (docs/DERIVATIONS.md §10, Mixtral): a router reading the
+# stream and experts stored as fused 3-D tensors, each expert a SwiGLU.
+MOE_FAMILIES = frozenset({"mixtral"})
+# The modules such a block holds, by attribute: anything else in it (a shared expert, a router bias) is refused.
+_MOE_MODULES = {"gate": "MixtralTopKRouter", "experts": "MixtralExperts"}
 
 
 @dataclass(frozen=True)
@@ -93,3 +100,31 @@ def heads(hf: nn.Module, ref: nn.Module, base: str) -> list[Entry]:
     return entries
 
 
+
+
+def experts(key: str, path: str, block: Optional[nn.Module]) -> list[Entry]:
+    """The entries of a sparse mixture-of-experts block (Mixtral's ``MixtralSparseMoeBlock``) at ``path``, component key
+    ``key`` (``blocks.0.mlp``): the router ``{key}.router`` (``gate.weight`` [experts, d_model], a reader of the stream)
+    and every expert's SwiGLU at once, 3-D with the expert first: ``{key}.experts.gate`` and ``{key}.experts.in``
+    [experts, d_mlp, d_model] as strided views of the fused ``experts.gate_up_proj`` [experts, 2·d_mlp, d_model]
+    (each expert's rows: gate first, then up, as its forward's ``chunk(2)`` reads them), ``{key}.experts.out`` the
+    ``experts.down_proj`` [experts, d_model, d_mlp] itself. Any other module or parameter in the block is refused."""
+    if block is None:
+        raise UnsupportedModelError(f"the mixture-of-experts block {path} that the adapter maps is not in this model.")
+    found = {n: type(m).__name__ for n, m in block.named_children()}
+    params = sorted(n for n, _ in block.named_parameters())
+    if found != _MOE_MODULES or params != ["experts.down_proj", "experts.gate_up_proj", "gate.weight"]:
+        raise UnsupportedModelError(f"the mixture-of-experts block {path} holds {found} with parameters {params}; only "
+                                    f"{_MOE_MODULES} with a router weight and fused gate/up and down projections is derived.")
+    E, two_n, d = block.experts.gate_up_proj.shape
+    n = two_n // 2
+    if two_n != 2 * n or tuple(block.experts.down_proj.shape) != (E, d, n) or tuple(block.gate.weight.shape) != (E, d):
+        raise UnsupportedModelError(f"the experts of {path} have shapes {tuple(block.experts.gate_up_proj.shape)} and "
+                                    f"{tuple(block.experts.down_proj.shape)}, not [experts, 2·d_mlp, d_model] and "
+                                    f"[experts, d_model, d_mlp]; not read.")
+    fused = f"{path}.experts.gate_up_proj"
+    half = ((E, n, d), (two_n * d, d, 1))  # one half of every expert's rows, a strided view of the fused tensor
+    return [Entry(f"{key}.router.weight", f"{path}.gate.weight"),
+            Entry(f"{key}.experts.gate.weight", fused, False, (*half, 0)),
+            Entry(f"{key}.experts.in.weight", fused, False, (*half, n * d)),
+            Entry(f"{key}.experts.out.weight", f"{path}.experts.down_proj")]

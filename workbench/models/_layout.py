@@ -41,8 +41,10 @@ def to_canonical(sd: dict[str, torch.Tensor], cfg: Any) -> dict[str, torch.Tenso
             out[f"{base}.{'W' if W else 'b'}_{owner.upper()}"] = t.reshape(h, dh, -1).transpose(1, 2) if W else t.reshape(h, dh)
         elif owner == "o":
             out[f"{base}.{'W_O' if W else 'b_O'}"] = t.reshape(t.shape[0], f["n_heads"], dh).permute(1, 2, 0) if W else t
-        elif owner in ("in", "out", "gate"):
-            out[f"{base}.{'W' if W else 'b'}_{owner}"] = t.T if W else t
+        elif owner in ("in", "out", "gate"):  # a mixture's experts (``mlp.experts.in``): 3-D, the expert first
+            out[f"{base}.{'W' if W else 'b'}_{owner}"] = t.transpose(-1, -2) if W else t
+        elif owner == "router":  # a mixture of experts' router [experts, d_model]: reads the stream, as W_in does
+            out[f"{base}.W_router"] = t.T
         elif stem == "embed":
             out["embed.W_E"] = t
         elif stem == "pos_embed":  # [positions, d_model]; a ViT's [1, positions, d_model] without its leading 1
@@ -79,8 +81,8 @@ def from_canonical(sd: dict[str, torch.Tensor], cfg: Any) -> dict[str, torch.Ten
             out[f"{base}.o.weight"] = t.permute(2, 0, 1).reshape(t.shape[2], -1)
         elif leaf == "b_O":
             out[f"{base}.o.bias"] = t
-        elif leaf in ("W_in", "W_out", "W_gate"):
-            out[f"{base}.{leaf[2:]}.weight"] = t.T
+        elif leaf in ("W_in", "W_out", "W_gate", "W_router"):  # (3-D for a mixture's experts: transposed per expert)
+            out[f"{base}.{leaf[2:]}.weight"] = t.transpose(-1, -2)
         elif leaf in ("b_in", "b_out", "b_gate"):
             out[f"{base}.{leaf[2:]}.bias"] = t
         elif key == "embed.W_E":

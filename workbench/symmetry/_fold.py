@@ -86,6 +86,8 @@ def _fold_layout(model: nn.Module) -> nn.Module:
             readers = [(f"blocks.{layer}.{part}.W_{m}", f"blocks.{layer}.{part}.b_{m}") for m in mats]
             if ln == "ln1" and f"blocks.{layer}.ln2.w" not in W:  # parallel attention and MLP behind one norm
                 readers += [(f"blocks.{layer}.mlp.W_{m}", f"blocks.{layer}.mlp.b_{m}") for m in ("in", "gate")]
+            if ln == "ln2":  # a mixture of experts (Mixtral): its router and every expert's gate and up read ln2's output
+                readers += [(f"blocks.{layer}.mlp.{w}", "") for w in ("W_router", "experts.W_in", "experts.W_gate")]
             _fold(W, f"blocks.{layer}.{ln}", [r for r in readers if r[0] in W], heads=lambda key: ".attn." in key,
                   offset=offset)
     # the final norm's reader: the unembedding, or a sequence classifier's score (LlamaForSequenceClassification)
@@ -102,7 +104,7 @@ def _fold(W: dict, ln: str, readers: list[tuple[str, str]], heads, offset: float
     w, b = W[f"{ln}.w"] + offset, W.get(f"{ln}.b")
     keep_bias = b is not None and bool(b.ne(0).any()) and any(bkey not in W for _, bkey in readers)
     for wkey, bkey in readers:
-        M = W[wkey]  # [d_model, out] or per head [h, d_model, d_head]
+        M = W[wkey]  # [d_model, out] or per head [h, d_model, d_head] (per expert [e, d_model, d_mlp]: w[:, None] fits)
         per_head = heads(wkey)
         if b is not None and not keep_bias:
             W[bkey] = W[bkey] + (torch.einsum("d,hde->he", b, M) if per_head else b @ M)

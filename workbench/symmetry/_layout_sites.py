@@ -14,6 +14,8 @@ moves them. Conventions (row vectors, as TransformerLens):
   grouped-query attention a permutation of the key/value groups (each query head moving with its
   group: ``block`` query heads per unit) and, per group, one of its query heads (``heads``: the
   indices it acts on) — together the wreath product S_r ≀ S_kv (docs/DERIVATIONS.md, §10);
+- a sparse mixture of experts (Mixtral): the router reads the stream, each expert is a gated MLP with its own
+  hidden units, and the experts permute together with the router's columns (``_layout_moe.py``);
 - OPT-350m's word space (``project_in``/``project_out`` around a narrower tied embedding): Q on the
   input side (``W_E`` writes, ``project_in`` reads), Q⁻ᵀ on the output side (level ``"dual"``:
   ``project_out`` writes by Q⁻ᵀ, the tied ``W_U`` reads by Q).
@@ -31,6 +33,7 @@ from torch import nn
 from .._errors import UnsupportedModelError
 from ..groups import get_group
 from ..models import ModelKind, canonical_views, hf, model_kind, read_weights, shape_facts
+from . import _layout_moe as moe
 from ._rotary_pairs import rotary_pairs
 from ._sites import Observation, Port, Site, SymmetryMap
 
@@ -132,7 +135,9 @@ def transformer_map(model: nn.Module) -> SymmetryMap:
                                           "biases, so heads are not permuted"))
         else:
             sites += _head_sites(a, H, K, W, see, skipped)
-        if not getattr(cfg, "attn_only", False):
+        if moe.is_moe(W, layer):  # a sparse mixture of experts (Mixtral)
+            sites += moe.sites(W, layer, str(getattr(cfg, "act_fn", "silu")), see)
+        elif not getattr(cfg, "attn_only", False):
             mlp = _mlp_site(cfg, W, layer, see, hf.facts(model)["act_fn"] if kind in _HF else None)
             if isinstance(mlp, str):  # an activation whose group is not derived: these hidden units stay as they are
                 skipped.append((f"blocks.{layer}.mlp", mlp))
@@ -243,6 +248,9 @@ def _resid_site(model, cfg, W: dict, L: int, see) -> Site:
         if f"{b}.mlp.W_out" in W:
             writers += [Port(f"{b}.mlp.W_out", "pre", axis=1), Port(f"{b}.mlp.b_out", "pre", axis=0)]
             readers += [Port(f"{b}.mlp.{m}", "post", axis=0) for m in ("W_in", "W_gate") if f"{b}.mlp.{m}" in W]
+        elif moe.is_moe(W, layer):
+            writes, reads = moe.stream_ports(W, layer)
+            writers, readers = writers + writes, readers + reads
     if not word:
         readers.append(Port("unembed.W_U", "post", axis=0))
     label = {None: "no normalisation", "LN": "post-LayerNorm" if post_ln else "LayerNorm", "LNPre": "LayerNorm (no gain)", "RMS": "RMSNorm",
@@ -331,6 +339,9 @@ class _LensHooks:
             obs.append(Observation(f"{m}.hook_mid", 0, "perm"))
         return obs
 
+    def router(self, m):  # a mixture of experts' router logits [tokens, experts]: the experts' order moves them
+        return [Observation(f"{m}.gate.hook_out", 0, "heads", axis=-1)]
+
     def word(self):
         return [Observation(n, 0, "pre") for n in ("hook_embed", "embed.hook_out")] + \
                [Observation("project_out.hook_out", 0, "dual")]
@@ -369,6 +380,9 @@ class _RawHooks:
 
     def mlp(self, m, gated, solu):
         return self._at(f"{m}.in", "pre") + (self._at(f"{m}.gate", "perm") if gated else [])
+
+    def router(self, m):  # the router's first output, its logits [tokens, experts]
+        return self._at(f"{m}.router", "heads", axis=-1)
 
     def word(self):
         return self._at("embed", "pre") + self._at("project_out", "dual")

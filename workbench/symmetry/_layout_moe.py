@@ -1,0 +1,49 @@
+"""The sites of a sparse mixture of experts (Mixtral) in the layout backend (docs/DERIVATIONS.md §10, Mixtral).
+
+The canonical weights (``_hf_entries.experts``): the router ``blocks.{i}.mlp.W_router`` [d_model, experts] and every
+expert's SwiGLU at once, the expert first: ``mlp.experts.W_gate`` and ``mlp.experts.W_in`` [experts, d_model, d_mlp],
+``mlp.experts.W_out`` [experts, d_mlp, d_model]. The block computes, per token x (the stream after ln2),
+    p = softmax(x·W_router) (float32), T = top-k(p), y = Σ_{e∈T} (p_e / Σ_{f∈T} p_f) · SwiGLU_e(x),
+so
+- the stream: the router and every expert's gate and up read it (``post``, the d_model axis), every expert's down
+  projection writes it (``pre``): x ↦ x·M leaves x·W_router, hence the routing, unchanged when W_router ↦ M⁻¹·W_router;
+- expert e's hidden units (site ``blocks.{i}.mlp.hidden.{e}``): a Llama MLP's group, P_e on the gate, D_e·P_e on the up
+  branch, (D_e·P_e)⁻ᵀ on the down projection — each expert's element acts on its own slice of the 3-D weights, as a
+  head's element does on its head (``heads=(e,)``);
+- the experts' order (site ``blocks.{i}.mlp.experts``): a permutation of the expert axis of every expert weight and of
+  the router's columns together: the softmax, the top-k and its renormalisation are permutation-equivariant, so each
+  token meets the same experts with the same weights (a permutation of the head axis, as ``attn.heads``).
+"""
+from __future__ import annotations
+
+from ..groups import get_group
+from ._sites import Port, Site
+
+
+def is_moe(W: dict, layer: int) -> bool:
+    return f"blocks.{layer}.mlp.W_router" in W
+
+
+def stream_ports(W: dict, layer: int) -> tuple[list[Port], list[Port]]:
+    """Writers and readers of the residual stream in layer ``layer``'s mixture of experts."""
+    m = f"blocks.{layer}.mlp"
+    writers = [Port(f"{m}.experts.W_out", "pre", axis=2)]
+    readers = [Port(f"{m}.W_router", "post", axis=0)] + [Port(f"{m}.experts.{w}", "post", axis=1) for w in ("W_in", "W_gate")]
+    return writers, readers
+
+
+def sites(W: dict, layer: int, act: str, see) -> list[Site]:
+    """Each expert's hidden units, and the experts' order (observed in the router's logits, ``see.router``)."""
+    m = f"blocks.{layer}.mlp"
+    E, _, n = W[f"{m}.experts.W_in"].shape
+    # the experts' hidden units are inside one fused forward (no module output shows them): not observed
+    out = [Site(f"{m}.hidden.{e}", n, get_group("diagonal_permutation", n), f"gated {act} (expert {e})", f"{m}.hook_out",
+                [Port(f"{m}.experts.W_in", "pre", axis=2, heads=(e,)), Port(f"{m}.experts.W_gate", "perm", axis=2, heads=(e,))],
+                [Port(f"{m}.experts.W_out", "post", axis=1, heads=(e,))], [], [],
+                [f"expert {e} of {E}: act(gate) ⊙ up, permuted together, any nonzero diagonal on the up branch"])
+           for e in range(E)]
+    ports = [Port(f"{m}.experts.{w}", "heads", axis=0) for w in ("W_gate", "W_in", "W_out")]
+    out.append(Site(f"{m}.experts", E, get_group("permutation", E), "experts (router columns with their experts)",
+                    f"{m}.gate.hook_out", ports + [Port(f"{m}.W_router", "heads", axis=1)], [], [], see.router(m),
+                    ["softmax, top-k and the renormalised weights are permutation-equivariant"]))
+    return out
