@@ -46,7 +46,9 @@ FAMILIES = {
     "gemma3_text": ("AutoModelForCausalLM", dict(num_key_value_heads=2, head_dim=D // H)),
     "cohere": ("AutoModelForCausalLM", dict(num_key_value_heads=H)),
     "persimmon": ("AutoModelForCausalLM", {}),
-    "mixtral": ("AutoModelForCausalLM", dict(num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2)),
+    # (Hugging Face's default grouped_mm experts refuse float64: the eager ones are the same mathematics)
+    "mixtral": ("AutoModelForCausalLM", dict(num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+                                             experts_implementation="eager")),
     "phi3": ("AutoModelForCausalLM", dict(num_key_value_heads=H, pad_token_id=0)),
     "granite": ("AutoModelForCausalLM", dict(num_key_value_heads=2)),
     "xglm": ("AutoModelForCausalLM", dict(d_model=D, num_layers=L, attention_heads=H, ffn_dim=F)),
