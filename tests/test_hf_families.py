@@ -121,17 +121,17 @@ def rel(new, old):
     return float(((new - old).abs() / old.abs().amax(-1, keepdim=True)).max())
 
 
-def exact_everywhere(model, groups: dict, logp=logp, skipped: str = "", inputs=None):
+def exact_everywhere(model, groups: dict, logp=logp, skipped: str = "", inputs=None, seed: int = 1):
     """``model``'s map has the ``groups`` per kind of site (``kinds``) and skips nothing (or only places whose reason
-    starts with ``skipped``); a random element of every site preserves the log-probabilities (``logp``, computed here)
-    to TOL, leaves ``model`` untouched, and verify passes on IDS (or ``inputs``: a vision model's pixels, also the
-    map's example). Returns (map, new model, transform, verify's report)."""
+    starts with ``skipped``); a random element (``seed``) of every site preserves the log-probabilities (``logp``,
+    computed here) to TOL, leaves ``model`` untouched, and verify passes on IDS (or ``inputs``: a vision model's pixels,
+    also the map's example) with the representations moved. Returns (map, new model, transform, verify's report)."""
     before = {k: v.clone() for k, v in model.state_dict().items()}
     smap = wb.symmetry_map(model, example=inputs)
     assert all(skipped and why.startswith(skipped) for _, why in smap.skipped), smap.skipped
     got = kinds(smap)
     assert {k: got.get(k) for k in groups} == groups, got
-    new, t = wb.random_intertwiner(model, seed=1, example=inputs)
+    new, t = wb.random_intertwiner(model, seed=seed, example=inputs)
     assert rel(logp(new), logp(model)) <= TOL
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     report = wb.verify(model, new, IDS if inputs is None else inputs, transform=t)

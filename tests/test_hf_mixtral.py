@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 import workbench as wb
-from test_hf_families import FAIL, IDS, TOL, bridge, kinds, random_model, refused_and_wrong, rel
+from test_hf_families import FAIL, IDS, TOL, bridge, exact_everywhere, kinds, random_model, refused_and_wrong, rel
 from test_hf_families_more import _trace
 
 pytestmark = pytest.mark.filterwarnings("ignore")
@@ -95,21 +95,6 @@ def logp(model, ids=IDS):
         return ref.lm_head(rms(x, ref.model.norm.weight, eps)).log_softmax(-1)
 
 
-def exact(model, groups, seed=2):
-    """``exact_everywhere`` (test_hf_families) at ``seed``: the map's groups, a random element of every site exact to
-    TOL (computed directly), the model untouched, verify passing with every observed site moved. (Its seed 1 draws the
-    identity order of layer 1's 4 experts, a 1-in-24 draw, whose router logits then rightly do not move.)"""
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    smap = wb.symmetry_map(model)
-    assert not smap.skipped and kinds(smap) == groups, (smap.skipped, kinds(smap))
-    new, t = wb.random_intertwiner(model, seed=seed)
-    assert rel(logp(new), logp(model)) <= TOL
-    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
-    report = wb.verify(model, new, IDS, transform=t)
-    assert report.passed and report.representations_moved, report.summary()
-    return smap, new, t, report
-
-
 def test_the_block_is_a_router_top_k_and_weighted_swiglu_experts():
     """Computed from the modules: the MoE block reads post_attention_layernorm's output, and its output is ``moe`` (the
     router's softmax, top 2 renormalised, gate-then-up SwiGLU experts) up to the router's float32 softmax; the whole
@@ -136,7 +121,10 @@ def test_map_groups_and_exact_random_intertwiner():
     MLP's D·P for each expert's hidden units; the experts' order. One random element of every site is exact to 1e-10
     in float64 (computed directly) and verify passes at its float32 floor (router softmax and norms in float32)."""
     model = build()
-    smap, new, t, report = exact(model, GROUPS)
+    # (seed 1 draws the identity order of layer 1's 4 experts, a 1-in-24 draw, whose router logits then rightly do not
+    # move: verify's "representations moved" would fail)
+    smap, new, t, report = exact_everywhere(model, GROUPS, logp, seed=2)
+    assert not smap.skipped
     assert sum(s.name.startswith("blocks.0.mlp.hidden.") for s in smap) == 4
     P = t.elements["blocks.0.mlp.experts"].perm
     assert not torch.equal(P, torch.arange(4))  # the experts move: each expert's weights with its router column
@@ -170,7 +158,7 @@ def test_negative_controls_change_the_function():
     for bad in (scaled, permuted):
         assert rel(logp(bad), ref) > FAIL
         assert not wb.verify(model, bad, IDS).passed
-    with pytest.raises(ValueError, match="not a symmetry"):  # the positive scales of a ReLU MLP's units, at an expert
+    with pytest.raises(ValueError, match="not a symmetry"):  # a rotation of an expert's SiLU-gated units
         wb.random_intertwiner(model, sites=["blocks.0.mlp.hidden.1"], group="orthogonal")
 
 
@@ -179,7 +167,7 @@ def test_top_one_and_every_expert(k):
     """num_experts_per_tok = 1 (each token's one expert, weight 1) and = num_local_experts (every expert, weighted by the
     whole softmax): the same groups, exact in float64, verified."""
     model = build(seed=k, num_experts_per_tok=k)
-    exact(model, GROUPS)
+    exact_everywhere(model, GROUPS, logp, seed=2)
 
 
 def test_fold_moves_the_gain_into_the_router_and_experts():
@@ -189,7 +177,7 @@ def test_fold_moves_the_gain_into_the_router_and_experts():
     folded = wb.fold_layernorm(model)
     assert rel(logp(folded), logp(model)) <= TOL
     assert torch.equal(folded.model.layers[0].post_attention_layernorm.weight, torch.ones(32, dtype=F64))
-    exact(folded, {**GROUPS, "resid": {"orthogonal"}})
+    exact_everywhere(folded, {**GROUPS, "resid": {"orthogonal"}}, logp, seed=2)
 
 
 def test_bridge_is_exact(tmp_path_factory):
