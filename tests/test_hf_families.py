@@ -54,6 +54,9 @@ MLP = {"mistral": "diagonal_permutation", "qwen2": "diagonal_permutation", "gemm
        "gpt_neox": "permutation", "gpt2": "permutation"}
 ROTARY = {"mistral": 8, "qwen2": 8, "gemma": 8, "llama": 8, "phi": 4, "gpt_neox": 2}  # rotated dims of d_head 8
 KV = {"mistral": 2, "qwen2": 2, "gemma": 1, "llama": 2}  # of 4 heads
+# A tiny Llama-like decoder's config keywords (GQA: 4 query heads, 2 key/value heads), the family test files' common shape.
+DECODER = dict(vocab_size=50, bos_token_id=0, eos_token_id=0, pad_token_id=0, hidden_size=32, intermediate_size=48,
+               num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=16)
 # The groups of a Llama-like decoder with its RMSNorm gains kept (SwiGLU, rotary), for exact_everywhere.
 LLAMA_LIKE = {"resid": {"signed_permutation"}, "blocks.attn.qk": {"rotary"}, "blocks.attn.ov": {"gl"},
               "blocks.mlp": {"diagonal_permutation"}}

@@ -16,7 +16,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 import workbench as wb
-from test_hf_families import (FAIL, IDS, TOL, as_raw, bridged_exactly, exact_everywhere, random_model,
+from test_hf_families import (DECODER, FAIL, IDS, TOL, as_raw, bridged_exactly, exact_everywhere, random_model,
                               refused_and_wrong, rel)
 from test_hf_families_more import _trace
 
@@ -25,9 +25,7 @@ transformers = pytest.importorskip("transformers")
 pytest.importorskip("transformer_lens.model_bridge")
 
 F64 = torch.float64
-SHAPE = dict(vocab_size=50, bos_token_id=0, eos_token_id=0, pad_token_id=0, hidden_size=32, intermediate_size=48,
-             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=16,
-             sliding_window=4)
+SHAPE = dict(DECODER, head_dim=8, sliding_window=4)
 FAMILIES = {"gemma2": ("Gemma2ForCausalLM", "Gemma2Config", {}),
             "gemma3": ("Gemma3ForCausalLM", "Gemma3TextConfig", dict(layer_types=["sliding_attention", "full_attention"]))}
 

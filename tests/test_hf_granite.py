@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import workbench as wb
-from test_hf_families import (IDS, LLAMA_LIKE, TOL, bridged_exactly, exact_everywhere, logp, random_model,
+from test_hf_families import (DECODER, IDS, LLAMA_LIKE, TOL, bridged_exactly, exact_everywhere, logp, random_model,
                               refused_and_wrong, rel)
 from test_hf_families_more import _trace
 from test_hf_qwen3 import rms
@@ -20,9 +20,7 @@ pytestmark = pytest.mark.filterwarnings("ignore")
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("transformer_lens.model_bridge")
 
-SHAPE = dict(vocab_size=50, bos_token_id=0, eos_token_id=0, pad_token_id=0, hidden_size=32, intermediate_size=48,
-             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=16,
-             embedding_multiplier=3.0, residual_multiplier=0.3, attention_multiplier=0.2, logits_scaling=2.5)
+SHAPE = dict(DECODER, embedding_multiplier=3.0, residual_multiplier=0.3, attention_multiplier=0.2, logits_scaling=2.5)
 
 
 def build(seed=0, **kw):

@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 
 import workbench as wb
-from test_hf_families import FAIL, IDS, TOL, bridge, exact_everywhere, kinds, random_model, refused_and_wrong, rel
+from test_hf_families import (DECODER, FAIL, IDS, TOL, bridge, exact_everywhere, kinds, random_model, refused_and_wrong,
+                              rel)
 from test_hf_families_more import _trace
 
 pytestmark = pytest.mark.filterwarnings("ignore")
@@ -27,9 +28,7 @@ transformers = pytest.importorskip("transformers")
 pytest.importorskip("transformer_lens.model_bridge")
 
 F64 = torch.float64
-SHAPE = dict(vocab_size=50, bos_token_id=0, eos_token_id=0, pad_token_id=0, hidden_size=32, intermediate_size=48,
-             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
-             max_position_embeddings=16)
+SHAPE = dict(DECODER, num_local_experts=4, num_experts_per_tok=2)
 GROUPS = {"resid": {"signed_permutation"}, "blocks.attn.qk": {"rotary"}, "blocks.attn.ov": {"gl"},
           "blocks.attn.heads": {"permutation"}, "blocks.mlp.hidden": {"diagonal_permutation"},
           "blocks.mlp.experts": {"permutation"}}

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 import workbench as wb
-from test_hf_families import (IDS, LLAMA_LIKE, TOL, as_raw, bridged_exactly, exact_everywhere, random_model,
+from test_hf_families import (DECODER, IDS, LLAMA_LIKE, TOL, as_raw, bridged_exactly, exact_everywhere, random_model,
                               refused_and_wrong, rel)
 from test_hf_families_more import _trace
 
@@ -22,8 +22,7 @@ pytestmark = pytest.mark.filterwarnings("ignore")
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("transformer_lens.model_bridge")
 
-SHAPE = dict(vocab_size=50, bos_token_id=0, eos_token_id=0, pad_token_id=0, hidden_size=32, intermediate_size=48,
-             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=16)
+SHAPE = DECODER
 GROUPS = {**LLAMA_LIKE, "resid": {"orthogonal_ones"}}
 
 

@@ -14,15 +14,14 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 import workbench as wb
-from test_hf_families import (FAIL, LLAMA_LIKE, TOL, bridged_exactly, decoder_shapes, exact_everywhere, logp,
+from test_hf_families import (DECODER, FAIL, LLAMA_LIKE, TOL, bridged_exactly, decoder_shapes, exact_everywhere, logp,
                               random_model, refused_and_wrong, rel)
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("transformer_lens.model_bridge")
 
-SHAPE = dict(vocab_size=50, bos_token_id=0, eos_token_id=0, pad_token_id=0, hidden_size=32, intermediate_size=48,
-             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=16)
+SHAPE = DECODER
 
 
 def build(seed=0, **kw):
