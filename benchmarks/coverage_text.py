@@ -115,6 +115,11 @@ def shapes(quick: bool, positions: int = 512) -> dict:
         # Falcon-7B's form (tests/test_hf_falcon.py): fused multi-query q/k/v, one LayerNorm read by a parallel block
         "falcon": ("FalconForCausalLM", dict(common, ffn_hidden_size=f, multi_query=True, pad_token_id=0, bos_token_id=0,
                                              eos_token_id=0)),
+        # a Llama whose MLPs are sparse mixtures of 8 experts, 2 per token (tests/test_hf_mixtral.py); eager experts:
+        # Hugging Face's default grouped_mm refuses float64, which the table's verify runs in
+        "mixtral": ("MixtralForCausalLM", dict(common, intermediate_size=f // 4, num_key_value_heads=kv, num_local_experts=8,
+                                               num_experts_per_tok=2, experts_implementation="eager", pad_token_id=0,
+                                               bos_token_id=0, eos_token_id=0)),
         # a Llama whose LayerNorms have no parameters (tests/test_hf_olmo.py): the stream takes rotations fixing 1
         "olmo": ("OlmoForCausalLM", dict(common, intermediate_size=f, num_key_value_heads=kv, pad_token_id=0,
                                          bos_token_id=0, eos_token_id=0)),

@@ -479,3 +479,18 @@ def test_other_bad_inputs_are_refused():
         check_intertwiner("relu", identity(4), group=get_group("relu", 3))
     with pytest.raises(InvalidOptionError, match=r"generator='flip' is not a valid option.*'negation'"):
         generator_element("flip", 4)
+
+
+@pytest.mark.parametrize("dim", [0, 1, 2])
+def test_scaled_permutation_act_into_out_is_its_matrix(dim):
+    """``act(x, dim, out=…)`` (how a transform writes each expert's slice of a mixture's weights in place) gives the
+    same values as ``act`` and as the element's matrix along ``dim``; ``out`` is the tensor returned."""
+    g = torch.Generator().manual_seed(dim)
+    x = torch.randn(3, 4, 5, generator=g, dtype=torch.float64)
+    n = x.shape[dim]
+    e = ScaledPermutation(torch.randperm(n, generator=g), torch.randn(n, generator=g, dtype=torch.float64))
+    out = torch.empty_like(x)
+    got = e.act(x, dim, out=out)
+    assert got is out and torch.equal(got, e.act(x, dim))
+    want = torch.movedim(torch.tensordot(e.matrix(), torch.movedim(x, dim, 0), dims=1), 0, dim)
+    assert torch.allclose(got, want, rtol=0, atol=1e-14)

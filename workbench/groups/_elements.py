@@ -148,13 +148,16 @@ class ScaledPermutation(GroupElement):
         m[torch.arange(self.n), self.perm] = 1 if self.scale is None else self.scale.to(dtype)
         return m
 
-    def act(self, x: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    def act(self, x: torch.Tensor, dim: int = -1, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``M·x`` along ``dim`` (a gather, then the scales); written into ``out`` (contiguous, ``x``'s shape) if given."""
         d = self._check_axis(x, dim)
-        y = x.index_select(d, self.perm.to(x.device))
+        perm = self.perm.to(x.device)
+        y = x.index_select(d, perm) if out is None else torch.index_select(x, d, perm, out=out)
         if self.scale is not None:
             shape = [1] * x.ndim
             shape[d] = self.n
-            y = y * self.scale.to(device=x.device, dtype=x.dtype).reshape(shape)
+            scale = self.scale.to(device=x.device, dtype=x.dtype).reshape(shape)
+            y = y * scale if out is None else y.mul_(scale)
         return y
 
     def inverse(self) -> "ScaledPermutation":
