@@ -304,8 +304,8 @@ def _jobs(weights: list[tuple[torch.Tensor, torch.Tensor, list]], casts: dict) -
     from ._port_moves import dense_ok
 
     def general(F, dtype) -> bool:  # a product that must run in float64 for a ``dtype`` weight
-        if isinstance(F, dict):
-            return not all(dense_ok(f, dtype) for f in F.values())
+        if isinstance(F, dict):  # (per-head scaled permutations are gathers: in the weight's dtype, as whole-axis ones)
+            return not all(dense_ok(f, dtype) for f in F.values() if isinstance(f, Dense))
         return isinstance(F, Dense) and not dense_ok(F, dtype)
 
     calls, costs = [], []
