@@ -100,8 +100,6 @@ def heads(hf: nn.Module, ref: nn.Module, base: str) -> list[Entry]:
     return entries
 
 
-
-
 def experts(key: str, path: str, block: Optional[nn.Module]) -> list[Entry]:
     """The entries of a sparse mixture-of-experts block (Mixtral's ``MixtralSparseMoeBlock``) at ``path``, component key
     ``key`` (``blocks.0.mlp``): the router ``{key}.router`` (``gate.weight`` [experts, d_model], a reader of the stream)
