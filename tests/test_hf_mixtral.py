@@ -17,10 +17,11 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings, strategies as st
 
 import workbench as wb
-from test_hf_families import (DECODER, FAIL, IDS, TOL, bridge, exact_everywhere, kinds, random_model, refused_and_wrong,
-                              rel)
+from test_hf_families import (DECODER, FAIL, IDS, TOL, bridge, decoder_shapes, exact_everywhere, kinds, random_model,
+                              refused_and_wrong, rel)
 from test_hf_families_more import _trace
 
 pytestmark = pytest.mark.filterwarnings("ignore")
@@ -191,3 +192,15 @@ def test_bridge_is_exact(tmp_path_factory):
     report = wb.verify(model, new, IDS, transform=t)
     assert report.passed and report.floor is not None and report.max_abs_diff <= 10 * report.floor, report.summary()
     assert {c.site for c in report.checked} == {s.name for s in smap if ".mlp.hidden." not in s.name}
+
+
+@settings(max_examples=8, deadline=None)
+@given(experts=st.integers(2, 5), data=st.data(), seed=st.integers(0, 2 ** 16))
+def test_property_random_shapes_are_exact(experts, data, seed):
+    """Random expert counts, experts per token (1 to all), key/value heads, widths and depths: a random element of
+    every site is exact in float64 (the block computed here)."""
+    kw = dict(data.draw(decoder_shapes()), num_local_experts=experts,
+              num_experts_per_tok=data.draw(st.integers(1, experts)), intermediate_size=data.draw(st.sampled_from([8, 12])))
+    model = build(seed=seed % 5, **kw)
+    new, _ = wb.random_intertwiner(model, seed=seed)
+    assert rel(logp(new), logp(model)) <= TOL, kw

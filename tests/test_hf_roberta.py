@@ -12,6 +12,7 @@ import copy
 
 import pytest
 import torch
+from hypothesis import given, settings, strategies as st
 
 import workbench as wb
 from test_hf_config_hunt import build, outputs, preserved
@@ -155,3 +156,17 @@ def test_cross_attention_is_refused_by_name():
     with pytest.raises(wb.UnsupportedModelError, match="crossattention"):
         wb.random_intertwiner(model, seed=0)
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), untouched.state_dict().values()))
+
+
+@settings(max_examples=8, deadline=None)
+@given(family=st.sampled_from(sorted(FAMILIES)), head=st.sampled_from(["ForMaskedLM", "ForSequenceClassification",
+                                                                       "ForTokenClassification"]),
+       heads=st.sampled_from([2, 4]), d_head=st.sampled_from([4, 8]), layers=st.integers(1, 2), seed=st.integers(0, 2 ** 16))
+def test_property_random_shapes_are_exact(family, head, heads, d_head, layers, seed):
+    """Random widths, heads and depths of either family and head class: a random element of every site is exact in
+    float64 (every output, computed here)."""
+    model = roberta(head, family, seed % 5, hidden_size=heads * d_head, num_attention_heads=heads,
+                    num_hidden_layers=layers, num_labels=3)
+    new, _ = wb.random_intertwiner(model, seed=seed)
+    old, got = outputs(model), outputs(new)
+    assert max(rel(got[k], old[k]) for k in old) <= TOL, (family, head)
