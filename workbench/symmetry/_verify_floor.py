@@ -327,11 +327,11 @@ def trivial_floor(backend, model: nn.Module, inputs, cache, last: Optional[str])
 
     c = 1.3
     qk = [s for s in symmetry_map(model) if ".qk." in s.name]
-    scaled = {s.n: Dense(c * torch.eye(s.n, dtype=torch.float64), cond=1.0) for s in qk}
-    qk = [s for s in qk if s.group.contains(scaled[s.n])]  # (behind q/k norms, Qwen3's, only orthogonal maps pass)
+    scales = {s.n: Dense(c * torch.eye(s.n, dtype=torch.float64), cond=1.0) for s in qk}
+    qk = [s for s in qk if s.group.contains(scales[s.n])]  # (behind q/k norms, Qwen3's, only orthogonal maps pass)
     if not qk:
         return None
-    t = Transform({s.name: scaled[s.n] for s in qk}, {s.name: s.group.name for s in qk}, model=type(model).__name__)
+    t = Transform({s.name: scales[s.n] for s in qk}, {s.name: s.group.name for s in qk}, model=type(model).__name__)
     scaled = apply_transform(model, t)
     moved = {o.name for s in qk for o in s.observed}
     watched = [n for n in (cache.keys() if cache is not None else []) if n not in moved]
