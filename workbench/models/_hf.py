@@ -89,8 +89,8 @@ CHECKED_FAMILIES = frozenset({"bert", "bloom", "cohere", "deit", "falcon", "gemm
 FLOAT32_NORM_FAMILIES = frozenset({"cohere", "olmo"})  # (OLMo 1's parameter-free LayerNorm too)
 # MLP activations a family's module runs while TransformerLens's adapter leaves ``act_fn`` at its default ("relu"):
 # BLOOM's BloomGelu is the tanh-approximated GELU (tests/test_hf_bloom.py computes it from the module); Falcon's MLP
-# runs its config's ``activation`` (a config attribute named here is read from the config: ``_activation``).
-_ACTIVATIONS = {"bloom": "gelu_new", "falcon": "activation"}  # (Falcon's MLP runs ACT2FN[config.activation])
+# runs its config's ``activation`` (``ACT2FN[config.activation]``): each family's activation, from its config.
+_ACTIVATIONS = {"bloom": lambda config: "gelu_new", "falcon": lambda config: config.activation}
 # Checked families whose TransformerLens adapter is listed under one class only, with no fallback by ``model_type``: every
 # class of the family is read through it (a checkpoint of RobertaForSequenceClassification names only that class), and
 # the heads it does not map are read by ``_hf_entries.heads``. XLM-RoBERTa's modules are RoBERTa's under other class
@@ -184,10 +184,9 @@ def _build_adapter(hf: nn.Module):
 
 
 def _activation(config) -> Optional[str]:
-    """The MLP activation a family's module runs where TransformerLens's adapter does not say it (``_ACTIVATIONS``: a
-    name, or where the family reads it from its config, that config attribute)."""
+    """The MLP activation a family's module runs where TransformerLens's adapter does not say it (``_ACTIVATIONS``)."""
     act = _ACTIVATIONS.get(getattr(config, "model_type", None))
-    return getattr(config, act) if act is not None and hasattr(config, act) else act
+    return None if act is None else act(config)
 
 
 def named_config(hf: nn.Module):

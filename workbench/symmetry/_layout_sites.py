@@ -105,6 +105,7 @@ def transformer_map(model: nn.Module) -> SymmetryMap:
     qk_one = get_group("rotary", dh, pairs=pairs) if pairs is not None else get_group("gl", dh)
     ov_one = get_group("gl", dh)
     qk_norm = kind in _HF and hf.facts(model)["qk_norm"]
+    act = hf.facts(model)["act_fn"] if kind in _HF else None  # the MLP's activation, where the layout knows it better
     normed_groups: dict = {}  # (pairs, rigid) -> the group, built once per map (each construction checks its pairs)
     for layer in range(L):
         a = f"blocks.{layer}.attn"
@@ -136,9 +137,9 @@ def transformer_map(model: nn.Module) -> SymmetryMap:
         else:
             sites += _head_sites(a, H, K, W, see, skipped)
         if moe.is_moe(W, layer):  # a sparse mixture of experts (Mixtral)
-            sites += moe.sites(W, layer, str(getattr(cfg, "act_fn", "silu")), see)
+            sites += moe.sites(W, layer, act or str(getattr(cfg, "act_fn", "silu")), see)
         elif not getattr(cfg, "attn_only", False):
-            mlp = _mlp_site(cfg, W, layer, see, hf.facts(model)["act_fn"] if kind in _HF else None)
+            mlp = _mlp_site(cfg, W, layer, see, act)
             if isinstance(mlp, str):  # an activation whose group is not derived: these hidden units stay as they are
                 skipped.append((f"blocks.{layer}.mlp", mlp))
             else:
