@@ -1,9 +1,9 @@
 """Phi-3: a fused q/k/v projection ([q | k | v] rows, GQA) and a fused gate/up projection ([gate | up] rows) in a
 Llama-like decoder (RMSNorm, SiLU-gated MLP, rotary). docs/DERIVATIONS.md §10, Phi-3.
 
-The fused tensors are read through TransformerLens's own splits, measured on index-valued weights (workbench/models/
-_hf.py, ``_measured_split``), as strided views: the gate and up halves are the two ``mlp.gate``/``mlp.in`` entries of
-one parameter. Checked here: the MLP's form and the split order computed from the modules; the map's groups; a random
+The fused tensors are read through TransformerLens's own splits, measured on index-valued weights
+(workbench/models/_hf_entries.py, ``_measured_split``), as strided views: the gate and up halves are the two
+``mlp.gate``/``mlp.in`` entries of one parameter. Checked here: the MLP's form and the split order computed from the modules; the map's groups; a random
 element of every site exact in float64, computed directly; a hand-made element on the wrong half refused by the
 function; fold, bridge (its split copies rebuilt after a transform) and a property over shapes.
 """

@@ -34,7 +34,8 @@ from torch import nn
 from .._errors import UnsupportedModelError
 from . import _hf_check as check
 from ._call import per_call
-from ._hf_entries import BERT_FAMILIES, MOE_FAMILIES, VISION_FAMILIES, Entry, experts, heads, vision_embeddings
+from ._hf_entries import (BERT_FAMILIES, MOE_FAMILIES, VISION_FAMILIES, Entry, experts, fused_gate_up, fused_qkv, heads,
+                          vision_embeddings)
 from ._kind import ModelKind, model_kind
 
 # Canonical component keys the layout knows (``{i}``: a layer); a mapped component outside these has no
@@ -297,12 +298,12 @@ def _build_layout(ad, hf: nn.Module) -> Layout:
                 qkv = subs.pop("qkv")
                 for part in "qkv":
                     subs.pop(part, None)
-                entries.update(_fused(comp, f"{key}.", f"{sub}.{qkv.name}", module(f"{sub}.{qkv.name}"), ad.cfg))
+                entries.update(fused_qkv(comp, f"{key}.", f"{sub}.{qkv.name}", module(f"{sub}.{qkv.name}"), ad.cfg))
             if hasattr(comp, "split_gate_up_matrix"):  # Phi-3's gate_up_proj: [gate | up], split by the adapter
                 for part in ("gate", "in"):
                     subs.pop(part, None)
                 path_ = f"{sub}.{comp.fused_attr}"
-                entries.update(_fused_gate_up(comp, f"{key}.", path_, module(path_)))
+                entries.update(fused_gate_up(comp, f"{key}.", path_, module(path_)))
             m = module(sub)
             if m is None and comp.name is not None and not getattr(comp, "optional", False):
                 absent.append((key, sub))
@@ -359,74 +360,6 @@ def _build_layout(ad, hf: nn.Module) -> Layout:
                   modules={n: type(m) for n, m in ref.named_modules()}, settings={n: check.settings(m) for n, m in ref.named_modules()},
                   shapes={n: tuple(p.shape) for n, p in names.items()}, ties=check.ties(ref),
                   reached=frozenset(n for n, p in names.items() if id(p) in reached), absent=tuple(absent))
-
-
-def _fused_gate_up(comp, prefix: str, path: str, fused: Optional[nn.Module]) -> dict[str, Entry]:
-    """A fused gate/up projection's gate and up (``mlp.gate``, ``mlp.in``) as strided views, measured through the
-    adapter's own split as ``_fused`` measures q/k/v."""
-    if fused is None:
-        raise UnsupportedModelError(f"a fused gate/up projection at {path} that this model does not build.")
-    return _measured_split(path, fused, lambda holder: comp.split_gate_up_matrix(holder), ("gate", "in"), prefix, None)
-
-
-def _fused(comp, prefix: str, path: str, qkv: Optional[nn.Module], cfg) -> dict[str, Entry]:
-    """q, k and v of a fused projection as strided views, measured through the adapter's own split."""
-    if qkv is None or not hasattr(comp, "split_qkv_matrix"):
-        raise UnsupportedModelError(f"a fused q/k/v projection at {path} without a split the adapter defines.")
-    return _measured_split(path, qkv, comp.split_qkv_matrix, ("q", "k", "v"), prefix, int(cfg.d_head))
-
-
-def _measured_split(path: str, fused: nn.Module, split, parts: tuple, prefix: str, dh: Optional[int]) -> dict[str, Entry]:
-    """The adapter's ``split`` of the fused module at ``path``, run on a weight whose entries are their own flat indices:
-    each part's indices (per head, ``[heads, d_head(, d_model)]``, where ``dh`` is given) as a strided view of the
-    fused tensor; a split that is no strided view, or that does not cover every entry once, is refused."""
-    holder, probe = nn.Module(), nn.Module()
-    shapes = {leaf: p.shape for leaf, p in fused.named_parameters(recurse=False)}
-    for leaf, shape in shapes.items():  # entries are their own flat indices (exact in float64 up to 2^53)
-        setattr(probe, leaf, nn.Parameter(torch.arange(shape.numel(), dtype=torch.float64).reshape(shape), requires_grad=False))
-    if "bias" not in shapes:  # an adapter's split may assume a bias (GPT-NeoX's asserts one): give it zeros, read none
-        n_out = getattr(fused, "out_features", None) or getattr(fused, "nf", None) or shapes["weight"][0]
-        probe.bias = nn.Parameter(torch.zeros(int(n_out), dtype=torch.float64), requires_grad=False)
-    setattr(holder, path.rpartition(".")[2], probe)
-    try:
-        pieces = split(holder)
-    except Exception as exc:  # the adapter's split assumes a layout this configuration does not have (GPT-BigCode's
-        # assumes multi-query attention: with multi_query=False its split_with_sizes fails)
-        raise UnsupportedModelError(f"TransformerLens's split of the fused projection {path} fails on this configuration "
-                                    f"({type(exc).__name__}: {str(exc)[:160]}); its layout is not read.") from None
-    out, seen = {}, {leaf: [] for leaf in shapes}
-    for part, lin in zip(parts, pieces):
-        for leaf in shapes:
-            t = getattr(lin, leaf, None)
-            if t is None:
-                continue
-            idx = t.detach().reshape(-1, dh, *t.shape[1:]) if dh else t.detach()  # [heads, d_head(, d_model)]
-            strides = _strides(idx)
-            if strides is None:
-                raise UnsupportedModelError(f"the fused projection {path} splits into a {part} that is no strided view "
-                                            f"of it; its layout is not supported.")
-            seen[leaf].append(idx.flatten())
-            out[f"{prefix}{part}.{leaf}"] = Entry(f"{prefix}{part}.{leaf}", f"{path}.{leaf}", False,
-                                                   (tuple(idx.shape), strides, int(idx.flatten()[0])))
-    for leaf, pieces in seen.items():
-        got = torch.cat(pieces).sort().values if pieces else torch.empty(0)
-        if not torch.equal(got, torch.arange(shapes[leaf].numel(), dtype=torch.float64)):
-            raise UnsupportedModelError(f"the split of the fused projection {path}.{leaf} does not cover each entry once.")
-    return out
-
-
-def _strides(idx: torch.Tensor) -> Optional[tuple[int, ...]]:
-    """The strides for which ``idx`` = offset + Σ iⱼ·strideⱼ, or None when it is no strided view."""
-    flat0 = idx.flatten()[0]
-    strides = []
-    for d in range(idx.ndim):
-        unit = [0] * idx.ndim
-        if idx.shape[d] > 1:
-            unit[d] = 1
-        strides.append(int(idx[tuple(unit)] - flat0))
-    grid = flat0 + sum(torch.arange(n, dtype=torch.float64).reshape([-1 if j == d else 1 for j in range(idx.ndim)]) * s
-                       for d, (n, s) in enumerate(zip(idx.shape, strides)))
-    return tuple(strides) if torch.equal(grid.expand(idx.shape), idx) else None
 
 
 def unsupported(model: nn.Module) -> Optional[str]:

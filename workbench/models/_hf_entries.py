@@ -1,13 +1,15 @@
 """Entries of a Hugging Face model's canonical layout (``_hf.py``) that walking TransformerLens's component mapping does
 not give: heads the mapping leaves out (BERT's pooler, classifiers, a decoder's score), a ViT's embeddings, which
-the mapping gives as one component (``embed``) whose parameters the canonical layout places one by one, and a sparse
-mixture of experts (Mixtral), which the mapping gives as one module delegating to its own forward.
+the mapping gives as one component (``embed``) whose parameters the canonical layout places one by one, a sparse
+mixture of experts (Mixtral), which the mapping gives as one module delegating to its own forward, and the parts of a
+fused projection (q/k/v, gate/up), measured through the adapter's own split as strided views.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Optional
 
+import torch
 from torch import nn
 
 from .._errors import UnsupportedModelError
@@ -126,3 +128,71 @@ def experts(key: str, path: str, block: Optional[nn.Module]) -> list[Entry]:
             Entry(f"{key}.experts.gate.weight", fused, False, (*half, 0)),
             Entry(f"{key}.experts.in.weight", fused, False, (*half, n * d)),
             Entry(f"{key}.experts.out.weight", f"{path}.experts.down_proj")]
+
+
+def fused_gate_up(comp, prefix: str, path: str, fused: Optional[nn.Module]) -> dict[str, Entry]:
+    """A fused gate/up projection's gate and up (``mlp.gate``, ``mlp.in``) as strided views, measured through the
+    adapter's own split as ``_fused`` measures q/k/v."""
+    if fused is None:
+        raise UnsupportedModelError(f"a fused gate/up projection at {path} that this model does not build.")
+    return _measured_split(path, fused, lambda holder: comp.split_gate_up_matrix(holder), ("gate", "in"), prefix, None)
+
+
+def fused_qkv(comp, prefix: str, path: str, qkv: Optional[nn.Module], cfg) -> dict[str, Entry]:
+    """q, k and v of a fused projection as strided views, measured through the adapter's own split."""
+    if qkv is None or not hasattr(comp, "split_qkv_matrix"):
+        raise UnsupportedModelError(f"a fused q/k/v projection at {path} without a split the adapter defines.")
+    return _measured_split(path, qkv, comp.split_qkv_matrix, ("q", "k", "v"), prefix, int(cfg.d_head))
+
+
+def _measured_split(path: str, fused: nn.Module, split, parts: tuple, prefix: str, dh: Optional[int]) -> dict[str, Entry]:
+    """The adapter's ``split`` of the fused module at ``path``, run on a weight whose entries are their own flat indices:
+    each part's indices (per head, ``[heads, d_head(, d_model)]``, where ``dh`` is given) as a strided view of the
+    fused tensor; a split that is no strided view, or that does not cover every entry once, is refused."""
+    holder, probe = nn.Module(), nn.Module()
+    shapes = {leaf: p.shape for leaf, p in fused.named_parameters(recurse=False)}
+    for leaf, shape in shapes.items():  # entries are their own flat indices (exact in float64 up to 2^53)
+        setattr(probe, leaf, nn.Parameter(torch.arange(shape.numel(), dtype=torch.float64).reshape(shape), requires_grad=False))
+    if "bias" not in shapes:  # an adapter's split may assume a bias (GPT-NeoX's asserts one): give it zeros, read none
+        n_out = getattr(fused, "out_features", None) or getattr(fused, "nf", None) or shapes["weight"][0]
+        probe.bias = nn.Parameter(torch.zeros(int(n_out), dtype=torch.float64), requires_grad=False)
+    setattr(holder, path.rpartition(".")[2], probe)
+    try:
+        pieces = split(holder)
+    except Exception as exc:  # the adapter's split assumes a layout this configuration does not have (GPT-BigCode's
+        # assumes multi-query attention: with multi_query=False its split_with_sizes fails)
+        raise UnsupportedModelError(f"TransformerLens's split of the fused projection {path} fails on this configuration "
+                                    f"({type(exc).__name__}: {str(exc)[:160]}); its layout is not read.") from None
+    out, seen = {}, {leaf: [] for leaf in shapes}
+    for part, lin in zip(parts, pieces):
+        for leaf in shapes:
+            t = getattr(lin, leaf, None)
+            if t is None:
+                continue
+            idx = t.detach().reshape(-1, dh, *t.shape[1:]) if dh else t.detach()  # [heads, d_head(, d_model)]
+            strides = _strides(idx)
+            if strides is None:
+                raise UnsupportedModelError(f"the fused projection {path} splits into a {part} that is no strided view "
+                                            f"of it; its layout is not supported.")
+            seen[leaf].append(idx.flatten())
+            out[f"{prefix}{part}.{leaf}"] = Entry(f"{prefix}{part}.{leaf}", f"{path}.{leaf}", False,
+                                                   (tuple(idx.shape), strides, int(idx.flatten()[0])))
+    for leaf, pieces in seen.items():
+        got = torch.cat(pieces).sort().values if pieces else torch.empty(0)
+        if not torch.equal(got, torch.arange(shapes[leaf].numel(), dtype=torch.float64)):
+            raise UnsupportedModelError(f"the split of the fused projection {path}.{leaf} does not cover each entry once.")
+    return out
+
+
+def _strides(idx: torch.Tensor) -> Optional[tuple[int, ...]]:
+    """The strides for which ``idx`` = offset + Σ iⱼ·strideⱼ, or None when it is no strided view."""
+    flat0 = idx.flatten()[0]
+    strides = []
+    for d in range(idx.ndim):
+        unit = [0] * idx.ndim
+        if idx.shape[d] > 1:
+            unit[d] = 1
+        strides.append(int(idx[tuple(unit)] - flat0))
+    grid = flat0 + sum(torch.arange(n, dtype=torch.float64).reshape([-1 if j == d else 1 for j in range(idx.ndim)]) * s
+                       for d, (n, s) in enumerate(zip(idx.shape, strides)))
+    return tuple(strides) if torch.equal(grid.expand(idx.shape), idx) else None
