@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import workbench as wb
-from test_hf_families import TOL, bridged_exactly, exact_everywhere, logp, random_model, refused_and_wrong, rel
+from test_hf_families import bridged_exactly, exact_everywhere, folded_exactly, logp, random_model, refused_and_wrong
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 transformers = pytest.importorskip("transformers")
@@ -63,10 +63,7 @@ def test_without_multi_query_the_split_fails_and_is_refused():
 
 def test_fold_then_the_folded_stream():
     model = build()
-    f = wb.fold_layernorm(model)
-    assert rel(logp(f), logp(model)) <= TOL and wb.symmetry_map(f)["resid"].group.name == "orthogonal_ones"
-    new, _ = wb.random_intertwiner(f, seed=2)
-    assert rel(logp(new), logp(model)) <= TOL
+    folded_exactly(model, "orthogonal_ones", logp)
 
 
 def test_bridge_around_gpt_bigcode_is_exact(tmp_path_factory):

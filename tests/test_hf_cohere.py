@@ -11,8 +11,8 @@ import pytest
 import torch
 
 import workbench as wb
-from test_hf_families import (DECODER, IDS, LLAMA_LIKE, TOL, as_raw, bridged_exactly, exact_everywhere, random_model,
-                              refused_and_wrong, rel)
+from test_hf_families import (DECODER, IDS, LLAMA_LIKE, TOL, as_raw, bridged_exactly, exact_everywhere, folded_exactly,
+                              random_model, refused_and_wrong, rel)
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 transformers = pytest.importorskip("transformers")
@@ -86,11 +86,8 @@ def test_map_groups_and_exact_random_intertwiner():
 
 def test_fold_unties_and_the_folded_stream_rotates():
     model = build()
-    f = wb.fold_layernorm(model)
-    assert rel(logp(f), logp(model)) <= TOL and not f.config.tie_word_embeddings
-    assert wb.symmetry_map(f)["resid"].group.name == "orthogonal_ones"
-    new, _ = wb.random_intertwiner(f, seed=2)
-    assert rel(logp(new), logp(model)) <= TOL
+    f = folded_exactly(model, "orthogonal_ones", logp)
+    assert not f.config.tie_word_embeddings
 
 
 def test_bridge_around_cohere_is_exact(tmp_path_factory):

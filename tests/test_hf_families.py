@@ -142,6 +142,18 @@ def exact_everywhere(model, groups: dict, logp=logp, skipped: str = "", inputs=N
     return smap, new, t, report
 
 
+def folded_exactly(model, resid: str, logp=logp, seed: int = 2):
+    """``wb.fold_layernorm(model)`` computes the same log-probabilities (``logp``, computed here), its stream's group is
+    ``resid``, and a random element (``seed``) of every site of the folded model is exact against ``model``. Returns
+    the folded model (for a family's own checks of where the gains went)."""
+    f = wb.fold_layernorm(model)
+    assert rel(logp(f), logp(model)) <= TOL
+    assert wb.symmetry_map(f)["resid"].group.name == resid
+    new, _ = wb.random_intertwiner(f, seed=seed)
+    assert rel(logp(new), logp(model)) <= TOL
+    return f
+
+
 def refused_and_wrong(model, site: str, group, logp=logp, seed: int = 3, inputs=None) -> None:
     """``group`` at ``site`` is refused as no symmetry; forced (``allow_non_symmetry``), it changes the log-probabilities
     (``logp``, computed here) beyond FAIL and verify fails (on IDS, or ``inputs``: a vision model's pixels)."""

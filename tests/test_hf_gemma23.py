@@ -16,8 +16,8 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 import workbench as wb
-from test_hf_families import (DECODER, FAIL, IDS, TOL, as_raw, bridged_exactly, exact_everywhere, random_model,
-                              refused_and_wrong, rel)
+from test_hf_families import (DECODER, FAIL, IDS, TOL, as_raw, bridged_exactly, exact_everywhere, folded_exactly,
+                              random_model, refused_and_wrong, rel)
 from test_hf_families_more import _trace
 
 pytestmark = pytest.mark.filterwarnings("ignore")
@@ -161,12 +161,8 @@ def test_unit_gains_take_rotations_and_folding_keeps_the_output_norms(family):
     new, _ = wb.random_intertwiner(fresh, seed=2, sites=["resid"])
     assert rel(logp(new), logp(fresh)) <= TOL
     model = build(family)
-    f = wb.fold_layernorm(model)
-    assert rel(logp(f), logp(model)) <= TOL
+    f = folded_exactly(model, "signed_permutation", logp, seed=4)
     assert torch.equal(f.model.layers[0].post_attention_layernorm.weight, model.model.layers[0].post_attention_layernorm.weight)
-    assert wb.symmetry_map(f)["resid"].group.name == "signed_permutation"
-    new, _ = wb.random_intertwiner(f, seed=4)
-    assert rel(logp(new), logp(model)) <= TOL
 
 
 def test_gemma2_soft_capped_scores_and_logits_are_exact():

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 import workbench as wb
-from test_hf_families import (DECODER, IDS, LLAMA_LIKE, TOL, bridged_exactly, exact_everywhere, logp, random_model,
-                              refused_and_wrong, rel)
+from test_hf_families import (DECODER, IDS, LLAMA_LIKE, bridged_exactly, exact_everywhere, folded_exactly, random_model,
+                              refused_and_wrong)
 from test_hf_families_more import _trace
 from test_hf_qwen3 import rms
 
@@ -48,10 +48,7 @@ def test_map_groups_and_exact_random_intertwiner():
     model = build()
     exact_everywhere(model, LLAMA_LIKE)
     refused_and_wrong(model, "resid", "orthogonal")
-    f = wb.fold_layernorm(model)
-    assert rel(logp(f), logp(model)) <= TOL and wb.symmetry_map(f)["resid"].group.name == "orthogonal"
-    new, _ = wb.random_intertwiner(f, seed=2)
-    assert rel(logp(new), logp(model)) <= TOL
+    folded_exactly(model, "orthogonal")
 
 
 def test_bridge_around_granite_is_exact(tmp_path_factory):

@@ -14,8 +14,8 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 import workbench as wb
-from test_hf_families import (DECODER, FAIL, LLAMA_LIKE, TOL, bridged_exactly, decoder_shapes, exact_everywhere, logp,
-                              random_model, refused_and_wrong, rel)
+from test_hf_families import (DECODER, FAIL, LLAMA_LIKE, TOL, bridged_exactly, decoder_shapes, exact_everywhere,
+                              folded_exactly, logp, random_model, refused_and_wrong, rel)
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 transformers = pytest.importorskip("transformers")
@@ -81,10 +81,7 @@ def test_a_scaling_on_the_gate_half_is_not_a_symmetry():
 
 def test_fold_then_the_orthogonal_stream():
     model = build()
-    f = wb.fold_layernorm(model)
-    assert rel(logp(f), logp(model)) <= TOL and wb.symmetry_map(f)["resid"].group.name == "orthogonal"
-    new, _ = wb.random_intertwiner(f, seed=3)
-    assert rel(logp(new), logp(model)) <= TOL
+    folded_exactly(model, "orthogonal", seed=3)
 
 
 def test_bridge_around_phi3_is_exact(tmp_path_factory):

@@ -18,7 +18,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 import workbench as wb
-from test_hf_families import (FAIL, TOL, bridged_exactly, exact_everywhere, kinds, logp, random_model,
+from test_hf_families import (FAIL, TOL, bridged_exactly, exact_everywhere, folded_exactly, kinds, logp, random_model,
                               refused_and_wrong, rel)
 from test_hf_families_more import _trace
 
@@ -180,13 +180,8 @@ def test_configuration_variants_are_exact(kw):
 def test_fold_then_the_orthogonal_stream():
     """Folding the stream's RMSNorm gains leaves the per-head norms as they are; the folded stream takes O(d)."""
     model = build(equal=HALVES)
-    f = wb.fold_layernorm(model)
-    assert rel(logp(f), logp(model)) <= TOL
+    f = folded_exactly(model, "orthogonal", logp, seed=5)
     assert torch.equal(f.model.layers[1].self_attn.q_norm.weight, model.model.layers[1].self_attn.q_norm.weight)
-    smap = wb.symmetry_map(f)
-    assert smap["resid"].group.name == "orthogonal"
-    new, _ = wb.random_intertwiner(f, seed=5)
-    assert rel(logp(new), logp(model)) <= TOL
 
 
 def test_bridge_around_qwen3_is_exact(tmp_path_factory):

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 
 import workbench as wb
-from test_hf_families import TOL, exact_everywhere, kinds, random_model, refused_and_wrong, rel
+from test_hf_families import TOL, exact_everywhere, folded_exactly, kinds, random_model, refused_and_wrong, rel
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 transformers = pytest.importorskip("transformers")
@@ -100,10 +100,7 @@ def test_base_model_moves_its_stream_and_keeps_its_pooler_output():
 
 def test_fold_gives_the_orthogonal_stream_group():
     model = build()
-    f = wb.fold_layernorm(model)
-    assert rel(logp(f), logp(model)) <= TOL and wb.symmetry_map(f)["resid"].group.name == "orthogonal_ones"
-    new, _ = wb.random_intertwiner(f, seed=2)
-    assert rel(logp(new), logp(model)) <= TOL
+    folded_exactly(model, "orthogonal_ones", logp)
 
 
 def test_relu_mlp_takes_scaled_permutations():
