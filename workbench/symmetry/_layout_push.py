@@ -465,12 +465,11 @@ def _along(x: torch.Tensor, F, axis: int, out: Optional[torch.Tensor], casts: di
 
     order = sorted(range(x.ndim), key=lambda d: -x.stride(d))
     xm, back = x.permute(order), [order.index(d) for d in range(x.ndim)]
-    if isinstance(F, dict) and not any(isinstance(f, Dense) for f in F.values()):
-        # per-head (scaled) permutations (a mixture's experts' hidden units) gather each head's slice: as a batched
-        # product of dense matrices they cost E·n³ a weight (Mixtral at the coverage table's shape: 0.9 s of 1.1 s)
-        if order[0] != 0:  # heads not the slowest axis in memory: each head's slice gathered from a view
-            return torch.stack([F[h].act(x[h], axis - 1) if h in F else x[h] for h in range(x.shape[0])])
-        res = torch.empty(xm.shape, dtype=x.dtype, device=x.device)  # each head's slice gathered as it lies, in place
+    if isinstance(F, dict) and order[0] == 0 and not any(isinstance(f, Dense) for f in F.values()):
+        # per-head (scaled) permutations (a mixture's experts' hidden units, the heads the slowest axis in memory) gather
+        # each head's slice as it lies, in place: as a batched product of dense matrices (the general path below, for
+        # any layout) they cost E·n³ a weight (Mixtral at the coverage table's shape: 0.9 s of 1.1 s)
+        res = torch.empty(xm.shape, dtype=x.dtype, device=x.device)
         for h in range(x.shape[0]):
             if h in F:
                 F[h].act(xm[h], order.index(axis) - 1, out=res[h])
