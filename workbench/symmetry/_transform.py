@@ -246,6 +246,7 @@ def _push(model: nn.Module, smap: SymmetryMap, transform: Transform, inplace: bo
     weights accelerate offloaded (``meta`` parameters, loaded per forward by a hook) are onloaded while
     the push reads them, and the copy's are offloaded again, its hooks serving the transformed weights."""
     keep_freed_memory()  # once per process: a transform's new weights reuse freed memory, as captures do
+    _check_whole_units(smap, transform)
     offloaded = offloaded_modules(model)
     if offloaded and inplace:
         raise InvalidOptionError(
@@ -253,6 +254,25 @@ def _push(model: nn.Module, smap: SymmetryMap, transform: Transform, inplace: bo
             f"{offloaded[0][0]!r}): they live in its offload folder or map, not in the model. Use inplace=False "
             f"(the copy keeps the same device layout; its offloaded weights are held in CPU memory).")
     return built_alike(model, lambda: backend_for(model).push(model, smap, transform, inplace, hint))
+
+
+def _check_whole_units(smap: SymmetryMap, transform: Transform) -> None:
+    """Refuse an element that is not a plain permutation at a site that moves whole units: attention heads, a mixture's
+    experts (every writer a ``"heads"`` port, which moves blocks of weights by a permutation). Its signs, scales or
+    mixing have no place in those weights and were dropped in silence: a signed permutation forced on the experts'
+    order for a negative control was pushed as its permutation alone, and verify called that control a PASS."""
+    for name, element in transform.elements.items():
+        site = smap[name]
+        if not site.writers or any(p.level != "heads" for p in site.writers):
+            continue
+        plain = isinstance(element, ScaledPermutation) and (element.scale is None or bool((element.scale == 1).all()))
+        if not plain:
+            raise InvalidOptionError(
+                f"site {name!r} moves whole units ({site.activation}): only a permutation of them acts on the "
+                f"weights, so a {transform.groups.get(name, type(element).__name__)} element there would lose its "
+                f"signs, scales or mixing and change nothing a permutation does not. For a negative control, force "
+                f"a larger group on a space inside those units (a head's qk/ov site, an expert's hidden units) or on "
+                f"the stream.")
 
 
 def _traced_map(model: nn.Module, example, affine: bool, verb: str) -> SymmetryMap:

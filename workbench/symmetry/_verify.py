@@ -22,6 +22,7 @@ from ._sites import Site
 from ._transform import Transform, apply_transform
 from ._verify_floor import FLOOR_ROWS, _Comparison, _fails, _floor_rows, _own_rounding, trivial_floor
 from ._verify_kernel import OnePass, one_pass
+from . import _verify_routing as routing
 
 # Relative tolerances by dtype: what an exact symmetry achieves with random weights, with margin.
 TOLERANCES = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 5e-2}
@@ -69,6 +70,9 @@ class InvarianceReport(Report):
     # every output of the original model is 0 on these inputs (torchvision starts a ViT's head at zero):
     # the outputs agree whatever the transform did, and only the site checks say anything
     outputs_zero: bool = False
+    # a mixture of experts' top-k choices (tokens) at ties within rounding where the original was evaluated with the new
+    # model's choice (symmetry/_verify_routing.py): either choice evaluates the same function at its discontinuity
+    routing_ties: int = 0
 
     @property
     def function_preserved(self) -> bool:
@@ -119,6 +123,9 @@ class InvarianceReport(Report):
             text += f"; top-1 differs on {self.top1_disagreements} rows beyond float ties"
         elif self.top1_agreement is not None and self.top1_agreement < 1:
             text += f"; top-1 agreement {self.top1_agreement:.3f} (only float ties differ)"
+        if self.routing_ties:
+            text += (f"; {self.routing_ties} top-k expert choice{'s' if self.routing_ties > 1 else ''} at ties within "
+                     f"rounding, where the original was evaluated with the new model's choice")
         if self.worst is not None and not self.function_preserved:
             w = self.worst
             text += f"; worst at {list(w['index'])}: {w['old']:.4g} → {w['new']:.4g}"
@@ -237,21 +244,33 @@ def _verify(model, new_model, inputs, transform, dtype, tolerance, bar) -> Invar
     names = sorted({o.name for s in sites for o in s.observed} | set(extra))
     # Nothing here needs gradients (no graph is recorded), and activations stay on the devices that computed
     # them (device=None): the checks run there, on a GPU or across the devices of a dispatched model.
+    # A mixture of experts' routers: at a top-k tie within rounding the original is evaluated with the new model's
+    # choice, and both run again (_verify_routing)
+    routers = routing.routers_of(model) if transform is not None else []
+    new_routers = routing.routers_of(new_model) if routers else []
+    labels = routing.labels(backend, smap, transform, routers) if routers else {}
+    force, routing_ties = {}, 0
     with eval_mode(model, new_model), torch.no_grad():
-        bar.set_postfix_str("model")
-        # first_tensor: a Hugging Face layer may return (hidden_states, ...) — GPT-Neo's does — and its stream is the first
-        out, cache = (run_with_cache(model, inputs, names=names or None, budget=None, device=None, reduce=first_tensor)
-                      if names else (model(inputs), None))
-        bar.update()
-        bar.set_postfix_str("new model")
-        # The new model's activations are compared with F·h as its modules produce them (``watch``), not
-        # captured: nothing of it is copied before an in-place op or held, and each is compared while in cache.
-        expected = _expected(backend, sites, transform, cache)
-        measured: dict[tuple[str, int], torch.Tensor] = {}
-        with watch(new_model, _measure(expected, cache, measured), reduce=first_tensor):
-            new_out, new_cache = (run_with_cache(new_model, inputs, names=extra, budget=None, device=None, reduce=first_tensor) if extra
-                                  else (new_model(inputs), None))
-        bar.update()
+        for _ in range(1 + routing.MAX_ROUNDS):
+            bar.set_postfix_str("model")
+            # first_tensor: a Hugging Face layer may return (hidden_states, ...) — GPT-Neo's does — and its stream is the first
+            with routing.Choices(routers, force) as old_choices:
+                out, cache = (run_with_cache(model, inputs, names=names or None, budget=None, device=None, reduce=first_tensor)
+                              if names else (model(inputs), None))
+            bar.set_postfix_str("new model")
+            # The new model's activations are compared with F·h as its modules produce them (``watch``), not
+            # captured: nothing of it is copied before an in-place op or held, and each is compared while in cache.
+            expected = _expected(backend, sites, transform, cache)
+            measured: dict[tuple[str, int], torch.Tensor] = {}
+            with watch(new_model, _measure(expected, cache, measured), reduce=first_tensor), \
+                    routing.Choices(new_routers) as new_choices:
+                new_out, new_cache = (run_with_cache(new_model, inputs, names=extra, budget=None, device=None, reduce=first_tensor) if extra
+                                      else (new_model(inputs), None))
+            more, found = routing.ties(old_choices.seen, new_choices.seen, labels, tol) if routers else ({}, 0)
+            if not more:
+                break
+            force, routing_ties = routing.merged(force, more), routing_ties + found
+        bar.update(2)
     out, new_out = backend.output(out), backend.output(new_out)  # a Hugging Face model's logits
     for value, which in ((out, "model"), (new_out, "new_model")):
         if not isinstance(value, torch.Tensor):
@@ -342,16 +361,18 @@ def _verify(model, new_model, inputs, transform, dtype, tolerance, bar) -> Invar
                 continue  # a PASS on the rows' floor is final; anything else is judged on the whole batch's
             floors, rows = measured_floor, sample
             break
+        if floors is not None and routers and not max(floors) <= _NOT_ROUNDING:
+            floors = None  # a routed model's copy chose other experts at a tie: that is no rounding floor (_verify_routing)
         if floors is not None:
             out_floor, site_floor = floors
             floor = out_floor
             if 10 * max(out_floor, site_floor) > tol:  # the rule names a raise only when there was one
                 tol, floored = 10 * max(out_floor, site_floor), ("own" if rows is None else "own-rows")
     ties, top1 = cmp.top1(tol) if cmp.classifier and not last else (0, None)
-    rule = _rule(compared, per_row, tol, run_dtype, cmp.classifier and not last, floored)
+    rule = _rule(compared, per_row, tol, run_dtype, cmp.classifier and not last, floored, bool(routers))
     return InvarianceReport(cmp.max_abs, cmp.max_rel, top1, tol, str(run_dtype).replace("torch.", ""), checks,
                             compared, kl, floor, rule, cmp.worst(), ties, not_checked, cmp.finite,
-                            outputs_zero=cmp.zero)
+                            outputs_zero=cmp.zero, routing_ties=routing_ties)
 
 
 def _check_made_by(model: nn.Module, new_model: nn.Module, transform: Transform, example) -> None:
@@ -412,7 +433,7 @@ def _sites(model: nn.Module, transform: Optional[Transform], example) -> tuple[l
 
 
 def _rule(compared: str, per_row: bool, tol: float, dtype: torch.dtype, classifier: bool,
-          floored: Optional[str]) -> str:
+          floored: Optional[str], routed: bool = False) -> str:
     unit = "the row's (a position's log-probabilities)" if per_row else "its output unit's (column over rows)"
     raised = {"float32": ", raised to 10× the float32 floor",
               "own": ", raised to 10× this model's own rounding: its outputs against its float64 copy's",
@@ -422,6 +443,9 @@ def _rule(compared: str, per_row: bool, tol: float, dtype: torch.dtype, classifi
             f"eps·max|old|; tol = {tol:.1e} ({str(dtype).replace('torch.', '')}{raised})")
     if classifier:
         text += "; top-1 must agree on every row except float ties (old[a] − old[b] ≤ tol·(s_a + s_b))"
+    if routed:
+        text += ("; at a top-k expert tie within rounding (the token's router logits within tol·s of the original's, "
+                 "the swapped experts' logits within 2δ + 8·eps32·s) the original is evaluated with the new model's choice")
     return text + "; each site: ‖h' − F·h‖ ≤ tol·max(‖h‖, ‖F·h‖) at every observed hook point"
 
 
