@@ -241,6 +241,17 @@ def test_position_interpolation_acts_on_positions_only(cls):
         assert model(pixel_values=pixels).last_hidden_state.shape[1] == 1 + 36 + getattr(model.config, "num_register_tokens", 0)
 
 
+def test_position_interpolation_of_a_folded_model_rounds_in_float32():
+    """Folded, the stream takes rotations fixing 1, which commute with the per-channel resampling in exact arithmetic;
+    but the table is resampled in float32 (in a float64 model), so the rotated table rounds otherwise: at 48 pixels the
+    log-probabilities agree to float32's rounding of the table (5e-10 measured, not 1e-10: verify in float64 says FAIL
+    there), a rotation that did not commute would be O(1) off; at the configured 32 pixels nothing is resampled: exact."""
+    model = build()
+    pixels = torch.randn(2, 3, 48, 48, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    new, _ = wb.random_intertwiner(wb.fold_layernorm(model), seed=1)
+    assert rel(logp(new), logp(model)) <= TOL and rel(logp(new, pixels), logp(model, pixels)) <= 1e-8
+
+
 def test_drop_path_is_the_identity_in_eval():
     """drop_path_rate > 0 builds Dinov2DropPath modules, the identity in eval: the same sites, a draw exact."""
     model = build(drop_path_rate=0.3)
