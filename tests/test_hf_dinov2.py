@@ -292,14 +292,17 @@ def test_transformer_lens_cannot_boot_a_dinov2_bridge():
 @settings(max_examples=8, deadline=None)
 @given(cls=st.sampled_from(sorted(CLASSES)), heads=st.sampled_from([2, 4]), d_head=st.sampled_from([4, 8]),
        layers=st.integers(1, 2), patch=st.sampled_from([8, 16]), swiglu=st.booleans(), registers=st.integers(1, 4),
-       act=st.sampled_from(["gelu", "relu", "gelu_new"]), seed=st.integers(0, 2 ** 16))
-def test_property_random_shapes_are_exact(cls, heads, d_head, layers, patch, swiglu, registers, act, seed):
-    """Random widths, heads, depths, patch sizes, MLPs (GELU-like, ReLU or SwiGLU) and register counts: a random
-    element of every site is exact in float64 (the last hidden state compared through the stream's element where the
-    class has no head)."""
+       act=st.sampled_from(["gelu", "relu", "gelu_new"]), mask=st.booleans(), qkv_bias=st.booleans(),
+       seed=st.integers(0, 2 ** 16))
+def test_property_random_shapes_are_exact(cls, heads, d_head, layers, patch, swiglu, registers, act, mask, qkv_bias, seed):
+    """Random widths, heads, depths, patch sizes, MLPs (GELU-like, ReLU or SwiGLU), register counts, with or without a
+    mask token (Dinov2Config's use_mask_token; the registers' configuration always builds one) and q/k/v biases: a
+    random element of every site is exact in float64 (the last hidden state compared through the stream's element
+    where the class has no head)."""
     kw = dict(hidden_size=heads * d_head, num_attention_heads=heads, num_hidden_layers=layers, patch_size=patch,
-              use_swiglu_ffn=swiglu, hidden_act=act)
-    model = build(cls, seed % 5, **kw, **({"num_register_tokens": registers} if "Registers" in cls else {}))
+              use_swiglu_ffn=swiglu, hidden_act=act, qkv_bias=qkv_bias)
+    kw.update({"num_register_tokens": registers} if "Registers" in cls else {"use_mask_token": mask})
+    model = build(cls, seed % 5, **kw)
     mlp = {"diagonal_permutation"} if swiglu else {"scaled_permutation"} if act == "relu" else {"permutation"}
     assert kinds(wb.symmetry_map(model))["blocks.mlp"] == mlp
     new, t = wb.random_intertwiner(model, seed=seed, example=PIXELS)
