@@ -18,6 +18,8 @@ mapping does not cover (Phi's ``qk_layernorm``) is refused, naming the parameter
 The few facts the adapter does not state in its mapping are read from the configs: Gemma's RMSNorm
 gain is ``1 + w`` (the adapter's ``cfg.rmsnorm_uses_offset``); post-LayerNorm (BERT, OPT with
 ``do_layer_norm_before=False``); encoders (BERT); which parameters are tied (one tensor, by identity).
+A checked family TransformerLens has no adapter for (DINOv2) is mapped by workbench's own (``_hf_adapters``: its
+ViT adapter under DINOv2's module names), for raw models only.
 Whether the layout describes the model itself (not only its class and config) is ``_hf_check.py``'s; how a
 transformed model is built, ``_hf_build.py``'s.
 """
@@ -34,8 +36,9 @@ from torch import nn
 from .._errors import UnsupportedModelError
 from . import _hf_check as check
 from ._call import per_call
-from ._hf_entries import (BERT_FAMILIES, MOE_FAMILIES, VISION_FAMILIES, Entry, experts, fused_gate_up, fused_qkv, heads,
-                          vision_embeddings)
+from ._hf_adapters import OWN_ADAPTER_FAMILIES, own_adapter
+from ._hf_entries import (BERT_FAMILIES, DINO_FAMILIES, MOE_FAMILIES, VISION_FAMILIES, Entry, experts, fused_gate_up,
+                          fused_qkv, heads, layer_scale, patch_mean_classifier, vision_embeddings)
 from ._kind import ModelKind, model_kind
 
 # Canonical component keys the layout knows (``{i}``: a layer); a mapped component outside these has no
@@ -81,17 +84,20 @@ class Layout:
 # sit, parallel blocks) come from the adapter's config, and an adapter can state them wrongly. OpenAI GPT's reads
 # its GELU as ReLU and its post-LN blocks as pre-LN; a transform built on them changed the float64 log-probabilities
 # by 7e-4. Add a family only with its derivation and those tests.
-CHECKED_FAMILIES = frozenset({"bert", "bloom", "cohere", "deit", "falcon", "gemma", "gemma2", "gemma3_text", "gpt2",
-                              "gpt_bigcode", "gpt_neo", "gpt_neox", "gptj", "granite", "llama", "mistral", "mixtral",
-                              "nemotron", "olmo", "olmo2", "opt", "phi", "phi3", "qwen2", "qwen3", "roberta",
-                              "stablelm", "starcoder2", "vit", "xlm-roberta"})
+CHECKED_FAMILIES = frozenset({"bert", "bloom", "cohere", "deit", "dinov2", "dinov2_with_registers", "falcon", "gemma",
+                              "gemma2", "gemma3_text", "gpt2", "gpt_bigcode", "gpt_neo", "gpt_neox", "gptj", "granite",
+                              "llama", "mistral", "mixtral", "nemotron", "olmo", "olmo2", "opt", "phi", "phi3", "qwen2",
+                              "qwen3", "roberta", "stablelm", "starcoder2", "vit", "xlm-roberta"})
 # Families whose norms compute in float32 inside a float64 model although they are LayerNorms (every Hugging Face
 # RMSNorm does; Cohere's LayerNorm too): verify rounds the stream where they read it to measure its floor.
 FLOAT32_NORM_FAMILIES = frozenset({"cohere", "olmo"})  # (OLMo 1's parameter-free LayerNorm too)
 # MLP activations a family's module runs while TransformerLens's adapter leaves ``act_fn`` at its default ("relu"):
 # BLOOM's BloomGelu is the tanh-approximated GELU (tests/test_hf_bloom.py computes it from the module); Falcon's MLP
 # runs its config's ``activation`` (``ACT2FN[config.activation]``): each family's activation, from its config.
-_ACTIVATIONS = {"bloom": lambda config: "gelu_new", "falcon": lambda config: config.activation}
+# DINOv2's MLP runs ACT2FN[hidden_act], its SwiGLU MLP (use_swiglu_ffn) silu on the gate whatever hidden_act says.
+_DINO_ACT = lambda config: "silu" if getattr(config, "use_swiglu_ffn", False) else config.hidden_act  # noqa: E731
+_ACTIVATIONS = {"bloom": lambda config: "gelu_new", "falcon": lambda config: config.activation,
+                "dinov2": _DINO_ACT, "dinov2_with_registers": _DINO_ACT}
 # Checked families whose TransformerLens adapter is listed under one class only, with no fallback by ``model_type``: every
 # class of the family is read through it (a checkpoint of RobertaForSequenceClassification names only that class), and
 # the heads it does not map are read by ``_hf_entries.heads``. XLM-RoBERTa's modules are RoBERTa's under other class
@@ -166,13 +172,19 @@ def _build_adapter(hf: nn.Module):
             f"the installed TransformerLens has none (3.x). Install transformer-lens>=4.") from None
     _check_family(hf)
     config = named_config(hf)
-    try:
-        arch = source.determine_architecture_from_hf_config(config)
-    except ValueError as exc:  # TransformerLens lists every architecture it knows in this message: the first line says it
-        raise UnsupportedModelError(f"TransformerLens 4 has no architecture adapter for {type(hf).__name__} "
-                                    f"({str(exc).splitlines()[0][:120]}…)") from None
-    cfg = source.build_bridge_config_from_hf(config, arch, f"local/{config.model_type}", next(hf.parameters()).dtype)
-    found = ArchitectureAdapterFactory.select_architecture_adapter(cfg)
+    dtype = next(hf.parameters()).dtype
+    if config.model_type in OWN_ADAPTER_FAMILIES:  # a checked family TransformerLens has no adapter for (DINOv2): its
+        # configuration read by TransformerLens as a ViT's, which it is under other module names (_hf_adapters)
+        cfg = source.build_bridge_config_from_hf(config, "ViTModel", f"local/{config.model_type}", dtype)
+        found = own_adapter(type(hf).__name__, config, cfg)
+    else:
+        try:
+            arch = source.determine_architecture_from_hf_config(config)
+        except ValueError as exc:  # TransformerLens lists every architecture it knows in this message: the first line says it
+            raise UnsupportedModelError(f"TransformerLens 4 has no architecture adapter for {type(hf).__name__} "
+                                        f"({str(exc).splitlines()[0][:120]}…)") from None
+        cfg = source.build_bridge_config_from_hf(config, arch, f"local/{config.model_type}", dtype)
+        found = ArchitectureAdapterFactory.select_architecture_adapter(cfg)
     prepare = getattr(found, "prepare_model", None)
     if prepare is not None:  # name fixes that depend on the model (NeoX's embed_out), on a weightless copy
         ref, base = _reference(hf), base_prefix(hf)
@@ -288,6 +300,11 @@ def _build_layout(ad, hf: nn.Module) -> Layout:
                 paths[key], paths[f"{key}.router"] = sub, f"{sub}.gate"  # (the router's output: its logits, first)
                 entries.update((e.key, e) for e in experts(key, sub, module(sub)))
                 continue
+            if family in DINO_FAMILIES and name in ("ls1", "ls2", "unembed"):  # a layer scale's lambda1; the classifier's
+                paths[key] = sub  # two column halves (class token, patch mean) as strided views
+                found = layer_scale(key, sub, module(sub)) if name != "unembed" else patch_mean_classifier(sub, module(sub))
+                entries.update((e.key, e) for e in found)
+                continue
             subs = dict(getattr(comp, "submodules", None) or {})
             if name == "blocks":
                 for i in range(n_layers):
@@ -328,7 +345,7 @@ def _build_layout(ad, hf: nn.Module) -> Layout:
     if family in VISION_FAMILIES and "unembed" in paths and "unembed.weight" not in entries:
         raise UnsupportedModelError(f"{type(hf).__name__} with num_labels=0: its classifier is an Identity, so its logits "
                                     f"are the class token's stream itself, in the basis a transform moves; not derived "
-                                    f"here (read the ViTModel, whose output is compared in the new basis).")
+                                    f"here (read its base model, whose output is compared in the new basis).")
     for e in heads(hf, ref, base):
         entries.setdefault(e.key, e)
     if base and "project_out" in paths:

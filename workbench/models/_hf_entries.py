@@ -22,7 +22,12 @@ BERT_FAMILIES = frozenset({"bert", "roberta", "xlm-roberta"})
 _MLM_BIASES = {"bert": ("cls.predictions.bias", "cls.predictions.decoder.bias"),
                "roberta": ("lm_head.bias", "lm_head.decoder.bias"), "xlm-roberta": ("lm_head.bias", "lm_head.decoder.bias")}
 # Families whose embeddings are a ViT's (patches, a class token, learned positions): docs/DERIVATIONS.md §10, ViT.
-VISION_FAMILIES = frozenset({"vit", "deit"})  # (DeiT: ViT's modules and a distillation token)
+# (DeiT: ViT's modules and a distillation token; DINOv2: a mask token in its configuration, registers, layer scales)
+VISION_FAMILIES = frozenset({"vit", "deit", "dinov2", "dinov2_with_registers"})
+# Families whose blocks scale each output channel before the residual add (DINOv2's layer_scale1/2.lambda1, mapped as
+# ``ls1``/``ls2`` by ``_hf_adapters``) and whose classifier reads [class token, mean of the patch tokens] (2·d_model
+# columns): docs/DERIVATIONS.md §10, DINOv2.
+DINO_FAMILIES = frozenset({"dinov2", "dinov2_with_registers"})
 # A ViTEmbeddings' parameters (under the module TransformerLens maps to ``embed``) -> bridge-layout key. Each writes the
 # residual stream: the patch projection is a Conv2d whose output channel (dim 0) is the stream's; the class token
 # [1, 1, d] and the position embeddings [1, 1 + patches, d] are added along it (``_layout.to_canonical`` drops the
@@ -30,7 +35,10 @@ VISION_FAMILIES = frozenset({"vit", "deit"})  # (DeiT: ViT's modules and a disti
 _VIT_EMBEDDINGS = {"patch_embeddings.projection.weight": "patch_embed.weight",
                    "patch_embeddings.projection.bias": "patch_embed.bias",
                    "cls_token": "cls_token.weight", "position_embeddings": "pos_embed.weight",
-                   "distillation_token": "dist_token.weight"}  # DeiT's second token [1, 1, d], after the class token
+                   "distillation_token": "dist_token.weight",  # DeiT's second token [1, 1, d], after the class token
+                   # DINOv2's mask token [1, d] (replaces the masked patches' embeddings where bool_masked_pos says so)
+                   # and its registers [1, registers, d] (inserted after the class token, with no position): writers
+                   "mask_token": "mask_token.weight", "register_tokens": "reg_tokens.weight"}
 
 # Families whose MLP is a sparse mixture of experts read here (docs/DERIVATIONS.md §10, Mixtral): a router reading the
 # stream and experts stored as fused 3-D tensors, each expert a SwiGLU.
@@ -57,6 +65,30 @@ def vision_embeddings(path: str, embeddings: nn.Module) -> list[Entry]:
         raise UnsupportedModelError(f"the ViT embeddings' parameters {[f'{path}.{n}' for n in other]} have no derived "
                                     f"place in the residual stream's writers; nothing is transformed.")
     return [Entry(_VIT_EMBEDDINGS[n], f"{path}.{n}") for n in names]
+
+
+def layer_scale(key: str, path: str, scale: Optional[nn.Module]) -> list[Entry]:
+    """A DINOv2 layer scale at ``path`` (``Dinov2LayerScale``: ``x * lambda1``, one gain per stream channel), component
+    key ``key`` (``blocks.0.ls1``): its ``lambda1`` under ``{key}.weight``. Any other parameter in it is refused."""
+    names = [] if scale is None else [n for n, _ in scale.named_parameters()]
+    if names != ["lambda1"]:
+        raise UnsupportedModelError(f"the layer scale {path} holds {names}, not one lambda1; not read.")
+    return [Entry(f"{key}.weight", f"{path}.lambda1")]
+
+
+def patch_mean_classifier(path: str, classifier: Optional[nn.Module]) -> list[Entry]:
+    """DINOv2's classifier at ``path``: a Linear of ``[class token ; mean of the patch tokens]`` (2·d_model inputs) after
+    the final LayerNorm. Its two column halves read the stream (the mean over positions commutes with any map of the
+    channels), as ``unembed`` (the class token's) and ``unembed_patches`` (the patch mean's), strided views of its
+    weight; its bias is in no site's space. An Identity (num_labels=0) has none: ``_hf`` refuses it by name."""
+    if not isinstance(classifier, nn.Linear):
+        return []
+    n, two_d = classifier.weight.shape
+    d = two_d // 2
+    half = ((n, d), (two_d, 1))
+    out = [Entry("unembed.weight", f"{path}.weight", False, (*half, 0)),
+           Entry("unembed_patches.weight", f"{path}.weight", False, (*half, d))]
+    return out + ([Entry("unembed.bias", f"{path}.bias")] if classifier.bias is not None else [])
 
 
 def heads(hf: nn.Module, ref: nn.Module, base: str) -> list[Entry]:

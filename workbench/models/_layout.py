@@ -49,12 +49,15 @@ def to_canonical(sd: dict[str, torch.Tensor], cfg: Any) -> dict[str, torch.Tenso
             out["embed.W_E"] = t
         elif stem == "pos_embed":  # [positions, d_model]; a ViT's [1, positions, d_model] without its leading 1
             out["pos_embed.W_pos"] = t.reshape(-1, t.shape[-1])
-        elif stem in ("cls_token", "dist_token"):  # a ViT's class token (DeiT's distillation token) [1, 1, d_model]:
-            out[f"{stem}.W"] = t.reshape(-1, t.shape[-1])  # one row of the stream, [1, d_model]
+        elif stem in ("cls_token", "dist_token", "mask_token", "reg_tokens"):  # a ViT's class token (DeiT's distillation
+            # token) [1, 1, d_model], DINOv2's mask token [1, d_model] and registers [1, r, d_model]: rows of the stream
+            out[f"{stem}.W"] = t.reshape(-1, t.shape[-1])
         elif stem == "patch_embed":  # a ViT's patch projection, a Conv2d: [d_model, channels, p, p] and [d_model]
             out[f"patch_embed.{'W' if W else 'b'}"] = t
         elif stem == "unembed":
             out["unembed.W_U" if W else "unembed.b_U"] = t.T if W else t
+        elif stem == "unembed_patches":  # DINOv2's classifier columns reading the patch tokens' mean [labels, d_model]
+            out["unembed_patches.W_U"] = t.T
         elif stem == "token_type_embed":  # BERT
             out["token_type_embed.W_TT"] = t
         elif stem == "mlm_head":  # BERT's MLM head dense: reads the stream, writes the head's space
@@ -89,10 +92,12 @@ def from_canonical(sd: dict[str, torch.Tensor], cfg: Any) -> dict[str, torch.Ten
             out["embed.weight"] = t
         elif key == "pos_embed.W_pos":  # (a ViT's is read and written through views of its own [1, positions, d_model])
             out["pos_embed.weight"] = t
-        elif base in ("cls_token", "dist_token", "patch_embed"):  # a ViT's: as above
+        elif base in ("cls_token", "dist_token", "mask_token", "reg_tokens", "patch_embed"):  # a ViT's: as above
             out[f"{base}.{'bias' if leaf == 'b' else 'weight'}"] = t
         elif key == "unembed.W_U":
             out["unembed.weight"] = t.T
+        elif key == "unembed_patches.W_U":
+            out["unembed_patches.weight"] = t.T
         elif key == "unembed.b_U":
             out["unembed.bias"] = t
         elif key == "token_type_embed.W_TT":

@@ -13,6 +13,8 @@ from ..models import ModelKind, has_layout, hf, model_kind, read_weights, rebuil
 # Each residual-stream norm and the weights that read its output (canonical layout: d_model axis). A
 # parallel block with one norm (Phi: attention and MLP read the same ln1) has no ln2: ln1 feeds both.
 _READERS = {"ln1": ("attn", ("Q", "K", "V")), "ln2": ("mlp", ("in", "gate"))}
+# Layer scales (DINOv2's ls1, ls2) and the writers whose output they scale.
+_SCALED = {"ls1": ("attn.W_O", "attn.b_O"), "ls2": ("mlp.W_out", "mlp.b_out")}
 _HF = (ModelKind.HF, ModelKind.HF_BRIDGE)
 
 
@@ -28,7 +30,8 @@ def fold_layernorm(model: nn.Module, example: Optional[torch.Tensor] = None) -> 
     has none) stays on the norm, divided by the gain; after the normalisation it is a vector that
     rotations move with the stream. Tied embeddings (GPT-2) are untied: the unembedding takes the final norm's gain.
     Post-LayerNorm models (BERT, OPT-350m) cannot be folded: their norms sit on the stream itself.
-    Gemma's gains are ``1 + w``: folded, its norms store w = 0. Hugging Face models, raw or in a
+    Gemma's gains are ``1 + w``: folded, its norms store w = 0. DINOv2's layer scales λ (each block adds
+    λ ⊙ its output) are folded into the writers they scale (``W_O``, ``b_O``, ``W_out``, ``b_out``), leaving λ = 1. Hugging Face models, raw or in a
     bridge, come back as the same kind.
 
     Any other ``nn.Module`` (torchvision's or timm's ``VisionTransformer``, ConvNeXt, …) is traced with
@@ -90,10 +93,25 @@ def _fold_layout(model: nn.Module) -> nn.Module:
                 readers += [(f"blocks.{layer}.mlp.{w}", "") for w in ("W_router", "experts.W_in", "experts.W_gate")]
             _fold(W, f"blocks.{layer}.{ln}", [r for r in readers if r[0] in W], heads=lambda key: ".attn." in key,
                   offset=offset)
-    # the final norm's reader: the unembedding, or a sequence classifier's score (LlamaForSequenceClassification)
-    _fold(W, "ln_final", [r for r in (("unembed.W_U", "unembed.b_U"), ("score.W", "score.b")) if r[0] in W],
-          heads=lambda key: False, offset=offset)
+        for ls, writers in _SCALED.items():  # a layer scale (DINOv2) into the writers it scales
+            _fold_scale(W, f"blocks.{layer}.{ls}.w", [f"blocks.{layer}.{w}" for w in writers])
+    # the final norm's reader: the unembedding, or a sequence classifier's score (LlamaForSequenceClassification);
+    # DINOv2's classifier reads it twice, the class token by unembed and the patch tokens' mean by unembed_patches, one bias
+    _fold(W, "ln_final", [r for r in (("unembed.W_U", "unembed.b_U"), ("unembed_patches.W_U", "unembed.b_U"),
+                                      ("score.W", "score.b")) if r[0] in W], heads=lambda key: False, offset=offset)
     return rebuild(model, W, untie=True)
+
+
+def _fold_scale(W: dict, key: str, writers: list[str]) -> None:
+    """Fold a layer scale λ (``key``: the block's output is λ ⊙ (x·W + b)) into its writers' d_model axis (the last:
+    ``W_O`` [h, d_head, d_model], ``W_out`` [d_mlp, d_model], their biases), leaving λ = 1."""
+    if key not in W:
+        return
+    lam = W[key]
+    for w in writers:
+        if w in W:
+            W[w] = W[w] * lam
+    W[key] = torch.ones_like(lam)
 
 
 def _fold(W: dict, ln: str, readers: list[tuple[str, str]], heads, offset: float = 0.0) -> None:

@@ -57,8 +57,10 @@ def norm_keys(weights: dict) -> list[str]:
     """Gain and bias keys of the LayerNorms on the residual stream (not SoLU's ``mlp.ln``); BERT's
     embedding LayerNorm and its MLM head's (whose space is tied to the stream's) included, and the norms on a block's
     outputs (``ln1_post``, ``ln2_post``: Gemma 2 and 3, OLMo 2), whose outputs join the stream: a gain there passes only what it
-    commutes with, as a reader's does (``is_folded``), and moves by the element's permutation."""
-    return [k for k in weights if k.rpartition(".")[0].rpartition(".")[2] in ("ln1", "ln2", "ln1_post", "ln2_post")
+    commutes with, as a reader's does (``is_folded``), and moves by the element's permutation. DINOv2's layer scales
+    (``ls1``, ``ls2``: λ ⊙ a block's output before the residual add) are such gains without a normalisation: for a
+    writer moved by s·P·D, s·P·D·diag(λ) = diag(P·λ)·s·P·D, so λ ↦ P·λ; a dense map passes only where λ is 1."""
+    return [k for k in weights if k.rpartition(".")[0].rpartition(".")[2] in ("ln1", "ln2", "ln1_post", "ln2_post", "ls1", "ls2")
             or k.startswith("ln_final.") or k.startswith("embed_ln.")]
 
 
@@ -237,7 +239,7 @@ def _resid_site(model, cfg, W: dict, L: int, see) -> Site:
         notes.append(f"norm gains are {offset:g} + w (Gemma, Nemotron); folded means w = {1 - offset:g}")
     writers = [] if word else [Port("embed.W_E", "pre", axis=1)]
     writers += [Port(k, "pre", axis=1) for k in ("pos_embed.W_pos", "token_type_embed.W_TT", "mlm.W", "project_in.W", "cls_token.W",
-                                                 "dist_token.W")]
+                                                 "dist_token.W", "mask_token.W", "reg_tokens.W")]
     # mlm.b; a ViT's patch projection (a Conv2d, [d_model, channels, p, p]: the stream is its output channel) and its bias
     writers += [Port(k, "pre", axis=0) for k in ("mlm.b", "patch_embed.W", "patch_embed.b")]
     # a classifier's score reads the stream, or where project_out maps it to the word space (OPT-350m) that space
@@ -252,8 +254,8 @@ def _resid_site(model, cfg, W: dict, L: int, see) -> Site:
         elif moe.is_moe(W, layer):
             writes, reads = moe.stream_ports(W, layer)
             writers, readers = writers + writes, readers + reads
-    if not word:
-        readers.append(Port("unembed.W_U", "post", axis=0))
+    if not word:  # (DINOv2's classifier reads the class token by unembed, the patch tokens' mean by unembed_patches)
+        readers += [Port(k, "post", axis=0) for k in ("unembed.W_U", "unembed_patches.W_U")]
     label = {None: "no normalisation", "LN": "post-LayerNorm" if post_ln else "LayerNorm", "LNPre": "LayerNorm (no gain)", "RMS": "RMSNorm",
              "RMSPre": "RMSNorm (no gain)"}[norm]
     return Site("resid", group.n, group, label + (" (folded)" if folded and norm in ("LN", "RMS") else ""),
