@@ -285,10 +285,13 @@ def _round_lens(model, inputs, rms: bool) -> list[str]:
 def _round_raw(model, rms: bool) -> list[str]:
     """A raw Hugging Face model's module outputs to round: the stream where each layer reads it (the
     embedding's and every layer's output: RMSNorm), each attention's output projection's under eager
-    attention (its softmax upcasts)."""
+    attention (its softmax upcasts), and DINOv2's embeddings' (an image of another size than its position table's
+    resamples the table in float32: 5e-10 off in a float64 model, which verify FAILed against 1e-10)."""
     paths = hf.layout(model).paths
     L = int(hf.config(model).n_layers)
     names = [paths[k] for k in ["embed"] + [f"blocks.{i}" for i in range(L)] if rms and k in paths]
+    if hf.facts(model)["family"] in hf.DINO_FAMILIES and "embed" in paths and paths["embed"] not in names:
+        names.append(paths["embed"])
     if getattr(hf.hf_model(model).config, "_attn_implementation", None) == "eager":
         names += [p for k, p in paths.items() if k.endswith(".attn.o")]
     return names
