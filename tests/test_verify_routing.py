@@ -89,15 +89,20 @@ def test_tied_routers_flip_choices_of_exact_transforms_and_verify_evaluates_the_
     assert flipped_total > 0 and ties_total >= flipped_total  # (later layers' ties come on top of the first's)
 
 
+def passes_with_ties(model, seeds) -> None:
+    """Every exact transform of ``model`` (seeds ``seeds``) passes verify, and some of them met ties."""
+    counted = 0
+    for seed in seeds:
+        new, t = wb.random_intertwiner(model, seed=seed)
+        report = wb.verify(model, new, X, t)
+        assert report.passed, report.summary()
+        counted += report.routing_ties
+    assert counted > 0
+
+
 def test_near_ties_within_rounding_pass_and_top2_routing_too():
-    for model in (tied(near=2.0 ** -22), tied(seed=4, k=2)):
-        counted = 0
-        for seed in range(4):
-            new, t = wb.random_intertwiner(model, seed=seed)
-            report = wb.verify(model, new, X, t)
-            assert report.passed, report.summary()
-            counted += report.routing_ties
-        assert counted > 0
+    passes_with_ties(tied(near=2.0 ** -22), range(4))
+    passes_with_ties(tied(seed=4, k=2), range(4))
 
 
 def test_transforms_that_are_not_symmetries_fail_with_ties_present():
@@ -143,15 +148,7 @@ def test_transforms_that_are_not_symmetries_fail_with_ties_present():
 def test_a_bridge_over_tied_routers_passes(tmp_path):
     from test_hf_families import bridge
 
-    raw = tied()
-    model = bridge(raw.double(), tmp_path).float()
-    counted = 0
-    for seed in range(3):
-        new, t = wb.random_intertwiner(model, seed=seed)
-        report = wb.verify(model, new, X, t)
-        assert report.passed, report.summary()
-        counted += report.routing_ties
-    assert counted > 0
+    passes_with_ties(bridge(tied().double(), tmp_path).float(), range(3))
 
 
 def test_a_routed_models_floor_from_a_copy_that_chose_other_experts_is_not_used():
