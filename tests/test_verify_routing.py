@@ -87,6 +87,9 @@ def test_tied_routers_flip_choices_of_exact_transforms_and_verify_evaluates_the_
             assert "the original was evaluated with the new model's choice" in report.summary()
         assert "top-k expert tie within rounding" in report.rule
     assert flipped_total > 0 and ties_total >= flipped_total  # (later layers' ties come on top of the first's)
+    # the routers' hooks (recording, and forcing the original's choices) are gone, and the models are unchanged
+    assert all(not layer.mlp.gate._forward_hooks for m in (model, new) for layer in m.model.layers)
+    assert torch.equal(choices(model, X)[1], old_logp)
 
 
 def passes_with_ties(model, seeds) -> None:
