@@ -111,3 +111,44 @@ def test_a_large_weight_is_one_gather_on_one_thread():
         assert len(_jobs([(x, torch.empty_like(x), gather)], {})[0]) > 1
     calls[0]()
     assert torch.equal(out, _stepwise(x, gather))
+
+
+def _per_head_stepwise(x: torch.Tensor, run: list) -> torch.Tensor:
+    """``run`` applied one move at a time: a per-head dict by each head's own ``act`` on its slice (heads on axis 0)."""
+    for a, F in run:
+        if isinstance(F, dict):
+            y = x.clone()
+            for h, f in F.items():
+                y[h] = f.act(x[h], a - 1)
+            x = y
+        else:
+            x = F.act(x, a)
+    return x
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("experts,n,d", [(3, 5, 7), (8, 64, 512)])  # torch's path; the compiled kernel's size
+@pytest.mark.parametrize("order", ["hidden_first", "experts_first"])
+def test_a_mixtures_per_expert_moves_join_the_gather_pass(dtype, experts, n, d, order):
+    """A mixture's fused gate/up weight, canonical [experts, d_model, n] as a strided view of its [experts, n, d_model]
+    storage: each expert's scaled permutation of its hidden units (a per-head dict, one expert left out), the experts'
+    order and the stream's signed permutation compose into one gather (one row index over experts·n, one column index)
+    with the same bits as the moves one by one; the down projection, whose hidden axis is the fastest, does not join."""
+    g = torch.Generator().manual_seed(experts + n)
+    storage = torch.randn(experts, n, d, generator=g, dtype=dtype)
+    x = storage.transpose(1, 2)  # canonical [experts, d_model, n], hidden units slower than d_model in memory
+    per_expert = {e: _sp(n, g, True) for e in range(experts) if e != 1}
+    signs = ScaledPermutation(torch.randperm(d, generator=g), torch.where(torch.rand(d, generator=g) < 0.5, -1.0, 1.0).double())
+    moves = [(2, per_expert), (0, _sp(experts, g, False))]
+    run = (moves if order == "hidden_first" else moves[::-1]) + [(1, signs)]
+    assert _gather_run(run, 0, x) == len(run)
+    want = _per_head_stepwise(x, run)
+    assert torch.equal(_gathered(x, run, None), want)
+    out = torch.empty_like(storage).transpose(1, 2)
+    _push_slice(x, out, run, -1, {})
+    assert torch.equal(out, want)
+    # two scaled moves of the rows cannot share one product per entry: the run breaks before the second
+    assert _gather_run([(2, per_expert), (0, _sp(experts, g, True))], 0, x) == 1
+    # the down projection [experts, n, d_model] stored as [experts, d_model, n]: its hidden axis is the fastest
+    down = torch.randn(experts, d, n, generator=g, dtype=dtype).transpose(1, 2)
+    assert _gather_run([(1, per_expert)], 0, down) == 0

@@ -54,6 +54,7 @@ from torch import fx, nn
 from .._errors import InvalidOptionError
 from .._offload import served
 from ..groups import Dense, Group, ScaledPermutation, get_group
+from ._layout_gathers import HeadPermutation
 from ._port_moves import _Tiled
 from ._sites import Port
 
@@ -114,20 +115,6 @@ def split_port(name: str) -> tuple[str, str, Optional[tuple[int, int]]]:
     return module, attr, (int(a), int(b)) if a is not None else None
 
 
-def _head_permutation():
-    """``_layout_push.HeadPermutation``, imported on first use (it imports the model adapters) and kept: an import
-    statement inside ``plan_ports`` cost ~2 µs on each of a Swin-T transform's ~300 sites."""
-    global _HEAD_PERMUTATION
-    if _HEAD_PERMUTATION is None:
-        from ._layout_push import HeadPermutation
-
-        _HEAD_PERMUTATION = HeadPermutation
-    return _HEAD_PERMUTATION
-
-
-_HEAD_PERMUTATION = None
-
-
 def plan_ports(modules: dict, site, element, moves_for, forced: bool) -> None:
     """Record, in ``moves_for(module, attr)`` (a ``_port_moves.Moves``, composed per tensor in site order), what
     ``element`` at ``site`` does to every parameter port of the site. Writers move by the element (``"pre"``),
@@ -136,7 +123,6 @@ def plan_ports(modules: dict, site, element, moves_for, forced: bool) -> None:
     ports = _site_ports(site, modules)
     if not ports:
         return
-    HeadPermutation = _head_permutation()
     perm = element.perm_part()
     duals: dict = {}  # F⁻ᵀ per level, inverted once per site (a head's weight and bias share it)
     heads: dict = {}  # block → the head permutation, one per site (its index is computed per move it makes)

@@ -17,6 +17,7 @@ from .._errors import InvalidOptionError, UnsupportedModelError
 from .._threads import in_parallel, threads
 from ..groups import GroupElement, ScaledPermutation, rotary_inverse
 from ..models import blank, canonical_views, finish, read_weights, rebuild, tied_keys, views_like, write_weights
+from ._layout_gathers import HeadPermutation, _gather_run, _gathered  # noqa: F401  (tests import them here)
 from ._sites import Observation, Site, SymmetryMap
 
 
@@ -64,49 +65,6 @@ def _act_obs(h: torch.Tensor, F: GroupElement, obs: Observation) -> torch.Tensor
     out = h.clone()
     out.index_copy_(-2, idx, F.act(h.index_select(-2, idx), obs.axis))
     return out
-
-
-class HeadPermutation:
-    """A permutation of ``m`` units lifted to an axis: unit j is ``block`` consecutive entries — all of
-    them in order (a key/value group's query heads; a raw projection's output features), or starting
-    at ``heads[j]·block`` (the query heads of one group; the other entries stay). The axis's length is
-    only known when it acts."""
-
-    def __init__(self, perm: ScaledPermutation, block: int = 1, heads: Optional[tuple] = None):
-        self.perm, self.block, self.heads = perm.perm, block, heads
-        self._index: dict[int, torch.Tensor] = {}  # n -> index: one move meets W_Q, b_Q and W_O (~10 µs each)
-
-    def index(self, n: int) -> torch.Tensor:
-        """``idx`` with ``out[c] = x[idx[c]]`` on an axis of length ``n`` (the same tensor on every call: read only)."""
-        idx = self._index.get(n)
-        if idx is None:
-            idx = self._index[n] = self._compute(n)
-        return idx
-
-    def _compute(self, n: int) -> torch.Tensor:
-        if self.heads is None:
-            idx = (self.perm[:, None] * self.block + torch.arange(self.block)).flatten()
-            if idx.numel() != n:
-                raise InvalidOptionError(f"a permutation of {self.perm.numel()} head groups of {self.block} does not fit "
-                                         f"an axis of {n} heads.")
-            return idx
-        idx, h = torch.arange(n), torch.tensor(self.heads)
-        within = torch.arange(self.block)
-        idx[(h[:, None] * self.block + within).flatten()] = (h[self.perm][:, None] * self.block + within).flatten()
-        return idx
-
-    def act(self, x: torch.Tensor, dim: int) -> torch.Tensor:
-        d = dim % x.ndim
-        return x.index_select(d, self.index(x.shape[d]).to(x.device))
-
-
-# ---------------------------------------------------------------------- pushing: one weight at a time
-# A large weight is pushed in slices of at most this many elements (32 MiB in float64), cut along an
-# axis no element acts on (the vocabulary of W_E and W_U). Each slice is one job of ``in_parallel``:
-# the peak stays near a slice per thread plus the new model, and on many cores no single-threaded
-# job is much longer than the others (W_E whole would be a quarter of GPT-2 small's FLOPs).
-# On one thread, a weight moved by one gather pass in its own dtype is whole (``_jobs``).
-_SLICE = 2 ** 22
 
 
 def _weight_ops(smap: SymmetryMap, transform) -> dict[str, list]:
@@ -218,6 +176,15 @@ def _duals(sites: dict[str, Site], elements: dict[str, GroupElement]) -> dict[tu
         for (k, F), M in zip(same, inv):
             out[k] = Dense(M.T.clone(), F.phi_kind, F.group)
     return out
+
+
+# ---------------------------------------------------------------------- pushing: one weight at a time
+# A large weight is pushed in slices of at most this many elements (32 MiB in float64), cut along an
+# axis no element acts on (the vocabulary of W_E and W_U). Each slice is one job of ``in_parallel``:
+# the peak stays near a slice per thread plus the new model, and on many cores no single-threaded
+# job is much longer than the others (W_E whole would be a quarter of GPT-2 small's FLOPs).
+# On one thread, a weight moved by one gather pass in its own dtype is whole (``_jobs``).
+_SLICE = 2 ** 22
 
 
 def _pushed(model: nn.Module, ops: dict[str, list], inplace: bool, dtype: Optional[torch.dtype] = None) -> nn.Module:
@@ -349,98 +316,6 @@ def _push_slice(x: torch.Tensor, out: torch.Tensor, ops: list, last: int, casts:
         i += 1
     if x is not out:
         out.copy_(x)
-
-
-def _gather_run(ops: list, i: int, x: torch.Tensor) -> int:
-    """The end of the run of (scaled, head) permutations from ``ops[i]`` (``i``: none to fuse). Several may
-    act on one axis — a key/value group's permutation, then the query heads' within each group — as long as
-    at most one of those carries a scale: their composition is one index and that one scale, so each entry is
-    still one gather and one product by the same factor (the same bits as one gather per move)."""
-    from ..groups import ScaledPermutation
-
-    if x.ndim < 2:
-        return i
-    scaled, j = set(), i
-    while j < len(ops):
-        a, F = ops[j]
-        a %= x.ndim
-        if not (isinstance(F, HeadPermutation) or (isinstance(F, ScaledPermutation) and F.n == x.shape[a])):
-            break
-        if getattr(F, "scale", None) is not None:
-            if a in scaled:
-                break
-            scaled.add(a)
-        j += 1
-    return j
-
-
-def _gathered(x: torch.Tensor, run: list, out: Optional[torch.Tensor], casts: Optional[dict] = None) -> torch.Tensor:
-    """``x`` moved by ``run`` (permutations, see ``_gather_run``) in one gather pass (``_kernels.gather_scale_into``:
-    numba's fused loop, else torch's gathers): ``x`` in memory order is a matrix [rows, last axis], and the
-    moves of the row axes compose into one index (and one scale) over their flattened product.
-
-    Written into ``out`` when it lies in ``x``'s memory order and is not ``x``'s storage (``inplace``).
-    ``casts`` (one push's memo, see ``_along``) keeps the composed indices and scales, keyed by the moves' ids
-    (they live in the push's ops until it ends) and the shape: W_K and W_V, or every reader of the stream,
-    compose the same ones (~20 small tensor operations a side)."""
-    from ._kernels import gather_scale_into
-
-    order = sorted(range(x.ndim), key=lambda d: -x.stride(d))
-    xm, back = x.permute(order), [order.index(d) for d in range(x.ndim)]
-    if not xm.is_contiguous():
-        xm = xm.contiguous()
-    sides = _sides(xm, [(order.index(a % x.ndim), F) for a, F in run], {} if casts is None else casts)
-    R = xm.numel() // xm.shape[-1]
-    into = (out is not None and out.dtype == x.dtype and out.permute(order).is_contiguous()
-            and out.untyped_storage().data_ptr() != x.untyped_storage().data_ptr())
-    res = out.permute(order) if into else torch.empty(xm.shape, dtype=x.dtype, device=x.device)
-    (p, r), (q, c) = sides
-    # the same memo keeps each composed side's checked index and cast scale for the kernel (a side is one tensor
-    # object across the weights that share it, see _sides)
-    gather_scale_into(xm.reshape(R, -1), res.view(R, -1), p, r, q, c, torch.empty_like, memo=casts)
-    return out if into else res.permute(back)
-
-
-def _sides(xm: torch.Tensor, run: list, memo: dict) -> list:
-    """``[(index, scale) of the rows, (index, scale) of the columns]`` of ``xm`` (memory order: rows are every
-    axis but the last) for ``run``'s moves, given as ``(memory axis, move)``; None where nothing moves.
-    ``memo`` (one push's, see ``_gathered``) keeps each side by the ids of the moves on its axes and its shape:
-    the stream's move is every reader's column side (W_Q, W_K, W_V, W_in, ...), a layer's head move that of
-    W_K and W_V."""
-    ndim = xm.ndim
-    sides = []  # (index, scale) of the rows (memory axes but the last) and of the columns (the last)
-    for axes in (range(ndim - 1), [ndim - 1]):
-        key = ("side", tuple((m, id(F)) for m, F in run if m in axes), tuple(xm.shape[m] for m in axes))
-        side = memo.get(key)
-        if side is None:
-            side = memo[key] = _side(xm, [(m, F) for m, F in run if m in axes], axes)
-        sides.append(side)
-    return sides
-
-
-def _side(xm: torch.Tensor, run: list, axes) -> tuple:
-    """One side of ``_sides``: the moves of ``run`` (all on ``axes``) as one index and scale over those axes."""
-    moves: dict[int, tuple] = {}  # memory axis -> (index, scale or None): its moves composed in order
-    for m, F in run:
-        i_F = F.index(xm.shape[m]) if isinstance(F, HeadPermutation) else F.perm
-        s_F = getattr(F, "scale", None)
-        if m in moves:  # after (i, s): out[c] = x[i[f[c]]]·s[f[c]]·s_F[c], one of s, s_F None (``_gather_run``)
-            i, s = moves[m]
-            moves[m] = (i[i_F], s_F if s is None else s[i_F])
-        else:
-            moves[m] = (i_F, s_F)
-    idx, scale = None, None
-    if any(m in moves for m in axes):
-        idx, scale = torch.zeros(1, dtype=torch.long), torch.ones(1, dtype=torch.float64)
-        for m in axes:
-            n = xm.shape[m]
-            i_m, s_m = moves.get(m, (None, None))
-            i_m = torch.arange(n) if i_m is None else i_m
-            idx = (idx[:, None] * n + i_m[None, :]).flatten()
-            scale = scale.repeat_interleave(n) if s_m is None else (scale[:, None] * s_m.double()[None, :]).flatten()
-        if all(moves.get(m, (None, None))[1] is None for m in axes):
-            scale = None
-    return idx, scale
 
 
 def _stack(mats: dict[int, GroupElement], heads: int, n: int) -> torch.Tensor:

@@ -109,7 +109,7 @@ def _parts(F, n: int, numpy: bool = False):
         return "dense", [(0, n, F.M, F.cond)]
     if isinstance(F, ScaledPermutation) and F.n == n:
         return "perm", F.perm, F.scale
-    if callable(getattr(F, "index", None)):  # _layout_push.HeadPermutation (not imported: it imports this module)
+    if callable(getattr(F, "index", None)):  # _layout_gathers.HeadPermutation (duck-typed: a head move of whole units)
         idx = _head_index(F, n)
         return "perm", idx if numpy else torch.from_numpy(idx.copy()), None
     if isinstance(F, _Tiled) and F.F.n * F.k == n:

@@ -1,0 +1,192 @@
+"""The gather pass of the layout push: (scaled) permutations of a weight's axes composed into one pass.
+
+A weight in memory order is a matrix ``[rows, last axis]``; every permutation that moves it — the stream's, a head
+move lifted to its axis (``HeadPermutation``), a mixture's per-expert moves of its hidden units where those are rows —
+composes into one index and at most one scale per side, which ``_kernels.gather_scale_into`` applies in one pass
+(numba's fused loop, else torch's gathers). ``_gather_run`` says which consecutive moves join one pass; ``_gathered``
+runs it; ``_sides``/``_side``/``_rows_side`` compose the indices. Used by ``_layout_push`` (and ``_graph_stream`` for
+ViT head moves).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .._errors import InvalidOptionError
+from ..groups import ScaledPermutation
+
+
+class HeadPermutation:
+    """A permutation of ``m`` units lifted to an axis: unit j is ``block`` consecutive entries — all of
+    them in order (a key/value group's query heads; a raw projection's output features), or starting
+    at ``heads[j]·block`` (the query heads of one group; the other entries stay). The axis's length is
+    only known when it acts."""
+
+    def __init__(self, perm: ScaledPermutation, block: int = 1, heads: Optional[tuple] = None):
+        self.perm, self.block, self.heads = perm.perm, block, heads
+        self._index: dict[int, torch.Tensor] = {}  # n -> index: one move meets W_Q, b_Q and W_O (~10 µs each)
+
+    def index(self, n: int) -> torch.Tensor:
+        """``idx`` with ``out[c] = x[idx[c]]`` on an axis of length ``n`` (the same tensor on every call: read only)."""
+        idx = self._index.get(n)
+        if idx is None:
+            idx = self._index[n] = self._compute(n)
+        return idx
+
+    def _compute(self, n: int) -> torch.Tensor:
+        if self.heads is None:
+            idx = (self.perm[:, None] * self.block + torch.arange(self.block)).flatten()
+            if idx.numel() != n:
+                raise InvalidOptionError(f"a permutation of {self.perm.numel()} head groups of {self.block} does not fit "
+                                         f"an axis of {n} heads.")
+            return idx
+        idx, h = torch.arange(n), torch.tensor(self.heads)
+        within = torch.arange(self.block)
+        idx[(h[:, None] * self.block + within).flatten()] = (h[self.perm][:, None] * self.block + within).flatten()
+        return idx
+
+    def act(self, x: torch.Tensor, dim: int) -> torch.Tensor:
+        d = dim % x.ndim
+        return x.index_select(d, self.index(x.shape[d]).to(x.device))
+
+
+def _gather_run(ops: list, i: int, x: torch.Tensor) -> int:
+    """The end of the run of (scaled, head) permutations from ``ops[i]`` (``i``: none to fuse). Several may
+    act on one axis — a key/value group's permutation, then the query heads' within each group — as long as
+    at most one of those carries a scale: their composition is one index and that one scale, so each entry is
+    still one gather and one product by the same factor (the same bits as one gather per move)."""
+    if x.ndim < 2:
+        return i
+    scaled, j = set(), i
+    while j < len(ops):
+        a, F = ops[j]
+        a %= x.ndim
+        if isinstance(F, dict):  # per-head scaled permutations whose heads and acted axis are the rows (_headwise_rows)
+            if not _headwise_rows(x, a, F):
+                break
+            axes, scale = {0, a}, any(f.scale is not None for f in F.values())
+        elif isinstance(F, HeadPermutation) or (isinstance(F, ScaledPermutation) and F.n == x.shape[a]):
+            axes, scale = {a}, getattr(F, "scale", None) is not None
+        else:
+            break
+        if scale:
+            if scaled & axes:
+                break
+            scaled |= axes
+        j += 1
+    return j
+
+
+def _headwise_rows(x: torch.Tensor, a: int, F: dict) -> bool:
+    """Whether per-head scaled permutations ``F`` (heads on axis 0, each acting on axis ``a``) join a gather pass: a 3-D
+    weight whose slowest memory axes are the heads, then ``a`` (a mixture's fused gate and up projections), so that
+    every head's move is a move of the rows, and composes with the other row moves into one row index (``_side``).
+    Where ``a`` is the fastest axis (the experts' down projections) each head would need its own column index: those
+    take ``_along``'s slice-by-slice gathers."""
+    if x.ndim != 3 or a == 0 or not F:
+        return False
+    order = sorted(range(3), key=lambda d: -x.stride(d))
+    return order[:2] == [0, a] and all(isinstance(f, ScaledPermutation) and f.n == x.shape[a] for f in F.values())
+
+
+def _gathered(x: torch.Tensor, run: list, out: Optional[torch.Tensor], casts: Optional[dict] = None) -> torch.Tensor:
+    """``x`` moved by ``run`` (permutations, see ``_gather_run``) in one gather pass (``_kernels.gather_scale_into``:
+    numba's fused loop, else torch's gathers): ``x`` in memory order is a matrix [rows, last axis], and the
+    moves of the row axes compose into one index (and one scale) over their flattened product.
+
+    Written into ``out`` when it lies in ``x``'s memory order and is not ``x``'s storage (``inplace``).
+    ``casts`` (one push's memo, see ``_along``) keeps the composed indices and scales, keyed by the moves' ids
+    (they live in the push's ops until it ends) and the shape: W_K and W_V, or every reader of the stream,
+    compose the same ones (~20 small tensor operations a side)."""
+    from ._kernels import gather_scale_into
+
+    order = sorted(range(x.ndim), key=lambda d: -x.stride(d))
+    xm, back = x.permute(order), [order.index(d) for d in range(x.ndim)]
+    if not xm.is_contiguous():
+        xm = xm.contiguous()
+    sides = _sides(xm, [(order.index(a % x.ndim), F) for a, F in run], {} if casts is None else casts)
+    R = xm.numel() // xm.shape[-1]
+    into = (out is not None and out.dtype == x.dtype and out.permute(order).is_contiguous()
+            and out.untyped_storage().data_ptr() != x.untyped_storage().data_ptr())
+    res = out.permute(order) if into else torch.empty(xm.shape, dtype=x.dtype, device=x.device)
+    (p, r), (q, c) = sides
+    # the same memo keeps each composed side's checked index and cast scale for the kernel (a side is one tensor
+    # object across the weights that share it, see _sides)
+    gather_scale_into(xm.reshape(R, -1), res.view(R, -1), p, r, q, c, torch.empty_like, memo=casts)
+    return out if into else res.permute(back)
+
+
+def _sides(xm: torch.Tensor, run: list, memo: dict) -> list:
+    """``[(index, scale) of the rows, (index, scale) of the columns]`` of ``xm`` (memory order: rows are every
+    axis but the last) for ``run``'s moves, given as ``(memory axis, move)``; None where nothing moves.
+    ``memo`` (one push's, see ``_gathered``) keeps each side by the ids of the moves on its axes and its shape:
+    the stream's move is every reader's column side (W_Q, W_K, W_V, W_in, ...), a layer's head move that of
+    W_K and W_V."""
+    ndim = xm.ndim
+    sides = []  # (index, scale) of the rows (memory axes but the last) and of the columns (the last)
+    for axes in (range(ndim - 1), [ndim - 1]):
+        key = ("side", tuple((m, id(F)) for m, F in run if m in axes), tuple(xm.shape[m] for m in axes))
+        side = memo.get(key)
+        if side is None:
+            side = memo[key] = _side(xm, [(m, F) for m, F in run if m in axes], axes)
+        sides.append(side)
+    return sides
+
+
+def _side(xm: torch.Tensor, run: list, axes) -> tuple:
+    """One side of ``_sides``: the moves of ``run`` (all on ``axes``) as one index and scale over those axes."""
+    if any(isinstance(F, dict) for _, F in run):
+        return _rows_side(xm, run)
+    moves: dict[int, tuple] = {}  # memory axis -> (index, scale or None): its moves composed in order
+    for m, F in run:
+        i_F = F.index(xm.shape[m]) if isinstance(F, HeadPermutation) else F.perm
+        s_F = getattr(F, "scale", None)
+        if m in moves:  # after (i, s): out[c] = x[i[f[c]]]·s[f[c]]·s_F[c], one of s, s_F None (``_gather_run``)
+            i, s = moves[m]
+            moves[m] = (i[i_F], s_F if s is None else s[i_F])
+        else:
+            moves[m] = (i_F, s_F)
+    idx, scale = None, None
+    if any(m in moves for m in axes):
+        idx, scale = torch.zeros(1, dtype=torch.long), torch.ones(1, dtype=torch.float64)
+        for m in axes:
+            n = xm.shape[m]
+            i_m, s_m = moves.get(m, (None, None))
+            i_m = torch.arange(n) if i_m is None else i_m
+            idx = (idx[:, None] * n + i_m[None, :]).flatten()
+            scale = scale.repeat_interleave(n) if s_m is None else (scale[:, None] * s_m.double()[None, :]).flatten()
+        if all(moves.get(m, (None, None))[1] is None for m in axes):
+            scale = None
+    return idx, scale
+
+
+def _rows_side(xm: torch.Tensor, run: list) -> tuple:
+    """The row side of a 3-D weight in memory order ``[heads, n, columns]`` whose moves include per-head scaled
+    permutations (``_headwise_rows``): every move as an index (and scale) over the ``heads·n`` rows, composed in order
+    as moves of one axis are (``_side``: ``out[c] = x[i[f[c]]]·s[f[c]]·s_F[c]``, one of the two scales None). A per-head
+    move sends row ``(h, c)`` to ``(h, f_h[c])`` (heads it does not name stay), a move of the heads ``(h, c)`` to
+    ``(f[h], c)``, a move of the n axis ``(h, c)`` to ``(h, f[c])``."""
+    E, n = xm.shape[0], xm.shape[1]
+    rows = torch.arange(E * n).view(E, n)
+    idx, scale = None, None
+    for m, F in run:
+        if isinstance(F, dict):
+            i_F, s_F = rows.clone(), None
+            if any(f.scale is not None for f in F.values()):
+                s_F = torch.ones(E, n, dtype=torch.float64)
+            for h, f in F.items():
+                i_F[h] = h * n + f.perm
+                if f.scale is not None:
+                    s_F[h] = f.scale.double()
+        else:
+            i_m = F.index(xm.shape[m]) if isinstance(F, HeadPermutation) else F.perm
+            s_m = getattr(F, "scale", None)
+            i_F = i_m[:, None] * n + torch.arange(n)[None, :] if m == 0 else rows[:, :1] + i_m[None, :]
+            s_F = None if s_m is None else (s_m.double()[:, None].expand(E, n) if m == 0 else s_m.double()[None, :].expand(E, n))
+        i_F, s_F = i_F.flatten(), None if s_F is None else s_F.flatten()
+        if idx is None:
+            idx, scale = i_F, s_F
+        else:
+            idx, scale = idx[i_F], s_F if scale is None else scale[i_F]
+    return idx, scale
