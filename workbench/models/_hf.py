@@ -285,8 +285,9 @@ def _build_layout(ad, hf: nn.Module) -> Layout:
                 continue
             key, sub = f"{prefix}{name}", local(f"{path}.{comp.name}".strip(".")) if comp.name else path
             if family in MOE_FAMILIES and prefix and name == "mlp":  # the adapter's one MoE module: placed by its parts
-                paths[key], paths[f"{key}.router"] = sub, f"{sub}.gate"  # (the router's output: its logits, first)
-                entries.update((e.key, e) for e in experts(key, sub, module(sub)))
+                found, where = experts(key, sub, module(sub), family)
+                entries.update((e.key, e) for e in found)
+                paths.update(where)
                 continue
             subs = dict(getattr(comp, "submodules", None) or {})
             if name == "blocks":
