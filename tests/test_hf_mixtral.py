@@ -66,8 +66,9 @@ def rotate_half(t):
     return torch.cat((-b, a), -1)
 
 
-def attention(model, attn, x):
-    """Causal GQA attention with ``rotate_half`` rotary (the model's own cos/sin), written out in float64."""
+def attention(model, attn, x, window=None):
+    """Causal GQA attention with ``rotate_half`` rotary (the model's own cos/sin), written out in float64; ``window``:
+    a query sees only the keys less than ``window`` positions back (Hugging Face's sliding window mask)."""
     cfg = model.config
     B, T, _ = x.shape
     H, K = cfg.num_attention_heads, cfg.num_key_value_heads
@@ -78,7 +79,8 @@ def attention(model, attn, x):
     cos, sin = model.model.rotary_emb(x, torch.arange(T)[None])
     q, k = q * cos[:, None] + rotate_half(q) * sin[:, None], k * cos[:, None] + rotate_half(k) * sin[:, None]
     k, v = k.repeat_interleave(H // K, 1), v.repeat_interleave(H // K, 1)
-    scores = (q @ k.transpose(-1, -2) / math.sqrt(dh)).masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), -math.inf)
+    hidden = torch.ones(T, T, dtype=torch.bool).triu(1) | (torch.ones(T, T, dtype=torch.bool).tril(-window) if window else False)
+    scores = (q @ k.transpose(-1, -2) / math.sqrt(dh)).masked_fill(hidden, -math.inf)
     return attn.o_proj((scores.softmax(-1) @ v).transpose(1, 2).reshape(B, T, -1))
 
 

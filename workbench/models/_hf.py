@@ -84,8 +84,8 @@ class Layout:
 # by 7e-4. Add a family only with its derivation and those tests.
 CHECKED_FAMILIES = frozenset({"bert", "bloom", "cohere", "deit", "falcon", "gemma", "gemma2", "gemma3_text", "gpt2",
                               "gpt_bigcode", "gpt_neo", "gpt_neox", "gptj", "granite", "llama", "mistral", "mixtral",
-                              "nemotron", "olmo", "olmo2", "olmoe", "opt", "phi", "phi3", "qwen2", "qwen3", "qwen3_moe",
-                              "roberta", "stablelm", "starcoder2", "vit", "xlm-roberta"})
+                              "nemotron", "olmo", "olmo2", "olmoe", "opt", "phi", "phi3", "qwen2", "qwen2_moe", "qwen3",
+                              "qwen3_moe", "roberta", "stablelm", "starcoder2", "vit", "xlm-roberta"})
 # Families whose norms compute in float32 inside a float64 model although they are LayerNorms (every Hugging Face
 # RMSNorm does; Cohere's LayerNorm too): verify rounds the stream where they read it to measure its floor.
 FLOAT32_NORM_FAMILIES = frozenset({"cohere", "olmo"})  # (OLMo 1's parameter-free LayerNorm too)
