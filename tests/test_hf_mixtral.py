@@ -76,7 +76,7 @@ def attention(model, attn, x, window=None):
     q = attn.q_proj(x).view(B, T, H, dh).transpose(1, 2)
     k = attn.k_proj(x).view(B, T, K, dh).transpose(1, 2)
     v = attn.v_proj(x).view(B, T, K, dh).transpose(1, 2)
-    cos, sin = model.model.rotary_emb(x, torch.arange(T)[None])
+    cos, sin = getattr(model, "model", model).rotary_emb(x, torch.arange(T)[None])  # (a base model holds it itself)
     q, k = q * cos[:, None] + rotate_half(q) * sin[:, None], k * cos[:, None] + rotate_half(k) * sin[:, None]
     k, v = k.repeat_interleave(H // K, 1), v.repeat_interleave(H // K, 1)
     hidden = torch.ones(T, T, dtype=torch.bool).triu(1) | (torch.ones(T, T, dtype=torch.bool).tril(-window) if window else False)
@@ -84,21 +84,42 @@ def attention(model, attn, x, window=None):
     return attn.o_proj((scores.softmax(-1) @ v).transpose(1, 2).reshape(B, T, -1))
 
 
-def decoder_logp(model, attend, mlp, ids=IDS):
-    """Log-probabilities from this file's own float64 forward of a pre-norm decoder (raw, or a bridge's Hugging Face
-    model) whose layers add ``attend(ref, layer.self_attn, x)`` and ``mlp(ref, layer.mlp, x)``, each reading the stream
-    through its RMSNorm (the formula in float64), then the final norm and ``lm_head``."""
+def decoder_stream(model, attend, mlp, ids=IDS):
+    """The final norm's output from this file's own float64 forward of a pre-norm decoder (raw, or a bridge's Hugging
+    Face model; a base model's is its last hidden state) whose layers add ``attend(ref, layer.self_attn, x)`` and
+    ``mlp(ref, layer.mlp, x)``, each reading the stream through its RMSNorm (the formula in float64). Returns the
+    stream and the plain model carrying the weights."""
     hf = getattr(model, "original_model", model)
     own = {k.replace("._original_component", ""): v for k, v in hf.state_dict().items()}
     ref = type(hf)(copy.deepcopy(hf.config)).double().eval()  # plain modules carrying the weights (no bridge wrappers)
     ref.load_state_dict({k: own[k] for k in ref.state_dict()})
-    eps = ref.config.rms_norm_eps
+    body, eps = getattr(ref, "model", ref), ref.config.rms_norm_eps
     with torch.no_grad():
-        x = ref.model.embed_tokens(ids)
-        for layer in ref.model.layers:
+        x = body.embed_tokens(ids)
+        for layer in body.layers:
             x = x + attend(ref, layer.self_attn, rms(x, layer.input_layernorm.weight, eps))
             x = x + mlp(ref, layer.mlp, rms(x, layer.post_attention_layernorm.weight, eps))
-        return ref.lm_head(rms(x, ref.model.norm.weight, eps)).log_softmax(-1)
+        return rms(x, body.norm.weight, eps), ref
+
+
+def decoder_logp(model, attend, mlp, ids=IDS):
+    """Log-probabilities from ``decoder_stream``'s forward and the model's ``lm_head``."""
+    x, ref = decoder_stream(model, attend, mlp, ids)
+    with torch.no_grad():
+        return ref.lm_head(x).log_softmax(-1)
+
+
+def base_exactly(model, attend, mlp, seed):
+    """``model``'s base model (no head; its output is the stream after the final norm): a random element (``seed``)
+    moves its last hidden state, computed here, exactly by the stream's element, and verify compares it so."""
+    base = model.base_model
+    assert wb.models.hf.is_base(base)
+    new, t = wb.random_intertwiner(base, seed=seed)
+    a, b = decoder_stream(base, attend, mlp)[0], decoder_stream(new, attend, mlp)[0]
+    assert float((t.elements["resid"].act(a, -1) - b).abs().max() / a.abs().max()) <= TOL
+    assert float((a - b).abs().max() / a.abs().max()) > 1e-3  # the stream did move
+    report = wb.verify(base, new, IDS, transform=t)
+    assert report.passed and report.compared == "last hidden states", report.summary()
 
 
 def logp(model, ids=IDS):
@@ -212,6 +233,12 @@ def test_bridge_is_exact(tmp_path_factory):
     verified at every site but the experts' hidden units, which no hook shows (the experts run as one fused forward);
     the experts' order is observed in the router's logits."""
     moe_bridged_exactly(build(), tmp_path_factory.getbasetemp(), GROUPS, logp)
+
+
+def test_base_model_moves_its_last_hidden_state():
+    """The base MixtralModel (no head): its last hidden state, computed here in float64, moves exactly by the stream's
+    element, and verify compares it in the new basis."""
+    base_exactly(build(), attention, lambda ref, block, x: moe(block, x, ref.config.num_experts_per_tok), seed=2)
 
 
 @settings(max_examples=8, deadline=None)

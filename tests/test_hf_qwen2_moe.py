@@ -21,7 +21,7 @@ import workbench as wb
 from test_hf_families import (DECODER, FAIL, IDS, TOL, decoder_shapes, exact_everywhere, folded_exactly, random_model,
                               refused_and_wrong, rel)
 from test_hf_families_more import _trace
-from test_hf_mixtral import attention, decoder_logp, moe, moe_bridged_exactly
+from test_hf_mixtral import attention, base_exactly, decoder_logp, moe, moe_bridged_exactly
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 transformers = pytest.importorskip("transformers")
@@ -178,6 +178,12 @@ def test_float32_model_verifies():
     new, t = wb.random_intertwiner(model, seed=SEED)
     report = wb.verify(model, new, IDS, transform=t)
     assert report.passed and report.representations_moved, report.summary()
+
+
+def test_base_model_moves_its_last_hidden_state():
+    """The base Qwen2MoeModel (no head): its last hidden state, computed here in float64, moves exactly by the stream's
+    element, and verify compares it in the new basis."""
+    base_exactly(build(), attend, mlp, seed=SEED)
 
 
 @settings(max_examples=8, deadline=None)

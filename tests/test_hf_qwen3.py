@@ -56,7 +56,7 @@ def rope_attention(model, attn, x, q, k, v):
         return torch.cat((-b, a), -1)
 
     B, T, _ = x.shape
-    cos, sin = model.model.rotary_emb(x, torch.arange(T)[None])
+    cos, sin = getattr(model, "model", model).rotary_emb(x, torch.arange(T)[None])  # (a base model holds it itself)
     q, k = q * cos[:, None] + rotate_half(q) * sin[:, None], k * cos[:, None] + rotate_half(k) * sin[:, None]
     r = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(r, 1), v.repeat_interleave(r, 1)
