@@ -20,7 +20,7 @@ import workbench as wb
 from test_hf_families import (DECODER, FAIL, IDS, TOL, decoder_shapes, exact_everywhere, folded_exactly, random_model,
                               refused_and_wrong, rel)
 from test_hf_families_more import _trace
-from test_hf_mixtral import base_exactly, decoder_logp, moe, moe_bridged_exactly
+from test_hf_mixtral import base_exactly, decoder_logp, decoder_stream, moe, moe_bridged_exactly
 from test_hf_qwen3 import HALVES, rms, rope_attention
 
 pytestmark = pytest.mark.filterwarnings("ignore")
@@ -35,11 +35,12 @@ GROUPS = {"resid": {"signed_permutation"}, "blocks.attn.qk": {"rotary_orthogonal
 SEED = 2  # (a draw leaving a layer's 4 experts in order, 1 in 24, would rightly fail verify's "representations moved")
 
 
-def build(seed=0, equal=(), **kw):
+def build(seed=0, equal=(), cls="Qwen3MoeForCausalLM", **kw):
     """A random float64 Qwen3-MoE; in layer 0 the q and k norm gains are made equal on the pairs ``equal``."""
-    model = random_model("Qwen3MoeForCausalLM", "Qwen3MoeConfig", {**SHAPE, **kw}, seed)
+    model = random_model(cls, "Qwen3MoeConfig", {**SHAPE, **kw}, seed)
     model.config._experts_implementation = "eager"  # (grouped_mm refuses float64)
-    model.config.architectures = ["Qwen3MoeForCausalLM"]
+    if cls == "Qwen3MoeForCausalLM":  # as a checkpoint's config says (TransformerLens's own boot of a bridge reads it)
+        model.config.architectures = [cls]
     with torch.no_grad():
         for norm in (model.model.layers[0].self_attn.q_norm, model.model.layers[0].self_attn.k_norm):
             for a, b in equal:
@@ -190,6 +191,25 @@ def test_base_model_moves_its_last_hidden_state():
     """The base Qwen3MoeModel (no head): its last hidden state, computed here in float64, moves exactly by the stream's
     element, and verify compares it in the new basis."""
     base_exactly(build(), attend, mlp, seed=SEED)
+
+
+def test_sequence_classifier_built_in_code():
+    """A Qwen3MoeForSequenceClassification built in code (no architecture named; TransformerLens lists its adapter
+    under the language-model class only): its score reads the last non-pad token's final stream, and its logits,
+    computed here in float64, are unchanged by a random element; verify passes."""
+    model = build(cls="Qwen3MoeForSequenceClassification", num_labels=3)
+
+    def scores(m):
+        x, ref = decoder_stream(m, attend, mlp)
+        last = (torch.arange(IDS.shape[1]) * (IDS != ref.config.pad_token_id)).argmax(-1)
+        with torch.no_grad():
+            return ref.score(x)[torch.arange(IDS.shape[0]), last]
+
+    with torch.no_grad():
+        assert torch.allclose(model(input_ids=IDS).logits, scores(model), rtol=0, atol=1e-5)
+    new, t = wb.random_intertwiner(model, seed=SEED)
+    assert rel(scores(new), scores(model)) <= TOL
+    assert wb.verify(model, new, IDS, transform=t).passed
 
 
 @settings(max_examples=8, deadline=None)

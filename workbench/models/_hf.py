@@ -97,7 +97,10 @@ _ACTIVATIONS = {"bloom": lambda config: "gelu_new", "falcon": lambda config: con
 # class of the family is read through it (a checkpoint of RobertaForSequenceClassification names only that class), and
 # the heads it does not map are read by ``_hf_entries.heads``. XLM-RoBERTa's modules are RoBERTa's under other class
 # names (transformers generates one from the other), with the same attribute paths.
-_ADAPTER_CLASSES = {"roberta": "RobertaForMaskedLM", "xlm-roberta": "RobertaForMaskedLM"}
+_ADAPTER_CLASSES = {"roberta": "RobertaForMaskedLM", "xlm-roberta": "RobertaForMaskedLM",
+                    # (OLMoE's and Qwen3-MoE's adapters too: an OlmoeModel or a Qwen3MoeForSequenceClassification built
+                    # in code, or a checkpoint naming only its own class, found no adapter)
+                    "olmoe": "OlmoeForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}
 # The vision classes TransformerLens's ViT adapter is listed under (a config built in code names none).
 _VISION_CLASSES = ("ViTModel", "ViTForImageClassification", "DeiTModel", "DeiTForImageClassification")
 # Configuration switches of a checked family that change where the stream is read and are not derived: refused by name.
