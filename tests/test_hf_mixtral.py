@@ -48,7 +48,8 @@ def rms(t, w, eps):
 def moe(block, x, k, renorm=True):
     """The sparse mixture of experts on tokens ``x`` [..., d] in float64: softmax over the router's logits, the top k
     (renormalised to sum 1 where ``renorm``: Mixtral always, OLMoE and Qwen where ``norm_topk_prob``), each expert's
-    SwiGLU (rows of gate_up_proj: gate, then up) weighted by its share (0 where unchosen)."""
+    gated MLP (rows of gate_up_proj: gate, then up; the experts' own activation module, SiLU by default) weighted by its
+    share (0 where unchosen)."""
     p = (x @ block.gate.weight.T).softmax(-1)
     top, idx = p.topk(k, -1)
     if renorm:
@@ -57,7 +58,7 @@ def moe(block, x, k, renorm=True):
     for e in range(block.gate.weight.shape[0]):
         g, u = (x @ block.experts.gate_up_proj[e].T).chunk(2, -1)
         share = (top * (idx == e)).sum(-1, keepdim=True)
-        out = out + share * ((F.silu(g) * u) @ block.experts.down_proj[e].T)
+        out = out + share * ((block.experts.act_fn(g) * u) @ block.experts.down_proj[e].T)
     return out
 
 
@@ -72,7 +73,7 @@ def attention(model, attn, x, window=None):
     cfg = model.config
     B, T, _ = x.shape
     H, K = cfg.num_attention_heads, cfg.num_key_value_heads
-    dh = cfg.hidden_size // H
+    dh = attn.head_dim
     q = attn.q_proj(x).view(B, T, H, dh).transpose(1, 2)
     k = attn.k_proj(x).view(B, T, K, dh).transpose(1, 2)
     v = attn.v_proj(x).view(B, T, K, dh).transpose(1, 2)

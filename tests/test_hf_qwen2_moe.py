@@ -14,7 +14,6 @@ import copy
 
 import pytest
 import torch
-import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 
 import workbench as wb
@@ -43,7 +42,7 @@ def build(seed=0, **kw):
 
 
 def swiglu(block, x):
-    return block.down_proj(F.silu(block.gate_proj(x)) * block.up_proj(x))
+    return block.down_proj(block.act_fn(block.gate_proj(x)) * block.up_proj(x))
 
 
 def mlp(ref, block, x):
@@ -143,11 +142,13 @@ def test_negative_controls_change_the_function():
 
 @pytest.mark.parametrize("kw", [dict(num_experts_per_tok=1), dict(num_experts_per_tok=4, norm_topk_prob=True),
                                 dict(decoder_sparse_step=2, mlp_only_layers=[]), dict(qkv_bias=False),
-                                dict(use_sliding_window=True, sliding_window=4, max_window_layers=2)],
-                         ids=["top1", "all-experts", "sparse-step-2", "no-biases", "sliding"])
+                                dict(use_sliding_window=True, sliding_window=4, max_window_layers=2),
+                                dict(head_dim=16, hidden_act="gelu")],
+                         ids=["top1", "all-experts", "sparse-step-2", "no-biases", "sliding", "wide-heads-gelu"])
 def test_configuration_variants_are_exact(kw):
     """Top-1 and all-experts routing, every other layer sparse, no q/k/v biases, a sliding window on layers 0 and 2
-    (``layer_types``; the test's forward, compared with Hugging Face's to 1e-5 first): a random element exact."""
+    (``layer_types``), heads wider than hidden/heads with GELU-gated experts (the test's forward, compared with Hugging
+    Face's to 1e-5 first): a random element exact."""
     model = build(seed=2, **kw)
     with torch.no_grad():
         assert torch.allclose(model(input_ids=IDS).logits.log_softmax(-1), logp(model), rtol=0, atol=1e-5)

@@ -13,7 +13,6 @@ import copy
 
 import pytest
 import torch
-import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 
 import workbench as wb
@@ -49,19 +48,20 @@ def build(seed=0, equal=(), cls="Qwen3MoeForCausalLM", **kw):
 
 
 def attend(ref, attn, x):
-    """Qwen3's attention in float64: an RMSNorm on each head's q (k) with one gain for every head, then rotary."""
+    """Qwen3's attention in float64: an RMSNorm on each head's q (k) with one gain for every head, then rotary; every
+    layer windowed where use_sliding_window (the config's sliding_window is None otherwise)."""
     B, T, _ = x.shape
     dh, eps = attn.head_dim, ref.config.rms_norm_eps
     q = rms(attn.q_proj(x).view(B, T, -1, dh), attn.q_norm.weight, eps).transpose(1, 2)
     k = rms(attn.k_proj(x).view(B, T, -1, dh), attn.k_norm.weight, eps).transpose(1, 2)
     v = attn.v_proj(x).view(B, T, -1, dh).transpose(1, 2)
-    return rope_attention(ref, attn, x, q, k, v)
+    return rope_attention(ref, attn, x, q, k, v, ref.config.sliding_window)
 
 
 def mlp(ref, block, x):
     """A dense layer's SwiGLU, or the mixture of experts (renormalised where norm_topk_prob)."""
     if hasattr(block, "gate_proj"):
-        return block.down_proj(F.silu(block.gate_proj(x)) * block.up_proj(x))
+        return block.down_proj(block.act_fn(block.gate_proj(x)) * block.up_proj(x))
     return moe(block, x, ref.config.num_experts_per_tok, renorm=ref.config.norm_topk_prob)
 
 
@@ -148,12 +148,15 @@ def test_negative_controls_change_the_function():
 @pytest.mark.parametrize("kw", [dict(num_experts_per_tok=1), dict(num_experts_per_tok=4, norm_topk_prob=True),
                                 dict(decoder_sparse_step=2, mlp_only_layers=[]), dict(mlp_only_layers=[0, 1, 2]),
                                 dict(attention_bias=True, tie_word_embeddings=True),
-                                dict(use_sliding_window=True, sliding_window=4)],
-                         ids=["top1", "all-experts", "sparse-step-2", "all-dense", "biases-tied", "sliding"])
+                                dict(use_sliding_window=True, sliding_window=4), dict(head_dim=16, hidden_act="gelu")],
+                         ids=["top1", "all-experts", "sparse-step-2", "all-dense", "biases-tied", "sliding", "wide-heads-gelu"])
 def test_configuration_variants_are_exact(kw):
     """Top-1 and all-experts routing, the other layer mixes (every other layer sparse; every layer dense: a Qwen3),
-    biases with a tie, a sliding window: the groups per kind of site, a random element exact in float64."""
+    biases with a tie, a sliding window, heads wider than hidden/heads with GELU-gated experts: the groups per kind of
+    site, a random element exact in float64."""
     model = build(seed=2, equal=HALVES[:2], **kw)
+    with torch.no_grad():  # the test's forward is the model's
+        assert torch.allclose(model(input_ids=IDS).logits.log_softmax(-1), logp(model), rtol=0, atol=1e-5)
     smap = wb.symmetry_map(model)
     got = {s.name.rpartition(".")[0] if ".hidden." in s.name else s.name for s in smap if ".mlp" in s.name}
     sparse = [i for i, layer in enumerate(model.model.layers) if hasattr(layer.mlp, "experts")]
