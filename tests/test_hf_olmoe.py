@@ -155,6 +155,15 @@ def test_clip_qkv_is_refused_by_name():
         wb.random_intertwiner(model, seed=0)
 
 
+def test_norm_topk_prob_edited_after_building_is_refused():
+    """The router took norm_topk_prob when it was built; the configuration edited afterwards would build a transformed
+    model that renormalises where the original does not: refused, naming the setting."""
+    model = build()
+    model.config.norm_topk_prob = True
+    smap = wb.symmetry_map(model)
+    assert len(smap) == 0 and "norm_topk_prob = False where OlmoeForCausalLM(config) builds True" in smap.skipped[0][1]
+
+
 @pytest.mark.parametrize("k", [1, 4])
 def test_top_one_and_every_expert(k):
     exact_everywhere(build(seed=k, num_experts_per_tok=k, norm_topk_prob=k == 1), GROUPS, logp, seed=1)

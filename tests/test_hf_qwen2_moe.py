@@ -156,6 +156,15 @@ def test_configuration_variants_are_exact(kw):
     assert rel(logp(new), logp(model)) <= TOL
 
 
+def test_layer_mix_edited_after_building_is_refused():
+    """Which layers are sparse is fixed when the model is built; mlp_only_layers edited afterwards would build a
+    transformed model with another mix: refused, naming the module."""
+    model = build()
+    model.config.mlp_only_layers = [0]
+    smap = wb.symmetry_map(model)
+    assert len(smap) == 0 and "'model.layers.0.mlp' is a Qwen2MoeSparseMoeBlock" in smap.skipped[0][1]
+
+
 def test_fold_moves_ln2_into_the_router_experts_shared_expert_and_its_gate():
     """Folding moves post_attention_layernorm's gain into the router, every expert's gate and up, the shared expert's
     gate and up and the shared gate's row (or the dense layer's); the folded stream takes every rotation, exact."""
