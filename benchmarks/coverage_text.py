@@ -121,6 +121,21 @@ def shapes(quick: bool, positions: int = 512) -> dict:
         "mixtral": ("MixtralForCausalLM", dict(common, intermediate_size=f // 4, num_key_value_heads=kv, num_local_experts=8,
                                                num_experts_per_tok=2, experts_implementation="eager", pad_token_id=0,
                                                bos_token_id=0, eos_token_id=0)),
+        # Mixtral's mixture behind other attentions (tests/test_hf_olmoe.py, test_hf_qwen3_moe.py, test_hf_qwen2_moe.py):
+        # OLMoE's all-head q/k norms; Qwen3-MoE's per-head ones, layer 1 dense (mlp_only_layers); Qwen2-MoE's q/k/v
+        # biases and a shared expert (f/2 units) beside 8 experts, layer 1 dense
+        "olmoe": ("OlmoeForCausalLM", dict(common, intermediate_size=f // 4, num_key_value_heads=kv, num_experts=8,
+                                           num_experts_per_tok=2, experts_implementation="eager", pad_token_id=0,
+                                           bos_token_id=0, eos_token_id=0)),
+        "qwen3_moe": ("Qwen3MoeForCausalLM", dict(common, intermediate_size=f, moe_intermediate_size=f // 4,
+                                                  num_key_value_heads=kv, num_experts=8, num_experts_per_tok=2,
+                                                  mlp_only_layers=[1], experts_implementation="eager", pad_token_id=0,
+                                                  bos_token_id=0, eos_token_id=0)),
+        "qwen2_moe": ("Qwen2MoeForCausalLM", dict(common, intermediate_size=f, moe_intermediate_size=f // 4,
+                                                  shared_expert_intermediate_size=f // 2, num_key_value_heads=kv,
+                                                  num_experts=8, num_experts_per_tok=2, mlp_only_layers=[1],
+                                                  experts_implementation="eager", pad_token_id=0, bos_token_id=0,
+                                                  eos_token_id=0)),
         # a Llama whose LayerNorms have no parameters (tests/test_hf_olmo.py): the stream takes rotations fixing 1
         "olmo": ("OlmoForCausalLM", dict(common, intermediate_size=f, num_key_value_heads=kv, pad_token_id=0,
                                          bos_token_id=0, eos_token_id=0)),

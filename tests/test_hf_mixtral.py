@@ -45,17 +45,20 @@ def rms(t, w, eps):
     return t * torch.rsqrt(t.pow(2).mean(-1, keepdim=True) + eps) * w
 
 
-def moe(block, x, k):
+def moe(block, x, k, renorm=True):
     """The sparse mixture of experts on tokens ``x`` [..., d] in float64: softmax over the router's logits, the top k
-    renormalised, each expert's SwiGLU (rows of gate_up_proj: gate, then up) weighted by its share (0 where unchosen)."""
+    (renormalised to sum 1 where ``renorm``: Mixtral always, OLMoE and Qwen where ``norm_topk_prob``), each expert's
+    gated MLP (rows of gate_up_proj: gate, then up; the experts' own activation module, SiLU by default) weighted by its
+    share (0 where unchosen)."""
     p = (x @ block.gate.weight.T).softmax(-1)
     top, idx = p.topk(k, -1)
-    top = top / top.sum(-1, keepdim=True)
+    if renorm:
+        top = top / top.sum(-1, keepdim=True)
     out = torch.zeros_like(x)
     for e in range(block.gate.weight.shape[0]):
         g, u = (x @ block.experts.gate_up_proj[e].T).chunk(2, -1)
         share = (top * (idx == e)).sum(-1, keepdim=True)
-        out = out + share * ((F.silu(g) * u) @ block.experts.down_proj[e].T)
+        out = out + share * ((block.experts.act_fn(g) * u) @ block.experts.down_proj[e].T)
     return out
 
 
@@ -64,35 +67,81 @@ def rotate_half(t):
     return torch.cat((-b, a), -1)
 
 
-def attention(model, attn, x):
-    """Causal GQA attention with ``rotate_half`` rotary (the model's own cos/sin), written out in float64."""
+def attention(model, attn, x, window=None):
+    """Causal GQA attention with ``rotate_half`` rotary (the model's own cos/sin), written out in float64; ``window``:
+    a query sees only the keys less than ``window`` positions back (Hugging Face's sliding window mask)."""
     cfg = model.config
     B, T, _ = x.shape
     H, K = cfg.num_attention_heads, cfg.num_key_value_heads
-    dh = cfg.hidden_size // H
+    dh = attn.head_dim
     q = attn.q_proj(x).view(B, T, H, dh).transpose(1, 2)
     k = attn.k_proj(x).view(B, T, K, dh).transpose(1, 2)
     v = attn.v_proj(x).view(B, T, K, dh).transpose(1, 2)
-    cos, sin = model.model.rotary_emb(x, torch.arange(T)[None])
+    cos, sin = getattr(model, "model", model).rotary_emb(x, torch.arange(T)[None])  # (a base model holds it itself)
     q, k = q * cos[:, None] + rotate_half(q) * sin[:, None], k * cos[:, None] + rotate_half(k) * sin[:, None]
     k, v = k.repeat_interleave(H // K, 1), v.repeat_interleave(H // K, 1)
-    scores = (q @ k.transpose(-1, -2) / math.sqrt(dh)).masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), -math.inf)
+    hidden = torch.ones(T, T, dtype=torch.bool).triu(1) | (torch.ones(T, T, dtype=torch.bool).tril(-window) if window else False)
+    scores = (q @ k.transpose(-1, -2) / math.sqrt(dh)).masked_fill(hidden, -math.inf)
     return attn.o_proj((scores.softmax(-1) @ v).transpose(1, 2).reshape(B, T, -1))
 
 
-def logp(model, ids=IDS):
-    """Log-probabilities from this file's own float64 forward of a Mixtral (raw, or a bridge's Hugging Face model)."""
+def decoder_stream(model, attend, mlp, ids=IDS):
+    """The final norm's output from this file's own float64 forward of a pre-norm decoder (raw, or a bridge's Hugging
+    Face model; a base model's is its last hidden state) whose layers add ``attend(ref, layer.self_attn, x)`` and
+    ``mlp(ref, layer.mlp, x)``, each reading the stream through its RMSNorm (the formula in float64). Returns the
+    stream and the plain model carrying the weights."""
     hf = getattr(model, "original_model", model)
     own = {k.replace("._original_component", ""): v for k, v in hf.state_dict().items()}
     ref = type(hf)(copy.deepcopy(hf.config)).double().eval()  # plain modules carrying the weights (no bridge wrappers)
     ref.load_state_dict({k: own[k] for k in ref.state_dict()})
-    cfg, eps = ref.config, ref.config.rms_norm_eps
+    body, eps = getattr(ref, "model", ref), ref.config.rms_norm_eps
     with torch.no_grad():
-        x = ref.model.embed_tokens(ids)
-        for layer in ref.model.layers:
-            x = x + attention(ref, layer.self_attn, rms(x, layer.input_layernorm.weight, eps))
-            x = x + moe(layer.mlp, rms(x, layer.post_attention_layernorm.weight, eps), cfg.num_experts_per_tok)
-        return ref.lm_head(rms(x, ref.model.norm.weight, eps)).log_softmax(-1)
+        x = body.embed_tokens(ids)
+        for layer in body.layers:
+            x = x + attend(ref, layer.self_attn, rms(x, layer.input_layernorm.weight, eps))
+            x = x + mlp(ref, layer.mlp, rms(x, layer.post_attention_layernorm.weight, eps))
+        return rms(x, body.norm.weight, eps), ref
+
+
+def decoder_logp(model, attend, mlp, ids=IDS):
+    """Log-probabilities from ``decoder_stream``'s forward and the model's ``lm_head``."""
+    x, ref = decoder_stream(model, attend, mlp, ids)
+    with torch.no_grad():
+        return ref.lm_head(x).log_softmax(-1)
+
+
+def base_exactly(model, attend, mlp, seed):
+    """``model``'s base model (no head; its output is the stream after the final norm): a random element (``seed``)
+    moves its last hidden state, computed here, exactly by the stream's element, and verify compares it so."""
+    base = model.base_model
+    assert wb.models.hf.is_base(base)
+    new, t = wb.random_intertwiner(base, seed=seed)
+    a, b = decoder_stream(base, attend, mlp)[0], decoder_stream(new, attend, mlp)[0]
+    assert float((t.elements["resid"].act(a, -1) - b).abs().max() / a.abs().max()) <= TOL
+    assert float((a - b).abs().max() / a.abs().max()) > 1e-3  # the stream did move
+    report = wb.verify(base, new, IDS, transform=t)
+    assert report.passed and report.compared == "last hidden states", report.summary()
+
+
+def logp(model, ids=IDS):
+    """Log-probabilities from this file's own float64 forward of a Mixtral."""
+    return decoder_logp(model, attention, lambda ref, block, x: moe(block, x, ref.config.num_experts_per_tok), ids)
+
+
+def moe_bridged_exactly(raw_model, folder, groups, logp, seed=2):
+    """A bridge around a mixture of experts: the raw model's map (``groups`` per kind of site), a random element
+    (``seed``) of every site exact (``logp``: computed here) and verified at its float32 floor at every site but the
+    experts' hidden units, which no hook shows (the experts run as one fused forward); the experts' order is observed
+    in the router's logits. Returns the bridge's map, verify's report."""
+    model = bridge(raw_model, folder)
+    smap = wb.symmetry_map(model)
+    assert kinds(smap) == kinds(wb.symmetry_map(raw_model)) and {k: kinds(smap).get(k) for k in groups} == groups
+    new, t = wb.random_intertwiner(model, seed=seed)
+    assert wb.models.model_kind(new) == wb.models.ModelKind.HF_BRIDGE and rel(logp(new), logp(model)) <= TOL
+    report = wb.verify(model, new, IDS, transform=t)
+    assert report.passed and report.floor is not None and report.max_abs_diff <= 10 * report.floor, report.summary()
+    assert {c.site for c in report.checked} == {s.name for s in smap if ".mlp.hidden." not in s.name}
+    return smap, report
 
 
 def test_the_block_is_a_router_top_k_and_weighted_swiglu_experts():
@@ -184,14 +233,13 @@ def test_bridge_is_exact(tmp_path_factory):
     """A bridge around a Mixtral: the raw model's map, a random element of every site exact (computed directly) and
     verified at every site but the experts' hidden units, which no hook shows (the experts run as one fused forward);
     the experts' order is observed in the router's logits."""
-    model = bridge(build(), tmp_path_factory.getbasetemp())
-    smap = wb.symmetry_map(model)
-    assert kinds(smap) == GROUPS
-    new, t = wb.random_intertwiner(model, seed=2)
-    assert wb.models.model_kind(new) == wb.models.ModelKind.HF_BRIDGE and rel(logp(new), logp(model)) <= TOL
-    report = wb.verify(model, new, IDS, transform=t)
-    assert report.passed and report.floor is not None and report.max_abs_diff <= 10 * report.floor, report.summary()
-    assert {c.site for c in report.checked} == {s.name for s in smap if ".mlp.hidden." not in s.name}
+    moe_bridged_exactly(build(), tmp_path_factory.getbasetemp(), GROUPS, logp)
+
+
+def test_base_model_moves_its_last_hidden_state():
+    """The base MixtralModel (no head): its last hidden state, computed here in float64, moves exactly by the stream's
+    element, and verify compares it in the new basis."""
+    base_exactly(build(), attention, lambda ref, block, x: moe(block, x, ref.config.num_experts_per_tok), seed=2)
 
 
 @settings(max_examples=8, deadline=None)

@@ -47,20 +47,22 @@ def rms(t, w, eps):
     return t * torch.rsqrt(t.pow(2).mean(-1, keepdim=True) + eps) * w
 
 
-def rope_attention(model, attn, x, q, k, v):
+def rope_attention(model, attn, x, q, k, v, window=None):
     """Causal attention written out in float64 from queries, keys and values [batch, heads, pos, d_head] before the
     rotary embedding (``rotate_half`` pairs (i, i + d/2), the model's own cos/sin), key/value heads repeated for their
-    query heads, scores over √d_head, then ``o_proj``."""
+    query heads, scores over √d_head, then ``o_proj``; ``window``: a query sees only the keys less than ``window``
+    positions back (Hugging Face's sliding window mask)."""
     def rotate_half(t):
         a, b = t.chunk(2, -1)
         return torch.cat((-b, a), -1)
 
     B, T, _ = x.shape
-    cos, sin = model.model.rotary_emb(x, torch.arange(T)[None])
+    cos, sin = getattr(model, "model", model).rotary_emb(x, torch.arange(T)[None])  # (a base model holds it itself)
     q, k = q * cos[:, None] + rotate_half(q) * sin[:, None], k * cos[:, None] + rotate_half(k) * sin[:, None]
     r = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(r, 1), v.repeat_interleave(r, 1)
-    scores = (q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])).masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), -math.inf)
+    hidden = torch.ones(T, T, dtype=torch.bool).triu(1) | (torch.ones(T, T, dtype=torch.bool).tril(-window) if window else False)
+    scores = (q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])).masked_fill(hidden, -math.inf)
     return attn.o_proj((scores.softmax(-1) @ v).transpose(1, 2).reshape(B, T, -1))
 
 

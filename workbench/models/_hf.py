@@ -51,7 +51,8 @@ _KNOWN = {"embed", "pos_embed", "token_type_embed", "embed_ln", "ln_final", "une
 # over all heads with a gain per head in OLMo 2; docs/DERIVATIONS.md §10, Qwen3 and OLMo 2). StableLM's, Phi's and
 # Cohere's per-head LayerNorms, which the adapters map to the same keys, stay refused by name.
 _QK_NORMS = {"blocks.{i}.attn.q_norm", "blocks.{i}.attn.k_norm"}
-QK_NORM_FAMILIES = frozenset({"qwen3", "gemma3_text", "olmo2"})  # (OLMo 2: one RMSNorm over every head's values)
+QK_NORM_FAMILIES = frozenset({"qwen3", "qwen3_moe", "gemma3_text", "olmo2", "olmoe"})  # (OLMo 2, OLMoE: one RMSNorm
+# over every head's values)
 # Norms on a block's outputs before they join the stream (Gemma 2 and 3: ``post_attention_layernorm``,
 # ``post_feedforward_layernorm``), known only where checked: docs/DERIVATIONS.md §10, Gemma 2 and 3, OLMo 2 (which
 # has no norm before its blocks).
@@ -86,8 +87,9 @@ class Layout:
 # by 7e-4. Add a family only with its derivation and those tests.
 CHECKED_FAMILIES = frozenset({"bert", "bloom", "cohere", "deit", "dinov2", "dinov2_with_registers", "falcon", "gemma",
                               "gemma2", "gemma3_text", "gpt2", "gpt_bigcode", "gpt_neo", "gpt_neox", "gptj", "granite",
-                              "llama", "mistral", "mixtral", "nemotron", "olmo", "olmo2", "opt", "phi", "phi3", "qwen2",
-                              "qwen3", "roberta", "stablelm", "starcoder2", "vit", "xlm-roberta"})
+                              "llama", "mistral", "mixtral", "nemotron", "olmo", "olmo2", "olmoe", "opt", "phi", "phi3",
+                              "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "roberta", "stablelm", "starcoder2", "vit",
+                              "xlm-roberta"})
 # Families whose norms compute in float32 inside a float64 model although they are LayerNorms (every Hugging Face
 # RMSNorm does; Cohere's LayerNorm too): verify rounds the stream where they read it to measure its floor.
 FLOAT32_NORM_FAMILIES = frozenset({"cohere", "olmo"})  # (OLMo 1's parameter-free LayerNorm too)
@@ -102,7 +104,10 @@ _ACTIVATIONS = {"bloom": lambda config: "gelu_new", "falcon": lambda config: con
 # class of the family is read through it (a checkpoint of RobertaForSequenceClassification names only that class), and
 # the heads it does not map are read by ``_hf_entries.heads``. XLM-RoBERTa's modules are RoBERTa's under other class
 # names (transformers generates one from the other), with the same attribute paths.
-_ADAPTER_CLASSES = {"roberta": "RobertaForMaskedLM", "xlm-roberta": "RobertaForMaskedLM"}
+_ADAPTER_CLASSES = {"roberta": "RobertaForMaskedLM", "xlm-roberta": "RobertaForMaskedLM",
+                    # (OLMoE's and Qwen3-MoE's adapters too: an OlmoeModel or a Qwen3MoeForSequenceClassification built
+                    # in code, or a checkpoint naming only its own class, found no adapter)
+                    "olmoe": "OlmoeForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}
 # The vision classes TransformerLens's ViT adapter is listed under (a config built in code names none).
 _VISION_CLASSES = ("ViTModel", "ViTForImageClassification", "DeiTModel", "DeiTForImageClassification")
 # Configuration switches of a checked family that change where the stream is read and are not derived: refused by name.
@@ -112,6 +117,7 @@ _UNDERIVED_SWITCHES = {
     # signs) commute with it, not the GL and rotary maps of those spaces
     "olmo": {"clip_qkv": "clamps each query, key and value coordinate, which the maps of those spaces do not commute with"},
 }
+_UNDERIVED_SWITCHES["olmoe"] = _UNDERIVED_SWITCHES["olmo"]  # (the same clamp, after OLMoE's q/k norms)
 
 # Layouts per (class, config): building one boots nothing, but walks a weightless model (~10 ms).
 _LAYOUTS: "OrderedDict[tuple, object]" = OrderedDict()
@@ -297,8 +303,9 @@ def _build_layout(ad, hf: nn.Module) -> Layout:
                 continue
             key, sub = f"{prefix}{name}", local(f"{path}.{comp.name}".strip(".")) if comp.name else path
             if family in MOE_FAMILIES and prefix and name == "mlp":  # the adapter's one MoE module: placed by its parts
-                paths[key], paths[f"{key}.router"] = sub, f"{sub}.gate"  # (the router's output: its logits, first)
-                entries.update((e.key, e) for e in experts(key, sub, module(sub)))
+                found, where = experts(key, sub, module(sub), family)
+                entries.update((e.key, e) for e in found)
+                paths.update(where)
                 continue
             if family in DINO_FAMILIES and name in ("ls1", "ls2", "unembed"):  # a layer scale's lambda1; the classifier's
                 paths[key] = sub  # two column halves (class token, patch mean) as strided views

@@ -40,11 +40,22 @@ _VIT_EMBEDDINGS = {"patch_embeddings.projection.weight": "patch_embed.weight",
                    # and its registers [1, registers, d] (inserted after the class token, with no position): writers
                    "mask_token": "mask_token.weight", "register_tokens": "reg_tokens.weight"}
 
-# Families whose MLP is a sparse mixture of experts read here (docs/DERIVATIONS.md §10, Mixtral): a router reading the
-# stream and experts stored as fused 3-D tensors, each expert a SwiGLU.
-MOE_FAMILIES = frozenset({"mixtral"})
-# The modules such a block holds, by attribute: anything else in it (a shared expert, a router bias) is refused.
-_MOE_MODULES = {"gate": "MixtralTopKRouter", "experts": "MixtralExperts"}
+# Families whose MLP is a sparse mixture of experts read here (docs/DERIVATIONS.md §10, Mixtral, OLMoE, Qwen3-MoE,
+# Qwen2-MoE): a router reading the stream and experts stored as fused 3-D tensors, each expert a SwiGLU.
+MOE_FAMILIES = frozenset({"mixtral", "olmoe", "qwen3_moe", "qwen2_moe"})
+# The modules such a block holds, by attribute and class: anything else in it (a router bias, another module) is
+# refused. Qwen2-MoE's adds a shared expert (a gated MLP every token meets) scaled by sigmoid(shared_expert_gate(x)).
+_MOE_MODULES = {
+    "mixtral": {"gate": "MixtralTopKRouter", "experts": "MixtralExperts"},
+    "olmoe": {"gate": "OlmoeTopKRouter", "experts": "OlmoeExperts"},
+    "qwen3_moe": {"experts": "Qwen3MoeExperts", "gate": "Qwen3MoeTopKRouter"},
+    "qwen2_moe": {"gate": "Qwen2MoeTopKRouter", "experts": "Qwen2MoeExperts", "shared_expert": "Qwen2MoeMLP",
+                  "shared_expert_gate": "Linear"},
+}
+# A family's dense MLP, which a layer holds in place of the mixture (Qwen's ``mlp_only_layers``, ``decoder_sparse_step``):
+# act(gate_proj(x)) ⊙ up_proj(x) through down_proj, no biases — a Llama MLP.
+_DENSE_MLP = {"qwen3_moe": "Qwen3MoeMLP", "qwen2_moe": "Qwen2MoeMLP"}
+_GATED_MLP = {"gate_proj.weight": "gate.weight", "up_proj.weight": "in.weight", "down_proj.weight": "out.weight"}
 
 
 @dataclass(frozen=True)
@@ -134,20 +145,31 @@ def heads(hf: nn.Module, ref: nn.Module, base: str) -> list[Entry]:
     return entries
 
 
-def experts(key: str, path: str, block: Optional[nn.Module]) -> list[Entry]:
-    """The entries of a sparse mixture-of-experts block (Mixtral's ``MixtralSparseMoeBlock``) at ``path``, component key
-    ``key`` (``blocks.0.mlp``): the router ``{key}.router`` (``gate.weight`` [experts, d_model], a reader of the stream)
-    and every expert's SwiGLU at once, 3-D with the expert first: ``{key}.experts.gate`` and ``{key}.experts.in``
+def experts(key: str, path: str, block: Optional[nn.Module], family: str) -> tuple[list[Entry], dict[str, str]]:
+    """The entries of a sparse mixture-of-experts block (Mixtral's ``MixtralSparseMoeBlock``, OLMoE's, Qwen's) at
+    ``path``, component key ``key`` (``blocks.0.mlp``), and the module paths where its parts are seen: the router
+    ``{key}.router`` (``gate.weight`` [experts, d_model], a reader of the stream; its output's first element is its
+    logits) and every expert's SwiGLU at once, 3-D with the expert first: ``{key}.experts.gate`` and ``{key}.experts.in``
     [experts, d_mlp, d_model] as strided views of the fused ``experts.gate_up_proj`` [experts, 2·d_mlp, d_model]
     (each expert's rows: gate first, then up, as its forward's ``chunk(2)`` reads them), ``{key}.experts.out`` the
-    ``experts.down_proj`` [experts, d_model, d_mlp] itself. Any other module or parameter in the block is refused."""
+    ``experts.down_proj`` [experts, d_model, d_mlp] itself. Qwen2-MoE's shared expert is a gated MLP at
+    ``{key}.shared`` (gate, in, out) and its gate ``{key}.shared_gate`` [1, d_model], one more reader of the stream.
+    A layer whose ``mlp`` is the family's dense MLP (``_DENSE_MLP``) is read as a Llama MLP (``{key}.gate``, ``in``,
+    ``out``). Any other module or parameter in the block is refused."""
     if block is None:
         raise UnsupportedModelError(f"the mixture-of-experts block {path} that the adapter maps is not in this model.")
+    if type(block).__name__ == _DENSE_MLP.get(family):  # a dense layer among the sparse ones
+        return _linears(key, path, block, _GATED_MLP, "a dense MLP"), {key: path, f"{key}.in": f"{path}.up_proj",
+                                                                       f"{key}.gate": f"{path}.gate_proj"}
+    want = _MOE_MODULES[family]
     found = {n: type(m).__name__ for n, m in block.named_children()}
+    shared = "shared_expert" in want
     params = sorted(n for n, _ in block.named_parameters())
-    if found != _MOE_MODULES or params != ["experts.down_proj", "experts.gate_up_proj", "gate.weight"]:
+    expected = sorted(["experts.down_proj", "experts.gate_up_proj", "gate.weight"]
+                      + ([f"shared_expert.{p}" for p in _GATED_MLP] + ["shared_expert_gate.weight"] if shared else []))
+    if found != want or params != expected:
         raise UnsupportedModelError(f"the mixture-of-experts block {path} holds {found} with parameters {params}; only "
-                                    f"{_MOE_MODULES} with a router weight and fused gate/up and down projections is derived.")
+                                    f"{want} with parameters {expected} is derived.")
     E, two_n, d = block.experts.gate_up_proj.shape
     n = two_n // 2
     if two_n != 2 * n or tuple(block.experts.down_proj.shape) != (E, d, n) or tuple(block.gate.weight.shape) != (E, d):
@@ -156,10 +178,27 @@ def experts(key: str, path: str, block: Optional[nn.Module]) -> list[Entry]:
                                     f"[experts, d_model, d_mlp]; not read.")
     fused = f"{path}.experts.gate_up_proj"
     half = ((E, n, d), (two_n * d, d, 1))  # one half of every expert's rows, a strided view of the fused tensor
-    return [Entry(f"{key}.router.weight", f"{path}.gate.weight"),
-            Entry(f"{key}.experts.gate.weight", fused, False, (*half, 0)),
-            Entry(f"{key}.experts.in.weight", fused, False, (*half, n * d)),
-            Entry(f"{key}.experts.out.weight", f"{path}.experts.down_proj")]
+    entries = [Entry(f"{key}.router.weight", f"{path}.gate.weight"),
+               Entry(f"{key}.experts.gate.weight", fused, False, (*half, 0)),
+               Entry(f"{key}.experts.in.weight", fused, False, (*half, n * d)),
+               Entry(f"{key}.experts.out.weight", f"{path}.experts.down_proj")]
+    paths = {key: path, f"{key}.router": f"{path}.gate"}
+    if shared:
+        if tuple(block.shared_expert_gate.weight.shape) != (1, d):
+            raise UnsupportedModelError(f"the shared expert's gate of {path} has shape "
+                                        f"{tuple(block.shared_expert_gate.weight.shape)}, not [1, d_model]; not read.")
+        entries += _linears(f"{key}.shared", f"{path}.shared_expert", block.shared_expert, _GATED_MLP, "a shared expert")
+        entries.append(Entry(f"{key}.shared_gate.weight", f"{path}.shared_expert_gate.weight"))
+        paths.update({f"{key}.shared.in": f"{path}.shared_expert.up_proj", f"{key}.shared.gate": f"{path}.shared_expert.gate_proj"})
+    return entries, paths
+
+
+def _linears(key: str, path: str, mlp: nn.Module, names: dict, what: str) -> list[Entry]:
+    """A gated MLP's three bias-free projections at ``path`` as entries under ``key`` (``names``: parameter -> key)."""
+    params = sorted(n for n, _ in mlp.named_parameters())
+    if params != sorted(names):
+        raise UnsupportedModelError(f"{what} at {path} has parameters {params}; only {sorted(names)} is derived.")
+    return [Entry(f"{key}.{k}", f"{path}.{p}") for p, k in names.items()]
 
 
 def fused_gate_up(comp, prefix: str, path: str, fused: Optional[nn.Module]) -> dict[str, Entry]:

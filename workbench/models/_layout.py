@@ -43,8 +43,8 @@ def to_canonical(sd: dict[str, torch.Tensor], cfg: Any) -> dict[str, torch.Tenso
             out[f"{base}.{'W_O' if W else 'b_O'}"] = t.reshape(t.shape[0], f["n_heads"], dh).permute(1, 2, 0) if W else t
         elif owner in ("in", "out", "gate"):  # a mixture's experts (``mlp.experts.in``): 3-D, the expert first
             out[f"{base}.{'W' if W else 'b'}_{owner}"] = t.transpose(-1, -2) if W else t
-        elif owner == "router":  # a mixture of experts' router [experts, d_model]: reads the stream, as W_in does
-            out[f"{base}.W_router"] = t.T
+        elif owner in ("router", "shared_gate"):  # a mixture of experts' router [experts, d_model], Qwen2-MoE's shared
+            out[f"{base}.W_{owner}"] = t.T  # expert's gate [1, d_model]: read the stream, as W_in does
         elif stem == "embed":
             out["embed.W_E"] = t
         elif stem == "pos_embed":  # [positions, d_model]; a ViT's [1, positions, d_model] without its leading 1
@@ -84,7 +84,7 @@ def from_canonical(sd: dict[str, torch.Tensor], cfg: Any) -> dict[str, torch.Ten
             out[f"{base}.o.weight"] = t.permute(2, 0, 1).reshape(t.shape[2], -1)
         elif leaf == "b_O":
             out[f"{base}.o.bias"] = t
-        elif leaf in ("W_in", "W_out", "W_gate", "W_router"):  # (3-D for a mixture's experts: transposed per expert)
+        elif leaf in ("W_in", "W_out", "W_gate", "W_router", "W_shared_gate"):  # (3-D for a mixture's experts: transposed per expert)
             out[f"{base}.{leaf[2:]}.weight"] = t.transpose(-1, -2)
         elif leaf in ("b_in", "b_out", "b_gate"):
             out[f"{base}.{leaf[2:]}.bias"] = t

@@ -89,8 +89,10 @@ def _fold_layout(model: nn.Module) -> nn.Module:
             readers = [(f"blocks.{layer}.{part}.W_{m}", f"blocks.{layer}.{part}.b_{m}") for m in mats]
             if ln == "ln1" and f"blocks.{layer}.ln2.w" not in W:  # parallel attention and MLP behind one norm
                 readers += [(f"blocks.{layer}.mlp.W_{m}", f"blocks.{layer}.mlp.b_{m}") for m in ("in", "gate")]
-            if ln == "ln2":  # a mixture of experts (Mixtral): its router and every expert's gate and up read ln2's output
-                readers += [(f"blocks.{layer}.mlp.{w}", "") for w in ("W_router", "experts.W_in", "experts.W_gate")]
+            if ln == "ln2":  # a mixture of experts: its router and every expert's gate and up read ln2's output (Qwen2-MoE's
+                # shared expert and its gate too)
+                readers += [(f"blocks.{layer}.mlp.{w}", "") for w in ("W_router", "experts.W_in", "experts.W_gate",
+                                                                      "shared.W_in", "shared.W_gate", "W_shared_gate")]
             _fold(W, f"blocks.{layer}.{ln}", [r for r in readers if r[0] in W], heads=lambda key: ".attn." in key,
                   offset=offset)
         for ls, writers in _SCALED.items():  # a layer scale (DINOv2) into the writers it scales

@@ -1,4 +1,5 @@
-"""The sites of a sparse mixture of experts (Mixtral) in the layout backend (docs/DERIVATIONS.md §10, Mixtral).
+"""The sites of a sparse mixture of experts (Mixtral, OLMoE, Qwen3-MoE, Qwen2-MoE) in the layout backend
+(docs/DERIVATIONS.md §10, Mixtral and the bullets after it).
 
 The canonical weights (``_hf_entries.experts``): the router ``blocks.{i}.mlp.W_router`` [d_model, experts] and every
 expert's SwiGLU at once, the expert first: ``mlp.experts.W_gate`` and ``mlp.experts.W_in`` [experts, d_model, d_mlp],
@@ -12,7 +13,11 @@ so
   head's element does on its head (``heads=(e,)``);
 - the experts' order (site ``blocks.{i}.mlp.experts``): a permutation of the expert axis of every expert weight and of
   the router's columns together: the softmax, the top-k and its renormalisation are permutation-equivariant, so each
-  token meets the same experts with the same weights (a permutation of the head axis, as ``attn.heads``).
+  token meets the same experts with the same weights (a permutation of the head axis, as ``attn.heads``);
+- Qwen2-MoE's shared expert (site ``blocks.{i}.mlp.shared``): a gated MLP every token meets, ``mlp.shared.W_gate``,
+  ``W_in`` [d_model, d_shared], ``W_out`` [d_shared, d_model], its hidden units a Llama MLP's D·P; its output is scaled by
+  sigmoid(x·W_shared_gate), W_shared_gate [d_model, 1] one more reader of the stream, whose one-dimensional output
+  takes no element (the sigmoid is neither odd nor homogeneous: only the identity).
 """
 from __future__ import annotations
 
@@ -29,6 +34,9 @@ def stream_ports(W: dict, layer: int) -> tuple[list[Port], list[Port]]:
     m = f"blocks.{layer}.mlp"
     writers = [Port(f"{m}.experts.W_out", "pre", axis=2)]
     readers = [Port(f"{m}.W_router", "post", axis=0)] + [Port(f"{m}.experts.{w}", "post", axis=1) for w in ("W_in", "W_gate")]
+    if f"{m}.shared.W_out" in W:  # Qwen2-MoE's shared expert and its gate
+        writers.append(Port(f"{m}.shared.W_out", "pre", axis=1))
+        readers += [Port(f"{m}.shared.{w}", "post", axis=0) for w in ("W_in", "W_gate")] + [Port(f"{m}.W_shared_gate", "post", axis=0)]
     return writers, readers
 
 
@@ -45,5 +53,13 @@ def sites(W: dict, layer: int, act: str, see) -> list[Site]:
     ports = [Port(f"{m}.experts.{w}", "heads", axis=0) for w in ("W_gate", "W_in", "W_out")]
     out.append(Site(f"{m}.experts", E, get_group("permutation", E), "experts (router columns with their experts)",
                     f"{m}.gate.hook_out", ports + [Port(f"{m}.W_router", "heads", axis=1)], [], [], see.router(m),
-                    ["softmax, top-k and the renormalised weights are permutation-equivariant"]))
+                    ["softmax, top-k and the (renormalised) weights are permutation-equivariant"]))
+    if f"{m}.shared.W_out" in W:  # Qwen2-MoE: a gated MLP on its own hidden units, scaled by a gate read from the stream
+        s = f"{m}.shared"
+        n = W[f"{s}.W_in"].shape[1]
+        out.append(Site(s, n, get_group("diagonal_permutation", n), f"gated {act} (shared expert)", f"{s}.hook_out",
+                        [Port(f"{s}.W_in", "pre", axis=1), Port(f"{s}.W_gate", "perm", axis=1)],
+                        [Port(f"{s}.W_out", "post", axis=0)], [], see.shared(m),
+                        ["act(gate) ⊙ up, permuted together, any nonzero diagonal on the up branch; the output's scale "
+                         "sigmoid(shared_expert_gate(x)) is read from the stream and stays"]))
     return out

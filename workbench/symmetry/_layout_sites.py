@@ -14,7 +14,7 @@ moves them. Conventions (row vectors, as TransformerLens):
   grouped-query attention a permutation of the key/value groups (each query head moving with its
   group: ``block`` query heads per unit) and, per group, one of its query heads (``heads``: the
   indices it acts on) — together the wreath product S_r ≀ S_kv (docs/DERIVATIONS.md, §10);
-- a sparse mixture of experts (Mixtral): the router reads the stream, each expert is a gated MLP with its own
+- a sparse mixture of experts (Mixtral, OLMoE, Qwen3-MoE, Qwen2-MoE): the router reads the stream, each expert is a gated MLP with its own
   hidden units, and the experts permute together with the router's columns (``_layout_moe.py``);
 - OPT-350m's word space (``project_in``/``project_out`` around a narrower tied embedding): Q on the
   input side (``W_E`` writes, ``project_in`` reads), Q⁻ᵀ on the output side (level ``"dual"``:
@@ -138,7 +138,7 @@ def transformer_map(model: nn.Module) -> SymmetryMap:
                                           "biases, so heads are not permuted"))
         else:
             sites += _head_sites(a, H, K, W, see, skipped)
-        if moe.is_moe(W, layer):  # a sparse mixture of experts (Mixtral)
+        if moe.is_moe(W, layer):  # a sparse mixture of experts (a dense layer among them is read below)
             sites += moe.sites(W, layer, act or str(getattr(cfg, "act_fn", "silu")), see)
         elif not getattr(cfg, "attn_only", False):
             mlp = _mlp_site(cfg, W, layer, see, act)
@@ -345,6 +345,9 @@ class _LensHooks:
     def router(self, m):  # a mixture of experts' router logits [tokens, experts]: the experts' order moves them
         return [Observation(f"{m}.gate.hook_out", 0, "heads", axis=-1)]
 
+    def shared(self, m):  # Qwen2-MoE's shared expert, a gated MLP bridge
+        return self.mlp(f"{m}.shared_expert", True, False)
+
     def word(self):
         return [Observation(n, 0, "pre") for n in ("hook_embed", "embed.hook_out")] + \
                [Observation("project_out.hook_out", 0, "dual")]
@@ -386,6 +389,9 @@ class _RawHooks:
 
     def router(self, m):  # the router's first output, its logits [tokens, experts]
         return self._at(f"{m}.router", "heads", axis=-1)
+
+    def shared(self, m):  # Qwen2-MoE's shared expert's up and gate projections
+        return self.mlp(f"{m}.shared", True, False)
 
     def word(self):
         return self._at("embed", "pre") + self._at("project_out", "dual")
