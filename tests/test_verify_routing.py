@@ -31,19 +31,29 @@ def tied(seed=3, k=1, near=0.0):
     """A float32 Mixtral (4 experts, top ``k``) whose routers give experts 0 and 1 the same logit for every token
     (``near``: expert 1's row scaled by 1 + near, a tie within rounding), expert 0's row raised so that they lead."""
     model = build(seed=seed, num_experts_per_tok=k).float()
+    return tie(model, near)
+
+
+def tie(model, near=0.0):
+    """``model`` with experts 0 and 1 of every router given the same logit (``near``: within rounding), leading."""
     with torch.no_grad():
-        for layer in model.model.layers:
-            w = layer.mlp.gate.weight
+        for mlp in sparse(model):
+            w = mlp.gate.weight
             w[0] += 0.5 * w[0].abs()
             w[1] = w[0] * (1 + near)
     return model
 
 
+def sparse(model) -> list:
+    """The mixtures of ``model``'s layers (a Qwen model's dense layers have none)."""
+    return [layer.mlp for layer in model.model.layers if hasattr(layer.mlp, "gate")]
+
+
 def choices(model, x):
     """Each router's chosen experts on ``x``, read here from the routers' own outputs."""
     seen, handles = [], []
-    for layer in model.model.layers:
-        handles.append(layer.mlp.gate.register_forward_hook(lambda m, a, out: seen.append(out[2].clone())))
+    for mlp in sparse(model):
+        handles.append(mlp.gate.register_forward_hook(lambda m, a, out: seen.append(out[2].clone())))
     try:
         with torch.no_grad():
             logp = model(x).logits.double().log_softmax(-1)
@@ -88,7 +98,7 @@ def test_tied_routers_flip_choices_of_exact_transforms_and_verify_evaluates_the_
         assert "top-k expert tie within rounding" in report.rule
     assert flipped_total > 0 and ties_total >= flipped_total  # (later layers' ties come on top of the first's)
     # the routers' hooks (recording, and forcing the original's choices) are gone, and the models are unchanged
-    assert all(not layer.mlp.gate._forward_hooks for m in (model, new) for layer in m.model.layers)
+    assert all(not mlp.gate._forward_hooks for m in (model, new) for mlp in sparse(m))
     assert torch.equal(choices(model, X)[1], old_logp)
 
 
@@ -183,3 +193,22 @@ def test_a_non_permutation_forced_on_whole_units_is_refused(site, group):
     # the permutation itself still goes through, exact (the routing is unchanged by it)
     new, t = wb.random_intertwiner(model, seed=0, sites=[site])
     assert wb.verify(model, new, IDS, t).passed
+
+
+@pytest.mark.parametrize("family", ["olmoe", "qwen2_moe", "qwen3_moe"])
+def test_the_other_mixtures_routers_meet_ties_the_same_way(family):
+    """OLMoE's, Qwen2-MoE's and Qwen3-MoE's routers are found and their ties handled as Mixtral's: exact transforms of
+    a float32 model with two equal router rows per layer pass (some choices made at ties), and the most chosen expert of
+    the first layer changed after the transform fails (the function moved, computed here)."""
+    import importlib
+
+    model = tie(importlib.import_module(f"test_hf_{family}").build(seed=3, num_experts_per_tok=1).float())
+    passes_with_ties(model, range(3))
+    new, t = wb.random_intertwiner(model, seed=0)
+    chosen, _ = choices(new, X)
+    _, old_logp = choices(model, X)
+    wrong = copy.deepcopy(new)
+    with torch.no_grad():
+        sparse(wrong)[0].experts.down_proj[int(chosen[0].flatten().mode().values)] *= 1.5
+    assert (choices(wrong, X)[1] - old_logp).abs().max() > 1e-2
+    assert not wb.verify(model, wrong, X, t).passed

@@ -444,7 +444,7 @@ def _rule(compared: str, per_row: bool, tol: float, dtype: torch.dtype, classifi
     if classifier:
         text += "; top-1 must agree on every row except float ties (old[a] − old[b] ≤ tol·(s_a + s_b))"
     if routed:
-        text += ("; at a top-k expert tie within rounding (the token's router logits within tol·s of the original's, "
+        text += ("; at a top-k expert tie within rounding (the token's router logits within 10·tol·s of the original's, "
                  "the swapped experts' logits within 2δ + 8·eps32·s) the original is evaluated with the new model's choice")
     return text + "; each site: ‖h' − F·h‖ ≤ tol·max(‖h‖, ‖F·h‖) at every observed hook point"
 
