@@ -144,6 +144,20 @@ def moe_bridged_exactly(raw_model, folder, groups, logp, seed=2):
     return smap, report
 
 
+def moe_form(model, mlp, seen, renorm, logp, family):
+    """For the q/k-norm mixtures (OLMoE, Qwen3-MoE): ``mlp``'s output (traced as ``seen["mlp"]``) is ``moe`` with the top
+    k renormalised exactly when ``renorm`` (the other reading is 1e-3 away), the whole model is ``logp`` (the test's own
+    forward) up to Hugging Face's float32 norms and softmax, and the layout reads a pre-norm, sequential ``family`` with
+    q/k norms."""
+    x, y = seen["mlp"]
+    assert torch.allclose(y, moe(mlp, x, 2, renorm), rtol=0, atol=1e-6)
+    assert not torch.allclose(y, moe(mlp, x, 2, not renorm), atol=1e-3)
+    with torch.no_grad():
+        assert torch.allclose(model(input_ids=IDS).logits.log_softmax(-1), logp(model), rtol=0, atol=1e-5)
+    facts = wb.models.hf.facts(model)
+    assert facts["family"] == family and facts["qk_norm"] and not facts["parallel"] and not facts["post_ln"]
+
+
 def test_the_block_is_a_router_top_k_and_weighted_swiglu_experts():
     """Computed from the modules: the MoE block reads post_attention_layernorm's output, and its output is ``moe`` (the
     router's softmax, top 2 renormalised, gate-then-up SwiGLU experts) up to the router's float32 softmax; the whole

@@ -19,7 +19,7 @@ import workbench as wb
 from test_hf_families import (DECODER, FAIL, IDS, TOL, decoder_shapes, exact_everywhere, folded_exactly, random_model,
                               refused_and_wrong, rel)
 from test_hf_families_more import _trace
-from test_hf_mixtral import base_exactly, decoder_logp, moe, moe_bridged_exactly
+from test_hf_mixtral import base_exactly, decoder_logp, moe, moe_bridged_exactly, moe_form
 from test_hf_qwen3 import HALVES, rms, rope_attention
 
 pytestmark = pytest.mark.filterwarnings("ignore")
@@ -77,13 +77,7 @@ def test_pre_norm_blocks_one_qk_norm_over_every_head_and_the_router(renorm):
     assert attn.q_norm.weight.shape == (32,) and attn.k_norm.weight.shape == (16,)
     assert torch.equal(seen["q_norm"][0], attn.q_proj(seen["ln1"][1]))  # every head's values at once
     assert torch.allclose(seen["attn"][1], attend(model, attn, seen["ln1"][1]), rtol=0, atol=1e-6)
-    y = seen["mlp"][1]
-    assert torch.allclose(y, moe(layer.mlp, seen["mlp"][0], 2, renorm), rtol=0, atol=1e-6)
-    assert not torch.allclose(y, moe(layer.mlp, seen["mlp"][0], 2, not renorm), atol=1e-3)
-    with torch.no_grad():
-        assert torch.allclose(model(input_ids=IDS).logits.log_softmax(-1), logp(model), rtol=0, atol=1e-5)
-    facts = wb.models.hf.facts(model)
-    assert facts["family"] == "olmoe" and facts["qk_norm"] and not facts["parallel"] and not facts["post_ln"]
+    moe_form(model, layer.mlp, seen, renorm, logp, "olmoe")
     assert cfg.num_local_experts == cfg.num_experts == 4  # (the experts read num_local_experts, an alias)
 
 

@@ -34,7 +34,11 @@ HALVES = ((0, 4), (1, 5), (2, 6), (3, 7))
 
 def build(seed=0, equal=(), **kw):
     """A random float64 Qwen3; in layer 0 the q and k norm gains are made equal on the pairs ``equal``."""
-    model = random_model("Qwen3ForCausalLM", "Qwen3Config", {**SHAPE, **kw}, seed)
+    return equal_gains(random_model("Qwen3ForCausalLM", "Qwen3Config", {**SHAPE, **kw}, seed), equal)
+
+
+def equal_gains(model, equal):
+    """``model`` with layer 0's q and k norm gains made equal on the pairs ``equal``."""
     with torch.no_grad():
         for norm in (model.model.layers[0].self_attn.q_norm, model.model.layers[0].self_attn.k_norm):
             for a, b in equal:

@@ -19,8 +19,8 @@ import workbench as wb
 from test_hf_families import (DECODER, FAIL, IDS, TOL, decoder_shapes, exact_everywhere, folded_exactly, random_model,
                               refused_and_wrong, rel)
 from test_hf_families_more import _trace
-from test_hf_mixtral import base_exactly, decoder_logp, decoder_stream, moe, moe_bridged_exactly
-from test_hf_qwen3 import HALVES, rms, rope_attention
+from test_hf_mixtral import base_exactly, decoder_logp, decoder_stream, moe, moe_bridged_exactly, moe_form
+from test_hf_qwen3 import HALVES, equal_gains, rms, rope_attention
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 transformers = pytest.importorskip("transformers")
@@ -40,11 +40,7 @@ def build(seed=0, equal=(), cls="Qwen3MoeForCausalLM", **kw):
     model.config._experts_implementation = "eager"  # (grouped_mm refuses float64)
     if cls == "Qwen3MoeForCausalLM":  # as a checkpoint's config says (TransformerLens's own boot of a bridge reads it)
         model.config.architectures = [cls]
-    with torch.no_grad():
-        for norm in (model.model.layers[0].self_attn.q_norm, model.model.layers[0].self_attn.k_norm):
-            for a, b in equal:
-                norm.weight[b] = norm.weight[a]
-    return model
+    return equal_gains(model, equal)
 
 
 def attend(ref, attn, x):
@@ -91,13 +87,7 @@ def test_sparse_and_dense_layers_per_head_norms_and_the_router(renorm):
     assert attn.q_norm.weight.shape == (8,) and torch.equal(seen["q_norm"][0], attn.q_proj(x).view(B, T, 4, 8))
     assert torch.allclose(seen["attn"][1], attend(model, attn, x), rtol=0, atol=1e-6)
     assert torch.equal(seen["mlp"][0], seen["ln2"][1])
-    y = seen["mlp"][1]
-    assert torch.allclose(y, moe(layer.mlp, seen["mlp"][0], 2, renorm), rtol=0, atol=1e-6)
-    assert not torch.allclose(y, moe(layer.mlp, seen["mlp"][0], 2, not renorm), atol=1e-3)
-    with torch.no_grad():
-        assert torch.allclose(model(input_ids=IDS).logits.log_softmax(-1), logp(model), rtol=0, atol=1e-5)
-    facts = wb.models.hf.facts(model)
-    assert facts["family"] == "qwen3_moe" and facts["qk_norm"] and not facts["parallel"] and not facts["post_ln"]
+    moe_form(model, layer.mlp, seen, renorm, logp, "qwen3_moe")
     assert cfg.num_local_experts == 4
 
 
