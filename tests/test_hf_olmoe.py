@@ -206,3 +206,15 @@ def test_property_random_shapes_are_exact(experts_, data, seed):
     model = build(seed=seed % 5, **kw)
     new, _ = wb.random_intertwiner(model, seed=seed)
     assert rel(logp(new), logp(model)) <= TOL, kw
+
+
+def test_a_head_dim_whose_own_forward_fails_is_refused_by_name():
+    """OLMoE sizes q_norm by hidden_size: with head_dim != hidden/heads its own forward fails (checked here). Read
+    anyway, the norm was taken as other heads' and the transform failed on an unclear permutation error; now the map is
+    empty and every verb says which norm and why."""
+    model = build(head_dim=16)
+    with pytest.raises(RuntimeError):
+        model(input_ids=IDS)
+    assert len(list(wb.symmetry_map(model))) == 0
+    with pytest.raises(wb.UnsupportedModelError, match="q_norm normalises 32 values where q_proj writes 4 heads of 16"):
+        wb.random_intertwiner(model, seed=0)
