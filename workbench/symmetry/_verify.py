@@ -301,7 +301,8 @@ def _verify(model, new_model, inputs, transform, dtype, tolerance, bar) -> Invar
         # ~ eps·|q'|·|k'|). GPT-Neo's exact transforms FAILed in 3 of 60 random models (2.75e-6 against a tolerance of
         # 7e-7 measured on the original) before it was measured.
         old_ref = cache[last].flatten(0, -2) if last else out  # the original's output, in its own basis
-        measures = [(lambda: backend.floor(model, inputs, cache, last), old_ref)]
+        # (the original's rounded run makes the choices the comparison's original made: the routing ties' too)
+        measures = [(lambda: routing.forced(routers, force, lambda: backend.floor(model, inputs, cache, last)), old_ref)]
         if has_layout(model):
             measures.append((lambda: trivial_floor(backend, model, inputs, cache, last), old_ref))
             measures.append((lambda: trivial_floor(backend, new_model, inputs, new_cache, last),

@@ -14,8 +14,8 @@ choose as the original would never run the expert it chose, and a wrong expert t
 as the twin of a duplicated router row does) would pass unseen. A token's choice counts as a tie only when
 
 - the new router's logits at that token agree with the original's moved by the experts' order within 10× the dtype's
-  tolerance (``TIE_MARGIN``, relative to the token's largest |logit|): the router read the same stream up to rounding,
-  so the transform is right up to that token; and
+  tolerance, float32's at least (``TIE_MARGIN``, ``ROUTER_TOL``; relative to the token's largest |logit|): the router
+  read the same stream up to rounding, so the transform is right up to that token; and
 - every expert the new model dropped or added is within ``2δ + 8·eps32·s`` of the other's logit (δ: the token's largest
   logit difference, s: its largest |logit|, eps32: float32's, the precision of every such router's softmax): only
   such a pair can change order under a difference of δ and the softmax's rounding.
@@ -44,6 +44,10 @@ _EPS32 = torch.finfo(torch.float32).eps
 #: floor itself is measured only after these forwards. Measured: a float32 OLMoE's router logits, two layers deep,
 #: 1.2e-5 off at a tie, against a tolerance of 1e-5; a transform that moves the stream is ~1e-1 off there.
 TIE_MARGIN = 10
+#: the tolerance a router's logits are held to at least, whatever the model's dtype: every such router chooses on float32
+#: probabilities, and a float64 model's norms compute in float32 too (its routers' logits 1e-7 apart at ties, measured
+#: on a float64 Mixtral, where verify in float64 FAILed every exact transform of a tied model before)
+ROUTER_TOL = 1e-5
 
 
 def _parts(output) -> Optional[tuple[int, torch.Tensor, torch.Tensor]]:
@@ -142,7 +146,7 @@ def ties(old: dict, new: dict, labels: dict, tol: float) -> tuple[dict, int]:
         for t in differ:
             s = L[t].abs().max().item()
             delta = (L_new[t] - expected[t]).abs().max().item()
-            if not delta <= TIE_MARGIN * tol * max(s, torch.finfo(torch.float64).tiny):
+            if not delta <= TIE_MARGIN * max(tol, ROUTER_TOL) * max(s, torch.finfo(torch.float64).tiny):
                 continue  # the router read another stream there: not rounding (the comparison FAILs)
             was, now = set(chosen[t].tolist()), set(mapped[t].tolist())
             dropped, added = sorted(was - now), sorted(now - was)
@@ -160,6 +164,15 @@ def ties(old: dict, new: dict, labels: dict, tol: float) -> tuple[dict, int]:
             force[key] = (torch.tensor(tokens), torch.stack(rows))
             count += len(tokens)
     return force, count
+
+
+def forced(routers: list, force: dict, run):
+    """``run()`` with ``routers`` making the choices ``force`` says (a measurement that runs the original model again,
+    such as the float64 branch's rounded run, must meet the same ties the same way)."""
+    if not force:
+        return run()
+    with Choices(routers, force):
+        return run()
 
 
 def merged(force: dict, more: dict) -> dict:
