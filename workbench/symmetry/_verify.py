@@ -292,6 +292,12 @@ def _verify(model, new_model, inputs, transform, dtype, tolerance, bar) -> Invar
         return cmp.max_rel > t or any(c.equivariance_error > t for c in checks)
 
     strict_fail = above(tol)
+    # A floor is the rounding of one function: where the model routes, every run that measures one makes the choices the
+    # compared run made (a copy choosing another expert at a near tie measured the experts' difference: tolerance ~1)
+    same_old = routing.everywhere(old_choices.seen) if routers else {}
+    same_new = routing.everywhere(new_choices.seen) if routers else {}
+    choose_old = (lambda copy_, run: routing.forced(routing.routers_of(copy_), same_old, run)) if routers else None
+    choose_new = (lambda copy_, run: routing.forced(routing.routers_of(copy_), same_new, run)) if routers else None
     if tolerance is None and run_dtype == torch.float64 and strict_fail:
         # The parts named as computing in float32 first; where that floor does not carry the verdict (or none is
         # named) and the model is a transformer, the rounding of an exact, trivial symmetry through its arithmetic:
@@ -301,8 +307,8 @@ def _verify(model, new_model, inputs, transform, dtype, tolerance, bar) -> Invar
         # ~ eps·|q'|·|k'|). GPT-Neo's exact transforms FAILed in 3 of 60 random models (2.75e-6 against a tolerance of
         # 7e-7 measured on the original) before it was measured.
         old_ref = cache[last].flatten(0, -2) if last else out  # the original's output, in its own basis
-        # (the original's rounded run makes the choices the comparison's original made: the routing ties' too)
-        measures = [(lambda: routing.forced(routers, force, lambda: backend.floor(model, inputs, cache, last)), old_ref)]
+        # (the original's rounded run makes every choice the comparison's original made: its routing ties' too)
+        measures = [(lambda: routing.forced(routers, same_old, lambda: backend.floor(model, inputs, cache, last)), old_ref)]
         if has_layout(model):
             measures.append((lambda: trivial_floor(backend, model, inputs, cache, last), old_ref))
             measures.append((lambda: trivial_floor(backend, new_model, inputs, new_cache, last),
@@ -345,7 +351,7 @@ def _verify(model, new_model, inputs, transform, dtype, tolerance, bar) -> Invar
             if sample is not None and with_sites and rows is None:
                 continue  # the rows alone were refused (a model that mixes rows): the whole batch
             measured_floor = _own_rounding(backend, model, smap, inputs, raw_out, cache, names if with_sites else None,
-                                           run_dtype, rows=sample, cmp=cmp)
+                                           run_dtype, rows=sample, cmp=cmp, choose=choose_old)
             if not with_sites:
                 if measured_floor is None:
                     rows = None
@@ -355,15 +361,13 @@ def _verify(model, new_model, inputs, transform, dtype, tolerance, bar) -> Invar
                 continue
             if measured_floor is not None and _fails(cmp, checks, 10 * max(measured_floor), last):
                 new_floor = _own_rounding(backend, new_model, smap, inputs, None, None, names, run_dtype,
-                                          rows=sample, cmp=cmp, reference=cmp.new)
+                                          rows=sample, cmp=cmp, reference=cmp.new, choose=choose_new)
                 if new_floor is not None:
                     measured_floor = tuple(map(max, zip(measured_floor, new_floor)))
             if measured_floor is None or (sample is not None and _fails(cmp, checks, 10 * max(measured_floor), last)):
                 continue  # a PASS on the rows' floor is final; anything else is judged on the whole batch's
             floors, rows = measured_floor, sample
             break
-        if floors is not None and routers and not max(floors) <= _NOT_ROUNDING:
-            floors = None  # a routed model's copy chose other experts at a tie: that is no rounding floor (_verify_routing)
         if floors is not None:
             out_floor, site_floor = floors
             floor = out_floor

@@ -120,7 +120,7 @@ def _fails(cmp: "_Comparison", checks: list, tol: float, last: Optional[str]) ->
 
 
 def _own_rounding(backend, model, smap, inputs, raw_out, cache, names, dtype, rows: Optional[torch.Tensor] = None,
-                  cmp: Optional["_Comparison"] = None, reference: Optional[torch.Tensor] = None
+                  cmp: Optional["_Comparison"] = None, reference: Optional[torch.Tensor] = None, choose=None
                   ) -> Optional[tuple[float, float]]:
     """How far ``model``'s own low-precision evaluation is from its float64 copy's: the largest relative
     output difference (same rule as the comparison) and the largest relative change of a watched
@@ -134,7 +134,12 @@ def _own_rounding(backend, model, smap, inputs, raw_out, cache, names, dtype, ro
 
     ``raw_out``/``cache`` None (the new model, whose float32 activations verify compared as they were made and
     did not keep): the whole batch runs again on a same-dtype copy first. ``reference``: this model's compared
-    float32 outputs on the whole batch (``cmp.new`` for the new model; ``cmp.old`` by default)."""
+    float32 outputs on the whole batch (``cmp.new`` for the new model; ``cmp.old`` by default).
+
+    ``choose(copy, run)``: runs a whole-batch copy's forward (``run()``) making the discrete choices ``model`` made
+    (a mixture's routers, ``_verify_routing``): the floor is then the rounding of one function, not the difference of
+    two experts a copy chose otherwise at a near tie. The rows' sub-batch runs are not given it (other token indices):
+    verify measures a routed model on the whole batch (its rule is per row)."""
     reference = cmp.old if reference is None and cmp is not None else reference
     recalled = None
     if rows is not None:
@@ -160,8 +165,9 @@ def _own_rounding(backend, model, smap, inputs, raw_out, cache, names, dtype, ro
             if raw_out is None:
                 exact = backend.clone(model, dtype)
                 with eval_mode(exact), torch.no_grad():
-                    raw_out, cache = (run_with_cache(exact, inputs, names=names, budget=None, device=None, reduce=first_tensor) if names
-                                      else (exact(inputs), None))
+                    raw_out, cache = _chosen(choose, exact, lambda: (
+                        run_with_cache(exact, inputs, names=names, budget=None, device=None, reduce=first_tensor) if names
+                        else (exact(inputs), None)))
                 raw_out = backend.output(raw_out).detach()
                 model = exact
             exact = backend.clone(model, torch.float64)
@@ -170,8 +176,9 @@ def _own_rounding(backend, model, smap, inputs, raw_out, cache, names, dtype, ro
     if recalled is None:
         inputs64 = inputs.to(torch.float64) if isinstance(inputs, torch.Tensor) and inputs.is_floating_point() else inputs
         with eval_mode(exact), torch.no_grad():
-            out64, cache64 = (run_with_cache(exact, inputs64, names=names, budget=None, device=None, reduce=first_tensor) if names
-                              else (exact(inputs64), None))
+            out64, cache64 = _chosen(choose if rows is None else None, exact, lambda: (
+                run_with_cache(exact, inputs64, names=names, budget=None, device=None, reduce=first_tensor) if names
+                else (exact(inputs64), None)))
         out64 = backend.output(out64)
         if rows is not None and not names:
             _remember(outputs, inputs, raw_out, out64)
@@ -186,6 +193,11 @@ def _own_rounding(backend, model, smap, inputs, raw_out, cache, names, dtype, ro
         if not alone <= ALONE_SLACK * out_floor:  # (a NaN too)
             return None
     return out_floor, largest_relative_change(cache64, cache, names or [])
+
+
+def _chosen(choose, copy_, run):
+    """``run()``, through ``choose(copy_, run)`` where given (see ``_own_rounding``)."""
+    return run() if choose is None else choose(copy_, run)
 
 
 #: a model whose parameters and buffers take more than this many bytes has its copies made afresh each time

@@ -23,8 +23,10 @@ as the twin of a duplicated router row does) would pass unseen. A token's choice
 Any other difference in the chosen experts is left to the comparison, which then FAILs. Forcing keeps the original
 router's own weights (scores) for the positions it changes: at a tie they equal the other expert's within the same
 rounding.
-A float32 model's own rounding floor (its float32 outputs against its float64 copy's) can land on the other side of
-such a tie as well: for a model with routers, verify does not raise its tolerance to a floor above ``_NOT_ROUNDING``.
+A floor is measured by running the model again (its float32 outputs against a float64 copy's, or its float32 parts
+rounded): a run that chose another expert at a near tie measured the two experts' difference, a tolerance of ~1 that
+passed a stream rotation. Every such run now makes every choice the compared run made (``everywhere``), so a floor is the
+rounding of one function.
 """
 from __future__ import annotations
 
@@ -65,8 +67,9 @@ def _parts(output) -> Optional[tuple[int, torch.Tensor, torch.Tensor]]:
 
 class Choices:
     """Forward hooks on routers (``[(experts-order site, router module), ...]``) while the block runs: ``seen[(site,
-    call)] = (logits, indices)`` of each call (after forcing), and the choices in ``force`` (``{(site, call): (tokens,
-    indices)}``) written over the router's own before the experts read them."""
+    call)] = (logits, indices)`` of each call (after forcing; calls counted per number of tokens), and the choices in
+    ``force`` (``{(site, call): (tokens, indices, tokens in that call)}``) written over the router's own before the
+    experts read them, in calls of that size only."""
 
     def __init__(self, routers: list, force: Optional[dict] = None):
         self.routers, self.force = routers, force or {}
@@ -88,17 +91,21 @@ class Choices:
         self._handles.clear()
 
     def _hook(self, site: str):
-        calls = [0]
+        calls: dict[int, int] = {}  # tokens -> calls seen with that many: a measurement's probe on fewer rows (the
+        # bridge floor's one-row look at its attention pattern) is another count, and is neither forced nor a key's
 
         def hook(module, args, output):
-            call, calls[0] = calls[0], calls[0] + 1
             parts = _parts(output)
             if parts is None:
                 return None
             where, logits, indices = parts
+            n = indices.shape[0]
+            call = calls[n] = calls.get(n, -1) + 1
             forced = self.force.get((site, call))
+            if forced is not None and forced[2] != n:
+                forced = None  # (a call of another size than the one the choices were made on)
             if forced is not None:
-                tokens, chosen = forced
+                tokens, chosen, _ = forced
                 indices = indices.clone()
                 indices[tokens.to(indices.device)] = chosen.to(device=indices.device, dtype=indices.dtype)
                 output = type(output)([*output[:where], indices, *output[where + 1:]])
@@ -124,7 +131,8 @@ def labels(backend, smap, transform, routers: list) -> dict:
 
 
 def ties(old: dict, new: dict, labels: dict, tol: float) -> tuple[dict, int]:
-    """The choices to make in the original model, ``{(site, call): (tokens, indices in the original's labels)}``, and
+    """The choices to make in the original model, ``{(site, call): (tokens, indices in the original's labels, tokens in
+    the call)}``, and
     how many tokens that is: the tokens whose chosen experts differ (the new model's mapped through ``labels``) at a tie
     within rounding (module docstring), where the original is to choose what the new model chose."""
     force, count = {}, 0
@@ -161,7 +169,7 @@ def ties(old: dict, new: dict, labels: dict, tol: float) -> tuple[dict, int]:
             tokens.append(t)
             rows.append(row)
         if tokens:
-            force[key] = (torch.tensor(tokens), torch.stack(rows))
+            force[key] = (torch.tensor(tokens), torch.stack(rows), len(chosen))
             count += len(tokens)
     return force, count
 
@@ -175,13 +183,19 @@ def forced(routers: list, force: dict, run):
         return run()
 
 
+def everywhere(seen: dict) -> dict:
+    """``force`` making every choice ``seen`` recorded (each call's every token), for a run that must route as that one
+    did: a floor's copy of the model (``_verify_floor._own_rounding``), the float64 branch's rounded run."""
+    return {key: (torch.arange(len(chosen)), chosen, len(chosen)) for key, (_, chosen) in seen.items()}
+
+
 def merged(force: dict, more: dict) -> dict:
     """``force`` with the choices of ``more`` added (a later round's ties: other tokens of the same calls)."""
     out = dict(force)
-    for key, (tokens, rows) in more.items():
+    for key, (tokens, rows, n) in more.items():
         if key in out:
             tokens, rows = torch.cat([out[key][0], tokens]), torch.cat([out[key][1], rows])
-        out[key] = (tokens, rows)
+        out[key] = (tokens, rows, n)
     return out
 
 
