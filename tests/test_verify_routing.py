@@ -17,8 +17,8 @@ import pytest
 import torch
 
 import workbench as wb
-from test_hf_families import IDS
-from test_hf_mixtral import build
+from test_hf_families import IDS, TOL, rel
+from test_hf_mixtral import build, logp as mixtral_logp
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 pytest.importorskip("transformers")
@@ -229,3 +229,15 @@ def test_a_float64_model_with_float32_routers_and_norms():
     new, t = wb.random_intertwiner(model, seed=0)
     assert wb.verify(model, new, X, t, dtype=torch.float64).passed  # (the float64 replay of a float64 model's transform)
     changed_expert_fails(model, new, t)
+
+
+def test_large_scales_raise_a_routed_models_floor_honestly():
+    """scale_sigma 3 on a float32 Mixtral without ties: the draw is exact (float64, computed here) but its float32
+    rounding is 2-4e-4, so verify's floor carries the verdict; the floor's copies route as the model did. A fixed 1e-4
+    cap on routed models' floors (this module's first answer to flips in the floor) FAILed these."""
+    model = build(seed=3, num_experts_per_tok=1).float()
+    new, t = wb.random_intertwiner(model, seed=0, scale_sigma=3.0)
+    model64 = copy.deepcopy(model).double()  # (this file's float64 forward: norms and softmax in float64 too)
+    assert rel(mixtral_logp(wb.apply_transform(model64, t)), mixtral_logp(model64)) <= TOL
+    report = wb.verify(model.float(), new, X, t)
+    assert report.passed and report.floor > 1e-4, report.summary()
