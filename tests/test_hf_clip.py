@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 
 import workbench as wb
-from test_hf_families import FAIL, TOL, exact_everywhere, folded_exactly, kinds, random_model, refused_and_wrong, rel
+from test_hf_families import (FAIL, TOL, exact_everywhere, folded_exactly, kinds, random_model, refused_and_wrong, rel,
+                              sheared)
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 transformers = pytest.importorskip("transformers")
@@ -238,13 +239,7 @@ def test_a_global_sign_and_a_shear_along_one_over_gamma_pass_by_hand():
         flipped.vision_model.pre_layrnorm.weight.neg_()
     assert rel(embeds(flipped), embeds(model)) > FAIL
 
-    def sheared(a):
-        new = copy.deepcopy(model)
-        with torch.no_grad():
-            for name, p in new.named_parameters():  # stream axis 0: x ↦ x + (a·x)·1 along it
-                if name.endswith(("pre_layrnorm.bias", "out_proj.weight", "out_proj.bias", "fc2.weight", "fc2.bias")):
-                    p.add_(torch.ones_like(a).reshape(-1, *[1] * (p.ndim - 1)) * torch.tensordot(a, p, ([0], [0])))
-        return new
+    writers = ("pre_layrnorm.bias", "out_proj.weight", "out_proj.bias", "fc2.weight", "fc2.bias")
 
     def stream(m):
         with torch.no_grad():
@@ -252,11 +247,11 @@ def test_a_global_sign_and_a_shear_along_one_over_gamma_pass_by_hand():
 
     old = stream(model)
     a = 0.7 / model.vision_model.pre_layrnorm.weight
-    good = sheared(a)
+    good = sheared(model, a, writers)
     assert rel(embeds(good), embeds(model)) <= TOL and rel(stream(good), old + (old @ a)[..., None]) <= TOL
     assert rel(stream(good), old) > FAIL  # the stream itself moved, by the shear
     a = torch.randn(64, generator=torch.Generator().manual_seed(5), dtype=torch.float64) / 8
-    assert rel(stream(sheared(a)), old + (old @ a)[..., None]) > FAIL  # pre_layrnorm's output is not sheared along a
+    assert rel(stream(sheared(model, a, writers)), old + (old @ a)[..., None]) > FAIL  # pre_layrnorm's output is not sheared along a
 
 
 @pytest.mark.parametrize("gains", ["random", "one"])

@@ -37,7 +37,9 @@ OWN_ADAPTER_FAMILIES = {"dinov2": "dinov2", "dinov2_with_registers": "dinov2_wit
 
 # The classes of those families whose outputs are derived: the base model (its last hidden state is the stream after
 # the final norm) and the classifier. A Dinov2Backbone returns the hidden states of chosen stages, optionally normalised
-# and reshaped to [batch, d_model, h, w] (config.apply_layernorm, reshape_hidden_states): not read.
+# and reshaped to [batch, d_model, h, w] (config.apply_layernorm, reshape_hidden_states): not read. CLIP's vision
+# tower: the base model (last hidden state: the stream; pooler output: post_layernorm of the class token's row) and the
+# model with its projection (image_embeds).
 OWN_ADAPTER_CLASSES = ("Dinov2Model", "Dinov2ForImageClassification", "Dinov2WithRegistersModel",
                        "Dinov2WithRegistersForImageClassification", "CLIPVisionModel",
                        "CLIPVisionModelWithProjection")
@@ -46,7 +48,8 @@ OWN_ADAPTER_CLASSES = ("Dinov2Model", "Dinov2ForImageClassification", "Dinov2Wit
 def own_adapter(name: str, config: Any, cfg: Any):
     """The adapter of a family in ``OWN_ADAPTER_FAMILIES`` for the class ``name``, on TransformerLens's bridge
     configuration ``cfg`` built from the Hugging Face ``config`` (its MLP width set from the config's ``mlp_ratio``,
-    which TransformerLens does not read); another class of the family is refused by name."""
+    which TransformerLens does not read; CLIP's from ``intermediate_size``); another class of the family is refused by
+    name."""
     if name not in OWN_ADAPTER_CLASSES and config.model_type == "clip_vision_model":
         raise UnsupportedModelError(f"{name}: of the CLIP vision classes only CLIPVisionModel and "
                                     f"CLIPVisionModelWithProjection are derived; nothing is transformed.")
