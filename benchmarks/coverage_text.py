@@ -10,7 +10,8 @@ Method. Every family issue 17 names (Mistral, Qwen2, Gemma, Phi, OPT 125m- and 3
 plus GPT-2, LLaMA and BERT, and the families checked since (GPT-J, StableLM, StarCoder2, Nemotron, GPT-Neo; Qwen3,
 Gemma 2, Gemma 3, OLMo 2, Phi-3, Cohere, GPT-BigCode, Granite and BLOOM; and ViT, an encoder over image patches:
 ViT-B/16's 224-pixel images in 16-pixel patches, 197 tokens, 1,000 labels, verified on 4 random images; and DINOv2 at
-the same width, 224-pixel images in 14-pixel patches, 257 tokens, raw only: TransformerLens cannot boot a bridge),
+the same width, 224-pixel images in 14-pixel patches, 257 tokens, raw only: TransformerLens cannot boot a bridge; and
+CLIP's vision tower with its projection, ViT-B/16's images and patches, image embeddings of 512, raw only too),
 each at one shape the size of the smallest released checkpoints (hidden 512, 6 layers, 8 heads of 64, vocabulary
 32,000, MLP 2,048 — Pythia-70m's size; GQA with 2 key/value heads for Mistral, Qwen2, LLaMA, StableLM, StarCoder2
 and Nemotron, one for Gemma; GPT-J rotates 32 of 64 dimensions; GPT-Neo alternates global and local (window 16)
@@ -154,11 +155,16 @@ def shapes(quick: bool, positions: int = 512) -> dict:
         "dinov2": ("Dinov2ForImageClassification", dict(hidden_size=d, num_hidden_layers=L, num_attention_heads=H,
                                                         mlp_ratio=f // d, image_size=32 if quick else 224,
                                                         patch_size=8 if quick else 14, num_labels=10 if quick else 1000)),
+        # CLIP's vision tower with its projection (tests/test_hf_clip.py): ViT-B/16's image and patch, a LayerNorm on the
+        # embeddings before the first block (pre_layrnorm), quick_gelu, image_embeds of 512; read raw only (NO_BRIDGE)
+        "clip": ("CLIPVisionModelWithProjection", dict(hidden_size=d, num_hidden_layers=L, num_attention_heads=H,
+                                                       intermediate_size=f, image_size=32 if quick else 224,
+                                                       patch_size=8 if quick else 16, projection_dim=d)),
     }
 
 
 # Families TransformerLens cannot boot a bridge around (workbench reads them through its own adapter): raw rows only.
-NO_BRIDGE = frozenset({"dinov2"})
+NO_BRIDGE = frozenset({"dinov2", "clip"})
 
 
 def inputs(kw: dict) -> torch.Tensor:
@@ -173,7 +179,8 @@ def build(cls_name: str, kw: dict, seed: int = 0):
     import transformers
 
     config_cls = {"GPT2LMHeadModel": "GPT2Config", "BertForMaskedLM": "BertConfig", "RobertaForMaskedLM": "RobertaConfig", "Gemma3ForCausalLM": "Gemma3TextConfig",
-                  "ViTForImageClassification": "ViTConfig", "Dinov2ForImageClassification": "Dinov2Config"}.get(cls_name, cls_name.replace("ForCausalLM", "Config"))
+                  "ViTForImageClassification": "ViTConfig", "Dinov2ForImageClassification": "Dinov2Config",
+                  "CLIPVisionModelWithProjection": "CLIPVisionConfig"}.get(cls_name, cls_name.replace("ForCausalLM", "Config"))
     torch.manual_seed(seed)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -16,7 +16,7 @@ import torch
 
 import workbench as wb
 from test_hf_families import (FAIL, IDS, as_raw, bridged_exactly, exact_everywhere, folded_exactly, random_model,
-                              refused_and_wrong, rel)
+                              TOL, refused_and_wrong, rel, sheared)
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 transformers = pytest.importorskip("transformers")
@@ -93,6 +93,27 @@ def test_fold_keeps_the_embedding_norm_and_the_stream_at_permutations():
     model = build()
     f = folded_exactly(model, "permutation", logp)
     assert torch.equal(f.transformer.word_embeddings_layernorm.weight, model.transformer.word_embeddings_layernorm.weight)
+
+
+def test_a_shear_along_one_over_the_embedding_gain_passes_by_hand():
+    """Beyond s·P (the map's note; docs/DERIVATIONS.md §10, CLIP's bullet): the stream's shear h ↦ h + (a·h)·1 with
+    a ∝ 1/γ of the embedding's LayerNorm passes (its bias takes (a·β)·1; every block writer is sheared; every reader is
+    a centring norm, and the tied embedding sits before that norm, unmoved): the same log-probabilities, the stream
+    moved by the shear. Along a random a the stream is not the sheared one (that norm cannot add (a·(γ⊙n))·1)."""
+    model = build()
+    writers = ("word_embeddings_layernorm.bias", "self_attention.dense.weight", "self_attention.dense.bias",
+               "dense_4h_to_h.weight", "dense_4h_to_h.bias")
+
+    def stream(m):  # the first block's output
+        with torch.no_grad():
+            return m.transformer(input_ids=IDS, output_hidden_states=True).hidden_states[1]
+
+    old, a = stream(model), 0.7 / model.transformer.word_embeddings_layernorm.weight
+    new = sheared(model, a, writers)
+    assert rel(logp(new), logp(model)) <= TOL and rel(stream(new), old + (old @ a)[..., None]) <= TOL
+    assert rel(stream(new), old) > FAIL
+    a = torch.randn(32, generator=torch.Generator().manual_seed(5), dtype=torch.float64) / 8
+    assert rel(stream(sheared(model, a, writers)), old + (old @ a)[..., None]) > FAIL
 
 
 def test_residual_after_the_norm_is_refused():

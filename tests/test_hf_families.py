@@ -154,6 +154,18 @@ def folded_exactly(model, resid: str, logp=logp, seed: int = 2):
     return f
 
 
+def sheared(model, a, writers: tuple):
+    """A copy of ``model`` whose parameters named by the suffixes ``writers`` (each with the stream on its axis 0: a
+    Linear's weight or bias writing the stream, an embedding norm's bias) take the shear x ↦ x + (a·x)·1 along that axis:
+    the stream then moves by h ↦ h + (a·h)·1 wherever those are all its writers after the embeddings' norm."""
+    new = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, p in new.named_parameters():
+            if name.endswith(writers):
+                p.add_(torch.ones_like(a).reshape(-1, *[1] * (p.ndim - 1)) * torch.tensordot(a, p, ([0], [0])))
+    return new
+
+
 def refused_and_wrong(model, site: str, group, logp=logp, seed: int = 3, inputs=None) -> None:
     """``group`` at ``site`` is refused as no symmetry; forced (``allow_non_symmetry``), it changes the log-probabilities
     (``logp``, computed here) beyond FAIL and verify fails (on IDS, or ``inputs``: a vision model's pixels)."""

@@ -37,8 +37,8 @@ from .._errors import UnsupportedModelError
 from . import _hf_check as check
 from ._call import per_call
 from ._hf_adapters import OWN_ADAPTER_FAMILIES, own_adapter
-from ._hf_entries import (BERT_FAMILIES, DINO_FAMILIES, MOE_FAMILIES, VISION_FAMILIES, Entry, experts, fused_gate_up,
-                          fused_qkv, heads, layer_scale, patch_mean_classifier, vision_embeddings)
+from ._hf_entries import (BERT_FAMILIES, DINO_FAMILIES, MOE_FAMILIES, VISION_FAMILIES, Entry, experts,
+                          fused_gate_up, fused_qkv, heads, layer_scale, patch_mean_classifier, vision_embeddings)
 from ._kind import ModelKind, model_kind
 
 # Canonical component keys the layout knows (``{i}``: a layer); a mapped component outside these has no
@@ -85,11 +85,11 @@ class Layout:
 # sit, parallel blocks) come from the adapter's config, and an adapter can state them wrongly. OpenAI GPT's reads
 # its GELU as ReLU and its post-LN blocks as pre-LN; a transform built on them changed the float64 log-probabilities
 # by 7e-4. Add a family only with its derivation and those tests.
-CHECKED_FAMILIES = frozenset({"bert", "bloom", "cohere", "deit", "dinov2", "dinov2_with_registers", "falcon", "gemma",
-                              "gemma2", "gemma3_text", "gpt2", "gpt_bigcode", "gpt_neo", "gpt_neox", "gptj", "granite",
-                              "llama", "mistral", "mixtral", "nemotron", "olmo", "olmo2", "olmoe", "opt", "phi", "phi3",
-                              "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "roberta", "stablelm", "starcoder2", "vit",
-                              "xlm-roberta"})
+CHECKED_FAMILIES = frozenset({"bert", "bloom", "clip_vision_model", "cohere", "deit", "dinov2", "dinov2_with_registers",
+                              "falcon", "gemma", "gemma2", "gemma3_text", "gpt2", "gpt_bigcode", "gpt_neo", "gpt_neox",
+                              "gptj", "granite", "llama", "mistral", "mixtral", "nemotron", "olmo", "olmo2", "olmoe",
+                              "opt", "phi", "phi3", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "roberta", "stablelm",
+                              "starcoder2", "vit", "xlm-roberta"})
 # Families whose norms compute in float32 inside a float64 model although they are LayerNorms (every Hugging Face
 # RMSNorm does; Cohere's LayerNorm too): verify rounds the stream where they read it to measure its floor.
 FLOAT32_NORM_FAMILIES = frozenset({"cohere", "olmo"})  # (OLMo 1's parameter-free LayerNorm too)
@@ -99,7 +99,8 @@ FLOAT32_NORM_FAMILIES = frozenset({"cohere", "olmo"})  # (OLMo 1's parameter-fre
 # DINOv2's MLP runs ACT2FN[hidden_act], its SwiGLU MLP (use_swiglu_ffn) silu on the gate whatever hidden_act says.
 _DINO_ACT = lambda config: "silu" if getattr(config, "use_swiglu_ffn", False) else config.hidden_act  # noqa: E731
 _ACTIVATIONS = {"bloom": lambda config: "gelu_new", "falcon": lambda config: config.activation,
-                "dinov2": _DINO_ACT, "dinov2_with_registers": _DINO_ACT}
+                "dinov2": _DINO_ACT, "dinov2_with_registers": _DINO_ACT,
+                "clip_vision_model": lambda config: config.hidden_act}  # CLIPMLP: ACT2FN[hidden_act] (quick_gelu)
 # Checked families whose TransformerLens adapter is listed under one class only, with no fallback by ``model_type``: every
 # class of the family is read through it (a checkpoint of RobertaForSequenceClassification names only that class), and
 # the heads it does not map are read by ``_hf_entries.heads``. XLM-RoBERTa's modules are RoBERTa's under other class
@@ -116,6 +117,14 @@ _UNDERIVED_SWITCHES = {
     # clamps every query, key and value coordinate to [-c, c]: only maps that move coordinates whole (permutations,
     # signs) commute with it, not the GL and rotary maps of those spaces
     "olmo": {"clip_qkv": "clamps each query, key and value coordinate, which the maps of those spaces do not commute with"},
+}
+# Families of a checked one's model whose own sites are not derived, with why (refused before anything is read).
+_UNDERIVED_FAMILIES = {
+    "clip": "CLIPModel holds a text and a vision tower whose projections meet in one shared space (scored by a learned "
+            "logit scale), and CLIPForImageClassification reads the patch tokens' mean; only the vision tower is "
+            "checked (CLIPVisionModel, CLIPVisionModelWithProjection: model_type clip_vision_model)",
+    "clip_text_model": "CLIP's text tower (causal attention, the end-of-text token's row pooled) is not checked; only "
+                       "the vision tower is (CLIPVisionModel, CLIPVisionModelWithProjection)",
 }
 _UNDERIVED_SWITCHES["olmoe"] = _UNDERIVED_SWITCHES["olmo"]  # (the same clamp, after OLMoE's q/k norms)
 
@@ -232,6 +241,9 @@ def _check_family(hf: nn.Module) -> None:
         if value not in (None, False):
             raise UnsupportedModelError(f"{switch}={value!r} {what}; its group is not derived here (docs/DERIVATIONS.md "
                                         f"§10), so nothing is transformed.")
+    if family in _UNDERIVED_FAMILIES:
+        raise UnsupportedModelError(f"its family {family!r} is not derived here: {_UNDERIVED_FAMILIES[family]}; nothing "
+                                    f"is transformed (docs/DERIVATIONS.md §10, CLIP).")
     if family not in CHECKED_FAMILIES:
         raise UnsupportedModelError(
             f"its family {family!r} has not been checked against its own forward here (checked: "
@@ -376,6 +388,8 @@ def _build_layout(ad, hf: nn.Module) -> Layout:
         "post_ln": getattr(config, "model_type", None) in BERT_FAMILIES or getattr(config, "do_layer_norm_before", True) is False,
         "encoder": getattr(config, "model_type", None) in BERT_FAMILIES,
         "base": bool(base),  # no head: the model's output is the stream after the final norm (its last hidden state)
+        # an embedding, not logits (CLIPVisionModelWithProjection's image_embeds: visual_projection of the pooled stream)
+        "embeds": family == "clip_vision_model" and not base and "unembed" in paths,
         "parallel": bool(getattr(ad.cfg, "parallel_attn_mlp", False)),
         "qk_norm": any(e.key.endswith((".attn.q_norm.weight", ".attn.k_norm.weight")) for e in entries.values()),
         "act_fn": _activation(config),  # None: the adapter's configuration says it
@@ -444,6 +458,12 @@ def _read_fact(model: nn.Module, key: str) -> bool:
 def is_base(model: nn.Module) -> bool:
     """A base model read here (``LlamaModel``): no unembedding, its output is ``last_hidden_state``."""
     return _read_fact(model, "base")
+
+
+def returns_embeddings(model: nn.Module) -> bool:
+    """A model whose output is an embedding read from the final norm's output (CLIPVisionModelWithProjection's
+    ``image_embeds``): compared as it is (no softmax), beside that norm's output in the new basis."""
+    return _read_fact(model, "embeds")
 
 
 def is_encoder(model: nn.Module) -> bool:

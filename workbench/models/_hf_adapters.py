@@ -12,6 +12,15 @@ learned positions, no tokenizer) whose component mapping names DINOv2's modules,
 It maps a raw model only: TransformerLens cannot boot a bridge around one (its source finds no architecture), so
 there is no DINOv2 bridge to read.
 
+CLIP's vision tower (``CLIPVisionModel``, model_type ``clip_vision_model``) is a pre-LN ViT under other names too, read
+from ``transformers/models/clip/modeling_clip.py``: ``embeddings`` (a bias-free patch Conv2d, a class embedding ``[d]``,
+a position ``nn.Embedding``), ``pre_layrnorm`` (a LayerNorm on the embeddings before the first block: mapped as
+``embed_ln``, BERT's embedding norm's key), ``encoder.layers`` with ``layer_norm1``/``layer_norm2``,
+``self_attn.{q,k,v,out}_proj`` and ``mlp.fc1``/``fc2``, and ``post_layernorm`` (``ln_final``), which reads the class
+token's row only (the pooler output; the last hidden state is the stream itself, not normalised).
+``CLIPVisionModelWithProjection`` holds that model under ``vision_model`` and adds ``visual_projection`` (a Linear
+without bias, mapped as ``unembed``) reading the pooler output: its ``image_embeds``.
+
 TransformerLens is imported only when an adapter is built (this module's classes are made then).
 """
 from __future__ import annotations
@@ -21,25 +30,36 @@ from typing import Any
 
 from .._errors import UnsupportedModelError
 
-# model_type -> the attribute a classifier holds its base model under (Dinov2ForImageClassification.dinov2).
-OWN_ADAPTER_FAMILIES = {"dinov2": "dinov2", "dinov2_with_registers": "dinov2_with_registers"}
+# model_type -> the attribute a classifier holds its base model under (Dinov2ForImageClassification.dinov2); a
+# CLIPVisionModel's base_model_prefix is "clip" (_hf.base_prefix: it is its own base model, held under that name).
+OWN_ADAPTER_FAMILIES = {"dinov2": "dinov2", "dinov2_with_registers": "dinov2_with_registers", "clip_vision_model": "clip"}
 
 
 # The classes of those families whose outputs are derived: the base model (its last hidden state is the stream after
 # the final norm) and the classifier. A Dinov2Backbone returns the hidden states of chosen stages, optionally normalised
-# and reshaped to [batch, d_model, h, w] (config.apply_layernorm, reshape_hidden_states): not read.
+# and reshaped to [batch, d_model, h, w] (config.apply_layernorm, reshape_hidden_states): not read. CLIP's vision
+# tower: the base model (last hidden state: the stream; pooler output: post_layernorm of the class token's row) and the
+# model with its projection (image_embeds).
 OWN_ADAPTER_CLASSES = ("Dinov2Model", "Dinov2ForImageClassification", "Dinov2WithRegistersModel",
-                       "Dinov2WithRegistersForImageClassification")
+                       "Dinov2WithRegistersForImageClassification", "CLIPVisionModel",
+                       "CLIPVisionModelWithProjection")
 
 
 def own_adapter(name: str, config: Any, cfg: Any):
     """The adapter of a family in ``OWN_ADAPTER_FAMILIES`` for the class ``name``, on TransformerLens's bridge
     configuration ``cfg`` built from the Hugging Face ``config`` (its MLP width set from the config's ``mlp_ratio``,
-    which TransformerLens does not read); another class of the family is refused by name."""
+    which TransformerLens does not read; CLIP's from ``intermediate_size``); another class of the family is refused by
+    name."""
+    if name not in OWN_ADAPTER_CLASSES and config.model_type == "clip_vision_model":
+        raise UnsupportedModelError(f"{name}: of the CLIP vision classes only CLIPVisionModel and "
+                                    f"CLIPVisionModelWithProjection are derived; nothing is transformed.")
     if name not in OWN_ADAPTER_CLASSES:
         raise UnsupportedModelError(f"{name}: of the {config.model_type} classes only {', '.join(OWN_ADAPTER_CLASSES)} are "
                                     f"derived (a backbone returns chosen stages' hidden states, normalised and reshaped "
                                     f"by its configuration: not read here); nothing is transformed.")
+    if config.model_type == "clip_vision_model":
+        cfg.d_mlp, cfg.gated_mlp = int(config.intermediate_size), False
+        return _clip_adapter_class()(cfg)
     cls = _dinov2_adapter_class()
     cfg.d_mlp = _mlp_width(config)
     cfg.gated_mlp = bool(getattr(config, "use_swiglu_ffn", False))
@@ -99,3 +119,43 @@ def _dinov2_adapter_class():
             self.component_mapping = self._build_component_mapping(prefix, hasattr(hf_model, "classifier"))
 
     return Dinov2ArchitectureAdapter
+
+
+@functools.cache
+def _clip_adapter_class():
+    from transformer_lens.model_bridge.generalized_components import (BlockBridge, LinearBridge, MLPBridge,
+                                                                       NormalizationBridge)
+    from transformer_lens.model_bridge.generalized_components.base import GeneralizedComponent
+    from transformer_lens.model_bridge.supported_architectures.vit import ViTArchitectureAdapter
+
+    class CLIPVisionArchitectureAdapter(ViTArchitectureAdapter):
+        """TransformerLens's ViT adapter with CLIP's vision module names and its norm before the first block."""
+
+        def _build_component_mapping(self, prefix: str, with_classifier: bool) -> dict:
+            p = prefix
+            norm = lambda name: NormalizationBridge(name=name, config=self.cfg, use_native_layernorm_autograd=True)  # noqa: E731
+            mapping = {
+                "embed": GeneralizedComponent(name=f"{p}embeddings"),
+                "embed_ln": norm(f"{p}pre_layrnorm"),
+                "blocks": BlockBridge(name=f"{p}encoder.layers", submodules={
+                    "ln1": norm("layer_norm1"),
+                    "attn": GeneralizedComponent(name="self_attn", submodules={
+                        "q": LinearBridge(name="q_proj"), "k": LinearBridge(name="k_proj"),
+                        "v": LinearBridge(name="v_proj"), "o": LinearBridge(name="out_proj")}),
+                    "ln2": norm("layer_norm2"),
+                    "mlp": MLPBridge(name="mlp", config=self.cfg, submodules={
+                        "in": LinearBridge(name="fc1"), "out": LinearBridge(name="fc2")}),
+                }),
+                "ln_final": norm(f"{p}post_layernorm"),
+            }
+            if with_classifier:  # the projection reads post_layernorm's output (the class token's row)
+                mapping["unembed"] = LinearBridge(name="visual_projection")
+            return mapping
+
+        def prepare_model(self, hf_model: Any) -> None:
+            """A CLIPVisionModel is read under the holder ``_hf`` puts it in (its base_model_prefix, ``clip``); a
+            CLIPVisionModelWithProjection holds it under ``vision_model``."""
+            prefix = next((f"{b}." for b in ("clip", "vision_model") if hasattr(hf_model, b)), "")
+            self.component_mapping = self._build_component_mapping(prefix, hasattr(hf_model, "visual_projection"))
+
+    return CLIPVisionArchitectureAdapter

@@ -23,7 +23,8 @@ _MLM_BIASES = {"bert": ("cls.predictions.bias", "cls.predictions.decoder.bias"),
                "roberta": ("lm_head.bias", "lm_head.decoder.bias"), "xlm-roberta": ("lm_head.bias", "lm_head.decoder.bias")}
 # Families whose embeddings are a ViT's (patches, a class token, learned positions): docs/DERIVATIONS.md §10, ViT.
 # (DeiT: ViT's modules and a distillation token; DINOv2: a mask token in its configuration, registers, layer scales)
-VISION_FAMILIES = frozenset({"vit", "deit", "dinov2", "dinov2_with_registers"})
+# CLIP's vision tower: a class embedding [d], a bias-free patch projection, positions in an nn.Embedding)
+VISION_FAMILIES = frozenset({"vit", "deit", "dinov2", "dinov2_with_registers", "clip_vision_model"})
 # Families whose blocks scale each output channel before the residual add (DINOv2's layer_scale1/2.lambda1, mapped as
 # ``ls1``/``ls2`` by ``_hf_adapters``) and whose classifier reads [class token, mean of the patch tokens] (2·d_model
 # columns): docs/DERIVATIONS.md §10, DINOv2.
@@ -38,7 +39,11 @@ _VIT_EMBEDDINGS = {"patch_embeddings.projection.weight": "patch_embed.weight",
                    "distillation_token": "dist_token.weight",  # DeiT's second token [1, 1, d], after the class token
                    # DINOv2's mask token [1, d] (replaces the masked patches' embeddings where bool_masked_pos says so)
                    # and its registers [1, registers, d] (inserted after the class token, with no position): writers
-                   "mask_token": "mask_token.weight", "register_tokens": "reg_tokens.weight"}
+                   "mask_token": "mask_token.weight", "register_tokens": "reg_tokens.weight",
+                   # CLIP's (CLIPVisionEmbeddings): its class embedding [d], its bias-free patch Conv2d, its position
+                   # table [1 + patches, d] (an nn.Embedding read at position_ids, all of them in order)
+                   "class_embedding": "cls_token.weight", "patch_embedding.weight": "patch_embed.weight",
+                   "position_embedding.weight": "pos_embed.weight"}
 
 # Families whose MLP is a sparse mixture of experts read here (docs/DERIVATIONS.md §10, Mixtral, OLMoE, Qwen3-MoE,
 # Qwen2-MoE): a router reading the stream and experts stored as fused 3-D tensors, each expert a SwiGLU.

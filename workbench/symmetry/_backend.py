@@ -189,11 +189,11 @@ class LayoutBackend(Backend):
         return observe(site, element, obs, h)
 
     def output(self, value):
-        """A Hugging Face model returns a ``ModelOutput``: its logits are compared (a base model's: its last hidden
-        state)."""
+        """A Hugging Face model returns a ``ModelOutput``: its logits are compared (CLIPVisionModelWithProjection's: its
+        image embeddings; a base model's: its last hidden state)."""
         if isinstance(value, torch.Tensor):
             return value
-        for name in ("logits", "last_hidden_state"):
+        for name in ("logits", "image_embeds", "last_hidden_state"):
             found = getattr(value, name, None)
             if isinstance(found, torch.Tensor):
                 return found
@@ -202,9 +202,10 @@ class LayoutBackend(Backend):
     def _last(self, model) -> Optional[str]:
         """What is compared in the new basis, where the output is the stream itself: an encoder's last hidden state
         (MiniLM's MLM head is untrained), its last layer's output (a raw Hugging Face model: that layer module's
-        output); a base model's output, its final norm's output (the last layer's where it has none)."""
+        output); a base model's output, its final norm's output (the last layer's where it has none); for a model
+        returning embeddings (CLIPVisionModelWithProjection), its final norm's output, which the projection reads."""
         encoder = hf.is_encoder(model)
-        if not encoder and not hf.is_base(model):
+        if not encoder and not hf.is_base(model) and not hf.returns_embeddings(model):
             return None
         L = int(hf.config(model).n_layers)
         if model_kind(model) == ModelKind.HF:
@@ -214,9 +215,12 @@ class LayoutBackend(Backend):
 
     def head_output(self, model, out, new_out):
         """An encoder with a head (MLM, classification) is compared by its stream in the new basis; its head's output
-        must agree too: both log-probabilities, or None where the output is the stream itself (a base model)."""
+        must agree too: both log-probabilities (a model's embeddings: both as they are), or None where the output is
+        the stream itself (a base model)."""
         if hf.is_base(model) or out.shape != new_out.shape:
             return None
+        if hf.returns_embeddings(model):  # CLIP's image_embeds: invariant, compared as they are (a softmax would pass a shift)
+            return out.flatten(0, -2), new_out.flatten(0, -2)
         return out.log_softmax(-1).flatten(0, -2), new_out.log_softmax(-1).flatten(0, -2)
 
     def output_names(self, model):

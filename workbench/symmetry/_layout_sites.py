@@ -48,6 +48,12 @@ _NORMS = {  # normalisation type -> (group with gains present, group once folded
 # keep the listed family; the note says what else is exact.
 _LN_MORE = ("the exact group is larger: a global sign s and the shear I + 1·aᵀ (every reader of the stream is a "
             "mean-subtracting norm), i.e. s·{}·(I + 1·aᵀ); those are not sampled here")
+# A pre-LN stream whose first state is a LayerNorm's output γ⊙n(e) + β (CLIP's pre_layrnorm, BLOOM's embedding norm):
+# a shear h + (h·a)·1 passes its readers but must be made by that norm's parameters, which add (n(e)·(γ⊙a))·1 only
+# where γ⊙a ∝ 1 (then 0); a global sign negates the writers of e (n(−e) = −n(e)) or that norm's gain, and its bias.
+_EMBED_LN_MORE = ("the exact group is larger: a global sign s, and the shears I + 1·aᵀ with a ∝ 1/γ of the embeddings' "
+                  "norm (its bias takes (β·a)·1; with its inputs unmoved no other a can be made by its parameters, and "
+                  "with them moved it is not derived); those are not sampled here")
 _POST_LN_MORE = ("the exact group is larger: a sign per segment between norms and a shear along each norm's 1/γ "
                  "(docs/DERIVATIONS.md §10, OPT-350m); those are not sampled here")
 _HF = (ModelKind.HF, ModelKind.HF_BRIDGE)
@@ -227,9 +233,16 @@ def _resid_site(model, cfg, W: dict, L: int, see) -> Site:
                          "beyond P, a post-LN stream with such a head is not derived")
         else:
             notes.append(_POST_LN_MORE)
+    elif _NORMS[norm][1] != group.name and "embed_ln.w" in W:  # a pre-LN stream whose first state is a norm's output
+        # (CLIP's pre_layrnorm, BLOOM's word_embeddings_layernorm): no reader takes its gain (docs/DERIVATIONS.md §10, CLIP)
+        notes.append(f"the embeddings' norm (CLIP's pre_layrnorm, BLOOM's word_embeddings_layernorm) sits on the stream: "
+                     f"its gain cannot be folded, so the stream takes {_NORMS[norm][1]} only where that gain is 1 and the "
+                     f"other norms are folded")
     elif _NORMS[norm][1] != group.name:
         notes.append(f"wb.fold_layernorm(model) would enlarge this to {_NORMS[norm][1]}")
-    if norm in ("LN", "LNPre") and not post_ln:
+    if norm in ("LN", "LNPre") and not post_ln and "embed_ln.w" in W:
+        notes.append(_EMBED_LN_MORE)
+    elif norm in ("LN", "LNPre") and not post_ln:
         if tied and group.name == "permutation":
             notes.append("tied embeddings: the exact group is s·P (a global sign passes the final norm); the sign is "
                          "not sampled here")
