@@ -132,14 +132,15 @@ def test_projection_model_exact_draws_and_a_rotation_of_the_units_refused():
 
 def test_base_model_moves_its_stream_and_its_pooler_output():
     """CLIPVisionModel: its last hidden state (the stream) and its pooler output (post_layernorm's, the class token's)
-    move by the stream's element; verify compares the final norm's output (the pooler output, which its report calls the
-    last hidden state) in the new basis and passes."""
+    move by the stream's element; verify compares the final norm's output (the pooler output, "pooled outputs") in the new
+    basis and passes."""
     model = build("CLIPVisionModel")
     assert kinds(wb.symmetry_map(model, PIXELS)) == GROUPS
     new, t = wb.random_intertwiner(model, seed=1, example=PIXELS)
     assert moved_stream(model, new, t) <= TOL
     report = wb.verify(model, new, PIXELS, transform=t)
-    assert report.passed and report.representations_moved and "in the new basis" in report.summary(), report.summary()
+    assert report.passed and report.representations_moved and report.compared == "pooled outputs", report.summary()
+    assert "pooled output difference in the new basis" in report.summary()
     bad = copy.deepcopy(new)
     with torch.no_grad():
         bad.post_layernorm.weight.copy_(model.post_layernorm.weight)  # the final norm's gain left in place
@@ -315,3 +316,18 @@ def test_property_random_shapes_are_exact(cls, heads, d_head, layers, patch, mlp
     assert moved_stream(model, new, t) <= TOL, kw
     if cls == PROJECTED:
         assert rel(embeds(new), embeds(model)) <= TOL, kw
+
+
+def test_a_projection_left_unmoved_is_reported_by_its_embeddings():
+    """The projection model is compared by its pooled output in the new basis and by its image embeddings as they are:
+    with the projection's columns left unmoved the pooled outputs still agree, the embeddings do not (computed here),
+    and the report names the embeddings (it called them log-probabilities before)."""
+    model = build()
+    new, t = wb.random_intertwiner(model, seed=1, example=PIXELS)
+    assert wb.verify(model, new, PIXELS, transform=t).compared == "pooled outputs"
+    bad = copy.deepcopy(new)
+    with torch.no_grad():
+        bad.visual_projection.weight.copy_(model.visual_projection.weight)
+    assert rel(embeds(bad), embeds(model)) > FAIL and moved_stream(model, bad, t) <= TOL
+    report = wb.verify(model, bad, PIXELS, transform=t)
+    assert not report.passed and report.compared == "embeddings" and "embedding difference" in report.summary()

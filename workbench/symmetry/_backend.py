@@ -215,13 +215,13 @@ class LayoutBackend(Backend):
 
     def head_output(self, model, out, new_out):
         """An encoder with a head (MLM, classification) is compared by its stream in the new basis; its head's output
-        must agree too: both log-probabilities (a model's embeddings: both as they are), or None where the output is
-        the stream itself (a base model)."""
+        must agree too: ``(old, new, what)``, both log-probabilities (a model's embeddings: both as they are), or None
+        where the output is the stream itself (a base model)."""
         if hf.is_base(model) or out.shape != new_out.shape:
             return None
         if hf.returns_embeddings(model):  # CLIP's image_embeds: invariant, compared as they are (a softmax would pass a shift)
-            return out.flatten(0, -2), new_out.flatten(0, -2)
-        return out.log_softmax(-1).flatten(0, -2), new_out.log_softmax(-1).flatten(0, -2)
+            return out.flatten(0, -2), new_out.flatten(0, -2), "embeddings"
+        return out.log_softmax(-1).flatten(0, -2), new_out.log_softmax(-1).flatten(0, -2), "log-probabilities"
 
     def output_names(self, model):
         last = self._last(model)
@@ -233,7 +233,8 @@ class LayoutBackend(Backend):
             old = cache[last]
             if transform is not None and "resid" in transform.elements:
                 old = self.observe(smap["resid"], transform.elements["resid"], Observation(last, 0, "pre"), old, False)
-            what = "encoder outputs" if hf.is_encoder(model) else "last hidden states"
+            # (a final norm read on one token per input, CLIP's post_layernorm: [batch, d_model], no positions)
+            what = ("encoder outputs" if hf.is_encoder(model) else "pooled outputs" if old.ndim == 2 else "last hidden states")
             return old.flatten(0, -2), new_cache[last].flatten(0, -2), what, False, None
         # logits may shift by a constant per position (center_unembed): compare log-probabilities
         old, new = out.log_softmax(-1).flatten(0, -2), new_out.log_softmax(-1).flatten(0, -2)

@@ -56,7 +56,8 @@ class InvarianceReport(Report):
     tolerance: float
     dtype: str
     sites: list[SiteCheck] = field(default_factory=list)
-    compared: str = "outputs"  # or "log-probabilities" (TransformerLens decoders), "encoder outputs" (BERT)
+    compared: str = "outputs"  # or "log-probabilities" (decoders), "encoder outputs" (BERT), "last hidden states" (a base
+    # model), "pooled outputs" (CLIP's vision tower with its projection, in the new basis), "embeddings" (its image_embeds)
     kl: Optional[float] = None  # mean KL(p ‖ p') per position, for log-probabilities
     # the rounding floor measured when the strict check failed (``rule`` says whether it raised the tolerance):
     # a float64 model whose norms compute in float32 (largest absolute change), or a float32 model against
@@ -106,12 +107,13 @@ class InvarianceReport(Report):
 
     def summary(self) -> str:
         what = {"log-probabilities": "log-probability", "encoder outputs": "encoder output",
-                "last hidden states": "last hidden state"}.get(self.compared, "output")
+                "last hidden states": "last hidden state", "pooled outputs": "pooled output",
+                "embeddings": "embedding"}.get(self.compared, "output")
         checked = self.checked
         moved = sum(s.representation_change > 100 * self.tolerance for s in checked)
         # An encoder's or a base model's output is the residual stream itself: it moves with the stream's element,
         # and is compared with the original's moved by that element (docs/COVERAGE.md), which the text must say.
-        basis = " in the new basis" if self.compared in ("encoder outputs", "last hidden states") else ""
+        basis = " in the new basis" if self.compared in ("encoder outputs", "last hidden states", "pooled outputs") else ""
         text = (f"{self.verdict}: max relative {what} difference{basis} {self.max_rel_diff:.2e} (tolerance "
                 f"{self.tolerance:.0e}, {self.dtype})")
         if not self.finite:
@@ -282,7 +284,7 @@ def _verify(model, new_model, inputs, transform, dtype, tolerance, bar) -> Invar
     if head is not None:  # an encoder compared by its stream also answers for the head it returns (logits)
         cmp_head = _Comparison(head[0], head[1], True, run_dtype)
         if cmp_head.max_rel > tol or not cmp_head.finite:
-            out, new_out, compared, per_row, cmp = head[0], head[1], "log-probabilities", True, cmp_head
+            out, new_out, compared, per_row, cmp = head[0], head[1], head[2], True, cmp_head
     bar.set_postfix_str("sites")
     checks = _site_checks(sites, transform, expected, measured, bar)
     bar.update(max(0, bar.total - bar.n))  # sites that could not be checked (an untraceable model) are steps done
