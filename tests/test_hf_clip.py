@@ -21,6 +21,9 @@ from hypothesis import given, settings, strategies as st
 import workbench as wb
 from test_hf_families import (FAIL, TOL, exact_everywhere, folded_exactly, kinds, random_model, refused_and_wrong, rel,
                               sheared)
+# ViT's pixels, and ViT's groups, which are CLIP's too (docs/DERIVATIONS.md §10, CLIP) with its LayerNorm gains kept as
+# built (random); quick_gelu, like GELU: permutations
+from test_hf_vit import GROUPS, PIXELS
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 transformers = pytest.importorskip("transformers")
@@ -28,10 +31,6 @@ pytest.importorskip("transformer_lens.model_bridge")
 
 SHAPE = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, image_size=32,
              patch_size=8, projection_dim=24)
-PIXELS = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-# The derived groups (docs/DERIVATIONS.md §10, CLIP), LayerNorm gains kept as built (random); quick_gelu: permutations.
-GROUPS = {"resid": {"permutation"}, "blocks.attn.qk": {"gl"}, "blocks.attn.ov": {"gl"},
-          "blocks.attn.heads": {"permutation"}, "blocks.mlp": {"permutation"}}
 PROJECTED = "CLIPVisionModelWithProjection"
 
 

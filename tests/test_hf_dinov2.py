@@ -18,6 +18,9 @@ from hypothesis import given, settings, strategies as st
 
 import workbench as wb
 from test_hf_families import FAIL, TOL, exact_everywhere, folded_exactly, kinds, random_model, refused_and_wrong, rel
+# ViT's pixels, and ViT's groups, which are DINOv2's too (docs/DERIVATIONS.md §10, DINOv2) with its LayerNorm gains and
+# layer scales kept as built (random)
+from test_hf_vit import GROUPS, PIXELS
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 transformers = pytest.importorskip("transformers")
@@ -25,10 +28,6 @@ pytest.importorskip("transformer_lens.model_bridge")
 
 SHAPE = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, mlp_ratio=2, image_size=32, patch_size=8,
              num_labels=10)
-PIXELS = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-# The derived groups (docs/DERIVATIONS.md §10, DINOv2), LayerNorm gains and layer scales kept as built (random).
-GROUPS = {"resid": {"permutation"}, "blocks.attn.qk": {"gl"}, "blocks.attn.ov": {"gl"},
-          "blocks.attn.heads": {"permutation"}, "blocks.mlp": {"permutation"}}
 SWIGLU = {**GROUPS, "blocks.mlp": {"diagonal_permutation"}}
 CLASSES = {"Dinov2Model": "Dinov2Config", "Dinov2ForImageClassification": "Dinov2Config",
            "Dinov2WithRegistersModel": "Dinov2WithRegistersConfig",
