@@ -19,7 +19,7 @@ from ._backend import Move, backend_for
 from ._map import symmetry_map
 from ._sites import Site
 from ._transform import Transform, apply_transform
-from ._verify_floor import FLOOR_ROWS, _Comparison, _fails, _floor_rows, _own_rounding, trivial_floor
+from ._verify_floor import FLOOR_ROWS, _chosen, _Comparison, _fails, _floor_rows, _own_rounding, trivial_floor
 from ._verify_kernel import OnePass, one_pass
 from ._verify_report import InvarianceReport, SiteCheck
 from . import _verify_routing as routing
@@ -155,10 +155,8 @@ def _verify(model, new_model, inputs, transform, dtype, tolerance, bar) -> Invar
     strict_fail = above(tol)
     # A floor is the rounding of one function: where the model routes, every run that measures one makes the choices the
     # compared run made (a copy choosing another expert at a near tie measured the experts' difference: tolerance ~1)
-    same_old = routing.everywhere(old_choices.seen) if routers else {}
-    same_new = routing.everywhere(new_choices.seen) if routers else {}
-    choose_old = (lambda copy_, run: routing.forced(routing.routers_of(copy_), same_old, run)) if routers else None
-    choose_new = (lambda copy_, run: routing.forced(routing.routers_of(copy_), same_new, run)) if routers else None
+    choose_old = routing.following(old_choices.seen) if routers else None
+    choose_new = routing.following(new_choices.seen) if routers else None
     if tolerance is None and run_dtype == torch.float64 and strict_fail:
         # The parts named as computing in float32 first; where that floor does not carry the verdict (or none is
         # named) and the model is a transformer, the rounding of an exact, trivial symmetry through its arithmetic:
@@ -169,7 +167,7 @@ def _verify(model, new_model, inputs, transform, dtype, tolerance, bar) -> Invar
         # 7e-7 measured on the original) before it was measured.
         old_ref = cache[last].flatten(0, -2) if last else out  # the original's output, in its own basis
         # (the original's rounded run makes every choice the comparison's original made: its routing ties' too)
-        measures = [(lambda: routing.forced(routers, same_old, lambda: backend.floor(model, inputs, cache, last)), old_ref)]
+        measures = [(lambda: _chosen(choose_old, model, lambda: backend.floor(model, inputs, cache, last)), old_ref)]
         if has_layout(model):
             measures.append((lambda: trivial_floor(backend, model, inputs, cache, last), old_ref))
             measures.append((lambda: trivial_floor(backend, new_model, inputs, new_cache, last),

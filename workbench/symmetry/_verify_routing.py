@@ -25,7 +25,7 @@ router's own weights (scores) for the positions it changes: at a tie they equal 
 rounding.
 A floor is measured by running the model again (its float32 outputs against a float64 copy's, or its float32 parts
 rounded): a run that chose another expert at a near tie measured the two experts' difference, a tolerance of ~1 that
-passed a stream rotation. Every such run now makes every choice the compared run made (``everywhere``), so a floor is the
+passed a stream rotation. Every such run now makes every choice the compared run made (``following``), so a floor is the
 rounding of one function.
 """
 from __future__ import annotations
@@ -119,7 +119,7 @@ def labels(backend, smap, transform, routers: list) -> dict:
     found by moving index-valued logits as the site moves the router's (the transform's own convention, not assumed)."""
     out = {}
     for site, _ in routers:
-        element = transform.elements.get(site) if transform is not None else None
+        element = transform.elements.get(site)
         if element is None:
             continue
         s = smap[site]
@@ -132,9 +132,8 @@ def labels(backend, smap, transform, routers: list) -> dict:
 
 def ties(old: dict, new: dict, labels: dict, tol: float) -> tuple[dict, int]:
     """The choices to make in the original model, ``{(site, call): (tokens, indices in the original's labels, tokens in
-    the call)}``, and
-    how many tokens that is: the tokens whose chosen experts differ (the new model's mapped through ``labels``) at a tie
-    within rounding (module docstring), where the original is to choose what the new model chose."""
+    the call)}``, and how many tokens that is: the tokens whose chosen experts differ (the new model's mapped through
+    ``labels``) at a tie within rounding (module docstring), where the original is to choose what the new model chose."""
     force, count = {}, 0
     for key, (logits, chosen) in old.items():
         if key not in new:
@@ -174,19 +173,16 @@ def ties(old: dict, new: dict, labels: dict, tol: float) -> tuple[dict, int]:
     return force, count
 
 
-def forced(routers: list, force: dict, run):
-    """``run()`` with ``routers`` making the choices ``force`` says (a measurement that runs the original model again,
-    such as the float64 branch's rounded run, must meet the same ties the same way)."""
-    if not force:
-        return run()
-    with Choices(routers, force):
-        return run()
+def following(seen: dict):
+    """``choose(model, run)``: ``run()`` with ``model``'s routers making every choice ``seen`` recorded (each call's every
+    token), for a run that must route as that one did: a floor's copy of the model (``_verify_floor._own_rounding``),
+    the float64 branch's rounded run of the original."""
+    force = {key: (torch.arange(len(chosen)), chosen, len(chosen)) for key, (_, chosen) in seen.items()}
 
-
-def everywhere(seen: dict) -> dict:
-    """``force`` making every choice ``seen`` recorded (each call's every token), for a run that must route as that one
-    did: a floor's copy of the model (``_verify_floor._own_rounding``), the float64 branch's rounded run."""
-    return {key: (torch.arange(len(chosen)), chosen, len(chosen)) for key, (_, chosen) in seen.items()}
+    def choose(model: nn.Module, run):
+        with Choices(routers_of(model), force):
+            return run()
+    return choose
 
 
 def merged(force: dict, more: dict) -> dict:
