@@ -144,6 +144,15 @@ def moe_bridged_exactly(raw_model, folder, groups, logp, seed=2):
     return smap, report
 
 
+def float32_verifies(model, seed: int) -> None:
+    """``model`` in float32: a random element of every site (``seed``), verified against the float32 model's own
+    outputs, with every checked representation moved."""
+    model = model.float()
+    new, t = wb.random_intertwiner(model, seed=seed)
+    report = wb.verify(model, new, IDS, transform=t)
+    assert report.passed and report.representations_moved, report.summary()
+
+
 def moe_form(model, mlp, seen, renorm, logp, family):
     """For the q/k-norm mixtures (OLMoE, Qwen3-MoE): ``mlp``'s output (traced as ``seen["mlp"]``) is ``moe`` with the top
     k renormalised exactly when ``renorm`` (the other reading is 1e-3 away), the whole model is ``logp`` (the test's own

@@ -20,7 +20,7 @@ import workbench as wb
 from test_hf_families import (DECODER, FAIL, IDS, TOL, decoder_shapes, exact_everywhere, folded_exactly, random_model,
                               refused_and_wrong, rel)
 from test_hf_families_more import _trace
-from test_hf_mixtral import attention, base_exactly, decoder_logp, moe, moe_bridged_exactly
+from test_hf_mixtral import attention, base_exactly, decoder_logp, float32_verifies, moe, moe_bridged_exactly
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 transformers = pytest.importorskip("transformers")
@@ -184,10 +184,7 @@ def test_bridge_is_exact(tmp_path_factory):
 
 
 def test_float32_model_verifies():
-    model = build().float()
-    new, t = wb.random_intertwiner(model, seed=SEED)
-    report = wb.verify(model, new, IDS, transform=t)
-    assert report.passed and report.representations_moved, report.summary()
+    float32_verifies(build(), seed=SEED)
 
 
 def test_base_model_moves_its_last_hidden_state():

@@ -19,7 +19,8 @@ import workbench as wb
 from test_hf_families import (DECODER, FAIL, IDS, TOL, decoder_shapes, exact_everywhere, folded_exactly, random_model,
                               refused_and_wrong, rel)
 from test_hf_families_more import _trace
-from test_hf_mixtral import base_exactly, decoder_logp, decoder_stream, moe, moe_bridged_exactly, moe_form
+from test_hf_mixtral import (base_exactly, decoder_logp, decoder_stream, float32_verifies, moe, moe_bridged_exactly,
+                             moe_form)
 from test_hf_qwen3 import HALVES, equal_gains, rms, rope_attention
 
 pytestmark = pytest.mark.filterwarnings("ignore")
@@ -174,10 +175,7 @@ def test_bridge_is_exact(tmp_path_factory):
 
 
 def test_float32_model_verifies():
-    model = build().float()
-    new, t = wb.random_intertwiner(model, seed=SEED)
-    report = wb.verify(model, new, IDS, transform=t)
-    assert report.passed and report.representations_moved, report.summary()
+    float32_verifies(build(), seed=SEED)
 
 
 def test_base_model_moves_its_last_hidden_state():
