@@ -324,6 +324,26 @@ def _stack(mats: dict[int, GroupElement], heads: int, n: int) -> torch.Tensor:
     return torch.stack([mats[h].matrix() if h in mats else eye for h in range(heads)])
 
 
+def _per_head_product(x: torch.Tensor, M: torch.Tensor, axis: int, out: Optional[torch.Tensor]) -> torch.Tensor:
+    """``x`` ``[heads, ·, ·]`` with head h moved along ``axis`` by ``M[h]``: one batched GEMM on the heads, written into
+    ``out`` (the new model's tensor) when it lies as ``x`` does, else into new memory laid out as ``x``.
+
+    Why not ``torch.einsum`` (its first form): einsum returned new memory, which the caller then copied into the new
+    model, and inside a transform (weights not in cache) it ran its ``[heads, 64, 512]`` products at 0.59-0.65 ms
+    against 0.37 ms for this GEMM (ViT at the coverage table's shape, 24 such weights a transform)."""
+    into = (out is not None and out.dtype == x.dtype and out.stride() == x.stride()
+            and out.untyped_storage().data_ptr() != x.untyped_storage().data_ptr())  # not in place
+    res = out if into else torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device=x.device)
+    other = 3 - axis  # the axis neither the heads nor the map's
+    # per head: y = M·x when the moved axis is x[h]'s rows, y = x·Mᵀ when it is its columns
+    xh, rh = x.movedim(other, -1 if axis == 1 else 1), res.movedim(other, -1 if axis == 1 else 1)
+    if axis == 1:
+        torch.matmul(M, xh, out=rh)
+    else:
+        torch.matmul(xh, M.mT, out=rh)
+    return res
+
+
 def _along(x: torch.Tensor, F, axis: int, out: Optional[torch.Tensor], casts: dict) -> torch.Tensor:
     """``x`` moved along ``axis`` by ``F``: a group element, or ``{head: [n, n]}`` (heads on axis 0).
 
@@ -359,6 +379,8 @@ def _along(x: torch.Tensor, F, axis: int, out: Optional[torch.Tensor], casts: di
         M = casts.get(key)
         if M is None:
             M = casts[key] = _stack(F, x.shape[0], x.shape[axis]).to(x.dtype)
+        if x.ndim == 3:
+            return _per_head_product(x, M, axis, out)
         return torch.einsum(f"{spec},azy->{spec.replace('y', 'z')}", xm, M).permute(back)
     if not isinstance(F, Dense):  # a (scaled) permutation: its own act, an index_select
         return F.act(xm, order.index(axis)).permute(back)
