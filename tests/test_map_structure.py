@@ -219,3 +219,41 @@ def test_one_module_at_two_places_or_two_modules_get_their_own_maps():
     untied = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 6), nn.ReLU(), nn.Linear(6, 6), nn.ReLU(),
                            nn.Linear(6, 2)).double().eval()
     preserved(untied, x)
+
+
+class Configured(nn.Module):
+    """A forward that reads an attribute the per-object key did not hold: a config object, a dict, a list, a function."""
+
+    def __init__(self, cfg, fn=F.relu):
+        super().__init__()
+        self.a, self.b, self.cfg, self.fn = nn.Linear(4, 6), nn.Linear(6, 2), cfg, fn
+
+    def forward(self, inp):
+        h = self.a(inp)
+        if isinstance(self.cfg, list):
+            h = F.leaky_relu(h, self.cfg[0])
+        else:
+            how = self.cfg["act"] if isinstance(self.cfg, dict) else self.cfg.act
+            h = self.fn(h) if how == "fn" else torch.tanh(h) if how == "tanh" else torch.relu(h)
+        return self.b(h)
+
+
+@pytest.mark.parametrize("how", ["namespace", "dict", "list", "function"])
+def test_an_attribute_changed_in_place_after_a_first_map_gets_its_own_map(how):
+    """The per-object memo held plain attributes only: ``model.cfg.act = "tanh"`` (or a dict or list changed in place,
+    or ``model.fn = torch.tanh``) after a first map served the ReLU's map, and the transform drew scalings at a tanh
+    (or a rotation at a ReLU, after a slope of 1) that moved the function by 0.14 to 0.66."""
+    cfg = {"namespace": types.SimpleNamespace(act="relu"), "dict": {"act": "relu"}, "list": [1.0],
+           "function": types.SimpleNamespace(act="fn")}[how]
+    model = Configured(cfg).double().eval()
+    before = sites(model)
+    if how == "namespace":
+        model.cfg.act = "tanh"
+    elif how == "dict":
+        model.cfg["act"] = "tanh"
+    elif how == "list":
+        model.cfg[0] = 0.0  # leaky_relu with slope 1 (GL) becomes a ReLU
+    else:
+        model.fn = torch.tanh
+    assert sites(model) != before
+    preserved(model, x)
