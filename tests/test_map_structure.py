@@ -257,3 +257,30 @@ def test_an_attribute_changed_in_place_after_a_first_map_gets_its_own_map(how):
         model.fn = torch.tanh
     assert sites(model) != before
     preserved(model, x)
+
+
+class ModeBranch(nn.Module):
+    """A forward whose branch on ``self.training`` picks the activation (as dropout or batch statistics pick theirs)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 6), nn.Linear(6, 2)
+
+    def forward(self, inp):
+        h = self.a(inp)
+        return self.b(torch.relu(h) if self.training else torch.tanh(h))
+
+
+def test_a_model_in_training_mode_is_mapped_as_verify_runs_it_in_eval_mode():
+    """The trace ran in the model's own mode (the keys leave ``training`` out, saying maps are traced in eval mode): a
+    model mapped in training mode got its ReLU branch's scalings, which moved the eval-mode function verify compares by
+    0.26; and a twin in eval mode would have been served that map by structure."""
+    model = ModeBranch().double().train()
+    assert [s.group.name for s in wb.symmetry_map(model)] == ["signed_permutation"]  # tanh: the eval branch
+    assert model.training  # the model's own mode is left as it was
+    for seed in range(3):
+        new, t = wb.random_intertwiner(model, seed=seed)
+        assert same_function(model, new, x) < 1e-10  # (puts both in eval mode)
+        assert wb.verify(model.train(), new, x, t).verdict == "PASS"
+    twin = ModeBranch().double().eval()
+    assert described(wb.symmetry_map(twin)) == fresh(twin)
