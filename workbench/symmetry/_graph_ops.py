@@ -145,11 +145,11 @@ class TensorOps:
         elif (name[:-1] if inplace else name) in _ACT_METHODS:
             return self._call_activation(node, _ACT_METHODS[name[:-1] if inplace else name], inplace=inplace)
         elif name in ("view", "reshape", "flatten") and self._keeps_channels(node, x):
-            return self._out(node, x)
+            return self._reshaped(node, x)
         elif name in ("permute", "transpose"):
             return self._permute(node, x)
         elif name in ("expand", "expand_as") and self._keeps_channels(node, x):
-            return self._out(node, x)
+            return self._reshaped(node, x)
         elif name in ("view", "reshape", "flatten") and not self._channels_first(node, x, f".{name}()"):
             return
         elif name in ("view", "reshape", "flatten"):
@@ -232,6 +232,14 @@ class TensorOps:
         if self.last(x) or len(xs) == 2:  # channels last: the last axis kept, whatever the rest becomes
             return ys[-1] == xs[-1]
         return len(ys) >= 3 and ys[:2] == xs[:2]  # channels on axis 1: batch and channels kept
+
+    def _reshaped(self, node: fx.Node, x: fx.Node) -> None:
+        """``node``: ``x`` reshaped keeping its channel axis whole (``_keeps_channels``). A rank-2 ``[B, C]`` made
+        rank 3 or more (``view(B, 1, C)``) has its channels on its last axis, no longer on axis 1: read as axis 1,
+        a mean over them passed for a mean over positions and the push indexed a reader of one column by C channels."""
+        self._out(node, x)
+        if len(self.shape(x)) == 2 and len(self.shape(node)) >= 3:
+            self.info[node].last = True
 
     def _permute(self, node: fx.Node, x: fx.Node) -> None:
         """``permute``/``transpose``: follow the channel axis (axis 1 ↔ last); the batch axis must stay first."""
