@@ -1,0 +1,64 @@
+"""A store's rows are the very batches it says they are: a shard in another rank's folder, ranks that iterated
+different lengths, a manifest that lost or repeated a chunk, and resumes whose model or settings differ in ways
+the first fingerprint missed (a sub-module's train mode, a reduce= closing over other values). Every store is
+checked row for row against activations computed by hand, as in tests/test_store_faults.py.
+"""
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+import workbench as wb
+from workbench._errors import StoreCorruptError
+
+from test_store import harvest_as_rank, make_batches
+from test_store_faults import NAMES, assert_exact, cnn, opened, written  # noqa: F401 (fixtures)
+
+
+def test_a_shard_copied_into_another_ranks_folder_is_left_out_never_merged_twice(tmp_path, cnn):
+    """Rank 0's folder copied to rank 1's has the parent's fingerprint; its batches 0, 2, 4 must not
+    stand in for rank 1's 1, 3, 5 (the store was 'complete' with every even batch twice)."""
+    path = tmp_path / "acts"
+    harvest_as_rank(cnn, 0, 2, path, names=NAMES)
+    shutil.copytree(path / "rank-00000-of-00002", path / "rank-00001-of-00002")
+    with pytest.warns(UserWarning, match=r"rank 1 of 2: rank-00001-of-00002/manifest.json belongs to rank 0 of 2"):
+        store = wb.ActivationStore.open(path)
+    assert not store.complete and list(np.unique(store.batch_index, return_counts=True)[1]) == [5, 5, 5]
+    assert sorted(set(store.batch_index)) == [0, 2, 4]
+    manifest = json.loads((path / "rank-00001-of-00002" / "manifest.json").read_text())
+    manifest["rank"] = 1  # relabelled too: its batches still belong to rank 0
+    (path / "rank-00001-of-00002" / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.warns(UserWarning, match=r"lists batches \[0, 2, 4\] but a harvest stopping before batch 6 "
+                                         r"writes batches \[1, 3, 5\]; its rows are left out"):
+        store = wb.ActivationStore.open(path)
+    assert sorted(set(store.batch_index)) == [0, 2, 4] and not store.complete
+
+
+def test_complete_ranks_that_iterated_different_lengths_make_the_store_incomplete(tmp_path, cnn):
+    """Same first batch (so the same fingerprint), but rank 1 was given 4 batches and rank 0 six:
+    batch 5 was never harvested by anyone."""
+    path = tmp_path / "acts"
+    harvest_as_rank(cnn, 0, 2, path, names=NAMES)
+    harvest_as_rank(cnn, 1, 2, path, batches=make_batches(4), names=NAMES)
+    with pytest.warns(UserWarning, match=r"complete ranks ended at different batches \(rank 1 after 4; rank 0 "
+                                         r"after 6\)"):
+        store = wb.ActivationStore.open(path)
+    assert not store.complete and sorted(set(store.batch_index)) == [0, 1, 2, 3, 4]
+    assert_exact(store, make_batches(6), rows=25)
+
+
+@pytest.mark.parametrize("edit", ["drop", "repeat", "swap_batches"])
+def test_a_manifest_that_lost_repeated_or_reordered_a_chunk_is_refused_naming_it(written, edit):
+    manifest = json.loads((written / "manifest.json").read_text())
+    chunks = manifest["chunks"]
+    if edit == "drop":
+        del chunks[2]
+    elif edit == "repeat":
+        chunks[2] = chunks[1]
+    else:  # chunk 1 now claims batch 2's index and chunk 2 batch 1's: the rows would be read out of order
+        chunks[1]["batches"][0][0], chunks[2]["batches"][0][0] = 2, 1
+    (written / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(StoreCorruptError, match=rf"{written / 'manifest.json'} lists batches .* but a harvest "
+                                                r"stopping before batch 4 writes batches \[0, 1, 2, 3\]"):
+        wb.ActivationStore.open(written)
