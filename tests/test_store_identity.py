@@ -3,14 +3,19 @@ different lengths, a manifest that lost or repeated a chunk, and resumes whose m
 the first fingerprint missed (a sub-module's train mode, a reduce= closing over other values). Every store is
 checked row for row against activations computed by hand, as in tests/test_store_faults.py.
 """
+import functools
 import json
+import os
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
+import torch
 
 import workbench as wb
-from workbench._errors import StoreCorruptError
+from workbench._errors import ResumeMismatchError, StoreCorruptError
 
 from test_store import harvest_as_rank, make_batches
 from test_store_faults import NAMES, assert_exact, cnn, opened, written  # noqa: F401 (fixtures)
@@ -62,3 +67,65 @@ def test_a_manifest_that_lost_repeated_or_reordered_a_chunk_is_refused_naming_it
     with pytest.raises(StoreCorruptError, match=rf"{written / 'manifest.json'} lists batches .* but a harvest "
                                                 r"stopping before batch 4 writes batches \[0, 1, 2, 3\]"):
         wb.ActivationStore.open(written)
+
+
+# ------------------------------------------------------------------ resume: what the first fingerprint missed
+def interrupted(path, model, at=3, **kw):
+    def batches():
+        for i, b in enumerate(make_batches(6)):
+            if i == at:
+                raise RuntimeError("interrupted")
+            yield b
+    with pytest.raises(RuntimeError, match="interrupted"):
+        wb.harvest(model, batches(), names=["4"], path=path, progress=False, chunk_bytes=1, **kw)
+
+
+def column(k):
+    return lambda out: out[:, k]
+
+
+COLUMN = 0
+
+
+def global_column(out):
+    return out[:, COLUMN]
+
+
+@pytest.mark.parametrize("change", [
+    lambda: (column(0), column(1), column(0)),  # one code, another closed-over value (a new closure is the same)
+    lambda: (functools.partial(torch.amax, dim=1), functools.partial(torch.amin, dim=1), None),
+    lambda: (functools.partial(torch.norm, p=1, dim=1), functools.partial(torch.norm, p=2, dim=1), None),
+    lambda: (global_column, "COLUMN=1", None),  # the module global the function reads changes between the runs
+], ids=["closure", "partial_function", "partial_argument", "global"])
+def test_resume_with_a_reduce_computing_otherwise_is_refused(tmp_path, cnn, monkeypatch, change):
+    path = tmp_path / "acts"
+    before, after, again = change()
+    interrupted(path, cnn, reduce=before)
+    with monkeypatch.context() as patch:
+        if after == "COLUMN=1":
+            patch.setattr(sys.modules[__name__], "COLUMN", 1)
+            after = global_column
+        with pytest.raises(ResumeMismatchError, match=r"settings.reduce"):
+            wb.harvest(cnn, make_batches(6), names=["4"], path=path, progress=False, chunk_bytes=1, resume=True,
+                       reduce=after)
+    store = wb.harvest(cnn, make_batches(6), names=["4"], path=path, progress=False, chunk_bytes=1, resume=True,
+                       reduce=again or before)
+    assert store.complete and len(store) == 30
+    with torch.no_grad():
+        want = torch.cat([before(cnn(x)) for x, _ in make_batches(6)]).numpy()
+    np.testing.assert_array_equal(store.array("4"), want)
+
+
+ID_IN_A_CHILD = """
+import torch
+from workbench.hooks._fingerprint import callable_id
+print(callable_id(lambda out: torch.stack([o.mean() for o in out]) if "a" in {"a", "b", "c"} else out))
+"""
+
+
+def test_a_reduce_with_a_comprehension_has_one_name_in_every_process():
+    """Nested code (a comprehension) was hashed by its repr, which holds its address, and a set literal's
+    order follows string hashing: a new process never matched, so resume=True always refused."""
+    ids = {subprocess.run([sys.executable, "-c", ID_IN_A_CHILD], capture_output=True, text=True, check=True,
+                          env=dict(os.environ, PYTHONHASHSEED=str(seed))).stdout for seed in (1, 2)}
+    assert len(ids) == 1 and "<lambda>#" in ids.pop()
