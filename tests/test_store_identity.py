@@ -17,7 +17,7 @@ import torch
 import workbench as wb
 from workbench._errors import ResumeMismatchError, StoreCorruptError
 
-from test_store import harvest_as_rank, make_batches
+from test_store import cnn_model, harvest_as_rank, make_batches
 from test_store_faults import NAMES, assert_exact, cnn, opened, written  # noqa: F401 (fixtures)
 
 
@@ -129,3 +129,20 @@ def test_a_reduce_with_a_comprehension_has_one_name_in_every_process():
     ids = {subprocess.run([sys.executable, "-c", ID_IN_A_CHILD], capture_output=True, text=True, check=True,
                           env=dict(os.environ, PYTHONHASHSEED=str(seed))).stdout for seed in (1, 2)}
     assert len(ids) == 1 and "<lambda>#" in ids.pop()
+
+
+def test_resume_with_a_sub_module_in_another_mode_is_refused(tmp_path):
+    """model.eval() then its BatchNorm's .train(): the first batches used batch statistics. The top-level
+    mode and the architecture are the same, so only the modes of sub-modules tell the runs apart."""
+    path, model = tmp_path / "acts", cnn_model()
+    model[1].train()
+    interrupted(path, model)
+    with pytest.raises(ResumeMismatchError, match=r"model.mode: 'eval \(train: 1\)' in the store, 'eval' now"):
+        wb.harvest(cnn_model(), make_batches(6), names=["4"], path=path, progress=False, chunk_bytes=1, resume=True)
+    model = cnn_model()  # the same model set up the same way resumes, and every row is what that model gives
+    model[1].train()
+    store = wb.harvest(model, make_batches(6), names=["4"], path=path, progress=False, chunk_bytes=1, resume=True)
+    model = cnn_model()
+    model[1].train()
+    with torch.no_grad():  # batch statistics: each batch's rows depend on that batch alone
+        np.testing.assert_array_equal(store.array("4"), torch.cat([model(x) for x, _ in make_batches(6)]).numpy())

@@ -33,6 +33,7 @@ def _tensor_bytes(t: torch.Tensor) -> memoryview:
 def model_fingerprint(model: nn.Module) -> dict:
     """``{"class", "architecture", "dtype", "mode", "parameters"}`` of a model.
 
+    ``mode`` is ``"train"`` or ``"eval"``, followed by the sub-modules in the other mode, if any.
     ``parameters`` hashes every parameter and buffer (name, dtype, shape and bytes); ``architecture``
     hashes every module's path, class and ``extra_repr`` (so a Tanh swapped for a ReLU shows even
     with identical weights).
@@ -47,10 +48,16 @@ def model_fingerprint(model: nn.Module) -> dict:
     arch = "\n".join(f"{n}: {type(m).__module__}.{type(m).__qualname__}({m.extra_repr()})"
                      for n, m in model.named_modules())
     cls = type(model)
+    # model.eval() then one sub-module's .train() (a BatchNorm using batch statistics) computes otherwise:
+    # the modules in the other mode are named after the model's own.
+    mode = "train" if model.training else "eval"
+    other = [n for n, m in model.named_modules() if m.training != model.training]
+    if other:
+        mode += f" ({'eval' if model.training else 'train'}: {', '.join(other)})"
     return {"class": f"{cls.__module__}.{cls.__qualname__}",
             "architecture": hashlib.blake2b(arch.encode(), digest_size=8).hexdigest(),
             "dtype": ",".join(sorted(dtypes)) or "none",
-            "mode": "train" if model.training else "eval",
+            "mode": mode,
             "parameters": h.hexdigest()}
 
 
