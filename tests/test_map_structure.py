@@ -219,3 +219,68 @@ def test_one_module_at_two_places_or_two_modules_get_their_own_maps():
     untied = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 6), nn.ReLU(), nn.Linear(6, 6), nn.ReLU(),
                            nn.Linear(6, 2)).double().eval()
     preserved(untied, x)
+
+
+class Configured(nn.Module):
+    """A forward that reads an attribute the per-object key did not hold: a config object, a dict, a list, a function."""
+
+    def __init__(self, cfg, fn=F.relu):
+        super().__init__()
+        self.a, self.b, self.cfg, self.fn = nn.Linear(4, 6), nn.Linear(6, 2), cfg, fn
+
+    def forward(self, inp):
+        h = self.a(inp)
+        if isinstance(self.cfg, list):
+            h = F.leaky_relu(h, self.cfg[0])
+        else:
+            how = self.cfg["act"] if isinstance(self.cfg, dict) else self.cfg.act
+            h = self.fn(h) if how == "fn" else torch.tanh(h) if how == "tanh" else torch.relu(h)
+        return self.b(h)
+
+
+@pytest.mark.parametrize("how", ["namespace", "dict", "list", "function"])
+def test_an_attribute_changed_in_place_after_a_first_map_gets_its_own_map(how):
+    """The per-object memo held plain attributes only: ``model.cfg.act = "tanh"`` (or a dict or list changed in place,
+    or ``model.fn = torch.tanh``) after a first map served the ReLU's map, and the transform drew scalings at a tanh
+    (or a rotation at a ReLU, after a slope of 1) that moved the function by 0.14 to 0.66."""
+    cfg = {"namespace": types.SimpleNamespace(act="relu"), "dict": {"act": "relu"}, "list": [1.0],
+           "function": types.SimpleNamespace(act="fn")}[how]
+    model = Configured(cfg).double().eval()
+    before = sites(model)
+    if how == "namespace":
+        model.cfg.act = "tanh"
+    elif how == "dict":
+        model.cfg["act"] = "tanh"
+    elif how == "list":
+        model.cfg[0] = 0.0  # leaky_relu with slope 1 (GL) becomes a ReLU
+    else:
+        model.fn = torch.tanh
+    assert sites(model) != before
+    preserved(model, x)
+
+
+class ModeBranch(nn.Module):
+    """A forward whose branch on ``self.training`` picks the activation (as dropout or batch statistics pick theirs)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 6), nn.Linear(6, 2)
+
+    def forward(self, inp):
+        h = self.a(inp)
+        return self.b(torch.relu(h) if self.training else torch.tanh(h))
+
+
+def test_a_model_in_training_mode_is_mapped_as_verify_runs_it_in_eval_mode():
+    """The trace ran in the model's own mode (the keys leave ``training`` out, saying maps are traced in eval mode): a
+    model mapped in training mode got its ReLU branch's scalings, which moved the eval-mode function verify compares by
+    0.26; and a twin in eval mode would have been served that map by structure."""
+    model = ModeBranch().double().train()
+    assert [s.group.name for s in wb.symmetry_map(model)] == ["signed_permutation"]  # tanh: the eval branch
+    assert model.training  # the model's own mode is left as it was
+    for seed in range(3):
+        new, t = wb.random_intertwiner(model, seed=seed)
+        assert same_function(model, new, x) < 1e-10  # (puts both in eval mode)
+        assert wb.verify(model.train(), new, x, t).verdict == "PASS"
+    twin = ModeBranch().double().eval()
+    assert described(wb.symmetry_map(twin)) == fresh(twin)

@@ -366,7 +366,7 @@ def wider():
 
 @pytest.mark.parametrize("change, fields", [
     (lambda: dict(model=other_weights()), ["model.parameters"]),
-    (lambda: dict(model=other_architecture()), ["model.architecture"]),
+    (lambda: dict(model=other_architecture()), ["model.architecture", "model.mode"]),  # a new GELU is in train mode
     (lambda: dict(model=wider()), ["model.architecture", "model.parameters"]),  # a width change at '4'
     (lambda: dict(model=cnn_model().train()), ["model.mode"]),
     (lambda: dict(batches=make_batches(6, seed=1)), ["data.first_batch"]),

@@ -111,6 +111,10 @@ class ActivationStore:
             if m.get("kind") == "sharded":
                 store = cls._open_shards(path, m)
             else:
+                wrong = _batches_problem(m)
+                if wrong:
+                    raise StoreCorruptError(f"{path / 'manifest.json'} {wrong}: it was edited or damaged after it "
+                                            f"was written, so its rows cannot be trusted. Harvest into a new path.")
                 names, segments, info, complete, targets = _load_folder(path, m)
                 store = cls(names, segments, info, path, complete, targets, m.get("fingerprint"))
                 if not m["complete"]:
@@ -133,6 +137,7 @@ class ActivationStore:
         else:
             world = parent["world_size"]
         names, segments, info, targets, problems = parent["names"] if parent else None, [], {}, True, []
+        ends: dict[int, list[int]] = {}  # where each complete rank's iterable ended -> those ranks
         for rank in range(world):
             folder = path / shard_name(rank, world)
             if not (folder / "manifest.json").exists():
@@ -145,7 +150,13 @@ class ActivationStore:
                     problems.append(f"rank {rank} of {world} was harvested from other inputs "
                                     f"({', '.join(d[0] for d in diffs)}); its rows are left out")
                     continue
+            wrong = _batches_problem(m, rank, world)
+            if wrong:
+                problems.append(f"rank {rank} of {world}: {folder.name}/manifest.json {wrong}; its rows are left out")
+                continue
             shard_names, shard_segments, shard_info, _, shard_targets = _load_folder(folder, m)
+            if m["complete"]:
+                ends.setdefault(m["next_batch"], []).append(rank)
             names = names or shard_names
             segments += shard_segments
             info.update(shard_info)
@@ -153,6 +164,10 @@ class ActivationStore:
             if not m["complete"]:
                 problems.append(f"rank {rank} of {world} stopped before batch {m['next_batch']}; resume it "
                                 f"with WORLD_SIZE={world}, RANK={rank} and resume=True")
+        if len(ends) > 1:  # every rank iterates the same batches, so complete ranks end at the same batch
+            problems.append("complete ranks ended at different batches (" + "; ".join(
+                f"rank{'s' * (len(r) > 1)} {', '.join(map(str, r))} after {n}" for n, r in sorted(ends.items()))
+                + "): they harvested iterables of different lengths, so batches are missing")
         return cls(names or [], segments, info, path, not problems, targets and bool(segments),
                    parent["fingerprint"] if parent else None, problems)
 
@@ -258,6 +273,29 @@ class ActivationStore:
     def _repr_html_(self) -> str:
         df = self.to_frame()
         return html_table(list(df.columns), df.itertuples(index=False), caption=repr(self))
+
+
+def _batches_problem(m: dict, rank: int = 0, world: int = 1) -> Optional[str]:
+    """What is wrong with the batches a store folder's manifest lists, or None.
+
+    A harvest lists exactly the batches ``rank, rank + world, ...`` before ``next_batch``, each once and in
+    order (rank 0 of 1: every batch), so a shard copied into another rank's folder, or a manifest that lost,
+    repeated or reordered a chunk, is told apart from a store that merely stopped early.
+    """
+    if m.get("rank", rank) != rank or m.get("world_size", world) != world:
+        return f"belongs to rank {m.get('rank')} of {m.get('world_size')}"
+    if "next_batch" not in m:  # format 1 stores may lack it
+        return None
+    listed = [b[0] for c in m["chunks"] for b in c["batches"]]
+    want = list(range(rank, m["next_batch"], world))
+    if listed == want:
+        return None
+    return (f"lists batches {_span(listed)} but a harvest stopping before batch {m['next_batch']} writes batches "
+            f"{_span(want)}")
+
+
+def _span(batches: list) -> str:
+    return "[" + ", ".join(map(str, batches[:8])) + (", ...]" if len(batches) > 8 else "]")
 
 
 def _load_folder(folder: Path, m: dict):

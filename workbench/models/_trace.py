@@ -115,8 +115,11 @@ def trace_kept_whole(model: nn.Module, is_activation, most: int = _MOST_KEPT_WHO
     functions: list = []
     for tries in range(most + 1):
         try:
-            tracer = _Tracer(is_activation, frozenset(opaque), tuple(functions))
-            return fx.GraphModule(model, tracer.trace(model)), kept
+            # In eval mode, as the trace is run (propagate_shapes) and as verify runs the models: a forward branching on
+            # self.training (dropout, batch statistics) records its eval branch, whatever mode the model is in now.
+            with eval_mode(model):
+                tracer = _Tracer(is_activation, frozenset(opaque), tuple(functions))
+                return fx.GraphModule(model, tracer.trace(model)), kept
         except Exception as exc:  # TraceError, a TypeError from a proxy used as a bool, …: say where
             where = _failing_module(exc, names, opaque)
             function = None if where is not None else _failing_function(exc, functions)

@@ -270,10 +270,12 @@ class Graph(TensorOps):
         from ._graph_shuffle import layout_aware, materialise
 
         carried = {self.info[a].token for a in self._tensor_args(node) if self.info[a].token is not None}
+        posts = self._post_reads(node)
         if not layout_aware(self, node):  # a layout read by anything else is read as a host space
             for a in self._tensor_args(node):
                 materialise(self, a)
         self._rule(node)
+        self._offsets_follow(node, posts)
         # A second space (on the last axis) survives only the rules that carry it on or read it; any other op may
         # move or reduce that axis.
         kept = self.info[node].token if node in self.info else None

@@ -10,13 +10,23 @@ import operator
 from typing import Any
 
 import torch
-from torch import fx
+from torch import fx, nn
 
 from ..models import kept_call_name
-from ._graph_reads import IGNORED_METHODS, META_ATTRS
+from ._graph_reads import IGNORED_METHODS, META_ATTRS, reads_only_shape
 
 _ADD = {operator.add, operator.iadd, torch.add}
 _ADD_METHODS = {"add", "add_", "__add__", "__iadd__"}
+# Ops that carry a constant per-channel vector to itself on the same channels (in eval mode): the affine extension's
+# offset rides through them to the reader whose bias absorbs it (Graph._offsets_follow).
+_OFFSET_FUNCTIONS = {"getitem", "flatten", "dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout",
+                     "feature_alpha_dropout", "stochastic_depth", "cat", "concat", "concatenate", "permute", "transpose",
+                     "contiguous", "add", "iadd"}
+_OFFSET_METHODS = {"view", "reshape", "flatten", "permute", "transpose", "expand", "expand_as", "mean", "contiguous",
+                   "clone", "detach", "to", "cpu", "cuda", "add", "add_", "__add__", "__iadd__"}
+_OFFSET_MODULES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.Identity, nn.Flatten,
+                   nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AvgPool1d, nn.AvgPool2d,
+                   nn.AvgPool3d)
 # Tensor methods that apply a catalogued activation (their arguments are read like a function's).
 _ACT_METHODS = {"relu": torch.relu, "tanh": torch.tanh, "sigmoid": torch.sigmoid, "abs": torch.abs,
                 "square": torch.square, "clamp": torch.clamp, "clip": torch.clamp, "clamp_min": torch.clamp_min,
@@ -135,11 +145,11 @@ class TensorOps:
         elif (name[:-1] if inplace else name) in _ACT_METHODS:
             return self._call_activation(node, _ACT_METHODS[name[:-1] if inplace else name], inplace=inplace)
         elif name in ("view", "reshape", "flatten") and self._keeps_channels(node, x):
-            return self._out(node, x)
+            return self._reshaped(node, x)
         elif name in ("permute", "transpose"):
             return self._permute(node, x)
         elif name in ("expand", "expand_as") and self._keeps_channels(node, x):
-            return self._out(node, x)
+            return self._reshaped(node, x)
         elif name in ("view", "reshape", "flatten") and not self._channels_first(node, x, f".{name}()"):
             return
         elif name in ("view", "reshape", "flatten"):
@@ -164,6 +174,46 @@ class TensorOps:
         if inplace or name == "__iadd__":
             self._overwrite(x, node)
 
+    def _post_reads(self, node: fx.Node) -> list[fx.Node]:
+        """The post-activation tensors whose values ``node`` reads (an affine site's offset rides on them)."""
+        if reads_only_shape(node):
+            return []
+        return [a for a in self._tensor_args(node) if self.info[a].level == "post"]
+
+    def _offsets_follow(self, node: fx.Node, posts: list[fx.Node]) -> None:
+        """After ``node``'s rule: whether the affine extension's offset c(M) = σ(0)(1 − φ(M)·1), which rides on the
+        post-activation values ``posts`` until a reader's bias absorbs it (``_graph_push``), still reaches such a
+        reader unchanged. It does through a reader of the space (``Linear``, conv) and through an op that carries a
+        constant per-channel vector to itself and keeps the space at its post level (a dropout, an average pool, a
+        reshape, a constant added). A scaling (``2 * h``), a sum with another tensor, a concatenation, a BatchNorm, a
+        Linear over positions, an attention leaf would each need the offset moved with it: that space then takes no
+        affine extension (the rules move no offset but at readers)."""
+        for a in posts:
+            sp = self.space(a)
+            if not sp.offsets_ok:
+                continue
+            if node.op == "call_module" and any(r is a and name == node.target for name, r in sp.readers):
+                continue
+            out = self.info.get(node)
+            if (out is not None and self.find(out.space) == self.find(self.info[a].space) and out.level == "post"
+                    and self._carries_offset(node)):
+                continue
+            sp.offsets_ok = False
+
+    def _carries_offset(self, node: fx.Node) -> bool:
+        """Whether ``node`` maps a constant per-channel vector to itself (see ``_offsets_follow``)."""
+        if node.op == "call_module":
+            m = self.modules[node.target]
+            return isinstance(m, _OFFSET_MODULES) and getattr(m, "divisor_override", None) is None
+        if node.op == "call_method":
+            return node.target in _OFFSET_METHODS
+        fname = getattr(node.target, "__name__", "")
+        if "adaptive_avg_pool" in fname:
+            return True
+        if "avg_pool" in fname:  # a divisor other than the window's size scales a constant
+            return (node.args[6] if len(node.args) > 6 else node.kwargs.get("divisor_override")) is None
+        return fname in _OFFSET_FUNCTIONS
+
     def _moves_only(self, node: fx.Node, x: fx.Node) -> bool:
         """Whether ``.to()``/``.cpu()``/``.cuda()`` only moved ``x`` to another device (same shape, same dtype, as
         accelerate's hooks move inputs to a module's execution device): every channel map commutes with a copy.
@@ -182,6 +232,14 @@ class TensorOps:
         if self.last(x) or len(xs) == 2:  # channels last: the last axis kept, whatever the rest becomes
             return ys[-1] == xs[-1]
         return len(ys) >= 3 and ys[:2] == xs[:2]  # channels on axis 1: batch and channels kept
+
+    def _reshaped(self, node: fx.Node, x: fx.Node) -> None:
+        """``node``: ``x`` reshaped keeping its channel axis whole (``_keeps_channels``). A rank-2 ``[B, C]`` made
+        rank 3 or more (``view(B, 1, C)``) has its channels on its last axis, no longer on axis 1: read as axis 1,
+        a mean over them passed for a mean over positions and the push indexed a reader of one column by C channels."""
+        self._out(node, x)
+        if len(self.shape(x)) == 2 and len(self.shape(node)) >= 3:
+            self.info[node].last = True
 
     def _permute(self, node: fx.Node, x: fx.Node) -> None:
         """``permute``/``transpose``: follow the channel axis (axis 1 ↔ last); the batch axis must stay first."""

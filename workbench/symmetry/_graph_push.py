@@ -313,7 +313,8 @@ def _apply_plan(src: nn.Module, dst: nn.Module, plan: _Plan, scratch: dict, done
             bias_peak = _act_into(src.bias, dst.bias, plan.rows, None, scratch)
         if plan.offset is not None:
             out = dst.weight
-            c = plan.offset.to(out.dtype).reshape(1, -1, *([1] * (out.ndim - 2)))
+            c = plan.offset.repeat_interleave(plan.block) if plan.block > 1 else plan.offset  # a flattened channel's
+            c = c.to(out.dtype).reshape(1, -1, *([1] * (out.ndim - 2)))  # positions all carry its offset
             dst.bias.sub_((out * c).sum(dim=tuple(range(1, out.ndim))))
     return peak, bias_peak
 

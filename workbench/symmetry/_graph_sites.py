@@ -110,7 +110,8 @@ def _build(graph, model_name: str, affine: bool) -> SymmetryMap:
             for other in groups[1:]:  # e.g. ReLU and LeakyReLU on one residual stream
                 group = restrict(group, generators(other))
             if affine and not space.offsets_ok:
-                notes.append("affine extension off: a reader with zero padding or a max pool cannot absorb a constant")
+                notes.append("affine extension off: a constant offset would not reach the readers' biases unchanged (zero "
+                             "padding, a max pool, a scaling, a sum, a norm or a concatenation on the way)")
         else:
             group = get_group("gl", n)
             notes.append("no nonlinearity: a linear site")

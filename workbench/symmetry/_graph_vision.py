@@ -257,6 +257,17 @@ def settle_embedded(graph, sites: list, root_of: dict, site_of_space: dict, drop
         out[name] = f"its channels are carried (concatenated or zero-padded) into {host}, which cannot move"
         stack += [(p, name) for p, *_ in by_name[name].embeds]
     changed = True
+    while changed:  # every channel carried from a piece that cannot move: the identity is its only element
+        changed = False
+        for host in sites:
+            if host.name in out or host.name in drop or not host.embeds:
+                continue
+            claimed = sum(count if isinstance(start, int) else len(start) for _, start, count, _ in host.embeds)
+            if claimed == host.n and all(p is None or p in out or p in drop for p, *_ in host.embeds):
+                out[host.name] = ("no map but the identity keeps the function: each of its channels carries a space "
+                                  "that cannot move")
+                changed = True
+    changed = True
     while changed:  # a host's restriction passes to its pieces, and on to theirs
         changed = False
         for host in sites:
@@ -295,6 +306,7 @@ def channel_pad(graph, node: fx.Node, x: fx.Node) -> None:
         return graph._out(node, x)
     before = pad[channel]
     sid = graph.new_space()
+    graph.spaces[sid].label = node.name  # its name as a site (no writer of its own names it)
     graph.spaces[sid].n = xs[1] + before + pad[channel + 1]
     graph.spaces[sid].embeds.append((graph.info[x].space, before, xs[1], node))
     graph.space(x).embedded = True

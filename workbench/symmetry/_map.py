@@ -37,7 +37,8 @@ def _plain(v: Any) -> bool:
 
 def _memo_key(model: nn.Module, example: Optional[torch.Tensor], affine: bool) -> tuple:
     """What a map depends on: the module tree (objects, classes, a ``forward`` set on an instance,
-    plain attributes such as a slope, a padding or a private mode flag), which tensors every parameter and buffer is (tying
+    plain attributes such as a slope, a padding or a private mode flag, and any other attribute a forward may read:
+    ``_attr_key``), which tensors every parameter and buffer is (tying
     shows here), the values of activation parameters (a PReLU's slope picks its group), whether each
     LayerNorm's gain is 1 (it decides between rotations and permutations of a stream), the
     example's shape, dtype and device, and ``affine``. Not covered: state a ``forward`` reads from
@@ -49,8 +50,8 @@ def _memo_key(model: nn.Module, example: Optional[torch.Tensor], affine: bool) -
     # which was four walks (~0.5 ms each on Swin-T's 180 modules, on every call).
     walk = list(model.named_modules(remove_duplicate=False))
     mods = tuple((name, id(m), type(m), id(vars(m).get("forward")),
-                  tuple(sorted((k, v) for k, v in vars(m).items()
-                               if k not in _NOT_KEYED and (type(v) in _SCALARS or _plain(v)))))
+                  tuple(sorted((k, v if type(v) in _SCALARS or _plain(v) else _attr_key(v)) for k, v in vars(m).items()
+                               if k not in _NOT_KEYED)))
                  for name, m in walk)
     params, buffers = [], []
     for prefix, m in walk:  # as Module._named_members: "prefix.name", None skipped, every use of a shared tensor
@@ -59,6 +60,25 @@ def _memo_key(model: nn.Module, example: Optional[torch.Tensor], affine: bool) -
         buffers.extend((dot + k, id(t), _view(t)) for k, t in m._buffers.items() if t is not None)
     ex = None if example is None else (tuple(example.shape), example.dtype, example.device)
     return mods, tuple(params + buffers), _values_read(model, walk), ex, affine
+
+
+def _attr_key(v: Any) -> Any:
+    """A module attribute that is not a plain value, as the per-object key holds it: a container of plain values (a
+    list, a dict) by value, so that one changed in place is a new key; an object with fields (a config namespace, a
+    dataclass) by its fields' values; anything else (a submodule's registry, a function, a class) by identity. A forward
+    branching on ``self.cfg.act``, or calling ``self.fn``, got the map made before the change (a ReLU's scalings drawn
+    at a tanh: the function moved by 0.14 to 0.66)."""
+    try:
+        return _value_key(v)
+    except _Unkeyable:
+        pass
+    fields = getattr(v, "__dict__", None)
+    if type(fields) is dict and not isinstance(v, (nn.Module, torch.Tensor, type, types.FunctionType)):
+        try:
+            return (type(v), tuple((k, _value_key(a)) for k, a in fields.items()))
+        except _Unkeyable:
+            pass
+    return ("object", id(v))
 
 
 def _values_read(model: nn.Module, walk: Optional[list] = None) -> tuple:
