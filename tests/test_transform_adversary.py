@@ -10,6 +10,7 @@ import json
 
 import pytest
 import torch
+import torch.nn.utils.prune
 from torch import nn
 
 import workbench as wb
@@ -253,6 +254,8 @@ def _parametrized(where: str, how: str) -> nn.Module:
         torch.nn.utils.parametrize.register_parametrization(model[i], "weight", _Abs())
     elif how == "weight_norm":
         model[i] = torch.nn.utils.parametrizations.weight_norm(model[i])
+    elif how == "pruning":  # weight = weight_orig * weight_mask, recomputed by a pre-hook
+        torch.nn.utils.prune.l1_unstructured(model[i], "weight", 0.3)
     else:  # the hook-based weight_norm: the weight is a plain attribute recomputed before each forward
         with pytest.warns(FutureWarning):
             model[i] = torch.nn.utils.weight_norm(model[i])
@@ -260,7 +263,7 @@ def _parametrized(where: str, how: str) -> nn.Module:
 
 
 @pytest.mark.parametrize("where", ["writer", "reader"])
-@pytest.mark.parametrize("how", ["parametrize", "weight_norm", "old_weight_norm"])
+@pytest.mark.parametrize("how", ["parametrize", "weight_norm", "old_weight_norm", "pruning"])
 def test_a_site_whose_weight_a_parametrization_computes_is_not_moved(where, how):
     """Writing a parametrized weight writes a tensor the next forward recomputes from its parameters: the other
     side of the site moves alone, and the function changes. Such a space is frozen, saying why."""

@@ -39,7 +39,7 @@ _MAX = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AdaptiveMaxPool1d, nn.Adapt
 def computed_weights(m: nn.Module) -> str:
     """Why ``m`` (or a module inside it) has a weight computed at each forward rather than held as a parameter:
     a ``torch.nn.utils.parametrize`` parametrization (``parametrizations.weight_norm`` is one), or a weight set as a
-    plain tensor attribute that a forward pre-hook recomputes (the hook-based ``weight_norm``, ``spectral_norm``).
+    plain tensor attribute that a forward pre-hook recomputes (the hook-based ``weight_norm``, ``spectral_norm``, pruning).
     "" when every weight is a parameter."""
     from torch.nn.utils import parametrize
 
@@ -50,7 +50,8 @@ def computed_weights(m: nn.Module) -> str:
             return f"{names} is computed by a parametrization (torch.nn.utils.parametrize)"
         for attr, value in vars(sub).items():
             if isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter) and attr in ("weight", "bias"):
-                return f"{where}{attr} is computed before each forward (weight_norm or spectral_norm)"
+                return (f"{where}{attr} is computed before each forward by a pre-hook (the hook-based weight_norm or "
+                        f"spectral_norm, or torch.nn.utils.prune: {attr}_orig and its mask)")
     return ""
 
 
