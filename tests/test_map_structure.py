@@ -238,19 +238,32 @@ class Configured(nn.Module):
         return self.b(h)
 
 
-@pytest.mark.parametrize("how", ["namespace", "dict", "list", "function"])
+class Nested:
+    """A config whose activation sits one object deeper, beside a field no value key describes (a function)."""
+
+    def __init__(self):
+        self.block = types.SimpleNamespace(act="relu", init=nn.init.zeros_)
+
+    @property
+    def act(self):
+        return self.block.act
+
+
+@pytest.mark.parametrize("how", ["namespace", "dict", "list", "function", "nested"])
 def test_an_attribute_changed_in_place_after_a_first_map_gets_its_own_map(how):
     """The per-object memo held plain attributes only: ``model.cfg.act = "tanh"`` (or a dict or list changed in place,
     or ``model.fn = torch.tanh``) after a first map served the ReLU's map, and the transform drew scalings at a tanh
     (or a rotation at a ReLU, after a slope of 1) that moved the function by 0.14 to 0.66."""
     cfg = {"namespace": types.SimpleNamespace(act="relu"), "dict": {"act": "relu"}, "list": [1.0],
-           "function": types.SimpleNamespace(act="fn")}[how]
+           "function": types.SimpleNamespace(act="fn"), "nested": Nested()}[how]
     model = Configured(cfg).double().eval()
     before = sites(model)
     if how == "namespace":
         model.cfg.act = "tanh"
     elif how == "dict":
         model.cfg["act"] = "tanh"
+    elif how == "nested":  # (was keyed by the config's identity: its inner object holds a function)
+        model.cfg.block.act = "tanh"
     elif how == "list":
         model.cfg[0] = 0.0  # leaky_relu with slope 1 (GL) becomes a ReLU
     else:

@@ -49,8 +49,9 @@ def _memo_key(model: nn.Module, example: Optional[torch.Tensor], affine: bool) -
     # named_modules, named_parameters and named_buffers (remove_duplicate=False) and modules() walked one by one,
     # which was four walks (~0.5 ms each on Swin-T's 180 modules, on every call).
     walk = list(model.named_modules(remove_duplicate=False))
+    seen: dict = {}  # an object many modules hold (one config) keyed once
     mods = tuple((name, id(m), type(m), id(vars(m).get("forward")),
-                  tuple(sorted((k, v if type(v) in _SCALARS or _plain(v) else _attr_key(v)) for k, v in vars(m).items()
+                  tuple(sorted((k, v if type(v) in _SCALARS or _plain(v) else _attr_key(v, seen)) for k, v in vars(m).items()
                                if k not in _NOT_KEYED)))
                  for name, m in walk)
     params, buffers = [], []
@@ -62,23 +63,27 @@ def _memo_key(model: nn.Module, example: Optional[torch.Tensor], affine: bool) -
     return mods, tuple(params + buffers), _values_read(model, walk), ex, affine
 
 
-def _attr_key(v: Any) -> Any:
+def _attr_key(v: Any, seen: Optional[dict] = None, depth: int = 4) -> Any:
     """A module attribute that is not a plain value, as the per-object key holds it: a container of plain values (a
     list, a dict) by value, so that one changed in place is a new key; an object with fields (a config namespace, a
-    dataclass) by its fields' values; anything else (a submodule's registry, a function, a class) by identity. A forward
-    branching on ``self.cfg.act``, or calling ``self.fn``, got the map made before the change (a ReLU's scalings drawn
-    at a tanh: the function moved by 0.14 to 0.66)."""
+    dataclass) by its fields, each keyed the same way down to ``depth`` objects deep (``self.cfg.block.act``); anything
+    else (a submodule's registry, a function, a class), and an object deeper than that, by identity. A forward branching
+    on ``self.cfg.act``, or calling ``self.fn``, got the map made before the change (a ReLU's scalings drawn at a tanh:
+    the function moved by 0.14 to 0.66). ``seen``: keys made so far in this key, by id (a config every module holds)."""
     try:
         return _value_key(v)
     except _Unkeyable:
         pass
+    hit = None if seen is None else seen.get(id(v))
+    if hit is not None and hit[0] is v:
+        return hit[1]
     fields = getattr(v, "__dict__", None)
-    if type(fields) is dict and not isinstance(v, (nn.Module, torch.Tensor, type, types.FunctionType)):
-        try:
-            return (type(v), tuple((k, _value_key(a)) for k, a in fields.items()))
-        except _Unkeyable:
-            pass
-    return ("object", id(v))
+    key: Any = ("object", id(v))
+    if depth and type(fields) is dict and not isinstance(v, (nn.Module, torch.Tensor, type, types.FunctionType)):
+        key = (type(v), tuple((k, _attr_key(a, seen, depth - 1)) for k, a in fields.items()))
+    if seen is not None:
+        seen[id(v)] = (v, key)
+    return key
 
 
 def _values_read(model: nn.Module, walk: Optional[list] = None) -> tuple:
