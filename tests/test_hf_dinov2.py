@@ -316,3 +316,16 @@ def test_property_random_shapes_are_exact(cls, heads, d_head, layers, patch, swi
         assert moved_stream(model, new, t) <= TOL, kw
     else:
         assert rel(logp(new), logp(model)) <= TOL, kw
+
+
+def test_no_register_tokens_is_exact():
+    """Dinov2WithRegisters with num_register_tokens=0 (its register tokens an empty [1, 0, d], the model's own forward
+    runs): a random element of every site is exact and verified, and a wrong stream element FAILs. The push's gather
+    could not reshape the empty tensor: a torch RuntimeError out of random_intertwiner."""
+    model = build("Dinov2WithRegistersForImageClassification", num_register_tokens=0)
+    new, t = wb.random_intertwiner(model, seed=1, example=PIXELS)
+    assert rel(logp(new), logp(model)) <= TOL
+    assert wb.verify(model, new, PIXELS, transform=t).passed
+    bad, bt = wb.random_intertwiner(model, seed=1, sites=["resid"], group="signed_permutation", allow_non_symmetry=True,
+                                    example=PIXELS)
+    assert rel(logp(bad), logp(model)) > FAIL and not wb.verify(model, bad, PIXELS, transform=bt).passed

@@ -143,12 +143,14 @@ def test_negative_controls_change_the_function():
 @pytest.mark.parametrize("kw", [dict(num_experts_per_tok=1), dict(num_experts_per_tok=4, norm_topk_prob=True),
                                 dict(decoder_sparse_step=2, mlp_only_layers=[]), dict(qkv_bias=False),
                                 dict(use_sliding_window=True, sliding_window=4, max_window_layers=2),
-                                dict(head_dim=16, hidden_act="gelu")],
-                         ids=["top1", "all-experts", "sparse-step-2", "no-biases", "sliding", "wide-heads-gelu"])
+                                dict(head_dim=16, hidden_act="gelu"), dict(shared_expert_intermediate_size=0)],
+                         ids=["top1", "all-experts", "sparse-step-2", "no-biases", "sliding", "wide-heads-gelu",
+                              "no-shared-units"])
 def test_configuration_variants_are_exact(kw):
     """Top-1 and all-experts routing, every other layer sparse, no q/k/v biases, a sliding window on layers 0 and 2
-    (``layer_types``), heads wider than hidden/heads with GELU-gated experts (the test's forward, compared with Hugging
-    Face's to 1e-5 first): a random element exact."""
+    (``layer_types``), heads wider than hidden/heads with GELU-gated experts, a shared expert of no hidden units (its
+    output 0; its site was a group on 0 dimensions: an InvalidOptionError from symmetry_map) (the test's forward,
+    compared with Hugging Face's to 1e-5 first): a random element exact."""
     model = build(seed=2, **kw)
     with torch.no_grad():
         assert torch.allclose(model(input_ids=IDS).logits.log_softmax(-1), logp(model), rtol=0, atol=1e-5)

@@ -221,7 +221,19 @@ class LayoutBackend(Backend):
             return None
         if hf.returns_embeddings(model):  # CLIP's image_embeds: invariant, compared as they are (a softmax would pass a shift)
             return out.flatten(0, -2), new_out.flatten(0, -2), "embeddings"
-        return out.log_softmax(-1).flatten(0, -2), new_out.log_softmax(-1).flatten(0, -2), "log-probabilities"
+        (old, what), (new, _) = self.scores(model, out), self.scores(model, new_out)
+        return old, new, what
+
+    def scores(self, model, out: torch.Tensor) -> tuple[torch.Tensor, str]:
+        """A head's output as compared, one row per position or input, and what it is: log-probabilities where the logits
+        are a softmax's (a language model's, a single-label classifier's: a constant shift per row is no change); the
+        logits themselves where each is a value of its own, which a shift changes — one per row (``num_labels=1``: a
+        regression) or a multi-label classifier's (``problem_type``: a sigmoid each). A regression's one logit is 0 as a
+        log-probability whatever it is: verify passed a score head scaled by −3, its outputs changed by 400%."""
+        config = getattr(hf.hf_model(model), "config", None)
+        if out.shape[-1] == 1 or getattr(config, "problem_type", None) in ("regression", "multi_label_classification"):
+            return out.flatten(0, -2), "logits"
+        return out.log_softmax(-1).flatten(0, -2), "log-probabilities"
 
     def output_names(self, model):
         last = self._last(model)
@@ -236,10 +248,10 @@ class LayoutBackend(Backend):
             # (a final norm read on one token per input, CLIP's post_layernorm: [batch, d_model], no positions)
             what = ("encoder outputs" if hf.is_encoder(model) else "pooled outputs" if old.ndim == 2 else "last hidden states")
             return old.flatten(0, -2), new_cache[last].flatten(0, -2), what, False, None
-        # logits may shift by a constant per position (center_unembed): compare log-probabilities
-        old, new = out.log_softmax(-1).flatten(0, -2), new_out.log_softmax(-1).flatten(0, -2)
-        kl = (old.exp() * (old - new)).sum(-1).mean().item()
-        return old, new, "log-probabilities", True, kl
+        # logits may shift by a constant per position (center_unembed): compare log-probabilities (``scores``)
+        (old, what), (new, _) = self.scores(model, out), self.scores(model, new_out)
+        kl = (old.exp() * (old - new)).sum(-1).mean().item() if what == "log-probabilities" else None
+        return old, new, what, True, kl
 
     def floor(self, model, inputs, cache, last):
         """RMSNorm computes in float32 in TransformerLens's native models as in Hugging Face's, and so
@@ -263,7 +275,7 @@ class LayoutBackend(Backend):
         watched = list(cache.keys()) if cache is not None else []
         with eval_mode(model), intervene(model, rounding), torch.no_grad():
             rounded, rcache = run_with_cache(model, inputs, names=watched or None, budget=None, reduce=first_tensor) if watched else (model(inputs), None)
-        rounded = rcache[last].flatten(0, -2) if last else self.output(rounded).detach().log_softmax(-1).flatten(0, -2)
+        rounded = rcache[last].flatten(0, -2) if last else self.scores(model, self.output(rounded).detach())[0]
         return rounded, largest_relative_change(cache, rcache, watched)
 
 

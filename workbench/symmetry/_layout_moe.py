@@ -54,7 +54,8 @@ def sites(W: dict, layer: int, act: str, see) -> list[Site]:
     out.append(Site(f"{m}.experts", E, get_group("permutation", E), "experts (router columns with their experts)",
                     f"{m}.gate.hook_out", ports + [Port(f"{m}.W_router", "heads", axis=1)], [], [], see.router(m),
                     ["softmax, top-k and the (renormalised) weights are permutation-equivariant"]))
-    if f"{m}.shared.W_out" in W:  # Qwen2-MoE: a gated MLP on its own hidden units, scaled by a gate read from the stream
+    if f"{m}.shared.W_out" in W and W[f"{m}.shared.W_in"].shape[1]:  # Qwen2-MoE: a gated MLP on its own hidden units,
+        # scaled by a gate read from the stream (shared_expert_intermediate_size=0: no units, only the stream moves it)
         s = f"{m}.shared"
         n = W[f"{s}.W_in"].shape[1]
         out.append(Site(s, n, get_group("diagonal_permutation", n), f"gated {act} (shared expert)", f"{s}.hook_out",

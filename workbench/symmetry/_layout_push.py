@@ -300,7 +300,10 @@ def _jobs(weights: list[tuple[torch.Tensor, torch.Tensor, list]], casts: dict) -
 
 
 def _push_slice(x: torch.Tensor, out: torch.Tensor, ops: list, last: int, casts: dict) -> None:
-    """``out = ops(x)``: ops up to index ``last`` in float64, the rest in ``x``'s dtype."""
+    """``out = ops(x)``: ops up to index ``last`` in float64, the rest in ``x``'s dtype. An empty ``x`` (DINOv2 with
+    ``num_register_tokens=0``: its register tokens [1, 0, d]) has nothing to move (a gather cannot reshape it)."""
+    if x.numel() == 0:
+        return
     dtype = x.dtype
     i = 0
     while i < len(ops):

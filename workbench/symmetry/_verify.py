@@ -298,7 +298,7 @@ def _sites(model: nn.Module, transform: Optional[Transform], example) -> tuple[l
 
 def _rule(compared: str, per_row: bool, tol: float, dtype: torch.dtype, classifier: bool,
           floored: Optional[str], routed: bool = False) -> str:
-    unit = "the row's (a position's log-probabilities)" if per_row else "its output unit's (column over rows)"
+    unit = (f"the row's (a position's or an input's {compared})" if per_row else "its output unit's (column over rows)")
     raised = {"float32": ", raised to 10× the float32 floor",
               "own": ", raised to 10× this model's own rounding: its outputs against its float64 copy's",
               "own-rows": f", raised to 10× this model's own rounding: its outputs against its float64 copy's on the "

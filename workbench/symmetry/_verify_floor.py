@@ -350,5 +350,5 @@ def trivial_floor(backend, model: nn.Module, inputs, cache, last: Optional[str])
     with eval_mode(scaled), torch.no_grad():
         out, rcache = (run_with_cache(scaled, inputs, names=watched, budget=None, reduce=first_tensor) if watched
                        else (scaled(inputs), None))
-    rounded = rcache[last].flatten(0, -2) if last else backend.output(out).detach().log_softmax(-1).flatten(0, -2)
+    rounded = rcache[last].flatten(0, -2) if last else backend.scores(model, backend.output(out).detach())[0]
     return rounded, largest_relative_change(cache, rcache, watched)

@@ -85,7 +85,7 @@ class InvarianceReport(Report):
     def summary(self) -> str:
         what = {"log-probabilities": "log-probability", "encoder outputs": "encoder output",
                 "last hidden states": "last hidden state", "pooled outputs": "pooled output",
-                "embeddings": "embedding"}.get(self.compared, "output")
+                "embeddings": "embedding", "logits": "logit"}.get(self.compared, "output")
         checked = self.checked
         moved = sum(s.representation_change > 100 * self.tolerance for s in checked)
         # An encoder's or a base model's output is the residual stream itself: it moves with the stream's element,
