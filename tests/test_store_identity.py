@@ -13,6 +13,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 import workbench as wb
 from workbench._errors import ResumeMismatchError, StoreCorruptError
@@ -51,6 +52,23 @@ def test_complete_ranks_that_iterated_different_lengths_make_the_store_incomplet
         store = wb.ActivationStore.open(path)
     assert not store.complete and sorted(set(store.batch_index)) == [0, 1, 2, 3, 4]
     assert_exact(store, make_batches(6), rows=25)
+
+
+def test_ranks_whose_rows_differ_in_shape_are_named_not_blamed_on_damage(tmp_path):
+    """Variable-length batches split over two ranks: each rank is consistent on its own, so only opening the
+    whole store sees that rank 1's rows (length 7) cannot join rank 0's (length 5). It was 'complete', and
+    reading blamed a damaged file."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3))
+    batches = [torch.randn(2, 5 if i % 2 == 0 else 7, 4) for i in range(4)]
+    for rank in range(2):
+        harvest_as_rank(model, rank, 2, tmp_path / "acts", batches=batches, names="0")
+    with pytest.warns(UserWarning, match=r"rank 1 of 2 stored rows of another shape or dtype \('0': <f4\[7, 3\] "
+                                         r"here, <f4\[5, 3\] in the ranks before\).*pad them"):
+        store = wb.ActivationStore.open(tmp_path / "acts")
+    assert not store.complete and list(store.batch_index) == [0, 0, 2, 2]
+    with torch.no_grad():
+        np.testing.assert_array_equal(store.array("0"), torch.cat([model(batches[0]), model(batches[2])]).numpy())
 
 
 @pytest.mark.parametrize("edit", ["drop", "repeat", "swap_batches"])
