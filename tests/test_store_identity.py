@@ -164,3 +164,15 @@ def test_resume_with_a_sub_module_in_another_mode_is_refused(tmp_path):
     model[1].train()
     with torch.no_grad():  # batch statistics: each batch's rows depend on that batch alone
         np.testing.assert_array_equal(store.array("4"), torch.cat([model(x) for x, _ in make_batches(6)]).numpy())
+
+
+def test_a_first_manifest_left_half_written_by_a_killed_writer_is_cleaned_up(tmp_path, cnn):
+    """SIGKILL while the very first manifest was written leaves only its temporary file (store_child.py's
+    manifest:1); the next harvest there starts afresh, and used to keep that file for ever."""
+    path = tmp_path / "acts"
+    path.mkdir()
+    (path / "manifest.json.tmp-12345").write_text('{"format": "workbench-acti')
+    store = wb.harvest(cnn, make_batches(2), names=NAMES, path=path, progress=False, resume=True)
+    assert store.complete and sorted(p.name for p in path.iterdir() if not p.name.startswith("chunk-")) == [
+        ".writer.lock", "manifest.json"]
+    assert_exact(store, make_batches(2))
