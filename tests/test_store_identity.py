@@ -102,6 +102,10 @@ def column(k):
     return lambda out: out[:, k]
 
 
+def activation(cls):
+    return lambda out: cls()(out)
+
+
 COLUMN = 0
 
 
@@ -114,7 +118,8 @@ def global_column(out):
     lambda: (functools.partial(torch.amax, dim=1), functools.partial(torch.amin, dim=1), None),
     lambda: (functools.partial(torch.norm, p=1, dim=1), functools.partial(torch.norm, p=2, dim=1), None),
     lambda: (global_column, "COLUMN=1", None),  # the module global the function reads changes between the runs
-], ids=["closure", "partial_function", "partial_argument", "global"])
+    lambda: (activation(nn.ReLU), activation(nn.Tanh), activation(nn.ReLU)),  # a closed-over class
+], ids=["closure", "partial_function", "partial_argument", "global", "class"])
 def test_resume_with_a_reduce_computing_otherwise_is_refused(tmp_path, cnn, monkeypatch, change):
     path = tmp_path / "acts"
     before, after, again = change()
