@@ -13,6 +13,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 import workbench as wb
 from workbench._errors import ResumeMismatchError, StoreCorruptError
@@ -53,6 +54,23 @@ def test_complete_ranks_that_iterated_different_lengths_make_the_store_incomplet
     assert_exact(store, make_batches(6), rows=25)
 
 
+def test_ranks_whose_rows_differ_in_shape_are_named_not_blamed_on_damage(tmp_path):
+    """Variable-length batches split over two ranks: each rank is consistent on its own, so only opening the
+    whole store sees that rank 1's rows (length 7) cannot join rank 0's (length 5). It was 'complete', and
+    reading blamed a damaged file."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3))
+    batches = [torch.randn(2, 5 if i % 2 == 0 else 7, 4) for i in range(4)]
+    for rank in range(2):
+        harvest_as_rank(model, rank, 2, tmp_path / "acts", batches=batches, names="0")
+    with pytest.warns(UserWarning, match=r"rank 1 of 2 stored rows of another shape or dtype \('0': <f4\[7, 3\] "
+                                         r"here, <f4\[5, 3\] in the ranks before\).*pad them"):
+        store = wb.ActivationStore.open(tmp_path / "acts")
+    assert not store.complete and list(store.batch_index) == [0, 0, 2, 2]
+    with torch.no_grad():
+        np.testing.assert_array_equal(store.array("0"), torch.cat([model(batches[0]), model(batches[2])]).numpy())
+
+
 @pytest.mark.parametrize("edit", ["drop", "repeat", "swap_batches"])
 def test_a_manifest_that_lost_repeated_or_reordered_a_chunk_is_refused_naming_it(written, edit):
     manifest = json.loads((written / "manifest.json").read_text())
@@ -84,6 +102,10 @@ def column(k):
     return lambda out: out[:, k]
 
 
+def activation(cls):
+    return lambda out: cls()(out)
+
+
 COLUMN = 0
 
 
@@ -96,7 +118,8 @@ def global_column(out):
     lambda: (functools.partial(torch.amax, dim=1), functools.partial(torch.amin, dim=1), None),
     lambda: (functools.partial(torch.norm, p=1, dim=1), functools.partial(torch.norm, p=2, dim=1), None),
     lambda: (global_column, "COLUMN=1", None),  # the module global the function reads changes between the runs
-], ids=["closure", "partial_function", "partial_argument", "global"])
+    lambda: (activation(nn.ReLU), activation(nn.Tanh), activation(nn.ReLU)),  # a closed-over class
+], ids=["closure", "partial_function", "partial_argument", "global", "class"])
 def test_resume_with_a_reduce_computing_otherwise_is_refused(tmp_path, cnn, monkeypatch, change):
     path = tmp_path / "acts"
     before, after, again = change()
@@ -146,3 +169,15 @@ def test_resume_with_a_sub_module_in_another_mode_is_refused(tmp_path):
     model[1].train()
     with torch.no_grad():  # batch statistics: each batch's rows depend on that batch alone
         np.testing.assert_array_equal(store.array("4"), torch.cat([model(x) for x, _ in make_batches(6)]).numpy())
+
+
+def test_a_first_manifest_left_half_written_by_a_killed_writer_is_cleaned_up(tmp_path, cnn):
+    """SIGKILL while the very first manifest was written leaves only its temporary file (store_child.py's
+    manifest:1); the next harvest there starts afresh, and used to keep that file for ever."""
+    path = tmp_path / "acts"
+    path.mkdir()
+    (path / "manifest.json.tmp-12345").write_text('{"format": "workbench-acti')
+    store = wb.harvest(cnn, make_batches(2), names=NAMES, path=path, progress=False, resume=True)
+    assert store.complete and sorted(p.name for p in path.iterdir() if not p.name.startswith("chunk-")) == [
+        ".writer.lock", "manifest.json"]
+    assert_exact(store, make_batches(2))

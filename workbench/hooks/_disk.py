@@ -229,6 +229,8 @@ class ShardWriter:
                              "rank": rank, "world_size": world, "checksum": CHECKSUM, "fingerprint": fingerprint,
                              "names": names, "info": {}, "targets": None, "chunks": [], "next_batch": 0,
                              "complete": False}
+            for p in folder.glob("manifest.json.tmp*"):  # a first manifest whose writer was killed (we hold the lock)
+                p.unlink()
             self._write_manifest()
             return
         if not resume:

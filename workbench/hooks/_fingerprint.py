@@ -177,6 +177,8 @@ def _value_text(v: Any, depth: int) -> str:
         return repr(v)
     if isinstance(v, (torch.Tensor, np.ndarray)):
         return "tensor " + batch_digest(v, full=True)
+    if isinstance(v, (type, ModuleType)):
+        return f"{type(v).__name__} {getattr(v, '__module__', '')}.{getattr(v, '__qualname__', v.__name__)}"
     if depth > 3:
         return f"<{type(v).__module__}.{type(v).__qualname__}>"
     if isinstance(v, nn.Module):
@@ -186,7 +188,8 @@ def _value_text(v: Any, depth: int) -> str:
     if isinstance(v, (set, frozenset)):
         return "{" + ", ".join(sorted(_value_text(x, depth + 1) for x in v)) + "}"
     if isinstance(v, dict):
-        return "{" + ", ".join(sorted(f"{k!r}: {_value_text(x, depth + 1)}" for k, x in v.items())) + "}"
+        return "{" + ", ".join(sorted(f"{_value_text(k, depth + 1)}: {_value_text(x, depth + 1)}"
+                                      for k, x in v.items())) + "}"
     if callable(v) and not isinstance(v, type):
         return "callable " + str(callable_id(v, depth + 1))
     if isinstance(getattr(v, "__dict__", None), dict):

@@ -155,6 +155,13 @@ class ActivationStore:
                 problems.append(f"rank {rank} of {world}: {folder.name}/manifest.json {wrong}; its rows are left out")
                 continue
             shard_names, shard_segments, shard_info, _, shard_targets = _load_folder(folder, m)
+            clash = [f"{n!r}: {i['dtype']}{i['shape']} here, {info[n]['dtype']}{info[n]['shape']} in the ranks before"
+                     for n, i in shard_info.items() if n in info and info[n] != i]
+            if clash:  # e.g. sequences of another length: the ranks' rows cannot form one array
+                problems.append(f"rank {rank} of {world} stored rows of another shape or dtype ({'; '.join(clash)}); "
+                                f"every batch must give one row shape per name (variable-length sequences: pad "
+                                f"them, or pass reduce='token_mean'), so its rows are left out")
+                continue
             if m["complete"]:
                 ends.setdefault(m["next_batch"], []).append(rank)
             names = names or shard_names
