@@ -138,7 +138,7 @@ class Graph(TensorOps):
         self.is_activation = is_activation  # callable(obj) -> bool
         # LayerNorms and attention modules stay whole (leaves): their rules are in _graph_stream
         # Sub-modules fx cannot trace into are kept whole, and opaque: their name -> why (models/_trace.py)
-        self.gm, self.kept_whole = trace_kept_whole(model, lambda m: is_activation(m) or is_leaf(m))
+        self.gm, self.kept_whole = trace_kept_whole(model, lambda m: is_activation(m) or is_leaf(m), example=example)
         propagate_shapes(self.gm, model, example)
         self.parent: dict[int, int] = {}
         self.spaces: dict[int, Space] = {}
