@@ -306,3 +306,31 @@ def test_concatenations_that_split_one_stream_differently_freeze_it():
     for seed in range(3):
         new, _ = wb.random_intertwiner(model, seed=seed, example=x[:1])
         assert changed(model, new, x) < 1e-10
+
+
+class PadsNothing(nn.Module):
+    """``F.pad`` with every width 0 (TensorFlow "same" padding where the input's size needs none: Hugging Face's MobileNet
+    pads by widths computed from the shape, 0 on even sizes), then ``nn.ZeroPad2d`` on the spatial axes."""
+
+    def __init__(self, c=4):
+        super().__init__()
+        self.a, self.b, self.c = nn.Conv2d(3, c, 3), nn.Conv2d(c, c + 2, 1), nn.Conv2d(c + 2, 5, 3)
+        self.pad = nn.ZeroPad2d((0, 1, 0, 1))
+
+    def forward(self, x):
+        h = torch.relu(F.pad(self.a(x), (0, 0, 0, 0), "constant", 0.0))
+        return self.c(self.pad(torch.relu(self.b(h)))).mean((2, 3))
+
+
+def test_a_padding_of_width_zero_is_the_identity_and_zero_pad_modules_keep_the_space():
+    """A zero-width F.pad was read as a channel padding by 0 and 0: a new space 'carrying' the old one, and
+    random_intertwiner crashed (a Dense of 4 acting on a reader's 6 columns). It is the identity; nn.ZeroPad2d of the
+    spatial axes keeps the space (was 'not understood')."""
+    torch.manual_seed(0)
+    model = PadsNothing().double().eval()
+    x = torch.randn(3, 3, 8, 8, dtype=F64)
+    smap = wb.symmetry_map(model, x[:1])
+    assert [s.group.name for s in smap] == ["scaled_permutation", "scaled_permutation"], smap.skipped
+    assert [s.n for s in smap] == [4, 6]
+    new, _ = wb.random_intertwiner(model, seed=0, example=x[:1])
+    assert changed(model, new, x) < 1e-10

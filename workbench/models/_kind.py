@@ -54,11 +54,35 @@ def is_transformer_lens(model: nn.Module) -> bool:
     return model_kind(model) in (ModelKind.HOOKED, ModelKind.NATIVE, ModelKind.HF_BRIDGE)
 
 
+# What a Hugging Face configuration calls its number of attention heads (a list per stage in hierarchical models).
+_HEAD_COUNTS = ("num_attention_heads", "num_heads", "n_head", "n_heads", "encoder_attention_heads")
+
+
+def is_traced_hf(model: nn.Module) -> bool:
+    """A raw Hugging Face model read through its torch.fx trace rather than the canonical transformer layout: an
+    image model (``main_input_name == "pixel_values"``) with no attention — no head count in its configuration and
+    no module whose class is named ``…Attention…`` — whose family is not one the layout reads (``CHECKED_FAMILIES``,
+    which all have attention, are excluded by name too). These are Hugging Face's convolutional networks (ResNet,
+    ConvNeXt, MobileNet, EfficientNet, RegNet, …), the torchvision twins of which the graph backend reads; every
+    model with attention keeps the layout (and its refusal where its family is not checked)."""
+    if model_kind(model) != ModelKind.HF or getattr(model, "main_input_name", None) != "pixel_values":
+        return False
+    config = getattr(model, "config", None)
+    from ._hf import CHECKED_FAMILIES  # (no transformers import: the set of checked families)
+
+    if getattr(config, "model_type", None) in CHECKED_FAMILIES or any(getattr(config, k, None) for k in _HEAD_COUNTS):
+        return False
+    return not any("attention" in c.__name__.lower() for m in model.modules() for c in type(m).__mro__
+                   if c.__module__.startswith("transformers."))
+
+
 def has_layout(model: nn.Module) -> bool:
     """Whether the model's weights are read in the canonical transformer layout (``_layout.py``), rather
     than its structure traced by torch.fx: every TransformerLens model, and a Hugging Face
-    ``PreTrainedModel`` on its own (fx cannot trace one: its decorated ``forward`` and its masks)."""
-    return is_transformer_lens(model) or model_kind(model) == ModelKind.HF
+    ``PreTrainedModel`` on its own (fx cannot trace a transformer's decorated ``forward`` and masks) unless it is
+    an attention-free image model (:func:`is_traced_hf`), which is traced with its options fixed
+    (``_trace.hf_root``)."""
+    return is_transformer_lens(model) or (model_kind(model) == ModelKind.HF and not is_traced_hf(model))
 
 
 def has_hooked_transformer() -> bool:

@@ -8,16 +8,20 @@ of our own.
 """
 from __future__ import annotations
 
+import contextlib
+import inspect
 import os
 import traceback
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable, Optional
 
 import torch
 from torch import fx, nn
+from torch.fx import _symbolic_trace
 
 from .._internal_forward import internal_forward
 from .._offload import own_forward, served
+from ._kind import is_traced_hf
 from ._modes import eval_mode
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
@@ -39,11 +43,66 @@ class TensorShape:
 class _Tracer(fx.Tracer):
     """torch.fx's tracer, keeping every catalogued activation module a leaf (custom ones too)."""
 
-    def __init__(self, is_activation, opaque: frozenset = frozenset(), functions: tuple = ()):
+    def __init__(self, is_activation, opaque: frozenset = frozenset(), functions: tuple = (),
+                 root: Optional[Callable] = None, example: Optional[torch.Tensor] = None):
         # functions: module-level functions kept whole (recorded as one call) because fx cannot trace into them
         super().__init__(autowrap_functions=functions)
         self._is_activation = is_activation
         self._opaque = opaque  # ids of sub-modules kept whole because fx cannot trace into them (trace_kept_whole)
+        self._root = root  # the function traced in place of the class's forward (hf_root), or None
+        # Shapes read from the example (a traced Hugging Face model): every node's value on it, computed as it is
+        # recorded, so ``x.shape``, ``x.size()``, ``x.dim()`` are the example's numbers (see _ShapedProxy)
+        self._example = example
+        self._values: Optional[dict] = {} if example is not None else None
+
+    def create_args_for_root(self, root_fn, is_module, concrete_args=None):
+        return super().create_args_for_root(self._root or root_fn, is_module, concrete_args)
+
+    # -- shapes from the example (Hugging Face models only)
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        return _ShapedProxy(node, self) if self._values is not None else super().proxy(node)
+
+    def value(self, a: Any) -> Any:
+        """``a``'s value on the example (a proxy's, computed when it was recorded), or _UNKNOWN."""
+        if isinstance(a, fx.Proxy):
+            return self._values.get(a.node, _UNKNOWN) if self._values is not None else _UNKNOWN
+        return a
+
+    def create_proxy(self, kind, target, args, kwargs, name=None, type_expr=None, proxy_factory_fn=None):
+        if self._values is not None and kind == "call_method" and target in _SHAPE_METHODS and args:
+            x = self.value(args[0])
+            rest, named = [self.value(a) for a in args[1:]], {k: self.value(a) for k, a in kwargs.items()}
+            if isinstance(x, torch.Tensor) and _UNKNOWN not in rest and _UNKNOWN not in named.values():
+                return getattr(x, target)(*rest, **named)  # the example's number, not a node
+        proxy = super().create_proxy(kind, target, args, kwargs, name, type_expr, proxy_factory_fn)
+        if self._values is not None:
+            self._evaluate(proxy.node)
+        return proxy
+
+    def _evaluate(self, node: fx.Node) -> None:
+        """Record ``node``'s value on the example (nothing when it cannot be computed: fx's own rules then apply)."""
+        values = self._values
+        if any(a not in values for a in node.all_input_nodes):
+            return
+        args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda n: values[n])
+        try:
+            with _unpatched():
+                if node.op == "placeholder":
+                    value = self._example.clone() if not any(n.op == "placeholder" for n in values) else _UNKNOWN
+                elif node.op == "get_attr":
+                    value = _attr_path(self.root, node.target)
+                elif node.op == "call_module":
+                    value = _symbolic_trace._orig_module_call(self.root.get_submodule(node.target), *args, **kwargs)
+                elif node.op == "call_function":
+                    value = node.target(*args, **kwargs)
+                elif node.op == "call_method":
+                    value = getattr(args[0], node.target)(*args[1:], **kwargs)
+                else:
+                    return
+        except Exception:  # (fx's rules decide what an op on it means)
+            return
+        if value is not _UNKNOWN:
+            values[node] = value
 
     def call_module(self, m: nn.Module, forward, args, kwargs):
         # A module accelerate dispatched runs its class's forward inside a hook that moves weights and inputs between
@@ -62,7 +121,89 @@ class _Tracer(fx.Tracer):
             return True
         if not own_forward(m):
             return False
-        return super().is_leaf_module(m, qualname) or self._is_activation(m)
+        return super().is_leaf_module(m, qualname) or self._is_activation(m) or (
+            self._root is not None and _torch_layer(m))
+
+
+_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+def _torch_layer(m: nn.Module) -> bool:
+    """A subclass of a torch.nn layer that computes exactly that layer's forward: it defines no ``forward`` or
+    ``_conv_forward`` of its own (Hugging Face's EfficientNetDepthwiseConv2d only sets ``groups``). A traced Hugging
+    Face model keeps it a leaf, read as the layer it is; fx would trace into it and record ``F.conv2d``."""
+    base = next((b for b in type(m).__mro__ if b in _LAYERS), None)
+    return base is not None and all(getattr(type(m), f, None) is getattr(base, f, None) for f in ("forward", "_conv_forward"))
+
+
+_UNKNOWN = object()
+# Tensor methods and attributes whose answer on the example a traced Hugging Face model reads as a number
+_SHAPE_METHODS = frozenset({"size", "dim", "numel"})
+_SHAPE_ATTRS = frozenset({"shape", "ndim", "dtype", "device"})
+
+
+class _ShapedProxy(fx.Proxy):
+    """A proxy that answers ``shape``, ``ndim``, ``dtype``, ``device`` and ``len()`` with the example's value (the
+    tracer's ``create_proxy`` does ``size()``, ``dim()``, ``numel()``): Hugging Face's convolutional networks check
+    the input's channels (``if pixel_values.shape[1] != self.num_channels: raise``) and compute TensorFlow-style
+    padding from the input's height (``int(features.shape[-2])``), which fx cannot trace symbolically. The trace is
+    then the model's on inputs of the example's shape, which is what a map is (it is traced on the first example of
+    the inputs it serves). A branch on a tensor's *values* still fails to trace."""
+
+    def __getattr__(self, k: str):
+        if k in _SHAPE_ATTRS:
+            v = self.tracer.value(self)
+            if isinstance(v, torch.Tensor):
+                return getattr(v, k)
+        return super().__getattr__(k)
+
+    def __len__(self) -> int:
+        v = self.tracer.value(self)
+        if isinstance(v, torch.Tensor):
+            return len(v)
+        return super().__len__()
+
+
+@contextlib.contextmanager
+def _unpatched():
+    """``nn.Module.__call__`` and ``__getattr__`` as they are outside a trace (fx patches both while tracing), so
+    that computing a node's value on the example records nothing."""
+    call, get = nn.Module.__call__, nn.Module.__getattr__
+    nn.Module.__call__, nn.Module.__getattr__ = _symbolic_trace._orig_module_call, _symbolic_trace._orig_module_getattr
+    try:
+        yield
+    finally:
+        nn.Module.__call__, nn.Module.__getattr__ = call, get
+
+
+def _attr_path(root: nn.Module, target: str) -> Any:
+    obj: Any = root
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+# The options a traced Hugging Face model's forward is called with: its output as a ModelOutput (return_dict=True; the
+# decorators ``can_return_tuple`` and ``capture_outputs`` turn a False into a tuple) and no hidden states (they would
+# make every stage's stream an output). Its other arguments (``labels``) keep their defaults (None: no loss).
+_HF_OPTIONS = (("return_dict", True), ("output_hidden_states", False))
+
+
+def hf_root(model: nn.Module) -> Callable:
+    """The function traced in place of a Hugging Face model's forward (:func:`~._kind.is_traced_hf`):
+    ``forward(self, pixel_values)`` calling the class's forward — through its decorators, which read their options
+    from keyword arguments and the config — with :data:`_HF_OPTIONS` fixed. fx traces a forward's every argument
+    as a proxy; those options then become control flow on a traced value (``outputs.pooler_output if return_dict
+    else outputs[1]``), and a decorator's ``(*args, **kwargs)`` signature hides the arguments from fx."""
+    forward = type(model).forward
+    params = inspect.signature(inspect.unwrap(forward)).parameters
+    anything = any(p.kind == p.VAR_KEYWORD for p in params.values())
+    fixed = {k: v for k, v in _HF_OPTIONS if k in params or anything}
+
+    def root(self, pixel_values):
+        return forward(self, pixel_values, **fixed)
+
+    return root
 
 
 def _one_line(exc: BaseException) -> str:
@@ -81,11 +222,11 @@ def _user_frame(exc: BaseException) -> str:
     return f" (at {os.path.basename(f.filename)}:{f.lineno} in {f.name}:{code})"
 
 
-def trace(model: nn.Module, is_activation) -> fx.GraphModule:
+def trace(model: nn.Module, is_activation, example: Optional[torch.Tensor] = None) -> fx.GraphModule:
     """``model`` traced (activation modules stay leaves); a :class:`TraceFailure` naming the user's line. Nothing is
     kept whole: a caller whose rules would read an untraced module by its class (the fold reads a Linear subclass
     as a Linear) must not get one (:func:`trace_kept_whole` says which are)."""
-    return trace_kept_whole(model, is_activation, most=0)[0]
+    return trace_kept_whole(model, is_activation, most=0, example=example)[0]
 
 
 # How many times tracing may keep something whole (a module class, a function) before giving up: each costs one more
@@ -93,7 +234,8 @@ def trace(model: nn.Module, is_activation) -> fx.GraphModule:
 _MOST_KEPT_WHOLE = 32
 
 
-def trace_kept_whole(model: nn.Module, is_activation, most: int = _MOST_KEPT_WHOLE) -> tuple[fx.GraphModule, dict[str, str]]:
+def trace_kept_whole(model: nn.Module, is_activation, most: int = _MOST_KEPT_WHOLE,
+                     example: Optional[torch.Tensor] = None) -> tuple[fx.GraphModule, dict[str, str]]:
     """``model`` traced, keeping whole (as fx leaves) the sub-modules whose own forward fx cannot trace — control flow
     on a traced value, most often on a tensor's shape (timm's CrossViT, Twins, TinyViT, MobileViT) — and why, by
     name. A module kept whole is opaque to the symmetry rules: what it reads and makes cannot move (the rules freeze
@@ -101,7 +243,10 @@ def trace_kept_whole(model: nn.Module, is_activation, most: int = _MOST_KEPT_WHO
     sub-module whose forward is on the failure's stack, kept whole with every module of its class; where no sub-module's
     forward is, the outermost module-level function called after the last forward is kept whole instead (one recorded
     call: fx's autowrap), its name ``module.qualname()`` among the returned reasons. A failure in the model's own code
-    is a :class:`TraceFailure` naming the user's line, as is one that keeps failing."""
+    is a :class:`TraceFailure` naming the user's line, as is one that keeps failing.
+
+    A Hugging Face model read through its trace (:func:`~._kind.is_traced_hf`) is traced through :func:`hf_root`, in
+    eval mode, with the shapes of ``example`` (one input batch; without one, shapes stay symbolic: _ShapedProxy)."""
     if not own_forward(model):  # fx traces type(model).forward, whatever the object's forward is
         f = vars(model)["forward"]
         raise TraceFailure(f"{type(model).__name__}'s forward was replaced on this object (by "
@@ -113,12 +258,16 @@ def trace_kept_whole(model: nn.Module, is_activation, most: int = _MOST_KEPT_WHO
     kept: dict[str, str] = {}
     opaque: set[int] = set()
     functions: list = []
+    hf = is_traced_hf(model)
+    root = hf_root(model) if hf else None
+    shaped = example if hf else None
     for tries in range(most + 1):
         try:
             # In eval mode, as the trace is run (propagate_shapes) and as verify runs the models: a forward branching on
-            # self.training (dropout, batch statistics) records its eval branch, whatever mode the model is in now.
-            with eval_mode(model):
-                tracer = _Tracer(is_activation, frozenset(opaque), tuple(functions))
+            # self.training (dropout, batch statistics) records its eval branch, whatever mode the model is in now; a
+            # traced Hugging Face model's values on the example (its shapes) are computed recording nothing
+            tracer = _Tracer(is_activation, frozenset(opaque), tuple(functions), root, shaped)
+            with eval_mode(model), torch.no_grad(), internal_forward():
                 return fx.GraphModule(model, tracer.trace(model)), kept
         except Exception as exc:  # TraceError, a TypeError from a proxy used as a bool, …: say where
             where = _failing_module(exc, names, opaque)

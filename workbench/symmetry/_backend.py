@@ -55,8 +55,9 @@ class Backend:
 
     # -- what verify compares
     def output(self, value: Any) -> Any:
-        """The tensor a model's return value stands for (the model's own output by default)."""
-        return value
+        """The tensor a model's return value stands for: the model's own output, a Hugging Face ``ModelOutput``'s
+        (:func:`model_output`)."""
+        return model_output(value)
 
     def output_names(self, model: nn.Module) -> list[str]:
         """Hook names whose values are the output compared (beyond the model's return value)."""
@@ -76,6 +77,19 @@ class Backend:
         """For a float64 model computing parts in float32: its output with those parts rounded, and the
         largest relative change of a cached activation under that rounding; None otherwise."""
         return None
+
+
+def model_output(value: Any) -> Any:
+    """The tensor a return value stands for. A Hugging Face model returns a ``ModelOutput``: its logits are compared
+    (CLIPVisionModelWithProjection's: its image embeddings; a base model's: its last hidden state; a traced
+    convolutional base model's pooled output is its last hidden state pooled). Anything else: the value itself."""
+    if isinstance(value, torch.Tensor) or "ModelOutput" not in {c.__name__ for c in type(value).__mro__}:
+        return value
+    for name in ("logits", "image_embeds", "last_hidden_state"):
+        found = getattr(value, name, None)
+        if isinstance(found, torch.Tensor):
+            return found
+    return value
 
 
 def largest_relative_change(reference, other, names) -> float:
@@ -187,17 +201,6 @@ class LayoutBackend(Backend):
         from ._layout_push import observe
 
         return observe(site, element, obs, h)
-
-    def output(self, value):
-        """A Hugging Face model returns a ``ModelOutput``: its logits are compared (CLIPVisionModelWithProjection's: its
-        image embeddings; a base model's: its last hidden state)."""
-        if isinstance(value, torch.Tensor):
-            return value
-        for name in ("logits", "image_embeds", "last_hidden_state"):
-            found = getattr(value, name, None)
-            if isinstance(found, torch.Tensor):
-                return found
-        return value
 
     def _last(self, model) -> Optional[str]:
         """What is compared in the new basis, where the output is the stream itself: an encoder's last hidden state

@@ -36,7 +36,7 @@ from ..models import TraceFailure, describe, propagate_shapes, trace
 from ._graph import _PASS
 from ._graph_reads import reads_only_shape
 from ._graph_sites import default_examples, is_activation
-from ._graph_stream import _LN_FIRST, _LN_LAST, _mha, _qualname, _refuse_why, _timm_attention, is_leaf
+from ._graph_stream import _mha, _refuse_why, _timm_attention, is_leaf, norm_axis
 
 
 @dataclass(frozen=True)
@@ -116,7 +116,7 @@ def fold_plan(model: nn.Module, example: Optional[torch.Tensor] = None) -> FoldP
     for name, m in norms.items():
         nodes = calls.get(name, [])
         why = None
-        if _qualname(m) not in _LN_LAST | _LN_FIRST:
+        if norm_axis(m) is None:
             why = f"{type(m).__name__} is not a LayerNorm class whose forward is known"
         elif not nodes:
             why = "it is not called as a module of its own in the trace (it sits inside a module kept whole)"
@@ -204,7 +204,7 @@ def _readers(ln_node: fx.Node, m: nn.Module, modules: dict, calls: dict) -> tupl
     shape = _shape(ln_node)
     if shape is None or len(shape) < 2 or len(ln_node.args) != 1 or ln_node.kwargs:
         return [], "its output's shape is not known (or it is called with extra arguments)"
-    axis = 1 if _qualname(m) in _LN_FIRST else len(shape) - 1
+    axis = 1 if norm_axis(m) == "first" else len(shape) - 1
     if shape[axis] != m.normalized_shape[0]:
         return [], f"it does not normalise the channel axis of its input (shape {shape})"
     readers, stack, seen = [], [(ln_node, axis)], set()

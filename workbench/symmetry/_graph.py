@@ -33,6 +33,7 @@ _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 _PASS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.Identity)
 _AVG = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d)
+_ZERO_PAD = (nn.ZeroPad1d, nn.ZeroPad2d, nn.ZeroPad3d)
 _MAX = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d)
 
 
@@ -138,7 +139,7 @@ class Graph(TensorOps):
         self.is_activation = is_activation  # callable(obj) -> bool
         # LayerNorms and attention modules stay whole (leaves): their rules are in _graph_stream
         # Sub-modules fx cannot trace into are kept whole, and opaque: their name -> why (models/_trace.py)
-        self.gm, self.kept_whole = trace_kept_whole(model, lambda m: is_activation(m) or is_leaf(m))
+        self.gm, self.kept_whole = trace_kept_whole(model, lambda m: is_activation(m) or is_leaf(m), example=example)
         propagate_shapes(self.gm, model, example)
         self.parent: dict[int, int] = {}
         self.spaces: dict[int, Space] = {}
@@ -395,6 +396,14 @@ class Graph(TensorOps):
             self._activation(node, x, m, name)
             if getattr(m, "inplace", False):
                 self._overwrite(x, node)
+        elif isinstance(m, _ZERO_PAD):
+            if not self._channels_first(node, x, f"{name} ({type(m).__name__})"):
+                pass
+            elif len(_tuple(m.padding)) != 2 * (len(xs or ()) - 2):  # (ZeroPad2d on a rank-3 tensor pads its channels)
+                self._fresh(node, f"{name} ({type(m).__name__}) pads other axes than the spatial ones")
+            else:  # zeros at the border of each channel: a map acting at each position sends them to zeros
+                self.space(x).offsets_ok = False  # (a constant offset would become a border effect)
+                self._out(node, x)
         elif isinstance(m, (*_AVG, *_MAX, nn.Flatten)) and not self._channels_first(node, x, f"{name} ({type(m).__name__})"):
             pass
         elif isinstance(m, _AVG):

@@ -83,10 +83,24 @@ SWIN_NOTE = ("a pre-LN residual stream read by Swin's patch merging; the exact g
              "is s·R, R·1 = 1 with gains folded (s·P with gains kept), without the shear: all of it is sampled")
 _LN_LAST = {"torch.nn.modules.normalization.LayerNorm", "timm.layers.norm.LayerNorm"}
 _LN_FIRST = {"torchvision.models.convnext.LayerNorm2d", "timm.layers.norm.LayerNorm2d"}
+# Hugging Face's ConvNeXt LayerNorms (transformers/models/convnext*/modeling_convnext*.py): an nn.LayerNorm whose
+# forward, for ``data_format == "channels_first"``, is ``permute(0, 2, 3, 1)``, nn.LayerNorm's forward, ``permute(0, 3, 1,
+# 2)`` — a LayerNorm over axis 1 — and nn.LayerNorm's own otherwise: read by its data_format (checked when read).
+_LN_BY_FORMAT = {"transformers.models.convnext.modeling_convnext.ConvNextLayerNorm",
+                 "transformers.models.convnextv2.modeling_convnextv2.ConvNextV2LayerNorm"}
 
 
 def _qualname(m) -> str:
     return f"{type(m).__module__}.{type(m).__qualname__}"
+
+
+def norm_axis(m: nn.Module) -> Optional[str]:
+    """``"last"`` for a LayerNorm over its input's last axis, ``"first"`` for one over axis 1 of ``[B, C, H, W]``
+    (``LayerNorm2d``), None for any other module (or a LayerNorm class whose forward is not known)."""
+    q = _qualname(m)
+    if q in _LN_BY_FORMAT:
+        return {"channels_last": "last", "channels_first": "first"}.get(getattr(m, "data_format", None))
+    return "last" if q in _LN_LAST else "first" if q in _LN_FIRST else None
 
 
 _SWIN = "torchvision.models.swin_transformer."
@@ -96,7 +110,7 @@ def is_leaf(m: nn.Module) -> bool:
     """Modules the trace keeps whole: LayerNorms whose forward is known, attention we understand, Swin's patch
     merging."""
     q = _qualname(m)
-    return q in _LN_LAST or q in _LN_FIRST or q == _SWIN + "PatchMerging" or is_attention(m)
+    return norm_axis(m) is not None or q == _SWIN + "PatchMerging" or is_attention(m)
 
 
 # ---------------------------------------------------------------------- parameter ports
@@ -292,7 +306,7 @@ def layer_scale(graph, node: fx.Node, x: fx.Node, g: fx.Node) -> None:
 # ---------------------------------------------------------------------- LayerNorm
 def layer_norm(graph, node: fx.Node, m: nn.Module, x: fx.Node, name: str) -> bool:
     """A LayerNorm leaf reading ``x``: same space and level; γ by the permutation part, β by the element."""
-    first = _qualname(m) in _LN_FIRST
+    first = norm_axis(m) == "first"
     xs = graph.shape(x) or ()
     shape = tuple(m.normalized_shape)
     on_channels = (graph.last(x) or len(xs) == 2) if not first else (not graph.last(x) and len(xs) >= 2)

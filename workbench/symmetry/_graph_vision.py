@@ -299,6 +299,8 @@ def channel_pad(graph, node: fx.Node, x: fx.Node) -> None:
         return graph._fresh(node, "a padding of the channel or batch axis whose width is computed in the forward")
     if any(ours[2:]):
         return graph._fresh(node, "a padding of the batch axis")
+    if all(isinstance(p, int) and p == 0 for p in pad):  # no width at all (TensorFlow "same" padding where the
+        return graph._out(node, x)  # input's size needs none): the identity, not a channel padding by 0 and 0
     if any(not isinstance(p, int) or p for p in spatial):  # (a width computed in the forward: timm's "same" padding)
         if any(ours):
             return graph._fresh(node, "a padding of spatial axes and channels at once")

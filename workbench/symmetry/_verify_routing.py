@@ -199,9 +199,9 @@ def routers_of(model: nn.Module) -> list:
     """``[(experts-order site name, router module), ...]`` of a Hugging Face mixture of experts read through the
     layout (raw, or in a TransformerLens bridge, whose router wrapper returns the router's output); [] otherwise."""
     from .._errors import UnsupportedModelError
-    from ..models import ModelKind, hf, model_kind
+    from ..models import ModelKind, has_layout, hf, model_kind
 
-    if model_kind(model) not in (ModelKind.HF, ModelKind.HF_BRIDGE):
+    if model_kind(model) not in (ModelKind.HF, ModelKind.HF_BRIDGE) or not has_layout(model):  # (a traced CNN: no layout)
         return []
     try:
         paths = hf.layout(model).paths
