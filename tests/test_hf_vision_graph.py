@@ -290,3 +290,16 @@ def test_transformers_keep_the_layout():
     from workbench.symmetry._backend import backend_for
 
     assert backend_for(vit).name == backend_for(gpt2).name == backend_for(swin).name == "layout"
+
+
+def test_every_family_the_layout_reads_has_a_head_count():
+    """``is_traced_hf`` tells a traced model from a layout one by its configuration's head count (it cannot import the
+    layout's family list: ``_hf`` imports ``_kind``): every checked family's default configuration has one."""
+    from transformers import AutoConfig
+
+    from workbench.models._hf import CHECKED_FAMILIES
+    from workbench.models._kind import _HEAD_COUNTS
+
+    for family in sorted(CHECKED_FAMILIES):
+        config = AutoConfig.for_model(family)
+        assert any(getattr(config, k, None) for k in _HEAD_COUNTS), family

@@ -61,16 +61,15 @@ _HEAD_COUNTS = ("num_attention_heads", "num_heads", "n_head", "n_heads", "encode
 def is_traced_hf(model: nn.Module) -> bool:
     """A raw Hugging Face model read through its torch.fx trace rather than the canonical transformer layout: an
     image model (``main_input_name == "pixel_values"``) with no attention — no head count in its configuration and
-    no module whose class is named ``…Attention…`` — whose family is not one the layout reads (``CHECKED_FAMILIES``,
-    which all have attention, are excluded by name too). These are Hugging Face's convolutional networks (ResNet,
-    ConvNeXt, MobileNet, EfficientNet, RegNet, …), the torchvision twins of which the graph backend reads; every
-    model with attention keeps the layout (and its refusal where its family is not checked)."""
+    no module whose class is named ``…Attention…`` — so of no family the layout reads. These are Hugging Face's
+    convolutional networks (ResNet, ConvNeXt, MobileNet, EfficientNet, RegNet, …), the torchvision twins of which the
+    graph backend reads; every model with attention keeps the layout (and its refusal where its family is not
+    checked)."""
     if model_kind(model) != ModelKind.HF or getattr(model, "main_input_name", None) != "pixel_values":
         return False
     config = getattr(model, "config", None)
-    from ._hf import CHECKED_FAMILIES  # (no transformers import: the set of checked families)
-
-    if getattr(config, "model_type", None) in CHECKED_FAMILIES or any(getattr(config, k, None) for k in _HEAD_COUNTS):
+    # (every family the layout reads, ``_hf.CHECKED_FAMILIES``, has attention and a head count: tests/test_hf_vision_graph.py)
+    if any(getattr(config, k, None) for k in _HEAD_COUNTS):
         return False
     return not any("attention" in c.__name__.lower() for m in model.modules() for c in type(m).__mro__
                    if c.__module__.startswith("transformers."))
