@@ -220,3 +220,29 @@ def test_inputs_are_not_mutated():
     assert torch.equal(X, keep[0]) and torch.equal(y, keep[1]) and torch.equal(X32, keep[2])
     assert np.array_equal(Xn, X.numpy()) and np.array_equal(yn, y.numpy())
     assert torch.equal(maps, m0) and torch.equal(masks, k0)
+
+
+# ----------------------------------------------------------------------------- dissection
+def test_a_dead_or_mostly_zero_unit_is_never_on_where_it_is_zero():
+    """A ReLU unit that is 0 on more than 1 − quantile of its locations has threshold 0; with ``≥`` it was
+    on at every pixel, so a dead unit scored the largest concept's area (0.5 here) as IoU and counted as
+    its detector. NetDissect-Lite counts ``mask > threshold``: such a unit is on only where it is positive."""
+    g = torch.Generator().manual_seed(0)
+    n = 20
+    maps = torch.zeros(n, 3, 4, 4, dtype=torch.float64)
+    maps[:, 0] = torch.rand(n, 4, 4, generator=g, dtype=torch.float64)  # a live unit with distinct values
+    maps[0, 2, 0, 0] = 1.0  # unit 1 dead; unit 2 positive at one location of one image
+    masks = torch.zeros(n, 1, 8, 8, dtype=torch.bool)
+    masks[:, 0, :, :4] = True  # a concept covering half of every image
+    d = dissect(maps, masks)
+    assert d.iou[1].tolist() == [0.0] and d.thresholds[1] == 0 and d.thresholds[2] == 0
+    # unit 2 is on exactly where its upsampled map is positive: its IoU by hand
+    up = torch.nn.functional.interpolate(maps[:, 2:3], size=(8, 8), mode="bilinear", align_corners=False)[:, 0] > 0
+    inter, union = int((up & masks[:, 0]).sum()), int((up | masks[:, 0]).sum())
+    assert 0 < int(up.sum()) < 64 and d.iou[2, 0].item() == pytest.approx(inter / union, rel=1e-12)
+    assert d.detectors.tolist() == [] and d.unique_detectors == 0
+    # distinct values: exactly ceil(quantile · n) of each unit's values lie strictly above its threshold
+    vals = maps[:, 0].reshape(-1).numpy()
+    for q in (0.005, 0.05, 0.3):
+        T = float(dissect(maps, masks, quantile=q).thresholds[0])
+        assert int((vals > T).sum()) == int(np.ceil(q * vals.size))
