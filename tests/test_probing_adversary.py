@@ -189,6 +189,9 @@ def test_degenerate_input_gets_workbench_errors_not_tracebacks():
         (lambda: dissect(maps, masks, names=["a", "b"]), "2 concept names for 1 mask channels"),
         (lambda: dissect(maps, torch.rand(4, 1, 6, 6)), "masks must be binary"),  # 0.3 was read as True
         (lambda: dissect(maps, masks, batch_size=0), "batch_size must be an int"),
+        (lambda: dissect(maps, masks, quantile="0.1"), "quantile must be a number"),  # was a TypeError from '<'
+        (lambda: dissect(maps, masks, iou_threshold=float("nan")), "iou_threshold must be a number"),  # 0 detectors
+        (lambda: dissect(maps, masks, iou_threshold=-0.1), "iou_threshold must be a number"),  # every unit
         (lambda: dissect(maps[:, :0], masks), "at least one image, unit, concept"),
         (lambda: dissect(maps, masks[:, :0]), "at least one image, unit, concept"),
         (lambda: dissect(maps[:0], masks[:0]), "at least one image, unit, concept"),

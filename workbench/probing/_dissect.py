@@ -148,8 +148,13 @@ def dissect(maps, masks, *, names: Optional[Sequence[str]] = None, quantile: flo
     if A.ndim != 4 or not A.is_floating_point():
         raise InvalidOptionError(f"maps must be floating point conv activations [N, C, h, w]; got "
                                  f"{A.dtype} of shape {tuple(A.shape)}. For [N, d] activations use concept_scores.")
-    if not 0 < quantile < 1:
-        raise InvalidOptionError(f"quantile must lie in (0, 1); got {quantile!r} (Network Dissection uses 0.005).")
+    if isinstance(quantile, (bool, np.bool_)) or not isinstance(quantile, numbers.Real) or not 0 < quantile < 1:
+        raise InvalidOptionError(f"quantile must be a number in (0, 1); got {quantile!r} (Network Dissection uses 0.005).")
+    # NaN compared false with every IoU (no detector at all, without a word), a negative one made every unit a detector
+    if isinstance(iou_threshold, (bool, np.bool_)) or not isinstance(iou_threshold, numbers.Real) \
+            or not 0 <= iou_threshold < 1:
+        raise InvalidOptionError(f"iou_threshold must be a number in [0, 1) (a unit whose best IoU exceeds it is a "
+                                 f"detector; Network Dissection uses 0.04); got {iou_threshold!r}.")
     if isinstance(batch_size, (bool, np.bool_)) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
         raise InvalidOptionError(f"batch_size must be an int ≥ 1 (images upsampled at once); got {batch_size!r}.")
     fetch, K, size, names, n_masks = _mask_source(masks, names)
