@@ -169,6 +169,10 @@ def test_degenerate_input_gets_workbench_errors_not_tracebacks():
         (lambda: pbt(X[:, :0], y), "at least one unit and one concept"),  # was a reshape RuntimeError
         (lambda: pbt(X, torch.zeros(60, 0, dtype=torch.bool)), "at least one unit and one concept"),
         (lambda: pbt(X, {}), "empty dict"),
+        # string labels read "must be a tensor or an array; got ndarray" (it was one)
+        (lambda: pbt(X, np.array(["cat", "dog"] * 30)), r"must hold real numbers or bools; got ndarray of dtype <U3 "
+                                                        r"\(labels must be bool or 0/1"),
+        (lambda: concept_scores(X, {"a": ["x"] * 60}), r"concept 'a' must hold real numbers or bools; got list"),
         (lambda: pbt(X, y, bases=None), "bases must be a list"),  # was 'NoneType' object is not iterable
         (lambda: pbt(X, y, bases=3), "bases must be a list"),
         (lambda: pbt(X, y, bases=[]), "no basis family"),  # was an empty report
