@@ -253,3 +253,22 @@ def test_a_dead_or_mostly_zero_unit_is_never_on_where_it_is_zero():
     for q in (0.005, 0.05, 0.3):
         T = float(dissect(maps, masks, quantile=q).thresholds[0])
         assert int((vals > T).sum()) == int(np.ceil(q * vals.size))
+
+
+def test_a_single_random_basis_gives_no_z_score_not_an_infinite_one():
+    """One draw has no spread: z read ±inf (an infinitely significant layer from one basis) beside a
+    null_std of 0.0 (privileged) or NaN with a warning (alignment). Two equal draws that differ from the
+    observed value are a constant null: ±inf stays; a draw tying with the observed value is z = 0."""
+    from workbench.probing._privileged import z_scores
+
+    X, y = _data(5, n=80, d=6)
+    t = privileged_basis_test(X, y, bases=["orthogonal"], group="relu", n_bases=1, seed=1)
+    f = t.to_frame().set_index("family")
+    assert np.isnan(f.loc["orthogonal", "z"]) and np.isnan(f.loc["orthogonal", "null_std"])
+    assert f.loc["scaled_permutation", "z"] == 0.0  # the layer's own group: a tie, not a spread
+    assert np.isnan(t.layer_frame().set_index("family").loc["orthogonal", "z"])
+    assert np.isnan(t.to_frame().z[0]) and "z=nan" in t.summary()
+    b = basis_alignment(X, n_bases=1).to_frame()
+    assert b.z.isna().sum() + (b.z == 0).sum() == 3 and b.null_std.isna().all()
+    obs = torch.tensor([0.3, 0.3], dtype=torch.float64)
+    assert z_scores(obs, torch.tensor([[0.5, 0.1], [0.5, 0.1]], dtype=torch.float64)).tolist() == [-np.inf, np.inf]
