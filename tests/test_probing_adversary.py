@@ -169,6 +169,10 @@ def test_degenerate_input_gets_workbench_errors_not_tracebacks():
         (lambda: pbt(X[:, :0], y), "at least one unit and one concept"),  # was a reshape RuntimeError
         (lambda: pbt(X, torch.zeros(60, 0, dtype=torch.bool)), "at least one unit and one concept"),
         (lambda: pbt(X, {}), "empty dict"),
+        # string labels read "must be a tensor or an array; got ndarray" (it was one)
+        (lambda: pbt(X, np.array(["cat", "dog"] * 30)), r"must hold real numbers or bools; got ndarray of dtype <U3 "
+                                                        r"\(labels must be bool or 0/1"),
+        (lambda: concept_scores(X, {"a": ["x"] * 60}), r"concept 'a' must hold real numbers or bools; got list"),
         (lambda: pbt(X, y, bases=None), "bases must be a list"),  # was 'NoneType' object is not iterable
         (lambda: pbt(X, y, bases=3), "bases must be a list"),
         (lambda: pbt(X, y, bases=[]), "no basis family"),  # was an empty report
@@ -189,6 +193,9 @@ def test_degenerate_input_gets_workbench_errors_not_tracebacks():
         (lambda: dissect(maps, masks, names=["a", "b"]), "2 concept names for 1 mask channels"),
         (lambda: dissect(maps, torch.rand(4, 1, 6, 6)), "masks must be binary"),  # 0.3 was read as True
         (lambda: dissect(maps, masks, batch_size=0), "batch_size must be an int"),
+        (lambda: dissect(maps, masks, quantile="0.1"), "quantile must be a number"),  # was a TypeError from '<'
+        (lambda: dissect(maps, masks, iou_threshold=float("nan")), "iou_threshold must be a number"),  # 0 detectors
+        (lambda: dissect(maps, masks, iou_threshold=-0.1), "iou_threshold must be a number"),  # every unit
         (lambda: dissect(maps[:, :0], masks), "at least one image, unit, concept"),
         (lambda: dissect(maps, masks[:, :0]), "at least one image, unit, concept"),
         (lambda: dissect(maps[:0], masks[:0]), "at least one image, unit, concept"),
@@ -220,3 +227,48 @@ def test_inputs_are_not_mutated():
     assert torch.equal(X, keep[0]) and torch.equal(y, keep[1]) and torch.equal(X32, keep[2])
     assert np.array_equal(Xn, X.numpy()) and np.array_equal(yn, y.numpy())
     assert torch.equal(maps, m0) and torch.equal(masks, k0)
+
+
+# ----------------------------------------------------------------------------- dissection
+def test_a_dead_or_mostly_zero_unit_is_never_on_where_it_is_zero():
+    """A ReLU unit that is 0 on more than 1 − quantile of its locations has threshold 0; with ``≥`` it was
+    on at every pixel, so a dead unit scored the largest concept's area (0.5 here) as IoU and counted as
+    its detector. NetDissect-Lite counts ``mask > threshold``: such a unit is on only where it is positive."""
+    g = torch.Generator().manual_seed(0)
+    n = 20
+    maps = torch.zeros(n, 3, 4, 4, dtype=torch.float64)
+    maps[:, 0] = torch.rand(n, 4, 4, generator=g, dtype=torch.float64)  # a live unit with distinct values
+    maps[0, 2, 0, 0] = 1.0  # unit 1 dead; unit 2 positive at one location of one image
+    masks = torch.zeros(n, 1, 8, 8, dtype=torch.bool)
+    masks[:, 0, :, :4] = True  # a concept covering half of every image
+    d = dissect(maps, masks)
+    assert d.iou[1].tolist() == [0.0] and d.thresholds[1] == 0 and d.thresholds[2] == 0
+    # unit 2 is on exactly where its upsampled map is positive: its IoU by hand
+    up = torch.nn.functional.interpolate(maps[:, 2:3], size=(8, 8), mode="bilinear", align_corners=False)[:, 0] > 0
+    inter, union = int((up & masks[:, 0]).sum()), int((up | masks[:, 0]).sum())
+    assert 0 < int(up.sum()) < 64 and d.iou[2, 0].item() == pytest.approx(inter / union, rel=1e-12)
+    assert d.detectors.tolist() == [] and d.unique_detectors == 0
+    # distinct values: exactly ceil(quantile · n) of each unit's values lie strictly above its threshold
+    vals = maps[:, 0].reshape(-1).numpy()
+    for q in (0.005, 0.05, 0.3):
+        T = float(dissect(maps, masks, quantile=q).thresholds[0])
+        assert int((vals > T).sum()) == int(np.ceil(q * vals.size))
+
+
+def test_a_single_random_basis_gives_no_z_score_not_an_infinite_one():
+    """One draw has no spread: z read ±inf (an infinitely significant layer from one basis) beside a
+    null_std of 0.0 (privileged) or NaN with a warning (alignment). Two equal draws that differ from the
+    observed value are a constant null: ±inf stays; a draw tying with the observed value is z = 0."""
+    from workbench.probing._privileged import z_scores
+
+    X, y = _data(5, n=80, d=6)
+    t = privileged_basis_test(X, y, bases=["orthogonal"], group="relu", n_bases=1, seed=1)
+    f = t.to_frame().set_index("family")
+    assert np.isnan(f.loc["orthogonal", "z"]) and np.isnan(f.loc["orthogonal", "null_std"])
+    assert f.loc["scaled_permutation", "z"] == 0.0  # the layer's own group: a tie, not a spread
+    assert np.isnan(t.layer_frame().set_index("family").loc["orthogonal", "z"])
+    assert np.isnan(t.to_frame().z[0]) and "z=nan" in t.summary()
+    b = basis_alignment(X, n_bases=1).to_frame()
+    assert b.z.isna().sum() + (b.z == 0).sum() == 3 and b.null_std.isna().all()
+    obs = torch.tensor([0.3, 0.3], dtype=torch.float64)
+    assert z_scores(obs, torch.tensor([[0.5, 0.1], [0.5, 0.1]], dtype=torch.float64)).tolist() == [-np.inf, np.inf]

@@ -64,8 +64,9 @@ class BasisAlignment(Report):
         import pandas as pd
 
         p, z = empirical_p(self.observed, self.null), z_scores(self.observed, self.null)
+        sd = self.null.std(0) if len(self.null) > 1 else torch.full_like(self.observed, torch.nan)  # one draw: no spread
         return pd.DataFrame({"statistic": STAT_NAMES, "observed": self.observed.numpy(),
-                             "null_mean": self.null.mean(0).numpy(), "null_std": self.null.std(0).numpy(),
+                             "null_mean": self.null.mean(0).numpy(), "null_std": sd.numpy(),
                              "z": z.numpy(), "p": p.numpy(), "family": self.family})
 
     def summary(self) -> str:

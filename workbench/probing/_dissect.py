@@ -52,11 +52,17 @@ def _mask_source(masks, names):
 
 
 def unit_thresholds(maps: torch.Tensor, quantile: float = 0.005) -> torch.Tensor:
-    """``[C]``: T_c with a fraction ``quantile`` of unit c's values (all images, all locations) above it."""
+    """``[C]``: T_c with a fraction ``quantile`` of unit c's values (all images, all locations) above it.
+
+    T_c is the value just below unit c's top ceil(quantile·n) of its n values, so exactly that many lie
+    strictly above it when they are distinct (at least one, at most n − 1). Where values tie at T_c
+    fewer do: a ReLU unit that is 0 on more than 1 − quantile of its locations has T_c = 0, and only
+    its positive values count as on (``dissect`` compares with ``>``, as NetDissect-Lite does).
+    """
     C = maps.shape[1]
     values = maps.transpose(0, 1).reshape(C, -1)
-    k = values.shape[1] - max(1, math.ceil(quantile * values.shape[1]))  # values strictly below T's slot
-    return values.kthvalue(k + 1, dim=1).values
+    above = min(max(1, math.ceil(quantile * values.shape[1])), values.shape[1] - 1)
+    return values.kthvalue(max(1, values.shape[1] - above), dim=1).values
 
 
 @dataclass(repr=False)
@@ -134,7 +140,7 @@ def dissect(maps, masks, *, names: Optional[Sequence[str]] = None, quantile: flo
 
     >>> maps = torch.zeros(4, 2, 2, 2); maps[:2, 0, 0, 0] = 1.0; maps[2:, 1, 1, 1] = 1.0
     >>> masks = torch.zeros(4, 1, 8, 8, dtype=torch.bool); masks[:2, 0, :4, :4] = True
-    >>> d = dissect(maps, masks, quantile=0.05)
+    >>> d = dissect(maps, masks, quantile=0.1)  # the top 2 of each unit's 16 values: its two 1.0s
     >>> d.detectors.tolist(), d.unique_detectors
     ([0], 1)
     """
@@ -142,8 +148,13 @@ def dissect(maps, masks, *, names: Optional[Sequence[str]] = None, quantile: flo
     if A.ndim != 4 or not A.is_floating_point():
         raise InvalidOptionError(f"maps must be floating point conv activations [N, C, h, w]; got "
                                  f"{A.dtype} of shape {tuple(A.shape)}. For [N, d] activations use concept_scores.")
-    if not 0 < quantile < 1:
-        raise InvalidOptionError(f"quantile must lie in (0, 1); got {quantile!r} (Network Dissection uses 0.005).")
+    if isinstance(quantile, (bool, np.bool_)) or not isinstance(quantile, numbers.Real) or not 0 < quantile < 1:
+        raise InvalidOptionError(f"quantile must be a number in (0, 1); got {quantile!r} (Network Dissection uses 0.005).")
+    # NaN compared false with every IoU (no detector at all, without a word), a negative one made every unit a detector
+    if isinstance(iou_threshold, (bool, np.bool_)) or not isinstance(iou_threshold, numbers.Real) \
+            or not 0 <= iou_threshold < 1:
+        raise InvalidOptionError(f"iou_threshold must be a number in [0, 1) (a unit whose best IoU exceeds it is a "
+                                 f"detector; Network Dissection uses 0.04); got {iou_threshold!r}.")
     if isinstance(batch_size, (bool, np.bool_)) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
         raise InvalidOptionError(f"batch_size must be an int ≥ 1 (images upsampled at once); got {batch_size!r}.")
     fetch, K, size, names, n_masks = _mask_source(masks, names)
@@ -166,7 +177,10 @@ def dissect(maps, masks, *, names: Optional[Sequence[str]] = None, quantile: flo
     for lo in range(0, N, batch_size):
         hi = min(N, lo + batch_size)
         up = F.interpolate(A[lo:hi], size=size, mode="bilinear", align_corners=False)
-        on = (up.flatten(2) >= T).transpose(0, 1).reshape(C, -1).to(torch.float32)  # [C, b·H·W]
+        # strictly above, as NetDissect-Lite (mask > threshold): with ≥, a unit that is 0 on more than
+        # 1 − quantile of its locations (T = 0), a dead one included, was on at every pixel and scored
+        # its largest concept's area as IoU, a "detector" of any concept covering over 4% of the images
+        on = (up.flatten(2) > T).transpose(0, 1).reshape(C, -1).to(torch.float32)  # [C, b·H·W]
         L = fetch(lo, hi)
         if L.shape[0] != hi - lo:
             raise InvalidOptionError(f"masks cover {L.shape[0] + lo} images but maps have {N}.")

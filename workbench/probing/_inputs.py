@@ -14,9 +14,14 @@ def _tensor(x, what: str) -> torch.Tensor:
     if isinstance(x, torch.Tensor):
         return x.detach().cpu()
     try:
-        return torch.as_tensor(np.asarray(x))
-    except (TypeError, ValueError) as exc:
+        a = np.asarray(x)
+    except (TypeError, ValueError) as exc:  # e.g. ragged nested lists
         raise InvalidOptionError(f"{what} must be a tensor or an array; got {type(x).__name__}.") from exc
+    if a.dtype.kind not in "biuf":  # strings, objects, complex: "must be a tensor or an array; got ndarray" before
+        tip = " (labels must be bool or 0/1, e.g. labels == 'cat')" if a.dtype.kind in "USO" else ""
+        raise InvalidOptionError(f"{what} must hold real numbers or bools; got {type(x).__name__} of dtype "
+                                 f"{a.dtype}{tip}.")
+    return torch.as_tensor(a)
 
 
 def concept_matrix(concepts, names: Optional[Sequence[str]] = None) -> tuple[torch.Tensor, list[str]]:

@@ -153,10 +153,14 @@ def empirical_p(observed: torch.Tensor, null: torch.Tensor) -> torch.Tensor:
 def z_scores(observed: torch.Tensor, null: torch.Tensor) -> torch.Tensor:
     """(observed − null mean) / null std; 0 where every null value ties with the observed one (to
     ``TIE_RTOL``: a spread of rounding errors divided by rounding errors would read ±1), ±inf where
-    the null is constant and differs."""
-    mu, sd = null.mean(0), null.std(0) if null.shape[0] > 1 else torch.zeros_like(observed)
-    gap = observed - mu
-    z = torch.where(sd > 0, gap / sd.clamp_min(1e-300), torch.sign(gap) * torch.where(gap == 0, 0.0, torch.inf))
+    the null (two or more draws) is constant and differs, NaN from a single draw that differs: one
+    value has no spread to divide by (it read ±inf, an infinitely significant z from one basis)."""
+    if null.shape[0] > 1:
+        sd = null.std(0)
+        gap = observed - null.mean(0)
+        z = torch.where(sd > 0, gap / sd.clamp_min(1e-300), torch.sign(gap) * torch.where(gap == 0, 0.0, torch.inf))
+    else:
+        z = torch.full_like(observed, torch.nan)
     return torch.where(_ties(observed, null).all(0), torch.zeros_like(z), z)
 
 
@@ -210,7 +214,7 @@ class PrivilegedBasisTest(Report):
             for k, name in enumerate(self.concept_names):
                 rows.append({"family": fam, "role": self.roles[fam], "concept": name,
                              "observed": float(self.observed[k]), "null_mean": float(null[:, k].mean()),
-                             "null_std": float(null[:, k].std()) if len(null) > 1 else 0.0,
+                             "null_std": float(null[:, k].std()) if len(null) > 1 else float("nan"),
                              "z": float(z[k]), "p": float(p[k]), "q": float(q[k]), "privileged": bool(q[k] < self.alpha)})
         return pd.DataFrame(rows)
 
