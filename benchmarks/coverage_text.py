@@ -160,11 +160,17 @@ def shapes(quick: bool, positions: int = 512) -> dict:
         "clip": ("CLIPVisionModelWithProjection", dict(hidden_size=d, num_hidden_layers=L, num_attention_heads=H,
                                                        intermediate_size=f, image_size=32 if quick else 224,
                                                        patch_size=8 if quick else 16, projection_dim=d)),
+        # SigLIP's vision tower (tests/test_hf_siglip.py): ViT-B/16's image and patch, no class token, a patch projection
+        # with bias, gelu_pytorch_tanh, post_layernorm on every token and the attention-pooling head (a probe, an
+        # nn.MultiheadAttention, a LayerNorm and an MLP); read raw only (NO_BRIDGE)
+        "siglip": ("SiglipVisionModel", dict(hidden_size=d, num_hidden_layers=L, num_attention_heads=H,
+                                             intermediate_size=f, image_size=32 if quick else 224,
+                                             patch_size=8 if quick else 16)),
     }
 
 
 # Families TransformerLens cannot boot a bridge around (workbench reads them through its own adapter): raw rows only.
-NO_BRIDGE = frozenset({"dinov2", "clip"})
+NO_BRIDGE = frozenset({"dinov2", "clip", "siglip"})
 
 
 def inputs(kw: dict) -> torch.Tensor:
@@ -180,7 +186,7 @@ def build(cls_name: str, kw: dict, seed: int = 0):
 
     config_cls = {"GPT2LMHeadModel": "GPT2Config", "BertForMaskedLM": "BertConfig", "RobertaForMaskedLM": "RobertaConfig", "Gemma3ForCausalLM": "Gemma3TextConfig",
                   "ViTForImageClassification": "ViTConfig", "Dinov2ForImageClassification": "Dinov2Config",
-                  "CLIPVisionModelWithProjection": "CLIPVisionConfig"}.get(cls_name, cls_name.replace("ForCausalLM", "Config"))
+                  "CLIPVisionModelWithProjection": "CLIPVisionConfig", "SiglipVisionModel": "SiglipVisionConfig"}.get(cls_name, cls_name.replace("ForCausalLM", "Config"))
     torch.manual_seed(seed)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

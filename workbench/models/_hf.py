@@ -37,7 +37,7 @@ from .._errors import UnsupportedModelError
 from . import _hf_check as check
 from ._call import per_call
 from ._hf_adapters import OWN_ADAPTER_FAMILIES, own_adapter
-from ._hf_entries import (BERT_FAMILIES, DINO_FAMILIES, MOE_FAMILIES, VISION_FAMILIES, Entry, experts,
+from ._hf_entries import (BERT_FAMILIES, DINO_FAMILIES, MOE_FAMILIES, VISION_FAMILIES, Entry, attention_pool, experts,
                           fused_gate_up, fused_qkv, heads, layer_scale, patch_mean_classifier, vision_embeddings)
 from ._kind import ModelKind, model_kind
 
@@ -88,8 +88,8 @@ class Layout:
 CHECKED_FAMILIES = frozenset({"bert", "bloom", "clip_vision_model", "cohere", "deit", "dinov2", "dinov2_with_registers",
                               "falcon", "gemma", "gemma2", "gemma3_text", "gpt2", "gpt_bigcode", "gpt_neo", "gpt_neox",
                               "gptj", "granite", "llama", "mistral", "mixtral", "nemotron", "olmo", "olmo2", "olmoe",
-                              "opt", "phi", "phi3", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "roberta", "stablelm",
-                              "starcoder2", "vit", "xlm-roberta"})
+                              "opt", "phi", "phi3", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "roberta",
+                              "siglip_vision_model", "stablelm", "starcoder2", "vit", "xlm-roberta"})
 # Families whose norms compute in float32 inside a float64 model although they are LayerNorms (every Hugging Face
 # RMSNorm does; Cohere's LayerNorm too): verify rounds the stream where they read it to measure its floor.
 FLOAT32_NORM_FAMILIES = frozenset({"cohere", "olmo"})  # (OLMo 1's parameter-free LayerNorm too)
@@ -100,7 +100,8 @@ FLOAT32_NORM_FAMILIES = frozenset({"cohere", "olmo"})  # (OLMo 1's parameter-fre
 _DINO_ACT = lambda config: "silu" if getattr(config, "use_swiglu_ffn", False) else config.hidden_act  # noqa: E731
 _ACTIVATIONS = {"bloom": lambda config: "gelu_new", "falcon": lambda config: config.activation,
                 "dinov2": _DINO_ACT, "dinov2_with_registers": _DINO_ACT,
-                "clip_vision_model": lambda config: config.hidden_act}  # CLIPMLP: ACT2FN[hidden_act] (quick_gelu)
+                "clip_vision_model": lambda config: config.hidden_act,  # CLIPMLP: ACT2FN[hidden_act] (quick_gelu)
+                "siglip_vision_model": lambda config: config.hidden_act}  # SiglipMLP: the same (gelu_pytorch_tanh)
 # Checked families whose TransformerLens adapter is listed under one class only, with no fallback by ``model_type``: every
 # class of the family is read through it (a checkpoint of RobertaForSequenceClassification names only that class), and
 # the heads it does not map are read by ``_hf_entries.heads``. XLM-RoBERTa's modules are RoBERTa's under other class
@@ -125,6 +126,12 @@ _UNDERIVED_FAMILIES = {
             "checked (CLIPVisionModel, CLIPVisionModelWithProjection: model_type clip_vision_model)",
     "clip_text_model": "CLIP's text tower (causal attention, the end-of-text token's row pooled) is not checked; only "
                        "the vision tower is (CLIPVisionModel, CLIPVisionModelWithProjection)",
+    "siglip": "SiglipModel holds a text and a vision tower whose pooled outputs meet in one shared space (scored by a "
+              "learned logit scale and bias), and SiglipForImageClassification reads the mean of its vision tower's last "
+              "hidden state while its configuration is the two towers' SiglipConfig; only the vision tower is checked "
+              "(SiglipVisionModel: model_type siglip_vision_model)",
+    "siglip_text_model": "SigLIP's text tower (the last token's row pooled, then a projection head) is not checked; only "
+                         "the vision tower is (SiglipVisionModel)",
 }
 _UNDERIVED_SWITCHES["olmoe"] = _UNDERIVED_SWITCHES["olmo"]  # (the same clamp, after OLMoE's q/k norms)
 
@@ -243,7 +250,7 @@ def _check_family(hf: nn.Module) -> None:
                                         f"§10), so nothing is transformed.")
     if family in _UNDERIVED_FAMILIES:
         raise UnsupportedModelError(f"its family {family!r} is not derived here: {_UNDERIVED_FAMILIES[family]}; nothing "
-                                    f"is transformed (docs/DERIVATIONS.md §10, CLIP).")
+                                    f"is transformed (docs/DERIVATIONS.md §10, {'SigLIP' if family.startswith('siglip') else 'CLIP'}).")
     if family not in CHECKED_FAMILIES:
         raise UnsupportedModelError(
             f"its family {family!r} has not been checked against its own forward here (checked: "
@@ -367,6 +374,9 @@ def _build_layout(ad, hf: nn.Module) -> Layout:
                                     f"here (read its base model, whose output is compared in the new basis).")
     for e in heads(hf, ref, base):
         entries.setdefault(e.key, e)
+    if family == "siglip_vision_model" and module("head") is not None:  # its attention-pooling head (vision_use_head)
+        paths["pool"] = "head"
+        entries.update((e.key, e) for e in attention_pool("head", module("head")))
     if base and "project_out" in paths:
         raise UnsupportedModelError(f"a base {type(hf).__name__} with project_out returns the word space, not the stream "
                                     f"(OPT-350m); read it with its language-model head ({type(hf).__name__[:-5]}ForCausalLM).")
@@ -390,6 +400,8 @@ def _build_layout(ad, hf: nn.Module) -> Layout:
         "base": bool(base),  # no head: the model's output is the stream after the final norm (its last hidden state)
         # an embedding, not logits (CLIPVisionModelWithProjection's image_embeds: visual_projection of the pooled stream)
         "embeds": family == "clip_vision_model" and not base and "unembed" in paths,
+        # SigLIP's attention-pooling head: its output (pooler_output) is compared in its own residual's new basis
+        "pool": "pool" in paths,
         "parallel": bool(getattr(ad.cfg, "parallel_attn_mlp", False)),
         "qk_norm": any(e.key.endswith((".attn.q_norm.weight", ".attn.k_norm.weight")) for e in entries.values()),
         "act_fn": _activation(config),  # None: the adapter's configuration says it
@@ -464,6 +476,12 @@ def returns_embeddings(model: nn.Module) -> bool:
     """A model whose output is an embedding read from the final norm's output (CLIPVisionModelWithProjection's
     ``image_embeds``): compared as it is (no softmax), beside that norm's output in the new basis."""
     return _read_fact(model, "embeds")
+
+
+def pooling_head(model: nn.Module) -> Optional[str]:
+    """The module path of an attention-pooling head whose output (SigLIP's pooler_output) ``verify`` compares in its
+    residual's new basis (site ``pool.resid``), or None."""
+    return layout(model).paths.get("pool") if _read_fact(model, "pool") else None
 
 
 def is_encoder(model: nn.Module) -> bool:

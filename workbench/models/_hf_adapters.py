@@ -21,6 +21,14 @@ token's row only (the pooler output; the last hidden state is the stream itself,
 ``CLIPVisionModelWithProjection`` holds that model under ``vision_model`` and adds ``visual_projection`` (a Linear
 without bias, mapped as ``unembed``) reading the pooler output: its ``image_embeds``.
 
+SigLIP's vision tower (``SiglipVisionModel``, model_type ``siglip_vision_model``), read from
+``transformers/models/siglip/modeling_siglip.py``, is a pre-LN ViT under CLIP's block names without a class token:
+``embeddings`` (a patch Conv2d with bias, a position ``nn.Embedding`` of one row per patch), ``encoder.layers``,
+``post_layernorm`` (``ln_final``) on every token (its output is the last hidden state). Its attention-pooling head
+(``head``, with ``vision_use_head``: a learned probe attending over post_layernorm's output through an
+``nn.MultiheadAttention``, a LayerNorm and an MLP added residually) is not in the mapping: ``_hf_entries.attention_pool``
+places its parameters. The model is its own base model, held under its base_model_prefix (``vision_model``).
+
 TransformerLens is imported only when an adapter is built (this module's classes are made then).
 """
 from __future__ import annotations
@@ -32,17 +40,19 @@ from .._errors import UnsupportedModelError
 
 # model_type -> the attribute a classifier holds its base model under (Dinov2ForImageClassification.dinov2); a
 # CLIPVisionModel's base_model_prefix is "clip" (_hf.base_prefix: it is its own base model, held under that name).
-OWN_ADAPTER_FAMILIES = {"dinov2": "dinov2", "dinov2_with_registers": "dinov2_with_registers", "clip_vision_model": "clip"}
+OWN_ADAPTER_FAMILIES = {"dinov2": "dinov2", "dinov2_with_registers": "dinov2_with_registers", "clip_vision_model": "clip",
+                        "siglip_vision_model": "vision_model"}
 
 
 # The classes of those families whose outputs are derived: the base model (its last hidden state is the stream after
 # the final norm) and the classifier. A Dinov2Backbone returns the hidden states of chosen stages, optionally normalised
 # and reshaped to [batch, d_model, h, w] (config.apply_layernorm, reshape_hidden_states): not read. CLIP's vision
 # tower: the base model (last hidden state: the stream; pooler output: post_layernorm of the class token's row) and the
-# model with its projection (image_embeds).
+# model with its projection (image_embeds). SigLIP's: its one vision class (last hidden state: post_layernorm's output;
+# pooler output: its attention-pooling head's, where it has one).
 OWN_ADAPTER_CLASSES = ("Dinov2Model", "Dinov2ForImageClassification", "Dinov2WithRegistersModel",
                        "Dinov2WithRegistersForImageClassification", "CLIPVisionModel",
-                       "CLIPVisionModelWithProjection")
+                       "CLIPVisionModelWithProjection", "SiglipVisionModel")
 
 
 def own_adapter(name: str, config: Any, cfg: Any):
@@ -57,9 +67,9 @@ def own_adapter(name: str, config: Any, cfg: Any):
         raise UnsupportedModelError(f"{name}: of the {config.model_type} classes only {', '.join(OWN_ADAPTER_CLASSES)} are "
                                     f"derived (a backbone returns chosen stages' hidden states, normalised and reshaped "
                                     f"by its configuration: not read here); nothing is transformed.")
-    if config.model_type == "clip_vision_model":
+    if config.model_type in ("clip_vision_model", "siglip_vision_model"):
         cfg.d_mlp, cfg.gated_mlp = int(config.intermediate_size), False
-        return _clip_adapter_class()(cfg)
+        return _clip_adapter_class()(cfg, config.model_type == "clip_vision_model")
     cls = _dinov2_adapter_class()
     cfg.d_mlp = _mlp_width(config)
     cfg.gated_mlp = bool(getattr(config, "use_swiglu_ffn", False))
@@ -129,7 +139,12 @@ def _clip_adapter_class():
     from transformer_lens.model_bridge.supported_architectures.vit import ViTArchitectureAdapter
 
     class CLIPVisionArchitectureAdapter(ViTArchitectureAdapter):
-        """TransformerLens's ViT adapter with CLIP's vision module names and its norm before the first block."""
+        """TransformerLens's ViT adapter with CLIP's vision module names and its norm before the first block; for
+        SigLIP (``clip=False``) the same names without that norm."""
+
+        def __init__(self, cfg: Any, clip: bool = True) -> None:
+            self._clip = clip  # read by _build_component_mapping, which the parent's __init__ calls
+            super().__init__(cfg)
 
         def _build_component_mapping(self, prefix: str, with_classifier: bool) -> dict:
             p = prefix
@@ -150,11 +165,14 @@ def _clip_adapter_class():
             }
             if with_classifier:  # the projection reads post_layernorm's output (the class token's row)
                 mapping["unembed"] = LinearBridge(name="visual_projection")
+            if not self._clip:  # SigLIP: no norm before the first block
+                del mapping["embed_ln"]
             return mapping
 
         def prepare_model(self, hf_model: Any) -> None:
             """A CLIPVisionModel is read under the holder ``_hf`` puts it in (its base_model_prefix, ``clip``); a
-            CLIPVisionModelWithProjection holds it under ``vision_model``."""
+            CLIPVisionModelWithProjection holds it under ``vision_model``, and ``_hf`` puts a SiglipVisionModel there
+            (its base_model_prefix)."""
             prefix = next((f"{b}." for b in ("clip", "vision_model") if hasattr(hf_model, b)), "")
             self.component_mapping = self._build_component_mapping(prefix, hasattr(hf_model, "visual_projection"))
 

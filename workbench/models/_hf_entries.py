@@ -23,8 +23,9 @@ _MLM_BIASES = {"bert": ("cls.predictions.bias", "cls.predictions.decoder.bias"),
                "roberta": ("lm_head.bias", "lm_head.decoder.bias"), "xlm-roberta": ("lm_head.bias", "lm_head.decoder.bias")}
 # Families whose embeddings are a ViT's (patches, a class token, learned positions): docs/DERIVATIONS.md §10, ViT.
 # (DeiT: ViT's modules and a distillation token; DINOv2: a mask token in its configuration, registers, layer scales)
-# CLIP's vision tower: a class embedding [d], a bias-free patch projection, positions in an nn.Embedding)
-VISION_FAMILIES = frozenset({"vit", "deit", "dinov2", "dinov2_with_registers", "clip_vision_model"})
+# CLIP's vision tower: a class embedding [d], a bias-free patch projection, positions in an nn.Embedding; SigLIP's: no
+# class token, a patch projection with bias, positions in an nn.Embedding)
+VISION_FAMILIES = frozenset({"vit", "deit", "dinov2", "dinov2_with_registers", "clip_vision_model", "siglip_vision_model"})
 # Families whose blocks scale each output channel before the residual add (DINOv2's layer_scale1/2.lambda1, mapped as
 # ``ls1``/``ls2`` by ``_hf_adapters``) and whose classifier reads [class token, mean of the patch tokens] (2·d_model
 # columns): docs/DERIVATIONS.md §10, DINOv2.
@@ -43,7 +44,8 @@ _VIT_EMBEDDINGS = {"patch_embeddings.projection.weight": "patch_embed.weight",
                    # CLIP's (CLIPVisionEmbeddings): its class embedding [d], its bias-free patch Conv2d, its position
                    # table [1 + patches, d] (an nn.Embedding read at position_ids, all of them in order)
                    "class_embedding": "cls_token.weight", "patch_embedding.weight": "patch_embed.weight",
-                   "position_embedding.weight": "pos_embed.weight"}
+                   "position_embedding.weight": "pos_embed.weight",
+                   "patch_embedding.bias": "patch_embed.bias"}  # SigLIP's patch Conv2d has a bias
 
 # Families whose MLP is a sparse mixture of experts read here (docs/DERIVATIONS.md §10, Mixtral, OLMoE, Qwen3-MoE,
 # Qwen2-MoE): a router reading the stream and experts stored as fused 3-D tensors, each expert a SwiGLU.
@@ -147,6 +149,35 @@ def heads(hf: nn.Module, ref: nn.Module, base: str) -> list[Entry]:
         head = next((h for h in ("score", "classifier") if present(h)), None)  # (GPT-2, GPT-NeoX, GPT-Neo: classifier)
         if head is not None and isinstance(ref.get_submodule(head), nn.Linear):
             entries += [Entry(f"score.{leaf}", f"{head}.{leaf}") for leaf, _ in ref.get_submodule(head).named_parameters(recurse=False)]
+    return entries
+
+
+# SigLIP's attention-pooling head (SiglipMultiheadAttentionPoolingHead) -> its parameters by bridge-layout key: the probe
+# [1, 1, d] (the one query's input), the nn.MultiheadAttention's out_proj, the LayerNorm and the MLP (fc1, fc2); its
+# fused in_proj_weight [3d, d] and in_proj_bias [3d] are split into q, k, v as strided views (rows [q; k; v], each head
+# d_head consecutive rows, as F.multi_head_attention_forward reads them). docs/DERIVATIONS.md §10, SigLIP.
+_POOL = {"probe": "pool.probe.weight", "attention.out_proj.weight": "pool.attn.o.weight",
+         "attention.out_proj.bias": "pool.attn.o.bias", "layernorm.weight": "pool.ln.weight",
+         "layernorm.bias": "pool.ln.bias", "mlp.fc1.weight": "pool.mlp.in.weight", "mlp.fc1.bias": "pool.mlp.in.bias",
+         "mlp.fc2.weight": "pool.mlp.out.weight", "mlp.fc2.bias": "pool.mlp.out.bias"}
+_POOL_MODULES = {"attention": "MultiheadAttention", "layernorm": "LayerNorm", "mlp": "SiglipMLP"}
+
+
+def attention_pool(path: str, head: Optional[nn.Module]) -> list[Entry]:
+    """The entries of SigLIP's attention-pooling head at ``path`` (``_POOL``; q, k and v of its fused in-projection as
+    strided views). A head holding other modules or parameters (an nn.MultiheadAttention with separate q/k/v weights,
+    bias_k/bias_v, no bias) is refused by name."""
+    names = sorted(n for n, _ in head.named_parameters())
+    modules = {n: type(m).__name__ for n, m in head.named_children()}
+    want = sorted([*_POOL, "attention.in_proj_weight", "attention.in_proj_bias"])
+    if names != want or modules != _POOL_MODULES:
+        raise UnsupportedModelError(f"the attention-pooling head {path} holds {modules} with parameters {names}; only "
+                                    f"{_POOL_MODULES} with parameters {want} is derived; nothing is transformed.")
+    d = head.attention.in_proj_weight.shape[1]
+    entries = [Entry(key, f"{path}.{name}") for name, key in _POOL.items()]
+    for i, part in enumerate("qkv"):
+        entries.append(Entry(f"pool.attn.{part}.weight", f"{path}.attention.in_proj_weight", False, ((d, d), (d, 1), i * d * d)))
+        entries.append(Entry(f"pool.attn.{part}.bias", f"{path}.attention.in_proj_bias", False, ((d,), (1,), i * d)))
     return entries
 
 

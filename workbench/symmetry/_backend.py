@@ -63,7 +63,7 @@ class Backend:
         """Hook names whose values are the output compared (beyond the model's return value)."""
         return []
 
-    def head_output(self, model, out, new_out):
+    def head_output(self, model, out, new_out, smap=None, transform=None, cache=None, new_cache=None):
         """A second output pair that must agree as well (see LayoutBackend), or None."""
         return None
 
@@ -216,10 +216,17 @@ class LayoutBackend(Backend):
             return paths[f"blocks.{L - 1}"] if encoder else paths.get("ln_final", paths[f"blocks.{L - 1}"])
         return f"blocks.{L - 1}.hook_resid_post"
 
-    def head_output(self, model, out, new_out):
+    def head_output(self, model, out, new_out, smap=None, transform=None, cache=None, new_cache=None):
         """An encoder with a head (MLM, classification) is compared by its stream in the new basis; its head's output
         must agree too: ``(old, new, what)``, both log-probabilities (a model's embeddings: both as they are), or None
-        where the output is the stream itself (a base model)."""
+        where the output is the stream itself (a base model). SigLIP's attention-pooling head: its output (the pooler
+        output, one vector per input) in the new basis of its own residual (site ``pool.resid``)."""
+        pool = hf.pooling_head(model)
+        if pool is not None and cache is not None and pool in cache and new_cache is not None and pool in new_cache:
+            old = cache[pool]
+            if transform is not None and "pool.resid" in transform.elements:
+                old = self.observe(smap["pool.resid"], transform.elements["pool.resid"], Observation(pool, 0, "pre"), old, False)
+            return old.flatten(0, -2), new_cache[pool].flatten(0, -2), "pooled outputs"
         if hf.is_base(model) or out.shape != new_out.shape:
             return None
         if hf.returns_embeddings(model):  # CLIP's image_embeds: invariant, compared as they are (a softmax would pass a shift)
@@ -240,7 +247,8 @@ class LayoutBackend(Backend):
 
     def output_names(self, model):
         last = self._last(model)
-        return [last] if last else []
+        pool = hf.pooling_head(model) if last else None  # SigLIP's pooling head: its output too (``head_output``)
+        return [last] + ([pool] if pool else []) if last else []
 
     def compared(self, model, smap, transform, out, new_out, cache, new_cache):
         last = self._last(model)

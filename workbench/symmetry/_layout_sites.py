@@ -34,6 +34,7 @@ from .._errors import UnsupportedModelError
 from ..groups import get_group
 from ..models import ModelKind, canonical_views, hf, model_kind, read_weights, shape_facts
 from . import _layout_moe as moe
+from . import _layout_pool as pool
 from ._rotary_pairs import rotary_pairs
 from ._sites import Observation, Port, Site, SymmetryMap
 
@@ -152,6 +153,8 @@ def transformer_map(model: nn.Module) -> SymmetryMap:
                 skipped.append((f"blocks.{layer}.mlp", mlp))
             else:
                 sites.append(mlp)
+    if pool.is_pooled(W):  # SigLIP's attention-pooling head (a raw model: its layout has the head's path)
+        sites += pool.sites(W, H, dh, act or str(getattr(cfg, "act_fn", "gelu")), hf.layout(model).paths["pool"])
     if kind != ModelKind.HF:  # a raw model's observations are its own module paths, from the layout
         names = _known(model)
         for site in sites:  # hook points differ between versions (a bridge's SoLU has no hook_mid)
@@ -257,6 +260,8 @@ def _resid_site(model, cfg, W: dict, L: int, see) -> Site:
     writers += [Port(k, "pre", axis=0) for k in ("mlm.b", "patch_embed.W", "patch_embed.b")]
     # a classifier's score reads the stream, or where project_out maps it to the word space (OPT-350m) that space
     readers = [Port(k, "post", axis=0) for k in ("mlm.W", "project_out.W", "pooler.W") + (() if word else ("score.W",))]
+    # SigLIP's attention-pooling head reads the final norm's output (every token) by its keys and values
+    readers += [Port(f"pool.attn.{m}", "post", axis=1) for m in ("W_K", "W_V")]
     for layer in range(L):
         b = f"blocks.{layer}"
         writers += [Port(f"{b}.attn.W_O", "pre", axis=2), Port(f"{b}.attn.b_O", "pre", axis=0)]

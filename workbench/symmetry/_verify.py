@@ -139,7 +139,7 @@ def _verify(model, new_model, inputs, transform, dtype, tolerance, bar) -> Invar
     raw_out, raw_new = out.detach(), new_out.detach()
     out, new_out, compared, per_row, kl = backend.compared(model, smap, transform, raw_out, raw_new, cache, new_cache)
     cmp = _Comparison(out, new_out, per_row, run_dtype)
-    head = backend.head_output(model, raw_out, raw_new) if last else None
+    head = backend.head_output(model, raw_out, raw_new, smap, transform, cache, new_cache) if last else None
     if head is not None:  # an encoder compared by its stream also answers for the head it returns (logits)
         cmp_head = _Comparison(head[0], head[1], True, run_dtype)
         if cmp_head.max_rel > tol or not cmp_head.finite:
