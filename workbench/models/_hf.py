@@ -233,9 +233,13 @@ def named_config(hf: nn.Module):
 
 
 def _check_family(hf: nn.Module) -> None:
-    """Refuse a family whose layout facts are not checked here (``CHECKED_FAMILIES``), before anything reads them, and
-    a configuration switch of a checked family that is not derived (``_UNDERIVED_SWITCHES``)."""
+    """Refuse a family whose layout facts are not checked here (``CHECKED_FAMILIES``), before anything reads them, a
+    configuration whose own forward cannot run (``_hf_check.unrunnable``), and a configuration switch of a checked
+    family that is not derived (``_UNDERIVED_SWITCHES``)."""
     family = getattr(hf.config, "model_type", None)
+    why = check.unrunnable(hf.config) if family in CHECKED_FAMILIES else None
+    if why:
+        raise UnsupportedModelError(why)
     for switch, what in _UNDERIVED_SWITCHES.get(family, {}).items():
         value = getattr(hf.config, switch, None)
         if value not in (None, False):
