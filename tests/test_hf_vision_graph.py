@@ -355,3 +355,16 @@ def test_fold_layernorm_on_convnext_is_exact(example, models):
     moved = [n for n, m in norms if torch.equal(m.weight, torch.ones_like(m.weight))]
     assert moved and all(not torch.equal(dict(model.named_modules())[n].weight, torch.ones_like(m.weight)) for n, m in norms
                          if n in moved), moved  # some gains moved into their readers (each was not 1 before)
+
+
+@pytest.mark.parametrize("family", ["resnet", "convnext"])
+def test_verify_on_images_of_another_size_than_the_maps_example(family, models):
+    """The map is traced on 32-pixel images; verify on 48-pixel ones gives the verdict computed here: PASS for a random
+    element (logits within 1e-10), FAIL for a rotation forced at every site (logits moved beyond 1e-6)."""
+    model, x48 = models(family), torch.randn(2, 3, 48, 48, generator=torch.Generator().manual_seed(1), dtype=F64)
+    new, t = wb.random_intertwiner(model, seed=1, example=PIXELS)
+    assert rel(logits(new, x48), logits(model, x48)) <= TOL
+    assert wb.verify(model, new, x48, transform=t).passed
+    bad, bt = wb.random_intertwiner(model, seed=1, example=PIXELS, group="orthogonal", allow_non_symmetry=True)
+    assert rel(logits(bad, x48), logits(model, x48)) > FAIL
+    assert not wb.verify(model, bad, x48, transform=bt).passed
