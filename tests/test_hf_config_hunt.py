@@ -267,6 +267,11 @@ REFUSED = [
     ("gpt2", {}, "GPT2DoubleHeadsModel", "multiple_choice_head"),
     ("bert", {}, "BertForPreTraining", "nsp_head"),  # its output has no single logits tensor verify could compare
     ("gpt2", {}, "GPT2ForQuestionAnswering", "qa_outputs"),  # start/end logits: no single output verify could compare
+    # backbones under ``transformer``, not the adapter's ``model``: refused listing backbone parameters, not the head
+    ("llama", {}, "LlamaForQuestionAnswering", "qa_outputs is a question-answering head"),
+    ("qwen2", {}, "Qwen2ForQuestionAnswering", "qa_outputs is a question-answering head"),
+    ("nemotron", {}, "NemotronForQuestionAnswering", "qa_outputs is a question-answering head"),
+    ("falcon", {}, "FalconForQuestionAnswering", "qa_outputs is a question-answering head"),  # (TransformerLens: no adapter)
     ("opt", dict(word_embed_proj_dim=16), None, "final_layer_norm"),  # pre-LN with project_out: the adapter has no final norm
 ]
 

@@ -4,8 +4,11 @@ biases, and an MLP whose activation is ``config.activation`` (GELU by default). 
 
 TransformerLens's adapter does not set the activation: its configuration says "relu", and a transform built on that
 drew positive scales for GELU units and moved the float64 log-probabilities by 0.2 (verify FAILed it; nothing refused).
-The layout reads the model's own (``_hf._ACTIVATIONS``). ``new_decoder_architecture`` (Falcon-40B/180B: grouped q/k/v
-rows per key/value head, two LayerNorms in parallel) is refused: TransformerLens's split of its fused projection fails.
+The layout reads the model's own (``_hf._ACTIVATIONS``). ``new_decoder_architecture`` (Falcon-40B/180B: q/k/v rows
+grouped per key/value head, two LayerNorms ``ln_attn`` and ``ln_mlp`` read in parallel) is read with one key/value head
+(its one group is [queries | key | value], the multi-query layout) and refused with more than one: TransformerLens's
+split of its fused projection fails there. Configurations whose own forward cannot run (the old architecture without
+multi-query and num_kv_heads other than the head count; the new one with parallel_attn=False) are refused by name.
 """
 from collections import OrderedDict
 
@@ -15,7 +18,7 @@ import torch.nn.functional as F
 
 import workbench as wb
 from test_hf_config_hunt import build, outputs, preserved
-from test_hf_families import IDS, TOL, bridged_exactly, kinds, refused_and_wrong, rel
+from test_hf_families import FAIL, IDS, TOL, bridged_exactly, folded_exactly, kinds, refused_and_wrong, rel
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 transformers = pytest.importorskip("transformers")
@@ -72,11 +75,51 @@ def test_the_adapters_activation_would_transform_wrongly(monkeypatch):
     assert not wb.verify(wrong, new, IDS, transform=t).passed
 
 
-def test_new_decoder_architecture_is_refused_by_name():
-    model = build("falcon", dict(new_decoder_architecture=True, num_kv_heads=2))
+NEW_ONE_KV = dict(new_decoder_architecture=True, num_kv_heads=1)
+
+
+def test_new_decoder_architecture_with_one_key_value_head_is_read_and_exact():
+    """One group of [queries | key | value] rows: the multi-query layout, with two LayerNorms (``ln_attn``, ``ln_mlp``)
+    reading the stream in parallel. Every output computed here in float64; ``ln_mlp`` left unmoved while the rest is
+    transformed changes the outputs (it is read, not merely copied); the folded model is exact too."""
+    model = build("falcon", NEW_ONE_KV)
+    layer = model.transformer.h[0]
+    assert hasattr(layer, "ln_attn") and hasattr(layer, "ln_mlp") and not hasattr(layer, "input_layernorm")
+    assert layer.self_attention.query_key_value.weight.shape[0] == (4 + 2) * 8  # 4 query heads, 1 key, 1 value
+    assert kinds(wb.symmetry_map(model)) == ROTARY
+    assert preserved(model, seeds=(1, 2)) <= TOL
+    new, _ = wb.random_intertwiner(model, seed=3)
+    kept = {k: v for k, v in model.state_dict().items() if ".ln_mlp." in k}
+    new.load_state_dict(kept, strict=False)
+    assert rel(logits(new), logits(model)) > FAIL
+    folded_exactly(model, "orthogonal_ones", logp=logits)
+    one_norm = build("falcon", dict(NEW_ONE_KV, num_ln_in_parallel_attn=1))  # input_layernorm: not in the adapter's mapping
+    with pytest.raises(wb.UnsupportedModelError, match="input_layernorm"):
+        wb.random_intertwiner(one_norm, seed=0)
+
+
+@pytest.mark.parametrize("kv", [2, 4])
+def test_new_decoder_architecture_with_several_key_value_heads_is_refused_by_name(kv):
+    model = build("falcon", dict(new_decoder_architecture=True, num_kv_heads=kv))
     smap = wb.symmetry_map(model)
     assert len(smap) == 0 and "query_key_value" in smap.skipped[0][1], smap.skipped
     with pytest.raises(wb.UnsupportedModelError, match="query_key_value"):
+        wb.random_intertwiner(model, seed=0)
+
+
+@pytest.mark.parametrize("kw, says", [
+    (dict(multi_query=False, num_kv_heads=2), "num_kv_heads=2 makes its attention repeat"),
+    (dict(multi_query=False, num_kv_heads=1), "num_kv_heads=1 makes its attention repeat"),
+    (dict(NEW_ONE_KV, parallel_attn=False), "parallel_attn=False"),
+])
+def test_configurations_whose_own_forward_fails_are_refused_by_name(kw, says):
+    """Hugging Face's own forward fails on these; read anyway, the layout took other heads (the old architecture's
+    num_kv_heads) and the transform failed deep inside on an axis length, or the map was refused with the wrong cause."""
+    model = build("falcon", kw)
+    with pytest.raises((RuntimeError, AttributeError)):
+        logits(model)
+    assert says in wb.symmetry_map(model).skipped[0][1]
+    with pytest.raises(wb.UnsupportedModelError, match="own forward cannot run"):
         wb.random_intertwiner(model, seed=0)
 
 

@@ -303,3 +303,81 @@ def test_every_family_the_layout_reads_has_a_head_count():
     for family in sorted(CHECKED_FAMILIES):
         config = AutoConfig.for_model(family)
         assert any(getattr(config, k, None) for k in _HEAD_COUNTS), family
+
+
+class _ShapeConfig(transformers.PretrainedConfig):
+    model_type = "shape_branch"  # (a family no layout reads, with no attention: traced with the example's shapes)
+
+    def __init__(self, channels=4, **kw):
+        super().__init__(**kw)
+        self.channels = channels
+
+
+class _ShapeBranch(transformers.PreTrainedModel):
+    """A convolutional classifier whose forward picks one of two convolutions by the input's width."""
+
+    config_class = _ShapeConfig
+    main_input_name = "pixel_values"
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.small = nn.Conv2d(3, config.channels, 3, padding=1)
+        self.large = nn.Conv2d(3, config.channels, 5, padding=2)
+        self.head = nn.Linear(config.channels, 3)
+        self.post_init()
+
+    def forward(self, pixel_values, return_dict=None, output_hidden_states=None):
+        conv = self.small if pixel_values.shape[-1] <= 16 else self.large
+        logits = self.head(torch.relu(conv(pixel_values)).mean((-2, -1)))
+        return transformers.modeling_outputs.ImageClassifierOutput(logits=logits)
+
+
+# read as a model shipped with transformers (models._kind recognises those by their class's module)
+_ShapeBranch.__module__ = "transformers.models.shape_branch.modeling_shape_branch"
+
+
+def test_a_forward_choosing_modules_by_the_inputs_shape_is_refused_not_mapped_from_one_branch():
+    """Traced with the example's shapes read as numbers, the forward records the branch that shape takes: the map of
+    a 16-pixel example held the small convolution alone, its transform was exact at 16 pixels and changed the logits
+    at 32 (by 3e-3, computed here), where the large convolution, never moved, reads the permuted head. Refused now,
+    naming the module the trace never reached."""
+    torch.manual_seed(0)
+    model = _ShapeBranch(_ShapeConfig()).to(F64).eval()
+    assert is_traced_hf(model)
+    x16 = torch.randn(2, 3, 16, 16, dtype=F64)
+    smap = wb.symmetry_map(model, example=x16)
+    assert len(smap) == 0 and "never reaches ['large']" in smap.skipped[0][1], smap.skipped
+    assert "specialised to inputs of shape (1, 3, 16, 16)" in smap.skipped[0][1]
+    with pytest.raises(wb.UntraceableModelError, match=r"never reaches \['large'\]"):
+        wb.random_intertwiner(model, seed=1, example=x16)
+    with pytest.raises(wb.UntraceableModelError, match=r"never reaches \['small'\]"):
+        wb.random_intertwiner(model, seed=1, example=torch.randn(2, 3, 32, 32, dtype=F64))
+
+
+@pytest.mark.parametrize("example", [None, PIXELS])
+def test_fold_layernorm_on_convnext_is_exact(example, models):
+    """ConvNeXt's LayerNorms (channels-last in the blocks, channels-first in the stem and the downsampling layers) fold
+    where their readers take the gain, the rest kept: the logits computed here agree to 1e-10. fold_layernorm traced the
+    model without the example's shapes and refused on the embeddings' channel check, asking for an example it then
+    did not use."""
+    model = models("convnext")
+    assert len(model.convnext.encoder.stages) == 4
+    folded = wb.fold_layernorm(model, example=example)
+    assert rel(logits(folded), logits(model)) <= TOL
+    norms = [(n, m) for n, m in folded.named_modules() if isinstance(m, nn.LayerNorm)]
+    moved = [n for n, m in norms if torch.equal(m.weight, torch.ones_like(m.weight))]
+    assert moved and all(not torch.equal(dict(model.named_modules())[n].weight, torch.ones_like(m.weight)) for n, m in norms
+                         if n in moved), moved  # some gains moved into their readers (each was not 1 before)
+
+
+@pytest.mark.parametrize("family", ["resnet", "convnext"])
+def test_verify_on_images_of_another_size_than_the_maps_example(family, models):
+    """The map is traced on 32-pixel images; verify on 48-pixel ones gives the verdict computed here: PASS for a random
+    element (logits within 1e-10), FAIL for a rotation forced at every site (logits moved beyond 1e-6)."""
+    model, x48 = models(family), torch.randn(2, 3, 48, 48, generator=torch.Generator().manual_seed(1), dtype=F64)
+    new, t = wb.random_intertwiner(model, seed=1, example=PIXELS)
+    assert rel(logits(new, x48), logits(model, x48)) <= TOL
+    assert wb.verify(model, new, x48, transform=t).passed
+    bad, bt = wb.random_intertwiner(model, seed=1, example=PIXELS, group="orthogonal", allow_non_symmetry=True)
+    assert rel(logits(bad, x48), logits(model, x48)) > FAIL
+    assert not wb.verify(model, bad, x48, transform=bt).passed

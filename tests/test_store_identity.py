@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 import workbench as wb
-from workbench._errors import ResumeMismatchError, StoreCorruptError
+from workbench._errors import ResumeMismatchError, StoreCorruptError, StoreFormatError
 
 from test_store import cnn_model, harvest_as_rank, make_batches
 from test_store_faults import NAMES, assert_exact, cnn, opened, written  # noqa: F401 (fixtures)
@@ -181,3 +181,37 @@ def test_a_first_manifest_left_half_written_by_a_killed_writer_is_cleaned_up(tmp
     assert store.complete and sorted(p.name for p in path.iterdir() if not p.name.startswith("chunk-")) == [
         ".writer.lock", "manifest.json"]
     assert_exact(store, make_batches(2))
+
+
+def test_a_deleted_manifest_is_our_error_naming_it_never_a_bare_file_error(tmp_path, written):
+    """A harvest writes its manifest before its first chunk, so chunk folders without it mean it was deleted: the
+    reader trusts only the manifest, and said FileNotFoundError about 'no activation store'. A path with nothing
+    there, or an empty folder (a first manifest's writer killed), holds no store: StoreFormatError."""
+    (written / "manifest.json").unlink()
+    with pytest.raises(StoreCorruptError, match=r"manifest\.json is missing, but .* holds \d+ chunk folder\(s\) "
+                                                r"\(chunk-000000, \.\.\.\): the manifest was deleted.*Restore it"):
+        wb.ActivationStore.open(written)
+    for empty in (tmp_path / "nowhere", tmp_path / "empty"):
+        if empty.name == "empty":
+            empty.mkdir()
+        with pytest.raises(StoreFormatError, match="holds no activation store"):
+            wb.ActivationStore.open(empty)
+
+
+def test_shards_without_their_parent_manifest_are_refused_never_merged_unchecked(tmp_path, cnn):
+    """Rank 1 harvested from another model and copied in: the parent manifest's fingerprint leaves its rows out.
+    With that parent deleted, the shards were read as a format-1 store (no parent to check against) and reported
+    complete, 30 rows from two models."""
+    other = cnn_model()
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(1.0)
+    harvest_as_rank(cnn, 0, 2, tmp_path / "acts", names=NAMES)
+    harvest_as_rank(other, 1, 2, tmp_path / "other", names=NAMES)
+    shutil.copytree(tmp_path / "other" / "rank-00001-of-00002", tmp_path / "acts" / "rank-00001-of-00002")
+    with pytest.warns(UserWarning, match="rank 1 of 2 was harvested from other inputs"):
+        assert not wb.ActivationStore.open(tmp_path / "acts").complete
+    (tmp_path / "acts" / "manifest.json").unlink()
+    with pytest.raises(StoreCorruptError, match=r"manifest\.json is missing, but .* holds the shards of a distributed "
+                                                r"harvest \(rank-00000-of-00002, \.\.\.\)"):
+        wb.ActivationStore.open(tmp_path / "acts")

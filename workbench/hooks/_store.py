@@ -20,7 +20,7 @@ from typing import Iterable, Optional, Union
 import numpy as np
 import torch
 
-from .._errors import MissingDependencyError, StoreCorruptError, UnknownNameError, nearest
+from .._errors import MissingDependencyError, StoreCorruptError, StoreFormatError, UnknownNameError, nearest
 from .._repr import html_table, human_bytes
 from ._disk import TARGETS, file_problem, read_manifest, shard_name
 from ._fingerprint import differences
@@ -132,7 +132,15 @@ class ActivationStore:
         if parent is None:  # format 1: no parent manifest; the folder names say how many ranks
             found = sorted(p for p in path.glob("rank-*-of-*") if (p / "manifest.json").exists())
             if not found:
-                raise FileNotFoundError(f"{path} holds no activation store (no manifest.json, no rank-*-of-* shards).")
+                raise _no_manifest(path)
+            if read_manifest(found[0]).get("version", 1) >= 2:
+                # every rank of a format-2 harvest writes or checks the parent manifest before its own shard: read
+                # without it, shards of other harvests (another model) were merged and reported complete
+                raise StoreCorruptError(
+                    f"{path / 'manifest.json'} is missing, but {path} holds the shards of a distributed harvest "
+                    f"({found[0].name}, ...), whose ranks write that parent manifest (how many ranks, what they "
+                    f"harvested) before their own: it was deleted, and without it the ranks cannot be checked against "
+                    f"one harvest, so nothing is read. Restore it from a copy, or harvest into a new path.")
             world = int(found[0].name.split("-of-")[1])
         else:
             world = parent["world_size"]
@@ -280,6 +288,21 @@ class ActivationStore:
     def _repr_html_(self) -> str:
         df = self.to_frame()
         return html_table(list(df.columns), df.itertuples(index=False), caption=repr(self))
+
+
+def _no_manifest(path: Path) -> Exception:
+    """The error for a folder without manifest.json (and no shards): its store's files without the manifest that
+    lists them (deleted), or no store at all."""
+    if not path.is_dir():
+        return StoreFormatError(f"{path} is no folder, so it holds no activation store (wb.harvest(..., path=) writes one).")
+    chunks = sorted(p.name for p in path.glob("chunk-*"))
+    if chunks:  # a harvest writes its manifest before its first chunk: it was deleted
+        return StoreCorruptError(f"{path / 'manifest.json'} is missing, but {path} holds {len(chunks)} chunk folder(s) "
+                                 f"({chunks[0]}, ...): the manifest was deleted after it was written, and a reader "
+                                 f"trusts only the manifest (which chunks are finished, their checksums, which batches "
+                                 f"they hold), so nothing is read. Restore it from a copy, or harvest into a new path.")
+    return StoreFormatError(f"{path} holds no activation store (no manifest.json, no chunk-* folders, no rank-*-of-* "
+                            f"shards).")
 
 
 def _batches_problem(m: dict, rank: int = 0, world: int = 1) -> Optional[str]:

@@ -38,7 +38,8 @@ from . import _hf_check as check
 from ._call import per_call
 from ._hf_adapters import OWN_ADAPTER_FAMILIES, own_adapter
 from ._hf_entries import (BERT_FAMILIES, DINO_FAMILIES, MOE_FAMILIES, VISION_FAMILIES, Entry, attention_pool, experts,
-                          fused_gate_up, fused_qkv, heads, layer_scale, patch_mean_classifier, vision_embeddings)
+                          fused_gate_up, fused_qkv, heads, layer_scale, patch_mean_classifier, unread_head,
+                          vision_embeddings)
 from ._kind import ModelKind, model_kind
 
 # Canonical component keys the layout knows (``{i}``: a layer); a mapped component outside these has no
@@ -240,9 +241,14 @@ def named_config(hf: nn.Module):
 
 
 def _check_family(hf: nn.Module) -> None:
-    """Refuse a family whose layout facts are not checked here (``CHECKED_FAMILIES``), before anything reads them, and
-    a configuration switch of a checked family that is not derived (``_UNDERIVED_SWITCHES``)."""
+    """Refuse a family whose layout facts are not checked here (``CHECKED_FAMILIES``), before anything reads them, a
+    configuration whose own forward cannot run (``_hf_check.unrunnable``), a head no layout reads (``_hf_entries.
+    unread_head``), and a configuration switch of a checked family that is not derived (``_UNDERIVED_SWITCHES``)."""
     family = getattr(hf.config, "model_type", None)
+    why = check.unrunnable(hf.config) if family in CHECKED_FAMILIES else None
+    if why:
+        raise UnsupportedModelError(why)
+    unread_head(hf)
     for switch, what in _UNDERIVED_SWITCHES.get(family, {}).items():
         value = getattr(hf.config, switch, None)
         if value not in (None, False):

@@ -22,6 +22,27 @@ STATE = frozenset({"training", "gradient_checkpointing", "max_seq_len_cached", "
                     "loss_type", "padding_idx", "p", "inplace"})
 
 
+def unrunnable(config) -> Optional[str]:
+    """Why a configuration of a checked family builds a model whose own forward cannot run (read anyway, its layout was
+    taken for other heads and a transform failed deep inside on an axis length); None where it can run."""
+    if getattr(config, "model_type", None) != "falcon":
+        return None
+    heads, kv = config.num_attention_heads, config.num_kv_heads
+    if not config.new_decoder_architecture and not config.multi_query and kv != heads:
+        # FalconAttention: query_key_value writes 3·hidden_size (a key and a value per query head) while num_kv_heads
+        # (1 or 2 of 4) sets num_key_value_groups, so the keys are repeated into heads·heads/num_kv_heads heads
+        return (f"new_decoder_architecture=False with multi_query=False builds one key and one value per query head in "
+                f"query_key_value, but num_kv_heads={kv} makes its attention repeat those {heads} keys for "
+                f"{kv} key/value heads: this configuration's own forward cannot run, so nothing is transformed; use "
+                f"num_kv_heads={heads} (= num_attention_heads, or leave it None), or multi_query=True for one key/value head.")
+    if config.new_decoder_architecture and not config.parallel_attn:
+        # FalconDecoderLayer builds input_layernorm and post_attention_layernorm, and its forward reads ln_attn
+        return ("new_decoder_architecture=True with parallel_attn=False builds a sequential block's two LayerNorms, but "
+                "the new decoder architecture's forward reads its parallel ones (ln_attn): this configuration's own "
+                "forward cannot run, so nothing is transformed; use parallel_attn=True.")
+    return None
+
+
 def settings(m: nn.Module) -> dict:
     """What a module took from the configuration when it was built: its plain attributes (a norm's ``eps``, how many
     dimensions a head rotates, the score scale, whether a block is parallel), without ``STATE``."""

@@ -109,6 +109,22 @@ def patch_mean_classifier(path: str, classifier: Optional[nn.Module]) -> list[En
     return out + ([Entry("unembed.bias", f"{path}.bias")] if classifier.bias is not None else [])
 
 
+# Heads no layout reads, by module name, with why: refused naming the head before anything else is read (a class that
+# holds its backbone under another prefix than the adapter's, LlamaForQuestionAnswering's ``transformer``, was refused
+# listing every backbone parameter as unmapped, never the head).
+_UNREAD_HEADS = {"qa_outputs": "a question-answering head: start and end logits per token, two outputs where verify "
+                               "compares one"}
+
+
+def unread_head(hf: nn.Module) -> None:
+    """Refuse a model holding a head of ``_UNREAD_HEADS``, by name."""
+    for name, why in _UNREAD_HEADS.items():
+        if isinstance(getattr(hf, name, None), nn.Module):
+            base = type(getattr(hf, "base_model", hf)).__name__
+            raise UnsupportedModelError(f"its {name} is {why}; not read here, so nothing is transformed (its base model, "
+                                        f"{base}, is read).")
+
+
 def heads(hf: nn.Module, ref: nn.Module, base: str) -> list[Entry]:
     """Heads TransformerLens's mapping leaves out, where this class's forward is known: BERT's and ViT's pooler (a dense
     layer reading the first token's stream after the final norm, then tanh; ViT's activation is ``pooler_act``, its

@@ -268,7 +268,7 @@ def trace_kept_whole(model: nn.Module, is_activation, most: int = _MOST_KEPT_WHO
             # traced Hugging Face model's values on the example (its shapes) are computed recording nothing
             tracer = _Tracer(is_activation, frozenset(opaque), tuple(functions), root, shaped)
             with eval_mode(model), torch.no_grad(), internal_forward():
-                return fx.GraphModule(model, tracer.trace(model)), kept
+                gm = fx.GraphModule(model, tracer.trace(model))
         except Exception as exc:  # TraceError, a TypeError from a proxy used as a bool, …: say where
             where = _failing_module(exc, names, opaque)
             function = None if where is not None else _failing_function(exc, functions)
@@ -286,7 +286,30 @@ def trace_kept_whole(model: nn.Module, is_activation, most: int = _MOST_KEPT_WHO
             else:
                 functions.append(function)
                 kept[kept_call_name(function)] = why
+            continue
+        if shaped is not None:
+            _check_covered(model, gm, tuple(shaped.shape))
+        return gm, kept
     raise AssertionError("unreachable")
+
+
+def _check_covered(model: nn.Module, gm: fx.GraphModule, shape: tuple) -> None:
+    """A trace with the example's shapes read as numbers follows the branches that shape takes: a forward choosing its
+    modules by the input's size (``self.small if x.shape[-1] <= 16 else self.large``) is traced along one branch, and
+    a map of it, built from that path alone, was silently wrong at another size (the other branch's modules never
+    moved). Every module holding parameters or buffers must be called in the trace, or sit inside one that is, or
+    have one of them read; otherwise a :class:`TraceFailure` names those not reached."""
+    called = {n.target for n in gm.graph.nodes if n.op == "call_module"}
+    read = {n.target.rpartition(".")[0] for n in gm.graph.nodes if n.op == "get_attr"}
+    missed = [name or type(model).__name__ for name, m in model.named_modules()
+              if (next(m.parameters(recurse=False), None) is not None or next(m.buffers(recurse=False), None) is not None)
+              and name not in read and not any(name == c or name.startswith(c + ".") for c in called)]
+    if missed:
+        raise TraceFailure(f"{type(model).__name__} traced on inputs of shape {shape} never reaches "
+                           f"{missed[:6]}{' …' if len(missed) > 6 else ''} (modules holding parameters or buffers): its "
+                           f"forward picks what it runs by the input's shape, or never runs these, so a map from this "
+                           f"trace would be specialised to inputs of shape {shape} and could be wrong at any other; "
+                           f"nothing is mapped.")
 
 
 def kept_call_name(fn) -> str:

@@ -87,12 +87,14 @@ def fold_plan(model: nn.Module, example: Optional[torch.Tensor] = None) -> FoldP
     candidates = default_examples(model) if example is None else [example[:1]]
     errors = []
     try:
-        gm = trace(model, lambda m: is_activation(m) or is_leaf(m))
-        for candidate in candidates:
+        for candidate in candidates:  # traced on each (a traced Hugging Face model reads the example's shapes)
             try:
+                gm = trace(model, lambda m: is_activation(m) or is_leaf(m), example=candidate)
                 propagate_shapes(gm, model, candidate)
                 break
             except TraceFailure as exc:
+                if str(exc).startswith("torch.fx could not trace"):
+                    raise  # (tracing a plain module does not depend on the input)
                 errors.append(str(exc))
         else:
             raise TraceFailure(errors[-1] if errors else "cannot guess an input for this model")
