@@ -20,7 +20,10 @@ LAYERS = {"9": "ReLU/GELU 3", "13": "ReLU/GELU 4"}
 def protocol(budget: str) -> dict:
     p = {"models": {"myrtle_relu": [0, 1, 2, 3], "myrtle_gelu": [0, 1, 2, 3]}, "layers": list(LAYERS),
          "n_images": 1000, "images": "the first N images of the zoo's test set, with their concept masks",
-         "rotations": 10, "quantile": 0.005, "iou_threshold": 0.04, "sweep_alphas": [0.0, 0.25, 0.5, 0.75, 1.0]}
+         "rotations": 10, "quantile": 0.005, "iou_threshold": 0.04, "sweep_alphas": [0.0, 0.25, 0.5, 0.75, 1.0],
+         # how a pixel is on (workbench.probing.dissect, since 2026-12-05; runs before it counted a ≥ T at an interpolated
+         # quantile): a stored run of the older rule no longer matches this protocol and is recomputed
+         "on": "activation > T, T just below the unit's top ceil(quantile·N) values"}
     if budget == "paper":
         return p
     if budget == "quick":
