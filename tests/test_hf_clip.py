@@ -19,8 +19,8 @@ import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 
 import workbench as wb
-from test_hf_families import (FAIL, TOL, exact_everywhere, folded_exactly, kinds, random_model, refused_and_wrong, rel,
-                              sheared)
+from test_hf_families import (FAIL, TOL, exact_everywhere, folded_exactly, kinds, random_model, refused_and_wrong,
+                              refused_by_name, rel, sheared)
 # ViT's pixels, and ViT's groups, which are CLIP's too (docs/DERIVATIONS.md §10, CLIP) with its LayerNorm gains kept as
 # built (random); quick_gelu, like GELU: permutations
 from test_hf_vit import GROUPS, PIXELS
@@ -291,11 +291,7 @@ def tiny(name):
 def test_the_rest_of_clip_is_refused_by_name(name, named):
     """The full CLIPModel (two towers meeting in one shared space), CLIP's image classifier and its text tower: refused
     with the reason, nothing transformed."""
-    model = tiny(name)
-    smap = wb.symmetry_map(model)
-    assert len(smap) == 0 and named in smap.skipped[0][1], smap.skipped
-    with pytest.raises(wb.UnsupportedModelError, match=named):
-        wb.random_intertwiner(model)
+    refused_by_name(tiny(name), named)
 
 
 @settings(max_examples=8, deadline=None)

@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 
 import workbench as wb
-from test_hf_families import FAIL, TOL, exact_everywhere, folded_exactly, kinds, random_model, refused_and_wrong, rel
+from test_hf_families import (FAIL, TOL, exact_everywhere, folded_exactly, kinds, random_model, refused_and_wrong,
+                              refused_by_name, rel)
 # ViT's pixels, and ViT's groups, which are DINOv2's too (docs/DERIVATIONS.md §10, DINOv2) with its LayerNorm gains and
 # layer scales kept as built (random)
 from test_hf_vit import GROUPS, PIXELS
@@ -279,11 +280,7 @@ def test_verify_passes_in_float32():
 def test_unsupported_variants_are_refused_by_name(make, named):
     """An Identity classifier (its logits are the stream itself, in the basis a transform moves) and the backbone class
     (chosen stages' hidden states, reshaped): refused, naming it; nothing is transformed."""
-    model = make()
-    smap = wb.symmetry_map(model, PIXELS)
-    assert len(smap) == 0 and named in smap.skipped[0][1], smap.skipped
-    with pytest.raises(wb.UnsupportedModelError, match=named):
-        wb.random_intertwiner(model, example=PIXELS)
+    refused_by_name(make(), named, PIXELS)
 
 
 def test_transformer_lens_cannot_boot_a_dinov2_bridge():

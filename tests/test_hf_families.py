@@ -176,6 +176,14 @@ def refused_and_wrong(model, site: str, group, logp=logp, seed: int = 3, inputs=
     assert not wb.verify(model, bad, IDS if inputs is None else inputs, transform=bt).passed
 
 
+def refused_by_name(model, named: str, example=None) -> None:
+    """``model`` mapped to no site, its one skipped reason naming ``named``, and its transform refused with the same."""
+    smap = wb.symmetry_map(model, example)
+    assert len(smap) == 0 and named in smap.skipped[0][1], smap.skipped
+    with pytest.raises(wb.UnsupportedModelError, match=named):
+        wb.random_intertwiner(model, example=example)
+
+
 def bridge(model, folder):
     """A float64 bridge around a copy of the raw ``model`` (booting changes the model it is given)."""
     from tokenizers import Tokenizer, models

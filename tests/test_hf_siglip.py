@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 
 import workbench as wb
-from test_hf_families import FAIL, TOL, kinds, random_model, rel
+from test_hf_families import FAIL, TOL, kinds, random_model, refused_by_name, rel
 # ViT's pixels and groups, which are SigLIP's tower's too (docs/DERIVATIONS.md §10, SigLIP), LayerNorm gains as built
 from test_hf_vit import GROUPS, PIXELS
 
@@ -279,11 +279,7 @@ def tiny(name):
 def test_the_rest_of_siglip_is_refused_by_name(name, named):
     """The full SiglipModel (two towers meeting in one shared space), SigLIP's image classifier (model_type siglip) and
     its text tower: refused with the reason, nothing transformed."""
-    model = tiny(name)
-    smap = wb.symmetry_map(model)
-    assert len(smap) == 0 and named in smap.skipped[0][1], smap.skipped
-    with pytest.raises(wb.UnsupportedModelError, match=named):
-        wb.random_intertwiner(model)
+    refused_by_name(tiny(name), named)
 
 
 @settings(max_examples=8, deadline=None)
