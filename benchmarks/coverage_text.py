@@ -338,7 +338,8 @@ def main() -> None:
         "# Coverage of Hugging Face text models: sites, groups, verify, cost", "",
         f"Run {started} on {platform.processor() or platform.machine()} ({os.cpu_count()} cores, torch "
         f"{torch.__version__}, transformers {__import__('transformers').__version__}) with "
-        f"`.venv/bin/python benchmarks/coverage_text.py{' --only ' + ' '.join(args.only) + ' --merge' if args.merge else ''}`; "
+        f"`.venv/bin/python benchmarks/coverage_text.py{' --only ' + ' '.join(args.only) + ' --merge' if args.merge else ''}"
+        f"{' --kinds ' + ' '.join(args.kinds) if tuple(args.kinds) != ('raw', 'bridge') else ''}`; "
         f"method in the script's docstring. Load average (1 min) at "
         f"start / end: {load0:.1f} / {load1:.1f} on {os.cpu_count()} cores.{runs}", "",
         "Groups per kind of site (`qk`/`ov`: per key/value head; `heads`: key/value groups, or all heads; "
