@@ -391,7 +391,7 @@ def _build_layout(ad, hf: nn.Module) -> Layout:
                                     f"transformer layout (embeddings, norms, q/k/v/o, MLP in/gate/out, unembedding).")
     by_param: dict[int, list[str]] = {}
     names = dict(ref.named_parameters(remove_duplicate=False))
-    _check_qk_norm_sizes(ad.cfg, entries, names)
+    check.qk_norm_sizes(ad.cfg, entries, names)
     reached = {id(names[e.param]) for e in entries.values() if e.param in names}
     for e in entries.values():
         if e.strided is None:
@@ -417,22 +417,6 @@ def _build_layout(ad, hf: nn.Module) -> Layout:
                   modules={n: type(m) for n, m in ref.named_modules()}, settings={n: check.settings(m) for n, m in ref.named_modules()},
                   shapes={n: tuple(p.shape) for n, p in names.items()}, ties=check.ties(ref),
                   reached=frozenset(n for n, p in names.items() if id(p) in reached), absent=tuple(absent))
-
-
-def _check_qk_norm_sizes(cfg, entries: dict, names: dict) -> None:
-    """An all-head q/k norm (OLMo 2, OLMoE) must normalise every value its projection writes: heads·d_head. OLMoE sizes
-    its q_norm by ``hidden_size``, so a config with ``head_dim != hidden_size / heads`` builds a model whose own forward
-    fails; read anyway, its norm was taken for other heads and the transform failed on an unclear permutation error."""
-    d_head = int(cfg.d_head)
-    for which, heads in (("q", int(cfg.n_heads)), ("k", int(getattr(cfg, "n_key_value_heads", None) or cfg.n_heads))):
-        for e in entries.values():
-            if e.key.endswith(f".attn.{which}_norm.weight") and e.param in names:
-                size = names[e.param].shape[0]
-                if size not in (d_head, heads * d_head):
-                    raise UnsupportedModelError(
-                        f"its {which}_norm normalises {size} values where {which}_proj writes {heads} heads of {d_head} "
-                        f"({heads * d_head}): this configuration's own forward cannot run (the norm is sized by the hidden "
-                        f"size), so nothing is transformed; use head_dim = hidden_size / num_attention_heads.")
 
 
 def unsupported(model: nn.Module) -> Optional[str]:

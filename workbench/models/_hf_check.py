@@ -12,6 +12,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from .._errors import UnsupportedModelError
 from .._offload import foreign_forward, offloaded_modules, offloaded_tensor
 from ._kind import ModelKind, model_kind
 
@@ -41,6 +42,22 @@ def unrunnable(config) -> Optional[str]:
                 "the new decoder architecture's forward reads its parallel ones (ln_attn): this configuration's own "
                 "forward cannot run, so nothing is transformed; use parallel_attn=True.")
     return None
+
+
+def qk_norm_sizes(cfg, entries: dict, names: dict) -> None:
+    """An all-head q/k norm (OLMo 2, OLMoE) must normalise every value its projection writes: heads·d_head. OLMoE sizes
+    its q_norm by ``hidden_size``, so a config with ``head_dim != hidden_size / heads`` builds a model whose own forward
+    fails; read anyway, its norm was taken for other heads and the transform failed on an unclear permutation error."""
+    d_head = int(cfg.d_head)
+    for which, heads in (("q", int(cfg.n_heads)), ("k", int(getattr(cfg, "n_key_value_heads", None) or cfg.n_heads))):
+        for e in entries.values():
+            if e.key.endswith(f".attn.{which}_norm.weight") and e.param in names:
+                size = names[e.param].shape[0]
+                if size not in (d_head, heads * d_head):
+                    raise UnsupportedModelError(
+                        f"its {which}_norm normalises {size} values where {which}_proj writes {heads} heads of {d_head} "
+                        f"({heads * d_head}): this configuration's own forward cannot run (the norm is sized by the hidden "
+                        f"size), so nothing is transformed; use head_dim = hidden_size / num_attention_heads.")
 
 
 def settings(m: nn.Module) -> dict:
