@@ -290,7 +290,10 @@ def privileged_basis_test(acts, concepts, bases: Sequence = ("orthogonal", "gl")
             ``(acts [N, d] float64, concepts bool [N, K]) -> [K]``.
         seed: an int, None, a ``torch.Generator`` or a NumPy ``Generator`` (as scikit-learn's
             ``random_state``); same seed, same bases (each family has its own stream). The report records
-            the effective int seed, which reproduces the result.
+            the effective int seed, which reproduces the result. The same bases applied to the units in
+            another order are other bases of the data, so relabelling the units (a permutation of the columns)
+            keeps the neuron basis's statistic but may move the p-value as another seed would (the test stays
+            calibrated; a verdict should not rest on one seed near the threshold).
         alpha: false discovery rate for the ``privileged`` column (Benjamini–Hochberg over concepts).
             The smallest p is 1/(n_bases + 1), so with K concepts a concept alone reaches q < alpha
             only if K/(n_bases + 1) < alpha (20 concepts need n_bases ≥ 400 at alpha = 0.05); with fewer
