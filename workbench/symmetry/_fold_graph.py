@@ -32,7 +32,7 @@ from torch import fx, nn
 
 from .._errors import InvalidOptionError
 from .._offload import built_alike, offloaded_tensor
-from ..models import TraceFailure, describe, propagate_shapes, trace
+from ..models import TraceFailure, describe, is_traced_hf, propagate_shapes, trace
 from ._graph import _PASS
 from ._graph_reads import reads_only_shape
 from ._graph_sites import default_examples, is_activation
@@ -86,15 +86,17 @@ def fold_plan(model: nn.Module, example: Optional[torch.Tensor] = None) -> FoldP
         return plan
     candidates = default_examples(model) if example is None else [example[:1]]
     errors = []
+    leaves = lambda m: is_activation(m) or is_leaf(m)  # noqa: E731
+    shaped = is_traced_hf(model)  # its trace reads each example's shapes; a plain module's is the same for every input
     try:
-        for candidate in candidates:  # traced on each (a traced Hugging Face model reads the example's shapes)
+        gm = None if shaped else trace(model, leaves)
+        for candidate in candidates:
             try:
-                gm = trace(model, lambda m: is_activation(m) or is_leaf(m), example=candidate)
-                propagate_shapes(gm, model, candidate)
+                traced = trace(model, leaves, example=candidate) if shaped else gm
+                propagate_shapes(traced, model, candidate)
+                gm = traced
                 break
             except TraceFailure as exc:
-                if str(exc).startswith("torch.fx could not trace"):
-                    raise  # (tracing a plain module does not depend on the input)
                 errors.append(str(exc))
         else:
             raise TraceFailure(errors[-1] if errors else "cannot guess an input for this model")
