@@ -375,8 +375,6 @@ def _along(x: torch.Tensor, F, axis: int, out: Optional[torch.Tensor], casts: di
                 res[h].copy_(xm[h])
         return res.permute(back)
     if isinstance(F, dict):  # per-head maps: one batched product over the heads on axis 0
-        names = "abcdefg"[:x.ndim]
-        spec = "".join("y" if d == axis else names[d] for d in order)
         # the same heads' maps meet several weights (W_Q and b_Q; W_V, b_V and W_O's dual): stacked once a call
         key = ("stack", tuple((h, id(f)) for h, f in F.items()), x.shape[0], x.shape[axis], x.dtype)
         M = casts.get(key)
@@ -384,6 +382,9 @@ def _along(x: torch.Tensor, F, axis: int, out: Optional[torch.Tensor], casts: di
             M = casts[key] = _stack(F, x.shape[0], x.shape[axis]).to(x.dtype)
         if x.ndim == 3:
             return _per_head_product(x, M, axis, out)
+        # (a bias [heads, d_head]: one einsum in memory order)
+        names = "abcdefg"[:x.ndim]
+        spec = "".join("y" if d == axis else names[d] for d in order)
         return torch.einsum(f"{spec},azy->{spec.replace('y', 'z')}", xm, M).permute(back)
     if not isinstance(F, Dense):  # a (scaled) permutation: its own act, an index_select
         return F.act(xm, order.index(axis)).permute(back)
