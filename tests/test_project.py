@@ -70,6 +70,7 @@ def test_tour_writes_a_self_contained_report(tmp_path):
     assert m["mlp_top10_overlap_matched"] > 0.99 > 0.5 > m["ov_top10_overlap_matched"]
     assert set(summary["phases"]) >= {"CNN: symmetries", "Transformer: MiniLM"}  # each phase timed
     assert "CNN: symmetries" not in result.stderr  # --quiet: no progress lines
+    assert "Loading weights" not in result.stderr and "it/s]" not in result.stderr  # nor a library's bar
     read_like_a_person(out / "index.html")
 
 

@@ -35,6 +35,24 @@ def _harvest(model, batches, folder: Path, progress: bool):
         return wb.harvest(model, batches, **options)
 
 
+@contextmanager
+def _library_bars(on: bool):
+    """transformers' own progress bars (its "Loading weights" bar when MiniLM is booted) follow ``progress``: they
+    are not ours to pass ``disable=`` to, so ``workbench tour --quiet`` printed one. Restored afterwards."""
+    if on:
+        yield
+        return
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
+
+
 def tour(out: Path, seed: int = 0, progress: bool = True) -> Path:
     """Run the tour and write ``out/index.html`` (plus ``summary.json`` and the harvested store)."""
     import numpy as np
@@ -223,7 +241,8 @@ def tour(out: Path, seed: int = 0, progress: bool = True) -> Path:
                      "residual coordinates' contexts are basis artefacts here")
 
     with phase("Transformer: MiniLM"):
-        minilm = wb.zoo.load("minilm")
+        with _library_bars(progress):
+            minilm = wb.zoo.load("minilm")
         ids = wb.data.retokenize(wb.data.sentences(48, seed=2), minilm.tokenizer).inputs
         mmap = wb.symmetry_map(minilm)
         sites = ["resid", "blocks.2.attn.qk.0", "blocks.2.attn.ov.0", "blocks.2.attn.heads", "blocks.2.mlp"]
