@@ -45,7 +45,7 @@ from .._repr import human_bytes, parse_bytes
 from ._cache import storage_key
 from ._guard import WriteGuard, quiet as _quiet
 from ._intervene import _conversion
-from ._points import NameFilter, _GLOB_CHARS, gate_reason, hook_points
+from ._points import NameFilter, gate_reason, hook_points, unfired_reason
 from ._reduce import Reduce, resolve_reduce
 
 # Hook names whose values an op the write guard could not see overwrote, per model: copied at
@@ -114,15 +114,6 @@ class _StopForward(Exception):
         self.core = core
 
 
-def _is_explicit(item) -> bool:
-    return isinstance(item, str) and not (_GLOB_CHARS & set(item))
-
-
-def _explicit_names(names: NameFilter) -> set[str]:
-    items = names if isinstance(names, (list, tuple, set, frozenset)) else [names]
-    return {i for i in items if _is_explicit(i)}
-
-
 def _tensors(obj, depth: int = 0) -> list[torch.Tensor]:
     """The tensors in a forward's arguments or output: nested tuples, lists and mappings (a Hugging Face
     ``ModelOutput`` is one), four levels deep."""
@@ -184,7 +175,8 @@ class _Capture:
         requested, matched = self.points.resolve_with_matches(names)
         # Every name the filter selects, aliases included: the cache lists these (as TransformerLens does).
         self.selected = None if matched is None else set(matched)
-        explicit = _explicit_names(names)
+        explicit = {i for i in (names if isinstance(names, (list, tuple, set, frozenset)) else [names])
+                    if self.points.is_exact(i)}
         self.explicit = [n for n in requested if n in explicit]
         # Pattern-selected TransformerLens names gated off by config would never fire: skip them.
         # (Only TransformerLens names are gated; asking a plain module for ``cfg`` costs an AttributeError per name.)
@@ -637,7 +629,7 @@ class _Capture:
         return aliases
 
     def _unfired_reason(self, name: str) -> str:
-        return gate_reason(self.model, name) or "its module was not called during the forward pass"
+        return unfired_reason(self.model, name)
 
     def report_unfired(self) -> None:
         missing = [n for n in self.explicit if self.key_of.get(self.points.canonical(n)) not in self.calls]

@@ -77,18 +77,24 @@ class HookPoints:
         chosen = list(dict.fromkeys(n for item in items for n in self._match(item, param)))  # ordered, no repeats
         # An alias picked up by a pattern is dropped when its canonical name was picked too.
         canon_chosen = {n for n in chosen if n in self.modules}
-        exact = {i for i in items if isinstance(i, str) and not (_GLOB_CHARS & set(i))}
+        exact = {i for i in items if self.is_exact(i)}
         kept = [n for n in chosen if n in self.modules or n in exact or self.aliases[n] not in canon_chosen]
         return kept, chosen
+
+    def is_exact(self, item) -> bool:
+        """Whether ``item`` is an exact hook name (not a pattern): a string without glob characters, or the name of a
+        hook point itself (``ModuleDict`` keys may hold ``[``, ``*`` or ``?``: ``"heads.a[1]"`` names that module, never
+        the glob that would match ``"heads.a1"``)."""
+        return isinstance(item, str) and (item in self.modules or item in self.aliases or not (_GLOB_CHARS & set(item)))
 
     def _match(self, item, param: str) -> list[str]:
         every = self.all_names
         if isinstance(item, str):
+            if item in self.modules or item in self.aliases:
+                return [item]
             if _GLOB_CHARS & set(item):
                 hits = [n for n in every if fnmatch.fnmatchcase(n, item)]
                 kind = "glob pattern"
-            elif item in self.modules or item in self.aliases:
-                return [item]
             else:
                 raise UnknownNameError(self._unknown_message(item, param, "name"))
         elif isinstance(item, re.Pattern):
@@ -118,7 +124,9 @@ class HookPoints:
 
 
 # Hook points depend only on the model's structure; the TransformerLens probe forward is not free,
-# so results are memoised per model object, keyed on the module tree.
+# so results are memoised per model object, keyed on the module tree: every path with its module (the objects
+# alone missed a module re-registered under another name in the same order, and a second name added for one
+# already there) and, on a TransformerLens model, the config flags that switch hook points on (which fire).
 _MEMO: "weakref.WeakKeyDictionary[nn.Module, tuple[tuple, HookPoints]]" = weakref.WeakKeyDictionary()
 
 
@@ -126,7 +134,10 @@ def hook_points(model: nn.Module, *, probe: bool = True) -> HookPoints:
     """Find the hook points of ``model`` (memoised while its module tree is unchanged)."""
     if not isinstance(model, nn.Module):
         raise InvalidOptionError(f"expected a torch.nn.Module (a plain module or a TransformerLens model), got {type(model).__name__}.")
-    key = tuple(id(m) for m in model.modules())
+    key = tuple((n, id(m)) for n, m in model.named_modules(remove_duplicate=False))
+    if is_transformer_lens(model):
+        cfg = getattr(model, "cfg", None)
+        key += tuple(getattr(cfg, flag, None) for _, flag in _GATES)
     hit = _MEMO.get(model)
     if hit is not None and hit[0] == key and (hit[1].probed or not probe):
         return hit[1]
@@ -183,6 +194,11 @@ def gate_reason(model: nn.Module, name: str) -> Optional[str]:
         if name.endswith(suffix) and not getattr(cfg, flag, True):
             return f"fires only with model.cfg.{flag}=True"
     return None
+
+
+def unfired_reason(model: nn.Module, name: str) -> str:
+    """Why a requested hook name got no call during a forward that ran."""
+    return gate_reason(model, name) or "its module was not called during the forward pass"
 
 
 def _probe_transformer_lens(model: nn.Module, modules: dict[str, nn.Module]) -> Optional[dict[str, str]]:
