@@ -25,6 +25,12 @@ TRANSFORMERS = {"tiny_gelu": ["blocks.0.mlp.hook_post", "blocks.1.mlp.hook_post"
                            "blocks.5.hook_resid_post"]}
 
 
+def _minilm_bases(p: dict) -> str:
+    """MiniLM's layers are tested against fewer bases than the others (``minilm_bases``): the page says so."""
+    t = p["transformers"]
+    return f"; MiniLM's layers: {t['minilm_bases']} per family" if "minilm" in t["models"] and t.get("minilm_bases") != p["n_bases"] else ""
+
+
 def protocol(budget: str) -> dict:
     p = {"cnn": {"models": ["myrtle_relu", "myrtle_gelu"], "seeds": [0, 1, 2, 3], "layers": list(CNN_LAYERS),
                  "n_images": 1000, "images": "the first N images of the zoo's test set (29 concepts)"},
@@ -181,7 +187,8 @@ def page(doc) -> str:
                "a ReLU layer can rescale it without changing the function).\n" if p.get("standardize") else
                "- Units as they are (not standardized).\n") +
               f"- Statistic: best unit's |AUROC − 0.5| per concept; layer test: its mean over concepts against {p['n_bases']} "
-              f"random bases per family ({', '.join(p['bases'])}, and the layer's own group); z and +1-corrected p; "
+              f"random bases per family ({', '.join(p['bases'])}, and the layer's own group{_minilm_bases(p)}); z and "
+              f"+1-corrected p; "
               f"privileged concepts at BH q < {p['alpha']}.",
               f"- z over seeds: {INTERVALS}. The transformers have one value each (one seed).", ""]
     rows = table_rows(doc)
