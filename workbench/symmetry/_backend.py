@@ -67,6 +67,10 @@ class Backend:
         """A second output pair that must agree as well (see LayoutBackend), or None."""
         return None
 
+    def also_compared(self, model, value, new_value) -> list[tuple[torch.Tensor, torch.Tensor, str]]:
+        """``(old, new, what)``: the models' other returned tensors that must agree as they are (:func:`other_outputs`)."""
+        return other_outputs(value, new_value)
+
     def compared(self, model, smap, transform, out, new_out, cache, new_cache) -> tuple:
         """``(old, new, what, per_row, kl)``: the two outputs as compared, what they are, whether each row
         (rather than each column) shares one scale, and the mean KL divergence where they are
@@ -79,17 +83,48 @@ class Backend:
         return None
 
 
+#: the fields of a ``ModelOutput`` that stand for it, in order (:func:`model_output`)
+OUTPUT_FIELDS = ("logits", "image_embeds", "last_hidden_state")
+#: fields of a ``ModelOutput`` that hold representations, which a transform moves (into the new basis; heads and
+#: experts permuted), never compared as they are: a pooled output is the stream's (a traced convolutional model's,
+#: CLIP's and DINOv2's final norm's: compared through the stream; a BERT-like pooler's: ``LayoutBackend``)
+REPRESENTATIONS = frozenset({"hidden_states", "attentions", "cross_attentions", "past_key_values", "last_hidden_state",
+                             "pooler_output", "encoder_last_hidden_state", "encoder_hidden_states", "encoder_attentions",
+                             "decoder_hidden_states", "decoder_attentions", "router_logits", "image_embeds",
+                             "text_embeds", "vision_model_output", "text_model_output"})
+
+
+def _is_model_output(value: Any) -> bool:
+    return not isinstance(value, torch.Tensor) and "ModelOutput" in {c.__name__ for c in type(value).__mro__}
+
+
 def model_output(value: Any) -> Any:
     """The tensor a return value stands for. A Hugging Face model returns a ``ModelOutput``: its logits are compared
     (CLIPVisionModelWithProjection's: its image embeddings; a base model's: its last hidden state; a traced
     convolutional base model's pooled output is its last hidden state pooled). Anything else: the value itself."""
-    if isinstance(value, torch.Tensor) or "ModelOutput" not in {c.__name__ for c in type(value).__mro__}:
+    if not _is_model_output(value):
         return value
-    for name in ("logits", "image_embeds", "last_hidden_state"):
+    for name in OUTPUT_FIELDS:
         found = getattr(value, name, None)
         if isinstance(found, torch.Tensor):
             return found
     return value
+
+
+def other_outputs(value: Any, new_value: Any) -> list[tuple[torch.Tensor, torch.Tensor, str]]:
+    """``(old, new, name)`` for each tensor field both ``ModelOutput`` s return besides the one that stands for them
+    (:func:`model_output`) and the representations (:data:`REPRESENTATIONS`): a loss, a mixture's auxiliary loss, a
+    model's own field. They are part of the function and must agree too: verify compared the logits alone, and a
+    model's auxiliary loss five times larger in the new model (computed in the test) PASSed."""
+    if not (_is_model_output(value) and _is_model_output(new_value)):
+        return []
+    chosen = next((n for n in OUTPUT_FIELDS if isinstance(getattr(value, n, None), torch.Tensor)), None)
+    pairs = []
+    for name, old in value.items():
+        new = new_value.get(name) if hasattr(new_value, "get") else None
+        if name != chosen and name not in REPRESENTATIONS and isinstance(old, torch.Tensor) and isinstance(new, torch.Tensor):
+            pairs.append((old.detach(), new.detach(), name))
+    return pairs
 
 
 def largest_relative_change(reference, other, names) -> float:
@@ -233,6 +268,19 @@ class LayoutBackend(Backend):
             return out.flatten(0, -2), new_out.flatten(0, -2), "embeddings"
         (old, what), (new, _) = self.scores(model, out), self.scores(model, new_out)
         return old, new, what
+
+    def also_compared(self, model, value, new_value):
+        """Besides :func:`other_outputs`, a base encoder's pooler output where a pooler of its own computes it (BERT's,
+        RoBERTa's, ViT's: dense and tanh reading the first token, in no site's basis): compared as it is. verify compared
+        a BertModel by its last hidden state alone, and a new model whose pooler's weight was doubled (pooler output 59%
+        away, computed in the test) PASSed."""
+        pairs = other_outputs(value, new_value)
+        pooler = getattr(hf.hf_model(model), "pooler", None)
+        old, new = getattr(value, "pooler_output", None), getattr(new_value, "pooler_output", None)
+        if (hf.is_base(model) and isinstance(getattr(pooler, "dense", None), nn.Linear)
+                and isinstance(old, torch.Tensor) and isinstance(new, torch.Tensor)):
+            pairs.append((old.detach(), new.detach(), "pooler outputs"))
+        return pairs
 
     def scores(self, model, out: torch.Tensor) -> tuple[torch.Tensor, str]:
         """A head's output as compared, one row per position or input, and what it is: log-probabilities where the logits

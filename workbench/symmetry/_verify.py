@@ -5,6 +5,7 @@ Its report (``InvarianceReport``, ``SiteCheck``) is in ``_verify_report.py``.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Optional
 
 import torch
@@ -19,7 +20,8 @@ from ._backend import Move, backend_for
 from ._map import symmetry_map
 from ._sites import Site
 from ._transform import Transform, apply_transform
-from ._verify_floor import FLOOR_ROWS, _chosen, _Comparison, _fails, _floor_rows, _own_rounding, trivial_floor
+from ._verify_floor import (FLOOR_ROWS, _chosen, _Comparison, _fails, _floor_rows, _own_rounding, beyond_units,
+                            trivial_floor, unit_tolerances)
 from ._verify_kernel import OnePass, one_pass
 from ._verify_report import InvarianceReport, SiteCheck
 from . import _verify_routing as routing
@@ -72,6 +74,17 @@ _NOT_ROUNDING = 1e-4
 
 def _verify(model, new_model, inputs, transform, dtype, tolerance, bar) -> InvarianceReport:
     backend = backend_for(model)
+    if isinstance(inputs, Mapping) and backend.name == "layout":  # (a Hugging Face model's forward took the dict as ids)
+        raise InvalidOptionError(
+            f"verify runs model(inputs) on one tensor (token ids, or a vision model's pixel values); it was given a "
+            f"{type(inputs).__name__} of keyword arguments ({', '.join(map(str, list(inputs)[:4]))}). Pass the "
+            f"input_ids (or pixel_values) tensor itself: an attention mask or other keyword inputs are not supported "
+            f"(sequences of one length need none).")
+    if dtype is not None and not isinstance(inputs, torch.Tensor):
+        raise InvalidOptionError(
+            f"verify(dtype={dtype}) casts the inputs to a {dtype} copy of the model's, which takes one tensor; it was "
+            f"given {type(inputs).__name__}. Give a tensor (token ids: tokenize first), or verify in the model's own "
+            f"dtype (dtype=None).")
     example = backend.example(inputs)
     if dtype is not None and offloaded_modules(model):
         own = {p.dtype for p in model.parameters() if p.is_floating_point()}  # (an offloaded meta parameter keeps it)
@@ -132,6 +145,7 @@ def _verify(model, new_model, inputs, transform, dtype, tolerance, bar) -> Invar
                 break
             force, routing_ties = routing.merged(force, more), routing_ties + found
         bar.update(2)
+    also = backend.also_compared(model, out, new_out)  # (a ModelOutput's other fields, before its logits are taken)
     out, new_out = backend.output(out), backend.output(new_out)  # a Hugging Face model's logits
     for value, which in ((out, "model"), (new_out, "new_model")):
         if not isinstance(value, torch.Tensor):
@@ -144,10 +158,18 @@ def _verify(model, new_model, inputs, transform, dtype, tolerance, bar) -> Invar
         cmp_head = _Comparison(head[0], head[1], True, run_dtype)
         if cmp_head.max_rel > tol or not cmp_head.finite:
             out, new_out, compared, per_row, cmp = head[0], head[1], head[2], True, cmp_head
+    # Any other output the models return that must agree as it is (a loss, a pooler's output) answers for them too
+    # where it does not agree: every unit's own rounding is then not measured for it (the floor is the outputs')
+    other = False
+    for old_f, new_f, what in also:
+        cmp_f = _Comparison(old_f, new_f, False, run_dtype)
+        if cmp_f.max_rel > tol or not cmp_f.finite:
+            out, new_out, compared, per_row, cmp, other = old_f, new_f, what, False, cmp_f, True
+            break
     bar.set_postfix_str("sites")
     checks = _site_checks(sites, transform, expected, measured, bar)
     bar.update(max(0, bar.total - bar.n))  # sites that could not be checked (an untraceable model) are steps done
-    floor, floored = None, None
+    floor, floored, units = None, None, None  # units: each output unit's own tolerance, where rounding raised them
 
     def above(t: float) -> bool:  # outputs or sites beyond tolerance t (top-1 aside: _fails adds it)
         return cmp.max_rel > t or any(c.equivariance_error > t for c in checks)
@@ -203,7 +225,18 @@ def _verify(model, new_model, inputs, transform, dtype, tolerance, bar) -> Invar
         # The rows are measured first without the watched activations (their capture and comparison cost
         # a fifth of the rows' floor on CNN-26): the floor of the outputs alone, with no site floor, can only
         # be lower, so a PASS on it is final; anything else is measured again with them.
+        # Each output unit is judged against its own rounding (_verify_floor.unit_tolerances), the single raised
+        # tolerance only bounding them all: an ill-conditioned unit's floor must not carry the others. Not where the
+        # output is compared in the new basis (an encoder's stream: a dense element mixes the original's columns).
         rows = _floor_rows(backend, cmp, inputs, per_row)
+        base = tol
+
+        def units_of(f) -> Optional[torch.Tensor]:
+            return unit_tolerances(f[2], base) if last is None and not other else None
+
+        def fails(f) -> bool:
+            return _fails(cmp, checks, 10 * max(f[:2]), last, units_of(f))
+
         floors = None
         samples = ([(rows, False), (rows, True)] if rows is not None else []) + [(None, True)]
         for sample, with_sites in samples:
@@ -214,29 +247,31 @@ def _verify(model, new_model, inputs, transform, dtype, tolerance, bar) -> Invar
             if not with_sites:
                 if measured_floor is None:
                     rows = None
-                elif not _fails(cmp, checks, 10 * max(measured_floor), last):
+                elif not fails(measured_floor):
                     floors = measured_floor
                     break
                 continue
-            if measured_floor is not None and _fails(cmp, checks, 10 * max(measured_floor), last):
+            if measured_floor is not None and fails(measured_floor):
                 new_floor = _own_rounding(backend, new_model, smap, inputs, None, None, names, run_dtype,
                                           rows=sample, cmp=cmp, reference=cmp.new, choose=choose_new)
                 if new_floor is not None:
-                    measured_floor = tuple(map(max, zip(measured_floor, new_floor)))
-            if measured_floor is None or (sample is not None and _fails(cmp, checks, 10 * max(measured_floor), last)):
+                    measured_floor = _larger(measured_floor, new_floor)
+            if measured_floor is None or (sample is not None and fails(measured_floor)):
                 continue  # a PASS on the rows' floor is final; anything else is judged on the whole batch's
             floors, rows = measured_floor, sample
             break
         if floors is not None:
-            out_floor, site_floor = floors
+            out_floor, site_floor, _ = floors
             floor = out_floor
             if 10 * max(out_floor, site_floor) > tol:  # the rule names a raise only when there was one
                 tol, floored = 10 * max(out_floor, site_floor), ("own" if rows is None else "own-rows")
-    ties, top1 = cmp.top1(tol) if cmp.classifier and not last else (0, None)
-    rule = _rule(compared, per_row, tol, run_dtype, cmp.classifier and not last, floored, bool(routers))
+                units = units_of(floors)
+    ties, top1 = cmp.top1(tol, units) if cmp.classifier and not last else (0, None)
+    rule = _rule(compared, per_row, tol, run_dtype, cmp.classifier and not last, floored, bool(routers), units is not None)
     return InvarianceReport(cmp.max_abs, cmp.max_rel, top1, tol, str(run_dtype).replace("torch.", ""), checks,
-                            compared, kl, floor, rule, cmp.worst(), ties, not_checked, cmp.finite,
-                            outputs_zero=cmp.zero, routing_ties=routing_ties)
+                            compared, kl, floor, rule, cmp.worst(units), ties, not_checked, cmp.finite,
+                            outputs_zero=cmp.zero, routing_ties=routing_ties,
+                            units_beyond_rounding=beyond_units(cmp, units) if units is not None else 0)
 
 
 def _check_made_by(model: nn.Module, new_model: nn.Module, transform: Transform, example) -> None:
@@ -297,7 +332,7 @@ def _sites(model: nn.Module, transform: Optional[Transform], example) -> tuple[l
 
 
 def _rule(compared: str, per_row: bool, tol: float, dtype: torch.dtype, classifier: bool,
-          floored: Optional[str], routed: bool = False) -> str:
+          floored: Optional[str], routed: bool = False, per_unit: bool = False) -> str:
     unit = (f"the row's (a position's or an input's {compared})" if per_row else "its output unit's (column over rows)")
     raised = {"float32": ", raised to 10× the float32 floor",
               "own": ", raised to 10× this model's own rounding: its outputs against its float64 copy's",
@@ -305,12 +340,21 @@ def _rule(compared: str, per_row: bool, tol: float, dtype: torch.dtype, classifi
                           f"batch's {FLOOR_ROWS} most different rows"}.get(floored, "")
     text = (f"{compared}, element-wise: |new − old| ≤ tol·s with s = max |old| over {unit}, at least "
             f"eps·max|old|; tol = {tol:.1e} ({str(dtype).replace('torch.', '')}{raised})")
+    if per_unit:
+        text += (f"; each output unit also within 10× its own rounding (relative to s), or the {str(dtype).replace('torch.', '')} "
+                 f"tolerance {tolerance_for(dtype):.0e} where larger")
     if classifier:
         text += "; top-1 must agree on every row except float ties (old[a] − old[b] ≤ tol·(s_a + s_b))"
     if routed:
         text += ("; at a top-k expert tie within rounding (the token's router logits within 10·tol·s of the original's, "
                  "the swapped experts' logits within 2δ + 8·eps32·s) the original is evaluated with the new model's choice")
     return text + "; each site: ‖h' − F·h‖ ≤ tol·max(‖h‖, ‖F·h‖) at every observed hook point"
+
+
+def _larger(a: tuple, b: tuple) -> tuple:
+    """Two floors' larger parts: the outputs', the sites', and each output unit's."""
+    units = a[2] if b[2] is None else b[2] if a[2] is None else torch.maximum(a[2], b[2].to(a[2].device))
+    return max(a[0], b[0]), max(a[1], b[1]), units
 
 
 def _param_dtype(model: nn.Module) -> torch.dtype:

@@ -58,23 +58,30 @@ class _Comparison:
         self.max_rel = self.rel.max().item() if self.rel.numel() else 0.0
         self.classifier = len(self.shape) == 2 and self.shape[1] > 1
 
-    def worst(self) -> Optional[dict]:
+    def worst(self, units: Optional[torch.Tensor] = None) -> Optional[dict]:
+        """The element with the largest relative difference; with ``units`` (each output unit's own tolerance), the
+        one furthest beyond its unit's tolerance."""
         if not self.rel.numel():
             return None
-        flat = int(torch.nan_to_num(self.rel, nan=math.inf).flatten().argmax())
+        ratio = self.rel if units is None else self.rel / units
+        flat = int(torch.nan_to_num(ratio, nan=math.inf).flatten().argmax())
         i, j = divmod(flat, self.rel.shape[1])
         index = tuple(int(k) for k in torch.unravel_index(torch.tensor(flat), self.shape)) if self.shape else ()
         return {"index": index, "old": self.old[i, j].item(), "new": self.new[i, j].item(),
                 "scale": self.scale[0 if self.scale.shape[0] == 1 else i, 0 if self.scale.shape[1] == 1 else j].item(),
                 "relative": self.rel[i, j].item()}
 
-    def top1(self, tol: float) -> tuple[int, float]:
+    def top1(self, tol: float, units: Optional[torch.Tensor] = None) -> tuple[int, float]:
         """(rows whose top-1 differs beyond a float tie, agreement). A row is a tie when the original's gap
-        between the two classes is within the tolerance of both: old[a] − old[b] ≤ tol·(s_a + s_b)."""
+        between the two classes is within the tolerance of both: old[a] − old[b] ≤ tol·(s_a + s_b) (with
+        ``units``, each class's own tolerance instead of ``tol``)."""
         a, b = self.old.argmax(1), self.new.argmax(1)
         rows = torch.arange(len(a))
         differ = a != b
         s = self.scale.expand_as(self.old)
+        if units is not None:
+            s = s * units.to(s.device).expand_as(self.old)
+            tol = 1.0
         gap = self.old[rows, a] - self.old[rows, b]
         tie = gap <= tol * (s[rows, a] + s[rows, b])
         return int((differ & ~tie).sum()), (~differ).double().mean().item()
@@ -112,19 +119,39 @@ def _floor_rows(backend, cmp: "_Comparison", inputs, per_row: bool) -> Optional[
     return cmp.rel.amax(1).topk(FLOOR_ROWS).indices.sort().values
 
 
-def _fails(cmp: "_Comparison", checks: list, tol: float, last: Optional[str]) -> bool:
-    """Whether the verdict at tolerance ``tol`` is FAIL on the comparison (outputs, sites, top-1)."""
+def _fails(cmp: "_Comparison", checks: list, tol: float, last: Optional[str],
+           units: Optional[torch.Tensor] = None) -> bool:
+    """Whether the verdict at tolerance ``tol`` is FAIL on the comparison (outputs, sites, top-1); with ``units``
+    (:func:`unit_tolerances`), an output unit beyond its own tolerance fails too."""
     if cmp.max_rel > tol or any(c.equivariance_error > tol for c in checks):
         return True
-    return bool(cmp.classifier and not last and cmp.top1(tol)[0])
+    if units is not None and beyond_units(cmp, units):
+        return True
+    return bool(cmp.classifier and not last and cmp.top1(tol, units)[0])
+
+
+def unit_tolerances(unit_floor: Optional[torch.Tensor], tol: float) -> Optional[torch.Tensor]:
+    """Each output unit's tolerance where the model's own rounding raised it: 10× that unit's own rounding (its float32
+    outputs against its float64 copy's, relative to the unit's scale), never below the dtype's ``tol``. One global
+    raise let a single ill-conditioned unit carry all others: an output computed as the difference of two hidden
+    units of ~30 (one unit, ~1e-4, rounding 4% of itself) raised the tolerance to 0.4, and a 30% change of another
+    unit passed. None: no per-unit floor (the rule's single tolerance holds)."""
+    return None if unit_floor is None else (10 * unit_floor).clamp_min(tol)
+
+
+def beyond_units(cmp: "_Comparison", units: torch.Tensor) -> int:
+    """The output units (columns, or rows under a per-row rule) with an element beyond the unit's own tolerance."""
+    over = torch.nan_to_num(cmp.rel, nan=math.inf) > units.to(cmp.rel.device)
+    return int(over.any(0 if units.shape[0] == 1 else 1).sum())
 
 
 def _own_rounding(backend, model, smap, inputs, raw_out, cache, names, dtype, rows: Optional[torch.Tensor] = None,
                   cmp: Optional["_Comparison"] = None, reference: Optional[torch.Tensor] = None, choose=None
-                  ) -> Optional[tuple[float, float]]:
+                  ) -> Optional[tuple[float, float, Optional[torch.Tensor]]]:
     """How far ``model``'s own low-precision evaluation is from its float64 copy's: the largest relative
-    output difference (same rule as the comparison) and the largest relative change of a watched
-    activation. None when the model cannot be copied to float64.
+    output difference (same rule as the comparison), the largest relative change of a watched
+    activation, and each output unit's largest relative difference (``[1, units]``, or ``[rows, 1]`` under a
+    per-row rule). None when the model cannot be copied to float64.
 
     ``rows``: measure on those rows of the batch only (both models run on them), against the whole batch's
     output scales (``cmp.scale``, so a row's floor is what the comparison divides by). None too when the
@@ -187,12 +214,15 @@ def _own_rounding(backend, model, smap, inputs, raw_out, cache, names, dtype, ro
     ref, _, _, per_row, _ = backend.compared(model, smap, None, raw_out, raw_out, cache, cache)
     ref64, _, _, _, _ = backend.compared(exact, smap, None, out64.detach(), out64.detach(), cache64, cache64)
     scale = None if rows is None else cmp.scale
-    out_floor = _Comparison(ref64, ref.to(torch.float64), per_row, dtype, scale=scale).max_rel
+    rounding = _Comparison(ref64, ref.to(torch.float64), per_row, dtype, scale=scale)
+    out_floor = rounding.max_rel
     if rows is not None:
         alone = _Comparison(reference[rows.to(reference.device)], ref, per_row, dtype, scale=scale).max_rel
         if not alone <= ALONE_SLACK * out_floor:  # (a NaN too)
             return None
-    return out_floor, largest_relative_change(cache64, cache, names or [])
+    # each output unit's own rounding (a column's over the rows measured; a row's under a per-row rule)
+    units = rounding.rel.amax(1 if per_row else 0, keepdim=True) if rounding.rel.numel() else None
+    return out_floor, largest_relative_change(cache64, cache, names or []), units
 
 
 def _chosen(choose, copy_, run):

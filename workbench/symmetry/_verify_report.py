@@ -34,7 +34,9 @@ class InvarianceReport(Report):
     dtype: str
     sites: list[SiteCheck] = field(default_factory=list)
     compared: str = "outputs"  # or "log-probabilities" (decoders), "encoder outputs" (BERT), "last hidden states" (a base
-    # model), "pooled outputs" (CLIP's vision tower with its projection, in the new basis), "embeddings" (its image_embeds)
+    # model), "pooled outputs" (CLIP's vision tower with its projection, in the new basis), "embeddings" (its image_embeds),
+    # "pooler outputs" (a BERT-like base model's pooler), or the name of another field of a ModelOutput (a "loss") where
+    # that field disagreed
     kl: Optional[float] = None  # mean KL(p ‖ p') per position, for log-probabilities
     # the rounding floor measured when the strict check failed (``rule`` says whether it raised the tolerance):
     # a float64 model whose norms compute in float32 (largest absolute change), or a float32 model against
@@ -51,10 +53,14 @@ class InvarianceReport(Report):
     # a mixture of experts' top-k choices (tokens) at ties within rounding where the original was evaluated with the new
     # model's choice (symmetry/_verify_routing.py): either choice evaluates the same function at its discontinuity
     routing_ties: int = 0
+    # output units whose difference exceeds their own tolerance: 10× the unit's own rounding (or the dtype's tolerance),
+    # where the model's rounding raised :attr:`tolerance` (which then bounds every unit's; ``rule`` says so)
+    units_beyond_rounding: int = 0
 
     @property
     def function_preserved(self) -> bool:
-        return self.finite and self.max_rel_diff <= self.tolerance and self.top1_disagreements == 0
+        return (self.finite and self.max_rel_diff <= self.tolerance and self.top1_disagreements == 0
+                and self.units_beyond_rounding == 0)
 
     @property
     def equivariant(self) -> bool:
@@ -85,7 +91,8 @@ class InvarianceReport(Report):
     def summary(self) -> str:
         what = {"log-probabilities": "log-probability", "encoder outputs": "encoder output",
                 "last hidden states": "last hidden state", "pooled outputs": "pooled output",
-                "embeddings": "embedding", "logits": "logit"}.get(self.compared, "output")
+                "embeddings": "embedding", "logits": "logit", "pooler outputs": "pooler output",
+                "outputs": "output"}.get(self.compared, f"output (field {self.compared!r} of the models' outputs)")
         checked = self.checked
         moved = sum(s.representation_change > 100 * self.tolerance for s in checked)
         # An encoder's or a base model's output is the residual stream itself: it moves with the stream's element,
@@ -98,6 +105,9 @@ class InvarianceReport(Report):
         if self.outputs_zero:
             text += ("; the model's outputs are all 0 on these inputs, so comparing them checks nothing (only the "
                      "sites do): give inputs, or a model, whose outputs are not 0")
+        if self.units_beyond_rounding:
+            text += (f"; {self.units_beyond_rounding} output unit{'s' if self.units_beyond_rounding > 1 else ''} beyond "
+                     f"10× {'their' if self.units_beyond_rounding > 1 else 'its'} own rounding")
         if self.top1_disagreements:
             text += f"; top-1 differs on {self.top1_disagreements} rows beyond float ties"
         elif self.top1_agreement is not None and self.top1_agreement < 1:
