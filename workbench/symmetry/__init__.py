@@ -4,7 +4,7 @@ from ._map import symmetry_map
 from ._sites import Observation, Port, Site, SymmetryMap
 from ._graph_sites import is_activation
 from ._match import (InterpretationShift, NeuronMatching, interpretation_shift, match_neurons, match_site_units,
-                     site_observation, site_units, unit_activations, unit_extremes)
+                     may_flip, site_observation, site_units, unit_activations, unit_extremes)
 from ._transform import Transform, apply_transform, random_intertwiner
 from ._verify import InvarianceReport, SiteCheck, verify
 
@@ -19,5 +19,5 @@ def space_graph(model, example):
 
 __all__ = ["InterpretationShift", "InvarianceReport", "NeuronMatching", "Observation", "Port", "Site", "SiteCheck",
            "SymmetryMap", "Transform", "apply_transform", "fold_layernorm", "interpretation_shift", "match_neurons",
-           "is_activation", "random_intertwiner", "match_site_units", "site_observation", "site_units", "space_graph", "symmetry_map", "unit_activations", "unit_extremes",
+           "is_activation", "random_intertwiner", "match_site_units", "may_flip", "site_observation", "site_units", "space_graph", "symmetry_map", "unit_activations", "unit_extremes",
            "untie_embeddings", "verify"]

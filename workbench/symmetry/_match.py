@@ -254,7 +254,7 @@ def _unit_scores(model: nn.Module, sites, inputs: torch.Tensor, *, per_sequence:
     return {name: torch.cat(p) for name, p in parts.items()}, low
 
 
-def _may_flip(site: Site) -> bool:
+def may_flip(site: Site) -> bool:
     """Whether the site's group can flip a unit's sign: any group but those of positive scalings (P·D₊)."""
     return not site.group.name.startswith("scaled")
 
@@ -269,7 +269,7 @@ def match_site_units(before: torch.Tensor, after: torch.Tensor, site: Site, *, b
     largest value is the old smallest, negated. With the smallest values too (``before_min``, ``after_min``),
     a unit is compared on (largest, smallest) both as it is and flipped, (−smallest, −largest), and the
     better of the two counts."""
-    signed = _may_flip(site)
+    signed = may_flip(site)
     if not signed or before_min is None or after_min is None:
         return match_neurons(before, after, signed=signed, centred=signed)
     from scipy.optimize import linear_sum_assignment
@@ -283,7 +283,9 @@ def match_site_units(before: torch.Tensor, after: torch.Tensor, site: Site, *, b
     perm = torch.as_tensor(cols[np.argsort(rows)], dtype=torch.long)
     units = torch.arange(len(perm))
     quality = sim[units, perm]
-    scale = torch.where(flip[units, perm], -1.0, 1.0).double() * quality.sign()  # ±1: whether the unit flipped
+    # ±1: whether the unit flipped. The flipped comparison already pairs (largest, smallest) after with
+    # (smallest, largest) before, so an exact flip a ↦ −a (or 1 − a) is r = −1 there: r's sign alone says it.
+    scale = quality.sign()
     return NeuronMatching(perm, torch.where(scale == 0, 1.0, scale), quality.abs(), sim)
 
 
@@ -310,7 +312,7 @@ def interpretation_shift(model: nn.Module, new_model: nn.Module, data: torch.Ten
     with progress_bar(total=2 * batches, desc="interpretation_shift", unit="batch", progress=progress) as bar:
         smap = symmetry_map(model, example)
         site = smap[site] if isinstance(site, str) else site
-        lowest = _may_flip(site)  # pooled scores of a unit that may flip: see match_site_units
+        lowest = may_flip(site)  # pooled scores of a unit that may flip: see match_site_units
         a, a_low = _unit_scores(model, [site], data, batch_size=batch_size, bar=bar, lowest=lowest)
         try:
             b, b_low = _unit_scores(new_model, [site], data, batch_size=batch_size, bar=bar, lowest=lowest)

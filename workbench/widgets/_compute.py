@@ -20,7 +20,7 @@ from ..hooks import first_tensor, run_with_cache
 from ..models import has_layout, no_grad_analysis
 from ..symmetry import (InterpretationShift, InvarianceReport, NeuronMatching, Site, Transform, random_intertwiner,
                         verify)
-from ..symmetry import match_site_units, unit_extremes as _unit_extremes
+from ..symmetry import match_site_units, may_flip, unit_extremes as _unit_extremes
 from ..symmetry import site_observation, site_units
 from ..symmetry import unit_activations as _unit_activations
 from ..models import eval_mode
@@ -61,17 +61,26 @@ def unit_traces(model: nn.Module, site: Site, inputs: torch.Tensor, unit: int) -
     return site_units(cache.calls(o.name)[o.call], site, o, has_layout(model))[:, unit].double()
 
 
-def correlation(before: torch.Tensor, after: torch.Tensor) -> torch.Tensor:
+def correlation(before: torch.Tensor, after: torch.Tensor, before_min: Optional[torch.Tensor] = None,
+                after_min: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Pearson r between every unit after (rows) and every unit before (columns): ``[C, C]`` from two ``[N, C]``.
 
-    A unit that never varies (a dead ReLU) correlates 0 with everything rather than NaN.
+    A unit that never varies (a dead ReLU) correlates 0 with everything rather than NaN. With each example's
+    smallest values too (scores pooled over positions at a site whose group can flip signs), a pair is
+    compared on (largest, smallest) both as it is and flipped — a flipped unit's largest values are the old
+    smallest, negated, which its old largest values do not predict — and the larger |r| is kept: an exact
+    flip shows r = −1, as ``wb.symmetry.match_site_units`` sees it.
     """
     def standard(x):
         x = x - x.mean(0, keepdim=True)
         norm = x.norm(dim=0, keepdim=True)
         return torch.where(norm > 0, x / norm.clamp_min(1e-300), torch.zeros_like(x))
 
-    return standard(after).T @ standard(before)
+    if before_min is None or after_min is None:
+        return standard(after).T @ standard(before)
+    b = standard(torch.cat([after, after_min]))
+    kept, flipped = b.T @ standard(torch.cat([before, before_min])), b.T @ standard(torch.cat([before_min, before]))
+    return torch.where(flipped.abs() > kept.abs(), flipped, kept)
 
 
 @dataclass(repr=False)
@@ -79,7 +88,8 @@ class ExplorerResult(Report):
     """One Apply of the explorer: a random element at one site, verified, and how the units moved.
 
     ``correlation[u, v]`` is Pearson's r between unit ``u`` of the transformed model and unit ``v``
-    of the original (per-example scores); ``matching.perm[u]`` is the original unit matched to ``u``.
+    of the original (per-example scores; at a site whose group can flip signs, a flipped unit counts
+    as r = −1, see :func:`correlation`); ``matching.perm[u]`` is the original unit matched to ``u``.
     """
 
     site: str
@@ -186,6 +196,8 @@ def explore(model: nn.Module, site: Site, group: Optional[str], seed: int, sigma
     # as interpretation_shift matches them (without before_min, on the largest values alone)
     matching = match_site_units(before, after, site, before_min=before_min, after_min=after_min[site.name])
     shift = InterpretationShift.from_scores(site.name, before, after, matching.perm, k)
+    # the correlations the matching saw: at a site whose group may flip signs, flips count (r = −1)
+    lows = (before_min, after_min[site.name]) if may_flip(site) else (None, None)
     result = ExplorerResult(site.name, transform.groups[site.name], site.group.name, seed, sigma, transform, report,
-                            matching, correlation(before, after), shift, n_verify, len(inputs))
+                            matching, correlation(before, after, *lows), shift, n_verify, len(inputs))
     return result, new

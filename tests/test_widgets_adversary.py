@@ -1,0 +1,78 @@
+"""Adversarial checks of the widgets: every number they show recomputed here from activations captured with
+plain forward hooks (float64), on models and data built to trip them (sign flips, stale state, NaN)."""
+import re
+
+import pytest
+import torch
+from torch import nn
+
+import workbench as wb
+from workbench.widgets import IntertwinerExplorer
+
+F64 = torch.float64
+
+
+def captured(model: nn.Module, x: torch.Tensor, name: str) -> torch.Tensor:
+    """The output of module ``name`` on ``x``, by a plain forward hook, in eval mode (restored)."""
+    seen = []
+    handle = dict(model.named_modules())[name].register_forward_hook(lambda m, i, o: seen.append(o.detach().clone()))
+    mode = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        handle.remove()
+        model.train(mode)
+    return seen[0].double()
+
+
+def pooled(a: torch.Tensor) -> torch.Tensor:
+    """``[N, C, ...]`` -> each example's largest value per unit, ``[N, C]``."""
+    return a.reshape(a.shape[0], a.shape[1], -1).amax(-1)
+
+
+def shown_rows(explorer) -> list[tuple[str, list[str]]]:
+    """``(title, captions)`` of each row of thumbnails the examples panel shows."""
+    blocks = re.split(r"<div style='margin-bottom:6px'>", explorer.examples_text)[1:]
+    return [(re.search(r"<b>(.*?)</b>", b).group(1), re.findall(r"<figcaption[^>]*>(.*?)</figcaption>", b))
+            for b in blocks]
+
+
+def tanh_cnn() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.Tanh(), nn.Conv2d(6, 4, 3, padding=1),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten()).double()
+
+
+def unit_map(before: torch.Tensor, after: torch.Tensor) -> dict[int, tuple[int, float]]:
+    """``{unit after: (unit before, ±1)}`` found by comparing whole activation maps (exact in float64)."""
+    found = {}
+    for i in range(after.shape[1]):
+        for j in range(before.shape[1]):
+            for s in (1.0, -1.0):
+                if torch.allclose(after[:, i], s * before[:, j], rtol=0, atol=1e-12):
+                    found[i] = (j, s)
+    return found
+
+
+def test_flipped_conv_units_show_r_minus_one_and_a_negative_scale():
+    """At a tanh conv site an exact signed permutation flips units; the per-image maxima of a flipped unit are
+    the old minima negated, so their plain Pearson r with the old maxima is anything (it showed 0.2 for an
+    exact −1, 'mean |r| on the diagonal 0.288' for a PASS), and the matching reported scale +1 for it."""
+    model = tanh_cnn()
+    x = torch.randn(30, 3, 8, 8, dtype=F64, generator=torch.Generator().manual_seed(1))
+    explorer = IntertwinerExplorer(model, x, k=5, progress=False)
+    explorer.seed = 2
+    r = explorer.apply()
+    assert r.passed
+    truth = unit_map(captured(model, x, "1"), captured(explorer.new_model, x, "1"))
+    assert len(truth) == 6 and sum(s < 0 for _, s in truth.values()) >= 3  # the seed flips units
+    for after, (before, sign) in truth.items():
+        assert int(r.matching.perm[after]) == before
+        assert float(r.matching.scale[after]) == sign
+        assert float(r.correlation[after, before]) == pytest.approx(sign, abs=1e-12)
+    assert r.matching.element.group == "diagonal_permutation"
+    assert "mean |r| on the diagonal 1.000" in explorer.heatmap.children[1].children[0].value
+    explorer.unit = truth[0][0]
+    assert f"r = {truth[0][1]:+.3f}" in shown_rows(explorer)[2][0]
