@@ -76,3 +76,41 @@ def test_flipped_conv_units_show_r_minus_one_and_a_negative_scale():
     assert "mean |r| on the diagonal 1.000" in explorer.heatmap.children[1].children[0].value
     explorer.unit = truth[0][0]
     assert f"r = {truth[0][1]:+.3f}" in shown_rows(explorer)[2][0]
+
+
+def relu_mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(5, 12), nn.ReLU(), nn.Linear(12, 2)).double()
+
+
+def test_weights_changed_after_opening_are_scored_again():
+    """The explorer scores the original model once; after an optimiser step the panel showed the old top examples
+    and an exact symmetry showed matched overlap 0.38 (the training's shift, compared as the transform's)."""
+    model = relu_mlp()
+    x = torch.randn(40, 5, dtype=F64, generator=torch.Generator().manual_seed(2))
+    explorer = IntertwinerExplorer(model, x, k=5, progress=False)
+    assert explorer.apply().shift.overlap_matched.min() == 1.0
+    optimiser = torch.optim.SGD(model.parameters(), lr=0.5)
+    for _ in range(5):
+        optimiser.zero_grad()
+        model(x).pow(2).sum().backward()
+        optimiser.step()
+    hand = captured(model, x, "1")
+    explorer.unit = 3  # a redraw: the top examples of the model as it is now
+    assert explorer.result is None and "scored again" in explorer.badge.value
+    for u in range(12):
+        explorer.unit = u
+        assert shown_rows(explorer)[0][1] == [f"#{i}" for i in hand[:, u].topk(5).indices.tolist()]
+    r = explorer.apply()
+    assert r.passed and r.shift.overlap_matched.min() == 1.0
+    assert torch.equal(r.shift.top_before, hand.topk(5, dim=0).indices.T)
+    with torch.no_grad():  # a write through .data has no version counter: Apply's hash of the bytes sees it
+        model[0].weight.data.mul_(-1)
+    r = explorer.apply()
+    assert torch.equal(explorer.before["1"], captured(model, x, "1")) and r.shift.overlap_matched.min() == 1.0
+    x.mul_(2)  # the caller's data, edited in place
+    explorer.apply()
+    assert torch.equal(explorer.before["1"], captured(model, x, "1"))
+    model[1] = nn.Tanh()  # another activation: another group, so another explorer
+    with pytest.raises(wb.WorkbenchError, match="modules changed since this explorer opened"):
+        explorer.apply()

@@ -14,6 +14,7 @@ from torch import nn
 from .._errors import InvalidOptionError, WorkbenchError, check_option
 from .._progress import ProgressLike, progress_bar
 from ..groups import GROUP_ALIASES, GROUP_NAMES
+from ..hooks import batch_digest, model_fingerprint
 from ..symmetry import symmetry_map
 from ._base import BackgroundAction, Job, checked_int, html_bundle, int_control, show, shown_text
 from ._compute import ExplorerResult, badge_html, explore, unit_extremes, unit_traces
@@ -103,6 +104,7 @@ class IntertwinerExplorer(BackgroundAction, widgets.VBox):
             raise WorkbenchError(f"wb.symmetry_map found no site in this {type(model).__name__} to transform ({reasons}).")
         # {site: [N, C]}, the original model's unit scores, and their smallest values (for flipped units)
         self.before, self.before_min = self._score_all(progress)
+        self._scored = self._state(full=True)  # what those scores were taken from (see _rescore_if_changed)
         _warm_up()
         self._result: Optional[ExplorerResult] = None
         self._new_model: Optional[nn.Module] = None
@@ -122,6 +124,35 @@ class IntertwinerExplorer(BackgroundAction, widgets.VBox):
             except Exception as exc:  # a shape mismatch deep in torch: say which data did not fit
                 raise InvalidOptionError(f"the model could not run on the data (inputs of shape {tuple(self.inputs.shape)}, "
                                          f"{self.inputs.dtype}): {type(exc).__name__}: {exc}") from exc
+
+    def _state(self, full: bool) -> tuple:
+        """What the cached scores depend on: the model's modules, and every parameter's, buffer's and the data's
+        identity, storage and version counter (an optimiser step, ``load_state_dict`` or an in-place edit moves
+        it); ``full`` adds a hash of their bytes, which also sees writes through ``.data`` (no version counter)."""
+        tensors = [t for _, t in self.model.named_parameters()] + [t for _, t in self.model.named_buffers()]
+        key = (tuple(id(m) for m in self.model.modules()),
+               tuple((id(t), t.data_ptr(), t._version) for t in [*tensors, self.inputs]))
+        if not full:
+            return key, None
+        return key, (model_fingerprint(self.model)["parameters"], batch_digest(self.inputs, full=True))
+
+    def _rescore_if_changed(self, full: bool) -> None:
+        """Score the units again when the model's weights or the data changed since they were scored (an Apply
+        compares the current model's transformed copy with these scores; stale ones showed a shift that was
+        training, not the transform). A model whose modules changed needs a new explorer (its sites may differ)."""
+        key, digest = self._state(full)
+        if key == self._scored[0] and (digest is None or digest == self._scored[1]):
+            return
+        if key[0] != self._scored[0][0]:
+            raise WorkbenchError(f"the {type(self.model).__name__}'s modules changed since this explorer opened, so its "
+                                 f"sites may have too; open a new IntertwinerExplorer on it.")
+        self.before, self.before_min = self._score_all(False)
+        self._scored = self._state(full=True)
+        if getattr(self, "_result", None) is not None:  # a result of the old weights: not comparable any more
+            self._result = self._new_model = None
+            self.heatmap.children = []
+            self.badge.value = ("<i>the model's weights or the data changed since the last Apply: its units were scored "
+                                "again; Apply to transform the model as it is now</i>")
 
     # ------------------------------------------------------------------ the widgets
     def _build(self) -> None:
@@ -225,6 +256,9 @@ class IntertwinerExplorer(BackgroundAction, widgets.VBox):
         ``wait=False`` runs in a worker thread (what the Apply button does) and returns at once;
         ``wait()`` joins it, ``cancel()`` stops it at the next step or batch.
         """
+        if self.job.running:
+            raise WorkbenchError("a run is already in progress; wait() for it or cancel() it first.")
+        self._rescore_if_changed(full=True)
         site = self.smap[self.site]
         group = None if self.group in ("own", site.group.name) else self.group
         seed, sigma = self.seed, self.sigma  # read now: the controls may change while a worker runs
@@ -321,6 +355,8 @@ class IntertwinerExplorer(BackgroundAction, widgets.VBox):
         return rows
 
     def _draw_examples(self) -> None:
+        if not self.job.running:  # (a running Apply reads the scores; it redraws when it ends)
+            self._rescore_if_changed(full=False)
         rows = self._example_rows()
         kind = kind_of(self.inputs)
         bundles = []
