@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import workbench as wb
-from workbench.widgets import IntertwinerExplorer
+from workbench.widgets import IntertwinerExplorer, NeuronBasisProbe
 
 F64 = torch.float64
 
@@ -114,3 +114,46 @@ def test_weights_changed_after_opening_are_scored_again():
     model[1] = nn.Tanh()  # another activation: another group, so another explorer
     with pytest.raises(wb.WorkbenchError, match="modules changed since this explorer opened"):
         explorer.apply()
+
+
+def table_column(html_text: str, column: int) -> list[str]:
+    return [re.findall(r"<td>(.*?)</td>", row)[column] for row in re.findall(r"<tr>\s*(<td>.*?)</tr>", html_text, re.S)]
+
+
+def test_a_control_moved_during_a_background_run_is_not_shown_the_old_result():
+    """A Run/Apply reads its settings when it starts; moving a control while the worker ran left the panels showing
+    the old concept's best units (no concept named) under the new concept's name, and the message 'done in'."""
+    from sklearn.metrics import roc_auc_score
+
+    g = torch.Generator().manual_seed(3)
+    even, third = torch.arange(60) % 2 == 0, torch.arange(60) % 3 == 0
+    acts = torch.randn(60, 6, dtype=F64, generator=g)
+    acts[:, 2] += 2 * even
+    acts[:, 4] -= 2 * third
+    probe = NeuronBasisProbe(acts, {"even": even, "third": third}, n_bases=9, progress=False)
+
+    def move(change):  # the worker entered its second step: the user picks another concept
+        if change["new"] == 2:
+            probe.concept = "third"
+
+    probe.job.bar.observe(move, "value")
+    probe.run(wait=False)
+    probe.wait(120)
+    probe.job.bar.unobserve(move, "value")
+    assert probe.concept == "third" and probe.result.concept == "third" and "from the cache" in probe.message.value
+    auroc = torch.tensor([roc_auc_score(third.numpy(), acts[:, u].numpy()) for u in range(6)], dtype=F64)
+    best = (auroc - 0.5).abs().argsort(descending=True).tolist()
+    assert "for concept third at layer acts" in probe.units.value and [int(u) for u in table_column(probe.units.value, 0)] == best
+    assert probe.result.observed == pytest.approx(float((auroc - 0.5).abs().max()), abs=1e-12)
+
+    explorer = IntertwinerExplorer(relu_mlp(), torch.randn(30, 5, dtype=F64, generator=g), k=4, progress=False)
+
+    def reseed(change):
+        if change["new"] == 2:
+            explorer.seed = 9
+
+    explorer.job.bar.observe(reseed, "value")
+    explorer.apply(wait=False)
+    explorer.wait(120)
+    assert explorer.result.seed == 0 and explorer.seed == 9
+    assert "seed 0" in explorer.badge.value and "settings changed" in explorer.message.value

@@ -262,6 +262,7 @@ class IntertwinerExplorer(BackgroundAction, widgets.VBox):
         site = self.smap[self.site]
         group = None if self.group in ("own", site.group.name) else self.group
         seed, sigma = self.seed, self.sigma  # read now: the controls may change while a worker runs
+        self._applied = self._settings()
         return self._launch(lambda check: explore(self.model, site, group, seed, sigma, self.inputs, self.before[site.name],
                                                   verify_examples=self.verify_examples, batch_size=self.batch_size,
                                                   k=self.k, check=check, before_min=self.before_min[site.name]), wait)
@@ -272,6 +273,11 @@ class IntertwinerExplorer(BackgroundAction, widgets.VBox):
         self.badge.value = badge_html(self._result.passed) + html.escape(self._result.evidence())
         self._draw_heatmap()
         self._draw_examples()
+        if self._settings() != self._applied:  # a control moved while the worker ran: this is not its result
+            self._mark_stale()
+
+    def _settings(self) -> tuple:
+        return self.site, self.group, self.seed, self.sigma
 
     def _mark_stale(self) -> None:
         if self._result is not None:

@@ -393,12 +393,18 @@ class NeuronBasisProbe(BackgroundAction, widgets.VBox):
     def _done(self, value) -> None:
         self._show(value)
         self.message.value = f"<i>done in {self.job.seconds:.2f} s</i>"
+        if (value.layer, value.concept, value.n_bases, value.seed) != (self.layer, self.concept, self.n_bases, self.seed):
+            self._answer()  # a control moved while the worker ran: show its setting (cached now, or say Run)
 
     def _changed(self) -> None:
         """A control moved: answer at once from the cache, or say that Run will compute it."""
         if self.job.running:
             self.message.value = "<i>settings changed — Run again when this run ends</i>"
-        elif self.ready:
+        else:
+            self._answer()
+
+    def _answer(self) -> None:
+        if self.ready:
             self._show(self.data.report(self.layer, self.concept, self.n_bases, self.seed, self.k))
             self.message.value = "<i>from the cache</i>"
         else:
@@ -414,6 +420,7 @@ class NeuronBasisProbe(BackgroundAction, widgets.VBox):
                        for f, v in r.null.items())
         self.verdict.value = (f"<div class='wb-probe-verdict'>{html.escape(r.summary())}<table><tr><th>family</th><th>p</th>"
                               f"<th>z</th><th>null mean</th></tr>{rows}</table></div>")
-        self.units.value = (f"<div style='font-size:11px'><b>best units</b> (|AUROC − 0.5|)"
+        self.units.value = (f"<div style='font-size:11px'><b>best units</b> for concept {html.escape(r.concept)} at "
+                            f"layer {html.escape(r.layer)} (|AUROC − 0.5|)"
                             f"{r.units_frame().to_html(index=False, float_format=fmt, border=0)}</div>")
         show(self.histogram, [render(lambda fig: _draw_histogram(fig.add_axes((0.12, 0.16, 0.84, 0.74)), r), (5.2, 3.0))])
