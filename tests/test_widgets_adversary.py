@@ -157,3 +157,17 @@ def test_a_control_moved_during_a_background_run_is_not_shown_the_old_result():
     explorer.wait(120)
     assert explorer.result.seed == 0 and explorer.seed == 9
     assert "seed 0" in explorer.badge.value and "settings changed" in explorer.message.value
+
+
+def test_nan_activations_are_refused_not_ranked_first():
+    """torch.topk puts NaN above every number: an example with a NaN input headed every unit's top examples."""
+    x = torch.randn(30, 5, dtype=F64, generator=torch.Generator().manual_seed(4))
+    x[7, 0] = float("nan")
+    with pytest.raises(wb.InvalidOptionError, match=r"site '1' are NaN or infinite on examples \[7\] \(of 30\)"):
+        IntertwinerExplorer(relu_mlp(), x, progress=False)
+    x[7, 0] = 0.0
+    model = relu_mlp()
+    with torch.no_grad():
+        model[0].weight[4, 0] = float("inf")  # inf · 0 on example 7 only is NaN; elsewhere ±inf
+    with pytest.raises(wb.InvalidOptionError, match=r"NaN or infinite on examples \[0, 1, 2"):
+        IntertwinerExplorer(model, x, progress=False)

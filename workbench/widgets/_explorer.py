@@ -118,12 +118,19 @@ class IntertwinerExplorer(BackgroundAction, widgets.VBox):
         batches = math.ceil(len(self.inputs) / self.batch_size)
         with progress_bar(total=batches, desc="scoring units", unit="batch", progress=progress, leave=False) as bar:
             try:
-                return unit_extremes(self.model, self.smap.sites, self.inputs, batch_size=self.batch_size, bar=bar)
+                top, low = unit_extremes(self.model, self.smap.sites, self.inputs, batch_size=self.batch_size, bar=bar)
             except WorkbenchError:
                 raise
             except Exception as exc:  # a shape mismatch deep in torch: say which data did not fit
                 raise InvalidOptionError(f"the model could not run on the data (inputs of shape {tuple(self.inputs.shape)}, "
                                          f"{self.inputs.dtype}): {type(exc).__name__}: {exc}") from exc
+        for name, scores in top.items():  # NaN sorts above every number: it would head every unit's "top" examples
+            bad = ~(torch.isfinite(scores).all(1) & torch.isfinite(low[name]).all(1))
+            if bool(bad.any()):
+                raise InvalidOptionError(f"the model's activations at site {name!r} are NaN or infinite on examples "
+                                         f"{bad.nonzero().flatten()[:10].tolist()} (of {len(scores)}); top examples and "
+                                         f"matching need finite values: drop those examples or fix the model.")
+        return top, low
 
     def _state(self, full: bool) -> tuple:
         """What the cached scores depend on: the model's modules, and every parameter's, buffer's and the data's
