@@ -173,3 +173,13 @@ def test_bad_input_says_what_is_wrong():
     with pytest.raises(wb.WorkbenchError, match="family"):
         NeuronBasisProbe(acts, concepts, n_bases=3, progress=False).run().p_value("permutation")
     assert "best unit" not in shown_text(probe.histogram)
+
+
+def test_without_javascript_the_probe_says_what_it_shows():
+    acts, concepts = planted()
+    probe = NeuronBasisProbe(acts, concepts, n_bases=9, seed=3, progress=False)
+    probe.concept = "planted"
+    text = probe._repr_mimebundle_()["text/plain"]  # (ipywidgets' default: the first 110 characters of its HTML)
+    assert text == "NeuronBasisProbe(layer 'acts', concept 'planted', 9 bases: not run yet)"
+    assert probe.run().best_units[0] == 5
+    assert probe._repr_mimebundle_()["text/plain"] == "NeuronBasisProbe(layer 'acts', concept 'planted', 9 bases: best unit 5)"

@@ -306,3 +306,18 @@ def test_a_click_on_a_heatmap_cell_shows_that_unit(explorer):
     assert f"unit {unit}" in explorer.examples_text
     with pytest.raises(wb.InvalidOptionError, match="outside the heatmap"):
         explorer.click_cell("same", 0, 10_000)
+
+
+def test_without_javascript_each_widget_says_what_it_shows(explorer, cache):
+    # A front end without the widgets' JavaScript (nbconvert to text, a terminal console) shows the text/plain of the
+    # mime bundle: ipywidgets' default is the first 110 characters of the children's HTML (a <style> block).
+    text = explorer._repr_mimebundle_()["text/plain"]
+    assert text == f"IntertwinerExplorer(site {explorer.site!r}, group 'own', seed 0: not applied yet; 2 sites)"
+    explorer.seed = 4
+    assert explorer.apply().passed
+    assert explorer._repr_mimebundle_()["text/plain"] == f"IntertwinerExplorer(site {explorer.site!r}, group 'own', seed 4: PASS; 2 sites)"
+    explorer.group = "orthogonal"
+    assert not explorer.apply().passed and ": FAIL;" in explorer._repr_mimebundle_()["text/plain"]
+    browser = CacheBrowser(cache)
+    browser.view = "histogram"
+    assert browser._repr_mimebundle_()["text/plain"] == f"CacheBrowser({len(cache)} names; showing {browser.name!r} as a histogram)"

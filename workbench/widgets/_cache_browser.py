@@ -92,6 +92,10 @@ class CacheBrowser(widgets.VBox):
             shape = ("×".join(map(str, t.shape)) or "scalar") if human else tuple(t.shape)
             yield n, shape, str(t.dtype).replace("torch.", ""), calls, human_bytes(size) if human else size
 
+    def __repr__(self) -> str:
+        # The text a front end without the widget's JavaScript shows (ipywidgets' own repr is its children's HTML).
+        return f"CacheBrowser({len(self._tensors)} names; showing {self.name!r} as a {self.view})"
+
     @property
     def table(self):
         """One row per name: shape, dtype, calls and bytes (a pandas DataFrame)."""

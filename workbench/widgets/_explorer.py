@@ -203,6 +203,12 @@ class IntertwinerExplorer(BackgroundAction, widgets.VBox):
                 widgets.HBox([self._unit, widgets.HTML("<i>top examples of this unit, before and after</i>")]), self.examples]
 
     # ------------------------------------------------------------------ state, readable and settable
+    def __repr__(self) -> str:
+        # The text a front end without the widget's JavaScript shows (ipywidgets' own repr is its children's HTML, and
+        # it cuts any repr at 110 characters: the state first, ``result.summary()`` has the numbers).
+        last = ("PASS" if self._result.passed else "FAIL") if self._result is not None else "not applied yet"
+        return f"IntertwinerExplorer(site {self.site!r}, group {self.group!r}, seed {self.seed}: {last}; {len(self.smap)} sites)"
+
     @property
     def site(self) -> str:
         return self._site.value

@@ -351,6 +351,12 @@ class NeuronBasisProbe(BackgroundAction, widgets.VBox):
         return [title, controls, actions, self.verdict, widgets.HBox([self.histogram, self.units])]
 
     # ------------------------------------------------------------------ state, readable and settable
+    def __repr__(self) -> str:
+        # The text a front end without the widget's JavaScript shows (ipywidgets' own repr is its children's HTML, and
+        # it cuts any repr at 110 characters: the state first, ``result.summary()`` has the numbers).
+        last = f"best unit {self.result.best_units[0]}" if self.result is not None else "not run yet"
+        return f"NeuronBasisProbe(layer {self.layer!r}, concept {self.concept!r}, {self.n_bases} bases: {last})"
+
     @property
     def layer(self) -> str:
         return self._layer.value
