@@ -305,7 +305,9 @@ def _boot(model: nn.Module, dtype: torch.dtype) -> nn.Module:
         else:
             raise InvalidOptionError(f"cannot rebuild a {type(model).__name__} (kind {kind.value!r}) from weights; "
                                      f"rebuilt are HookedTransformer, native bridges and mapped Hugging Face bridges.")
-    if next(new.parameters()).dtype != dtype:
+    # every parameter, not the first: TransformerLens 3's mixture of experts builds its experts and router as
+    # nn.Linear in the default dtype whatever cfg.dtype says
+    if any(p.dtype != dtype for p in new.parameters()):
         import contextlib
         import io
 

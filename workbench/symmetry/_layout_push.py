@@ -29,10 +29,12 @@ def push_transformer(model: nn.Module, smap: SymmetryMap, transform, inplace: bo
     Each weight is read from the original and written into the new model's own tensor, one weight
     (or one slice of a large one) at a time.
     """
-    from ..models import ModelKind, hf, model_kind
+    from ..models import ModelKind, model_kind
+
+    from ._layout_sites import unsupported
 
     kind = model_kind(model)
-    if kind in (ModelKind.HF, ModelKind.HF_BRIDGE) and (reason := hf.unsupported(model)):
+    if reason := unsupported(model):
         raise UnsupportedModelError(reason)  # the map was empty for this reason: nothing is written
     if inplace and kind == ModelKind.HF_BRIDGE:
         raise InvalidOptionError("inplace=True cannot transform a live bridge around a Hugging Face model: the bridge "

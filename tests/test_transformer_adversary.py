@@ -1,0 +1,100 @@
+"""TransformerLens configuration switches against the symmetry map, the transform and verify, checked directly.
+
+Each model is small (d_model 32, 2 layers), random and float64, with every parameter that a fresh model holds constant
+(norm gains, biases, attention sinks) made random, so that a weight the transform forgets to move shows. Function
+preservation is computed here (log-probabilities of both models, relative 1e-10), never by asking ``wb.verify``.
+Runs on TransformerLens 4's native bridges and, in the second pass, on 3.9's HookedTransformer; a switch that one
+version does not build is checked for what that version does with it.
+"""
+import warnings
+
+import pytest
+import torch
+
+import workbench as wb
+from conftest import has_hooked_transformer, make_transformer
+from workbench.symmetry._layout_push import clone
+
+pytestmark = [pytest.mark.transformer, pytest.mark.filterwarnings("ignore")]
+
+TOL = 1e-10
+ROTARY_RMS = dict(normalization_type="RMS", positional_embedding_type="rotary")
+
+
+def randomised(model, seed=0):
+    """Every parameter a fresh model holds constant (all ones: a gain; all zeros: a bias, a sink) made random."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, p in model.named_parameters():
+            if p.numel() and bool((p == 1).all()):
+                p.copy_(1 + 0.3 * torch.randn(p.shape, generator=g))
+            elif p.numel() and bool((p == 0).all()):
+                p.copy_(0.2 * torch.randn(p.shape, generator=g))
+    return model
+
+
+def built(seed=0, **cfg):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return clone(randomised(make_transformer(**cfg), seed), torch.float64)
+
+
+def tokens(n=3, pos=10, seed=0):
+    return torch.randint(0, 40, (n, pos), generator=torch.Generator().manual_seed(seed))
+
+
+def rel(model, new, x=None):
+    """The largest difference of the two models' log-probabilities, relative to each row's largest magnitude."""
+    x = tokens() if x is None else x
+    with torch.no_grad():
+        a, b = model(x).log_softmax(-1), new(x).log_softmax(-1)
+    return float(((a - b).abs() / a.abs().amax(-1, keepdim=True)).max())
+
+
+def exact(model, seed=3):
+    """A random element of the map's groups: the function is preserved (computed here) and verify says so."""
+    new, t = wb.random_intertwiner(model, seed=seed)
+    assert rel(model, new) <= TOL
+    report = wb.verify(model, new, tokens(), transform=t)
+    assert report.passed, report.to_frame()
+    return new, t
+
+
+def test_lens_switches_that_are_not_derived_are_refused_by_name():
+    """TransformerLens 3's clip_qkv clamps q, k and v coordinatewise (the QK and OV maps do not commute with it: a GL
+    element changed the log-probabilities by 0.12) and its mixture of experts keeps its experts outside the canonical
+    layout (the map raised KeyError 'blocks.0.mlp.W_in'; a float64 copy kept the experts in float32, so even measuring
+    the rotary pairs failed in the model's own forward): each refuses the whole model by name, as Hugging Face OLMo's
+    clip_qkv is, and a transform raises that reason. Shortformer positions were already in the map's reason but a
+    transform returned an unchanged copy; it raises now too. TransformerLens 4's native models take neither switch
+    (clip_qkv is no config field; num_experts builds a dense MLP, read as usual)."""
+    cases = {"shortformer": (dict(positional_embedding_type="shortformer"), "shortformer")}
+    if has_hooked_transformer():
+        cases["clip_qkv"] = (dict(clip_qkv=0.05), "clip_qkv=0.05")
+        cases["moe"] = (dict(num_experts=4, experts_per_token=2, gated_mlp=True, act_fn="silu", **ROTARY_RMS), "num_experts=4")
+    else:
+        with pytest.raises(TypeError, match="clip_qkv"):
+            make_transformer(clip_qkv=0.05)
+        with pytest.raises(ValueError, match="shortformer"):
+            make_transformer(positional_embedding_type="shortformer")
+        del cases["shortformer"]
+        dense = built(num_experts=4, experts_per_token=2, gated_mlp=True, act_fn="silu")
+        assert not any("experts" in k for k in dense.state_dict())
+        exact(dense)
+    for label, (cfg, why) in cases.items():
+        model = built(**cfg)
+        smap = wb.symmetry_map(model)
+        assert len(smap) == 0 and why in smap.skipped[0][1], (label, smap.skipped)
+        with pytest.raises(wb.UnsupportedModelError, match=why):
+            wb.random_intertwiner(model, seed=0)
+
+
+def test_a_float64_copy_of_a_lens_mixture_of_experts_is_float64_throughout():
+    """Rebuilding a model in another dtype cast it only when its first parameter was of another dtype: TransformerLens
+    3's experts and router (nn.Linear, made in the default dtype whatever cfg.dtype says) stayed float32 inside a
+    float64 copy, whose forward then failed."""
+    cfg = dict(num_experts=4, experts_per_token=2, gated_mlp=True, act_fn="silu")
+    model = clone(make_transformer(**cfg), torch.float64)
+    assert {p.dtype for p in model.parameters()} == {torch.float64}
+    with torch.no_grad():
+        assert model(tokens()).dtype == torch.float64
