@@ -98,3 +98,24 @@ def test_a_float64_copy_of_a_lens_mixture_of_experts_is_float64_throughout():
     assert {p.dtype for p in model.parameters()} == {torch.float64}
     with torch.no_grad():
         assert model(tokens()).dtype == torch.float64
+
+
+@pytest.mark.parametrize("kv", [None, 2])
+def test_attention_sinks_move_with_their_heads(kv):
+    """TransformerLens 3's use_attention_sinks (GPT-OSS's) gives each query head a learned logit in its softmax: a head
+    permutation that left the sinks in place changed the log-probabilities by 8e-3 (4e-2 under grouped-query
+    attention), which verify FAILed as a transform the map had claimed. The sinks now move with their heads; the
+    negative control puts the original's sinks back into the transformed copy, which must change the function.
+    TransformerLens 4's native models have no sinks (no such config field)."""
+    if not has_hooked_transformer():
+        with pytest.raises(TypeError, match="use_attention_sinks"):
+            make_transformer(use_attention_sinks=True)
+        return
+    model = built(use_attention_sinks=True, n_key_value_heads=kv)
+    new, t = exact(model)
+    sinks = [k for k in model.state_dict() if k.endswith("attn.sinks")]
+    assert sinks and any(not torch.equal(model.state_dict()[k], new.state_dict()[k]) for k in sinks)
+    with torch.no_grad():
+        for k in sinks:
+            new.get_parameter(k).copy_(model.get_parameter(k))
+    assert rel(model, new) > 1e-4

@@ -217,6 +217,8 @@ def _head_sites(a: str, H: int, K: int, W: dict, see, skipped: list) -> list[Sit
     # one q/k norm over every head's values (OLMo 2) has a gain per head, [heads, d_head]: it moves with its head
     # (a per-head norm's one gain, Qwen3's, serves every head and stays)
     q_norm, k_norm = (("q_norm.w",), ("k_norm.w",)) if W.get(f"{a}.q_norm.w", torch.empty(0)).ndim == 2 else ((), ())
+    # TransformerLens 3's attention sinks (GPT-OSS's): a learned logit per query head, [heads], joining its softmax
+    q_norm += ("sinks",) if f"{a}.sinks" in W else ()
     kv = ("W_K", "b_K", "W_V", "b_V", *k_norm)
     sites = []
     if K > 1:
