@@ -119,3 +119,79 @@ def test_attention_sinks_move_with_their_heads(kv):
         for k in sinks:
             new.get_parameter(k).copy_(model.get_parameter(k))
     assert rel(model, new) > 1e-4
+
+
+@pytest.fixture
+def rms_in_float64(monkeypatch):
+    """TransformerLens 4's native RMSNorm computes in float32 (as Hugging Face's does), so no float64 comparison of its
+    models goes below ~1e-7; patched to compute in the input's dtype (the same function), an exact symmetry is exact to
+    1e-10 and any other changes the function by far more."""
+    if not has_hooked_transformer():
+        from transformer_lens.model_bridge.sources.native import model as native
+
+        monkeypatch.setattr(native.NativeRMSNorm, "forward",
+                            lambda self, x: self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)))
+
+
+def _forced(model, site, group, seed=0):
+    return wb.random_intertwiner(model, seed=seed, sites=[site], group=group, allow_non_symmetry=True)
+
+
+# final_rms: the final norm is an RMSNorm whatever the blocks' are; TransformerLens 4 gives it a gain even with no block
+# norms, TransformerLens 3 builds no final norm then
+FINAL_RMS_GROUP = {None: ("gl", "signed_permutation"), "LN": "permutation", "LNPre": "orthogonal_ones",
+                   "RMS": "signed_permutation", "RMSPre": "orthogonal"}
+
+
+@pytest.mark.parametrize("norm", list(FINAL_RMS_GROUP))
+def test_final_rms_norm_bounds_the_stream_group(norm, rms_in_float64):
+    """With normalization_type=None and final_rms=True, TransformerLens 4's native model ends in an RMSNorm with a gain,
+    but the map gave the stream GL (from the blocks' None): a random element changed the log-probabilities by 2.4. The
+    stream now takes what every norm on it passes; an element of the next larger group (GL) must change the function."""
+    model = built(normalization_type=norm, final_rms=True)
+    want = FINAL_RMS_GROUP[norm]
+    want = want if isinstance(want, str) else want[not has_hooked_transformer()]
+    resid = wb.symmetry_map(model)["resid"]
+    assert resid.group.name == want
+    exact(model)
+    if want != "gl":
+        new, _ = _forced(model, "resid", "gl")
+        assert rel(model, new) > 1e-3
+    if norm is None and want == "signed_permutation":  # folded: the final norm's gain in the unembedding, any rotation
+        folded = wb.fold_layernorm(model)
+        assert rel(model, folded) <= TOL and wb.symmetry_map(folded)["resid"].group.name == "orthogonal"
+        exact(folded)
+        new, _ = _forced(folded, "resid", "gl")
+        assert rel(folded, new) > 1e-3
+
+
+def test_verify_measures_a_float32_final_rms_norm_as_the_floor():
+    """TransformerLens 4's final_rms RMSNorm computes in float32 under LayerNorm blocks: verify rounded the stream only
+    where normalization_type said RMS, so an exact transform of a float64 model FAILed (7e-8 against 1e-10). It now
+    rounds the final norm's input; a non-symmetry still FAILs. TransformerLens 3 computes it in float64: exact."""
+    model = built(normalization_type="LN", final_rms=True)
+    new, t = wb.random_intertwiner(model, seed=3)
+    d = rel(model, new)
+    assert d <= (TOL if has_hooked_transformer() else 1e-6)
+    assert wb.verify(model, new, tokens(), transform=t).passed
+    bad, tb = _forced(model, "resid", "gl")
+    assert not wb.verify(model, bad, tokens(), transform=tb).passed
+
+
+@pytest.mark.parametrize("norm", ["LN", "LNPre", "RMS", "RMSPre", None])
+def test_post_embedding_layernorm_moves_with_the_stream(norm, rms_in_float64):
+    """TransformerLens 3's post_embedding_ln (a LayerNorm with gain and bias on the token embedding, whatever the
+    blocks' norms) was not read as a norm on the stream: its gain and bias stayed while the stream was permuted
+    (log-probabilities off by 0.26), and under RMS or LNPre blocks the stream kept signed permutations or rotations
+    that a LayerNorm with a gain does not pass. It is now the embedding norm on the stream (as BLOOM's): the stream
+    takes permutations, and a signed permutation (the next larger group under RMS blocks) must change the function.
+    TransformerLens 4's native models build no such norm."""
+    model = built(normalization_type=norm, post_embedding_ln=True)
+    if not has_hooked_transformer():
+        assert not any("embed" in k and "ln" in k for k in model.state_dict())
+        exact(model)
+        return
+    assert wb.symmetry_map(model)["resid"].group.name == "permutation"
+    exact(model)
+    new, _ = _forced(model, "resid", "signed_permutation")
+    assert rel(model, new) > 1e-3

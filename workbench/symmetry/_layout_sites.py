@@ -35,6 +35,7 @@ from ..groups import get_group
 from ..models import ModelKind, canonical_views, hf, model_kind, read_weights, shape_facts
 from . import _layout_moe as moe
 from . import _layout_pool as pool
+from ._lattice import generators, restrict
 from ._rotary_pairs import rotary_pairs
 from ._sites import Observation, Port, Site, SymmetryMap
 
@@ -69,6 +70,20 @@ def norm_keys(weights: dict) -> list[str]:
     writer moved by s·P·D, s·P·D·diag(λ) = diag(P·λ)·s·P·D, so λ ↦ P·λ; a dense map passes only where λ is 1."""
     return [k for k in weights if k.rpartition(".")[0].rpartition(".")[2] in ("ln1", "ln2", "ln1_post", "ln2_post", "ls1", "ls2")
             or k.startswith("ln_final.") or k.startswith("embed_ln.")]
+
+
+def final_norm(model: nn.Module):
+    """The kind of the final norm (a key of ``_NORMS``), as the blocks' unless a TransformerLens model's ``final_rms``
+    makes it an RMSNorm: with a gain where the model has ``ln_final.w`` (TransformerLens 4's native models give one even
+    with no block norms), else without (the blocks' norms have none), or none at all (TransformerLens 3 builds no final
+    norm without block norms)."""
+    cfg = hf.config(model)
+    norm = getattr(cfg, "normalization_type", None)
+    if model_kind(model) in _HF or not getattr(cfg, "final_rms", False):
+        return norm
+    if "ln_final.w" in (canonical_views(model) or read_weights(model)):
+        return "RMS"
+    return None if norm is None else "RMSPre"
 
 
 def is_folded(weights: dict, offset: float = 0.0) -> bool:
@@ -248,6 +263,14 @@ def _resid_site(model, cfg, W: dict, L: int, see) -> Site:
     offset = hf.gain_offset(model)
     folded = is_folded(W, offset) and not post_ln
     group = get_group("permutation" if post_ln else _NORMS[norm][folded], int(cfg.d_model))
+    best = get_group(_NORMS[norm][1], int(cfg.d_model))  # with every gain 1
+    final = final_norm(model)
+    # Norms on the stream of another kind than the blocks': each passes only its own group (an RMSNorm no shear, a
+    # LayerNorm no sign flip of one coordinate), so the stream takes what all of them pass
+    others = ([final] if final != norm and final is not None else []) + (["LN"] if "embed_ln.w" in W else [])
+    for other in others:
+        group = restrict(group, generators(get_group(_NORMS[other][folded], group.n)))
+        best = restrict(best, generators(get_group(_NORMS[other][1], group.n)))
     tied = bool(getattr(cfg, "tie_word_embeddings", False)) and "embed.W_E" in W and "project_in.W" not in W
     notes = []
     if post_ln:
@@ -257,16 +280,19 @@ def _resid_site(model, cfg, W: dict, L: int, see) -> Site:
                          "beyond P, a post-LN stream with such a head is not derived")
         else:
             notes.append(_POST_LN_MORE)
-    elif _NORMS[norm][1] != group.name and "embed_ln.w" in W:  # a pre-LN stream whose first state is a norm's output
-        # (CLIP's pre_layrnorm, BLOOM's word_embeddings_layernorm): no reader takes its gain (docs/DERIVATIONS.md §10, CLIP)
+    elif best.name != group.name and "embed_ln.w" in W:  # a pre-LN stream whose first state is a norm's output
+        # (CLIP's pre_layrnorm, BLOOM's word_embeddings_layernorm, TransformerLens 3's post_embedding_ln): no reader takes
+        # its gain (docs/DERIVATIONS.md §10, CLIP)
         notes.append(f"the embeddings' norm (CLIP's pre_layrnorm, BLOOM's word_embeddings_layernorm) sits on the stream: "
-                     f"its gain cannot be folded, so the stream takes {_NORMS[norm][1]} only where that gain is 1 and the "
+                     f"its gain cannot be folded, so the stream takes {best.name} only where that gain is 1 and the "
                      f"other norms are folded")
-    elif _NORMS[norm][1] != group.name:
-        notes.append(f"wb.fold_layernorm(model) would enlarge this to {_NORMS[norm][1]}")
+    elif best.name != group.name:
+        notes.append(f"wb.fold_layernorm(model) would enlarge this to {best.name}")
+    if final != norm:
+        notes.append(f"the final norm is {final or 'absent'} (final_rms), the blocks' {norm}: the stream takes what both pass")
     if norm in ("LN", "LNPre") and not post_ln and "embed_ln.w" in W:
         notes.append(_EMBED_LN_MORE)
-    elif norm in ("LN", "LNPre") and not post_ln:
+    elif norm in ("LN", "LNPre") and final == norm and not post_ln:
         if tied and group.name == "permutation":
             notes.append("tied embeddings: the exact group is s·P (a global sign passes the final norm); the sign is "
                          "not sampled here")
