@@ -195,3 +195,24 @@ def test_post_embedding_layernorm_moves_with_the_stream(norm, rms_in_float64):
     exact(model)
     new, _ = _forced(model, "resid", "signed_permutation")
     assert rel(model, new) > 1e-3
+
+
+@pytest.mark.parametrize("norm", ["LN", "RMS"])
+def test_gated_solu_ln_mlp_is_read_as_transformer_lens_runs_it(norm, rms_in_float64):
+    """TransformerLens 3's gated MLP with act_fn="solu_ln" runs LN(solu(x·W_gate))·W_out (a LayerNormPre under other
+    block norms) and never reads W_in: the map gave it a gated MLP's P·D (a random element changed the log-probabilities
+    by 0.64) and verify raised UnknownNameError on hook_pre_linear, which never fires. It is now SoLU's permutation site
+    on the gate; a positive scaling (SoLU's softmax is not scale-equivariant) and the old P·D must change the function.
+    TransformerLens 4's gated MLP bridge puts no norm there: act(gate) ⊙ up, with its P·D."""
+    model = built(act_fn="solu_ln", gated_mlp=True, normalization_type=norm)
+    site = wb.symmetry_map(model)["blocks.0.mlp"]
+    exact(model)
+    if not has_hooked_transformer():
+        assert site.group.name == "diagonal_permutation"
+        new, _ = _forced(model, "blocks.0.mlp", "gl")
+        assert rel(model, new) > 1e-3
+        return
+    assert site.group.name == "permutation"
+    for bigger in ("scaled_permutation", "diagonal_permutation"):
+        new, _ = _forced(model, "blocks.0.mlp", bigger)
+        assert rel(model, new) > 1e-3, bigger

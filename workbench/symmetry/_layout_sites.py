@@ -161,7 +161,7 @@ def transformer_map(model: nn.Module) -> SymmetryMap:
         if moe.is_moe(W, layer):  # a sparse mixture of experts (a dense layer among them is read below)
             sites += moe.sites(W, layer, act or str(getattr(cfg, "act_fn", "silu")), see)
         elif not getattr(cfg, "attn_only", False):
-            mlp = _mlp_site(cfg, W, layer, see, act)
+            mlp = _mlp_site(cfg, W, layer, see, act, hooked=kind == ModelKind.HOOKED)
             if isinstance(mlp, str):  # an activation whose group is not derived: these hidden units stay as they are
                 skipped.append((f"blocks.{layer}.mlp", mlp))
             else:
@@ -343,10 +343,10 @@ def _present(ports: list[Port], W: dict) -> list[Port]:
     return [p for p in ports if p.name in W]
 
 
-def _mlp_site(cfg, W: dict, layer: int, see, act=None):
+def _mlp_site(cfg, W: dict, layer: int, see, act=None, hooked: bool = False):
     """The MLP's hidden units as a site; or, where the model's activation is not in the catalogue (Hugging Face's
     ``gelu_10``, ``laplace``, ``sqrtsoftplus``…), why they are left alone. ``act``: the activation where the layout
-    knows it better than the configuration (``_hf._ACTIVATIONS``)."""
+    knows it better than the configuration (``_hf._ACTIVATIONS``). ``hooked``: a TransformerLens 3 HookedTransformer."""
     from .._errors import InvalidOptionError
     from ..groups import intertwiner_group
 
@@ -354,6 +354,13 @@ def _mlp_site(cfg, W: dict, layer: int, see, act=None):
     act = act or str(getattr(cfg, "act_fn", "gelu"))
     n = W[f"{m}.W_in"].shape[1]
     gated = f"{m}.W_gate" in W
+    if gated and hooked and act.endswith("_ln"):  # TransformerLens 3's gated MLP with SoLU's LayerNorm (LayerNormPre
+        # under other block norms) runs LN(solu(x·W_gate))·W_out and never reads W_in or b_in: SoLU's site on the gate
+        # (W_in and b_in move alike, unread); no hook_pre_linear fires. (4's gated MLP bridge has no such norm.)
+        group, label = get_group("permutation", n), f"{act} on the gate (W_in unread)"
+        writers = [Port(f"{m}.W_gate", "pre", axis=1), Port(f"{m}.W_in", "pre", axis=1), Port(f"{m}.b_in", "pre", axis=0)]
+        return Site(m, n, group, label, f"{m}.hook_post", _present(writers, W), _present([Port(f"{m}.W_out", "post", axis=0)], W),
+                    [(k, "perm") for k in (f"{m}.ln.w", f"{m}.ln.b") if k in W], see.mlp(m, False, True))
     if gated:  # act(gate) ⊙ up: permute both, any nonzero diagonal on the up branch
         group, label = get_group("diagonal_permutation", n), f"gated {act}"
     elif act.startswith("solu"):
