@@ -216,3 +216,26 @@ def test_gated_solu_ln_mlp_is_read_as_transformer_lens_runs_it(norm, rms_in_floa
     for bigger in ("scaled_permutation", "diagonal_permutation"):
         new, _ = _forced(model, "blocks.0.mlp", bigger)
         assert rel(model, new) > 1e-3, bigger
+
+
+@pytest.mark.parametrize("kv", [2, 1])
+def test_ungrouped_query_attention_is_observed_at_its_repeated_heads(kv):
+    """TransformerLens 3's ungroup_grouped_query_attention repeats each key/value head for its query heads before
+    hook_k and hook_v: the stored weights keep n_key_value_heads heads (the transform is the grouped one, exact), but
+    verify observed hook_k/hook_v as n_key_value_heads wide and raised InvalidOptionError ('a permutation of 2 head
+    groups of 1 does not fit an axis of 4 heads'). It observes them at the repeated heads now, every site checked.
+    TransformerLens 4's native models have no such switch."""
+    if not has_hooked_transformer():
+        with pytest.raises(TypeError, match="ungroup_grouped_query_attention"):
+            make_transformer(n_key_value_heads=kv, ungroup_grouped_query_attention=True)
+        return
+    model = built(n_key_value_heads=kv, ungroup_grouped_query_attention=True, **ROTARY_RMS)
+    new, t = wb.random_intertwiner(model, seed=3)
+    assert rel(model, new) <= TOL
+    report = wb.verify(model, new, tokens(), transform=t)
+    frame = report.to_frame()
+    qk = frame[frame.site.str.contains(r"\.qk\.|\.heads")]
+    assert report.passed and len(qk) and (qk.equivariance_error <= TOL).all(), frame
+    with torch.no_grad():  # the keys of one key/value head moved without their queries: the function and the QK site change
+        new.get_parameter("blocks.0.attn._W_K")[0].mul_(2.0)
+    assert rel(model, new) > 1e-6 and not wb.verify(model, new, tokens(), transform=t).passed

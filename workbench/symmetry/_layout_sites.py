@@ -105,7 +105,7 @@ def transformer_map(model: nn.Module) -> SymmetryMap:
     f = shape_facts(cfg)
     L, H, K, dh = int(cfg.n_layers), f["n_heads"], f["n_kv"], f["d_head"]
     r = H // K
-    see = _RawHooks(model, dh) if kind == ModelKind.HF else _LensHooks()
+    see = _RawHooks(model, dh) if kind == ModelKind.HF else _LensHooks(bool(getattr(cfg, "ungroup_grouped_query_attention", False)))
     sites = [_resid_site(model, cfg, W, L, see)]
     if "project_in.W" in W:
         sites.append(_word_site(W, see))
@@ -381,7 +381,12 @@ def _mlp_site(cfg, W: dict, layer: int, see, act=None, hooked: bool = False):
 
 # ---------------------------------------------------------------------- where each site is observed
 class _LensHooks:
-    """TransformerLens hook names (HookedTransformer and bridges)."""
+    """TransformerLens hook names (HookedTransformer and bridges). ``ungrouped``: TransformerLens 3's
+    ungroup_grouped_query_attention, whose hook_k and hook_v show each key/value head once per query head of its group
+    (``repeat_interleave``), so they are observed at those query heads."""
+
+    def __init__(self, ungrouped: bool = False):
+        self.ungrouped = ungrouped
 
     def resid(self, L):
         return [Observation(f"blocks.{layer}.hook_resid_pre", 0, "pre") for layer in range(L)] + \
@@ -390,11 +395,11 @@ class _LensHooks:
     def qk(self, layer, heads, k):
         a = f"blocks.{layer}.attn"
         return [Observation(f"{a}.hook_q", 0, "pre", axis=-1, heads=heads),
-                Observation(f"{a}.hook_k", 0, "dual", axis=-1, heads=(k,))]
+                Observation(f"{a}.hook_k", 0, "dual", axis=-1, heads=heads if self.ungrouped else (k,))]
 
     def ov(self, layer, heads, k):
         a = f"blocks.{layer}.attn"
-        return [Observation(f"{a}.hook_v", 0, "pre", axis=-1, heads=(k,)),
+        return [Observation(f"{a}.hook_v", 0, "pre", axis=-1, heads=heads if self.ungrouped else (k,)),
                 Observation(f"{a}.hook_z", 0, "pre", axis=-1, heads=heads)]
 
     def heads(self, a, heads, r):
@@ -403,7 +408,8 @@ class _LensHooks:
         qs = [Observation(f"{a}.{h}", 0, "heads", axis=-2, block=r if heads is None else 1, heads=heads)
               for h in ("hook_q", "hook_z")] + \
              [Observation(f"{a}.hook_pattern", 0, "heads", axis=1, block=r if heads is None else 1, heads=heads)]
-        kv = [Observation(f"{a}.{h}", 0, "heads", axis=-2) for h in ("hook_k", "hook_v")] if heads is None else []
+        kv = [Observation(f"{a}.{h}", 0, "heads", axis=-2, block=r if self.ungrouped else 1) for h in ("hook_k", "hook_v")
+              ] if heads is None else []  # (within a group its query heads share one key and value: those do not move)
         return qs + kv
 
     def mlp(self, m, gated, solu):
