@@ -239,3 +239,22 @@ def test_ungrouped_query_attention_is_observed_at_its_repeated_heads(kv):
     with torch.no_grad():  # the keys of one key/value head moved without their queries: the function and the QK site change
         new.get_parameter("blocks.0.attn._W_K")[0].mul_(2.0)
     assert rel(model, new) > 1e-6 and not wb.verify(model, new, tokens(), transform=t).passed
+
+
+def test_tie_word_embeddings_in_a_lens_config_ties_nothing_and_the_shear_note_holds():
+    """A TransformerLens model with tie_word_embeddings=True keeps W_E and W_U apart (wb.untie_embeddings says so), but
+    the map's note said the exact group was s·P, leaving out the shear I + 1·aᵀ that every mean-subtracting reader
+    passes. Computed here: a shear of the stream (every writer's output plus (x·a)·1, readers unchanged) is exact."""
+    from workbench.models import read_weights, rebuild
+
+    model = built(tie_word_embeddings=True)
+    W = read_weights(model)
+    assert W["embed.W_E"].data_ptr() != W["unembed.W_U"].data_ptr()
+    notes = " ".join(wb.symmetry_map(model)["resid"].notes)
+    assert "shear" in notes and "tied embeddings" not in notes
+    a = torch.randn(32, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    W = {k: v.clone() for k, v in W.items()}
+    for k in W:
+        if k in ("embed.W_E", "pos_embed.W_pos") or k.endswith(("attn.W_O", "attn.b_O", "mlp.W_out", "mlp.b_out")):
+            W[k] = W[k] + (W[k] @ a)[..., None]  # x ↦ x + (x·a)·1 on the d_model axis (the last)
+    assert rel(model, rebuild(model, W)) <= TOL

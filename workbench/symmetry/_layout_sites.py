@@ -271,7 +271,9 @@ def _resid_site(model, cfg, W: dict, L: int, see) -> Site:
     for other in others:
         group = restrict(group, generators(get_group(_NORMS[other][folded], group.n)))
         best = restrict(best, generators(get_group(_NORMS[other][1], group.n)))
-    tied = bool(getattr(cfg, "tie_word_embeddings", False)) and "embed.W_E" in W and "project_in.W" not in W
+    # (a TransformerLens model never ties W_U to W_E, whatever its config's tie_word_embeddings says: wb.untie_embeddings)
+    tied = (model_kind(model) in _HF and bool(getattr(cfg, "tie_word_embeddings", False)) and "embed.W_E" in W
+            and "project_in.W" not in W)
     notes = []
     if post_ln:
         notes.append("post-LayerNorm: every norm sits on the stream itself, so no folding can enlarge this group")
