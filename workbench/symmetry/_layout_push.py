@@ -18,6 +18,7 @@ from .._threads import in_parallel, threads
 from ..groups import GroupElement, ScaledPermutation, rotary_inverse
 from ..models import blank, canonical_views, finish, read_weights, rebuild, tied_keys, views_like, write_weights
 from ._layout_gathers import HeadPermutation, _gather_run, _gathered  # noqa: F401  (tests import them here)
+from ._layout_refused import unsupported
 from ._sites import Observation, Site, SymmetryMap
 
 
@@ -30,8 +31,6 @@ def push_transformer(model: nn.Module, smap: SymmetryMap, transform, inplace: bo
     (or one slice of a large one) at a time.
     """
     from ..models import ModelKind, model_kind
-
-    from ._layout_sites import unsupported
 
     kind = model_kind(model)
     if reason := unsupported(model):
