@@ -115,6 +115,9 @@ def from_canonical(sd: dict[str, torch.Tensor], cfg: Any) -> dict[str, torch.Ten
 
 # HookedTransformer names grouped-query K/V weights with a leading underscore.
 _HOOKED_GQA = {"W_K": "_W_K", "b_K": "_b_K", "W_V": "_W_V", "b_V": "_b_V"}
+# HookedTransformer's post_embedding_ln (a LayerNorm on the token embedding, ``embed.ln``) under the canonical name of an
+# embedding norm on the stream (BLOOM's word_embeddings_layernorm): canonical key -> HookedTransformer's
+_HOOKED_KEYS = {"embed_ln.w": "embed.ln.w", "embed_ln.b": "embed.ln.b"}
 # Hugging Face models, raw or in a bridge: their layout comes from ``_hf.py``.
 _HF = (ModelKind.HF, ModelKind.HF_BRIDGE)
 
@@ -129,12 +132,13 @@ def read_weights(model: nn.Module) -> dict[str, torch.Tensor]:
     sd = {k: v.detach() for k, v in model.state_dict().items()}
     if kind == ModelKind.HOOKED:
         back = {v: k for k, v in _HOOKED_GQA.items()}
+        renamed = {v: k for k, v in _HOOKED_KEYS.items()}
         out = {}
         for k, v in sd.items():
             base, _, leaf = k.rpartition(".")
             if leaf in ("IGNORE", "mask") or k.endswith(".rotary_sin") or k.endswith(".rotary_cos"):
                 continue
-            out[f"{base}.{back.get(leaf, leaf)}"] = v
+            out[renamed.get(k, f"{base}.{back.get(leaf, leaf)}")] = v
         return out
     return to_canonical(sd, model.cfg)
 
@@ -181,6 +185,7 @@ def write_weights(model: nn.Module, weights: dict[str, torch.Tensor]) -> None:
         params = dict(model.named_parameters())
         written = set()
         for k, v in weights.items():
+            k = _HOOKED_KEYS.get(k, k)
             base, _, leaf = k.rpartition(".")
             alt = f"{base}.{_HOOKED_GQA.get(leaf, leaf)}"
             target = params.get(alt) if alt in params else params.get(k)
@@ -305,7 +310,9 @@ def _boot(model: nn.Module, dtype: torch.dtype) -> nn.Module:
         else:
             raise InvalidOptionError(f"cannot rebuild a {type(model).__name__} (kind {kind.value!r}) from weights; "
                                      f"rebuilt are HookedTransformer, native bridges and mapped Hugging Face bridges.")
-    if next(new.parameters()).dtype != dtype:
+    # every parameter, not the first: TransformerLens 3's mixture of experts builds its experts and router as
+    # nn.Linear in the default dtype whatever cfg.dtype says
+    if any(p.dtype != dtype for p in new.parameters()):
         import contextlib
         import io
 

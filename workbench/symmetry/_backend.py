@@ -325,9 +325,12 @@ class LayoutBackend(Backend):
         kind = model_kind(model)
         if kind in (ModelKind.HF, ModelKind.HF_BRIDGE) and hf.unsupported(model):
             return None  # which parts compute in float32 is read from the layout: none for a refused family
+        from ._layout_sites import final_norm
+
         rms = (str(getattr(hf.config(model), "normalization_type", "") or "").startswith("RMS")
                or (kind in (ModelKind.HF, ModelKind.HF_BRIDGE) and hf.facts(model)["family"] in hf.FLOAT32_NORM_FAMILIES))
-        names = _round_raw(model, rms) if kind == ModelKind.HF else _round_lens(model, inputs, rms)
+        final_rms = str(final_norm(model) or "").startswith("RMS")  # TransformerLens's final_rms under other block norms
+        names = _round_raw(model, rms) if kind == ModelKind.HF else _round_lens(model, inputs, rms, final_rms)
         if not names:
             return None  # verify then measures a trivial symmetry's rounding (_verify_floor.trivial_floor)
         rounding = {n: (lambda x, name: x.float().double()) for n in names}
@@ -338,9 +341,9 @@ class LayoutBackend(Backend):
         return rounded, largest_relative_change(cache, rcache, watched)
 
 
-def _round_lens(model, inputs, rms: bool) -> list[str]:
-    """TransformerLens hook names to round: the stream before each norm (RMSNorm), the attention scores
-    when the model's softmax computes in float32 (its pattern holds only float32 values)."""
+def _round_lens(model, inputs, rms: bool, final_rms: bool = False) -> list[str]:
+    """TransformerLens hook names to round: the stream before each norm (RMSNorm; ``final_rms``: the final norm's
+    only), the attention scores when the model's softmax computes in float32 (its pattern holds only float32 values)."""
     from ..hooks import hook_names, run_with_cache
 
     L = int(model.cfg.n_layers)
@@ -349,6 +352,8 @@ def _round_lens(model, inputs, rms: bool) -> list[str]:
     names = []
     if rms:
         names += [f"blocks.{i}.hook_resid_{w}" for i in range(L) for w in ("pre", "mid")] + [f"blocks.{L - 1}.hook_resid_post"]
+    elif final_rms:
+        names.append(f"blocks.{L - 1}.hook_resid_post")
     if model_kind(model) == ModelKind.HF_BRIDGE and "blocks.0.attn.hook_pattern" in known:
         with eval_mode(model), torch.no_grad():
             _, cache = run_with_cache(model, inputs[:1], names=["blocks.0.attn.hook_pattern"], budget=None)

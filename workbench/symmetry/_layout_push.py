@@ -18,6 +18,7 @@ from .._threads import in_parallel, threads
 from ..groups import GroupElement, ScaledPermutation, rotary_inverse
 from ..models import blank, canonical_views, finish, read_weights, rebuild, tied_keys, views_like, write_weights
 from ._layout_gathers import HeadPermutation, _gather_run, _gathered  # noqa: F401  (tests import them here)
+from ._layout_refused import unsupported
 from ._sites import Observation, Site, SymmetryMap
 
 
@@ -29,10 +30,10 @@ def push_transformer(model: nn.Module, smap: SymmetryMap, transform, inplace: bo
     Each weight is read from the original and written into the new model's own tensor, one weight
     (or one slice of a large one) at a time.
     """
-    from ..models import ModelKind, hf, model_kind
+    from ..models import ModelKind, model_kind
 
     kind = model_kind(model)
-    if kind in (ModelKind.HF, ModelKind.HF_BRIDGE) and (reason := hf.unsupported(model)):
+    if reason := unsupported(model):
         raise UnsupportedModelError(reason)  # the map was empty for this reason: nothing is written
     if inplace and kind == ModelKind.HF_BRIDGE:
         raise InvalidOptionError("inplace=True cannot transform a live bridge around a Hugging Face model: the bridge "

@@ -35,6 +35,8 @@ from ..groups import get_group
 from ..models import ModelKind, canonical_views, hf, model_kind, read_weights, shape_facts
 from . import _layout_moe as moe
 from . import _layout_pool as pool
+from ._lattice import generators, restrict
+from ._layout_refused import unsupported
 from ._rotary_pairs import rotary_pairs
 from ._sites import Observation, Port, Site, SymmetryMap
 
@@ -71,6 +73,20 @@ def norm_keys(weights: dict) -> list[str]:
             or k.startswith("ln_final.") or k.startswith("embed_ln.")]
 
 
+def final_norm(model: nn.Module):
+    """The kind of the final norm (a key of ``_NORMS``), as the blocks' unless a TransformerLens model's ``final_rms``
+    makes it an RMSNorm: with a gain where the model has ``ln_final.w`` (TransformerLens 4's native models give one even
+    with no block norms), else without (the blocks' norms have none), or none at all (TransformerLens 3 builds no final
+    norm without block norms)."""
+    cfg = hf.config(model)
+    norm = getattr(cfg, "normalization_type", None)
+    if model_kind(model) in _HF or not getattr(cfg, "final_rms", False):
+        return norm
+    if "ln_final.w" in (canonical_views(model) or read_weights(model)):
+        return "RMS"
+    return None if norm is None else "RMSPre"
+
+
 def is_folded(weights: dict, offset: float = 0.0) -> bool:
     """Every residual-stream norm has gain 1 (stored weight ``1 − offset``: Gemma's gain is ``1 + w``):
     its gain lives in the readers. A bias may stay: after normalising, it is a vector in the stream's
@@ -82,17 +98,15 @@ def transformer_map(model: nn.Module) -> SymmetryMap:
     """The sites of a TransformerLens model or a Hugging Face model (see the module docstring)."""
     name = type(model).__name__
     kind = model_kind(model)
-    if kind in _HF and (reason := hf.unsupported(model)):
+    if reason := unsupported(model):
         return SymmetryMap(name, [], [(name, reason)])
     cfg = hf.config(model)
     pos = getattr(cfg, "positional_embedding_type", "standard")
-    if pos not in ("standard", "rotary", "alibi"):
-        return SymmetryMap(name, [], [(name, f"positional embedding {pos!r} is not supported (standard, rotary, alibi are).")])
     W = canonical_views(model) or read_weights(model)  # views: no copy of every weight
     f = shape_facts(cfg)
     L, H, K, dh = int(cfg.n_layers), f["n_heads"], f["n_kv"], f["d_head"]
     r = H // K
-    see = _RawHooks(model, dh) if kind == ModelKind.HF else _LensHooks()
+    see = _RawHooks(model, dh) if kind == ModelKind.HF else _LensHooks(bool(getattr(cfg, "ungroup_grouped_query_attention", False)))
     sites = [_resid_site(model, cfg, W, L, see)]
     if "project_in.W" in W:
         sites.append(_word_site(W, see))
@@ -148,7 +162,7 @@ def transformer_map(model: nn.Module) -> SymmetryMap:
         if moe.is_moe(W, layer):  # a sparse mixture of experts (a dense layer among them is read below)
             sites += moe.sites(W, layer, act or str(getattr(cfg, "act_fn", "silu")), see)
         elif not getattr(cfg, "attn_only", False):
-            mlp = _mlp_site(cfg, W, layer, see, act)
+            mlp = _mlp_site(cfg, W, layer, see, act, hooked=kind == ModelKind.HOOKED)
             if isinstance(mlp, str):  # an activation whose group is not derived: these hidden units stay as they are
                 skipped.append((f"blocks.{layer}.mlp", mlp))
             else:
@@ -198,6 +212,8 @@ def _head_sites(a: str, H: int, K: int, W: dict, see, skipped: list) -> list[Sit
     # one q/k norm over every head's values (OLMo 2) has a gain per head, [heads, d_head]: it moves with its head
     # (a per-head norm's one gain, Qwen3's, serves every head and stays)
     q_norm, k_norm = (("q_norm.w",), ("k_norm.w",)) if W.get(f"{a}.q_norm.w", torch.empty(0)).ndim == 2 else ((), ())
+    # TransformerLens 3's attention sinks (GPT-OSS's): a learned logit per query head, [heads], joining its softmax
+    q_norm += ("sinks",) if f"{a}.sinks" in W else ()
     kv = ("W_K", "b_K", "W_V", "b_V", *k_norm)
     sites = []
     if K > 1:
@@ -227,7 +243,17 @@ def _resid_site(model, cfg, W: dict, L: int, see) -> Site:
     offset = hf.gain_offset(model)
     folded = is_folded(W, offset) and not post_ln
     group = get_group("permutation" if post_ln else _NORMS[norm][folded], int(cfg.d_model))
-    tied = bool(getattr(cfg, "tie_word_embeddings", False)) and "embed.W_E" in W and "project_in.W" not in W
+    best = get_group(_NORMS[norm][1], int(cfg.d_model))  # with every gain 1
+    final = final_norm(model)
+    # Norms on the stream of another kind than the blocks': each passes only its own group (an RMSNorm no shear, a
+    # LayerNorm no sign flip of one coordinate), so the stream takes what all of them pass
+    others = ([final] if final != norm and final is not None else []) + (["LN"] if "embed_ln.w" in W else [])
+    for other in others:
+        group = restrict(group, generators(get_group(_NORMS[other][folded], group.n)))
+        best = restrict(best, generators(get_group(_NORMS[other][1], group.n)))
+    # (a TransformerLens model never ties W_U to W_E, whatever its config's tie_word_embeddings says: wb.untie_embeddings)
+    tied = (model_kind(model) in _HF and bool(getattr(cfg, "tie_word_embeddings", False)) and "embed.W_E" in W
+            and "project_in.W" not in W)
     notes = []
     if post_ln:
         notes.append("post-LayerNorm: every norm sits on the stream itself, so no folding can enlarge this group")
@@ -236,16 +262,19 @@ def _resid_site(model, cfg, W: dict, L: int, see) -> Site:
                          "beyond P, a post-LN stream with such a head is not derived")
         else:
             notes.append(_POST_LN_MORE)
-    elif _NORMS[norm][1] != group.name and "embed_ln.w" in W:  # a pre-LN stream whose first state is a norm's output
-        # (CLIP's pre_layrnorm, BLOOM's word_embeddings_layernorm): no reader takes its gain (docs/DERIVATIONS.md §10, CLIP)
+    elif best.name != group.name and "embed_ln.w" in W:  # a pre-LN stream whose first state is a norm's output
+        # (CLIP's pre_layrnorm, BLOOM's word_embeddings_layernorm, TransformerLens 3's post_embedding_ln): no reader takes
+        # its gain (docs/DERIVATIONS.md §10, CLIP)
         notes.append(f"the embeddings' norm (CLIP's pre_layrnorm, BLOOM's word_embeddings_layernorm) sits on the stream: "
-                     f"its gain cannot be folded, so the stream takes {_NORMS[norm][1]} only where that gain is 1 and the "
+                     f"its gain cannot be folded, so the stream takes {best.name} only where that gain is 1 and the "
                      f"other norms are folded")
-    elif _NORMS[norm][1] != group.name:
-        notes.append(f"wb.fold_layernorm(model) would enlarge this to {_NORMS[norm][1]}")
+    elif best.name != group.name:
+        notes.append(f"wb.fold_layernorm(model) would enlarge this to {best.name}")
+    if final != norm:
+        notes.append(f"the final norm is {final or 'absent'} (final_rms), the blocks' {norm}: the stream takes what both pass")
     if norm in ("LN", "LNPre") and not post_ln and "embed_ln.w" in W:
         notes.append(_EMBED_LN_MORE)
-    elif norm in ("LN", "LNPre") and not post_ln:
+    elif norm in ("LN", "LNPre") and final == norm and not post_ln:
         if tied and group.name == "permutation":
             notes.append("tied embeddings: the exact group is s·P (a global sign passes the final norm); the sign is "
                          "not sampled here")
@@ -296,10 +325,10 @@ def _present(ports: list[Port], W: dict) -> list[Port]:
     return [p for p in ports if p.name in W]
 
 
-def _mlp_site(cfg, W: dict, layer: int, see, act=None):
+def _mlp_site(cfg, W: dict, layer: int, see, act=None, hooked: bool = False):
     """The MLP's hidden units as a site; or, where the model's activation is not in the catalogue (Hugging Face's
     ``gelu_10``, ``laplace``, ``sqrtsoftplus``…), why they are left alone. ``act``: the activation where the layout
-    knows it better than the configuration (``_hf._ACTIVATIONS``)."""
+    knows it better than the configuration (``_hf._ACTIVATIONS``). ``hooked``: a TransformerLens 3 HookedTransformer."""
     from .._errors import InvalidOptionError
     from ..groups import intertwiner_group
 
@@ -307,6 +336,13 @@ def _mlp_site(cfg, W: dict, layer: int, see, act=None):
     act = act or str(getattr(cfg, "act_fn", "gelu"))
     n = W[f"{m}.W_in"].shape[1]
     gated = f"{m}.W_gate" in W
+    if gated and hooked and act.endswith("_ln"):  # TransformerLens 3's gated MLP with SoLU's LayerNorm (LayerNormPre
+        # under other block norms) runs LN(solu(x·W_gate))·W_out and never reads W_in or b_in: SoLU's site on the gate
+        # (W_in and b_in move alike, unread); no hook_pre_linear fires. (4's gated MLP bridge has no such norm.)
+        group, label = get_group("permutation", n), f"{act} on the gate (W_in unread)"
+        writers = [Port(f"{m}.W_gate", "pre", axis=1), Port(f"{m}.W_in", "pre", axis=1), Port(f"{m}.b_in", "pre", axis=0)]
+        return Site(m, n, group, label, f"{m}.hook_post", _present(writers, W), _present([Port(f"{m}.W_out", "post", axis=0)], W),
+                    [(k, "perm") for k in (f"{m}.ln.w", f"{m}.ln.b") if k in W], see.mlp(m, False, True))
     if gated:  # act(gate) ⊙ up: permute both, any nonzero diagonal on the up branch
         group, label = get_group("diagonal_permutation", n), f"gated {act}"
     elif act.startswith("solu"):
@@ -327,7 +363,12 @@ def _mlp_site(cfg, W: dict, layer: int, see, act=None):
 
 # ---------------------------------------------------------------------- where each site is observed
 class _LensHooks:
-    """TransformerLens hook names (HookedTransformer and bridges)."""
+    """TransformerLens hook names (HookedTransformer and bridges). ``ungrouped``: TransformerLens 3's
+    ungroup_grouped_query_attention, whose hook_k and hook_v show each key/value head once per query head of its group
+    (``repeat_interleave``), so they are observed at those query heads."""
+
+    def __init__(self, ungrouped: bool = False):
+        self.ungrouped = ungrouped
 
     def resid(self, L):
         return [Observation(f"blocks.{layer}.hook_resid_pre", 0, "pre") for layer in range(L)] + \
@@ -336,11 +377,11 @@ class _LensHooks:
     def qk(self, layer, heads, k):
         a = f"blocks.{layer}.attn"
         return [Observation(f"{a}.hook_q", 0, "pre", axis=-1, heads=heads),
-                Observation(f"{a}.hook_k", 0, "dual", axis=-1, heads=(k,))]
+                Observation(f"{a}.hook_k", 0, "dual", axis=-1, heads=heads if self.ungrouped else (k,))]
 
     def ov(self, layer, heads, k):
         a = f"blocks.{layer}.attn"
-        return [Observation(f"{a}.hook_v", 0, "pre", axis=-1, heads=(k,)),
+        return [Observation(f"{a}.hook_v", 0, "pre", axis=-1, heads=heads if self.ungrouped else (k,)),
                 Observation(f"{a}.hook_z", 0, "pre", axis=-1, heads=heads)]
 
     def heads(self, a, heads, r):
@@ -349,7 +390,8 @@ class _LensHooks:
         qs = [Observation(f"{a}.{h}", 0, "heads", axis=-2, block=r if heads is None else 1, heads=heads)
               for h in ("hook_q", "hook_z")] + \
              [Observation(f"{a}.hook_pattern", 0, "heads", axis=1, block=r if heads is None else 1, heads=heads)]
-        kv = [Observation(f"{a}.{h}", 0, "heads", axis=-2) for h in ("hook_k", "hook_v")] if heads is None else []
+        kv = [Observation(f"{a}.{h}", 0, "heads", axis=-2, block=r if self.ungrouped else 1) for h in ("hook_k", "hook_v")
+              ] if heads is None else []  # (within a group its query heads share one key and value: those do not move)
         return qs + kv
 
     def mlp(self, m, gated, solu):
