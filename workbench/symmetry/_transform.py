@@ -232,6 +232,8 @@ def _draw(model: nn.Module, smap: SymmetryMap, seed: int, gen: torch.Generator, 
             elements.update(zip(names, G.sample_many(len(names), gen)))
         for name, G in drawn.items():
             if site_of[name].embeds:
+                if group is not None:
+                    _check_host_alone(site_of[name], G, drawn)
                 elements[name] = _embedded(G, site_of[name], elements, gen)
     elements = {name: elements[name] for name in drawn}  # in site order
     for name, element in elements.items():
@@ -340,6 +342,25 @@ def _check_element(name: str, e: GroupElement, scale_sigma: float) -> None:
     if bad:
         raise InvalidOptionError(f"scale_sigma={scale_sigma:g}: the element drawn for site {name!r} is not an invertible "
                                  f"map in float64 (its scalings under- or overflow); use a smaller scale_sigma.")
+
+
+def _check_host_alone(site: Site, G: Group, chosen) -> None:
+    """Refuse a group named for a host site (a concatenation, a shuffled layout, a zero-padding shortcut) every
+    channel of which carries a piece's element, chosen without any of its pieces: its element is its pieces' (the
+    identity where they are not chosen), so nothing of ``G`` reaches the weights, yet the transform records ``G``
+    there. A rotation forced on SqueezeNet's concatenated Fire output for a negative control was the identity, and
+    verify called it a PASS. (Chosen with its pieces, the host carries their elements, drawn from ``G`` too; with
+    no group named, a host chosen alone takes the identity, an element of its own group, and the function is kept.)"""
+    channelwise = any(not isinstance(start, int) for _, start, *_ in site.embeds)
+    if not channelwise and sum(count for _, _, count, _ in site.embeds) < site.n:
+        return  # G acts on the channels nothing embeds
+    if any(piece in chosen for piece, *_ in site.embeds):
+        return  # the host carries those pieces' elements
+    pieces = ", ".join(dict.fromkeys(repr(p) if p else "an untransformed space" for p, *_ in site.embeds))
+    raise InvalidOptionError(
+        f"site {site.name!r} carries its pieces' elements on every channel ({pieces}): an element of {G.name} there "
+        f"alone would be theirs, the identity where they are not chosen, and change nothing. Choose the pieces in "
+        f"sites= too (the group applies to them as well).")
 
 
 def _embedded(G: Group, site: Site, elements: dict, gen: torch.Generator) -> GroupElement:
