@@ -212,3 +212,26 @@ def test_a_group_forced_on_a_concatenation_alone_is_refused_not_the_identity():
     assert changed(model, bad, x) > 1e-3
     new, _ = wb.random_intertwiner(model, seed=3, sites=pieces + [host.name], example=x[:1])
     assert changed(model, new, x) < 1e-10
+
+
+def test_a_concatenation_of_relu_outputs_is_labelled_by_its_pieces_generators_and_privileged():
+    """SqueezeNet's Fire output cat([relu(expand1x1), relu(expand3x3)]) (site 'cat', read by the next Fire's squeeze
+    convolution alone) was labelled GL, 'not privileged'. Its element is its pieces', block by block; and no GL
+    element could be written there: the value is a ReLU output (>= 0 everywhere), a rotation of it is not."""
+    model, x, _ = _squeezenet()
+    cat = wb.symmetry_map(model, x[:1])["cat"]
+    assert [p for p, *_ in cat.embeds] == ["features.3.expand1x1_activation", "features.3.expand3x3_activation"]
+    assert cat.group.name == "scaled_permutation" and cat.privileged
+    assert any("block-diagonal" in note for note in cat.notes)
+    seen = {}
+    handle = model.features[3].register_forward_hook(lambda m, a, out: seen.setdefault("cat", out.detach()))
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        handle.remove()
+    value = seen["cat"].transpose(0, 1).reshape(cat.n, -1)  # [channels, everything else], computed by the model
+    q, _ = torch.linalg.qr(torch.randn(cat.n, cat.n, dtype=value.dtype, generator=torch.Generator().manual_seed(1)))
+    assert value.min() >= 0 and (q @ value).min() < -1e-3 * value.max()
+    new, _ = wb.random_intertwiner(model, seed=5, example=x[:1])  # every site, the concatenations' included: exact
+    assert changed(model, new, x) < 1e-10

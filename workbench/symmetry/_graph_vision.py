@@ -267,6 +267,19 @@ def settle_embedded(graph, sites: list, root_of: dict, site_of_space: dict, drop
                 out[host.name] = ("no map but the identity keeps the function: each of its channels carries a space "
                                   "that cannot move")
                 changed = True
+    for host in sites:  # a host made of its pieces alone has their generators, no more (DERIVATIONS §6)
+        if host.name in out or host.name in drop or not host.embeds or host.writers:
+            continue
+        claimed = sum(count if isinstance(start, int) else len(start) for _, start, count, _ in host.embeds)
+        pieces = [by_name[p] for p, *_ in host.embeds if p in by_name and p not in out and p not in drop]
+        if claimed != host.n or not pieces:
+            continue
+        kinds = {"perm" if k.startswith("perm") else k for p in pieces for k in generators(p.group)}  # (classed, grouped)
+        new = restrict(host.group, kinds)
+        if new.name != host.group.name:  # (its element is the pieces', block by block: _graph_push.implied_host)
+            host.notes.append(f"{host.group.name} → {new.name}: its element is block-diagonal, each piece's element on "
+                              f"its channels, so it has no generator its pieces lack")
+            host.group = new
     changed = True
     while changed:  # a host's restriction passes to its pieces, and on to theirs
         changed = False
