@@ -127,17 +127,24 @@ def other_outputs(value: Any, new_value: Any) -> list[tuple[torch.Tensor, torch.
     return pairs
 
 
-def largest_relative_change(reference, other, names) -> float:
-    """The largest ‖other − reference‖ / ‖reference‖ (float64) over ``names`` held by both caches, every call
-    of a name counted (a module called twice): how far a rounding moved the activations."""
+def relative_changes(reference, other, names) -> dict:
+    """``{(name, call): ‖other − reference‖ / ‖reference‖}`` (float64) for ``names`` held by both caches, every call of
+    a name (a module called twice): how far a rounding moved each activation."""
     norm = torch.linalg.vector_norm
-    pairs = [(a, b) for n in names if n in reference and n in other for a, b in zip(reference.calls(n), other.calls(n))]
-    if not pairs:
-        return 0.0
+    keys = [(n, i) for n in names if n in reference and n in other for i in range(min(len(reference.calls(n)),
+                                                                                      len(other.calls(n))))]
+    if not keys:
+        return {}
+    pairs = [(reference.calls(n)[i], other.calls(n)[i]) for n, i in keys]
     # one read-back for all (a float() each waits for the device, and costs a call on the CPU)
     norms = torch.stack([torch.stack([norm(b.double() - a.double()), norm(a.double())]).to(pairs[0][0].device)
                          for a, b in pairs]).tolist()
-    return max(d / max(r, 1e-30) for d, r in norms)
+    return {k: d / max(r, 1e-30) for k, (d, r) in zip(keys, norms)}
+
+
+def largest_relative_change(reference, other, names) -> float:
+    """The largest of :func:`relative_changes` (0 where none)."""
+    return max(relative_changes(reference, other, names).values(), default=0.0)
 
 
 def one_example(inputs: Any) -> Optional[torch.Tensor]:

@@ -21,7 +21,7 @@ from ._map import symmetry_map
 from ._sites import Site
 from ._transform import Transform, apply_transform
 from ._verify_floor import (FLOOR_ROWS, _chosen, _Comparison, _fails, _floor_rows, _own_rounding, beyond_units,
-                            trivial_floor, unit_tolerances)
+                            site_tolerances, trivial_floor, unit_tolerances)
 from ._verify_kernel import OnePass, one_pass
 from ._verify_report import InvarianceReport, SiteCheck
 from . import _verify_routing as routing
@@ -73,6 +73,14 @@ _NOT_ROUNDING = 1e-4
 
 
 def _verify(model, new_model, inputs, transform, dtype, tolerance, bar) -> InvarianceReport:
+    if new_model is model:
+        raise InvalidOptionError(
+            f"verify was given the same {type(model).__name__} object as model and as new_model: it would compare the "
+            f"model with itself (outputs equal whatever was done to it, and every transformed site reads 'not "
+            f"equivariant': its activations did not move), a verdict about nothing. A transform applied in place "
+            f"(apply_transform(..., inplace=True), or one's own code editing the model and returning it) leaves no "
+            f"original: apply it to a copy (wb.apply_transform(model, transform) returns a new model) and verify "
+            f"the original against that.")
     backend = backend_for(model)
     if isinstance(inputs, Mapping) and backend.name == "layout":  # (a Hugging Face model's forward took the dict as ids)
         raise InvalidOptionError(
@@ -234,8 +242,11 @@ def _verify(model, new_model, inputs, transform, dtype, tolerance, bar) -> Invar
         def units_of(f) -> Optional[torch.Tensor]:
             return unit_tolerances(f[2], base) if last is None and not other else None
 
+        def sites_of(f) -> list:  # each site's own tolerance (an output's rounding carries no site, nor a site another)
+            return site_tolerances(sites, f[3], base, 10 * max(f[:2]))  # (the outputs' floor alone: each site's base)
+
         def fails(f) -> bool:
-            return _fails(cmp, checks, 10 * max(f[:2]), last, units_of(f))
+            return _fails(cmp, checks, 10 * max(f[:2]), last, units_of(f), sites_of(f))
 
         floors = None
         samples = ([(rows, False), (rows, True)] if rows is not None else []) + [(None, True)]
@@ -261,17 +272,22 @@ def _verify(model, new_model, inputs, transform, dtype, tolerance, bar) -> Invar
             floors, rows = measured_floor, sample
             break
         if floors is not None:
-            out_floor, site_floor, _ = floors
+            out_floor, site_floor = floors[:2]
             floor = out_floor
             if 10 * max(out_floor, site_floor) > tol:  # the rule names a raise only when there was one
                 tol, floored = 10 * max(out_floor, site_floor), ("own" if rows is None else "own-rows")
                 units = units_of(floors)
+                for check, own in zip(checks, sites_of(floors)):
+                    check.tolerance = own
     ties, top1 = cmp.top1(tol, units) if cmp.classifier and not last else (0, None)
-    rule = _rule(compared, per_row, tol, run_dtype, cmp.classifier and not last, floored, bool(routers), units is not None)
+    n_inputs = len(inputs) if isinstance(inputs, torch.Tensor) and inputs.ndim >= 1 else None
+    rule = _rule(compared, per_row, tol, run_dtype, cmp.classifier and not last, floored, bool(routers), units is not None,
+                 cmp.old.shape[0])
     return InvarianceReport(cmp.max_abs, cmp.max_rel, top1, tol, str(run_dtype).replace("torch.", ""), checks,
                             compared, kl, floor, rule, cmp.worst(units), ties, not_checked, cmp.finite,
                             outputs_zero=cmp.zero, routing_ties=routing_ties,
-                            units_beyond_rounding=beyond_units(cmp, units) if units is not None else 0)
+                            units_beyond_rounding=beyond_units(cmp, units) if units is not None else 0,
+                            inputs=n_inputs, rows=cmp.old.shape[0])
 
 
 def _check_made_by(model: nn.Module, new_model: nn.Module, transform: Transform, example) -> None:
@@ -332,13 +348,14 @@ def _sites(model: nn.Module, transform: Optional[Transform], example) -> tuple[l
 
 
 def _rule(compared: str, per_row: bool, tol: float, dtype: torch.dtype, classifier: bool,
-          floored: Optional[str], routed: bool = False, per_unit: bool = False) -> str:
+          floored: Optional[str], routed: bool = False, per_unit: bool = False, rows: Optional[int] = None) -> str:
     unit = (f"the row's (a position's or an input's {compared})" if per_row else "its output unit's (column over rows)")
     raised = {"float32": ", raised to 10× the float32 floor",
               "own": ", raised to 10× this model's own rounding: its outputs against its float64 copy's",
               "own-rows": f", raised to 10× this model's own rounding: its outputs against its float64 copy's on the "
                           f"batch's {FLOOR_ROWS} most different rows"}.get(floored, "")
-    text = (f"{compared}, element-wise: |new − old| ≤ tol·s with s = max |old| over {unit}, at least "
+    text = (f"{compared}{'' if rows is None else f' on the {rows} rows of the given inputs only'}, element-wise: "
+            f"|new − old| ≤ tol·s with s = max |old| over {unit}, at least "
             f"eps·max|old|; tol = {tol:.1e} ({str(dtype).replace('torch.', '')}{raised})")
     if per_unit:
         text += (f"; each output unit also within 10× its own rounding (relative to s), or the {str(dtype).replace('torch.', '')} "
@@ -348,13 +365,18 @@ def _rule(compared: str, per_row: bool, tol: float, dtype: torch.dtype, classifi
     if routed:
         text += ("; at a top-k expert tie within rounding (the token's router logits within 10·tol·s of the original's, "
                  "the swapped experts' logits within 2δ + 8·eps32·s) the original is evaluated with the new model's choice")
-    return text + "; each site: ‖h' − F·h‖ ≤ tol·max(‖h‖, ‖F·h‖) at every observed hook point"
+    text += "; each site: ‖h' − F·h‖ ≤ tol·max(‖h‖, ‖F·h‖) at every observed hook point"
+    if floored in ("own", "own-rows"):
+        text += (f", tol the site's own: 10× its activations' rounding, or the {str(dtype).replace('torch.', '')} "
+                 f"tolerance {tolerance_for(dtype):.0e} where larger")
+    return text
 
 
 def _larger(a: tuple, b: tuple) -> tuple:
-    """Two floors' larger parts: the outputs', the sites', and each output unit's."""
+    """Two floors' larger parts: the outputs', the sites', each output unit's and each watched activation's."""
     units = a[2] if b[2] is None else b[2] if a[2] is None else torch.maximum(a[2], b[2].to(a[2].device))
-    return max(a[0], b[0]), max(a[1], b[1]), units
+    hooks = {k: max(a[3].get(k, 0.0), b[3].get(k, 0.0)) for k in {**a[3], **b[3]}}
+    return max(a[0], b[0]), max(a[1], b[1]), units, hooks
 
 
 def _param_dtype(model: nn.Module) -> torch.dtype:

@@ -18,7 +18,7 @@ from torch import nn
 
 from ..hooks import first_tensor, run_with_cache
 from ..models import eval_mode
-from ._backend import largest_relative_change
+from ._backend import largest_relative_change, relative_changes
 
 
 class _Comparison:
@@ -120,10 +120,12 @@ def _floor_rows(backend, cmp: "_Comparison", inputs, per_row: bool) -> Optional[
 
 
 def _fails(cmp: "_Comparison", checks: list, tol: float, last: Optional[str],
-           units: Optional[torch.Tensor] = None) -> bool:
+           units: Optional[torch.Tensor] = None, site_tols: Optional[list] = None) -> bool:
     """Whether the verdict at tolerance ``tol`` is FAIL on the comparison (outputs, sites, top-1); with ``units``
-    (:func:`unit_tolerances`), an output unit beyond its own tolerance fails too."""
-    if cmp.max_rel > tol or any(c.equivariance_error > tol for c in checks):
+    (:func:`unit_tolerances`), an output unit beyond its own tolerance fails too; with ``site_tols``
+    (:func:`site_tolerances`), each site is judged against its own tolerance instead of ``tol``."""
+    site_tols = [tol] * len(checks) if site_tols is None else site_tols
+    if cmp.max_rel > tol or any(c.equivariance_error > t for c, t in zip(checks, site_tols)):
         return True
     if units is not None and beyond_units(cmp, units):
         return True
@@ -139,6 +141,21 @@ def unit_tolerances(unit_floor: Optional[torch.Tensor], tol: float) -> Optional[
     return None if unit_floor is None else (10 * unit_floor).clamp_min(tol)
 
 
+def site_tolerances(sites: list, hooks: dict, tol: float, bound: float) -> list:
+    """Each site's tolerance where the model's own rounding raised it: 10× the largest rounding of the site's own
+    observed activations (float32 against the float64 copy, relative), never below the dtype's ``tol``; ``bound`` (the
+    single raised tolerance) where a site's activations were not measured. One global raise let one ill-conditioned
+    output unit carry every site: the float32 MLP of tests/test_verify_adversary2.py (an output the difference of two
+    near-twin hidden units) raised it to 8e-2, and its hidden units, moved by 1.2 of their norm, read "moved at 0/1
+    sites" (moved means > 100× the tolerance), and a claimed element 10% off one unit's scale read equivariant.
+    ``hooks`` empty (a floor of the outputs alone, no activation measured): every site at ``tol``."""
+    out = []
+    for s in sites:
+        seen = [hooks[(o.name, o.call)] for o in s.observed if (o.name, o.call) in hooks]
+        out.append(max(tol, 10 * max(seen)) if seen else tol if not hooks else bound)
+    return out
+
+
 def beyond_units(cmp: "_Comparison", units: torch.Tensor) -> int:
     """The output units (columns, or rows under a per-row rule) with an element beyond the unit's own tolerance."""
     over = torch.nan_to_num(cmp.rel, nan=math.inf) > units.to(cmp.rel.device)
@@ -147,11 +164,12 @@ def beyond_units(cmp: "_Comparison", units: torch.Tensor) -> int:
 
 def _own_rounding(backend, model, smap, inputs, raw_out, cache, names, dtype, rows: Optional[torch.Tensor] = None,
                   cmp: Optional["_Comparison"] = None, reference: Optional[torch.Tensor] = None, choose=None
-                  ) -> Optional[tuple[float, float, Optional[torch.Tensor]]]:
+                  ) -> Optional[tuple[float, float, Optional[torch.Tensor], dict]]:
     """How far ``model``'s own low-precision evaluation is from its float64 copy's: the largest relative
     output difference (same rule as the comparison), the largest relative change of a watched
-    activation, and each output unit's largest relative difference (``[1, units]``, or ``[rows, 1]`` under a
-    per-row rule). None when the model cannot be copied to float64.
+    activation, each output unit's largest relative difference (``[1, units]``, or ``[rows, 1]`` under a
+    per-row rule), and each watched activation's (``{(name, call): change}``, :func:`site_tolerances`). None when
+    the model cannot be copied to float64.
 
     ``rows``: measure on those rows of the batch only (both models run on them), against the whole batch's
     output scales (``cmp.scale``, so a row's floor is what the comparison divides by). None too when the
@@ -220,9 +238,11 @@ def _own_rounding(backend, model, smap, inputs, raw_out, cache, names, dtype, ro
         alone = _Comparison(reference[rows.to(reference.device)], ref, per_row, dtype, scale=scale).max_rel
         if not alone <= ALONE_SLACK * out_floor:  # (a NaN too)
             return None
-    # each output unit's own rounding (a column's over the rows measured; a row's under a per-row rule)
+    # each output unit's own rounding (a column's over the rows measured; a row's under a per-row rule), and each
+    # watched activation's
     units = rounding.rel.amax(1 if per_row else 0, keepdim=True) if rounding.rel.numel() else None
-    return out_floor, largest_relative_change(cache64, cache, names or []), units
+    hooks = relative_changes(cache64, cache, names or [])
+    return out_floor, max(hooks.values(), default=0.0), units, hooks
 
 
 def _chosen(choose, copy_, run):

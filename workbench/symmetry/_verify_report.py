@@ -16,6 +16,9 @@ class SiteCheck:
     equivariance_error: float  # max over observations of ‖h' − F h − c‖ / max(‖h‖, ‖F h‖)
     representation_change: float  # max over observations of ‖h' − h‖ / max(‖h‖, ‖F h‖)
     observations: int  # hook points compared; 0: the site was not checked
+    # the site's own tolerance where the model's rounding raised the report's: 10× the rounding of the site's own
+    # activations (float32 against float64), at least the dtype's; None: the report's ``tolerance``
+    tolerance: Optional[float] = None
 
 
 @dataclass(repr=False)
@@ -56,15 +59,24 @@ class InvarianceReport(Report):
     # output units whose difference exceeds their own tolerance: 10× the unit's own rounding (or the dtype's tolerance),
     # where the model's rounding raised :attr:`tolerance` (which then bounds every unit's; ``rule`` says so)
     units_beyond_rounding: int = 0
+    # what the verdict was judged on: the inputs given (the batch's first axis; None for inputs of another form), and
+    # the rows of the outputs compared (a decoder's: every position of every input). A PASS says the function agrees on
+    # these, not everywhere
+    inputs: Optional[int] = None
+    rows: Optional[int] = None
 
     @property
     def function_preserved(self) -> bool:
         return (self.finite and self.max_rel_diff <= self.tolerance and self.top1_disagreements == 0
                 and self.units_beyond_rounding == 0)
 
+    def site_tolerance(self, s: SiteCheck) -> float:
+        """The tolerance ``s`` is judged against: its own where rounding raised it, else :attr:`tolerance`."""
+        return self.tolerance if s.tolerance is None else s.tolerance
+
     @property
     def equivariant(self) -> bool:
-        return all(s.equivariance_error <= self.tolerance for s in self.sites)
+        return all(s.equivariance_error <= self.site_tolerance(s) for s in self.sites)
 
     @property
     def checked(self) -> list[SiteCheck]:
@@ -73,7 +85,7 @@ class InvarianceReport(Report):
 
     @property
     def representations_moved(self) -> bool:
-        return bool(self.checked) and all(s.representation_change > 100 * self.tolerance for s in self.checked)
+        return bool(self.checked) and all(s.representation_change > 100 * self.site_tolerance(s) for s in self.checked)
 
     @property
     def verdict(self) -> str:
@@ -94,11 +106,18 @@ class InvarianceReport(Report):
                 "embeddings": "embedding", "logits": "logit", "pooler outputs": "pooler output",
                 "outputs": "output"}.get(self.compared, f"output (field {self.compared!r} of the models' outputs)")
         checked = self.checked
-        moved = sum(s.representation_change > 100 * self.tolerance for s in checked)
+        moved = sum(s.representation_change > 100 * self.site_tolerance(s) for s in checked)
         # An encoder's or a base model's output is the residual stream itself: it moves with the stream's element,
         # and is compared with the original's moved by that element (docs/COVERAGE.md), which the text must say.
         basis = " in the new basis" if self.compared in ("encoder outputs", "last hidden states", "pooled outputs") else ""
-        text = (f"{self.verdict}: max relative {what} difference{basis} {self.max_rel_diff:.2e} (tolerance "
+        on = ""
+        if self.inputs is not None:
+            on = f" on the {self.inputs} input{'s' if self.inputs != 1 else ''} given"
+            if self.rows is not None and self.rows != self.inputs:
+                on += f" ({self.rows} rows)"
+        elif self.rows is not None:
+            on = f" on the {self.rows} rows of the given inputs"
+        text = (f"{self.verdict}{on}: max relative {what} difference{basis} {self.max_rel_diff:.2e} (tolerance "
                 f"{self.tolerance:.0e}, {self.dtype})")
         if not self.finite:
             text += "; the new model's outputs are not finite"
@@ -118,7 +137,7 @@ class InvarianceReport(Report):
         if self.worst is not None and not self.function_preserved:
             w = self.worst
             text += f"; worst at {list(w['index'])}: {w['old']:.4g} → {w['new']:.4g}"
-        bad = [s.site for s in checked if s.equivariance_error > self.tolerance]
+        bad = [s.site for s in checked if s.equivariance_error > self.site_tolerance(s)]
         if bad:
             text += f"; not equivariant at {', '.join(bad[:3])}{' …' if len(bad) > 3 else ''}"
         if self.verdict == "NOT CHECKED" or self.not_checked:
