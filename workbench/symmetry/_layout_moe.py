@@ -25,6 +25,13 @@ from ..groups import get_group
 from ._sites import Port, Site
 
 
+#: why a layer's experts' order is no site of a model configured to return its load-balancing loss
+BALANCE_LOSS = ("the model returns its load-balancing loss (config.output_router_logits=True), which sums expert e's "
+                "share of tokens and mean probability over every layer before multiplying them: permuting one layer's "
+                "experts changes it (the logits stay). Set config.output_router_logits = False to transform the "
+                "experts' order per layer")
+
+
 def is_moe(W: dict, layer: int) -> bool:
     return f"blocks.{layer}.mlp.W_router" in W
 

@@ -130,6 +130,7 @@ def transformer_map(model: nn.Module) -> SymmetryMap:
     qk_norm = kind in _HF and hf.facts(model)["qk_norm"]
     act = hf.facts(model)["act_fn"] if kind in _HF else None  # the MLP's activation, where the layout knows it better
     normed_groups: dict = {}  # (pairs, rigid) -> the group, built once per map (each construction checks its pairs)
+    balance_loss = kind in _HF and bool(getattr(hf.hf_model(model).config, "output_router_logits", False))
     for layer in range(L):
         a = f"blocks.{layer}.attn"
         for k in range(K):
@@ -161,6 +162,10 @@ def transformer_map(model: nn.Module) -> SymmetryMap:
             sites += _head_sites(a, H, K, W, see, skipped)
         if moe.is_moe(W, layer):  # a sparse mixture of experts (a dense layer among them is read below)
             sites += moe.sites(W, layer, act or str(getattr(cfg, "act_fn", "silu")), see)
+            if balance_loss:  # the model returns a loss coupling expert e of every layer: no per-layer order holds
+                order = f"blocks.{layer}.mlp.experts"
+                sites = [s for s in sites if s.name != order]
+                skipped.append((order, moe.BALANCE_LOSS))
         elif not getattr(cfg, "attn_only", False):
             mlp = _mlp_site(cfg, W, layer, see, act, hooked=kind == ModelKind.HOOKED)
             if isinstance(mlp, str):  # an activation whose group is not derived: these hidden units stay as they are
