@@ -41,7 +41,9 @@ class capture:
         names: None (every name), an exact name, a glob (``"blocks.*.hook_resid_post"``), a compiled
             regex (search semantics), a callable ``name -> bool``, or a list mixing them.
         reduce: None, ``"spatial_mean"``, ``"spatial_max"``, ``"token_mean"`` or a callable, applied
-            inside the hook before anything is stored.
+            inside the hook before anything is stored, to every captured name. A module output that is no
+            tensor (a Hugging Face attention layer's ``(output, weights)`` tuple, a ``ModelOutput``) is not
+            stored (``cache.skipped`` says why) unless a callable reduce picks a tensor from it.
         device: where activations are stored (``"cpu"``; None keeps each where it was computed, e.g. on
             the GPU or on every device of a dispatched model). CUDA values bound for the CPU are copied
             asynchronously into pinned memory; the capture waits for them at the end of each forward.
