@@ -639,7 +639,7 @@ class _Capture:
         return aliases
 
     def _unfired_reason(self, name: str) -> str:
-        return unfired_reason(self.model, name)
+        return unfired_reason(self.model, name, self.points.modules.get(self.points.canonical(name)))
 
     def report_unfired(self) -> None:
         missing = [n for n in self.explicit if self.key_of.get(self.points.canonical(n)) not in self.calls]
