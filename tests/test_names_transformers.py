@@ -490,3 +490,24 @@ def test_transformer_lens_generate_inside_a_capture_records_each_step_as_its_hoo
     assert generated.shape == (1, 7) and len(steps) == len(seen) == 3
     assert all(torch.equal(a, b) for a, b in zip(steps, seen))
     assert len(cache.calls("ln_final.hook_normalized")) == 3 and not cache.failures
+
+
+@pytest.mark.transformer
+def test_transformer_lens_reads_of_a_name_captured_in_several_forwards_say_so():
+    # Was: cache.accumulated_resid() raised TransformerLens's bare KeyError 'blocks.0.hook_resid_pre', and
+    # cache["resid_post", 0] said the name "names no captured value", after two forwards in one capture block.
+    model = transformer_lens_model()
+    with wb.capture(model) as cache:
+        model(TOKENS)
+        model(TOKENS[:, :3])
+    with pytest.raises(UnknownNameError, match=r"accumulated_resid needs 'blocks.0.hook_resid_pre', which fired 2 "
+                                               r"times.*cache.calls"):
+        cache.accumulated_resid()
+    with pytest.raises(UnknownNameError, match=r"needs 'blocks.0.hook_resid_post', which fired 2 times"):
+        cache["resid_post", 0]
+    own = [model.run_with_cache(t)[1] for t in (TOKENS, TOKENS[:, :3])]
+    assert all(torch.equal(a, b["blocks.0.hook_resid_post"])
+               for a, b in zip(cache.calls("blocks.0.hook_resid_post"), own))
+    with wb.capture(model) as one:  # one forward: TransformerLens's own numbers
+        model(TOKENS)
+    assert torch.equal(one.accumulated_resid(), own[0].accumulated_resid())

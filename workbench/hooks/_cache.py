@@ -136,6 +136,9 @@ class ActivationCache(CacheViews, Mapping):
                 try:
                     return self._transformer_lens(f"cache[{name!r}]")[key]
                 except (KeyError, ValueError, IndexError, AssertionError) as exc:
+                    ours = self._several_calls_error(exc, f"cache[{name!r}]")
+                    if ours is not None:
+                        raise ours from None
                     raise UnknownNameError(f"{name!r} names no captured value ({exc}); captured names start with "
                                            f"{self.names[:4]}.") from None
             name = key
