@@ -46,9 +46,10 @@ class ActivationCache(CacheViews, Mapping):
     """Activations captured from a forward pass, by hook name.
 
     ``cache[name]`` is the activation of a name that fired once (aliases of a name work too, and the
-    keys list them, as TransformerLens's do). A name that fired several times in one forward (a shared
-    module, a recurrence) has every call in ``cache.calls(name)``; ``cache[name]`` then raises and
-    points there, unless every call gave the same values.
+    keys list them, as TransformerLens's do). A name that fired several times (a shared module or a
+    recurrence in one forward; or several forwards in one ``wb.capture`` block, such as
+    ``model.generate``'s one forward per new token) has every call in ``cache.calls(name)``, in call
+    order; ``cache[name]`` then raises and points there, unless every call gave the same values.
 
     On a TransformerLens model it reads like TransformerLens's own cache, with its numbers:
     ``cache["resid_post", 0]``, ``cache.accumulated_resid()``, ``decompose_resid``,
@@ -135,6 +136,9 @@ class ActivationCache(CacheViews, Mapping):
                 try:
                     return self._transformer_lens(f"cache[{name!r}]")[key]
                 except (KeyError, ValueError, IndexError, AssertionError) as exc:
+                    ours = self._several_calls_error(exc, f"cache[{name!r}]")
+                    if ours is not None:
+                        raise ours from None
                     raise UnknownNameError(f"{name!r} names no captured value ({exc}); captured names start with "
                                            f"{self.names[:4]}.") from None
             name = key
@@ -150,8 +154,9 @@ class ActivationCache(CacheViews, Mapping):
             return calls[0]
         if len(calls) != 1:
             raise UnknownNameError(
-                f"{name!r} fired {len(calls)} times in this forward pass (a shared module or a "
-                f"recurrence); use cache.calls({name!r}) for the list of activations, one per call."
+                f"{name!r} fired {len(calls)} times with different values while the capture was open (several "
+                f"forwards, e.g. one per token of model.generate; or a shared module or a recurrence inside one "
+                f"forward); use cache.calls({name!r}) for the list of activations, one per call, in call order."
             )
         return calls[0]
 

@@ -9,6 +9,7 @@ residual-stream methods explain that they need a transformer.
 """
 from __future__ import annotations
 
+import functools
 import re
 from typing import Optional
 
@@ -30,6 +31,7 @@ class CacheViews:
 
     _tl_cache = None
     _tl_size = -1
+    _tl_several: dict = {}  # names left out of TransformerLens's cache: fired several times -> how many
 
     # -------------------------------------------------------------- TransformerLens's own cache
     def _transformer_lens(self, what: str):
@@ -49,18 +51,41 @@ class CacheViews:
                 self._check_held(n, ts)
         if self._tl_cache is None or self._tl_size != filled:  # a cache inside wb.capture may still be filling
             ActivationCache = require("transformer_lens").ActivationCache
-            values = {}
+            values, several = {}, {}
             for name in self:  # canonical names and their aliases, as TransformerLens lists them
                 try:
                     values[name] = self[name]
-                except UnknownNameError:
-                    pass  # fired several times with different values: no single value to hand over
-            self._tl_cache, self._tl_size = ActivationCache(values, model), filled
+                except UnknownNameError:  # fired several times with different values: no single value to hand over
+                    several[name] = len(self.calls(name))
+            self._tl_cache, self._tl_size, self._tl_several = ActivationCache(values, model), filled, several
         return self._tl_cache
+
+    def _several_calls_error(self, exc: BaseException, what: str) -> Optional[UnknownNameError]:
+        """Our error for TransformerLens's KeyError on a name this cache holds several different calls of (several
+        forwards in one capture block, e.g. model.generate's): the name was captured, not missing."""
+        key = exc.args[0] if isinstance(exc, KeyError) and exc.args else None
+        several = self._tl_several
+        if key not in several:
+            return None
+        return UnknownNameError(
+            f"{what} needs {key!r}, which fired {several[key]} times with different values while the capture was open "
+            f"(several forwards, e.g. one per token of model.generate): TransformerLens's cache holds one value per "
+            f"name. Capture one forward, or read cache.calls({key!r}).")
 
     def __getattr__(self, name: str):
         if name in TRANSFORMER_LENS_METHODS:
-            return getattr(self._transformer_lens(f"cache.{name}"), name)
+            method = getattr(self._transformer_lens(f"cache.{name}"), name)
+
+            @functools.wraps(method)
+            def call(*args, **kwargs):
+                try:
+                    return method(*args, **kwargs)
+                except KeyError as exc:
+                    ours = self._several_calls_error(exc, f"cache.{name}")
+                    if ours is None:
+                        raise
+                    raise ours from None
+            return call
         raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     def stack_activation(self, activation_name: str, layer: int = -1, sublayer_type: Optional[str] = None):

@@ -31,9 +31,12 @@ class capture:
     just before the write, and a forward that raises leaves none of its values behind
     (``cache.failures`` says what it did not reach). Every forward of ``model`` while the block is open
     is recorded, including those a verb runs on it on your data (``verify``'s): call those outside the
-    block. Not recorded: the symmetry map's own one-example run (inside ``symmetry_map``,
-    ``random_intertwiner``, ``apply_transform``), and the forwards of a copy of the model made inside the block
-    (``copy.deepcopy``, ``random_intertwiner``'s new model).
+    block. ``model.generate(...)`` inside the block runs one forward per new token: each name then has one
+    value per step in ``cache.calls(name)``, in order (with a KV cache the first holds every prompt position
+    and each later one the new token only; a Hugging Face head may compute the last position only). Not
+    recorded: the symmetry map's own one-example run (inside ``symmetry_map``, ``random_intertwiner``,
+    ``apply_transform``), and the forwards of a copy of the model made inside the block (``copy.deepcopy``,
+    ``random_intertwiner``'s new model).
 
     Args:
         model: any ``torch.nn.Module`` (hook names = ``named_modules()`` paths) or a TransformerLens
@@ -41,7 +44,9 @@ class capture:
         names: None (every name), an exact name, a glob (``"blocks.*.hook_resid_post"``), a compiled
             regex (search semantics), a callable ``name -> bool``, or a list mixing them.
         reduce: None, ``"spatial_mean"``, ``"spatial_max"``, ``"token_mean"`` or a callable, applied
-            inside the hook before anything is stored.
+            inside the hook before anything is stored, to every captured name. A module output that is no
+            tensor (a Hugging Face attention layer's ``(output, weights)`` tuple, a ``ModelOutput``) is not
+            stored (``cache.skipped`` says why) unless a callable reduce picks a tensor from it.
         device: where activations are stored (``"cpu"``; None keeps each where it was computed, e.g. on
             the GPU or on every device of a dispatched model). CUDA values bound for the CPU are copied
             asynchronously into pinned memory; the capture waits for them at the end of each forward.

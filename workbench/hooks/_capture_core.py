@@ -212,6 +212,8 @@ class _Capture:
         for n in requested:
             self.key_of.setdefault(self.points.canonical(n), n)
         self.reduce_fn = resolve_reduce(reduce)
+        self._reduce_any = callable(reduce)  # a callable takes any output; a named reduction only tensors
+        self._reduce_name = reduce if isinstance(reduce, str) else None
         self.device = torch.device(device) if device is not None else None
         if dtype is not None and not isinstance(dtype, torch.dtype):
             raise InvalidOptionError(f"dtype must be a torch.dtype such as torch.float32 or None; got {dtype!r}.")
@@ -318,12 +320,16 @@ class _Capture:
         return hook
 
     def _store(self, canon: str, key: str, output: Any) -> None:
-        if self.reduce_fn is not None:
-            tracked = isinstance(output, torch.Tensor) and not output.is_inference()
-            version = output._version if tracked else None
+        if self.reduce_fn is not None and (self._reduce_any or isinstance(output, torch.Tensor)):
+            # A callable reduce gets any output (it may pick the tensor of a tuple); the named reductions reduce a
+            # tensor, and a tuple (a Hugging Face attention layer's (output, weights)) is skipped as without reduce.
+            # Every tensor of the output is checked, not only a tensor output: a reduce writing into the first item
+            # of a tuple (out[0].relu_()) changed the forward unseen.
+            tracked = [t for t in _tensors(output) if not t.is_inference()]
+            versions = [t._version for t in tracked]
             with torch.no_grad():  # the user's reduce runs under the write guard, like the model
                 value = self.reduce_fn(output)
-            if tracked and output._version != version:
+            if any(t._version != v for t, v in zip(tracked, versions)):
                 raise InvalidOptionError(
                     f"reduce wrote into the output of {key!r} in place (e.g. out.relu_()), which the model goes on "
                     f"to use: the capture would change the forward. Make reduce work on a copy or out of place "
@@ -333,8 +339,12 @@ class _Capture:
         elif isinstance(output, torch.Tensor):
             value = output
         else:
-            self.skipped[key] = (f"its module returned {type(output).__name__}, not a tensor; pass "
-                                 f"reduce=lambda out: out[0] (or similar) to pick a tensor")
+            # A reduce= applies to every captured name: the advice must leave tensor outputs as they are (out[0]
+            # alone would keep only the first example of every other name).
+            named = f" (reduce={self._reduce_name!r} reduces tensors)" if self.reduce_fn is not None else ""
+            self.skipped[key] = (f"its module returned {type(output).__name__}, not a tensor{named}; pass "
+                                 f"reduce=lambda out: out if torch.is_tensor(out) else out[0] (or similar) to pick "
+                                 f"a tensor (a reduce= applies to every captured name)")
             if key in self.explicit:
                 raise InvalidOptionError(f"{key!r}: " + self.skipped[key] + ".")
             return
@@ -629,7 +639,7 @@ class _Capture:
         return aliases
 
     def _unfired_reason(self, name: str) -> str:
-        return unfired_reason(self.model, name)
+        return unfired_reason(self.model, name, self.points.modules.get(self.points.canonical(name)))
 
     def report_unfired(self) -> None:
         missing = [n for n in self.explicit if self.key_of.get(self.points.canonical(n)) not in self.calls]

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from .._repr import html_table
-from ._points import hook_points
+from ._points import container_reason, hook_points
 
 
 class HookNames(list):
@@ -85,4 +85,5 @@ def _probe(model: nn.Module, points, example) -> dict[str, str]:
     finally:
         for h in handles:
             h.remove()
-    return {n: "not called on the example input" for n, m in points.modules.items() if id(m) not in fired}
+    return {n: container_reason(m) or "not called on the example input"
+            for n, m in points.modules.items() if id(m) not in fired}

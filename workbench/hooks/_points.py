@@ -196,9 +196,19 @@ def gate_reason(model: nn.Module, name: str) -> Optional[str]:
     return None
 
 
-def unfired_reason(model: nn.Module, name: str) -> str:
-    """Why a requested hook name got no call during a forward that ran."""
-    return gate_reason(model, name) or "its module was not called during the forward pass"
+def unfired_reason(model: nn.Module, name: str, module: Optional[nn.Module] = None) -> str:
+    """Why a requested hook name got no call during a forward that ran (``module``: the one it names, if known)."""
+    return gate_reason(model, name) or container_reason(module) or "its module was not called during the forward pass"
+
+
+def container_reason(module: Optional[nn.Module]) -> Optional[str]:
+    """Why a module with no forward of its own never fires (``ModuleList``, ``ModuleDict``, ``ParameterList``,
+    ``ParameterDict``: ``named_modules()`` lists them, so their paths are hook names), or None."""
+    if module is None or type(module).forward is not nn.Module.forward:
+        return None
+    held = ("the modules that read its parameters" if isinstance(module, (nn.ParameterList, nn.ParameterDict))
+            else "the modules it holds")
+    return f"it is a {type(module).__name__}, a container with no forward of its own, so it never fires; capture {held}"
 
 
 def _probe_transformer_lens(model: nn.Module, modules: dict[str, nn.Module]) -> Optional[dict[str, str]]:
