@@ -55,9 +55,9 @@ class Page:
     sections: list[Section] = field(default_factory=list)
 
     def check(self, name: str, passed: Optional[bool], evidence: str, section: str) -> None:
-        """One verdict. ``evidence`` is one line; a leading verdict word (a report summary's "PASS: ") is
-        dropped, since the verdict column says it."""
-        evidence = re.sub(r"^(PASS|FAIL|NOT CHECKED):\s*", "", evidence)
+        """One verdict. ``evidence`` is one line; a leading verdict word (a report summary's "PASS: ", or verify's
+        "PASS on the 64 inputs given: ") is dropped, since the verdict column says it."""
+        evidence = re.sub(r"^(PASS|FAIL|NOT CHECKED)\b:?\s*", "", evidence)
         self.checks.append(Check(name, None if passed is None else bool(passed), evidence, section))
 
     def section(self, id: str, title: str, html: str = "", *, group: str = "", figure: Any = None,
