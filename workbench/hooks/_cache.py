@@ -11,6 +11,7 @@ import torch
 from .._errors import ActivationOverwrittenError, UnknownNameError, nearest
 from .._repr import html_table, human_bytes
 from ._cache_views import CacheViews
+from ._guard import quiet as _quiet
 
 
 def unique_nbytes(tensors) -> int:
@@ -27,6 +28,19 @@ def storage_key(t: torch.Tensor) -> tuple[int, int]:
         return -id(t), sparse_nbytes(t)
     s = t.untyped_storage()
     return s.data_ptr(), s.nbytes()
+
+
+def storage_addresses(tensors) -> set[int]:
+    """The storage addresses of the dense ``tensors`` (sparse, meta and storage-less ones have none)."""
+    out = set()
+    with _quiet():
+        for t in tensors:
+            if t.layout == torch.strided and not t.is_meta:
+                try:
+                    out.add(t.untyped_storage().data_ptr())
+                except (RuntimeError, NotImplementedError):  # a torch.func wrapper (vmap, grad): no memory of its own
+                    pass
+    return out
 
 
 def sparse_nbytes(t: torch.Tensor) -> int:

@@ -42,7 +42,7 @@ from .._errors import (ActivationOverwrittenError, CacheBudgetError, HookNotFire
 from .._internal_forward import closed, opened, paused
 from .._memory import keep_freed_memory
 from .._repr import human_bytes, parse_bytes
-from ._cache import storage_key
+from ._cache import storage_addresses, storage_key
 from ._guard import WriteGuard, quiet as _quiet
 from ._intervene import _conversion
 from ._points import NameFilter, gate_reason, hook_points, unfired_reason
@@ -131,28 +131,15 @@ def _tensors(obj, depth: int = 0) -> list[torch.Tensor]:
 def _storages(obj) -> set[int]:
     """Storage addresses of the dense tensors in ``obj`` (as :func:`_tensors` finds them). Addresses, not the
     tensors: a capture keeps no input alive for this."""
-    return _addresses(_tensors(obj))
+    return storage_addresses(_tensors(obj))
 
 
 def _tensor_storages(model: nn.Module) -> set[int]:
     """Storage addresses of ``model``'s parameters and buffers. What :func:`_storages` gives for ``[*parameters(),
     *buffers()]``, read from each module's own dicts: ``parameters()``'s generators and de-duplication were half of
     a capture's end on a small batch (ResNet-20's 128 tensors: 217 -> 116 µs)."""
-    return _addresses(t for m in model.modules() for tensors in (m._parameters, m._buffers)
+    return storage_addresses(t for m in model.modules() for tensors in (m._parameters, m._buffers)
                       for t in tensors.values() if t is not None)
-
-
-def _addresses(tensors) -> set[int]:
-    """The storage addresses of the dense ``tensors``."""
-    out = set()
-    with _quiet():
-        for t in tensors:
-            if t.layout == torch.strided and not t.is_meta:
-                try:
-                    out.add(t.untyped_storage().data_ptr())
-                except (RuntimeError, NotImplementedError):  # a torch.func wrapper (vmap, grad): no memory of its own
-                    pass
-    return out
 
 
 def _describe(exc: Optional[BaseException]) -> str:
@@ -175,8 +162,7 @@ class _Capture:
         requested, matched = self.points.resolve_with_matches(names)
         # Every name the filter selects, aliases included: the cache lists these (as TransformerLens does).
         self.selected = None if matched is None else set(matched)
-        explicit = {i for i in (names if isinstance(names, (list, tuple, set, frozenset)) else [names])
-                    if self.points.is_exact(i)}
+        explicit = self.points.exact_names(names)
         self.explicit = [n for n in requested if n in explicit]
         # Pattern-selected TransformerLens names gated off by config would never fire: skip them.
         # (Only TransformerLens names are gated; asking a plain module for ``cfg`` costs an AttributeError per name.)

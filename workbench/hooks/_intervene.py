@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from .._errors import HookNotFiredError, InvalidOptionError, UnsupportedModelError
+from ._cache import storage_addresses
 from ._guard import quiet as _quiet
 from ._points import hook_points, unfired_reason
 
@@ -196,19 +197,9 @@ def _edit_hook(name: str, edit, convert=None, fired: Optional[set] = None) -> Ca
 
 def _shares_memory(output: torch.Tensor, module: nn.Module, args: tuple) -> bool:
     """Whether ``output`` shares memory with a tensor argument of ``module`` or with its parameters or buffers."""
-    with _quiet():
-        try:
-            address = output.untyped_storage().data_ptr()
-        except (RuntimeError, NotImplementedError):  # sparse, meta, torch.func wrappers: no storage to share
-            return False
-        for t in (*args, *module.parameters(), *module.buffers()):
-            if isinstance(t, torch.Tensor) and t.layout == torch.strided and not t.is_meta:
-                try:
-                    if t.untyped_storage().data_ptr() == address:
-                        return True
-                except (RuntimeError, NotImplementedError):
-                    pass
-    return False
+    own = storage_addresses([output])
+    return bool(own) and not own.isdisjoint(storage_addresses(
+        t for t in (*args, *module.parameters(), *module.buffers()) if isinstance(t, torch.Tensor)))
 
 
 def _replacement(name: str, edit, act: torch.Tensor) -> Optional[torch.Tensor]:

@@ -71,13 +71,13 @@ class HookPoints:
         ``names=None`` (everything). A capture lists the matched aliases, as TransformerLens's cache does."""
         if names is None:
             return list(self.modules), None
-        items = list(names) if isinstance(names, (list, tuple, set, frozenset)) else [names]
+        items = _items(names)
         if not items:
             raise UnknownNameError(f"{param}=[] selects no hook name; pass None to select every name.")
         chosen = list(dict.fromkeys(n for item in items for n in self._match(item, param)))  # ordered, no repeats
         # An alias picked up by a pattern is dropped when its canonical name was picked too.
         canon_chosen = {n for n in chosen if n in self.modules}
-        exact = {i for i in items if self.is_exact(i)}
+        exact = self.exact_names(items)
         kept = [n for n in chosen if n in self.modules or n in exact or self.aliases[n] not in canon_chosen]
         return kept, chosen
 
@@ -86,6 +86,10 @@ class HookPoints:
         hook point itself (``ModuleDict`` keys may hold ``[``, ``*`` or ``?``: ``"heads.a[1]"`` names that module, never
         the glob that would match ``"heads.a1"``)."""
         return isinstance(item, str) and (item in self.modules or item in self.aliases or not (_GLOB_CHARS & set(item)))
+
+    def exact_names(self, names: NameFilter) -> set[str]:
+        """The exact hook names a filter holds (:meth:`is_exact`), not its patterns."""
+        return {i for i in _items(names) if self.is_exact(i)}
 
     def _match(self, item, param: str) -> list[str]:
         every = self.all_names
@@ -121,6 +125,11 @@ class HookPoints:
             f"{'TransformerLens model' if self.family == 'transformer_lens' else 'model'} "
             f"({len(self.modules)} names; see wb.hook_names(model)).{hint}"
         )
+
+
+def _items(names: NameFilter) -> list:
+    """A name filter's items: a list, tuple or set as its items, anything else as one item."""
+    return list(names) if isinstance(names, (list, tuple, set, frozenset)) else [names]
 
 
 # Hook points depend only on the model's structure; the TransformerLens probe forward is not free,
