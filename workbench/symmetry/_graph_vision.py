@@ -239,6 +239,11 @@ def _overdetermined(sites: list) -> list[str]:
     return out
 
 
+def _carried(host) -> int:
+    """How many of a host site's channels carry a piece's (a concatenation's, a shuffle's, a zero-padding shortcut's)."""
+    return sum(count if isinstance(start, int) else len(start) for _, start, count, _ in host.embeds)
+
+
 def settle_embedded(graph, sites: list, root_of: dict, site_of_space: dict, drop: dict) -> dict:
     """Sites that must not move, with the reason, because a space carrying their channels (a concatenation,
     a zero-padding shortcut) cannot move; and the groups of sites carried by another restricted to what that
@@ -262,17 +267,15 @@ def settle_embedded(graph, sites: list, root_of: dict, site_of_space: dict, drop
         for host in sites:
             if host.name in out or host.name in drop or not host.embeds:
                 continue
-            claimed = sum(count if isinstance(start, int) else len(start) for _, start, count, _ in host.embeds)
-            if claimed == host.n and all(p is None or p in out or p in drop for p, *_ in host.embeds):
+            if _carried(host) == host.n and all(p is None or p in out or p in drop for p, *_ in host.embeds):
                 out[host.name] = ("no map but the identity keeps the function: each of its channels carries a space "
                                   "that cannot move")
                 changed = True
     for host in sites:  # a host made of its pieces alone has their generators, no more (DERIVATIONS §6)
         if host.name in out or host.name in drop or not host.embeds or host.writers:
             continue
-        claimed = sum(count if isinstance(start, int) else len(start) for _, start, count, _ in host.embeds)
         pieces = [by_name[p] for p, *_ in host.embeds if p in by_name and p not in out and p not in drop]
-        if claimed != host.n or not pieces:
+        if _carried(host) != host.n or not pieces:
             continue
         kinds = {"perm" if k.startswith("perm") else k for p in pieces for k in generators(p.group)}  # (classed, grouped)
         new = restrict(host.group, kinds)

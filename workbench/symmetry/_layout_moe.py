@@ -47,8 +47,9 @@ def stream_ports(W: dict, layer: int) -> tuple[list[Port], list[Port]]:
     return writers, readers
 
 
-def sites(W: dict, layer: int, act: str, see) -> list[Site]:
-    """Each expert's hidden units, and the experts' order (observed in the router's logits, ``see.router``)."""
+def sites(W: dict, layer: int, act: str, see, order: bool = True) -> list[Site]:
+    """Each expert's hidden units, and the experts' order (observed in the router's logits, ``see.router``) unless
+    ``order`` is False (a model returning its load-balancing loss: :data:`BALANCE_LOSS`)."""
     m = f"blocks.{layer}.mlp"
     E, _, n = W[f"{m}.experts.W_in"].shape
     # the experts' hidden units are inside one fused forward (no module output shows them): not observed
@@ -57,10 +58,11 @@ def sites(W: dict, layer: int, act: str, see) -> list[Site]:
                 [Port(f"{m}.experts.W_out", "post", axis=1, heads=(e,))], [], [],
                 [f"expert {e} of {E}: act(gate) ⊙ up, permuted together, any nonzero diagonal on the up branch"])
            for e in range(E)]
-    ports = [Port(f"{m}.experts.{w}", "heads", axis=0) for w in ("W_gate", "W_in", "W_out")]
-    out.append(Site(f"{m}.experts", E, get_group("permutation", E), "experts (router columns with their experts)",
-                    f"{m}.gate.hook_out", ports + [Port(f"{m}.W_router", "heads", axis=1)], [], [], see.router(m),
-                    ["softmax, top-k and the (renormalised) weights are permutation-equivariant"]))
+    if order:
+        ports = [Port(f"{m}.experts.{w}", "heads", axis=0) for w in ("W_gate", "W_in", "W_out")]
+        out.append(Site(f"{m}.experts", E, get_group("permutation", E), "experts (router columns with their experts)",
+                        f"{m}.gate.hook_out", ports + [Port(f"{m}.W_router", "heads", axis=1)], [], [], see.router(m),
+                        ["softmax, top-k and the (renormalised) weights are permutation-equivariant"]))
     if f"{m}.shared.W_out" in W and W[f"{m}.shared.W_in"].shape[1]:  # Qwen2-MoE: a gated MLP on its own hidden units,
         # scaled by a gate read from the stream (shared_expert_intermediate_size=0: no units, only the stream moves it)
         s = f"{m}.shared"

@@ -161,11 +161,9 @@ def transformer_map(model: nn.Module) -> SymmetryMap:
         else:
             sites += _head_sites(a, H, K, W, see, skipped)
         if moe.is_moe(W, layer):  # a sparse mixture of experts (a dense layer among them is read below)
-            sites += moe.sites(W, layer, act or str(getattr(cfg, "act_fn", "silu")), see)
+            sites += moe.sites(W, layer, act or str(getattr(cfg, "act_fn", "silu")), see, order=not balance_loss)
             if balance_loss:  # the model returns a loss coupling expert e of every layer: no per-layer order holds
-                order = f"blocks.{layer}.mlp.experts"
-                sites = [s for s in sites if s.name != order]
-                skipped.append((order, moe.BALANCE_LOSS))
+                skipped.append((f"blocks.{layer}.mlp.experts", moe.BALANCE_LOSS))
         elif not getattr(cfg, "attn_only", False):
             mlp = _mlp_site(cfg, W, layer, see, act, hooked=kind == ModelKind.HOOKED)
             if isinstance(mlp, str):  # an activation whose group is not derived: these hidden units stay as they are
