@@ -615,7 +615,7 @@ class _Capture:
             if stopped:  # names after the stop point were never meant to fire
                 out[n] = "the forward was ended by stop_at before it ran"
             else:
-                out[n] = self.lost.get(n) or self._unfired_reason(n)
+                out[n] = self.lost.get(n) or unfired_reason(self.model, n, self.points)
         return out
 
     def _aliases(self) -> dict[str, str]:
@@ -624,14 +624,11 @@ class _Capture:
         aliases.update({c: k for c, k in self.key_of.items() if c != k})
         return aliases
 
-    def _unfired_reason(self, name: str) -> str:
-        return unfired_reason(self.model, name, self.points.modules.get(self.points.canonical(name)))
-
     def report_unfired(self) -> None:
         missing = [n for n in self.explicit if self.key_of.get(self.points.canonical(n)) not in self.calls]
         if not missing:
             return
-        detail = "; ".join(f"{n!r}: {self.lost.get(n) or self._unfired_reason(n)}" for n in missing)
+        detail = "; ".join(f"{n!r}: {self.lost.get(n) or unfired_reason(self.model, n, self.points)}" for n in missing)
         msg = f"requested hook(s) never fired: {detail}."
         if self.strict:
             raise HookNotFiredError(msg)

@@ -55,8 +55,7 @@ def intervene(model: nn.Module, edits: Mapping[Any, Any], *, strict: bool = Fals
     exact = [k for k in edits if points.is_exact(k)]
     missing = [k for k in exact if k not in fired] if ran else []
     if missing:
-        detail = "; ".join(f"{n!r} ({unfired_reason(model, n, points.modules.get(points.canonical(n)))})"
-                           for n in missing)
+        detail = "; ".join(f"{n!r} ({unfired_reason(model, n, points)})" for n in missing)
         msg = f"intervene: edits that had no effect, their hook never fired while the model ran: {detail}."
         if strict:
             raise HookNotFiredError(msg)

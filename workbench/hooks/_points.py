@@ -205,8 +205,9 @@ def gate_reason(model: nn.Module, name: str) -> Optional[str]:
     return None
 
 
-def unfired_reason(model: nn.Module, name: str, module: Optional[nn.Module] = None) -> str:
-    """Why a requested hook name got no call during a forward that ran (``module``: the one it names, if known)."""
+def unfired_reason(model: nn.Module, name: str, points: HookPoints) -> str:
+    """Why a requested hook name of ``model`` (whose places are ``points``) got no call during a forward that ran."""
+    module = points.modules.get(points.canonical(name))
     return gate_reason(model, name) or container_reason(module) or "its module was not called during the forward pass"
 
 
