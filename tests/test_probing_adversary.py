@@ -272,3 +272,27 @@ def test_a_single_random_basis_gives_no_z_score_not_an_infinite_one():
     assert b.z.isna().sum() + (b.z == 0).sum() == 3 and b.null_std.isna().all()
     obs = torch.tensor([0.3, 0.3], dtype=torch.float64)
     assert z_scores(obs, torch.tensor([[0.5, 0.1], [0.5, 0.1]], dtype=torch.float64)).tolist() == [-np.inf, np.inf]
+
+
+# ----------------------------------------------------------------------------- basis alignment
+def test_outlier_dimensions_measure_live_units_against_the_median_live_unit():
+    """With more than half the units dead (RMS 0, a ReLU layer), the median over all units was 0 and every
+    live unit counted as an outlier: 4 live units of one scale among 10 read 4 outlier dimensions, against
+    0 in every rotation (p = 1/(B + 1)). Dead units are now left out of the median and never counted."""
+    from workbench.probing._alignment import alignment_statistics
+
+    g = torch.Generator().manual_seed(0)
+    live = torch.randn(300, 4, generator=g, dtype=torch.float64)
+    X = torch.zeros(300, 10, dtype=torch.float64)
+    X[:, [1, 4, 7, 8]] = live  # 6 of 10 units dead
+    rms = X.pow(2).mean(0).sqrt().numpy()
+    typical = np.sort(rms[rms > 0])[(4 - 1) // 2]  # the lower median of the 4 live units, by hand
+    assert int((rms > 6 * typical).sum()) == 0
+    b = basis_alignment(X, n_bases=9, seed=0)
+    assert int(b.observed[2]) == 0 and b.to_frame().p[2] == 1.0
+    X[:, 8] *= 100  # one live unit 100× the others: one outlier, whatever the dead units
+    assert int(basis_alignment(X, n_bases=1).observed[2]) == 1
+    # bases side by side, each with its own median: all dead (none), one dead basis beside a live one
+    assert alignment_statistics(torch.zeros(300, 10, dtype=torch.float64), 1, 6.0)[0, 2] == 0
+    stats_ = alignment_statistics(torch.cat([X, torch.zeros(300, 10, dtype=torch.float64), X], 1), 3, 6.0)
+    assert stats_[:, 2].tolist() == [1.0, 0.0, 1.0]
