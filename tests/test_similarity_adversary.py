@@ -487,3 +487,26 @@ def test_verdicts_under_a_zero_median_null_are_rare():
     for n in (3, 4, 6, 7, 8):
         calls = [_stats.excludes_zero(_stats.median_ci(rng.standard_normal(n))) for _ in range(400)]
         assert sum(c not in (0, None) for c in calls) / 400 <= 0.05 + 0.02, n  # nominal 5%, sampling slack
+
+
+# ---------------------------------------------------------------------------------------- ties in SVCCA's cut
+@pytest.mark.parametrize("spectrum, keep, kept", [((1.0, 1, 1, 1), 0.6, 4), ((3.0, 1, 1, 1), 0.8, 4),
+                                                  ((3.0, 1, 1, 1), 0.7, 1), ((2.0, 2, 1, 1), 0.5, 2)])
+def test_svcca_keeps_or_drops_tied_directions_together(spectrum, keep, kept):
+    """Whitened units have equal singular values: a cut inside them kept whichever tied directions the SVD
+    returned first, which a rotation or a permutation of the units (both declared invariances) changed:
+    svcca moved by 0.11 at keep = 0.6. The reference keeps the first ``kept`` directions of the spectrum built
+    here (all of a tied set or none of it)."""
+    rng = np.random.default_rng(1)
+    n = 40
+    Z = rng.standard_normal((n, 4))
+    U, _ = np.linalg.qr(Z - Z.mean(0))  # orthonormal columns, centred (combinations of centred ones)
+    x = U * np.array(spectrum)
+    y = rng.standard_normal((n, 3)) + U[:, :3] @ rng.standard_normal((3, 3))
+    rho = np.linalg.svd(U[:, :kept].T @ _basis(y, keep), compute_uv=False)
+    ref = np.minimum(rho, 1).mean()
+    xt, yt = torch.as_tensor(x), torch.as_tensor(y)
+    assert S.svcca(xt, yt, keep=keep) == pytest.approx(ref, abs=TOL)
+    for kind in ("orthogonal", "permutation"):
+        for s in range(4):
+            assert S.svcca(S.random_transform(xt, kind, seed=s), yt, keep=keep) == pytest.approx(ref, abs=TOL), kind
