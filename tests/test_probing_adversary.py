@@ -296,3 +296,20 @@ def test_outlier_dimensions_measure_live_units_against_the_median_live_unit():
     assert alignment_statistics(torch.zeros(300, 10, dtype=torch.float64), 1, 6.0)[0, 2] == 0
     stats_ = alignment_statistics(torch.cat([X, torch.zeros(300, 10, dtype=torch.float64), X], 1), 3, 6.0)
     assert stats_[:, 2].tolist() == [1.0, 0.0, 1.0]
+
+
+def test_a_constant_activation_vector_has_no_kurtosis():
+    """An example whose d units all hold one value (0.1) had a mean 1 ulp off that value, every deviation the
+    same residue, and an excess kurtosis of exactly −2, the smallest possible, for a vector with no spread;
+    with half such rows the layer's kurtosis_per_example read ≈ 1 lower than SciPy's over the other rows."""
+    rng = np.random.default_rng(0)
+    X = rng.laplace(size=(60, 7))
+    X[::2] = 0.1
+    X[1::4] = -1.8421091473039353
+    ref = [0.0 if np.ptp(row) == 0 else stats.kurtosis(row) for row in X]  # Fisher, biased: the documented one
+    assert sum(np.ptp(row) == 0 for row in X) == 45
+    b = basis_alignment(torch.as_tensor(X), n_bases=3)
+    assert float(b.observed[0]) == pytest.approx(np.mean(ref), rel=1e-12)
+    # the same along units: 7 units with one RMS (every value 0.1 or -0.1) have no kurtosis of RMS either
+    S = np.where(rng.random((60, 7)) < 0.5, 0.1, -0.1)
+    assert float(basis_alignment(torch.as_tensor(S), n_bases=3).observed[1]) == 0.0

@@ -26,9 +26,13 @@ STAT_NAMES = ["kurtosis_per_example", "kurtosis_of_rms", "outlier_dimensions"]
 
 
 def _excess_kurtosis(V: torch.Tensor, dim: int) -> torch.Tensor:
+    """Excess kurtosis along ``dim``; 0 for a constant vector (no spread, no shape)."""
     c = V - V.mean(dim, keepdim=True)
     m2, m4 = (c * c).mean(dim), (c ** 4).mean(dim)
-    return torch.where(m2 > 0, m4 / (m2 * m2).clamp_min(1e-300) - 3, torch.zeros((), dtype=V.dtype))
+    # A vector of one value repeated (0.1 in 7 units) has a mean off that value by rounding, which left every
+    # deviation the same residue: m2 > 0 and a kurtosis of exactly −2, the smallest there is, for no shape.
+    spread = (m2 > 0) & ~(V == V.narrow(dim, 0, 1)).all(dim)
+    return torch.where(spread, m4 / (m2 * m2).clamp_min(1e-300) - 3, torch.zeros((), dtype=V.dtype))
 
 
 def alignment_statistics(XB: torch.Tensor, c: int, outlier_factor: float) -> torch.Tensor:
