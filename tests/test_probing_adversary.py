@@ -313,3 +313,34 @@ def test_a_constant_activation_vector_has_no_kurtosis():
     # the same along units: 7 units with one RMS (every value 0.1 or -0.1) have no kurtosis of RMS either
     S = np.where(rng.random((60, 7)) < 0.5, 0.1, -0.1)
     assert float(basis_alignment(torch.as_tensor(S), n_bases=3).observed[1]) == 0.0
+
+
+# ----------------------------------------------------------------------------- probes
+def test_token_level_probes_are_cross_validated_by_example_not_by_token():
+    """A label shared by each sentence's tokens, activations that carry a per-sentence offset and nothing of the
+    label: split by token, the probes learned which sentence a token came from and read the held-out tokens of
+    the same sentences — cross-validated dense AUC 0.73, sparse 0.65-0.69, for a concept that is not there."""
+    from sklearn.model_selection import StratifiedGroupKFold, cross_val_score
+    from workbench.probing import DenseProbe
+
+    rng = np.random.default_rng(0)
+    N, T, d = 40, 12, 16
+    acts = 2 * rng.standard_normal((N, 1, d)) + rng.standard_normal((N, T, d))
+    y = np.repeat(rng.random((N, 1)) < 0.5, T, axis=1)
+    curve = probe_curve(torch.as_tensor(acts), torch.as_tensor(y[..., None]), ks=[1, 4], cv=5).to_frame()
+    assert (curve.auc_mean < 0.6).all(), curve
+    # the dense row is scikit-learn's grouped cross-validation of the same probe, fold for fold
+    X, yy, groups = acts.reshape(-1, d), y.reshape(-1), np.repeat(np.arange(N), T)
+    ref = cross_val_score(DenseProbe(random_state=0), X, yy, groups=groups, scoring="roc_auc",
+                          cv=StratifiedGroupKFold(5, shuffle=True, random_state=0))
+    dense = curve[curve.probe == "dense"].iloc[0]
+    assert dense.auc_mean == pytest.approx(ref.mean(), abs=1e-12) and dense.auc_std == pytest.approx(ref.std(), abs=1e-12)
+    # rows that are examples are split as before: one row per example, nothing to group
+    flat = probe_curve(torch.as_tensor(X), torch.as_tensor(yy), ks=[1], cv=5, dense=False).to_frame()
+    assert flat.auc_mean[0] > 0.6  # split by token, the leak is there (the sentence offsets identify the label)
+    # grouped folds that hold out one class only are refused (ROC AUC was NaN with a warning, as the mean)
+    few = torch.tensor([[0, 0], [1, 1], [1, 0], [1, 0]], dtype=torch.bool)[..., None]
+    with pytest.raises(wb.InvalidOptionError, match="held-out folds have tokens of one class only"):
+        probe_curve(torch.as_tensor(rng.standard_normal((4, 2, 3))), few, ks=[1], cv=3)
+    with pytest.raises(wb.InvalidOptionError, match=r"fewer than cv=5 examples in one class \(examples with a token"):
+        probe_curve(torch.as_tensor(rng.standard_normal((4, 2, 3))), few, ks=[1], cv=5)
