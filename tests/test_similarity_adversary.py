@@ -510,3 +510,26 @@ def test_svcca_keeps_or_drops_tied_directions_together(spectrum, keep, kept):
     for kind in ("orthogonal", "permutation"):
         for s in range(4):
             assert S.svcca(S.random_transform(xt, kind, seed=s), yt, keep=keep) == pytest.approx(ref, abs=TOL), kind
+
+
+# ---------------------------------------------------------------------------------------- wide RBF kernels
+def test_a_wide_rbf_kernel_tends_to_linear_cka_without_rounding_away():
+    """exp(−D²/(2σ²)) of a wide kernel is 1 − (below rounding): bandwidth 1e7 read 0.3438 and 1e8 read 0.225
+    where the documented limit, linear CKA, is 0.3445; 1e9 was refused as 'acts_a is (nearly) constant'."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((30, 5))
+    y = rng.standard_normal((30, 4)) + 0.5 * x[:, :4]
+
+    def rbf(a, bandwidth):  # the definition, where exp still resolves the distances
+        D = ((a[:, None] - a[None]) ** 2).sum(-1)
+        d = np.sort(D[np.triu_indices(len(a), 1)])
+        return np.exp(-D / (2 * bandwidth ** 2 * d[(len(d) - 1) // 2]))
+    for bandwidth in (0.3, 2.0, 100.0):
+        assert S.rbf_cka(x, y, bandwidth=bandwidth) == pytest.approx(_cka(rbf(x, bandwidth), rbf(y, bandwidth)), abs=1e-9)
+    linear = _linear_cka(x, y)
+    assert abs(S.rbf_cka(x, y, bandwidth=100.0) - linear) > 1e-6  # not yet at the limit
+    for bandwidth in (1e6, 1e8, 1e9, 1e100, 1e155, 1e160, 1e200, np.float32(1e30)):
+        assert S.rbf_cka(x, y, bandwidth=bandwidth) == pytest.approx(linear, abs=1e-10), bandwidth
+    for bad in (math.inf, math.nan, 0.0, -1.0, True, "1"):
+        with pytest.raises(InvalidOptionError, match="bandwidth must be a positive number, finite"):
+            S.rbf_cka(x, y, bandwidth=bad)
