@@ -272,3 +272,75 @@ def test_a_single_random_basis_gives_no_z_score_not_an_infinite_one():
     assert b.z.isna().sum() + (b.z == 0).sum() == 3 and b.null_std.isna().all()
     obs = torch.tensor([0.3, 0.3], dtype=torch.float64)
     assert z_scores(obs, torch.tensor([[0.5, 0.1], [0.5, 0.1]], dtype=torch.float64)).tolist() == [-np.inf, np.inf]
+
+
+# ----------------------------------------------------------------------------- basis alignment
+def test_outlier_dimensions_measure_live_units_against_the_median_live_unit():
+    """With more than half the units dead (RMS 0, a ReLU layer), the median over all units was 0 and every
+    live unit counted as an outlier: 4 live units of one scale among 10 read 4 outlier dimensions, against
+    0 in every rotation (p = 1/(B + 1)). Dead units are now left out of the median and never counted."""
+    from workbench.probing._alignment import alignment_statistics
+
+    g = torch.Generator().manual_seed(0)
+    live = torch.randn(300, 4, generator=g, dtype=torch.float64)
+    X = torch.zeros(300, 10, dtype=torch.float64)
+    X[:, [1, 4, 7, 8]] = live  # 6 of 10 units dead
+    rms = X.pow(2).mean(0).sqrt().numpy()
+    typical = np.sort(rms[rms > 0])[(4 - 1) // 2]  # the lower median of the 4 live units, by hand
+    assert int((rms > 6 * typical).sum()) == 0
+    b = basis_alignment(X, n_bases=9, seed=0)
+    assert int(b.observed[2]) == 0 and b.to_frame().p[2] == 1.0
+    X[:, 8] *= 100  # one live unit 100× the others: one outlier, whatever the dead units
+    assert int(basis_alignment(X, n_bases=1).observed[2]) == 1
+    # bases side by side, each with its own median: all dead (none), one dead basis beside a live one
+    assert alignment_statistics(torch.zeros(300, 10, dtype=torch.float64), 1, 6.0)[0, 2] == 0
+    stats_ = alignment_statistics(torch.cat([X, torch.zeros(300, 10, dtype=torch.float64), X], 1), 3, 6.0)
+    assert stats_[:, 2].tolist() == [1.0, 0.0, 1.0]
+
+
+def test_a_constant_activation_vector_has_no_kurtosis():
+    """An example whose d units all hold one value (0.1) had a mean 1 ulp off that value, every deviation the
+    same residue, and an excess kurtosis of exactly −2, the smallest possible, for a vector with no spread;
+    with half such rows the layer's kurtosis_per_example read ≈ 1 lower than SciPy's over the other rows."""
+    rng = np.random.default_rng(0)
+    X = rng.laplace(size=(60, 7))
+    X[::2] = 0.1
+    X[1::4] = -1.8421091473039353
+    ref = [0.0 if np.ptp(row) == 0 else stats.kurtosis(row) for row in X]  # Fisher, biased: the documented one
+    assert sum(np.ptp(row) == 0 for row in X) == 45
+    b = basis_alignment(torch.as_tensor(X), n_bases=3)
+    assert float(b.observed[0]) == pytest.approx(np.mean(ref), rel=1e-12)
+    # the same along units: 7 units with one RMS (every value 0.1 or -0.1) have no kurtosis of RMS either
+    S = np.where(rng.random((60, 7)) < 0.5, 0.1, -0.1)
+    assert float(basis_alignment(torch.as_tensor(S), n_bases=3).observed[1]) == 0.0
+
+
+# ----------------------------------------------------------------------------- probes
+def test_token_level_probes_are_cross_validated_by_example_not_by_token():
+    """A label shared by each sentence's tokens, activations that carry a per-sentence offset and nothing of the
+    label: split by token, the probes learned which sentence a token came from and read the held-out tokens of
+    the same sentences — cross-validated dense AUC 0.73, sparse 0.65-0.69, for a concept that is not there."""
+    from sklearn.model_selection import StratifiedGroupKFold, cross_val_score
+    from workbench.probing import DenseProbe
+
+    rng = np.random.default_rng(0)
+    N, T, d = 40, 12, 16
+    acts = 2 * rng.standard_normal((N, 1, d)) + rng.standard_normal((N, T, d))
+    y = np.repeat(rng.random((N, 1)) < 0.5, T, axis=1)
+    curve = probe_curve(torch.as_tensor(acts), torch.as_tensor(y[..., None]), ks=[1, 4], cv=5).to_frame()
+    assert (curve.auc_mean < 0.6).all(), curve
+    # the dense row is scikit-learn's grouped cross-validation of the same probe, fold for fold
+    X, yy, groups = acts.reshape(-1, d), y.reshape(-1), np.repeat(np.arange(N), T)
+    ref = cross_val_score(DenseProbe(random_state=0), X, yy, groups=groups, scoring="roc_auc",
+                          cv=StratifiedGroupKFold(5, shuffle=True, random_state=0))
+    dense = curve[curve.probe == "dense"].iloc[0]
+    assert dense.auc_mean == pytest.approx(ref.mean(), abs=1e-12) and dense.auc_std == pytest.approx(ref.std(), abs=1e-12)
+    # rows that are examples are split as before: one row per example, nothing to group
+    flat = probe_curve(torch.as_tensor(X), torch.as_tensor(yy), ks=[1], cv=5, dense=False).to_frame()
+    assert flat.auc_mean[0] > 0.6  # split by token, the leak is there (the sentence offsets identify the label)
+    # grouped folds that hold out one class only are refused (ROC AUC was NaN with a warning, as the mean)
+    few = torch.tensor([[0, 0], [1, 1], [1, 0], [1, 0]], dtype=torch.bool)[..., None]
+    with pytest.raises(wb.InvalidOptionError, match="held-out folds have tokens of one class only"):
+        probe_curve(torch.as_tensor(rng.standard_normal((4, 2, 3))), few, ks=[1], cv=3)
+    with pytest.raises(wb.InvalidOptionError, match=r"fewer than cv=5 examples in one class \(examples with a token"):
+        probe_curve(torch.as_tensor(rng.standard_normal((4, 2, 3))), few, ks=[1], cv=5)

@@ -487,3 +487,49 @@ def test_verdicts_under_a_zero_median_null_are_rare():
     for n in (3, 4, 6, 7, 8):
         calls = [_stats.excludes_zero(_stats.median_ci(rng.standard_normal(n))) for _ in range(400)]
         assert sum(c not in (0, None) for c in calls) / 400 <= 0.05 + 0.02, n  # nominal 5%, sampling slack
+
+
+# ---------------------------------------------------------------------------------------- ties in SVCCA's cut
+@pytest.mark.parametrize("spectrum, keep, kept", [((1.0, 1, 1, 1), 0.6, 4), ((3.0, 1, 1, 1), 0.8, 4),
+                                                  ((3.0, 1, 1, 1), 0.7, 1), ((2.0, 2, 1, 1), 0.5, 2)])
+def test_svcca_keeps_or_drops_tied_directions_together(spectrum, keep, kept):
+    """Whitened units have equal singular values: a cut inside them kept whichever tied directions the SVD
+    returned first, which a rotation or a permutation of the units (both declared invariances) changed:
+    svcca moved by 0.11 at keep = 0.6. The reference keeps the first ``kept`` directions of the spectrum built
+    here (all of a tied set or none of it)."""
+    rng = np.random.default_rng(1)
+    n = 40
+    Z = rng.standard_normal((n, 4))
+    U, _ = np.linalg.qr(Z - Z.mean(0))  # orthonormal columns, centred (combinations of centred ones)
+    x = U * np.array(spectrum)
+    y = rng.standard_normal((n, 3)) + U[:, :3] @ rng.standard_normal((3, 3))
+    rho = np.linalg.svd(U[:, :kept].T @ _basis(y, keep), compute_uv=False)
+    ref = np.minimum(rho, 1).mean()
+    xt, yt = torch.as_tensor(x), torch.as_tensor(y)
+    assert S.svcca(xt, yt, keep=keep) == pytest.approx(ref, abs=TOL)
+    for kind in ("orthogonal", "permutation"):
+        for s in range(4):
+            assert S.svcca(S.random_transform(xt, kind, seed=s), yt, keep=keep) == pytest.approx(ref, abs=TOL), kind
+
+
+# ---------------------------------------------------------------------------------------- wide RBF kernels
+def test_a_wide_rbf_kernel_tends_to_linear_cka_without_rounding_away():
+    """exp(−D²/(2σ²)) of a wide kernel is 1 − (below rounding): bandwidth 1e7 read 0.3438 and 1e8 read 0.225
+    where the documented limit, linear CKA, is 0.3445; 1e9 was refused as 'acts_a is (nearly) constant'."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((30, 5))
+    y = rng.standard_normal((30, 4)) + 0.5 * x[:, :4]
+
+    def rbf(a, bandwidth):  # the definition, where exp still resolves the distances
+        D = ((a[:, None] - a[None]) ** 2).sum(-1)
+        d = np.sort(D[np.triu_indices(len(a), 1)])
+        return np.exp(-D / (2 * bandwidth ** 2 * d[(len(d) - 1) // 2]))
+    for bandwidth in (0.3, 2.0, 100.0):
+        assert S.rbf_cka(x, y, bandwidth=bandwidth) == pytest.approx(_cka(rbf(x, bandwidth), rbf(y, bandwidth)), abs=1e-9)
+    linear = _linear_cka(x, y)
+    assert abs(S.rbf_cka(x, y, bandwidth=100.0) - linear) > 1e-6  # not yet at the limit
+    for bandwidth in (1e6, 1e8, 1e9, 1e100, 1e155, 1e160, 1e200, np.float32(1e30)):
+        assert S.rbf_cka(x, y, bandwidth=bandwidth) == pytest.approx(linear, abs=1e-10), bandwidth
+    for bad in (math.inf, math.nan, 0.0, -1.0, True, "1"):
+        with pytest.raises(InvalidOptionError, match="bandwidth must be a positive number, finite"):
+            S.rbf_cka(x, y, bandwidth=bad)

@@ -26,9 +26,13 @@ STAT_NAMES = ["kurtosis_per_example", "kurtosis_of_rms", "outlier_dimensions"]
 
 
 def _excess_kurtosis(V: torch.Tensor, dim: int) -> torch.Tensor:
+    """Excess kurtosis along ``dim``; 0 for a constant vector (no spread, no shape)."""
     c = V - V.mean(dim, keepdim=True)
     m2, m4 = (c * c).mean(dim), (c ** 4).mean(dim)
-    return torch.where(m2 > 0, m4 / (m2 * m2).clamp_min(1e-300) - 3, torch.zeros((), dtype=V.dtype))
+    # A vector of one value repeated (0.1 in 7 units) has a mean off that value by rounding, which left every
+    # deviation the same residue: m2 > 0 and a kurtosis of exactly −2, the smallest there is, for no shape.
+    spread = (m2 > 0) & ~(V == V.narrow(dim, 0, 1)).all(dim)
+    return torch.where(spread, m4 / (m2 * m2).clamp_min(1e-300) - 3, torch.zeros((), dtype=V.dtype))
 
 
 def alignment_statistics(XB: torch.Tensor, c: int, outlier_factor: float) -> torch.Tensor:
@@ -38,7 +42,10 @@ def alignment_statistics(XB: torch.Tensor, c: int, outlier_factor: float) -> tor
     per_example = _excess_kurtosis(V, dim=2).mean(0)  # [c]
     rms = (V * V).mean(0).sqrt()  # [c, d]
     of_rms = _excess_kurtosis(rms, dim=1)
-    outliers = (rms > outlier_factor * rms.median(1, keepdim=True).values).sum(1).to(XB.dtype)
+    # the typical unit is the median *live* unit: with more than half the units dead (a ReLU layer) the
+    # median over all of them was 0 and every live unit counted as an outlier; no live unit: NaN, none
+    typical = torch.where(rms > 0, rms, torch.nan).nanmedian(1, keepdim=True).values
+    outliers = (rms > outlier_factor * typical).sum(1).to(XB.dtype)
     return torch.stack([per_example, of_rms, outliers], dim=1)
 
 
@@ -98,7 +105,12 @@ def basis_alignment(acts, *, family="orthogonal", n_bases: int = 100, seed: Seed
         n_bases: random bases (streamed).
         seed: an int, None, a ``torch.Generator`` or a NumPy ``Generator``; same seed, same bases.
         outlier_factor: a unit is an outlier dimension when its RMS exceeds this many times the
-            median unit's RMS (``torch.median``: for even d the lower of the two middle values).
+            median RMS of the live units (``torch.nanmedian``: for an even count the lower of the two
+            middle values). Dead units (RMS exactly 0, e.g. ReLU units that never fire) are left out of
+            the median and are never outliers: with more than half the units dead, a median over all of
+            them is 0, and every live unit read as an outlier (4 of 10 units whose 4 live ones had one
+            scale, p = 1/(B + 1)). So a layer with one live unit has no outlier dimension — there is no
+            typical unit for it to stand out from; ``kurtosis_of_rms`` still sees the energy on one unit.
             Random bases make outliers too: a Haar rotation of a signal carried by one unit (the
             others zero) leaves an outlier dimension in 7.5%, 4.8%, 2.65% and 2.2% of bases at d = 8,
             16, 32, 64 (this function, ``n_bases=2000, seed=0``; a direct NumPy simulation of |Q e₁|
@@ -112,7 +124,8 @@ def basis_alignment(acts, *, family="orthogonal", n_bases: int = 100, seed: Seed
         of the example's d coordinates), ``kurtosis_of_rms`` (excess kurtosis of the d per-unit RMS
         values), ``outlier_dimensions`` (count).
 
-    >>> acts = torch.zeros(50, 8); acts[:, 0] = torch.linspace(1, 2, 50)   # one unit carries everything
+    >>> acts = 0.01 * torch.randn(50, 8, generator=torch.Generator().manual_seed(0))
+    >>> acts[:, 0] = torch.linspace(1, 2, 50)   # one unit carries nearly everything
     >>> b = basis_alignment(acts, n_bases=9)
     >>> int(b.observed[2]), b.to_frame().p.tolist()[:2]  # no rotation is as heavy-tailed: p = 1/(9 + 1)
     (1, [0.1, 0.1])

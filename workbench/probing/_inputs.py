@@ -51,13 +51,14 @@ def concept_matrix(concepts, names: Optional[Sequence[str]] = None) -> tuple[tor
     return Y, names
 
 
-def prepare(acts, concepts, where=None, names: Optional[Sequence[str]] = None
+def prepare(acts, concepts, where=None, names: Optional[Sequence[str]] = None, *, examples: bool = False
             ) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """Checked ``(X float64 [M, d], Y bool [M, K], concept names)``.
 
     ``acts`` is ``[N, d]`` (one row per example) or ``[N, T, d]`` with token-level concepts
     ``[N, T, K]`` (flattened to tokens). ``where`` (bool ``[N]`` or ``[N, T]``) keeps some rows; for a
-    text ConceptDataset with a pad token it defaults to the non-padding tokens.
+    text ConceptDataset with a pad token it defaults to the non-padding tokens. ``examples=True``
+    appends int64 ``[M]``: the example (index along the first axis) each row comes from.
     """
     Y, names = concept_matrix(concepts, names)
     if where is None and hasattr(concepts, "meta") and concepts.meta.get("pad_id") is not None \
@@ -83,12 +84,15 @@ def prepare(acts, concepts, where=None, names: Optional[Sequence[str]] = None
             keep = keep.bool()
         if keep.shape != X.shape[:-1]:
             raise InvalidOptionError(f"where must have shape {tuple(X.shape[:-1])}; got {tuple(keep.shape)}.")
-        X, Y = X[keep], Y[keep]
+    example = torch.arange(X.shape[0]).reshape(-1, *[1] * (X.ndim - 2)).expand(X.shape[:-1])
+    if where is not None:
+        X, Y, example = X[keep], Y[keep], example[keep]
     if X.shape[-1] == 0 or Y.shape[-1] == 0:
         raise InvalidOptionError(f"acts {tuple(X.shape)} and concepts {tuple(Y.shape)} need at least one unit and one "
                                  f"concept (a last axis of length ≥ 1).")
     X = X.reshape(-1, X.shape[-1]).to(torch.float64)
     Y = Y.reshape(-1, Y.shape[-1])
+    example = example.reshape(-1)
     if not bool(torch.isfinite(X).all()):
         raise InvalidOptionError("acts contain NaN or infinite values; scores would be meaningless.")
     n1 = Y.sum(0)
@@ -96,7 +100,7 @@ def prepare(acts, concepts, where=None, names: Optional[Sequence[str]] = None
     if empty:
         raise InvalidOptionError(f"concepts {empty} are all-true or all-false on these {len(Y)} examples, so no "
                                  f"score separates them; drop them (e.g. concepts[:, keep]) or use more examples.")
-    return X, Y, names
+    return (X, Y, names, example) if examples else (X, Y, names)
 
 
 def resolve_group(group, n: int) -> Group:

@@ -158,13 +158,18 @@ def _basis(H: torch.Tensor, keep, name: str) -> torch.Tensor:
     H = centred(H)
     Q, R = torch.linalg.qr(H)  # cheap on tall [N·P, C] data; the SVD then runs on C × C
     U, S, _ = torch.linalg.svd(R)
-    rank = int((S > S.max() * m * torch.finfo(S.dtype).eps).sum()) if S.max() > 0 else 0
+    rounding = S.max() * m * torch.finfo(S.dtype).eps
+    rank = int((S > rounding).sum()) if S.max() > 0 else 0
     if rank == 0:
         raise DegenerateRepresentationError(f"{name} is constant over the samples; CCA is undefined.")
     k = rank
     if keep is not None:
         share = (S[:rank] ** 2).cumsum(0) / (S[:rank] ** 2).sum()
         k = min(rank, int((share < keep - 1e-12).sum()) + 1)  # fewest directions reaching `keep`
+        # ...and every direction tied (to rounding) with the last one kept: which of a tied set the SVD puts
+        # first is rounding noise, and rotating or permuting the units picked others (whitened units: SVCCA
+        # moved by 0.11 under a permutation it is invariant to)
+        k = int((S[:rank] >= S[k - 1] - rounding).sum())
     return Q @ U[:, :k]
 
 
@@ -197,7 +202,9 @@ def svcca(acts_a, acts_b, *, keep: float = 0.99) -> float:
 
     The truncation depends on the spectrum, which rotations, permutations, isotropic scaling and
     translation preserve but per-unit scaling and general maps change — so, unlike mean CCA, SVCCA
-    is not invariant to those (with ``keep=1`` it is mean CCA).
+    is not invariant to those (with ``keep=1`` it is mean CCA). Singular values tied (to rounding)
+    with the last direction kept are kept too: among tied directions any choice is as good, so a
+    cut inside a tie (e.g. whitened units) would depend on the basis the units come in.
 
     Args:
         acts_a: ``[N, C_a, *spatial]`` (or ``[N, C_a]``); acts_b likewise with the same spatial shape.
