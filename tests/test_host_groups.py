@@ -209,6 +209,7 @@ def _torchvision():
     return torchvision
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["densenet121", "squeezenet1_1", "shufflenet_v2_x0_5"])
 def test_torchvision_hosts_have_their_own_groups_and_still_transform_exactly(name):
     tv = _torchvision()
