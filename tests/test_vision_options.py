@@ -221,7 +221,8 @@ def test_a_concatenation_of_relu_outputs_is_labelled_by_its_pieces_generators_an
     model, x, _ = _squeezenet()
     cat = wb.symmetry_map(model, x[:1])["cat"]
     assert [p for p, *_ in cat.embeds] == ["features.3.expand1x1_activation", "features.3.expand3x3_activation"]
-    assert cat.group.name == "scaled_permutation" and cat.privileged
+    assert cat.group.name == "scaled_permutation_per_block" and cat.privileged
+    assert cat.group.label == "scaled_permutation on each of 2 blocks (64 + 64)"
     assert any("block-diagonal" in note for note in cat.notes)
     seen = {}
     handle = model.features[3].register_forward_hook(lambda m, a, out: seen.setdefault("cat", out.detach()))

@@ -4,16 +4,14 @@ of the channels (ShuffleNet; docs/DERIVATIONS.md §8).
 A tensor made by these ops carries, per channel, which space and which channel of it it holds; the rules follow
 that layout op by op and turn it into a host space (embedding what it carries) only where another op reads it. A
 space that hosts carry only in part keeps its channel classes (:class:`ClassPermutations`, §8's route classes).
-The concatenation rule itself, and the host elements of concatenations, live in ``_graph_vision.py``.
+The concatenation rule itself lives in ``_graph_vision.py``, the host elements and groups in ``_host_group.py``.
 """
 from __future__ import annotations
 
 from typing import Optional
 
-import torch
 from torch import fx
 
-from ..groups import ScaledPermutation
 from ._channel_families import ClassPermutations
 
 
@@ -165,41 +163,6 @@ def chunk_piece(graph, node: fx.Node) -> None:
         graph.freeze(node.args[0], f"item {i!r} of a chunk of {len(pieces)} pieces")
         return graph._fresh(node, f"item {i!r} of a chunk of {len(pieces)} pieces")
     _layout_tensor(graph, node, pieces[i])
-
-
-def _implied_layout_host(site, elements: dict):
-    """The element of a host whose embeds name channels one by one (host channels ← a space's channels, §8): on host
-    channel h carrying channel i of a space moved by D·P, ``(M·x)_h = d_i · x_(where π(i) is carried)``; a dense
-    element (only where a space is carried whole) gives ``M[H, H] = E[I, I]``. Channels of no site stay put."""
-    from .._errors import InvalidOptionError
-    from ..groups import Dense
-
-    blocks = []
-    for parent, hosts, chans, level in site.embeds:
-        if isinstance(hosts, int):  # a whole site on a range of channels (a zero-padding shortcut added to it)
-            hosts, chans = range(hosts, hosts + chans), range(chans)
-        e = elements.get(parent) if parent is not None else None
-        if e is not None:
-            e = e.phi() if level == "post" else e
-            blocks.append((torch.tensor(list(hosts)), torch.tensor(list(chans)), e, parent))
-    if all(isinstance(e, ScaledPermutation) for _, _, e, _ in blocks):
-        perm, scale = torch.arange(site.n), torch.ones(site.n, dtype=torch.float64)
-        for hosts, chans, e, parent in blocks:
-            where = torch.full((e.n,), -1, dtype=torch.long)
-            where[chans] = hosts
-            src = where[e.perm[chans]]
-            if bool((src < 0).any()):
-                raise InvalidOptionError(f"site {site.name!r}: the element of {parent!r} maps channels it carries into "
-                                         f"channels it does not (a chunk or channel shuffle keeps them apart); only "
-                                         f"permutations within the classes of its group are symmetries.")
-            perm[hosts] = src
-            if e.scale is not None:
-                scale[hosts] = e.scale[chans].double()
-        return ScaledPermutation(perm, scale, site.group.phi, site.group.name)
-    M = torch.eye(site.n, dtype=torch.float64)
-    for hosts, chans, e, _ in blocks:
-        M[hosts.unsqueeze(1), hosts.unsqueeze(0)] = e.matrix()[chans.unsqueeze(1), chans.unsqueeze(0)]
-    return Dense(M, site.group.phi, site.group.name)
 
 
 def settle_classes(sites: list, drop: dict) -> dict:

@@ -197,12 +197,14 @@ def _build(graph, model_name: str, affine: bool) -> SymmetryMap:
     drop = clashes(graph, root_of)  # a shared tensor whose uses would need two different maps
     from ._graph_shuffle import settle_classes
     from ._graph_vision import settle_embedded
+    from ._host_group import per_block
 
     drop.update(settle_embedded(graph, sites, root_of, site_of_space, drop))
     classed = settle_classes(sites, drop)  # after the hosts' restrictions: a classed group is restricted no further
     if classed:
         drop.update(classed)
         drop.update(settle_embedded(graph, sites, root_of, site_of_space, drop))
+    per_block(sites, drop)  # last: a host's group is made of its pieces' final groups
     skipped += [(", ".join(dict.fromkeys(p.name for p in s.writers)) or s.name, drop[s.name]) for s in sites if s.name in drop]
     return SymmetryMap(model_name, [s for s in sites if s.name not in drop], skipped)
 

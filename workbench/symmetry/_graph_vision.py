@@ -22,7 +22,6 @@ from typing import Optional
 import torch
 from torch import fx
 
-from ..groups import ScaledPermutation
 
 # Constraints the couplers and products put on a space, read by _graph_sites._build like _lattice.CONSTRAINTS.
 CONSTRAINTS = {
@@ -123,32 +122,6 @@ def conjugate_grouped(W: torch.Tensor, F, groups: int, site: str, conv: str, for
     return out
 
 
-def implied_host(site, elements: dict):
-    """The element a host site carries when only sites it embeds moved: each embedded site's element (φ of it
-    where the host reads that site after its activation) on its channels, the identity elsewhere."""
-    from ..groups import Dense
-
-    if any(not isinstance(start, int) for _, start, *_ in site.embeds):
-        from ._graph_shuffle import _implied_layout_host
-
-        return _implied_layout_host(site, elements)
-    blocks = []
-    for parent, start, count, level in site.embeds:
-        e = elements.get(parent) if parent is not None else None
-        if e is not None:
-            blocks.append((start, count, e.phi() if level == "post" else e))
-    if all(isinstance(e, ScaledPermutation) for *_, e in blocks):
-        perm, scale = torch.arange(site.n), torch.ones(site.n, dtype=torch.float64)
-        for start, count, e in blocks:
-            perm[start:start + count] = start + e.perm
-            scale[start:start + count] = e.scale if e.scale is not None else 1.0
-        return ScaledPermutation(perm, scale, site.group.phi, site.group.name)
-    M = torch.eye(site.n, dtype=torch.float64)
-    for start, count, e in blocks:
-        M[start:start + count, start:start + count] = e.matrix()
-    return Dense(M, site.group.phi, site.group.name)
-
-
 def concatenate(graph, node: fx.Node) -> None:
     """``torch.cat(pieces, dim)``. Along the channels it is a direct sum (DERIVATIONS §6): a new space whose
     element is block-diagonal, each piece's element on its channels (the ``embeds`` of a zero-padding
@@ -239,15 +212,11 @@ def _overdetermined(sites: list) -> list[str]:
     return out
 
 
-def _carried(host) -> int:
-    """How many of a host site's channels carry a piece's (a concatenation's, a shuffle's, a zero-padding shortcut's)."""
-    return sum(count if isinstance(start, int) else len(start) for _, start, count, _ in host.embeds)
-
-
 def settle_embedded(graph, sites: list, root_of: dict, site_of_space: dict, drop: dict) -> dict:
     """Sites that must not move, with the reason, because a space carrying their channels (a concatenation,
     a zero-padding shortcut) cannot move; and the groups of sites carried by another restricted to what that
     host allows (a piece of a concatenation read by BatchNorm and ReLU takes D₊·P, not GL)."""
+    from ._host_group import carried_width
     from ._lattice import generators, restrict
 
     by_name = {s.name: s for s in sites}
@@ -267,7 +236,7 @@ def settle_embedded(graph, sites: list, root_of: dict, site_of_space: dict, drop
         for host in sites:
             if host.name in out or host.name in drop or not host.embeds:
                 continue
-            if _carried(host) == host.n and all(p is None or p in out or p in drop for p, *_ in host.embeds):
+            if carried_width(host) == host.n and all(p is None or p in out or p in drop for p, *_ in host.embeds):
                 out[host.name] = ("no map but the identity keeps the function: each of its channels carries a space "
                                   "that cannot move")
                 changed = True
@@ -275,11 +244,11 @@ def settle_embedded(graph, sites: list, root_of: dict, site_of_space: dict, drop
         if host.name in out or host.name in drop or not host.embeds or host.writers:
             continue
         pieces = [by_name[p] for p, *_ in host.embeds if p in by_name and p not in out and p not in drop]
-        if _carried(host) != host.n or not pieces:
+        if carried_width(host) != host.n or not pieces:
             continue
         kinds = {"perm" if k.startswith("perm") else k for p in pieces for k in generators(p.group)}  # (classed, grouped)
         new = restrict(host.group, kinds)
-        if new.name != host.group.name:  # (its element is the pieces', block by block: _graph_push.implied_host)
+        if new.name != host.group.name:  # (its element is the pieces', block by block: implied_host; its group: per_block)
             host.notes.append(f"{host.group.name} → {new.name}: its element is block-diagonal, each piece's element on "
                               f"its channels, so it has no generator its pieces lack")
             host.group = new

@@ -20,7 +20,7 @@ from .._progress import ProgressLike, progress_bar, show_progress
 from .._random import SeedLike, as_generator
 from .._report import Report, new_axes
 from .._threads import threads
-from ..groups import Dense, Group, GroupElement, ScaledPermutation, element_from_dict, get_group
+from ..groups import Group, GroupElement, ScaledPermutation, element_from_dict, get_group
 from ..models import one_call
 from ._backend import backend_for, one_example
 from ._kernels import abs_range
@@ -221,6 +221,8 @@ def _draw(model: nn.Module, smap: SymmetryMap, seed: int, gen: torch.Generator, 
             G = copied
         drawn[site.name] = G  # (no copy where σ already agrees: ~5 µs a site, 300 sites on Swin-T; nothing here writes to it)
     elements = {}
+    from ._host_group import host_element
+
     with threads(1):  # hundreds of small draws (QRs of 64×64 per head): see workbench._threads
         # Sites that embed no other site: one batched draw per group (a GPT-2-small transform's 288
         # per-head GL(64) maps are one QR call); then the embedding sites, which need their parents.
@@ -234,7 +236,7 @@ def _draw(model: nn.Module, smap: SymmetryMap, seed: int, gen: torch.Generator, 
             if site_of[name].embeds:
                 if group is not None:
                     _check_host_alone(site_of[name], G, drawn)
-                elements[name] = _embedded(G, site_of[name], elements, gen)
+                elements[name] = host_element(G, site_of[name], elements, gen)
     elements = {name: elements[name] for name in drawn}  # in site order
     for name, element in elements.items():
         element.phi_kind = site_of[name].group.phi  # readers undo φ of the site's own activation
@@ -351,8 +353,9 @@ def _check_host_alone(site: Site, G: Group, chosen) -> None:
     there. A rotation forced on SqueezeNet's concatenated Fire output for a negative control was the identity, and
     verify called it a PASS. (Chosen with its pieces, the host carries their elements, drawn from ``G`` too; with
     no group named, a host chosen alone takes the identity, an element of its own group, and the function is kept.)"""
-    channelwise = any(not isinstance(start, int) for _, start, *_ in site.embeds)
-    if not channelwise and sum(count for _, _, count, _ in site.embeds) < site.n:
+    from ._host_group import carried_width
+
+    if carried_width(site) < site.n:
         return  # G acts on the channels nothing embeds
     if any(piece in chosen for piece, *_ in site.embeds):
         return  # the host carries those pieces' elements
@@ -361,31 +364,6 @@ def _check_host_alone(site: Site, G: Group, chosen) -> None:
         f"site {site.name!r} carries its pieces' elements on every channel ({pieces}): an element of {G.name} there "
         f"alone would be theirs, the identity where they are not chosen, and change nothing. Choose the pieces in "
         f"sites= too (the group applies to them as well).")
-
-
-def _embedded(G: Group, site: Site, elements: dict, gen: torch.Generator) -> GroupElement:
-    """An element whose embedded channels carry the embedded sites' elements (``implied_host``), and a random
-    element of ``G`` on the channels nothing embeds (a zero-padding shortcut's new channels)."""
-    from ._graph_vision import implied_host
-
-    implied = implied_host(site, elements)
-    if any(not isinstance(start, int) for _, start, *_ in site.embeds):  # channel by channel: no free channel (§8)
-        return implied
-    covered = torch.zeros(site.n, dtype=torch.bool)
-    for _, start, count, _ in site.embeds:
-        covered[start:start + count] = True
-    free = torch.nonzero(~covered).flatten()
-    f = G.with_n(len(free)).sample(gen) if len(free) else None
-    if isinstance(implied, ScaledPermutation) and isinstance(f, (ScaledPermutation, type(None))):
-        perm, scale = implied.perm.clone(), implied.scale.clone()
-        if f is not None:
-            perm[free] = free[f.perm]
-            scale[free] = f.scale if f.scale is not None else 1.0
-        return ScaledPermutation(perm, scale, G.phi, G.name)
-    M = implied.matrix().clone()
-    if f is not None:
-        M[free.unsqueeze(1), free.unsqueeze(0)] = f.matrix()
-    return Dense(M, G.phi, G.name)
 
 
 def apply_transform(model: nn.Module, transform: Transform, *, example: Optional[torch.Tensor] = None,
@@ -479,30 +457,13 @@ def _check_host(site: Site, element: GroupElement, elements: dict) -> None:
     """A host site (a concatenation, a zero-padding shortcut, a shuffled layout) carries the elements of the
     sites it embeds on their channels: its element there must be theirs (the identity for a piece the
     transform leaves alone), or the pieces' writers and the host's readers would move by different maps and
-    the function would change. random_intertwiner builds hosts that way; a hand-made Transform may not."""
-    from ._graph_vision import implied_host
+    the function would change. random_intertwiner builds hosts that way; a hand-made Transform may not. On the
+    channels nothing carries (a zero-padding shortcut's new channels) it must be in the host's own family: a
+    rotation there, at a ReLU, was accepted unforced and moved a CIFAR ResNet's outputs by 1.4 (relative): nothing
+    checked those channels."""
+    from ._host_group import carries, implied_host
 
-    implied = implied_host(site, elements)
-    if all(isinstance(start, int) for _, start, *_ in site.embeds):
-        carried = torch.zeros(site.n, dtype=torch.bool)
-        for _, start, count, _ in site.embeds:
-            carried[start:start + count] = True
-    else:  # channel by channel: the host's whole element comes from what it carries
-        carried = torch.ones(site.n, dtype=torch.bool)
-    if isinstance(implied, ScaledPermutation) and isinstance(element, ScaledPermutation):
-        # Without matrices (a DenseNet host has ~1000 channels): the implied element maps the carried channels
-        # onto themselves, so a permutation equal to it on those rows has them as its columns too.
-        ones = torch.ones(site.n, dtype=torch.float64)
-        a = implied.scale.double() if implied.scale is not None else ones
-        b = element.scale.double() if element.scale is not None else ones
-        same = (torch.equal(element.perm[carried], implied.perm[carried])
-                and torch.allclose(b[carried], a[carried], rtol=1e-12, atol=0))
-    else:
-        want, got = implied.matrix(), element.matrix().to(torch.float64)
-        tol = 1e-9 * max(1.0, want.abs().max().item())
-        same = (torch.allclose(got[carried], want[carried], rtol=0, atol=tol)
-                and torch.allclose(got[:, carried], want[:, carried], rtol=0, atol=tol))
-    if not same:
+    if not carries(site, element, implied_host(site, elements)):
         pieces = ", ".join(dict.fromkeys(p or "an untransformed space" for p, *_ in site.embeds))
         raise InvalidOptionError(
             f"the element for {site.name!r} does not carry its pieces' elements on their channels ({pieces}): "
@@ -510,6 +471,18 @@ def _check_host(site: Site, element: GroupElement, elements: dict) -> None:
             f"the pieces' writers and {site.name!r}'s readers move differently and the function changes. Give the "
             f"pieces' elements and build the host from them (wb.random_intertwiner does), or list {site.name!r} "
             f"in the transform's forced sites for a negative control.")
+    free = getattr(site.group, "free", ())
+    if free:
+        from ._host_group import on_channels
+
+        family = site.group.free_family()
+        part = on_channels(element, free)
+        if part is None or not family.contains(part):
+            raise InvalidOptionError(
+                f"the element for {site.name!r} is not in {family.name} ({family.label}) on the {len(free)} channels "
+                f"nothing carries into it (a zero-padding shortcut's new channels): it is no "
+                f"symmetry of the model there. Draw them from {family.name} (wb.random_intertwiner does), or list "
+                f"{site.name!r} in the transform's forced sites for a negative control.")
 
 
 def _choose(smap: SymmetryMap, sites) -> list[Site]:
