@@ -78,9 +78,21 @@ class RunStore:
         fresh = rec.get("protocol_hash") == self.hash(job) and rec.get("job") == job
         return rec if fresh and rec.get("weights") == zoo_weights(job) else None
 
-    def put(self, job: dict, rows: list[dict], seconds: float) -> dict:
+    def put(self, job: dict, rows: list[dict], seconds: float, weights: Optional[dict] = None) -> dict:
+        """Store a finished run. ``weights``: the zoo weights read before the run started (``zoo_weights(job)``);
+        if the manifest says otherwise now, a model was retrained while it ran and nothing is stored: the run's
+        numbers came from the weights it loaded, which the record would otherwise name as the new ones."""
+        now_weights = zoo_weights(job)
+        if weights is not None and weights != now_weights:
+            from .._errors import ResumeMismatchError
+
+            changed = sorted(k for k in set(weights) | set(now_weights) if weights.get(k) != now_weights.get(k))
+            raise ResumeMismatchError(
+                f"{job_key(job)}: the zoo's {', '.join(changed)} changed while this run was in progress (the "
+                f"manifest's sha256 is not the one read before it started), so its numbers are not stored under "
+                f"either weights. Run it again once the zoo is settled.")
         now = time.time()
-        rec = {"protocol_hash": self.hash(job), "job": job, "weights": zoo_weights(job), "rows": rows,
+        rec = {"protocol_hash": self.hash(job), "job": job, "weights": now_weights, "rows": rows,
                "seconds": round(seconds, 2),
                "started_unix": round(now - seconds, 1), "finished_unix": round(now, 1),
                "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
@@ -117,17 +129,21 @@ def select_part(jobs: list[dict], part: Optional[str]) -> list[dict]:
 
 def run_jobs(store: RunStore, jobs: list[dict], run: Callable[[dict], list[dict]], *, progress: ProgressLike = None,
              log: Callable[[str], None] = print) -> tuple[int, int]:
-    """Run every job without a record; return ``(ran, skipped)``. A progress bar counts all jobs."""
+    """Run every job without a record; return ``(ran, skipped)``. A progress bar counts all jobs.
+
+    The zoo weights of every job are read once, before the first run: ``run`` may keep a model it loaded for the
+    jobs after (the experiments cache them), so a retrain in between must not be credited to a later record."""
     ran = skipped = 0
+    weights = [zoo_weights(job) for job in jobs]
     bar = progress_bar(jobs, desc=store.folder.name, unit="run", progress=progress)
-    for job in bar:
+    for job, used in zip(bar, weights):
         if store.get(job) is not None:
             skipped += 1
             continue
         bar.set_postfix_str(job_key(job)[:60])
         t0 = time.perf_counter()
         rows = run(job)
-        rec = store.put(job, rows, time.perf_counter() - t0)
+        rec = store.put(job, rows, time.perf_counter() - t0, weights=used)
         ran += 1
         log(f"{job_key(job)}: " + ", ".join(f"{r['metric']}={r['value']:.4g}" for r in rows[:4]
                                             if isinstance(r.get("value"), (int, float)))

@@ -1,0 +1,128 @@
+"""Adversarial checks of ``workbench reproduce``'s stored runs and command line: records read back from the files
+themselves, processes killed or run side by side for real (subprocesses), the zoo changed under a running job."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from workbench import experiments as E
+from workbench.experiments._runs import RunStore, job_key, run_jobs, zoo_weights
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _zoo_copy(tmp_path, monkeypatch) -> Path:
+    from workbench.zoo import zoo_dir
+
+    zoo = tmp_path / "zoo"
+    zoo.mkdir()
+    shutil.copy(zoo_dir() / "manifest.json", zoo / "manifest.json")
+    monkeypatch.setenv("WORKBENCH_ZOO", str(zoo))
+    return zoo
+
+
+def _retrain(zoo: Path, name: str, seed: int, sha: str) -> None:
+    manifest = json.loads((zoo / "manifest.json").read_text())
+    for m in manifest["models"]:
+        if (m["name"], m["seed"]) == (name, seed):
+            m["sha256"] = sha
+    (zoo / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_a_model_retrained_while_its_run_is_in_progress_is_not_credited_to_the_record(tmp_path, monkeypatch):
+    """The run computes with the weights it loaded (and the experiments keep a loaded model for later jobs); the
+    record used to read the manifest only when it was written, so a retrain finishing mid-run stamped the old
+    weights' numbers with the new weights' sha256, and the run counted as finished on the new model."""
+    from workbench._errors import ResumeMismatchError
+
+    zoo = _zoo_copy(tmp_path, monkeypatch)
+    store = RunStore(tmp_path / "runs", lambda job: {"epochs": 1})
+    jobs = [{"model": "myrtle_relu", "seed": 0}, {"model": "myrtle_relu", "seed": 1}]
+    before = zoo_weights(jobs[1])
+
+    def run(job):
+        if job["seed"] == 1:
+            _retrain(zoo, "myrtle_relu", 1, "f" * 64)  # the retrain finishes while this run computes
+        return [{"metric": "m", "value": 1.0}]
+
+    with pytest.raises(ResumeMismatchError, match="myrtle_relu-seed1 changed while this run was in progress"):
+        run_jobs(store, jobs, run, progress=False, log=lambda m: None)
+    assert store.get(jobs[0]) is not None  # the run before the change is kept
+    assert not store.path(jobs[1]).exists() and store.get(jobs[1]) is None  # nothing claims the new weights
+    assert before != zoo_weights(jobs[1])
+    # Once the zoo is settled, the run is done again on the new weights and recorded with them.
+    assert run_jobs(store, jobs, run, progress=False, log=lambda m: None) == (1, 1)
+    assert store.get(jobs[1])["weights"] == {"myrtle_relu-seed1": "f" * 64}
+
+
+_CHILD = textwrap.dedent("""
+    import os, sys, time
+    from pathlib import Path
+    from workbench.experiments import _runs
+
+    store = _runs.RunStore(Path(sys.argv[1]), lambda job: {"epochs": 1})
+    jobs = [{"site": str(i)} for i in range(6)]
+    real_fsync, calls = os.fsync, []
+
+    def slow_fsync(fd):  # the third record's write stalls half-way: its temporary file is on disk, renamed never
+        calls.append(fd)
+        if len(calls) == 3:
+            print("WRITING", flush=True)
+            time.sleep(60)
+        real_fsync(fd)
+
+    os.fsync = slow_fsync
+    _runs.run_jobs(store, jobs, lambda job: [{"metric": "m", "value": float(job["site"])}], progress=False,
+                   log=lambda m: print("DONE " + m.split(":")[0], flush=True))
+""")
+
+
+def test_a_run_killed_while_writing_its_record_loses_nothing_reported_and_mixes_nothing(tmp_path):
+    """SIGKILL in the middle of a record's write: every run the log reported is on disk and read back whole, the
+    half-written one is not a record (a later run does it again), and the experiment is complete only after."""
+    folder = tmp_path / "runs"
+    child = subprocess.Popen([sys.executable, "-c", _CHILD, str(folder)], stdout=subprocess.PIPE, text=True,
+                             env={**os.environ, "PYTHONPATH": str(ROOT)})
+    reported = []
+    for line in child.stdout:
+        if line.startswith("DONE "):
+            reported.append(line.split()[1])
+        if line.startswith("WRITING"):
+            break
+    child.send_signal(signal.SIGKILL)
+    child.wait(timeout=30)
+    store = RunStore(folder, lambda job: {"epochs": 1})
+    jobs = [{"site": str(i)} for i in range(6)]
+    assert reported == [job_key(j) for j in jobs[:2]]
+    assert list(folder.glob(".*.tmp"))  # the write really was cut: its temporary file is left behind
+    for job in jobs[:2]:
+        rec = json.loads(store.path(job).read_text())  # the file itself, not through the store
+        assert rec["job"] == job and rec["rows"] == [{"metric": "m", "value": float(job["site"])}]
+    assert all(store.get(j) is None for j in jobs[2:]) and not store.path(jobs[2]).exists()
+    calls = []
+    assert run_jobs(store, jobs, lambda j: calls.append(j) or [{"metric": "m", "value": float(j["site"])}],
+                    progress=False, log=lambda m: None) == (4, 2)
+    assert calls == jobs[2:]
+
+
+def test_two_parts_run_side_by_side_write_one_complete_document(tmp_path):
+    """``--part 1/2`` and ``--part 2/2`` at once on one folder (two processes): each record has one writer, and the
+    document (written by whichever part finishes last) holds every job's rows exactly once."""
+    cmd = [sys.executable, "-m", "workbench.cli", "reproduce", "gelu", "--budget", "smoke", "--out", str(tmp_path),
+           "--quiet", "--part"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    procs = [subprocess.Popen(cmd + [part], env=env, stderr=subprocess.PIPE, text=True) for part in ("1/2", "2/2")]
+    assert [p.wait(timeout=120) for p in procs] == [0, 0], [p.stderr.read() for p in procs]
+    gelu = E.module("gelu")
+    jobs = gelu.jobs(gelu.protocol("smoke"))
+    doc = json.loads((tmp_path / "gelu.json").read_text())
+    assert sorted(r["lambda"] for r in doc["runs"]) == sorted(j["lambda"] for j in jobs)
+    assert all(r["value"] == pytest.approx(gelu.xi(r["lambda"]), abs=1e-15) for r in doc["runs"])
+    assert (tmp_path / "gelu.md").read_text() == E.render(doc)
+    assert not list((tmp_path / ".runs" / "gelu-smoke").glob(".*.tmp"))
