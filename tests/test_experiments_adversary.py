@@ -61,6 +61,25 @@ def test_a_model_retrained_while_its_run_is_in_progress_is_not_credited_to_the_r
     assert store.get(jobs[1])["weights"] == {"myrtle_relu-seed1": "f" * 64}
 
 
+def test_a_record_replaced_after_it_was_collected_does_not_break_the_document(tmp_path, monkeypatch):
+    """Another process (another protocol) may replace a record between the reads that give a document its rows and
+    its timing: the timing was read a second time and met a record that no longer counted (a TypeError)."""
+    assert E.reproduce("gelu", "smoke", tmp_path, progress=False, log=lambda m: None) is not None
+    jobs = E.module("gelu").jobs(E.module("gelu").protocol("smoke"))
+    real = E.collect
+
+    def collect_then_replaced(store, js):
+        out = real(store, js)
+        rec = json.loads(store.path(js[0]).read_text())
+        store.path(js[0]).write_text(json.dumps({**rec, "protocol_hash": "another protocol"}))
+        return out
+
+    monkeypatch.setattr(E, "collect", collect_then_replaced)
+    path = E.reproduce("gelu", "smoke", tmp_path, progress=False, report_only=True, log=lambda m: None)
+    doc = json.loads(path.read_text())
+    assert doc["timing"]["runs"] == len(jobs) and len(doc["runs"]) == len(jobs)
+
+
 _CHILD = textwrap.dedent("""
     import os, sys, time
     from pathlib import Path

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from .._errors import InvalidOptionError, check_option
-from ._runs import RunStore, collect, protocol_hash, run_jobs, select_part, write_json_atomic
+from ._runs import RunStore, collect, protocol_hash, run_jobs, select_part, write_json_atomic, write_text_atomic
 
 EXPERIMENTS = ["stitching", "insertion", "similarity", "dissection", "privileged", "gelu"]
 BUDGETS = ["smoke", "quick", "paper"]
@@ -65,11 +65,10 @@ def reproduce(name: str, budget: str = "quick", out: Optional[Path] = None, *, r
         ran, skipped = run_jobs(store, select_part(jobs, part), lambda job: mod.run(job, proto, ctx),
                                 progress=progress, log=log)
         log(f"{name} ({budget}): ran {ran} runs, {skipped} already finished")
-    rows, missing, seconds, _ = collect(store, jobs)
+    rows, missing, seconds, recs = collect(store, jobs)
     if missing:
         log(f"{name} ({budget}): {len(missing)} of {len(jobs)} runs not finished yet; {name}.json not written")
         return None
-    recs = [store.get(j) for j in jobs]
     doc = {"experiment": name, "budget": budget, "command": command(name, budget),
            "protocol": {**proto, "protocol_hash": protocol_hash(proto)},
            "timing": {"runs": len(jobs), "compute_seconds": round(seconds, 1),
@@ -79,7 +78,7 @@ def reproduce(name: str, budget: str = "quick", out: Optional[Path] = None, *, r
            "runs": rows}
     path = out / f"{name}.json"
     write_json_atomic(path, doc)
-    (out / f"{name}.md").write_text(mod.page(doc))
+    write_text_atomic(out / f"{name}.md", mod.page(doc))
     log(f"wrote {path} and {name}.md")
     return path
 

@@ -35,10 +35,16 @@ def job_key(job: dict) -> str:
 
 def write_json_atomic(path: Path, obj) -> None:
     """Write ``obj`` as JSON to ``path`` atomically (temporary file, fsync, rename)."""
+    write_text_atomic(path, json.dumps(obj, indent=1, sort_keys=False, default=_plain) + "\n")
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` atomically: a reader (or a process killed half-way) sees the old file or the new
+    one, never a torn one, and two writers of one path leave one of their texts whole."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with open(tmp, "w") as f:
-        f.write(json.dumps(obj, indent=1, sort_keys=False, default=_plain) + "\n")
+        f.write(text)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -151,9 +157,10 @@ def run_jobs(store: RunStore, jobs: list[dict], run: Callable[[dict], list[dict]
     return ran, skipped
 
 
-def collect(store: RunStore, jobs: list[dict]) -> tuple[list[dict], list[dict], float, list[str]]:
-    """``(rows, missing jobs, compute seconds, finish times)`` of the finished records of ``jobs``."""
-    rows, missing, seconds, finished = [], [], 0.0, []
+def collect(store: RunStore, jobs: list[dict]) -> tuple[list[dict], list[dict], float, list[dict]]:
+    """``(rows, missing jobs, compute seconds, records)`` of the finished records of ``jobs``, each record read once:
+    a document's rows and its timing come from the same reads (another process may replace a record meanwhile)."""
+    rows, missing, seconds, records = [], [], 0.0, []
     for job in jobs:
         rec = store.get(job)
         if rec is None:
@@ -161,8 +168,8 @@ def collect(store: RunStore, jobs: list[dict]) -> tuple[list[dict], list[dict], 
             continue
         rows.extend(rec["rows"])
         seconds += rec["seconds"]
-        finished.append(rec["finished"])
-    return rows, missing, seconds, finished
+        records.append(rec)
+    return rows, missing, seconds, records
 
 
 def cyclic_pairs(seeds: list[int], n: int) -> list[str]:
