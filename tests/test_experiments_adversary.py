@@ -80,6 +80,31 @@ def test_a_record_replaced_after_it_was_collected_does_not_break_the_document(tm
     assert doc["timing"]["runs"] == len(jobs) and len(doc["runs"]) == len(jobs)
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--part", "3/2"], "part='3/2': write it as 'i/n'"),
+    (["--part", "x"], "part='x'"),
+    (["--threads", "0"], "--threads: expected a whole number ≥ 1"),
+    (["--threads", "-1"], "--threads: expected a whole number ≥ 1"),
+    (["--out", "{file}/sub"], "cannot create this folder"),
+])
+def test_bad_reproduce_arguments_get_our_own_error_text_before_any_run(tmp_path, capsys, args, message):
+    """Before: a --part out of range or a --threads below 1 ended in a traceback (InvalidOptionError, torch's
+    RuntimeError), and an --out under a file was found only after the first run, which then could not be stored."""
+    from workbench.cli import main
+
+    (tmp_path / "file").write_text("")
+    args = [a.replace("{file}", str(tmp_path / "file")) for a in args]
+    out = ["--out", str(tmp_path / "out")] if "--out" not in args else []
+    try:
+        rc = main(["reproduce", "gelu", "--budget", "smoke", "--quiet", *out, *args])
+    except SystemExit as exc:  # argparse's own answer to a bad argument
+        rc = exc.code
+    err = capsys.readouterr().err
+    assert rc == 2 and message in err and "Traceback" not in err
+    assert "workbench reproduce: error:" in err
+    assert not list(tmp_path.glob("**/*.json"))  # nothing ran
+
+
 _CHILD = textwrap.dedent("""
     import os, sys, time
     from pathlib import Path

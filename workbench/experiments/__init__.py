@@ -61,6 +61,8 @@ def reproduce(name: str, budget: str = "quick", out: Optional[Path] = None, *, r
                      (lambda job: settings(proto, job)) if settings else (lambda job: proto))
     jobs = mod.jobs(proto)
     if not report_only:
+        for folder in (out, store.folder):  # before the first run: a run of minutes must not end unable to write
+            _writable(folder)
         ctx: dict = {}
         ran, skipped = run_jobs(store, select_part(jobs, part), lambda job: mod.run(job, proto, ctx),
                                 progress=progress, log=log)
@@ -81,6 +83,16 @@ def reproduce(name: str, budget: str = "quick", out: Optional[Path] = None, *, r
     write_text_atomic(out / f"{name}.md", mod.page(doc))
     log(f"wrote {path} and {name}.md")
     return path
+
+
+def _writable(folder: Path) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InvalidOptionError(f"{folder}: cannot create this folder ({exc.strerror}); give a writable one "
+                                 "(--out, --runs).") from None
+    if not os.access(folder, os.W_OK):
+        raise InvalidOptionError(f"{folder}: this folder is not writable; give a writable one (--out, --runs).")
 
 
 def load(name: str, folder: Optional[Path] = None) -> dict:
