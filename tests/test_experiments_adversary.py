@@ -170,3 +170,23 @@ def test_two_parts_run_side_by_side_write_one_complete_document(tmp_path):
     assert all(r["value"] == pytest.approx(gelu.xi(r["lambda"]), abs=1e-15) for r in doc["runs"])
     assert (tmp_path / "gelu.md").read_text() == E.render(doc)
     assert not list((tmp_path / ".runs" / "gelu-smoke").glob(".*.tmp"))
+
+
+# ------------------------------------------------------------------------------------ what a page says
+def test_a_nan_left_out_of_a_median_is_said_on_the_page():
+    """A run without a number (NaN) was dropped silently: the page gave a 95% interval and a verdict "over pairs"
+    for fewer pairs than its protocol lists, with nothing to say so. The interval itself is scipy's over the rest."""
+    from scipy.stats import quantile_test
+
+    from workbench.experiments._stats import excludes_zero, fmt, median_ci
+
+    nan = float("nan")
+    values = [3.0, nan, 5.0, 4.0, 6.0, nan, 7.0, 8.0]
+    s = median_ci(values)
+    rest = [v for v in values if v == v]
+    ci = quantile_test(rest, q=5.5, p=0.5).confidence_interval(0.95)
+    assert (s["n"], s["median"], s["lo"], s["hi"], s["nan"]) == (6, 5.5, ci.low, ci.high, 2) and excludes_zero(s) == 1
+    assert fmt(s) == "5.5 [3.0, 8.0] (2 NaN left out)"
+    assert fmt(median_ci([nan, 1.0, 2.0])) == "1.5 (range of 2: 1.0–2.0, 50%) (1 NaN left out)"
+    assert fmt(median_ci([nan])) == "— (1 NaN left out)"
+    assert "nan" not in median_ci(rest) and fmt(median_ci(rest)) == "5.5 [3.0, 8.0]"  # without NaN: as before
