@@ -190,3 +190,16 @@ def test_a_nan_left_out_of_a_median_is_said_on_the_page():
     assert fmt(median_ci([nan, 1.0, 2.0])) == "1.5 (range of 2: 1.0–2.0, 50%) (1 NaN left out)"
     assert fmt(median_ci([nan])) == "— (1 NaN left out)"
     assert "nan" not in median_ci(rest) and fmt(median_ci(rest)) == "5.5 [3.0, 8.0]"  # without NaN: as before
+
+
+@pytest.mark.skipif(not (ROOT / "docs" / "results" / "privileged.json").exists(), reason="no committed privileged.json")
+def test_the_privileged_page_never_says_an_untested_own_group_was_identical():
+    """A layer with no own-group rows (its hook has no site, so no group was passed) read all([]) = True: the page's
+    "own group identical" said "yes" for a check no run made."""
+    doc = E.load("privileged")
+    model, site = "tiny_relu", "blocks.1.mlp.hook_post"
+    doc["runs"] = [r for r in doc["runs"] if not (r["model"] == model and r["site"] == site and r["family"] == "own_group")]
+    row = next(line for line in E.render(doc).splitlines() if line.startswith(f"| {model} | {site}:"))
+    assert "— (no own group)" in row and "| yes |" not in row
+    assert "| yes |" in next(line for line in E.render(E.load("privileged")).splitlines()
+                             if line.startswith(f"| {model} | {site}:"))
