@@ -221,3 +221,73 @@ def test_no_committed_result_predates_a_zoo_model_it_names(name):
     assert used or name == "gelu"
     late = sorted(k for k in used if trained[k] > doc["timing"]["finished"])
     assert late == [], f"{name}.json predates the weights of {late}: rerun `workbench reproduce {name} --budget paper`"
+
+
+# ------------------------------------------------------------------------------------ the protocol reaches the runs
+class _Called(Exception):
+    def __init__(self, kwargs):
+        self.kwargs = kwargs
+
+
+def _capture(*args, **kwargs):
+    raise _Called(kwargs)
+
+
+def _called(run, job, p) -> dict:
+    with pytest.raises(_Called) as got:
+        run(job, p, {})
+    return got.value.kwargs
+
+
+def test_every_setting_a_page_quotes_reaches_the_computation(monkeypatch):
+    """The pages quote protocol settings (stitching's −α‖P‖_F weight, insertion's optimiser, the privileged test's
+    statistic and BH level) that the runs never passed on: they ran on the library's defaults, which only
+    happened to be equal. Each is changed here and must arrive at the call that computes with it."""
+    import torch
+
+    import workbench.probing
+    import workbench.stitching
+    import workbench.zoo
+    from workbench.experiments import _data, insertion, privileged, stitching
+
+    monkeypatch.setattr(_data, "split", lambda kind, n: None)
+    monkeypatch.setattr(workbench.zoo, "load", lambda *a, **k: None)
+    monkeypatch.setattr(workbench.stitching, "stitch", _capture)
+    monkeypatch.setattr(workbench.stitching, "insertion_test", _capture)
+    monkeypatch.setattr(workbench.probing, "privileged_basis_test", _capture)
+
+    p = stitching.protocol("smoke")
+    p["train"]["sharpening_alpha"] = 0.37
+    job = next(j for j in stitching.jobs(p) if j["family"] == "relu")
+    got = _called(stitching.run, job, p)
+    assert got["sharpening"] == 0.37 and got["init"] == "uniform" and got["optimizer"] == "sgd"
+
+    p = {**insertion.protocol("smoke"), "optimizer": "sgd"}
+    assert _called(insertion.run, insertion.jobs(p)[0], p)["optimizer"] == "sgd"
+
+    p = {**privileged.protocol("smoke"), "statistic": "mean_difference", "alpha": 0.2}
+    p["transformers"] = {**p["transformers"], "models": ["tiny_relu"]}
+    monkeypatch.setattr(privileged, "_token_activations", lambda *a: ({"blocks.0.mlp.hook_post": torch.zeros(4, 8)}, None, []))
+    monkeypatch.setattr(workbench, "symmetry_map", lambda model: type("M", (), {"sites": []})(), raising=False)
+    got = _called(privileged.run, {"model": "tiny_relu", "seed": 0}, p)
+    assert (got["statistic"], got["alpha"]) == ("mean_difference", 0.2)
+
+
+def test_the_sharpening_weight_is_the_stitch_layers_own():
+    """``stitch(sharpening=α)`` is the weight of −α‖P‖_F in the loss of a doubly-stochastic P (the default 0.1 is
+    what the layer had); a negative weight would reward a flat P, and is refused."""
+    import torch
+    from torch import nn
+
+    from workbench._errors import InvalidOptionError
+    from workbench.stitching import stitch
+    from workbench.stitching._layers import make_layer, parse_stitch_group
+
+    gen = torch.Generator().manual_seed(0)
+    for init in (None, "uniform"):
+        layer = make_layer(parse_stitch_group("relu"), 4, 4, bias=False, init=init, gen=gen, sharpening=0.37)
+        assert float(layer.regulariser().detach()) == pytest.approx(-0.37 * float(torch.linalg.matrix_norm(layer.soft().detach())))
+    net = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    x = torch.randn(16, 3)
+    with pytest.raises(InvalidOptionError, match="sharpening must be a number ≥ 0"):
+        stitch(net, net, "1", "relu", (x, net(x).argmax(1)), epochs=0, sharpening=-1.0)

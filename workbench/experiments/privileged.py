@@ -96,7 +96,8 @@ def run(job: dict, p: dict, ctx: dict) -> list[dict]:
             X = torch.cat([c[layer].float() for c in caches])
             X = X.mean((2, 3)) if X.ndim == 4 else X
             test = privileged_basis_test(X, ds, bases=tuple(p["bases"]), group=sites[SITE_OF[layer]],
-                                         n_bases=p["n_bases"], seed=0, standardize=p["standardize"])
+                                         n_bases=p["n_bases"], seed=0, standardize=p["standardize"],
+                                         statistic=p["statistic"], alpha=p["alpha"])
             rows += _rows({**job, "site": layer, "layer": CNN_LAYERS[layer], "d": X.shape[1]}, test,
                           basis_alignment(X, n_bases=p["n_bases"], seed=0))
         return rows
@@ -106,7 +107,8 @@ def run(job: dict, p: dict, ctx: dict) -> list[dict]:
     for hook, X in X_by_hook.items():
         site = sites.get(hook) or (sites.get("blocks.0.hook_resid_pre") if "hook_resid" in hook else None)
         test = privileged_basis_test(X, Y, names=names, bases=("orthogonal", "gl") if X.shape[1] <= 512 else ("orthogonal",),
-                                     group=site, n_bases=n_bases, seed=0, standardize=p["standardize"])
+                                     group=site, n_bases=n_bases, seed=0, standardize=p["standardize"],
+                                     statistic=p["statistic"], alpha=p["alpha"])
         kind = "MLP neurons" if "mlp" in hook else "residual stream"
         rows += _rows({**job, "site": hook, "layer": kind, "d": X.shape[1]}, test,
                       basis_alignment(X, n_bases=n_bases, seed=0))
