@@ -310,3 +310,15 @@ def test_minilm_runs_are_tied_to_the_package_that_ships_its_weights(tmp_path, mo
     monkeypatch.setattr(importlib.metadata, "version",
                         lambda name: "9.9.9" if name == _runs.MINILM_PACKAGE else real(name))
     assert store.get(job) is None  # another release, other weights: the run is done again
+
+
+@pytest.mark.parametrize("content", [b"\xff\xfe garbled", b"null", b"[1, 2]", b'"text"', b"\x00" * 64, b""])
+def test_a_garbled_record_counts_as_absent_and_is_run_again(tmp_path, content):
+    """A crash can leave a record's blocks garbled (bytes that are not UTF-8) or another writer a JSON that is not a
+    record: both ended the resume in a traceback (UnicodeDecodeError, AttributeError) instead of running it again."""
+    store = RunStore(tmp_path, lambda job: {"epochs": 1})
+    job = {"site": "1"}
+    store.path(job).write_bytes(content)
+    assert store.get(job) is None
+    assert run_jobs(store, [job], lambda j: [{"metric": "m", "value": 2.0}], progress=False, log=lambda m: None) == (1, 0)
+    assert json.loads(store.path(job).read_text())["rows"] == [{"metric": "m", "value": 2.0}]

@@ -79,7 +79,9 @@ class RunStore:
         p = self.path(job)
         try:
             rec = json.loads(p.read_text())
-        except (FileNotFoundError, json.JSONDecodeError):
+        except (FileNotFoundError, ValueError):  # torn or garbled (a JSON or a UTF-8 decoding error): no record
+            return None
+        if not isinstance(rec, dict):
             return None
         fresh = rec.get("protocol_hash") == self.hash(job) and rec.get("job") == job
         return rec if fresh and rec.get("weights") == zoo_weights(job) else None
