@@ -322,3 +322,47 @@ def test_a_garbled_record_counts_as_absent_and_is_run_again(tmp_path, content):
     assert store.get(job) is None
     assert run_jobs(store, [job], lambda j: [{"metric": "m", "value": 2.0}], progress=False, log=lambda m: None) == (1, 0)
     assert json.loads(store.path(job).read_text())["rows"] == [{"metric": "m", "value": 2.0}]
+
+
+def test_the_insertion_control_is_a_run_of_its_own_that_every_group_of_its_seed_and_site_shares(monkeypatch):
+    """The insertion page's penalty is the M = I job's accuracy minus a group's job's, each run on its own (another
+    process, maybe): that is a control only if the M = I job retrains exactly as insertion_test's own control does,
+    and every group of one (seed, site) gets the same seed (the same fresh weights and batch order)."""
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+
+    import workbench.stitching
+    import workbench.zoo
+    from workbench.experiments import _data, insertion
+    from workbench.stitching import insertion_test
+
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(240) % 3
+    x = torch.randn(3, 8, generator=g)[y] * 2 + 1.5 * torch.randn(240, 8, generator=g)
+    torch.manual_seed(1)
+    net = nn.Sequential(nn.Linear(8, 12), nn.ReLU(), nn.Dropout(0.2), nn.Linear(12, 12), nn.ReLU(), nn.Linear(12, 3))
+    opt = torch.optim.Adam(net.parameters(), 1e-2)
+    for _ in range(30):
+        opt.zero_grad()
+        F.cross_entropy(net(x[:160]), y[:160]).backward()
+        opt.step()
+    net.eval()
+    common = dict(epochs=2, seed=11, eval_data=(x[200:], y[200:]), val_data=(x[160:200], y[160:200]), report="best",
+                  lr_schedule="step", weight_decay=1e-4)
+    for reinit in (False, True):
+        both = insertion_test(net, "4", "trivial", (x[:160], y[:160]), repeats=1, reinit=reinit, **common)
+        alone = insertion_test(net, "4", "trivial", (x[:160], y[:160]), repeats=1, reinit=reinit, control=False, **common)
+        assert both.accuracies == [both.accuracy_control] == alone.accuracies and both.curves == alone.curves
+        rotated = insertion_test(net, "4", "orthogonal", (x[:160], y[:160]), repeats=1, reinit=reinit, control=False,
+                                 **common)
+        assert rotated.curves != alone.curves  # negative control: a rotation before the ReLU is not M = I
+
+    monkeypatch.setattr(_data, "split", lambda kind, n: None)
+    monkeypatch.setattr(workbench.zoo, "load", lambda *a, **k: None)
+    monkeypatch.setattr(workbench.stitching, "insertion_test", _capture)
+    p = insertion.protocol("paper")
+    seeds = {}
+    for job in insertion.jobs(p):
+        seeds.setdefault((job["seed"], job["site"]), set()).add(_called(insertion.run, job, p)["seed"])
+    assert all(len(s) == 1 for s in seeds.values()) and len({min(s) for s in seeds.values()}) == len(seeds)
