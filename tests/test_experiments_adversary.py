@@ -366,3 +366,12 @@ def test_the_insertion_control_is_a_run_of_its_own_that_every_group_of_its_seed_
     for job in insertion.jobs(p):
         seeds.setdefault((job["seed"], job["site"]), set()).add(_called(insertion.run, job, p)["seed"])
     assert all(len(s) == 1 for s in seeds.values()) and len({min(s) for s in seeds.values()}) == len(seeds)
+
+
+def test_a_headline_from_a_smaller_budget_says_so_in_the_results_table(tmp_path):
+    """docs/results.md's headline table is generated from whatever <experiment>.json the folder holds; a quick or
+    smoke run written there (``--out docs/results``) was quoted beside the paper's numbers like a paper-budget one."""
+    assert E.reproduce("gelu", "smoke", tmp_path, progress=False, log=lambda m: None) is not None
+    rows = [line for line in E.headline_block(tmp_path).splitlines() if line.startswith("| [gelu]")]
+    assert rows and all("(**smoke budget**, not the paper protocol)" in line for line in rows)
+    assert "budget**" not in E.headline_block()  # the committed results are the paper budget's

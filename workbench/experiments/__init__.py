@@ -127,6 +127,9 @@ def headline_block(folder: Optional[Path] = None) -> str:
             import json
 
             doc = json.loads(path.read_text())
-            rows += [[f"[{name}](results/{name}.md)", r["what"], r["ours"], r["paper"]] for r in module(name).headlines(doc)]
+            # A smaller budget's numbers are not the paper protocol's: the row says so (its page says it too).
+            budget = "" if doc["budget"] == "paper" else f" (**{doc['budget']} budget**, not the paper protocol)"
+            rows += [[f"[{name}](results/{name}.md)", r["what"] + budget, r["ours"], r["paper"]]
+                     for r in module(name).headlines(doc)]
     body = table(["experiment", "quantity", "ours: median [95% CI], or (the range of n < 6 values, how often such a range holds the median)", "paper"], rows) if rows else "(no results yet)"
     return "\n".join([HEADLINES_START, "", body, "", HEADLINES_END])
