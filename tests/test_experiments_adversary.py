@@ -375,3 +375,20 @@ def test_a_headline_from_a_smaller_budget_says_so_in_the_results_table(tmp_path)
     rows = [line for line in E.headline_block(tmp_path).splitlines() if line.startswith("| [gelu]")]
     assert rows and all("(**smoke budget**, not the paper protocol)" in line for line in rows)
     assert "budget**" not in E.headline_block()  # the committed results are the paper budget's
+
+
+@pytest.mark.skipif(not (ROOT / "docs" / "results" / "dissection.json").exists(), reason="no committed dissection.json")
+def test_the_dissection_page_states_a_verdict_below_zero_too():
+    """With six seeds whose neuron basis has fewer detectors than every rotation, the interval of the paired
+    difference lies below 0; the page stated only "more" and "no difference", so this verdict went unsaid."""
+    doc = E.load("dissection")
+    model, layer = "myrtle_relu", doc["protocol"]["layers"][0]
+    keep = [r for r in doc["runs"] if r["model"] == model and r["layer"] == layer and r["seed"] == 0]
+    runs = []
+    for seed in range(6):
+        for r in keep:
+            value = 0 if r["basis"] in ("neuron", "own_group") else 10 + seed  # rotations: more detectors
+            runs.append({**r, "seed": seed, "value": value})
+    doc = {**doc, "runs": runs, "protocol": {**doc["protocol"], "models": {model: list(range(6))}, "layers": [layer]}}
+    page = E.render(doc)
+    assert f"- `{model}` layer {layer}: the neuron basis has fewer detectors than random rotations" in page
