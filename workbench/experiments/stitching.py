@@ -135,7 +135,8 @@ def run(job: dict, p: dict, ctx: dict) -> list[dict]:
 
 # ------------------------------------------------------------------------------------------ summaries
 def _values(doc, metric="penalty", **match) -> dict:
-    """``{pair: value}`` of the rows matching ``match`` (``skip`` defaults to absent/mapped rows)."""
+    """``{pair: value}`` of the rows matching ``match``. Only the fields given are matched: a ResNet-20 branch site has
+    a row per ``skip`` mode, so every ResNet caller passes ``skip`` (without it one pair's value would be either)."""
     out = {}
     for r in doc["runs"]:
         if r["metric"] == metric and all(r.get(k) == v for k, v in match.items()):
