@@ -33,7 +33,20 @@ def tour(out: Path, seed: int = 0, progress: bool = True) -> Path:
     return run(out, seed=seed, progress=progress)
 
 
+def _positive_int(text: str) -> int:
+    """``--threads``: a whole number ≥ 1 (torch refuses 0 and negatives with its own traceback)."""
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number ≥ 1, got {text!r}")
+    return n
+
+
 def main(argv=None) -> int:
+    """The command line; a workbench error (a bad ``--part``, an unwritable ``--out``) is one line of our own text
+    on stderr and exit status 2, as argparse answers a bad argument, not a traceback."""
     parser = argparse.ArgumentParser(prog="workbench", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("tour", help="run the headless tour and write an HTML report")
@@ -51,11 +64,21 @@ def main(argv=None) -> int:
                    help="folder for <experiment>.json/.md (default: docs/results for paper, report/reproduce-<budget> else)")
     r.add_argument("--runs", type=Path, default=None, help="folder of the per-run records (default: <out>/.runs)")
     r.add_argument("--part", default=None, help="'i/n': run every n-th job from the i-th (n processes share one experiment)")
-    r.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
+    r.add_argument("--threads", type=_positive_int, default=None, help="torch threads (default: torch's own choice)")
     r.add_argument("--report-only", action="store_true", help="run nothing; write the JSON and page from finished runs")
     r.add_argument("--quiet", action="store_true", help="no progress output")
     args = parser.parse_args(argv)
     _log_to_stderr(args.quiet)
+    from ._errors import WorkbenchError
+
+    try:
+        return _run(args)
+    except WorkbenchError as exc:
+        print(f"workbench {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _run(args) -> int:
     if args.command == "tour":
         tour(args.out, seed=args.seed, progress=not args.quiet)
     elif args.command == "reproduce":

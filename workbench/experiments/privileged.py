@@ -8,6 +8,8 @@ MiniLM). Basis alignment (kurtosis, outlier dimensions) against rotations is rec
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from ._stats import INTERVALS, excludes_zero, fmt, median_ci
@@ -94,7 +96,8 @@ def run(job: dict, p: dict, ctx: dict) -> list[dict]:
             X = torch.cat([c[layer].float() for c in caches])
             X = X.mean((2, 3)) if X.ndim == 4 else X
             test = privileged_basis_test(X, ds, bases=tuple(p["bases"]), group=sites[SITE_OF[layer]],
-                                         n_bases=p["n_bases"], seed=0, standardize=p["standardize"])
+                                         n_bases=p["n_bases"], seed=0, standardize=p["standardize"],
+                                         statistic=p["statistic"], alpha=p["alpha"])
             rows += _rows({**job, "site": layer, "layer": CNN_LAYERS[layer], "d": X.shape[1]}, test,
                           basis_alignment(X, n_bases=p["n_bases"], seed=0))
         return rows
@@ -104,7 +107,8 @@ def run(job: dict, p: dict, ctx: dict) -> list[dict]:
     for hook, X in X_by_hook.items():
         site = sites.get(hook) or (sites.get("blocks.0.hook_resid_pre") if "hook_resid" in hook else None)
         test = privileged_basis_test(X, Y, names=names, bases=("orthogonal", "gl") if X.shape[1] <= 512 else ("orthogonal",),
-                                     group=site, n_bases=n_bases, seed=0, standardize=p["standardize"])
+                                     group=site, n_bases=n_bases, seed=0, standardize=p["standardize"],
+                                     statistic=p["statistic"], alpha=p["alpha"])
         kind = "MLP neurons" if "mlp" in hook else "residual stream"
         rows += _rows({**job, "site": hook, "layer": kind, "d": X.shape[1]}, test,
                       basis_alignment(X, n_bases=n_bases, seed=0))
@@ -160,10 +164,19 @@ def table_rows(doc) -> list[dict]:
         row = {"model": model, "site": site, "layer": layer, "seeds": z["n"], "z_orth": {**z, "sign": excludes_zero(z)},
                "z_gl": median_ci(_vals(doc, model, site, "gl", "z")),
                "priv_orth": median_ci(_vals(doc, model, site, "orthogonal", "n_privileged")),
-               "n_concepts": None, "own_identical": all(v == 1.0 for v in _vals(doc, model, site, "own_group", "identical")),
+               "n_concepts": None, "own_identical": _all_identical(_vals(doc, model, site, "own_group", "identical")),
                "kurtosis": median_ci(_vals(doc, model, site, "neuron", "kurtosis_per_example"))}
         out.append(row)
     return out
+
+
+OWN = {True: "yes", False: "NO", None: "— (no own group)"}  # the page's "own group identical" column
+
+
+def _all_identical(flags: list[float]) -> Optional[bool]:
+    """Whether every seed's own-group bases gave the neuron basis's value exactly; None where no own group was
+    tested (a layer without a site: ``all([])`` would have read as a "yes" the runs never checked)."""
+    return all(v == 1.0 for v in flags) if flags else None
 
 
 def headlines(doc) -> list[dict]:
@@ -195,7 +208,8 @@ def page(doc) -> str:
     lines += [table(["model", "layer", "seeds", "z vs rotations", "z vs GL", "privileged concepts vs rotations",
                      "own group identical", "kurtosis per example"],
                     [[r["model"], f"{r['site']}: {r['layer']}", r["seeds"], fmt(r["z_orth"]), fmt(r["z_gl"]),
-                      fmt(r["priv_orth"], 0), "yes" if r["own_identical"] else "NO", fmt(r["kurtosis"], 2)] for r in rows]),
+                      fmt(r["priv_orth"], 0), OWN[r["own_identical"]], fmt(r["kurtosis"], 2)]
+                     for r in rows]),
               ""]
     for r in rows:
         s = r["z_orth"]["sign"]

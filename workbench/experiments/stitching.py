@@ -118,7 +118,8 @@ def run(job: dict, p: dict, ctx: dict) -> list[dict]:
                seed=zlib.crc32(repr(sorted(job.items())).encode()) % 2**31, eval_data=test, val_data=val, bn=t["bn"],
                lr=_setting(t["lr"], fam), batch_size=t["batch_size"], init=_setting(t["init"], fam), bias=t["bias"],
                optimizer=_setting(t["optimizer"], fam), weight_decay=t["weight_decay"],
-               l1=job.get("alpha", 0.0), report=t["report"], skip=job.get("skip", "mapped"), bn_examples=t["bn_examples"])
+               l1=job.get("alpha", 0.0), sharpening=t["sharpening_alpha"], report=t["report"], skip=job.get("skip", "mapped"),
+               bn_examples=t["bn_examples"])
     base = {k: job[k] for k in ("model", "site", "family", "pair", "skip", "alpha") if k in job}
     rows = [{**base, "metric": "penalty", "value": r.penalty},
             {**base, "metric": "stitched_accuracy", "value": r.stitched_accuracy},
@@ -134,7 +135,8 @@ def run(job: dict, p: dict, ctx: dict) -> list[dict]:
 
 # ------------------------------------------------------------------------------------------ summaries
 def _values(doc, metric="penalty", **match) -> dict:
-    """``{pair: value}`` of the rows matching ``match`` (``skip`` defaults to absent/mapped rows)."""
+    """``{pair: value}`` of the rows matching ``match``. Only the fields given are matched: a ResNet-20 branch site has
+    a row per ``skip`` mode, so every ResNet caller passes ``skip`` (without it one pair's value would be either)."""
     out = {}
     for r in doc["runs"]:
         if r["metric"] == metric and all(r.get(k) == v for k, v in match.items()):

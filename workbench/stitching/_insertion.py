@@ -21,7 +21,7 @@ from .._progress import ProgressLike, show_progress
 from .._report import Report, new_axes
 from ..groups import Group, GroupElement, get_group
 from ._cut import Cut, site_label
-from ._train import LR_SCHEDULES, accuracy, check_batch, check_epochs, check_labels, fit, model_accuracy, splits
+from ._train import LR_SCHEDULES, OPTIMIZERS, accuracy, check_batch, check_epochs, check_labels, fit, model_accuracy, splits
 
 
 @dataclass(repr=False)
@@ -102,13 +102,14 @@ class InsertionResult(Report):
 def insertion_test(model: nn.Module, site: str, group: Union[str, Group] = "orthogonal", data=None, epochs: int = 3,
                    repeats: int = 3, seed: int = 0, *, eval_data=None, val_data=None, lr: float = 1e-3,
                    batch_size: int = 128, reinit: bool = True, control: bool = True, weight_decay: float = 0.0,
-                   lr_schedule: Optional[str] = None, report: str = "last", progress: ProgressLike = None) -> InsertionResult:
+                   lr_schedule: Optional[str] = None, report: str = "last", optimizer: str = "adam",
+                   progress: ProgressLike = None) -> InsertionResult:
     """Insert a fixed random element of ``group`` before ``site``'s nonlinearity, retrain what follows.
 
     The model is not modified (a deep copy is cut). Everything up to the pre-activation is frozen
     (and run once, in eval mode); the rest is re-initialised (``reset_parameters()``, seeded, the same
     for every run; ``reinit=False`` continues from the trained weights instead) and retrained with
-    Adam for ``epochs`` on ``data`` (in train mode: its BatchNorms update), once with M = I (the
+    Adam (``optimizer="sgd"``: plain SGD) for ``epochs`` on ``data`` (in train mode: its BatchNorms update), once with M = I (the
     control; ``control=False`` skips it) and once per repeat with M drawn from ``group`` (seeded by
     ``seed``). Accuracies are measured on ``eval_data`` (default ``data``).
 
@@ -143,6 +144,7 @@ def insertion_test(model: nn.Module, site: str, group: Union[str, Group] = "orth
         raise InvalidOptionError(f"repeats must be a whole number ≥ 1; got {repeats!r}.")
     check_option("report", report, ["last", "best"])
     check_option("lr_schedule", lr_schedule, LR_SCHEDULES)
+    check_option("optimizer", optimizer, OPTIMIZERS)
     if reinit and epochs == 0:
         raise InvalidOptionError("reinit=True with epochs=0 would evaluate an untrained network; retrain (epochs ≥ 1) "
                                  "or keep the trained weights (reinit=False).")
@@ -202,7 +204,7 @@ def insertion_test(model: nn.Module, site: str, group: Union[str, Group] = "orth
         tail.train()
         curve = fit(lambda idx: tail(*[v[idx] for v in train_vals]), params, y, epochs, lr=lr, batch_size=batch_size,
                     gen=torch.Generator().manual_seed(int(seed) + 1), after_epoch=after_epoch,
-                    weight_decay=weight_decay, lr_schedule=lr_schedule, desc=f"retrain after {site}",
+                    weight_decay=weight_decay, lr_schedule=lr_schedule, optimizer=optimizer, desc=f"retrain after {site}",
                     progress=progress)
         tail.eval()
         if report == "best" and best["state"] is not None:

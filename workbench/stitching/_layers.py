@@ -334,8 +334,10 @@ class DiagonalMap(StitchLayer):
                                  group="positive_diagonal")
 
 
-def make_layer(spec: StitchSpec, n_in: int, n_out: int, *, bias: bool, init, gen: torch.Generator) -> StitchLayer:
-    """A fresh stitching layer for ``spec`` from ``n_in`` to ``n_out`` channels."""
+def make_layer(spec: StitchSpec, n_in: int, n_out: int, *, bias: bool, init, gen: torch.Generator,
+               sharpening: float = 0.1) -> StitchLayer:
+    """A fresh stitching layer for ``spec`` from ``n_in`` to ``n_out`` channels (``sharpening``: the −α‖P‖_F weight
+    of a doubly-stochastic P)."""
     if spec.kind != "linear" and n_in != n_out:
         raise InvalidOptionError(
             f"a {spec.name!r} stitch maps a space to one of the same dimension, but the models have {n_in} and "
@@ -350,6 +352,6 @@ def make_layer(spec: StitchSpec, n_in: int, n_out: int, *, bias: bool, init, gen
         return OrthogonalMap(n_in, spec.special, "identity" if init is None else init, gen)
     if spec.kind == "sinkhorn":
         if init == "uniform":
-            return BirkhoffMap(n_in, spec.diagonal, gen)
-        return SinkhornMap(n_in, spec.diagonal, "random" if init is None else init, gen)
+            return BirkhoffMap(n_in, spec.diagonal, gen, alpha=sharpening)
+        return SinkhornMap(n_in, spec.diagonal, "random" if init is None else init, gen, alpha=sharpening)
     return DiagonalMap(n_in, init)

@@ -118,8 +118,9 @@ class StitchResult(Report):
 def stitch(model_a: nn.Module, model_b: nn.Module, site: Union[str, tuple[str, str]], group: Union[str, Group] = "relu",
            data=None, epochs: int = 5, seed: int = 0, *, eval_data=None, val_data=None, bn: str = "frozen",
            lr: Optional[float] = None, batch_size: int = 128, init=None, bias: Optional[bool] = None,
-           optimizer: str = "adam", weight_decay: float = 0.0, l1: float = 0.0, report: str = "last",
-           skip: str = "mapped", bn_examples: Optional[int] = None, progress: ProgressLike = None) -> StitchResult:
+           optimizer: str = "adam", weight_decay: float = 0.0, l1: float = 0.0, sharpening: float = 0.1,
+           report: str = "last", skip: str = "mapped", bn_examples: Optional[int] = None,
+           progress: ProgressLike = None) -> StitchResult:
     """Train a stitching layer from model A's activation at ``site`` into model B; report the penalty.
 
     Both models stay frozen and unmodified (each is deep-copied). The cut is a position in the
@@ -152,6 +153,8 @@ def stitch(model_a: nn.Module, model_b: nn.Module, site: Union[str, tuple[str, s
         lr, optimizer, weight_decay: the step (default 1e-2), ``"adam"`` or ``"sgd"`` (no momentum),
             and weight decay (not applied to a Birkhoff P).
         l1: LASSO weight α for linear stitches (``"gl"``, ``"low_rank:k"``): α·Σ|W| is added to the loss.
+        sharpening: the paper's −α‖P‖_F term of a permutation group's doubly-stochastic P (default 0.1), which
+            pushes P towards a vertex; 0 turns it off.
         report: ``"last"`` (the map after the last epoch) or ``"best"`` (the epoch with the best
             accuracy on ``val_data``; recorded as ``best_epoch``).
         progress: a bar over the training epochs: True, False, or None (the default) for one in a Jupyter
@@ -178,6 +181,8 @@ def stitch(model_a: nn.Module, model_b: nn.Module, site: Union[str, tuple[str, s
         raise InvalidOptionError(f"init='uniform' starts a doubly-stochastic P near the barycentre of the Birkhoff polytope, "
                                  f"so it is for the permutation groups ('relu', 'permutation', ...); {spec.name!r} is "
                                  f"not one. Use init='random' or None.")
+    if not (isinstance(sharpening, (int, float)) and not isinstance(sharpening, bool) and sharpening >= 0):
+        raise InvalidOptionError(f"sharpening must be a number ≥ 0 (the weight of −α‖P‖_F); got {sharpening!r}.")
     if l1 and spec.kind != "linear":
         raise InvalidOptionError(f"l1={l1!r}: the LASSO penalty is for linear stitches ('gl', 'low_rank:k'), not {spec.name!r}.")
     check_batch(batch_size, lr)
@@ -207,7 +212,8 @@ def stitch(model_a: nn.Module, model_b: nn.Module, site: Union[str, tuple[str, s
         if acts_b is not None:  # the closed-form fit of B's activation from A's
             keep = sample_rows(len(x) * acts[i][0].numel() // ca.channels, 200_000, gen)
             start = fit_init(spec, rows(acts[i], ca.channels, keep), rows(acts_b[i], cb.channels, keep))
-        layers[cb.site] = make_layer(spec, ca.channels, cb.channels, bias=use_bias, init=start, gen=gen)
+        layers[cb.site] = make_layer(spec, ca.channels, cb.channels, bias=use_bias, init=start, gen=gen,
+                                     sharpening=float(sharpening))
         if l1:
             layers[cb.site].l1 = float(l1)
     del acts_b
