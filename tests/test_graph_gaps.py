@@ -4,6 +4,9 @@
   through a view of the parameter, which moves with the stream's permutation; the channels-last block permutes its
   input and output; convnext_zepto_rms's SimpleNorm (``x·rsqrt(var(x) + ε)·w``) reads a stream like a LayerNorm
   (§4, SimpleNorm). Every stage's stream is then a site, s·P.
+- torchvision's DenseNet with ``memory_efficient=True`` (§6): ``if self.any_requires_grad(prev_features)`` (then
+  ``torch.utils.checkpoint``) is control flow on ``tensor.requires_grad``; the trace runs under ``torch.no_grad()``
+  as verify runs the models, and records the branch taken there (the plain bottleneck: the same function).
 
 Every verdict is checked directly: a float64 copy is transformed and both models run here, each output unit against
 its own scale (``changed``), never by asking ``wb.verify``; negative controls one size larger (a signed permutation
@@ -199,3 +202,53 @@ def test_simple_norm_passes_exactly_what_its_derivation_says():
         assert moved(M) < 1e-12
     for M in (2 * torch.eye(n, dtype=F64), haar, signs):
         assert moved(M) > 1e-3
+
+
+# ---------------------------------------------------------------------- DenseNet, memory_efficient=True (§6)
+def tv_densenet(memory_efficient):
+    tv = _import("torchvision")
+    torch.manual_seed(0)
+    return randomised(tv.models.DenseNet(growth_rate=8, block_config=(2, 3), num_init_features=16, bn_size=2,
+                                         num_classes=5, memory_efficient=memory_efficient))
+
+
+def test_a_memory_efficient_densenet_has_the_plain_ones_sites():
+    """Its checkpointed bottleneck computes the plain one's function: the same sites and groups (was: every dense layer
+    kept whole, 0 sites), a random element exact both under no_grad and with grad on (the checkpoint branch)."""
+    plain, efficient = tv_densenet(False), tv_densenet(True)
+    x = image(32, n=3)
+    a, b = wb.symmetry_map(plain, x[:1]), wb.symmetry_map(efficient, x[:1])
+    assert len(b) == 19 and [(s.name, s.group.name) for s in a] == [(s.name, s.group.name) for s in b]
+    assert [r for _, r in b.skipped] == ["the model's output"]
+    new, _ = wb.random_intertwiner(efficient, seed=0, example=x[:1])
+    assert changed(efficient, new, x) < 1e-10
+    y, y_new = efficient(x), new(x).detach()  # grad on: the parameters require it, so the checkpointed branch runs
+    assert y.requires_grad
+    y = y.detach()
+    assert float((y - y_new).abs().max() / y.abs().max()) < 1e-10
+    site = b[0]  # one size larger than D₊·P: a sign flip (a ReLU reads it)
+    flip = -torch.ones(site.n, dtype=F64)
+    assert changed(efficient, force(efficient, site.name, ScaledPermutation(torch.arange(site.n), flip), x), x) > 1e-3
+
+
+def test_a_branch_on_requires_grad_records_the_no_grad_branch():
+    """``x.requires_grad`` in a forward is answered as under torch.no_grad() (the trace, the run and verify): a
+    computed tensor requires none, a parameter answers for itself. Here that picks ReLU (D₊·P) over tanh (D±·P)."""
+
+    class Branchy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 6), nn.Linear(6, 3)
+
+        def forward(self, x):
+            h = self.a(x)
+            h = torch.tanh(h) if h.requires_grad else torch.relu(h)
+            return self.b(h if self.b.weight.requires_grad else 2 * h)
+
+    model = randomised(Branchy())
+    x = torch.randn(5, 4, dtype=F64, generator=torch.Generator().manual_seed(0))
+    (site,) = list(wb.symmetry_map(model, x[:1]))
+    assert site.group.name == "scaled_permutation" and site.activation == "relu"
+    new, _ = wb.random_intertwiner(model, seed=0, example=x[:1])
+    with torch.no_grad():
+        assert changed(model, new, x) < 1e-10

@@ -296,8 +296,10 @@ class Graph(TensorOps):
             from ._graph_scales import scale_parameter
             from ._graph_stream import table_parameter
 
-            if not node.users:  # read and never used (fx records attribute reads near a leaf call): no value flows
-                return
+            from ._graph_reads import value_readers
+
+            if not value_readers(node):  # read and never used (fx records attribute reads near a leaf call), or only
+                return  # its metadata read (``self.weight.requires_grad``): no value flows
             from ._graph_batchnorm import batch_norm_parameter
             from ._graph_groupnorm import group_norm_parameter
 
