@@ -94,7 +94,8 @@ def test_timm_convnext_stages_are_signed_permutation_streams(name):
        norm=st.sampled_from(["layernorm", "simplenorm"]), scale=st.booleans(), seed=st.integers(0, 50))
 def test_random_timm_convnexts_keep_their_function(dims, depth, conv_mlp, norm, scale, seed):
     """Small timm ConvNeXts over widths, depths, both MLP layouts (channels-last Linear and 1×1 conv), LayerNorm or
-    SimpleNorm (``SimpleNorm2d`` on the stream, ``SimpleNorm`` inside a channels-last block), with and without layer scale: every stage a signed-permutation site, a random element exact in float64."""
+    SimpleNorm (``SimpleNorm2d`` on the stream, ``SimpleNorm`` inside a channels-last block), with and without layer
+    scale: every stage a signed-permutation site, a random element exact in float64."""
     _import("timm")
     from timm.models.convnext import ConvNeXt
 
@@ -252,3 +253,72 @@ def test_a_branch_on_requires_grad_records_the_no_grad_branch():
     new, _ = wb.random_intertwiner(model, seed=0, example=x[:1])
     with torch.no_grad():
         assert changed(model, new, x) < 1e-10
+
+
+# ---------------------------------------------------------------------- BlurPool: reflect padding, a fixed filter (§3)
+class Blurred(nn.Module):
+    """conv → reflect padding → a fixed depthwise filter per channel (a buffer, as timm's BlurPool2d) → conv."""
+
+    def __init__(self, width=6, mode="reflect", groups=None):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, width, 1), nn.Conv2d(width, 4, 1)
+        per = 1 if groups is None else width // groups
+        self.register_buffer("filt", torch.randn(width, per, 3, 3, generator=torch.Generator().manual_seed(3)))
+        self.mode, self.groups = mode, groups or width
+
+    def forward(self, x):
+        h = torch.nn.functional.pad(self.a(x), [1, 1, 1, 1], mode=self.mode)
+        return self.b(torch.nn.functional.conv2d(h, self.filt, stride=2, groups=self.groups))
+
+
+@pytest.mark.parametrize("mode", ["reflect", "replicate", "circular", "constant"])
+def test_a_fixed_depthwise_filter_takes_the_permutation(mode):
+    """Per channel y_c = k_c ⋆ pad(x_c): x by D·P passes with k ↦ P·k; filters that differ per channel pass no rotation
+    (one size larger), and left unpermuted they change the function."""
+    model = randomised(Blurred(mode=mode))
+    x = image(8, n=3)
+    (site,) = list(wb.symmetry_map(model, x[:1]))
+    assert site.group.name == "diagonal_permutation" and "filt" in {p.name for p in site.writers}
+    new, _ = wb.random_intertwiner(model, seed=0, example=x[:1])
+    assert changed(model, new, x) < 1e-10 and not torch.equal(new.filt, model.filt)
+    with torch.no_grad():
+        new.filt.copy_(model.filt)
+    assert changed(model, new, x) > 1e-3
+    bad, _ = wb.random_intertwiner(model, seed=0, sites=[site.name], group="orthogonal", allow_non_symmetry=True,
+                                   example=x[:1])
+    assert changed(model, bad, x) > 1e-3
+
+
+def test_a_grouped_functional_convolution_freezes():
+    model = randomised(Blurred(groups=3))
+    x = image(8, n=3)
+    smap = wb.symmetry_map(model, x[:1])
+    assert len(smap) == 0 and any("conv2d" in r for _, r in smap.skipped), smap.skipped
+
+
+def test_timm_blur_pooled_densenet_maps_its_blur_pools():
+    """timm's DenseNet with BlurPool2d (densenetblur121d's construct) at a small size: its blur pools keep their spaces
+    (was: frozen, 'a padding that is not zeros'); with the blur filters made to differ per channel, a random element
+    is exact only because they are permuted too."""
+    _import("timm")
+    from timm.layers import BlurPool2d
+    from timm.models.densenet import DenseNet
+
+    torch.manual_seed(0)
+    model = randomised(DenseNet(growth_rate=8, block_config=(2, 2), stem_type="deep", aa_layer=BlurPool2d,
+                                aa_stem_only=False, num_classes=5))
+    pools = [m for m in model.modules() if isinstance(m, BlurPool2d)]
+    assert len(pools) == 2
+    with torch.no_grad():
+        for m in pools:
+            m.filt.mul_(torch.rand(m.filt.shape[0], 1, 1, 1, dtype=F64, generator=torch.Generator().manual_seed(1)) + 0.5)
+    x = image(32, n=3)
+    smap = wb.symmetry_map(model, x[:1])
+    assert [r for _, r in smap.skipped] == ["the model's output"]
+    assert {s.group.name for s in smap} == {"scaled_permutation"}
+    new, _ = wb.random_intertwiner(model, seed=0, example=x[:1])
+    assert changed(model, new, x) < 1e-10
+    with torch.no_grad():
+        for m, old in zip([m for m in new.modules() if isinstance(m, BlurPool2d)], pools):
+            m.filt.copy_(old.filt)
+    assert changed(model, new, x) > 1e-3

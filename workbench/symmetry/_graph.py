@@ -153,6 +153,7 @@ class Graph(TensorOps):
         self.consumed: set[int] = set()  # second spaces read by a Linear over positions (not frozen by it)
         # get_attr of a per-channel scale (layer scale) used in products, and views of it → (its name, the parameter)
         self.scales: dict[fx.Node, tuple[str, torch.Tensor]] = {}
+        self.filters: dict[fx.Node, tuple[str, torch.Tensor]] = {}  # get_attr of a fixed depthwise filter (BlurPool)
         self.chunks: dict[fx.Node, list] = {}  # chunk / split of the channels → the layout of each piece
         for node in self.gm.graph.nodes:
             self._visit(node)
@@ -293,7 +294,7 @@ class Graph(TensorOps):
             if self.shape(node) is not None:
                 self.info[node] = TensorInfo(self.new_space("the model's input"), "pre")
         elif node.op == "get_attr":
-            from ._graph_scales import scale_parameter
+            from ._graph_scales import fixed_filter, scale_parameter
             from ._graph_stream import table_parameter
 
             from ._graph_reads import value_readers
@@ -305,6 +306,7 @@ class Graph(TensorOps):
 
             if table_parameter(self, node, _attr(self.model, node.target)) or \
                     scale_parameter(self, node, _attr(self.model, node.target)) or \
+                    fixed_filter(self, node, _attr(self.model, node.target)) or \
                     group_norm_parameter(self, node, _attr(self.model, node.target)) or batch_norm_parameter(self, node):
                 return
             sid = self.new_space(f"parameter {node.target!r} used directly in forward")

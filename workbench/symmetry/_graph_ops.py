@@ -95,6 +95,11 @@ class TensorOps:
             from ._graph_vision import product
 
             return product(self, node, *args)  # x * gate (squeeze-excite)
+        if fname in ("conv1d", "conv2d", "conv3d") and args and self._val(node.args[0]) is args[0]:
+            from ._graph_scales import _conv_call, fixed_depthwise
+
+            if _conv_call(node).get("weight") in self.filters:
+                return fixed_depthwise(self, node, args[0])  # timm's BlurPool2d: a fixed filter per channel
         if fname in ("cat", "concat", "concatenate"):
             from ._graph_vision import concatenate
 

@@ -1,4 +1,5 @@
-"""Graph rules for per-channel parameters in products: layer scales (docs/DERIVATIONS.md §4).
+"""Graph rules for per-channel parameters: layer scales in products (docs/DERIVATIONS.md §4) and fixed depthwise
+filters in functional convolutions (§3, BlurPool).
 
 A *layer scale* is a floating ``nn.Parameter`` with one axis longer than 1, owned by a container (not a layer),
 every use of which is a product with one traced tensor, broadcasting along that tensor's channel axis only:
@@ -11,6 +12,12 @@ Per channel the product is ``y = γ ⊙ x``: a scaled permutation D·P of x pass
 (``γ ⊙ D·P·x = D·P·(P⁻¹γ ⊙ x)``, so ``γ ↦ P·γ``), output in x's space and level; a map that mixes channels does
 not (``channel_scale``: scaled permutations only). γ is a *parameter port* of x's site moved by the element's
 permutation part, on the parameter's own long axis.
+
+A *fixed depthwise filter* is a floating tensor ``k`` of shape ``[C, 1, *kernel]`` (a buffer or a parameter of a
+container), every use of which is the weight of ``F.conv1d/2d/3d(x, k, groups=C)`` without a bias (timm's
+``BlurPool2d``: ``F.conv2d(F.pad(x, …, mode="reflect"), self.filt, stride=2, groups=C)``). Per channel
+``y_c = k_c ⋆ x_c``, so x moving by D·P passes with ``k ↦ P·k`` (``k_π(c) ⋆ d_c·x_π(c) = d_c·y_π(c)``): a port of x's
+site moved by the permutation part on axis 0; a map mixing channels does not, for filters that differ.
 """
 from __future__ import annotations
 
@@ -82,5 +89,50 @@ def layer_scale(graph, node: fx.Node, x: fx.Node, g: fx.Node) -> None:
     sp.offsets_ok = False
     sp.ports.append(("writer", param_port(target, "perm", _long_axis(value.shape)), x))
     # one place per product: a scale multiplying two spaces makes them take one element (_shared.share_parameters)
+    graph.record_use(f"{target}@{node.name}", target, value, graph.info[x].space, None, node, x, mode="scale")
+    graph._out(node, x)
+
+
+_CONVS = {"conv1d": 1, "conv2d": 2, "conv3d": 3}
+_CONV_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+
+
+def _conv_call(u: fx.Node) -> dict:
+    """The arguments of a ``F.convNd`` call by name (empty for any other node)."""
+    if u.op != "call_function" or getattr(u.target, "__name__", None) not in _CONVS:
+        return {}
+    return {**dict(zip(_CONV_ARGS, u.args)), **u.kwargs}
+
+
+def fixed_filter(graph, node: fx.Node, value) -> bool:
+    """``get_attr`` of a fixed depthwise filter (module docstring): remembered, for :func:`fixed_depthwise`."""
+    from ._graph_stream import _owned_by_container
+
+    if not (isinstance(value, torch.Tensor) and value.is_floating_point() and value.ndim >= 3 and value.shape[1] == 1
+            and value.shape[0] > 1 and _owned_by_container(graph, node)):
+        return False
+    for u in node.users:
+        a = _conv_call(u)
+        if not (a and a.get("weight") is node and a.get("input") is not node and a.get("bias") is None
+                and a.get("groups") == value.shape[0] and _CONVS[u.target.__name__] == value.ndim - 2):
+            return False
+    graph.filters[node] = (node.target, value)
+    return True
+
+
+def fixed_depthwise(graph, node: fx.Node, x: fx.Node) -> None:
+    """``F.convNd(x, k, groups=C)`` with a fixed depthwise filter k: same space and level as x, k moved by the element's
+    permutation part (module docstring); only scaled permutations pass (``fixed_depthwise``)."""
+    from ._graph_stream import param_port
+
+    target, value = graph.filters[_conv_call(node)["weight"]]
+    xs = graph.shape(x) or ()
+    if graph.last(x) or graph.info[x].block != 1 or len(xs) != value.ndim or xs[1] != value.shape[0]:
+        return graph._fresh(node, f"a depthwise convolution by {target!r} {tuple(value.shape)} of a tensor of shape "
+                                  f"{tuple(xs)} whose channels are not its axis 1, one by one")
+    sp = graph.space(x)
+    sp.constraints.append(("fixed_depthwise", node))
+    sp.offsets_ok = False
+    sp.ports.append(("writer", param_port(target, "perm", 0), x))
     graph.record_use(f"{target}@{node.name}", target, value, graph.info[x].space, None, node, x, mode="scale")
     graph._out(node, x)

@@ -11,8 +11,8 @@ from torch import nn
 from ..groups import get_group
 from ..models import TraceFailure
 from ._lattice import CONSTRAINTS, generators, restrict
-from ._graph_stream import (CONSTRAINTS as STREAM_CONSTRAINTS, CONVNEXT_NOTE, LN_NOTE, MIXER_NOTE, SIMPLENORM_NOTE, SWIN_NOTE,
-                            extra_site, is_simple_norm, with_sign)
+from ._graph_stream import (CONSTRAINTS as STREAM_CONSTRAINTS, CONVNEXT_NOTE, LN_NOTE, MIXER_NOTE, SIMPLENORM_NOTE,
+                            SWIN_NOTE, extra_site, is_simple_norm, with_sign)
 from ._channel_families import grouped
 from ._graph_vision import COUPLER_NOTE, CONSTRAINTS as VISION_CONSTRAINTS
 from ._graph_groupnorm import CONSTRAINTS as GROUPNORM_CONSTRAINTS, site_group as group_norm_group

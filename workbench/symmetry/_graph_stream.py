@@ -68,6 +68,9 @@ CONSTRAINTS = {
     "channel_scale": ({"perm", "pos_scale", "neg"},
                       "a per-channel parameter (layer scale) multiplies this space: it takes the permutation, so only "
                       "scaled permutations pass it"),
+    "fixed_depthwise": ({"perm", "pos_scale", "neg"},
+                        "a depthwise convolution by a fixed filter per channel (timm's BlurPool2d) reads this space: the "
+                        "filters take the permutation, so only scaled permutations pass it"),
     "layernorm_folded": ({"perm", "rotation_ones"},
                          "LayerNorms with gain 1 read this space: rotations fixing 1 pass them (the bias moves with the "
                          "element; docs/DERIVATIONS.md Lemma 1)"),
@@ -230,7 +233,7 @@ def table_parameter(graph, node: fx.Node, value) -> bool:
 # Constraints that pass a global sign: a LayerNorm's bias takes it (its gain the permutation part), a depthwise
 # conv's kernel cancels it, a layer scale takes the permutation part. A constant added to every channel, an
 # activation, max pooling do not (the sign would have to be undone somewhere nothing can).
-SIGN_PASSES = {"layernorm", "layernorm_folded", "coupler", "channel_scale"}
+SIGN_PASSES = {"layernorm", "layernorm_folded", "coupler", "channel_scale", "fixed_depthwise"}
 
 
 class WithSign(Group):
