@@ -44,7 +44,7 @@ class _Tracer(fx.Tracer):
     """torch.fx's tracer, keeping every catalogued activation module a leaf (custom ones too)."""
 
     def __init__(self, is_activation, opaque: frozenset = frozenset(), functions: tuple = (),
-                 root: Optional[Callable] = None, example: Optional[torch.Tensor] = None):
+                 root: Optional[Callable] = None, example: Optional[torch.Tensor] = None, input_grad: bool = False):
         # functions: module-level functions kept whole (recorded as one call) because fx cannot trace into them
         super().__init__(autowrap_functions=functions)
         self._is_activation = is_activation
@@ -54,6 +54,7 @@ class _Tracer(fx.Tracer):
         # recorded, so ``x.shape``, ``x.size()``, ``x.dim()`` are the example's numbers (see _ShapedProxy)
         self._example = example
         self._values: Optional[dict] = {} if example is not None else None
+        self._input_grad = input_grad  # whether the example requires grad (see to_bool)
 
     def create_args_for_root(self, root_fn, is_module, concrete_args=None):
         return super().create_args_for_root(self._root or root_fn, is_module, concrete_args)
@@ -112,6 +113,23 @@ class _Tracer(fx.Tracer):
                 and not (m._forward_hooks or m._forward_pre_hooks)):
             forward = vars(m)["_old_forward"]
         return super().call_module(m, forward, args, kwargs)
+
+    def to_bool(self, obj: fx.Proxy) -> bool:
+        # ``if x.requires_grad:`` (torchvision's DenseNet with memory_efficient=True checkpoints its bottleneck when an
+        # input requires grad): the trace runs under torch.no_grad(), as the trace is run and verify runs the models,
+        # so the branch taken there is recorded, as for self.training. There a tensor an op computed requires no
+        # grad; a parameter or buffer (get_attr) and the input answer for themselves.
+        node = obj.node
+        if node.op == "call_function" and node.target is getattr and node.args[1:] == ("requires_grad",) \
+                and isinstance(node.args[0], fx.Node):
+            x = node.args[0]
+            if x.op == "get_attr":
+                with _unpatched():  # (fx's patched getattr would answer with a proxy again)
+                    return bool(_attr_path(self.root, x.target).requires_grad)
+            if x.op == "placeholder":
+                return self._input_grad
+            return False
+        return super().to_bool(obj)
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         # A module whose forward was replaced on the object computes that forward, not its class's: traced
@@ -266,7 +284,8 @@ def trace_kept_whole(model: nn.Module, is_activation, most: int = _MOST_KEPT_WHO
             # In eval mode, as the trace is run (propagate_shapes) and as verify runs the models: a forward branching on
             # self.training (dropout, batch statistics) records its eval branch, whatever mode the model is in now; a
             # traced Hugging Face model's values on the example (its shapes) are computed recording nothing
-            tracer = _Tracer(is_activation, frozenset(opaque), tuple(functions), root, shaped)
+            tracer = _Tracer(is_activation, frozenset(opaque), tuple(functions), root, shaped,
+                             input_grad=bool(getattr(example, "requires_grad", False)))
             with eval_mode(model), torch.no_grad(), internal_forward():
                 gm = fx.GraphModule(model, tracer.trace(model))
         except Exception as exc:  # TraceError, a TypeError from a proxy used as a bool, …: say where

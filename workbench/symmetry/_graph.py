@@ -151,7 +151,9 @@ class Graph(TensorOps):
         self.tuples: dict[fx.Node, Optional[TensorInfo]] = {}  # a module returning a tuple → its output 0 (attention)
         self.extra_sites: list = []  # sites that are no space of the graph (inside an attention leaf)
         self.consumed: set[int] = set()  # second spaces read by a Linear over positions (not frozen by it)
-        self.scales: dict[fx.Node, torch.Tensor] = {}  # get_attr of a per-channel scale (layer scale), used in products
+        # get_attr of a per-channel scale (layer scale) used in products, and views of it → (its name, the parameter)
+        self.scales: dict[fx.Node, tuple[str, torch.Tensor]] = {}
+        self.filters: dict[fx.Node, tuple[str, torch.Tensor]] = {}  # get_attr of a fixed depthwise filter (BlurPool)
         self.chunks: dict[fx.Node, list] = {}  # chunk / split of the channels → the layout of each piece
         for node in self.gm.graph.nodes:
             self._visit(node)
@@ -292,15 +294,19 @@ class Graph(TensorOps):
             if self.shape(node) is not None:
                 self.info[node] = TensorInfo(self.new_space("the model's input"), "pre")
         elif node.op == "get_attr":
-            from ._graph_stream import scale_parameter, table_parameter
+            from ._graph_scales import fixed_filter, scale_parameter
+            from ._graph_stream import table_parameter
 
-            if not node.users:  # read and never used (fx records attribute reads near a leaf call): no value flows
-                return
+            from ._graph_reads import value_readers
+
+            if not value_readers(node):  # read and never used (fx records attribute reads near a leaf call), or only
+                return  # its metadata read (``self.weight.requires_grad``): no value flows
             from ._graph_batchnorm import batch_norm_parameter
             from ._graph_groupnorm import group_norm_parameter
 
             if table_parameter(self, node, _attr(self.model, node.target)) or \
                     scale_parameter(self, node, _attr(self.model, node.target)) or \
+                    fixed_filter(self, node, _attr(self.model, node.target)) or \
                     group_norm_parameter(self, node, _attr(self.model, node.target)) or batch_norm_parameter(self, node):
                 return
             sid = self.new_space(f"parameter {node.target!r} used directly in forward")

@@ -86,7 +86,7 @@ class TensorOps:
             return self._out(node, args[0])  # 2.0 * x
         if fn in (operator.mul, torch.mul) and len(args) == 1 and len(node.args) == 2 and not node.kwargs \
                 and any(a in self.scales for a in node.args):
-            from ._graph_stream import layer_scale
+            from ._graph_scales import layer_scale
 
             return layer_scale(self, node, args[0], next(a for a in node.args if a in self.scales))
         if fname == "permute" and args and self._val(node.args[0]) is args[0]:
@@ -95,6 +95,11 @@ class TensorOps:
             from ._graph_vision import product
 
             return product(self, node, *args)  # x * gate (squeeze-excite)
+        if fname in ("conv1d", "conv2d", "conv3d") and args and self._val(node.args[0]) is args[0]:
+            from ._graph_scales import _conv_call, fixed_depthwise
+
+            if _conv_call(node).get("weight") in self.filters:
+                return fixed_depthwise(self, node, args[0])  # timm's BlurPool2d: a fixed filter per channel
         if fname in ("cat", "concat", "concatenate"):
             from ._graph_vision import concatenate
 
@@ -131,6 +136,12 @@ class TensorOps:
     def _method(self, node: fx.Node) -> None:
         name = node.target
         x = self._val(node.args[0]) if node.args else None
+        if x in self.scales and name in ("view", "reshape"):  # γ.reshape(1, -1, 1, 1): the layer scale, broadcast
+            from ._graph_scales import scale_view
+
+            return scale_view(self, node)
+        if name in ("mul", "mul_") and len(node.args) == 2 and not node.kwargs:
+            return self._method_product(node, x, self._val(node.args[1]))
         if not (isinstance(x, fx.Node) and x in self.info):
             return self._fresh(node, f"the method .{name}() is not understood")
         inplace = name.endswith("_") and not name.endswith("__")
@@ -173,6 +184,24 @@ class TensorOps:
             self._fresh(node, f"the method .{name}() is not understood by the symmetry rules")
         if inplace or name == "__iadd__":
             self._overwrite(x, node)
+
+    def _method_product(self, node: fx.Node, a: Any, b: Any) -> None:
+        """``a.mul(b)`` / ``a.mul_(b)``: by a number or by a layer scale (``_graph_scales``) as ``a * b`` is; in place,
+        later reads of ``a`` read the product."""
+        if isinstance(a, fx.Node) and a in self.info and isinstance(b, (int, float)):
+            self._out(node, a)
+        elif isinstance(a, fx.Node) and a in self.info and b in self.scales:
+            from ._graph_scales import layer_scale
+
+            layer_scale(self, node, a, b)
+        elif node.target == "mul" and a in self.scales and isinstance(b, fx.Node) and b in self.info:
+            from ._graph_scales import layer_scale
+
+            return layer_scale(self, node, b, a)
+        else:
+            return self._fresh(node, f"the method .{node.target}() is not understood by the symmetry rules")
+        if node.target == "mul_":
+            self._overwrite(a, node)
 
     def _post_reads(self, node: fx.Node) -> list[fx.Node]:
         """The post-activation tensors whose values ``node`` reads (an affine site's offset rides on them)."""

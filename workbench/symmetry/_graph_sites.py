@@ -11,7 +11,8 @@ from torch import nn
 from ..groups import get_group
 from ..models import TraceFailure
 from ._lattice import CONSTRAINTS, generators, restrict
-from ._graph_stream import CONSTRAINTS as STREAM_CONSTRAINTS, CONVNEXT_NOTE, LN_NOTE, MIXER_NOTE, SWIN_NOTE, extra_site, with_sign
+from ._graph_stream import (CONSTRAINTS as STREAM_CONSTRAINTS, CONVNEXT_NOTE, LN_NOTE, MIXER_NOTE, SIMPLENORM_NOTE,
+                            SWIN_NOTE, extra_site, is_simple_norm, with_sign)
 from ._channel_families import grouped
 from ._graph_vision import COUPLER_NOTE, CONSTRAINTS as VISION_CONSTRAINTS
 from ._graph_groupnorm import CONSTRAINTS as GROUPNORM_CONSTRAINTS, site_group as group_norm_group
@@ -156,8 +157,10 @@ def _build(graph, model_name: str, affine: bool) -> SymmetryMap:
         if any(kind.startswith("layernorm") for kind, _ in space.constraints):
             merged = any(n.op == "call_module" and type(graph.modules.get(n.target)).__name__ == "PatchMerging"
                          for kind, n in space.constraints if kind.startswith("layernorm"))
+            simple = all(n.op == "call_module" and is_simple_norm(graph.modules.get(n.target))
+                         for kind, n in space.constraints if kind.startswith("layernorm"))
             notes.append(CONVNEXT_NOTE if space.couplers else MIXER_NOTE if space.activations
-                         else SWIN_NOTE if merged else LN_NOTE)
+                         else SWIN_NOTE if merged else SIMPLENORM_NOTE if simple else LN_NOTE)
         norms = list(dict.fromkeys((bn, mode) for bn, mode, _ in space.norms))
         if norm_of and group.continuous:
             notes.append(f"BatchNorm {', '.join(sorted(set(norm_of.values())))} folds into its writer for maps that "

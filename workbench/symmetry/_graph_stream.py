@@ -26,7 +26,8 @@ rules, which live here:
   (window partition, shifts and the bias act on positions only).
 - **Parameter tables** (``get_attr`` of a floating ``nn.Parameter`` owned by a container, not by a layer):
   the class token ``[1, 1, C]`` and the position table ``[1, T, C]`` write the stream along their last
-  axis (``E ↦ E·Mᵀ``); a per-channel scale (ConvNeXt's and timm's layer scale) takes the permutation part.
+  axis (``E ↦ E·Mᵀ``); a per-channel scale (ConvNeXt's and timm's layer scale) takes the permutation part
+  (its rules are in ``_graph_scales``).
 - **Swin's patch merging** is a leaf reading a stage like a LayerNorm over 4C (its element tiled four times)
   and writing the next stage through ``reduction``'s rows.
 
@@ -67,6 +68,9 @@ CONSTRAINTS = {
     "channel_scale": ({"perm", "pos_scale", "neg"},
                       "a per-channel parameter (layer scale) multiplies this space: it takes the permutation, so only "
                       "scaled permutations pass it"),
+    "fixed_depthwise": ({"perm", "pos_scale", "neg"},
+                        "a depthwise convolution by a fixed filter per channel (timm's BlurPool2d) reads this space: the "
+                        "filters take the permutation, so only scaled permutations pass it"),
     "layernorm_folded": ({"perm", "rotation_ones"},
                          "LayerNorms with gain 1 read this space: rotations fixing 1 pass them (the bias moves with the "
                          "element; docs/DERIVATIONS.md Lemma 1)"),
@@ -79,10 +83,16 @@ CONVNEXT_NOTE = ("a ConvNeXt residual stream; the exact group is larger (docs/DE
                  "of a depthwise convolution here)")
 MIXER_NOTE = ("a pre-LN residual stream; the exact group is larger (docs/DERIVATIONS.md §2, Mixer): s·P·(I + 1·aᵀ); the token MLP's activation "
               "acts on the channels too, so no rotation passes even with gains 1. Not sampled: the sign s and the shear")
+SIMPLENORM_NOTE = ("a residual stream read by SimpleNorms (x/√(var(x) + ε)·w); the exact group is larger (docs/DERIVATIONS.md "
+                   "§4, SimpleNorm): with gains 1 every M with Mᵀ·C·M = C, s·R·(I + 1·aᵀ), the norm's output moving by M "
+                   "itself; with gains kept s·P·(I + 1·aᵀ). Not sampled: the shear I + 1·aᵀ (no family here has it)")
 SWIN_NOTE = ("a pre-LN residual stream read by Swin's patch merging; the exact group (docs/DERIVATIONS.md §2, Swin) "
              "is s·R, R·1 = 1 with gains folded (s·P with gains kept), without the shear: all of it is sampled")
-_LN_LAST = {"torch.nn.modules.normalization.LayerNorm", "timm.layers.norm.LayerNorm"}
-_LN_FIRST = {"torchvision.models.convnext.LayerNorm2d", "timm.layers.norm.LayerNorm2d"}
+# timm's SimpleNorm (``x·rsqrt(var(x) + ε)·w``: the variance centred, x not; no bias) passes what a LayerNorm passes and
+# more (docs/DERIVATIONS.md §4, SimpleNorm): read by the same rule, with its own note (SIMPLENORM_NOTE).
+_SIMPLE = {"timm.layers.norm.SimpleNorm", "timm.layers.norm.SimpleNorm2d"}
+_LN_LAST = {"torch.nn.modules.normalization.LayerNorm", "timm.layers.norm.LayerNorm", "timm.layers.norm.SimpleNorm"}
+_LN_FIRST = {"torchvision.models.convnext.LayerNorm2d", "timm.layers.norm.LayerNorm2d", "timm.layers.norm.SimpleNorm2d"}
 # Hugging Face's ConvNeXt LayerNorms (transformers/models/convnext*/modeling_convnext*.py): an nn.LayerNorm whose
 # forward, for ``data_format == "channels_first"``, is ``permute(0, 2, 3, 1)``, nn.LayerNorm's forward, ``permute(0, 3, 1,
 # 2)`` — a LayerNorm over axis 1 — and nn.LayerNorm's own otherwise: read by its data_format (checked when read).
@@ -92,6 +102,11 @@ _LN_BY_FORMAT = {"transformers.models.convnext.modeling_convnext.ConvNextLayerNo
 
 def _qualname(m) -> str:
     return f"{type(m).__module__}.{type(m).__qualname__}"
+
+
+def is_simple_norm(m) -> bool:
+    """Whether ``m`` is timm's SimpleNorm or SimpleNorm2d (no centring of x, no bias)."""
+    return _qualname(m) in _SIMPLE
 
 
 def norm_axis(m: nn.Module) -> Optional[str]:
@@ -218,7 +233,7 @@ def table_parameter(graph, node: fx.Node, value) -> bool:
 # Constraints that pass a global sign: a LayerNorm's bias takes it (its gain the permutation part), a depthwise
 # conv's kernel cancels it, a layer scale takes the permutation part. A constant added to every channel, an
 # activation, max pooling do not (the sign would have to be undone somewhere nothing can).
-SIGN_PASSES = {"layernorm", "layernorm_folded", "coupler", "channel_scale"}
+SIGN_PASSES = {"layernorm", "layernorm_folded", "coupler", "channel_scale", "fixed_depthwise"}
 
 
 class WithSign(Group):
@@ -266,41 +281,6 @@ def _owned_by_container(graph, node: fx.Node) -> bool:
     owner = graph.modules.get(node.target.rpartition(".")[0])
     return owner is not None and not any(isinstance(owner, t) for t in (
         nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.LayerNorm, nn.MultiheadAttention, nn.BatchNorm1d, nn.BatchNorm2d))
-
-
-def scale_parameter(graph, node: fx.Node, value) -> bool:
-    """``get_attr`` of a parameter with one axis longer than 1 (ConvNeXt's layer scale ``[C, 1, 1]``, timm's
-    ``LayerScale.gamma`` ``[C]``) whose every use is a product with one tensor: remembered, for
-    :func:`layer_scale` to place once it sees what it multiplies."""
-    import operator
-
-    if not (isinstance(value, nn.Parameter) and value.is_floating_point() and _owned_by_container(graph, node)):
-        return False
-    if sum(d > 1 for d in value.shape) != 1 or not all(
-            u.op == "call_function" and u.target in (operator.mul, torch.mul) and len(u.args) == 2 and not u.kwargs
-            for u in node.users):
-        return False
-    graph.scales[node] = value
-    return True
-
-
-def layer_scale(graph, node: fx.Node, x: fx.Node, g: fx.Node) -> None:
-    """``γ * x`` with γ broadcasting along ``x``'s channel axis only: per channel, so a scaled permutation D·P of x
-    passes it when γ takes P (``(γ ⊙ D·P·y) = D·P·(P⁻¹γ ⊙ y)``); same space and level as x."""
-    value = graph.scales[g]
-    xs, ps = graph.shape(x) or (), tuple(value.shape)
-    c, off = graph.channel_axis(x) if xs else 1, len(xs) - len(ps)
-    ok = off >= 0 and 0 <= c - off < len(ps) and ps[c - off] == xs[c] and graph.info[x].block == 1 \
-        and all(d == 1 for i, d in enumerate(ps) if i != c - off)
-    if not ok:
-        return graph._fresh(node, f"a product with parameter {g.target!r} {ps} that does not scale the channels of "
-                                  f"{tuple(xs)} one by one")
-    sp = graph.space(x)
-    sp.constraints.append(("channel_scale", node))
-    sp.offsets_ok = False
-    sp.ports.append(("writer", param_port(g.target, "perm", c - off), x))
-    graph.record_use(g.target, g.target, value, graph.info[x].space, None, node, x, mode="scale")
-    graph._out(node, x)
 
 
 # ---------------------------------------------------------------------- LayerNorm

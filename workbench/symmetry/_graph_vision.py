@@ -270,12 +270,15 @@ def settle_embedded(graph, sites: list, root_of: dict, site_of_space: dict, drop
 
 def channel_pad(graph, node: fx.Node, x: fx.Node) -> None:
     """F.pad with zeros on the channel axis (CIFAR ResNets' option-A shortcut): a space embedding x's. Zeros on
-    spatial axes only keep x's space: a map acting at each position sends the padded zeros to zeros."""
+    spatial axes only keep x's space: a map acting at each position sends the padded zeros to zeros; so does a
+    reflect, replicate or circular padding of spatial axes (timm's BlurPool2d), which copies values between positions
+    of one channel."""
     pad = node.args[1] if len(node.args) > 1 else node.kwargs.get("pad")
     mode = node.args[2] if len(node.args) > 2 else node.kwargs.get("mode", "constant")
     value = node.args[3] if len(node.args) > 3 else node.kwargs.get("value", 0)
     xs = graph.shape(x)
-    if mode != "constant" or value not in (0, 0.0, None) or xs is None or not isinstance(pad, (list, tuple)):
+    copies = mode in ("reflect", "replicate", "circular")  # values copied between positions of one channel
+    if not (mode == "constant" and value in (0, 0.0, None) or copies) or xs is None or not isinstance(pad, (list, tuple)):
         return graph._fresh(node, "a padding that is not zeros, or whose widths are computed in the forward")
     pad = list(pad) + [0] * (2 * len(xs) - len(pad))  # pairs from the last axis backwards
     channel = 2 * (len(xs) - 2)
@@ -284,6 +287,8 @@ def channel_pad(graph, node: fx.Node, x: fx.Node) -> None:
         return graph._fresh(node, "a padding of the channel or batch axis whose width is computed in the forward")
     if any(ours[2:]):
         return graph._fresh(node, "a padding of the batch axis")
+    if copies and any(ours):
+        return graph._fresh(node, f"a {mode} padding of the channel axis")
     if all(isinstance(p, int) and p == 0 for p in pad):  # no width at all (TensorFlow "same" padding where the
         return graph._out(node, x)  # input's size needs none): the identity, not a channel padding by 0 and 0
     if any(not isinstance(p, int) or p for p in spatial):  # (a width computed in the forward: timm's "same" padding)
