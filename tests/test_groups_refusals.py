@@ -1,0 +1,84 @@
+"""Verdicts of the groups layer on inputs outside what its inference is derived for: maps that mix units, random
+activations, elements that are no invertible matrix, and two activations that need different affine offsets on
+one site. Each is right (checked here directly in float64 with dense matrices) or a clear refusal."""
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import workbench as wb
+from workbench._errors import InvalidOptionError
+from workbench.groups import (FAMILIES, Dense, ScaledPermutation, check_intertwiner, discover_group, get_group,
+                              intertwiner_group)
+
+F64 = torch.float64
+
+
+def swap_error(fn, n: int) -> float:
+    """max |σ(Px) − Pσ(x)| for the swap of units 0 and 1, computed here with a dense P."""
+    P = torch.eye(n, dtype=F64)[[1, 0, *range(2, n)]]
+    X = torch.randn(64, n, dtype=F64, generator=torch.Generator().manual_seed(0))
+    return float((fn(X @ P.T) - fn(X) @ P.T).abs().max())
+
+
+# ------------------------------------------------------------------ membership
+def _bad_elements(n: int) -> dict:
+    ones = torch.ones(n, dtype=F64)
+    return {
+        "perm with a repeated index": ScaledPermutation(torch.tensor([0, 0, *range(2, n)])),
+        "NaN scale": ScaledPermutation(torch.arange(n), torch.cat([ones[:-1], torch.tensor([math.nan], dtype=F64)])),
+        "inf scale": ScaledPermutation(torch.arange(n), torch.cat([ones[:-1], torch.tensor([math.inf], dtype=F64)])),
+        "zero scale": ScaledPermutation(torch.arange(n), torch.cat([ones[:-1], torch.zeros(1, dtype=F64)])),
+        "NaN matrix": Dense(torch.full((n, n), math.nan, dtype=F64)),
+        "singular matrix": Dense(torch.ones(n, n, dtype=F64)),
+    }
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_no_group_contains_an_element_that_is_no_invertible_finite_matrix(family):
+    """A perm with a repeated index was read as a permutation (in P, P·D₊, O(n), GL …) and a NaN scale as a nonzero
+    one (in P·D and GL); a NaN matrix raised torch's LinAlgError from GL's rank."""
+    G = get_group(family, 4)
+    for what, e in _bad_elements(4).items():
+        assert torch.linalg.matrix_rank(torch.nan_to_num(e.matrix(), nan=1.0)) < 4 or not torch.isfinite(e.matrix()).all()
+        assert not G.contains(e), (family, what)
+
+
+def test_membership_near_the_boundary_is_decided_by_the_matrix():
+    """Elements just outside a group (a permutation with a 10⁻³ entry off it, a negative scale in a positive-scaling
+    group, a reflection in SO(n)) are outside it; GL contains each, being invertible."""
+    n = 4
+    P = torch.eye(n, dtype=F64)[[1, 2, 3, 0]]
+    near = P.clone()
+    near[0, 0] = 1e-3
+    reflection = torch.diag(torch.tensor([1.0, 1, 1, -1], dtype=F64))
+    negative = ScaledPermutation(torch.arange(n), torch.tensor([1.0, 2.0, 0.5, -1e-12], dtype=F64))
+    assert torch.linalg.matrix_rank(near) == n and float(torch.linalg.det(reflection)) == -1.0
+    for family in ("permutation", "scaled_permutation", "signed_permutation", "orthogonal", "positive_diagonal"):
+        assert not get_group(family, n).contains(Dense(near)), family
+    assert not get_group("scaled_permutation", n).contains(negative)
+    assert not get_group("positive_diagonal", n).contains(negative)
+    assert get_group("diagonal_permutation", n).contains(negative)  # −10⁻¹² is a nonzero scale
+    assert not get_group("special_orthogonal", n).contains(Dense(reflection))
+    assert get_group("orthogonal", n).contains(Dense(reflection))
+    assert all(get_group("gl", n).contains(e) for e in (Dense(near), Dense(reflection), negative))
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(1, 6), seed=st.integers(0, 10_000), family=st.sampled_from(
+    ["permutation", "scaled_permutation", "signed_permutation", "diagonal_permutation", "positive_diagonal"]))
+def test_a_monomial_is_judged_the_same_as_its_dense_matrix(n, seed, family):
+    """contains reads a ScaledPermutation from its perm and scales; the same map as a dense matrix gets the same answer
+    (scales kept ≥ 10⁻³ in size, so the dense path's 10⁻⁹ zero threshold does not decide)."""
+    g = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(n, generator=g)
+    kind = int(torch.randint(4, (1,), generator=g))
+    mag = 10 ** (3 * torch.rand(n, generator=g, dtype=F64) - 1.5)
+    sign = torch.where(torch.rand(n, generator=g) < 0.5, -1.0, 1.0).double()
+    scale = [None, mag, sign, sign * mag][kind]
+    e = ScaledPermutation(perm, scale)
+    G = get_group(family, n)
+    assert G.contains(e) == G.contains(Dense(e.matrix()))
