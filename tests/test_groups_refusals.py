@@ -82,3 +82,63 @@ def test_a_monomial_is_judged_the_same_as_its_dense_matrix(n, seed, family):
     e = ScaledPermutation(perm, scale)
     G = get_group(family, n)
     assert G.contains(e) == G.contains(Dense(e.matrix()))
+
+
+# ------------------------------------------------------------------ affine extensions of two activations on one site
+class TwoReaders(nn.Module):
+    """One pre-activation h read through two activations by two Linears."""
+
+    def __init__(self, a: nn.Module, b: nn.Module):
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc1, self.fc2, self.fc3, self.a, self.b = (nn.Linear(5, 6), nn.Linear(6, 3), nn.Linear(6, 3), a, b)
+
+    def forward(self, x):
+        h = self.fc1(x)
+        return torch.cat([self.fc2(self.a(h)), self.fc3(self.b(h))], -1)
+
+
+def _flipped(model: TwoReaders, s: torch.Tensor, c2: torch.Tensor, c3: torch.Tensor) -> TwoReaders:
+    """h ↦ diag(s)h by hand, the readers' weights W·diag(s) and biases b + W·c (c the offset each one absorbs)."""
+    import copy
+
+    new = copy.deepcopy(model)
+    with torch.no_grad():
+        new.fc1.weight.mul_(s[:, None]), new.fc1.bias.mul_(s)
+        for fc, c in ((new.fc2, c2), (new.fc3, c3)):
+            fc.bias.add_(fc.weight @ c)
+            fc.weight.mul_(s[None, :])
+    return new
+
+
+@pytest.mark.parametrize("a, b", [(nn.Sigmoid(), nn.Tanh()), (nn.Tanh(), nn.Sigmoid()), (nn.Softsign(), nn.Sigmoid())])
+def test_two_activations_with_different_offsets_on_one_site_get_the_linear_group(a, b):
+    """Sigmoid's sign flips need the offset c = ½(1 − s) in its reader's bias, tanh's none; a site has one offset.
+    With sigmoid first every reader took ½(1 − s); with tanh first none did: either way the function changed (by 0.6).
+    The site now has the linear group P of both (and says why), which is exact."""
+    model, x = TwoReaders(a, b).double().eval(), torch.randn(64, 5, dtype=F64) * 3
+    site = wb.symmetry_map(model, example=x[:1], affine=True).sites[0]
+    assert (site.group.name, site.affine) == ("permutation", False)
+    assert any("activations with different σ(0)" in note for note in site.notes)
+    with torch.no_grad():
+        ref = model(x)
+        for seed in range(3):
+            new, _ = wb.random_intertwiner(model, seed=seed, example=x[:1], affine=True)
+            assert float((new(x) - ref).abs().max() / ref.abs().max()) < 1e-10
+        # By hand: flipping unit 0 is exact only with each reader's own offset (½(1 − s) for sigmoid, 0 for tanh).
+        s = torch.tensor([-1.0, 1, 1, 1, 1, 1], dtype=F64)
+        half = 0.5 * (1 - s)
+        own = [half if isinstance(m, nn.Sigmoid) else torch.zeros(6, dtype=F64) for m in (a, b)]
+        assert float((_flipped(model, s, *own)(x) - ref).abs().max()) < 1e-12
+        for c2, c3 in ((half, half), (torch.zeros(6, dtype=F64),) * 2):  # one offset for the site: not a symmetry
+            assert float((_flipped(model, s, c2, c3)(x) - ref).abs().max()) > 1e-2
+
+
+def test_two_activations_with_the_same_offset_keep_the_affine_extension():
+    model, x = TwoReaders(nn.Sigmoid(), nn.Hardsigmoid()).double().eval(), torch.randn(64, 5, dtype=F64) * 3
+    site = wb.symmetry_map(model, example=x[:1], affine=True).sites[0]
+    assert (site.group.name, site.affine) == ("affine_signed_permutation", True)
+    with torch.no_grad():
+        new, t = wb.random_intertwiner(model, seed=1, example=x[:1], affine=True)
+        assert bool((t.elements[site.name].scale < 0).any())
+        assert float((new(x) - model(x)).abs().max() / model(x).abs().max()) < 1e-10
