@@ -142,3 +142,32 @@ def test_two_activations_with_the_same_offset_keep_the_affine_extension():
         new, t = wb.random_intertwiner(model, seed=1, example=x[:1], affine=True)
         assert bool((t.elements[site.name].scale < 0).any())
         assert float((new(x) - model(x)).abs().max() / model(x).abs().max()) < 1e-10
+
+
+# ------------------------------------------------------------------ a per-channel PReLU whose axis 1 is not the channels
+class TokenPReLU(nn.Module):
+    """Linear on [batch, tokens, features], then nn.PReLU(tokens): its slopes run along axis 1, the tokens."""
+
+    def __init__(self, tokens: int, width: int):
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc1, self.act, self.fc2 = nn.Linear(4, width), nn.PReLU(tokens), nn.Linear(width, 3)
+        with torch.no_grad():
+            self.act.weight.copy_(torch.linspace(-0.5, 0.7, tokens))
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+@pytest.mark.parametrize("tokens, width", [(5, 6), (5, 5)])
+def test_a_per_channel_prelu_over_positions_is_a_skipped_site_not_a_failed_map(tokens, width):
+    """The catalogue's per-channel PReLU group (D₊ on its num_parameters channels) is for slopes on the channel axis.
+    Here axis 1 holds tokens: with 5 tokens and 6 features the map raised "acts on 5 units, but n=6" for the whole
+    model; with 5 and 5 it gave D₊ on the features for a reason that does not hold. Now the site is skipped, saying
+    why, and a transform moves nothing."""
+    model, x = TokenPReLU(tokens, width).double().eval(), torch.randn(8, tokens, 4, dtype=F64)
+    smap = wb.symmetry_map(model, example=x[:1])
+    assert not smap.sites and any("applies them along axis 1" in why for _, why in smap.skipped)
+    new, _ = wb.random_intertwiner(model, seed=0, example=x[:1])
+    with torch.no_grad():
+        assert torch.equal(new(x), model(x))

@@ -392,6 +392,11 @@ class Graph(TensorOps):
         if isinstance(m, _PASS):
             self._out(node, x)
             self._carry_token(node, x)
+        elif isinstance(m, nn.PReLU) and m.num_parameters > 1 and self.last(x):
+            # nn.PReLU reads its slopes along axis 1, which holds positions here: each position has its own slope,
+            # which the catalogue's per-channel group (D₊ on the channels) does not describe
+            self._fresh(node, f"{name} (PReLU with {m.num_parameters} slopes) applies them along axis 1 of its input, "
+                              f"but this tensor's channels are on its last axis (axis 1 holds positions)")
         elif self.is_activation(m):
             self._activation(node, x, m, name)
             if getattr(m, "inplace", False):
