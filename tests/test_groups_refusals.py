@@ -24,6 +24,67 @@ def swap_error(fn, n: int) -> float:
     return float((fn(X @ P.T) - fn(X) @ P.T).abs().max())
 
 
+# ------------------------------------------------------------------ discover_group: maps that are not elementwise
+def circulant(x):
+    return torch.tanh(x) + 0.5 * torch.tanh(x.roll(1, -1))  # unit i reads unit i − 1 (cyclically)
+
+
+@pytest.mark.parametrize("fn, n", [(circulant, 3), (circulant, 4), (lambda x: torch.softmax(x, -1), 5),
+                                   (lambda x: x * x.norm(dim=-1, keepdim=True), 6)])
+def test_a_map_that_mixes_units_is_refused_not_given_permutations(fn, n):
+    """The permutation generator is one n-cycle, which proves every permutation only for an elementwise σ (each unit's
+    function is the next one's). For n = 3 every 3-cycle is a rotation of the units, which a circulant map commutes
+    with while a swap changes it: it was called 'permutation' (and for n = 4 at seed 2)."""
+    if fn is circulant:
+        assert swap_error(fn, n) > 0.1  # a swap is no symmetry: 'permutation' would be a group too large
+    for seed in range(3):
+        with pytest.raises(InvalidOptionError, match=r"is not elementwise: changing some units' inputs changed other"):
+            discover_group(fn, n, seed=seed, n_samples=256)
+
+
+def test_elementwise_maps_with_per_unit_functions_or_overflows_are_still_read():
+    """The elementwise test looks at units, not at whether they share a function, and matches infinities."""
+    prelu = nn.PReLU(4).double()
+    with torch.no_grad():
+        prelu.weight.copy_(torch.tensor([0.1, -0.5, 2.0, 0.3]))
+    assert discover_group(prelu, 4, n_samples=256).group.name == "positive_diagonal"
+    found = discover_group(torch.exp, 4, n_samples=256)  # inf beyond |x| ≈ 709, on the wide default inputs
+    assert found.group.name == "permutation"
+
+
+@pytest.mark.parametrize("fn, name, phi, odd", [(lambda x: torch.sin(x) / x, "signed_permutation", "abs", False),
+                                                 (lambda x: x * torch.log(x.abs()), "signed_permutation", "identity", True)])
+def test_an_activation_undefined_at_zero_is_read_without_the_affine_generators(fn, name, phi, odd):
+    """sin(x)/x and x·log|x| are NaN at 0 in floating point, so the affine negation's offset 2σ(0) was NaN on every
+    input, and discover_group refused them as 'not finite on 2048 of 2048 inputs … an overflow'. Elsewhere they are
+    even and odd, which the signed generators see; the affine ones are undefined and not tested."""
+    x = torch.randn(64, 4, dtype=F64, generator=torch.Generator().manual_seed(0))
+    assert float((fn(-x) - (-fn(x) if odd else fn(x))).abs().max()) < 1e-12  # odd or even, directly
+    assert swap_error(lambda y: fn(y * 2.0), 4) < 1e-12 and float((fn(2 * x) - 2 * fn(x)).abs().max()) > 0.1  # no scaling
+    for affine in (False, True):
+        found = discover_group(fn, 4, n_samples=256, affine=affine)
+        assert (found.group.name, found.group.phi) == (name, phi) and "affine_negation" not in found.checks
+        assert not found.affine_checks and found.members == ["permutation", "negation" if odd else "even_sign_flip"]
+
+
+# ------------------------------------------------------------------ random activations
+@pytest.mark.parametrize("module", [nn.RReLU(), nn.Dropout(0.3)])
+def test_a_random_activation_is_refused_until_put_in_eval_mode(module):
+    """In training mode RReLU draws a slope per entry: one draw failed the P·D₊ that the catalogue (and RReLU in
+    eval mode) has, and discover_group called it trivial. A verdict from one draw is about the noise."""
+    G = intertwiner_group(nn.RReLU(), 6)
+    for call in (lambda: check_intertwiner(module, G.sample(seed=0), n_samples=256),
+                 lambda: discover_group(module, 6, n_samples=256)):
+        with pytest.raises(InvalidOptionError, match=r"is not a function of its input.*call \.eval\(\)"):
+            call()
+    module.eval()
+    if isinstance(module, nn.RReLU):
+        assert check_intertwiner(module, G.sample(seed=0), n_samples=256).passed
+        assert discover_group(module, 6, n_samples=256).group.name == "scaled_permutation"
+    else:  # eval-mode dropout is the identity
+        assert discover_group(module, 6, n_samples=256).group.name == "gl"
+
+
 # ------------------------------------------------------------------ membership
 def _bad_elements(n: int) -> dict:
     ones = torch.ones(n, dtype=F64)
