@@ -26,7 +26,7 @@ from torch import fx, nn
 
 from .._errors import InvalidOptionError
 from ..groups import activation_call
-from ..models import propagate_shapes, trace_kept_whole
+from ..models import hooked, propagate_shapes, trace_kept_whole
 from ._graph_ops import TensorOps, _tuple
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -328,6 +328,10 @@ class Graph(TensorOps):
         x = args[0] if args else None
         if x is None:
             self._fresh(node, f"{name} ({type(m).__name__}) reads no traced tensor")
+            return False
+        if hooked(m):  # before any rule: a leaf is read by its class, and fx does not trace a leaf's hooks
+            self._fresh(node, f"{name} ({type(m).__name__}) has forward hooks, which may change what it computes, and "
+                              f"the symmetry rules read a module by its class, so what it reads and makes does not move")
             return False
         if name in self.kept_whole:  # before any rule: its class may be a Linear or a norm whose forward was rewritten
             self._fresh(node, f"{name} ({type(m).__name__}) is kept whole: torch.fx cannot trace into its forward "
