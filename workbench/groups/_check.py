@@ -86,6 +86,10 @@ def _offset(activation_fn, element: GroupElement, group: Optional[Group], dtype)
     if element.group.startswith("affine_"):
         # sampled from an affine extension: c(M) = σ(0)(1 − φ(M)·1), read off the activation itself
         centre = float(activation_fn(torch.zeros(1, element.n, dtype=dtype))[0, 0])
+        if not math.isfinite(centre):  # (else every input's c is NaN, and the refusal below blames an overflow)
+            raise InvalidOptionError(f"σ(0) = {centre} is not finite, so the offset c(M) = σ(0)(1 − φ(M)·1) of an element "
+                                     f"of an affine extension ({element.group}) is undefined: the affine extension "
+                                     f"needs σ defined at 0.")
         ones = torch.ones(element.n, dtype=torch.float64)
         return centre * (ones - element.phi().act(ones, dim=0).double())
     return None
@@ -135,6 +139,32 @@ def _apply(fn, x: torch.Tensor, display: str) -> torch.Tensor:
         shape = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
         raise InvalidOptionError(f"{display} is not elementwise: it mapped inputs of shape {tuple(x.shape)} to {shape}.")
     return y
+
+
+def differs(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Where two evaluations of σ on the same scalar inputs disagree: beyond 100·eps(dtype) of the larger value or
+    of the median |value| (a σ computed with a cancellation may round differently on another code path), and not
+    both the same infinity or both NaN. ``[...]`` bool."""
+    a, b = a.double(), b.double()
+    mag = torch.maximum(a.abs(), b.abs())
+    finite = mag[torch.isfinite(mag)]
+    floor = float(finite.median()) if finite.numel() else 0.0
+    close = (a - b).abs() <= 100 * torch.finfo(dtype).eps * mag.clamp_min(floor)
+    return ~(close | (a == b) | (a.isnan() & b.isnan()))
+
+
+def repeatable(fn, x: torch.Tensor, first: torch.Tensor, display: str) -> None:
+    """Refuse a σ that gives other values on the same inputs (``first`` is σ(x)): a random activation (``nn.RReLU``
+    draws its slopes, ``nn.Dropout`` its mask, in training mode) satisfies σ(Mx) = φ(M)σ(x) at best in distribution,
+    and a verdict from one draw would be about its noise: RReLU in training mode failed the P·D₊ it has."""
+    with torch.no_grad():
+        again = _apply(fn, x.clone(), display)
+    bad = differs(first, again, x.dtype)
+    if bool(bad.any()):
+        raise InvalidOptionError(
+            f"{display} is not a function of its input: two calls on the same inputs gave different values at "
+            f"{int(bad.sum())} of {bad.numel()} entries (a random activation, e.g. nn.RReLU or nn.Dropout in training "
+            f"mode), so a verdict on σ(Mx) = φ(M)σ(x) would be about its noise; call .eval() on it first.")
 
 
 def _check_element(element: GroupElement) -> None:
@@ -222,8 +252,10 @@ def check_intertwiner(activation, element: GroupElement, *, n_samples: int = 409
     x = draw_inputs(n_samples, n, scale, seed, dtype)  # [N, n]
     with torch.no_grad():
         mx = element.act(x, dim=-1)
-        lhs = _apply(fn, mx, display)  # σ(Mx)       [N, n]
-        rhs = element.phi().act(_apply(fn, x.clone(), display), dim=-1)  # φ(M)σ(x)  [N, n]; clone: in-place modules
+        lhs = _apply(fn, mx.clone(), display)  # σ(Mx) [N, n]; clone: an in-place module would overwrite mx, read below
+        sx = _apply(fn, x.clone(), display)  # σ(x) [N, n]; clone: in-place modules
+        repeatable(fn, x, sx, display)
+        rhs = element.phi().act(sx, dim=-1)  # φ(M)σ(x)  [N, n]
         c = _offset(fn, element, group, dtype)
     size = torch.maximum(lhs.abs(), rhs.abs()).double()  # [N, n]
     if c is not None:

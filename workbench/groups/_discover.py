@@ -1,6 +1,7 @@
 """An activation's intertwiner group found empirically: test the generators, take the largest group."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -8,7 +9,7 @@ import torch
 from .._errors import InvalidOptionError, check_option
 from .._report import Report, new_axes
 from ._catalogue import GENERATORS, _build, activation_callable, affine_extension
-from ._check import DEFAULT_SCALE, IntertwinerCheck, check_intertwiner
+from ._check import DEFAULT_SCALE, IntertwinerCheck, _apply, check_intertwiner, differs, draw_inputs, repeatable
 from ._elements import GroupElement, ScaledPermutation
 from ._families import GeneralLinear, Group, Orthogonal
 
@@ -92,14 +93,42 @@ def _decide(holds: dict, d: int) -> tuple[str, object]:
     return "permutation", "identity"
 
 
+def _require_elementwise(fn, n: int, seed: int, scale, display: str) -> None:
+    """Refuse a σ whose unit i reads other units' inputs. The generators decide G_σ only for an elementwise σ: one
+    n-cycle passing makes every unit's function the next one's, hence every permutation passes; for a map that mixes
+    units (x + roll(x)) a 3-cycle is a rotation of the units, which it can commute with while a swap changes it. So σ
+    of inputs whose units are taken from two draws, unit by unit, must be those draws' σ, unit by unit."""
+    x, y = (draw_inputs(256, n, scale, seed + k, torch.float64) for k in (1, 2))  # [256, n] each
+    take = torch.rand(256, n, generator=torch.Generator().manual_seed(seed)) < 0.5  # [256, n]
+    with torch.no_grad():
+        sx = _apply(fn, x.clone(), display)
+        repeatable(fn, x, sx, display)  # first: a random σ would look like a mixing one
+        sy, sz = _apply(fn, y.clone(), display), _apply(fn, torch.where(take, x, y), display)
+    bad = differs(sz, torch.where(take, sx, sy), torch.float64)
+    if bool(bad.any()):
+        raise InvalidOptionError(
+            f"{display} is not elementwise: changing some units' inputs changed other units' outputs (at {int(bad.sum())} "
+            f"of {bad.numel()} entries). discover_group reads the group of an elementwise activation from a few "
+            f"generators, which says nothing about a map that mixes units (softmax, a normalisation, x + roll(x)); "
+            f"test single elements with check_intertwiner instead.")
+
+
 def _run(fn, n: int, seed: int, n_samples: int, scale, centre: float = 0.0) -> tuple[int, dict]:
     """The degree and one check per generator; with a ``centre`` σ(0), the checks of σ − σ(0) made on σ itself
     with the offset c(M) = σ(0)(1 − φ(M)·1). (Subtracting σ(0) first would cancel: x³ + 2 − 2 is exact to
     eps·2, not eps·x³, and each input's tolerance, relative to its own values, would fail it.)"""
     d = _degree((lambda x: fn(x) - centre) if centre else fn, n, seed)
     offset = affine_extension(GeneralLinear(n), centre) if centre else None
+    names = GENERATORS if math.isfinite(_at_zero(fn, n)) else [g for g in GENERATORS if g != "affine_negation"]
     return d, {name: check_intertwiner(fn, generator_element(name, n, degree=d, seed=seed), seed=seed,
-                                       n_samples=n_samples, scale=scale, group=offset) for name in GENERATORS}
+                                       n_samples=n_samples, scale=scale, group=offset) for name in names}
+
+
+def _at_zero(fn, n: int) -> float:
+    """σ(0), float64. Not finite for σ(x) = sin(x)/x or x·log|x| (0/0, 0·∞ in floating point): then the affine
+    negation σ(−x) = −σ(x) + 2σ(0) and the affine extension are undefined, and neither is tested."""
+    with torch.no_grad():
+        return float(fn(torch.zeros(1, n, dtype=torch.float64))[0, 0])
 
 
 @dataclass(repr=False)
@@ -127,7 +156,7 @@ class GroupDiscovery(Report):
     @property
     def members(self) -> list:
         """The generators that hold, in :data:`GENERATORS` order."""
-        return [k for k in GENERATORS if self.checks[k].passed]
+        return [k for k in GENERATORS if k in self.checks and self.checks[k].passed]
 
     def summary(self) -> str:
         held = ", ".join(self.members) or "no generator"
@@ -178,7 +207,8 @@ def discover_group(activation, n: int = 8, *, seed: int = 0, affine: bool = Fals
         n: the number of units to test on (≥ 2).
         seed: the random inputs and generator elements.
         affine: also test σ − σ(0); where its group is larger, return it as an affine extension
-            (``offset`` c(M) = σ(0)(1 − φ(M)·1)).
+            (``offset`` c(M) = σ(0)(1 − φ(M)·1)). Where σ(0) is not finite (sin(x)/x), neither this nor the
+            affine negation generator is tested: both are undefined.
         n_samples, scale: the random inputs (see :func:`check_intertwiner`).
 
     Returns:
@@ -194,14 +224,14 @@ def discover_group(activation, n: int = 8, *, seed: int = 0, affine: bool = Fals
         raise InvalidOptionError(f"discover_group needs n ≥ 2 units (with one unit a permutation cannot be told "
                                  f"from the identity); got n={n!r}.")
     fn, display = activation_callable(activation)
+    _require_elementwise(fn, n, seed, scale, display)
     d, checks = _run(fn, n, seed, n_samples, scale)
     family, phi = _decide({k: c.passed for k, c in checks.items()}, d)
     group = _build(family, n, phi, 1.0, "empirical", display)
     affine_checks: dict[str, IntertwinerCheck] = {}
     if affine:
-        with torch.no_grad():
-            centre = float(fn(torch.zeros(1, n, dtype=torch.float64))[0, 0])
-        if centre != 0.0:
+        centre = _at_zero(fn, n)
+        if math.isfinite(centre) and centre != 0.0:
             d2, affine_checks = _run(fn, n, seed, n_samples, scale, centre)
             family2, phi2 = _decide({k: c.passed for k, c in affine_checks.items()}, d2)
             if (family2, phi2) != (family, phi):

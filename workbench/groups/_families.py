@@ -65,8 +65,17 @@ class Group:
 
     def contains(self, element: GroupElement, atol: float = 1e-9) -> bool:
         """Whether ``element``'s matrix lies in this group (to ``atol``). A scaled permutation is judged from its
-        permutation and scalings (no n×n matrix) where the family can."""
+        permutation and scalings (no n×n matrix) where the family can. An element that is no invertible finite
+        matrix (a perm with a repeated index, a zero or NaN scale, a matrix with NaN entries) is in no group: the
+        monomial rules read a perm as a permutation and a scale as a number, and would admit it."""
         if element.n != self.n:
+            return False
+        if isinstance(element, ScaledPermutation):
+            try:
+                element.validate()  # O(n): a permutation, finite nonzero scales
+            except InvalidOptionError:
+                return False
+        elif not bool(torch.isfinite(element.matrix()).all()):  # (a singular matrix fails each family's own test)
             return False
         if isinstance(element, ScaledPermutation):
             scale = element.scale.detach().double().cpu() if element.scale is not None else torch.ones(self.n, dtype=torch.float64)

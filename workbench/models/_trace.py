@@ -247,6 +247,21 @@ def trace(model: nn.Module, is_activation, example: Optional[torch.Tensor] = Non
     return trace_kept_whole(model, is_activation, most=0, example=example)[0]
 
 
+#: A module's hook dicts that change what a call of it computes (the ``_with_kwargs`` and ``_always_called`` ones
+#: flag entries of the other two), and torch's global ones, which run around every module call.
+FORWARD_HOOKS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
+                 "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs")
+GLOBAL_HOOKS = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_forward_hooks_with_kwargs",
+                "_global_forward_hooks_always_called")
+
+
+def hooked(m: nn.Module) -> bool:
+    """Whether ``m`` has forward hooks or pre-hooks of its own: a hook may return a new output (or input), which a
+    traced leaf call of ``m`` does not show."""
+    d = vars(m)
+    return any(d.get(h) for h in FORWARD_HOOKS)
+
+
 # How many times tracing may keep something whole (a module class, a function) before giving up: each costs one more
 # trace of the model.
 _MOST_KEPT_WHOLE = 32
@@ -272,6 +287,13 @@ def trace_kept_whole(model: nn.Module, is_activation, most: int = _MOST_KEPT_WHO
                            f"forward ({type(model).__qualname__}.forward), which this model no longer computes: "
                            f"define the new forward in a subclass, or wrap the model in a module whose forward "
                            f"calls it")
+    # fx records a traced-through module's hooks as ops (it calls Module.__call__), but a leaf's call is one node:
+    # a hook on it runs when the model runs and is not in the trace (symmetry/_graph.Graph._module leaves a hooked
+    # leaf alone), and a global hook wraps every leaf
+    if any(getattr(torch.nn.modules.module, h, None) for h in GLOBAL_HOOKS):
+        raise TraceFailure("global forward hooks are registered (torch.nn.modules.module.register_module_forward_hook "
+                           "or register_module_forward_pre_hook): they run around every module call and may change "
+                           "what it computes, which a trace does not record; remove them (handle.remove()) to map it")
     names = {id(m): n for n, m in model.named_modules() if n}
     kept: dict[str, str] = {}
     opaque: set[int] = set()

@@ -26,7 +26,7 @@ from torch import fx, nn
 
 from .._errors import InvalidOptionError
 from ..groups import activation_call
-from ..models import propagate_shapes, trace_kept_whole
+from ..models import hooked, propagate_shapes, trace_kept_whole
 from ._graph_ops import TensorOps, _tuple
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -335,6 +335,10 @@ class Graph(TensorOps):
         if x is None:
             self._fresh(node, f"{name} ({type(m).__name__}) reads no traced tensor")
             return False
+        if hooked(m):  # before any rule: a leaf is read by its class, and fx does not trace a leaf's hooks
+            self._fresh(node, f"{name} ({type(m).__name__}) has forward hooks, which may change what it computes, and "
+                              f"the symmetry rules read a module by its class, so what it reads and makes does not move")
+            return False
         if name in self.kept_whole:  # before any rule: its class may be a Linear or a norm whose forward was rewritten
             self._fresh(node, f"{name} ({type(m).__name__}) is kept whole: torch.fx cannot trace into its forward "
                               f"({self.kept_whole[name]}), so what it reads and makes does not move")
@@ -398,6 +402,11 @@ class Graph(TensorOps):
         if isinstance(m, _PASS):
             self._out(node, x)
             self._carry_token(node, x)
+        elif isinstance(m, nn.PReLU) and m.num_parameters > 1 and self.last(x):
+            # nn.PReLU reads its slopes along axis 1, which holds positions here: each position has its own slope,
+            # which the catalogue's per-channel group (D₊ on the channels) does not describe
+            self._fresh(node, f"{name} (PReLU with {m.num_parameters} slopes) applies them along axis 1 of its input, "
+                              f"but this tensor's channels are on its last axis (axis 1 holds positions)")
         elif self.is_activation(m):
             self._activation(node, x, m, name)
             if getattr(m, "inplace", False):

@@ -101,6 +101,12 @@ def _build(graph, model_name: str, affine: bool) -> SymmetryMap:
         use_affine = affine and space.offsets_ok
         groups = [intertwiner_group(a, n, affine=use_affine) if affine else intertwiner_group(a, n)
                   for a, _, _ in space.activations]
+        if use_affine and len({g.centre or 0.0 for g in groups}) > 1:
+            # One site has one offset c(M) = σ(0)(1 − φ(M)·1), which every reader's bias takes; sigmoid (σ(0) = ½)
+            # and tanh (c = 0) on one space would each need their own, so only the linear group holds for both.
+            groups = [intertwiner_group(a, n) for a, _, _ in space.activations]
+            notes.append(f"affine extension off: activations with different σ(0) share it ({sorted(kinds)}), and "
+                         f"the readers' biases can absorb one offset c(M) = σ(0)(1 − φ(M)·1), not one per activation")
         if len({g.phi for g in groups}) > 1:
             reasons.append(f"activations with different homomorphisms φ share it ({sorted(kinds)})")
         if reasons:

@@ -21,6 +21,7 @@ from torch import nn
 
 from .._errors import InvalidOptionError
 from .._offload import served
+from ..models import FORWARD_HOOKS, GLOBAL_HOOKS, hooked
 from ._backend import backend_for, one_example
 from ._sites import SymmetryMap
 
@@ -36,7 +37,8 @@ def _plain(v: Any) -> bool:
 
 
 def _memo_key(model: nn.Module, example: Optional[torch.Tensor], affine: bool) -> tuple:
-    """What a map depends on: the module tree (objects, classes, a ``forward`` set on an instance,
+    """What a map depends on: the module tree (objects, classes, a ``forward`` set on an instance, whether it has
+    forward hooks, and whether torch has global ones: a hooked module is left alone,
     plain attributes such as a slope, a padding or a private mode flag, and any other attribute a forward may read:
     ``_attr_key``), which tensors every parameter and buffer is (tying
     shows here), the values of activation parameters (a PReLU's slope picks its group), whether each
@@ -50,7 +52,7 @@ def _memo_key(model: nn.Module, example: Optional[torch.Tensor], affine: bool) -
     # which was four walks (~0.5 ms each on Swin-T's 180 modules, on every call).
     walk = list(model.named_modules(remove_duplicate=False))
     seen: dict = {}  # an object many modules hold (one config) keyed once
-    mods = tuple((name, id(m), type(m), id(vars(m).get("forward")),
+    mods = tuple((name, id(m), type(m), id(vars(m).get("forward")), hooked(m),
                   tuple(sorted((k, v if type(v) in _SCALARS or _plain(v) else _attr_key(v, seen)) for k, v in vars(m).items()
                                if k not in _NOT_KEYED)))
                  for name, m in walk)
@@ -60,7 +62,8 @@ def _memo_key(model: nn.Module, example: Optional[torch.Tensor], affine: bool) -
         params.extend((dot + k, id(t), _view(t)) for k, t in m._parameters.items() if t is not None)
         buffers.extend((dot + k, id(t), _view(t)) for k, t in m._buffers.items() if t is not None)
     ex = None if example is None else (tuple(example.shape), example.dtype, example.device)
-    return mods, tuple(params + buffers), _values_read(model, walk), ex, affine
+    hooks = any(getattr(torch.nn.modules.module, h, None) for h in GLOBAL_HOOKS)
+    return mods, tuple(params + buffers), _values_read(model, walk), ex, affine, hooks
 
 
 def _attr_key(v: Any, seen: Optional[dict] = None, depth: int = 4) -> Any:
@@ -114,15 +117,11 @@ _BY_STRUCTURE_SIZE = 32
 _BOOKKEEPING = frozenset({"_parameters", "_buffers", "_modules", "_non_persistent_buffers_set", "_backward_pre_hooks",
                           "_backward_hooks", "_is_full_backward_hook", "_state_dict_hooks", "_state_dict_pre_hooks",
                           "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks"})
-# ... and those that change what a call computes: they must be empty for a structural key
-_FORWARD_HOOKS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
-                  "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs")
+# ... and those that change what a call computes (models.FORWARD_HOOKS): they must be empty for a structural key.
 # One set for the key's filter (three membership tests per attribute were a tenth of the key's cost), and the
 # plain types _plain accepts without a call
-_NOT_KEYED = _BOOKKEEPING | frozenset(_FORWARD_HOOKS) | {"training"}
+_NOT_KEYED = _BOOKKEEPING | frozenset(FORWARD_HOOKS) | {"training"}
 _SCALARS = frozenset({type(None), bool, int, float, str})
-_GLOBAL_HOOKS = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_forward_hooks_with_kwargs",
-                 "_global_forward_hooks_always_called")
 
 
 class _Unkeyable(Exception):
@@ -181,7 +180,7 @@ def _structure_key(model: nn.Module, example: Optional[torch.Tensor], affine: bo
     ``affine``. None where something cannot be described that way, and then nothing is cached by structure:
     a ``forward`` set on an instance, a forward hook (this module's or a global one), an attribute that is
     neither plain nor a module (a tensor that is not a buffer, a function, an object)."""
-    if any(getattr(torch.nn.modules.module, h, None) for h in _GLOBAL_HOOKS):
+    if any(getattr(torch.nn.modules.module, h, None) for h in GLOBAL_HOOKS):
         return None
     seen: dict = {}
     mods = []
@@ -189,11 +188,11 @@ def _structure_key(model: nn.Module, example: Optional[torch.Tensor], affine: bo
     try:
         for i, (name, m) in enumerate(model.named_modules(remove_duplicate=False)):
             d = vars(m)
-            if "forward" in d or any(d.get(h) for h in _FORWARD_HOOKS):
+            if "forward" in d or hooked(m):
                 return None
             # (training is left out: a map is traced in eval mode whatever the flags say)
             attrs = tuple((k, _value_key(v)) for k, v in d.items()
-                          if k not in _BOOKKEEPING and k not in _FORWARD_HOOKS and k != "training")
+                          if k not in _BOOKKEEPING and k not in FORWARD_HOOKS and k != "training")
             mods.append((name, ids.setdefault(id(m), i), _class_key(type(m), seen), attrs, tuple(d["_modules"]), tuple(d["_parameters"]),
                          tuple(d["_buffers"]), tuple(sorted(d.get("_non_persistent_buffers_set", ())))))
     except _Unkeyable:
