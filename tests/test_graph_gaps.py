@@ -315,7 +315,8 @@ def test_timm_blur_pooled_densenet_maps_its_blur_pools():
     x = image(32, n=3)
     smap = wb.symmetry_map(model, x[:1])
     assert [r for _, r in smap.skipped] == ["the model's output"]
-    assert {s.group.name for s in smap} == {"scaled_permutation"}
+    # (the concatenations' hosts: their pieces' scaled permutations, block by block)
+    assert {s.group.name for s in smap} == {"scaled_permutation", "scaled_permutation_per_block"}
     new, _ = wb.random_intertwiner(model, seed=0, example=x[:1])
     assert changed(model, new, x) < 1e-10
     with torch.no_grad():
