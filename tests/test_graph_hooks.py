@@ -110,3 +110,23 @@ def test_a_global_forward_hook_is_a_map_refused_saying_so():
         handle.remove()
     assert not smap.sites and "global forward hooks are registered" in smap.trace_error
     assert wb.symmetry_map(model, example=x[:1]).sites  # removed: mapped again
+
+
+def test_workbench_own_capture_hooks_observe_and_leave_the_map_as_it_is():
+    """A capture's hooks return nothing and write nothing the forward reads: a map made while one is open (a notebook
+    maps the model it is capturing) is the model's own. Marking every hooked leaf as left alone skipped every site
+    there (the capture hooks every module); an intervene's edit, which changes outputs, is still a hook that counts."""
+    model, x = Net(nn.ReLU()).double().eval(), _x()
+    alone = [(s.name, s.group.name) for s in wb.symmetry_map(model, example=x[:1]).sites]
+    assert alone == [("act", "scaled_permutation"), ("block.act", "scaled_permutation")]
+    with torch.no_grad():
+        ref = model(x)
+    with wb.capture(model) as cache:
+        model(x)
+        assert [(s.name, s.group.name) for s in wb.symmetry_map(model, example=x[:1]).sites] == alone
+        new, _ = wb.random_intertwiner(model, seed=0, example=x[:1])
+    assert "act" in cache.names
+    with torch.no_grad():
+        assert float((new(x) - ref).abs().max() / ref.abs().max()) < 1e-10
+    with wb.intervene(model, {"act": lambda out: out * W}):
+        assert "act" not in [s.name for s in wb.symmetry_map(model, example=x[:1]).sites]

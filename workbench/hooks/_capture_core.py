@@ -42,6 +42,7 @@ from .._errors import (ActivationOverwrittenError, CacheBudgetError, HookNotFire
 from .._internal_forward import closed, opened, paused
 from .._memory import keep_freed_memory
 from .._repr import human_bytes, parse_bytes
+from ..models import observing
 from ._cache import storage_addresses, storage_key
 from ._guard import WriteGuard, quiet as _quiet
 from ._intervene import _conversion
@@ -303,7 +304,7 @@ class _Capture:
             def hook(module, args, output):
                 if module is own and not paused(self):
                     store(canon, key, convert.convert(output))
-        return hook
+        return observing(hook)  # (returns None; a symmetry map made inside the capture reads the module as it is)
 
     def _store(self, canon: str, key: str, output: Any) -> None:
         if self.reduce_fn is not None and (self._reduce_any or isinstance(output, torch.Tensor)):
@@ -451,6 +452,7 @@ class _Capture:
             self._watch.clear()
 
     # ------------------------------------------------------------------ root forward bookkeeping
+    @observing
     def _root_pre(self, module, args, kwargs):
         if module is not self.model or paused(self):  # a copy of the model carrying this hook, or a verb's own forward
             return
@@ -475,6 +477,7 @@ class _Capture:
             frame = frame.f_back
         return False
 
+    @observing
     def _root_post(self, module, args, output):
         if module is not self.model or paused(self):
             return
@@ -486,6 +489,7 @@ class _Capture:
         if self._forward is not None:
             self.finish_forward()
 
+    @observing
     def _root_failed(self, module, args, output):
         if module is not self.model or self._forward is None or paused(self):
             return

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from .._errors import HookNotFiredError, InvalidOptionError, UnsupportedModelError
+from ..models import observing
 from ._cache import storage_addresses
 from ._guard import quiet as _quiet
 from ._points import hook_points, unfired_reason
@@ -47,7 +48,7 @@ def intervene(model: nn.Module, edits: Mapping[Any, Any], *, strict: bool = Fals
     make = lambda name, edit, convert: _edit_hook(name, edit, convert, fired)  # noqa: E731
     ran: list = []
     with _forward_hooks(model, edits, make, "intervene", prepend=True) as points:
-        handle = _register(model, lambda module, args, output: ran.append(True), prepend=False)
+        handle = _register(model, lambda module, args, output: ran.append(True), prepend=False, observes=True)
         try:
             yield model
         finally:
@@ -108,12 +109,13 @@ def _forward_hooks(model: nn.Module, items: Mapping[Any, Any], make: Callable, p
             h.remove()
 
 
-def _register(module: nn.Module, fn: Callable, prepend: bool):
+def _register(module: nn.Module, fn: Callable, prepend: bool, observes: bool = False):
     """Register ``fn`` as a forward hook of ``module`` only: ``copy.deepcopy`` copies a module's hook dicts, so a copy
     made while the hook is on (a user's deepcopy, ``random_intertwiner``'s new model) would run it for good (the
     handle removes it from the original only); the copy drops it at its first call instead. A prepended hook goes
     after the prepended hooks already there (nested ``intervene`` blocks and several edits of one module apply in
-    the order they were given), before every other hook."""
+    the order they were given), before every other hook. ``observes``: ``fn`` returns None and changes nothing
+    (``models.observing``)."""
     handle = None
 
     def hook(mod, args, output):
@@ -123,6 +125,8 @@ def _register(module: nn.Module, fn: Callable, prepend: bool):
         return fn(mod, args, output)
 
     hook._workbench_prepended = prepend
+    if observes:
+        observing(hook)
     handle = module.register_forward_hook(hook, prepend=prepend)
     if prepend:
         hooks = module._forward_hooks

@@ -255,11 +255,25 @@ GLOBAL_HOOKS = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_f
                 "_global_forward_hooks_always_called")
 
 
+#: The attribute a hook function carries when it only observes: it returns None and writes nothing the forward reads
+#: (workbench's own capture hooks). :func:`hooked` leaves such hooks out: a map made while a capture is open on the
+#: model is the model's own (every site was skipped as "hooked" there).
+OBSERVES = "_workbench_observes"
+
+
+def observing(fn):
+    """Mark the hook function ``fn`` as one that only observes (:data:`OBSERVES`); returns it. A bound method is
+    marked through its function (all its instances' hooks then are)."""
+    setattr(getattr(fn, "__func__", fn), OBSERVES, True)
+    return fn
+
+
 def hooked(m: nn.Module) -> bool:
-    """Whether ``m`` has forward hooks or pre-hooks of its own: a hook may return a new output (or input), which a
-    traced leaf call of ``m`` does not show."""
+    """Whether ``m`` has forward hooks or pre-hooks of its own that may return a new output (or input), which a
+    traced leaf call of ``m`` does not show: any but those marked :func:`observing`."""
     d = vars(m)
-    return any(d.get(h) for h in FORWARD_HOOKS)
+    return any(not getattr(fn, OBSERVES, False) for h in ("_forward_hooks", "_forward_pre_hooks")
+               for fn in (d.get(h) or {}).values())
 
 
 # How many times tracing may keep something whole (a module class, a function) before giving up: each costs one more
