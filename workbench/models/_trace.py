@@ -268,12 +268,20 @@ def observing(fn):
     return fn
 
 
+#: Where the hook functions a library installs as part of a model's own forward are defined: TransformerLens 4's
+#: bridges wire pre-hooks on their norms at the first forward (``BlockBridge._maybe_wire_capture_hooks``: ln2's input
+#: routed through ``hook_mlp_in``), which is how the bridge computes, and what its layout was read from. A user's
+#: hook added through a hook point is wrapped in ``transformer_lens.hook_points`` and counts.
+MODEL_WIRING = ("transformer_lens.model_bridge.",)
+
+
 def hooked(m: nn.Module) -> bool:
     """Whether ``m`` has forward hooks or pre-hooks of its own that may return a new output (or input), which a
-    traced leaf call of ``m`` does not show: any but those marked :func:`observing`."""
+    traced leaf call of ``m`` (or a layout read from the weights) does not show: any but those marked
+    :func:`observing` and a library's own wiring (:data:`MODEL_WIRING`)."""
     d = vars(m)
-    return any(not getattr(fn, OBSERVES, False) for h in ("_forward_hooks", "_forward_pre_hooks")
-               for fn in (d.get(h) or {}).values())
+    return any(not getattr(fn, OBSERVES, False) and not str(getattr(fn, "__module__", "")).startswith(MODEL_WIRING)
+               for h in ("_forward_hooks", "_forward_pre_hooks") for fn in (d.get(h) or {}).values())
 
 
 # How many times tracing may keep something whole (a module class, a function) before giving up: each costs one more

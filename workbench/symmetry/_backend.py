@@ -23,7 +23,8 @@ import torch
 from torch import nn
 
 from ..groups import GroupElement
-from ..models import ModelKind, eval_mode, has_layout, hf, model_kind
+from .._errors import UnsupportedModelError
+from ..models import GLOBAL_HOOKS, ModelKind, eval_mode, has_layout, hf, hooked, model_kind
 from ._sites import Observation, Site, SymmetryMap
 
 
@@ -218,6 +219,28 @@ class Move:
 
 
 # ---------------------------------------------------------------------- transformers: the canonical layout
+def _refuse_hooks(model: nn.Module) -> None:
+    """A layout is read from the weights and the configuration; a forward hook (a TransformerLens hook added with
+    ``is_permanent=True``, a torch hook on a Hugging Face module, a global one) may change what its module computes,
+    which the layout does not see, and a transformed copy does not carry it in the new basis: a per-unit factor on
+    an MLP's hidden units changed the transform's output by 7% (a Hugging Face GPT-2) and 39% (a bridge) while the
+    map promised a symmetry. Refused, naming the hooks; workbench's own capture hooks only observe (``observing``)."""
+    hook_names = getattr(model, "hook_dict", None)  # TransformerLens: a hook point by its hook name, not module path
+    alias = {id(m): n for n, m in hook_names.items()} if isinstance(hook_names, dict) else {}
+    named = list(dict.fromkeys(alias.get(id(m), n or type(model).__name__)
+                               for n, m in model.named_modules(remove_duplicate=False) if hooked(m)))
+    if any(getattr(torch.nn.modules.module, h, None) for h in GLOBAL_HOOKS):
+        named.append("torch's global forward hooks (register_module_forward_hook)")
+    if named:
+        more = f" and {len(named) - 3} more" if len(named) > 3 else ""
+        raise UnsupportedModelError(
+            f"{type(model).__name__} has forward hooks ({', '.join(map(repr, named[:3]))}{more}): a hook may change "
+            f"what its module computes, which the layout (read from the weights) does not see, and a transformed "
+            f"copy would not carry it in the new basis. Remove them first (TransformerLens: "
+            f"model.reset_hooks(including_permanent=True); torch: handle.remove()) and transform outside any "
+            f"wb.intervene block.")
+
+
 class LayoutBackend(Backend):
     name = "layout"
     memoised = False
@@ -226,6 +249,7 @@ class LayoutBackend(Backend):
         from .._offload import all_onloaded
         from ._layout_sites import transformer_map
 
+        _refuse_hooks(model)
         with all_onloaded(model):  # the layout reads weights (norm gains, rotary pairs): accelerate's offloaded ones too
             return transformer_map(model)
 
