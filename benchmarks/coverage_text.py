@@ -137,6 +137,13 @@ def shapes(quick: bool, positions: int = 512) -> dict:
                                                   num_experts=8, num_experts_per_tok=2, mlp_only_layers=[1],
                                                   experts_implementation="eager", pad_token_id=0, bos_token_id=0,
                                                   eos_token_id=0)),
+        # GPT-OSS (tests/test_hf_gpt_oss.py): q/k/v/o biases, a sink logit per query head, sliding layers (window 16)
+        # alternating with full ones, YaRN rotary (the released models' 32 × 4,096 positions, which its factor assumes),
+        # 8 experts (2 per token) of clamped SwiGLUs with biases, a router bias
+        "gpt_oss": ("GptOssForCausalLM", dict(common, max_position_embeddings=131072, intermediate_size=f // 4,
+                                              num_key_value_heads=kv, head_dim=d // H, num_local_experts=8,
+                                              num_experts_per_tok=2, sliding_window=16, experts_implementation="eager",
+                                              pad_token_id=0, bos_token_id=0, eos_token_id=0)),
         # a Llama whose LayerNorms have no parameters (tests/test_hf_olmo.py): the stream takes rotations fixing 1
         "olmo": ("OlmoForCausalLM", dict(common, intermediate_size=f, num_key_value_heads=kv, pad_token_id=0,
                                          bos_token_id=0, eos_token_id=0)),

@@ -37,9 +37,9 @@ from .._errors import UnsupportedModelError
 from . import _hf_check as check
 from ._call import per_call
 from ._hf_adapters import OWN_ADAPTER_FAMILIES, own_adapter
-from ._hf_entries import (BERT_FAMILIES, DINO_FAMILIES, MOE_FAMILIES, VISION_FAMILIES, Entry, attention_pool, experts,
-                          fused_gate_up, fused_qkv, heads, layer_scale, patch_mean_classifier, unread_head,
-                          vision_embeddings)
+from ._hf_entries import (BERT_FAMILIES, CLAMPED_SWIGLU, DINO_FAMILIES, MOE_FAMILIES, VISION_FAMILIES, Entry,
+                          attention_pool, experts, fused_gate_up, fused_qkv, heads, layer_scale, patch_mean_classifier,
+                          unread_head, vision_embeddings)
 from ._kind import ModelKind, model_kind
 
 # Canonical component keys the layout knows (``{i}``: a layer); a mapped component outside these has no
@@ -59,6 +59,9 @@ QK_NORM_FAMILIES = frozenset({"qwen3", "qwen3_moe", "gemma3_text", "olmo2", "olm
 # has no norm before its blocks).
 _SANDWICH = {"blocks.{i}.ln1_post", "blocks.{i}.ln2_post"}
 SANDWICH_FAMILIES = frozenset({"gemma2", "gemma3_text", "olmo2"})
+# Attention sinks (``self_attn.sinks``: a learned logit per query head joining its softmax, GPT-OSS), known only where
+# checked: docs/DERIVATIONS.md §10, GPT-OSS. The one parameter the attention module holds itself.
+SINK_FAMILIES = frozenset({"gpt_oss"})
 
 
 @dataclass
@@ -88,7 +91,7 @@ class Layout:
 # by 7e-4. Add a family only with its derivation and those tests.
 CHECKED_FAMILIES = frozenset({"bert", "bloom", "clip_vision_model", "cohere", "deit", "dinov2", "dinov2_with_registers",
                               "falcon", "gemma", "gemma2", "gemma3_text", "gpt2", "gpt_bigcode", "gpt_neo", "gpt_neox",
-                              "gptj", "granite", "llama", "mistral", "mixtral", "nemotron", "olmo", "olmo2", "olmoe",
+                              "gpt_oss", "gptj", "granite", "llama", "mistral", "mixtral", "nemotron", "olmo", "olmo2", "olmoe",
                               "opt", "phi", "phi3", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "roberta",
                               "siglip_vision_model", "stablelm", "starcoder2", "vit", "xlm-roberta"})
 # Families whose norms compute in float32 inside a float64 model although they are LayerNorms (every Hugging Face
@@ -102,15 +105,17 @@ _DINO_ACT = lambda config: "silu" if getattr(config, "use_swiglu_ffn", False) el
 _ACTIVATIONS = {"bloom": lambda config: "gelu_new", "falcon": lambda config: config.activation,
                 "dinov2": _DINO_ACT, "dinov2_with_registers": _DINO_ACT,
                 "clip_vision_model": lambda config: config.hidden_act,  # CLIPMLP: ACT2FN[hidden_act] (quick_gelu)
-                "siglip_vision_model": lambda config: config.hidden_act}  # SiglipMLP: the same (gelu_pytorch_tanh)
+                "siglip_vision_model": lambda config: config.hidden_act,  # SiglipMLP: the same (gelu_pytorch_tanh)
+                # GptOssExperts: (clamp(up, ±limit) + 1) ⊙ g·sigmoid(alpha·g), g = min(gate, limit); hidden_act unread
+                "gpt_oss": lambda config: CLAMPED_SWIGLU}
 # Checked families whose TransformerLens adapter is listed under one class only, with no fallback by ``model_type``: every
 # class of the family is read through it (a checkpoint of RobertaForSequenceClassification names only that class), and
 # the heads it does not map are read by ``_hf_entries.heads``. XLM-RoBERTa's modules are RoBERTa's under other class
 # names (transformers generates one from the other), with the same attribute paths.
 _ADAPTER_CLASSES = {"roberta": "RobertaForMaskedLM", "xlm-roberta": "RobertaForMaskedLM",
-                    # (OLMoE's and Qwen3-MoE's adapters too: an OlmoeModel or a Qwen3MoeForSequenceClassification built
+                    # (OLMoE's, Qwen3-MoE's and GPT-OSS's adapters too: an OlmoeModel or a Qwen3MoeForSequenceClassification built
                     # in code, or a checkpoint naming only its own class, found no adapter)
-                    "olmoe": "OlmoeForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}
+                    "olmoe": "OlmoeForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM", "gpt_oss": "GptOssForCausalLM"}
 # The vision classes TransformerLens's ViT adapter is listed under (a config built in code names none).
 _VISION_CLASSES = ("ViTModel", "ViTForImageClassification", "DeiTModel", "DeiTForImageClassification")
 # Configuration switches of a checked family that change where the stream is read and are not derived: refused by name.
@@ -305,9 +310,10 @@ def _build_layout(ad, hf: nn.Module) -> Layout:
     qk_norms = family in QK_NORM_FAMILIES
     sandwich = family in SANDWICH_FAMILIES
 
-    def known(key: str) -> bool:
+    def known(key: str, leaf: str) -> bool:
         pattern = ".".join("{i}" if p.isdigit() else p for p in key.split("."))
-        return pattern in _KNOWN or (qk_norms and pattern in _QK_NORMS) or (sandwich and pattern in _SANDWICH)
+        return pattern in _KNOWN or (qk_norms and pattern in _QK_NORMS) or (sandwich and pattern in _SANDWICH) or \
+            (family in SINK_FAMILIES and pattern == "blocks.{i}.attn" and leaf == "sinks")
 
     def module(path: str) -> Optional[nn.Module]:
         try:
@@ -359,7 +365,7 @@ def _build_layout(ad, hf: nn.Module) -> Layout:
             if m is not None and comp.name is not None:
                 paths[key] = sub
                 for leaf, _ in m.named_parameters(recurse=False):
-                    if not known(key):
+                    if not known(key, leaf):
                         unknown.append(f"{key} ({sub}.{leaf})")
                         continue
                     entries.setdefault(f"{key}.{leaf}", Entry(f"{key}.{leaf}", f"{sub}.{leaf}", type(m).__name__ == "Conv1D"))

@@ -48,8 +48,9 @@ _VIT_EMBEDDINGS = {"patch_embeddings.projection.weight": "patch_embed.weight",
                    "patch_embedding.bias": "patch_embed.bias"}  # SigLIP's patch Conv2d has a bias
 
 # Families whose MLP is a sparse mixture of experts read here (docs/DERIVATIONS.md §10, Mixtral, OLMoE, Qwen3-MoE,
-# Qwen2-MoE): a router reading the stream and experts stored as fused 3-D tensors, each expert a SwiGLU.
-MOE_FAMILIES = frozenset({"mixtral", "olmoe", "qwen3_moe", "qwen2_moe"})
+# Qwen2-MoE, GPT-OSS): a router reading the stream and experts stored as fused 3-D tensors, each expert a SwiGLU
+# (GPT-OSS's clamped, with biases: ``_gpt_oss_experts``).
+MOE_FAMILIES = frozenset({"mixtral", "olmoe", "qwen3_moe", "qwen2_moe", "gpt_oss"})
 # The modules such a block holds, by attribute and class: anything else in it (a router bias, another module) is
 # refused. Qwen2-MoE's adds a shared expert (a gated MLP every token meets) scaled by sigmoid(shared_expert_gate(x)).
 _MOE_MODULES = {
@@ -58,7 +59,17 @@ _MOE_MODULES = {
     "qwen3_moe": {"experts": "Qwen3MoeExperts", "gate": "Qwen3MoeTopKRouter"},
     "qwen2_moe": {"gate": "Qwen2MoeTopKRouter", "experts": "Qwen2MoeExperts", "shared_expert": "Qwen2MoeMLP",
                   "shared_expert_gate": "Linear"},
+    "gpt_oss": {"router": "GptOssTopKRouter", "experts": "GptOssExperts"},
 }
+# GPT-OSS's experts' activation, as the layout's facts name it (``act_fn``): per hidden unit, with g = min(gate, limit)
+# and u = clamp(up, -limit, limit), (u + 1)·g·sigmoid(alpha·g); its group is the permutations only (docs/DERIVATIONS.md
+# §10, GPT-OSS: neither branch takes a scale).
+CLAMPED_SWIGLU = "clamped_swiglu"
+# GPT-OSS's block (GptOssMLP): a router with a bias, and experts stored input-major, [experts, d_model, 2·d_mlp] with
+# gate and up interleaved (``gate_up[..., ::2]``, ``gate_up[..., 1::2]``), each with a bias, and a down projection
+# [experts, d_mlp, d_model] with a bias: its parameters, exactly.
+_GPT_OSS_PARAMS = sorted(["router.weight", "router.bias", "experts.gate_up_proj", "experts.gate_up_proj_bias",
+                          "experts.down_proj", "experts.down_proj_bias"])
 # A family's dense MLP, which a layer holds in place of the mixture (Qwen's ``mlp_only_layers``, ``decoder_sparse_step``):
 # act(gate_proj(x)) ⊙ up_proj(x) through down_proj, no biases — a Llama MLP.
 _DENSE_MLP = {"qwen3_moe": "Qwen3MoeMLP", "qwen2_moe": "Qwen2MoeMLP"}
@@ -207,7 +218,7 @@ def experts(key: str, path: str, block: Optional[nn.Module], family: str) -> tup
     ``experts.down_proj`` [experts, d_model, d_mlp] itself. Qwen2-MoE's shared expert is a gated MLP at
     ``{key}.shared`` (gate, in, out) and its gate ``{key}.shared_gate`` [1, d_model], one more reader of the stream.
     A layer whose ``mlp`` is the family's dense MLP (``_DENSE_MLP``) is read as a Llama MLP (``{key}.gate``, ``in``,
-    ``out``). Any other module or parameter in the block is refused."""
+    ``out``). GPT-OSS's block is read by ``_gpt_oss_experts``. Any other module or parameter in the block is refused."""
     if block is None:
         raise UnsupportedModelError(f"the mixture-of-experts block {path} that the adapter maps is not in this model.")
     if type(block).__name__ == _DENSE_MLP.get(family):  # a dense layer among the sparse ones
@@ -215,6 +226,8 @@ def experts(key: str, path: str, block: Optional[nn.Module], family: str) -> tup
                                                                        f"{key}.gate": f"{path}.gate_proj"}
     want = _MOE_MODULES[family]
     found = {n: type(m).__name__ for n, m in block.named_children()}
+    if family == "gpt_oss":
+        return _gpt_oss_experts(key, path, block, found, want)
     shared = "shared_expert" in want
     params = sorted(n for n, _ in block.named_parameters())
     expected = sorted(["experts.down_proj", "experts.gate_up_proj", "gate.weight"]
@@ -243,6 +256,39 @@ def experts(key: str, path: str, block: Optional[nn.Module], family: str) -> tup
         entries.append(Entry(f"{key}.shared_gate.weight", f"{path}.shared_expert_gate.weight"))
         paths.update({f"{key}.shared.in": f"{path}.shared_expert.up_proj", f"{key}.shared.gate": f"{path}.shared_expert.gate_proj"})
     return entries, paths
+
+
+def _gpt_oss_experts(key: str, path: str, block: nn.Module, found: dict, want: dict) -> tuple[list[Entry], dict[str, str]]:
+    """GPT-OSS's mixture of experts at ``path`` (``GptOssMLP``) in the experts' canonical entries (``experts``): the
+    router's weight [experts, d_model] and its bias [experts]; each expert's gate and up ``[experts, d_mlp, d_model]`` as
+    strided views of the input-major ``gate_up_proj`` [experts, d_model, 2·d_mlp] (unit i's gate at column 2i, its up at
+    2i + 1, as ``_apply_gate`` reads ``[..., ::2]`` and ``[..., 1::2]``), their biases likewise of ``gate_up_proj_bias``
+    [experts, 2·d_mlp]; the down projection ``[experts, d_model, d_mlp]`` a transposed view of ``down_proj`` [experts,
+    d_mlp, d_model], its bias [experts, d_model] as it is. Any other module, parameter or shape is refused."""
+    params = sorted(n for n, _ in block.named_parameters())
+    if found != want or params != _GPT_OSS_PARAMS:
+        raise UnsupportedModelError(f"the mixture-of-experts block {path} holds {found} with parameters {params}; only "
+                                    f"{want} with parameters {_GPT_OSS_PARAMS} is derived.")
+    ex = block.experts
+    E, d, two_n = ex.gate_up_proj.shape
+    n = two_n // 2
+    shapes = {"gate_up_proj_bias": (E, two_n), "down_proj": (E, n, d), "down_proj_bias": (E, d)}
+    if two_n != 2 * n or any(tuple(getattr(ex, k).shape) != v for k, v in shapes.items()) or \
+            tuple(block.router.weight.shape) != (E, d) or tuple(block.router.bias.shape) != (E,):
+        raise UnsupportedModelError(f"the experts of {path} have shapes {tuple(ex.gate_up_proj.shape)} and "
+                                    f"{tuple(ex.down_proj.shape)}, not [experts, d_model, 2·d_mlp] and [experts, d_mlp, "
+                                    f"d_model]; not read.")
+    fused, bias = f"{path}.experts.gate_up_proj", f"{path}.experts.gate_up_proj_bias"
+    half = ((E, n, d), (d * two_n, 2, two_n))  # every expert's gate (offset 0) or up (offset 1) rows, [experts, d_mlp, d_model]
+    half_b = ((E, n), (two_n, 2))
+    entries = [Entry(f"{key}.router.weight", f"{path}.router.weight"), Entry(f"{key}.router.bias", f"{path}.router.bias"),
+               Entry(f"{key}.experts.gate.weight", fused, False, (*half, 0)),
+               Entry(f"{key}.experts.in.weight", fused, False, (*half, 1)),
+               Entry(f"{key}.experts.gate.bias", bias, False, (*half_b, 0)),
+               Entry(f"{key}.experts.in.bias", bias, False, (*half_b, 1)),
+               Entry(f"{key}.experts.out.weight", f"{path}.experts.down_proj", False, ((E, d, n), (n * d, 1, d), 0)),
+               Entry(f"{key}.experts.out.bias", f"{path}.experts.down_proj_bias")]
+    return entries, {key: path, f"{key}.router": f"{path}.router"}
 
 
 def _linears(key: str, path: str, mlp: nn.Module, names: dict, what: str) -> list[Entry]:

@@ -44,7 +44,10 @@ def to_canonical(sd: dict[str, torch.Tensor], cfg: Any) -> dict[str, torch.Tenso
         elif owner in ("in", "out", "gate"):  # a mixture's experts (``mlp.experts.in``): 3-D, the expert first
             out[f"{base}.{'W' if W else 'b'}_{owner}"] = t.transpose(-1, -2) if W else t
         elif owner in ("router", "shared_gate"):  # a mixture of experts' router [experts, d_model], Qwen2-MoE's shared
-            out[f"{base}.W_{owner}"] = t.T  # expert's gate [1, d_model]: read the stream, as W_in does
+            # expert's gate [1, d_model]: read the stream, as W_in does; GPT-OSS's router bias [experts]
+            out[f"{base}.{'W' if W else 'b'}_{owner}"] = t.T if W else t
+        elif leaf == "sinks":  # GPT-OSS's attention sinks: a logit per query head [heads], TransformerLens 3's name
+            out[key] = t
         elif stem == "embed":
             out["embed.W_E"] = t
         elif stem == "pos_embed":  # [positions, d_model]; a ViT's [1, positions, d_model] without its leading 1
@@ -86,8 +89,10 @@ def from_canonical(sd: dict[str, torch.Tensor], cfg: Any) -> dict[str, torch.Ten
             out[f"{base}.o.bias"] = t
         elif leaf in ("W_in", "W_out", "W_gate", "W_router", "W_shared_gate"):  # (3-D for a mixture's experts: transposed per expert)
             out[f"{base}.{leaf[2:]}.weight"] = t.transpose(-1, -2)
-        elif leaf in ("b_in", "b_out", "b_gate"):
+        elif leaf in ("b_in", "b_out", "b_gate", "b_router"):
             out[f"{base}.{leaf[2:]}.bias"] = t
+        elif leaf == "sinks":
+            out[key] = t
         elif key == "embed.W_E":
             out["embed.weight"] = t
         elif key == "pos_embed.W_pos":  # (a ViT's is read and written through views of its own [1, positions, d_model])

@@ -1,4 +1,4 @@
-"""The sites of a sparse mixture of experts (Mixtral, OLMoE, Qwen3-MoE, Qwen2-MoE) in the layout backend
+"""The sites of a sparse mixture of experts (Mixtral, OLMoE, Qwen3-MoE, Qwen2-MoE, GPT-OSS) in the layout backend
 (docs/DERIVATIONS.md §10, Mixtral and the bullets after it).
 
 The canonical weights (``_hf_entries.experts``): the router ``blocks.{i}.mlp.W_router`` [d_model, experts] and every
@@ -17,11 +17,17 @@ so
 - Qwen2-MoE's shared expert (site ``blocks.{i}.mlp.shared``): a gated MLP every token meets, ``mlp.shared.W_gate``,
   ``W_in`` [d_model, d_shared], ``W_out`` [d_shared, d_model], its hidden units a Llama MLP's D·P; its output is scaled by
   sigmoid(x·W_shared_gate), W_shared_gate [d_model, 1] one more reader of the stream, whose one-dimensional output
-  takes no element (the sigmoid is neither odd nor homogeneous: only the identity).
+  takes no element (the sigmoid is neither odd nor homogeneous: only the identity);
+- GPT-OSS's experts (``hf.CLAMPED_SWIGLU``): biases on the router ``b_router`` [experts], the gate and up ``b_gate``,
+  ``b_in`` [experts, d_mlp] and the down projection ``b_out`` [experts, d_model] (a writer of the stream, weighted by
+  the token's share of the expert); each hidden unit computes (clamp(u, ±limit) + 1)·g·sigmoid(alpha·g), g = min(gate,
+  limit): its group is the permutations only, gate, up, both biases and the down projection's rows together (no scale
+  of either branch commutes with its clamp, nor one of the up branch with its + 1).
 """
 from __future__ import annotations
 
 from ..groups import get_group
+from ..models import hf
 from ._sites import Port, Site
 
 
@@ -39,7 +45,7 @@ def is_moe(W: dict, layer: int) -> bool:
 def stream_ports(W: dict, layer: int) -> tuple[list[Port], list[Port]]:
     """Writers and readers of the residual stream in layer ``layer``'s mixture of experts."""
     m = f"blocks.{layer}.mlp"
-    writers = [Port(f"{m}.experts.W_out", "pre", axis=2)]
+    writers = [Port(f"{m}.experts.W_out", "pre", axis=2)] + _bias(W, f"{m}.experts.b_out", "pre", 1)
     readers = [Port(f"{m}.W_router", "post", axis=0)] + [Port(f"{m}.experts.{w}", "post", axis=1) for w in ("W_in", "W_gate")]
     if f"{m}.shared.W_out" in W:  # Qwen2-MoE's shared expert and its gate
         writers.append(Port(f"{m}.shared.W_out", "pre", axis=1))
@@ -52,16 +58,25 @@ def sites(W: dict, layer: int, act: str, see, order: bool = True) -> list[Site]:
     ``order`` is False (a model returning its load-balancing loss: :data:`BALANCE_LOSS`)."""
     m = f"blocks.{layer}.mlp"
     E, _, n = W[f"{m}.experts.W_in"].shape
+    clamped = act == hf.CLAMPED_SWIGLU
     # the experts' hidden units are inside one fused forward (no module output shows them): not observed
-    out = [Site(f"{m}.hidden.{e}", n, get_group("diagonal_permutation", n), f"gated {act} (expert {e})", f"{m}.hook_out",
-                [Port(f"{m}.experts.W_in", "pre", axis=2, heads=(e,)), Port(f"{m}.experts.W_gate", "perm", axis=2, heads=(e,))],
+    out = [Site(f"{m}.hidden.{e}", n, get_group("permutation" if clamped else "diagonal_permutation", n),
+                f"{'clamped SwiGLU' if clamped else f'gated {act}'} (expert {e})", f"{m}.hook_out",
+                [Port(f"{m}.experts.W_in", "pre", axis=2, heads=(e,)),
+                 Port(f"{m}.experts.W_gate", "pre" if clamped else "perm", axis=2, heads=(e,))]
+                + [p for b in ("b_in", "b_gate") for p in _bias(W, f"{m}.experts.{b}", "pre", 1, (e,))],
                 [Port(f"{m}.experts.W_out", "post", axis=1, heads=(e,))], [], [],
-                [f"expert {e} of {E}: act(gate) ⊙ up, permuted together, any nonzero diagonal on the up branch"])
+                [f"expert {e} of {E}: " + ("(clamp(up) + 1) ⊙ min(gate, limit)·sigmoid(alpha·min(gate, limit)): gate, up "
+                                           "and their biases permuted together, no scale on either branch" if clamped else
+                                           "act(gate) ⊙ up, permuted together, any nonzero diagonal on the up branch")])
            for e in range(E)]
     if order:
         ports = [Port(f"{m}.experts.{w}", "heads", axis=0) for w in ("W_gate", "W_in", "W_out")]
+        ports += [p for b in ("b_gate", "b_in", "b_out") for p in _bias(W, f"{m}.experts.{b}", "heads", 0)]
+        ports += [Port(f"{m}.W_router", "heads", axis=1)] + _bias(W, f"{m}.b_router", "heads", 0)
+        seen = see.router(m)  # (a lens model's router hook: Mixtral's gate.hook_out, GPT-OSS's router.hook_out)
         out.append(Site(f"{m}.experts", E, get_group("permutation", E), "experts (router columns with their experts)",
-                        f"{m}.gate.hook_out", ports + [Port(f"{m}.W_router", "heads", axis=1)], [], [], see.router(m),
+                        seen[0].name if seen else f"{m}.gate.hook_out", ports, [], [], seen,
                         ["softmax, top-k and the (renormalised) weights are permutation-equivariant"]))
     if f"{m}.shared.W_out" in W and W[f"{m}.shared.W_in"].shape[1]:  # Qwen2-MoE: a gated MLP on its own hidden units,
         # scaled by a gate read from the stream (shared_expert_intermediate_size=0: no units, only the stream moves it)
@@ -73,3 +88,8 @@ def sites(W: dict, layer: int, act: str, see, order: bool = True) -> list[Site]:
                         ["act(gate) ⊙ up, permuted together, any nonzero diagonal on the up branch; the output's scale "
                          "sigmoid(shared_expert_gate(x)) is read from the stream and stays"]))
     return out
+
+
+def _bias(W: dict, key: str, level: str, axis: int, heads=None) -> list[Port]:
+    """A port on the bias ``key`` where the model has one (GPT-OSS's experts and router), else none."""
+    return [Port(key, level, axis=axis, heads=heads)] if key in W else []

@@ -25,6 +25,6 @@ def unsupported(model: nn.Module) -> str | None:
     if model_kind(model) == ModelKind.HOOKED and getattr(cfg, "num_experts", None):  # (4's native models build a dense
         # MLP whatever num_experts says)
         return (f"TransformerLens 3's mixture of experts (num_experts={cfg.num_experts}) is not read: its experts are "
-                f"separate modules outside the canonical layout. Hugging Face's Mixtral, OLMoE, Qwen3-MoE and Qwen2-MoE are "
+                f"separate modules outside the canonical layout. Hugging Face's Mixtral, OLMoE, Qwen3-MoE, Qwen2-MoE and GPT-OSS are "
                 f"(raw or in a TransformerLens 4 bridge)")
     return None

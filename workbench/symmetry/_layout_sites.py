@@ -14,8 +14,8 @@ moves them. Conventions (row vectors, as TransformerLens):
   grouped-query attention a permutation of the key/value groups (each query head moving with its
   group: ``block`` query heads per unit) and, per group, one of its query heads (``heads``: the
   indices it acts on) — together the wreath product S_r ≀ S_kv (docs/DERIVATIONS.md, §10);
-- a sparse mixture of experts (Mixtral, OLMoE, Qwen3-MoE, Qwen2-MoE): the router reads the stream, each expert is a gated MLP with its own
-  hidden units, and the experts permute together with the router's columns (``_layout_moe.py``);
+- a sparse mixture of experts (Mixtral, OLMoE, Qwen3-MoE, Qwen2-MoE, GPT-OSS): the router reads the stream, each expert is a gated
+  MLP with its own hidden units, and the experts permute together with the router's columns (``_layout_moe.py``);
 - OPT-350m's word space (``project_in``/``project_out`` around a narrower tied embedding): Q on the
   input side (``W_E`` writes, ``project_in`` reads), Q⁻ᵀ on the output side (level ``"dual"``:
   ``project_out`` writes by Q⁻ᵀ, the tied ``W_U`` reads by Q).
@@ -106,7 +106,8 @@ def transformer_map(model: nn.Module) -> SymmetryMap:
     f = shape_facts(cfg)
     L, H, K, dh = int(cfg.n_layers), f["n_heads"], f["n_kv"], f["d_head"]
     r = H // K
-    see = _RawHooks(model, dh) if kind == ModelKind.HF else _LensHooks(bool(getattr(cfg, "ungroup_grouped_query_attention", False)))
+    see = _RawHooks(model, dh) if kind == ModelKind.HF else _LensHooks(bool(getattr(cfg, "ungroup_grouped_query_attention", False)),
+                                                                      _router_name(model))
     sites = [_resid_site(model, cfg, W, L, see)]
     if "project_in.W" in W:
         sites.append(_word_site(W, see))
@@ -183,6 +184,15 @@ def transformer_map(model: nn.Module) -> SymmetryMap:
     return SymmetryMap(name, sites, skipped)
 
 
+def _router_name(model: nn.Module) -> str:
+    """A bridge's name for a mixture of experts' router, its adapter's: GPT-OSS's ``router``, else ``gate`` (Mixtral)."""
+    if model_kind(model) != ModelKind.HF_BRIDGE:
+        return "gate"
+    blocks = hf.adapter(model).component_mapping.get("blocks")
+    mlp = (getattr(blocks, "submodules", None) or {}).get("mlp")
+    return "router" if "router" in (getattr(mlp, "submodules", None) or {}) else "gate"
+
+
 def _normed_qk_group(W: dict, a: str, dh: int, pairs: tuple, heads: tuple, k: int, built: dict):
     """The QK group of key head ``k`` and its query ``heads`` where q and k are normalised before the rotary embedding
     (Qwen3 and Gemma 3: an RMSNorm per head with one gain for every head; OLMo 2: one RMSNorm over every head's values,
@@ -215,7 +225,7 @@ def _head_sites(a: str, H: int, K: int, W: dict, see, skipped: list) -> list[Sit
     # one q/k norm over every head's values (OLMo 2) has a gain per head, [heads, d_head]: it moves with its head
     # (a per-head norm's one gain, Qwen3's, serves every head and stays)
     q_norm, k_norm = (("q_norm.w",), ("k_norm.w",)) if W.get(f"{a}.q_norm.w", torch.empty(0)).ndim == 2 else ((), ())
-    # TransformerLens 3's attention sinks (GPT-OSS's): a learned logit per query head, [heads], joining its softmax
+    # attention sinks (GPT-OSS's, raw or TransformerLens 3's): a learned logit per query head, [heads], joining its softmax
     q_norm += ("sinks",) if f"{a}.sinks" in W else ()
     kv = ("W_K", "b_K", "W_V", "b_V", *k_norm)
     sites = []
@@ -370,8 +380,8 @@ class _LensHooks:
     ungroup_grouped_query_attention, whose hook_k and hook_v show each key/value head once per query head of its group
     (``repeat_interleave``), so they are observed at those query heads."""
 
-    def __init__(self, ungrouped: bool = False):
-        self.ungrouped = ungrouped
+    def __init__(self, ungrouped: bool = False, router: str = "gate"):
+        self.ungrouped, self.router_name = ungrouped, router
 
     def resid(self, L):
         return [Observation(f"blocks.{layer}.hook_resid_pre", 0, "pre") for layer in range(L)] + \
@@ -406,7 +416,7 @@ class _LensHooks:
         return obs
 
     def router(self, m):  # a mixture of experts' router logits [tokens, experts]: the experts' order moves them
-        return [Observation(f"{m}.gate.hook_out", 0, "heads", axis=-1)]
+        return [Observation(f"{m}.{self.router_name}.hook_out", 0, "heads", axis=-1)]
 
     def shared(self, m):  # Qwen2-MoE's shared expert, a gated MLP bridge
         return self.mlp(f"{m}.shared_expert", True, False)
