@@ -46,9 +46,11 @@ def test_a_hooked_hugging_face_module_is_refused_naming_it():
 
 
 def test_a_capture_open_on_a_hugging_face_model_leaves_its_transform_exact():
+    """Neither workbench's capture hooks nor Hugging Face's own recording hooks (installed at a first forward asking for
+    hidden states or attentions: they collect what the output returns) change what a module computes."""
     model, x = _gpt2(), torch.randint(0, 50, (2, 6), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        ref = model(x).logits
+        ref = model(x, output_hidden_states=True, output_attentions=True).logits
         with wb.capture(model, names="transformer.h.*") as cache:
             model(x)
             new, _ = wb.random_intertwiner(model, seed=1)

@@ -271,8 +271,10 @@ def observing(fn):
 #: Where the hook functions a library installs as part of a model's own forward are defined: TransformerLens 4's
 #: bridges wire pre-hooks on their norms at the first forward (``BlockBridge._maybe_wire_capture_hooks``: ln2's input
 #: routed through ``hook_mlp_in``), which is how the bridge computes, and what its layout was read from. A user's
-#: hook added through a hook point is wrapped in ``transformer_lens.hook_points`` and counts.
-MODEL_WIRING = ("transformer_lens.model_bridge.",)
+#: hook added through a hook point is wrapped in ``transformer_lens.hook_points`` and counts. Hugging Face (5.x)
+#: installs recording hooks on layers, attention and routers at the first forward (``install_output_capuring_hook``:
+#: hidden states, attentions, router logits collected for the returned output; they return nothing).
+MODEL_WIRING = ("transformer_lens.model_bridge.", "transformers.utils.output_capturing")
 
 
 def hooked(m: nn.Module) -> bool:
