@@ -38,6 +38,38 @@ def rotary_pairs(model: nn.Module, layer: int = 0) -> tuple[tuple[int, int], ...
     return pairs
 
 
+def layer_pairs(model: nn.Module, n_layers: int) -> list:
+    """Per layer, its measured rotary pairs (``()`` where the layer applies no rotary embedding: SmolLM3's NoPE layers),
+    or the :class:`UnsupportedModelError` saying why they are not known there. Layers differ where the class builds
+    their attention modules with different settings (SmolLM3's ``use_rope``; OLMo 3's and Gemma 3's ``attention_type``
+    or sliding window, each type with its own rotary parameters): each kind of layer is measured at its first layer,
+    and every layer of a kind takes that layer's pairs. A TransformerLens model's layers are all measured at layer 0."""
+    kinds: dict = {}
+    for layer in range(n_layers):
+        kinds.setdefault(_layer_kind(model, layer), layer)
+    found: dict = {}
+    out = []
+    for layer in range(n_layers):
+        first = kinds[_layer_kind(model, layer)]
+        if first not in found:
+            try:
+                found[first] = rotary_pairs(model, first)
+            except UnsupportedModelError as exc:
+                found[first] = exc
+        out.append(found[first])
+    return out
+
+
+def _layer_kind(model: nn.Module, layer: int):
+    """What a layer's rotary embedding can depend on: for a Hugging Face model, the settings its class takes from the
+    configuration for that layer's attention module (all but its index), read from ``type(model)(config)``."""
+    if model_kind(model) not in _HF:
+        return None
+    lay = hf.layout(model)
+    path = lay.paths.get(f"blocks.{layer}.attn")
+    return repr(sorted((k, v) for k, v in lay.settings.get(path, {}).items() if k != "layer_idx"))
+
+
 def _pairs_key(model: nn.Module, layer: int):
     kind = model_kind(model)
     if kind in _HF:
