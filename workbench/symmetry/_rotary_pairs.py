@@ -119,9 +119,11 @@ def _measure_pairs(model: nn.Module, layer: int) -> tuple[tuple[int, int], ...]:
     def per_head(fn):
         """A hook writing ``fn(t, at)``, ``t`` the hook's value as [..., d_head] with its position axis ``at``: hook_q
         [batch, pos, head, d_head]; after a per-head norm [batch, head, pos, d_head]; after one norm over every head
-        (OLMo 2) [batch, pos, heads·d_head], seen per head."""
+        (OLMo 2) [batch, pos, heads·d_head], seen per head — told apart by their rank, not their width: under multi-query
+        attention one key head's [batch, pos, 1·d_head] is d_head wide, and read as [batch, head, pos, d_head] its keys
+        went to the wrong positions, which a sliding window's keys showed (an OLMo 3 with one key/value head)."""
         def hook(t, name):
-            if t.shape[-1] == dh:
+            if t.ndim == 4:
                 return fn(t, 2 if normed else 1)
             return fn(t.unflatten(-1, (-1, dh)), 1).flatten(-2)
         return hook
