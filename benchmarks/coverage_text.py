@@ -8,7 +8,7 @@ from the existing JSON, each with the date of the run that measured it (the page
 
 Method. Every family issue 17 names (Mistral, Qwen2, Gemma, Phi, OPT 125m- and 350m-like, GPT-NeoX)
 plus GPT-2, LLaMA and BERT, and the families checked since (GPT-J, StableLM, StarCoder2, Nemotron, GPT-Neo; Qwen3,
-Gemma 2, Gemma 3, OLMo 2, Phi-3, Cohere, GPT-BigCode, Granite and BLOOM; and ViT, an encoder over image patches:
+Gemma 2, Gemma 3, OLMo 2, Phi-3, Cohere, GPT-BigCode, Granite and BLOOM, OLMo 3 and SmolLM3; and ViT, an encoder over image patches:
 ViT-B/16's 224-pixel images in 16-pixel patches, 197 tokens, 1,000 labels, verified on 4 random images; and DINOv2 at
 the same width, 224-pixel images in 14-pixel patches, 257 tokens, raw only: TransformerLens cannot boot a bridge; and
 CLIP's vision tower with its projection, ViT-B/16's images and patches, image embeddings of 512, raw only too),
@@ -147,6 +147,17 @@ def shapes(quick: bool, positions: int = 512) -> dict:
         # a Llama whose LayerNorms have no parameters (tests/test_hf_olmo.py): the stream takes rotations fixing 1
         "olmo": ("OlmoForCausalLM", dict(common, intermediate_size=f, num_key_value_heads=kv, pad_token_id=0,
                                          bos_token_id=0, eos_token_id=0)),
+        # OLMo 2's block with sliding (window 16) and full layers, every fourth full (Olmo3Config's default), each kind with
+        # its own rotary embedding: YaRN on the full layers, as the checkpoints (tests/test_hf_olmo3.py)
+        "olmo3": ("Olmo3ForCausalLM", dict(common, intermediate_size=f, num_key_value_heads=kv, sliding_window=16,
+                                           pad_token_id=0, bos_token_id=0, eos_token_id=0, rope_parameters={
+                                               "sliding_attention": {"rope_type": "default", "rope_theta": 5e5},
+                                               "full_attention": {"rope_type": "yarn", "rope_theta": 5e5, "factor": 8.0,
+                                                                  "original_max_position_embeddings": 64}})),
+        # a tied Llama whose every fourth layer applies no rotary embedding (NoPE: GL query/key spaces there;
+        # tests/test_hf_smollm3.py)
+        "smollm3": ("SmolLM3ForCausalLM", dict(common, intermediate_size=f, num_key_value_heads=kv, pad_token_id=0,
+                                               bos_token_id=0, eos_token_id=0)),
         # BERT's encoder with positions from padding_idx + 1 and its own heads (tests/test_hf_roberta.py): the table has 2
         # more rows than positions, as RoBERTa's checkpoints do (514 for 512)
         "roberta": ("RobertaForMaskedLM", dict(hidden_size=d, num_hidden_layers=L, num_attention_heads=H, vocab_size=V,

@@ -51,18 +51,21 @@ def rms(t, w, eps):
     return t * torch.rsqrt(t.pow(2).mean(-1, keepdim=True) + eps) * w
 
 
-def rope_attention(model, attn, x, q, k, v, window=None):
+def rope_attention(model, attn, x, q, k, v, window=None, layer_type=None, rotary=True):
     """Causal attention written out in float64 from queries, keys and values [batch, heads, pos, d_head] before the
-    rotary embedding (``rotate_half`` pairs (i, i + d/2), the model's own cos/sin), key/value heads repeated for their
-    query heads, scores over √d_head, then ``o_proj``; ``window``: a query sees only the keys less than ``window``
-    positions back (Hugging Face's sliding window mask)."""
+    rotary embedding (``rotate_half`` pairs (i, i + d/2), the model's own cos/sin: for ``layer_type`` where each type of
+    layer has its own, OLMo 3's), key/value heads repeated for their query heads, scores over √d_head, then ``o_proj``;
+    ``window``: a query sees only the keys less than ``window`` positions back (Hugging Face's sliding window mask);
+    ``rotary=False``: no rotary embedding at all (SmolLM3's NoPE layers)."""
     def rotate_half(t):
         a, b = t.chunk(2, -1)
         return torch.cat((-b, a), -1)
 
     B, T, _ = x.shape
-    cos, sin = getattr(model, "model", model).rotary_emb(x, torch.arange(T)[None])  # (a base model holds it itself)
-    q, k = q * cos[:, None] + rotate_half(q) * sin[:, None], k * cos[:, None] + rotate_half(k) * sin[:, None]
+    if rotary:
+        rope = getattr(model, "model", model).rotary_emb  # (a base model holds it itself)
+        cos, sin = rope(x, torch.arange(T)[None], *([layer_type] if layer_type else []))
+        q, k = q * cos[:, None] + rotate_half(q) * sin[:, None], k * cos[:, None] + rotate_half(k) * sin[:, None]
     r = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(r, 1), v.repeat_interleave(r, 1)
     hidden = torch.ones(T, T, dtype=torch.bool).triu(1) | (torch.ones(T, T, dtype=torch.bool).tril(-window) if window else False)

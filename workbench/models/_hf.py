@@ -52,13 +52,13 @@ _KNOWN = {"embed", "pos_embed", "token_type_embed", "embed_ln", "ln_final", "une
 # over all heads with a gain per head in OLMo 2; docs/DERIVATIONS.md §10, Qwen3 and OLMo 2). StableLM's, Phi's and
 # Cohere's per-head LayerNorms, which the adapters map to the same keys, stay refused by name.
 _QK_NORMS = {"blocks.{i}.attn.q_norm", "blocks.{i}.attn.k_norm"}
-QK_NORM_FAMILIES = frozenset({"qwen3", "qwen3_moe", "gemma3_text", "olmo2", "olmoe"})  # (OLMo 2, OLMoE: one RMSNorm
+QK_NORM_FAMILIES = frozenset({"qwen3", "qwen3_moe", "gemma3_text", "olmo2", "olmo3", "olmoe"})  # (OLMo 2, OLMoE: one RMSNorm
 # over every head's values)
 # Norms on a block's outputs before they join the stream (Gemma 2 and 3: ``post_attention_layernorm``,
 # ``post_feedforward_layernorm``), known only where checked: docs/DERIVATIONS.md §10, Gemma 2 and 3, OLMo 2 (which
 # has no norm before its blocks).
 _SANDWICH = {"blocks.{i}.ln1_post", "blocks.{i}.ln2_post"}
-SANDWICH_FAMILIES = frozenset({"gemma2", "gemma3_text", "olmo2"})
+SANDWICH_FAMILIES = frozenset({"gemma2", "gemma3_text", "olmo2", "olmo3"})
 # Attention sinks (``self_attn.sinks``: a learned logit per query head joining its softmax, GPT-OSS), known only where
 # checked: docs/DERIVATIONS.md §10, GPT-OSS. The one parameter the attention module holds itself.
 SINK_FAMILIES = frozenset({"gpt_oss"})
@@ -91,9 +91,9 @@ class Layout:
 # by 7e-4. Add a family only with its derivation and those tests.
 CHECKED_FAMILIES = frozenset({"bert", "bloom", "clip_vision_model", "cohere", "deit", "dinov2", "dinov2_with_registers",
                               "falcon", "gemma", "gemma2", "gemma3_text", "gpt2", "gpt_bigcode", "gpt_neo", "gpt_neox",
-                              "gpt_oss", "gptj", "granite", "llama", "mistral", "mixtral", "nemotron", "olmo", "olmo2", "olmoe",
-                              "opt", "phi", "phi3", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "roberta",
-                              "siglip_vision_model", "stablelm", "starcoder2", "vit", "xlm-roberta"})
+                              "gpt_oss", "gptj", "granite", "llama", "mistral", "mixtral", "nemotron", "olmo", "olmo2",
+                              "olmo3", "olmoe", "opt", "phi", "phi3", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "roberta",
+                              "siglip_vision_model", "smollm3", "stablelm", "starcoder2", "vit", "xlm-roberta"})
 # Families whose norms compute in float32 inside a float64 model although they are LayerNorms (every Hugging Face
 # RMSNorm does; Cohere's LayerNorm too): verify rounds the stream where they read it to measure its floor.
 FLOAT32_NORM_FAMILIES = frozenset({"cohere", "olmo"})  # (OLMo 1's parameter-free LayerNorm too)

@@ -37,7 +37,7 @@ from . import _layout_moe as moe
 from . import _layout_pool as pool
 from ._lattice import generators, restrict
 from ._layout_refused import unsupported
-from ._rotary_pairs import rotary_pairs
+from ._rotary_pairs import layer_pairs
 from ._sites import Observation, Port, Site, SymmetryMap
 
 _NORMS = {  # normalisation type -> (group with gains present, group once folded, what folding does)
@@ -112,21 +112,19 @@ def transformer_map(model: nn.Module) -> SymmetryMap:
     if "project_in.W" in W:
         sites.append(_word_site(W, see))
     skipped = []
-    pairs, qk_unknown = None, None
+    per_layer, unknown = [None] * L, [None] * L  # each layer's rotary pairs, or why its QK spaces are left alone
     if kind not in _HF and any(k.endswith(("attn.q_norm.w", "attn.k_norm.w")) for k in W):
         # TransformerLens 3's use_qk_norm: per head (Qwen3, Gemma 3) or over all heads at once (OLMo 2), chosen by its
         # architecture name, which a lens model's weights do not show; derived for Hugging Face's models (§10, Qwen3)
-        qk_unknown = ("norms on the queries and keys (TransformerLens's use_qk_norm): their group is derived for "
-                      "Hugging Face's Qwen3, Gemma 3 and OLMo 2 (read those raw or in a TransformerLens 4 bridge); the "
-                      "QK spaces are left unchanged")
-    elif pos == "rotary":
-        try:
-            pairs = rotary_pairs(model)
-        except UnsupportedModelError as exc:  # the QK spaces are left alone; every other site still holds
-            qk_unknown = str(exc)
+        unknown = [("norms on the queries and keys (TransformerLens's use_qk_norm): their group is derived for "
+                    "Hugging Face's Qwen3, Gemma 3 and OLMo 2 (read those raw or in a TransformerLens 4 bridge); the "
+                    "QK spaces are left unchanged")] * L
+    elif pos == "rotary":  # measured per kind of layer (SmolLM3's NoPE layers apply none: pairs ())
+        for layer, found in enumerate(layer_pairs(model, L)):  # (an error: the QK spaces are left alone there)
+            per_layer[layer], unknown[layer] = (None, str(found)) if isinstance(found, Exception) else (found, None)
     # One group per kind of head space, built once and copied per site (a site may be edited on its own):
     # a rotary group checks its pairs on construction, O(d_head²) each time (~1 ms a map at d_head 64).
-    qk_one = get_group("rotary", dh, pairs=pairs) if pairs is not None else get_group("gl", dh)
+    qk_groups = {p: get_group("rotary", dh, pairs=p) if p else get_group("gl", dh) for p in set(per_layer)}
     ov_one = get_group("gl", dh)
     qk_norm = kind in _HF and hf.facts(model)["qk_norm"]
     act = hf.facts(model)["act_fn"] if kind in _HF else None  # the MLP's activation, where the layout knows it better
@@ -134,15 +132,23 @@ def transformer_map(model: nn.Module) -> SymmetryMap:
     balance_loss = kind in _HF and bool(getattr(hf.hf_model(model).config, "output_router_logits", False))
     for layer in range(L):
         a = f"blocks.{layer}.attn"
+        pairs, qk_unknown = per_layer[layer], unknown[layer]
+        if qk_norm and pairs == ():  # normed queries and keys with no rotary embedding after them: not derived
+            qk_unknown = ("this layer applies no rotary embedding after its q/k norms; that group is not derived here: "
+                          "the QK spaces are left unchanged")
         for k in range(K):
             heads = tuple(range(k * r, (k + 1) * r))
-            if qk_norm and pairs is not None:
+            qk_one = qk_groups[pairs]
+            if qk_norm and pairs:
                 qk_one, rigid_note = _normed_qk_group(W, a, dh, pairs, heads, k, normed_groups)
             qk_group = copy.copy(qk_one)
             notes = [f"query heads {list(heads)} share key head {k}"] if r > 1 else []
-            if pairs is not None:
+            if pairs:
                 notes.append(f"rotary pairs {pairs[:2]}… (measured through the attention's hooks)")
-            if qk_norm and pairs is not None:
+            elif pairs == ():
+                notes.append("no rotary embedding at this layer (measured through the attention's hooks: NoPE): any "
+                             "invertible map")
+            if qk_norm and pairs:
                 notes.append(rigid_note)
             if qk_unknown:
                 skipped.append((f"{a}.qk.{k}", qk_unknown))

@@ -38,6 +38,38 @@ def rotary_pairs(model: nn.Module, layer: int = 0) -> tuple[tuple[int, int], ...
     return pairs
 
 
+def layer_pairs(model: nn.Module, n_layers: int) -> list:
+    """Per layer, its measured rotary pairs (``()`` where the layer applies no rotary embedding: SmolLM3's NoPE layers),
+    or the :class:`UnsupportedModelError` saying why they are not known there. Layers differ where the class builds
+    their attention modules with different settings (SmolLM3's ``use_rope``; OLMo 3's and Gemma 3's ``attention_type``
+    or sliding window, each type with its own rotary parameters): each kind of layer is measured at its first layer,
+    and every layer of a kind takes that layer's pairs. A TransformerLens model's layers are all measured at layer 0."""
+    kinds: dict = {}
+    for layer in range(n_layers):
+        kinds.setdefault(_layer_kind(model, layer), layer)
+    found: dict = {}
+    out = []
+    for layer in range(n_layers):
+        first = kinds[_layer_kind(model, layer)]
+        if first not in found:
+            try:
+                found[first] = rotary_pairs(model, first)
+            except UnsupportedModelError as exc:
+                found[first] = exc
+        out.append(found[first])
+    return out
+
+
+def _layer_kind(model: nn.Module, layer: int):
+    """What a layer's rotary embedding can depend on: for a Hugging Face model, the settings its class takes from the
+    configuration for that layer's attention module (all but its index), read from ``type(model)(config)``."""
+    if model_kind(model) not in _HF:
+        return None
+    lay = hf.layout(model)
+    path = lay.paths.get(f"blocks.{layer}.attn")
+    return repr(sorted((k, v) for k, v in lay.settings.get(path, {}).items() if k != "layer_idx"))
+
+
 def _pairs_key(model: nn.Module, layer: int):
     kind = model_kind(model)
     if kind in _HF:
@@ -87,9 +119,11 @@ def _measure_pairs(model: nn.Module, layer: int) -> tuple[tuple[int, int], ...]:
     def per_head(fn):
         """A hook writing ``fn(t, at)``, ``t`` the hook's value as [..., d_head] with its position axis ``at``: hook_q
         [batch, pos, head, d_head]; after a per-head norm [batch, head, pos, d_head]; after one norm over every head
-        (OLMo 2) [batch, pos, heads·d_head], seen per head."""
+        (OLMo 2) [batch, pos, heads·d_head], seen per head — told apart by their rank, not their width: under multi-query
+        attention one key head's [batch, pos, 1·d_head] is d_head wide, and read as [batch, head, pos, d_head] its keys
+        went to the wrong positions, which a sliding window's keys showed (an OLMo 3 with one key/value head)."""
         def hook(t, name):
-            if t.shape[-1] == dh:
+            if t.ndim == 4:
                 return fn(t, 2 if normed else 1)
             return fn(t.unflatten(-1, (-1, dh)), 1).flatten(-2)
         return hook
