@@ -282,8 +282,19 @@ def hooked(m: nn.Module) -> bool:
     traced leaf call of ``m`` (or a layout read from the weights) does not show: any but those marked
     :func:`observing` and a library's own wiring (:data:`MODEL_WIRING`)."""
     d = vars(m)
-    return any(not getattr(fn, OBSERVES, False) and not str(getattr(fn, "__module__", "")).startswith(MODEL_WIRING)
-               for h in ("_forward_hooks", "_forward_pre_hooks") for fn in (d.get(h) or {}).values())
+    return any(not _observes_or_wires(fn) for h in ("_forward_hooks", "_forward_pre_hooks")
+               for fn in (d.get(h) or {}).values())
+
+
+def _observes_or_wires(fn) -> bool:
+    """Whether hook function ``fn`` is marked :func:`observing` or is a library's own wiring (:data:`MODEL_WIRING`),
+    judged on the function it wraps where TransformerLens's ``HookPoint.add_hook`` wrapped one in its ``full_hook``
+    (a bridge wires placeholder hook points that way, ``_wire_symbolic_hooks``; a user's hook comes the same way)."""
+    code = getattr(fn, "__code__", None)
+    if code is not None and code.co_name == "full_hook" and "hook" in code.co_freevars and fn.__closure__:
+        inner = fn.__closure__[code.co_freevars.index("hook")].cell_contents
+        fn = getattr(inner, "func", inner)  # (a functools.partial: its function)
+    return bool(getattr(fn, OBSERVES, False)) or str(getattr(fn, "__module__", "")).startswith(MODEL_WIRING)
 
 
 # How many times tracing may keep something whole (a module class, a function) before giving up: each costs one more
