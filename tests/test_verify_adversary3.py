@@ -1,0 +1,109 @@
+"""Adversarial checks of wb.verify, third round: a float64 mixture's load-balancing loss (``aux_loss``) at a routing tie
+and in float32.
+
+Every answer is checked directly: both models run here (Hugging Face's float64 forward, or with its norms exact in
+float64) and compared, never by asking verify.
+"""
+import copy
+
+import pytest
+import torch
+
+import workbench as wb
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+pytest.importorskip("transformers")
+pytest.importorskip("transformer_lens.model_bridge")
+
+
+def counted_and_run(model, x):
+    """Per mixture layer of ``model`` on ``x``: (the experts its router ran, the experts Hugging Face's load-balancing
+    loss counted: the top k of the softmax of the returned logits in their own dtype), and the model's aux_loss, with
+    that loss recomputed here from the recorded logits by Hugging Face's own function."""
+    from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+    from test_verify_routing import sparse
+
+    ran, handles = [], []
+    for mlp in sparse(model):
+        handles.append(mlp.gate.register_forward_hook(lambda m, a, out: ran.append(out[2].clone())))
+    try:
+        with torch.no_grad():
+            out = model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    k = ran[0].shape[1]
+    counted = [logits.softmax(-1).topk(k, -1).indices for logits in out.router_logits]
+    again = load_balancing_loss_func(out.router_logits, len(out.router_logits[0][0]), k)
+    assert float(again) == float(out.aux_loss)  # (the loss is the function of the returned logits read here)
+    return list(zip(ran, counted)), out
+
+
+def differ(a, b):
+    return (a.sort(-1).values != b.sort(-1).values).any(-1)
+
+
+def test_a_float64_mixtures_loss_counts_its_own_top_k_at_a_tie():
+    """A float64 Mixtral returning its load-balancing loss, the first router tied within rounding (test_verify_adversary2's
+    model in float64), every exact stream symmetry FAILed on aux_loss (seed 0: 2.0065 against 2.0106, 2e-3). The router
+    chooses on float32 probabilities, but Hugging Face's loss takes its own top k of the float64 logits: computed here,
+    the new model's router ran expert 1 at a token where its own loss counted expert 0 (two float64 logits 3.5e-8
+    apart), while verify, forcing the original to run expert 1, also made its loss count expert 1. The loss's choice is
+    now a tie of its own (its counted experts made to agree at a tie within rounding); the router's forcing as before."""
+    from test_hf_families import TOL, rel
+    from test_hf_mixtral import logp
+    from test_verify_adversary2 import mixtral_with_aux
+    from test_verify_routing import X
+
+    model = mixtral_with_aux(k=2).double()
+    inconsistent = 0
+    for seed in range(3):
+        new, t = wb.random_intertwiner(model, seed=seed, sites=["resid"])
+        model64 = copy.deepcopy(model)  # the draw is exact (test_hf_mixtral's float64 forward: norms, softmax in float64)
+        assert rel(logp(wb.apply_transform(model64, t)), logp(model64)) <= TOL
+        layers, _ = counted_and_run(new, X)
+        ran, counted = layers[0]
+        inconsistent += int(differ(ran, counted).sum())  # the new model's own loss counts other experts than it ran
+        report = wb.verify(model, new, X, t)
+        assert report.passed and report.routing_ties > 0, report.summary()
+        assert "load-balancing loss's own top k" in report.rule
+    assert inconsistent > 0
+    # a real change of the tied router (its twin row scaled: the tie broken, other experts chosen) FAILs
+    new, t = wb.random_intertwiner(model, seed=0, sites=["resid"])
+    wrong = copy.deepcopy(new)
+    from test_verify_routing import sparse
+    with torch.no_grad():
+        sparse(wrong)[0].gate.weight[1] *= 1.001
+        a, b = model(X), wrong(X)
+    assert (a.logits.log_softmax(-1) - b.logits.log_softmax(-1)).abs().max() > 1e-2
+    assert not wb.verify(model, wrong, X, t).passed
+
+
+def test_a_float64_models_float32_aux_loss_is_judged_at_its_own_rounding():
+    """Hugging Face sums the load-balancing loss in float32 whatever the model's dtype, so a float64 Mixtral's aux_loss
+    is a float32 number: an exact stream symmetry moved it by one float32 unit (6e-8, computed here, its routing the
+    same) and verify FAILed it against float64's 1e-10 (its floor, measured on the logits, was compared with the loss's
+    one number and never used). It now agrees to 8 units of float32's rounding, or answers for the outputs at their
+    floor's tolerance; a router row of the second layer scaled by 1 + 1e-3 (top-1 routing: logits unchanged, the loss
+    moved by 4e-6, computed here) FAILs."""
+    from test_verify_adversary2 import mixtral_with_aux
+    from test_verify_routing import X, sparse
+
+    model = mixtral_with_aux(k=1).double()
+    new, t = wb.random_intertwiner(model, seed=1, sites=["resid"])
+    layers, a = counted_and_run(model, X)
+    new_layers, b = counted_and_run(new, X)
+    assert a.aux_loss.dtype == torch.float32
+    assert all(torch.equal(x[0], y[0]) for x, y in zip(layers, new_layers))  # (no tie met: the same experts ran)
+    assert 0 < abs(float(a.aux_loss) - float(b.aux_loss)) / float(a.aux_loss) < 1e-6
+    report = wb.verify(model, new, X, t)
+    assert report.passed, report.summary()
+    assert "aux_loss (float32) within 9.5e-07" in report.rule
+    wrong = copy.deepcopy(new)
+    with torch.no_grad():
+        sparse(wrong)[1].gate.weight[2] *= 1 + 1e-3
+    _, c = counted_and_run(wrong, X)
+    assert (a.logits.log_softmax(-1) - c.logits.log_softmax(-1)).abs().max() < 1e-6
+    assert abs(float(c.aux_loss) - float(a.aux_loss)) / float(a.aux_loss) > 2e-6
+    report = wb.verify(model, wrong, X, t)
+    assert not report.passed and report.compared == "aux_loss", report.summary()
