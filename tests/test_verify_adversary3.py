@@ -1,5 +1,5 @@
 """Adversarial checks of wb.verify, third round: a float64 mixture's load-balancing loss (``aux_loss``) at a routing tie
-and in float32.
+and in float32, and the float64 branch's floor judged per output unit and per site.
 
 Every answer is checked directly: both models run here (Hugging Face's float64 forward, or with its norms exact in
 float64) and compared, never by asking verify.
@@ -107,3 +107,93 @@ def test_a_float64_models_float32_aux_loss_is_judged_at_its_own_rounding():
     assert abs(float(c.aux_loss) - float(a.aux_loss)) / float(a.aux_loss) > 2e-6
     report = wb.verify(model, wrong, X, t)
     assert not report.passed and report.compared == "aux_loss", report.summary()
+
+
+def cancelling_llama(c: float = 1000.0):
+    """A float64 Llama (no tied embeddings) and inputs, its head given a direction ``c``·v (v a unit vector orthogonal to
+    the final norm's output at the first input's last position, each vocabulary row ±): that position's logits cancel
+    (its log-probabilities ~7 against ~10³ elsewhere), so the float32 rounding of its RMSNorms moves them ~10⁴ times
+    more, relative, than any other position's."""
+    from test_hf_families import DECODER, random_model
+
+    model = random_model("LlamaForCausalLM", "LlamaConfig", dict(DECODER, tie_word_embeddings=False), 0)
+    x = torch.tensor([[3, 7, 11, 19, 23, 29], [5, 13, 17, 31, 37, 41]])
+    seen = []
+    hook = model.model.norm.register_forward_hook(lambda m, a, out: seen.append(out.detach()))
+    with torch.no_grad():
+        model(x)
+    hook.remove()
+    h = seen[0][0, -1]
+    g = torch.Generator().manual_seed(5)
+    v = torch.randn(h.shape[0], generator=g, dtype=torch.float64)
+    v -= (v @ h) / (h @ h) * h
+    signs = torch.randint(0, 2, (model.lm_head.weight.shape[0], 1), generator=g).double() * 2 - 1
+    with torch.no_grad():
+        model.lm_head.weight += c * signs * (v / v.norm())
+    return model, x
+
+
+def test_a_float64_models_floor_is_judged_per_output_unit():
+    """The float64 branch raised one tolerance to 10× the largest rounding of any output unit: the Llama above's cancelling
+    position raised it to 3e-4, and an embedding row changed by 1e-3 (its one position moved 5e-5, computed here, where
+    the exact transform moves it 1e-7) PASSed. Each output unit (a position) is now judged against 10× its own rounding
+    too, never below float32's tolerance (the precision of the float32 parts); the exact transform still passes."""
+    from test_hf_families import as_raw, rel
+
+    model, x = cancelling_llama()
+    new, t = wb.random_intertwiner(model, seed=0, sites=["resid"])
+
+    def logp(m):
+        with torch.no_grad():
+            return as_raw(m)(input_ids=x).logits.log_softmax(-1)
+    exact = logp(model)
+    assert rel(logp(new), exact) < 1e-10  # the draw is exact (norms in float64, computed here)
+    with torch.no_grad():  # Hugging Face's float64 forward, norms in float32: the cancelling position rounds 1e4 times more
+        hf_old, hf_new = (m(x).logits.log_softmax(-1) for m in (model, new))
+    per = ((hf_new - hf_old).abs() / hf_old.abs().amax(-1, keepdim=True)).amax(-1)
+    assert per[0, -1] > 1e-6 and per[1].max() < 1e-6
+    report = wb.verify(model, new, x, t)
+    assert report.passed and report.tolerance > 1e-4, report.summary()
+    wrong = copy.deepcopy(new)
+    g = torch.Generator().manual_seed(6)
+    with torch.no_grad():
+        e = wrong.model.embed_tokens.weight[41]  # the token at the second input's last position only
+        e += 1e-3 * e.norm() * torch.randn(e.shape, generator=g, dtype=torch.float64) / e.shape[0] ** 0.5
+    moved = ((logp(wrong) - exact).abs() / exact.abs().amax(-1, keepdim=True)).amax(-1)
+    assert moved[1, -1] > 3e-5 and moved[1, -1] < report.tolerance  # within the one raised tolerance
+    report = wb.verify(model, wrong, x, t)
+    assert not report.passed and report.units_beyond_rounding == 1, report.summary()
+    assert "each output unit also within 10× its own rounding" in report.rule and "float32's tolerance" in report.rule
+
+
+def test_a_float64_models_floor_is_judged_per_site():
+    """The same single tolerance judged every site: a claimed GL element of the first attention's value/output space
+    1e-4 off one row (the new model made by the true element: the function is preserved) sits 3e-5 from the new model's
+    activations there, 500× their rounding (computed here), and read equivariant under the cancelling position's 3e-4.
+    Each site is now judged against 10× its own activations' rounding, float32's tolerance at least (at most the
+    report's); the true element passes."""
+    from workbench.groups._elements import Dense
+
+    model, x = cancelling_llama()
+    site = "blocks.0.attn.ov.0"
+    new, t = wb.random_intertwiner(model, seed=0, sites=["resid", site])
+    report = wb.verify(model, new, x, t)
+    assert report.passed and report.tolerance > 1e-4, report.summary()
+    M = t.elements[site].M.clone()
+    M[0] *= 1 + 1e-4
+    claimed = type(t)({**t.elements, site: Dense(M)}, t.groups, t.forced, t.seed, t.model, t.affine)
+    # computed here: where the claimed element puts the value vectors, against where the new model has them
+    seen = {}
+    hooks = [m.model.layers[0].self_attn.v_proj.register_forward_hook(lambda mod, a, out, m=m: seen.__setitem__(id(m), out))
+             for m in (model, new)]
+    with torch.no_grad():
+        model(x), new(x)
+    for h in hooks:
+        h.remove()
+    heads = model.config.hidden_size // model.config.num_attention_heads
+    v, v_new = (seen[id(m)][..., :heads].double() for m in (model, new))  # (key/value head 0)
+    off = (v_new - v @ M.T).norm() / v_new.norm()
+    assert 1e-5 < off < report.tolerance and (v_new - v @ t.elements[site].M.T).norm() / v_new.norm() < 1e-6
+    report = wb.verify(model, new, x, claimed)
+    assert not report.passed and not report.equivariant, report.summary()
+    assert "tol the site's own: 10× its activations' rounding, or float32's tolerance" in report.rule
