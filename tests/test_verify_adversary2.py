@@ -120,8 +120,9 @@ def mixtral_with_aux(k):
 def test_a_mixtures_aux_loss_at_a_routing_tie_is_judged_with_the_forced_choice():
     """At a tie verify evaluates the original with the new model's expert choice, but Hugging Face's aux_loss takes its
     own top k of the router's returned logits: it counted the original's own choice, and an exact stream symmetry
-    FAILed on 'aux_loss' (seed 0: 2.0079 against 2.0058). The forced router now returns logits whose top k is the
-    forced choice (moved by rounding's size), recorded by Hugging Face after the forcing."""
+    FAILed on 'aux_loss' (seed 0: 2.0079 against 2.0058). The forced router now returns logits whose top k is what the
+    new model's loss counted (in float32 its router's choice; moved by rounding's size), recorded by Hugging Face after
+    the forcing (a float64 model: tests/test_verify_adversary3.py)."""
     from test_hf_families import TOL, rel
     from test_hf_mixtral import logp
     from test_verify_routing import X, choices

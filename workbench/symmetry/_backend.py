@@ -79,8 +79,8 @@ class Backend:
         return out, new_out, "outputs", False, None
 
     def floor(self, model, inputs, cache, last: Optional[str]):
-        """For a float64 model computing parts in float32: its output with those parts rounded, and the
-        largest relative change of a cached activation under that rounding; None otherwise."""
+        """For a float64 model computing parts in float32: its output with those parts rounded, and each cached
+        activation's relative change under that rounding (:func:`relative_changes`); None otherwise."""
         return None
 
 
@@ -141,11 +141,6 @@ def relative_changes(reference, other, names) -> dict:
     norms = torch.stack([torch.stack([norm(b.double() - a.double()), norm(a.double())]).to(pairs[0][0].device)
                          for a, b in pairs]).tolist()
     return {k: d / max(r, 1e-30) for k, (d, r) in zip(keys, norms)}
-
-
-def largest_relative_change(reference, other, names) -> float:
-    """The largest of :func:`relative_changes` (0 where none)."""
-    return max(relative_changes(reference, other, names).values(), default=0.0)
 
 
 def one_example(inputs: Any) -> Optional[torch.Tensor]:
@@ -369,7 +364,7 @@ class LayoutBackend(Backend):
         with eval_mode(model), intervene(model, rounding), torch.no_grad():
             rounded, rcache = run_with_cache(model, inputs, names=watched or None, budget=None, reduce=first_tensor) if watched else (model(inputs), None)
         rounded = rcache[last].flatten(0, -2) if last else self.scores(model, self.output(rounded).detach())[0]
-        return rounded, largest_relative_change(cache, rcache, watched)
+        return rounded, relative_changes(cache, rcache, watched)
 
 
 def _round_lens(model, inputs, rms: bool, final_rms: bool = False) -> list[str]:

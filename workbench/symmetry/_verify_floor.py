@@ -18,7 +18,7 @@ from torch import nn
 
 from ..hooks import first_tensor, run_with_cache
 from ..models import eval_mode
-from ._backend import largest_relative_change, relative_changes
+from ._backend import relative_changes
 
 
 class _Comparison:
@@ -380,8 +380,8 @@ def trivial_floor(backend, model: nn.Module, inputs, cache, last: Optional[str])
     """For a transformer where no part known to compute in float32 can be named (a bridge whose hooks see float64
     values while the attention inside computes q·kᵀ in float32: GPT-J's, GPT-Neo's): the change that an exact and
     trivial symmetry makes through the model's own arithmetic, every query map ·c and key map ÷c (c = 1.3, which
-    changes no score), as ``(outputs, site floor)`` like ``backend.floor``. Activations it scales (the queries and
-    keys) are left out of the site floor. None without QK sites that take c·I. Where the arithmetic is exact the change is ~1e-16
+    changes no score), as ``(outputs, each watched activation's relative change)`` like ``backend.floor``. Activations
+    it scales (the queries and keys) are left out of the activations'. None without QK sites that take c·I. Where the arithmetic is exact the change is ~1e-16
     and raises nothing."""
     from ..groups import Dense
     from ._map import symmetry_map
@@ -401,4 +401,4 @@ def trivial_floor(backend, model: nn.Module, inputs, cache, last: Optional[str])
         out, rcache = (run_with_cache(scaled, inputs, names=watched, budget=None, reduce=first_tensor) if watched
                        else (scaled(inputs), None))
     rounded = rcache[last].flatten(0, -2) if last else backend.scores(model, backend.output(out).detach())[0]
-    return rounded, largest_relative_change(cache, rcache, watched)
+    return rounded, relative_changes(cache, rcache, watched)

@@ -23,6 +23,13 @@ as the twin of a duplicated router row does) would pass unseen. A token's choice
 Any other difference in the chosen experts is left to the comparison, which then FAILs. Forcing keeps the original
 router's own weights (scores) for the positions it changes: at a tie they equal the other expert's within the same
 rounding.
+A load-balancing loss (Hugging Face's ``aux_loss``, ``output_router_logits=True``) makes a second choice of its own: the
+top k of the softmax of the router's returned logits in their own dtype (``counted``), while the router chose on float32
+probabilities. In a float32 model the two are the same computation; in a float64 model they are not, and at a tie the
+router may run one expert while the loss counts the other (a float64 Mixtral: the new model's router ran expert 1 where
+its loss counted expert 0, logits 3.5e-8 apart). That choice is a tie of its own, found and made the same way: where
+the two models' counted experts differ at a tie within rounding, the original's returned logits are moved by rounding's
+size so that its loss counts what the new model's counted (``_counting``), whichever expert either router ran.
 A floor is measured by running the model again (its float32 outputs against a float64 copy's, or its float32 parts
 rounded): a run that chose another expert at a near tie measured the two experts' difference, a tolerance of ~1 that
 passed a stream rotation. Every such run now makes every choice the compared run made (``following``), so a floor is the
@@ -50,6 +57,8 @@ TIE_MARGIN = 10
 #: probabilities, and a float64 model's norms compute in float32 too (its routers' logits 1e-7 apart at ties, measured
 #: on a float64 Mixtral, where verify in float64 FAILed every exact transform of a tied model before)
 ROUTER_TOL = 1e-5
+#: the key suffix of a call's counted choices in a ``force`` dict (``(site, call, COUNTED)``; a router's: ``(site, call)``)
+COUNTED = "counted"
 
 
 def _parts(output) -> Optional[tuple[int, torch.Tensor, torch.Tensor]]:
@@ -67,9 +76,11 @@ def _parts(output) -> Optional[tuple[int, torch.Tensor, torch.Tensor]]:
 
 class Choices:
     """Forward hooks on routers (``[(experts-order site, router module), ...]``) while the block runs: ``seen[(site,
-    call)] = (logits, indices)`` of each call (after forcing; calls counted per number of tokens), and the choices in
-    ``force`` (``{(site, call): (tokens, indices, tokens in that call)}``) written over the router's own before the
-    experts read them, in calls of that size only."""
+    call)] = (logits, indices, counted)`` of each call (the router's own logits; its indices after forcing; the experts a
+    load-balancing loss counts from the logits as returned, :func:`counted`; calls counted per number of tokens). The
+    choices in ``force`` are made in calls of the size they were found in only: ``force[(site, call)] = (tokens, indices,
+    tokens in that call)`` written over the router's own indices before the experts read them, and ``force[(site, call,
+    COUNTED)]`` (the same form) the experts the returned logits' top k must count at those tokens (:func:`_counting`)."""
 
     def __init__(self, routers: list, force: Optional[dict] = None):
         self.routers, self.force = routers, force or {}
@@ -80,7 +91,7 @@ class Choices:
         try:
             for site, module in self.routers:
                 # first of the module's hooks: Hugging Face's output recorder (router_logits, read by its aux_loss) sees
-                # the forced output (_as_chosen)
+                # the returned logits as made to count (_counting)
                 self._handles.append(module.register_forward_hook(self._hook(site), prepend=True))
         except BaseException:
             self.__exit__()
@@ -96,6 +107,10 @@ class Choices:
         calls: dict[int, int] = {}  # tokens -> calls seen with that many: a measurement's probe on fewer rows (the
         # bridge floor's one-row look at its attention pattern) is another count, and is neither forced nor a key's
 
+        def made(key, n: int):
+            forced = self.force.get(key)
+            return None if forced is None or forced[2] != n else forced  # (a call of another size: not this one's)
+
         def hook(module, args, output):
             parts = _parts(output)
             if parts is None:
@@ -103,40 +118,60 @@ class Choices:
             where, logits, indices = parts
             n = indices.shape[0]
             call = calls[n] = calls.get(n, -1) + 1
-            forced = self.force.get((site, call))
-            if forced is not None and forced[2] != n:
-                forced = None  # (a call of another size than the one the choices were made on)
+            forced, counting = made((site, call), n), made((site, call, COUNTED), n)
+            returned = logits
             if forced is not None:
                 tokens, chosen, _ = forced
-                tokens, chosen = tokens.to(indices.device), chosen.to(device=indices.device, dtype=indices.dtype)
-                was = indices
                 indices = indices.clone()
-                indices[tokens] = chosen
-                returned = _as_chosen(logits, tokens, was[tokens], chosen)
-                output = type(output)([returned, *output[1:where], indices, *output[where + 1:]])
-            self.seen[(site, call)] = (logits.detach().clone(), indices.detach().clone())
-            return output if forced is not None else None
+                indices[tokens.to(indices.device)] = chosen.to(device=indices.device, dtype=indices.dtype)
+            if counting is not None:
+                returned = _counting(logits, counting[0], counting[1])
+            self.seen[(site, call)] = (logits.detach().clone(), indices.detach().clone(),
+                                       counted(returned.detach(), indices.shape[1]))
+            if forced is None and counting is None:
+                return None
+            return type(output)([returned, *output[1:where], indices, *output[where + 1:]])
         return hook
 
 
-def _as_chosen(logits: torch.Tensor, tokens: torch.Tensor, was: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
-    """The router's logits as returned where its choice was forced: at each forced token, every expert chosen in place of
-    another takes the larger of the two logits raised by 8 eps(dtype)·max|logit| (the other the smaller), so that
-    whatever reads the returned logits chooses the forced experts too. Hugging Face's load-balancing loss (``aux_loss``,
-    ``output_router_logits=True``) takes its own top k of these logits: it counted the original's own choice at a tie
-    while the experts ran the new model's, and verify FAILed an exact stream symmetry of a float32 Mixtral with one
-    router tied within rounding on that loss (0.998 against 1.004, tests/test_verify_adversary2.py). Within a tie the
-    two logits are within 2δ + 8·eps32·s (module docstring): a change of rounding's size. The logits recorded for
-    :func:`ties` are the router's own."""
+def counted(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """``[tokens, k]``: the experts a load-balancing loss counts for each token from a router's returned logits: the top k
+    of their softmax in their own dtype (Hugging Face's ``load_balancing_loss_func``, Mixtral's, OLMoE's, Qwen2-MoE's and
+    Qwen3-MoE's alike), not the router's own choice, which it makes on float32 probabilities."""
+    return torch.softmax(logits, -1).topk(k, -1).indices
+
+
+#: doublings of the step by which ``_counting`` moves a logit before it stops (its first step, 8 eps·max(|logit|, 1),
+#: is enough unless a softmax rounds two probabilities equal)
+_STEPS = 8
+
+
+def _counting(logits: torch.Tensor, tokens: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """The router's logits as returned where a load-balancing loss must count other experts (``rows``, at ``tokens``):
+    every expert counted in place of another takes the larger of the two logits raised by a step of rounding's size, 8
+    eps(dtype)·max(|logit|, 1) (the other the smaller), doubled until the top k of their softmax (:func:`counted`) is
+    ``rows``. Hugging Face's loss takes its own top k of these logits: it counted the original's own choice at a tie
+    while the new model's counted the other, and verify FAILed exact stream symmetries on ``aux_loss`` (a float32
+    Mixtral: 0.998 against 1.004; a float64 one: 2.0065 against 2.0106). Within a tie the two logits are within
+    2δ + 8·eps32·s (module docstring). The logits recorded for :func:`ties` are the router's own."""
     out = logits.clone()
-    bump = 8 * torch.finfo(logits.dtype).eps
-    for row, t in enumerate(tokens.tolist()):
-        old_set, new_set = set(was[row].tolist()), set(chosen[row].tolist())
-        dropped, added = sorted(old_set - new_set), sorted(new_set - old_set)
-        top = out[t].abs().max()
-        for d, a in zip(dropped, added):
-            hi, lo = torch.maximum(out[t, d], out[t, a]), torch.minimum(out[t, d], out[t, a])
-            out[t, a], out[t, d] = hi + bump * top, lo
+    k = rows.shape[1]
+    rows = rows.to(device=out.device)
+    tokens = tokens.to(out.device)
+    have = counted(out[tokens], k)
+    differ = (have.sort(-1).values != rows.sort(-1).values).any(-1).nonzero().flatten().tolist()
+    eps = torch.finfo(out.dtype).eps
+    for i in differ:
+        t, want = int(tokens[i]), set(rows[i].tolist())
+        step = 8 * eps * max(out[t].abs().max().item(), 1.0)
+        for _ in range(_STEPS):
+            now = set(counted(out[t:t + 1], k)[0].tolist())
+            if now == want:
+                break
+            for d, a in zip(sorted(now - want), sorted(want - now)):
+                hi, lo = torch.maximum(out[t, d], out[t, a]), torch.minimum(out[t, d], out[t, a])
+                out[t, a], out[t, d] = hi + step, lo
+            step *= 2
     return out
 
 
@@ -157,53 +192,68 @@ def labels(backend, smap, transform, routers: list) -> dict:
 
 
 def ties(old: dict, new: dict, labels: dict, tol: float) -> tuple[dict, int]:
-    """The choices to make in the original model, ``{(site, call): (tokens, indices in the original's labels, tokens in
-    the call)}``, and how many tokens that is: the tokens whose chosen experts differ (the new model's mapped through
-    ``labels``) at a tie within rounding (module docstring), where the original is to choose what the new model chose."""
+    """The choices to make in the original model and how many tokens that is: the tokens whose chosen experts differ (the
+    new model's mapped through ``labels``) at a tie within rounding (module docstring), where the original is to choose
+    what the new model chose: ``{(site, call): (tokens, indices in the original's labels, tokens in the call)}`` for the
+    router's choice, and ``{(site, call, COUNTED): ...}`` for the experts a load-balancing loss counts (:func:`counted`)."""
     force, count = {}, 0
-    for key, (logits, chosen) in old.items():
+    for key, (logits, chosen, kept) in old.items():
         if key not in new:
             continue
-        new_logits, new_chosen = new[key]
+        new_logits, new_chosen, new_kept = new[key]
         if chosen.shape != new_chosen.shape or logits.shape != new_logits.shape:
             continue
         lab = labels.get(key[0])
         lab = torch.arange(logits.shape[1], device=chosen.device) if lab is None else lab.to(chosen.device)
-        mapped = lab[new_chosen]
-        differ = (chosen.sort(-1).values != mapped.sort(-1).values).any(-1).nonzero().flatten().tolist()
-        if not differ:
-            continue
-        L, L_new = logits.double(), new_logits.double()
-        expected = L[:, lab]  # the new model's column j holds the original's column lab[j]
-        tokens, rows = [], []
-        for t in differ:
-            s = L[t].abs().max().item()
-            delta = (L_new[t] - expected[t]).abs().max().item()
-            if not delta <= TIE_MARGIN * max(tol, ROUTER_TOL) * max(s, torch.finfo(torch.float64).tiny):
-                continue  # the router read another stream there: not rounding (the comparison FAILs)
-            was, now = set(chosen[t].tolist()), set(mapped[t].tolist())
-            dropped, added = sorted(was - now), sorted(now - was)
-            slack = 2 * delta + 8 * _EPS32 * s
-            if not all(abs(L[t, e].item() - L[t, f].item()) <= slack for e in dropped for f in added):
-                continue
-            row = chosen[t].clone()
-            extra = iter(added)
-            for pos in range(len(row)):
-                if row[pos].item() not in now:
-                    row[pos] = next(extra)
-            tokens.append(t)
-            rows.append(row)
-        if tokens:
-            force[key] = (torch.tensor(tokens), torch.stack(rows), len(chosen))
-            count += len(tokens)
+        made = set()
+        for where, mine, theirs in ((key, chosen, new_chosen), ((*key, COUNTED), kept, new_kept)):
+            tokens, rows = _tied(logits, new_logits, lab, mine, lab[theirs.to(lab.device)], tol)
+            if tokens:
+                force[where] = (torch.tensor(tokens), torch.stack(rows), len(chosen))
+                made.update(tokens)
+        count += len(made)
     return force, count
+
+
+def _tied(logits: torch.Tensor, new_logits: torch.Tensor, lab: torch.Tensor, chosen: torch.Tensor,
+          mapped: torch.Tensor, tol: float) -> tuple[list, list]:
+    """The tokens of one call where the original's experts ``chosen`` differ from the new model's (``mapped`` into the
+    original's labels) at a tie within rounding, and the rows the original is to take there (``chosen`` with the dropped
+    experts replaced by the added, in place)."""
+    differ = (chosen.sort(-1).values != mapped.sort(-1).values).any(-1).nonzero().flatten().tolist()
+    tokens, rows = [], []
+    if not differ:
+        return tokens, rows
+    L, L_new = logits.double(), new_logits.double()
+    expected = L[:, lab]  # the new model's column j holds the original's column lab[j]
+    for t in differ:
+        s = L[t].abs().max().item()
+        delta = (L_new[t] - expected[t]).abs().max().item()
+        if not delta <= TIE_MARGIN * max(tol, ROUTER_TOL) * max(s, torch.finfo(torch.float64).tiny):
+            continue  # the router read another stream there: not rounding (the comparison FAILs)
+        was, now = set(chosen[t].tolist()), set(mapped[t].tolist())
+        dropped, added = sorted(was - now), sorted(now - was)
+        slack = 2 * delta + 8 * _EPS32 * s
+        if not all(abs(L[t, e].item() - L[t, f].item()) <= slack for e in dropped for f in added):
+            continue
+        row = chosen[t].clone()
+        extra = iter(added)
+        for pos in range(len(row)):
+            if row[pos].item() not in now:
+                row[pos] = next(extra)
+        tokens.append(t)
+        rows.append(row)
+    return tokens, rows
 
 
 def following(seen: dict):
     """``choose(model, run)``: ``run()`` with ``model``'s routers making every choice ``seen`` recorded (each call's every
-    token), for a run that must route as that one did: a floor's copy of the model (``_verify_floor._own_rounding``),
-    the float64 branch's rounded run of the original."""
-    force = {key: (torch.arange(len(chosen)), chosen, len(chosen)) for key, (_, chosen) in seen.items()}
+    token: the router's, and what its returned logits count), for a run that must route as that one did: a floor's copy
+    of the model (``_verify_floor._own_rounding``), the float64 branch's rounded run of the original."""
+    force = {}
+    for key, (_, chosen, kept) in seen.items():
+        every = torch.arange(len(chosen))
+        force[key], force[(*key, COUNTED)] = (every, chosen, len(chosen)), (every, kept, len(chosen))
 
     def choose(model: nn.Module, run):
         with Choices(routers_of(model), force):
