@@ -3,6 +3,8 @@ import functools
 import json
 
 import matplotlib
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -420,6 +422,18 @@ def test_geodesic_is_a_one_parameter_group_of_rotations(n, seed, a, b):
     assert_close(geodesic(Q, 1.0).matrix(), Q.matrix())
     dist = [torch.linalg.norm(geodesic(Q, t).matrix() - torch.eye(n, dtype=F64)).item() for t in (0.25, 0.5, 1.0)]
     assert dist[0] <= dist[1] <= dist[2] + 1e-12  # moves steadily away from the identity
+
+
+@pytest.mark.parametrize("theta", [1e-13, 1e-9, 3e-7])
+def test_geodesic_of_a_tiny_rotation_keeps_it(theta):
+    """A 2×2 block whose angle was below 1e-12 was read as two 1×1 blocks, so Q¹ came back as the identity (off by
+    θ). LAPACK's real Schur form zeroes the subdiagonal of a deflated block: only an exact 0 means no rotation."""
+    c, s = math.cos(theta), math.sin(theta)
+    Q = torch.tensor([[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]], dtype=F64)
+    half = torch.tensor([[math.cos(theta / 2), -math.sin(theta / 2), 0.0], [math.sin(theta / 2), math.cos(theta / 2), 0.0],
+                         [0.0, 0.0, 1.0]], dtype=F64)
+    assert float((geodesic(Q, 1.0).matrix() - Q).abs().max()) <= 1e-3 * theta
+    assert float((geodesic(Q, 0.5).matrix() - half).abs().max()) <= 1e-3 * theta
 
 
 def test_geodesic_handles_eigenvalue_minus_one():

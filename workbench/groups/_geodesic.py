@@ -71,7 +71,7 @@ def _power(M: torch.Tensor, alpha: float) -> torch.Tensor:
     flips = []  # 1×1 blocks at −1: paired up into rotations by π
     i = 0
     while i < n:
-        if i + 1 < n and abs(T[i + 1, i]) > 1e-12:  # a 2×2 block [[c, −s], [s, c]]
+        if i + 1 < n and T[i + 1, i] != 0.0:  # a 2×2 block [[c, −s], [s, c]] (LAPACK zeroes a deflated subdiagonal)
             theta = math.atan2(T[i + 1, i] - T[i, i + 1], T[i, i] + T[i + 1, i + 1])
             c, s = math.cos(alpha * theta), math.sin(alpha * theta)
             B[i:i + 2, i:i + 2] = [[c, -s], [s, c]]
