@@ -17,6 +17,7 @@ import torch
 from torch import fx, nn
 
 from .._errors import InvalidOptionError, UnsupportedModelError
+from ..models import hooked
 from ..symmetry import Site, is_activation, space_graph, symmetry_map
 
 
@@ -101,12 +102,11 @@ class Cut:
         self.tail = _graph_module(self.model, nodes[c:], crossing, None, extra=[n for n in nodes[:c] if n.op == "get_attr"])
         self._check_faithful(example[:1], {n.target for n in nodes if n.op == "call_module"})
 
-    _HOOKS = ("_forward_hooks", "_forward_pre_hooks")
-
     @torch.no_grad()
     def _check_faithful(self, x: torch.Tensor, called: set) -> None:
-        """``tail(head(x))`` must be ``model(x)``: the traced graph drops a forward hook on a module it traces
-        through (the root, a container), so a stitch with the identity would differ from the model itself."""
+        """``tail(head(x))`` must be ``model(x)``: the traced graph drops the root's forward hooks (fx calls its
+        forward, not the module) and keeps a container's as the ops it traced once (a hook reading state, or
+        removed later, differs), so a stitch with the identity would differ from the model itself."""
         from torch.utils._pytree import tree_flatten
 
         want, got = tree_flatten(self.model(x))[0], tree_flatten(self.tail(*self.head(x)))[0]
@@ -116,10 +116,10 @@ class Cut:
                                equal_nan=True)
                 for w, g in zip(want, got)):
             return
-        hooked = [name or type(self.model).__name__ for name, m in self.model.named_modules()
-                  if name not in called and any(getattr(m, h, None) for h in self._HOOKS)]
-        why = (f"forward hooks on {hooked} change what it computes, and the traced graph does not run hooks on "
-               f"modules it traces through; remove them (handle.remove()) or fold them into the model" if hooked
+        with_hooks = [name or type(self.model).__name__ for name, m in self.model.named_modules()
+                      if name not in called and hooked(m)]
+        why = (f"forward hooks on {with_hooks} change what it computes, and the traced graph does not run hooks on "
+               f"modules it traces through; remove them (handle.remove()) or fold them into the model" if with_hooks
                else "its forward does something the traced graph does not record (e.g. control flow on values)")
         raise UnsupportedModelError(f"{type(self.model).__name__} cut at {self.site.name!r}: the cut model's output "
                                     f"differs from the model's own on the first example: {why}.")
