@@ -48,11 +48,15 @@ def test_a_copied_bridge_of_a_used_bridge_shares_nothing_and_is_a_boots_equal(fa
     B.run_with_cache(IDS)  # it has run, with a cache
     wb.run_with_cache(B, IDS, names=["blocks.0.hook_resid_pre"])
     calls = []
-    B.blocks[0].hook_in.add_hook(lambda x, hook: calls.append(hook.name))  # the user's live hook, left on
+    B.blocks[0].hook_in.add_hook(lambda x, hook: calls.append(hook.name))  # the user's live hook
+    with pytest.raises(wb.UnsupportedModelError, match=r"forward hooks \('blocks\.0\.hook_resid_pre'\)"):
+        wb.random_intertwiner(B, seed=3)  # a hook may change what its module computes: refused, naming it
+    B.reset_hooks()
     before = {k: v.clone() for k, v in B.state_dict().items()}
     assert _hf_shell.shell(B, torch.float64) is not None  # this family takes the copy, not a boot
-    new, _ = wb.random_intertwiner(B, seed=3)  # (measuring rotary pairs runs B itself: its hook fires)
+    new, _ = wb.random_intertwiner(B, seed=3)
     other, _ = wb.random_intertwiner(B, seed=4)  # a second copy of the same template
+    B.blocks[0].hook_in.add_hook(lambda x, hook: calls.append(hook.name))  # on again: the copies never run it
     with torch.no_grad():
         logits = B(IDS)
     n = len(calls)
