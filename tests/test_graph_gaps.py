@@ -323,3 +323,16 @@ def test_timm_blur_pooled_densenet_maps_its_blur_pools():
         for m, old in zip([m for m in new.modules() if isinstance(m, BlurPool2d)], pools):
             m.filt.copy_(old.filt)
     assert changed(model, new, x) > 1e-3
+
+
+@pytest.mark.slow
+def test_a_space_of_unknown_width_with_an_activation_is_skipped_not_a_crash():
+    """timm's MobileNetV5 (its squeeze-excite products broadcast over channels: spaces with no width, holding a GELU)
+    raised InvalidOptionError from inside the map (intertwiner_group(..., n=None)) once the layer-scale rules gave
+    such a space a writer: a symmetry map must answer, listing what it skipped and why (the timm sweep's row read
+    'no sites' before and 'refused' after)."""
+    timm = _import("timm")
+    model = timm.create_model("mobilenetv5_300m", pretrained=False).eval()
+    smap = wb.symmetry_map(model, example=torch.randn(1, 3, 64, 64))
+    assert smap.trace_error is None
+    assert any("broadcasts over the channel" in why for _, why in smap.skipped)

@@ -98,6 +98,9 @@ def _build(graph, model_name: str, affine: bool) -> SymmetryMap:
         n = space.n
         kinds = {_act_label(a) for a, _, _ in space.activations}
         notes = list(dict.fromkeys(space.shared))
+        if n is None:  # a space no op gave a width (made by an op the rules do not know): nothing to draw on
+            skipped.append((place, "; ".join(reasons or ["its width is not known"])))
+            continue
         use_affine = affine and space.offsets_ok
         groups = [intertwiner_group(a, n, affine=use_affine) if affine else intertwiner_group(a, n)
                   for a, _, _ in space.activations]
