@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 import workbench as wb
+from workbench.models import observing
 import workbench._progress as P
 from workbench.models import no_grad_analysis
 from models import randomise
@@ -188,7 +189,8 @@ class GradWatch:
 
     def __init__(self, model):
         self.seen = []
-        self.handles = [m.register_forward_hook(lambda m, i, o: self.seen.append(torch.is_grad_enabled()))
+        # marked as only observing (they return nothing): a hooked module is otherwise left out of a symmetry map
+        self.handles = [m.register_forward_hook(observing(lambda m, i, o: self.seen.append(torch.is_grad_enabled())))
                         for m in model.modules()]
 
     def __enter__(self):

@@ -199,10 +199,11 @@ def _old_memo_key(model, example, affine):
     """_map._memo_key as it was (four walks of the tree): the one-walk key must be the same tuple."""
     import itertools
 
-    from workbench.symmetry._map import _BOOKKEEPING, _FORWARD_HOOKS, _plain
+    from workbench.models import FORWARD_HOOKS as _FORWARD_HOOKS, GLOBAL_HOOKS, hooked
+    from workbench.symmetry._map import _BOOKKEEPING, _plain
     from workbench.symmetry._shared import _view
 
-    mods = tuple((name, id(m), type(m), id(vars(m).get("forward")),
+    mods = tuple((name, id(m), type(m), id(vars(m).get("forward")), hooked(m),
                   tuple(sorted((k, v) for k, v in vars(m).items() if k not in _BOOKKEEPING and k not in _FORWARD_HOOKS
                                and k != "training" and _plain(v))))
                  for name, m in model.named_modules(remove_duplicate=False))
@@ -215,7 +216,8 @@ def _old_memo_key(model, example, affine):
         elif isinstance(m, nn.LayerNorm) and m.weight is not None:
             gains.append(bool((m.weight == 1).all()))
     ex = None if example is None else (tuple(example.shape), example.dtype, example.device)
-    return mods, tensors, (tuple(slopes), tuple(gains)), ex, affine
+    hooks = any(getattr(torch.nn.modules.module, h, None) for h in GLOBAL_HOOKS)  # (whether hooks are on: baf02ce)
+    return mods, tensors, (tuple(slopes), tuple(gains)), ex, affine, hooks
 
 
 def test_the_one_walk_memo_key_is_the_four_walk_key():

@@ -335,18 +335,18 @@ class Graph(TensorOps):
         if x is None:
             self._fresh(node, f"{name} ({type(m).__name__}) reads no traced tensor")
             return False
-        if hooked(m):  # before any rule: a leaf is read by its class, and fx does not trace a leaf's hooks
-            self._fresh(node, f"{name} ({type(m).__name__}) has forward hooks, which may change what it computes, and "
-                              f"the symmetry rules read a module by its class, so what it reads and makes does not move")
-            return False
         if name in self.kept_whole:  # before any rule: its class may be a Linear or a norm whose forward was rewritten
             self._fresh(node, f"{name} ({type(m).__name__}) is kept whole: torch.fx cannot trace into its forward "
                               f"({self.kept_whole[name]}), so what it reads and makes does not move")
             return False
-        computed = computed_weights(m)
+        computed = computed_weights(m)  # (before the hooks: the hook-based weight_norm and pruning are pre-hooks)
         if computed:
             self._fresh(node, f"{name}: {computed}, not a parameter a transform can write (the next forward would "
                               f"recompute it from its own parameters)")
+            return False
+        if hooked(m):  # before the class rules: a leaf is read by its class, and fx does not trace a leaf's hooks
+            self._fresh(node, f"{name} ({type(m).__name__}) has forward hooks, which may change what it computes, and "
+                              f"the symmetry rules read a module by its class, so what it reads and makes does not move")
             return False
         xs = self.shape(x)
         from ._graph_stream import attention, is_attention, is_leaf, layer_norm, patch_merging
