@@ -97,13 +97,16 @@ def test_map_groups_and_exact_random_intertwiner():
     refused_and_wrong(model, "blocks.0.attn.qk.1", wb.get_group("rotary_orthogonal", 8, pairs=HALVES))  # gains differ
 
 
-def test_fold_moves_the_final_gain_only():
+def fold_moves_the_final_gain_only(model):
     """Folding moves the final norm's gain into lm_head; the output norms keep theirs, so the stream stays at signed
-    permutations, exact."""
-    model = build()
+    permutations, exact (OLMo 2's and OLMo 3's layers)."""
     f = folded_exactly(model, "signed_permutation", logp, seed=4)
     assert bool((f.model.norm.weight == 1).all())
     assert torch.equal(f.model.layers[1].post_feedforward_layernorm.weight, model.model.layers[1].post_feedforward_layernorm.weight)
+
+
+def test_fold_moves_the_final_gain_only():
+    fold_moves_the_final_gain_only(build())
 
 
 def test_bridge_around_olmo2_is_exact(tmp_path_factory):

@@ -18,7 +18,7 @@ from hypothesis import given, settings, strategies as st
 
 import workbench as wb
 from test_hf_families import (DECODER, FAIL, IDS, TOL, bridged_exactly, decoder_shapes, exact_everywhere,
-                              folded_exactly, kinds, logp, random_model, refused_and_wrong, rel)
+                              kinds, logp, random_model, refused_and_wrong, rel)
 from test_hf_families_more import _trace
 from test_hf_qwen3 import HALVES, rms, rope_attention
 
@@ -136,12 +136,9 @@ def test_verify_passes_in_float32():
 
 
 def test_fold_moves_the_final_gain_only():
-    """Folding moves the final norm's gain into lm_head; the output norms keep theirs, so the stream stays at signed
-    permutations, exact."""
-    model = build()
-    f = folded_exactly(model, "signed_permutation", logp, seed=4)
-    assert bool((f.model.norm.weight == 1).all())
-    assert torch.equal(f.model.layers[1].post_feedforward_layernorm.weight, model.model.layers[1].post_feedforward_layernorm.weight)
+    from test_hf_olmo2 import fold_moves_the_final_gain_only
+
+    fold_moves_the_final_gain_only(build())
 
 
 def test_bridge_around_olmo3_is_exact(tmp_path_factory):
