@@ -172,7 +172,9 @@ def rbf_cka(acts_a, acts_b, *, bandwidth: float = 1.0) -> float:
     Maps are flattened per example as in :func:`linear_cka`; distances do not see rotations or
     translations, and the median rule makes σ follow isotropic scaling, so those leave it unchanged;
     per-unit scaling and general invertible maps do not. Biased HSIC (Kornblith et al. 2019). For a
-    large ``bandwidth`` it tends to linear CKA.
+    large ``bandwidth`` it tends to linear CKA. For a small one (well below 1) both kernels tend to the
+    identity (every example far from every other), so the value tends to 1 for any two representations:
+    a high score there says nothing about their similarity.
 
     Args:
         acts_a: ``[N, C_a, *spatial]`` (or ``[N, C_a]``); acts_b likewise, same N.
