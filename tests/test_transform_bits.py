@@ -199,7 +199,7 @@ def _old_memo_key(model, example, affine):
     """_map._memo_key as it was (four walks of the tree): the one-walk key must be the same tuple."""
     import itertools
 
-    from workbench.models import FORWARD_HOOKS as _FORWARD_HOOKS, GLOBAL_HOOKS, hooked
+    from workbench.models import FORWARD_HOOKS as _FORWARD_HOOKS, global_hooks, hooked
     from workbench.symmetry._map import _BOOKKEEPING, _plain
     from workbench.symmetry._shared import _view
 
@@ -216,8 +216,7 @@ def _old_memo_key(model, example, affine):
         elif isinstance(m, nn.LayerNorm) and m.weight is not None:
             gains.append(bool((m.weight == 1).all()))
     ex = None if example is None else (tuple(example.shape), example.dtype, example.device)
-    hooks = any(getattr(torch.nn.modules.module, h, None) for h in GLOBAL_HOOKS)  # (whether hooks are on: baf02ce)
-    return mods, tensors, (tuple(slopes), tuple(gains)), ex, affine, hooks
+    return mods, tensors, (tuple(slopes), tuple(gains)), ex, affine, global_hooks()  # (hooks on: baf02ce)
 
 
 def test_the_one_walk_memo_key_is_the_four_walk_key():

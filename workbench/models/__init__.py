@@ -17,9 +17,9 @@ from ._kind import ModelKind, has_hooked_transformer, has_layout, is_traced_hf, 
 from ._layout import (blank, canonical_views, finish, from_canonical, read_weights, rebuild, shape_facts,
                       tied_keys, to_canonical, views_like, write_weights)
 from ._modes import eval_mode, no_grad_analysis
-from ._trace import (FORWARD_HOOKS, GLOBAL_HOOKS, TraceFailure, describe, hooked, kept_call_name, observing,
+from ._trace import (FORWARD_HOOKS, TraceFailure, describe, global_hooks, hooked, kept_call_name, observing,
                      propagate_shapes, trace, trace_kept_whole)
 
-__all__ = ["FORWARD_HOOKS", "GLOBAL_HOOKS", "ModelKind", "TraceFailure", "blank", "canonical_views", "describe", "eval_mode", "from_canonical",
+__all__ = ["FORWARD_HOOKS", "ModelKind", "TraceFailure", "blank", "canonical_views", "describe", "eval_mode", "from_canonical", "global_hooks",
            "ensure_torchvision_importable", "finish", "has_hooked_transformer", "has_layout", "hf", "hf_build", "hooked", "is_traced_hf", "is_transformer_lens", "kept_call_name",
            "model_kind", "no_grad_analysis", "observing", "one_call", "propagate_shapes", "read_weights", "rebuild", "require", "shape_facts", "tied_keys", "to_canonical", "trace", "trace_kept_whole", "views_like", "write_weights"]

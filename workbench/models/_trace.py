@@ -255,6 +255,12 @@ GLOBAL_HOOKS = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_f
                 "_global_forward_hooks_always_called")
 
 
+def global_hooks() -> bool:
+    """Whether torch has global forward hooks or pre-hooks registered (``register_module_forward_hook``): they run
+    around every module call and may change what it computes."""
+    return any(getattr(torch.nn.modules.module, h, None) for h in GLOBAL_HOOKS)
+
+
 #: The attribute a hook function carries when it only observes: it returns None and writes nothing the forward reads
 #: (workbench's own capture hooks). :func:`hooked` leaves such hooks out: a map made while a capture is open on the
 #: model is the model's own (every site was skipped as "hooked" there).
@@ -325,7 +331,7 @@ def trace_kept_whole(model: nn.Module, is_activation, most: int = _MOST_KEPT_WHO
     # fx records a traced-through module's hooks as ops (it calls Module.__call__), but a leaf's call is one node:
     # a hook on it runs when the model runs and is not in the trace (symmetry/_graph.Graph._module leaves a hooked
     # leaf alone), and a global hook wraps every leaf
-    if any(getattr(torch.nn.modules.module, h, None) for h in GLOBAL_HOOKS):
+    if global_hooks():
         raise TraceFailure("global forward hooks are registered (torch.nn.modules.module.register_module_forward_hook "
                            "or register_module_forward_pre_hook): they run around every module call and may change "
                            "what it computes, which a trace does not record; remove them (handle.remove()) to map it")

@@ -24,7 +24,7 @@ from torch import nn
 
 from ..groups import GroupElement
 from .._errors import UnsupportedModelError
-from ..models import GLOBAL_HOOKS, ModelKind, eval_mode, has_layout, hf, hooked, model_kind
+from ..models import ModelKind, eval_mode, global_hooks, has_layout, hf, hooked, model_kind
 from ._sites import Observation, Site, SymmetryMap
 
 
@@ -224,7 +224,7 @@ def _refuse_hooks(model: nn.Module) -> None:
     alias = {id(m): n for n, m in hook_names.items()} if isinstance(hook_names, dict) else {}
     named = list(dict.fromkeys(alias.get(id(m), n or type(model).__name__)
                                for n, m in model.named_modules(remove_duplicate=False) if hooked(m)))
-    if any(getattr(torch.nn.modules.module, h, None) for h in GLOBAL_HOOKS):
+    if global_hooks():
         named.append("torch's global forward hooks (register_module_forward_hook)")
     if named:
         more = f" and {len(named) - 3} more" if len(named) > 3 else ""

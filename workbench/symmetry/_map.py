@@ -21,7 +21,7 @@ from torch import nn
 
 from .._errors import InvalidOptionError
 from .._offload import served
-from ..models import FORWARD_HOOKS, GLOBAL_HOOKS, hooked
+from ..models import FORWARD_HOOKS, global_hooks, hooked
 from ._backend import backend_for, one_example
 from ._sites import SymmetryMap
 
@@ -62,8 +62,7 @@ def _memo_key(model: nn.Module, example: Optional[torch.Tensor], affine: bool) -
         params.extend((dot + k, id(t), _view(t)) for k, t in m._parameters.items() if t is not None)
         buffers.extend((dot + k, id(t), _view(t)) for k, t in m._buffers.items() if t is not None)
     ex = None if example is None else (tuple(example.shape), example.dtype, example.device)
-    hooks = any(getattr(torch.nn.modules.module, h, None) for h in GLOBAL_HOOKS)
-    return mods, tuple(params + buffers), _values_read(model, walk), ex, affine, hooks
+    return mods, tuple(params + buffers), _values_read(model, walk), ex, affine, global_hooks()
 
 
 def _attr_key(v: Any, seen: Optional[dict] = None, depth: int = 4) -> Any:
@@ -180,7 +179,7 @@ def _structure_key(model: nn.Module, example: Optional[torch.Tensor], affine: bo
     ``affine``. None where something cannot be described that way, and then nothing is cached by structure:
     a ``forward`` set on an instance, a forward hook (this module's or a global one), an attribute that is
     neither plain nor a module (a tensor that is not a buffer, a function, an object)."""
-    if any(getattr(torch.nn.modules.module, h, None) for h in GLOBAL_HOOKS):
+    if global_hooks():
         return None
     seen: dict = {}
     mods = []
