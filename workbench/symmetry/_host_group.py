@@ -44,10 +44,7 @@ def host_element(G, site, elements: dict, gen: torch.Generator):
     implied = implied_host(site, elements)
     if any(not isinstance(start, int) for _, start, *_ in site.embeds):  # channel by channel: no free channel (§8)
         return implied
-    covered = torch.zeros(site.n, dtype=torch.bool)
-    for _, start, count, _ in site.embeds:
-        covered[start:start + count] = True
-    free = torch.nonzero(~covered).flatten()
+    free = torch.nonzero(~carried_mask(site)).flatten()
     f = None
     if len(free):
         f = (G.free_family() if hasattr(G, "free_family") else G.with_n(len(free))).sample(gen)
@@ -66,12 +63,7 @@ def host_element(G, site, elements: dict, gen: torch.Generator):
 def carries(site, element, implied) -> bool:
     """Whether a host site's ``element`` is ``implied`` (its carried sites' elements, :func:`implied_host`) on the
     rows and columns of every channel it carries (all of them for a layout carried channel by channel, §8)."""
-    if all(isinstance(start, int) for _, start, *_ in site.embeds):
-        carried = torch.zeros(site.n, dtype=torch.bool)
-        for _, start, count, _ in site.embeds:
-            carried[start:start + count] = True
-    else:
-        carried = torch.ones(site.n, dtype=torch.bool)
+    carried = carried_mask(site)
     if isinstance(implied, ScaledPermutation) and isinstance(element, ScaledPermutation):
         # Without matrices (a DenseNet host has ~1000 channels): the implied element maps the carried channels
         # onto themselves, so a permutation equal to it on those rows has them as its columns too.
@@ -128,6 +120,16 @@ def _implied_layout_host(site, elements: dict):
     for hosts, chans, e, _ in blocks:
         M[hosts.unsqueeze(1), hosts.unsqueeze(0)] = e.matrix()[chans.unsqueeze(1), chans.unsqueeze(0)]
     return Dense(M, site.group.phi, site.group.name)
+
+
+def carried_mask(site) -> torch.Tensor:
+    """``[n]`` bool: the host channels its embeds cover (every channel of a layout carried channel by channel, §8)."""
+    if any(not isinstance(start, int) for _, start, *_ in site.embeds):
+        return torch.ones(site.n, dtype=torch.bool)
+    mask = torch.zeros(site.n, dtype=torch.bool)
+    for _, start, count, _ in site.embeds:
+        mask[start:start + count] = True
+    return mask
 
 
 def carried_width(host) -> int:
