@@ -52,8 +52,9 @@ def eager_experts(config, dtype: torch.dtype) -> None:
     experts loads with (``PreTrainedModel.get_correct_experts_implementation``), computes in float32, bfloat16 or float16
     only ("Expected mat_a to be Float32, BFloat16 or Float16 matrix, got Double"), as do the GPU kernels; the float64
     copies workbench measures on (the rotary pairs, verify's floor, ``verify(dtype=torch.float64)``) would fail inside
-    transformers. ``eager`` computes the same function one expert at a time (tests/test_hf_mixtral.py's own forward);
-    a copy in the model's own dtype keeps the model's implementation."""
+    transformers. ``eager`` computes the same function one expert at a time (tests/test_hf_mixtral.py's own forward).
+    A copy in float32 or lower keeps the model's implementation (a float32 model's transformed model runs grouped_mm as
+    the model does); a float64 model's runs ``eager``, the model's own grouped_mm being unable to run in float64."""
     if dtype != torch.float64:
         return
 
