@@ -67,6 +67,25 @@ def test_alpha_outside_0_1_is_refused_not_a_privileged_verdict_for_p_of_0_8():
             privileged_basis_test(X, y, bases=["orthogonal"], n_bases=9, alpha=alpha)
 
 
+def test_a_family_asked_for_twice_is_refused_not_merged_into_one_comparison():
+    """``group="relu"`` (the scaled permutations) with ``bases=["orthogonal", "scaled_permutation"]`` gave one
+    scaled-permutation comparison, role "architecture", where two were asked for (random and architecture), and
+    ``bases=["orthogonal", "orthogonal"]`` one orthogonal comparison: the families are keyed by name, and a family's
+    bases come from its own stream of the seed (the same bases both times). Both are refused, naming the family; the
+    family once, in either role, is one comparison as before."""
+    from workbench.groups import get_group
+
+    X, y = _data()
+    with pytest.raises(wb.InvalidOptionError, match="'scaled_permutation' family, which bases names too"):
+        privileged_basis_test(X, y, bases=["orthogonal", "scaled_permutation"], group="relu", n_bases=9)
+    with pytest.raises(wb.InvalidOptionError, match="'orthogonal' twice"):
+        privileged_basis_test(X, y, bases=["orthogonal", get_group("orthogonal", 6)], n_bases=9)
+    once = privileged_basis_test(X, y, bases=["orthogonal"], group="relu", n_bases=9)
+    assert once.to_frame().family.tolist() == ["orthogonal", "scaled_permutation"]
+    assert privileged_basis_test(X, y, bases=["orthogonal", "scaled_permutation"], n_bases=9).to_frame().family.tolist() \
+        == ["orthogonal", "scaled_permutation"]
+
+
 def test_a_custom_statistic_of_the_wrong_length_or_nan_is_refused():
     X, y = _data()
     # three numbers for one concept were taken as three concepts' values (and the extra ones dropped)

@@ -118,6 +118,12 @@ def cancelling_llama(c: float = 1000.0):
 
     model = random_model("LlamaForCausalLM", "LlamaConfig", dict(DECODER, tie_word_embeddings=False), 0)
     x = torch.tensor([[3, 7, 11, 19, 23, 29], [5, 13, 17, 31, 37, 41]])
+    return cancelled(model, x, c), x
+
+
+def cancelled(model, x, c: float = 1000.0):
+    """``model`` (a decoder with its own ``lm_head``) with its head given the cancelling direction ``c``·v of
+    ``cancelling_llama`` at the first input of ``x``'s last position, in place."""
     seen = []
     hook = model.model.norm.register_forward_hook(lambda m, a, out: seen.append(out.detach()))
     with torch.no_grad():
@@ -130,7 +136,7 @@ def cancelling_llama(c: float = 1000.0):
     signs = torch.randint(0, 2, (model.lm_head.weight.shape[0], 1), generator=g).double() * 2 - 1
     with torch.no_grad():
         model.lm_head.weight += c * signs * (v / v.norm())
-    return model, x
+    return model
 
 
 def test_a_float64_models_floor_is_judged_per_output_unit():

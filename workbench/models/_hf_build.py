@@ -28,6 +28,7 @@ def blank(model: nn.Module, dtype: torch.dtype, untie: bool = False) -> nn.Modul
 
     hf = hf_model(model)
     config = copy.deepcopy(hf.config)
+    eager_experts(config, dtype)
     if untie and getattr(config, "tie_word_embeddings", False):
         config.tie_word_embeddings = False
     buffers = {k.replace("._original_component", ""): b for k, b in hf.named_buffers()}
@@ -43,6 +44,28 @@ def blank(model: nn.Module, dtype: torch.dtype, untie: bool = False) -> nn.Modul
                 b.copy_(buffers[name])
     copy_rope_state(hf, fresh)
     return fresh.train(model.training)
+
+
+def eager_experts(config, dtype: torch.dtype) -> None:
+    """A copy in ``dtype`` whose ``config`` (the copy's own, never the model's) names an experts implementation other
+    than Hugging Face's ``eager`` runs ``eager`` where ``dtype`` is float64. ``grouped_mm``, the default a mixture of
+    experts loads with (``PreTrainedModel.get_correct_experts_implementation``), computes in float32, bfloat16 or float16
+    only ("Expected mat_a to be Float32, BFloat16 or Float16 matrix, got Double"), as do the GPU kernels; the float64
+    copies workbench measures on (the rotary pairs, verify's floor, ``verify(dtype=torch.float64)``) would fail inside
+    transformers. ``eager`` computes the same function one expert at a time (tests/test_hf_mixtral.py's own forward).
+    A copy in float32 or lower keeps the model's implementation (a float32 model's transformed model runs grouped_mm as
+    the model does); a float64 model's runs ``eager``, the model's own grouped_mm being unable to run in float64."""
+    if dtype != torch.float64:
+        return
+
+    def named(c):  # the config's and its sub-configs' (a composite model's text config holds its experts')
+        yield getattr(c, "_experts_implementation", None)
+        for key in getattr(c, "sub_configs", {}) or {}:
+            if getattr(c, key, None) is not None:
+                yield from named(getattr(c, key))
+
+    if any(impl not in (None, "eager") for impl in named(config)):
+        config._experts_implementation = "eager"  # (transformers' setter sets the sub-configs' too)
 
 
 # What a Hugging Face dynamic rotary embedding changes on itself in a forward besides its inv_freq buffer (read by

@@ -348,9 +348,23 @@ def privileged_basis_test(acts, concepts, bases: Sequence = ("orthogonal", "gl")
         big = torch.where(big > 0, big, torch.ones((), dtype=X.dtype))
         sd = (X / big).std(0, unbiased=False)
         X = X / big / torch.where(sd > 0, sd, torch.ones((), dtype=X.dtype))
-    families = {g.name: (g, "random") for g in resolve_bases(bases, X.shape[1])}
+    # One comparison per family name (the report keys its nulls and roles by it): a family named twice, or the layer's own
+    # group also among the random families, was merged into one without a word, and the report showed one comparison
+    # where two were asked for (the same bases in both: a family's bases come from its own stream of the seed)
+    families: dict = {}
+    for g in resolve_bases(bases, X.shape[1]):
+        if g.name in families:
+            raise InvalidOptionError(f"bases names the family {g.name!r} twice; each family is compared once (the same "
+                                     f"seed draws the same bases): name it once.")
+        families[g.name] = (g, "random")
     if group is not None:
         own = resolve_group(group, X.shape[1])
+        if own.name in families:
+            raise InvalidOptionError(
+                f"group={group if isinstance(group, str) else own.name!r} is the {own.name!r} family, which bases "
+                f"names too; each family is compared once (the same seed draws the same bases in both), so the test "
+                f"would make one comparison where two were asked for. Drop {own.name!r} from bases (group= compares "
+                f"against it as the layer's own family, role 'architecture'), or drop group=.")
         families[own.name] = (own, "architecture")
     if not families:
         raise InvalidOptionError("no basis family to compare the neuron basis with: pass bases=['orthogonal'] (or "

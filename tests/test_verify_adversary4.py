@@ -1,0 +1,78 @@
+"""Adversarial checks of wb.verify, fourth round: a model returning other fields beside its outputs (a mixture's
+load-balancing loss, ``output_router_logits=True``) is judged on its outputs and on those fields, never on a field
+instead of its outputs.
+
+Every answer is checked directly: both models run here and compared, never by asking verify.
+"""
+import copy
+
+import pytest
+import torch
+
+import workbench as wb
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+pytest.importorskip("transformers")
+pytest.importorskip("transformer_lens.model_bridge")
+
+X = torch.tensor([[3, 7, 11, 19, 23, 29], [5, 13, 17, 31, 37, 41]])
+
+
+def moved(model, other, x=X):
+    """(largest change of the log-probabilities relative to their position's largest, relative change of aux_loss),
+    computed here."""
+    with torch.no_grad():
+        a, b = model(x), other(x)
+    la, lb = a.logits.log_softmax(-1), b.logits.log_softmax(-1)
+    per = (la - lb).abs() / la.abs().amax(-1, keepdim=True)
+    return float(per.max()), float(abs(a.aux_loss - b.aux_loss) / a.aux_loss)
+
+
+def test_a_field_beside_the_outputs_never_answers_for_them():
+    """A float64 Mixtral returning its aux_loss, its head given a cancelling direction (test_verify_adversary3's: the
+    float32 rounding of its RMSNorms raises verify's tolerance to 4e-5), the second router's row 2 scaled by 1 + 1e-3
+    after an exact draw: log-probabilities 1.5e-3 away at one position (relative to its largest), aux_loss 1.5e-5
+    (computed here). aux_loss, beyond its own 8
+    float32 units, replaced the log-probabilities as what was compared, and at the raised 4e-5 verify said PASS with
+    the logits never compared. The log-probabilities are now compared whatever the other fields say, and FAIL."""
+    from test_hf_mixtral import build
+    from test_verify_adversary3 import cancelled
+    from test_verify_routing import sparse
+
+    model = cancelled(build(seed=0), X)
+    model.config.output_router_logits = True
+    new, t = wb.random_intertwiner(model, seed=0, sites=["blocks.0.attn.ov.0"])
+    report = wb.verify(model, new, X, t)
+    assert report.passed, report.summary()
+    wrong = copy.deepcopy(new)
+    with torch.no_grad():
+        sparse(wrong)[1].gate.weight[2] *= 1 + 1e-3
+    logp, aux = moved(model, wrong)
+    assert logp > 1e-3 and 1e-6 < aux < 1e-4
+    report = wb.verify(model, wrong, X, t)
+    assert report.tolerance > aux, report.summary()  # (aux_loss alone would pass at the raised tolerance)
+    assert not report.passed and report.compared == "log-probabilities", report.summary()
+    assert report.max_rel_diff > 1e-3
+    assert "also beyond their tolerance" not in report.rule  # (aux_loss is within the raised tolerance)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_outputs_head_the_report_where_they_fail_with_another_field(dtype):
+    """Both the log-probabilities (10% away) and aux_loss (0.3%) of a Mixtral whose router row was scaled by 1.2 after an
+    exact draw fail (computed here): the report headed with aux_loss, its rows 1, and showed nothing of the logits. It
+    now heads with the log-probabilities (the model's function, what a researcher asks first) and names aux_loss in the
+    rule; where only aux_loss fails it still heads the report (test_verify_adversary3)."""
+    from test_verify_adversary2 import mixtral_with_aux
+    from test_verify_routing import X, sparse
+
+    model = mixtral_with_aux(k=2).to(dtype)
+    new, t = wb.random_intertwiner(model, seed=1, sites=["resid"])
+    wrong = copy.deepcopy(new)
+    with torch.no_grad():
+        sparse(wrong)[1].gate.weight[2] *= 1.2
+    logp, aux = moved(model, wrong, X)
+    assert logp > 1e-2 and aux > 1e-3
+    report = wb.verify(model, wrong, X, t)
+    assert not report.passed and report.compared == "log-probabilities", report.summary()
+    assert report.max_rel_diff > 1e-2 and report.rows == X.numel()
+    assert "also beyond their tolerance: aux_loss" in report.rule
