@@ -102,12 +102,11 @@ def _build(graph, model_name: str, affine: bool) -> SymmetryMap:
             skipped.append((place, "; ".join(reasons or ["its width is not known"])))
             continue
         use_affine = affine and space.offsets_ok
-        groups = [intertwiner_group(a, n, affine=use_affine) if affine else intertwiner_group(a, n)
-                  for a, _, _ in space.activations]
+        groups = [_activation_group(a, n, use_affine if affine else None) for a, _, _ in space.activations]
         if use_affine and len({g.centre or 0.0 for g in groups}) > 1:
             # One site has one offset c(M) = σ(0)(1 − φ(M)·1), which every reader's bias takes; sigmoid (σ(0) = ½)
             # and tanh (c = 0) on one space would each need their own, so only the linear group holds for both.
-            groups = [intertwiner_group(a, n) for a, _, _ in space.activations]
+            groups = [_activation_group(a, n, None) for a, _, _ in space.activations]
             notes.append(f"affine extension off: activations with different σ(0) share it ({sorted(kinds)}), and "
                          f"the readers' biases can absorb one offset c(M) = σ(0)(1 − φ(M)·1), not one per activation")
         if len({g.phi for g in groups}) > 1:
@@ -245,7 +244,22 @@ def _parents_first(graph) -> list:
     return order
 
 
+def _activation_group(act, n: int, affine: Optional[bool]):
+    """The group of one activation on ``n`` units (``affine``: None for the linear group, else the affine extension's
+    flag as the catalogue takes it); a PReLU whose slopes the site carries (``_graph_scales.CarriedSlopes``): P·D₊."""
+    from ..groups import intertwiner_group
+    from ._graph_scales import CarriedSlopes
+
+    if isinstance(act, CarriedSlopes):
+        return act.group(n)  # σ(0) = 0: the affine extension adds nothing
+    return intertwiner_group(act, n) if affine is None else intertwiner_group(act, n, affine=affine)
+
+
 def _act_label(act) -> str:
+    from ._graph_scales import CarriedSlopes
+
+    if isinstance(act, CarriedSlopes):
+        return "PReLU"
     if isinstance(act, nn.Module):
         return type(act).__name__
     if isinstance(act, functools.partial):  # a functional call with its arguments: "leaky_relu(negative_slope=0.2)"
