@@ -357,6 +357,10 @@ class Graph(TensorOps):
             return attention(self, node, m, x, name)
         if type(m).__name__ == "PatchMerging" and is_leaf(m):
             return patch_merging(self, node, m, x, name)
+        from ._graph_grn import grn, is_grn
+
+        if is_grn(m):
+            return grn(self, node, m, x, name)
         if is_leaf(m) and not self.is_activation(m):
             return layer_norm(self, node, m, x, name)
         if isinstance(m, _CONV) and m.groups > 1 and not self.last(x):

@@ -16,6 +16,7 @@ from ._graph_stream import (CONSTRAINTS as STREAM_CONSTRAINTS, CONVNEXT_NOTE, LN
 from ._channel_families import grouped
 from ._graph_vision import COUPLER_NOTE, CONSTRAINTS as VISION_CONSTRAINTS
 from ._graph_groupnorm import CONSTRAINTS as GROUPNORM_CONSTRAINTS, site_group as group_norm_group
+from ._graph_grn import CONSTRAINTS as GRN_CONSTRAINTS
 from ._sites import Observation, Port, Site, SymmetryMap
 
 def is_activation(obj: Any) -> bool:
@@ -127,7 +128,8 @@ def _build(graph, model_name: str, affine: bool) -> SymmetryMap:
         for kind, node in space.constraints:
             if kind == "max_pool" and graph.info[node].level == "post" and _phi_positive(group.phi):
                 continue  # φ(M) = abs(M) or an even power is already a positive scaled permutation
-            allowed, why = {**CONSTRAINTS, **VISION_CONSTRAINTS, **STREAM_CONSTRAINTS, **GROUPNORM_CONSTRAINTS}[kind]
+            allowed, why = {**CONSTRAINTS, **VISION_CONSTRAINTS, **STREAM_CONSTRAINTS, **GROUPNORM_CONSTRAINTS,
+                            **GRN_CONSTRAINTS}[kind]
             if kind == "mixed_levels":
                 if group.phi == "identity":
                     continue
