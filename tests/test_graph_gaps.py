@@ -45,12 +45,12 @@ def timm_convnext(name):
     return randomised(timm.create_model(name, pretrained=False, num_classes=10))
 
 
-# name -> (sites, skipped, stream widths, GELU sites); convnextv2's GRN leaves its MLP hidden spaces skipped
+# name -> (sites, skipped, stream widths, GELU sites); convnextv2's MLP hidden spaces pass its GRN (tests/test_graph_grn.py)
 TIMM_CONVNEXTS = {
     "test_convnext": (13, 1, [24, 32, 48, 64], 9),
     "convnext_atto": (16, 1, [40, 80, 160, 320], 12),
     "convnext_zepto_rms": (14, 1, [32, 64, 128, 256], 10),
-    "convnextv2_atto": (4, 61, [40, 80, 160, 320], 0),
+    "convnextv2_atto": (16, 1, [40, 80, 160, 320], 12),
 }
 
 

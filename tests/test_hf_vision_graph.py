@@ -57,7 +57,7 @@ FAMILIES = {
 def lively(model, seed: int = 0):
     """Every parameter and BatchNorm statistic of ``model`` random in float64, in place: convolutions and Linears
     torch's default init (Hugging Face's N(0, 0.02) leaves a deep net's logits constant), BatchNorm statistics and
-    affine parts and LayerNorm gains around 1, biases N(0, 0.1²), layer scales U(0.5, 1.5)."""
+    affine parts and LayerNorm gains around 1, biases N(0, 0.1²), layer scales and ConvNeXt V2's GRN γ, β U(0.5, 1.5)."""
     torch.manual_seed(seed)
     norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
     with torch.no_grad():
@@ -77,9 +77,9 @@ def lively(model, seed: int = 0):
             if isinstance(m, nn.LayerNorm):
                 m.weight.uniform_(0.5, 1.5)
                 m.bias.normal_(0, 0.1)
-            for name, p in m.named_parameters(recurse=False):
-                if "layer_scale" in name or "grn" in name:
-                    p.uniform_(0.5, 1.5)
+        for name, p in model.named_parameters():  # (full names: a GRN's own are "weight" and "bias")
+            if "layer_scale" in name or ".grn." in name:
+                p.uniform_(0.5, 1.5)
     return model
 
 
@@ -207,18 +207,29 @@ def test_convnext_channels_first_layernorm_is_read_on_axis_1(models):
     assert rel(logits(by_hand), logits(model)) <= TOL
 
 
-def test_convnext_v2_grn_is_a_skipped_place_and_its_streams_are_exact():
-    """ConvNeXt V2's GRN (x·‖x‖/mean‖x‖ over channels, then a gain and bias) is not a rule here: the MLP's hidden
-    spaces are skipped places naming it, never moved; the stream sites are exact."""
+def test_convnext_v2_grn_moves_with_the_mlp_hidden_space():
+    """ConvNeXt V2's GRN (``ConvNextV2GRN``, channels last: x + γ·x·‖x‖/mean‖x‖ + β) reads the MLP's hidden space and
+    stays in it: after GELU that space is a permutation site with γ and β permuted (docs/DERIVATIONS.md §4, GRN; was a
+    skipped place: 4 sites, 37 places). γ and β random (a fresh GRN's zeros make it the identity)."""
     model = lively(transformers.ConvNextV2ForImageClassification(transformers.ConvNextV2Config(**FAMILIES["convnext"][2]))
                    .to(F64))
     smap = wb.symmetry_map(model, example=PIXELS)
-    assert counts(smap) == {"permutation_with_sign": 4}
-    assert any("linalg_vector_norm" in why for _, why in smap.skipped)
-    assert not any(s.name.endswith("pwconv1") for s in smap)
+    assert counts(smap) == {"permutation_with_sign": 4, "permutation": 4}
+    assert [r for _, r in smap.skipped] == ["the model's output"]
+    hidden = [s for s in smap if s.name.endswith("pwconv1")]
+    assert len(hidden) == 4 and all({f"{s.name[:-len('pwconv1')]}grn.{a}" for a in ("weight", "bias")}
+                                    <= {p.name for p in s.writers} for s in hidden)
     new, t = wb.random_intertwiner(model, seed=1, example=PIXELS)
     assert rel(logits(new), logits(model)) <= TOL
     assert wb.verify(model, new, PIXELS, transform=t).passed
+    layer = model.convnextv2.encoder.stages[0].layers[0]
+    assert torch.equal(new.convnextv2.encoder.stages[0].layers[0].grn.weight,
+                       layer.grn.weight[..., t.elements[hidden[0].name].perm])
+    for attr in ("weight", "bias"):  # γ or β left in place
+        kept = copy.deepcopy(new)
+        with torch.no_grad():
+            getattr(kept.convnextv2.encoder.stages[0].layers[0].grn, attr).copy_(getattr(layer.grn, attr))
+        assert rel(logits(kept), logits(model)) > FAIL
 
 
 def test_base_model_output_and_model_output_types(models):

@@ -341,8 +341,11 @@ def test_a_batchnorm_after_a_nonlinearity_moves_by_phi():
     assert same_function(model, new, torch.randn(8, 3, dtype=F64)) < 1e-10
 
 
-def test_when_nothing_but_the_identity_is_left_the_site_is_skipped():
-    class Shifted(nn.Module):  # per-channel PReLU slopes forbid permutations, the constant forbids scalings
+def test_a_per_channel_prelu_meeting_a_constant_keeps_permutations_with_its_slopes():
+    """Per-channel PReLU slopes move with the permutation (P·D₊ with a ↦ P·a), and the constant added after it keeps
+    only maps with M·1 = 1: permutations, the slopes permuted. (Before the slopes were carried this site met D₊ with
+    the constant and was skipped as the identity.)"""
+    class Shifted(nn.Module):
         def __init__(self):
             super().__init__()
             self.a, self.act, self.b = nn.Linear(3, 4), nn.PReLU(4), nn.Linear(4, 2)
@@ -352,11 +355,15 @@ def test_when_nothing_but_the_identity_is_left_the_site_is_skipped():
         def forward(self, x):
             return self.b(self.act(self.a(x)) + 1.0)
 
-    model = randomise(Shifted()).double()
+    model, x = randomise(Shifted()).double(), torch.randn(8, 3, dtype=F64)
     smap = wb.symmetry_map(model)
-    assert "act" not in smap.names and "no map but the identity" in dict(smap.skipped)["a"]
-    new, _ = wb.random_intertwiner(model, seed=0)
-    assert same_function(model, new, torch.randn(8, 3, dtype=F64)) < 1e-10
+    assert smap["act"].group.name == "permutation" and "act.weight" in {p.name for p in smap["act"].writers}
+    new, t = wb.random_intertwiner(model, seed=0)
+    perm = t.elements["act"].perm
+    assert not torch.equal(perm, torch.arange(4)) and torch.equal(new.act.weight, model.act.weight[perm])
+    assert same_function(model, new, x) < 1e-10
+    scaled = wb.random_intertwiner(model, seed=0, group="scaled_permutation", allow_non_symmetry=True)[0]
+    assert same_function(model, scaled, x) > 1e-3  # the constant is not scaled along
 
 
 # ------------------------------------------------------------------ 5. shared parameters

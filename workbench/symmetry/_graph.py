@@ -154,6 +154,7 @@ class Graph(TensorOps):
         # get_attr of a per-channel scale (layer scale) used in products, and views of it → (its name, the parameter)
         self.scales: dict[fx.Node, tuple[str, torch.Tensor]] = {}
         self.filters: dict[fx.Node, tuple[str, torch.Tensor]] = {}  # get_attr of a fixed depthwise filter (BlurPool)
+        self.slopes: dict[fx.Node, tuple[str, torch.Tensor]] = {}  # get_attr of F.prelu's slopes (_graph_scales)
         self.chunks: dict[fx.Node, list] = {}  # chunk / split of the channels → the layout of each piece
         for node in self.gm.graph.nodes:
             self._visit(node)
@@ -294,7 +295,7 @@ class Graph(TensorOps):
             if self.shape(node) is not None:
                 self.info[node] = TensorInfo(self.new_space("the model's input"), "pre")
         elif node.op == "get_attr":
-            from ._graph_scales import fixed_filter, scale_parameter
+            from ._graph_scales import fixed_filter, scale_parameter, slope_parameter
             from ._graph_stream import table_parameter
 
             from ._graph_reads import value_readers
@@ -307,6 +308,7 @@ class Graph(TensorOps):
             if table_parameter(self, node, _attr(self.model, node.target)) or \
                     scale_parameter(self, node, _attr(self.model, node.target)) or \
                     fixed_filter(self, node, _attr(self.model, node.target)) or \
+                    slope_parameter(self, node, _attr(self.model, node.target)) or \
                     group_norm_parameter(self, node, _attr(self.model, node.target)) or batch_norm_parameter(self, node):
                 return
             sid = self.new_space(f"parameter {node.target!r} used directly in forward")
@@ -355,6 +357,10 @@ class Graph(TensorOps):
             return attention(self, node, m, x, name)
         if type(m).__name__ == "PatchMerging" and is_leaf(m):
             return patch_merging(self, node, m, x, name)
+        from ._graph_grn import grn, is_grn
+
+        if is_grn(m):
+            return grn(self, node, m, x, name)
         if is_leaf(m) and not self.is_activation(m):
             return layer_norm(self, node, m, x, name)
         if isinstance(m, _CONV) and m.groups > 1 and not self.last(x):
@@ -402,11 +408,10 @@ class Graph(TensorOps):
         if isinstance(m, _PASS):
             self._out(node, x)
             self._carry_token(node, x)
-        elif isinstance(m, nn.PReLU) and m.num_parameters > 1 and self.last(x):
-            # nn.PReLU reads its slopes along axis 1, which holds positions here: each position has its own slope,
-            # which the catalogue's per-channel group (D₊ on the channels) does not describe
-            self._fresh(node, f"{name} (PReLU with {m.num_parameters} slopes) applies them along axis 1 of its input, "
-                              f"but this tensor's channels are on its last axis (axis 1 holds positions)")
+        elif isinstance(m, nn.PReLU) and m.num_parameters > 1:  # its slopes move with the channels (_graph_scales)
+            from ._graph_scales import carried_slopes
+
+            return carried_slopes(self, node, x, f"{name}.weight", m.weight, self._place(name), name)
         elif self.is_activation(m):
             self._activation(node, x, m, name)
             if getattr(m, "inplace", False):

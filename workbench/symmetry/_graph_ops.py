@@ -100,6 +100,14 @@ class TensorOps:
 
             if _conv_call(node).get("weight") in self.filters:
                 return fixed_depthwise(self, node, args[0])  # timm's BlurPool2d: a fixed filter per channel
+        if fn is torch.prelu and args:
+            if len(node.args) == 2 and node.args[1] in self.slopes and self._val(node.args[0]) is args[0]:
+                from ._graph_scales import functional_prelu
+
+                return functional_prelu(self, node, args[0])  # F.prelu(x, a), a one of the model's tensors
+            return self._fresh(node, "F.prelu with slopes that are not a 1-D floating tensor of the model read only as "
+                                     "F.prelu's slopes (computed in forward, a constant, or read elsewhere too): no "
+                                     "transform can carry them")
         if fname in ("cat", "concat", "concatenate"):
             from ._graph_vision import concatenate
 

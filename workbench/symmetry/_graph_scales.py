@@ -18,6 +18,12 @@ container), every use of which is the weight of ``F.conv1d/2d/3d(x, k, groups=C)
 ``BlurPool2d``: ``F.conv2d(F.pad(x, …, mode="reflect"), self.filt, stride=2, groups=C)``). Per channel
 ``y_c = k_c ⋆ x_c``, so x moving by D·P passes with ``k ↦ P·k`` (``k_π(c) ⋆ d_c·x_π(c) = d_c·y_π(c)``): a port of x's
 site moved by the permutation part on axis 0; a map mixing channels does not, for filters that differ.
+
+*PReLU slopes* (``nn.PReLU(C)``, or ``F.prelu(x, a)`` with ``a`` a parameter or buffer of the model, ``[C]``, read only by
+such calls): ``y_c = max(0, x_c) + a_c·min(0, x_c)`` on axis 1. Each channel is positively homogeneous, and a channel
+permutation passes when the slopes follow it: ``PReLU_{P·a}(D·P·x) = D·P·PReLU_a(x)`` for D positive diagonal (docs/
+DERIVATIONS.md §3, PReLU). So the site's group is P·D₊ (φ = identity), with ``a ↦ P·a`` a port of the site moved by
+the permutation part. A single functional slope (``a`` of one element) takes the same group with nothing to move.
 """
 from __future__ import annotations
 
@@ -25,6 +31,8 @@ import operator
 
 import torch
 from torch import fx, nn
+
+from ..groups import get_group
 
 _PRODUCTS = (operator.mul, torch.mul)
 _VIEWS = ("view", "reshape")
@@ -136,3 +144,60 @@ def fixed_depthwise(graph, node: fx.Node, x: fx.Node) -> None:
     sp.ports.append(("writer", param_port(target, "perm", 0), x))
     graph.record_use(f"{target}@{node.name}", target, value, graph.info[x].space, None, node, x, mode="scale")
     graph._out(node, x)
+
+
+# ---------------------------------------------------------------------- PReLU slopes (module docstring)
+class CarriedSlopes:
+    """A per-channel PReLU whose slopes move with its site's permutation: what ``Space.activations`` holds for it
+    (the catalogue's group for the activation alone, its slopes fixed, is D₊: no permutation)."""
+
+    def __init__(self, label: str):
+        self.label = label
+
+    def group(self, n: int):
+        G = get_group("scaled_permutation", n)
+        G.source, G.activation = "catalogue", f"{self.label}, slopes permuted with the channels"
+        return G
+
+
+def carried_slopes(graph, node: fx.Node, x: fx.Node, target: str, value: torch.Tensor, place: str, label: str) -> bool:
+    """A PReLU applying ``value`` (``target``, one slope per channel or one in all) along axis 1 of ``x``: the activation
+    rule, with the slopes a port of x's site moved by the permutation part. False (``node`` made fresh) where axis 1
+    is not x's channels one by one, or the rule refused the activation."""
+    from ._graph_stream import param_port
+
+    xs = graph.shape(x) or ()
+    if value.numel() > 1 and (graph.last(x) or len(xs) < 2 or graph.info[x].block != 1 or xs[1] != value.numel()):
+        # nn.PReLU reads its slopes along axis 1: positions here, or a flattened channel's features
+        graph._fresh(node, f"{label}: a PReLU with {value.numel()} slopes applies them along axis 1 of its input, but axis "
+                           f"1 of this tensor (shape {tuple(xs)}) is not its channels one by one (channels last, or "
+                           f"flattened)")
+        return False
+    graph._activation(node, x, CarriedSlopes(label), label)
+    if node not in graph.info or graph.find(graph.info[node].space) != graph.find(graph.info[x].space):
+        return False  # refused (two nonlinearities in a row): frozen, nothing moves
+    if value.numel() > 1:
+        graph.space(x).ports.append(("writer", param_port(target, "perm", 0), x))
+        graph.record_use(place, target, value, graph.info[x].space, None, node, x, mode="scale")
+    return True
+
+
+def slope_parameter(graph, node: fx.Node, value) -> bool:
+    """``get_attr`` of a floating tensor of the model, 1-D, every value read of which is the weight of an ``F.prelu``
+    call on another tensor: remembered, for :func:`functional_prelu`."""
+    from ._graph_reads import value_readers
+
+    if not (isinstance(value, torch.Tensor) and value.is_floating_point() and value.ndim == 1):
+        return False
+    users = value_readers(node)
+    if not users or not all(u.op == "call_function" and u.target is torch.prelu and not u.kwargs and len(u.args) == 2
+                            and u.args[1] is node and u.args[0] is not node for u in users):
+        return False
+    graph.slopes[node] = (node.target, value)
+    return True
+
+
+def functional_prelu(graph, node: fx.Node, x: fx.Node) -> None:
+    """``F.prelu(x, a)`` with ``a`` remembered by :func:`slope_parameter`: the PReLU rule (:func:`carried_slopes`)."""
+    target, value = graph.slopes[node.args[1]]
+    carried_slopes(graph, node, x, target, value, f"{target}@{node.name}", f"prelu({target})")

@@ -16,6 +16,7 @@ from ._graph_stream import (CONSTRAINTS as STREAM_CONSTRAINTS, CONVNEXT_NOTE, LN
 from ._channel_families import grouped
 from ._graph_vision import COUPLER_NOTE, CONSTRAINTS as VISION_CONSTRAINTS
 from ._graph_groupnorm import CONSTRAINTS as GROUPNORM_CONSTRAINTS, site_group as group_norm_group
+from ._graph_grn import CONSTRAINTS as GRN_CONSTRAINTS
 from ._sites import Observation, Port, Site, SymmetryMap
 
 def is_activation(obj: Any) -> bool:
@@ -102,12 +103,11 @@ def _build(graph, model_name: str, affine: bool) -> SymmetryMap:
             skipped.append((place, "; ".join(reasons or ["its width is not known"])))
             continue
         use_affine = affine and space.offsets_ok
-        groups = [intertwiner_group(a, n, affine=use_affine) if affine else intertwiner_group(a, n)
-                  for a, _, _ in space.activations]
+        groups = [_activation_group(a, n, use_affine if affine else None) for a, _, _ in space.activations]
         if use_affine and len({g.centre or 0.0 for g in groups}) > 1:
             # One site has one offset c(M) = σ(0)(1 − φ(M)·1), which every reader's bias takes; sigmoid (σ(0) = ½)
             # and tanh (c = 0) on one space would each need their own, so only the linear group holds for both.
-            groups = [intertwiner_group(a, n) for a, _, _ in space.activations]
+            groups = [_activation_group(a, n, None) for a, _, _ in space.activations]
             notes.append(f"affine extension off: activations with different σ(0) share it ({sorted(kinds)}), and "
                          f"the readers' biases can absorb one offset c(M) = σ(0)(1 − φ(M)·1), not one per activation")
         if len({g.phi for g in groups}) > 1:
@@ -128,7 +128,8 @@ def _build(graph, model_name: str, affine: bool) -> SymmetryMap:
         for kind, node in space.constraints:
             if kind == "max_pool" and graph.info[node].level == "post" and _phi_positive(group.phi):
                 continue  # φ(M) = abs(M) or an even power is already a positive scaled permutation
-            allowed, why = {**CONSTRAINTS, **VISION_CONSTRAINTS, **STREAM_CONSTRAINTS, **GROUPNORM_CONSTRAINTS}[kind]
+            allowed, why = {**CONSTRAINTS, **VISION_CONSTRAINTS, **STREAM_CONSTRAINTS, **GROUPNORM_CONSTRAINTS,
+                            **GRN_CONSTRAINTS}[kind]
             if kind == "mixed_levels":
                 if group.phi == "identity":
                     continue
@@ -245,7 +246,22 @@ def _parents_first(graph) -> list:
     return order
 
 
+def _activation_group(act, n: int, affine: Optional[bool]):
+    """The group of one activation on ``n`` units (``affine``: None for the linear group, else the affine extension's
+    flag as the catalogue takes it); a PReLU whose slopes the site carries (``_graph_scales.CarriedSlopes``): P·D₊."""
+    from ..groups import intertwiner_group
+    from ._graph_scales import CarriedSlopes
+
+    if isinstance(act, CarriedSlopes):
+        return act.group(n)  # σ(0) = 0: the affine extension adds nothing
+    return intertwiner_group(act, n) if affine is None else intertwiner_group(act, n, affine=affine)
+
+
 def _act_label(act) -> str:
+    from ._graph_scales import CarriedSlopes
+
+    if isinstance(act, CarriedSlopes):
+        return "PReLU"
     if isinstance(act, nn.Module):
         return type(act).__name__
     if isinstance(act, functools.partial):  # a functional call with its arguments: "leaky_relu(negative_slope=0.2)"

@@ -123,9 +123,11 @@ _SWIN = "torchvision.models.swin_transformer."
 
 def is_leaf(m: nn.Module) -> bool:
     """Modules the trace keeps whole: LayerNorms whose forward is known, attention we understand, Swin's patch
-    merging."""
+    merging, ConvNeXt V2's GRN (``_graph_grn``)."""
+    from ._graph_grn import is_grn
+
     q = _qualname(m)
-    return norm_axis(m) is not None or q == _SWIN + "PatchMerging" or is_attention(m)
+    return norm_axis(m) is not None or q == _SWIN + "PatchMerging" or is_attention(m) or is_grn(m)
 
 
 # ---------------------------------------------------------------------- parameter ports
@@ -233,7 +235,7 @@ def table_parameter(graph, node: fx.Node, value) -> bool:
 # Constraints that pass a global sign: a LayerNorm's bias takes it (its gain the permutation part), a depthwise
 # conv's kernel cancels it, a layer scale takes the permutation part. A constant added to every channel, an
 # activation, max pooling do not (the sign would have to be undone somewhere nothing can).
-SIGN_PASSES = {"layernorm", "layernorm_folded", "coupler", "channel_scale", "fixed_depthwise"}
+SIGN_PASSES = {"layernorm", "layernorm_folded", "coupler", "channel_scale", "fixed_depthwise", "grn"}
 
 
 class WithSign(Group):

@@ -67,4 +67,4 @@ def restrict(group: Group, allowed: set[str]) -> Group:
             new.phi = group.phi if name != "gl" else "identity"
             new.source = getattr(group, "source", "family")
             return new
-    return get_group("trivial", group.n)  # nothing is left (a per-channel PReLU's scalings meet a constant)
+    return get_group("trivial", group.n)  # nothing is left (a family without permutations meets one that needs them)
