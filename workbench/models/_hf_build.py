@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ._hf import hf_model, named_config
+from ._hf_check import rope_state
 from ._kind import ModelKind, model_kind
 
 
@@ -45,22 +46,18 @@ def blank(model: nn.Module, dtype: torch.dtype, untie: bool = False) -> nn.Modul
     return fresh.train(model.training)
 
 
-# What a Hugging Face dynamic rotary embedding changes on itself in a forward besides its inv_freq buffer (read by
-# transformers' dynamic_rope_update).
-_ROPE_STATE = ("max_seq_len_cached", "attention_scaling")
-
-
 def copy_rope_state(hf: nn.Module, fresh: nn.Module) -> None:
     """Give ``fresh`` (a new model of ``hf``'s class, its buffers copied from ``hf``) the state a dynamic rotary embedding
-    keeps beside its buffer: how long a sequence its inv_freq was grown for, and the scaling that came with it. The
-    grown inv_freq is copied with the buffers; without the length the fresh model would keep it where the original
-    resets it at the next short input (a Llama with rope_type "dynamic", after a 40-token forward, transformed:
-    log-probabilities on 9 tokens changed by 3e-2)."""
+    keeps beside its buffers (``_hf_check.rope_state``): how long a sequence its inv_freq was grown for, per kind of
+    layer where each kind has its own rotary parameters. The grown inv_freq is copied with the buffers; without the
+    length the fresh model would keep it where the original resets it at the next short input (a Llama with rope_type
+    "dynamic", after a 40-token forward, transformed: log-probabilities on 9 tokens changed by 3e-2), or would grow it
+    again where the original, already grown, does not."""
     own = {n.replace("._original_component", ""): m for n, m in hf.named_modules()}  # a bridge: the wrapped module last
     for name, m in fresh.named_modules():
         name = name.replace("._original_component", "")
-        for attr in _ROPE_STATE:
-            if name in own and attr in vars(own[name]) and attr in vars(m):
+        if name in own:
+            for attr in rope_state(own[name]) & vars(own[name]).keys():
                 value = vars(own[name])[attr]
                 setattr(m, attr, value.clone() if isinstance(value, torch.Tensor) else value)
 
