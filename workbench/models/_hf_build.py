@@ -10,6 +10,7 @@ copies would not follow.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import torch
@@ -60,6 +61,32 @@ def copy_rope_state(hf: nn.Module, fresh: nn.Module) -> None:
             for attr in rope_state(own[name]) & vars(own[name]).keys():
                 value = vars(own[name])[attr]
                 setattr(m, attr, value.clone() if isinstance(value, torch.Tensor) else value)
+
+
+@contextlib.contextmanager
+def rope_state_kept(model: nn.Module):
+    """Every rotary embedding of ``model`` left as it was by a forward run inside (a probe the user did not ask for):
+    a dynamic one grown past max_position_embeddings resets at a short input, and would then compute an input of a
+    length in between with other frequencies (a Llama bridge grown by a 40-token input, after symmetry_map's
+    two-token probe of its hooks: log-probabilities on 20 tokens changed by 6.5e-2). Its ``rope_state`` and its
+    buffers (longrope's inv_freq is written in place) are restored."""
+    saved = []
+    for m in model.modules():
+        names = rope_state(m) & vars(m).keys()
+        if names:
+            saved.append((m, {k: vars(m)[k] for k in names},
+                          {k: (b, b.clone()) for k, b in m._buffers.items() if b is not None}))
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for m, attrs, buffers in saved:
+                for k in (rope_state(m) & vars(m).keys()) - attrs.keys():  # set by the forward inside
+                    delattr(m, k)
+                vars(m).update(attrs)
+                for k, (b, values) in buffers.items():
+                    m._buffers[k] = b
+                    b.copy_(values)
 
 
 def finish(model: nn.Module, fresh: nn.Module) -> nn.Module:
