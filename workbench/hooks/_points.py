@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .._errors import InvalidOptionError, UnknownNameError, nearest
-from ..models import is_transformer_lens
+from ..models import hf_build, is_transformer_lens
 
 NameFilter = Union[None, str, Pattern, Callable[[str], bool], Sequence[Union[str, Pattern, Callable]]]
 
@@ -228,8 +228,8 @@ def _probe_transformer_lens(model: nn.Module, modules: dict[str, nn.Module]) -> 
     try:
         n_ctx = getattr(getattr(model, "cfg", None), "n_ctx", 2) or 2
         tokens = torch.zeros((1, min(2, n_ctx)), dtype=torch.long, device=_device_of(model))
-        with torch.no_grad(), torch.random.fork_rng(devices=[]):
-            model(tokens)
+        with torch.no_grad(), torch.random.fork_rng(devices=[]), hf_build.rope_state_kept(model):
+            model(tokens)  # (a dynamic rotary embedding's growth kept)
     except Exception:  # a model we cannot probe still gets its names; which fire stays unknown
         return None
     finally:

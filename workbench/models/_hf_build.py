@@ -10,12 +10,14 @@ copies would not follow.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import torch
 from torch import nn
 
 from ._hf import hf_model, named_config
+from ._hf_check import rope_state
 from ._kind import ModelKind, model_kind
 
 
@@ -68,24 +70,46 @@ def eager_experts(config, dtype: torch.dtype) -> None:
         config._experts_implementation = "eager"  # (transformers' setter sets the sub-configs' too)
 
 
-# What a Hugging Face dynamic rotary embedding changes on itself in a forward besides its inv_freq buffer (read by
-# transformers' dynamic_rope_update).
-_ROPE_STATE = ("max_seq_len_cached", "attention_scaling")
-
-
 def copy_rope_state(hf: nn.Module, fresh: nn.Module) -> None:
     """Give ``fresh`` (a new model of ``hf``'s class, its buffers copied from ``hf``) the state a dynamic rotary embedding
-    keeps beside its buffer: how long a sequence its inv_freq was grown for, and the scaling that came with it. The
-    grown inv_freq is copied with the buffers; without the length the fresh model would keep it where the original
-    resets it at the next short input (a Llama with rope_type "dynamic", after a 40-token forward, transformed:
-    log-probabilities on 9 tokens changed by 3e-2)."""
+    keeps beside its buffers (``_hf_check.rope_state``): how long a sequence its inv_freq was grown for, per kind of
+    layer where each kind has its own rotary parameters. The grown inv_freq is copied with the buffers; without the
+    length the fresh model would keep it where the original resets it at the next short input (a Llama with rope_type
+    "dynamic", after a 40-token forward, transformed: log-probabilities on 9 tokens changed by 3e-2), or would grow it
+    again where the original, already grown, does not."""
     own = {n.replace("._original_component", ""): m for n, m in hf.named_modules()}  # a bridge: the wrapped module last
     for name, m in fresh.named_modules():
         name = name.replace("._original_component", "")
-        for attr in _ROPE_STATE:
-            if name in own and attr in vars(own[name]) and attr in vars(m):
+        if name in own:
+            for attr in rope_state(own[name]) & vars(own[name]).keys():
                 value = vars(own[name])[attr]
                 setattr(m, attr, value.clone() if isinstance(value, torch.Tensor) else value)
+
+
+@contextlib.contextmanager
+def rope_state_kept(model: nn.Module):
+    """Every rotary embedding of ``model`` left as it was by a forward run inside (a probe the user did not ask for):
+    a dynamic one grown past max_position_embeddings resets at a short input, and would then compute an input of a
+    length in between with other frequencies (a Llama bridge grown by a 40-token input, after symmetry_map's
+    two-token probe of its hooks: log-probabilities on 20 tokens changed by 6.5e-2). Its ``rope_state`` and its
+    buffers (longrope's inv_freq is written in place) are restored."""
+    saved = []
+    for m in model.modules():
+        names = rope_state(m) & vars(m).keys()
+        if names:
+            saved.append((m, {k: vars(m)[k] for k in names},
+                          {k: (b, b.clone()) for k, b in m._buffers.items() if b is not None}))
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for m, attrs, buffers in saved:
+                for k in (rope_state(m) & vars(m).keys()) - attrs.keys():  # set by the forward inside
+                    delattr(m, k)
+                vars(m).update(attrs)
+                for k, (b, values) in buffers.items():
+                    m._buffers[k] = b
+                    b.copy_(values)
 
 
 def finish(model: nn.Module, fresh: nn.Module) -> nn.Module:

@@ -16,11 +16,27 @@ from .._errors import UnsupportedModelError
 from .._offload import foreign_forward, offloaded_modules, offloaded_tensor
 from ._kind import ModelKind, model_kind
 
-# Module attributes that say nothing about what an eval-mode forward computes, or that the forward itself changes (a
-# dynamic rotary embedding's cache length); a config edit of pad_token_id (common before batched generation) changes
-# an embedding's padding_idx, which only masks its gradient.
-STATE = frozenset({"training", "gradient_checkpointing", "max_seq_len_cached", "name_or_path", "kernel_config",
-                    "loss_type", "padding_idx", "p", "inplace"})
+# Module attributes that say nothing about what an eval-mode forward computes; a config edit of pad_token_id (common
+# before batched generation) changes an embedding's padding_idx, which only masks its gradient.
+STATE = frozenset({"training", "gradient_checkpointing", "name_or_path", "kernel_config", "loss_type", "padding_idx", "p",
+                    "inplace"})
+
+
+def rope_state(m: nn.Module) -> frozenset:
+    """The attributes a Hugging Face rotary embedding ``m`` sets on itself in a forward (transformers'
+    ``dynamic_rope_update``): rope_type "dynamic" grows its inv_freq buffer for an input longer than the cached length
+    and sets that length, and resets both at the next input shorter than max_position_embeddings; "longrope" caches its
+    long frequencies. An embedding with rotary parameters per kind of layer (``rope_type`` a dict: OLMo 3, Gemma 3) keeps
+    each kind's under the kind's prefix (``full_attention_max_seq_len_cached``), and its growth also sets an unprefixed
+    ``attention_scaling`` that its forward never reads (it reads ``{kind}_attention_scaling``, built from the config).
+    State, not settings: ``copy_rope_state`` carries them to a transformed model and ``settings`` leaves them out. A
+    one-kind embedding's ``attention_scaling`` is its setting (YaRN's factor, read by its forward): growth sets it to the
+    value it was built with (1 for "dynamic")."""
+    kinds = getattr(m, "rope_type", None)
+    if not isinstance(kinds, dict):
+        return frozenset({"max_seq_len_cached", "long_inv_freq"})
+    return frozenset({"max_seq_len_cached", "long_inv_freq", "attention_scaling"}
+                     | {f"{k}_{a}" for k in kinds for a in ("max_seq_len_cached", "long_inv_freq")})
 
 
 def unrunnable(config) -> Optional[str]:
@@ -62,8 +78,10 @@ def qk_norm_sizes(cfg, entries: dict, names: dict) -> None:
 
 def settings(m: nn.Module) -> dict:
     """What a module took from the configuration when it was built: its plain attributes (a norm's ``eps``, how many
-    dimensions a head rotates, the score scale, whether a block is parallel), without ``STATE``."""
-    return {k: v for k, v in vars(m).items() if not k.startswith("_") and k not in STATE
+    dimensions a head rotates, the score scale, whether a block is parallel), without ``STATE`` or what a rotary
+    embedding's forward sets (``rope_state``)."""
+    skip = STATE | rope_state(m)
+    return {k: v for k, v in vars(m).items() if not k.startswith("_") and k not in skip
             and isinstance(v, (bool, int, float, str, tuple))}  # not None: an empty module slot (OPT's final_layer_norm),
     # which a bridge fills with its own component; a setting that is None on one side only still differs
 
