@@ -117,3 +117,31 @@ def test_the_structure_check_runs_once_per_transform_and_again_on_the_next_call(
         twin = build("gpt2", torch.float64)
         assert _hf.unsupported(model) == _hf.unsupported(model) and _hf.unsupported(twin) is None
         assert [m for m in checked[2:] if m is model] == [model] and [m for m in checked if m is twin] == [twin]
+
+
+def test_the_config_key_is_made_once_per_call_and_sees_an_edit_on_the_next(monkeypatch):
+    """``_hf._config_key`` (a layout's lookup key: the class and the ``repr`` of every config attribute) is made once
+    per config object inside a call, and again on the next call: a config edited between two calls (a norm's eps,
+    which its modules were built with) is read anew and refused as an edit, and a second config of equal contents
+    is its own object."""
+    from workbench.models import _hf
+
+    model = build("gpt2", torch.float64)
+    wb.random_intertwiner(model, seed=0)
+    made = _counted(monkeypatch, _hf, "_config_repr")
+    wb.random_intertwiner(model, seed=1)
+    assert made == [model.config]  # the map, the push, the adapter and the layout: one repr
+    with one_call():
+        before = _hf.config_key(model)
+        model.config.layer_norm_epsilon = 0.5  # an edit inside one call is not read there (no verb edits a config) ...
+        assert _hf.config_key(model) == before
+    after = _hf.config_key(model)  # ... and is read by the next
+    assert after != before and "0.5" in after[2]
+    with pytest.raises(wb.UnsupportedModelError, match="configuration was edited"):
+        wb.random_intertwiner(model, seed=2)
+    model.config.layer_norm_epsilon = 1e-5  # undone: read as before, and the transform is exact again
+    ids = torch.randint(0, 50, (2, 6), generator=torch.Generator().manual_seed(1))
+    out, _ = wb.random_intertwiner(model, seed=3)
+    with torch.no_grad():
+        x, y = model(ids).logits, out(ids).logits
+    assert ((x - y).abs().max() / x.abs().max()).item() < 1e-10

@@ -8,7 +8,6 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Optional
 
-from torch import nn
 
 # What was computed so far in this call (``one_call``): {(what, id(model)): (model, value)}, or None outside one.
 # Never kept across calls: a view is a view of that object's tensors as they are now, and a parameter a
@@ -30,9 +29,9 @@ def one_call():
         _CALL_VIEWS.reset(token)
 
 
-def per_call(model: nn.Module, what: str, compute):
-    """``compute()`` (a function of ``model``'s structure or weights) once per model object and ``what`` inside
-    :func:`one_call`; every time outside one."""
+def per_call(model: object, what: str, compute):
+    """``compute()`` (a function of ``model``'s structure or weights, or of another object's: a Hugging Face
+    config) once per object and ``what`` inside :func:`one_call`; every time outside one."""
     memo = _CALL_VIEWS.get()
     if memo is None:
         return compute()

@@ -255,10 +255,89 @@ _BITS = {torch.float32: (np.uint32, np.uint32(0x7FFFFFFF)), torch.float64: (np.u
 
 
 def _kernels():
-    """The compiled kernels (2-D, 3-D, 1-D, the index check, the |scale| range), or None without numba or with ``WORKBENCH_NUMBA=0``."""
+    """The compiled kernels (2-D, 3-D, 1-D, the index check, the |scale| range, the per-head column gather), or None
+    without numba or with ``WORKBENCH_NUMBA=0``."""
     return compiled(_state, "kernels", f"{__package__}._kernels_numba",
-                    lambda m: (m.gather_scale_2d, m.gather_scale_3d, m.gather_scale_1d, m.index_int32, m.abs_range),
+                    lambda m: (m.gather_scale_2d, m.gather_scale_3d, m.gather_scale_1d, m.index_int32, m.abs_range,
+                               m.gather_headwise_cols),
                     "transforms use torch's gathers")
+
+
+def headwise_cols_into(src: torch.Tensor, out: torch.Tensor, row_perm: Optional[torch.Tensor],
+                       row_scale: Optional[torch.Tensor], col_perms: torch.Tensor, col_scales: Optional[torch.Tensor],
+                       *, memo: Optional[dict] = None) -> bool:
+    """``out[e, i, j] = (src[h, k, col_perms[h, j]] · col_scales[h, j]) · row_scale[e·R + i]`` for ``src`` and ``out``
+    ``[E, R, C]`` (any strides), ``(h, k)`` the source row ``row_perm[e·R + i]`` over the ``E·R`` rows (None: none;
+    either scale None: none), each product rounded to ``out``'s dtype in that order: a per-head move of the columns,
+    then the rows' moves, as applying them one after the other does. One compiled pass (``_kernels_numba.
+    gather_headwise_cols``); False, with nothing written, where it does not run (no numba, not the CPU, a dtype other
+    than float32/float64, an index outside its axis, overlapping tensors): the caller applies the moves in turn.
+    ``memo``: see ``_run_fast``. Why: ``_layout_gathers._gathered_cols``."""
+    kernels = _kernels()
+    if (kernels is None or src.device.type != "cpu" or out.device.type != "cpu" or src.dtype != out.dtype
+            or out.dtype not in _FAST_DTYPES or src.ndim != 3 or src.shape != out.shape or _overlaps(src, out)
+            or tuple(col_perms.shape) != tuple(out.shape[::2]) or (src.requires_grad and torch.is_grad_enabled())):
+        return False
+    E, R, C = out.shape
+    p, r = _prepared(memo, _checked_index, row_perm, E * R), _prepared(memo, _scale, row_scale, out.dtype, E * R)
+    q = _prepared(memo, _checked_columns, col_perms, C)
+    c = None if col_scales is None else _prepared(memo, _scales_2d, col_scales, out.dtype, (E, C))
+    if p is False or r is False or q is False or c is False:
+        return False
+    try:
+        s_np, o_np = src.detach().numpy(), out.detach().numpy()
+        _warm_cols(kernels, s_np, o_np, p, q)
+        kernels[5](s_np, o_np, p, r, q, c)
+    except Exception as exc:  # noqa: BLE001 — as in _run_fast: torch's kernels from now on
+        give_up(_state, "kernels", "the compiled transform kernel", exc, "transforms use torch's gathers")
+        return False
+    return True
+
+
+def _checked_columns(perms: torch.Tensor, n: int):
+    """``[E, C]`` column indices as int32, or False where one lies outside [0, n) (the loop reads unchecked)."""
+    if perms.dtype != torch.long or perms.device.type != "cpu" or perms.ndim != 2:
+        return False
+    index = perms.detach().numpy()
+    if index.size and (int(index.min()) < 0 or int(index.max()) >= n):
+        return False
+    return index.astype(np.int32)
+
+
+def _scales_2d(scales: torch.Tensor, dtype: torch.dtype, shape: tuple):
+    """``[E, C]`` scales in the weight's dtype (rounded as ``_scale`` rounds), or False where the shape differs."""
+    if tuple(scales.shape) != shape:
+        return False
+    scales = scales.detach()
+    if scales.device.type == "cpu" and scales.dtype in _FAST_DTYPES:
+        return np.ascontiguousarray(scales.numpy().astype(_NUMPY[dtype]))
+    return scales.to(device="cpu", dtype=dtype).contiguous().numpy()
+
+
+def _warm_cols(kernels, s_np: np.ndarray, o_np: np.ndarray, p, q) -> None:
+    """``_warm`` for the per-head column loop: its variants for this call's memory layouts (numba types a contiguous
+    array apart from a strided one) and index types, each scale None or not, both dtypes."""
+    def layout(a):
+        return "C" if a.flags.c_contiguous else "F" if a.flags.f_contiguous else "A"
+
+    key = ("headwise cols", layout(s_np), layout(o_np), None if p is None else p.dtype, q.dtype)
+    warmed = _state.setdefault("warmed", set())
+    if key in warmed:
+        return
+    warmed.add(key)
+
+    def like(kind, dtype):
+        base = np.zeros((2, 2, 4), dtype=dtype)
+        return (np.ascontiguousarray(base[:, :, :2]) if kind == "C" else np.asfortranarray(base[:, :, :2]) if kind == "F"
+                else base[:, :, ::2])
+    tiny_p = None if p is None else np.arange(4, dtype=p.dtype)
+    tiny_q = np.zeros((2, 2), dtype=q.dtype)
+    for dtype in _FAST_DTYPES:
+        src, out = like(key[1], _NUMPY[dtype]), like(key[2], _NUMPY[dtype])
+        ones = np.ones(4, dtype=_NUMPY[dtype])
+        for r in (None, ones):
+            for c in (None, ones.reshape(2, 2)):
+                kernels[5](src, out, tiny_p, r, tiny_q, c)
 
 
 def abs_range(values: np.ndarray) -> tuple[float, float]:

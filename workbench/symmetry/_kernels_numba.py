@@ -316,3 +316,59 @@ def abs_range(values):
         lo = min(lo, a)
         hi = max(hi, a)
     return lo, hi
+
+
+@intrinsic
+def _prefetch_at(typingctx, arr, j):
+    """LLVM's prefetch hint for ``arr[j]`` of a 1-D array of any strides (read, keep in all cache levels)."""
+    sig = types.void(arr, j)
+
+    def codegen(context, builder, signature, args):
+        aryty = signature.args[0]
+        ary = context.make_array(aryty)(context, builder, args[0])
+        ptr = cgutils.get_item_pointer(context, builder, aryty, ary, [args[1]], wraparound=False, boundscheck=False)
+        i8p, i32 = ir.IntType(8).as_pointer(), ir.IntType(32)
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]),
+                                            "llvm.prefetch.p0")
+        builder.call(fn, [builder.bitcast(ptr, i8p), i32(0), i32(3), i32(1)])
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@njit(cache=True, nogil=True, boundscheck=False)
+def gather_headwise_cols(src, out, p, r, q, c):
+    """``out[e, i, j] = (src[h, k, q[h, j]] · c[h, j]) · r[e·R + i]`` for ``src``, ``out`` ``[E, R, C]`` (any strides:
+    GPT-OSS's interleaved gate and up are every other column), where ``(h, k) = divmod(p[e·R + i], R)`` (``p``: an
+    index over the ``E·R`` rows, None for none), ``q`` ``[E, C]`` one column index per head (of the source row's head)
+    and ``c`` ``[E, C]`` its scales, ``r`` ``[E·R]`` the rows' (either scale None for none). The products in this
+    order, each rounded to the dtype: a per-head move of the columns first, then the rows' moves, as the push applies
+    them one after the other (``_layout_gathers._gathered_cols``). Rows are visited in the source's order, the next
+    source row prefetched while one is gathered (as ``gather_scale_2d``: a column gather reads its row in a random
+    order, which the hardware prefetcher cannot follow)."""
+    E, R, C = out.shape
+    src_rows, out_rows = _row_order(p, E * R)
+    for t in range(E * R):
+        s, row = src_rows[t], out_rows[t]
+        h = s // R
+        e = row // R
+        srow, qh, o = src[h, s - h * R], q[h], out[e, row - e * R]
+        s2 = src_rows[min(t + 1, E * R - 1)]
+        nxt = src[s2 // R, s2 - s2 // R * R]
+        if r is not None:
+            ri = r[row]
+        if c is None:
+            for j in range(C):
+                v = srow[qh[j]]
+                _prefetch_at(nxt, j)
+                if r is not None:
+                    v = v * ri
+                o[j] = v
+        else:
+            ch = c[h]
+            for j in range(C):
+                v = srow[qh[j]] * ch[j]
+                _prefetch_at(nxt, j)
+                if r is not None:
+                    v = v * ri
+                o[j] = v

@@ -90,6 +90,58 @@ def _headwise_rows(x: torch.Tensor, a: int, F: dict) -> bool:
     return order[:2] == [0, a] and all(isinstance(f, ScaledPermutation) and f.n == x.shape[a] for f in F.values())
 
 
+def _cols_run(ops: list, i: int, x: torch.Tensor) -> int:
+    """The end of a run that ``_gathered_cols`` applies in one pass (``i``: none): per-head scaled permutations
+    ``ops[i]`` of every head of a 3-D weight whose heads are its slowest memory axis and whose acted axis is its
+    fastest (GPT-OSS's experts' gate and up, input-major: each expert's hidden units are columns, where
+    ``_headwise_rows`` does not reach), all with scales or all without, then the moves of the other two axes that one
+    gather pass takes (``_gather_run``), up to the first that acts on the columns again."""
+    if x.ndim != 3 or not isinstance(ops[i][1], dict):
+        return i
+    a, F = ops[i][0] % 3, ops[i][1]
+    order = sorted(range(3), key=lambda d: -x.stride(d))
+    if (a == 0 or order[0] != 0 or order[2] != a or set(F) != set(range(x.shape[0]))
+            or not all(isinstance(f, ScaledPermutation) and f.n == x.shape[a] for f in F.values())
+            or len({f.scale is None for f in F.values()}) != 1):
+        return i
+    end, j = _gather_run(ops, i + 1, x), i + 1
+    while j < end and not isinstance(ops[j][1], dict) and ops[j][0] % 3 != a:
+        j += 1
+    return j
+
+
+def _gathered_cols(x: torch.Tensor, run: list, out: Optional[torch.Tensor], casts: dict) -> Optional[torch.Tensor]:
+    """``x`` moved by ``run`` (``_cols_run``: each head's columns by its own scaled permutation, then the rows' moves)
+    in one compiled pass (``_kernels.headwise_cols_into``), written into ``out`` where it is not ``x``'s storage and
+    has its dtype; None, with nothing written, where the compiled loop does not run (the caller then applies the
+    moves one after the other, which gives the same bits: each entry one gather and the same products in the same
+    order).
+
+    Why: GPT-OSS's experts store gate and up input-major ([experts, d_model, 2·d_mlp], interleaved), so an expert's
+    move of its hidden units falls on the fastest axis, where each expert took an ``index_select`` of its own (half
+    strided), then the stream's and the experts' moves a second pass and a copy into the new model."""
+    from ._kernels import headwise_cols_into
+
+    F = run[0][1]
+    a = run[0][0] % 3
+    order = [0, 3 - a, a]  # heads, the rows' axis, the columns (``_cols_run``)
+    xm, back = x.permute(order), [order.index(d) for d in range(3)]
+    E, C = xm.shape[0], xm.shape[2]
+    key = ("headwise cols", id(F), C)  # the ops (and so F) live as long as the push's memo
+    hit = casts.get(key)
+    if hit is None or hit[0] is not F:
+        perms = torch.stack([F[h].perm for h in range(E)])
+        scales = None if F[0].scale is None else torch.stack([F[h].scale.double() for h in range(E)])
+        hit = casts[key] = (F, perms, scales)
+    (p, r), _ = _sides(xm, [(order.index(ax % 3), G) for ax, G in run[1:]], casts)  # (no column moves: _cols_run)
+    into = (out is not None and out.dtype == x.dtype
+            and out.untyped_storage().data_ptr() != x.untyped_storage().data_ptr())
+    res = out.permute(order) if into else torch.empty(xm.shape, dtype=x.dtype, device=x.device)
+    if not headwise_cols_into(xm, res, p, r, hit[1], hit[2], memo=casts):
+        return None
+    return out if into else res.permute(back)
+
+
 def _gathered(x: torch.Tensor, run: list, out: Optional[torch.Tensor], casts: Optional[dict] = None) -> torch.Tensor:
     """``x`` moved by ``run`` (permutations, see ``_gather_run``) in one gather pass (``_kernels.gather_scale_into``:
     numba's fused loop, else torch's gathers): ``x`` in memory order is a matrix [rows, last axis], and the

@@ -17,7 +17,7 @@ from .._errors import InvalidOptionError, UnsupportedModelError
 from .._threads import in_parallel, threads
 from ..groups import GroupElement, ScaledPermutation, rotary_inverse
 from ..models import blank, canonical_views, finish, read_weights, rebuild, tied_keys, views_like, write_weights
-from ._layout_gathers import HeadPermutation, _gather_run, _gathered  # noqa: F401  (tests import them here)
+from ._layout_gathers import HeadPermutation, _cols_run, _gather_run, _gathered, _gathered_cols  # noqa: F401  (tests import them here)
 from ._layout_refused import unsupported
 from ._sites import Observation, Site, SymmetryMap
 
@@ -310,6 +310,12 @@ def _push_slice(x: torch.Tensor, out: torch.Tensor, ops: list, last: int, casts:
     while i < len(ops):
         # .double() / .to() keep the strides: the model's own memory order
         x = x.double() if i <= last else x.to(dtype)
+        j = _cols_run(ops, i, x)
+        if j > i:  # per-head moves of the columns and the rows' moves: one compiled pass, where it runs
+            y = _gathered_cols(x, ops[i:j], out if j == len(ops) else None, casts)
+            if y is not None:
+                x, i = y, j
+                continue
         j = _gather_run(ops, i, x)
         if j > i:  # permutations: one pass (ops[last] is general, so never inside a run)
             x = _gathered(x, ops[i:j], out if j == len(ops) else None, casts)
