@@ -226,10 +226,14 @@ def test_random_models_keep_their_function_or_freeze_with_a_reason(arch, seed, s
     # frozen places are never transformed: every module no site names keeps its parameters bitwise
     moved = touched(smap)
     old_modules, new_modules = dict(model.named_modules()), dict(new.named_modules())
+    old_params = dict(model.named_parameters())
+    # a port names a module (its weight and bias move) or one parameter (a per-channel PReLU's slopes)
+    moved_tensors = {id(getattr(old_modules[n], k, None)) for n in moved if n in old_modules for k in ("weight", "bias")}
+    moved_tensors |= {id(old_params[n]) for n in moved if n in old_params}
     for name, m in old_modules.items():
         if name and name not in moved and not list(m.children()):
             for (pname, p), (_, q) in zip(m.named_parameters(recurse=False), new_modules[name].named_parameters(recurse=False)):
-                if not any(p is getattr(old_modules[n], k, None) for n in moved for k in ("weight", "bias")):
+                if id(p) not in moved_tensors:
                     assert torch.equal(p, q), (name, pname, ops)
 
 
