@@ -76,3 +76,25 @@ def test_the_outputs_head_the_report_where_they_fail_with_another_field(dtype):
     assert not report.passed and report.compared == "log-probabilities", report.summary()
     assert report.max_rel_diff > 1e-2 and report.rows == X.numel()
     assert "also beyond their tolerance: aux_loss" in report.rule
+
+
+def test_a_field_only_one_model_returns_is_refused_not_left_out():
+    """The new model built with output_router_logits off returns no aux_loss (checked here): the field could not be
+    compared and was left out without a word, verify PASSing on the logits alone. Now a refusal naming the field, in
+    either direction."""
+    from test_verify_adversary2 import mixtral_with_aux
+    from test_verify_routing import X
+
+    model = mixtral_with_aux(k=2).double()
+    new, t = wb.random_intertwiner(model, seed=1, sites=["resid"])
+    assert wb.verify(model, new, X, t).passed
+    without = copy.deepcopy(new)
+    without.config.output_router_logits = False
+    with torch.no_grad():
+        assert model(X).aux_loss is not None and without(X).get("aux_loss") is None
+    with pytest.raises(wb.InvalidOptionError, match="'aux_loss' is returned by model only"):
+        wb.verify(model, without, X, t)
+    plain = copy.deepcopy(model)
+    plain.config.output_router_logits = False
+    with pytest.raises(wb.InvalidOptionError, match="'aux_loss' is returned by new_model only"):
+        wb.verify(plain, new, X, t)

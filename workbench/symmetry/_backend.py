@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from ..groups import GroupElement
-from .._errors import UnsupportedModelError
+from .._errors import InvalidOptionError, UnsupportedModelError
 from ..models import ModelKind, eval_mode, global_hooks, has_layout, hf, hooked, model_kind
 from ._sites import Observation, Site, SymmetryMap
 
@@ -120,12 +120,21 @@ def other_outputs(value: Any, new_value: Any) -> list[tuple[torch.Tensor, torch.
     if not (_is_model_output(value) and _is_model_output(new_value)):
         return []
     chosen = next((n for n in OUTPUT_FIELDS if isinstance(getattr(value, n, None), torch.Tensor)), None)
-    pairs = []
-    for name, old in value.items():
-        new = new_value.get(name) if hasattr(new_value, "get") else None
-        if name != chosen and name not in REPRESENTATIONS and isinstance(old, torch.Tensor) and isinstance(new, torch.Tensor):
-            pairs.append((old.detach(), new.detach(), name))
-    return pairs
+
+    def fields(v) -> dict:
+        return {n: t for n, t in v.items() if n != chosen and n not in REPRESENTATIONS and isinstance(t, torch.Tensor)}
+
+    olds, news = fields(value), fields(new_value)
+    # A field one model returns and the other does not (a new model built with output_router_logits off: no aux_loss),
+    # or of another shape, cannot be compared, and was left out without a word: verify PASSed on the logits alone.
+    for name in sorted(olds.keys() ^ news.keys()):
+        raise InvalidOptionError(f"verify compares every field the models return: {name!r} is returned by "
+                                 f"{'model' if name in olds else 'new_model'} only (their configurations differ?).")
+    for name, old in olds.items():
+        if old.shape != news[name].shape:
+            raise InvalidOptionError(f"verify compares every field the models return: {name!r} has shape "
+                                     f"{tuple(old.shape)} in model and {tuple(news[name].shape)} in new_model.")
+    return [(old.detach(), news[name].detach(), name) for name, old in olds.items()]
 
 
 def relative_changes(reference, other, names) -> dict:

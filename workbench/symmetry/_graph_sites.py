@@ -80,7 +80,7 @@ def graph_map(model: nn.Module, example: Optional[torch.Tensor], affine: bool) -
 def _build(graph, model_name: str, affine: bool) -> SymmetryMap:
     from ..groups import intertwiner_group
 
-    from ._shared import clashes
+    from ._shared import clashes, one_port_per_tensor
 
     sites, skipped = [], []
     site_of_space: dict[int, str] = {}
@@ -162,8 +162,12 @@ def _build(graph, model_name: str, affine: bool) -> SymmetryMap:
         norm_of = {node: bn for bn, mode, node in space.norms if mode == "output" or mode.startswith("groupnorm_output")}
         writers = list(dict.fromkeys(Port(w, level_of[node].level, norm=norm_of.get(node)) for w, node in space.writers))
         readers = list(dict.fromkeys(Port(r, level_of[node].level, level_of[node].block) for r, node in space.readers))
-        writers += list(dict.fromkeys(p for r, p, _ in space.ports if r == "writer"))
-        readers += list(dict.fromkeys(p for r, p, _ in space.ports if r == "reader"))
+        ports, tied = one_port_per_tensor(graph.model, list(dict.fromkeys((r, p) for r, p, _ in space.ports)))
+        if tied:
+            skipped.append((place, tied))
+            continue
+        writers += [p for r, p in ports if r == "writer"]
+        readers += [p for r, p in ports if r == "reader"]
         if any(kind.startswith("layernorm") for kind, _ in space.constraints):
             merged = any(n.op == "call_module" and type(graph.modules.get(n.target)).__name__ == "PatchMerging"
                          for kind, n in space.constraints if kind.startswith("layernorm"))

@@ -124,3 +124,34 @@ def clashes(graph, sites: dict) -> dict:
                 if sid is not None and graph.find(sid) in sites:
                     out.setdefault(sites[graph.find(sid)].name, reason)
     return out
+
+
+def one_port_per_tensor(model, ports: list) -> tuple[list, "str | None"]:
+    """A site's parameter ports, one per tensor moved: ``(ports, None)``, or ``(ports, why)`` where two would need
+    different moves.
+
+    A parameter tied between modules (``ln2.weight = ln1.weight``, two PReLUs or GRNs sharing their γ) is named by
+    each module that reads it, and the uses unite their spaces (:func:`share_parameters`), so one site holds a port
+    under each name. The push composes every move of a tensor, however named, into one (``_graph_push``): both
+    ports would apply the site's element to it, P·P·a for a permutation. Ports naming one tensor (by its memory,
+    as above) on one axis and range are one port; where they disagree on the move (level, block, role), one tensor
+    would need two maps."""
+    from ._graph_stream import split_port
+
+    kept, seen = [], {}
+    for role, p in ports:
+        module, attr, sl = split_port(p.name)
+        owner = model.get_submodule(module) if module else model
+        t = getattr(owner, attr, None)
+        if not isinstance(t, torch.Tensor):
+            kept.append((role, p))
+            continue
+        key = (_view(t), sl, p.axis)
+        move = (role, p.level, p.block, p.heads)
+        if key not in seen:
+            seen[key] = (p.name, move)
+            kept.append((role, p))
+        elif seen[key][1] != move:
+            return kept, (f"{seen[key][0]} and {p.name} are one tensor, moved differently at this site ({seen[key][1][0]} "
+                          f"at level {seen[key][1][1]!r}, {role} at level {p.level!r}): a tensor is rewritten once")
+    return kept, None
