@@ -142,6 +142,15 @@ def _stream_row(typingctx, o, j0, jend, s, q, r, i, c, peak, nxt):
     return sig, codegen
 
 
+def _prefetch(context, builder, ptr):
+    """Emit LLVM's prefetch hint for ``ptr`` (read, keep in all cache levels): the body of the two intrinsics below."""
+    i8p, i32 = ir.IntType(8).as_pointer(), ir.IntType(32)
+    fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]),
+                                        "llvm.prefetch.p0")
+    builder.call(fn, [builder.bitcast(ptr, i8p), i32(0), i32(3), i32(1)])
+    return context.get_dummy_value()
+
+
 @intrinsic
 def _prefetch_row(typingctx, arr, j):
     """LLVM's prefetch hint for ``arr[j, 0]`` of a 2-D array (read, keep in all cache levels)."""
@@ -152,11 +161,7 @@ def _prefetch_row(typingctx, arr, j):
         ary = context.make_array(aryty)(context, builder, args[0])
         zero = context.get_constant(types.intp, 0)
         ptr = cgutils.get_item_pointer(context, builder, aryty, ary, [args[1], zero], wraparound=False, boundscheck=False)
-        i8p, i32 = ir.IntType(8).as_pointer(), ir.IntType(32)
-        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]),
-                                            "llvm.prefetch.p0")
-        builder.call(fn, [builder.bitcast(ptr, i8p), i32(0), i32(3), i32(1)])
-        return context.get_dummy_value()
+        return _prefetch(context, builder, ptr)
 
     return sig, codegen
 
@@ -327,11 +332,7 @@ def _prefetch_at(typingctx, arr, j):
         aryty = signature.args[0]
         ary = context.make_array(aryty)(context, builder, args[0])
         ptr = cgutils.get_item_pointer(context, builder, aryty, ary, [args[1]], wraparound=False, boundscheck=False)
-        i8p, i32 = ir.IntType(8).as_pointer(), ir.IntType(32)
-        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]),
-                                            "llvm.prefetch.p0")
-        builder.call(fn, [builder.bitcast(ptr, i8p), i32(0), i32(3), i32(1)])
-        return context.get_dummy_value()
+        return _prefetch(context, builder, ptr)
 
     return sig, codegen
 
