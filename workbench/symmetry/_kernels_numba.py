@@ -142,26 +142,23 @@ def _stream_row(typingctx, o, j0, jend, s, q, r, i, c, peak, nxt):
     return sig, codegen
 
 
-def _prefetch(context, builder, ptr):
-    """Emit LLVM's prefetch hint for ``ptr`` (read, keep in all cache levels): the body of the two intrinsics below."""
-    i8p, i32 = ir.IntType(8).as_pointer(), ir.IntType(32)
-    fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]),
-                                        "llvm.prefetch.p0")
-    builder.call(fn, [builder.bitcast(ptr, i8p), i32(0), i32(3), i32(1)])
-    return context.get_dummy_value()
-
-
 @intrinsic
-def _prefetch_row(typingctx, arr, j):
-    """LLVM's prefetch hint for ``arr[j, 0]`` of a 2-D array (read, keep in all cache levels)."""
+def _prefetch_at(typingctx, arr, j):
+    """LLVM's prefetch hint for ``arr[j, 0, ...]`` (its row ``j``'s first element; ``arr[j]`` of a 1-D array), any
+    strides (read, keep in all cache levels)."""
     sig = types.void(arr, j)
 
     def codegen(context, builder, signature, args):
         aryty = signature.args[0]
         ary = context.make_array(aryty)(context, builder, args[0])
         zero = context.get_constant(types.intp, 0)
-        ptr = cgutils.get_item_pointer(context, builder, aryty, ary, [args[1], zero], wraparound=False, boundscheck=False)
-        return _prefetch(context, builder, ptr)
+        ptr = cgutils.get_item_pointer(context, builder, aryty, ary, [args[1]] + [zero] * (aryty.ndim - 1),
+                                       wraparound=False, boundscheck=False)
+        i8p, i32 = ir.IntType(8).as_pointer(), ir.IntType(32)
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]),
+                                            "llvm.prefetch.p0")
+        builder.call(fn, [builder.bitcast(ptr, i8p), i32(0), i32(3), i32(1)])
+        return context.get_dummy_value()
 
     return sig, codegen
 
@@ -266,7 +263,7 @@ def gather_scale_3d(src, out, p, r, q, c, bits, mask):
         for j in range(C):
             jj = j if q is None else q[j]
             sj, bj, oj = s[jj], b[jj], o[j]
-            _prefetch_row(nxt, j)
+            _prefetch_at(nxt, j)
             if c is not None:
                 cj = c[j]
             for k in range(K):
@@ -321,20 +318,6 @@ def abs_range(values):
         lo = min(lo, a)
         hi = max(hi, a)
     return lo, hi
-
-
-@intrinsic
-def _prefetch_at(typingctx, arr, j):
-    """LLVM's prefetch hint for ``arr[j]`` of a 1-D array of any strides (read, keep in all cache levels)."""
-    sig = types.void(arr, j)
-
-    def codegen(context, builder, signature, args):
-        aryty = signature.args[0]
-        ary = context.make_array(aryty)(context, builder, args[0])
-        ptr = cgutils.get_item_pointer(context, builder, aryty, ary, [args[1]], wraparound=False, boundscheck=False)
-        return _prefetch(context, builder, ptr)
-
-    return sig, codegen
 
 
 @njit(cache=True, nogil=True, boundscheck=False)
