@@ -121,18 +121,20 @@ def _overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
     return True  # one storage: conservatively, the torch path (it stages through a buffer)
 
 
-def _checked_index(perm: Optional[torch.Tensor], n: int):
+def _checked_index(perm: Optional[torch.Tensor], n: int, shape: Optional[tuple] = None):
     """The permutation as a NumPy array the kernel may index with unchecked, or False where an entry lies
     outside [0, n) (a compiled loop without bounds checks would read outside the weight; torch's gather,
-    which then runs, raises)."""
+    which then runs, raises). ``shape``: the index's shape, ``(n,)`` unless given (the per-head column pass's
+    ``[heads, n]``: one index of n columns per head)."""
     if perm is None:
         return None
     perm = perm.detach()
     if perm.device.type != "cpu":
         perm = perm.cpu()
-    if perm.ndim != 1 or perm.numel() != n or perm.dtype != torch.long:
+    shape = (n,) if shape is None else tuple(shape)
+    if tuple(perm.shape) != shape or perm.dtype != torch.long:
         return False
-    index = perm.numpy()
+    index = perm.numpy().reshape(-1)
     # int32 where it holds every index: the column gather reads one index per element, and half the bytes
     # took a tenth off the 2048×2048 weight's pass (measured). Checked and cast in one compiled pass where
     # numba is there (empty: an entry outside [0, n))
@@ -143,23 +145,23 @@ def _checked_index(perm: Optional[torch.Tensor], n: int):
         except Exception as exc:  # noqa: BLE001 — as in _run_fast: torch's kernels from now on
             give_up(_state, "kernels", "the compiled transform kernel", exc, "transforms use torch's gathers")
         else:
-            return small if len(small) == n else False
+            return small.reshape(shape) if len(small) == index.size else False
     # NumPy's min, max and cast: the same answers as torch's, at half the call overhead
-    if n and (int(index.min()) < 0 or int(index.max()) >= n):
+    if index.size and (int(index.min()) < 0 or int(index.max()) >= n):
         return False
-    return index.astype(np.int32) if n <= 2**31 else index
+    return (index.astype(np.int32) if n <= 2**31 else index).reshape(shape)
 
 
-def _scale(scale: Optional[torch.Tensor], dtype: torch.dtype, n: int):
+def _scale(scale: Optional[torch.Tensor], dtype: torch.dtype, n: int, shape: Optional[tuple] = None):
     """The scale in the weight's dtype (the same rounding as the torch path's ``scale.to(dtype)``), or False
-    where it is not ``n`` numbers (the torch path's product then raises)."""
+    where it is not ``n`` numbers (the torch path's product then raises); ``shape``: as ``_checked_index``'s."""
     if scale is None:
         return None
-    if scale.ndim != 1 or scale.numel() != n:
+    if tuple(scale.shape) != ((n,) if shape is None else tuple(shape)):
         return False
     scale = scale.detach()
     if scale.device.type == "cpu" and scale.dtype in _FAST_DTYPES:  # NumPy's cast rounds as torch's (IEEE)
-        return scale.numpy().astype(_NUMPY[dtype])
+        return np.ascontiguousarray(scale.numpy().astype(_NUMPY[dtype]))
     return scale.to(device="cpu", dtype=dtype).contiguous().numpy()
 
 
@@ -280,8 +282,8 @@ def headwise_cols_into(src: torch.Tensor, out: torch.Tensor, row_perm: Optional[
         return False
     E, R, C = out.shape
     p, r = _prepared(memo, _checked_index, row_perm, E * R), _prepared(memo, _scale, row_scale, out.dtype, E * R)
-    q = _prepared(memo, _checked_columns, col_perms, C)
-    c = None if col_scales is None else _prepared(memo, _scales_2d, col_scales, out.dtype, (E, C))
+    q = _prepared(memo, _checked_index, col_perms, C, (E, C))
+    c = _prepared(memo, _scale, col_scales, out.dtype, C, (E, C))
     if p is False or r is False or q is False or c is False:
         return False
     try:
@@ -292,26 +294,6 @@ def headwise_cols_into(src: torch.Tensor, out: torch.Tensor, row_perm: Optional[
         give_up(_state, "kernels", "the compiled transform kernel", exc, "transforms use torch's gathers")
         return False
     return True
-
-
-def _checked_columns(perms: torch.Tensor, n: int):
-    """``[E, C]`` column indices as int32, or False where one lies outside [0, n) (the loop reads unchecked)."""
-    if perms.dtype != torch.long or perms.device.type != "cpu" or perms.ndim != 2:
-        return False
-    index = perms.detach().numpy()
-    if index.size and (int(index.min()) < 0 or int(index.max()) >= n):
-        return False
-    return index.astype(np.int32)
-
-
-def _scales_2d(scales: torch.Tensor, dtype: torch.dtype, shape: tuple):
-    """``[E, C]`` scales in the weight's dtype (rounded as ``_scale`` rounds), or False where the shape differs."""
-    if tuple(scales.shape) != shape:
-        return False
-    scales = scales.detach()
-    if scales.device.type == "cpu" and scales.dtype in _FAST_DTYPES:
-        return np.ascontiguousarray(scales.numpy().astype(_NUMPY[dtype]))
-    return scales.to(device="cpu", dtype=dtype).contiguous().numpy()
 
 
 def _warm_cols(kernels, s_np: np.ndarray, o_np: np.ndarray, p, q) -> None:
