@@ -107,6 +107,11 @@ class Group:
         True only weakens a matching's score, a wrong False scores a flipped unit as unrelated."""
         return True
 
+    def describe(self) -> str:
+        """The group as reports and widgets show it: its name, then its label (the mathematics; a host's blocks, whose
+        name ``{family}_per_block`` says only the family they lie in)."""
+        return f"{self.name} ({self.label})" if self.label else self.name
+
     def offset(self, element: GroupElement) -> Optional[torch.Tensor]:
         """c(M), float64 ``[n]``, with σ(Mx) = φ(M)σ(x) + c(M); None for a purely linear intertwiner.
 
