@@ -79,6 +79,27 @@ def test_reproduce_resumes_and_never_recomputes_a_finished_run(tmp_path, monkeyp
     assert (tmp_path / "gelu.md").read_text() == E.render(doc)
 
 
+def test_a_page_names_the_machines_that_ran_its_parts_not_the_one_that_merged_them(tmp_path, monkeypatch):
+    """Two parts on two machines, merged by a third: the page said "on <the merging machine>" for every run."""
+    from workbench.experiments import _runs
+
+    gelu = E.module("gelu")
+    n = len(gelu.jobs(gelu.protocol("smoke")))
+    for part, where in (("1/2", "64 CPU cores (aarch64)"), ("2/2", "2 CPU cores (x86_64)")):
+        monkeypatch.setattr(_runs, "machine", lambda where=where: where)
+        E.reproduce("gelu", "smoke", tmp_path, part=part, progress=False, log=lambda m: None)
+    monkeypatch.setattr(_runs, "machine", lambda: "the merging machine")
+    path = E.reproduce("gelu", "smoke", tmp_path, report_only=True, progress=False, log=lambda m: None)
+    doc = json.loads(path.read_text())
+    first, second = len(range(0, n, 2)), len(range(1, n, 2))
+    assert doc["timing"]["machine"] == (f"2 machines: 64 CPU cores (aarch64) ({first} runs); "
+                                        f"2 CPU cores (x86_64) ({second} runs)")
+    assert f"on {doc['timing']['machine']}." in (tmp_path / "gelu.md").read_text()
+    one = _runs.machines([{"machine": "m"}, {"machine": "m"}])
+    assert one == "m" and _runs.machines([{"machine": "m"}, {}]) == (
+        "2 machines: m (1 run); a machine not recorded (1 run from before records named theirs)")
+
+
 def test_a_changed_setting_recomputes_and_a_dropped_job_keeps_the_rest(tmp_path):
     calls = []
     store = RunStore(tmp_path, lambda job: {"epochs": 3})

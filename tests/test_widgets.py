@@ -321,3 +321,26 @@ def test_without_javascript_each_widget_says_what_it_shows(explorer, cache):
     browser = CacheBrowser(cache)
     browser.view = "histogram"
     assert browser._repr_mimebundle_()["text/plain"] == f"CacheBrowser({len(cache)} names; showing {browser.name!r} as a histogram)"
+
+
+class Concat(nn.Module):
+    """c(ReLU(cat(a(x), b(x)))), the ReLU a module: the concatenation is a host site the explorer can read."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.relu, self.c = nn.Conv2d(3, 4, 1), nn.Conv2d(3, 5, 1), nn.ReLU(), nn.Conv2d(9, 2, 1)
+
+    def forward(self, x):
+        return self.c(self.relu(torch.cat([self.a(x), self.b(x)], 1))).mean((2, 3))
+
+
+def test_a_host_site_s_group_is_shown_as_the_reports_show_it(shapes):
+    """A concatenation's group is named ``scaled_permutation_per_block`` (no registry name: its blocks are the
+    mathematics); the site list and the site's line show its label too, as the symmetry map's frame does."""
+    explorer = IntertwinerExplorer(randomise(Concat()), shapes, k=5, progress=False)
+    row = explorer.smap.to_frame().set_index("site").loc["relu"]
+    assert (row["group"], row["label"]) == ("scaled_permutation_per_block", "scaled_permutation on each of 2 blocks (4 + 5)")
+    shown = f"{row['group']} ({row['label']})"
+    assert any(value == "relu" and label.endswith(shown) for label, value in explorer._site.options)
+    explorer.site = "relu"
+    assert f"group <b>{shown}</b>" in explorer.site_info.value

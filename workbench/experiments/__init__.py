@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import importlib
 import os
-import platform
 from pathlib import Path
 from typing import Callable, Optional
 
 from .._errors import InvalidOptionError, check_option
-from ._runs import RunStore, collect, protocol_hash, run_jobs, select_part, write_json_atomic, write_text_atomic
+from ._runs import (RunStore, collect, machines, protocol_hash, run_jobs, select_part, write_json_atomic,
+                    write_text_atomic)
 
 EXPERIMENTS = ["stitching", "insertion", "similarity", "dissection", "privileged", "gelu"]
 BUDGETS = ["smoke", "quick", "paper"]
@@ -76,7 +76,7 @@ def reproduce(name: str, budget: str = "quick", out: Optional[Path] = None, *, r
            "timing": {"runs": len(jobs), "compute_seconds": round(seconds, 1),
                       "wall_seconds": round(max(r["finished_unix"] for r in recs) - min(r["started_unix"] for r in recs), 1),
                       "finished": max(r["finished_unix"] for r in recs),
-                      "machine": f"{os.cpu_count()} CPU cores ({platform.machine()}), shared with other jobs"},
+                      "machine": machines(recs)},  # the parts' machines, not the one merging them
            "runs": rows}
     path = out / f"{name}.json"
     write_json_atomic(path, doc)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import platform
 import re
 import time
 from pathlib import Path
@@ -60,6 +61,27 @@ def _plain(v):
     raise InvalidOptionError(f"a run record holds JSON values, numpy scalars, tuples and sets; got {type(v).__name__}: {v!r}.")
 
 
+def machine() -> str:
+    """The machine this process runs on, as a run's record names it."""
+    return f"{os.cpu_count()} CPU cores ({platform.machine()}), shared with other jobs"
+
+
+def machines(records: list[dict]) -> str:
+    """The machines that ran ``records`` (each record names its own: parts of one experiment may run on several), for
+    a document's timing: the one machine, or each distinct one with its number of runs. A record written before
+    records named their machine counts as a machine not recorded, never as the one merging them."""
+    counts: dict = {}
+    for rec in records:
+        counts[rec.get("machine")] = counts.get(rec.get("machine"), 0) + 1
+    if len(counts) == 1 and None not in counts:
+        return next(iter(counts))
+    runs = lambda k: f"{k} run{'' if k == 1 else 's'}"  # noqa: E731
+    named = [f"{m} ({runs(k)})" for m, k in counts.items() if m is not None]
+    if None in counts:
+        named.append(f"a machine not recorded ({runs(counts[None])} from before records named theirs)")
+    return (f"{len(named)} machines: " if len(named) > 1 else "") + "; ".join(named)
+
+
 class RunStore:
     """The finished runs of one experiment in ``folder``; ``settings(job)`` gives what a run's result depends on."""
 
@@ -103,7 +125,7 @@ class RunStore:
         rec = {"protocol_hash": self.hash(job), "job": job, "weights": now_weights, "rows": rows,
                "seconds": round(seconds, 2),
                "started_unix": round(now - seconds, 1), "finished_unix": round(now, 1),
-               "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+               "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "machine": machine()}
         write_json_atomic(self.path(job), rec)
         return rec
 

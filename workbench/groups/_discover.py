@@ -160,7 +160,7 @@ class GroupDiscovery(Report):
 
     def summary(self) -> str:
         held = ", ".join(self.members) or "no generator"
-        return (f"{self.activation}: {held} hold → {self.group.name} ({self.group.label}) [empirical, on inputs "
+        return (f"{self.activation}: {held} hold → {self.group.describe()} [empirical, on inputs "
                 f"with |x| ≤ {self.input_max:.3g}; widen with scale=]")
 
     def to_frame(self):

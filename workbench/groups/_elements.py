@@ -19,6 +19,11 @@ from .._errors import InvalidOptionError
 Phi = Union[str, tuple]  # "identity" | "abs" | ("power", d)
 
 
+def phi_positive(phi: Phi) -> bool:
+    """Whether φ(M) has only non-negative entries for every M (abs, or an even power)."""
+    return phi == "abs" or (isinstance(phi, tuple) and phi[0] == "power" and float(phi[1]) % 2 == 0)
+
+
 def _phi_name(phi: Phi) -> str:
     return phi if isinstance(phi, str) else f"power{phi[1]}"
 

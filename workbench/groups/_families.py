@@ -7,7 +7,7 @@ from typing import Optional, Union
 import torch
 
 from .._errors import InvalidOptionError, check_option
-from ._elements import Dense, GroupElement, Phi, ScaledPermutation, identity
+from ._elements import Dense, GroupElement, Phi, ScaledPermutation, identity, phi_positive
 from ._haar import haar_reflections
 
 Generator = Optional[torch.Generator]
@@ -90,6 +90,27 @@ class Group:
     def _contains_monomial(self, perm: torch.Tensor, scale: torch.Tensor, atol: float) -> Optional[bool]:
         """Whether ``diag(scale)·P`` (perm a permutation, scale nonzero) lies in this group; None: ask ``_contains``."""
         return None
+
+    def flips_signs(self, level: str = "pre") -> bool:
+        """Whether an element can make a unit's value the negative of what it was — a ↦ −a, a ↦ c − a (an affine
+        extension), or a mix with a negative weight — in a space this group moves, read at ``level`` (an
+        ``Observation``'s): "pre" and "heads" move by M, "dual" by M⁻ᵀ (M's signs, for a scaled permutation), "post"
+        by φ(M) (never negative for abs or an even power), "perm", "prebn" and "pregn" by M's permutation part alone
+        (a family that draws a GroupNorm's input signs says so itself). Matching units after a transform must allow
+        flips exactly where this holds (``workbench.symmetry.match_site_units``)."""
+        if level in ("perm", "prebn", "pregn") or (level == "post" and phi_positive(self.phi)):
+            return False
+        return self._negates()
+
+    def _negates(self) -> bool:
+        """Whether some element (the matrix M) has a negative entry. True unless a family shows otherwise: a wrong
+        True only weakens a matching's score, a wrong False scores a flipped unit as unrelated."""
+        return True
+
+    def describe(self) -> str:
+        """The group as reports and widgets show it: its name, then its label (the mathematics; a host's blocks, whose
+        name ``{family}_per_block`` says only the family they lie in)."""
+        return f"{self.name} ({self.label})" if self.label else self.name
 
     def offset(self, element: GroupElement) -> Optional[torch.Tensor]:
         """c(M), float64 ``[n]``, with σ(Mx) = φ(M)σ(x) + c(M); None for a purely linear intertwiner.
@@ -192,6 +213,9 @@ class Orthogonal(Group):
             Q[..., 0] *= torch.linalg.det(Q).sign().unsqueeze(-1)
         return _dense(self, Q, orthogonal=True)
 
+    def _negates(self) -> bool:
+        return self.n > 1 or not self.special  # SO(1) = {1}; O(1) = {±1}; SO(n ≥ 2) holds diag(−1, −1, 1, …)
+
     def _contains(self, M, atol):
         ok = torch.allclose(M @ M.T, torch.eye(self.n, dtype=M.dtype), atol=atol, rtol=0)
         return bool(ok and (not self.special or torch.linalg.det(M) > 0))
@@ -223,6 +247,11 @@ class OrthogonalOnes(Group):
             D = D - 2 * (D @ w).unsqueeze(-1) * w  # D·H
             D = D - 2 * w.unsqueeze(-1) * (w @ D).unsqueeze(-2)  # H·(D·H)
         return _dense(self, D, orthogonal=True)
+
+    def _negates(self) -> bool:
+        # n ≤ 2: the identity and (n = 2) the swap alone fix 1; n ≥ 3: the half turn about 1, 2uuᵀ − I, has −1 + 2/n
+        # on its diagonal
+        return self.n >= 3
 
     def _contains(self, M, atol):
         ones = torch.ones(self.n, dtype=M.dtype)
@@ -408,6 +437,9 @@ class Permutation(Group):
     def sample(self, generator=None, *, seed=None) -> ScaledPermutation:
         return ScaledPermutation(torch.randperm(self.n, generator=_gen(generator, seed)), None, self.phi, self.name)
 
+    def _negates(self) -> bool:
+        return False
+
     def _contains(self, M, atol):
         mono = _is_monomial(M, atol)
         return mono is not None and bool(torch.allclose(mono[1], torch.ones_like(mono[1]), atol=atol))
@@ -444,6 +476,9 @@ class ScaledPermutationGroup(Group):
         scale = sign if self.diagonal == "sign" else sign * mag
         return ScaledPermutation(perm, scale, self.phi, self.name)
 
+    def _negates(self) -> bool:
+        return self.diagonal != "positive"
+
     def _contains(self, M, atol):
         mono = _is_monomial(M, atol)
         if mono is None:
@@ -477,6 +512,9 @@ class PositiveDiagonal(Group):
         mag = torch.exp(self.sigma * torch.randn(self.n, generator=g, dtype=torch.float64) - self.sigma ** 2 / 2)
         return ScaledPermutation(torch.arange(self.n), mag, self.phi, self.name)
 
+    def _negates(self) -> bool:
+        return False
+
     def _contains(self, M, atol):
         mono = _is_monomial(M, atol)
         return mono is not None and self._contains_monomial(*mono, atol)
@@ -492,6 +530,9 @@ class Trivial(Group):
 
     def sample(self, generator=None, *, seed=None) -> ScaledPermutation:
         return self.identity()
+
+    def _negates(self) -> bool:
+        return False
 
     def _contains(self, M, atol):
         return bool(torch.allclose(M, torch.eye(self.n, dtype=M.dtype), atol=atol, rtol=0))

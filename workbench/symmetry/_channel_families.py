@@ -31,6 +31,9 @@ class OnBase(Group):
             base.sigma = self.sigma
         return g, base.sample(g)
 
+    def _negates(self) -> bool:
+        return self.base._negates()  # the base family's scalings (GroupSigns adds its input signs at "pregn")
+
 
 class _ChannelPermutations(OnBase):
     """A base family's scaled permutations whose permutation keeps a structure on the channels: the scalings

@@ -95,6 +95,11 @@ class GroupSigns(OnBase):
 
         self.generator_kinds = generators(base) | {"group_sign"}
 
+    def flips_signs(self, level: str = "pre") -> bool:
+        """The base family's answer, and at "pregn" (the writer's output the norm reads, moved by S·P) always: a
+        sign per group is drawn there."""
+        return level == "pregn" or super().flips_signs(level)
+
     def sample(self, generator=None, *, seed=None) -> InputSigned:
         g, e = self._draw_base(generator, seed)
         signs = torch.where(torch.rand(self.n // self.block, generator=g) < 0.5, -1.0, 1.0).double()

@@ -8,7 +8,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from ..groups import get_group
+from ..groups import get_group, phi_positive
 from ..models import TraceFailure
 from ._lattice import CONSTRAINTS, generators, restrict
 from ._graph_stream import (CONSTRAINTS as STREAM_CONSTRAINTS, CONVNEXT_NOTE, LN_NOTE, MIXER_NOTE, SIMPLENORM_NOTE,
@@ -126,7 +126,7 @@ def _build(graph, model_name: str, affine: bool) -> SymmetryMap:
             group = get_group("gl", n)
             notes.append("no nonlinearity: a linear site")
         for kind, node in space.constraints:
-            if kind == "max_pool" and graph.info[node].level == "post" and _phi_positive(group.phi):
+            if kind == "max_pool" and graph.info[node].level == "post" and phi_positive(group.phi):
                 continue  # φ(M) = abs(M) or an even power is already a positive scaled permutation
             allowed, why = {**CONSTRAINTS, **VISION_CONSTRAINTS, **STREAM_CONSTRAINTS, **GROUPNORM_CONSTRAINTS,
                             **GRN_CONSTRAINTS}[kind]
@@ -224,11 +224,6 @@ def _build(graph, model_name: str, affine: bool) -> SymmetryMap:
     per_block(sites, drop)  # last: a host's group is made of its pieces' final groups
     skipped += [(", ".join(dict.fromkeys(p.name for p in s.writers)) or s.name, drop[s.name]) for s in sites if s.name in drop]
     return SymmetryMap(model_name, [s for s in sites if s.name not in drop], skipped)
-
-
-def _phi_positive(phi) -> bool:
-    """Whether φ(M) has only non-negative entries for every M (abs, or an even power)."""
-    return phi == "abs" or (isinstance(phi, tuple) and phi[0] == "power" and float(phi[1]) % 2 == 0)
 
 
 def _parents_first(graph) -> list:

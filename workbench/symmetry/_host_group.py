@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 
 from .._errors import InvalidOptionError
-from ..groups import Dense, Group, GroupElement, ScaledPermutation
+from ..groups import Dense, Group, GroupElement, ScaledPermutation, phi_positive
 from ._lattice import generators
 
 
@@ -175,6 +175,13 @@ class PerBlock(Group):
         if len(self.pieces) < sum(p is not None for p, *_ in self.embeds):
             self.label += "; a site carried twice takes one element on its blocks"
 
+    def _negates(self) -> bool:
+        """Whether some block can negate a unit: a carried site's group as the host reads it (φ of it where read after
+        its activation), or the host's family on the free channels."""
+        return (any(G is not None and G.flips_signs("post" if level == "post" else "pre")
+                    for p, _, _, level in self.embeds for G in [self.pieces.get(p)])
+                or bool(self.free and self.family._negates()))
+
     def carrier(self):
         """The host as ``implied_host`` reads a site: its name, width, embeds and this group."""
         return SimpleNamespace(name=self.host, n=self.n, embeds=self.embeds, group=self)
@@ -298,8 +305,7 @@ def _in_phi_image(G: Group, part: GroupElement, level: str, atol: float) -> bool
         perm = nz.double().argmax(dim=1)
         part = ScaledPermutation(perm, M[torch.arange(part.n), perm])
     s = part.scale if part.scale is not None else torch.ones(part.n, dtype=torch.float64)
-    if phi == "abs" or (isinstance(phi, tuple) and int(phi[1]) % 2 == 0):
-        if not bool((s > 0).all()):
-            return False
+    if phi_positive(phi) and not bool((s > 0).all()):
+        return False
     root = s if phi == "abs" else s.sign() * s.abs() ** (1.0 / float(phi[1]))
     return G.contains(ScaledPermutation(part.perm, root), atol)

@@ -11,7 +11,7 @@ from torch import nn
 from .._errors import InvalidOptionError, UnsupportedModelError
 from .._progress import ProgressLike, progress_bar
 from .._report import Report, new_axes
-from ..groups import ScaledPermutation
+from ..groups import Group, ScaledPermutation, get_group
 from ..hooks import first_tensor, run_with_cache
 from ._map import symmetry_map
 from ._sites import Site
@@ -254,22 +254,29 @@ def _unit_scores(model: nn.Module, sites, inputs: torch.Tensor, *, per_sequence:
     return {name: torch.cat(p) for name, p in parts.items()}, low
 
 
-def may_flip(site: Site) -> bool:
-    """Whether the site's group can flip a unit's sign: any group but those of positive scalings (P·D₊)."""
-    return not site.group.name.startswith("scaled")
+def may_flip(site: Site, group: Union[None, str, Group] = None) -> bool:
+    """Whether a transform drawn from ``group`` can flip the sign of a unit as read at the site's hook: what the group
+    says of the level the hook reads (``Group.flips_signs``: a P·D₊ never, a tanh site's P·D± before and after its
+    activation, abs's P·D only before it, a GroupNorm's input signs on the writer's output it normalises). ``group``:
+    the site's own (None), or the one a transform of it drew from instead (a registry name or a Group: a negative
+    control's, an affine extension's)."""
+    level = next((o.level for o in site.observed if o.name == site.hook_name), "pre")
+    return (site.group if group is None else get_group(group, site.n)).flips_signs(level)
 
 
 def match_site_units(before: torch.Tensor, after: torch.Tensor, site: Site, *, before_min: Optional[torch.Tensor] = None,
-                     after_min: Optional[torch.Tensor] = None) -> NeuronMatching:
+                     after_min: Optional[torch.Tensor] = None, group: Union[None, str, Group] = None) -> NeuronMatching:
     """The units of a site after a transform matched to those before (``[N, C]`` each), as far as the site's
-    group lets them move: a group of positive scalings only (P·D₊) matches on cosines; any other may have
-    flipped signs, linearly (tanh: a ↦ −a) or affinely (sigmoid: a ↦ 1 − a), so it matches on |correlation|.
+    group lets them move: where no element can flip a unit's sign (:func:`may_flip`: P·D₊, permutations) it matches
+    on cosines; elsewhere signs may have flipped, linearly (tanh: a ↦ −a) or affinely (sigmoid: a ↦ 1 − a), so it
+    matches on |correlation|.
 
     Scores pooled over positions (an image's largest value per unit) do not flip with the unit: the new
     largest value is the old smallest, negated. With the smallest values too (``before_min``, ``after_min``),
     a unit is compared on (largest, smallest) both as it is and flipped, (−smallest, −largest), and the
-    better of the two counts."""
-    signed = may_flip(site)
+    better of the two counts. ``group``: the group the transform drew from, where not the site's own (see
+    :func:`may_flip`)."""
+    signed = may_flip(site, group)
     if not signed or before_min is None or after_min is None:
         return match_neurons(before, after, signed=signed, centred=signed)
     from scipy.optimize import linear_sum_assignment
@@ -312,7 +319,11 @@ def interpretation_shift(model: nn.Module, new_model: nn.Module, data: torch.Ten
     with progress_bar(total=2 * batches, desc="interpretation_shift", unit="batch", progress=progress) as bar:
         smap = symmetry_map(model, example)
         site = smap[site] if isinstance(site, str) else site
-        lowest = may_flip(site)  # pooled scores of a unit that may flip: see match_site_units
+        # new_model may come from the affine extension (wb.random_intertwiner(..., affine=True): a sigmoid unit's
+        # a ↦ 1 − a), whose group holds the site's own: matching allows the flips either allows
+        extended = symmetry_map(model, example, affine=True)
+        group = extended[site.name].group if site.name in extended.names and may_flip(extended[site.name]) else None
+        lowest = may_flip(site, group)  # pooled scores of a unit that may flip: see match_site_units
         a, a_low = _unit_scores(model, [site], data, batch_size=batch_size, bar=bar, lowest=lowest)
         try:
             b, b_low = _unit_scores(new_model, [site], data, batch_size=batch_size, bar=bar, lowest=lowest)
@@ -322,6 +333,6 @@ def interpretation_shift(model: nn.Module, new_model: nn.Module, data: torch.Ten
                                      f"copy of it (wb.random_intertwiner, wb.apply_transform).") from exc
     a, b = a[site.name], b[site.name]
     low = {} if a_low is None else {"before_min": a_low[site.name], "after_min": b_low[site.name]}
-    perm = match_site_units(a, b, site, **low).perm
+    perm = match_site_units(a, b, site, **low, group=group).perm
     return InterpretationShift.from_scores(site.name, a, b, perm, k)
 

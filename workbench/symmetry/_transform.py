@@ -442,7 +442,7 @@ def _check_member(model: nn.Module, site: Site, e: GroupElement, drawn_from: str
     if not site.group.contains(e):
         raise InvalidOptionError(
             f"site {site.name!r} of {type(model).__name__}: the transform's element ({type(e).__name__}, drawn from "
-            f"{drawn_from}) is not in the site's group {site.group.name} ({site.group.label}): it is not a symmetry "
+            f"{drawn_from}) is not in the site's group {site.group.describe()}: it is not a symmetry "
             f"of this model, whose map differs from the one the transform was drawn on (another activation, a "
             f"LayerNorm gain that is or is not all ones, a site frozen or shared), or the record was edited. "
             f"Draw a transform for this model (wb.random_intertwiner), or list the site in the transform's forced "
@@ -479,7 +479,7 @@ def _check_host(site: Site, element: GroupElement, elements: dict) -> None:
         part = on_channels(element, free)
         if part is None or not family.contains(part):
             raise InvalidOptionError(
-                f"the element for {site.name!r} is not in {family.name} ({family.label}) on the {len(free)} channels "
+                f"the element for {site.name!r} is not in {family.describe()} on the {len(free)} channels "
                 f"nothing carries into it (a zero-padding shortcut's new channels): it is no "
                 f"symmetry of the model there. Draw them from {family.name} (wb.random_intertwiner does), or list "
                 f"{site.name!r} in the transform's forced sites for a negative control.")

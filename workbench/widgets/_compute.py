@@ -194,10 +194,10 @@ def explore(model: nn.Module, site: Site, group: Optional[str], seed: int, sigma
     after = after[site.name]
     check("matching")
     # as interpretation_shift matches them (without before_min, on the largest values alone)
-    matching = match_site_units(before, after, site, before_min=before_min, after_min=after_min[site.name])
+    matching = match_site_units(before, after, site, before_min=before_min, after_min=after_min[site.name], group=group)
     shift = InterpretationShift.from_scores(site.name, before, after, matching.perm, k)
     # the correlations the matching saw: at a site whose group may flip signs, flips count (r = −1)
-    lows = (before_min, after_min[site.name]) if may_flip(site) else (None, None)
+    lows = (before_min, after_min[site.name]) if may_flip(site, group) else (None, None)
     result = ExplorerResult(site.name, transform.groups[site.name], site.group.name, seed, sigma, transform, report,
                             matching, correlation(before, after, *lows), shift, n_verify, len(inputs))
     return result, new

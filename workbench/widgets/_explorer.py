@@ -163,7 +163,7 @@ class IntertwinerExplorer(BackgroundAction, widgets.VBox):
 
     # ------------------------------------------------------------------ the widgets
     def _build(self) -> None:
-        site_options = [(f"{s.name}{self._module_type(s.hook_name)} — {s.n} units, {s.group.name}", s.name)
+        site_options = [(f"{s.name}{self._module_type(s.hook_name)} — {s.n} units, {s.group.describe()}", s.name)
                         for s in self.smap]
         width = max(320, min(720, 8 * max(len(label) for label, _ in site_options) + 110))  # no truncated labels
         self._site = widgets.Dropdown(options=site_options, description="site", layout=widgets.Layout(width=f"{width}px"))
@@ -303,7 +303,7 @@ class IntertwinerExplorer(BackgroundAction, widgets.VBox):
         readers = ", ".join(f"{p.name}{self._module_type(p.name)}" for p in site.readers)
         kind = "privileged basis (only permutations and scalings)" if site.privileged else "continuous group"
         self.site_info.value = (f"<span style='font-size:12px'>site <b>{html.escape(site.name)}</b>: {site.n} units after "
-                                f"{html.escape(site.activation)}, group <b>{site.group.name}</b> — {kind}; "
+                                f"{html.escape(site.activation)}, group <b>{html.escape(site.group.describe())}</b> — {kind}; "
                                 f"written by {html.escape(writers or 'nothing')}; read by {html.escape(readers or 'nothing')}"
                                 f"</span>")
         self._mark_stale()
