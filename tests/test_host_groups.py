@@ -32,6 +32,17 @@ class Two(nn.Module):
         return self.c(torch.relu(torch.cat([self.a(x), self.b(x)], 1))).mean((2, 3))
 
 
+def test_the_map_s_table_shows_a_host_group_s_blocks_on_hover():
+    """The HTML table's group cell is the registry name; its label (a host's blocks, which the name
+    ``scaled_permutation_per_block`` does not say) is the cell's hover text, as to_frame's label column gives it."""
+    import re
+
+    smap = wb.symmetry_map(weights(Two()).eval(), torch.randn(2, 3, 5, 5))
+    cells = dict(re.findall(r'<td title="([^"]*)">([a-z_]+)</td>', smap._repr_html_()))
+    assert cells["scaled_permutation on each of 2 blocks (4 + 5)"] == "scaled_permutation_per_block"
+    assert smap.to_frame().set_index("site").loc["cat", "label"] == "scaled_permutation on each of 2 blocks (4 + 5)"
+
+
 def blocks_kept(e: ScaledPermutation, bounds) -> bool:
     """Whether the permutation maps each block [lo, hi) of channels onto itself."""
     return all(bool(((e.perm[lo:hi] >= lo) & (e.perm[lo:hi] < hi)).all()) for lo, hi in bounds)

@@ -140,7 +140,11 @@ class SymmetryMap(Report):
         def row(site: Site) -> str:
             cells = [site.name, site.n, site.group.name, site.activation, "yes" if site.privileged else "no",
                      _names(site.writers), _names(site.readers), "; ".join(site.notes)]
-            return "<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in cells) + "</tr>"
+            # The group's label (its mathematics; a host's blocks, which its name {family}_per_block does not say)
+            # on hover, as to_frame's "label" column and the explorer's site line give it.
+            tips = {2: site.group.label or ""}
+            return "<tr>" + "".join(f"<td{_title(tips.get(i))}>{html.escape(str(c))}</td>"
+                                    for i, c in enumerate(cells)) + "</tr>"
 
         head = "".join(f"<th>{h}</th>" for h in ("site", "n", "group", "activation", "privileged", "writers",
                                                   "readers", "notes"))
@@ -176,6 +180,13 @@ class SymmetryMap(Report):
 
 def _count(n: int, noun: str) -> str:
     return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
+def _title(text) -> str:
+    """`` title="…"`` (escaped) for an HTML cell whose hover text is ``text``; nothing for none."""
+    import html
+
+    return f' title="{html.escape(text)}"' if text else ""
 
 
 def _names(ports: list, shown: int = 3) -> str:
