@@ -15,7 +15,7 @@ from .._errors import InvalidOptionError, UnknownNameError
 from .._offload import offloaded_modules
 from .._progress import ProgressLike, progress_bar
 from ..hooks import first_tensor, run_with_cache, watch
-from ..models import eval_mode, has_layout, no_grad_analysis
+from ..models import eval_mode, has_layout, no_grad_analysis, refuse_unrunnable
 from ._backend import Move, backend_for
 from ._map import symmetry_map
 from ._sites import Site
@@ -116,6 +116,8 @@ def _verify(model, new_model, inputs, transform, dtype, tolerance, bar) -> Invar
         else:
             new_model = backend.clone(new_model, dtype)
         bar.update()
+    for m, which in ((model, "model"), (new_model, "new_model")):  # the two it runs (a dtype= copy in place of each)
+        refuse_unrunnable(m, which)
     run_dtype = _param_dtype(model)
     tol = tolerance if tolerance is not None else tolerance_for(run_dtype)
     if transform is not None:
