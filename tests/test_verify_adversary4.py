@@ -141,3 +141,47 @@ def test_the_report_says_what_failed(case):
     else:
         assert report.compared == "log-probabilities" and "aux_loss" not in text and not report.fields_beyond
         assert "beyond their tolerance" not in report.rule
+
+
+def test_a_tuple_field_is_judged_element_by_element():
+    """A plain model returning a ModelOutput with a field ``extra=(c(h), 2·x)`` beside its logits (h the hidden layer a
+    permutation moves): verify left the tuple out without a word, and a new model whose c was tripled (extra[0] 1.3 away,
+    logits unchanged, computed here) PASSed. Each tensor in it is now judged like any other field (an exact transform
+    still PASSes), and a field verify cannot compare (an object) is refused naming it. Hugging Face's own tuples of
+    representations (hidden_states, past_key_values, router_logits: ``_backend.REPRESENTATIONS``) stay uncompared."""
+    from dataclasses import dataclass
+    from typing import Any, Optional
+
+    from transformers.utils import ModelOutput
+
+    @dataclass
+    class Out(ModelOutput):
+        logits: Optional[torch.Tensor] = None
+        extra: Any = None
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c = torch.nn.Linear(4, 8), torch.nn.Linear(8, 3), torch.nn.Linear(8, 2)
+            self.other = None
+
+        def forward(self, x):
+            h = torch.relu(self.a(x))
+            return Out(logits=self.b(h), extra=(self.c(h), 2 * x) if self.other is None else self.other)
+
+    torch.manual_seed(0)
+    model = Net().double().eval()
+    x = torch.randn(5, 4, dtype=torch.float64)
+    new, t = wb.random_intertwiner(model, seed=0)
+    assert wb.verify(model, new, x, t).passed
+    bad = copy.deepcopy(new)
+    with torch.no_grad():
+        bad.c.weight.mul_(3)
+        a, b = model(x), bad(x)
+    assert (a.logits - b.logits).abs().max() < 1e-12 and (a.extra[0] - b.extra[0]).abs().max() > 1
+    report = wb.verify(model, bad, x, t)
+    assert not report.passed and report.compared == "extra[0]", report.summary()
+    assert [f[0] for f in report.fields_beyond] == ["extra[0]"]
+    model.other = new.other = object()
+    with pytest.raises(wb.UnsupportedModelError, match="'extra' is of type object"):
+        wb.verify(model, new, x, t)
