@@ -8,7 +8,8 @@ transformers ("Expected mat_a to be Float32, BFloat16 or Float16 matrix, got Dou
 float32 model with the default: the transformed model keeps ``grouped_mm`` and its log-probabilities are the
 original's to within the float32 floor, computed directly against a float64 ``eager`` copy of the original's
 weights; verify passes in float32 and in float64 and fails on a moved expert weight; the model keeps its own
-implementation.
+implementation. A model whose own forward cannot run on grouped_mm (float64 weights; a bfloat16 expert row that is not
+a whole 16-byte unit) is refused by every verb that runs it, naming the fix, and only that model.
 """
 import copy
 
@@ -67,3 +68,89 @@ def test_default_experts_float32(family):
         experts.down_proj[0] += 0.05 * torch.randn(experts.down_proj[0].shape, generator=torch.Generator().manual_seed(0))
     assert wb.verify(model, bad, IDS, t).verdict == "FAIL"
     assert model.config._experts_implementation == "grouped_mm"  # the user's model keeps its own
+
+
+REFUSED = "UnsupportedModelError"
+
+
+def runs(model) -> str:
+    """"ran", or the RuntimeError's text where the model's own forward fails (computed here)."""
+    try:
+        with torch.no_grad():
+            assert model(IDS).logits.isfinite().all()
+        return "ran"
+    except RuntimeError as exc:
+        return str(exc)
+
+
+def refusal(verb) -> str:
+    """What ``verb()`` did: "ran", REFUSED with its text, or another error's type."""
+    try:
+        verb()
+        return "ran"
+    except wb.UnsupportedModelError as exc:
+        return f"{REFUSED}: {exc}"
+    except Exception as exc:
+        return type(exc).__name__
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_a_float64_model_on_grouped_mm_is_refused_naming_the_fix(family):
+    """A model built (or loaded) with the default, then ``.double()``: its own forward fails inside transformers (checked
+    here), and every verb that runs it (verify, run_with_cache, capture, intervene, hook_names' probe) raised torch's
+    RuntimeError from there. Now each refuses it up front with UnsupportedModelError naming the experts module, the
+    implementation and the fix; after the fix, verify PASSes; a new model on grouped_mm is refused as new_model."""
+    cls, config, shape = FAMILIES[family]
+    model = random_model(cls, config, shape)  # float64
+    assert model.config._experts_implementation == "grouped_mm"
+    assert "Double" in runs(model)
+    new, t = wb.random_intertwiner(model, seed=1)  # (reads weights only, never runs the model: a float64 eager copy)
+    with pytest.raises(wb.UnsupportedModelError,
+                       match=r"'grouped_mm'.*float64.*model\.set_experts_implementation\(\"eager\"\)"):
+        wb.verify(model, new, IDS, t)
+    for verb in (lambda: wb.run_with_cache(model, IDS, names="*"), lambda: wb.capture(model, names="*"),
+                 lambda: wb.intervene(model, {}).__enter__(), lambda: wb.hook_names(model, IDS)):
+        with pytest.raises(wb.UnsupportedModelError, match=r"experts 'model\.layers\.0\.mlp\.experts'"):
+            verb()
+    model.set_experts_implementation("eager")
+    assert wb.verify(model, new, IDS, t).verdict == "PASS"
+    bad = copy.deepcopy(new)
+    bad.set_experts_implementation("grouped_mm")
+    with pytest.raises(wb.UnsupportedModelError, match=r'new_model \(.*new_model\.set_experts_implementation'):
+        wb.verify(model, bad, IDS, t)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_lower_precisions_on_grouped_mm_are_refused_exactly_where_they_fail(family):
+    """float32, bfloat16 and float16 on grouped_mm: the kernel takes them, but only matrices whose rows are whole
+    16-byte units ("strides should be multiple of 16 bytes"), which every checkpoint's sizes are and this file's tiny
+    Qwen MoEs' experts (12 and 20 hidden units) in 2-byte dtypes are not. Each verb runs the model exactly where its own
+    forward runs (computed here) and refuses it, naming the fix, exactly where it fails."""
+    cls, config, shape = FAMILIES[family]
+    failing = set()
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        model = random_model(cls, config, shape).to(dtype)
+        own = runs(model)
+        got = refusal(lambda: wb.run_with_cache(model, IDS, names=["model.layers.0.mlp.experts"]))
+        if own == "ran":
+            assert got == "ran", got
+        else:
+            assert "16 bytes" in own and got.startswith(REFUSED) and "16-byte units" in got, (own, got)
+            assert 'set_experts_implementation("eager")' in got
+            failing.add(dtype)
+            model.set_experts_implementation("eager")
+            assert runs(model) == "ran"
+    assert failing == ({torch.bfloat16, torch.float16} if family.startswith("qwen") else set())
+
+
+def test_a_bridge_around_a_float64_model_on_grouped_mm_is_refused(tmp_path):
+    """A TransformerLens bridge booted around it: the fix names the bridge's original_model."""
+    from test_hf_families import bridge
+
+    model = bridge(random_model(*FAMILIES["mixtral"][:2], test_hf_mixtral.SHAPE), tmp_path)
+    assert model.original_model.config._experts_implementation == "grouped_mm"
+    with pytest.raises(wb.UnsupportedModelError, match=r'model\.original_model\.set_experts_implementation\("eager"\)'):
+        wb.run_with_cache(model, IDS, names=["blocks.0.hook_resid_post"])
+    model.original_model.set_experts_implementation("eager")
+    _, cache = wb.run_with_cache(model, IDS, names=["blocks.0.hook_resid_post"])
+    assert cache["blocks.0.hook_resid_post"].dtype == torch.float64

@@ -5,6 +5,7 @@ instead of its outputs.
 Every answer is checked directly: both models run here and compared, never by asking verify.
 """
 import copy
+import re
 
 import pytest
 import torch
@@ -98,3 +99,89 @@ def test_a_field_only_one_model_returns_is_refused_not_left_out():
     plain.config.output_router_logits = False
     with pytest.raises(wb.InvalidOptionError, match="'aux_loss' is returned by new_model only"):
         wb.verify(plain, new, X, t)
+
+
+@pytest.mark.parametrize("case", ["field", "both", "outputs"])
+def test_the_report_says_what_failed(case):
+    """Where only aux_loss failed (a float64 Mixtral, top-1 routing, its second router's row scaled by 1 + 1e-3: the
+    log-probabilities unchanged, aux_loss 3e-6 away, computed here), the summary read "FAIL on the 4 inputs given
+    (1 rows): max relative output (field 'aux_loss' of the models' outputs) difference …; worst at []" and its rule
+    described the one number as "aux_loss on the 1 rows …, column over rows". The summary now says aux_loss changed
+    (the outputs agreeing) by how much against its own tolerance, the rows are the outputs', and the rule is theirs with
+    the field's comparison beside it. Where both fail (the router row scaled by 1.2, top 2) the log-probabilities head
+    and the summary says aux_loss also changed; where only the outputs fail (a head row moved) it names no field."""
+    from test_verify_adversary2 import mixtral_with_aux
+    from test_verify_routing import X, sparse
+
+    model = mixtral_with_aux(k=2 if case == "both" else 1).double()
+    new, t = wb.random_intertwiner(model, seed=1, sites=["resid"])
+    wrong = copy.deepcopy(new)
+    with torch.no_grad():
+        if case == "outputs":
+            wrong.lm_head.weight[3] *= 1.01
+        else:
+            sparse(wrong)[1].gate.weight[2] *= 1 + 1e-3 if case == "field" else 1.2
+    logp, aux = moved(model, wrong, X)
+    assert (logp > 1e-4) == (case != "field") and (aux > 2e-6) == (case != "outputs"), (logp, aux)
+    report = wb.verify(model, wrong, X, t)
+    text, rows = report.summary(), X.numel()
+    assert report.verdict == "FAIL" and report.rows == rows and "1 rows" not in text + report.rule
+    assert text.startswith(f"FAIL on the {len(X)} inputs given ({rows} rows): "), text
+    assert report.rule.startswith(f"log-probabilities on the {rows} rows of the given inputs only"), report.rule
+    assert "the other fields the models return (aux_loss), each element-wise" in report.rule
+    if case == "field":
+        assert report.compared == "aux_loss" and report.max_rel_diff == pytest.approx(aux, rel=1e-3)
+        assert re.search(r": 'aux_loss' \(returned beside the outputs, which agree\) changed by 3\.\d\de-06 relative "
+                         r"\(tolerance 9\.5e-07, float64 model\); worst: 0\.99\d+ → 0\.99\d+;", text), text
+        assert "; beyond their tolerance: aux_loss changed by" in report.rule and "also beyond" not in report.rule
+    elif case == "both":
+        assert report.compared == "log-probabilities" and "max relative log-probability difference" in text
+        assert re.search(r"; also 'aux_loss' changed by \d\.\d\de-0\d relative \(tolerance 9\.5e-07\)", text), text
+        assert "; also beyond their tolerance: aux_loss changed by" in report.rule
+    else:
+        assert report.compared == "log-probabilities" and "aux_loss" not in text and not report.fields_beyond
+        assert "beyond their tolerance" not in report.rule
+
+
+def test_a_tuple_field_is_judged_element_by_element():
+    """A plain model returning a ModelOutput with a field ``extra=(c(h), 2·x)`` beside its logits (h the hidden layer a
+    permutation moves): verify left the tuple out without a word, and a new model whose c was tripled (extra[0] 1.3 away,
+    logits unchanged, computed here) PASSed. Each tensor in it is now judged like any other field (an exact transform
+    still PASSes), and a field verify cannot compare (an object) is refused naming it. Hugging Face's own tuples of
+    representations (hidden_states, past_key_values, router_logits: ``_backend.REPRESENTATIONS``) stay uncompared."""
+    from dataclasses import dataclass
+    from typing import Any, Optional
+
+    from transformers.utils import ModelOutput
+
+    @dataclass
+    class Out(ModelOutput):
+        logits: Optional[torch.Tensor] = None
+        extra: Any = None
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c = torch.nn.Linear(4, 8), torch.nn.Linear(8, 3), torch.nn.Linear(8, 2)
+            self.other = None
+
+        def forward(self, x):
+            h = torch.relu(self.a(x))
+            return Out(logits=self.b(h), extra=(self.c(h), 2 * x) if self.other is None else self.other)
+
+    torch.manual_seed(0)
+    model = Net().double().eval()
+    x = torch.randn(5, 4, dtype=torch.float64)
+    new, t = wb.random_intertwiner(model, seed=0)
+    assert wb.verify(model, new, x, t).passed
+    bad = copy.deepcopy(new)
+    with torch.no_grad():
+        bad.c.weight.mul_(3)
+        a, b = model(x), bad(x)
+    assert (a.logits - b.logits).abs().max() < 1e-12 and (a.extra[0] - b.extra[0]).abs().max() > 1
+    report = wb.verify(model, bad, x, t)
+    assert not report.passed and report.compared == "extra[0]", report.summary()
+    assert [f[0] for f in report.fields_beyond] == ["extra[0]"]
+    model.other = new.other = object()
+    with pytest.raises(wb.UnsupportedModelError, match="'extra' is of type object"):
+        wb.verify(model, new, x, t)

@@ -60,6 +60,79 @@ def unrunnable(config) -> Optional[str]:
     return None
 
 
+# Hugging Face's experts implementations that run torch's grouped_mm kernel: ``grouped_mm``, what ``from_pretrained``
+# and ``Class(config)`` pick by default. Its kernel refuses float64 ("Expected mat_a to be Float32, BFloat16 or Float16
+# matrix, got Double"), and any matrix whose strides are not whole 16-byte units ("strides should be multiple of 16
+# bytes": a bfloat16 expert of 12 hidden units); measured with torch 2.13 on the CPU for every mixture family checked
+# here, and on a grid of shapes with the kernel itself. ``eager`` and ``batched_mm`` run float64 and any shape.
+_GROUPED_MM = frozenset({"grouped_mm"})
+
+
+def experts_cannot_run(model: nn.Module, which: str = "model") -> Optional[str]:
+    """Why ``model``'s forward fails inside transformers because a mixture of experts runs torch's ``grouped_mm`` kernel
+    on weights it refuses: float64 (a model loaded with the default, then ``.double()``), or an expert matrix whose rows
+    are not whole 16-byte units (tiny shapes only: a bfloat16 row of 12 values); None where it runs (``which``: the
+    model's name in the fix the text gives). An experts module is one transformers' ``use_experts_implementation``
+    decorated: its forward dispatches on its own ``config._experts_implementation`` at every call, and ``grouped_mm``
+    casts the tokens to its weights' dtype and multiplies them by each weight (transposed unless ``is_transposed``).
+    Where transformers would take its own loop instead of torch's kernel (``_can_use_grouped_mm``: torch <= 2.8 on the
+    CPU, an old GPU), the model runs and is not refused."""
+    for name, m in model.named_modules():
+        own = vars(m)  # (the decorator sets both on the experts module itself: no nn.Module lookup per module)
+        impl = getattr(own.get("config"), "_experts_implementation", None) if "is_concatenated" in own else None
+        if impl not in _GROUPED_MM:
+            continue
+        weights = [p for p in m.parameters(recurse=False) if p.ndim == 3]
+        if not weights or not _torch_kernel(weights[0]):
+            continue
+        if any(w.dtype == torch.float64 for w in weights):
+            why = "computes in float32, bfloat16 or float16 only, and their weights are float64"
+        else:
+            odd = next((w for w in weights if _unaligned(w if own["is_transposed"] else w.transpose(-2, -1))), None)
+            if odd is None:
+                continue
+            why = (f"takes matrices whose rows are whole 16-byte units only, and a weight of shape {tuple(odd.shape)} in "
+                   f"{str(odd.dtype).replace('torch.', '')} has rows of another length")
+        owner = f"{which}.original_model" if model_kind(model) == ModelKind.HF_BRIDGE else which
+        where = name.replace("._original_component", "")
+        return (f"its experts {where!r} ({type(m).__name__}) run Hugging Face's {impl!r} experts implementation (its "
+                f"config's _experts_implementation, the default a mixture of experts is built and loaded with), whose "
+                f"torch kernel {why}: the model's own forward fails inside transformers. Run the experts one at a "
+                f"time, the same function: {owner}.set_experts_implementation(\"eager\") (or load it with "
+                f"experts_implementation=\"eager\")" + ("; or keep the model in float32 and pass dtype=torch.float64 to "
+                f"verify, which checks on a float64 copy running the eager experts." if "float64" in why else "."))
+    return None
+
+
+def _unaligned(b: torch.Tensor) -> bool:
+    """Whether torch's grouped_mm refuses ``b`` [experts, K, N] as its right operand, the tokens [S, K] its left:
+    a stride other than 1 (of either) that is not a whole number of 16-byte units."""
+    size = b.element_size()
+    return any(s != 1 and s * size % 16 for s in (*b.stride(), b.shape[-2]))
+
+
+def _torch_kernel(weight: torch.Tensor) -> bool:
+    """Whether transformers runs ``grouped_mm`` with torch's kernel for ``weight`` (else its own loop of matrix
+    products, which takes any dtype)."""
+    try:
+        from transformers.integrations.moe import _can_use_grouped_mm
+    except ImportError:
+        return True
+    try:
+        return bool(_can_use_grouped_mm(weight, weight, torch.zeros(1, dtype=torch.int32, device=weight.device)))
+    except TypeError:  # (another signature: the kernel, as in every release that has this implementation)
+        return True
+
+
+def refuse_unrunnable(model: nn.Module, which: str = "model") -> None:
+    """An :class:`UnsupportedModelError` where ``model`` (``which``: the argument's name) cannot run its own forward
+    (:func:`experts_cannot_run`), before a verb runs it: torch's error from deep inside transformers named neither the
+    construct nor the fix. A cheap walk of the modules; a model of no Hugging Face class has none of these."""
+    why = experts_cannot_run(model, which)
+    if why:
+        raise UnsupportedModelError(f"{which} ({type(model).__name__}) cannot run: {why}")
+
+
 def qk_norm_sizes(cfg, entries: dict, names: dict) -> None:
     """An all-head q/k norm (OLMo 2, OLMoE) must normalise every value its projection writes: heads·d_head. OLMoE sizes
     its q_norm by ``hidden_size``, so a config with ``head_dim != hidden_size / heads`` builds a model whose own forward

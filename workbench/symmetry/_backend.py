@@ -89,7 +89,7 @@ OUTPUT_FIELDS = ("logits", "image_embeds", "last_hidden_state")
 #: fields of a ``ModelOutput`` that hold representations, which a transform moves (into the new basis; heads and
 #: experts permuted), never compared as they are: a pooled output is the stream's (a traced convolutional model's,
 #: CLIP's and DINOv2's final norm's: compared through the stream; a BERT-like pooler's: ``LayoutBackend``)
-REPRESENTATIONS = frozenset({"hidden_states", "attentions", "cross_attentions", "past_key_values", "last_hidden_state",
+REPRESENTATIONS = frozenset({"hidden_states", "attentions", "cross_attentions", "past_key_values", "cache", "last_hidden_state",
                              "pooler_output", "encoder_last_hidden_state", "encoder_hidden_states", "encoder_attentions",
                              "decoder_hidden_states", "decoder_attentions", "router_logits", "image_embeds",
                              "text_embeds", "vision_model_output", "text_model_output"})
@@ -122,7 +122,11 @@ def other_outputs(value: Any, new_value: Any) -> list[tuple[torch.Tensor, torch.
     chosen = next((n for n in OUTPUT_FIELDS if isinstance(getattr(value, n, None), torch.Tensor)), None)
 
     def fields(v) -> dict:
-        return {n: t for n, t in v.items() if n != chosen and n not in REPRESENTATIONS and isinstance(t, torch.Tensor)}
+        found: dict = {}
+        for n, t in v.items():
+            if n != chosen and n not in REPRESENTATIONS:
+                _leaves(t, n, found)
+        return found
 
     olds, news = fields(value), fields(new_value)
     # A field one model returns and the other does not (a new model built with output_router_logits off: no aux_loss),
@@ -135,6 +139,30 @@ def other_outputs(value: Any, new_value: Any) -> list[tuple[torch.Tensor, torch.
             raise InvalidOptionError(f"verify compares every field the models return: {name!r} has shape "
                                      f"{tuple(old.shape)} in model and {tuple(news[name].shape)} in new_model.")
     return [(old.detach(), news[name].detach(), name) for name, old in olds.items()]
+
+
+def _leaves(value: Any, name: str, found: dict) -> None:
+    """``found[name]`` = ``value`` for a tensor (a Python number as one), and every tensor inside a tuple, list or dict
+    under its index (``extra[0]``, ``extra['a']``): a field ``extra=(t1, t2)`` was left out without a word, and a new
+    model whose ``t1`` was tripled PASSed (tests/test_verify_adversary4.py). None inside one must be None in both (the
+    names then differ: refused). Anything else cannot be compared, and is refused naming it."""
+    if isinstance(value, torch.Tensor):
+        found[name] = value
+    elif any(c.__name__.endswith("Cache") and c.__module__.startswith("transformers.") for c in type(value).__mro__):
+        return  # a key/value cache (transformers 5 returns it as ``cache``): representations, as past_key_values
+    elif isinstance(value, (bool, int, float)):
+        found[name] = torch.as_tensor(float(value), dtype=torch.float64)
+    elif isinstance(value, (tuple, list)):
+        for i, v in enumerate(value):
+            _leaves(v, f"{name}[{i}]", found)
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            _leaves(v, f"{name}[{k!r}]", found)
+    elif value is not None:
+        raise UnsupportedModelError(
+            f"verify compares every field the models return beside their outputs, as it is; {name!r} is of type "
+            f"{type(value).__name__}, which it cannot compare. Return tensors (or tuples, lists or dicts of them) from "
+            f"the model, or compare the field yourself.")
 
 
 def relative_changes(reference, other, names) -> dict:

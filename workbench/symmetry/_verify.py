@@ -15,7 +15,7 @@ from .._errors import InvalidOptionError, UnknownNameError
 from .._offload import offloaded_modules
 from .._progress import ProgressLike, progress_bar
 from ..hooks import first_tensor, run_with_cache, watch
-from ..models import eval_mode, has_layout, no_grad_analysis
+from ..models import eval_mode, has_layout, no_grad_analysis, refuse_unrunnable
 from ._backend import Move, backend_for
 from ._map import symmetry_map
 from ._sites import Site
@@ -23,7 +23,8 @@ from ._transform import Transform, apply_transform
 from ._verify_floor import (FLOOR_ROWS, _chosen, _Comparison, _fails, _floor_rows, _own_rounding, beyond_units,
                             site_tolerances, trivial_floor, unit_tolerances)
 from ._verify_kernel import OnePass, one_pass
-from ._verify_report import InvarianceReport, SiteCheck
+from ._verify_fields import Fields, beyond_text
+from ._verify_report import InvarianceReport, SiteCheck, rows_text
 from . import _verify_routing as routing
 
 # Relative tolerances by dtype: what an exact symmetry achieves with random weights, with margin.
@@ -70,8 +71,6 @@ def verify(model: nn.Module, new_model: nn.Module, inputs: torch.Tensor, transfo
 # a model rebuilt from a configuration edited after building moved GPT-2's log-probabilities by 0.1, which became a
 # tolerance of 1 and a PASS for a changed function). Such a measurement is not used.
 _NOT_ROUNDING = 1e-4
-#: units of its own dtype's rounding (relative) a returned field computed in a coarser dtype than the model may differ by
-_ULPS = 8
 
 
 def _verify(model, new_model, inputs, transform, dtype, tolerance, bar) -> InvarianceReport:
@@ -116,6 +115,8 @@ def _verify(model, new_model, inputs, transform, dtype, tolerance, bar) -> Invar
         else:
             new_model = backend.clone(new_model, dtype)
         bar.update()
+    for m, which in ((model, "model"), (new_model, "new_model")):  # the two it runs (a dtype= copy in place of each)
+        refuse_unrunnable(m, which)
     run_dtype = _param_dtype(model)
     tol = tolerance if tolerance is not None else tolerance_for(run_dtype)
     if transform is not None:
@@ -171,25 +172,9 @@ def _verify(model, new_model, inputs, transform, dtype, tolerance, bar) -> Invar
     # what the float64 branch's rounded runs are measured against: the outputs as compared (a rounded run returns these)
     scored = (out, new_out, per_row)
     # Any other output the models return that must agree as it is (a loss, a pooler's output) is judged too, beside the
-    # outputs, never instead of them: it once replaced them where it disagreed, and a float64 Mixtral whose router row
-    # was scaled by 1 + 1e-3 (log-probabilities 1.5e-3 away, aux_loss 1.5e-5, computed here) PASSed on aux_loss alone at
-    # the tolerance its logits' floor raised (4e-5), the logits never compared (tests/test_verify_adversary4.py).
-    others, coarse = [], []  # (comparison, what, its own tolerance) of each field beyond its own tolerance
-    for old_f, new_f, what in also:
-        cmp_f = _Comparison(old_f, new_f, False, run_dtype)
-        # a field computed in a coarser dtype than the model's agrees to a few of its own units of rounding at best
-        # (Hugging Face's aux_loss sums in float32 in a float64 model: 6e-8 apart on an exact transform, a FAIL at 1e-10);
-        # beyond that it is judged at the tolerance the outputs' floor raises where larger (not at float32's 1e-5: a
-        # router row of a float64 Mixtral scaled by 1 + 1e-4 moved aux_loss by 1.2e-6 and nothing else, computed here)
-        own = tol if tolerance is not None else max([tol] + [_ULPS * torch.finfo(f.dtype).eps for f in (old_f, new_f)
-                                                             if f.is_floating_point()])
-        if cmp_f.max_rel > own or not cmp_f.finite:
-            others.append((cmp_f, what, own))
-        elif own > tol:
-            coarse.append(f"{what} ({str(old_f.dtype).replace('torch.', '')}) within {own:.1e}")
-
-    def others_beyond(t: float) -> list:  # the other fields that fail at the outputs' tolerance t (or their own, larger)
-        return [o for o in others if not o[0].finite or not o[0].max_rel <= max(o[2], t)]
+    # outputs, never instead of them (_verify_fields)
+    fields = Fields(also, run_dtype, tol, tolerance)
+    others_beyond = fields.beyond
     bar.set_postfix_str("sites")
     checks = _site_checks(sites, transform, expected, measured, bar)
     bar.update(max(0, bar.total - bar.n))  # sites that could not be checked (an untraceable model) are steps done
@@ -198,7 +183,7 @@ def _verify(model, new_model, inputs, transform, dtype, tolerance, bar) -> Invar
     def above(t: float) -> bool:  # outputs or sites beyond tolerance t (top-1 aside: _fails adds it)
         return cmp.max_rel > t or any(c.equivariance_error > t for c in checks)
 
-    strict_fail = above(tol) or bool(others)
+    strict_fail = above(tol) or bool(fields.failing)
     # A floor is the rounding of one function: where the model routes, every run that measures one makes the choices the
     # compared run made (a copy choosing another expert at a near tie measured the experts' difference: tolerance ~1)
     choose_old = routing.following(old_choices.seen) if routers else None
@@ -320,26 +305,25 @@ def _verify(model, new_model, inputs, transform, dtype, tolerance, bar) -> Invar
                 for check, own in zip(checks, sites_of(floors)):
                     check.tolerance = own
     # The report's headline: the outputs where they fail (the model's function changed: what a researcher asks first),
-    # else the first other field that fails; any other failing field is named in the rule.
-    beyond = others_beyond(tol)
-    if beyond and not _fails(cmp, [], tol, last, units):
-        cmp, compared, per_row, units = beyond[0][0], beyond[0][1], False, None
-        beyond = beyond[1:]
+    # else the first other field that fails; every failing field is named (summary, rule). The rule and the rows are
+    # the outputs' either way: a field heading the report was described as 'aux_loss on the 1 rows', column over rows.
     ties, top1 = cmp.top1(tol, units) if cmp.classifier and not last else (0, None)
     n_inputs = len(inputs) if isinstance(inputs, torch.Tensor) and inputs.ndim >= 1 else None
     unit_base = None if units is None else tolerance_for(torch.float32 if floored == "float32" else run_dtype)
+    rows, zero = cmp.old.shape[0], cmp.zero  # (the outputs', whatever heads the report)
     rule = _rule(compared, per_row, tol, run_dtype, cmp.classifier and not last, floored, bool(routers), unit_base,
-                 cmp.old.shape[0])
+                 rows) + fields.rule()
+    beyond = others_beyond(tol)
     if beyond:
-        rule += "; also beyond their tolerance: " + ", ".join(f"{what} ({c.max_rel:.1e} relative)" for c, what, _ in beyond)
-    if coarse:
-        rule += (f"; computed in a coarser dtype than the model's, {', '.join(coarse)}: {_ULPS} units of its rounding, "
-                 f"relative")
+        outputs_fail = _fails(cmp, [], tol, last, units)
+        rule += f"; {'also ' if outputs_fail else ''}beyond their tolerance: {beyond_text(beyond)}"
+        if not outputs_fail:
+            cmp, compared, units, ties, top1 = beyond[0][0], beyond[0][1], None, 0, None
     return InvarianceReport(cmp.max_abs, cmp.max_rel, top1, tol, str(run_dtype).replace("torch.", ""), checks,
                             compared, kl, floor, rule, cmp.worst(units), ties, not_checked, cmp.finite,
-                            outputs_zero=cmp.zero, routing_ties=routing_ties,
+                            outputs_zero=zero, routing_ties=routing_ties,
                             units_beyond_rounding=beyond_units(cmp, units) if units is not None else 0,
-                            inputs=n_inputs, rows=cmp.old.shape[0])
+                            inputs=n_inputs, rows=rows, fields_beyond=[(w, c.max_rel, t) for c, w, t in beyond])
 
 
 def _check_made_by(model: nn.Module, new_model: nn.Module, transform: Transform, example) -> None:
@@ -407,7 +391,7 @@ def _rule(compared: str, per_row: bool, tol: float, dtype: torch.dtype, classifi
               "own": ", raised to 10× this model's own rounding: its outputs against its float64 copy's",
               "own-rows": f", raised to 10× this model's own rounding: its outputs against its float64 copy's on the "
                           f"batch's {FLOOR_ROWS} most different rows"}.get(floored, "")
-    text = (f"{compared}{'' if rows is None else f' on the {rows} rows of the given inputs only'}, element-wise: "
+    text = (f"{compared}{'' if rows is None else f' on the {rows_text(rows)} of the given inputs only'}, element-wise: "
             f"|new − old| ≤ tol·s with s = max |old| over {unit}, at least "
             f"eps·max|old|; tol = {tol:.1e} ({str(dtype).replace('torch.', '')}{raised})")
     if unit_base is not None:

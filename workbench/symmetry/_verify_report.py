@@ -9,6 +9,11 @@ from typing import Optional
 from .._report import Report, new_axes
 
 
+def rows_text(n: int) -> str:
+    """'1 row', '48 rows'."""
+    return f"{n} row{'' if n == 1 else 's'}"
+
+
 @dataclass
 class SiteCheck:
     site: str
@@ -64,6 +69,9 @@ class InvarianceReport(Report):
     # these, not everywhere
     inputs: Optional[int] = None
     rows: Optional[int] = None
+    # the other fields the models return (a loss, a mixture's aux_loss) beyond their tolerance: (name, max relative
+    # change, its tolerance). Where the outputs agree, the first heads the report (:attr:`compared`, the figures)
+    fields_beyond: list = field(default_factory=list)
 
     @property
     def function_preserved(self) -> bool:
@@ -104,7 +112,8 @@ class InvarianceReport(Report):
         what = {"log-probabilities": "log-probability", "encoder outputs": "encoder output",
                 "last hidden states": "last hidden state", "pooled outputs": "pooled output",
                 "embeddings": "embedding", "logits": "logit", "pooler outputs": "pooler output",
-                "outputs": "output"}.get(self.compared, f"output (field {self.compared!r} of the models' outputs)")
+                "outputs": "output"}.get(self.compared)
+        fields = {name: (rel, tol) for name, rel, tol in self.fields_beyond}
         checked = self.checked
         moved = sum(s.representation_change > 100 * self.site_tolerance(s) for s in checked)
         # An encoder's or a base model's output is the residual stream itself: it moves with the stream's element,
@@ -114,11 +123,16 @@ class InvarianceReport(Report):
         if self.inputs is not None:
             on = f" on the {self.inputs} input{'s' if self.inputs != 1 else ''} given"
             if self.rows is not None and self.rows != self.inputs:
-                on += f" ({self.rows} rows)"
+                on += f" ({rows_text(self.rows)})"
         elif self.rows is not None:
-            on = f" on the {self.rows} rows of the given inputs"
-        text = (f"{self.verdict}{on}: max relative {what} difference{basis} {self.max_rel_diff:.2e} (tolerance "
-                f"{self.tolerance:.0e}, {self.dtype})")
+            on = f" on the {rows_text(self.rows)} of the given inputs"
+        if what is None:  # another field the models return heads the report: the outputs agree (``rule``)
+            tol = fields.pop(self.compared, (None, self.tolerance))[1]
+            text = (f"{self.verdict}{on}: {self.compared!r} (returned beside the outputs, which agree) changed by "
+                    f"{self.max_rel_diff:.2e} relative (tolerance {tol:.1e}, {self.dtype} model)")
+        else:
+            text = (f"{self.verdict}{on}: max relative {what} difference{basis} {self.max_rel_diff:.2e} (tolerance "
+                    f"{self.tolerance:.0e}, {self.dtype})")
         if not self.finite:
             text += "; the new model's outputs are not finite"
         if self.outputs_zero:
@@ -136,7 +150,11 @@ class InvarianceReport(Report):
                      f"rounding, where the original was evaluated with the new model's choice")
         if self.worst is not None and not self.function_preserved:
             w = self.worst
-            text += f"; worst at {list(w['index'])}: {w['old']:.4g} → {w['new']:.4g}"
+            at = f" at {list(w['index'])}" if len(w["index"]) else ""  # (a single number, a loss, has no index)
+            text += f"; worst{at}: {w['old']:.4g} → {w['new']:.4g}"
+        if fields:
+            text += "; also " + ", ".join(f"{name!r} changed by {rel:.2e} relative (tolerance {tol:.1e})"
+                                          for name, (rel, tol) in fields.items())
         bad = [s.site for s in checked if s.equivariance_error > self.site_tolerance(s)]
         if bad:
             text += f"; not equivariant at {', '.join(bad[:3])}{' …' if len(bad) > 3 else ''}"
