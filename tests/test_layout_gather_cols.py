@@ -158,15 +158,17 @@ def _hand_loop(storage: torch.Tensor, gate: list, up: list) -> torch.Tensor:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("scaled", [False, True])
-def test_gate_and_up_take_one_pass_with_a_hand_loops_bits(monkeypatch, dtype, scaled):
+@pytest.mark.parametrize("n", [7, 37])  # rows of 14 entries (no whole cache line) and of 74 (whole lines, unaligned)
+def test_gate_and_up_take_one_pass_with_a_hand_loops_bits(monkeypatch, dtype, scaled, n):
     """GPT-OSS's interleaved halves, each with its own moves of its columns: ``_fused_halves`` makes them one job on the
     whole tensor, which takes one compiled pass (not two) and gives a hand loop's bits, as do torch's gathers
     (the kernels refused, as WORKBENCH_NUMBA=0) and the two halves pushed one after the other (the code before it).
+    Without column scales the whole's contiguous rows take ``_stream_row``'s lines (``_kernels_numba._headwise_row``).
     Negative control: the halves' moves interleaved the wrong way round (the up's on the gate's columns) differ."""
     from workbench.symmetry._layout_gathers import _fused_halves, _interleave
 
-    g = torch.Generator().manual_seed(11 + scaled)
-    E, d, n = 3, 5, 7
+    g = torch.Generator().manual_seed(11 + scaled + n)
+    E, d = 3, 5
     storage, gate, up = _interleaved(E, d, n, dtype, g)
     ops_g, ops_u = _halves_run(E, d, n, g, scaled, dtype)
     want = _hand_loop(storage, ops_g, ops_u)
