@@ -40,7 +40,7 @@ import numpy as np
 from llvmlite import ir
 from numba import njit, types
 from numba.core import cgutils
-from numba.extending import intrinsic
+from numba.extending import intrinsic, overload
 
 LINE = 64  # bytes per cache line, the unit of a non-temporal store
 
@@ -329,7 +329,7 @@ def gather_headwise_cols(src, out, p, r, q, c):
     order, each rounded to the dtype: a per-head move of the columns first, then the rows' moves, as the push applies
     them one after the other (``_layout_gathers._gathered_cols``). Rows are visited in the source's order, the next
     source row prefetched while one is gathered (as ``gather_scale_2d``: a column gather reads its row in a random
-    order, which the hardware prefetcher cannot follow)."""
+    order, which the hardware prefetcher cannot follow); each row by ``_headwise_row``."""
     E, R, C = out.shape
     src_rows, out_rows = _row_order(p, E * R)
     for t in range(E * R):
@@ -339,20 +339,54 @@ def gather_headwise_cols(src, out, p, r, q, c):
         srow, qh, o = src[h, s - h * R], q[h], out[e, row - e * R]
         s2 = src_rows[min(t + 1, E * R - 1)]
         nxt = src[s2 // R, s2 - s2 // R * R]
-        if r is not None:
-            ri = r[row]
-        if c is None:
-            for j in range(C):
+        _headwise_row(o, srow, qh, c, h, r, row, nxt)
+    _store_fence()  # (after _headwise_row's non-temporal stores, where it made them)
+
+
+def _headwise_row(o, srow, qh, c, h, r, row, nxt):
+    """One row of ``gather_headwise_cols``: ``o[j] = (srow[qh[j]] · c[h, j]) · r[row]``, the next source row ``nxt``
+    prefetched meanwhile. Compiled by its overload, one body per argument types."""
+    raise NotImplementedError("compiled only (_headwise_row_impl)")
+
+
+@overload(_headwise_row, jit_options={"boundscheck": False})
+def _headwise_row_impl(o, srow, qh, c, h, r, row, nxt):
+    """A contiguous output row without column scales (GPT-OSS's gate and up as one tensor, ``_layout_gathers.
+    _fused_halves``) takes ``_stream_row``'s lines, as ``gather_scale_2d``'s rows do: its products are then the
+    same (× r only). Measured on an [8, 512, 1024] float32 weight, rows and per-head columns permuted, one thread, min
+    of 30: 2.6-2.7 ms the element loop, 1.5 ms the lines (a copy 0.6 ms). Anything else: the element loop."""
+    if isinstance(o, types.Array) and o.layout == "C" and c == types.none:
+        def lines(o, srow, qh, c, h, r, row, nxt):
+            C, width = o.shape[0], LINE // o.itemsize
+            head = min(((LINE - o.ctypes.data % LINE) % LINE) // o.itemsize, C)  # entries before the first whole line
+            for j in range(head):
+                o[j] = _one(srow, j, qh, r, None, row)
+            end = head + (C - head) // width * width
+            _stream_row(o, head, end, srow, qh, r, row, None, np.uint64(0), nxt)  # (its largest |value| unused)
+            for j in range(end, C):
+                o[j] = _one(srow, j, qh, r, None, row)
+        return lines
+
+    if c == types.none:
+        def elements(o, srow, qh, c, h, r, row, nxt):
+            if r is not None:
+                ri = r[row]
+            for j in range(o.shape[0]):
                 v = srow[qh[j]]
                 _prefetch_at(nxt, j)
                 if r is not None:
                     v = v * ri
                 o[j] = v
-        else:
-            ch = c[h]
-            for j in range(C):
-                v = srow[qh[j]] * ch[j]
-                _prefetch_at(nxt, j)
-                if r is not None:
-                    v = v * ri
-                o[j] = v
+        return elements
+
+    def scaled(o, srow, qh, c, h, r, row, nxt):
+        if r is not None:
+            ri = r[row]
+        ch = c[h]
+        for j in range(o.shape[0]):
+            v = srow[qh[j]] * ch[j]
+            _prefetch_at(nxt, j)
+            if r is not None:
+                v = v * ri
+            o[j] = v
+    return scaled

@@ -4,8 +4,9 @@ A weight in memory order is a matrix ``[rows, last axis]``; every permutation th
 move lifted to its axis (``HeadPermutation``), a mixture's per-expert moves of its hidden units where those are rows —
 composes into one index and at most one scale per side, which ``_kernels.gather_scale_into`` applies in one pass
 (numba's fused loop, else torch's gathers). ``_gather_run`` says which consecutive moves join one pass; ``_gathered``
-runs it; ``_sides``/``_side``/``_rows_side`` compose the indices. Used by ``_layout_push`` (and ``_graph_stream`` for
-ViT head moves).
+runs it; ``_sides``/``_side``/``_rows_side`` compose the indices. Per-expert moves of the fastest axis (GPT-OSS's
+gate and up) take ``_cols_run``/``_gathered_cols``, and two interleaved halves of one tensor moved alike one job on the
+whole (``_fused_halves``). Used by ``_layout_push`` (and ``_graph_stream`` for ViT head moves).
 """
 from __future__ import annotations
 
@@ -242,3 +243,82 @@ def _rows_side(xm: torch.Tensor, run: list) -> tuple:
         else:
             idx, scale = idx[i_F], s_F if scale is None else scale[i_F]
     return idx, scale
+
+
+def _fused_halves(weights: dict) -> list:
+    """``weights``' ``(src, dst, ops)`` (by key), with each pair of interleaved halves — the even and the odd entries of
+    one tensor's fastest axis, in the source and in the destination — whose moves agree but for their moves of that
+    axis taken as ONE ``(whole src, whole dst, ops)``, those moves interleaved (``_interleave``): GPT-OSS's gate and up
+    (``gate_up_proj`` [experts, d_model, 2·d_mlp], gate at even columns, up at odd; their biases likewise).
+
+    Why: each half was a pass of its own (``_gathered_cols``) that read every cache line of the whole tensor and wrote
+    every line of the new one half at a time, 2.7 ms each a layer at the coverage table's shape, against one pass over
+    the whole, whose rows are read once and written whole. Each entry is the same gather and the same products in the
+    same order as before: the same bits."""
+    def place(x, shift=0):
+        return x.untyped_storage().data_ptr(), x.storage_offset() + shift, tuple(x.shape), x.stride()
+
+    odd = {place(x): k for k, (x, _, _) in weights.items() if x.ndim and min(x.stride()) == 2}
+    fused, taken = {}, set()  # even half's key -> the whole's job; the keys the jobs take
+    for k, (x, _, _) in weights.items():
+        k2 = odd.get(place(x, 1)) if x.ndim and min(x.stride()) == 2 else None
+        if k2 is not None and not {k, k2} & taken and (job := _whole(weights[k], weights[k2])) is not None:
+            fused[k] = job
+            taken |= {k, k2}
+    return [fused.get(k, w) for k, w in weights.items() if k in fused or k not in taken]
+
+
+def _whole(even: tuple, odd: tuple) -> Optional[tuple]:
+    """The job of the tensor whose even and odd entries on its fastest axis are ``even``'s and ``odd``'s source
+    (``_fused_halves``), or None where their destinations are not one tensor's halves too, or their moves do not
+    interleave."""
+    (x, y, ops), (_, y2, ops2) = even, odd
+    a = x.stride().index(2)
+    if (y.shape != x.shape or y.stride() != y2.stride() or y.stride(a) != 2 or len(ops) != len(ops2)
+            or y.untyped_storage().data_ptr() != y2.untyped_storage().data_ptr()
+            or y2.storage_offset() != y.storage_offset() + 1):
+        return None
+
+    def whole(t):
+        shape, stride = list(t.shape), list(t.stride())
+        shape[a], stride[a] = 2 * shape[a], 1
+        w = t.as_strided(shape, stride, t.storage_offset())
+        order = sorted(range(w.ndim), key=lambda d: -w.stride(d))
+        return w if w.permute(order).is_contiguous() else None  # each entry once (no other axis overlaps them)
+
+    moves = []
+    for (b, F), (b2, G) in zip(ops, ops2):
+        b, b2 = b % x.ndim, b2 % x.ndim
+        if b != b2:
+            return None
+        if b != a:  # a move of the other axes: the same one on both halves
+            H = F if F is G else None
+        elif isinstance(F, dict) and isinstance(G, dict) and F.keys() == G.keys():  # per-head moves of the axis
+            H = {h: _interleave(F[h], G[h]) for h in F}
+            H = None if None in H.values() else H
+        else:
+            H = _interleave(F, G)
+        if H is None:
+            return None
+        moves.append((b, H))
+    wx, wy = whole(x), whole(y)
+    return None if wx is None or wy is None else (wx, wy, moves)
+
+
+def _interleave(f, g) -> Optional[ScaledPermutation]:
+    """One move of a whole axis from the moves ``f`` of its even entries and ``g`` of its odd ones: whole entry 2j is
+    ``f``'s entry j, 2j + 1 ``g``'s (the index 2·f.perm[j], resp. 2·g.perm[j] + 1, the scales likewise); None where
+    either is not a scaled permutation or one has scales and the other not (ones in their place would multiply by 1: a
+    signalling NaN comes back quiet). An index outside its half is refused (InvalidOptionError; the compiled pass would
+    refuse the whole's index too, 2i + b lying in the whole's axis exactly when i lies in the half's, and torch's gather
+    after it raise its own IndexError)."""
+    from ._kernels import _checked_index
+
+    if not (isinstance(f, ScaledPermutation) and isinstance(g, ScaledPermutation) and f.n == g.n
+            and (f.scale is None) == (g.scale is None)):
+        return None
+    if _checked_index(f.perm, f.n) is False or _checked_index(g.perm, g.n) is False:
+        raise InvalidOptionError(f"a move of the interleaved halves of a weight (GPT-OSS's gate and up) names an index "
+                                 f"outside 0..{f.n - 1}: {f.perm.tolist()[:12]}, {g.perm.tolist()[:12]}")
+    perm = torch.stack((2 * f.perm, 2 * g.perm + 1), -1).flatten()
+    return ScaledPermutation(perm, None if f.scale is None else torch.stack((f.scale, g.scale), -1).flatten())

@@ -17,7 +17,7 @@ from .._errors import InvalidOptionError, UnsupportedModelError
 from .._threads import in_parallel, threads
 from ..groups import GroupElement, ScaledPermutation, rotary_inverse
 from ..models import blank, canonical_views, finish, read_weights, rebuild, tied_keys, views_like, write_weights
-from ._layout_gathers import HeadPermutation, _cols_run, _gather_run, _gathered, _gathered_cols  # noqa: F401  (tests import them here)
+from ._layout_gathers import HeadPermutation, _cols_run, _fused_halves, _gather_run, _gathered, _gathered_cols  # noqa: F401  (tests import them here)
 from ._layout_refused import unsupported
 from ._sites import Observation, Site, SymmetryMap
 
@@ -211,8 +211,9 @@ def _pushed(model: nn.Module, ops: dict[str, list], inplace: bool, dtype: Option
         for a, b in tied_keys(dst):
             _check_tie(src, ops, a, b, type(model).__name__)
             second.add(b)
-        in_parallel(*_jobs([(t, dst[k], ops.get(k, [])) for k, t in src.items()
-                            if k not in second and (ops.get(k) or t is not dst[k])], {}))
+        # (interleaved halves of one tensor, GPT-OSS's gate and up, in one pass: _fused_halves)
+        in_parallel(*_jobs(_fused_halves({k: (t, dst[k], ops.get(k, [])) for k, t in src.items()
+                                          if k not in second and (ops.get(k) or t is not dst[k])}), {}))
     return new if inplace else finish(model, new)
 
 
