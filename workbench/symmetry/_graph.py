@@ -351,7 +351,8 @@ class Graph(TensorOps):
                               f"the symmetry rules read a module by its class, so what it reads and makes does not move")
             return False
         xs = self.shape(x)
-        from ._graph_stream import attention, is_attention, is_leaf, layer_norm, patch_merging
+        from ._graph_stream import attention, is_attention, is_leaf, layer_norm
+        from ._graph_swin import patch_merging
 
         if is_attention(m):
             return attention(self, node, m, x, name)

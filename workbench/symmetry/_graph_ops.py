@@ -21,7 +21,7 @@ _ADD_METHODS = {"add", "add_", "__add__", "__iadd__"}
 # offset rides through them to the reader whose bias absorbs it (Graph._offsets_follow).
 _OFFSET_FUNCTIONS = {"getitem", "flatten", "dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout",
                      "feature_alpha_dropout", "stochastic_depth", "cat", "concat", "concatenate", "permute", "transpose",
-                     "contiguous", "add", "iadd"}
+                     "contiguous", "add", "iadd", "roll"}
 _OFFSET_METHODS = {"view", "reshape", "flatten", "permute", "transpose", "expand", "expand_as", "mean", "contiguous",
                    "clone", "detach", "to", "cpu", "cuda", "add", "add_", "__add__", "__iadd__"}
 _OFFSET_MODULES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.Identity, nn.Flatten,
@@ -114,7 +114,11 @@ class TensorOps:
             return concatenate(self, node)
         if fname == "stochastic_depth" and args and self._val(node.args[0]) is args[0] and len(args) == 1:
             return self._out(node, args[0])  # one random scalar per example or batch: commutes with channel maps
-        if args and ("pool" in fname or fname in ("flatten", "pad")) and not self._channels_first(node, args[0], fname):
+        if fname == "roll" and len(args) == 1 and node.args and self._val(node.args[0]) is args[0]:
+            from ._graph_vision import roll
+
+            return roll(self, node, args[0])  # Swin's shifted windows (positions only)
+        if args and ("pool" in fname or fname == "flatten") and not self._channels_first(node, args[0], fname):
             return
         if fname in ("flatten",) and args:
             start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)

@@ -14,6 +14,7 @@ from ._lattice import CONSTRAINTS, generators, restrict
 from ._graph_stream import (CONSTRAINTS as STREAM_CONSTRAINTS, CONVNEXT_NOTE, LN_NOTE, MIXER_NOTE, SIMPLENORM_NOTE,
                             SWIN_NOTE, extra_site, is_simple_norm, with_sign)
 from ._channel_families import grouped
+from ._graph_swin import POSTNORM_NOTE, writes_stream
 from ._graph_vision import COUPLER_NOTE, CONSTRAINTS as VISION_CONSTRAINTS
 from ._graph_groupnorm import CONSTRAINTS as GROUPNORM_CONSTRAINTS, site_group as group_norm_group
 from ._graph_grn import CONSTRAINTS as GRN_CONSTRAINTS
@@ -173,8 +174,10 @@ def _build(graph, model_name: str, affine: bool) -> SymmetryMap:
                          for kind, n in space.constraints if kind.startswith("layernorm"))
             simple = all(n.op == "call_module" and is_simple_norm(graph.modules.get(n.target))
                          for kind, n in space.constraints if kind.startswith("layernorm"))
-            notes.append(CONVNEXT_NOTE if space.couplers else MIXER_NOTE if space.activations
-                         else SWIN_NOTE if merged else SIMPLENORM_NOTE if simple else LN_NOTE)
+            order = {node: i for i, node in enumerate(graph.gm.graph.nodes)}  # (also below: where it starts)
+            post = any(writes_stream(graph, n, order) for kind, n in space.constraints if kind.startswith("layernorm"))
+            notes.append(CONVNEXT_NOTE if space.couplers else MIXER_NOTE if space.activations else POSTNORM_NOTE
+                         if post else SWIN_NOTE if merged else SIMPLENORM_NOTE if simple else LN_NOTE)
         norms = list(dict.fromkeys((bn, mode) for bn, mode, _ in space.norms))
         if norm_of and group.continuous:
             notes.append(f"BatchNorm {', '.join(sorted(set(norm_of.values())))} folds into its writer for maps that "
@@ -186,7 +189,6 @@ def _build(graph, model_name: str, affine: bool) -> SymmetryMap:
         act_nodes = {node for _, _, node in space.activations}
         bn_names = {bn for bn, _, _ in space.norms}
         if any(kind.startswith("layernorm") for kind, _ in space.constraints):  # a stream: named where it starts
-            order = {node: i for i, node in enumerate(graph.gm.graph.nodes)}
             observed, space.observed = map(list, zip(*sorted(zip(observed, space.observed),
                                                                key=lambda p: order.get(p[1][2], 0)))) if observed else ([], [])
         ranked = ([o for o, (_, _, node) in zip(observed, space.observed) if node in act_nodes]

@@ -22,14 +22,15 @@ rules, which live here:
   and bias by A, K rows and bias by A⁻ᵀ), ``ov.h`` GL(d_head) (V rows and bias by B, out-projection
   columns of head h by B⁻¹), and ``heads``, permutations of the heads (Q, K, V rows and out-projection
   columns of a head together). No hook sees inside the leaf: verify checks these through the outputs.
-  Swin's (v1) window attention is the same leaf, its relative position bias table moving with the heads
-  (window partition, shifts and the bias act on positions only).
+  Swin's (v1) window attention, torchvision's and timm's, is the same leaf, its relative position bias table
+  moving with the heads (window partition, shifts and the bias act on positions only; timm's shifts and paddings
+  are ops of its block, ``_graph_vision.roll`` and the channels-last padding there).
 - **Parameter tables** (``get_attr`` of a floating ``nn.Parameter`` owned by a container, not by a layer):
   the class token ``[1, 1, C]`` and the position table ``[1, T, C]`` write the stream along their last
   axis (``E ↦ E·Mᵀ``); a per-channel scale (ConvNeXt's and timm's layer scale) takes the permutation part
   (its rules are in ``_graph_scales``).
 - **Swin's patch merging** is a leaf reading a stage like a LayerNorm over 4C (its element tiled four times)
-  and writing the next stage through ``reduction``'s rows.
+  and writing the next stage through ``reduction``'s rows (``_graph_swin``).
 
 ConvNeXt needs nothing more (its depthwise convs are couplers, ``_graph_vision``); MLP-Mixer's token MLP
 is a Linear over positions (``Graph._position_linear``).
@@ -119,6 +120,8 @@ def norm_axis(m: nn.Module) -> Optional[str]:
 
 
 _SWIN = "torchvision.models.swin_transformer."
+_SWIN_TIMM = "timm.models.swin_transformer."  # timm's Swin v1 (its v2, cosine attention and post-norm, is another module)
+_PATCH_MERGING = {_SWIN + "PatchMerging", _SWIN_TIMM + "PatchMerging"}
 
 
 def is_leaf(m: nn.Module) -> bool:
@@ -127,7 +130,7 @@ def is_leaf(m: nn.Module) -> bool:
     from ._graph_grn import is_grn
 
     q = _qualname(m)
-    return norm_axis(m) is not None or q == _SWIN + "PatchMerging" or is_attention(m) or is_grn(m)
+    return norm_axis(m) is not None or q in _PATCH_MERGING or is_attention(m) or is_grn(m)
 
 
 # ---------------------------------------------------------------------- parameter ports
@@ -330,16 +333,50 @@ def _timm_attention(m: nn.Module) -> Optional[dict]:
 
 
 def _swin_attention(m: nn.Module) -> Optional[dict]:
-    """torchvision's Swin (v1) window attention: fused qkv and proj Linears, a relative position bias per head
-    (v2's cosine attention normalises q and k per head: not derived, left to the trace, which freezes it)."""
-    if _qualname(m) != _SWIN + "ShiftedWindowAttention":
+    """Swin (v1) window attention, torchvision's ``ShiftedWindowAttention`` or timm's ``WindowAttention``: fused qkv
+    and proj Linears, a relative position bias per head (a table ``[(2·Wh − 1)·(2·Ww − 1), heads]``); timm's takes the
+    shifted windows' mask as an argument, broadcast over the heads in its forward (v2's cosine attention normalises q
+    and k per head: not derived, left to the trace, which freezes it)."""
+    if _qualname(m) not in (_SWIN + "ShiftedWindowAttention", _SWIN_TIMM + "WindowAttention"):
         return None
     qkv, proj, H = m.qkv, m.proj, m.num_heads
-    dh = qkv.in_features // H
+    if not (isinstance(qkv, nn.Linear) and isinstance(proj, nn.Linear) and qkv.out_features % (3 * H) == 0):
+        return None
+    dh = qkv.out_features // (3 * H)  # (timm's head_dim may make H·d_head differ from the stream's width)
+    table = m._parameters.get("relative_position_bias_table")  # (not getattr: fx's trace answers a parameter read
+    # that way with a proxy)
+    if proj.in_features != H * dh or not isinstance(table, nn.Parameter) or table.ndim != 2 or table.shape[1] != H:
+        return None
     return {"in_w": "qkv.weight", "in_b": "qkv.bias" if qkv.bias is not None else None, "out": proj,
             "out_w": "proj.weight", "out_b": "proj.bias" if proj.bias is not None else None, "H": H, "dh": dh,
             "d": qkv.in_features, "table": "relative_position_bias_table",
             "tensors": [qkv.weight, qkv.bias, proj.weight, proj.bias]}
+
+
+def _swin_mask_why(m: nn.Module, node: fx.Node, graph) -> Optional[str]:
+    """Why a Swin window attention's call is not understood, or None: torchvision's takes its input alone; timm's its
+    input and the shifted windows' mask, None or one of the model's buffers (a constant over positions that its
+    forward broadcasts over the heads: every head sees it alike, so a head permutation passes it). A mask computed
+    in the forward (timm's ``dynamic_mask``) is refused: what it depends on is not checked here."""
+    if _qualname(m).startswith(_SWIN):
+        return None if len(node.args) == 1 and not node.kwargs else "called with arguments beyond its input"
+    extra = list(node.args[1:]) + [v for k, v in node.kwargs.items()]
+    if len(node.args) > 2 or set(node.kwargs) - {"mask"} or len(extra) > 1:
+        return "called with arguments beyond its input and mask"
+    mask = extra[0] if extra else None
+    if mask is None:
+        return None
+    if isinstance(mask, fx.Node) and mask.op == "get_attr" and _is_buffer(graph.model, mask.target):
+        return None
+    return "called with a mask that is not None or a buffer of the model (computed in the forward)"
+
+
+def _is_buffer(model: nn.Module, target: str) -> bool:
+    try:
+        model.get_buffer(target)
+    except AttributeError:
+        return False
+    return True
 
 
 def _mha(m: nn.Module) -> Optional[dict]:
@@ -366,7 +403,7 @@ def _refuse_why(m: nn.Module, node: fx.Node, graph) -> Optional[str]:
             return f"called with arguments beyond query, key, value ({sorted(extra) or 'positional'})"
         return None
     if _swin_attention(m) is not None:
-        return None if len(node.args) == 1 and not node.kwargs else "called with arguments beyond its input"
+        return _swin_mask_why(m, node, graph)
     info = _timm_attention(m)
     if info is None:
         return "not understood"
@@ -439,41 +476,6 @@ def attention(graph, node: fx.Node, m: nn.Module, x: fx.Node, name: str) -> bool
                               + [param_port(p(info["out_w"]), "heads", 1, 0, D, block=dh)]
                               + ([param_port(p(info["table"]), "heads", 1)] if info.get("table") else []), [],
                               ["a permutation of whole heads: their query, key and value rows and output columns"]))
-    return True
-
-
-def patch_merging(graph, node: fx.Node, m: nn.Module, x: fx.Node, name: str) -> bool:
-    """Swin's ``PatchMerging``: the channels of 2×2 neighbouring tokens concatenated (4C), one LayerNorm over them,
-    ``reduction`` (4C → 2C). The 4C vector moves by blockdiag(M, M, M, M), which passes the norm exactly when M
-    does (a permutation; a rotation fixing 1 when its gain is 1), so the stage's stream is read here like by
-    a LayerNorm, its gain and bias and the reduction's columns tiled; the reduction's rows write the next
-    stage (docs/DERIVATIONS.md §2, Swin: no shear, which the map does not sample anyway)."""
-    xs = graph.shape(x) or ()
-    C = xs[-1] if xs else 0
-    norm, red = getattr(m, "norm", None), getattr(m, "reduction", None)
-    if not (graph.last(x) and isinstance(norm, nn.LayerNorm) and isinstance(red, nn.Linear)
-            and tuple(norm.normalized_shape) == (4 * C,) and red.in_features == 4 * C):
-        graph._fresh(node, f"{name} (PatchMerging) on a tensor of shape {tuple(xs)} is not understood")
-        return False
-    sp = graph.space(x)
-    folded = not norm.elementwise_affine or bool((served(norm, "weight") == 1).all())
-    sp.constraints.append(("layernorm_folded" if folded else "layernorm", node))
-    sp.offsets_ok = False
-    level = graph.info[x].level
-    if norm.elementwise_affine:
-        sp.ports.append(("writer", param_port(f"{name}.norm.weight", "perm", 0, block=4), x))
-        if norm.bias is not None:
-            sp.ports.append(("writer", param_port(f"{name}.norm.bias", "post" if level == "post" else "pre", 0, block=4), x))
-    sp.ports.append(("reader", param_port(f"{name}.reduction.weight", level, 1, block=4), x))
-    out = graph.new_space()
-    osp = graph.spaces[out]
-    osp.n, osp.label = red.out_features, name
-    osp.ports.append(("writer", param_port(f"{name}.reduction.weight", "pre", 0), node))
-    if red.bias is not None:
-        osp.ports.append(("writer", param_port(f"{name}.reduction.bias", "pre", 0), node))
-    graph.info[node] = graph.tensor_info(out, "pre", last=True)
-    place = graph._place(name)
-    graph.record_use(place, f"{name}.reduction.weight", red.weight, out, graph.info[x].space, node, x, mode="attention")
     return True
 
 

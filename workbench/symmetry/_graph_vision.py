@@ -280,6 +280,8 @@ def channel_pad(graph, node: fx.Node, x: fx.Node) -> None:
     copies = mode in ("reflect", "replicate", "circular")  # values copied between positions of one channel
     if not (mode == "constant" and value in (0, 0.0, None) or copies) or xs is None or not isinstance(pad, (list, tuple)):
         return graph._fresh(node, "a padding that is not zeros, or whose widths are computed in the forward")
+    if graph.last(x):
+        return _positions_pad(graph, node, x, list(pad), len(xs))
     pad = list(pad) + [0] * (2 * len(xs) - len(pad))  # pairs from the last axis backwards
     channel = 2 * (len(xs) - 2)
     spatial, ours = pad[:channel], pad[channel:]  # ours: the channel axis's pair, then the batch axis's
@@ -303,3 +305,34 @@ def channel_pad(graph, node: fx.Node, x: fx.Node) -> None:
     graph.spaces[sid].embeds.append((graph.info[x].space, before, xs[1], node))
     graph.space(x).embedded = True
     graph.info[node] = type(graph.info[x])(sid, graph.info[x].level)
+
+
+def _positions_pad(graph, node: fx.Node, x: fx.Node, pad: list, rank: int) -> None:
+    """F.pad of a tensor whose channels are on its last axis (``[B, H, W, C]``: timm's Swin pads its windows'
+    positions, ``(0, 0, 0, pad_w, 0, pad_h)``): the first pair (the channel axis) must be zeros written in the code
+    and the batch axis unpadded; the positions' widths may be computed in the forward. Zeros (or copies) at new
+    positions of each channel: a map acting at each position keeps them, as for ``[B, C, H, W]``."""
+    ours, batch = pad[:2], pad[2 * (rank - 1):2 * rank]
+    if any(not isinstance(p, int) or p for p in ours):
+        return graph._fresh(node, "a padding of the channel axis (the last) of a tensor whose channels are on its "
+                                  "last axis, or one whose width is computed in the forward")
+    if any(not isinstance(p, int) or p for p in batch):
+        return graph._fresh(node, "a padding of the batch axis")
+    if any(not isinstance(p, int) or p for p in pad):
+        graph.space(x).offsets_ok = False  # a constant offset would become a border effect
+    return graph._out(node, x)
+
+
+def roll(graph, node: fx.Node, x: fx.Node) -> None:
+    """``torch.roll(x, shifts, dims)`` along position axes only (Swin's shifted windows, ``dims=(1, 2)`` of
+    ``[B, H, W, C]``): values move between positions of each channel, which every channel map commutes with. A roll
+    without ``dims`` (of the flattened tensor) or along the batch or channel axis moves values between channels."""
+    rank = len(graph.shape(x) or ())
+    dims = node.args[2] if len(node.args) > 2 else node.kwargs.get("dims")
+    dims = (dims,) if isinstance(dims, int) else dims
+    channel = graph.channel_axis(x) if rank else None
+    if not (rank >= 3 and isinstance(dims, (tuple, list)) and dims and all(isinstance(d, int) for d in dims)
+            and all(d % rank not in (0, channel) for d in dims) and graph.info[x].block == 1):
+        return graph._fresh(node, f"torch.roll over dims {dims} of a tensor of shape {graph.shape(x)} (channels on axis "
+                                  f"{channel}) moves values across the batch or the channel axis")
+    graph._out(node, x)
