@@ -317,6 +317,10 @@ def layer_norm(graph, node: fx.Node, m: nn.Module, x: fx.Node, name: str) -> boo
 
 
 # ---------------------------------------------------------------------- attention
+# timm's plain attention (timm.layers since timm 1.0; vision_transformer before): the form _timm_attention reads.
+_TIMM_ATTENTION = frozenset({"timm.layers.attention.Attention", "timm.models.vision_transformer.Attention"})
+
+
 def _timm_attention(m: nn.Module) -> Optional[dict]:
     """timm's ``Attention`` in the form understood: fused qkv Linear, identity q/k/out norms, no gate."""
     if not _qualname(m).startswith("timm.") or type(m).__name__ != "Attention":
@@ -407,6 +411,14 @@ def _refuse_why(m: nn.Module, node: fx.Node, graph) -> Optional[str]:
     info = _timm_attention(m)
     if info is None:
         return "not understood"
+    if _qualname(m) not in _TIMM_ATTENTION:
+        # timm names several attention classes "Attention"; the one derived here computes softmax(q·kᵀ)·v from the
+        # fused projection alone. SAM's (vision_transformer_sam) adds a bias computed from the queries and its own
+        # relative position tables (rel_pos_h, rel_pos_w), or rotates q and k (rope): a head's GL on queries and keys
+        # changed its function (random_intertwiner, float64: 9.8 relative).
+        own = [k for k, v in list(m._parameters.items()) + list(m._buffers.items()) if v is not None]
+        return (f"{_qualname(m)} is not the attention derived here ({' or '.join(sorted(_TIMM_ATTENTION))})"
+                + (f": its own tensors {own} enter its scores" if own else ""))
     for part in ("q_norm", "k_norm", "norm"):
         if not isinstance(getattr(m, part, nn.Identity()), nn.Identity):
             return f"its {part} ({type(getattr(m, part)).__name__}) is not derived here"
