@@ -142,3 +142,23 @@ def test_a_transform_s_own_group_decides_where_it_is_not_the_site_s():
     assert not may_flip(relu, "permutation")
     assert sig.group.name == "permutation" and not may_flip(sig)
     assert extended["3"].group.name == "affine_signed_permutation" and may_flip(sig, extended["3"].group)
+
+
+def test_a_continuous_group_s_writer_before_a_batchnorm_moves_by_more_than_a_permutation():
+    """conv → BatchNorm → conv with no activation: a GL site, whose BatchNorm folds into its writer, so the writer's
+    output (observed at "prebn") moves by M·diag(γ/σ), not by M's permutation part: flips_signs("prebn") said False for
+    every group. Here the new writer's outputs are fitted on the old ones (computed directly): a negative weight."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 6, 1), nn.BatchNorm2d(6), nn.Conv2d(6, 2, 1)).double().eval()
+    model[1].running_mean.normal_(), model[1].running_var.uniform_(0.5, 2)
+    x = torch.randn(40, 3, 3, 3, dtype=F64)
+    site = wb.symmetry_map(model, x)["1"]
+    assert site.group.name == "gl" and ("0", "prebn") in [(o.name, o.level) for o in site.observed]
+    new, _ = wb.random_intertwiner(model, 0, example=x)
+    with torch.no_grad():
+        a, b = (m[0](x).movedim(1, -1).reshape(-1, 6) for m in (model, new))
+    old = torch.cat([a, torch.ones(len(a), 1, dtype=F64)], 1)
+    fit = torch.linalg.lstsq(old, b).solution
+    assert torch.allclose(old @ fit, b, atol=1e-10) and bool((fit[:-1] < -1e-6).any())
+    assert site.group.flips_signs("prebn") and get_group("orthogonal", 6).flips_signs("prebn")
+    assert not get_group("signed_permutation", 6).flips_signs("prebn")  # (the BatchNorm takes its signs)

@@ -73,6 +73,12 @@ def test_default_experts_float32(family):
 REFUSED = "UnsupportedModelError"
 
 
+def forward_in(block, model):
+    """Run ``model`` on IDS inside the context ``block`` (a capture, an intervention)."""
+    with block, torch.no_grad():
+        model(IDS)
+
+
 def runs(model) -> str:
     """"ran", or the RuntimeError's text where the model's own forward fails (computed here)."""
     try:
@@ -98,8 +104,10 @@ def refusal(verb) -> str:
 def test_a_float64_model_on_grouped_mm_is_refused_naming_the_fix(family):
     """A model built (or loaded) with the default, then ``.double()``: its own forward fails inside transformers (checked
     here), and every verb that runs it (verify, run_with_cache, capture, intervene, hook_names' probe) raised torch's
-    RuntimeError from there. Now each refuses it up front with UnsupportedModelError naming the experts module, the
-    implementation and the fix; after the fix, verify PASSes; a new model on grouped_mm is refused as new_model."""
+    RuntimeError from there. Now each refuses it with UnsupportedModelError naming the experts module, the
+    implementation and the fix (verify up front; the hooks where the forward fails, torch's error its cause: see
+    test_a_hook_that_never_reaches_the_experts_runs); after the fix, verify PASSes; a new model on grouped_mm is
+    refused as new_model."""
     cls, config, shape = FAMILIES[family]
     model = random_model(cls, config, shape)  # float64
     assert model.config._experts_implementation == "grouped_mm"
@@ -108,16 +116,36 @@ def test_a_float64_model_on_grouped_mm_is_refused_naming_the_fix(family):
     with pytest.raises(wb.UnsupportedModelError,
                        match=r"'grouped_mm'.*float64.*model\.set_experts_implementation\(\"eager\"\)"):
         wb.verify(model, new, IDS, t)
-    for verb in (lambda: wb.run_with_cache(model, IDS, names="*"), lambda: wb.capture(model, names="*"),
-                 lambda: wb.intervene(model, {}).__enter__(), lambda: wb.hook_names(model, IDS)):
-        with pytest.raises(wb.UnsupportedModelError, match=r"experts 'model\.layers\.0\.mlp\.experts'"):
+    for verb in (lambda: wb.run_with_cache(model, IDS, names="*"), lambda: forward_in(wb.capture(model, names="*"), model),
+                 lambda: forward_in(wb.intervene(model, {}), model), lambda: forward_in(wb.hooks.watch(model, {}), model),
+                 lambda: wb.harvest(model, [IDS], names=["model.embed_tokens"]), lambda: wb.hook_names(model, IDS)):
+        with pytest.raises(wb.UnsupportedModelError, match=r"experts 'model\.layers\.0\.mlp\.experts'") as info:
             verb()
+        assert "Double" in str(info.value.__cause__)  # (torch's own error, kept as the cause)
     model.set_experts_implementation("eager")
     assert wb.verify(model, new, IDS, t).verdict == "PASS"
     bad = copy.deepcopy(new)
     bad.set_experts_implementation("grouped_mm")
     with pytest.raises(wb.UnsupportedModelError, match=r'new_model \(.*new_model\.set_experts_implementation'):
         wb.verify(model, bad, IDS, t)
+
+
+def test_a_hook_that_never_reaches_the_experts_runs():
+    """A float64 Mixtral on grouped_mm cannot run its whole forward, but a capture stopped before its first experts
+    (stop_at), or a capture or an intervention around a call of its embedding alone, never runs them: each worked, and
+    the up-front refusal made them raise UnsupportedModelError (and walked every module of every model on every
+    capture). The values are checked against the embedding computed here."""
+    model = random_model(*FAMILIES["mixtral"][:2], test_hf_mixtral.SHAPE)  # float64, grouped_mm
+    assert "Double" in runs(model)
+    with torch.no_grad():
+        want = model.model.embed_tokens.weight[IDS]
+    out, cache = wb.run_with_cache(model, IDS, names=["model.embed_tokens"], stop_at=True)
+    assert out is None and torch.equal(cache["model.embed_tokens"], want)
+    with wb.capture(model, names=["model.embed_tokens"]) as cache, torch.no_grad():
+        model.model.embed_tokens(IDS)
+    assert torch.equal(cache["model.embed_tokens"], want)
+    with wb.intervene(model, {"model.embed_tokens": torch.zeros_like(want)}), torch.no_grad():
+        assert torch.equal(model.model.embed_tokens(IDS), torch.zeros_like(want))
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))

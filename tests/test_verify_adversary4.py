@@ -185,3 +185,40 @@ def test_a_tuple_field_is_judged_element_by_element():
     model.other = new.other = object()
     with pytest.raises(wb.UnsupportedModelError, match="'extra' is of type object"):
         wb.verify(model, new, x, t)
+
+
+def test_an_empty_field_agrees_and_a_field_that_is_not_finite_is_named():
+    """A field holding no values (``torch.zeros(0)`` in both models) raised torch's "cannot reshape tensor of 0
+    elements" from inside verify; it holds nothing to compare, so it agrees. A field that is NaN in the new model only,
+    the outputs finite and equal (computed here), was reported as "the new model's outputs are not finite"."""
+    from dataclasses import dataclass
+    from typing import Any, Optional
+
+    from transformers.utils import ModelOutput
+
+    @dataclass
+    class Out(ModelOutput):
+        logits: Optional[torch.Tensor] = None
+        extra: Any = None
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = torch.nn.Linear(4, 8), torch.nn.Linear(8, 3)
+            self.extra = torch.zeros(0, 3, dtype=torch.float64)
+
+        def forward(self, x):
+            return Out(logits=self.b(torch.relu(self.a(x))), extra=self.extra)
+
+    torch.manual_seed(0)
+    model = Net().double().eval()
+    x = torch.randn(5, 4, dtype=torch.float64)
+    new, t = wb.random_intertwiner(model, seed=0)
+    assert wb.verify(model, new, x, t).passed
+    model.extra, new.extra = torch.tensor(1.0, dtype=torch.float64), torch.tensor(float("nan"), dtype=torch.float64)
+    with torch.no_grad():
+        a, b = model(x), new(x)
+    assert b.logits.isfinite().all() and (a.logits - b.logits).abs().max() < 1e-12 and b.extra.isnan()
+    report = wb.verify(model, new, x, t)
+    assert not report.passed and report.compared == "extra", report.summary()
+    assert "the new model's 'extra' is not finite" in report.summary() and "outputs are not finite" not in report.summary()

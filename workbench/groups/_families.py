@@ -97,7 +97,11 @@ class Group:
         ``Observation``'s): "pre" and "heads" move by M, "dual" by M⁻ᵀ (M's signs, for a scaled permutation), "post"
         by φ(M) (never negative for abs or an even power), "perm", "prebn" and "pregn" by M's permutation part alone
         (a family that draws a GroupNorm's input signs says so itself). Matching units after a transform must allow
-        flips exactly where this holds (``workbench.symmetry.match_site_units``)."""
+        flips exactly where this holds (``workbench.symmetry.match_site_units``). A continuous group's element is no
+        scaled permutation: a BatchNorm folds into its writer, whose output ("prebn") then moves by M·diag(γ/σ) (with
+        a negative entry where M has one or a gain γ is negative), so a flip is allowed there."""
+        if level in ("perm", "prebn", "pregn") and self.continuous:
+            return True
         if level in ("perm", "prebn", "pregn") or (level == "post" and phi_positive(self.phi)):
             return False
         return self._negates()

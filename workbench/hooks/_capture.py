@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from .._errors import InvalidOptionError
+from ..models import unrunnable_failure
 from ._cache import ActivationCache
 # Re-exported: harvest, tests and benchmarks import _Capture and the per-model copy lists from here, and
 # hooks/__init__ inherit_copy_list (as before the core moved to its own file).
@@ -108,6 +109,9 @@ class capture:
             self.cache._settle(core.unfired(stopped), held=core.shared_after())
         if ok and not stopped:
             core.report_unfired()
+        failure = None if ok else unrunnable_failure(core.model, exc)  # (a mixture's experts that cannot run: why)
+        if failure is not None:
+            raise failure from exc
         return stopped
 
 

@@ -42,7 +42,7 @@ from .._errors import (ActivationOverwrittenError, CacheBudgetError, HookNotFire
 from .._internal_forward import closed, opened, paused
 from .._memory import keep_freed_memory
 from .._repr import human_bytes, parse_bytes
-from ..models import observing, refuse_unrunnable
+from ..models import observing
 from ._cache import storage_addresses, storage_key
 from ._guard import WriteGuard, quiet as _quiet
 from ._intervene import _conversion
@@ -158,7 +158,6 @@ class _Capture:
                  device: Union[str, torch.device, None] = "cpu", dtype: Optional[torch.dtype] = None,
                  budget: Union[int, str, None] = "default", stop_at: Union[None, bool, str] = None,
                  strict: bool = False):
-        refuse_unrunnable(model)  # (a capture is opened to run the model: its forward would fail deep inside)
         self.model = model
         self.points = hook_points(model, probe=False)
         requested, matched = self.points.resolve_with_matches(names)

@@ -20,7 +20,7 @@ from .._errors import InvalidOptionError, ResumeMismatchError
 from .._progress import ProgressLike, progress_bar, show_progress
 from .._repr import parse_bytes
 from .._threads import WriteBehind
-from ..models import no_grad_analysis
+from ..models import no_grad_analysis, unrunnable_explained
 from ._capture import _Capture
 from ._disk import TARGETS, ShardWriter, ensure_parent, shard_name
 from ._fingerprint import batch_digest, callable_id, model_fingerprint
@@ -230,8 +230,9 @@ def harvest(model: nn.Module, batches: Iterable, names: NameFilter = None, reduc
         total = None
     bar = progress_bar(total=total, unit="batch", desc="harvest", progress=progress)
     try:
-        memory = _run(model, core, keys, itertools.chain([first], stream), writer, chunk_limit, forward,
-                      rank, world, bar, None if device is None else torch.device(device))
+        with unrunnable_explained(model):  # (a mixture's experts that cannot run: why, naming the fix)
+            memory = _run(model, core, keys, itertools.chain([first], stream), writer, chunk_limit, forward,
+                          rank, world, bar, None if device is None else torch.device(device))
     finally:
         bar.close()
         if writer is not None:

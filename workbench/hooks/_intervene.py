@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from .._errors import HookNotFiredError, InvalidOptionError, UnsupportedModelError
-from ..models import observing, refuse_unrunnable
+from ..models import observing, unrunnable_explained
 from ._cache import storage_addresses
 from ._guard import quiet as _quiet
 from ._points import hook_points, unfired_reason
@@ -95,7 +95,6 @@ def _forward_hooks(model: nn.Module, items: Mapping[Any, Any], make: Callable, p
     """One forward hook ``make(name, item, conversion)`` per hook name each key of ``items`` selects,
     removed when the block ends (also on an exception): what ``intervene`` and ``watch`` register. Yields the
     model's hook points."""
-    refuse_unrunnable(model)  # (hooks are registered to run the model: its forward would fail deep inside)
     points = hook_points(model, probe=False)
     handles = []
     try:
@@ -103,7 +102,7 @@ def _forward_hooks(model: nn.Module, items: Mapping[Any, Any], make: Callable, p
             for name in points.resolve(key, param=param):
                 module = points.modules[points.canonical(name)]
                 handles.append(_register(module, make(name, item, _conversion(module)), prepend))
-        with _eager_if_compiled(model, param):
+        with _eager_if_compiled(model, param), unrunnable_explained(model):  # (experts that cannot run: why)
             yield points
     finally:
         for h in handles:

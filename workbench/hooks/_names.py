@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from .._repr import html_table
-from ..models import refuse_unrunnable
+from ..models import unrunnable_explained
 from ._points import container_reason, hook_points
 
 
@@ -78,11 +78,10 @@ def hook_names(model: nn.Module, example: Any = None) -> HookNames:
 
 
 def _probe(model: nn.Module, points, example) -> dict[str, str]:
-    refuse_unrunnable(model)  # (the probe runs it on the example)
     fired: set[int] = set()
     handles = [m.register_forward_hook(lambda mod, a, o: fired.add(id(mod))) for m in points.modules.values()]
     try:
-        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        with torch.no_grad(), torch.random.fork_rng(devices=[]), unrunnable_explained(model):
             model(example)
     finally:
         for h in handles:

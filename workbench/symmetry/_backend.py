@@ -138,7 +138,8 @@ def other_outputs(value: Any, new_value: Any) -> list[tuple[torch.Tensor, torch.
         if old.shape != news[name].shape:
             raise InvalidOptionError(f"verify compares every field the models return: {name!r} has shape "
                                      f"{tuple(old.shape)} in model and {tuple(news[name].shape)} in new_model.")
-    return [(old.detach(), news[name].detach(), name) for name, old in olds.items()]
+    # An empty field (of the same shape in both) holds nothing to compare: it agrees (it raised torch's reshape error)
+    return [(old.detach(), news[name].detach(), name) for name, old in olds.items() if old.numel()]
 
 
 def _leaves(value: Any, name: str, found: dict) -> None:

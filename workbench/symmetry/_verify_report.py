@@ -133,8 +133,8 @@ class InvarianceReport(Report):
         else:
             text = (f"{self.verdict}{on}: max relative {what} difference{basis} {self.max_rel_diff:.2e} (tolerance "
                     f"{self.tolerance:.0e}, {self.dtype})")
-        if not self.finite:
-            text += "; the new model's outputs are not finite"
+        if not self.finite:  # (of the field heading the report, where the outputs agree)
+            text += f"; the new model's {'outputs are' if what is not None else repr(self.compared) + ' is'} not finite"
         if self.outputs_zero:
             text += ("; the model's outputs are all 0 on these inputs, so comparing them checks nothing (only the "
                      "sites do): give inputs, or a model, whose outputs are not 0")
