@@ -143,12 +143,8 @@ def test_the_report_says_what_failed(case):
         assert "beyond their tolerance" not in report.rule
 
 
-def test_a_tuple_field_is_judged_element_by_element():
-    """A plain model returning a ModelOutput with a field ``extra=(c(h), 2·x)`` beside its logits (h the hidden layer a
-    permutation moves): verify left the tuple out without a word, and a new model whose c was tripled (extra[0] 1.3 away,
-    logits unchanged, computed here) PASSed. Each tensor in it is now judged like any other field (an exact transform
-    still PASSes), and a field verify cannot compare (an object) is refused naming it. Hugging Face's own tuples of
-    representations (hidden_states, past_key_values, router_logits: ``_backend.REPRESENTATIONS``) stay uncompared."""
+def with_extra():
+    """A Hugging Face ModelOutput class with ``logits`` and one more field, ``extra`` (any value)."""
     from dataclasses import dataclass
     from typing import Any, Optional
 
@@ -158,6 +154,17 @@ def test_a_tuple_field_is_judged_element_by_element():
     class Out(ModelOutput):
         logits: Optional[torch.Tensor] = None
         extra: Any = None
+
+    return Out
+
+
+def test_a_tuple_field_is_judged_element_by_element():
+    """A plain model returning a ModelOutput with a field ``extra=(c(h), 2·x)`` beside its logits (h the hidden layer a
+    permutation moves): verify left the tuple out without a word, and a new model whose c was tripled (extra[0] 1.3 away,
+    logits unchanged, computed here) PASSed. Each tensor in it is now judged like any other field (an exact transform
+    still PASSes), and a field verify cannot compare (an object) is refused naming it. Hugging Face's own tuples of
+    representations (hidden_states, past_key_values, router_logits: ``_backend.REPRESENTATIONS``) stay uncompared."""
+    Out = with_extra()
 
     class Net(torch.nn.Module):
         def __init__(self):
@@ -191,15 +198,7 @@ def test_an_empty_field_agrees_and_a_field_that_is_not_finite_is_named():
     """A field holding no values (``torch.zeros(0)`` in both models) raised torch's "cannot reshape tensor of 0
     elements" from inside verify; it holds nothing to compare, so it agrees. A field that is NaN in the new model only,
     the outputs finite and equal (computed here), was reported as "the new model's outputs are not finite"."""
-    from dataclasses import dataclass
-    from typing import Any, Optional
-
-    from transformers.utils import ModelOutput
-
-    @dataclass
-    class Out(ModelOutput):
-        logits: Optional[torch.Tensor] = None
-        extra: Any = None
+    Out = with_extra()
 
     class Net(torch.nn.Module):
         def __init__(self):
