@@ -211,6 +211,15 @@ def _run_fast(kernels, src, out, row_perm, row_scale, col_perm, col_scale, memo:
     return float(np.array([bits], dtype=unsigned).view(s_np.dtype)[0])
 
 
+def _first_warm(key: tuple) -> bool:
+    """Whether the kernel variants ``key`` names are met for the first time in this process (then marked warm)."""
+    warmed = _state.setdefault("warmed", set())
+    if key in warmed:
+        return False
+    warmed.add(key)
+    return True
+
+
 def _warm(kernels, loop: str, p, q) -> None:
     """Compile, once per process, every variant of a kernel that the same weights can meet on another draw.
 
@@ -224,11 +233,8 @@ def _warm(kernels, loop: str, p, q) -> None:
     which axes are permuted, the index type) are
     compiled here on tiny arrays the first time that structure runs: 8 variants, loaded from numba's
     on-disk cache after the first run on a machine."""
-    key = (loop, None if p is None else p.dtype, None if q is None else q.dtype)
-    warmed = _state.setdefault("warmed", set())
-    if key in warmed:
+    if not _first_warm((loop, None if p is None else p.dtype, None if q is None else q.dtype)):
         return
-    warmed.add(key)
     if loop == "vector":
         for dtype in _FAST_DTYPES:
             unsigned, mask = _BITS[dtype]
@@ -303,10 +309,8 @@ def _warm_cols(kernels, s_np: np.ndarray, o_np: np.ndarray, p, q) -> None:
         return "C" if a.flags.c_contiguous else "F" if a.flags.f_contiguous else "A"
 
     key = ("headwise cols", layout(s_np), layout(o_np), None if p is None else p.dtype, q.dtype)
-    warmed = _state.setdefault("warmed", set())
-    if key in warmed:
+    if not _first_warm(key):
         return
-    warmed.add(key)
 
     def like(kind, dtype):
         base = np.zeros((2, 2, 4), dtype=dtype)

@@ -367,26 +367,17 @@ def _headwise_row_impl(o, srow, qh, c, h, r, row, nxt):
                 o[j] = _one(srow, j, qh, r, None, row)
         return lines
 
-    if c == types.none:
-        def elements(o, srow, qh, c, h, r, row, nxt):
-            if r is not None:
-                ri = r[row]
-            for j in range(o.shape[0]):
-                v = srow[qh[j]]
-                _prefetch_at(nxt, j)
-                if r is not None:
-                    v = v * ri
-                o[j] = v
-        return elements
-
-    def scaled(o, srow, qh, c, h, r, row, nxt):
+    def elements(o, srow, qh, c, h, r, row, nxt):  # (a None scale's branches are pruned when compiled)
         if r is not None:
             ri = r[row]
-        ch = c[h]
+        if c is not None:
+            ch = c[h]
         for j in range(o.shape[0]):
-            v = srow[qh[j]] * ch[j]
+            v = srow[qh[j]]
+            if c is not None:
+                v = v * ch[j]
             _prefetch_at(nxt, j)
             if r is not None:
                 v = v * ri
             o[j] = v
-    return scaled
+    return elements
