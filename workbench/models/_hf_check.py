@@ -129,9 +129,9 @@ def refuse_unrunnable(model: nn.Module, which: str = "model") -> None:
     """An :class:`UnsupportedModelError` where ``model`` (``which``: the argument's name) cannot run its own forward
     (:func:`experts_cannot_run`), before a verb runs it: torch's error from deep inside transformers named neither the
     construct nor the fix. A cheap walk of the modules; a model of no Hugging Face class has none of these."""
-    why = experts_cannot_run(model, which)
-    if why:
-        raise UnsupportedModelError(f"{which} ({type(model).__name__}) cannot run: {why}")
+    err = _unrunnable_error(model, which)
+    if err is not None:
+        raise err
 
 
 def unrunnable_failure(model: nn.Module, exc: BaseException, which: str = "model") -> Optional[UnsupportedModelError]:
@@ -139,6 +139,11 @@ def unrunnable_failure(model: nn.Module, exc: BaseException, which: str = "model
     it is torch's RuntimeError and ``model`` cannot run its own forward (:func:`experts_cannot_run`); None otherwise."""
     if not isinstance(exc, RuntimeError) or isinstance(exc, WorkbenchError):
         return None
+    return _unrunnable_error(model, which)
+
+
+def _unrunnable_error(model: nn.Module, which: str) -> Optional[UnsupportedModelError]:
+    """The error naming why ``model`` cannot run (:func:`experts_cannot_run`), or None where it runs."""
     why = experts_cannot_run(model, which)
     return UnsupportedModelError(f"{which} ({type(model).__name__}) cannot run: {why}") if why else None
 

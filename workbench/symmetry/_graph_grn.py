@@ -17,6 +17,7 @@ from typing import Optional
 
 from torch import fx, nn
 
+from ._graph_stream import _qualname
 from ._sites import Port
 
 CONSTRAINTS = {
@@ -28,10 +29,6 @@ CONSTRAINTS = {
 }
 _HF = "transformers.models.convnextv2.modeling_convnextv2.ConvNextV2GRN"
 _TIMM = "timm.layers.grn.GlobalResponseNorm"
-
-
-def _qualname(m) -> str:
-    return f"{type(m).__module__}.{type(m).__qualname__}"
 
 
 def grn_axis(m: nn.Module) -> Optional[str]:

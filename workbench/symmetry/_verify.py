@@ -174,7 +174,6 @@ def _verify(model, new_model, inputs, transform, dtype, tolerance, bar) -> Invar
     # Any other output the models return that must agree as it is (a loss, a pooler's output) is judged too, beside the
     # outputs, never instead of them (_verify_fields)
     fields = Fields(also, run_dtype, tol, tolerance)
-    others_beyond = fields.beyond
     bar.set_postfix_str("sites")
     checks = _site_checks(sites, transform, expected, measured, bar)
     bar.update(max(0, bar.total - bar.n))  # sites that could not be checked (an untraceable model) are steps done
@@ -216,7 +215,7 @@ def _verify(model, new_model, inputs, transform, dtype, tolerance, bar) -> Invar
                     else [tol] * len(checks))
 
         for measure, reference in measures:
-            if not _fails(cmp, checks, tol, last, units, own_sites()) and not others_beyond(tol):
+            if not _fails(cmp, checks, tol, last, units, own_sites()) and not fields.beyond(tol):
                 break
             floors = measure()
             if floors is None:
@@ -271,7 +270,7 @@ def _verify(model, new_model, inputs, transform, dtype, tolerance, bar) -> Invar
 
         def fails(f) -> bool:
             t = 10 * max(f[:2])
-            return _fails(cmp, checks, t, last, units_of(f), sites_of(f)) or bool(others_beyond(max(t, base)))
+            return _fails(cmp, checks, t, last, units_of(f), sites_of(f)) or bool(fields.beyond(max(t, base)))
 
         floors = None
         samples = ([(rows, False), (rows, True)] if rows is not None else []) + [(None, True)]
@@ -313,7 +312,7 @@ def _verify(model, new_model, inputs, transform, dtype, tolerance, bar) -> Invar
     rows, zero = cmp.old.shape[0], cmp.zero  # (the outputs', whatever heads the report)
     rule = _rule(compared, per_row, tol, run_dtype, cmp.classifier and not last, floored, bool(routers), unit_base,
                  rows) + fields.rule()
-    beyond = others_beyond(tol)
+    beyond = fields.beyond(tol)
     if beyond:
         outputs_fail = _fails(cmp, [], tol, last, units)
         rule += f"; {'also ' if outputs_fail else ''}beyond their tolerance: {beyond_text(beyond)}"
