@@ -17,7 +17,6 @@ from typing import Optional
 
 from torch import fx, nn
 
-from ._graph_stream import _qualname
 from ._sites import Port
 
 CONSTRAINTS = {
@@ -29,6 +28,12 @@ CONSTRAINTS = {
 }
 _HF = "transformers.models.convnextv2.modeling_convnextv2.ConvNextV2GRN"
 _TIMM = "timm.layers.grn.GlobalResponseNorm"
+
+
+def _qualname(m) -> str:
+    # (_graph_stream's own, not imported: _graph_stream.is_leaf imports this module, and tests/test_layers.py
+    # refuses an import circle)
+    return f"{type(m).__module__}.{type(m).__qualname__}"
 
 
 def grn_axis(m: nn.Module) -> Optional[str]:
